@@ -1,0 +1,159 @@
+//! `connect()` itself: cgroup connect4/6 open the record, `sys_exit_connect` catches the one
+//! failure that never reaches TCP (EADDRNOTAVAIL).
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
+    },
+    macros::{cgroup_sock_addr, tracepoint},
+    programs::{SockAddrContext, TracePointContext},
+};
+use gateway_common::{AF_INET, AF_INET6, ConnectEvent, Outcome, SO_ERROR_NONE, UpstreamKey, counter, errno};
+
+use crate::{
+    emit,
+    maps::{F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, SockState, bump, sock_state_map},
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Offset of `long ret` in the `syscalls:sys_exit_connect` record
+/// (/sys/kernel/tracing/events/syscalls/sys_exit_connect/format).
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+/// cgroup `connect4`: runs inside `connect()` in the caller's context, before any SYN
+/// (`__inet_stream_connect` → `tcp_v4_pre_connect`). The only hook that sees pid and comm
+/// reliably, so it opens the record. Always returns 1 (allow).
+#[cgroup_sock_addr(connect4)]
+pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP {
+        let mut dst = UpstreamKey { family: AF_INET, port: port_of(sa), addr: [0; 16] };
+        let ip = sa.user_ip4.to_ne_bytes();
+        dst.addr[0] = ip[0];
+        dst.addr[1] = ip[1];
+        dst.addr[2] = ip[2];
+        dst.addr[3] = ip[3];
+        open(&ctx, dst);
+    }
+    1
+}
+
+/// cgroup `connect6`: as `gw_connect4`. A v4-mapped destination (`::ffff:a.b.c.d`) is recorded
+/// as IPv4 so that both paths to one host share an aggregate.
+#[cgroup_sock_addr(connect6)]
+pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP {
+        // The verifier only allows 4-byte loads of user_ip6[i].
+        let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let mut dst = UpstreamKey { family: AF_INET6, port: port_of(sa), addr: [0; 16] };
+        if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff) {
+            dst.family = AF_INET;
+            let ip = w[3].to_ne_bytes();
+            dst.addr[0] = ip[0];
+            dst.addr[1] = ip[1];
+            dst.addr[2] = ip[2];
+            dst.addr[3] = ip[3];
+        } else {
+            let mut i = 0;
+            while i < 4 {
+                let b = w[i].to_ne_bytes();
+                dst.addr[i * 4] = b[0];
+                dst.addr[i * 4 + 1] = b[1];
+                dst.addr[i * 4 + 2] = b[2];
+                dst.addr[i * 4 + 3] = b[3];
+                i += 1;
+            }
+        }
+        open(&ctx, dst);
+    }
+    1
+}
+
+#[inline(always)]
+fn port_of(sa: &bpf_sock_addr) -> u16 {
+    // user_port holds the port in network byte order in its low 16 bits.
+    u16::from_be(sa.user_port as u16)
+}
+
+#[inline(always)]
+fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let st: *mut SockState = unsafe {
+        bpf_sk_storage_get(
+            sock_state_map(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast();
+    if st.is_null() {
+        bump(counter::STORAGE_FAILED);
+        return;
+    }
+    let st = unsafe { &mut *st };
+    // A second connect() on a socket whose first is still in flight (a poll-style client
+    // checking progress) runs this hook again; it must not reset the attempt.
+    if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    st.flags = 0;
+    st.errno = 0;
+    st.t_syn_ns = 0;
+    st.t_closed_ns = 0;
+    st.data_retransmits = 0;
+    st.rtos = 0;
+    st.last_rto_ns = 0;
+    st.ev = ConnectEvent {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        ts_connect_ns: unsafe { bpf_ktime_get_ns() },
+        ts_event_ns: 0,
+        syn_rtt_ns: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        dst,
+        pid: (pid_tgid >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        src_port: 0,
+        syn_retransmits: 0,
+        errno: 0,
+        so_error: SO_ERROR_NONE,
+        kind: 0,
+        outcome: 0,
+        _pad: [0; 6],
+    };
+    let _ = PENDING_CONNECT.insert(&pid_tgid, &st.ev, 0);
+}
+
+/// `syscalls:sys_exit_connect`: `connect()` returned. EADDRNOTAVAIL comes from
+/// `inet_hash_connect()` in `tcp_v4_connect()`/`tcp_v6_connect()`, before `tcp_connect()`,
+/// so sock_ops never hears of it; this is the only place that does. Classic tracepoint (not
+/// tp_btf) because it fires only for connect(), not for every syscall.
+#[tracepoint]
+pub fn gw_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(pending) = PENDING_CONNECT.get_ptr_mut(&pid_tgid) else {
+        return 0;
+    };
+    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(0);
+    if ret == -(errno::EADDRNOTAVAIL as i64) {
+        // A scratch SockState is too big for the 512-byte stack, so the record is completed in
+        // the map value it already lives in.
+        let ev = unsafe { &mut *pending };
+        ev.kind = gateway_common::EventKind::Outcome as u8;
+        ev.outcome = Outcome::AddrUnavailable as u8;
+        ev.errno = errno::EADDRNOTAVAIL as u16;
+        ev.ts_event_ns = unsafe { bpf_ktime_get_ns() };
+        emit::addr_unavailable(ev);
+    }
+    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    0
+}

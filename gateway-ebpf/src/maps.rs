@@ -1,0 +1,88 @@
+//! Maps shared by every hook, and the per-socket state kept in `sk_storage`.
+
+use aya_ebpf::{
+    btf_maps::{LruHashMap, PerCpuArray, RingBuf, SkStorage},
+    macros::btf_map,
+};
+use gateway_common::{
+    ConnStats, ConnectEvent, DestStats, UpstreamKey, counter,
+    names::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DESTINATIONS, DEFAULT_MAX_PENDING, EVENTS_RING_BYTES},
+};
+
+/// `SockState::flags` bits.
+pub const F_CONNECT_SENT: u32 = 1 << 0;
+pub const F_ESTABLISHED: u32 = 1 << 1;
+pub const F_SYN_SENT_CLOSED: u32 = 1 << 2;
+pub const F_EMITTED: u32 = 1 << 3;
+pub const F_SO_ERROR_SENT: u32 = 1 << 4;
+
+/// Everything known about one socket's connect, shared by all hooks through `sk_storage`.
+/// This never crosses to userspace; `ev` is the record that does.
+#[repr(C)]
+pub struct SockState {
+    pub ev: ConnectEvent,
+    /// When the SYN left (sock_ops TCP_CONNECT).
+    pub t_syn_ns: u64,
+    /// When the socket left SYN_SENT for CLOSE.
+    pub t_closed_ns: u64,
+    pub flags: u32,
+    /// The errno reported by `inet_sk_error_report`, 0 if none yet.
+    pub errno: u32,
+    pub data_retransmits: u32,
+    pub rtos: u32,
+    pub last_rto_ns: u64,
+}
+
+#[btf_map]
+pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+/// One record per connect outcome (and at most one SO_ERROR follow-up).
+#[btf_map]
+pub static EVENTS: RingBuf<ConnectEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+/// Per-destination aggregates.
+#[btf_map]
+pub static DEST_STATS: LruHashMap<UpstreamKey, DestStats, { DEFAULT_MAX_DESTINATIONS as usize }> =
+    LruHashMap::new();
+
+/// Established-connection signals by socket cookie.
+#[btf_map]
+pub static CONN_STATS: LruHashMap<u64, ConnStats, { DEFAULT_MAX_CONNECTIONS as usize }> =
+    LruHashMap::new();
+
+/// The connect in flight on each thread (key: pid_tgid), so that `sys_exit_connect` can report
+/// an EADDRNOTAVAIL that never reached sock_ops.
+#[btf_map]
+pub static PENDING_CONNECT: LruHashMap<u64, ConnectEvent, { DEFAULT_MAX_PENDING as usize }> =
+    LruHashMap::new();
+
+/// Health of the kernel side itself; see `gateway_common::counter`.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Set by userspace from the running kernel's BTF: `offsetof(struct sock, sk_err)`.
+/// aya has no CO-RE for Rust programs, so the loader resolves the offset by hand.
+#[unsafe(no_mangle)]
+pub static SK_ERR_OFFSET: u32 = 0;
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, so no atomic is needed.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The map pointer that raw helpers expect. `SkStorage`'s own accessors only take a
+/// `SockAddrContext`, but sock_ops, getsockopt and tracing programs need the same map.
+#[inline(always)]
+pub fn sock_state_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCK_STATE).cast_mut().cast()
+}
+
+/// The socket's state, without creating it. Null when the socket's connect was not tracked.
+#[inline(always)]
+pub fn sock_state(sk: *mut core::ffi::c_void) -> *mut SockState {
+    unsafe { aya_ebpf::helpers::generated::bpf_sk_storage_get(sock_state_map(), sk, core::ptr::null_mut(), 0) }
+        .cast()
+}

@@ -1,0 +1,164 @@
+//! cgroup `sock_ops`: the TCP state machine of tracked sockets, from the kernel's own callbacks
+//! (`tcp_call_bpf()` in include/net/tcp.h).
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+        BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::bpf_ktime_get_ns,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use gateway_common::{ConnStats, Outcome, counter};
+
+use crate::{
+    emit,
+    maps::{
+        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, F_SYN_SENT_CLOSED, SockState, bump,
+        sock_state,
+    },
+};
+
+/// `enum tcp_state` in include/net/tcp_states.h.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+
+/// Always returns 1: sock_ops replies are only read for a few ops we do not handle.
+#[sock_ops]
+pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sock_ops(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_RTO_CB
+        && op != BPF_SOCK_OPS_RETRANS_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return Ok(());
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Err(());
+    }
+    let st = sock_state(sk.cast());
+    if st.is_null() {
+        // Not opened by connect4/6: a passive socket, or one older than the attachment.
+        return Ok(());
+    }
+    let st = unsafe { &mut *st };
+    let now = unsafe { bpf_ktime_get_ns() };
+    match op {
+        // tcp_connect(): the first SYN is about to leave. Switch on the callbacks that are off
+        // by default (KERNEL.md: RTO/RETRANS/STATE must be enabled per socket here).
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            st.t_syn_ns = now;
+            st.flags |= F_CONNECT_SENT;
+            st.ev.src_port = ctx.local_port() as u16;
+            let _ = ctx.set_cb_flags(
+                (BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG)
+                    as i32,
+            );
+        }
+        // tcp_finish_connect(): the SYN-ACK arrived.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            st.flags |= F_ESTABLISHED;
+            if st.t_syn_ns != 0 {
+                st.ev.syn_rtt_ns = now - st.t_syn_ns;
+            }
+            emit::outcome(st, Outcome::Established, 0, now);
+        }
+        // tcp_retransmit_skb(): args = seq, segs, err. Counted only when the retransmit was
+        // sent (err == 0), which is also when TcpExtTCPSynRetrans counts it.
+        BPF_SOCK_OPS_RETRANS_CB => {
+            if ctx.arg(2) != 0 {
+                return Ok(());
+            }
+            if ctx_state(ctx) == TCP_SYN_SENT {
+                st.ev.syn_retransmits = st.ev.syn_retransmits.saturating_add(1);
+            } else if st.flags & F_ESTABLISHED != 0 {
+                st.data_retransmits += 1;
+                established_event(ctx, st, false);
+            }
+        }
+        // tcp_write_timeout(): args = retransmits so far, rto (jiffies), expired.
+        BPF_SOCK_OPS_RTO_CB => {
+            if st.flags & F_ESTABLISHED != 0 && ctx_state(ctx) != TCP_SYN_SENT {
+                st.rtos += 1;
+                st.last_rto_ns = now;
+                established_event(ctx, st, true);
+            }
+        }
+        // tcp_set_state(): args = old state, new state.
+        BPF_SOCK_OPS_STATE_CB => {
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
+            if old == TCP_SYN_SENT && new == TCP_CLOSE {
+                st.flags |= F_SYN_SENT_CLOSED;
+                st.t_closed_ns = now;
+                // The errno may already be known (inet_sk_error_report ran first); otherwise
+                // lifecycle.rs finishes the record when it arrives, or when the socket is
+                // destroyed without one (the owner gave up: aborted).
+                if st.errno != 0 {
+                    emit::outcome(st, Outcome::from_errno(st.errno), st.errno, now);
+                }
+            } else if old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED != 0 {
+                // Leaving ESTABLISHED: keep the connection's final signals, then stop the
+                // callbacks, which would otherwise fire for every step of the close.
+                let _ = ctx.set_cb_flags(0);
+                let mut closed = conn_stats(ctx, st);
+                closed.closed_ns = now;
+                if CONN_STATS.insert(&st.ev.cookie, &closed, 0).is_err() {
+                    bump(counter::CONN_INSERT_FAILED);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn ctx_state(ctx: &SockOpsContext) -> u32 {
+    unsafe { (*ctx.ops).state }
+}
+
+/// An RTO or data retransmit on an established connection: count it per destination and
+/// refresh the connection's record.
+#[inline(always)]
+fn established_event(ctx: &SockOpsContext, st: &mut SockState, rto: bool) {
+    if let Some(stats) = emit::dest_stats(&st.ev.dst) {
+        let stats = unsafe { &mut *stats };
+        if rto {
+            emit::add(&mut stats.rtos, 1);
+        } else {
+            emit::add(&mut stats.data_retransmits, 1);
+        }
+    }
+    let cs = conn_stats(ctx, st);
+    if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
+        bump(counter::CONN_INSERT_FAILED);
+    }
+}
+
+#[inline(always)]
+fn conn_stats(ctx: &SockOpsContext, st: &SockState) -> ConnStats {
+    let ops = unsafe { &*ctx.ops };
+    ConnStats {
+        bytes_acked: ops.bytes_acked,
+        bytes_received: ops.bytes_received,
+        last_rto_ns: st.last_rto_ns,
+        closed_ns: 0,
+        data_retransmits: st.data_retransmits,
+        rtos: st.rtos,
+        // tcp_sock.srtt_us is stored left-shifted by 3 (tcp_rtt_estimator()).
+        srtt_us: ops.srtt_us >> 3,
+        unacked_bytes: ops.snd_nxt.wrapping_sub(ops.snd_una),
+    }
+}

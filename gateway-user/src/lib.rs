@@ -1,0 +1,9 @@
+//! The `gateway` library: the kernel observer, the reverse proxy, and the fault lab they are
+//! tested against. `main.rs` only parses the command line and dispatches here.
+
+pub mod config;
+pub mod lab;
+pub mod observe;
+pub mod observer;
+pub mod proxy;
+pub mod signals;

@@ -1,0 +1,206 @@
+//! `gateway observe`: the host-wide connect observer command. Drains the kernel's records on
+//! a timer, joins each with the application's SO_ERROR read, and shows them as a live table,
+//! as JSON lines, and as Prometheus metrics.
+
+pub mod metrics;
+pub mod table;
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::observer::{
+    KernelObserver, ObserverOptions,
+    records::{Clock, ConnectRecord, Decoded, Joiner, decode},
+};
+
+/// How often the ring buffer is drained (the kernel never wakes us: KERNEL.md "Cost").
+pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the table is redrawn.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(1);
+
+#[derive(Args, Debug, Clone)]
+pub struct ObserveArgs {
+    /// cgroup v2 to observe: a path, absolute or relative to the v2 mount. Default: the v2
+    /// root, i.e. every process on the host.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Print one JSON object per connect outcome per line on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Rows shown in the table.
+    #[arg(long, default_value_t = 25)]
+    pub top: usize,
+    /// Capacity of the kernel's per-destination table (LRU).
+    #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_DESTINATIONS)]
+    pub max_destinations: u32,
+    /// Distinct `dst` label values in metrics before the rest are counted as "other".
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_max_destinations: usize,
+    /// How long a connect record waits for the application's SO_ERROR read, in ms.
+    #[arg(long, default_value_t = crate::observer::records::DEFAULT_JOIN_WINDOW.as_millis() as u64)]
+    pub join_window_ms: u64,
+}
+
+pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(observe(args, None))
+}
+
+/// Sends every finished record to `tap` as well (used by the demo).
+pub type Tap = tokio::sync::mpsc::UnboundedSender<ConnectRecord>;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<ExitCode> {
+    let opts = ObserverOptions {
+        cgroup: args.cgroup.clone(),
+        max_destinations: args.max_destinations,
+        ..ObserverOptions::default()
+    };
+    let mut observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
+    tracing::info!(cgroup = %observer.cgroup().display(), "observer attached");
+
+    let mut registry = Registry::default();
+    let mut metrics = metrics::ObserverMetrics::new(&mut registry, args.metrics_max_destinations);
+    metrics.set_attached(true);
+    let registry = Arc::new(registry);
+    let server = match args.metrics {
+        Some(addr) => {
+            // Bind before announcing, so a bad address is an error at start, not a log line.
+            let listener_check = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the metrics listener on {addr}"))?;
+            drop(listener_check);
+            Some(tokio::spawn(metrics::serve(addr, registry.clone())))
+        }
+        None => None,
+    };
+
+    let clock = Clock::now();
+    let mut joiner = Joiner::new(Duration::from_millis(args.join_window_ms));
+    let mut table = table::Table::default();
+    let mut events = Vec::new();
+    let mut ready = Vec::new();
+    let mut drain = tokio::time::interval(DEFAULT_DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut refresh = tokio::time::interval(DEFAULT_REFRESH);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = args.duration.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+    let tty = std::io::stdout().is_terminal();
+    let stdout = std::io::stdout();
+    let mut lost_reported = 0;
+
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            _ = drain.tick() => {}
+            _ = refresh.tick(), if !args.json => {
+                let text = table.render(&observer.dest_stats(), args.top);
+                let lost = observer.events_lost();
+                let mut out = stdout.lock();
+                if tty {
+                    // Redraw in place: home the cursor and clear the screen.
+                    let _ = write!(out, "\x1b[H\x1b[2J");
+                }
+                let _ = writeln!(
+                    out,
+                    "gateway observe: cgroup {} | {} | lost records: {lost}",
+                    observer.cgroup().display(),
+                    chrono_like_now(),
+                );
+                let _ = write!(out, "{text}");
+                if !tty {
+                    let _ = writeln!(out);
+                }
+                let _ = out.flush();
+                continue;
+            }
+            _ = sigint.recv() => finishing = true,
+            _ = sigterm.recv() => finishing = true,
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => finishing = true,
+        }
+
+        observer.drain(&mut events);
+        let now = Clock::monotonic_now();
+        for ev in events.drain(..) {
+            match decode(&ev, &clock) {
+                Some(Decoded::SoError(read)) => {
+                    metrics.so_error(&read);
+                    joiner.push(Decoded::SoError(read), now, &mut ready);
+                }
+                Some(d) => joiner.push(d, now, &mut ready),
+                None => {}
+            }
+        }
+        joiner.flush(if finishing { u64::MAX } else { now }, &mut ready);
+        let lost = observer.events_lost();
+        metrics.set_events_lost(lost);
+        metrics.set_late_so_errors(joiner.late_so_errors);
+        if lost > lost_reported {
+            tracing::warn!(lost_total = lost, "the kernel dropped connect records: the ring buffer was full");
+            lost_reported = lost;
+        }
+        if !ready.is_empty() {
+            let mut out = stdout.lock();
+            for rec in ready.drain(..) {
+                metrics.record(&rec);
+                table.record(&rec);
+                if args.json {
+                    // One object per line, flushed per line: other tools tail this.
+                    let line = serde_json::to_string(&rec).expect("records always serialise");
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        // stdout closed (e.g. `| head`): nothing left to do.
+                        finishing = true;
+                    }
+                }
+                if let Some(tap) = &tap {
+                    let _ = tap.send(rec);
+                }
+            }
+        }
+        if finishing {
+            break;
+        }
+    }
+    if let Some(server) = server {
+        server.abort();
+    }
+    metrics.set_attached(false);
+    drop(observer);
+    tracing::info!("observer detached");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Wall-clock time as HH:MM:SS UTC, without a date-time dependency.
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics of `gateway observe`, and the tiny HTTP listener that serves them.
+//! The registry is built once and passed down; label sets are typed.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::observer::records::{ConnectRecord, SoErrorRead, errno_name};
+
+/// Buckets from 50 µs to ~13 s, doubling.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 19)
+}
+
+fn syn_rtt_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DstOutcome {
+    pub dst: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Dst {
+    pub dst: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrnoComm {
+    pub errno: String,
+    pub comm: String,
+}
+
+/// Label value used once `max_destinations` distinct destinations have been seen, so that a
+/// host talking to millions of peers cannot blow up the metric set.
+pub const OTHER_DST: &str = "other";
+
+pub struct ObserverMetrics {
+    attempts: Family<DstOutcome, Counter>,
+    syn_rtt: Family<Dst, Histogram, fn() -> Histogram>,
+    syn_retransmits: Family<Dst, Counter>,
+    socket_errors: Family<ErrnoComm, Counter>,
+    events_lost: Counter,
+    late_so_errors: Counter,
+    kernel_attached: Gauge,
+    known_dsts: HashSet<String>,
+    max_destinations: usize,
+    lost_seen: u64,
+}
+
+impl ObserverMetrics {
+    pub fn new(registry: &mut Registry, max_destinations: usize) -> ObserverMetrics {
+        let m = ObserverMetrics {
+            attempts: Family::default(),
+            syn_rtt: Family::new_with_constructor(syn_rtt_histogram),
+            syn_retransmits: Family::default(),
+            socket_errors: Family::default(),
+            events_lost: Counter::default(),
+            late_so_errors: Counter::default(),
+            kernel_attached: Gauge::default(),
+            known_dsts: HashSet::new(),
+            max_destinations,
+            lost_seen: 0,
+        };
+        registry.register(
+            "gateway_connect_attempts",
+            "TCP connects by destination and outcome (established, refused, timeout, unreachable, aborted, addr_unavailable), as seen by the kernel (eBPF sock_ops).",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "gateway_connect_syn_rtt_seconds",
+            "Time from SYN sent to SYN-ACK received, measured by the kernel (eBPF sock_ops).",
+            m.syn_rtt.clone(),
+        );
+        registry.register(
+            "gateway_connect_syn_retransmits",
+            "SYN retransmits by destination, counted by the kernel (eBPF sock_ops RETRANS).",
+            m.syn_retransmits.clone(),
+        );
+        registry.register(
+            "gateway_socket_errors",
+            "Errors applications read through getsockopt(SO_ERROR), by errno and process name; seen by the kernel (eBPF cgroup getsockopt).",
+            m.socket_errors.clone(),
+        );
+        registry.register(
+            "gateway_observer_events_lost",
+            "Connect records the kernel could not queue because the ring buffer was full.",
+            m.events_lost.clone(),
+        );
+        registry.register(
+            "gateway_observer_late_so_errors",
+            "SO_ERROR reads that arrived after their connect record had been released without them.",
+            m.late_so_errors.clone(),
+        );
+        registry.register(
+            "gateway_observer_kernel_attached",
+            "1 while the eBPF programs are attached and feeding this process.",
+            m.kernel_attached.clone(),
+        );
+        m
+    }
+
+    fn dst_label(&mut self, dst: &SocketAddr) -> String {
+        let s = dst.to_string();
+        if self.known_dsts.contains(&s) {
+            return s;
+        }
+        if self.known_dsts.len() < self.max_destinations {
+            self.known_dsts.insert(s.clone());
+            s
+        } else {
+            OTHER_DST.to_owned()
+        }
+    }
+
+    pub fn set_attached(&self, attached: bool) {
+        self.kernel_attached.set(i64::from(attached));
+    }
+
+    pub fn record(&mut self, rec: &ConnectRecord) {
+        let dst = self.dst_label(&rec.dst);
+        self.attempts.get_or_create(&DstOutcome { dst: dst.clone(), outcome: rec.outcome().name() }).inc();
+        if rec.syn_retransmits > 0 {
+            self.syn_retransmits.get_or_create(&Dst { dst: dst.clone() }).inc_by(u64::from(rec.syn_retransmits));
+        }
+        if let Some(us) = rec.syn_rtt_us {
+            self.syn_rtt.get_or_create(&Dst { dst }).observe(us as f64 / 1e6);
+        }
+    }
+
+    pub fn so_error(&mut self, read: &SoErrorRead) {
+        if read.value != 0 {
+            self.socket_errors
+                .get_or_create(&ErrnoComm { errno: errno_name(read.value), comm: read.comm.clone() })
+                .inc();
+        }
+    }
+
+    /// `total` is the kernel's running count; the counter follows it.
+    pub fn set_events_lost(&mut self, total: u64) {
+        if total > self.lost_seen {
+            self.events_lost.inc_by(total - self.lost_seen);
+            self.lost_seen = total;
+        }
+    }
+
+    pub fn set_late_so_errors(&mut self, total: u64) {
+        let seen = self.late_so_errors.get();
+        if total > seen {
+            self.late_so_errors.inc_by(total - seen);
+        }
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics at /metrics");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(%err, "metrics accept failed");
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &registry)) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/metrics" {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"not found; metrics are at /metrics\n")))
+            .expect("static response");
+    }
+    let mut body = String::new();
+    match encode(&mut body, registry) {
+        Ok(()) => Response::builder()
+            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static headers"),
+        Err(_) => Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Full::new(Bytes::from_static(b"encoding metrics failed\n")))
+            .expect("static response"),
+    }
+}

@@ -1,0 +1,225 @@
+//! The kernel observer: loads the eBPF object, attaches it to one cgroup v2, and hands out
+//! what it saw — connect records from the ring buffer, per-destination aggregates, and
+//! established-connection signals by socket cookie.
+//!
+//! Everything attached is owned by [`KernelObserver`]. aya attaches cgroup programs with
+//! `bpf_link`s and tracepoints with perf-event links, all held as file descriptors and nothing
+//! pinned, so dropping the observer or the process dying (even by SIGKILL) detaches everything.
+
+pub mod btf;
+pub mod preflight;
+pub mod records;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, TracePoint,
+    },
+};
+use gateway_common::{ConnStats, ConnectEvent, DestStats, UpstreamKey, counter, names};
+use thiserror::Error;
+
+pub use preflight::PreflightError;
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+#[derive(Debug, Error)]
+pub enum ObserverError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("this gateway binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with `cargo build --release`")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel verifier rejected {program}: {io_error}\n--- verifier log (last {lines} lines) ---\n{tail}")]
+    Verifier { program: &'static str, io_error: std::io::Error, lines: usize, tail: String },
+    #[error("{action} {program} failed: {source}{hint}")]
+    Program { action: &'static str, program: &'static str, source: ProgramError, hint: &'static str },
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: String, source: std::io::Error },
+}
+
+/// What to attach to, and how big the kernel tables are.
+#[derive(Clone, Debug)]
+pub struct ObserverOptions {
+    /// A cgroup v2 directory; `None` = the v2 root (every process on the host).
+    pub cgroup: Option<PathBuf>,
+    pub max_destinations: u32,
+    pub max_connections: u32,
+}
+
+impl Default for ObserverOptions {
+    fn default() -> Self {
+        ObserverOptions {
+            cgroup: None,
+            max_destinations: names::DEFAULT_MAX_DESTINATIONS,
+            max_connections: names::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// The kernel side, loaded and attached.
+pub struct KernelObserver {
+    events: RingBuf<MapData>,
+    dest_stats: HashMap<MapData, UpstreamKey, DestStats>,
+    conn_stats: HashMap<MapData, u64, ConnStats>,
+    counters: PerCpuArray<MapData, u64>,
+    cgroup: PathBuf,
+    // Dropped last: detaches every program.
+    _ebpf: Ebpf,
+}
+
+const VERIFIER_TAIL_LINES: usize = 25;
+
+fn program_error(action: &'static str, program: &'static str, err: ProgramError) -> ObserverError {
+    match err {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
+            ObserverError::Verifier { program, io_error, lines: VERIFIER_TAIL_LINES.min(lines.len()), tail }
+        }
+        source => {
+            let hint = match &source {
+                ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                    "; another program is already attached there in exclusive mode (bpftool cgroup show <path>)"
+                }
+                _ => "",
+            };
+            ObserverError::Program { action, program, source, hint }
+        }
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ObserverError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(ObserverError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| ObserverError::Map { name, source })
+}
+
+impl KernelObserver {
+    /// Checks privileges and kernel support, loads, and attaches. Every failure says what is
+    /// missing and what to do.
+    pub fn attach(opts: &ObserverOptions) -> Result<KernelObserver, ObserverError> {
+        preflight::check_privileges()?;
+        preflight::check_btf()?;
+        let cgroup = preflight::resolve_cgroup(opts.cgroup.as_deref())?;
+        preflight::ensure_bpffs()?;
+        preflight::ensure_tracefs()?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(ObserverError::NoObject);
+        }
+        let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .btf(&kernel_btf)
+            .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
+            .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
+            .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
+            .load(EBPF_OBJECT)
+            .map_err(ObserverError::Load)?;
+
+        let cgroup_fd = File::open(&cgroup)
+            .map_err(|source| ObserverError::Cgroup { path: cgroup.display().to_string(), source })?;
+
+        // Tracing programs first: they only finish records that the cgroup programs open, so
+        // attaching them first means no record is opened that cannot be finished.
+        for (name, tp) in [(names::PROG_ERROR_REPORT, "inet_sk_error_report"), (names::PROG_DESTROY_SOCK, "tcp_destroy_sock")] {
+            let prog: &mut BtfTracePoint = program(&mut ebpf, name)?;
+            prog.load(tp, &kernel_btf).map_err(|e| program_error("loading", name, e))?;
+            prog.attach().map_err(|e| program_error("attaching", name, e))?;
+        }
+        {
+            let name = names::PROG_SYS_EXIT_CONNECT;
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| program_error("loading", name, e))?;
+            prog.attach("syscalls", "sys_exit_connect").map_err(|e| program_error("attaching", name, e))?;
+        }
+        {
+            let name = names::PROG_SOCK_OPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| program_error("loading", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+        }
+        {
+            let name = names::PROG_GETSOCKOPT;
+            let prog: &mut CgroupSockopt = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| program_error("loading", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+        }
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| program_error("loading", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+        }
+
+        Ok(KernelObserver {
+            events: take_map(&mut ebpf, names::MAP_EVENTS)?,
+            dest_stats: take_map(&mut ebpf, names::MAP_DEST_STATS)?,
+            conn_stats: take_map(&mut ebpf, names::MAP_CONN_STATS)?,
+            counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
+            cgroup,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Moves every record waiting in the ring buffer into `out`. Never blocks.
+    pub fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<ConnectEvent>() {
+                // SAFETY: ConnectEvent is Pod (gateway-common); read_unaligned copes with any
+                // alignment of the ring-buffer slot.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnectEvent>()) });
+            }
+        }
+    }
+
+    /// Per-destination aggregates, as the kernel holds them now.
+    pub fn dest_stats(&self) -> Vec<(UpstreamKey, DestStats)> {
+        self.dest_stats.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Established-connection signals of one socket, by `SO_COOKIE`.
+    pub fn conn_stats(&self, cookie: u64) -> Option<ConnStats> {
+        self.conn_stats.get(&cookie, 0).ok()
+    }
+
+    /// Kernel-side health counters, summed over CPUs (see `gateway_common::counter`).
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Records the kernel could not put in the ring buffer because it was full.
+    pub fn events_lost(&self) -> u64 {
+        self.counter(counter::EVENTS_LOST)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ObserverError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog = ebpf.program_mut(name).ok_or(ObserverError::Missing { kind: "program", name })?;
+    prog.try_into().map_err(|_| ObserverError::Missing { kind: "program of the expected type", name })
+}

@@ -1,0 +1,2 @@
+//! `cargo xtask`: setup checks, the privileged test run, the demo, and benchmarks.
+fn main() {}
