@@ -11,8 +11,6 @@ pub const PROG_CONNECT4: &str = "gw_connect4";
 pub const PROG_CONNECT6: &str = "gw_connect6";
 pub const PROG_SOCK_OPS: &str = "gw_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "gw_getsockopt";
-pub const PROG_ERROR_REPORT: &str = "gw_error_report";
-pub const PROG_DESTROY_SOCK: &str = "gw_destroy_sock";
 pub const PROG_SYS_EXIT_CONNECT: &str = "gw_sys_exit_connect";
 
 /// Default capacities; userspace may override them at load time.

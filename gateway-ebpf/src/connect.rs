@@ -107,11 +107,10 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     st.flags = 0;
-    st.errno = 0;
     st.t_syn_ns = 0;
-    st.t_closed_ns = 0;
     st.data_retransmits = 0;
     st.rtos = 0;
+    st.app_error = 0;
     st.last_rto_ns = 0;
     st.ev = ConnectEvent {
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },

@@ -59,7 +59,17 @@ pub fn so_error(st: &mut SockState, value: u32) {
             }
         }
     }
-    if st.flags & F_EMITTED == 0 || st.flags & F_SO_ERROR_SENT != 0 {
+    if st.flags & F_EMITTED == 0 {
+        // Read while the connect is still in flight. A non-zero value is a soft error the
+        // application acted on; it goes into the outcome record when the socket closes.
+        if value != 0 {
+            st.app_error = value;
+            st.ev.so_error = value as u16;
+            st.flags |= F_SO_ERROR_SENT;
+        }
+        return;
+    }
+    if st.flags & F_SO_ERROR_SENT != 0 {
         return;
     }
     st.flags |= F_SO_ERROR_SENT;

@@ -9,9 +9,7 @@
 //! |---|---|---|
 //! | cgroup `connect4` / `connect6` | `connect.rs` | destination, pid, comm, cgroup, cookie, t_connect |
 //! | tracepoint `syscalls:sys_exit_connect` | `connect.rs` | EADDRNOTAVAIL: no SYN was ever sent |
-//! | cgroup `sock_ops` | `sockops.rs` | SYN time, SYN retransmits, SYN-RTT, leaving SYN_SENT, established RTOs/retransmits |
-//! | `tp_btf/inet_sk_error_report` | `lifecycle.rs` | the errno that ended the connect |
-//! | `tp_btf/tcp_destroy_sock` | `lifecycle.rs` | a SYN_SENT socket closed by its owner: `aborted` |
+//! | cgroup `sock_ops` | `sockops.rs` | SYN time, SYN retransmits, SYN-RTT, the errno (or its absence: aborted) when it leaves SYN_SENT, established RTOs/retransmits |
 //! | cgroup `getsockopt` | `sockopt.rs` | the `SO_ERROR` the application read |
 //!
 //! Records go to a ring buffer without a wake-up; userspace drains it on a timer
@@ -25,8 +23,6 @@
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod emit;
-#[cfg(target_arch = "bpf")]
-mod lifecycle;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -12,7 +12,6 @@ use gateway_common::{
 /// `SockState::flags` bits.
 pub const F_CONNECT_SENT: u32 = 1 << 0;
 pub const F_ESTABLISHED: u32 = 1 << 1;
-pub const F_SYN_SENT_CLOSED: u32 = 1 << 2;
 pub const F_EMITTED: u32 = 1 << 3;
 pub const F_SO_ERROR_SENT: u32 = 1 << 4;
 
@@ -23,14 +22,13 @@ pub struct SockState {
     pub ev: ConnectEvent,
     /// When the SYN left (sock_ops TCP_CONNECT).
     pub t_syn_ns: u64,
-    /// When the socket left SYN_SENT for CLOSE.
-    pub t_closed_ns: u64,
+    pub last_rto_ns: u64,
     pub flags: u32,
-    /// The errno reported by `inet_sk_error_report`, 0 if none yet.
-    pub errno: u32,
     pub data_retransmits: u32,
     pub rtos: u32,
-    pub last_rto_ns: u64,
+    /// A non-zero SO_ERROR the application read while the connect was still in SYN_SENT: a
+    /// soft error (an ICMP that arrived while the socket was locked, kept in sk_err_soft).
+    pub app_error: u32,
 }
 
 #[btf_map]
@@ -60,10 +58,13 @@ pub static PENDING_CONNECT: LruHashMap<u64, ConnectEvent, { DEFAULT_MAX_PENDING 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
 
-/// Set by userspace from the running kernel's BTF: `offsetof(struct sock, sk_err)`.
-/// aya has no CO-RE for Rust programs, so the loader resolves the offset by hand.
+/// Set by userspace from the running kernel's BTF: `offsetof(struct sock, sk_err)` and
+/// `offsetof(struct sock, sk_err_soft)`. aya has no CO-RE for Rust programs, so the loader
+/// resolves the offsets by hand.
 #[unsafe(no_mangle)]
 pub static SK_ERR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+pub static SK_ERR_SOFT_OFFSET: u32 = 0;
 
 #[inline(always)]
 pub fn bump(index: u32) {

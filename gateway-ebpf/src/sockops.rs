@@ -7,7 +7,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -16,8 +16,9 @@ use gateway_common::{ConnStats, Outcome, counter};
 use crate::{
     emit,
     maps::{
-        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, F_SYN_SENT_CLOSED, SockState, bump,
-        sock_state,
+        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET,
+        SockState,
+        bump, sock_state,
     },
 };
 
@@ -100,14 +101,22 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_STATE_CB => {
             let (old, new) = (ctx.arg(0), ctx.arg(1));
             if old == TCP_SYN_SENT && new == TCP_CLOSE {
-                st.flags |= F_SYN_SENT_CLOSED;
-                st.t_closed_ns = now;
-                // The errno may already be known (inet_sk_error_report ran first); otherwise
-                // lifecycle.rs finishes the record when it arrives, or when the socket is
-                // destroyed without one (the owner gave up: aborted).
-                if st.errno != 0 {
-                    emit::outcome(st, Outcome::from_errno(st.errno), st.errno, now);
+                // Every kernel path that ends a connect writes sk_err first and wakes the
+                // application after this callback (`tcp_done_with_error()` in net/ipv4/tcp.c:
+                // WRITE_ONCE(sk_err) → tcp_done() → tcp_set_state() → here → wake-up). So
+                // sk_err is read here, before the application can clear it with SO_ERROR or
+                // connect()'s return. With no hard error, the owner closed the socket itself:
+                // a soft error (ICMP received while the socket was locked, in sk_err_soft or
+                // already read by the app through SO_ERROR) says why; none means it gave up
+                // on its own (aborted).
+                let mut err = sk_int(sk.cast(), unsafe { core::ptr::read_volatile(&SK_ERR_OFFSET) });
+                if err == 0 {
+                    err = st.app_error;
                 }
+                if err == 0 {
+                    err = sk_int(sk.cast(), unsafe { core::ptr::read_volatile(&SK_ERR_SOFT_OFFSET) });
+                }
+                emit::outcome(st, Outcome::from_errno(err), err, now);
             } else if old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED != 0 {
                 // Leaving ESTABLISHED: keep the connection's final signals, then stop the
                 // callbacks, which would otherwise fire for every step of the close.
@@ -122,6 +131,23 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         _ => {}
     }
     Ok(())
+}
+
+/// An `int` field of `struct sock` (`sk_err`, `sk_err_soft`), read through the BTF-typed
+/// `tcp_sock` since sock_ops' own `bpf_sock` view has no such fields. The offset comes from the
+/// running kernel's BTF; 0 = unknown.
+#[inline(always)]
+fn sk_int(sk: *mut core::ffi::c_void, offset: u32) -> u32 {
+    if offset == 0 {
+        return 0;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    if tp.is_null() {
+        return 0;
+    }
+    let err: i32 =
+        unsafe { bpf_probe_read_kernel(tp.cast::<u8>().add(offset as usize).cast::<i32>()) }.unwrap_or(0);
+    if err > 0 { err as u32 } else { 0 }
 }
 
 #[inline(always)]

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, TracePoint,
     },
 };
 use gateway_common::{ConnStats, ConnectEvent, DestStats, UpstreamKey, counter, names};
@@ -125,11 +125,13 @@ impl KernelObserver {
             return Err(ObserverError::NoObject);
         }
         let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
+        let sk_err_soft_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
         let mut ebpf = EbpfLoader::new()
             .btf(&kernel_btf)
             .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
+            .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
             .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
             .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
             .load(EBPF_OBJECT)
@@ -138,13 +140,8 @@ impl KernelObserver {
         let cgroup_fd = File::open(&cgroup)
             .map_err(|source| ObserverError::Cgroup { path: cgroup.display().to_string(), source })?;
 
-        // Tracing programs first: they only finish records that the cgroup programs open, so
-        // attaching them first means no record is opened that cannot be finished.
-        for (name, tp) in [(names::PROG_ERROR_REPORT, "inet_sk_error_report"), (names::PROG_DESTROY_SOCK, "tcp_destroy_sock")] {
-            let prog: &mut BtfTracePoint = program(&mut ebpf, name)?;
-            prog.load(tp, &kernel_btf).map_err(|e| program_error("loading", name, e))?;
-            prog.attach().map_err(|e| program_error("attaching", name, e))?;
-        }
+        // The tracepoint first: it only finishes records that connect4/6 open, so attaching it
+        // first means no record is opened that cannot be finished.
         {
             let name = names::PROG_SYS_EXIT_CONNECT;
             let prog: &mut TracePoint = program(&mut ebpf, name)?;

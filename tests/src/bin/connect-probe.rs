@@ -1,0 +1,160 @@
+//! A TCP client for the observer's tests, run inside the lab's client namespace and cgroup.
+//! It connects the way real programs do and prints one JSON line per attempt with the
+//! socket's `SO_COOKIE` (read before `connect()`), so a test can find the kernel's record of
+//! exactly that attempt and compare what the application saw with what the observer saw.
+//!
+//! `connect-probe STYLE ADDR [--timeout-ms N] [--count N] [--keep]`
+//!
+//! | STYLE | how it connects |
+//! |---|---|
+//! | `go` | non-blocking connect, poll for POLLOUT, `getsockopt(SO_ERROR)` (Go's net package) |
+//! | `tokio` | `tokio::net::TcpSocket::connect` (mio; reads SO_ERROR through `take_error`) |
+//! | `blocking` | a plain blocking `connect()`; never reads SO_ERROR |
+//!
+//! With `--timeout-ms`, `go` and `tokio` give up and close the socket (a userspace connect
+//! timeout); `--keep` keeps every connected socket open until the process exits (to exhaust
+//! ephemeral ports).
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+fn cookie(fd: RawFd) -> u64 {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v/len are valid out-parameters of the right size.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+    if rc != 0 { 0 } else { v }
+}
+
+fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => gateway_common::errno::name(n as u32).map(str::to_owned).unwrap_or_else(|| format!("E{n}")),
+        None if e.kind() == io::ErrorKind::TimedOut => "userspace_timeout".to_owned(),
+        None => e.to_string(),
+    }
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+}
+
+/// Go's pattern: EINPROGRESS, poll, then SO_ERROR.
+fn go_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Socket, io::Error>) {
+    let sock = match new_socket(addr) {
+        Ok(s) => s,
+        Err(e) => return (0, Err(e)),
+    };
+    let c = cookie(sock.as_raw_fd());
+    if let Err(e) = sock.set_nonblocking(true) {
+        return (c, Err(e));
+    }
+    match sock.connect(&addr.into()) {
+        Ok(()) => return (c, Ok(sock)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return (c, Err(e)),
+    }
+    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let ms = timeout.map(|t| t.as_millis() as i32).unwrap_or(-1);
+    // SAFETY: pfd is a valid pollfd array of length 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n == 0 {
+        // The userspace deadline passed: close while still in SYN_SENT.
+        drop(sock);
+        return (c, Err(io::Error::new(io::ErrorKind::TimedOut, "userspace connect timeout")));
+    }
+    match sock.take_error() {
+        Ok(None) => (c, Ok(sock)),
+        Ok(Some(e)) => (c, Err(e)),
+        Err(e) => (c, Err(e)),
+    }
+}
+
+fn tokio_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Socket, io::Error>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let sock = match if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() } {
+            Ok(s) => s,
+            Err(e) => return (0, Err(e)),
+        };
+        let c = cookie(sock.as_raw_fd());
+        let fut = sock.connect(addr);
+        let res = match timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "userspace connect timeout")),
+            },
+            None => fut.await,
+        };
+        (c, res.and_then(|s| s.into_std()).map(Socket::from))
+    })
+}
+
+fn blocking_style(addr: SocketAddr) -> (u64, Result<Socket, io::Error>) {
+    let sock = match new_socket(addr) {
+        Ok(s) => s,
+        Err(e) => return (0, Err(e)),
+    };
+    let c = cookie(sock.as_raw_fd());
+    let r = sock.connect(&addr.into());
+    (c, r.map(|()| sock))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: connect-probe go|tokio|blocking ADDR [--timeout-ms N] [--count N] [--keep]";
+    let (Some(style), Some(addr)) = (args.first(), args.get(1)) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let addr: SocketAddr = addr.parse().unwrap_or_else(|e| {
+        eprintln!("bad address {addr}: {e}");
+        std::process::exit(2)
+    });
+    let mut timeout = None;
+    let mut count = 1usize;
+    let mut keep = false;
+    let mut it = args[2..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--timeout-ms" => timeout = it.next().and_then(|v| v.parse().ok()).map(Duration::from_millis),
+            "--count" => count = it.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            "--keep" => keep = true,
+            other => {
+                eprintln!("unknown argument {other}; {usage}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    for _ in 0..count {
+        let start = Instant::now();
+        let (c, res) = match style.as_str() {
+            "go" => go_style(addr, timeout),
+            "tokio" => tokio_style(addr, timeout),
+            "blocking" => blocking_style(addr),
+            other => {
+                eprintln!("unknown style {other}; {usage}");
+                std::process::exit(2);
+            }
+        };
+        let elapsed_us = start.elapsed().as_micros() as u64;
+        let result = match &res {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => errno_text(e),
+        };
+        println!(
+            "{}",
+            serde_json::json!({ "pid": std::process::id(), "cookie": c, "result": result, "elapsed_us": elapsed_us })
+        );
+        if let (Ok(s), true) = (res, keep) {
+            kept.push(s);
+        }
+    }
+    drop(kept);
+}

@@ -1,0 +1,118 @@
+//! Shared harness of the privileged end-to-end tests: a fault lab whose client cgroup is
+//! observed by the real eBPF object, and the `connect-probe` client run inside it.
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gateway::{
+    lab::{Lab, LabSpec, NetnsCommandExt},
+    observer::{
+        KernelObserver, ObserverOptions,
+        records::{Clock, ConnectRecord, Decoded, Joiner, decode},
+    },
+};
+use serde::Deserialize;
+
+/// Fails loudly (never skips) when the test cannot do what it claims to check.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this is a privileged test: it creates network namespaces and cgroups and attaches \
+             eBPF programs, so it must run as root (use `./dev test`)"
+        );
+    }
+}
+
+/// One line of `connect-probe` output: what the application saw.
+#[derive(Debug, Deserialize, Clone)]
+pub struct Probe {
+    pub pid: u32,
+    pub cookie: u64,
+    pub result: String,
+    pub elapsed_us: u64,
+}
+
+/// The observer attached to a lab's client cgroup, and the records it has produced so far.
+pub struct Recorder {
+    pub observer: KernelObserver,
+    cgroup_id: u64,
+    clock: Clock,
+    joiner: Joiner,
+    seen: Vec<ConnectRecord>,
+}
+
+/// A lab with `upstreams` upstreams whose client cgroup is observed. Bind the pair as
+/// `let (lab, mut rec) = ...`: locals drop in reverse order, so the observer detaches before
+/// the namespaces go.
+pub fn observed_lab(upstreams: usize) -> (Lab, Recorder) {
+    require_root();
+    let lab = Lab::new(LabSpec::new(upstreams)).expect("building the fault lab");
+    let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
+    let observer = KernelObserver::attach(&ObserverOptions { cgroup: Some(cgroup.path().to_path_buf()), ..Default::default() })
+        .unwrap_or_else(|e| panic!("attaching the observer: {e}"));
+    let rec = Recorder {
+        observer,
+        cgroup_id: cgroup.id(),
+        clock: Clock::now(),
+        joiner: Joiner::new(Duration::from_millis(100)),
+        seen: Vec::new(),
+    };
+    (lab, rec)
+}
+
+/// Runs `connect-probe` in the lab's client namespace and cgroup; one line per attempt.
+pub fn probe(lab: &Lab, style: &str, addr: std::net::SocketAddr, extra: &[&str]) -> Vec<Probe> {
+    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe"))
+        .arg(style)
+        .arg(addr.to_string())
+        .args(extra)
+        .in_netns(lab.client())
+        .in_cgroup(lab.client_cgroup().expect("client cgroup"))
+        .output()
+        .expect("running connect-probe");
+    assert!(out.status.success(), "connect-probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l}: {e}")))
+        .collect()
+}
+
+impl Recorder {
+    fn pump(&mut self) {
+        let mut events = Vec::new();
+        self.observer.drain(&mut events);
+        let now = Clock::monotonic_now();
+        for ev in &events {
+            if let Some(d) = decode(ev, &self.clock) {
+                if let Decoded::Outcome(rec) = &d {
+                    assert_eq!(rec.cgroup_id, self.cgroup_id, "record from outside the observed cgroup: {rec:?}");
+                }
+                self.joiner.push(d, now, &mut self.seen);
+            }
+        }
+        self.joiner.flush(now, &mut self.seen);
+    }
+
+    /// The observer's record of the connect with `cookie`, waiting up to `timeout`.
+    pub fn record(&mut self, cookie: u64, timeout: Duration) -> ConnectRecord {
+        assert_ne!(cookie, 0, "the probe could not read SO_COOKIE");
+        let start = Instant::now();
+        loop {
+            self.pump();
+            if let Some(i) = self.seen.iter().position(|r| r.cookie == cookie) {
+                return self.seen.remove(i);
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no record for cookie {cookie} after {timeout:?}; lost={} seen={:?}",
+                self.observer.events_lost(),
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
