@@ -1,0 +1,203 @@
+//! The gateway's config: one TOML file, one serde tree (`model`), validated into the
+//! [`Settings`] the proxy runs on (`validate`). Errors and warnings name the file, the line and
+//! the key, and say what is allowed; `gateway check-config` prints them.
+//!
+//! The smallest useful file uses the layout most gateways document:
+//!
+//! ```toml
+//! [router]
+//! listener_port = 8080
+//!
+//! [router.upstream]
+//! endpoints = ["10.0.0.5:8080"]
+//!
+//! [router.upstream.timeouts]
+//! connect_timeout_ms = 6000
+//! ```
+//!
+//! Durations are always integers in milliseconds, in keys ending in `_ms`.
+
+pub mod model;
+pub mod settings;
+mod source;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use thiserror::Error;
+
+pub use self::{
+    model::Config,
+    settings::*,
+    source::{KeyPath, Position},
+    validate::{Invalid, Warning},
+};
+use self::{source::Source, validate::At};
+
+/// A config that passed validation, and what it warned about.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub warnings: Vec<Located<Warning>>,
+}
+
+/// A finding tied to a place in the file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located<T> {
+    pub file: PathBuf,
+    /// `None` when the finding is about a default nobody wrote and no parent table exists.
+    pub position: Option<Position>,
+    pub key: KeyPath,
+    /// The file's line at `position`, shown under the message.
+    pub line_text: Option<String>,
+    pub what: T,
+}
+
+impl<T: fmt::Display> fmt::Display for Located<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        if !self.key.is_root() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.what)?;
+        if let (Some(p), Some(text)) = (self.position, &self.line_text) {
+            write!(f, "\n  {:>4} | {}", p.line, text)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a config was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or TOML that does not fit the schema (unknown key, wrong type).
+    #[error("{0}")]
+    Parse(Box<Located<ParseProblem>>),
+    /// Well-formed but refused by `validate`; every problem found, in file order.
+    #[error("{}", display_all(.0))]
+    Invalid(Vec<Located<Invalid>>),
+}
+
+/// The `toml` parser's or serde's own message, e.g. "unknown field `conect_timeout_ms`,
+/// expected one of `connect_timeout_ms`, ...".
+#[derive(Clone, Debug, Error, PartialEq)]
+#[error("{message}")]
+pub struct ParseProblem {
+    pub message: String,
+}
+
+fn display_all<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    load_str(&text, path)
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+pub fn load_str(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
+    let mut src = Source { text, doc: None };
+    let doc = match toml::de::DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => return Err(parse_error(&src, file, KeyPath::root(), &e)),
+    };
+    src.doc = Some(doc.clone());
+    let de = toml::de::Deserializer::from(doc);
+    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = KeyPath::from_serde(e.path());
+        parse_error(&src, file, key, e.inner())
+    })?;
+    match validate::validate(&cfg) {
+        Ok((settings, warnings)) => Ok(Loaded {
+            settings,
+            warnings: warnings
+                .into_iter()
+                .map(|w| locate(&src, file, w))
+                .collect(),
+        }),
+        Err(problems) => {
+            let mut problems: Vec<_> = problems
+                .into_iter()
+                .map(|p| locate(&src, file, p))
+                .collect();
+            problems.sort_by_key(|p| p.position.map(|p| (p.line, p.column)));
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+fn parse_error(src: &Source<'_>, file: &Path, key: KeyPath, e: &toml::de::Error) -> ConfigError {
+    let position = e
+        .span()
+        .map(|s| src.position(s.start))
+        .or_else(|| src.position_of(&key));
+    ConfigError::Parse(Box::new(Located {
+        file: file.to_owned(),
+        position,
+        line_text: position
+            .and_then(|p| src.line_text(p.line))
+            .map(str::to_owned),
+        key,
+        what: ParseProblem {
+            message: e.message().trim().to_owned(),
+        },
+    }))
+}
+
+fn locate<T>(src: &Source<'_>, file: &Path, at: At<T>) -> Located<T> {
+    let position = src.position_of(&at.key);
+    Located {
+        file: file.to_owned(),
+        position,
+        line_text: position
+            .and_then(|p| src.line_text(p.line))
+            .map(str::to_owned),
+        key: at.key,
+        what: at.what,
+    }
+}
+
+/// `gateway check-config FILE`: exit 0 with a summary (and warnings on stderr), or an error
+/// naming file, line and key.
+pub fn cli_check(path: &Path) -> anyhow::Result<ExitCode> {
+    let loaded = load(path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let s = &loaded.settings;
+    let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+    println!(
+        "{}: ok: listen {}, {} route(s), {} cluster(s), {} warning(s)",
+        path.display(),
+        listen.join(" "),
+        s.routes.len(),
+        s.clusters.len(),
+        loaded.warnings.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

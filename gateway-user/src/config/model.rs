@@ -1,0 +1,302 @@
+//! The config file's serde tree, exactly as written by the operator.
+//!
+//! Every table denies unknown keys. Optional settings stay `Option` here so that a cluster can
+//! inherit from `[router.upstream]` and both can fall back to the defaults, which live as
+//! `const`s next to the setting they belong to. `config::resolve` turns this tree into the
+//! typed settings the proxy runs on.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, Visitor},
+};
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, client-side limits, and the defaults every upstream cluster inherits.
+    pub router: RouterConfig,
+    /// Routes by host and path prefix, to clusters. With none, every request goes to the
+    /// cluster `default` defined by `[router.upstream] endpoints`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Named upstream clusters.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+/// `[router]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Shorthand for `listen = ["0.0.0.0:PORT"]`.
+    pub listener_port: Option<u16>,
+    /// Addresses to accept client connections on, e.g. `["127.0.0.1:8080", "[::1]:8080"]`.
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// On SIGTERM or SIGINT, how long in-flight requests may run before the gateway exits
+    /// anyway. Default [`DEFAULT_SHUTDOWN_GRACE_MS`].
+    pub shutdown_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub downstream: DownstreamConfig,
+    #[serde(default)]
+    pub upstream: ClusterConfig,
+}
+
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+
+/// `[router.downstream]`: what the gateway accepts from clients.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamConfig {
+    /// How long a client may take to send a complete request head, counted from when the
+    /// connection starts waiting for one (a new connection, or the end of the previous response
+    /// on a keep-alive connection). Cuts off slow-loris clients, and is also how long an idle
+    /// HTTP/1 keep-alive connection is kept. Default [`DEFAULT_HEADER_READ_TIMEOUT_MS`].
+    pub header_read_timeout_ms: Option<u64>,
+    /// How long a write to a client may make no progress before the connection is closed
+    /// (a client that stopped reading). Default [`DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS`].
+    pub write_timeout_ms: Option<u64>,
+    /// Largest request head (request line and headers) answered normally; larger gets 431.
+    /// Default [`DEFAULT_MAX_REQUEST_HEADER_BYTES`].
+    pub max_request_header_bytes: Option<usize>,
+    /// Largest request body forwarded; larger gets 413. Unlimited by default.
+    pub max_request_body_bytes: Option<u64>,
+}
+
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+
+/// `[router.upstream]` (the defaults every cluster inherits and, with `endpoints`, the cluster
+/// `default`) and `[clusters.NAME]` (where `endpoints` is required). One type for both so that
+/// a key means the same thing in either place.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `"ip:port"`, `"host:port"`, or `{ address = "host:port", weight = 2 }`.
+    pub endpoints: Option<Vec<EndpointConfig>>,
+    /// Default [`DEFAULT_LB_POLICY`].
+    pub lb_policy: Option<LbPolicy>,
+    /// How often `host:port` endpoints are resolved again. Default [`DEFAULT_DNS_REFRESH_MS`].
+    pub dns_refresh_ms: Option<u64>,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
+pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;
+
+/// How a cluster spreads requests over its endpoints.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Weighted round robin (smooth: weights interleave rather than burst).
+    RoundRobin,
+    /// Power of two choices: the less loaded (in-flight requests / weight) of two random picks.
+    LeastRequest,
+}
+
+impl LbPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::LeastRequest => "least_request",
+        }
+    }
+}
+
+/// `[router.upstream.timeouts]` or `[clusters.NAME.timeouts]`. All in milliseconds.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect, per attempt: from `connect()` to the SYN-ACK. Default
+    /// [`DEFAULT_CONNECT_TIMEOUT_MS`].
+    pub connect_timeout_ms: Option<u64>,
+    /// Per attempt: from the end of the request (body included) to the upstream's response
+    /// head, and then the longest gap allowed between two reads of the response body.
+    /// Default [`DEFAULT_RESPONSE_TIMEOUT_MS`].
+    pub response_timeout_ms: Option<u64>,
+    /// How long a write to the upstream may make no progress. Default
+    /// [`DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS`].
+    pub write_timeout_ms: Option<u64>,
+    /// Overall: from the request's arrival to the response head, across all attempts.
+    /// Default [`DEFAULT_REQUEST_TIMEOUT_MS`].
+    pub request_timeout_ms: Option<u64>,
+    /// How long a pooled keep-alive upstream connection may stay idle. Default
+    /// [`DEFAULT_IDLE_TIMEOUT_MS`].
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// Envoy's default; nginx uses 60 s and HAProxy none, which is why blackholed hosts hang them.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 15_000;
+pub const DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS: u64 = 15_000;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Below the 60 s keep-alive timeout of most upstream servers, so that the gateway, not the
+/// upstream, closes idle connections and never sends a request on a connection being closed.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 50_000;
+
+/// `retry` table.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt. A connect failure (refused, unreachable, timeout) is
+    /// always retried on a different endpoint, while the budget allows. Default
+    /// [`DEFAULT_MAX_RETRIES`].
+    pub max_retries: Option<u32>,
+    /// Also retry GET, HEAD, OPTIONS, PUT and DELETE requests without a body after a response
+    /// timeout or a reset. Default `false`: a timed-out request may have had an effect.
+    pub on_response_timeout: Option<bool>,
+    /// Retries in flight may be at most this share of the cluster's requests in flight.
+    /// Default [`DEFAULT_RETRY_BUDGET_PERCENT`].
+    pub budget_percent: Option<u32>,
+    /// Retries always allowed in flight, whatever the budget says. Default
+    /// [`DEFAULT_MIN_RETRY_CONCURRENCY`].
+    pub min_retry_concurrency: Option<u32>,
+}
+
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+pub const DEFAULT_MIN_RETRY_CONCURRENCY: u32 = 3;
+
+/// `limits` table.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open upstream connections for the whole cluster. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: Option<usize>,
+    /// Requests waiting for a connection when `max_connections` are busy; beyond it the
+    /// gateway answers 503 `overloaded` at once. Default [`DEFAULT_MAX_PENDING_REQUESTS`].
+    pub max_pending_requests: Option<usize>,
+    /// Idle keep-alive connections kept per endpoint. Default [`DEFAULT_MAX_IDLE_PER_ENDPOINT`].
+    pub max_idle_per_endpoint: Option<usize>,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 1024;
+pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+/// `health` table: passive outlier detection on connect failures. The kernel observer will
+/// feed the same state with evidence in a later issue.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Consecutive connect failures that eject an endpoint. Default
+    /// [`DEFAULT_CONSECUTIVE_FAILURES`].
+    pub consecutive_failures: Option<u32>,
+    /// How long the first ejection lasts; each further consecutive ejection doubles it, up to
+    /// ten times. Default [`DEFAULT_EJECTION_MS`].
+    pub ejection_ms: Option<u64>,
+    /// Largest share of a cluster's endpoints ejected at once. Default
+    /// [`DEFAULT_MAX_EJECTED_PERCENT`].
+    pub max_ejected_percent: Option<u32>,
+}
+
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+pub const DEFAULT_EJECTION_MS: u64 = 10_000;
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+
+/// One endpoint as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointConfig {
+    pub address: String,
+    /// Default [`DEFAULT_WEIGHT`].
+    pub weight: Option<u32>,
+}
+
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 1000;
+
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = EndpointConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""ip:port", "host:port" or { address = "host:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EndpointConfig, E> {
+                Ok(EndpointConfig {
+                    address: v.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EndpointConfig, A::Error> {
+                const FIELDS: &[&str] = &["address", "weight"];
+                let mut address = None;
+                let mut weight = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "address" => address = Some(map.next_value::<String>()?),
+                        "weight" => weight = Some(map.next_value::<u32>()?),
+                        other => return Err(de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                let address = address.ok_or_else(|| de::Error::missing_field("address"))?;
+                Ok(EndpointConfig { address, weight })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `[[routes]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Shown in the access log. Default: `host` + `path_prefix`.
+    pub name: Option<String>,
+    /// `api.example.com`, or `*.example.com` for any subdomain. Absent: any host.
+    pub host: Option<String>,
+    /// Plain string prefix of the path. Default `/`.
+    pub path_prefix: Option<String>,
+    /// A key of `[clusters]`, or `default`.
+    pub cluster: String,
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serves `/healthz`. Default [`DEFAULT_ADMIN_LISTEN`], loopback only; a non-loopback
+    /// address also needs `allow_remote = true`.
+    pub listen: Option<SocketAddr>,
+    /// Allow a non-loopback admin address.
+    pub allow_remote: Option<bool>,
+    /// Set to `false` to run no admin listener.
+    pub enabled: Option<bool>,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+
+/// `[access_log]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Default `plain`.
+    pub format: Option<AccessLogFormat>,
+    /// `"stdout"` (default), `"stderr"`, `"off"`, or a file path (appended to).
+    pub output: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    #[default]
+    Plain,
+    Json,
+}

@@ -1,0 +1,151 @@
+//! The validated settings the proxy runs on: every default filled in, every duration a
+//! `Duration`, every endpoint parsed. Built only by `validate`, so holding a `Settings` means
+//! the config was accepted.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+pub use super::model::{AccessLogFormat, LbPolicy};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Client listeners (at least one).
+    pub listen: Vec<SocketAddr>,
+    pub shutdown_grace: Duration,
+    pub downstream: Downstream,
+    /// In the order written; matching picks the most specific, see `proxy::router`.
+    pub routes: Vec<Route>,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    /// `None` when `[admin] enabled = false`.
+    pub admin: Option<SocketAddr>,
+    pub access_log: AccessLog,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Downstream {
+    pub header_read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_request_header_bytes: usize,
+    pub max_request_body_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    pub path_prefix: String,
+    pub cluster: String,
+}
+
+/// A route's host condition, lowercase, without port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`; it matches `a.example.com`, not
+    /// `example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub endpoints: Vec<EndpointSpec>,
+    pub lb_policy: LbPolicy,
+    pub dns_refresh: Duration,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+    pub limits: Limits,
+    pub health: HealthPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSpec {
+    pub address: EndpointAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointAddr {
+    Ip(SocketAddr),
+    /// Resolved at start-up and every `dns_refresh`; each address becomes an endpoint.
+    Host {
+        host: String,
+        port: u16,
+    },
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointAddr::Ip(a) => write!(f, "{a}"),
+            EndpointAddr::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Every upstream timeout, named; see `model::TimeoutsConfig` for what each covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Duration,
+    pub write: Duration,
+    pub request: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub on_response_timeout: bool,
+    pub budget_percent: u32,
+    pub min_retry_concurrency: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+    pub max_idle_per_endpoint: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthPolicy {
+    pub consecutive_failures: u32,
+    pub ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessLog {
+    pub format: AccessLogFormat,
+    pub output: LogOutput,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogOutput {
+    Stdout,
+    Stderr,
+    Off,
+    File(PathBuf),
+}

@@ -1,0 +1,222 @@
+//! Unit tests for loading, defaults, error locations and warnings.
+
+use std::{path::Path, time::Duration};
+
+use super::*;
+
+fn load(text: &str) -> Result<Loaded, ConfigError> {
+    load_str(text, Path::new("gw.toml"))
+}
+
+fn err(text: &str) -> String {
+    match load(text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const COMMON: &str = r#"
+[router]
+listener_port = 8080
+
+[router.upstream]
+endpoints = ["127.0.0.1:9000"]
+
+[router.upstream.timeouts]
+connect_timeout_ms = 6000
+"#;
+
+#[test]
+fn common_layout_is_accepted() {
+    let l = load(COMMON).unwrap();
+    let s = l.settings;
+    assert_eq!(s.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+    let c = &s.clusters["default"];
+    assert_eq!(c.timeouts.connect, Duration::from_millis(6000));
+    assert_eq!(s.routes.len(), 1);
+    assert_eq!(s.routes[0].cluster, "default");
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
+
+#[test]
+fn connect_timeout_defaults_to_5000_ms() {
+    let text = "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n";
+    let s = load(text).unwrap().settings;
+    let t = s.clusters["default"].timeouts;
+    assert_eq!(
+        t.connect,
+        Duration::from_millis(model::DEFAULT_CONNECT_TIMEOUT_MS)
+    );
+    assert_eq!(t.connect, Duration::from_secs(5));
+    assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+}
+
+#[test]
+fn clusters_inherit_from_router_upstream_and_override() {
+    let text = r#"
+[router]
+listen = ["127.0.0.1:8080"]
+[router.upstream.timeouts]
+connect_timeout_ms = 700
+response_timeout_ms = 900
+[[routes]]
+path_prefix = "/api"
+cluster = "api"
+[[routes]]
+host = "*.example.com"
+cluster = "web"
+[clusters.api]
+endpoints = ["127.0.0.1:1", { address = "localhost:2", weight = 3 }]
+lb_policy = "least_request"
+[clusters.api.timeouts]
+connect_timeout_ms = 250
+[clusters.web]
+endpoints = ["[::1]:3"]
+"#;
+    let s = load(text).unwrap().settings;
+    let api = &s.clusters["api"];
+    assert_eq!(api.timeouts.connect, Duration::from_millis(250));
+    assert_eq!(api.timeouts.response, Duration::from_millis(900));
+    assert_eq!(api.lb_policy, LbPolicy::LeastRequest);
+    assert_eq!(api.endpoints[1].weight, 3);
+    assert_eq!(
+        api.endpoints[1].address,
+        EndpointAddr::Host {
+            host: "localhost".into(),
+            port: 2
+        }
+    );
+    let web = &s.clusters["web"];
+    assert_eq!(web.timeouts.connect, Duration::from_millis(700));
+    assert_eq!(
+        s.routes[1].host,
+        Some(HostMatch::Suffix(".example.com".into()))
+    );
+}
+
+#[test]
+fn unknown_key_names_line_key_and_allowed_keys() {
+    let text =
+        "[router]\nlistener_port = 8080\n\n[router.upstream.timeouts]\nconect_timeout_ms = 10\n";
+    let e = err(text);
+    assert!(
+        e.starts_with("gw.toml:5:1: key `router.upstream.timeouts"),
+        "{e}"
+    );
+    assert!(e.contains("unknown field `conect_timeout_ms`"), "{e}");
+    assert!(e.contains("`connect_timeout_ms`"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_line_and_key() {
+    let text = "[router]\nlistener_port = \"eighty\"\n";
+    let e = err(text);
+    assert!(e.starts_with("gw.toml:2:"), "{e}");
+    assert!(e.contains("router.listener_port"), "{e}");
+}
+
+#[test]
+fn syntax_error_names_line() {
+    let e = err("[router]\nlistener_port = \n");
+    assert!(e.starts_with("gw.toml:2:"), "{e}");
+}
+
+#[test]
+fn validation_errors_name_line_and_key() {
+    let text = r#"[router]
+listener_port = 8080
+
+[[routes]]
+path_prefix = "/api"
+cluster = "apii"
+
+[clusters.api]
+endpoints = ["127.0.0.1"]
+"#;
+    let e = err(text);
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("gw.toml")).collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert!(
+        lines[0].starts_with(
+            "gw.toml:6:1: key `routes[0].cluster`: unknown cluster `apii`; defined clusters: `api`"
+        ),
+        "{e}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "gw.toml:9:14: key `clusters.api.endpoints[0]`: invalid endpoint \"127.0.0.1\": no port"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn out_of_range_says_what_is_allowed() {
+    let text = "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n[router.upstream.retry]\nbudget_percent = 250\n";
+    let e = err(text);
+    assert!(
+        e.starts_with("gw.toml:6:1: key `router.upstream.retry.budget_percent`: 250 is out of range: allowed 0..=100 %"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_listener_and_upstream_are_errors() {
+    let e = err("[router]\n");
+    assert!(e.contains("no listener"), "{e}");
+    assert!(e.contains("no upstream"), "{e}");
+}
+
+#[test]
+fn admin_must_stay_on_loopback_unless_allowed() {
+    let base = "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n";
+    let e = err(&format!("{base}[admin]\nlisten = \"0.0.0.0:9901\"\n"));
+    assert!(
+        e.contains("key `admin.listen`: admin address 0.0.0.0:9901 is not loopback"),
+        "{e}"
+    );
+    let ok = load(&format!(
+        "{base}[admin]\nlisten = \"0.0.0.0:9901\"\nallow_remote = true\n"
+    ));
+    assert!(ok.is_ok());
+}
+
+#[test]
+fn cascading_timeouts_warn_at_the_request_timeout() {
+    let text = r#"[router]
+listener_port = 8080
+[router.upstream]
+endpoints = ["127.0.0.1:9000"]
+[router.upstream.timeouts]
+connect_timeout_ms = 2000
+response_timeout_ms = 2000
+request_timeout_ms = 3000
+"#;
+    let l = load(text).unwrap();
+    assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+    let w = l.warnings[0].to_string();
+    assert!(
+        w.starts_with("gw.toml:8:1: key `router.upstream.timeouts.request_timeout_ms`: cluster `default`: request_timeout_ms (3000) is shorter than connect_timeout_ms (2000) + response_timeout_ms (2000)"),
+        "{w}"
+    );
+}
+
+#[test]
+fn endpoint_forms() {
+    use validate::parse_endpoint;
+    assert_eq!(
+        parse_endpoint("10.0.0.5:8080"),
+        Ok(EndpointAddr::Ip("10.0.0.5:8080".parse().unwrap()))
+    );
+    assert_eq!(
+        parse_endpoint("[::1]:80"),
+        Ok(EndpointAddr::Ip("[::1]:80".parse().unwrap()))
+    );
+    assert!(
+        matches!(parse_endpoint("Api.Internal:80"), Ok(EndpointAddr::Host { host, port: 80 }) if host == "api.internal")
+    );
+    assert!(parse_endpoint("::1:80").is_err());
+    assert!(parse_endpoint("host:0").is_err());
+    assert!(parse_endpoint("host:http").is_err());
+    assert!(parse_endpoint("ho st:80").is_err());
+}

@@ -1,0 +1,364 @@
+//! `gateway run`: the HTTP reverse proxy.
+//!
+//! [`start`] builds the whole proxy from validated [`Settings`] and a [`SignalSource`], binds
+//! its listeners and returns a [`GatewayHandle`] to reload or drain it; tests drive it the same
+//! way `cli_run` does. Requests take the current [`Runtime`] (routes and clusters) from an
+//! `ArcSwap` once, at arrival, so a reload never disturbs a request in flight and never makes
+//! a new one wait.
+//!
+//! Submodules: `server` (client connections, drain), `forward` (one request: routing,
+//! attempts, retries, error responses), `cluster` / `pool` / `balancer` / `health` (upstream
+//! endpoints), `connect` (cookie-tagged connects), `body` (streaming), `headers`,
+//! `access_log`, `admin`.
+
+mod access_log;
+mod admin;
+mod balancer;
+mod body;
+mod cluster;
+mod connect;
+pub mod error;
+mod forward;
+mod headers;
+mod health;
+mod io;
+mod pool;
+mod router;
+mod server;
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use hyper_util::{rt::TokioExecutor, server::conn::auto};
+use thiserror::Error;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use self::{
+    access_log::AccessLogger,
+    cluster::Cluster,
+    router::Router,
+    server::{Phase, accept_loop, http_builder},
+};
+pub use self::{
+    body::ResponseBody,
+    forward::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR},
+};
+use crate::{
+    config::{self, Settings},
+    signals::{SignalSource, UserspaceOnly},
+};
+
+/// Listen backlog for client and admin sockets.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// What every request and connection shares.
+pub(crate) struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub signals: Arc<dyn SignalSource>,
+    pub log: AccessLogger,
+    pub draining: AtomicBool,
+}
+
+/// The routes and clusters of one config generation.
+pub(crate) struct Runtime {
+    pub settings: Settings,
+    pub router: Router,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub http: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Runtime {
+    /// Builds a generation, keeping the running clusters (their pools and health) whose
+    /// settings did not change.
+    async fn build(
+        settings: Settings,
+        previous: Option<&Runtime>,
+        signals: &Arc<dyn SignalSource>,
+    ) -> Runtime {
+        let mut clusters = Vec::with_capacity(settings.clusters.len());
+        for spec in settings.clusters.values() {
+            let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
+            clusters.push(match kept {
+                Some(c) => c.clone(),
+                None => Cluster::start(spec.clone(), signals.clone()).await,
+            });
+        }
+        let router = Router::new(&settings.routes, |name| {
+            clusters.iter().position(|c| &*c.name == name)
+        });
+        Runtime {
+            http: Arc::new(http_builder(&settings.downstream)),
+            router,
+            clusters,
+            settings,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    listen: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    phase: watch::Sender<Phase>,
+    live: Option<mpsc::Sender<()>>,
+    all_closed: mpsc::Receiver<()>,
+    accept_tasks: Vec<JoinHandle<()>>,
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open when the grace period ran out, closed by force.
+    pub forced: bool,
+    pub elapsed: Duration,
+}
+
+/// Settings a reload cannot change; they need a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub needs_restart: Vec<&'static str>,
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let make = || -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        TcpListener::from_std(s.into())
+    };
+    make().map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Binds the listeners and starts serving. Must be called inside a tokio runtime.
+pub async fn start(
+    settings: Settings,
+    signals: Arc<dyn SignalSource>,
+) -> Result<GatewayHandle, StartError> {
+    let listeners = settings
+        .listen
+        .iter()
+        .map(|a| bind(*a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_listener = settings.admin.map(bind).transpose()?;
+    let log =
+        AccessLogger::start(&settings.access_log).map_err(|source| StartError::AccessLog {
+            path: format!("{:?}", settings.access_log.output),
+            source,
+        })?;
+    let runtime = Runtime::build(settings, None, &signals).await;
+    let shared = Arc::new(Shared {
+        runtime: ArcSwap::from_pointee(runtime),
+        signals,
+        log,
+        draining: AtomicBool::new(false),
+    });
+    let (phase, phase_rx) = watch::channel(Phase::Run);
+    let (live, all_closed) = mpsc::channel(1);
+    let mut listen = Vec::new();
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        let addr = l.local_addr().map_err(|source| StartError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        info!(listener = %addr, "proxy listening");
+        listen.push(addr);
+        accept_tasks.push(tokio::spawn(accept_loop(
+            l,
+            shared.clone(),
+            phase_rx.clone(),
+            live.clone(),
+        )));
+    }
+    let mut admin = None;
+    if let Some(l) = admin_listener {
+        let addr = l.local_addr().ok();
+        if let Some(a) = addr {
+            info!(admin = %a, "admin listening");
+        }
+        admin = addr;
+        tokio::spawn(admin::serve(l, shared.clone(), phase_rx.clone()));
+    }
+    Ok(GatewayHandle {
+        listen,
+        admin,
+        shared,
+        phase,
+        live: Some(live),
+        all_closed,
+        accept_tasks,
+    })
+}
+
+impl GatewayHandle {
+    /// The bound client addresses (a configured port 0 shows the port chosen).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// Swaps in new settings. Requests in flight finish on the generation they started on;
+    /// new requests take the new one at once.
+    pub async fn reload(&self, settings: Settings) -> ReloadReport {
+        let current = self.shared.runtime.load_full();
+        let mut report = ReloadReport::default();
+        if settings.listen != current.settings.listen {
+            report
+                .needs_restart
+                .push("router.listen / router.listener_port");
+        }
+        if settings.admin != current.settings.admin {
+            report.needs_restart.push("admin.listen");
+        }
+        if settings.access_log.output != current.settings.access_log.output {
+            report.needs_restart.push("access_log.output");
+        }
+        self.shared.log.set_format(settings.access_log.format);
+        let next = Runtime::build(settings, Some(&current), &self.shared.signals).await;
+        self.shared.runtime.store(Arc::new(next));
+        report
+    }
+
+    /// Stops accepting, lets connections finish their in-flight requests for up to `grace`,
+    /// then closes whatever is left.
+    pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
+        let start = tokio::time::Instant::now();
+        self.shared.draining.store(true, Ordering::Relaxed);
+        let _ = self.phase.send(Phase::Drain);
+        for t in self.accept_tasks.drain(..) {
+            let _ = t.await;
+        }
+        self.live = None;
+        let forced = tokio::time::timeout(grace, self.all_closed.recv())
+            .await
+            .is_err();
+        if forced {
+            let _ = self.phase.send(Phase::Force);
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.all_closed.recv()).await;
+        }
+        let _ = self.phase.send(Phase::Force);
+        ShutdownReport {
+            forced,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// `gateway run --config FILE`.
+pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
+        warn!("config: {w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(path, loaded.settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(path: &Path, settings: Settings) -> anyhow::Result<()> {
+    // Handlers first: SIGHUP's default action would kill a gateway that just said it listens.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::new(
+        "the kernel observer is not wired into the proxy yet",
+    ));
+    let mode = signals.mode();
+    warn!(signals = %mode, "connect and response decisions use userspace timing only");
+    let mut grace = settings.shutdown_grace;
+    let handle = start(settings, signals).await?;
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => match config::load(path) {
+                Ok(loaded) => {
+                    for w in &loaded.warnings {
+                        warn!("config: {w}");
+                    }
+                    grace = loaded.settings.shutdown_grace;
+                    let report = handle.reload(loaded.settings).await;
+                    for what in report.needs_restart {
+                        warn!(setting = what, "changed on reload; takes effect after a restart");
+                    }
+                    info!(config = %path.display(), "config reloaded");
+                }
+                Err(e) => error!("reload refused, keeping the running config: {e}"),
+            },
+        }
+    };
+    info!(
+        signal = why,
+        grace_ms = grace.as_millis() as u64,
+        "draining"
+    );
+    let report = handle.shutdown(grace).await;
+    if report.forced {
+        warn!(
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "grace period over; closed the remaining connections"
+        );
+    } else {
+        info!(
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "drained; exiting"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! The access log: one line per request, plain or JSON, written when the response is over
+//! (or abandoned). Lines go through a bounded channel to a writer thread, so a slow disk never
+//! stalls the proxy; if the channel is full the line is dropped and counted, and the count is
+//! written as soon as there is room.
+
+use std::{
+    fmt::Write as _,
+    fs::OpenOptions,
+    io::{self, BufWriter, Write},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{Method, Uri, Version};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::{cluster::ActiveRequest, error::ErrorKind};
+use crate::config::{AccessLog, AccessLogFormat, LogOutput};
+
+/// Lines buffered between the proxy and the writer thread.
+const CHANNEL_LINES: usize = 16 * 1024;
+
+/// One upstream attempt of a request.
+#[derive(Clone, Debug)]
+pub(crate) struct Attempt {
+    pub endpoint: SocketAddr,
+    pub cookie: Option<u64>,
+    pub reused: bool,
+    pub error: Option<ErrorKind>,
+}
+
+/// Everything the log line says about one request, filled in as it goes.
+pub(crate) struct Exchange {
+    pub start: Instant,
+    pub wall: SystemTime,
+    pub client: SocketAddr,
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub attempts: Vec<Attempt>,
+    pub retries: u32,
+    /// The final attempt's TCP connect; `None` when it reused a pooled connection.
+    pub connect: Option<Duration>,
+    /// From arrival to the upstream's response head.
+    pub first_byte: Option<Duration>,
+    pub status: u16,
+    pub bytes: u64,
+    pub error: Option<ErrorKind>,
+    /// What the request was doing, for `request_timeout` messages.
+    pub phase: &'static str,
+    /// The client went away before the end of the response.
+    pub aborted: bool,
+    /// Keeps the request counted in its cluster until the response is over.
+    pub active: Option<ActiveRequest>,
+}
+
+impl Exchange {
+    pub fn new(client: SocketAddr, method: Method, uri: Uri, version: Version) -> Self {
+        Exchange {
+            start: Instant::now(),
+            wall: SystemTime::now(),
+            client,
+            method,
+            uri,
+            version,
+            route: None,
+            cluster: None,
+            attempts: Vec::new(),
+            retries: 0,
+            connect: None,
+            first_byte: None,
+            status: 0,
+            bytes: 0,
+            error: None,
+            phase: "routing",
+            aborted: false,
+            active: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    ts: &'a str,
+    client: String,
+    method: &'a str,
+    path: &'a str,
+    version: &'a str,
+    status: u16,
+    bytes: u64,
+    route: Option<&'a str>,
+    cluster: Option<&'a str>,
+    endpoints: Vec<String>,
+    attempt_errors: Vec<&'a str>,
+    cookies: Vec<u64>,
+    attempts: usize,
+    retries: u32,
+    connect_ms: Option<f64>,
+    first_byte_ms: Option<f64>,
+    total_ms: f64,
+    error: Option<&'a str>,
+    aborted: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Renders one line (without the newline).
+pub(crate) fn render(ex: &Exchange, format: AccessLogFormat) -> String {
+    let total = ex.start.elapsed();
+    let ts = rfc3339(ex.wall);
+    let path = ex.uri.path_and_query().map_or("/", |p| p.as_str());
+    match format {
+        AccessLogFormat::Json => {
+            let line = JsonLine {
+                ts: &ts,
+                client: ex.client.to_string(),
+                method: ex.method.as_str(),
+                path,
+                version: version_str(ex.version),
+                status: ex.status,
+                bytes: ex.bytes,
+                route: ex.route.as_deref(),
+                cluster: ex.cluster.as_deref(),
+                endpoints: ex.attempts.iter().map(|a| a.endpoint.to_string()).collect(),
+                attempt_errors: ex
+                    .attempts
+                    .iter()
+                    .map(|a| a.error.map_or("-", ErrorKind::reason))
+                    .collect(),
+                cookies: ex.attempts.iter().filter_map(|a| a.cookie).collect(),
+                attempts: ex.attempts.len(),
+                retries: ex.retries,
+                connect_ms: ex.connect.map(ms),
+                first_byte_ms: ex.first_byte.map(ms),
+                total_ms: ms(total),
+                error: ex.error.map(ErrorKind::reason),
+                aborted: ex.aborted,
+            };
+            serde_json::to_string(&line).unwrap_or_default()
+        }
+        AccessLogFormat::Plain => {
+            let mut s = String::with_capacity(256);
+            let _ = write!(
+                s,
+                "{ts} {} \"{} {} {}\" {} {} route={} cluster={} endpoints=",
+                ex.client,
+                ex.method,
+                path.replace('"', "%22"),
+                version_str(ex.version),
+                ex.status,
+                ex.bytes,
+                ex.route.as_deref().unwrap_or("-"),
+                ex.cluster.as_deref().unwrap_or("-"),
+            );
+            list(&mut s, ex.attempts.iter().map(|a| a.endpoint));
+            s.push_str(" attempt_errors=");
+            list(
+                &mut s,
+                ex.attempts
+                    .iter()
+                    .map(|a| a.error.map_or("-", ErrorKind::reason)),
+            );
+            s.push_str(" cookies=");
+            list(&mut s, ex.attempts.iter().filter_map(|a| a.cookie));
+            let _ = write!(s, " attempts={} retries={}", ex.attempts.len(), ex.retries);
+            let _ = match ex.connect {
+                Some(d) => write!(s, " connect_ms={}", ms(d)),
+                None => write!(s, " connect_ms=-"),
+            };
+            let _ = match ex.first_byte {
+                Some(d) => write!(s, " first_byte_ms={}", ms(d)),
+                None => write!(s, " first_byte_ms=-"),
+            };
+            let _ = write!(
+                s,
+                " total_ms={} error={}",
+                ms(total),
+                ex.error.map_or("-", ErrorKind::reason)
+            );
+            if ex.aborted {
+                s.push_str(" aborted=1");
+            }
+            s
+        }
+    }
+}
+
+fn list<T: std::fmt::Display>(s: &mut String, items: impl Iterator<Item = T>) {
+    let mut any = false;
+    for (i, it) in items.enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{it}");
+        any = true;
+    }
+    if !any {
+        s.push('-');
+    }
+}
+
+/// `2025-01-31T12:34:56.789Z`, without a date-time dependency.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+pub(crate) struct AccessLogger {
+    json: AtomicBool,
+    tx: Option<SyncSender<String>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLogger {
+    pub fn start(cfg: &AccessLog) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = match &cfg.output {
+            LogOutput::Off => {
+                return Ok(AccessLogger {
+                    json: AtomicBool::new(false),
+                    tx: None,
+                    dropped: Arc::default(),
+                });
+            }
+            LogOutput::Stdout => Box::new(io::stdout()),
+            LogOutput::Stderr => Box::new(io::stderr()),
+            LogOutput::File(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+        };
+        let (tx, rx) = sync_channel(CHANNEL_LINES);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let d = dropped.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer(rx, out, d))?;
+        Ok(AccessLogger {
+            json: AtomicBool::new(cfg.format == AccessLogFormat::Json),
+            tx: Some(tx),
+            dropped,
+        })
+    }
+
+    pub fn set_format(&self, f: AccessLogFormat) {
+        self.json
+            .store(f == AccessLogFormat::Json, Ordering::Relaxed);
+    }
+
+    pub fn log(&self, ex: &Exchange) {
+        let Some(tx) = &self.tx else { return };
+        let format = if self.json.load(Ordering::Relaxed) {
+            AccessLogFormat::Json
+        } else {
+            AccessLogFormat::Plain
+        };
+        match tx.try_send(render(ex, format)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+fn writer(rx: Receiver<String>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = rx.recv() {
+        let mut next = Some(line);
+        while let Some(line) = next {
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.write_all(b"\n");
+            next = rx.try_recv().ok();
+        }
+        let n = dropped.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            let _ = writeln!(
+                out,
+                "# access log: {n} line(s) dropped, the writer could not keep up"
+            );
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        let t = UNIX_EPOCH + Duration::from_millis(951_782_400_123);
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn plain_line_names_route_cluster_endpoints_and_reason() {
+        let mut ex = Exchange::new(
+            "127.0.0.1:5000".parse().unwrap(),
+            Method::GET,
+            Uri::from_static("/api/x?y=1"),
+            Version::HTTP_11,
+        );
+        ex.route = Some("api".into());
+        ex.cluster = Some("backend".into());
+        ex.attempts.push(Attempt {
+            endpoint: "127.0.0.1:9001".parse().unwrap(),
+            cookie: Some(7),
+            reused: false,
+            error: Some(ErrorKind::ConnectRefused),
+        });
+        ex.attempts.push(Attempt {
+            endpoint: "127.0.0.1:9002".parse().unwrap(),
+            cookie: Some(8),
+            reused: true,
+            error: None,
+        });
+        ex.retries = 1;
+        ex.status = 200;
+        let line = render(&ex, AccessLogFormat::Plain);
+        assert!(line.contains("\"GET /api/x?y=1 HTTP/1.1\" 200 0 route=api cluster=backend endpoints=127.0.0.1:9001,127.0.0.1:9002 attempt_errors=connect_refused,- cookies=7,8 attempts=2 retries=1 connect_ms=- first_byte_ms=- total_ms="), "{line}");
+        assert!(line.ends_with("error=-"), "{line}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&ex, AccessLogFormat::Json)).unwrap();
+        assert_eq!(json["endpoints"][1], "127.0.0.1:9002");
+        assert_eq!(json["retries"], 1);
+        assert_eq!(json["error"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,268 @@
+//! Everything that can go wrong with a proxied request, as one typed error with a kind (the
+//! machine reason in `x-gateway-error` and the access log), a side (whose fault), a status
+//! (502/503/504/4xx) and whether it may be retried on another endpoint.
+
+use std::{fmt, io, net::SocketAddr, time::Duration};
+
+use http::StatusCode;
+use thiserror::Error;
+
+use crate::signals::{ConnEvidence, ConnectEvidence};
+
+/// Whose side an error is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Upstream,
+    Downstream,
+    Gateway,
+}
+
+/// When an attempt that failed this way may be repeated on another endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The request never left the gateway: always safe.
+    Always,
+    /// The upstream may have acted on it: only idempotent requests, and only when configured.
+    IfIdempotent,
+    Never,
+}
+
+/// The machine-readable reason, as sent in `x-gateway-error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    ConnectTimeout,
+    ConnectRefused,
+    ConnectUnreachable,
+    ConnectFailed,
+    ResponseTimeout,
+    UpstreamWriteTimeout,
+    UpstreamReset,
+    InvalidUpstreamResponse,
+    NoHealthyUpstream,
+    Overloaded,
+    RequestTimeout,
+    NoRoute,
+    BadRequest,
+    RequestHeadersTooLarge,
+    RequestBodyTooLarge,
+    DownstreamBodyError,
+}
+
+impl ErrorKind {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::ConnectRefused => "connect_refused",
+            ErrorKind::ConnectUnreachable => "connect_unreachable",
+            ErrorKind::ConnectFailed => "connect_failed",
+            ErrorKind::ResponseTimeout => "response_timeout",
+            ErrorKind::UpstreamWriteTimeout => "upstream_write_timeout",
+            ErrorKind::UpstreamReset => "upstream_reset",
+            ErrorKind::InvalidUpstreamResponse => "invalid_upstream_response",
+            ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::RequestHeadersTooLarge => "request_headers_too_large",
+            ErrorKind::RequestBodyTooLarge => "request_body_too_large",
+            ErrorKind::DownstreamBodyError => "downstream_body_error",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::ConnectRefused
+            | ErrorKind::ConnectUnreachable
+            | ErrorKind::ConnectFailed
+            | ErrorKind::UpstreamReset
+            | ErrorKind::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
+            ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ConnectTimeout
+            | ErrorKind::ResponseTimeout
+            | ErrorKind::UpstreamWriteTimeout
+            | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
+            ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    pub fn side(self) -> Side {
+        match self {
+            ErrorKind::NoRoute
+            | ErrorKind::BadRequest
+            | ErrorKind::RequestHeadersTooLarge
+            | ErrorKind::RequestBodyTooLarge
+            | ErrorKind::DownstreamBodyError => Side::Downstream,
+            ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded | ErrorKind::RequestTimeout => {
+                Side::Gateway
+            }
+            _ => Side::Upstream,
+        }
+    }
+
+    pub fn retry(self) -> Retry {
+        match self {
+            ErrorKind::ConnectTimeout
+            | ErrorKind::ConnectRefused
+            | ErrorKind::ConnectUnreachable
+            | ErrorKind::ConnectFailed => Retry::Always,
+            ErrorKind::ResponseTimeout | ErrorKind::UpstreamReset => Retry::IfIdempotent,
+            _ => Retry::Never,
+        }
+    }
+
+    /// A connect failure: counts against the endpoint's health.
+    pub fn is_connect(self) -> bool {
+        self.retry() == Retry::Always
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// Renders optional kernel evidence as a suffix.
+struct Ev<'a, T>(&'a Option<T>);
+
+impl<T: fmt::Display> fmt::Display for Ev<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, "; {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("connect timeout to {endpoint} after {} ms{}", timeout.as_millis(), Ev(evidence))]
+    ConnectTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+        cookie: u64,
+        evidence: Option<ConnectEvidence>,
+    },
+    #[error("connection refused by {endpoint} after {} ms{}", elapsed.as_millis(), Ev(evidence))]
+    ConnectRefused {
+        endpoint: SocketAddr,
+        elapsed: Duration,
+        cookie: u64,
+        evidence: Option<ConnectEvidence>,
+    },
+    #[error("{endpoint} unreachable: {source}{}", Ev(evidence))]
+    ConnectUnreachable {
+        endpoint: SocketAddr,
+        source: io::Error,
+        cookie: u64,
+        evidence: Option<ConnectEvidence>,
+    },
+    #[error("connect to {endpoint} failed: {source}")]
+    ConnectFailed {
+        endpoint: SocketAddr,
+        source: io::Error,
+        cookie: Option<u64>,
+    },
+    #[error("no response from {endpoint} within {} ms{}", timeout.as_millis(), Ev(evidence))]
+    ResponseTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+        cookie: u64,
+        evidence: Option<ConnEvidence>,
+    },
+    #[error("{endpoint} stopped reading the request for {} ms", timeout.as_millis())]
+    UpstreamWriteTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("{endpoint} closed the connection before a complete response: {source}")]
+    UpstreamReset {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("invalid response from {endpoint}: {source}")]
+    InvalidUpstreamResponse {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("no healthy endpoint in cluster `{cluster}` ({total} endpoint(s), {ejected} ejected)")]
+    NoHealthyUpstream {
+        cluster: String,
+        total: usize,
+        ejected: usize,
+    },
+    #[error(
+        "cluster `{cluster}` overloaded: {limit} request(s) already waiting for a connection (max_pending_requests)"
+    )]
+    Overloaded { cluster: String, limit: usize },
+    #[error("no response {} within the request timeout of {} ms", Phase(endpoint, phase), timeout.as_millis())]
+    RequestTimeout {
+        timeout: Duration,
+        endpoint: Option<SocketAddr>,
+        phase: &'static str,
+    },
+    #[error("no route for host {host:?}, path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("bad request: {what}")]
+    BadRequest { what: &'static str },
+    #[error("request head is {size} bytes; the limit is {limit} (max_request_header_bytes)")]
+    RequestHeadersTooLarge { size: usize, limit: usize },
+    #[error("request body exceeds {limit} bytes (max_request_body_bytes)")]
+    RequestBodyTooLarge { limit: u64 },
+    #[error("reading the request body from the client failed: {source}")]
+    DownstreamBodyError { source: hyper::Error },
+}
+
+struct Phase<'a>(&'a Option<SocketAddr>, &'a str);
+
+impl fmt::Display for Phase<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(ep) => write!(f, "from {ep} ({})", self.1),
+            None => write!(f, "({})", self.1),
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProxyError::ConnectTimeout { .. } => ErrorKind::ConnectTimeout,
+            ProxyError::ConnectRefused { .. } => ErrorKind::ConnectRefused,
+            ProxyError::ConnectUnreachable { .. } => ErrorKind::ConnectUnreachable,
+            ProxyError::ConnectFailed { .. } => ErrorKind::ConnectFailed,
+            ProxyError::ResponseTimeout { .. } => ErrorKind::ResponseTimeout,
+            ProxyError::UpstreamWriteTimeout { .. } => ErrorKind::UpstreamWriteTimeout,
+            ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
+            ProxyError::InvalidUpstreamResponse { .. } => ErrorKind::InvalidUpstreamResponse,
+            ProxyError::NoHealthyUpstream { .. } => ErrorKind::NoHealthyUpstream,
+            ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
+            ProxyError::RequestTimeout { .. } => ErrorKind::RequestTimeout,
+            ProxyError::NoRoute { .. } => ErrorKind::NoRoute,
+            ProxyError::BadRequest { .. } => ErrorKind::BadRequest,
+            ProxyError::RequestHeadersTooLarge { .. } => ErrorKind::RequestHeadersTooLarge,
+            ProxyError::RequestBodyTooLarge { .. } => ErrorKind::RequestBodyTooLarge,
+            ProxyError::DownstreamBodyError { .. } => ErrorKind::DownstreamBodyError,
+        }
+    }
+
+    /// The upstream endpoint the error is about, if any.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match self {
+            ProxyError::ConnectTimeout { endpoint, .. }
+            | ProxyError::ConnectRefused { endpoint, .. }
+            | ProxyError::ConnectUnreachable { endpoint, .. }
+            | ProxyError::ConnectFailed { endpoint, .. }
+            | ProxyError::ResponseTimeout { endpoint, .. }
+            | ProxyError::UpstreamWriteTimeout { endpoint, .. }
+            | ProxyError::UpstreamReset { endpoint, .. }
+            | ProxyError::InvalidUpstreamResponse { endpoint, .. } => Some(*endpoint),
+            ProxyError::RequestTimeout { endpoint, .. } => *endpoint,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! One request, from the client's head to the upstream's response: checks, routing, attempts
+//! and retries under the request deadline, and the error response when it all fails.
+//!
+//! Timeouts, each named in the config: `connect_timeout_ms` bounds each TCP connect (in
+//! `connect`), `response_timeout_ms` runs from the end of the request body to the response
+//! head (and between reads of the response body, in `body`), `write_timeout_ms` bounds a
+//! stalled write (in `io`), and `request_timeout_ms` bounds the whole, all attempts included.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{
+    HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HOST},
+    uri::PathAndQuery,
+};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::{
+    Runtime, Shared,
+    access_log::{Attempt, Exchange},
+    body::{Finish, InFlight, Lease, RequestBody, RequestBodyError, ResponseBody},
+    cluster::{Cluster, Endpoint, NoPick},
+    error::{ProxyError, Retry},
+    headers,
+    io::is_write_stall,
+};
+
+/// Response headers that explain a gateway error.
+pub const X_GATEWAY_ERROR: &str = "x-gateway-error";
+pub const X_GATEWAY_ENDPOINT: &str = "x-gateway-endpoint";
+pub const X_GATEWAY_ATTEMPTS: &str = "x-gateway-attempts";
+
+/// An upstream response head, and the connection it came on.
+struct Upstream {
+    response: Response<Incoming>,
+    lease: Lease,
+    /// The cluster's response timeout, enforced between reads of the body.
+    stall: Duration,
+}
+
+/// The service function: never fails; errors become responses.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let rt = shared.runtime.load_full();
+    let mut ex = Exchange::new(
+        client,
+        req.method().clone(),
+        req.uri().clone(),
+        req.version(),
+    );
+    match forward(&rt, &shared, req, &mut ex).await {
+        Ok(up) => respond(up, ex, shared),
+        Err(e) => error_response(e, ex, shared),
+    }
+}
+
+async fn forward(
+    rt: &Runtime,
+    shared: &Shared,
+    req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Result<Upstream, ProxyError> {
+    let ds = &rt.settings.downstream;
+    let size = head_size(&req);
+    if size > ds.max_request_header_bytes {
+        return Err(ProxyError::RequestHeadersTooLarge {
+            size,
+            limit: ds.max_request_header_bytes,
+        });
+    }
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest {
+            what: "CONNECT is not supported",
+        });
+    }
+    let authority = authority(&req)?;
+    if let Some(limit) = ds.max_request_body_bytes
+        && content_length(&req).is_some_and(|n| n > limit)
+    {
+        return Err(ProxyError::RequestBodyTooLarge { limit });
+    }
+    let host = authority
+        .as_ref()
+        .and_then(|a| a.to_str().ok())
+        .map_or("", host_without_port);
+    let route = rt
+        .router
+        .route(host, req.uri().path())
+        .ok_or_else(|| ProxyError::NoRoute {
+            host: host.to_owned(),
+            path: req.uri().path().to_owned(),
+        })?;
+    let cluster = rt.clusters[route.cluster].clone();
+    ex.route = Some(route.name.clone());
+    ex.cluster = Some(cluster.name.clone());
+    ex.active = Some(cluster.start_request());
+    let timeout = cluster.spec.timeouts.request;
+
+    let (mut parts, body) = req.into_parts();
+    headers::to_upstream(
+        &mut parts.headers,
+        parts.version,
+        ex.client.ip(),
+        authority.as_ref(),
+    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(path);
+    parts.version = Version::HTTP_11;
+    let (body, done) = RequestBody::new(body, ds.max_request_body_bytes);
+    let req = Request::from_parts(parts, body);
+
+    let deadline = ex.start + timeout;
+    match tokio::time::timeout_at(deadline, attempts(&cluster, shared, req, done, ex)).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::RequestTimeout {
+            timeout,
+            endpoint: ex.attempts.last().map(|a| a.endpoint),
+            phase: ex.phase,
+        }),
+    }
+}
+
+/// Attempts until one gets a response head, or retrying is not allowed.
+async fn attempts(
+    cluster: &Arc<Cluster>,
+    shared: &Shared,
+    req: Request<RequestBody>,
+    mut done: Option<oneshot::Receiver<()>>,
+    ex: &mut Exchange,
+) -> Result<Upstream, ProxyError> {
+    let policy = cluster.spec.retry;
+    // A sent request can only be replayed if it had no body and we kept a copy of its head.
+    let replay = (policy.on_response_timeout
+        && is_idempotent(req.method())
+        && hyper::body::Body::is_end_stream(req.body()))
+    .then(|| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().clone(),
+        )
+    });
+    let mut req = Some(req);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: Option<ProxyError> = None;
+    let mut _retry = None;
+    loop {
+        let ep = match cluster.pick(&tried) {
+            Ok(ep) => ep,
+            Err(NoPick::NoneHealthy { total, ejected }) => {
+                return Err(last.unwrap_or_else(|| ProxyError::NoHealthyUpstream {
+                    cluster: cluster.spec.name.clone(),
+                    total,
+                    ejected,
+                }));
+            }
+            Err(NoPick::AllTried) => {
+                return Err(last.expect("an endpoint was tried before all were"));
+            }
+        };
+        tried.push(ep.addr);
+        ex.attempts.push(Attempt {
+            endpoint: ep.addr,
+            cookie: None,
+            reused: false,
+            error: None,
+        });
+        let this = req.take().expect("a request for every attempt");
+        let (err, back) = match attempt(cluster, shared, &ep, this, &mut done, ex).await {
+            Ok(up) => return Ok(up),
+            Err(f) => f,
+        };
+        if let Some(a) = ex.attempts.last_mut() {
+            a.error = Some(err.kind());
+        }
+        debug!(cluster = %cluster.name, upstream = %ep.addr, error = %err, "attempt failed");
+        let next = match (err.kind().retry(), back) {
+            (Retry::Always, Some(back)) => Some(back),
+            (Retry::IfIdempotent, _) => replay.as_ref().map(|(m, u, h)| {
+                let mut r = Request::new(RequestBody::empty());
+                *r.method_mut() = m.clone();
+                *r.uri_mut() = u.clone();
+                *r.headers_mut() = h.clone();
+                r
+            }),
+            _ => None,
+        };
+        let Some(next) = next else { return Err(err) };
+        if ex.retries >= policy.max_retries {
+            return Err(err);
+        }
+        match cluster.try_retry() {
+            Some(g) => _retry = Some(g),
+            None => {
+                debug!(cluster = %cluster.name, "retry budget spent");
+                return Err(err);
+            }
+        }
+        ex.retries += 1;
+        req = Some(next);
+        last = Some(err);
+    }
+}
+
+type AttemptFailure = (ProxyError, Option<Request<RequestBody>>);
+
+/// One attempt on one endpoint. On failure, gives the request back if it was never sent.
+async fn attempt(
+    cluster: &Cluster,
+    shared: &Shared,
+    ep: &Arc<Endpoint>,
+    mut req: Request<RequestBody>,
+    done: &mut Option<oneshot::Receiver<()>>,
+    ex: &mut Exchange,
+) -> Result<Upstream, AttemptFailure> {
+    let in_flight = InFlight::new(ep);
+    let t = cluster.spec.timeouts;
+    loop {
+        ex.phase = "connecting";
+        let mut conn = match cluster.checkout(ep).await {
+            Ok(c) => c,
+            Err(e) => return Err((e, Some(req))),
+        };
+        let reused = conn.connect_time.is_none();
+        if let Some(a) = ex.attempts.last_mut() {
+            a.cookie = Some(conn.cookie);
+            a.reused = reused;
+        }
+        ex.connect = conn.connect_time;
+        ex.phase = "sending the request";
+        let send = conn.sender.try_send_request(req);
+        tokio::pin!(send);
+        let mut result = None;
+        if let Some(rx) = done.as_mut() {
+            // The response timeout starts once the client's body has been sent.
+            tokio::select! {
+                biased;
+                r = &mut send => result = Some(r),
+                _ = rx => *done = None,
+            }
+        }
+        let result = match result {
+            Some(r) => r,
+            None => {
+                ex.phase = "waiting for the response head";
+                match tokio::time::timeout(t.response, &mut send).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let evidence = shared.signals.conn_evidence(conn.cookie);
+                        return Err((
+                            ProxyError::ResponseTimeout {
+                                endpoint: ep.addr,
+                                timeout: t.response,
+                                cookie: conn.cookie,
+                                evidence,
+                            },
+                            None,
+                        ));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(response) => {
+                ex.first_byte = Some(ex.start.elapsed());
+                return Ok(Upstream {
+                    response,
+                    stall: t.response,
+                    lease: Lease {
+                        conn,
+                        endpoint: ep.clone(),
+                        idle_timeout: t.idle,
+                        _in_flight: in_flight,
+                    },
+                });
+            }
+            Err(mut e) => match e.take_message() {
+                // A pooled connection closed before the request went out: try another
+                // connection to the same endpoint; this is not a retry.
+                Some(back) if reused => {
+                    debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
+                    req = back;
+                }
+                back => return Err((classify(e.into_error(), ep.addr), back)),
+            },
+        }
+    }
+}
+
+/// Maps a failed exchange on an upstream connection to its reason.
+fn classify(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<RequestBodyError>() {
+            return match b {
+                RequestBodyError::TooLarge { limit } => {
+                    ProxyError::RequestBodyTooLarge { limit: *limit }
+                }
+                RequestBodyError::Downstream(_) => ProxyError::DownstreamBodyError { source: e },
+            };
+        }
+        cur = err.source();
+    }
+    if let Some(timeout) = is_write_stall(&e) {
+        return ProxyError::UpstreamWriteTimeout { endpoint, timeout };
+    }
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        return ProxyError::InvalidUpstreamResponse {
+            endpoint,
+            source: e,
+        };
+    }
+    ProxyError::UpstreamReset {
+        endpoint,
+        source: e,
+    }
+}
+
+fn respond(up: Upstream, mut ex: Exchange, shared: Arc<Shared>) -> Response<ResponseBody> {
+    let (mut parts, body) = up.response.into_parts();
+    headers::to_downstream(&mut parts.headers, parts.version);
+    parts.version = Version::default();
+    ex.status = parts.status.as_u16();
+    let stall = up.stall;
+    let finish = Finish {
+        exchange: ex,
+        shared,
+        lease: Some(up.lease),
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body, stall, finish))
+}
+
+fn error_response(e: ProxyError, mut ex: Exchange, shared: Arc<Shared>) -> Response<ResponseBody> {
+    let kind = e.kind();
+    let status = kind.status();
+    let attempts = ex.attempts.len();
+    let endpoint = e
+        .endpoint()
+        .or_else(|| ex.attempts.last().map(|a| a.endpoint));
+    let mut text = format!(
+        "{} {}: {e}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    if attempts > 0 {
+        let tried: Vec<String> = ex
+            .attempts
+            .iter()
+            .map(|a| match a.error {
+                Some(k) => format!("{} ({k})", a.endpoint),
+                None => a.endpoint.to_string(),
+            })
+            .collect();
+        text.push_str(&format!(
+            "cluster `{}`, {attempts} attempt(s): {}\n",
+            ex.cluster.as_deref().unwrap_or("-"),
+            tried.join(", ")
+        ));
+    }
+    ex.status = status.as_u16();
+    ex.error = Some(kind);
+    let mut resp = Response::new(ResponseBody::full(
+        Bytes::from(text),
+        Some(Finish {
+            exchange: ex,
+            shared,
+            lease: None,
+        }),
+    ));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(X_GATEWAY_ERROR, HeaderValue::from_static(kind.reason()));
+    if let Some(ep) = endpoint
+        && let Ok(v) = HeaderValue::try_from(ep.to_string())
+    {
+        h.insert(X_GATEWAY_ENDPOINT, v);
+    }
+    h.insert(X_GATEWAY_ATTEMPTS, HeaderValue::from(attempts));
+    if status == StatusCode::BAD_REQUEST {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Request line plus headers, as sent on the wire (close enough for a limit).
+fn head_size(req: &Request<Incoming>) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header.
+fn authority(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(HeaderValue::from_str(a.as_str()).ok());
+    }
+    match req.headers().get(HOST) {
+        Some(h) => Ok(Some(h.clone())),
+        None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest {
+            what: "HTTP/1.1 request without a Host header",
+        }),
+        None => Ok(None),
+    }
+}
+
+fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::error::ErrorKind;
+
+    #[test]
+    fn host_port_is_stripped() {
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn statuses_follow_the_table() {
+        assert_eq!(ErrorKind::ConnectRefused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(ErrorKind::UpstreamReset.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            ErrorKind::InvalidUpstreamResponse.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            ErrorKind::NoHealthyUpstream.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ErrorKind::Overloaded.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ErrorKind::ConnectTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            ErrorKind::ResponseTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

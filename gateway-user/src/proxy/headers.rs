@@ -1,0 +1,167 @@
+//! Header rewriting between client and upstream (RFC 9110 section 7.6): hop-by-hop headers are
+//! dropped in both directions, including those the `Connection` header names; the request
+//! gains `X-Forwarded-For`, `X-Forwarded-Proto` and `Via`, the response gains `Via`.
+
+use std::net::IpAddr;
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Version,
+    header::{self, HOST, VIA},
+};
+
+/// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The pseudonym in `Via`.
+const VIA_NAME: &str = "gateway";
+
+/// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers listed in `Connection` are hop-by-hop too.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_09 => "0.9 gateway",
+        Version::HTTP_10 => "1.0 gateway",
+        Version::HTTP_2 => "2 gateway",
+        Version::HTTP_3 => "3 gateway",
+        _ => "1.1 gateway",
+    })
+}
+
+/// Appends this hop to `Via`, received over `version`.
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    debug_assert!(via_value(version).to_str().unwrap().ends_with(VIA_NAME));
+    headers.append(VIA, via_value(version));
+}
+
+/// Rewrites a client's request headers for the upstream. `host` is the request's authority
+/// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none.
+pub(crate) fn to_upstream(
+    headers: &mut HeaderMap,
+    version: Version,
+    client: IpAddr,
+    host: Option<&HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    if !headers.contains_key(HOST)
+        && let Some(h) = host
+    {
+        headers.insert(HOST, h.clone());
+    }
+    // X-Forwarded-For: the existing list (all header lines) plus this client.
+    let client = client.to_canonical();
+    let prior: Vec<&[u8]> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let xff = if prior.is_empty() {
+        HeaderValue::try_from(client.to_string())
+    } else {
+        let mut v = prior.join(&b", "[..]);
+        v.extend_from_slice(b", ");
+        v.extend_from_slice(client.to_string().as_bytes());
+        HeaderValue::from_bytes(&v)
+    };
+    if let Ok(xff) = xff {
+        headers.insert(&X_FORWARDED_FOR, xff);
+    }
+    // The gateway only speaks plain HTTP to clients.
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    append_via(headers, version);
+}
+
+/// Rewrites an upstream's response headers for the client.
+pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
+    strip_hop_by_hop(headers);
+    append_via(headers, upstream_version);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("via", "1.0 edge"),
+        ]);
+        to_upstream(&mut h, Version::HTTP_11, "10.0.0.9".parse().unwrap(), None);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let via: Vec<_> = h.get_all(VIA).iter().collect();
+        assert_eq!(via, vec!["1.0 edge", "1.1 gateway"]);
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let mut h = HeaderMap::new();
+        let authority = HeaderValue::from_static("api.example.com");
+        to_upstream(
+            &mut h,
+            Version::HTTP_2,
+            "::ffff:127.0.0.1".parse().unwrap(),
+            Some(&authority),
+        );
+        assert_eq!(h[HOST], "api.example.com");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h[VIA], "2 gateway");
+    }
+}

@@ -1,0 +1,124 @@
+//! Client-facing listeners: accept, serve HTTP/1.1 and HTTP/2 (prior knowledge) on each
+//! connection, and drain on shutdown.
+//!
+//! Shutdown has two steps, driven by a `watch` of [`Phase`]: `Drain` stops accepting and asks
+//! every connection to finish what it is doing (HTTP/1: the current response, then close;
+//! HTTP/2: GOAWAY), `Force` closes whatever is left when the grace period is over. Each
+//! connection task holds a clone of an `mpsc::Sender` that is never sent on: the receiver sees
+//! the channel close when the last connection is gone.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tracing::{debug, warn};
+
+use super::{Shared, forward, io::StallGuard};
+use crate::config::Downstream;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Run,
+    Drain,
+    Force,
+}
+
+/// Headers per request hyper accepts before answering 431 itself.
+const MAX_HEADERS: usize = 256;
+
+/// The HTTP server settings for client connections.
+pub(crate) fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own limit is a backstop well above ours, so that most oversized heads reach the
+    // service and get a 431 that explains itself.
+    let hard_limit = (ds.max_request_header_bytes * 2 + 8192).max(8192);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ds.header_read_timeout)
+        .max_buf_size(hard_limit.max(64 * 1024))
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+/// Accepts until the phase leaves `Run`.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    live: mpsc::Sender<()>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve(stream, peer, shared.clone(), phase.clone(), live.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = phase.changed() => {
+                if *phase.borrow() != Phase::Run {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    _live: mpsc::Sender<()>,
+) {
+    let (builder, write_timeout) = {
+        let rt = shared.runtime.load();
+        (rt.http.clone(), rt.settings.downstream.write_timeout)
+    };
+    let io = TokioIo::new(StallGuard::new(stream, write_timeout));
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(forward::handle(shared, peer, req).await) }
+    });
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    if *phase.borrow_and_update() != Phase::Run {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(client = %peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed() => {
+                let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
+                match p {
+                    Phase::Run => {}
+                    Phase::Drain => conn.as_mut().graceful_shutdown(),
+                    Phase::Force => return,
+                }
+            }
+        }
+    }
+}
