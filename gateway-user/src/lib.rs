@@ -2,6 +2,7 @@
 //! tested against. `main.rs` only parses the command line and dispatches here.
 
 pub mod config;
+pub mod demo;
 pub mod lab;
 pub mod observe;
 pub mod observer;

@@ -27,6 +27,11 @@ enum Command {
     /// Host-wide observer: every outgoing TCP connect, its outcome and the SO_ERROR the
     /// application read.
     Observe(gateway::observe::ObserveArgs),
+    /// Build a lab of faulty upstreams in network namespaces and show what the kernel sees.
+    Demo(gateway::demo::DemoArgs),
+    /// One of the demo's client programs (started by `gateway demo`).
+    #[command(hide = true)]
+    DemoClient(gateway::demo::DemoClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +40,8 @@ fn main() -> ExitCode {
         Command::Run { config } => gateway::proxy::cli_run(&config),
         Command::CheckConfig { file } => gateway::config::cli_check(&file),
         Command::Observe(args) => gateway::observe::run(args),
+        Command::Demo(args) => gateway::demo::demo(args),
+        Command::DemoClient(args) => gateway::demo::demo_client(args),
     };
     match result {
         Ok(code) => code,

@@ -7,6 +7,7 @@
 //! pinned, so dropping the observer or the process dying (even by SIGKILL) detaches everything.
 
 pub mod btf;
+pub mod explain;
 pub mod preflight;
 pub mod records;
 

@@ -1,2 +1,101 @@
-//! `cargo xtask`: setup checks, the privileged test run, the demo, and benchmarks.
-fn main() {}
+//! `cargo xtask`: the workflows behind `./dev` — the full test run, the demo, and the
+//! benchmarks. `./dev` installs the toolchains first; this assumes they are there.
+
+mod bench_observer;
+mod bench_proxy;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Format check, build (with the real eBPF object), unit tests, then the privileged
+    /// end-to-end tests one at a time.
+    Test {
+        /// Only run tests whose names contain this.
+        filter: Option<String>,
+    },
+    /// Build the release binary and run `gateway demo`.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `observer` (connect+close cost with and without the observer) or `proxy`
+    /// (the gateway against nginx and HAProxy).
+    Bench {
+        which: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Never let a developer's AYA_BUILD_SKIP leak into a run that claims to test the kernel side.
+    cmd.env_remove("AYA_BUILD_SKIP");
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn test(filter: Option<String>) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("the test suite includes privileged tests (network namespaces, cgroups, eBPF); run it as root via ./dev test");
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["build", "--all-targets"]))?;
+    let filter: Vec<String> = filter.into_iter().collect();
+    // Unit tests: pure code, in parallel.
+    run(cargo().args(["test", "--lib", "--bins"]).arg("--").args(&filter))?;
+    // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
+    run(cargo().args(["test", "--test", "*"]).arg("--").arg("--test-threads=1").args(&filter))?;
+    run(cargo().args(["test", "--doc"]))?;
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn demo(args: Vec<String>) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--release", "-p", "gateway-user", "--bin", "gateway"]))?;
+    run(Command::new("target/release/gateway").arg("demo").args(args))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Test { filter } => test(filter),
+        Cmd::Demo { args } => demo(args),
+        Cmd::Bench { which, args } => match which.as_str() {
+            "observer" => bench_observer::run(&args),
+            "proxy" => bench_proxy::run(&args),
+            other => Err(anyhow::anyhow!("unknown benchmark {other}; choose observer or proxy")),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Turns what the kernel saw of one destination's connects into a sentence an on-call engineer
+//! can act on. Pure code: records in, explanation out.
+
+use std::fmt::Write as _;
+
+use gateway_common::Outcome;
+
+use super::records::ConnectRecord;
+
+/// The one-line story of a destination, with the word that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// `healthy`, `refused`, `filtered`, `unreachable`, `overloaded`, `client_gave_up`,
+    /// `port_exhaustion` or `no_data`.
+    pub verdict: &'static str,
+    pub sentence: String,
+}
+
+fn median(mut v: Vec<u64>) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[(v.len() - 1) / 2])
+}
+
+fn ms(us: u64) -> String {
+    if us < 10_000 { format!("{:.2} ms", us as f64 / 1e3) } else { format!("{} ms", us / 1000) }
+}
+
+/// Explains the connects in `records` (all to one destination).
+pub fn explain(records: &[&ConnectRecord]) -> Explanation {
+    let n = records.len();
+    if n == 0 {
+        return Explanation { verdict: "no_data", sentence: "no connects seen".to_owned() };
+    }
+    let count = |o: Outcome| records.iter().filter(|r| r.outcome() == o).count();
+    let of = |o: Outcome| records.iter().filter(move |r| r.outcome() == o);
+    let established = count(Outcome::Established);
+    let refused = count(Outcome::Refused);
+    let timeout = count(Outcome::Timeout);
+    let unreachable = count(Outcome::Unreachable);
+    let aborted = count(Outcome::Aborted);
+    let no_port = count(Outcome::AddrUnavailable);
+    let retrans_est: Vec<u64> = of(Outcome::Established).map(|r| u64::from(r.syn_retransmits)).collect();
+    let rtt = median(of(Outcome::Established).filter_map(|r| r.syn_rtt_us).collect());
+
+    // The dominant failure decides the story.
+    let worst = [refused, timeout + aborted, unreachable, no_port].into_iter().max().unwrap_or(0);
+    let mut s = String::new();
+    let verdict = if worst == 0 || established * 2 > n {
+        let with_retx = retrans_est.iter().filter(|&&r| r > 0).count();
+        if with_retx * 2 > established.max(1) {
+            let _ = write!(
+                s,
+                "{established}/{n} connects established, but {with_retx} needed SYN retransmits \
+                 (median SYN-RTT {}): the accept queue or SYN backlog is full, or SYNs are being lost",
+                rtt.map(ms).unwrap_or_else(|| "-".into())
+            );
+            "overloaded"
+        } else {
+            let _ = write!(
+                s,
+                "{established}/{n} connects established, median SYN-RTT {}",
+                rtt.map(ms).unwrap_or_else(|| "-".into())
+            );
+            "healthy"
+        }
+    } else if worst == refused {
+        let t = median(of(Outcome::Refused).map(|r| r.elapsed_us).collect()).unwrap_or(0);
+        let _ = write!(
+            s,
+            "{refused}/{n} connects refused: RST after {} (ECONNREFUSED), so the host is up but \
+             nothing listens on the port, or a firewall rejects it",
+            ms(t)
+        );
+        "refused"
+    } else if worst == unreachable {
+        let errnos: Vec<&str> = of(Outcome::Unreachable).filter_map(|r| r.errno.as_deref()).collect();
+        let _ = write!(
+            s,
+            "{unreachable}/{n} connects failed with ICMP {}: a router or firewall says there is no \
+             route to the host",
+            errnos.first().copied().unwrap_or("unreachable")
+        );
+        "unreachable"
+    } else if worst == no_port {
+        let _ = write!(
+            s,
+            "{no_port}/{n} connects failed locally with EADDRNOTAVAIL: no free ephemeral port \
+             towards this destination (see net.ipv4.ip_local_port_range, connection reuse)"
+        );
+        "port_exhaustion"
+    } else {
+        let syns: Vec<u64> = of(Outcome::Timeout).chain(of(Outcome::Aborted)).map(|r| 1 + u64::from(r.syn_retransmits)).collect();
+        let waited = median(of(Outcome::Timeout).chain(of(Outcome::Aborted)).map(|r| r.elapsed_us).collect()).unwrap_or(0);
+        let _ = write!(
+            s,
+            "{}/{n} connects got no answer: up to {} SYNs sent, no SYN-ACK, no RST, no ICMP \
+             (dropped on the path or host down)",
+            timeout + aborted,
+            syns.iter().max().copied().unwrap_or(1)
+        );
+        if timeout > 0 {
+            let _ = write!(s, "; {timeout} ended in the kernel's ETIMEDOUT");
+        }
+        if aborted > 0 {
+            let _ = write!(s, "; {aborted} abandoned by the client's own timeout after a median {}", ms(waited));
+        }
+        "filtered"
+    };
+    let comms: std::collections::BTreeSet<&str> = records.iter().map(|r| r.comm.as_str()).collect();
+    let _ = write!(s, " [processes: {}]", comms.into_iter().collect::<Vec<_>>().join(", "));
+    Explanation { verdict, sentence: s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::records::OutcomeName;
+
+    fn rec(outcome: Outcome, retx: u16, elapsed_us: u64) -> ConnectRecord {
+        ConnectRecord {
+            ts_unix_ns: 0,
+            dst: "10.0.0.5:8080".parse().unwrap(),
+            src_port: 1,
+            cookie: 1,
+            pid: 1,
+            comm: "api".into(),
+            cgroup_id: 1,
+            outcome: OutcomeName(outcome),
+            syn_retransmits: retx,
+            elapsed_us,
+            syn_rtt_us: (outcome == Outcome::Established).then_some(elapsed_us),
+            errno: match outcome {
+                Outcome::Refused => Some("ECONNREFUSED".into()),
+                Outcome::Unreachable => Some("EHOSTUNREACH".into()),
+                Outcome::Timeout => Some("ETIMEDOUT".into()),
+                _ => None,
+            },
+            so_error: None,
+        }
+    }
+
+    #[test]
+    fn each_fault_gets_its_verdict() {
+        let cases = [
+            (vec![rec(Outcome::Established, 0, 90); 5], "healthy"),
+            (vec![rec(Outcome::Refused, 0, 120); 3], "refused"),
+            (vec![rec(Outcome::Timeout, 2, 3_000_000), rec(Outcome::Aborted, 0, 300_000)], "filtered"),
+            (vec![rec(Outcome::Unreachable, 0, 400); 2], "unreachable"),
+            (vec![rec(Outcome::Established, 2, 2_000_000); 4], "overloaded"),
+            (vec![rec(Outcome::AddrUnavailable, 0, 5)], "port_exhaustion"),
+        ];
+        for (records, want) in cases {
+            let refs: Vec<&ConnectRecord> = records.iter().collect();
+            let e = explain(&refs);
+            assert_eq!(e.verdict, want, "{}", e.sentence);
+        }
+    }
+
+    #[test]
+    fn the_blackhole_sentence_names_the_evidence() {
+        let records = [rec(Outcome::Timeout, 2, 3_000_000), rec(Outcome::Aborted, 0, 300_000)];
+        let refs: Vec<&ConnectRecord> = records.iter().collect();
+        let e = explain(&refs);
+        assert!(e.sentence.contains("3 SYNs sent, no SYN-ACK, no RST, no ICMP"), "{}", e.sentence);
+        assert!(e.sentence.contains("ETIMEDOUT") && e.sentence.contains("client's own timeout"), "{}", e.sentence);
+    }
+}

@@ -1,0 +1,2 @@
+//! (in progress)
+pub fn run(_args: &[String]) -> anyhow::Result<()> { anyhow::bail!("not yet") }
