@@ -1,0 +1,213 @@
+//! Privileged tests of the `gateway observe` command as a user runs it: attached at the cgroup
+//! v2 root, it reports connects of any process on the host as JSON lines and metrics, and leaves
+//! nothing attached after SIGTERM or SIGKILL. Plus its errors without privileges or with a bad
+//! `--cgroup`. Traffic goes to loopback only. Run with `--test-threads=1`.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{Probe, require_root};
+
+/// The `gateway` binary, built next to `connect-probe` (`cargo xtask test` builds all targets first).
+fn gateway_bin() -> PathBuf {
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe"));
+    let bin = probe.with_file_name("gateway");
+    assert!(bin.exists(), "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)", bin.display());
+    bin
+}
+
+fn probe(style: &str, addr: SocketAddr) -> Probe {
+    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe")).arg(style).arg(addr.to_string()).output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Our programs, as bpftool lists them (names are truncated to 15 characters by the kernel).
+fn attached_gateway_programs() -> Vec<String> {
+    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool (./dev setup installs it)");
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    progs
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| n.starts_with("gw_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+struct Observe {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Observe {
+    /// Starts `gateway observe ARGS` and waits until it says it is attached.
+    fn start(args: &[&str]) -> Observe {
+        let mut child = Command::new(gateway_bin())
+            .arg("observe")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let start = Instant::now();
+        while !seen.contains("observer attached") {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 || start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("gateway observe did not attach: {seen}");
+            }
+            seen.push_str(&line);
+        }
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Observe { child, lines }
+    }
+
+    /// The JSON record with `cookie`, waiting up to 5 s.
+    fn record(&self, cookie: u64) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+            if v["cookie"] == cookie {
+                return v;
+            }
+        }
+        panic!("no JSON record for cookie {cookie}");
+    }
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn privileged_observe_json_sees_any_process_and_serves_metrics() {
+    require_root();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let obs = Observe::start(&["--json", "--metrics", &metrics.to_string(), "--join-window-ms", "100"]);
+
+    // A process that is not a child of the observer, in whatever cgroup the test runs in.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refused = probe("go", closed);
+    assert_eq!(refused.result, "ECONNREFUSED");
+    let ok = probe("tokio", open);
+    assert_eq!(ok.result, "ok");
+
+    let r = obs.record(refused.cookie);
+    assert_eq!(r["outcome"], "refused");
+    assert_eq!(r["dst"], closed.to_string());
+    assert_eq!(r["pid"], refused.pid);
+    assert_eq!(r["comm"], "connect-probe");
+    assert_eq!(r["errno"], "ECONNREFUSED");
+    assert_eq!(r["so_error"], "ECONNREFUSED");
+    assert!(r["cgroup_id"].as_u64().unwrap() > 0);
+    assert!(r["ts_unix_ns"].as_u64().unwrap() > 1_700_000_000_000_000_000);
+    let e = obs.record(ok.cookie);
+    assert_eq!(e["outcome"], "established");
+    assert_eq!(e["so_error"], "0");
+    assert!(e["syn_rtt_us"].as_u64().unwrap() < 5_000);
+    assert_eq!(e["errno"], serde_json::Value::Null);
+
+    let text = http_get(metrics, "/metrics");
+    let want = [
+        format!("gateway_connect_attempts_total{{dst=\"{closed}\",outcome=\"refused\"}} 1"),
+        format!("gateway_connect_attempts_total{{dst=\"{open}\",outcome=\"established\"}} 1"),
+        "gateway_socket_errors_total{errno=\"ECONNREFUSED\",comm=\"connect-probe\"}".to_owned(),
+        format!("gateway_connect_syn_rtt_seconds_count{{dst=\"{open}\"}} 1"),
+        "gateway_observer_events_lost_total 0".to_owned(),
+    ];
+    for w in want {
+        assert!(text.contains(&w), "metrics lack {w}:\n{text}");
+    }
+}
+
+#[test]
+fn privileged_sigterm_detaches_everything() {
+    require_root();
+    let mut obs = Observe::start(&["--json"]);
+    assert!(!attached_gateway_programs().is_empty(), "bpftool sees our programs while running");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(obs.child.id() as i32, libc::SIGTERM) };
+    let status = obs.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    wait_until_detached();
+}
+
+#[test]
+fn privileged_sigkill_leaves_nothing_attached() {
+    require_root();
+    let mut obs = Observe::start(&[]);
+    obs.child.kill().unwrap();
+    obs.child.wait().unwrap();
+    wait_until_detached();
+}
+
+fn wait_until_detached() {
+    // Programs are freed once the last fd closes, after an RCU grace period.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = attached_gateway_programs();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "still loaded after exit: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn privileged_unprivileged_user_gets_a_clear_error() {
+    require_root();
+    // setpriv drops to nobody with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(gateway_bin())
+        .args(["observe", "--duration", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("needs root, or CAP_BPF + CAP_PERFMON"), "{err}");
+}
+
+#[test]
+fn privileged_unknown_cgroup_is_a_clear_error() {
+    require_root();
+    let out = Command::new(gateway_bin()).args(["observe", "--cgroup", "no/such/cgroup", "--duration", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cgroup no/such/cgroup does not exist"), "{err}");
+}
