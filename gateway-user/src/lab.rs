@@ -35,7 +35,8 @@
 //! - [`Lab::set_client_sysctl`]`(`[`ClientSysctl`]`) -> `[`SysctlGuard`]: `tcp_syn_retries`,
 //!   `tcp_syn_linear_timeouts`, `ip_local_port_range` in the client namespace only.
 //! - [`Netns`]: [`spawn_thread`](Netns::spawn_thread) (a new OS thread that `setns`'d in),
-//!   [`run`](Netns::run) (the same, scoped and waited for), [`command`](Netns::command) and
+//!   [`run`](Netns::run) (the same, scoped and waited for), [`block_on`](Netns::block_on) (a
+//!   future on a current-thread tokio runtime there), [`command`](Netns::command) and
 //!   [`NetnsCommandExt`] (`in_netns`, `in_cgroup`: a child that is in both before it execs),
 //!   [`exec`](Netns::exec) (`ip netns exec`), [`sysctl`](Netns::sysctl),
 //!   [`netstat`](Netns::netstat) → [`NetStat`] (`TcpExtTCPSynRetrans` and friends: the
@@ -482,3 +483,17 @@ impl std::fmt::Debug for Lab {
             .finish()
     }
 }
+
+/// The lab is shared with async tests and across threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Lab>();
+    send_sync::<Upstream>();
+    send_sync::<Netns>();
+    send_sync::<CgroupGuard>();
+    send_sync::<FaultGuard>();
+    send_sync::<HttpServer>();
+    send_sync::<HoldServer>();
+    send_sync::<AcceptQueueOverflow>();
+    send_sync::<SysctlGuard>();
+};

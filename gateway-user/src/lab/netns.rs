@@ -181,6 +181,26 @@ impl Netns {
         })
     }
 
+    /// Runs `future` to completion on a current-thread tokio runtime, on a fresh thread inside
+    /// this namespace (for async clients: hyper, tokio sockets). Panics are resumed here.
+    pub fn block_on<F>(&self, future: F) -> LabResult<F::Output>
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        self.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(future))
+        })?
+        .map_err(|source| LabError::Io {
+            action: "building a tokio runtime in network namespace",
+            path: self.path(),
+            source,
+        })
+    }
+
     /// A `Command` for `program` that runs inside this namespace (see [`NetnsCommandExt`]).
     /// Unlike `ip netns exec`, the child keeps the caller's mount namespace, so `/sys` still
     /// shows the root namespace's devices; `/proc/self/net` and netlink are the namespace's.
