@@ -250,6 +250,18 @@ impl ProxyError {
         }
     }
 
+    /// `SO_COOKIE` of the upstream socket the error happened on, if there was one.
+    pub fn cookie(&self) -> Option<u64> {
+        match self {
+            ProxyError::ConnectTimeout { cookie, .. }
+            | ProxyError::ConnectRefused { cookie, .. }
+            | ProxyError::ConnectUnreachable { cookie, .. }
+            | ProxyError::ResponseTimeout { cookie, .. } => Some(*cookie),
+            ProxyError::ConnectFailed { cookie, .. } => *cookie,
+            _ => None,
+        }
+    }
+
     /// The upstream endpoint the error is about, if any.
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {

@@ -182,6 +182,7 @@ async fn attempts(
         };
         if let Some(a) = ex.attempts.last_mut() {
             a.error = Some(err.kind());
+            a.cookie = a.cookie.or(err.cookie());
         }
         debug!(cluster = %cluster.name, upstream = %ep.addr, error = %err, "attempt failed");
         let next = match (err.kind().retry(), back) {

@@ -1,0 +1,232 @@
+//! Retries and the errors that remain when retrying cannot help: retry on refused to another
+//! endpoint (invisible to the client), 502/503 with their reasons, the retry budget, and
+//! idempotent-only retries after a response timeout.
+
+mod proxy_support;
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use proxy_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_endpoint_is_retried_on_another_invisibly() {
+    let good = Upstream::start("good").await;
+    let refused = refused_addr();
+    let gw = gateway(
+        "retry-refused",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{refused}\", \"{}\"]\n",
+            good.addr
+        ),
+    )
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let got = get(&c, gw.addr, "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        assert_eq!(got.body, "good");
+        assert_eq!(got.headers.get("x-gateway-error"), None);
+    }
+    assert_eq!(good.hits(), 20);
+    let lines = log_lines(&gw.log, 20);
+    let retried: Vec<_> = lines.iter().filter(|l| l["retries"] == 1).collect();
+    assert!(
+        !retried.is_empty(),
+        "round robin sends some first attempts to the refused endpoint"
+    );
+    for l in retried {
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["endpoints"][0], refused.to_string());
+        assert_eq!(l["endpoints"][1], good.addr.to_string());
+        assert_eq!(l["attempt_errors"][0], "connect_refused");
+        assert_eq!(l["attempt_errors"][1], "-");
+        assert_eq!(l["error"], serde_json::Value::Null);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_single_endpoint_is_502_connect_refused() {
+    let refused = refused_addr();
+    let gw = gateway(
+        "refused",
+        &format!("[router.upstream]\nendpoints = [\"{refused}\"]\n"),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.header("x-gateway-error"), "connect_refused");
+    assert_eq!(got.header("x-gateway-endpoint"), refused.to_string());
+    assert_eq!(got.header("x-gateway-attempts"), "1");
+    assert!(
+        got.body
+            .starts_with(&format!("502 Bad Gateway: connection refused by {refused}")),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_refusing_is_502_after_trying_each_once() {
+    let (a, b) = (refused_addr(), refused_addr());
+    let gw = gateway(
+        "all-refused",
+        &format!("[router.upstream]\nendpoints = [\"{a}\", \"{b}\"]\n"),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.header("x-gateway-error"), "connect_refused");
+    assert_eq!(got.header("x-gateway-attempts"), "2");
+    assert!(
+        got.body.contains(&format!("{a} (connect_refused)")),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body.contains(&format!("{b} (connect_refused)")),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_endpoints_leave_503_no_healthy_upstream() {
+    let refused = refused_addr();
+    let gw = gateway(
+        "no-healthy",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{refused}\"]\n[router.upstream.health]\nconsecutive_failures = 1\nmax_ejected_percent = 100\nejection_ms = 60000\n"
+        ),
+    )
+    .await;
+    let c = client();
+    let first = get(&c, gw.addr, "/").await;
+    assert_eq!(first.header("x-gateway-error"), "connect_refused");
+    let second = get(&c, gw.addr, "/").await;
+    assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.header("x-gateway-error"), "no_healthy_upstream");
+    assert_eq!(second.header("x-gateway-attempts"), "0");
+    assert!(
+        second
+            .body
+            .contains("no healthy endpoint in cluster `default` (1 endpoint(s), 1 ejected)"),
+        "{}",
+        second.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pending_queue_is_503_overloaded() {
+    let up = Upstream::start("slow").await;
+    up.set_delay(Duration::from_millis(500));
+    let gw = gateway(
+        "overloaded",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\n[router.upstream.limits]\nmax_connections = 1\nmax_pending_requests = 0\n",
+            up.addr
+        ),
+    )
+    .await;
+    let c = client();
+    let (c1, addr) = (c.clone(), gw.addr);
+    let busy = tokio::spawn(async move { get(&c1, addr, "/").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = get(&c, gw.addr, "/").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.header("x-gateway-error"), "overloaded");
+    assert_eq!(busy.await.unwrap().status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_without_response_is_502_upstream_reset() {
+    let up = raw_responder(b"").await;
+    let gw = gateway(
+        "reset",
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "upstream_reset");
+    assert_eq!(got.header("x-gateway-endpoint"), up.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_response_is_502_invalid_upstream_response() {
+    let up = raw_responder(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let gw = gateway(
+        "garbage",
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "invalid_upstream_response");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_retry_budget_means_no_retry() {
+    let good = Upstream::start("good").await;
+    let refused = refused_addr();
+    let gw = gateway(
+        "budget",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{refused}\", \"{}\"]\n[router.upstream.retry]\nbudget_percent = 0\nmin_retry_concurrency = 0\n[router.upstream.health]\nconsecutive_failures = 1000\n",
+            good.addr
+        ),
+    )
+    .await;
+    let c = client();
+    let mut refused_answers = 0;
+    for _ in 0..10 {
+        let got = get(&c, gw.addr, "/").await;
+        if got.status == StatusCode::BAD_GATEWAY {
+            assert_eq!(got.header("x-gateway-error"), "connect_refused");
+            refused_answers += 1;
+        }
+    }
+    assert_eq!(
+        refused_answers, 5,
+        "round robin: every other request hits the refused endpoint"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_is_retried_only_for_idempotent_requests_when_enabled() {
+    let slow = Upstream::start("slow").await;
+    let fast = Upstream::start("fast").await;
+    slow.set_delay(Duration::from_millis(3000));
+    let gw = gateway(
+        "retry-timeout",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\", \"{}\"]\n[router.upstream.timeouts]\nresponse_timeout_ms = 300\n[router.upstream.retry]\non_response_timeout = true\n",
+            slow.addr, fast.addr
+        ),
+    )
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        let got = get(&c, gw.addr, "/").await;
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "GET is retried on the fast endpoint: {}",
+            got.body
+        );
+        assert_eq!(got.body, "fast");
+    }
+    let mut timeouts = 0;
+    for _ in 0..4 {
+        let req = Request::post(format!("http://{}/", gw.addr))
+            .body(empty())
+            .unwrap();
+        let got = send(&c, req).await;
+        if got.status == StatusCode::GATEWAY_TIMEOUT {
+            assert_eq!(got.header("x-gateway-error"), "response_timeout");
+            assert_eq!(got.header("x-gateway-attempts"), "1");
+            timeouts += 1;
+        }
+    }
+    assert_eq!(timeouts, 2, "POST is never replayed after a timeout");
+}

@@ -1,0 +1,164 @@
+//! Routing by host and path prefix, header rewriting, HTTP/2 clients, and the access log line.
+//! The gateway runs in-process in front of loopback upstreams.
+
+mod proxy_support;
+
+use http::{Request, StatusCode};
+use proxy_support::*;
+
+async fn three_clusters() -> (Upstream, Upstream, Upstream, InProcess) {
+    let api = Upstream::start("api").await;
+    let web = Upstream::start("web").await;
+    let admin = Upstream::start("admin").await;
+    let gw = gateway(
+        "routing",
+        &format!(
+            r#"
+[[routes]]
+path_prefix = "/"
+cluster = "web"
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+cluster = "api"
+
+[[routes]]
+host = "admin.example.com"
+cluster = "admin"
+
+[[routes]]
+host = "*.shop.example.com"
+path_prefix = "/api/"
+cluster = "admin"
+
+[clusters.api]
+endpoints = ["{}"]
+[clusters.web]
+endpoints = ["{}"]
+[clusters.admin]
+endpoints = ["{}"]
+"#,
+            api.addr, web.addr, admin.addr
+        ),
+    )
+    .await;
+    (api, web, admin, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_longest_path_prefix() {
+    let (_api, _web, _admin, gw) = three_clusters().await;
+    let c = client();
+    let cases = [
+        ("test.local", "/api/users", "api"),
+        ("test.local", "/apix", "web"),
+        ("test.local", "/", "web"),
+        ("admin.example.com", "/api/users", "admin"),
+        ("ADMIN.example.com:8080", "/x", "admin"),
+        ("a.shop.example.com", "/api/cart", "admin"),
+        ("a.shop.example.com", "/cart", "web"),
+    ];
+    for (host, path, want) in cases {
+        let got = get_host(&c, gw.addr, host, path).await;
+        assert_eq!(got.status, StatusCode::OK, "{host}{path}: {}", got.body);
+        assert_eq!(got.body, want, "{host}{path}");
+        assert_eq!(got.header("x-upstream"), want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_request_is_404_with_reason() {
+    let api = Upstream::start("api").await;
+    let gw = gateway(
+        "noroute",
+        &format!(
+            "[[routes]]\npath_prefix = \"/api\"\ncluster = \"api\"\n[clusters.api]\nendpoints = [\"{}\"]\n",
+            api.addr
+        ),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/other").await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(got.header("x-gateway-error"), "no_route");
+    assert!(
+        got.body
+            .contains("no route for host \"test.local\", path \"/other\""),
+        "{}",
+        got.body
+    );
+    assert_eq!(api.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
+    let (_api, _web, _admin, gw) = three_clusters().await;
+    let req = Request::get(format!("http://{}/headers", gw.addr))
+        .header("host", "test.local")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("connection", "keep-alive, x-client-hop")
+        .header("x-client-hop", "must not pass")
+        .header("x-end-to-end", "passes")
+        .body(empty())
+        .unwrap();
+    let got = send(&client(), req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = got.body.clone();
+    assert!(seen.contains("host: test.local\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("via: 1.1 gateway\n"), "{seen}");
+    assert!(seen.contains("x-end-to-end: passes\n"), "{seen}");
+    assert!(!seen.contains("x-client-hop"), "{seen}");
+    // The upstream's own hop-by-hop header (named in its Connection header) is removed too.
+    assert_eq!(got.headers.get("x-hop"), None);
+    assert_eq!(got.header("via"), "1.1 gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_proxied_to_http1_upstreams() {
+    let (_api, _web, _admin, gw) = three_clusters().await;
+    let c = h2_client();
+    let req = Request::get(format!("http://{}/headers", gw.addr))
+        .body(empty())
+        .unwrap();
+    let got = send(&c, req).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.header("x-upstream"), "web");
+    // HTTP/2 has no Host header; the upstream gets one from :authority.
+    assert!(
+        got.body.contains(&format!("host: {}\n", gw.addr)),
+        "{}",
+        got.body
+    );
+    assert!(got.body.contains("via: 2 gateway\n"), "{}", got.body);
+
+    let got = get(&c, gw.addr, "/api/v1").await;
+    assert_eq!(got.body, "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_line_names_route_cluster_endpoint_and_timings() {
+    let (api, _web, _admin, gw) = three_clusters().await;
+    let got = get(&client(), gw.addr, "/api/x?q=1").await;
+    assert_eq!(got.status, StatusCode::OK);
+    let lines = log_lines(&gw.log, 1);
+    let l = &lines[0];
+    assert_eq!(l["method"], "GET");
+    assert_eq!(l["path"], "/api/x?q=1");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["route"], "api");
+    assert_eq!(l["cluster"], "api");
+    assert_eq!(l["endpoints"][0], api.addr.to_string());
+    assert_eq!(l["attempts"], 1);
+    assert_eq!(l["retries"], 0);
+    assert!(l["connect_ms"].is_number(), "{l}");
+    assert!(l["first_byte_ms"].is_number(), "{l}");
+    assert!(l["total_ms"].is_number(), "{l}");
+    assert!(l["cookies"][0].as_u64().unwrap() > 0, "{l}");
+    assert_eq!(l["error"], serde_json::Value::Null);
+    assert_eq!(l["bytes"], 3);
+}

@@ -1,0 +1,169 @@
+//! Every upstream timeout fires with the right status and reason: connect (on a loopback
+//! listener whose accept queue is full, so the kernel drops the SYNs), response head, response
+//! body stall, upstream write stall, overall request, and the idle timeout of pooled
+//! connections. Unprivileged; the SYN-blackhole version with a timing check is in
+//! `proxy_privileged_blackhole.rs`.
+
+mod proxy_support;
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use proxy_support::*;
+
+fn single(endpoint: std::net::SocketAddr, timeouts: &str) -> String {
+    format!(
+        "[router.upstream]\nendpoints = [\"{endpoint}\"]\n[router.upstream.retry]\nmax_retries = 0\n[router.upstream.timeouts]\n{timeouts}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_504_connect_timeout() {
+    let silent = silent_listener();
+    let gw = gateway(
+        "connect-timeout",
+        &single(silent.addr, "connect_timeout_ms = 300"),
+    )
+    .await;
+    let start = Instant::now();
+    let got = get(&client(), gw.addr, "/").await;
+    let took = start.elapsed();
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "connect_timeout");
+    assert_eq!(got.header("x-gateway-endpoint"), silent.addr.to_string());
+    assert_eq!(got.header("x-gateway-attempts"), "1");
+    assert!(
+        got.body
+            .contains(&format!("connect timeout to {} after 300 ms", silent.addr)),
+        "{}",
+        got.body
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered before the timeout: {took:?}"
+    );
+    let l = &log_lines(&gw.log, 1)[0];
+    assert_eq!(l["error"], "connect_timeout");
+    assert_eq!(l["status"], 504);
+    assert!(
+        l["cookies"][0].as_u64().unwrap() > 0,
+        "the attempt carries its SO_COOKIE: {l}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_is_504_response_timeout() {
+    let up = Upstream::start("slow").await;
+    let gw = gateway(
+        "response-timeout",
+        &single(up.addr, "response_timeout_ms = 300"),
+    )
+    .await;
+    let start = Instant::now();
+    let got = get(&client(), gw.addr, "/delay/3000").await;
+    let took = start.elapsed();
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "response_timeout");
+    assert_eq!(got.header("x-gateway-endpoint"), up.addr.to_string());
+    assert!(
+        got.body
+            .contains(&format!("no response from {} within 300 ms", up.addr)),
+        "{}",
+        got.body
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_is_504_request_timeout() {
+    let up = Upstream::start("slow").await;
+    let gw = gateway(
+        "request-timeout",
+        &single(
+            up.addr,
+            "response_timeout_ms = 5000\nrequest_timeout_ms = 300",
+        ),
+    )
+    .await;
+    let got = get(&client(), gw.addr, "/delay/3000").await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "request_timeout");
+    assert!(
+        got.body.contains(&format!(
+            "no response from {} (waiting for the response head) within the request timeout of 300 ms",
+            up.addr
+        )),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_response_body_is_cut_off_and_logged() {
+    let up = Upstream::start("staller").await;
+    let gw = gateway("body-stall", &single(up.addr, "response_timeout_ms = 300")).await;
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/stall/3000", gw.addr))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The head was already sent: the client sees 200, then the body breaks off.
+    assert_eq!(resp.status(), StatusCode::OK);
+    let start = Instant::now();
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "the body must not complete");
+    assert!(start.elapsed() < Duration::from_millis(3000));
+    let l = &log_lines(&gw.log, 1)[0];
+    assert_eq!(l["error"], "response_timeout", "{l}");
+    assert_eq!(l["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_stops_reading_is_504_upstream_write_timeout() {
+    let hold = hold_listener().await;
+    let gw = gateway(
+        "write-timeout",
+        &single(hold.addr, "write_timeout_ms = 300"),
+    )
+    .await;
+    // 256 MiB: far more than the loopback socket buffers between gateway and upstream.
+    let req = Request::post(format!("http://{}/sink", gw.addr))
+        .body(generated(256 << 20))
+        .unwrap();
+    let got = send(&client(), req).await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "upstream_write_timeout");
+    assert!(
+        got.body.contains("stopped reading the request for 300 ms"),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_after_idle_timeout() {
+    let up = Upstream::start("up").await;
+    let gw = gateway("idle", &single(up.addr, "idle_timeout_ms = 200")).await;
+    let c = client();
+    get(&c, gw.addr, "/").await;
+    get(&c, gw.addr, "/").await;
+    assert_eq!(
+        up.connections(),
+        1,
+        "back-to-back requests share a pooled connection"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    get(&c, gw.addr, "/").await;
+    assert_eq!(
+        up.connections(),
+        2,
+        "an expired idle connection is not reused"
+    );
+}
