@@ -5,7 +5,7 @@
 //! with the namespace.
 //!
 //! What each fault does to a client `connect()` is in `/work/shared/KERNEL.md` ("Faults you can
-//! inject here") and is checked by `tests/lab_selftest.rs`.
+//! inject here") and is checked by `gateway-user/tests/lab_selftest.rs`.
 
 use std::{
     fmt,
