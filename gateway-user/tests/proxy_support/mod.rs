@@ -598,3 +598,22 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// Writes `base_config` + `extra` to DIR/gateway.toml; the access log goes to DIR/access.log.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    let text = format!("{}\n{extra}", base_config(&dir.join("access.log")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Sends raw bytes on a new connection and returns everything read until the peer closes
+/// (or `limit` passes).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,192 @@
+//! Client-side limits: 431 for oversized heads, 400 for malformed requests, 413 for bodies over
+//! the limit, slow-loris clients cut off by the header-read timeout, and streaming of large
+//! bodies in both directions with the gateway's peak RSS staying small (the built binary, so
+//! that its memory is measured alone).
+
+mod proxy_support;
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use proxy_support::*;
+
+async fn limited(label: &str, up: &Upstream) -> InProcess {
+    gateway(
+        label,
+        &format!(
+            "[router.downstream]\nmax_request_header_bytes = 4096\nmax_request_body_bytes = 1000\nheader_read_timeout_ms = 300\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_is_431() {
+    let up = Upstream::start("up").await;
+    let gw = limited("431", &up).await;
+    let req = Request::get(format!("http://{}/", gw.addr))
+        .header("x-big", "y".repeat(6000))
+        .body(empty())
+        .unwrap();
+    let got = send(&client(), req).await;
+    assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(got.header("x-gateway-error"), "request_headers_too_large");
+    assert!(got.body.contains("the limit is 4096"), "{}", got.body);
+    // Far beyond the limit, hyper refuses the head before it is parsed: still 431.
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "y".repeat(64 * 1024)
+    );
+    let raw = raw_exchange(gw.addr, huge.as_bytes(), Duration::from_secs(5)).await;
+    assert!(raw.starts_with("HTTP/1.1 431"), "{raw}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_400() {
+    let up = Upstream::start("up").await;
+    let gw = limited("400", &up).await;
+    let raw = raw_exchange(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nthis is not a header\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let raw = raw_exchange(gw.addr, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("x-gateway-error: bad_request"), "{raw}");
+    assert!(raw.contains("without a Host header"), "{raw}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_the_limit_is_413() {
+    let up = Upstream::start("up").await;
+    let gw = limited("413", &up).await;
+    let c = client();
+    // Declared length over the limit: refused before anything goes upstream.
+    let req = Request::post(format!("http://{}/sink", gw.addr))
+        .body(full(vec![b'x'; 2000]))
+        .unwrap();
+    let got = send(&c, req).await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(got.header("x-gateway-error"), "request_body_too_large");
+    assert_eq!(up.hits(), 0);
+    // Chunked, length unknown up front: cut off once the limit is crossed.
+    let req = Request::post(format!("http://{}/sink", gw.addr))
+        .body(unsized_body(generated(200_000)))
+        .unwrap();
+    let got = send(&c, req).await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", got.body);
+    assert_eq!(got.header("x-gateway-error"), "request_body_too_large");
+    // Within the limit, the body goes through.
+    let req = Request::post(format!("http://{}/sink", gw.addr))
+        .body(full(vec![b'x'; 1000]))
+        .unwrap();
+    let got = send(&c, req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, "1000");
+}
+
+/// Hides a body's size so that the client sends it chunked.
+fn unsized_body(b: Body) -> Body {
+    struct Unsized(Body);
+    impl hyper::body::Body for Unsized {
+        type Data = bytes::Bytes;
+        type Error = Box<dyn std::error::Error + Send + Sync>;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            std::pin::Pin::new(&mut self.0).poll_frame(cx)
+        }
+    }
+    Unsized(b).boxed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_is_cut_off_by_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = Upstream::start("up").await;
+    let gw = limited("loris", &up).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let start = Instant::now();
+    // Half a head, then a byte now and then, never the blank line.
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => return r,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let took = start.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the gateway must close the connection: {closed:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed before the timeout: {took:?}"
+    );
+    assert_eq!(up.hits(), 0);
+}
+
+/// Downloads and uploads 512 MiB through the gateway binary and checks its peak RSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_with_bounded_memory() {
+    const SIZE: u64 = 512 << 20;
+    let up = Upstream::start("up").await;
+    let dir = temp_dir("stream");
+    let cfg = write_config(
+        &dir,
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    );
+    let gw = GatewayProcess::spawn(&cfg);
+    let baseline = gw.peak_rss_kib();
+    let c = client();
+
+    let resp = c
+        .request(
+            Request::get(format!("http://{}/bytes/{SIZE}", gw.addr))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(f) = body.frame().await {
+        got += f.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, SIZE);
+
+    let req = Request::post(format!("http://{}/sink", gw.addr))
+        .body(generated(SIZE))
+        .unwrap();
+    let got = send(&c, req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, SIZE.to_string());
+
+    let peak = gw.peak_rss_kib();
+    eprintln!(
+        "gateway peak RSS: {baseline} KiB at start, {peak} KiB after 2 x {} MiB",
+        SIZE >> 20
+    );
+    assert!(
+        peak < 64 * 1024,
+        "peak RSS {peak} KiB: the gateway must not buffer bodies (start: {baseline} KiB)"
+    );
+}
