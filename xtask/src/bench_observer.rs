@@ -1,2 +1,308 @@
-//! (in progress)
-pub fn run(_args: &[String]) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! `cargo xtask bench observer`: what the observer costs a process that makes connections.
+//!
+//! A client process in a fresh cgroup v2 makes loopback connect+close cycles; rounds alternate
+//! between "observer off" and "observer on" (`gateway observe --cgroup … --json > /dev/null`
+//! attached to that cgroup), so drift in the machine hits both modes alike. For each round it
+//! reports the client's CPU per connection (getrusage inside the client: this is where the
+//! eBPF programs run) and, for "on" rounds, the observer process's own CPU per connection
+//! (draining the ring buffer and printing JSON). Medians over rounds, and the ratio.
+//!
+//! Then it starts the observer with room for 100,000 destinations, makes connects to 100,000
+//! distinct loopback destinations, and reports the observer's RSS and the kernel memory of its
+//! maps (bpftool's `bytes_memlock`).
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+const DEFAULT_CYCLES: usize = 20_000;
+const ROUNDS_PER_MODE: usize = 10;
+const DESTINATIONS: u32 = 100_000;
+
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn create() -> anyhow::Result<Cgroup> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+        let root = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .min_by_key(|p| p.as_os_str().len())
+            .context("cgroup v2 is not mounted")?;
+        let path = root.join(format!("gateway-bench-{}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Cgroup(path))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn gateway_bin() -> anyhow::Result<PathBuf> {
+    crate::run(crate::cargo().args(["build", "--release", "-p", "gateway-user", "--bin", "gateway"]))?;
+    Ok(PathBuf::from("target/release/gateway"))
+}
+
+/// Runs `cycles` connect+close cycles to `addr` in a child inside `cgroup`; returns the child's
+/// CPU time in ns.
+fn client_round(cgroup: &Path, addr: SocketAddr, cycles: usize) -> anyhow::Result<u64> {
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench-client", &addr.to_string(), &cycles.to_string()]);
+    // SAFETY: the hook only opens and writes a file (async-signal-safe syscalls via std::fs is
+    // not guaranteed, but nothing else runs in the forked child).
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("bench client failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("bench client output")
+}
+
+/// The hidden `bench-client ADDR CYCLES` body: connect, wait for the server's close, close.
+pub fn client(addr: &str, cycles: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let cycles: usize = cycles.parse()?;
+    let before = cpu_ns_self();
+    let mut buf = [0u8; 1];
+    for _ in 0..cycles {
+        let mut s = TcpStream::connect(addr)?;
+        // The server closes first, so TIME_WAIT stays on its side and ports never run out.
+        let _ = s.read(&mut buf);
+    }
+    println!("{}", cpu_ns_self() - before);
+    Ok(())
+}
+
+fn cpu_ns_self() -> u64 {
+    let mut ru: libc_rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: ru is a valid out-parameter.
+    unsafe { getrusage(0, &mut ru) };
+    let tv = |t: [i64; 2]| t[0] as u64 * 1_000_000_000 + t[1] as u64 * 1000;
+    tv(ru.utime) + tv(ru.stime)
+}
+
+#[repr(C)]
+struct libc_rusage {
+    utime: [i64; 2],
+    stime: [i64; 2],
+    rest: [i64; 14],
+}
+
+unsafe extern "C" {
+    fn getrusage(who: i32, usage: *mut libc_rusage) -> i32;
+}
+
+/// CPU time of another process, from /proc/PID/stat (utime + stime, clock ticks).
+fn proc_cpu_ns(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ticks * 10_000_000
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+struct Observer {
+    child: Child,
+}
+
+impl Observer {
+    fn start(bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<Observer> {
+        let mut child = Command::new(bin)
+            .arg("observe")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut err = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if err.read_line(&mut line)? == 0 {
+                bail!("gateway observe exited before attaching");
+            }
+            if line.contains("observer attached") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Ok(Observer { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> anyhow::Result<Vec<u8>> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { kill(self.child.id() as i32, 15) };
+        let mut out = Vec::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            s.read_to_end(&mut out)?;
+        }
+        self.child.wait()?;
+        Ok(out)
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let cycles: usize = match args.first() {
+        Some(v) => v.parse().context("usage: cargo xtask bench observer [CYCLES_PER_MODE]")?,
+        None => DEFAULT_CYCLES,
+    };
+    let per_round = cycles / ROUNDS_PER_MODE;
+    let bin = gateway_bin()?;
+    let cgroup = Cgroup::create()?;
+
+    // A loopback server outside the cgroup: accept and close at once.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    // Warm-up, not measured.
+    client_round(&cgroup.0, addr, per_round.min(1000))?;
+
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut observer_cpu = Vec::new();
+    let mut rss_kb = 0;
+    let mut records = 0usize;
+    for round in 0..ROUNDS_PER_MODE * 2 {
+        // Alternate which mode goes first in each pair.
+        let observed = (round % 2 == 0) == ((round / 2) % 2 == 0);
+        if observed {
+            let obs = Observer::start(&bin, &cgroup.0, &["--json"])?;
+            let before = proc_cpu_ns(obs.pid());
+            let client_ns = client_round(&cgroup.0, addr, per_round)?;
+            // Let the 25 ms drain timer pick up the last records.
+            std::thread::sleep(Duration::from_millis(400));
+            let obs_ns = proc_cpu_ns(obs.pid()) - before;
+            rss_kb = rss_kb.max(proc_status_kb(obs.pid(), "VmHWM:"));
+            let out = obs.stop()?;
+            records += out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+            on.push(client_ns as f64 / per_round as f64 / 1000.0);
+            observer_cpu.push(obs_ns as f64 / per_round as f64 / 1000.0);
+        } else {
+            let client_ns = client_round(&cgroup.0, addr, per_round)?;
+            off.push(client_ns as f64 / per_round as f64 / 1000.0);
+        }
+    }
+    let (m_off, m_on, m_obs) = (median(&mut off), median(&mut on), median(&mut observer_cpu));
+    println!("\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)");
+    println!("  client CPU per connection, observer off : {m_off:.2} µs (median)");
+    println!("  client CPU per connection, observer on  : {m_on:.2} µs (median)");
+    println!("  ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +5%)", m_on / m_off, (m_on / m_off - 1.0) * 100.0);
+    println!("  observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON; USER_HZ resolution)");
+    println!("  with it, total                           : {:+.1}% over the unobserved client", ((m_on + m_obs) / m_off - 1.0) * 100.0);
+    println!("  JSON records printed in 'on' rounds      : {records} (expected {})", per_round * ROUNDS_PER_MODE);
+    println!("  observer peak RSS during 'on' rounds     : {} MiB", rss_kb / 1024);
+
+    // Memory at 100,000 destinations.
+    let obs = Observer::start(&bin, &cgroup.0, &["--max-destinations", &DESTINATIONS.to_string(), "--top", "1"])?;
+    let started = Instant::now();
+    let procs = cgroup.0.join("cgroup.procs");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench-spray", &DESTINATIONS.to_string()]);
+    // SAFETY: see client_round.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("bench-spray failed");
+    }
+    // Two table refreshes so the observer has walked the full map.
+    std::thread::sleep(Duration::from_millis(2500));
+    let rss = proc_status_kb(obs.pid(), "VmRSS:");
+    let memlock = map_memlock(obs.pid())?;
+    let table = String::from_utf8_lossy(&obs.stop()?).into_owned();
+    let tracked = table
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("… ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse::<u64>().ok()))
+        .map(|more| more + 1)
+        .unwrap_or(0);
+    println!("\nat {DESTINATIONS} destinations (connects sprayed in {:.1} s)", started.elapsed().as_secs_f64());
+    println!("  destinations in the kernel table        : {tracked}");
+    println!("  observer RSS                             : {} MiB", rss / 1024);
+    for (name, bytes) in &memlock {
+        println!("  BPF map {name:<16}                 : {:.2} MiB", *bytes as f64 / 1048576.0);
+    }
+    println!("  BPF maps total                           : {:.1} MiB", memlock.iter().map(|(_, b)| *b).sum::<u64>() as f64 / 1048576.0);
+    Ok(())
+}
+
+/// The hidden `bench-spray N` body: one connect to each of N distinct loopback destinations
+/// (127.1.0.0 upwards, port 9: nothing listens, so each is refused at once).
+pub fn spray(n: &str) -> anyhow::Result<()> {
+    let n: u32 = n.parse()?;
+    let base = u32::from(Ipv4Addr::new(127, 1, 0, 0));
+    for i in 0..n {
+        let _ = TcpStream::connect((Ipv4Addr::from(base + i), 9));
+    }
+    Ok(())
+}
+
+/// Kernel memory (`memlock`) of every BPF map the observer `pid` holds, from
+/// /proc/PID/fdinfo (bpftool here lacks pid support), named through `bpftool map show id`.
+fn map_memlock(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if target.to_string_lossy() != "anon_inode:bpf-map" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy()))?;
+        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_owned()).unwrap_or_default();
+        let memlock: u64 = field("memlock:").parse().unwrap_or(0);
+        let id = field("map_id:");
+        let out = Command::new("bpftool").args(["-j", "map", "show", "id", &id]).output()?;
+        let name = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|m| m["name"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("id {id}"));
+        v.push((name, memlock));
+    }
+    v.sort();
+    Ok(v)
+}

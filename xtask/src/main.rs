@@ -36,6 +36,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Internal: the benchmark's client process.
+    #[command(hide = true)]
+    BenchClient { addr: String, cycles: String },
+    /// Internal: connects to N distinct loopback destinations.
+    #[command(hide = true)]
+    BenchSpray { n: String },
 }
 
 pub fn cargo() -> Command {
@@ -90,6 +96,8 @@ fn main() -> ExitCode {
             "proxy" => bench_proxy::run(&args),
             other => Err(anyhow::anyhow!("unknown benchmark {other}; choose observer or proxy")),
         },
+        Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
+        Cmd::BenchSpray { n } => bench_observer::spray(&n),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

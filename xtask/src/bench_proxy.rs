@@ -1,0 +1,491 @@
+//! `cargo xtask bench proxy`: the gateway against nginx and HAProxy, in one run, on loopback.
+//!
+//! Three upstreams (one nginx process, one worker, three `return 200` servers) sit behind each
+//! proxy, configured alike: keep-alive pools to the upstreams, round robin, no access log,
+//! `X-Forwarded-For` added. Each proxy gets the machine's cores (gateway: tokio's default
+//! worker count; nginx: `worker_processes auto`; HAProxy: `nbthread` = cores). `wrk` drives
+//! each one in turn; repetitions are interleaved, in a rotating order, so that drift in the
+//! machine's state is spread over all three. The table shows medians of req/s and of p50/p99
+//! latency, the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS.
+//!
+//! This is a benchmark, not a test: it asserts nothing, it reports. Options:
+//! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
+//! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+struct Options {
+    reps: usize,
+    duration: u64,
+    warmup: u64,
+    connections: usize,
+    wrk_threads: usize,
+    gateway_bin: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        reps: 5,
+        duration: 10,
+        warmup: 3,
+        connections: 64,
+        wrk_threads: 1,
+        gateway_bin: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--reps" => o.reps = val()?.parse().context("--reps")?,
+            "--duration" => o.duration = val()?.parse().context("--duration")?,
+            "--warmup" => o.warmup = val()?.parse().context("--warmup")?,
+            "--connections" => o.connections = val()?.parse().context("--connections")?,
+            "--wrk-threads" => o.wrk_threads = val()?.parse().context("--wrk-threads")?,
+            "--gateway-bin" => o.gateway_bin = Some(PathBuf::from(val()?)),
+            other => bail!(
+                "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH"
+            ),
+        }
+    }
+    if o.reps == 0 || o.duration == 0 {
+        bail!("--reps and --duration must be at least 1");
+    }
+    Ok(o)
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Proc { name, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early with {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `GET /` on `port` answers 200.
+fn wait_ready(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        proc.check_alive()?;
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{name} on port {port} did not answer 200 within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn require(tool: &str, package: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file();
+    if !found {
+        bail!("`{tool}` not found; install it with: apt-get install -y {package}");
+    }
+    Ok(())
+}
+
+fn tool_path(tool: &str) -> String {
+    if Path::new("/usr/sbin").join(tool).is_file() {
+        format!("/usr/sbin/{tool}")
+    } else {
+        tool.to_owned()
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+fn gateway_binary(o: &Options) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &o.gateway_bin {
+        return Ok(p.clone());
+    }
+    let root = workspace_root();
+    crate::run(crate::cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--bin",
+        "gateway",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/gateway"))
+}
+
+fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
+    let mut servers = String::new();
+    for p in ports {
+        let _ = writeln!(
+            servers,
+            "  server {{ listen 127.0.0.1:{p} backlog=4096; keepalive_requests 1000000; location / {{ return 200 \"hello from {p}\\n\"; }} }}"
+        );
+    }
+    format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/upstreams.pid;\nerror_log {d}/upstreams.err warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n{servers}}}\n",
+        d = dir.display()
+    )
+}
+
+fn nginx_conf(dir: &Path, port: u16, ups: &[u16]) -> String {
+    let servers: String = ups
+        .iter()
+        .map(|p| format!("    server 127.0.0.1:{p};\n"))
+        .collect();
+    format!(
+        "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  upstream backend {{\n{servers}    keepalive 128;\n  }}\n  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    keepalive_requests 1000000;\n    location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_connect_timeout 5s;\n    }}\n  }}\n}}\n",
+        d = dir.display()
+    )
+}
+
+fn haproxy_conf(port: u16, ups: &[u16]) -> String {
+    let servers: String = ups
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("  server u{i} 127.0.0.1:{p}\n"))
+        .collect();
+    format!(
+        "global\n  nbthread {n}\n  maxconn 20000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  option forwardfor\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  balance roundrobin\n{servers}",
+        n = cores()
+    )
+}
+
+fn gateway_conf(port: u16, ups: &[u16]) -> String {
+    let eps: Vec<String> = ups.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    format!(
+        "[router]\nlisten = [\"127.0.0.1:{port}\"]\n\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
+        eps.join(", ")
+    )
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_latency(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(o: &Options, port: u16, secs: u64) -> anyhow::Result<Sample> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &o.wrk_threads.to_string(),
+            "-c",
+            &o.connections.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut s = Sample::default();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            s.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            s.p50_ms = parse_latency(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            s.p99_ms = parse_latency(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            s.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            s.errors += v
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    if s.rps == 0.0 {
+        bail!("could not read wrk's output:\n{text}");
+    }
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let o = parse(args)?;
+    require("wrk", "wrk")?;
+    require("nginx", "nginx-light")?;
+    require("haproxy", "haproxy")?;
+    let gateway = gateway_binary(&o)?;
+    if !gateway.is_file() {
+        bail!("no gateway binary at {}", gateway.display());
+    }
+
+    let dir = std::env::temp_dir().join(format!("gateway-bench-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ups: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
+
+    let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let up_conf = write("upstreams.conf", upstreams_conf(&dir, &ups))?;
+    let nginx_conf = write("nginx.conf", nginx_conf(&dir, p_nginx, &ups))?;
+    let haproxy_conf = write("haproxy.cfg", haproxy_conf(p_haproxy, &ups))?;
+    let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups))?;
+
+    let nginx = tool_path("nginx");
+    let mut upstreams = Proc::spawn(
+        "upstreams (nginx)",
+        Command::new(&nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&up_conf)
+            .args(["-e", "stderr"]),
+    )?;
+    for p in &ups {
+        wait_ready("upstream", *p, &mut upstreams)?;
+    }
+    let err_log = std::fs::File::create(dir.join("gateway.err"))?;
+    let mut gw = Proc::spawn(
+        "gateway",
+        Command::new(&gateway)
+            .args(["run", "--config"])
+            .arg(&gw_conf)
+            .env("RUST_LOG", "warn")
+            .stderr(err_log),
+    )?;
+    let mut ngx = Proc::spawn(
+        "nginx",
+        Command::new(&nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&nginx_conf)
+            .args(["-e", "stderr"]),
+    )?;
+    let mut hap = Proc::spawn(
+        "haproxy",
+        Command::new(tool_path("haproxy"))
+            .args(["-db", "-f"])
+            .arg(&haproxy_conf),
+    )?;
+    wait_ready("gateway", p_gw, &mut gw)?;
+    wait_ready("nginx", p_nginx, &mut ngx)?;
+    wait_ready("haproxy", p_haproxy, &mut hap)?;
+
+    let targets = [
+        ("gateway", p_gw),
+        ("nginx", p_nginx),
+        ("haproxy", p_haproxy),
+    ];
+    println!(
+        "bench proxy: {} cores, wrk -t{} -c{} -d{}s, {} interleaved repetitions (+{}s warm-up each)",
+        cores(),
+        o.wrk_threads,
+        o.connections,
+        o.duration,
+        o.reps,
+        o.warmup
+    );
+    println!(
+        "upstreams: 127.0.0.1:{{{}}} (nginx, 1 worker, return 200)",
+        ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    );
+    for (name, port) in targets {
+        if o.warmup > 0 {
+            wrk(&o, port, o.warmup).with_context(|| format!("warming up {name}"))?;
+        }
+    }
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    for rep in 0..o.reps {
+        for k in 0..targets.len() {
+            let i = (rep + k) % targets.len();
+            let (name, port) = targets[i];
+            for p in [&mut gw, &mut ngx, &mut hap] {
+                p.check_alive()?;
+            }
+            let s = wrk(&o, port, o.duration).with_context(|| format!("measuring {name}"))?;
+            println!(
+                "  rep {} {name:>8}: {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms{}",
+                rep + 1,
+                s.rps,
+                s.p50_ms,
+                s.p99_ms,
+                if s.errors > 0 {
+                    format!("  ({} errors)", s.errors)
+                } else {
+                    String::new()
+                }
+            );
+            samples[i].push(s);
+        }
+    }
+    let rss = peak_rss_kib(gw.pid());
+
+    let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
+    println!();
+    println!(
+        "{:<10} {:>12} {:>10} {:>10} {:>8}",
+        "proxy", "req/s", "p50 ms", "p99 ms", "errors"
+    );
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let errors: u64 = samples[i].iter().map(|s| s.errors).sum();
+        println!(
+            "{:<10} {:>12.0} {:>10.3} {:>10.3} {:>8}",
+            name,
+            med(i, |s| s.rps),
+            med(i, |s| s.p50_ms),
+            med(i, |s| s.p99_ms),
+            errors
+        );
+    }
+    println!();
+    for (j, other) in [(1, "nginx"), (2, "haproxy")] {
+        println!(
+            "gateway/{other:<8} req/s {:.3}  p50 {:.3}  p99 {:.3}",
+            med(0, |s| s.rps) / med(j, |s| s.rps),
+            med(0, |s| s.p50_ms) / med(j, |s| s.p50_ms),
+            med(0, |s| s.p99_ms) / med(j, |s| s.p99_ms),
+        );
+    }
+    match rss {
+        Some(kib) => println!(
+            "gateway peak RSS under load: {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("gateway peak RSS: unavailable"),
+    }
+    drop((gw, ngx, hap, upstreams));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_latencies_parse_to_ms() {
+        assert_eq!(parse_latency("  512.00us"), Some(0.512));
+        assert_eq!(parse_latency("1.25ms"), Some(1.25));
+        assert_eq!(parse_latency("2.00s"), Some(2000.0));
+        assert_eq!(parse_latency("x"), None);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
