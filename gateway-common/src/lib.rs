@@ -201,7 +201,10 @@ pub mod counter {
 
 const _: () = assert!(core::mem::size_of::<UpstreamKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<DestStats>() == 8 * (OUTCOME_SLOTS + 4 + SYN_RTT_BUCKETS + errno::SO_ERROR_SLOTS));
+const _: () = assert!(
+    core::mem::size_of::<DestStats>()
+        == 8 * (OUTCOME_SLOTS + 4 + SYN_RTT_BUCKETS + errno::SO_ERROR_SLOTS)
+);
 const _: () = assert!(core::mem::size_of::<ConnStats>() == 48);
 
 #[cfg(feature = "user")]

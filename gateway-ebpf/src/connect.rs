@@ -5,13 +5,16 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns,
         generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
     },
     macros::{cgroup_sock_addr, tracepoint},
     programs::{SockAddrContext, TracePointContext},
 };
-use gateway_common::{AF_INET, AF_INET6, ConnectEvent, Outcome, SO_ERROR_NONE, UpstreamKey, counter, errno};
+use gateway_common::{
+    AF_INET, AF_INET6, ConnectEvent, Outcome, SO_ERROR_NONE, UpstreamKey, counter, errno,
+};
 
 use crate::{
     emit,
@@ -31,7 +34,11 @@ const SYS_EXIT_RET_OFFSET: usize = 16;
 pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP {
-        let mut dst = UpstreamKey { family: AF_INET, port: port_of(sa), addr: [0; 16] };
+        let mut dst = UpstreamKey {
+            family: AF_INET,
+            port: port_of(sa),
+            addr: [0; 16],
+        };
         let ip = sa.user_ip4.to_ne_bytes();
         dst.addr[0] = ip[0];
         dst.addr[1] = ip[1];
@@ -49,8 +56,17 @@ pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP {
         // The verifier only allows 4-byte loads of user_ip6[i].
-        let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-        let mut dst = UpstreamKey { family: AF_INET6, port: port_of(sa), addr: [0; 16] };
+        let w = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
+        let mut dst = UpstreamKey {
+            family: AF_INET6,
+            port: port_of(sa),
+            addr: [0; 16],
+        };
         if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff) {
             dst.family = AF_INET;
             let ip = w[3].to_ne_bytes();

@@ -102,7 +102,9 @@ pub fn add(counter: &mut u64, n: u64) {
     // Shared by all CPUs: an atomic add (BPF_ATOMIC | BPF_ADD), result unused. The BPF target
     // has no `AtomicU64::fetch_add` in core, so the intrinsic it lowers to is called directly.
     unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, n)
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
     };
 }
 
@@ -135,7 +137,11 @@ fn log2_bucket(us: u64) -> usize {
     if v >= 1 << 1 {
         b += 1;
     }
-    if b >= SYN_RTT_BUCKETS { SYN_RTT_BUCKETS - 1 } else { b }
+    if b >= SYN_RTT_BUCKETS {
+        SYN_RTT_BUCKETS - 1
+    } else {
+        b
+    }
 }
 
 /// Sends an EADDRNOTAVAIL record. The socket never got a port, so sock_ops never ran and the
@@ -146,6 +152,9 @@ pub fn addr_unavailable(ev: &gateway_common::ConnectEvent) {
         bump(counter::EVENTS_LOST);
     }
     if let Some(stats) = dest_stats(&ev.dst) {
-        add(unsafe { &mut (*stats).attempts[Outcome::AddrUnavailable as usize] }, 1);
+        add(
+            unsafe { &mut (*stats).attempts[Outcome::AddrUnavailable as usize] },
+            1,
+        );
     }
 }

@@ -6,7 +6,9 @@ use aya_ebpf::{
 };
 use gateway_common::{
     ConnStats, ConnectEvent, DestStats, UpstreamKey, counter,
-    names::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DESTINATIONS, DEFAULT_MAX_PENDING, EVENTS_RING_BYTES},
+    names::{
+        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DESTINATIONS, DEFAULT_MAX_PENDING, EVENTS_RING_BYTES,
+    },
 };
 
 /// `SockState::flags` bits.
@@ -84,6 +86,13 @@ pub fn sock_state_map() -> *mut core::ffi::c_void {
 /// The socket's state, without creating it. Null when the socket's connect was not tracked.
 #[inline(always)]
 pub fn sock_state(sk: *mut core::ffi::c_void) -> *mut SockState {
-    unsafe { aya_ebpf::helpers::generated::bpf_sk_storage_get(sock_state_map(), sk, core::ptr::null_mut(), 0) }
-        .cast()
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            sock_state_map(),
+            sk,
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast()
 }

@@ -16,8 +16,7 @@ use gateway_common::{ConnStats, Outcome, counter};
 use crate::{
     emit,
     maps::{
-        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET,
-        SockState,
+        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET, SockState,
         bump, sock_state,
     },
 };
@@ -64,8 +63,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             st.flags |= F_CONNECT_SENT;
             st.ev.src_port = ctx.local_port() as u16;
             let _ = ctx.set_cb_flags(
-                (BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG)
-                    as i32,
+                (BPF_SOCK_OPS_RTO_CB_FLAG
+                    | BPF_SOCK_OPS_RETRANS_CB_FLAG
+                    | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
             );
         }
         // tcp_finish_connect(): the SYN-ACK arrived.
@@ -109,12 +109,16 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 // a soft error (ICMP received while the socket was locked, in sk_err_soft or
                 // already read by the app through SO_ERROR) says why; none means it gave up
                 // on its own (aborted).
-                let mut err = sk_int(sk.cast(), unsafe { core::ptr::read_volatile(&SK_ERR_OFFSET) });
+                let mut err = sk_int(sk.cast(), unsafe {
+                    core::ptr::read_volatile(&SK_ERR_OFFSET)
+                });
                 if err == 0 {
                     err = st.app_error;
                 }
                 if err == 0 {
-                    err = sk_int(sk.cast(), unsafe { core::ptr::read_volatile(&SK_ERR_SOFT_OFFSET) });
+                    err = sk_int(sk.cast(), unsafe {
+                        core::ptr::read_volatile(&SK_ERR_SOFT_OFFSET)
+                    });
                 }
                 emit::outcome(st, Outcome::from_errno(err), err, now);
             } else if old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED != 0 {
@@ -146,7 +150,8 @@ fn sk_int(sk: *mut core::ffi::c_void, offset: u32) -> u32 {
         return 0;
     }
     let err: i32 =
-        unsafe { bpf_probe_read_kernel(tp.cast::<u8>().add(offset as usize).cast::<i32>()) }.unwrap_or(0);
+        unsafe { bpf_probe_read_kernel(tp.cast::<u8>().add(offset as usize).cast::<i32>()) }
+            .unwrap_or(0);
     if err > 0 { err as u32 } else { 0 }
 }
 

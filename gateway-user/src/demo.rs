@@ -60,14 +60,44 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
     let lab = Lab::new(LabSpec::new(5)).context("building the demo lab (needs root)")?;
     let plan = [
-        (Planted { label: "healthy", expect: "healthy" }, None),
-        (Planted { label: "refuses connections (RST)", expect: "refused" }, Some(Fault::Refuse { port: PORT })),
-        (Planted { label: "drops SYNs (firewall blackhole)", expect: "filtered" }, Some(Fault::SynBlackhole { port: PORT })),
         (
-            Planted { label: "slow to accept (SYN-ACK +200 ms)", expect: "healthy" },
-            Some(Fault::SynAckDelay { port: PORT, delay: Duration::from_millis(200) }),
+            Planted {
+                label: "healthy",
+                expect: "healthy",
+            },
+            None,
         ),
-        (Planted { label: "unreachable (ICMP host unreachable)", expect: "unreachable" }, Some(Fault::HostUnreachable { port: PORT })),
+        (
+            Planted {
+                label: "refuses connections (RST)",
+                expect: "refused",
+            },
+            Some(Fault::Refuse { port: PORT }),
+        ),
+        (
+            Planted {
+                label: "drops SYNs (firewall blackhole)",
+                expect: "filtered",
+            },
+            Some(Fault::SynBlackhole { port: PORT }),
+        ),
+        (
+            Planted {
+                label: "slow to accept (SYN-ACK +200 ms)",
+                expect: "healthy",
+            },
+            Some(Fault::SynAckDelay {
+                port: PORT,
+                delay: Duration::from_millis(200),
+            }),
+        ),
+        (
+            Planted {
+                label: "unreachable (ICMP host unreachable)",
+                expect: "unreachable",
+            },
+            Some(Fault::HostUnreachable { port: PORT }),
+        ),
     ];
     let mut guards = Vec::new();
     let mut servers = Vec::new();
@@ -86,9 +116,13 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let _retries = lab.set_client_sysctl(ClientSysctl::SynRetries(DEMO_SYN_RETRIES))?;
     let _linear = lab.set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))?;
-    let cgroup = lab.client_cgroup().context("the lab has no client cgroup")?;
+    let cgroup = lab
+        .client_cgroup()
+        .context("the lab has no client cgroup")?;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (tap, mut records) = tokio::sync::mpsc::unbounded_channel::<ConnectRecord>();
     let observe_args = ObserveArgs {
         cgroup: Some(cgroup.path().to_path_buf()),
@@ -102,16 +136,18 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         join_window_ms: 250,
     };
     let exe = std::env::current_exe().context("locating the gateway binary")?;
-    let spawn_client = |name: &str, timeout_ms: Option<u64>| -> anyhow::Result<std::process::Child> {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("demo-client").args(["--name", name, "--duration", &args.duration.to_string()]);
-        if let Some(t) = timeout_ms {
-            cmd.args(["--timeout-ms", &t.to_string()]);
-        }
-        cmd.args(targets.iter().map(ToString::to_string));
-        cmd.in_netns(lab.client()).in_cgroup(cgroup);
-        cmd.spawn().context("starting a demo client")
-    };
+    let spawn_client =
+        |name: &str, timeout_ms: Option<u64>| -> anyhow::Result<std::process::Child> {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("demo-client")
+                .args(["--name", name, "--duration", &args.duration.to_string()]);
+            if let Some(t) = timeout_ms {
+                cmd.args(["--timeout-ms", &t.to_string()]);
+            }
+            cmd.args(targets.iter().map(ToString::to_string));
+            cmd.in_netns(lab.client()).in_cgroup(cgroup);
+            cmd.spawn().context("starting a demo client")
+        };
     println!(
         "\nTwo clients run in the lab's cgroup for {:.0} s: `api-client` gives up after 300 ms (like a \
          proxy's connect timeout), `batch-job` waits for the kernel (tcp_syn_retries={DEMO_SYN_RETRIES}, linear timeouts off).\n",
@@ -133,14 +169,24 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     while let Ok(r) = records.try_recv() {
         all.push(r);
     }
-    println!("\nWhat the kernel saw of each upstream ({} connects in {:.0} s):\n", all.len(), started.elapsed().as_secs_f64());
+    println!(
+        "\nWhat the kernel saw of each upstream ({} connects in {:.0} s):\n",
+        all.len(),
+        started.elapsed().as_secs_f64()
+    );
     let mut missed = 0;
     for (addr, (name, p)) in &planted {
         let mine: Vec<&ConnectRecord> = all.iter().filter(|r| r.dst == *addr).collect();
         let e = explain(&mine);
         let ok = e.verdict == p.expect;
         missed += usize::from(!ok);
-        println!("  {} {name} {addr} — injected: {}\n      {}: {}\n", if ok { "✓" } else { "✗" }, p.label, e.verdict, e.sentence);
+        println!(
+            "  {} {name} {addr} — injected: {}\n      {}: {}\n",
+            if ok { "✓" } else { "✗" },
+            p.label,
+            e.verdict,
+            e.sentence
+        );
     }
     drop(guards);
     drop(servers);
@@ -163,7 +209,11 @@ pub fn demo_client(args: DemoClientArgs) -> anyhow::Result<ExitCode> {
         for &addr in &args.targets {
             let timeout = args.timeout_ms.map(Duration::from_millis);
             threads.push(std::thread::spawn(move || {
-                let Ok(sock) = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None) else {
+                let Ok(sock) = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                ) else {
                     return;
                 };
                 let _ = match timeout {

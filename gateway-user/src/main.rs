@@ -5,7 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "A reverse proxy and TCP connect observer driven by what the kernel sees")]
+#[command(
+    name = "gateway",
+    version,
+    about = "A reverse proxy and TCP connect observer driven by what the kernel sees"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,4 +55,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

@@ -60,7 +60,9 @@ pub struct ObserveArgs {
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(observe(args, None))
 }
 
@@ -110,7 +112,9 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let mut refresh = tokio::time::interval(DEFAULT_REFRESH);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let deadline = args.duration.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+    let deadline = args
+        .duration
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
     let tty = std::io::stdout().is_terminal();
     let stdout = std::io::stdout();
     let mut lost_reported = 0;
@@ -162,7 +166,10 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         metrics.set_events_lost(lost);
         metrics.set_late_so_errors(joiner.late_so_errors);
         if lost > lost_reported {
-            tracing::warn!(lost_total = lost, "the kernel dropped connect records: the ring buffer was full");
+            tracing::warn!(
+                lost_total = lost,
+                "the kernel dropped connect records: the ring buffer was full"
+            );
             lost_reported = lost;
         }
         if !ready.is_empty() {
@@ -202,5 +209,10 @@ fn chrono_like_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }

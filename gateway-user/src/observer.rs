@@ -37,20 +37,43 @@ pub enum ObserverError {
     Preflight(#[from] PreflightError),
     #[error(transparent)]
     Btf(#[from] btf::BtfError),
-    #[error("this gateway binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with `cargo build --release`")]
+    #[error(
+        "this gateway binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with `cargo build --release`"
+    )]
     NoObject,
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("the kernel verifier rejected {program}: {io_error}\n--- verifier log (last {lines} lines) ---\n{tail}")]
-    Verifier { program: &'static str, io_error: std::io::Error, lines: usize, tail: String },
+    #[error(
+        "the kernel verifier rejected {program}: {io_error}\n--- verifier log (last {lines} lines) ---\n{tail}"
+    )]
+    Verifier {
+        program: &'static str,
+        io_error: std::io::Error,
+        lines: usize,
+        tail: String,
+    },
     #[error("{action} {program} failed: {source}{hint}")]
-    Program { action: &'static str, program: &'static str, source: ProgramError, hint: &'static str },
+    Program {
+        action: &'static str,
+        program: &'static str,
+        source: ProgramError,
+        hint: &'static str,
+    },
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("opening cgroup {path}: {source}")]
-    Cgroup { path: String, source: std::io::Error },
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What to attach to, and how big the kernel tables are.
@@ -87,20 +110,35 @@ const VERIFIER_TAIL_LINES: usize = 25;
 
 fn program_error(action: &'static str, program: &'static str, err: ProgramError) -> ObserverError {
     match err {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
-            ObserverError::Verifier { program, io_error, lines: VERIFIER_TAIL_LINES.min(lines.len()), tail }
+            ObserverError::Verifier {
+                program,
+                io_error,
+                lines: VERIFIER_TAIL_LINES.min(lines.len()),
+                tail,
+            }
         }
         source => {
             let hint = match &source {
-                ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                ProgramError::SyscallError(e)
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
                     "; another program is already attached there in exclusive mode (bpftool cgroup show <path>)"
                 }
                 _ => "",
             };
-            ObserverError::Program { action, program, source, hint }
+            ObserverError::Program {
+                action,
+                program,
+                source,
+                hint,
+            }
         }
     }
 }
@@ -109,7 +147,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ObserverError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(ObserverError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ObserverError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| ObserverError::Map { name, source })
 }
 
@@ -126,8 +166,10 @@ impl KernelObserver {
             return Err(ObserverError::NoObject);
         }
         let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
-        let sk_err_soft_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
-        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
+        let sk_err_soft_offset =
+            btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
+        let kernel_btf = aya::Btf::from_sys_fs()
+            .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
         let mut ebpf = EbpfLoader::new()
             .btf(&kernel_btf)
@@ -138,8 +180,10 @@ impl KernelObserver {
             .load(EBPF_OBJECT)
             .map_err(ObserverError::Load)?;
 
-        let cgroup_fd = File::open(&cgroup)
-            .map_err(|source| ObserverError::Cgroup { path: cgroup.display().to_string(), source })?;
+        let cgroup_fd = File::open(&cgroup).map_err(|source| ObserverError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
 
         // The tracepoint first: it only finishes records that connect4/6 open, so attaching it
         // first means no record is opened that cannot be finished.
@@ -147,24 +191,28 @@ impl KernelObserver {
             let name = names::PROG_SYS_EXIT_CONNECT;
             let prog: &mut TracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach("syscalls", "sys_exit_connect").map_err(|e| program_error("attaching", name, e))?;
+            prog.attach("syscalls", "sys_exit_connect")
+                .map_err(|e| program_error("attaching", name, e))?;
         }
         {
             let name = names::PROG_SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|e| program_error("attaching", name, e))?;
         }
         {
             let name = names::PROG_GETSOCKOPT;
             let prog: &mut CgroupSockopt = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|e| program_error("attaching", name, e))?;
         }
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(|e| program_error("attaching", name, e))?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|e| program_error("attaching", name, e))?;
         }
 
         Ok(KernelObserver {
@@ -205,7 +253,10 @@ impl KernelObserver {
 
     /// Kernel-side health counters, summed over CPUs (see `gateway_common::counter`).
     pub fn counter(&self, index: u32) -> u64 {
-        self.counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Records the kernel could not put in the ring buffer because it was full.
@@ -218,6 +269,12 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, O
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
-    let prog = ebpf.program_mut(name).ok_or(ObserverError::Missing { kind: "program", name })?;
-    prog.try_into().map_err(|_| ObserverError::Missing { kind: "program of the expected type", name })
+    let prog = ebpf.program_mut(name).ok_or(ObserverError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into().map_err(|_| ObserverError::Missing {
+        kind: "program of the expected type",
+        name,
+    })
 }

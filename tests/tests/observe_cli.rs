@@ -20,19 +20,30 @@ use common::{Probe, require_root};
 fn gateway_bin() -> PathBuf {
     let probe = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe"));
     let bin = probe.with_file_name("gateway");
-    assert!(bin.exists(), "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)",
+        bin.display()
+    );
     bin
 }
 
 fn probe(style: &str, addr: SocketAddr) -> Probe {
-    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe")).arg(style).arg(addr.to_string()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe"))
+        .arg(style)
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Our programs, as bpftool lists them (names are truncated to 15 characters by the kernel).
 fn attached_gateway_programs() -> Vec<String> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool (./dev setup installs it)");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool (./dev setup installs it)");
     let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     progs
         .iter()
@@ -69,7 +80,9 @@ impl Observe {
         let start = Instant::now();
         while !seen.contains("observer attached") {
             let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0 || start.elapsed() > Duration::from_secs(20) {
+            if stderr.read_line(&mut line).unwrap_or(0) == 0
+                || start.elapsed() > Duration::from_secs(20)
+            {
                 let _ = child.kill();
                 panic!("gateway observe did not attach: {seen}");
             }
@@ -82,8 +95,12 @@ impl Observe {
     /// The JSON record with `cookie`, waiting up to 5 s.
     fn record(&self, cookie: u64) -> serde_json::Value {
         let end = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
             if v["cookie"] == cookie {
                 return v;
             }
@@ -101,21 +118,35 @@ impl Drop for Observe {
 
 fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
 fn privileged_observe_json_sees_any_process_and_serves_metrics() {
     require_root();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let obs = Observe::start(&["--json", "--metrics", &metrics.to_string(), "--join-window-ms", "100"]);
+    let obs = Observe::start(&[
+        "--json",
+        "--metrics",
+        &metrics.to_string(),
+        "--join-window-ms",
+        "100",
+    ]);
 
     // A process that is not a child of the observer, in whatever cgroup the test runs in.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -158,7 +189,10 @@ fn privileged_observe_json_sees_any_process_and_serves_metrics() {
 fn privileged_sigterm_detaches_everything() {
     require_root();
     let mut obs = Observe::start(&["--json"]);
-    assert!(!attached_gateway_programs().is_empty(), "bpftool sees our programs while running");
+    assert!(
+        !attached_gateway_programs().is_empty(),
+        "bpftool sees our programs while running"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(obs.child.id() as i32, libc::SIGTERM) };
     let status = obs.child.wait().unwrap();
@@ -193,21 +227,36 @@ fn privileged_unprivileged_user_gets_a_clear_error() {
     require_root();
     // setpriv drops to nobody with no capabilities at all.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(gateway_bin())
         .args(["observe", "--duration", "1"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("needs root, or CAP_BPF + CAP_PERFMON"), "{err}");
+    assert!(
+        err.contains("needs root, or CAP_BPF + CAP_PERFMON"),
+        "{err}"
+    );
 }
 
 #[test]
 fn privileged_unknown_cgroup_is_a_clear_error() {
     require_root();
-    let out = Command::new(gateway_bin()).args(["observe", "--cgroup", "no/such/cgroup", "--duration", "1"]).output().unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["observe", "--cgroup", "no/such/cgroup", "--duration", "1"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("cgroup no/such/cgroup does not exist"), "{err}");
+    assert!(
+        err.contains("cgroup no/such/cgroup does not exist"),
+        "{err}"
+    );
 }

@@ -27,11 +27,18 @@ fn privileged_accepting_v4_records_syn_rtt_pid_comm_and_so_error() {
     assert_eq!(r.dst, addr);
     assert_eq!(r.pid, p.pid, "attributed to the probe process");
     assert_eq!(r.comm, "connect-probe");
-    assert_eq!(r.so_error.as_deref(), Some("0"), "Go-style clients read SO_ERROR=0 on success");
+    assert_eq!(
+        r.so_error.as_deref(),
+        Some("0"),
+        "Go-style clients read SO_ERROR=0 on success"
+    );
     assert_eq!(r.errno, None);
     assert_eq!(r.syn_retransmits, 0);
     let rtt = r.syn_rtt_us.expect("established records carry a SYN-RTT");
-    assert!(rtt < 5_000, "SYN-RTT on a veth must be under 5 ms, got {rtt} µs");
+    assert!(
+        rtt < 5_000,
+        "SYN-RTT on a veth must be under 5 ms, got {rtt} µs"
+    );
     assert!(r.src_port != 0);
 }
 
@@ -61,7 +68,11 @@ fn privileged_refused_v4_and_v6_within_50ms() {
         let r = t.record(p.cookie, WAIT);
         assert_eq!(r.outcome(), Outcome::Refused, "{addr}");
         assert_eq!(r.errno.as_deref(), Some("ECONNREFUSED"));
-        assert_eq!(r.so_error.as_deref(), Some("ECONNREFUSED"), "the app's getsockopt(SO_ERROR)");
+        assert_eq!(
+            r.so_error.as_deref(),
+            Some("ECONNREFUSED"),
+            "the app's getsockopt(SO_ERROR)"
+        );
         assert!(r.elapsed_us < 50_000, "refused after {} µs", r.elapsed_us);
         assert_eq!(r.syn_rtt_us, None);
     }
@@ -86,8 +97,12 @@ fn privileged_syn_blackhole_counts_every_retransmit_then_etimedout_matching_nsta
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
     const RETRIES: u8 = 2;
-    let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(RETRIES)).unwrap();
-    let _l = lab.set_client_sysctl(ClientSysctl::SynLinearTimeouts(0)).unwrap();
+    let _r = lab
+        .set_client_sysctl(ClientSysctl::SynRetries(RETRIES))
+        .unwrap();
+    let _l = lab
+        .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
+        .unwrap();
     let before = lab.client().netstat().unwrap();
     let p = probe(&lab, "blocking", up.addr_v4(PORT), &[]).remove(0);
     let after = lab.client().netstat().unwrap();
@@ -95,12 +110,27 @@ fn privileged_syn_blackhole_counts_every_retransmit_then_etimedout_matching_nsta
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Timeout);
     assert_eq!(r.errno.as_deref(), Some("ETIMEDOUT"));
-    assert_eq!(r.syn_retransmits, u16::from(RETRIES), "one per tcp_syn_retries");
+    assert_eq!(
+        r.syn_retransmits,
+        u16::from(RETRIES),
+        "one per tcp_syn_retries"
+    );
     let witness = after.delta(&before).get(NetStat::SYN_RETRANS).unwrap_or(0);
-    assert_eq!(u64::from(r.syn_retransmits), witness, "the kernel's own TcpExtTCPSynRetrans agrees");
+    assert_eq!(
+        u64::from(r.syn_retransmits),
+        witness,
+        "the kernel's own TcpExtTCPSynRetrans agrees"
+    );
     // Classic back-off (linear timeouts off): SYN at 0, retransmits at +1 s and +3 s, give up at +7 s.
-    assert!((6_500_000..8_500_000).contains(&r.elapsed_us), "timed out after {} µs", r.elapsed_us);
-    assert!((r.elapsed_us as i64 - p.elapsed_us as i64).abs() < 200_000, "kernel and app agree on the time");
+    assert!(
+        (6_500_000..8_500_000).contains(&r.elapsed_us),
+        "timed out after {} µs",
+        r.elapsed_us
+    );
+    assert!(
+        (r.elapsed_us as i64 - p.elapsed_us as i64).abs() < 200_000,
+        "kernel and app agree on the time"
+    );
 }
 
 #[test]
@@ -108,14 +138,26 @@ fn privileged_syn_ack_delayed_200ms() {
     let (lab, mut t) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let _f = up.apply(Fault::SynAckDelay { port: PORT, delay: Duration::from_millis(200) }).unwrap();
+    let _f = up
+        .apply(Fault::SynAckDelay {
+            port: PORT,
+            delay: Duration::from_millis(200),
+        })
+        .unwrap();
     let p = probe(&lab, "tokio", up.addr_v4(PORT), &[]).remove(0);
     assert_eq!(p.result, "ok");
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Established);
     let rtt = r.syn_rtt_us.unwrap();
-    assert!((200_000..230_000).contains(&rtt), "SYN-RTT {rtt} µs for a 200 ms SYN-ACK delay");
-    assert_eq!(r.so_error.as_deref(), Some("0"), "tokio reads SO_ERROR through take_error()");
+    assert!(
+        (200_000..230_000).contains(&rtt),
+        "SYN-RTT {rtt} µs for a 200 ms SYN-ACK delay"
+    );
+    assert_eq!(
+        r.so_error.as_deref(),
+        Some("0"),
+        "tokio reads SO_ERROR through take_error()"
+    );
     assert_eq!(r.pid, p.pid);
 }
 
@@ -131,8 +173,15 @@ fn privileged_userspace_timeout_300ms_is_aborted() {
         assert_eq!(r.outcome(), Outcome::Aborted, "{style}");
         assert_eq!(r.errno, None);
         assert_eq!(r.so_error, None, "{style}: the app gave up without asking");
-        assert!((300_000..400_000).contains(&r.elapsed_us), "{style}: aborted after {} µs", r.elapsed_us);
-        assert_eq!(r.syn_retransmits, 0, "the first SYN retransmit is due at 1 s");
+        assert!(
+            (300_000..400_000).contains(&r.elapsed_us),
+            "{style}: aborted after {} µs",
+            r.elapsed_us
+        );
+        assert_eq!(
+            r.syn_retransmits, 0,
+            "the first SYN retransmit is due at 1 s"
+        );
     }
 }
 
@@ -141,9 +190,22 @@ fn privileged_ephemeral_ports_exhausted_is_addr_unavailable() {
     let (lab, mut t) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let _range = lab.set_client_sysctl(ClientSysctl::LocalPortRange { low: 40000, high: 40001 }).unwrap();
-    let probes = probe(&lab, "blocking", up.addr_v4(PORT), &["--count", "3", "--keep"]);
-    assert_eq!(probes.iter().map(|p| p.result.as_str()).collect::<Vec<_>>(), ["ok", "ok", "EADDRNOTAVAIL"]);
+    let _range = lab
+        .set_client_sysctl(ClientSysctl::LocalPortRange {
+            low: 40000,
+            high: 40001,
+        })
+        .unwrap();
+    let probes = probe(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT),
+        &["--count", "3", "--keep"],
+    );
+    assert_eq!(
+        probes.iter().map(|p| p.result.as_str()).collect::<Vec<_>>(),
+        ["ok", "ok", "EADDRNOTAVAIL"]
+    );
     let r = t.record(probes[2].cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::AddrUnavailable);
     assert_eq!(r.errno.as_deref(), Some("EADDRNOTAVAIL"));
@@ -169,7 +231,11 @@ fn privileged_kernel_aggregates_match_the_records() {
     let stats = t.observer.dest_stats();
     let find = |addr| {
         let key = gateway::observer::records::socket_addr_to_key(addr);
-        stats.iter().find(|(k, _)| *k == key).map(|(_, s)| *s).expect("destination in DEST_STATS")
+        stats
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, s)| *s)
+            .expect("destination in DEST_STATS")
     };
     let s = find(ok.addr_v4(PORT));
     assert_eq!(s.attempts[Outcome::Established as usize], 5);

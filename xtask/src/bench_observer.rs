@@ -52,7 +52,14 @@ impl Drop for Cgroup {
 }
 
 fn gateway_bin() -> anyhow::Result<PathBuf> {
-    crate::run(crate::cargo().args(["build", "--release", "-p", "gateway-user", "--bin", "gateway"]))?;
+    crate::run(crate::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--bin",
+        "gateway",
+    ]))?;
     Ok(PathBuf::from("target/release/gateway"))
 }
 
@@ -69,9 +76,15 @@ fn client_round(cgroup: &Path, addr: SocketAddr, cycles: usize) -> anyhow::Resul
     }
     let out = cmd.output()?;
     if !out.status.success() {
-        bail!("bench client failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bench client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().context("bench client output")
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("bench client output")
 }
 
 /// The hidden `bench-client ADDR CYCLES` body: connect, wait for the server's close, close.
@@ -113,7 +126,8 @@ fn proc_cpu_ns(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // USER_HZ is 100 on Linux.
     ticks * 10_000_000
 }
@@ -122,7 +136,10 @@ fn proc_status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -178,12 +195,18 @@ unsafe extern "C" {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let cycles: usize = match args.first() {
-        Some(v) => v.parse().context("usage: cargo xtask bench observer [CYCLES_PER_MODE]")?,
+        Some(v) => v
+            .parse()
+            .context("usage: cargo xtask bench observer [CYCLES_PER_MODE]")?,
         None => DEFAULT_CYCLES,
     };
     let per_round = cycles / ROUNDS_PER_MODE;
@@ -227,17 +250,43 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let (m_off, m_on, m_obs) = (median(&mut off), median(&mut on), median(&mut observer_cpu));
-    println!("\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)");
+    println!(
+        "\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)"
+    );
     println!("  client CPU per connection, observer off : {m_off:.2} µs (median)");
     println!("  client CPU per connection, observer on  : {m_on:.2} µs (median)");
-    println!("  ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +5%)", m_on / m_off, (m_on / m_off - 1.0) * 100.0);
-    println!("  observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON; USER_HZ resolution)");
-    println!("  with it, total                           : {:+.1}% over the unobserved client", ((m_on + m_obs) / m_off - 1.0) * 100.0);
-    println!("  JSON records printed in 'on' rounds      : {records} (expected {})", per_round * ROUNDS_PER_MODE);
-    println!("  observer peak RSS during 'on' rounds     : {} MiB", rss_kb / 1024);
+    println!(
+        "  ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +5%)",
+        m_on / m_off,
+        (m_on / m_off - 1.0) * 100.0
+    );
+    println!(
+        "  observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON; USER_HZ resolution)"
+    );
+    println!(
+        "  with it, total                           : {:+.1}% over the unobserved client",
+        ((m_on + m_obs) / m_off - 1.0) * 100.0
+    );
+    println!(
+        "  JSON records printed in 'on' rounds      : {records} (expected {})",
+        per_round * ROUNDS_PER_MODE
+    );
+    println!(
+        "  observer peak RSS during 'on' rounds     : {} MiB",
+        rss_kb / 1024
+    );
 
     // Memory at 100,000 destinations.
-    let obs = Observer::start(&bin, &cgroup.0, &["--max-destinations", &DESTINATIONS.to_string(), "--top", "1"])?;
+    let obs = Observer::start(
+        &bin,
+        &cgroup.0,
+        &[
+            "--max-destinations",
+            &DESTINATIONS.to_string(),
+            "--top",
+            "1",
+        ],
+    )?;
     let started = Instant::now();
     let procs = cgroup.0.join("cgroup.procs");
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -258,16 +307,32 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let tracked = table
         .lines()
         .rev()
-        .find_map(|l| l.strip_prefix("… ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse::<u64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix("… ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
         .map(|more| more + 1)
         .unwrap_or(0);
-    println!("\nat {DESTINATIONS} destinations (connects sprayed in {:.1} s)", started.elapsed().as_secs_f64());
+    println!(
+        "\nat {DESTINATIONS} destinations (connects sprayed in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     println!("  destinations in the kernel table        : {tracked}");
-    println!("  observer RSS                             : {} MiB", rss / 1024);
+    println!(
+        "  observer RSS                             : {} MiB",
+        rss / 1024
+    );
     for (name, bytes) in &memlock {
-        println!("  BPF map {name:<16}                 : {:.2} MiB", *bytes as f64 / 1048576.0);
+        println!(
+            "  BPF map {name:<16}                 : {:.2} MiB",
+            *bytes as f64 / 1048576.0
+        );
     }
-    println!("  BPF maps total                           : {:.1} MiB", memlock.iter().map(|(_, b)| *b).sum::<u64>() as f64 / 1048576.0);
+    println!(
+        "  BPF maps total                           : {:.1} MiB",
+        memlock.iter().map(|(_, b)| *b).sum::<u64>() as f64 / 1048576.0
+    );
     Ok(())
 }
 
@@ -288,15 +353,27 @@ fn map_memlock(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
     let mut v = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
         if target.to_string_lossy() != "anon_inode:bpf-map" {
             continue;
         }
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy()))?;
-        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_owned()).unwrap_or_default();
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
         let memlock: u64 = field("memlock:").parse().unwrap_or(0);
         let id = field("map_id:");
-        let out = Command::new("bpftool").args(["-j", "map", "show", "id", &id]).output()?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "id", &id])
+            .output()?;
         let name = serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .ok()
             .and_then(|m| m["name"].as_str().map(str::to_owned))

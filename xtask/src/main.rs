@@ -63,15 +63,24 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn test(filter: Option<String>) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("the test suite includes privileged tests (network namespaces, cgroups, eBPF); run it as root via ./dev test");
+        bail!(
+            "the test suite includes privileged tests (network namespaces, cgroups, eBPF); run it as root via ./dev test"
+        );
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["build", "--all-targets"]))?;
     let filter: Vec<String> = filter.into_iter().collect();
     // Unit tests: pure code, in parallel.
-    run(cargo().args(["test", "--lib", "--bins"]).arg("--").args(&filter))?;
+    run(cargo()
+        .args(["test", "--lib", "--bins"])
+        .arg("--")
+        .args(&filter))?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
-    run(cargo().args(["test", "--test", "*"]).arg("--").arg("--test-threads=1").args(&filter))?;
+    run(cargo()
+        .args(["test", "--test", "*"])
+        .arg("--")
+        .arg("--test-threads=1")
+        .args(&filter))?;
     run(cargo().args(["test", "--doc"]))?;
     Ok(())
 }
@@ -82,8 +91,17 @@ unsafe extern "C" {
 }
 
 fn demo(args: Vec<String>) -> anyhow::Result<()> {
-    run(cargo().args(["build", "--release", "-p", "gateway-user", "--bin", "gateway"]))?;
-    run(Command::new("target/release/gateway").arg("demo").args(args))
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--bin",
+        "gateway",
+    ]))?;
+    run(Command::new("target/release/gateway")
+        .arg("demo")
+        .args(args))
 }
 
 fn main() -> ExitCode {
@@ -94,7 +112,9 @@ fn main() -> ExitCode {
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
             "proxy" => bench_proxy::run(&args),
-            other => Err(anyhow::anyhow!("unknown benchmark {other}; choose observer or proxy")),
+            other => Err(anyhow::anyhow!(
+                "unknown benchmark {other}; choose observer or proxy"
+            )),
         },
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
         Cmd::BenchSpray { n } => bench_observer::spray(&n),

@@ -1,11 +1,7 @@
 //! Prometheus metrics of `gateway observe`, and the tiny HTTP listener that serves them.
 //! The registry is built once and passed down; label sets are typed.
 
-use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
@@ -132,19 +128,31 @@ impl ObserverMetrics {
 
     pub fn record(&mut self, rec: &ConnectRecord) {
         let dst = self.dst_label(&rec.dst);
-        self.attempts.get_or_create(&DstOutcome { dst: dst.clone(), outcome: rec.outcome().name() }).inc();
+        self.attempts
+            .get_or_create(&DstOutcome {
+                dst: dst.clone(),
+                outcome: rec.outcome().name(),
+            })
+            .inc();
         if rec.syn_retransmits > 0 {
-            self.syn_retransmits.get_or_create(&Dst { dst: dst.clone() }).inc_by(u64::from(rec.syn_retransmits));
+            self.syn_retransmits
+                .get_or_create(&Dst { dst: dst.clone() })
+                .inc_by(u64::from(rec.syn_retransmits));
         }
         if let Some(us) = rec.syn_rtt_us {
-            self.syn_rtt.get_or_create(&Dst { dst }).observe(us as f64 / 1e6);
+            self.syn_rtt
+                .get_or_create(&Dst { dst })
+                .observe(us as f64 / 1e6);
         }
     }
 
     pub fn so_error(&mut self, read: &SoErrorRead) {
         if read.value != 0 {
             self.socket_errors
-                .get_or_create(&ErrnoComm { errno: errno_name(read.value), comm: read.comm.clone() })
+                .get_or_create(&ErrnoComm {
+                    errno: errno_name(read.value),
+                    comm: read.comm.clone(),
+                })
                 .inc();
         }
     }
@@ -183,7 +191,9 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result
                 let registry = registry.clone();
                 async move { Ok::<_, std::convert::Infallible>(respond(&req, &registry)) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -192,13 +202,18 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
     if req.uri().path() != "/metrics" {
         return Response::builder()
             .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"not found; metrics are at /metrics\n")))
+            .body(Full::new(Bytes::from_static(
+                b"not found; metrics are at /metrics\n",
+            )))
             .expect("static response");
     }
     let mut body = String::new();
     match encode(&mut body, registry) {
         Ok(()) => Response::builder()
-            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(body)))
             .expect("static headers"),
         Err(_) => Response::builder()

@@ -56,34 +56,60 @@ impl Table {
             }
             seen.rtts_us.push_back(us);
         }
-        *seen.procs.entry(format!("{}({})", rec.comm, rec.pid)).or_default() += 1;
+        *seen
+            .procs
+            .entry(format!("{}({})", rec.comm, rec.pid))
+            .or_default() += 1;
     }
 
     /// Renders the table from the kernel's aggregates; failing destinations first.
     pub fn render(&self, stats: &[(UpstreamKey, DestStats)], top: usize) -> String {
-        let mut rows: Vec<(SocketAddr, &DestStats)> =
-            stats.iter().map(|(k, s)| (key_to_socket_addr(k), s)).collect();
+        let mut rows: Vec<(SocketAddr, &DestStats)> = stats
+            .iter()
+            .map(|(k, s)| (key_to_socket_addr(k), s))
+            .collect();
         let failures = |s: &DestStats| -> u64 {
-            Outcome::ALL.iter().filter(|o| **o != Outcome::Established).map(|o| s.attempts[*o as usize]).sum()
+            Outcome::ALL
+                .iter()
+                .filter(|o| **o != Outcome::Established)
+                .map(|o| s.attempts[*o as usize])
+                .sum()
         };
         let total = |s: &DestStats| -> u64 { s.attempts.iter().sum() };
-        rows.sort_by(|a, b| (failures(b.1), total(b.1), a.0).cmp(&(failures(a.1), total(a.1), b.0)));
+        rows.sort_by(|a, b| {
+            (failures(b.1), total(b.1), a.0).cmp(&(failures(a.1), total(a.1), b.0))
+        });
         let mut out = String::new();
         let _ = writeln!(
             out,
             "{:<28} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>8} {:>8} {:>8}  PROCESSES",
-            "DESTINATION", "ATTEMPTS", "ESTAB", "REFUSED", "TIMEOUT", "UNREACH", "ABORTED", "NOPORT", "SYN-RETX",
-            "RTT-p50", "RTT-p99"
+            "DESTINATION",
+            "ATTEMPTS",
+            "ESTAB",
+            "REFUSED",
+            "TIMEOUT",
+            "UNREACH",
+            "ABORTED",
+            "NOPORT",
+            "SYN-RETX",
+            "RTT-p50",
+            "RTT-p99"
         );
         for (dst, s) in rows.iter().take(top) {
             let seen = self.seen.get(dst);
-            let rtts: Vec<u64> = seen.map(|s| s.rtts_us.iter().copied().collect()).unwrap_or_default();
+            let rtts: Vec<u64> = seen
+                .map(|s| s.rtts_us.iter().copied().collect())
+                .unwrap_or_default();
             let procs = seen
                 .map(|s| {
                     let mut names: Vec<&String> = s.procs.keys().collect();
                     let extra = names.len().saturating_sub(MAX_PROCS_SHOWN);
                     names.truncate(MAX_PROCS_SHOWN);
-                    let mut text = names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(",");
+                    let mut text = names
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",");
                     if extra > 0 {
                         let _ = write!(text, " +{extra}");
                     }
@@ -109,7 +135,11 @@ impl Table {
             );
         }
         if rows.len() > top {
-            let _ = writeln!(out, "… {} more destinations (raise --top)", rows.len() - top);
+            let _ = writeln!(
+                out,
+                "… {} more destinations (raise --top)",
+                rows.len() - top
+            );
         }
         out
     }
@@ -130,7 +160,9 @@ mod tests {
 
     #[test]
     fn failing_destinations_sort_first() {
-        let key = |port| crate::observer::records::socket_addr_to_key(SocketAddr::from(([10, 0, 0, 1], port)));
+        let key = |port| {
+            crate::observer::records::socket_addr_to_key(SocketAddr::from(([10, 0, 0, 1], port)))
+        };
         let zero: DestStats = unsafe { std::mem::zeroed() };
         let mut ok = zero;
         ok.attempts[Outcome::Established as usize] = 100;

@@ -18,11 +18,18 @@ pub enum BtfError {
         "this kernel exposes no BTF at {path} ({source}); the observer needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y"
     )]
-    Missing { path: String, source: std::io::Error },
+    Missing {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not valid BTF: {reason}")]
     Malformed { path: String, reason: &'static str },
     #[error("struct {structure} has no member {member} in {path}")]
-    NoSuchMember { path: String, structure: String, member: String },
+    NoSuchMember {
+        path: String,
+        structure: String,
+        member: String,
+    },
 }
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -40,9 +47,15 @@ const KIND_ENUM64: u32 = 19;
 /// Byte offset of `structure.member` in the BTF file at `path`.
 pub fn member_offset(path: &Path, structure: &str, member: &str) -> Result<u32, BtfError> {
     let display = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BtfError::Missing { path: display.clone(), source })?;
+    let data = std::fs::read(path).map_err(|source| BtfError::Missing {
+        path: display.clone(),
+        source,
+    })?;
     member_offset_in(&data, structure, member).map_err(|e| match e {
-        Lookup::Malformed(reason) => BtfError::Malformed { path: display, reason },
+        Lookup::Malformed(reason) => BtfError::Malformed {
+            path: display,
+            reason,
+        },
         Lookup::NotFound => BtfError::NoSuchMember {
             path: display,
             structure: structure.to_owned(),
@@ -71,7 +84,9 @@ fn u32_at(d: &[u8], at: usize) -> Result<u32, Lookup> {
 
 fn member_offset_in(d: &[u8], structure: &str, member: &str) -> Result<u32, Lookup> {
     if u16_at(d, 0)? != BTF_MAGIC {
-        return Err(Lookup::Malformed("bad magic (only little-endian BTF is supported)"));
+        return Err(Lookup::Malformed(
+            "bad magic (only little-endian BTF is supported)",
+        ));
     }
     let hdr_len = u32_at(d, 4)? as usize;
     let type_off = u32_at(d, 8)? as usize;
@@ -132,7 +147,8 @@ mod tests {
         let off = member_offset(Path::new(VMLINUX_BTF), "sock", "sk_err").expect("sk_err offset");
         // struct sock starts with struct sock_common (>= 100 bytes); sk_err comes well after.
         assert!(off > 100 && off < 1024, "implausible offset {off}");
-        let other = member_offset(Path::new(VMLINUX_BTF), "sock", "sk_err_soft").expect("sk_err_soft");
+        let other =
+            member_offset(Path::new(VMLINUX_BTF), "sock", "sk_err_soft").expect("sk_err_soft");
         assert_ne!(off, other);
     }
 
@@ -142,7 +158,12 @@ mod tests {
             member_offset(Path::new(VMLINUX_BTF), "sock", "no_such_member"),
             Err(BtfError::NoSuchMember { .. })
         ));
-        assert_eq!(member_offset_in(&[0u8; 32], "sock", "sk_err"), Err(Lookup::Malformed("bad magic (only little-endian BTF is supported)")));
+        assert_eq!(
+            member_offset_in(&[0u8; 32], "sock", "sk_err"),
+            Err(Lookup::Malformed(
+                "bad magic (only little-endian BTF is supported)"
+            ))
+        );
         assert!(matches!(
             member_offset(Path::new("/nonexistent/btf"), "sock", "sk_err"),
             Err(BtfError::Missing { .. })

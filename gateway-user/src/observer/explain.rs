@@ -25,14 +25,21 @@ fn median(mut v: Vec<u64>) -> Option<u64> {
 }
 
 fn ms(us: u64) -> String {
-    if us < 10_000 { format!("{:.2} ms", us as f64 / 1e3) } else { format!("{} ms", us / 1000) }
+    if us < 10_000 {
+        format!("{:.2} ms", us as f64 / 1e3)
+    } else {
+        format!("{} ms", us / 1000)
+    }
 }
 
 /// Explains the connects in `records` (all to one destination).
 pub fn explain(records: &[&ConnectRecord]) -> Explanation {
     let n = records.len();
     if n == 0 {
-        return Explanation { verdict: "no_data", sentence: "no connects seen".to_owned() };
+        return Explanation {
+            verdict: "no_data",
+            sentence: "no connects seen".to_owned(),
+        };
     }
     let count = |o: Outcome| records.iter().filter(|r| r.outcome() == o).count();
     let of = |o: Outcome| records.iter().filter(move |r| r.outcome() == o);
@@ -42,11 +49,20 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
     let unreachable = count(Outcome::Unreachable);
     let aborted = count(Outcome::Aborted);
     let no_port = count(Outcome::AddrUnavailable);
-    let retrans_est: Vec<u64> = of(Outcome::Established).map(|r| u64::from(r.syn_retransmits)).collect();
-    let rtt = median(of(Outcome::Established).filter_map(|r| r.syn_rtt_us).collect());
+    let retrans_est: Vec<u64> = of(Outcome::Established)
+        .map(|r| u64::from(r.syn_retransmits))
+        .collect();
+    let rtt = median(
+        of(Outcome::Established)
+            .filter_map(|r| r.syn_rtt_us)
+            .collect(),
+    );
 
     // The dominant failure decides the story.
-    let worst = [refused, timeout + aborted, unreachable, no_port].into_iter().max().unwrap_or(0);
+    let worst = [refused, timeout + aborted, unreachable, no_port]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
     let mut s = String::new();
     let verdict = if worst == 0 || established * 2 > n {
         let with_retx = retrans_est.iter().filter(|&&r| r > 0).count();
@@ -76,7 +92,9 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         );
         "refused"
     } else if worst == unreachable {
-        let errnos: Vec<&str> = of(Outcome::Unreachable).filter_map(|r| r.errno.as_deref()).collect();
+        let errnos: Vec<&str> = of(Outcome::Unreachable)
+            .filter_map(|r| r.errno.as_deref())
+            .collect();
         let _ = write!(
             s,
             "{unreachable}/{n} connects failed with ICMP {}: a router or firewall says there is no \
@@ -92,8 +110,17 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         );
         "port_exhaustion"
     } else {
-        let syns: Vec<u64> = of(Outcome::Timeout).chain(of(Outcome::Aborted)).map(|r| 1 + u64::from(r.syn_retransmits)).collect();
-        let waited = median(of(Outcome::Timeout).chain(of(Outcome::Aborted)).map(|r| r.elapsed_us).collect()).unwrap_or(0);
+        let syns: Vec<u64> = of(Outcome::Timeout)
+            .chain(of(Outcome::Aborted))
+            .map(|r| 1 + u64::from(r.syn_retransmits))
+            .collect();
+        let waited = median(
+            of(Outcome::Timeout)
+                .chain(of(Outcome::Aborted))
+                .map(|r| r.elapsed_us)
+                .collect(),
+        )
+        .unwrap_or(0);
         let _ = write!(
             s,
             "{}/{n} connects got no answer: up to {} SYNs sent, no SYN-ACK, no RST, no ICMP \
@@ -105,13 +132,24 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
             let _ = write!(s, "; {timeout} ended in the kernel's ETIMEDOUT");
         }
         if aborted > 0 {
-            let _ = write!(s, "; {aborted} abandoned by the client's own timeout after a median {}", ms(waited));
+            let _ = write!(
+                s,
+                "; {aborted} abandoned by the client's own timeout after a median {}",
+                ms(waited)
+            );
         }
         "filtered"
     };
     let comms: std::collections::BTreeSet<&str> = records.iter().map(|r| r.comm.as_str()).collect();
-    let _ = write!(s, " [processes: {}]", comms.into_iter().collect::<Vec<_>>().join(", "));
-    Explanation { verdict, sentence: s }
+    let _ = write!(
+        s,
+        " [processes: {}]",
+        comms.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Explanation {
+        verdict,
+        sentence: s,
+    }
 }
 
 #[cfg(test)]
@@ -147,9 +185,18 @@ mod tests {
         let cases = [
             (vec![rec(Outcome::Established, 0, 90); 5], "healthy"),
             (vec![rec(Outcome::Refused, 0, 120); 3], "refused"),
-            (vec![rec(Outcome::Timeout, 2, 3_000_000), rec(Outcome::Aborted, 0, 300_000)], "filtered"),
+            (
+                vec![
+                    rec(Outcome::Timeout, 2, 3_000_000),
+                    rec(Outcome::Aborted, 0, 300_000),
+                ],
+                "filtered",
+            ),
             (vec![rec(Outcome::Unreachable, 0, 400); 2], "unreachable"),
-            (vec![rec(Outcome::Established, 2, 2_000_000); 4], "overloaded"),
+            (
+                vec![rec(Outcome::Established, 2, 2_000_000); 4],
+                "overloaded",
+            ),
             (vec![rec(Outcome::AddrUnavailable, 0, 5)], "port_exhaustion"),
         ];
         for (records, want) in cases {
@@ -161,10 +208,22 @@ mod tests {
 
     #[test]
     fn the_blackhole_sentence_names_the_evidence() {
-        let records = [rec(Outcome::Timeout, 2, 3_000_000), rec(Outcome::Aborted, 0, 300_000)];
+        let records = [
+            rec(Outcome::Timeout, 2, 3_000_000),
+            rec(Outcome::Aborted, 0, 300_000),
+        ];
         let refs: Vec<&ConnectRecord> = records.iter().collect();
         let e = explain(&refs);
-        assert!(e.sentence.contains("3 SYNs sent, no SYN-ACK, no RST, no ICMP"), "{}", e.sentence);
-        assert!(e.sentence.contains("ETIMEDOUT") && e.sentence.contains("client's own timeout"), "{}", e.sentence);
+        assert!(
+            e.sentence
+                .contains("3 SYNs sent, no SYN-ACK, no RST, no ICMP"),
+            "{}",
+            e.sentence
+        );
+        assert!(
+            e.sentence.contains("ETIMEDOUT") && e.sentence.contains("client's own timeout"),
+            "{}",
+            e.sentence
+        );
     }
 }

@@ -28,19 +28,36 @@ pub enum PreflightError {
          setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which gateway)"
     )]
     NotPrivileged { cap_eff: u64 },
-    #[error("kernel BTF is missing: {VMLINUX_BTF} does not exist; this kernel was built without CONFIG_DEBUG_INFO_BTF, which the observer needs")]
+    #[error(
+        "kernel BTF is missing: {VMLINUX_BTF} does not exist; this kernel was built without CONFIG_DEBUG_INFO_BTF, which the observer needs"
+    )]
     NoBtf,
     #[error(
         "cgroup v2 is not mounted (no cgroup2 entry in /proc/self/mounts); mount it with \
          `mount -t cgroup2 none /sys/fs/cgroup/unified` (or boot with systemd.unified_cgroup_hierarchy=1)"
     )]
     NoCgroup2,
-    #[error("cgroup {path} does not exist (looked in {looked}); pass a directory under the cgroup v2 mount {mount}, e.g. --cgroup {mount}/system.slice")]
-    UnknownCgroup { path: String, looked: String, mount: String },
-    #[error("{path} is not a cgroup v2 directory (it is on a different filesystem); pass a directory under {mount}")]
+    #[error(
+        "cgroup {path} does not exist (looked in {looked}); pass a directory under the cgroup v2 mount {mount}, e.g. --cgroup {mount}/system.slice"
+    )]
+    UnknownCgroup {
+        path: String,
+        looked: String,
+        mount: String,
+    },
+    #[error(
+        "{path} is not a cgroup v2 directory (it is on a different filesystem); pass a directory under {mount}"
+    )]
     NotCgroup2 { path: String, mount: String },
-    #[error("{what} is not mounted at {path} and mounting it failed: {source}; mount it with `mount -t {fstype} {fstype} {path}`")]
-    Mount { what: &'static str, fstype: &'static str, path: &'static str, source: std::io::Error },
+    #[error(
+        "{what} is not mounted at {path} and mounting it failed: {source}; mount it with `mount -t {fstype} {fstype} {path}`"
+    )]
+    Mount {
+        what: &'static str,
+        fstype: &'static str,
+        path: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Effective capabilities of this process, from /proc/self/status.
@@ -68,7 +85,11 @@ pub fn check_privileges() -> Result<(), PreflightError> {
 }
 
 pub fn check_btf() -> Result<(), PreflightError> {
-    if Path::new(VMLINUX_BTF).exists() { Ok(()) } else { Err(PreflightError::NoBtf) }
+    if Path::new(VMLINUX_BTF).exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf)
+    }
 }
 
 /// The cgroup v2 mount point, from /proc/self/mounts.
@@ -120,19 +141,37 @@ pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf, PreflightError> {
 }
 
 /// Mounts `fstype` at `path` unless something of that type is already there.
-fn ensure_mounted(what: &'static str, fstype: &'static str, path: &'static str, magic: i64) -> Result<(), PreflightError> {
+fn ensure_mounted(
+    what: &'static str,
+    fstype: &'static str,
+    path: &'static str,
+    magic: i64,
+) -> Result<(), PreflightError> {
     if fs_magic(Path::new(path)) == Some(magic) {
         return Ok(());
     }
     let c_path = CString::new(path).expect("static path");
     let c_type = CString::new(fstype).expect("static fstype");
     // SAFETY: all pointers are valid NUL-terminated strings or null.
-    let rc = unsafe { libc::mount(c_type.as_ptr(), c_path.as_ptr(), c_type.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c_type.as_ptr(),
+            c_path.as_ptr(),
+            c_type.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         tracing::info!(path, "mounted {what}");
         Ok(())
     } else {
-        Err(PreflightError::Mount { what, fstype, path, source: std::io::Error::last_os_error() })
+        Err(PreflightError::Mount {
+            what,
+            fstype,
+            path,
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
@@ -154,7 +193,10 @@ mod tests {
     fn unknown_cgroup_is_a_clear_error() {
         let err = resolve_cgroup(Some(Path::new("definitely/not/a/cgroup"))).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("definitely/not/a/cgroup") && text.contains("does not exist"), "{text}");
+        assert!(
+            text.contains("definitely/not/a/cgroup") && text.contains("does not exist"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use gateway_common::{AF_INET, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno};
+use gateway_common::{
+    AF_INET, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno,
+};
 use serde::Serialize;
 
 /// How long an outcome waits for the application's SO_ERROR read before it is printed
@@ -30,7 +32,12 @@ pub fn errno_name(err: u32) -> String {
 
 pub fn key_to_socket_addr(key: &UpstreamKey) -> SocketAddr {
     let ip = if key.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]))
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
     } else {
         IpAddr::V6(Ipv6Addr::from(key.addr))
     };
@@ -38,7 +45,11 @@ pub fn key_to_socket_addr(key: &UpstreamKey) -> SocketAddr {
 }
 
 pub fn socket_addr_to_key(addr: SocketAddr) -> UpstreamKey {
-    let mut key = UpstreamKey { family: 0, port: addr.port(), addr: [0; 16] };
+    let mut key = UpstreamKey {
+        family: 0,
+        port: addr.port(),
+        addr: [0; 16],
+    };
     match addr.ip() {
         IpAddr::V4(v4) => {
             key.family = AF_INET;
@@ -72,14 +83,19 @@ pub struct Clock {
 impl Clock {
     pub fn now() -> Clock {
         let read = |id| {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: ts is a valid out-parameter.
             unsafe { libc::clock_gettime(id, &mut ts) };
             i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
         };
         let mono = read(libc::CLOCK_MONOTONIC);
         let real = read(libc::CLOCK_REALTIME);
-        Clock { realtime_minus_monotonic_ns: real - mono }
+        Clock {
+            realtime_minus_monotonic_ns: real - mono,
+        }
     }
 
     pub fn unix_ns(&self, monotonic_ns: u64) -> u64 {
@@ -88,7 +104,10 @@ impl Clock {
 
     /// Current CLOCK_MONOTONIC in ns, on the kernel's time base.
     pub fn monotonic_now() -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: ts is a valid out-parameter.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -212,7 +231,11 @@ pub struct Joiner {
 
 impl Joiner {
     pub fn new(window: Duration) -> Joiner {
-        Joiner { window_ns: window.as_nanos() as u64, pending: HashMap::new(), late_so_errors: 0 }
+        Joiner {
+            window_ns: window.as_nanos() as u64,
+            pending: HashMap::new(),
+            late_so_errors: 0,
+        }
     }
 
     /// Feeds one decoded record (received at `now_ns`); completed records go to `ready`.

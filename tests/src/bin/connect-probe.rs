@@ -28,13 +28,23 @@ fn cookie(fd: RawFd) -> u64 {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: v/len are valid out-parameters of the right size.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    };
     if rc != 0 { 0 } else { v }
 }
 
 fn errno_text(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(n) => gateway_common::errno::name(n as u32).map(str::to_owned).unwrap_or_else(|| format!("E{n}")),
+        Some(n) => gateway_common::errno::name(n as u32)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("E{n}")),
         None if e.kind() == io::ErrorKind::TimedOut => "userspace_timeout".to_owned(),
         None => e.to_string(),
     }
@@ -59,14 +69,24 @@ fn go_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Socket,
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return (c, Err(e)),
     }
-    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     let ms = timeout.map(|t| t.as_millis() as i32).unwrap_or(-1);
     // SAFETY: pfd is a valid pollfd array of length 1.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     if n == 0 {
         // The userspace deadline passed: close while still in SYN_SENT.
         drop(sock);
-        return (c, Err(io::Error::new(io::ErrorKind::TimedOut, "userspace connect timeout")));
+        return (
+            c,
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "userspace connect timeout",
+            )),
+        );
     }
     match sock.take_error() {
         Ok(None) => (c, Ok(sock)),
@@ -76,9 +96,16 @@ fn go_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Socket,
 }
 
 fn tokio_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Socket, io::Error>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
-        let sock = match if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() } {
+        let sock = match if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        } {
             Ok(s) => s,
             Err(e) => return (0, Err(e)),
         };
@@ -87,7 +114,10 @@ fn tokio_style(addr: SocketAddr, timeout: Option<Duration>) -> (u64, Result<Sock
         let res = match timeout {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "userspace connect timeout")),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "userspace connect timeout",
+                )),
             },
             None => fut.await,
         };
@@ -122,7 +152,12 @@ fn main() {
     let mut it = args[2..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--timeout-ms" => timeout = it.next().and_then(|v| v.parse().ok()).map(Duration::from_millis),
+            "--timeout-ms" => {
+                timeout = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis)
+            }
             "--count" => count = it.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--keep" => keep = true,
             other => {

@@ -1,6 +1,9 @@
 //! Shared harness of the privileged end-to-end tests: a fault lab whose client cgroup is
 //! observed by the real eBPF object, and the `connect-probe` client run inside it.
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
 
 use std::{
     process::Command,
@@ -52,8 +55,11 @@ pub fn observed_lab(upstreams: usize) -> (Lab, Recorder) {
     require_root();
     let lab = Lab::new(LabSpec::new(upstreams)).expect("building the fault lab");
     let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
-    let observer = KernelObserver::attach(&ObserverOptions { cgroup: Some(cgroup.path().to_path_buf()), ..Default::default() })
-        .unwrap_or_else(|e| panic!("attaching the observer: {e}"));
+    let observer = KernelObserver::attach(&ObserverOptions {
+        cgroup: Some(cgroup.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("attaching the observer: {e}"));
     let rec = Recorder {
         observer,
         cgroup_id: cgroup.id(),
@@ -74,7 +80,11 @@ pub fn probe(lab: &Lab, style: &str, addr: std::net::SocketAddr, extra: &[&str])
         .in_cgroup(lab.client_cgroup().expect("client cgroup"))
         .output()
         .expect("running connect-probe");
-    assert!(out.status.success(), "connect-probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "connect-probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l}: {e}")))
@@ -89,7 +99,10 @@ impl Recorder {
         for ev in &events {
             if let Some(d) = decode(ev, &self.clock) {
                 if let Decoded::Outcome(rec) = &d {
-                    assert_eq!(rec.cgroup_id, self.cgroup_id, "record from outside the observed cgroup: {rec:?}");
+                    assert_eq!(
+                        rec.cgroup_id, self.cgroup_id,
+                        "record from outside the observed cgroup: {rec:?}"
+                    );
                 }
                 self.joiner.push(d, now, &mut self.seen);
             }
