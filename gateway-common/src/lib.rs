@@ -171,7 +171,7 @@ pub const SYN_RTT_BUCKETS: usize = 24;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnStats {
-    /// Bytes of our data the peer's kernel has ACKed (`tcp_sock.bytes_acked`).
+    /// Bytes of our data the peer's kernel has ACKed (`tcp_sock.bytes_acked` less the SYN).
     pub bytes_acked: u64,
     pub bytes_received: u64,
     /// `bpf_ktime_get_ns()` of the most recent RTO, 0 if none.

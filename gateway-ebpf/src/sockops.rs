@@ -182,7 +182,9 @@ fn established_event(ctx: &SockOpsContext, st: &mut SockState, rto: bool) {
 fn conn_stats(ctx: &SockOpsContext, st: &SockState) -> ConnStats {
     let ops = unsafe { &*ctx.ops };
     ConnStats {
-        bytes_acked: ops.bytes_acked,
+        // tcp_sock.bytes_acked covers sequence space, which includes our SYN; ConnStats
+        // reports data bytes only (tcp_snd_una_update() in net/ipv4/tcp_input.c).
+        bytes_acked: ops.bytes_acked.saturating_sub(1),
         bytes_received: ops.bytes_received,
         last_rto_ns: st.last_rto_ns,
         closed_ns: 0,

@@ -278,3 +278,33 @@ where
         name,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_rejection_shows_the_tail_of_the_log() {
+        let log: String = (1..=100).map(|i| format!("{i}: insn {i}\n")).collect();
+        let err = program_error(
+            "loading",
+            names::PROG_SOCK_OPS,
+            ProgramError::LoadError {
+                io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+                verifier_log: aya_obj::VerifierLog::new(log),
+            },
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("the kernel verifier rejected gw_sock_ops"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last 25 lines")
+                && text.contains("100: insn 100")
+                && text.contains("76: insn 76"),
+            "{text}"
+        );
+        assert!(!text.contains("\n75: insn 75"), "only the tail: {text}");
+    }
+}

@@ -13,7 +13,9 @@
 //!
 //! With `--timeout-ms`, `go` and `tokio` give up and close the socket (a userspace connect
 //! timeout); `--keep` keeps every connected socket open until the process exits (to exhaust
-//! ephemeral ports).
+//! ephemeral ports). `--send N` writes N bytes on each connected socket after `--pause-ms`,
+//! then keeps it open `--hold-ms` before closing (the line is printed before the pause, so a
+//! test can inject a fault on the established connection).
 
 use std::{
     io,
@@ -149,6 +151,7 @@ fn main() {
     let mut timeout = None;
     let mut count = 1usize;
     let mut keep = false;
+    let (mut send, mut pause, mut hold) = (0usize, 0u64, 0u64);
     let mut it = args[2..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -160,6 +163,9 @@ fn main() {
             }
             "--count" => count = it.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--keep" => keep = true,
+            "--send" => send = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "--pause-ms" => pause = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "--hold-ms" => hold = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             other => {
                 eprintln!("unknown argument {other}; {usage}");
                 std::process::exit(2);
@@ -187,6 +193,14 @@ fn main() {
             "{}",
             serde_json::json!({ "pid": std::process::id(), "cookie": c, "result": result, "elapsed_us": elapsed_us })
         );
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        if let (Ok(s), true) = (&res, send > 0) {
+            std::thread::sleep(Duration::from_millis(pause));
+            let _ = s.set_nonblocking(false);
+            let _ = (&*s).write_all(&vec![b'x'; send]);
+            std::thread::sleep(Duration::from_millis(hold));
+        }
         if let (Ok(s), true) = (res, keep) {
             kept.push(s);
         }

@@ -91,7 +91,33 @@ pub fn probe(lab: &Lab, style: &str, addr: std::net::SocketAddr, extra: &[&str])
         .collect()
 }
 
+/// Starts `connect-probe` in the lab's client namespace and cgroup without waiting; its
+/// stdout is piped, one JSON line per attempt, printed as soon as the connect finishes.
+pub fn spawn_probe(
+    lab: &Lab,
+    style: &str,
+    addr: std::net::SocketAddr,
+    extra: &[&str],
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_connect-probe"))
+        .arg(style)
+        .arg(addr.to_string())
+        .args(extra)
+        .in_netns(lab.client())
+        .in_cgroup(lab.client_cgroup().expect("client cgroup"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting connect-probe")
+}
+
 impl Recorder {
+    /// Drains the ring buffer now and returns how many records it held (without decoding them).
+    pub fn drain_count(&mut self) -> usize {
+        let mut events = Vec::new();
+        self.observer.drain(&mut events);
+        events.len()
+    }
+
     fn pump(&mut self) {
         let mut events = Vec::new();
         self.observer.drain(&mut events);

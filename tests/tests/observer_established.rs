@@ -1,0 +1,148 @@
+//! Privileged tests of what the observer reports about established connections and about its
+//! own limits: RTOs, retransmits, unACKed bytes and srtt by cookie (the signals that separate
+//! "the host died mid-request" from "the backend is slow"), and a ring buffer that overflows
+//! (lost records are counted exactly, and the kernel aggregates still count every connect).
+//! Run with `--test-threads=1`.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    time::Duration,
+};
+
+use common::{Probe, observed_lab, probe, spawn_probe};
+use gateway::{lab::Fault, observer::records::socket_addr_to_key};
+use gateway_common::Outcome;
+
+const PORT: u16 = 8080;
+
+#[test]
+fn privileged_acked_request_on_a_healthy_connection() {
+    let (lab, mut rec) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let p = probe(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT),
+        &["--send", "1000", "--hold-ms", "200"],
+    )
+    .remove(0);
+    assert_eq!(p.result, "ok");
+    assert_eq!(
+        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Established
+    );
+    let cs = rec
+        .observer
+        .conn_stats(p.cookie)
+        .expect("CONN_STATS has the closed connection");
+    assert_eq!(
+        cs.bytes_acked, 1000,
+        "the upstream kernel ACKed every request byte"
+    );
+    assert_eq!(cs.unacked_bytes, 0);
+    assert_eq!((cs.rtos, cs.data_retransmits), (0, 0));
+    assert!(cs.closed_ns > 0, "recorded when it left ESTABLISHED");
+    assert!(
+        cs.srtt_us > 0 && cs.srtt_us < 5_000,
+        "srtt {} µs",
+        cs.srtt_us
+    );
+}
+
+#[test]
+fn privileged_host_dies_mid_request_shows_rtos_and_unacked_bytes() {
+    let (lab, mut rec) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let mut child = spawn_probe(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT),
+        &["--send", "1000", "--pause-ms", "300", "--hold-ms", "2500"],
+    );
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let p: Probe = serde_json::from_str(&line).unwrap();
+    assert_eq!(p.result, "ok");
+    // The connection is up; the host now drops everything, before the request is sent.
+    let _dead = up.apply(Fault::Blackhole { port: PORT }).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Established
+    );
+    let cs = rec
+        .observer
+        .conn_stats(p.cookie)
+        .expect("CONN_STATS has the connection");
+    assert_eq!(
+        cs.bytes_acked, 0,
+        "no request byte reached the upstream's kernel"
+    );
+    assert!(
+        cs.unacked_bytes >= 1000,
+        "unACKed {} bytes",
+        cs.unacked_bytes
+    );
+    // Minimum RTO is 200 ms and doubles: ~0.2, 0.6, 1.4 s within the 2.5 s hold.
+    assert!(cs.rtos >= 2, "{} RTOs", cs.rtos);
+    assert!(
+        cs.data_retransmits >= 2,
+        "{} retransmits",
+        cs.data_retransmits
+    );
+    assert!(cs.last_rto_ns > 0);
+    let key = socket_addr_to_key(up.addr_v4(PORT));
+    let (_, dest) = rec
+        .observer
+        .dest_stats()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap();
+    assert_eq!(dest.rtos, u64::from(cs.rtos));
+    assert_eq!(dest.data_retransmits, u64::from(cs.data_retransmits));
+}
+
+#[test]
+fn privileged_ring_buffer_overflow_is_counted_exactly() {
+    let (lab, mut rec) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
+    // The ring holds ~10,000 records (1 MiB); nobody drains it while 15,000 connects happen.
+    const N: usize = 15_000;
+    let probes = probe(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT),
+        &["--count", &N.to_string()],
+    );
+    assert_eq!(probes.len(), N);
+    let received = rec.drain_count();
+    let lost = rec.observer.events_lost();
+    assert!(
+        lost > 0,
+        "the ring must have overflowed (received {received})"
+    );
+    assert_eq!(
+        received as u64 + lost,
+        N as u64,
+        "every record is either delivered or counted as lost"
+    );
+    let key = socket_addr_to_key(up.addr_v4(PORT));
+    let (_, dest) = rec
+        .observer
+        .dest_stats()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap();
+    assert_eq!(
+        dest.attempts[Outcome::Refused as usize],
+        N as u64,
+        "aggregates do not depend on the ring"
+    );
+}
