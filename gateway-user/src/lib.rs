@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod diagnose;
 pub mod lab;
 pub mod observe;
 pub mod observer;

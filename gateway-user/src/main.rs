@@ -31,6 +31,8 @@ enum Command {
     /// Host-wide observer: every outgoing TCP connect, its outcome and the SO_ERROR the
     /// application read.
     Observe(gateway::observe::ObserveArgs),
+    /// Probe targets and print a root-cause verdict with the kernel evidence behind it.
+    Diagnose(gateway::diagnose::DiagnoseArgs),
     /// Build a lab of faulty upstreams in network namespaces and show what the kernel sees.
     Demo(gateway::demo::DemoArgs),
     /// One of the demo's client programs (started by `gateway demo`).
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Run { config } => gateway::proxy::cli_run(&config),
         Command::CheckConfig { file } => gateway::config::cli_check(&file),
         Command::Observe(args) => gateway::observe::run(args),
+        Command::Diagnose(args) => gateway::diagnose::run(args),
         Command::Demo(args) => gateway::demo::demo(args),
         Command::DemoClient(args) => gateway::demo::demo_client(args),
     };
