@@ -260,3 +260,55 @@ fn privileged_unknown_cgroup_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Runs `gateway ARGS` in a private mount namespace after `setup` (shell commands that hide or
+/// unmount something there, never in the host's own mount namespace).
+fn in_private_mounts(setup: &str, args: &str) -> std::process::Output {
+    let script = format!("set -e; {setup}; exec {} {args}", gateway_bin().display());
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn privileged_kernel_without_btf_is_a_clear_error() {
+    require_root();
+    let out = in_private_mounts(
+        "mount -t tmpfs none /sys/kernel/btf",
+        "observe --duration 1",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("kernel BTF is missing") && err.contains("CONFIG_DEBUG_INFO_BTF"),
+        "{err}"
+    );
+}
+
+#[test]
+fn privileged_missing_cgroup2_is_a_clear_error() {
+    require_root();
+    let out = in_private_mounts(
+        "for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts); do umount $m; done",
+        "observe --duration 1",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cgroup v2 is not mounted") && err.contains("mount -t cgroup2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn privileged_missing_bpffs_is_mounted_by_the_observer() {
+    require_root();
+    let out = in_private_mounts(
+        "umount /sys/fs/bpf 2>/dev/null || true",
+        "observe --duration 0.5 --json",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("mounted bpffs"), "{err}");
+}
