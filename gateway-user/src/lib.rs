@@ -2,6 +2,7 @@
 //! tested against. `main.rs` only parses the command line and dispatches here.
 
 pub mod config;
+pub mod decide;
 pub mod demo;
 pub mod diagnose;
 pub mod lab;

@@ -7,9 +7,11 @@
 //! pinned, so dropping the observer or the process dying (even by SIGKILL) detaches everything.
 
 pub mod btf;
+pub mod cgroup;
 pub mod explain;
 pub mod preflight;
 pub mod records;
+pub mod signals;
 
 use std::{
     fs::File,

@@ -1,0 +1,5 @@
+//! Decisions the kernel's evidence drives, as plain code: the adaptive connect deadline, the
+//! per-endpoint health state machine, and the hedge budget. Sockets, timers and maps only feed
+//! them; everything here is tested without any of those.
+
+pub mod deadline;

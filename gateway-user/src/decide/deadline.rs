@@ -1,0 +1,213 @@
+//! Per-endpoint connect deadlines from the kernel-measured SYN-RTT distribution.
+//!
+//! `deadline = clamp(quantile(SYN-RTT over the window) × factor + margin, floor, cap)`, where
+//! `cap` is the configured `connect_timeout_ms` (always the hard limit). With fewer than
+//! `min_samples` recent handshakes the deadline is the configured timeout: no data, no guess.
+//!
+//! Only handshakes that needed no SYN retransmit are samples: a retransmitted SYN measures the
+//! kernel's 1 s retransmission timer, not the path, and would teach the policy to wait for
+//! exactly the failures it exists to cut short.
+
+use std::{collections::VecDeque, time::Duration};
+
+use tokio::time::Instant;
+
+/// Defaults, documented in the config reference.
+pub const DEFAULT_FLOOR: Duration = Duration::from_millis(50);
+pub const DEFAULT_QUANTILE: f64 = 0.99;
+pub const DEFAULT_FACTOR: f64 = 3.0;
+pub const DEFAULT_MARGIN: Duration = Duration::from_millis(10);
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_MIN_SAMPLES: usize = 8;
+/// Samples kept per endpoint at most (the oldest go first).
+pub const MAX_SAMPLES: usize = 512;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadlinePolicy {
+    pub floor: Duration,
+    pub cap: Duration,
+    pub quantile: f64,
+    pub factor: f64,
+    pub margin: Duration,
+    pub window: Duration,
+    pub min_samples: usize,
+}
+
+impl DeadlinePolicy {
+    /// The defaults, capped by the configured connect timeout.
+    pub fn with_cap(cap: Duration) -> DeadlinePolicy {
+        DeadlinePolicy {
+            floor: DEFAULT_FLOOR.min(cap),
+            cap,
+            quantile: DEFAULT_QUANTILE,
+            factor: DEFAULT_FACTOR,
+            margin: DEFAULT_MARGIN,
+            window: DEFAULT_WINDOW,
+            min_samples: DEFAULT_MIN_SAMPLES,
+        }
+    }
+}
+
+/// Where a deadline came from, for the admin status and the error text.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DeadlineSource {
+    /// Not enough recent handshakes: the configured connect timeout.
+    Configured,
+    /// From `samples` handshakes whose `quantile` was `rtt`.
+    Measured { rtt: Duration, samples: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Deadline {
+    pub value: Duration,
+    pub source: DeadlineSource,
+}
+
+/// The recent SYN-RTTs of one endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct RttWindow {
+    samples: VecDeque<(Instant, Duration)>,
+}
+
+impl RttWindow {
+    /// Adds one handshake. `syn_retransmits > 0` handshakes are not samples (see module doc).
+    pub fn observe(&mut self, now: Instant, rtt: Duration, syn_retransmits: u32) {
+        if syn_retransmits > 0 {
+            return;
+        }
+        if self.samples.len() == MAX_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now, rtt));
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The deadline for a connect starting at `now`.
+    pub fn deadline(&mut self, policy: &DeadlinePolicy, now: Instant) -> Deadline {
+        while let Some(&(t, _)) = self.samples.front() {
+            if now.saturating_duration_since(t) > policy.window {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.samples.len() < policy.min_samples.max(1) {
+            return Deadline {
+                value: policy.cap,
+                source: DeadlineSource::Configured,
+            };
+        }
+        let mut v: Vec<Duration> = self.samples.iter().map(|&(_, d)| d).collect();
+        v.sort_unstable();
+        let rank = ((policy.quantile * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        let rtt = v[rank - 1];
+        let raw = rtt.mul_f64(policy.factor) + policy.margin;
+        Deadline {
+            value: raw.clamp(policy.floor, policy.cap),
+            source: DeadlineSource::Measured {
+                rtt,
+                samples: v.len(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn no_data_means_the_configured_timeout() {
+        let p = DeadlinePolicy::with_cap(ms(5000));
+        let mut w = RttWindow::default();
+        let now = Instant::now();
+        for _ in 0..(DEFAULT_MIN_SAMPLES - 1) {
+            w.observe(now, ms(1), 0);
+        }
+        assert_eq!(
+            w.deadline(&p, now),
+            Deadline {
+                value: ms(5000),
+                source: DeadlineSource::Configured
+            }
+        );
+    }
+
+    #[test]
+    fn a_fast_lan_gets_the_floor_and_a_slow_path_gets_its_p99_times_factor() {
+        let p = DeadlinePolicy::with_cap(ms(5000));
+        let now = Instant::now();
+        let mut lan = RttWindow::default();
+        for _ in 0..100 {
+            lan.observe(now, Duration::from_micros(80), 0);
+        }
+        assert_eq!(lan.deadline(&p, now).value, DEFAULT_FLOOR);
+        let mut wan = RttWindow::default();
+        for i in 0..100 {
+            wan.observe(now, ms(100 + i), 0);
+        }
+        // p99 of 100..=199 ms is 198 ms; × 3 + 10 ms.
+        let d = wan.deadline(&p, now);
+        assert_eq!(d.value, ms(198 * 3 + 10));
+        assert_eq!(
+            d.source,
+            DeadlineSource::Measured {
+                rtt: ms(198),
+                samples: 100
+            }
+        );
+    }
+
+    #[test]
+    fn the_configured_timeout_is_the_hard_cap() {
+        let p = DeadlinePolicy::with_cap(ms(250));
+        let now = Instant::now();
+        let mut w = RttWindow::default();
+        for _ in 0..20 {
+            w.observe(now, ms(200), 0);
+        }
+        assert_eq!(w.deadline(&p, now).value, ms(250));
+    }
+
+    #[test]
+    fn retransmitted_handshakes_are_not_samples_and_old_samples_expire() {
+        let p = DeadlinePolicy::with_cap(ms(5000));
+        let t0 = Instant::now();
+        let mut w = RttWindow::default();
+        for _ in 0..20 {
+            w.observe(t0, ms(1000), 1);
+        }
+        assert!(w.is_empty(), "a 1 s retransmission timer is not a path RTT");
+        for _ in 0..20 {
+            w.observe(t0, ms(2), 0);
+        }
+        assert!(matches!(
+            w.deadline(&p, t0).source,
+            DeadlineSource::Measured { .. }
+        ));
+        let later = t0 + DEFAULT_WINDOW + ms(1);
+        assert_eq!(w.deadline(&p, later).source, DeadlineSource::Configured);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn the_window_is_bounded() {
+        let now = Instant::now();
+        let mut w = RttWindow::default();
+        for _ in 0..(MAX_SAMPLES * 3) {
+            w.observe(now, ms(1), 0);
+        }
+        assert_eq!(w.len(), MAX_SAMPLES);
+    }
+}
