@@ -290,7 +290,9 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 fn retransmit_phrase(attempts: &[&Attempt]) -> Option<String> {
     let known: Vec<u32> = attempts.iter().filter_map(|a| a.syn_retransmits).collect();
     let (min, max) = (known.iter().min()?, known.iter().max()?);
-    Some(if min == max && known.len() == attempts.len() {
+    Some(if *max == 0 && known.len() == attempts.len() {
+        "before any SYN retransmit".to_owned()
+    } else if min == max && known.len() == attempts.len() {
         if attempts.len() == 1 {
             format!(
                 "after {}",
@@ -399,7 +401,7 @@ fn refused(f: &Facts) -> Option<Verdict> {
     );
     let t = median(hit.iter().map(|a| a.elapsed_us)).unwrap_or(0);
     let retx = retransmit_phrase(&hit)
-        .filter(|p| !p.contains("after 0 "))
+        .filter(|p| !p.starts_with("before any"))
         .map(|p| format!(", {p}"))
         .unwrap_or_default();
     v.evidence.push(format!(

@@ -5,6 +5,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod diagnose;
+
 use std::{
     process::Command,
     time::{Duration, Instant},

@@ -358,6 +358,13 @@ fn deadline_too_short_when_patient_connects_complete() {
     a.patient_deadline_ms = Some(3300);
     let v = assert_top(&m, VerdictName::DeadlineTooShort, 0.9);
     assert!(
+        v.evidence[0].starts_with(
+            "5/5 connects to 10.77.1.2:8080 given up at the 100 ms connect deadline with no RST \
+             and no ICMP, before any SYN retransmit [kernel]"
+        ),
+        "{v:#?}"
+    );
+    assert!(
         v.evidence[1].contains("3/3 patient connects (deadline 3300 ms) completed"),
         "{v:#?}"
     );
