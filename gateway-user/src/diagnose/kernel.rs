@@ -12,7 +12,7 @@ use std::{
 use gateway_common::ConnStats;
 use thiserror::Error;
 
-use super::cgroup::{CgroupError, SelfCgroup};
+use super::cgroup::{self, SelfCgroup, SelfCgroupError};
 use crate::observer::{
     KernelObserver, ObserverError, ObserverOptions,
     preflight::{self, PreflightError},
@@ -33,7 +33,7 @@ pub enum KernelUnavailable {
     #[error("{0}")]
     Privileges(#[source] PreflightError),
     #[error("could not set up a cgroup to observe the probes from: {0}")]
-    Cgroup(#[source] CgroupError),
+    Cgroup(#[source] SelfCgroupError),
     #[error("could not attach the kernel observer: {0}")]
     Observer(#[source] ObserverError),
     #[error("turned off with --no-kernel")]
@@ -53,7 +53,7 @@ impl KernelSession {
     /// Moves this process into a cgroup of its own and attaches the observer there.
     pub fn start() -> Result<KernelSession, KernelUnavailable> {
         preflight::check_privileges().map_err(KernelUnavailable::Privileges)?;
-        let cgroup = SelfCgroup::enter().map_err(KernelUnavailable::Cgroup)?;
+        let cgroup = cgroup::enter().map_err(KernelUnavailable::Cgroup)?;
         let observer = KernelObserver::attach(&ObserverOptions {
             cgroup: Some(cgroup.path().to_path_buf()),
             max_destinations: MAX_DESTINATIONS,

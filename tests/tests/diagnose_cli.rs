@@ -1,0 +1,254 @@
+//! `gateway diagnose` as a user runs it: bad input gives a clear error or result and never a
+//! panic (invalid target syntax, a cluster name without a gateway to ask, an unknown host, a
+//! closed port on loopback); without privileges it falls back to userspace timing and says
+//! so; SIGINT mid-probe still removes its cgroup. Unknown names are only ever resolved inside
+//! a lab namespace with no route out, so no DNS query leaves the machine. The privileged tests
+//! need root; run with `--test-threads=1`.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    diagnose::{
+        assert_kernel_joined, assert_no_cgroup_left, assert_verdict, attempts, check_report,
+        diagnose_here, diagnose_in, gateway_bin, run,
+    },
+    require_root,
+};
+use gateway::lab::{Fault, Lab, LabSpec, NetnsCommandExt};
+
+/// A loopback port nothing listens on.
+fn closed_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn lab() -> Lab {
+    require_root();
+    Lab::new(LabSpec {
+        upstreams: 1,
+        client_cgroup: false,
+    })
+    .expect("building the fault lab")
+}
+
+#[test]
+fn invalid_target_syntax_is_a_clear_error() {
+    for (arg, says) in [
+        ("fd00::5:80", "needs brackets"),
+        ("10.0.0.5", "the port is missing"),
+        ("host:http", "port `http` is not a number in 1–65535"),
+        ("[fd00::5", "never closed"),
+        ("what?", "neither host:port nor a cluster name"),
+    ] {
+        let out = Command::new(gateway_bin())
+            .args(["diagnose", arg])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+        assert!(
+            err.contains(&format!("invalid target `{arg}`")) && err.contains(says),
+            "{arg}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = Command::new(gateway_bin())
+        .args(["diagnose", "--http", "healthz", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("must start with `/`"), "{err}");
+}
+
+#[test]
+fn a_cluster_name_needs_a_gateway_to_ask() {
+    let out = Command::new(gateway_bin())
+        .args(["diagnose", "payments"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("target `payments` has no port")
+            && err.contains("--admin ADDR of a running gateway"),
+        "{err}"
+    );
+
+    // A gateway whose admin listener has no /status (what it serves today: /healthz only).
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = admin.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = admin.accept().unwrap();
+        let mut buf = [0u8; 2048];
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 24\r\nconnection: close\r\n\r\nnot found; try /healthz\n",
+        )
+        .unwrap();
+    });
+    let out = Command::new(gateway_bin())
+        .args(["diagnose", "payments", "--admin", &addr.to_string()])
+        .output()
+        .unwrap();
+    server.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cluster lookup needs the gateway admin API's /status endpoint")
+            && err.contains("404 Not Found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn privileged_unknown_host_reads_as_dns_failure() {
+    let lab = lab();
+    let run = diagnose_in(&lab, &["no-such-host.invalid:443"]);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with("no-such-host.invalid:443: dns_failure (confidence 0.99)\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("resolving no-such-host.invalid failed after"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("getent ahosts no-such-host.invalid"),
+        "a next step: {}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains("diagnose: connects"),
+        "no progress indicator when stderr is not a terminal: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn privileged_closed_loopback_port_is_refused() {
+    require_root();
+    let addr = closed_port().to_string();
+    let run = diagnose_here(&["--json", &addr]);
+    let r = assert_verdict(&run, "refused");
+    assert_kernel_joined(&r);
+    assert_eq!(r["target"], addr);
+    assert_eq!(attempts(&r).len(), 5);
+}
+
+#[test]
+fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
+    require_root();
+    let closed = closed_port().to_string();
+    let open_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = open_listener.local_addr().unwrap().to_string();
+    // setpriv drops to nobody with no capabilities at all.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(gateway_bin())
+    .args(["diagnose", "--json", &closed, &open]);
+    let run = run(cmd);
+    let reports = run.reports();
+    assert_eq!(reports.len(), 2, "{run:?}");
+    check_report(&run, &reports[0], "refused");
+    assert_eq!(run.status.code(), Some(1), "one target is not healthy");
+    for r in &reports {
+        let m = &r["measurements"];
+        assert_eq!(m["kernel_signals"], false, "{m:#}");
+        assert!(
+            m["kernel_signals_missing"]
+                .as_str()
+                .unwrap()
+                .contains("needs root, or CAP_BPF"),
+            "{m:#}"
+        );
+        let text = serde_json::to_string(&r["evidence"]).unwrap();
+        assert!(!text.contains("[kernel"), "no kernel claim: {text}");
+        assert!(text.contains("[userspace]"), "{text}");
+        assert!(text.contains("kernel signals off"), "{text}");
+        for a in attempts(r) {
+            assert_eq!(a["source"], "userspace", "{a:#}");
+        }
+    }
+    assert_eq!(reports[1]["verdict"], "healthy", "{:#}", reports[1]);
+    for a in attempts(&reports[1]) {
+        assert_eq!(a["syn_retransmits"], 0, "from TCP_INFO: {a:#}");
+    }
+
+    // The text output says so too, and so does --no-kernel as root.
+    let run = diagnose_here(&["--no-kernel", &closed]);
+    assert!(
+        run.stdout
+            .contains("kernel signals OFF (turned off with --no-kernel)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(": refused (confidence"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn privileged_sigint_mid_probe_removes_the_cgroup() {
+    let lab = lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(8080).unwrap();
+    let _f = up.apply(Fault::SynBlackhole { port: 8080 }).unwrap();
+    let child = Command::new(gateway_bin())
+        .args(["diagnose", "--json", &up.addr_v4(8080).to_string()])
+        .in_netns(lab.client())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let dir = gateway::lab::cgroup2_mount()
+        .unwrap()
+        .join(format!("gateway-diagnose-{pid}"));
+    let start = Instant::now();
+    // Probing has begun once the process sits in its own cgroup.
+    while !std::fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|p| p.lines().any(|l| l.trim() == pid.to_string()))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "diagnose never entered {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted (SIGINT)"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "SIGINT ends the probes at once"
+    );
+    assert_no_cgroup_left(pid);
+}
