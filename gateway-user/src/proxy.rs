@@ -45,7 +45,6 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
-    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
@@ -53,7 +52,7 @@ use self::{
     access_log::AccessLogger,
     cluster::Cluster,
     router::Router,
-    server::{Phase, accept_loop, http_builder},
+    server::{Phase, http_builder},
 };
 pub use self::{
     body::ResponseBody,
@@ -73,6 +72,8 @@ pub(crate) struct Shared {
     pub signals: Arc<dyn SignalSource>,
     pub log: AccessLogger,
     pub draining: AtomicBool,
+    /// Worker count, i.e. idle-pool shards per endpoint.
+    pub workers: usize,
 }
 
 /// The routes and clusters of one config generation.
@@ -90,13 +91,14 @@ impl Runtime {
         settings: Settings,
         previous: Option<&Runtime>,
         signals: &Arc<dyn SignalSource>,
+        workers: usize,
     ) -> Runtime {
         let mut clusters = Vec::with_capacity(settings.clusters.len());
         for spec in settings.clusters.values() {
             let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
             clusters.push(match kept {
                 Some(c) => c.clone(),
-                None => Cluster::start(spec.clone(), signals.clone()).await,
+                None => Cluster::start(spec.clone(), signals.clone(), workers).await,
             });
         }
         let router = Router::new(&settings.routes, |name| {
@@ -109,6 +111,16 @@ impl Runtime {
             settings,
         }
     }
+}
+
+/// Where client connections are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    /// As tasks on the caller's tokio runtime (tests, embedding).
+    Current,
+    /// This many worker threads, each with its own single-threaded runtime and its own
+    /// `SO_REUSEPORT` socket per listen address.
+    Threads(usize),
 }
 
 #[derive(Debug, Error)]
@@ -125,6 +137,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start worker thread {index}: {source}")]
+    Worker {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running gateway.
@@ -133,9 +151,8 @@ pub struct GatewayHandle {
     admin: Option<SocketAddr>,
     shared: Arc<Shared>,
     phase: watch::Sender<Phase>,
-    live: Option<mpsc::Sender<()>>,
-    all_closed: mpsc::Receiver<()>,
-    accept_tasks: Vec<JoinHandle<()>>,
+    /// Closed when every worker is done.
+    workers_done: mpsc::Receiver<()>,
 }
 
 /// How a drain ended.
@@ -152,73 +169,118 @@ pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let make = || -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
+    let make = || -> std::io::Result<std::net::TcpListener> {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
             Some(socket2::Protocol::TCP),
         )?;
         s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
         }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         s.listen(LISTEN_BACKLOG)?;
-        TcpListener::from_std(s.into())
+        Ok(s.into())
     };
     make().map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Binds the listeners and starts serving. Must be called inside a tokio runtime.
+/// Starts the gateway on the caller's runtime ([`Workers::Current`]).
 pub async fn start(
     settings: Settings,
     signals: Arc<dyn SignalSource>,
 ) -> Result<GatewayHandle, StartError> {
-    let listeners = settings
-        .listen
-        .iter()
-        .map(|a| bind(*a))
-        .collect::<Result<Vec<_>, _>>()?;
-    let admin_listener = settings.admin.map(bind).transpose()?;
+    start_with(settings, signals, Workers::Current).await
+}
+
+/// Binds the listeners and starts serving. Must be called inside a tokio runtime, which also
+/// runs the admin listener and the clusters' background tasks.
+pub async fn start_with(
+    settings: Settings,
+    signals: Arc<dyn SignalSource>,
+    workers: Workers,
+) -> Result<GatewayHandle, StartError> {
+    let n = match workers {
+        Workers::Current => 1,
+        Workers::Threads(n) => n.max(1),
+    };
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+    let mut listen = Vec::new();
+    for addr in &settings.listen {
+        let first = bind(*addr, n > 1)?;
+        let actual = first.local_addr().map_err(|source| StartError::Bind {
+            addr: *addr,
+            source,
+        })?;
+        per_worker[0].push(first);
+        for w in per_worker.iter_mut().skip(1) {
+            w.push(bind(actual, true)?);
+        }
+        listen.push(actual);
+    }
+    let admin_listener = match settings.admin {
+        Some(a) => Some(bind(a, false).and_then(|l| {
+            TcpListener::from_std(l).map_err(|source| StartError::Bind { addr: a, source })
+        })?),
+        None => None,
+    };
     let log =
         AccessLogger::start(&settings.access_log).map_err(|source| StartError::AccessLog {
             path: format!("{:?}", settings.access_log.output),
             source,
         })?;
-    let runtime = Runtime::build(settings, None, &signals).await;
+    let runtime = Runtime::build(settings, None, &signals, n).await;
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         signals,
         log,
         draining: AtomicBool::new(false),
+        workers: n,
     });
     let (phase, phase_rx) = watch::channel(Phase::Run);
-    let (live, all_closed) = mpsc::channel(1);
-    let mut listen = Vec::new();
-    let mut accept_tasks = Vec::new();
-    for l in listeners {
-        let addr = l.local_addr().map_err(|source| StartError::Bind {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
-        info!(listener = %addr, "proxy listening");
-        listen.push(addr);
-        accept_tasks.push(tokio::spawn(accept_loop(
-            l,
-            shared.clone(),
-            phase_rx.clone(),
-            live.clone(),
-        )));
+    let (done, workers_done) = mpsc::channel(1);
+    for (i, listeners) in per_worker.into_iter().enumerate() {
+        let (shared, phase_rx, done) = (shared.clone(), phase_rx.clone(), done.clone());
+        match workers {
+            Workers::Current => {
+                tokio::spawn(server::worker(listeners, shared, phase_rx, done));
+            }
+            Workers::Threads(_) => {
+                std::thread::Builder::new()
+                    .name(format!("gateway-w{i}"))
+                    .spawn(move || {
+                        server::set_worker_index(i);
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => {
+                                rt.block_on(server::worker(listeners, shared, phase_rx, done))
+                            }
+                            Err(e) => {
+                                error!(worker = i, error = %e, "cannot start a worker runtime")
+                            }
+                        }
+                    })
+                    .map_err(|source| StartError::Worker { index: i, source })?;
+            }
+        }
+    }
+    for addr in &listen {
+        info!(listener = %addr, workers = n, "proxy listening");
     }
     let mut admin = None;
     if let Some(l) = admin_listener {
-        let addr = l.local_addr().ok();
-        if let Some(a) = addr {
+        admin = l.local_addr().ok();
+        if let Some(a) = admin {
             info!(admin = %a, "admin listening");
         }
-        admin = addr;
         tokio::spawn(admin::serve(l, shared.clone(), phase_rx.clone()));
     }
     Ok(GatewayHandle {
@@ -226,9 +288,7 @@ pub async fn start(
         admin,
         shared,
         phase,
-        live: Some(live),
-        all_closed,
-        accept_tasks,
+        workers_done,
     })
 }
 
@@ -252,6 +312,9 @@ impl GatewayHandle {
                 .needs_restart
                 .push("router.listen / router.listener_port");
         }
+        if settings.workers != current.settings.workers {
+            report.needs_restart.push("router.workers");
+        }
         if settings.admin != current.settings.admin {
             report.needs_restart.push("admin.listen");
         }
@@ -259,7 +322,13 @@ impl GatewayHandle {
             report.needs_restart.push("access_log.output");
         }
         self.shared.log.set_format(settings.access_log.format);
-        let next = Runtime::build(settings, Some(&current), &self.shared.signals).await;
+        let next = Runtime::build(
+            settings,
+            Some(&current),
+            &self.shared.signals,
+            self.shared.workers,
+        )
+        .await;
         self.shared.runtime.store(Arc::new(next));
         report
     }
@@ -270,16 +339,12 @@ impl GatewayHandle {
         let start = tokio::time::Instant::now();
         self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Drain);
-        for t in self.accept_tasks.drain(..) {
-            let _ = t.await;
-        }
-        self.live = None;
-        let forced = tokio::time::timeout(grace, self.all_closed.recv())
+        let forced = tokio::time::timeout(grace, self.workers_done.recv())
             .await
             .is_err();
         if forced {
             let _ = self.phase.send(Phase::Force);
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.all_closed.recv()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.workers_done.recv()).await;
         }
         let _ = self.phase.send(Phase::Force);
         ShutdownReport {
@@ -302,9 +367,10 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         warn!("config: {w}");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The main thread's runtime handles signals, reloads, the admin listener and background
+    // tasks; client traffic runs on the worker threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("gateway")
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(run(path, loaded.settings))?;
@@ -322,7 +388,10 @@ async fn run(path: &Path, settings: Settings) -> anyhow::Result<()> {
     let mode = signals.mode();
     warn!(signals = %mode, "connect and response decisions use userspace timing only");
     let mut grace = settings.shutdown_grace;
-    let handle = start(settings, signals).await?;
+    let workers = settings.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let handle = start_with(settings, signals, Workers::Threads(workers)).await?;
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",

@@ -217,7 +217,7 @@ fn haproxy_conf(port: u16, ups: &[u16]) -> String {
         .map(|(i, p)| format!("  server u{i} 127.0.0.1:{p}\n"))
         .collect();
     format!(
-        "global\n  nbthread {n}\n  maxconn 20000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  option forwardfor\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  balance roundrobin\n{servers}",
+        "global\n  nbthread {n}\n  maxconn 8000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  option forwardfor\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  balance roundrobin\n{servers}",
         n = cores()
     )
 }

@@ -43,6 +43,9 @@ pub struct RouterConfig {
     /// On SIGTERM or SIGINT, how long in-flight requests may run before the gateway exits
     /// anyway. Default [`DEFAULT_SHUTDOWN_GRACE_MS`].
     pub shutdown_grace_ms: Option<u64>,
+    /// Worker threads, each with its own event loop and listening sockets (like nginx's
+    /// `worker_processes`). Default: one per CPU.
+    pub workers: Option<usize>,
     #[serde(default)]
     pub downstream: DownstreamConfig,
     #[serde(default)]

@@ -11,6 +11,8 @@ pub struct Settings {
     /// Client listeners (at least one).
     pub listen: Vec<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// `None`: one per CPU.
+    pub workers: Option<usize>,
     pub downstream: Downstream,
     /// In the order written; matching picks the most specific, see `proxy::router`.
     pub routes: Vec<Route>,

@@ -158,6 +158,9 @@ pub(crate) fn validate(cfg: &Config) -> Result<(Settings, Vec<At<Warning>>), Vec
         .shutdown_grace_ms
         .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
     c.range(&grace_key, grace_ms, 0, DAY_MS, " ms");
+    if let Some(w) = cfg.router.workers {
+        c.range(&router.key("workers"), w as u64, 1, 1024, "");
+    }
 
     // Client side.
     let ds = &cfg.router.downstream;
@@ -363,6 +366,7 @@ pub(crate) fn validate(cfg: &Config) -> Result<(Settings, Vec<At<Warning>>), Vec
         Settings {
             listen,
             shutdown_grace: ms(grace_ms),
+            workers: cfg.router.workers,
             downstream,
             routes,
             clusters,

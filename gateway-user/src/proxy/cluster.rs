@@ -43,11 +43,15 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, weight: u32, spec: &ClusterSpec) -> Self {
+    fn new(addr: SocketAddr, weight: u32, spec: &ClusterSpec, shards: usize) -> Self {
         Endpoint {
             addr,
             weight,
-            pool: IdlePool::new(spec.limits.max_idle_per_endpoint, spec.timeouts.idle),
+            pool: IdlePool::new(
+                shards,
+                spec.limits.max_idle_per_endpoint,
+                spec.timeouts.idle,
+            ),
             in_flight: AtomicU64::new(0),
             outlier: Mutex::new(Outlier::default()),
             maybe_ejected: AtomicBool::new(false),
@@ -97,6 +101,8 @@ pub(crate) struct Cluster {
     retries: AtomicUsize,
     signals: Arc<dyn SignalSource>,
     client: http1::Builder,
+    /// Worker threads, i.e. idle-pool shards per endpoint.
+    shards: usize,
 }
 
 /// Why no endpoint could be picked.
@@ -110,11 +116,15 @@ pub(crate) enum NoPick {
 impl Cluster {
     /// Resolves the endpoints and starts the cluster's background tasks (idle sweep, DNS
     /// refresh), which end when the cluster is dropped.
-    pub async fn start(spec: ClusterSpec, signals: Arc<dyn SignalSource>) -> Arc<Cluster> {
+    pub async fn start(
+        spec: ClusterSpec,
+        signals: Arc<dyn SignalSource>,
+        shards: usize,
+    ) -> Arc<Cluster> {
         let addrs = resolve(&spec).await;
         let endpoints = addrs
             .into_iter()
-            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec)))
+            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards)))
             .collect();
         let mut client = http1::Builder::new();
         client.max_buf_size(256 * 1024);
@@ -129,6 +139,7 @@ impl Cluster {
             signals,
             client,
             spec,
+            shards,
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         if cluster
@@ -188,7 +199,11 @@ impl Cluster {
             if let Ok(slot) = self.slots.clone().try_acquire_owned() {
                 return self.connect(ep, slot).await;
             }
-            // All slots busy: an idle connection to another endpoint can make room.
+            // All slots busy: use another worker's idle connection to this endpoint, or close
+            // an idle connection to another endpoint to make room.
+            if let Some(c) = ep.pool.steal() {
+                return Ok(c);
+            }
             if self.evict_idle_except(ep) {
                 continue;
             }
@@ -390,7 +405,7 @@ async fn refresh_dns(cluster: Weak<Cluster>) {
                     .iter()
                     .find(|e| e.addr == a && e.weight == w)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(a, w, &c.spec)))
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(a, w, &c.spec, c.shards)))
             })
             .collect::<Vec<_>>();
         info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");

@@ -5,6 +5,11 @@
 //! recently used connection is the likeliest to be alive and warm, and everything older than
 //! the newest expired one is expired too. A connection goes back to the list only once hyper
 //! says it is ready for another request, i.e. the previous response was read to the end.
+//!
+//! The list is sharded by worker thread (see `server::worker_index`): a worker takes and
+//! returns connections whose I/O task runs on its own single-threaded runtime, so a request
+//! and its upstream connection never wake another thread. A worker steals from another
+//! shard only when the cluster is at `max_connections`.
 
 use std::{
     sync::{
@@ -51,7 +56,7 @@ impl UpstreamConn {
 }
 
 pub(crate) struct IdlePool {
-    idle: Mutex<Vec<UpstreamConn>>,
+    shards: Box<[Mutex<Vec<UpstreamConn>>]>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Requests waiting for a connection of this endpoint (see `Cluster::checkout`).
@@ -60,9 +65,10 @@ pub(crate) struct IdlePool {
 }
 
 impl IdlePool {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+    /// `max_idle` is per shard.
+    pub fn new(shards: usize, max_idle: usize, idle_timeout: Duration) -> Self {
         IdlePool {
-            idle: Mutex::new(Vec::new()),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             max_idle,
             idle_timeout,
             waiters: AtomicUsize::new(0),
@@ -70,15 +76,33 @@ impl IdlePool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<UpstreamConn>> {
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Vec<UpstreamConn>> {
         // A panic while holding the lock cannot leave the list inconsistent.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently returned live connection, if any.
+    fn own(&self) -> usize {
+        super::server::worker_index()
+    }
+
+    /// The most recently returned live connection of this worker's shard, if any.
     pub fn take(&self) -> Option<UpstreamConn> {
+        self.take_from(self.own())
+    }
+
+    /// A live connection from another worker's shard.
+    pub fn steal(&self) -> Option<UpstreamConn> {
+        let own = self.own() % self.shards.len();
+        (0..self.shards.len())
+            .filter(|&s| s != own)
+            .find_map(|s| self.take_from(s))
+    }
+
+    fn take_from(&self, shard: usize) -> Option<UpstreamConn> {
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = self.lock(shard);
         while let Some(mut c) = idle.pop() {
             if now.duration_since(c.idle_since) >= self.idle_timeout {
                 idle.clear();
@@ -96,7 +120,7 @@ impl IdlePool {
     /// Returns a connection that is ready for another request.
     pub fn put(&self, mut c: UpstreamConn) {
         c.idle_since = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = self.lock(self.own());
         if idle.len() < self.max_idle {
             idle.push(c);
             drop(idle);
@@ -108,20 +132,24 @@ impl IdlePool {
 
     /// Closes the oldest idle connection, freeing its slot for another endpoint.
     pub fn evict_oldest(&self) -> bool {
-        let mut idle = self.lock();
-        if idle.is_empty() {
-            false
-        } else {
-            idle.remove(0);
-            true
-        }
+        (0..self.shards.len()).any(|s| {
+            let mut idle = self.lock(s);
+            if idle.is_empty() {
+                false
+            } else {
+                idle.remove(0);
+                true
+            }
+        })
     }
 
     /// Closes expired and dead idle connections.
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain(|c| {
-            now.duration_since(c.idle_since) < self.idle_timeout && !c.sender.is_closed()
-        });
+        for s in 0..self.shards.len() {
+            self.lock(s).retain(|c| {
+                now.duration_since(c.idle_since) < self.idle_timeout && !c.sender.is_closed()
+            });
+        }
     }
 }

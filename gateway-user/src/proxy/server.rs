@@ -1,13 +1,19 @@
 //! Client-facing listeners: accept, serve HTTP/1.1 and HTTP/2 (prior knowledge) on each
 //! connection, and drain on shutdown.
 //!
+//! In production the gateway runs like nginx: one worker thread per core, each with its own
+//! single-threaded tokio runtime and its own `SO_REUSEPORT` socket per listen address, so the
+//! kernel spreads connections over workers and a connection, its requests and their upstream
+//! connections stay on one thread (no cross-thread wake-ups, no work stealing). Tests run the
+//! same worker as a task on their own runtime.
+//!
 //! Shutdown has two steps, driven by a `watch` of [`Phase`]: `Drain` stops accepting and asks
 //! every connection to finish what it is doing (HTTP/1: the current response, then close;
 //! HTTP/2: GOAWAY), `Force` closes whatever is left when the grace period is over. Each
 //! connection task holds a clone of an `mpsc::Sender` that is never sent on: the receiver sees
 //! the channel close when the last connection is gone.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{cell::Cell, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
@@ -28,6 +34,57 @@ pub(crate) enum Phase {
     Run,
     Drain,
     Force,
+}
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// This thread's worker number (0 outside worker threads), for per-worker pool shards.
+pub(crate) fn worker_index() -> usize {
+    WORKER.with(Cell::get)
+}
+
+pub(crate) fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// One worker: accepts on its listeners until the drain starts, then waits until its
+/// connections are done (or the drain is forced). Dropping `done` tells the handle.
+pub(crate) async fn worker(
+    listeners: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    done: mpsc::Sender<()>,
+) {
+    let (live, mut all_closed) = mpsc::channel::<()>(1);
+    let mut loops = Vec::new();
+    for l in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => loops.push(tokio::spawn(accept_loop(
+                l,
+                shared.clone(),
+                phase.clone(),
+                live.clone(),
+            ))),
+            Err(e) => warn!(error = %e, "cannot register a listener with the worker's runtime"),
+        }
+    }
+    drop(live);
+    for l in loops {
+        let _ = l.await;
+    }
+    loop {
+        tokio::select! {
+            _ = all_closed.recv() => break,
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Force {
+                    break;
+                }
+            }
+        }
+    }
+    drop(done);
 }
 
 /// Headers per request hyper accepts before answering 431 itself.
@@ -54,7 +111,7 @@ pub(crate) fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts until the phase leaves `Run`.
-pub(crate) async fn accept_loop(
+async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
