@@ -59,8 +59,11 @@ pub const MAX_COUNT: u32 = 1000;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
 /// With `--http`: how long to wait for the first response byte.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connects made with the kernel's budget when a configured deadline cut connects short.
+/// Connects made with a longer deadline when a configured deadline cut connects short.
 pub const PATIENT_COUNT: u32 = 3;
+/// The patient connects' deadline: the default (kernel-derived) one, but at most this. A
+/// handshake slower than this has needed several SYN retransmits: not a deadline question.
+pub const PATIENT_DEADLINE_MAX: Duration = Duration::from_secs(5);
 /// Attempts in flight at once (each holds a socket).
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -157,6 +160,7 @@ struct Resolved {
     /// `Host` header for `--http`.
     host_header: String,
     started: Instant,
+    resolved: Instant,
 }
 
 /// One address to probe, with its schedule.
@@ -192,6 +196,7 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
     // Read where the probes run: the sysctls are per network namespace.
     let syn_budget = budget::read();
     let kernel_deadline = budget::default_deadline(&syn_budget);
+    let patient_deadline = kernel_deadline.min(PATIENT_DEADLINE_MAX);
     let (deadline, deadline_source) = match args.connect_timeout_ms {
         Some(ms) => (Duration::from_millis(ms), DeadlineSource::Configured),
         None => (kernel_deadline, DeadlineSource::Kernel),
@@ -224,12 +229,12 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
         "connects",
         jobs.iter().map(|j| j.schedule.count as usize).sum(),
     );
-    let observed = run_jobs(&jobs, &mut kernel, &mut progress).await?;
+    let (observed, finished) = run_jobs(&jobs, &mut kernel, &mut progress).await?;
 
     // A configured deadline that cut connects short: how long does the handshake really take?
     let mut patient_jobs = Vec::new();
     let mut patient_of = vec![None; jobs.len()];
-    if deadline_source == DeadlineSource::Configured && deadline < kernel_deadline {
+    if deadline_source == DeadlineSource::Configured && deadline < patient_deadline {
         for (j, job) in jobs.iter().enumerate() {
             if observed[j]
                 .iter()
@@ -242,15 +247,15 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
                     schedule: Schedule {
                         count: PATIENT_COUNT.min(args.count),
                         interval,
-                        deadline: kernel_deadline,
+                        deadline: patient_deadline,
                         http: None,
                     },
                 });
             }
         }
     }
-    let patient = if patient_jobs.is_empty() {
-        Vec::new()
+    let (patient, patient_finished) = if patient_jobs.is_empty() {
+        (Vec::new(), Vec::new())
     } else {
         progress.phase(
             "patient connects",
@@ -274,18 +279,21 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
     let mut reports = Vec::new();
     for (t, r) in resolved.into_iter().enumerate() {
         let mut addresses = Vec::new();
+        let mut done = r.resolved;
         for (j, job) in jobs.iter().enumerate().filter(|(_, j)| j.target == t) {
+            done = done.max(finished[j]);
             let attempts = observed[j]
                 .iter()
                 .map(|o| to_attempt(o, kernel.as_ref()))
                 .collect();
             let mut a = AddressMeasurements::new(job.addr, attempts);
             if let Some(p) = patient_of[j] {
+                done = done.max(patient_finished[p]);
                 a.patient_attempts = patient[p]
                     .iter()
                     .map(|o| to_attempt(o, kernel.as_ref()))
                     .collect();
-                a.patient_deadline_ms = Some(kernel_deadline.as_millis() as u64);
+                a.patient_deadline_ms = Some(patient_deadline.as_millis() as u64);
             }
             addresses.push(a);
         }
@@ -304,7 +312,7 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             events_lost,
         };
         let ranked = classify::classify(&m);
-        reports.push(TargetReport::new(r.label, ranked, m, r.started.elapsed()));
+        reports.push(TargetReport::new(r.label, ranked, m, done - r.started));
     }
     // Detach and leave the cgroup before printing: nothing below opens a socket.
     drop(kernel);
@@ -350,6 +358,7 @@ async fn resolve_all(args: &DiagnoseArgs) -> anyhow::Result<Vec<Resolved>> {
                         addrs,
                         host_header,
                         started,
+                        resolved: Instant::now(),
                     }
                 }
                 Target::Cluster(name) => {
@@ -367,6 +376,7 @@ async fn resolve_all(args: &DiagnoseArgs) -> anyhow::Result<Vec<Resolved>> {
                         label,
                         addrs,
                         started,
+                        resolved: Instant::now(),
                     }
                 }
             };
@@ -381,13 +391,14 @@ async fn resolve_all(args: &DiagnoseArgs) -> anyhow::Result<Vec<Resolved>> {
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Runs every job's attempts, draining the kernel's records meanwhile. `result[j][i]` is
-/// attempt `i` of job `j`.
+/// Runs every job's attempts, draining the kernel's records meanwhile. Returns attempt `i`
+/// of job `j` at `[j][i]`, and when each job's last attempt ended.
 async fn run_jobs(
     jobs: &[Job],
     kernel: &mut Option<KernelSession>,
     progress: &mut Progress,
-) -> anyhow::Result<Vec<Vec<Observed>>> {
+) -> anyhow::Result<(Vec<Vec<Observed>>, Vec<Instant>)> {
+    let mut finished = vec![Instant::now(); jobs.len()];
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut set = JoinSet::new();
     for (j, job) in jobs.iter().enumerate() {
@@ -414,6 +425,7 @@ async fn run_jobs(
                 Some(joined) => {
                     let (j, i, o) = joined.context("a probe task failed")?;
                     out[j][i] = Some(o);
+                    finished[j] = Instant::now();
                     progress.step();
                 }
             },
@@ -421,13 +433,15 @@ async fn run_jobs(
                 if let Some(k) = kernel.as_mut() {
                     k.pump();
                 }
+                progress.tick();
             }
         }
     }
-    Ok(out
+    let out = out
         .into_iter()
         .map(|v| v.into_iter().flatten().collect())
-        .collect())
+        .collect();
+    Ok((out, finished))
 }
 
 /// What `connect()`'s errno says, when the kernel's record is missing.

@@ -199,7 +199,10 @@ fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
     let run = diagnose_here(&["--no-kernel", &closed]);
     assert!(
         run.stdout
-            .contains("kernel signals OFF (turned off with --no-kernel)"),
+            .contains("kernel signals off (turned off with --no-kernel)")
+            && run
+                .stdout
+                .contains("kernel signals OFF (why: see evidence)"),
         "{}",
         run.stdout
     );

@@ -14,7 +14,8 @@ use std::{
 
 use common::{
     diagnose::{
-        SlowAcceptor, assert_kernel_joined, assert_verdict, attempts, check_report, diagnose_in,
+        SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
+        diagnose_in, diagnose_with_resolver,
     },
     require_root,
 };
@@ -248,6 +249,34 @@ fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
         "{r:#}"
     );
     assert_eq!(r["measurements"]["addresses"], serde_json::json!([]));
+}
+
+#[test]
+fn privileged_dns_failure_slow_resolution() {
+    let lab = lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
+    let _dns = SlowDns::start(up, up.ipv4(), Duration::from_millis(1500));
+    let run = diagnose_with_resolver(&lab, up.ipv4().into(), &["--json", "slow.lab.test:8080"]);
+    let r = assert_verdict(&run, "dns_failure");
+    let res = &r["measurements"]["resolution"];
+    assert_eq!(
+        res["addresses"],
+        serde_json::json!(["10.77.1.2"]),
+        "{res:#}"
+    );
+    let took = res["elapsed_us"].as_u64().unwrap();
+    assert!((1_400_000..3_000_000).contains(&took), "{took} µs");
+    assert!(
+        r["evidence"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("resolving slow.lab.test took 1."),
+        "{r:#}"
+    );
+    // The connects themselves were fine, and say so as the alternative.
+    assert_eq!(r["alternatives"][0]["verdict"], "healthy", "{r:#}");
+    assert_kernel_joined(&r);
 }
 
 #[test]

@@ -555,11 +555,16 @@ fn filtered(f: &Facts) -> Option<Verdict> {
         v.evidence.push(line);
         let p = &f.a.patient_attempts;
         if !p.is_empty() {
+            let silent: Vec<&Attempt> = p.iter().filter(|a| a.outcome.unanswered()).collect();
             v.evidence.push(format!(
-                "{}/{} patient connects with a {} ms deadline went unanswered too",
-                p.iter().filter(|a| a.outcome.unanswered()).count(),
+                "{}/{} patient connects with a {} ms deadline went unanswered too{} {}",
+                silent.len(),
                 p.len(),
-                f.a.patient_deadline_ms.unwrap_or(0)
+                f.a.patient_deadline_ms.unwrap_or(0),
+                retransmit_phrase(&silent)
+                    .map(|r| format!(", {r}"))
+                    .unwrap_or_default(),
+                source_tag(&silent)
             ));
         }
     }

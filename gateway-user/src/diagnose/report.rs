@@ -157,10 +157,7 @@ impl TargetReport {
         parts.push(if m.kernel_signals {
             "kernel signals on".to_owned()
         } else {
-            format!(
-                "kernel signals OFF ({})",
-                m.kernel_signals_missing.as_deref().unwrap_or("unknown")
-            )
+            "kernel signals OFF (why: see evidence)".to_owned()
         });
         parts.join("; ")
     }
@@ -173,7 +170,11 @@ pub struct Progress {
     done: usize,
     phase: &'static str,
     start: Instant,
+    drawn: Instant,
 }
+
+/// How often [`Progress::tick`] redraws (the elapsed time moves on while probes wait).
+const REDRAW_EVERY: Duration = Duration::from_millis(200);
 
 impl Progress {
     pub fn new() -> Progress {
@@ -183,6 +184,7 @@ impl Progress {
             done: 0,
             phase: "",
             start: Instant::now(),
+            drawn: Instant::now(),
         }
     }
 
@@ -199,10 +201,18 @@ impl Progress {
         self.draw();
     }
 
-    fn draw(&self) {
+    /// Redraws now and then, so a terminal sees time pass while probes wait.
+    pub fn tick(&mut self) {
+        if self.drawn.elapsed() >= REDRAW_EVERY {
+            self.draw();
+        }
+    }
+
+    fn draw(&mut self) {
         if !self.tty {
             return;
         }
+        self.drawn = Instant::now();
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,

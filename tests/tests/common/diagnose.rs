@@ -275,3 +275,125 @@ fn slow_accept(
         seen = listen_overflows();
     }
 }
+
+/// A DNS server in an upstream namespace (UDP port 53 on its IPv4 address) that answers every
+/// A query with `answer` and every other query with no records, each `delay` late: a resolver
+/// that works, slowly.
+pub struct SlowDns {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl SlowDns {
+    pub fn start(upstream: &Upstream, answer: std::net::Ipv4Addr, delay: Duration) -> SlowDns {
+        let addr = SocketAddr::new(upstream.ipv4().into(), 53);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let s = stop.clone();
+        let handle = upstream
+            .netns()
+            .spawn_thread("slow-dns", move || {
+                let sock = std::net::UdpSocket::bind(addr).expect("binding the lab DNS server");
+                sock.set_read_timeout(Some(Duration::from_millis(10)))
+                    .unwrap();
+                let _ = ready_tx.send(());
+                serve_dns(&sock, answer, delay, &s);
+            })
+            .expect("starting the lab DNS server");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the lab DNS server is listening");
+        SlowDns {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for SlowDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve_dns(
+    sock: &std::net::UdpSocket,
+    answer: std::net::Ipv4Addr,
+    delay: Duration,
+    stop: &AtomicBool,
+) {
+    let mut pending: Vec<(Instant, Vec<u8>, SocketAddr)> = Vec::new();
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        pending.retain(|(due, reply, to)| {
+            if *due > now {
+                return true;
+            }
+            let _ = sock.send_to(reply, to);
+            false
+        });
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && let Some(reply) = dns_reply(&buf[..n], answer)
+        {
+            pending.push((Instant::now() + delay, reply, from));
+        }
+    }
+}
+
+/// A NOERROR reply to the query in `q`: one A record for A queries, none otherwise.
+fn dns_reply(q: &[u8], answer: std::net::Ipv4Addr) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    let mut i = 12;
+    while *q.get(i)? != 0 {
+        i += 1 + usize::from(q[i]);
+    }
+    let question_end = i + 5;
+    let qtype = u16::from_be_bytes([*q.get(i + 1)?, *q.get(i + 2)?]);
+    q.get(question_end - 1)?;
+    let is_a = qtype == 1;
+    let mut r = Vec::with_capacity(question_end + 16);
+    r.extend_from_slice(&q[..2]); // id
+    r.extend_from_slice(&[0x81, 0x80]); // response, recursion desired + available, NOERROR
+    r.extend_from_slice(&[0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+    r.extend_from_slice(&q[12..question_end]);
+    if is_a {
+        // Name = pointer to the question, type A, class IN, TTL 60, 4 bytes.
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        r.extend_from_slice(&answer.octets());
+    }
+    Some(r)
+}
+
+/// `gateway diagnose ARGS` in the lab's client namespace and in a private mount namespace
+/// whose /etc/resolv.conf names only `nameserver` (the host's own file is untouched).
+pub fn diagnose_with_resolver(lab: &Lab, nameserver: std::net::IpAddr, args: &[&str]) -> Run {
+    let conf = std::env::temp_dir().join(format!(
+        "gateway-diagnose-test-{}-resolv.conf",
+        std::process::id()
+    ));
+    std::fs::write(
+        &conf,
+        format!("nameserver {nameserver}\noptions timeout:3 attempts:1\n"),
+    )
+    .unwrap();
+    let mut script = format!(
+        "set -e; mount --bind '{}' /etc/resolv.conf; exec '{}' diagnose",
+        conf.display(),
+        gateway_bin().display()
+    );
+    for a in args {
+        script.push_str(&format!(" '{a}'"));
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .in_netns(lab.client());
+    let run = run(cmd);
+    let _ = std::fs::remove_file(&conf);
+    run
+}
