@@ -155,7 +155,7 @@ pub enum DeadlineSource {
 pub struct SynBudget {
     pub tcp_syn_retries: u32,
     pub tcp_syn_linear_timeouts: u32,
-    /// When the kernel gives up on a connect nobody answers (an upper bound).
+    /// When the kernel gives up on a connect nobody answers, as [`super::budget`] models it.
     pub budget_ms: u64,
 }
 
