@@ -35,7 +35,8 @@ pub enum KernelUnavailable {
     #[error("could not set up a cgroup to observe the probes from: {0}")]
     Cgroup(#[source] SelfCgroupError),
     #[error("could not attach the kernel observer: {0}")]
-    Observer(#[source] ObserverError),
+    // Boxed: the verifier's log makes it large, and it is the rare path.
+    Observer(#[source] Box<ObserverError>),
     #[error("turned off with --no-kernel")]
     Disabled,
 }
@@ -59,7 +60,7 @@ impl KernelSession {
             max_destinations: MAX_DESTINATIONS,
             max_connections: MAX_CONNECTIONS,
         })
-        .map_err(KernelUnavailable::Observer)?;
+        .map_err(|e| KernelUnavailable::Observer(Box::new(e)))?;
         Ok(KernelSession {
             observer,
             clock: Clock::now(),
