@@ -6,6 +6,7 @@ pub mod decide;
 pub mod demo;
 pub mod diagnose;
 pub mod lab;
+pub mod metrics;
 pub mod observe;
 pub mod observer;
 pub mod proxy;

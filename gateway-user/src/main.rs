@@ -35,6 +35,9 @@ enum Command {
     Diagnose(gateway::diagnose::DiagnoseArgs),
     /// Build a lab of faulty upstreams in network namespaces and show what the kernel sees.
     Demo(gateway::demo::DemoArgs),
+    /// Print the metric catalogue (METRICS.md) generated from the code.
+    #[command(hide = true)]
+    MetricsDoc,
     /// One of the demo's client programs (started by `gateway demo`).
     #[command(hide = true)]
     DemoClient(gateway::demo::DemoClientArgs),
@@ -48,6 +51,10 @@ fn main() -> ExitCode {
         Command::Observe(args) => gateway::observe::run(args),
         Command::Diagnose(args) => gateway::diagnose::run(args),
         Command::Demo(args) => gateway::demo::demo(args),
+        Command::MetricsDoc => {
+            print!("{}", gateway::metrics::catalogue_markdown());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DemoClient(args) => gateway::demo::demo_client(args),
     };
     match result {

@@ -1,0 +1,410 @@
+//! The metric catalogue of `gateway run`: every family, its type, labels and help text, in one
+//! table ([`CATALOGUE`]) that both registers the metrics and generates `METRICS.md`, so the
+//! documentation cannot drift from the code (a test compares them).
+//!
+//! Label values are bounded: routes, clusters and endpoints come from the config, outcomes,
+//! phases, reasons and errnos from closed sets in the code. Nothing a client sends becomes a
+//! label. Kernel-sourced families say so in their help text.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Buckets from 50 µs to ~13 s, doubling (19 buckets).
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 19)
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub cluster: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub cluster: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointOutcome {
+    pub cluster: String,
+    pub endpoint: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointErrno {
+    pub cluster: String,
+    pub endpoint: String,
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrnoLabels {
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub cluster: String,
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub cluster: String,
+    pub endpoint: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReason {
+    pub cluster: String,
+    pub endpoint: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReason {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: &'static str,
+}
+
+/// One row of the catalogue.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDoc {
+    /// The exposed name (counters gain `_total` on the wire).
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+macro_rules! catalogue {
+    ($($field:ident: $name:literal, $kind:literal, [$($label:literal),*], $help:literal;)*) => {
+        /// Every metric `gateway run` exports.
+        pub const CATALOGUE: &[MetricDoc] = &[
+            $(MetricDoc { name: $name, kind: $kind, labels: &[$($label),*], help: $help },)*
+        ];
+        mod field_index {
+            #![allow(non_upper_case_globals, dead_code)]
+            catalogue!(@idx 0usize; $($field)*);
+        }
+    };
+    (@idx $n:expr; $first:ident $($rest:ident)*) => {
+        pub const $first: usize = $n;
+        catalogue!(@idx $n + 1usize; $($rest)*);
+    };
+    (@idx $n:expr;) => {};
+}
+
+catalogue! {
+    requests: "gateway_requests", "counter", ["route", "cluster", "status"],
+        "Requests answered, by route, cluster and HTTP status (including the gateway's own 5xx).";
+    request_duration: "gateway_request_duration_seconds", "histogram", ["route", "cluster"],
+        "Time from request headers received to response headers sent.";
+    upstream_attempts: "gateway_upstream_attempts", "counter", ["cluster", "endpoint", "outcome"],
+        "Upstream connect attempts by outcome (established, refused, timeout, unreachable, aborted, addr_unavailable); the outcome is the kernel's (eBPF sock_ops) when the observer is attached, else the proxy's own.";
+    syn_rtt: "gateway_upstream_syn_rtt_seconds", "histogram", ["cluster", "endpoint"],
+        "SYN sent to SYN-ACK received on upstream connects, measured by the kernel (eBPF sock_ops).";
+    syn_retransmits: "gateway_upstream_syn_retransmits", "counter", ["cluster", "endpoint"],
+        "SYNs retransmitted on upstream connects, counted by the kernel (eBPF sock_ops RETRANS).";
+    connect_failures: "gateway_upstream_connect_failures", "counter", ["cluster", "endpoint", "errno"],
+        "Failed upstream connects by errno (ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, ...), from the kernel (eBPF) when attached.";
+    socket_errors: "gateway_socket_errors", "counter", ["errno"],
+        "Errors the gateway read through getsockopt(SO_ERROR) on its upstream sockets, seen by the kernel (eBPF cgroup getsockopt).";
+    timeouts: "gateway_timeouts", "counter", ["cluster", "phase"],
+        "Timeouts that fired, by phase: connect, response, write, request, idle.";
+    rtos: "gateway_upstream_rtos", "counter", ["cluster", "endpoint"],
+        "Retransmission timeouts on established upstream connections, from the kernel (eBPF sock_ops RTO).";
+    connect_deadline: "gateway_upstream_connect_deadline_seconds", "gauge", ["cluster", "endpoint"],
+        "The connect deadline currently applied to the endpoint (adaptive from kernel SYN-RTT, capped by connect_timeout_ms).";
+    health_state: "gateway_endpoint_health_state", "gauge", ["cluster", "endpoint", "state"],
+        "1 for the endpoint's current health state (healthy, suspect, ejected, probing), 0 for the others.";
+    ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
+        "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend).";
+    hedges: "gateway_hedged_connects", "counter", ["cluster", "reason"],
+        "Connects raced to a second endpoint, by reason (deadline: no SYN-ACK by the endpoint's deadline) and result (won, lost, budget_exhausted).";
+    retries: "gateway_retries", "counter", ["cluster", "reason"],
+        "Requests retried on another endpoint, by reason (connect_failed, unacked_request, response_timeout).";
+    retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
+        "Retries not made because the cluster's retry budget was spent.";
+    observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
+        "1 when kernel (eBPF) signals drive the gateway, 0 when it runs on userspace timing alone.";
+    observer_mode: "gateway_observer_mode", "gauge", ["mode"],
+        "1 for the observer mode in effect (kernel, userspace).";
+    events_lost: "gateway_observer_events_lost", "counter", [],
+        "Connect records the kernel could not queue because the ring buffer was full.";
+}
+
+/// The registered families. Cloning is cheap (every family is an `Arc` inside).
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<RouteLabels>,
+    pub upstream_attempts: Family<EndpointOutcome, Counter>,
+    pub syn_rtt: HistogramFamily<EndpointLabels>,
+    pub syn_retransmits: Family<EndpointLabels, Counter>,
+    pub connect_failures: Family<EndpointErrno, Counter>,
+    pub socket_errors: Family<ErrnoLabels, Counter>,
+    pub timeouts: Family<PhaseLabels, Counter>,
+    pub rtos: Family<EndpointLabels, Counter>,
+    pub connect_deadline: Family<EndpointLabels, FloatGauge>,
+    pub health_state: Family<StateLabels, Gauge>,
+    pub ejections: Family<EndpointReason, Counter>,
+    pub hedges: Family<ClusterReason, Counter>,
+    pub retries: Family<ClusterReason, Counter>,
+    pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
+    pub observer_kernel: Gauge,
+    pub observer_mode: Family<ModeLabels, Gauge>,
+    pub events_lost: Counter,
+}
+
+impl GatewayMetrics {
+    pub fn new(registry: &mut Registry) -> GatewayMetrics {
+        let m = GatewayMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            upstream_attempts: Family::default(),
+            syn_rtt: Family::new_with_constructor(latency_histogram),
+            syn_retransmits: Family::default(),
+            connect_failures: Family::default(),
+            socket_errors: Family::default(),
+            timeouts: Family::default(),
+            rtos: Family::default(),
+            connect_deadline: Family::default(),
+            health_state: Family::default(),
+            ejections: Family::default(),
+            hedges: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            observer_kernel: Gauge::default(),
+            observer_mode: Family::default(),
+            events_lost: Counter::default(),
+        };
+        use field_index as f;
+        let doc = |i: usize| CATALOGUE[i];
+        macro_rules! reg {
+            ($i:expr, $metric:expr) => {{
+                let d = doc($i);
+                let name = d.name.strip_suffix("_total").unwrap_or(d.name);
+                registry.register(name, d.help, $metric.clone());
+            }};
+        }
+        reg!(f::requests, m.requests);
+        reg!(f::request_duration, m.request_duration);
+        reg!(f::upstream_attempts, m.upstream_attempts);
+        reg!(f::syn_rtt, m.syn_rtt);
+        reg!(f::syn_retransmits, m.syn_retransmits);
+        reg!(f::connect_failures, m.connect_failures);
+        reg!(f::socket_errors, m.socket_errors);
+        reg!(f::timeouts, m.timeouts);
+        reg!(f::rtos, m.rtos);
+        reg!(f::connect_deadline, m.connect_deadline);
+        reg!(f::health_state, m.health_state);
+        reg!(f::ejections, m.ejections);
+        reg!(f::hedges, m.hedges);
+        reg!(f::retries, m.retries);
+        reg!(f::retry_budget_exhausted, m.retry_budget_exhausted);
+        reg!(f::observer_kernel, m.observer_kernel);
+        reg!(f::observer_mode, m.observer_mode);
+        reg!(f::events_lost, m.events_lost);
+        m
+    }
+}
+
+/// `METRICS.md`, generated from [`CATALOGUE`].
+pub fn catalogue_markdown() -> String {
+    let mut s = String::from(
+        "# Metrics of `gateway run`\n\n\
+         Generated from `gateway-user/src/metrics.rs` (`CATALOGUE`); a test fails when this file \
+         and the code disagree. Regenerate with `cargo run -p gateway-user --bin gateway -- metrics-doc > METRICS.md`.\n\n\
+         Served as OpenMetrics text at `/metrics` on the admin listener. Counters carry the `_total` \
+         suffix on the wire. Histograms use buckets from 50 µs to 13 s (doubling).\n\n\
+         | metric | type | labels | meaning |\n|---|---|---|---|\n",
+    );
+    for d in CATALOGUE {
+        let name = if d.kind == "counter" {
+            format!("{}_total", d.name)
+        } else {
+            d.name.to_owned()
+        };
+        let labels = if d.labels.is_empty() {
+            "-".to_owned()
+        } else {
+            d.labels.join(", ")
+        };
+        s.push_str(&format!(
+            "| `{name}` | {} | {labels} | {} |\n",
+            d.kind, d.help
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn metrics_md_matches_the_code() {
+        let committed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../METRICS.md"))
+                .expect("METRICS.md at the repository root");
+        assert_eq!(
+            committed,
+            catalogue_markdown(),
+            "METRICS.md is stale: regenerate it (see its header)"
+        );
+    }
+
+    #[test]
+    fn every_catalogue_entry_is_exported_with_its_labels() {
+        let mut registry = Registry::default();
+        let m = GatewayMetrics::new(&mut registry);
+        let ep = EndpointLabels {
+            cluster: "c".into(),
+            endpoint: "10.0.0.1:80".into(),
+        };
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "r".into(),
+                cluster: "c".into(),
+                status: 200,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&RouteLabels {
+                route: "r".into(),
+                cluster: "c".into(),
+            })
+            .observe(0.01);
+        m.upstream_attempts
+            .get_or_create(&EndpointOutcome {
+                cluster: "c".into(),
+                endpoint: "e".into(),
+                outcome: "refused",
+            })
+            .inc();
+        m.syn_rtt.get_or_create(&ep).observe(0.0001);
+        m.syn_retransmits.get_or_create(&ep).inc();
+        m.connect_failures
+            .get_or_create(&EndpointErrno {
+                cluster: "c".into(),
+                endpoint: "e".into(),
+                errno: "ETIMEDOUT",
+            })
+            .inc();
+        m.socket_errors
+            .get_or_create(&ErrnoLabels {
+                errno: "ECONNREFUSED",
+            })
+            .inc();
+        m.timeouts
+            .get_or_create(&PhaseLabels {
+                cluster: "c".into(),
+                phase: "connect",
+            })
+            .inc();
+        m.rtos.get_or_create(&ep).inc();
+        m.connect_deadline.get_or_create(&ep).set(0.05);
+        m.health_state
+            .get_or_create(&StateLabels {
+                cluster: "c".into(),
+                endpoint: "e".into(),
+                state: "healthy",
+            })
+            .set(1);
+        m.ejections
+            .get_or_create(&EndpointReason {
+                cluster: "c".into(),
+                endpoint: "e".into(),
+                reason: "refused",
+            })
+            .inc();
+        m.hedges
+            .get_or_create(&ClusterReason {
+                cluster: "c".into(),
+                reason: "deadline",
+            })
+            .inc();
+        m.retries
+            .get_or_create(&ClusterReason {
+                cluster: "c".into(),
+                reason: "connect_failed",
+            })
+            .inc();
+        m.retry_budget_exhausted
+            .get_or_create(&ClusterLabels {
+                cluster: "c".into(),
+            })
+            .inc();
+        m.observer_kernel.set(1);
+        m.observer_mode
+            .get_or_create(&ModeLabels { mode: "kernel" })
+            .set(1);
+        m.events_lost.inc();
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for d in CATALOGUE {
+            let wire = if d.kind == "counter" {
+                format!("{}_total", d.name)
+            } else {
+                d.name.to_owned()
+            };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&wire) && !l.starts_with('#'))
+                .unwrap_or_else(|| panic!("{wire} not exported:\n{text}"));
+            for label in d.labels {
+                assert!(
+                    line.contains(&format!("{label}=")),
+                    "{wire} lacks label {label}: {line}"
+                );
+            }
+            assert!(
+                text.contains(&format!(
+                    "# TYPE {} {}",
+                    d.name.strip_suffix("_total").unwrap_or(d.name),
+                    d.kind
+                )),
+                "{} type",
+                d.name
+            );
+        }
+        assert!(
+            text.contains("gateway_upstream_syn_rtt_seconds_bucket{le=\"0.00005\""),
+            "50 µs lowest bucket:\n{text}"
+        );
+    }
+}
