@@ -69,7 +69,7 @@ const MAX_IN_FLIGHT: usize = 256;
 
 #[derive(Args, Debug, Clone)]
 pub struct DiagnoseArgs {
-    /// What to probe: host:port, [ipv6]:port, or the name of a cluster of a running gateway
+    /// What to probe: `host:port`, `[ipv6]:port`, or the name of a cluster of a running gateway
     /// (with --admin).
     #[arg(required = true, value_name = "TARGET", value_parser = target::parse_target)]
     pub targets: Vec<Target>,

@@ -1,7 +1,24 @@
 //! What `gateway diagnose` prints for one target: a human-readable block, or with `--json` one
 //! object per line. The JSON fields `target`, `verdict`, `confidence`, `evidence`,
 //! `measurements` and `next_steps` are a contract; `alternatives` holds the other verdicts
-//! that applied, ranked, in the same shape.
+//! that applied, ranked, in the same shape:
+//!
+//! ```text
+//! {"target": "10.77.1.2:8080", "verdict": "filtered", "confidence": 0.99,
+//!  "evidence": ["5/5 SYNs to 10.77.1.2:8080 unanswered after 1 SYN retransmit each: no SYN-ACK,
+//!               no RST, no ICMP; the kernel gave up with ETIMEDOUT after a median 3.04 s … [kernel]"],
+//!  "next_steps": ["look for a DROP on tcp/8080: …", …],
+//!  "alternatives": [{"verdict": …, "confidence": …, "evidence": […], "next_steps": […]}],
+//!  "measurements": {"kernel_signals": true, "resolution": {…}, "count": 5,
+//!                   "connect_deadline_ms": 3300, "connect_deadline_source": "kernel",
+//!                   "syn_budget": {…}, "local_port_range": [32768, 60999], "http_path": null,
+//!                   "addresses": [{"address": …, "summary": {…}, "attempts": [{"cookie": …,
+//!                   "outcome": "timeout", "source": "kernel", "errno": "ETIMEDOUT",
+//!                   "elapsed_us": …, "syn_retransmits": 1, "syn_rtt_us": null}, …]}], …},
+//!  "elapsed_ms": 3410}
+//! ```
+//!
+//! `measurements` is [`TargetMeasurements`], described field by field in [`super::measure`].
 
 use std::{
     fmt::Write as _,
