@@ -18,6 +18,7 @@ use std::{
 
 use http::{Method, Uri, Version};
 use serde::Serialize;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{cluster::ActiveRequest, error::ErrorKind};
@@ -38,14 +39,14 @@ pub(crate) struct Attempt {
 /// Everything the log line says about one request, filled in as it goes.
 pub(crate) struct Exchange {
     pub start: Instant,
-    pub wall: SystemTime,
     pub client: SocketAddr,
     pub method: Method,
     pub uri: Uri,
     pub version: Version,
     pub route: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
-    pub attempts: Vec<Attempt>,
+    /// Inline for the usual one or two attempts: no allocation per request.
+    pub attempts: SmallVec<[Attempt; 2]>,
     pub retries: u32,
     /// The final attempt's TCP connect; `None` when it reused a pooled connection.
     pub connect: Option<Duration>,
@@ -66,14 +67,13 @@ impl Exchange {
     pub fn new(client: SocketAddr, method: Method, uri: Uri, version: Version) -> Self {
         Exchange {
             start: Instant::now(),
-            wall: SystemTime::now(),
             client,
             method,
             uri,
             version,
             route: None,
             cluster: None,
-            attempts: Vec::new(),
+            attempts: SmallVec::new(),
             retries: 0,
             connect: None,
             first_byte: None,
@@ -127,7 +127,8 @@ fn version_str(v: Version) -> &'static str {
 /// Renders one line (without the newline).
 pub(crate) fn render(ex: &Exchange, format: AccessLogFormat) -> String {
     let total = ex.start.elapsed();
-    let ts = rfc3339(ex.wall);
+    // The arrival time, derived here rather than read per request: only logged requests pay.
+    let ts = rfc3339(SystemTime::now() - total);
     let path = ex.uri.path_and_query().map_or("/", |p| p.as_str());
     match format {
         AccessLogFormat::Json => {

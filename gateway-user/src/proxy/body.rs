@@ -202,7 +202,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct BodyStalled(Duration);
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: Incoming, stall: Duration, finish: Finish) -> Self {
+    pub(crate) fn upstream(body: Incoming, stall: Duration, finish: Box<Finish>) -> Self {
         ResponseBody {
             kind: Kind::Upstream {
                 body,
@@ -211,15 +211,15 @@ impl ResponseBody {
                 armed: false,
             },
             done: false,
-            finish: Some(Box::new(finish)),
+            finish: Some(finish),
         }
     }
 
-    pub(crate) fn full(bytes: Bytes, finish: Option<Finish>) -> Self {
+    pub(crate) fn full(bytes: Bytes, finish: Option<Box<Finish>>) -> Self {
         ResponseBody {
             kind: Kind::Full(Some(bytes)),
             done: false,
-            finish: finish.map(Box::new),
+            finish,
         }
     }
 

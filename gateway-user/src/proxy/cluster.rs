@@ -153,12 +153,16 @@ impl Cluster {
         cluster
     }
 
-    /// Picks an endpoint that is not ejected and not in `tried`.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Result<Arc<Endpoint>, NoPick> {
+    /// Picks an endpoint that is not ejected and not `tried` by this request.
+    pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
         let set = self.set.load();
         let eps = &set.endpoints;
-        let now = Instant::now();
-        let eligible = |i: usize| !tried.contains(&eps[i].addr) && !eps[i].is_ejected(now);
+        let eligible = |i: usize| {
+            if tried(eps[i].addr) {
+                return false;
+            }
+            !eps[i].maybe_ejected.load(Ordering::Relaxed) || !eps[i].is_ejected(Instant::now())
+        };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         let found = match self.spec.lb_policy {
             LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
@@ -176,8 +180,9 @@ impl Cluster {
         match found {
             Some(i) => Ok(eps[i].clone()),
             None => {
+                let now = Instant::now();
                 let ejected = eps.iter().filter(|e| e.is_ejected(now)).count();
-                if tried.is_empty() {
+                if !eps.iter().any(|e| tried(e.addr)) {
                     Err(NoPick::NoneHealthy {
                         total: eps.len(),
                         ejected,
@@ -193,7 +198,7 @@ impl Cluster {
     /// while the request waits in the pending queue (bounded by `max_pending_requests`).
     pub async fn checkout(&self, ep: &Arc<Endpoint>) -> Result<UpstreamConn, ProxyError> {
         loop {
-            if let Some(c) = ep.pool.take() {
+            if let Some(c) = ep.pool.take(Instant::now()) {
                 return Ok(c);
             }
             if let Ok(slot) = self.slots.clone().try_acquire_owned() {

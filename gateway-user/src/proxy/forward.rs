@@ -6,7 +6,7 @@
 //! head (and between reads of the response body, in `body`), `write_timeout_ms` bounds a
 //! stalled write (in `io`), and `request_timeout_ms` bounds the whole, all attempts included.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
@@ -15,17 +15,18 @@ use http::{
     uri::PathAndQuery,
 };
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 use tracing::debug;
 
 use super::{
     Runtime, Shared,
     access_log::{Attempt, Exchange},
     body::{Finish, InFlight, Lease, RequestBody, RequestBodyError, ResponseBody},
-    cluster::{Cluster, Endpoint, NoPick},
-    error::{ProxyError, Retry},
+    cluster::{Cluster, NoPick},
+    error::{ErrorKind, ProxyError, Retry},
     headers,
     io::is_write_stall,
+    pool::UpstreamConn,
 };
 
 /// Response headers that explain a gateway error.
@@ -42,30 +43,68 @@ struct Upstream {
 }
 
 /// The service function: never fails; errors become responses.
+///
+/// The request path is one flat state machine (`handle` awaiting `run`), with the rare slow
+/// path (connecting, waiting for a connection slot) boxed: a future is moved by value at every
+/// level that awaits it, so deep nesting of large futures costs a memcpy of each per request.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     client: SocketAddr,
+    client_ip: HeaderValue,
     req: Request<Incoming>,
-) -> Response<ResponseBody> {
-    let rt = shared.runtime.load_full();
-    let mut ex = Exchange::new(
-        client,
-        req.method().clone(),
-        req.uri().clone(),
-        req.version(),
-    );
-    match forward(&rt, &shared, req, &mut ex).await {
-        Ok(up) => respond(up, ex, shared),
-        Err(e) => error_response(e, ex, shared),
-    }
+) -> Result<Response<ResponseBody>, Infallible> {
+    // The log record lives in its final place from the start: the response body owns it.
+    let mut finish = Box::new(Finish {
+        exchange: Exchange::new(
+            client,
+            req.method().clone(),
+            req.uri().clone(),
+            req.version(),
+        ),
+        shared,
+        lease: None,
+    });
+    let f = &mut *finish;
+    let prepared = {
+        let rt = f.shared.runtime.load();
+        prepare(&rt, req, &client_ip, &mut f.exchange)
+    };
+    let result = match prepared {
+        Ok(p) => {
+            run(
+                p.cluster,
+                Some(p.req),
+                p.done,
+                p.deadline,
+                &f.shared,
+                &mut f.exchange,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    Ok(match result {
+        Ok(up) => respond(up, finish),
+        Err(e) => error_response(e, finish),
+    })
 }
 
-async fn forward(
+/// A request checked, routed and rewritten for its upstream.
+struct Prepared {
+    cluster: Arc<Cluster>,
+    req: Request<RequestBody>,
+    /// Told when the client's body has been read to the end; `None` for an empty body.
+    done: Option<oneshot::Receiver<()>>,
+    deadline: Instant,
+}
+
+/// Limits, routing and header rewriting: everything before the first attempt.
+fn prepare(
     rt: &Runtime,
-    shared: &Shared,
     req: Request<Incoming>,
+    client_ip: &HeaderValue,
     ex: &mut Exchange,
-) -> Result<Upstream, ProxyError> {
+) -> Result<Prepared, ProxyError> {
     let ds = &rt.settings.downstream;
     let size = head_size(&req);
     if size > ds.max_request_header_bytes {
@@ -100,13 +139,13 @@ async fn forward(
     ex.route = Some(route.name.clone());
     ex.cluster = Some(cluster.name.clone());
     ex.active = Some(cluster.start_request());
-    let timeout = cluster.spec.timeouts.request;
+    let deadline = ex.start + cluster.spec.timeouts.request;
 
     let (mut parts, body) = req.into_parts();
     headers::to_upstream(
         &mut parts.headers,
         parts.version,
-        ex.client.ip(),
+        client_ip,
         authority.as_ref(),
     );
     let path = parts
@@ -117,69 +156,171 @@ async fn forward(
     parts.uri = Uri::from(path);
     parts.version = Version::HTTP_11;
     let (body, done) = RequestBody::new(body, ds.max_request_body_bytes);
-    let req = Request::from_parts(parts, body);
+    Ok(Prepared {
+        cluster,
+        req: Request::from_parts(parts, body),
+        done,
+        deadline,
+    })
+}
 
-    let deadline = ex.start + timeout;
-    match tokio::time::timeout_at(deadline, attempts(&cluster, shared, req, done, ex)).await {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::RequestTimeout {
-            timeout,
-            endpoint: ex.attempts.last().map(|a| a.endpoint),
-            phase: ex.phase,
-        }),
+fn request_timeout(cluster: &Cluster, ex: &mut Exchange) -> ProxyError {
+    if let Some(a) = ex.attempts.last_mut() {
+        a.error.get_or_insert(ErrorKind::RequestTimeout);
+    }
+    ProxyError::RequestTimeout {
+        timeout: cluster.spec.timeouts.request,
+        endpoint: ex.attempts.last().map(|a| a.endpoint),
+        phase: ex.phase,
     }
 }
 
-/// Attempts until one gets a response head, or retrying is not allowed.
-async fn attempts(
-    cluster: &Arc<Cluster>,
-    shared: &Shared,
-    req: Request<RequestBody>,
+/// Attempts until one gets a response head, retrying while the policy and budget allow, all
+/// within the request deadline.
+async fn run(
+    cluster: Arc<Cluster>,
+    mut req: Option<Request<RequestBody>>,
     mut done: Option<oneshot::Receiver<()>>,
+    deadline: Instant,
+    shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<Upstream, ProxyError> {
     let policy = cluster.spec.retry;
+    let t = cluster.spec.timeouts;
     // A sent request can only be replayed if it had no body and we kept a copy of its head.
-    let replay = (policy.on_response_timeout
-        && is_idempotent(req.method())
-        && hyper::body::Body::is_end_stream(req.body()))
-    .then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().clone(),
-        )
-    });
-    let mut req = Some(req);
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last: Option<ProxyError> = None;
+    let replay = req
+        .as_ref()
+        .filter(|r| {
+            policy.on_response_timeout
+                && is_idempotent(r.method())
+                && hyper::body::Body::is_end_stream(r.body())
+        })
+        .map(|r| Box::new((r.method().clone(), r.uri().clone(), r.headers().clone())));
+    let had_body = done.is_some();
+    // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
+    let mut last: Option<Box<ProxyError>> = None;
     let mut _retry = None;
     loop {
-        let ep = match cluster.pick(&tried) {
+        let ep = match cluster.pick(|a| ex.attempts.iter().any(|t| t.endpoint == a)) {
             Ok(ep) => ep,
             Err(NoPick::NoneHealthy { total, ejected }) => {
-                return Err(last.unwrap_or_else(|| ProxyError::NoHealthyUpstream {
-                    cluster: cluster.spec.name.clone(),
-                    total,
-                    ejected,
-                }));
+                return Err(last.map_or_else(
+                    || ProxyError::NoHealthyUpstream {
+                        cluster: cluster.spec.name.clone(),
+                        total,
+                        ejected,
+                    },
+                    |e| *e,
+                ));
             }
             Err(NoPick::AllTried) => {
-                return Err(last.expect("an endpoint was tried before all were"));
+                return Err(*last.expect("an endpoint was tried before all were"));
             }
         };
-        tried.push(ep.addr);
         ex.attempts.push(Attempt {
             endpoint: ep.addr,
             cookie: None,
             reused: false,
             error: None,
         });
-        let this = req.take().expect("a request for every attempt");
-        let (err, back) = match attempt(cluster, shared, &ep, this, &mut done, ex).await {
-            Ok(up) => return Ok(up),
+        let in_flight = InFlight::new(&ep);
+
+        // One attempt on `ep`: a response head, or why not (with the request if never sent).
+        let outcome: Result<(Response<Incoming>, UpstreamConn), AttemptFailure> = 'attempt: loop {
+            ex.phase = "connecting";
+            let mut conn = match ep.pool.take(ex.start) {
+                Some(c) => c,
+                None => {
+                    match tokio::time::timeout_at(deadline, Box::pin(cluster.checkout(&ep))).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => break 'attempt Err((e, req.take())),
+                        Err(_) => return Err(request_timeout(&cluster, ex)),
+                    }
+                }
+            };
+            let reused = conn.connect_time.is_none();
+            if let Some(a) = ex.attempts.last_mut() {
+                a.cookie = Some(conn.cookie);
+                a.reused = reused;
+            }
+            ex.connect = conn.connect_time;
+            ex.phase = "sending the request";
+            let this = req.take().expect("a request for every attempt");
+            let send = conn.sender.try_send_request(this);
+            tokio::pin!(send);
+            let mut result = None;
+            if let Some(rx) = done.as_mut() {
+                // The response timeout starts once the client's body has been sent.
+                tokio::select! {
+                    biased;
+                    r = &mut send => result = Some(r),
+                    _ = rx => done = None,
+                    _ = tokio::time::sleep_until(deadline) => return Err(request_timeout(&cluster, ex)),
+                }
+            }
+            let result = match result {
+                Some(r) => r,
+                None => {
+                    ex.phase = "waiting for the response head";
+                    // Sent just now: on a pooled connection without a body that is within
+                    // microseconds of the arrival, so the clock need not be read again.
+                    let sent = if reused && ex.retries == 0 && !had_body {
+                        ex.start
+                    } else {
+                        Instant::now()
+                    };
+                    let response_deadline = sent + t.response;
+                    match tokio::time::timeout_at(response_deadline.min(deadline), &mut send).await
+                    {
+                        Ok(r) => r,
+                        Err(_) if response_deadline >= deadline => {
+                            return Err(request_timeout(&cluster, ex));
+                        }
+                        Err(_) => {
+                            let evidence = shared.signals.conn_evidence(conn.cookie);
+                            break 'attempt Err((
+                                ProxyError::ResponseTimeout {
+                                    endpoint: ep.addr,
+                                    timeout: t.response,
+                                    cookie: conn.cookie,
+                                    evidence,
+                                },
+                                None,
+                            ));
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(response) => break 'attempt Ok((response, conn)),
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection closed before the request went out: try another
+                    // connection to the same endpoint; this is not a retry.
+                    Some(back) if reused => {
+                        debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
+                        req = Some(back);
+                    }
+                    back => break 'attempt Err((classify(e.into_error(), ep.addr), back)),
+                },
+            }
+        };
+        let (err, back) = match outcome {
+            Ok((response, conn)) => {
+                ex.first_byte = Some(ex.start.elapsed());
+                return Ok(Upstream {
+                    response,
+                    stall: t.response,
+                    lease: Lease {
+                        conn,
+                        endpoint: ep,
+                        idle_timeout: t.idle,
+                        _in_flight: in_flight,
+                    },
+                });
+            }
             Err(f) => f,
         };
+        drop(in_flight);
         if let Some(a) = ex.attempts.last_mut() {
             a.error = Some(err.kind());
             a.cookie = a.cookie.or(err.cookie());
@@ -187,7 +328,7 @@ async fn attempts(
         debug!(cluster = %cluster.name, upstream = %ep.addr, error = %err, "attempt failed");
         let next = match (err.kind().retry(), back) {
             (Retry::Always, Some(back)) => Some(back),
-            (Retry::IfIdempotent, _) => replay.as_ref().map(|(m, u, h)| {
+            (Retry::IfIdempotent, _) => replay.as_deref().map(|(m, u, h)| {
                 let mut r = Request::new(RequestBody::empty());
                 *r.method_mut() = m.clone();
                 *r.uri_mut() = u.clone();
@@ -209,94 +350,11 @@ async fn attempts(
         }
         ex.retries += 1;
         req = Some(next);
-        last = Some(err);
+        last = Some(Box::new(err));
     }
 }
 
 type AttemptFailure = (ProxyError, Option<Request<RequestBody>>);
-
-/// One attempt on one endpoint. On failure, gives the request back if it was never sent.
-async fn attempt(
-    cluster: &Cluster,
-    shared: &Shared,
-    ep: &Arc<Endpoint>,
-    mut req: Request<RequestBody>,
-    done: &mut Option<oneshot::Receiver<()>>,
-    ex: &mut Exchange,
-) -> Result<Upstream, AttemptFailure> {
-    let in_flight = InFlight::new(ep);
-    let t = cluster.spec.timeouts;
-    loop {
-        ex.phase = "connecting";
-        let mut conn = match cluster.checkout(ep).await {
-            Ok(c) => c,
-            Err(e) => return Err((e, Some(req))),
-        };
-        let reused = conn.connect_time.is_none();
-        if let Some(a) = ex.attempts.last_mut() {
-            a.cookie = Some(conn.cookie);
-            a.reused = reused;
-        }
-        ex.connect = conn.connect_time;
-        ex.phase = "sending the request";
-        let send = conn.sender.try_send_request(req);
-        tokio::pin!(send);
-        let mut result = None;
-        if let Some(rx) = done.as_mut() {
-            // The response timeout starts once the client's body has been sent.
-            tokio::select! {
-                biased;
-                r = &mut send => result = Some(r),
-                _ = rx => *done = None,
-            }
-        }
-        let result = match result {
-            Some(r) => r,
-            None => {
-                ex.phase = "waiting for the response head";
-                match tokio::time::timeout(t.response, &mut send).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        let evidence = shared.signals.conn_evidence(conn.cookie);
-                        return Err((
-                            ProxyError::ResponseTimeout {
-                                endpoint: ep.addr,
-                                timeout: t.response,
-                                cookie: conn.cookie,
-                                evidence,
-                            },
-                            None,
-                        ));
-                    }
-                }
-            }
-        };
-        match result {
-            Ok(response) => {
-                ex.first_byte = Some(ex.start.elapsed());
-                return Ok(Upstream {
-                    response,
-                    stall: t.response,
-                    lease: Lease {
-                        conn,
-                        endpoint: ep.clone(),
-                        idle_timeout: t.idle,
-                        _in_flight: in_flight,
-                    },
-                });
-            }
-            Err(mut e) => match e.take_message() {
-                // A pooled connection closed before the request went out: try another
-                // connection to the same endpoint; this is not a retry.
-                Some(back) if reused => {
-                    debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
-                    req = back;
-                }
-                back => return Err((classify(e.into_error(), ep.addr), back)),
-            },
-        }
-    }
-}
 
 /// Maps a failed exchange on an upstream connection to its reason.
 fn classify(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
@@ -327,21 +385,17 @@ fn classify(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
     }
 }
 
-fn respond(up: Upstream, mut ex: Exchange, shared: Arc<Shared>) -> Response<ResponseBody> {
+fn respond(up: Upstream, mut finish: Box<Finish>) -> Response<ResponseBody> {
     let (mut parts, body) = up.response.into_parts();
     headers::to_downstream(&mut parts.headers, parts.version);
     parts.version = Version::default();
-    ex.status = parts.status.as_u16();
-    let stall = up.stall;
-    let finish = Finish {
-        exchange: ex,
-        shared,
-        lease: Some(up.lease),
-    };
-    Response::from_parts(parts, ResponseBody::upstream(body, stall, finish))
+    finish.exchange.status = parts.status.as_u16();
+    finish.lease = Some(up.lease);
+    Response::from_parts(parts, ResponseBody::upstream(body, up.stall, finish))
 }
 
-fn error_response(e: ProxyError, mut ex: Exchange, shared: Arc<Shared>) -> Response<ResponseBody> {
+fn error_response(e: ProxyError, mut finish: Box<Finish>) -> Response<ResponseBody> {
+    let ex = &mut finish.exchange;
     let kind = e.kind();
     let status = kind.status();
     let attempts = ex.attempts.len();
@@ -370,14 +424,7 @@ fn error_response(e: ProxyError, mut ex: Exchange, shared: Arc<Shared>) -> Respo
     }
     ex.status = status.as_u16();
     ex.error = Some(kind);
-    let mut resp = Response::new(ResponseBody::full(
-        Bytes::from(text),
-        Some(Finish {
-            exchange: ex,
-            shared,
-            lease: None,
-        }),
-    ));
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(finish)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -453,7 +500,6 @@ fn is_idempotent(m: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorKind;
 
     #[test]
     fn host_port_is_stripped() {

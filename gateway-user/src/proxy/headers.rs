@@ -29,14 +29,37 @@ const VIA_NAME: &str = "gateway";
 
 /// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers listed in `Connection` are hop-by-hop too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    // One pass over the (few) names finds whether there is anything to remove; most requests
+    // carry no hop-by-hop header, and a lookup per name would hash each one.
+    let mut connection = false;
+    let mut any = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
+            any = true;
+        }
+    }
+    if !connection && !any {
+        return;
+    }
+    // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
+    // "close") name nothing else, so the common case allocates nothing.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',').map(str::trim) {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("close")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(name);
+            }
+        }
+    }
     for name in listed {
         headers.remove(name);
     }
@@ -44,6 +67,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The client address as an `X-Forwarded-For` value; computed once per client connection.
+pub(crate) fn client_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(client.to_canonical().to_string())
+        .expect("an IP address is a valid header value")
 }
 
 fn via_value(version: Version) -> HeaderValue {
@@ -67,28 +96,28 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
-    client: IpAddr,
+    client: &HeaderValue,
     host: Option<&HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
+    // Room for what is added below, at once rather than growing the map step by step.
+    headers.reserve(4);
     if !headers.contains_key(HOST)
         && let Some(h) = host
     {
         headers.insert(HOST, h.clone());
     }
     // X-Forwarded-For: the existing list (all header lines) plus this client.
-    let client = client.to_canonical();
-    let prior: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let xff = if prior.is_empty() {
-        HeaderValue::try_from(client.to_string())
+    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prior.peek().is_none() {
+        Ok(client.clone())
     } else {
-        let mut v = prior.join(&b", "[..]);
-        v.extend_from_slice(b", ");
-        v.extend_from_slice(client.to_string().as_bytes());
+        let mut v: Vec<u8> = Vec::new();
+        for p in prior {
+            v.extend_from_slice(p.as_bytes());
+            v.extend_from_slice(b", ");
+        }
+        v.extend_from_slice(client.as_bytes());
         HeaderValue::from_bytes(&v)
     };
     if let Ok(xff) = xff {
@@ -143,7 +172,12 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
             ("via", "1.0 edge"),
         ]);
-        to_upstream(&mut h, Version::HTTP_11, "10.0.0.9".parse().unwrap(), None);
+        to_upstream(
+            &mut h,
+            Version::HTTP_11,
+            &client_value("10.0.0.9".parse().unwrap()),
+            None,
+        );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         let via: Vec<_> = h.get_all(VIA).iter().collect();
@@ -157,7 +191,7 @@ mod tests {
         to_upstream(
             &mut h,
             Version::HTTP_2,
-            "::ffff:127.0.0.1".parse().unwrap(),
+            &client_value("::ffff:127.0.0.1".parse().unwrap()),
             Some(&authority),
         );
         assert_eq!(h[HOST], "api.example.com");

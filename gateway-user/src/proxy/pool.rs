@@ -87,9 +87,10 @@ impl IdlePool {
         super::server::worker_index()
     }
 
-    /// The most recently returned live connection of this worker's shard, if any.
-    pub fn take(&self) -> Option<UpstreamConn> {
-        self.take_from(self.own())
+    /// The most recently returned live connection of this worker's shard, if any. `now` may be
+    /// a little in the past (the request's arrival): it only decides idle expiry.
+    pub fn take(&self, now: Instant) -> Option<UpstreamConn> {
+        self.take_from(self.own(), now)
     }
 
     /// A live connection from another worker's shard.
@@ -97,14 +98,13 @@ impl IdlePool {
         let own = self.own() % self.shards.len();
         (0..self.shards.len())
             .filter(|&s| s != own)
-            .find_map(|s| self.take_from(s))
+            .find_map(|s| self.take_from(s, Instant::now()))
     }
 
-    fn take_from(&self, shard: usize) -> Option<UpstreamConn> {
-        let now = Instant::now();
+    fn take_from(&self, shard: usize, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.lock(shard);
         while let Some(mut c) = idle.pop() {
-            if now.duration_since(c.idle_since) >= self.idle_timeout {
+            if now.saturating_duration_since(c.idle_since) >= self.idle_timeout {
                 idle.clear();
                 return None;
             }

@@ -13,7 +13,7 @@
 //! connection task holds a clone of an `mpsc::Sender` that is never sent on: the receiver sees
 //! the channel close when the last connection is gone.
 
-use std::{cell::Cell, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{cell::Cell, net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{Shared, forward, io::StallGuard};
+use super::{Shared, forward, headers, io::StallGuard};
 use crate::config::Downstream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,9 +87,6 @@ pub(crate) async fn worker(
     drop(done);
 }
 
-/// Headers per request hyper accepts before answering 431 itself.
-const MAX_HEADERS: usize = 256;
-
 /// The HTTP server settings for client connections.
 pub(crate) fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -100,7 +97,6 @@ pub(crate) fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(ds.header_read_timeout)
         .max_buf_size(hard_limit.max(64 * 1024))
-        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -151,10 +147,8 @@ async fn serve(
         (rt.http.clone(), rt.settings.downstream.write_timeout)
     };
     let io = TokioIo::new(StallGuard::new(stream, write_timeout));
-    let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(forward::handle(shared, peer, req).await) }
-    });
+    let client_ip = headers::client_value(peer.ip());
+    let svc = service_fn(move |req| forward::handle(shared.clone(), peer, client_ip.clone(), req));
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     if *phase.borrow_and_update() != Phase::Run {
