@@ -6,7 +6,8 @@
 //! worker count; nginx: `worker_processes auto`; HAProxy: `nbthread` = cores). `wrk` drives
 //! each one in turn; repetitions are interleaved, in a rotating order, so that drift in the
 //! machine's state is spread over all three. The table shows medians of req/s and of p50/p99
-//! latency, the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS.
+//! latency, the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS. It also
+//! shows each proxy's CPU time per request, which is steadier than req/s on a shared machine.
 //!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
@@ -236,6 +237,61 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// The proxy's CPU time (user + system, all threads and worker processes) per request:
+    /// steadier than req/s when other work shares the machine.
+    cpu_us_per_req: f64,
+}
+
+/// A process and its children (nginx's workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // Fields after the command name: state, ppid, ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids
+}
+
+/// User + system CPU time of every thread of `pids`, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            if let Some((_, rest)) = stat.rsplit_once(')') {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+                let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                total += get(11) + get(12);
+            }
+        }
+    }
+    total
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { sysconf(2) }; // _SC_CLK_TCK
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+unsafe extern "C" {
+    fn sysconf(name: i32) -> i64;
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -251,7 +307,8 @@ fn parse_latency(s: &str) -> Option<f64> {
     })
 }
 
-fn wrk(o: &Options, port: u16, secs: u64) -> anyhow::Result<Sample> {
+fn wrk(o: &Options, port: u16, secs: u64, pids: &[u32]) -> anyhow::Result<Sample> {
+    let cpu0 = cpu_ticks(pids);
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -265,6 +322,7 @@ fn wrk(o: &Options, port: u16, secs: u64) -> anyhow::Result<Sample> {
         ])
         .output()
         .context("running wrk")?;
+    let cpu = cpu_ticks(pids).saturating_sub(cpu0) as f64 / ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -293,6 +351,7 @@ fn wrk(o: &Options, port: u16, secs: u64) -> anyhow::Result<Sample> {
     if s.rps == 0.0 {
         bail!("could not read wrk's output:\n{text}");
     }
+    s.cpu_us_per_req = cpu * 1e6 / (s.rps * secs as f64);
     Ok(s)
 }
 
@@ -389,6 +448,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ("nginx", p_nginx),
         ("haproxy", p_haproxy),
     ];
+    let pids = [vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
     println!(
         "bench proxy: {} cores, wrk -t{} -c{} -d{}s, {} interleaved repetitions (+{}s warm-up each)",
         cores(),
@@ -402,9 +462,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "upstreams: 127.0.0.1:{{{}}} (nginx, 1 worker, return 200)",
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
-    for (name, port) in targets {
+    for (i, (name, port)) in targets.iter().enumerate() {
         if o.warmup > 0 {
-            wrk(&o, port, o.warmup).with_context(|| format!("warming up {name}"))?;
+            wrk(&o, *port, o.warmup, &pids[i]).with_context(|| format!("warming up {name}"))?;
         }
     }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
@@ -415,13 +475,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             for p in [&mut gw, &mut ngx, &mut hap] {
                 p.check_alive()?;
             }
-            let s = wrk(&o, port, o.duration).with_context(|| format!("measuring {name}"))?;
+            let s =
+                wrk(&o, port, o.duration, &pids[i]).with_context(|| format!("measuring {name}"))?;
             println!(
-                "  rep {} {name:>8}: {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms{}",
+                "  rep {} {name:>8}: {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>6.1} us/req{}",
                 rep + 1,
                 s.rps,
                 s.p50_ms,
                 s.p99_ms,
+                s.cpu_us_per_req,
                 if s.errors > 0 {
                     format!("  ({} errors)", s.errors)
                 } else {
@@ -436,27 +498,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     println!();
     println!(
-        "{:<10} {:>12} {:>10} {:>10} {:>8}",
-        "proxy", "req/s", "p50 ms", "p99 ms", "errors"
+        "{:<10} {:>12} {:>10} {:>10} {:>12} {:>8}",
+        "proxy", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors"
     );
     for (i, (name, _)) in targets.iter().enumerate() {
         let errors: u64 = samples[i].iter().map(|s| s.errors).sum();
         println!(
-            "{:<10} {:>12.0} {:>10.3} {:>10.3} {:>8}",
+            "{:<10} {:>12.0} {:>10.3} {:>10.3} {:>12.1} {:>8}",
             name,
             med(i, |s| s.rps),
             med(i, |s| s.p50_ms),
             med(i, |s| s.p99_ms),
+            med(i, |s| s.cpu_us_per_req),
             errors
         );
     }
     println!();
     for (j, other) in [(1, "nginx"), (2, "haproxy")] {
         println!(
-            "gateway/{other:<8} req/s {:.3}  p50 {:.3}  p99 {:.3}",
+            "gateway/{other:<8} req/s {:.3}  p50 {:.3}  p99 {:.3}  CPU/req {:.3}",
             med(0, |s| s.rps) / med(j, |s| s.rps),
             med(0, |s| s.p50_ms) / med(j, |s| s.p50_ms),
             med(0, |s| s.p99_ms) / med(j, |s| s.p99_ms),
+            med(0, |s| s.cpu_us_per_req) / med(j, |s| s.cpu_us_per_req),
         );
     }
     match rss {
