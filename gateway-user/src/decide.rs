@@ -3,3 +3,5 @@
 //! them; everything here is tested without any of those.
 
 pub mod deadline;
+pub mod health;
+pub mod retry;

@@ -1,0 +1,365 @@
+//! Per-endpoint health from kernel evidence: healthy → suspect → ejected → probing → healthy.
+//!
+//! | evidence | effect |
+//! |---|---|
+//! | RST (refused), ICMP unreachable | ejected at once |
+//! | request bytes unACKed while RTOs fire on an established connection (host or path died) | ejected at once |
+//! | a SYN unanswered by the connect deadline (no SYN-ACK, no RST, no ICMP) | suspect, and probed at once; a second in a row ejects |
+//! | `slow_handshakes_to_suspect` connects in a row that needed SYN retransmits | suspect (overloaded or lossy): deprioritised, not ejected |
+//! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
+//! | a clean handshake or a response | clears the strikes; a suspect endpoint is healthy again |
+//!
+//! An ejection lasts `base_ejection × 2^(n-1)` for the n-th ejection in a row, capped at
+//! `max_ejection`. When it ends the endpoint is *probing*: active probes (a kernel-measured TCP
+//! connect, optionally an HTTP GET) run every `probe_interval`; `rise` successes in a row make it
+//! healthy, one failure ejects it again with the next back-off. The ejection count resets once
+//! the endpoint has stayed healthy for `max_ejection`.
+//!
+//! Fail-open: an ejection that would leave less than `100 - max_ejected_percent` % of the
+//! cluster routable is refused; the endpoint is marked suspect instead (deprioritised, still
+//! used when nothing better is left), so a cluster-wide problem never empties the cluster.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+pub const DEFAULT_SYN_UNANSWERED_TO_EJECT: u32 = 2;
+pub const DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT: u32 = 3;
+pub const DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT: u32 = 5;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthPolicy {
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub probe_interval: Duration,
+    pub rise: u32,
+    pub max_ejected_percent: u32,
+    pub syn_unanswered_to_eject: u32,
+    pub slow_handshakes_to_suspect: u32,
+    pub response_timeouts_to_eject: u32,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            rise: DEFAULT_RISE,
+            max_ejected_percent: DEFAULT_MAX_EJECTED_PERCENT,
+            syn_unanswered_to_eject: DEFAULT_SYN_UNANSWERED_TO_EJECT,
+            slow_handshakes_to_suspect: DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
+            response_timeouts_to_eject: DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    Healthy,
+    Suspect,
+    Ejected,
+    Probing,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [
+        State::Healthy,
+        State::Suspect,
+        State::Ejected,
+        State::Probing,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Suspect => "suspect",
+            State::Ejected => "ejected",
+            State::Probing => "probing",
+        }
+    }
+}
+
+/// Why an endpoint is not healthy. Names are metric label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    SynUnanswered,
+    Refused,
+    Unreachable,
+    HostDied,
+    Overloaded,
+    SlowBackend,
+    /// A probe failed while the endpoint was probing.
+    ProbeFailed,
+}
+
+impl Reason {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::SynUnanswered => "syn_unanswered",
+            Reason::Refused => "refused",
+            Reason::Unreachable => "unreachable",
+            Reason::HostDied => "host_died",
+            Reason::Overloaded => "overloaded",
+            Reason::SlowBackend => "slow_backend",
+            Reason::ProbeFailed => "probe_failed",
+        }
+    }
+}
+
+/// What happened to one attempt (or probe) on the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// A connect established after `syn_retransmits` SYN retransmits.
+    ConnectOk {
+        syn_retransmits: u32,
+    },
+    /// No SYN-ACK, no RST and no ICMP by the connect deadline (or the kernel's own timeout).
+    SynUnanswered,
+    Refused,
+    Unreachable,
+    /// An established connection stalled with request bytes unACKed while RTOs fired.
+    HostDied,
+    /// The response timer fired although the upstream's kernel ACKed the request.
+    ResponseTimeout,
+    /// A response arrived.
+    ResponseOk,
+}
+
+/// What [`EndpointHealth`] did with the evidence; the I/O shell acts on it (metrics, logs,
+/// probes).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Transition {
+    None,
+    /// Newly suspect; the shell should probe it now.
+    Suspected(Reason),
+    Ejected {
+        reason: Reason,
+        duration: Duration,
+    },
+    /// It would have been ejected, but the cluster's ejection budget is spent (fail-open).
+    EjectionRefused(Reason),
+    /// The ejection ended: probe it every `probe_interval`.
+    Probing,
+    Recovered,
+}
+
+#[derive(Clone, Debug)]
+pub struct EndpointHealth {
+    state: State,
+    reason: Option<Reason>,
+    since: Instant,
+    syn_unanswered: u32,
+    slow_handshakes: u32,
+    response_timeouts: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    probe_successes: u32,
+}
+
+impl EndpointHealth {
+    pub fn new(now: Instant) -> EndpointHealth {
+        EndpointHealth {
+            state: State::Healthy,
+            reason: None,
+            since: now,
+            syn_unanswered: 0,
+            slow_handshakes: 0,
+            response_timeouts: 0,
+            ejections: 0,
+            ejected_until: None,
+            probe_successes: 0,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn reason(&self) -> Option<Reason> {
+        self.reason
+    }
+
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    pub fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
+    /// Requests may go here (ejected and probing endpoints only get probes).
+    pub fn routable(&self) -> bool {
+        matches!(self.state, State::Healthy | State::Suspect)
+    }
+
+    fn set(&mut self, state: State, reason: Option<Reason>, now: Instant) {
+        self.state = state;
+        self.reason = reason;
+        self.since = now;
+    }
+
+    fn eject(
+        &mut self,
+        reason: Reason,
+        now: Instant,
+        p: &HealthPolicy,
+        may_eject: bool,
+    ) -> Transition {
+        if !may_eject {
+            let was = self.state;
+            self.set(State::Suspect, Some(reason), now);
+            return if was == State::Suspect {
+                Transition::None
+            } else {
+                Transition::EjectionRefused(reason)
+            };
+        }
+        self.ejections += 1;
+        let factor = 1u32 << (self.ejections - 1).min(16);
+        let duration = p.base_ejection.saturating_mul(factor).min(p.max_ejection);
+        self.ejected_until = Some(now + duration);
+        self.probe_successes = 0;
+        self.syn_unanswered = 0;
+        self.slow_handshakes = 0;
+        self.response_timeouts = 0;
+        self.set(State::Ejected, Some(reason), now);
+        Transition::Ejected { reason, duration }
+    }
+
+    fn suspect(&mut self, reason: Reason, now: Instant) -> Transition {
+        if self.state == State::Healthy {
+            self.set(State::Suspect, Some(reason), now);
+            Transition::Suspected(reason)
+        } else {
+            Transition::None
+        }
+    }
+
+    /// Feeds one attempt's evidence. `may_eject` is the cluster's answer to "would ejecting
+    /// one more endpoint stay within `max_ejected_percent`?".
+    pub fn observe(
+        &mut self,
+        ev: Evidence,
+        now: Instant,
+        p: &HealthPolicy,
+        may_eject: bool,
+    ) -> Transition {
+        if matches!(self.state, State::Ejected | State::Probing) {
+            // Requests in flight when it was ejected still report back; only probes decide now.
+            return Transition::None;
+        }
+        match ev {
+            Evidence::Refused => self.eject(Reason::Refused, now, p, may_eject),
+            Evidence::Unreachable => self.eject(Reason::Unreachable, now, p, may_eject),
+            Evidence::HostDied => self.eject(Reason::HostDied, now, p, may_eject),
+            Evidence::SynUnanswered => {
+                self.syn_unanswered += 1;
+                if self.syn_unanswered >= p.syn_unanswered_to_eject {
+                    self.eject(Reason::SynUnanswered, now, p, may_eject)
+                } else {
+                    self.suspect(Reason::SynUnanswered, now)
+                }
+            }
+            Evidence::ConnectOk { syn_retransmits } => {
+                self.syn_unanswered = 0;
+                if syn_retransmits > 0 {
+                    self.slow_handshakes += 1;
+                    if self.slow_handshakes >= p.slow_handshakes_to_suspect {
+                        return self.suspect(Reason::Overloaded, now);
+                    }
+                    return Transition::None;
+                }
+                self.slow_handshakes = 0;
+                self.clean(now, p)
+            }
+            Evidence::ResponseTimeout => {
+                self.response_timeouts += 1;
+                if p.response_timeouts_to_eject > 0
+                    && self.response_timeouts >= p.response_timeouts_to_eject
+                {
+                    self.eject(Reason::SlowBackend, now, p, may_eject)
+                } else {
+                    Transition::None
+                }
+            }
+            Evidence::ResponseOk => {
+                self.response_timeouts = 0;
+                Transition::None
+            }
+        }
+    }
+
+    fn clean(&mut self, now: Instant, p: &HealthPolicy) -> Transition {
+        if self.state == State::Healthy
+            && self.ejections > 0
+            && now.saturating_duration_since(self.since) >= p.max_ejection
+        {
+            self.ejections = 0;
+        }
+        if self.state == State::Suspect {
+            self.set(State::Healthy, None, now);
+            return Transition::Recovered;
+        }
+        Transition::None
+    }
+
+    /// Time passing: an ejection that has run out turns into probing.
+    pub fn tick(&mut self, now: Instant) -> Transition {
+        if self.state == State::Ejected && self.ejected_until.is_some_and(|t| now >= t) {
+            self.ejected_until = None;
+            self.probe_successes = 0;
+            let reason = self.reason;
+            self.set(State::Probing, reason, now);
+            return Transition::Probing;
+        }
+        Transition::None
+    }
+
+    /// An active probe's result. Probes of suspect endpoints count as ordinary evidence.
+    pub fn probe(
+        &mut self,
+        ev: Evidence,
+        now: Instant,
+        p: &HealthPolicy,
+        may_eject: bool,
+    ) -> Transition {
+        match self.state {
+            State::Probing => {
+                if matches!(
+                    ev,
+                    Evidence::ConnectOk { syn_retransmits: 0 } | Evidence::ResponseOk
+                ) {
+                    self.probe_successes += 1;
+                    if self.probe_successes >= p.rise {
+                        self.set(State::Healthy, None, now);
+                        return Transition::Recovered;
+                    }
+                    Transition::None
+                } else {
+                    // Back-off grows even if the budget is spent: a probing endpoint is not
+                    // routable either way.
+                    self.eject(Reason::ProbeFailed, now, p, true)
+                }
+            }
+            State::Healthy | State::Suspect => self.observe(ev, now, p, may_eject),
+            State::Ejected => Transition::None,
+        }
+    }
+}
+
+/// Whether a cluster of `total` endpoints, `unroutable` of them already ejected or probing,
+/// may eject one more and keep at least `100 - max_ejected_percent` % routable (and at least
+/// one endpoint).
+pub fn may_eject(total: usize, unroutable: usize, max_ejected_percent: u32) -> bool {
+    let after = unroutable + 1;
+    after < total && after * 100 <= total * max_ejected_percent as usize
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn rst_and_icmp_eject_at_once() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    for (ev, reason) in [
+        (Evidence::Refused, Reason::Refused),
+        (Evidence::Unreachable, Reason::Unreachable),
+        (Evidence::HostDied, Reason::HostDied),
+    ] {
+        let mut h = EndpointHealth::new(t);
+        assert_eq!(
+            h.observe(ev, t, &p, true),
+            Transition::Ejected {
+                reason,
+                duration: DEFAULT_BASE_EJECTION
+            }
+        );
+        assert_eq!(h.state(), State::Ejected);
+        assert!(!h.routable());
+    }
+}
+
+#[test]
+fn an_unanswered_syn_makes_it_suspect_and_the_second_ejects() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    assert_eq!(
+        h.observe(Evidence::SynUnanswered, t, &p, true),
+        Transition::Suspected(Reason::SynUnanswered)
+    );
+    assert!(h.routable(), "suspect endpoints stay usable, deprioritised");
+    assert!(matches!(
+        h.observe(Evidence::SynUnanswered, t + ms(60), &p, true),
+        Transition::Ejected {
+            reason: Reason::SynUnanswered,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_clean_handshake_clears_suspicion() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    h.observe(Evidence::SynUnanswered, t, &p, true);
+    assert_eq!(
+        h.observe(Evidence::ConnectOk { syn_retransmits: 0 }, t, &p, true),
+        Transition::Recovered
+    );
+    assert_eq!(h.state(), State::Healthy);
+    // and the strike count restarted
+    assert_eq!(
+        h.observe(Evidence::SynUnanswered, t, &p, true),
+        Transition::Suspected(Reason::SynUnanswered)
+    );
+}
+
+#[test]
+fn slow_handshakes_deprioritise_but_never_eject() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    for _ in 1..p.slow_handshakes_to_suspect {
+        assert_eq!(
+            h.observe(Evidence::ConnectOk { syn_retransmits: 1 }, t, &p, true),
+            Transition::None
+        );
+    }
+    assert_eq!(
+        h.observe(Evidence::ConnectOk { syn_retransmits: 2 }, t, &p, true),
+        Transition::Suspected(Reason::Overloaded)
+    );
+    for _ in 0..10 {
+        h.observe(Evidence::ConnectOk { syn_retransmits: 1 }, t, &p, true);
+    }
+    assert_eq!(h.state(), State::Suspect);
+}
+
+#[test]
+fn a_slow_backend_is_not_a_network_failure() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    for _ in 1..p.response_timeouts_to_eject {
+        assert_eq!(
+            h.observe(Evidence::ResponseTimeout, t, &p, true),
+            Transition::None
+        );
+        assert_eq!(h.state(), State::Healthy);
+    }
+    assert!(matches!(
+        h.observe(Evidence::ResponseTimeout, t, &p, true),
+        Transition::Ejected {
+            reason: Reason::SlowBackend,
+            ..
+        }
+    ));
+    let mut off = HealthPolicy {
+        response_timeouts_to_eject: 0,
+        ..p.clone()
+    };
+    off.response_timeouts_to_eject = 0;
+    let mut h = EndpointHealth::new(t);
+    for _ in 0..100 {
+        h.observe(Evidence::ResponseTimeout, t, &off, true);
+    }
+    assert_eq!(h.state(), State::Healthy, "0 disables the rule");
+}
+
+#[test]
+fn back_off_doubles_up_to_the_cap_and_rise_successes_recover() {
+    let p = HealthPolicy {
+        max_ejection: ms(5000),
+        ..HealthPolicy::default()
+    };
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    let mut now = t;
+    let mut durations = Vec::new();
+    if let Transition::Ejected { duration, .. } = h.observe(Evidence::Refused, now, &p, true) {
+        durations.push(duration);
+    }
+    for _ in 0..4 {
+        now = h.ejected_until().unwrap();
+        assert_eq!(h.tick(now - ms(1)), Transition::None);
+        assert_eq!(h.tick(now), Transition::Probing);
+        assert!(!h.routable(), "probing endpoints get probes, not requests");
+        match h.probe(Evidence::Refused, now, &p, true) {
+            Transition::Ejected { duration, reason } => {
+                assert_eq!(reason, Reason::ProbeFailed);
+                durations.push(duration);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        durations,
+        [ms(1000), ms(2000), ms(4000), ms(5000), ms(5000)]
+    );
+    now = h.ejected_until().unwrap();
+    h.tick(now);
+    assert_eq!(
+        h.probe(Evidence::ConnectOk { syn_retransmits: 0 }, now, &p, true),
+        Transition::None
+    );
+    assert_eq!(
+        h.probe(
+            Evidence::ConnectOk { syn_retransmits: 0 },
+            now + p.probe_interval,
+            &p,
+            true
+        ),
+        Transition::Recovered
+    );
+    assert_eq!(h.state(), State::Healthy);
+}
+
+#[test]
+fn the_ejection_budget_fails_open_to_suspect() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    assert_eq!(
+        h.observe(Evidence::Refused, t, &p, false),
+        Transition::EjectionRefused(Reason::Refused)
+    );
+    assert_eq!(h.state(), State::Suspect);
+    assert!(h.routable());
+    assert_eq!(
+        h.observe(Evidence::Refused, t, &p, false),
+        Transition::None,
+        "reported once"
+    );
+}
+
+#[test]
+fn ejection_budget_arithmetic() {
+    // 3 endpoints at 50 %: one may go, a second would leave 1 of 3 (33 %).
+    assert!(may_eject(3, 0, 50));
+    assert!(!may_eject(3, 1, 50));
+    // never the last one, whatever the percentage
+    assert!(!may_eject(1, 0, 100));
+    assert!(may_eject(2, 0, 50));
+    assert!(!may_eject(2, 1, 100));
+    assert!(may_eject(10, 4, 50));
+    assert!(!may_eject(10, 5, 50));
+}
+
+#[test]
+fn evidence_from_requests_in_flight_does_not_move_an_ejected_endpoint() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    h.observe(Evidence::Refused, t, &p, true);
+    assert_eq!(
+        h.observe(Evidence::ConnectOk { syn_retransmits: 0 }, t, &p, true),
+        Transition::None
+    );
+    assert_eq!(h.state(), State::Ejected);
+}
