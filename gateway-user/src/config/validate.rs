@@ -129,7 +129,10 @@ fn inherit<T: Copy>(
     }
 }
 
-pub(crate) fn validate(cfg: &Config) -> Result<(Settings, Vec<At<Warning>>), Vec<At<Invalid>>> {
+/// What `validate` hands back: the settings and their warnings, or every problem.
+pub(crate) type Validated = Result<(Settings, Vec<At<Warning>>), Vec<At<Invalid>>>;
+
+pub(crate) fn validate(cfg: &Config) -> Validated {
     let mut c = Checker {
         problems: Vec::new(),
         warnings: Vec::new(),
