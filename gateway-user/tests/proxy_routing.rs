@@ -162,3 +162,27 @@ async fn access_log_line_names_route_cluster_endpoint_and_timings() {
     assert_eq!(l["error"], serde_json::Value::Null);
     assert_eq!(l["bytes"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostname_endpoints_are_resolved() {
+    let up = Upstream::start("named").await;
+    let gw = gateway(
+        "dns",
+        &format!(
+            "[router.upstream]\nendpoints = [\"localhost:{}\"]\ndns_refresh_ms = 200\n",
+            up.addr.port()
+        ),
+    )
+    .await;
+    let c = client();
+    // `localhost` may also resolve to ::1, where nothing listens: that attempt is refused and
+    // retried on 127.0.0.1, so every request still succeeds.
+    for _ in 0..4 {
+        let got = get(&c, gw.addr, "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        assert_eq!(got.body, "named");
+    }
+    // Still served after a few re-resolutions.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(get(&c, gw.addr, "/").await.body, "named");
+}
