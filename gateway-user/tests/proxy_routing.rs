@@ -186,3 +186,15 @@ async fn hostname_endpoints_are_resolved() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(get(&c, gw.addr, "/").await.body, "named");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_healthz_reports_serving_and_the_signal_mode() {
+    let (_api, _web, _admin, gw) = three_clusters().await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    assert!(admin.ip().is_loopback());
+    let got = get(&client(), admin, "/healthz").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, "ok\nsignals: userspace-only (test)\n");
+    let got = get(&client(), admin, "/other").await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+}
