@@ -228,7 +228,9 @@ async fn run(
         // One attempt on `ep`: a response head, or why not (with the request if never sent).
         let outcome: Result<(Response<Incoming>, UpstreamConn), AttemptFailure> = 'attempt: loop {
             ex.phase = "connecting";
-            let mut conn = match ep.pool.take(ex.start) {
+            let pooled_at_once = ep.pool.take(ex.start);
+            let fast = pooled_at_once.is_some();
+            let mut conn = match pooled_at_once {
                 Some(c) => c,
                 None => {
                     match tokio::time::timeout_at(deadline, Box::pin(cluster.checkout(&ep))).await {
@@ -262,9 +264,10 @@ async fn run(
                 Some(r) => r,
                 None => {
                     ex.phase = "waiting for the response head";
-                    // Sent just now: on a pooled connection without a body that is within
-                    // microseconds of the arrival, so the clock need not be read again.
-                    let sent = if reused && ex.retries == 0 && !had_body {
+                    // Sent just now: on a first attempt that found an idle connection at once
+                    // and had no body, that is within microseconds of the arrival, so the clock
+                    // need not be read again.
+                    let sent = if fast && ex.retries == 0 && !had_body {
                         ex.start
                     } else {
                         Instant::now()
