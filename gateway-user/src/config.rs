@@ -34,7 +34,7 @@ use std::{
 use thiserror::Error;
 
 pub use self::{
-    model::Config,
+    model::{Config, ObserverMode},
     settings::*,
     source::{KeyPath, Position},
     validate::{Invalid, Warning},

@@ -17,10 +17,10 @@ mod balancer;
 mod body;
 mod cluster;
 mod connect;
+mod endpoint_health;
 pub mod error;
 mod forward;
 mod headers;
-mod health;
 mod io;
 mod pool;
 mod router;
@@ -377,16 +377,56 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Moves the gateway into its own cgroup and attaches the kernel observer there, per
+/// `[observer] mode`. In `auto` mode a failure is not fatal: the gateway runs on userspace
+/// timing and says why, in this log line, `/healthz`, `/status` and
+/// `gateway_observer_kernel_signals`.
+fn attach_observer(
+    cfg: &config::Observer,
+) -> anyhow::Result<(
+    Arc<dyn SignalSource>,
+    Option<crate::observer::cgroup::SelfCgroup>,
+)> {
+    use crate::{
+        config::ObserverMode,
+        observer::{KernelObserver, ObserverOptions, cgroup::SelfCgroup, signals::KernelSignals},
+    };
+    if cfg.mode == ObserverMode::Off {
+        let s = UserspaceOnly::new("observer = \"off\" in the config");
+        warn!(signals = %s.mode(), "kernel observer off: connect and response decisions use userspace timing only");
+        return Ok((Arc::new(s), None));
+    }
+    let attached = (|| -> anyhow::Result<_> {
+        let cgroup = SelfCgroup::enter(&cfg.cgroup)?;
+        let observer = KernelObserver::attach(&ObserverOptions {
+            cgroup: Some(cgroup.path().to_path_buf()),
+            ..ObserverOptions::default()
+        })?;
+        Ok((KernelSignals::start(observer), cgroup))
+    })();
+    match attached {
+        Ok((signals, cgroup)) => {
+            info!(cgroup = %cgroup.path().display(), "kernel observer attached: health, connect deadlines, hedging and retries use kernel evidence");
+            Ok((signals, Some(cgroup)))
+        }
+        Err(e) if cfg.mode == ObserverMode::Kernel => {
+            Err(e.context("[observer] mode = \"kernel\" and the kernel observer could not attach"))
+        }
+        Err(e) => {
+            let s = UserspaceOnly::new(format!("{e:#}"));
+            warn!(signals = %s.mode(), "kernel observer unavailable: connect and response decisions use userspace timing only");
+            Ok((Arc::new(s), None))
+        }
+    }
+}
+
 async fn run(path: &Path, settings: Settings) -> anyhow::Result<()> {
     // Handlers first: SIGHUP's default action would kill a gateway that just said it listens.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::new(
-        "the kernel observer is not wired into the proxy yet",
-    ));
-    let mode = signals.mode();
-    warn!(signals = %mode, "connect and response decisions use userspace timing only");
+    // Before any upstream socket exists: a socket's cgroup is fixed when it is created.
+    let (signals, _cgroup) = attach_observer(&settings.observer)?;
     let mut grace = settings.shutdown_grace;
     let workers = settings.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)

@@ -29,6 +29,32 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    #[serde(default)]
+    pub observer: ObserverConfig,
+}
+
+/// `[observer]`: the kernel (eBPF) signals that drive health, deadlines and hedging.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObserverConfig {
+    /// `auto` (default): attach the eBPF observer, and if that fails run on userspace timing
+    /// and say why; `kernel`: refuse to start without it; `off`: userspace timing only.
+    pub mode: Option<ObserverMode>,
+    /// The cgroup v2 the gateway moves itself into before opening any upstream socket, and
+    /// where the observer attaches: absolute, or relative to the cgroup v2 mount. `{pid}` is
+    /// replaced by the process id. Removed on exit. Default [`DEFAULT_OBSERVER_CGROUP`].
+    pub cgroup: Option<String>,
+}
+
+pub const DEFAULT_OBSERVER_CGROUP: &str = "gateway-{pid}";
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ObserverMode {
+    #[default]
+    Auto,
+    Kernel,
+    Off,
 }
 
 /// `[router]`.
@@ -141,7 +167,15 @@ pub struct TimeoutsConfig {
     /// How long a pooled keep-alive upstream connection may stay idle. Default
     /// [`DEFAULT_IDLE_TIMEOUT_MS`].
     pub idle_timeout_ms: Option<u64>,
+    /// Adapt each endpoint's connect deadline to its kernel-measured SYN-RTT:
+    /// `clamp(p99 × 3 + 10 ms, connect_deadline_floor_ms, connect_timeout_ms)` over the last
+    /// 60 s, once 8 clean handshakes are known (see `decide::deadline`). Default true.
+    pub adaptive_connect_deadline: Option<bool>,
+    /// The shortest adaptive connect deadline. Default [`DEFAULT_CONNECT_DEADLINE_FLOOR_MS`].
+    pub connect_deadline_floor_ms: Option<u64>,
 }
+
+pub const DEFAULT_CONNECT_DEADLINE_FLOOR_MS: u64 = 50;
 
 /// Envoy's default; nginx uses 60 s and HAProxy none, which is why blackholed hosts hang them.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -169,6 +203,11 @@ pub struct RetryConfig {
     /// Retries always allowed in flight, whatever the budget says. Default
     /// [`DEFAULT_MIN_RETRY_CONCURRENCY`].
     pub min_retry_concurrency: Option<u32>,
+    /// Race a second connect to another healthy endpoint when the first has no SYN-ACK by its
+    /// connect deadline; the first to establish wins. Default true.
+    pub hedge: Option<bool>,
+    /// Hedged connects allowed, as a share of requests in flight (at least one). Default 10.
+    pub hedge_budget_percent: Option<u32>,
 }
 
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
@@ -207,10 +246,32 @@ pub struct HealthConfig {
     /// Largest share of a cluster's endpoints ejected at once. Default
     /// [`DEFAULT_MAX_EJECTED_PERCENT`].
     pub max_ejected_percent: Option<u32>,
+    /// The longest ejection (the back-off's cap). Default 30000.
+    pub max_ejection_ms: Option<u64>,
+    /// How often an ejected endpoint is probed once its ejection has run out. Default 500.
+    pub probe_interval_ms: Option<u64>,
+    /// Probe successes in a row that bring an endpoint back. Default 2.
+    pub rise: Option<u32>,
+    /// SYNs in a row unanswered by the connect deadline that eject (the first makes the
+    /// endpoint suspect and probes it at once). Default 2.
+    pub syn_unanswered_to_eject: Option<u32>,
+    /// Connects in a row that established only after SYN retransmits before the endpoint is
+    /// deprioritised as overloaded. Default 3.
+    pub slow_handshakes_to_suspect: Option<u32>,
+    /// Response timeouts in a row (request ACKed by the upstream's kernel) that eject the
+    /// endpoint as a slow backend; 0 disables. Default 5.
+    pub response_timeouts_to_eject: Option<u32>,
+    /// When set, probes also send `GET probe_path` and expect `probe_expect_status`.
+    pub probe_path: Option<String>,
+    /// Default 200.
+    pub probe_expect_status: Option<u16>,
 }
 
+/// Failures with no classification (neither refused, unreachable, nor unanswered) in a row
+/// that eject.
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
-pub const DEFAULT_EJECTION_MS: u64 = 10_000;
+/// The first ejection; each further one in a row doubles it, up to `max_ejection_ms`.
+pub const DEFAULT_EJECTION_MS: u64 = 1_000;
 pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
 /// One endpoint as written.

@@ -20,6 +20,14 @@ pub struct Settings {
     /// `None` when `[admin] enabled = false`.
     pub admin: Option<SocketAddr>,
     pub access_log: AccessLog,
+    pub observer: Observer,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observer {
+    pub mode: super::model::ObserverMode,
+    /// With `{pid}` already replaced.
+    pub cgroup: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -109,7 +117,10 @@ impl fmt::Display for EndpointAddr {
 /// Every upstream timeout, named; see `model::TimeoutsConfig` for what each covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
+    /// The hard cap of every connect, and the deadline until SYN-RTTs are known.
     pub connect: Duration,
+    /// `None`: adaptive deadlines off.
+    pub connect_deadline_floor: Option<Duration>,
     pub response: Duration,
     pub write: Duration,
     pub request: Duration,
@@ -118,6 +129,8 @@ pub struct Timeouts {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
+    pub hedge: bool,
+    pub hedge_budget_percent: u32,
     pub max_retries: u32,
     pub on_response_timeout: bool,
     pub budget_percent: u32,
@@ -131,11 +144,16 @@ pub struct Limits {
     pub max_idle_per_endpoint: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
     pub consecutive_failures: u32,
     pub ejection: Duration,
     pub max_ejected_percent: u32,
+    /// The state machine's knobs (`decide::health`).
+    pub machine: crate::decide::health::HealthPolicy,
+    /// `GET` this path on probes, expecting `probe_expect_status`.
+    pub probe_path: Option<String>,
+    pub probe_expect_status: u16,
 }
 
 #[derive(Clone, Debug, PartialEq)]

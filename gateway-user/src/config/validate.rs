@@ -375,6 +375,16 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
             clusters,
             admin,
             access_log,
+            observer: Observer {
+                mode: cfg.observer.mode.unwrap_or_default(),
+                cgroup: PathBuf::from(
+                    cfg.observer
+                        .cgroup
+                        .as_deref()
+                        .unwrap_or(DEFAULT_OBSERVER_CGROUP)
+                        .replace("{pid}", &std::process::id().to_string()),
+                ),
+            },
         },
         c.warnings,
     ))
@@ -520,6 +530,33 @@ fn cluster(
         " %"
     );
 
+    let (max_ejection_ms, _) = setting!(health.max_ejection_ms, 30_000u64, 1, DAY_MS, " ms");
+    let (probe_interval_ms, _) = setting!(health.probe_interval_ms, 500u64, 10, DAY_MS, " ms");
+    let (rise, _) = setting!(health.rise, 2u64, 1, 100, "");
+    let (syn_unanswered, _) = setting!(health.syn_unanswered_to_eject, 2u64, 1, 100, "");
+    let (slow_handshakes, _) = setting!(health.slow_handshakes_to_suspect, 3u64, 1, 1000, "");
+    let (response_timeouts, _) = setting!(health.response_timeouts_to_eject, 5u64, 0, 1000, "");
+    let (probe_expect_status, _) = setting!(health.probe_expect_status, 200u64, 100, 599, "");
+    let probe_path = own
+        .health
+        .probe_path
+        .clone()
+        .or_else(|| base.health.probe_path.clone());
+    let (floor_ms, _) = setting!(
+        timeouts.connect_deadline_floor_ms,
+        DEFAULT_CONNECT_DEADLINE_FLOOR_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let adaptive = own
+        .timeouts
+        .adaptive_connect_deadline
+        .or(base.timeouts.adaptive_connect_deadline)
+        .unwrap_or(true);
+    let hedge = own.retry.hedge.or(base.retry.hedge).unwrap_or(true);
+    let (hedge_budget_percent, _) = setting!(retry.hedge_budget_percent, 10u64, 0, 100, " %");
+
     let (dns_refresh_ms, from) = inherit(
         own.dns_refresh_ms,
         key.key("dns_refresh_ms"),
@@ -574,8 +611,11 @@ fn cluster(
             write: ms(write_ms),
             request: ms(request_ms),
             idle: ms(idle_ms),
+            connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
         },
         retry: RetryPolicy {
+            hedge,
+            hedge_budget_percent: hedge_budget_percent as u32,
             max_retries: max_retries as u32,
             on_response_timeout,
             budget_percent: budget_percent as u32,
@@ -590,6 +630,18 @@ fn cluster(
             consecutive_failures: consecutive_failures as u32,
             ejection: ms(ejection_ms),
             max_ejected_percent: max_ejected_percent as u32,
+            machine: crate::decide::health::HealthPolicy {
+                base_ejection: ms(ejection_ms),
+                max_ejection: ms(max_ejection_ms.max(ejection_ms)),
+                probe_interval: ms(probe_interval_ms),
+                rise: rise as u32,
+                max_ejected_percent: max_ejected_percent as u32,
+                syn_unanswered_to_eject: syn_unanswered as u32,
+                slow_handshakes_to_suspect: slow_handshakes as u32,
+                response_timeouts_to_eject: response_timeouts as u32,
+            },
+            probe_path,
+            probe_expect_status: probe_expect_status as u16,
         },
     }
 }

@@ -89,6 +89,17 @@ impl RttWindow {
         self.samples.is_empty()
     }
 
+    /// Median and p99 of the samples held, for display.
+    pub fn quantiles(&self) -> (Option<Duration>, Option<Duration>) {
+        if self.samples.is_empty() {
+            return (None, None);
+        }
+        let mut v: Vec<Duration> = self.samples.iter().map(|&(_, d)| d).collect();
+        v.sort_unstable();
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        (Some(at(0.5)), Some(at(0.99)))
+    }
+
     /// The deadline for a connect starting at `now`.
     pub fn deadline(&mut self, policy: &DeadlinePolicy, now: Instant) -> Deadline {
         while let Some(&(t, _)) = self.samples.front() {

@@ -32,7 +32,7 @@ pub const DEFAULT_SYN_UNANSWERED_TO_EJECT: u32 = 2;
 pub const DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT: u32 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT: u32 = 5;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
     pub base_ejection: Duration,
     pub max_ejection: Duration,
@@ -354,11 +354,14 @@ impl EndpointHealth {
 }
 
 /// Whether a cluster of `total` endpoints, `unroutable` of them already ejected or probing,
-/// may eject one more and keep at least `100 - max_ejected_percent` % routable (and at least
-/// one endpoint).
+/// may eject one more and keep at least `100 - max_ejected_percent` % routable. Below 100 % the
+/// last routable endpoint is never ejected; 100 % is the operator saying "eject them all"
+/// (requests then get 503 `no_healthy_upstream`).
 pub fn may_eject(total: usize, unroutable: usize, max_ejected_percent: u32) -> bool {
     let after = unroutable + 1;
-    after < total && after * 100 <= total * max_ejected_percent as usize
+    after <= total
+        && after * 100 <= total * max_ejected_percent as usize
+        && (after < total || max_ejected_percent >= 100)
 }
 
 #[cfg(test)]

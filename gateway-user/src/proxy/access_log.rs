@@ -47,6 +47,10 @@ pub(crate) struct Exchange {
     pub cluster: Option<Arc<str>>,
     /// Inline for the usual one or two attempts: no allocation per request.
     pub attempts: SmallVec<[Attempt; 2]>,
+    /// A hedged connect won this request's connection.
+    pub hedged: bool,
+    /// What the kernel said about the failed attempt's request bytes (fresh connections).
+    pub ack: Option<crate::decide::retry::AckState>,
     pub retries: u32,
     /// The final attempt's TCP connect; `None` when it reused a pooled connection.
     pub connect: Option<Duration>,
@@ -75,6 +79,8 @@ impl Exchange {
             cluster: None,
             attempts: SmallVec::new(),
             retries: 0,
+            hedged: false,
+            ack: None,
             connect: None,
             first_byte: None,
             status: 0,

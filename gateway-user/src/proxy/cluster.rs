@@ -6,7 +6,7 @@ use std::{
     future::poll_fn,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -20,13 +20,14 @@ use tracing::{debug, info, warn};
 
 use super::{
     balancer, connect,
+    endpoint_health::HealthCell,
     error::ProxyError,
-    health::{self, Outlier, Verdict},
     io::StallGuard,
     pool::{IdlePool, UpstreamConn},
 };
 use crate::{
     config::{ClusterSpec, EndpointAddr, LbPolicy},
+    decide::health::{Evidence, Transition},
     signals::SignalSource,
 };
 
@@ -36,10 +37,9 @@ pub(crate) struct Endpoint {
     pub pool: IdlePool,
     /// Requests in flight to this endpoint, for least-request balancing.
     pub in_flight: AtomicU64,
-    outlier: Mutex<Outlier>,
-    /// Fast paths: whether `outlier` may say "ejected", or has failures to reset.
-    maybe_ejected: AtomicBool,
-    failing: AtomicBool,
+    pub health: HealthCell,
+    /// A probe is running; at most one per endpoint.
+    probe_running: AtomicBool,
 }
 
 impl Endpoint {
@@ -53,25 +53,9 @@ impl Endpoint {
                 spec.timeouts.idle,
             ),
             in_flight: AtomicU64::new(0),
-            outlier: Mutex::new(Outlier::default()),
-            maybe_ejected: AtomicBool::new(false),
-            failing: AtomicBool::new(false),
+            health: HealthCell::new(),
+            probe_running: AtomicBool::new(false),
         }
-    }
-
-    fn outlier(&self) -> std::sync::MutexGuard<'_, Outlier> {
-        self.outlier.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn is_ejected(&self, now: Instant) -> bool {
-        if !self.maybe_ejected.load(Ordering::Relaxed) {
-            return false;
-        }
-        let ejected = self.outlier().is_ejected(now);
-        if !ejected {
-            self.maybe_ejected.store(false, Ordering::Relaxed);
-        }
-        ejected
     }
 }
 
@@ -99,6 +83,7 @@ pub(crate) struct Cluster {
     pending: AtomicUsize,
     active: AtomicUsize,
     retries: AtomicUsize,
+    hedges: AtomicUsize,
     signals: Arc<dyn SignalSource>,
     client: http1::Builder,
     /// Worker threads, i.e. idle-pool shards per endpoint.
@@ -136,12 +121,14 @@ impl Cluster {
             pending: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
+            hedges: AtomicUsize::new(0),
             signals,
             client,
             spec,
             shards,
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
+        tokio::spawn(probe_loop(Arc::downgrade(&cluster)));
         if cluster
             .spec
             .endpoints
@@ -153,61 +140,112 @@ impl Cluster {
         cluster
     }
 
-    /// Picks an endpoint that is not ejected and not `tried` by this request.
+    /// Picks a routable endpoint not `tried` by this request: a healthy one if any is left,
+    /// else a suspect one (deprioritised, not excluded).
     pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
         let set = self.set.load();
         let eps = &set.endpoints;
-        let eligible = |i: usize| {
-            if tried(eps[i].addr) {
-                return false;
-            }
-            !eps[i].maybe_ejected.load(Ordering::Relaxed) || !eps[i].is_ejected(Instant::now())
-        };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let found = match self.spec.lb_policy {
-            LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
-            LbPolicy::LeastRequest => {
-                let mut rng = rand::rng();
-                balancer::least_request(
-                    &set.schedule,
-                    || rand::Rng::random_range(&mut rng, 0..usize::MAX),
-                    |i| eps[i].in_flight.load(Ordering::Relaxed),
-                    |i| eps[i].weight,
-                    eligible,
-                )
-            }
-        };
-        match found {
-            Some(i) => Ok(eps[i].clone()),
-            None => {
-                let now = Instant::now();
-                let ejected = eps.iter().filter(|e| e.is_ejected(now)).count();
-                if !eps.iter().any(|e| tried(e.addr)) {
-                    Err(NoPick::NoneHealthy {
-                        total: eps.len(),
-                        ejected,
-                    })
-                } else {
-                    Err(NoPick::AllTried)
+        for allow_suspect in [false, true] {
+            let eligible = |i: usize| {
+                let h = &eps[i].health;
+                !tried(eps[i].addr) && h.routable() && (allow_suspect || !h.suspect())
+            };
+            let found = match self.spec.lb_policy {
+                LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
+                LbPolicy::LeastRequest => {
+                    let mut rng = rand::rng();
+                    balancer::least_request(
+                        &set.schedule,
+                        || rand::Rng::random_range(&mut rng, 0..usize::MAX),
+                        |i| eps[i].in_flight.load(Ordering::Relaxed),
+                        |i| eps[i].weight,
+                        eligible,
+                    )
                 }
+            };
+            if let Some(i) = found {
+                return Ok(eps[i].clone());
+            }
+        }
+        let ejected = eps.iter().filter(|e| !e.health.routable()).count();
+        if !eps.iter().any(|e| tried(e.addr)) {
+            Err(NoPick::NoneHealthy {
+                total: eps.len(),
+                ejected,
+            })
+        } else {
+            Err(NoPick::AllTried)
+        }
+    }
+
+    /// The endpoints, for status and metrics.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.set.load().endpoints.clone()
+    }
+
+    /// Whether one more endpoint may be ejected within `max_ejected_percent`.
+    fn may_eject(&self) -> bool {
+        let set = self.set.load();
+        let unroutable = set
+            .endpoints
+            .iter()
+            .filter(|e| !e.health.routable())
+            .count();
+        crate::decide::health::may_eject(
+            set.endpoints.len(),
+            unroutable,
+            self.spec.health.max_ejected_percent,
+        )
+    }
+
+    /// Feeds one piece of evidence about `ep` to its health, and logs what it changed.
+    pub fn report(&self, ep: &Endpoint, ev: Evidence, detail: &dyn Fn() -> String) {
+        let may = self.may_eject();
+        let t = ep.health.observe(ev, &self.spec, may, detail);
+        self.log_transition(ep, t, detail);
+    }
+
+    fn log_transition(&self, ep: &Endpoint, t: Transition, detail: &dyn Fn() -> String) {
+        match t {
+            Transition::None => {}
+            Transition::Ejected { reason, duration } => {
+                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), ejection_ms = duration.as_millis() as u64, evidence = %detail(), "endpoint ejected");
+            }
+            Transition::Suspected(reason) => {
+                info!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), evidence = %detail(), "endpoint suspect; probing");
+            }
+            Transition::EjectionRefused(reason) => {
+                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), max_ejected_percent = self.spec.health.max_ejected_percent, "endpoint failing but the ejection budget is spent; keeping it as suspect (fail-open)");
+            }
+            Transition::Probing => {
+                debug!(cluster = %self.name, upstream = %ep.addr, "ejection over; probing")
+            }
+            Transition::Recovered => {
+                info!(cluster = %self.name, upstream = %ep.addr, evidence = %detail(), "endpoint healthy again")
             }
         }
     }
 
     /// A connection to `ep`: an idle one, a new one if a slot is free, or one that frees up
     /// while the request waits in the pending queue (bounded by `max_pending_requests`).
-    pub async fn checkout(&self, ep: &Arc<Endpoint>) -> Result<UpstreamConn, ProxyError> {
+    /// The connection may be to another endpoint when a hedged connect won.
+    pub async fn checkout(
+        &self,
+        ep: &Arc<Endpoint>,
+        tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+    ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
         loop {
             if let Some(c) = ep.pool.take(Instant::now()) {
-                return Ok(c);
+                return Ok((ep.clone(), c));
             }
             if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-                return self.connect(ep, slot).await;
+                return self.connect(ep, slot, tried).await;
             }
             // All slots busy: use another worker's idle connection to this endpoint, or close
             // an idle connection to another endpoint to make room.
             if let Some(c) = ep.pool.steal() {
-                return Ok(c);
+                return Ok((ep.clone(), c));
             }
             if self.evict_idle_except(ep) {
                 continue;
@@ -227,7 +265,7 @@ impl Cluster {
                 _ = ep.pool.returned.notified() => continue,
                 slot = self.slots.clone().acquire_owned() => {
                     let slot = slot.expect("the cluster never closes its semaphore");
-                    return self.connect(ep, slot).await;
+                    return self.connect(ep, slot, tried).await;
                 }
             }
         }
@@ -241,15 +279,148 @@ impl Cluster {
             .any(|e| e.pool.evict_oldest())
     }
 
+    /// A new connection to `ep` within its connect deadline (adaptive, capped by
+    /// `connect_timeout_ms`). With no SYN-ACK by the deadline the endpoint is reported (no
+    /// SYN-ACK, no RST, no ICMP) and, when hedging is on and its budget allows, a connect to
+    /// another healthy endpoint races the first: the first to establish wins, the other is
+    /// closed. Without a hedge the attempt ends at the deadline and the retry path moves on.
     async fn connect(
         &self,
         ep: &Arc<Endpoint>,
         slot: tokio::sync::OwnedSemaphorePermit,
+        tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+    ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
+        let deadline = ep.health.deadline(&self.spec).value;
+        let start = Instant::now();
+        let (cookie, fut) = connect::start(ep.addr)?;
+        let mut fut = std::pin::pin!(fut);
+        if let Ok(r) = tokio::time::timeout(deadline, &mut fut).await {
+            let c = self.finish_connect(ep, cookie, start, r)?;
+            return Ok((ep.clone(), self.handshake(ep, c, slot).await?));
+        }
+        let timed_out = |cookie: u64, timeout: Duration| ProxyError::ConnectTimeout {
+            endpoint: ep.addr,
+            timeout,
+            cookie,
+            evidence: self.signals.connect_evidence(cookie),
+        };
+        self.report(ep, Evidence::SynUnanswered, &|| {
+            format!(
+                "no SYN-ACK, no RST, no ICMP within the {} ms connect deadline",
+                deadline.as_millis()
+            )
+        });
+        let hedge = if self.spec.retry.hedge && deadline < self.spec.timeouts.connect {
+            self.pick(|a| a == ep.addr || tried(a))
+                .ok()
+                .filter(|e| !e.health.suspect())
+                .and_then(|e2| {
+                    Some((
+                        e2,
+                        self.try_hedge()?,
+                        self.slots.clone().try_acquire_owned().ok()?,
+                    ))
+                })
+        } else {
+            None
+        };
+        let Some((ep2, _hedge, slot2)) = hedge else {
+            // Close the socket first, so that the kernel's record (aborted, SYNs sent) exists.
+            drop(fut);
+            return Err(timed_out(cookie, deadline));
+        };
+        debug!(cluster = %self.name, upstream = %ep.addr, hedge = %ep2.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
+        let deadline2 = ep2.health.deadline(&self.spec).value;
+        let start2 = Instant::now();
+        let (cookie2, fut2) = connect::start(ep2.addr)?;
+        let mut fut2 = std::pin::pin!(fut2);
+        let cap = start + self.spec.timeouts.connect;
+        let cap2 = start2 + deadline2;
+        let (mut a_done, mut b_done) = (false, false);
+        let mut last_err = None;
+        loop {
+            tokio::select! {
+                r = &mut fut, if !a_done => {
+                    a_done = true;
+                    match self.finish_connect(ep, cookie, start, r) {
+                        Ok(c) => return Ok((ep.clone(), self.handshake(ep, c, slot).await?)),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                r = &mut fut2, if !b_done => {
+                    b_done = true;
+                    match self.finish_connect(&ep2, cookie2, start2, r) {
+                        Ok(c) => return Ok((ep2.clone(), self.handshake(&ep2, c, slot2).await?)),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                _ = tokio::time::sleep_until(cap), if !a_done => a_done = true,
+                _ = tokio::time::sleep_until(cap2), if !b_done => {
+                    b_done = true;
+                    self.report(&ep2, Evidence::SynUnanswered, &|| {
+                        format!("no SYN-ACK, no RST, no ICMP within the {} ms connect deadline (hedged connect)", deadline2.as_millis())
+                    });
+                }
+            }
+            if a_done && b_done {
+                return Err(
+                    last_err.unwrap_or_else(|| timed_out(cookie, self.spec.timeouts.connect))
+                );
+            }
+        }
+    }
+
+    /// Classifies a finished connect and feeds health and the SYN-RTT window.
+    fn finish_connect(
+        &self,
+        ep: &Endpoint,
+        cookie: u64,
+        start: Instant,
+        r: std::io::Result<tokio::net::TcpStream>,
+    ) -> Result<connect::Connected, ProxyError> {
+        let elapsed = start.elapsed();
+        match r {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let ev = self.signals.connect_evidence(cookie);
+                let (rtt, retx) = match &ev {
+                    Some(e) => (e.syn_rtt.unwrap_or(elapsed), e.syn_retransmits),
+                    None => (elapsed, 0),
+                };
+                ep.health.observe_rtt(rtt, retx);
+                self.report(
+                    ep,
+                    Evidence::ConnectOk {
+                        syn_retransmits: retx,
+                    },
+                    &|| match &ev {
+                        Some(e) => e.to_string(),
+                        None => format!("connected in {} us", elapsed.as_micros()),
+                    },
+                );
+                Ok(connect::Connected {
+                    stream,
+                    cookie,
+                    elapsed,
+                })
+            }
+            Err(source) => {
+                let e = connect::failed(ep.addr, source, cookie, elapsed, &*self.signals);
+                if let Some(ev) = evidence_of(&e) {
+                    self.report(ep, ev, &|| e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn handshake(
+        &self,
+        ep: &Arc<Endpoint>,
+        c: connect::Connected,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<UpstreamConn, ProxyError> {
         let t = &self.spec.timeouts;
-        let c = connect::connect(ep.addr, t.connect, &*self.signals).await;
-        self.on_connect(ep, c.as_ref().err());
-        let c = c?;
         let io = TokioIo::new(StallGuard::new(c.stream, t.write));
         let (sender, conn) =
             self.client
@@ -269,33 +440,86 @@ impl Cluster {
         Ok(UpstreamConn::new(sender, c.cookie, c.elapsed, slot))
     }
 
-    /// Feeds a connect outcome to the endpoint's outlier state.
-    fn on_connect(&self, ep: &Endpoint, err: Option<&ProxyError>) {
-        let Some(err) = err else {
-            if ep.failing.swap(false, Ordering::Relaxed) {
-                ep.outlier().on_success();
-            }
-            return;
-        };
-        ep.failing.store(true, Ordering::Relaxed);
-        let now = Instant::now();
-        let set = self.set.load();
-        let ejected = set.endpoints.iter().filter(|e| e.is_ejected(now)).count();
-        let budget =
-            health::ejection_budget(set.endpoints.len(), self.spec.health.max_ejected_percent);
-        let verdict = ep
-            .outlier()
-            .on_failure(now, &self.spec.health, ejected < budget);
-        match verdict {
-            Verdict::Ejected(d) => {
-                ep.maybe_ejected.store(true, Ordering::Relaxed);
-                warn!(cluster = %self.name, upstream = %ep.addr, ejection_ms = d.as_millis() as u64, reason = %err.kind(), "endpoint ejected");
-            }
-            Verdict::OverBudget => {
-                debug!(cluster = %self.name, upstream = %ep.addr, "endpoint failing, ejection budget spent");
-            }
-            Verdict::Healthy => {}
+    /// A hedged connect, if the budget allows: hedges in flight stay within
+    /// `hedge_budget_percent` of requests in flight (at least one while it is above 0).
+    fn try_hedge(&self) -> Option<Decrement<'_>> {
+        let pct = self.spec.retry.hedge_budget_percent as usize;
+        if pct == 0 {
+            return None;
         }
+        let allowed = (self.active.load(Ordering::Relaxed) * pct / 100).max(1);
+        if self.hedges.fetch_add(1, Ordering::AcqRel) < allowed {
+            Some(Decrement(&self.hedges))
+        } else {
+            self.hedges.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+
+    /// One active probe of `ep`: a TCP connect within the hard cap (its handshake measured by
+    /// the kernel), then optionally `GET probe_path`, expecting `probe_expect_status`.
+    async fn probe(self: Arc<Self>, ep: Arc<Endpoint>) {
+        let r = connect::connect(ep.addr, self.spec.timeouts.connect, &*self.signals).await;
+        let (ev, detail) = match r {
+            Ok(c) => {
+                let kernel = self.signals.connect_evidence(c.cookie);
+                let (rtt, retx) = match &kernel {
+                    Some(e) => (e.syn_rtt.unwrap_or(c.elapsed), e.syn_retransmits),
+                    None => (c.elapsed, 0),
+                };
+                ep.health.observe_rtt(rtt, retx);
+                let connected = match &kernel {
+                    Some(e) => format!("probe: {e}"),
+                    None => format!("probe: connected in {} us", c.elapsed.as_micros()),
+                };
+                match &self.spec.health.probe_path {
+                    None => (
+                        Evidence::ConnectOk {
+                            syn_retransmits: retx,
+                        },
+                        connected,
+                    ),
+                    Some(path) => {
+                        match http_probe(c.stream, ep.addr, path, self.spec.timeouts.response).await
+                        {
+                            Ok(status)
+                                if status == self.spec.health.probe_expect_status && retx == 0 =>
+                            {
+                                (
+                                    Evidence::ResponseOk,
+                                    format!("{connected}; GET {path}: {status}"),
+                                )
+                            }
+                            Ok(status) if status == self.spec.health.probe_expect_status => (
+                                Evidence::ConnectOk {
+                                    syn_retransmits: retx,
+                                },
+                                format!("{connected}; GET {path}: {status}"),
+                            ),
+                            Ok(status) => (
+                                Evidence::Refused,
+                                format!(
+                                    "{connected}; GET {path}: {status}, expected {}",
+                                    self.spec.health.probe_expect_status
+                                ),
+                            ),
+                            Err(e) => (
+                                Evidence::ResponseTimeout,
+                                format!("{connected}; GET {path}: {e}"),
+                            ),
+                        }
+                    }
+                }
+            }
+            Err(e) => (
+                evidence_of(&e).unwrap_or(Evidence::SynUnanswered),
+                format!("probe: {e}"),
+            ),
+        };
+        let may = self.may_eject();
+        let t = ep.health.probe(ev, &self.spec, may, &|| detail.clone());
+        self.log_transition(&ep, t, &|| detail.clone());
+        ep.probe_running.store(false, Ordering::Release);
     }
 
     /// Puts a connection whose response was read to the end back in the idle list, once hyper
@@ -343,6 +567,77 @@ struct Decrement<'a>(&'a AtomicUsize);
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The health evidence a connect error carries.
+fn evidence_of(e: &ProxyError) -> Option<Evidence> {
+    match e {
+        ProxyError::ConnectRefused { .. } => Some(Evidence::Refused),
+        ProxyError::ConnectUnreachable { .. } => Some(Evidence::Unreachable),
+        ProxyError::ConnectTimeout { .. } => Some(Evidence::SynUnanswered),
+        _ => None,
+    }
+}
+
+/// `GET path` on a fresh connection; the response's status code.
+async fn http_probe(
+    mut stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: gateway-probe\r\nConnection: close\r\n\r\n"
+    );
+    let io = async {
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let r = stream.read(&mut buf[n..]).await?;
+            if r == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before a status line",
+                ));
+            }
+            n += r;
+        }
+        std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not an HTTP/1.x status line",
+                )
+            })
+    };
+    match tokio::time::timeout(timeout, io).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no response within {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+/// Every 100 ms: advance each endpoint's health clock, and probe the endpoints that are
+/// suspect or probing (at most one probe at a time per endpoint).
+async fn probe_loop(cluster: Weak<Cluster>) {
+    const TICK: Duration = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(TICK).await;
+        let Some(c) = cluster.upgrade() else { return };
+        for ep in c.set.load().endpoints.iter() {
+            let (t, due) = ep.health.tick(&c.spec);
+            c.log_transition(ep, t, &|| "ejection ran out".to_owned());
+            if due && !ep.probe_running.swap(true, Ordering::AcqRel) {
+                tokio::spawn(c.clone().probe(ep.clone()));
+            }
+        }
     }
 }
 

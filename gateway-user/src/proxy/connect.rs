@@ -30,6 +30,38 @@ fn socket_for(addr: SocketAddr) -> io::Result<(Socket, u64)> {
     Ok((socket, cookie))
 }
 
+/// Starts a connect to `endpoint` without a timer: the socket's cookie, and the future that
+/// completes when the SYN-ACK (or an RST or ICMP error) arrives. Dropping the future closes the
+/// socket, which the kernel records as `aborted`. Used for hedged connects.
+pub(crate) fn start(
+    endpoint: SocketAddr,
+) -> Result<
+    (
+        u64,
+        impl std::future::Future<Output = io::Result<TcpStream>>,
+    ),
+    ProxyError,
+> {
+    let (socket, cookie) = socket_for(endpoint).map_err(|source| ProxyError::ConnectFailed {
+        endpoint,
+        source,
+        cookie: None,
+    })?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    Ok((cookie, socket.connect(endpoint)))
+}
+
+/// The typed error of a connect that ended with `source` after `elapsed`.
+pub(crate) fn failed(
+    endpoint: SocketAddr,
+    source: io::Error,
+    cookie: u64,
+    elapsed: Duration,
+    signals: &dyn SignalSource,
+) -> ProxyError {
+    classify(endpoint, source, cookie, elapsed, signals)
+}
+
 /// Connects to `endpoint` within `timeout` (named `connect_timeout_ms` in the config).
 pub(crate) async fn connect(
     endpoint: SocketAddr,

@@ -35,6 +35,7 @@ pub enum ErrorKind {
     ConnectUnreachable,
     ConnectFailed,
     ResponseTimeout,
+    UpstreamHostDied,
     UpstreamWriteTimeout,
     UpstreamReset,
     InvalidUpstreamResponse,
@@ -56,6 +57,7 @@ impl ErrorKind {
             ErrorKind::ConnectUnreachable => "connect_unreachable",
             ErrorKind::ConnectFailed => "connect_failed",
             ErrorKind::ResponseTimeout => "response_timeout",
+            ErrorKind::UpstreamHostDied => "upstream_host_died",
             ErrorKind::UpstreamWriteTimeout => "upstream_write_timeout",
             ErrorKind::UpstreamReset => "upstream_reset",
             ErrorKind::InvalidUpstreamResponse => "invalid_upstream_response",
@@ -76,6 +78,7 @@ impl ErrorKind {
             | ErrorKind::ConnectUnreachable
             | ErrorKind::ConnectFailed
             | ErrorKind::UpstreamReset
+            | ErrorKind::UpstreamHostDied
             | ErrorKind::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
             ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectTimeout
@@ -109,7 +112,9 @@ impl ErrorKind {
             | ErrorKind::ConnectRefused
             | ErrorKind::ConnectUnreachable
             | ErrorKind::ConnectFailed => Retry::Always,
-            ErrorKind::ResponseTimeout | ErrorKind::UpstreamReset => Retry::IfIdempotent,
+            ErrorKind::ResponseTimeout | ErrorKind::UpstreamReset | ErrorKind::UpstreamHostDied => {
+                Retry::IfIdempotent
+            }
             _ => Retry::Never,
         }
     }
@@ -174,6 +179,17 @@ pub enum ProxyError {
         cookie: u64,
         evidence: Option<ConnEvidence>,
     },
+    #[error(
+        "{endpoint} stopped answering mid-request after {} ms: the kernel retransmitted the request {} time(s) ({} RTOs) and {} byte(s) stay unACKed (host or path died){}",
+        after.as_millis(), evidence.data_retransmits, evidence.rtos, evidence.unacked_bytes,
+        if evidence.bytes_acked == 0 { "; none of the request reached the upstream" } else { "" }
+    )]
+    UpstreamHostDied {
+        endpoint: SocketAddr,
+        after: Duration,
+        cookie: u64,
+        evidence: ConnEvidence,
+    },
     #[error("{endpoint} stopped reading the request for {} ms", timeout.as_millis())]
     UpstreamWriteTimeout {
         endpoint: SocketAddr,
@@ -236,6 +252,7 @@ impl ProxyError {
             ProxyError::ConnectUnreachable { .. } => ErrorKind::ConnectUnreachable,
             ProxyError::ConnectFailed { .. } => ErrorKind::ConnectFailed,
             ProxyError::ResponseTimeout { .. } => ErrorKind::ResponseTimeout,
+            ProxyError::UpstreamHostDied { .. } => ErrorKind::UpstreamHostDied,
             ProxyError::UpstreamWriteTimeout { .. } => ErrorKind::UpstreamWriteTimeout,
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
             ProxyError::InvalidUpstreamResponse { .. } => ErrorKind::InvalidUpstreamResponse,
@@ -256,7 +273,8 @@ impl ProxyError {
             ProxyError::ConnectTimeout { cookie, .. }
             | ProxyError::ConnectRefused { cookie, .. }
             | ProxyError::ConnectUnreachable { cookie, .. }
-            | ProxyError::ResponseTimeout { cookie, .. } => Some(*cookie),
+            | ProxyError::ResponseTimeout { cookie, .. }
+            | ProxyError::UpstreamHostDied { cookie, .. } => Some(*cookie),
             ProxyError::ConnectFailed { cookie, .. } => *cookie,
             _ => None,
         }
@@ -270,6 +288,7 @@ impl ProxyError {
             | ProxyError::ConnectUnreachable { endpoint, .. }
             | ProxyError::ConnectFailed { endpoint, .. }
             | ProxyError::ResponseTimeout { endpoint, .. }
+            | ProxyError::UpstreamHostDied { endpoint, .. }
             | ProxyError::UpstreamWriteTimeout { endpoint, .. }
             | ProxyError::UpstreamReset { endpoint, .. }
             | ProxyError::InvalidUpstreamResponse { endpoint, .. } => Some(*endpoint),

@@ -18,6 +18,11 @@ use hyper::body::Incoming;
 use tokio::{sync::oneshot, time::Instant};
 use tracing::debug;
 
+use crate::decide::{
+    health::Evidence,
+    retry::{AckState, Failure, RetryPolicy, RetryReason, retry_allowed},
+};
+
 use super::{
     Runtime, Shared,
     access_log::{Attempt, Exchange},
@@ -188,11 +193,15 @@ async fn run(
     let policy = cluster.spec.retry;
     let t = cluster.spec.timeouts;
     // A sent request can only be replayed if it had no body and we kept a copy of its head.
+    // With kernel signals, any bodiless request may turn out provably unreceived (see
+    // `decide::retry`), so a copy is kept; without them only the idempotent policy can allow a
+    // replay.
+    let kernel = shared.signals.mode() == crate::signals::SignalMode::Kernel;
+    let idempotent = req.as_ref().is_some_and(|r| is_idempotent(r.method()));
     let replay = req
         .as_ref()
         .filter(|r| {
-            policy.on_response_timeout
-                && is_idempotent(r.method())
+            (kernel || (policy.on_response_timeout && is_idempotent(r.method())))
                 && hyper::body::Body::is_end_stream(r.body())
         })
         .map(|r| Box::new((r.method().clone(), r.uri().clone(), r.headers().clone())));
@@ -201,7 +210,7 @@ async fn run(
     let mut last: Option<Box<ProxyError>> = None;
     let mut _retry = None;
     loop {
-        let ep = match cluster.pick(|a| ex.attempts.iter().any(|t| t.endpoint == a)) {
+        let mut ep = match cluster.pick(|a| ex.attempts.iter().any(|t| t.endpoint == a)) {
             Ok(ep) => ep,
             Err(NoPick::NoneHealthy { total, ejected }) => {
                 return Err(last.map_or_else(
@@ -223,7 +232,7 @@ async fn run(
             reused: false,
             error: None,
         });
-        let in_flight = InFlight::new(&ep);
+        let mut in_flight = InFlight::new(&ep);
 
         // One attempt on `ep`: a response head, or why not (with the request if never sent).
         let outcome: Result<(Response<Incoming>, UpstreamConn), AttemptFailure> = 'attempt: loop {
@@ -233,8 +242,30 @@ async fn run(
             let mut conn = match pooled_at_once {
                 Some(c) => c,
                 None => {
-                    match tokio::time::timeout_at(deadline, Box::pin(cluster.checkout(&ep))).await {
-                        Ok(Ok(c)) => c,
+                    let tried: Vec<SocketAddr> = ex.attempts.iter().map(|t| t.endpoint).collect();
+                    let tried = move |a: SocketAddr| tried.contains(&a);
+                    match tokio::time::timeout_at(deadline, Box::pin(cluster.checkout(&ep, &tried)))
+                        .await
+                    {
+                        Ok(Ok((winner, c))) => {
+                            if !Arc::ptr_eq(&winner, &ep) {
+                                // A hedged connect won: the first endpoint had no SYN-ACK by
+                                // its deadline.
+                                if let Some(a) = ex.attempts.last_mut() {
+                                    a.error = Some(ErrorKind::ConnectTimeout);
+                                }
+                                ex.attempts.push(Attempt {
+                                    endpoint: winner.addr,
+                                    cookie: None,
+                                    reused: false,
+                                    error: None,
+                                });
+                                ex.hedged = true;
+                                ep = winner;
+                                in_flight = InFlight::new(&ep);
+                            }
+                            c
+                        }
                         Ok(Err(e)) => break 'attempt Err((e, req.take())),
                         Err(_) => return Err(request_timeout(&cluster, ex)),
                     }
@@ -273,23 +304,68 @@ async fn run(
                         Instant::now()
                     };
                     let response_deadline = sent + t.response;
-                    match tokio::time::timeout_at(response_deadline.min(deadline), &mut send).await
-                    {
+                    let until = response_deadline.min(deadline);
+                    let waited = loop {
+                        // With kernel signals, look every HOST_DIED_CHECK at the connection:
+                        // RTOs with the request unACKed mean the host or path died, which
+                        // need not wait for the response timeout.
+                        let slice = if kernel {
+                            (Instant::now() + HOST_DIED_CHECK).min(until)
+                        } else {
+                            until
+                        };
+                        match tokio::time::timeout_at(slice, &mut send).await {
+                            Ok(r) => break Ok(r),
+                            Err(_) if slice >= until => break Err(()),
+                            Err(_) => {
+                                if let Some(ev) = shared.signals.conn_evidence(conn.cookie)
+                                    && ev.rtos > 0
+                                    && ev.unacked_bytes > 0
+                                {
+                                    let err = ProxyError::UpstreamHostDied {
+                                        endpoint: ep.addr,
+                                        after: sent.elapsed(),
+                                        cookie: conn.cookie,
+                                        evidence: ev,
+                                    };
+                                    cluster.report(&ep, Evidence::HostDied, &|| err.to_string());
+                                    ex.ack = (!reused).then(|| AckState {
+                                        written_before: 0,
+                                        acked: err_acked(&err),
+                                    });
+                                    break 'attempt Err((err, None));
+                                }
+                            }
+                        }
+                    };
+                    match waited {
                         Ok(r) => r,
-                        Err(_) if response_deadline >= deadline => {
+                        Err(()) if response_deadline >= deadline => {
                             return Err(request_timeout(&cluster, ex));
                         }
-                        Err(_) => {
+                        Err(()) => {
                             let evidence = shared.signals.conn_evidence(conn.cookie);
-                            break 'attempt Err((
-                                ProxyError::ResponseTimeout {
-                                    endpoint: ep.addr,
-                                    timeout: t.response,
-                                    cookie: conn.cookie,
-                                    evidence,
-                                },
-                                None,
-                            ));
+                            // No RTO with the request in flight for a whole response timeout:
+                            // the upstream's kernel has the request; the backend is slow.
+                            let (ev, acked) = match &evidence {
+                                Some(e) if e.rtos > 0 && e.unacked_bytes > 0 => {
+                                    (Evidence::HostDied, Some(e.bytes_acked))
+                                }
+                                Some(e) => (Evidence::ResponseTimeout, Some(e.bytes_acked)),
+                                None => (Evidence::ResponseTimeout, None),
+                            };
+                            let err = ProxyError::ResponseTimeout {
+                                endpoint: ep.addr,
+                                timeout: t.response,
+                                cookie: conn.cookie,
+                                evidence,
+                            };
+                            cluster.report(&ep, ev, &|| err.to_string());
+                            ex.ack = acked.filter(|_| !reused).map(|acked| AckState {
+                                written_before: 0,
+                                acked,
+                            });
+                            break 'attempt Err((err, None));
                         }
                     }
                 }
@@ -310,6 +386,7 @@ async fn run(
         let (err, back) = match outcome {
             Ok((response, conn)) => {
                 ex.first_byte = Some(ex.start.elapsed());
+                cluster.report(&ep, Evidence::ResponseOk, &String::new);
                 return Ok(Upstream {
                     response,
                     stall: t.response,
@@ -329,9 +406,32 @@ async fn run(
             a.cookie = a.cookie.or(err.cookie());
         }
         debug!(cluster = %cluster.name, upstream = %ep.addr, error = %err, "attempt failed");
+        // The exact rule is in `decide::retry`: a request the kernel proves unreceived may be
+        // replayed whatever its method.
+        let failure = match err.kind() {
+            ErrorKind::ResponseTimeout => Some(Failure::ResponseTimeout { ack: ex.ack.take() }),
+            ErrorKind::UpstreamHostDied | ErrorKind::UpstreamReset => {
+                Some(Failure::ConnectionDied { ack: ex.ack.take() })
+            }
+            _ => None,
+        };
+        let allowed = failure.and_then(|f| {
+            retry_allowed(
+                f,
+                idempotent,
+                RetryPolicy {
+                    on_response_timeout: policy.on_response_timeout,
+                    on_reset: policy.on_response_timeout,
+                },
+            )
+            .or_else(|| {
+                (idempotent && err.kind() == ErrorKind::UpstreamHostDied)
+                    .then_some(RetryReason::UpstreamReset)
+            })
+        });
         let next = match (err.kind().retry(), back) {
             (Retry::Always, Some(back)) => Some(back),
-            (Retry::IfIdempotent, _) => replay.as_deref().map(|(m, u, h)| {
+            (Retry::IfIdempotent, _) if allowed.is_some() => replay.as_deref().map(|(m, u, h)| {
                 let mut r = Request::new(RequestBody::empty());
                 *r.method_mut() = m.clone();
                 *r.uri_mut() = u.clone();
@@ -358,6 +458,16 @@ async fn run(
 }
 
 type AttemptFailure = (ProxyError, Option<Request<RequestBody>>);
+
+/// How often a request waiting for its response looks at the kernel's view of the connection.
+const HOST_DIED_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn err_acked(e: &ProxyError) -> u64 {
+    match e {
+        ProxyError::UpstreamHostDied { evidence, .. } => evidence.bytes_acked,
+        _ => 0,
+    }
+}
 
 /// Maps a failed exchange on an upstream connection to its reason.
 fn classify(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {

@@ -186,10 +186,12 @@ fn ejection_budget_arithmetic() {
     // 3 endpoints at 50 %: one may go, a second would leave 1 of 3 (33 %).
     assert!(may_eject(3, 0, 50));
     assert!(!may_eject(3, 1, 50));
-    // never the last one, whatever the percentage
-    assert!(!may_eject(1, 0, 100));
+    // never the last one below 100 %; at 100 % the operator asked for it
+    assert!(!may_eject(1, 0, 99));
+    assert!(may_eject(1, 0, 100));
     assert!(may_eject(2, 0, 50));
-    assert!(!may_eject(2, 1, 100));
+    assert!(may_eject(2, 1, 100));
+    assert!(!may_eject(2, 2, 100));
     assert!(may_eject(10, 4, 50));
     assert!(!may_eject(10, 5, 50));
 }

@@ -1,0 +1,242 @@
+//! One endpoint's health as the proxy keeps it: the pure state machine
+//! (`decide::health`) and SYN-RTT window (`decide::deadline`) behind a mutex, two atomics so
+//! that picking an endpoint takes no lock, and a short log of recent evidence for `/status`.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::{
+    config::ClusterSpec,
+    decide::{
+        deadline::{Deadline, DeadlinePolicy, RttWindow},
+        health::{EndpointHealth, Evidence, Reason, State, Transition},
+    },
+};
+
+/// Recent events kept per endpoint for the status page.
+const RECENT_EVENTS: usize = 20;
+
+/// One line of an endpoint's recent history.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthEvent {
+    pub at_unix_ms: u64,
+    /// `ejected`, `suspect`, `recovered`, `probing`, `ejection_refused`, `failure`.
+    pub event: &'static str,
+    pub reason: Option<&'static str>,
+    /// The evidence, in words (kernel evidence when there is some).
+    pub detail: String,
+}
+
+struct Inner {
+    health: EndpointHealth,
+    rtt: RttWindow,
+    recent: VecDeque<HealthEvent>,
+    last_probe: Option<Instant>,
+}
+
+pub(crate) struct HealthCell {
+    inner: Mutex<Inner>,
+    routable: AtomicBool,
+    suspect: AtomicBool,
+}
+
+/// A copy of the state for `/status` and metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct HealthView {
+    pub state: State,
+    pub reason: Option<Reason>,
+    pub since: Instant,
+    pub ejected_until: Option<Instant>,
+    pub deadline: Deadline,
+    pub rtt_p50: Option<Duration>,
+    pub rtt_p99: Option<Duration>,
+    pub rtt_samples: usize,
+    pub recent: Vec<HealthEvent>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn deadline_policy(spec: &ClusterSpec) -> Option<DeadlinePolicy> {
+    let floor = spec.timeouts.connect_deadline_floor?;
+    let mut p = DeadlinePolicy::with_cap(spec.timeouts.connect);
+    p.floor = floor.min(spec.timeouts.connect);
+    Some(p)
+}
+
+impl HealthCell {
+    pub fn new() -> HealthCell {
+        HealthCell {
+            inner: Mutex::new(Inner {
+                health: EndpointHealth::new(Instant::now()),
+                rtt: RttWindow::default(),
+                recent: VecDeque::new(),
+                last_probe: None,
+            }),
+            routable: AtomicBool::new(true),
+            suspect: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Requests may be sent here (healthy or suspect). Lock-free.
+    pub fn routable(&self) -> bool {
+        self.routable.load(Ordering::Relaxed)
+    }
+
+    /// Suspect: usable, but only when no healthy endpoint is left. Lock-free.
+    pub fn suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// The connect deadline for a new connection now.
+    pub fn deadline(&self, spec: &ClusterSpec) -> Deadline {
+        match deadline_policy(spec) {
+            Some(p) => self.lock().rtt.deadline(&p, Instant::now()),
+            None => Deadline {
+                value: spec.timeouts.connect,
+                source: crate::decide::deadline::DeadlineSource::Configured,
+            },
+        }
+    }
+
+    /// A handshake's SYN-RTT (kernel-measured when available).
+    pub fn observe_rtt(&self, rtt: Duration, syn_retransmits: u32) {
+        self.lock()
+            .rtt
+            .observe(Instant::now(), rtt, syn_retransmits);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.routable
+            .store(inner.health.routable(), Ordering::Relaxed);
+        self.suspect
+            .store(inner.health.state() == State::Suspect, Ordering::Relaxed);
+    }
+
+    fn log(inner: &mut Inner, t: Transition, detail: &dyn Fn() -> String) {
+        let (event, reason) = match t {
+            Transition::None => return,
+            Transition::Suspected(r) => ("suspect", Some(r)),
+            Transition::Ejected { reason, .. } => ("ejected", Some(reason)),
+            Transition::EjectionRefused(r) => ("ejection_refused", Some(r)),
+            Transition::Probing => ("probing", inner.health.reason()),
+            Transition::Recovered => ("recovered", None),
+        };
+        if inner.recent.len() == RECENT_EVENTS {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(HealthEvent {
+            at_unix_ms: unix_ms(),
+            event,
+            reason: reason.map(Reason::name),
+            detail: detail(),
+        });
+    }
+
+    /// Feeds request-path evidence. `may_eject` answers the cluster's ejection budget.
+    pub fn observe(
+        &self,
+        ev: Evidence,
+        spec: &ClusterSpec,
+        may_eject: bool,
+        detail: &dyn Fn() -> String,
+    ) -> Transition {
+        let mut inner = self.lock();
+        let t = inner
+            .health
+            .observe(ev, Instant::now(), &spec.health.machine, may_eject);
+        if t == Transition::None && !matches!(ev, Evidence::ConnectOk { .. } | Evidence::ResponseOk)
+        {
+            if inner.recent.len() == RECENT_EVENTS {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(HealthEvent {
+                at_unix_ms: unix_ms(),
+                event: "failure",
+                reason: None,
+                detail: detail(),
+            });
+        }
+        Self::log(&mut inner, t, detail);
+        self.publish(&inner);
+        t
+    }
+
+    /// A probe's result.
+    pub fn probe(
+        &self,
+        ev: Evidence,
+        spec: &ClusterSpec,
+        may_eject: bool,
+        detail: &dyn Fn() -> String,
+    ) -> Transition {
+        let mut inner = self.lock();
+        let t = inner
+            .health
+            .probe(ev, Instant::now(), &spec.health.machine, may_eject);
+        Self::log(&mut inner, t, detail);
+        self.publish(&inner);
+        t
+    }
+
+    /// Time passing; returns whether a probe is due now (suspect endpoints at once, probing
+    /// ones every `probe_interval`).
+    pub fn tick(&self, spec: &ClusterSpec) -> (Transition, bool) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let t = inner.health.tick(now);
+        Self::log(&mut inner, t, &|| "ejection ran out; probing".to_owned());
+        self.publish(&inner);
+        let due = match inner.health.state() {
+            State::Probing | State::Suspect => inner.last_probe.is_none_or(|l| {
+                now.saturating_duration_since(l) >= spec.health.machine.probe_interval
+            }),
+            _ => false,
+        };
+        if due {
+            inner.last_probe = Some(now);
+        }
+        (t, due)
+    }
+
+    pub fn view(&self, spec: &ClusterSpec) -> HealthView {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let deadline = match deadline_policy(spec) {
+            Some(p) => inner.rtt.deadline(&p, now),
+            None => Deadline {
+                value: spec.timeouts.connect,
+                source: crate::decide::deadline::DeadlineSource::Configured,
+            },
+        };
+        let (p50, p99) = inner.rtt.quantiles();
+        HealthView {
+            state: inner.health.state(),
+            reason: inner.health.reason(),
+            since: inner.health.since(),
+            ejected_until: inner.health.ejected_until(),
+            deadline,
+            rtt_p50: p50,
+            rtt_p99: p99,
+            rtt_samples: inner.rtt.len(),
+            recent: inner.recent.iter().cloned().collect(),
+        }
+    }
+}
