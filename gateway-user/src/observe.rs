@@ -71,6 +71,7 @@ pub type Tap = tokio::sync::mpsc::UnboundedSender<ConnectRecord>;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -9,7 +9,8 @@
 //! Submodules: `server` (client connections, drain), `forward` (one request: routing,
 //! attempts, retries, error responses), `cluster` / `pool` / `balancer` / `health` (upstream
 //! endpoints), `connect` (cookie-tagged connects), `body` (streaming), `headers`,
-//! `access_log`, `admin`.
+//! `access_log`, `telemetry` (metrics fed from the request path), `admin` (`/metrics`,
+//! `/status`, `/healthz`, `/readyz` and the status page).
 
 mod access_log;
 mod admin;
@@ -25,6 +26,7 @@ mod io;
 mod pool;
 mod router;
 mod server;
+mod telemetry;
 
 use std::{
     net::SocketAddr,
@@ -53,6 +55,7 @@ use self::{
     cluster::Cluster,
     router::Router,
     server::{Phase, http_builder},
+    telemetry::{RouteMeter, Telemetry},
 };
 pub use self::{
     body::ResponseBody,
@@ -74,6 +77,7 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// Worker count, i.e. idle-pool shards per endpoint.
     pub workers: usize,
+    pub telemetry: Telemetry,
 }
 
 /// The routes and clusters of one config generation.
@@ -81,6 +85,8 @@ pub(crate) struct Runtime {
     pub settings: Settings,
     pub router: Router,
     pub clusters: Vec<Arc<Cluster>>,
+    /// By the route's position in the config ([`router::CompiledRoute::index`]).
+    pub route_meters: Vec<Arc<RouteMeter>>,
     pub http: Arc<auto::Builder<TokioExecutor>>,
 }
 
@@ -92,20 +98,35 @@ impl Runtime {
         previous: Option<&Runtime>,
         signals: &Arc<dyn SignalSource>,
         workers: usize,
+        telemetry: &Telemetry,
     ) -> Runtime {
         let mut clusters = Vec::with_capacity(settings.clusters.len());
         for spec in settings.clusters.values() {
             let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
             clusters.push(match kept {
                 Some(c) => c.clone(),
-                None => Cluster::start(spec.clone(), signals.clone(), workers).await,
+                None => {
+                    Cluster::start(
+                        spec.clone(),
+                        signals.clone(),
+                        workers,
+                        telemetry.cluster(&spec.name),
+                    )
+                    .await
+                }
             });
         }
         let router = Router::new(&settings.routes, |name| {
             clusters.iter().position(|c| &*c.name == name)
         });
+        let route_meters = settings
+            .routes
+            .iter()
+            .map(|r| Arc::new(telemetry.route(&r.name, &r.cluster)))
+            .collect();
         Runtime {
             http: Arc::new(http_builder(&settings.downstream)),
+            route_meters,
             router,
             clusters,
             settings,
@@ -235,14 +256,17 @@ pub async fn start_with(
             path: format!("{:?}", settings.access_log.output),
             source,
         })?;
-    let runtime = Runtime::build(settings, None, &signals, n).await;
+    let telemetry = Telemetry::new(&*signals);
+    let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         signals,
         log,
         draining: AtomicBool::new(false),
         workers: n,
+        telemetry,
     });
+    tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (done, workers_done) = mpsc::channel(1);
     for (i, listeners) in per_worker.into_iter().enumerate() {
@@ -327,6 +351,7 @@ impl GatewayHandle {
             Some(&current),
             &self.shared.signals,
             self.shared.workers,
+            &self.shared.telemetry,
         )
         .await;
         self.shared.runtime.store(Arc::new(next));
@@ -354,10 +379,27 @@ impl GatewayHandle {
     }
 }
 
+/// How often the metrics that are read rather than counted are refreshed (lost kernel events,
+/// connect deadlines, health states).
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
+
+async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
+    let mut every = tokio::time::interval(METRICS_REFRESH);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        let rt = s.runtime.load();
+        s.telemetry.refresh(&*s.signals, &rt.clusters);
+    }
+}
+
 /// `gateway run --config FILE`.
 pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files and pipes get plain `key=value` text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

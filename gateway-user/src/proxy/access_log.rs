@@ -21,7 +21,7 @@ use serde::Serialize;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::{cluster::ActiveRequest, error::ErrorKind};
+use super::{cluster::ActiveRequest, error::ErrorKind, telemetry::RouteMeter};
 use crate::config::{AccessLog, AccessLogFormat, LogOutput};
 
 /// Lines buffered between the proxy and the writer thread.
@@ -49,6 +49,8 @@ pub(crate) struct Exchange {
     pub attempts: SmallVec<[Attempt; 2]>,
     /// A hedged connect won this request's connection.
     pub hedged: bool,
+    /// The error's full text with its kernel evidence, for failed requests.
+    pub error_detail: Option<String>,
     /// What the kernel said about the failed attempt's request bytes (fresh connections).
     pub ack: Option<crate::decide::retry::AckState>,
     pub retries: u32,
@@ -65,6 +67,8 @@ pub(crate) struct Exchange {
     pub aborted: bool,
     /// Keeps the request counted in its cluster until the response is over.
     pub active: Option<ActiveRequest>,
+    /// The route's metric handles; `None` until routed.
+    pub meter: Option<Arc<RouteMeter>>,
 }
 
 impl Exchange {
@@ -80,6 +84,7 @@ impl Exchange {
             attempts: SmallVec::new(),
             retries: 0,
             hedged: false,
+            error_detail: None,
             ack: None,
             connect: None,
             first_byte: None,
@@ -89,6 +94,7 @@ impl Exchange {
             phase: "routing",
             aborted: false,
             active: None,
+            meter: None,
         }
     }
 }
@@ -113,6 +119,10 @@ struct JsonLine<'a> {
     first_byte_ms: Option<f64>,
     total_ms: f64,
     error: Option<&'a str>,
+    /// The error with its kernel evidence, e.g. "connect timeout to 10.0.0.5:8080 after 50 ms;
+    /// kernel: aborted, 1 SYN sent, no SYN-ACK, no RST (dropped on the path or host down)".
+    detail: Option<&'a str>,
+    hedged: bool,
     aborted: bool,
 }
 
@@ -161,6 +171,8 @@ pub(crate) fn render(ex: &Exchange, format: AccessLogFormat) -> String {
                 first_byte_ms: ex.first_byte.map(ms),
                 total_ms: ms(total),
                 error: ex.error.map(ErrorKind::reason),
+                detail: ex.error_detail.as_deref(),
+                hedged: ex.hedged,
                 aborted: ex.aborted,
             };
             serde_json::to_string(&line).unwrap_or_default()
@@ -206,6 +218,12 @@ pub(crate) fn render(ex: &Exchange, format: AccessLogFormat) -> String {
             );
             if ex.aborted {
                 s.push_str(" aborted=1");
+            }
+            if ex.hedged {
+                s.push_str(" hedged=1");
+            }
+            if let Some(d) = &ex.error_detail {
+                let _ = write!(s, " detail={d:?}");
             }
             s
         }

@@ -172,12 +172,17 @@ pub enum ProxyError {
         source: io::Error,
         cookie: Option<u64>,
     },
-    #[error("no response from {endpoint} within {} ms{}", timeout.as_millis(), Ev(evidence))]
+    #[error(
+        "no response from {endpoint} within {} ms{}{}", timeout.as_millis(), Ev(evidence),
+        if *slow_backend { " (slow_backend: the upstream's kernel ACKed the request and nothing needed retransmitting; the application did not answer)" } else { "" }
+    )]
     ResponseTimeout {
         endpoint: SocketAddr,
         timeout: Duration,
         cookie: u64,
         evidence: Option<ConnEvidence>,
+        /// Kernel evidence says the request arrived: the backend, not the network, is slow.
+        slow_backend: bool,
     },
     #[error(
         "{endpoint} stopped answering mid-request after {} ms: the kernel retransmitted the request {} time(s) ({} RTOs) and {} byte(s) stay unACKed (host or path died){}",

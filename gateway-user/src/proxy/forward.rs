@@ -143,6 +143,7 @@ fn prepare(
     let cluster = rt.clusters[route.cluster].clone();
     ex.route = Some(route.name.clone());
     ex.cluster = Some(cluster.name.clone());
+    ex.meter = rt.route_meters.get(route.index).cloned();
     ex.active = Some(cluster.start_request());
     let deadline = ex.start + cluster.spec.timeouts.request;
 
@@ -354,11 +355,13 @@ async fn run(
                                 Some(e) => (Evidence::ResponseTimeout, Some(e.bytes_acked)),
                                 None => (Evidence::ResponseTimeout, None),
                             };
+                            let slow_backend = kernel && ev == Evidence::ResponseTimeout;
                             let err = ProxyError::ResponseTimeout {
                                 endpoint: ep.addr,
                                 timeout: t.response,
                                 cookie: conn.cookie,
                                 evidence,
+                                slow_backend,
                             };
                             cluster.report(&ep, ev, &|| err.to_string());
                             ex.ack = acked.filter(|_| !reused).map(|acked| AckState {
@@ -429,6 +432,10 @@ async fn run(
                     .then_some(RetryReason::UpstreamReset)
             })
         });
+        let reason = match err.kind().retry() {
+            Retry::Always => Some(RetryReason::ConnectFailed),
+            _ => allowed,
+        };
         let next = match (err.kind().retry(), back) {
             (Retry::Always, Some(back)) => Some(back),
             (Retry::IfIdempotent, _) if allowed.is_some() => replay.as_deref().map(|(m, u, h)| {
@@ -448,8 +455,12 @@ async fn run(
             Some(g) => _retry = Some(g),
             None => {
                 debug!(cluster = %cluster.name, "retry budget spent");
+                cluster.meter.retry_budget_exhausted();
                 return Err(err);
             }
+        }
+        if let Some(r) = reason {
+            cluster.meter.retry(r);
         }
         ex.retries += 1;
         req = Some(next);
@@ -520,6 +531,9 @@ fn error_response(e: ProxyError, mut finish: Box<Finish>) -> Response<ResponseBo
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
+    if status.is_server_error() {
+        ex.error_detail = Some(e.to_string());
+    }
     if attempts > 0 {
         let tried: Vec<String> = ex
             .attempts
