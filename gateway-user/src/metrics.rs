@@ -21,8 +21,8 @@ fn latency_histogram() -> Histogram {
     Histogram::new(latency_buckets())
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -89,6 +89,13 @@ pub struct ClusterReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HedgeLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: String,
 }
@@ -130,31 +137,31 @@ catalogue! {
     requests: "gateway_requests", "counter", ["route", "cluster", "status"],
         "Requests answered, by route, cluster and HTTP status (including the gateway's own 5xx).";
     request_duration: "gateway_request_duration_seconds", "histogram", ["route", "cluster"],
-        "Time from request headers received to response headers sent.";
+        "Time from request headers received to the end of the response (the access log's total_ms), by route and cluster.";
     upstream_attempts: "gateway_upstream_attempts", "counter", ["cluster", "endpoint", "outcome"],
-        "Upstream connect attempts by outcome (established, refused, timeout, unreachable, aborted, addr_unavailable); the outcome is the kernel's (eBPF sock_ops) when the observer is attached, else the proxy's own.";
+        "Upstream connects made for requests (probes excluded) by outcome: established, refused (RST), timeout (the kernel's SYN retries ran out, ETIMEDOUT), unreachable (ICMP), aborted (the gateway closed the socket before a SYN-ACK: its connect deadline passed, or a hedged connect lost the race), addr_unavailable (no local port). The outcome is the kernel's (eBPF sock_ops) when the observer is attached, else the proxy's own reading of the same event.";
     syn_rtt: "gateway_upstream_syn_rtt_seconds", "histogram", ["cluster", "endpoint"],
-        "SYN sent to SYN-ACK received on upstream connects, measured by the kernel (eBPF sock_ops).";
+        "SYN sent to SYN-ACK received on upstream connects made for requests, measured by the kernel (eBPF sock_ops); not observed without kernel signals.";
     syn_retransmits: "gateway_upstream_syn_retransmits", "counter", ["cluster", "endpoint"],
-        "SYNs retransmitted on upstream connects, counted by the kernel (eBPF sock_ops RETRANS).";
+        "SYNs retransmitted on upstream connects made for requests (whatever their outcome), counted by the kernel (eBPF sock_ops RETRANS).";
     connect_failures: "gateway_upstream_connect_failures", "counter", ["cluster", "endpoint", "errno"],
-        "Failed upstream connects by errno (ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, ...), from the kernel (eBPF) when attached.";
+        "Failed upstream connects by errno (ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, ...): the kernel's errno (eBPF) when attached, else the one connect() returned; a connect the gateway abandoned at its connect deadline counts as ETIMEDOUT.";
     socket_errors: "gateway_socket_errors", "counter", ["errno"],
-        "Errors the gateway read through getsockopt(SO_ERROR) on its upstream sockets, seen by the kernel (eBPF cgroup getsockopt).";
+        "Errors the gateway read through getsockopt(SO_ERROR) on its upstream sockets: a connect that failed after its SYN went out (refused, timeout, unreachable) reports its error that way; the errno is the kernel's (eBPF). Counted only with kernel signals.";
     timeouts: "gateway_timeouts", "counter", ["cluster", "phase"],
-        "Timeouts that fired, by phase: connect, response, write, request, idle.";
+        "Gateway timers that fired on requests, by phase: connect (an attempt's connect deadline), response (response_timeout_ms, before the head or between body reads), write (write_timeout_ms to the upstream), request (request_timeout_ms).";
     rtos: "gateway_upstream_rtos", "counter", ["cluster", "endpoint"],
-        "Retransmission timeouts on established upstream connections, from the kernel (eBPF sock_ops RTO).";
+        "Retransmission timeouts on established upstream connections, from the kernel (eBPF sock_ops RTO); added when a connection closes, from the kernel's final record of it.";
     connect_deadline: "gateway_upstream_connect_deadline_seconds", "gauge", ["cluster", "endpoint"],
         "The connect deadline currently applied to the endpoint (adaptive from kernel SYN-RTT, capped by connect_timeout_ms).";
     health_state: "gateway_endpoint_health_state", "gauge", ["cluster", "endpoint", "state"],
         "1 for the endpoint's current health state (healthy, suspect, ejected, probing), 0 for the others.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
         "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend).";
-    hedges: "gateway_hedged_connects", "counter", ["cluster", "reason"],
-        "Connects raced to a second endpoint, by reason (deadline: no SYN-ACK by the endpoint's deadline) and result (won, lost, budget_exhausted).";
+    hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
+        "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],
-        "Requests retried on another endpoint, by reason (connect_failed, unacked_request, response_timeout).";
+        "Requests retried on another endpoint, by reason (connect_failed, unacked_request, response_timeout, upstream_reset).";
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
@@ -162,7 +169,7 @@ catalogue! {
     observer_mode: "gateway_observer_mode", "gauge", ["mode"],
         "1 for the observer mode in effect (kernel, userspace).";
     events_lost: "gateway_observer_events_lost", "counter", [],
-        "Connect records the kernel could not queue because the ring buffer was full.";
+        "Connect records the kernel could not queue because the ring buffer was full (read from the observer every second).";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -180,7 +187,7 @@ pub struct GatewayMetrics {
     pub connect_deadline: Family<EndpointLabels, FloatGauge>,
     pub health_state: Family<StateLabels, Gauge>,
     pub ejections: Family<EndpointReason, Counter>,
-    pub hedges: Family<ClusterReason, Counter>,
+    pub hedges: Family<HedgeLabels, Counter>,
     pub retries: Family<ClusterReason, Counter>,
     pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
     pub observer_kernel: Gauge,
@@ -353,9 +360,10 @@ mod tests {
             })
             .inc();
         m.hedges
-            .get_or_create(&ClusterReason {
+            .get_or_create(&HedgeLabels {
                 cluster: "c".into(),
                 reason: "deadline",
+                result: "won",
             })
             .inc();
         m.retries

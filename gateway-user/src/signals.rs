@@ -115,6 +115,15 @@ pub trait SignalSource: Send + Sync + 'static {
     fn connect_evidence(&self, cookie: u64) -> Option<ConnectEvidence>;
     /// The kernel's view of the established connection with this cookie, if it has one.
     fn conn_evidence(&self, cookie: u64) -> Option<ConnEvidence>;
+    /// Connect records the kernel could not queue so far (ring buffer full); `None` without a
+    /// kernel observer. Not for the request path: it may take a lock and read a map.
+    fn events_lost(&self) -> Option<u64> {
+        None
+    }
+    /// The cgroup v2 the kernel observer is attached to, if any.
+    fn cgroup(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// No kernel signals. Used when eBPF cannot load, and in tests.

@@ -187,6 +187,21 @@ impl SignalSource for KernelSignals {
             .cloned()
     }
 
+    fn events_lost(&self) -> Option<u64> {
+        Some(KernelSignals::events_lost(self))
+    }
+
+    fn cgroup(&self) -> Option<std::path::PathBuf> {
+        Some(
+            self.inner
+                .lock()
+                .expect("signals lock")
+                .observer
+                .cgroup()
+                .to_path_buf(),
+        )
+    }
+
     fn conn_evidence(&self, cookie: u64) -> Option<ConnEvidence> {
         let cs = self
             .inner

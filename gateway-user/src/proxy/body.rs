@@ -335,6 +335,7 @@ impl Drop for ResponseBody {
             // The client went away before the end of the response.
             f.exchange.aborted = true;
         }
+        f.shared.telemetry.request_done(&f.exchange);
         f.shared.log.log(&f.exchange);
     }
 }

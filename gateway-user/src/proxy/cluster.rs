@@ -24,6 +24,7 @@ use super::{
     error::ProxyError,
     io::StallGuard,
     pool::{IdlePool, UpstreamConn},
+    telemetry::{ClusterMeter, EndpointMeter, HedgeResult},
 };
 use crate::{
     config::{ClusterSpec, EndpointAddr, LbPolicy},
@@ -40,11 +41,19 @@ pub(crate) struct Endpoint {
     pub health: HealthCell,
     /// A probe is running; at most one per endpoint.
     probe_running: AtomicBool,
+    pub meter: EndpointMeter,
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, weight: u32, spec: &ClusterSpec, shards: usize) -> Self {
+    fn new(
+        addr: SocketAddr,
+        weight: u32,
+        spec: &ClusterSpec,
+        shards: usize,
+        meter: &ClusterMeter,
+    ) -> Self {
         Endpoint {
+            meter: meter.endpoint(addr, spec.timeouts.connect),
             addr,
             weight,
             pool: IdlePool::new(
@@ -88,6 +97,7 @@ pub(crate) struct Cluster {
     client: http1::Builder,
     /// Worker threads, i.e. idle-pool shards per endpoint.
     shards: usize,
+    pub meter: ClusterMeter,
 }
 
 /// Why no endpoint could be picked.
@@ -105,11 +115,12 @@ impl Cluster {
         spec: ClusterSpec,
         signals: Arc<dyn SignalSource>,
         shards: usize,
+        meter: ClusterMeter,
     ) -> Arc<Cluster> {
         let addrs = resolve(&spec).await;
         let endpoints = addrs
             .into_iter()
-            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards)))
+            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
             .collect();
         let mut client = http1::Builder::new();
         client.max_buf_size(256 * 1024);
@@ -126,6 +137,7 @@ impl Cluster {
             client,
             spec,
             shards,
+            meter,
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe_loop(Arc::downgrade(&cluster)));
@@ -207,6 +219,9 @@ impl Cluster {
     }
 
     fn log_transition(&self, ep: &Endpoint, t: Transition, detail: &dyn Fn() -> String) {
+        if t != Transition::None {
+            ep.meter.transition(t, ep.health.state());
+        }
         match t {
             Transition::None => {}
             Transition::Ejected { reason, duration } => {
@@ -291,6 +306,7 @@ impl Cluster {
         tried: &(dyn Fn(SocketAddr) -> bool + Sync),
     ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
         let deadline = ep.health.deadline(&self.spec).value;
+        ep.meter.deadline(deadline);
         let start = Instant::now();
         let (cookie, fut) = connect::start(ep.addr)?;
         let mut fut = std::pin::pin!(fut);
@@ -315,11 +331,14 @@ impl Cluster {
                 .ok()
                 .filter(|e| !e.health.suspect())
                 .and_then(|e2| {
-                    Some((
-                        e2,
-                        self.try_hedge()?,
-                        self.slots.clone().try_acquire_owned().ok()?,
-                    ))
+                    let budget = self
+                        .try_hedge()
+                        .zip(self.slots.clone().try_acquire_owned().ok());
+                    if budget.is_none() {
+                        self.meter.hedge(HedgeResult::BudgetExhausted);
+                    }
+                    let (hedge, slot2) = budget?;
+                    Some((e2, hedge, slot2))
                 })
         } else {
             None
@@ -327,7 +346,11 @@ impl Cluster {
         let Some((ep2, _hedge, slot2)) = hedge else {
             // Close the socket first, so that the kernel's record (aborted, SYNs sent) exists.
             drop(fut);
-            return Err(timed_out(cookie, deadline));
+            let e = timed_out(cookie, deadline);
+            if let ProxyError::ConnectTimeout { evidence, .. } = &e {
+                ep.meter.connect_abandoned(evidence.as_ref(), true);
+            }
+            return Err(e);
         };
         debug!(cluster = %self.name, upstream = %ep.addr, hedge = %ep2.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
         let deadline2 = ep2.health.deadline(&self.spec).value;
@@ -343,26 +366,43 @@ impl Cluster {
                 r = &mut fut, if !a_done => {
                     a_done = true;
                     match self.finish_connect(ep, cookie, start, r) {
-                        Ok(c) => return Ok((ep.clone(), self.handshake(ep, c, slot).await?)),
+                        Ok(c) => {
+                            if !b_done {
+                                ep2.meter.connect_abandoned(None, false);
+                            }
+                            self.meter.hedge(HedgeResult::Lost);
+                            return Ok((ep.clone(), self.handshake(ep, c, slot).await?));
+                        }
                         Err(e) => last_err = Some(e),
                     }
                 }
                 r = &mut fut2, if !b_done => {
                     b_done = true;
                     match self.finish_connect(&ep2, cookie2, start2, r) {
-                        Ok(c) => return Ok((ep2.clone(), self.handshake(&ep2, c, slot2).await?)),
+                        Ok(c) => {
+                            if !a_done {
+                                ep.meter.connect_abandoned(None, true);
+                            }
+                            self.meter.hedge(HedgeResult::Won);
+                            return Ok((ep2.clone(), self.handshake(&ep2, c, slot2).await?));
+                        }
                         Err(e) => last_err = Some(e),
                     }
                 }
-                _ = tokio::time::sleep_until(cap), if !a_done => a_done = true,
+                _ = tokio::time::sleep_until(cap), if !a_done => {
+                    a_done = true;
+                    ep.meter.connect_abandoned(None, true);
+                }
                 _ = tokio::time::sleep_until(cap2), if !b_done => {
                     b_done = true;
+                    ep2.meter.connect_abandoned(None, true);
                     self.report(&ep2, Evidence::SynUnanswered, &|| {
                         format!("no SYN-ACK, no RST, no ICMP within the {} ms connect deadline (hedged connect)", deadline2.as_millis())
                     });
                 }
             }
             if a_done && b_done {
+                self.meter.hedge(HedgeResult::Lost);
                 return Err(
                     last_err.unwrap_or_else(|| timed_out(cookie, self.spec.timeouts.connect))
                 );
@@ -388,6 +428,7 @@ impl Cluster {
                     None => (elapsed, 0),
                 };
                 ep.health.observe_rtt(rtt, retx);
+                ep.meter.connected(ev.as_ref());
                 self.report(
                     ep,
                     Evidence::ConnectOk {
@@ -406,6 +447,7 @@ impl Cluster {
             }
             Err(source) => {
                 let e = connect::failed(ep.addr, source, cookie, elapsed, &*self.signals);
+                ep.meter.connect_failed(&e);
                 if let Some(ev) = evidence_of(&e) {
                     self.report(ep, ev, &|| e.to_string());
                 }
@@ -432,9 +474,18 @@ impl Cluster {
                     cookie: Some(c.cookie),
                 })?;
         let (addr, cookie) = (ep.addr, c.cookie);
+        let (signals, rtos) = (self.signals.clone(), ep.meter.rtos.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The socket is closed once `conn` is done: the kernel's record of the
+            // connection is final (see `telemetry`).
+            let ended = conn.await;
+            if let Err(e) = ended {
                 debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
+            }
+            if let Some(ev) = signals.conn_evidence(cookie)
+                && ev.rtos > 0
+            {
+                rtos.inc_by(u64::from(ev.rtos));
             }
         });
         Ok(UpstreamConn::new(sender, c.cookie, c.elapsed, slot))
@@ -705,7 +756,7 @@ async fn refresh_dns(cluster: Weak<Cluster>) {
                     .iter()
                     .find(|e| e.addr == a && e.weight == w)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(a, w, &c.spec, c.shards)))
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(a, w, &c.spec, c.shards, &c.meter)))
             })
             .collect::<Vec<_>>();
         info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");

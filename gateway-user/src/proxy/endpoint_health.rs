@@ -105,6 +105,11 @@ impl HealthCell {
         self.suspect.load(Ordering::Relaxed)
     }
 
+    /// The current state (takes the lock: not for the request path).
+    pub fn state(&self) -> State {
+        self.lock().health.state()
+    }
+
     /// The connect deadline for a new connection now.
     pub fn deadline(&self, spec: &ClusterSpec) -> Deadline {
         match deadline_policy(spec) {

@@ -12,6 +12,8 @@ use crate::config::{HostMatch, Route};
 #[derive(Debug)]
 pub(crate) struct CompiledRoute {
     pub name: Arc<str>,
+    /// Its position in the config's route list.
+    pub index: usize,
     pub host: Option<HostMatch>,
     pub prefix: String,
     /// Index into the runtime's cluster list.
@@ -34,6 +36,7 @@ impl Router {
                     i,
                     CompiledRoute {
                         name: Arc::from(r.name.as_str()),
+                        index: i,
                         host: r.host.clone(),
                         prefix: r.path_prefix.clone(),
                         cluster: cluster_index(&r.cluster)?,

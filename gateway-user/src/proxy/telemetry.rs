@@ -1,0 +1,670 @@
+//! What the proxy tells [`GatewayMetrics`], from where things happen, without costing the
+//! request path: label sets are built once, when a route, cluster or endpoint starts, and the
+//! request path only touches ready handles (an atomic add; a histogram's own short lock).
+//! Values that only occur on failures (an errno, an ejection reason) get their handle on first
+//! use, then keep it. There is one [`Telemetry`] per gateway, in `Shared`, never a global.
+//!
+//! What is counted, and where:
+//!
+//! | family | fed at |
+//! |---|---|
+//! | requests, request_duration | the end of the response (the access-log point): status and `total_ms` |
+//! | timeouts | the same point, from each attempt's error (connect, response, write, request) and a response body that stalled |
+//! | upstream_attempts, syn_rtt, syn_retransmits, connect_failures, socket_errors | each connect made for a request, when it ends ([`EndpointMeter::connected`], [`EndpointMeter::connect_failed`], [`EndpointMeter::connect_abandoned`]) |
+//! | rtos | when an upstream connection closes: the RTOs in the kernel's final record of it (`CONN_STATS`), so each is counted once however many requests the connection carried |
+//! | connect_deadline | at each connect, and every second |
+//! | health_state, ejections | at each health transition (`Cluster::log_transition`), and the state every second |
+//! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
+//! | observer_kernel, observer_mode | at start |
+//! | events_lost | every second, from the observer's counter |
+//!
+//! Outcome labels mean the same with and without kernel signals: with them, the kernel's record
+//! of the connect decides; without, the proxy reads the same event from `connect()`'s result
+//! (`aborted` is always a socket the gateway closed before a SYN-ACK). `syn_rtt` and
+//! `socket_errors` need the kernel and stay empty without it.
+//!
+//! `socket_errors`: a non-blocking `connect()` that fails after its SYN went out (refused,
+//! timeout, unreachable) hands its error to the gateway through `getsockopt(SO_ERROR)` (tokio
+//! reads it when the socket turns writable), so those failures are counted with the kernel's
+//! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use gateway_common::{Outcome, errno};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use super::{
+    access_log::Exchange,
+    cluster::Cluster,
+    error::{ErrorKind, ProxyError},
+};
+use crate::{
+    decide::{
+        health::{State, Transition},
+        retry::RetryReason,
+    },
+    metrics::{
+        ClusterLabels, ClusterReason, EndpointErrno, EndpointLabels, EndpointOutcome,
+        EndpointReason, ErrnoLabels, FloatGauge, GatewayMetrics, HedgeLabels, ModeLabels,
+        PhaseLabels, RequestLabels, RouteLabels, StateLabels,
+    },
+    signals::{ConnectEvidence, SignalMode, SignalSource},
+};
+
+/// The label of requests that matched no route (and of their cluster).
+pub(crate) const UNROUTED: &str = "-";
+
+/// Timeout phases, in label order.
+const PHASES: [&str; 4] = ["connect", "response", "write", "request"];
+
+fn phase_of(k: ErrorKind) -> Option<usize> {
+    match k {
+        ErrorKind::ConnectTimeout => Some(0),
+        ErrorKind::ResponseTimeout => Some(1),
+        ErrorKind::UpstreamWriteTimeout => Some(2),
+        ErrorKind::RequestTimeout => Some(3),
+        _ => None,
+    }
+}
+
+/// Retry reasons, in label order.
+const RETRY_REASONS: [RetryReason; 4] = [
+    RetryReason::ConnectFailed,
+    RetryReason::UnackedRequest,
+    RetryReason::ResponseTimeout,
+    RetryReason::UpstreamReset,
+];
+
+/// How a hedged connect ended (the `result` label of `gateway_hedged_connects_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HedgeResult {
+    Won = 0,
+    Lost = 1,
+    BudgetExhausted = 2,
+}
+
+const HEDGE_RESULTS: [&str; 3] = ["won", "lost", "budget_exhausted"];
+
+/// Errnos whose `connect_failures` handle each endpoint keeps once seen.
+const COMMON_ERRNOS: [u32; 5] = [
+    errno::ETIMEDOUT,
+    errno::ECONNREFUSED,
+    errno::EHOSTUNREACH,
+    errno::ENETUNREACH,
+    errno::EADDRNOTAVAIL,
+];
+
+/// An errno as a label value: its symbolic name, or `other`.
+fn errno_label(e: u32) -> &'static str {
+    errno::name(e).unwrap_or("other")
+}
+
+fn counter<S>(family: &Family<S, Counter>, labels: &S) -> Counter
+where
+    S: Clone + std::hash::Hash + Eq,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// The gateway's registry, its metric families, and what `/status` says about the process.
+pub(crate) struct Telemetry {
+    pub registry: Registry,
+    pub metrics: GatewayMetrics,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    unrouted: RouteMeter,
+    events_lost_seen: AtomicU64,
+}
+
+impl Telemetry {
+    /// Registers every family and sets the observer gauges from `signals`.
+    pub fn new(signals: &dyn SignalSource) -> Telemetry {
+        let mut registry = Registry::default();
+        let metrics = GatewayMetrics::new(&mut registry);
+        let kernel = signals.mode() == SignalMode::Kernel;
+        metrics.observer_kernel.set(i64::from(kernel));
+        for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
+            metrics
+                .observer_mode
+                .get_or_create(&ModeLabels { mode })
+                .set(i64::from(on));
+        }
+        let unrouted = RouteMeter::new(&metrics, UNROUTED, UNROUTED, false);
+        Telemetry {
+            registry,
+            metrics,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            unrouted,
+            events_lost_seen: AtomicU64::new(0),
+        }
+    }
+
+    pub fn route(&self, route: &str, cluster: &str) -> RouteMeter {
+        RouteMeter::new(&self.metrics, route, cluster, true)
+    }
+
+    pub fn cluster(&self, name: &str) -> ClusterMeter {
+        ClusterMeter::new(&self.metrics, name)
+    }
+
+    /// A request is over (its access-log line is being written).
+    pub fn request_done(&self, ex: &Exchange) {
+        ex.meter.as_deref().unwrap_or(&self.unrouted).done(ex);
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Once a second: lost events, and each endpoint's deadline and state (which also puts
+    /// back a state that a replaced endpoint's last words zeroed).
+    pub fn refresh(&self, signals: &dyn SignalSource, clusters: &[Arc<Cluster>]) {
+        if let Some(lost) = signals.events_lost() {
+            let before = self.events_lost_seen.swap(lost, Ordering::Relaxed);
+            if lost > before {
+                self.metrics.events_lost.inc_by(lost - before);
+            }
+        }
+        for c in clusters {
+            for ep in c.endpoints() {
+                ep.meter.deadline(ep.health.deadline(&c.spec).value);
+                ep.meter.state(ep.health.state());
+            }
+        }
+    }
+}
+
+/// A route's handles (or the one for requests that matched no route).
+pub(crate) struct RouteMeter {
+    labels: RouteLabels,
+    requests: Family<RequestLabels, Counter>,
+    /// Status 100..=599 at `status - 100`, each filled on first use.
+    by_status: Box<[OnceLock<Counter>]>,
+    duration: Histogram,
+    /// The route's cluster's `timeouts` by phase; none for unrouted requests.
+    timeouts: Option<[Counter; 4]>,
+}
+
+const STATUS_MIN: u16 = 100;
+const STATUS_MAX: u16 = 599;
+
+impl RouteMeter {
+    fn new(m: &GatewayMetrics, route: &str, cluster: &str, timeouts: bool) -> RouteMeter {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+            cluster: cluster.to_owned(),
+        };
+        let duration = m.request_duration.get_or_create(&labels).clone();
+        let timeouts = timeouts.then(|| {
+            PHASES.map(|phase| {
+                counter(
+                    &m.timeouts,
+                    &PhaseLabels {
+                        cluster: cluster.to_owned(),
+                        phase,
+                    },
+                )
+            })
+        });
+        RouteMeter {
+            labels,
+            requests: m.requests.clone(),
+            by_status: (STATUS_MIN..=STATUS_MAX).map(|_| OnceLock::new()).collect(),
+            duration,
+            timeouts,
+        }
+    }
+
+    fn status(&self, status: u16) -> Counter {
+        counter(
+            &self.requests,
+            &RequestLabels {
+                route: self.labels.route.clone(),
+                cluster: self.labels.cluster.clone(),
+                status,
+            },
+        )
+    }
+
+    fn done(&self, ex: &Exchange) {
+        let status = ex.status;
+        match status
+            .checked_sub(STATUS_MIN)
+            .filter(|_| status <= STATUS_MAX)
+        {
+            Some(i) => self.by_status[usize::from(i)]
+                .get_or_init(|| self.status(status))
+                .inc(),
+            None => self.status(status).inc(),
+        };
+        self.duration.observe(ex.start.elapsed().as_secs_f64());
+        if let Some(t) = &self.timeouts {
+            for a in &ex.attempts {
+                if let Some(p) = a.error.and_then(phase_of) {
+                    t[p].inc();
+                }
+            }
+            // A final error the attempts do not show: a response body that stalled after the
+            // head arrived, or a request timeout between attempts.
+            if let Some(k) = ex.error
+                && ex.attempts.last().and_then(|a| a.error) != Some(k)
+                && let Some(p) = phase_of(k)
+            {
+                t[p].inc();
+            }
+        }
+    }
+}
+
+/// A cluster's handles; it hands out its endpoints' ([`ClusterMeter::endpoint`]).
+pub(crate) struct ClusterMeter {
+    metrics: GatewayMetrics,
+    name: String,
+    retries: [Counter; 4],
+    hedges: [Counter; 3],
+    retry_budget_exhausted: Counter,
+}
+
+impl ClusterMeter {
+    fn new(m: &GatewayMetrics, name: &str) -> ClusterMeter {
+        ClusterMeter {
+            retries: RETRY_REASONS.map(|r| {
+                counter(
+                    &m.retries,
+                    &ClusterReason {
+                        cluster: name.to_owned(),
+                        reason: r.name(),
+                    },
+                )
+            }),
+            hedges: HEDGE_RESULTS.map(|result| {
+                counter(
+                    &m.hedges,
+                    &HedgeLabels {
+                        cluster: name.to_owned(),
+                        reason: "deadline",
+                        result,
+                    },
+                )
+            }),
+            retry_budget_exhausted: counter(
+                &m.retry_budget_exhausted,
+                &ClusterLabels {
+                    cluster: name.to_owned(),
+                },
+            ),
+            metrics: m.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn endpoint(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> EndpointMeter {
+        EndpointMeter::new(&self.metrics, &self.name, addr, connect_timeout)
+    }
+
+    pub fn retry(&self, reason: RetryReason) {
+        if let Some(i) = RETRY_REASONS.iter().position(|r| *r == reason) {
+            self.retries[i].inc();
+        }
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.inc();
+    }
+
+    pub fn hedge(&self, result: HedgeResult) {
+        self.hedges[result as usize].inc();
+    }
+}
+
+/// An endpoint's handles.
+pub(crate) struct EndpointMeter {
+    metrics: GatewayMetrics,
+    labels: EndpointLabels,
+    /// By [`Outcome::ALL`] order.
+    attempts: [OnceLock<Counter>; 6],
+    /// By [`COMMON_ERRNOS`] order.
+    failures: [OnceLock<Counter>; 5],
+    syn_rtt: Histogram,
+    syn_retransmits: Counter,
+    /// Cloned into each connection's close task.
+    pub rtos: Counter,
+    connect_deadline: FloatGauge,
+    /// By [`State::ALL`] order.
+    states: [Gauge; 4],
+}
+
+impl EndpointMeter {
+    fn new(
+        m: &GatewayMetrics,
+        cluster: &str,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> EndpointMeter {
+        let labels = EndpointLabels {
+            cluster: cluster.to_owned(),
+            endpoint: addr.to_string(),
+        };
+        let states = State::ALL.map(|s| {
+            m.health_state
+                .get_or_create(&StateLabels {
+                    cluster: labels.cluster.clone(),
+                    endpoint: labels.endpoint.clone(),
+                    state: s.name(),
+                })
+                .clone()
+        });
+        let meter = EndpointMeter {
+            attempts: Default::default(),
+            failures: Default::default(),
+            syn_rtt: m.syn_rtt.get_or_create(&labels).clone(),
+            syn_retransmits: counter(&m.syn_retransmits, &labels),
+            rtos: counter(&m.rtos, &labels),
+            connect_deadline: m.connect_deadline.get_or_create(&labels).clone(),
+            states,
+            labels,
+            metrics: m.clone(),
+        };
+        meter.deadline(connect_timeout);
+        meter.state(State::Healthy);
+        meter
+    }
+
+    pub fn deadline(&self, d: Duration) {
+        self.connect_deadline.set(d.as_secs_f64());
+    }
+
+    /// 1 for `state`, 0 for the others.
+    pub fn state(&self, state: State) {
+        for (s, g) in State::ALL.iter().zip(&self.states) {
+            g.set(i64::from(*s == state));
+        }
+    }
+
+    /// A health transition: the ejection counter, and the state gauges.
+    pub fn transition(&self, t: Transition, now: State) {
+        if let Transition::Ejected { reason, .. } = t {
+            counter(
+                &self.metrics.ejections,
+                &EndpointReason {
+                    cluster: self.labels.cluster.clone(),
+                    endpoint: self.labels.endpoint.clone(),
+                    reason: reason.name(),
+                },
+            )
+            .inc();
+        }
+        if t != Transition::None {
+            self.state(now);
+        }
+    }
+
+    fn attempt(&self, outcome: Outcome) {
+        let i = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("every outcome is in ALL");
+        self.attempts[i]
+            .get_or_init(|| {
+                counter(
+                    &self.metrics.upstream_attempts,
+                    &EndpointOutcome {
+                        cluster: self.labels.cluster.clone(),
+                        endpoint: self.labels.endpoint.clone(),
+                        outcome: outcome.name(),
+                    },
+                )
+            })
+            .inc();
+    }
+
+    fn failure(&self, errno: u32) {
+        let make = || {
+            counter(
+                &self.metrics.connect_failures,
+                &EndpointErrno {
+                    cluster: self.labels.cluster.clone(),
+                    endpoint: self.labels.endpoint.clone(),
+                    errno: errno_label(errno),
+                },
+            )
+        };
+        match COMMON_ERRNOS.iter().position(|e| *e == errno) {
+            Some(i) => self.failures[i].get_or_init(make).inc(),
+            None => make().inc(),
+        };
+    }
+
+    fn kernel_counts(&self, ev: &ConnectEvidence) {
+        if ev.syn_retransmits > 0 {
+            self.syn_retransmits.inc_by(u64::from(ev.syn_retransmits));
+        }
+    }
+
+    /// A connect made for a request established; `ev` is the kernel's record of it.
+    pub fn connected(&self, ev: Option<&ConnectEvidence>) {
+        let Some(ev) = ev else {
+            self.attempt(Outcome::Established);
+            return;
+        };
+        self.attempt(ev.outcome);
+        self.kernel_counts(ev);
+        if let Some(rtt) = ev.syn_rtt {
+            self.syn_rtt.observe(rtt.as_secs_f64());
+        }
+    }
+
+    /// A connect made for a request failed with `e` (`connect()` returned an error).
+    pub fn connect_failed(&self, e: &ProxyError) {
+        let (evidence, raw) = match e {
+            ProxyError::ConnectRefused { evidence, .. } => {
+                (evidence.as_ref(), Some(errno::ECONNREFUSED))
+            }
+            ProxyError::ConnectUnreachable {
+                evidence, source, ..
+            } => (evidence.as_ref(), source.raw_os_error().map(|e| e as u32)),
+            ProxyError::ConnectTimeout { evidence, .. } => {
+                (evidence.as_ref(), Some(errno::ETIMEDOUT))
+            }
+            ProxyError::ConnectFailed { source, .. } => {
+                (None, source.raw_os_error().map(|e| e as u32))
+            }
+            _ => return,
+        };
+        let outcome = match (evidence, e) {
+            (Some(ev), _) => Some(ev.outcome),
+            (None, ProxyError::ConnectRefused { .. }) => Some(Outcome::Refused),
+            (None, ProxyError::ConnectUnreachable { .. }) => Some(Outcome::Unreachable),
+            (None, ProxyError::ConnectTimeout { .. }) => Some(Outcome::Timeout),
+            (None, _) if raw == Some(errno::EADDRNOTAVAIL) => Some(Outcome::AddrUnavailable),
+            // Not a connect outcome the kernel would report (e.g. EPERM from a local filter).
+            (None, _) => None,
+        };
+        if let Some(o) = outcome {
+            self.attempt(o);
+        }
+        if let Some(ev) = evidence {
+            self.kernel_counts(ev);
+        }
+        let errno = evidence.and_then(|ev| ev.errno).or(raw);
+        if let Some(errno) = errno {
+            self.failure(errno);
+        }
+        // The error came through getsockopt(SO_ERROR) when it ended a connect whose SYN went
+        // out (see the module doc).
+        if let Some(ev) = evidence
+            && matches!(
+                ev.outcome,
+                Outcome::Refused | Outcome::Timeout | Outcome::Unreachable
+            )
+            && let Some(errno) = ev.errno
+        {
+            self.metrics
+                .socket_errors
+                .get_or_create(&ErrnoLabels {
+                    errno: errno_label(errno),
+                })
+                .inc();
+        }
+    }
+
+    /// The gateway closed a connect before its SYN-ACK: at its connect deadline
+    /// (`failure`, counted as ETIMEDOUT), or because a hedged race was won by the other
+    /// endpoint. `ev` is the kernel's record when the socket is already closed.
+    pub fn connect_abandoned(&self, ev: Option<&ConnectEvidence>, failure: bool) {
+        let outcome = ev.map_or(Outcome::Aborted, |e| e.outcome);
+        self.attempt(outcome);
+        if let Some(ev) = ev {
+            self.kernel_counts(ev);
+        }
+        if failure && outcome != Outcome::Established {
+            self.failure(errno::ETIMEDOUT);
+        }
+    }
+}
+
+impl Drop for EndpointMeter {
+    /// An endpoint that goes away (re-resolved, or its cluster replaced by a reload) leaves
+    /// no state set; a live endpoint sharing these series sets its own again within a second.
+    fn drop(&mut self) {
+        for g in &self.states {
+            g.set(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    fn meter() -> (Telemetry, EndpointMeter) {
+        let t = Telemetry::new(&crate::signals::UserspaceOnly::default());
+        let e = t
+            .cluster("api")
+            .endpoint("10.0.0.1:80".parse().unwrap(), Duration::from_millis(250));
+        (t, e)
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn kernel_refusal_counts_attempt_errno_and_so_error() {
+        let (t, e) = meter();
+        let ev = ConnectEvidence {
+            outcome: Outcome::Refused,
+            syn_retransmits: 0,
+            syn_rtt: None,
+            errno: Some(errno::ECONNREFUSED),
+            elapsed: Duration::from_micros(80),
+        };
+        e.connect_failed(&ProxyError::ConnectRefused {
+            endpoint: "10.0.0.1:80".parse().unwrap(),
+            elapsed: Duration::from_micros(80),
+            cookie: 1,
+            evidence: Some(ev),
+        });
+        let text = t.encode();
+        for want in [
+            "gateway_upstream_attempts_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",outcome=\"refused\"} 1",
+            "gateway_upstream_connect_failures_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",errno=\"ECONNREFUSED\"} 1",
+            "gateway_socket_errors_total{errno=\"ECONNREFUSED\"} 1",
+            "gateway_endpoint_health_state{cluster=\"api\",endpoint=\"10.0.0.1:80\",state=\"healthy\"} 1",
+            "gateway_upstream_connect_deadline_seconds{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 0.25",
+            "gateway_observer_kernel_signals 0",
+            "gateway_observer_mode{mode=\"userspace\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn userspace_failures_use_the_proxys_reading() {
+        let (t, e) = meter();
+        e.connect_failed(&ProxyError::ConnectFailed {
+            endpoint: "10.0.0.1:80".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+            cookie: Some(1),
+        });
+        e.connect_abandoned(None, true);
+        e.connect_abandoned(None, false);
+        let text = t.encode();
+        assert!(text.contains("outcome=\"addr_unavailable\"} 1"), "{text}");
+        assert!(text.contains("outcome=\"aborted\"} 2"), "{text}");
+        assert!(text.contains("errno=\"ETIMEDOUT\"} 1"), "{text}");
+        assert!(text.contains("errno=\"EADDRNOTAVAIL\"} 1"), "{text}");
+        assert!(
+            line(&text, "gateway_socket_errors_total").is_none(),
+            "no SO_ERROR without the kernel:\n{text}"
+        );
+    }
+
+    #[test]
+    fn kernel_handshakes_feed_the_syn_rtt_histogram() {
+        let (t, e) = meter();
+        e.connected(Some(&ConnectEvidence {
+            outcome: Outcome::Established,
+            syn_retransmits: 1,
+            syn_rtt: Some(Duration::from_micros(1_000_070)),
+            errno: None,
+            elapsed: Duration::from_secs(1),
+        }));
+        e.connected(None);
+        let text = t.encode();
+        assert!(
+            text.contains(
+                "gateway_upstream_syn_rtt_seconds_count{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gateway_upstream_syn_retransmits_total{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("outcome=\"established\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn ejection_flips_the_state_gauges() {
+        let (t, e) = meter();
+        e.transition(
+            Transition::Ejected {
+                reason: crate::decide::health::Reason::Refused,
+                duration: Duration::from_secs(1),
+            },
+            State::Ejected,
+        );
+        let text = t.encode();
+        assert!(text.contains("state=\"ejected\"} 1"), "{text}");
+        assert!(text.contains("state=\"healthy\"} 0"), "{text}");
+        assert!(
+            text.contains("gateway_endpoint_ejections_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",reason=\"refused\"} 1"),
+            "{text}"
+        );
+        drop(e);
+        assert!(
+            t.encode().contains("state=\"ejected\"} 0"),
+            "a dropped endpoint leaves no state set"
+        );
+    }
+}
