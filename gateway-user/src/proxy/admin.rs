@@ -1,19 +1,36 @@
-//! The admin listener (default `127.0.0.1:9901`, loopback unless configured otherwise).
+//! The admin listener (default `127.0.0.1:9901`; a non-loopback address needs
+//! `[admin] allow_remote = true`, checked by config validation). Plain HTTP/1.1, on the main
+//! runtime, apart from client traffic.
 //!
-//! For now it serves `GET /healthz`: 200 while serving, 503 once draining, so that a load
-//! balancer stops sending new connections during shutdown. The body also says which kernel
-//! signals the proxy runs with. Metrics and the admin API come with the kernel issue.
+//! | path | answer |
+//! |---|---|
+//! | `GET /metrics` | every family of `METRICS.md`, as OpenMetrics text |
+//! | `GET /status` | JSON: the process, the observer, every cluster and endpoint with its health and why (shape in [`status`]) |
+//! | `GET /healthz` | 200 `ok` while serving, with the kernel-signal mode; 503 `draining` once shutdown began (load balancers stop sending) |
+//! | `GET /readyz` | 200 when serving and every cluster has at least one routable (healthy or suspect) endpoint; else 503 and the reason, one line per problem |
+//! | `GET /` | the status page: `/status` as server-rendered HTML that reloads itself every 2 s ([`page`]) |
+
+pub(crate) mod page;
+pub(crate) mod status;
 
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
+use http::{
+    HeaderValue, Method, Request, Response, StatusCode,
+    header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE},
+};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{Shared, server::Phase};
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -45,24 +62,61 @@ pub(crate) async fn serve(
 }
 
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" if shared.draining.load(Ordering::Relaxed) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
-        }
-        "/healthz" => (
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "the admin API is read-only: GET only\n".into(),
+        );
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    let draining = shared.draining.load(Ordering::Relaxed);
+    match req.uri().path() {
+        "/healthz" if draining => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
+        "/healthz" => reply(
             StatusCode::OK,
+            TEXT,
             format!("ok\nsignals: {}\n", shared.signals.mode()),
         ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "not found; try /healthz\n".to_owned(),
+        "/readyz" => {
+            let problems = status::Status::collect(shared).not_ready;
+            if problems.is_empty() {
+                reply(StatusCode::OK, TEXT, "ready\n".into())
+            } else {
+                let mut body = String::from("not ready\n");
+                for p in problems {
+                    body.push_str(&p);
+                    body.push('\n');
+                }
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
+            }
+        }
+        "/metrics" => reply(StatusCode::OK, OPENMETRICS, shared.telemetry.encode()),
+        "/status" => {
+            let s = status::Status::collect(shared);
+            let body = serde_json::to_string_pretty(&s).unwrap_or_default() + "\n";
+            reply(StatusCode::OK, JSON, body)
+        }
+        "/" | "/index.html" => reply(
+            StatusCode::OK,
+            HTML,
+            page::render(&status::Status::collect(shared)),
         ),
-    };
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found; try /, /status, /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        "text/plain; charset=utf-8".parse().expect("static"),
-    );
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

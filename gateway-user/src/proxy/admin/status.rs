@@ -1,0 +1,212 @@
+//! `GET /status`: what the gateway knows, as JSON. The status page and `/readyz` are rendered
+//! from the same [`Status`], so the three never disagree. Times are Unix milliseconds.
+//!
+//! ```text
+//! {
+//!   "version": "0.1.0",
+//!   "uptime_s": 12.5,
+//!   "started_unix_ms": 1763740000000,
+//!   "now_unix_ms": 1763740012500,
+//!   "draining": false,
+//!   "ready": false,
+//!   "not_ready": ["cluster `api`: no routable endpoint (2 endpoint(s), 2 ejected)"],
+//!   "observer": {
+//!     "mode": "kernel",                  // or "userspace"
+//!     "kernel_signals": true,
+//!     "reason": null,                    // userspace: why there are no kernel signals
+//!     "cgroup": "/sys/fs/cgroup/gateway-4242",   // where the observer is attached, or null
+//!     "events_lost": 0                   // null without the kernel observer
+//!   },
+//!   "clusters": [{
+//!     "name": "api",
+//!     "lb_policy": "round_robin",
+//!     "routable": 1,                     // endpoints healthy or suspect
+//!     "endpoints": [{
+//!       "address": "10.0.0.5:8080",
+//!       "weight": 1,
+//!       "state": "ejected",              // healthy | suspect | ejected | probing
+//!       "reason": "refused",             // why not healthy: syn_unanswered, refused, unreachable,
+//!                                        // host_died, overloaded, slow_backend, probe_failed; or null
+//!       "since_unix_ms": 1763740011000,
+//!       "ejected_until_unix_ms": 1763740012000,   // null unless ejected
+//!       "connect_deadline_ms": 250.0,
+//!       "connect_deadline_source": "configured",  // or "measured" (from the SYN-RTT quantile)
+//!       "syn_rtt": {"p50_us": 61, "p99_us": 140, "samples": 24},  // p50/p99 null without samples
+//!       "in_flight": 0,
+//!       "recent": [{                     // oldest first, at most 20
+//!         "at_unix_ms": 1763740011000,
+//!         "event": "ejected",            // failure | suspect | ejected | ejection_refused | probing | recovered
+//!         "reason": "refused",
+//!         "detail": "connection refused by 10.0.0.5:8080 after 0 ms; kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"
+//!       }]
+//!     }]
+//!   }]
+//! }
+//! ```
+
+use std::{sync::atomic::Ordering, time::SystemTime};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::super::{Shared, endpoint_health::HealthEvent};
+use crate::{decide::deadline::DeadlineSource, signals::SignalMode};
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Status {
+    pub version: &'static str,
+    pub uptime_s: f64,
+    pub started_unix_ms: u64,
+    pub now_unix_ms: u64,
+    pub draining: bool,
+    pub ready: bool,
+    /// Why `/readyz` says 503, one line per problem; empty when ready.
+    pub not_ready: Vec<String>,
+    pub observer: ObserverStatus,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ObserverStatus {
+    pub mode: &'static str,
+    pub kernel_signals: bool,
+    pub reason: Option<String>,
+    pub cgroup: Option<String>,
+    pub events_lost: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ClusterStatus {
+    pub name: String,
+    pub lb_policy: &'static str,
+    pub routable: usize,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct EndpointStatus {
+    pub address: String,
+    pub weight: u32,
+    pub state: &'static str,
+    pub reason: Option<&'static str>,
+    pub since_unix_ms: u64,
+    pub ejected_until_unix_ms: Option<u64>,
+    pub connect_deadline_ms: f64,
+    pub connect_deadline_source: &'static str,
+    pub syn_rtt: SynRtt,
+    pub in_flight: u64,
+    pub recent: Vec<HealthEvent>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct SynRtt {
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub samples: usize,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Status {
+    pub fn collect(shared: &Shared) -> Status {
+        let now = Instant::now();
+        let now_unix_ms = unix_ms(SystemTime::now());
+        // A monotonic instant as Unix time, through the distance from now.
+        let at = |t: Instant| -> u64 {
+            if t <= now {
+                now_unix_ms.saturating_sub((now - t).as_millis() as u64)
+            } else {
+                now_unix_ms + (t - now).as_millis() as u64
+            }
+        };
+        let mode = shared.signals.mode();
+        let observer = ObserverStatus {
+            mode: match mode {
+                SignalMode::Kernel => "kernel",
+                SignalMode::UserspaceOnly { .. } => "userspace",
+            },
+            kernel_signals: mode == SignalMode::Kernel,
+            reason: match mode {
+                SignalMode::Kernel => None,
+                SignalMode::UserspaceOnly { reason } => Some(reason),
+            },
+            cgroup: shared.signals.cgroup().map(|p| p.display().to_string()),
+            events_lost: shared.signals.events_lost(),
+        };
+        let draining = shared.draining.load(Ordering::Relaxed);
+        let mut not_ready = Vec::new();
+        if draining {
+            not_ready.push("draining: shutdown has begun".to_owned());
+        }
+        let rt = shared.runtime.load();
+        let clusters: Vec<ClusterStatus> = rt
+            .clusters
+            .iter()
+            .map(|c| {
+                let eps = c.endpoints();
+                let routable = eps.iter().filter(|e| e.health.routable()).count();
+                let endpoints: Vec<EndpointStatus> = eps
+                    .iter()
+                    .map(|ep| {
+                        let v = ep.health.view(&c.spec);
+                        EndpointStatus {
+                            address: ep.addr.to_string(),
+                            weight: ep.weight,
+                            state: v.state.name(),
+                            reason: v.reason.map(|r| r.name()),
+                            since_unix_ms: at(v.since),
+                            ejected_until_unix_ms: v.ejected_until.map(at),
+                            connect_deadline_ms: v.deadline.value.as_secs_f64() * 1e3,
+                            connect_deadline_source: match v.deadline.source {
+                                DeadlineSource::Configured => "configured",
+                                DeadlineSource::Measured { .. } => "measured",
+                            },
+                            syn_rtt: SynRtt {
+                                p50_us: v.rtt_p50.map(|d| d.as_micros() as u64),
+                                p99_us: v.rtt_p99.map(|d| d.as_micros() as u64),
+                                samples: v.rtt_samples,
+                            },
+                            in_flight: ep.in_flight.load(Ordering::Relaxed),
+                            recent: v.recent,
+                        }
+                    })
+                    .collect();
+                if routable == 0 {
+                    not_ready.push(if endpoints.is_empty() {
+                        format!(
+                            "cluster `{}`: no endpoints (a host name that did not resolve?)",
+                            c.name
+                        )
+                    } else {
+                        format!(
+                            "cluster `{}`: no routable endpoint ({} endpoint(s), all ejected)",
+                            c.name,
+                            endpoints.len()
+                        )
+                    });
+                }
+                ClusterStatus {
+                    name: c.name.to_string(),
+                    lb_policy: c.spec.lb_policy.name(),
+                    routable,
+                    endpoints,
+                }
+            })
+            .collect();
+        let t = &shared.telemetry;
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: (t.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            started_unix_ms: unix_ms(t.started_at),
+            now_unix_ms,
+            draining,
+            ready: not_ready.is_empty(),
+            not_ready,
+            observer,
+            clusters,
+        }
+    }
+}
