@@ -177,3 +177,163 @@ pub fn require_root(test: &str) {
          which needs root (run the suite with ./dev test)"
     );
 }
+
+/// The real `gateway run` binary inside the fault lab's client namespace, with the eBPF
+/// observer required (`[observer] mode = "kernel"`): as root it moves into a cgroup of its own
+/// and attaches there. Its listener and admin API are on the namespace's own loopback; reach
+/// them through [`LabGateway::admin`] and [`LabGateway::get`]. Dropping it sends SIGTERM, so the
+/// gateway detaches and removes its cgroup itself.
+pub struct LabGateway<'a> {
+    pub lab: &'a gateway::lab::Lab,
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+/// Removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Client and admin ports inside the lab's client namespace (its own loopback: no clash).
+pub const LAB_LISTEN: u16 = 18090;
+pub const LAB_ADMIN: u16 = 19901;
+
+impl<'a> LabGateway<'a> {
+    /// `extra`: the clusters (TOML), appended to a config with the listener, the admin API,
+    /// no access log and a required kernel observer.
+    pub fn start(lab: &'a gateway::lab::Lab, name: &str, extra: &str) -> LabGateway<'a> {
+        use std::io::BufRead as _;
+
+        use gateway::lab::NetnsCommandExt as _;
+        let dir = std::env::temp_dir().join(format!("gw-admin-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "[router]\nlisten = [\"127.0.0.1:{LAB_LISTEN}\"]\n\n\
+             [admin]\nlisten = \"127.0.0.1:{LAB_ADMIN}\"\n\n\
+             [access_log]\noutput = \"off\"\n\n\
+             [observer]\nmode = \"kernel\"\ncgroup = \"gateway-admin-{name}-{{pid}}\"\n\n{extra}"
+        );
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, &config).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .in_netns(lab.client())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning gateway run");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let gw = LabGateway {
+            lab,
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], LAB_LISTEN)),
+            admin: SocketAddr::from(([127, 0, 0, 1], LAB_ADMIN)),
+            stderr,
+            _dir: TempDir(dir),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !gw.log().contains("admin listening") {
+            assert!(
+                Instant::now() < deadline,
+                "gateway run did not start its admin listener:\n{}\nconfig:\n{config}",
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            gw.log().contains("kernel observer attached"),
+            "the test needs kernel signals:\n{}",
+            gw.log()
+        );
+        gw
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// `f(admin address)`, run on a thread inside the client namespace.
+    pub fn admin<T: Send>(&self, f: impl FnOnce(SocketAddr) -> T + Send) -> T {
+        let admin = self.admin;
+        self.lab
+            .client()
+            .run(move || f(admin))
+            .expect("a thread in the client namespace")
+    }
+
+    /// `n` GETs of `path`, `concurrency` at a time, from the client namespace: each one's status
+    /// and `x-gateway-error`.
+    pub fn get(&self, path: &str, n: usize, concurrency: usize) -> Vec<(u16, String)> {
+        use http_body_util::{BodyExt as _, Empty};
+        use hyper::body::Bytes;
+        use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+        let url = format!("http://{}{path}", self.addr);
+        self.lab
+            .client()
+            .block_on(async move {
+                let client: Client<_, Empty<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build_http();
+                let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+                let mut tasks = Vec::new();
+                for _ in 0..n {
+                    let (client, url, sem) = (client.clone(), url.clone(), sem.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let _permit = sem.acquire_owned().await.unwrap();
+                        let req = hyper::Request::get(url).body(Empty::new()).unwrap();
+                        let resp =
+                            tokio::time::timeout(Duration::from_secs(20), client.request(req))
+                                .await
+                                .expect("a response within 20 s")
+                                .expect("a response from the gateway");
+                        let status = resp.status().as_u16();
+                        let error = resp
+                            .headers()
+                            .get("x-gateway-error")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let _ = resp.into_body().collect().await;
+                        (status, error)
+                    }));
+                }
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await.unwrap());
+                }
+                out
+            })
+            .expect("a client in the client namespace")
+    }
+}
+
+impl Drop for LabGateway<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
