@@ -163,7 +163,7 @@ pub(crate) fn render(s: &Status) -> String {
         let _ = writeln!(h, "<div class=\"notice\">{}</div>", escape(p));
     }
     for c in &s.clusters {
-        cluster(&mut h, c, s.now_unix_ms);
+        cluster(&mut h, c, s.now_unix_ms, o.kernel_signals);
     }
     if s.clusters.is_empty() {
         h.push_str("<p class=\"empty\">No clusters configured.</p>\n");
@@ -178,16 +178,22 @@ pub(crate) fn render(s: &Status) -> String {
     h
 }
 
-fn cluster(h: &mut String, c: &ClusterStatus, now: u64) {
+fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
     let _ = write!(
         h,
         "<section class=\"cluster\" data-cluster=\"{name}\"><h2>cluster {name}<small>{} · {}/{} endpoints routable</small></h2>\n\
          <table><thead><tr><th>endpoint</th><th>state</th><th>reason</th><th>since</th>\
-         <th>SYN-RTT p50 / p99 (kernel)</th><th>connect deadline</th><th>in flight</th></tr></thead><tbody>\n",
+         <th>{rtt}</th><th>connect deadline</th><th>in flight</th></tr></thead><tbody>\n",
         c.lb_policy,
         c.routable,
         c.endpoints.len(),
         name = escape(&c.name),
+        // Without kernel signals the samples are connect() times, not SYN-RTTs.
+        rtt = if kernel {
+            "SYN-RTT p50 / p99 (kernel)"
+        } else {
+            "connect time p50 / p99"
+        },
     );
     for e in &c.endpoints {
         endpoint_row(h, e, now);
@@ -245,7 +251,7 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         h,
         "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}</td>\
          <td><span class=\"state {state}\">{state}</span></td><td>{reason}{until}</td>\
-         <td class=\"num\">{since}</td><td class=\"num\">{p50} / {p99} <span class=\"why\">({n} samples)</span></td>\
+         <td class=\"num\">{since}</td><td class=\"num\">{p50} / {p99} <span class=\"why\">({n} sample{s})</span></td>\
          <td class=\"num\">{deadline:.0} ms <span class=\"why\">({source})</span></td><td class=\"num\">{in_flight}</td></tr>",
         addr = escape(&e.address),
         state = escape(e.state),
@@ -253,6 +259,7 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         p50 = us(e.syn_rtt.p50_us),
         p99 = us(e.syn_rtt.p99_us),
         n = e.syn_rtt.samples,
+        s = if e.syn_rtt.samples == 1 { "" } else { "s" },
         deadline = e.connect_deadline_ms,
         source = e.connect_deadline_source,
         in_flight = e.in_flight,

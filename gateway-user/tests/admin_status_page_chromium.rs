@@ -1,0 +1,209 @@
+//! The status page in a real browser: headless Chromium (Debian's `chromium`, installed by
+//! `./dev setup`) loads `/` from a running `gateway run` (the built binary; as root it attaches
+//! the kernel observer by itself) in front of two loopback upstreams, one healthy and one
+//! refusing so that it gets ejected. The test reads the DOM as Chromium rendered it and keeps
+//! a screenshot at `target/tmp/admin-status-page.png`.
+//!
+//! Chromium runs with `--no-sandbox` (root), no network beyond the loopback page (`--disable-*`
+//! background services, no QUIC) and a throwaway profile directory.
+
+mod admin_support;
+mod proxy_support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use admin_support::*;
+use http::StatusCode;
+use proxy_support::*;
+
+/// How long one Chromium run may take.
+const CHROMIUM_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn chromium() -> PathBuf {
+    which("chromium").unwrap_or_else(|| {
+        panic!(
+            "the status page test needs Debian's `chromium` (./dev setup installs it, or \
+             apt-get install chromium)"
+        )
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs Chromium headless on `url` with `mode` (`--dump-dom` or `--screenshot=FILE`); its stdout.
+fn run_chromium(url: &str, mode: &str, profile: &Path) -> String {
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(mode)
+        .arg(url)
+        .env("HOME", profile)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting chromium");
+    let deadline = Instant::now() + CHROMIUM_TIMEOUT;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "chromium {mode} did not finish within {CHROMIUM_TIMEOUT:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chromium {mode} failed ({}); stderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert!(
+        bytes.len() > 24 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR",
+        "not a PNG"
+    );
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
+/// `gateway run` as a child; SIGTERM on drop so that it leaves its cgroup cleanly.
+struct Gateway(GatewayProcess);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGTERM);
+        let _ = self.0.wait(Duration::from_secs(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_renders_endpoint_states_reasons_and_evidence() {
+    let good = Upstream::start("good").await;
+    let refused = refused_addr();
+    let dir = temp_dir("status-page");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[router]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n\
+             [router.upstream]\nendpoints = [\"{refused}\", \"{}\"]\n\n\
+             [router.upstream.health]\nejection_ms = 60000\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [access_log]\noutput = \"off\"\n\n\
+             [observer]\ncgroup = \"gateway-admin-page-{{pid}}\"\n",
+            good.addr
+        ),
+    )
+    .unwrap();
+    let gw = Gateway(GatewayProcess::spawn(&config));
+    let admin = gw.0.admin.expect("admin listener");
+    let c = client();
+    for _ in 0..10 {
+        let got = get(&c, gw.0.addr, "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    }
+    let root = unsafe { libc::geteuid() } == 0;
+    let (dom, png) = tokio::task::spawn_blocking(move || {
+        wait_for("the refusing endpoint ejected in /status", || {
+            let s = status(admin);
+            if endpoint(&s, "default", refused)["state"] == "ejected" {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        });
+        let profile = temp_dir("chromium-profile");
+        let url = format!("http://{admin}/");
+        let dom = run_chromium(&url, "--dump-dom", &profile);
+        let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("admin-status-page.png");
+        let _ = std::fs::remove_file(&shot);
+        run_chromium(&url, &format!("--screenshot={}", shot.display()), &profile);
+        let _ = std::fs::remove_dir_all(&profile);
+        let png = std::fs::read(&shot)
+            .unwrap_or_else(|e| panic!("chromium wrote no screenshot at {}: {e}", shot.display()));
+        eprintln!("status page screenshot: {}", shot.display());
+        (dom, png)
+    })
+    .await
+    .unwrap();
+
+    // What the browser rendered, not only what the server sent.
+    assert!(dom.contains("<title>gateway status</title>"), "{dom}");
+    for (addr, state) in [(refused, "ejected"), (good.addr, "healthy")] {
+        assert!(
+            dom.contains(&format!(
+                "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}</td>\
+                 <td><span class=\"state {state}\">{state}</span></td>"
+            )),
+            "{addr} shown as {state}:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(
+            "<span class=\"mono\">refused</span><br><span class=\"why\">RST: nothing listening \
+             on the port, or a firewall rejecting</span>"
+        ),
+        "the reason, explained:\n{dom}"
+    );
+    assert!(dom.contains("ejected for "), "{dom}");
+    assert!(
+        dom.contains(&format!(
+            "<span class=\"ev ejected\">ejected</span><span class=\"why\">refused</span>\
+             <span class=\"detail mono\">connection refused by {refused}"
+        )),
+        "the ejection with its evidence:\n{dom}"
+    );
+    assert!(
+        dom.contains("<h2>cluster default<small>round_robin · 1/2 endpoints routable</small></h2>"),
+        "{dom}"
+    );
+    assert!(dom.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
+    if root {
+        assert!(
+            dom.contains("data-mode=\"kernel\"><span class=\"pill kernel\">kernel signals</span>"),
+            "as root, gateway run attaches the kernel observer:\n{dom}"
+        );
+        assert!(
+            dom.contains("kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"),
+            "kernel evidence on the page:\n{dom}"
+        );
+    } else {
+        assert!(dom.contains("data-mode=\"userspace\""), "{dom}");
+    }
+
+    assert_eq!(png_size(&png), (1280, 900));
+    assert!(png.len() > 20_000, "a blank page compresses to less");
+}
