@@ -159,6 +159,8 @@ struct Resolved {
     addrs: Vec<SocketAddr>,
     /// `Host` header for `--http`.
     host_header: String,
+    /// For a cluster target: the gateway's view of it.
+    gateway: Option<admin::GatewayView>,
     started: Instant,
     resolved: Instant,
 }
@@ -310,9 +312,17 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             response_timeout_ms: args.http.is_some().then_some(args.response_timeout_ms),
             addresses,
             events_lost,
+            gateway: r.gateway,
         };
         let ranked = classify::classify(&m);
-        reports.push(TargetReport::new(r.label, ranked, m, done - r.started));
+        let mut report = TargetReport::new(r.label, ranked, m, done - r.started);
+        // The running gateway's own evidence, after the probes' (it is about the same
+        // endpoints, seen by the gateway's traffic).
+        if let Some(g) = &report.measurements.gateway {
+            let lines = g.evidence();
+            report.evidence.extend(lines);
+        }
+        reports.push(report);
     }
     // Detach and leave the cgroup before printing: nothing below opens a socket.
     drop(kernel);
@@ -357,14 +367,17 @@ async fn resolve_all(args: &DiagnoseArgs) -> anyhow::Result<Vec<Resolved>> {
                         resolution,
                         addrs,
                         host_header,
+                        gateway: None,
                         started,
                         resolved: Instant::now(),
                     }
                 }
                 Target::Cluster(name) => {
                     let admin = admin.expect("checked in run()");
-                    let addrs = admin::cluster_endpoints(admin, &name).await?;
+                    let view = admin::cluster_view(admin, &name).await?;
+                    let addrs = view.addresses();
                     Resolved {
+                        gateway: Some(view),
                         host_header: addrs[0].to_string(),
                         resolution: Resolution {
                             host: name,

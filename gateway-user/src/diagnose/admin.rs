@@ -1,13 +1,17 @@
-//! Cluster targets: the endpoints of a cluster of a running gateway, read from its admin API
-//! (`GET /status` on `--admin ADDR`). The gateway's admin listener serves `/status` only once
-//! the admin API exists; until then the lookup fails with an error that says so.
+//! Cluster targets: the endpoints of a cluster of a running gateway, and what that gateway has
+//! seen of them, read from its admin API (`GET /status` on `--admin ADDR`; the shape is
+//! documented in the gateway's `proxy/admin/status.rs`). The gateway's view (each endpoint's
+//! health state, its reason and the recent failures and ejections with their kernel evidence)
+//! goes into the report as evidence lines and as `measurements.gateway` ([`GatewayView`]).
 //!
-//! `/status` is read tolerantly: `clusters` is a list of objects with a `name`, or an object
-//! keyed by name; a cluster's `endpoints` are `ip:port` strings or objects with one in
-//! `address`, `addr` or `endpoint`.
+//! `/status` is read tolerantly, so that an older or newer gateway still resolves: `clusters` is
+//! a list of objects with a `name`, or an object keyed by name; a cluster's `endpoints` are
+//! `ip:port` strings or objects with one in `address`, `addr` or `endpoint`; every other field
+//! is optional.
 
 use std::{net::SocketAddr, time::Duration};
 
+use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -53,11 +57,100 @@ pub enum AdminError {
     NoEndpoints { admin: SocketAddr, cluster: String },
 }
 
-/// The endpoints of `cluster` according to the gateway at `admin`.
-pub async fn cluster_endpoints(
-    admin: SocketAddr,
-    cluster: &str,
-) -> Result<Vec<SocketAddr>, AdminError> {
+/// Recent gateway events kept per endpoint in the view.
+const RECENT_SHOWN: usize = 5;
+
+/// What a running gateway says about one of its clusters: the `measurements.gateway` object
+/// of `--json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GatewayView {
+    /// The admin address asked.
+    pub admin: SocketAddr,
+    pub cluster: String,
+    /// The gateway's own signals: `kernel` or `userspace`, when `/status` says.
+    pub observer: Option<String>,
+    /// When `/status` was read (the gateway's clock), Unix ms.
+    pub now_unix_ms: Option<u64>,
+    pub endpoints: Vec<GatewayEndpoint>,
+}
+
+/// One endpoint as the gateway sees it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GatewayEndpoint {
+    pub address: SocketAddr,
+    /// `healthy`, `suspect`, `ejected`, `probing`.
+    pub state: Option<String>,
+    /// Why it is not healthy (`refused`, `syn_unanswered`, ...).
+    pub reason: Option<String>,
+    pub connect_deadline_ms: Option<f64>,
+    pub syn_rtt_p50_us: Option<u64>,
+    pub syn_rtt_p99_us: Option<u64>,
+    /// The gateway's latest events for it, newest first, at most five.
+    pub recent: Vec<GatewayEvent>,
+}
+
+/// A failure, ejection or recovery the gateway recorded, with its evidence in words.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GatewayEvent {
+    pub at_unix_ms: Option<u64>,
+    pub event: String,
+    pub reason: Option<String>,
+    pub detail: String,
+}
+
+impl GatewayView {
+    /// The endpoint addresses, in the gateway's order.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.endpoints.iter().map(|e| e.address).collect()
+    }
+
+    /// Evidence lines for the report, one per endpoint: its state and reason, and the latest
+    /// thing the gateway recorded about it, with the gateway's kernel evidence.
+    pub fn evidence(&self) -> Vec<String> {
+        let signals = match self.observer.as_deref() {
+            Some("kernel") => " (kernel signals)",
+            Some(_) => " (userspace timing)",
+            None => "",
+        };
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let mut line = format!(
+                    "the gateway at {}{signals} has {} {}",
+                    self.admin,
+                    e.address,
+                    e.state.as_deref().unwrap_or("in an unknown state")
+                );
+                if let Some(r) = &e.reason {
+                    line.push_str(&format!(" ({r})"));
+                }
+                if let (Some(p50), Some(p99)) = (e.syn_rtt_p50_us, e.syn_rtt_p99_us) {
+                    line.push_str(&format!(", handshakes p50 {p50} us / p99 {p99} us"));
+                }
+                if let Some(ev) = e.recent.first() {
+                    let ago = match (self.now_unix_ms, ev.at_unix_ms) {
+                        (Some(now), Some(at)) => {
+                            format!(" {:.1} s ago", now.saturating_sub(at) as f64 / 1e3)
+                        }
+                        _ => String::new(),
+                    };
+                    line.push_str(&format!("; latest{ago}: {}", ev.event));
+                    if let Some(r) = &ev.reason {
+                        line.push_str(&format!(" ({r})"));
+                    }
+                    if !ev.detail.is_empty() {
+                        line.push_str(&format!(": {}", ev.detail));
+                    }
+                }
+                line.push_str(" [gateway]");
+                line
+            })
+            .collect()
+    }
+}
+
+/// The endpoints of `cluster` and the gateway's view of them, from the gateway at `admin`.
+pub async fn cluster_view(admin: SocketAddr, cluster: &str) -> Result<GatewayView, AdminError> {
     let body = tokio::time::timeout(ADMIN_TIMEOUT, get_status(admin))
         .await
         .map_err(|_| AdminError::Timeout {
@@ -66,7 +159,7 @@ pub async fn cluster_endpoints(
         })??;
     let status: Value =
         serde_json::from_slice(&body).map_err(|source| AdminError::NotJson { admin, source })?;
-    endpoints_in(&status, cluster).map_err(|known| match known {
+    view_of(admin, &status, cluster).map_err(|known| match known {
         Some(known) => AdminError::UnknownCluster {
             admin,
             cluster: cluster.to_owned(),
@@ -137,7 +230,11 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 
 /// `Err(Some(known clusters))` when the cluster is missing, `Err(None)` when it has no
 /// endpoints.
-fn endpoints_in(status: &Value, cluster: &str) -> Result<Vec<SocketAddr>, Option<String>> {
+fn view_of(
+    admin: SocketAddr,
+    status: &Value,
+    cluster: &str,
+) -> Result<GatewayView, Option<String>> {
     let clusters = &status["clusters"];
     let (found, known): (Option<&Value>, Vec<String>) = match clusters {
         Value::Array(list) => (
@@ -156,31 +253,97 @@ fn endpoints_in(status: &Value, cluster: &str) -> Result<Vec<SocketAddr>, Option
             known.join(", ")
         }));
     };
-    let addrs: Vec<SocketAddr> = found["endpoints"]
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let endpoints: Vec<GatewayEndpoint> = found["endpoints"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|e| {
-            let text = match e {
+            let address = match e {
                 Value::String(s) => Some(s.as_str()),
                 Value::Object(_) => ["address", "addr", "endpoint"]
                     .iter()
                     .find_map(|k| e[*k].as_str()),
                 _ => None,
-            }?;
-            text.parse().ok()
+            }?
+            .parse()
+            .ok()?;
+            let mut recent: Vec<GatewayEvent> = e["recent"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|ev| GatewayEvent {
+                    at_unix_ms: ev["at_unix_ms"].as_u64(),
+                    event: text(&ev["event"]).unwrap_or_else(|| "event".to_owned()),
+                    reason: text(&ev["reason"]),
+                    detail: text(&ev["detail"]).unwrap_or_default(),
+                })
+                .collect();
+            // The gateway lists them oldest first.
+            recent.reverse();
+            recent.truncate(RECENT_SHOWN);
+            Some(GatewayEndpoint {
+                address,
+                state: text(&e["state"]),
+                reason: text(&e["reason"]),
+                connect_deadline_ms: e["connect_deadline_ms"].as_f64(),
+                syn_rtt_p50_us: e["syn_rtt"]["p50_us"].as_u64(),
+                syn_rtt_p99_us: e["syn_rtt"]["p99_us"].as_u64(),
+                recent,
+            })
         })
         .collect();
-    if addrs.is_empty() {
-        Err(None)
-    } else {
-        Ok(addrs)
+    if endpoints.is_empty() {
+        return Err(None);
     }
+    Ok(GatewayView {
+        admin,
+        cluster: cluster.to_owned(),
+        observer: text(&status["observer"]["mode"]),
+        now_unix_ms: status["now_unix_ms"].as_u64(),
+        endpoints,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoints_in(status: &Value, cluster: &str) -> Result<Vec<SocketAddr>, Option<String>> {
+        view_of("127.0.0.1:9901".parse().unwrap(), status, cluster).map(|v| v.addresses())
+    }
+
+    #[test]
+    fn the_gateways_view_becomes_evidence() {
+        let status = serde_json::json!({
+            "now_unix_ms": 10_000,
+            "observer": {"mode": "kernel"},
+            "clusters": [{"name": "api", "endpoints": [
+                {"address": "10.0.0.5:8080", "state": "ejected", "reason": "refused",
+                 "syn_rtt": {"p50_us": null, "p99_us": null, "samples": 0},
+                 "recent": [
+                    {"at_unix_ms": 7_000, "event": "failure", "reason": null, "detail": "older"},
+                    {"at_unix_ms": 7_500, "event": "ejected", "reason": "refused",
+                     "detail": "kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"}]},
+                {"address": "10.0.0.6:8080", "state": "healthy", "reason": null,
+                 "syn_rtt": {"p50_us": 61, "p99_us": 140, "samples": 24}, "recent": []}
+            ]}]
+        });
+        let v = view_of("127.0.0.1:9901".parse().unwrap(), &status, "api").unwrap();
+        assert_eq!(v.endpoints[0].recent[0].event, "ejected", "newest first");
+        assert_eq!(
+            v.evidence(),
+            vec![
+                "the gateway at 127.0.0.1:9901 (kernel signals) has 10.0.0.5:8080 ejected \
+                 (refused); latest 2.5 s ago: ejected (refused): kernel: refused, 1 SYN sent, \
+                 RST received, ECONNREFUSED [gateway]"
+                    .to_owned(),
+                "the gateway at 127.0.0.1:9901 (kernel signals) has 10.0.0.6:8080 healthy, \
+                 handshakes p50 61 us / p99 140 us [gateway]"
+                    .to_owned(),
+            ]
+        );
+    }
 
     #[test]
     fn clusters_as_a_list_or_a_map() {
@@ -229,7 +392,7 @@ mod tests {
             .unwrap();
         });
         let err = rt
-            .block_on(cluster_endpoints(admin, "api"))
+            .block_on(cluster_view(admin, "api"))
             .unwrap_err()
             .to_string();
         server.join().unwrap();

@@ -311,4 +311,8 @@ pub struct TargetMeasurements {
     /// userspace values).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events_lost: Option<u64>,
+    /// For a cluster target (`--admin`): what the running gateway says about the cluster's
+    /// endpoints (state, reason, SYN-RTT, recent failures and ejections with their evidence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<super::admin::GatewayView>,
 }

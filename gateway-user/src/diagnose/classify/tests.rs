@@ -78,6 +78,7 @@ fn target(attempts: Vec<Attempt>) -> TargetMeasurements {
         http_path: None,
         response_timeout_ms: None,
         addresses: vec![AddressMeasurements::new(addr, attempts)],
+        gateway: None,
         events_lost: Some(0),
     }
 }
