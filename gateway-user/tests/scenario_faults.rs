@@ -24,7 +24,7 @@ fn bad_endpoint(s: &Scenario) -> String {
 
 /// Runs a connect-fault scenario: `fault` on upstream 2 at `FAULT_AT`.
 fn connect_fault(name: &str, fault: Fault) -> (Scenario, Vec<Sample>, f64) {
-    let s = Scenario::start(name, HttpBehaviour::immediate(), NO_POOL, "");
+    let s = Scenario::start(name, HttpBehaviour::immediate(), NO_POOL, 2000, "");
     let up = s.lab.upstream(1).unwrap();
     let mut guard = None;
     let mut fault_wall = 0.0;
@@ -159,4 +159,175 @@ fn privileged_syn_ack_delay_is_hedged_under_300ms() {
         .filter(|l| l["hedged"] == true)
         .count();
     assert!(hedged > 0, "hedging took part");
+}
+
+#[test]
+fn privileged_whole_host_blackhole_loses_no_get() {
+    // Keep-alive on: requests in flight on pooled connections stall when the host dies.
+    let s = Scenario::start("hostbh", HttpBehaviour::immediate(), 2, 2000, "");
+    let up = s.lab.upstream(1).unwrap();
+    let mut guard = None;
+    let mut fault = 0.0;
+    let samples = s.run_load(RATE, RUN, |t| {
+        if guard.is_none() && t >= FAULT_AT {
+            guard = Some(up.apply(Fault::Blackhole { port: PORT }).expect("fault"));
+            fault = secs(std::time::SystemTime::now());
+        }
+    });
+    drop(guard);
+    report("whole-host blackhole", &samples);
+    for l in s
+        .access_log()
+        .iter()
+        .filter(|l| l["total_ms"].as_f64().unwrap_or(0.0) > 500.0)
+        .take(3)
+    {
+        eprintln!("slow request: {l}");
+    }
+    assert_eq!(
+        failures(&samples).len(),
+        0,
+        "GET failures: {:?}",
+        failures(&samples).first()
+    );
+    let (after, line) = ejected_after(&s, &bad_endpoint(&s), fault).expect("ejected");
+    assert!(
+        after < 1.0,
+        "ejected {after:.3}s after the host died: {line}"
+    );
+    let late: Vec<&Sample> = samples.iter().filter(|x| x.at > FAULT_AT).collect();
+    assert!(
+        quantile(&late, 0.99) < Duration::from_secs(1),
+        "p99 after the fault {:?}",
+        quantile(&late, 0.99)
+    );
+    // Requests stranded on the dead host were moved by kernel evidence, not by a timer.
+    let moved = s
+        .access_log()
+        .into_iter()
+        .filter(|l| {
+            l["attempt_errors"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e == "upstream_host_died"))
+        })
+        .count();
+    eprintln!("requests retried after upstream_host_died: {moved}");
+}
+
+#[test]
+fn privileged_slow_backend_is_not_a_network_failure() {
+    let s = Scenario::start("slow", HttpBehaviour::immediate(), 2, 1000, "");
+    let mut slowed = false;
+    let samples = s.run_load(RATE / 4, Duration::from_secs(20), |t| {
+        if !slowed && t >= 5.0 {
+            s.servers[1].set_behaviour(HttpBehaviour::slow(Duration::from_secs(3)));
+            slowed = true;
+        }
+    });
+    report("slow backend", &samples);
+    let bad = bad_endpoint(&s);
+    for (_, line) in s.log_lines(&["endpoint ejected", &format!("upstream={bad}")]) {
+        assert!(
+            line.contains("slow_backend"),
+            "ejected as a network failure: {line}"
+        );
+    }
+    let timeouts: Vec<serde_json::Value> = s
+        .access_log()
+        .into_iter()
+        .filter(|l| l["error"] == "response_timeout")
+        .collect();
+    assert!(!timeouts.is_empty(), "the response timeout fired");
+    for l in &timeouts {
+        let detail = l["detail"].as_str().unwrap_or("");
+        assert!(
+            detail.contains("slow_backend") && detail.contains("ACKed the request"),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn privileged_recovered_endpoint_returns_within_the_probe_schedule() {
+    let s = Scenario::start("recovery", HttpBehaviour::immediate(), NO_POOL, 2000, "");
+    let up = s.lab.upstream(1).unwrap();
+    let (fault_on, fault_off) = (5.0, 15.0);
+    let mut guard = None;
+    let mut removed = 0.0;
+    let samples = s.run_load(RATE, Duration::from_secs(35), |t| {
+        if guard.is_none() && t >= fault_on && t < fault_off {
+            guard = Some(up.apply(Fault::SynBlackhole { port: PORT }).expect("fault"));
+        }
+        if t >= fault_off && guard.is_some() {
+            guard.take();
+            removed = secs(std::time::SystemTime::now());
+        }
+    });
+    report("recovery", &samples);
+    assert_eq!(failures(&samples).len(), 0);
+    let back = s.log_lines(&[
+        "endpoint healthy again",
+        &format!("upstream={}", bad_endpoint(&s)),
+    ]);
+    let recovered = back
+        .iter()
+        .map(|(t, _)| secs(*t) - removed)
+        .find(|d| *d > 0.0)
+        .expect("recovered after the fault ended");
+    // Documented schedule: the ejection running when the fault ends (at most max_ejection_ms,
+    // 30 s; here the back-off reached 8 s), one failing probe's connect (connect_timeout_ms,
+    // 2 s) and `rise` = 2 probes 500 ms apart.
+    let last_ejection_ms: f64 = s
+        .log_lines(&[
+            "endpoint ejected",
+            &format!("upstream={}", bad_endpoint(&s)),
+        ])
+        .iter()
+        .filter_map(|(_, l)| {
+            l.split("ejection_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .fold(0.0, f64::max);
+    let bound = last_ejection_ms / 1000.0 + 2.0 + 1.0 + 0.5;
+    eprintln!("recovered {recovered:.2}s after the fault ended (bound {bound:.1}s)");
+    assert!(
+        recovered <= bound,
+        "recovered {recovered:.2}s after the fault ended, schedule allows {bound:.1}s"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|x| x.at > fault_off && x.served_by == "upstream-2"),
+        "traffic returned"
+    );
+}
+
+#[test]
+fn privileged_healthy_control_run_has_no_false_positives() {
+    let s = Scenario::start("control", HttpBehaviour::immediate(), 2, 2000, "");
+    let samples = s.run_load(RATE, Duration::from_secs(60), |_| {});
+    report("healthy control", &samples);
+    assert_eq!(failures(&samples).len(), 0);
+    assert!(
+        s.log_lines(&["endpoint ejected"]).is_empty(),
+        "{:?}",
+        s.log_lines(&["endpoint ejected"])
+    );
+    assert!(
+        s.log_lines(&["endpoint suspect"]).is_empty(),
+        "{:?}",
+        s.log_lines(&["endpoint suspect"])
+    );
+    let log = s.access_log();
+    let hedged = log.iter().filter(|l| l["hedged"] == true).count();
+    assert!(
+        hedged * 10 <= log.len(),
+        "hedges {hedged} of {} requests exceed the 10 % budget",
+        log.len()
+    );
+    eprintln!("control: {hedged} hedges in {} requests", log.len());
 }

@@ -100,6 +100,18 @@ impl RttWindow {
         (Some(at(0.5)), Some(at(0.99)))
     }
 
+    /// Samples within the policy's window at `now` (dropping older ones).
+    pub fn recent(&mut self, policy: &DeadlinePolicy, now: Instant) -> usize {
+        while let Some(&(t, _)) = self.samples.front() {
+            if now.saturating_duration_since(t) > policy.window {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.samples.len()
+    }
+
     /// The deadline for a connect starting at `now`.
     pub fn deadline(&mut self, policy: &DeadlinePolicy, now: Instant) -> Deadline {
         while let Some(&(t, _)) = self.samples.front() {

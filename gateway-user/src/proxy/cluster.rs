@@ -309,6 +309,8 @@ impl Cluster {
         ep.meter.deadline(deadline);
         let start = Instant::now();
         let (cookie, fut) = connect::start(ep.addr)?;
+        // Boxed rather than pinned on the stack, so that `drop(fut)` below really closes the
+        // socket (a stack pin only drops a reference) and the kernel's record exists.
         let mut fut = std::pin::pin!(fut);
         if let Ok(r) = tokio::time::timeout(deadline, &mut fut).await {
             let c = self.finish_connect(ep, cookie, start, r)?;

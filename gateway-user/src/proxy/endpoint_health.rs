@@ -24,6 +24,8 @@ use crate::{
 
 /// Recent events kept per endpoint for the status page.
 const RECENT_EVENTS: usize = 20;
+/// How often a healthy endpoint with too few recent handshakes gets a measuring probe.
+pub const WARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One line of an endpoint's recent history.
 #[derive(Clone, Debug, Serialize)]
@@ -209,11 +211,18 @@ impl HealthCell {
         let t = inner.health.tick(now);
         Self::log(&mut inner, t, &|| "ejection ran out; probing".to_owned());
         self.publish(&inner);
+        let last = inner.last_probe;
+        let since_last =
+            |every: Duration| last.is_none_or(|l| now.saturating_duration_since(l) >= every);
         let due = match inner.health.state() {
-            State::Probing | State::Suspect => inner.last_probe.is_none_or(|l| {
-                now.saturating_duration_since(l) >= spec.health.machine.probe_interval
-            }),
-            _ => false,
+            State::Probing | State::Suspect => since_last(spec.health.machine.probe_interval),
+            // Keep-alive pooling hides handshakes: while a healthy endpoint has too few recent
+            // SYN-RTTs for an adaptive deadline, measure one every WARM_PROBE_INTERVAL.
+            State::Healthy => {
+                deadline_policy(spec).is_some_and(|p| inner.rtt.recent(&p, now) < p.min_samples)
+                    && since_last(WARM_PROBE_INTERVAL)
+            }
+            State::Ejected => false,
         };
         if due {
             inner.last_probe = Some(now);

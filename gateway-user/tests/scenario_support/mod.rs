@@ -84,7 +84,13 @@ impl Scenario {
     /// Three upstreams serving HTTP and the gateway in front of them, keeping at most
     /// `max_idle` pooled connections per endpoint (0: a new connection per request). `extra` is
     /// appended to the config (TOML).
-    pub fn start(name: &str, behaviour: HttpBehaviour, max_idle: usize, extra: &str) -> Scenario {
+    pub fn start(
+        name: &str,
+        behaviour: HttpBehaviour,
+        max_idle: usize,
+        response_timeout_ms: u64,
+        extra: &str,
+    ) -> Scenario {
         require_root();
         let lab = Lab::new(LabSpec {
             upstreams: 3,
@@ -108,7 +114,7 @@ impl Scenario {
         let config = format!(
             "[router]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n\
              [router.upstream]\nendpoints = [{}]\n\
-             [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = 2000\nrequest_timeout_ms = 10000\n\
+             [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = {response_timeout_ms}\nrequest_timeout_ms = 10000\n\
              [router.upstream.limits]\nmax_idle_per_endpoint = {max_idle}\n\
              [router.upstream.retry]\nmax_retries = 2\n\
              [admin]\nenabled = false\n\
