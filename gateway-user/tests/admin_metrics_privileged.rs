@@ -297,3 +297,140 @@ fn privileged_rtos_of_a_dead_hosts_connection_are_counted() {
         "{m}"
     );
 }
+
+#[test]
+fn privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts() {
+    require_root("privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts");
+    let lab = Lab::new(LabSpec {
+        upstreams: 2,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let (up, down) = (&lab.upstreams()[0], &lab.upstreams()[1]);
+    let _good_server = up
+        .serve_http(PORT, HttpBehaviour::immediate())
+        .expect("http server");
+    let _bad_server = down
+        .serve_http(PORT, HttpBehaviour::immediate())
+        .expect("http server");
+    let _silent = down
+        .apply(Fault::SynBlackhole { port: PORT })
+        .expect("fault");
+    let (good, bad) = (up.addr_v4(PORT), down.addr_v4(PORT));
+    // Cluster `main` retries an unanswered connect on the healthy endpoint; cluster `bad` has
+    // nothing else, so its client sees the 504 and the kernel's record in it.
+    let gw = LabGateway::start(
+        &lab,
+        "syn-blackhole",
+        &format!(
+            "[[routes]]\nname = \"main\"\npath_prefix = \"/\"\ncluster = \"main\"\n\n\
+             [[routes]]\nname = \"bad\"\npath_prefix = \"/only-bad\"\ncluster = \"bad\"\n\n\
+             [clusters.main]\nendpoints = [\"{bad}\", \"{good}\"]\n\n\
+             [clusters.main.timeouts]\nconnect_timeout_ms = 300\n\n\
+             [clusters.main.health]\nejection_ms = 60000\n\n\
+             [clusters.bad]\nendpoints = [\"{bad}\"]\n\n\
+             [clusters.bad.timeouts]\nconnect_timeout_ms = 300\n"
+        ),
+    );
+    let got = gw.get("/", 6, 1);
+    assert!(
+        got.iter().all(|(s, _)| *s == 200),
+        "retried on the healthy endpoint: {got:?}"
+    );
+    let lonely = gw.get_bodies("/only-bad", 1, 1);
+    let (code, error, body) = &lonely[0];
+    assert_eq!(
+        (*code, error.as_str()),
+        (504, "connect_timeout"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "connect timeout to {bad} after 300 ms; kernel: aborted, 1 SYN sent, no SYN-ACK, no RST"
+        )),
+        "the 504 carries the kernel's record of the abandoned connect: {body}"
+    );
+    let b = bad.to_string();
+    let labels = |extra: &[(&'static str, &'static str)]| {
+        let mut l = vec![("cluster", "main"), ("endpoint", b.as_str())];
+        l.extend_from_slice(extra);
+        l
+    };
+    let m = gw.admin(|admin| {
+        wait_for("the unanswered connects in /metrics", || {
+            let m = metrics(admin);
+            let n = value(
+                &m,
+                "gateway_requests_total",
+                &[("cluster", "main"), ("status", "200")],
+            );
+            if n == 6.0 { Ok(m) } else { Err(m) }
+        })
+    });
+    // The gateway closed the socket at its deadline; the kernel calls that `aborted`.
+    let aborted = value(
+        &m,
+        "gateway_upstream_attempts_total",
+        &labels(&[("outcome", "aborted")]),
+    );
+    assert!(aborted >= 1.0, "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "gateway_upstream_connect_failures_total",
+            &labels(&[("errno", "ETIMEDOUT")])
+        ),
+        aborted,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "gateway_timeouts_total",
+            &[("cluster", "main"), ("phase", "connect")]
+        ),
+        aborted,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "gateway_retries_total",
+            &[("cluster", "main"), ("reason", "connect_failed")]
+        ),
+        aborted,
+        "each unanswered connect was retried on the healthy endpoint: {m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "gateway_upstream_attempts_total",
+            &labels(&[("outcome", "established")])
+        ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "gateway_requests_total",
+            &[("route", "bad"), ("cluster", "bad"), ("status", "504")]
+        ),
+        1.0,
+        "{m}"
+    );
+    // /status: the active probe's failure carries the kernel's record too.
+    let s = gw.admin(status);
+    let bad_ep = endpoint(&s, "main", bad);
+    assert!(
+        bad_ep["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("kernel: aborted, 1 SYN sent, no SYN-ACK, no RST")),
+        "{bad_ep:#}"
+    );
+}

@@ -311,7 +311,7 @@ impl Cluster {
         let (cookie, fut) = connect::start(ep.addr)?;
         // Boxed rather than pinned on the stack, so that `drop(fut)` below really closes the
         // socket (a stack pin only drops a reference) and the kernel's record exists.
-        let mut fut = std::pin::pin!(fut);
+        let mut fut = Box::pin(fut);
         if let Ok(r) = tokio::time::timeout(deadline, &mut fut).await {
             let c = self.finish_connect(ep, cookie, start, r)?;
             return Ok((ep.clone(), self.handshake(ep, c, slot).await?));

@@ -280,6 +280,19 @@ impl<'a> LabGateway<'a> {
     /// `n` GETs of `path`, `concurrency` at a time, from the client namespace: each one's status
     /// and `x-gateway-error`.
     pub fn get(&self, path: &str, n: usize, concurrency: usize) -> Vec<(u16, String)> {
+        self.get_bodies(path, n, concurrency)
+            .into_iter()
+            .map(|(s, e, _)| (s, e))
+            .collect()
+    }
+
+    /// [`LabGateway::get`], with each response's body.
+    pub fn get_bodies(
+        &self,
+        path: &str,
+        n: usize,
+        concurrency: usize,
+    ) -> Vec<(u16, String, String)> {
         use http_body_util::{BodyExt as _, Empty};
         use hyper::body::Bytes;
         use hyper_util::{client::legacy::Client, rt::TokioExecutor};
@@ -308,8 +321,13 @@ impl<'a> LabGateway<'a> {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("")
                             .to_owned();
-                        let _ = resp.into_body().collect().await;
-                        (status, error)
+                        let body = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                            .unwrap_or_default();
+                        (status, error, body)
                     }));
                 }
                 let mut out = Vec::new();

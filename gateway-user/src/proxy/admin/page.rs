@@ -152,10 +152,10 @@ pub(crate) fn render(s: &Status) -> String {
         }
     );
     if !o.kernel_signals {
-        let _ = write!(
+        let _ = writeln!(
             h,
             "<div class=\"notice\">No kernel signals: health, deadlines and errors use userspace \
-             timing alone. Why: {}</div>\n",
+             timing alone. Why: {}</div>",
             escape(o.reason.as_deref().unwrap_or("unknown"))
         );
     }
@@ -204,7 +204,7 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         .iter()
         .flat_map(|e| e.recent.iter().map(move |ev| (e.address.as_str(), ev)))
         .collect();
-    events.sort_by(|a, b| b.1.at_unix_ms.cmp(&a.1.at_unix_ms));
+    events.sort_by_key(|(_, ev)| std::cmp::Reverse(ev.at_unix_ms));
     if events.is_empty() {
         h.push_str("<p class=\"empty\">None.</p>\n");
     } else {
