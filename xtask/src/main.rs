@@ -1,6 +1,7 @@
 //! `cargo xtask`: the workflows behind `./dev` — the full test run, the demo, and the
 //! benchmarks. `./dev` installs the toolchains first; this assumes they are there.
 
+mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
 
@@ -29,8 +30,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `observer` (connect+close cost with and without the observer) or `proxy`
-    /// (the gateway against nginx and HAProxy).
+    /// Benchmarks: `observer` (connect+close cost with and without the observer), `proxy`
+    /// (the gateway against nginx and HAProxy) or `faults` (the three under upstream faults).
     Bench {
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -163,8 +164,9 @@ fn main() -> ExitCode {
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
             "proxy" => bench_proxy::run(&args),
+            "faults" => bench_faults::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer or proxy"
+                "unknown benchmark {other}; choose observer, proxy or faults"
             )),
         },
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
