@@ -339,11 +339,7 @@ fn privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts() {
     );
     let lonely = gw.get_bodies("/only-bad", 1, 1);
     let (code, error, body) = &lonely[0];
-    assert_eq!(
-        (*code, error.as_str()),
-        (504, "connect_timeout"),
-        "{body}"
-    );
+    assert_eq!((*code, error.as_str()), (504, "connect_timeout"), "{body}");
     assert!(
         body.contains(&format!(
             "connect timeout to {bad} after 300 ms; kernel: aborted, 1 SYN sent, no SYN-ACK, no RST"
