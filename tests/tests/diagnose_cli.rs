@@ -84,7 +84,7 @@ fn a_cluster_name_needs_a_gateway_to_ask() {
         "{err}"
     );
 
-    // A gateway whose admin listener has no /status (what it serves today: /healthz only).
+    // A gateway whose admin listener has no /status (an older gateway, or another service).
     let admin = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = admin.local_addr().unwrap();
     let server = std::thread::spawn(move || {
