@@ -272,6 +272,62 @@ impl ProxyError {
         }
     }
 
+    /// The kernel evidence behind the error in `key=value` form, for the `x-gateway-evidence`
+    /// header: `syns=2 synack=0 rst=0 icmp=0 errno=- waited_ms=250 deadline_ms=250` for a
+    /// connect, `request_acked=no bytes_acked=0 unacked=120 rtos=3 retransmits=3` for an
+    /// established connection. `None` without kernel evidence.
+    pub fn evidence_header(&self) -> Option<String> {
+        use gateway_common::Outcome;
+        let connect = |e: &ConnectEvidence, deadline: Option<Duration>| {
+            format!(
+                "syns={} synack={} rst={} icmp={} errno={} waited_ms={}{}",
+                e.syn_retransmits + 1,
+                u8::from(e.outcome == Outcome::Established),
+                u8::from(e.outcome == Outcome::Refused),
+                u8::from(e.outcome == Outcome::Unreachable),
+                e.errno.and_then(gateway_common::errno::name).unwrap_or("-"),
+                e.elapsed.as_millis(),
+                deadline
+                    .map(|d| format!(" deadline_ms={}", d.as_millis()))
+                    .unwrap_or_default()
+            )
+        };
+        let conn = |e: &ConnEvidence| {
+            let acked = match (e.bytes_acked, e.unacked_bytes) {
+                (0, _) => "no",
+                (_, 0) => "yes",
+                _ => "partial",
+            };
+            format!(
+                "request_acked={acked} bytes_acked={} unacked={} rtos={} retransmits={}",
+                e.bytes_acked, e.unacked_bytes, e.rtos, e.data_retransmits
+            )
+        };
+        match self {
+            ProxyError::ConnectTimeout {
+                evidence: Some(e),
+                timeout,
+                ..
+            } => Some(connect(e, Some(*timeout))),
+            ProxyError::ConnectRefused {
+                evidence: Some(e), ..
+            }
+            | ProxyError::ConnectUnreachable {
+                evidence: Some(e), ..
+            } => Some(connect(e, None)),
+            ProxyError::ResponseTimeout {
+                evidence: Some(e), ..
+            }
+            | ProxyError::UpstreamHostDied { evidence: e, .. } => Some(conn(e)),
+            ProxyError::ResponseTimeout {
+                evidence: None,
+                slow_backend: true,
+                ..
+            } => Some("request_acked=yes rtos=0 retransmits=0 cause=slow_backend".to_owned()),
+            _ => None,
+        }
+    }
+
     /// `SO_COOKIE` of the upstream socket the error happened on, if there was one.
     pub fn cookie(&self) -> Option<u64> {
         match self {
@@ -300,5 +356,62 @@ impl ProxyError {
             ProxyError::RequestTimeout { endpoint, .. } => *endpoint,
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod evidence_tests {
+    use super::*;
+
+    #[test]
+    fn evidence_header_states_what_the_kernel_saw() {
+        let e = ProxyError::ConnectTimeout {
+            endpoint: "10.0.0.5:8080".parse().unwrap(),
+            timeout: Duration::from_millis(250),
+            cookie: 1,
+            evidence: Some(ConnectEvidence {
+                outcome: gateway_common::Outcome::Aborted,
+                syn_retransmits: 1,
+                syn_rtt: None,
+                errno: None,
+                elapsed: Duration::from_millis(250),
+            }),
+        };
+        assert_eq!(
+            e.evidence_header().as_deref(),
+            Some("syns=2 synack=0 rst=0 icmp=0 errno=- waited_ms=250 deadline_ms=250")
+        );
+        let e = ProxyError::UpstreamHostDied {
+            endpoint: "10.0.0.5:8080".parse().unwrap(),
+            after: Duration::from_millis(600),
+            cookie: 1,
+            evidence: ConnEvidence {
+                data_retransmits: 3,
+                rtos: 3,
+                srtt: None,
+                bytes_acked: 0,
+                unacked_bytes: 78,
+            },
+        };
+        assert_eq!(
+            e.evidence_header().as_deref(),
+            Some("request_acked=no bytes_acked=0 unacked=78 rtos=3 retransmits=3")
+        );
+        assert!(
+            e.to_string()
+                .contains("none of the request reached the upstream"),
+            "{e}"
+        );
+        let no_kernel = ProxyError::ConnectTimeout {
+            endpoint: "10.0.0.5:8080".parse().unwrap(),
+            timeout: Duration::from_millis(250),
+            cookie: 1,
+            evidence: None,
+        };
+        assert_eq!(
+            no_kernel.evidence_header(),
+            None,
+            "no evidence is claimed without the kernel"
+        );
     }
 }

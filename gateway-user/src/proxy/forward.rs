@@ -38,6 +38,8 @@ use super::{
 pub const X_GATEWAY_ERROR: &str = "x-gateway-error";
 pub const X_GATEWAY_ENDPOINT: &str = "x-gateway-endpoint";
 pub const X_GATEWAY_ATTEMPTS: &str = "x-gateway-attempts";
+/// The kernel evidence behind an error, `key=value` pairs (see `ProxyError::evidence_header`).
+pub const X_GATEWAY_EVIDENCE: &str = "x-gateway-evidence";
 
 /// An upstream response head, and the connection it came on.
 struct Upstream {
@@ -559,6 +561,12 @@ fn error_response(e: ProxyError, mut finish: Box<Finish>) -> Response<ResponseBo
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(X_GATEWAY_ERROR, HeaderValue::from_static(kind.reason()));
+    if let Some(v) = e
+        .evidence_header()
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        h.insert(X_GATEWAY_EVIDENCE, v);
+    }
     if let Some(ep) = endpoint
         && let Ok(v) = HeaderValue::try_from(ep.to_string())
     {
