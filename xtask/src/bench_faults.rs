@@ -22,6 +22,11 @@
 //! gateway/HAProxy of p99 and of that time. The goal (issue 4) is zero failures and an order of
 //! magnitude better p99 and time-to-eject than both peers; the table says where it is missed.
 //!
+//! The column "u2 after" is how many requests upstream 2 answered after the fault: with
+//! keep-alive pools, a SYN-level fault (SYN blackhole, refused, SYN-ACK delay) leaves the
+//! connections opened before it working, so a peer can keep sending to upstream 2, successfully,
+//! until the end of the run (an eject time of ">N").
+//!
 //! Note what the counter sees: requests that reach upstream 2's HTTP server. Under a
 //! whole-host blackhole or ICMP unreachable nothing reaches it after the fault whatever the peer
 //! does, so that column is ~0 for all peers there; connection attempts are not counted.
@@ -430,6 +435,8 @@ struct Outcome {
     eject: f64,
     /// The counter was still increasing at the end of the load.
     still_served: bool,
+    /// Requests upstream 2 answered after the fault (over connections it kept, or new ones).
+    bad_served: u64,
 }
 
 fn quantile(v: &[Duration], q: f64) -> Duration {
@@ -517,6 +524,12 @@ fn run_one(o: &Options, fault_name: &str, peer: &str, gateway: &Path) -> anyhow:
         .context("the fault was never applied")?;
     let load_end = start + Duration::from_secs_f64(o.duration);
 
+    let at_fault = trace
+        .iter()
+        .take_while(|(t, _)| *t <= fault_at)
+        .last()
+        .map_or(0, |(_, n)| *n);
+    let bad_served = trace.last().map_or(0, |(_, n)| *n) - at_fault;
     let mut last_increase = fault_at;
     for w in trace.windows(2) {
         if w[1].1 > w[0].1 && w[1].0 > fault_at {
@@ -537,6 +550,7 @@ fn run_one(o: &Options, fault_name: &str, peer: &str, gateway: &Path) -> anyhow:
         max: quantile(&after, 1.0),
         eject: last_increase.duration_since(fault_at).as_secs_f64(),
         still_served: last_increase + Duration::from_millis(500) >= load_end,
+        bad_served,
     })
 }
 
@@ -603,22 +617,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let _ = writeln!(report, "\n== {title} ==");
         let _ = writeln!(
             report,
-            "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12}",
-            "peer", "requests", "failures", "p50 ms", "p99 ms", "max ms", "eject"
+            "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9}",
+            "peer", "requests", "failures", "p50 ms", "p99 ms", "max ms", "eject", "u2 after"
         );
         for (p, r) in &results {
             match r {
                 Ok(x) => {
                     let _ = writeln!(
                         report,
-                        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12}",
+                        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9}",
                         p,
                         x.requests,
                         x.failures,
                         ms(x.p50),
                         ms(x.p99),
                         ms(x.max),
-                        eject(x)
+                        eject(x),
+                        x.bad_served
                     );
                 }
                 Err(e) => {
