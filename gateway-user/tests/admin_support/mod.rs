@@ -207,7 +207,8 @@ pub const LAB_ADMIN: u16 = 19901;
 
 impl<'a> LabGateway<'a> {
     /// `extra`: the clusters (TOML), appended to a config with the listener, the admin API,
-    /// no access log and a required kernel observer.
+    /// no access log and a required kernel observer. One worker thread, so that a test's
+    /// successive requests find the same idle-pool shard (pools are per worker).
     pub fn start(lab: &'a gateway::lab::Lab, name: &str, extra: &str) -> LabGateway<'a> {
         use std::io::BufRead as _;
 
@@ -215,7 +216,7 @@ impl<'a> LabGateway<'a> {
         let dir = std::env::temp_dir().join(format!("gw-admin-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "[router]\nlisten = [\"127.0.0.1:{LAB_LISTEN}\"]\n\n\
+            "[router]\nlisten = [\"127.0.0.1:{LAB_LISTEN}\"]\nworkers = 1\n\n\
              [admin]\nlisten = \"127.0.0.1:{LAB_ADMIN}\"\n\n\
              [access_log]\noutput = \"off\"\n\n\
              [observer]\nmode = \"kernel\"\ncgroup = \"gateway-admin-{name}-{{pid}}\"\n\n{extra}"
