@@ -8,9 +8,11 @@ use std::time::Duration;
 use http::StatusCode;
 use proxy_support::*;
 
+/// Adaptive connect deadlines are off here: their warm-up probes open TCP connections of their
+/// own, and these tests count the connections that requests use.
 fn cluster(policy: &str, endpoints: &[String]) -> String {
     format!(
-        "[router.upstream]\nlb_policy = \"{policy}\"\nendpoints = [{}]\n",
+        "[router.upstream]\nlb_policy = \"{policy}\"\nendpoints = [{}]\n[router.upstream.timeouts]\nadaptive_connect_deadline = false\n",
         endpoints.join(", ")
     )
 }

@@ -75,7 +75,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // Unit tests: pure code, in parallel.
     run_tests(
         cargo()
-            .args(["test", "--lib", "--bins"])
+            .args(["test", "--no-fail-fast", "--lib", "--bins"])
             .arg("--")
             .args(&filter),
         &mut totals,
@@ -83,7 +83,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
     run_tests(
         cargo()
-            .args(["test", "--test", "*"])
+            .args(["test", "--no-fail-fast", "--test", "*"])
             .arg("--")
             .arg("--test-threads=1")
             .args(&filter),
