@@ -72,6 +72,18 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The deadline from `rtt` under the cluster's policy; the configured timeout when adaptive
+/// deadlines are off.
+fn deadline_of(rtt: &mut RttWindow, spec: &ClusterSpec, now: Instant) -> Deadline {
+    match deadline_policy(spec) {
+        Some(p) => rtt.deadline(&p, now),
+        None => Deadline {
+            value: spec.timeouts.connect,
+            source: crate::decide::deadline::DeadlineSource::Configured,
+        },
+    }
+}
+
 pub(crate) fn deadline_policy(spec: &ClusterSpec) -> Option<DeadlinePolicy> {
     let floor = spec.timeouts.connect_deadline_floor?;
     let mut p = DeadlinePolicy::with_cap(spec.timeouts.connect);
@@ -114,13 +126,7 @@ impl HealthCell {
 
     /// The connect deadline for a new connection now.
     pub fn deadline(&self, spec: &ClusterSpec) -> Deadline {
-        match deadline_policy(spec) {
-            Some(p) => self.lock().rtt.deadline(&p, Instant::now()),
-            None => Deadline {
-                value: spec.timeouts.connect,
-                source: crate::decide::deadline::DeadlineSource::Configured,
-            },
-        }
+        deadline_of(&mut self.lock().rtt, spec, Instant::now())
     }
 
     /// A handshake's SYN-RTT (kernel-measured when available).
@@ -146,6 +152,15 @@ impl HealthCell {
             Transition::Probing => ("probing", inner.health.reason()),
             Transition::Recovered => ("recovered", None),
         };
+        Self::remember(inner, event, reason, detail);
+    }
+
+    fn remember(
+        inner: &mut Inner,
+        event: &'static str,
+        reason: Option<Reason>,
+        detail: &dyn Fn() -> String,
+    ) {
         if inner.recent.len() == RECENT_EVENTS {
             inner.recent.pop_front();
         }
@@ -171,15 +186,7 @@ impl HealthCell {
             .observe(ev, Instant::now(), &spec.health.machine, may_eject);
         if t == Transition::None && !matches!(ev, Evidence::ConnectOk { .. } | Evidence::ResponseOk)
         {
-            if inner.recent.len() == RECENT_EVENTS {
-                inner.recent.pop_front();
-            }
-            inner.recent.push_back(HealthEvent {
-                at_unix_ms: unix_ms(),
-                event: "failure",
-                reason: None,
-                detail: detail(),
-            });
+            Self::remember(&mut inner, "failure", None, detail);
         }
         Self::log(&mut inner, t, detail);
         self.publish(&inner);
@@ -233,13 +240,7 @@ impl HealthCell {
     pub fn view(&self, spec: &ClusterSpec) -> HealthView {
         let mut inner = self.lock();
         let now = Instant::now();
-        let deadline = match deadline_policy(spec) {
-            Some(p) => inner.rtt.deadline(&p, now),
-            None => Deadline {
-                value: spec.timeouts.connect,
-                source: crate::decide::deadline::DeadlineSource::Configured,
-            },
-        };
+        let deadline = deadline_of(&mut inner.rtt, spec, now);
         let (p50, p99) = inner.rtt.quantiles();
         HealthView {
             state: inner.health.state(),
