@@ -175,30 +175,8 @@ impl Drop for TempDir {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace")
-        .to_owned()
-}
-
 fn gateway_binary(o: &Options) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &o.gateway_bin {
-        return Ok(p.clone());
-    }
-    let root = workspace_root();
-    crate::run(crate::cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--bin",
-        "gateway",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/gateway"))
+    crate::release_gateway(o.gateway_bin.as_deref())
 }
 
 fn have(tool: &str) -> bool {
@@ -206,14 +184,6 @@ fn have(tool: &str) -> bool {
         || std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false)
-}
-
-fn tool_path(tool: &str) -> String {
-    if Path::new("/usr/sbin").join(tool).is_file() {
-        format!("/usr/sbin/{tool}")
-    } else {
-        tool.to_owned()
-    }
 }
 
 /// Installs the Debian packages of nginx and HAProxy when missing.
@@ -298,7 +268,7 @@ fn spawn_peer(
         "nginx" => {
             let conf = dir.join("nginx.conf");
             std::fs::write(&conf, nginx_conf(dir, ups))?;
-            let mut c = Command::new(tool_path("nginx"));
+            let mut c = Command::new(crate::tool_path("nginx"));
             c.arg("-p")
                 .arg(dir)
                 .arg("-c")
@@ -309,7 +279,7 @@ fn spawn_peer(
         _ => {
             let conf = dir.join("haproxy.cfg");
             std::fs::write(&conf, haproxy_conf(ups))?;
-            let mut c = Command::new(tool_path("haproxy"));
+            let mut c = Command::new(crate::tool_path("haproxy"));
             c.args(["-db", "-f"]).arg(conf);
             c
         }

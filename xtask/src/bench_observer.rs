@@ -51,18 +51,6 @@ impl Drop for Cgroup {
     }
 }
 
-fn gateway_bin() -> anyhow::Result<PathBuf> {
-    crate::run(crate::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--bin",
-        "gateway",
-    ]))?;
-    Ok(PathBuf::from("target/release/gateway"))
-}
-
 /// Runs `cycles` connect+close cycles to `addr` in a child inside `cgroup`; returns the child's
 /// CPU time in ns.
 fn client_round(cgroup: &Path, addr: SocketAddr, cycles: usize) -> anyhow::Result<u64> {
@@ -210,7 +198,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         None => DEFAULT_CYCLES,
     };
     let per_round = cycles / ROUNDS_PER_MODE;
-    let bin = gateway_bin()?;
+    let bin = crate::release_gateway(None)?;
     let cgroup = Cgroup::create()?;
 
     // A loopback server outside the cgroup: accept and close at once.

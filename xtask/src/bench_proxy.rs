@@ -148,42 +148,12 @@ fn require(tool: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tool_path(tool: &str) -> String {
-    if Path::new("/usr/sbin").join(tool).is_file() {
-        format!("/usr/sbin/{tool}")
-    } else {
-        tool.to_owned()
-    }
-}
-
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace")
-        .to_owned()
-}
-
 fn gateway_binary(o: &Options) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &o.gateway_bin {
-        return Ok(p.clone());
-    }
-    let root = workspace_root();
-    crate::run(crate::cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--bin",
-        "gateway",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/gateway"))
+    crate::release_gateway(o.gateway_bin.as_deref())
 }
 
 fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
@@ -402,7 +372,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let haproxy_conf = write("haproxy.cfg", haproxy_conf(p_haproxy, &ups))?;
     let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups))?;
 
-    let nginx = tool_path("nginx");
+    let nginx = crate::tool_path("nginx");
     let mut upstreams = Proc::spawn(
         "upstreams (nginx)",
         Command::new(&nginx)
@@ -435,7 +405,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     )?;
     let mut hap = Proc::spawn(
         "haproxy",
-        Command::new(tool_path("haproxy"))
+        Command::new(crate::tool_path("haproxy"))
             .args(["-db", "-f"])
             .arg(&haproxy_conf),
     )?;

@@ -52,6 +52,43 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// The workspace's root directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+/// `explicit`, or the release `gateway` binary, built now (with the real eBPF object).
+pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let root = workspace_root();
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--bin",
+        "gateway",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/gateway"))
+}
+
+/// A Debian tool by its full path when it lives in /usr/sbin (not on a non-root PATH).
+pub fn tool_path(tool: &str) -> String {
+    if std::path::Path::new("/usr/sbin").join(tool).is_file() {
+        format!("/usr/sbin/{tool}")
+    } else {
+        tool.to_owned()
+    }
+}
+
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
