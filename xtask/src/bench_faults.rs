@@ -36,12 +36,13 @@
 //! (synbh,blackhole,refused,icmp,synack), `--peers a,b` (gateway,nginx,haproxy),
 //! `--gateway-bin PATH`.
 
+use crate::Proc;
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -132,37 +133,6 @@ fn fault(name: &str) -> (Fault, &'static str) {
             },
             "SYN-ACK delay 200 ms",
         ),
-    }
-}
-
-/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early with {status}", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -291,10 +261,7 @@ fn spawn_peer(
         .stderr(err)
         .spawn()
         .with_context(|| format!("starting {peer}: {cmd:?}"))?;
-    Ok(Proc {
-        name: peer.to_owned(),
-        child,
-    })
+    Ok(Proc::new(peer, child, Duration::from_secs(10)))
 }
 
 /// Waits until the peer answers `GET /` with 200 from inside the client namespace, and then

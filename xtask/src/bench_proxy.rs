@@ -13,12 +13,13 @@
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
 //! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
 
+use crate::Proc;
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -63,52 +64,14 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
     Ok(o)
 }
 
-/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Proc { name, child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early with {status}", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { kill(self.child.id() as i32, 15) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
+/// Starts `cmd` as a [`Proc`] (stopped with SIGTERM, then SIGKILL after 3 s, when dropped).
+fn spawn_proc(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}: {cmd:?}"))?;
+    Ok(Proc::new(name, child, Duration::from_secs(3)))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -373,7 +336,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups))?;
 
     let nginx = crate::tool_path("nginx");
-    let mut upstreams = Proc::spawn(
+    let mut upstreams = spawn_proc(
         "upstreams (nginx)",
         Command::new(&nginx)
             .arg("-p")
@@ -386,7 +349,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         wait_ready("upstream", *p, &mut upstreams)?;
     }
     let err_log = std::fs::File::create(dir.join("gateway.err"))?;
-    let mut gw = Proc::spawn(
+    let mut gw = spawn_proc(
         "gateway",
         Command::new(&gateway)
             .args(["run", "--config"])
@@ -394,7 +357,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .env("RUST_LOG", "warn")
             .stderr(err_log),
     )?;
-    let mut ngx = Proc::spawn(
+    let mut ngx = spawn_proc(
         "nginx",
         Command::new(&nginx)
             .arg("-p")
@@ -403,7 +366,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .arg(&nginx_conf)
             .args(["-e", "stderr"]),
     )?;
-    let mut hap = Proc::spawn(
+    let mut hap = spawn_proc(
         "haproxy",
         Command::new(crate::tool_path("haproxy"))
             .args(["-db", "-f"])

@@ -52,6 +52,54 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// A child process stopped with SIGTERM when dropped, then SIGKILL once `grace` has passed.
+pub struct Proc {
+    pub name: String,
+    pub child: std::process::Child,
+    grace: std::time::Duration,
+}
+
+impl Proc {
+    pub fn new(
+        name: impl Into<String>,
+        child: std::process::Child,
+        grace: std::time::Duration,
+    ) -> Proc {
+        Proc {
+            name: name.into(),
+            child,
+            grace,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early with {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + self.grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The workspace's root directory.
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
