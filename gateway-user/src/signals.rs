@@ -78,7 +78,7 @@ impl fmt::Display for ConnectEvidence {
 /// It separates "the request never reached the upstream's kernel" (bytes unacked,
 /// retransmitting) from "the upstream received it and is slow" (all bytes acked).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnEvidence {
+pub struct EstablishedEvidence {
     /// Data segments retransmitted on this connection.
     pub data_retransmits: u32,
     /// Retransmission timeouts that fired.
@@ -91,7 +91,7 @@ pub struct ConnEvidence {
     pub unacked_bytes: u64,
 }
 
-impl fmt::Display for ConnEvidence {
+impl fmt::Display for EstablishedEvidence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -114,7 +114,7 @@ pub trait SignalSource: Send + Sync + 'static {
     /// The kernel's record of the connect made on the socket with this cookie, if it has one.
     fn connect_evidence(&self, cookie: u64) -> Option<ConnectEvidence>;
     /// The kernel's view of the established connection with this cookie, if it has one.
-    fn conn_evidence(&self, cookie: u64) -> Option<ConnEvidence>;
+    fn established_evidence(&self, cookie: u64) -> Option<EstablishedEvidence>;
     /// Connect records the kernel could not queue so far (ring buffer full); `None` without a
     /// kernel observer. Not for the request path: it may take a lock and read a map.
     fn events_lost(&self) -> Option<u64> {
@@ -158,7 +158,7 @@ impl SignalSource for UserspaceOnly {
         None
     }
 
-    fn conn_evidence(&self, _cookie: u64) -> Option<ConnEvidence> {
+    fn established_evidence(&self, _cookie: u64) -> Option<EstablishedEvidence> {
         None
     }
 }
@@ -178,7 +178,7 @@ mod tests {
         );
         assert_eq!(s.mode().to_string(), "userspace-only (not root)");
         assert!(s.connect_evidence(42).is_none());
-        assert!(s.conn_evidence(42).is_none());
+        assert!(s.established_evidence(42).is_none());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::{
     KernelObserver,
     records::{Clock, key_to_socket_addr},
 };
-use crate::signals::{ConnEvidence, ConnectEvidence, SignalMode, SignalSource};
+use crate::signals::{ConnectEvidence, EstablishedEvidence, SignalMode, SignalSource};
 
 /// How often the background thread drains the ring buffer (KERNEL.md: 10–50 ms).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -202,14 +202,14 @@ impl SignalSource for KernelSignals {
         )
     }
 
-    fn conn_evidence(&self, cookie: u64) -> Option<ConnEvidence> {
+    fn established_evidence(&self, cookie: u64) -> Option<EstablishedEvidence> {
         let cs = self
             .inner
             .lock()
             .expect("signals lock")
             .observer
             .conn_stats(cookie)?;
-        Some(ConnEvidence {
+        Some(EstablishedEvidence {
             data_retransmits: cs.data_retransmits,
             rtos: cs.rtos,
             srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),

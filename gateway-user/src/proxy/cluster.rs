@@ -484,7 +484,7 @@ impl Cluster {
             if let Err(e) = ended {
                 debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
             }
-            if let Some(ev) = signals.conn_evidence(cookie)
+            if let Some(ev) = signals.established_evidence(cookie)
                 && ev.rtos > 0
             {
                 rtos.inc_by(u64::from(ev.rtos));

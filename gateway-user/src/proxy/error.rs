@@ -7,7 +7,7 @@ use std::{fmt, io, net::SocketAddr, time::Duration};
 use http::StatusCode;
 use thiserror::Error;
 
-use crate::signals::{ConnEvidence, ConnectEvidence};
+use crate::signals::{ConnectEvidence, EstablishedEvidence};
 
 /// Whose side an error is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,7 +180,7 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         timeout: Duration,
         cookie: u64,
-        evidence: Option<ConnEvidence>,
+        evidence: Option<EstablishedEvidence>,
         /// Kernel evidence says the request arrived: the backend, not the network, is slow.
         slow_backend: bool,
     },
@@ -193,7 +193,7 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         after: Duration,
         cookie: u64,
-        evidence: ConnEvidence,
+        evidence: EstablishedEvidence,
     },
     #[error("{endpoint} stopped reading the request for {} ms", timeout.as_millis())]
     UpstreamWriteTimeout {
@@ -292,7 +292,7 @@ impl ProxyError {
                     .unwrap_or_default()
             )
         };
-        let conn = |e: &ConnEvidence| {
+        let conn = |e: &EstablishedEvidence| {
             let acked = match (e.bytes_acked, e.unacked_bytes) {
                 (0, _) => "no",
                 (_, 0) => "yes",
@@ -385,7 +385,7 @@ mod evidence_tests {
             endpoint: "10.0.0.5:8080".parse().unwrap(),
             after: Duration::from_millis(600),
             cookie: 1,
-            evidence: ConnEvidence {
+            evidence: EstablishedEvidence {
                 data_retransmits: 3,
                 rtos: 3,
                 srtt: None,

@@ -321,7 +321,7 @@ async fn run(
                             Ok(r) => break Ok(r),
                             Err(_) if slice >= until => break Err(()),
                             Err(_) => {
-                                if let Some(ev) = shared.signals.conn_evidence(conn.cookie)
+                                if let Some(ev) = shared.signals.established_evidence(conn.cookie)
                                     && ev.rtos > 0
                                     && ev.unacked_bytes > 0
                                 {
@@ -347,7 +347,7 @@ async fn run(
                             return Err(request_timeout(&cluster, ex));
                         }
                         Err(()) => {
-                            let evidence = shared.signals.conn_evidence(conn.cookie);
+                            let evidence = shared.signals.established_evidence(conn.cookie);
                             // No RTO with the request in flight for a whole response timeout:
                             // the upstream's kernel has the request; the backend is slow.
                             let (ev, acked) = match &evidence {
