@@ -1,7 +1,12 @@
-//! Decisions the kernel's evidence drives, as plain code: the adaptive connect deadline, the
-//! per-endpoint health state machine, and the hedge budget. Sockets, timers and maps only feed
-//! them; everything here is tested without any of those.
+//! Every decision the kernel's evidence drives, as plain code that takes the time as a
+//! parameter: what a failure means (`evidence`), the per-endpoint health state machine
+//! (`health`), the adaptive connect deadline (`deadline`), when to probe and what a probe says
+//! (`probe`), whether to retry (`retry`), and the retry and hedge budgets (`budget`). Sockets,
+//! timers and maps only feed them; everything here is tested without any of those.
 
+pub mod budget;
 pub mod deadline;
+pub mod evidence;
 pub mod health;
+pub mod probe;
 pub mod retry;

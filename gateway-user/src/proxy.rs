@@ -2,31 +2,40 @@
 //!
 //! [`start`] builds the whole proxy from validated [`Settings`] and a [`SignalSource`], binds
 //! its listeners and returns a [`GatewayHandle`] to reload or drain it; tests drive it the same
-//! way `cli_run` does. Requests take the current [`Runtime`] (routes and clusters) from an
-//! `ArcSwap` once, at arrival, so a reload never disturbs a request in flight and never makes
-//! a new one wait.
+//! way `cli_run` does.
 //!
-//! Submodules: `server` (client connections, drain), `forward` (one request: routing,
-//! attempts, retries, error responses), `cluster` / `pool` / `balancer` / `health` (upstream
-//! endpoints), `connect` (cookie-tagged connects), `body` (streaming), `headers`,
-//! `access_log`, `telemetry` (metrics fed from the request path), `admin` (`/metrics`,
-//! `/status`, `/healthz`, `/readyz` and the status page).
+//! The request path only moves bytes and feeds `decide/`, which takes every decision:
+//!
+//! | module | owns |
+//! |---|---|
+//! | `server` | client listeners and connections, the drain |
+//! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
+//! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout and the idle pool, connects and hedges, probes, DNS |
+//! | `exchange` | a request's context (log record, budget guard, route meter, connection lease) |
+//! | `request_body`, `response_body` | the two streamed bodies and their limits and timers |
+//! | `shared` | what all requests share, and one config generation (routes, clusters) |
+//! | `access_log`, `telemetry` | the log line and the metrics the request path feeds |
+//! | `error`, `headers`, `io`, `router` | typed errors, header rewriting, write-stall guard, route matching |
+//! | `admin` | `/metrics`, `/status`, `/healthz`, `/readyz` and the status page |
+//!
+//! Files import downwards only: `error`, `headers`, `io`, `router`, `request_body`,
+//! `access_log`, `telemetry` → `upstream` → `shared` → `exchange` → `response_body` →
+//! `request` → `server`, `admin`.
 
 mod access_log;
 mod admin;
-mod balancer;
-mod body;
-mod cluster;
-mod connect;
-mod endpoint_health;
 pub mod error;
-mod forward;
+mod exchange;
 mod headers;
 mod io;
-mod pool;
+mod request;
+mod request_body;
+mod response_body;
 mod router;
 mod server;
+mod shared;
 mod telemetry;
+mod upstream;
 
 use std::{
     net::SocketAddr,
@@ -41,7 +50,6 @@ use std::{
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use thiserror::Error;
 use tokio::{
     net::TcpListener,
@@ -52,14 +60,13 @@ use tracing::{error, info, warn};
 
 use self::{
     access_log::AccessLogger,
-    cluster::Cluster,
-    router::Router,
-    server::{Phase, http_builder},
-    telemetry::{RouteMeter, Telemetry},
+    server::Phase,
+    shared::{Runtime, Shared},
+    telemetry::Telemetry,
 };
 pub use self::{
-    body::ResponseBody,
-    forward::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR},
+    request::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR},
+    response_body::ResponseBody,
 };
 use crate::{
     config::{self, Settings},
@@ -68,71 +75,6 @@ use crate::{
 
 /// Listen backlog for client and admin sockets.
 const LISTEN_BACKLOG: i32 = 1024;
-
-/// What every request and connection shares.
-pub(crate) struct Shared {
-    pub runtime: ArcSwap<Runtime>,
-    pub signals: Arc<dyn SignalSource>,
-    pub log: AccessLogger,
-    pub draining: AtomicBool,
-    /// Worker count, i.e. idle-pool shards per endpoint.
-    pub workers: usize,
-    pub telemetry: Telemetry,
-}
-
-/// The routes and clusters of one config generation.
-pub(crate) struct Runtime {
-    pub settings: Settings,
-    pub router: Router,
-    pub clusters: Vec<Arc<Cluster>>,
-    /// By the route's position in the config ([`router::CompiledRoute::index`]).
-    pub route_meters: Vec<Arc<RouteMeter>>,
-    pub http: Arc<auto::Builder<TokioExecutor>>,
-}
-
-impl Runtime {
-    /// Builds a generation, keeping the running clusters (their pools and health) whose
-    /// settings did not change.
-    async fn build(
-        settings: Settings,
-        previous: Option<&Runtime>,
-        signals: &Arc<dyn SignalSource>,
-        workers: usize,
-        telemetry: &Telemetry,
-    ) -> Runtime {
-        let mut clusters = Vec::with_capacity(settings.clusters.len());
-        for spec in settings.clusters.values() {
-            let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
-            clusters.push(match kept {
-                Some(c) => c.clone(),
-                None => {
-                    Cluster::start(
-                        spec.clone(),
-                        signals.clone(),
-                        workers,
-                        telemetry.cluster(&spec.name),
-                    )
-                    .await
-                }
-            });
-        }
-        let router = Router::new(&settings.routes, |name| {
-            clusters.iter().position(|c| &*c.name == name)
-        });
-        let route_meters = settings
-            .routes
-            .iter()
-            .map(|r| Arc::new(telemetry.route(&r.name, &r.cluster)))
-            .collect();
-        Runtime {
-            http: Arc::new(http_builder(&settings.downstream)),
-            route_meters,
-            router,
-            clusters,
-            settings,
-        }
-    }
-}
 
 /// Where client connections are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,7 +221,7 @@ pub async fn start_with(
                 std::thread::Builder::new()
                     .name(format!("gateway-w{i}"))
                     .spawn(move || {
-                        server::set_worker_index(i);
+                        upstream::set_worker_index(i);
                         match tokio::runtime::Builder::new_current_thread()
                             .enable_all()
                             .build()
@@ -389,8 +331,17 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
     loop {
         every.tick().await;
         let Some(s) = shared.upgrade() else { return };
-        let rt = s.runtime.load();
-        s.telemetry.refresh(&*s.signals, &rt.clusters);
+        if let Some(lost) = s.signals.events_lost() {
+            s.telemetry.events_lost(lost);
+        }
+        // Each endpoint's deadline and state, which also puts back a state that a replaced
+        // endpoint's last words zeroed.
+        for c in s.runtime.load().clusters.iter() {
+            for ep in c.endpoints() {
+                ep.meter.deadline(ep.health.deadline(&c.spec).value);
+                ep.meter.state(ep.health.state());
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! | a SYN unanswered by the connect deadline (no SYN-ACK, no RST, no ICMP) | suspect, and probed at once; a second in a row ejects |
 //! | `slow_handshakes_to_suspect` connects in a row that needed SYN retransmits | suspect (overloaded or lossy): deprioritised, not ejected |
 //! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
+//! | a health probe's `GET probe_path` answered with another status than expected | ejected at once, as `unexpected_status` |
 //! | a clean handshake or a response | clears the strikes; a suspect endpoint is healthy again |
 //!
 //! An ejection lasts `base_ejection × 2^(n-1)` for the n-th ejection in a row, capped at
@@ -98,6 +99,8 @@ pub enum Reason {
     SlowBackend,
     /// A probe failed while the endpoint was probing.
     ProbeFailed,
+    /// The probe's `GET probe_path` answered with another status than `probe_expect_status`.
+    UnexpectedStatus,
 }
 
 impl Reason {
@@ -110,6 +113,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::SlowBackend => "slow_backend",
             Reason::ProbeFailed => "probe_failed",
+            Reason::UnexpectedStatus => "unexpected_status",
         }
     }
 }
@@ -131,6 +135,9 @@ pub enum Evidence {
     ResponseTimeout,
     /// A response arrived.
     ResponseOk,
+    /// A health probe's HTTP check got the wrong status: the endpoint answers, but says it is
+    /// not fit to serve.
+    UnexpectedStatus,
 }
 
 /// What [`EndpointHealth`] did with the evidence; the I/O shell acts on it (metrics, logs,
@@ -260,6 +267,7 @@ impl EndpointHealth {
             Evidence::Refused => self.eject(Reason::Refused, now, p, may_eject),
             Evidence::Unreachable => self.eject(Reason::Unreachable, now, p, may_eject),
             Evidence::HostDied => self.eject(Reason::HostDied, now, p, may_eject),
+            Evidence::UnexpectedStatus => self.eject(Reason::UnexpectedStatus, now, p, may_eject),
             Evidence::SynUnanswered => {
                 self.syn_unanswered += 1;
                 if self.syn_unanswered >= p.syn_unanswered_to_eject {
@@ -345,8 +353,12 @@ impl EndpointHealth {
                     Transition::None
                 } else {
                     // Back-off grows even if the budget is spent: a probing endpoint is not
-                    // routable either way.
-                    self.eject(Reason::ProbeFailed, now, p, true)
+                    // routable either way. A wrong status keeps its own reason.
+                    let reason = match ev {
+                        Evidence::UnexpectedStatus => Reason::UnexpectedStatus,
+                        _ => Reason::ProbeFailed,
+                    };
+                    self.eject(reason, now, p, true)
                 }
             }
             State::Healthy | State::Suspect => self.observe(ev, now, p, may_eject),

@@ -1,43 +1,62 @@
-//! When a failed request may be sent to another endpoint. The rule, exactly:
+//! What to do after a failed attempt: [`next_step`]. The rule, exactly:
 //!
-//! 1. The connect failed (no connection): always retry, on a different endpoint, within the
-//!    retry budget. Nothing was sent.
-//! 2. The connection died (reset, or RTOs until the response timer fired) and the kernel says
-//!    **none** of this request's bytes were ACKed by the upstream's kernel — that is,
-//!    `bytes_acked` on the connection did not grow past what earlier requests on it had
-//!    sent: the request never reached the upstream application, so it may be retried even
-//!    when the method is not idempotent (`unacked_request`).
-//! 3. Anything else — some or all of the request ACKed, or no kernel evidence — is retried
+//! 1. The connect failed (no connection): always retry, on a different endpoint. Nothing was
+//!    sent.
+//! 2. The connection died (reset, or RTOs with the request unACKed) or the response timer
+//!    fired, and the kernel proves **none** of this request's bytes were ACKed by the
+//!    upstream's kernel ([`Delivery::NotReceived`]): the request never reached the upstream
+//!    application, so it may be retried even when the method is not idempotent
+//!    (`unacked_request`).
+//! 3. The host died under an idempotent request (RTOs with bytes unACKed): retry
+//!    (`upstream_reset`), whatever `on_response_timeout` says — the upstream cannot answer.
+//! 4. Anything else — some or all of the request ACKed, or no kernel evidence — is retried
 //!    only when the method is idempotent and the policy allows retries on that failure
 //!    (`response_timeout` / `upstream_reset`). A partial ACK is never "safe".
+//!
+//! Then, in this order: the request must still be at hand to send again (a streamed body is
+//! gone once sent), fewer than `max_retries` retries may have happened, and the cluster's
+//! retry budget ([`super::budget`]) must have room.
 
-/// What the proxy knows about the request's bytes on the connection.
+use std::sync::Arc;
+
+use super::budget::{Budgets, RetryPermit};
+
+/// What the kernel proves about whether this request's bytes reached the upstream's kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AckState {
-    /// Bytes written on the connection before this request started.
-    pub written_before: u64,
-    /// The kernel's `bytes_acked` for the connection when it failed.
-    pub acked: u64,
+pub enum Delivery {
+    /// No kernel evidence, or no baseline to tell this request's bytes from earlier ones.
+    Unknown,
+    /// Not one byte of this request was ACKed.
+    NotReceived,
+    /// Some or all of it was ACKed.
+    Received,
 }
 
-impl AckState {
-    /// No byte of this request reached the upstream's kernel.
-    pub fn none_acked(&self) -> bool {
-        self.acked <= self.written_before
+impl Delivery {
+    /// From the connection's `bytes_acked` (SYN excluded) when it failed, and the same count
+    /// when the request started (`baseline`): 0 on a fresh connection, `None` when unknown (a
+    /// reused connection, whose earlier requests' bytes are not tracked).
+    pub fn of(baseline: Option<u64>, acked: Option<u64>) -> Delivery {
+        match (baseline, acked) {
+            (Some(b), Some(a)) if a <= b => Delivery::NotReceived,
+            (Some(_), Some(_)) => Delivery::Received,
+            _ => Delivery::Unknown,
+        }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
+    /// No connection was made.
     ConnectFailed,
-    /// The connection broke (RST, EOF, RTOs) before a response.
-    ConnectionDied {
-        ack: Option<AckState>,
-    },
+    /// The connection broke before a response: a reset or EOF, or (`host_died`) RTOs with
+    /// the request unACKed.
+    ConnectionDied { delivery: Delivery, host_died: bool },
     /// The response timer fired.
-    ResponseTimeout {
-        ack: Option<AckState>,
-    },
+    ResponseTimeout { delivery: Delivery },
+    /// A failure another endpoint would not fix (an invalid response, the client's body, a
+    /// stalled write, …).
+    Final,
 }
 
 /// Why a retry is allowed; names are metric label values.
@@ -50,6 +69,13 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    pub const ALL: [RetryReason; 4] = [
+        RetryReason::ConnectFailed,
+        RetryReason::UnackedRequest,
+        RetryReason::ResponseTimeout,
+        RetryReason::UpstreamReset,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             RetryReason::ConnectFailed => "connect_failed",
@@ -60,124 +86,96 @@ impl RetryReason {
     }
 }
 
-/// The retry policy knobs this rule needs.
+/// The retry knobs of a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
+    pub max_retries: u32,
     /// Retry idempotent requests whose response timed out.
     pub on_response_timeout: bool,
     /// Retry idempotent requests whose connection was reset after the request was ACKed.
     pub on_reset: bool,
+    pub budget_percent: u32,
+    pub min_retry_concurrency: u32,
 }
 
-/// `Some(reason)` when the failed attempt may be retried on another endpoint.
+/// What the request path knows about the request that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempted {
+    pub idempotent: bool,
+    /// The request can be sent again: it was never sent (a connect failure hands it back), or
+    /// it had no body and a copy of its head was kept.
+    pub resendable: bool,
+    /// Retries so far.
+    pub retries: u32,
+}
+
+/// Why no retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The rule above says no.
+    NotRetryable,
+    /// The rule allows it but the request is gone (its body was streamed).
+    NotResendable,
+    MaxRetries,
+    /// The cluster's retry budget is spent (counted in `gateway_retry_budget_exhausted_total`).
+    BudgetSpent,
+}
+
+#[derive(Debug)]
+pub enum Step {
+    Retry {
+        reason: RetryReason,
+        permit: RetryPermit,
+    },
+    Stop(Stop),
+}
+
+/// Rule 1–4 of the module doc: `Some(reason)` when the failure may be retried at all.
 pub fn retry_allowed(
     failure: Failure,
     idempotent: bool,
-    policy: RetryPolicy,
+    policy: &RetryPolicy,
 ) -> Option<RetryReason> {
     match failure {
         Failure::ConnectFailed => Some(RetryReason::ConnectFailed),
-        Failure::ConnectionDied { ack: Some(a) } | Failure::ResponseTimeout { ack: Some(a) }
-            if a.none_acked() =>
-        {
-            Some(RetryReason::UnackedRequest)
+        Failure::ConnectionDied {
+            delivery: Delivery::NotReceived,
+            ..
         }
+        | Failure::ResponseTimeout {
+            delivery: Delivery::NotReceived,
+        } => Some(RetryReason::UnackedRequest),
         Failure::ResponseTimeout { .. } => {
             (idempotent && policy.on_response_timeout).then_some(RetryReason::ResponseTimeout)
         }
-        Failure::ConnectionDied { .. } => {
-            (idempotent && policy.on_reset).then_some(RetryReason::UpstreamReset)
+        Failure::ConnectionDied { host_died, .. } => {
+            (idempotent && (host_died || policy.on_reset)).then_some(RetryReason::UpstreamReset)
         }
+        Failure::Final => None,
+    }
+}
+
+/// Retry, or stop and say why.
+pub fn next_step(
+    failure: Failure,
+    attempted: Attempted,
+    policy: &RetryPolicy,
+    budgets: &Arc<Budgets>,
+) -> Step {
+    let Some(reason) = retry_allowed(failure, attempted.idempotent, policy) else {
+        return Step::Stop(Stop::NotRetryable);
+    };
+    if !attempted.resendable {
+        return Step::Stop(Stop::NotResendable);
+    }
+    if attempted.retries >= policy.max_retries {
+        return Step::Stop(Stop::MaxRetries);
+    }
+    match budgets.try_retry(policy.budget_percent, policy.min_retry_concurrency) {
+        Some(permit) => Step::Retry { reason, permit },
+        None => Step::Stop(Stop::BudgetSpent),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ALL_ON: RetryPolicy = RetryPolicy {
-        on_response_timeout: true,
-        on_reset: true,
-    };
-
-    #[test]
-    fn connect_failures_are_always_retried() {
-        assert_eq!(
-            retry_allowed(
-                Failure::ConnectFailed,
-                false,
-                RetryPolicy {
-                    on_response_timeout: false,
-                    on_reset: false
-                }
-            ),
-            Some(RetryReason::ConnectFailed)
-        );
-    }
-
-    #[test]
-    fn an_unacked_post_is_safe_to_retry() {
-        // A reused connection: 500 bytes of earlier requests ACKed, nothing of this one.
-        let ack = Some(AckState {
-            written_before: 500,
-            acked: 500,
-        });
-        assert_eq!(
-            retry_allowed(Failure::ConnectionDied { ack }, false, ALL_ON),
-            Some(RetryReason::UnackedRequest)
-        );
-        assert_eq!(
-            retry_allowed(Failure::ResponseTimeout { ack }, false, ALL_ON),
-            Some(RetryReason::UnackedRequest)
-        );
-    }
-
-    #[test]
-    fn a_partial_ack_is_never_safe_for_a_post() {
-        let ack = Some(AckState {
-            written_before: 500,
-            acked: 501,
-        });
-        assert_eq!(
-            retry_allowed(Failure::ConnectionDied { ack }, false, ALL_ON),
-            None
-        );
-        assert_eq!(
-            retry_allowed(Failure::ResponseTimeout { ack }, false, ALL_ON),
-            None
-        );
-    }
-
-    #[test]
-    fn acked_or_unknown_requests_follow_the_idempotent_policy() {
-        let acked = Some(AckState {
-            written_before: 0,
-            acked: 120,
-        });
-        for ack in [acked, None] {
-            assert_eq!(
-                retry_allowed(Failure::ResponseTimeout { ack }, true, ALL_ON),
-                Some(RetryReason::ResponseTimeout)
-            );
-            assert_eq!(
-                retry_allowed(Failure::ResponseTimeout { ack }, false, ALL_ON),
-                None
-            );
-            assert_eq!(
-                retry_allowed(
-                    Failure::ResponseTimeout { ack },
-                    true,
-                    RetryPolicy {
-                        on_response_timeout: false,
-                        on_reset: true
-                    }
-                ),
-                None
-            );
-            assert_eq!(
-                retry_allowed(Failure::ConnectionDied { ack }, true, ALL_ON),
-                Some(RetryReason::UpstreamReset)
-            );
-        }
-    }
-}
+mod tests;

@@ -21,7 +21,7 @@ use serde::Serialize;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::{cluster::ActiveRequest, error::ErrorKind, telemetry::RouteMeter};
+use super::error::ErrorKind;
 use crate::config::{AccessLog, AccessLogFormat, LogOutput};
 
 /// Lines buffered between the proxy and the writer thread.
@@ -36,8 +36,9 @@ pub(crate) struct Attempt {
     pub error: Option<ErrorKind>,
 }
 
-/// Everything the log line says about one request, filled in as it goes.
-pub(crate) struct Exchange {
+/// Everything the log line says about one request, filled in as it goes: plain data, built
+/// by the request path (see `exchange`), read by the log and the metrics.
+pub(crate) struct Record {
     pub start: Instant,
     pub client: SocketAddr,
     pub method: Method,
@@ -51,8 +52,6 @@ pub(crate) struct Exchange {
     pub hedged: bool,
     /// The error's full text with its kernel evidence, for failed requests.
     pub error_detail: Option<String>,
-    /// What the kernel said about the failed attempt's request bytes (fresh connections).
-    pub ack: Option<crate::decide::retry::AckState>,
     pub retries: u32,
     /// The final attempt's TCP connect; `None` when it reused a pooled connection.
     pub connect: Option<Duration>,
@@ -61,19 +60,13 @@ pub(crate) struct Exchange {
     pub status: u16,
     pub bytes: u64,
     pub error: Option<ErrorKind>,
-    /// What the request was doing, for `request_timeout` messages.
-    pub phase: &'static str,
     /// The client went away before the end of the response.
     pub aborted: bool,
-    /// Keeps the request counted in its cluster until the response is over.
-    pub active: Option<ActiveRequest>,
-    /// The route's metric handles; `None` until routed.
-    pub meter: Option<Arc<RouteMeter>>,
 }
 
-impl Exchange {
+impl Record {
     pub fn new(client: SocketAddr, method: Method, uri: Uri, version: Version) -> Self {
-        Exchange {
+        Record {
             start: Instant::now(),
             client,
             method,
@@ -85,16 +78,12 @@ impl Exchange {
             retries: 0,
             hedged: false,
             error_detail: None,
-            ack: None,
             connect: None,
             first_byte: None,
             status: 0,
             bytes: 0,
             error: None,
-            phase: "routing",
             aborted: false,
-            active: None,
-            meter: None,
         }
     }
 }
@@ -141,7 +130,7 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// Renders one line (without the newline).
-pub(crate) fn render(ex: &Exchange, format: AccessLogFormat) -> String {
+pub(crate) fn render(ex: &Record, format: AccessLogFormat) -> String {
     let total = ex.start.elapsed();
     // The arrival time, derived here rather than read per request: only logged requests pay.
     let ts = rfc3339(SystemTime::now() - total);
@@ -306,7 +295,7 @@ impl AccessLogger {
             .store(f == AccessLogFormat::Json, Ordering::Relaxed);
     }
 
-    pub fn log(&self, ex: &Exchange) {
+    pub fn log(&self, ex: &Record) {
         let Some(tx) = &self.tx else { return };
         let format = if self.json.load(Ordering::Relaxed) {
             AccessLogFormat::Json
@@ -357,7 +346,7 @@ mod tests {
 
     #[test]
     fn plain_line_names_route_cluster_endpoints_and_reason() {
-        let mut ex = Exchange::new(
+        let mut ex = Record::new(
             "127.0.0.1:5000".parse().unwrap(),
             Method::GET,
             Uri::from_static("/api/x?y=1"),

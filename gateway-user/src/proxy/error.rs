@@ -1,31 +1,19 @@
 //! Everything that can go wrong with a proxied request, as one typed error with a kind (the
-//! machine reason in `x-gateway-error` and the access log), a side (whose fault), a status
-//! (502/503/504/4xx) and whether it may be retried on another endpoint.
+//! machine reason in `x-gateway-error` and the access log), a status (502/503/504/4xx), and
+//! what it means for a retry ([`ProxyError::failure`], judged by `decide::retry`).
 
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
 use http::StatusCode;
 use thiserror::Error;
 
-use crate::signals::{ConnectEvidence, EstablishedEvidence};
-
-/// Whose side an error is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Upstream,
-    Downstream,
-    Gateway,
-}
-
-/// When an attempt that failed this way may be repeated on another endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retry {
-    /// The request never left the gateway: always safe.
-    Always,
-    /// The upstream may have acted on it: only idempotent requests, and only when configured.
-    IfIdempotent,
-    Never,
-}
+use crate::{
+    decide::{
+        evidence::ConnectFailure,
+        retry::{Delivery, Failure},
+    },
+    signals::{ConnectEvidence, EstablishedEvidence},
+};
 
 /// The machine-readable reason, as sent in `x-gateway-error`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,38 +78,6 @@ impl ErrorKind {
             ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
-    }
-
-    pub fn side(self) -> Side {
-        match self {
-            ErrorKind::NoRoute
-            | ErrorKind::BadRequest
-            | ErrorKind::RequestHeadersTooLarge
-            | ErrorKind::RequestBodyTooLarge
-            | ErrorKind::DownstreamBodyError => Side::Downstream,
-            ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded | ErrorKind::RequestTimeout => {
-                Side::Gateway
-            }
-            _ => Side::Upstream,
-        }
-    }
-
-    pub fn retry(self) -> Retry {
-        match self {
-            ErrorKind::ConnectTimeout
-            | ErrorKind::ConnectRefused
-            | ErrorKind::ConnectUnreachable
-            | ErrorKind::ConnectFailed => Retry::Always,
-            ErrorKind::ResponseTimeout | ErrorKind::UpstreamReset | ErrorKind::UpstreamHostDied => {
-                Retry::IfIdempotent
-            }
-            _ => Retry::Never,
-        }
-    }
-
-    /// A connect failure: counts against the endpoint's health.
-    pub fn is_connect(self) -> bool {
-        self.retry() == Retry::Always
     }
 }
 
@@ -220,11 +176,11 @@ pub enum ProxyError {
         "cluster `{cluster}` overloaded: {limit} request(s) already waiting for a connection (max_pending_requests)"
     )]
     Overloaded { cluster: String, limit: usize },
-    #[error("no response {} within the request timeout of {} ms", Phase(endpoint, phase), timeout.as_millis())]
+    #[error("no response {} within the request timeout of {} ms", During(endpoint, *phase), timeout.as_millis())]
     RequestTimeout {
         timeout: Duration,
         endpoint: Option<SocketAddr>,
-        phase: &'static str,
+        phase: Phase,
     },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },
@@ -238,9 +194,29 @@ pub enum ProxyError {
     DownstreamBodyError { source: hyper::Error },
 }
 
-struct Phase<'a>(&'a Option<SocketAddr>, &'a str);
+/// What a request was doing, for `request_timeout` messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Routing,
+    Connecting,
+    SendingTheRequest,
+    WaitingForTheResponseHead,
+}
 
-impl fmt::Display for Phase<'_> {
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Routing => "routing",
+            Phase::Connecting => "connecting",
+            Phase::SendingTheRequest => "sending the request",
+            Phase::WaitingForTheResponseHead => "waiting for the response head",
+        })
+    }
+}
+
+struct During<'a>(&'a Option<SocketAddr>, Phase);
+
+impl fmt::Display for During<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             Some(ep) => write!(f, "from {ep} ({})", self.1),
@@ -324,6 +300,64 @@ impl ProxyError {
                 slow_backend: true,
                 ..
             } => Some("request_acked=yes rtos=0 retransmits=0 cause=slow_backend".to_owned()),
+            _ => None,
+        }
+    }
+
+    /// What this error means for a retry; `delivery` is what the kernel proves about the
+    /// request's bytes (see `decide::retry`).
+    pub fn failure(&self, delivery: Delivery) -> Failure {
+        match self {
+            ProxyError::ConnectTimeout { .. }
+            | ProxyError::ConnectRefused { .. }
+            | ProxyError::ConnectUnreachable { .. }
+            | ProxyError::ConnectFailed { .. } => Failure::ConnectFailed,
+            ProxyError::ResponseTimeout { .. } => Failure::ResponseTimeout { delivery },
+            ProxyError::UpstreamHostDied { .. } => Failure::ConnectionDied {
+                delivery,
+                host_died: true,
+            },
+            ProxyError::UpstreamReset { .. } => Failure::ConnectionDied {
+                delivery,
+                host_died: false,
+            },
+            _ => Failure::Final,
+        }
+    }
+
+    /// How the connect failed, for connect errors.
+    pub fn connect_failure(&self) -> Option<ConnectFailure> {
+        match self {
+            ProxyError::ConnectRefused { .. } => Some(ConnectFailure::Refused),
+            ProxyError::ConnectUnreachable { .. } => Some(ConnectFailure::Unreachable),
+            ProxyError::ConnectTimeout { .. } => Some(ConnectFailure::Unanswered),
+            ProxyError::ConnectFailed { source, .. } => Some(
+                source
+                    .raw_os_error()
+                    .map_or(ConnectFailure::Other, ConnectFailure::from_errno),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The kernel's record of the failed connect, when there is one.
+    pub fn connect_evidence(&self) -> Option<&ConnectEvidence> {
+        match self {
+            ProxyError::ConnectRefused { evidence, .. }
+            | ProxyError::ConnectUnreachable { evidence, .. }
+            | ProxyError::ConnectTimeout { evidence, .. } => evidence.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The errno the failed connect returned, as the proxy read it.
+    pub fn connect_errno(&self) -> Option<u32> {
+        let raw = |e: &io::Error| e.raw_os_error().map(|n| n as u32);
+        match self {
+            ProxyError::ConnectRefused { .. } => Some(gateway_common::errno::ECONNREFUSED),
+            ProxyError::ConnectTimeout { .. } => Some(gateway_common::errno::ETIMEDOUT),
+            ProxyError::ConnectUnreachable { source, .. }
+            | ProxyError::ConnectFailed { source, .. } => raw(source),
             _ => None,
         }
     }

@@ -13,40 +13,23 @@
 //! connection task holds a clone of an `mpsc::Sender` that is never sent on: the receiver sees
 //! the channel close when the last connection is gone.
 
-use std::{cell::Cell, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 use tracing::{debug, warn};
 
-use super::{Shared, forward, headers, io::StallGuard};
-use crate::config::Downstream;
+use super::{headers, io::StallGuard, request, shared::Shared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
     Run,
     Drain,
     Force,
-}
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// This thread's worker number (0 outside worker threads), for per-worker pool shards.
-pub(crate) fn worker_index() -> usize {
-    WORKER.with(Cell::get)
-}
-
-pub(crate) fn set_worker_index(i: usize) {
-    WORKER.with(|w| w.set(i));
 }
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
@@ -85,25 +68,6 @@ pub(crate) async fn worker(
         }
     }
     drop(done);
-}
-
-/// The HTTP server settings for client connections.
-pub(crate) fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper's own limit is a backstop well above ours, so that most oversized heads reach the
-    // service and get a 431 that explains itself.
-    let hard_limit = (ds.max_request_header_bytes * 2 + 8192).max(8192);
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ds.header_read_timeout)
-        .max_buf_size(hard_limit.max(64 * 1024))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    b
 }
 
 /// Accepts until the phase leaves `Run`.
@@ -148,7 +112,7 @@ async fn serve(
     };
     let io = TokioIo::new(StallGuard::new(stream, write_timeout));
     let client_ip = headers::client_value(peer.ip());
-    let svc = service_fn(move |req| forward::handle(shared.clone(), peer, client_ip.clone(), req));
+    let svc = service_fn(move |req| request::handle(shared.clone(), peer, client_ip.clone(), req));
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     if *phase.borrow_and_update() != Phase::Run {

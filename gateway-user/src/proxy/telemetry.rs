@@ -30,7 +30,7 @@
 
 use std::{
     sync::{
-        Arc, OnceLock,
+        OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -44,8 +44,7 @@ use prometheus_client::{
 };
 
 use super::{
-    access_log::Exchange,
-    cluster::Cluster,
+    access_log::Record,
     error::{ErrorKind, ProxyError},
 };
 use crate::{
@@ -78,12 +77,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
 }
 
 /// Retry reasons, in label order.
-const RETRY_REASONS: [RetryReason; 4] = [
-    RetryReason::ConnectFailed,
-    RetryReason::UnackedRequest,
-    RetryReason::ResponseTimeout,
-    RetryReason::UpstreamReset,
-];
+const RETRY_REASONS: [RetryReason; 4] = RetryReason::ALL;
 
 /// How a hedged connect ended (the `result` label of `gateway_hedged_connects_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,9 +152,10 @@ impl Telemetry {
         ClusterMeter::new(&self.metrics, name)
     }
 
-    /// A request is over (its access-log line is being written).
-    pub fn request_done(&self, ex: &Exchange) {
-        ex.meter.as_deref().unwrap_or(&self.unrouted).done(ex);
+    /// A request is over (its access-log line is being written). `meter`: its route's
+    /// handles, `None` when it matched no route.
+    pub fn request_done(&self, record: &Record, meter: Option<&RouteMeter>) {
+        meter.unwrap_or(&self.unrouted).done(record);
     }
 
     /// The registry as OpenMetrics text.
@@ -171,20 +166,11 @@ impl Telemetry {
         text
     }
 
-    /// Once a second: lost events, and each endpoint's deadline and state (which also puts
-    /// back a state that a replaced endpoint's last words zeroed).
-    pub fn refresh(&self, signals: &dyn SignalSource, clusters: &[Arc<Cluster>]) {
-        if let Some(lost) = signals.events_lost() {
-            let before = self.events_lost_seen.swap(lost, Ordering::Relaxed);
-            if lost > before {
-                self.metrics.events_lost.inc_by(lost - before);
-            }
-        }
-        for c in clusters {
-            for ep in c.endpoints() {
-                ep.meter.deadline(ep.health.deadline(&c.spec).value);
-                ep.meter.state(ep.health.state());
-            }
+    /// The observer's count of records the kernel could not queue, read every second.
+    pub fn events_lost(&self, lost: u64) {
+        let before = self.events_lost_seen.swap(lost, Ordering::Relaxed);
+        if lost > before {
+            self.metrics.events_lost.inc_by(lost - before);
         }
     }
 }
@@ -241,7 +227,7 @@ impl RouteMeter {
         )
     }
 
-    fn done(&self, ex: &Exchange) {
+    fn done(&self, ex: &Record) {
         let status = ex.status;
         match status
             .checked_sub(STATUS_MIN)
@@ -471,37 +457,19 @@ impl EndpointMeter {
 
     /// A connect made for a request failed with `e` (`connect()` returned an error).
     pub fn connect_failed(&self, e: &ProxyError) {
-        let (evidence, raw) = match e {
-            ProxyError::ConnectRefused { evidence, .. } => {
-                (evidence.as_ref(), Some(errno::ECONNREFUSED))
-            }
-            ProxyError::ConnectUnreachable {
-                evidence, source, ..
-            } => (evidence.as_ref(), source.raw_os_error().map(|e| e as u32)),
-            ProxyError::ConnectTimeout { evidence, .. } => {
-                (evidence.as_ref(), Some(errno::ETIMEDOUT))
-            }
-            ProxyError::ConnectFailed { source, .. } => {
-                (None, source.raw_os_error().map(|e| e as u32))
-            }
-            _ => return,
+        let Some(failure) = e.connect_failure() else {
+            return;
         };
-        let outcome = match (evidence, e) {
-            (Some(ev), _) => Some(ev.outcome),
-            (None, ProxyError::ConnectRefused { .. }) => Some(Outcome::Refused),
-            (None, ProxyError::ConnectUnreachable { .. }) => Some(Outcome::Unreachable),
-            (None, ProxyError::ConnectTimeout { .. }) => Some(Outcome::Timeout),
-            (None, _) if raw == Some(errno::EADDRNOTAVAIL) => Some(Outcome::AddrUnavailable),
-            // Not a connect outcome the kernel would report (e.g. EPERM from a local filter).
-            (None, _) => None,
-        };
+        let evidence = e.connect_evidence();
+        // The kernel's record decides the outcome; without one, the proxy's own reading.
+        let outcome = evidence.map(|ev| ev.outcome).or(failure.outcome());
         if let Some(o) = outcome {
             self.attempt(o);
         }
         if let Some(ev) = evidence {
             self.kernel_counts(ev);
         }
-        let errno = evidence.and_then(|ev| ev.errno).or(raw);
+        let errno = evidence.and_then(|ev| ev.errno).or(e.connect_errno());
         if let Some(errno) = errno {
             self.failure(errno);
         }

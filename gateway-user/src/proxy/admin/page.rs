@@ -199,7 +199,7 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         endpoint_row(h, e, now);
     }
     h.push_str("</tbody></table>\n<h3>recent failures and ejections</h3>\n");
-    let mut events: Vec<(&str, &crate::proxy::endpoint_health::HealthEvent)> = c
+    let mut events: Vec<(&str, &crate::proxy::upstream::HealthEvent)> = c
         .endpoints
         .iter()
         .flat_map(|e| e.recent.iter().map(move |ev| (e.address.as_str(), ev)))
@@ -269,7 +269,7 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::{super::status::*, *};
-    use crate::proxy::endpoint_health::HealthEvent;
+    use crate::proxy::upstream::HealthEvent;
 
     fn status() -> Status {
         Status {

@@ -49,7 +49,7 @@ use std::{sync::atomic::Ordering, time::SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::super::{Shared, endpoint_health::HealthEvent};
+use super::super::{shared::Shared, upstream::HealthEvent};
 use crate::{decide::deadline::DeadlineSource, signals::SignalMode};
 
 #[derive(Clone, Debug, Serialize)]

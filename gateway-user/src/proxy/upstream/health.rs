@@ -19,13 +19,12 @@ use crate::{
     decide::{
         deadline::{Deadline, DeadlinePolicy, RttWindow},
         health::{EndpointHealth, Evidence, Reason, State, Transition},
+        probe,
     },
 };
 
 /// Recent events kept per endpoint for the status page.
 const RECENT_EVENTS: usize = 20;
-/// How often a healthy endpoint with too few recent handshakes gets a measuring probe.
-pub const WARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One line of an endpoint's recent history.
 #[derive(Clone, Debug, Serialize)]
@@ -210,27 +209,22 @@ impl HealthCell {
         t
     }
 
-    /// Time passing; returns whether a probe is due now (suspect endpoints at once, probing
-    /// ones every `probe_interval`).
+    /// Time passing; returns whether a probe is due now (`decide::probe::due`).
     pub fn tick(&self, spec: &ClusterSpec) -> (Transition, bool) {
         let mut inner = self.lock();
         let now = Instant::now();
         let t = inner.health.tick(now);
         Self::log(&mut inner, t, &|| "ejection ran out; probing".to_owned());
         self.publish(&inner);
-        let last = inner.last_probe;
-        let since_last =
-            |every: Duration| last.is_none_or(|l| now.saturating_duration_since(l) >= every);
-        let due = match inner.health.state() {
-            State::Probing | State::Suspect => since_last(spec.health.machine.probe_interval),
-            // Keep-alive pooling hides handshakes: while a healthy endpoint has too few recent
-            // SYN-RTTs for an adaptive deadline, measure one every WARM_PROBE_INTERVAL.
-            State::Healthy => {
-                deadline_policy(spec).is_some_and(|p| inner.rtt.recent(&p, now) < p.min_samples)
-                    && since_last(WARM_PROBE_INTERVAL)
-            }
-            State::Ejected => false,
-        };
+        let needs_samples =
+            deadline_policy(spec).is_some_and(|p| inner.rtt.recent(&p, now) < p.min_samples);
+        let due = probe::due(
+            inner.health.state(),
+            needs_samples,
+            inner.last_probe,
+            now,
+            spec.health.machine.probe_interval,
+        );
         if due {
             inner.last_probe = Some(now);
         }

@@ -6,12 +6,13 @@
 //! the newest expired one is expired too. A connection goes back to the list only once hyper
 //! says it is ready for another request, i.e. the previous response was read to the end.
 //!
-//! The list is sharded by worker thread (see `server::worker_index`): a worker takes and
+//! The list is sharded by worker thread ([`worker_index`]): a worker takes and
 //! returns connections whose I/O task runs on its own single-threaded runtime, so a request
 //! and its upstream connection never wake another thread. A worker steals from another
 //! shard only when the cluster is at `max_connections`.
 
 use std::{
+    cell::Cell,
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -25,7 +26,21 @@ use tokio::{
     time::Instant,
 };
 
-use super::body::RequestBody;
+use crate::proxy::request_body::RequestBody;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// This thread's worker number (0 outside worker threads): its shard of every idle list.
+pub(crate) fn worker_index() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// Called once by each worker thread when it starts.
+pub(crate) fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
 
 /// One HTTP/1.1 connection to an upstream endpoint.
 pub(crate) struct UpstreamConn {
@@ -59,7 +74,7 @@ pub(crate) struct IdlePool {
     shards: Box<[Mutex<Vec<UpstreamConn>>]>,
     max_idle: usize,
     idle_timeout: Duration,
-    /// Requests waiting for a connection of this endpoint (see `Cluster::checkout`).
+    /// Requests waiting for a connection of this endpoint (see `checkout`).
     pub waiters: AtomicUsize,
     pub returned: Notify,
 }
@@ -84,7 +99,7 @@ impl IdlePool {
     }
 
     fn own(&self) -> usize {
-        super::server::worker_index()
+        worker_index()
     }
 
     /// The most recently returned live connection of this worker's shard, if any. `now` may be

@@ -1,0 +1,188 @@
+//! What an attempt's failure means, once: how a failed `connect()` is classified, the one
+//! "host died" rule for an established connection, why a response timer fired, and the health
+//! [`Evidence`] each of them is worth. The connect path, the metrics and the health state
+//! machine all read the same answers from here.
+//!
+//! | what happened | classified as | health evidence |
+//! |---|---|---|
+//! | `connect()` failed with ECONNREFUSED (an RST answered the SYN) | [`ConnectFailure::Refused`] | [`Evidence::Refused`] |
+//! | ENETUNREACH, EHOSTUNREACH, EHOSTDOWN, ENONET (an ICMP error, or no route) | [`ConnectFailure::Unreachable`] | [`Evidence::Unreachable`] |
+//! | ETIMEDOUT (the kernel's own SYN retries ran out), or the gateway's connect deadline | [`ConnectFailure::Unanswered`] | [`Evidence::SynUnanswered`] |
+//! | EADDRNOTAVAIL (no ephemeral port: a local problem) | [`ConnectFailure::AddrUnavailable`] | none |
+//! | anything else (EPERM from a local filter, …) | [`ConnectFailure::Other`] | none |
+//! | RTOs fired while request bytes stay unACKed ([`host_died`]) | [`ResponseCause::HostDied`] | [`Evidence::HostDied`] |
+//! | the response timer fired, the kernel saw no such stall | [`ResponseCause::SlowBackend`] (kernel) or [`ResponseCause::Unknown`] | [`Evidence::ResponseTimeout`] |
+
+use gateway_common::Outcome;
+
+use super::health::Evidence;
+use crate::signals::EstablishedEvidence;
+
+/// How a `connect()` failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    Unreachable,
+    /// No SYN-ACK, RST or ICMP in time: the kernel's own timeout or the gateway's deadline.
+    Unanswered,
+    AddrUnavailable,
+    Other,
+}
+
+impl ConnectFailure {
+    /// The failure an errno from `connect()` (or `SO_ERROR`) stands for.
+    pub fn from_errno(errno: i32) -> ConnectFailure {
+        match errno {
+            libc::ECONNREFUSED => ConnectFailure::Refused,
+            libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EHOSTDOWN | libc::ENONET => {
+                ConnectFailure::Unreachable
+            }
+            libc::ETIMEDOUT => ConnectFailure::Unanswered,
+            libc::EADDRNOTAVAIL => ConnectFailure::AddrUnavailable,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    /// What it says about the endpoint's health; `None` when it says nothing about the
+    /// endpoint (a local error).
+    pub fn health_evidence(self) -> Option<Evidence> {
+        match self {
+            ConnectFailure::Refused => Some(Evidence::Refused),
+            ConnectFailure::Unreachable => Some(Evidence::Unreachable),
+            ConnectFailure::Unanswered => Some(Evidence::SynUnanswered),
+            ConnectFailure::AddrUnavailable | ConnectFailure::Other => None,
+        }
+    }
+
+    /// The connect outcome label it is counted under when the kernel has no record of it
+    /// (the kernel's own record wins when there is one); `None` for failures the kernel would
+    /// not report as a connect outcome.
+    pub fn outcome(self) -> Option<Outcome> {
+        match self {
+            ConnectFailure::Refused => Some(Outcome::Refused),
+            ConnectFailure::Unreachable => Some(Outcome::Unreachable),
+            ConnectFailure::Unanswered => Some(Outcome::Timeout),
+            ConnectFailure::AddrUnavailable => Some(Outcome::AddrUnavailable),
+            ConnectFailure::Other => None,
+        }
+    }
+}
+
+/// The host or the path died under an established connection: the kernel's retransmission
+/// timer fired and request bytes are still unACKed. A slow backend ACKs the request and then
+/// sends nothing, which never fires an RTO.
+pub fn host_died(e: &EstablishedEvidence) -> bool {
+    e.rtos > 0 && e.unacked_bytes > 0
+}
+
+/// Why a response timer fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseCause {
+    /// See [`host_died`].
+    HostDied,
+    /// With kernel signals and no stall on the connection: the upstream's kernel has the
+    /// request and the application did not answer.
+    SlowBackend,
+    /// No kernel signals: nothing to tell the two apart.
+    Unknown,
+}
+
+impl ResponseCause {
+    /// `kernel`: kernel signals are flowing. `evidence`: the kernel's record of the connection,
+    /// which exists only once a retransmit or an RTO happened (or the connection closed), so
+    /// `None` with kernel signals means there was no stall.
+    pub fn of(kernel: bool, evidence: Option<&EstablishedEvidence>) -> ResponseCause {
+        match evidence {
+            Some(e) if host_died(e) => ResponseCause::HostDied,
+            _ if kernel => ResponseCause::SlowBackend,
+            _ => ResponseCause::Unknown,
+        }
+    }
+
+    pub fn health_evidence(self) -> Evidence {
+        match self {
+            ResponseCause::HostDied => Evidence::HostDied,
+            ResponseCause::SlowBackend | ResponseCause::Unknown => Evidence::ResponseTimeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(rtos: u32, unacked: u64) -> EstablishedEvidence {
+        EstablishedEvidence {
+            data_retransmits: rtos,
+            rtos,
+            srtt: None,
+            bytes_acked: 0,
+            unacked_bytes: unacked,
+        }
+    }
+
+    #[test]
+    fn errnos_map_to_one_classification_and_one_health_evidence() {
+        for (errno, f, ev) in [
+            (
+                libc::ECONNREFUSED,
+                ConnectFailure::Refused,
+                Some(Evidence::Refused),
+            ),
+            (
+                libc::EHOSTUNREACH,
+                ConnectFailure::Unreachable,
+                Some(Evidence::Unreachable),
+            ),
+            (
+                libc::ENETUNREACH,
+                ConnectFailure::Unreachable,
+                Some(Evidence::Unreachable),
+            ),
+            (
+                libc::ETIMEDOUT,
+                ConnectFailure::Unanswered,
+                Some(Evidence::SynUnanswered),
+            ),
+            (libc::EADDRNOTAVAIL, ConnectFailure::AddrUnavailable, None),
+            (libc::EPERM, ConnectFailure::Other, None),
+        ] {
+            assert_eq!(ConnectFailure::from_errno(errno), f, "errno {errno}");
+            assert_eq!(f.health_evidence(), ev, "{f:?}");
+        }
+        assert_eq!(ConnectFailure::Other.outcome(), None);
+        assert_eq!(
+            ConnectFailure::AddrUnavailable.outcome(),
+            Some(Outcome::AddrUnavailable)
+        );
+    }
+
+    #[test]
+    fn the_host_died_only_when_rtos_fired_with_bytes_in_flight() {
+        assert!(host_died(&conn(2, 78)));
+        assert!(!host_died(&conn(0, 78)), "unACKed but no RTO yet");
+        assert!(!host_died(&conn(3, 0)), "RTOs, but everything was ACKed");
+    }
+
+    #[test]
+    fn a_response_timeout_is_a_slow_backend_only_with_kernel_signals() {
+        assert_eq!(
+            ResponseCause::of(true, Some(&conn(3, 78))),
+            ResponseCause::HostDied
+        );
+        assert_eq!(ResponseCause::of(true, None), ResponseCause::SlowBackend);
+        assert_eq!(
+            ResponseCause::of(true, Some(&conn(0, 0))),
+            ResponseCause::SlowBackend
+        );
+        assert_eq!(ResponseCause::of(false, None), ResponseCause::Unknown);
+        assert_eq!(
+            ResponseCause::HostDied.health_evidence(),
+            Evidence::HostDied
+        );
+        assert_eq!(
+            ResponseCause::SlowBackend.health_evidence(),
+            Evidence::ResponseTimeout
+        );
+    }
+}

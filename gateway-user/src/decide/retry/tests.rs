@@ -1,0 +1,151 @@
+use super::*;
+
+const ALL_ON: RetryPolicy = RetryPolicy {
+    max_retries: 2,
+    on_response_timeout: true,
+    on_reset: true,
+    budget_percent: 20,
+    min_retry_concurrency: 3,
+};
+
+const ALL_OFF: RetryPolicy = RetryPolicy {
+    on_response_timeout: false,
+    on_reset: false,
+    ..ALL_ON
+};
+
+fn died(delivery: Delivery) -> Failure {
+    Failure::ConnectionDied {
+        delivery,
+        host_died: false,
+    }
+}
+
+#[test]
+fn connect_failures_are_always_retried() {
+    assert_eq!(
+        retry_allowed(Failure::ConnectFailed, false, &ALL_OFF),
+        Some(RetryReason::ConnectFailed)
+    );
+}
+
+#[test]
+fn delivery_needs_a_baseline_and_the_kernels_count() {
+    // A fresh connection: nothing ACKed (SYN excluded).
+    assert_eq!(Delivery::of(Some(0), Some(0)), Delivery::NotReceived);
+    assert_eq!(Delivery::of(Some(0), Some(1)), Delivery::Received);
+    // A reused connection whose earlier requests took 500 bytes.
+    assert_eq!(Delivery::of(Some(500), Some(500)), Delivery::NotReceived);
+    assert_eq!(Delivery::of(Some(500), Some(501)), Delivery::Received);
+    // No baseline, or no kernel record.
+    assert_eq!(Delivery::of(None, Some(0)), Delivery::Unknown);
+    assert_eq!(Delivery::of(Some(0), None), Delivery::Unknown);
+}
+
+#[test]
+fn an_unacked_post_is_safe_to_retry() {
+    let d = Delivery::NotReceived;
+    assert_eq!(
+        retry_allowed(died(d), false, &ALL_OFF),
+        Some(RetryReason::UnackedRequest)
+    );
+    assert_eq!(
+        retry_allowed(Failure::ResponseTimeout { delivery: d }, false, &ALL_OFF),
+        Some(RetryReason::UnackedRequest)
+    );
+}
+
+#[test]
+fn a_partial_ack_is_never_safe_for_a_post() {
+    let d = Delivery::Received;
+    assert_eq!(retry_allowed(died(d), false, &ALL_ON), None);
+    assert_eq!(
+        retry_allowed(Failure::ResponseTimeout { delivery: d }, false, &ALL_ON),
+        None
+    );
+}
+
+#[test]
+fn acked_or_unknown_requests_follow_the_idempotent_policy() {
+    for d in [Delivery::Received, Delivery::Unknown] {
+        let timeout = Failure::ResponseTimeout { delivery: d };
+        assert_eq!(
+            retry_allowed(timeout, true, &ALL_ON),
+            Some(RetryReason::ResponseTimeout)
+        );
+        assert_eq!(retry_allowed(timeout, false, &ALL_ON), None);
+        assert_eq!(retry_allowed(timeout, true, &ALL_OFF), None);
+        assert_eq!(
+            retry_allowed(died(d), true, &ALL_ON),
+            Some(RetryReason::UpstreamReset)
+        );
+        assert_eq!(retry_allowed(died(d), true, &ALL_OFF), None);
+    }
+}
+
+#[test]
+fn a_dead_host_is_retried_for_idempotent_requests_whatever_the_policy() {
+    let f = Failure::ConnectionDied {
+        delivery: Delivery::Received,
+        host_died: true,
+    };
+    assert_eq!(
+        retry_allowed(f, true, &ALL_OFF),
+        Some(RetryReason::UpstreamReset)
+    );
+    assert_eq!(retry_allowed(f, false, &ALL_OFF), None);
+}
+
+#[test]
+fn final_failures_are_never_retried() {
+    assert_eq!(retry_allowed(Failure::Final, true, &ALL_ON), None);
+}
+
+fn attempted(retries: u32) -> Attempted {
+    Attempted {
+        idempotent: true,
+        resendable: true,
+        retries,
+    }
+}
+
+#[test]
+fn next_step_checks_resendable_then_max_retries_then_the_budget() {
+    let budgets = Arc::new(Budgets::default());
+    let f = Failure::ConnectFailed;
+    assert!(matches!(
+        next_step(Failure::Final, attempted(0), &ALL_ON, &budgets),
+        Step::Stop(Stop::NotRetryable)
+    ));
+    let gone = Attempted {
+        resendable: false,
+        ..attempted(0)
+    };
+    assert!(matches!(
+        next_step(f, gone, &ALL_ON, &budgets),
+        Step::Stop(Stop::NotResendable)
+    ));
+    assert!(matches!(
+        next_step(f, attempted(2), &ALL_ON, &budgets),
+        Step::Stop(Stop::MaxRetries)
+    ));
+    // No request in flight: the floor of 3 concurrent retries.
+    let held: Vec<_> = (0..3)
+        .map(|_| match next_step(f, attempted(0), &ALL_ON, &budgets) {
+            Step::Retry { reason, permit } => {
+                assert_eq!(reason, RetryReason::ConnectFailed);
+                permit
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        })
+        .collect();
+    assert!(matches!(
+        next_step(f, attempted(0), &ALL_ON, &budgets),
+        Step::Stop(Stop::BudgetSpent)
+    ));
+    drop(held);
+    assert!(matches!(
+        next_step(f, attempted(0), &ALL_ON, &budgets),
+        Step::Retry { .. }
+    ));
+}

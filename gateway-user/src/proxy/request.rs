@@ -1,0 +1,229 @@
+//! One request, in order: route → pick an endpoint → one attempt (connect or reuse, send,
+//! await the response head) → on failure, `decide::retry::next_step` says whether to try
+//! again elsewhere → respond (the upstream's response, or the gateway's error that explains
+//! itself).
+//!
+//! | step | where |
+//! |---|---|
+//! | limits, routing, header rewrite | [`prepare`] |
+//! | pick | [`pick`] (the cluster's balancer, skipping endpoints this request tried) |
+//! | connect or reuse, send, await the head | [`attempt`] |
+//! | retry or not | [`forward`], by `decide::retry` |
+//! | respond | [`respond`] |
+//!
+//! Timeouts, each named in the config: `connect_timeout_ms` bounds each TCP connect (the
+//! adaptive deadline below it, in `upstream::connect`), `response_timeout_ms` runs from the end
+//! of the request body to the response head (and between reads of the response body, in
+//! `response_body`), `write_timeout_ms` bounds a stalled write (in `io`), and
+//! `request_timeout_ms` bounds the whole, all attempts included.
+
+mod attempt;
+mod prepare;
+mod respond;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use hyper::body::Incoming;
+use tokio::{sync::oneshot, time::Instant};
+use tracing::debug;
+
+pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
+use self::{attempt::Failed, prepare::Prepared};
+use super::{
+    error::{ErrorKind, ProxyError},
+    exchange::Exchange,
+    request_body::RequestBody,
+    response_body::ResponseBody,
+    shared::Shared,
+    upstream::{Cluster, Endpoint, Lease, NoPick},
+};
+use crate::decide::{
+    budget::RetryPermit,
+    retry::{Attempted, Step, Stop, next_step},
+};
+
+/// An upstream response head, and the connection it came on.
+struct Upstream {
+    response: Response<Incoming>,
+    lease: Lease,
+    /// The cluster's response timeout, enforced between reads of the body.
+    stall: Duration,
+}
+
+/// The service function: never fails; errors become responses.
+///
+/// The request path is one flat state machine, with the rare slow path (connecting, waiting
+/// for a connection slot) boxed: a future is moved by value at every level that awaits it, so
+/// deep nesting of large futures costs a memcpy of each per request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    client_ip: HeaderValue,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    // The request's context lives in its final place from the start: the response body owns it.
+    let mut ex = Exchange::new(shared, client, &req);
+    let prepared = {
+        let rt = ex.shared.runtime.load();
+        prepare::prepare(&rt, req, &client_ip, &mut ex)
+    };
+    let result = match prepared {
+        Ok(p) => forward(p, &mut ex).await,
+        Err(e) => Err(e),
+    };
+    Ok(match result {
+        Ok(up) => respond::respond(up, ex),
+        Err(e) => respond::error_response(e, ex),
+    })
+}
+
+/// What every attempt of one request shares.
+struct Plan {
+    deadline: Instant,
+    /// Told when the client's body has been read to the end; `None` once it has (or for none).
+    done: Option<oneshot::Receiver<()>>,
+    had_body: bool,
+    kernel: bool,
+    idempotent: bool,
+    /// A copy of a bodiless request's head, to send it again after it was sent once.
+    replay: Option<Box<(Method, Uri, HeaderMap)>>,
+}
+
+impl Plan {
+    fn new(p: &Prepared) -> Plan {
+        let kernel = p.cluster.kernel();
+        let idempotent = is_idempotent(p.req.method());
+        // A sent request can only be replayed if it had no body. With kernel signals any
+        // bodiless request may turn out provably unreceived (see `decide::retry`), so a copy
+        // is kept; without them only the idempotent policy can allow a replay.
+        let replay = ((kernel || (p.cluster.spec.retry.on_response_timeout && idempotent))
+            && hyper::body::Body::is_end_stream(p.req.body()))
+        .then(|| {
+            let r = &p.req;
+            Box::new((r.method().clone(), r.uri().clone(), r.headers().clone()))
+        });
+        Plan {
+            deadline: p.deadline,
+            done: None,
+            had_body: false,
+            kernel,
+            idempotent,
+            replay,
+        }
+    }
+
+    fn replay(&self) -> Option<Request<RequestBody>> {
+        self.replay.as_deref().map(|(m, u, h)| {
+            let mut r = Request::new(RequestBody::empty());
+            *r.method_mut() = m.clone();
+            *r.uri_mut() = u.clone();
+            *r.headers_mut() = h.clone();
+            r
+        })
+    }
+}
+
+/// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
+/// the request deadline.
+async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError> {
+    let mut plan = Plan::new(&p);
+    plan.had_body = p.done.is_some();
+    plan.done = p.done;
+    let (cluster, mut req) = (p.cluster, p.req);
+    let policy = cluster.retry_policy();
+    // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
+    let mut last: Option<Box<ProxyError>> = None;
+    let mut _retry: Option<RetryPermit> = None;
+    loop {
+        let ep = pick(&cluster, ex, last.take())?;
+        let Failed {
+            error,
+            delivery,
+            unsent,
+        } = match attempt::run(&cluster, ep, req, &mut plan, ex).await {
+            Ok(up) => return Ok(up),
+            Err(f) => *f,
+        };
+        if let Some(a) = ex.record.attempts.last_mut() {
+            a.error = Some(error.kind());
+            a.cookie = a.cookie.or(error.cookie());
+        }
+        debug!(cluster = %cluster.name, error = %error, "attempt failed");
+        let again = unsent.or_else(|| plan.replay());
+        let attempted = Attempted {
+            idempotent: plan.idempotent,
+            resendable: again.is_some(),
+            retries: ex.record.retries,
+        };
+        let step = next_step(
+            error.failure(delivery),
+            attempted,
+            &policy,
+            &cluster.budgets,
+        );
+        match (step, again) {
+            (Step::Retry { reason, permit }, Some(again)) => {
+                cluster.meter.retry(reason);
+                _retry = Some(permit);
+                ex.record.retries += 1;
+                req = again;
+                last = Some(Box::new(error));
+            }
+            (Step::Stop(Stop::BudgetSpent), _) => {
+                debug!(cluster = %cluster.name, "retry budget spent");
+                cluster.meter.retry_budget_exhausted();
+                return Err(error);
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+/// An endpoint this request has not tried; when none is left, the last attempt's error (or
+/// `no_healthy_upstream` when there was none).
+fn pick(
+    cluster: &Cluster,
+    ex: &Exchange,
+    last: Option<Box<ProxyError>>,
+) -> Result<Arc<Endpoint>, ProxyError> {
+    match cluster.pick(|a| ex.record.attempts.iter().any(|t| t.endpoint == a)) {
+        Ok(ep) => Ok(ep),
+        Err(NoPick::NoneHealthy { total, ejected }) => Err(last.map_or_else(
+            || ProxyError::NoHealthyUpstream {
+                cluster: cluster.spec.name.clone(),
+                total,
+                ejected,
+            },
+            |e| *e,
+        )),
+        // Only after a failed attempt, which left its error in `last`.
+        Err(NoPick::AllTried) => Err(last.map_or_else(
+            || ProxyError::NoHealthyUpstream {
+                cluster: cluster.spec.name.clone(),
+                total: ex.record.attempts.len(),
+                ejected: 0,
+            },
+            |e| *e,
+        )),
+    }
+}
+
+/// The request deadline passed: `request_timeout`, with what the request was doing.
+fn request_timeout(cluster: &Cluster, ex: &mut Exchange) -> ProxyError {
+    if let Some(a) = ex.record.attempts.last_mut() {
+        a.error.get_or_insert(ErrorKind::RequestTimeout);
+    }
+    ProxyError::RequestTimeout {
+        timeout: cluster.spec.timeouts.request,
+        endpoint: ex.record.attempts.last().map(|a| a.endpoint),
+        phase: ex.phase,
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}

@@ -1,0 +1,321 @@
+//! One attempt on one endpoint: connect or reuse, send, await the response head.
+//!
+//! - **Connect or reuse**: an idle connection of this worker at once, else `checkout` (a new
+//!   connection, possibly won by a hedge to another endpoint, or one that frees up), within
+//!   the request deadline.
+//! - **Send**: the request head and its streamed body. The response timeout starts once the
+//!   client's body has been sent.
+//! - **Await the response head**: until the response timeout (`response_timeout_ms`) or the
+//!   request deadline. With kernel signals the connection is looked at every
+//!   [`HOST_DIED_CHECK`]: RTOs with the request unACKed mean the host or the path died
+//!   (`decide::evidence::host_died`), which need not wait for the timer.
+//!
+//! A pooled connection that turns out closed before the request went out is replaced by
+//! another connection to the same endpoint; that is not a retry.
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use http::{Request, Response};
+use hyper::{body::Incoming, client::conn::TrySendError};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Plan, Upstream, request_timeout};
+use crate::{
+    decide::{
+        evidence::{ResponseCause, host_died},
+        retry::Delivery,
+    },
+    proxy::{
+        access_log::Attempt,
+        error::{ErrorKind, Phase, ProxyError},
+        exchange::Exchange,
+        io::is_write_stall,
+        request_body::{RequestBody, RequestBodyError},
+        upstream::{Cluster, Endpoint, InFlight, Lease, UpstreamConn, checkout},
+    },
+};
+
+/// How often a request waiting for its response looks at the kernel's view of the connection.
+pub const HOST_DIED_CHECK: Duration = Duration::from_millis(200);
+
+/// Why an attempt failed, what the kernel proves about the request's bytes, and the request
+/// itself when it was never sent (so it can go elsewhere as it is).
+pub(super) struct Failed {
+    pub error: ProxyError,
+    pub delivery: Delivery,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl Failed {
+    fn new(
+        error: ProxyError,
+        delivery: Delivery,
+        unsent: Option<Request<RequestBody>>,
+    ) -> Box<Failed> {
+        Box::new(Failed {
+            error,
+            delivery,
+            unsent,
+        })
+    }
+
+    fn plain(error: ProxyError) -> Box<Failed> {
+        Failed::new(error, Delivery::Unknown, None)
+    }
+}
+
+type SendResult = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
+
+/// One attempt on `ep`: a response head, or why not.
+pub(super) async fn run(
+    cluster: &Arc<Cluster>,
+    mut ep: Arc<Endpoint>,
+    mut req: Request<RequestBody>,
+    plan: &mut Plan,
+    ex: &mut Exchange,
+) -> Result<Upstream, Box<Failed>> {
+    push_attempt(ex, ep.addr);
+    let mut in_flight = InFlight::new(&ep);
+    loop {
+        ex.phase = Phase::Connecting;
+        let (winner, mut conn, fast) = match connect_or_reuse(cluster, &ep, plan, ex).await {
+            Ok(c) => c,
+            Err(error) => return Err(Failed::new(error, Delivery::Unknown, Some(req))),
+        };
+        if !Arc::ptr_eq(&winner, &ep) {
+            ep = winner;
+            in_flight = InFlight::new(&ep);
+        }
+        let reused = conn.connect_time.is_none();
+        if let Some(a) = ex.record.attempts.last_mut() {
+            a.cookie = Some(conn.cookie);
+            a.reused = reused;
+        }
+        ex.record.connect = conn.connect_time;
+        match exchange(cluster, &ep, &mut conn, req, fast, plan, ex).await {
+            Ok(response) => {
+                ex.record.first_byte = Some(ex.record.start.elapsed());
+                cluster.report(
+                    &ep,
+                    crate::decide::health::Evidence::ResponseOk,
+                    &String::new,
+                );
+                let lease = Lease {
+                    conn,
+                    endpoint: ep,
+                    idle_timeout: cluster.spec.timeouts.idle,
+                    _in_flight: in_flight,
+                };
+                return Ok(Upstream {
+                    response,
+                    lease,
+                    stall: cluster.spec.timeouts.response,
+                });
+            }
+            // A pooled connection closed before the request went out: try another connection
+            // to the same endpoint; this is not a retry.
+            Err(f) if reused && f.unsent.is_some() => {
+                debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
+                let Failed { unsent, .. } = *f;
+                req = unsent.expect("checked by the guard");
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+fn push_attempt(ex: &mut Exchange, endpoint: SocketAddr) {
+    ex.record.attempts.push(Attempt {
+        endpoint,
+        cookie: None,
+        reused: false,
+        error: None,
+    });
+}
+
+/// An idle connection at once (`fast`), or one from `checkout` within the request deadline.
+/// The connection may be to another endpoint when a hedged connect won.
+async fn connect_or_reuse(
+    cluster: &Arc<Cluster>,
+    ep: &Arc<Endpoint>,
+    plan: &Plan,
+    ex: &mut Exchange,
+) -> Result<(Arc<Endpoint>, UpstreamConn, bool), ProxyError> {
+    if let Some(c) = ep.pool.take(ex.record.start) {
+        return Ok((ep.clone(), c, true));
+    }
+    let tried: Vec<SocketAddr> = ex.record.attempts.iter().map(|t| t.endpoint).collect();
+    let tried = move |a: SocketAddr| tried.contains(&a);
+    // Boxed: the slow path, kept out of every request's future.
+    let checkout = Box::pin(checkout(cluster, ep, &tried));
+    let (winner, conn) = match tokio::time::timeout_at(plan.deadline, checkout).await {
+        Ok(r) => r?,
+        Err(_) => return Err(request_timeout(cluster, ex)),
+    };
+    if !Arc::ptr_eq(&winner, ep) {
+        // A hedged connect won: the first endpoint had no SYN-ACK by its deadline.
+        if let Some(a) = ex.record.attempts.last_mut() {
+            a.error = Some(ErrorKind::ConnectTimeout);
+        }
+        push_attempt(ex, winner.addr);
+        ex.record.hedged = true;
+    }
+    Ok((winner, conn, false))
+}
+
+/// Sends the request on `conn` and awaits the response head.
+async fn exchange(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    conn: &mut UpstreamConn,
+    req: Request<RequestBody>,
+    fast: bool,
+    plan: &mut Plan,
+    ex: &mut Exchange,
+) -> Result<Response<Incoming>, Box<Failed>> {
+    ex.phase = Phase::SendingTheRequest;
+    let mut send = std::pin::pin!(conn.sender.try_send_request(req));
+    let result = match plan.done.as_mut() {
+        // The response timeout starts once the client's body has been sent.
+        Some(body_done) => tokio::select! {
+            biased;
+            r = send.as_mut() => Some(r),
+            _ = body_done => { plan.done = None; None }
+            _ = tokio::time::sleep_until(plan.deadline) => {
+                return Err(Failed::plain(request_timeout(cluster, ex)));
+            }
+        },
+        None => None,
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            ex.phase = Phase::WaitingForTheResponseHead;
+            // Sent just now: on a first attempt that found an idle connection at once and had
+            // no body, that is within microseconds of the arrival, so the clock need not be
+            // read again.
+            let sent = if fast && ex.record.retries == 0 && !plan.had_body {
+                ex.record.start
+            } else {
+                Instant::now()
+            };
+            let on = OnConn {
+                cookie: conn.cookie,
+                // A fresh connection carried nothing before this request; on a reused one the
+                // bytes of earlier requests are not tracked.
+                baseline: conn.connect_time.is_some().then_some(0),
+                sent,
+            };
+            await_head(send.as_mut(), cluster, ep, on, plan, ex).await?
+        }
+    };
+    result.map_err(|mut e| {
+        let unsent = e.take_message();
+        Failed::new(
+            upstream_error(e.into_error(), ep.addr),
+            Delivery::Unknown,
+            unsent,
+        )
+    })
+}
+
+/// The request on its connection, once sent.
+#[derive(Clone, Copy)]
+struct OnConn {
+    cookie: u64,
+    /// The connection's `bytes_acked` before this request, when known.
+    baseline: Option<u64>,
+    sent: Instant,
+}
+
+/// Waits for the response head until the response timeout (from `sent`) or the request
+/// deadline, whichever is first; with kernel signals, gives up as soon as the host died.
+async fn await_head<F: Future<Output = SendResult>>(
+    mut send: Pin<&mut F>,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    on: OnConn,
+    plan: &Plan,
+    ex: &mut Exchange,
+) -> Result<SendResult, Box<Failed>> {
+    let OnConn {
+        cookie,
+        baseline,
+        sent,
+    } = on;
+    let signals = &*cluster.signals;
+    let response_deadline = sent + cluster.spec.timeouts.response;
+    let until = response_deadline.min(plan.deadline);
+    loop {
+        let slice = if plan.kernel {
+            (Instant::now() + HOST_DIED_CHECK).min(until)
+        } else {
+            until
+        };
+        match tokio::time::timeout_at(slice, send.as_mut()).await {
+            Ok(r) => return Ok(r),
+            Err(_) if slice >= until => break,
+            Err(_) => {
+                if let Some(ev) = signals.established_evidence(cookie)
+                    && host_died(&ev)
+                {
+                    let delivery = Delivery::of(baseline, Some(ev.bytes_acked));
+                    let error = ProxyError::UpstreamHostDied {
+                        endpoint: ep.addr,
+                        after: sent.elapsed(),
+                        cookie,
+                        evidence: ev,
+                    };
+                    let cause = ResponseCause::HostDied;
+                    cluster.report(ep, cause.health_evidence(), &|| error.to_string());
+                    return Err(Failed::new(error, delivery, None));
+                }
+            }
+        }
+    }
+    if response_deadline >= plan.deadline {
+        return Err(Failed::plain(request_timeout(cluster, ex)));
+    }
+    let evidence = signals.established_evidence(cookie);
+    let cause = ResponseCause::of(plan.kernel, evidence.as_ref());
+    let delivery = Delivery::of(baseline, evidence.as_ref().map(|e| e.bytes_acked));
+    let error = ProxyError::ResponseTimeout {
+        endpoint: ep.addr,
+        timeout: cluster.spec.timeouts.response,
+        cookie,
+        evidence,
+        slow_backend: cause == ResponseCause::SlowBackend,
+    };
+    cluster.report(ep, cause.health_evidence(), &|| error.to_string());
+    Err(Failed::new(error, delivery, None))
+}
+
+/// Maps a failed exchange on an upstream connection to its reason.
+fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<RequestBodyError>() {
+            return match b {
+                RequestBodyError::TooLarge { limit } => {
+                    ProxyError::RequestBodyTooLarge { limit: *limit }
+                }
+                RequestBodyError::Downstream(_) => ProxyError::DownstreamBodyError { source: e },
+            };
+        }
+        cur = err.source();
+    }
+    if let Some(timeout) = is_write_stall(&e) {
+        return ProxyError::UpstreamWriteTimeout { endpoint, timeout };
+    }
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        return ProxyError::InvalidUpstreamResponse {
+            endpoint,
+            source: e,
+        };
+    }
+    ProxyError::UpstreamReset {
+        endpoint,
+        source: e,
+    }
+}

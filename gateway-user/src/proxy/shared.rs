@@ -1,0 +1,104 @@
+//! What every request and connection shares ([`Shared`]), and one config generation
+//! ([`Runtime`]: routes, clusters, route meters, the client-side HTTP settings). Requests take
+//! the current generation from an `ArcSwap` once, at arrival, so a reload never disturbs a
+//! request in flight and never makes a new one wait.
+
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hyper_util::{
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
+};
+
+use super::{
+    access_log::AccessLogger,
+    router::Router,
+    telemetry::{RouteMeter, Telemetry},
+    upstream::Cluster,
+};
+use crate::{
+    config::{Downstream, Settings},
+    signals::SignalSource,
+};
+
+pub(crate) struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub signals: Arc<dyn SignalSource>,
+    pub log: AccessLogger,
+    pub draining: AtomicBool,
+    /// Worker count, i.e. idle-pool shards per endpoint.
+    pub workers: usize,
+    pub telemetry: Telemetry,
+}
+
+/// The routes and clusters of one config generation.
+pub(crate) struct Runtime {
+    pub settings: Settings,
+    pub router: Router,
+    pub clusters: Vec<Arc<Cluster>>,
+    /// By the route's position in the config ([`super::router::CompiledRoute::index`]).
+    pub route_meters: Vec<Arc<RouteMeter>>,
+    pub http: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Runtime {
+    /// Builds a generation, keeping the running clusters (their pools and health) whose
+    /// settings did not change.
+    pub async fn build(
+        settings: Settings,
+        previous: Option<&Runtime>,
+        signals: &Arc<dyn SignalSource>,
+        workers: usize,
+        telemetry: &Telemetry,
+    ) -> Runtime {
+        let mut clusters = Vec::with_capacity(settings.clusters.len());
+        for spec in settings.clusters.values() {
+            let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
+            clusters.push(match kept {
+                Some(c) => c.clone(),
+                None => {
+                    let meter = telemetry.cluster(&spec.name);
+                    Cluster::start(spec.clone(), signals.clone(), workers, meter).await
+                }
+            });
+        }
+        let router = Router::new(&settings.routes, |name| {
+            clusters.iter().position(|c| &*c.name == name)
+        });
+        let route_meters = settings
+            .routes
+            .iter()
+            .map(|r| Arc::new(telemetry.route(&r.name, &r.cluster)))
+            .collect();
+        Runtime {
+            http: Arc::new(http_builder(&settings.downstream)),
+            route_meters,
+            router,
+            clusters,
+            settings,
+        }
+    }
+}
+
+/// The HTTP server settings for client connections.
+fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own limit is a backstop well above ours, so that most oversized heads reach the
+    // service and get a 431 that explains itself.
+    let hard_limit = (ds.max_request_header_bytes * 2 + 8192).max(8192);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ds.header_read_timeout)
+        .max_buf_size(hard_limit.max(64 * 1024))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}

@@ -1,0 +1,24 @@
+//! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
+//! `resolve`), each endpoint's health as the proxy keeps it (`health`), getting a connection
+//! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
+//! `hedge` when the kernel saw no SYN-ACK in time), and active probes (`probe`). `cluster` ties
+//! them together. Every decision is taken in `decide/`; these modules do the I/O and feed it.
+
+mod balancer;
+mod checkout;
+mod cluster;
+mod connect;
+mod endpoint;
+mod health;
+mod hedge;
+mod pool;
+mod probe;
+mod resolve;
+
+pub(crate) use self::{
+    checkout::{Lease, checkout},
+    cluster::Cluster,
+    endpoint::{Endpoint, InFlight, NoPick},
+    health::HealthEvent,
+    pool::{UpstreamConn, set_worker_index},
+};

@@ -1,0 +1,175 @@
+//! A running upstream cluster: what its parts share (the spec, the endpoints, the connection
+//! slots, the budgets, the kernel signals, the metrics), how evidence reaches an endpoint's
+//! health, and the background tasks that end when the cluster is dropped (idle sweep, probes,
+//! DNS refresh). Each part lives in its own module: `endpoint` (the set and picking),
+//! `checkout` (pool, slots, pending queue), `connect` and `hedge` (new connections), `probe`,
+//! `resolve`.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Weak, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use hyper::client::conn::http1;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use super::{
+    endpoint::{Endpoint, Endpoints, NoPick},
+    probe, resolve,
+};
+use crate::{
+    config::ClusterSpec,
+    decide::{
+        budget::Budgets,
+        health::{Evidence, Transition},
+        retry::RetryPolicy,
+    },
+    proxy::telemetry::ClusterMeter,
+    signals::{SignalMode, SignalSource},
+};
+
+pub(crate) struct Cluster {
+    pub name: Arc<str>,
+    pub spec: ClusterSpec,
+    /// The endpoints (see [`Cluster::endpoints`] for a copy of the list).
+    pub set: Endpoints,
+    /// `max_connections`: every open connection holds one, idle or busy.
+    pub(super) slots: Arc<Semaphore>,
+    /// Requests waiting for a connection (`max_pending_requests`).
+    pub(super) pending: AtomicUsize,
+    pub(super) client: http1::Builder,
+    pub budgets: Arc<Budgets>,
+    pub signals: Arc<dyn SignalSource>,
+    /// Worker threads, i.e. idle-pool shards per endpoint.
+    shards: usize,
+    pub meter: ClusterMeter,
+}
+
+impl Cluster {
+    /// Resolves the endpoints and starts the cluster's background tasks, which end when the
+    /// cluster is dropped.
+    pub async fn start(
+        spec: ClusterSpec,
+        signals: Arc<dyn SignalSource>,
+        shards: usize,
+        meter: ClusterMeter,
+    ) -> Arc<Cluster> {
+        let addrs = resolve::resolve(&spec).await;
+        let endpoints = addrs
+            .into_iter()
+            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
+            .collect();
+        let mut client = http1::Builder::new();
+        client.max_buf_size(256 * 1024);
+        let cluster = Arc::new(Cluster {
+            name: Arc::from(spec.name.as_str()),
+            slots: Arc::new(Semaphore::new(spec.limits.max_connections)),
+            set: Endpoints::new(endpoints),
+            pending: AtomicUsize::new(0),
+            client,
+            budgets: Arc::default(),
+            signals,
+            spec,
+            shards,
+            meter,
+        });
+        tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
+        tokio::spawn(probe::run(Arc::downgrade(&cluster)));
+        if resolve::has_host_names(&cluster.spec) {
+            tokio::spawn(resolve::refresh(Arc::downgrade(&cluster)));
+        }
+        cluster
+    }
+
+    pub(super) fn new_endpoint(&self, addr: SocketAddr, weight: u32) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            addr,
+            weight,
+            &self.spec,
+            self.shards,
+            &self.meter,
+        ))
+    }
+
+    /// The endpoints, for status and metrics.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.set.list()
+    }
+
+    /// Picks a routable endpoint not `tried` by this request.
+    pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
+        self.set.pick(self.spec.lb_policy, tried)
+    }
+
+    /// Kernel signals are flowing.
+    pub fn kernel(&self) -> bool {
+        self.signals.mode() == SignalMode::Kernel
+    }
+
+    /// The retry rule's knobs (`decide::retry`). `on_response_timeout` covers resets too.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        let r = &self.spec.retry;
+        RetryPolicy {
+            max_retries: r.max_retries,
+            on_response_timeout: r.on_response_timeout,
+            on_reset: r.on_response_timeout,
+            budget_percent: r.budget_percent,
+            min_retry_concurrency: r.min_retry_concurrency,
+        }
+    }
+
+    /// Feeds one piece of evidence about `ep` to its health, and logs what it changed.
+    pub fn report(&self, ep: &Endpoint, ev: Evidence, detail: &dyn Fn() -> String) {
+        let may = self.set.may_eject(self.spec.health.max_ejected_percent);
+        let t = ep.health.observe(ev, &self.spec, may, detail);
+        self.log_transition(ep, t, detail);
+    }
+
+    /// An active probe's evidence.
+    pub(super) fn report_probe(&self, ep: &Endpoint, ev: Evidence, detail: &str) {
+        let may = self.set.may_eject(self.spec.health.max_ejected_percent);
+        let t = ep.health.probe(ev, &self.spec, may, &|| detail.to_owned());
+        self.log_transition(ep, t, &|| detail.to_owned());
+    }
+
+    pub(super) fn log_transition(&self, ep: &Endpoint, t: Transition, detail: &dyn Fn() -> String) {
+        if t != Transition::None {
+            ep.meter.transition(t, ep.health.state());
+        }
+        match t {
+            Transition::None => {}
+            Transition::Ejected { reason, duration } => {
+                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), ejection_ms = duration.as_millis() as u64, evidence = %detail(), "endpoint ejected");
+            }
+            Transition::Suspected(reason) => {
+                info!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), evidence = %detail(), "endpoint suspect; probing");
+            }
+            Transition::EjectionRefused(reason) => {
+                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), max_ejected_percent = self.spec.health.max_ejected_percent, "endpoint failing but the ejection budget is spent; keeping it as suspect (fail-open)");
+            }
+            Transition::Probing => {
+                debug!(cluster = %self.name, upstream = %ep.addr, "ejection over; probing")
+            }
+            Transition::Recovered => {
+                info!(cluster = %self.name, upstream = %ep.addr, evidence = %detail(), "endpoint healthy again")
+            }
+        }
+    }
+}
+
+/// Closes expired and dead idle connections, every half idle timeout (at least 1 s).
+async fn sweep_idle(cluster: Weak<Cluster>) {
+    let every = match cluster.upgrade() {
+        Some(c) => (c.spec.timeouts.idle / 2).max(Duration::from_secs(1)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(c) = cluster.upgrade() else { return };
+        for e in c.set.load().endpoints.iter() {
+            e.pool.sweep();
+        }
+    }
+}

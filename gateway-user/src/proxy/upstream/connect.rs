@@ -1,0 +1,316 @@
+//! New upstream connections: a TCP connect on a socket the gateway creates itself, whose
+//! `SO_COOKIE` it reads before `connect()`, bounded by the endpoint's connect deadline; then
+//! the HTTP/1.1 handshake.
+//!
+//! The cookie is the join key with the kernel observer's per-connect record (see `signals`):
+//! the kernel assigns it when the socket is created (`sock_gen_cookie()` in
+//! net/core/sock_diag.c), so reading it before `connect()` guarantees the record of this very
+//! attempt can be found, including for a connect that never completes.
+//!
+//! With no SYN-ACK by the deadline the endpoint is reported (no SYN-ACK, no RST, no ICMP) and,
+//! when `hedge` allows, a connect to another endpoint races this one. Every finished connect
+//! feeds the endpoint's health and SYN-RTT window, and the metrics.
+
+use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
+use tracing::debug;
+
+use super::{Cluster, endpoint::Endpoint, hedge, pool::UpstreamConn};
+use crate::{
+    decide::{evidence::ConnectFailure, health::Evidence},
+    proxy::{error::ProxyError, io::StallGuard},
+    signals::SignalSource,
+};
+
+/// A connected upstream socket and what the gateway knows about the connect.
+pub(crate) struct Connected {
+    pub stream: TcpStream,
+    pub cookie: u64,
+    pub elapsed: Duration,
+}
+
+/// A connect in progress. Dropping it closes the socket, which the kernel records as
+/// `aborted` with the SYNs sent so far. Boxed, so that dropping it really closes the socket (a
+/// stack pin would only drop a reference) and so that a hedge can take it over.
+pub(super) struct Pending {
+    pub info: Started,
+    pub fut: Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>,
+}
+
+/// Which socket a connect is on, and when it started.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Started {
+    pub cookie: u64,
+    pub start: Instant,
+}
+
+/// Creates the socket and reads its cookie.
+fn socket_for(addr: SocketAddr) -> io::Result<(Socket, u64)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    let cookie = socket.cookie()?;
+    Ok((socket, cookie))
+}
+
+impl Pending {
+    /// Starts a connect to `endpoint` (no timer: the caller owns the deadline).
+    pub fn start(endpoint: SocketAddr) -> Result<Pending, ProxyError> {
+        let (socket, cookie) =
+            socket_for(endpoint).map_err(|source| ProxyError::ConnectFailed {
+                endpoint,
+                source,
+                cookie: None,
+            })?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        Ok(Pending {
+            info: Started {
+                cookie,
+                start: Instant::now(),
+            },
+            fut: Box::pin(socket.connect(endpoint)),
+        })
+    }
+
+    /// The typed error of this connect, given up at its `deadline` (the socket must already
+    /// be closed, so that the kernel's record of it exists).
+    pub fn timed_out(
+        endpoint: SocketAddr,
+        cookie: u64,
+        deadline: Duration,
+        signals: &dyn SignalSource,
+    ) -> ProxyError {
+        ProxyError::ConnectTimeout {
+            endpoint,
+            timeout: deadline,
+            cookie,
+            evidence: signals.connect_evidence(cookie),
+        }
+    }
+}
+
+/// Connects to `endpoint` within `timeout` (probes: no health feeding, no hedge).
+pub(crate) async fn connect(
+    endpoint: SocketAddr,
+    timeout: Duration,
+    signals: &dyn SignalSource,
+) -> Result<Connected, ProxyError> {
+    let mut p = Pending::start(endpoint)?;
+    let Started { cookie, start } = p.info;
+    match tokio::time::timeout(timeout, &mut p.fut).await {
+        Ok(Ok(stream)) => Ok(Connected {
+            stream,
+            cookie,
+            elapsed: start.elapsed(),
+        }),
+        Ok(Err(source)) => Err(failed(endpoint, source, cookie, start.elapsed(), signals)),
+        Err(_) => {
+            drop(p);
+            Err(Pending::timed_out(endpoint, cookie, timeout, signals))
+        }
+    }
+}
+
+/// Maps a failed `connect()` to its typed error, with the kernel's record of it.
+pub(crate) fn failed(
+    endpoint: SocketAddr,
+    source: io::Error,
+    cookie: u64,
+    elapsed: Duration,
+    signals: &dyn SignalSource,
+) -> ProxyError {
+    let evidence = signals.connect_evidence(cookie);
+    let failure = source
+        .raw_os_error()
+        .map_or(ConnectFailure::Other, ConnectFailure::from_errno);
+    match failure {
+        ConnectFailure::Refused => ProxyError::ConnectRefused {
+            endpoint,
+            elapsed,
+            cookie,
+            evidence,
+        },
+        ConnectFailure::Unreachable => ProxyError::ConnectUnreachable {
+            endpoint,
+            source,
+            cookie,
+            evidence,
+        },
+        // The kernel's own SYN retries ran out before our timer (tcp_syn_retries).
+        ConnectFailure::Unanswered => ProxyError::ConnectTimeout {
+            endpoint,
+            timeout: elapsed,
+            cookie,
+            evidence,
+        },
+        ConnectFailure::AddrUnavailable | ConnectFailure::Other => ProxyError::ConnectFailed {
+            endpoint,
+            source,
+            cookie: Some(cookie),
+        },
+    }
+}
+
+/// A new connection to `ep` within its connect deadline (adaptive, capped by
+/// `connect_timeout_ms`), racing a hedge when the deadline passes and `hedge` allows one. The
+/// connection may be to another endpoint when the hedge won.
+pub(super) async fn new_connection(
+    cluster: &Cluster,
+    ep: &Arc<Endpoint>,
+    slot: OwnedSemaphorePermit,
+    tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
+    let deadline = ep.health.deadline(&cluster.spec).value;
+    ep.meter.deadline(deadline);
+    let mut first = Pending::start(ep.addr)?;
+    if let Ok(r) = tokio::time::timeout(deadline, &mut first.fut).await {
+        let c = finish(cluster, ep, first.info, r)?;
+        return Ok((ep.clone(), handshake(cluster, ep, c, slot).await?));
+    }
+    cluster.report(ep, Evidence::SynUnanswered, &|| {
+        format!(
+            "no SYN-ACK, no RST, no ICMP within the {} ms connect deadline",
+            deadline.as_millis()
+        )
+    });
+    match hedge::plan(cluster, ep, deadline, tried) {
+        Some(h) => {
+            debug!(cluster = %cluster.name, upstream = %ep.addr, hedge = %h.endpoint.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
+            hedge::race_connects(cluster, ep, first, slot, h).await
+        }
+        None => {
+            let cookie = first.info.cookie;
+            // Close the socket first, so that the kernel's record (aborted, SYNs sent) exists.
+            drop(first);
+            let e = Pending::timed_out(ep.addr, cookie, deadline, &*cluster.signals);
+            if let ProxyError::ConnectTimeout { evidence, .. } = &e {
+                ep.meter.connect_abandoned(evidence.as_ref(), true);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Classifies a finished connect and feeds health, the SYN-RTT window and the metrics.
+pub(super) fn finish(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    p: Started,
+    r: io::Result<TcpStream>,
+) -> Result<Connected, ProxyError> {
+    let elapsed = p.start.elapsed();
+    let signals = &*cluster.signals;
+    match r {
+        Ok(stream) => {
+            let _ = stream.set_nodelay(true);
+            let ev = signals.connect_evidence(p.cookie);
+            let (rtt, retx) = match &ev {
+                Some(e) => (e.syn_rtt.unwrap_or(elapsed), e.syn_retransmits),
+                None => (elapsed, 0),
+            };
+            ep.health.observe_rtt(rtt, retx);
+            ep.meter.connected(ev.as_ref());
+            let detail = || match &ev {
+                Some(e) => e.to_string(),
+                None => format!("connected in {} us", elapsed.as_micros()),
+            };
+            let ok = Evidence::ConnectOk {
+                syn_retransmits: retx,
+            };
+            cluster.report(ep, ok, &detail);
+            Ok(Connected {
+                stream,
+                cookie: p.cookie,
+                elapsed,
+            })
+        }
+        Err(source) => {
+            let e = failed(ep.addr, source, p.cookie, elapsed, signals);
+            ep.meter.connect_failed(&e);
+            if let Some(ev) = e
+                .connect_failure()
+                .and_then(ConnectFailure::health_evidence)
+            {
+                cluster.report(ep, ev, &|| e.to_string());
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The HTTP/1.1 handshake on a new connection. The connection's task counts, when it ends,
+/// the RTOs in the kernel's final record of it.
+pub(super) async fn handshake(
+    cluster: &Cluster,
+    ep: &Arc<Endpoint>,
+    c: Connected,
+    slot: OwnedSemaphorePermit,
+) -> Result<UpstreamConn, ProxyError> {
+    let io = TokioIo::new(StallGuard::new(c.stream, cluster.spec.timeouts.write));
+    let (sender, conn) =
+        cluster
+            .client
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::ConnectFailed {
+                endpoint: ep.addr,
+                source: io::Error::other(e),
+                cookie: Some(c.cookie),
+            })?;
+    let (addr, cookie) = (ep.addr, c.cookie);
+    let (signals, rtos) = (cluster.signals.clone(), ep.meter.rtos.clone());
+    tokio::spawn(async move {
+        // The socket is closed once `conn` is done: the kernel's record of the connection is
+        // final (see `telemetry`).
+        if let Err(e) = conn.await {
+            debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
+        }
+        if let Some(ev) = signals.established_evidence(cookie)
+            && ev.rtos > 0
+        {
+            rtos.inc_by(u64::from(ev.rtos));
+        }
+    });
+    Ok(UpstreamConn::new(sender, c.cookie, c.elapsed, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signals::UserspaceOnly;
+
+    #[test]
+    fn every_socket_has_a_distinct_nonzero_cookie() {
+        let (_a, ca) = socket_for("127.0.0.1:1".parse().unwrap()).unwrap();
+        let (_b, cb) = socket_for("127.0.0.1:1".parse().unwrap()).unwrap();
+        assert_ne!(ca, 0);
+        assert_ne!(ca, cb);
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_typed_with_cookie() {
+        // Bind then drop to find a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ep: SocketAddr = ([127, 0, 0, 1], port).into();
+        let err = connect(ep, Duration::from_secs(1), &UserspaceOnly::default())
+            .await
+            .err()
+            .unwrap();
+        match err {
+            ProxyError::ConnectRefused {
+                endpoint, cookie, ..
+            } => {
+                assert_eq!(endpoint, ep);
+                assert_ne!(cookie, 0);
+            }
+            other => panic!("expected refused, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! A cluster's endpoints and how a request picks one.
+//!
+//! The set is swapped whole (`ArcSwap`) when DNS re-resolution changes it, so picking takes no
+//! lock: it reads the set, the balancer's schedule and each endpoint's health atomics. A pick
+//! prefers healthy endpoints, falls back to suspect ones (deprioritised, not excluded), and
+//! never returns an endpoint this request already tried.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+
+use super::{balancer, health::HealthCell, pool::IdlePool};
+use crate::{
+    config::{ClusterSpec, LbPolicy},
+    proxy::telemetry::{ClusterMeter, EndpointMeter},
+};
+
+pub(crate) struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub pool: IdlePool,
+    /// Requests in flight to this endpoint, for least-request balancing and `/status`.
+    pub in_flight: AtomicU64,
+    pub health: HealthCell,
+    /// A probe is running; at most one per endpoint.
+    pub probe_running: AtomicBool,
+    pub meter: EndpointMeter,
+}
+
+impl Endpoint {
+    pub fn new(
+        addr: SocketAddr,
+        weight: u32,
+        spec: &ClusterSpec,
+        shards: usize,
+        meter: &ClusterMeter,
+    ) -> Self {
+        Endpoint {
+            meter: meter.endpoint(addr, spec.timeouts.connect),
+            addr,
+            weight,
+            pool: IdlePool::new(
+                shards,
+                spec.limits.max_idle_per_endpoint,
+                spec.timeouts.idle,
+            ),
+            in_flight: AtomicU64::new(0),
+            health: HealthCell::new(),
+            probe_running: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Counts a request in flight to an endpoint while it lives.
+pub(crate) struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    pub fn new(ep: &Arc<Endpoint>) -> Self {
+        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(ep.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One generation of the endpoint list, with its round-robin schedule.
+pub(crate) struct EndpointSet {
+    pub endpoints: Vec<Arc<Endpoint>>,
+    schedule: Vec<u32>,
+}
+
+impl EndpointSet {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        EndpointSet {
+            schedule: balancer::schedule(&weights),
+            endpoints,
+        }
+    }
+}
+
+/// Why no endpoint could be picked.
+pub(crate) enum NoPick {
+    /// Every endpoint is ejected, or there are none (DNS returned nothing).
+    NoneHealthy { total: usize, ejected: usize },
+    /// Every eligible endpoint was already tried by this request.
+    AllTried,
+}
+
+pub(crate) struct Endpoints {
+    set: ArcSwap<EndpointSet>,
+    tick: AtomicUsize,
+}
+
+impl Endpoints {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Endpoints {
+            set: ArcSwap::from_pointee(EndpointSet::new(endpoints)),
+            tick: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current list.
+    pub fn list(&self) -> Vec<Arc<Endpoint>> {
+        self.set.load().endpoints.clone()
+    }
+
+    /// The current generation, without copying the list.
+    pub fn load(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+        self.set.load()
+    }
+
+    pub fn replace(&self, endpoints: Vec<Arc<Endpoint>>) {
+        self.set.store(Arc::new(EndpointSet::new(endpoints)));
+    }
+
+    /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
+    /// suspect one.
+    pub fn pick(
+        &self,
+        policy: LbPolicy,
+        tried: impl Fn(SocketAddr) -> bool,
+    ) -> Result<Arc<Endpoint>, NoPick> {
+        let set = self.set.load();
+        let eps = &set.endpoints;
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        for allow_suspect in [false, true] {
+            let eligible = |i: usize| {
+                let h = &eps[i].health;
+                !tried(eps[i].addr) && h.routable() && (allow_suspect || !h.suspect())
+            };
+            let found = match policy {
+                LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
+                LbPolicy::LeastRequest => {
+                    let mut rng = rand::rng();
+                    balancer::least_request(
+                        &set.schedule,
+                        || rand::Rng::random_range(&mut rng, 0..usize::MAX),
+                        |i| eps[i].in_flight.load(Ordering::Relaxed),
+                        |i| eps[i].weight,
+                        eligible,
+                    )
+                }
+            };
+            if let Some(i) = found {
+                return Ok(eps[i].clone());
+            }
+        }
+        let ejected = eps.iter().filter(|e| !e.health.routable()).count();
+        if !eps.iter().any(|e| tried(e.addr)) {
+            Err(NoPick::NoneHealthy {
+                total: eps.len(),
+                ejected,
+            })
+        } else {
+            Err(NoPick::AllTried)
+        }
+    }
+
+    /// Whether one more endpoint may be ejected within `max_ejected_percent`.
+    pub fn may_eject(&self, max_ejected_percent: u32) -> bool {
+        let set = self.set.load();
+        let unroutable = set
+            .endpoints
+            .iter()
+            .filter(|e| !e.health.routable())
+            .count();
+        crate::decide::health::may_eject(set.endpoints.len(), unroutable, max_ejected_percent)
+    }
+
+    /// Closes one idle connection to an endpoint other than `keep`, to free its slot.
+    pub fn evict_idle_except(&self, keep: &Arc<Endpoint>) -> bool {
+        self.set
+            .load()
+            .endpoints
+            .iter()
+            .filter(|e| !Arc::ptr_eq(e, keep))
+            .any(|e| e.pool.evict_oldest())
+    }
+}

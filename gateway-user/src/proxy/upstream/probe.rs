@@ -1,0 +1,127 @@
+//! Active probes: every [`TICK`], advance each endpoint's health clock and probe the ones
+//! `decide::probe::due` names (at most one probe at a time per endpoint). A probe is a TCP
+//! connect within the hard cap, its handshake measured by the kernel, then, when
+//! `probe_path` is set, `GET probe_path` over HTTP/1.1 (hyper) expecting `probe_expect_status`.
+//! `decide::probe::evidence` says what the result is worth.
+
+use std::{
+    sync::{Arc, Weak, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+
+use super::{
+    Cluster,
+    connect::{Connected, connect},
+    endpoint::Endpoint,
+};
+use crate::decide::{
+    evidence::ConnectFailure,
+    probe::{self, ProbeResult},
+};
+
+/// How often the probe loop looks at the endpoints.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Until the cluster is dropped: tick each endpoint's health and start the probes that are due.
+pub(super) async fn run(cluster: Weak<Cluster>) {
+    loop {
+        tokio::time::sleep(TICK).await;
+        let Some(c) = cluster.upgrade() else { return };
+        for ep in c.set.load().endpoints.iter() {
+            let (t, due) = ep.health.tick(&c.spec);
+            c.log_transition(ep, t, &|| "ejection ran out".to_owned());
+            if due && !ep.probe_running.swap(true, Ordering::AcqRel) {
+                tokio::spawn(probe(c.clone(), ep.clone()));
+            }
+        }
+    }
+}
+
+/// One probe of `ep`, fed to its health.
+async fn probe(cluster: Arc<Cluster>, ep: Arc<Endpoint>) {
+    let (result, detail) = check(&cluster, &ep).await;
+    match probe::evidence(result) {
+        Some(ev) => cluster.report_probe(&ep, ev, &detail),
+        None => {
+            tracing::debug!(cluster = %cluster.name, upstream = %ep.addr, detail, "probe inconclusive (a local failure)")
+        }
+    }
+    ep.probe_running.store(false, Ordering::Release);
+}
+
+/// Connects (and `GET`s, when configured); what happened, and the words for it.
+async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
+    let spec = &cluster.spec;
+    let c = match connect(ep.addr, spec.timeouts.connect, &*cluster.signals).await {
+        Ok(c) => c,
+        Err(e) => {
+            let f = e.connect_failure().unwrap_or(ConnectFailure::Other);
+            return (ProbeResult::ConnectFailed(f), format!("probe: {e}"));
+        }
+    };
+    let kernel = cluster.signals.connect_evidence(c.cookie);
+    let (rtt, syn_retransmits) = match &kernel {
+        Some(e) => (e.syn_rtt.unwrap_or(c.elapsed), e.syn_retransmits),
+        None => (c.elapsed, 0),
+    };
+    ep.health.observe_rtt(rtt, syn_retransmits);
+    let connected = match &kernel {
+        Some(e) => format!("probe: {e}"),
+        None => format!("probe: connected in {} us", c.elapsed.as_micros()),
+    };
+    let Some(path) = &spec.health.probe_path else {
+        return (ProbeResult::Connected { syn_retransmits }, connected);
+    };
+    let expected = spec.health.probe_expect_status;
+    match tokio::time::timeout(spec.timeouts.response, get(c, ep, path)).await {
+        Ok(Ok(status)) => {
+            let detail = if status == expected {
+                format!("{connected}; GET {path}: {status}")
+            } else {
+                format!("{connected}; GET {path}: {status}, expected {expected}")
+            };
+            let result = ProbeResult::Answered {
+                syn_retransmits,
+                status,
+                expected,
+            };
+            (result, detail)
+        }
+        Ok(Err(e)) => (
+            ProbeResult::NoAnswer { syn_retransmits },
+            format!("{connected}; GET {path}: {e}"),
+        ),
+        Err(_) => (
+            ProbeResult::NoAnswer { syn_retransmits },
+            format!(
+                "{connected}; GET {path}: no response within {} ms",
+                spec.timeouts.response.as_millis()
+            ),
+        ),
+    }
+}
+
+/// `GET path` on the connected socket; the response's status code.
+async fn get(c: Connected, ep: &Endpoint, path: &str) -> Result<u16, ProbeError> {
+    let req = Request::get(path)
+        .header(header::HOST, ep.addr.to_string())
+        .header(header::USER_AGENT, "gateway-probe")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(c.stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender.send_request(req).await?.status().as_u16())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("not a valid request: {0}")]
+    Request(#[from] http::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}

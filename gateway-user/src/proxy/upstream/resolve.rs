@@ -1,0 +1,72 @@
+//! Endpoint addresses: `ip:port` entries as written, `host:port` entries resolved at start and
+//! again every `dns_refresh_ms`. A refresh keeps the endpoints (their pools, health and
+//! metrics) whose address and weight are still there, and builds the new ones.
+
+use std::{net::SocketAddr, sync::Weak};
+
+use tracing::{info, warn};
+
+use super::Cluster;
+use crate::config::{ClusterSpec, EndpointAddr};
+
+/// Every endpoint address of the spec, `host:port` entries resolved now.
+pub(crate) async fn resolve(spec: &ClusterSpec) -> Vec<(SocketAddr, u32)> {
+    let mut out = Vec::new();
+    for e in &spec.endpoints {
+        match &e.address {
+            EndpointAddr::Ip(a) => out.push((*a, e.weight)),
+            EndpointAddr::Host { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => out.extend(addrs.map(|a| (a, e.weight))),
+                    Err(err) => {
+                        warn!(cluster = %spec.name, endpoint = %e.address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms")
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup_by_key(|(a, _)| *a);
+    out
+}
+
+/// Whether the spec names any endpoint by host name (and so needs [`refresh`]).
+pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
+    spec.endpoints
+        .iter()
+        .any(|e| matches!(e.address, EndpointAddr::Host { .. }))
+}
+
+/// Re-resolves every `dns_refresh` until the cluster is dropped.
+pub(crate) async fn refresh(cluster: Weak<Cluster>) {
+    let every = match cluster.upgrade() {
+        Some(c) => c.spec.dns_refresh,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let addrs = resolve(&c.spec).await;
+        let current = c.set.list();
+        let same = addrs.len() == current.len()
+            && addrs
+                .iter()
+                .zip(&current)
+                .all(|((a, w), e)| *a == e.addr && *w == e.weight);
+        if same {
+            continue;
+        }
+        let endpoints = addrs
+            .into_iter()
+            .map(|(a, w)| {
+                current
+                    .iter()
+                    .find(|e| e.addr == a && e.weight == w)
+                    .cloned()
+                    .unwrap_or_else(|| c.new_endpoint(a, w))
+            })
+            .collect::<Vec<_>>();
+        info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");
+        c.set.replace(endpoints);
+    }
+}
