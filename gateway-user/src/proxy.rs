@@ -173,20 +173,7 @@ pub async fn start_with(
         Workers::Current => 1,
         Workers::Threads(n) => n.max(1),
     };
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
-    let mut listen = Vec::new();
-    for addr in &settings.listen {
-        let first = bind(*addr, n > 1)?;
-        let actual = first.local_addr().map_err(|source| StartError::Bind {
-            addr: *addr,
-            source,
-        })?;
-        per_worker[0].push(first);
-        for w in per_worker.iter_mut().skip(1) {
-            w.push(bind(actual, true)?);
-        }
-        listen.push(actual);
-    }
+    let (per_worker, listen) = bind_listeners(&settings.listen, n)?;
     let admin_listener = match settings.admin {
         Some(a) => Some(bind(a, false).and_then(|l| {
             TcpListener::from_std(l).map_err(|source| StartError::Bind { addr: a, source })
@@ -212,31 +199,8 @@ pub async fn start_with(
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (done, workers_done) = mpsc::channel(1);
     for (i, listeners) in per_worker.into_iter().enumerate() {
-        let (shared, phase_rx, done) = (shared.clone(), phase_rx.clone(), done.clone());
-        match workers {
-            Workers::Current => {
-                tokio::spawn(server::worker(listeners, shared, phase_rx, done));
-            }
-            Workers::Threads(_) => {
-                std::thread::Builder::new()
-                    .name(format!("gateway-w{i}"))
-                    .spawn(move || {
-                        upstream::set_worker_index(i);
-                        match tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                        {
-                            Ok(rt) => {
-                                rt.block_on(server::worker(listeners, shared, phase_rx, done))
-                            }
-                            Err(e) => {
-                                error!(worker = i, error = %e, "cannot start a worker runtime")
-                            }
-                        }
-                    })
-                    .map_err(|source| StartError::Worker { index: i, source })?;
-            }
-        }
+        let worker = server::worker(listeners, shared.clone(), phase_rx.clone(), done.clone());
+        spawn_worker(i, workers, worker)?;
     }
     for addr in &listen {
         info!(listener = %addr, workers = n, "proxy listening");
@@ -256,6 +220,58 @@ pub async fn start_with(
         phase,
         workers_done,
     })
+}
+
+/// One socket per listen address for each of `n` workers (`SO_REUSEPORT` when `n > 1`), and
+/// the addresses bound (a configured port 0 shows the port chosen).
+type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
+
+fn bind_listeners(addrs: &[SocketAddr], n: usize) -> Result<Bound, StartError> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+    let mut listen = Vec::new();
+    for addr in addrs {
+        let first = bind(*addr, n > 1)?;
+        let actual = first.local_addr().map_err(|source| StartError::Bind {
+            addr: *addr,
+            source,
+        })?;
+        per_worker[0].push(first);
+        for w in per_worker.iter_mut().skip(1) {
+            w.push(bind(actual, true)?);
+        }
+        listen.push(actual);
+    }
+    Ok((per_worker, listen))
+}
+
+/// Runs worker `i` as a task on the caller's runtime, or on a thread of its own with its own
+/// single-threaded runtime.
+fn spawn_worker(
+    i: usize,
+    workers: Workers,
+    worker: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    match workers {
+        Workers::Current => {
+            tokio::spawn(worker);
+        }
+        Workers::Threads(_) => {
+            std::thread::Builder::new()
+                .name(format!("gateway-w{i}"))
+                .spawn(move || {
+                    upstream::set_worker_index(i);
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(worker),
+                        Err(e) => error!(worker = i, error = %e, "cannot start a worker runtime"),
+                    }
+                })
+                .map_err(|source| StartError::Worker { index: i, source })?;
+        }
+    }
+    Ok(())
 }
 
 impl GatewayHandle {

@@ -136,87 +136,91 @@ pub(crate) fn render(ex: &Record, format: AccessLogFormat) -> String {
     let ts = rfc3339(SystemTime::now() - total);
     let path = ex.uri.path_and_query().map_or("/", |p| p.as_str());
     match format {
-        AccessLogFormat::Json => {
-            let line = JsonLine {
-                ts: &ts,
-                client: ex.client.to_string(),
-                method: ex.method.as_str(),
-                path,
-                version: version_str(ex.version),
-                status: ex.status,
-                bytes: ex.bytes,
-                route: ex.route.as_deref(),
-                cluster: ex.cluster.as_deref(),
-                endpoints: ex.attempts.iter().map(|a| a.endpoint.to_string()).collect(),
-                attempt_errors: ex
-                    .attempts
-                    .iter()
-                    .map(|a| a.error.map_or("-", ErrorKind::reason))
-                    .collect(),
-                cookies: ex.attempts.iter().filter_map(|a| a.cookie).collect(),
-                attempts: ex.attempts.len(),
-                retries: ex.retries,
-                connect_ms: ex.connect.map(ms),
-                first_byte_ms: ex.first_byte.map(ms),
-                total_ms: ms(total),
-                error: ex.error.map(ErrorKind::reason),
-                detail: ex.error_detail.as_deref(),
-                hedged: ex.hedged,
-                aborted: ex.aborted,
-            };
-            serde_json::to_string(&line).unwrap_or_default()
-        }
-        AccessLogFormat::Plain => {
-            let mut s = String::with_capacity(256);
-            let _ = write!(
-                s,
-                "{ts} {} \"{} {} {}\" {} {} route={} cluster={} endpoints=",
-                ex.client,
-                ex.method,
-                path.replace('"', "%22"),
-                version_str(ex.version),
-                ex.status,
-                ex.bytes,
-                ex.route.as_deref().unwrap_or("-"),
-                ex.cluster.as_deref().unwrap_or("-"),
-            );
-            list(&mut s, ex.attempts.iter().map(|a| a.endpoint));
-            s.push_str(" attempt_errors=");
-            list(
-                &mut s,
-                ex.attempts
-                    .iter()
-                    .map(|a| a.error.map_or("-", ErrorKind::reason)),
-            );
-            s.push_str(" cookies=");
-            list(&mut s, ex.attempts.iter().filter_map(|a| a.cookie));
-            let _ = write!(s, " attempts={} retries={}", ex.attempts.len(), ex.retries);
-            let _ = match ex.connect {
-                Some(d) => write!(s, " connect_ms={}", ms(d)),
-                None => write!(s, " connect_ms=-"),
-            };
-            let _ = match ex.first_byte {
-                Some(d) => write!(s, " first_byte_ms={}", ms(d)),
-                None => write!(s, " first_byte_ms=-"),
-            };
-            let _ = write!(
-                s,
-                " total_ms={} error={}",
-                ms(total),
-                ex.error.map_or("-", ErrorKind::reason)
-            );
-            if ex.aborted {
-                s.push_str(" aborted=1");
-            }
-            if ex.hedged {
-                s.push_str(" hedged=1");
-            }
-            if let Some(d) = &ex.error_detail {
-                let _ = write!(s, " detail={d:?}");
-            }
-            s
-        }
+        AccessLogFormat::Json => render_json(ex, &ts, path, total),
+        AccessLogFormat::Plain => render_plain(ex, &ts, path, total),
     }
+}
+
+fn render_json(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
+    let line = JsonLine {
+        ts,
+        client: ex.client.to_string(),
+        method: ex.method.as_str(),
+        path,
+        version: version_str(ex.version),
+        status: ex.status,
+        bytes: ex.bytes,
+        route: ex.route.as_deref(),
+        cluster: ex.cluster.as_deref(),
+        endpoints: ex.attempts.iter().map(|a| a.endpoint.to_string()).collect(),
+        attempt_errors: ex
+            .attempts
+            .iter()
+            .map(|a| a.error.map_or("-", ErrorKind::reason))
+            .collect(),
+        cookies: ex.attempts.iter().filter_map(|a| a.cookie).collect(),
+        attempts: ex.attempts.len(),
+        retries: ex.retries,
+        connect_ms: ex.connect.map(ms),
+        first_byte_ms: ex.first_byte.map(ms),
+        total_ms: ms(total),
+        error: ex.error.map(ErrorKind::reason),
+        detail: ex.error_detail.as_deref(),
+        hedged: ex.hedged,
+        aborted: ex.aborted,
+    };
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
+    let mut s = String::with_capacity(256);
+    let _ = write!(
+        s,
+        "{ts} {} \"{} {} {}\" {} {} route={} cluster={} endpoints=",
+        ex.client,
+        ex.method,
+        path.replace('"', "%22"),
+        version_str(ex.version),
+        ex.status,
+        ex.bytes,
+        ex.route.as_deref().unwrap_or("-"),
+        ex.cluster.as_deref().unwrap_or("-"),
+    );
+    list(&mut s, ex.attempts.iter().map(|a| a.endpoint));
+    s.push_str(" attempt_errors=");
+    list(
+        &mut s,
+        ex.attempts
+            .iter()
+            .map(|a| a.error.map_or("-", ErrorKind::reason)),
+    );
+    s.push_str(" cookies=");
+    list(&mut s, ex.attempts.iter().filter_map(|a| a.cookie));
+    let _ = write!(s, " attempts={} retries={}", ex.attempts.len(), ex.retries);
+    let _ = match ex.connect {
+        Some(d) => write!(s, " connect_ms={}", ms(d)),
+        None => write!(s, " connect_ms=-"),
+    };
+    let _ = match ex.first_byte {
+        Some(d) => write!(s, " first_byte_ms={}", ms(d)),
+        None => write!(s, " first_byte_ms=-"),
+    };
+    let _ = write!(
+        s,
+        " total_ms={} error={}",
+        ms(total),
+        ex.error.map_or("-", ErrorKind::reason)
+    );
+    if ex.aborted {
+        s.push_str(" aborted=1");
+    }
+    if ex.hedged {
+        s.push_str(" hedged=1");
+    }
+    if let Some(d) = &ex.error_detail {
+        let _ = write!(s, " detail={d:?}");
+    }
+    s
 }
 
 fn list<T: std::fmt::Display>(s: &mut String, items: impl Iterator<Item = T>) {

@@ -1,0 +1,117 @@
+use std::io;
+
+use super::*;
+
+fn meter() -> (Telemetry, EndpointMeter) {
+    let t = Telemetry::new(&crate::signals::UserspaceOnly::default());
+    let e = t
+        .cluster("api")
+        .endpoint("10.0.0.1:80".parse().unwrap(), Duration::from_millis(250));
+    (t, e)
+}
+
+fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(prefix))
+}
+
+#[test]
+fn kernel_refusal_counts_attempt_errno_and_so_error() {
+    let (t, e) = meter();
+    let ev = ConnectEvidence {
+        outcome: Outcome::Refused,
+        syn_retransmits: 0,
+        syn_rtt: None,
+        errno: Some(errno::ECONNREFUSED),
+        elapsed: Duration::from_micros(80),
+    };
+    e.connect_failed(&ProxyError::ConnectRefused {
+        endpoint: "10.0.0.1:80".parse().unwrap(),
+        elapsed: Duration::from_micros(80),
+        cookie: 1,
+        evidence: Some(ev),
+    });
+    let text = t.encode();
+    for want in [
+        "gateway_upstream_attempts_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",outcome=\"refused\"} 1",
+        "gateway_upstream_connect_failures_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",errno=\"ECONNREFUSED\"} 1",
+        "gateway_socket_errors_total{errno=\"ECONNREFUSED\"} 1",
+        "gateway_endpoint_health_state{cluster=\"api\",endpoint=\"10.0.0.1:80\",state=\"healthy\"} 1",
+        "gateway_upstream_connect_deadline_seconds{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 0.25",
+        "gateway_observer_kernel_signals 0",
+        "gateway_observer_mode{mode=\"userspace\"} 1",
+    ] {
+        assert!(text.contains(want), "missing {want}:\n{text}");
+    }
+}
+
+#[test]
+fn userspace_failures_use_the_proxys_reading() {
+    let (t, e) = meter();
+    e.connect_failed(&ProxyError::ConnectFailed {
+        endpoint: "10.0.0.1:80".parse().unwrap(),
+        source: io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        cookie: Some(1),
+    });
+    e.connect_abandoned(None, true);
+    e.connect_abandoned(None, false);
+    let text = t.encode();
+    assert!(text.contains("outcome=\"addr_unavailable\"} 1"), "{text}");
+    assert!(text.contains("outcome=\"aborted\"} 2"), "{text}");
+    assert!(text.contains("errno=\"ETIMEDOUT\"} 1"), "{text}");
+    assert!(text.contains("errno=\"EADDRNOTAVAIL\"} 1"), "{text}");
+    assert!(
+        line(&text, "gateway_socket_errors_total").is_none(),
+        "no SO_ERROR without the kernel:\n{text}"
+    );
+}
+
+#[test]
+fn kernel_handshakes_feed_the_syn_rtt_histogram() {
+    let (t, e) = meter();
+    e.connected(Some(&ConnectEvidence {
+        outcome: Outcome::Established,
+        syn_retransmits: 1,
+        syn_rtt: Some(Duration::from_micros(1_000_070)),
+        errno: None,
+        elapsed: Duration::from_secs(1),
+    }));
+    e.connected(None);
+    let text = t.encode();
+    assert!(
+        text.contains(
+            "gateway_upstream_syn_rtt_seconds_count{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "gateway_upstream_syn_retransmits_total{cluster=\"api\",endpoint=\"10.0.0.1:80\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("outcome=\"established\"} 2"), "{text}");
+}
+
+#[test]
+fn ejection_flips_the_state_gauges() {
+    let (t, e) = meter();
+    e.transition(
+        Transition::Ejected {
+            reason: crate::decide::health::Reason::Refused,
+            duration: Duration::from_secs(1),
+        },
+        State::Ejected,
+    );
+    let text = t.encode();
+    assert!(text.contains("state=\"ejected\"} 1"), "{text}");
+    assert!(text.contains("state=\"healthy\"} 0"), "{text}");
+    assert!(
+        text.contains("gateway_endpoint_ejections_total{cluster=\"api\",endpoint=\"10.0.0.1:80\",reason=\"refused\"} 1"),
+        "{text}"
+    );
+    drop(e);
+    assert!(
+        t.encode().contains("state=\"ejected\"} 0"),
+        "a dropped endpoint leaves no state set"
+    );
+}
