@@ -63,6 +63,13 @@ pub struct Deadline {
     pub source: DeadlineSource,
 }
 
+/// Whether a connect that passed its `deadline` may be hedged (when hedging is `enabled`):
+/// only below the hard `cap`. A deadline equal to the cap means the connect used all the time
+/// it had, and nothing is left to race in.
+pub fn may_hedge(enabled: bool, deadline: Duration, cap: Duration) -> bool {
+    enabled && deadline < cap
+}
+
 /// The recent SYN-RTTs of one endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct RttWindow {
@@ -222,6 +229,13 @@ mod tests {
         let later = t0 + DEFAULT_WINDOW + ms(1);
         assert_eq!(w.deadline(&p, later).source, DeadlineSource::Configured);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn only_an_adaptive_deadline_leaves_room_to_hedge() {
+        assert!(may_hedge(true, ms(50), ms(5000)));
+        assert!(!may_hedge(true, ms(5000), ms(5000)));
+        assert!(!may_hedge(false, ms(50), ms(5000)));
     }
 
     #[test]

@@ -249,3 +249,77 @@ impl HealthCell {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::decide::health::Reason;
+
+    fn spec(extra: &str) -> ClusterSpec {
+        let text = format!(
+            "[router]\nlistener_port = 8080\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n{extra}"
+        );
+        let loaded = crate::config::load_str(&text, std::path::Path::new("test.toml"))
+            .expect("a valid config");
+        loaded.settings.clusters["default"].clone()
+    }
+
+    /// What the probe loop sees on each tick: the ejection runs out on the tick after it
+    /// expires, and probes follow every `probe_interval`, then `rise` successes recover.
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_is_probed_when_its_ejection_runs_out_then_every_interval() {
+        let spec = spec("[router.upstream.health]\nejection_ms = 1000\nprobe_interval_ms = 500\n");
+        let cell = HealthCell::new();
+        let t = cell.observe(Evidence::Refused, &spec, true, &|| "RST".to_owned());
+        assert!(
+            matches!(
+                t,
+                Transition::Ejected {
+                    reason: Reason::Refused,
+                    ..
+                }
+            ),
+            "{t:?}"
+        );
+        assert!(!cell.routable());
+        let tick = Duration::from_millis(100);
+        let mut probes = Vec::new();
+        let start = Instant::now();
+        for _ in 0..30 {
+            tokio::time::advance(tick).await;
+            let (_, due) = cell.tick(&spec);
+            if due {
+                probes.push(start.elapsed().as_millis());
+                if probes.len() == 2 {
+                    // Two successes in a row (`rise`) bring it back.
+                    cell.probe(Evidence::ResponseOk, &spec, true, &String::new);
+                    let t = cell.probe(Evidence::ResponseOk, &spec, true, &String::new);
+                    assert_eq!(t, Transition::Recovered);
+                }
+            }
+        }
+        // Probing from 1 s, every 500 ms; healthy (and adaptive deadlines on, without
+        // samples) it gets a measuring probe a second after the last one.
+        assert_eq!(probes[..2], [1000, 1500], "{probes:?}");
+        assert_eq!(probes.get(2), Some(&2500), "{probes:?}");
+        assert!(cell.routable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_endpoint_with_enough_samples_is_not_probed() {
+        let spec = spec("");
+        let cell = HealthCell::new();
+        for _ in 0..8 {
+            cell.observe_rtt(Duration::from_micros(80), 0);
+        }
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert!(!cell.tick(&spec).1, "no probe needed");
+        }
+        // Once the samples age out of the 60 s window, measuring probes resume.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(cell.tick(&spec).1);
+    }
+}

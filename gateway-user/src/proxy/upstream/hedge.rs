@@ -18,7 +18,7 @@ use super::{
     pool::UpstreamConn,
 };
 use crate::{
-    decide::{budget::HedgePermit, health::Evidence},
+    decide::{budget::HedgePermit, deadline::may_hedge, health::Evidence},
     proxy::{error::ProxyError, telemetry::HedgeResult},
 };
 
@@ -37,7 +37,7 @@ pub(super) fn plan(
     tried: &(dyn Fn(SocketAddr) -> bool + Sync),
 ) -> Option<Hedge> {
     let r = &cluster.spec.retry;
-    if !r.hedge || deadline >= cluster.spec.timeouts.connect {
+    if !may_hedge(r.hedge, deadline, cluster.spec.timeouts.connect) {
         return None;
     }
     let endpoint = cluster
