@@ -13,8 +13,9 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec, NetnsCommandExt};
+
 use crate::{
-    lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec, NetnsCommandExt},
     observe::{ObserveArgs, init_tracing, observe},
     observer::{explain::explain, records::ConnectRecord},
 };

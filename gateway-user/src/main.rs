@@ -34,11 +34,13 @@ enum Command {
     /// Probe targets and print a root-cause verdict with the kernel evidence behind it.
     Diagnose(gateway::diagnose::DiagnoseArgs),
     /// Build a lab of faulty upstreams in network namespaces and show what the kernel sees.
+    #[cfg(feature = "demo")]
     Demo(gateway::demo::DemoArgs),
     /// Print the metric catalogue (METRICS.md) generated from the code.
     #[command(hide = true)]
     MetricsDoc,
     /// One of the demo's client programs (started by `gateway demo`).
+    #[cfg(feature = "demo")]
     #[command(hide = true)]
     DemoClient(gateway::demo::DemoClientArgs),
 }
@@ -50,11 +52,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => gateway::config::cli_check(&file),
         Command::Observe(args) => gateway::observe::run(args),
         Command::Diagnose(args) => gateway::diagnose::run(args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => gateway::demo::demo(args),
         Command::MetricsDoc => {
             print!("{}", gateway::metrics::catalogue_markdown());
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "demo")]
         Command::DemoClient(args) => gateway::demo::demo_client(args),
     };
     match result {

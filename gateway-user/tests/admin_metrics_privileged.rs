@@ -12,7 +12,7 @@
 mod admin_support;
 
 use admin_support::*;
-use gateway::lab::{Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_lab::{Fault, HttpBehaviour, Lab, LabSpec};
 
 const PORT: u16 = 8080;
 

@@ -1,4 +1,4 @@
-//! Privileged self-test of the fault lab (`gateway::lab`). It needs root (network namespaces,
+//! Privileged self-test of the fault lab (`gateway_lab`). It needs root (network namespaces,
 //! veths, iptables-legacy, cgroups) and fails loudly without it; it never skips.
 //!
 //! Run: `cargo test -p gateway-user --test lab_selftest -- --test-threads=1`
@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::lab::{
+use gateway_lab::{
     CgroupGuard, ClientSysctl, Fault, HttpBehaviour, Lab, LabError, LabSpec, NetStat,
     NetnsCommandExt as _, cgroup2_mount,
 };

@@ -1,5 +1,5 @@
 //! Privileged: needs root. The gateway against faults that loopback cannot express, built with
-//! the fault lab (`gateway::lab`: network namespaces, veths, iptables rules in the upstream's
+//! the fault lab (`gateway_lab`: network namespaces, veths, iptables rules in the upstream's
 //! namespace). The gateway and its client run in the lab's client namespace; nothing outside the
 //! lab is touched. Without root every test panics saying so; none is skipped.
 //!
@@ -9,7 +9,7 @@ mod proxy_support;
 
 use std::time::{Duration, Instant};
 
-use gateway::lab::{Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_lab::{Fault, HttpBehaviour, Lab, LabSpec};
 use http::StatusCode;
 use proxy_support::*;
 

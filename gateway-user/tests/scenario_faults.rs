@@ -8,7 +8,7 @@ mod scenario_support;
 
 use std::time::Duration;
 
-use gateway::lab::{Fault, HttpBehaviour};
+use gateway_lab::{Fault, HttpBehaviour};
 use scenario_support::*;
 
 const RATE: u32 = 200;

@@ -21,7 +21,7 @@ use common::{
     },
     require_root,
 };
-use gateway::lab::{Fault, Lab, LabSpec, NetnsCommandExt};
+use gateway_lab::{Fault, Lab, LabSpec, NetnsCommandExt};
 
 /// A loopback port nothing listens on.
 fn closed_port() -> SocketAddr {
@@ -227,7 +227,7 @@ fn privileged_sigint_mid_probe_removes_the_cgroup() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let dir = gateway::lab::cgroup2_mount()
+    let dir = gateway_lab::cgroup2_mount()
         .unwrap()
         .join(format!("gateway-diagnose-{pid}"));
     let start = Instant::now();

@@ -19,7 +19,7 @@ use common::{
     },
     require_root,
 };
-use gateway::lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec};
 
 const PORT: u16 = 8080;
 
@@ -155,7 +155,7 @@ fn privileged_overloaded_accept_queue() {
         .netns()
         .netstat()
         .unwrap()
-        .get(gateway::lab::NetStat::LISTEN_OVERFLOWS)
+        .get(gateway_lab::NetStat::LISTEN_OVERFLOWS)
         .unwrap_or(0);
     assert!(
         overflows >= 5,

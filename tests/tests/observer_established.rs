@@ -12,7 +12,8 @@ use std::{
 };
 
 use common::{Probe, observed_lab, probe, spawn_probe};
-use gateway::{lab::Fault, observer::records::socket_addr_to_key};
+use gateway::observer::records::socket_addr_to_key;
+use gateway_lab::Fault;
 use gateway_common::Outcome;
 
 const PORT: u16 = 8080;

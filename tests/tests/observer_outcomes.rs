@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{observed_lab, probe};
-use gateway::lab::{ClientSysctl, Fault, NetStat};
+use gateway_lab::{ClientSysctl, Fault, NetStat};
 use gateway_common::Outcome;
 
 const PORT: u16 = 8080;

@@ -1,6 +1,6 @@
 //! `cargo xtask bench faults`: the gateway, nginx and HAProxy under the same upstream faults.
 //!
-//! Each run builds a fresh fault lab (`gateway::lab`, root only): three upstream namespaces
+//! Each run builds a fresh fault lab (`gateway_lab`, root only): three upstream namespaces
 //! serving HTTP on port 8080 and a client namespace, in which the peer under test listens on
 //! 127.0.0.1:18080 in front of the three upstreams. An open-loop generator (hyper, in the client
 //! namespace) sends `GET /` at a fixed rate (200 req/s) for the run (20 s); at t = 7 s a fault is
@@ -51,7 +51,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use gateway::lab::{Fault, HttpBehaviour, HttpServer, Lab, LabSpec, Netns, NetnsCommandExt};
+use gateway_lab::{Fault, HttpBehaviour, HttpServer, Lab, LabSpec, Netns, NetnsCommandExt};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};

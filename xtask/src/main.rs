@@ -155,6 +155,8 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["build", "--all-targets"]))?;
+    // `gateway demo` is compiled only with the `demo` feature: keep it compiling.
+    run(cargo().args(["check", "-p", "gateway-user", "--features", "demo", "--bins"]))?;
     let filter: Vec<String> = filter.into_iter().collect();
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
@@ -228,11 +230,14 @@ unsafe extern "C" {
 }
 
 fn demo(args: Vec<String>) -> anyhow::Result<()> {
+    // The demo needs the fault lab compiled in (the `demo` feature, off in production builds).
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "gateway-user",
+        "--features",
+        "demo",
         "--bin",
         "gateway",
     ]))?;

@@ -184,7 +184,7 @@ pub fn require_root(test: &str) {
 /// them through [`LabGateway::admin`] and [`LabGateway::get`]. Dropping it sends SIGTERM, so the
 /// gateway detaches and removes its cgroup itself.
 pub struct LabGateway<'a> {
-    pub lab: &'a gateway::lab::Lab,
+    pub lab: &'a gateway_lab::Lab,
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -209,10 +209,10 @@ impl<'a> LabGateway<'a> {
     /// `extra`: the clusters (TOML), appended to a config with the listener, the admin API,
     /// no access log and a required kernel observer. One worker thread, so that a test's
     /// successive requests find the same idle-pool shard (pools are per worker).
-    pub fn start(lab: &'a gateway::lab::Lab, name: &str, extra: &str) -> LabGateway<'a> {
+    pub fn start(lab: &'a gateway_lab::Lab, name: &str, extra: &str) -> LabGateway<'a> {
         use std::io::BufRead as _;
 
-        use gateway::lab::NetnsCommandExt as _;
+        use gateway_lab::NetnsCommandExt as _;
         let dir = std::env::temp_dir().join(format!("gw-admin-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use gateway::lab::{HttpBehaviour, HttpServer, Lab, LabSpec, NetnsCommandExt};
+use gateway_lab::{HttpBehaviour, HttpServer, Lab, LabSpec, NetnsCommandExt};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};

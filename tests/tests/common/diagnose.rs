@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::lab::{Lab, NetnsCommandExt, Upstream};
+use gateway_lab::{Lab, NetnsCommandExt, Upstream};
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -102,7 +102,7 @@ pub fn diagnose_here(args: &[&str]) -> Run {
 
 /// The cgroup `diagnose` made for itself (`gateway-diagnose-<pid>` under the v2 mount) is gone.
 pub fn assert_no_cgroup_left(pid: u32) {
-    let mount = gateway::lab::cgroup2_mount().expect("cgroup v2 is mounted");
+    let mount = gateway_lab::cgroup2_mount().expect("cgroup v2 is mounted");
     let dir = mount.join(format!("gateway-diagnose-{pid}"));
     assert!(
         !dir.exists(),

@@ -12,13 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::{
-    lab::{Lab, LabSpec, NetnsCommandExt},
-    observer::{
-        KernelObserver, ObserverOptions,
-        records::{Clock, ConnectRecord, Decoded, Joiner, decode},
-    },
+use gateway::observer::{
+    KernelObserver, ObserverOptions,
+    records::{Clock, ConnectRecord, Decoded, Joiner, decode},
 };
+use gateway_lab::{Lab, LabSpec, NetnsCommandExt};
 use serde::Deserialize;
 
 /// Fails loudly (never skips) when the test cannot do what it claims to check.
