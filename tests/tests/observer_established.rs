@@ -13,8 +13,8 @@ use std::{
 
 use common::{Probe, observed_lab, probe, spawn_probe};
 use gateway::observer::records::socket_addr_to_key;
-use gateway_lab::Fault;
 use gateway_common::Outcome;
+use gateway_lab::Fault;
 
 const PORT: u16 = 8080;
 

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{observed_lab, probe};
-use gateway_lab::{ClientSysctl, Fault, NetStat};
 use gateway_common::Outcome;
+use gateway_lab::{ClientSysctl, Fault, NetStat};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(5);

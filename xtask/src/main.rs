@@ -156,7 +156,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["build", "--all-targets"]))?;
     // `gateway demo` is compiled only with the `demo` feature: keep it compiling.
-    run(cargo().args(["check", "-p", "gateway-user", "--features", "demo", "--bins"]))?;
+    run(cargo().args([
+        "check",
+        "-p",
+        "gateway-user",
+        "--features",
+        "demo",
+        "--bins",
+    ]))?;
     let filter: Vec<String> = filter.into_iter().collect();
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
