@@ -7,9 +7,13 @@
 //!    upstream's kernel ([`Delivery::NotReceived`]): the request never reached the upstream
 //!    application, so it may be retried even when the method is not idempotent
 //!    (`unacked_request`).
-//! 3. The host died under an idempotent request (RTOs with bytes unACKed): retry
+//! 3. A **reused** keep-alive connection broke (reset or closed) before any response byte, under
+//!    an idempotent request: retry (`stale_connection`), on a fresh connection, to the same
+//!    endpoint if no other is left. This is the upstream closing an idle connection just as a
+//!    request is written on it; the endpoint is not at fault.
+//! 4. The host died under an idempotent request (RTOs with bytes unACKed): retry
 //!    (`upstream_reset`), whatever `on_response_timeout` says — the upstream cannot answer.
-//! 4. Anything else — some or all of the request ACKed, or no kernel evidence — is retried
+//! 5. Anything else — some or all of the request ACKed, or no kernel evidence — is retried
 //!    only when the method is idempotent and the policy allows retries on that failure
 //!    (`response_timeout` / `upstream_reset`). A partial ACK is never "safe".
 //!
@@ -50,8 +54,13 @@ pub enum Failure {
     /// No connection was made.
     ConnectFailed,
     /// The connection broke before a response: a reset or EOF, or (`host_died`) RTOs with
-    /// the request unACKed.
-    ConnectionDied { delivery: Delivery, host_died: bool },
+    /// the request unACKed. `reused`: it had carried earlier requests (a keep-alive
+    /// connection from the pool).
+    ConnectionDied {
+        delivery: Delivery,
+        host_died: bool,
+        reused: bool,
+    },
     /// The response timer fired.
     ResponseTimeout { delivery: Delivery },
     /// A failure another endpoint would not fix (an invalid response, the client's body, a
@@ -64,14 +73,16 @@ pub enum Failure {
 pub enum RetryReason {
     ConnectFailed,
     UnackedRequest,
+    StaleConnection,
     ResponseTimeout,
     UpstreamReset,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 4] = [
+    pub const ALL: [RetryReason; 5] = [
         RetryReason::ConnectFailed,
         RetryReason::UnackedRequest,
+        RetryReason::StaleConnection,
         RetryReason::ResponseTimeout,
         RetryReason::UpstreamReset,
     ];
@@ -80,10 +91,21 @@ impl RetryReason {
         match self {
             RetryReason::ConnectFailed => "connect_failed",
             RetryReason::UnackedRequest => "unacked_request",
+            RetryReason::StaleConnection => "stale_connection",
             RetryReason::ResponseTimeout => "response_timeout",
             RetryReason::UpstreamReset => "upstream_reset",
         }
     }
+}
+
+/// Where a retry may go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    /// Another endpoint: this one failed.
+    Elsewhere,
+    /// A fresh connection, to another endpoint if one is left, else to the same one: the
+    /// connection failed, not the endpoint (a stale keep-alive connection).
+    FreshConnection,
 }
 
 /// The retry knobs of a cluster.
@@ -125,12 +147,13 @@ pub enum Stop {
 pub enum Step {
     Retry {
         reason: RetryReason,
+        to: Where,
         permit: RetryPermit,
     },
     Stop(Stop),
 }
 
-/// Rule 1–4 of the module doc: `Some(reason)` when the failure may be retried at all.
+/// Rules 1–5 of the module doc: `Some(reason)` when the failure may be retried at all.
 pub fn retry_allowed(
     failure: Failure,
     idempotent: bool,
@@ -148,6 +171,11 @@ pub fn retry_allowed(
         Failure::ResponseTimeout { .. } => {
             (idempotent && policy.on_response_timeout).then_some(RetryReason::ResponseTimeout)
         }
+        Failure::ConnectionDied {
+            host_died: false,
+            reused: true,
+            ..
+        } if idempotent => Some(RetryReason::StaleConnection),
         Failure::ConnectionDied { host_died, .. } => {
             (idempotent && (host_died || policy.on_reset)).then_some(RetryReason::UpstreamReset)
         }
@@ -171,8 +199,17 @@ pub fn next_step(
     if attempted.retries >= policy.max_retries {
         return Step::Stop(Stop::MaxRetries);
     }
+    let to = match failure {
+        // The connection broke, not the endpoint (a host that died is `host_died`).
+        Failure::ConnectionDied {
+            host_died: false,
+            reused: true,
+            ..
+        } => Where::FreshConnection,
+        _ => Where::Elsewhere,
+    };
     match budgets.try_retry(policy.budget_percent, policy.min_retry_concurrency) {
-        Some(permit) => Step::Retry { reason, permit },
+        Some(permit) => Step::Retry { reason, to, permit },
         None => Step::Stop(Stop::BudgetSpent),
     }
 }

@@ -305,8 +305,9 @@ impl ProxyError {
     }
 
     /// What this error means for a retry; `delivery` is what the kernel proves about the
-    /// request's bytes (see `decide::retry`).
-    pub fn failure(&self, delivery: Delivery) -> Failure {
+    /// request's bytes, `reused` whether the connection had carried earlier requests (see
+    /// `decide::retry`).
+    pub fn failure(&self, delivery: Delivery, reused: bool) -> Failure {
         match self {
             ProxyError::ConnectTimeout { .. }
             | ProxyError::ConnectRefused { .. }
@@ -316,10 +317,12 @@ impl ProxyError {
             ProxyError::UpstreamHostDied { .. } => Failure::ConnectionDied {
                 delivery,
                 host_died: true,
+                reused,
             },
             ProxyError::UpstreamReset { .. } => Failure::ConnectionDied {
                 delivery,
                 host_died: false,
+                reused,
             },
             _ => Failure::Final,
         }

@@ -129,6 +129,22 @@ pub(crate) fn to_upstream(
 }
 
 /// Rewrites an upstream's response headers for the client.
+/// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
+/// and nginx send it): how long it keeps an idle connection open. `None` when absent or
+/// unreadable.
+pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|p| {
+        let (k, n) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("timeout")
+            .then(|| n.trim().parse::<u64>().ok())
+            .flatten()
+            .filter(|n| *n > 0)
+            .map(std::time::Duration::from_secs)
+    })
+}
+
 pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
     strip_hop_by_hop(headers);
     append_via(headers, upstream_version);
@@ -137,6 +153,29 @@ pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_the_upstreams_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(keep_alive_timeout(&h), None);
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5, max=100"));
+        assert_eq!(
+            keep_alive_timeout(&h),
+            Some(std::time::Duration::from_secs(5))
+        );
+        h.insert(
+            "keep-alive",
+            HeaderValue::from_static("max=100, Timeout = 2"),
+        );
+        assert_eq!(
+            keep_alive_timeout(&h),
+            Some(std::time::Duration::from_secs(2))
+        );
+        for junk in ["timeout=", "timeout=x", "timeout=0", "max=3"] {
+            h.insert("keep-alive", HeaderValue::from_static(junk));
+            assert_eq!(keep_alive_timeout(&h), None, "{junk}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -40,7 +40,7 @@ use super::{
 };
 use crate::decide::{
     budget::RetryPermit,
-    retry::{Attempted, Step, Stop, next_step},
+    retry::{Attempted, Step, Stop, Where, next_step},
 };
 
 /// An upstream response head, and the connection it came on.
@@ -88,6 +88,10 @@ struct Plan {
     idempotent: bool,
     /// A copy of a bodiless request's head, to send it again after it was sent once.
     replay: Option<Box<(Method, Uri, HeaderMap)>>,
+    /// The next attempt takes a new connection, not an idle one (after a stale one broke).
+    fresh: bool,
+    /// The next pick may return to an endpoint already tried when no other is left.
+    same_endpoint_ok: bool,
 }
 
 impl Plan {
@@ -110,6 +114,8 @@ impl Plan {
             kernel,
             idempotent,
             replay,
+            fresh: false,
+            same_endpoint_ok: false,
         }
     }
 
@@ -136,10 +142,16 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     let mut last: Option<Box<ProxyError>> = None;
     let mut _retry: Option<RetryPermit> = None;
     loop {
-        let ep = pick(&cluster, ex, last.take())?;
+        let ep = pick(
+            &cluster,
+            ex,
+            last.take(),
+            std::mem::take(&mut plan.same_endpoint_ok),
+        )?;
         let Failed {
             error,
             delivery,
+            reused,
             unsent,
         } = match attempt::run(&cluster, ep, req, &mut plan, ex).await {
             Ok(up) => return Ok(up),
@@ -156,14 +168,16 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
             resendable: again.is_some(),
             retries: ex.record.retries,
         };
-        let step = next_step(
-            error.failure(delivery),
-            attempted,
-            &policy,
-            &cluster.budgets,
-        );
-        match (step, again) {
-            (Step::Retry { reason, permit }, Some(again)) => {
+        let failure = error.failure(delivery, reused);
+        match (
+            next_step(failure, attempted, &policy, &cluster.budgets),
+            again,
+        ) {
+            (Step::Retry { reason, to, permit }, Some(again)) => {
+                if to == Where::FreshConnection {
+                    plan.fresh = true;
+                    plan.same_endpoint_ok = true;
+                }
                 cluster.meter.retry(reason);
                 _retry = Some(permit);
                 ex.record.retries += 1;
@@ -180,14 +194,21 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     }
 }
 
-/// An endpoint this request has not tried; when none is left, the last attempt's error (or
-/// `no_healthy_upstream` when there was none).
+/// An endpoint this request has not tried (or, when `same_ok`, any routable one once the
+/// untried are gone); when none is left, the last attempt's error (or `no_healthy_upstream`
+/// when there was none).
 fn pick(
     cluster: &Cluster,
     ex: &Exchange,
     last: Option<Box<ProxyError>>,
+    same_ok: bool,
 ) -> Result<Arc<Endpoint>, ProxyError> {
-    match cluster.pick(|a| ex.record.attempts.iter().any(|t| t.endpoint == a)) {
+    let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
+    let picked = match cluster.pick(tried) {
+        Err(NoPick::AllTried) if same_ok => cluster.pick(|_| false),
+        other => other,
+    };
+    match picked {
         Ok(ep) => Ok(ep),
         Err(NoPick::NoneHealthy { total, ejected }) => Err(last.map_or_else(
             || ProxyError::NoHealthyUpstream {

@@ -77,7 +77,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
 }
 
 /// Retry reasons, in label order.
-const RETRY_REASONS: [RetryReason; 4] = RetryReason::ALL;
+const RETRY_REASONS: [RetryReason; 5] = RetryReason::ALL;
 
 /// How a hedged connect ended (the `result` label of `gateway_hedged_connects_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,7 +261,7 @@ impl RouteMeter {
 pub(crate) struct ClusterMeter {
     metrics: GatewayMetrics,
     name: String,
-    retries: [Counter; 4],
+    retries: [Counter; 5],
     hedges: [Counter; 3],
     retry_budget_exhausted: Counter,
 }

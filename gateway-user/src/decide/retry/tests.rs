@@ -18,6 +18,7 @@ fn died(delivery: Delivery) -> Failure {
     Failure::ConnectionDied {
         delivery,
         host_died: false,
+        reused: false,
     }
 }
 
@@ -88,12 +89,51 @@ fn a_dead_host_is_retried_for_idempotent_requests_whatever_the_policy() {
     let f = Failure::ConnectionDied {
         delivery: Delivery::Received,
         host_died: true,
+        reused: true,
     };
     assert_eq!(
         retry_allowed(f, true, &ALL_OFF),
         Some(RetryReason::UpstreamReset)
     );
     assert_eq!(retry_allowed(f, false, &ALL_OFF), None);
+}
+
+#[test]
+fn a_stale_keep_alive_connection_is_retried_for_idempotent_requests_on_a_fresh_one() {
+    let stale = |delivery| Failure::ConnectionDied {
+        delivery,
+        host_died: false,
+        reused: true,
+    };
+    for d in [Delivery::Received, Delivery::Unknown] {
+        assert_eq!(
+            retry_allowed(stale(d), true, &ALL_OFF),
+            Some(RetryReason::StaleConnection),
+            "whatever the policy: the upstream closed an idle connection"
+        );
+        assert_eq!(
+            retry_allowed(stale(d), false, &ALL_ON),
+            None,
+            "a POST that may have arrived is never sent twice"
+        );
+    }
+    assert_eq!(
+        retry_allowed(stale(Delivery::NotReceived), false, &ALL_OFF),
+        Some(RetryReason::UnackedRequest),
+        "a POST the kernel proves unreceived is"
+    );
+    let budgets = Arc::new(Budgets::default());
+    match next_step(stale(Delivery::Unknown), attempted(0), &ALL_OFF, &budgets) {
+        Step::Retry { reason, to, .. } => {
+            assert_eq!(reason, RetryReason::StaleConnection);
+            assert_eq!(to, Where::FreshConnection);
+        }
+        other => panic!("{other:?}"),
+    }
+    match next_step(Failure::ConnectFailed, attempted(0), &ALL_OFF, &budgets) {
+        Step::Retry { to, .. } => assert_eq!(to, Where::Elsewhere),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -132,7 +172,7 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
     // No request in flight: the floor of 3 concurrent retries.
     let held: Vec<_> = (0..3)
         .map(|_| match next_step(f, attempted(0), &ALL_ON, &budgets) {
-            Step::Retry { reason, permit } => {
+            Step::Retry { reason, permit, .. } => {
                 assert_eq!(reason, RetryReason::ConnectFailed);
                 permit
             }

@@ -30,6 +30,7 @@ use crate::{
         access_log::Attempt,
         error::{ErrorKind, Phase, ProxyError},
         exchange::Exchange,
+        headers,
         io::is_write_stall,
         request_body::{RequestBody, RequestBodyError},
         upstream::{Cluster, Endpoint, InFlight, Lease, UpstreamConn, checkout},
@@ -44,6 +45,8 @@ pub const HOST_DIED_CHECK: Duration = Duration::from_millis(200);
 pub(super) struct Failed {
     pub error: ProxyError,
     pub delivery: Delivery,
+    /// The connection had carried earlier requests.
+    pub reused: bool,
     pub unsent: Option<Request<RequestBody>>,
 }
 
@@ -56,6 +59,7 @@ impl Failed {
         Box::new(Failed {
             error,
             delivery,
+            reused: false,
             unsent,
         })
     }
@@ -96,6 +100,7 @@ pub(super) async fn run(
         match exchange(cluster, &ep, &mut conn, req, fast, plan, ex).await {
             Ok(response) => {
                 ex.record.first_byte = Some(ex.record.start.elapsed());
+                conn.keep_alive = headers::keep_alive_timeout(response.headers());
                 cluster.report(
                     &ep,
                     crate::decide::health::Evidence::ResponseOk,
@@ -120,7 +125,10 @@ pub(super) async fn run(
                 let Failed { unsent, .. } = *f;
                 req = unsent.expect("checked by the guard");
             }
-            Err(f) => return Err(f),
+            Err(mut f) => {
+                f.reused = reused;
+                return Err(f);
+            }
         }
     }
 }
@@ -134,21 +142,23 @@ fn push_attempt(ex: &mut Exchange, endpoint: SocketAddr) {
     });
 }
 
-/// An idle connection at once (`fast`), or one from `checkout` within the request deadline.
-/// The connection may be to another endpoint when a hedged connect won.
+/// An idle connection at once (`fast`), or one from `checkout` within the request deadline
+/// (a new one when `plan.fresh` asks for it). The connection may be to another endpoint when a
+/// hedged connect won.
 async fn connect_or_reuse(
     cluster: &Arc<Cluster>,
     ep: &Arc<Endpoint>,
-    plan: &Plan,
+    plan: &mut Plan,
     ex: &mut Exchange,
 ) -> Result<(Arc<Endpoint>, UpstreamConn, bool), ProxyError> {
-    if let Some(c) = ep.pool.take(ex.record.start) {
+    let fresh = std::mem::take(&mut plan.fresh);
+    if !fresh && let Some(c) = ep.pool.take(ex.record.start) {
         return Ok((ep.clone(), c, true));
     }
     let tried: Vec<SocketAddr> = ex.record.attempts.iter().map(|t| t.endpoint).collect();
     let tried = move |a: SocketAddr| tried.contains(&a);
     // Boxed: the slow path, kept out of every request's future.
-    let checkout = Box::pin(checkout(cluster, ep, &tried));
+    let checkout = Box::pin(checkout(cluster, ep, &tried, fresh));
     let (winner, conn) = match tokio::time::timeout_at(plan.deadline, checkout).await {
         Ok(r) => r?,
         Err(_) => return Err(request_timeout(cluster, ex)),
@@ -175,6 +185,7 @@ async fn exchange(
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
+    let baseline = acked_before(conn, plan);
     let mut send = std::pin::pin!(conn.sender.try_send_request(req));
     let result = match plan.done.as_mut() {
         // The response timeout starts once the client's body has been sent.
@@ -202,9 +213,7 @@ async fn exchange(
             };
             let on = OnConn {
                 cookie: conn.cookie,
-                // A fresh connection carried nothing before this request; on a reused one the
-                // bytes of earlier requests are not tracked.
-                baseline: conn.connect_time.is_some().then_some(0),
+                baseline,
                 sent,
             };
             await_head(send.as_mut(), cluster, ep, on, plan, ex).await?
@@ -212,12 +221,38 @@ async fn exchange(
     };
     result.map_err(|mut e| {
         let unsent = e.take_message();
-        Failed::new(
-            upstream_error(e.into_error(), ep.addr),
-            Delivery::Unknown,
-            unsent,
-        )
+        let error = upstream_error(e.into_error(), ep.addr);
+        // The kernel's record of the connection, now closed, says whether this request's
+        // bytes reached the upstream.
+        let acked = match &error {
+            ProxyError::UpstreamReset { .. } => cluster
+                .signals
+                .established_evidence(conn.cookie)
+                .map(|e| e.bytes_acked),
+            _ => None,
+        };
+        Failed::new(error, Delivery::of(baseline, acked), unsent)
     })
+}
+
+/// The connection's `bytes_acked` (SYN excluded) before this request is written, when it can
+/// matter and be known: 0 on a fresh connection; on a reused one, read from `TCP_INFO` for a
+/// non-idempotent request with kernel signals on (only those need proof that the request
+/// never arrived: idempotent ones are retried anyway, and without the kernel's record of the
+/// connection's end there is nothing to compare with).
+fn acked_before(conn: &UpstreamConn, plan: &Plan) -> Option<u64> {
+    if conn.connect_time.is_some() {
+        return Some(0);
+    }
+    if !plan.kernel || plan.idempotent {
+        return None;
+    }
+    let fd = conn.socket()?;
+    let info = crate::diagnose::tcpinfo::read(fd)?;
+    // Checked again after the read: the fd was this connection's socket throughout.
+    conn.socket()?;
+    // TCP_INFO counts the SYN as one byte, the kernel observer's record does not.
+    info.bytes_acked.map(|b| b.saturating_sub(1))
 }
 
 /// The request on its connection, once sent.

@@ -45,13 +45,15 @@ impl Lease {
 }
 
 /// A connection to `ep`, or to another endpoint when a hedged connect won (see `hedge`).
+/// `fresh`: a new connection only, never an idle one (after a stale one broke).
 pub(crate) async fn checkout(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
     tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+    fresh: bool,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
     loop {
-        if let Some(c) = ep.pool.take(Instant::now()) {
+        if !fresh && let Some(c) = ep.pool.take(Instant::now()) {
             return Ok((ep.clone(), c));
         }
         if let Ok(slot) = cluster.slots.clone().try_acquire_owned() {
@@ -59,10 +61,10 @@ pub(crate) async fn checkout(
         }
         // All slots busy: use another worker's idle connection to this endpoint, or close an
         // idle connection to another endpoint to make room.
-        if let Some(c) = ep.pool.steal() {
+        if !fresh && let Some(c) = ep.pool.steal() {
             return Ok((ep.clone(), c));
         }
-        if cluster.set.evict_idle_except(ep) {
+        if cluster.set.evict_idle_except(ep) || (fresh && ep.pool.evict_oldest()) {
             continue;
         }
         let limit = cluster.spec.limits.max_pending_requests;
@@ -77,7 +79,7 @@ pub(crate) async fn checkout(
         ep.pool.waiters.fetch_add(1, Ordering::AcqRel);
         let _waiting = Decrement(&ep.pool.waiters);
         tokio::select! {
-            _ = ep.pool.returned.notified() => continue,
+            _ = ep.pool.returned.notified(), if !fresh => continue,
             slot = cluster.slots.clone().acquire_owned() => {
                 let slot = slot.expect("the cluster never closes its semaphore");
                 return new_connection(cluster, ep, slot, tried).await;

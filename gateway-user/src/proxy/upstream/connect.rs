@@ -249,6 +249,7 @@ pub(super) async fn handshake(
     c: Connected,
     slot: OwnedSemaphorePermit,
 ) -> Result<UpstreamConn, ProxyError> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&c.stream);
     let io = TokioIo::new(StallGuard::new(c.stream, cluster.spec.timeouts.write));
     let (sender, conn) =
         cluster
@@ -274,7 +275,7 @@ pub(super) async fn handshake(
             rtos.inc_by(u64::from(ev.rtos));
         }
     });
-    Ok(UpstreamConn::new(sender, c.cookie, c.elapsed, slot))
+    Ok(UpstreamConn::new(sender, c.cookie, fd, c.elapsed, slot))
 }
 
 #[cfg(test)]

@@ -10,9 +10,16 @@
 //! returns connections whose I/O task runs on its own single-threaded runtime, so a request
 //! and its upstream connection never wake another thread. A worker steals from another
 //! shard only when the cluster is at `max_connections`.
+//!
+//! A connection is handed out only if it is still good: hyper says it is ready, it is younger
+//! than the idle timeout and than the upstream's own `Keep-Alive: timeout=N` (less a margin),
+//! and a peek at its socket finds neither a FIN nor stray bytes that arrived while it sat idle
+//! (an upstream that closed it an instant ago, before hyper's task saw it). A request can still
+//! meet a connection closed while it is being written; `decide::retry` covers that race.
 
 use std::{
     cell::Cell,
+    os::fd::RawFd,
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -47,8 +54,13 @@ pub(crate) struct UpstreamConn {
     pub sender: SendRequest<RequestBody>,
     /// `SO_COOKIE` of the socket: the join key with the kernel's records.
     pub cookie: u64,
+    /// The socket, owned by hyper's connection task: only peeked at and asked for `TCP_INFO`,
+    /// and only while the cookie read through it still matches (see [`UpstreamConn::socket`]).
+    fd: RawFd,
     /// How long the TCP connect took; `None` for a connection taken from the idle list.
     pub connect_time: Option<Duration>,
+    /// The upstream's `Keep-Alive: timeout=N`, when it sent one.
+    pub keep_alive: Option<Duration>,
     idle_since: Instant,
     _slot: OwnedSemaphorePermit,
 }
@@ -57,16 +69,76 @@ impl UpstreamConn {
     pub fn new(
         sender: SendRequest<RequestBody>,
         cookie: u64,
+        fd: RawFd,
         connect_time: Duration,
         slot: OwnedSemaphorePermit,
     ) -> Self {
         UpstreamConn {
             sender,
             cookie,
+            fd,
             connect_time: Some(connect_time),
+            keep_alive: None,
             idle_since: Instant::now(),
             _slot: slot,
         }
+    }
+
+    /// The connection's socket, if `fd` is still it: the fd is checked by its cookie, so a
+    /// socket that hyper closed (and whose number the kernel gave to another) is never read.
+    pub fn socket(&self) -> Option<RawFd> {
+        (socket_cookie(self.fd) == Some(self.cookie)).then_some(self.fd)
+    }
+
+    /// How long it may stay idle: the pool's idle timeout, or less when the upstream said it
+    /// closes sooner (`Keep-Alive: timeout=N`, less a quarter, at most a second, so that the
+    /// gateway gives it up before the upstream's timer fires).
+    fn idle_limit(&self, idle_timeout: Duration) -> Duration {
+        match self.keep_alive {
+            Some(k) => idle_timeout.min(k - (k / 4).min(Duration::from_secs(1))),
+            None => idle_timeout,
+        }
+    }
+}
+
+/// `SO_COOKIE` of `fd`.
+fn socket_cookie(fd: RawFd) -> Option<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a writable u64 and `len` its size; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+/// Whether the peer closed (FIN or RST) or sent bytes nobody asked for while the connection
+/// was idle: a non-blocking peek of one byte. A peek never consumes data, so even a stale fd
+/// number could not disturb another socket.
+fn peer_spoke(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor consumes.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        // 0: FIN; > 0: stray bytes (a late or unsolicited response).
+        0.. => true,
+        _ => !matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN)
+        ),
     }
 }
 
@@ -119,15 +191,21 @@ impl IdlePool {
     fn take_from(&self, shard: usize, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.lock(shard);
         while let Some(mut c) = idle.pop() {
-            if now.saturating_duration_since(c.idle_since) >= self.idle_timeout {
+            let idle_for = now.saturating_duration_since(c.idle_since);
+            if idle_for >= self.idle_timeout {
+                // LIFO: every older connection is past the idle timeout too.
                 idle.clear();
                 return None;
             }
-            if c.sender.is_ready() {
+            if idle_for < c.idle_limit(self.idle_timeout)
+                && c.sender.is_ready()
+                && !peer_spoke(c.fd)
+            {
                 c.connect_time = None;
                 return Some(c);
             }
-            // Closed by the upstream while idle: dropped here, which frees its slot.
+            // Closed (or about to be) by the upstream while idle: dropped here, which closes
+            // it and frees its slot.
         }
         None
     }
@@ -163,7 +241,8 @@ impl IdlePool {
         let now = Instant::now();
         for s in 0..self.shards.len() {
             self.lock(s).retain(|c| {
-                now.duration_since(c.idle_since) < self.idle_timeout && !c.sender.is_closed()
+                now.duration_since(c.idle_since) < c.idle_limit(self.idle_timeout)
+                    && !c.sender.is_closed()
             });
         }
     }
