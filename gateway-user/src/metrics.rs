@@ -161,7 +161,7 @@ catalogue! {
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
         "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],
-        "Requests retried on another endpoint, by reason (connect_failed, unacked_request, response_timeout, upstream_reset).";
+        "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset).";
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
