@@ -19,7 +19,11 @@
 //!
 //! Then, in this order: the request must still be at hand to send again (a streamed body is
 //! gone once sent), fewer than `max_retries` retries may have happened, and the cluster's
-//! retry budget ([`super::budget`]) must have room.
+//! retry budget ([`super::budget`]) must have room. A `stale_connection` retry is outside the
+//! budget: it goes on a fresh connection, where a second failure is no longer stale, so it
+//! can at most double one request, and an upstream that closes keep-alive connections under
+//! many requests at once (they were opened together, they are closed together) must not turn
+//! into client errors.
 
 use std::sync::Arc;
 
@@ -148,7 +152,8 @@ pub enum Step {
     Retry {
         reason: RetryReason,
         to: Where,
-        permit: RetryPermit,
+        /// Held while the retry is in flight; `None` for a retry outside the budget.
+        permit: Option<RetryPermit>,
     },
     Stop(Stop),
 }
@@ -208,8 +213,19 @@ pub fn next_step(
         } => Where::FreshConnection,
         _ => Where::Elsewhere,
     };
+    if to == Where::FreshConnection {
+        return Step::Retry {
+            reason,
+            to,
+            permit: None,
+        };
+    }
     match budgets.try_retry(policy.budget_percent, policy.min_retry_concurrency) {
-        Some(permit) => Step::Retry { reason, to, permit },
+        Some(permit) => Step::Retry {
+            reason,
+            to,
+            permit: Some(permit),
+        },
         None => Step::Stop(Stop::BudgetSpent),
     }
 }

@@ -33,7 +33,7 @@ use self::{attempt::Failed, prepare::Prepared};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
-    request_body::RequestBody,
+    request_body::{KeptBody, RequestBody},
     response_body::ResponseBody,
     shared::Shared,
     upstream::{Cluster, Endpoint, Lease, NoPick},
@@ -86,29 +86,42 @@ struct Plan {
     had_body: bool,
     kernel: bool,
     idempotent: bool,
-    /// A copy of a bodiless request's head, to send it again after it was sent once.
-    replay: Option<Box<(Method, Uri, HeaderMap)>>,
+    /// What it takes to send the request again after it was sent once.
+    replay: Option<Box<Replay>>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
     /// The next pick may return to an endpoint already tried when no other is left.
     same_endpoint_ok: bool,
 }
 
+/// A copy of the request's head, and its body as kept while it streamed (none for a bodiless
+/// request).
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Option<KeptBody>,
+}
+
 impl Plan {
-    fn new(p: &Prepared) -> Plan {
-        let kernel = p.cluster.kernel();
-        let idempotent = is_idempotent(p.req.method());
-        // A sent request can only be replayed if it had no body. With kernel signals any
-        // bodiless request may turn out provably unreceived (see `decide::retry`), so a copy
-        // is kept; without them only the idempotent policy can allow a replay.
-        let replay = ((kernel || (p.cluster.spec.retry.on_response_timeout && idempotent))
-            && hyper::body::Body::is_end_stream(p.req.body()))
-        .then(|| {
-            let r = &p.req;
-            Box::new((r.method().clone(), r.uri().clone(), r.headers().clone()))
+    /// `req` is the prepared request, whose body starts being kept here when a replay could
+    /// ever be allowed: for idempotent requests (a stale keep-alive connection is always worth
+    /// a retry), and with kernel signals for any (the kernel may prove it unreceived).
+    fn new(cluster: &Cluster, req: &mut Request<RequestBody>, deadline: Instant) -> Plan {
+        let kernel = cluster.kernel();
+        let idempotent = is_idempotent(req.method());
+        let replay = (kernel || idempotent || cluster.spec.retry.on_response_timeout).then(|| {
+            let body =
+                (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
+            Box::new(Replay {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                headers: req.headers().clone(),
+                body,
+            })
         });
         Plan {
-            deadline: p.deadline,
+            deadline,
             done: None,
             had_body: false,
             kernel,
@@ -119,24 +132,28 @@ impl Plan {
         }
     }
 
+    /// The request again, if it can be sent again (its body, if any, was kept whole).
     fn replay(&self) -> Option<Request<RequestBody>> {
-        self.replay.as_deref().map(|(m, u, h)| {
-            let mut r = Request::new(RequestBody::empty());
-            *r.method_mut() = m.clone();
-            *r.uri_mut() = u.clone();
-            *r.headers_mut() = h.clone();
-            r
-        })
+        let r = self.replay.as_deref()?;
+        let body = match &r.body {
+            Some(kept) => RequestBody::replay(kept)?,
+            None => RequestBody::empty(),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = r.method.clone();
+        *req.uri_mut() = r.uri.clone();
+        *req.headers_mut() = r.headers.clone();
+        Some(req)
     }
 }
 
 /// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
 /// the request deadline.
 async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError> {
-    let mut plan = Plan::new(&p);
+    let (cluster, mut req) = (p.cluster, p.req);
+    let mut plan = Plan::new(&cluster, &mut req, p.deadline);
     plan.had_body = p.done.is_some();
     plan.done = p.done;
-    let (cluster, mut req) = (p.cluster, p.req);
     let policy = cluster.retry_policy();
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
     let mut last: Option<Box<ProxyError>> = None;
@@ -179,7 +196,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                     plan.same_endpoint_ok = true;
                 }
                 cluster.meter.retry(reason);
-                _retry = Some(permit);
+                _retry = permit;
                 ex.record.retries += 1;
                 req = again;
                 last = Some(Box::new(error));

@@ -3,9 +3,14 @@
 //!
 //! It enforces `max_request_body_bytes` on the fly (for chunked bodies whose size is unknown
 //! up front) and says when the client's body has ended, which starts the response timeout.
+//!
+//! So that a request can be sent again after an attempt failed (see `decide::retry`), the
+//! frames of a small body are also [`Kept`] as they pass (references to the same buffers, not
+//! copies), up to [`REPLAY_BODY_LIMIT`]; a larger body cannot be replayed.
 
 use std::{
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -23,12 +28,34 @@ pub(crate) enum RequestBodyError {
     Downstream(#[source] hyper::Error),
 }
 
+/// The largest request body kept for a replay.
+pub(crate) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// A body's frames as they passed, for sending it again.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    frames: Vec<Bytes>,
+    len: u64,
+    complete: bool,
+    /// Past [`REPLAY_BODY_LIMIT`] (or failed): nothing kept.
+    given_up: bool,
+}
+
+pub(crate) type KeptBody = Arc<Mutex<Kept>>;
+
+fn lock(k: &KeptBody) -> std::sync::MutexGuard<'_, Kept> {
+    k.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The client's request body on its way upstream.
 pub(crate) struct RequestBody {
     inner: Option<Incoming>,
+    /// A replayed body's frames, in order.
+    replayed: std::vec::IntoIter<Bytes>,
     limit: Option<u64>,
     seen: u64,
     done: Option<oneshot::Sender<()>>,
+    keep: Option<KeptBody>,
 }
 
 impl RequestBody {
@@ -44,9 +71,11 @@ impl RequestBody {
         (
             RequestBody {
                 inner: Some(inner),
+                replayed: Vec::new().into_iter(),
                 limit,
                 seen: 0,
                 done,
+                keep: None,
             },
             rx,
         )
@@ -56,15 +85,58 @@ impl RequestBody {
     pub fn empty() -> Self {
         RequestBody {
             inner: None,
+            replayed: Vec::new().into_iter(),
             limit: None,
             seen: 0,
             done: None,
+            keep: None,
         }
+    }
+
+    /// Keeps the frames as they pass (up to [`REPLAY_BODY_LIMIT`]); the handle tells, later,
+    /// whether the whole body was kept.
+    pub fn keep(&mut self) -> KeptBody {
+        let k = KeptBody::default();
+        self.keep = Some(k.clone());
+        k
+    }
+
+    /// The body again, if all of it was kept.
+    pub fn replay(kept: &KeptBody) -> Option<RequestBody> {
+        let k = lock(kept);
+        (k.complete && !k.given_up).then(|| RequestBody {
+            replayed: k.frames.clone().into_iter(),
+            ..RequestBody::empty()
+        })
     }
 
     fn finish(&mut self) {
         if let Some(tx) = self.done.take() {
             let _ = tx.send(());
+        }
+        if let Some(k) = self.keep.take() {
+            lock(&k).complete = true;
+        }
+    }
+
+    /// Keeps `data` if the copy is still within its limit.
+    fn kept(&mut self, data: &Bytes) {
+        let Some(k) = &self.keep else { return };
+        let mut k = lock(k);
+        k.len += data.len() as u64;
+        if k.len > REPLAY_BODY_LIMIT {
+            k.given_up = true;
+            k.frames = Vec::new();
+            drop(k);
+            self.keep = None;
+        } else {
+            k.frames.push(data.clone());
+        }
+    }
+
+    fn give_up_keeping(&mut self) {
+        if let Some(k) = self.keep.take() {
+            lock(&k).given_up = true;
         }
     }
 }
@@ -79,7 +151,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+            return Poll::Ready(this.replayed.next().map(|b| Ok(Frame::data(b))));
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -90,8 +162,13 @@ impl Body for RequestBody {
                     {
                         this.inner = None;
                         this.done = None;
+                        this.give_up_keeping();
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
                     }
+                    this.kept(data);
+                } else {
+                    // Trailers are not kept: such a body is not replayed.
+                    this.give_up_keeping();
                 }
                 if this.inner.as_ref().is_some_and(Body::is_end_stream) {
                     this.finish();
@@ -104,6 +181,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.done = None;
+                this.give_up_keeping();
                 Poll::Ready(Some(Err(RequestBodyError::Downstream(e))))
             }
             Poll::Pending => Poll::Pending,
@@ -111,12 +189,22 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Some(i) => i.is_end_stream(),
+            None => self.replayed.len() == 0,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            Some(i) => i.size_hint(),
+            None => SizeHint::with_exact(
+                self.replayed
+                    .as_slice()
+                    .iter()
+                    .map(|b| b.len() as u64)
+                    .sum(),
+            ),
+        }
     }
 }

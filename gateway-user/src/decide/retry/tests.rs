@@ -123,13 +123,21 @@ fn a_stale_keep_alive_connection_is_retried_for_idempotent_requests_on_a_fresh_o
         "a POST the kernel proves unreceived is"
     );
     let budgets = Arc::new(Budgets::default());
+    // The budget spent by other retries does not stop a stale-connection retry.
+    let _held: Vec<_> = (0..3).map(|_| budgets.try_retry(20, 3).unwrap()).collect();
     match next_step(stale(Delivery::Unknown), attempted(0), &ALL_OFF, &budgets) {
-        Step::Retry { reason, to, .. } => {
+        Step::Retry { reason, to, permit } => {
             assert_eq!(reason, RetryReason::StaleConnection);
             assert_eq!(to, Where::FreshConnection);
+            assert!(permit.is_none(), "outside the budget");
         }
         other => panic!("{other:?}"),
     }
+    assert!(matches!(
+        next_step(stale(Delivery::Unknown), attempted(2), &ALL_OFF, &budgets),
+        Step::Stop(Stop::MaxRetries)
+    ));
+    drop(_held);
     match next_step(Failure::ConnectFailed, attempted(0), &ALL_OFF, &budgets) {
         Step::Retry { to, .. } => assert_eq!(to, Where::Elsewhere),
         other => panic!("{other:?}"),
@@ -174,7 +182,7 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
         .map(|_| match next_step(f, attempted(0), &ALL_ON, &budgets) {
             Step::Retry { reason, permit, .. } => {
                 assert_eq!(reason, RetryReason::ConnectFailed);
-                permit
+                permit.expect("a connect-failure retry holds a budget permit")
             }
             other => panic!("expected a retry, got {other:?}"),
         })
