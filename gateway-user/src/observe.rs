@@ -60,6 +60,8 @@ pub struct ObserveArgs {
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
+    // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is hidden.
+    crate::observer::preflight::ensure_cgroup2().context("starting the kernel observer")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
