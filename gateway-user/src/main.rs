@@ -46,7 +46,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => gateway::proxy::cli_run(&config),
+        Command::Run { config } => gateway::service::cli_run(&config),
         Command::CheckConfig { file } => gateway::config::cli_check(&file),
         Command::Observe(args) => gateway::observe::run(args),
         Command::Diagnose(args) => gateway::diagnose::run(args),
