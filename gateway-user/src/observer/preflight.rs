@@ -25,7 +25,9 @@ pub enum PreflightError {
     #[error(
         "the observer needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (this process has \
          CapEff={cap_eff:#x}); run it with sudo, or grant them: \
-         setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which gateway)"
+         setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which gateway), or as systemd \
+         AmbientCapabilities= (see the packaged units); `gateway run` also needs write access to \
+         its own cgroup (Delegate=yes)"
     )]
     NotPrivileged { cap_eff: u64 },
     #[error(
