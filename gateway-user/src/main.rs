@@ -44,6 +44,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Validate a config and, if it is good, make the running gateway PID reload it (SIGHUP).
+    /// For systemd's ExecReload=; a bad config fails here and the running one is kept.
+    Reload {
+        /// Path to the TOML config the gateway runs with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The gateway's process id (systemd: $MAINPID).
+        #[arg(long)]
+        pid: u32,
+    },
     /// Validate a config file and exit non-zero with file, line and key on error.
     CheckConfig {
         /// Path to the TOML config.
@@ -76,6 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => gateway::service::cli_run(&config),
+        Command::Reload { config, pid } => gateway::service::cli_reload(&config, pid),
         Command::CheckConfig { file } => gateway::config::cli_check(&file),
         Command::Observe(args) => gateway::observe::run(args),
         Command::Diagnose(args) => gateway::diagnose::run(args),

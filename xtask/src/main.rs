@@ -4,6 +4,7 @@
 mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
+mod package;
 
 use std::process::{Command, ExitCode};
 
@@ -25,6 +26,8 @@ enum Cmd {
         /// Only run tests whose names contain this.
         filter: Option<String>,
     },
+    /// Build the Debian package (cargo-deb) into target/debian/.
+    Package,
     /// Build the release binary and run `gateway demo`.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -245,6 +248,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Test { filter } => test(filter),
+        Cmd::Package => package::build().map(|_| ()),
         Cmd::Demo { args } => demo(args),
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
