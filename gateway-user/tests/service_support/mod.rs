@@ -338,7 +338,9 @@ pub fn load(
                         }
                         Ok(false) => {
                             ok.fetch_add(1, Ordering::Relaxed);
-                            reconnects.fetch_add(1, Ordering::Relaxed);
+                            if reuse {
+                                reconnects.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Err(e) => {
                             failures.lock().unwrap().push(e);
