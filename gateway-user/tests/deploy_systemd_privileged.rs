@@ -35,7 +35,8 @@ fn mask(caps: &[u32]) -> u64 {
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    get_once(addr, path, Duration::from_secs(3)).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+    get_once(addr, path, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
 }
 
 /// The host pid of the unit's main process (from its observer cgroup, which holds it).
@@ -77,8 +78,16 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
         "/usr/lib/systemd/system/gateway.service",
         "/usr/lib/systemd/system/gateway-observe.service",
     ]);
-    for page in ["gateway", "gateway-run", "gateway-observe", "gateway-diagnose"] {
-        assert!(c.path(&format!("/usr/share/man/man1/{page}.1.gz")).exists(), "{page}(1)");
+    for page in [
+        "gateway",
+        "gateway-run",
+        "gateway-observe",
+        "gateway-diagnose",
+    ] {
+        assert!(
+            c.path(&format!("/usr/share/man/man1/{page}.1.gz")).exists(),
+            "{page}(1)"
+        );
     }
     let shipped = c.ok(&["gateway", "check-config", "/etc/gateway/gateway.toml"]);
     assert!(shipped.contains("ok"), "{shipped}");
@@ -101,26 +110,49 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
 
     // Start: returns once READY=1, i.e. serving.
     c.ok(&["systemctl", "start", "gateway"]);
-    assert_eq!(get(front, "/").0, 200, "not serving when `systemctl start` returned");
+    assert_eq!(
+        get(front, "/").0,
+        200,
+        "not serving when `systemctl start` returned"
+    );
     assert_eq!(c.prop("gateway", "ActiveState"), "active");
-    assert!(c.prop("gateway", "StatusText").starts_with("serving: listening on"));
+    assert!(
+        c.prop("gateway", "StatusText")
+            .starts_with("serving: listening on")
+    );
     let main = c.prop("gateway", "MainPID");
     // Kernel signals on, inside the unit, with exactly its capabilities and no root.
     let (code, health) = get(admin_addr, "/healthz");
-    assert_eq!((code, health.contains("signals: kernel")), (200, true), "{health}\n{}", c.journal("gateway"));
+    assert_eq!(
+        (code, health.contains("signals: kernel")),
+        (200, true),
+        "{health}\n{}",
+        c.journal("gateway")
+    );
     let pid = host_pid(&c, &main);
     assert_eq!(
         cap_eff(pid),
         mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
     );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
-    assert!(!uid.split_whitespace().skip(1).any(|u| u == "0"), "runs as root: {uid}");
-    assert!(c.journal("gateway").contains("connect_exit=\"raw tracepoint sys_exit\""));
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        !uid.split_whitespace().skip(1).any(|u| u == "0"),
+        "runs as root: {uid}"
+    );
+    assert!(
+        c.journal("gateway")
+            .contains("connect_exit=\"raw tracepoint sys_exit\"")
+    );
     // The observer cgroup inside the unit's.
     let cg = c.ok(&["cat", &format!("/proc/{main}/cgroup")]);
     assert!(
-        cg.lines().any(|l| l == format!("0::/system.slice/gateway.service/gateway-{main}")),
+        cg.lines()
+            .any(|l| l == format!("0::/system.slice/gateway.service/gateway-{main}")),
         "{cg}"
     );
 
@@ -132,32 +164,63 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     });
     let before = b.hits.load(Ordering::SeqCst);
     assert_eq!(get(front, "/after-reload").0, 200);
-    assert_eq!(b.hits.load(Ordering::SeqCst), before + 1, "the reloaded config is not in use");
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        before + 1,
+        "the reloaded config is not in use"
+    );
     std::fs::write(&config, "[router]\nlisten = []\n").unwrap();
     let refused = run(&mut c.exec(&["systemctl", "reload", "gateway"]));
-    assert!(!refused.status.success(), "a bad config must fail `systemctl reload`");
+    assert!(
+        !refused.status.success(),
+        "a bad config must fail `systemctl reload`"
+    );
     assert_eq!(c.prop("gateway", "ActiveState"), "active");
     assert_eq!(get(front, "/still-b").0, 200);
     std::fs::write(&config, config_for(b.addr)).unwrap();
 
     // SIGUSR1 (logrotate's postrotate): the access log is reopened; the process lives on.
-    c.ok(&["mv", "/var/log/gateway/access.log", "/var/log/gateway/access.log.1"]);
-    c.ok(&["systemctl", "kill", "--signal=USR1", "--kill-whom=main", "gateway"]);
+    c.ok(&[
+        "mv",
+        "/var/log/gateway/access.log",
+        "/var/log/gateway/access.log.1",
+    ]);
+    c.ok(&[
+        "systemctl",
+        "kill",
+        "--signal=USR1",
+        "--kill-whom=main",
+        "gateway",
+    ]);
     wait_until("a new access.log", Duration::from_secs(5), || {
         c.path("/var/log/gateway/access.log").exists()
     });
     assert_eq!(get(front, "/after-usr1").0, 200);
-    wait_until("the request in the new access.log", Duration::from_secs(5), || {
-        std::fs::read_to_string(c.path("/var/log/gateway/access.log"))
-            .is_ok_and(|t| t.contains("/after-usr1"))
-    });
-    assert_eq!(c.prop("gateway", "MainPID"), main, "SIGUSR1 restarted or killed it");
+    wait_until(
+        "the request in the new access.log",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(c.path("/var/log/gateway/access.log"))
+                .is_ok_and(|t| t.contains("/after-usr1"))
+        },
+    );
+    assert_eq!(
+        c.prop("gateway", "MainPID"),
+        main,
+        "SIGUSR1 restarted or killed it"
+    );
 
     // SIGUSR2 under load: a new main process, no failed request, no restart.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(front, 4, 2, stop.clone());
     std::thread::sleep(Duration::from_millis(700));
-    c.ok(&["systemctl", "kill", "--signal=USR2", "--kill-whom=main", "gateway"]);
+    c.ok(&[
+        "systemctl",
+        "kill",
+        "--signal=USR2",
+        "--kill-whom=main",
+        "gateway",
+    ]);
     wait_until("a new main process", Duration::from_secs(20), || {
         c.prop("gateway", "MainPID") != main
     });
@@ -175,7 +238,12 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
         "upgrade under systemd: {} requests ok, {} failed; main pid {main} -> {upgraded}",
         report.ok, report.failed
     );
-    assert_eq!(report.failed, 0, "{:?}", &report.failures[..report.failures.len().min(5)]);
+    assert_eq!(
+        report.failed,
+        0,
+        "{:?}",
+        &report.failures[..report.failures.len().min(5)]
+    );
     assert!(report.ok > 100, "{report:?}");
     assert_eq!(c.prop("gateway", "ActiveState"), "active");
     assert_eq!(c.prop("gateway", "NRestarts"), "0");
@@ -198,7 +266,8 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
         .collect();
     assert_eq!(children, vec![format!("gateway-{restarted}")]);
     wait_until("serving after the restart", Duration::from_secs(10), || {
-        get_once(admin_addr, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, b)| c == 200 && b.contains("signals: kernel"))
+        get_once(admin_addr, "/healthz", Duration::from_secs(1))
+            .is_ok_and(|(c, b)| c == 200 && b.contains("signals: kernel"))
     });
 
     // Stop: health turns 503 at once, the drain delay still serves, then a clean exit.
@@ -209,7 +278,11 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     wait_until("/healthz 503", Duration::from_secs(5), || {
         get_once(admin_addr, "/healthz", Duration::from_secs(1)).is_ok_and(|(c, _)| c == 503)
     });
-    assert_eq!(get(front, "/during-drain").0, 200, "not serving during the drain delay");
+    assert_eq!(
+        get(front, "/during-drain").0,
+        200,
+        "not serving during the drain delay"
+    );
     let stopped = stopper.join().unwrap();
     assert!(stopped.status.success(), "{stopped:?}");
     assert_eq!(c.prop("gateway", "ActiveState"), "inactive");
@@ -224,7 +297,10 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     )
     .unwrap();
     c.ok(&["systemctl", "start", "gateway-observe"]);
-    assert!(c.prop("gateway-observe", "StatusText").starts_with("observing cgroup"));
+    assert!(
+        c.prop("gateway-observe", "StatusText")
+            .starts_with("observing cgroup")
+    );
     let closed = free_port();
     let _ = run(&mut c.exec(&[
         "systemd-run",
@@ -235,18 +311,33 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
         &format!("exec 3<>/dev/tcp/127.0.0.1/{closed}"),
     ]));
     let needle = format!("dst=\"127.0.0.1:{closed}\"");
-    wait_until("the refused connect in the exporter's metrics", Duration::from_secs(10), || {
-        get_once(metrics, "/metrics", Duration::from_secs(1))
-            .is_ok_and(|(_, m)| m.lines().any(|l| l.starts_with("gateway_connect_attempts_total") && l.contains(&needle) && l.contains("refused")))
-    });
+    wait_until(
+        "the refused connect in the exporter's metrics",
+        Duration::from_secs(10),
+        || {
+            get_once(metrics, "/metrics", Duration::from_secs(1)).is_ok_and(|(_, m)| {
+                m.lines().any(|l| {
+                    l.starts_with("gateway_connect_attempts_total")
+                        && l.contains(&needle)
+                        && l.contains("refused")
+                })
+            })
+        },
+    );
     let observe_main = c.prop("gateway-observe", "MainPID");
-    let observe_pid = std::fs::read_to_string(c.cgroup_root().join("system.slice/gateway-observe.service/cgroup.procs"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no process for main pid {observe_main}"));
-    assert_eq!(cap_eff(observe_pid), mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN]));
+    let observe_pid = std::fs::read_to_string(
+        c.cgroup_root()
+            .join("system.slice/gateway-observe.service/cgroup.procs"),
+    )
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .and_then(|p| p.parse::<u32>().ok())
+    .unwrap_or_else(|| panic!("no process for main pid {observe_main}"));
+    assert_eq!(
+        cap_eff(observe_pid),
+        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
+    );
     c.ok(&["systemctl", "stop", "gateway-observe"]);
     assert_eq!(c.prop("gateway-observe", "Result"), "success");
 }

@@ -102,22 +102,29 @@ impl Container {
         for d in ["upper", "work", "root"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
-        ok(Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        )).arg(&root));
+        ok(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            ))
+            .arg(&root));
         for (from, to) in files {
             let dest = root.join(to.trim_start_matches('/'));
             std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-            std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+            std::fs::copy(from, &dest)
+                .unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
         }
         // Cgroups of the test's own for nspawn to create its payload and supervisor groups
         // in, so that everything is removed with them (with --keep-unit and no host systemd
         // it creates them beside itself).
         let mut cgroups = vec![cgroup2().join(&name)];
-        if Path::new(CGROUP_NAMED_SYSTEMD).join("cgroup.procs").exists() {
+        if Path::new(CGROUP_NAMED_SYSTEMD)
+            .join("cgroup.procs")
+            .exists()
+        {
             cgroups.push(Path::new(CGROUP_NAMED_SYSTEMD).join(&name));
         }
         for c in &cgroups {
@@ -153,34 +160,49 @@ impl Container {
             nspawn,
             cgroups,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        c.leader = loop {
-            if let Some(pid) = child_of(c.nspawn.id()) {
-                break pid;
-            }
-            assert!(Instant::now() < deadline, "nspawn started no init:\n{}", c.console());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let state = loop {
             if let Ok(Some(status)) = c.nspawn.try_wait() {
                 panic!("systemd-nspawn exited with {status}:\n{}", c.console());
             }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let state = loop {
-            let out = run(c.exec(&["systemctl", "is-system-running", "--wait"]));
+            assert!(
+                Instant::now() < deadline,
+                "systemd did not finish booting:\n{}",
+                c.console()
+            );
+            // nspawn's first child becomes the container's systemd (it execs it).
+            let leader = child_of(c.nspawn.id()).filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|n| n.trim() == "systemd")
+            });
+            let Some(leader) = leader else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            c.leader = leader;
+            let out = run(&mut c.exec(&["systemctl", "is-system-running", "--wait"]));
             let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             if !state.is_empty() && state != "starting" && state != "initializing" {
                 break state;
             }
-            assert!(Instant::now() < deadline, "systemd did not finish booting:\n{}", c.console());
             std::thread::sleep(Duration::from_millis(200));
         };
-        assert_eq!(state, "running", "systemctl is-system-running:\n{}", c.console());
+        assert_eq!(
+            state,
+            "running",
+            "systemctl is-system-running:\n{}",
+            c.console()
+        );
         c
     }
 
     /// `nsenter -t <init> -a ARGS`: a command inside every namespace of the container.
     pub fn exec(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t").arg(self.leader.to_string()).arg("-a").args(args);
+        cmd.arg("-t")
+            .arg(self.leader.to_string())
+            .arg("-a")
+            .args(args);
         cmd
     }
 
@@ -197,7 +219,10 @@ impl Container {
     }
 
     pub fn journal(&self, unit: &str) -> String {
-        String::from_utf8_lossy(&run(self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])).stdout).into_owned()
+        String::from_utf8_lossy(
+            &run(&mut self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])).stdout,
+        )
+        .into_owned()
     }
 
     pub fn console(&self) -> String {

@@ -21,6 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[allow(
+    unused_imports,
+    reason = "not every test binary starts processes in a cgroup"
+)]
 pub use gateway::lab::{CgroupGuard, NetnsCommandExt};
 
 pub fn gateway_bin() -> &'static str {
