@@ -20,8 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format check, build (with the real eBPF object), unit tests, then the privileged
-    /// end-to-end tests one at a time.
+    /// Format check, build (with the real eBPF object), unit tests, the Debian package, then
+    /// the privileged end-to-end tests one at a time.
     Test {
         /// Only run tests whose names contain this.
         filter: Option<String>,
@@ -168,9 +168,12 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     )?;
+    // The Debian package (release build): the deploy_* tests install it and run its units.
+    let deb = package::build()?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
     run_tests(
         cargo()
+            .env("GATEWAY_DEB", &deb)
             .args(["test", "--no-fail-fast", "--test", "*"])
             .arg("--")
             .arg("--test-threads=1")
