@@ -1,16 +1,21 @@
-//! `connect()` itself: cgroup connect4/6 open the record, `sys_exit_connect` catches the one
-//! failure that never reaches TCP (EADDRNOTAVAIL).
+//! `connect()` itself: cgroup connect4/6 open the record, and the return of `connect()` catches
+//! the one failure that never reaches TCP (EADDRNOTAVAIL). The return is watched in one of two
+//! ways, the loader's choice: the classic `syscalls:sys_exit_connect` tracepoint (the kernel
+//! filters by syscall, so it runs only for connect(), but it is opened through tracefs, which is
+//! root-only), or the raw `sys_exit` tracepoint (opened by name with bpf(2), so CAP_BPF and
+//! CAP_PERFMON suffice, but it runs for every syscall and filters by number itself).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
+    helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns,
         generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
     },
-    macros::{cgroup_sock_addr, tracepoint},
-    programs::{SockAddrContext, TracePointContext},
+    macros::{cgroup_sock_addr, raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
 };
 use gateway_common::{
     AF_INET, AF_INET6, ConnectEvent, Outcome, SO_ERROR_NONE, UpstreamKey, counter, errno,
@@ -18,7 +23,10 @@ use gateway_common::{
 
 use crate::{
     emit,
-    maps::{F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, SockState, bump, sock_state_map},
+    maps::{
+        F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT,
+        SockState, bump, sock_state_map,
+    },
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -154,11 +162,41 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
 /// tp_btf) because it fires only for connect(), not for every syscall.
 #[tracepoint]
 pub fn gw_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(0);
+    connect_returned(ret);
+    0
+}
+
+/// Raw tracepoint `sys_exit` (`TP_PROTO(struct pt_regs *regs, long ret)`,
+/// include/trace/events/syscalls.h): the same job as [`gw_sys_exit_connect`] for a loader
+/// without tracefs (a non-root process with CAP_BPF + CAP_PERFMON: /sys/kernel/tracing is
+/// 0700). It runs at every syscall's exit, so it returns after one read and one compare unless
+/// the syscall was connect(). The syscall number is `regs->orig_ax` on x86-64 (`syscallno` on
+/// arm64), whose offset the loader reads from the kernel's BTF (no CO-RE in aya for Rust).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn gw_raw_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let offset = unsafe { core::ptr::read_volatile(&PT_REGS_SYSCALL_NR_OFFSET) };
+    // The low 32 bits hold the number on both architectures (little-endian).
+    let nr: i32 =
+        unsafe { bpf_probe_read_kernel(regs.wrapping_add(offset as usize).cast::<i32>()) }
+            .unwrap_or(-1);
+    if nr != unsafe { core::ptr::read_volatile(&SYSCALL_NR_CONNECT) } {
+        return 0;
+    }
+    let ret: i64 = ctx.arg(1);
+    connect_returned(ret);
+    0
+}
+
+/// `connect()` returned `ret` in this thread: finish the record that connect4/6 left pending
+/// if it failed for want of a local address.
+#[inline(always)]
+fn connect_returned(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(pending) = PENDING_CONNECT.get_ptr_mut(&pid_tgid) else {
-        return 0;
+        return;
     };
-    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(0);
     if ret == -(errno::EADDRNOTAVAIL as i64) {
         // A scratch SockState is too big for the 512-byte stack, so the record is completed in
         // the map value it already lives in.
@@ -170,5 +208,4 @@ pub fn gw_sys_exit_connect(ctx: TracePointContext) -> u32 {
         emit::addr_unavailable(ev);
     }
     let _ = PENDING_CONNECT.remove(&pid_tgid);
-    0
 }

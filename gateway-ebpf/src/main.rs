@@ -8,7 +8,7 @@
 //! | hook | file | what it records |
 //! |---|---|---|
 //! | cgroup `connect4` / `connect6` | `connect.rs` | destination, pid, comm, cgroup, cookie, t_connect |
-//! | tracepoint `syscalls:sys_exit_connect` | `connect.rs` | EADDRNOTAVAIL: no SYN was ever sent |
+//! | tracepoint `syscalls:sys_exit_connect`, or raw tracepoint `sys_exit` without tracefs | `connect.rs` | EADDRNOTAVAIL: no SYN was ever sent |
 //! | cgroup `sock_ops` | `sockops.rs` | SYN time, SYN retransmits, SYN-RTT, the errno (or its absence: aborted) when it leaves SYN_SENT, established RTOs/retransmits |
 //! | cgroup `getsockopt` | `sockopt.rs` | the `SO_ERROR` the application read |
 //!

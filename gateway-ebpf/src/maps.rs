@@ -68,6 +68,14 @@ pub static SK_ERR_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 pub static SK_ERR_SOFT_OFFSET: u32 = 0;
 
+/// Set by userspace for `gw_raw_sys_exit`: where `struct pt_regs` keeps the syscall number
+/// (`orig_ax` on x86-64, `syscallno` on arm64), from the kernel's BTF, and the number of
+/// connect() on this architecture.
+#[unsafe(no_mangle)]
+pub static PT_REGS_SYSCALL_NR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+pub static SYSCALL_NR_CONNECT: i32 = -1;
+
 #[inline(always)]
 pub fn bump(index: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {

@@ -128,6 +128,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let observe_args = ObserveArgs {
         cgroup: Some(cgroup.path().to_path_buf()),
         json: args.json,
+        quiet: false,
         metrics: None,
         // Clients run `duration`, and a blocking connect to the blackhole may take ~3 s more.
         duration: Some(args.duration + 4.0),

@@ -133,6 +133,13 @@ pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
              gateway to probe the endpoints of its cluster `{name}`"
         );
     }
+    // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is
+    // hidden. A failure here surfaces again, as the reason kernel signals are off.
+    if !args.no_kernel
+        && let Err(e) = crate::observer::preflight::ensure_cgroup2()
+    {
+        tracing::warn!("{e}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

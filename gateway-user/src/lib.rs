@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod observe;
 pub mod observer;
 pub mod proxy;
+pub mod service;
 pub mod signals;

@@ -38,6 +38,10 @@ pub struct ObserveArgs {
     /// Print one JSON object per connect outcome per line on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing on stdout (no table, no JSON): an exporter for `--metrics`, e.g. under
+    /// systemd (gateway-observe.service), which gets READY=1 once the observer is attached.
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -60,6 +64,8 @@ pub struct ObserveArgs {
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
+    // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is hidden.
+    crate::observer::preflight::ensure_cgroup2().context("starting the kernel observer")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -86,7 +92,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         ..ObserverOptions::default()
     };
     let mut observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
-    tracing::info!(cgroup = %observer.cgroup().display(), "observer attached");
+    tracing::info!(cgroup = %observer.cgroup().display(), connect_exit = observer.connect_exit_hook(), "observer attached");
 
     let mut registry = Registry::default();
     let mut metrics = metrics::ObserverMetrics::new(&mut registry, args.metrics_max_destinations);
@@ -102,6 +108,23 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         }
         None => None,
     };
+
+    let notifier = crate::service::notify::Notifier::from_env();
+    notifier.ready(
+        &format!(
+            "observing cgroup {}{}",
+            observer.cgroup().display(),
+            args.metrics
+                .map(|a| format!("; metrics on http://{a}/metrics"))
+                .unwrap_or_default()
+        ),
+        false,
+    );
+    let mut watchdog = tokio::time::interval(
+        notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600)),
+    );
 
     let clock = Clock::now();
     let mut joiner = Joiner::new(Duration::from_millis(args.join_window_ms));
@@ -124,7 +147,11 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     loop {
         tokio::select! {
             _ = drain.tick() => {}
-            _ = refresh.tick(), if !args.json => {
+            _ = watchdog.tick(), if notifier.enabled() => {
+                notifier.watchdog();
+                continue;
+            }
+            _ = refresh.tick(), if !args.json && !args.quiet => {
                 let text = table.render(&observer.dest_stats(), args.top);
                 let lost = observer.events_lost();
                 let mut out = stdout.lock();
@@ -195,6 +222,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             break;
         }
     }
+    notifier.stopping("detaching the observer", Duration::from_secs(5));
     if let Some(server) = server {
         server.abort();
     }

@@ -22,7 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, RawTracePoint, SockOps,
+        TracePoint,
     },
 };
 use gateway_common::{ConnStats, ConnectEvent, DestStats, UpstreamKey, counter, names};
@@ -85,6 +86,7 @@ pub struct ObserverOptions {
     pub cgroup: Option<PathBuf>,
     pub max_destinations: u32,
     pub max_connections: u32,
+    pub connect_exit: ConnectExitHook,
 }
 
 impl Default for ObserverOptions {
@@ -93,9 +95,28 @@ impl Default for ObserverOptions {
             cgroup: None,
             max_destinations: names::DEFAULT_MAX_DESTINATIONS,
             max_connections: names::DEFAULT_MAX_CONNECTIONS,
+            connect_exit: ConnectExitHook::Auto,
         }
     }
 }
+
+/// How the return of `connect()` is watched (for EADDRNOTAVAIL; see `gateway-ebpf/src/connect.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectExitHook {
+    /// The classic `syscalls:sys_exit_connect` tracepoint when tracefs can be used (root),
+    /// which the kernel runs only for connect(); otherwise the raw `sys_exit` tracepoint,
+    /// which needs no tracefs (CAP_BPF + CAP_PERFMON suffice) but runs for every syscall.
+    #[default]
+    Auto,
+    /// Always the raw tracepoint: what a process without tracefs gets (used by tests as root).
+    Raw,
+}
+
+/// The syscall-number member of `struct pt_regs` in this architecture's kernel BTF.
+#[cfg(target_arch = "x86_64")]
+const PT_REGS_SYSCALL_NR: &str = "orig_ax";
+#[cfg(target_arch = "aarch64")]
+const PT_REGS_SYSCALL_NR: &str = "syscallno";
 
 /// The kernel side, loaded and attached.
 pub struct KernelObserver {
@@ -104,6 +125,7 @@ pub struct KernelObserver {
     conn_stats: HashMap<MapData, u64, ConnStats>,
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
+    connect_exit: &'static str,
     // Dropped last: detaches every program.
     _ebpf: Ebpf,
 }
@@ -162,14 +184,20 @@ impl KernelObserver {
         preflight::check_privileges()?;
         preflight::check_btf()?;
         let cgroup = preflight::resolve_cgroup(opts.cgroup.as_deref())?;
-        preflight::ensure_bpffs()?;
-        preflight::ensure_tracefs()?;
+        // Nothing is pinned, so bpffs is only a courtesy to bpftool users: mounting it needs
+        // CAP_SYS_ADMIN, which the documented capability set does not include.
+        if let Err(e) = preflight::ensure_bpffs() {
+            tracing::debug!(error = %e, "bpffs not mounted (nothing is pinned, so nothing needs it)");
+        }
         if EBPF_OBJECT.is_empty() {
             return Err(ObserverError::NoObject);
         }
         let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
         let sk_err_soft_offset =
             btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
+        let nr_offset =
+            btf::member_offset(Path::new(btf::VMLINUX_BTF), "pt_regs", PT_REGS_SYSCALL_NR)?;
+        let nr_connect = libc::SYS_connect as i32;
         let kernel_btf = aya::Btf::from_sys_fs()
             .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
@@ -177,6 +205,8 @@ impl KernelObserver {
             .btf(&kernel_btf)
             .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
             .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
+            .override_global("PT_REGS_SYSCALL_NR_OFFSET", &nr_offset, true)
+            .override_global("SYSCALL_NR_CONNECT", &nr_connect, true)
             .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
             .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
             .load(EBPF_OBJECT)
@@ -189,13 +219,7 @@ impl KernelObserver {
 
         // The tracepoint first: it only finishes records that connect4/6 open, so attaching it
         // first means no record is opened that cannot be finished.
-        {
-            let name = names::PROG_SYS_EXIT_CONNECT;
-            let prog: &mut TracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach("syscalls", "sys_exit_connect")
-                .map_err(|e| program_error("attaching", name, e))?;
-        }
+        let connect_exit = attach_connect_exit(&mut ebpf, opts.connect_exit)?;
         {
             let name = names::PROG_SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
@@ -223,6 +247,7 @@ impl KernelObserver {
             conn_stats: take_map(&mut ebpf, names::MAP_CONN_STATS)?,
             counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
             cgroup,
+            connect_exit,
             _ebpf: ebpf,
         })
     }
@@ -230,6 +255,12 @@ impl KernelObserver {
     /// The cgroup the programs are attached to.
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// Which hook watches the return of connect(): `tracepoint syscalls:sys_exit_connect` or
+    /// `raw tracepoint sys_exit`.
+    pub fn connect_exit_hook(&self) -> &'static str {
+        self.connect_exit
     }
 
     /// Moves every record waiting in the ring buffer into `out`. Never blocks.
@@ -265,6 +296,40 @@ impl KernelObserver {
     pub fn events_lost(&self) -> u64 {
         self.counter(counter::EVENTS_LOST)
     }
+}
+
+/// Attaches the connect-return hook: the classic tracepoint when tracefs is usable, else (or
+/// when `Raw` is asked for) the raw one. Returns which, for the start-up log.
+fn attach_connect_exit(
+    ebpf: &mut Ebpf,
+    hook: ConnectExitHook,
+) -> Result<&'static str, ObserverError> {
+    if hook == ConnectExitHook::Auto {
+        // tracefs is root-only (mode 0700 here); mounting it needs CAP_SYS_ADMIN.
+        let classic = preflight::ensure_tracefs()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let name = names::PROG_SYS_EXIT_CONNECT;
+                let prog: &mut TracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
+                prog.load()
+                    .map_err(|e| program_error("loading", name, e).to_string())?;
+                prog.attach("syscalls", "sys_exit_connect")
+                    .map_err(|e| program_error("attaching", name, e).to_string())
+            });
+        match classic {
+            Ok(_) => return Ok("tracepoint syscalls:sys_exit_connect"),
+            Err(why) => tracing::debug!(
+                reason = %why,
+                "classic tracepoint unavailable; watching connect() returns with the raw sys_exit tracepoint"
+            ),
+        }
+    }
+    let name = names::PROG_RAW_SYS_EXIT;
+    let prog: &mut RawTracePoint = program(ebpf, name)?;
+    prog.load().map_err(|e| program_error("loading", name, e))?;
+    prog.attach("sys_exit")
+        .map_err(|e| program_error("attaching", name, e))?;
+    Ok("raw tracepoint sys_exit")
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ObserverError>

@@ -28,6 +28,7 @@ pub mod error;
 mod exchange;
 mod headers;
 mod io;
+mod listeners;
 mod request;
 mod request_body;
 mod response_body;
@@ -39,8 +40,6 @@ mod upstream;
 
 use std::{
     net::SocketAddr,
-    path::Path,
-    process::ExitCode,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -48,18 +47,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use thiserror::Error;
-use tokio::{
-    net::TcpListener,
-    signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
-};
-use tracing::{error, info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
 
 use self::{
     access_log::AccessLogger,
+    listeners::Listeners,
     server::Phase,
     shared::{Runtime, Shared},
     telemetry::Telemetry,
@@ -69,12 +64,10 @@ pub use self::{
     response_body::ResponseBody,
 };
 use crate::{
-    config::{self, Settings},
-    signals::{SignalSource, UserspaceOnly},
+    config::Settings,
+    service::handover::{Inherited, Offered, Role},
+    signals::SignalSource,
 };
-
-/// Listen backlog for client and admin sockets.
-const LISTEN_BACKLOG: i32 = 1024;
 
 /// Where client connections are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +109,9 @@ pub struct GatewayHandle {
     phase: watch::Sender<Phase>,
     /// Closed when every worker is done.
     workers_done: mpsc::Receiver<()>,
+    /// A descriptor of every listening socket, for a binary upgrade; closed when draining
+    /// starts, so that the sockets close as soon as the workers stop accepting.
+    sockets: Vec<(Role, SocketAddr, std::net::TcpListener)>,
 }
 
 /// How a drain ended.
@@ -130,28 +126,6 @@ pub struct ShutdownReport {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
-}
-
-fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
-    let make = || -> std::io::Result<std::net::TcpListener> {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_reuse_address(true)?;
-        if reuse_port {
-            s.set_reuse_port(true)?;
-        }
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        s.listen(LISTEN_BACKLOG)?;
-        Ok(s.into())
-    };
-    make().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Starts the gateway on the caller's runtime ([`Workers::Current`]).
@@ -169,17 +143,28 @@ pub async fn start_with(
     signals: Arc<dyn SignalSource>,
     workers: Workers,
 ) -> Result<GatewayHandle, StartError> {
+    start_inheriting(settings, signals, workers, &mut Inherited::default()).await
+}
+
+/// As [`start_with`], serving on the listening sockets a previous process handed over
+/// (binary upgrade, `service::handover`) where they match a configured address, and binding
+/// the rest.
+pub async fn start_inheriting(
+    settings: Settings,
+    signals: Arc<dyn SignalSource>,
+    workers: Workers,
+    inherited: &mut Inherited,
+) -> Result<GatewayHandle, StartError> {
     let n = match workers {
         Workers::Current => 1,
         Workers::Threads(n) => n.max(1),
     };
-    let (per_worker, listen) = bind_listeners(&settings.listen, n)?;
-    let admin_listener = match settings.admin {
-        Some(a) => Some(bind(a, false).and_then(|l| {
-            TcpListener::from_std(l).map_err(|source| StartError::Bind { addr: a, source })
-        })?),
-        None => None,
-    };
+    let Listeners {
+        per_worker,
+        listen,
+        admin: admin_listener,
+        sockets,
+    } = listeners::open(&settings, n, inherited)?;
     let log =
         AccessLogger::start(&settings.access_log).map_err(|source| StartError::AccessLog {
             path: format!("{:?}", settings.access_log.output),
@@ -219,29 +204,8 @@ pub async fn start_with(
         shared,
         phase,
         workers_done,
+        sockets,
     })
-}
-
-/// One socket per listen address for each of `n` workers (`SO_REUSEPORT` when `n > 1`), and
-/// the addresses bound (a configured port 0 shows the port chosen).
-type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
-
-fn bind_listeners(addrs: &[SocketAddr], n: usize) -> Result<Bound, StartError> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
-    let mut listen = Vec::new();
-    for addr in addrs {
-        let first = bind(*addr, n > 1)?;
-        let actual = first.local_addr().map_err(|source| StartError::Bind {
-            addr: *addr,
-            source,
-        })?;
-        per_worker[0].push(first);
-        for w in per_worker.iter_mut().skip(1) {
-            w.push(bind(actual, true)?);
-        }
-        listen.push(actual);
-    }
-    Ok((per_worker, listen))
 }
 
 /// Runs worker `i` as a task on the caller's runtime, or on a thread of its own with its own
@@ -316,12 +280,43 @@ impl GatewayHandle {
         report
     }
 
+    /// `/healthz` and `/readyz` answer 503 from now on, so that load balancers stop sending.
+    pub fn mark_draining(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps accepting, but ends keep-alive: HTTP/1 responses carry `Connection: close` and
+    /// HTTP/2 connections get GOAWAY, so clients reconnect (elsewhere, once deregistered).
+    pub fn close_keepalive(&self) {
+        let _ = self.phase.send(Phase::Deregister);
+    }
+
+    /// Reopens the access log file (after logrotate moved it away); SIGUSR1 and SIGHUP.
+    pub fn reopen_logs(&self) {
+        self.shared.log.reopen();
+    }
+
+    /// Every listening socket, to hand over to a new process (`service::handover`).
+    pub fn offered_sockets(&self) -> Vec<Offered<'_>> {
+        self.sockets
+            .iter()
+            .map(|(role, configured, socket)| Offered {
+                role: *role,
+                configured: *configured,
+                socket,
+            })
+            .collect()
+    }
+
     /// Stops accepting, lets connections finish their in-flight requests for up to `grace`,
     /// then closes whatever is left.
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         let start = tokio::time::Instant::now();
         self.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Drain);
+        // With the workers' descriptors, the sockets close: new connections are refused at
+        // once instead of waiting in a queue nobody accepts from (unless handed over).
+        self.sockets.clear();
         let forced = tokio::time::timeout(grace, self.workers_done.recv())
             .await
             .is_err();
@@ -359,124 +354,4 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
             }
         }
     }
-}
-
-/// `gateway run --config FILE`.
-pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: log files and pipes get plain `key=value` text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
-    let loaded = config::load(path)?;
-    for w in &loaded.warnings {
-        warn!("config: {w}");
-    }
-    // The main thread's runtime handles signals, reloads, the admin listener and background
-    // tasks; client traffic runs on the worker threads.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    rt.block_on(run(path, loaded.settings))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Moves the gateway into its own cgroup and attaches the kernel observer there, per
-/// `[observer] mode`. In `auto` mode a failure is not fatal: the gateway runs on userspace
-/// timing and says why, in this log line, `/healthz`, `/status` and
-/// `gateway_observer_kernel_signals`.
-fn attach_observer(
-    cfg: &config::Observer,
-) -> anyhow::Result<(
-    Arc<dyn SignalSource>,
-    Option<crate::observer::cgroup::SelfCgroup>,
-)> {
-    use crate::{
-        config::ObserverMode,
-        observer::{KernelObserver, ObserverOptions, cgroup::SelfCgroup, signals::KernelSignals},
-    };
-    if cfg.mode == ObserverMode::Off {
-        let s = UserspaceOnly::new("observer = \"off\" in the config");
-        warn!(signals = %s.mode(), "kernel observer off: connect and response decisions use userspace timing only");
-        return Ok((Arc::new(s), None));
-    }
-    let attached = (|| -> anyhow::Result<_> {
-        let cgroup = SelfCgroup::enter(&cfg.cgroup)?;
-        let observer = KernelObserver::attach(&ObserverOptions {
-            cgroup: Some(cgroup.path().to_path_buf()),
-            ..ObserverOptions::default()
-        })?;
-        Ok((KernelSignals::start(observer), cgroup))
-    })();
-    match attached {
-        Ok((signals, cgroup)) => {
-            info!(cgroup = %cgroup.path().display(), "kernel observer attached: health, connect deadlines, hedging and retries use kernel evidence");
-            Ok((signals, Some(cgroup)))
-        }
-        Err(e) if cfg.mode == ObserverMode::Kernel => {
-            Err(e.context("[observer] mode = \"kernel\" and the kernel observer could not attach"))
-        }
-        Err(e) => {
-            let s = UserspaceOnly::new(format!("{e:#}"));
-            warn!(signals = %s.mode(), "kernel observer unavailable: connect and response decisions use userspace timing only");
-            Ok((Arc::new(s), None))
-        }
-    }
-}
-
-async fn run(path: &Path, settings: Settings) -> anyhow::Result<()> {
-    // Handlers first: SIGHUP's default action would kill a gateway that just said it listens.
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    // Before any upstream socket exists: a socket's cgroup is fixed when it is created.
-    let (signals, _cgroup) = attach_observer(&settings.observer)?;
-    let mut grace = settings.shutdown_grace;
-    let workers = settings.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
-    let handle = start_with(settings, signals, Workers::Threads(workers)).await?;
-    let why = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => match config::load(path) {
-                Ok(loaded) => {
-                    for w in &loaded.warnings {
-                        warn!("config: {w}");
-                    }
-                    grace = loaded.settings.shutdown_grace;
-                    let report = handle.reload(loaded.settings).await;
-                    for what in report.needs_restart {
-                        warn!(setting = what, "changed on reload; takes effect after a restart");
-                    }
-                    info!(config = %path.display(), "config reloaded");
-                }
-                Err(e) => error!("reload refused, keeping the running config: {e}"),
-            },
-        }
-    };
-    info!(
-        signal = why,
-        grace_ms = grace.as_millis() as u64,
-        "draining"
-    );
-    let report = handle.shutdown(grace).await;
-    if report.forced {
-        warn!(
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "grace period over; closed the remaining connections"
-        );
-    } else {
-        info!(
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "drained; exiting"
-        );
-    }
-    Ok(())
 }

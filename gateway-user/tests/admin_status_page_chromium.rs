@@ -118,7 +118,7 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
     std::fs::write(
         &config,
         format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n\
+            "[router]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\ndrain_delay_ms = 0\n\n\
              [router.upstream]\nendpoints = [\"{refused}\", \"{}\"]\n\n\
              [router.upstream.health]\nejection_ms = 60000\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\

@@ -98,7 +98,7 @@ async fn reset_every_nth(n: usize) -> (SocketAddr, Arc<Seen>) {
                     }
                     if k == n {
                         s.resets.fetch_add(1, Ordering::SeqCst);
-                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                         return;
                     }
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";

@@ -286,17 +286,46 @@ fn privileged_kernel_without_btf_is_a_clear_error() {
     );
 }
 
+/// Without cgroup v2 in its mount namespace (as under `ip netns exec`), the observer mounts
+/// it in a private mount namespace of its own and attaches; when even that is impossible
+/// (no CAP_SYS_ADMIN for unshare/mount), the error says what happened and what to do.
 #[test]
-fn privileged_missing_cgroup2_is_a_clear_error() {
+fn privileged_missing_cgroup2_is_mounted_privately() {
     require_root();
     let out = in_private_mounts(
         "for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts); do umount $m; done",
         "observe --duration 1",
     );
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("cgroup v2 was not visible in this mount namespace")
+            && err.contains("observer attached"),
+        "{err}"
+    );
+}
+
+#[test]
+fn privileged_missing_cgroup2_that_cannot_be_mounted_is_a_clear_error() {
+    require_root();
+    // No cgroup2, and no CAP_SYS_ADMIN to unshare a mount namespace and mount it.
+    let script = format!(
+        "set -e; for m in $(awk '$3 == \"cgroup2\" {{print $2}}' /proc/self/mounts); do umount $m; done; \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+         --inh-caps=-all,+bpf,+perfmon,+net_admin --ambient-caps=-all,+bpf,+perfmon,+net_admin \
+         --bounding-set=-all,+bpf,+perfmon,+net_admin -- {} observe --duration 1",
+        gateway_bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("cgroup v2 is not mounted") && err.contains("mount -t cgroup2"),
+        err.contains("cgroup v2 is not mounted in this mount namespace")
+            && err.contains("unshare(CLONE_NEWNS)")
+            && err.contains("nsenter --net="),
         "{err}"
     );
 }

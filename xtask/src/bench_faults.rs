@@ -210,7 +210,7 @@ fn haproxy_conf(ups: &[SocketAddr]) -> String {
 fn gateway_conf(ups: &[SocketAddr]) -> String {
     let eps: Vec<String> = ups.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "[router]\nlisten = [\"127.0.0.1:{PEER_PORT}\"]\n\n[router.upstream]\nendpoints = [{}]\n\n\
+        "[router]\nlisten = [\"127.0.0.1:{PEER_PORT}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\nendpoints = [{}]\n\n\
          [router.upstream.timeouts]\nconnect_timeout_ms = 5000\n\n\
          [admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")

@@ -159,7 +159,7 @@ fn haproxy_conf(port: u16, ups: &[u16]) -> String {
 fn gateway_conf(port: u16, ups: &[u16]) -> String {
     let eps: Vec<String> = ups.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     format!(
-        "[router]\nlisten = [\"127.0.0.1:{port}\"]\n\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
+        "[router]\nlisten = [\"127.0.0.1:{port}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")
     )
 }

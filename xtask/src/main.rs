@@ -4,6 +4,7 @@
 mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
+mod package;
 
 use std::process::{Command, ExitCode};
 
@@ -19,12 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format check, build (with the real eBPF object), unit tests, then the privileged
-    /// end-to-end tests one at a time.
+    /// Format check, build (with the real eBPF object), unit tests, the Debian package, then
+    /// the privileged end-to-end tests one at a time.
     Test {
         /// Only run tests whose names contain this.
         filter: Option<String>,
     },
+    /// Build the Debian package (cargo-deb) into target/debian/.
+    Package,
     /// Build the release binary and run `gateway demo`.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -174,9 +177,12 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     )?;
+    // The Debian package (release build): the deploy_* tests install it and run its units.
+    let deb = package::build()?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
     run_tests(
         cargo()
+            .env("GATEWAY_DEB", &deb)
             .args(["test", "--no-fail-fast", "--test", "*"])
             .arg("--")
             .arg("--test-threads=1")
@@ -257,6 +263,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Test { filter } => test(filter),
+        Cmd::Package => package::build().map(|_| ()),
         Cmd::Demo { args } => demo(args),
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),

@@ -41,8 +41,13 @@ pub struct ObserverConfig {
     /// and say why; `kernel`: refuse to start without it; `off`: userspace timing only.
     pub mode: Option<ObserverMode>,
     /// The cgroup v2 the gateway moves itself into before opening any upstream socket, and
-    /// where the observer attaches: absolute, or relative to the cgroup v2 mount. `{pid}` is
-    /// replaced by the process id. Removed on exit. Default [`DEFAULT_OBSERVER_CGROUP`].
+    /// where the observer attaches. A name (default [`DEFAULT_OBSERVER_CGROUP`]) is a child of
+    /// the process's **own** cgroup (the systemd unit's with `Delegate=yes`, the container's):
+    /// never a new cgroup at the root. `{pid}` is replaced by the process id. Created at
+    /// start, removed on exit; one left by a killed gateway is removed at the next start.
+    /// `"."`: attach to the own cgroup itself, without a child (for containers whose cgroup
+    /// filesystem is read-only; only right when nothing but the gateway runs in that cgroup).
+    /// An absolute path names a cgroup v2 directory explicitly.
     pub cgroup: Option<String>,
 }
 
@@ -66,9 +71,15 @@ pub struct RouterConfig {
     /// Addresses to accept client connections on, e.g. `["127.0.0.1:8080", "[::1]:8080"]`.
     #[serde(default)]
     pub listen: Vec<SocketAddr>,
-    /// On SIGTERM or SIGINT, how long in-flight requests may run before the gateway exits
-    /// anyway. Default [`DEFAULT_SHUTDOWN_GRACE_MS`].
+    /// On SIGTERM or SIGINT, how long in-flight requests may run, once listening has stopped,
+    /// before the gateway exits anyway. Default [`DEFAULT_SHUTDOWN_GRACE_MS`].
     pub shutdown_grace_ms: Option<u64>,
+    /// On SIGTERM or SIGINT, how long the gateway keeps accepting and serving new connections
+    /// after `/healthz` and `/readyz` turn 503, so that load balancers deregister it before
+    /// it stops listening. Meanwhile HTTP/1 responses carry `Connection: close` and HTTP/2
+    /// connections get GOAWAY, so clients move to other hosts. 0: stop listening at once.
+    /// A second SIGTERM or SIGINT cuts the delay short. Default [`DEFAULT_DRAIN_DELAY_MS`].
+    pub drain_delay_ms: Option<u64>,
     /// Worker threads, each with its own event loop and listening sockets (like nginx's
     /// `worker_processes`). Default: one per CPU.
     pub workers: Option<usize>,
@@ -79,6 +90,9 @@ pub struct RouterConfig {
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+/// Longer than a typical load balancer's health-check interval × unhealthy threshold
+/// (e.g. 2 × 2 s), so that it has stopped sending before the listener closes.
+pub const DEFAULT_DRAIN_DELAY_MS: u64 = 5_000;
 
 /// `[router.downstream]`: what the gateway accepts from clients.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

@@ -11,6 +11,8 @@ pub struct Settings {
     /// Client listeners (at least one).
     pub listen: Vec<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// Between `/healthz` turning 503 and the listeners closing (see `drain_delay_ms`).
+    pub drain_delay: Duration,
     /// `None`: one per CPU.
     pub workers: Option<usize>,
     pub downstream: Downstream,
@@ -26,8 +28,18 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observer {
     pub mode: super::model::ObserverMode,
-    /// With `{pid}` already replaced.
-    pub cgroup: PathBuf,
+    pub cgroup: ObserverCgroup,
+}
+
+/// Where the observer attaches (`[observer] cgroup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObserverCgroup {
+    /// A child of the process's own cgroup, named by this pattern (`{pid}` not yet replaced).
+    Child(String),
+    /// The process's own cgroup itself (`"."`).
+    Own,
+    /// An absolute cgroup v2 directory.
+    Path(PathBuf),
 }
 
 #[derive(Clone, Debug, PartialEq)]

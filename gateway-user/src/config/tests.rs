@@ -220,3 +220,60 @@ fn endpoint_forms() {
     assert!(parse_endpoint("host:http").is_err());
     assert!(parse_endpoint("ho st:80").is_err());
 }
+
+#[test]
+fn drain_delay_defaults_to_five_seconds_and_is_bounded() {
+    let s = load(COMMON).unwrap().settings;
+    assert_eq!(
+        s.drain_delay,
+        Duration::from_millis(model::DEFAULT_DRAIN_DELAY_MS)
+    );
+    assert_eq!(model::DEFAULT_DRAIN_DELAY_MS, 5_000);
+    let zero = load(&COMMON.replace(
+        "listener_port = 8080",
+        "listener_port = 8080\ndrain_delay_ms = 0",
+    ))
+    .unwrap()
+    .settings;
+    assert_eq!(zero.drain_delay, Duration::ZERO);
+    let e = err(&COMMON.replace(
+        "listener_port = 8080",
+        "listener_port = 8080\ndrain_delay_ms = 100000000",
+    ));
+    assert!(
+        e.contains("gw.toml:4:")
+            && e.contains("router.drain_delay_ms")
+            && e.contains("out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn observer_cgroup_is_a_child_name_the_own_cgroup_or_an_absolute_path() {
+    let with = |v: &str| format!("{COMMON}\n[observer]\ncgroup = \"{v}\"\n");
+    let cg = |v: &str| load(&with(v)).unwrap().settings.observer.cgroup;
+    assert_eq!(
+        load(COMMON).unwrap().settings.observer.cgroup,
+        ObserverCgroup::Child("gateway-{pid}".into())
+    );
+    assert_eq!(cg("."), ObserverCgroup::Own);
+    assert_eq!(cg("obs-{pid}"), ObserverCgroup::Child("obs-{pid}".into()));
+    assert_eq!(
+        cg("/sys/fs/cgroup/x"),
+        ObserverCgroup::Path("/sys/fs/cgroup/x".into())
+    );
+    for bad in [
+        "",
+        "a/b",
+        "..",
+        "cgroup.procs",
+        "/sys/fs/cgroup/../x",
+        "g-{pid}-{pid}",
+    ] {
+        let e = err(&with(bad));
+        assert!(
+            e.contains("observer.cgroup") && e.contains("gw.toml:12:"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -52,6 +52,10 @@ pub enum Invalid {
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
     EmptyLogOutput,
+    #[error(
+        "observer cgroup {value:?}: {reason}; use a name such as \"gateway-{{pid}}\" (a child of the gateway's own cgroup), \".\" (the own cgroup itself) or an absolute cgroup v2 path"
+    )]
+    InvalidObserverCgroup { value: String, reason: &'static str },
 }
 
 /// A legal setting that is probably a mistake.
@@ -161,6 +165,13 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
         .shutdown_grace_ms
         .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
     c.range(&grace_key, grace_ms, 0, DAY_MS, " ms");
+    let drain_delay_ms = c.range(
+        &router.key("drain_delay_ms"),
+        cfg.router.drain_delay_ms.unwrap_or(DEFAULT_DRAIN_DELAY_MS),
+        0,
+        DAY_MS,
+        " ms",
+    );
     if let Some(w) = cfg.router.workers {
         c.range(&router.key("workers"), w as u64, 1, 1024, "");
     }
@@ -362,6 +373,14 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
         output,
     };
 
+    let observer_cgroup = observer_cgroup(
+        &mut c,
+        cfg.observer
+            .cgroup
+            .as_deref()
+            .unwrap_or(DEFAULT_OBSERVER_CGROUP),
+    );
+
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
@@ -369,6 +388,7 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
         Settings {
             listen,
             shutdown_grace: ms(grace_ms),
+            drain_delay: ms(drain_delay_ms),
             workers: cfg.router.workers,
             downstream,
             routes,
@@ -377,17 +397,45 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
             access_log,
             observer: Observer {
                 mode: cfg.observer.mode.unwrap_or_default(),
-                cgroup: PathBuf::from(
-                    cfg.observer
-                        .cgroup
-                        .as_deref()
-                        .unwrap_or(DEFAULT_OBSERVER_CGROUP)
-                        .replace("{pid}", &std::process::id().to_string()),
-                ),
+                cgroup: observer_cgroup,
             },
         },
         c.warnings,
     ))
+}
+
+/// `[observer] cgroup`: a child name, `"."`, or an absolute path.
+fn observer_cgroup(c: &mut Checker, value: &str) -> ObserverCgroup {
+    let key = KeyPath::root().key("observer").key("cgroup");
+    let mut fail = |reason| {
+        c.fail(
+            key.clone(),
+            Invalid::InvalidObserverCgroup {
+                value: value.to_owned(),
+                reason,
+            },
+        );
+        ObserverCgroup::Own
+    };
+    if value == "." {
+        ObserverCgroup::Own
+    } else if value.is_empty() {
+        fail("empty")
+    } else if value.starts_with('/') {
+        if value.split('/').any(|part| part == "..") {
+            fail("`..` is not allowed")
+        } else {
+            ObserverCgroup::Path(PathBuf::from(value))
+        }
+    } else if value.contains('/') {
+        fail("a child name cannot contain `/`")
+    } else if value == ".." || value.starts_with("cgroup.") {
+        fail("not a name the cgroup filesystem allows")
+    } else if value.matches("{pid}").count() > 1 {
+        fail("`{pid}` may appear once")
+    } else {
+        ObserverCgroup::Child(value.to_owned())
+    }
 }
 
 fn ms(v: u64) -> Duration {

@@ -25,7 +25,9 @@ pub enum PreflightError {
     #[error(
         "the observer needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (this process has \
          CapEff={cap_eff:#x}); run it with sudo, or grant them: \
-         setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which gateway)"
+         setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which gateway), or as systemd \
+         AmbientCapabilities= (see the packaged units); `gateway run` also needs write access to \
+         its own cgroup (Delegate=yes)"
     )]
     NotPrivileged { cap_eff: u64 },
     #[error(
@@ -49,6 +51,13 @@ pub enum PreflightError {
         "{path} is not a cgroup v2 directory (it is on a different filesystem); pass a directory under {mount}"
     )]
     NotCgroup2 { path: String, mount: String },
+    #[error(
+        "cgroup v2 is not mounted in this mount namespace (`ip netns exec` remounts /sys and hides it), and mounting it privately failed at {step}: {source}; run the command with `nsenter --net=/run/netns/NAME` instead, which keeps /sys, or with CAP_SYS_ADMIN"
+    )]
+    PrivateCgroup2 {
+        step: &'static str,
+        source: std::io::Error,
+    },
     #[error(
         "{what} is not mounted at {path} and mounting it failed: {source}; mount it with `mount -t {fstype} {fstype} {path}`"
     )]
@@ -138,6 +147,62 @@ pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf, PreflightError> {
         });
     }
     Ok(path)
+}
+
+/// Where [`ensure_cgroup2`] mounts cgroup v2 when it has to.
+pub const PRIVATE_CGROUP2: &str = "/sys/fs/cgroup";
+
+/// Makes cgroup v2 visible to this process. `ip netns exec` runs its command in a mount
+/// namespace of its own whose /sys is a fresh sysfs without the cgroup mounts, so the
+/// observer would find no cgroup to attach to. When /proc/self/mounts has no cgroup2, this
+/// process moves into a mount namespace of its own whose mounts propagate nowhere (nothing it
+/// mounts can reach the host's or `ip netns exec`'s namespace) and mounts cgroup2 at
+/// [`PRIVATE_CGROUP2`] there. Returns where it mounted, or `None` when nothing was needed.
+///
+/// Call it before the process starts any thread: `unshare(CLONE_NEWNS)` refuses a process whose
+/// threads share its filesystem context (EINVAL).
+pub fn ensure_cgroup2() -> Result<Option<PathBuf>, PreflightError> {
+    if cgroup2_mount().is_ok() {
+        return Ok(None);
+    }
+    let fail = |step| PreflightError::PrivateCgroup2 {
+        step,
+        source: std::io::Error::last_os_error(),
+    };
+    // SAFETY: plain syscalls with valid, NUL-terminated arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(fail("unshare(CLONE_NEWNS)"));
+        }
+        let root = CString::new("/").expect("static");
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(fail("making / a slave mount"));
+        }
+        let fstype = CString::new("cgroup2").expect("static");
+        let target = CString::new(PRIVATE_CGROUP2).expect("static");
+        if libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(fail("mount -t cgroup2 cgroup2 /sys/fs/cgroup"));
+        }
+    }
+    tracing::info!(
+        path = PRIVATE_CGROUP2,
+        "cgroup v2 was not visible in this mount namespace (ip netns exec remounts /sys); mounted it in a private one"
+    );
+    Ok(Some(PathBuf::from(PRIVATE_CGROUP2)))
 }
 
 /// Mounts `fstype` at `path` unless something of that type is already there.

@@ -1,13 +1,16 @@
 //! The access log: one line per request, plain or JSON, written when the response is over
 //! (or abandoned). Lines go through a bounded channel to a writer thread, so a slow disk never
 //! stalls the proxy; if the channel is full the line is dropped and counted, and the count is
-//! written as soon as there is room.
+//! written as soon as there is room. [`AccessLogger::reopen`] (SIGUSR1, SIGHUP) makes the
+//! writer open the file's path again, so that after logrotate renamed it the log goes to a new
+//! file at the configured path.
 
 use std::{
     fmt::Write as _,
     fs::OpenOptions,
     io::{self, BufWriter, Write},
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -261,37 +264,63 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// What the writer thread receives.
+enum Msg {
+    Line(String),
+    /// Wakes the writer to reopen now (the flag says so even if this did not fit).
+    Reopen,
+}
+
 pub(crate) struct AccessLogger {
     json: AtomicBool,
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Msg>>,
     dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+}
+
+fn open_append(path: &Path) -> io::Result<Box<dyn Write + Send>> {
+    Ok(Box::new(
+        OpenOptions::new().create(true).append(true).open(path)?,
+    ))
 }
 
 impl AccessLogger {
     pub fn start(cfg: &AccessLog) -> io::Result<Self> {
-        let out: Box<dyn Write + Send> = match &cfg.output {
+        let (out, path): (Box<dyn Write + Send>, _) = match &cfg.output {
             LogOutput::Off => {
                 return Ok(AccessLogger {
                     json: AtomicBool::new(false),
                     tx: None,
                     dropped: Arc::default(),
+                    reopen: Arc::default(),
                 });
             }
-            LogOutput::Stdout => Box::new(io::stdout()),
-            LogOutput::Stderr => Box::new(io::stderr()),
-            LogOutput::File(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+            LogOutput::Stdout => (Box::new(io::stdout()), None),
+            LogOutput::Stderr => (Box::new(io::stderr()), None),
+            LogOutput::File(p) => (open_append(p)?, Some(p.clone())),
         };
         let (tx, rx) = sync_channel(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
-        let d = dropped.clone();
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (d, r) = (dropped.clone(), reopen.clone());
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(rx, out, d))?;
+            .spawn(move || writer(rx, out, path, d, r))?;
         Ok(AccessLogger {
             json: AtomicBool::new(cfg.format == AccessLogFormat::Json),
             tx: Some(tx),
             dropped,
+            reopen,
         })
+    }
+
+    /// Asks the writer to open the file's path again (nothing for stdout and stderr). Lines
+    /// already handed over may still go to the old file; every later one goes to the new.
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            self.reopen.store(true, Ordering::Release);
+            let _ = tx.try_send(Msg::Reopen);
+        }
     }
 
     pub fn set_format(&self, f: AccessLogFormat) {
@@ -306,7 +335,7 @@ impl AccessLogger {
         } else {
             AccessLogFormat::Plain
         };
-        match tx.try_send(render(ex, format)) {
+        match tx.try_send(Msg::Line(render(ex, format))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -316,13 +345,37 @@ impl AccessLogger {
     }
 }
 
-fn writer(rx: Receiver<String>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let mut next = Some(line);
-        while let Some(line) = next {
-            let _ = out.write_all(line.as_bytes());
-            let _ = out.write_all(b"\n");
+const WRITE_BUFFER: usize = 64 * 1024;
+
+fn writer(
+    rx: Receiver<Msg>,
+    out: Box<dyn Write + Send>,
+    path: Option<PathBuf>,
+    dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+) {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, out);
+    while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(msg) = next {
+            if reopen.swap(false, Ordering::Acquire)
+                && let Some(path) = &path
+            {
+                let _ = out.flush();
+                match open_append(path) {
+                    Ok(file) => {
+                        out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                        tracing::info!(path = %path.display(), "access log reopened");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot reopen the access log; still writing to the old file");
+                    }
+                }
+            }
+            if let Msg::Line(line) = msg {
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.write_all(b"\n");
+            }
             next = rx.try_recv().ok();
         }
         let n = dropped.swap(0, Ordering::Relaxed);
@@ -340,6 +393,58 @@ fn writer(rx: Receiver<String>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reopen_moves_the_log_to_a_new_file_at_its_path() {
+        let dir = std::env::temp_dir().join(format!("gateway-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLogger::start(&AccessLog {
+            format: AccessLogFormat::Plain,
+            output: LogOutput::File(path.clone()),
+        })
+        .unwrap();
+        let line = |p: &str| {
+            Record::new(
+                "127.0.0.1:5000".parse().unwrap(),
+                Method::GET,
+                Uri::try_from(p).unwrap(),
+                Version::HTTP_11,
+            )
+        };
+        let wait_for = |file: &Path, needle: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                if text.contains(needle) {
+                    return text;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{needle} not in {}: {text:?}",
+                    file.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        log.log(&line("/before"));
+        wait_for(&path, "/before");
+        let rotated = dir.join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        // Recreated at once, before any new line (as nginx does).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            assert!(std::time::Instant::now() < deadline, "not recreated");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log.log(&line("/after"));
+        let new = wait_for(&path, "/after");
+        assert!(!new.contains("/before"), "{new}");
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -7,14 +7,25 @@
 //! connections stay on one thread (no cross-thread wake-ups, no work stealing). Tests run the
 //! same worker as a task on their own runtime.
 //!
-//! Shutdown has two steps, driven by a `watch` of [`Phase`]: `Drain` stops accepting and asks
-//! every connection to finish what it is doing (HTTP/1: the current response, then close;
-//! HTTP/2: GOAWAY), `Force` closes whatever is left when the grace period is over. Each
-//! connection task holds a clone of an `mpsc::Sender` that is never sent on: the receiver sees
-//! the channel close when the last connection is gone.
+//! Shutdown has up to three steps, driven by a `watch` of [`Phase`]: `Deregister` (the drain
+//! delay, while load balancers take the host out) still accepts, but moves clients elsewhere:
+//! HTTP/1 responses carry `Connection: close` and HTTP/2 connections get GOAWAY; `Drain` stops
+//! accepting and asks every connection to finish what it is doing (HTTP/1: the current
+//! response, then close; HTTP/2: GOAWAY); `Force` closes whatever is left when the grace period
+//! is over. Each connection task holds a clone of an `mpsc::Sender` that is never sent on: the
+//! receiver sees the channel close when the last connection is gone.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
+use http::{HeaderValue, Version, header::CONNECTION};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -28,8 +39,16 @@ use super::{headers, io::StallGuard, request, shared::Shared};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
     Run,
+    /// Still accepting; keep-alive ends after each response (see the module doc).
+    Deregister,
     Drain,
     Force,
+}
+
+impl Phase {
+    fn accepting(self) -> bool {
+        matches!(self, Phase::Run | Phase::Deregister)
+    }
 }
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
@@ -70,7 +89,7 @@ pub(crate) async fn worker(
     drop(done);
 }
 
-/// Accepts until the phase leaves `Run`.
+/// Accepts until the phase is `Drain` or `Force`.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -91,7 +110,7 @@ async fn accept_loop(
                 }
             },
             _ = phase.changed() => {
-                if *phase.borrow() != Phase::Run {
+                if !phase.borrow().accepting() {
                     return;
                 }
             }
@@ -112,11 +131,31 @@ async fn serve(
     };
     let io = TokioIo::new(StallGuard::new(stream, write_timeout));
     let client_ip = headers::client_value(peer.ip());
-    let svc = service_fn(move |req| request::handle(shared.clone(), peer, client_ip.clone(), req));
+    // Whether this connection speaks HTTP/2, known from its first request.
+    let h2 = Arc::new(AtomicBool::new(false));
+    let (svc_h2, svc_phase) = (h2.clone(), phase.clone());
+    let svc = service_fn(move |req| {
+        let version = req.version();
+        svc_h2.store(version == Version::HTTP_2, Ordering::Relaxed);
+        let response = request::handle(shared.clone(), peer, client_ip.clone(), req);
+        let phase = svc_phase.clone();
+        async move {
+            let mut response = response.await?;
+            if version < Version::HTTP_2 && *phase.borrow() != Phase::Run {
+                // Draining: the client reconnects, through its load balancer, elsewhere.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
-    if *phase.borrow_and_update() != Phase::Run {
+    let mut shutting_down = false;
+    if !phase.borrow_and_update().accepting() {
         conn.as_mut().graceful_shutdown();
+        shutting_down = true;
     }
     loop {
         tokio::select! {
@@ -130,7 +169,18 @@ async fn serve(
                 let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
                 match p {
                     Phase::Run => {}
-                    Phase::Drain => conn.as_mut().graceful_shutdown(),
+                    // HTTP/1 connections close after their next response instead (above):
+                    // closing an idle one now would race the request its client may be sending.
+                    Phase::Deregister if h2.load(Ordering::Relaxed) && !shutting_down => {
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                    }
+                    Phase::Deregister => {}
+                    Phase::Drain if !shutting_down => {
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                    }
+                    Phase::Drain => {}
                     Phase::Force => return,
                 }
             }

@@ -216,7 +216,7 @@ impl<'a> LabGateway<'a> {
         let dir = std::env::temp_dir().join(format!("gw-admin-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "[router]\nlisten = [\"127.0.0.1:{LAB_LISTEN}\"]\nworkers = 1\n\n\
+            "[router]\nlisten = [\"127.0.0.1:{LAB_LISTEN}\"]\nworkers = 1\ndrain_delay_ms = 0\n\n\
              [admin]\nlisten = \"127.0.0.1:{LAB_ADMIN}\"\n\n\
              [access_log]\noutput = \"off\"\n\n\
              [observer]\nmode = \"kernel\"\ncgroup = \"gateway-admin-{name}-{{pid}}\"\n\n{extra}"

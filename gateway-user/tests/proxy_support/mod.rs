@@ -333,12 +333,14 @@ pub fn temp_dir(label: &str) -> PathBuf {
 }
 
 /// The header of every test config: loopback listener and admin on port 0, access log to
-/// `log` in JSON.
+/// `log` in JSON, no drain delay (a test that stops the gateway does not wait for load
+/// balancers; `service_lifecycle` tests the delay).
 pub fn base_config(log: &Path) -> String {
     format!(
         r#"[router]
 listen = ["127.0.0.1:0"]
 shutdown_grace_ms = 5000
+drain_delay_ms = 0
 
 [admin]
 listen = "127.0.0.1:0"

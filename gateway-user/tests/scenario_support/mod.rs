@@ -112,7 +112,7 @@ impl Scenario {
             .map(|u| format!("\"{}\"", u.addr_v4(PORT)))
             .collect();
         let config = format!(
-            "[router]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n\
+            "[router]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\ndrain_delay_ms = 0\n\
              [router.upstream]\nendpoints = [{}]\n\
              [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = {response_timeout_ms}\nrequest_timeout_ms = 10000\n\
              [router.upstream.limits]\nmax_idle_per_endpoint = {max_idle}\n\

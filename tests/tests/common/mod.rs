@@ -13,7 +13,7 @@ use std::{
 };
 
 use gateway::observer::{
-    KernelObserver, ObserverOptions,
+    ConnectExitHook, KernelObserver, ObserverOptions,
     records::{Clock, ConnectRecord, Decoded, Joiner, decode},
 };
 use gateway_lab::{Lab, LabSpec, NetnsCommandExt};
@@ -52,11 +52,18 @@ pub struct Recorder {
 /// `let (lab, mut rec) = ...`: locals drop in reverse order, so the observer detaches before
 /// the namespaces go.
 pub fn observed_lab(upstreams: usize) -> (Lab, Recorder) {
+    observed_lab_with(upstreams, ConnectExitHook::Auto)
+}
+
+/// As [`observed_lab`], with the connect-return hook chosen (`Raw`: what a non-root observer
+/// without tracefs gets).
+pub fn observed_lab_with(upstreams: usize, connect_exit: ConnectExitHook) -> (Lab, Recorder) {
     require_root();
     let lab = Lab::new(LabSpec::new(upstreams)).expect("building the fault lab");
     let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
     let observer = KernelObserver::attach(&ObserverOptions {
         cgroup: Some(cgroup.path().to_path_buf()),
+        connect_exit,
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("attaching the observer: {e}"));

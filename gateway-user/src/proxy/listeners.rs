@@ -1,0 +1,129 @@
+//! The listening sockets: for each configured client address one `SO_REUSEPORT` socket per
+//! worker (each with its own accept queue), and the admin socket. A socket handed over by the
+//! previous process in a binary upgrade (`service::handover`) is used instead of binding anew
+//! where its address matches, so no connection is refused across the upgrade. One descriptor
+//! of every socket is kept for the next handover.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use super::StartError;
+use crate::{
+    config::Settings,
+    service::handover::{Inherited, Role},
+};
+
+/// Listen backlog for client and admin sockets.
+const LISTEN_BACKLOG: i32 = 1024;
+
+pub(crate) struct Listeners {
+    /// Each worker's client sockets.
+    pub per_worker: Vec<Vec<std::net::TcpListener>>,
+    /// The bound client addresses (a configured port 0 shows the port chosen).
+    pub listen: Vec<SocketAddr>,
+    pub admin: Option<TcpListener>,
+    /// One descriptor of every distinct listening socket, for a later handover.
+    pub sockets: Vec<(Role, SocketAddr, std::net::TcpListener)>,
+}
+
+/// Binds (or inherits) every listening socket of `settings` for `n` workers.
+pub(crate) fn open(
+    settings: &Settings,
+    n: usize,
+    inherited: &mut Inherited,
+) -> Result<Listeners, StartError> {
+    let mut l = Listeners {
+        per_worker: (0..n).map(|_| Vec::new()).collect(),
+        listen: Vec::new(),
+        admin: None,
+        sockets: Vec::new(),
+    };
+    for addr in &settings.listen {
+        let handed = inherited.take(Role::Client, *addr);
+        let actual = if handed.is_empty() {
+            l.bind_client(*addr, n)?
+        } else {
+            l.take_client(*addr, handed, n)?
+        };
+        l.listen.push(actual);
+    }
+    if let Some(a) = settings.admin {
+        let std_listener = match inherited.take(Role::Admin, a).pop() {
+            Some(s) => s,
+            None => bind(a, false)?,
+        };
+        l.sockets.push((Role::Admin, a, dup(&std_listener, a)?));
+        l.admin = Some(
+            TcpListener::from_std(std_listener)
+                .map_err(|source| StartError::Bind { addr: a, source })?,
+        );
+    }
+    inherited.close_unclaimed();
+    Ok(l)
+}
+
+impl Listeners {
+    /// A fresh socket per worker for `addr`; the address actually bound.
+    fn bind_client(&mut self, addr: SocketAddr, n: usize) -> Result<SocketAddr, StartError> {
+        let first = bind(addr, n > 1)?;
+        let actual = first
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        self.sockets.push((Role::Client, addr, dup(&first, addr)?));
+        self.per_worker[0].push(first);
+        for w in self.per_worker.iter_mut().skip(1) {
+            let s = bind(actual, true)?;
+            self.sockets.push((Role::Client, addr, dup(&s, addr)?));
+            w.push(s);
+        }
+        Ok(actual)
+    }
+
+    /// The sockets handed over for `addr`: every worker accepts on every handed-over socket it
+    /// is given, and every socket has at least one worker (each has its own accept queue).
+    fn take_client(
+        &mut self,
+        addr: SocketAddr,
+        handed: Vec<std::net::TcpListener>,
+        n: usize,
+    ) -> Result<SocketAddr, StartError> {
+        let actual = handed[0]
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        for i in 0..n.max(handed.len()) {
+            self.per_worker[i % n].push(dup(&handed[i % handed.len()], addr)?);
+        }
+        for s in handed {
+            self.sockets.push((Role::Client, addr, s));
+        }
+        Ok(actual)
+    }
+}
+
+fn dup(l: &std::net::TcpListener, addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    l.try_clone()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
+    let make = || -> std::io::Result<std::net::TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        Ok(s.into())
+    };
+    make().map_err(|source| StartError::Bind { addr, source })
+}

@@ -1,0 +1,334 @@
+//! `gateway run` as a host's service manager and load balancer expect it: the process
+//! lifecycle around the proxy.
+//!
+//! | signal | what happens |
+//! |---|---|
+//! | SIGTERM, SIGINT | `/healthz` and `/readyz` turn 503 at once; for `drain_delay_ms` new connections are still accepted and served (HTTP/1 responses say `Connection: close`, HTTP/2 gets GOAWAY) while load balancers deregister the host; then listening stops and in-flight requests get `shutdown_grace_ms` to finish. A second SIGTERM/SIGINT cuts the delay short. |
+//! | SIGHUP | reloads the config (a bad one is refused and the running one kept) and reopens the access log |
+//! | SIGUSR1 | reopens the access log (logrotate, nginx's convention) |
+//! | SIGUSR2 | binary upgrade: starts the binary at this executable's path with the listening sockets ([`handover`]); once it serves, this process drains and exits |
+//!
+//! Under systemd (`Type=notify`) it reports `READY=1`, `RELOADING=1`, `STOPPING=1` and
+//! `STATUS=`, and pings the watchdog when `WatchdogSec=` is set ([`notify`]). Before any upstream
+//! socket exists it moves into its observer cgroup, a child of its own
+//! (`observer::cgroup`).
+
+pub mod handover;
+pub mod notify;
+
+use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{error, info, warn};
+
+use self::{
+    handover::{Inherited, Relaunch, Successor},
+    notify::Notifier,
+};
+use crate::{
+    config::{self, ObserverMode, Settings},
+    observer::cgroup::SelfCgroup,
+    proxy::{self, GatewayHandle, Workers},
+    signals::{SignalSource, UserspaceOnly},
+};
+
+/// After a handover, how long the old process still serves (HTTP/1 responses with
+/// `Connection: close`) before it stops accepting: long enough that a keep-alive client in
+/// the middle of a stream of requests gets a `Connection: close` rather than a closed idle
+/// connection racing its next request.
+pub const HANDOVER_LINGER: Duration = Duration::from_millis(1_000);
+
+/// `gateway run --config FILE`.
+pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files and pipes get plain `key=value` text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
+        warn!("config: {w}");
+    }
+    // While this process has one thread: both change process-wide state.
+    let inherited = Inherited::from_env().context("taking over the listening sockets")?;
+    if loaded.settings.observer.mode != ObserverMode::Off
+        && let Err(e) = crate::observer::preflight::ensure_cgroup2()
+    {
+        if loaded.settings.observer.mode == ObserverMode::Kernel {
+            return Err(e).context("[observer] mode = \"kernel\"");
+        }
+        warn!("{e}");
+    }
+    let relaunch = Relaunch::current()
+        .inspect_err(
+            |e| warn!(error = %e, "cannot tell this executable's path; SIGUSR2 upgrades are off"),
+        )
+        .ok();
+    // The main thread's runtime handles signals, reloads, the admin listener and background
+    // tasks; client traffic runs on the worker threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(path, loaded.settings, inherited, relaunch))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gateway reload --config FILE --pid PID`: validates the config, then sends SIGHUP. Exits
+/// non-zero, sending nothing, when the config is refused.
+pub fn cli_reload(path: &Path, pid: u32) -> anyhow::Result<ExitCode> {
+    let loaded = config::load(path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let target = i32::try_from(pid).context("--pid is not a process id")?;
+    // SAFETY: kill(2) with a plain pid and signal.
+    if unsafe { libc::kill(target, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("sending SIGHUP to gateway pid {pid}"));
+    }
+    println!("{}: ok; sent SIGHUP to pid {pid}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Moves the gateway into its observer cgroup and attaches the kernel observer there, per
+/// `[observer] mode`. In `auto` mode a failure is not fatal: the gateway runs on userspace
+/// timing and says why, in this log line, `/healthz`, `/status` and
+/// `gateway_observer_kernel_signals`.
+fn attach_observer(
+    cfg: &config::Observer,
+) -> anyhow::Result<(Arc<dyn SignalSource>, Option<SelfCgroup>)> {
+    use crate::observer::{KernelObserver, ObserverOptions, signals::KernelSignals};
+    if cfg.mode == ObserverMode::Off {
+        let s = UserspaceOnly::new("observer = \"off\" in the config");
+        warn!(signals = %s.mode(), "kernel observer off: connect and response decisions use userspace timing only");
+        return Ok((Arc::new(s), None));
+    }
+    let attached = (|| -> anyhow::Result<_> {
+        let cgroup = SelfCgroup::enter(&cfg.cgroup)?;
+        let observer = KernelObserver::attach(&ObserverOptions {
+            cgroup: Some(cgroup.path().to_path_buf()),
+            ..ObserverOptions::default()
+        })?;
+        let hook = observer.connect_exit_hook();
+        Ok((KernelSignals::start(observer), cgroup, hook))
+    })();
+    match attached {
+        Ok((signals, cgroup, hook)) => {
+            info!(cgroup = %cgroup.path().display(), connect_exit = hook, "kernel observer attached: health, connect deadlines, hedging and retries use kernel evidence");
+            Ok((signals, Some(cgroup)))
+        }
+        Err(e) if cfg.mode == ObserverMode::Kernel => {
+            Err(e.context("[observer] mode = \"kernel\" and the kernel observer could not attach"))
+        }
+        Err(e) => {
+            let s = UserspaceOnly::new(format!("{e:#}"));
+            warn!(signals = %s.mode(), "kernel observer unavailable: connect and response decisions use userspace timing only");
+            Ok((Arc::new(s), None))
+        }
+    }
+}
+
+/// The signals `gateway run` handles. Installed before anything else: the default action of
+/// SIGHUP, SIGUSR1 and SIGUSR2 is to kill the process.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+    usr2: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+}
+
+/// Why the serving loop ended.
+enum Exit {
+    Signal(&'static str),
+    HandedOver { pid: u32 },
+}
+
+/// The one-line state shown by `systemctl status`.
+fn serving_status(handle: &GatewayHandle, signals: &dyn SignalSource, what: &str) -> String {
+    let listen: Vec<String> = handle
+        .listen_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    format!(
+        "{what}: listening on {}; kernel signals: {}",
+        listen.join(" "),
+        signals.mode()
+    )
+}
+
+async fn run(
+    path: &Path,
+    settings: Settings,
+    mut inherited: Inherited,
+    relaunch: Option<Relaunch>,
+) -> anyhow::Result<()> {
+    let mut sig = Signals::install()?;
+    let notifier = Notifier::from_env();
+    // Before any upstream socket exists: a socket's cgroup is fixed when it is created.
+    let (signals, _cgroup) = attach_observer(&settings.observer)?;
+    let mut grace = settings.shutdown_grace;
+    let mut drain_delay = settings.drain_delay;
+    let workers = settings.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let successor_of_another = handover::is_successor();
+    let handle = proxy::start_inheriting(
+        settings,
+        signals.clone(),
+        Workers::Threads(workers),
+        &mut inherited,
+    )
+    .await?;
+    notifier.ready(
+        &serving_status(&handle, &*signals, "serving"),
+        successor_of_another,
+    );
+    if successor_of_another {
+        handover::announce_ready().context("telling the previous process this one serves")?;
+        info!(
+            pid = std::process::id(),
+            "took over the listening sockets; serving"
+        );
+    }
+    if let Some(every) = notifier.watchdog_interval() {
+        tokio::spawn(notify::watchdog(notifier.clone(), every));
+    }
+
+    let mut successor: Option<Successor> = None;
+    let exit = loop {
+        tokio::select! {
+            _ = sig.term.recv() => break Exit::Signal("SIGTERM"),
+            _ = sig.int.recv() => break Exit::Signal("SIGINT"),
+            _ = sig.hup.recv() => {
+                notifier.reloading();
+                match config::load(path) {
+                    Ok(loaded) => {
+                        for w in &loaded.warnings {
+                            warn!("config: {w}");
+                        }
+                        grace = loaded.settings.shutdown_grace;
+                        drain_delay = loaded.settings.drain_delay;
+                        let report = handle.reload(loaded.settings).await;
+                        for what in report.needs_restart {
+                            warn!(setting = what, "changed on reload; takes effect after a restart");
+                        }
+                        info!(config = %path.display(), "config reloaded");
+                    }
+                    Err(e) => error!("reload refused, keeping the running config: {e}"),
+                }
+                handle.reopen_logs();
+                notifier.ready(&serving_status(&handle, &*signals, "serving (reloaded)"), false);
+            }
+            _ = sig.usr1.recv() => {
+                info!("SIGUSR1: reopening the access log");
+                handle.reopen_logs();
+            }
+            _ = sig.usr2.recv() => match (&successor, &relaunch) {
+                (Some(s), _) => warn!(pid = s.pid(), "SIGUSR2 ignored: an upgrade is already under way"),
+                (None, None) => error!("SIGUSR2 ignored: this executable's path is unknown"),
+                (None, Some(relaunch)) => match handover::spawn(relaunch, &handle.offered_sockets()) {
+                    Ok(s) => {
+                        info!(pid = s.pid(), exe = %relaunch.exe.display(), "SIGUSR2: started the new binary with the listening sockets; waiting until it serves");
+                        notifier.status(&format!("upgrading: started pid {}", s.pid().unwrap_or(0)));
+                        successor = Some(s);
+                    }
+                    Err(e) => error!("SIGUSR2: upgrade failed, still serving: {e}"),
+                },
+            },
+            outcome = async { successor.as_mut().expect("guarded").wait_ready(handover::READY_TIMEOUT).await }, if successor.is_some() => {
+                match outcome {
+                    handover::Outcome::Ready { pid } => break Exit::HandedOver { pid },
+                    handover::Outcome::Failed(why) => {
+                        error!("upgrade failed, still serving: {why}");
+                        notifier.status(&serving_status(&handle, &*signals, "serving (upgrade failed)"));
+                        successor = None;
+                    }
+                }
+            }
+        }
+    };
+
+    match exit {
+        Exit::Signal(why) => {
+            notifier.stopping(
+                &format!(
+                    "draining ({why}): /healthz 503, accepting for {} ms more",
+                    drain_delay.as_millis()
+                ),
+                drain_delay + grace + Duration::from_secs(5),
+            );
+            handle.mark_draining();
+            info!(
+                signal = why,
+                drain_delay_ms = drain_delay.as_millis() as u64,
+                grace_ms = grace.as_millis() as u64,
+                "draining"
+            );
+            if !drain_delay.is_zero() {
+                handle.close_keepalive();
+                let cut = tokio::select! {
+                    _ = tokio::time::sleep(drain_delay) => None,
+                    _ = sig.term.recv() => Some("SIGTERM"),
+                    _ = sig.int.recv() => Some("SIGINT"),
+                };
+                match cut {
+                    Some(s) => info!(signal = s, "drain delay cut short"),
+                    None => info!(
+                        drain_delay_ms = drain_delay.as_millis() as u64,
+                        "drain delay over"
+                    ),
+                }
+            }
+            notifier.status(&format!(
+                "draining: stopped listening; in-flight requests have up to {} ms",
+                grace.as_millis()
+            ));
+            info!("stopped listening");
+        }
+        Exit::HandedOver { pid } => {
+            // The new process is the unit's main process now (it said MAINPID=): this one
+            // must not send STOPPING=1, which would stop the unit.
+            info!(
+                pid,
+                linger_ms = HANDOVER_LINGER.as_millis() as u64,
+                grace_ms = grace.as_millis() as u64,
+                "handed over to the new process; draining"
+            );
+            handle.close_keepalive();
+            tokio::time::sleep(HANDOVER_LINGER).await;
+        }
+    }
+    let report = handle.shutdown(grace).await;
+    if report.forced {
+        warn!(
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "grace period over; closed the remaining connections"
+        );
+    } else {
+        info!(
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "drained; exiting"
+        );
+    }
+    Ok(())
+}

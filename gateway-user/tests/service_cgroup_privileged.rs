@@ -1,0 +1,149 @@
+//! Privileged (root: cgroups, eBPF, setpriv): where `gateway run` puts its observer cgroup.
+//! Each test starts the built binary inside a cgroup the test made (standing for a systemd
+//! unit's or a container's cgroup) and checks that the observer cgroup is a child of it, never
+//! a new one at the root; that one left behind by SIGKILL is removed at the next start; and
+//! that a cgroup the process may not write is a clear error that says how to delegate it.
+
+mod service_support;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use service_support::*;
+
+fn write_config(dir: &Path, upstream: SocketAddr, mode: &str) -> (std::path::PathBuf, SocketAddr) {
+    let (listen, admin) = (free_port(), free_port());
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        config(
+            listen,
+            admin,
+            upstream,
+            &dir.join("access.log"),
+            "drain_delay_ms = 0",
+            &format!("[observer]\nmode = \"{mode}\""),
+        ),
+    )
+    .unwrap();
+    // Readable by the unprivileged runs too.
+    for p in [dir, path.as_path()] {
+        let mut perm = std::fs::metadata(p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(p, perm).unwrap();
+    }
+    (path, SocketAddr::from(([127, 0, 0, 1], admin)))
+}
+
+fn observer_dirs(unit: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(unit)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn privileged_observer_cgroup_is_a_child_of_the_own_cgroup_and_goes_on_exit() {
+    require_root();
+    let up = Upstream::start();
+    let unit = CgroupGuard::new("own-unit").expect("a test cgroup");
+    let dir = TempDir::new("cg-own");
+    let (config, admin) = write_config(dir.path(), up.addr, "kernel");
+    let mut cmd = gateway_run(&config);
+    cmd.in_cgroup(&unit);
+    let mut gw = Proc::start(cmd);
+    gw.expect_log("admin listening", Duration::from_secs(20));
+    let pid = gw.pid();
+    let expected = unit.path().join(format!("gateway-{pid}"));
+    assert_eq!(cgroup_of(pid), expected, "{}", gw.text());
+    assert!(
+        !gateway_lab::cgroup2_mount()
+            .unwrap()
+            .join(format!("gateway-{pid}"))
+            .exists(),
+        "a cgroup at the root"
+    );
+    assert!(
+        get_once(admin, "/healthz", Duration::from_secs(2))
+            .unwrap()
+            .1
+            .contains("signals: kernel")
+    );
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).expect("exited").success());
+    assert!(
+        !expected.exists(),
+        "the observer cgroup outlived the process"
+    );
+    assert_eq!(observer_dirs(unit.path()), Vec::<String>::new());
+}
+
+#[test]
+fn privileged_a_cgroup_left_by_a_killed_gateway_is_removed_at_the_next_start() {
+    require_root();
+    let up = Upstream::start();
+    let unit = CgroupGuard::new("stale-unit").expect("a test cgroup");
+    let dir = TempDir::new("cg-stale");
+    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    let start = || {
+        let mut cmd = gateway_run(&config);
+        cmd.in_cgroup(&unit);
+        let p = Proc::start(cmd);
+        p.expect_log("admin listening", Duration::from_secs(20));
+        p
+    };
+    let mut first = start();
+    let killed = first.pid();
+    first.signal(libc::SIGKILL);
+    first.wait(Duration::from_secs(5)).expect("killed");
+    let stale = format!("gateway-{killed}");
+    assert_eq!(
+        observer_dirs(unit.path()),
+        vec![stale.clone()],
+        "SIGKILL leaves the cgroup behind"
+    );
+
+    let second = start();
+    second.expect_log(
+        "removed a cgroup left behind by a gateway that no longer runs",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        observer_dirs(unit.path()),
+        vec![format!("gateway-{}", second.pid())]
+    );
+}
+
+#[test]
+fn privileged_an_unwritable_own_cgroup_is_a_clear_error() {
+    require_root();
+    let up = Upstream::start();
+    // Root-owned and not delegated: the unprivileged gateway may not create a child there.
+    let unit = CgroupGuard::new("not-delegated").expect("a test cgroup");
+    let dir = TempDir::new("cg-denied");
+    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    let mut cmd = with_exact_caps(
+        &gateway_run(&config),
+        65534,
+        &["bpf", "perfmon", "net_admin"],
+    );
+    cmd.in_cgroup(&unit);
+    let mut gw = Proc::start(cmd);
+    let exit = gw
+        .wait(Duration::from_secs(20))
+        .expect("mode = kernel refuses to start");
+    assert!(!exit.success());
+    let text = gw.text();
+    assert!(
+        text.contains(&format!(
+            "creating the observer cgroup {}/gateway-",
+            unit.path().display()
+        )) && text.contains("Permission denied")
+            && text.contains("Delegate=yes"),
+        "{text}"
+    );
+    assert_eq!(observer_dirs(unit.path()), Vec::<String>::new());
+}

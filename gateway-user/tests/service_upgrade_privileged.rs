@@ -1,0 +1,228 @@
+//! Privileged (root: the kernel observer attaches): the zero-downtime binary upgrade. SIGUSR2
+//! starts the binary again with the listening sockets handed over; the new process attaches
+//! its own observer in its own cgroup beside the old one's, takes traffic, and the old one
+//! drains and exits. Under a closed-loop load of keep-alive and connection-per-request
+//! clients, no request may fail. A new binary that cannot start leaves the old one serving.
+
+mod service_support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use service_support::*;
+
+struct Running {
+    proc: Proc,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    config: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+fn start(label: &str, upstream: SocketAddr, cgroup: Option<&CgroupGuard>) -> Running {
+    let dir = TempDir::new(label);
+    let (listen, admin) = (free_port(), free_port());
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(listen, admin, upstream, &dir.path().join("access.log")),
+    )
+    .unwrap();
+    let mut cmd = gateway_run(&config);
+    if let Some(c) = cgroup {
+        cmd.in_cgroup(c);
+    }
+    let proc = Proc::start(cmd);
+    proc.expect_log("admin listening", Duration::from_secs(20));
+    Running {
+        proc,
+        listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+        admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+        config,
+        _dir: dir,
+    }
+}
+
+fn config_text(listen: u16, admin: u16, upstream: SocketAddr, log: &std::path::Path) -> String {
+    config(
+        listen,
+        admin,
+        upstream,
+        log,
+        "drain_delay_ms = 0\nshutdown_grace_ms = 10000",
+        "[observer]\nmode = \"kernel\"",
+    )
+}
+
+/// The pid the successor announced ("took over the listening sockets; serving pid=N").
+fn successor_pid(p: &Proc) -> u32 {
+    p.expect_log("took over the listening sockets", Duration::from_secs(20));
+    let line = p
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("took over the listening sockets"))
+        .unwrap();
+    line.split("pid=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// Guard: SIGKILL for a process that is not our child (the successor), on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2); the pid is the successor this test made (or gone).
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{}", self.0)).exists()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn privileged_binary_upgrade_under_load_fails_no_request() {
+    require_root();
+    let up = Upstream::start();
+    let unit = CgroupGuard::new("upgrade-unit").expect("a test cgroup");
+    let mut old = start("upgrade", up.addr, Some(&unit));
+    let old_pid = old.proc.pid();
+    assert_eq!(
+        cgroup_of(old_pid),
+        unit.path().join(format!("gateway-{old_pid}"))
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // 8 keep-alive clients and 4 that open a connection per request.
+    let load = load(old.listen, 8, 4, stop.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    old.proc.signal(libc::SIGUSR2);
+    let new_pid = successor_pid(&old.proc);
+    let _new = KillOnDrop(new_pid);
+    let exit = old
+        .proc
+        .wait(Duration::from_secs(15))
+        .expect("the old process exits after the handover");
+    let handover = t0.elapsed();
+    assert!(exit.success(), "{exit:?}\n{}", old.proc.text());
+    let served_before_exit = up.hits.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let report = load.join().unwrap();
+    let total_hits = up.hits.load(Ordering::SeqCst);
+    println!(
+        "upgrade under load: {} requests ok, {} failed, {} keep-alive reconnects; old process exited {} ms after SIGUSR2; {} requests served after it exited",
+        report.ok,
+        report.failed,
+        report.reconnects,
+        handover.as_millis(),
+        total_hits - served_before_exit
+    );
+    assert_eq!(
+        report.failed,
+        0,
+        "failed requests: {:?}",
+        &report.failures[..report.failures.len().min(10)]
+    );
+    assert!(
+        report.ok >= 300,
+        "too little load to prove anything: {report:?}"
+    );
+    assert!(
+        total_hits - served_before_exit >= 50,
+        "the new process served too little"
+    );
+
+    // The new process serves with its own observer, in its own cgroup beside the old one's
+    // (which is gone), and answers health checks on the handed-over admin socket.
+    assert_eq!(
+        cgroup_of(new_pid),
+        unit.path().join(format!("gateway-{new_pid}"))
+    );
+    assert!(
+        !unit.path().join(format!("gateway-{old_pid}")).exists(),
+        "the old observer cgroup is left"
+    );
+    let (code, body) = get_once(old.admin, "/healthz", Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        (code, body.contains("signals: kernel")),
+        (200, true),
+        "{body}"
+    );
+    old.proc
+        .expect_log("handed over to the new process", Duration::from_secs(1));
+}
+
+#[test]
+fn privileged_an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
+    require_root();
+    let up = Upstream::start();
+    let mut old = start("upgrade-bad", up.addr, None);
+    // The new process reads the config again: make it one that does not validate.
+    std::fs::write(&old.config, "[router]\nlisten = []\n").unwrap();
+    old.proc.signal(libc::SIGUSR2);
+    old.proc
+        .expect_log("upgrade failed, still serving", Duration::from_secs(20));
+    assert!(old.proc.alive());
+    assert_eq!(
+        get_once(old.listen, "/", Duration::from_secs(2)).unwrap().0,
+        200
+    );
+    assert_eq!(
+        get_once(old.admin, "/healthz", Duration::from_secs(2))
+            .unwrap()
+            .0,
+        200
+    );
+    old.proc.signal(libc::SIGTERM);
+    assert!(
+        old.proc
+            .wait(Duration::from_secs(10))
+            .expect("exited")
+            .success()
+    );
+}
+
+/// The control: the same load across a plain restart (stop, then start on the same ports)
+/// does fail requests, so the zero above is the handover's doing, not a blind load generator.
+#[test]
+fn privileged_control_a_plain_restart_under_the_same_load_fails_requests() {
+    require_root();
+    let up = Upstream::start();
+    let mut old = start("restart", up.addr, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(old.listen, 8, 4, stop.clone());
+    std::thread::sleep(Duration::from_millis(1000));
+    old.proc.signal(libc::SIGTERM);
+    assert!(
+        old.proc
+            .wait(Duration::from_secs(10))
+            .expect("exited")
+            .success()
+    );
+    let new = Proc::start(gateway_run(&old.config));
+    new.expect_log("admin listening", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    let report = load.join().unwrap();
+    println!(
+        "plain restart under load: {} requests ok, {} failed (e.g. {:?})",
+        report.ok,
+        report.failed,
+        report.failures.first()
+    );
+    assert!(
+        report.failed > 0,
+        "a restart without handover failed nothing: {report:?}"
+    );
+}
