@@ -41,7 +41,7 @@ use tokio::{
 };
 
 use self::{
-    kernel::{DRAIN_INTERVAL, KernelSession, KernelUnavailable},
+    kernel::{KernelSession, KernelUnavailable},
     measure::{
         AddressMeasurements, Attempt, AttemptOutcome, DeadlineSource, Resolution, ResolutionMethod,
         Source, TargetMeasurements,
@@ -50,7 +50,7 @@ use self::{
     report::{Progress, TargetReport},
     target::{Host, Target},
 };
-use crate::observer::records::errno_name;
+use crate::observer::{records::errno_name, stream::DRAIN_INTERVAL};
 
 /// Connects per address.
 pub const DEFAULT_COUNT: u32 = 5;
@@ -499,7 +499,7 @@ fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attempt {
             http,
         };
     };
-    let outcome = match rec.outcome() {
+    let outcome = match rec.outcome {
         Outcome::Established => AttemptOutcome::Established,
         Outcome::Refused => AttemptOutcome::Refused,
         Outcome::Timeout => AttemptOutcome::Timeout,
@@ -517,10 +517,10 @@ fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attempt {
         cookie: o.cookie,
         outcome,
         source: Source::Kernel,
-        errno: rec.errno.clone().or(user_errno),
+        errno: rec.errno.map(errno_name).or(user_errno),
         elapsed_us,
         syn_retransmits: Some(u32::from(rec.syn_retransmits)),
-        syn_rtt_us: rec.syn_rtt_us,
+        syn_rtt_us: rec.syn_rtt.map(|d| d.as_micros() as u64),
         http,
     }
 }

@@ -431,7 +431,8 @@ fn attach_observer(
 )> {
     use crate::{
         config::ObserverMode,
-        observer::{KernelObserver, ObserverOptions, cgroup::SelfCgroup, signals::KernelSignals},
+        observer::{KernelObserver, ObserverOptions, cgroup::SelfCgroup},
+        signals::kernel::KernelSignals,
     };
     if cfg.mode == ObserverMode::Off {
         let s = UserspaceOnly::new("observer = \"off\" in the config");

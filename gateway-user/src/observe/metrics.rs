@@ -12,7 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::observer::records::{ConnectRecord, SoErrorRead, errno_name};
+use crate::observer::records::{ConnectRecord, SoErrorRead, comm_str, errno_name};
 
 /// Buckets from 50 µs to ~13 s, doubling.
 pub fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -151,7 +151,7 @@ impl ObserverMetrics {
             self.socket_errors
                 .get_or_create(&ErrnoComm {
                     errno: errno_name(read.value),
-                    comm: read.comm.clone(),
+                    comm: comm_str(&read.comm),
                 })
                 .inc();
         }

@@ -575,6 +575,7 @@ mod tests {
             syn_rtt: None,
             errno: Some(errno::ECONNREFUSED),
             elapsed: Duration::from_micros(80),
+            so_error: None,
         };
         e.connect_failed(&ProxyError::ConnectRefused {
             endpoint: "10.0.0.1:80".parse().unwrap(),
@@ -626,6 +627,7 @@ mod tests {
             syn_rtt: Some(Duration::from_micros(1_000_070)),
             errno: None,
             elapsed: Duration::from_secs(1),
+            so_error: None,
         }));
         e.connected(None);
         let text = t.encode();
