@@ -13,7 +13,7 @@
 //! `/status`, `/healthz`, `/readyz` and the status page).
 
 mod access_log;
-mod admin;
+pub mod admin;
 mod balancer;
 mod body;
 mod cluster;

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use serde::{
-    Deserialize, Deserializer,
+    Deserialize, Deserializer, Serialize,
     de::{self, MapAccess, Visitor},
 };
 
@@ -128,8 +128,8 @@ pub struct ClusterConfig {
 pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
 pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;
 
-/// How a cluster spreads requests over its endpoints.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+/// How a cluster spreads requests over its endpoints. Also `lb_policy` in `/status`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Weighted round robin (smooth: weights interleave rather than burst).

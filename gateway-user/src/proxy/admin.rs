@@ -11,7 +11,7 @@
 //! | `GET /` | the status page: `/status` as server-rendered HTML that reloads itself every 2 s ([`page`]) |
 
 pub(crate) mod page;
-pub(crate) mod status;
+pub mod status;
 
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
 
