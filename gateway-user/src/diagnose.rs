@@ -47,7 +47,7 @@ use self::{
         Source, TargetMeasurements,
     },
     probe::{ConnectResult, HttpPlan, Observed, Schedule},
-    report::{Progress, TargetReport},
+    report::{Phase, Progress, TargetReport},
     target::{Host, Target},
 };
 use crate::observer::{records::errno_name, stream::DRAIN_INTERVAL};
@@ -228,7 +228,7 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
         }
     }
     progress.phase(
-        "connects",
+        Phase::Connects,
         jobs.iter().map(|j| j.schedule.count as usize).sum(),
     );
     let (observed, finished) = run_jobs(&jobs, &mut kernel, &mut progress).await?;
@@ -260,7 +260,7 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
         (Vec::new(), Vec::new())
     } else {
         progress.phase(
-            "patient connects",
+            Phase::PatientConnects,
             patient_jobs.iter().map(|j| j.schedule.count as usize).sum(),
         );
         run_jobs(&patient_jobs, &mut kernel, &mut progress).await?
