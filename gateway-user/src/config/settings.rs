@@ -146,8 +146,7 @@ pub struct Limits {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
-    pub consecutive_failures: u32,
-    pub ejection: Duration,
+    /// The same as `machine.max_ejected_percent`, for the cluster's ejection budget.
     pub max_ejected_percent: u32,
     /// The state machine's knobs (`decide::health`).
     pub machine: crate::decide::health::HealthPolicy,
