@@ -1,5 +1,9 @@
-//! The `gateway` library: the kernel observer, the reverse proxy, and the fault lab they are
-//! tested against. `main.rs` only parses the command line and dispatches here.
+//! The `gateway` library. Kernel signals flow through it in this order: the kernel side
+//! (`gateway-ebpf`) → [`observer`] (loads it, and reads it as one stream of decoded connects) →
+//! [`signals`] (the proxy's view of that stream) → [`decide`] (pure policy) → [`proxy`].
+//! [`observe`] and [`diagnose`] are the stream's two other readers; [`config`] and [`metrics`]
+//! serve them all; [`lab`] and [`demo`] are the fault lab the tests and the demo run against.
+//! `main.rs` only parses the command line and dispatches here.
 
 pub mod config;
 pub mod decide;

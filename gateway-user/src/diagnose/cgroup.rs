@@ -1,8 +1,9 @@
 //! The cgroup `diagnose` probes from. A socket's cgroup is fixed when the socket is created
-//! (KERNEL.md), and the observer's programs only see sockets of the cgroup they are attached
-//! to, so `diagnose` makes a cgroup v2 child of its own, `<v2 mount>/gateway-diagnose-<pid>`,
-//! moves itself (the whole process) into it before it opens any probe socket, and attaches
-//! there. The observer then sees exactly the probes and nothing else on the host.
+//! (docs/kernel.md, "Joining a process's socket to the kernel's record"), and the observer's
+//! programs only see sockets of the cgroup they are attached to, so `diagnose` makes a cgroup v2
+//! child of its own, `<v2 mount>/gateway-diagnose-<pid>`, moves itself (the whole process) into
+//! it before it opens any probe socket, and attaches there. The observer then sees exactly the
+//! probes and nothing else on the host.
 //!
 //! The move and its undoing are [`SelfCgroup`]'s: dropping it (also on an error or an
 //! interrupt) moves the process back and removes the directory. A `SIGKILL` leaves an empty

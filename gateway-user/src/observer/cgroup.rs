@@ -1,6 +1,6 @@
 //! Moving this process into a cgroup of its own, so that the observer attached there sees
 //! exactly this process's sockets. A socket's cgroup is fixed when the socket is created
-//! (KERNEL.md), so this must happen before the first upstream socket is opened.
+//! (docs/kernel.md), so this must happen before the first upstream socket is opened.
 
 use std::{
     fs, io,
