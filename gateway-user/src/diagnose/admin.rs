@@ -385,4 +385,19 @@ mod tests {
             "{err}"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_that_never_answers_times_out() {
+        // Accepted by the kernel (backlog), never answered.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = listener.local_addr().unwrap();
+        let start = tokio::time::Instant::now();
+        let err = cluster_view(admin, "api").await.unwrap_err();
+        assert!(
+            matches!(err, AdminError::Timeout { timeout, .. } if timeout == ADMIN_TIMEOUT),
+            "{err}"
+        );
+        assert_eq!(start.elapsed(), ADMIN_TIMEOUT);
+        drop(listener);
+    }
 }

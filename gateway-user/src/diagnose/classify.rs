@@ -3,7 +3,7 @@
 //! the evidence lines behind it (counts and times) and next steps (what to check, which command
 //! or setting). No I/O; `classify/tests.rs` feeds it measurements.
 //!
-//! Here: the verdicts, the ranking and merging, and the per-address [`Facts`] the rules read.
+//! Here: the verdicts, the ranking and merging, and the per-address `Facts` the rules read.
 //! The rules live by what they look at: failed connects (`connect_failures`), handshakes that
 //! completed badly (`handshakes`), the HTTP exchange (`backend`), name resolution (`dns`); the
 //! words of the evidence are in `phrases`.
