@@ -233,8 +233,9 @@ impl KernelObserver {
         &self.cgroup
     }
 
-    /// Moves every record waiting in the ring buffer into `out`. Never blocks.
-    pub fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
+    /// Moves every record waiting in the ring buffer into `out`. Never blocks. Only the
+    /// observer stream reads the ring ([`stream::ObserverStream`]): every reader goes through it.
+    pub(crate) fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
         while let Some(item) = self.events.next() {
             if item.len() >= std::mem::size_of::<ConnectEvent>() {
                 // SAFETY: ConnectEvent is Pod (gateway-common); read_unaligned copes with any
