@@ -13,7 +13,8 @@
 //! | cgroup `getsockopt` | `sockopt.rs` | the `SO_ERROR` the application read |
 //!
 //! Records go to a ring buffer without a wake-up; userspace drains it on a timer
-//! (KERNEL.md "Cost": a wake-up per record costs 14–19 µs per connect, a timer drain 2–12 µs).
+//! (docs/kernel.md, "Cost": a wake-up per record costs 14–19 µs per connect, a timer drain
+//! 2–12 µs).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]

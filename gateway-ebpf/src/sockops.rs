@@ -57,7 +57,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     match op {
         // tcp_connect(): the first SYN is about to leave. Switch on the callbacks that are off
-        // by default (KERNEL.md: RTO/RETRANS/STATE must be enabled per socket here).
+        // by default (docs/kernel.md, "What loads and attaches here": RTO/RETRANS/STATE must
+        // be enabled per socket, and this is the place).
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             st.t_syn_ns = now;
             st.flags |= F_CONNECT_SENT;
@@ -102,8 +103,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             let (old, new) = (ctx.arg(0), ctx.arg(1));
             if old == TCP_SYN_SENT && new == TCP_CLOSE {
                 // Every kernel path that ends a connect writes sk_err first and wakes the
-                // application after this callback (`tcp_done_with_error()` in net/ipv4/tcp.c:
-                // WRITE_ONCE(sk_err) → tcp_done() → tcp_set_state() → here → wake-up). So
+                // application after this callback (`tcp_done_with_error()` in
+                // net/ipv4/tcp_input.c: WRITE_ONCE(sk_err) → tcp_done() → tcp_set_state() → here
+                // → wake-up). So
                 // sk_err is read here, before the application can clear it with SO_ERROR or
                 // connect()'s return. With no hard error, the owner closed the socket itself:
                 // a soft error (ICMP received while the socket was locked, in sk_err_soft or

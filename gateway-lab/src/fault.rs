@@ -4,8 +4,8 @@
 //! upstream's own namespace, so the root namespace's firewall is never touched and the rules die
 //! with the namespace.
 //!
-//! What each fault does to a client `connect()` is in `/work/shared/KERNEL.md` ("Faults you can
-//! inject here") and is checked by `gateway-user/tests/lab_selftest.rs`.
+//! How each fault is injected is in `docs/kernel.md` ("Faults you can inject here"), what it does
+//! to a client `connect()` in "Measured behaviour"; `gateway-user/tests/lab_selftest.rs` checks it.
 
 use std::{
     fmt,

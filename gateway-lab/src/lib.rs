@@ -120,8 +120,8 @@ impl Default for LabSpec {
     }
 }
 
-/// A client-namespace sysctl that shapes connects (see KERNEL.md, "Kernel settings that shape
-/// connect timing").
+/// A client-namespace sysctl that shapes connects (see docs/kernel.md, "Kernel settings that
+/// shape connect timing").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientSysctl {
     /// `net.ipv4.tcp_syn_retries` (also used for IPv6).

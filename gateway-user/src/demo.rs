@@ -17,7 +17,10 @@ use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec, NetnsCommand
 
 use crate::{
     observe::{ObserveArgs, init_tracing, observe},
-    observer::{explain::explain, records::ConnectRecord},
+    observer::{
+        explain::{Story, explain},
+        records::ConnectRecord,
+    },
 };
 
 const PORT: u16 = 8080;
@@ -54,7 +57,7 @@ pub struct DemoClientArgs {
 
 struct Planted {
     label: &'static str,
-    expect: &'static str,
+    expect: Story,
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -64,28 +67,28 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (
             Planted {
                 label: "healthy",
-                expect: "healthy",
+                expect: Story::Healthy,
             },
             None,
         ),
         (
             Planted {
                 label: "refuses connections (RST)",
-                expect: "refused",
+                expect: Story::Refused,
             },
             Some(Fault::Refuse { port: PORT }),
         ),
         (
             Planted {
                 label: "drops SYNs (firewall blackhole)",
-                expect: "filtered",
+                expect: Story::Filtered,
             },
             Some(Fault::SynBlackhole { port: PORT }),
         ),
         (
             Planted {
                 label: "slow to accept (SYN-ACK +200 ms)",
-                expect: "healthy",
+                expect: Story::Healthy,
             },
             Some(Fault::SynAckDelay {
                 port: PORT,
@@ -95,7 +98,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (
             Planted {
                 label: "unreachable (ICMP host unreachable)",
-                expect: "unreachable",
+                expect: Story::Unreachable,
             },
             Some(Fault::HostUnreachable { port: PORT }),
         ),

@@ -1,14 +1,15 @@
 //! `gateway diagnose TARGET…`: probes each target and prints a root-cause verdict with the
 //! kernel evidence behind it and next steps, as text or (`--json`) one object per target.
 //!
-//! The run: resolve every target, timed ([`target`]); move this process into a cgroup of its
-//! own and attach the kernel observer there ([`kernel`], [`cgroup`]); make `--count` connects to
-//! every address, overlapping, each with a deadline and its `SO_COOKIE` read first
-//! ([`probe`]); when a configured deadline cut connects short, make a few more with the
-//! kernel's own budget to see how long the handshake really takes; join each attempt with the
-//! kernel's record of it; classify ([`classify`], pure) and print ([`report`]). The cgroup is
+//! The run, each step in its own module: resolve every target, timed (`resolve`, [`target`],
+//! [`admin`] for cluster names); move this process into a cgroup of its own and attach the
+//! kernel observer there ([`kernel`], [`cgroup`]); make `--count` connects to every address,
+//! overlapping, each with a deadline and its `SO_COOKIE` read first (`jobs`, [`probe`]); when a
+//! configured deadline cut connects short, make a few more with the kernel's own budget
+//! ([`budget`]) to see how long the handshake really takes; join each attempt with the kernel's
+//! record of it (`join`); classify ([`classify`], pure) and print ([`report`]). The cgroup is
 //! left and removed on the way out, also on an error or SIGINT/SIGTERM. Without root or eBPF the
-//! same probes run on userspace timing and `TCP_INFO`, and the output says so.
+//! same probes run on userspace timing and `TCP_INFO` ([`tcpinfo`]), and the output says so.
 //!
 //! Exit code: 0 when every target is `healthy`, 1 otherwise or on error.
 
@@ -16,41 +17,31 @@ pub mod admin;
 pub mod budget;
 pub mod cgroup;
 pub mod classify;
+mod jobs;
+mod join;
 pub mod kernel;
 pub mod measure;
 pub mod probe;
 pub mod report;
+mod resolve;
 pub mod target;
 pub mod tcpinfo;
 
-use std::{
-    io::Write as _,
-    net::SocketAddr,
-    process::ExitCode,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{io::Write as _, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
-use gateway_common::{Outcome, errno};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::Semaphore,
-    task::JoinSet,
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use self::{
-    kernel::{DRAIN_INTERVAL, KernelSession, KernelUnavailable},
-    measure::{
-        AddressMeasurements, Attempt, AttemptOutcome, DeadlineSource, Resolution, ResolutionMethod,
-        Source, TargetMeasurements,
-    },
-    probe::{ConnectResult, HttpPlan, Observed, Schedule},
-    report::{Progress, TargetReport},
-    target::{Host, Target},
+    jobs::{plan, plan_patient, run_jobs},
+    join::to_attempt,
+    kernel::{KernelSession, KernelUnavailable},
+    measure::{AddressMeasurements, DeadlineSource, TargetMeasurements},
+    report::{Phase, Progress, TargetReport},
+    resolve::resolve_all,
+    target::Target,
 };
-use crate::observer::records::errno_name;
 
 /// Connects per address.
 pub const DEFAULT_COUNT: u32 = 5;
@@ -64,8 +55,6 @@ pub const PATIENT_COUNT: u32 = 3;
 /// The patient connects' deadline: the default (kernel-derived) one, but at most this. A
 /// handshake slower than this has needed several SYN retransmits: not a deadline question.
 pub const PATIENT_DEADLINE_MAX: Duration = Duration::from_secs(5);
-/// Attempts in flight at once (each holds a socket).
-const MAX_IN_FLIGHT: usize = 256;
 
 #[derive(Args, Debug, Clone)]
 pub struct DiagnoseArgs {
@@ -159,26 +148,6 @@ pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-/// One target, resolved: what to connect to.
-struct Resolved {
-    label: String,
-    resolution: Resolution,
-    addrs: Vec<SocketAddr>,
-    /// `Host` header for `--http`.
-    host_header: String,
-    /// For a cluster target: the gateway's view of it.
-    gateway: Option<admin::GatewayView>,
-    started: Instant,
-    resolved: Instant,
-}
-
-/// One address to probe, with its schedule.
-struct Job {
-    target: usize,
-    addr: SocketAddr,
-    schedule: Schedule,
-}
-
 async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new();
     let resolved = resolve_all(args).await?;
@@ -210,65 +179,24 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
         Some(ms) => (Duration::from_millis(ms), DeadlineSource::Configured),
         None => (kernel_deadline, DeadlineSource::Kernel),
     };
-    let interval = Duration::from_millis(args.interval_ms);
 
-    let mut jobs = Vec::new();
-    for (t, r) in resolved.iter().enumerate() {
-        let http = args.http.as_deref().map(|path| {
-            Arc::new(HttpPlan::get(
-                &r.host_header,
-                path,
-                Duration::from_millis(args.response_timeout_ms),
-            ))
-        });
-        for &addr in &r.addrs {
-            jobs.push(Job {
-                target: t,
-                addr,
-                schedule: Schedule {
-                    count: args.count,
-                    interval,
-                    deadline,
-                    http: http.clone(),
-                },
-            });
-        }
-    }
-    progress.phase(
-        "connects",
-        jobs.iter().map(|j| j.schedule.count as usize).sum(),
-    );
+    let jobs = plan(args, &resolved, deadline);
+    progress.phase(Phase::Connects, jobs.iter().map(jobs::Job::count).sum());
     let (observed, finished) = run_jobs(&jobs, &mut kernel, &mut progress).await?;
 
     // A configured deadline that cut connects short: how long does the handshake really take?
-    let mut patient_jobs = Vec::new();
-    let mut patient_of = vec![None; jobs.len()];
-    if deadline_source == DeadlineSource::Configured && deadline < patient_deadline {
-        for (j, job) in jobs.iter().enumerate() {
-            if observed[j]
-                .iter()
-                .any(|o| o.result == ConnectResult::DeadlineHit)
-            {
-                patient_of[j] = Some(patient_jobs.len());
-                patient_jobs.push(Job {
-                    target: job.target,
-                    addr: job.addr,
-                    schedule: Schedule {
-                        count: PATIENT_COUNT.min(args.count),
-                        interval,
-                        deadline: patient_deadline,
-                        http: None,
-                    },
-                });
-            }
-        }
-    }
+    let (patient_jobs, patient_of) =
+        if deadline_source == DeadlineSource::Configured && deadline < patient_deadline {
+            plan_patient(args, &jobs, &observed, patient_deadline)
+        } else {
+            (Vec::new(), vec![None; jobs.len()])
+        };
     let (patient, patient_finished) = if patient_jobs.is_empty() {
         (Vec::new(), Vec::new())
     } else {
         progress.phase(
-            "patient connects",
-            patient_jobs.iter().map(|j| j.schedule.count as usize).sum(),
+            Phase::PatientConnects,
+            patient_jobs.iter().map(jobs::Job::count).sum(),
         );
         run_jobs(&patient_jobs, &mut kernel, &mut progress).await?
     };
@@ -351,183 +279,4 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Resolves every target at once: names through getaddrinfo, clusters through `--admin`.
-async fn resolve_all(args: &DiagnoseArgs) -> anyhow::Result<Vec<Resolved>> {
-    let mut set = JoinSet::new();
-    for (i, t) in args.targets.iter().cloned().enumerate() {
-        let admin = args.admin;
-        set.spawn(async move {
-            let started = Instant::now();
-            let label = t.to_string();
-            let r = match t {
-                Target::Endpoint { host, port } => {
-                    let resolution = target::resolve(&host).await;
-                    let addrs = target::socket_addrs(&resolution.addresses, port);
-                    let host_header = match &host {
-                        Host::Ip(_) => format!("{host}:{port}"),
-                        Host::Name(n) => format!("{n}:{port}"),
-                    };
-                    Resolved {
-                        label,
-                        resolution,
-                        addrs,
-                        host_header,
-                        gateway: None,
-                        started,
-                        resolved: Instant::now(),
-                    }
-                }
-                Target::Cluster(name) => {
-                    let admin = admin.expect("checked in run()");
-                    let view = admin::cluster_view(admin, &name).await?;
-                    let addrs = view.addresses();
-                    Resolved {
-                        gateway: Some(view),
-                        host_header: addrs[0].to_string(),
-                        resolution: Resolution {
-                            host: name,
-                            method: ResolutionMethod::Admin,
-                            elapsed_us: started.elapsed().as_micros() as u64,
-                            addresses: addrs.iter().map(SocketAddr::ip).collect(),
-                            error: None,
-                        },
-                        label,
-                        addrs,
-                        started,
-                        resolved: Instant::now(),
-                    }
-                }
-            };
-            Ok::<_, admin::AdminError>((i, r))
-        });
-    }
-    let mut out: Vec<Option<Resolved>> = args.targets.iter().map(|_| None).collect();
-    while let Some(joined) = set.join_next().await {
-        let (i, r) = joined.context("a resolver task failed")??;
-        out[i] = Some(r);
-    }
-    Ok(out.into_iter().flatten().collect())
-}
-
-/// Runs every job's attempts, draining the kernel's records meanwhile. Returns attempt `i`
-/// of job `j` at `[j][i]`, and when each job's last attempt ended.
-async fn run_jobs(
-    jobs: &[Job],
-    kernel: &mut Option<KernelSession>,
-    progress: &mut Progress,
-) -> anyhow::Result<(Vec<Vec<Observed>>, Vec<Instant>)> {
-    let mut finished = vec![Instant::now(); jobs.len()];
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut set = JoinSet::new();
-    for (j, job) in jobs.iter().enumerate() {
-        for i in 0..job.schedule.count {
-            let (addr, schedule, permits) = (job.addr, job.schedule.clone(), permits.clone());
-            set.spawn(async move {
-                tokio::time::sleep(schedule.interval * i).await;
-                let _permit = permits.acquire_owned().await;
-                let o = probe::attempt(addr, schedule.deadline, schedule.http.as_deref()).await;
-                (j, i as usize, o)
-            });
-        }
-    }
-    let mut out: Vec<Vec<Option<Observed>>> = jobs
-        .iter()
-        .map(|j| vec![None; j.schedule.count as usize])
-        .collect();
-    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            next = set.join_next() => match next {
-                None => break,
-                Some(joined) => {
-                    let (j, i, o) = joined.context("a probe task failed")?;
-                    out[j][i] = Some(o);
-                    finished[j] = Instant::now();
-                    progress.step();
-                }
-            },
-            _ = drain.tick() => {
-                if let Some(k) = kernel.as_mut() {
-                    k.pump();
-                }
-                progress.tick();
-            }
-        }
-    }
-    let out = out
-        .into_iter()
-        .map(|v| v.into_iter().flatten().collect())
-        .collect();
-    Ok((out, finished))
-}
-
-/// What `connect()`'s errno says, when the kernel's record is missing.
-fn outcome_of_errno(e: i32) -> AttemptOutcome {
-    match e as u32 {
-        errno::ECONNREFUSED | errno::ECONNRESET => AttemptOutcome::Refused,
-        errno::ETIMEDOUT => AttemptOutcome::Timeout,
-        errno::EADDRNOTAVAIL => AttemptOutcome::AddrUnavailable,
-        errno::EHOSTUNREACH
-        | errno::ENETUNREACH
-        | errno::EHOSTDOWN
-        | errno::ENONET
-        | errno::EPROTO
-        | errno::ENETDOWN => AttemptOutcome::Unreachable,
-        errno::EPERM | errno::EACCES => AttemptOutcome::Denied,
-        _ => AttemptOutcome::Error,
-    }
-}
-
-/// Joins what the prober saw with the kernel's record of the same socket (by cookie).
-fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attempt {
-    let (user_outcome, user_errno) = match &o.result {
-        ConnectResult::Established => (AttemptOutcome::Established, None),
-        ConnectResult::DeadlineHit => (AttemptOutcome::Deadline, None),
-        ConnectResult::Failed(e) => (outcome_of_errno(*e), Some(errno_name(*e as u32))),
-        ConnectResult::Local(msg) => (AttemptOutcome::Error, Some(msg.clone())),
-    };
-    let elapsed_us = o.elapsed.as_micros() as u64;
-    let mut http = o.http.clone();
-    let record = kernel
-        .filter(|_| o.cookie != 0)
-        .and_then(|k| k.record(o.cookie));
-    let Some(rec) = record else {
-        return Attempt {
-            cookie: o.cookie,
-            outcome: user_outcome,
-            source: Source::Userspace,
-            errno: user_errno,
-            elapsed_us,
-            syn_retransmits: o.syn_retransmits,
-            syn_rtt_us: (user_outcome == AttemptOutcome::Established).then_some(elapsed_us),
-            http,
-        };
-    };
-    let outcome = match rec.outcome() {
-        Outcome::Established => AttemptOutcome::Established,
-        Outcome::Refused => AttemptOutcome::Refused,
-        Outcome::Timeout => AttemptOutcome::Timeout,
-        Outcome::Unreachable => AttemptOutcome::Unreachable,
-        Outcome::AddrUnavailable => AttemptOutcome::AddrUnavailable,
-        // The prober closed the socket: its deadline, or a local failure it knows better.
-        Outcome::Aborted => user_outcome,
-    };
-    if let (Some(h), Some(cs)) = (http.as_mut(), kernel.and_then(|k| k.conn_stats(o.cookie))) {
-        h.data_retransmits = Some(cs.data_retransmits);
-        h.rtos = Some(cs.rtos);
-        h.source = Source::Kernel;
-    }
-    Attempt {
-        cookie: o.cookie,
-        outcome,
-        source: Source::Kernel,
-        errno: rec.errno.clone().or(user_errno),
-        elapsed_us,
-        syn_retransmits: Some(u32::from(rec.syn_retransmits)),
-        syn_rtt_us: rec.syn_rtt_us,
-        http,
-    }
 }

@@ -1,8 +1,10 @@
-//! The `gateway` library: the kernel observer and what it feeds, the reverse proxy, and the
-//! `observe` and `diagnose` commands. `main.rs` only parses the command line and dispatches
-//! here. Data flows kernel (`gateway-ebpf`) → `observer` → `signals` → `decide` → `proxy`.
-//! The fault lab is its own crate (`gateway-lab`), compiled in only for `gateway demo` (the
-//! `demo` feature).
+//! The `gateway` library. Kernel signals flow through it in this order: the kernel side
+//! (`gateway-ebpf`) → [`observer`] (loads it, and reads it as one stream of decoded connects) →
+//! [`signals`] (the proxy's view of that stream) → [`decide`] (pure policy) → [`proxy`].
+//! [`observe`] and [`diagnose`] are the stream's two other readers; [`config`] and [`metrics`]
+//! serve them all. The fault lab is its own crate (`gateway-lab`), compiled in only for
+//! `gateway demo` (the `demo` feature). `main.rs` only parses the command line and dispatches
+//! here.
 
 pub mod config;
 pub mod decide;

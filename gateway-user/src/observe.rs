@@ -1,6 +1,7 @@
-//! `gateway observe`: the host-wide connect observer command. Drains the kernel's records on
-//! a timer, joins each with the application's SO_ERROR read, and shows them as a live table,
-//! as JSON lines, and as Prometheus metrics.
+//! `gateway observe`: the host-wide connect observer command, and its view of the observer
+//! stream (`crate::observer::stream`): every connect, joined with the application's SO_ERROR
+//! read and released once, shown as a live table ([`table`]), as JSON lines, and as Prometheus
+//! metrics ([`metrics`]).
 
 pub mod metrics;
 pub mod table;
@@ -21,11 +22,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::observer::{
     KernelObserver, ObserverOptions,
-    records::{Clock, ConnectRecord, Decoded, Joiner, decode},
+    records::ConnectRecord,
+    stream::{
+        DEFAULT_JOIN_WINDOW, DEFAULT_MAX_REMEMBERED, DRAIN_INTERVAL, Drained, ObserverStream,
+        StreamOptions,
+    },
 };
 
-/// How often the ring buffer is drained (the kernel never wakes us: KERNEL.md "Cost").
-pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 /// How often the table is redrawn.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(1);
 
@@ -58,7 +61,7 @@ pub struct ObserveArgs {
     #[arg(long, default_value_t = 1000)]
     pub metrics_max_destinations: usize,
     /// How long a connect record waits for the application's SO_ERROR read, in ms.
-    #[arg(long, default_value_t = crate::observer::records::DEFAULT_JOIN_WINDOW.as_millis() as u64)]
+    #[arg(long, default_value_t = DEFAULT_JOIN_WINDOW.as_millis() as u64)]
     pub join_window_ms: u64,
 }
 
@@ -86,13 +89,25 @@ pub fn init_tracing() {
 }
 
 pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<ExitCode> {
+    // Handlers first: a SIGTERM right after "observer attached" must detach cleanly, not kill.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let opts = ObserverOptions {
         cgroup: args.cgroup.clone(),
         max_destinations: args.max_destinations,
         ..ObserverOptions::default()
     };
-    let mut observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
+    let observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
     tracing::info!(cgroup = %observer.cgroup().display(), connect_exit = observer.connect_exit_hook(), "observer attached");
+    // Nothing is looked up by cookie here: a connect is forgotten once it is released.
+    let mut stream = ObserverStream::new(
+        observer,
+        &StreamOptions {
+            join_window: Duration::from_millis(args.join_window_ms),
+            remember_for: Duration::ZERO,
+            max_remembered: DEFAULT_MAX_REMEMBERED,
+        },
+    );
 
     let mut registry = Registry::default();
     let mut metrics = metrics::ObserverMetrics::new(&mut registry, args.metrics_max_destinations);
@@ -113,7 +128,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     notifier.ready(
         &format!(
             "observing cgroup {}{}",
-            observer.cgroup().display(),
+            stream.cgroup().display(),
             args.metrics
                 .map(|a| format!("; metrics on http://{a}/metrics"))
                 .unwrap_or_default()
@@ -125,17 +140,11 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             .watchdog_interval()
             .unwrap_or(Duration::from_secs(3600)),
     );
-
-    let clock = Clock::now();
-    let mut joiner = Joiner::new(Duration::from_millis(args.join_window_ms));
     let mut table = table::Table::default();
-    let mut events = Vec::new();
-    let mut ready = Vec::new();
-    let mut drain = tokio::time::interval(DEFAULT_DRAIN_INTERVAL);
+    let mut drained = Drained::default();
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut refresh = tokio::time::interval(DEFAULT_REFRESH);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
@@ -152,8 +161,8 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 continue;
             }
             _ = refresh.tick(), if !args.json && !args.quiet => {
-                let text = table.render(&observer.dest_stats(), args.top);
-                let lost = observer.events_lost();
+                let text = table.render(&stream.dest_stats(), args.top);
+                let lost = stream.events_lost();
                 let mut out = stdout.lock();
                 if tty {
                     // Redraw in place: home the cursor and clear the screen.
@@ -162,7 +171,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 let _ = writeln!(
                     out,
                     "gateway observe: cgroup {} | {} | lost records: {lost}",
-                    observer.cgroup().display(),
+                    stream.cgroup().display(),
                     chrono_like_now(),
                 );
                 let _ = write!(out, "{text}");
@@ -177,22 +186,17 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => finishing = true,
         }
 
-        observer.drain(&mut events);
-        let now = Clock::monotonic_now();
-        for ev in events.drain(..) {
-            match decode(&ev, &clock) {
-                Some(Decoded::SoError(read)) => {
-                    metrics.so_error(&read);
-                    joiner.push(Decoded::SoError(read), now, &mut ready);
-                }
-                Some(d) => joiner.push(d, now, &mut ready),
-                None => {}
-            }
+        if finishing {
+            stream.finish(&mut drained);
+        } else {
+            stream.drain(&mut drained);
         }
-        joiner.flush(if finishing { u64::MAX } else { now }, &mut ready);
-        let lost = observer.events_lost();
+        for read in &drained.so_error_reads {
+            metrics.so_error(read);
+        }
+        let lost = stream.events_lost();
         metrics.set_events_lost(lost);
-        metrics.set_late_so_errors(joiner.late_so_errors);
+        metrics.set_late_so_errors(stream.late_so_errors());
         if lost > lost_reported {
             tracing::warn!(
                 lost_total = lost,
@@ -200,9 +204,10 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             );
             lost_reported = lost;
         }
-        if !ready.is_empty() {
+        if !drained.connects.is_empty() {
             let mut out = stdout.lock();
-            for rec in ready.drain(..) {
+            for c in &drained.connects {
+                let rec = c.record(stream.clock());
                 metrics.record(&rec);
                 table.record(&rec);
                 if args.json {
@@ -218,6 +223,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 }
             }
         }
+        drained.clear();
         if finishing {
             break;
         }
@@ -227,7 +233,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         server.abort();
     }
     metrics.set_attached(false);
-    drop(observer);
+    drop(stream);
     tracing::info!("observer detached");
     Ok(ExitCode::SUCCESS)
 }

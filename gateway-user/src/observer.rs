@@ -1,6 +1,7 @@
-//! The kernel observer: loads the eBPF object, attaches it to one cgroup v2, and hands out
-//! what it saw — connect records from the ring buffer, per-destination aggregates, and
-//! established-connection signals by socket cookie.
+//! The kernel observer: loads the eBPF object (`gateway-ebpf`), attaches it to one cgroup v2,
+//! and reads what it saw — raw records from the ring buffer, per-destination aggregates, and
+//! established-connection signals by socket cookie. [`stream`] turns those into the one stream
+//! of decoded, joined connects that every reader uses ([`records`] says what a record means).
 //!
 //! Everything attached is owned by [`KernelObserver`]. aya attaches cgroup programs with
 //! `bpf_link`s and tracepoints with perf-event links, all held as file descriptors and nothing
@@ -11,7 +12,7 @@ pub mod cgroup;
 pub mod explain;
 pub mod preflight;
 pub mod records;
-pub mod signals;
+pub mod stream;
 
 use std::{
     fs::File,
@@ -263,8 +264,9 @@ impl KernelObserver {
         self.connect_exit
     }
 
-    /// Moves every record waiting in the ring buffer into `out`. Never blocks.
-    pub fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
+    /// Moves every record waiting in the ring buffer into `out`. Never blocks. Only the
+    /// observer stream reads the ring ([`stream::ObserverStream`]): every reader goes through it.
+    pub(crate) fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
         while let Some(item) = self.events.next() {
             if item.len() >= std::mem::size_of::<ConnectEvent>() {
                 // SAFETY: ConnectEvent is Pod (gateway-common); read_unaligned copes with any

@@ -2,7 +2,7 @@
 //!
 //! [`start`] builds the whole proxy from validated [`Settings`] and a [`SignalSource`], binds
 //! its listeners and returns a [`GatewayHandle`] to reload or drain it; tests drive it the same
-//! way `cli_run` does.
+//! way `service::run` does.
 //!
 //! The request path only moves bytes and feeds `decide/`, which takes every decision:
 //!
@@ -23,7 +23,7 @@
 //! `request` → `server`, `admin`.
 
 mod access_log;
-mod admin;
+pub mod admin;
 pub mod error;
 mod exchange;
 mod headers;

@@ -103,7 +103,10 @@ pub fn cli_reload(path: &Path, pid: u32) -> anyhow::Result<ExitCode> {
 fn attach_observer(
     cfg: &config::Observer,
 ) -> anyhow::Result<(Arc<dyn SignalSource>, Option<SelfCgroup>)> {
-    use crate::observer::{KernelObserver, ObserverOptions, signals::KernelSignals};
+    use crate::{
+        observer::{KernelObserver, ObserverOptions},
+        signals::kernel::KernelSignals,
+    };
     if cfg.mode == ObserverMode::Off {
         let s = UserspaceOnly::new("observer = \"off\" in the config");
         warn!(signals = %s.mode(), "kernel observer off: connect and response decisions use userspace timing only");

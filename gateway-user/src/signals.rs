@@ -1,12 +1,16 @@
-//! The seam through which the proxy receives kernel signals.
+//! The seam through which the proxy receives kernel signals: the [`SignalSource`] trait and the
+//! evidence types it answers with.
 //!
 //! The proxy never talks to eBPF maps itself. It holds an `Arc<dyn SignalSource>` and, for each
 //! upstream attempt, asks what the kernel saw for the socket with that `SO_COOKIE` (the proxy
-//! reads the cookie from its own socket before `connect()`, see `proxy::connect`). The eBPF
-//! observer implements this trait in a later issue; until then, and whenever eBPF cannot load,
-//! [`UserspaceOnly`] answers `None` and says why in [`SignalSource::mode`]. Everything the proxy
-//! decides must therefore work with no evidence at all: evidence only sharpens error messages
-//! now, and will steer deadlines, hedging and ejection later.
+//! reads the cookie from its own socket before `connect()`, see `proxy::connect`).
+//! [`kernel::KernelSignals`] answers from the observer stream (`crate::observer::stream`);
+//! when eBPF cannot load, [`UserspaceOnly`] answers `None` and says why in
+//! [`SignalSource::mode`]. Everything the proxy decides must therefore work with no evidence
+//! at all: evidence sharpens error messages and steers deadlines, hedging, retries and
+//! ejection (`crate::decide`) when it is there.
+
+pub mod kernel;
 
 use std::{fmt, time::Duration};
 
@@ -45,6 +49,10 @@ pub struct ConnectEvidence {
     pub errno: Option<u32>,
     /// Time from `connect()` to the outcome (or to the moment the record was read).
     pub elapsed: Duration,
+    /// What the application (the proxy itself) read with `getsockopt(SO_ERROR)` afterwards:
+    /// 0 = no error; `None` when it has not read it (a socket closed in SYN_SENT) or the
+    /// kernel's follow-up record has not been seen.
+    pub so_error: Option<u32>,
 }
 
 impl fmt::Display for ConnectEvidence {
@@ -189,6 +197,7 @@ mod tests {
             syn_rtt: None,
             errno: None,
             elapsed: Duration::from_millis(250),
+            so_error: None,
         };
         assert_eq!(
             e.to_string(),

@@ -4,9 +4,9 @@
 //! Run: `cargo test -p gateway-user --test lab_selftest -- --test-threads=1`
 //!
 //! Each test builds its own lab, connects from a thread inside the client namespace with plain
-//! std sockets, and checks that every fault does to `connect()` what `/work/shared/KERNEL.md`
-//! ("Faults you can inject here") predicts, with the namespace's own kernel counters as a second
-//! witness. The last tests check that dropping a lab, also during a panic, leaves nothing behind.
+//! std sockets, and checks that every fault does to `connect()` what `docs/kernel.md` ("Faults
+//! you can inject here", "Measured behaviour") predicts, with the namespace's own kernel counters
+//! as a second witness. The last tests check that dropping a lab, also during a panic, leaves nothing behind.
 
 use std::{
     io::{self, Read as _, Write as _},

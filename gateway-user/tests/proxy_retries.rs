@@ -96,7 +96,7 @@ async fn ejected_endpoints_leave_503_no_healthy_upstream() {
     let gw = gateway(
         "no-healthy",
         &format!(
-            "[router.upstream]\nendpoints = [\"{refused}\"]\n[router.upstream.health]\nconsecutive_failures = 1\nmax_ejected_percent = 100\nejection_ms = 60000\n"
+            "[router.upstream]\nendpoints = [\"{refused}\"]\n[router.upstream.health]\nmax_ejected_percent = 100\nejection_ms = 60000\n"
         ),
     )
     .await;

@@ -1,16 +1,20 @@
 //! The config file's serde tree, exactly as written by the operator.
 //!
 //! Every table denies unknown keys. Optional settings stay `Option` here so that a cluster can
-//! inherit from `[router.upstream]` and both can fall back to the defaults, which live as
-//! `const`s next to the setting they belong to. `config::resolve` turns this tree into the
-//! typed settings the proxy runs on.
+//! inherit from `[router.upstream]` and both can fall back to the defaults. Each default is
+//! defined once, as a `const`: next to the setting here, or, for the knobs of a pure policy
+//! (health, connect deadlines), next to the policy in `crate::decide`. `config::validate` turns
+//! this tree into the typed settings the proxy runs on.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use serde::{
-    Deserialize, Deserializer,
-    de::{self, MapAccess, Visitor},
+    Deserialize, Deserializer, Serialize,
+    de::{self, IgnoredAny, MapAccess, Visitor},
 };
+
+#[cfg(doc)]
+use crate::decide::health;
 
 /// The whole file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -142,8 +146,8 @@ pub struct ClusterConfig {
 pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
 pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;
 
-/// How a cluster spreads requests over its endpoints.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+/// How a cluster spreads requests over its endpoints. Also `lb_policy` in `/status`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Weighted round robin (smooth: weights interleave rather than burst).
@@ -183,13 +187,15 @@ pub struct TimeoutsConfig {
     pub idle_timeout_ms: Option<u64>,
     /// Adapt each endpoint's connect deadline to its kernel-measured SYN-RTT:
     /// `clamp(p99 × 3 + 10 ms, connect_deadline_floor_ms, connect_timeout_ms)` over the last
-    /// 60 s, once 8 clean handshakes are known (see `decide::deadline`). Default true.
+    /// 60 s, once 8 clean handshakes are known (see `decide::deadline`). Default
+    /// [`DEFAULT_ADAPTIVE_CONNECT_DEADLINE`].
     pub adaptive_connect_deadline: Option<bool>,
-    /// The shortest adaptive connect deadline. Default [`DEFAULT_CONNECT_DEADLINE_FLOOR_MS`].
+    /// The shortest adaptive connect deadline. Default
+    /// [`crate::decide::deadline::DEFAULT_FLOOR`] (50 ms).
     pub connect_deadline_floor_ms: Option<u64>,
 }
 
-pub const DEFAULT_CONNECT_DEADLINE_FLOOR_MS: u64 = 50;
+pub const DEFAULT_ADAPTIVE_CONNECT_DEADLINE: bool = true;
 
 /// Envoy's default; nginx uses 60 s and HAProxy none, which is why blackholed hosts hang them.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -209,7 +215,8 @@ pub struct RetryConfig {
     /// [`DEFAULT_MAX_RETRIES`].
     pub max_retries: Option<u32>,
     /// Also retry GET, HEAD, OPTIONS, PUT and DELETE requests without a body after a response
-    /// timeout or a reset. Default `false`: a timed-out request may have had an effect.
+    /// timeout or a reset. Default [`DEFAULT_RETRY_ON_RESPONSE_TIMEOUT`] (`false`): a timed-out
+    /// request may have had an effect.
     pub on_response_timeout: Option<bool>,
     /// Retries in flight may be at most this share of the cluster's requests in flight.
     /// Default [`DEFAULT_RETRY_BUDGET_PERCENT`].
@@ -218,11 +225,16 @@ pub struct RetryConfig {
     /// [`DEFAULT_MIN_RETRY_CONCURRENCY`].
     pub min_retry_concurrency: Option<u32>,
     /// Race a second connect to another healthy endpoint when the first has no SYN-ACK by its
-    /// connect deadline; the first to establish wins. Default true.
+    /// connect deadline; the first to establish wins. Default [`DEFAULT_HEDGE`].
     pub hedge: Option<bool>,
-    /// Hedged connects allowed, as a share of requests in flight (at least one). Default 10.
+    /// Hedged connects allowed, as a share of requests in flight (at least one). Default
+    /// [`DEFAULT_HEDGE_BUDGET_PERCENT`].
     pub hedge_budget_percent: Option<u32>,
 }
+
+pub const DEFAULT_RETRY_ON_RESPONSE_TIMEOUT: bool = false;
+pub const DEFAULT_HEDGE: bool = true;
+pub const DEFAULT_HEDGE_BUDGET_PERCENT: u32 = 10;
 
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
 pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
@@ -246,47 +258,46 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 1024;
 pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 128;
 
-/// `health` table: passive outlier detection on connect failures. The kernel observer will
-/// feed the same state with evidence in a later issue.
+/// `health` table: how an endpoint's health follows the kernel's evidence and active probes
+/// (the state machine of `crate::decide::health`, whose constants are the defaults).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Consecutive connect failures that eject an endpoint. Default
-    /// [`DEFAULT_CONSECUTIVE_FAILURES`].
-    pub consecutive_failures: Option<u32>,
+    /// Removed; any value is refused by validation with a message that names the keys that
+    /// replaced it (see `config::validate`). Kept in the tree only so that the refusal can
+    /// point at the line.
+    pub consecutive_failures: Option<IgnoredAny>,
     /// How long the first ejection lasts; each further consecutive ejection doubles it, up to
-    /// ten times. Default [`DEFAULT_EJECTION_MS`].
+    /// `max_ejection_ms`. Default [`health::DEFAULT_BASE_EJECTION`].
     pub ejection_ms: Option<u64>,
     /// Largest share of a cluster's endpoints ejected at once. Default
-    /// [`DEFAULT_MAX_EJECTED_PERCENT`].
+    /// [`health::DEFAULT_MAX_EJECTED_PERCENT`].
     pub max_ejected_percent: Option<u32>,
-    /// The longest ejection (the back-off's cap). Default 30000.
+    /// The longest ejection (the back-off's cap). Default [`health::DEFAULT_MAX_EJECTION`].
     pub max_ejection_ms: Option<u64>,
-    /// How often an ejected endpoint is probed once its ejection has run out. Default 500.
+    /// How often an ejected endpoint is probed once its ejection has run out. Default
+    /// [`health::DEFAULT_PROBE_INTERVAL`].
     pub probe_interval_ms: Option<u64>,
-    /// Probe successes in a row that bring an endpoint back. Default 2.
+    /// Probe successes in a row that bring an endpoint back. Default [`health::DEFAULT_RISE`].
     pub rise: Option<u32>,
     /// SYNs in a row unanswered by the connect deadline that eject (the first makes the
-    /// endpoint suspect and probes it at once). Default 2.
+    /// endpoint suspect and probes it at once). Default
+    /// [`health::DEFAULT_SYN_UNANSWERED_TO_EJECT`].
     pub syn_unanswered_to_eject: Option<u32>,
     /// Connects in a row that established only after SYN retransmits before the endpoint is
-    /// deprioritised as overloaded. Default 3.
+    /// deprioritised as overloaded. Default [`health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT`].
     pub slow_handshakes_to_suspect: Option<u32>,
     /// Response timeouts in a row (request ACKed by the upstream's kernel) that eject the
-    /// endpoint as a slow backend; 0 disables. Default 5.
+    /// endpoint as a slow backend; 0 disables. Default
+    /// [`health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT`].
     pub response_timeouts_to_eject: Option<u32>,
     /// When set, probes also send `GET probe_path` and expect `probe_expect_status`.
     pub probe_path: Option<String>,
-    /// Default 200.
+    /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].
     pub probe_expect_status: Option<u16>,
 }
 
-/// Failures with no classification (neither refused, unreachable, nor unanswered) in a row
-/// that eject.
-pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
-/// The first ejection; each further one in a row doubles it, up to `max_ejection_ms`.
-pub const DEFAULT_EJECTION_MS: u64 = 1_000;
-pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+pub const DEFAULT_PROBE_EXPECT_STATUS: u16 = 200;
 
 /// One endpoint as written.
 #[derive(Clone, Debug, PartialEq)]

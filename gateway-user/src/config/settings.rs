@@ -158,9 +158,6 @@ pub struct Limits {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
-    pub consecutive_failures: u32,
-    pub ejection: Duration,
-    pub max_ejected_percent: u32,
     /// The state machine's knobs (`decide::health`).
     pub machine: crate::decide::health::HealthPolicy,
     /// `GET` this path on probes, expecting `probe_expect_status`.

@@ -277,3 +277,57 @@ fn observer_cgroup_is_a_child_name_the_own_cgroup_or_an_absolute_path() {
         );
     }
 }
+
+#[test]
+fn consecutive_failures_is_refused_with_the_keys_that_replaced_it() {
+    let text = r#"[router]
+listener_port = 8080
+[router.upstream]
+endpoints = ["127.0.0.1:9000"]
+[router.upstream.health]
+consecutive_failures = 5
+[clusters.api]
+endpoints = ["127.0.0.1:9001"]
+health = { consecutive_failures = "any value" }
+[[routes]]
+cluster = "api"
+"#;
+    let e = err(text);
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("gw.toml")).collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert!(
+        lines[0].starts_with(
+            "gw.toml:6:1: key `router.upstream.health.consecutive_failures`: \
+             `consecutive_failures` was removed"
+        ),
+        "{e}"
+    );
+    assert!(
+        lines[1].starts_with("gw.toml:9:12: key `clusters.api.health.consecutive_failures`: "),
+        "{e}"
+    );
+    for replacement in [
+        "`syn_unanswered_to_eject`",
+        "`response_timeouts_to_eject`",
+        "`slow_handshakes_to_suspect`",
+    ] {
+        assert!(lines[0].contains(replacement), "{e}");
+    }
+    assert!(e.contains("   6 | consecutive_failures = 5"), "{e}");
+}
+
+#[test]
+fn health_defaults_are_the_state_machines() {
+    let text = "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n";
+    let s = load(text).unwrap().settings;
+    let h = &s.clusters["default"].health;
+    assert_eq!(h.machine, crate::decide::health::HealthPolicy::default());
+    assert_eq!(
+        h.machine.max_ejected_percent,
+        crate::decide::health::DEFAULT_MAX_EJECTED_PERCENT
+    );
+    assert_eq!(
+        s.clusters["default"].timeouts.connect_deadline_floor,
+        Some(crate::decide::deadline::DEFAULT_FLOOR)
+    );
+}

@@ -6,7 +6,15 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 
 use thiserror::Error;
 
+mod addresses;
+mod cluster;
+mod routes;
+
+#[cfg(test)]
+pub(crate) use self::addresses::parse_endpoint;
+use self::cluster::cluster;
 use super::{model::*, settings::*, source::KeyPath};
+use crate::decide::health;
 
 /// Why a value was refused. Each variant says what is allowed.
 #[derive(Clone, Debug, Error, PartialEq)]
@@ -56,6 +64,18 @@ pub enum Invalid {
         "observer cgroup {value:?}: {reason}; use a name such as \"gateway-{{pid}}\" (a child of the gateway's own cgroup), \".\" (the own cgroup itself) or an absolute cgroup v2 path"
     )]
     InvalidObserverCgroup { value: String, reason: &'static str },
+    #[error(
+        "`consecutive_failures` was removed: endpoints are ejected on the kernel's evidence, not \
+         on a count of failures. An RST or an ICMP unreachable ejects at once; for the rest use \
+         `syn_unanswered_to_eject` (SYNs unanswered by the connect deadline, default {}), \
+         `response_timeouts_to_eject` (response timeouts with the request ACKed, default {}; 0 \
+         disables) and `slow_handshakes_to_suspect` (handshakes that needed SYN retransmits, \
+         default {}); delete this line",
+        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
+        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT
+    )]
+    ConsecutiveFailuresRemoved,
 }
 
 /// A legal setting that is probably a mistake.
@@ -210,6 +230,19 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
     // Clusters.
     let upstream = &cfg.router.upstream;
     let upstream_key = router.key("upstream");
+    let tables = std::iter::once((upstream_key.clone(), upstream)).chain(
+        cfg.clusters
+            .iter()
+            .map(|(name, cc)| (KeyPath::root().key("clusters").key(name), cc)),
+    );
+    for (key, table) in tables {
+        if table.health.consecutive_failures.is_some() {
+            c.fail(
+                key.key("health").key("consecutive_failures"),
+                Invalid::ConsecutiveFailuresRemoved,
+            );
+        }
+    }
     let mut clusters = BTreeMap::new();
     if upstream.endpoints.is_some() {
         if cfg.clusters.contains_key("default") {
@@ -241,74 +274,7 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
     }
 
     // Routes.
-    let mut routes = Vec::new();
-    for (i, r) in cfg.routes.iter().enumerate() {
-        let key = KeyPath::root().key("routes").index(i);
-        if !clusters.contains_key(&r.cluster) {
-            let known = clusters
-                .keys()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>();
-            let known = if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            };
-            c.fail(
-                key.key("cluster"),
-                Invalid::UnknownCluster {
-                    name: r.cluster.clone(),
-                    known,
-                },
-            );
-        }
-        let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".to_owned());
-        if !path_prefix.starts_with('/') {
-            c.fail(
-                key.key("path_prefix"),
-                Invalid::InvalidPathPrefix {
-                    value: path_prefix.clone(),
-                },
-            );
-        }
-        let host = r.host.as_deref().and_then(|h| match parse_host(h) {
-            Ok(m) => Some(m),
-            Err(reason) => {
-                c.fail(
-                    key.key("host"),
-                    Invalid::InvalidHost {
-                        value: h.to_owned(),
-                        reason,
-                    },
-                );
-                None
-            }
-        });
-        let name = r.name.clone().unwrap_or_else(|| {
-            let host = host
-                .as_ref()
-                .map_or_else(|| "*".to_owned(), |h| h.to_string());
-            format!("{host}{path_prefix}")
-        });
-        routes.push(Route {
-            name,
-            host,
-            path_prefix,
-            cluster: r.cluster.clone(),
-        });
-    }
-    if routes.is_empty() {
-        if clusters.contains_key("default") {
-            routes.push(Route {
-                name: "default".to_owned(),
-                host: None,
-                path_prefix: "/".to_owned(),
-                cluster: "default".to_owned(),
-            });
-        } else if !clusters.is_empty() {
-            c.fail(KeyPath::root(), Invalid::NoRoutes);
-        }
-    }
+    let routes = routes::routes(&mut c, cfg, &clusters);
     for name in clusters.keys() {
         if !routes.iter().any(|r| &r.cluster == name) {
             let key = if name == "default" && upstream.endpoints.is_some() {
@@ -440,315 +406,4 @@ fn observer_cgroup(c: &mut Checker, value: &str) -> ObserverCgroup {
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
-}
-
-/// Resolves one cluster's settings against `[router.upstream]` and the defaults.
-fn cluster(
-    c: &mut Checker,
-    name: &str,
-    own: &ClusterConfig,
-    key: &KeyPath,
-    base: &ClusterConfig,
-    base_key: &KeyPath,
-) -> ClusterSpec {
-    // One setting: the value, range-checked at the key it came from.
-    macro_rules! setting {
-        ($table:ident . $field:ident, $default:expr, $min:expr, $max:expr, $unit:expr) => {{
-            let (v, from) = inherit(
-                own.$table.$field.map(|v| v as u64),
-                key.key(stringify!($table)).key(stringify!($field)),
-                base.$table.$field.map(|v| v as u64),
-                base_key.key(stringify!($table)).key(stringify!($field)),
-                $default as u64,
-            );
-            if let Some(from) = &from {
-                c.range(from, v, $min, $max, $unit);
-            }
-            (v, from)
-        }};
-    }
-
-    let (connect_ms, connect_key) = setting!(
-        timeouts.connect_timeout_ms,
-        DEFAULT_CONNECT_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (response_ms, response_key) = setting!(
-        timeouts.response_timeout_ms,
-        DEFAULT_RESPONSE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (write_ms, _) = setting!(
-        timeouts.write_timeout_ms,
-        DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (request_ms, request_key) = setting!(
-        timeouts.request_timeout_ms,
-        DEFAULT_REQUEST_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (idle_ms, _) = setting!(
-        timeouts.idle_timeout_ms,
-        DEFAULT_IDLE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    if request_ms < connect_ms + response_ms {
-        let at = request_key
-            .or(connect_key)
-            .or(response_key)
-            .unwrap_or_else(|| key.clone());
-        c.warnings.push(At {
-            key: at,
-            what: Warning::CascadingTimeouts {
-                cluster: name.to_owned(),
-                request_ms,
-                connect_ms,
-                response_ms,
-            },
-        });
-    }
-
-    let (max_retries, _) = setting!(retry.max_retries, DEFAULT_MAX_RETRIES, 0, 10, "");
-    let (budget_percent, _) = setting!(
-        retry.budget_percent,
-        DEFAULT_RETRY_BUDGET_PERCENT,
-        0,
-        100,
-        " %"
-    );
-    let (min_retry_concurrency, _) = setting!(
-        retry.min_retry_concurrency,
-        DEFAULT_MIN_RETRY_CONCURRENCY,
-        0,
-        10_000,
-        ""
-    );
-    let on_response_timeout = own
-        .retry
-        .on_response_timeout
-        .or(base.retry.on_response_timeout)
-        .unwrap_or(false);
-
-    let (max_connections, _) = setting!(
-        limits.max_connections,
-        DEFAULT_MAX_CONNECTIONS,
-        1,
-        1_000_000,
-        ""
-    );
-    let (max_pending_requests, _) = setting!(
-        limits.max_pending_requests,
-        DEFAULT_MAX_PENDING_REQUESTS,
-        0,
-        1_000_000,
-        ""
-    );
-    let (max_idle_per_endpoint, _) = setting!(
-        limits.max_idle_per_endpoint,
-        DEFAULT_MAX_IDLE_PER_ENDPOINT,
-        0,
-        100_000,
-        ""
-    );
-
-    let (consecutive_failures, _) = setting!(
-        health.consecutive_failures,
-        DEFAULT_CONSECUTIVE_FAILURES,
-        1,
-        1000,
-        ""
-    );
-    let (ejection_ms, _) = setting!(health.ejection_ms, DEFAULT_EJECTION_MS, 1, DAY_MS, " ms");
-    let (max_ejected_percent, _) = setting!(
-        health.max_ejected_percent,
-        DEFAULT_MAX_EJECTED_PERCENT,
-        0,
-        100,
-        " %"
-    );
-
-    let (max_ejection_ms, _) = setting!(health.max_ejection_ms, 30_000u64, 1, DAY_MS, " ms");
-    let (probe_interval_ms, _) = setting!(health.probe_interval_ms, 500u64, 10, DAY_MS, " ms");
-    let (rise, _) = setting!(health.rise, 2u64, 1, 100, "");
-    let (syn_unanswered, _) = setting!(health.syn_unanswered_to_eject, 2u64, 1, 100, "");
-    let (slow_handshakes, _) = setting!(health.slow_handshakes_to_suspect, 3u64, 1, 1000, "");
-    let (response_timeouts, _) = setting!(health.response_timeouts_to_eject, 5u64, 0, 1000, "");
-    let (probe_expect_status, _) = setting!(health.probe_expect_status, 200u64, 100, 599, "");
-    let probe_path = own
-        .health
-        .probe_path
-        .clone()
-        .or_else(|| base.health.probe_path.clone());
-    let (floor_ms, _) = setting!(
-        timeouts.connect_deadline_floor_ms,
-        DEFAULT_CONNECT_DEADLINE_FLOOR_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let adaptive = own
-        .timeouts
-        .adaptive_connect_deadline
-        .or(base.timeouts.adaptive_connect_deadline)
-        .unwrap_or(true);
-    let hedge = own.retry.hedge.or(base.retry.hedge).unwrap_or(true);
-    let (hedge_budget_percent, _) = setting!(retry.hedge_budget_percent, 10u64, 0, 100, " %");
-
-    let (dns_refresh_ms, from) = inherit(
-        own.dns_refresh_ms,
-        key.key("dns_refresh_ms"),
-        base.dns_refresh_ms,
-        base_key.key("dns_refresh_ms"),
-        DEFAULT_DNS_REFRESH_MS,
-    );
-    if let Some(from) = &from {
-        c.range(from, dns_refresh_ms, 100, DAY_MS, " ms");
-    }
-    let (lb_policy, _) = inherit(
-        own.lb_policy,
-        key.key("lb_policy"),
-        base.lb_policy,
-        base_key.key("lb_policy"),
-        DEFAULT_LB_POLICY,
-    );
-
-    let mut endpoints = Vec::new();
-    if let Some(list) = &own.endpoints {
-        let list_key = key.key("endpoints");
-        if list.is_empty() {
-            c.fail(list_key.clone(), Invalid::EmptyEndpoints);
-        }
-        for (i, e) in list.iter().enumerate() {
-            let ek = list_key.index(i);
-            let weight = e.weight.unwrap_or(DEFAULT_WEIGHT);
-            if e.weight.is_some() {
-                c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
-            }
-            match parse_endpoint(&e.address) {
-                Ok(address) => endpoints.push(EndpointSpec { address, weight }),
-                Err(reason) => c.fail(
-                    ek,
-                    Invalid::InvalidEndpoint {
-                        value: e.address.clone(),
-                        reason,
-                    },
-                ),
-            }
-        }
-    }
-
-    ClusterSpec {
-        name: name.to_owned(),
-        endpoints,
-        lb_policy,
-        dns_refresh: ms(dns_refresh_ms),
-        timeouts: Timeouts {
-            connect: ms(connect_ms),
-            response: ms(response_ms),
-            write: ms(write_ms),
-            request: ms(request_ms),
-            idle: ms(idle_ms),
-            connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
-        },
-        retry: RetryPolicy {
-            hedge,
-            hedge_budget_percent: hedge_budget_percent as u32,
-            max_retries: max_retries as u32,
-            on_response_timeout,
-            budget_percent: budget_percent as u32,
-            min_retry_concurrency: min_retry_concurrency as u32,
-        },
-        limits: Limits {
-            max_connections: max_connections as usize,
-            max_pending_requests: max_pending_requests as usize,
-            max_idle_per_endpoint: max_idle_per_endpoint as usize,
-        },
-        health: HealthPolicy {
-            consecutive_failures: consecutive_failures as u32,
-            ejection: ms(ejection_ms),
-            max_ejected_percent: max_ejected_percent as u32,
-            machine: crate::decide::health::HealthPolicy {
-                base_ejection: ms(ejection_ms),
-                max_ejection: ms(max_ejection_ms.max(ejection_ms)),
-                probe_interval: ms(probe_interval_ms),
-                rise: rise as u32,
-                max_ejected_percent: max_ejected_percent as u32,
-                syn_unanswered_to_eject: syn_unanswered as u32,
-                slow_handshakes_to_suspect: slow_handshakes as u32,
-                response_timeouts_to_eject: response_timeouts as u32,
-            },
-            probe_path,
-            probe_expect_status: probe_expect_status as u16,
-        },
-    }
-}
-
-/// `"10.0.0.5:8080"`, `"[::1]:8080"` or `"api.internal:8080"`.
-pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointAddr, &'static str> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        if addr.port() == 0 {
-            return Err("port 0");
-        }
-        return Ok(EndpointAddr::Ip(addr));
-    }
-    let (host, port) = s.rsplit_once(':').ok_or("no port")?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| "port is not a number in 1..=65535")?;
-    if port == 0 {
-        return Err("port 0");
-    }
-    if host.is_empty() {
-        return Err("no host");
-    }
-    if host.contains(':') || host.starts_with('[') {
-        return Err("IPv6 addresses need brackets, e.g. [::1]:8080");
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
-        return Err("a hostname has only letters, digits, '-', '_' and '.'");
-    }
-    Ok(EndpointAddr::Host {
-        host: host.to_ascii_lowercase(),
-        port,
-    })
-}
-
-fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
-    let lower = s.to_ascii_lowercase();
-    let (suffix, name) = match lower.strip_prefix('*') {
-        Some(rest) if rest.starts_with('.') => (true, rest),
-        Some(_) => return Err("a wildcard is only allowed as a leading \"*.\""),
-        None => (false, lower.as_str()),
-    };
-    if name.trim_start_matches('.').is_empty() {
-        return Err("empty host");
-    }
-    if name.contains(':') {
-        return Err("no port: routes match the host whatever the port");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
-        return Err("a host has only letters, digits, '-', '_' and '.'");
-    }
-    Ok(if suffix {
-        HostMatch::Suffix(name.to_owned())
-    } else {
-        HostMatch::Exact(name.to_owned())
-    })
 }

@@ -1,6 +1,7 @@
 //! How long the kernel keeps retransmitting a SYN nobody answers, from the sysctls of the
 //! network namespace the probes run in, and the probes' default connect deadline derived from
-//! it. KERNEL.md: code that reasons about connect budgets must read these, not assume them.
+//! it. Code that reasons about connect budgets must read these, not assume them
+//! (docs/kernel.md, "Kernel settings that shape connect timing").
 //!
 //! The model follows `tcp_retransmit_timer()` and `tcp_write_timeout()` in
 //! net/ipv4/tcp_timer.c (Linux 6.5+): the first RTO is `TCP_TIMEOUT_INIT` (1 s); in SYN_SENT
@@ -9,7 +10,8 @@
 //! `tcp_syn_retries + tcp_syn_linear_timeouts` retransmits have gone out, or if the time since
 //! the first SYN has reached `tcp_model_timeout(tcp_syn_retries)`, the classic exponential
 //! budget: 2^(retries+1) - 1 s (`retransmits_timed_out()`). So 1/0 gives up at 3 s, 2/4 at 7 s
-//! after 5 retransmits (measured here: 7.12 s, as KERNEL.md says) and 6/4 at 131 s.
+//! after 5 retransmits (measured: 7.12–7.14 s, docs/kernel.md "Measured behaviour") and 6/4 at
+//! 131 s.
 
 use std::{fs, time::Duration};
 

@@ -1,8 +1,9 @@
 //! The cgroup `diagnose` probes from. A socket's cgroup is fixed when the socket is created
-//! (KERNEL.md), and the observer's programs only see sockets of the cgroup they are attached
-//! to, so `diagnose` makes a cgroup v2 child of its own cgroup, `gateway-diagnose-<pid>`,
-//! moves itself (the whole process) into it before it opens any probe socket, and attaches
-//! there. The observer then sees exactly the probes and nothing else on the host.
+//! (docs/kernel.md, "Joining a process's socket to the kernel's record"), and the observer's
+//! programs only see sockets of the cgroup they are attached to, so `diagnose` makes a cgroup v2
+//! child of its own cgroup, `gateway-diagnose-<pid>`, moves itself (the whole process) into it
+//! before it opens any probe socket, and attaches there. The observer then sees exactly the
+//! probes and nothing else on the host.
 //!
 //! The placement rules (a child of the own cgroup, never a new one at the root; stale
 //! siblings of dead pids removed first) and the undoing are [`SelfCgroup`]'s: dropping it

@@ -180,12 +180,31 @@ impl TargetReport {
     }
 }
 
+/// What the probes are doing, as the progress line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// `--count` connects to every address.
+    Connects,
+    /// The few connects with the kernel's own budget, after a configured deadline cut some
+    /// short.
+    PatientConnects,
+}
+
+impl Phase {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Phase::Connects => "connects",
+            Phase::PatientConnects => "patient connects",
+        }
+    }
+}
+
 /// A one-line progress indicator on stderr, drawn only when stderr is a terminal.
 pub struct Progress {
     tty: bool,
     total: usize,
     done: usize,
-    phase: &'static str,
+    phase: Option<Phase>,
     start: Instant,
     drawn: Instant,
 }
@@ -199,15 +218,15 @@ impl Progress {
             tty: std::io::stderr().is_terminal(),
             total: 0,
             done: 0,
-            phase: "",
+            phase: None,
             start: Instant::now(),
             drawn: Instant::now(),
         }
     }
 
     /// Starts a phase of `total` steps.
-    pub fn phase(&mut self, phase: &'static str, total: usize) {
-        self.phase = phase;
+    pub fn phase(&mut self, phase: Phase, total: usize) {
+        self.phase = Some(phase);
         self.total = total;
         self.done = 0;
         self.draw();
@@ -234,7 +253,7 @@ impl Progress {
         let _ = write!(
             err,
             "\r\x1b[2Kdiagnose: {} {}/{} ({:.1} s)",
-            self.phase,
+            self.phase.map_or("", Phase::name),
             self.done,
             self.total,
             self.start.elapsed().as_secs_f64()

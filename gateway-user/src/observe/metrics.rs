@@ -7,12 +7,12 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::observer::records::{ConnectRecord, SoErrorRead, errno_name};
+use crate::observer::records::{ConnectRecord, OutcomeName, SoErrorRead, comm_str, errno_name};
 
 /// Buckets from 50 µs to ~13 s, doubling.
 pub fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -26,7 +26,14 @@ fn syn_rtt_histogram() -> Histogram {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DstOutcome {
     pub dst: String,
-    pub outcome: &'static str,
+    pub outcome: OutcomeName,
+}
+
+/// An outcome label is its contract name (`established`, `refused`, …).
+impl EncodeLabelValue for OutcomeName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.0.name())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,7 +138,7 @@ impl ObserverMetrics {
         self.attempts
             .get_or_create(&DstOutcome {
                 dst: dst.clone(),
-                outcome: rec.outcome().name(),
+                outcome: rec.outcome,
             })
             .inc();
         if rec.syn_retransmits > 0 {
@@ -151,7 +158,7 @@ impl ObserverMetrics {
             self.socket_errors
                 .get_or_create(&ErrnoComm {
                     errno: errno_name(read.value),
-                    comm: read.comm.clone(),
+                    comm: comm_str(&read.comm),
                 })
                 .inc();
         }
@@ -220,5 +227,45 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(Full::new(Bytes::from_static(b"encoding metrics failed\n")))
             .expect("static response"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gateway_common::Outcome;
+
+    use super::*;
+
+    #[test]
+    fn outcome_labels_are_the_contract_names() {
+        let mut registry = Registry::default();
+        let mut m = ObserverMetrics::new(&mut registry, 10);
+        let mut rec = ConnectRecord {
+            ts_unix_ns: 0,
+            dst: "10.0.0.5:8080".parse().unwrap(),
+            src_port: 1,
+            cookie: 1,
+            pid: 1,
+            comm: "curl".into(),
+            cgroup_id: 1,
+            outcome: OutcomeName(Outcome::AddrUnavailable),
+            syn_retransmits: 0,
+            elapsed_us: 5,
+            syn_rtt_us: None,
+            errno: Some("EADDRNOTAVAIL".into()),
+            so_error: None,
+        };
+        m.record(&rec);
+        rec.outcome = OutcomeName(Outcome::Established);
+        rec.syn_rtt_us = Some(100);
+        m.record(&rec);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for want in [
+            "gateway_connect_attempts_total{dst=\"10.0.0.5:8080\",outcome=\"addr_unavailable\"} 1",
+            "gateway_connect_attempts_total{dst=\"10.0.0.5:8080\",outcome=\"established\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Just enough of a BTF reader to find one struct member's byte offset in the running kernel.
 //!
-//! The eBPF side reads `sk->sk_err` in `tp_btf/inet_sk_error_report`. Rust eBPF programs have
-//! no CO-RE relocations, so the loader looks the offset up in `/sys/kernel/btf/vmlinux` and
-//! passes it in as a load-time global. aya parses BTF too but keeps that API private.
+//! The eBPF side reads `sk->sk_err` and `sk->sk_err_soft` in the sock_ops STATE callback when a
+//! connect leaves SYN_SENT (docs/kernel.md, "When the outcome is known"). Rust eBPF programs
+//! have no CO-RE relocations, so the loader looks the offsets up in `/sys/kernel/btf/vmlinux` and
+//! passes them in as load-time globals. aya parses BTF too but keeps that API private.
 //! Format: Documentation/bpf/btf.rst (the header, then `struct btf_type` records whose
 //! trailing data depends on the kind).
 
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn finds_sk_err_in_the_running_kernel() {
-        // vmlinux BTF is world-readable; every machine of this kind has it (KERNEL.md).
+        // vmlinux BTF is world-readable; every machine of this kind has it (docs/kernel.md).
         let off = member_offset(Path::new(VMLINUX_BTF), "sock", "sk_err").expect("sk_err offset");
         // struct sock starts with struct sock_common (>= 100 bytes); sk_err comes well after.
         assert!(off > 100 && off < 1024, "implausible offset {off}");

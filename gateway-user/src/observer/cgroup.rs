@@ -1,5 +1,5 @@
 //! The observer's cgroup: where a process that attaches the observer to watch its own sockets
-//! moves itself first. A socket's cgroup is fixed when the socket is created (KERNEL.md), so
+//! moves itself first. A socket's cgroup is fixed when the socket is created (docs/kernel.md), so
 //! the move happens before the first upstream or probe socket is opened.
 //!
 //! The cgroup is a child of the process's **own** cgroup, never a new one at the root of the

@@ -10,10 +10,40 @@ use super::records::ConnectRecord;
 /// The one-line story of a destination, with the word that names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
-    /// `healthy`, `refused`, `filtered`, `unreachable`, `overloaded`, `client_gave_up`,
-    /// `port_exhaustion` or `no_data`.
-    pub verdict: &'static str,
+    pub verdict: Story,
     pub sentence: String,
+}
+
+/// The word that names a destination's story.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Story {
+    Healthy,
+    Refused,
+    Filtered,
+    Unreachable,
+    Overloaded,
+    PortExhaustion,
+    NoData,
+}
+
+impl Story {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Story::Healthy => "healthy",
+            Story::Refused => "refused",
+            Story::Filtered => "filtered",
+            Story::Unreachable => "unreachable",
+            Story::Overloaded => "overloaded",
+            Story::PortExhaustion => "port_exhaustion",
+            Story::NoData => "no_data",
+        }
+    }
+}
+
+impl std::fmt::Display for Story {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 fn median(mut v: Vec<u64>) -> Option<u64> {
@@ -37,7 +67,7 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
     let n = records.len();
     if n == 0 {
         return Explanation {
-            verdict: "no_data",
+            verdict: Story::NoData,
             sentence: "no connects seen".to_owned(),
         };
     }
@@ -73,14 +103,14 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
                  (median SYN-RTT {}): the accept queue or SYN backlog is full, or SYNs are being lost",
                 rtt.map(ms).unwrap_or_else(|| "-".into())
             );
-            "overloaded"
+            Story::Overloaded
         } else {
             let _ = write!(
                 s,
                 "{established}/{n} connects established, median SYN-RTT {}",
                 rtt.map(ms).unwrap_or_else(|| "-".into())
             );
-            "healthy"
+            Story::Healthy
         }
     } else if worst == refused {
         let t = median(of(Outcome::Refused).map(|r| r.elapsed_us).collect()).unwrap_or(0);
@@ -90,7 +120,7 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
              nothing listens on the port, or a firewall rejects it",
             ms(t)
         );
-        "refused"
+        Story::Refused
     } else if worst == unreachable {
         let errnos: Vec<&str> = of(Outcome::Unreachable)
             .filter_map(|r| r.errno.as_deref())
@@ -101,14 +131,14 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
              route to the host",
             errnos.first().copied().unwrap_or("unreachable")
         );
-        "unreachable"
+        Story::Unreachable
     } else if worst == no_port {
         let _ = write!(
             s,
             "{no_port}/{n} connects failed locally with EADDRNOTAVAIL: no free ephemeral port \
              towards this destination (see net.ipv4.ip_local_port_range, connection reuse)"
         );
-        "port_exhaustion"
+        Story::PortExhaustion
     } else {
         let syns: Vec<u64> = of(Outcome::Timeout)
             .chain(of(Outcome::Aborted))
@@ -138,7 +168,7 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
                 ms(waited)
             );
         }
-        "filtered"
+        Story::Filtered
     };
     let comms: std::collections::BTreeSet<&str> = records.iter().map(|r| r.comm.as_str()).collect();
     let _ = write!(
@@ -183,21 +213,27 @@ mod tests {
     #[test]
     fn each_fault_gets_its_verdict() {
         let cases = [
-            (vec![rec(Outcome::Established, 0, 90); 5], "healthy"),
-            (vec![rec(Outcome::Refused, 0, 120); 3], "refused"),
+            (vec![rec(Outcome::Established, 0, 90); 5], Story::Healthy),
+            (vec![rec(Outcome::Refused, 0, 120); 3], Story::Refused),
             (
                 vec![
                     rec(Outcome::Timeout, 2, 3_000_000),
                     rec(Outcome::Aborted, 0, 300_000),
                 ],
-                "filtered",
+                Story::Filtered,
             ),
-            (vec![rec(Outcome::Unreachable, 0, 400); 2], "unreachable"),
+            (
+                vec![rec(Outcome::Unreachable, 0, 400); 2],
+                Story::Unreachable,
+            ),
             (
                 vec![rec(Outcome::Established, 2, 2_000_000); 4],
-                "overloaded",
+                Story::Overloaded,
             ),
-            (vec![rec(Outcome::AddrUnavailable, 0, 5)], "port_exhaustion"),
+            (
+                vec![rec(Outcome::AddrUnavailable, 0, 5)],
+                Story::PortExhaustion,
+            ),
         ];
         for (records, want) in cases {
             let refs: Vec<&ConnectRecord> = records.iter().collect();

@@ -1,13 +1,12 @@
-//! Connect records as userspace sees them: decoded from the ring buffer, joined with the
-//! application's `SO_ERROR` read, and serialised in the `gateway observe --json` contract.
+//! Connect records as userspace sees them: each ring-buffer record decoded into a typed
+//! [`Connect`] outcome or an [`SoErrorRead`] follow-up ([`decode`]), and a connect's
+//! `gateway observe --json` form ([`ConnectRecord`], a contract). Also the small conversions
+//! every reader needs: kernel keys to socket addresses, errno names, the kernel's clock to Unix
+//! time.
 //!
-//! The kernel sends the outcome the moment it happens, and the application reads `SO_ERROR`
-//! only afterwards (poll-style clients: Go's net package, tokio). That read arrives as a
-//! follow-up record with the same cookie. [`Joiner`] holds each outcome for a short window
-//! (default [`DEFAULT_JOIN_WINDOW`]) so that one JSON object per connect carries both.
+//! Joining an outcome with its follow-up, by cookie, is the stream's job (`super::stream`).
 
 use std::{
-    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -17,10 +16,6 @@ use gateway_common::{
     AF_INET, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno,
 };
 use serde::Serialize;
-
-/// How long an outcome waits for the application's SO_ERROR read before it is printed
-/// without one. Poll-style clients read it within microseconds of the wake-up.
-pub const DEFAULT_JOIN_WINDOW: Duration = Duration::from_millis(250);
 
 /// Symbolic errno, e.g. `ETIMEDOUT`; unknown values print as `E<number>`.
 pub fn errno_name(err: u32) -> String {
@@ -114,6 +109,85 @@ impl Clock {
     }
 }
 
+/// One connect as the kernel reported it: its outcome record, decoded and typed, and (once the
+/// application has read it) the `SO_ERROR` the application got. `Copy` and free of
+/// allocations, so that the stream can index it and hand it out cheaply; [`Connect::record`]
+/// is its `gateway observe --json` form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub cookie: u64,
+    pub dst: SocketAddr,
+    /// Local port; 0 if the kernel never assigned one.
+    pub src_port: u16,
+    pub pid: u32,
+    /// NUL-padded; see [`comm_str`].
+    pub comm: [u8; 16],
+    pub cgroup_id: u64,
+    pub outcome: Outcome,
+    pub syn_retransmits: u16,
+    /// `connect()`, on the kernel's CLOCK_MONOTONIC (`bpf_ktime_get_ns`).
+    pub ts_connect_ns: u64,
+    /// The outcome, on the same clock.
+    pub ts_event_ns: u64,
+    /// First SYN to SYN-ACK; established connects only.
+    pub syn_rtt: Option<Duration>,
+    /// The kernel's error that ended the connect (`ECONNREFUSED`, `ETIMEDOUT`, …).
+    pub errno: Option<u32>,
+    /// What the application read with `getsockopt(SO_ERROR)`: 0 when it read no error, `None`
+    /// while it has not asked.
+    pub so_error: Option<u32>,
+}
+
+impl Connect {
+    /// Decodes an outcome record; `None` for follow-ups and for values this build does not
+    /// know.
+    pub fn decode(ev: &ConnectEvent) -> Option<Connect> {
+        if ev.kind != EventKind::Outcome as u8 {
+            return None;
+        }
+        let outcome = Outcome::from_u8(ev.outcome)?;
+        Some(Connect {
+            cookie: ev.cookie,
+            dst: key_to_socket_addr(&ev.dst),
+            src_port: ev.src_port,
+            pid: ev.pid,
+            comm: ev.comm,
+            cgroup_id: ev.cgroup_id,
+            outcome,
+            syn_retransmits: ev.syn_retransmits,
+            ts_connect_ns: ev.ts_connect_ns,
+            ts_event_ns: ev.ts_event_ns,
+            syn_rtt: (outcome == Outcome::Established).then(|| Duration::from_nanos(ev.syn_rtt_ns)),
+            errno: (ev.errno != 0).then_some(u32::from(ev.errno)),
+            so_error: (ev.so_error != SO_ERROR_NONE).then_some(u32::from(ev.so_error)),
+        })
+    }
+
+    /// `connect()` to the outcome.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.ts_event_ns.saturating_sub(self.ts_connect_ns))
+    }
+
+    /// The `gateway observe --json` form, with the time converted to Unix time by `clock`.
+    pub fn record(&self, clock: &Clock) -> ConnectRecord {
+        ConnectRecord {
+            ts_unix_ns: clock.unix_ns(self.ts_event_ns),
+            dst: self.dst,
+            src_port: self.src_port,
+            cookie: self.cookie,
+            pid: self.pid,
+            comm: comm_str(&self.comm),
+            cgroup_id: self.cgroup_id,
+            outcome: OutcomeName(self.outcome),
+            syn_retransmits: self.syn_retransmits,
+            elapsed_us: self.elapsed().as_micros() as u64,
+            syn_rtt_us: self.syn_rtt.map(|d| d.as_micros() as u64),
+            errno: self.errno.map(errno_name),
+            so_error: self.so_error.map(so_error_text),
+        }
+    }
+}
+
 /// One connect, as printed by `gateway observe --json`. Field names are a contract.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ConnectRecord {
@@ -151,36 +225,19 @@ impl fmt::Display for OutcomeName {
     }
 }
 
-fn so_error_text(v: u16) -> Option<String> {
+/// `"0"` for a read of no error, else the errno's name.
+fn so_error_text(v: u32) -> String {
     match v {
-        SO_ERROR_NONE => None,
-        0 => Some("0".to_owned()),
-        e => Some(errno_name(u32::from(e))),
+        0 => "0".to_owned(),
+        e => errno_name(e),
     }
 }
 
 impl ConnectRecord {
-    /// Decodes an outcome record; `None` for follow-ups and for values this build does not know.
+    /// Decodes an outcome record straight into its JSON form; `None` for follow-ups and for
+    /// values this build does not know.
     pub fn from_event(ev: &ConnectEvent, clock: &Clock) -> Option<ConnectRecord> {
-        if ev.kind != EventKind::Outcome as u8 {
-            return None;
-        }
-        let outcome = Outcome::from_u8(ev.outcome)?;
-        Some(ConnectRecord {
-            ts_unix_ns: clock.unix_ns(ev.ts_event_ns),
-            dst: key_to_socket_addr(&ev.dst),
-            src_port: ev.src_port,
-            cookie: ev.cookie,
-            pid: ev.pid,
-            comm: comm_str(&ev.comm),
-            cgroup_id: ev.cgroup_id,
-            outcome: OutcomeName(outcome),
-            syn_retransmits: ev.syn_retransmits,
-            elapsed_us: ev.ts_event_ns.saturating_sub(ev.ts_connect_ns) / 1000,
-            syn_rtt_us: (outcome == Outcome::Established).then_some(ev.syn_rtt_ns / 1000),
-            errno: (ev.errno != 0).then(|| errno_name(u32::from(ev.errno))),
-            so_error: so_error_text(ev.so_error),
-        })
+        Connect::decode(ev).map(|c| c.record(clock))
     }
 
     pub fn outcome(&self) -> Outcome {
@@ -189,93 +246,36 @@ impl ConnectRecord {
 }
 
 /// A `getsockopt(SO_ERROR)` read by an application, as the kernel reported it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SoErrorRead {
     pub cookie: u64,
     pub dst: SocketAddr,
     pub pid: u32,
-    pub comm: String,
+    /// NUL-padded; see [`comm_str`].
+    pub comm: [u8; 16],
     /// The errno read; 0 = no error.
     pub value: u32,
 }
 
 /// What one drained ring-buffer record means.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decoded {
-    Outcome(ConnectRecord),
+    Outcome(Connect),
     SoError(SoErrorRead),
 }
 
-pub fn decode(ev: &ConnectEvent, clock: &Clock) -> Option<Decoded> {
+/// Decodes one ring-buffer record; `None` for a kind or outcome this build does not know.
+pub fn decode(ev: &ConnectEvent) -> Option<Decoded> {
     if ev.kind == EventKind::SoError as u8 && ev.so_error != SO_ERROR_NONE {
         return Some(Decoded::SoError(SoErrorRead {
             cookie: ev.cookie,
             dst: key_to_socket_addr(&ev.dst),
             pid: ev.pid,
-            comm: comm_str(&ev.comm),
+            comm: ev.comm,
             value: u32::from(ev.so_error),
         }));
     }
-    ConnectRecord::from_event(ev, clock).map(Decoded::Outcome)
-}
-
-/// Holds outcome records until their SO_ERROR read arrives or the join window passes.
-/// Time is the kernel's monotonic clock in ns, passed in, so this is testable without sleeping.
-#[derive(Debug)]
-pub struct Joiner {
-    window_ns: u64,
-    pending: HashMap<u64, (u64, ConnectRecord)>,
-    /// SO_ERROR reads that arrived after their outcome had already been released.
-    pub late_so_errors: u64,
-}
-
-impl Joiner {
-    pub fn new(window: Duration) -> Joiner {
-        Joiner {
-            window_ns: window.as_nanos() as u64,
-            pending: HashMap::new(),
-            late_so_errors: 0,
-        }
-    }
-
-    /// Feeds one decoded record (received at `now_ns`); completed records go to `ready`.
-    pub fn push(&mut self, d: Decoded, now_ns: u64, ready: &mut Vec<ConnectRecord>) {
-        match d {
-            Decoded::Outcome(rec) => {
-                // A socket can connect again after a failure (same cookie): release the old one.
-                if let Some((_, old)) = self.pending.insert(rec.cookie, (now_ns, rec)) {
-                    ready.push(old);
-                }
-            }
-            Decoded::SoError(read) => match self.pending.remove(&read.cookie) {
-                Some((_, mut rec)) => {
-                    rec.so_error = so_error_text(read.value as u16);
-                    ready.push(rec);
-                }
-                None => self.late_so_errors += 1,
-            },
-        }
-    }
-
-    /// Releases records whose window has passed (all of them when `now_ns` is `u64::MAX`),
-    /// oldest first.
-    pub fn flush(&mut self, now_ns: u64, ready: &mut Vec<ConnectRecord>) {
-        let start = ready.len();
-        let window = self.window_ns;
-        self.pending.retain(|_, (since, rec)| {
-            if now_ns.saturating_sub(*since) >= window {
-                ready.push(rec.clone());
-                false
-            } else {
-                true
-            }
-        });
-        ready[start..].sort_by_key(|r| r.ts_unix_ns);
-    }
-
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
+    Connect::decode(ev).map(Decoded::Outcome)
 }
 
 #[cfg(test)]

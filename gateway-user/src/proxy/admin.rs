@@ -8,10 +8,10 @@
 //! | `GET /status` | JSON: the process, the observer, every cluster and endpoint with its health and why (shape in [`status`]) |
 //! | `GET /healthz` | 200 `ok` while serving, with the kernel-signal mode; 503 `draining` once shutdown began (load balancers stop sending) |
 //! | `GET /readyz` | 200 when serving and every cluster has at least one routable (healthy or suspect) endpoint; else 503 and the reason, one line per problem |
-//! | `GET /` | the status page: `/status` as server-rendered HTML that reloads itself every 2 s ([`page`]) |
+//! | `GET /` | the status page: `/status` as server-rendered HTML that reloads itself every 2 s (`page`) |
 
 pub(crate) mod page;
-pub(crate) mod status;
+pub mod status;
 
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
 

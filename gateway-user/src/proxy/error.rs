@@ -412,6 +412,7 @@ mod evidence_tests {
                 syn_rtt: None,
                 errno: None,
                 elapsed: Duration::from_millis(250),
+                so_error: None,
             }),
         };
         assert_eq!(

@@ -15,10 +15,10 @@ mod pool;
 mod probe;
 mod resolve;
 
+pub use self::health::{HealthEvent, HealthEventKind};
 pub(crate) use self::{
     checkout::{Lease, checkout},
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
-    health::HealthEvent,
     pool::{UpstreamConn, set_worker_index},
 };

@@ -14,7 +14,8 @@ use std::{
 
 use gateway::observer::{
     ConnectExitHook, KernelObserver, ObserverOptions,
-    records::{Clock, ConnectRecord, Decoded, Joiner, decode},
+    records::ConnectRecord,
+    stream::{Drained, ObserverStream, StreamOptions},
 };
 use gateway_lab::{Lab, LabSpec, NetnsCommandExt};
 use serde::Deserialize;
@@ -39,12 +40,12 @@ pub struct Probe {
     pub elapsed_us: u64,
 }
 
-/// The observer attached to a lab's client cgroup, and the records it has produced so far.
+/// The observer attached to a lab's client cgroup, read as the observer stream, and the
+/// records it has completed so far.
 pub struct Recorder {
-    pub observer: KernelObserver,
+    pub observer: ObserverStream,
     cgroup_id: u64,
-    clock: Clock,
-    joiner: Joiner,
+    drained: Drained,
     seen: Vec<ConnectRecord>,
 }
 
@@ -68,10 +69,15 @@ pub fn observed_lab_with(upstreams: usize, connect_exit: ConnectExitHook) -> (La
     })
     .unwrap_or_else(|e| panic!("attaching the observer: {e}"));
     let rec = Recorder {
-        observer,
+        observer: ObserverStream::new(
+            observer,
+            &StreamOptions {
+                join_window: Duration::from_millis(100),
+                ..StreamOptions::default()
+            },
+        ),
         cgroup_id: cgroup.id(),
-        clock: Clock::now(),
-        joiner: Joiner::new(Duration::from_millis(100)),
+        drained: Drained::default(),
         seen: Vec::new(),
     };
     (lab, rec)
@@ -118,29 +124,24 @@ pub fn spawn_probe(
 }
 
 impl Recorder {
-    /// Drains the ring buffer now and returns how many records it held (without decoding them).
+    /// Drains the ring buffer now and returns how many records it held.
     pub fn drain_count(&mut self) -> usize {
-        let mut events = Vec::new();
-        self.observer.drain(&mut events);
-        events.len()
+        self.observer.drain(&mut self.drained);
+        let n = self.drained.records;
+        self.drained.clear();
+        n
     }
 
     fn pump(&mut self) {
-        let mut events = Vec::new();
-        self.observer.drain(&mut events);
-        let now = Clock::monotonic_now();
-        for ev in &events {
-            if let Some(d) = decode(ev, &self.clock) {
-                if let Decoded::Outcome(rec) = &d {
-                    assert_eq!(
-                        rec.cgroup_id, self.cgroup_id,
-                        "record from outside the observed cgroup: {rec:?}"
-                    );
-                }
-                self.joiner.push(d, now, &mut self.seen);
-            }
+        self.observer.drain(&mut self.drained);
+        for c in &self.drained.connects {
+            assert_eq!(
+                c.cgroup_id, self.cgroup_id,
+                "record from outside the observed cgroup: {c:?}"
+            );
+            self.seen.push(c.record(self.observer.clock()));
         }
-        self.joiner.flush(now, &mut self.seen);
+        self.drained.clear();
     }
 
     /// The observer's record of the connect with `cookie`, waiting up to `timeout`.

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::diagnose::measure::{
-    Resolution, ResolutionMethod, Summary, SynBudget, TargetMeasurements,
+    DeadlineSource, HttpOutcome, Resolution, ResolutionMethod, Source, Summary, SynBudget,
+    TargetMeasurements,
 };
 
 const ADDR: &str = "10.77.1.2:8080";

@@ -80,55 +80,27 @@ fn ipv6_and_mapped_addresses_round_trip() {
 }
 
 #[test]
-fn so_error_read_joins_its_outcome() {
-    let clock = Clock::now();
-    let mut j = Joiner::new(Duration::from_millis(100));
-    let mut ready = Vec::new();
-    let out = decode(&event(EventKind::Outcome, Outcome::Refused, 9), &clock).unwrap();
-    j.push(out, 0, &mut ready);
-    assert!(ready.is_empty(), "held for the join window");
-    let mut follow = event(EventKind::SoError, Outcome::Refused, 9);
-    follow.so_error = errno::ECONNREFUSED as u16;
-    j.push(decode(&follow, &clock).unwrap(), 1_000, &mut ready);
-    assert_eq!(ready.len(), 1);
-    assert_eq!(ready[0].so_error.as_deref(), Some("ECONNREFUSED"));
-    assert_eq!(j.pending(), 0);
-}
-
-#[test]
-fn an_outcome_nobody_asks_about_is_released_after_the_window() {
-    let clock = Clock::now();
-    let mut j = Joiner::new(Duration::from_millis(100));
-    let mut ready = Vec::new();
-    j.push(
-        decode(&event(EventKind::Outcome, Outcome::Established, 1), &clock).unwrap(),
-        0,
-        &mut ready,
-    );
-    j.flush(99_000_000, &mut ready);
-    assert!(ready.is_empty());
-    j.flush(100_000_000, &mut ready);
-    assert_eq!(ready.len(), 1);
-    assert_eq!(ready[0].so_error, None);
-    assert_eq!(ready[0].syn_rtt_us, Some(120));
-}
-
-#[test]
-fn a_read_of_zero_is_reported_as_zero_and_late_reads_are_counted() {
-    let clock = Clock::now();
-    let mut j = Joiner::new(Duration::from_millis(1));
-    let mut ready = Vec::new();
-    j.push(
-        decode(&event(EventKind::Outcome, Outcome::Established, 3), &clock).unwrap(),
-        0,
-        &mut ready,
-    );
-    let mut follow = event(EventKind::SoError, Outcome::Established, 3);
+fn follow_ups_and_outcomes_decode_to_their_kinds() {
+    let ev = event(EventKind::Outcome, Outcome::Established, 9);
+    let Some(Decoded::Outcome(c)) = decode(&ev) else {
+        panic!("an outcome")
+    };
+    assert_eq!(c.syn_rtt, Some(Duration::from_micros(120)));
+    assert_eq!(c.elapsed(), Duration::from_micros(250));
+    assert_eq!(c.so_error, None);
+    let mut follow = event(EventKind::SoError, Outcome::Established, 9);
     follow.so_error = 0;
-    j.push(decode(&follow, &clock).unwrap(), 10, &mut ready);
-    assert_eq!(ready[0].so_error.as_deref(), Some("0"));
-    j.push(decode(&follow, &clock).unwrap(), 20, &mut ready);
-    assert_eq!(j.late_so_errors, 1);
+    assert!(matches!(
+        decode(&follow),
+        Some(Decoded::SoError(SoErrorRead {
+            cookie: 9,
+            value: 0,
+            ..
+        }))
+    ));
+    let mut unknown = ev;
+    unknown.outcome = 200;
+    assert_eq!(decode(&unknown), None);
 }
 
 #[test]

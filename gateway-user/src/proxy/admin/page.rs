@@ -13,8 +13,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::status::{ClusterStatus, EndpointStatus, Status};
-use crate::proxy::access_log::rfc3339;
+use super::status::{ClusterStatus, EndpointStatus, HealthEvent, Status};
+use crate::{decide::health::Reason, proxy::access_log::rfc3339};
 
 pub(crate) const REFRESH_SECONDS: u32 = 2;
 /// Recent events shown per cluster.
@@ -37,16 +37,18 @@ pub(crate) fn escape(s: &str) -> String {
 }
 
 /// What a health reason means, for a reader in the middle of an incident.
-fn explain(reason: &str) -> &'static str {
+fn explain(reason: Reason) -> &'static str {
     match reason {
-        "refused" => "RST: nothing listening on the port, or a firewall rejecting",
-        "syn_unanswered" => "SYNs unanswered: no SYN-ACK, no RST, no ICMP (dropped, or host down)",
-        "unreachable" => "ICMP unreachable: no route to the host",
-        "host_died" => "RTOs with the request unACKed: host or path died mid-request",
-        "overloaded" => "handshakes needed SYN retransmits: accept queue full or lossy path",
-        "slow_backend" => "request ACKed by the upstream's kernel, response late",
-        "probe_failed" => "an active probe failed while probing",
-        _ => "",
+        Reason::Refused => "RST: nothing listening on the port, or a firewall rejecting",
+        Reason::SynUnanswered => {
+            "SYNs unanswered: no SYN-ACK, no RST, no ICMP (dropped, or host down)"
+        }
+        Reason::Unreachable => "ICMP unreachable: no route to the host",
+        Reason::HostDied => "RTOs with the request unACKed: host or path died mid-request",
+        Reason::Overloaded => "handshakes needed SYN retransmits: accept queue full or lossy path",
+        Reason::SlowBackend => "request ACKed by the upstream's kernel, response late",
+        Reason::ProbeFailed => "an active probe failed while probing",
+        Reason::UnexpectedStatus => "the health probe's GET answered another status than expected",
     }
 }
 
@@ -120,7 +122,7 @@ pub(crate) fn render(s: &Status) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>gateway status</title><style>{STYLE}</style></head><body>\n<header><h1>gateway</h1>\
          <span class=\"meta\">v{} · up {:.0} s</span>",
-        escape(s.version),
+        escape(&s.version),
         s.uptime_s
     );
     let o = &s.observer;
@@ -184,7 +186,7 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         "<section class=\"cluster\" data-cluster=\"{name}\"><h2>cluster {name}<small>{} · {}/{} endpoints routable</small></h2>\n\
          <table><thead><tr><th>endpoint</th><th>state</th><th>reason</th><th>since</th>\
          <th>{rtt}</th><th>connect deadline</th><th>in flight</th></tr></thead><tbody>\n",
-        c.lb_policy,
+        c.lb_policy.name(),
         c.routable,
         c.endpoints.len(),
         name = escape(&c.name),
@@ -199,10 +201,10 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         endpoint_row(h, e, now);
     }
     h.push_str("</tbody></table>\n<h3>recent failures and ejections</h3>\n");
-    let mut events: Vec<(&str, &crate::proxy::upstream::HealthEvent)> = c
+    let mut events: Vec<(String, &HealthEvent)> = c
         .endpoints
         .iter()
-        .flat_map(|e| e.recent.iter().map(move |ev| (e.address.as_str(), ev)))
+        .flat_map(|e| e.recent.iter().map(move |ev| (e.address.to_string(), ev)))
         .collect();
     events.sort_by_key(|(_, ev)| std::cmp::Reverse(ev.at_unix_ms));
     if events.is_empty() {
@@ -215,13 +217,13 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
                 "<li data-endpoint=\"{addr}\" data-event=\"{kind}\"><time title=\"{ago}\">{at}</time>\
                  <span class=\"mono\">{addr}</span><span class=\"ev {kind}\">{kind}</span>{reason}\
                  <span class=\"detail mono\">{detail}</span></li>",
-                addr = escape(addr),
-                kind = escape(ev.event),
+                addr = escape(&addr),
+                kind = ev.event.name(),
                 ago = ago(now, ev.at_unix_ms),
                 at = clock(ev.at_unix_ms),
                 reason = ev
                     .reason
-                    .map(|r| format!("<span class=\"why\">{}</span>", escape(r)))
+                    .map(|r| format!("<span class=\"why\">{}</span>", r.name()))
                     .unwrap_or_default(),
                 detail = escape(&ev.detail),
             );
@@ -235,7 +237,7 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
     let reason = match e.reason {
         Some(r) => format!(
             "<span class=\"mono\">{}</span><br><span class=\"why\">{}</span>",
-            escape(r),
+            r.name(),
             escape(explain(r))
         ),
         None => "–".to_owned(),
@@ -253,15 +255,15 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
          <td><span class=\"state {state}\">{state}</span></td><td>{reason}{until}</td>\
          <td class=\"num\">{since}</td><td class=\"num\">{p50} / {p99} <span class=\"why\">({n} sample{s})</span></td>\
          <td class=\"num\">{deadline:.0} ms <span class=\"why\">({source})</span></td><td class=\"num\">{in_flight}</td></tr>",
-        addr = escape(&e.address),
-        state = escape(e.state),
+        addr = escape(&e.address.to_string()),
+        state = e.state.name(),
         since = ago(now, e.since_unix_ms),
         p50 = us(e.syn_rtt.p50_us),
         p99 = us(e.syn_rtt.p99_us),
         n = e.syn_rtt.samples,
         s = if e.syn_rtt.samples == 1 { "" } else { "s" },
         deadline = e.connect_deadline_ms,
-        source = e.connect_deadline_source,
+        source = e.connect_deadline_source.name(),
         in_flight = e.in_flight,
     );
 }
@@ -269,11 +271,11 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::{super::status::*, *};
-    use crate::proxy::upstream::HealthEvent;
+    use crate::{config::LbPolicy, decide::health::State};
 
     fn status() -> Status {
         Status {
-            version: "0.1.0",
+            version: "0.1.0".into(),
             uptime_s: 3.0,
             started_unix_ms: 1_000,
             now_unix_ms: 4_000,
@@ -281,7 +283,7 @@ mod tests {
             ready: true,
             not_ready: vec![],
             observer: ObserverStatus {
-                mode: "userspace",
+                mode: SignalOrigin::Userspace,
                 kernel_signals: false,
                 reason: Some("not root <b>".into()),
                 cgroup: None,
@@ -289,17 +291,17 @@ mod tests {
             },
             clusters: vec![ClusterStatus {
                 name: "api<script>".into(),
-                lb_policy: "round_robin",
+                lb_policy: LbPolicy::RoundRobin,
                 routable: 1,
                 endpoints: vec![EndpointStatus {
-                    address: "127.0.0.1:1".into(),
+                    address: "127.0.0.1:1".parse().unwrap(),
                     weight: 1,
-                    state: "ejected",
-                    reason: Some("refused"),
+                    state: State::Ejected,
+                    reason: Some(Reason::Refused),
                     since_unix_ms: 3_000,
                     ejected_until_unix_ms: Some(5_000),
                     connect_deadline_ms: 250.0,
-                    connect_deadline_source: "configured",
+                    connect_deadline_source: ConnectDeadlineSource::Configured,
                     syn_rtt: SynRtt {
                         p50_us: None,
                         p99_us: None,
@@ -308,8 +310,8 @@ mod tests {
                     in_flight: 0,
                     recent: vec![HealthEvent {
                         at_unix_ms: 3_000,
-                        event: "ejected",
-                        reason: Some("refused"),
+                        event: HealthEventKind::Ejected,
+                        reason: Some(Reason::Refused),
                         detail: "kernel: refused, 1 SYN sent, RST received, \"<ECONNREFUSED>\""
                             .into(),
                     }],

@@ -1,5 +1,8 @@
 //! `GET /status`: what the gateway knows, as JSON. The status page and `/readyz` are rendered
-//! from the same [`Status`], so the three never disagree. Times are Unix milliseconds.
+//! from the same [`Status`], so the three never disagree, and `gateway diagnose --admin` reads
+//! the JSON back into the same structs (`crate::diagnose::admin`). Times are Unix milliseconds.
+//! The shape below is a contract: the structs serialise to exactly it, field by field, in this
+//! order, and every closed set of words is an enum.
 //!
 //! ```text
 //! {
@@ -9,7 +12,7 @@
 //!   "now_unix_ms": 1763740012500,
 //!   "draining": false,
 //!   "ready": false,
-//!   "not_ready": ["cluster `api`: no routable endpoint (2 endpoint(s), 2 ejected)"],
+//!   "not_ready": ["cluster `api`: no routable endpoint (2 endpoint(s), all ejected)"],
 //!   "observer": {
 //!     "mode": "kernel",                  // or "userspace"
 //!     "kernel_signals": true,
@@ -44,17 +47,25 @@
 //! }
 //! ```
 
-use std::{sync::atomic::Ordering, time::SystemTime};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::super::{shared::Shared, upstream::HealthEvent};
-use crate::{decide::deadline::DeadlineSource, signals::SignalMode};
+use super::super::shared::Shared;
+pub use super::super::upstream::{HealthEvent, HealthEventKind};
+use crate::{
+    config::LbPolicy,
+    decide::{
+        deadline::DeadlineSource,
+        health::{Reason, State},
+    },
+    signals::SignalMode,
+};
 
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct Status {
-    pub version: &'static str,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
     pub uptime_s: f64,
     pub started_unix_ms: u64,
     pub now_unix_ms: u64,
@@ -66,40 +77,87 @@ pub(crate) struct Status {
     pub clusters: Vec<ClusterStatus>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct ObserverStatus {
-    pub mode: &'static str,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObserverStatus {
+    pub mode: SignalOrigin,
     pub kernel_signals: bool,
     pub reason: Option<String>,
     pub cgroup: Option<String>,
     pub events_lost: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct ClusterStatus {
+/// `observer.mode`: where the gateway's signals come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalOrigin {
+    /// The eBPF observer is attached.
+    Kernel,
+    /// Userspace timing only (`observer.reason` says why).
+    Userspace,
+}
+
+impl From<&SignalMode> for SignalOrigin {
+    fn from(mode: &SignalMode) -> SignalOrigin {
+        match mode {
+            SignalMode::Kernel => SignalOrigin::Kernel,
+            SignalMode::UserspaceOnly { .. } => SignalOrigin::Userspace,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
     pub name: String,
-    pub lb_policy: &'static str,
+    pub lb_policy: LbPolicy,
     pub routable: usize,
     pub endpoints: Vec<EndpointStatus>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct EndpointStatus {
-    pub address: String,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub address: SocketAddr,
     pub weight: u32,
-    pub state: &'static str,
-    pub reason: Option<&'static str>,
+    pub state: State,
+    pub reason: Option<Reason>,
     pub since_unix_ms: u64,
     pub ejected_until_unix_ms: Option<u64>,
     pub connect_deadline_ms: f64,
-    pub connect_deadline_source: &'static str,
+    pub connect_deadline_source: ConnectDeadlineSource,
     pub syn_rtt: SynRtt,
     pub in_flight: u64,
     pub recent: Vec<HealthEvent>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct SynRtt {
+/// `connect_deadline_source`: where an endpoint's connect deadline comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectDeadlineSource {
+    /// `connect_timeout_ms`: adaptive deadlines are off, or too few handshakes are known.
+    Configured,
+    /// From the endpoint's kernel-measured SYN-RTT quantile.
+    Measured,
+}
+
+impl ConnectDeadlineSource {
+    pub const fn name(self) -> &'static str {
+        match self {
+            ConnectDeadlineSource::Configured => "configured",
+            ConnectDeadlineSource::Measured => "measured",
+        }
+    }
+}
+
+impl From<&DeadlineSource> for ConnectDeadlineSource {
+    fn from(source: &DeadlineSource) -> ConnectDeadlineSource {
+        match source {
+            DeadlineSource::Configured => ConnectDeadlineSource::Configured,
+            DeadlineSource::Measured { .. } => ConnectDeadlineSource::Measured,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SynRtt {
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub samples: usize,
@@ -111,7 +169,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl Status {
-    pub fn collect(shared: &Shared) -> Status {
+    pub(crate) fn collect(shared: &Shared) -> Status {
         let now = Instant::now();
         let now_unix_ms = unix_ms(SystemTime::now());
         // A monotonic instant as Unix time, through the distance from now.
@@ -124,10 +182,7 @@ impl Status {
         };
         let mode = shared.signals.mode();
         let observer = ObserverStatus {
-            mode: match mode {
-                SignalMode::Kernel => "kernel",
-                SignalMode::UserspaceOnly { .. } => "userspace",
-            },
+            mode: SignalOrigin::from(&mode),
             kernel_signals: mode == SignalMode::Kernel,
             reason: match mode {
                 SignalMode::Kernel => None,
@@ -153,17 +208,16 @@ impl Status {
                     .map(|ep| {
                         let v = ep.health.view(&c.spec);
                         EndpointStatus {
-                            address: ep.addr.to_string(),
+                            address: ep.addr,
                             weight: ep.weight,
-                            state: v.state.name(),
-                            reason: v.reason.map(|r| r.name()),
+                            state: v.state,
+                            reason: v.reason,
                             since_unix_ms: at(v.since),
                             ejected_until_unix_ms: v.ejected_until.map(at),
                             connect_deadline_ms: v.deadline.value.as_secs_f64() * 1e3,
-                            connect_deadline_source: match v.deadline.source {
-                                DeadlineSource::Configured => "configured",
-                                DeadlineSource::Measured { .. } => "measured",
-                            },
+                            connect_deadline_source: ConnectDeadlineSource::from(
+                                &v.deadline.source,
+                            ),
                             syn_rtt: SynRtt {
                                 p50_us: v.rtt_p50.map(|d| d.as_micros() as u64),
                                 p99_us: v.rtt_p99.map(|d| d.as_micros() as u64),
@@ -190,7 +244,7 @@ impl Status {
                 }
                 ClusterStatus {
                     name: c.name.to_string(),
-                    lb_policy: c.spec.lb_policy.name(),
+                    lb_policy: c.spec.lb_policy,
                     routable,
                     endpoints,
                 }
@@ -198,7 +252,7 @@ impl Status {
             .collect();
         let t = &shared.telemetry;
         Status {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: (t.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             started_unix_ms: unix_ms(t.started_at),
             now_unix_ms,
@@ -210,3 +264,6 @@ impl Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -23,6 +23,7 @@ fn kernel_refusal_counts_attempt_errno_and_so_error() {
         syn_rtt: None,
         errno: Some(errno::ECONNREFUSED),
         elapsed: Duration::from_micros(80),
+        so_error: None,
     };
     e.connect_failed(&ProxyError::ConnectRefused {
         endpoint: "10.0.0.1:80".parse().unwrap(),
@@ -74,6 +75,7 @@ fn kernel_handshakes_feed_the_syn_rtt_histogram() {
         syn_rtt: Some(Duration::from_micros(1_000_070)),
         errno: None,
         elapsed: Duration::from_secs(1),
+        so_error: None,
     }));
     e.connected(None);
     let text = t.encode();

@@ -122,14 +122,18 @@ impl Cluster {
 
     /// Feeds one piece of evidence about `ep` to its health, and logs what it changed.
     pub fn report(&self, ep: &Endpoint, ev: Evidence, detail: &dyn Fn() -> String) {
-        let may = self.set.may_eject(self.spec.health.max_ejected_percent);
+        let may = self
+            .set
+            .may_eject(self.spec.health.machine.max_ejected_percent);
         let t = ep.health.observe(ev, &self.spec, may, detail);
         self.log_transition(ep, t, detail);
     }
 
     /// An active probe's evidence.
     pub(super) fn report_probe(&self, ep: &Endpoint, ev: Evidence, detail: &str) {
-        let may = self.set.may_eject(self.spec.health.max_ejected_percent);
+        let may = self
+            .set
+            .may_eject(self.spec.health.machine.max_ejected_percent);
         let t = ep.health.probe(ev, &self.spec, may, &|| detail.to_owned());
         self.log_transition(ep, t, &|| detail.to_owned());
     }
@@ -147,7 +151,7 @@ impl Cluster {
                 info!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), evidence = %detail(), "endpoint suspect; probing");
             }
             Transition::EjectionRefused(reason) => {
-                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), max_ejected_percent = self.spec.health.max_ejected_percent, "endpoint failing but the ejection budget is spent; keeping it as suspect (fail-open)");
+                warn!(cluster = %self.name, upstream = %ep.addr, reason = reason.name(), max_ejected_percent = self.spec.health.machine.max_ejected_percent, "endpoint failing but the ejection budget is spent; keeping it as suspect (fail-open)");
             }
             Transition::Probing => {
                 debug!(cluster = %self.name, upstream = %ep.addr, "ejection over; probing")

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::{
@@ -26,15 +26,39 @@ use crate::{
 /// Recent events kept per endpoint for the status page.
 const RECENT_EVENTS: usize = 20;
 
-/// One line of an endpoint's recent history.
-#[derive(Clone, Debug, Serialize)]
+/// One line of an endpoint's recent history (`recent` in `/status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HealthEvent {
     pub at_unix_ms: u64,
-    /// `ejected`, `suspect`, `recovered`, `probing`, `ejection_refused`, `failure`.
-    pub event: &'static str,
-    pub reason: Option<&'static str>,
+    pub event: HealthEventKind,
+    pub reason: Option<Reason>,
     /// The evidence, in words (kernel evidence when there is some).
     pub detail: String,
+}
+
+/// What a [`HealthEvent`] records: a failure that changed nothing, or a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthEventKind {
+    Failure,
+    Suspect,
+    Ejected,
+    EjectionRefused,
+    Probing,
+    Recovered,
+}
+
+impl HealthEventKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            HealthEventKind::Failure => "failure",
+            HealthEventKind::Suspect => "suspect",
+            HealthEventKind::Ejected => "ejected",
+            HealthEventKind::EjectionRefused => "ejection_refused",
+            HealthEventKind::Probing => "probing",
+            HealthEventKind::Recovered => "recovered",
+        }
+    }
 }
 
 struct Inner {
@@ -145,18 +169,18 @@ impl HealthCell {
     fn log(inner: &mut Inner, t: Transition, detail: &dyn Fn() -> String) {
         let (event, reason) = match t {
             Transition::None => return,
-            Transition::Suspected(r) => ("suspect", Some(r)),
-            Transition::Ejected { reason, .. } => ("ejected", Some(reason)),
-            Transition::EjectionRefused(r) => ("ejection_refused", Some(r)),
-            Transition::Probing => ("probing", inner.health.reason()),
-            Transition::Recovered => ("recovered", None),
+            Transition::Suspected(r) => (HealthEventKind::Suspect, Some(r)),
+            Transition::Ejected { reason, .. } => (HealthEventKind::Ejected, Some(reason)),
+            Transition::EjectionRefused(r) => (HealthEventKind::EjectionRefused, Some(r)),
+            Transition::Probing => (HealthEventKind::Probing, inner.health.reason()),
+            Transition::Recovered => (HealthEventKind::Recovered, None),
         };
         Self::remember(inner, event, reason, detail);
     }
 
     fn remember(
         inner: &mut Inner,
-        event: &'static str,
+        event: HealthEventKind,
         reason: Option<Reason>,
         detail: &dyn Fn() -> String,
     ) {
@@ -166,7 +190,7 @@ impl HealthCell {
         inner.recent.push_back(HealthEvent {
             at_unix_ms: unix_ms(),
             event,
-            reason: reason.map(Reason::name),
+            reason,
             detail: detail(),
         });
     }
@@ -185,7 +209,7 @@ impl HealthCell {
             .observe(ev, Instant::now(), &spec.health.machine, may_eject);
         if t == Transition::None && !matches!(ev, Evidence::ConnectOk { .. } | Evidence::ResponseOk)
         {
-            Self::remember(&mut inner, "failure", None, detail);
+            Self::remember(&mut inner, HealthEventKind::Failure, None, detail);
         }
         Self::log(&mut inner, t, detail);
         self.publish(&inner);

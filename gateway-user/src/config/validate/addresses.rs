@@ -1,0 +1,65 @@
+//! Endpoint addresses and route hosts, from the strings the operator wrote: what each may look
+//! like, and why one is refused (the reason goes into [`super::Invalid`]).
+
+use std::net::SocketAddr;
+
+use super::super::settings::{EndpointAddr, HostMatch};
+
+/// `"10.0.0.5:8080"`, `"[::1]:8080"` or `"api.internal:8080"`.
+pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointAddr, &'static str> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err("port 0");
+        }
+        return Ok(EndpointAddr::Ip(addr));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("no port")?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| "port is not a number in 1..=65535")?;
+    if port == 0 {
+        return Err("port 0");
+    }
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err("IPv6 addresses need brackets, e.g. [::1]:8080");
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err("a hostname has only letters, digits, '-', '_' and '.'");
+    }
+    Ok(EndpointAddr::Host {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+pub(super) fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
+    let lower = s.to_ascii_lowercase();
+    let (suffix, name) = match lower.strip_prefix('*') {
+        Some(rest) if rest.starts_with('.') => (true, rest),
+        Some(_) => return Err("a wildcard is only allowed as a leading \"*.\""),
+        None => (false, lower.as_str()),
+    };
+    if name.trim_start_matches('.').is_empty() {
+        return Err("empty host");
+    }
+    if name.contains(':') {
+        return Err("no port: routes match the host whatever the port");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err("a host has only letters, digits, '-', '_' and '.'");
+    }
+    Ok(if suffix {
+        HostMatch::Suffix(name.to_owned())
+    } else {
+        HostMatch::Exact(name.to_owned())
+    })
+}

@@ -1,0 +1,305 @@
+//! One cluster's settings: each key looked up in the cluster's own table, then in
+//! `[router.upstream]`, then the default (the health machine's defaults are
+//! `crate::decide::health`'s, the deadline floor `crate::decide::deadline`'s), range-checked at
+//! the key it came from, and assembled into a [`ClusterSpec`].
+
+use super::{
+    super::{model::*, settings::*, source::KeyPath},
+    At, Checker, DAY_MS, Invalid, Warning,
+    addresses::parse_endpoint,
+    inherit, ms,
+};
+use crate::decide::{deadline, health};
+
+/// Resolves one cluster's settings against `[router.upstream]` and the defaults.
+pub(super) fn cluster(
+    c: &mut Checker,
+    name: &str,
+    own: &ClusterConfig,
+    key: &KeyPath,
+    base: &ClusterConfig,
+    base_key: &KeyPath,
+) -> ClusterSpec {
+    // One setting: the value, range-checked at the key it came from.
+    macro_rules! setting {
+        ($table:ident . $field:ident, $default:expr, $min:expr, $max:expr, $unit:expr) => {{
+            let (v, from) = inherit(
+                own.$table.$field.map(|v| v as u64),
+                key.key(stringify!($table)).key(stringify!($field)),
+                base.$table.$field.map(|v| v as u64),
+                base_key.key(stringify!($table)).key(stringify!($field)),
+                $default as u64,
+            );
+            if let Some(from) = &from {
+                c.range(from, v, $min, $max, $unit);
+            }
+            (v, from)
+        }};
+    }
+
+    let (connect_ms, connect_key) = setting!(
+        timeouts.connect_timeout_ms,
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (response_ms, response_key) = setting!(
+        timeouts.response_timeout_ms,
+        DEFAULT_RESPONSE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (write_ms, _) = setting!(
+        timeouts.write_timeout_ms,
+        DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (request_ms, request_key) = setting!(
+        timeouts.request_timeout_ms,
+        DEFAULT_REQUEST_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (idle_ms, _) = setting!(
+        timeouts.idle_timeout_ms,
+        DEFAULT_IDLE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    if request_ms < connect_ms + response_ms {
+        let at = request_key
+            .or(connect_key)
+            .or(response_key)
+            .unwrap_or_else(|| key.clone());
+        c.warnings.push(At {
+            key: at,
+            what: Warning::CascadingTimeouts {
+                cluster: name.to_owned(),
+                request_ms,
+                connect_ms,
+                response_ms,
+            },
+        });
+    }
+
+    let (max_retries, _) = setting!(retry.max_retries, DEFAULT_MAX_RETRIES, 0, 10, "");
+    let (budget_percent, _) = setting!(
+        retry.budget_percent,
+        DEFAULT_RETRY_BUDGET_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    let (min_retry_concurrency, _) = setting!(
+        retry.min_retry_concurrency,
+        DEFAULT_MIN_RETRY_CONCURRENCY,
+        0,
+        10_000,
+        ""
+    );
+    let on_response_timeout = own
+        .retry
+        .on_response_timeout
+        .or(base.retry.on_response_timeout)
+        .unwrap_or(DEFAULT_RETRY_ON_RESPONSE_TIMEOUT);
+
+    let (max_connections, _) = setting!(
+        limits.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        1,
+        1_000_000,
+        ""
+    );
+    let (max_pending_requests, _) = setting!(
+        limits.max_pending_requests,
+        DEFAULT_MAX_PENDING_REQUESTS,
+        0,
+        1_000_000,
+        ""
+    );
+    let (max_idle_per_endpoint, _) = setting!(
+        limits.max_idle_per_endpoint,
+        DEFAULT_MAX_IDLE_PER_ENDPOINT,
+        0,
+        100_000,
+        ""
+    );
+
+    let (ejection_ms, _) = setting!(
+        health.ejection_ms,
+        health::DEFAULT_BASE_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (max_ejected_percent, _) = setting!(
+        health.max_ejected_percent,
+        health::DEFAULT_MAX_EJECTED_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    let (max_ejection_ms, _) = setting!(
+        health.max_ejection_ms,
+        health::DEFAULT_MAX_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (probe_interval_ms, _) = setting!(
+        health.probe_interval_ms,
+        health::DEFAULT_PROBE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (rise, _) = setting!(health.rise, health::DEFAULT_RISE, 1, 100, "");
+    let (syn_unanswered, _) = setting!(
+        health.syn_unanswered_to_eject,
+        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
+        1,
+        100,
+        ""
+    );
+    let (slow_handshakes, _) = setting!(
+        health.slow_handshakes_to_suspect,
+        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
+        1,
+        1000,
+        ""
+    );
+    let (response_timeouts, _) = setting!(
+        health.response_timeouts_to_eject,
+        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (probe_expect_status, _) = setting!(
+        health.probe_expect_status,
+        DEFAULT_PROBE_EXPECT_STATUS,
+        100,
+        599,
+        ""
+    );
+    let probe_path = own
+        .health
+        .probe_path
+        .clone()
+        .or_else(|| base.health.probe_path.clone());
+    let (floor_ms, _) = setting!(
+        timeouts.connect_deadline_floor_ms,
+        deadline::DEFAULT_FLOOR.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let adaptive = own
+        .timeouts
+        .adaptive_connect_deadline
+        .or(base.timeouts.adaptive_connect_deadline)
+        .unwrap_or(DEFAULT_ADAPTIVE_CONNECT_DEADLINE);
+    let hedge = own
+        .retry
+        .hedge
+        .or(base.retry.hedge)
+        .unwrap_or(DEFAULT_HEDGE);
+    let (hedge_budget_percent, _) = setting!(
+        retry.hedge_budget_percent,
+        DEFAULT_HEDGE_BUDGET_PERCENT,
+        0,
+        100,
+        " %"
+    );
+
+    let (dns_refresh_ms, from) = inherit(
+        own.dns_refresh_ms,
+        key.key("dns_refresh_ms"),
+        base.dns_refresh_ms,
+        base_key.key("dns_refresh_ms"),
+        DEFAULT_DNS_REFRESH_MS,
+    );
+    if let Some(from) = &from {
+        c.range(from, dns_refresh_ms, 100, DAY_MS, " ms");
+    }
+    let (lb_policy, _) = inherit(
+        own.lb_policy,
+        key.key("lb_policy"),
+        base.lb_policy,
+        base_key.key("lb_policy"),
+        DEFAULT_LB_POLICY,
+    );
+
+    let mut endpoints = Vec::new();
+    if let Some(list) = &own.endpoints {
+        let list_key = key.key("endpoints");
+        if list.is_empty() {
+            c.fail(list_key.clone(), Invalid::EmptyEndpoints);
+        }
+        for (i, e) in list.iter().enumerate() {
+            let ek = list_key.index(i);
+            let weight = e.weight.unwrap_or(DEFAULT_WEIGHT);
+            if e.weight.is_some() {
+                c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
+            }
+            match parse_endpoint(&e.address) {
+                Ok(address) => endpoints.push(EndpointSpec { address, weight }),
+                Err(reason) => c.fail(
+                    ek,
+                    Invalid::InvalidEndpoint {
+                        value: e.address.clone(),
+                        reason,
+                    },
+                ),
+            }
+        }
+    }
+
+    ClusterSpec {
+        name: name.to_owned(),
+        endpoints,
+        lb_policy,
+        dns_refresh: ms(dns_refresh_ms),
+        timeouts: Timeouts {
+            connect: ms(connect_ms),
+            response: ms(response_ms),
+            write: ms(write_ms),
+            request: ms(request_ms),
+            idle: ms(idle_ms),
+            connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
+        },
+        retry: RetryPolicy {
+            hedge,
+            hedge_budget_percent: hedge_budget_percent as u32,
+            max_retries: max_retries as u32,
+            on_response_timeout,
+            budget_percent: budget_percent as u32,
+            min_retry_concurrency: min_retry_concurrency as u32,
+        },
+        limits: Limits {
+            max_connections: max_connections as usize,
+            max_pending_requests: max_pending_requests as usize,
+            max_idle_per_endpoint: max_idle_per_endpoint as usize,
+        },
+        health: HealthPolicy {
+            machine: crate::decide::health::HealthPolicy {
+                base_ejection: ms(ejection_ms),
+                max_ejection: ms(max_ejection_ms.max(ejection_ms)),
+                probe_interval: ms(probe_interval_ms),
+                rise: rise as u32,
+                max_ejected_percent: max_ejected_percent as u32,
+                syn_unanswered_to_eject: syn_unanswered as u32,
+                slow_handshakes_to_suspect: slow_handshakes as u32,
+                response_timeouts_to_eject: response_timeouts as u32,
+            },
+            probe_path,
+            probe_expect_status: probe_expect_status as u16,
+        },
+    }
+}

@@ -1,0 +1,279 @@
+//! The verdicts of connects that failed: `port_exhaustion` (EADDRNOTAVAIL before any SYN),
+//! `refused` (an RST answered), `unreachable` (an ICMP error, or another local error) and
+//! `filtered` (nothing answered at all, or a local firewall refused the connect).
+
+use super::{
+    Facts, Verdict, VerdictName, confidence,
+    phrases::{SynRetransmits, errnos, fmt_us, median, retransmit_phrase, source_tag},
+};
+use crate::diagnose::measure::{Attempt, AttemptOutcome, Source};
+
+pub(super) fn port_exhaustion(f: &Facts) -> Option<Verdict> {
+    let hit = f.with(AttemptOutcome::AddrUnavailable);
+    if hit.is_empty() {
+        return None;
+    }
+    let mut v = Verdict::new(
+        VerdictName::PortExhaustion,
+        confidence(hit.len() as f64 / f.n as f64, f.n),
+    );
+    v.evidence.push(format!(
+        "{}/{} connects to {} failed at once with EADDRNOTAVAIL, before any SYN was sent: no \
+         free local (ephemeral) port towards this destination {}",
+        hit.len(),
+        f.n,
+        f.addr,
+        source_tag(&hit)
+    ));
+    let range = f.m.local_port_range;
+    if let Some([lo, hi]) = range {
+        v.evidence.push(format!(
+            "net.ipv4.ip_local_port_range is {lo}–{hi}: {} local ports for each destination \
+             ip:port",
+            u32::from(hi).saturating_sub(u32::from(lo)) + 1
+        ));
+    }
+    let dst = ss_dst(f);
+    v.next_steps = vec![
+        format!(
+            "ss -tan 'dst {dst}' | awk 'NR>1 {{print $1}}' | sort | uniq -c   # which sockets \
+             hold the local ports towards {} (ESTAB, TIME-WAIT)",
+            f.addr
+        ),
+        match range {
+            Some([lo, hi]) => format!(
+                "sysctl net.ipv4.ip_local_port_range   # now '{lo} {hi}'; widen it, e.g. sysctl \
+                 -w net.ipv4.ip_local_port_range='1024 65535'"
+            ),
+            None => {
+                "sysctl net.ipv4.ip_local_port_range   # widen it, e.g. '1024 65535'".to_owned()
+            }
+        },
+        "reuse connections (HTTP keep-alive, a connection pool) instead of one connection per \
+         request; sysctl net.ipv4.tcp_tw_reuse=1 lets new connects reuse TIME-WAIT ports"
+            .to_owned(),
+        "spread the load over more destination addresses or source IPs: a local port only has \
+         to be unique per (source ip, destination ip:port)"
+            .to_owned(),
+    ];
+    Some(v)
+}
+
+/// `ss` filter syntax for the address: `10.0.0.5:80`, `[fd00::5]:80`.
+fn ss_dst(f: &Facts) -> String {
+    f.addr.clone()
+}
+
+pub(super) fn refused(f: &Facts) -> Option<Verdict> {
+    let hit = f.with(AttemptOutcome::Refused);
+    if hit.is_empty() {
+        return None;
+    }
+    let mut v = Verdict::new(
+        VerdictName::Refused,
+        confidence(hit.len() as f64 / f.n as f64, f.n),
+    );
+    let t = median(hit.iter().map(|a| a.elapsed_us)).unwrap_or(0);
+    let retx = SynRetransmits::of(&hit)
+        .filter(|r| *r != SynRetransmits::NoneNeeded)
+        .map(|r| format!(", {r}"))
+        .unwrap_or_default();
+    v.evidence.push(format!(
+        "{}/{} connects to {} refused: an RST answered the SYN after a median {}{retx} \
+         (ECONNREFUSED) {}",
+        hit.len(),
+        f.n,
+        f.addr,
+        fmt_us(t),
+        source_tag(&hit)
+    ));
+    v.evidence.push(format!(
+        "the host is up and its TCP stack answers, but nothing listens on port {} there, or a \
+         firewall rejects the SYNs with tcp-reset",
+        f.port
+    ));
+    v.next_steps = vec![
+        format!(
+            "on {}: ss -ltn 'sport = :{}'   # is anything listening on {}, and on which address \
+             (127.0.0.1 only?)",
+            f.ip, f.port, f.port
+        ),
+        format!(
+            "on {}: is the service running? systemctl status <unit> and its logs (crashed, \
+             restarting, bound to another port)",
+            f.ip
+        ),
+        format!(
+            "iptables -L -n -v | grep -i reject   # on {} and on firewalls in the path: a rule \
+             answering tcp/{} with tcp-reset",
+            f.ip, f.port
+        ),
+    ];
+    Some(v)
+}
+
+pub(super) fn unreachable(f: &Facts) -> Option<Verdict> {
+    let icmp = f.with(AttemptOutcome::Unreachable);
+    let other = f.with(AttemptOutcome::Error);
+    if icmp.is_empty() && other.is_empty() {
+        return None;
+    }
+    let k = icmp.len() + other.len();
+    let mut v = Verdict::new(
+        VerdictName::Unreachable,
+        confidence(k as f64 / f.n as f64, f.n),
+    );
+    if !icmp.is_empty() {
+        let t = median(icmp.iter().map(|a| a.elapsed_us)).unwrap_or(0);
+        v.evidence.push(format!(
+            "{}/{} connects to {} failed with {} after a median {}: a router, the host's \
+             firewall (REJECT with icmp-host-unreachable) or this host's routing table says {} \
+             cannot be reached {}",
+            icmp.len(),
+            f.n,
+            f.addr,
+            errnos(&icmp),
+            fmt_us(t),
+            f.ip,
+            source_tag(&icmp)
+        ));
+    }
+    if !other.is_empty() {
+        v.evidence.push(format!(
+            "{}/{} connects to {} failed with {} {}",
+            other.len(),
+            f.n,
+            f.addr,
+            errnos(&other),
+            source_tag(&other)
+        ));
+    }
+    v.next_steps = vec![
+        format!(
+            "ip route get {}   # which route and interface this host uses",
+            f.ip
+        ),
+        format!(
+            "traceroute -n -T -p {} {}   # where the path stops (or mtr -n -T -P {} {})",
+            f.port, f.ip, f.port, f.ip
+        ),
+        format!(
+            "ip neigh show {}   # on the same subnet: FAILED or INCOMPLETE means the host does \
+             not answer ARP/ND (down?)",
+            f.ip
+        ),
+        format!(
+            "iptables -L -n -v | grep -i unreach   # on {}: a rule rejecting with \
+             icmp-host-unreachable",
+            f.ip
+        ),
+    ];
+    Some(v)
+}
+
+pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
+    let silent = f.unanswered();
+    let denied = f.with(AttemptOutcome::Denied);
+    let k = silent.len() + denied.len();
+    if k == 0 {
+        return None;
+    }
+    let mut c = confidence(k as f64 / f.n as f64, f.n);
+    // Most connects completed: the silent ones are lost packets (lossy_path), not a filter.
+    if f.established().len() * 2 >= f.n {
+        c *= 0.5;
+    }
+    let mut v = Verdict::new(VerdictName::Filtered, c);
+    if !silent.is_empty() {
+        let timeouts: Vec<&Attempt> = silent
+            .iter()
+            .copied()
+            .filter(|a| a.outcome == AttemptOutcome::Timeout)
+            .collect();
+        let cut = silent.len() - timeouts.len();
+        let retx = retransmit_phrase(&silent).unwrap_or_else(|| "(SYN retransmits unknown)".into());
+        let mut line = if silent.iter().all(|a| a.source == Source::Kernel) {
+            format!(
+                "{}/{} SYNs to {} unanswered {retx}: no SYN-ACK, no RST, no ICMP",
+                silent.len(),
+                f.n,
+                f.addr
+            )
+        } else {
+            format!(
+                "{}/{} connects to {} got no answer {retx}: connect() neither completed nor \
+                 failed with a refusal or an ICMP error",
+                silent.len(),
+                f.n,
+                f.addr
+            )
+        };
+        if !timeouts.is_empty() {
+            let b = &f.m.syn_budget;
+            line.push_str(&format!(
+                "; the kernel gave up with ETIMEDOUT after a median {} (tcp_syn_retries={}, \
+                 tcp_syn_linear_timeouts={})",
+                fmt_us(median(timeouts.iter().map(|a| a.elapsed_us)).unwrap_or(0)),
+                b.tcp_syn_retries,
+                b.tcp_syn_linear_timeouts
+            ));
+        }
+        if cut > 0 {
+            line.push_str(&format!(
+                "; {cut} given up at the {} ms connect deadline",
+                f.m.connect_deadline_ms
+            ));
+        }
+        line.push(' ');
+        line.push_str(&source_tag(&silent));
+        v.evidence.push(line);
+        let p = &f.a.patient_attempts;
+        if !p.is_empty() {
+            let silent: Vec<&Attempt> = p.iter().filter(|a| a.outcome.unanswered()).collect();
+            v.evidence.push(format!(
+                "{}/{} patient connects with a {} ms deadline went unanswered too{} {}",
+                silent.len(),
+                p.len(),
+                f.a.patient_deadline_ms.unwrap_or(0),
+                retransmit_phrase(&silent)
+                    .map(|r| format!(", {r}"))
+                    .unwrap_or_default(),
+                source_tag(&silent)
+            ));
+        }
+    }
+    if !denied.is_empty() {
+        v.evidence.push(format!(
+            "{}/{} connects to {} refused locally with {}: a firewall rule on this host (OUTPUT \
+             chain) or a security policy blocks them {}",
+            denied.len(),
+            f.n,
+            f.addr,
+            errnos(&denied),
+            source_tag(&denied)
+        ));
+    }
+    v.next_steps = vec![
+        format!(
+            "look for a DROP on tcp/{}: on {} iptables -L INPUT -n -v (or nft list ruleset); in \
+             a cloud, the security group and network ACL inbound rules",
+            f.port, f.ip
+        ),
+        format!(
+            "tcpdump -ni any 'host {} and tcp port {}'   # here and on {}: do the SYNs arrive, \
+             does a SYN-ACK leave?",
+            f.ip, f.port, f.ip
+        ),
+        format!(
+            "is {} up? ip neigh show {} from its subnet, its console or its hypervisor",
+            f.ip, f.ip
+        ),
+    ];
+    if !denied.is_empty() {
+        v.next_steps.push(
+            "iptables -L OUTPUT -n -v   # on this host: a rule rejecting the connect locally"
+                .to_owned(),
+        );
+    }
+    Some(v)
+}

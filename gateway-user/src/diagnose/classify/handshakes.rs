@@ -1,0 +1,264 @@
+//! The verdicts of handshakes that completed, but not cleanly or not in time:
+//! `deadline_too_short` (the configured connect deadline cuts handshakes off), `overloaded`
+//! (consistently only a retransmitted SYN is answered) and `lossy_path` (packets lost now and
+//! then, in handshakes or in the HTTP exchange).
+
+use super::{
+    CONSISTENT_SHARE, Facts, Verdict, VerdictName, confidence,
+    phrases::{SynRetransmits, fmt_us, median, retransmit_phrase, source_tag},
+    weight,
+};
+use crate::diagnose::measure::{
+    Attempt, AttemptOutcome, DeadlineSource, HttpExchange, Percentiles,
+};
+
+/// A configured connect deadline less than this multiple of the p99 handshake is tight.
+const DEADLINE_HEADROOM: f64 = 1.25;
+/// Suggested connect deadline = p99 SYN-RTT × this.
+const DEADLINE_SUGGESTION_FACTOR: u64 = 2;
+
+pub(super) fn deadline_too_short(f: &Facts) -> Option<Verdict> {
+    if f.m.connect_deadline_source != DeadlineSource::Configured {
+        return None;
+    }
+    let deadline_ms = f.m.connect_deadline_ms;
+    let hits = f.with(AttemptOutcome::Deadline);
+    let patient_ok = f.patient_established();
+    let rtts = Percentiles::of(f.established().iter().filter_map(|a| a.syn_rtt_us))?;
+    let mut v;
+    if !hits.is_empty() && patient_ok > 0 {
+        let share = hits.len() as f64 / f.n as f64;
+        v = Verdict::new(
+            VerdictName::DeadlineTooShort,
+            ((0.55 + 0.4 * share) * weight(f.n)).min(0.99),
+        );
+        let retx = retransmit_phrase(&hits)
+            .map(|p| format!(", {p}"))
+            .unwrap_or_default();
+        v.evidence.push(format!(
+            "{}/{} connects to {} given up at the {deadline_ms} ms connect deadline with no RST \
+             and no ICMP{retx} {}",
+            hits.len(),
+            f.n,
+            f.addr,
+            source_tag(&hits)
+        ));
+        let p: Vec<&Attempt> = f.a.patient_attempts.iter().collect();
+        v.evidence.push(format!(
+            "{patient_ok}/{} patient connects (deadline {} ms) completed, SYN-RTT {}–{} (p50 \
+             {}, p99 {}): the handshake takes longer than the deadline allows {}",
+            p.len(),
+            f.a.patient_deadline_ms.unwrap_or(0),
+            fmt_us(rtts.min),
+            fmt_us(rtts.max),
+            fmt_us(rtts.p50),
+            fmt_us(rtts.p99),
+            source_tag(&p)
+        ));
+    } else if rtts.p99 as f64 * DEADLINE_HEADROOM > deadline_ms as f64 * 1000.0 {
+        v = Verdict::new(VerdictName::DeadlineTooShort, 0.4 * weight(f.n));
+        v.evidence.push(format!(
+            "p99 SYN-RTT to {} is {} (max {}), within {:.0}% of the {deadline_ms} ms connect \
+             deadline: a little more latency and connects fail",
+            f.addr,
+            fmt_us(rtts.p99),
+            fmt_us(rtts.max),
+            (DEADLINE_HEADROOM - 1.0) * 100.0
+        ));
+    } else {
+        return None;
+    }
+    let suggested = (rtts.p99 * DEADLINE_SUGGESTION_FACTOR).div_ceil(10_000) * 10;
+    v.next_steps = vec![
+        format!(
+            "raise connect_timeout_ms to at least p99 SYN-RTT × {DEADLINE_SUGGESTION_FACTOR} = \
+             {suggested} ms (check with: gateway diagnose {} --connect-timeout-ms {suggested})",
+            f.addr
+        ),
+        format!(
+            "or find out why the handshake takes {}: the round trip to {} (ping -c 20 {}), or a \
+             server slow to answer SYNs (on {}: ss -ltn 'sport = :{}')",
+            fmt_us(rtts.p50),
+            f.ip,
+            f.ip,
+            f.ip,
+            f.port
+        ),
+    ];
+    Some(v)
+}
+
+/// Handshakes that needed SYN retransmits, and their share of all established handshakes.
+fn retransmitted_handshakes<'a>(f: &Facts<'a>) -> (Vec<&'a Attempt>, usize, f64) {
+    let est = f.established();
+    let retx: Vec<&Attempt> = est
+        .iter()
+        .copied()
+        .filter(|a| a.syn_retransmits.unwrap_or(0) > 0)
+        .collect();
+    let share = if est.is_empty() {
+        0.0
+    } else {
+        retx.len() as f64 / est.len() as f64
+    };
+    (retx, est.len(), share)
+}
+
+pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
+    let (retx, est, share) = retransmitted_handshakes(f);
+    if est < 2 || share < CONSISTENT_SHARE {
+        return None;
+    }
+    let mut v = Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.95);
+    let rtt = Percentiles::of(retx.iter().filter_map(|a| a.syn_rtt_us));
+    v.evidence.push(format!(
+        "{}/{est} handshakes with {} completed only {}: the first SYNs were dropped without RST \
+         or ICMP, then a retransmit was answered{} {}",
+        retx.len(),
+        f.addr,
+        retransmit_phrase(&retx).unwrap_or_default(),
+        rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
+            .unwrap_or_default(),
+        source_tag(&retx)
+    ));
+    v.evidence.push(
+        "a consistent pattern: the endpoint answers SYNs only when it has room, as a full \
+         accept queue or SYN backlog does"
+            .to_owned(),
+    );
+    let silent = f.unanswered();
+    if !silent.is_empty() {
+        v.evidence.push(format!(
+            "{}/{} more connects got no answer at all",
+            silent.len(),
+            f.n
+        ));
+    }
+    v.next_steps = vec![
+        format!(
+            "on {}: ss -ltn 'sport = :{}'   # Recv-Q (connections waiting for accept()) at or \
+             above Send-Q (the backlog) = accept queue full",
+            f.ip, f.port
+        ),
+        format!(
+            "on {}: nstat -az TcpExtListenOverflows TcpExtListenDrops   # growing while you \
+             probe = SYNs dropped for a full queue",
+            f.ip
+        ),
+        "let the server accept faster (more workers, an accept loop that is never blocked) or \
+         raise its listen backlog: listen(fd, N) with net.core.somaxconn and \
+         net.ipv4.tcp_max_syn_backlog at least N"
+            .to_owned(),
+    ];
+    Some(v)
+}
+
+pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
+    let (retx, est, share) = retransmitted_handshakes(f);
+    let consistent = est >= 2 && share >= CONSISTENT_SHARE;
+    let silent = f.unanswered();
+    let mostly_answered = est * 2 >= f.n;
+    let http = f.http();
+    let data_loss: Vec<&HttpExchange> = http
+        .iter()
+        .copied()
+        .filter(|h| h.saw_loss() || h.request_acked == Some(false))
+        .collect();
+    // Distinct attempts that lost a packet somewhere.
+    let affected =
+        f.a.attempts
+            .iter()
+            .filter(|a| {
+                (!consistent && a.established() && a.syn_retransmits.unwrap_or(0) > 0)
+                    || (mostly_answered && silent.iter().any(|s| std::ptr::eq(*s, *a)))
+                    || a.http
+                        .as_ref()
+                        .is_some_and(|h| h.saw_loss() || h.request_acked == Some(false))
+            })
+            .count();
+    let mut v;
+    if affected > 0 {
+        v = Verdict::new(
+            VerdictName::LossyPath,
+            ((0.3 + 0.15 * affected as f64).min(0.9) * weight(f.n)).min(0.9),
+        );
+    } else if consistent {
+        // The overloaded pattern; loss that hits every handshake is the less likely reading.
+        v = Verdict::new(VerdictName::LossyPath, 0.25);
+        v.evidence.push(format!(
+            "random loss could also drop SYNs or SYN-ACKs, but {}/{est} handshakes with {} \
+             needed retransmits: too consistent for loss",
+            retx.len(),
+            f.addr
+        ));
+    } else {
+        return None;
+    }
+    if !consistent && !retx.is_empty() {
+        let clean: Vec<u64> = f
+            .established()
+            .iter()
+            .filter(|a| a.syn_retransmits.unwrap_or(0) == 0)
+            .filter_map(|a| a.syn_rtt_us)
+            .collect();
+        v.evidence.push(format!(
+            "{}/{est} handshakes with {} needed SYN retransmits ({}) while the other {} \
+             completed in a median {}: SYNs or SYN-ACKs are lost intermittently {}",
+            retx.len(),
+            f.addr,
+            SynRetransmits::of(&retx)
+                .map(SynRetransmits::count)
+                .unwrap_or_default(),
+            est - retx.len(),
+            median(clean).map(fmt_us).unwrap_or_else(|| "-".into()),
+            source_tag(&retx)
+        ));
+    }
+    if mostly_answered && !silent.is_empty() {
+        v.evidence.push(format!(
+            "{}/{} connects to {} got no answer at all while most others completed: every SYN \
+             of those was lost {}",
+            silent.len(),
+            f.n,
+            f.addr,
+            source_tag(&silent)
+        ));
+    }
+    if !data_loss.is_empty() {
+        let retrans: u32 = data_loss.iter().filter_map(|h| h.data_retransmits).sum();
+        let rtos: u32 = data_loss.iter().filter_map(|h| h.rtos).sum();
+        let unacked = data_loss
+            .iter()
+            .filter(|h| h.request_acked == Some(false))
+            .count();
+        let mut line = format!(
+            "{}/{} HTTP exchanges with {} lost packets: {} data retransmits, {} RTOs",
+            data_loss.len(),
+            http.len(),
+            f.addr,
+            retrans,
+            rtos
+        );
+        if unacked > 0 {
+            line.push_str(&format!("; {unacked} requests were never fully ACKed"));
+        }
+        v.evidence.push(line);
+    }
+    v.next_steps = vec![
+        format!(
+            "mtr -n -T -P {} -c 100 {}   # (or ping -c 100 {}) which hop loses packets",
+            f.port, f.ip, f.ip
+        ),
+        format!(
+            "nstat -az TcpRetransSegs TcpExtTCPSynRetrans TcpExtTCPTimeouts   # here and on {} \
+             while you probe",
+            f.ip
+        ),
+        "ip -s link and ethtool -S <dev> on both ends: drops, errors, overruns".to_owned(),
+        format!(
+            "gateway diagnose {} --count 50   # a tighter estimate of the loss rate",
+            f.addr
+        ),
+    ];
+    Some(v)
+}

@@ -1,0 +1,152 @@
+//! The probe schedule of a run: one job per address of every target, its attempts started
+//! [`Schedule::interval`] apart and overlapping, at most [`MAX_IN_FLIGHT`] at once, with the
+//! kernel's records drained meanwhile; and the patient jobs that follow when a configured
+//! deadline cut connects short.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{sync::Semaphore, task::JoinSet};
+
+use super::{
+    DiagnoseArgs, PATIENT_COUNT,
+    kernel::KernelSession,
+    probe::{self, ConnectResult, HttpPlan, Observed, Schedule},
+    report::Progress,
+    resolve::Resolved,
+};
+use crate::observer::stream::DRAIN_INTERVAL;
+
+/// Attempts in flight at once (each holds a socket).
+const MAX_IN_FLIGHT: usize = 256;
+
+/// One address to probe, with its schedule.
+pub(super) struct Job {
+    pub target: usize,
+    pub addr: SocketAddr,
+    pub schedule: Schedule,
+}
+
+impl Job {
+    /// Attempts this job makes.
+    pub fn count(&self) -> usize {
+        self.schedule.count as usize
+    }
+}
+
+/// `--count` connects to every address of every target, each with `deadline`.
+pub(super) fn plan(args: &DiagnoseArgs, resolved: &[Resolved], deadline: Duration) -> Vec<Job> {
+    let interval = Duration::from_millis(args.interval_ms);
+    let mut jobs = Vec::new();
+    for (t, r) in resolved.iter().enumerate() {
+        let http = args.http.as_deref().map(|path| {
+            Arc::new(HttpPlan::get(
+                &r.host_header,
+                path,
+                Duration::from_millis(args.response_timeout_ms),
+            ))
+        });
+        for &addr in &r.addrs {
+            jobs.push(Job {
+                target: t,
+                addr,
+                schedule: Schedule {
+                    count: args.count,
+                    interval,
+                    deadline,
+                    http: http.clone(),
+                },
+            });
+        }
+    }
+    jobs
+}
+
+/// A few connects with `deadline` (the kernel's own budget) to every address where the
+/// configured deadline cut a connect short, to see how long the handshake really takes.
+/// Returns them, and for each job the index of its patient job.
+pub(super) fn plan_patient(
+    args: &DiagnoseArgs,
+    jobs: &[Job],
+    observed: &[Vec<Observed>],
+    deadline: Duration,
+) -> (Vec<Job>, Vec<Option<usize>>) {
+    let mut patient = Vec::new();
+    let mut patient_of = vec![None; jobs.len()];
+    for (j, job) in jobs.iter().enumerate() {
+        if observed[j]
+            .iter()
+            .any(|o| o.result == ConnectResult::DeadlineHit)
+        {
+            patient_of[j] = Some(patient.len());
+            patient.push(Job {
+                target: job.target,
+                addr: job.addr,
+                schedule: Schedule {
+                    count: PATIENT_COUNT.min(args.count),
+                    interval: Duration::from_millis(args.interval_ms),
+                    deadline,
+                    http: None,
+                },
+            });
+        }
+    }
+    (patient, patient_of)
+}
+
+/// Runs every job's attempts, draining the kernel's records meanwhile. Returns attempt `i`
+/// of job `j` at `[j][i]`, and when each job's last attempt ended.
+pub(super) async fn run_jobs(
+    jobs: &[Job],
+    kernel: &mut Option<KernelSession>,
+    progress: &mut Progress,
+) -> anyhow::Result<(Vec<Vec<Observed>>, Vec<Instant>)> {
+    let mut finished = vec![Instant::now(); jobs.len()];
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut set = JoinSet::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for i in 0..job.schedule.count {
+            let (addr, schedule, permits) = (job.addr, job.schedule.clone(), permits.clone());
+            set.spawn(async move {
+                tokio::time::sleep(schedule.interval * i).await;
+                let _permit = permits.acquire_owned().await;
+                let o = probe::attempt(addr, schedule.deadline, schedule.http.as_deref()).await;
+                (j, i as usize, o)
+            });
+        }
+    }
+    let mut out: Vec<Vec<Option<Observed>>> = jobs
+        .iter()
+        .map(|j| vec![None; j.schedule.count as usize])
+        .collect();
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            next = set.join_next() => match next {
+                None => break,
+                Some(joined) => {
+                    let (j, i, o) = joined.context("a probe task failed")?;
+                    out[j][i] = Some(o);
+                    finished[j] = Instant::now();
+                    progress.step();
+                }
+            },
+            _ = drain.tick() => {
+                if let Some(k) = kernel.as_mut() {
+                    k.pump();
+                }
+                progress.tick();
+            }
+        }
+    }
+    let out = out
+        .into_iter()
+        .map(|v| v.into_iter().flatten().collect())
+        .collect();
+    Ok((out, finished))
+}

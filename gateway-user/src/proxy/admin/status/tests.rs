@@ -1,0 +1,147 @@
+use super::*;
+
+fn sample() -> Status {
+    Status {
+        version: "0.1.0".into(),
+        uptime_s: 12.5,
+        started_unix_ms: 1_763_740_000_000,
+        now_unix_ms: 1_763_740_012_500,
+        draining: false,
+        ready: false,
+        not_ready: vec!["cluster `api`: no routable endpoint (1 endpoint(s), all ejected)".into()],
+        observer: ObserverStatus {
+            mode: SignalOrigin::Kernel,
+            kernel_signals: true,
+            reason: None,
+            cgroup: Some("/sys/fs/cgroup/gateway-4242".into()),
+            events_lost: Some(0),
+        },
+        clusters: vec![ClusterStatus {
+            name: "api".into(),
+            lb_policy: LbPolicy::RoundRobin,
+            routable: 0,
+            endpoints: vec![EndpointStatus {
+                address: "10.0.0.5:8080".parse().unwrap(),
+                weight: 1,
+                state: State::Ejected,
+                reason: Some(Reason::Refused),
+                since_unix_ms: 1_763_740_011_000,
+                ejected_until_unix_ms: Some(1_763_740_012_000),
+                connect_deadline_ms: 250.0,
+                connect_deadline_source: ConnectDeadlineSource::Configured,
+                syn_rtt: SynRtt {
+                    p50_us: Some(61),
+                    p99_us: Some(140),
+                    samples: 24,
+                },
+                in_flight: 0,
+                recent: vec![HealthEvent {
+                    at_unix_ms: 1_763_740_011_000,
+                    event: HealthEventKind::Ejected,
+                    reason: Some(Reason::Refused),
+                    detail: "connection refused by 10.0.0.5:8080 after 0 ms; kernel: refused, 1 \
+                             SYN sent, RST received, ECONNREFUSED"
+                        .into(),
+                }],
+            }],
+        }],
+    }
+}
+
+/// The contract of the module doc, byte for byte as `/status` serves it.
+const SAMPLE_JSON: &str = r#"{
+  "version": "0.1.0",
+  "uptime_s": 12.5,
+  "started_unix_ms": 1763740000000,
+  "now_unix_ms": 1763740012500,
+  "draining": false,
+  "ready": false,
+  "not_ready": [
+    "cluster `api`: no routable endpoint (1 endpoint(s), all ejected)"
+  ],
+  "observer": {
+    "mode": "kernel",
+    "kernel_signals": true,
+    "reason": null,
+    "cgroup": "/sys/fs/cgroup/gateway-4242",
+    "events_lost": 0
+  },
+  "clusters": [
+    {
+      "name": "api",
+      "lb_policy": "round_robin",
+      "routable": 0,
+      "endpoints": [
+        {
+          "address": "10.0.0.5:8080",
+          "weight": 1,
+          "state": "ejected",
+          "reason": "refused",
+          "since_unix_ms": 1763740011000,
+          "ejected_until_unix_ms": 1763740012000,
+          "connect_deadline_ms": 250.0,
+          "connect_deadline_source": "configured",
+          "syn_rtt": {
+            "p50_us": 61,
+            "p99_us": 140,
+            "samples": 24
+          },
+          "in_flight": 0,
+          "recent": [
+            {
+              "at_unix_ms": 1763740011000,
+              "event": "ejected",
+              "reason": "refused",
+              "detail": "connection refused by 10.0.0.5:8080 after 0 ms; kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"
+            }
+          ]
+        }
+      ]
+    }
+  ]
+}"#;
+
+#[test]
+fn status_serialises_to_the_documented_shape() {
+    assert_eq!(
+        serde_json::to_string_pretty(&sample()).unwrap(),
+        SAMPLE_JSON
+    );
+}
+
+#[test]
+fn status_reads_back_into_the_same_structs() {
+    let back: Status = serde_json::from_str(SAMPLE_JSON).unwrap();
+    assert_eq!(back, sample());
+}
+
+#[test]
+fn every_word_serialises_as_its_name() {
+    let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+    for s in State::ALL {
+        assert_eq!(name(serde_json::to_value(s).unwrap()), s.name());
+    }
+    for k in [
+        HealthEventKind::Failure,
+        HealthEventKind::Suspect,
+        HealthEventKind::Ejected,
+        HealthEventKind::EjectionRefused,
+        HealthEventKind::Probing,
+        HealthEventKind::Recovered,
+    ] {
+        assert_eq!(name(serde_json::to_value(k).unwrap()), k.name());
+    }
+    for d in [
+        ConnectDeadlineSource::Configured,
+        ConnectDeadlineSource::Measured,
+    ] {
+        assert_eq!(name(serde_json::to_value(d).unwrap()), d.name());
+    }
+    for p in [LbPolicy::RoundRobin, LbPolicy::LeastRequest] {
+        assert_eq!(name(serde_json::to_value(p).unwrap()), p.name());
+    }
+    assert_eq!(
+        name(serde_json::to_value(SignalOrigin::Userspace).unwrap()),
+        "userspace"
+    );
+}

@@ -1,0 +1,121 @@
+//! The proxy's view of the observer stream: [`KernelSignals`], the [`SignalSource`] that
+//! answers, by `SO_COOKIE`, what the kernel saw of one upstream connect (from the stream's
+//! index) and of one established connection (a lookup in the kernel's `CONN_STATS` map).
+//!
+//! A background thread drains the stream every [`DRAIN_INTERVAL`], so that the ring buffer
+//! never fills, and a lookup drains on demand when the stream lacks the cookie, or has it
+//! without the application's `SO_ERROR` read yet: the kernel writes the outcome record before
+//! `connect()` returns (established, refused, unreachable) or before `close()` returns
+//! (aborted), and the follow-up while `getsockopt(SO_ERROR)` runs, so a drain at the moment of
+//! asking finds them without waiting. Draining reads mmapped memory, not a syscall.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use super::{ConnectEvidence, EstablishedEvidence, SignalMode, SignalSource};
+use crate::observer::{
+    KernelObserver,
+    records::Connect,
+    stream::{DRAIN_INTERVAL, Drained, ObserverStream, StreamOptions},
+};
+
+struct Stream {
+    stream: ObserverStream,
+    /// The proxy only looks connects up: what each drain completes is dropped.
+    drained: Drained,
+}
+
+impl Stream {
+    fn drain(&mut self) {
+        self.stream.drain(&mut self.drained);
+        self.drained.clear();
+    }
+
+    fn evidence(&self, cookie: u64) -> Option<ConnectEvidence> {
+        self.stream.get(cookie).map(evidence_of)
+    }
+}
+
+pub struct KernelSignals {
+    stream: Mutex<Stream>,
+}
+
+fn evidence_of(c: &Connect) -> ConnectEvidence {
+    ConnectEvidence {
+        outcome: c.outcome,
+        syn_retransmits: u32::from(c.syn_retransmits),
+        syn_rtt: c.syn_rtt,
+        errno: c.errno,
+        elapsed: c.elapsed(),
+        so_error: c.so_error,
+    }
+}
+
+impl KernelSignals {
+    /// Takes ownership of an attached observer and starts the drain thread. The thread stops,
+    /// and the observer detaches, when the last `Arc` is dropped.
+    pub fn start(observer: KernelObserver) -> Arc<KernelSignals> {
+        let me = Arc::new(KernelSignals {
+            stream: Mutex::new(Stream {
+                stream: ObserverStream::new(observer, &StreamOptions::default()),
+                drained: Drained::default(),
+            }),
+        });
+        let weak = Arc::downgrade(&me);
+        std::thread::Builder::new()
+            .name("kernel-signals".into())
+            .spawn(move || {
+                while let Some(me) = weak.upgrade() {
+                    me.lock().drain();
+                    drop(me);
+                    std::thread::sleep(DRAIN_INTERVAL);
+                }
+            })
+            .expect("spawning the kernel-signals thread");
+        me
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stream> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl SignalSource for KernelSignals {
+    fn mode(&self) -> SignalMode {
+        SignalMode::Kernel
+    }
+
+    fn connect_evidence(&self, cookie: u64) -> Option<ConnectEvidence> {
+        let mut stream = self.lock();
+        match stream.evidence(cookie) {
+            Some(e) if e.so_error.is_some() => Some(e),
+            // Not drained yet, or drained before the application read SO_ERROR.
+            seen => {
+                stream.drain();
+                stream.evidence(cookie).or(seen)
+            }
+        }
+    }
+
+    fn established_evidence(&self, cookie: u64) -> Option<EstablishedEvidence> {
+        let cs = self.lock().stream.conn_stats(cookie)?;
+        Some(EstablishedEvidence {
+            data_retransmits: cs.data_retransmits,
+            rtos: cs.rtos,
+            srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),
+            bytes_acked: cs.bytes_acked,
+            unacked_bytes: u64::from(cs.unacked_bytes),
+        })
+    }
+
+    fn events_lost(&self) -> Option<u64> {
+        Some(self.lock().stream.events_lost())
+    }
+
+    fn cgroup(&self) -> Option<PathBuf> {
+        Some(self.lock().stream.cgroup().to_path_buf())
+    }
+}
