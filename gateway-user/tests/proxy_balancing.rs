@@ -80,5 +80,9 @@ async fn least_request_steers_away_from_a_slow_endpoint() {
     assert_eq!(s + f, 200);
     // Round robin would give 100/100; P2C gives the slow endpoint a quarter at most once it
     // is loaded.
-    assert!(f > 2 * s, "fast {f}, slow {s}");
+    eprintln!("least request: fast {f}, slow {s}");
+    assert!(
+        4 * s <= s + f,
+        "fast {f}, slow {s}: the slow endpoint got over a quarter"
+    );
 }

@@ -147,8 +147,27 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// [`sample`], 0 when absent (a counter that never moved has no sample yet).
+/// Whether `text` declares the metric family that sample name `name` belongs to (`# TYPE`;
+/// counters, histograms and their `_total`, `_count`, `_sum`, `_bucket` samples).
+pub fn family_declared(text: &str, name: &str) -> bool {
+    let family = ["_total", "_count", "_sum", "_bucket"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    text.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|f| f == family || f == name)
+    })
+}
+
+/// [`sample`], 0 when absent (a counter that never moved has no sample yet). The family itself
+/// must be there: a renamed or unregistered metric fails the test instead of reading as 0.
 pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    assert!(
+        family_declared(text, name),
+        "/metrics has no family for {name}:\n{text}"
+    );
     sample(text, name, labels).unwrap_or(0.0)
 }
 

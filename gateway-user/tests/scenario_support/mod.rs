@@ -202,18 +202,21 @@ impl Scenario {
             .collect()
     }
 
-    /// Runs `rate` requests per second for `duration`, calling `at(t)` once per 100 ms tick
-    /// (t in seconds since the start) so the test can inject and remove faults on schedule.
+    /// Runs `rate` requests per second for at most `duration`, calling `at(t)` once per 100 ms
+    /// tick (t in seconds since the start) so the test can inject and remove faults on
+    /// schedule; the run stops early once `at` returns `false`. Every request sent has its
+    /// sample: a load task that panicked fails the test, and so would a lost sample.
     pub fn run_load(
         &self,
         rate: u32,
         duration: Duration,
-        mut at: impl FnMut(f64) + Send,
+        mut at: impl FnMut(f64) -> bool + Send,
     ) -> Vec<Sample> {
         let addr = self.addr;
         let samples = Arc::new(Mutex::new(Vec::new()));
         let out = samples.clone();
-        self.lab
+        let sent = self
+            .lab
             .client()
             .block_on(async move {
                 let client: Client<_, Empty<Bytes>> =
@@ -222,12 +225,14 @@ impl Scenario {
                 let total = (rate as f64 * duration.as_secs_f64()) as u64;
                 let mut tasks = Vec::with_capacity(total as usize);
                 let mut next_tick = 0.0;
-                for i in 0..total {
+                'send: for i in 0..total {
                     let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
                     tokio::time::sleep_until(due).await;
                     let t = (due - start).as_secs_f64();
                     while next_tick <= t {
-                        at(next_tick);
+                        if !at(next_tick) {
+                            break 'send;
+                        }
                         next_tick += 0.1;
                     }
                     let client = client.clone();
@@ -277,14 +282,40 @@ impl Scenario {
                         out.lock().unwrap().push(s);
                     }));
                 }
+                let sent = tasks.len();
                 for t in tasks {
-                    let _ = t.await;
+                    t.await.expect("a load-generator task panicked");
                 }
+                sent
             })
             .expect("load generator in the client namespace");
         let mut v = samples.lock().unwrap().clone();
+        assert_eq!(
+            v.len(),
+            sent,
+            "every request sent has a sample ({sent} sent)"
+        );
         v.sort_by(|a, b| a.at.total_cmp(&b.at));
         v
+    }
+}
+
+/// When a fault went on or off, as wall-clock seconds (comparable with log-line times) taken
+/// just before and just after the change, and as seconds since the start of the load run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Change {
+    pub before: f64,
+    pub after: f64,
+    pub t: f64,
+}
+
+impl Change {
+    /// Runs `f` (which applies or removes a fault) and records when.
+    pub fn record<T>(t: f64, f: impl FnOnce() -> T) -> (Change, T) {
+        let before = secs(SystemTime::now());
+        let r = f();
+        let after = secs(SystemTime::now());
+        (Change { before, after, t }, r)
     }
 }
 
