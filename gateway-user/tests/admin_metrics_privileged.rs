@@ -667,14 +667,18 @@ fn privileged_five_response_timeouts_in_a_row_eject_as_slow_backend() {
                 (504, "response_timeout"),
                 "{r:?}"
             );
+            // With the observer attached, a connection whose request needed no retransmit
+            // has no record of its own until it closes: no RTO in a whole response timeout
+            // means the upstream's kernel ACKed the request.
             let ev = r.evidence();
             assert_eq!(
                 (
                     ev["request_acked"].as_str(),
-                    ev["unacked"].as_str(),
-                    ev["rtos"].as_str()
+                    ev["rtos"].as_str(),
+                    ev["retransmits"].as_str(),
+                    ev.get("unacked").map_or("0", String::as_str)
                 ),
-                ("yes", "0", "0"),
+                ("yes", "0", "0", "0"),
                 "the upstream's kernel has the request: {ev:?}"
             );
             assert!(r.body.contains("slow_backend"), "{}", r.body);
@@ -910,7 +914,9 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
     // configured deadline with fewer than eight handshakes.
     watch_idle(4);
     eprintln!("measuring probes of an idle endpoint: {idle_seen:?}");
-    for w in idle_seen.windows(2) {
+    let probed: Vec<_> = idle_seen.iter().filter(|(_, n, _)| *n >= 1).collect();
+    assert!(probed.len() >= 4, "{idle_seen:?}");
+    for w in probed.windows(2) {
         let ((t0, n0, _), (t1, n1, _)) = (&w[0], &w[1]);
         assert_eq!(n1 - n0, 1, "one probe at a time: {idle_seen:?}");
         let gap = (*t1 - *t0).as_secs_f64();
@@ -1040,6 +1046,20 @@ async fn privileged_without_privileges_auto_falls_back_and_kernel_refuses() {
         err.contains("[observer] mode = \"kernel\" and the kernel observer could not attach"),
         "{err}"
     );
-    assert!(err.contains(reason.as_str()), "the same reason: {err}");
+    // The same reason (it names the cgroup, `gateway-{pid}`, which differs by process).
+    let without_pid = |t: &str| -> String {
+        let mut out = String::new();
+        for (i, part) in t.split("gateway-").enumerate() {
+            if i > 0 {
+                out.push_str("gateway-");
+            }
+            out.push_str(part.trim_start_matches(|c: char| c.is_ascii_digit()));
+        }
+        out
+    };
+    assert!(
+        without_pid(&err).contains(&without_pid(&reason)),
+        "the same reason ({reason}): {err}"
+    );
     assert!(!err.contains("listening"), "{err}");
 }
