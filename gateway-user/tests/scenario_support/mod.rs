@@ -20,6 +20,8 @@ use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 pub const PORT: u16 = 8080;
+/// The gateway's admin listener, on the client namespace's own loopback.
+pub const ADMIN: u16 = 19911;
 /// A request not answered within this counts as a client-visible failure.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,7 +119,7 @@ impl Scenario {
              [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = {response_timeout_ms}\nrequest_timeout_ms = 10000\n\
              [router.upstream.limits]\nmax_idle_per_endpoint = {max_idle}\n\
              [router.upstream.retry]\nmax_retries = 2\n\
-             [admin]\nenabled = false\n\
+             [admin]\nlisten = \"127.0.0.1:{ADMIN}\"\n\
              [access_log]\nformat = \"json\"\noutput = \"{}\"\n\
              [observer]\ncgroup = \"gateway-scenario-{name}-{{pid}}\"\n{extra}",
             endpoints.join(", "),
@@ -192,6 +194,56 @@ impl Scenario {
             .filter(|(_, l)| needles.iter().all(|n| l.contains(n)))
             .cloned()
             .collect()
+    }
+
+    /// The gateway's `/status`, as JSON. Only from a thread in the client namespace, such as
+    /// the one `run_load` calls its `at` on.
+    pub fn status_here(&self) -> serde_json::Value {
+        use std::io::{Read as _, Write as _};
+        let admin = SocketAddr::from(([127, 0, 0, 1], ADMIN));
+        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+            .expect("the admin listener (call status_here inside the client namespace)");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let raw = String::from_utf8_lossy(&raw);
+        let (head, mut body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut text = String::new();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            while let Some((size, rest)) = body.split_once("\r\n") {
+                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                if n == 0 || rest.len() < n {
+                    break;
+                }
+                text.push_str(&rest[..n]);
+                body = rest[n..].trim_start_matches("\r\n");
+            }
+        } else {
+            text.push_str(body);
+        }
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status ({e}): {text}"))
+    }
+
+    /// Whether `endpoint`'s connect deadline is measured (from at least 8 recent handshakes)
+    /// rather than the configured timeout; see [`Scenario::status_here`].
+    pub fn deadline_measured_here(&self, endpoint: &str) -> bool {
+        let s = self.status_here();
+        s["clusters"][0]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["address"] == endpoint)
+            .unwrap_or_else(|| panic!("no endpoint {endpoint}: {s:#}"))["connect_deadline_source"]
+            == "measured"
     }
 
     pub fn access_log(&self) -> Vec<serde_json::Value> {
