@@ -97,54 +97,74 @@ struct Run {
 }
 
 fn run(s: Scenario, plan: Plan) -> Run {
+    use std::sync::Mutex;
     let up = s.lab.upstream(1).unwrap();
     let server = &s.servers[1];
     let bad = bad_endpoint(&s);
-    let mut guard = None;
-    let (mut on, mut off): (Option<Change>, Option<Change>) = (None, None);
-    let mut answered_at_off = 0;
+    let on: Mutex<Option<Change>> = Mutex::new(None);
+    let off: Mutex<Option<(Change, u64)>> = Mutex::new(None);
+    let guard = Mutex::new(None);
+    let (mut asked_on, mut asked_off) = (None, false);
     let limit = Duration::from_secs_f64(60.0 + plan.fault_for + plan.give_up);
-    let samples = s.run_load(plan.rate, limit, |t| {
-        if on.is_none()
-            && t >= FAULT_AT
-            && (!plan.wait_for_measured_deadline || s.deadline_measured_here(&bad))
-        {
-            let (c, g) = Change::record(t, || match &plan.inject {
-                Inject::Net(f) => Some(up.apply(f.clone()).expect("fault")),
-                Inject::Slow(d) => {
-                    server.set_behaviour(HttpBehaviour::slow(*d));
-                    None
+    // Faults go on and off on threads of their own: iptables takes tens of milliseconds, and
+    // the load generator's runtime must not stall meanwhile (its requests in flight would
+    // look slow).
+    let samples = std::thread::scope(|scope| {
+        s.run_load(plan.rate, limit, |t| {
+            if asked_on.is_none()
+                && t >= FAULT_AT
+                && (!plan.wait_for_measured_deadline || s.deadline_measured_here(&bad))
+            {
+                asked_on = Some(t);
+                let asked = secs(std::time::SystemTime::now());
+                let (on, guard, inject) = (&on, &guard, &plan.inject);
+                scope.spawn(move || {
+                    let (c, g) = Change::record(t, asked, || match inject {
+                        Inject::Net(f) => Some(up.apply(f.clone()).expect("fault")),
+                        Inject::Slow(d) => {
+                            server.set_behaviour(HttpBehaviour::slow(*d));
+                            None
+                        }
+                    });
+                    *guard.lock().unwrap() = g;
+                    *on.lock().unwrap() = Some(c);
+                });
+            }
+            assert!(
+                asked_on.is_some() || t < 30.0,
+                "upstream 2's connect deadline never became measured"
+            );
+            let done_on = *on.lock().unwrap();
+            if let Some(o) = done_on
+                && !asked_off
+                && t >= o.t + plan.fault_for
+            {
+                asked_off = true;
+                let asked = secs(std::time::SystemTime::now());
+                let (off, guard) = (&off, &guard);
+                scope.spawn(move || {
+                    let (c, ()) = Change::record(t, asked, || {
+                        guard.lock().unwrap().take();
+                        server.set_behaviour(HttpBehaviour::immediate());
+                    });
+                    *off.lock().unwrap() = Some((c, server.requests()));
+                });
+            }
+            match *off.lock().unwrap() {
+                // Upstream 2 receives requests again: the gateway sends it traffic once more.
+                Some((o, answered)) => {
+                    server.requests() < answered + plan.tail && t < o.t + plan.give_up
                 }
-            });
-            on = Some(c);
-            guard = g;
-        }
-        assert!(
-            on.is_some() || t < 30.0,
-            "upstream 2's connect deadline never became measured"
-        );
-        if let Some(o) = on
-            && off.is_none()
-            && t >= o.t + plan.fault_for
-        {
-            let (c, ()) = Change::record(t, || {
-                guard.take();
-                server.set_behaviour(HttpBehaviour::immediate());
-            });
-            off = Some(c);
-            answered_at_off = server.requests();
-        }
-        match off {
-            // Upstream 2 receives requests again: the gateway sends it traffic once more.
-            Some(o) => server.requests() < answered_at_off + plan.tail && t < o.t + plan.give_up,
-            None => true,
-        }
+                None => true,
+            }
+        })
     });
-    drop(guard);
+    let on = on.into_inner().unwrap().expect("the fault went on");
+    let (off, _) = off.into_inner().unwrap().expect("the fault went off");
     Run {
         samples,
-        on: on.expect("the fault went on"),
-        off: off.expect("the fault went off"),
+        on,
+        off,
         s,
     }
 }
@@ -167,6 +187,14 @@ impl Run {
             quantile(&after, 0.99),
             quantile(&after, 1.0)
         );
+        let mut slowest: Vec<&&Sample> = after.iter().collect();
+        slowest.sort_by(|a, b| b.latency.cmp(&a.latency));
+        for x in slowest.iter().take(5) {
+            eprintln!(
+                "  slowest: sent at {:.3} s, {:?}, {} {}",
+                x.at, x.latency, x.status, x.served_by
+            );
+        }
     }
 
     /// How long the fault was on, at most (from just before it went on to just after it went
@@ -253,7 +281,9 @@ impl Run {
         let during: Vec<&Sample> = self
             .samples
             .iter()
-            .filter(|x| x.at >= self.on.t && x.at < self.off.t - 0.1 && x.served_by == "upstream-2")
+            .filter(|x| {
+                x.at >= self.on.t_done && x.at < self.off.t - 0.1 && x.served_by == "upstream-2"
+            })
             .collect();
         assert!(
             during.is_empty(),
@@ -270,7 +300,7 @@ impl Run {
             .samples
             .iter()
             .find(|x| x.at >= self.off.t && x.served_by == "upstream-2")
-            .map(|x| x.at - self.off.t)
+            .map(|x| x.at - self.off.t_done)
             .expect("upstream 2 answered requests again after the fault");
         assert!(
             back <= bound,
@@ -454,7 +484,7 @@ fn privileged_syn_ack_delay_is_hedged_and_the_endpoint_takes_its_share_again() {
     let after: Vec<&Sample> = r
         .samples
         .iter()
-        .filter(|x| x.at >= r.off.t + back + 0.2)
+        .filter(|x| x.at >= r.off.t_done + back + 0.2)
         .collect();
     let share = after.iter().filter(|x| x.served_by == "upstream-2").count() as f64
         / after.len().max(1) as f64;

@@ -352,22 +352,33 @@ impl Scenario {
     }
 }
 
-/// When a fault went on or off, as wall-clock seconds (comparable with log-line times) taken
-/// just before and just after the change, and as seconds since the start of the load run.
+/// When a fault went on or off: as wall-clock seconds (comparable with log-line times) taken
+/// just before and just after the change, and as seconds since the start of the load run
+/// (`t`: when the change was asked for; `t_done`: when it was complete).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Change {
     pub before: f64,
     pub after: f64,
     pub t: f64,
+    pub t_done: f64,
 }
 
 impl Change {
-    /// Runs `f` (which applies or removes a fault) and records when.
-    pub fn record<T>(t: f64, f: impl FnOnce() -> T) -> (Change, T) {
+    /// Runs `f` (which applies or removes a fault), asked for at run time `t`, which was
+    /// wall-clock `asked`, and records when.
+    pub fn record<T>(t: f64, asked: f64, f: impl FnOnce() -> T) -> (Change, T) {
         let before = secs(SystemTime::now());
         let r = f();
         let after = secs(SystemTime::now());
-        (Change { before, after, t }, r)
+        (
+            Change {
+                before,
+                after,
+                t,
+                t_done: t + (after - asked),
+            },
+            r,
+        )
     }
 }
 
