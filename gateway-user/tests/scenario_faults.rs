@@ -406,12 +406,14 @@ fn privileged_syn_blackhole_is_ejected_fast_hidden_from_clients_and_recovers() {
     );
 }
 
+// Refused and unreachable: 2.5 s of fault end inside the second ejection (1 s, a probe
+// refused at once, then 2 s), so the first probe after it succeeds.
 #[test]
 fn privileged_refused_is_ejected_at_once_and_recovers() {
     connect_fault(
         "refused",
         Fault::Refuse { port: PORT },
-        3.0,
+        2.5,
         &["refused"],
         SPACING + SLACK / 2.0,
         SLACK / 4.0,
@@ -423,7 +425,7 @@ fn privileged_icmp_unreachable_is_ejected_at_once_and_recovers() {
     connect_fault(
         "icmp",
         Fault::HostUnreachable { port: PORT },
-        3.0,
+        2.5,
         &["unreachable"],
         SPACING + SLACK / 2.0,
         SLACK / 4.0,
