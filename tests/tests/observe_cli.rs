@@ -72,7 +72,17 @@ fn loaded_program_ids() -> Vec<u64> {
 /// IDs of the programs attached to the cgroup v2 root (where `gateway observe` attaches).
 fn root_cgroup_program_ids() -> Vec<u64> {
     let root = gateway::lab::cgroup2_mount().expect("cgroup v2 is mounted");
-    bpftool(&["cgroup", "show", &root.display().to_string()])
+    let args = ["cgroup", "show", &root.display().to_string()];
+    // bpftool 7 prints a bare newline, not `[]`, for a cgroup with nothing attached.
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() && out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    bpftool(&args)
         .as_array()
         .expect("bpftool cgroup show: a list")
         .iter()
