@@ -797,33 +797,28 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
         ),
     );
 
-    // The idle cluster: how many handshakes its endpoint has, over time.
-    let samples_of_idle = || {
-        gw.admin(move |a| {
-            let s = status(a);
-            let e = endpoint(&s, "idle", slow2);
-            (
-                e["syn_rtt"]["samples"].as_u64().unwrap(),
-                e["connect_deadline_source"].as_str().unwrap().to_owned(),
-            )
+    // The idle cluster: how many handshakes its endpoint has, over time, watched from a
+    // thread of its own for the whole test (until four measuring probes have been made).
+    let admin = gw.admin;
+    let idle_watch = lab
+        .client()
+        .spawn_thread("idle-watch", move || {
+            let mut seen: Vec<(Duration, u64, String)> = Vec::new();
+            loop {
+                let s = status(admin);
+                let e = endpoint(&s, "idle", slow2);
+                let n = e["syn_rtt"]["samples"].as_u64().unwrap();
+                if seen.last().is_none_or(|(_, last, _)| *last != n) {
+                    let source = e["connect_deadline_source"].as_str().unwrap().to_owned();
+                    seen.push((started.elapsed(), n, source));
+                }
+                if n >= 4 || started.elapsed() > Duration::from_secs(20) {
+                    return seen;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         })
-    };
-    let mut idle_seen: Vec<(Duration, u64, String)> = Vec::new();
-    let mut watch_idle = |until: u64| loop {
-        let (n, source) = samples_of_idle();
-        if idle_seen.last().is_none_or(|(_, last, _)| *last != n) {
-            idle_seen.push((started.elapsed(), n, source));
-        }
-        if n >= until {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "measuring probes: {idle_seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    watch_idle(1);
+        .expect("a thread in the client namespace");
 
     // Main: every request is a handshake; eight per endpoint make the deadlines measured.
     let measured = |s: &serde_json::Value| {
@@ -912,10 +907,13 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
 
     // Meanwhile the idle cluster got its measuring probes, one a second, and kept the
     // configured deadline with fewer than eight handshakes.
-    watch_idle(4);
+    let idle_seen = idle_watch.join().expect("the idle-cluster watcher");
     eprintln!("measuring probes of an idle endpoint: {idle_seen:?}");
     let probed: Vec<_> = idle_seen.iter().filter(|(_, n, _)| *n >= 1).collect();
-    assert!(probed.len() >= 4, "{idle_seen:?}");
+    assert!(
+        probed.len() >= 4,
+        "four measuring probes within 20 s: {idle_seen:?}"
+    );
     for w in probed.windows(2) {
         let ((t0, n0, _), (t1, n1, _)) = (&w[0], &w[1]);
         assert_eq!(n1 - n0, 1, "one probe at a time: {idle_seen:?}");
