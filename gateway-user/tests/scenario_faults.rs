@@ -108,21 +108,23 @@ fn run(s: Scenario, plan: Plan) -> Run {
     let off: Mutex<Option<(Change, u64)>> = Mutex::new(None);
     let guard = Mutex::new(None);
     let (mut asked_on, mut asked_off) = (None, false);
+    // Wall-clock time of the load run's start: the first tick comes with the first request.
+    let mut start = None;
     let limit = Duration::from_secs_f64(60.0 + plan.fault_for + plan.give_up);
     // Faults go on and off on threads of their own: iptables takes tens of milliseconds, and
     // the load generator's runtime must not stall meanwhile (its requests in flight would
     // look slow).
     let samples = std::thread::scope(|scope| {
         s.run_load(plan.rate, limit, |t| {
+            let start = *start.get_or_insert_with(|| secs(std::time::SystemTime::now()));
             if asked_on.is_none()
                 && t >= FAULT_AT
                 && (!plan.wait_for_measured_deadline || s.deadline_measured_here(&bad))
             {
                 asked_on = Some(t);
-                let asked = secs(std::time::SystemTime::now());
                 let (on, guard, inject) = (&on, &guard, &plan.inject);
                 scope.spawn(move || {
-                    let (c, g) = Change::record(t, asked, || match inject {
+                    let (c, g) = Change::record(t, start, || match inject {
                         Inject::Net(f) => Some(up.apply(f.clone()).expect("fault")),
                         Inject::Slow(d) => {
                             server.set_behaviour(HttpBehaviour::slow(*d));
@@ -143,10 +145,9 @@ fn run(s: Scenario, plan: Plan) -> Run {
                 && t >= o.t + plan.fault_for
             {
                 asked_off = true;
-                let asked = secs(std::time::SystemTime::now());
                 let (off, guard) = (&off, &guard);
                 scope.spawn(move || {
-                    let (c, ()) = Change::record(t, asked, || {
+                    let (c, ()) = Change::record(t, start, || {
                         guard.lock().unwrap().take();
                         server.set_behaviour(HttpBehaviour::immediate());
                     });

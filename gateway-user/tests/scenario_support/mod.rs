@@ -364,9 +364,9 @@ pub struct Change {
 }
 
 impl Change {
-    /// Runs `f` (which applies or removes a fault), asked for at run time `t`, which was
-    /// wall-clock `asked`, and records when.
-    pub fn record<T>(t: f64, asked: f64, f: impl FnOnce() -> T) -> (Change, T) {
+    /// Runs `f` (which applies or removes a fault), asked for at run time `t`, and records
+    /// when; `start` is the wall-clock time the load run started.
+    pub fn record<T>(t: f64, start: f64, f: impl FnOnce() -> T) -> (Change, T) {
         let before = secs(SystemTime::now());
         let r = f();
         let after = secs(SystemTime::now());
@@ -375,7 +375,7 @@ impl Change {
                 before,
                 after,
                 t,
-                t_done: t + (after - asked),
+                t_done: after - start,
             },
             r,
         )
