@@ -313,6 +313,36 @@ impl Run {
         back
     }
 
+    /// Every return from an ejection kept the documented schedule: the n-th ejection in a row
+    /// lasted `ejection_ms` × 2ⁿ⁻¹, then `rise` probes `probe_interval` apart succeeded. Timed
+    /// from when the gateway logged the ejection to when it logged the endpoint healthy, so it
+    /// holds whatever the gateway says the ejection lasts. Returns how many it checked.
+    fn assert_recoveries_follow_the_schedule(&self) -> usize {
+        let bad = format!("upstream={}", bad_endpoint(&self.s));
+        let (mut n, mut ejected_at, mut checked) = (0, None, 0);
+        for (t, line) in self.s.log_lines(&[&bad]) {
+            let t = secs(t);
+            if line.contains("endpoint ejected") {
+                n += 1;
+                ejected_at = Some(t);
+            } else if line.contains("endpoint suspect") {
+                ejected_at = None;
+            } else if line.contains("endpoint healthy again")
+                && let Some(e) = ejected_at.take()
+            {
+                let ejection = (EJECTION * 2f64.powi(n - 1)).min(MAX_EJECTION);
+                let least = ejection + (RISE - 1.0) * PROBE_INTERVAL;
+                let took = t - e;
+                assert!(
+                    took >= least - 0.02 && took <= least + SLACK,
+                    "healthy {took:.3} s after ejection {n}: the schedule says {least:.1} s ({ejection} s ejected, then {RISE} probes {PROBE_INTERVAL} s apart): {line}"
+                );
+                checked += 1;
+            }
+        }
+        checked
+    }
+
     /// The gateway logged upstream 2 healthy again within `bound` seconds of the fault's end,
     /// and not before `rise` probes `probe_interval` apart could have succeeded.
     fn assert_logged_recovery(&self, bound: f64) -> f64 {
@@ -375,6 +405,7 @@ fn connect_fault(
         "p99 after the fault {p99:?}"
     );
     r.assert_silent_during_the_fault();
+    assert!(r.assert_recoveries_follow_the_schedule() >= 1);
     let bound = recovery_bound(r.fault_for(), failing_probe);
     let logged = r.assert_logged_recovery(bound);
     let client = r.assert_client_recovery(bound);
@@ -488,6 +519,7 @@ fn privileged_syn_ack_delay_is_hedged_and_the_endpoint_takes_its_share_again() {
     }
     let ej = r.assert_ejected(&["syn_unanswered"], 2.0 * SPACING + DEADLINE + SLACK / 2.0);
     r.assert_backoff(&ej);
+    assert!(r.assert_recoveries_follow_the_schedule() >= 1);
     let bound = recovery_bound(r.fault_for(), late);
     let back = r.assert_client_recovery(bound);
     // Once back, it takes its round-robin third again.
@@ -585,6 +617,7 @@ fn privileged_whole_host_blackhole_loses_no_get_and_recovers() {
         quantile(&after, 1.0)
     );
     r.assert_silent_during_the_fault();
+    assert!(r.assert_recoveries_follow_the_schedule() >= 1);
     let logged = r.assert_logged_recovery(bound);
     let client = r.assert_client_recovery(bound);
     eprintln!(
@@ -647,6 +680,7 @@ fn privileged_slow_backend_is_ejected_as_slow_backend_not_a_network_failure_and_
         );
     }
     r.assert_silent_during_the_fault();
+    assert!(r.assert_recoveries_follow_the_schedule() >= 1);
     let client = r.assert_client_recovery(bound);
     eprintln!("slow: serving again {client:.2} s after the backend was fast (bound {bound:.2} s)");
 }
