@@ -271,8 +271,11 @@ impl Scenario {
             .lab
             .client()
             .block_on(async move {
-                let client: Client<_, Empty<Bytes>> =
-                    Client::builder(TokioExecutor::new()).build_http();
+                // Idle client connections go before the gateway's 10 s keep-alive limit
+                // (`header_read_timeout_ms`) closes them, so that no request races a close.
+                let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(5))
+                    .build_http();
                 let start = tokio::time::Instant::now();
                 let total = (rate as f64 * duration.as_secs_f64()) as u64;
                 let mut tasks = Vec::with_capacity(total as usize);
