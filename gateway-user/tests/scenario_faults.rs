@@ -193,7 +193,7 @@ impl Run {
             quantile(&after, 1.0)
         );
         let mut slowest: Vec<&&Sample> = after.iter().collect();
-        slowest.sort_by(|a, b| b.latency.cmp(&a.latency));
+        slowest.sort_by_key(|x| std::cmp::Reverse(x.latency));
         for x in slowest.iter().take(5) {
             eprintln!(
                 "  slowest: sent at {:.3} s, {:?}, {} {}",
@@ -393,11 +393,11 @@ impl Run {
 }
 
 /// A connect fault on upstream 2 for `fault_for` seconds, every request on a new connection:
-/// no client-visible failure, ejected within `eject_within` for one of `reasons`, p99 latency
-/// after the fault within a few connect deadlines, the back-off as documented, nothing served
-/// by upstream 2 during the fault, and back within the schedule, where a failing probe takes
-/// at most `failing_probe` seconds.
-#[expect(clippy::too_many_arguments, reason = "one row of the fault table each")]
+/// no client-visible failure, ejected within `eject_within` for one of `reasons`, the requests
+/// that met the fault answered in `first_attempt` (its error, and the range of their median
+/// time in ms), p99 latency after the fault under half the connect timeout, the back-off as
+/// documented, nothing served by upstream 2 during the fault, and back within the schedule,
+/// where a failing probe takes at most `failing_probe` seconds.
 fn connect_fault(
     name: &str,
     fault: Fault,
