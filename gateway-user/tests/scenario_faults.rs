@@ -18,8 +18,9 @@ use scenario_support::*;
 const RATE: u32 = 200;
 /// Requests to one endpoint arrive this often under round robin over three.
 const SPACING: f64 = 3.0 / RATE as f64;
-/// The fault goes on here: by then every endpoint has had far more than the 8 clean
-/// handshakes its adaptive connect deadline needs.
+/// The fault goes on here at the earliest: without keep-alive, every endpoint has had far
+/// more than the 8 clean handshakes its adaptive connect deadline needs by then (with it, the
+/// run also waits until `/status` says the deadline is measured).
 const FAULT_AT: f64 = 3.0;
 /// Connect faults: every request opens a new upstream connection, so every request to the bad
 /// endpoint meets the fault (with keep-alive, pooled connections would hide a SYN blackhole).
@@ -46,7 +47,7 @@ const P99_AFTER_FAULT: Duration = Duration::from_secs(1);
 /// What the schedule leaves out: the gateway's 100 ms health tick (twice: the ejection's end,
 /// and the last probe), a lab probe's own connect, and reading the log line.
 const SLACK: f64 = 0.4;
-/// The run goes on this long after upstream 2 has answered 20 requests again.
+/// The run ends once upstream 2 has answered this many requests after the fault ended.
 const TAIL: u64 = 20;
 
 /// The longest recovery the documented schedule allows once a fault of `fault_for` seconds is
@@ -760,7 +761,15 @@ fn privileged_healthy_control_run_has_no_false_positives() {
         "{:?}",
         s.log_lines(&["endpoint suspect"])
     );
-    let log = s.access_log();
+    // One access-log line per request (the writer flushes once its queue is empty).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = s.access_log();
+        if log.len() >= samples.len() || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(log.len(), samples.len(), "one access-log line per request");
     let hedged = log.iter().filter(|l| l["hedged"] == true).count();
     let retried = log.iter().filter(|l| l["retries"] != 0).count();
