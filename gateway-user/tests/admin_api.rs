@@ -47,7 +47,9 @@ async fn status_shows_each_endpoint_state_reason_and_evidence() {
     assert_eq!(s["ready"], true, "{s:#}");
     assert_eq!(s["observer"]["mode"], "userspace");
     assert_eq!(s["observer"]["kernel_signals"], false);
-    assert_eq!(s["observer"]["reason"], "test");
+    // The reason is whatever the signal source says; the real fallback and its reason are
+    // checked end to end in admin_metrics_privileged.rs.
+    assert!(s["observer"]["reason"].is_string(), "{s:#}");
     assert_eq!(s["observer"]["cgroup"], serde_json::Value::Null);
 
     let bad = endpoint(&s, "default", refused);
@@ -229,7 +231,8 @@ async fn metrics_follow_a_refusing_endpoint() {
         "{after}"
     );
     assert!(
-        sample(&after, "gateway_socket_errors_total", &[]).is_none(),
+        catalogued("gateway_socket_errors_total").is_some()
+            && sample(&after, "gateway_socket_errors_total", &[]).is_none(),
         "{after}"
     );
     assert!(
@@ -363,15 +366,30 @@ async fn readyz_says_draining_once_shutdown_begins() {
     let addr = gw.addr;
     // A request in flight keeps the drain going while the admin API is asked.
     let in_flight = tokio::spawn(async move { get(&client(), addr, "/delay/1500").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slow_addr = slow.addr;
+    tokio::task::spawn_blocking(move || {
+        wait_for("the request in flight at the upstream", || {
+            let s = status(admin);
+            if endpoint(&s, "default", slow_addr)["in_flight"] == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        })
+    })
+    .await
+    .unwrap();
     let drained = tokio::spawn(gw.handle.shutdown(Duration::from_secs(5)));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (ready, health, s) = tokio::task::spawn_blocking(move || {
-        (
-            admin_get(admin, "/readyz"),
-            admin_get(admin, "/healthz"),
-            status(admin),
-        )
+        let s = wait_for("/status to say draining", || {
+            let s = status(admin);
+            if s["draining"] == true {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        });
+        (admin_get(admin, "/readyz"), admin_get(admin, "/healthz"), s)
     })
     .await
     .unwrap();

@@ -1,8 +1,9 @@
-//! The status page in a real browser: headless Chromium (Debian's `chromium`, installed by
-//! `./dev setup`) loads `/` from a running `gateway run` (the built binary; as root it attaches
-//! the kernel observer by itself) in front of two loopback upstreams, one healthy and one
-//! refusing so that it gets ejected. The test reads the DOM as Chromium rendered it and keeps
-//! a screenshot at `target/tmp/admin-status-page.png`.
+//! Privileged (root: the gateway attaches its kernel observer): the status page in a real
+//! browser. Headless Chromium (Debian's `chromium`, installed by `./dev setup`) loads `/` from
+//! a running `gateway run` (the built binary, `[observer] mode = "kernel"`) in front of two
+//! loopback upstreams, one healthy and one refusing so that it gets ejected. The test reads the
+//! DOM as Chromium rendered it, kernel evidence included, and keeps a screenshot at
+//! `target/tmp/admin-status-page.png`. Without root it fails, saying so; it never skips.
 //!
 //! Chromium runs with `--no-sandbox` (root), no network beyond the loopback page (`--disable-*`
 //! background services, no QUIC) and a throwaway profile directory.
@@ -110,7 +111,8 @@ impl Drop for Gateway {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_renders_endpoint_states_reasons_and_evidence() {
+async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
+    require_root("privileged_chromium_renders_endpoint_states_reasons_and_evidence");
     let good = Upstream::start("good").await;
     let refused = refused_addr();
     let dir = temp_dir("status-page");
@@ -123,7 +125,7 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
              [router.upstream.health]\nejection_ms = 60000\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [access_log]\noutput = \"off\"\n\n\
-             [observer]\ncgroup = \"gateway-admin-page-{{pid}}\"\n",
+             [observer]\nmode = \"kernel\"\ncgroup = \"gateway-admin-page-{{pid}}\"\n",
             good.addr
         ),
     )
@@ -135,7 +137,6 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
         let got = get(&c, gw.0.addr, "/").await;
         assert_eq!(got.status, StatusCode::OK, "{}", got.body);
     }
-    let root = unsafe { libc::geteuid() } == 0;
     let (dom, png) = tokio::task::spawn_blocking(move || {
         wait_for("the refusing endpoint ejected in /status", || {
             let s = status(admin);
@@ -191,18 +192,14 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
         "{dom}"
     );
     assert!(dom.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
-    if root {
-        assert!(
-            dom.contains("data-mode=\"kernel\"><span class=\"pill kernel\">kernel signals</span>"),
-            "as root, gateway run attaches the kernel observer:\n{dom}"
-        );
-        assert!(
-            dom.contains("kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"),
-            "kernel evidence on the page:\n{dom}"
-        );
-    } else {
-        assert!(dom.contains("data-mode=\"userspace\""), "{dom}");
-    }
+    assert!(
+        dom.contains("data-mode=\"kernel\"><span class=\"pill kernel\">kernel signals</span>"),
+        "gateway run attached the kernel observer:\n{dom}"
+    );
+    assert!(
+        dom.contains("kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"),
+        "kernel evidence on the page:\n{dom}"
+    );
 
     assert_eq!(png_size(&png), (1280, 900));
     assert!(png.len() > 20_000, "a blank page compresses to less");

@@ -463,8 +463,10 @@ fn privileged_commands_run_inside_the_namespace_and_the_cgroup() {
     );
     // `ip netns exec` sees the lab's addresses.
     let addrs = lab.client().exec("ip", &["-o", "addr"]).unwrap();
+    let up = lab.upstream(0).unwrap();
     assert!(
-        addrs.contains("10.77.1.1/24") && addrs.contains("fd77:0:1::1/64"),
+        addrs.contains(&format!("{}/24", up.client_ipv4()))
+            && addrs.contains(&format!("{}/64", up.client_ipv6())),
         "{addrs}"
     );
 }

@@ -2,6 +2,7 @@
 //! request lost under load while reloading. Runs the built binary; one test drives the same
 //! reload in-process to check a request in flight finishes on the generation it started on.
 
+mod admin_support;
 mod proxy_support;
 
 use std::{
@@ -12,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use admin_support::{endpoint, status, wait_for};
 use http::StatusCode;
 use proxy_support::*;
 
@@ -60,6 +62,20 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
     assert_eq!(get(&c, gw.addr, "/").await.body, "b");
 }
 
+/// Returns once `n` more requests than now have been served.
+async fn served_more(ok: &AtomicUsize, n: usize) {
+    let from = ok.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ok.load(Ordering::Relaxed) < from + n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress: {} requests served",
+            ok.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_no_request() {
     let a = Upstream::start("a").await;
@@ -101,8 +117,10 @@ async fn reload_under_load_loses_no_request() {
             }
         }));
     }
+    // Each reload comes once the clients have been served some more requests since the last
+    // one (progress, not a fixed pause), and so does the end of the run.
     for round in 0..12 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        served_more(&ok, 20).await;
         let extra = match round % 3 {
             0 => upstream_config(b.addr),
             1 => format!(
@@ -129,7 +147,7 @@ async fn reload_under_load_loses_no_request() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    served_more(&ok, 20).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
@@ -163,7 +181,20 @@ async fn request_in_flight_finishes_on_its_generation() {
     let c = client();
     let (c1, addr) = (c.clone(), gw.addr);
     let slow = tokio::spawn(async move { get(&c1, addr, "/").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The request is on generation 1 once the gateway has it in flight to `a`.
+    let (admin, upstream) = (gw.handle.admin_addr().unwrap(), a.addr);
+    tokio::task::spawn_blocking(move || {
+        wait_for("the request in flight to a", || {
+            let s = status(admin);
+            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        })
+    })
+    .await
+    .unwrap();
     let text = format!("{}\n{}", base_config(&gw.log), upstream_config(b.addr));
     let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
         .unwrap()

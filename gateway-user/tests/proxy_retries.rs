@@ -2,10 +2,12 @@
 //! endpoint (invisible to the client), 502/503 with their reasons, the retry budget, and
 //! idempotent-only retries after a response timeout.
 
+mod admin_support;
 mod proxy_support;
 
 use std::time::Duration;
 
+use admin_support::{endpoint, status, wait_for};
 use http::{Request, StatusCode};
 use proxy_support::*;
 
@@ -131,7 +133,20 @@ async fn full_pending_queue_is_503_overloaded() {
     let c = client();
     let (c1, addr) = (c.clone(), gw.addr);
     let busy = tokio::spawn(async move { get(&c1, addr, "/").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first request holds the only connection: wait until the gateway has it in flight.
+    let (admin, upstream) = (gw.handle.admin_addr().unwrap(), up.addr);
+    tokio::task::spawn_blocking(move || {
+        wait_for("the first request in flight", || {
+            let s = status(admin);
+            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        })
+    })
+    .await
+    .unwrap();
     let got = get(&c, gw.addr, "/").await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(got.header("x-gateway-error"), "overloaded");

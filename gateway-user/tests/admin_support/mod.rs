@@ -147,9 +147,42 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// [`sample`], 0 when absent (a counter that never moved has no sample yet).
+/// The catalogue entry (`gateway::metrics::CATALOGUE`, the source of METRICS.md) of the
+/// family that sample name `name` belongs to: counters are exposed as `NAME_total`, histograms
+/// as `NAME_count`, `NAME_sum` and `NAME_bucket`.
+pub fn catalogued(name: &str) -> Option<&'static gateway::metrics::MetricDoc> {
+    gateway::metrics::CATALOGUE.iter().find(|d| {
+        name == d.name
+            || (d.kind == "counter" && name.strip_suffix("_total") == Some(d.name))
+            || (d.kind == "histogram"
+                && ["_count", "_sum", "_bucket"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(d.name)))
+    })
+}
+
+/// [`sample`], 0 when a counter or histogram has no such sample yet (a family whose labels
+/// never took these values has none). What a test asks for must exist, though: the family in
+/// the catalogue, with every label the test names, and a gauge's sample itself. So a renamed
+/// metric or label fails the test instead of reading as 0.
 pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(text, name, labels).unwrap_or(0.0)
+    let doc = catalogued(name)
+        .unwrap_or_else(|| panic!("{name} is not a metric of gateway run (METRICS.md)"));
+    for (k, _) in labels {
+        assert!(
+            doc.labels.contains(k),
+            "{} has no label {k} (it has {:?})",
+            doc.name,
+            doc.labels
+        );
+    }
+    match sample(text, name, labels) {
+        Some(v) => v,
+        None if doc.kind == "gauge" => {
+            panic!("no sample {name} {labels:?} of the gauge in /metrics:\n{text}")
+        }
+        None => 0.0,
+    }
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics with `what` and the last `/metrics`
@@ -294,10 +327,23 @@ impl<'a> LabGateway<'a> {
         n: usize,
         concurrency: usize,
     ) -> Vec<(u16, String, String)> {
+        self.send("GET", path, n, concurrency)
+            .into_iter()
+            .map(|r| {
+                let error = r.header("x-gateway-error").to_owned();
+                (r.status, error, r.body)
+            })
+            .collect()
+    }
+
+    /// `n` bodiless `method` requests for `path`, `concurrency` at a time, from the client
+    /// namespace: each response, headers included.
+    pub fn send(&self, method: &str, path: &str, n: usize, concurrency: usize) -> Vec<Reply> {
         use http_body_util::{BodyExt as _, Empty};
         use hyper::body::Bytes;
         use hyper_util::{client::legacy::Client, rt::TokioExecutor};
         let url = format!("http://{}{path}", self.addr);
+        let method: hyper::Method = method.parse().expect("an HTTP method");
         self.lab
             .client()
             .block_on(async move {
@@ -306,29 +352,35 @@ impl<'a> LabGateway<'a> {
                 let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
                 let mut tasks = Vec::new();
                 for _ in 0..n {
-                    let (client, url, sem) = (client.clone(), url.clone(), sem.clone());
+                    let (client, url, sem, method) =
+                        (client.clone(), url.clone(), sem.clone(), method.clone());
                     tasks.push(tokio::spawn(async move {
                         let _permit = sem.acquire_owned().await.unwrap();
-                        let req = hyper::Request::get(url).body(Empty::new()).unwrap();
+                        let req = hyper::Request::builder()
+                            .method(method)
+                            .uri(url)
+                            .body(Empty::new())
+                            .unwrap();
+                        let sent = Instant::now();
                         let resp =
                             tokio::time::timeout(Duration::from_secs(20), client.request(req))
                                 .await
                                 .expect("a response within 20 s")
                                 .expect("a response from the gateway");
                         let status = resp.status().as_u16();
-                        let error = resp
-                            .headers()
-                            .get("x-gateway-error")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
+                        let headers = resp.headers().clone();
                         let body = resp
                             .into_body()
                             .collect()
                             .await
                             .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                             .unwrap_or_default();
-                        (status, error, body)
+                        Reply {
+                            status,
+                            headers,
+                            body,
+                            took: sent.elapsed(),
+                        }
                     }));
                 }
                 let mut out = Vec::new();
@@ -338,6 +390,40 @@ impl<'a> LabGateway<'a> {
                 out
             })
             .expect("a client in the client namespace")
+    }
+}
+
+/// One response through the gateway, as a client got it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+    /// From sending the request to the response head.
+    pub took: Duration,
+}
+
+impl Reply {
+    /// A header's value, `""` when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// `x-gateway-evidence` as key=value pairs; panics when the header is absent.
+    pub fn evidence(&self) -> std::collections::BTreeMap<String, String> {
+        let h = self.header("x-gateway-evidence");
+        assert!(!h.is_empty(), "no x-gateway-evidence: {self:?}");
+        h.split(' ')
+            .map(|kv| {
+                let (k, v) = kv
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("not key=value: {kv} in {h}"));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
     }
 }
 

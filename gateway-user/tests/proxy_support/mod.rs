@@ -466,9 +466,15 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn spawn(config: &Path) -> GatewayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["run", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.args(["run", "--config"]).arg(config);
+        GatewayProcess::spawn_with(cmd)
+    }
+
+    /// [`GatewayProcess::spawn`] with a command of the caller's (e.g. the binary run through
+    /// `setpriv` as another user).
+    pub fn spawn_with(mut cmd: Command) -> GatewayProcess {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -20,6 +20,8 @@ use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 pub const PORT: u16 = 8080;
+/// The gateway's admin listener, on the client namespace's own loopback.
+pub const ADMIN: u16 = 19911;
 /// A request not answered within this counts as a client-visible failure.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,7 +119,7 @@ impl Scenario {
              [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = {response_timeout_ms}\nrequest_timeout_ms = 10000\n\
              [router.upstream.limits]\nmax_idle_per_endpoint = {max_idle}\n\
              [router.upstream.retry]\nmax_retries = 2\n\
-             [admin]\nenabled = false\n\
+             [admin]\nlisten = \"127.0.0.1:{ADMIN}\"\n\
              [access_log]\nformat = \"json\"\noutput = \"{}\"\n\
              [observer]\ncgroup = \"gateway-scenario-{name}-{{pid}}\"\n{extra}",
             endpoints.join(", "),
@@ -194,6 +196,56 @@ impl Scenario {
             .collect()
     }
 
+    /// The gateway's `/status`, as JSON. Only from a thread in the client namespace, such as
+    /// the one `run_load` calls its `at` on.
+    pub fn status_here(&self) -> serde_json::Value {
+        use std::io::{Read as _, Write as _};
+        let admin = SocketAddr::from(([127, 0, 0, 1], ADMIN));
+        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+            .expect("the admin listener (call status_here inside the client namespace)");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let raw = String::from_utf8_lossy(&raw);
+        let (head, mut body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut text = String::new();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            while let Some((size, rest)) = body.split_once("\r\n") {
+                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                if n == 0 || rest.len() < n {
+                    break;
+                }
+                text.push_str(&rest[..n]);
+                body = rest[n..].trim_start_matches("\r\n");
+            }
+        } else {
+            text.push_str(body);
+        }
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status ({e}): {text}"))
+    }
+
+    /// Whether `endpoint`'s connect deadline is measured (from at least 8 recent handshakes)
+    /// rather than the configured timeout; see [`Scenario::status_here`].
+    pub fn deadline_measured_here(&self, endpoint: &str) -> bool {
+        let s = self.status_here();
+        s["clusters"][0]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["address"] == endpoint)
+            .unwrap_or_else(|| panic!("no endpoint {endpoint}: {s:#}"))["connect_deadline_source"]
+            == "measured"
+    }
+
     pub fn access_log(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.access_log)
             .unwrap_or_default()
@@ -202,32 +254,40 @@ impl Scenario {
             .collect()
     }
 
-    /// Runs `rate` requests per second for `duration`, calling `at(t)` once per 100 ms tick
-    /// (t in seconds since the start) so the test can inject and remove faults on schedule.
+    /// Runs `rate` requests per second for at most `duration`, calling `at(t)` once per 100 ms
+    /// tick (t in seconds since the start) so the test can inject and remove faults on
+    /// schedule; the run stops early once `at` returns `false`. Every request sent has its
+    /// sample: a load task that panicked fails the test, and so would a lost sample.
     pub fn run_load(
         &self,
         rate: u32,
         duration: Duration,
-        mut at: impl FnMut(f64) + Send,
+        mut at: impl FnMut(f64) -> bool + Send,
     ) -> Vec<Sample> {
         let addr = self.addr;
         let samples = Arc::new(Mutex::new(Vec::new()));
         let out = samples.clone();
-        self.lab
+        let sent = self
+            .lab
             .client()
             .block_on(async move {
-                let client: Client<_, Empty<Bytes>> =
-                    Client::builder(TokioExecutor::new()).build_http();
+                // Idle client connections go before the gateway's 10 s keep-alive limit
+                // (`header_read_timeout_ms`) closes them, so that no request races a close.
+                let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(5))
+                    .build_http();
                 let start = tokio::time::Instant::now();
                 let total = (rate as f64 * duration.as_secs_f64()) as u64;
                 let mut tasks = Vec::with_capacity(total as usize);
                 let mut next_tick = 0.0;
-                for i in 0..total {
+                'send: for i in 0..total {
                     let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
                     tokio::time::sleep_until(due).await;
                     let t = (due - start).as_secs_f64();
                     while next_tick <= t {
-                        at(next_tick);
+                        if !at(next_tick) {
+                            break 'send;
+                        }
                         next_tick += 0.1;
                     }
                     let client = client.clone();
@@ -277,14 +337,51 @@ impl Scenario {
                         out.lock().unwrap().push(s);
                     }));
                 }
+                let sent = tasks.len();
                 for t in tasks {
-                    let _ = t.await;
+                    t.await.expect("a load-generator task panicked");
                 }
+                sent
             })
             .expect("load generator in the client namespace");
         let mut v = samples.lock().unwrap().clone();
+        assert_eq!(
+            v.len(),
+            sent,
+            "every request sent has a sample ({sent} sent)"
+        );
         v.sort_by(|a, b| a.at.total_cmp(&b.at));
         v
+    }
+}
+
+/// When a fault went on or off: as wall-clock seconds (comparable with log-line times) taken
+/// just before and just after the change, and as seconds since the start of the load run
+/// (`t`: when the change was asked for; `t_done`: when it was complete).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Change {
+    pub before: f64,
+    pub after: f64,
+    pub t: f64,
+    pub t_done: f64,
+}
+
+impl Change {
+    /// Runs `f` (which applies or removes a fault), asked for at run time `t`, and records
+    /// when; `start` is the wall-clock time the load run started.
+    pub fn record<T>(t: f64, start: f64, f: impl FnOnce() -> T) -> (Change, T) {
+        let before = secs(SystemTime::now());
+        let r = f();
+        let after = secs(SystemTime::now());
+        (
+            Change {
+                before,
+                after,
+                t,
+                t_done: after - start,
+            },
+            r,
+        )
     }
 }
 
