@@ -24,6 +24,8 @@ mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::{
     fmt,
@@ -132,7 +134,7 @@ pub fn load_str(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
         let key = KeyPath::from_serde(e.path());
         parse_error(&src, file, key, e.inner())
     })?;
-    match validate::validate(&cfg) {
+    match validate::validate(&cfg, file.parent()) {
         Ok((settings, warnings)) => Ok(Loaded {
             settings,
             warnings: warnings
