@@ -193,8 +193,12 @@ pub fn cli_check(path: &Path) -> anyhow::Result<ExitCode> {
     }
     let s = &loaded.settings;
     let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+    let https = s.https.as_ref().map_or_else(String::new, |h| {
+        let a: Vec<String> = h.listen.iter().map(ToString::to_string).collect();
+        format!(", https {}", a.join(" "))
+    });
     println!(
-        "{}: ok: listen {}, {} route(s), {} cluster(s), {} warning(s)",
+        "{}: ok: listen {}{https}, {} route(s), {} cluster(s), {} warning(s)",
         path.display(),
         listen.join(" "),
         s.routes.len(),

@@ -17,6 +17,8 @@
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
 //! | observer_kernel, observer_mode | at start |
 //! | events_lost | every second, from the observer's counter |
+//! | tls_handshakes, tls_handshake_errors, tls_handshake_duration | each TLS handshake, downstream (`handshake`) and upstream (`upstream::connect`) ([`TlsMeter`]) |
+//! | tls_certificate_expiry | at start and at every reload, from the certificates the config loaded |
 //!
 //! Outcome labels mean the same with and without kernel signals: with them, the kernel's record
 //! of the connect decides; without, the proxy reads the same event from `connect()`'s result
@@ -27,6 +29,10 @@
 //! timeout, unreachable) hands its error to the gateway through `getsockopt(SO_ERROR)` (tokio
 //! reads it when the socket turns writable), so those failures are counted with the kernel's
 //! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
+
+mod tls;
+
+pub(crate) use self::tls::{Side, TlsMeter};
 
 use std::{
     sync::{
@@ -118,6 +124,7 @@ pub(crate) struct Telemetry {
     pub started_at: SystemTime,
     unrouted: RouteMeter,
     events_lost_seen: AtomicU64,
+    pub tls: TlsMeter,
 }
 
 impl Telemetry {
@@ -135,6 +142,7 @@ impl Telemetry {
         }
         let unrouted = RouteMeter::new(&metrics, UNROUTED, UNROUTED, false);
         Telemetry {
+            tls: TlsMeter::new(&metrics),
             registry,
             metrics,
             started: Instant::now(),
