@@ -174,7 +174,7 @@ catalogue! {
     socket_errors: "gateway_socket_errors", "counter", ["errno"],
         "Errors the gateway read through getsockopt(SO_ERROR) on its upstream sockets: a connect that failed after its SYN went out (refused, timeout, unreachable) reports its error that way; the errno is the kernel's (eBPF). Counted only with kernel signals.";
     timeouts: "gateway_timeouts", "counter", ["cluster", "phase"],
-        "Gateway timers that fired on requests, by phase: connect (an attempt's connect deadline), response (response_timeout_ms, before the head or between body reads), write (write_timeout_ms to the upstream), request (request_timeout_ms).";
+        "Gateway timers that fired on requests, by phase: connect (an attempt's connect deadline), response (response_timeout_ms, before the head or between body reads), write (write_timeout_ms to the upstream), request (request_timeout_ms), tls_handshake (tls_handshake_timeout_ms to a TLS upstream).";
     rtos: "gateway_upstream_rtos", "counter", ["cluster", "endpoint"],
         "Retransmission timeouts on established upstream connections, from the kernel (eBPF sock_ops RTO); added when a connection closes, from the kernel's final record of it.";
     connect_deadline: "gateway_upstream_connect_deadline_seconds", "gauge", ["cluster", "endpoint"],

@@ -70,7 +70,7 @@ use crate::{
 pub(crate) const UNROUTED: &str = "-";
 
 /// Timeout phases, in label order.
-const PHASES: [&str; 4] = ["connect", "response", "write", "request"];
+const PHASES: [&str; 5] = ["connect", "response", "write", "request", "tls_handshake"];
 
 fn phase_of(k: ErrorKind) -> Option<usize> {
     match k {
@@ -78,6 +78,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
         ErrorKind::ResponseTimeout => Some(1),
         ErrorKind::UpstreamWriteTimeout => Some(2),
         ErrorKind::RequestTimeout => Some(3),
+        ErrorKind::TlsHandshakeTimeout => Some(4),
         _ => None,
     }
 }
@@ -191,7 +192,7 @@ pub(crate) struct RouteMeter {
     by_status: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     /// The route's cluster's `timeouts` by phase; none for unrouted requests.
-    timeouts: Option<[Counter; 4]>,
+    timeouts: Option<[Counter; 5]>,
 }
 
 const STATUS_MIN: u16 = 100;
@@ -267,6 +268,8 @@ impl RouteMeter {
 
 /// A cluster's handles; it hands out its endpoints' ([`ClusterMeter::endpoint`]).
 pub(crate) struct ClusterMeter {
+    /// Upstream TLS handshakes.
+    pub tls: TlsMeter,
     metrics: GatewayMetrics,
     name: String,
     retries: [Counter; 5],
@@ -277,6 +280,7 @@ pub(crate) struct ClusterMeter {
 impl ClusterMeter {
     fn new(m: &GatewayMetrics, name: &str) -> ClusterMeter {
         ClusterMeter {
+            tls: TlsMeter::new(m),
             retries: RETRY_REASONS.map(|r| {
                 counter(
                     &m.retries,
