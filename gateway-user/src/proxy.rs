@@ -195,7 +195,7 @@ pub async fn start_inheriting(
         info!(listener = %addr, workers = n, "proxy listening");
     }
     for addr in &https {
-        info!(listener = %addr, workers = n, "proxy listening (HTTPS)");
+        info!(https_listener = %addr, workers = n, "proxy listening (HTTPS)");
     }
     let mut admin = None;
     if let Some(l) = admin_listener {
