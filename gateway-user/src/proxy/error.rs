@@ -142,9 +142,9 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         timeout: Duration,
         cookie: u64,
-        tcp: TcpUnderneath,
+        tcp: Box<TcpUnderneath>,
         /// The kernel's final record of the TCP connection, read after it was closed.
-        evidence: Option<EstablishedEvidence>,
+        evidence: Option<Box<EstablishedEvidence>>,
     },
     #[error(
         "TLS handshake with {endpoint} failed ({}): {detail}; {tcp}{}",
@@ -156,8 +156,8 @@ pub enum ProxyError {
         /// What rustls said (e.g. "invalid peer certificate: UnknownIssuer").
         detail: String,
         cookie: u64,
-        tcp: TcpUnderneath,
-        evidence: Option<EstablishedEvidence>,
+        tcp: Box<TcpUnderneath>,
+        evidence: Option<Box<EstablishedEvidence>>,
     },
     #[error(
         "no response from {endpoint} within {} ms{}{}", timeout.as_millis(), Ev(evidence),
@@ -257,7 +257,7 @@ impl fmt::Display for TcpUnderneath {
 }
 
 /// The kernel's record of the TCP connection under a failed TLS handshake, in words.
-struct TlsKernel<'a>(&'a Option<EstablishedEvidence>);
+struct TlsKernel<'a>(&'a Option<Box<EstablishedEvidence>>);
 
 impl fmt::Display for TlsKernel<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -474,8 +474,8 @@ impl ProxyError {
     pub fn established_evidence(&self) -> Option<&EstablishedEvidence> {
         match self {
             ProxyError::TlsHandshakeTimeout { evidence, .. }
-            | ProxyError::TlsError { evidence, .. }
-            | ProxyError::ResponseTimeout { evidence, .. } => evidence.as_ref(),
+            | ProxyError::TlsError { evidence, .. } => evidence.as_deref(),
+            ProxyError::ResponseTimeout { evidence, .. } => evidence.as_ref(),
             ProxyError::UpstreamHostDied { evidence, .. } => Some(evidence),
             _ => None,
         }
@@ -596,14 +596,14 @@ mod evidence_tests {
             endpoint: "10.0.0.5:443".parse().unwrap(),
             timeout: Duration::from_millis(5000),
             cookie: 1,
-            tcp,
-            evidence: Some(EstablishedEvidence {
+            tcp: Box::new(tcp),
+            evidence: Some(Box::new(EstablishedEvidence {
                 data_retransmits: 0,
                 rtos: 0,
                 srtt: None,
                 bytes_acked: 517,
                 unacked_bytes: 0,
-            }),
+            })),
         };
         assert_eq!(
             stalled.to_string(),
@@ -617,17 +617,17 @@ mod evidence_tests {
         );
         assert_eq!(stalled.kind().status(), StatusCode::GATEWAY_TIMEOUT);
         let died = ProxyError::TlsHandshakeTimeout {
-            evidence: Some(EstablishedEvidence {
+            evidence: Some(Box::new(EstablishedEvidence {
                 data_retransmits: 3,
                 rtos: 3,
                 srtt: None,
                 bytes_acked: 0,
                 unacked_bytes: 517,
-            }),
+            })),
             endpoint: "10.0.0.5:443".parse().unwrap(),
             timeout: Duration::from_millis(5000),
             cookie: 1,
-            tcp,
+            tcp: Box::new(tcp),
         };
         assert!(
             died.to_string()
@@ -639,10 +639,10 @@ mod evidence_tests {
             failure: TlsFailure::UnknownCa,
             detail: "invalid peer certificate: UnknownIssuer".into(),
             cookie: 1,
-            tcp: TcpUnderneath {
+            tcp: Box::new(TcpUnderneath {
                 kernel_rtt: None,
                 ..tcp
-            },
+            }),
             evidence: None,
         };
         assert_eq!(

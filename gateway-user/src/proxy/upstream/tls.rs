@@ -84,13 +84,13 @@ pub(super) async fn handshake(
     drop(connect);
     meter.failed(Side::Upstream, failure.name());
     let signals = &*cluster.signals;
-    let evidence = signals.established_evidence(tcp.cookie);
+    let evidence = signals.established_evidence(tcp.cookie).map(Box::new);
     let kernel_rtt = signals.connect_evidence(tcp.cookie).and_then(|e| e.syn_rtt);
-    let under = TcpUnderneath {
+    let under = Box::new(TcpUnderneath {
         connect: tcp.connect,
         kernel_rtt,
         server_bytes,
-    };
+    });
     let e = match failure {
         TlsFailure::Timeout => ProxyError::TlsHandshakeTimeout {
             endpoint: ep.addr,
