@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `server` | client listeners and connections, the drain |
+//! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
 //! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout and the idle pool, connects and hedges, probes, DNS |
 //! | `exchange` | a request's context (log record, budget guard, route meter, connection lease) |
@@ -20,12 +21,13 @@
 //!
 //! Files import downwards only: `error`, `headers`, `io`, `router`, `request_body`,
 //! `access_log`, `telemetry` → `upstream` → `shared` → `exchange` → `response_body` →
-//! `request` → `server`, `admin`.
+//! `request` → `handshake` → `server`, `admin`.
 
 mod access_log;
 pub mod admin;
 pub mod error;
 mod exchange;
+mod handshake;
 mod headers;
 mod io;
 mod listeners;
@@ -104,6 +106,7 @@ pub enum StartError {
 /// A running gateway.
 pub struct GatewayHandle {
     listen: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
     shared: Arc<Shared>,
     phase: watch::Sender<Phase>,
@@ -162,6 +165,7 @@ pub async fn start_inheriting(
     let Listeners {
         per_worker,
         listen,
+        https,
         admin: admin_listener,
         sockets,
     } = listeners::open(&settings, n, inherited)?;
@@ -190,6 +194,9 @@ pub async fn start_inheriting(
     for addr in &listen {
         info!(listener = %addr, workers = n, "proxy listening");
     }
+    for addr in &https {
+        info!(https_listener = %addr, workers = n, "proxy listening (HTTPS)");
+    }
     let mut admin = None;
     if let Some(l) = admin_listener {
         admin = l.local_addr().ok();
@@ -200,6 +207,7 @@ pub async fn start_inheriting(
     }
     Ok(GatewayHandle {
         listen,
+        https,
         admin,
         shared,
         phase,
@@ -244,6 +252,11 @@ impl GatewayHandle {
         &self.listen
     }
 
+    /// The bound HTTPS addresses.
+    pub fn https_addrs(&self) -> &[SocketAddr] {
+        &self.https
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
     }
@@ -257,6 +270,12 @@ impl GatewayHandle {
             report
                 .needs_restart
                 .push("router.listen / router.listener_port");
+        }
+        let https = |s: &Settings| s.https.as_ref().map(|h| h.listen.clone());
+        if https(&settings) != https(&current.settings) {
+            report
+                .needs_restart
+                .push("router.https_listen / router.https_port / router.https_enabled");
         }
         if settings.workers != current.settings.workers {
             report.needs_restart.push("router.workers");

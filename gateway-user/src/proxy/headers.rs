@@ -24,6 +24,23 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// What a client connection speaks, for `X-Forwarded-Proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    Http,
+    /// TLS (the HTTPS listener), then HTTP.
+    Https,
+}
+
+impl Scheme {
+    fn forwarded_proto(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        })
+    }
+}
+
 /// The pseudonym in `Via`.
 const VIA_NAME: &str = "gateway";
 
@@ -92,12 +109,14 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 }
 
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
-/// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none.
+/// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
+/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own).
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
+    scheme: Scheme,
 ) {
     strip_hop_by_hop(headers);
     // Room for what is added below, at once rather than growing the map step by step.
@@ -123,8 +142,7 @@ pub(crate) fn to_upstream(
     if let Ok(xff) = xff {
         headers.insert(&X_FORWARDED_FOR, xff);
     }
-    // The gateway only speaks plain HTTP to clients.
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);
 }
 
@@ -216,6 +234,7 @@ mod tests {
             Version::HTTP_11,
             &client_value("10.0.0.9".parse().unwrap()),
             None,
+            Scheme::Http,
         );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -232,8 +251,10 @@ mod tests {
             Version::HTTP_2,
             &client_value("::ffff:127.0.0.1".parse().unwrap()),
             Some(&authority),
+            Scheme::Https,
         );
         assert_eq!(h[HOST], "api.example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h[VIA], "2 gateway");
     }

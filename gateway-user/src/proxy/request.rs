@@ -33,6 +33,7 @@ use self::{attempt::Failed, prepare::Prepared};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
+    headers::Scheme,
     request_body::{KeptBody, RequestBody},
     response_body::ResponseBody,
     shared::Shared,
@@ -51,6 +52,14 @@ struct Upstream {
     stall: Duration,
 }
 
+/// The client connection a request came on.
+pub(crate) struct Client {
+    pub addr: SocketAddr,
+    /// Its address as an `X-Forwarded-For` value.
+    pub ip: HeaderValue,
+    pub scheme: Scheme,
+}
+
 /// The service function: never fails; errors become responses.
 ///
 /// The request path is one flat state machine, with the rare slow path (connecting, waiting
@@ -58,15 +67,14 @@ struct Upstream {
 /// deep nesting of large futures costs a memcpy of each per request.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    client: SocketAddr,
-    client_ip: HeaderValue,
+    client: Arc<Client>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // The request's context lives in its final place from the start: the response body owns it.
-    let mut ex = Exchange::new(shared, client, &req);
+    let mut ex = Exchange::new(shared, client.addr, &req);
     let prepared = {
         let rt = ex.shared.runtime.load();
-        prepare::prepare(&rt, req, &client_ip, &mut ex)
+        prepare::prepare(&rt, req, &client, &mut ex)
     };
     let result = match prepared {
         Ok(p) => forward(p, &mut ex).await,

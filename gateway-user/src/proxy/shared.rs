@@ -69,6 +69,16 @@ impl Runtime {
         let router = Router::new(&settings.routes, |name| {
             clusters.iter().position(|c| &*c.name == name)
         });
+        let client_certs = settings
+            .clusters
+            .values()
+            .filter_map(|c| c.tls.as_deref())
+            .flat_map(|t| t.certificates.iter());
+        let server_certs = settings
+            .https
+            .iter()
+            .flat_map(|h| h.tls.certificates.iter());
+        telemetry.tls.certificates(server_certs.chain(client_certs));
         let route_meters = settings
             .routes
             .iter()

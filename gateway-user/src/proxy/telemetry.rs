@@ -17,6 +17,8 @@
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
 //! | observer_kernel, observer_mode | at start |
 //! | events_lost | every second, from the observer's counter |
+//! | tls_handshakes, tls_handshake_errors, tls_handshake_duration | each TLS handshake, downstream (`handshake`) and upstream (`upstream::connect`) ([`TlsMeter`]) |
+//! | tls_certificate_expiry | at start and at every reload, from the certificates the config loaded |
 //!
 //! Outcome labels mean the same with and without kernel signals: with them, the kernel's record
 //! of the connect decides; without, the proxy reads the same event from `connect()`'s result
@@ -27,6 +29,10 @@
 //! timeout, unreachable) hands its error to the gateway through `getsockopt(SO_ERROR)` (tokio
 //! reads it when the socket turns writable), so those failures are counted with the kernel's
 //! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
+
+mod tls;
+
+pub(crate) use self::tls::{Side, TlsMeter};
 
 use std::{
     sync::{
@@ -64,7 +70,7 @@ use crate::{
 pub(crate) const UNROUTED: &str = "-";
 
 /// Timeout phases, in label order.
-const PHASES: [&str; 4] = ["connect", "response", "write", "request"];
+const PHASES: [&str; 5] = ["connect", "response", "write", "request", "tls_handshake"];
 
 fn phase_of(k: ErrorKind) -> Option<usize> {
     match k {
@@ -72,6 +78,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
         ErrorKind::ResponseTimeout => Some(1),
         ErrorKind::UpstreamWriteTimeout => Some(2),
         ErrorKind::RequestTimeout => Some(3),
+        ErrorKind::TlsHandshakeTimeout => Some(4),
         _ => None,
     }
 }
@@ -118,6 +125,7 @@ pub(crate) struct Telemetry {
     pub started_at: SystemTime,
     unrouted: RouteMeter,
     events_lost_seen: AtomicU64,
+    pub tls: TlsMeter,
 }
 
 impl Telemetry {
@@ -135,6 +143,7 @@ impl Telemetry {
         }
         let unrouted = RouteMeter::new(&metrics, UNROUTED, UNROUTED, false);
         Telemetry {
+            tls: TlsMeter::new(&metrics),
             registry,
             metrics,
             started: Instant::now(),
@@ -183,7 +192,7 @@ pub(crate) struct RouteMeter {
     by_status: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     /// The route's cluster's `timeouts` by phase; none for unrouted requests.
-    timeouts: Option<[Counter; 4]>,
+    timeouts: Option<[Counter; 5]>,
 }
 
 const STATUS_MIN: u16 = 100;
@@ -259,6 +268,8 @@ impl RouteMeter {
 
 /// A cluster's handles; it hands out its endpoints' ([`ClusterMeter::endpoint`]).
 pub(crate) struct ClusterMeter {
+    /// Upstream TLS handshakes.
+    pub tls: TlsMeter,
     metrics: GatewayMetrics,
     name: String,
     retries: [Counter; 5],
@@ -269,6 +280,7 @@ pub(crate) struct ClusterMeter {
 impl ClusterMeter {
     fn new(m: &GatewayMetrics, name: &str) -> ClusterMeter {
         ClusterMeter {
+            tls: TlsMeter::new(m),
             retries: RETRY_REASONS.map(|r| {
                 counter(
                     &m.retries,

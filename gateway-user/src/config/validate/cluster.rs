@@ -72,6 +72,13 @@ pub(super) fn cluster(
         DAY_MS,
         " ms"
     );
+    let (tls_handshake_ms, _) = setting!(
+        timeouts.tls_handshake_timeout_ms,
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
     if request_ms < connect_ms + response_ms {
         let at = request_key
             .or(connect_key)
@@ -181,6 +188,13 @@ pub(super) fn cluster(
         1000,
         ""
     );
+    let (tls_failures, _) = setting!(
+        health.tls_failures_to_eject,
+        health::DEFAULT_TLS_FAILURES_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
     let (probe_expect_status, _) = setting!(
         health.probe_expect_status,
         DEFAULT_PROBE_EXPECT_STATUS,
@@ -273,6 +287,7 @@ pub(super) fn cluster(
             request: ms(request_ms),
             idle: ms(idle_ms),
             connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
+            tls_handshake: ms(tls_handshake_ms),
         },
         retry: RetryPolicy {
             hedge,
@@ -297,9 +312,12 @@ pub(super) fn cluster(
                 syn_unanswered_to_eject: syn_unanswered as u32,
                 slow_handshakes_to_suspect: slow_handshakes as u32,
                 response_timeouts_to_eject: response_timeouts as u32,
+                tls_failures_to_eject: tls_failures as u32,
             },
             probe_path,
             probe_expect_status: probe_expect_status as u16,
         },
+        // Loaded by `validate::tls`, which reads the files.
+        tls: None,
     }
 }
