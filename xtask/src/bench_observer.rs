@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::bench::median;
+
 const DEFAULT_CYCLES: usize = 20_000;
 const ROUNDS_PER_MODE: usize = 10;
 const DESTINATIONS: u32 = 100_000;
@@ -180,16 +182,6 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let cycles: usize = match args.first() {
         Some(v) => v
@@ -237,7 +229,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             off.push(client_ns as f64 / per_round as f64 / 1000.0);
         }
     }
-    let (m_off, m_on, m_obs) = (median(&mut off), median(&mut on), median(&mut observer_cpu));
+    let (m_off, m_on, m_obs) = (median(off), median(on), median(observer_cpu));
     println!(
         "\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)"
     );

@@ -1,9 +1,12 @@
 //! `cargo xtask`: the workflows behind `./dev` — the full test run, the demo, and the
 //! benchmarks. `./dev` installs the toolchains first; this assumes they are there.
 
+mod bench;
 mod bench_faults;
 mod bench_observer;
+mod bench_peers;
 mod bench_proxy;
+mod bench_tls;
 mod package;
 
 use std::process::{Command, ExitCode};
@@ -34,7 +37,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: `observer` (connect+close cost with and without the observer), `proxy`
-    /// (the gateway against nginx and HAProxy) or `faults` (the three under upstream faults).
+    /// (the gateway against nginx and HAProxy), `tls` (the three terminating HTTPS: keep-alive
+    /// and new-connection handshakes) or `faults` (the three under upstream faults).
     Bench {
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -268,9 +272,10 @@ fn main() -> ExitCode {
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
             "proxy" => bench_proxy::run(&args),
+            "tls" => bench_tls::run(&args),
             "faults" => bench_faults::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer, proxy or faults"
+                "unknown benchmark {other}; choose observer, proxy, tls or faults"
             )),
         },
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
