@@ -1,6 +1,7 @@
 //! HTTPS in and TLS out, end to end with real third-party programs: curl and `openssl
 //! s_client` against the HTTPS listener (ALPN h2 and http/1.1, SNI choosing the certificate,
-//! plain HTTP on the HTTPS port), nginx with TLS and a CA of its own as the upstream (name
+//! plain HTTP on the HTTPS port, a client stalling its handshake closed at the downstream
+//! `tls_handshake_timeout_ms`), nginx with TLS and a CA of its own as the upstream (name
 //! mismatch and unknown CA answered 502 `tls_error`), a TLS upstream that accepts TCP and
 //! never answers the ClientHello (504 `tls_handshake_timeout` within the configured time, with
 //! the kernel's view of the TCP connection: privileged), and certificates reloaded by SIGHUP
@@ -234,6 +235,21 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
         "unknown SNI gets the default: {h1}"
     );
 
+    // The plain listener serves beside the HTTPS one, with X-Forwarded-Proto http.
+    assert_ne!(
+        gw.addr, addr,
+        "listener= and https_listener= are told apart"
+    );
+    let plain = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "5"])
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.starts_with("HTTP/1.1 200") && plain.contains("proto=http sni=up.test"),
+        "{plain}"
+    );
     let plain = Command::new("curl")
         .args(["-s", "-i", "--max-time", "5"])
         .arg(format!("http://127.0.0.1:{}/", addr.port()))
@@ -252,6 +268,63 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+}
+
+/// A client that opens a connection to the HTTPS port and stalls its handshake (sends nothing,
+/// or a ClientHello cut short) is closed at `[router.downstream] tls_handshake_timeout_ms`,
+/// counted by reason, and holds up no other client meanwhile.
+#[test]
+fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
+    use std::io::{Read as _, Write as _};
+    let dir = temp_dir("tls-in-stall");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let cfg = https_config(&dir, nginx.addr, &dir.join("ca.pem"));
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "[router.downstream]\ntls_handshake_timeout_ms = 1000\n";
+    std::fs::write(&cfg, text).unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+    let ca = dir.join("ca.pem");
+    let limit = Duration::from_millis(1000);
+    // A TLS record header announcing 512 bytes of handshake, and one byte of it.
+    let cut_short: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    for (what, sent) in [("nothing", &[][..]), ("a ClientHello cut short", cut_short)] {
+        let t = Instant::now();
+        let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+        stalled.write_all(sent).unwrap();
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // Meanwhile another client is served, on the same (single) worker.
+        let (code, _, text) = curl(addr, &ca, "a.test", "/", &[]);
+        assert_eq!(code, 200, "{what}: {text}");
+        let served = t.elapsed();
+        let mut buf = [0u8; 64];
+        let end = stalled.read(&mut buf);
+        let closed = t.elapsed();
+        assert!(
+            matches!(end, Ok(0))
+                || end
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{what}: the gateway closes the connection: {end:?} after {closed:?}"
+        );
+        assert!(
+            served < closed,
+            "{what}: another client was served ({served:?}) before the stalled one was closed"
+        );
+        assert!(
+            closed >= limit * 9 / 10 && closed <= limit * 11 / 10 + Duration::from_millis(100),
+            "{what}: closed after {closed:?}, the timeout is {limit:?} ± 10 %"
+        );
+    }
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"timeout\"} 2";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
 }
 
 /// Waits until `n` stderr lines contain `needle`.

@@ -128,7 +128,7 @@ fn certificate(dir: &Path) -> anyhow::Result<Tls> {
     Ok(tls)
 }
 
-/// The protocol, cipher suite and key exchange `openssl s_client` gets from `t`.
+/// The protocol, cipher suite, key exchange and signature `openssl s_client` gets from `t`.
 fn negotiated(t: &Target) -> String {
     let hostport = t
         .url
@@ -136,15 +136,15 @@ fn negotiated(t: &Target) -> String {
         .trim_end_matches('/')
         .to_owned();
     let out = Command::new("openssl")
-        .args(["s_client", "-brief", "-connect", &hostport])
+        .args(["s_client", "-connect", &hostport])
         .stdin(Stdio::null())
         .output();
     let Ok(out) = out else {
         return "(openssl s_client did not run)".into();
     };
-    // -brief reports on stderr: "Protocol version: TLSv1.3", "Ciphersuite: ...",
-    // "Peer Temp Key: X25519, 253 bits".
-    let text = String::from_utf8_lossy(&out.stderr);
+    // "New, TLSv1.3, Cipher is TLS_AES_256_GCM_SHA384", "Server Temp Key: X25519, 253 bits",
+    // "Peer signature type: ECDSA".
+    let text = String::from_utf8_lossy(&out.stdout);
     let field = |k: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(k))
@@ -152,9 +152,9 @@ fn negotiated(t: &Target) -> String {
             .unwrap_or_else(|| "?".into())
     };
     format!(
-        "{}, {}, {}",
-        field("Protocol version:"),
-        field("Ciphersuite:"),
-        field("Peer Temp Key:")
+        "{}; key exchange {}; signature {}",
+        field("New, "),
+        field("Server Temp Key:"),
+        field("Peer signature type:")
     )
 }

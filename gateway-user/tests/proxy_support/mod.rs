@@ -585,9 +585,12 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// The address logged as `key` (a whole field: `listener=` is not `https_listener=`).
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    let at = line.find(key)? + key.len();
-    line[at..].split_whitespace().next()?.parse().ok()
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))?
+        .parse()
+        .ok()
 }
 
 fn strip_ansi(s: &str) -> String {
