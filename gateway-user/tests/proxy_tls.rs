@@ -368,6 +368,7 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             "[clusters.good]\nendpoints = [\"{u}\"]\n[clusters.good.tls]\nca_file = \"{ca}\"\nserver_name = \"up.test\"\n\
              [clusters.mismatch]\nendpoints = [\"{u}\"]\n[clusters.mismatch.tls]\nca_file = \"{ca}\"\nserver_name = \"other.test\"\n\
              [clusters.unknown]\nendpoints = [\"{u}\"]\n[clusters.unknown.tls]\nserver_name = \"up.test\"\n\
+             [clusters.unknown.health]\nprobe_interval_ms = 100\n\
              [[routes]]\npath_prefix = \"/\"\ncluster = \"good\"\n\
              [[routes]]\npath_prefix = \"/mismatch\"\ncluster = \"mismatch\"\n\
              [[routes]]\npath_prefix = \"/unknown\"\ncluster = \"unknown\"\n\
@@ -407,6 +408,59 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"name_mismatch\"}"
         ),
         "{metrics}"
+    );
+
+    // Health: TLS failures on a healthy TCP connection strike as tls_failure, from requests
+    // and from probes alike, never as a network failure. The cluster's one endpoint cannot
+    // be ejected (max_ejected_percent 50): it turns suspect, and is probed every 100 ms.
+    for _ in 0..3 {
+        plain("/unknown");
+    }
+    let unknown_ca = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"unknown_ca\"} ",
+                )
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics")) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no probe of the suspect endpoint"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get_text(gw.admin.unwrap(), "/status")).unwrap();
+    let ep = status["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "unknown")
+        .map(|c| &c["endpoints"][0])
+        .unwrap_or_else(|| panic!("cluster unknown in /status: {status}"));
+    assert_eq!(
+        (ep["state"].as_str(), ep["reason"].as_str()),
+        (Some("suspect"), Some("tls_failure")),
+        "after two probes: {ep}"
+    );
+    // One refused ejection, no flapping: the TCP handshake under each TLS attempt does not
+    // bring the endpoint back (only a TCP and TLS handshake, or a response, do).
+    let events = ep["recent"].as_array().unwrap();
+    let transitions: Vec<_> = events.iter().filter(|e| e["event"] != "failure").collect();
+    assert_eq!(transitions.len(), 1, "{ep}");
+    assert_eq!(
+        (
+            transitions[0]["event"].as_str(),
+            transitions[0]["reason"].as_str()
+        ),
+        (Some("ejection_refused"), Some("tls_failure")),
+        "only ever a TLS failure: {ep}"
     );
 }
 

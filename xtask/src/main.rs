@@ -174,17 +174,17 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let filter: Vec<String> = filter.into_iter().collect();
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
-    run_tests(
+    let unit = run_tests(
         cargo()
             .args(["test", "--no-fail-fast", "--lib", "--bins"])
             .arg("--")
             .args(&filter),
         &mut totals,
-    )?;
+    );
     // The Debian package (release build): the deploy_* tests install it and run its units.
     let deb = package::build()?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
-    run_tests(
+    let end_to_end = run_tests(
         cargo()
             .env("GATEWAY_DEB", &deb)
             .args(["test", "--no-fail-fast", "--test", "*"])
@@ -192,13 +192,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .arg("--test-threads=1")
             .args(&filter),
         &mut totals,
-    )?;
+    );
+    // The totals also when something failed: how many, beside which (named above).
     println!(
         "\nall test binaries: {} passed, {} failed, {} ignored",
         totals.passed, totals.failed, totals.ignored
     );
     println!("{} passed, {} failed", totals.passed, totals.failed);
-    Ok(())
+    unit.and(end_to_end)
 }
 
 #[derive(Default)]
