@@ -17,8 +17,8 @@ use gateway_common::{
 };
 
 use crate::{
-    emit,
-    maps::{F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, SockState, bump, sock_state_map},
+    anomaly, emit,
+    maps::{F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, SockState, sock_state_map},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -112,7 +112,18 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     }
     .cast();
     if st.is_null() {
-        bump(counter::STORAGE_FAILED);
+        // The kernel refuses the storage when it cannot charge it to the socket
+        // (`bpf_sk_storage_charge()` against net.core.optmem_max) or has no memory.
+        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        anomaly::report(
+            counter::STORAGE_FAILED,
+            "no socket storage, connect not tracked",
+            "SOCK_STATE",
+            cookie,
+            &dst,
+            pid,
+        );
         return;
     }
     let st = unsafe { &mut *st };

@@ -8,6 +8,7 @@
 
 pub mod btf;
 pub mod cgroup;
+pub mod kernel_log;
 pub mod explain;
 pub mod preflight;
 pub mod records;
@@ -71,6 +72,8 @@ pub enum ObserverError {
         name: &'static str,
         source: MapError,
     },
+    #[error("reading the kernel side's log ring (AYA_LOGS): {0}")]
+    KernelLog(String),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: String,
@@ -85,6 +88,9 @@ pub struct ObserverOptions {
     pub cgroup: Option<PathBuf>,
     pub max_destinations: u32,
     pub max_connections: u32,
+    /// Size of the ring buffer of connect records in bytes (a power of two, at least a page);
+    /// `None` = [`names::EVENTS_RING_BYTES`].
+    pub events_ring_bytes: Option<u32>,
 }
 
 impl Default for ObserverOptions {
@@ -93,6 +99,7 @@ impl Default for ObserverOptions {
             cgroup: None,
             max_destinations: names::DEFAULT_MAX_DESTINATIONS,
             max_connections: names::DEFAULT_MAX_CONNECTIONS,
+            events_ring_bytes: None,
         }
     }
 }
@@ -103,6 +110,8 @@ pub struct KernelObserver {
     dest_stats: HashMap<MapData, UpstreamKey, DestStats>,
     conn_stats: HashMap<MapData, u64, ConnStats>,
     counters: PerCpuArray<MapData, u64>,
+    /// Anomaly lines the kernel writes through aya-log, forwarded to `tracing`.
+    kernel_log: kernel_log::KernelLog,
     cgroup: PathBuf,
     // Dropped last: detaches every program.
     _ebpf: Ebpf,
@@ -173,14 +182,18 @@ impl KernelObserver {
         let kernel_btf = aya::Btf::from_sys_fs()
             .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(&kernel_btf)
             .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
             .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
             .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
-            .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
-            .load(EBPF_OBJECT)
-            .map_err(ObserverError::Load)?;
+            .map_max_entries(names::MAP_CONN_STATS, opts.max_connections);
+        if let Some(bytes) = opts.events_ring_bytes {
+            loader.map_max_entries(names::MAP_EVENTS, bytes);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(ObserverError::Load)?;
+        let kernel_log = kernel_log::KernelLog::take(&mut ebpf)?;
 
         let cgroup_fd = File::open(&cgroup).map_err(|source| ObserverError::Cgroup {
             path: cgroup.display().to_string(),
@@ -222,6 +235,7 @@ impl KernelObserver {
             dest_stats: take_map(&mut ebpf, names::MAP_DEST_STATS)?,
             conn_stats: take_map(&mut ebpf, names::MAP_CONN_STATS)?,
             counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
+            kernel_log,
             cgroup,
             _ebpf: ebpf,
         })
@@ -232,20 +246,33 @@ impl KernelObserver {
         &self.cgroup
     }
 
-    /// Moves every record waiting in the ring buffer into `out`. Never blocks.
+    /// Moves every record waiting in the ring buffer into `out`, and forwards the kernel's
+    /// anomaly log lines. Never blocks.
     pub fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
+        self.kernel_log.flush();
         while let Some(item) = self.events.next() {
-            if item.len() >= std::mem::size_of::<ConnectEvent>() {
-                // SAFETY: ConnectEvent is Pod (gateway-common); read_unaligned copes with any
-                // alignment of the ring-buffer slot.
-                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnectEvent>()) });
+            if let Some(ev) = records::event_from_bytes(&item) {
+                out.push(ev);
             }
         }
     }
 
-    /// Per-destination aggregates, as the kernel holds them now.
+    /// Per-destination aggregates, as the kernel holds them now. Copies the whole map: for a
+    /// large map use [`KernelObserver::for_each_dest`].
     pub fn dest_stats(&self) -> Vec<(UpstreamKey, DestStats)> {
         self.dest_stats.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Calls `f` for each destination the kernel holds, one at a time (memory stays constant
+    /// however big the map); returns how many there were. Entries the LRU evicts during the
+    /// walk are skipped.
+    pub fn for_each_dest(&self, mut f: impl FnMut(&UpstreamKey, &DestStats)) -> usize {
+        let mut n = 0;
+        for (k, v) in self.dest_stats.iter().filter_map(Result::ok) {
+            f(&k, &v);
+            n += 1;
+        }
+        n
     }
 
     /// Established-connection signals of one socket, by `SO_COOKIE`.
@@ -264,6 +291,31 @@ impl KernelObserver {
     /// Records the kernel could not put in the ring buffer because it was full.
     pub fn events_lost(&self) -> u64 {
         self.counter(counter::EVENTS_LOST)
+    }
+
+    /// Every kernel-side health counter, summed over CPUs, by `gateway_common::counter` index.
+    pub fn counters(&self) -> KernelCounters {
+        let mut c = KernelCounters::default();
+        for (i, slot) in c.0.iter_mut().enumerate() {
+            *slot = self.counter(i as u32);
+        }
+        c
+    }
+}
+
+/// The kernel side's own health counters (`gateway_common::counter`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0.get(index as usize).copied().unwrap_or(0)
+    }
+
+    /// Destinations the LRU evicted from `DEST_STATS`, given how many it holds now.
+    pub fn dest_evicted(&self, entries: usize) -> u64 {
+        self.get(counter::DEST_INSERTED)
+            .saturating_sub(entries as u64)
     }
 }
 

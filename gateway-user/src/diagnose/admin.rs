@@ -151,12 +151,24 @@ impl GatewayView {
 
 /// The endpoints of `cluster` and the gateway's view of them, from the gateway at `admin`.
 pub async fn cluster_view(admin: SocketAddr, cluster: &str) -> Result<GatewayView, AdminError> {
-    let body = tokio::time::timeout(ADMIN_TIMEOUT, get_status(admin))
+    let raw = tokio::time::timeout(ADMIN_TIMEOUT, get_status(admin))
         .await
         .map_err(|_| AdminError::Timeout {
             admin,
             timeout: ADMIN_TIMEOUT,
         })??;
+    view_from_response(admin, &raw, cluster)
+}
+
+/// The gateway's view of `cluster` from the raw bytes of its answer to `GET /status` (status
+/// line, headers, body: plain, close-delimited or chunked). Pure, so that it can be fuzzed:
+/// any bytes give a view or an error, never a panic.
+pub fn view_from_response(
+    admin: SocketAddr,
+    raw: &[u8],
+    cluster: &str,
+) -> Result<GatewayView, AdminError> {
+    let body = status_body(admin, raw)?;
     let status: Value =
         serde_json::from_slice(&body).map_err(|source| AdminError::NotJson { admin, source })?;
     view_of(admin, &status, cluster).map_err(|known| match known {
@@ -191,6 +203,11 @@ async fn get_status(admin: SocketAddr) -> Result<Vec<u8>, AdminError> {
         .read_to_end(&mut raw)
         .await
         .map_err(io)?;
+    Ok(raw)
+}
+
+/// The body of a 200 answer, de-chunked when it says so.
+fn status_body(admin: SocketAddr, raw: &[u8]) -> Result<Vec<u8>, AdminError> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -59,6 +59,7 @@ impl KernelSession {
             cgroup: Some(cgroup.path().to_path_buf()),
             max_destinations: MAX_DESTINATIONS,
             max_connections: MAX_CONNECTIONS,
+            ..ObserverOptions::default()
         })
         .map_err(|e| KernelUnavailable::Observer(Box::new(e)))?;
         Ok(KernelSession {

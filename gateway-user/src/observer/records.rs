@@ -14,9 +14,11 @@ use std::{
 };
 
 use gateway_common::{
-    AF_INET, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno,
+    AF_INET, ConnStats, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno,
 };
 use serde::Serialize;
+
+use crate::signals::{ConnEvidence, ConnectEvidence};
 
 /// How long an outcome waits for the application's SO_ERROR read before it is printed
 /// without one. Poll-style clients read it within microseconds of the wake-up.
@@ -95,6 +97,13 @@ impl Clock {
         let real = read(libc::CLOCK_REALTIME);
         Clock {
             realtime_minus_monotonic_ns: real - mono,
+        }
+    }
+
+    /// A clock with a given realtime − monotonic offset (tests, fuzzing).
+    pub fn from_offset_ns(realtime_minus_monotonic_ns: i128) -> Clock {
+        Clock {
+            realtime_minus_monotonic_ns,
         }
     }
 
@@ -217,6 +226,51 @@ pub fn decode(ev: &ConnectEvent, clock: &Clock) -> Option<Decoded> {
         }));
     }
     ConnectRecord::from_event(ev, clock).map(Decoded::Outcome)
+}
+
+/// One ring-buffer record as the kernel wrote it: `None` when the slot is shorter than a
+/// [`ConnectEvent`] (a record from a different build). What the fields mean is checked by
+/// [`decode`].
+pub fn event_from_bytes(bytes: &[u8]) -> Option<ConnectEvent> {
+    pod_from_bytes(bytes)
+}
+
+/// A kernel value (ring-buffer record or map value) from its bytes; `None` when there are too
+/// few. Bytes past the value are ignored.
+pub fn pod_from_bytes<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `Pod` types (gateway-common) are repr(C), made of integers only, with no padding
+    // (its size assertions), so any bytes are a valid value; read_unaligned copes with any
+    // alignment of the ring-buffer slot, and the length was checked above.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// The proxy's view of an outcome record; `None` for follow-ups and unknown outcomes.
+pub fn connect_evidence(ev: &ConnectEvent) -> Option<ConnectEvidence> {
+    if ev.kind != EventKind::Outcome as u8 {
+        return None;
+    }
+    let outcome = Outcome::from_u8(ev.outcome)?;
+    Some(ConnectEvidence {
+        outcome,
+        syn_retransmits: u32::from(ev.syn_retransmits),
+        syn_rtt: (outcome == Outcome::Established).then(|| Duration::from_nanos(ev.syn_rtt_ns)),
+        errno: (ev.errno != 0).then_some(u32::from(ev.errno)),
+        elapsed: Duration::from_nanos(ev.ts_event_ns.saturating_sub(ev.ts_connect_ns)),
+    })
+}
+
+/// The proxy's view of a `CONN_STATS` value.
+pub fn conn_evidence(cs: &ConnStats) -> ConnEvidence {
+    ConnEvidence {
+        data_retransmits: cs.data_retransmits,
+        rtos: cs.rtos,
+        srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),
+        bytes_acked: cs.bytes_acked,
+        unacked_bytes: u64::from(cs.unacked_bytes),
+    }
 }
 
 /// Holds outcome records until their SO_ERROR read arrives or the join window passes.

@@ -18,11 +18,11 @@ use std::{
     time::Duration,
 };
 
-use gateway_common::{ConnectEvent, EventKind, Outcome};
+use gateway_common::ConnectEvent;
 
 use super::{
     KernelObserver,
-    records::{Clock, key_to_socket_addr},
+    records::{Clock, conn_evidence, connect_evidence as evidence_of, key_to_socket_addr},
 };
 use crate::signals::{ConnEvidence, ConnectEvidence, SignalMode, SignalSource};
 
@@ -55,17 +55,6 @@ pub struct KernelSignals {
     inner: Mutex<Inner>,
     listeners: Mutex<Vec<Listener>>,
     stop: AtomicBool,
-}
-
-fn evidence_of(ev: &ConnectEvent) -> Option<ConnectEvidence> {
-    let outcome = Outcome::from_u8(ev.outcome)?;
-    Some(ConnectEvidence {
-        outcome,
-        syn_retransmits: u32::from(ev.syn_retransmits),
-        syn_rtt: (outcome == Outcome::Established).then(|| Duration::from_nanos(ev.syn_rtt_ns)),
-        errno: (ev.errno != 0).then_some(u32::from(ev.errno)),
-        elapsed: Duration::from_nanos(ev.ts_event_ns.saturating_sub(ev.ts_connect_ns)),
-    })
 }
 
 impl KernelSignals {
@@ -127,10 +116,7 @@ impl KernelSignals {
             let now = Clock::monotonic_now();
             let mut seen = Vec::new();
             for ev in inner.scratch.drain(..) {
-                if ev.kind != EventKind::Outcome as u8 {
-                    continue;
-                }
-                let Some(evidence) = evidence_of(&ev) else {
+    let Some(evidence) = evidence_of(&ev) else {
                     continue;
                 };
                 inner.by_cookie.insert(ev.cookie, evidence.clone());
@@ -209,12 +195,6 @@ impl SignalSource for KernelSignals {
             .expect("signals lock")
             .observer
             .conn_stats(cookie)?;
-        Some(ConnEvidence {
-            data_retransmits: cs.data_retransmits,
-            rtos: cs.rtos,
-            srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),
-            bytes_acked: cs.bytes_acked,
-            unacked_bytes: u64::from(cs.unacked_bytes),
-        })
+        Some(conn_evidence(&cs))
     }
 }

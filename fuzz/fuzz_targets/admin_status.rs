@@ -1,0 +1,25 @@
+//! `/status` as `gateway diagnose --admin` reads it: the raw bytes of the admin API's answer
+//! (status line, headers, plain or chunked body, JSON), into the gateway's view of a cluster
+//! and its evidence lines. Any bytes give a view or a clear error, never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let admin = "127.0.0.1:9901".parse().unwrap();
+    // The first byte picks the cluster asked for, so both "found" and "unknown" are reached.
+    let (pick, raw) = data.split_first().unwrap_or((&0, data));
+    let cluster = ["api", "web", ""][usize::from(*pick) % 3];
+    match gateway::diagnose::admin::view_from_response(admin, raw, cluster) {
+        Ok(view) => {
+            assert!(!view.endpoints.is_empty(), "a view with no endpoints");
+            let lines = view.evidence();
+            assert_eq!(lines.len(), view.endpoints.len());
+            let _ = serde_json::to_string(&view).expect("views serialise");
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("127.0.0.1:9901"), "an error that does not name the admin: {msg}");
+        }
+    }
+});
