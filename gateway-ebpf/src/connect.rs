@@ -46,6 +46,7 @@ pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
         dst.addr[3] = ip[3];
         open(&ctx, dst);
     }
+    anomaly::flush();
     1
 }
 
@@ -87,6 +88,7 @@ pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
         }
         open(&ctx, dst);
     }
+    anomaly::flush();
     1
 }
 
@@ -116,14 +118,7 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
         // (`bpf_sk_storage_charge()` against net.core.optmem_max) or has no memory.
         let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        anomaly::report(
-            counter::STORAGE_FAILED,
-            "no socket storage, connect not tracked",
-            "SOCK_STATE",
-            cookie,
-            &dst,
-            pid,
-        );
+        anomaly::report(counter::STORAGE_FAILED, cookie, &dst, pid);
         return;
     }
     let st = unsafe { &mut *st };
@@ -181,5 +176,6 @@ pub fn gw_sys_exit_connect(ctx: TracePointContext) -> u32 {
         emit::addr_unavailable(ev);
     }
     let _ = PENDING_CONNECT.remove(&pid_tgid);
+    // An anomaly found here is logged by the next sock_ops or connect program on this CPU.
     0
 }

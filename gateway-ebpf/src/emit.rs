@@ -94,19 +94,15 @@ pub fn dest_stats(dst: &UpstreamKey, cookie: u64, pid: u32) -> Option<*mut DestS
     // Another CPU may insert the same key between our lookup and insert: NOEXIST makes that a
     // harmless EEXIST, and the second lookup finds whichever entry won. Only a successful
     // insert counts as a new destination (evictions = inserts - entries).
-    if DEST_STATS.insert(dst, &ZERO_STATS, u64::from(BPF_NOEXIST)).is_ok() {
+    if DEST_STATS
+        .insert(dst, &ZERO_STATS, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
         bump(counter::DEST_INSERTED);
     }
     let p = DEST_STATS.get_ptr_mut(dst);
     if p.is_none() {
-        anomaly::report(
-            counter::DEST_INSERT_FAILED,
-            "insert failed",
-            "DEST_STATS",
-            cookie,
-            dst,
-            pid,
-        );
+        anomaly::report(counter::DEST_INSERT_FAILED, cookie, dst, pid);
     }
     p
 }

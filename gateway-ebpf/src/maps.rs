@@ -64,6 +64,21 @@ pub static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray
 #[btf_map]
 pub static ANOMALY_LOGGED: PerCpuArray<u64, { ANOMALY_SLOTS as usize }> = PerCpuArray::new();
 
+/// An anomaly waiting to be logged at the end of the program that found it; see `anomaly`.
+#[repr(C)]
+pub struct AnomalyPending {
+    pub cookie: u64,
+    pub kind: u32,
+    pub pid: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub armed: u8,
+    pub _pad: [u8; 5],
+}
+
+#[btf_map]
+pub static ANOMALY_PENDING: PerCpuArray<AnomalyPending, 1> = PerCpuArray::new();
+
 /// Set by userspace from the running kernel's BTF: `offsetof(struct sock, sk_err)` and
 /// `offsetof(struct sock, sk_err_soft)`. aya has no CO-RE for Rust programs, so the loader
 /// resolves the offsets by hand.

@@ -30,6 +30,7 @@ const TCP_CLOSE: u32 = 7;
 #[sock_ops]
 pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
     let _ = try_sock_ops(&ctx);
+    crate::anomaly::flush();
     1
 }
 
@@ -139,8 +140,6 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 // means this state machine has a hole: say so rather than miscount.
                 anomaly::report(
                     counter::UNEXPECTED_STATE,
-                    "unexpected state transition",
-                    "SOCK_STATE",
                     st.ev.cookie,
                     &st.ev.dst,
                     st.ev.pid,
@@ -197,8 +196,6 @@ fn established_event(ctx: &SockOpsContext, st: &mut SockState, rto: bool) {
 fn conn_insert_failed(st: &SockState) {
     anomaly::report(
         counter::CONN_INSERT_FAILED,
-        "insert failed",
-        "CONN_STATS",
         st.ev.cookie,
         &st.ev.dst,
         st.ev.pid,

@@ -8,8 +8,8 @@
 
 pub mod btf;
 pub mod cgroup;
-pub mod kernel_log;
 pub mod explain;
+pub mod kernel_log;
 pub mod preflight;
 pub mod records;
 pub mod signals;

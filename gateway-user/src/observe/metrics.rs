@@ -204,7 +204,9 @@ impl ObserverMetrics {
         for (index, kind) in gateway_common::anomaly::KINDS {
             let (n, before) = (now.get(index), self.kernel_seen.get(index));
             if n > before {
-                self.anomalies.get_or_create(&Kind { kind }).inc_by(n - before);
+                self.anomalies
+                    .get_or_create(&Kind { kind })
+                    .inc_by(n - before);
             } else {
                 // Present from the start, so that a dashboard sees 0 rather than nothing.
                 let _ = self.anomalies.get_or_create(&Kind { kind });

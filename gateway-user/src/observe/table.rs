@@ -73,7 +73,9 @@ fn failures(s: &DestStats) -> u64 {
 }
 
 fn total(s: &DestStats) -> u64 {
-    s.attempts.iter().fold(0u64, |acc, n| acc.saturating_add(*n))
+    s.attempts
+        .iter()
+        .fold(0u64, |acc, n| acc.saturating_add(*n))
 }
 
 /// Sort key of a row: failing destinations first, then busiest, then by address.
@@ -229,8 +231,8 @@ impl Table {
             let procs = seen
                 .map(|s| {
                     let mut names: Vec<&String> = s.procs.keys().collect();
-                    let extra =
-                        (names.len().saturating_sub(MAX_PROCS_SHOWN) as u64).saturating_add(s.more_procs);
+                    let extra = (names.len().saturating_sub(MAX_PROCS_SHOWN) as u64)
+                        .saturating_add(s.more_procs);
                     names.truncate(MAX_PROCS_SHOWN);
                     let mut text = names
                         .iter()

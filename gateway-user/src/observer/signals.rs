@@ -116,7 +116,7 @@ impl KernelSignals {
             let now = Clock::monotonic_now();
             let mut seen = Vec::new();
             for ev in inner.scratch.drain(..) {
-    let Some(evidence) = evidence_of(&ev) else {
+                let Some(evidence) = evidence_of(&ev) else {
                     continue;
                 };
                 inner.by_cookie.insert(ev.cookie, evidence.clone());
