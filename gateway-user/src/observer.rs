@@ -13,6 +13,7 @@ pub mod kernel_log;
 pub mod preflight;
 pub mod records;
 pub mod signals;
+pub mod stale;
 
 use std::{
     fs::File,

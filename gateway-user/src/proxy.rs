@@ -440,6 +440,9 @@ fn attach_observer(
     }
     let attached = (|| -> anyhow::Result<_> {
         let cgroup = SelfCgroup::enter(&cfg.cgroup)?;
+        for dead in crate::observer::stale::remove_dead_siblings(cgroup.path()) {
+            info!(cgroup = %dead.display(), "removed the cgroup of a gateway that died without cleaning up");
+        }
         let observer = KernelObserver::attach(&ObserverOptions {
             cgroup: Some(cgroup.path().to_path_buf()),
             ..ObserverOptions::default()
