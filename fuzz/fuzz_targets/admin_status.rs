@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("127.0.0.1:9901"), "an error that does not name the admin: {msg}");
+            assert!(
+                msg.contains("127.0.0.1:9901"),
+                "an error that does not name the admin: {msg}"
+            );
         }
     }
 });

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
                 let _ = w.to_string();
             }
             // Whatever validates must be a config the proxy can run on.
-            assert!(!loaded.settings.listen.is_empty(), "validated config without a listener");
+            assert!(
+                !loaded.settings.listen.is_empty(),
+                "validated config without a listener"
+            );
             for route in &loaded.settings.routes {
                 assert!(
                     loaded.settings.clusters.contains_key(&route.cluster),
@@ -28,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("fuzz.toml"), "an error that does not name the file: {msg}");
+            assert!(
+                msg.contains("fuzz.toml"),
+                "an error that does not name the file: {msg}"
+            );
         }
     }
 });
