@@ -4,6 +4,7 @@
 mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
+mod capacity;
 mod fuzz;
 
 use std::process::{Command, ExitCode};
@@ -44,6 +45,12 @@ enum Cmd {
         target: String,
         #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
         time: std::time::Duration,
+    },
+    /// The kernel side's capacity through `gateway observe`: N distinct destinations
+    /// (default 1,000,000) into its LRU table; RSS, evictions, losses and their consistency.
+    Capacity {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Internal: the benchmark's client process.
     #[command(hide = true)]
@@ -286,6 +293,7 @@ fn main() -> ExitCode {
             )),
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),
+        Cmd::Capacity { args } => capacity::run(&args),
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
         Cmd::BenchSpray { n } => bench_observer::spray(&n),
     };
