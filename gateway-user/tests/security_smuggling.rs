@@ -104,10 +104,18 @@ fn assert_not_smuggled(answer: &str, seen: &str) {
             answer.to_ascii_lowercase().contains("connection: close"),
             "an ambiguous request closes the client connection: {answer:?}"
         );
-        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer: {answer:?}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "one answer: {answer:?}"
+        );
     }
     assert!(!seen.contains("/smuggled"), "smuggled: {seen:?}");
-    let head = seen.split("\r\n\r\n").next().unwrap_or("").to_ascii_lowercase();
+    let head = seen
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     assert!(
         !head.contains("content-length:"),
         "the conflicting content-length is not forwarded: {seen:?}"
@@ -138,7 +146,11 @@ async fn te_cl_conflict_smuggles_nothing() {
     if !seen.is_empty() {
         let (head, body) = seen.split_once("\r\n\r\n").expect("a head");
         assert!(head.starts_with("POST / HTTP/1.1\r\n"), "{seen:?}");
-        assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{seen:?}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{seen:?}"
+        );
         assert_eq!(
             body,
             format!("{:X}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
@@ -152,7 +164,11 @@ async fn unknown_or_non_final_chunked_transfer_coding_is_rejected() {
     for te in ["chunked, identity", "xchunked", "identity"] {
         let req = format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: {te}\r\n\r\n0\r\n\r\n");
         let (answer, seen, _gw) = through("te-bad", OK, req.as_bytes()).await;
-        assert_eq!(status(&answer), "400", "te {te}: answer {answer:?}; upstream saw {seen:?}");
+        assert_eq!(
+            status(&answer),
+            "400",
+            "te {te}: answer {answer:?}; upstream saw {seen:?}"
+        );
         assert!(seen.is_empty(), "te {te}: upstream saw {seen:?}");
     }
 }
@@ -161,7 +177,11 @@ async fn unknown_or_non_final_chunked_transfer_coding_is_rejected() {
 async fn duplicate_differing_content_lengths_are_rejected() {
     let req = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 5\r\n\r\nhello";
     let (answer, seen, _gw) = through("dup-cl", OK, req).await;
-    assert_eq!(status(&answer), "400", "answer: {answer:?}; upstream saw {seen:?}");
+    assert_eq!(
+        status(&answer),
+        "400",
+        "answer: {answer:?}; upstream saw {seen:?}"
+    );
     assert!(seen.is_empty(), "upstream saw {seen:?}");
 }
 
@@ -169,7 +189,11 @@ async fn duplicate_differing_content_lengths_are_rejected() {
 async fn obs_fold_in_a_request_is_rejected() {
     let req = b"GET / HTTP/1.1\r\nhost: a\r\nx-folded: a\r\n transfer-encoding: chunked\r\n\r\n";
     let (answer, seen, _gw) = through("obs-fold", OK, req).await;
-    assert_eq!(status(&answer), "400", "answer: {answer:?}; upstream saw {seen:?}");
+    assert_eq!(
+        status(&answer),
+        "400",
+        "answer: {answer:?}; upstream saw {seen:?}"
+    );
     assert!(seen.is_empty(), "upstream saw {seen:?}");
 }
 
@@ -179,7 +203,11 @@ async fn chunked_body_is_reframed_for_the_upstream() {
     let req = b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
     let (answer, seen, _gw) = through("chunked-ok", OK, req).await;
     assert_eq!(status(&answer), "200", "answer: {answer:?}");
-    assert_eq!(seen.matches("HTTP/1.1\r\n").count(), 1, "one request upstream: {seen:?}");
+    assert_eq!(
+        seen.matches("HTTP/1.1\r\n").count(),
+        1,
+        "one request upstream: {seen:?}"
+    );
     let lower = seen.to_ascii_lowercase();
     assert!(
         !(lower.contains("content-length:") && lower.contains("transfer-encoding:")),
@@ -196,7 +224,11 @@ async fn upstream_response_cl_te_conflict_does_not_reach_the_client_as_is() {
         b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     )
     .await;
-    let head = answer.split("\r\n\r\n").next().unwrap_or("").to_ascii_lowercase();
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     assert!(
         !(head.contains("content-length:") && head.contains("transfer-encoding:")),
         "the client never gets both framing headers: {answer:?}"
@@ -213,7 +245,10 @@ async fn upstream_obs_fold_response_is_rejected() {
     )
     .await;
     assert_eq!(status(&answer), "502", "answer: {answer:?}");
-    assert!(!answer.to_ascii_lowercase().contains("x-injected"), "{answer:?}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("x-injected"),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]
@@ -244,13 +279,127 @@ async fn evidence_headers_carry_nothing_a_client_sent() {
     assert!(status(&answer).starts_with('5'), "answer: {answer:?}");
     for line in head.lines().skip(1) {
         let lower = line.to_ascii_lowercase();
-        assert!(!lower.starts_with("x-injected"), "injected header line: {line:?}");
+        assert!(
+            !lower.starts_with("x-injected"),
+            "injected header line: {line:?}"
+        );
         if let Some(v) = lower.strip_prefix("x-gateway-") {
             assert!(
                 v.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
                 "gateway header with odd bytes: {line:?}"
             );
-            assert!(!v.contains("evil") && !v.contains("%0d"), "client data in {line:?}");
+            assert!(
+                !v.contains("evil") && !v.contains("%0d"),
+                "client data in {line:?}"
+            );
         }
+    }
+}
+
+/// A request path can carry `"`, `\`, `%`-escapes and bytes above 0x7f (obs-text), but no
+/// control byte (hyper refuses CR, LF, ESC, DEL and NUL in the request line with a 400). In
+/// the plain access log a path cannot end its quoted field or start a new line; in the JSON
+/// log it is one string value.
+#[tokio::test]
+async fn request_paths_cannot_forge_access_log_lines() {
+    let up = Recorder::start(OK).await;
+    for format in ["plain", "json"] {
+        let dir = temp_dir(&format!("log-injection-{format}"));
+        let log = dir.join("access.log");
+        let text = base_config(&log)
+            .replace("format = \"json\"", &format!("format = \"{format}\""))
+            + &cluster(up.addr);
+        let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .settings;
+        let handle = gateway::proxy::start(
+            settings,
+            Arc::new(gateway::signals::UserspaceOnly::new("test")),
+        )
+        .await
+        .unwrap();
+        let addr = handle.listen_addrs()[0];
+        // Each tries to close the quoted path and add fields, or to start a new line. A path
+        // has no space (the request line splits on it), so fields would have to be glued on.
+        let forged: [&[u8]; 5] = [
+            b"/a\"route=forged\"",
+            b"/a\\\"\\",
+            b"/a%22%0d%0a2026-01-01T00:00:00Z%20GET%20/forged",
+            b"/a?q=\"}{\"route\":\"forged\"",
+            b"/caf\xc3\xa9",
+        ];
+        // Requests the proxy handled (hyper's own 400s for unparsable heads never reach it,
+        // and are not logged).
+        let mut handled = 0;
+        for path in forged {
+            let mut req = b"GET ".to_vec();
+            req.extend_from_slice(path);
+            req.extend_from_slice(b" HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let answer = raw_exchange(addr, &req, Duration::from_secs(3)).await;
+            assert!(
+                status(&answer) == "200" || status(&answer) == "400",
+                "{answer:?}"
+            );
+            let lower = answer.to_ascii_lowercase();
+            if lower.contains("\r\nvia: ") || lower.contains("\r\nx-gateway-error: ") {
+                handled += 1;
+            }
+        }
+        assert!(
+            handled >= 3,
+            "the forged paths reached the proxy: {handled}"
+        );
+        // Control bytes in the request line never reach the log: hyper answers 400 first.
+        for ctl in [b'\x1b', b'\x7f', b'\r', b'\x00'] {
+            let mut req = b"GET /x".to_vec();
+            req.push(ctl);
+            req.extend_from_slice(b"y HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let answer = raw_exchange(addr, &req, Duration::from_secs(3)).await;
+            assert_eq!(status(&answer), "400", "control byte {ctl:#x}: {answer:?}");
+        }
+        let _ = handle.shutdown(Duration::from_secs(1)).await;
+        // The access log is written by its own thread: wait for every handled request's line.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().filter(|l| !l.starts_with('#')).count() >= handled
+                || std::time::Instant::now() > end
+            {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines.len(),
+            handled,
+            "{format}: one line per request:\n{text}"
+        );
+        for line in &lines {
+            assert!(
+                !line.bytes().any(|b| b < 0x20 && b != b'\t'),
+                "{format}: a control byte in {line:?}"
+            );
+            match format {
+                "json" => {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+                    assert!(v["route"].as_str() != Some("forged"), "{line:?}");
+                }
+                _ => {
+                    // Exactly two quotes (around the request), and the fields after them are
+                    // the gateway's own.
+                    assert_eq!(line.matches('"').count(), 2, "{line:?}");
+                    let after = line.rsplit('"').next().unwrap_or("");
+                    assert_eq!(after.matches(" route=").count(), 1, "{line:?}");
+                    assert!(!after.contains("forged"), "a forged field: {line:?}");
+                }
+            }
+            assert!(
+                !line.contains("GET /forged"),
+                "a forged line start: {line:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

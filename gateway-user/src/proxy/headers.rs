@@ -142,7 +142,10 @@ const GATEWAY_PREFIX: &str = "x-gateway-";
 /// Removes `x-gateway-*` headers an upstream sent: a client must be able to trust that they
 /// are the gateway's own evidence, never an upstream's forgery (SECURITY.md).
 pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
-    if !headers.keys().any(|n| n.as_str().starts_with(GATEWAY_PREFIX)) {
+    if !headers
+        .keys()
+        .any(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+    {
         return;
     }
     let forged: Vec<HeaderName> = headers
