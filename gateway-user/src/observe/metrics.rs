@@ -293,3 +293,50 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
             .expect("static response"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::records::{ConnectRecord, OutcomeName};
+
+    fn rec(port: u16) -> ConnectRecord {
+        ConnectRecord {
+            ts_unix_ns: 0,
+            dst: SocketAddr::from(([10, 0, 0, 1], port)),
+            src_port: 1,
+            cookie: u64::from(port),
+            pid: 1,
+            comm: "c".into(),
+            cgroup_id: 1,
+            outcome: OutcomeName(gateway_common::Outcome::Refused),
+            syn_retransmits: 0,
+            elapsed_us: 1,
+            syn_rtt_us: None,
+            errno: None,
+            so_error: None,
+        }
+    }
+
+    /// SECURITY.md: however many destinations a host talks to, the `dst` label has at most
+    /// `max_destinations` values plus `other`.
+    #[test]
+    fn destination_labels_are_capped() {
+        let mut registry = Registry::default();
+        let mut m = ObserverMetrics::new(&mut registry, 10);
+        for port in 0..5000 {
+            m.record(&rec(port));
+        }
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        let dsts: HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gateway_connect_attempts_total{"))
+            .filter_map(|l| l.split("dst=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(dsts.len(), 11, "10 destinations and `other`: {dsts:?}");
+        assert!(dsts.contains(OTHER_DST));
+        assert!(
+            text.contains("gateway_connect_attempts_total{dst=\"other\",outcome=\"refused\"} 4990")
+        );
+    }
+}

@@ -283,6 +283,69 @@ mod tests {
         assert_eq!(percentile(&[], 0.5), None);
     }
 
+    /// The kernel's counters are any u64 (a newer object, a long-lived host): sums saturate
+    /// instead of panicking. Found by the `kernel_records` fuzz target's review: the totals
+    /// were `iter().sum()`, which overflows.
+    #[test]
+    fn huge_counters_do_not_overflow() {
+        let key =
+            crate::observer::records::socket_addr_to_key(SocketAddr::from(([10, 0, 0, 1], 80)));
+        let mut s: DestStats = unsafe { std::mem::zeroed() };
+        s.attempts = [u64::MAX; gateway_common::OUTCOME_SLOTS];
+        let text = Table::default().render(&[(key, s)], 5);
+        assert!(text.contains(&u64::MAX.to_string()), "{text}");
+    }
+
+    /// Memory stays bounded however many destinations records arrive for.
+    #[test]
+    fn remembered_destinations_and_samples_are_bounded() {
+        let mut t = Table::default();
+        for i in 0..(MAX_SEEN as u32 * 3) {
+            let mut rec = crate::observer::records::ConnectRecord {
+                ts_unix_ns: 0,
+                dst: SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 80)),
+                src_port: 1,
+                cookie: u64::from(i),
+                pid: i,
+                comm: "c".into(),
+                cgroup_id: 1,
+                outcome: crate::observer::records::OutcomeName(Outcome::Established),
+                syn_retransmits: 0,
+                elapsed_us: 1,
+                syn_rtt_us: Some(100),
+                errno: None,
+                so_error: None,
+            };
+            t.record(&rec);
+            // One busy destination with many processes and samples.
+            rec.dst = SocketAddr::from(([10, 9, 9, 9], 80));
+            t.record(&rec);
+            assert!(t.remembered() <= MAX_SEEN);
+        }
+        let busy = &t.seen[&SocketAddr::from(([10, 9, 9, 9], 80))];
+        assert_eq!(busy.rtts_us.len(), RTT_WINDOW);
+        assert_eq!(busy.procs.len(), MAX_PROCS_KEPT);
+        assert!(busy.more_procs > 0);
+    }
+
+    #[test]
+    fn top_rows_keep_only_the_top() {
+        let key = |port| {
+            crate::observer::records::socket_addr_to_key(SocketAddr::from(([10, 0, 0, 1], port)))
+        };
+        let mut rows = TopRows::new(2);
+        for port in 0..100u16 {
+            let mut s: DestStats = unsafe { std::mem::zeroed() };
+            s.attempts[Outcome::Refused as usize] = u64::from(port);
+            rows.offer(&key(port), &s);
+        }
+        let text = Table::default().render_top(rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("10.0.0.1:99"), "{text}");
+        assert!(lines[2].starts_with("10.0.0.1:98"), "{text}");
+        assert_eq!(lines[3], "… 98 more destinations (raise --top)");
+    }
+
     #[test]
     fn failing_destinations_sort_first() {
         let key = |port| {
