@@ -284,8 +284,8 @@ mod tests {
     }
 
     /// The kernel's counters are any u64 (a newer object, a long-lived host): sums saturate
-    /// instead of panicking. Found by the `kernel_records` fuzz target's review: the totals
-    /// were `iter().sum()`, which overflows.
+    /// instead of panicking (the totals were `iter().sum()`, which panics on overflow in a
+    /// build with overflow checks).
     #[test]
     fn huge_counters_do_not_overflow() {
         let key =
