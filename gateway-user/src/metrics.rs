@@ -58,6 +58,11 @@ pub struct EndpointErrno {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrnoLabels {
     pub errno: &'static str,
 }
@@ -170,6 +175,8 @@ catalogue! {
         "1 for the observer mode in effect (kernel, userspace).";
     events_lost: "gateway_observer_events_lost", "counter", [],
         "Connect records the kernel could not queue because the ring buffer was full (read from the observer every second).";
+    kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
+        "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -193,6 +200,7 @@ pub struct GatewayMetrics {
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
     pub events_lost: Counter,
+    pub kernel_anomalies: Family<KindLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -216,6 +224,7 @@ impl GatewayMetrics {
             observer_kernel: Gauge::default(),
             observer_mode: Family::default(),
             events_lost: Counter::default(),
+            kernel_anomalies: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -244,6 +253,7 @@ impl GatewayMetrics {
         reg!(f::observer_kernel, m.observer_kernel);
         reg!(f::observer_mode, m.observer_mode);
         reg!(f::events_lost, m.events_lost);
+        reg!(f::kernel_anomalies, m.kernel_anomalies);
         m
     }
 }
@@ -382,6 +392,11 @@ mod tests {
             .get_or_create(&ModeLabels { mode: "kernel" })
             .set(1);
         m.events_lost.inc();
+        m.kernel_anomalies
+            .get_or_create(&KindLabels {
+                kind: "storage_failed",
+            })
+            .inc();
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         for d in CATALOGUE {

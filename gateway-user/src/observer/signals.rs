@@ -177,6 +177,16 @@ impl SignalSource for KernelSignals {
         Some(KernelSignals::events_lost(self))
     }
 
+    fn kernel_anomalies(&self) -> Option<Vec<(&'static str, u64)>> {
+        let counters = self.inner.lock().expect("signals lock").observer.counters();
+        Some(
+            gateway_common::anomaly::KINDS
+                .iter()
+                .map(|&(index, kind)| (kind, counters.get(index)))
+                .collect(),
+        )
+    }
+
     fn cgroup(&self) -> Option<std::path::PathBuf> {
         Some(
             self.inner

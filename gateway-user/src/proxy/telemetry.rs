@@ -124,6 +124,8 @@ pub(crate) struct Telemetry {
     pub started_at: SystemTime,
     unrouted: RouteMeter,
     events_lost_seen: AtomicU64,
+    /// The kernel's anomaly counts as last exported, by kind.
+    anomalies_seen: std::sync::Mutex<Vec<(&'static str, u64)>>,
 }
 
 impl Telemetry {
@@ -147,6 +149,7 @@ impl Telemetry {
             started_at: SystemTime::now(),
             unrouted,
             events_lost_seen: AtomicU64::new(0),
+            anomalies_seen: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -179,6 +182,20 @@ impl Telemetry {
             if lost > before {
                 self.metrics.events_lost.inc_by(lost - before);
             }
+        }
+        if let Some(now) = signals.kernel_anomalies() {
+            let mut seen = self.anomalies_seen.lock().expect("anomalies lock");
+            for (kind, n) in &now {
+                let before = seen.iter().find(|(k, _)| k == kind).map_or(0, |(_, v)| *v);
+                let c = self
+                    .metrics
+                    .kernel_anomalies
+                    .get_or_create(&crate::metrics::KindLabels { kind });
+                if *n > before {
+                    c.inc_by(n - before);
+                }
+            }
+            *seen = now;
         }
         for c in clusters {
             for ep in c.endpoints() {
