@@ -151,8 +151,12 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 // One walk of the kernel's table, one entry at a time: the rows shown, and
                 // the count behind the tracked/evicted metrics.
                 let mut rows = table::TopRows::new(if args.json { 0 } else { args.top });
-                let entries = observer.for_each_dest(|k, s| rows.offer(k, s));
-                metrics.set_kernel_counters(&observer.counters(), Some(entries));
+                // The counters first: inserts made during the walk then only make the evicted
+                // estimate (inserted − held) low for a moment, never high (the counter can
+                // only grow). Exact once the table is quiet.
+                let counters = observer.counters();
+                let entries = observer.for_each_dest_draining(&mut events, |k, s| rows.offer(k, s));
+                metrics.set_kernel_counters(&counters, Some(entries));
                 if args.json {
                     continue;
                 }

@@ -120,6 +120,9 @@ pub struct KernelObserver {
 
 const VERIFIER_TAIL_LINES: usize = 25;
 
+/// Entries of a table walk between two drains of the ring buffer.
+pub const WALK_DRAIN_EVERY: usize = 2048;
+
 fn program_error(action: &'static str, program: &'static str, err: ProgramError) -> ObserverError {
     match err {
         ProgramError::LoadError {
@@ -272,6 +275,30 @@ impl KernelObserver {
         for (k, v) in self.dest_stats.iter().filter_map(Result::ok) {
             f(&k, &v);
             n += 1;
+        }
+        n
+    }
+
+    /// As [`KernelObserver::for_each_dest`], and drains the ring buffer into `events` every
+    /// [`WALK_DRAIN_EVERY`] entries: a walk of a large table takes two syscalls per entry, and
+    /// the ring must not overflow meanwhile (at 100,000 entries it did, at 26,000 connects/s).
+    pub fn for_each_dest_draining(
+        &mut self,
+        events: &mut Vec<ConnectEvent>,
+        mut f: impl FnMut(&UpstreamKey, &DestStats),
+    ) -> usize {
+        let mut n = 0;
+        for (k, v) in self.dest_stats.iter().filter_map(Result::ok) {
+            f(&k, &v);
+            n += 1;
+            if n % WALK_DRAIN_EVERY == 0 {
+                self.kernel_log.flush();
+                while let Some(item) = self.events.next() {
+                    if let Some(ev) = records::event_from_bytes(&item) {
+                        events.push(ev);
+                    }
+                }
+            }
         }
         n
     }
