@@ -197,7 +197,8 @@ impl KernelObserver {
             loader.map_max_entries(names::MAP_EVENTS, bytes);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(ObserverError::Load)?;
-        let kernel_log = kernel_log::KernelLog::take(&mut ebpf)?;
+        let kernel_log = kernel_log::KernelLog::take(&mut ebpf)
+            .map_err(|e| ObserverError::KernelLog(e.to_string()))?;
 
         let cgroup_fd = File::open(&cgroup).map_err(|source| ObserverError::Cgroup {
             path: cgroup.display().to_string(),

@@ -5,8 +5,6 @@
 use aya::Ebpf;
 use aya_log::EbpfLogger;
 
-use super::ObserverError;
-
 /// Target of the forwarded lines.
 pub const TARGET: &str = "gateway::kernel";
 
@@ -14,10 +12,8 @@ pub struct KernelLog(EbpfLogger<Forward>);
 
 impl KernelLog {
     /// Takes the object's `AYA_LOGS` ring buffer.
-    pub fn take(ebpf: &mut Ebpf) -> Result<KernelLog, ObserverError> {
-        EbpfLogger::init_with_logger(ebpf, Forward)
-            .map(KernelLog)
-            .map_err(|e| ObserverError::KernelLog(e.to_string()))
+    pub fn take(ebpf: &mut Ebpf) -> Result<KernelLog, aya_log::Error> {
+        EbpfLogger::init_with_logger(ebpf, Forward).map(KernelLog)
     }
 
     /// Forwards every line waiting. Never blocks.
