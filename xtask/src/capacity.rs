@@ -11,6 +11,8 @@
 //! - records received plus records lost against N (every connect is one or the other);
 //! - the kernel's anomaly counters (insert failures, missing storage, unexpected transitions).
 //!
+//! `--gateway PATH` measures another build (e.g. an older one, for a before/after figure; one
+//! without the table metrics fails the consistency check after printing its RSS).
 //! Defaults: N = 1,000,000 into the default 16,384-entry table. For the memory figure at
 //! 100,000 destinations: `--destinations 100000 --max-destinations 100000`. `./dev test` runs
 //! a short version (`tests/tests/observe_capacity.rs`). Fails when a count is inconsistent.
@@ -91,8 +93,13 @@ fn get(m: &HashMap<String, f64>, k: &str) -> f64 {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut destinations: u32 = 1_000_000;
     let mut table: u32 = gateway_common::names::DEFAULT_MAX_DESTINATIONS;
+    let mut gateway: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--gateway" {
+            gateway = Some(it.next().context("--gateway needs a path")?.into());
+            continue;
+        }
         let mut value = || -> anyhow::Result<u32> {
             it.next()
                 .with_context(|| format!("{a} needs a value"))?
@@ -103,11 +110,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--destinations" => destinations = value()?,
             "--max-destinations" => table = value()?,
             other => bail!(
-                "unknown argument {other}; usage: cargo xtask capacity [--destinations N] [--max-destinations M]"
+                "unknown argument {other}; usage: cargo xtask capacity [--destinations N] [--max-destinations M] [--gateway PATH]"
             ),
         }
     }
-    let bin = crate::release_gateway(None)?;
+    let bin = crate::release_gateway(gateway.as_deref())?;
     let cg = cgroup()?;
     let metrics_addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let child = Command::new(&bin)
