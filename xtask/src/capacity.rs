@@ -13,9 +13,10 @@
 //!
 //! `--gateway PATH` measures another build (e.g. an older one, for a before/after figure; one
 //! without the table metrics fails the consistency check after printing its RSS).
-//! Defaults: N = 1,000,000 into the default 16,384-entry table. For the memory figure at
+//! It fails when a count is inconsistent or the RSS after the run is over `--max-rss-mib`
+//! (default 40). Defaults: N = 1,000,000 into the default 16,384-entry table. For the memory figure at
 //! 100,000 destinations: `--destinations 100000 --max-destinations 100000`. `./dev test` runs
-//! a short version (`tests/tests/observe_capacity.rs`). Fails when a count is inconsistent.
+//! a short version (`tests/tests/observe_capacity.rs`).
 
 use std::{
     collections::HashMap,
@@ -30,6 +31,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::Proc;
+
+/// The goal for the observer at 100,000 destinations; `--max-rss-mib` changes it.
+const DEFAULT_MAX_RSS_MIB: f64 = 40.0;
 
 struct Cgroup(PathBuf);
 
@@ -94,6 +98,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut destinations: u32 = 1_000_000;
     let mut table: u32 = gateway_common::names::DEFAULT_MAX_DESTINATIONS;
     let mut gateway: Option<PathBuf> = None;
+    let mut max_rss_mib: f64 = DEFAULT_MAX_RSS_MIB;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--gateway" {
@@ -109,8 +114,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         match a.as_str() {
             "--destinations" => destinations = value()?,
             "--max-destinations" => table = value()?,
+            "--max-rss-mib" => max_rss_mib = f64::from(value()?),
             other => bail!(
-                "unknown argument {other}; usage: cargo xtask capacity [--destinations N] [--max-destinations M] [--gateway PATH]"
+                "unknown argument {other}; usage: cargo xtask capacity [--destinations N] [--max-destinations M] [--max-rss-mib MIB] [--gateway PATH]"
             ),
         }
     }
@@ -225,6 +231,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if tracked + evicted != n || records + lost != n || tracked > f64::from(table) {
         bail!("inconsistent counts (see above)");
+    }
+    let rss_mib = rss as f64 / 1024.0;
+    if rss_mib > max_rss_mib {
+        bail!("the observer's RSS ({rss_mib:.1} MiB) is over the {max_rss_mib} MiB goal");
     }
     Ok(())
 }
