@@ -364,6 +364,9 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
         }
+        if let Some(anomalies) = s.signals.kernel_anomalies() {
+            s.telemetry.kernel_anomalies(anomalies);
+        }
         // Each endpoint's deadline and state, which also puts back a state that a replaced
         // endpoint's last words zeroed.
         for c in s.runtime.load().clusters.iter() {

@@ -165,7 +165,31 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
 
 pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
     strip_hop_by_hop(headers);
+    strip_gateway_headers(headers);
     append_via(headers, upstream_version);
+}
+
+/// The prefix of the headers only the gateway writes (`x-gateway-error`, `-evidence`,
+/// `-endpoint`, `-attempts`).
+const GATEWAY_PREFIX: &str = "x-gateway-";
+
+/// Removes `x-gateway-*` headers an upstream sent: a client must be able to trust that they
+/// are the gateway's own evidence, never an upstream's forgery (SECURITY.md).
+pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+    {
+        return;
+    }
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +244,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn an_upstreams_gateway_headers_are_removed() {
+        let mut h = map(&[
+            ("x-gateway-error", "upstream_host_died"),
+            ("x-gateway-evidence", "syns=9"),
+            ("x-gateways", "kept"),
+            ("x-keep", "yes"),
+        ]);
+        to_downstream(&mut h, Version::HTTP_11);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["via", "x-gateways", "x-keep"]);
     }
 
     #[test]
