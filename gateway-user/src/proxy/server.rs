@@ -17,7 +17,6 @@
 //! receiver sees the channel close when the last connection is gone.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -26,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Version, header::CONNECTION};
+use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -182,22 +181,10 @@ async fn serve<I>(
     });
     // Whether this connection speaks HTTP/2, known from its first request.
     let h2 = Arc::new(AtomicBool::new(false));
-    let (svc_h2, svc_phase) = (h2.clone(), phase.clone());
+    let svc_h2 = h2.clone();
     let svc = service_fn(move |req| {
-        let version = req.version();
-        svc_h2.store(version == Version::HTTP_2, Ordering::Relaxed);
-        let response = request::handle(shared.clone(), client.clone(), req);
-        let phase = svc_phase.clone();
-        async move {
-            let mut response = response.await?;
-            if version < Version::HTTP_2 && *phase.borrow() != Phase::Run {
-                // Draining: the client reconnects, through its load balancer, elsewhere.
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(response)
-        }
+        svc_h2.store(req.version() == Version::HTTP_2, Ordering::Relaxed);
+        request::handle(shared.clone(), client.clone(), req)
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
