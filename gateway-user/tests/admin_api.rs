@@ -3,14 +3,20 @@
 //! cluster with nothing left to route to, a drain), and that the admin listener stays on
 //! loopback unless told otherwise.
 
-mod admin_support;
-mod proxy_support;
+use std::time::Duration;
 
-use std::{process::Command, time::Duration};
-
-use admin_support::*;
+use gateway_testkit::{
+    admin::{
+        admin_get, admin_request, catalogued, endpoint, metrics, sample, status, value, wait_for,
+    },
+    gateway_bin,
+    http::{client, get},
+    inprocess::{InProcess, gateway},
+    ports::refused_addr,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// One healthy upstream and one refusing port in the default cluster; refusals eject at once
 /// and the ejection outlasts the test.
@@ -452,7 +458,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     let dir = temp_dir("admin-loopback");
     let refused = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"");
     for cmd in [&["check-config"][..], &["run", "--config"][..]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        let out = gateway_bin!()
+            .command()
             .args(cmd)
             .arg(&refused)
             .env("RUST_LOG", "warn")
@@ -467,7 +474,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     }
     // Allowed when asked for (validated only: this test binds nothing beyond loopback).
     let allowed = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"\nallow_remote = true");
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let out = gateway_bin!()
+        .command()
         .arg("check-config")
         .arg(&allowed)
         .output()

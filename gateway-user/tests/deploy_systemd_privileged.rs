@@ -13,17 +13,20 @@
 //!   drains (health 503, still serving for the drain delay) and ends cleanly;
 //! - `gateway-observe.service` exports the container's connects with exactly its capabilities.
 
-mod deploy_support;
-mod service_support;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use deploy_support::*;
-use service_support::{Upstream, cap_eff, free_port, get_once, load, require_root};
+use gateway_testkit::{
+    deploy::*,
+    http::get_once,
+    ports::free_port,
+    root::require_root,
+    service::{cap_eff, load},
+    upstream::BlockingUpstream as Upstream,
+};
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;

@@ -2,14 +2,16 @@
 //! endpoint (invisible to the client), 502/503 with their reasons, the retry budget, and
 //! idempotent-only retries after a response timeout.
 
-mod admin_support;
-mod proxy_support;
-
 use std::time::Duration;
 
-use admin_support::{endpoint, status, wait_for};
+use gateway_testkit::{
+    admin::{endpoint, status, wait_for},
+    http::{client, empty, get, send},
+    inprocess::{gateway, log_lines},
+    ports::refused_addr,
+    upstream::{Upstream, raw_responder},
+};
 use http::{Request, StatusCode};
-use proxy_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_endpoint_is_retried_on_another_invisibly() {

@@ -1,14 +1,11 @@
-//! Shared harness of the privileged end-to-end tests: a fault lab whose client cgroup is
-//! observed by the real eBPF object, and the `connect-probe` client run inside it.
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the harness"
-)]
-
-pub mod diagnose;
+//! The kernel observer as the observer tests see it: attached in-process to a fault lab's
+//! client cgroup (the real eBPF object), read as the observer stream; and `connect-probe`, the
+//! client run inside that namespace and cgroup, whose JSON lines say what the application saw
+//! of each connect, with the socket's cookie to find the kernel's record of it.
 
 use std::{
-    process::Command,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,16 +17,7 @@ use gateway::observer::{
 use gateway_lab::{Lab, LabSpec, NetnsCommandExt};
 use serde::Deserialize;
 
-/// Fails loudly (never skips) when the test cannot do what it claims to check.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "this is a privileged test: it creates network namespaces and cgroups and attaches \
-             eBPF programs, so it must run as root (use `./dev test`)"
-        );
-    }
-}
+use crate::{bins::ConnectProbe, root::require_root};
 
 /// One line of `connect-probe` output: what the application saw.
 #[derive(Debug, Deserialize, Clone)]
@@ -83,16 +71,50 @@ pub fn observed_lab_with(upstreams: usize, connect_exit: ConnectExitHook) -> (La
     (lab, rec)
 }
 
-/// Runs `connect-probe` in the lab's client namespace and cgroup; one line per attempt.
-pub fn probe(lab: &Lab, style: &str, addr: std::net::SocketAddr, extra: &[&str]) -> Vec<Probe> {
-    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe"))
-        .arg(style)
-        .arg(addr.to_string())
-        .args(extra)
-        .in_netns(lab.client())
-        .in_cgroup(lab.client_cgroup().expect("client cgroup"))
-        .output()
-        .expect("running connect-probe");
+impl ConnectProbe {
+    /// Runs `connect-probe STYLE ADDR EXTRA…` in the lab's client namespace and cgroup, waits,
+    /// and returns its lines, one per attempt.
+    pub fn run_in(&self, lab: &Lab, style: &str, addr: SocketAddr, extra: &[&str]) -> Vec<Probe> {
+        let out = self
+            .in_lab(lab, style, addr, extra)
+            .output()
+            .expect("running connect-probe");
+        parse(&out)
+    }
+
+    /// Starts `connect-probe` in the lab's client namespace and cgroup without waiting; its
+    /// stdout is piped, one JSON line per attempt, printed as soon as the connect finishes.
+    pub fn spawn_in(&self, lab: &Lab, style: &str, addr: SocketAddr, extra: &[&str]) -> Child {
+        self.in_lab(lab, style, addr, extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting connect-probe")
+    }
+
+    /// One connect to `addr` from the test's own namespace and cgroup.
+    pub fn run_here(&self, style: &str, addr: SocketAddr) -> Probe {
+        let out = Command::new(&self.0)
+            .arg(style)
+            .arg(addr.to_string())
+            .output()
+            .expect("running connect-probe");
+        let mut lines = parse(&out);
+        assert_eq!(lines.len(), 1, "one attempt, one line: {lines:?}");
+        lines.remove(0)
+    }
+
+    fn in_lab(&self, lab: &Lab, style: &str, addr: SocketAddr, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.0);
+        cmd.arg(style)
+            .arg(addr.to_string())
+            .args(extra)
+            .in_netns(lab.client())
+            .in_cgroup(lab.client_cgroup().expect("the lab has a client cgroup"));
+        cmd
+    }
+}
+
+fn parse(out: &std::process::Output) -> Vec<Probe> {
     assert!(
         out.status.success(),
         "connect-probe failed: {}",
@@ -102,25 +124,6 @@ pub fn probe(lab: &Lab, style: &str, addr: std::net::SocketAddr, extra: &[&str])
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l}: {e}")))
         .collect()
-}
-
-/// Starts `connect-probe` in the lab's client namespace and cgroup without waiting; its
-/// stdout is piped, one JSON line per attempt, printed as soon as the connect finishes.
-pub fn spawn_probe(
-    lab: &Lab,
-    style: &str,
-    addr: std::net::SocketAddr,
-    extra: &[&str],
-) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_connect-probe"))
-        .arg(style)
-        .arg(addr.to_string())
-        .args(extra)
-        .in_netns(lab.client())
-        .in_cgroup(lab.client_cgroup().expect("client cgroup"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting connect-probe")
 }
 
 impl Recorder {

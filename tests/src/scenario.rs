@@ -1,37 +1,31 @@
-//! The issue-4 scenario harness: the real `gateway` binary (observer mode `auto`, so as root it
-//! moves into its own cgroup and attaches the eBPF observer) runs inside the lab's client
-//! namespace in front of three upstreams; an open-loop load generator sends requests at a fixed
-//! rate from the same namespace; a fault is injected on one upstream mid-run. Everything the
-//! gateway decided is read back from its own stderr log and JSON access log.
-#![allow(dead_code, reason = "each scenario uses a different part")]
+//! The fault scenarios: the real `gateway` binary (observer mode `auto`, so as root it moves
+//! into its own cgroup and attaches the eBPF observer) runs inside the lab's client namespace
+//! in front of three upstreams; an open-loop load generator sends requests at a fixed rate
+//! from the same namespace; a fault is injected on one upstream mid-run, and [`Change`] records
+//! when. Everything the gateway decided is read back from its own log and JSON access log.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
-use gateway_lab::{HttpBehaviour, HttpServer, Lab, LabSpec, NetnsCommandExt};
+use gateway_lab::{HttpBehaviour, HttpServer, Lab, LabSpec};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+use crate::{
+    admin, bins::GatewayBin, inprocess, process::GatewayProcess, root::require_root,
+    tempdir::TempDir,
+};
 
 pub const PORT: u16 = 8080;
 /// The gateway's admin listener, on the client namespace's own loopback.
 pub const ADMIN: u16 = 19911;
 /// A request not answered within this counts as a client-visible failure.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "scenario tests are privileged (network namespaces, eBPF): run them as root via ./dev test"
-    );
-}
 
 /// One request's fate, as the client saw it.
 #[derive(Clone, Debug)]
@@ -48,45 +42,20 @@ pub struct Sample {
 pub struct Scenario {
     pub lab: Lab,
     pub servers: Vec<HttpServer>,
-    pub gateway: Child,
+    pub gateway: GatewayProcess,
     pub addr: SocketAddr,
-    pub stderr: Arc<Mutex<Vec<(SystemTime, String)>>>,
     pub access_log: PathBuf,
     pub started: SystemTime,
-    _dir: tempdir::Dir,
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        // SIGTERM, so that the gateway detaches and removes its cgroup itself.
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.gateway.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.gateway.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.gateway.kill();
-        let _ = self.gateway.wait();
-    }
+    _dir: TempDir,
 }
 
 impl Scenario {
     /// Three upstreams serving HTTP and the gateway in front of them, keeping at most
     /// `max_idle` pooled connections per endpoint (0: a new connection per request). `extra` is
-    /// appended to the config (TOML).
+    /// appended to the config (TOML). Returns once `/readyz` answers; panics unless the kernel
+    /// observer attached.
     pub fn start(
+        bin: GatewayBin,
         name: &str,
         behaviour: HttpBehaviour,
         max_idle: usize,
@@ -104,9 +73,8 @@ impl Scenario {
             .iter()
             .map(|u| u.serve_http(PORT, behaviour.clone()).expect("http server"))
             .collect();
-        let dir = std::env::temp_dir().join(format!("gw-scenario-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let access_log = dir.join("access.log");
+        let dir = TempDir::new(&format!("scenario-{name}"));
+        let access_log = dir.path().join("access.log");
         let port = 18080;
         let endpoints: Vec<String> = lab
             .upstreams()
@@ -125,112 +93,38 @@ impl Scenario {
             endpoints.join(", "),
             access_log.display()
         );
-        let config_path = dir.join("gateway.toml");
+        let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut gateway = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .in_netns(lab.client())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("gateway starts");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let pipe = gateway.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push((SystemTime::now(), line));
-            }
-        });
-        let s = Scenario {
+        let gateway = GatewayProcess::spawn_in(bin.run(&config_path), lab.client());
+        assert!(
+            gateway.contains("kernel observer attached"),
+            "the scenario needs kernel signals:\n{}",
+            gateway.text()
+        );
+        Scenario {
             lab,
             servers,
+            addr: gateway.addr,
             gateway,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            stderr,
             access_log,
             started: SystemTime::now(),
-            _dir: tempdir::Dir(dir),
-        };
-        s.wait_for_log("listening", Duration::from_secs(20));
-        assert!(
-            s.log_contains("kernel observer attached"),
-            "the scenario needs kernel signals: {:?}",
-            s.stderr.lock().unwrap()
-        );
-        s
+            _dir: dir,
+        }
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(_, l)| l.contains(needle))
+        self.gateway.contains(needle)
     }
 
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.log_contains(needle) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "gateway never logged {needle:?}: {:?}",
-            self.stderr.lock().unwrap()
-        );
-    }
-
-    /// Log lines containing every needle, with when they were read.
+    /// Gateway log lines containing every needle, with when they were read.
     pub fn log_lines(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, l)| needles.iter().all(|n| l.contains(n)))
-            .cloned()
-            .collect()
+        self.gateway.lines_with(needles)
     }
 
     /// The gateway's `/status`, as JSON. Only from a thread in the client namespace, such as
     /// the one `run_load` calls its `at` on.
     pub fn status_here(&self) -> serde_json::Value {
-        use std::io::{Read as _, Write as _};
-        let admin = SocketAddr::from(([127, 0, 0, 1], ADMIN));
-        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))
-            .expect("the admin listener (call status_here inside the client namespace)");
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        write!(
-            s,
-            "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8_lossy(&raw);
-        let (head, mut body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let mut text = String::new();
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            while let Some((size, rest)) = body.split_once("\r\n") {
-                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-                if n == 0 || rest.len() < n {
-                    break;
-                }
-                text.push_str(&rest[..n]);
-                body = rest[n..].trim_start_matches("\r\n");
-            }
-        } else {
-            text.push_str(body);
-        }
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status ({e}): {text}"))
+        admin::status(SocketAddr::from(([127, 0, 0, 1], ADMIN)))
     }
 
     /// Whether `endpoint`'s connect deadline is measured (from at least 8 recent handshakes)
@@ -246,12 +140,9 @@ impl Scenario {
             == "measured"
     }
 
+    /// The JSON access log so far.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.access_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        inprocess::read_access_log(&self.access_log)
     }
 
     /// Runs `rate` requests per second for at most `duration`, calling `at(t)` once per 100 ms

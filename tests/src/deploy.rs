@@ -1,12 +1,7 @@
-//! Shared by the `deploy_*` tests: the package `./dev package` built, the Debian 12 root
+//! What the `deploy_*` tests install and boot: the package `./dev package` built, the Debian 12 root
 //! `./dev setup` debootstrapped, and a container booted from an overlay of that root with a
 //! real systemd (systemd-nspawn), torn down on drop (also on panic): the container stopped,
 //! the overlay unmounted, the cgroups nspawn made removed.
-
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different subset of the helpers"
-)]
 
 use std::{
     path::{Path, PathBuf},

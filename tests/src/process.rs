@@ -1,0 +1,324 @@
+//! `gateway run` as a child process, started the one way every end-to-end test starts it:
+//! [`GatewayProcess::spawn`] (or [`spawn_in`](GatewayProcess::spawn_in) a lab namespace) takes
+//! the caller's command (the binary from [`gateway_bin!`](crate::gateway_bin), wrapped as the
+//! test needs: `setpriv`, a cgroup, environment), collects its stdout and stderr line by line
+//! with the time each was read, learns its addresses from the start-up log (configs may say
+//! port 0), and returns once `GET /readyz` answers on the admin listener, whatever the status
+//! (a test may expect 503), or panics with the output after [`READY_TIMEOUT`]. Dropping it
+//! sends SIGTERM (twice: the second cuts the drain delay short), so that the gateway detaches
+//! its observer and removes its cgroup, and SIGKILL after [`STOP_TIMEOUT`]. A start that must
+//! fail is [`run_to_exit`].
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use gateway_lab::{Netns, NetnsCommandExt as _};
+
+/// How long a gateway may take from spawn to answering `/readyz` (the kernel observer's load
+/// and attach included, on a loaded two-core machine).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a dropped gateway may take to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a child printed, a line at a time, with when each line was read.
+pub type Lines = Arc<Mutex<Vec<(SystemTime, String)>>>;
+
+/// A running `gateway run` that answered `/readyz`.
+pub struct GatewayProcess {
+    pub child: Child,
+    /// The first client listener (`listener=` in the start-up log).
+    pub addr: SocketAddr,
+    /// The admin listener (`admin=` in the start-up log).
+    pub admin: SocketAddr,
+    lines: Lines,
+    netns: Option<Netns>,
+}
+
+impl GatewayProcess {
+    /// Spawns `cmd` (a `gateway run`, see [`GatewayBin::run`](crate::bins::GatewayBin::run))
+    /// and waits until it is ready.
+    pub fn spawn(cmd: Command) -> GatewayProcess {
+        GatewayProcess::start(cmd, None)
+    }
+
+    /// [`spawn`](GatewayProcess::spawn) inside `netns`, where its addresses are (and where
+    /// `/readyz` is asked).
+    pub fn spawn_in(mut cmd: Command, netns: &Netns) -> GatewayProcess {
+        cmd.in_netns(netns);
+        GatewayProcess::start(cmd, Some(netns.clone()))
+    }
+
+    fn start(cmd: Command, netns: Option<Netns>) -> GatewayProcess {
+        let (mut child, lines) = spawn_collecting(cmd);
+        let (addr, admin) = match wait_ready(&mut child, &lines, netns.as_ref()) {
+            Ok(addrs) => addrs,
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gateway run is not ready: {why}; its output:\n{}",
+                    text(&lines)
+                );
+            }
+        };
+        GatewayProcess {
+            child,
+            addr,
+            admin,
+            lines,
+            netns,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The namespace it runs in, when it was spawned in one.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.netns.as_ref()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(r, 0, "kill({sig})");
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waiting for the gateway") {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("waiting for the gateway")
+            .is_none()
+    }
+
+    /// Everything it printed so far, one line each.
+    pub fn text(&self) -> String {
+        text(&self.lines)
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// The lines that contain every one of `needles`, with when each was read.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| needles.iter().all(|n| l.contains(n)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines_with(&[needle]).len()
+    }
+
+    /// Waits until a line contains `needle`; panics with the output after `limit`.
+    pub fn expect_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}; output:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status of the gateway");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if self.alive() {
+            // A second SIGTERM cuts the drain delay short (a test's config may keep the
+            // default 5 s); in-flight requests still get the grace period.
+            self.signal(libc::SIGTERM);
+            if self.wait(Duration::from_millis(300)).is_none() && self.alive() {
+                self.signal(libc::SIGTERM);
+            }
+            if self.wait(STOP_TIMEOUT).is_some() {
+                return;
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` (a gateway that must refuse to start) until it exits, within `limit`; its exit
+/// status and output. Panics, after killing it, if it is still running then.
+pub fn run_to_exit(cmd: Command, limit: Duration) -> (ExitStatus, String) {
+    let (mut child, lines) = spawn_collecting(cmd);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the gateway") {
+            // The output threads end with the pipes; give them a moment to read the rest.
+            std::thread::sleep(Duration::from_millis(50));
+            return (status, text(&lines));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {limit:?}, but expected to exit; output:\n{}",
+                text(&lines)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawns `cmd` with stdin closed and both output streams collected, ANSI colours off.
+fn spawn_collecting(mut cmd: Command) -> (Child, Lines) {
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "info");
+    }
+    cmd.env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let lines: Lines = Arc::default();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let stdout = child.stdout.take().expect("piped stdout");
+    for pipe in [
+        Box::new(stderr) as Box<dyn std::io::Read + Send>,
+        Box::new(stdout),
+    ] {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines
+                    .lock()
+                    .unwrap()
+                    .push((SystemTime::now(), strip_ansi(&line)));
+            }
+        });
+    }
+    (child, lines)
+}
+
+/// Waits for the listener and admin addresses in the start-up log, then until `/readyz`
+/// answers with any status.
+fn wait_ready(
+    child: &mut Child,
+    lines: &Lines,
+    netns: Option<&Netns>,
+) -> Result<(SocketAddr, SocketAddr), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut admin = None;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("it exited with {status}"));
+        }
+        let listener = first_field(lines, "listener=");
+        admin = admin.or_else(|| first_field(lines, "admin="));
+        if let (Some(addr), Some(admin)) = (listener, admin)
+            && readyz_answers(admin, netns)
+        {
+            return Ok((addr, admin));
+        }
+        if Instant::now() >= deadline {
+            return Err(match (listener, admin) {
+                (None, _) | (_, None) => format!(
+                    "no `listener=` and `admin=` start-up lines within {READY_TIMEOUT:?} (an \
+                     admin listener is needed)"
+                ),
+                (Some(_), Some(admin)) => {
+                    format!("GET /readyz on {admin} did not answer within {READY_TIMEOUT:?}")
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `GET /readyz` gets an HTTP answer, whatever its status.
+fn readyz_answers(admin: SocketAddr, netns: Option<&Netns>) -> bool {
+    let ask = move || crate::http::get_once(admin, "/readyz", Duration::from_secs(2)).is_ok();
+    match netns {
+        None => ask(),
+        Some(ns) => ns.run(ask).unwrap_or(false),
+    }
+}
+
+/// The address after `key` in the first line that has one.
+fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
+    lines.lock().unwrap().iter().find_map(|(_, line)| {
+        let at = line.find(key)? + key.len();
+        line[at..].split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn text(lines: &Lines) -> String {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
