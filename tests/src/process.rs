@@ -29,14 +29,14 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a child printed, a line at a time, with when each line was read.
 pub type Lines = Arc<Mutex<Vec<(SystemTime, String)>>>;
 
-/// A running `gateway run` that answered `/readyz`.
+/// A running `gateway run` that answered `/readyz`; the child's own methods (signal, wait,
+/// its output) are [`ChildProcess`]'s.
 pub struct GatewayProcess {
-    pub child: Child,
+    process: ChildProcess,
     /// The first client listener (`listener=` in the start-up log).
     pub addr: SocketAddr,
     /// The admin listener (`admin=` in the start-up log).
     pub admin: SocketAddr,
-    lines: Lines,
     netns: Option<Netns>,
 }
 
@@ -44,45 +44,99 @@ impl GatewayProcess {
     /// Spawns `cmd` (a `gateway run`, see [`GatewayBin::run`](crate::bins::GatewayBin::run))
     /// and waits until it is ready.
     pub fn spawn(cmd: Command) -> GatewayProcess {
-        GatewayProcess::start(cmd, None)
+        GatewayProcess::ready(ChildProcess::start(cmd), None)
     }
 
     /// [`spawn`](GatewayProcess::spawn) inside `netns`, where its addresses are (and where
     /// `/readyz` is asked).
     pub fn spawn_in(mut cmd: Command, netns: &Netns) -> GatewayProcess {
         cmd.in_netns(netns);
-        GatewayProcess::start(cmd, Some(netns.clone()))
+        GatewayProcess::ready(ChildProcess::start(cmd), Some(netns.clone()))
     }
 
-    fn start(cmd: Command, netns: Option<Netns>) -> GatewayProcess {
-        let (mut child, lines) = spawn_collecting(cmd);
-        let (addr, admin) = match wait_ready(&mut child, &lines, netns.as_ref()) {
-            Ok(addrs) => addrs,
+    fn ready(mut process: ChildProcess, netns: Option<Netns>) -> GatewayProcess {
+        match wait_ready(&mut process, netns.as_ref()) {
+            Ok((addr, admin)) => GatewayProcess {
+                process,
+                addr,
+                admin,
+                netns,
+            },
             Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = process.child.kill();
+                let _ = process.child.wait();
                 panic!(
                     "gateway run is not ready: {why}; its output:\n{}",
-                    text(&lines)
+                    process.text()
                 );
             }
-        };
-        GatewayProcess {
-            child,
-            addr,
-            admin,
-            lines,
-            netns,
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// The namespace it runs in, when it was spawned in one.
     pub fn netns(&self) -> Option<&Netns> {
         self.netns.as_ref()
+    }
+}
+
+impl std::ops::Deref for GatewayProcess {
+    type Target = ChildProcess;
+
+    fn deref(&self) -> &ChildProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for GatewayProcess {
+    fn deref_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
+}
+
+/// A child process with its stdout and stderr collected line by line (ANSI colours off),
+/// not waited for: a [`GatewayProcess`] before it is ready, or one that must fail to start.
+/// Dropped, it gets SIGTERM (twice: the second cuts a drain delay short), then SIGKILL after
+/// [`STOP_TIMEOUT`].
+pub struct ChildProcess {
+    pub child: Child,
+    lines: Lines,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with stdin closed, `NO_COLOR=1`, and `RUST_LOG=info` unless it sets one.
+    pub fn start(mut cmd: Command) -> ChildProcess {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let lines: Lines = Arc::default();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        for pipe in [
+            Box::new(stderr) as Box<dyn std::io::Read + Send>,
+            Box::new(stdout),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines
+                        .lock()
+                        .unwrap()
+                        .push((SystemTime::now(), strip_ansi(&line)));
+                }
+            });
+        }
+        ChildProcess { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -114,7 +168,13 @@ impl GatewayProcess {
 
     /// Everything it printed so far, one line each.
     pub fn text(&self) -> String {
-        text(&self.lines)
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -171,7 +231,7 @@ impl GatewayProcess {
     }
 }
 
-impl Drop for GatewayProcess {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         if self.alive() {
             // A second SIGTERM cuts the drain delay short (a test's config may keep the
@@ -192,73 +252,34 @@ impl Drop for GatewayProcess {
 /// Runs `cmd` (a gateway that must refuse to start) until it exits, within `limit`; its exit
 /// status and output. Panics, after killing it, if it is still running then.
 pub fn run_to_exit(cmd: Command, limit: Duration) -> (ExitStatus, String) {
-    let (mut child, lines) = spawn_collecting(cmd);
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for the gateway") {
-            // The output threads end with the pipes; give them a moment to read the rest.
-            std::thread::sleep(Duration::from_millis(50));
-            return (status, text(&lines));
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "still running after {limit:?}, but expected to exit; output:\n{}",
-                text(&lines)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Spawns `cmd` with stdin closed and both output streams collected, ANSI colours off.
-fn spawn_collecting(mut cmd: Command) -> (Child, Lines) {
-    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-        cmd.env("RUST_LOG", "info");
-    }
-    cmd.env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let lines: Lines = Arc::default();
-    let stderr = child.stderr.take().expect("piped stderr");
-    let stdout = child.stdout.take().expect("piped stdout");
-    for pipe in [
-        Box::new(stderr) as Box<dyn std::io::Read + Send>,
-        Box::new(stdout),
-    ] {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines
-                    .lock()
-                    .unwrap()
-                    .push((SystemTime::now(), strip_ansi(&line)));
-            }
-        });
-    }
-    (child, lines)
+    let mut process = ChildProcess::start(cmd);
+    let Some(status) = process.wait(limit) else {
+        let _ = process.child.kill();
+        let _ = process.child.wait();
+        panic!(
+            "still running after {limit:?}, but expected to exit; output:\n{}",
+            process.text()
+        );
+    };
+    // The output threads end with the pipes; give them a moment to read the rest.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, process.text())
 }
 
 /// Waits for the listener and admin addresses in the start-up log, then until `/readyz`
 /// answers with any status.
 fn wait_ready(
-    child: &mut Child,
-    lines: &Lines,
+    process: &mut ChildProcess,
     netns: Option<&Netns>,
 ) -> Result<(SocketAddr, SocketAddr), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut admin = None;
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+        if let Some(status) = process.child.try_wait().map_err(|e| e.to_string())? {
             return Err(format!("it exited with {status}"));
         }
-        let listener = first_field(lines, "listener=");
-        admin = admin.or_else(|| first_field(lines, "admin="));
+        let listener = first_field(&process.lines, "listener=");
+        admin = admin.or_else(|| first_field(&process.lines, "admin="));
         if let (Some(addr), Some(admin)) = (listener, admin)
             && readyz_answers(admin, netns)
         {
@@ -294,16 +315,6 @@ fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
         let at = line.find(key)? + key.len();
         line[at..].split_whitespace().next()?.parse().ok()
     })
-}
-
-fn text(lines: &Lines) -> String {
-    lines
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, l)| l.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn strip_ansi(s: &str) -> String {
