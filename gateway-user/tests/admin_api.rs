@@ -8,6 +8,7 @@ use std::time::Duration;
 use gateway_testkit::{
     admin::{
         admin_get, admin_request, catalogued, endpoint, metrics, sample, status, value, wait_for,
+        wait_in_flight,
     },
     gateway_bin,
     http::{client, get},
@@ -373,18 +374,9 @@ async fn readyz_says_draining_once_shutdown_begins() {
     // A request in flight keeps the drain going while the admin API is asked.
     let in_flight = tokio::spawn(async move { get(&client(), addr, "/delay/1500").await });
     let slow_addr = slow.addr;
-    tokio::task::spawn_blocking(move || {
-        wait_for("the request in flight at the upstream", || {
-            let s = status(admin);
-            if endpoint(&s, "default", slow_addr)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", slow_addr))
+        .await
+        .unwrap();
     let drained = tokio::spawn(gw.handle.shutdown(Duration::from_secs(5)));
     let (ready, health, s) = tokio::task::spawn_blocking(move || {
         let s = wait_for("/status to say draining", || {

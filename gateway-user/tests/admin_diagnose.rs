@@ -4,7 +4,7 @@
 //!
 //! The gateway runs in-process on userspace timing; diagnose runs as the built binary with
 //! `--no-kernel`, so the test needs no privileges (diagnose's kernel path has its own privileged
-//! tests in `tests/tests/diagnose_*`).
+//! tests in `diagnose_cli` and `diagnose_verdicts`).
 
 use gateway_testkit::{
     gateway_bin,

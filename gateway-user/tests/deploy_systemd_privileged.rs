@@ -24,18 +24,9 @@ use gateway_testkit::{
     http::get_once,
     ports::free_port,
     root::require_root,
-    service::{cap_eff, load},
+    service::{CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, cap_eff, cap_mask, load},
     upstream::BlockingUpstream as Upstream,
 };
-
-const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn mask(caps: &[u32]) -> u64 {
-    caps.iter().fold(0, |m, c| m | 1 << c)
-}
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     get_once(addr, path, Duration::from_secs(3))
@@ -135,7 +126,7 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     let pid = host_pid(&c, &main);
     assert_eq!(
         cap_eff(pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
     );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status
@@ -339,7 +330,7 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     .unwrap_or_else(|| panic!("no process for main pid {observe_main}"));
     assert_eq!(
         cap_eff(observe_pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
     );
     c.ok(&["systemctl", "stop", "gateway-observe"]);
     assert_eq!(c.prop("gateway-observe", "Result"), "success");

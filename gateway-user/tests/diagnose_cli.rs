@@ -12,26 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_lab::{Fault, Lab, LabSpec, NetnsCommandExt};
+use gateway_lab::{Fault, NetnsCommandExt};
 use gateway_testkit::{
     diagnose::{
         assert_kernel_joined, assert_no_cgroup_left, assert_verdict, attempts, check_report,
-        diagnose_here, diagnose_in, run,
+        diagnose_here, diagnose_in, diagnose_lab, run,
     },
     gateway_bin,
     ports::refused_addr,
     root::require_root,
     service::{NOBODY, with_exact_caps},
 };
-
-fn lab() -> Lab {
-    require_root();
-    Lab::new(LabSpec {
-        upstreams: 1,
-        client_cgroup: false,
-    })
-    .expect("building the fault lab")
-}
 
 #[test]
 fn invalid_target_syntax_is_a_clear_error() {
@@ -109,7 +100,7 @@ fn a_cluster_name_needs_a_gateway_to_ask() {
 
 #[test]
 fn privileged_unknown_host_reads_as_dns_failure() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let run = diagnose_in(gateway_bin!(), &lab, &["no-such-host.invalid:443"]);
     assert_eq!(run.status.code(), Some(1), "{run:?}");
     let confidence: f64 = run
@@ -208,7 +199,7 @@ fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
 
 #[test]
 fn privileged_sigint_mid_probe_removes_the_cgroup() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(8080).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: 8080 }).unwrap();

@@ -10,31 +10,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour};
 use gateway_testkit::{
     diagnose::{
         SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
-        diagnose_in, diagnose_with_resolver,
+        diagnose_in, diagnose_lab, diagnose_with_resolver,
     },
     gateway_bin,
-    root::require_root,
 };
 
 const PORT: u16 = 8080;
 
-/// One upstream, no client cgroup: `diagnose` makes its own.
-fn lab() -> Lab {
-    require_root();
-    Lab::new(LabSpec {
-        upstreams: 1,
-        client_cgroup: false,
-    })
-    .expect("building the fault lab")
-}
-
 #[test]
 fn privileged_healthy_http_upstream_v4_and_v6() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
     let v4 = up.addr_v4(PORT).to_string();
@@ -62,7 +51,7 @@ fn privileged_healthy_http_upstream_v4_and_v6() {
 
 #[test]
 fn privileged_refused() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
     let addr = up.addr_v4(PORT);
@@ -83,7 +72,7 @@ fn privileged_refused() {
 
 #[test]
 fn privileged_filtered_syn_blackhole() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
@@ -123,7 +112,7 @@ fn privileged_filtered_syn_blackhole() {
 
 #[test]
 fn privileged_unreachable_icmp() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::HostUnreachable { port: PORT }).unwrap();
     let run = diagnose_in(
@@ -141,7 +130,7 @@ fn privileged_unreachable_icmp() {
 
 #[test]
 fn privileged_overloaded_accept_queue() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let acceptor = SlowAcceptor::start(up, PORT, Duration::from_millis(600));
     let run = diagnose_in(
@@ -173,7 +162,7 @@ fn privileged_overloaded_accept_queue() {
 
 #[test]
 fn privileged_lossy_path() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     // Each packet either way dropped with p = 0.25: a handshake loses its SYN or SYN-ACK with
@@ -204,7 +193,7 @@ fn privileged_lossy_path() {
 
 #[test]
 fn privileged_slow_backend() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up
         .serve_http(PORT, HttpBehaviour::slow(Duration::from_secs(3)))
@@ -243,7 +232,7 @@ fn privileged_slow_backend() {
 
 #[test]
 fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
-    let lab = lab();
+    let lab = diagnose_lab();
     // The lab's client namespace has routes to its upstreams only: the resolver's query fails
     // there and never leaves the machine.
     let run = diagnose_in(gateway_bin!(), &lab, &["--json", "no-such-host.invalid:80"]);
@@ -266,7 +255,7 @@ fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
 
 #[test]
 fn privileged_dns_failure_slow_resolution() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
     let _dns = SlowDns::start(up, up.ipv4(), Duration::from_millis(1500));
@@ -299,7 +288,7 @@ fn privileged_dns_failure_slow_resolution() {
 
 #[test]
 fn privileged_port_exhaustion() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _range = lab
@@ -340,7 +329,7 @@ fn privileged_port_exhaustion() {
 
 #[test]
 fn privileged_deadline_too_short() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _f = up

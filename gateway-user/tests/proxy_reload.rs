@@ -11,7 +11,7 @@ use std::{
 };
 
 use gateway_testkit::{
-    admin::{endpoint, status, wait_for},
+    admin::wait_in_flight,
     config::{base_config, write_config},
     gateway_bin,
     http::{client, empty, get},
@@ -180,18 +180,9 @@ async fn request_in_flight_finishes_on_its_generation() {
     let slow = tokio::spawn(async move { get(&c1, addr, "/").await });
     // The request is on generation 1 once the gateway has it in flight to `a`.
     let (admin, upstream) = (gw.handle.admin_addr().unwrap(), a.addr);
-    tokio::task::spawn_blocking(move || {
-        wait_for("the request in flight to a", || {
-            let s = status(admin);
-            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", upstream))
+        .await
+        .unwrap();
     let text = format!("{}\n{}", base_config(&gw.log), upstream_config(b.addr));
     let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
         .unwrap()

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gateway_testkit::{
-    admin::{endpoint, status, wait_for},
+    admin::wait_in_flight,
     http::{client, empty, get, send},
     inprocess::{gateway, log_lines},
     ports::refused_addr,
@@ -137,18 +137,9 @@ async fn full_pending_queue_is_503_overloaded() {
     let busy = tokio::spawn(async move { get(&c1, addr, "/").await });
     // The first request holds the only connection: wait until the gateway has it in flight.
     let (admin, upstream) = (gw.handle.admin_addr().unwrap(), up.addr);
-    tokio::task::spawn_blocking(move || {
-        wait_for("the first request in flight", || {
-            let s = status(admin);
-            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", upstream))
+        .await
+        .unwrap();
     let got = get(&c, gw.addr, "/").await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(got.header("x-gateway-error"), "overloaded");

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
-    admin::{endpoint, status, wait_for},
+    admin::wait_in_flight,
     config::write_config,
     gateway_bin,
     http::{client, empty, get},
@@ -20,17 +20,6 @@ use http::StatusCode;
 const EXIT: Duration = Duration::from_millis(600);
 
 /// Waits until the gateway's `/status` shows a request in flight to `upstream`.
-fn wait_in_flight(admin: std::net::SocketAddr, upstream: std::net::SocketAddr) {
-    wait_for("a request in flight in /status", || {
-        let s = status(admin);
-        if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-}
-
 fn config(up: &Upstream) -> String {
     format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr)
 }
@@ -58,7 +47,7 @@ async fn sigterm_completes_in_flight_requests_then_exits() {
     let sent = Instant::now();
     let in_flight = tokio::spawn(async move { get(&c1, addr, "/").await });
     let upstream = up.addr;
-    tokio::task::block_in_place(|| wait_in_flight(admin, upstream));
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
     gw.signal(libc::SIGTERM);
     gw.expect_log("draining", Duration::from_secs(2));
 
@@ -105,7 +94,7 @@ async fn grace_period_bounds_the_drain() {
         .await
     });
     let (admin, upstream) = (gw.admin, up.addr);
-    tokio::task::block_in_place(|| wait_in_flight(admin, upstream));
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
     let t0 = Instant::now();
     gw.signal(libc::SIGINT);
     let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(5))).expect("exited");

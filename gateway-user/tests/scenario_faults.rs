@@ -26,8 +26,8 @@ const FAULT_AT: f64 = 3.0;
 /// Connect faults: every request opens a new upstream connection, so every request to the bad
 /// endpoint meets the fault (with keep-alive, pooled connections would hide a SYN blackhole).
 const NO_POOL: usize = 0;
-/// `connect_timeout_ms` of every scenario (scenario_support): the longest a probe's connect
-/// can take.
+/// `connect_timeout_ms` of every scenario (`gateway_testkit::scenario`): the longest a probe's
+/// connect can take.
 const CONNECT_TIMEOUT: f64 = 2.0;
 /// The adaptive deadline of a lab endpoint: its SYN-RTT is well under a millisecond, so
 /// p99 × 3 + 10 ms is below `connect_deadline_floor_ms` (50 ms), the floor.

@@ -23,19 +23,13 @@ use gateway_testkit::{
     ports::{free_port, refused_addr},
     process::GatewayProcess,
     root::require_root,
-    service::{NOBODY, cap_eff, cgroup_of, delegate, with_exact_caps},
+    service::{
+        CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, NOBODY, cap_eff, cap_mask,
+        cgroup_of, delegate, with_exact_caps,
+    },
     tempdir::TempDir,
     upstream::BlockingUpstream as Upstream,
 };
-
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn mask(caps: &[u32]) -> u64 {
-    caps.iter().fold(0, |m, c| m | 1 << c)
-}
 
 /// A free loopback port below 1024 (CAP_NET_BIND_SERVICE is part of the set under test).
 fn free_low_port() -> u16 {
@@ -85,7 +79,7 @@ fn privileged_run_as_nobody_with_exactly_the_documented_capabilities_has_kernel_
     );
     assert_eq!(
         cap_eff(pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE]),
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE]),
         "CapEff"
     );
     assert_eq!(cgroup_of(pid), unit.path().join(format!("gateway-{pid}")));
@@ -147,7 +141,10 @@ fn privileged_observe_as_nobody_with_exactly_the_documented_capabilities_sees_co
         obs.log()
     );
     // setpriv execs gateway, so the pid is the observer's.
-    assert_eq!(cap_eff(pid), mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN]));
+    assert_eq!(
+        cap_eff(pid),
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
+    );
 
     // A refused connect from this (root, unrelated) process: host-wide, the observer sees it.
     let closed = refused_addr();

@@ -137,3 +137,19 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
         }
     }
 }
+
+/// Waits until `/status` shows exactly one request in flight to `endpoint` of `cluster` (the
+/// request a test holds at a slow upstream), within [`SETTLE`].
+pub fn wait_in_flight(admin: SocketAddr, cluster: &str, endpoint_addr: SocketAddr) {
+    wait_for(
+        &format!("one request in flight to {endpoint_addr} in /status"),
+        || {
+            let s = status(admin);
+            if endpoint(&s, cluster, endpoint_addr)["in_flight"] == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
+}

@@ -15,11 +15,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_lab::{Lab, NetnsCommandExt, Upstream};
+use gateway_lab::{Lab, LabSpec, NetnsCommandExt, Upstream};
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::bins::GatewayBin;
+use crate::{bins::GatewayBin, root::require_root};
+
+/// The lab of the diagnose tests: one upstream and no client cgroup (diagnose makes its own).
+/// Requires root.
+pub fn diagnose_lab() -> Lab {
+    require_root();
+    Lab::new(LabSpec {
+        upstreams: 1,
+        client_cgroup: false,
+    })
+    .expect("building the fault lab")
+}
 
 /// One finished `gateway diagnose` run.
 #[derive(Debug)]

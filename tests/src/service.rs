@@ -20,6 +20,17 @@ use std::{
 /// The uid of `nobody`, the unprivileged user of the tests.
 pub const NOBODY: u32 = 65534;
 
+/// Capability numbers (linux/capability.h) of the documented least-privilege sets.
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// The capability mask of `caps`, as `CapEff` in /proc/PID/status shows it ([`cap_eff`]).
+pub fn cap_mask(caps: &[u32]) -> u64 {
+    caps.iter().fold(0, |m, c| m | 1 << c)
+}
+
 /// The cgroup v2 directory of process `pid`, as a path under the v2 mount.
 pub fn cgroup_of(pid: u32) -> PathBuf {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
