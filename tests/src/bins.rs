@@ -141,3 +141,65 @@ impl ConnectProbe {
         &self.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::GatewayBin;
+    use crate::tempdir::TempDir;
+
+    /// A target dir with `connect-probe`, `gateway` built at `built`, and its dep-info naming
+    /// one source changed at `changed`.
+    fn target(label: &str, built: SystemTime, changed: SystemTime) -> TempDir {
+        let dir = TempDir::new(label);
+        let source = dir.path().join("my source.rs");
+        let bin = dir.path().join("gateway");
+        std::fs::write(&source, "").unwrap();
+        std::fs::write(dir.path().join("connect-probe"), "").unwrap();
+        std::fs::write(&bin, "").unwrap();
+        std::fs::write(
+            dir.path().join("gateway.d"),
+            format!(
+                "{}: {}\n",
+                bin.display(),
+                source.display().to_string().replace(' ', "\\ ")
+            ),
+        )
+        .unwrap();
+        let set = |p: &std::path::Path, t| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap()
+        };
+        set(&source, changed);
+        set(&bin, built);
+        dir
+    }
+
+    #[test]
+    fn a_binary_newer_than_its_sources_is_taken() {
+        let now = SystemTime::now();
+        let dir = target("bin-fresh", now, now - Duration::from_secs(60));
+        let bin = GatewayBin::beside(&dir.path().join("connect-probe"));
+        assert_eq!(bin.path(), dir.path().join("gateway"));
+    }
+
+    #[test]
+    #[should_panic(expected = "is stale: ")]
+    fn a_binary_older_than_a_source_is_a_loud_error() {
+        let now = SystemTime::now();
+        let dir = target("bin-stale", now - Duration::from_secs(60), now);
+        GatewayBin::beside(&dir.path().join("connect-probe"));
+    }
+
+    #[test]
+    #[should_panic(expected = "is missing")]
+    fn a_missing_binary_is_a_loud_error() {
+        let dir = TempDir::new("bin-missing");
+        GatewayBin::beside(&dir.path().join("connect-probe"));
+    }
+}
