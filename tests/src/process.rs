@@ -26,8 +26,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a dropped gateway may take to exit after SIGTERM before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a child printed, a line at a time, with when each line was read.
-pub type Lines = Arc<Mutex<Vec<(SystemTime, String)>>>;
+/// What a child printed, a line at a time.
+pub type Lines = Arc<Mutex<Vec<String>>>;
 
 /// A running `gateway run` that answered `/readyz`; the child's own methods (signal, wait,
 /// its output) are [`ChildProcess`]'s.
@@ -100,6 +100,8 @@ impl std::ops::DerefMut for GatewayProcess {
 pub struct ChildProcess {
     pub child: Child,
     lines: Lines,
+    /// When each of `lines` was read; locked after `lines`, so the two stay in step.
+    times: Arc<Mutex<Vec<SystemTime>>>,
 }
 
 impl ChildProcess {
@@ -116,23 +118,27 @@ impl ChildProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let lines: Lines = Arc::default();
+        let times: Arc<Mutex<Vec<SystemTime>>> = Arc::default();
         let stderr = child.stderr.take().expect("piped stderr");
         let stdout = child.stdout.take().expect("piped stdout");
         for pipe in [
             Box::new(stderr) as Box<dyn std::io::Read + Send>,
             Box::new(stdout),
         ] {
-            let lines = lines.clone();
+            let (lines, times) = (lines.clone(), times.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines
-                        .lock()
-                        .unwrap()
-                        .push((SystemTime::now(), strip_ansi(&line)));
+                    let mut lines = lines.lock().unwrap();
+                    times.lock().unwrap().push(SystemTime::now());
+                    lines.push(strip_ansi(&line));
                 }
             });
         }
-        ChildProcess { child, lines }
+        ChildProcess {
+            child,
+            lines,
+            times,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -168,32 +174,27 @@ impl ChildProcess {
 
     /// Everything it printed so far, one line each.
     pub fn text(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.lines.lock().unwrap().join("\n")
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, l)| l.clone())
-            .collect()
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The lines collected so far and to come, shared with the threads that read them.
+    pub fn shared_lines(&self) -> Lines {
+        self.lines.clone()
     }
 
     /// The lines that contain every one of `needles`, with when each was read.
     pub fn lines_with(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
-        self.lines
-            .lock()
-            .unwrap()
+        let lines = self.lines.lock().unwrap();
+        let times = self.times.lock().unwrap();
+        lines
             .iter()
-            .filter(|(_, l)| needles.iter().all(|n| l.contains(n)))
-            .cloned()
+            .zip(times.iter())
+            .filter(|(l, _)| needles.iter().all(|n| l.contains(n)))
+            .map(|(l, t)| (*t, l.clone()))
             .collect()
     }
 
@@ -309,11 +310,12 @@ fn readyz_answers(admin: SocketAddr, netns: Option<&Netns>) -> bool {
     }
 }
 
-/// The address after `key` in the first line that has one.
+/// The address of field `key` (`listener=`, not `https_listener=`) in the first line that
+/// has one.
 fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
-    lines.lock().unwrap().iter().find_map(|(_, line)| {
-        let at = line.find(key)? + key.len();
-        line[at..].split_whitespace().next()?.parse().ok()
+    lines.lock().unwrap().iter().find_map(|line| {
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix(key)?.parse().ok())
     })
 }
 

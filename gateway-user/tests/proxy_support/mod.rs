@@ -8,7 +8,13 @@
     reason = "a shim: each test binary uses a different subset of the old names"
 )]
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 pub use gateway_testkit::{
     config::{base_config, write_config},
@@ -25,12 +31,14 @@ pub use gateway_testkit::{
 };
 
 /// The old `GatewayProcess`: `spawn(config)` and `spawn_with(command)`, ready once `/readyz`
-/// answers; `admin` is an `Option` as it was. Everything else is the library's
+/// answers; `admin` is an `Option` as it was, and `stderr` the lines it printed (stdout's
+/// too, now). Everything else is the library's
 /// [`gateway_testkit::process::GatewayProcess`] (and its `ChildProcess`), through `Deref`.
 pub struct GatewayProcess {
     inner: gateway_testkit::process::GatewayProcess,
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
@@ -43,6 +51,7 @@ impl GatewayProcess {
         GatewayProcess {
             addr: inner.addr,
             admin: Some(inner.admin),
+            stderr: inner.shared_lines(),
             inner,
         }
     }
