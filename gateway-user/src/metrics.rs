@@ -58,6 +58,11 @@ pub struct EndpointErrno {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrnoLabels {
     pub errno: &'static str,
 }
@@ -203,6 +208,8 @@ catalogue! {
         "Time from the TCP connection to the end of successful TLS handshakes, by side.";
     tls_certificate_expiry: "gateway_tls_certificate_expiry_timestamp_seconds", "gauge", ["role", "file", "subject"],
         "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
+    kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
+        "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -230,6 +237,7 @@ pub struct GatewayMetrics {
     pub tls_handshake_errors: Family<TlsErrorLabels, Counter>,
     pub tls_handshake_duration: HistogramFamily<SideLabels>,
     pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
+    pub kernel_anomalies: Family<KindLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -257,6 +265,7 @@ impl GatewayMetrics {
             tls_handshake_errors: Family::default(),
             tls_handshake_duration: Family::new_with_constructor(latency_histogram),
             tls_certificate_expiry: Family::default(),
+            kernel_anomalies: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -289,6 +298,7 @@ impl GatewayMetrics {
         reg!(f::tls_handshake_errors, m.tls_handshake_errors);
         reg!(f::tls_handshake_duration, m.tls_handshake_duration);
         reg!(f::tls_certificate_expiry, m.tls_certificate_expiry);
+        reg!(f::kernel_anomalies, m.kernel_anomalies);
         m
     }
 }
@@ -450,6 +460,11 @@ mod tests {
                 subject: "api.example.com".into(),
             })
             .set(1_900_000_000);
+        m.kernel_anomalies
+            .get_or_create(&KindLabels {
+                kind: "storage_failed",
+            })
+            .inc();
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         for d in CATALOGUE {

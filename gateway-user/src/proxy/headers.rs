@@ -46,44 +46,49 @@ const VIA_NAME: &str = "gateway";
 
 /// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names finds whether there is anything to remove; most requests
-    // carry no hop-by-hop header, and a lookup per name would hash each one.
-    let mut connection = false;
-    let mut any = false;
+    // One pass over the (few) names finds which are there; most messages carry none but
+    // `Connection`, and removing by name hashes each name, so only what is there is removed.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if name == header::CONNECTION {
-            connection = true;
-        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
-            any = true;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= 1 << HOP_BY_HOP.len();
         }
     }
-    if !connection && !any {
+    if present == 0 {
         return;
     }
     // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
     // "close") name nothing else, so the common case allocates nothing.
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',').map(str::trim) {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(name);
+    if present & 1 != 0 {
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
             }
         }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in listed {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::UPGRADE);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The client address as an `X-Forwarded-For` value; computed once per client connection.
@@ -146,7 +151,6 @@ pub(crate) fn to_upstream(
     append_via(headers, version);
 }
 
-/// Rewrites an upstream's response headers for the client.
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
 /// and nginx send it): how long it keeps an idle connection open. `None` when absent or
 /// unreadable.
@@ -163,9 +167,34 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
     })
 }
 
+/// Rewrites an upstream's response headers for the client.
 pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
     strip_hop_by_hop(headers);
+    strip_gateway_headers(headers);
     append_via(headers, upstream_version);
+}
+
+/// The prefix of the headers only the gateway writes (`x-gateway-error`, `-evidence`,
+/// `-endpoint`, `-attempts`).
+const GATEWAY_PREFIX: &str = "x-gateway-";
+
+/// Removes `x-gateway-*` headers an upstream sent: a client must be able to trust that they
+/// are the gateway's own evidence, never an upstream's forgery (SECURITY.md).
+pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+    {
+        return;
+    }
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +249,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn an_upstreams_gateway_headers_are_removed() {
+        let mut h = map(&[
+            ("x-gateway-error", "upstream_host_died"),
+            ("x-gateway-evidence", "syns=9"),
+            ("x-gateways", "kept"),
+            ("x-keep", "yes"),
+        ]);
+        to_downstream(&mut h, Version::HTTP_11);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["via", "x-gateways", "x-keep"]);
     }
 
     #[test]

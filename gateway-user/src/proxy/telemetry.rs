@@ -126,6 +126,8 @@ pub(crate) struct Telemetry {
     unrouted: RouteMeter,
     events_lost_seen: AtomicU64,
     pub tls: TlsMeter,
+    /// The kernel's anomaly counts as last exported, by kind.
+    anomalies_seen: std::sync::Mutex<Vec<(&'static str, u64)>>,
 }
 
 impl Telemetry {
@@ -150,6 +152,7 @@ impl Telemetry {
             started_at: SystemTime::now(),
             unrouted,
             events_lost_seen: AtomicU64::new(0),
+            anomalies_seen: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -181,6 +184,25 @@ impl Telemetry {
         if lost > before {
             self.metrics.events_lost.inc_by(lost - before);
         }
+    }
+
+    /// The kernel's anomaly counts by kind, read every second: each rise is exported.
+    pub fn kernel_anomalies(&self, now: Vec<(&'static str, u64)>) {
+        let mut seen = self
+            .anomalies_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, n) in &now {
+            let before = seen.iter().find(|(k, _)| k == kind).map_or(0, |(_, v)| *v);
+            let c = self
+                .metrics
+                .kernel_anomalies
+                .get_or_create(&crate::metrics::KindLabels { kind });
+            if *n > before {
+                c.inc_by(n - before);
+            }
+        }
+        *seen = now;
     }
 }
 
