@@ -79,6 +79,11 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(dir, cert, key, "")
+    }
+
+    /// With `extra` directives in its server block.
+    fn start_with(dir: &Path, cert: &Path, key: &Path, extra: &str) -> Nginx {
         let port = free_port();
         let conf = dir.join("nginx.conf");
         std::fs::write(
@@ -86,8 +91,8 @@ impl Nginx {
             format!(
                 "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
                  events {{}}\nhttp {{ access_log off;\n server {{ listen 127.0.0.1:{port} ssl;\n\
-                 ssl_certificate {c}; ssl_certificate_key {k};\n\
-                 location / {{ return 200 \"tls-upstream proto=$http_x_forwarded_proto sni=$ssl_server_name\\n\"; }} }} }}\n",
+                 ssl_certificate {c}; ssl_certificate_key {k}; {extra}\n\
+                 location / {{ return 200 \"tls-upstream proto=$http_x_forwarded_proto sni=$ssl_server_name client=$ssl_client_s_dn\\n\"; }} }} }}\n",
                 d = dir.display(),
                 c = cert.display(),
                 k = key.display()
@@ -391,10 +396,35 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
         ok.starts_with("HTTP/1.1 200") && ok.contains("proto=http sni=up.test"),
         "{ok}"
     );
-    // Pooled TLS connections are reused like plain ones: one upstream handshake for many.
+    // Pooled TLS connections are reused like plain ones: one upstream handshake for many (at
+    // most one per worker: the idle lists are sharded by worker, and there are two).
     for _ in 0..5 {
         assert!(plain("/").starts_with("HTTP/1.1 200"));
     }
+    // The upstream connections the six requests went on (SO_COOKIE, from the access log).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cookies = loop {
+        let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let cookies: Vec<u64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["cluster"] == "good")
+            .filter_map(|v| v["cookies"][0].as_u64())
+            .collect();
+        if cookies.len() >= 6 || Instant::now() >= deadline {
+            break cookies;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut distinct = cookies.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(cookies.len(), 6, "six requests logged: {cookies:?}");
+    assert!(
+        distinct.len() <= 2,
+        "6 requests took {} upstream TLS connections: {cookies:?}",
+        distinct.len()
+    );
     for (path, reason) in [("/mismatch", "name_mismatch"), ("/unknown", "unknown_ca")] {
         let r = plain(path);
         assert!(r.starts_with("HTTP/1.1 502"), "{path}: {r}");
@@ -615,4 +645,97 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
     assert!(gw.wait_for_log("reload refused", Duration::from_secs(5)));
     let (code, _, _) = curl(addr, &ca, "a.test", "/", &[]);
     assert_eq!(code, 200, "the running certificate still serves");
+}
+
+/// Client certificates both ways: the HTTPS listener with `client_ca_file` refuses a client
+/// without a certificate from that CA and serves one with it; a cluster with `cert_file` /
+/// `key_file` presents its certificate to an upstream that requires one (nginx
+/// `ssl_verify_client on`), and a cluster without them is refused by that upstream.
+#[test]
+fn client_certificates_both_ways_mtls() {
+    let dir = temp_dir("tls-mtls");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let (cc, ck) = pki.leaf("client", &["client.test"]);
+    let ca = dir.join("ca.pem");
+    let nginx = Nginx::start_with(
+        &dir,
+        &uc,
+        &uk,
+        &format!(
+            "ssl_verify_client on; ssl_client_certificate {};",
+            ca.display()
+        ),
+    );
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
+             [clusters.withcert]\nendpoints = [\"{u}\"]\n[clusters.withcert.tls]\nca_file = \"ca.pem\"\n\
+             server_name = \"up.test\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n\
+             [clusters.nocert]\nendpoints = [\"{u}\"]\n[clusters.nocert.tls]\nca_file = \"ca.pem\"\n\
+             server_name = \"up.test\"\n\
+             [[routes]]\npath_prefix = \"/\"\ncluster = \"withcert\"\n\
+             [[routes]]\npath_prefix = \"/nocert\"\ncluster = \"nocert\"\n\
+             [observer]\nmode = \"off\"\n",
+            u = nginx.addr,
+            c = cc.display(),
+            k = ck.display(),
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+
+    let (code, _, text) = curl(addr, &ca, "a.test", "/", &[]);
+    assert_eq!(
+        code, 0,
+        "no client certificate: the handshake fails: {text}"
+    );
+    let (code, _, text) = curl(
+        addr,
+        &ca,
+        "a.test",
+        "/",
+        &[
+            "--cert",
+            &cc.display().to_string(),
+            "--key",
+            &ck.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("proto=https sni=up.test client=CN=client.test"),
+        "the upstream saw the gateway's client certificate: {text}"
+    );
+    let with_cert = [
+        "--cert".to_owned(),
+        cc.display().to_string(),
+        "--key".to_owned(),
+        ck.display().to_string(),
+    ];
+    let with_cert: Vec<&str> = with_cert.iter().map(String::as_str).collect();
+    let (code, _, text) = curl(addr, &ca, "a.test", "/nocert", &with_cert);
+    assert_eq!(
+        code, 400,
+        "nginx refuses a cluster without a client certificate: {text}"
+    );
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_tls_handshake_errors_total{side=\"downstream\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        refused >= 1,
+        "the client without a certificate is counted:\n{metrics}"
+    );
 }
