@@ -739,3 +739,71 @@ fn client_certificates_both_ways_mtls() {
         "the client without a certificate is counted:\n{metrics}"
     );
 }
+
+/// With only `[[router.tls.certificates]]` (no default certificate), a client naming another
+/// host fails its handshake, counted as `unknown_sni`, and the listener goes on serving; and
+/// `gateway_host = "*.example.test"` serves requests for those hosts only (others 404), on
+/// either listener.
+#[test]
+fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_hosts() {
+    let dir = temp_dir("tls-unknown-sni");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.example.test", "b.example.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let ca = dir.join("ca.pem");
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\ngateway_host = \"*.example.test\"\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[[router.tls.certificates]]\nserver_names = [\"a.example.test\", \"b.example.test\"]\n\
+             cert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
+             [router.upstream]\nendpoints = [\"{}\"]\n\
+             [router.upstream.tls]\nca_file = \"ca.pem\"\nserver_name = \"up.test\"\n\
+             [observer]\nmode = \"off\"\n",
+            nginx.addr
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+
+    let (code, _, text) = curl(addr, &ca, "other.test", "/", &["-k"]);
+    assert_eq!(code, 0, "no certificate for other.test: {text}");
+    let out = s_client(addr, "a.example.test", "http/1.1");
+    assert!(out.contains("CN = a.example.test"), "{out}");
+    for (host, want) in [("a.example.test", 200), ("b.example.test", 200)] {
+        let (code, _, text) = curl(addr, &ca, host, "/", &[]);
+        assert_eq!(code, want, "{host}: {text}");
+    }
+    // On the plain listener, by Host header.
+    for (host, want) in [
+        ("a.example.test", "200"),
+        ("example.test", "404"),
+        ("other.test", "404"),
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(["-H", &format!("Host: {host}")])
+            .arg(format!("http://{}/", gw.addr))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "Host: {host}");
+    }
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"unknown_sni\"} 1";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+}
