@@ -5,7 +5,9 @@
 //! mismatch and unknown CA answered 502 `tls_error`), a TLS upstream that accepts TCP and
 //! never answers the ClientHello (504 `tls_handshake_timeout` within the configured time, with
 //! the kernel's view of the TCP connection: privileged), and certificates reloaded by SIGHUP
-//! under load with no failed request. Certificates are generated at test time (rcgen).
+//! under load with no failed request; client certificates both ways (mTLS); an unknown SNI
+//! with no default certificate, `min_version`, and `gateway_host`. Certificates are generated
+//! at test time (rcgen).
 
 mod proxy_support;
 
@@ -184,6 +186,23 @@ fn s_client(addr: SocketAddr, sni: &str, alpn: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// `openssl s_client` limited to TLS 1.2: its report of the handshake.
+fn s_client_tls12(addr: SocketAddr, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
     let base = base_config(&dir.join("access.log")).replacen(
         "listen = [\"127.0.0.1:0\"]\n",
@@ -232,6 +251,11 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     assert!(
         h2.contains("CN = b.test"),
         "SNI b.test gets its certificate: {h2}"
+    );
+    let tls12 = s_client_tls12(addr, "a.test");
+    assert!(
+        tls12.contains("New, TLSv1.2"),
+        "TLS 1.2 is accepted by default: {tls12}"
     );
     let h1 = s_client(addr, "elsewhere.test", "http/1.1");
     assert!(h1.contains("ALPN protocol: http/1.1"), "{h1}");
@@ -740,7 +764,8 @@ fn client_certificates_both_ways_mtls() {
     );
 }
 
-/// With only `[[router.tls.certificates]]` (no default certificate), a client naming another
+/// With only `[[router.tls.certificates]]` (no default certificate) and `min_version = "1.3"`
+/// (a TLS 1.2 client is refused), a client naming another
 /// host fails its handshake, counted as `unknown_sni`, and the listener goes on serving; and
 /// `gateway_host = "*.example.test"` serves requests for those hosts only (others 404), on
 /// either listener.
@@ -761,7 +786,8 @@ fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_ho
     std::fs::write(
         &cfg,
         base + &format!(
-            "[[router.tls.certificates]]\nserver_names = [\"a.example.test\", \"b.example.test\"]\n\
+            "[router.tls]\nmin_version = \"1.3\"\n\
+             [[router.tls.certificates]]\nserver_names = [\"a.example.test\", \"b.example.test\"]\n\
              cert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
              [router.upstream]\nendpoints = [\"{}\"]\n\
              [router.upstream.tls]\nca_file = \"ca.pem\"\nserver_name = \"up.test\"\n\
@@ -777,6 +803,11 @@ fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_ho
     assert_eq!(code, 0, "no certificate for other.test: {text}");
     let out = s_client(addr, "a.example.test", "http/1.1");
     assert!(out.contains("CN = a.example.test"), "{out}");
+    let tls12 = s_client_tls12(addr, "a.example.test");
+    assert!(
+        !tls12.contains("New, TLSv1.2"),
+        "min_version = \"1.3\" refuses TLS 1.2: {tls12}"
+    );
     for (host, want) in [("a.example.test", 200), ("b.example.test", 200)] {
         let (code, _, text) = curl(addr, &ca, host, "/", &[]);
         assert_eq!(code, want, "{host}: {text}");
