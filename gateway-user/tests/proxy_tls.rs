@@ -297,6 +297,26 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+    // Handshake durations, both sides: as many observations as successful handshakes.
+    let value = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for side in ["downstream", "upstream"] {
+        let ok = value(&format!(
+            "gateway_tls_handshakes_total{{side=\"{side}\",result=\"ok\""
+        ));
+        let timed = value(&format!(
+            "gateway_tls_handshake_duration_seconds_count{{side=\"{side}\"}}"
+        ));
+        assert!(
+            ok > 0 && timed == ok,
+            "{side}: {ok} handshakes, {timed} timed"
+        );
+    }
 }
 
 /// A client that opens a connection to the HTTPS port and stalls its handshake (sends nothing,
