@@ -5,6 +5,7 @@ mod bench;
 mod bench_faults;
 mod bench_observer;
 mod bench_peers;
+mod bench_profile;
 mod bench_proxy;
 mod bench_tls;
 mod capacity;
@@ -40,7 +41,8 @@ enum Cmd {
     },
     /// Benchmarks: `observer` (connect+close cost with and without the observer), `proxy`
     /// (the gateway against nginx and HAProxy), `tls` (the three terminating HTTPS: keep-alive
-    /// and new-connection handshakes) or `faults` (the three under upstream faults).
+    /// and new-connection handshakes), `faults` (the three under upstream faults) or `profile`
+    /// (a flame graph of the gateway under the `proxy` load: perf and inferno).
     Bench {
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -316,8 +318,9 @@ fn main() -> ExitCode {
             "proxy" => bench_proxy::run(&args),
             "tls" => bench_tls::run(&args),
             "faults" => bench_faults::run(&args),
+            "profile" => bench_profile::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer, proxy, tls or faults"
+                "unknown benchmark {other}; choose observer, proxy, tls, faults or profile"
             )),
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),
