@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Version, header::CONNECTION};
+use http::{HeaderValue, StatusCode, Version, header::CONNECTION};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -42,23 +42,10 @@ use super::{
     io::StallGuard,
     listeners::ClientSocket,
     request::{self, Client},
-    shared::Shared,
+    shared::{Drain, Shared},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Phase {
-    Run,
-    /// Still accepting; keep-alive ends after each response (see the module doc).
-    Deregister,
-    Drain,
-    Force,
-}
-
-impl Phase {
-    fn accepting(self) -> bool {
-        matches!(self, Phase::Run | Phase::Deregister)
-    }
-}
+pub(crate) use super::shared::Phase;
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
 /// connections are done (or the drain is forced). Dropping `done` tells the handle.
@@ -76,8 +63,10 @@ pub(crate) async fn worker(
                 l,
                 scheme,
                 shared.clone(),
-                phase.clone(),
-                live.clone(),
+                Drain {
+                    phase: phase.clone(),
+                    live: live.clone(),
+                },
             ))),
             Err(e) => warn!(error = %e, "cannot register a listener with the worker's runtime"),
         }
@@ -99,26 +88,33 @@ pub(crate) async fn worker(
     drop(done);
 }
 
-/// Accepts until the phase is `Drain` or `Force`.
-async fn accept_loop(
-    listener: TcpListener,
+/// What a connection knows of where it came in.
+#[derive(Clone, Copy)]
+struct Listener {
     scheme: Scheme,
-    shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
-) {
+    /// Bound to a loopback address (the default of `expose_upstream_errors` follows it).
+    loopback: bool,
+}
+
+/// Accepts until the phase is `Drain` or `Force`.
+async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>, drain: Drain) {
+    let mut phase = drain.phase.clone();
+    let on = Listener {
+        scheme,
+        loopback: listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+    };
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (shared, phase, live) = (shared.clone(), phase.clone(), live.clone());
+                    let (shared, drain) = (shared.clone(), drain.clone());
                     match scheme {
                         Scheme::Http => {
-                            tokio::spawn(serve_plain(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_plain(stream, peer, on, shared, drain));
                         }
                         Scheme::Https => {
-                            tokio::spawn(serve_tls(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_tls(stream, peer, on, shared, drain));
                         }
                     }
                 }
@@ -140,13 +136,13 @@ async fn accept_loop(
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
+    on: Listener,
     shared: Arc<Shared>,
-    phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    drain: Drain,
 ) {
     let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
     let io = StallGuard::new(stream, write_timeout);
-    serve(io, peer, Scheme::Http, shared, phase, live).await;
+    serve(io, peer, on, None, shared, drain).await;
 }
 
 /// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
@@ -154,31 +150,36 @@ async fn serve_plain(
 async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
+    on: Listener,
     shared: Arc<Shared>,
-    phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    drain: Drain,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
-        serve(io, peer, Scheme::Https, shared, phase, live).await;
+        let version = crate::tls::version_label(io.get_ref().1.protocol_version());
+        serve(io, peer, on, Some(version), shared, drain).await;
     }
 }
 
 async fn serve<I>(
     io: I,
     peer: SocketAddr,
-    scheme: Scheme,
+    on: Listener,
+    tls: Option<&'static str>,
     shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
-    _live: mpsc::Sender<()>,
+    drain: Drain,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let builder = shared.runtime.load().http.clone();
     let io = TokioIo::new(io);
+    let mut phase = drain.phase.clone();
     let client = Arc::new(Client {
         addr: peer,
         ip: headers::client_value(peer.ip()),
-        scheme,
+        scheme: on.scheme,
+        loopback_listener: on.loopback,
+        tls,
+        drain,
     });
     // Whether this connection speaks HTTP/2, known from its first request.
     let h2 = Arc::new(AtomicBool::new(false));
@@ -190,7 +191,10 @@ async fn serve<I>(
         let phase = svc_phase.clone();
         async move {
             let mut response = response.await?;
-            if version < Version::HTTP_2 && *phase.borrow() != Phase::Run {
+            if version < Version::HTTP_2
+                && *phase.borrow() != Phase::Run
+                && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
                 // Draining: the client reconnects, through its load balancer, elsewhere.
                 response
                     .headers_mut()
@@ -199,7 +203,9 @@ async fn serve<I>(
             Ok::<_, Infallible>(response)
         }
     });
-    let conn = builder.serve_connection(io, svc);
+    // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
+    // its own place among the live connections.
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
     if !phase.borrow_and_update().accepting() {
