@@ -38,6 +38,8 @@ pub(crate) struct Exchange {
     pub grpc: bool,
     /// The request ID's header, when request IDs are on (the value is in the record).
     pub request_id_header: Option<http::HeaderName>,
+    /// The client's request body on its way, for its byte count; `None` without a body.
+    pub body: Option<Arc<super::request_body::Progress>>,
 }
 
 impl Exchange {
@@ -58,6 +60,7 @@ impl Exchange {
             expose: ExposeErrors::Reason,
             grpc: false,
             request_id_header: None,
+            body: None,
         })
     }
 
@@ -96,7 +99,10 @@ impl Exchange {
     /// Counts the request in the metrics (its status and duration). An upgraded connection is
     /// counted at its `101` (so that hours of WebSocket stay out of the request-duration
     /// histogram) and logged at its end ([`Exchange::log`]).
-    pub fn count(&self) {
+    pub fn count(&mut self) {
+        if let Some(b) = &self.body {
+            self.record.request_bytes = self.record.request_bytes.max(b.bytes());
+        }
         self.shared
             .telemetry
             .request_done(&self.record, self.meter.as_deref());

@@ -27,7 +27,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use tokio::{sync::oneshot, time::Instant};
+use tokio::time::Instant;
 use tracing::debug;
 
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
@@ -36,7 +36,7 @@ use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
     headers::Scheme,
-    request_body::{KeptBody, RequestBody},
+    request_body::{KeptBody, Progress, RequestBody},
     response_body::ResponseBody,
     router::CompiledRoute,
     shared::{Drain, Shared},
@@ -112,7 +112,7 @@ struct Plan {
     grpc_deadline: bool,
     grpc: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
-    done: Option<oneshot::Receiver<()>>,
+    done: Option<Arc<Progress>>,
     had_body: bool,
     kernel: bool,
     idempotent: bool,
@@ -218,6 +218,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         ex.grpc,
     );
     plan.had_body = done.is_some();
+    ex.body = done.clone();
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
     let mut last: Option<Box<ProxyError>> = None;

@@ -55,7 +55,7 @@ pub(crate) struct Tunnel {
 }
 
 /// Counts the request (its `101`) and runs the tunnel on its own task.
-pub(crate) fn spawn(t: Tunnel) {
+pub(crate) fn spawn(mut t: Tunnel) {
     t.exchange.count();
     tokio::spawn(run(t));
 }

@@ -227,12 +227,12 @@ async fn exchange(
         *v = grpc_timeout_left(plan.deadline);
     }
     let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));
-    let result = match plan.done.as_mut() {
+    let result = match plan.done.clone() {
         // The response timeout starts once the client's body has been sent.
-        Some(body_done) => tokio::select! {
+        Some(body) => tokio::select! {
             biased;
             r = send.as_mut() => Some(r),
-            _ = body_done => { plan.done = None; None }
+            _ = body.ended() => { plan.done = None; None }
             _ = tokio::time::sleep_until(plan.deadline) => {
                 return Err(Failed::plain(request_timeout(plan, ex)));
             }

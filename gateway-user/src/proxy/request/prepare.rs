@@ -13,7 +13,7 @@ use http::{
     uri::PathAndQuery,
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
-use tokio::{sync::oneshot, time::Instant};
+use tokio::time::Instant;
 
 use super::Client;
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
         error::ProxyError,
         exchange::Exchange,
         headers,
-        request_body::RequestBody,
+        request_body::{Progress, RequestBody},
         request_id,
         router::{CompiledRoute, apply_rules},
         shared::Runtime,
@@ -37,7 +37,7 @@ pub(super) struct Prepared {
     pub route: Arc<CompiledRoute>,
     pub req: Request<RequestBody>,
     /// Told when the client's body has been read to the end; `None` for an empty body.
-    pub done: Option<oneshot::Receiver<()>>,
+    pub done: Option<Arc<Progress>>,
     /// The request timeout (or a gRPC call's shorter deadline), from its arrival.
     pub deadline: Instant,
     /// The deadline is the gRPC call's `grpc-timeout`.
