@@ -14,8 +14,11 @@ use http::{
     header::{self, HOST, VIA},
 };
 
+/// How many [`HOP_BY_HOP`] names there are.
+const HOP_COUNT: usize = 7;
+
 /// Headers that describe one connection, never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -58,63 +61,76 @@ pub(crate) struct Stripped {
     pub te_trailers: bool,
 }
 
+/// Bit of `Upgrade` in [`strip_hop_by_hop`]'s mask (after those of [`HOP_BY_HOP`]).
+const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
+/// Bit of `TE` (index 5 of [`HOP_BY_HOP`]).
+const TE_BIT: u16 = 1 << 5;
+
 /// Removes hop-by-hop headers, including `Upgrade` and `TE`; says whether an upgrade and
 /// `TE: trailers` were among them.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
-    // One pass over the (few) names finds whether there is anything to remove; most requests
-    // carry no hop-by-hop header, and a lookup per name would hash each one.
-    let mut connection = false;
-    let mut any = false;
+    // One pass over the (few) names finds which are there; most messages carry none but
+    // `Connection`, and removing by name hashes each name, so only what is there is removed.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if name == header::CONNECTION {
-            connection = true;
-        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
-            any = true;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= UPGRADE_BIT;
         }
     }
-    if !connection && !any {
+    if present == 0 {
         return Stripped::default();
     }
     // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
     // "close") name nothing else, so the common case allocates nothing.
-    let mut listed: Vec<HeaderName> = Vec::new();
     let mut upgrade = false;
-    for v in headers.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',').map(str::trim) {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
-                continue;
-            }
-            if token.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(name);
+    if present & 1 != 0 {
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case("upgrade") {
+                    upgrade = true;
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
             }
         }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in listed {
-        headers.remove(name);
-    }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("trailers")
+    let te_trailers = present & TE_BIT != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("trailers")
+                })
             })
-        })
-    });
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+        });
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    let upgrade_value = headers.remove(header::UPGRADE);
+    let upgrade_value = if present & UPGRADE_BIT != 0 {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
     Stripped {
         upgrade: upgrade_value.filter(|_| upgrade),
         te_trailers,
@@ -192,7 +208,6 @@ pub(crate) fn to_upstream(
     stripped.upgrade
 }
 
-/// Rewrites an upstream's response headers for the client.
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
 /// and nginx send it): how long it keeps an idle connection open. `None` when absent or
 /// unreadable.

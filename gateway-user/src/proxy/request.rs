@@ -116,8 +116,9 @@ struct Plan {
     had_body: bool,
     kernel: bool,
     idempotent: bool,
-    /// What it takes to send the request again after it was sent once.
-    replay: Option<Box<Replay>>,
+    /// What it takes to send the request again after it was sent once (inline: it is kept
+    /// for almost every request, and an allocation per request costs more than its bytes).
+    replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
     /// The next pick may return to an endpoint already tried when no other is left.
@@ -158,12 +159,12 @@ impl Plan {
         let replay = keep.then(|| {
             let body =
                 (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
-            Box::new(Replay {
+            Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
                 body,
-            })
+            }
         });
         Plan {
             route,
@@ -185,7 +186,7 @@ impl Plan {
     fn replay(&self) -> Option<Request<RequestBody>> {
         // The request may have been sent as HTTP/2 (absolute URI, no `Host`): the kept head
         // is the one before that.
-        let r = self.replay.as_deref()?;
+        let r = self.replay.as_ref()?;
         let body = match &r.body {
             Some(kept) => RequestBody::replay(kept)?,
             None => RequestBody::empty(),

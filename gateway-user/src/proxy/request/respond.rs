@@ -64,6 +64,7 @@ pub(super) fn respond(
             .and_then(|v| GrpcCode::parse(v.as_bytes()))
             .map(|c| c.0);
     }
+    keepalive_off(&ex, &mut parts.headers);
     ex.lease = Some(up.lease);
     let body = ResponseBody::upstream(body, up.stall, up.call_deadline, ex);
     Response::from_parts(parts, body)
@@ -139,7 +140,7 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     explain(&mut h, &e, &ex);
-    if status == StatusCode::BAD_REQUEST {
+    if keepalive_over(&ex) || status == StatusCode::BAD_REQUEST {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     ours(&mut h, &ex);
@@ -227,6 +228,24 @@ fn grpc_error(e: &ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::headers_only(ex));
     *resp.headers_mut() = h;
     resp
+}
+
+/// While keep-alive is over (draining, or handing over to a new binary), an HTTP/1 response
+/// says `Connection: close`: the client reconnects, through its load balancer, elsewhere.
+/// HTTP/2 connections get GOAWAY instead (`server`). A `101` never does: the connection is
+/// the tunnel's.
+fn keepalive_off(ex: &Exchange, h: &mut http::HeaderMap) {
+    if keepalive_over(ex) {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+fn keepalive_over(ex: &Exchange) -> bool {
+    ex.record.version < Version::HTTP_2
+        && ex
+            .shared
+            .keepalive_off
+            .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]
