@@ -8,13 +8,17 @@
 //!
 //! Unprivileged: loopback only.
 
-mod peers_support;
-mod proxy_support;
 
 use std::time::{Duration, Instant};
 
-use peers_support::*;
-use proxy_support::*;
+use gateway_testkit::{
+    http::{client, get, raw_exchange},
+    inprocess::{InProcess, gateway, log_lines},
+    peers::*,
+    ports::refused_addr,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 
 fn config(endpoints: &[std::net::SocketAddr], route_extra: &str) -> String {
     let eps: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();

@@ -4,11 +4,6 @@
 //! protocols-venv`), and nginx serving HTTP/2 with prior knowledge (h2c). A missing peer fails
 //! the test with the command that installs it; nothing is skipped.
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different subset of the helpers"
-)]
-
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
