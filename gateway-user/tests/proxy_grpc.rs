@@ -7,7 +7,6 @@
 //! gateway-made UNAVAILABLE for a refused upstream whose `grpc-message` carries the reason and
 //! the kernel's evidence (privileged: the built binary with the kernel observer).
 
-
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -16,11 +15,11 @@ use std::{
 
 use gateway_testkit::{
     config::write_config,
-    process::GatewayProcess,
     http::get,
     inprocess::{gateway, log_lines},
     peers::*,
     ports::refused_addr,
+    process::GatewayProcess,
     tempdir::temp_dir,
 };
 
@@ -40,7 +39,13 @@ fn config(upstream: std::net::SocketAddr, route: &str) -> String {
 }
 
 fn client(dir: &Path, args: &[&str]) -> serde_json::Value {
-    run_python(dir, "grpc_client.py", GRPC_CLIENT, args, Duration::from_secs(60))
+    run_python(
+        dir,
+        "grpc_client.py",
+        GRPC_CLIENT,
+        args,
+        Duration::from_secs(60),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +57,10 @@ async fn unary_streaming_and_bidi_calls_and_an_error_status_pass_through() {
         .await
         .unwrap();
     assert_eq!(out["unary"], "echo a", "{out}");
-    assert_eq!(out["trailer"], "t-a", "the server's trailers reached the client: {out}");
+    assert_eq!(
+        out["trailer"], "t-a",
+        "the server's trailers reached the client: {out}"
+    );
     let stream = out["server_stream"].as_array().unwrap();
     assert_eq!(stream.len(), 50, "{out}");
     assert_eq!(stream[49], "item 49");
@@ -69,9 +77,15 @@ async fn unary_streaming_and_bidi_calls_and_an_error_status_pass_through() {
         assert_eq!(l["upstream_status"], 200, "{l}");
     }
     let statuses: Vec<_> = lines.iter().map(|l| l["grpc_status"].clone()).collect();
-    assert!(statuses.contains(&serde_json::json!(5)), "NOT_FOUND logged: {statuses:?}");
+    assert!(
+        statuses.contains(&serde_json::json!(5)),
+        "NOT_FOUND logged: {statuses:?}"
+    );
     assert_eq!(
-        statuses.iter().filter(|s| **s == serde_json::json!(0)).count(),
+        statuses
+            .iter()
+            .filter(|s| **s == serde_json::json!(0))
+            .count(),
         4,
         "{statuses:?}"
     );
@@ -79,7 +93,12 @@ async fn unary_streaming_and_bidi_calls_and_an_error_status_pass_through() {
 
 /// One gRPC call with curl over HTTP/2 with prior knowledge: `Slow(n ms)` with the given
 /// `grpc-timeout`; the response head and trailers as text, and how long it took.
-fn curl_slow(addr: std::net::SocketAddr, dir: &Path, slow_ms: u32, grpc_timeout: &str) -> (String, Duration) {
+fn curl_slow(
+    addr: std::net::SocketAddr,
+    dir: &Path,
+    slow_ms: u32,
+    grpc_timeout: &str,
+) -> (String, Duration) {
     // gRPC framing: uncompressed flag, 4-byte length, then `Count { n = slow_ms }` (field 1,
     // varint).
     let mut msg = vec![0x08];
@@ -96,7 +115,16 @@ fn curl_slow(addr: std::net::SocketAddr, dir: &Path, slow_ms: u32, grpc_timeout:
     std::fs::write(&body, frame).unwrap();
     let start = Instant::now();
     let out = Command::new("curl")
-        .args(["-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-", "--max-time", "20"])
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--max-time",
+            "20",
+        ])
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .args(["-H", &format!("grpc-timeout: {grpc_timeout}")])
         .arg("--data-binary")
@@ -104,7 +132,10 @@ fn curl_slow(addr: std::net::SocketAddr, dir: &Path, slow_ms: u32, grpc_timeout:
         .arg(format!("http://{addr}/gwtest.Echo/Slow"))
         .output()
         .expect("curl");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), start.elapsed())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        start.elapsed(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +152,10 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
         .unwrap();
     assert!(head.starts_with("HTTP/2 200"), "{head}");
     assert!(head.contains("grpc-status: 4"), "{head}");
-    assert!(head.contains("grpc-timeout"), "the message names the call's deadline: {head}");
+    assert!(
+        head.contains("grpc-timeout"),
+        "the message names the call's deadline: {head}"
+    );
     assert!(
         took >= Duration::from_millis(290) && took < Duration::from_millis(800),
         "{took:?}"
@@ -146,7 +180,10 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
     .await
     .unwrap();
     let left: u64 = out["ok"].as_str().unwrap().parse().unwrap();
-    assert!((900..=1200).contains(&left), "the upstream had {left} ms left: {out}");
+    assert!(
+        (900..=1200).contains(&left),
+        "the upstream had {left} ms left: {out}"
+    );
     let lines = log_lines(&gw.log, 3);
     assert_eq!(lines[0]["error"], "request_timeout", "{}", lines[0]);
     assert_eq!(lines[0]["grpc_status"], 4, "{}", lines[0]);
@@ -180,17 +217,28 @@ async fn a_status_the_route_lists_is_retried_and_others_are_not() {
     );
     let target = gw.addr.to_string();
     let retried = tokio::task::spawn_blocking(move || {
-        run_python(&dir, "grpc_client_retry.py", &script, &["one", &target, "Flaky", "k2", "10"], Duration::from_secs(60))
+        run_python(
+            &dir,
+            "grpc_client_retry.py",
+            &script,
+            &["one", &target, "Flaky", "k2", "10"],
+            Duration::from_secs(60),
+        )
     })
     .await
     .unwrap();
     assert_eq!(retried["ok"], "ok k2", "{retried}");
     let lines = log_lines(&gw.log, 2);
-    let l = lines.iter().find(|l| l["retries"] == 1).expect("the retried call's line");
+    let l = lines
+        .iter()
+        .find(|l| l["retries"] == 1)
+        .expect("the retried call's line");
     assert_eq!(l["grpc_status"], 0, "{l}");
     assert_eq!(l["attempts"], 2, "{l}");
     let admin = gw.handle.admin_addr().unwrap();
-    let m = get(&gateway_testkit::http::client(), admin, "/metrics").await.body;
+    let m = get(&gateway_testkit::http::client(), admin, "/metrics")
+        .await
+        .body;
     assert!(
         m.contains("gateway_retries_total{cluster=\"grpc\",reason=\"grpc_status\"} 1"),
         "{m}"
@@ -218,5 +266,8 @@ fn a_refused_upstream_is_unavailable_with_the_kernels_evidence_privileged() {
         details.starts_with(&format!("connect_refused: connection refused by {refused}")),
         "{details}"
     );
-    assert!(details.contains("kernel: refused, 1 SYN sent, RST received"), "{details}");
+    assert!(
+        details.contains("kernel: refused, 1 SYN sent, RST received"),
+        "{details}"
+    );
 }

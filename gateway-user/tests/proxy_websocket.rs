@@ -8,7 +8,6 @@
 //!
 //! Unprivileged: loopback only.
 
-
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{

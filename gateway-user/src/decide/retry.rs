@@ -19,8 +19,9 @@
 //! 6. HTTP/2: the upstream said it never processed the stream — a `GOAWAY` whose
 //!    last-stream-id is below it, or `RST_STREAM(REFUSED_STREAM)` (RFC 9113 section 8.7) —
 //!    so it is retried whatever the method (`refused_stream`), on another connection
-//!    (another endpoint when one is left), outside the budget like a stale connection: a
-//!    graceful upstream restart refuses every stream in flight above its last id at once.
+//!    (another endpoint when one is left; a new connection when a stream of the request was
+//!    refused before), outside the budget like a stale connection: a graceful upstream
+//!    restart refuses every stream in flight above its last id at once.
 //! 7. gRPC: a call answered with only a status (a trailers-only response: no message reached
 //!    the client, so nothing is committed) whose code the route lists in
 //!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
@@ -134,6 +135,12 @@ pub enum Where {
     /// A fresh connection, to another endpoint if one is left, else to the same one: the
     /// connection failed, not the endpoint (a stale keep-alive connection).
     FreshConnection,
+    /// Another connection, to another endpoint if one is left, else to the same one: an
+    /// HTTP/2 upstream refused the stream unprocessed on a connection that is now retired, so
+    /// any other live connection will do, or a new one shared like any other. Not a fresh
+    /// connection of its own: a GOAWAY refuses every stream above its last id at once, and a
+    /// connection per refused stream would multiply the connections by the streams in flight.
+    AnotherConnection,
 }
 
 /// The retry knobs of a route (its cluster's, with the route's overrides).
@@ -172,6 +179,8 @@ pub struct Attempted {
     pub resendable: bool,
     /// Retries so far.
     pub retries: u32,
+    /// HTTP/2 streams of this request the upstream refused unprocessed so far.
+    pub refused: u32,
 }
 
 /// Why no retry.
@@ -249,17 +258,20 @@ pub fn next_step(
         return Step::Stop(Stop::MaxRetries);
     }
     let to = match failure {
-        // The connection broke, not the endpoint (a host that died is `host_died`); or the
-        // upstream refused a stream on it unprocessed.
+        // The connection broke, not the endpoint (a host that died is `host_died`).
         Failure::ConnectionDied {
             host_died: false,
             reused: true,
             ..
-        }
-        | Failure::Refused => Where::FreshConnection,
+        } => Where::FreshConnection,
+        // The upstream refused a stream unprocessed (its connection is retired): another
+        // connection; refused there too (connections the upstream ends every N requests, all
+        // near their end), a new one, whose first stream no upstream refuses for that.
+        Failure::Refused if attempted.refused == 0 => Where::AnotherConnection,
+        Failure::Refused => Where::FreshConnection,
         _ => Where::Elsewhere,
     };
-    if to == Where::FreshConnection {
+    if to != Where::Elsewhere {
         return Step::Retry {
             reason,
             to,

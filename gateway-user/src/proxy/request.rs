@@ -121,6 +121,8 @@ struct Plan {
     replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
+    /// Streams of this request an HTTP/2 upstream refused unprocessed.
+    refused: u32,
     /// The next pick may return to an endpoint already tried when no other is left.
     same_endpoint_ok: bool,
     /// Held while a retry is in flight (the cluster's retry budget).
@@ -177,6 +179,7 @@ impl Plan {
             idempotent,
             replay,
             fresh: false,
+            refused: 0,
             same_endpoint_ok: false,
             retry_permit: None,
         }
@@ -285,13 +288,21 @@ fn retry(
         idempotent: plan.idempotent,
         resendable: again.is_some(),
         retries: ex.record.retries,
+        refused: plan.refused,
     };
+    if failure == Failure::Refused {
+        plan.refused += 1;
+    }
     match next_step(failure, attempted, &plan.route.retry, &cluster.budgets) {
         Step::Retry { reason, to, permit } => {
             let again = again?;
-            if to == Where::FreshConnection {
-                plan.fresh = true;
-                plan.same_endpoint_ok = true;
+            match to {
+                Where::FreshConnection => {
+                    plan.fresh = true;
+                    plan.same_endpoint_ok = true;
+                }
+                Where::AnotherConnection => plan.same_endpoint_ok = true,
+                Where::Elsewhere => {}
             }
             cluster.meter.retry(reason);
             plan.retry_permit = permit;

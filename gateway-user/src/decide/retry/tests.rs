@@ -152,6 +152,7 @@ fn final_failures_are_never_retried() {
 
 fn attempted(retries: u32) -> Attempted {
     Attempted {
+        refused: 0,
         idempotent: true,
         resendable: true,
         retries,
@@ -200,7 +201,7 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
 }
 
 #[test]
-fn a_refused_stream_is_retried_whatever_the_method_on_a_fresh_connection_outside_the_budget() {
+fn a_refused_stream_is_retried_whatever_the_method_on_another_connection_outside_the_budget() {
     assert_eq!(
         retry_allowed(Failure::Refused, false, &ALL_OFF),
         Some(RetryReason::RefusedStream)
@@ -212,6 +213,7 @@ fn a_refused_stream_is_retried_whatever_the_method_on_a_fresh_connection_outside
         idempotent: false,
         resendable: true,
         retries: 0,
+        refused: 0,
     };
     let policy = RetryPolicy {
         budget_percent: 0,
@@ -221,8 +223,21 @@ fn a_refused_stream_is_retried_whatever_the_method_on_a_fresh_connection_outside
     match next_step(Failure::Refused, attempted, &policy, &budgets) {
         Step::Retry {
             reason: RetryReason::RefusedStream,
-            to: Where::FreshConnection,
+            to: Where::AnotherConnection,
             permit: None,
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    // Refused again: a connection of its own.
+    let again = Attempted {
+        retries: 1,
+        refused: 1,
+        ..attempted
+    };
+    match next_step(Failure::Refused, again, &policy, &budgets) {
+        Step::Retry {
+            to: Where::FreshConnection,
+            ..
         } => {}
         other => panic!("{other:?}"),
     }

@@ -52,7 +52,11 @@ impl Endpoint {
                 spec.limits.max_idle_per_endpoint,
                 spec.timeouts.idle,
             ),
-            mux: Arc::new(Multiplexed::new(shards, spec.limits.max_concurrent_streams)),
+            mux: Arc::new(Multiplexed::new(
+                shards,
+                spec.limits.max_concurrent_streams,
+                spec.timeouts.idle,
+            )),
             in_flight: AtomicU64::new(0),
             health: HealthCell::new(),
             probe_running: AtomicBool::new(false),

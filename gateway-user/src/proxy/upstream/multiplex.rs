@@ -10,7 +10,9 @@
 //!
 //! A connection stops taking new streams (it is *retired*) when hyper says it is closed, when
 //! one of its streams failed with a connection-level error (a GOAWAY, the host died), or when
-//! the pool sweeps it; the streams in flight on it finish (a GOAWAY's last-stream-id and
+//! the pool sweeps it: idle (no stream) for longer than the cluster's `idle_timeout_ms`, like
+//! an idle HTTP/1.1 connection. Requests fill the first connection with room, so connections
+//! beyond what the load needs go idle and are closed; the streams in flight on it finish (a GOAWAY's last-stream-id and
 //! below) or fail on their own. Its connection slot is held until the last stream is gone and
 //! hyper closed it.
 //!
@@ -23,8 +25,9 @@ use std::{
     os::fd::RawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use hyper::client::conn::http2;
@@ -44,6 +47,9 @@ pub(crate) struct H2Conn {
     retired: AtomicBool,
     /// Told when a stream ends, so that a request waiting for room may take it.
     freed: Arc<Freed>,
+    /// When its last stream ended, as milliseconds since [`epoch`] (only read when `streams`
+    /// is 0).
+    idle_since_ms: AtomicU64,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -77,6 +83,23 @@ impl H2Conn {
     fn idle(&self) -> bool {
         self.streams.load(Ordering::Acquire) == 0
     }
+
+    /// No stream for `limit` or longer.
+    fn idle_for(&self, limit: Duration, now_ms: u64) -> bool {
+        self.idle()
+            && now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Relaxed))
+                >= limit.as_millis() as u64
+    }
+}
+
+/// The base of [`H2Conn::idle_since_ms`]: the first time it was asked for.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 /// One stream's hold on its connection: counted while it lives.
@@ -90,7 +113,9 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
         self.0.freed.notify();
     }
 }
@@ -162,6 +187,8 @@ struct Shard {
 pub(crate) struct Multiplexed {
     shards: Box<[Mutex<Shard>]>,
     max_streams: usize,
+    /// A connection idle this long is closed by [`Multiplexed::sweep`].
+    idle_timeout: Duration,
     /// A stream ended, a connection came up, or a connect failed.
     pub freed: Arc<Freed>,
     /// This endpoint has spoken HTTP/2 (an `auto` cluster learns it from ALPN).
@@ -178,10 +205,11 @@ pub(crate) enum Wait {
 }
 
 impl Multiplexed {
-    pub fn new(shards: usize, max_streams: usize) -> Self {
+    pub fn new(shards: usize, max_streams: usize, idle_timeout: Duration) -> Self {
         Multiplexed {
             shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
             max_streams: max_streams.max(1),
+            idle_timeout,
             freed: Arc::default(),
             speaks_h2: AtomicBool::new(false),
         }
@@ -245,6 +273,7 @@ impl Multiplexed {
             max_streams: self.max_streams,
             retired: AtomicBool::new(false),
             freed: self.freed.clone(),
+            idle_since_ms: AtomicU64::new(now_ms()),
             _slot: slot,
         });
         self.lock(worker_index()).conns.push(conn.clone());
@@ -273,10 +302,17 @@ impl Multiplexed {
     }
 
     /// Drops retired and closed connections from the lists (they close once their last
-    /// stream is done).
+    /// stream is done), and retires those idle for `idle_timeout` (closed at once: the list
+    /// held the last handle of their sender).
     pub fn sweep(&self) {
+        let now = now_ms();
         for s in 0..self.shards.len() {
-            self.lock(s).conns.retain(|c| c.live());
+            self.lock(s).conns.retain(|c| {
+                if c.idle_for(self.idle_timeout, now) {
+                    c.retire();
+                }
+                c.live()
+            });
         }
     }
 }
@@ -328,7 +364,7 @@ mod tests {
 
     #[test]
     fn a_burst_waits_for_the_connection_being_made_until_it_is_full() {
-        let mux = Arc::new(Multiplexed::new(1, 3));
+        let mux = Arc::new(Multiplexed::new(1, 3, Duration::from_secs(90)));
         let first = mux.plan();
         assert!(matches!(first, Wait::Connect(_)));
         // Three streams fit on the connection being made, one for the request that makes it:

@@ -129,6 +129,10 @@ impl UpstreamConn {
     /// Sends `req`; the future awaits the response head (it does not borrow the connection).
     /// On HTTP/2 the request gets the absolute URI its `:scheme` and `:authority` come from
     /// (RFC 9113 section 8.3.1), from its `Host`.
+    #[expect(
+        clippy::result_large_err,
+        reason = "hyper's TrySendError hands the unsent request back, to send it again; it is moved once per attempt, never kept"
+    )]
     pub fn send(
         &mut self,
         mut req: Request<RequestBody>,
