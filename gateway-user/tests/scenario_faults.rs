@@ -689,6 +689,62 @@ fn privileged_whole_host_blackhole_loses_no_get_and_recovers() {
 }
 
 #[test]
+fn privileged_whole_host_blackhole_loses_no_post() {
+    // As above, with POSTs (1 KiB bodies): not idempotent, so a POST stranded on a pooled
+    // connection to the dead host may be sent again only because the kernel shows that none
+    // of its bytes were ACKed (issue 15: nginx and HAProxy each fail 2 after 30 s here).
+    let s = Scenario::start(
+        gateway_bin!(),
+        "hostbhpost",
+        HttpBehaviour::immediate(),
+        2,
+        2000,
+        "",
+    )
+    .posting(1024);
+    let fault_for = 3.0;
+    let r = run(
+        s,
+        Plan {
+            rate: RATE,
+            inject: Inject::Net(Fault::Blackhole { port: PORT }),
+            wait_for_measured_deadline: true,
+            fault_for,
+            tail: TAIL,
+            give_up: recovery_bound(fault_for + 0.5, CONNECT_TIMEOUT) + 1.0,
+        },
+    );
+    r.report("whole-host blackhole, POST");
+    r.assert_no_failures();
+    r.assert_ejected(&["syn_unanswered", "host_died"], 0.8);
+    let log = r.s.access_log();
+    assert!(
+        log.iter().all(|l| l["method"] == "POST"),
+        "the load was POSTs"
+    );
+    let moved: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|l| {
+            l["attempt_errors"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e == "upstream_host_died"))
+        })
+        .collect();
+    eprintln!("POSTs sent again after upstream_host_died: {}", moved.len());
+    assert!(
+        !moved.is_empty(),
+        "a POST stranded on a pooled connection to the dead host is sent again"
+    );
+    for l in &moved {
+        assert_eq!(l["status"], 200, "{l}");
+        assert!(
+            l["total_ms"].as_f64().unwrap() < 1000.0,
+            "moved on kernel evidence, well before the 2000 ms response timeout: {l}"
+        );
+    }
+}
+
+#[test]
 fn privileged_slow_backend_is_ejected_as_slow_backend_not_a_network_failure_and_recovers() {
     const RESPONSE_TIMEOUT: f64 = 1.0;
     const RATE_SLOW: u32 = RATE / 4;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use gateway_lab::{HttpBehaviour, HttpServer, Lab, LabSpec};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
@@ -46,6 +46,8 @@ pub struct Scenario {
     pub addr: SocketAddr,
     pub access_log: PathBuf,
     pub started: SystemTime,
+    /// The load generator sends POSTs with this body instead of GETs ([`Scenario::posting`]).
+    pub post_body: Option<Bytes>,
     _dir: TempDir,
 }
 
@@ -108,8 +110,17 @@ impl Scenario {
             gateway,
             access_log,
             started: SystemTime::now(),
+            post_body: None,
             _dir: dir,
         }
+    }
+
+    /// The load generator sends POSTs with a `len`-byte body: requests that are not
+    /// idempotent, which the gateway may send again only when the kernel proves that the
+    /// upstream never received them.
+    pub fn posting(mut self, len: usize) -> Scenario {
+        self.post_body = Some(Bytes::from(vec![b'p'; len]));
+        self
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
@@ -156,6 +167,7 @@ impl Scenario {
         mut at: impl FnMut(f64) -> bool + Send,
     ) -> Vec<Sample> {
         let addr = self.addr;
+        let post_body = self.post_body.clone();
         let samples = Arc::new(Mutex::new(Vec::new()));
         let out = samples.clone();
         let sent = self
@@ -164,7 +176,7 @@ impl Scenario {
             .block_on(async move {
                 // Idle client connections go before the gateway's 10 s keep-alive limit
                 // (`header_read_timeout_ms`) closes them, so that no request races a close.
-                let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+                let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(5))
                     .build_http();
                 let start = tokio::time::Instant::now();
@@ -183,10 +195,16 @@ impl Scenario {
                     }
                     let client = client.clone();
                     let out = out.clone();
+                    let post_body = post_body.clone();
                     tasks.push(tokio::spawn(async move {
                         let sent = tokio::time::Instant::now();
-                        let req = hyper::Request::get(format!("http://{addr}/"))
-                            .body(Empty::new())
+                        let req =
+                            match post_body {
+                                Some(b) => hyper::Request::post(format!("http://{addr}/"))
+                                    .body(Full::new(b)),
+                                None => hyper::Request::get(format!("http://{addr}/"))
+                                    .body(Full::default()),
+                            }
                             .unwrap();
                         let r = tokio::time::timeout(CLIENT_TIMEOUT, async {
                             let resp = client.request(req).await?;
