@@ -9,6 +9,9 @@
 //! latency, the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS. It also
 //! shows each proxy's CPU time per request, which is steadier than req/s on a shared machine.
 //!
+//! Then the HTTP/2-upstream row (`bench_proxy_h2`): h2load through each proxy to an h2c
+//! upstream, with the same repetitions; `--no-h2` leaves it out.
+//!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
 //! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
@@ -32,6 +35,7 @@ struct Options {
     connections: usize,
     wrk_threads: usize,
     gateway_bin: Option<PathBuf>,
+    h2: bool,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
@@ -42,6 +46,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
         connections: 64,
         wrk_threads: 1,
         gateway_bin: None,
+        h2: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -53,8 +58,9 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
             "--connections" => o.connections = val()?.parse().context("--connections")?,
             "--wrk-threads" => o.wrk_threads = val()?.parse().context("--wrk-threads")?,
             "--gateway-bin" => o.gateway_bin = Some(PathBuf::from(val()?)),
+            "--no-h2" => o.h2 = false,
             other => bail!(
-                "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH"
+                "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH --no-h2"
             ),
         }
     }
@@ -65,7 +71,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 }
 
 /// Starts `cmd` as a [`Proc`] (stopped with SIGTERM, then SIGKILL after 3 s, when dropped).
-fn spawn_proc(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
+pub(crate) fn spawn_proc(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -74,7 +80,7 @@ fn spawn_proc(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
     Ok(Proc::new(name, child, Duration::from_secs(3)))
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -100,7 +106,7 @@ fn wait_ready(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
     }
 }
 
-fn require(tool: &str, package: &str) -> anyhow::Result<()> {
+pub(crate) fn require(tool: &str, package: &str) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
@@ -111,7 +117,7 @@ fn require(tool: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -176,7 +182,7 @@ struct Sample {
 }
 
 /// A process and its children (nginx's workers).
-fn family(pid: u32) -> Vec<u32> {
+pub(crate) fn family(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -198,7 +204,7 @@ fn family(pid: u32) -> Vec<u32> {
 }
 
 /// User + system CPU time of every thread of `pids`, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
     let mut total = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -217,7 +223,7 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
     total
 }
 
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { sysconf(2) }; // _SC_CLK_TCK
     if t > 0 { t as f64 } else { 100.0 }
@@ -227,7 +233,7 @@ unsafe extern "C" {
     fn sysconf(name: i32) -> i64;
 }
 
-fn parse_latency(s: &str) -> Option<f64> {
+pub(crate) fn parse_latency(s: &str) -> Option<f64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
     let v: f64 = num.parse().ok()?;
@@ -288,7 +294,7 @@ fn wrk(o: &Options, port: u16, secs: u64, pids: &[u32]) -> anyhow::Result<Sample
     Ok(s)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -464,6 +470,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         None => println!("gateway peak RSS: unavailable"),
     }
     drop((gw, ngx, hap, upstreams));
+    if o.h2 {
+        crate::bench_proxy_h2::run(&gateway, &dir, o.reps, o.duration, o.warmup)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
+mod bench_proxy_h2;
 mod capacity;
 mod fuzz;
 mod package;
