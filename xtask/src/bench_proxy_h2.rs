@@ -25,6 +25,8 @@ pub(crate) struct H2Sample {
     pub rps: f64,
     /// h2load's mean "time for request".
     pub mean_ms: f64,
+    /// Failed requests and responses other than 2xx (a proxy that answers 502 fast is not
+    /// fast).
     pub failed: u64,
     pub cpu_us_per_req: f64,
 }
@@ -122,6 +124,7 @@ fn h2load(
 fn parse_h2load(text: &str, cpu_s: f64, secs: u64) -> Option<H2Sample> {
     let mut s = H2Sample::default();
     let mut done = 0u64;
+    let mut ok = 0u64;
     for line in text.lines() {
         let t = line.trim();
         if let Some(rest) = t.strip_prefix("finished in") {
@@ -137,6 +140,10 @@ fn parse_h2load(text: &str, cpu_s: f64, secs: u64) -> Option<H2Sample> {
                     done = n.trim().parse().ok()?;
                 }
             }
+        } else if let Some(rest) = t.strip_prefix("status codes:") {
+            ok = rest
+                .split(',')
+                .find_map(|p| p.trim().strip_suffix("2xx")?.trim().parse().ok())?;
         } else if let Some(rest) = t.strip_prefix("time for request:") {
             let mean = rest.split_whitespace().nth(2)?;
             s.mean_ms = super::bench_proxy::parse_latency(mean)?;
@@ -145,6 +152,7 @@ fn parse_h2load(text: &str, cpu_s: f64, secs: u64) -> Option<H2Sample> {
     if s.rps == 0.0 || done == 0 {
         return None;
     }
+    s.failed += done.saturating_sub(ok);
     s.cpu_us_per_req = cpu_s * 1e6 / (s.rps * secs as f64);
     Some(s)
 }
@@ -287,10 +295,11 @@ mod tests {
     fn h2load_output_is_read() {
         let text = "finished in 10.00s, 12345.60 req/s, 1.23MB/s\n\
                     requests: 123456 total, 123456 started, 123450 done, 123450 succeeded, 6 failed, 6 errored, 0 timeout\n\
+                    status codes: 123440 2xx, 0 3xx, 0 4xx, 10 5xx\n\
                     time for request:      245us     12.30ms      1.25ms       500us    80.00%\n";
         let s = parse_h2load(text, 2.0, 10).unwrap();
         assert_eq!(s.rps, 12345.6);
-        assert_eq!(s.failed, 6);
+        assert_eq!(s.failed, 16, "6 failed and 10 not 2xx");
         assert_eq!(s.mean_ms, 1.25);
         assert!((s.cpu_us_per_req - 2.0e6 / 123456.0).abs() < 1e-6);
         assert!(parse_h2load("nothing", 1.0, 1).is_none());
