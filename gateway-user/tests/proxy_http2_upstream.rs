@@ -158,3 +158,100 @@ async fn goaway_mid_load_fails_no_idempotent_request() {
         .count();
     assert_eq!(failed, 0);
 }
+
+/// nginx with TLS (a certificate for `up.test` from a CA of the test's own), HTTP/2 offered by
+/// ALPN when `h2`; logs the protocol each request came in with.
+fn nginx_tls(dir: &std::path::Path, h2: bool) -> (NginxTls, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let leaf = CertificateParams::new(vec!["up.test".to_owned()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let (c, k) = (dir.join("up.pem"), dir.join("up.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let port = gateway_testkit::ports::free_port();
+    let log = dir.join("tls-access.log");
+    let conf = dir.join("nginx-tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx-tls.pid;\nerror_log {d}/nginx-tls.err;\n\
+             events {{ worker_connections 256; }}\nhttp {{\n log_format p '$server_protocol $connection $status';\n\
+             access_log {log} p;\n server {{\n  listen 127.0.0.1:{port} ssl{h2};\n  \
+             ssl_certificate {c}; ssl_certificate_key {k};\n  location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
+            d = dir.display(),
+            log = log.display(),
+            h2 = if h2 { " http2" } else { "" },
+            c = c.display(),
+            k = k.display(),
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("/usr/sbin/nginx")
+        .args(["-e", "stderr", "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (NginxTls { addr, log, child }, ca_pem)
+}
+
+struct NginxTls {
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for NginxTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
+    // `h2` and `auto` to a TLS upstream that offers h2: HTTP/2; `auto` to one that offers only
+    // HTTP/1.1: HTTP/1.1.
+    for (protocol, offers_h2, want) in [
+        ("h2", true, "HTTP/2.0"),
+        ("auto", true, "HTTP/2.0"),
+        ("auto", false, "HTTP/1.1"),
+    ] {
+        let dir = temp_dir("h2-alpn");
+        let (nginx, ca) = nginx_tls(&dir, offers_h2);
+        let cfg = format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\nprotocol = \"{protocol}\"\n\
+             [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n",
+            nginx.addr,
+            ca.display()
+        );
+        let gw = gateway("h2-alpn", &cfg).await;
+        for _ in 0..3 {
+            let got = get(&client(), gw.addr, "/x").await;
+            assert_eq!(got.status, 200, "{protocol}: {}", got.body);
+        }
+        let lines = upstream_lines(&nginx.log);
+        assert_eq!(lines.len(), 3, "{protocol}");
+        assert!(
+            lines.iter().all(|(p, _, _)| p == want),
+            "{protocol}, upstream offers h2: {offers_h2}: {lines:?}"
+        );
+    }
+}
