@@ -131,6 +131,18 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpgradeEndLabels {
+    pub cluster: String,
+    pub end: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub cluster: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: &'static str,
 }
@@ -191,7 +203,7 @@ catalogue! {
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
         "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],
-        "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset).";
+        "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset, refused_stream: an HTTP/2 upstream refused the stream unprocessed by GOAWAY or REFUSED_STREAM, grpc_status: a gRPC status the route retries).";
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
@@ -210,6 +222,12 @@ catalogue! {
         "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
     kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
         "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
+    upgrades_active: "gateway_upgraded_connections", "gauge", ["cluster"],
+        "Upgraded connections (WebSocket, any HTTP/1.1 Upgrade) open now: from the 101 to their end.";
+    upgrades: "gateway_upgrades", "counter", ["cluster", "end"],
+        "Upgraded connections ended, by how: client_closed, upstream_closed (that side closed first), idle_timeout (upgrade_idle_timeout_ms), max_duration (upgrade_max_duration_ms), shutdown (the drain's grace ran out), error (a read or write failed, or a write stalled past write_timeout_ms).";
+    upgrade_bytes: "gateway_upgrade_bytes", "counter", ["cluster", "direction"],
+        "Bytes copied through upgraded connections, by direction: to_upstream (from the client) and to_client.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -238,6 +256,9 @@ pub struct GatewayMetrics {
     pub tls_handshake_duration: HistogramFamily<SideLabels>,
     pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
     pub kernel_anomalies: Family<KindLabels, Counter>,
+    pub upgrades_active: Family<ClusterLabels, Gauge>,
+    pub upgrades: Family<UpgradeEndLabels, Counter>,
+    pub upgrade_bytes: Family<DirectionLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -266,6 +287,9 @@ impl GatewayMetrics {
             tls_handshake_duration: Family::new_with_constructor(latency_histogram),
             tls_certificate_expiry: Family::default(),
             kernel_anomalies: Family::default(),
+            upgrades_active: Family::default(),
+            upgrades: Family::default(),
+            upgrade_bytes: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -299,6 +323,9 @@ impl GatewayMetrics {
         reg!(f::tls_handshake_duration, m.tls_handshake_duration);
         reg!(f::tls_certificate_expiry, m.tls_certificate_expiry);
         reg!(f::kernel_anomalies, m.kernel_anomalies);
+        reg!(f::upgrades_active, m.upgrades_active);
+        reg!(f::upgrades, m.upgrades);
+        reg!(f::upgrade_bytes, m.upgrade_bytes);
         m
     }
 }
@@ -463,6 +490,23 @@ mod tests {
         m.kernel_anomalies
             .get_or_create(&KindLabels {
                 kind: "storage_failed",
+            })
+            .inc();
+        m.upgrades_active
+            .get_or_create(&ClusterLabels {
+                cluster: "c".into(),
+            })
+            .set(1);
+        m.upgrades
+            .get_or_create(&UpgradeEndLabels {
+                cluster: "c".into(),
+                end: "client_closed",
+            })
+            .inc();
+        m.upgrade_bytes
+            .get_or_create(&DirectionLabels {
+                cluster: "c".into(),
+                direction: "to_client",
             })
             .inc();
         let mut text = String::new();

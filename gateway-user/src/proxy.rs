@@ -11,17 +11,18 @@
 //! | `server` | client listeners and connections, the drain |
 //! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
-//! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout and the idle pool, connects and hedges, probes, DNS |
+//! | `tunnel` | an upgraded connection (WebSocket) after its `101`: bytes both ways, idle and total limits, the drain |
+//! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout, the idle pool and shared HTTP/2 connections, connects and hedges, probes, DNS |
 //! | `exchange` | a request's context (log record, budget guard, route meter, connection lease) |
 //! | `request_body`, `response_body` | the two streamed bodies and their limits and timers |
 //! | `shared` | what all requests share, and one config generation (routes, clusters) |
 //! | `access_log`, `telemetry` | the log line and the metrics the request path feeds |
-//! | `error`, `headers`, `io`, `router` | typed errors, header rewriting, write-stall guard, route matching |
+//! | `error`, `headers`, `io`, `router`, `request_id` | typed errors, header rewriting, write-stall guard, route matching and per-route policy, request IDs |
 //! | `admin` | `/metrics`, `/status`, `/healthz`, `/readyz` and the status page |
 //!
-//! Files import downwards only: `error`, `headers`, `io`, `router`, `request_body`,
-//! `access_log`, `telemetry` → `upstream` → `shared` → `exchange` → `response_body` →
-//! `request` → `handshake` → `server`, `admin`.
+//! Files import downwards only: `error`, `headers`, `io`, `router`, `request_id`,
+//! `request_body`, `access_log`, `telemetry` → `upstream` → `shared` → `exchange` →
+//! `response_body`, `tunnel` → `request` → `handshake` → `server`, `admin`.
 
 mod access_log;
 pub mod admin;
@@ -33,11 +34,13 @@ mod io;
 mod listeners;
 mod request;
 mod request_body;
+mod request_id;
 mod response_body;
 mod router;
 mod server;
 mod shared;
 mod telemetry;
+mod tunnel;
 mod upstream;
 
 use std::{

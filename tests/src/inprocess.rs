@@ -21,9 +21,15 @@ pub struct InProcess {
 
 /// Starts the gateway in-process from `base_config` + `extra` (a config fragment).
 pub async fn gateway(label: &str, extra: &str) -> InProcess {
+    gateway_with(label, |base| format!("{base}\n{extra}")).await
+}
+
+/// Starts the gateway in-process from the config `text` makes of `base_config` (for a test
+/// that changes the base's own tables, e.g. a key of `[router]`).
+pub async fn gateway_with(label: &str, text: impl FnOnce(String) -> String) -> InProcess {
     let dir = temp_dir(label);
     let log = dir.join("access.log");
-    let text = format!("{}\n{extra}", base_config(&log));
+    let text = text(base_config(&log));
     let settings = gateway::config::load_str(&text, Path::new("test.toml"))
         .unwrap_or_else(|e| panic!("test config refused: {e}\n{text}"))
         .settings;

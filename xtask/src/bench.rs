@@ -196,7 +196,7 @@ pub fn family(pid: u32) -> Vec<u32> {
 }
 
 /// User + system CPU time of every thread of `pids`, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub fn cpu_ticks(pids: &[u32]) -> u64 {
     let mut total = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -215,7 +215,7 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
     total
 }
 
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { sysconf(2) }; // _SC_CLK_TCK
     if t > 0 { t as f64 } else { 100.0 }
@@ -265,7 +265,7 @@ pub struct Sample {
     pub cpu_us_per_req: f64,
 }
 
-fn parse_latency(s: &str) -> Option<f64> {
+pub fn parse_latency(s: &str) -> Option<f64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
     let v: f64 = num.parse().ok()?;

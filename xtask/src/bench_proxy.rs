@@ -6,6 +6,9 @@
 //! p50/p99 latency, each proxy's CPU time per request (steadier than req/s on a shared
 //! machine), the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS.
 //!
+//! Then the HTTP/2-upstream row (`bench_proxy_h2`): h2load through each proxy to an h2c
+//! upstream, with the same repetitions; `--no-h2` leaves it out.
+//!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
 //! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
@@ -16,7 +19,9 @@ use crate::{
 };
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let o = Options::parse(args)?;
+    let h2 = !args.iter().any(|a| a == "--no-h2");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--no-h2").cloned().collect();
+    let o = Options::parse(&args)?;
     bench::require("wrk", "wrk")?;
     bench::require("nginx", "nginx-light")?;
     bench::require("haproxy", "haproxy")?;
@@ -53,8 +58,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ),
         None => println!("gateway peak RSS: unavailable"),
     }
-    println!("load average at the end: {}", bench::load_average());
     drop(peers);
+    if h2 {
+        crate::bench_proxy_h2::run(&gateway, &dir, o.reps, o.duration, o.warmup)?;
+    }
+    println!("load average at the end: {}", bench::load_average());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

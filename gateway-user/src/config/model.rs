@@ -107,7 +107,44 @@ pub struct RouterConfig {
     pub downstream: DownstreamConfig,
     #[serde(default)]
     pub upstream: ClusterConfig,
+    /// What the gateway's own error responses say about the upstream: `"full"` (the reason,
+    /// the endpoint, the attempts and the kernel's evidence, in headers and body), `"reason"`
+    /// (the reason code only: no internal address) or `"none"` (a bare status). Default:
+    /// `"full"` on loopback listeners, `"reason"` on every other. The access log and
+    /// `/status` keep the full evidence in every mode.
+    pub expose_upstream_errors: Option<ExposeErrors>,
+    /// Request IDs: kept from the client or generated, passed upstream, returned and logged.
+    #[serde(default)]
+    pub request_id: RequestIdConfig,
 }
+
+/// `expose_upstream_errors`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExposeErrors {
+    Full,
+    Reason,
+    None,
+}
+
+/// `[router.request_id]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestIdConfig {
+    /// `false`: no request ID is added, passed or returned (a client's header still passes
+    /// through as any other header). Default `true`.
+    pub enabled: Option<bool>,
+    /// The header that carries it. Default [`DEFAULT_REQUEST_ID_HEADER`].
+    pub header: Option<String>,
+    /// Keep a client's own ID (1 to [`MAX_REQUEST_ID_LEN`] visible ASCII characters; anything
+    /// else is replaced). `false`: always generate one, e.g. on an edge that does not trust
+    /// its clients. Default `true`.
+    pub keep_incoming: Option<bool>,
+}
+
+pub const DEFAULT_REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longer incoming IDs are replaced by a generated one.
+pub const MAX_REQUEST_ID_LEN: usize = 200;
 
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
 
@@ -162,14 +199,13 @@ pub struct UpstreamTlsConfig {
     /// Accept any certificate for any name (signatures are still checked). Only for tests and
     /// broken internal PKI: validation warns, and the gateway logs it at every start.
     pub insecure_skip_verify: Option<bool>,
-    /// ALPN protocols offered. Default [`DEFAULT_UPSTREAM_ALPN`]; only `http/1.1` until the
-    /// gateway speaks HTTP/2 to upstreams.
+    /// ALPN protocols offered, `"h2"` and `"http/1.1"`. Default: from the cluster's
+    /// `protocol` (`http1`: `["http/1.1"]`, `h2`: `["h2"]`, `auto`: `["h2", "http/1.1"]`).
     pub alpn: Option<Vec<String>>,
     /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
     pub min_version: Option<crate::tls::MinVersion>,
 }
 
-pub const DEFAULT_UPSTREAM_ALPN: [&str; 1] = ["http/1.1"];
 /// Longer than a typical load balancer's health-check interval × unhealthy threshold
 /// (e.g. 2 × 2 s), so that it has stopped sending before the listener closes.
 pub const DEFAULT_DRAIN_DELAY_MS: u64 = 5_000;
@@ -224,7 +260,35 @@ pub struct ClusterConfig {
     pub health: HealthConfig,
     /// TLS to the upstream; absent: plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// What the gateway speaks to the endpoints: `"http1"` (HTTP/1.1, the default),
+    /// `"h2c"` (HTTP/2 over plain TCP, with prior knowledge), `"h2"` (HTTP/2 over TLS, chosen
+    /// by ALPN) or `"auto"` (over TLS, HTTP/2 when the upstream picks it by ALPN, else
+    /// HTTP/1.1; without TLS, HTTP/1.1). Default [`DEFAULT_PROTOCOL`].
+    pub protocol: Option<UpstreamProtocol>,
 }
+
+/// `protocol`: what the gateway speaks to a cluster's endpoints.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    H2c,
+    H2,
+    Auto,
+}
+
+impl UpstreamProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+}
+
+pub const DEFAULT_PROTOCOL: UpstreamProtocol = UpstreamProtocol::Http1;
 
 pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
 pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;
@@ -279,7 +343,19 @@ pub struct TimeoutsConfig {
     /// TLS upstreams: from the TCP connection to the end of the TLS handshake, per
     /// connection. Default [`DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS`].
     pub tls_handshake_timeout_ms: Option<u64>,
+    /// An upgraded connection (WebSocket, any HTTP/1.1 `Upgrade`) with no byte in either
+    /// direction for this long is closed. Default [`DEFAULT_UPGRADE_IDLE_TIMEOUT_MS`].
+    pub upgrade_idle_timeout_ms: Option<u64>,
+    /// An upgraded connection is closed this long after its `101`, busy or not. Default
+    /// [`DEFAULT_UPGRADE_MAX_DURATION_MS`].
+    pub upgrade_max_duration_ms: Option<u64>,
 }
+
+/// nginx's `proxy_read_timeout` (60 s) cuts quiet WebSockets off; five minutes outlasts the
+/// usual 30–60 s application pings.
+pub const DEFAULT_UPGRADE_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// A day: long-lived, but no connection outlives every deploy.
+pub const DEFAULT_UPGRADE_MAX_DURATION_MS: u64 = 86_400_000;
 
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
@@ -318,6 +394,13 @@ pub struct RetryConfig {
     /// Hedged connects allowed, as a share of requests in flight (at least one). Default
     /// [`DEFAULT_HEDGE_BUDGET_PERCENT`].
     pub hedge_budget_percent: Option<u32>,
+    /// Retry idempotent requests whose connection was reset after the request reached the
+    /// upstream. Default: the value of `on_response_timeout`.
+    pub on_reset: Option<bool>,
+    /// gRPC requests answered with one of these statuses before any response message (a
+    /// trailers-only response) are retried, e.g. `["UNAVAILABLE", "RESOURCE_EXHAUSTED"]`
+    /// (the names of gRPC's status codes). Default: none.
+    pub grpc_status_codes: Option<Vec<String>>,
 }
 
 pub const DEFAULT_RETRY_ON_RESPONSE_TIMEOUT: bool = false;
@@ -340,7 +423,15 @@ pub struct LimitsConfig {
     pub max_pending_requests: Option<usize>,
     /// Idle keep-alive connections kept per endpoint. Default [`DEFAULT_MAX_IDLE_PER_ENDPOINT`].
     pub max_idle_per_endpoint: Option<usize>,
+    /// HTTP/2 upstreams: requests in flight on one connection; beyond it a request takes
+    /// another connection (within `max_connections`). The upstream's own
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`, when lower, is honoured too. Default
+    /// [`DEFAULT_MAX_CONCURRENT_STREAMS`].
+    pub max_concurrent_streams: Option<u32>,
 }
+
+/// gRPC servers commonly advertise 100 (grpc-go, Envoy's upstream default is higher).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_PENDING_REQUESTS: usize = 1024;
@@ -448,6 +539,66 @@ pub struct RouteConfig {
     pub path_prefix: Option<String>,
     /// A key of `[clusters]`, or `default`.
     pub cluster: String,
+    /// Only these methods, e.g. `["GET", "HEAD"]`. Absent: any.
+    pub methods: Option<Vec<String>>,
+    /// Every condition must hold: `{ name = "x-canary", value = "1" }` (exact value),
+    /// `{ name = "x-debug", present = true }` (any value) or `present = false` (absent).
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+    /// Replaces the matched `path_prefix` before the request goes upstream, e.g.
+    /// `path_prefix = "/api/"`, `rewrite_prefix = "/"`: `/api/users` goes up as `/users`.
+    pub rewrite_prefix: Option<String>,
+    /// Overrides of the cluster's request and response timeouts for this route.
+    #[serde(default)]
+    pub timeouts: RouteTimeoutsConfig,
+    /// Overrides of the cluster's retries and hedging for this route (same keys as a
+    /// cluster's `retry` table).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Headers added, set or removed on the request before it goes upstream.
+    #[serde(default)]
+    pub request_headers: HeaderRulesConfig,
+    /// Headers added, set or removed on the upstream's response (and the gateway's own).
+    #[serde(default)]
+    pub response_headers: HeaderRulesConfig,
+}
+
+/// One header condition of a route.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    /// The exact value.
+    pub value: Option<String>,
+    /// `true`: present with any value; `false`: absent.
+    pub present: Option<bool>,
+}
+
+/// `[routes.timeouts]`: what a route may override (the connection-level timeouts stay the
+/// cluster's).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeoutsConfig {
+    pub request_timeout_ms: Option<u64>,
+    pub response_timeout_ms: Option<u64>,
+    pub upgrade_idle_timeout_ms: Option<u64>,
+    pub upgrade_max_duration_ms: Option<u64>,
+}
+
+/// `[routes.request_headers]`, `[routes.response_headers]`: applied in the order remove,
+/// set, add.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRulesConfig {
+    /// Appended, beside any value already there: `add = { "x-env" = "prod" }`.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Replacing any value already there.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Removed: `remove = ["x-internal-token"]`.
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// `[admin]`.

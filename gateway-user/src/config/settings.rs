@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-pub use super::model::{AccessLogFormat, LbPolicy};
+use http::{HeaderName, HeaderValue, Method};
+
+pub use super::model::{AccessLogFormat, ExposeErrors, LbPolicy, UpstreamProtocol};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -27,6 +29,17 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     pub access_log: AccessLog,
     pub observer: Observer,
+    /// `[router] expose_upstream_errors`; `None`: by listener (full on loopback, else reason).
+    pub expose_errors: Option<ExposeErrors>,
+    /// `None` when request IDs are off.
+    pub request_id: Option<RequestId>,
+}
+
+/// `[router.request_id]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId {
+    pub header: HeaderName,
+    pub keep_incoming: bool,
 }
 
 /// The HTTPS listeners (`https_port`, `https_listen`) and their TLS (`[router.tls]`).
@@ -69,6 +82,65 @@ pub struct Route {
     pub host: Option<HostMatch>,
     pub path_prefix: String,
     pub cluster: String,
+    /// `None`: any method.
+    pub methods: Option<Vec<Method>>,
+    pub headers: Vec<HeaderMatch>,
+    pub rewrite_prefix: Option<String>,
+    /// The cluster's timeouts and retries with this route's overrides applied.
+    pub policy: RoutePolicy,
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
+}
+
+/// A route's header condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub is: HeaderIs,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderIs {
+    Exactly(HeaderValue),
+    Present,
+    Absent,
+}
+
+/// Header rewriting: remove, then set, then add.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderRules {
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// What a request on a route runs with: its cluster's settings, overridden by the route's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutePolicy {
+    pub request_timeout: Duration,
+    pub response_timeout: Duration,
+    pub upgrade_idle_timeout: Duration,
+    pub upgrade_max_duration: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl RoutePolicy {
+    /// A cluster's own policy, for a route that overrides nothing.
+    pub fn of(spec: &ClusterSpec) -> RoutePolicy {
+        RoutePolicy {
+            request_timeout: spec.timeouts.request,
+            response_timeout: spec.timeouts.response,
+            upgrade_idle_timeout: spec.timeouts.upgrade_idle,
+            upgrade_max_duration: spec.timeouts.upgrade_max_duration,
+            retry: spec.retry,
+        }
+    }
 }
 
 /// A route's host condition, lowercase, without port.
@@ -114,6 +186,8 @@ pub struct ClusterSpec {
     pub health: HealthPolicy,
     /// TLS to the endpoints; `None`: plain HTTP.
     pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
+    /// What the gateway speaks to the endpoints (`auto` without TLS is validated to `http1`).
+    pub protocol: UpstreamProtocol,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -154,6 +228,10 @@ pub struct Timeouts {
     pub idle: Duration,
     /// TLS upstreams: the TLS handshake, after the TCP connect.
     pub tls_handshake: Duration,
+    /// Upgraded connections: no byte either way for this long closes them.
+    pub upgrade_idle: Duration,
+    /// Upgraded connections: closed this long after the `101`.
+    pub upgrade_max_duration: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,8 +240,11 @@ pub struct RetryPolicy {
     pub hedge_budget_percent: u32,
     pub max_retries: u32,
     pub on_response_timeout: bool,
+    pub on_reset: bool,
     pub budget_percent: u32,
     pub min_retry_concurrency: u32,
+    /// gRPC statuses retried when a response carries one and nothing else.
+    pub grpc_status_codes: crate::decide::grpc::GrpcCodes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +252,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_pending_requests: usize,
     pub max_idle_per_endpoint: usize,
+    /// HTTP/2 upstreams: requests in flight per connection.
+    pub max_concurrent_streams: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

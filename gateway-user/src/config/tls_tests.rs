@@ -212,11 +212,41 @@ fn cluster_tls_inherits_from_router_upstream_and_can_be_turned_off() {
         w.iter().any(|w| w.contains("insecure_skip_verify = true")),
         "{w:?}"
     );
-    // Only http/1.1 until HTTP/2 upstreams exist.
+    // ALPN offers what the cluster's protocol speaks: http/1.1 by default.
     let h2 = text.replace("enabled = false", "alpn = [\"h2\"]");
     let e = err_in(&pki, &h2);
     assert!(
         e.contains("key `clusters.b.tls.alpn[0]`") && e.contains("\"h2\""),
+        "{e}"
+    );
+    // protocol = "h2" offers h2 (and accepts it written), "auto" both.
+    let h2_cluster = h2.replace("[clusters.b.tls]", "protocol = \"h2\"\n[clusters.b.tls]");
+    let l = load_in(&pki, &h2_cluster).unwrap();
+    let b = &l.settings.clusters["b"];
+    assert_eq!(b.protocol, UpstreamProtocol::H2);
+    assert_eq!(
+        b.tls.as_ref().unwrap().config.alpn_protocols,
+        [b"h2".to_vec()]
+    );
+    let auto = text.replace(
+        "[clusters.a]\nendpoints = [\"127.0.0.1:9000\"]",
+        "[clusters.a]\nendpoints = [\"127.0.0.1:9000\"]\nprotocol = \"auto\"",
+    );
+    let l = load_in(&pki, &auto).unwrap();
+    let a = &l.settings.clusters["a"];
+    assert_eq!(a.protocol, UpstreamProtocol::Auto);
+    assert_eq!(
+        a.tls.as_ref().unwrap().config.alpn_protocols,
+        [b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+    // h2c is HTTP/2 over plain TCP: refused with TLS, at the key that asked for it.
+    let h2c = text.replace(
+        "[clusters.a]\nendpoints = [\"127.0.0.1:9000\"]",
+        "[clusters.a]\nendpoints = [\"127.0.0.1:9000\"]\nprotocol = \"h2c\"",
+    );
+    let e = err_in(&pki, &h2c);
+    assert!(
+        e.contains("key `clusters.a.protocol`") && e.contains("has TLS"),
         "{e}"
     );
     let bad_ca = text.replace("ca.pem", "nope.pem");

@@ -108,6 +108,36 @@ pub enum Invalid {
         health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT
     )]
     ConsecutiveFailuresRemoved,
+    #[error(
+        "cluster `{cluster}`: protocol = \"h2\" is HTTP/2 over TLS, chosen by ALPN; add a `tls` table, or use \"h2c\" for HTTP/2 over plain TCP"
+    )]
+    ProtocolNeedsTls { cluster: String },
+    #[error(
+        "cluster `{cluster}`: protocol = \"h2c\" is HTTP/2 over plain TCP, but the cluster has TLS; use \"h2\" (or \"auto\") over TLS"
+    )]
+    H2cWithTls { cluster: String },
+    #[error(
+        "unknown gRPC status {value:?}; use the names of gRPC's status codes, e.g. \"UNAVAILABLE\", \"RESOURCE_EXHAUSTED\", \"DEADLINE_EXCEEDED\""
+    )]
+    UnknownGrpcStatus { value: String },
+    #[error(
+        "`methods` is empty; list methods such as [\"GET\", \"POST\"], or remove the key to match any"
+    )]
+    EmptyMethods,
+    #[error("{value:?} is not an HTTP method (a token such as \"GET\" or \"PURGE\")")]
+    InvalidMethod { value: String },
+    #[error("{value:?} is not a valid header name (lowercase letters, digits and -!#$%&'*+.^_`|~)")]
+    InvalidHeaderName { value: String },
+    #[error("{value:?} is not a valid header value (visible ASCII, spaces and tabs)")]
+    InvalidHeaderValue { value: String },
+    #[error("a header condition needs exactly one of `value = \"...\"` or `present = true|false`")]
+    HeaderMatchNeedsOne,
+    #[error("rewrite_prefix {value:?} must be a path without a query, e.g. \"/v2/\"")]
+    InvalidRewrite { value: String },
+    #[error(
+        "header `{name}` cannot be rewritten by a route: it describes the connection or is the gateway's own"
+    )]
+    HeaderNotRewritable { name: String },
 }
 
 /// A legal setting that is probably a mistake.
@@ -338,6 +368,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         );
         let at = (upstream.tls.as_ref(), upstream_key.clone());
         spec.tls = tls::upstream(&mut c, &spec, at.clone(), at, &files);
+        cluster::protocol(&mut c, &mut spec, (upstream, &upstream_key), &upstream_key);
         clusters.insert("default".to_owned(), spec);
     }
     for (name, cc) in &cfg.clusters {
@@ -349,6 +380,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         let own = (cc.tls.as_ref(), key.clone());
         let base = (upstream.tls.as_ref(), upstream_key.clone());
         spec.tls = tls::upstream(&mut c, &spec, own, base, &files);
+        cluster::protocol(&mut c, &mut spec, (cc, &key), &upstream_key);
         clusters.entry(name.clone()).or_insert(spec);
     }
     if clusters.is_empty() {
@@ -421,6 +453,8 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         output,
     };
 
+    let request_id = request_id(&mut c, &cfg.router.request_id);
+
     let observer_cgroup = observer_cgroup(
         &mut c,
         cfg.observer
@@ -449,9 +483,44 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
                 mode: cfg.observer.mode.unwrap_or_default(),
                 cgroup: observer_cgroup,
             },
+            expose_errors: cfg.router.expose_upstream_errors,
+            request_id,
         },
         c.warnings,
     ))
+}
+
+/// `[router.request_id]`: `None` when off.
+fn request_id(c: &mut Checker, cfg: &RequestIdConfig) -> Option<RequestId> {
+    if cfg.enabled == Some(false) {
+        return None;
+    }
+    let name = cfg.header.as_deref().unwrap_or(DEFAULT_REQUEST_ID_HEADER);
+    let parsed = if name == DEFAULT_REQUEST_ID_HEADER {
+        // Static: cloning it per request costs nothing.
+        Ok(http::HeaderName::from_static(DEFAULT_REQUEST_ID_HEADER))
+    } else {
+        http::HeaderName::from_bytes(name.as_bytes())
+    };
+    let header = match parsed {
+        Ok(h) => h,
+        Err(_) => {
+            c.fail(
+                KeyPath::root()
+                    .key("router")
+                    .key("request_id")
+                    .key("header"),
+                Invalid::InvalidHeaderName {
+                    value: name.to_owned(),
+                },
+            );
+            return None;
+        }
+    };
+    Some(RequestId {
+        header,
+        keep_incoming: cfg.keep_incoming.unwrap_or(true),
+    })
 }
 
 /// `[observer] cgroup`: a child name, `"."`, or an absolute path.

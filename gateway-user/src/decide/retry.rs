@@ -16,6 +16,17 @@
 //! 5. Anything else — some or all of the request ACKed, or no kernel evidence — is retried
 //!    only when the method is idempotent and the policy allows retries on that failure
 //!    (`response_timeout` / `upstream_reset`). A partial ACK is never "safe".
+//! 6. HTTP/2: the upstream said it never processed the stream — a `GOAWAY` whose
+//!    last-stream-id is below it, or `RST_STREAM(REFUSED_STREAM)` (RFC 9113 section 8.7) —
+//!    so it is retried whatever the method (`refused_stream`), on another connection
+//!    (another endpoint when one is left; a new connection when a stream of the request was
+//!    refused before), outside the budget like a stale connection: a graceful upstream
+//!    restart refuses every stream in flight above its last id at once.
+//! 7. gRPC: a call answered with only a status (a trailers-only response: no message reached
+//!    the client, so nothing is committed) whose code the route lists in
+//!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
+//!    request provably never reached the application — are gRPC's "nothing was sent
+//!    upstream"; rules 3 to 5 need an idempotent method and never apply to them.
 //!
 //! Then, in this order: the request must still be at hand to send again (a streamed body is
 //! gone once sent), fewer than `max_retries` retries may have happened, and the cluster's
@@ -27,7 +38,10 @@
 
 use std::sync::Arc;
 
-use super::budget::{Budgets, RetryPermit};
+use super::{
+    budget::{Budgets, RetryPermit},
+    grpc::{GrpcCode, GrpcCodes},
+};
 
 /// What the kernel proves about whether this request's bytes reached the upstream's kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +81,11 @@ pub enum Failure {
     },
     /// The response timer fired.
     ResponseTimeout { delivery: Delivery },
+    /// HTTP/2: the upstream refused the stream unprocessed (GOAWAY above its last-stream-id,
+    /// or REFUSED_STREAM).
+    Refused,
+    /// gRPC: a trailers-only response with this status.
+    GrpcStatus(GrpcCode),
     /// A failure another endpoint would not fix (an invalid response, the client's body, a
     /// stalled write, …).
     Final,
@@ -80,15 +99,19 @@ pub enum RetryReason {
     StaleConnection,
     ResponseTimeout,
     UpstreamReset,
+    RefusedStream,
+    GrpcStatus,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 5] = [
+    pub const ALL: [RetryReason; 7] = [
         RetryReason::ConnectFailed,
         RetryReason::UnackedRequest,
         RetryReason::StaleConnection,
         RetryReason::ResponseTimeout,
         RetryReason::UpstreamReset,
+        RetryReason::RefusedStream,
+        RetryReason::GrpcStatus,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -98,6 +121,8 @@ impl RetryReason {
             RetryReason::StaleConnection => "stale_connection",
             RetryReason::ResponseTimeout => "response_timeout",
             RetryReason::UpstreamReset => "upstream_reset",
+            RetryReason::RefusedStream => "refused_stream",
+            RetryReason::GrpcStatus => "grpc_status",
         }
     }
 }
@@ -110,9 +135,15 @@ pub enum Where {
     /// A fresh connection, to another endpoint if one is left, else to the same one: the
     /// connection failed, not the endpoint (a stale keep-alive connection).
     FreshConnection,
+    /// Another connection, to another endpoint if one is left, else to the same one: an
+    /// HTTP/2 upstream refused the stream unprocessed on a connection that is now retired, so
+    /// any other live connection will do, or a new one shared like any other. Not a fresh
+    /// connection of its own: a GOAWAY refuses every stream above its last id at once, and a
+    /// connection per refused stream would multiply the connections by the streams in flight.
+    AnotherConnection,
 }
 
-/// The retry knobs of a cluster.
+/// The retry knobs of a route (its cluster's, with the route's overrides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub max_retries: u32,
@@ -122,6 +153,21 @@ pub struct RetryPolicy {
     pub on_reset: bool,
     pub budget_percent: u32,
     pub min_retry_concurrency: u32,
+    /// gRPC statuses retried (rule 7).
+    pub grpc_status_codes: GrpcCodes,
+}
+
+impl From<&crate::config::RetryPolicy> for RetryPolicy {
+    fn from(r: &crate::config::RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: r.max_retries,
+            on_response_timeout: r.on_response_timeout,
+            on_reset: r.on_reset,
+            budget_percent: r.budget_percent,
+            min_retry_concurrency: r.min_retry_concurrency,
+            grpc_status_codes: r.grpc_status_codes,
+        }
+    }
 }
 
 /// What the request path knows about the request that failed.
@@ -133,6 +179,8 @@ pub struct Attempted {
     pub resendable: bool,
     /// Retries so far.
     pub retries: u32,
+    /// HTTP/2 streams of this request the upstream refused unprocessed so far.
+    pub refused: u32,
 }
 
 /// Why no retry.
@@ -158,7 +206,7 @@ pub enum Step {
     Stop(Stop),
 }
 
-/// Rules 1–5 of the module doc: `Some(reason)` when the failure may be retried at all.
+/// Rules 1–7 of the module doc: `Some(reason)` when the failure may be retried at all.
 pub fn retry_allowed(
     failure: Failure,
     idempotent: bool,
@@ -184,6 +232,11 @@ pub fn retry_allowed(
         Failure::ConnectionDied { host_died, .. } => {
             (idempotent && (host_died || policy.on_reset)).then_some(RetryReason::UpstreamReset)
         }
+        Failure::Refused => Some(RetryReason::RefusedStream),
+        Failure::GrpcStatus(code) => policy
+            .grpc_status_codes
+            .contains(code)
+            .then_some(RetryReason::GrpcStatus),
         Failure::Final => None,
     }
 }
@@ -211,9 +264,14 @@ pub fn next_step(
             reused: true,
             ..
         } => Where::FreshConnection,
+        // The upstream refused a stream unprocessed (its connection is retired): another
+        // connection; refused there too (connections the upstream ends every N requests, all
+        // near their end), a new one, whose first stream no upstream refuses for that.
+        Failure::Refused if attempted.refused == 0 => Where::AnotherConnection,
+        Failure::Refused => Where::FreshConnection,
         _ => Where::Elsewhere,
     };
-    if to == Where::FreshConnection {
+    if to != Where::Elsewhere {
         return Step::Retry {
             reason,
             to,

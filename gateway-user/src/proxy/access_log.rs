@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use http::{Method, Uri, Version};
+use http::{HeaderValue, Method, Uri, Version};
 use serde::Serialize;
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -65,6 +65,22 @@ pub(crate) struct Record {
     pub error: Option<ErrorKind>,
     /// The client went away before the end of the response.
     pub aborted: bool,
+    /// The request ID (kept from the client, or generated).
+    pub request_id: Option<HeaderValue>,
+    /// The request's authority (`Host`, or HTTP/2's `:authority`).
+    pub host: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    /// The upstream's status, when a response head came back (the gateway's own answer may
+    /// differ: a retried gRPC status, an error after the head).
+    pub upstream_status: Option<u16>,
+    /// Request body bytes read from the client (upgraded connections: bytes from the client).
+    pub request_bytes: u64,
+    /// The client connection's TLS version (`TLSv1.3`), `None` for plain HTTP.
+    pub tls: Option<&'static str>,
+    /// How an upgraded connection (WebSocket) ended.
+    pub tunnel: Option<&'static str>,
+    /// gRPC calls: the status the client got, from the upstream's trailers or the gateway's.
+    pub grpc_status: Option<u8>,
 }
 
 impl Record {
@@ -87,9 +103,27 @@ impl Record {
             bytes: 0,
             error: None,
             aborted: false,
+            request_id: None,
+            host: None,
+            user_agent: None,
+            upstream_status: None,
+            request_bytes: 0,
+            tls: None,
+            tunnel: None,
+            grpc_status: None,
         }
     }
 }
+
+/// A header value as log text: UTF-8 (lossy), at most [`MAX_LOGGED_HEADER`] characters.
+fn header_text(v: Option<&HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
+    let v = v?;
+    let bytes = &v.as_bytes()[..v.len().min(MAX_LOGGED_HEADER)];
+    Some(String::from_utf8_lossy(bytes))
+}
+
+/// A client's `User-Agent` (or other header) is cut here in the log.
+const MAX_LOGGED_HEADER: usize = 256;
 
 #[derive(Serialize)]
 struct JsonLine<'a> {
@@ -116,6 +150,16 @@ struct JsonLine<'a> {
     detail: Option<&'a str>,
     hedged: bool,
     aborted: bool,
+    request_id: Option<std::borrow::Cow<'a, str>>,
+    host: Option<std::borrow::Cow<'a, str>>,
+    user_agent: Option<std::borrow::Cow<'a, str>>,
+    upstream_status: Option<u16>,
+    request_bytes: u64,
+    tls: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<u8>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -171,6 +215,14 @@ fn render_json(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         detail: ex.error_detail.as_deref(),
         hedged: ex.hedged,
         aborted: ex.aborted,
+        request_id: header_text(ex.request_id.as_ref()),
+        host: header_text(ex.host.as_ref()),
+        user_agent: header_text(ex.user_agent.as_ref()),
+        upstream_status: ex.upstream_status,
+        request_bytes: ex.request_bytes,
+        tls: ex.tls,
+        tunnel: ex.tunnel,
+        grpc_status: ex.grpc_status,
     };
     serde_json::to_string(&line).unwrap_or_default()
 }
@@ -214,6 +266,26 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         ms(total),
         ex.error.map_or("-", ErrorKind::reason)
     );
+    fn text(v: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
+        header_text(v).unwrap_or(std::borrow::Cow::Borrowed("-"))
+    }
+    let _ = write!(
+        s,
+        " request_id={} host={} user_agent={:?} upstream_status={} request_bytes={} tls={}",
+        text(ex.request_id.as_ref()),
+        text(ex.host.as_ref()).replace([' ', '\t'], "%20"),
+        text(ex.user_agent.as_ref()),
+        ex.upstream_status
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        ex.request_bytes,
+        ex.tls.unwrap_or("-"),
+    );
+    if let Some(t) = ex.tunnel {
+        let _ = write!(s, " tunnel={t}");
+    }
+    if let Some(g) = ex.grpc_status {
+        let _ = write!(s, " grpc_status={g}");
+    }
     if ex.aborted {
         s.push_str(" aborted=1");
     }
@@ -479,7 +551,10 @@ mod tests {
         ex.status = 200;
         let line = render(&ex, AccessLogFormat::Plain);
         assert!(line.contains("\"GET /api/x?y=1 HTTP/1.1\" 200 0 route=api cluster=backend endpoints=127.0.0.1:9001,127.0.0.1:9002 attempt_errors=connect_refused,- cookies=7,8 attempts=2 retries=1 connect_ms=- first_byte_ms=- total_ms="), "{line}");
-        assert!(line.ends_with("error=-"), "{line}");
+        assert!(
+            line.contains(" error=- request_id=- host=- user_agent=\"-\" upstream_status=- request_bytes=0 tls=-"),
+            "{line}"
+        );
         let json: serde_json::Value =
             serde_json::from_str(&render(&ex, AccessLogFormat::Json)).unwrap();
         assert_eq!(json["endpoints"][1], "127.0.0.1:9002");

@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::{
     decide::{
         evidence::{ConnectFailure, TlsFailure},
+        grpc::GrpcCode,
         retry::{Delivery, Failure},
     },
     signals::{ConnectEvidence, EstablishedEvidence},
@@ -28,7 +29,10 @@ pub enum ErrorKind {
     UpstreamHostDied,
     UpstreamWriteTimeout,
     UpstreamReset,
+    UpstreamRefusedStream,
     InvalidUpstreamResponse,
+    UpgradeUnsupported,
+    UpgradeFailed,
     NoHealthyUpstream,
     Overloaded,
     RequestTimeout,
@@ -52,7 +56,10 @@ impl ErrorKind {
             ErrorKind::UpstreamHostDied => "upstream_host_died",
             ErrorKind::UpstreamWriteTimeout => "upstream_write_timeout",
             ErrorKind::UpstreamReset => "upstream_reset",
+            ErrorKind::UpstreamRefusedStream => "upstream_refused_stream",
             ErrorKind::InvalidUpstreamResponse => "invalid_upstream_response",
+            ErrorKind::UpgradeUnsupported => "upgrade_unsupported",
+            ErrorKind::UpgradeFailed => "upgrade_failed",
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::RequestTimeout => "request_timeout",
@@ -72,8 +79,12 @@ impl ErrorKind {
             | ErrorKind::TlsError
             | ErrorKind::UpstreamReset
             | ErrorKind::UpstreamHostDied
-            | ErrorKind::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
-            ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorKind::InvalidUpstreamResponse
+            | ErrorKind::UpgradeFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::NoHealthyUpstream
+            | ErrorKind::Overloaded
+            | ErrorKind::UpstreamRefusedStream => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::ConnectTimeout
             | ErrorKind::TlsHandshakeTimeout
             | ErrorKind::ResponseTimeout
@@ -83,6 +94,39 @@ impl ErrorKind {
             ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
             ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+}
+
+impl ErrorKind {
+    /// The gRPC status of the gateway's own answer to a gRPC call: UNAVAILABLE when no
+    /// upstream could take the call (connect failures, an ejected or overloaded cluster, a
+    /// connection that died or refused the stream: gRPC clients may retry those),
+    /// DEADLINE_EXCEEDED when a timer ran out, and the mapping of gRPC's
+    /// `doc/http-grpc-status-mapping.md` for the rest.
+    pub fn grpc_status(self) -> GrpcCode {
+        match self {
+            ErrorKind::ConnectTimeout
+            | ErrorKind::ConnectRefused
+            | ErrorKind::ConnectUnreachable
+            | ErrorKind::ConnectFailed
+            | ErrorKind::TlsHandshakeTimeout
+            | ErrorKind::TlsError
+            | ErrorKind::UpstreamHostDied
+            | ErrorKind::UpstreamReset
+            | ErrorKind::UpstreamRefusedStream
+            | ErrorKind::NoHealthyUpstream
+            | ErrorKind::Overloaded
+            | ErrorKind::UpstreamWriteTimeout => GrpcCode::UNAVAILABLE,
+            ErrorKind::ResponseTimeout | ErrorKind::RequestTimeout => GrpcCode::DEADLINE_EXCEEDED,
+            ErrorKind::NoRoute | ErrorKind::UpgradeUnsupported => GrpcCode::UNIMPLEMENTED,
+            ErrorKind::RequestHeadersTooLarge | ErrorKind::RequestBodyTooLarge => {
+                GrpcCode::RESOURCE_EXHAUSTED
+            }
+            ErrorKind::BadRequest
+            | ErrorKind::DownstreamBodyError
+            | ErrorKind::InvalidUpstreamResponse
+            | ErrorKind::UpgradeFailed => GrpcCode::INTERNAL,
         }
     }
 }
@@ -192,6 +236,28 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         source: hyper::Error,
     },
+    #[error(
+        "{endpoint} refused the request unprocessed ({}): {source}",
+        if *goaway { "HTTP/2 GOAWAY below its stream" } else { "HTTP/2 REFUSED_STREAM" }
+    )]
+    UpstreamRefusedStream {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+        /// A GOAWAY (else an RST_STREAM with REFUSED_STREAM).
+        goaway: bool,
+    },
+    #[error(
+        "cluster `{cluster}` speaks {protocol} to its upstreams; an HTTP/1.1 `Upgrade` (WebSocket) needs protocol = \"http1\" (WebSocket over HTTP/2, RFC 8441, is not supported)"
+    )]
+    UpgradeUnsupported {
+        cluster: String,
+        protocol: &'static str,
+    },
+    #[error("{endpoint} answered the upgrade but {what}")]
+    UpgradeFailed {
+        endpoint: SocketAddr,
+        what: &'static str,
+    },
     #[error("invalid response from {endpoint}: {source}")]
     InvalidUpstreamResponse {
         endpoint: SocketAddr,
@@ -207,11 +273,17 @@ pub enum ProxyError {
         "cluster `{cluster}` overloaded: {limit} request(s) already waiting for a connection (max_pending_requests)"
     )]
     Overloaded { cluster: String, limit: usize },
-    #[error("no response {} within the request timeout of {} ms", During(endpoint, *phase), timeout.as_millis())]
+    #[error(
+        "no response {} within the {} of {} ms", During(endpoint, *phase),
+        if *grpc_deadline { "call's deadline (grpc-timeout)" } else { "request timeout" },
+        timeout.as_millis()
+    )]
     RequestTimeout {
         timeout: Duration,
         endpoint: Option<SocketAddr>,
         phase: Phase,
+        /// The deadline was the gRPC call's own `grpc-timeout`, shorter than the route's.
+        grpc_deadline: bool,
     },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },
@@ -322,7 +394,10 @@ impl ProxyError {
             ProxyError::UpstreamHostDied { .. } => ErrorKind::UpstreamHostDied,
             ProxyError::UpstreamWriteTimeout { .. } => ErrorKind::UpstreamWriteTimeout,
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
+            ProxyError::UpstreamRefusedStream { .. } => ErrorKind::UpstreamRefusedStream,
             ProxyError::InvalidUpstreamResponse { .. } => ErrorKind::InvalidUpstreamResponse,
+            ProxyError::UpgradeUnsupported { .. } => ErrorKind::UpgradeUnsupported,
+            ProxyError::UpgradeFailed { .. } => ErrorKind::UpgradeFailed,
             ProxyError::NoHealthyUpstream { .. } => ErrorKind::NoHealthyUpstream,
             ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
             ProxyError::RequestTimeout { .. } => ErrorKind::RequestTimeout,
@@ -432,6 +507,7 @@ impl ProxyError {
                 host_died: false,
                 reused,
             },
+            ProxyError::UpstreamRefusedStream { .. } => Failure::Refused,
             _ => Failure::Final,
         }
     }
@@ -521,6 +597,8 @@ impl ProxyError {
             | ProxyError::UpstreamHostDied { endpoint, .. }
             | ProxyError::UpstreamWriteTimeout { endpoint, .. }
             | ProxyError::UpstreamReset { endpoint, .. }
+            | ProxyError::UpstreamRefusedStream { endpoint, .. }
+            | ProxyError::UpgradeFailed { endpoint, .. }
             | ProxyError::InvalidUpstreamResponse { endpoint, .. } => Some(*endpoint),
             ProxyError::RequestTimeout { endpoint, .. } => *endpoint,
             _ => None,

@@ -12,11 +12,12 @@ use hyper::body::Incoming;
 use super::{
     access_log::Record,
     error::Phase,
+    router::CompiledRoute,
     shared::Shared,
     telemetry::RouteMeter,
     upstream::{Cluster, Lease},
 };
-use crate::decide::budget::ActiveRequest;
+use crate::{config::ExposeErrors, decide::budget::ActiveRequest};
 
 pub(crate) struct Exchange {
     pub record: Record,
@@ -29,6 +30,16 @@ pub(crate) struct Exchange {
     pub lease: Option<Lease>,
     /// What the request is doing, for `request_timeout` messages.
     pub phase: Phase,
+    /// The route it matched; `None` until routed.
+    pub route: Option<Arc<CompiledRoute>>,
+    /// What the gateway's own error response may say (`expose_upstream_errors`).
+    pub expose: ExposeErrors,
+    /// A gRPC call: the gateway's own errors are gRPC statuses.
+    pub grpc: bool,
+    /// The request ID's header, when request IDs are on (the value is in the record).
+    pub request_id_header: Option<http::HeaderName>,
+    /// The client's request body on its way, for its byte count; `None` without a body.
+    pub body: Option<Arc<super::request_body::Progress>>,
 }
 
 impl Exchange {
@@ -45,17 +56,23 @@ impl Exchange {
             active: None,
             lease: None,
             phase: Phase::Routing,
+            route: None,
+            expose: ExposeErrors::Reason,
+            grpc: false,
+            request_id_header: None,
+            body: None,
         })
     }
 
-    /// The request was routed to `cluster` by the route `name` whose meter is `meter`.
+    /// The request was routed to `cluster` by `route`, whose meter is `meter`.
     pub fn routed(
         &mut self,
-        name: Arc<str>,
+        route: &Arc<CompiledRoute>,
         cluster: &Arc<Cluster>,
         meter: Option<Arc<RouteMeter>>,
     ) {
-        self.record.route = Some(name);
+        self.record.route = Some(route.name.clone());
+        self.route = Some(route.clone());
         self.record.cluster = Some(cluster.name.clone());
         self.meter = meter;
         self.active = Some(cluster.budgets.start_request());
@@ -75,10 +92,24 @@ impl Exchange {
             // The client went away before the end of the response.
             self.record.aborted = true;
         }
-        let shared = &self.shared;
-        shared
+        self.count();
+        self.shared.log.log(&self.record);
+    }
+
+    /// Counts the request in the metrics (its status and duration). An upgraded connection is
+    /// counted at its `101` (so that hours of WebSocket stay out of the request-duration
+    /// histogram) and logged at its end ([`Exchange::log`]).
+    pub fn count(&mut self) {
+        if let Some(b) = &self.body {
+            self.record.request_bytes = self.record.request_bytes.max(b.bytes());
+        }
+        self.shared
             .telemetry
             .request_done(&self.record, self.meter.as_deref());
-        shared.log.log(&self.record);
+    }
+
+    /// Writes the log line.
+    pub fn log(&self) {
+        self.shared.log.log(&self.record);
     }
 }

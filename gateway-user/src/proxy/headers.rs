@@ -1,6 +1,11 @@
 //! Header rewriting between client and upstream (RFC 9110 section 7.6): hop-by-hop headers are
 //! dropped in both directions, including those the `Connection` header names; the request
 //! gains `X-Forwarded-For`, `X-Forwarded-Proto` and `Via`, the response gains `Via`.
+//!
+//! Two exceptions carry a hop's meaning end to end: a request's `TE: trailers` (gRPC needs it,
+//! RFC 9113 section 8.2.2 allows it over HTTP/2) is kept, and an `Upgrade` that `Connection`
+//! names is handed back to the caller ([`Stripped::upgrade`]), which proxies the upgrade and
+//! writes both headers again.
 
 use std::net::IpAddr;
 
@@ -9,15 +14,17 @@ use http::{
     header::{self, HOST, VIA},
 };
 
+/// How many [`HOP_BY_HOP`] names there are.
+const HOP_COUNT: usize = 7;
+
 /// Headers that describe one connection, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -44,8 +51,24 @@ impl Scheme {
 /// The pseudonym in `Via`.
 const VIA_NAME: &str = "gateway";
 
-/// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// What [`strip_hop_by_hop`] took out that the caller may want back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Stripped {
+    /// The `Upgrade` header, when `Connection` named `upgrade` (an upgrade request, or a
+    /// `101`'s answer).
+    pub upgrade: Option<HeaderValue>,
+    /// `TE` included `trailers`.
+    pub te_trailers: bool,
+}
+
+/// Bit of `Upgrade` in [`strip_hop_by_hop`]'s mask (after those of [`HOP_BY_HOP`]).
+const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
+/// Bit of `TE` (index 5 of [`HOP_BY_HOP`]).
+const TE_BIT: u16 = 1 << 5;
+
+/// Removes hop-by-hop headers, including `Upgrade` and `TE`; says whether an upgrade and
+/// `TE: trailers` were among them.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // One pass over the (few) names finds which are there; most messages carry none but
     // `Connection`, and removing by name hashes each name, so only what is there is removed.
     let mut present = 0u16;
@@ -53,14 +76,15 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         } else if name == header::UPGRADE {
-            present |= 1 << HOP_BY_HOP.len();
+            present |= UPGRADE_BIT;
         }
     }
     if present == 0 {
-        return;
+        return Stripped::default();
     }
     // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
     // "close") name nothing else, so the common case allocates nothing.
+    let mut upgrade = false;
     if present & 1 != 0 {
         let mut listed: Vec<HeaderName> = Vec::new();
         for v in headers.get_all(header::CONNECTION) {
@@ -72,6 +96,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 {
                     continue;
                 }
+                if token.eq_ignore_ascii_case("upgrade") {
+                    upgrade = true;
+                    continue;
+                }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                     listed.push(name);
                 }
@@ -81,14 +109,38 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    let te_trailers = present & TE_BIT != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("trailers")
+                })
+            })
+        });
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    if present & (1 << HOP_BY_HOP.len()) != 0 {
-        headers.remove(header::UPGRADE);
+    let upgrade_value = if present & UPGRADE_BIT != 0 {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
+    Stripped {
+        upgrade: upgrade_value.filter(|_| upgrade),
+        te_trailers,
     }
+}
+
+/// Writes an upgrade's hop-by-hop pair again: `Connection: upgrade`, `Upgrade: value`.
+pub(crate) fn restore_upgrade(headers: &mut HeaderMap, value: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, value);
 }
 
 /// The client address as an `X-Forwarded-For` value; computed once per client connection.
@@ -116,14 +168,18 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
 /// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
 /// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own).
+/// `TE: trailers` is kept; an upgrade's `Upgrade` value is returned (not written back).
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
     scheme: Scheme,
-) {
-    strip_hop_by_hop(headers);
+) -> Option<HeaderValue> {
+    let stripped = strip_hop_by_hop(headers);
+    if stripped.te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // Room for what is added below, at once rather than growing the map step by step.
     headers.reserve(4);
     if !headers.contains_key(HOST)
@@ -149,6 +205,7 @@ pub(crate) fn to_upstream(
     }
     headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);
+    stripped.upgrade
 }
 
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
@@ -167,11 +224,16 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
     })
 }
 
-/// Rewrites an upstream's response headers for the client.
-pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
-    strip_hop_by_hop(headers);
+/// Rewrites an upstream's response headers for the client; returns the `Upgrade` value of a
+/// `101`'s answer (not written back).
+pub(crate) fn to_downstream(
+    headers: &mut HeaderMap,
+    upstream_version: Version,
+) -> Option<HeaderValue> {
+    let stripped = strip_hop_by_hop(headers);
     strip_gateway_headers(headers);
     append_via(headers, upstream_version);
+    stripped.upgrade
 }
 
 /// The prefix of the headers only the gateway writes (`x-gateway-error`, `-evidence`,
@@ -246,9 +308,41 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-keep", "yes"),
         ]);
-        strip_hop_by_hop(&mut h);
+        let stripped = strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-keep"]);
+        assert_eq!(
+            stripped,
+            Stripped {
+                upgrade: None,
+                te_trailers: true
+            },
+            "an Upgrade that Connection does not name is no upgrade"
+        );
+    }
+
+    #[test]
+    fn an_upgrade_and_te_trailers_are_handed_back() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+            ("te", "gzip, trailers;q=1"),
+        ]);
+        let up = to_upstream(
+            &mut h,
+            Version::HTTP_11,
+            &client_value("10.0.0.9".parse().unwrap()),
+            None,
+            Scheme::Http,
+        );
+        assert_eq!(up, Some(HeaderValue::from_static("websocket")));
+        assert!(h.get("connection").is_none() && h.get("upgrade").is_none());
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["sec-websocket-key"], "k");
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! adaptive deadline below it, in `upstream::connect`), `response_timeout_ms` runs from the end
 //! of the request body to the response head (and between reads of the response body, in
 //! `response_body`), `write_timeout_ms` bounds a stalled write (in `io`), and
-//! `request_timeout_ms` bounds the whole, all attempts included.
+//! `request_timeout_ms` bounds the whole, all attempts included (a gRPC call's `grpc-timeout`,
+//! when shorter, replaces it). A route may override the response and request timeouts, and
+//! the retries and hedging (its `RoutePolicy`). A `101` hands the connection to `tunnel`.
 
 mod attempt;
 mod prepare;
@@ -25,7 +27,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use tokio::{sync::oneshot, time::Instant};
+use tokio::time::Instant;
 use tracing::debug;
 
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
@@ -34,22 +36,29 @@ use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
     headers::Scheme,
-    request_body::{KeptBody, RequestBody},
+    request_body::{KeptBody, Progress, RequestBody},
     response_body::ResponseBody,
-    shared::Shared,
-    upstream::{Cluster, Endpoint, Lease, NoPick},
+    router::CompiledRoute,
+    shared::{Drain, Shared},
+    upstream::{Cluster, Endpoint, Hedging, Lease, NoPick},
 };
-use crate::decide::{
-    budget::RetryPermit,
-    retry::{Attempted, Step, Stop, Where, next_step},
+use crate::{
+    config::UpstreamProtocol,
+    decide::{
+        budget::RetryPermit,
+        grpc::GrpcCode,
+        retry::{Attempted, Failure, Step, Stop, Where, next_step},
+    },
 };
 
 /// An upstream response head, and the connection it came on.
 struct Upstream {
     response: Response<Incoming>,
     lease: Lease,
-    /// The cluster's response timeout, enforced between reads of the body.
+    /// The route's response timeout, enforced between reads of the body.
     stall: Duration,
+    /// A gRPC call's own deadline, enforced on the whole body.
+    call_deadline: Option<Instant>,
 }
 
 /// The client connection a request came on.
@@ -58,6 +67,12 @@ pub(crate) struct Client {
     /// Its address as an `X-Forwarded-For` value.
     pub ip: HeaderValue,
     pub scheme: Scheme,
+    /// The listener it came on is bound to a loopback address.
+    pub loopback_listener: bool,
+    /// The TLS version of an HTTPS connection.
+    pub tls: Option<&'static str>,
+    /// The connection's drain, which an upgraded connection takes over.
+    pub drain: Drain,
 }
 
 /// The service function: never fails; errors become responses.
@@ -76,21 +91,28 @@ pub(crate) async fn handle(
         let rt = ex.shared.runtime.load();
         prepare::prepare(&rt, req, &client, &mut ex)
     };
-    let result = match prepared {
-        Ok(p) => forward(p, &mut ex).await,
-        Err(e) => Err(e),
+    let (result, upgrade) = match prepared {
+        Ok(mut p) => {
+            let upgrade = p.upgrade.take();
+            (forward(p, &mut ex).await, upgrade)
+        }
+        Err(e) => (Err(e), None),
     };
     Ok(match result {
-        Ok(up) => respond::respond(up, ex),
+        Ok(up) => respond::respond(up, ex, upgrade, &client),
         Err(e) => respond::error_response(e, ex),
     })
 }
 
 /// What every attempt of one request shares.
 struct Plan {
+    route: Arc<CompiledRoute>,
     deadline: Instant,
+    /// The deadline is a gRPC call's `grpc-timeout`.
+    grpc_deadline: bool,
+    grpc: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
-    done: Option<oneshot::Receiver<()>>,
+    done: Option<Arc<Progress>>,
     had_body: bool,
     kernel: bool,
     idempotent: bool,
@@ -99,8 +121,12 @@ struct Plan {
     replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
+    /// Streams of this request an HTTP/2 upstream refused unprocessed.
+    refused: u32,
     /// The next pick may return to an endpoint already tried when no other is left.
     same_endpoint_ok: bool,
+    /// Held while a retry is in flight (the cluster's retry budget).
+    retry_permit: Option<RetryPermit>,
 }
 
 /// A copy of the request's head, and its body as kept while it streamed (none for a bodiless
@@ -115,11 +141,24 @@ struct Replay {
 impl Plan {
     /// `req` is the prepared request, whose body starts being kept here when a replay could
     /// ever be allowed: for idempotent requests (a stale keep-alive connection is always worth
-    /// a retry), and with kernel signals for any (the kernel may prove it unreceived).
-    fn new(cluster: &Cluster, req: &mut Request<RequestBody>, deadline: Instant) -> Plan {
+    /// a retry), with kernel signals for any (the kernel may prove it unreceived), on HTTP/2
+    /// (an upstream may refuse a stream unprocessed) and for gRPC statuses a route retries.
+    fn new(
+        cluster: &Cluster,
+        route: Arc<CompiledRoute>,
+        req: &mut Request<RequestBody>,
+        (deadline, grpc_deadline): (Instant, bool),
+        grpc: bool,
+    ) -> Plan {
         let kernel = cluster.kernel();
         let idempotent = is_idempotent(req.method());
-        let replay = (kernel || idempotent || cluster.spec.retry.on_response_timeout).then(|| {
+        let retry = &route.retry;
+        let keep = kernel
+            || idempotent
+            || retry.on_response_timeout
+            || cluster.spec.protocol != UpstreamProtocol::Http1
+            || (grpc && !retry.grpc_status_codes.is_empty());
+        let replay = keep.then(|| {
             let body =
                 (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
             Replay {
@@ -130,19 +169,26 @@ impl Plan {
             }
         });
         Plan {
+            route,
             deadline,
+            grpc_deadline,
+            grpc,
             done: None,
             had_body: false,
             kernel,
             idempotent,
             replay,
             fresh: false,
+            refused: 0,
             same_endpoint_ok: false,
+            retry_permit: None,
         }
     }
 
     /// The request again, if it can be sent again (its body, if any, was kept whole).
     fn replay(&self) -> Option<Request<RequestBody>> {
+        // The request may have been sent as HTTP/2 (absolute URI, no `Host`): the kept head
+        // is the one before that.
         let r = self.replay.as_ref()?;
         let body = match &r.body {
             Some(kept) => RequestBody::replay(kept)?,
@@ -159,14 +205,27 @@ impl Plan {
 /// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
 /// the request deadline.
 async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError> {
-    let (cluster, mut req) = (p.cluster, p.req);
-    let mut plan = Plan::new(&cluster, &mut req, p.deadline);
-    plan.had_body = p.done.is_some();
-    plan.done = p.done;
-    let policy = cluster.retry_policy();
+    let Prepared {
+        cluster,
+        route,
+        mut req,
+        done,
+        deadline,
+        grpc_deadline,
+        upgrade: _,
+    } = p;
+    let mut plan = Plan::new(
+        &cluster,
+        route,
+        &mut req,
+        (deadline, grpc_deadline),
+        ex.grpc,
+    );
+    plan.had_body = done.is_some();
+    ex.body = done.clone();
+    plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
     let mut last: Option<Box<ProxyError>> = None;
-    let mut _retry: Option<RetryPermit> = None;
     loop {
         let ep = pick(
             &cluster,
@@ -174,51 +233,110 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
             last.take(),
             std::mem::take(&mut plan.same_endpoint_ok),
         )?;
-        let Failed {
-            error,
-            delivery,
-            reused,
-            unsent,
-        } = match attempt::run(&cluster, ep, req, &mut plan, ex).await {
-            Ok(up) => return Ok(up),
-            Err(f) => *f,
-        };
-        if let Some(a) = ex.record.attempts.last_mut() {
-            a.error = Some(error.kind());
-            a.cookie = a.cookie.or(error.cookie());
-        }
-        debug!(cluster = %cluster.name, error = %error, "attempt failed");
-        let again = unsent.or_else(|| plan.replay());
-        let attempted = Attempted {
-            idempotent: plan.idempotent,
-            resendable: again.is_some(),
-            retries: ex.record.retries,
-        };
-        let failure = error.failure(delivery, reused);
-        match (
-            next_step(failure, attempted, &policy, &cluster.budgets),
-            again,
-        ) {
-            (Step::Retry { reason, to, permit }, Some(again)) => {
-                if to == Where::FreshConnection {
-                    plan.fresh = true;
-                    plan.same_endpoint_ok = true;
+        match attempt::run(&cluster, ep, req, &mut plan, ex).await {
+            Ok(up) => {
+                let Some(code) = grpc_retryable(&plan, &up) else {
+                    return Ok(up);
+                };
+                // A retryable gRPC status before any message: nothing is committed yet. The
+                // same endpoint may take the retry.
+                let again = plan.replay();
+                match retry(&mut plan, ex, &cluster, Failure::GrpcStatus(code), again) {
+                    Some(again) => {
+                        up.lease.release();
+                        plan.same_endpoint_ok = true;
+                        req = again;
+                    }
+                    None => return Ok(up),
                 }
-                cluster.meter.retry(reason);
-                _retry = permit;
-                ex.record.retries += 1;
-                req = again;
-                last = Some(Box::new(error));
             }
-            (Step::Stop(Stop::BudgetSpent), _) => {
-                debug!(cluster = %cluster.name, "retry budget spent");
-                cluster.meter.retry_budget_exhausted();
-                return Err(error);
+            Err(f) => {
+                let Failed {
+                    error,
+                    delivery,
+                    reused,
+                    unsent,
+                } = *f;
+                if let Some(a) = ex.record.attempts.last_mut() {
+                    a.error = Some(error.kind());
+                    a.cookie = a.cookie.or(error.cookie());
+                }
+                debug!(cluster = %cluster.name, error = %error, "attempt failed");
+                let failure = error.failure(delivery, reused);
+                let again = unsent.or_else(|| plan.replay());
+                match retry(&mut plan, ex, &cluster, failure, again) {
+                    Some(again) => {
+                        req = again;
+                        last = Some(Box::new(error));
+                    }
+                    None => return Err(error),
+                }
             }
-            _ => return Err(error),
         }
     }
 }
+
+/// Asks `decide::retry` about `failure`: the request to send again, counted, or `None`.
+fn retry(
+    plan: &mut Plan,
+    ex: &mut Exchange,
+    cluster: &Cluster,
+    failure: Failure,
+    again: Option<Request<RequestBody>>,
+) -> Option<Request<RequestBody>> {
+    let attempted = Attempted {
+        idempotent: plan.idempotent,
+        resendable: again.is_some(),
+        retries: ex.record.retries,
+        refused: plan.refused,
+    };
+    if failure == Failure::Refused {
+        plan.refused += 1;
+    }
+    match next_step(failure, attempted, &plan.route.retry, &cluster.budgets) {
+        Step::Retry { reason, to, permit } => {
+            let again = again?;
+            match to {
+                Where::FreshConnection => {
+                    plan.fresh = true;
+                    plan.same_endpoint_ok = true;
+                }
+                Where::AnotherConnection => plan.same_endpoint_ok = true,
+                Where::Elsewhere => {}
+            }
+            cluster.meter.retry(reason);
+            plan.retry_permit = permit;
+            ex.record.retries += 1;
+            Some(again)
+        }
+        Step::Stop(Stop::BudgetSpent) => {
+            debug!(cluster = %cluster.name, "retry budget spent");
+            cluster.meter.retry_budget_exhausted();
+            None
+        }
+        Step::Stop(_) => None,
+    }
+}
+
+/// A gRPC call's trailers-only answer (a status and no message: nothing committed to the
+/// client yet) whose status the route retries.
+fn grpc_retryable(plan: &Plan, up: &Upstream) -> Option<GrpcCode> {
+    if !plan.grpc || plan.route.retry.grpc_status_codes.is_empty() {
+        return None;
+    }
+    let code = up
+        .response
+        .headers()
+        .get(GRPC_STATUS)
+        .and_then(|v| GrpcCode::parse(v.as_bytes()))?;
+    (code != GrpcCode::OK
+        && hyper::body::Body::is_end_stream(up.response.body())
+        && plan.route.retry.grpc_status_codes.contains(code))
+    .then_some(code)
+}
+
+/// The gRPC status header (in a trailers-only response's head, or in trailers).
+pub(crate) const GRPC_STATUS: &str = "grpc-status";
 
 /// An endpoint this request has not tried (or, when `same_ok`, any routable one once the
 /// untried are gone); when none is left, the last attempt's error (or `no_healthy_upstream`
@@ -257,14 +375,26 @@ fn pick(
 }
 
 /// The request deadline passed: `request_timeout`, with what the request was doing.
-fn request_timeout(cluster: &Cluster, ex: &mut Exchange) -> ProxyError {
+fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
     if let Some(a) = ex.record.attempts.last_mut() {
         a.error.get_or_insert(ErrorKind::RequestTimeout);
     }
     ProxyError::RequestTimeout {
-        timeout: cluster.spec.timeouts.request,
+        timeout: plan.deadline.saturating_duration_since(ex.record.start),
         endpoint: ex.record.attempts.last().map(|a| a.endpoint),
         phase: ex.phase,
+        grpc_deadline: plan.grpc_deadline,
+    }
+}
+
+impl Plan {
+    /// The route's hedging knobs.
+    fn hedging(&self) -> Hedging {
+        let r = &self.route.policy.retry;
+        Hedging {
+            enabled: r.hedge,
+            budget_percent: r.hedge_budget_percent,
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! whole: memory per request is bounded by hyper's buffers, whatever the body size.
 //!
 //! It enforces `max_request_body_bytes` on the fly (for chunked bodies whose size is unknown
-//! up front) and says when the client's body has ended, which starts the response timeout.
+//! up front), counts the bytes (the access log's `request_bytes`) and says when the client's
+//! body has ended, which starts the response timeout ([`Progress`]).
 //!
 //! So that a request can be sent again after an attempt failed (see `decide::retry`), the
 //! frames of a small body are also [`Kept`] as they pass (references to the same buffers, not
@@ -10,14 +11,47 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
+
+/// Tells the body's [`Progress`] it ended when dropped: at its end, on an error, or when the
+/// body is dropped unfinished (a failed attempt).
+#[derive(Debug)]
+struct Ended(Arc<Progress>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended.notify_one();
+    }
+}
+
+/// A body's way upstream, as the request path watches it: the bytes read from the client so
+/// far, and a notification when the body ended (or failed, or was dropped unfinished).
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    bytes: AtomicU64,
+    ended: Notify,
+}
+
+impl Progress {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the body ended (at once if it already has).
+    pub async fn ended(&self) {
+        self.ended.notified().await;
+    }
+}
 
 /// Why the request body stopped flowing to the upstream.
 #[derive(Debug, Error)]
@@ -54,19 +88,20 @@ pub(crate) struct RequestBody {
     replayed: std::vec::IntoIter<Bytes>,
     limit: Option<u64>,
     seen: u64,
-    done: Option<oneshot::Sender<()>>,
+    /// Told once, when the body ends (or this is dropped); `None` after that (and for a
+    /// replay).
+    done: Option<Ended>,
     keep: Option<KeptBody>,
 }
 
 impl RequestBody {
-    /// Returns the body, and for a body that is not empty, a receiver told when it has been
-    /// read to the end (or has failed).
-    pub fn new(inner: Incoming, limit: Option<u64>) -> (Self, Option<oneshot::Receiver<()>>) {
+    /// Returns the body, and for a body that is not empty, its [`Progress`].
+    pub fn new(inner: Incoming, limit: Option<u64>) -> (Self, Option<Arc<Progress>>) {
         let (done, rx) = if inner.is_end_stream() {
             (None, None)
         } else {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
+            let p = Arc::new(Progress::default());
+            (Some(Ended(p.clone())), Some(p))
         };
         (
             RequestBody {
@@ -111,9 +146,7 @@ impl RequestBody {
     }
 
     fn finish(&mut self) {
-        if let Some(tx) = self.done.take() {
-            let _ = tx.send(());
-        }
+        self.ended();
         if let Some(k) = self.keep.take() {
             lock(&k).complete = true;
         }
@@ -132,6 +165,11 @@ impl RequestBody {
         } else {
             k.frames.push(data.clone());
         }
+    }
+
+    /// Tells the request path the body is over (ended or failed).
+    fn ended(&mut self) {
+        self.done = None;
     }
 
     fn give_up_keeping(&mut self) {
@@ -157,11 +195,14 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
+                    if let Some(p) = &this.done {
+                        p.0.bytes.store(this.seen, Ordering::Relaxed);
+                    }
                     if let Some(limit) = this.limit
                         && this.seen > limit
                     {
                         this.inner = None;
-                        this.done = None;
+                        this.ended();
                         this.give_up_keeping();
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
                     }
@@ -180,7 +221,7 @@ impl Body for RequestBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.done = None;
+                this.ended();
                 this.give_up_keeping();
                 Poll::Ready(Some(Err(RequestBodyError::Downstream(e))))
             }

@@ -1,8 +1,12 @@
 //! The body sent to the client: the upstream's, streamed frame by frame (never buffered whole),
-//! or a gateway-made one. It enforces the response timeout between reads of the upstream body,
-//! hands the upstream connection back to the pool when the body ends, and finishes the request
-//! (metrics, access log) when the client side is done with it. It owns the request's
-//! [`Exchange`].
+//! trailers included, or a gateway-made one. It enforces the response timeout between reads of
+//! the upstream body (and a gRPC call's deadline), hands the upstream connection back to the
+//! pool when the body ends, and finishes the request (metrics, access log) when the client side
+//! is done with it. It owns the request's [`Exchange`].
+//!
+//! A gRPC call whose upstream body fails or stalls ends with trailers the gateway writes —
+//! `grpc-status` 14 (UNAVAILABLE) for a connection that broke, 4 (DEADLINE_EXCEEDED) for a
+//! timer — instead of a reset stream, so that the client sees a status and a reason.
 
 use std::{
     pin::Pin,
@@ -11,21 +15,27 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::{error::ErrorKind, exchange::Exchange};
+use crate::decide::grpc::{self, GrpcCode};
 
 enum Kind {
     Upstream {
         body: Incoming,
         /// The response timeout, between two reads of the upstream body.
         stall: Duration,
+        /// A gRPC call's deadline (`grpc-timeout`), for the whole body.
+        call_deadline: Option<Instant>,
         timer: Option<Pin<Box<Sleep>>>,
         armed: bool,
     },
     Full(Option<Bytes>),
+    /// The gateway's trailers ending a failed gRPC response, then the end.
+    Trailers(Option<HeaderMap>),
 }
 
 /// The body sent to the client.
@@ -42,17 +52,46 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("upstream response body stalled for {} ms", .0.as_millis())]
 pub(crate) struct BodyStalled(Duration);
 
+/// A gRPC call's deadline passed while its response streamed.
+#[derive(Debug, Error)]
+#[error("the call's deadline (grpc-timeout) passed before the end of the response")]
+pub(crate) struct CallDeadline;
+
 impl ResponseBody {
-    pub(crate) fn upstream(body: Incoming, stall: Duration, exchange: Box<Exchange>) -> Self {
+    pub(crate) fn upstream(
+        body: Incoming,
+        stall: Duration,
+        call_deadline: Option<Instant>,
+        exchange: Box<Exchange>,
+    ) -> Self {
         ResponseBody {
             kind: Kind::Upstream {
                 body,
                 stall,
+                call_deadline,
                 timer: None,
                 armed: false,
             },
             done: false,
             exchange: Some(exchange),
+        }
+    }
+
+    /// No body at all (the head ends the stream: a gRPC trailers-only answer).
+    pub(crate) fn headers_only(exchange: Box<Exchange>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+            done: false,
+            exchange: Some(exchange),
+        }
+    }
+
+    /// No body, no request to finish (a `101`, whose tunnel owns the exchange).
+    pub(crate) fn empty() -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+            done: true,
+            exchange: None,
         }
     }
 
@@ -71,11 +110,55 @@ impl ResponseBody {
         }
     }
 
-    fn on_error(&mut self, kind: ErrorKind) {
-        if let Some(ex) = self.exchange.as_mut() {
-            ex.record.error.get_or_insert(kind);
-            // The connection is mid-response: dropping it closes it.
-            ex.lease = None;
+    /// The upstream body failed: the error for the client, or, for a gRPC call, the trailers
+    /// that end its response with a status.
+    fn on_error(
+        &mut self,
+        kind: ErrorKind,
+        e: BoxError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(ex) = self.exchange.as_mut() else {
+            return Poll::Ready(Some(Err(e)));
+        };
+        ex.record.error.get_or_insert(kind);
+        // The connection is mid-response: dropping it closes it.
+        ex.lease = None;
+        if !ex.grpc {
+            return Poll::Ready(Some(Err(e)));
+        }
+        let code = if kind == ErrorKind::UpstreamReset {
+            GrpcCode::UNAVAILABLE
+        } else {
+            GrpcCode::DEADLINE_EXCEEDED
+        };
+        let detail = format!("{kind}: {e}");
+        ex.record.error_detail.get_or_insert_with(|| detail.clone());
+        ex.record.grpc_status = Some(code.0);
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static(code.as_str()));
+        let message = match ex.expose {
+            crate::config::ExposeErrors::None => None,
+            crate::config::ExposeErrors::Reason => Some(format!("gateway: {kind}")),
+            crate::config::ExposeErrors::Full => Some(format!("gateway: {detail}")),
+        };
+        if let Some(v) = message.and_then(|m| HeaderValue::try_from(grpc::encode_message(&m)).ok())
+        {
+            t.insert("grpc-message", v);
+        }
+        self.kind = Kind::Trailers(None);
+        self.done = true;
+        Poll::Ready(Some(Ok(Frame::trailers(t))))
+    }
+
+    /// A gRPC call's status from the upstream's trailers, for the log.
+    fn trailers_seen(&mut self, t: &HeaderMap) {
+        if let Some(ex) = self.exchange.as_mut()
+            && ex.grpc
+            && let Some(code) = t
+                .get("grpc-status")
+                .and_then(|v| GrpcCode::parse(v.as_bytes()))
+        {
+            ex.record.grpc_status = Some(code.0);
         }
     }
 
@@ -105,9 +188,11 @@ impl Body for ResponseBody {
                 }
                 None => Poll::Ready(None),
             },
+            Kind::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
             Kind::Upstream {
                 body,
                 stall,
+                call_deadline,
                 timer,
                 armed,
             } => match Pin::new(&mut *body).poll_frame(cx) {
@@ -116,6 +201,9 @@ impl Body for ResponseBody {
                     let end = body.is_end_stream();
                     let n = frame.data_ref().map_or(0, Bytes::len);
                     this.count(n);
+                    if let Some(t) = frame.trailers_ref() {
+                        this.trailers_seen(t);
+                    }
                     if end {
                         this.on_end();
                     }
@@ -125,12 +213,12 @@ impl Body for ResponseBody {
                     this.on_end();
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    this.on_error(ErrorKind::UpstreamReset);
-                    Poll::Ready(Some(Err(e.into())))
-                }
+                Poll::Ready(Some(Err(e))) => this.on_error(ErrorKind::UpstreamReset, e.into()),
                 Poll::Pending => {
-                    let deadline = tokio::time::Instant::now() + *stall;
+                    let mut deadline = tokio::time::Instant::now() + *stall;
+                    if let Some(d) = *call_deadline {
+                        deadline = deadline.min(d);
+                    }
                     let t =
                         timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                     if !*armed {
@@ -140,9 +228,13 @@ impl Body for ResponseBody {
                     if t.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let stall = *stall;
-                    this.on_error(ErrorKind::ResponseTimeout);
-                    Poll::Ready(Some(Err(Box::new(BodyStalled(stall)))))
+                    let (kind, e): (_, BoxError) = match *call_deadline {
+                        Some(d) if tokio::time::Instant::now() >= d => {
+                            (ErrorKind::RequestTimeout, Box::new(CallDeadline))
+                        }
+                        _ => (ErrorKind::ResponseTimeout, Box::new(BodyStalled(*stall))),
+                    };
+                    this.on_error(kind, e)
                 }
             },
         }
@@ -151,6 +243,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
+            Kind::Trailers(t) => t.is_none(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
         }
     }
@@ -158,7 +251,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Full(None) | Kind::Trailers(_) => SizeHint::with_exact(0),
             Kind::Upstream { body, .. } => body.size_hint(),
         }
     }

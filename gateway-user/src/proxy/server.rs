@@ -41,23 +41,10 @@ use super::{
     io::StallGuard,
     listeners::ClientSocket,
     request::{self, Client},
-    shared::Shared,
+    shared::{Drain, Shared},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Phase {
-    Run,
-    /// Still accepting; keep-alive ends after each response (see the module doc).
-    Deregister,
-    Drain,
-    Force,
-}
-
-impl Phase {
-    fn accepting(self) -> bool {
-        matches!(self, Phase::Run | Phase::Deregister)
-    }
-}
+pub(crate) use super::shared::Phase;
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
 /// connections are done (or the drain is forced). Dropping `done` tells the handle.
@@ -75,8 +62,10 @@ pub(crate) async fn worker(
                 l,
                 scheme,
                 shared.clone(),
-                phase.clone(),
-                live.clone(),
+                Drain {
+                    phase: phase.clone(),
+                    live: live.clone(),
+                },
             ))),
             Err(e) => warn!(error = %e, "cannot register a listener with the worker's runtime"),
         }
@@ -98,26 +87,33 @@ pub(crate) async fn worker(
     drop(done);
 }
 
-/// Accepts until the phase is `Drain` or `Force`.
-async fn accept_loop(
-    listener: TcpListener,
+/// What a connection knows of where it came in.
+#[derive(Clone, Copy)]
+struct Listener {
     scheme: Scheme,
-    shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
-) {
+    /// Bound to a loopback address (the default of `expose_upstream_errors` follows it).
+    loopback: bool,
+}
+
+/// Accepts until the phase is `Drain` or `Force`.
+async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>, drain: Drain) {
+    let mut phase = drain.phase.clone();
+    let on = Listener {
+        scheme,
+        loopback: listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+    };
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (shared, phase, live) = (shared.clone(), phase.clone(), live.clone());
+                    let (shared, drain) = (shared.clone(), drain.clone());
                     match scheme {
                         Scheme::Http => {
-                            tokio::spawn(serve_plain(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_plain(stream, peer, on, shared, drain));
                         }
                         Scheme::Https => {
-                            tokio::spawn(serve_tls(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_tls(stream, peer, on, shared, drain));
                         }
                     }
                 }
@@ -139,13 +135,13 @@ async fn accept_loop(
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
+    on: Listener,
     shared: Arc<Shared>,
-    phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    drain: Drain,
 ) {
     let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
     let io = StallGuard::new(stream, write_timeout);
-    serve(io, peer, Scheme::Http, shared, phase, live).await;
+    serve(io, peer, on, None, shared, drain).await;
 }
 
 /// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
@@ -153,12 +149,13 @@ async fn serve_plain(
 async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
+    on: Listener,
     shared: Arc<Shared>,
-    phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    drain: Drain,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
-        serve(io, peer, Scheme::Https, shared, phase, live).await;
+        let version = crate::tls::version_label(io.get_ref().1.protocol_version());
+        serve(io, peer, on, Some(version), shared, drain).await;
     }
 }
 
@@ -170,19 +167,23 @@ const H2: u8 = 2;
 async fn serve<I>(
     io: I,
     peer: SocketAddr,
-    scheme: Scheme,
+    on: Listener,
+    tls: Option<&'static str>,
     shared: Arc<Shared>,
-    mut phase: watch::Receiver<Phase>,
-    _live: mpsc::Sender<()>,
+    drain: Drain,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let builder = shared.runtime.load().http.clone();
     let io = TokioIo::new(io);
+    let mut phase = drain.phase.clone();
     let client = Arc::new(Client {
         addr: peer,
         ip: headers::client_value(peer.ip()),
-        scheme,
+        scheme: on.scheme,
+        loopback_listener: on.loopback,
+        tls,
+        drain,
     });
     // What this connection speaks, known from its first request (`UNKNOWN` until then).
     let speaks = Arc::new(AtomicU8::new(UNKNOWN));
@@ -196,7 +197,9 @@ async fn serve<I>(
         svc_speaks.store(v, Ordering::Relaxed);
         request::handle(shared.clone(), client.clone(), req)
     });
-    let conn = builder.serve_connection(io, svc);
+    // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
+    // its own place among the live connections.
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
     // Accepted before the listener stopped but started after: its first request is served

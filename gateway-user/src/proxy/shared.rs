@@ -25,6 +25,33 @@ use crate::{
     signals::SignalSource,
 };
 
+/// Where the gateway is in its life, as every connection (and upgraded connection) watches
+/// it: see `server`'s module doc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Run,
+    /// Still accepting; keep-alive ends after each response (see the module doc).
+    Deregister,
+    Drain,
+    Force,
+}
+
+impl Phase {
+    pub fn accepting(self) -> bool {
+        matches!(self, Phase::Run | Phase::Deregister)
+    }
+}
+
+/// What a connection's drain is: the phase to watch, and its place among the live
+/// connections (a clone of a sender nobody sends on; the drain waits until all are gone).
+/// An upgraded connection takes a clone, so that the drain waits for it too.
+#[derive(Clone)]
+pub(crate) struct Drain {
+    pub phase: tokio::sync::watch::Receiver<Phase>,
+    #[expect(dead_code, reason = "held, never sent on: its drop tells the drain")]
+    pub live: tokio::sync::mpsc::Sender<()>,
+}
+
 pub(crate) struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub signals: Arc<dyn SignalSource>,

@@ -31,8 +31,12 @@
 //! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
 
 mod tls;
+mod tunnel;
 
-pub(crate) use self::tls::{Side, TlsMeter};
+pub(crate) use self::{
+    tls::{Side, TlsMeter},
+    tunnel::{TunnelEnd, TunnelMeter},
+};
 
 use std::{
     sync::{
@@ -84,7 +88,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
 }
 
 /// Retry reasons, in label order.
-const RETRY_REASONS: [RetryReason; 5] = RetryReason::ALL;
+const RETRY_REASONS: [RetryReason; RetryReason::ALL.len()] = RetryReason::ALL;
 
 /// How a hedged connect ended (the `result` label of `gateway_hedged_connects_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,9 +298,11 @@ pub(crate) struct ClusterMeter {
     pub tls: TlsMeter,
     metrics: GatewayMetrics,
     name: String,
-    retries: [Counter; 5],
+    retries: [Counter; RETRY_REASONS.len()],
     hedges: [Counter; 3],
     retry_budget_exhausted: Counter,
+    /// Upgraded connections, shared with the endpoints.
+    tunnels: std::sync::Arc<TunnelMeter>,
 }
 
 impl ClusterMeter {
@@ -328,13 +334,20 @@ impl ClusterMeter {
                     cluster: name.to_owned(),
                 },
             ),
+            tunnels: std::sync::Arc::new(TunnelMeter::new(m, name)),
             metrics: m.clone(),
             name: name.to_owned(),
         }
     }
 
     pub fn endpoint(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> EndpointMeter {
-        EndpointMeter::new(&self.metrics, &self.name, addr, connect_timeout)
+        EndpointMeter::new(
+            &self.metrics,
+            &self.name,
+            addr,
+            connect_timeout,
+            self.tunnels.clone(),
+        )
     }
 
     pub fn retry(&self, reason: RetryReason) {
@@ -367,6 +380,8 @@ pub(crate) struct EndpointMeter {
     connect_deadline: FloatGauge,
     /// By [`State::ALL`] order.
     states: [Gauge; 4],
+    /// The cluster's upgraded-connection handles.
+    pub tunnels: std::sync::Arc<TunnelMeter>,
 }
 
 impl EndpointMeter {
@@ -375,6 +390,7 @@ impl EndpointMeter {
         cluster: &str,
         addr: std::net::SocketAddr,
         connect_timeout: Duration,
+        tunnels: std::sync::Arc<TunnelMeter>,
     ) -> EndpointMeter {
         let labels = EndpointLabels {
             cluster: cluster.to_owned(),
@@ -397,6 +413,7 @@ impl EndpointMeter {
             rtos: counter(&m.rtos, &labels),
             connect_deadline: m.connect_deadline.get_or_create(&labels).clone(),
             states,
+            tunnels,
             labels,
             metrics: m.clone(),
         };

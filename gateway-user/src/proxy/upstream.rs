@@ -1,8 +1,8 @@
 //! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
 //! `resolve`), each endpoint's health as the proxy keeps it (`health`), getting a connection
 //! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
-//! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster), and active
-//! probes (`probe`). `cluster` ties
+//! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster; HTTP/2
+//! connections shared by many requests in `multiplex`), and active probes (`probe`). `cluster` ties
 //! them together. Every decision is taken in `decide/`; these modules do the I/O and feed it.
 
 mod balancer;
@@ -12,6 +12,7 @@ mod connect;
 mod endpoint;
 mod health;
 mod hedge;
+mod multiplex;
 mod pool;
 mod probe;
 mod resolve;
@@ -19,8 +20,9 @@ mod tls;
 
 pub use self::health::{HealthEvent, HealthEventKind};
 pub(crate) use self::{
-    checkout::{Lease, checkout},
+    checkout::{Lease, Want, checkout, reuse},
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
-    pool::{UpstreamConn, set_worker_index},
+    hedge::Hedging,
+    pool::{SendResult, UpstreamConn, set_worker_index},
 };

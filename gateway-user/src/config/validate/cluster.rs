@@ -9,7 +9,11 @@ use super::{
     addresses::parse_endpoint,
     inherit, ms,
 };
-use crate::decide::{deadline, health};
+use crate::decide::{
+    deadline,
+    grpc::{GrpcCode, GrpcCodes},
+    health,
+};
 
 /// Resolves one cluster's settings against `[router.upstream]` and the defaults.
 pub(super) fn cluster(
@@ -79,6 +83,20 @@ pub(super) fn cluster(
         DAY_MS,
         " ms"
     );
+    let (upgrade_idle_ms, _) = setting!(
+        timeouts.upgrade_idle_timeout_ms,
+        DEFAULT_UPGRADE_IDLE_TIMEOUT_MS,
+        1,
+        7 * DAY_MS,
+        " ms"
+    );
+    let (upgrade_max_ms, _) = setting!(
+        timeouts.upgrade_max_duration_ms,
+        DEFAULT_UPGRADE_MAX_DURATION_MS,
+        1,
+        30 * DAY_MS,
+        " ms"
+    );
     if request_ms < connect_ms + response_ms {
         let at = request_key
             .or(connect_key)
@@ -115,6 +133,16 @@ pub(super) fn cluster(
         .on_response_timeout
         .or(base.retry.on_response_timeout)
         .unwrap_or(DEFAULT_RETRY_ON_RESPONSE_TIMEOUT);
+    let on_reset = own
+        .retry
+        .on_reset
+        .or(base.retry.on_reset)
+        .unwrap_or(on_response_timeout);
+    let grpc_status_codes = match (&own.retry.grpc_status_codes, &base.retry.grpc_status_codes) {
+        (Some(list), _) => grpc_codes(c, list, &key.key("retry").key("grpc_status_codes")),
+        (None, Some(list)) => grpc_codes(c, list, &base_key.key("retry").key("grpc_status_codes")),
+        (None, None) => GrpcCodes::default(),
+    };
 
     let (max_connections, _) = setting!(
         limits.max_connections,
@@ -136,6 +164,21 @@ pub(super) fn cluster(
         0,
         100_000,
         ""
+    );
+
+    let (max_concurrent_streams, _) = setting!(
+        limits.max_concurrent_streams,
+        DEFAULT_MAX_CONCURRENT_STREAMS,
+        1,
+        1_000_000,
+        ""
+    );
+    let (protocol, _) = inherit(
+        own.protocol,
+        key.key("protocol"),
+        base.protocol,
+        base_key.key("protocol"),
+        DEFAULT_PROTOCOL,
     );
 
     let (ejection_ms, _) = setting!(
@@ -288,19 +331,24 @@ pub(super) fn cluster(
             idle: ms(idle_ms),
             connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
             tls_handshake: ms(tls_handshake_ms),
+            upgrade_idle: ms(upgrade_idle_ms),
+            upgrade_max_duration: ms(upgrade_max_ms),
         },
         retry: RetryPolicy {
             hedge,
             hedge_budget_percent: hedge_budget_percent as u32,
             max_retries: max_retries as u32,
             on_response_timeout,
+            on_reset,
             budget_percent: budget_percent as u32,
             min_retry_concurrency: min_retry_concurrency as u32,
+            grpc_status_codes,
         },
         limits: Limits {
             max_connections: max_connections as usize,
             max_pending_requests: max_pending_requests as usize,
             max_idle_per_endpoint: max_idle_per_endpoint as usize,
+            max_concurrent_streams: max_concurrent_streams as usize,
         },
         health: HealthPolicy {
             machine: crate::decide::health::HealthPolicy {
@@ -319,5 +367,53 @@ pub(super) fn cluster(
         },
         // Loaded by `validate::tls`, which reads the files.
         tls: None,
+        // Checked against the TLS setting by `protocol`, once TLS is known.
+        protocol,
+    }
+}
+
+/// gRPC status names (`retry.grpc_status_codes`), each refused at its own index when unknown.
+pub(super) fn grpc_codes(c: &mut Checker, names: &[String], key: &KeyPath) -> GrpcCodes {
+    let mut set = GrpcCodes::default();
+    for (i, n) in names.iter().enumerate() {
+        match GrpcCode::from_name(n) {
+            Some(code) => set = set.with(code),
+            None => c.fail(
+                key.index(i),
+                Invalid::UnknownGrpcStatus { value: n.clone() },
+            ),
+        }
+    }
+    set
+}
+
+/// A cluster's `protocol` against its TLS: `h2` needs TLS, `h2c` refuses it, `auto` without
+/// TLS is HTTP/1.1.
+pub(super) fn protocol(
+    c: &mut Checker,
+    spec: &mut ClusterSpec,
+    (own, key): (&ClusterConfig, &KeyPath),
+    base_key: &KeyPath,
+) {
+    let at = if own.protocol.is_some() {
+        key.key("protocol")
+    } else {
+        base_key.key("protocol")
+    };
+    match (spec.protocol, spec.tls.is_some()) {
+        (UpstreamProtocol::H2, false) => c.fail(
+            at,
+            Invalid::ProtocolNeedsTls {
+                cluster: spec.name.clone(),
+            },
+        ),
+        (UpstreamProtocol::H2c, true) => c.fail(
+            at,
+            Invalid::H2cWithTls {
+                cluster: spec.name.clone(),
+            },
+        ),
+        (UpstreamProtocol::Auto, false) => spec.protocol = UpstreamProtocol::Http1,
+        _ => {}
     }
 }

@@ -1,16 +1,25 @@
 //! `[[routes]]`: each route checked against the clusters that exist, its host and path prefix
-//! parsed, its name defaulted; with none written, one route sends everything to `default`.
+//! parsed, its name defaulted, its conditions (methods, headers), path rewrite and header rules
+//! parsed, and its policy resolved (the cluster's timeouts and retries, with the route's
+//! overrides); with none written, one route sends everything to `default`.
 
 use std::collections::BTreeMap;
 
+use http::{HeaderName, HeaderValue, Method};
+
 use super::{
     super::{
-        model::Config,
-        settings::{ClusterSpec, Route},
+        model::{
+            Config, HeaderMatchConfig, HeaderRulesConfig, RetryConfig, RouteConfig,
+            RouteTimeoutsConfig,
+        },
+        settings::{ClusterSpec, HeaderIs, HeaderMatch, HeaderRules, Route, RoutePolicy},
         source::KeyPath,
     },
-    Checker, Invalid,
+    Checker, DAY_MS, Invalid,
     addresses::parse_host,
+    cluster::grpc_codes,
+    ms,
 };
 
 /// The routes in the order written (problems go to `c`).
@@ -68,24 +77,262 @@ pub(super) fn routes(
                 .map_or_else(|| "*".to_owned(), |h| h.to_string());
             format!("{host}{path_prefix}")
         });
+        let methods = methods(c, r, &key);
+        let headers = header_matches(c, &r.headers, &key.key("headers"));
+        let rewrite_prefix = rewrite(c, r, &key);
+        let request_headers = header_rules(c, &r.request_headers, &key.key("request_headers"));
+        let response_headers = header_rules(c, &r.response_headers, &key.key("response_headers"));
+        // An unknown cluster was refused above.
+        let Some(spec) = clusters.get(&r.cluster) else {
+            continue;
+        };
         routes.push(Route {
             name,
             host,
             path_prefix,
             cluster: r.cluster.clone(),
+            methods,
+            headers,
+            rewrite_prefix,
+            policy: policy(c, RoutePolicy::of(spec), r, &key),
+            request_headers,
+            response_headers,
         });
     }
-    if routes.is_empty() {
+    if cfg.routes.is_empty() {
         if clusters.contains_key("default") {
             routes.push(Route {
                 name: "default".to_owned(),
                 host: None,
                 path_prefix: "/".to_owned(),
                 cluster: "default".to_owned(),
+                methods: None,
+                headers: Vec::new(),
+                rewrite_prefix: None,
+                policy: RoutePolicy::of(&clusters["default"]),
+                request_headers: HeaderRules::default(),
+                response_headers: HeaderRules::default(),
             });
         } else if !clusters.is_empty() {
             c.fail(KeyPath::root(), Invalid::NoRoutes);
         }
     }
     routes
+}
+
+/// The cluster's policy with the route's overrides, each range-checked at its key.
+fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -> RoutePolicy {
+    let RouteTimeoutsConfig {
+        request_timeout_ms,
+        response_timeout_ms,
+        upgrade_idle_timeout_ms,
+        upgrade_max_duration_ms,
+    } = r.timeouts;
+    let tk = key.key("timeouts");
+    let mut timeout = |v: Option<u64>, name: &str, max: u64, into: &mut std::time::Duration| {
+        if let Some(v) = v {
+            *into = ms(c.range(&tk.key(name), v, 1, max, " ms"));
+        }
+    };
+    timeout(
+        request_timeout_ms,
+        "request_timeout_ms",
+        DAY_MS,
+        &mut p.request_timeout,
+    );
+    timeout(
+        response_timeout_ms,
+        "response_timeout_ms",
+        DAY_MS,
+        &mut p.response_timeout,
+    );
+    timeout(
+        upgrade_idle_timeout_ms,
+        "upgrade_idle_timeout_ms",
+        7 * DAY_MS,
+        &mut p.upgrade_idle_timeout,
+    );
+    timeout(
+        upgrade_max_duration_ms,
+        "upgrade_max_duration_ms",
+        30 * DAY_MS,
+        &mut p.upgrade_max_duration,
+    );
+    let RetryConfig {
+        max_retries,
+        on_response_timeout,
+        budget_percent,
+        min_retry_concurrency,
+        hedge,
+        hedge_budget_percent,
+        on_reset,
+        grpc_status_codes,
+    } = &r.retry;
+    let rk = key.key("retry");
+    let mut number = |v: Option<u32>, name: &str, max: u64, into: &mut u32| {
+        if let Some(v) = v {
+            *into = c.range(&rk.key(name), v.into(), 0, max, "") as u32;
+        }
+    };
+    number(*max_retries, "max_retries", 10, &mut p.retry.max_retries);
+    number(
+        *budget_percent,
+        "budget_percent",
+        100,
+        &mut p.retry.budget_percent,
+    );
+    number(
+        *min_retry_concurrency,
+        "min_retry_concurrency",
+        10_000,
+        &mut p.retry.min_retry_concurrency,
+    );
+    number(
+        *hedge_budget_percent,
+        "hedge_budget_percent",
+        100,
+        &mut p.retry.hedge_budget_percent,
+    );
+    if let Some(v) = on_response_timeout {
+        p.retry.on_response_timeout = *v;
+        // `on_reset` follows `on_response_timeout` unless written, as in a cluster.
+        p.retry.on_reset = on_reset.unwrap_or(*v);
+    }
+    if let Some(v) = on_reset {
+        p.retry.on_reset = *v;
+    }
+    if let Some(v) = hedge {
+        p.retry.hedge = *v;
+    }
+    if let Some(list) = grpc_status_codes {
+        p.retry.grpc_status_codes = grpc_codes(c, list, &rk.key("grpc_status_codes"));
+    }
+    p
+}
+
+fn methods(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Vec<Method>> {
+    let list = r.methods.as_ref()?;
+    let mk = key.key("methods");
+    if list.is_empty() {
+        c.fail(mk.clone(), Invalid::EmptyMethods);
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        // Methods are case-sensitive (RFC 9110 section 9.1); the standard ones are uppercase.
+        match Method::from_bytes(m.as_bytes()) {
+            Ok(method) if !m.is_empty() => out.push(method),
+            _ => c.fail(mk.index(i), Invalid::InvalidMethod { value: m.clone() }),
+        }
+    }
+    Some(out)
+}
+
+fn header_name(c: &mut Checker, name: &str, at: KeyPath) -> Option<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| {
+            c.fail(
+                at,
+                Invalid::InvalidHeaderName {
+                    value: name.to_owned(),
+                },
+            )
+        })
+        .ok()
+}
+
+fn header_value(c: &mut Checker, value: &str, at: KeyPath) -> Option<HeaderValue> {
+    HeaderValue::from_str(value)
+        .map_err(|_| {
+            c.fail(
+                at,
+                Invalid::InvalidHeaderValue {
+                    value: value.to_owned(),
+                },
+            )
+        })
+        .ok()
+}
+
+fn header_matches(c: &mut Checker, list: &[HeaderMatchConfig], key: &KeyPath) -> Vec<HeaderMatch> {
+    let mut out = Vec::new();
+    for (i, h) in list.iter().enumerate() {
+        let hk = key.index(i);
+        let name = header_name(c, &h.name, hk.key("name"));
+        let is = match (&h.value, h.present) {
+            (Some(v), None) => header_value(c, v, hk.key("value")).map(HeaderIs::Exactly),
+            (None, Some(true)) => Some(HeaderIs::Present),
+            (None, Some(false)) => Some(HeaderIs::Absent),
+            _ => {
+                c.fail(hk, Invalid::HeaderMatchNeedsOne);
+                None
+            }
+        };
+        if let (Some(name), Some(is)) = (name, is) {
+            out.push(HeaderMatch { name, is });
+        }
+    }
+    out
+}
+
+fn rewrite(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<String> {
+    let to = r.rewrite_prefix.as_ref()?;
+    if !to.starts_with('/') {
+        c.fail(
+            key.key("rewrite_prefix"),
+            Invalid::InvalidPathPrefix { value: to.clone() },
+        );
+    } else if http::uri::PathAndQuery::try_from(to.as_str()).is_err() || to.contains('?') {
+        c.fail(
+            key.key("rewrite_prefix"),
+            Invalid::InvalidRewrite { value: to.clone() },
+        );
+    }
+    Some(to.clone())
+}
+
+/// Headers the gateway owns or that describe one connection: a rule may not touch them.
+const NOT_RULED: [&str; 7] = [
+    "connection",
+    "transfer-encoding",
+    "content-length",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "host",
+];
+
+fn header_rules(c: &mut Checker, rules: &HeaderRulesConfig, key: &KeyPath) -> HeaderRules {
+    let mut out = HeaderRules::default();
+    let ruled = |c: &mut Checker, name: &str, at: KeyPath| -> Option<HeaderName> {
+        let n = header_name(c, name, at.clone())?;
+        if NOT_RULED.contains(&n.as_str()) || n.as_str().starts_with("x-gateway-") {
+            c.fail(
+                at,
+                Invalid::HeaderNotRewritable {
+                    name: n.as_str().to_owned(),
+                },
+            );
+            return None;
+        }
+        Some(n)
+    };
+    for (i, name) in rules.remove.iter().enumerate() {
+        if let Some(n) = ruled(c, name, key.key("remove").index(i)) {
+            out.remove.push(n);
+        }
+    }
+    for (table, into) in [("set", &rules.set), ("add", &rules.add)] {
+        for (name, value) in into {
+            let at = key.key(table).key(name);
+            let n = ruled(c, name, at.clone());
+            let v = header_value(c, value, at);
+            if let (Some(n), Some(v)) = (n, v) {
+                match table {
+                    "set" => out.set.push((n, v)),
+                    _ => out.add.push((n, v)),
+                }
+            }
+        }
+    }
+    out
 }

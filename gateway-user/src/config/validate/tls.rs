@@ -293,13 +293,18 @@ pub(super) fn upstream(
         Some((v, k)) => (Some(v.clone()), k),
         None => (None, ok.key("alpn")),
     };
-    let alpn = alpn(
-        c,
-        &alpn_written,
-        &DEFAULT_UPSTREAM_ALPN,
-        &alpn_key,
-        "\"http/1.1\"",
-    );
+    // What the cluster's `protocol` can speak over TLS, offered by default.
+    let (default_alpn, allowed): (&[&str], _) = match spec.protocol {
+        UpstreamProtocol::Http1 | UpstreamProtocol::H2c => {
+            (&["http/1.1"], "\"http/1.1\" (with protocol http1 or h2c)")
+        }
+        UpstreamProtocol::H2 => (&["h2"], "\"h2\" (with protocol h2)"),
+        UpstreamProtocol::Auto => (
+            &["h2", "http/1.1"],
+            "\"h2\", \"http/1.1\" (with protocol auto)",
+        ),
+    };
+    let alpn = alpn(c, &alpn_written, default_alpn, &alpn_key, allowed);
     let min_version = own
         .and_then(|t| t.min_version)
         .or(base.and_then(|t| t.min_version))

@@ -6,6 +6,7 @@ const ALL_ON: RetryPolicy = RetryPolicy {
     on_reset: true,
     budget_percent: 20,
     min_retry_concurrency: 3,
+    grpc_status_codes: GrpcCodes::NONE,
 };
 
 const ALL_OFF: RetryPolicy = RetryPolicy {
@@ -151,6 +152,7 @@ fn final_failures_are_never_retried() {
 
 fn attempted(retries: u32) -> Attempted {
     Attempted {
+        refused: 0,
         idempotent: true,
         resendable: true,
         retries,
@@ -196,4 +198,72 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
         next_step(f, attempted(0), &ALL_ON, &budgets),
         Step::Retry { .. }
     ));
+}
+
+#[test]
+fn a_refused_stream_is_retried_whatever_the_method_on_another_connection_outside_the_budget() {
+    assert_eq!(
+        retry_allowed(Failure::Refused, false, &ALL_OFF),
+        Some(RetryReason::RefusedStream)
+    );
+    // A spent budget does not stop it: a graceful upstream restart refuses every stream in
+    // flight at once.
+    let budgets = Arc::new(Budgets::default());
+    let attempted = Attempted {
+        idempotent: false,
+        resendable: true,
+        retries: 0,
+        refused: 0,
+    };
+    let policy = RetryPolicy {
+        budget_percent: 0,
+        min_retry_concurrency: 0,
+        ..ALL_OFF
+    };
+    match next_step(Failure::Refused, attempted, &policy, &budgets) {
+        Step::Retry {
+            reason: RetryReason::RefusedStream,
+            to: Where::AnotherConnection,
+            permit: None,
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    // Refused again: a connection of its own.
+    let again = Attempted {
+        retries: 1,
+        refused: 1,
+        ..attempted
+    };
+    match next_step(Failure::Refused, again, &policy, &budgets) {
+        Step::Retry {
+            to: Where::FreshConnection,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    // Still bounded by max_retries.
+    let spent = Attempted {
+        retries: policy.max_retries,
+        ..attempted
+    };
+    assert!(matches!(
+        next_step(Failure::Refused, spent, &policy, &budgets),
+        Step::Stop(Stop::MaxRetries)
+    ));
+}
+
+#[test]
+fn grpc_statuses_are_retried_only_when_listed() {
+    let listed = RetryPolicy {
+        grpc_status_codes: GrpcCodes::default().with(GrpcCode::UNAVAILABLE),
+        ..ALL_OFF
+    };
+    let f = Failure::GrpcStatus(GrpcCode::UNAVAILABLE);
+    assert_eq!(
+        retry_allowed(f, false, &listed),
+        Some(RetryReason::GrpcStatus)
+    );
+    assert_eq!(retry_allowed(f, false, &ALL_OFF), None);
+    let other = Failure::GrpcStatus(GrpcCode::INTERNAL);
+    assert_eq!(retry_allowed(other, false, &listed), None);
 }

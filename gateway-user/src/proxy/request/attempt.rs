@@ -12,15 +12,24 @@
 //!
 //! A pooled connection that turns out closed before the request went out is replaced by
 //! another connection to the same endpoint; that is not a retry.
+//!
+//! HTTP/2: the attempt is a stream on a shared connection. The kernel's record is the
+//! connection's, so a host that died fails every stream waiting on it (each notices at its
+//! next look) and the connection is retired: no new stream goes to it. A stream the upstream
+//! refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`, which
+//! `decide::retry` sends to another connection whatever the method.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use http::{Request, Response};
-use hyper::{body::Incoming, client::conn::TrySendError};
+use http::Request;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Plan, Upstream, request_timeout};
+use super::{
+    Plan, Upstream,
+    prepare::{GRPC_TIMEOUT, grpc_timeout_left},
+    request_timeout,
+};
 use crate::{
     decide::{
         evidence::{ResponseCause, host_died},
@@ -33,7 +42,9 @@ use crate::{
         headers,
         io::is_write_stall,
         request_body::{RequestBody, RequestBodyError},
-        upstream::{Cluster, Endpoint, InFlight, Lease, UpstreamConn, checkout},
+        upstream::{
+            Cluster, Endpoint, InFlight, Lease, SendResult, UpstreamConn, Want, checkout, reuse,
+        },
     },
 };
 
@@ -68,8 +79,6 @@ impl Failed {
         Failed::new(error, Delivery::Unknown, None)
     }
 }
-
-type SendResult = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
 
 /// One attempt on `ep`: a response head, or why not.
 pub(super) async fn run(
@@ -115,7 +124,8 @@ pub(super) async fn run(
                 return Ok(Upstream {
                     response,
                     lease,
-                    stall: cluster.spec.timeouts.response,
+                    stall: plan.route.policy.response_timeout,
+                    call_deadline: plan.grpc_deadline.then_some(plan.deadline),
                 });
             }
             // A pooled connection closed before the request went out: try another connection
@@ -127,10 +137,28 @@ pub(super) async fn run(
             }
             Err(mut f) => {
                 f.reused = reused;
+                if let Some(shared) = conn.h2()
+                    && retires(&f.error)
+                {
+                    shared.retire();
+                }
                 return Err(f);
             }
         }
     }
+}
+
+/// Whether a stream's failure ends its HTTP/2 connection for new streams: a GOAWAY or a
+/// refused stream (the upstream is going away or shedding), the connection closed, the host
+/// died under it.
+fn retires(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::UpstreamRefusedStream { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamHostDied { .. }
+            | ProxyError::UpstreamWriteTimeout { .. }
+    )
 }
 
 fn push_attempt(ex: &mut Exchange, endpoint: SocketAddr) {
@@ -152,16 +180,21 @@ async fn connect_or_reuse(
     ex: &mut Exchange,
 ) -> Result<(Arc<Endpoint>, UpstreamConn, bool), ProxyError> {
     let fresh = std::mem::take(&mut plan.fresh);
-    if !fresh && let Some(c) = ep.pool.take(ex.record.start) {
+    if !fresh && let Some(c) = reuse(cluster, ep, ex.record.start) {
         return Ok((ep.clone(), c, true));
     }
     let tried: Vec<SocketAddr> = ex.record.attempts.iter().map(|t| t.endpoint).collect();
     let tried = move |a: SocketAddr| tried.contains(&a);
+    let want = Want {
+        tried: &tried,
+        fresh,
+        hedging: plan.hedging(),
+    };
     // Boxed: the slow path, kept out of every request's future.
-    let checkout = Box::pin(checkout(cluster, ep, &tried, fresh));
+    let checkout = Box::pin(checkout(cluster, ep, want));
     let (winner, conn) = match tokio::time::timeout_at(plan.deadline, checkout).await {
         Ok(r) => r?,
-        Err(_) => return Err(request_timeout(cluster, ex)),
+        Err(_) => return Err(request_timeout(plan, ex)),
     };
     if !Arc::ptr_eq(&winner, ep) {
         // A hedged connect won: the first endpoint had no SYN-ACK by its deadline.
@@ -179,22 +212,29 @@ async fn exchange(
     cluster: &Cluster,
     ep: &Endpoint,
     conn: &mut UpstreamConn,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     fast: bool,
     plan: &mut Plan,
     ex: &mut Exchange,
-) -> Result<Response<Incoming>, Box<Failed>> {
+) -> Result<http::Response<hyper::body::Incoming>, Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
     let baseline = acked_before(conn, plan);
-    let mut send = std::pin::pin!(conn.sender.try_send_request(req));
-    let result = match plan.done.as_mut() {
+    if plan.grpc
+        && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
+    {
+        // What is left of the call's deadline (capped by the route's), so that the upstream
+        // gives up when the gateway does.
+        *v = grpc_timeout_left(plan.deadline);
+    }
+    let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));
+    let result = match plan.done.clone() {
         // The response timeout starts once the client's body has been sent.
-        Some(body_done) => tokio::select! {
+        Some(body) => tokio::select! {
             biased;
             r = send.as_mut() => Some(r),
-            _ = body_done => { plan.done = None; None }
+            _ = body.ended() => { plan.done = None; None }
             _ = tokio::time::sleep_until(plan.deadline) => {
-                return Err(Failed::plain(request_timeout(cluster, ex)));
+                return Err(Failed::plain(request_timeout(plan, ex)));
             }
         },
         None => None,
@@ -241,6 +281,10 @@ async fn exchange(
 /// never arrived: idempotent ones are retried anyway, and without the kernel's record of the
 /// connection's end there is nothing to compare with).
 fn acked_before(conn: &UpstreamConn, plan: &Plan) -> Option<u64> {
+    if conn.is_http2() {
+        // Other streams (and the connection preface) share the connection's byte counts.
+        return None;
+    }
     if conn.connect_time.is_some() {
         return Some(0);
     }
@@ -280,7 +324,8 @@ async fn await_head<F: Future<Output = SendResult>>(
         sent,
     } = on;
     let signals = &*cluster.signals;
-    let response_deadline = sent + cluster.spec.timeouts.response;
+    let response_timeout = plan.route.policy.response_timeout;
+    let response_deadline = sent + response_timeout;
     let until = response_deadline.min(plan.deadline);
     loop {
         let slice = if plan.kernel {
@@ -310,20 +355,41 @@ async fn await_head<F: Future<Output = SendResult>>(
         }
     }
     if response_deadline >= plan.deadline {
-        return Err(Failed::plain(request_timeout(cluster, ex)));
+        return Err(Failed::plain(request_timeout(plan, ex)));
     }
     let evidence = signals.established_evidence(cookie);
     let cause = ResponseCause::of(plan.kernel, evidence.as_ref());
     let delivery = Delivery::of(baseline, evidence.as_ref().map(|e| e.bytes_acked));
     let error = ProxyError::ResponseTimeout {
         endpoint: ep.addr,
-        timeout: cluster.spec.timeouts.response,
+        timeout: response_timeout,
         cookie,
         evidence,
         slow_backend: cause == ResponseCause::SlowBackend,
     };
     cluster.report(ep, cause.health_evidence(), &|| error.to_string());
     Err(Failed::new(error, delivery, None))
+}
+
+/// Whether an HTTP/2 error says the upstream never processed the stream (RFC 9113 section
+/// 8.7): `Some(true)` for a GOAWAY from the upstream (h2 gives this error only to the streams
+/// above the GOAWAY's last-stream-id, and to new ones), `Some(false)` for its RST_STREAM with
+/// REFUSED_STREAM.
+fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(true);
+            }
+            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Some(false);
+            }
+            return None;
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Maps a failed exchange on an upstream connection to its reason.
@@ -347,6 +413,13 @@ fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
         return ProxyError::InvalidUpstreamResponse {
             endpoint,
             source: e,
+        };
+    }
+    if let Some(goaway) = refused_unprocessed(&e) {
+        return ProxyError::UpstreamRefusedStream {
+            endpoint,
+            source: e,
+            goaway,
         };
     }
     ProxyError::UpstreamReset {

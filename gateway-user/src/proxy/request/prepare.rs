@@ -1,32 +1,53 @@
 //! Route: everything before the first attempt. The client-side limits (head size, body size),
-//! the authority, the route and its cluster, and the request rewritten for its upstream
-//! (hop-by-hop headers out, `X-Forwarded-*` and `Via` in, origin-form URI, HTTP/1.1).
+//! the authority, the request ID, the route and its cluster, a gRPC call's deadline, and the
+//! request rewritten for its upstream (hop-by-hop headers out — but an upgrade's and `TE:
+//! trailers` kept —, `X-Forwarded-*` and `Via` in, the route's path rewrite and header rules,
+//! origin-form URI, HTTP/1.1).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use http::{
     HeaderValue, Method, Request, Uri, Version,
-    header::{CONTENT_LENGTH, HOST},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT},
+    request::Parts,
     uri::PathAndQuery,
 };
-use hyper::body::Incoming;
-use tokio::{sync::oneshot, time::Instant};
+use hyper::{body::Incoming, upgrade::OnUpgrade};
+use tokio::time::Instant;
 
 use super::Client;
-use crate::proxy::{
-    error::ProxyError, exchange::Exchange, headers, request_body::RequestBody, shared::Runtime,
-    upstream::Cluster,
+use crate::{
+    config::{ExposeErrors, UpstreamProtocol},
+    decide::grpc,
+    proxy::{
+        error::ProxyError,
+        exchange::Exchange,
+        headers,
+        request_body::{Progress, RequestBody},
+        request_id,
+        router::{CompiledRoute, apply_rules},
+        shared::Runtime,
+        upstream::Cluster,
+    },
 };
 
 /// A request checked, routed and rewritten for its upstream.
 pub(super) struct Prepared {
     pub cluster: Arc<Cluster>,
+    pub route: Arc<CompiledRoute>,
     pub req: Request<RequestBody>,
     /// Told when the client's body has been read to the end; `None` for an empty body.
-    pub done: Option<oneshot::Receiver<()>>,
-    /// The request timeout, from its arrival.
+    pub done: Option<Arc<Progress>>,
+    /// The request timeout (or a gRPC call's shorter deadline), from its arrival.
     pub deadline: Instant,
+    /// The deadline is the gRPC call's `grpc-timeout`.
+    pub grpc_deadline: bool,
+    /// The client's side of an HTTP/1.1 `Upgrade` (WebSocket).
+    pub upgrade: Option<OnUpgrade>,
 }
+
+/// `grpc-timeout` as sent upstream: the header's name.
+pub(super) const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 pub(super) fn prepare(
     rt: &Runtime,
@@ -34,6 +55,15 @@ pub(super) fn prepare(
     client: &Client,
     ex: &mut Exchange,
 ) -> Result<Prepared, ProxyError> {
+    ex.expose = rt
+        .settings
+        .expose_errors
+        .unwrap_or(if client.loopback_listener {
+            ExposeErrors::Full
+        } else {
+            ExposeErrors::Reason
+        });
+    ex.record.tls = client.tls;
     let ds = &rt.settings.downstream;
     let size = head_size(&req);
     if size > ds.max_request_header_bytes {
@@ -42,14 +72,26 @@ pub(super) fn prepare(
             limit: ds.max_request_header_bytes,
         });
     }
-    if req.method() == Method::CONNECT {
+    let (mut parts, body) = req.into_parts();
+    if let Some(cfg) = &rt.settings.request_id {
+        ex.record.request_id = Some(request_id::assign(cfg, &mut parts.headers));
+        ex.request_id_header = Some(cfg.header.clone());
+    }
+    ex.record.user_agent = parts.headers.get(USER_AGENT).cloned();
+    ex.grpc = parts.method == Method::POST
+        && parts
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| grpc::is_grpc(v.as_bytes()));
+    if parts.method == Method::CONNECT {
         return Err(ProxyError::BadRequest {
             what: "CONNECT is not supported",
         });
     }
-    let authority = authority(&req)?;
+    let authority = authority(&parts)?;
+    ex.record.host = authority.clone();
     if let Some(limit) = ds.max_request_body_bytes
-        && content_length(&req).is_some_and(|n| n > limit)
+        && content_length(&parts).is_some_and(|n| n > limit)
     {
         return Err(ProxyError::RequestBodyTooLarge { limit });
     }
@@ -64,38 +106,90 @@ pub(super) fn prepare(
         .as_ref()
         .is_none_or(|h| h.matches(host))
         .then_some(())
-        .and_then(|()| rt.router.route(host, req.uri().path()))
+        .and_then(|()| {
+            rt.router
+                .route(host, parts.uri.path(), &parts.method, &parts.headers)
+        })
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.to_owned(),
-            path: req.uri().path().to_owned(),
+            path: parts.uri.path().to_owned(),
         })?;
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
-    ex.routed(route.name.clone(), &cluster, meter);
-    let deadline = ex.record.start + cluster.spec.timeouts.request;
+    ex.routed(route, &cluster, meter);
+    let (deadline, grpc_deadline) = deadline(ex, route, &parts);
 
-    let (mut parts, body) = req.into_parts();
-    headers::to_upstream(
+    let upgrade = headers::to_upstream(
         &mut parts.headers,
         parts.version,
         &client.ip,
         authority.as_ref(),
         client.scheme,
     );
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::from(path);
+    let upgrade = match upgrade {
+        Some(value) if parts.version == Version::HTTP_11 => {
+            if cluster.spec.protocol != UpstreamProtocol::Http1 {
+                return Err(ProxyError::UpgradeUnsupported {
+                    cluster: cluster.spec.name.clone(),
+                    protocol: cluster.spec.protocol.name(),
+                });
+            }
+            headers::restore_upgrade(&mut parts.headers, value);
+            parts.extensions.remove::<OnUpgrade>()
+        }
+        _ => None,
+    };
+    parts.uri = upstream_uri(route, &parts.uri);
     parts.version = Version::HTTP_11;
+    apply_rules(&route.request_headers, &mut parts.headers);
     let (body, done) = RequestBody::new(body, ds.max_request_body_bytes);
     Ok(Prepared {
         cluster,
+        route: route.clone(),
         req: Request::from_parts(parts, body),
         done,
         deadline,
+        grpc_deadline,
+        upgrade,
     })
+}
+
+/// The request's deadline: the route's request timeout from its arrival, or, for a gRPC call,
+/// its own `grpc-timeout` when that is shorter; and whether it is the latter.
+fn deadline(ex: &Exchange, route: &CompiledRoute, parts: &Parts) -> (Instant, bool) {
+    let limit = route.policy.request_timeout;
+    let asked = ex
+        .grpc
+        .then(|| parts.headers.get(GRPC_TIMEOUT))
+        .flatten()
+        .and_then(|v| grpc::parse_timeout(v.as_bytes()));
+    match asked {
+        Some(t) if t < limit => (ex.record.start + t, true),
+        _ => (ex.record.start + limit, false),
+    }
+}
+
+/// Origin-form, with the route's prefix rewritten.
+fn upstream_uri(route: &CompiledRoute, uri: &Uri) -> Uri {
+    let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    if let Some(p) = route
+        .rewritten(path)
+        .and_then(|p| PathAndQuery::try_from(p).ok())
+    {
+        return Uri::from(p);
+    }
+    Uri::from(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    )
+}
+
+/// The `grpc-timeout` to send upstream: what is left of the deadline.
+pub(super) fn grpc_timeout_left(deadline: Instant) -> HeaderValue {
+    let left = deadline.saturating_duration_since(Instant::now());
+    HeaderValue::try_from(grpc::format_timeout(left.max(Duration::from_millis(1))))
+        .expect("digits and a unit are a valid header value")
 }
 
 /// Request line plus headers, as sent on the wire (close enough for a limit).
@@ -111,13 +205,13 @@ fn head_size(req: &Request<Incoming>) -> usize {
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header.
-fn authority(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
-    if let Some(a) = req.uri().authority() {
+fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
+    if let Some(a) = req.uri.authority() {
         return Ok(HeaderValue::from_str(a.as_str()).ok());
     }
-    match req.headers().get(HOST) {
+    match req.headers.get(HOST) {
         Some(h) => Ok(Some(h.clone())),
-        None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest {
+        None if req.version == Version::HTTP_11 => Err(ProxyError::BadRequest {
             what: "HTTP/1.1 request without a Host header",
         }),
         None => Ok(None),
@@ -134,8 +228,8 @@ fn host_without_port(authority: &str) -> &str {
     }
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
+fn content_length(req: &Parts) -> Option<u64> {
+    req.headers
         .get(CONTENT_LENGTH)?
         .to_str()
         .ok()?

@@ -1,13 +1,36 @@
-//! Respond: the upstream's response on its way to the client, or the gateway's own error
-//! response, which explains itself — the reason in `x-gateway-error`, the endpoint and the
-//! attempts, the kernel evidence in `x-gateway-evidence`, and the same as a sentence in the
-//! body and the access log.
+//! Respond: the upstream's response on its way to the client (or, for a `101`, the tunnel
+//! that takes the connection over), or the gateway's own error response, which explains
+//! itself — as much as `expose_upstream_errors` lets it:
+//!
+//! | mode | HTTP error | gRPC call (HTTP 200, trailers-only) |
+//! |---|---|---|
+//! | `full` | `x-gateway-error` (the reason), `-endpoint`, `-attempts`, `-evidence` (the kernel's, `key=value`); the sentence with the evidence and the attempts in the body | the same headers; `grpc-message`: the reason and the sentence |
+//! | `reason` | `x-gateway-error`, `-attempts`; the status and the reason in the body | `grpc-message`: the reason |
+//! | `none` | a bare status | `grpc-status` alone |
+//!
+//! Whatever the mode, the access log's `detail` and `/status` keep the whole sentence. Every
+//! answer carries the request ID and the route's response header rules.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, Version, header::CONTENT_TYPE};
+use http::{
+    HeaderMap, HeaderValue, Response, StatusCode, Version,
+    header::{CONTENT_TYPE, HeaderName},
+};
+use hyper::upgrade::OnUpgrade;
 
-use super::Upstream;
-use crate::proxy::{error::ProxyError, exchange::Exchange, headers, response_body::ResponseBody};
+use super::{Client, GRPC_STATUS, Upstream};
+use crate::{
+    config::ExposeErrors,
+    decide::grpc::{self, GrpcCode},
+    proxy::{
+        error::ProxyError,
+        exchange::Exchange,
+        headers,
+        response_body::ResponseBody,
+        router::apply_rules,
+        tunnel::{self, Tunnel},
+    },
+};
 
 /// Response headers that explain a gateway error.
 pub const X_GATEWAY_ERROR: &str = "x-gateway-error";
@@ -16,34 +39,127 @@ pub const X_GATEWAY_ATTEMPTS: &str = "x-gateway-attempts";
 /// The kernel evidence behind an error, `key=value` pairs (see `ProxyError::evidence_header`).
 pub const X_GATEWAY_EVIDENCE: &str = "x-gateway-evidence";
 
-/// The upstream's response, streamed to the client.
-pub(super) fn respond(up: Upstream, mut ex: Box<Exchange>) -> Response<ResponseBody> {
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// The upstream's response, streamed to the client; a `101` starts the tunnel.
+pub(super) fn respond(
+    up: Upstream,
+    mut ex: Box<Exchange>,
+    upgrade: Option<OnUpgrade>,
+    client: &Client,
+) -> Response<ResponseBody> {
+    ex.record.upstream_status = Some(up.response.status().as_u16());
+    if up.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return switch(up, ex, upgrade, client);
+    }
     let (mut parts, body) = up.response.into_parts();
     headers::to_downstream(&mut parts.headers, parts.version);
     parts.version = Version::default();
+    ours(&mut parts.headers, &ex);
     ex.record.status = parts.status.as_u16();
+    if ex.grpc {
+        ex.record.grpc_status = parts
+            .headers
+            .get(GRPC_STATUS)
+            .and_then(|v| GrpcCode::parse(v.as_bytes()))
+            .map(|c| c.0);
+    }
     keepalive_off(&ex, &mut parts.headers);
     ex.lease = Some(up.lease);
-    Response::from_parts(parts, ResponseBody::upstream(body, up.stall, ex))
+    let body = ResponseBody::upstream(body, up.stall, up.call_deadline, ex);
+    Response::from_parts(parts, body)
+}
+
+/// The request ID and the route's response header rules, on every answer.
+fn ours(h: &mut HeaderMap, ex: &Exchange) {
+    if let (Some(name), Some(id)) = (&ex.request_id_header, &ex.record.request_id) {
+        h.insert(name, id.clone());
+    }
+    if let Some(route) = &ex.route {
+        apply_rules(&route.response_headers, h);
+    }
+}
+
+/// A `101 Switching Protocols`: the client gets it, and a tunnel copies bytes both ways.
+fn switch(
+    mut up: Upstream,
+    mut ex: Box<Exchange>,
+    client_side: Option<OnUpgrade>,
+    client: &Client,
+) -> Response<ResponseBody> {
+    let endpoint = up.lease.endpoint.addr;
+    let upstream_side = hyper::upgrade::on(&mut up.response);
+    let (mut parts, _) = up.response.into_parts();
+    let value = headers::to_downstream(&mut parts.headers, parts.version);
+    let (Some(client_side), Some(value)) = (client_side, value) else {
+        let what = "the request was no upgrade, or the 101 named no protocol in `Upgrade`";
+        return error_response(ProxyError::UpgradeFailed { endpoint, what }, ex);
+    };
+    headers::restore_upgrade(&mut parts.headers, value);
+    parts.version = Version::HTTP_11;
+    ours(&mut parts.headers, &ex);
+    ex.record.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    let policy = ex.route.as_ref().map(|r| r.policy);
+    tunnel::spawn(Tunnel {
+        client: client_side,
+        upstream: upstream_side,
+        lease: up.lease,
+        exchange: ex,
+        idle: policy.map_or(tunnel::FALLBACK_IDLE, |p| p.upgrade_idle_timeout),
+        max: policy.map_or(tunnel::FALLBACK_MAX, |p| p.upgrade_max_duration),
+        drain: client.drain.clone(),
+    });
+    Response::from_parts(parts, ResponseBody::empty())
 }
 
 /// The gateway's answer to a request that failed.
 pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
-    let rec = &mut ex.record;
     let kind = e.kind();
     let status = kind.status();
-    let attempts = rec.attempts.len();
-    let endpoint = e
-        .endpoint()
-        .or_else(|| rec.attempts.last().map(|a| a.endpoint));
+    let rec = &mut ex.record;
+    if status.is_server_error() || ex.grpc {
+        rec.error_detail = Some(e.to_string());
+    }
+    rec.error = Some(kind);
+    if ex.grpc {
+        return grpc_error(&e, ex);
+    }
+    let text = match ex.expose {
+        ExposeErrors::Full => full_text(&e, &ex),
+        ExposeErrors::Reason => format!(
+            "{} {}: {kind}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        ),
+        ExposeErrors::None => String::new(),
+    };
+    ex.record.status = status.as_u16();
+    let mut h = HeaderMap::new();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    explain(&mut h, &e, &ex);
+    if keepalive_over(&ex) || status == StatusCode::BAD_REQUEST {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    ours(&mut h, &ex);
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(ex)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = h;
+    resp
+}
+
+/// `full`: the sentence, with the kernel's evidence, and each attempt.
+fn full_text(e: &ProxyError, ex: &Exchange) -> String {
+    let rec = &ex.record;
+    let status = e.kind().status();
     let mut text = format!(
         "{} {}: {e}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
-    if status.is_server_error() {
-        rec.error_detail = Some(e.to_string());
-    }
+    let attempts = rec.attempts.len();
     if attempts > 0 {
         let tried: Vec<String> = rec
             .attempts
@@ -59,38 +175,65 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
             tried.join(", ")
         ));
     }
-    rec.status = status.as_u16();
-    rec.error = Some(kind);
-    let close = keepalive_over(&ex);
-    let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(ex)));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(X_GATEWAY_ERROR, HeaderValue::from_static(kind.reason()));
+    text
+}
+
+/// The `x-gateway-*` headers the mode allows.
+fn explain(h: &mut HeaderMap, e: &ProxyError, ex: &Exchange) {
+    if ex.expose == ExposeErrors::None {
+        return;
+    }
+    let rec = &ex.record;
+    h.insert(X_GATEWAY_ERROR, HeaderValue::from_static(e.kind().reason()));
+    h.insert(X_GATEWAY_ATTEMPTS, HeaderValue::from(rec.attempts.len()));
+    if ex.expose != ExposeErrors::Full {
+        return;
+    }
     if let Some(v) = e
         .evidence_header()
         .and_then(|v| HeaderValue::from_str(&v).ok())
     {
         h.insert(X_GATEWAY_EVIDENCE, v);
     }
+    let endpoint = e
+        .endpoint()
+        .or_else(|| rec.attempts.last().map(|a| a.endpoint));
     if let Some(ep) = endpoint
         && let Ok(v) = HeaderValue::try_from(ep.to_string())
     {
         h.insert(X_GATEWAY_ENDPOINT, v);
     }
-    h.insert(X_GATEWAY_ATTEMPTS, HeaderValue::from(attempts));
-    if close || status == StatusCode::BAD_REQUEST {
-        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// A gRPC call the gateway failed: HTTP 200, a trailers-only response with `grpc-status` and
+/// (unless `none`) `grpc-message`, so that gRPC clients show the reason.
+fn grpc_error(e: &ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
+    let kind = e.kind();
+    let code = kind.grpc_status();
+    let mut h = HeaderMap::new();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(GRPC_STATUS, HeaderValue::from_static(code.as_str()));
+    let message = match ex.expose {
+        ExposeErrors::Full => Some(format!("{kind}: {e}")),
+        ExposeErrors::Reason => Some(format!("gateway: {kind}")),
+        ExposeErrors::None => None,
+    };
+    if let Some(v) = message.and_then(|m| HeaderValue::try_from(grpc::encode_message(&m)).ok()) {
+        h.insert(&GRPC_MESSAGE, v);
     }
+    explain(&mut h, e, &ex);
+    ours(&mut h, &ex);
+    ex.record.status = StatusCode::OK.as_u16();
+    ex.record.grpc_status = Some(code.0);
+    let mut resp = Response::new(ResponseBody::headers_only(ex));
+    *resp.headers_mut() = h;
     resp
 }
 
 /// While keep-alive is over (draining, or handing over to a new binary), an HTTP/1 response
 /// says `Connection: close`: the client reconnects, through its load balancer, elsewhere.
-/// HTTP/2 connections get GOAWAY instead (`server`).
+/// HTTP/2 connections get GOAWAY instead (`server`). A `101` never does: the connection is
+/// the tunnel's.
 fn keepalive_off(ex: &Exchange, h: &mut http::HeaderMap) {
     if keepalive_over(ex) {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -107,7 +250,7 @@ fn keepalive_over(ex: &Exchange) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::proxy::error::ErrorKind;
+    use crate::{decide::grpc::GrpcCode, proxy::error::ErrorKind};
     use http::StatusCode;
 
     #[test]
@@ -134,5 +277,28 @@ mod tests {
             ErrorKind::ResponseTimeout.status(),
             StatusCode::GATEWAY_TIMEOUT
         );
+        assert_eq!(
+            ErrorKind::UpstreamRefusedStream.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn grpc_statuses_follow_the_issue() {
+        // UNAVAILABLE for connect failures and ejected clusters, DEADLINE_EXCEEDED for
+        // timeouts.
+        for k in [
+            ErrorKind::ConnectRefused,
+            ErrorKind::ConnectTimeout,
+            ErrorKind::ConnectUnreachable,
+            ErrorKind::NoHealthyUpstream,
+            ErrorKind::UpstreamRefusedStream,
+        ] {
+            assert_eq!(k.grpc_status(), GrpcCode::UNAVAILABLE, "{k}");
+        }
+        for k in [ErrorKind::ResponseTimeout, ErrorKind::RequestTimeout] {
+            assert_eq!(k.grpc_status(), GrpcCode::DEADLINE_EXCEEDED, "{k}");
+        }
+        assert_eq!(ErrorKind::NoRoute.grpc_status(), GrpcCode::UNIMPLEMENTED);
     }
 }

@@ -1,13 +1,16 @@
 //! Getting a connection for a request, and giving it back.
 //!
-//! [`checkout`]: an idle connection to the endpoint if there is one; else a new one if a
-//! connection slot (`max_connections`) is free; else another worker's idle connection, or an
-//! idle connection to another endpoint closed to free its slot; else the request waits in the
-//! pending queue (at most `max_pending_requests`, beyond which it is answered 503
-//! `overloaded` at once) for a connection to come back or a slot to free up.
+//! [`checkout`]: a connection already open — an idle HTTP/1.1 one, or a stream on an HTTP/2
+//! one with room (`multiplex`) — if there is one; else a new one if a connection slot
+//! (`max_connections`) is free; else another worker's, or an idle connection to another
+//! endpoint closed to free its slot; else the request waits in the pending queue (at most
+//! `max_pending_requests`, beyond which it is answered 503 `overloaded` at once) for a
+//! connection or a stream to come back or a slot to free up. An HTTP/2 request whose worker is
+//! already making a connection with room for it waits for that one instead of making its own.
 //!
-//! [`release`]: a connection whose response was read to the end goes back to the idle list
-//! once hyper has seen the end too.
+//! [`release`]: an HTTP/1.1 connection whose response was read to the end goes back to the
+//! idle list once hyper has seen the end too; an HTTP/2 stream just ends (its connection stays
+//! with the endpoint).
 
 use std::{
     future::poll_fn,
@@ -25,9 +28,11 @@ use super::{
     Cluster,
     connect::new_connection,
     endpoint::{Endpoint, InFlight},
+    hedge::Hedging,
+    multiplex::Wait,
     pool::UpstreamConn,
 };
-use crate::proxy::error::ProxyError;
+use crate::{config::UpstreamProtocol, proxy::error::ProxyError};
 
 /// An upstream connection lent to one request, with the endpoint's in-flight count.
 pub(crate) struct Lease {
@@ -44,27 +49,81 @@ impl Lease {
     }
 }
 
+/// What a request asks of `checkout`.
+pub(crate) struct Want<'a> {
+    /// Endpoints this request tried (never a hedge's target).
+    pub tried: &'a (dyn Fn(SocketAddr) -> bool + Sync),
+    /// A new connection only, never one already open (after a stale one broke, or a GOAWAY).
+    pub fresh: bool,
+    pub hedging: Hedging,
+}
+
+/// A connection already open to `ep`, taken at once: an idle HTTP/1.1 one, or a stream on an
+/// HTTP/2 one. `now` may be a little in the past (the request's arrival).
+pub(crate) fn reuse(cluster: &Cluster, ep: &Endpoint, now: Instant) -> Option<UpstreamConn> {
+    match cluster.spec.protocol {
+        UpstreamProtocol::Http1 => ep.pool.take(now),
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => ep.mux.take(),
+        UpstreamProtocol::Auto => ep.mux.take().or_else(|| ep.pool.take(now)),
+    }
+}
+
+/// Whether new connections to `ep` speak HTTP/2 (so that requests may wait for one being
+/// made): always for `h2c` and `h2`, for `auto` once the endpoint chose it.
+fn multiplexed(cluster: &Cluster, ep: &Endpoint) -> bool {
+    match cluster.spec.protocol {
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => true,
+        UpstreamProtocol::Auto => ep.mux.speaks_h2.load(Ordering::Relaxed),
+    }
+}
+
 /// A connection to `ep`, or to another endpoint when a hedged connect won (see `hedge`).
-/// `fresh`: a new connection only, never an idle one (after a stale one broke).
 pub(crate) async fn checkout(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
-    tried: &(dyn Fn(SocketAddr) -> bool + Sync),
-    fresh: bool,
+    want: Want<'_>,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
+    let Want {
+        tried,
+        fresh,
+        hedging,
+    } = want;
+    let h2 = multiplexed(cluster, ep) && !fresh;
     loop {
-        if !fresh && let Some(c) = ep.pool.take(Instant::now()) {
+        if !fresh && let Some(c) = reuse(cluster, ep, Instant::now()) {
             return Ok((ep.clone(), c));
+        }
+        // HTTP/2: registered before looking again, so that a stream or a connection freed
+        // from here on wakes this request.
+        let mut freed = h2.then(|| ep.mux.freed.waiter());
+        let mut connecting = None;
+        if let Some(w) = freed.as_mut() {
+            if let Some(c) = ep.mux.take() {
+                return Ok((ep.clone(), c));
+            }
+            match ep.mux.plan() {
+                Wait::Connect(c) => connecting = Some(c),
+                Wait::ForConnect(_waiting) => {
+                    w.await;
+                    continue;
+                }
+            }
         }
         if let Ok(slot) = cluster.slots.clone().try_acquire_owned() {
-            return new_connection(cluster, ep, slot, tried).await;
+            let made = new_connection(cluster, ep, slot, tried, hedging).await;
+            drop(connecting);
+            return made;
         }
-        // All slots busy: use another worker's idle connection to this endpoint, or close an
-        // idle connection to another endpoint to make room.
-        if !fresh && let Some(c) = ep.pool.steal() {
+        drop(connecting);
+        // All slots busy: use another worker's connection to this endpoint, or close an idle
+        // connection to another endpoint to make room.
+        if !fresh && let Some(c) = steal(ep) {
             return Ok((ep.clone(), c));
         }
-        if cluster.set.evict_idle_except(ep) || (fresh && ep.pool.evict_oldest()) {
+        if cluster.set.evict_idle_except(ep)
+            || (fresh && (ep.pool.evict_oldest() || ep.mux.evict_idle()))
+        {
             continue;
         }
         let limit = cluster.spec.limits.max_pending_requests;
@@ -78,14 +137,25 @@ pub(crate) async fn checkout(
         let _pending = Decrement(&cluster.pending);
         ep.pool.waiters.fetch_add(1, Ordering::AcqRel);
         let _waiting = Decrement(&ep.pool.waiters);
+        let stream_freed = async {
+            match freed.as_mut() {
+                Some(w) => w.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ep.pool.returned.notified(), if !fresh => continue,
+            _ = stream_freed => continue,
             slot = cluster.slots.clone().acquire_owned() => {
                 let slot = slot.expect("the cluster never closes its semaphore");
-                return new_connection(cluster, ep, slot, tried).await;
+                return new_connection(cluster, ep, slot, tried, hedging).await;
             }
         }
     }
+}
+
+fn steal(ep: &Endpoint) -> Option<UpstreamConn> {
+    ep.mux.steal().or_else(|| ep.pool.steal())
 }
 
 struct Decrement<'a>(&'a AtomicUsize);
@@ -96,18 +166,22 @@ impl Drop for Decrement<'_> {
     }
 }
 
-/// Puts a connection whose response was read to the end back in the idle list, once hyper has
-/// seen the end too (at most `idle_timeout` later; else it is closed).
+/// Puts an HTTP/1.1 connection whose response was read to the end back in the idle list,
+/// once hyper has seen the end too (at most `idle_timeout` later; else it is closed). An
+/// HTTP/2 stream is over: dropping it frees its place on the shared connection.
 pub(crate) fn release(ep: Arc<Endpoint>, mut conn: UpstreamConn, idle_timeout: Duration) {
-    if conn.sender.is_ready() {
+    if conn.is_http2() {
+        return;
+    }
+    if conn.is_ready() {
         ep.pool.put(conn);
         return;
     }
-    if conn.sender.is_closed() {
+    if conn.is_closed() {
         return;
     }
     tokio::spawn(async move {
-        let ready = poll_fn(|cx| conn.sender.poll_ready(cx));
+        let ready = poll_fn(|cx| conn.poll_ready(cx));
         if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, ready).await {
             ep.pool.put(conn);
         }

@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -24,7 +25,6 @@ use crate::{
     decide::{
         budget::Budgets,
         health::{Evidence, Transition},
-        retry::RetryPolicy,
     },
     proxy::telemetry::ClusterMeter,
     signals::{SignalMode, SignalSource},
@@ -40,6 +40,8 @@ pub(crate) struct Cluster {
     /// Requests waiting for a connection (`max_pending_requests`).
     pub(super) pending: AtomicUsize,
     pub(super) client: http1::Builder,
+    /// HTTP/2 connections (`h2c`, `h2`, `auto` clusters).
+    pub(super) h2: http2::Builder<TokioExecutor>,
     pub budgets: Arc<Budgets>,
     pub signals: Arc<dyn SignalSource>,
     /// Worker threads, i.e. idle-pool shards per endpoint.
@@ -63,12 +65,14 @@ impl Cluster {
             .collect();
         let mut client = http1::Builder::new();
         client.max_buf_size(256 * 1024);
+        let h2 = h2_builder(&spec);
         let cluster = Arc::new(Cluster {
             name: Arc::from(spec.name.as_str()),
             slots: Arc::new(Semaphore::new(spec.limits.max_connections)),
             set: Endpoints::new(endpoints),
             pending: AtomicUsize::new(0),
             client,
+            h2,
             budgets: Arc::default(),
             signals,
             spec,
@@ -106,18 +110,6 @@ impl Cluster {
     /// Kernel signals are flowing.
     pub fn kernel(&self) -> bool {
         self.signals.mode() == SignalMode::Kernel
-    }
-
-    /// The retry rule's knobs (`decide::retry`). `on_response_timeout` covers resets too.
-    pub fn retry_policy(&self) -> RetryPolicy {
-        let r = &self.spec.retry;
-        RetryPolicy {
-            max_retries: r.max_retries,
-            on_response_timeout: r.on_response_timeout,
-            on_reset: r.on_response_timeout,
-            budget_percent: r.budget_percent,
-            min_retry_concurrency: r.min_retry_concurrency,
-        }
     }
 
     /// Feeds one piece of evidence about `ep` to its health, and logs what it changed.
@@ -163,6 +155,31 @@ impl Cluster {
     }
 }
 
+/// How often an HTTP/2 upstream connection is PINGed (also while idle): a connection whose
+/// peer stops answering is closed after [`H2_PING_TIMEOUT`], instead of waiting for a request
+/// to find out.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 flow-control windows: large enough that one stream (a big gRPC message, a download)
+/// is not held to 64 KiB per round trip; hyper's adaptive window grows them further.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+fn h2_builder(spec: &ClusterSpec) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    let streams = spec.limits.max_concurrent_streams;
+    b.timer(TokioTimer::new())
+        .initial_max_send_streams(streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(true)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .max_header_list_size(256 * 1024);
+    b
+}
+
 /// Closes expired and dead idle connections, every half idle timeout (at least 1 s).
 async fn sweep_idle(cluster: Weak<Cluster>) {
     let every = match cluster.upgrade() {
@@ -174,6 +191,7 @@ async fn sweep_idle(cluster: Weak<Cluster>) {
         let Some(c) = cluster.upgrade() else { return };
         for e in c.set.load().endpoints.iter() {
             e.pool.sweep();
+            e.mux.sweep();
         }
     }
 }

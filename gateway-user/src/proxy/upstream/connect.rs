@@ -1,6 +1,8 @@
 //! New upstream connections: a TCP connect on a socket the gateway creates itself, whose
 //! `SO_COOKIE` it reads before `connect()`, bounded by the endpoint's connect deadline; then,
-//! for a TLS cluster, the TLS handshake as its own phase (`tls`); then the HTTP/1.1 handshake.
+//! for a TLS cluster, the TLS handshake as its own phase (`tls`); then the HTTP/1.1 handshake,
+//! or HTTP/2's (`h2c` clusters, or ALPN `h2`), whose connection joins the endpoint's shared
+//! ones (`multiplex`).
 //!
 //! The cookie is the join key with the kernel observer's per-connect record (see `signals`):
 //! the kernel assigns it when the socket is created (`sock_gen_cookie()` in
@@ -20,6 +22,7 @@ use tracing::debug;
 
 use super::{Cluster, endpoint::Endpoint, hedge, pool::UpstreamConn, tls};
 use crate::{
+    config::UpstreamProtocol,
     decide::{evidence::ConnectFailure, health::Evidence},
     proxy::{error::ProxyError, io::StallGuard},
     signals::SignalSource,
@@ -166,6 +169,7 @@ pub(super) async fn new_connection(
     ep: &Arc<Endpoint>,
     slot: OwnedSemaphorePermit,
     tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+    hedging: hedge::Hedging,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
     let deadline = ep.health.deadline(&cluster.spec).value;
     ep.meter.deadline(deadline);
@@ -180,7 +184,7 @@ pub(super) async fn new_connection(
             deadline.as_millis()
         )
     });
-    match hedge::plan(cluster, ep, deadline, tried) {
+    match hedge::plan(cluster, ep, deadline, tried, hedging) {
         Some(h) => {
             debug!(cluster = %cluster.name, upstream = %ep.addr, hedge = %h.endpoint.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
             hedge::race_connects(cluster, ep, first, slot, h).await
@@ -252,7 +256,7 @@ pub(super) fn finish(
     }
 }
 
-/// The TLS handshake (for a TLS cluster), then the HTTP/1.1 one, on a new connection.
+/// The TLS handshake (for a TLS cluster), then HTTP/1.1's or HTTP/2's, on a new connection.
 pub(super) async fn handshake(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
@@ -261,8 +265,17 @@ pub(super) async fn handshake(
 ) -> Result<UpstreamConn, ProxyError> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&c.stream);
     let io = StallGuard::new(c.stream, cluster.spec.timeouts.write);
-    let sender = match &cluster.spec.tls {
-        None => http1(cluster, ep, c.cookie, io).await?,
+    let made = Made {
+        cookie: c.cookie,
+        fd,
+        elapsed: c.elapsed,
+        slot,
+    };
+    match &cluster.spec.tls {
+        None if cluster.spec.protocol == UpstreamProtocol::H2c => {
+            http2(cluster, ep, made, io).await
+        }
+        None => http1(cluster, ep, made, io).await,
         Some(t) => {
             let tcp = tls::Tcp {
                 fd,
@@ -286,23 +299,31 @@ pub(super) async fn handshake(
                     c.elapsed.as_micros()
                 )
             });
-            http1(cluster, ep, c.cookie, s).await?
+            if tls::negotiated_h2(&s, cluster.spec.protocol) {
+                http2(cluster, ep, made, s).await
+            } else {
+                http1(cluster, ep, made, s).await
+            }
         }
-    };
-    Ok(UpstreamConn::new(sender, c.cookie, fd, c.elapsed, slot))
+    }
+}
+
+/// A new connection, before HTTP.
+struct Made {
+    cookie: u64,
+    fd: std::os::fd::RawFd,
+    elapsed: Duration,
+    slot: OwnedSemaphorePermit,
 }
 
 /// The HTTP/1.1 handshake. The connection's task counts, when it ends, the RTOs in the
-/// kernel's final record of it.
+/// kernel's final record of it; it hands the socket over when the request upgrades it.
 async fn http1<I>(
     cluster: &Cluster,
     ep: &Endpoint,
-    cookie: u64,
+    m: Made,
     io: I,
-) -> Result<
-    hyper::client::conn::http1::SendRequest<crate::proxy::request_body::RequestBody>,
-    ProxyError,
->
+) -> Result<UpstreamConn, ProxyError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -310,16 +331,54 @@ where
         .client
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|e| ProxyError::ConnectFailed {
-            endpoint: ep.addr,
-            source: io::Error::other(e),
-            cookie: Some(cookie),
-        })?;
+        .map_err(|e| handshake_failed(ep, m.cookie, e))?;
+    let conn = conn.with_upgrades();
+    tokio::spawn(drive(conn, cluster, ep, m.cookie));
+    Ok(UpstreamConn::new(sender, m.cookie, m.fd, m.elapsed, m.slot))
+}
+
+/// The HTTP/2 handshake; the connection joins the endpoint's shared ones, with this request's
+/// stream taken.
+async fn http2<I>(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    m: Made,
+    io: I,
+) -> Result<UpstreamConn, ProxyError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = cluster
+        .h2
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| handshake_failed(ep, m.cookie, e))?;
+    tokio::spawn(drive(conn, cluster, ep, m.cookie));
+    Ok(ep.mux.register(sender, m.cookie, m.fd, m.slot, m.elapsed))
+}
+
+fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {
+    ProxyError::ConnectFailed {
+        endpoint: ep.addr,
+        source: io::Error::other(e),
+        cookie: Some(cookie),
+    }
+}
+
+/// Runs a connection's task until it ends, then adds the RTOs of the kernel's final record of
+/// it (the socket is closed once the task is done, see `telemetry`).
+fn drive<F>(
+    conn: F,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    cookie: u64,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
+{
     let addr = ep.addr;
     let (signals, rtos) = (cluster.signals.clone(), ep.meter.rtos.clone());
-    tokio::spawn(async move {
-        // The socket is closed once `conn` is done: the kernel's record of the connection is
-        // final (see `telemetry`).
+    async move {
         if let Err(e) = conn.await {
             debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
         }
@@ -328,8 +387,7 @@ where
         {
             rtos.inc_by(u64::from(ev.rtos));
         }
-    });
-    Ok(sender)
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{balancer, health::HealthCell, pool::IdlePool};
+use super::{balancer, health::HealthCell, multiplex::Multiplexed, pool::IdlePool};
 use crate::{
     config::{ClusterSpec, LbPolicy},
     proxy::telemetry::{ClusterMeter, EndpointMeter},
@@ -25,6 +25,8 @@ pub(crate) struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     pub pool: IdlePool,
+    /// Its HTTP/2 connections (none for an `http1` cluster).
+    pub mux: Arc<Multiplexed>,
     /// Requests in flight to this endpoint, for least-request balancing and `/status`.
     pub in_flight: AtomicU64,
     pub health: HealthCell,
@@ -50,6 +52,11 @@ impl Endpoint {
                 spec.limits.max_idle_per_endpoint,
                 spec.timeouts.idle,
             ),
+            mux: Arc::new(Multiplexed::new(
+                shards,
+                spec.limits.max_concurrent_streams,
+                spec.timeouts.idle,
+            )),
             in_flight: AtomicU64::new(0),
             health: HealthCell::new(),
             probe_running: AtomicBool::new(false),
@@ -185,6 +192,6 @@ impl Endpoints {
             .endpoints
             .iter()
             .filter(|e| !Arc::ptr_eq(e, keep))
-            .any(|e| e.pool.evict_oldest())
+            .any(|e| e.pool.evict_oldest() || e.mux.evict_idle())
     }
 }

@@ -22,6 +22,14 @@ use crate::{
     proxy::{error::ProxyError, telemetry::HedgeResult},
 };
 
+/// A route's hedging knobs (its cluster's `retry.hedge` and `hedge_budget_percent`, or the
+/// route's overrides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hedging {
+    pub enabled: bool,
+    pub budget_percent: u32,
+}
+
 /// A hedge that may start: its endpoint, budget permit and connection slot.
 pub(super) struct Hedge {
     pub endpoint: Arc<Endpoint>,
@@ -35,9 +43,9 @@ pub(super) fn plan(
     ep: &Endpoint,
     deadline: Duration,
     tried: &(dyn Fn(SocketAddr) -> bool + Sync),
+    hedging: Hedging,
 ) -> Option<Hedge> {
-    let r = &cluster.spec.retry;
-    if !may_hedge(r.hedge, deadline, cluster.spec.timeouts.connect) {
+    if !may_hedge(hedging.enabled, deadline, cluster.spec.timeouts.connect) {
         return None;
     }
     let endpoint = cluster
@@ -46,7 +54,7 @@ pub(super) fn plan(
         .filter(|e| !e.health.suspect())?;
     let budget = cluster
         .budgets
-        .try_hedge(r.hedge_budget_percent)
+        .try_hedge(hedging.budget_percent)
         .zip(cluster.slots.clone().try_acquire_owned().ok());
     let Some((permit, slot)) = budget else {
         cluster.meter.hedge(HedgeResult::BudgetExhausted);

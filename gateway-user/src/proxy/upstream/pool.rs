@@ -1,4 +1,7 @@
-//! Keep-alive upstream connections: one bounded idle list per endpoint.
+//! Keep-alive upstream connections: one bounded idle list per endpoint, and the connection a
+//! request holds ([`UpstreamConn`]): an HTTP/1.1 connection of its own, or a stream on a
+//! shared HTTP/2 connection (see `multiplex`, which keeps those; only HTTP/1.1 connections
+//! go through the idle list).
 //!
 //! A connection holds one of its cluster's connection slots (`max_connections`) for its whole
 //! life, idle or busy, so dropping it frees the slot at once. The idle list is LIFO: the most
@@ -27,12 +30,18 @@ use std::{
     time::Duration,
 };
 
-use hyper::client::conn::http1::SendRequest;
+use futures_util::future::Either;
+use http::{Request, Response, Uri, Version, header::HOST, uri::Scheme};
+use hyper::{
+    body::Incoming,
+    client::conn::{TrySendError, http1, http2},
+};
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit},
     time::Instant,
 };
 
+use super::multiplex::StreamGuard;
 use crate::proxy::request_body::RequestBody;
 
 thread_local! {
@@ -49,9 +58,25 @@ pub(crate) fn set_worker_index(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
-/// One HTTP/1.1 connection to an upstream endpoint.
+/// How a request is sent on a connection.
+pub(crate) enum Sender {
+    Http1(http1::SendRequest<RequestBody>),
+    /// A clone of the shared connection's sender.
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+/// What a connection holds while a request uses it: its own connection slot (HTTP/1.1), or a
+/// stream of a shared connection, which holds the slot (HTTP/2).
+pub(crate) enum Hold {
+    Slot { _permit: OwnedSemaphorePermit },
+    Stream(StreamGuard),
+}
+
+pub(crate) type SendResult = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
+
+/// The connection a request goes on: an HTTP/1.1 connection, or a stream of an HTTP/2 one.
 pub(crate) struct UpstreamConn {
-    pub sender: SendRequest<RequestBody>,
+    pub sender: Sender,
     /// `SO_COOKIE` of the socket: the join key with the kernel's records.
     pub cookie: u64,
     /// The socket, owned by hyper's connection task: only peeked at and asked for `TCP_INFO`,
@@ -62,25 +87,100 @@ pub(crate) struct UpstreamConn {
     /// The upstream's `Keep-Alive: timeout=N`, when it sent one.
     pub keep_alive: Option<Duration>,
     idle_since: Instant,
-    _slot: OwnedSemaphorePermit,
+    hold: Hold,
 }
 
 impl UpstreamConn {
+    /// A new HTTP/1.1 connection.
     pub fn new(
-        sender: SendRequest<RequestBody>,
+        sender: http1::SendRequest<RequestBody>,
         cookie: u64,
         fd: RawFd,
         connect_time: Duration,
         slot: OwnedSemaphorePermit,
     ) -> Self {
+        UpstreamConn::with(
+            Sender::Http1(sender),
+            cookie,
+            fd,
+            Some(connect_time),
+            Hold::Slot { _permit: slot },
+        )
+    }
+
+    pub(super) fn with(
+        sender: Sender,
+        cookie: u64,
+        fd: RawFd,
+        connect_time: Option<Duration>,
+        hold: Hold,
+    ) -> Self {
         UpstreamConn {
             sender,
             cookie,
             fd,
-            connect_time: Some(connect_time),
+            connect_time,
             keep_alive: None,
             idle_since: Instant::now(),
-            _slot: slot,
+            hold,
+        }
+    }
+
+    /// Sends `req`; the future awaits the response head (it does not borrow the connection).
+    /// On HTTP/2 the request gets the absolute URI its `:scheme` and `:authority` come from
+    /// (RFC 9113 section 8.3.1), from its `Host`.
+    #[expect(
+        clippy::result_large_err,
+        reason = "hyper's TrySendError hands the unsent request back, to send it again; it is moved once per attempt, never kept"
+    )]
+    pub fn send(
+        &mut self,
+        mut req: Request<RequestBody>,
+        tls: bool,
+    ) -> impl std::future::Future<Output = SendResult> + Send + use<> {
+        match &mut self.sender {
+            Sender::Http1(s) => Either::Left(s.try_send_request(req)),
+            Sender::Http2(s) => {
+                to_h2(&mut req, tls);
+                Either::Right(s.try_send_request(req))
+            }
+        }
+    }
+
+    pub fn is_http2(&self) -> bool {
+        matches!(self.sender, Sender::Http2(_))
+    }
+
+    /// The shared connection, for a stream of an HTTP/2 one.
+    pub fn h2(&self) -> Option<&std::sync::Arc<super::multiplex::H2Conn>> {
+        match &self.hold {
+            Hold::Stream(g) => Some(g.conn()),
+            Hold::Slot { .. } => None,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        match &self.sender {
+            Sender::Http1(s) => s.is_ready(),
+            Sender::Http2(s) => !s.is_closed(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+
+    /// Ready for another request (HTTP/1.1: the previous response was read to the end).
+    pub fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<hyper::Result<()>> {
+        match &mut self.sender {
+            Sender::Http1(s) => s.poll_ready(cx),
+            Sender::Http2(s) => s.poll_ready(cx),
         }
     }
 
@@ -197,10 +297,7 @@ impl IdlePool {
                 idle.clear();
                 return None;
             }
-            if idle_for < c.idle_limit(self.idle_timeout)
-                && c.sender.is_ready()
-                && !peer_spoke(c.fd)
-            {
+            if idle_for < c.idle_limit(self.idle_timeout) && c.is_ready() && !peer_spoke(c.fd) {
                 c.connect_time = None;
                 return Some(c);
             }
@@ -241,9 +338,57 @@ impl IdlePool {
         let now = Instant::now();
         for s in 0..self.shards.len() {
             self.lock(s).retain(|c| {
-                now.duration_since(c.idle_since) < c.idle_limit(self.idle_timeout)
-                    && !c.sender.is_closed()
+                now.duration_since(c.idle_since) < c.idle_limit(self.idle_timeout) && !c.is_closed()
             });
         }
+    }
+}
+
+/// The request as HTTP/2 wants it: an absolute URI (`:scheme`, `:authority` from `Host`), no
+/// `Host` header (RFC 9113 section 8.3.1: the two must not disagree; `:authority` is the one
+/// an HTTP/2 server reads).
+fn to_h2(req: &mut Request<RequestBody>, tls: bool) {
+    *req.version_mut() = Version::HTTP_2;
+    let Some(host) = req.headers_mut().remove(HOST) else {
+        return;
+    };
+    let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+        // Not a valid authority: keep the Host header, the upstream judges it.
+        req.headers_mut().insert(HOST, host);
+        return;
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http2_request_takes_scheme_and_authority_from_host() {
+        let mut req = Request::builder()
+            .uri("/a/b?c=1")
+            .header(HOST, "api.example.com:8080")
+            .body(RequestBody::empty())
+            .unwrap();
+        to_h2(&mut req, false);
+        assert_eq!(req.uri().to_string(), "http://api.example.com:8080/a/b?c=1");
+        assert!(req.headers().get(HOST).is_none());
+        assert_eq!(req.version(), Version::HTTP_2);
+        let mut req = Request::builder()
+            .uri("/x")
+            .header(HOST, "a.b")
+            .body(RequestBody::empty())
+            .unwrap();
+        to_h2(&mut req, true);
+        assert_eq!(req.uri().to_string(), "https://a.b/x");
     }
 }

@@ -2,7 +2,8 @@
 //! `decide::probe::due` names (at most one probe at a time per endpoint). A probe is a TCP
 //! connect within the hard cap, its handshake measured by the kernel, then the TLS handshake
 //! for a TLS cluster (so that an endpoint with a bad certificate is not brought back), then,
-//! when `probe_path` is set, `GET probe_path` over HTTP/1.1 (hyper) expecting `probe_expect_status`.
+//! when `probe_path` is set, `GET probe_path` (hyper; over HTTP/2 for `h2c` clusters and TLS
+//! connections that chose `h2`, else HTTP/1.1) expecting `probe_expect_status`.
 //! `decide::probe::evidence` says what the result is worth.
 
 use std::{
@@ -13,10 +14,11 @@ use std::{
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{Cluster, connect::connect, endpoint::Endpoint, tls};
 use crate::{
+    config::UpstreamProtocol,
     decide::{
         evidence::{ConnectFailure, TlsFailure},
         probe::{self, ProbeResult},
@@ -75,8 +77,8 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
         None => format!("probe: connected in {} us", c.elapsed.as_micros()),
     };
     let io = StallGuard::new(c.stream, spec.timeouts.write);
-    let io: Box<dyn Io> = match &spec.tls {
-        None => Box::new(io),
+    let (io, h2): (Box<dyn Io>, bool) = match &spec.tls {
+        None => (Box::new(io), spec.protocol == UpstreamProtocol::H2c),
         Some(t) => {
             let tcp = tls::Tcp {
                 fd: std::os::fd::AsRawFd::as_raw_fd(io.get_ref()),
@@ -84,7 +86,10 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
                 connect: c.elapsed,
             };
             match tls::handshake(cluster, ep, t, io, tcp).await {
-                Ok(s) => Box::new(s),
+                Ok(s) => {
+                    let h2 = tls::negotiated_h2(&s, spec.protocol);
+                    (Box::new(s), h2)
+                }
                 Err(e) => {
                     let f = e.tls_failure().unwrap_or(TlsFailure::Io);
                     let ev = f.health_evidence(e.established_evidence());
@@ -97,7 +102,8 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
         return (ProbeResult::Connected { syn_retransmits }, connected);
     };
     let expected = spec.health.probe_expect_status;
-    match tokio::time::timeout(spec.timeouts.response, get(io, ep, path)).await {
+    let scheme = if spec.tls.is_some() { "https" } else { "http" };
+    match tokio::time::timeout(spec.timeouts.response, get(io, h2, scheme, ep, path)).await {
         Ok(Ok(status)) => {
             let detail = if status == expected {
                 format!("{connected}; GET {path}: {status}")
@@ -129,14 +135,30 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// `GET path` on the connection; the response's status code.
-async fn get(io: Box<dyn Io>, ep: &Endpoint, path: &str) -> Result<u16, ProbeError> {
+/// `GET path` on the connection, over HTTP/2 when `h2`; the response's status code.
+async fn get(
+    io: Box<dyn Io>,
+    h2: bool,
+    scheme: &str,
+    ep: &Endpoint,
+    path: &str,
+) -> Result<u16, ProbeError> {
+    let io = TokioIo::new(io);
+    if h2 {
+        let req = Request::get(format!("{scheme}://{}{path}", ep.addr))
+            .header(header::USER_AGENT, "gateway-probe")
+            .body(Empty::<Bytes>::new())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        return Ok(sender.send_request(req).await?.status().as_u16());
+    }
     let req = Request::get(path)
         .header(header::HOST, ep.addr.to_string())
         .header(header::USER_AGENT, "gateway-probe")
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
     Ok(sender.send_request(req).await?.status().as_u16())
 }

@@ -20,7 +20,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{Cluster, endpoint::Endpoint};
 use crate::{
-    config::{ClusterSpec, EndpointAddr},
+    config::{ClusterSpec, EndpointAddr, UpstreamProtocol},
     decide::evidence::TlsFailure,
     proxy::{
         error::{ProxyError, TcpUnderneath},
@@ -30,8 +30,9 @@ use crate::{
     tls::{self, ClientTls, failure::classify},
 };
 
-/// The only protocol spoken to upstreams until HTTP/2 upstreams exist.
+/// ALPN protocol ids (RFC 7301, RFC 9113 section 3.2).
 const HTTP_11: &[u8] = b"http/1.1";
+const H2: &[u8] = b"h2";
 
 pub(super) type Upstream = TlsStream<StallGuard<TcpStream>>;
 
@@ -57,15 +58,21 @@ pub(super) async fn handshake(
     let result = tokio::time::timeout(timeout, &mut connect).await;
     let meter = &cluster.meter.tls;
     let (failure, detail, server_bytes) = match result {
-        Ok(Ok(s)) => match s.get_ref().1.alpn_protocol() {
-            None | Some(HTTP_11) => {
+        Ok(Ok(s)) => match (s.get_ref().1.alpn_protocol(), cluster.spec.protocol) {
+            // No ALPN: the upstream speaks what it was asked (HTTP/1.1, or HTTP/2 for "h2").
+            (None, _)
+            | (Some(HTTP_11), UpstreamProtocol::Http1 | UpstreamProtocol::Auto)
+            | (Some(H2), UpstreamProtocol::H2 | UpstreamProtocol::Auto) => {
                 let version = tls::version_label(s.get_ref().1.protocol_version());
                 meter.ok(Side::Upstream, version, start.elapsed());
                 return Ok(s);
             }
-            Some(other) => {
+            (Some(other), p) => {
                 let other = String::from_utf8_lossy(other).into_owned();
-                let detail = format!("the upstream chose ALPN {other:?}; only http/1.1 is spoken");
+                let detail = format!(
+                    "the upstream chose ALPN {other:?}, which protocol = \"{}\" does not speak",
+                    p.name()
+                );
                 (TlsFailure::Protocol, detail, None)
             }
         },
@@ -109,6 +116,14 @@ pub(super) async fn handshake(
         },
     };
     Err(e)
+}
+
+/// Whether the handshake chose HTTP/2: ALPN `h2`, or no ALPN on an `h2` cluster.
+pub(super) fn negotiated_h2(s: &Upstream, protocol: UpstreamProtocol) -> bool {
+    match s.get_ref().1.alpn_protocol() {
+        Some(p) => p == H2,
+        None => protocol == UpstreamProtocol::H2,
+    }
 }
 
 /// The name to send and verify for `addr` (see the module doc).

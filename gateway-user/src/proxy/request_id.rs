@@ -1,0 +1,91 @@
+//! Request IDs (`[router.request_id]`): a client's own `x-request-id` is kept when it looks
+//! like one (1 to `MAX_REQUEST_ID_LEN` visible ASCII characters) and `keep_incoming` allows
+//! it; otherwise the gateway makes one, a random UUID (version 4, RFC 9562), as Envoy and
+//! nginx's `$request_id` users expect. The ID goes upstream, back to the client (on the
+//! upstream's response and on the gateway's own errors) and into the access log.
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{RequestId, model::MAX_REQUEST_ID_LEN};
+
+/// The request's ID: the client's, or a new one; written into `headers` (the request on its
+/// way upstream).
+pub(crate) fn assign(cfg: &RequestId, headers: &mut HeaderMap) -> HeaderValue {
+    if cfg.keep_incoming
+        && let Some(v) = headers.get(&cfg.header)
+        && acceptable(v)
+    {
+        return v.clone();
+    }
+    let id = generate();
+    headers.insert(&cfg.header, id.clone());
+    id
+}
+
+fn acceptable(v: &HeaderValue) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic)
+}
+
+/// A random UUID, version 4: `8-4-4-4-12` lowercase hex digits.
+pub(crate) fn generate() -> HeaderValue {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0xf)];
+        o += 2;
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(keep: bool) -> RequestId {
+        RequestId {
+            header: http::HeaderName::from_static("x-request-id"),
+            keep_incoming: keep,
+        }
+    }
+
+    #[test]
+    fn generated_ids_are_distinct_v4_uuids() {
+        let a = generate();
+        let b = generate();
+        assert_ne!(a, b);
+        let s = a.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4", "{s}");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        assert_eq!(s.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn a_clients_id_is_kept_when_allowed_and_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(assign(&cfg(true), &mut h), "abc-123");
+        assert_eq!(h["x-request-id"], "abc-123");
+        let id = assign(&cfg(false), &mut h);
+        assert_ne!(id, "abc-123");
+        assert_eq!(h["x-request-id"], id);
+        for bad in ["", "has space", &"x".repeat(MAX_REQUEST_ID_LEN + 1)] {
+            let mut h = HeaderMap::new();
+            h.insert("x-request-id", HeaderValue::from_str(bad).unwrap());
+            let id = assign(&cfg(true), &mut h);
+            assert_eq!(id.len(), 36, "{bad:?} replaced");
+        }
+        let mut h = HeaderMap::new();
+        let id = assign(&cfg(true), &mut h);
+        assert_eq!(h["x-request-id"], id);
+    }
+}

@@ -1,0 +1,383 @@
+//! HTTP/2 upstream connections, shared by the requests in flight on them: one list per
+//! endpoint and worker, each connection carrying up to `max_concurrent_streams` requests.
+//!
+//! A request takes a stream on the first live connection of its worker's list with room,
+//! else on another worker's, else a new connection is made (through `checkout`, so it gets
+//! the same connect deadline, hedging and kernel evidence as any other). While a connection
+//! is being made, requests that would fit on it wait for it instead of each opening their own
+//! (at most `max_concurrent_streams` of them per connection being made), so a burst opens
+//! one connection per `max_concurrent_streams` requests, not one per request.
+//!
+//! A connection stops taking new streams (it is *retired*) when hyper says it is closed, when
+//! one of its streams failed with a connection-level error (a GOAWAY, the host died), or when
+//! the pool sweeps it: idle (no stream) for longer than the cluster's `idle_timeout_ms`, like
+//! an idle HTTP/1.1 connection. Requests fill the first connection with room, so connections
+//! beyond what the load needs go idle and are closed; the streams in flight on it finish (a GOAWAY's last-stream-id and
+//! below) or fail on their own. Its connection slot is held until the last stream is gone and
+//! hyper closed it.
+//!
+//! The kernel's evidence joins per connection, by its `SO_COOKIE`, like HTTP/1: every request
+//! on it records the cookie, and a request waiting for its response reads the connection's
+//! record (RTOs with bytes unACKed: the host died, for every stream on it; see
+//! `request::attempt` and docs/kernel.md, "HTTP/2 upstreams").
+
+use std::{
+    os::fd::RawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::http2;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use super::pool::{Hold, Sender, UpstreamConn, worker_index};
+use crate::proxy::request_body::RequestBody;
+
+/// One HTTP/2 connection to an endpoint.
+pub(crate) struct H2Conn {
+    sender: http2::SendRequest<RequestBody>,
+    pub cookie: u64,
+    fd: RawFd,
+    /// Streams in flight.
+    streams: AtomicUsize,
+    max_streams: usize,
+    retired: AtomicBool,
+    /// Told when a stream ends, so that a request waiting for room may take it.
+    freed: Arc<Freed>,
+    /// When its last stream ended, as milliseconds since [`epoch`] (only read when `streams`
+    /// is 0).
+    idle_since_ms: AtomicU64,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl H2Conn {
+    fn live(&self) -> bool {
+        !self.retired.load(Ordering::Acquire) && !self.sender.is_closed()
+    }
+
+    /// Takes a stream if there is room.
+    fn try_stream(self: &Arc<Self>) -> Option<StreamGuard> {
+        let mut n = self.streams.load(Ordering::Relaxed);
+        loop {
+            if n >= self.max_streams || !self.live() {
+                return None;
+            }
+            match self
+                .streams
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(StreamGuard(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+
+    /// No new streams on this connection; those in flight go on.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    fn idle(&self) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
+    }
+
+    /// No stream for `limit` or longer.
+    fn idle_for(&self, limit: Duration, now_ms: u64) -> bool {
+        self.idle()
+            && now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Relaxed))
+                >= limit.as_millis() as u64
+    }
+}
+
+/// The base of [`H2Conn::idle_since_ms`]: the first time it was asked for.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// One stream's hold on its connection: counted while it lives.
+pub(crate) struct StreamGuard(Arc<H2Conn>);
+
+impl StreamGuard {
+    pub fn conn(&self) -> &Arc<H2Conn> {
+        &self.0
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        self.0.freed.notify();
+    }
+}
+
+/// Wakes requests waiting for a stream or a connection of an endpoint; costs nothing when
+/// none waits.
+#[derive(Default)]
+pub(crate) struct Freed {
+    notify: Notify,
+    waiters: AtomicUsize,
+}
+
+impl Freed {
+    pub fn notify(&self) {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// A future that completes at the next [`Freed::notify`] after this call: registered at
+    /// once, so that the caller may look for a stream afterwards and still not miss a
+    /// wake-up in between.
+    pub fn waiter(&self) -> Waiter<'_> {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let count = Decrement(&self.waiters);
+        let mut notified = Box::pin(self.notify.notified());
+        notified.as_mut().enable();
+        Waiter {
+            notified,
+            _count: count,
+        }
+    }
+}
+
+/// See [`Freed::waiter`].
+pub(crate) struct Waiter<'a> {
+    notified: std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>,
+    _count: Decrement<'a>,
+}
+
+impl std::future::Future for Waiter<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.notified.as_mut().poll(cx)
+    }
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    conns: Vec<Arc<H2Conn>>,
+    /// Connections being made for this shard, and the requests waiting for them.
+    connecting: usize,
+    waiting: usize,
+}
+
+/// An endpoint's HTTP/2 connections.
+pub(crate) struct Multiplexed {
+    shards: Box<[Mutex<Shard>]>,
+    max_streams: usize,
+    /// A connection idle this long is closed by [`Multiplexed::sweep`].
+    idle_timeout: Duration,
+    /// A stream ended, a connection came up, or a connect failed.
+    pub freed: Arc<Freed>,
+    /// This endpoint has spoken HTTP/2 (an `auto` cluster learns it from ALPN).
+    pub speaks_h2: AtomicBool,
+}
+
+/// What a request should do when no stream was free.
+pub(crate) enum Wait {
+    /// Make a new connection; `Connecting` counts it until dropped.
+    Connect(Connecting),
+    /// A connection being made has room for this request: wait for it (`Waiting` counts the
+    /// request until dropped).
+    ForConnect(Waiting),
+}
+
+impl Multiplexed {
+    pub fn new(shards: usize, max_streams: usize, idle_timeout: Duration) -> Self {
+        Multiplexed {
+            shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+            freed: Arc::default(),
+            speaks_h2: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Shard> {
+        // Nothing a panic could leave half-done: the list is only pushed to and filtered.
+        self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A stream on a live connection of this worker's list with room, dropping dead ones.
+    pub fn take(&self) -> Option<UpstreamConn> {
+        let mut shard = self.lock(worker_index());
+        take_from(&mut shard)
+    }
+
+    /// A stream on another worker's connection.
+    pub fn steal(&self) -> Option<UpstreamConn> {
+        let own = worker_index() % self.shards.len();
+        (0..self.shards.len())
+            .filter(|&s| s != own)
+            .find_map(|s| take_from(&mut self.lock(s)))
+    }
+
+    /// No stream free: wait for a connection being made, or make one.
+    pub fn plan(self: &Arc<Self>) -> Wait {
+        let shard_index = worker_index();
+        let mut shard = self.lock(shard_index);
+        // The request that makes a connection takes its first stream.
+        if shard.connecting * (self.max_streams - 1) > shard.waiting {
+            shard.waiting += 1;
+            return Wait::ForConnect(Waiting {
+                mux: self.clone(),
+                shard: shard_index,
+            });
+        }
+        shard.connecting += 1;
+        Wait::Connect(Connecting {
+            mux: self.clone(),
+            shard: shard_index,
+        })
+    }
+
+    /// Adds a new connection with one stream taken for the request that made it.
+    pub fn register(
+        &self,
+        sender: http2::SendRequest<RequestBody>,
+        cookie: u64,
+        fd: RawFd,
+        slot: OwnedSemaphorePermit,
+        connect_time: std::time::Duration,
+    ) -> UpstreamConn {
+        self.speaks_h2.store(true, Ordering::Relaxed);
+        let conn = Arc::new(H2Conn {
+            sender: sender.clone(),
+            cookie,
+            fd,
+            streams: AtomicUsize::new(1),
+            max_streams: self.max_streams,
+            retired: AtomicBool::new(false),
+            freed: self.freed.clone(),
+            idle_since_ms: AtomicU64::new(now_ms()),
+            _slot: slot,
+        });
+        self.lock(worker_index()).conns.push(conn.clone());
+        self.freed.notify();
+        UpstreamConn::with(
+            Sender::Http2(sender),
+            cookie,
+            fd,
+            Some(connect_time),
+            Hold::Stream(StreamGuard(conn)),
+        )
+    }
+
+    /// Closes one connection with no stream in flight, to free its slot.
+    pub fn evict_idle(&self) -> bool {
+        (0..self.shards.len()).any(|s| {
+            let mut shard = self.lock(s);
+            match shard.conns.iter().position(|c| c.idle()) {
+                Some(i) => {
+                    shard.conns.swap_remove(i).retire();
+                    true
+                }
+                None => false,
+            }
+        })
+    }
+
+    /// Drops retired and closed connections from the lists (they close once their last
+    /// stream is done), and retires those idle for `idle_timeout` (closed at once: the list
+    /// held the last handle of their sender).
+    pub fn sweep(&self) {
+        let now = now_ms();
+        for s in 0..self.shards.len() {
+            self.lock(s).conns.retain(|c| {
+                if c.idle_for(self.idle_timeout, now) {
+                    c.retire();
+                }
+                c.live()
+            });
+        }
+    }
+}
+
+fn take_from(shard: &mut Shard) -> Option<UpstreamConn> {
+    shard.conns.retain(|c| c.live());
+    shard.conns.iter().find_map(|c| {
+        let guard = c.try_stream()?;
+        Some(UpstreamConn::with(
+            Sender::Http2(c.sender.clone()),
+            c.cookie,
+            c.fd,
+            None,
+            Hold::Stream(guard),
+        ))
+    })
+}
+
+/// Counts a connection being made until dropped (made, or failed).
+pub(crate) struct Connecting {
+    mux: Arc<Multiplexed>,
+    shard: usize,
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.mux.lock(self.shard).connecting -= 1;
+        // Made (registered, which notified already) or failed: either way the waiters look
+        // again, and one of them connects if no connection came up.
+        self.mux.freed.notify();
+    }
+}
+
+/// Counts a request waiting for a connection being made, until dropped.
+pub(crate) struct Waiting {
+    mux: Arc<Multiplexed>,
+    shard: usize,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.mux.lock(self.shard).waiting -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_waits_for_the_connection_being_made_until_it_is_full() {
+        let mux = Arc::new(Multiplexed::new(1, 3, Duration::from_secs(90)));
+        let first = mux.plan();
+        assert!(matches!(first, Wait::Connect(_)));
+        // Three streams fit on the connection being made, one for the request that makes it:
+        // two requests wait for it.
+        let w1 = mux.plan();
+        let w2 = mux.plan();
+        assert!(matches!(w1, Wait::ForConnect(_)));
+        assert!(matches!(w2, Wait::ForConnect(_)));
+        // The third opens a second connection.
+        let second = mux.plan();
+        assert!(matches!(second, Wait::Connect(_)));
+        drop((first, w1, w2, second));
+        let shard = mux.lock(0);
+        assert_eq!((shard.connecting, shard.waiting), (0, 0));
+    }
+}

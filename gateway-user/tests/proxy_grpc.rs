@@ -1,0 +1,273 @@
+//! gRPC through the gateway, with `grpcio` (Python) as the server behind it (an h2c cluster)
+//! and as the client in front (HTTP/2 with prior knowledge), stubs generated at test time by
+//! `grpcio-tools`: unary, server-streaming, client-streaming and bidirectional calls with the
+//! server's trailers; an error status from the upstream reaching the client; `grpc-timeout` as
+//! the call's deadline, capped by the route's, and sent on upstream (curl sends the call, so
+//! that no client-side deadline races the gateway's); a status the route retries; and a
+//! gateway-made UNAVAILABLE for a refused upstream whose `grpc-message` carries the reason and
+//! the kernel's evidence (privileged: the built binary with the kernel observer).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gateway_testkit::{
+    config::write_config,
+    http::get,
+    inprocess::{gateway, log_lines},
+    peers::*,
+    ports::refused_addr,
+    process::GatewayProcess,
+    tempdir::temp_dir,
+};
+
+/// The grpcio server, with its stubs, in its own directory.
+fn grpc_server(label: &str) -> (Peer, PathBuf) {
+    let dir = temp_dir(label);
+    grpc_stubs(&dir);
+    let server = serve_python(&dir, "grpc_server.py", GRPC_SERVER, &[]);
+    (server, dir)
+}
+
+fn config(upstream: std::net::SocketAddr, route: &str) -> String {
+    format!(
+        "[[routes]]\npath_prefix = \"/\"\ncluster = \"grpc\"\n{route}\n\n\
+         [clusters.grpc]\nendpoints = [\"{upstream}\"]\nprotocol = \"h2c\"\n"
+    )
+}
+
+fn client(dir: &Path, args: &[&str]) -> serde_json::Value {
+    run_python(
+        dir,
+        "grpc_client.py",
+        GRPC_CLIENT,
+        args,
+        Duration::from_secs(60),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_streaming_and_bidi_calls_and_an_error_status_pass_through() {
+    let (server, dir) = grpc_server("grpc-calls");
+    let gw = gateway("grpc-calls", &config(server.addr(), "")).await;
+    let target = gw.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || client(&dir, &["calls", &target]))
+        .await
+        .unwrap();
+    assert_eq!(out["unary"], "echo a", "{out}");
+    assert_eq!(
+        out["trailer"], "t-a",
+        "the server's trailers reached the client: {out}"
+    );
+    let stream = out["server_stream"].as_array().unwrap();
+    assert_eq!(stream.len(), 50, "{out}");
+    assert_eq!(stream[49], "item 49");
+    assert_eq!(out["client_stream"], 40, "{out}");
+    let bidi = out["bidi"].as_array().unwrap();
+    assert_eq!(bidi.len(), 30, "{out}");
+    assert_eq!(bidi[0], "re 0");
+    assert_eq!(out["fail"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["fail"]["details"], "no such thing: x", "{out}");
+    // Every call went up as HTTP/2 to the h2c cluster and was logged with its status.
+    let lines = log_lines(&gw.log, 5);
+    for l in &lines {
+        assert_eq!(l["version"], "HTTP/2", "{l}");
+        assert_eq!(l["upstream_status"], 200, "{l}");
+    }
+    let statuses: Vec<_> = lines.iter().map(|l| l["grpc_status"].clone()).collect();
+    assert!(
+        statuses.contains(&serde_json::json!(5)),
+        "NOT_FOUND logged: {statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == serde_json::json!(0))
+            .count(),
+        4,
+        "{statuses:?}"
+    );
+}
+
+/// One gRPC call with curl over HTTP/2 with prior knowledge: `Slow(n ms)` with the given
+/// `grpc-timeout`; the response head and trailers as text, and how long it took.
+fn curl_slow(
+    addr: std::net::SocketAddr,
+    dir: &Path,
+    slow_ms: u32,
+    grpc_timeout: &str,
+) -> (String, Duration) {
+    // gRPC framing: uncompressed flag, 4-byte length, then `Count { n = slow_ms }` (field 1,
+    // varint).
+    let mut msg = vec![0x08];
+    let mut n = slow_ms;
+    while n >= 0x80 {
+        msg.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    msg.push(n as u8);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let body = dir.join("slow.bin");
+    std::fs::write(&body, frame).unwrap();
+    let start = Instant::now();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--max-time",
+            "20",
+        ])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", &format!("grpc-timeout: {grpc_timeout}")])
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!("http://{addr}/gwtest.Echo/Slow"))
+        .output()
+        .expect("curl");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
+    let (server, dir) = grpc_server("grpc-deadline");
+    let route = "[routes.timeouts]\nrequest_timeout_ms = 1200";
+    let gw = gateway("grpc-deadline", &config(server.addr(), route)).await;
+    let addr = gw.addr;
+    // The call's own 300 ms, shorter than the route's 1200 ms: DEADLINE_EXCEEDED from the
+    // gateway at 300 ms, saying so.
+    let d = dir.clone();
+    let (head, took) = tokio::task::spawn_blocking(move || curl_slow(addr, &d, 3000, "300m"))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(head.contains("grpc-status: 4"), "{head}");
+    assert!(
+        head.contains("grpc-timeout"),
+        "the message names the call's deadline: {head}"
+    );
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(800),
+        "{took:?}"
+    );
+    // 10 s asked, the route allows 1200 ms: capped.
+    let d = dir.clone();
+    let (head, took) = tokio::task::spawn_blocking(move || curl_slow(addr, &d, 3000, "10S"))
+        .await
+        .unwrap();
+    assert!(head.contains("grpc-status: 4"), "{head}");
+    assert!(head.contains("request timeout of 1200 ms"), "{head}");
+    assert!(
+        took >= Duration::from_millis(1150) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    // The upstream was told the capped deadline: it sees at most 1200 ms left of the 10 s
+    // the client gave.
+    let target = addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        client(&dir, &["one", &target, "Remaining", "x", "10"])
+    })
+    .await
+    .unwrap();
+    let left: u64 = out["ok"].as_str().unwrap().parse().unwrap();
+    assert!(
+        (900..=1200).contains(&left),
+        "the upstream had {left} ms left: {out}"
+    );
+    let lines = log_lines(&gw.log, 3);
+    assert_eq!(lines[0]["error"], "request_timeout", "{}", lines[0]);
+    assert_eq!(lines[0]["grpc_status"], 4, "{}", lines[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_the_route_lists_is_retried_and_others_are_not() {
+    let (server, dir) = grpc_server("grpc-retry");
+    let cfg = format!(
+        "[[routes]]\npath_prefix = \"/\"\nheaders = [{{ name = \"x-retry\", value = \"yes\" }}]\ncluster = \"grpc\"\n\
+         [routes.retry]\ngrpc_status_codes = [\"UNAVAILABLE\"]\n\n{}",
+        config(server.addr(), "")
+    );
+    let gw = gateway("grpc-retry", &cfg).await;
+    let target = gw.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        // The route that does not retry: the first call of a text is UNAVAILABLE.
+        let plain = client(&dir, &["one", &target, "Flaky", "k1", "10"]);
+        (plain, dir)
+    })
+    .await
+    .unwrap();
+    let (plain, dir) = out;
+    assert_eq!(plain["code"], "UNAVAILABLE", "{plain}");
+    assert_eq!(plain["details"], "warming up", "{plain}");
+    // The same call on the route that retries UNAVAILABLE: the retry succeeds. The header
+    // that picks the route is sent as call metadata by a small wrapper.
+    let script = GRPC_CLIENT.replace(
+        "r = getattr(stub, method)(pb.Msg(text=text), timeout=timeout)",
+        "r = getattr(stub, method)(pb.Msg(text=text), timeout=timeout, metadata=((\"x-retry\", \"yes\"),))",
+    );
+    let target = gw.addr.to_string();
+    let retried = tokio::task::spawn_blocking(move || {
+        run_python(
+            &dir,
+            "grpc_client_retry.py",
+            &script,
+            &["one", &target, "Flaky", "k2", "10"],
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(retried["ok"], "ok k2", "{retried}");
+    let lines = log_lines(&gw.log, 2);
+    let l = lines
+        .iter()
+        .find(|l| l["retries"] == 1)
+        .expect("the retried call's line");
+    assert_eq!(l["grpc_status"], 0, "{l}");
+    assert_eq!(l["attempts"], 2, "{l}");
+    let admin = gw.handle.admin_addr().unwrap();
+    let m = get(&gateway_testkit::http::client(), admin, "/metrics")
+        .await
+        .body;
+    assert!(
+        m.contains("gateway_retries_total{cluster=\"grpc\",reason=\"grpc_status\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_refused_upstream_is_unavailable_with_the_kernels_evidence_privileged() {
+    gateway_testkit::root::require_root();
+    let dir = temp_dir("grpc-refused");
+    grpc_stubs(&dir);
+    let refused = refused_addr();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "{}\n[clusters.grpc.retry]\nmax_retries = 0\n[observer]\nmode = \"kernel\"\ncgroup = \"gateway-grpc-{{pid}}\"\n",
+            config(refused, "")
+        ),
+    );
+    let gw = GatewayProcess::spawn(gateway_testkit::gateway_bin!().run(&cfg));
+    let out = client(&dir, &["one", &gw.addr.to_string(), "Unary", "x", "10"]);
+    assert_eq!(out["code"], "UNAVAILABLE", "{out}");
+    let details = out["details"].as_str().unwrap();
+    assert!(
+        details.starts_with(&format!("connect_refused: connection refused by {refused}")),
+        "{details}"
+    );
+    assert!(
+        details.contains("kernel: refused, 1 SYN sent, RST received"),
+        "{details}"
+    );
+}

@@ -1,0 +1,257 @@
+//! HTTP/2 to upstreams, with nginx as the h2c upstream and `h2load` (nghttp2) as the client:
+//! requests are multiplexed over a few upstream connections (within `max_concurrent_streams`),
+//! every one of them arrives as HTTP/2; and when the upstream sends GOAWAY mid-load (nginx's
+//! `keepalive_requests`, which ends each connection after that many requests), the streams it
+//! did not process are retried on another connection, so that no idempotent request fails.
+//! Connections the load no longer needs are closed once idle for `idle_timeout_ms`.
+//!
+//! Unprivileged: loopback only.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use gateway_testkit::{
+    http::{client, get},
+    inprocess::{InProcess, gateway, log_lines},
+    peers::*,
+    tempdir::temp_dir,
+};
+
+fn config(upstream: std::net::SocketAddr, streams: u32) -> String {
+    format!(
+        "[router.upstream]\nendpoints = [\"{upstream}\"]\nprotocol = \"h2c\"\n\
+         [router.upstream.limits]\nmax_concurrent_streams = {streams}\n"
+    )
+}
+
+/// Established TCP connections to `addr` (the gateway's to its upstream), from `ss`.
+fn established_to(addr: std::net::SocketAddr) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", "dst"])
+        .arg(addr.to_string())
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// nginx's log lines: (protocol, connection number, status).
+fn upstream_lines(path: &std::path::Path) -> Vec<(String, u64, u16)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.to_owned(),
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+async fn metrics(gw: &InProcess) -> String {
+    get(&client(), gw.handle.admin_addr().unwrap(), "/metrics")
+        .await
+        .body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_through_an_h2c_upstream_is_multiplexed() {
+    const STREAMS: u32 = 32;
+    let dir = temp_dir("h2c-up");
+    // nginx ends an HTTP/2 connection after `keepalive_requests` (1000 by default): more
+    // than this run, so that the connections counted are the gateway's choice alone.
+    let nginx = nginx_h2c(&dir, "keepalive_requests 100000;");
+    const IDLE: Duration = Duration::from_millis(1500);
+    let cfg = config(nginx.addr, STREAMS)
+        + &format!(
+            "[router.upstream.timeouts]\nidle_timeout_ms = {}\n",
+            IDLE.as_millis()
+        );
+    let gw = gateway("h2c-load", &cfg).await;
+    let url = format!("http://{}/load", gw.addr);
+    // 8 client connections × 16 streams: 128 requests in flight at once.
+    let r =
+        tokio::task::spawn_blocking(move || h2load(&url, &["-n", "20000", "-c", "8", "-m", "16"]))
+            .await
+            .unwrap();
+    assert_eq!(
+        (r.succeeded, r.failed, r.errored),
+        (20000, 0, 0),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.status_2xx, 20000, "{}", r.text);
+    let lines = upstream_lines(&nginx.log);
+    assert_eq!(lines.len(), 20000);
+    assert!(
+        lines.iter().all(|(p, _, s)| p == "HTTP/2.0" && *s == 200),
+        "every request went up as HTTP/2"
+    );
+    let conns: BTreeSet<u64> = lines.iter().map(|(_, c, _)| *c).collect();
+    // 128 in flight at 32 streams per connection: at least 4 connections, and not one per
+    // request (nor per client connection and stream).
+    assert!(
+        (4..=12).contains(&conns.len()),
+        "{} upstream connections for 128 requests in flight: {conns:?}",
+        conns.len()
+    );
+    // Idle now: closed after `idle_timeout_ms` (swept every second), not kept for nginx's
+    // own idle timeout (minutes).
+    let open = established_to(nginx.addr);
+    assert!(open >= 4, "{open} connections open right after the load");
+    let start = Instant::now();
+    while established_to(nginx.addr) > 0 {
+        assert!(
+            start.elapsed() < IDLE * 4,
+            "{} connections still open {:?} after the load",
+            established_to(nginx.addr),
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_mid_load_fails_no_idempotent_request() {
+    // nginx ends each HTTP/2 connection with GOAWAY after 100 requests: with 128 requests
+    // in flight, streams above each GOAWAY's last-stream-id are refused unprocessed.
+    let dir = temp_dir("h2c-goaway");
+    let nginx = nginx_h2c(&dir, "keepalive_requests 100;");
+    let gw = gateway("h2c-goaway", &config(nginx.addr, 64)).await;
+    let url = format!("http://{}/goaway", gw.addr);
+    let r =
+        tokio::task::spawn_blocking(move || h2load(&url, &["-n", "20000", "-c", "8", "-m", "16"]))
+            .await
+            .unwrap();
+    assert_eq!(
+        (r.succeeded, r.failed, r.errored),
+        (20000, 0, 0),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.status_2xx, 20000, "{}", r.text);
+    let lines = upstream_lines(&nginx.log);
+    let conns: BTreeSet<u64> = lines.iter().map(|(_, c, _)| *c).collect();
+    assert!(
+        conns.len() >= 200,
+        "nginx closed a connection every 100 requests: {} connections",
+        conns.len()
+    );
+    assert_eq!(lines.len(), 20000, "each request processed once");
+    let m = metrics(&gw).await;
+    let refused: f64 = m
+        .lines()
+        .find(|l| {
+            l.starts_with("gateway_retries_total{") && l.contains("reason=\"refused_stream\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused > 0.0, "streams refused by GOAWAY were retried: {m}");
+    let failed = log_lines(&gw.log, 20000)
+        .into_iter()
+        .filter(|l| l["status"] != 200)
+        .count();
+    assert_eq!(failed, 0);
+}
+
+/// nginx with TLS (a certificate for `up.test` from a CA of the test's own), HTTP/2 offered by
+/// ALPN when `h2`; logs the protocol each request came in with.
+fn nginx_tls(dir: &std::path::Path, h2: bool) -> (NginxTls, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let leaf = CertificateParams::new(vec!["up.test".to_owned()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let (c, k) = (dir.join("up.pem"), dir.join("up.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let port = gateway_testkit::ports::free_port();
+    let log = dir.join("tls-access.log");
+    let conf = dir.join("nginx-tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx-tls.pid;\nerror_log {d}/nginx-tls.err;\n\
+             events {{ worker_connections 256; }}\nhttp {{\n log_format p '$server_protocol $connection $status';\n\
+             access_log {log} p;\n server {{\n  listen 127.0.0.1:{port} ssl{h2};\n  \
+             ssl_certificate {c}; ssl_certificate_key {k};\n  location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
+            d = dir.display(),
+            log = log.display(),
+            h2 = if h2 { " http2" } else { "" },
+            c = c.display(),
+            k = k.display(),
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("/usr/sbin/nginx")
+        .args(["-e", "stderr", "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (NginxTls { addr, log, child }, ca_pem)
+}
+
+struct NginxTls {
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for NginxTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
+    // `h2` and `auto` to a TLS upstream that offers h2: HTTP/2; `auto` to one that offers only
+    // HTTP/1.1: HTTP/1.1.
+    for (protocol, offers_h2, want) in [
+        ("h2", true, "HTTP/2.0"),
+        ("auto", true, "HTTP/2.0"),
+        ("auto", false, "HTTP/1.1"),
+    ] {
+        let dir = temp_dir("h2-alpn");
+        let (nginx, ca) = nginx_tls(&dir, offers_h2);
+        let cfg = format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\nprotocol = \"{protocol}\"\n\
+             [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n",
+            nginx.addr,
+            ca.display()
+        );
+        let gw = gateway("h2-alpn", &cfg).await;
+        for _ in 0..3 {
+            let got = get(&client(), gw.addr, "/x").await;
+            assert_eq!(got.status, 200, "{protocol}: {}", got.body);
+        }
+        let lines = upstream_lines(&nginx.log);
+        assert_eq!(lines.len(), 3, "{protocol}");
+        assert!(
+            lines.iter().all(|(p, _, _)| p == want),
+            "{protocol}, upstream offers h2: {offers_h2}: {lines:?}"
+        );
+    }
+}

@@ -1,0 +1,442 @@
+//! Real third-party peers for the protocol tests, run as child processes: Python's
+//! `websockets` (server and client) and `grpcio` (server and client, with stubs generated at
+//! test time by `grpcio-tools`), from the venv `./dev` installs (`~/.cache/gateway/
+//! protocols-venv`), and nginx serving HTTP/2 with prior knowledge (h2c). A missing peer fails
+//! the test with the command that installs it; nothing is skipped.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The venv's Python, or a panic saying how to get it.
+pub fn python() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let py = home.join(".cache/gateway/protocols-venv/bin/python3");
+    assert!(
+        py.is_file(),
+        "{} is missing: run `./dev setup` (it installs websockets and grpcio from PyPI into that venv)",
+        py.display()
+    );
+    py
+}
+
+/// A child process killed when dropped.
+pub struct Peer {
+    pub child: Child,
+    /// The address it printed as its first line, when it serves.
+    pub addr: Option<SocketAddr>,
+    pub stderr: PathBuf,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("a serving peer")
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// Writes `code` to DIR/NAME and starts it with the venv's Python and `args`; a server prints
+/// its port on its first line, which this waits for (10 s).
+pub fn serve_python(dir: &Path, name: &str, code: &str, args: &[&str]) -> Peer {
+    let script = dir.join(name);
+    std::fs::write(&script, code).unwrap();
+    let stderr = dir.join(format!("{name}.err"));
+    let mut child = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("starting python");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    let port: u16 = line.trim().parse().unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!(
+            "{name} did not print its port (got {line:?}); stderr:\n{}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        )
+    });
+    Peer {
+        child,
+        addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        stderr,
+    }
+}
+
+/// Runs a Python client script to its end (at most `limit`); its stdout, parsed as JSON.
+pub fn run_python(
+    dir: &Path,
+    name: &str,
+    code: &str,
+    args: &[&str],
+    limit: Duration,
+) -> serde_json::Value {
+    let script = dir.join(name);
+    std::fs::write(&script, code).unwrap();
+    let mut child = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting python");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{name} ran longer than {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name} failed ({}): stdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{name} printed no JSON ({e}): {stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A `websockets` echo server. A text message `__request__` is answered with what the server
+/// saw of the upgrade request (path and headers), as JSON.
+pub const WS_ECHO_SERVER: &str = r#"
+import asyncio, json, sys
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for m in ws:
+        if m == "__request__":
+            h = ws.request.headers
+            await ws.send(json.dumps({"path": ws.request.path,
+                                      "x-forwarded-for": h.get("x-forwarded-for"),
+                                      "x-request-id": h.get("x-request-id"),
+                                      "via": h.get("via")}))
+        else:
+            await ws.send(m)
+
+async def main():
+    async with serve(echo, "127.0.0.1", 0, max_size=None, ping_interval=None) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.get_running_loop().create_future()
+
+asyncio.run(main())
+"#;
+
+/// A `websockets` client. Modes: `echo URL N` (N text messages, one of 1 MiB binary, then
+/// `__request__`; closes cleanly), `hold URL` (opens, one echo, prints `open` on stderr, then
+/// waits for the gateway to close the connection: how long it took and how).
+pub const WS_CLIENT: &str = r#"
+import asyncio, json, os, sys, time
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+async def echo(url, n):
+    async with connect(url, max_size=None, ping_interval=None, open_timeout=10) as ws:
+        out = {"status": ws.response.status_code,
+               "headers": {k.lower(): v for k, v in ws.response.headers.raw_items()}}
+        ok = 0
+        for i in range(n):
+            msg = "hello %d" % i
+            await ws.send(msg)
+            ok += (await ws.recv()) == msg
+        # Random: permessage-deflate would shrink anything regular to nothing.
+        big = os.urandom(1 << 20)
+        await ws.send(big)
+        out["big_ok"] = (await ws.recv()) == big
+        await ws.send("__request__")
+        out["seen"] = json.loads(await ws.recv())
+        out["echoed"] = ok
+    print(json.dumps(out))
+
+async def hold(url):
+    async with connect(url, ping_interval=None, open_timeout=10, close_timeout=1) as ws:
+        await ws.send("ping")
+        assert (await ws.recv()) == "ping"
+        print("open", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        try:
+            await ws.recv()
+            how = "message"
+        except ConnectionClosed as e:
+            how = "closed %s" % (e.rcvd.code if e.rcvd else "abnormally")
+        print(json.dumps({"held_ms": (time.monotonic() - start) * 1000, "how": how}))
+
+mode, url = sys.argv[1], sys.argv[2]
+if mode == "echo":
+    asyncio.run(echo(url, int(sys.argv[3])))
+else:
+    asyncio.run(hold(url))
+"#;
+
+/// The gRPC service of the tests.
+pub const PROTO: &str = r#"
+syntax = "proto3";
+package gwtest;
+service Echo {
+  rpc Unary(Msg) returns (Msg);
+  rpc ServerStream(Count) returns (stream Msg);
+  rpc ClientStream(stream Msg) returns (Count);
+  rpc Bidi(stream Msg) returns (stream Msg);
+  rpc Fail(Msg) returns (Msg);
+  rpc Slow(Count) returns (Msg);
+  rpc Remaining(Msg) returns (Msg);
+  rpc Flaky(Msg) returns (Msg);
+}
+message Msg { string text = 1; }
+message Count { int32 n = 1; }
+"#;
+
+/// Generates the Python stubs of [`PROTO`] into `dir` with grpcio-tools.
+pub fn grpc_stubs(dir: &Path) {
+    std::fs::write(dir.join("gwtest.proto"), PROTO).unwrap();
+    let out = Command::new(python())
+        .args([
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--grpc_python_out=.",
+        ])
+        .arg("gwtest.proto")
+        .current_dir(dir)
+        .output()
+        .expect("running grpc_tools.protoc");
+    assert!(
+        out.status.success(),
+        "protoc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A grpcio server of the `Echo` service. `Unary` answers with trailing metadata, `Fail`
+/// aborts with NOT_FOUND, `Slow` sleeps `n` ms, `Remaining` answers how much of the call's
+/// deadline it was given, `Flaky` answers UNAVAILABLE the first time it sees a text.
+pub const GRPC_SERVER: &str = r#"
+import sys, time, threading
+from concurrent import futures
+import grpc
+import gwtest_pb2 as pb, gwtest_pb2_grpc as rpc
+
+seen = set()
+lock = threading.Lock()
+
+class Echo(rpc.EchoServicer):
+    def Unary(self, req, ctx):
+        ctx.set_trailing_metadata((("x-trailer", "t-" + req.text),))
+        return pb.Msg(text="echo " + req.text)
+    def ServerStream(self, req, ctx):
+        for i in range(req.n):
+            yield pb.Msg(text="item %d" % i)
+    def ClientStream(self, reqs, ctx):
+        return pb.Count(n=sum(1 for _ in reqs))
+    def Bidi(self, reqs, ctx):
+        for r in reqs:
+            yield pb.Msg(text="re " + r.text)
+    def Fail(self, req, ctx):
+        ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + req.text)
+    def Slow(self, req, ctx):
+        time.sleep(req.n / 1000.0)
+        return pb.Msg(text="slept")
+    def Remaining(self, req, ctx):
+        r = ctx.time_remaining()
+        return pb.Msg(text="none" if r is None else "%d" % int(r * 1000))
+    def Flaky(self, req, ctx):
+        with lock:
+            first = req.text not in seen
+            seen.add(req.text)
+        if first:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return pb.Msg(text="ok " + req.text)
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+rpc.add_EchoServicer_to_server(Echo(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A grpcio client. `calls TARGET`: every kind of call, and an error status; `one TARGET
+/// METHOD TEXT TIMEOUT_S`: one unary call, its result or its status and details.
+pub const GRPC_CLIENT: &str = r#"
+import json, sys
+import grpc
+import gwtest_pb2 as pb, gwtest_pb2_grpc as rpc
+
+def status(e):
+    return {"code": e.code().name, "details": e.details()}
+
+def calls(stub):
+    out = {}
+    resp, call = stub.Unary.with_call(pb.Msg(text="a"), timeout=10)
+    out["unary"] = resp.text
+    out["trailer"] = dict(call.trailing_metadata()).get("x-trailer")
+    out["server_stream"] = [m.text for m in stub.ServerStream(pb.Count(n=50), timeout=10)]
+    out["client_stream"] = stub.ClientStream(iter([pb.Msg(text=str(i)) for i in range(40)]), timeout=10).n
+    out["bidi"] = [m.text for m in stub.Bidi(iter([pb.Msg(text=str(i)) for i in range(30)]), timeout=10)]
+    try:
+        stub.Fail(pb.Msg(text="x"), timeout=10)
+        out["fail"] = None
+    except grpc.RpcError as e:
+        out["fail"] = status(e)
+    return out
+
+def one(stub, method, text, timeout):
+    try:
+        if method == "Slow":
+            r = stub.Slow(pb.Count(n=int(text)), timeout=timeout)
+        else:
+            r = getattr(stub, method)(pb.Msg(text=text), timeout=timeout)
+        return {"ok": r.text}
+    except grpc.RpcError as e:
+        return status(e)
+
+target = sys.argv[2]
+with grpc.insecure_channel(target) as ch:
+    stub = rpc.EchoStub(ch)
+    if sys.argv[1] == "calls":
+        print(json.dumps(calls(stub)))
+    else:
+        print(json.dumps(one(stub, sys.argv[3], sys.argv[4], float(sys.argv[5]))))
+"#;
+
+/// nginx serving HTTP/2 with prior knowledge (h2c) on a loopback port, answering `200` with
+/// the protocol it spoke and its connection number; `extra` goes into the server block.
+/// Its access log (`$server_protocol $connection $status`) is DIR/h2c-access.log.
+pub struct NginxH2c {
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Drop for NginxH2c {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn nginx_h2c(dir: &Path, extra: &str) -> NginxH2c {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.join("h2c-access.log");
+    let conf = dir.join("nginx-h2c.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx-h2c.pid;\nerror_log {d}/nginx-h2c.err;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n log_format p '$server_protocol $connection $status $request_uri';\n\
+             access_log {log} p;\n server {{\n  listen 127.0.0.1:{port} http2;\n  {extra}\n\
+             location / {{ return 200 \"proto=$server_protocol conn=$connection\\n\"; }}\n }}\n}}\n",
+            d = dir.display(),
+            log = log.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/nginx")
+        .args(["-e", "stderr", "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nginx (Debian's package, installed by ./dev) starts");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NginxH2c { addr, log, child }
+}
+
+/// The result of an `h2load` run.
+#[derive(Debug)]
+pub struct H2load {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub status_2xx: u64,
+    pub text: String,
+}
+
+/// Runs `h2load` (Debian's nghttp2-client) against `url` with `args`.
+pub fn h2load(url: &str, args: &[&str]) -> H2load {
+    let out = Command::new("h2load")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("h2load (Debian's nghttp2-client, installed by ./dev)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "h2load failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let num = |line: &str, key: &str| -> u64 {
+        line.split(',')
+            .find_map(|p| {
+                let p = p.trim();
+                p.strip_suffix(key).and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut r = H2load {
+        succeeded: 0,
+        failed: 0,
+        errored: 0,
+        status_2xx: 0,
+        text: text.clone(),
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("requests:") {
+            r.succeeded = num(rest, "succeeded");
+            r.failed = num(rest, "failed");
+            r.errored = num(rest, "errored");
+        }
+        if let Some(rest) = line.strip_prefix("status codes:") {
+            r.status_2xx = num(rest, "2xx");
+        }
+    }
+    r
+}
