@@ -1,6 +1,6 @@
 //! Every decision the kernel's evidence drives, as plain code that takes the time as a
 //! parameter: what a failure means (`evidence`), the per-endpoint health state machine
-//! (`health`), the adaptive connect deadline (`deadline`), when to probe and what a probe says
+//! (`health`), the adaptive connect deadline (`deadline`), latency-aware balancing (`latency`), when to probe and what a probe says
 //! (`probe`), whether to retry (`retry`), and the retry and hedge budgets (`budget`). Sockets,
 //! timers and maps only feed them; everything here is tested without any of those.
 
@@ -8,5 +8,6 @@ pub mod budget;
 pub mod deadline;
 pub mod evidence;
 pub mod health;
+pub mod latency;
 pub mod probe;
 pub mod retry;

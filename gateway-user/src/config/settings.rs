@@ -99,6 +99,8 @@ pub struct ClusterSpec {
     pub retry: RetryPolicy,
     pub limits: Limits,
     pub health: HealthPolicy,
+    /// The latency-aware policy's knobs (`decide::latency`).
+    pub latency: crate::decide::latency::LatencyPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -218,7 +218,7 @@ pub fn p2c(
     if n == 0 {
         return None;
     }
-    let mut pick = |not: Option<usize>, draw: &mut dyn FnMut(usize) -> usize| {
+    let pick = |not: Option<usize>, draw: &mut dyn FnMut(usize) -> usize| {
         let ok = |i: usize| eligible(i) && Some(i) != not;
         if let Some(i) = (0..4).map(|_| draw(n) % n).find(|&i| ok(i)) {
             return Some(i);

@@ -1,5 +1,5 @@
 //! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
-//! `resolve`), each endpoint's health as the proxy keeps it (`health`), getting a connection
+//! `resolve`), each endpoint's health and latency as the proxy keeps them (`health`, `latency`), getting a connection
 //! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
 //! `hedge` when the kernel saw no SYN-ACK in time), and active probes (`probe`). `cluster` ties
 //! them together. Every decision is taken in `decide/`; these modules do the I/O and feed it.
@@ -11,6 +11,7 @@ mod connect;
 mod endpoint;
 mod health;
 mod hedge;
+mod latency;
 mod pool;
 mod probe;
 mod resolve;
@@ -20,5 +21,5 @@ pub(crate) use self::{
     checkout::{Lease, checkout},
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
-    pool::{UpstreamConn, set_worker_index},
+    pool::{UpstreamConn, set_worker_index, socket_of},
 };
