@@ -247,6 +247,96 @@ fn privileged_slow_backend_is_not_a_network_failure() {
     }
 }
 
+/// Issue 15, part 2: one of three upstreams answers every request after 3 s from t = 10 s
+/// to t = 40 s, at 200 req/s, with `lb_policy = "peak_ewma"`. The issue's goals, each
+/// asserted: at most 20 requests slower than 1 s after the fault (nginx and HAProxy: ~1,990
+/// over 30 s); the slow endpoint under 2 % of the requests from 2 s after the onset; the
+/// healthy pool's p99 within 1.5× its pre-fault value (plus 5 ms of slack for a shared 2-vCPU
+/// machine, whose scheduler alone moves a sub-millisecond p99 by that much; a regression that
+/// sends requests to the slow endpoint costs seconds); back to its share within 10 s of
+/// recovering. It is marked slow, never ejected as a network failure. Takes about 60 s.
+#[test]
+fn privileged_slow_backend_gets_a_trickle_and_its_share_back() {
+    let s = Scenario::start_with(
+        "slowewma",
+        HttpBehaviour::immediate(),
+        2,
+        10_000,
+        "lb_policy = \"peak_ewma\"",
+        "",
+    );
+    let (onset, fast_again) = (10.0, 40.0);
+    let (mut slowed, mut recovered) = (false, false);
+    let samples = s.run_load(RATE, Duration::from_secs(52), |t| {
+        if !slowed && t >= onset {
+            s.servers[1].set_behaviour(HttpBehaviour::slow(Duration::from_secs(3)));
+            slowed = true;
+        }
+        if !recovered && t >= fast_again {
+            s.servers[1].set_behaviour(HttpBehaviour::immediate());
+            recovered = true;
+        }
+    });
+    let bad = "upstream-2";
+    let within = |a: f64, b: f64| samples.iter().filter(move |x| x.at >= a && x.at < b);
+    let late = within(onset, 1e9)
+        .filter(|x| x.latency > Duration::from_secs(1))
+        .count();
+    let to_bad = within(onset + 2.0, fast_again)
+        .filter(|x| x.served_by == bad)
+        .count();
+    let share = to_bad as f64 / within(onset + 2.0, fast_again).count() as f64;
+    let healthy = |a, b| -> Vec<&Sample> { within(a, b).filter(|x| x.served_by != bad).collect() };
+    let (p99_before, p99_during) = (
+        quantile(&healthy(2.0, onset), 0.99),
+        quantile(&healthy(onset + 2.0, fast_again), 0.99),
+    );
+    let back: Vec<&Sample> = within(fast_again + 10.0, 52.0).collect();
+    let share_back = back.iter().filter(|x| x.served_by == bad).count() as f64 / back.len() as f64;
+    eprintln!(
+        "slow backend (peak_ewma): {late} requests slower than 1 s after the onset; \
+         slow endpoint share from 2 s after the onset {:.2} % ({to_bad} requests); healthy p99 \
+         {p99_before:?} before, {p99_during:?} during; share 10 s after recovery {:.1} %; \
+         {} failures",
+        share * 100.0,
+        share_back * 100.0,
+        failures(&samples).len()
+    );
+    assert_eq!(
+        failures(&samples).len(),
+        0,
+        "{:?}",
+        failures(&samples).first()
+    );
+    assert!(
+        late <= 20,
+        "{late} requests slower than 1 s after the onset"
+    );
+    assert!(share < 0.02, "slow endpoint share {:.2} %", share * 100.0);
+    assert!(
+        p99_during <= (p99_before * 3 / 2).max(p99_before + Duration::from_millis(5)),
+        "healthy p99 {p99_during:?} during, {p99_before:?} before"
+    );
+    assert!(
+        share_back > 0.2,
+        "share {:.1} % from 10 s after recovering",
+        share_back * 100.0
+    );
+    let addr = bad_endpoint(&s);
+    let marked = s.log_lines(&["endpoint slow", &format!("upstream={addr}")]);
+    assert!(!marked.is_empty(), "the gateway said it was slow");
+    assert!(
+        !s.log_lines(&["endpoint no longer slow", &format!("upstream={addr}")])
+            .is_empty(),
+        "and that it recovered"
+    );
+    assert!(
+        s.log_lines(&["endpoint ejected", &format!("upstream={addr}")])
+            .is_empty(),
+        "a slow endpoint is not ejected"
+    );
+}
+
 #[test]
 fn privileged_recovered_endpoint_returns_within_the_probe_schedule() {
     let s = Scenario::start("recovery", HttpBehaviour::immediate(), NO_POOL, 2000, "");
