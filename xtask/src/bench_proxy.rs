@@ -11,7 +11,10 @@
 //!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
-//! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
+//! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`),
+//! `--policy P` (the gateway's `lb_policy`, default `round_robin` like the peers),
+//! `--also-policy P` (a second gateway with that `lb_policy`, measured in the same rotation:
+//! `--policy round_robin --also-policy peak_ewma` compares the two on a healthy pool).
 
 use crate::Proc;
 use std::{
@@ -32,6 +35,8 @@ struct Options {
     connections: usize,
     wrk_threads: usize,
     gateway_bin: Option<PathBuf>,
+    policy: String,
+    also_policy: Option<String>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
@@ -42,6 +47,8 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
         connections: 64,
         wrk_threads: 1,
         gateway_bin: None,
+        policy: "round_robin".to_owned(),
+        also_policy: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -53,8 +60,10 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
             "--connections" => o.connections = val()?.parse().context("--connections")?,
             "--wrk-threads" => o.wrk_threads = val()?.parse().context("--wrk-threads")?,
             "--gateway-bin" => o.gateway_bin = Some(PathBuf::from(val()?)),
+            "--policy" => o.policy = val()?.to_owned(),
+            "--also-policy" => o.also_policy = Some(val()?.to_owned()),
             other => bail!(
-                "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH"
+                "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH --policy P --also-policy P"
             ),
         }
     }
@@ -156,10 +165,10 @@ fn haproxy_conf(port: u16, ups: &[u16]) -> String {
     )
 }
 
-fn gateway_conf(port: u16, ups: &[u16]) -> String {
+fn gateway_conf(port: u16, ups: &[u16], policy: &str) -> String {
     let eps: Vec<String> = ups.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     format!(
-        "[router]\nlisten = [\"127.0.0.1:{port}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
+        "[router]\nlisten = [\"127.0.0.1:{port}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\nlb_policy = \"{policy}\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")
     )
 }
@@ -333,7 +342,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let up_conf = write("upstreams.conf", upstreams_conf(&dir, &ups))?;
     let nginx_conf = write("nginx.conf", nginx_conf(&dir, p_nginx, &ups))?;
     let haproxy_conf = write("haproxy.cfg", haproxy_conf(p_haproxy, &ups))?;
-    let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups))?;
+    let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups, &o.policy))?;
 
     let nginx = crate::tool_path("nginx");
     let mut upstreams = spawn_proc(
@@ -372,16 +381,40 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .args(["-db", "-f"])
             .arg(&haproxy_conf),
     )?;
+    // A second gateway with another lb_policy, measured in the same rotation.
+    let mut also = match &o.also_policy {
+        Some(policy) => {
+            let port = free_port()?;
+            let conf = write("gateway-also.toml", gateway_conf(port, &ups, policy))?;
+            let err_log = std::fs::File::create(dir.join("gateway-also.err"))?;
+            let mut p = spawn_proc(
+                "gateway (also)",
+                Command::new(&gateway)
+                    .args(["run", "--config"])
+                    .arg(&conf)
+                    .env("RUST_LOG", "warn")
+                    .stderr(err_log),
+            )?;
+            wait_ready("gateway (also)", port, &mut p)?;
+            Some((format!("gw-{policy}"), port, p))
+        }
+        None => None,
+    };
     wait_ready("gateway", p_gw, &mut gw)?;
     wait_ready("nginx", p_nginx, &mut ngx)?;
     wait_ready("haproxy", p_haproxy, &mut hap)?;
 
-    let targets = [
-        ("gateway", p_gw),
-        ("nginx", p_nginx),
-        ("haproxy", p_haproxy),
+    let mut targets: Vec<(String, u16)> = vec![
+        ("gateway".to_owned(), p_gw),
+        ("nginx".to_owned(), p_nginx),
+        ("haproxy".to_owned(), p_haproxy),
     ];
-    let pids = [vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
+    let mut pids = vec![vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
+    if let Some((name, port, p)) = &also {
+        targets.push((name.clone(), *port));
+        pids.push(vec![p.pid()]);
+    }
+    println!("gateway lb_policy: {}", o.policy);
     println!(
         "bench proxy: {} cores, wrk -t{} -c{} -d{}s, {} interleaved repetitions (+{}s warm-up each)",
         cores(),
@@ -404,8 +437,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     for rep in 0..o.reps {
         for k in 0..targets.len() {
             let i = (rep + k) % targets.len();
-            let (name, port) = targets[i];
+            let (name, port) = (targets[i].0.as_str(), targets[i].1);
             for p in [&mut gw, &mut ngx, &mut hap] {
+                p.check_alive()?;
+            }
+            if let Some((_, _, p)) = &mut also {
                 p.check_alive()?;
             }
             let s =
@@ -431,13 +467,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     println!();
     println!(
-        "{:<10} {:>12} {:>10} {:>10} {:>12} {:>8}",
+        "{:<16} {:>12} {:>10} {:>10} {:>12} {:>8}",
         "proxy", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors"
     );
     for (i, (name, _)) in targets.iter().enumerate() {
         let errors: u64 = samples[i].iter().map(|s| s.errors).sum();
         println!(
-            "{:<10} {:>12.0} {:>10.3} {:>10.3} {:>12.1} {:>8}",
+            "{:<16} {:>12.0} {:>10.3} {:>10.3} {:>12.1} {:>8}",
             name,
             med(i, |s| s.rps),
             med(i, |s| s.p50_ms),
@@ -456,6 +492,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             med(0, |s| s.cpu_us_per_req) / med(j, |s| s.cpu_us_per_req),
         );
     }
+    if let Some((name, _, _)) = &also {
+        println!(
+            "{name}/gateway({}) req/s {:.3}  p50 {:.3}  p99 {:.3}  CPU/req {:.3}",
+            o.policy,
+            med(3, |s| s.rps) / med(0, |s| s.rps),
+            med(3, |s| s.p50_ms) / med(0, |s| s.p50_ms),
+            med(3, |s| s.p99_ms) / med(0, |s| s.p99_ms),
+            med(3, |s| s.cpu_us_per_req) / med(0, |s| s.cpu_us_per_req),
+        );
+    }
     match rss {
         Some(kib) => println!(
             "gateway peak RSS under load: {:.1} MiB",
@@ -463,7 +509,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ),
         None => println!("gateway peak RSS: unavailable"),
     }
-    drop((gw, ngx, hap, upstreams));
+    drop((gw, ngx, hap, also, upstreams));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
