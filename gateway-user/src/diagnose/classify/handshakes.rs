@@ -124,10 +124,12 @@ pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
             Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.5)
         }
         (true, _) => Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.95),
-        (false, DataSays::Clean { miss, .. }) if trouble => Verdict::new(
-            VerdictName::Overloaded,
-            ((0.6 + 0.35 * (1.0 - miss / super::accepted::DECISIVE)) * weight(f.n)).min(0.95),
-        ),
+        // Loss ruled out: the dropped SYNs were the listener's. One is worth less than many.
+        (false, DataSays::Clean { miss, .. }) if trouble => {
+            let n = (retx.len() + silent.len()) as f64;
+            let c = (0.5 + 0.15 * n).min(0.95) * (1.0 - miss) * weight(f.n);
+            Verdict::new(VerdictName::Overloaded, c.min(0.95))
+        }
         (false, DataSays::Inconclusive(_)) if trouble && est * 2 >= f.n => {
             // As likely as loss, from handshakes alone; a shade below it, so that the older
             // reading keeps its rank, at a confidence that says "cannot tell".
