@@ -10,7 +10,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex, OnceLock, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -31,26 +31,15 @@ pub(crate) const EVALUATE_EVERY: Duration = Duration::from_millis(100);
 /// `u64::MAX` in an atomic duration: unknown.
 const UNKNOWN: u64 = u64::MAX;
 
-/// The process's clock origin for the atomics (nanoseconds since).
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn ns_since_epoch(t: Instant) -> u64 {
-    t.saturating_duration_since(epoch()).as_nanos() as u64
-}
-
-fn at(ns: u64) -> Instant {
-    epoch() + Duration::from_nanos(ns)
-}
-
 pub(crate) struct LatencyCell {
+    /// The clock origin of the atomics below (nanoseconds or microseconds since).
+    origin: Instant,
     ewma: Mutex<PeakEwma>,
     /// The estimate's `S` and `t_S`, published after each update.
     value_ns: AtomicU64,
     value_at: AtomicU64,
-    /// Requests awaiting their response head, and the sum of their send times.
+    /// Requests awaiting their response head, and the sum of their send times (µs since
+    /// `origin`: 10,000 requests waiting after a year of uptime still fit).
     awaiting: AtomicU64,
     awaiting_sum: AtomicU64,
     /// Marked slow by the evaluator (under `peak_ewma` only).
@@ -73,7 +62,7 @@ pub(crate) struct LatencyView {
 /// Counts a request awaiting its head while it lives.
 pub(crate) struct Awaiting<'a> {
     cell: &'a LatencyCell,
-    sent_ns: u64,
+    sent_us: u64,
 }
 
 impl Drop for Awaiting<'_> {
@@ -81,14 +70,16 @@ impl Drop for Awaiting<'_> {
         self.cell.awaiting.fetch_sub(1, Ordering::Relaxed);
         self.cell
             .awaiting_sum
-            .fetch_sub(self.sent_ns, Ordering::Relaxed);
+            .fetch_sub(self.sent_us, Ordering::Relaxed);
     }
 }
 
 impl LatencyCell {
     pub fn new() -> LatencyCell {
+        let origin = Instant::now();
         LatencyCell {
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            origin,
+            ewma: Mutex::new(PeakEwma::new(origin)),
             value_ns: AtomicU64::new(UNKNOWN),
             value_at: AtomicU64::new(0),
             awaiting: AtomicU64::new(0),
@@ -99,6 +90,14 @@ impl LatencyCell {
         }
     }
 
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_nanos() as u64
+    }
+
+    fn at(&self, ns: u64) -> Instant {
+        self.origin + Duration::from_nanos(ns)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
         self.ewma.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -106,7 +105,7 @@ impl LatencyCell {
     fn publish(&self, e: &PeakEwma, now: Instant, decay: Duration) {
         if let Some(v) = e.estimate(now, decay) {
             self.value_ns.store(v.as_nanos() as u64, Ordering::Relaxed);
-            self.value_at.store(ns_since_epoch(now), Ordering::Relaxed);
+            self.value_at.store(self.ns(now), Ordering::Relaxed);
         }
     }
 
@@ -130,12 +129,12 @@ impl LatencyCell {
 
     /// Counts a request awaiting its head from `sent` until the guard drops.
     pub fn awaiting(&self, sent: Instant) -> Awaiting<'_> {
-        let sent_ns = ns_since_epoch(sent);
+        let sent_us = self.ns(sent) / 1000;
         self.awaiting.fetch_add(1, Ordering::Relaxed);
-        self.awaiting_sum.fetch_add(sent_ns, Ordering::Relaxed);
+        self.awaiting_sum.fetch_add(sent_us, Ordering::Relaxed);
         Awaiting {
             cell: self,
-            sent_ns,
+            sent_us,
         }
     }
 
@@ -145,7 +144,7 @@ impl LatencyCell {
         if v == UNKNOWN {
             return None;
         }
-        let since = now.saturating_duration_since(at(self.value_at.load(Ordering::Relaxed)));
+        let since = now.saturating_duration_since(self.at(self.value_at.load(Ordering::Relaxed)));
         let w = (-since.as_secs_f64() / decay.as_secs_f64().max(1e-9)).exp();
         Some(Duration::from_secs_f64(v as f64 * 1e-9 * w))
     }
@@ -156,8 +155,8 @@ impl LatencyCell {
         if n == 0 {
             return Duration::ZERO;
         }
-        let mean = self.awaiting_sum.load(Ordering::Relaxed) / n;
-        Duration::from_nanos(ns_since_epoch(now).saturating_sub(mean))
+        let mean_us = self.awaiting_sum.load(Ordering::Relaxed) / n;
+        Duration::from_micros((self.ns(now) / 1000).saturating_sub(mean_us))
     }
 
     /// The larger of the estimate and the pending age; `None` when neither is known.
@@ -184,16 +183,11 @@ impl LatencyCell {
     pub fn claim_trickle(&self, in_flight: u64, interval: Duration) -> bool {
         let now = Instant::now();
         let last = self.last_trickle.load(Ordering::Relaxed);
-        let last_at = (last != UNKNOWN).then(|| at(last));
+        let last_at = (last != UNKNOWN).then(|| self.at(last));
         latency::trickle_due(in_flight, last_at, now, interval)
             && self
                 .last_trickle
-                .compare_exchange(
-                    last,
-                    ns_since_epoch(now),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(last, self.ns(now), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
 
@@ -314,5 +308,69 @@ fn report(
         warn!(cluster = %c.name, upstream = %ep.addr, latency_ms = ms(latency), cluster_ms = ms(reference), source = source.name(), trickle_ms = c.spec.latency.trickle_interval.as_millis() as u64, "endpoint slow; sending it a trickle only");
     } else {
         info!(cluster = %c.name, upstream = %ep.addr, latency_ms = ms(latency), cluster_ms = ms(reference), "endpoint no longer slow");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn samples_publish_an_estimate_that_decays_without_a_lock() {
+        let p = LatencyPolicy::default();
+        let cell = LatencyCell::new();
+        assert_eq!(cell.estimate(Instant::now(), p.decay), None);
+        cell.sample(ms(3000), &p);
+        assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(3000)));
+        tokio::time::advance(p.decay).await;
+        let e = cell.estimate(Instant::now(), p.decay).unwrap();
+        assert!(
+            (e.as_secs_f64() - 3.0 * (-1f64).exp()).abs() < 1e-6,
+            "{e:?}"
+        );
+        assert_eq!(cell.view(&p).samples, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_awaiting_their_head_give_a_pending_age() {
+        let p = LatencyPolicy::default();
+        let cell = LatencyCell::new();
+        let first = cell.awaiting(Instant::now());
+        tokio::time::advance(ms(400)).await;
+        let second = cell.awaiting(Instant::now());
+        assert_eq!(cell.pending_age(Instant::now()), ms(200), "the mean age");
+        assert_eq!(cell.effective(Instant::now(), p.decay), Some(ms(200)));
+        drop(first);
+        drop(second);
+        assert_eq!(cell.pending_age(Instant::now()), Duration::ZERO);
+        assert_eq!(cell.view(&p).awaiting, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_is_claimed_once_per_interval() {
+        let cell = LatencyCell::new();
+        let every = ms(1000);
+        assert!(cell.claim_trickle(0, every));
+        assert!(!cell.claim_trickle(0, every), "claimed already");
+        tokio::time::advance(every).await;
+        assert!(!cell.claim_trickle(1, every), "one in flight");
+        assert!(cell.claim_trickle(0, every));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_sample_resets_a_slow_endpoint() {
+        let p = LatencyPolicy::default();
+        let cell = LatencyCell::new();
+        cell.sample(ms(3000), &p);
+        cell.slow.store(true, Ordering::Relaxed);
+        cell.threshold_ns
+            .store(ms(101).as_nanos() as u64, Ordering::Relaxed);
+        tokio::time::advance(ms(3000)).await;
+        cell.sample(ms(1), &p);
+        assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(1)));
     }
 }
