@@ -34,7 +34,12 @@
 //! backend that stops answering is avoided within milliseconds, not after its first slow
 //! response arrives.
 //!
-//! **Pick**: power of two choices: two *distinct* random eligible endpoints, the cheaper wins.
+//! **Pick**: power of two choices: two *distinct* random eligible endpoints, the cheaper wins,
+//! unless the two costs are within [`TIE_RELATIVE`] of each other or [`TIE_ABSOLUTE`] apart:
+//! then the first drawn (a random one) does. Sub-millisecond differences between endpoints are
+//! the host's scheduling noise, and steering on them would send two thirds of a lightly loaded
+//! cluster to whichever endpoint's last hiccup was smallest; under load the `in flight + 1`
+//! factor makes real differences larger than that.
 //!
 //! **Slow** ([`evaluate`]): an endpoint whose effective latency is above
 //! `max(slow_factor × reference, reference + slow_margin)`, the reference being the lower
@@ -62,6 +67,10 @@ pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 pub const DEFAULT_SLOW_FACTOR: u32 = 3;
 pub const DEFAULT_SLOW_MARGIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_TRICKLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Two costs this close (relative to the larger) are a tie.
+pub const TIE_RELATIVE: f64 = 0.1;
+/// Two costs this close (in seconds) are a tie.
+pub const TIE_ABSOLUTE: f64 = 0.001;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LatencyPolicy {
@@ -206,9 +215,9 @@ pub fn cost(estimate: Duration, pending_age: Duration, in_flight: u64, weight: u
 }
 
 /// Power of two choices: two distinct eligible indices below `n`, drawn with `draw(bound)`
-/// (uniform in `0..bound`), and the one with the lower cost (the first on a tie). Falls back to
-/// a scan when random draws keep missing eligible ones, so a single eligible index is always
-/// found.
+/// (uniform in `0..bound`), and the one with the lower cost; the first drawn on a tie (see
+/// [`TIE_RELATIVE`], [`TIE_ABSOLUTE`]). Falls back to a scan when random draws keep missing
+/// eligible ones, so a single eligible index is always found.
 pub fn p2c(
     n: usize,
     mut draw: impl FnMut(usize) -> usize,
@@ -230,7 +239,9 @@ pub fn p2c(
     let Some(b) = pick(Some(a), &mut draw) else {
         return Some(a);
     };
-    Some(if cost(b) < cost(a) { b } else { a })
+    let (ca, cb) = (cost(a), cost(b));
+    let tie = (ca - cb).abs() <= (TIE_RELATIVE * ca.max(cb)).max(TIE_ABSOLUTE);
+    Some(if !tie && cb < ca { b } else { a })
 }
 
 /// The result of [`evaluate`].

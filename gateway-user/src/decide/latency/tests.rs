@@ -118,6 +118,25 @@ fn p2c_compares_two_distinct_eligible_endpoints() {
         assert_ne!(p2c(3, &mut rng, |i| costs[i], |_| true), Some(2));
     }
     assert_eq!(p2c(8, |_| 0, |_| 1.0, |i| i == 6), Some(6));
+    // Within the tie tolerance the first drawn wins: 0.5 ms against 0.9 ms is noise.
+    let close = [0.0009, 0.0005];
+    let mut draws = [0usize, 1].into_iter().cycle();
+    assert_eq!(
+        p2c(2, |_| draws.next().unwrap(), |i| close[i], |_| true),
+        Some(0)
+    );
+    let near = [1.05, 1.0];
+    let mut draws = [0usize, 1].into_iter().cycle();
+    assert_eq!(
+        p2c(2, |_| draws.next().unwrap(), |i| near[i], |_| true),
+        Some(0)
+    );
+    let apart = [0.004, 0.002];
+    let mut draws = [0usize, 1].into_iter().cycle();
+    assert_eq!(
+        p2c(2, |_| draws.next().unwrap(), |i| apart[i], |_| true),
+        Some(1)
+    );
     assert_eq!(p2c(3, |_| 0, |_| 1.0, |_| false), None);
     assert_eq!(p2c(0, |_| 0, |_| 1.0, |_| true), None);
 }
