@@ -53,7 +53,7 @@ fn address_summary(r: &Value) -> &Value {
 
 /// (listen backlog, accept one connection every, competing clients): from a one-slot queue
 /// with a few competitors to a deeper queue under many.
-const LEVELS: [(i32, u64, usize); 3] = [(0, 100, 4), (4, 40, 16), (16, 20, 64)];
+const LEVELS: [(i32, u64, usize); 3] = [(0, 100, 4), (4, 40, 16), (16, 30, 128)];
 
 #[test]
 fn privileged_contended_accept_queue_is_overloaded_not_lossy() {
