@@ -1,6 +1,6 @@
 //! Latency-aware balancing (`lb_policy = "peak_ewma"`), as plain code that takes the time as a
 //! parameter: the per-endpoint latency estimate, the cost a pick compares, power of two
-//! choices, which endpoints are `slow`, and when a slow endpoint gets its trickle request.
+//! choices, which endpoints are `slow`, and when an endpoint gets its trickle request.
 //!
 //! **The estimate** is a peak-EWMA of response time, as in Finagle and tower's `PeakEwma`
 //! (linkerd2-proxy): a sample above the current estimate replaces it at once (the peak), a
@@ -45,14 +45,20 @@
 //! `max(slow_factor × reference, reference + slow_margin)`, the reference being the lower
 //! median of the routable endpoints' latencies. At most `max_slow` endpoints are slow at once
 //! (the cluster's ejection budget: a cluster-wide slowdown has nowhere better to go), the
-//! slowest first. A slow endpoint is taken out of the choices and gets only a trickle: one
-//! request when it has none in flight and none was sent there for `trickle_interval`
-//! ([`trickle_due`]), so at most one at a time, however slow it is. Its recovery is noticed by
-//! that trickle: a sample at or below the threshold while slow resets the estimate to it
-//! (the peak rule raises it again at once if the next one is slow), and the endpoint leaves
-//! `slow` at the next evaluation. A slow endpoint is never ejected for it: slowness is not a
-//! network failure (`decide::health` ejects only after `response_timeouts_to_eject`
-//! response timeouts in a row, as `slow_backend`).
+//! slowest first. A slow endpoint is taken out of the choices and gets only a trickle. A
+//! slow endpoint is never ejected for it: slowness is not a network failure (`decide::health`
+//! ejects only after `response_timeouts_to_eject` response timeouts in a row, as
+//! `slow_backend`).
+//!
+//! **Trickle** ([`trickle_due`]): an endpoint that was not picked for `trickle_interval` and
+//! has nothing in flight takes the next request, whatever its cost: a slow one, and one that
+//! power of two choices keeps losing (expensive, yet under the slow threshold, e.g. when the
+//! whole cluster is slow). So it gets one request at a time, at most one per interval, however
+//! slow it is, and no endpoint goes unmeasured for longer. Such a *fresh* sample, after a gap
+//! with no traffic, replaces the estimate instead of being averaged into it: the estimate it
+//! would be averaged with is stale by construction, and the peak rule raises it again at once
+//! if the next answer is slow. That is how a recovery is noticed within an interval and a slow
+//! answer or two, not after the decay has worn a 3 s peak down.
 //!
 //! Caveat: a route whose requests legitimately take long (long polls, reports) makes the
 //! endpoints that serve them look slow; give such routes a cluster with another policy.
@@ -163,22 +169,15 @@ impl PeakEwma {
         self.source
     }
 
-    /// A response-head latency. `slow_threshold` is `Some` while the endpoint is slow: a
-    /// sample at or below it resets the estimate (the trickle saw it recover).
-    pub fn sample(
-        &mut self,
-        rtt: Duration,
-        now: Instant,
-        decay: Duration,
-        slow_threshold: Option<Duration>,
-    ) {
+    /// A response-head latency. `fresh`: the request was a trickle, after a gap with no
+    /// traffic; its sample replaces the estimate.
+    pub fn sample(&mut self, rtt: Duration, now: Instant, decay: Duration, fresh: bool) {
         self.samples += 1;
         let r = secs(rtt);
         let w = self.weight(now, decay);
-        let recovering = slow_threshold.is_some_and(|t| rtt <= t);
         let next = match self.value {
-            Some(s) if !recovering && r <= s * w => s * w + r * (1.0 - w),
-            // The first sample, a peak, or the trickle seeing a slow endpoint recover.
+            Some(s) if !fresh && r <= s * w => s * w + r * (1.0 - w),
+            // The first sample, a peak, or a trickle's.
             _ => {
                 self.source = Source::Responses;
                 r
@@ -292,15 +291,15 @@ pub fn evaluate(latencies: &[Option<Duration>], p: &LatencyPolicy, max_slow: usi
     }
 }
 
-/// Whether a slow endpoint takes the next request: nothing in flight there, and no trickle
-/// request sent for `interval`.
+/// Whether an endpoint takes the next request whatever its cost: nothing in flight there, and
+/// not picked for `interval` (`last_pick`: when it last was, `None` for never).
 pub fn trickle_due(
     in_flight: u64,
-    last_trickle: Option<Instant>,
+    last_pick: Option<Instant>,
     now: Instant,
     interval: Duration,
 ) -> bool {
-    in_flight == 0 && last_trickle.is_none_or(|t| now.saturating_duration_since(t) >= interval)
+    in_flight == 0 && last_pick.is_none_or(|t| now.saturating_duration_since(t) >= interval)
 }
 
 #[cfg(test)]

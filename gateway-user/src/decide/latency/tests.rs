@@ -15,14 +15,14 @@ fn a_peak_replaces_the_estimate_and_lower_samples_pull_it_down_by_elapsed_time()
     let t0 = Instant::now();
     let mut e = PeakEwma::new(t0);
     assert_eq!(e.estimate(t0, TAU), None);
-    e.sample(ms(10), t0, TAU, None);
+    e.sample(ms(10), t0, TAU, false);
     assert_eq!(e.estimate(t0, TAU), Some(ms(10)));
     // A peak wins at once, whatever the time since the last update.
-    e.sample(ms(3000), t0 + ms(1), TAU, None);
+    e.sample(ms(3000), t0 + ms(1), TAU, false);
     assert!(close(e.estimate(t0 + ms(1), TAU).unwrap(), ms(3000)));
     // A lower sample one τ later: S·e^-1 + r·(1 - e^-1).
     let t = t0 + ms(1) + TAU;
-    e.sample(ms(10), t, TAU, None);
+    e.sample(ms(10), t, TAU, false);
     let want = 3.0 * (-1f64).exp() + 0.010 * (1.0 - (-1f64).exp());
     assert!(
         (e.estimate(t, TAU).unwrap().as_secs_f64() - want).abs() < 1e-9,
@@ -36,14 +36,14 @@ fn a_peak_replaces_the_estimate_and_lower_samples_pull_it_down_by_elapsed_time()
 fn an_idle_estimate_decays_towards_zero_and_steady_samples_converge_on_them() {
     let t0 = Instant::now();
     let mut e = PeakEwma::new(t0);
-    e.sample(ms(1000), t0, TAU, None);
+    e.sample(ms(1000), t0, TAU, false);
     let later = e.estimate(t0 + TAU, TAU).unwrap().as_secs_f64();
     assert!((later - (-1f64).exp()).abs() < 1e-9, "{later}");
     // Samples every 5 ms at 2 ms: after 20 τ (200 s) the estimate is theirs.
     let mut t = t0;
     for _ in 0..40_000 {
         t += ms(5);
-        e.sample(ms(2), t, TAU, None);
+        e.sample(ms(2), t, TAU, false);
     }
     let v = e.estimate(t, TAU).unwrap();
     assert!(v >= ms(2) && v < Duration::from_micros(2_050), "{v:?}");
@@ -53,7 +53,7 @@ fn an_idle_estimate_decays_towards_zero_and_steady_samples_converge_on_them() {
 fn lower_bounds_only_raise_and_say_what_raised() {
     let t0 = Instant::now();
     let mut e = PeakEwma::new(t0);
-    e.sample(ms(5), t0, TAU, None);
+    e.sample(ms(5), t0, TAU, false);
     assert!(!e.lower_bound(Duration::from_micros(80), Source::Handshakes, t0, TAU));
     assert_eq!(e.source(), Source::Responses);
     // A handshake that needed a SYN retransmit: at least 1 s.
@@ -69,20 +69,20 @@ fn lower_bounds_only_raise_and_say_what_raised() {
 }
 
 #[test]
-fn a_slow_endpoints_fast_trickle_sample_resets_the_estimate() {
+fn a_fresh_trickle_sample_replaces_the_estimate() {
     let t0 = Instant::now();
     let mut e = PeakEwma::new(t0);
-    e.sample(ms(3000), t0, TAU, None);
+    e.sample(ms(3000), t0, TAU, false);
     // Still slow: the peak stays.
-    e.sample(ms(3000), t0 + ms(3000), TAU, Some(ms(101)));
+    e.sample(ms(3000), t0 + ms(3000), TAU, true);
     assert!(close(e.estimate(t0 + ms(3000), TAU).unwrap(), ms(3000)));
-    // Fast again: without the reset one sample after 3 s would leave ~2.2 s.
+    // Fast again: averaged in, one sample after 3 s would leave ~2.2 s.
     let t = t0 + ms(6000);
-    e.sample(ms(1), t, TAU, Some(ms(101)));
+    e.sample(ms(1), t, TAU, true);
     assert_eq!(e.estimate(t, TAU), Some(ms(1)));
     let mut plain = PeakEwma::new(t0);
-    plain.sample(ms(3000), t0, TAU, None);
-    plain.sample(ms(1), t0 + ms(3000), TAU, None);
+    plain.sample(ms(3000), t0, TAU, false);
+    plain.sample(ms(1), t0 + ms(3000), TAU, false);
     assert!(plain.estimate(t0 + ms(3000), TAU).unwrap() > ms(2000));
 }
 
@@ -194,11 +194,10 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
     let fast = ms(1);
     let slow_at = |t: f64| (10.0..40.0).contains(&t);
     let mut ewma: Vec<PeakEwma> = (0..3).map(|_| PeakEwma::new(t0)).collect();
-    // Per endpoint: (sent, done) of requests in flight.
-    let mut flight: Vec<Vec<(Instant, Instant)>> = vec![Vec::new(); 3];
+    // Per endpoint: (sent, done, trickle) of requests in flight.
+    let mut flight: Vec<Vec<(Instant, Instant, bool)>> = vec![Vec::new(); 3];
     let mut slow = [false; 3];
-    let mut threshold = None;
-    let mut last_trickle: [Option<Instant>; 3] = [None; 3];
+    let mut last_pick: [Option<Instant>; 3] = [None; 3];
     let mut seed = 42u64;
     let mut rng = move |bound: usize| {
         seed = seed
@@ -213,11 +212,11 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
         let t = step as f64 * 0.005;
         // Completions: samples.
         for (i, f) in flight.iter_mut().enumerate() {
-            f.retain(|&(sent, done)| {
+            f.retain(|&(sent, done, trickle)| {
                 if done > now {
                     return true;
                 }
-                ewma[i].sample(done - sent, done, p.decay, threshold.filter(|_| slow[i]));
+                ewma[i].sample(done - sent, done, p.decay, trickle);
                 false
             });
         }
@@ -228,29 +227,24 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
                     let age = if n == 0 {
                         Duration::ZERO
                     } else {
-                        flight[i].iter().map(|(s, _)| now - *s).sum::<Duration>() / n
+                        flight[i].iter().map(|(s, _, _)| now - *s).sum::<Duration>() / n
                     };
                     ewma[i].estimate(now, p.decay).map(|e| e.max(age))
                 })
                 .collect();
             let e = evaluate(&lat, &p, 1);
             slow.copy_from_slice(&e.slow);
-            threshold = e.threshold;
         }
         let due = (0..3).find(|&i| {
-            slow[i]
-                && trickle_due(
-                    flight[i].len() as u64,
-                    last_trickle[i],
-                    now,
-                    p.trickle_interval,
-                )
+            trickle_due(
+                flight[i].len() as u64,
+                last_pick[i],
+                now,
+                p.trickle_interval,
+            )
         });
         let i = match due {
-            Some(i) => {
-                last_trickle[i] = Some(now);
-                i
-            }
+            Some(i) => i,
             None => p2c(
                 3,
                 &mut rng,
@@ -260,7 +254,7 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
                     let age = if n == 0 {
                         Duration::ZERO
                     } else {
-                        flight[i].iter().map(|(s, _)| now - *s).sum::<Duration>() / n
+                        flight[i].iter().map(|(s, _, _)| now - *s).sum::<Duration>() / n
                     };
                     cost(est, age, u64::from(n), 1)
                 },
@@ -268,8 +262,9 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
             )
             .unwrap(),
         };
+        last_pick[i] = Some(now);
         let latency = if i == 1 && slow_at(t) { ms(3000) } else { fast };
-        flight[i].push((now, now + latency));
+        flight[i].push((now, now + latency, due.is_some()));
         if t >= 10.0 && latency > ms(1000) {
             late += 1;
         }

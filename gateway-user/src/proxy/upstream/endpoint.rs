@@ -153,7 +153,7 @@ impl Endpoints {
     }
 
     /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
-    /// suspect one, else (`peak_ewma`) a slow one; a slow endpoint's due trickle first.
+    /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first.
     pub fn pick(
         &self,
         spec: &ClusterSpec,
@@ -165,6 +165,12 @@ impl Endpoints {
         if latency_aware && let Some(ep) = self.trickle(eps, spec, &tried) {
             return Ok(ep);
         }
+        let picked = |ep: &Arc<Endpoint>| {
+            if latency_aware {
+                ep.latency.picked(tokio::time::Instant::now());
+            }
+            ep.clone()
+        };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         for pass in 0..3 {
             let eligible = |i: usize| {
@@ -192,7 +198,7 @@ impl Endpoints {
                 LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
             };
             if let Some(i) = found {
-                return Ok(eps[i].clone());
+                return Ok(picked(&eps[i]));
             }
         }
         let ejected = eps.iter().filter(|e| !e.health.routable()).count();
@@ -233,20 +239,22 @@ impl Endpoints {
         )
     }
 
-    /// A slow endpoint whose trickle request is due, claimed for this request.
+    /// An endpoint whose trickle request is due (not picked for `trickle_interval`, nothing
+    /// in flight: a slow one, or one that power of two choices keeps losing), claimed for this
+    /// request.
     fn trickle(
         &self,
         eps: &[Arc<Endpoint>],
         spec: &ClusterSpec,
         tried: &impl Fn(SocketAddr) -> bool,
     ) -> Option<Arc<Endpoint>> {
-        if !self.latency.any_slow.load(Ordering::Relaxed) {
+        if !self.latency.any_due.load(Ordering::Relaxed) {
             return None;
         }
         eps.iter()
             .find(|e| {
-                e.latency.slow()
-                    && e.health.routable()
+                e.health.routable()
+                    && !e.health.suspect()
                     && !tried(e.addr)
                     && e.latency.claim_trickle(
                         e.in_flight.load(Ordering::Relaxed),

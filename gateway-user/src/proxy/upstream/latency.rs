@@ -44,10 +44,10 @@ pub(crate) struct LatencyCell {
     awaiting_sum: AtomicU64,
     /// Marked slow by the evaluator (under `peak_ewma` only).
     slow: AtomicBool,
-    /// The threshold when it was marked slow (a trickle sample below it resets the estimate).
-    threshold_ns: AtomicU64,
-    /// When the last trickle request was sent; `UNKNOWN` for never.
-    last_trickle: AtomicU64,
+    /// When a request was last sent here (`peak_ewma` only); `UNKNOWN` for never.
+    last_pick: AtomicU64,
+    /// A trickle request was sent: the next sample is fresh (`decide::latency`).
+    trickle_pending: AtomicBool,
 }
 
 /// What `/status` shows of an endpoint's latency.
@@ -85,8 +85,8 @@ impl LatencyCell {
             awaiting: AtomicU64::new(0),
             awaiting_sum: AtomicU64::new(0),
             slow: AtomicBool::new(false),
-            threshold_ns: AtomicU64::new(UNKNOWN),
-            last_trickle: AtomicU64::new(UNKNOWN),
+            last_pick: AtomicU64::new(UNKNOWN),
+            trickle_pending: AtomicBool::new(false),
         }
     }
 
@@ -109,12 +109,13 @@ impl LatencyCell {
         }
     }
 
-    /// A response head arrived `rtt` after the request was sent.
+    /// A response head arrived `rtt` after the request was sent. The first sample after a
+    /// trickle request is fresh: it replaces the estimate.
     pub fn sample(&self, rtt: Duration, p: &LatencyPolicy) {
         let now = Instant::now();
-        let slow_threshold = self.slow().then(|| self.threshold()).flatten();
+        let fresh = self.trickle_pending.swap(false, Ordering::Relaxed);
         let mut e = self.lock();
-        e.sample(rtt, now, p.decay, slow_threshold);
+        e.sample(rtt, now, p.decay, fresh);
         self.publish(&e, now, p.decay);
     }
 
@@ -173,22 +174,34 @@ impl LatencyCell {
         self.slow.load(Ordering::Relaxed)
     }
 
-    fn threshold(&self) -> Option<Duration> {
-        let t = self.threshold_ns.load(Ordering::Relaxed);
-        (t != UNKNOWN).then(|| Duration::from_nanos(t))
+    /// A request was just sent here.
+    pub fn picked(&self, now: Instant) {
+        self.last_pick.store(self.ns(now), Ordering::Relaxed);
     }
 
-    /// Claims this slow endpoint's trickle request if one is due now (at most one caller
-    /// wins).
+    fn last_pick(&self) -> (u64, Option<Instant>) {
+        let last = self.last_pick.load(Ordering::Relaxed);
+        (last, (last != UNKNOWN).then(|| self.at(last)))
+    }
+
+    /// Whether this endpoint's trickle request is due (`decide::latency::trickle_due`).
+    pub fn trickle_due(&self, now: Instant, in_flight: u64, interval: Duration) -> bool {
+        latency::trickle_due(in_flight, self.last_pick().1, now, interval)
+    }
+
+    /// Claims this endpoint's trickle request if one is due now (at most one caller wins).
     pub fn claim_trickle(&self, in_flight: u64, interval: Duration) -> bool {
         let now = Instant::now();
-        let last = self.last_trickle.load(Ordering::Relaxed);
-        let last_at = (last != UNKNOWN).then(|| self.at(last));
-        latency::trickle_due(in_flight, last_at, now, interval)
+        let (last, last_at) = self.last_pick();
+        let won = latency::trickle_due(in_flight, last_at, now, interval)
             && self
-                .last_trickle
+                .last_pick
                 .compare_exchange(last, self.ns(now), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+                .is_ok();
+        if won {
+            self.trickle_pending.store(true, Ordering::Relaxed);
+        }
+        won
     }
 
     pub fn view(&self, p: &LatencyPolicy) -> LatencyView {
@@ -206,8 +219,8 @@ impl LatencyCell {
 /// The cluster's side: the latest evaluation, read by picks.
 #[derive(Default)]
 pub(crate) struct ClusterLatency {
-    /// Some endpoint is slow: picks look for a due trickle.
-    pub any_slow: AtomicBool,
+    /// Some endpoint's trickle request is due: picks look for it.
+    pub any_due: AtomicBool,
     /// The reference latency (lower median), the cost of an endpoint without an estimate.
     reference_ns: AtomicU64,
     threshold_ns: AtomicU64,
@@ -277,21 +290,20 @@ fn evaluate(c: &Cluster) {
         ev.threshold.map_or(0, |t| t.as_nanos() as u64),
         Ordering::Relaxed,
     );
+    let mut any_due = false;
     for (i, ep) in eps.iter().enumerate() {
         let slow = ev.slow[i];
-        if slow {
-            if let Some(t) = ev.threshold {
-                ep.latency
-                    .threshold_ns
-                    .store(t.as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
         if ep.latency.slow.swap(slow, Ordering::Relaxed) != slow {
             report(c, ep, slow, lat[i], ev.reference);
         }
+        any_due |= ep.health.routable()
+            && ep.latency.trickle_due(
+                now,
+                ep.in_flight.load(Ordering::Relaxed),
+                p.trickle_interval,
+            );
     }
-    cl.any_slow
-        .store(ev.slow.iter().any(|s| *s), Ordering::Relaxed);
+    cl.any_due.store(any_due, Ordering::Relaxed);
 }
 
 fn report(
@@ -351,26 +363,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_trickle_is_claimed_once_per_interval() {
+    async fn a_trickle_is_claimed_once_per_interval_without_picks() {
         let cell = LatencyCell::new();
         let every = ms(1000);
-        assert!(cell.claim_trickle(0, every));
+        assert!(cell.claim_trickle(0, every), "never picked");
         assert!(!cell.claim_trickle(0, every), "claimed already");
         tokio::time::advance(every).await;
         assert!(!cell.claim_trickle(1, every), "one in flight");
+        assert!(cell.trickle_due(Instant::now(), 0, every));
+        cell.picked(Instant::now());
+        assert!(!cell.claim_trickle(0, every), "picked just now");
+        tokio::time::advance(every).await;
         assert!(cell.claim_trickle(0, every));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_fast_sample_resets_a_slow_endpoint() {
+    async fn the_sample_after_a_trickle_replaces_the_estimate() {
         let p = LatencyPolicy::default();
         let cell = LatencyCell::new();
         cell.sample(ms(3000), &p);
-        cell.slow.store(true, Ordering::Relaxed);
-        cell.threshold_ns
-            .store(ms(101).as_nanos() as u64, Ordering::Relaxed);
         tokio::time::advance(ms(3000)).await;
+        assert!(cell.claim_trickle(0, p.trickle_interval));
         cell.sample(ms(1), &p);
         assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(1)));
+        // Only that one: the next is averaged in (a peak still replaces).
+        cell.sample(ms(2), &p);
+        assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(2)));
+        tokio::time::advance(ms(10)).await;
+        cell.sample(ms(1), &p);
+        assert!(cell.estimate(Instant::now(), p.decay).unwrap() > ms(1));
     }
 }
