@@ -196,8 +196,36 @@ pub mod counter {
     pub const CONN_INSERT_FAILED: u32 = 2;
     /// `sk_storage` could not be created for a socket, so its connect is not tracked.
     pub const STORAGE_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Destinations added to `DEST_STATS`. The LRU evicts silently, so evictions are this
+    /// minus the entries the map holds (nothing else ever deletes one).
+    pub const DEST_INSERTED: u32 = 4;
+    /// A tracked socket left SYN_SENT for a state other than ESTABLISHED or CLOSE, or left
+    /// ESTABLISHED without the kernel having reported it established.
+    pub const UNEXPECTED_STATE: u32 = 5;
+    /// Anomaly log lines not written because one of the same kind was written on that CPU
+    /// within the last [`super::ANOMALY_LOG_INTERVAL_NS`].
+    pub const ANOMALY_LOGS_SUPPRESSED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
+
+/// The rare kernel-side anomalies, each reported through aya-log (rate-limited per kind and
+/// CPU) and counted in `COUNTERS` at the index of the same value.
+pub mod anomaly {
+    use super::counter;
+
+    /// Kinds, as `COUNTERS` indices.
+    pub const KINDS: [(u32, &str); 4] = [
+        (counter::DEST_INSERT_FAILED, "dest_insert_failed"),
+        (counter::CONN_INSERT_FAILED, "conn_insert_failed"),
+        (counter::STORAGE_FAILED, "storage_failed"),
+        (counter::UNEXPECTED_STATE, "unexpected_state"),
+    ];
+}
+
+/// At most one anomaly log line per kind per CPU in this many nanoseconds.
+pub const ANOMALY_LOG_INTERVAL_NS: u64 = 1_000_000_000;
+/// Slots of the per-CPU `ANOMALY_LOGGED` array: one per [`counter`] index.
+pub const ANOMALY_SLOTS: u32 = counter::COUNT;
 
 const _: () = assert!(core::mem::size_of::<UpstreamKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);

@@ -6,6 +6,7 @@ pub const MAP_DEST_STATS: &str = "DEST_STATS";
 pub const MAP_CONN_STATS: &str = "CONN_STATS";
 pub const MAP_PENDING_CONNECT: &str = "PENDING_CONNECT";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_ANOMALY_LOGGED: &str = "ANOMALY_LOGGED";
 
 pub const PROG_CONNECT4: &str = "gw_connect4";
 pub const PROG_CONNECT6: &str = "gw_connect6";

@@ -22,10 +22,10 @@ use gateway_common::{
 };
 
 use crate::{
-    emit,
+    anomaly, emit,
     maps::{
         F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT,
-        SockState, bump, sock_state_map,
+        SockState, sock_state_map,
     },
 };
 
@@ -54,6 +54,7 @@ pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
         dst.addr[3] = ip[3];
         open(&ctx, dst);
     }
+    anomaly::flush();
     1
 }
 
@@ -95,6 +96,7 @@ pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
         }
         open(&ctx, dst);
     }
+    anomaly::flush();
     1
 }
 
@@ -120,7 +122,11 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     }
     .cast();
     if st.is_null() {
-        bump(counter::STORAGE_FAILED);
+        // The kernel refuses the storage when it cannot charge it to the socket
+        // (`bpf_sk_storage_charge()` against net.core.optmem_max) or has no memory.
+        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        anomaly::report(counter::STORAGE_FAILED, cookie, &dst, pid);
         return;
     }
     let st = unsafe { &mut *st };
@@ -208,4 +214,5 @@ fn connect_returned(ret: i64) {
         emit::addr_unavailable(ev);
     }
     let _ = PENDING_CONNECT.remove(&pid_tgid);
+    // An anomaly found here is logged by the next sock_ops or connect program on this CPU.
 }

@@ -5,7 +5,10 @@ use gateway_common::{
     DestStats, EventKind, OUTCOME_SLOTS, Outcome, SYN_RTT_BUCKETS, UpstreamKey, counter, errno,
 };
 
-use crate::maps::{DEST_STATS, EVENTS, F_EMITTED, F_SO_ERROR_SENT, SockState, bump};
+use crate::{
+    anomaly,
+    maps::{DEST_STATS, EVENTS, F_EMITTED, F_SO_ERROR_SENT, SockState, bump},
+};
 
 /// `BPF_RB_NO_WAKEUP`: userspace drains on a timer instead of being woken per record.
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -27,7 +30,7 @@ pub fn outcome(st: &mut SockState, outcome: Outcome, err: u32, now_ns: u64) {
     if EVENTS.output(&st.ev, BPF_RB_NO_WAKEUP).is_err() {
         bump(counter::EVENTS_LOST);
     }
-    let Some(stats) = dest_stats(&st.ev.dst) else {
+    let Some(stats) = dest_stats(&st.ev.dst, st.ev.cookie, st.ev.pid) else {
         return;
     };
     let stats = unsafe { &mut *stats };
@@ -52,7 +55,7 @@ pub fn outcome(st: &mut SockState, outcome: Outcome, err: u32, now_ns: u64) {
 #[inline(always)]
 pub fn so_error(st: &mut SockState, value: u32) {
     if value != 0 {
-        if let Some(stats) = dest_stats(&st.ev.dst) {
+        if let Some(stats) = dest_stats(&st.ev.dst, st.ev.cookie, st.ev.pid) {
             let stats = unsafe { &mut *stats };
             if let Some(c) = stats.so_errors.get_mut(errno::so_error_slot(value)) {
                 add(c, 1);
@@ -81,18 +84,25 @@ pub fn so_error(st: &mut SockState, value: u32) {
     }
 }
 
-/// The aggregate slot of `dst`, created on first use.
+/// The aggregate slot of `dst`, created on first use. `cookie` and `pid` name the socket in
+/// the anomaly log if the slot cannot be created.
 #[inline(always)]
-pub fn dest_stats(dst: &UpstreamKey) -> Option<*mut DestStats> {
+pub fn dest_stats(dst: &UpstreamKey, cookie: u64, pid: u32) -> Option<*mut DestStats> {
     if let Some(p) = DEST_STATS.get_ptr_mut(dst) {
         return Some(p);
     }
     // Another CPU may insert the same key between our lookup and insert: NOEXIST makes that a
-    // harmless EEXIST, and the second lookup finds whichever entry won.
-    let _ = DEST_STATS.insert(dst, &ZERO_STATS, u64::from(BPF_NOEXIST));
+    // harmless EEXIST, and the second lookup finds whichever entry won. Only a successful
+    // insert counts as a new destination (evictions = inserts - entries).
+    if DEST_STATS
+        .insert(dst, &ZERO_STATS, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        bump(counter::DEST_INSERTED);
+    }
     let p = DEST_STATS.get_ptr_mut(dst);
     if p.is_none() {
-        bump(counter::DEST_INSERT_FAILED);
+        anomaly::report(counter::DEST_INSERT_FAILED, cookie, dst, pid);
     }
     p
 }
@@ -151,7 +161,7 @@ pub fn addr_unavailable(ev: &gateway_common::ConnectEvent) {
     if EVENTS.output(ev, BPF_RB_NO_WAKEUP).is_err() {
         bump(counter::EVENTS_LOST);
     }
-    if let Some(stats) = dest_stats(&ev.dst) {
+    if let Some(stats) = dest_stats(&ev.dst, ev.cookie, ev.pid) {
         add(
             unsafe { &mut (*stats).attempts[Outcome::AddrUnavailable as usize] },
             1,

@@ -24,6 +24,8 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod anomaly;
+#[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod emit;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use gateway_common::{
-    ConnStats, ConnectEvent, DestStats, UpstreamKey, counter,
+    ANOMALY_SLOTS, ConnStats, ConnectEvent, DestStats, UpstreamKey, counter,
     names::{
         DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DESTINATIONS, DEFAULT_MAX_PENDING, EVENTS_RING_BYTES,
     },
@@ -59,6 +59,25 @@ pub static PENDING_CONNECT: LruHashMap<u64, ConnectEvent, { DEFAULT_MAX_PENDING 
 /// Health of the kernel side itself; see `gateway_common::counter`.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+/// When each anomaly kind was last logged on this CPU (`bpf_ktime_get_ns`); see `anomaly`.
+#[btf_map]
+pub static ANOMALY_LOGGED: PerCpuArray<u64, { ANOMALY_SLOTS as usize }> = PerCpuArray::new();
+
+/// An anomaly waiting to be logged at the end of the program that found it; see `anomaly`.
+#[repr(C)]
+pub struct AnomalyPending {
+    pub cookie: u64,
+    pub kind: u32,
+    pub pid: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub armed: u8,
+    pub _pad: [u8; 5],
+}
+
+#[btf_map]
+pub static ANOMALY_PENDING: PerCpuArray<AnomalyPending, 1> = PerCpuArray::new();
 
 /// Set by userspace from the running kernel's BTF: `offsetof(struct sock, sk_err)` and
 /// `offsetof(struct sock, sk_err_soft)`. aya has no CO-RE for Rust programs, so the loader

@@ -14,10 +14,10 @@ use aya_ebpf::{
 use gateway_common::{ConnStats, Outcome, counter};
 
 use crate::{
-    emit,
+    anomaly, emit,
     maps::{
         CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET, SockState,
-        bump, sock_state,
+        sock_state,
     },
 };
 
@@ -30,6 +30,7 @@ const TCP_CLOSE: u32 = 7;
 #[sock_ops]
 pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
     let _ = try_sock_ops(&ctx);
+    crate::anomaly::flush();
     1
 }
 
@@ -130,8 +131,21 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 let mut closed = conn_stats(ctx, st);
                 closed.closed_ns = now;
                 if CONN_STATS.insert(&st.ev.cookie, &closed, 0).is_err() {
-                    bump(counter::CONN_INSERT_FAILED);
+                    conn_insert_failed(st);
                 }
+            } else if (old == TCP_SYN_SENT && new != TCP_ESTABLISHED)
+                || (old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED == 0)
+            {
+                // SYN_SENT only ever becomes ESTABLISHED or CLOSE (`tcp_rcv_synsent_state_process`,
+                // `tcp_done`), and ESTABLISHED is reported before the socket can leave it
+                // (`tcp_finish_connect` runs the ACTIVE_ESTABLISHED callback). Anything else
+                // means this state machine has a hole: say so rather than miscount.
+                anomaly::report(
+                    counter::UNEXPECTED_STATE,
+                    st.ev.cookie,
+                    &st.ev.dst,
+                    st.ev.pid,
+                );
             }
         }
         _ => {}
@@ -166,7 +180,7 @@ fn ctx_state(ctx: &SockOpsContext) -> u32 {
 /// refresh the connection's record.
 #[inline(always)]
 fn established_event(ctx: &SockOpsContext, st: &mut SockState, rto: bool) {
-    if let Some(stats) = emit::dest_stats(&st.ev.dst) {
+    if let Some(stats) = emit::dest_stats(&st.ev.dst, st.ev.cookie, st.ev.pid) {
         let stats = unsafe { &mut *stats };
         if rto {
             emit::add(&mut stats.rtos, 1);
@@ -176,8 +190,18 @@ fn established_event(ctx: &SockOpsContext, st: &mut SockState, rto: bool) {
     }
     let cs = conn_stats(ctx, st);
     if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
-        bump(counter::CONN_INSERT_FAILED);
+        conn_insert_failed(st);
     }
+}
+
+#[inline(always)]
+fn conn_insert_failed(st: &SockState) {
+    anomaly::report(
+        counter::CONN_INSERT_FAILED,
+        st.ev.cookie,
+        &st.ev.dst,
+        st.ev.pid,
+    );
 }
 
 #[inline(always)]

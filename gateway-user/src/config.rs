@@ -24,6 +24,8 @@ mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::{
     fmt,
@@ -132,7 +134,7 @@ pub fn load_str(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
         let key = KeyPath::from_serde(e.path());
         parse_error(&src, file, key, e.inner())
     })?;
-    match validate::validate(&cfg) {
+    match validate::validate(&cfg, file.parent()) {
         Ok((settings, warnings)) => Ok(Loaded {
             settings,
             warnings: warnings
@@ -191,8 +193,12 @@ pub fn cli_check(path: &Path) -> anyhow::Result<ExitCode> {
     }
     let s = &loaded.settings;
     let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+    let https = s.https.as_ref().map_or_else(String::new, |h| {
+        let a: Vec<String> = h.listen.iter().map(ToString::to_string).collect();
+        format!(", https {}", a.join(" "))
+    });
     println!(
-        "{}: ok: listen {}, {} route(s), {} cluster(s), {} warning(s)",
+        "{}: ok: listen {}{https}, {} route(s), {} cluster(s), {} warning(s)",
         path.display(),
         listen.join(" "),
         s.routes.len(),

@@ -17,3 +17,4 @@ pub mod observer;
 pub mod proxy;
 pub mod service;
 pub mod signals;
+pub mod tls;

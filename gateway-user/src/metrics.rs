@@ -58,6 +58,11 @@ pub struct EndpointErrno {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrnoLabels {
     pub errno: &'static str,
 }
@@ -93,6 +98,31 @@ pub struct HedgeLabels {
     pub cluster: String,
     pub reason: &'static str,
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsHandshakeLabels {
+    pub side: &'static str,
+    pub result: &'static str,
+    pub version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsErrorLabels {
+    pub side: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabels {
+    pub side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub role: &'static str,
+    pub file: String,
+    pub subject: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,7 +179,7 @@ catalogue! {
     socket_errors: "gateway_socket_errors", "counter", ["errno"],
         "Errors the gateway read through getsockopt(SO_ERROR) on its upstream sockets: a connect that failed after its SYN went out (refused, timeout, unreachable) reports its error that way; the errno is the kernel's (eBPF). Counted only with kernel signals.";
     timeouts: "gateway_timeouts", "counter", ["cluster", "phase"],
-        "Gateway timers that fired on requests, by phase: connect (an attempt's connect deadline), response (response_timeout_ms, before the head or between body reads), write (write_timeout_ms to the upstream), request (request_timeout_ms).";
+        "Gateway timers that fired on requests, by phase: connect (an attempt's connect deadline), response (response_timeout_ms, before the head or between body reads), write (write_timeout_ms to the upstream), request (request_timeout_ms), tls_handshake (tls_handshake_timeout_ms to a TLS upstream).";
     rtos: "gateway_upstream_rtos", "counter", ["cluster", "endpoint"],
         "Retransmission timeouts on established upstream connections, from the kernel (eBPF sock_ops RTO); added when a connection closes, from the kernel's final record of it.";
     connect_deadline: "gateway_upstream_connect_deadline_seconds", "gauge", ["cluster", "endpoint"],
@@ -174,6 +204,16 @@ catalogue! {
         "1 for the observer mode in effect (kernel, userspace).";
     events_lost: "gateway_observer_events_lost", "counter", [],
         "Connect records the kernel could not queue because the ring buffer was full (read from the observer every second).";
+    tls_handshakes: "gateway_tls_handshakes", "counter", ["side", "result", "version"],
+        "TLS handshakes by side (downstream: clients of the HTTPS listener; upstream: the gateway to TLS clusters), result (ok, error) and negotiated version (TLSv1.3, TLSv1.2; unknown when it failed).";
+    tls_handshake_errors: "gateway_tls_handshake_errors", "counter", ["side", "reason"],
+        "Failed TLS handshakes by reason. Downstream: timeout (tls_handshake_timeout_ms), plain_http (an HTTP request on the HTTPS port, answered 400), not_tls, unknown_sni (no certificate for the name), client_rejected_certificate, client_alert, bad_client_certificate (mTLS), no_shared_parameters, no_shared_alpn, protocol, client_closed, io. Upstream: timeout, unknown_ca, name_mismatch, expired, bad_certificate, alert, protocol, closed, io.";
+    tls_handshake_duration: "gateway_tls_handshake_duration_seconds", "histogram", ["side"],
+        "Time from the TCP connection to the end of successful TLS handshakes, by side.";
+    tls_certificate_expiry: "gateway_tls_certificate_expiry_timestamp_seconds", "gauge", ["role", "file", "subject"],
+        "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
+    kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
+        "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -199,6 +239,11 @@ pub struct GatewayMetrics {
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
     pub events_lost: Counter,
+    pub tls_handshakes: Family<TlsHandshakeLabels, Counter>,
+    pub tls_handshake_errors: Family<TlsErrorLabels, Counter>,
+    pub tls_handshake_duration: HistogramFamily<SideLabels>,
+    pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
+    pub kernel_anomalies: Family<KindLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -224,6 +269,11 @@ impl GatewayMetrics {
             observer_kernel: Gauge::default(),
             observer_mode: Family::default(),
             events_lost: Counter::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_errors: Family::default(),
+            tls_handshake_duration: Family::new_with_constructor(latency_histogram),
+            tls_certificate_expiry: Family::default(),
+            kernel_anomalies: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -254,6 +304,11 @@ impl GatewayMetrics {
         reg!(f::observer_kernel, m.observer_kernel);
         reg!(f::observer_mode, m.observer_mode);
         reg!(f::events_lost, m.events_lost);
+        reg!(f::tls_handshakes, m.tls_handshakes);
+        reg!(f::tls_handshake_errors, m.tls_handshake_errors);
+        reg!(f::tls_handshake_duration, m.tls_handshake_duration);
+        reg!(f::tls_certificate_expiry, m.tls_certificate_expiry);
+        reg!(f::kernel_anomalies, m.kernel_anomalies);
         m
     }
 }
@@ -394,6 +449,34 @@ mod tests {
             .get_or_create(&ModeLabels { mode: "kernel" })
             .set(1);
         m.events_lost.inc();
+        m.tls_handshakes
+            .get_or_create(&TlsHandshakeLabels {
+                side: "downstream",
+                result: "ok",
+                version: "TLSv1.3",
+            })
+            .inc();
+        m.tls_handshake_errors
+            .get_or_create(&TlsErrorLabels {
+                side: "upstream",
+                reason: "unknown_ca",
+            })
+            .inc();
+        m.tls_handshake_duration
+            .get_or_create(&SideLabels { side: "downstream" })
+            .observe(0.001);
+        m.tls_certificate_expiry
+            .get_or_create(&CertificateLabels {
+                role: "server",
+                file: "/etc/gateway/tls/cert.pem".into(),
+                subject: "api.example.com".into(),
+            })
+            .set(1_900_000_000);
+        m.kernel_anomalies
+            .get_or_create(&KindLabels {
+                kind: "storage_failed",
+            })
+            .inc();
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         for d in CATALOGUE {

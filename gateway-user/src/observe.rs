@@ -60,10 +60,28 @@ pub struct ObserveArgs {
     /// Distinct `dst` label values in metrics before the rest are counted as "other".
     #[arg(long, default_value_t = 1000)]
     pub metrics_max_destinations: usize,
+    /// Size of the kernel's ring buffer of connect records, in KiB (a power of two, at least
+    /// 4). Records that do not fit between two drains are counted as lost and reported.
+    #[arg(long, value_name = "KIB", default_value_t = gateway_common::names::EVENTS_RING_BYTES / 1024, value_parser = parse_ring_kib)]
+    pub ring_buffer_kib: u32,
     /// How long a connect record waits for the application's SO_ERROR read, in ms.
     #[arg(long, default_value_t = DEFAULT_JOIN_WINDOW.as_millis() as u64)]
     pub join_window_ms: u64,
 }
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if kib < 4 || !kib.is_power_of_two() || kib > (1 << 20) {
+        return Err(format!(
+            "{kib} KiB: the ring buffer must be a power of two between 4 KiB and 1 GiB"
+        ));
+    }
+    Ok(kib)
+}
+
+/// How often the kernel's table is counted (for the tracked and evicted destinations) when
+/// no table is drawn.
+pub const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
@@ -95,6 +113,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let opts = ObserverOptions {
         cgroup: args.cgroup.clone(),
         max_destinations: args.max_destinations,
+        events_ring_bytes: Some(args.ring_buffer_kib * 1024),
         ..ObserverOptions::default()
     };
     let observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
@@ -144,7 +163,11 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let mut drained = Drained::default();
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut refresh = tokio::time::interval(DEFAULT_REFRESH);
+    let mut refresh = tokio::time::interval(if args.json {
+        COUNT_INTERVAL
+    } else {
+        DEFAULT_REFRESH
+    });
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
@@ -160,8 +183,20 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 notifier.watchdog();
                 continue;
             }
-            _ = refresh.tick(), if !args.json && !args.quiet => {
-                let text = table.render(&stream.dest_stats(), args.top);
+            _ = refresh.tick() => {
+                // One walk of the kernel's table, one entry at a time: the rows shown, and
+                // the count behind the tracked/evicted metrics.
+                let mut rows = table::TopRows::new(if args.json || args.quiet { 0 } else { args.top });
+                // The counters first: inserts made during the walk then only make the evicted
+                // estimate (inserted − held) low for a moment, never high (the counter can
+                // only grow). Exact once the table is quiet.
+                let counters = stream.counters();
+                let entries = stream.for_each_dest_draining(&mut drained, |k, s| rows.offer(k, s));
+                metrics.set_kernel_counters(&counters, Some(entries));
+                if args.json || args.quiet {
+                    continue;
+                }
+                let text = table.render_top(rows);
                 let lost = stream.events_lost();
                 let mut out = stdout.lock();
                 if tty {
@@ -196,11 +231,14 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         }
         let lost = stream.events_lost();
         metrics.set_events_lost(lost);
+        metrics.set_kernel_counters(&stream.counters(), None);
         metrics.set_late_so_errors(stream.late_so_errors());
         if lost > lost_reported {
             tracing::warn!(
+                lost = lost - lost_reported,
                 lost_total = lost,
-                "the kernel dropped connect records: the ring buffer was full"
+                ring_buffer_kib = args.ring_buffer_kib,
+                "the kernel dropped connect records: the ring buffer was full between two drains (their counts are still in the kernel's table; raise --ring-buffer-kib)"
             );
             lost_reported = lost;
         }

@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `server` | client listeners and connections, the drain |
+//! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
 //! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout and the idle pool, connects and hedges, probes, DNS |
 //! | `exchange` | a request's context (log record, budget guard, route meter, connection lease) |
@@ -20,12 +21,13 @@
 //!
 //! Files import downwards only: `error`, `headers`, `io`, `router`, `request_body`,
 //! `access_log`, `telemetry` → `upstream` → `shared` → `exchange` → `response_body` →
-//! `request` → `server`, `admin`.
+//! `request` → `handshake` → `server`, `admin`.
 
 mod access_log;
 pub mod admin;
 pub mod error;
 mod exchange;
+mod handshake;
 mod headers;
 mod io;
 mod listeners;
@@ -104,6 +106,7 @@ pub enum StartError {
 /// A running gateway.
 pub struct GatewayHandle {
     listen: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
     shared: Arc<Shared>,
     phase: watch::Sender<Phase>,
@@ -162,6 +165,7 @@ pub async fn start_inheriting(
     let Listeners {
         per_worker,
         listen,
+        https,
         admin: admin_listener,
         sockets,
     } = listeners::open(&settings, n, inherited)?;
@@ -177,6 +181,7 @@ pub async fn start_inheriting(
         signals,
         log,
         draining: AtomicBool::new(false),
+        keepalive_off: AtomicBool::new(false),
         workers: n,
         telemetry,
     });
@@ -190,6 +195,9 @@ pub async fn start_inheriting(
     for addr in &listen {
         info!(listener = %addr, workers = n, "proxy listening");
     }
+    for addr in &https {
+        info!(https_listener = %addr, workers = n, "proxy listening (HTTPS)");
+    }
     let mut admin = None;
     if let Some(l) = admin_listener {
         admin = l.local_addr().ok();
@@ -200,6 +208,7 @@ pub async fn start_inheriting(
     }
     Ok(GatewayHandle {
         listen,
+        https,
         admin,
         shared,
         phase,
@@ -244,6 +253,11 @@ impl GatewayHandle {
         &self.listen
     }
 
+    /// The bound HTTPS addresses.
+    pub fn https_addrs(&self) -> &[SocketAddr] {
+        &self.https
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
     }
@@ -257,6 +271,12 @@ impl GatewayHandle {
             report
                 .needs_restart
                 .push("router.listen / router.listener_port");
+        }
+        let https = |s: &Settings| s.https.as_ref().map(|h| h.listen.clone());
+        if https(&settings) != https(&current.settings) {
+            report
+                .needs_restart
+                .push("router.https_listen / router.https_port / router.https_enabled");
         }
         if settings.workers != current.settings.workers {
             report.needs_restart.push("router.workers");
@@ -288,6 +308,7 @@ impl GatewayHandle {
     /// Keeps accepting, but ends keep-alive: HTTP/1 responses carry `Connection: close` and
     /// HTTP/2 connections get GOAWAY, so clients reconnect (elsewhere, once deregistered).
     pub fn close_keepalive(&self) {
+        self.shared.keepalive_off.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Deregister);
     }
 
@@ -313,6 +334,7 @@ impl GatewayHandle {
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         let start = tokio::time::Instant::now();
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.keepalive_off.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Drain);
         // With the workers' descriptors, the sockets close: new connections are refused at
         // once instead of waiting in a queue nobody accepts from (unless handed over).
@@ -344,6 +366,9 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         let Some(s) = shared.upgrade() else { return };
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
+        }
+        if let Some(anomalies) = s.signals.kernel_anomalies() {
+            s.telemetry.kernel_anomalies(anomalies);
         }
         // Each endpoint's deadline and state, which also puts back a state that a replaced
         // endpoint's last words zeroed.

@@ -132,6 +132,12 @@ pub trait SignalSource: Send + Sync + 'static {
     fn cgroup(&self) -> Option<std::path::PathBuf> {
         None
     }
+    /// The kernel side's anomaly counts (map insert failures, sockets without storage,
+    /// unexpected state transitions) by kind (`gateway_common::anomaly::KINDS`); `None` without
+    /// a kernel observer. Not for the request path.
+    fn kernel_anomalies(&self) -> Option<Vec<(&'static str, u64)>> {
+        None
+    }
 }
 
 /// No kernel signals. Used when eBPF cannot load, and in tests.

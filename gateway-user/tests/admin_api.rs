@@ -3,14 +3,21 @@
 //! cluster with nothing left to route to, a drain), and that the admin listener stays on
 //! loopback unless told otherwise.
 
-mod admin_support;
-mod proxy_support;
+use std::time::Duration;
 
-use std::{process::Command, time::Duration};
-
-use admin_support::*;
+use gateway_testkit::{
+    admin::{
+        admin_get, admin_request, catalogued, endpoint, metrics, sample, status, value, wait_for,
+        wait_in_flight,
+    },
+    gateway_bin,
+    http::{client, get},
+    inprocess::{InProcess, gateway},
+    ports::refused_addr,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// One healthy upstream and one refusing port in the default cluster; refusals eject at once
 /// and the ejection outlasts the test.
@@ -47,7 +54,9 @@ async fn status_shows_each_endpoint_state_reason_and_evidence() {
     assert_eq!(s["ready"], true, "{s:#}");
     assert_eq!(s["observer"]["mode"], "userspace");
     assert_eq!(s["observer"]["kernel_signals"], false);
-    assert_eq!(s["observer"]["reason"], "test");
+    // The reason is whatever the signal source says; the real fallback and its reason are
+    // checked end to end in admin_metrics_privileged.rs.
+    assert!(s["observer"]["reason"].is_string(), "{s:#}");
     assert_eq!(s["observer"]["cgroup"], serde_json::Value::Null);
 
     let bad = endpoint(&s, "default", refused);
@@ -229,7 +238,8 @@ async fn metrics_follow_a_refusing_endpoint() {
         "{after}"
     );
     assert!(
-        sample(&after, "gateway_socket_errors_total", &[]).is_none(),
+        catalogued("gateway_socket_errors_total").is_some()
+            && sample(&after, "gateway_socket_errors_total", &[]).is_none(),
         "{after}"
     );
     assert!(
@@ -363,15 +373,21 @@ async fn readyz_says_draining_once_shutdown_begins() {
     let addr = gw.addr;
     // A request in flight keeps the drain going while the admin API is asked.
     let in_flight = tokio::spawn(async move { get(&client(), addr, "/delay/1500").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slow_addr = slow.addr;
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", slow_addr))
+        .await
+        .unwrap();
     let drained = tokio::spawn(gw.handle.shutdown(Duration::from_secs(5)));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (ready, health, s) = tokio::task::spawn_blocking(move || {
-        (
-            admin_get(admin, "/readyz"),
-            admin_get(admin, "/healthz"),
-            status(admin),
-        )
+        let s = wait_for("/status to say draining", || {
+            let s = status(admin);
+            if s["draining"] == true {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        });
+        (admin_get(admin, "/readyz"), admin_get(admin, "/healthz"), s)
     })
     .await
     .unwrap();
@@ -434,7 +450,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     let dir = temp_dir("admin-loopback");
     let refused = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"");
     for cmd in [&["check-config"][..], &["run", "--config"][..]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        let out = gateway_bin!()
+            .command()
             .args(cmd)
             .arg(&refused)
             .env("RUST_LOG", "warn")
@@ -449,7 +466,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     }
     // Allowed when asked for (validated only: this test binds nothing beyond loopback).
     let allowed = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"\nallow_remote = true");
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let out = gateway_bin!()
+        .command()
         .arg("check-config")
         .arg(&allowed)
         .output()

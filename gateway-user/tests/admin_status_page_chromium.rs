@@ -1,14 +1,12 @@
-//! The status page in a real browser: headless Chromium (Debian's `chromium`, installed by
-//! `./dev setup`) loads `/` from a running `gateway run` (the built binary; as root it attaches
-//! the kernel observer by itself) in front of two loopback upstreams, one healthy and one
-//! refusing so that it gets ejected. The test reads the DOM as Chromium rendered it and keeps
-//! a screenshot at `target/tmp/admin-status-page.png`.
+//! Privileged (root: the gateway attaches its kernel observer): the status page in a real
+//! browser. Headless Chromium (Debian's `chromium`, installed by `./dev setup`) loads `/` from
+//! a running `gateway run` (the built binary, `[observer] mode = "kernel"`) in front of two
+//! loopback upstreams, one healthy and one refusing so that it gets ejected. The test reads the
+//! DOM as Chromium rendered it, kernel evidence included, and keeps a screenshot at
+//! `target/tmp/admin-status-page.png`. Without root it fails, saying so; it never skips.
 //!
 //! Chromium runs with `--no-sandbox` (root), no network beyond the loopback page (`--disable-*`
 //! background services, no QUIC) and a throwaway profile directory.
-
-mod admin_support;
-mod proxy_support;
 
 use std::{
     path::{Path, PathBuf},
@@ -16,9 +14,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use admin_support::*;
+use gateway_testkit::{
+    admin::{endpoint, status, wait_for},
+    gateway_bin,
+    http::{client, get},
+    ports::refused_addr,
+    process::GatewayProcess,
+    root::require_root,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// How long one Chromium run may take.
 const CHROMIUM_TIMEOUT: Duration = Duration::from_secs(90);
@@ -99,18 +105,9 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (be(&bytes[16..20]), be(&bytes[20..24]))
 }
 
-/// `gateway run` as a child; SIGTERM on drop so that it leaves its cgroup cleanly.
-struct Gateway(GatewayProcess);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.0.signal(libc::SIGTERM);
-        let _ = self.0.wait(Duration::from_secs(10));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_renders_endpoint_states_reasons_and_evidence() {
+async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
+    require_root();
     let good = Upstream::start("good").await;
     let refused = refused_addr();
     let dir = temp_dir("status-page");
@@ -123,19 +120,19 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
              [router.upstream.health]\nejection_ms = 60000\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [access_log]\noutput = \"off\"\n\n\
-             [observer]\ncgroup = \"gateway-admin-page-{{pid}}\"\n",
+             [observer]\nmode = \"kernel\"\ncgroup = \"gateway-admin-page-{{pid}}\"\n",
             good.addr
         ),
     )
     .unwrap();
-    let gw = Gateway(GatewayProcess::spawn(&config));
-    let admin = gw.0.admin.expect("admin listener");
+    // Dropped, it gets SIGTERM, so that it leaves its cgroup cleanly.
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&config));
+    let admin = gw.admin;
     let c = client();
     for _ in 0..10 {
-        let got = get(&c, gw.0.addr, "/").await;
+        let got = get(&c, gw.addr, "/").await;
         assert_eq!(got.status, StatusCode::OK, "{}", got.body);
     }
-    let root = unsafe { libc::geteuid() } == 0;
     let (dom, png) = tokio::task::spawn_blocking(move || {
         wait_for("the refusing endpoint ejected in /status", || {
             let s = status(admin);
@@ -191,18 +188,14 @@ async fn chromium_renders_endpoint_states_reasons_and_evidence() {
         "{dom}"
     );
     assert!(dom.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
-    if root {
-        assert!(
-            dom.contains("data-mode=\"kernel\"><span class=\"pill kernel\">kernel signals</span>"),
-            "as root, gateway run attaches the kernel observer:\n{dom}"
-        );
-        assert!(
-            dom.contains("kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"),
-            "kernel evidence on the page:\n{dom}"
-        );
-    } else {
-        assert!(dom.contains("data-mode=\"userspace\""), "{dom}");
-    }
+    assert!(
+        dom.contains("data-mode=\"kernel\"><span class=\"pill kernel\">kernel signals</span>"),
+        "gateway run attached the kernel observer:\n{dom}"
+    );
+    assert!(
+        dom.contains("kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"),
+        "kernel evidence on the page:\n{dom}"
+    );
 
     assert_eq!(png_size(&png), (1280, 900));
     assert!(png.len() > 20_000, "a blank page compresses to less");

@@ -23,18 +23,9 @@ use gateway_lab::{
     CgroupGuard, ClientSysctl, Fault, HttpBehaviour, Lab, LabError, LabSpec, NetStat,
     NetnsCommandExt as _, cgroup2_mount,
 };
+use gateway_testkit::root::require_root;
 
 const PORT: u16 = 8080;
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "lab_selftest is a privileged test and needs root (euid is {euid}): run it with \
-         `sudo -E cargo test -p gateway-user --test lab_selftest -- --test-threads=1`"
-    );
-}
 
 fn new_lab(upstreams: usize) -> Lab {
     require_root();
@@ -463,8 +454,10 @@ fn privileged_commands_run_inside_the_namespace_and_the_cgroup() {
     );
     // `ip netns exec` sees the lab's addresses.
     let addrs = lab.client().exec("ip", &["-o", "addr"]).unwrap();
+    let up = lab.upstream(0).unwrap();
     assert!(
-        addrs.contains("10.77.1.1/24") && addrs.contains("fd77:0:1::1/64"),
+        addrs.contains(&format!("{}/24", up.client_ipv4()))
+            && addrs.contains(&format!("{}/64", up.client_ipv6())),
         "{addrs}"
     );
 }

@@ -3,144 +3,129 @@
 //! nothing attached after SIGTERM or SIGKILL. Plus its errors without privileges or with a bad
 //! `--cgroup`. Traffic goes to loopback only. Run with `--test-threads=1`.
 
-mod common;
-
 use std::{
-    io::{BufRead, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    net::{SocketAddr, TcpListener},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Probe, require_root};
+use gateway_testkit::{
+    connect_probe, gateway_bin,
+    http::get_once,
+    observe::ObserveProcess,
+    ports::{free_port, refused_addr},
+    root::require_root,
+    service::{NOBODY, with_exact_caps},
+};
 
-/// The `gateway` binary, built next to `connect-probe` (`cargo xtask test` builds all targets first).
-fn gateway_bin() -> PathBuf {
-    let probe = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe"));
-    let bin = probe.with_file_name("gateway");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn probe(style: &str, addr: SocketAddr) -> Probe {
-    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe"))
-        .arg(style)
-        .arg(addr.to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Our programs, as bpftool lists them (names are truncated to 15 characters by the kernel).
-fn attached_gateway_programs() -> Vec<String> {
+/// `bpftool -j ARGS`, parsed. A bpftool that fails or prints something else fails the test:
+/// an unreadable answer must never read as "nothing attached".
+fn bpftool(args: &[&str]) -> serde_json::Value {
     let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
+        .arg("-j")
+        .args(args)
         .output()
         .expect("bpftool (./dev setup installs it)");
-    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    progs
+    assert!(
+        out.status.success(),
+        "bpftool {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// IDs of the BPF programs loaded on the host, as bpftool lists them.
+fn loaded_program_ids() -> Vec<u64> {
+    bpftool(&["prog", "show"])
+        .as_array()
+        .expect("bpftool prog show: a list")
         .iter()
-        .filter_map(|p| p["name"].as_str())
-        .filter(|n| n.starts_with("gw_"))
-        .map(str::to_owned)
+        .map(|p| p["id"].as_u64().expect("a program id"))
         .collect()
 }
 
-struct Observe {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+/// IDs of the programs attached to the cgroup v2 root (where `gateway observe` attaches).
+fn root_cgroup_program_ids() -> Vec<u64> {
+    let root = gateway_lab::cgroup2_mount().expect("cgroup v2 is mounted");
+    let args = ["cgroup", "show", &root.display().to_string()];
+    // bpftool 7 prints a bare newline, not `[]`, for a cgroup with nothing attached.
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() && out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    bpftool(&args)
+        .as_array()
+        .expect("bpftool cgroup show: a list")
+        .iter()
+        .map(|p| p["id"].as_u64().expect("a program id"))
+        .collect()
 }
 
-impl Observe {
-    /// Starts `gateway observe ARGS` and waits until it says it is attached.
-    fn start(args: &[&str]) -> Observe {
-        let mut child = Command::new(gateway_bin())
-            .arg("observe")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let start = Instant::now();
-        while !seen.contains("observer attached") {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0
-                || start.elapsed() > Duration::from_secs(20)
-            {
-                let _ = child.kill();
-                panic!("gateway observe did not attach: {seen}");
-            }
-            seen.push_str(&line);
-        }
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Observe { child, lines }
-    }
-
-    /// The JSON record with `cookie`, waiting up to 5 s.
-    fn record(&self, cookie: u64) -> serde_json::Value {
-        let end = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(end.saturating_duration_since(Instant::now()))
-        {
-            let v: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-            if v["cookie"] == cookie {
-                return v;
-            }
-        }
-        panic!("no JSON record for cookie {cookie}");
-    }
+/// The BPF programs `pid` holds open (`prog_id` in /proc/PID/fdinfo), by the kernel's own
+/// account: other processes on the host (another gateway, another test run) may load programs
+/// with the same names at the same time, so names alone prove nothing.
+fn programs_held_by(pid: u32) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fdinfo: {e}"))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
-impl Drop for Observe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The observer's programs while it runs: five (connect4/6, sock_ops, getsockopt and the
+/// connect-exit tracepoint), loaded, and the cgroup ones attached at the root.
+fn assert_attached(pid: u32) -> Vec<u64> {
+    let ours = programs_held_by(pid);
+    assert_eq!(ours.len(), 5, "programs held by gateway observe: {ours:?}");
+    let loaded = loaded_program_ids();
+    assert!(
+        ours.iter().all(|id| loaded.contains(id)),
+        "bpftool lists {ours:?}: {loaded:?}"
+    );
+    let attached = root_cgroup_program_ids();
+    let cgroup_ones = ours.iter().filter(|id| attached.contains(id)).count();
+    assert_eq!(
+        cgroup_ones, 4,
+        "connect4, connect6, sock_ops and getsockopt attached at the root: ours {ours:?}, attached {attached:?}"
+    );
+    ours
 }
 
+/// `gateway observe ARGS`, attached.
+fn observe(args: &[&str]) -> ObserveProcess {
+    let mut cmd = gateway_bin!().command();
+    cmd.arg("observe").args(args);
+    ObserveProcess::spawn(cmd)
+}
+
+/// `GET path` on `addr`: the body.
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    get_once(addr, path, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+        .1
 }
 
 #[test]
 fn privileged_observe_json_sees_any_process_and_serves_metrics() {
     require_root();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let obs = Observe::start(&[
+    let obs = observe(&[
         "--json",
         "--metrics",
         &metrics.to_string(),
@@ -151,10 +136,10 @@ fn privileged_observe_json_sees_any_process_and_serves_metrics() {
     // A process that is not a child of the observer, in whatever cgroup the test runs in.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listener.local_addr().unwrap();
-    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let refused = probe("go", closed);
+    let closed = refused_addr();
+    let refused = connect_probe!().run_here("go", closed);
     assert_eq!(refused.result, "ECONNREFUSED");
-    let ok = probe("tokio", open);
+    let ok = connect_probe!().run_here("tokio", open);
     assert_eq!(ok.result, "ok");
 
     let r = obs.record(refused.cookie);
@@ -188,32 +173,35 @@ fn privileged_observe_json_sees_any_process_and_serves_metrics() {
 #[test]
 fn privileged_sigterm_detaches_everything() {
     require_root();
-    let mut obs = Observe::start(&["--json"]);
-    assert!(
-        !attached_gateway_programs().is_empty(),
-        "bpftool sees our programs while running"
-    );
+    let mut obs = observe(&["--json"]);
+    let ours = assert_attached(obs.child.id());
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(obs.child.id() as i32, libc::SIGTERM) };
     let status = obs.child.wait().unwrap();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
-    wait_until_detached();
+    wait_until_detached(&ours);
 }
 
 #[test]
 fn privileged_sigkill_leaves_nothing_attached() {
     require_root();
-    let mut obs = Observe::start(&[]);
+    let mut obs = observe(&[]);
+    let ours = assert_attached(obs.child.id());
     obs.child.kill().unwrap();
     obs.child.wait().unwrap();
-    wait_until_detached();
+    wait_until_detached(&ours);
 }
 
-fn wait_until_detached() {
+fn wait_until_detached(ours: &[u64]) {
     // Programs are freed once the last fd closes, after an RCU grace period.
     let end = Instant::now() + Duration::from_secs(5);
     loop {
-        let left = attached_gateway_programs();
+        let loaded = loaded_program_ids();
+        let attached = root_cgroup_program_ids();
+        let left: Vec<&u64> = ours
+            .iter()
+            .filter(|id| loaded.contains(id) || attached.contains(id))
+            .collect();
         if left.is_empty() {
             return;
         }
@@ -226,18 +214,9 @@ fn wait_until_detached() {
 fn privileged_unprivileged_user_gets_a_clear_error() {
     require_root();
     // setpriv drops to nobody with no capabilities at all.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(gateway_bin())
-        .args(["observe", "--duration", "1"])
-        .output()
-        .unwrap();
+    let mut cmd = gateway_bin!().command();
+    cmd.args(["observe", "--duration", "1"]);
+    let out = with_exact_caps(&cmd, NOBODY, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -249,7 +228,8 @@ fn privileged_unprivileged_user_gets_a_clear_error() {
 #[test]
 fn privileged_unknown_cgroup_is_a_clear_error() {
     require_root();
-    let out = Command::new(gateway_bin())
+    let out = gateway_bin!()
+        .command()
         .args(["observe", "--cgroup", "no/such/cgroup", "--duration", "1"])
         .output()
         .unwrap();
@@ -264,7 +244,10 @@ fn privileged_unknown_cgroup_is_a_clear_error() {
 /// Runs `gateway ARGS` in a private mount namespace after `setup` (shell commands that hide or
 /// unmount something there, never in the host's own mount namespace).
 fn in_private_mounts(setup: &str, args: &str) -> std::process::Output {
-    let script = format!("set -e; {setup}; exec {} {args}", gateway_bin().display());
+    let script = format!(
+        "set -e; {setup}; exec {} {args}",
+        gateway_bin!().path().display()
+    );
     Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .output()
@@ -314,7 +297,7 @@ fn privileged_missing_cgroup2_that_cannot_be_mounted_is_a_clear_error() {
          exec setpriv --reuid=65534 --regid=65534 --clear-groups \
          --inh-caps=-all,+bpf,+perfmon,+net_admin --ambient-caps=-all,+bpf,+perfmon,+net_admin \
          --bounding-set=-all,+bpf,+perfmon,+net_admin -- {} observe --duration 1",
-        gateway_bin().display()
+        gateway_bin!().path().display()
     );
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
@@ -340,4 +323,64 @@ fn privileged_missing_bpffs_is_mounted_by_the_observer() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("mounted bpffs"), "{err}");
+}
+
+/// `--metrics-max-destinations N`: the first N distinct destinations keep their own `dst`
+/// label; connects to any later one are counted under `dst="other"`. Observed in the lab's
+/// client cgroup only, so that no other process on the host takes a label first.
+#[test]
+fn privileged_metrics_cap_destination_labels_and_count_the_rest_as_other() {
+    require_root();
+    let lab = gateway_lab::Lab::new(gateway_lab::LabSpec::new(1)).expect("building the lab");
+    let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let obs = observe(&[
+        "--json",
+        "--cgroup",
+        &cgroup.path().display().to_string(),
+        "--metrics",
+        &metrics.to_string(),
+        "--metrics-max-destinations",
+        "2",
+        "--join-window-ms",
+        "100",
+    ]);
+    // Four closed ports on the upstream (RST), one after the other, then the first again.
+    let up = lab.upstream(0).unwrap();
+    let dsts: Vec<SocketAddr> = (0..4).map(|i| up.addr_v4(9001 + i)).collect();
+    for d in dsts.iter().chain([&dsts[0]]) {
+        let p = connect_probe!().run_in(&lab, "go", *d, &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].result, "ECONNREFUSED", "{d}: {p:?}");
+        // Recorded before the next connect, so that the order of first sight is ours.
+        assert_eq!(obs.record(p[0].cookie)["dst"], d.to_string());
+    }
+    let text = http_get(metrics, "/metrics");
+    let attempts = |dst: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "gateway_connect_attempts_total{{dst=\"{dst}\",outcome=\"refused\"}} "
+                ))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    assert_eq!(
+        attempts(&dsts[0].to_string()).as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    assert_eq!(
+        attempts(&dsts[1].to_string()).as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert_eq!(attempts("other").as_deref(), Some("2"), "{text}");
+    for d in &dsts[2..] {
+        assert!(
+            !text.contains(&format!("dst=\"{d}\"")),
+            "{d} is beyond the cap and has no label of its own:\n{text}"
+        );
+    }
+    drop(obs);
 }

@@ -4,6 +4,8 @@
 mod bench_faults;
 mod bench_observer;
 mod bench_proxy;
+mod capacity;
+mod fuzz;
 mod package;
 
 use std::process::{Command, ExitCode};
@@ -37,6 +39,19 @@ enum Cmd {
     /// (the gateway against nginx and HAProxy) or `faults` (the three under upstream faults).
     Bench {
         which: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Fuzz one target of `fuzz/` (or `all`) with cargo-fuzz for `--time` (e.g. 30s, 30m, 1h),
+    /// and report executions per second and the time it ran without a crash.
+    Fuzz {
+        target: String,
+        #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
+        time: std::time::Duration,
+    },
+    /// The kernel side's capacity through `gateway observe`: N distinct destinations
+    /// (default 1,000,000) into its LRU table; RSS, evictions, losses and their consistency.
+    Capacity {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -189,6 +204,29 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     )?;
+    // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
+    // a filtered run is for iterating on something else.
+    if filter.is_empty() || filter.iter().any(|f| f == "fuzz") {
+        let root = workspace_root();
+        fuzz::build(&root)?;
+        let mut reports = Vec::new();
+        for target in fuzz::TARGETS {
+            match fuzz::run_target(&root, target, fuzz::SHORT_RUN) {
+                Ok(r) => {
+                    totals.passed += 1;
+                    reports.push(r);
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    totals.failed += 1;
+                }
+            }
+        }
+        fuzz::print(&reports);
+        if totals.failed > 0 {
+            bail!("{} test(s) or fuzz target(s) failed", totals.failed);
+        }
+    }
     println!(
         "\nall test binaries: {} passed, {} failed, {} ignored",
         totals.passed, totals.failed, totals.ignored
@@ -273,6 +311,8 @@ fn main() -> ExitCode {
                 "unknown benchmark {other}; choose observer, proxy or faults"
             )),
         },
+        Cmd::Fuzz { target, time } => fuzz::run(&target, time),
+        Cmd::Capacity { args } => capacity::run(&args),
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
         Cmd::BenchSpray { n } => bench_observer::spray(&n),
     };

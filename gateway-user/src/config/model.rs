@@ -70,11 +70,27 @@ pub enum ObserverMode {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
-    /// Shorthand for `listen = ["0.0.0.0:PORT"]`.
+    /// Which `Host` the gateway serves: `"*"` (default) any; a name (`"api.example.com"`) or a
+    /// wildcard (`"*.example.com"`, any one or more labels before `.example.com`) only requests
+    /// for it; every other request gets 404 `no_route`, on every listener, before routes are
+    /// looked at. Matched like a route's `host`: without the port, whatever the case.
+    pub gateway_host: Option<String>,
+    /// Shorthand for `listen = ["0.0.0.0:PORT"]`: plain HTTP.
     pub listener_port: Option<u16>,
-    /// Addresses to accept client connections on, e.g. `["127.0.0.1:8080", "[::1]:8080"]`.
+    /// Addresses to accept plain HTTP client connections on, e.g.
+    /// `["127.0.0.1:8080", "[::1]:8080"]`.
     #[serde(default)]
     pub listen: Vec<SocketAddr>,
+    /// Adds the HTTPS listener (on `https_port` and `https_listen`), with the certificate of
+    /// `[router.tls]`. Default: on when `https_port` or `https_listen` is set.
+    pub https_enabled: Option<bool>,
+    /// Shorthand for `https_listen = ["0.0.0.0:PORT"]`.
+    pub https_port: Option<u16>,
+    /// Addresses to accept HTTPS client connections on.
+    #[serde(default)]
+    pub https_listen: Vec<SocketAddr>,
+    /// The HTTPS listener's certificates and TLS settings; required when HTTPS is on.
+    pub tls: Option<ServerTlsConfig>,
     /// On SIGTERM or SIGINT, how long in-flight requests may run, once listening has stopped,
     /// before the gateway exits anyway. Default [`DEFAULT_SHUTDOWN_GRACE_MS`].
     pub shutdown_grace_ms: Option<u64>,
@@ -94,6 +110,66 @@ pub struct RouterConfig {
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+
+/// `[router.tls]`: the HTTPS listener's TLS. Paths are relative to the config file's
+/// directory.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The default certificate chain (PEM, leaf first): for clients whose SNI matches no
+    /// `[[router.tls.certificates]]` entry, or who send none.
+    pub cert_file: Option<String>,
+    /// The default certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<String>,
+    /// More certificates, each for the SNI names it lists.
+    #[serde(default)]
+    pub certificates: Vec<SniCertificateConfig>,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    pub min_version: Option<crate::tls::MinVersion>,
+    /// ALPN protocols offered, in preference order. Default [`DEFAULT_SERVER_ALPN`].
+    pub alpn: Option<Vec<String>>,
+    /// Require client certificates signed by these CAs (PEM) (mutual TLS).
+    pub client_ca_file: Option<String>,
+}
+
+pub const DEFAULT_SERVER_ALPN: [&str; 2] = ["h2", "http/1.1"];
+
+/// `[[router.tls.certificates]]`: a certificate for the SNI names it lists.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificateConfig {
+    /// `"api.example.com"`, or `"*.example.com"` for any one label before `.example.com`.
+    pub server_names: Vec<String>,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// `[router.upstream.tls]` (the default of every cluster) or `[clusters.NAME.tls]`: TLS to
+/// the upstream. Each key is looked up in the cluster's table, then in `[router.upstream.tls]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// `false` turns off TLS for a cluster that would inherit it. Default `true`.
+    pub enabled: Option<bool>,
+    /// CA certificates (PEM) the upstream's certificate must chain to. Default: the system's.
+    pub ca_file: Option<String>,
+    /// The name sent as SNI and verified against the certificate. Default: the endpoint's host
+    /// name (`host:port` endpoints), else its IP address.
+    pub server_name: Option<String>,
+    /// A client certificate (PEM chain) to present, with `key_file`.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// Accept any certificate for any name (signatures are still checked). Only for tests and
+    /// broken internal PKI: validation warns, and the gateway logs it at every start.
+    pub insecure_skip_verify: Option<bool>,
+    /// ALPN protocols offered. Default [`DEFAULT_UPSTREAM_ALPN`]; only `http/1.1` until the
+    /// gateway speaks HTTP/2 to upstreams.
+    pub alpn: Option<Vec<String>>,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    pub min_version: Option<crate::tls::MinVersion>,
+}
+
+pub const DEFAULT_UPSTREAM_ALPN: [&str; 1] = ["http/1.1"];
 /// Longer than a typical load balancer's health-check interval × unhealthy threshold
 /// (e.g. 2 × 2 s), so that it has stopped sending before the listener closes.
 pub const DEFAULT_DRAIN_DELAY_MS: u64 = 5_000;
@@ -115,7 +191,12 @@ pub struct DownstreamConfig {
     pub max_request_header_bytes: Option<usize>,
     /// Largest request body forwarded; larger gets 413. Unlimited by default.
     pub max_request_body_bytes: Option<u64>,
+    /// HTTPS listener: how long a client may take from its connection to the end of the TLS
+    /// handshake. Default [`DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS`].
+    pub tls_handshake_timeout_ms: Option<u64>,
 }
+
+pub const DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS: u64 = 30_000;
@@ -143,6 +224,8 @@ pub struct ClusterConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub latency: LatencyConfig,
+    /// TLS to the upstream; absent: plain HTTP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
@@ -200,7 +283,12 @@ pub struct TimeoutsConfig {
     /// The shortest adaptive connect deadline. Default
     /// [`crate::decide::deadline::DEFAULT_FLOOR`] (50 ms).
     pub connect_deadline_floor_ms: Option<u64>,
+    /// TLS upstreams: from the TCP connection to the end of the TLS handshake, per
+    /// connection. Default [`DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS`].
+    pub tls_handshake_timeout_ms: Option<u64>,
 }
+
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
 pub const DEFAULT_ADAPTIVE_CONNECT_DEADLINE: bool = true;
 
@@ -298,6 +386,11 @@ pub struct HealthConfig {
     /// endpoint as a slow backend; 0 disables. Default
     /// [`health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT`].
     pub response_timeouts_to_eject: Option<u32>,
+    /// TLS handshakes in a row that failed or timed out on a healthy TCP connection (bad
+    /// certificate, unknown CA, name mismatch, a TLS server that does not answer) before the
+    /// endpoint is ejected as `tls_failure`; 0 disables. Default
+    /// [`health::DEFAULT_TLS_FAILURES_TO_EJECT`].
+    pub tls_failures_to_eject: Option<u32>,
     /// When set, probes also send `GET probe_path` and expect `probe_expect_status`.
     pub probe_path: Option<String>,
     /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].

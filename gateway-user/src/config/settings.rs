@@ -8,8 +8,12 @@ pub use super::model::{AccessLogFormat, LbPolicy};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// Client listeners (at least one).
+    /// Plain HTTP client listeners (at least one of these or `https`).
     pub listen: Vec<SocketAddr>,
+    /// The HTTPS listeners and their TLS; `None` when HTTPS is off.
+    pub https: Option<Https>,
+    /// `[router] gateway_host`: `None` serves any host.
+    pub gateway_host: Option<HostMatch>,
     pub shutdown_grace: Duration,
     /// Between `/healthz` turning 503 and the listeners closing (see `drain_delay_ms`).
     pub drain_delay: Duration,
@@ -23,6 +27,13 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     pub access_log: AccessLog,
     pub observer: Observer,
+}
+
+/// The HTTPS listeners (`https_port`, `https_listen`) and their TLS (`[router.tls]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Https {
+    pub listen: Vec<SocketAddr>,
+    pub tls: std::sync::Arc<crate::tls::ServerTls>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +59,8 @@ pub struct Downstream {
     pub write_timeout: Duration,
     pub max_request_header_bytes: usize,
     pub max_request_body_bytes: Option<u64>,
+    /// HTTPS listener: connection to the end of the TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -101,6 +114,8 @@ pub struct ClusterSpec {
     pub health: HealthPolicy,
     /// The latency-aware policy's knobs (`decide::latency`).
     pub latency: crate::decide::latency::LatencyPolicy,
+    /// TLS to the endpoints; `None`: plain HTTP.
+    pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -139,6 +154,8 @@ pub struct Timeouts {
     pub write: Duration,
     pub request: Duration,
     pub idle: Duration,
+    /// TLS upstreams: the TLS handshake, after the TCP connect.
+    pub tls_handshake: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,13 +2,19 @@
 //! the key it is about. Also the warnings: settings that are legal but probably not what the
 //! operator meant, such as timeouts that cascade the wrong way.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use thiserror::Error;
 
 mod addresses;
 mod cluster;
 mod routes;
+mod tls;
 
 #[cfg(test)]
 pub(crate) use self::addresses::parse_endpoint;
@@ -19,8 +25,34 @@ use crate::decide::health;
 /// Why a value was refused. Each variant says what is allowed.
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum Invalid {
-    #[error("no listener: set `[router] listener_port = 8080` or `listen = [\"127.0.0.1:8080\"]`")]
+    #[error(
+        "no listener: set `[router] listener_port = 8080` or `listen = [\"127.0.0.1:8080\"]` (or `https_port` for HTTPS)"
+    )]
     NoListener,
+    #[error("{0}")]
+    Tls(crate::tls::TlsProblem),
+    #[error(
+        "https_enabled = true needs a certificate: set `[router.tls] cert_file` and `key_file` (PEM), or list `[[router.tls.certificates]]`"
+    )]
+    HttpsWithoutCertificate,
+    #[error(
+        "HTTPS is on but has no address: set `[router] https_port = 8443` or `https_listen = [\"0.0.0.0:8443\"]`"
+    )]
+    NoHttpsListener,
+    #[error("`{what}` needs `{needs}` in the same table")]
+    Incomplete {
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("ALPN protocol {value:?} is not offered here; allowed: {allowed}")]
+    InvalidAlpn {
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("`server_names` is empty; list the SNI names this certificate is for")]
+    EmptyServerNames,
+    #[error("server_name {value:?} is neither a DNS name nor an IP address")]
+    InvalidServerName { value: String },
     #[error("listen address {addr} appears twice")]
     DuplicateListen { addr: SocketAddr },
     #[error(
@@ -81,6 +113,18 @@ pub enum Invalid {
 /// A legal setting that is probably a mistake.
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum Warning {
+    #[error("certificate {path} expires at {not_after}, in {days} day(s); renew it")]
+    CertificateExpiresSoon {
+        path: String,
+        not_after: String,
+        days: i64,
+    },
+    #[error(
+        "cluster `{cluster}`: insecure_skip_verify = true: the upstream's certificate is NOT verified; anyone on the path can impersonate it"
+    )]
+    InsecureSkipVerify { cluster: String },
+    #[error("`{what}` is set but `https_enabled = false`: there is no HTTPS listener")]
+    HttpsOff { what: &'static str },
     #[error(
         "cluster `{cluster}`: request_timeout_ms ({request_ms}) is shorter than connect_timeout_ms ({connect_ms}) + response_timeout_ms ({response_ms}); a slow attempt ends as `request_timeout` before its own timeout can say what happened, and leaves no time to retry"
     )]
@@ -156,23 +200,32 @@ fn inherit<T: Copy>(
 /// What `validate` hands back: the settings and their warnings, or every problem.
 pub(crate) type Validated = Result<(Settings, Vec<At<Warning>>), Vec<At<Invalid>>>;
 
-pub(crate) fn validate(cfg: &Config) -> Validated {
+/// `base`: the config file's directory, which relative certificate paths start from.
+pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let mut c = Checker {
         problems: Vec::new(),
         warnings: Vec::new(),
     };
     let router = KeyPath::root().key("router");
+    let files = tls::Files {
+        base,
+        now: crate::tls::validity::now_unix(),
+        provider: crate::tls::provider(),
+    };
 
     // Listeners.
     let mut listen = cfg.router.listen.clone();
     if let Some(port) = cfg.router.listener_port {
         listen.push(SocketAddr::from(([0, 0, 0, 0], port)));
     }
-    if listen.is_empty() {
+    let https = tls::https(&mut c, &cfg.router, &files);
+    let https_listen = https.as_ref().map_or(&[][..], |h| &h.listen[..]);
+    if listen.is_empty() && https_listen.is_empty() && cfg.router.https_enabled != Some(true) {
         c.fail(router.clone(), Invalid::NoListener);
     }
-    for (i, addr) in listen.iter().enumerate() {
-        if addr.port() != 0 && listen[..i].contains(addr) {
+    let all: Vec<SocketAddr> = listen.iter().chain(https_listen).copied().collect();
+    for (i, addr) in all.iter().enumerate() {
+        if addr.port() != 0 && all[..i].contains(addr) {
             c.fail(
                 router.key("listen"),
                 Invalid::DuplicateListen { addr: *addr },
@@ -225,6 +278,30 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
             " bytes",
         ) as usize,
         max_request_body_bytes: ds.max_request_body_bytes,
+        tls_handshake_timeout: ms(c.range(
+            &dk.key("tls_handshake_timeout_ms"),
+            ds.tls_handshake_timeout_ms
+                .unwrap_or(DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS),
+            1,
+            DAY_MS,
+            " ms",
+        )),
+    };
+    let gateway_host = match cfg.router.gateway_host.as_deref() {
+        None | Some("*") => None,
+        Some(h) => match addresses::parse_host(h) {
+            Ok(m) => Some(m),
+            Err(reason) => {
+                c.fail(
+                    router.key("gateway_host"),
+                    Invalid::InvalidHost {
+                        value: h.to_owned(),
+                        reason,
+                    },
+                );
+                None
+            }
+        },
     };
 
     // Clusters.
@@ -251,7 +328,7 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
                 Invalid::DuplicateDefault,
             );
         }
-        let spec = cluster(
+        let mut spec = cluster(
             &mut c,
             "default",
             upstream,
@@ -259,6 +336,8 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
             upstream,
             &upstream_key,
         );
+        let at = (upstream.tls.as_ref(), upstream_key.clone());
+        spec.tls = tls::upstream(&mut c, &spec, at.clone(), at, &files);
         clusters.insert("default".to_owned(), spec);
     }
     for (name, cc) in &cfg.clusters {
@@ -266,7 +345,10 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
         if cc.endpoints.is_none() {
             c.fail(key.clone(), Invalid::MissingEndpoints);
         }
-        let spec = cluster(&mut c, name, cc, &key, upstream, &upstream_key);
+        let mut spec = cluster(&mut c, name, cc, &key, upstream, &upstream_key);
+        let own = (cc.tls.as_ref(), key.clone());
+        let base = (upstream.tls.as_ref(), upstream_key.clone());
+        spec.tls = tls::upstream(&mut c, &spec, own, base, &files);
         clusters.entry(name.clone()).or_insert(spec);
     }
     if clusters.is_empty() {
@@ -353,6 +435,8 @@ pub(crate) fn validate(cfg: &Config) -> Validated {
     Ok((
         Settings {
             listen,
+            https,
+            gateway_host,
             shutdown_grace: ms(grace_ms),
             drain_delay: ms(drain_delay_ms),
             workers: cfg.router.workers,

@@ -12,6 +12,8 @@
 //! | anything else (EPERM from a local filter, …) | [`ConnectFailure::Other`] | none |
 //! | RTOs fired while request bytes stay unACKed ([`host_died`]) | [`ResponseCause::HostDied`] | [`Evidence::HostDied`] |
 //! | the response timer fired, the kernel saw no such stall | [`ResponseCause::SlowBackend`] (kernel) or [`ResponseCause::Unknown`] | [`Evidence::ResponseTimeout`] |
+//! | a TLS handshake failed or timed out, and RTOs fired with the ClientHello unACKed | [`TlsFailure`] | [`Evidence::HostDied`] (the network, not TLS) |
+//! | a TLS handshake failed or timed out on a TCP connection the kernel saw healthy | [`TlsFailure`] | [`Evidence::TlsFailed`], never a network failure |
 
 use gateway_common::Outcome;
 
@@ -64,6 +66,69 @@ impl ConnectFailure {
             ConnectFailure::Unanswered => Some(Outcome::Timeout),
             ConnectFailure::AddrUnavailable => Some(Outcome::AddrUnavailable),
             ConnectFailure::Other => None,
+        }
+    }
+}
+
+/// How a TLS handshake with an upstream failed. Names are the `reason` label of
+/// `gateway_tls_handshake_errors_total{side="upstream"}` and words in the 502's sentence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// No ServerHello (or no end of the handshake) within `tls_handshake_timeout_ms`.
+    Timeout,
+    /// The certificate chains to no trusted CA (`ca_file`, or the system's roots).
+    UnknownCa,
+    /// The certificate is not valid for the name the gateway asked for (`server_name`).
+    NameMismatch,
+    /// Expired, or not yet valid.
+    Expired,
+    /// Any other certificate problem (bad encoding, unsupported, revoked, …).
+    BadCertificate,
+    /// The upstream ended the handshake with an alert.
+    PeerAlert,
+    /// No common version, cipher or ALPN protocol; a malformed or unexpected message.
+    Protocol,
+    /// The upstream closed the connection during the handshake.
+    PeerClosed,
+    /// The socket failed under the handshake (a reset, …).
+    Io,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 9] = [
+        TlsFailure::Timeout,
+        TlsFailure::UnknownCa,
+        TlsFailure::NameMismatch,
+        TlsFailure::Expired,
+        TlsFailure::BadCertificate,
+        TlsFailure::PeerAlert,
+        TlsFailure::Protocol,
+        TlsFailure::PeerClosed,
+        TlsFailure::Io,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::UnknownCa => "unknown_ca",
+            TlsFailure::NameMismatch => "name_mismatch",
+            TlsFailure::Expired => "expired",
+            TlsFailure::BadCertificate => "bad_certificate",
+            TlsFailure::PeerAlert => "alert",
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::PeerClosed => "closed",
+            TlsFailure::Io => "io",
+        }
+    }
+
+    /// What a failed handshake says about the endpoint's health, given the kernel's final
+    /// record of the TCP connection under it: a path or host that died under the handshake
+    /// (RTOs with the ClientHello unACKed, [`host_died`]) is a network failure; anything
+    /// else happened on a healthy TCP connection and is only ever a TLS failure.
+    pub fn health_evidence(self, tcp: Option<&EstablishedEvidence>) -> Evidence {
+        match tcp {
+            Some(e) if host_died(e) => Evidence::HostDied,
+            _ => Evidence::TlsFailed,
         }
     }
 }
@@ -155,6 +220,20 @@ mod tests {
             ConnectFailure::AddrUnavailable.outcome(),
             Some(Outcome::AddrUnavailable)
         );
+    }
+
+    #[test]
+    fn a_tls_failure_on_a_healthy_tcp_connection_is_never_a_network_failure() {
+        for f in TlsFailure::ALL {
+            assert_eq!(f.health_evidence(None), Evidence::TlsFailed, "{f:?}");
+            assert_eq!(f.health_evidence(Some(&conn(0, 0))), Evidence::TlsFailed);
+            assert_eq!(
+                f.health_evidence(Some(&conn(3, 0))),
+                Evidence::TlsFailed,
+                "RTOs, but the ClientHello was ACKed"
+            );
+            assert_eq!(f.health_evidence(Some(&conn(3, 517))), Evidence::HostDied);
+        }
     }
 
     #[test]

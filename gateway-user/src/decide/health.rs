@@ -7,6 +7,7 @@
 //! | a SYN unanswered by the connect deadline (no SYN-ACK, no RST, no ICMP) | suspect, and probed at once; a second in a row ejects |
 //! | `slow_handshakes_to_suspect` connects in a row that needed SYN retransmits | suspect (overloaded or lossy): deprioritised, not ejected |
 //! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
+//! | `tls_failures_to_eject` TLS handshakes in a row that failed or timed out on a healthy TCP connection | ejected as `tls_failure` (0 disables); never counted as a network failure, and a TCP handshake does not clear it (only a response does) |
 //! | a health probe's `GET probe_path` answered with another status than expected | ejected at once, as `unexpected_status` |
 //! | a clean handshake or a response | clears the strikes; a suspect endpoint is healthy again |
 //!
@@ -32,6 +33,7 @@ pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 pub const DEFAULT_SYN_UNANSWERED_TO_EJECT: u32 = 2;
 pub const DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT: u32 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT: u32 = 5;
+pub const DEFAULT_TLS_FAILURES_TO_EJECT: u32 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
@@ -43,6 +45,7 @@ pub struct HealthPolicy {
     pub syn_unanswered_to_eject: u32,
     pub slow_handshakes_to_suspect: u32,
     pub response_timeouts_to_eject: u32,
+    pub tls_failures_to_eject: u32,
 }
 
 impl Default for HealthPolicy {
@@ -56,6 +59,7 @@ impl Default for HealthPolicy {
             syn_unanswered_to_eject: DEFAULT_SYN_UNANSWERED_TO_EJECT,
             slow_handshakes_to_suspect: DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
             response_timeouts_to_eject: DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+            tls_failures_to_eject: DEFAULT_TLS_FAILURES_TO_EJECT,
         }
     }
 }
@@ -110,6 +114,8 @@ pub enum Reason {
     ProbeFailed,
     /// The probe's `GET probe_path` answered with another status than `probe_expect_status`.
     UnexpectedStatus,
+    /// TLS handshakes failed or timed out on TCP connections the kernel saw healthy.
+    TlsFailure,
 }
 
 impl Reason {
@@ -124,6 +130,7 @@ impl Reason {
             Reason::SlowNetwork => "slow_network",
             Reason::ProbeFailed => "probe_failed",
             Reason::UnexpectedStatus => "unexpected_status",
+            Reason::TlsFailure => "tls_failure",
         }
     }
 }
@@ -148,6 +155,8 @@ pub enum Evidence {
     /// A health probe's HTTP check got the wrong status: the endpoint answers, but says it is
     /// not fit to serve.
     UnexpectedStatus,
+    /// A TLS handshake failed or timed out on a TCP connection the kernel saw healthy.
+    TlsFailed,
 }
 
 /// What [`EndpointHealth`] did with the evidence; the I/O shell acts on it (metrics, logs,
@@ -176,6 +185,7 @@ pub struct EndpointHealth {
     syn_unanswered: u32,
     slow_handshakes: u32,
     response_timeouts: u32,
+    tls_failures: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
     probe_successes: u32,
@@ -190,6 +200,7 @@ impl EndpointHealth {
             syn_unanswered: 0,
             slow_handshakes: 0,
             response_timeouts: 0,
+            tls_failures: 0,
             ejections: 0,
             ejected_until: None,
             probe_successes: 0,
@@ -247,6 +258,7 @@ impl EndpointHealth {
         self.syn_unanswered = 0;
         self.slow_handshakes = 0;
         self.response_timeouts = 0;
+        self.tls_failures = 0;
         self.set(State::Ejected, Some(reason), now);
         Transition::Ejected { reason, duration }
     }
@@ -308,8 +320,17 @@ impl EndpointHealth {
                     Transition::None
                 }
             }
+            Evidence::TlsFailed => {
+                self.tls_failures += 1;
+                if p.tls_failures_to_eject > 0 && self.tls_failures >= p.tls_failures_to_eject {
+                    self.eject(Reason::TlsFailure, now, p, may_eject)
+                } else {
+                    Transition::None
+                }
+            }
             Evidence::ResponseOk => {
                 self.response_timeouts = 0;
+                self.tls_failures = 0;
                 Transition::None
             }
         }

@@ -19,6 +19,7 @@
 //! | … expected status, but the SYN needed retransmits | [`Evidence::ConnectOk`] (a slow handshake) |
 //! | … another status | [`Evidence::UnexpectedStatus`] (its own reason, never "refused") |
 //! | … no valid response in time | [`Evidence::ResponseTimeout`] |
+//! | connected, but the cluster's TLS handshake failed or timed out | [`super::evidence::TlsFailure::health_evidence`]: [`Evidence::TlsFailed`] unless the host died under it |
 
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub enum ProbeResult {
     NoAnswer {
         syn_retransmits: u32,
     },
+    /// Connected, but the TLS handshake failed: what that is worth, already judged by
+    /// [`super::evidence::TlsFailure::health_evidence`].
+    TlsFailed(Evidence),
 }
 
 /// The health evidence a probe result is worth; `None` when it says nothing about the
@@ -87,6 +91,7 @@ pub fn evidence(r: ProbeResult) -> Option<Evidence> {
             syn_retransmits, ..
         } => Some(Evidence::ConnectOk { syn_retransmits }),
         ProbeResult::NoAnswer { .. } => Some(Evidence::ResponseTimeout),
+        ProbeResult::TlsFailed(ev) => Some(ev),
     }
 }
 

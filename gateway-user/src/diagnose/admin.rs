@@ -161,7 +161,28 @@ pub async fn cluster_view(admin: SocketAddr, cluster: &str) -> Result<GatewayVie
             admin,
             timeout: ADMIN_TIMEOUT,
         })??;
-    view_of(admin, &status, cluster).map_err(|known| match known {
+    view_from_status(admin, &status, cluster)
+}
+
+/// The gateway's view of `cluster` from the body of a `GET /status` answer. Pure, so that it
+/// can be fuzzed (the HTTP framing around it is hyper's): any bytes give a view or an error
+/// that names the admin address, never a panic.
+pub fn view_from_body(
+    admin: SocketAddr,
+    body: &[u8],
+    cluster: &str,
+) -> Result<GatewayView, AdminError> {
+    let status: Status =
+        serde_json::from_slice(body).map_err(|source| AdminError::NotStatus { admin, source })?;
+    view_from_status(admin, &status, cluster)
+}
+
+fn view_from_status(
+    admin: SocketAddr,
+    status: &Status,
+    cluster: &str,
+) -> Result<GatewayView, AdminError> {
+    view_of(admin, status, cluster).map_err(|known| match known {
         Some(known) => AdminError::UnknownCluster {
             admin,
             cluster: cluster.to_owned(),

@@ -75,6 +75,7 @@ struct RawTcpInfo {
 
 const _: () = assert!(mem::size_of::<RawTcpInfo>() == 248);
 const BYTES_ACKED_END: usize = mem::offset_of!(RawTcpInfo, bytes_received);
+const BYTES_RECEIVED_END: usize = mem::offset_of!(RawTcpInfo, segs_out);
 const TOTAL_RTO_END: usize = mem::offset_of!(RawTcpInfo, total_rto_recoveries);
 
 /// The fields the probes use.
@@ -87,6 +88,8 @@ pub struct TcpInfo {
     pub total_retrans: u32,
     /// Bytes of ours the peer ACKed; the SYN counts as one (`tcp_snd_una_update()`).
     pub bytes_acked: Option<u64>,
+    /// Bytes received from the peer (`tcp_rcv_nxt_update()`).
+    pub bytes_received: Option<u64>,
     /// RTOs over the socket's life, SYN timeouts included (Linux 6.7+).
     pub total_rto: Option<u16>,
     /// Smoothed RTT, µs.
@@ -119,6 +122,7 @@ pub fn read(fd: RawFd) -> Option<TcpInfo> {
         state: raw.state,
         total_retrans: raw.total_retrans,
         bytes_acked: (len >= BYTES_ACKED_END).then_some(raw.bytes_acked),
+        bytes_received: (len >= BYTES_RECEIVED_END).then_some(raw.bytes_received),
         total_rto: (len >= TOTAL_RTO_END).then_some(raw.total_rto),
         rtt_us: raw.rtt,
         unacked: raw.unacked,

@@ -42,6 +42,11 @@ pub struct Dst {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrnoComm {
     pub errno: String,
     pub comm: String,
@@ -59,6 +64,13 @@ pub struct ObserverMetrics {
     events_lost: Counter,
     late_so_errors: Counter,
     kernel_attached: Gauge,
+    anomalies: Family<Kind, Counter>,
+    anomaly_logs_suppressed: Counter,
+    dest_tracked: Gauge,
+    dest_evicted: Counter,
+    /// The kernel counters as last exported, to add deltas.
+    kernel_seen: crate::observer::KernelCounters,
+    evicted_seen: u64,
     known_dsts: HashSet<String>,
     max_destinations: usize,
     lost_seen: u64,
@@ -74,6 +86,12 @@ impl ObserverMetrics {
             events_lost: Counter::default(),
             late_so_errors: Counter::default(),
             kernel_attached: Gauge::default(),
+            anomalies: Family::default(),
+            anomaly_logs_suppressed: Counter::default(),
+            dest_tracked: Gauge::default(),
+            dest_evicted: Counter::default(),
+            kernel_seen: Default::default(),
+            evicted_seen: 0,
             known_dsts: HashSet::new(),
             max_destinations,
             lost_seen: 0,
@@ -107,6 +125,26 @@ impl ObserverMetrics {
             "gateway_observer_late_so_errors",
             "SO_ERROR reads that arrived after their connect record had been released without them.",
             m.late_so_errors.clone(),
+        );
+        registry.register(
+            "gateway_observer_kernel_anomalies",
+            "Rare kernel-side failures, by kind: dest_insert_failed (a destination could not be added to DEST_STATS), conn_insert_failed (CONN_STATS), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged, at most once per second per kind and CPU.",
+            m.anomalies.clone(),
+        );
+        registry.register(
+            "gateway_observer_kernel_anomaly_logs_suppressed",
+            "Kernel anomaly log lines not written because of the once-per-second rate limit (they are still counted).",
+            m.anomaly_logs_suppressed.clone(),
+        );
+        registry.register(
+            "gateway_observer_destinations_tracked",
+            "Destinations the kernel's per-destination table (LRU, --max-destinations) holds now.",
+            m.dest_tracked.clone(),
+        );
+        registry.register(
+            "gateway_observer_destinations_evicted",
+            "Destinations the kernel's per-destination table evicted (least recently used) to make room: added minus held.",
+            m.dest_evicted.clone(),
         );
         registry.register(
             "gateway_observer_kernel_attached",
@@ -162,6 +200,39 @@ impl ObserverMetrics {
                 })
                 .inc();
         }
+    }
+
+    /// Follows the kernel's own counters; `entries` is how many destinations its table holds.
+    pub fn set_kernel_counters(
+        &mut self,
+        now: &crate::observer::KernelCounters,
+        entries: Option<usize>,
+    ) {
+        for (index, kind) in gateway_common::anomaly::KINDS {
+            let (n, before) = (now.get(index), self.kernel_seen.get(index));
+            if n > before {
+                self.anomalies
+                    .get_or_create(&Kind { kind })
+                    .inc_by(n - before);
+            } else {
+                // Present from the start, so that a dashboard sees 0 rather than nothing.
+                let _ = self.anomalies.get_or_create(&Kind { kind });
+            }
+        }
+        let idx = gateway_common::counter::ANOMALY_LOGS_SUPPRESSED;
+        if now.get(idx) > self.kernel_seen.get(idx) {
+            self.anomaly_logs_suppressed
+                .inc_by(now.get(idx) - self.kernel_seen.get(idx));
+        }
+        if let Some(entries) = entries {
+            self.dest_tracked.set(entries as i64);
+            let evicted = now.dest_evicted(entries);
+            if evicted > self.evicted_seen {
+                self.dest_evicted.inc_by(evicted - self.evicted_seen);
+                self.evicted_seen = evicted;
+            }
+        }
+        self.kernel_seen = *now;
     }
 
     /// `total` is the kernel's running count; the counter follows it.
@@ -267,5 +338,48 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} in\n{text}");
         }
+    }
+
+    use crate::observer::records::{ConnectRecord, OutcomeName};
+
+    fn rec(port: u16) -> ConnectRecord {
+        ConnectRecord {
+            ts_unix_ns: 0,
+            dst: SocketAddr::from(([10, 0, 0, 1], port)),
+            src_port: 1,
+            cookie: u64::from(port),
+            pid: 1,
+            comm: "c".into(),
+            cgroup_id: 1,
+            outcome: OutcomeName(gateway_common::Outcome::Refused),
+            syn_retransmits: 0,
+            elapsed_us: 1,
+            syn_rtt_us: None,
+            errno: None,
+            so_error: None,
+        }
+    }
+
+    /// SECURITY.md: however many destinations a host talks to, the `dst` label has at most
+    /// `max_destinations` values plus `other`.
+    #[test]
+    fn destination_labels_are_capped() {
+        let mut registry = Registry::default();
+        let mut m = ObserverMetrics::new(&mut registry, 10);
+        for port in 0..5000 {
+            m.record(&rec(port));
+        }
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        let dsts: HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gateway_connect_attempts_total{"))
+            .filter_map(|l| l.split("dst=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(dsts.len(), 11, "10 destinations and `other`: {dsts:?}");
+        assert!(dsts.contains(OTHER_DST));
+        assert!(
+            text.contains("gateway_connect_attempts_total{dst=\"other\",outcome=\"refused\"} 4990")
+        );
     }
 }

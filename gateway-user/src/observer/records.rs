@@ -93,6 +93,13 @@ impl Clock {
         }
     }
 
+    /// A clock with a given realtime − monotonic offset (tests, fuzzing).
+    pub fn from_offset_ns(realtime_minus_monotonic_ns: i128) -> Clock {
+        Clock {
+            realtime_minus_monotonic_ns,
+        }
+    }
+
     pub fn unix_ns(&self, monotonic_ns: u64) -> u64 {
         (i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns).max(0) as u64
     }
@@ -276,6 +283,25 @@ pub fn decode(ev: &ConnectEvent) -> Option<Decoded> {
         }));
     }
     Connect::decode(ev).map(Decoded::Outcome)
+}
+
+/// One ring-buffer record as the kernel wrote it: `None` when the slot is shorter than a
+/// [`ConnectEvent`] (a record from a different build). What the fields mean is checked by
+/// [`decode`].
+pub fn event_from_bytes(bytes: &[u8]) -> Option<ConnectEvent> {
+    pod_from_bytes(bytes)
+}
+
+/// A kernel value (ring-buffer record or map value) from its bytes; `None` when there are too
+/// few. Bytes past the value are ignored.
+pub fn pod_from_bytes<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `Pod` types (gateway-common) are repr(C), made of integers only, with no padding
+    // (its size assertions), so any bytes are a valid value; read_unaligned copes with any
+    // alignment of the ring-buffer slot, and the length was checked above.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 #[cfg(test)]

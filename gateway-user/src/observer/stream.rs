@@ -11,7 +11,7 @@
 //! connect, complete, once). The stream never sleeps and never spawns: each view drains it at
 //! [`DRAIN_INTERVAL`] in its own way.
 
-mod index;
+pub mod index;
 
 use std::{path::Path, time::Duration};
 
@@ -19,7 +19,7 @@ use gateway_common::{ConnStats, ConnectEvent, DestStats, UpstreamKey};
 
 use self::index::ConnectIndex;
 use super::{
-    KernelObserver,
+    KernelCounters, KernelObserver,
     records::{Clock, Connect, SoErrorRead, decode},
 };
 
@@ -112,6 +112,11 @@ impl ObserverStream {
     /// `now_ns` is the kernel's CLOCK_MONOTONIC, the time base of the records.
     fn drain_at(&mut self, now_ns: u64, out: &mut Drained) {
         self.observer.drain(&mut self.events);
+        self.ingest(now_ns, out);
+    }
+
+    /// Decodes and indexes the records in `self.events`.
+    fn ingest(&mut self, now_ns: u64, out: &mut Drained) {
         out.records += self.events.len();
         for ev in self.events.drain(..) {
             if let Some(d) = decode(&ev) {
@@ -160,5 +165,23 @@ impl ObserverStream {
     /// Records the kernel could not put in the ring buffer because it was full.
     pub fn events_lost(&self) -> u64 {
         self.observer.events_lost()
+    }
+
+    /// The kernel side's own health counters.
+    pub fn counters(&self) -> KernelCounters {
+        self.observer.counters()
+    }
+
+    /// Walks the kernel's per-destination table one entry at a time (never a copy of the whole
+    /// map), draining the ring meanwhile so that a long walk cannot make it overflow; what
+    /// completes goes to `out`. Returns the entries walked.
+    pub fn for_each_dest_draining(
+        &mut self,
+        out: &mut Drained,
+        f: impl FnMut(&UpstreamKey, &DestStats),
+    ) -> usize {
+        let n = self.observer.for_each_dest_draining(&mut self.events, f);
+        self.ingest(Clock::monotonic_now(), out);
+        n
     }
 }

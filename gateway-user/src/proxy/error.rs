@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::{
     decide::{
-        evidence::ConnectFailure,
+        evidence::{ConnectFailure, TlsFailure},
         retry::{Delivery, Failure},
     },
     signals::{ConnectEvidence, EstablishedEvidence},
@@ -22,6 +22,8 @@ pub enum ErrorKind {
     ConnectRefused,
     ConnectUnreachable,
     ConnectFailed,
+    TlsHandshakeTimeout,
+    TlsError,
     ResponseTimeout,
     UpstreamHostDied,
     UpstreamWriteTimeout,
@@ -44,6 +46,8 @@ impl ErrorKind {
             ErrorKind::ConnectRefused => "connect_refused",
             ErrorKind::ConnectUnreachable => "connect_unreachable",
             ErrorKind::ConnectFailed => "connect_failed",
+            ErrorKind::TlsHandshakeTimeout => "tls_handshake_timeout",
+            ErrorKind::TlsError => "tls_error",
             ErrorKind::ResponseTimeout => "response_timeout",
             ErrorKind::UpstreamHostDied => "upstream_host_died",
             ErrorKind::UpstreamWriteTimeout => "upstream_write_timeout",
@@ -65,11 +69,13 @@ impl ErrorKind {
             ErrorKind::ConnectRefused
             | ErrorKind::ConnectUnreachable
             | ErrorKind::ConnectFailed
+            | ErrorKind::TlsError
             | ErrorKind::UpstreamReset
             | ErrorKind::UpstreamHostDied
             | ErrorKind::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
             ErrorKind::NoHealthyUpstream | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectTimeout
+            | ErrorKind::TlsHandshakeTimeout
             | ErrorKind::ResponseTimeout
             | ErrorKind::UpstreamWriteTimeout
             | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -127,6 +133,31 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         source: io::Error,
         cookie: Option<u64>,
+    },
+    #[error(
+        "TLS handshake with {endpoint} {} within {} ms; {tcp}{}",
+        tcp.stalled(), timeout.as_millis(), TlsKernel(evidence)
+    )]
+    TlsHandshakeTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+        cookie: u64,
+        tcp: Box<TcpUnderneath>,
+        /// The kernel's final record of the TCP connection, read after it was closed.
+        evidence: Option<Box<EstablishedEvidence>>,
+    },
+    #[error(
+        "TLS handshake with {endpoint} failed ({}): {detail}; {tcp}{}",
+        failure.name(), TlsKernel(evidence)
+    )]
+    TlsError {
+        endpoint: SocketAddr,
+        failure: TlsFailure,
+        /// What rustls said (e.g. "invalid peer certificate: UnknownIssuer").
+        detail: String,
+        cookie: u64,
+        tcp: Box<TcpUnderneath>,
+        evidence: Option<Box<EstablishedEvidence>>,
     },
     #[error(
         "no response from {endpoint} within {} ms{}{}", timeout.as_millis(), Ev(evidence),
@@ -194,6 +225,59 @@ pub enum ProxyError {
     DownstreamBodyError { source: hyper::Error },
 }
 
+/// What is known of the TCP connection under a TLS handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpUnderneath {
+    /// `connect()` to established, as the gateway measured it.
+    pub connect: Duration,
+    /// SYN to SYN-ACK, as the kernel measured it (eBPF), when it did.
+    pub kernel_rtt: Option<Duration>,
+    /// Bytes of the handshake the upstream sent (`TCP_INFO`), when read.
+    pub server_bytes: Option<u64>,
+}
+
+impl TcpUnderneath {
+    fn stalled(&self) -> String {
+        match self.server_bytes {
+            Some(0) => "got no ServerHello".to_owned(),
+            Some(n) => format!("stalled after {n} byte(s) from the upstream"),
+            None => "did not finish".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for TcpUnderneath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        match self.kernel_rtt {
+            Some(rtt) => write!(f, "TCP established in {:.1} ms (kernel)", ms(rtt)),
+            None => write!(f, "TCP established in {:.1} ms", ms(self.connect)),
+        }
+    }
+}
+
+/// The kernel's record of the TCP connection under a failed TLS handshake, in words.
+struct TlsKernel<'a>(&'a Option<Box<EstablishedEvidence>>);
+
+impl fmt::Display for TlsKernel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(e) = self.0 else { return Ok(()) };
+        if crate::decide::evidence::host_died(e) {
+            write!(
+                f,
+                "; {} RTOs on the connection, {} bytes unACKed (host or path died)",
+                e.rtos, e.unacked_bytes
+            )
+        } else {
+            write!(
+                f,
+                "; kernel: the upstream ACKed {} byte(s) of ours, {} retransmits, {} RTOs (the network is fine: the TLS server is at fault)",
+                e.bytes_acked, e.data_retransmits, e.rtos
+            )
+        }
+    }
+}
+
 /// What a request was doing, for `request_timeout` messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -232,6 +316,8 @@ impl ProxyError {
             ProxyError::ConnectRefused { .. } => ErrorKind::ConnectRefused,
             ProxyError::ConnectUnreachable { .. } => ErrorKind::ConnectUnreachable,
             ProxyError::ConnectFailed { .. } => ErrorKind::ConnectFailed,
+            ProxyError::TlsHandshakeTimeout { .. } => ErrorKind::TlsHandshakeTimeout,
+            ProxyError::TlsError { .. } => ErrorKind::TlsError,
             ProxyError::ResponseTimeout { .. } => ErrorKind::ResponseTimeout,
             ProxyError::UpstreamHostDied { .. } => ErrorKind::UpstreamHostDied,
             ProxyError::UpstreamWriteTimeout { .. } => ErrorKind::UpstreamWriteTimeout,
@@ -300,6 +386,25 @@ impl ProxyError {
                 slow_backend: true,
                 ..
             } => Some("request_acked=yes rtos=0 retransmits=0 cause=slow_backend".to_owned()),
+            ProxyError::TlsHandshakeTimeout {
+                evidence: Some(e),
+                tcp,
+                ..
+            }
+            | ProxyError::TlsError {
+                evidence: Some(e),
+                tcp,
+                ..
+            } => Some(format!(
+                "tcp=established connect_us={} server_bytes={} client_bytes_acked={} unacked={} rtos={} retransmits={}",
+                tcp.kernel_rtt.unwrap_or(tcp.connect).as_micros(),
+                tcp.server_bytes
+                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                e.bytes_acked,
+                e.unacked_bytes,
+                e.rtos,
+                e.data_retransmits
+            )),
             _ => None,
         }
     }
@@ -312,7 +417,10 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. }
             | ProxyError::ConnectRefused { .. }
             | ProxyError::ConnectUnreachable { .. }
-            | ProxyError::ConnectFailed { .. } => Failure::ConnectFailed,
+            | ProxyError::ConnectFailed { .. }
+            // No usable connection: nothing of the request was sent.
+            | ProxyError::TlsHandshakeTimeout { .. }
+            | ProxyError::TlsError { .. } => Failure::ConnectFailed,
             ProxyError::ResponseTimeout { .. } => Failure::ResponseTimeout { delivery },
             ProxyError::UpstreamHostDied { .. } => Failure::ConnectionDied {
                 delivery,
@@ -353,6 +461,26 @@ impl ProxyError {
         }
     }
 
+    /// How the TLS handshake failed, for TLS errors.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            ProxyError::TlsHandshakeTimeout { .. } => Some(TlsFailure::Timeout),
+            ProxyError::TlsError { failure, .. } => Some(*failure),
+            _ => None,
+        }
+    }
+
+    /// The kernel's record of the established connection the error happened on.
+    pub fn established_evidence(&self) -> Option<&EstablishedEvidence> {
+        match self {
+            ProxyError::TlsHandshakeTimeout { evidence, .. }
+            | ProxyError::TlsError { evidence, .. } => evidence.as_deref(),
+            ProxyError::ResponseTimeout { evidence, .. } => evidence.as_ref(),
+            ProxyError::UpstreamHostDied { evidence, .. } => Some(evidence),
+            _ => None,
+        }
+    }
+
     /// The errno the failed connect returned, as the proxy read it.
     pub fn connect_errno(&self) -> Option<u32> {
         let raw = |e: &io::Error| e.raw_os_error().map(|n| n as u32);
@@ -372,6 +500,8 @@ impl ProxyError {
             | ProxyError::ConnectRefused { cookie, .. }
             | ProxyError::ConnectUnreachable { cookie, .. }
             | ProxyError::ResponseTimeout { cookie, .. }
+            | ProxyError::TlsHandshakeTimeout { cookie, .. }
+            | ProxyError::TlsError { cookie, .. }
             | ProxyError::UpstreamHostDied { cookie, .. } => Some(*cookie),
             ProxyError::ConnectFailed { cookie, .. } => *cookie,
             _ => None,
@@ -385,6 +515,8 @@ impl ProxyError {
             | ProxyError::ConnectRefused { endpoint, .. }
             | ProxyError::ConnectUnreachable { endpoint, .. }
             | ProxyError::ConnectFailed { endpoint, .. }
+            | ProxyError::TlsHandshakeTimeout { endpoint, .. }
+            | ProxyError::TlsError { endpoint, .. }
             | ProxyError::ResponseTimeout { endpoint, .. }
             | ProxyError::UpstreamHostDied { endpoint, .. }
             | ProxyError::UpstreamWriteTimeout { endpoint, .. }
@@ -451,5 +583,73 @@ mod evidence_tests {
             None,
             "no evidence is claimed without the kernel"
         );
+    }
+
+    #[test]
+    fn a_tls_handshake_timeout_says_what_the_kernel_saw_of_the_tcp_connection() {
+        let tcp = TcpUnderneath {
+            connect: Duration::from_micros(900),
+            kernel_rtt: Some(Duration::from_micros(400)),
+            server_bytes: Some(0),
+        };
+        let stalled = ProxyError::TlsHandshakeTimeout {
+            endpoint: "10.0.0.5:443".parse().unwrap(),
+            timeout: Duration::from_millis(5000),
+            cookie: 1,
+            tcp: Box::new(tcp),
+            evidence: Some(Box::new(EstablishedEvidence {
+                data_retransmits: 0,
+                rtos: 0,
+                srtt: None,
+                bytes_acked: 517,
+                unacked_bytes: 0,
+            })),
+        };
+        assert_eq!(
+            stalled.to_string(),
+            "TLS handshake with 10.0.0.5:443 got no ServerHello within 5000 ms; TCP established in 0.4 ms (kernel); kernel: the upstream ACKed 517 byte(s) of ours, 0 retransmits, 0 RTOs (the network is fine: the TLS server is at fault)"
+        );
+        assert_eq!(
+            stalled.evidence_header().as_deref(),
+            Some(
+                "tcp=established connect_us=400 server_bytes=0 client_bytes_acked=517 unacked=0 rtos=0 retransmits=0"
+            )
+        );
+        assert_eq!(stalled.kind().status(), StatusCode::GATEWAY_TIMEOUT);
+        let died = ProxyError::TlsHandshakeTimeout {
+            evidence: Some(Box::new(EstablishedEvidence {
+                data_retransmits: 3,
+                rtos: 3,
+                srtt: None,
+                bytes_acked: 0,
+                unacked_bytes: 517,
+            })),
+            endpoint: "10.0.0.5:443".parse().unwrap(),
+            timeout: Duration::from_millis(5000),
+            cookie: 1,
+            tcp: Box::new(tcp),
+        };
+        assert!(
+            died.to_string()
+                .ends_with("; 3 RTOs on the connection, 517 bytes unACKed (host or path died)"),
+            "{died}"
+        );
+        let bad = ProxyError::TlsError {
+            endpoint: "10.0.0.5:443".parse().unwrap(),
+            failure: TlsFailure::UnknownCa,
+            detail: "invalid peer certificate: UnknownIssuer".into(),
+            cookie: 1,
+            tcp: Box::new(TcpUnderneath {
+                kernel_rtt: None,
+                ..tcp
+            }),
+            evidence: None,
+        };
+        assert_eq!(
+            bad.to_string(),
+            "TLS handshake with 10.0.0.5:443 failed (unknown_ca): invalid peer certificate: UnknownIssuer; TCP established in 0.9 ms"
+        );
+        assert_eq!(bad.kind().status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(bad.evidence_header(), None);
     }
 }

@@ -24,49 +24,71 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// What a client connection speaks, for `X-Forwarded-Proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    Http,
+    /// TLS (the HTTPS listener), then HTTP.
+    Https,
+}
+
+impl Scheme {
+    fn forwarded_proto(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        })
+    }
+}
+
 /// The pseudonym in `Via`.
 const VIA_NAME: &str = "gateway";
 
 /// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names finds whether there is anything to remove; most requests
-    // carry no hop-by-hop header, and a lookup per name would hash each one.
-    let mut connection = false;
-    let mut any = false;
+    // One pass over the (few) names finds which are there; most messages carry none but
+    // `Connection`, and removing by name hashes each name, so only what is there is removed.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if name == header::CONNECTION {
-            connection = true;
-        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
-            any = true;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= 1 << HOP_BY_HOP.len();
         }
     }
-    if !connection && !any {
+    if present == 0 {
         return;
     }
     // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
     // "close") name nothing else, so the common case allocates nothing.
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',').map(str::trim) {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(name);
+    if present & 1 != 0 {
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
             }
         }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in listed {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::UPGRADE);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The client address as an `X-Forwarded-For` value; computed once per client connection.
@@ -92,12 +114,14 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 }
 
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
-/// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none.
+/// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
+/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own).
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
+    scheme: Scheme,
 ) {
     strip_hop_by_hop(headers);
     // Room for what is added below, at once rather than growing the map step by step.
@@ -123,12 +147,10 @@ pub(crate) fn to_upstream(
     if let Ok(xff) = xff {
         headers.insert(&X_FORWARDED_FOR, xff);
     }
-    // The gateway only speaks plain HTTP to clients.
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);
 }
 
-/// Rewrites an upstream's response headers for the client.
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
 /// and nginx send it): how long it keeps an idle connection open. `None` when absent or
 /// unreadable.
@@ -145,9 +167,34 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
     })
 }
 
+/// Rewrites an upstream's response headers for the client.
 pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
     strip_hop_by_hop(headers);
+    strip_gateway_headers(headers);
     append_via(headers, upstream_version);
+}
+
+/// The prefix of the headers only the gateway writes (`x-gateway-error`, `-evidence`,
+/// `-endpoint`, `-attempts`).
+const GATEWAY_PREFIX: &str = "x-gateway-";
+
+/// Removes `x-gateway-*` headers an upstream sent: a client must be able to trust that they
+/// are the gateway's own evidence, never an upstream's forgery (SECURITY.md).
+pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+    {
+        return;
+    }
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with(GATEWAY_PREFIX))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +252,20 @@ mod tests {
     }
 
     #[test]
+    fn an_upstreams_gateway_headers_are_removed() {
+        let mut h = map(&[
+            ("x-gateway-error", "upstream_host_died"),
+            ("x-gateway-evidence", "syns=9"),
+            ("x-gateways", "kept"),
+            ("x-keep", "yes"),
+        ]);
+        to_downstream(&mut h, Version::HTTP_11);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["via", "x-gateways", "x-keep"]);
+    }
+
+    #[test]
     fn forwarded_headers_are_appended() {
         let mut h = map(&[
             ("x-forwarded-for", "1.1.1.1"),
@@ -216,6 +277,7 @@ mod tests {
             Version::HTTP_11,
             &client_value("10.0.0.9".parse().unwrap()),
             None,
+            Scheme::Http,
         );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -232,8 +294,10 @@ mod tests {
             Version::HTTP_2,
             &client_value("::ffff:127.0.0.1".parse().unwrap()),
             Some(&authority),
+            Scheme::Https,
         );
         assert_eq!(h[HOST], "api.example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h[VIA], "2 gateway");
     }

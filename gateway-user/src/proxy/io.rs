@@ -35,6 +35,11 @@ pub(crate) struct StallGuard<T> {
 }
 
 impl<T> StallGuard<T> {
+    /// The wrapped socket, e.g. to peek at it.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     pub fn new(inner: T, timeout: Duration) -> Self {
         StallGuard {
             inner,

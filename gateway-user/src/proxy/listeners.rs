@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
-use super::StartError;
+use super::{StartError, headers::Scheme};
 use crate::{
     config::Settings,
     service::handover::{Inherited, Role},
@@ -17,11 +17,16 @@ use crate::{
 /// Listen backlog for client and admin sockets.
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// A client socket and what it speaks.
+pub(crate) type ClientSocket = (Scheme, std::net::TcpListener);
+
 pub(crate) struct Listeners {
     /// Each worker's client sockets.
-    pub per_worker: Vec<Vec<std::net::TcpListener>>,
-    /// The bound client addresses (a configured port 0 shows the port chosen).
+    pub per_worker: Vec<Vec<ClientSocket>>,
+    /// The bound plain HTTP addresses (a configured port 0 shows the port chosen).
     pub listen: Vec<SocketAddr>,
+    /// The bound HTTPS addresses.
+    pub https: Vec<SocketAddr>,
     pub admin: Option<TcpListener>,
     /// One descriptor of every distinct listening socket, for a later handover.
     pub sockets: Vec<(Role, SocketAddr, std::net::TcpListener)>,
@@ -36,17 +41,27 @@ pub(crate) fn open(
     let mut l = Listeners {
         per_worker: (0..n).map(|_| Vec::new()).collect(),
         listen: Vec::new(),
+        https: Vec::new(),
         admin: None,
         sockets: Vec::new(),
     };
-    for addr in &settings.listen {
-        let handed = inherited.take(Role::Client, *addr);
+    let https = settings.https.as_ref().map_or(&[][..], |h| &h.listen[..]);
+    let all = settings
+        .listen
+        .iter()
+        .map(|a| (Role::Client, a))
+        .chain(https.iter().map(|a| (Role::Https, a)));
+    for (role, addr) in all {
+        let handed = inherited.take(role, *addr);
         let actual = if handed.is_empty() {
-            l.bind_client(*addr, n)?
+            l.bind_client(role, *addr, n)?
         } else {
-            l.take_client(*addr, handed, n)?
+            l.take_client(role, *addr, handed, n)?
         };
-        l.listen.push(actual);
+        match role {
+            Role::Https => l.https.push(actual),
+            _ => l.listen.push(actual),
+        }
     }
     if let Some(a) = settings.admin {
         let std_listener = match inherited.take(Role::Admin, a).pop() {
@@ -65,17 +80,23 @@ pub(crate) fn open(
 
 impl Listeners {
     /// A fresh socket per worker for `addr`; the address actually bound.
-    fn bind_client(&mut self, addr: SocketAddr, n: usize) -> Result<SocketAddr, StartError> {
+    fn bind_client(
+        &mut self,
+        role: Role,
+        addr: SocketAddr,
+        n: usize,
+    ) -> Result<SocketAddr, StartError> {
+        let scheme = scheme(role);
         let first = bind(addr, n > 1)?;
         let actual = first
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        self.sockets.push((Role::Client, addr, dup(&first, addr)?));
-        self.per_worker[0].push(first);
+        self.sockets.push((role, addr, dup(&first, addr)?));
+        self.per_worker[0].push((scheme, first));
         for w in self.per_worker.iter_mut().skip(1) {
             let s = bind(actual, true)?;
-            self.sockets.push((Role::Client, addr, dup(&s, addr)?));
-            w.push(s);
+            self.sockets.push((role, addr, dup(&s, addr)?));
+            w.push((scheme, s));
         }
         Ok(actual)
     }
@@ -84,6 +105,7 @@ impl Listeners {
     /// is given, and every socket has at least one worker (each has its own accept queue).
     fn take_client(
         &mut self,
+        role: Role,
         addr: SocketAddr,
         handed: Vec<std::net::TcpListener>,
         n: usize,
@@ -92,12 +114,20 @@ impl Listeners {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         for i in 0..n.max(handed.len()) {
-            self.per_worker[i % n].push(dup(&handed[i % handed.len()], addr)?);
+            let s = dup(&handed[i % handed.len()], addr)?;
+            self.per_worker[i % n].push((scheme(role), s));
         }
         for s in handed {
-            self.sockets.push((Role::Client, addr, s));
+            self.sockets.push((role, addr, s));
         }
         Ok(actual)
+    }
+}
+
+fn scheme(role: Role) -> Scheme {
+    match role {
+        Role::Https => Scheme::Https,
+        _ => Scheme::Http,
     }
 }
 

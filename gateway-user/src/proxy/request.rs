@@ -33,6 +33,7 @@ use self::{attempt::Failed, prepare::Prepared};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
+    headers::Scheme,
     request_body::{KeptBody, RequestBody},
     response_body::ResponseBody,
     shared::Shared,
@@ -51,6 +52,14 @@ struct Upstream {
     stall: Duration,
 }
 
+/// The client connection a request came on.
+pub(crate) struct Client {
+    pub addr: SocketAddr,
+    /// Its address as an `X-Forwarded-For` value.
+    pub ip: HeaderValue,
+    pub scheme: Scheme,
+}
+
 /// The service function: never fails; errors become responses.
 ///
 /// The request path is one flat state machine, with the rare slow path (connecting, waiting
@@ -58,15 +67,14 @@ struct Upstream {
 /// deep nesting of large futures costs a memcpy of each per request.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    client: SocketAddr,
-    client_ip: HeaderValue,
+    client: Arc<Client>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // The request's context lives in its final place from the start: the response body owns it.
-    let mut ex = Exchange::new(shared, client, &req);
+    let mut ex = Exchange::new(shared, client.addr, &req);
     let prepared = {
         let rt = ex.shared.runtime.load();
-        prepare::prepare(&rt, req, &client_ip, &mut ex)
+        prepare::prepare(&rt, req, &client, &mut ex)
     };
     let result = match prepared {
         Ok(p) => forward(p, &mut ex).await,
@@ -86,8 +94,9 @@ struct Plan {
     had_body: bool,
     kernel: bool,
     idempotent: bool,
-    /// What it takes to send the request again after it was sent once.
-    replay: Option<Box<Replay>>,
+    /// What it takes to send the request again after it was sent once (inline: it is kept
+    /// for almost every request, and an allocation per request costs more than its bytes).
+    replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
     /// The next pick may return to an endpoint already tried when no other is left.
@@ -113,12 +122,12 @@ impl Plan {
         let replay = (kernel || idempotent || cluster.spec.retry.on_response_timeout).then(|| {
             let body =
                 (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
-            Box::new(Replay {
+            Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
                 body,
-            })
+            }
         });
         Plan {
             deadline,
@@ -134,7 +143,7 @@ impl Plan {
 
     /// The request again, if it can be sent again (its body, if any, was kept whole).
     fn replay(&self) -> Option<Request<RequestBody>> {
-        let r = self.replay.as_deref()?;
+        let r = self.replay.as_ref()?;
         let body = match &r.body {
             Some(kept) => RequestBody::replay(kept)?,
             None => RequestBody::empty(),

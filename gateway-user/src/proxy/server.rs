@@ -1,5 +1,6 @@
-//! Client-facing listeners: accept, serve HTTP/1.1 and HTTP/2 (prior knowledge) on each
-//! connection, and drain on shutdown.
+//! Client-facing listeners: accept, serve HTTP/1.1 and HTTP/2 (prior knowledge on plain
+//! listeners, ALPN or prior knowledge on HTTPS ones, after `handshake`) on each connection,
+//! and drain on shutdown.
 //!
 //! In production the gateway runs like nginx: one worker thread per core, each with its own
 //! single-threaded tokio runtime and its own `SO_REUSEPORT` socket per listen address, so the
@@ -16,25 +17,32 @@
 //! receiver sees the channel close when the last connection is gone.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
 
-use http::{HeaderValue, Version, header::CONNECTION};
+use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 use tracing::{debug, warn};
 
-use super::{headers, io::StallGuard, request, shared::Shared};
+use super::{
+    handshake,
+    headers::{self, Scheme},
+    io::StallGuard,
+    listeners::ClientSocket,
+    request::{self, Client},
+    shared::Shared,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -54,17 +62,18 @@ impl Phase {
 /// One worker: accepts on its listeners until the drain starts, then waits until its
 /// connections are done (or the drain is forced). Dropping `done` tells the handle.
 pub(crate) async fn worker(
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<ClientSocket>,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     done: mpsc::Sender<()>,
 ) {
     let (live, mut all_closed) = mpsc::channel::<()>(1);
     let mut loops = Vec::new();
-    for l in listeners {
+    for (scheme, l) in listeners {
         match TcpListener::from_std(l) {
             Ok(l) => loops.push(tokio::spawn(accept_loop(
                 l,
+                scheme,
                 shared.clone(),
                 phase.clone(),
                 live.clone(),
@@ -92,6 +101,7 @@ pub(crate) async fn worker(
 /// Accepts until the phase is `Drain` or `Force`.
 async fn accept_loop(
     listener: TcpListener,
+    scheme: Scheme,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     live: mpsc::Sender<()>,
@@ -101,7 +111,15 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(stream, peer, shared.clone(), phase.clone(), live.clone()));
+                    let (shared, phase, live) = (shared.clone(), phase.clone(), live.clone());
+                    match scheme {
+                        Scheme::Http => {
+                            tokio::spawn(serve_plain(stream, peer, shared, phase, live));
+                        }
+                        Scheme::Https => {
+                            tokio::spawn(serve_tls(stream, peer, shared, phase, live));
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -118,44 +136,73 @@ async fn accept_loop(
     }
 }
 
-async fn serve(
+async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+    live: mpsc::Sender<()>,
+) {
+    let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
+    let io = StallGuard::new(stream, write_timeout);
+    serve(io, peer, Scheme::Http, shared, phase, live).await;
+}
+
+/// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
+/// as live from the start, so a drain waits for handshakes in progress too.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+    live: mpsc::Sender<()>,
+) {
+    if let Some(io) = handshake::accept(stream, peer, &shared).await {
+        serve(io, peer, Scheme::Https, shared, phase, live).await;
+    }
+}
+
+/// What a client connection speaks (see `serve`).
+const UNKNOWN: u8 = 0;
+const H1: u8 = 1;
+const H2: u8 = 2;
+
+async fn serve<I>(
+    io: I,
+    peer: SocketAddr,
+    scheme: Scheme,
+    shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     _live: mpsc::Sender<()>,
-) {
-    let (builder, write_timeout) = {
-        let rt = shared.runtime.load();
-        (rt.http.clone(), rt.settings.downstream.write_timeout)
-    };
-    let io = TokioIo::new(StallGuard::new(stream, write_timeout));
-    let client_ip = headers::client_value(peer.ip());
-    // Whether this connection speaks HTTP/2, known from its first request.
-    let h2 = Arc::new(AtomicBool::new(false));
-    let (svc_h2, svc_phase) = (h2.clone(), phase.clone());
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = shared.runtime.load().http.clone();
+    let io = TokioIo::new(io);
+    let client = Arc::new(Client {
+        addr: peer,
+        ip: headers::client_value(peer.ip()),
+        scheme,
+    });
+    // What this connection speaks, known from its first request (`UNKNOWN` until then).
+    let speaks = Arc::new(AtomicU8::new(UNKNOWN));
+    let svc_speaks = speaks.clone();
     let svc = service_fn(move |req| {
-        let version = req.version();
-        svc_h2.store(version == Version::HTTP_2, Ordering::Relaxed);
-        let response = request::handle(shared.clone(), peer, client_ip.clone(), req);
-        let phase = svc_phase.clone();
-        async move {
-            let mut response = response.await?;
-            if version < Version::HTTP_2 && *phase.borrow() != Phase::Run {
-                // Draining: the client reconnects, through its load balancer, elsewhere.
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(response)
-        }
+        let v = if req.version() == Version::HTTP_2 {
+            H2
+        } else {
+            H1
+        };
+        svc_speaks.store(v, Ordering::Relaxed);
+        request::handle(shared.clone(), client.clone(), req)
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
-    if !phase.borrow_and_update().accepting() {
-        conn.as_mut().graceful_shutdown();
-        shutting_down = true;
+    // Accepted before the listener stopped but started after: its first request is served
+    // (with `Connection: close`), as in `Phase::Drain` below.
+    if *phase.borrow_and_update() == Phase::Force {
+        return;
     }
     loop {
         tokio::select! {
@@ -171,11 +218,16 @@ async fn serve(
                     Phase::Run => {}
                     // HTTP/1 connections close after their next response instead (above):
                     // closing an idle one now would race the request its client may be sending.
-                    Phase::Deregister if h2.load(Ordering::Relaxed) && !shutting_down => {
+                    Phase::Deregister if speaks.load(Ordering::Relaxed) == H2 && !shutting_down => {
                         conn.as_mut().graceful_shutdown();
                         shutting_down = true;
                     }
                     Phase::Deregister => {}
+                    // A connection accepted just before the drain that has not sent its first
+                    // request yet is not cut off under it: the request is served, with
+                    // `Connection: close` (the header-read timeout bounds a client that sends
+                    // nothing, the grace period everything).
+                    Phase::Drain if speaks.load(Ordering::Relaxed) == UNKNOWN => {}
                     Phase::Drain if !shutting_down => {
                         conn.as_mut().graceful_shutdown();
                         shutting_down = true;

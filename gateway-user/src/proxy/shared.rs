@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub signals: Arc<dyn SignalSource>,
     pub log: AccessLogger,
     pub draining: AtomicBool,
+    /// Keep-alive is over (the drain delay, a drain, a binary upgrade): HTTP/1 responses carry
+    /// `Connection: close`, so that clients reconnect, elsewhere once deregistered.
+    pub keepalive_off: AtomicBool,
     /// Worker count, i.e. idle-pool shards per endpoint.
     pub workers: usize,
     pub telemetry: Telemetry,
@@ -69,6 +72,16 @@ impl Runtime {
         let router = Router::new(&settings.routes, |name| {
             clusters.iter().position(|c| &*c.name == name)
         });
+        let client_certs = settings
+            .clusters
+            .values()
+            .filter_map(|c| c.tls.as_deref())
+            .flat_map(|t| t.certificates.iter());
+        let server_certs = settings
+            .https
+            .iter()
+            .flat_map(|h| h.tls.certificates.iter());
+        telemetry.tls.certificates(server_certs.chain(client_certs));
         let route_meters = settings
             .routes
             .iter()

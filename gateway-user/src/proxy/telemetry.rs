@@ -18,6 +18,8 @@
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
 //! | observer_kernel, observer_mode | at start |
 //! | events_lost | every second, from the observer's counter |
+//! | tls_handshakes, tls_handshake_errors, tls_handshake_duration | each TLS handshake, downstream (`handshake`) and upstream (`upstream::connect`) ([`TlsMeter`]) |
+//! | tls_certificate_expiry | at start and at every reload, from the certificates the config loaded |
 //!
 //! Outcome labels mean the same with and without kernel signals: with them, the kernel's record
 //! of the connect decides; without, the proxy reads the same event from `connect()`'s result
@@ -28,6 +30,10 @@
 //! timeout, unreachable) hands its error to the gateway through `getsockopt(SO_ERROR)` (tokio
 //! reads it when the socket turns writable), so those failures are counted with the kernel's
 //! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
+
+mod tls;
+
+pub(crate) use self::tls::{Side, TlsMeter};
 
 use std::{
     sync::{
@@ -65,7 +71,7 @@ use crate::{
 pub(crate) const UNROUTED: &str = "-";
 
 /// Timeout phases, in label order.
-const PHASES: [&str; 4] = ["connect", "response", "write", "request"];
+const PHASES: [&str; 5] = ["connect", "response", "write", "request", "tls_handshake"];
 
 fn phase_of(k: ErrorKind) -> Option<usize> {
     match k {
@@ -73,6 +79,7 @@ fn phase_of(k: ErrorKind) -> Option<usize> {
         ErrorKind::ResponseTimeout => Some(1),
         ErrorKind::UpstreamWriteTimeout => Some(2),
         ErrorKind::RequestTimeout => Some(3),
+        ErrorKind::TlsHandshakeTimeout => Some(4),
         _ => None,
     }
 }
@@ -119,6 +126,9 @@ pub(crate) struct Telemetry {
     pub started_at: SystemTime,
     unrouted: RouteMeter,
     events_lost_seen: AtomicU64,
+    pub tls: TlsMeter,
+    /// The kernel's anomaly counts as last exported, by kind.
+    anomalies_seen: std::sync::Mutex<Vec<(&'static str, u64)>>,
 }
 
 impl Telemetry {
@@ -136,12 +146,14 @@ impl Telemetry {
         }
         let unrouted = RouteMeter::new(&metrics, UNROUTED, UNROUTED, false);
         Telemetry {
+            tls: TlsMeter::new(&metrics),
             registry,
             metrics,
             started: Instant::now(),
             started_at: SystemTime::now(),
             unrouted,
             events_lost_seen: AtomicU64::new(0),
+            anomalies_seen: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -174,6 +186,25 @@ impl Telemetry {
             self.metrics.events_lost.inc_by(lost - before);
         }
     }
+
+    /// The kernel's anomaly counts by kind, read every second: each rise is exported.
+    pub fn kernel_anomalies(&self, now: Vec<(&'static str, u64)>) {
+        let mut seen = self
+            .anomalies_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, n) in &now {
+            let before = seen.iter().find(|(k, _)| k == kind).map_or(0, |(_, v)| *v);
+            let c = self
+                .metrics
+                .kernel_anomalies
+                .get_or_create(&crate::metrics::KindLabels { kind });
+            if *n > before {
+                c.inc_by(n - before);
+            }
+        }
+        *seen = now;
+    }
 }
 
 /// A route's handles (or the one for requests that matched no route).
@@ -184,7 +215,7 @@ pub(crate) struct RouteMeter {
     by_status: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     /// The route's cluster's `timeouts` by phase; none for unrouted requests.
-    timeouts: Option<[Counter; 4]>,
+    timeouts: Option<[Counter; 5]>,
 }
 
 const STATUS_MIN: u16 = 100;
@@ -260,6 +291,8 @@ impl RouteMeter {
 
 /// A cluster's handles; it hands out its endpoints' ([`ClusterMeter::endpoint`]).
 pub(crate) struct ClusterMeter {
+    /// Upstream TLS handshakes.
+    pub tls: TlsMeter,
     metrics: GatewayMetrics,
     name: String,
     retries: [Counter; 5],
@@ -270,6 +303,7 @@ pub(crate) struct ClusterMeter {
 impl ClusterMeter {
     fn new(m: &GatewayMetrics, name: &str) -> ClusterMeter {
         ClusterMeter {
+            tls: TlsMeter::new(m),
             retries: RETRY_REASONS.map(|r| {
                 counter(
                     &m.retries,

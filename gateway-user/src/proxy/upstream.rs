@@ -1,7 +1,8 @@
 //! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
 //! `resolve`), each endpoint's health and latency as the proxy keeps them (`health`, `latency`), getting a connection
 //! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
-//! `hedge` when the kernel saw no SYN-ACK in time), and active probes (`probe`). `cluster` ties
+//! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster), and active
+//! probes (`probe`). `cluster` ties
 //! them together. Every decision is taken in `decide/`; these modules do the I/O and feed it.
 
 mod balancer;
@@ -15,6 +16,7 @@ mod latency;
 mod pool;
 mod probe;
 mod resolve;
+mod tls;
 
 pub use self::health::{HealthEvent, HealthEventKind};
 pub(crate) use self::{

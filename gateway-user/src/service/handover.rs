@@ -40,6 +40,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     Client,
+    /// The HTTPS listener (`https_port`, `https_listen`).
+    Https,
     Admin,
 }
 
@@ -47,6 +49,7 @@ impl Role {
     fn as_str(self) -> &'static str {
         match self {
             Role::Client => "client",
+            Role::Https => "https",
             Role::Admin => "admin",
         }
     }
@@ -54,6 +57,7 @@ impl Role {
     fn parse(s: &str) -> Option<Role> {
         match s {
             "client" => Some(Role::Client),
+            "https" => Some(Role::Https),
             "admin" => Some(Role::Admin),
             _ => None,
         }

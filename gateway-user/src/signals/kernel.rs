@@ -15,6 +15,8 @@ use std::{
     time::Duration,
 };
 
+use gateway_common::ConnStats;
+
 use super::{ConnectEvidence, EstablishedEvidence, SignalMode, SignalSource};
 use crate::observer::{
     KernelObserver,
@@ -43,7 +45,8 @@ pub struct KernelSignals {
     stream: Mutex<Stream>,
 }
 
-fn evidence_of(c: &Connect) -> ConnectEvidence {
+/// The proxy's view of one connect the stream decoded.
+pub fn evidence_of(c: &Connect) -> ConnectEvidence {
     ConnectEvidence {
         outcome: c.outcome,
         syn_retransmits: u32::from(c.syn_retransmits),
@@ -51,6 +54,17 @@ fn evidence_of(c: &Connect) -> ConnectEvidence {
         errno: c.errno,
         elapsed: c.elapsed(),
         so_error: c.so_error,
+    }
+}
+
+/// The proxy's view of a `CONN_STATS` value.
+pub fn established_of(cs: &ConnStats) -> EstablishedEvidence {
+    EstablishedEvidence {
+        data_retransmits: cs.data_retransmits,
+        rtos: cs.rtos,
+        srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),
+        bytes_acked: cs.bytes_acked,
+        unacked_bytes: u64::from(cs.unacked_bytes),
     }
 }
 
@@ -102,13 +116,17 @@ impl SignalSource for KernelSignals {
 
     fn established_evidence(&self, cookie: u64) -> Option<EstablishedEvidence> {
         let cs = self.lock().stream.conn_stats(cookie)?;
-        Some(EstablishedEvidence {
-            data_retransmits: cs.data_retransmits,
-            rtos: cs.rtos,
-            srtt: (cs.srtt_us > 0).then(|| Duration::from_micros(u64::from(cs.srtt_us))),
-            bytes_acked: cs.bytes_acked,
-            unacked_bytes: u64::from(cs.unacked_bytes),
-        })
+        Some(established_of(&cs))
+    }
+
+    fn kernel_anomalies(&self) -> Option<Vec<(&'static str, u64)>> {
+        let counters = self.lock().stream.counters();
+        Some(
+            gateway_common::anomaly::KINDS
+                .iter()
+                .map(|&(index, kind)| (kind, counters.get(index)))
+                .collect(),
+        )
     }
 
     fn events_lost(&self) -> Option<u64> {

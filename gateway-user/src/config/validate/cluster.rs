@@ -72,6 +72,13 @@ pub(super) fn cluster(
         DAY_MS,
         " ms"
     );
+    let (tls_handshake_ms, _) = setting!(
+        timeouts.tls_handshake_timeout_ms,
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
     if request_ms < connect_ms + response_ms {
         let at = request_key
             .or(connect_key)
@@ -177,6 +184,13 @@ pub(super) fn cluster(
     let (response_timeouts, _) = setting!(
         health.response_timeouts_to_eject,
         health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (tls_failures, _) = setting!(
+        health.tls_failures_to_eject,
+        health::DEFAULT_TLS_FAILURES_TO_EJECT,
         0,
         1000,
         ""
@@ -302,6 +316,7 @@ pub(super) fn cluster(
             request: ms(request_ms),
             idle: ms(idle_ms),
             connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
+            tls_handshake: ms(tls_handshake_ms),
         },
         retry: RetryPolicy {
             hedge,
@@ -326,6 +341,7 @@ pub(super) fn cluster(
                 syn_unanswered_to_eject: syn_unanswered as u32,
                 slow_handshakes_to_suspect: slow_handshakes as u32,
                 response_timeouts_to_eject: response_timeouts as u32,
+                tls_failures_to_eject: tls_failures as u32,
             },
             probe_path,
             probe_expect_status: probe_expect_status as u16,
@@ -336,5 +352,7 @@ pub(super) fn cluster(
             slow_margin: ms(slow_margin_ms),
             trickle_interval: ms(slow_trickle_ms),
         },
+        // Loaded by `validate::tls`, which reads the files.
+        tls: None,
     }
 }

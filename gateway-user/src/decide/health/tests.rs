@@ -208,3 +208,47 @@ fn evidence_from_requests_in_flight_does_not_move_an_ejected_endpoint() {
     );
     assert_eq!(h.state(), State::Ejected);
 }
+
+#[test]
+fn tls_failures_on_healthy_tcp_eject_only_as_tls_failure_and_a_tcp_handshake_does_not_clear_them() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    for _ in 1..p.tls_failures_to_eject {
+        // Every TLS attempt starts with a clean TCP handshake: it must not wipe the strikes.
+        h.observe(Evidence::ConnectOk { syn_retransmits: 0 }, t, &p, true);
+        assert_eq!(
+            h.observe(Evidence::TlsFailed, t, &p, true),
+            Transition::None
+        );
+        assert_eq!(
+            h.state(),
+            State::Healthy,
+            "never suspect: the network is fine"
+        );
+    }
+    h.observe(Evidence::ConnectOk { syn_retransmits: 0 }, t, &p, true);
+    assert!(matches!(
+        h.observe(Evidence::TlsFailed, t, &p, true),
+        Transition::Ejected {
+            reason: Reason::TlsFailure,
+            ..
+        }
+    ));
+    // A response in between clears them.
+    let mut h = EndpointHealth::new(t);
+    for _ in 0..10 {
+        h.observe(Evidence::TlsFailed, t, &p, true);
+        h.observe(Evidence::ResponseOk, t, &p, true);
+    }
+    assert_eq!(h.state(), State::Healthy);
+    let off = HealthPolicy {
+        tls_failures_to_eject: 0,
+        ..p
+    };
+    let mut h = EndpointHealth::new(t);
+    for _ in 0..100 {
+        h.observe(Evidence::TlsFailed, t, &off, true);
+    }
+    assert_eq!(h.state(), State::Healthy, "0 disables the rule");
+}

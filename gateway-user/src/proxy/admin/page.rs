@@ -53,6 +53,9 @@ fn explain(reason: Reason) -> &'static str {
         }
         Reason::ProbeFailed => "an active probe failed while probing",
         Reason::UnexpectedStatus => "the health probe's GET answered another status than expected",
+        Reason::TlsFailure => {
+            "TLS handshakes failed on healthy TCP connections: certificate, CA, name or TLS server"
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use http::{
 use hyper::body::Incoming;
 use tokio::{sync::oneshot, time::Instant};
 
+use super::Client;
 use crate::proxy::{
     error::ProxyError, exchange::Exchange, headers, request_body::RequestBody, shared::Runtime,
     upstream::Cluster,
@@ -30,7 +31,7 @@ pub(super) struct Prepared {
 pub(super) fn prepare(
     rt: &Runtime,
     req: Request<Incoming>,
-    client_ip: &HeaderValue,
+    client: &Client,
     ex: &mut Exchange,
 ) -> Result<Prepared, ProxyError> {
     let ds = &rt.settings.downstream;
@@ -56,9 +57,14 @@ pub(super) fn prepare(
         .as_ref()
         .and_then(|a| a.to_str().ok())
         .map_or("", host_without_port);
+    // `[router] gateway_host`: requests for another host are not this gateway's.
     let route = rt
-        .router
-        .route(host, req.uri().path())
+        .settings
+        .gateway_host
+        .as_ref()
+        .is_none_or(|h| h.matches(host))
+        .then_some(())
+        .and_then(|()| rt.router.route(host, req.uri().path()))
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.to_owned(),
             path: req.uri().path().to_owned(),
@@ -72,8 +78,9 @@ pub(super) fn prepare(
     headers::to_upstream(
         &mut parts.headers,
         parts.version,
-        client_ip,
+        &client.ip,
         authority.as_ref(),
+        client.scheme,
     );
     let path = parts
         .uri

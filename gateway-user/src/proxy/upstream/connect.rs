@@ -1,6 +1,6 @@
 //! New upstream connections: a TCP connect on a socket the gateway creates itself, whose
-//! `SO_COOKIE` it reads before `connect()`, bounded by the endpoint's connect deadline; then
-//! the HTTP/1.1 handshake.
+//! `SO_COOKIE` it reads before `connect()`, bounded by the endpoint's connect deadline; then,
+//! for a TLS cluster, the TLS handshake as its own phase (`tls`); then the HTTP/1.1 handshake.
 //!
 //! The cookie is the join key with the kernel observer's per-connect record (see `signals`):
 //! the kernel assigns it when the socket is created (`sock_gen_cookie()` in
@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 use tracing::debug;
 
-use super::{Cluster, endpoint::Endpoint, hedge, pool::UpstreamConn};
+use super::{Cluster, endpoint::Endpoint, hedge, pool::UpstreamConn, tls};
 use crate::{
     decide::{evidence::ConnectFailure, health::Evidence},
     proxy::{error::ProxyError, io::StallGuard},
@@ -247,8 +247,7 @@ pub(super) fn finish(
     }
 }
 
-/// The HTTP/1.1 handshake on a new connection. The connection's task counts, when it ends,
-/// the RTOs in the kernel's final record of it.
+/// The TLS handshake (for a TLS cluster), then the HTTP/1.1 one, on a new connection.
 pub(super) async fn handshake(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
@@ -256,18 +255,53 @@ pub(super) async fn handshake(
     slot: OwnedSemaphorePermit,
 ) -> Result<UpstreamConn, ProxyError> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&c.stream);
-    let io = TokioIo::new(StallGuard::new(c.stream, cluster.spec.timeouts.write));
-    let (sender, conn) =
-        cluster
-            .client
-            .handshake(io)
-            .await
-            .map_err(|e| ProxyError::ConnectFailed {
-                endpoint: ep.addr,
-                source: io::Error::other(e),
-                cookie: Some(c.cookie),
-            })?;
-    let (addr, cookie) = (ep.addr, c.cookie);
+    let io = StallGuard::new(c.stream, cluster.spec.timeouts.write);
+    let sender = match &cluster.spec.tls {
+        None => http1(cluster, ep, c.cookie, io).await?,
+        Some(t) => {
+            let tcp = tls::Tcp {
+                fd,
+                cookie: c.cookie,
+                connect: c.elapsed,
+            };
+            let s = tls::handshake(cluster, ep, t, io, tcp)
+                .await
+                .inspect_err(|e| {
+                    if let Some(f) = e.tls_failure() {
+                        let health = f.health_evidence(e.established_evidence());
+                        cluster.report(ep, health, &|| e.to_string());
+                    }
+                })?;
+            http1(cluster, ep, c.cookie, s).await?
+        }
+    };
+    Ok(UpstreamConn::new(sender, c.cookie, fd, c.elapsed, slot))
+}
+
+/// The HTTP/1.1 handshake. The connection's task counts, when it ends, the RTOs in the
+/// kernel's final record of it.
+async fn http1<I>(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    cookie: u64,
+    io: I,
+) -> Result<
+    hyper::client::conn::http1::SendRequest<crate::proxy::request_body::RequestBody>,
+    ProxyError,
+>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = cluster
+        .client
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::ConnectFailed {
+            endpoint: ep.addr,
+            source: io::Error::other(e),
+            cookie: Some(cookie),
+        })?;
+    let addr = ep.addr;
     let (signals, rtos) = (cluster.signals.clone(), ep.meter.rtos.clone());
     tokio::spawn(async move {
         // The socket is closed once `conn` is done: the kernel's record of the connection is
@@ -281,7 +315,7 @@ pub(super) async fn handshake(
             rtos.inc_by(u64::from(ev.rtos));
         }
     });
-    Ok(UpstreamConn::new(sender, c.cookie, fd, c.elapsed, slot))
+    Ok(sender)
 }
 
 #[cfg(test)]

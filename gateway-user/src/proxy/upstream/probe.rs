@@ -1,7 +1,8 @@
 //! Active probes: every [`TICK`], advance each endpoint's health clock and probe the ones
 //! `decide::probe::due` names (at most one probe at a time per endpoint). A probe is a TCP
-//! connect within the hard cap, its handshake measured by the kernel, then, when
-//! `probe_path` is set, `GET probe_path` over HTTP/1.1 (hyper) expecting `probe_expect_status`.
+//! connect within the hard cap, its handshake measured by the kernel, then the TLS handshake
+//! for a TLS cluster (so that an endpoint with a bad certificate is not brought back), then,
+//! when `probe_path` is set, `GET probe_path` over HTTP/1.1 (hyper) expecting `probe_expect_status`.
 //! `decide::probe::evidence` says what the result is worth.
 
 use std::{
@@ -14,14 +15,13 @@ use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use super::{
-    Cluster,
-    connect::{Connected, connect},
-    endpoint::Endpoint,
-};
-use crate::decide::{
-    evidence::ConnectFailure,
-    probe::{self, ProbeResult},
+use super::{Cluster, connect::connect, endpoint::Endpoint, tls};
+use crate::{
+    decide::{
+        evidence::{ConnectFailure, TlsFailure},
+        probe::{self, ProbeResult},
+    },
+    proxy::io::StallGuard,
 };
 
 /// How often the probe loop looks at the endpoints.
@@ -74,11 +74,30 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
         Some(e) => format!("probe: {e}"),
         None => format!("probe: connected in {} us", c.elapsed.as_micros()),
     };
+    let io = StallGuard::new(c.stream, spec.timeouts.write);
+    let io: Box<dyn Io> = match &spec.tls {
+        None => Box::new(io),
+        Some(t) => {
+            let tcp = tls::Tcp {
+                fd: std::os::fd::AsRawFd::as_raw_fd(io.get_ref()),
+                cookie: c.cookie,
+                connect: c.elapsed,
+            };
+            match tls::handshake(cluster, ep, t, io, tcp).await {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    let f = e.tls_failure().unwrap_or(TlsFailure::Io);
+                    let ev = f.health_evidence(e.established_evidence());
+                    return (ProbeResult::TlsFailed(ev), format!("probe: {e}"));
+                }
+            }
+        }
+    };
     let Some(path) = &spec.health.probe_path else {
         return (ProbeResult::Connected { syn_retransmits }, connected);
     };
     let expected = spec.health.probe_expect_status;
-    match tokio::time::timeout(spec.timeouts.response, get(c, ep, path)).await {
+    match tokio::time::timeout(spec.timeouts.response, get(io, ep, path)).await {
         Ok(Ok(status)) => {
             let detail = if status == expected {
                 format!("{connected}; GET {path}: {status}")
@@ -106,14 +125,18 @@ async fn check(cluster: &Cluster, ep: &Endpoint) -> (ProbeResult, String) {
     }
 }
 
-/// `GET path` on the connected socket; the response's status code.
-async fn get(c: Connected, ep: &Endpoint, path: &str) -> Result<u16, ProbeError> {
+/// A probe's connection: plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `GET path` on the connection; the response's status code.
+async fn get(io: Box<dyn Io>, ep: &Endpoint, path: &str) -> Result<u16, ProbeError> {
     let req = Request::get(path)
         .header(header::HOST, ep.addr.to_string())
         .header(header::USER_AGENT, "gateway-probe")
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(c.stream)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(sender.send_request(req).await?.status().as_u16())
 }

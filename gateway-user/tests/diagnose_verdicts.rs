@@ -1,0 +1,373 @@
+//! Privileged scenario tests of `gateway diagnose`, one per verdict. Each injects one cause in
+//! the fault lab, runs the built `gateway diagnose --json` inside the lab's client namespace
+//! (where it moves itself into a cgroup of its own and attaches the real eBPF observer), and
+//! asserts that the injected cause is the top verdict, with the evidence that names it. Every
+//! run must also leave no cgroup behind. Needs root; run with `--test-threads=1`.
+//! `--nocapture` shows each verdict's confidence and runtime.
+
+use std::{
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour};
+use gateway_testkit::{
+    diagnose::{
+        SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
+        diagnose_in, diagnose_lab, diagnose_with_resolver,
+    },
+    gateway_bin,
+};
+
+const PORT: u16 = 8080;
+
+#[test]
+fn privileged_healthy_http_upstream_v4_and_v6() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
+    let v4 = up.addr_v4(PORT).to_string();
+    let v6 = up.addr_v6(PORT).to_string();
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", "--http", "/", &v4, &v6]);
+    let reports = run.reports();
+    assert_eq!(reports.len(), 2, "one object per target: {}", run.stdout);
+    for (r, target) in reports.iter().zip([&v4, &v6]) {
+        assert_eq!(r["target"], target.as_str());
+        check_report(&run, r, "healthy");
+        assert_eq!(r["confidence"], 1.0, "{r:#}");
+        assert_kernel_joined(r);
+        for a in attempts(r) {
+            assert_eq!(a["outcome"], "established");
+            assert_eq!(a["syn_retransmits"], 0);
+            assert!(a["syn_rtt_us"].as_u64().unwrap() < 10_000, "{a:#}");
+            let h = &a["http"];
+            assert_eq!(h["outcome"], "response", "{a:#}");
+            assert_eq!(h["status"], 200);
+            assert_eq!(h["request_acked"], true);
+            assert_eq!(h["data_retransmits"], 0);
+        }
+    }
+}
+
+#[test]
+fn privileged_refused() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
+    let addr = up.addr_v4(PORT);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
+    let r = assert_verdict(&run, "refused");
+    assert_kernel_joined(&r);
+    assert!(
+        r["evidence"][0].as_str().unwrap().starts_with(&format!(
+            "5/5 connects to {addr} refused: an RST answered the SYN"
+        )),
+        "{r:#}"
+    );
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "refused");
+        assert_eq!(a["errno"], "ECONNREFUSED");
+    }
+}
+
+#[test]
+fn privileged_filtered_syn_blackhole() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
+    // One retransmit, classic back-off: the kernel gives up after 3 s.
+    let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(1)).unwrap();
+    let _l = lab
+        .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
+        .unwrap();
+    let addr = up.addr_v4(PORT);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
+    let r = assert_verdict(&run, "filtered");
+    assert_kernel_joined(&r);
+    let e = r["evidence"][0].as_str().unwrap();
+    assert!(
+        e.starts_with(&format!(
+            "5/5 SYNs to {addr} unanswered after 1 SYN retransmit each: no SYN-ACK, no RST, no \
+             ICMP; the kernel gave up with ETIMEDOUT"
+        )),
+        "{e}"
+    );
+    let m = &r["measurements"];
+    assert_eq!(
+        m["syn_budget"]["tcp_syn_retries"], 1,
+        "read in the lab netns"
+    );
+    assert_eq!(m["connect_deadline_ms"], 3300);
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "timeout");
+        assert_eq!(a["errno"], "ETIMEDOUT");
+    }
+    assert!(
+        run.elapsed < Duration::from_secs(6),
+        "probes overlap: {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn privileged_unreachable_icmp() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _f = up.apply(Fault::HostUnreachable { port: PORT }).unwrap();
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &["--json", &up.addr_v4(PORT).to_string()],
+    );
+    let r = assert_verdict(&run, "unreachable");
+    assert_kernel_joined(&r);
+    assert!(
+        r["evidence"][0].as_str().unwrap().contains("EHOSTUNREACH"),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn privileged_overloaded_accept_queue() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let acceptor = SlowAcceptor::start(up, PORT, Duration::from_millis(600));
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &["--json", &up.addr_v4(PORT).to_string()],
+    );
+    let r = assert_verdict(&run, "overloaded");
+    assert_kernel_joined(&r);
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "established", "{a:#}");
+        assert!(a["syn_retransmits"].as_u64().unwrap() >= 1, "{a:#}");
+    }
+    assert!(
+        acceptor.accepted() >= 5,
+        "the acceptor made room for each probe"
+    );
+    let overflows = up
+        .netns()
+        .netstat()
+        .unwrap()
+        .get(gateway_lab::NetStat::LISTEN_OVERFLOWS)
+        .unwrap_or(0);
+    assert!(
+        overflows >= 5,
+        "the upstream's own counter agrees: {overflows}"
+    );
+}
+
+#[test]
+fn privileged_lossy_path() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    // Each packet either way dropped with p = 0.25: a handshake loses its SYN or SYN-ACK with
+    // p = 0.44. Over 30 handshakes, the chance that 80% or more (the overloaded pattern) or at
+    // most one are hit is below 1e-4.
+    let _f = up
+        .apply(Fault::Loss {
+            port: PORT,
+            probability: 0.25,
+        })
+        .unwrap();
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &["--json", "--count", "30", &up.addr_v4(PORT).to_string()],
+    );
+    let r = assert_verdict(&run, "lossy_path");
+    let s = &r["measurements"]["addresses"][0]["summary"];
+    let (est, retx) = (
+        s["established"].as_u64().unwrap(),
+        s["established_after_syn_retransmits"].as_u64().unwrap(),
+    );
+    assert!(
+        retx > 0 && retx < est,
+        "some handshakes lost a packet, others not: {s:#}"
+    );
+}
+
+#[test]
+fn privileged_slow_backend() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up
+        .serve_http(PORT, HttpBehaviour::slow(Duration::from_secs(3)))
+        .unwrap();
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &[
+            "--json",
+            "--http",
+            "/",
+            "--response-timeout-ms",
+            "1000",
+            &up.addr_v4(PORT).to_string(),
+        ],
+    );
+    let r = assert_verdict(&run, "slow_backend");
+    assert_kernel_joined(&r);
+    for a in attempts(&r) {
+        let h = &a["http"];
+        assert_eq!(h["outcome"], "timeout", "{a:#}");
+        assert_eq!(
+            h["request_acked"], true,
+            "the request reached the backend: {a:#}"
+        );
+        assert_eq!(a["syn_retransmits"], 0);
+    }
+    assert!(
+        r["evidence"][0]
+            .as_str()
+            .unwrap()
+            .contains("no response byte within the 1000 ms response timeout"),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
+    let lab = diagnose_lab();
+    // The lab's client namespace has routes to its upstreams only: the resolver's query fails
+    // there and never leaves the machine.
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", "no-such-host.invalid:80"]);
+    let r = assert_verdict(&run, "dns_failure");
+    let res = &r["measurements"]["resolution"];
+    assert_eq!(res["method"], "dns");
+    assert!(
+        res["error"].as_str().unwrap().starts_with("EAI_"),
+        "{res:#}"
+    );
+    assert!(
+        r["evidence"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("resolving no-such-host.invalid failed after"),
+        "{r:#}"
+    );
+    assert_eq!(r["measurements"]["addresses"], serde_json::json!([]));
+}
+
+#[test]
+fn privileged_dns_failure_slow_resolution() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
+    let _dns = SlowDns::start(up, up.ipv4(), Duration::from_millis(1500));
+    let run = diagnose_with_resolver(
+        gateway_bin!(),
+        &lab,
+        up.ipv4().into(),
+        &["--json", "slow.lab.test:8080"],
+    );
+    let r = assert_verdict(&run, "dns_failure");
+    let res = &r["measurements"]["resolution"];
+    assert_eq!(
+        res["addresses"],
+        serde_json::json!([up.ipv4().to_string()]),
+        "{res:#}"
+    );
+    let took = res["elapsed_us"].as_u64().unwrap();
+    assert!((1_400_000..3_000_000).contains(&took), "{took} µs");
+    assert!(
+        r["evidence"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("resolving slow.lab.test took 1."),
+        "{r:#}"
+    );
+    // The connects themselves were fine, and say so as the alternative.
+    assert_eq!(r["alternatives"][0]["verdict"], "healthy", "{r:#}");
+    assert_kernel_joined(&r);
+}
+
+#[test]
+fn privileged_port_exhaustion() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let _range = lab
+        .set_client_sysctl(ClientSysctl::LocalPortRange {
+            low: 40000,
+            high: 40003,
+        })
+        .unwrap();
+    let addr = up.addr_v4(PORT);
+    // Take every local port towards the upstream, from inside the client namespace.
+    let held: Vec<TcpStream> = lab
+        .client()
+        .run(|| {
+            let mut held = Vec::new();
+            loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(s) => held.push(s),
+                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return held,
+                    Err(e) => panic!("holding connections: {e}"),
+                }
+                assert!(held.len() <= 4, "the port range has 4 ports");
+            }
+        })
+        .unwrap();
+    assert_eq!(held.len(), 4);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
+    let r = assert_verdict(&run, "port_exhaustion");
+    assert_kernel_joined(&r);
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "addr_unavailable", "{a:#}");
+    }
+    assert_eq!(
+        r["measurements"]["local_port_range"],
+        serde_json::json!([40000, 40003])
+    );
+    drop(held);
+}
+
+#[test]
+fn privileged_deadline_too_short() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let _f = up
+        .apply(Fault::SynAckDelay {
+            port: PORT,
+            delay: Duration::from_millis(200),
+        })
+        .unwrap();
+    let start = Instant::now();
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &[
+            "--json",
+            "--connect-timeout-ms",
+            "100",
+            &up.addr_v4(PORT).to_string(),
+        ],
+    );
+    let r = assert_verdict(&run, "deadline_too_short");
+    assert_kernel_joined(&r);
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "deadline", "{a:#}");
+    }
+    let patient = r["measurements"]["addresses"][0]["patient_attempts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(patient.len(), 3);
+    for a in &patient {
+        assert_eq!(a["outcome"], "established", "{a:#}");
+        let rtt = a["syn_rtt_us"].as_u64().unwrap();
+        assert!((195_000..400_000).contains(&rtt), "SYN-RTT {rtt} µs");
+    }
+    let step = r["next_steps"][0].as_str().unwrap();
+    assert!(
+        step.starts_with("raise connect_timeout_ms to at least p99 SYN-RTT × 2 = 4"),
+        "{step}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

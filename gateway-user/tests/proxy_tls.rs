@@ -1,0 +1,491 @@
+//! HTTPS in and TLS out, end to end with real third-party programs: curl and `openssl
+//! s_client` against the HTTPS listener (ALPN h2 and http/1.1, SNI choosing the certificate,
+//! plain HTTP on the HTTPS port), nginx with TLS and a CA of its own as the upstream (name
+//! mismatch and unknown CA answered 502 `tls_error`), a TLS upstream that accepts TCP and
+//! never answers the ClientHello (504 `tls_handshake_timeout` within the configured time, with
+//! the kernel's view of the TCP connection: privileged), and certificates reloaded by SIGHUP
+//! under load with no failed request. Certificates are generated at test time (rcgen).
+
+mod proxy_support;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use proxy_support::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+/// A CA and the leaves it signs, as PEM files in `dir`.
+struct Pki {
+    dir: PathBuf,
+    ca: (CertificateParams, KeyPair),
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Pki {
+            dir: dir.to_owned(),
+            ca: (p, key),
+        }
+    }
+
+    /// A leaf for `names` (ECDSA P-256), written as `{file}.pem` / `{file}.key`.
+    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let mut p =
+            CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0]);
+        let key = KeyPair::generate().unwrap();
+        let cert = p
+            .signed_by(&key, &Issuer::from_params(&self.ca.0, &self.ca.1))
+            .unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx serving TLS with `cert`, answering what it was asked and how.
+struct Nginx {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Nginx {
+    fn start(dir: &Path, cert: &Path, key: &Path) -> Nginx {
+        let port = free_port();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
+                 events {{}}\nhttp {{ access_log off;\n server {{ listen 127.0.0.1:{port} ssl;\n\
+                 ssl_certificate {c}; ssl_certificate_key {k};\n\
+                 location / {{ return 200 \"tls-upstream proto=$http_x_forwarded_proto sni=$ssl_server_name\\n\"; }} }} }}\n",
+                d = dir.display(),
+                c = cert.display(),
+                k = key.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .args(["-e", "stderr", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx (./dev installs nginx-light)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { addr, child }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HTTPS address the gateway logged.
+fn https_addr(gw: &GatewayProcess) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = gw.stderr_text();
+        if let Some(a) = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("https_listener="))
+        {
+            return a.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HTTPS listener logged:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// curl against the HTTPS listener as `host`; returns (status, http version, headers+body).
+fn curl(
+    addr: SocketAddr,
+    ca: &Path,
+    host: &str,
+    path: &str,
+    extra: &[&str],
+) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:{}", addr.port(), addr.ip()))
+        .args(extra)
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .arg(format!("https://{host}:{}{path}", addr.port()))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = text.lines().last().unwrap_or("").to_owned();
+    let mut it = last.split(' ');
+    let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, it.next().unwrap_or("").to_owned(), text)
+}
+
+/// `openssl s_client` with `sni` and `alpn`: its report of the handshake.
+fn s_client(addr: SocketAddr, sni: &str, alpn: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+            "-alpn",
+            alpn,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
+             [[router.tls.certificates]]\nserver_names = [\"b.test\"]\ncert_file = \"b.pem\"\nkey_file = \"b.key\"\n\
+             [router.upstream]\nendpoints = [\"{upstream}\"]\n\
+             [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n\
+             [observer]\nmode = \"off\"\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
+    let dir = temp_dir("tls-in");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let gw = GatewayProcess::spawn(&https_config(&dir, nginx.addr, &dir.join("ca.pem")));
+    let addr = https_addr(&gw);
+    let ca = dir.join("ca.pem");
+
+    let (code, version, text) = curl(addr, &ca, "a.test", "/", &["--http2"]);
+    assert_eq!((code, version.as_str()), (200, "2"), "{text}");
+    assert!(
+        text.contains("tls-upstream proto=https sni=up.test"),
+        "{text}"
+    );
+    let (code, version, _) = curl(addr, &ca, "b.test", "/", &["--http1.1"]);
+    assert_eq!((code, version.as_str()), (200, "1.1"));
+
+    let h2 = s_client(addr, "b.test", "h2,http/1.1");
+    assert!(h2.contains("ALPN protocol: h2"), "{h2}");
+    assert!(
+        h2.contains("CN = b.test"),
+        "SNI b.test gets its certificate: {h2}"
+    );
+    let h1 = s_client(addr, "elsewhere.test", "http/1.1");
+    assert!(h1.contains("ALPN protocol: http/1.1"), "{h1}");
+    assert!(
+        h1.contains("CN = a.test"),
+        "unknown SNI gets the default: {h1}"
+    );
+
+    let plain = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{}/", addr.port()))
+        .output()
+        .unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+    assert!(plain.contains("this port speaks HTTPS"), "{plain}");
+
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    for line in [
+        "gateway_tls_handshakes_total{side=\"downstream\",result=\"ok\",version=\"TLSv1.3\"}",
+        "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"plain_http\"} 1",
+        "gateway_tls_handshakes_total{side=\"upstream\",result=\"ok\"",
+        "gateway_tls_certificate_expiry_timestamp_seconds{role=\"server\"",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+}
+
+/// Waits until `n` stderr lines contain `needle`.
+fn wait_for_count(gw: &GatewayProcess, needle: &str, n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let seen = gw
+            .stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count();
+        if seen >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn http_get_text(addr: SocketAddr, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
+    let dir = temp_dir("tls-out");
+    let pki = Pki::new(&dir, "ca");
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let ca = dir.join("ca.pem");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[clusters.good]\nendpoints = [\"{u}\"]\n[clusters.good.tls]\nca_file = \"{ca}\"\nserver_name = \"up.test\"\n\
+             [clusters.mismatch]\nendpoints = [\"{u}\"]\n[clusters.mismatch.tls]\nca_file = \"{ca}\"\nserver_name = \"other.test\"\n\
+             [clusters.unknown]\nendpoints = [\"{u}\"]\n[clusters.unknown.tls]\nserver_name = \"up.test\"\n\
+             [[routes]]\npath_prefix = \"/\"\ncluster = \"good\"\n\
+             [[routes]]\npath_prefix = \"/mismatch\"\ncluster = \"mismatch\"\n\
+             [[routes]]\npath_prefix = \"/unknown\"\ncluster = \"unknown\"\n\
+             [observer]\nmode = \"off\"\n",
+            u = nginx.addr,
+            ca = ca.display()
+        ),
+    );
+    let gw = GatewayProcess::spawn(&cfg);
+    let plain = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--max-time", "10"])
+            .arg(format!("http://{}{path}", gw.addr))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ok = plain("/");
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.contains("proto=http sni=up.test"),
+        "{ok}"
+    );
+    // Pooled TLS connections are reused like plain ones: one upstream handshake for many.
+    for _ in 0..5 {
+        assert!(plain("/").starts_with("HTTP/1.1 200"));
+    }
+    for (path, reason) in [("/mismatch", "name_mismatch"), ("/unknown", "unknown_ca")] {
+        let r = plain(path);
+        assert!(r.starts_with("HTTP/1.1 502"), "{path}: {r}");
+        assert!(r.contains("x-gateway-error: tls_error"), "{r}");
+        assert!(r.contains(&format!("failed ({reason})")), "{r}");
+        assert!(r.contains("TCP established in"), "{r}");
+    }
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    assert!(
+        metrics.contains(
+            "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"name_mismatch\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_stalled_tls_upstream_is_a_504_tls_handshake_timeout_on_time_with_kernel_evidence_privileged() {
+    // Accepts TCP (the kernel completes the handshake and ACKs the ClientHello) and never
+    // answers: the listener is never accepted from.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = silent.local_addr().unwrap();
+    let dir = temp_dir("tls-stall");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[router.upstream]\nendpoints = [\"{up}\"]\n[router.upstream.tls]\ninsecure_skip_verify = true\n\
+             [router.upstream.timeouts]\ntls_handshake_timeout_ms = 800\n\
+             [router.upstream.retry]\nmax_retries = 0\n[observer]\nmode = \"kernel\"\n"
+        ),
+    );
+    let gw = GatewayProcess::spawn(&cfg);
+    let t = Instant::now();
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10"])
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let r = String::from_utf8_lossy(&out.stdout);
+    assert!(r.starts_with("HTTP/1.1 504"), "{r}");
+    assert!(r.contains("x-gateway-error: tls_handshake_timeout"), "{r}");
+    assert!(
+        took >= Duration::from_millis(720) && took <= Duration::from_millis(880 + 150),
+        "800 ms ± 10 % (plus curl's own start-up): took {took:?}"
+    );
+    assert!(r.contains("got no ServerHello within 800 ms"), "{r}");
+    assert!(
+        r.contains("(kernel)"),
+        "the kernel measured the TCP handshake: {r}"
+    );
+    let ev = r
+        .lines()
+        .find(|l| l.starts_with("x-gateway-evidence:"))
+        .unwrap_or_else(|| panic!("kernel evidence header: {r}"));
+    assert!(
+        ev.contains("server_bytes=0") && ev.contains("rtos=0"),
+        "{ev}"
+    );
+    let acked: u64 = ev
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("client_bytes_acked="))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        acked > 0,
+        "the upstream's kernel ACKed the ClientHello: {ev}"
+    );
+    drop(silent);
+}
+
+#[test]
+fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
+    let dir = temp_dir("tls-reload");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let gw = GatewayProcess::spawn(&https_config(&dir, nginx.addr, &dir.join("ca.pem")));
+    let addr = https_addr(&gw);
+    let ca = dir.join("ca.pem");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = (0..3)
+        .map(|i| {
+            let (stop, ok, failed, ca) = (stop.clone(), ok.clone(), failed.clone(), ca.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // Ten requests on one keep-alive connection, then a new connection.
+                    let mut args: Vec<String> =
+                        ["-s", "-o", "/dev/null", "--max-time", "10", "--cacert"]
+                            .map(String::from)
+                            .to_vec();
+                    args.push(ca.display().to_string());
+                    args.push("--resolve".into());
+                    args.push(format!("a.test:{}:127.0.0.1", addr.port()));
+                    if i == 0 {
+                        args.push("--http1.1".into());
+                    }
+                    for _ in 0..10 {
+                        args.push("-w".into());
+                        args.push("%{http_code}\n".into());
+                        args.push(format!("https://a.test:{}/", addr.port()));
+                    }
+                    let out = Command::new("curl").args(&args).output().unwrap();
+                    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let good = codes.lines().filter(|c| *c == "200").count();
+                    ok.fetch_add(good, Ordering::Relaxed);
+                    failed.fetch_add(10 - good, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        // A new certificate for a.test, with a serial-distinct subject alternative.
+        pki.leaf("a", &["a.test", &format!("round{round}.a.test")]);
+        gw.signal(libc::SIGHUP);
+        assert!(
+            wait_for_count(&gw, "config reloaded", round + 1),
+            "reload {round}"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "load ran: {ok} requests");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across 3 reloads",
+        ok + failed
+    );
+    let served = s_client(addr, "a.test", "http/1.1");
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            let pem = served
+                .split("-----BEGIN CERTIFICATE-----")
+                .nth(1)
+                .and_then(|s| s.split("-----END CERTIFICATE-----").next())
+                .unwrap_or("");
+            c.stdin.take().unwrap().write_all(
+                format!("-----BEGIN CERTIFICATE-----{pem}-----END CERTIFICATE-----\n").as_bytes(),
+            )?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("round2.a.test"),
+        "the last certificate serves new connections: {text}"
+    );
+    // A bad certificate is refused and the running one kept.
+    std::fs::write(dir.join("a.pem"), "not a certificate\n").unwrap();
+    gw.signal(libc::SIGHUP);
+    assert!(gw.wait_for_log("reload refused", Duration::from_secs(5)));
+    let (code, _, _) = curl(addr, &ca, "a.test", "/", &[]);
+    assert_eq!(code, 200, "the running certificate still serves");
+}

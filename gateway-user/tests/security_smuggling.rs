@@ -1,0 +1,405 @@
+//! What a client or an upstream can make the gateway do (SECURITY.md): request smuggling
+//! through conflicting framing or obsolete line folding, header injection through the
+//! gateway's evidence headers, and log injection through request paths. Each case sends raw
+//! bytes through the real proxy (in-process, loopback) to a raw upstream that records every
+//! byte it receives, and asserts what reaches the upstream and what the client gets.
+
+mod proxy_support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proxy_support::*;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+/// A raw upstream: records every byte of every connection, answers each request head it can
+/// see with `reply`, and keeps the connection open.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Recorder {
+    async fn start(reply: &'static [u8]) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut pending = Vec::new();
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            if s.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Recorder { addr, seen, task }
+    }
+
+    fn seen(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+fn cluster(upstream: SocketAddr) -> String {
+    format!(
+        "[[routes]]\npath_prefix = \"/\"\ncluster = \"up\"\n\n[clusters.up]\nendpoints = [\"{upstream}\"]\n\n[clusters.up.retry]\nmax_retries = 0\n"
+    )
+}
+
+async fn through(label: &str, reply: &'static [u8], request: &[u8]) -> (String, String, InProcess) {
+    let up = Recorder::start(reply).await;
+    let gw = gateway(label, &cluster(up.addr)).await;
+    let answer = raw_exchange(gw.addr, request, Duration::from_secs(3)).await;
+    // Let anything the gateway forwards arrive.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = up.seen();
+    (answer, seen, gw)
+}
+
+fn status(answer: &str) -> &str {
+    answer.get(9..12).unwrap_or("")
+}
+
+/// Content-Length with Transfer-Encoding (in either order): hyper frames the request by
+/// Transfer-Encoding alone, drops Content-Length and closes the connection after the response
+/// (RFC 9112 section 6.1 allows this instead of a 400). What must hold either way: the upstream
+/// gets exactly one request, framed once, and the bytes after the chunked body are never
+/// taken as a request.
+fn assert_not_smuggled(answer: &str, seen: &str) {
+    let rejected = status(answer) == "400";
+    if !rejected {
+        assert_eq!(status(answer), "200", "answer: {answer:?}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "an ambiguous request closes the client connection: {answer:?}"
+        );
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "one answer: {answer:?}"
+        );
+    }
+    assert!(!seen.contains("/smuggled"), "smuggled: {seen:?}");
+    let head = seen
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(
+        !head.contains("content-length:"),
+        "the conflicting content-length is not forwarded: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn cl_te_conflict_smuggles_nothing() {
+    let req = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let (answer, seen, _gw) = through("cl-te", OK, req).await;
+    assert_not_smuggled(&answer, &seen);
+}
+
+#[tokio::test]
+async fn te_cl_conflict_smuggles_nothing() {
+    // The classic TE.CL attack: a front end that honoured Content-Length would forward 4
+    // bytes of the body and leave "GPOST ..." as the next request.
+    let smuggled = "GPOST / HTTP/1.1\r\ncontent-type: x\r\ncontent-length: 15\r\n\r\nx=1";
+    let req = format!(
+        "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+        smuggled.len()
+    );
+    let req = req.as_bytes();
+    let (answer, seen, _gw) = through("te-cl", OK, req).await;
+    assert_not_smuggled(&answer, &seen);
+    // The smuggled-looking bytes stay inside the one forwarded chunk: the upstream's stream is
+    // one request head, then one chunk holding "GPOST ...", then the last chunk.
+    if !seen.is_empty() {
+        let (head, body) = seen.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("POST / HTTP/1.1\r\n"), "{seen:?}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{seen:?}"
+        );
+        assert_eq!(
+            body,
+            format!("{:X}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
+            "the smuggled-looking bytes are one chunk of the one body, and nothing follows"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_or_non_final_chunked_transfer_coding_is_rejected() {
+    for te in ["chunked, identity", "xchunked", "identity"] {
+        let req = format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: {te}\r\n\r\n0\r\n\r\n");
+        let (answer, seen, _gw) = through("te-bad", OK, req.as_bytes()).await;
+        assert_eq!(
+            status(&answer),
+            "400",
+            "te {te}: answer {answer:?}; upstream saw {seen:?}"
+        );
+        assert!(seen.is_empty(), "te {te}: upstream saw {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn duplicate_differing_content_lengths_are_rejected() {
+    let req = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 5\r\n\r\nhello";
+    let (answer, seen, _gw) = through("dup-cl", OK, req).await;
+    assert_eq!(
+        status(&answer),
+        "400",
+        "answer: {answer:?}; upstream saw {seen:?}"
+    );
+    assert!(seen.is_empty(), "upstream saw {seen:?}");
+}
+
+#[tokio::test]
+async fn obs_fold_in_a_request_is_rejected() {
+    let req = b"GET / HTTP/1.1\r\nhost: a\r\nx-folded: a\r\n transfer-encoding: chunked\r\n\r\n";
+    let (answer, seen, _gw) = through("obs-fold", OK, req).await;
+    assert_eq!(
+        status(&answer),
+        "400",
+        "answer: {answer:?}; upstream saw {seen:?}"
+    );
+    assert!(seen.is_empty(), "upstream saw {seen:?}");
+}
+
+#[tokio::test]
+async fn chunked_body_is_reframed_for_the_upstream() {
+    // A well-formed chunked request: the upstream gets exactly one request, framed once.
+    let req = b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let (answer, seen, _gw) = through("chunked-ok", OK, req).await;
+    assert_eq!(status(&answer), "200", "answer: {answer:?}");
+    assert_eq!(
+        seen.matches("HTTP/1.1\r\n").count(),
+        1,
+        "one request upstream: {seen:?}"
+    );
+    let lower = seen.to_ascii_lowercase();
+    assert!(
+        !(lower.contains("content-length:") && lower.contains("transfer-encoding:")),
+        "the upstream request carries one framing header: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_response_cl_te_conflict_does_not_reach_the_client_as_is() {
+    let reply: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (answer, _seen, _gw) = through(
+        "resp-cl-te",
+        reply,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(
+        !(head.contains("content-length:") && head.contains("transfer-encoding:")),
+        "the client never gets both framing headers: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_obs_fold_response_is_rejected() {
+    let reply: &[u8] = b"HTTP/1.1 200 OK\r\nx-a: a\r\n x-injected: 1\r\ncontent-length: 0\r\n\r\n";
+    let (answer, _seen, _gw) = through(
+        "resp-fold",
+        reply,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), "502", "answer: {answer:?}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("x-injected"),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_cannot_forge_the_gateways_evidence_headers() {
+    let reply: &[u8] = b"HTTP/1.1 200 OK\r\nx-gateway-error: upstream_host_died\r\nx-gateway-evidence: syns=9 synack=0\r\nx-gateway-endpoint: 10.9.9.9:1\r\nx-gateway-attempts: 7\r\ncontent-length: 2\r\n\r\nok";
+    let (answer, _seen, _gw) = through(
+        "forge",
+        reply,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), "200", "answer: {answer:?}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("x-gateway-"),
+        "only the gateway writes x-gateway-* headers: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn evidence_headers_carry_nothing_a_client_sent() {
+    // A refused endpoint: the 502 carries the gateway's headers; the request's path, host and
+    // headers try to get CR, LF or quotes into them.
+    let refused = refused_addr();
+    let gw = gateway("evidence", &cluster(refused)).await;
+    let req = b"GET /a%0d%0ax-injected:%201?q=%22%0a HTTP/1.1\r\nhost: evil%0d%0ax-injected: 1\r\nuser-agent: \"\r\n\r\n";
+    let answer = raw_exchange(gw.addr, req, Duration::from_secs(5)).await;
+    let head = answer.split("\r\n\r\n").next().unwrap_or("");
+    assert!(status(&answer).starts_with('5'), "answer: {answer:?}");
+    for line in head.lines().skip(1) {
+        let lower = line.to_ascii_lowercase();
+        assert!(
+            !lower.starts_with("x-injected"),
+            "injected header line: {line:?}"
+        );
+        if let Some(v) = lower.strip_prefix("x-gateway-") {
+            assert!(
+                v.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
+                "gateway header with odd bytes: {line:?}"
+            );
+            assert!(
+                !v.contains("evil") && !v.contains("%0d"),
+                "client data in {line:?}"
+            );
+        }
+    }
+}
+
+/// A request path can carry `"`, `\`, `%`-escapes and bytes above 0x7f (obs-text), but no
+/// control byte (hyper refuses CR, LF, ESC, DEL and NUL in the request line with a 400). In
+/// the plain access log a path cannot end its quoted field or start a new line; in the JSON
+/// log it is one string value.
+#[tokio::test]
+async fn request_paths_cannot_forge_access_log_lines() {
+    let up = Recorder::start(OK).await;
+    for format in ["plain", "json"] {
+        let dir = temp_dir(&format!("log-injection-{format}"));
+        let log = dir.join("access.log");
+        let text = base_config(&log)
+            .replace("format = \"json\"", &format!("format = \"{format}\""))
+            + &cluster(up.addr);
+        let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .settings;
+        let handle = gateway::proxy::start(
+            settings,
+            Arc::new(gateway::signals::UserspaceOnly::new("test")),
+        )
+        .await
+        .unwrap();
+        let addr = handle.listen_addrs()[0];
+        // Each tries to close the quoted path and add fields, or to start a new line. A path
+        // has no space (the request line splits on it), so fields would have to be glued on.
+        let forged: [&[u8]; 5] = [
+            b"/a\"route=forged\"",
+            b"/a\\\"\\",
+            b"/a%22%0d%0a2026-01-01T00:00:00Z%20GET%20/forged",
+            b"/a?q=\"}{\"route\":\"forged\"",
+            b"/caf\xc3\xa9",
+        ];
+        // Requests the proxy handled (hyper's own 400s for unparsable heads never reach it,
+        // and are not logged).
+        let mut handled = 0;
+        for path in forged {
+            let mut req = b"GET ".to_vec();
+            req.extend_from_slice(path);
+            req.extend_from_slice(b" HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let answer = raw_exchange(addr, &req, Duration::from_secs(3)).await;
+            assert!(
+                status(&answer) == "200" || status(&answer) == "400",
+                "{answer:?}"
+            );
+            let lower = answer.to_ascii_lowercase();
+            if lower.contains("\r\nvia: ") || lower.contains("\r\nx-gateway-error: ") {
+                handled += 1;
+            }
+        }
+        assert!(
+            handled >= 3,
+            "the forged paths reached the proxy: {handled}"
+        );
+        // Control bytes in the request line never reach the log: hyper answers 400 first.
+        for ctl in *b"\x1b\x7f\r\x00" {
+            let mut req = b"GET /x".to_vec();
+            req.push(ctl);
+            req.extend_from_slice(b"y HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let answer = raw_exchange(addr, &req, Duration::from_secs(3)).await;
+            assert_eq!(status(&answer), "400", "control byte {ctl:#x}: {answer:?}");
+        }
+        let _ = handle.shutdown(Duration::from_secs(1)).await;
+        // The access log is written by its own thread: wait for every handled request's line.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().filter(|l| !l.starts_with('#')).count() >= handled
+                || std::time::Instant::now() > end
+            {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines.len(),
+            handled,
+            "{format}: one line per request:\n{text}"
+        );
+        for line in &lines {
+            assert!(
+                !line.bytes().any(|b| b < 0x20 && b != b'\t'),
+                "{format}: a control byte in {line:?}"
+            );
+            match format {
+                "json" => {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+                    assert!(v["route"].as_str() != Some("forged"), "{line:?}");
+                }
+                _ => {
+                    // Exactly two quotes (around the request), and the fields after them are
+                    // the gateway's own.
+                    assert_eq!(line.matches('"').count(), 2, "{line:?}");
+                    let after = line.rsplit('"').next().unwrap_or("");
+                    assert_eq!(after.matches(" route=").count(), 1, "{line:?}");
+                    assert!(!after.contains("forged"), "a forged field: {line:?}");
+                }
+            }
+            assert!(
+                !line.contains("GET /forged"),
+                "a forged line start: {line:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,401 @@
+//! Privileged tests of the kernel side's limits through `gateway observe`, each in a cgroup
+//! of its own (so other processes on the host do not count):
+//!
+//! - more destinations than the kernel's LRU table holds: it evicts, and the counts stay
+//!   consistent (every destination inserted once = held + evicted; every connect is a record
+//!   or a counted loss), exported as metrics;
+//! - a ring buffer overrun under a connect storm is counted, logged and exported, and the
+//!   drain goes on (a connect after the storm is still reported);
+//! - a socket whose storage the kernel refuses (a namespace with a tiny
+//!   `net.core.optmem_max`) is reported by the kernel through aya-log, naming the map and the
+//!   socket, rate-limited, and every occurrence is counted.
+//!
+//! The long version (1,000,000 destinations, RSS at 100,000) is `cargo xtask capacity`.
+//! Loopback and test-made namespaces only; never skipped without root (they fail).
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use common::require_root;
+
+fn gateway_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe")).with_file_name("gateway");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --all-targets",
+        bin.display()
+    );
+    bin
+}
+
+/// A cgroup v2 directory of the test's own, removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn create(label: &str) -> TestCgroup {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .min_by_key(|p| p.as_os_str().len())
+            .expect("cgroup v2 is mounted");
+        let path = root.join(format!("gateway-test-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).unwrap();
+        TestCgroup(path)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The spray processes have exited by now; retry briefly while the kernel reaps them.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `gateway observe --json` attached to a cgroup, with a metrics listener.
+struct Observe {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    metrics: SocketAddr,
+}
+
+impl Observe {
+    fn start(cgroup: &TestCgroup, extra: &[&str]) -> Observe {
+        let metrics: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut child = Command::new(gateway_bin())
+            .args(["observe", "--json", "--join-window-ms", "0", "--cgroup"])
+            .arg(&cgroup.0)
+            .args(["--metrics", &metrics.to_string()])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let obs = Observe {
+            child,
+            lines,
+            stderr,
+            metrics,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !obs.stderr_text().contains("observer attached") {
+            assert!(
+                Instant::now() < end,
+                "observe did not attach:\n{}",
+                obs.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        obs
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The metric samples, by `name{labels}`.
+    fn metrics(&self) -> HashMap<String, f64> {
+        let Ok(mut s) = TcpStream::connect(self.metrics) else {
+            return HashMap::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.lines()
+            .filter(|l| l.starts_with("gateway_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sum of every sample of a family.
+    fn family_sum(m: &HashMap<String, f64>, family: &str) -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(family) && k[family.len()..].starts_with('{'))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Waits until `cond` holds for the metrics (the observer counts the kernel's table every
+    /// few seconds in JSON mode).
+    fn wait_metrics(
+        &self,
+        what: &str,
+        cond: impl Fn(&HashMap<String, f64>) -> bool,
+    ) -> HashMap<String, f64> {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = self.metrics();
+            if cond(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: never true; metrics: {:?}\nstderr:\n{}",
+                m.iter()
+                    .filter(|(k, _)| k.contains("observer"))
+                    .collect::<Vec<_>>(),
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn spray(cgroup: &TestCgroup, args: &[&str]) -> u32 {
+    let out = Command::new(env!("CARGO_BIN_EXE_connect-spray"))
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "connect-spray: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn privileged_lru_evicts_and_the_counts_stay_consistent() {
+    require_root();
+    const TABLE: u32 = 1024;
+    const DESTINATIONS: u32 = 20_000;
+    let cg = TestCgroup::create("lru");
+    let obs = Observe::start(&cg, &["--max-destinations", &TABLE.to_string()]);
+    assert_eq!(
+        spray(
+            &cg,
+            &["--first", "127.2.0.0", "--count", &DESTINATIONS.to_string()]
+        ),
+        DESTINATIONS
+    );
+    let m = obs.wait_metrics("every destination is held or evicted", |m| {
+        m.get("gateway_observer_destinations_tracked")
+            .copied()
+            .unwrap_or(0.0)
+            + m.get("gateway_observer_destinations_evicted_total")
+                .copied()
+                .unwrap_or(0.0)
+            == f64::from(DESTINATIONS)
+    });
+    let tracked = m["gateway_observer_destinations_tracked"];
+    let evicted = m["gateway_observer_destinations_evicted_total"];
+    assert!(
+        tracked > 0.0 && tracked <= f64::from(TABLE),
+        "the LRU holds at most its {TABLE} entries: {tracked}"
+    );
+    assert!(
+        evicted >= f64::from(DESTINATIONS - TABLE),
+        "evicted {evicted}"
+    );
+    // Every connect is a record or a counted loss.
+    let records = Observe::family_sum(&m, "gateway_connect_attempts_total");
+    let lost = m["gateway_observer_events_lost_total"];
+    assert_eq!(
+        records + lost,
+        f64::from(DESTINATIONS),
+        "records {records} + lost {lost}"
+    );
+    let json = obs
+        .lines
+        .try_iter()
+        .filter(|l| l.contains("\"dst\":\"127.2."))
+        .count();
+    assert_eq!(json as f64, records, "one JSON line per record");
+    assert_eq!(
+        m.get("gateway_observer_kernel_anomalies_total{kind=\"dest_insert_failed\"}"),
+        Some(&0.0),
+        "insert failures are exported (and there were none)"
+    );
+    eprintln!(
+        "lru: {DESTINATIONS} destinations into a {TABLE}-entry table: {tracked} held, {evicted} evicted, {records} records, {lost} lost"
+    );
+}
+
+#[test]
+fn privileged_ring_buffer_overrun_is_reported_and_the_drain_goes_on() {
+    require_root();
+    const STORM: u32 = 20_000;
+    let cg = TestCgroup::create("ring");
+    // 4 KiB holds about 39 records; the storm makes thousands per 25 ms drain.
+    let obs = Observe::start(&cg, &["--ring-buffer-kib", "4"]);
+    assert_eq!(
+        spray(
+            &cg,
+            &[
+                "--same",
+                "--first",
+                "127.3.0.1",
+                "--count",
+                &STORM.to_string()
+            ]
+        ),
+        STORM
+    );
+    let m = obs.wait_metrics(
+        "every connect of the storm is a record or a counted loss",
+        |m| {
+            Observe::family_sum(m, "gateway_connect_attempts_total")
+                + m.get("gateway_observer_events_lost_total")
+                    .copied()
+                    .unwrap_or(0.0)
+                == f64::from(STORM)
+        },
+    );
+    let lost = m["gateway_observer_events_lost_total"];
+    assert!(
+        lost > 0.0,
+        "a 4 KiB ring must overflow under {STORM} connects"
+    );
+    assert!(
+        obs.stderr_text()
+            .contains("the kernel dropped connect records"),
+        "the loss is logged:\n{}",
+        obs.stderr_text()
+    );
+    // The drain is not wedged: a connect after the storm is still reported.
+    let _ = obs.lines.try_iter().count();
+    spray(&cg, &["--first", "127.3.0.2", "--count", "1"]);
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        if obs
+            .lines
+            .try_iter()
+            .any(|l| l.contains("\"dst\":\"127.3.0.2:9\""))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no record of the connect after the storm"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "ring: {STORM} connects into a 4 KiB ring: {lost} records lost and counted, drain still running"
+    );
+}
+
+#[test]
+fn privileged_missing_socket_storage_is_logged_by_the_kernel_rate_limited() {
+    require_root();
+    const CONNECTS: u32 = 300;
+    let cg = TestCgroup::create("storage");
+    let obs = Observe::start(&cg, &[]);
+    let started = Instant::now();
+    // optmem_max 1: the kernel cannot charge any sk_storage to these sockets.
+    assert_eq!(
+        spray(
+            &cg,
+            &[
+                "--netns-optmem",
+                "1",
+                "--same",
+                "--first",
+                "127.4.0.1",
+                "--count",
+                &CONNECTS.to_string()
+            ]
+        ),
+        CONNECTS
+    );
+    let m = obs.wait_metrics("every refused storage is counted", |m| {
+        m.get("gateway_observer_kernel_anomalies_total{kind=\"storage_failed\"}")
+            .copied()
+            == Some(f64::from(CONNECTS))
+    });
+    let elapsed = started.elapsed();
+    let end = Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let lines: Vec<String> = obs
+            .stderr_text()
+            .lines()
+            .filter(|l| l.contains("gateway::kernel") && l.contains("kernel anomaly"))
+            .map(str::to_owned)
+            .collect();
+        if !lines.is_empty() || Instant::now() > end {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !logged.is_empty(),
+        "the kernel logged the anomaly:\n{}",
+        obs.stderr_text()
+    );
+    let line = &logged[0];
+    assert!(
+        line.contains("no socket storage")
+            && line.contains("map SOCK_STATE")
+            && line.contains("socket cookie ")
+            && line.contains("to [::ffff:127.4.0.1]:9"),
+        "the line names the map and the socket: {line}"
+    );
+    // At most one line per second per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bound = (elapsed.as_secs() + 2) * cpus;
+    assert!(
+        (logged.len() as u64) <= bound,
+        "{} lines for {CONNECTS} anomalies in {elapsed:?}: not rate-limited (bound {bound})",
+        logged.len()
+    );
+    let suppressed = m["gateway_observer_kernel_anomaly_logs_suppressed_total"];
+    assert!(
+        suppressed >= f64::from(CONNECTS) - bound as f64,
+        "the lines not written are counted: {suppressed}"
+    );
+    eprintln!(
+        "storage: {CONNECTS} sockets without storage: all counted, {} logged, {suppressed} suppressed: {line}",
+        logged.len()
+    );
+}
