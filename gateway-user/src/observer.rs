@@ -61,7 +61,8 @@ pub enum ObserverError {
     Program {
         action: &'static str,
         program: &'static str,
-        source: ProgramError,
+        /// Boxed: aya's error is large, and every attach step returns this type.
+        source: Box<ProgramError>,
         hint: &'static str,
     },
     #[error("the eBPF object has no {kind} named {name}")]
@@ -173,7 +174,7 @@ fn program_error(action: &'static str, program: &'static str, err: ProgramError)
             ObserverError::Program {
                 action,
                 program,
-                source,
+                source: Box::new(source),
                 hint,
             }
         }

@@ -64,7 +64,15 @@ impl Scenario {
         response_timeout_ms: u64,
         extra: &str,
     ) -> Scenario {
-        Scenario::start_with(bin, name, behaviour, max_idle, response_timeout_ms, "", extra)
+        Scenario::start_with(
+            bin,
+            name,
+            behaviour,
+            max_idle,
+            response_timeout_ms,
+            "",
+            extra,
+        )
     }
 
     /// As [`Scenario::start`], with `upstream` added to `[router.upstream]` (TOML keys, e.g.
