@@ -43,7 +43,8 @@
 //!
 //! **Slow** ([`evaluate`]): an endpoint whose effective latency is above
 //! `max(slow_factor × reference, reference + slow_margin)`, the reference being the lower
-//! median of the routable endpoints' latencies. At most `max_slow` endpoints are slow at once
+//! median of the routable endpoints' latencies; it stays slow until its latency is below half
+//! that, or the reference if higher ([`exit_threshold`]: hysteresis against host stalls). At most `max_slow` endpoints are slow at once
 //! (the cluster's ejection budget: a cluster-wide slowdown has nowhere better to go), the
 //! slowest first. A slow endpoint is taken out of the choices and gets only a trickle. A
 //! slow endpoint is never ejected for it: slowness is not a network failure (`decide::health`
@@ -259,10 +260,26 @@ pub fn threshold(reference: Duration, p: &LatencyPolicy) -> Duration {
     (reference * p.slow_factor).max(reference + p.slow_margin)
 }
 
+/// Below this an endpoint that is slow is no longer: half the threshold, and never below the
+/// reference. The gap is hysteresis: a host stall delays every endpoint's answers alike, raising
+/// the reference and the threshold with it to just above a slow endpoint's decaying estimate,
+/// and without the gap that endpoint would be back among the choices for as long as the stall's
+/// peaks last (measured: 3× an 863 ms stall > a 3 s backend's estimate decayed to 2.4 s, and 17
+/// requests went to it in a second). A recovered endpoint's fresh trickle sample is far below.
+pub fn exit_threshold(reference: Duration, p: &LatencyPolicy) -> Duration {
+    (threshold(reference, p) / 2).max(reference)
+}
+
 /// Which endpoints are slow. `latencies[i]`: endpoint i's effective latency (estimate and
 /// pending age, the larger), `None` when unknown or when it is not routable (it then neither
-/// counts for the reference nor can be slow). At most `max_slow` are marked, the slowest first.
-pub fn evaluate(latencies: &[Option<Duration>], p: &LatencyPolicy, max_slow: usize) -> Evaluation {
+/// counts for the reference nor can be slow); `was_slow[i]`: whether it is slow now, which
+/// keeps it so down to [`exit_threshold`]. At most `max_slow` are marked, the slowest first.
+pub fn evaluate(
+    latencies: &[Option<Duration>],
+    was_slow: &[bool],
+    p: &LatencyPolicy,
+    max_slow: usize,
+) -> Evaluation {
     let mut known: Vec<Duration> = latencies.iter().flatten().copied().collect();
     let mut slow = vec![false; latencies.len()];
     if known.len() < 2 {
@@ -275,10 +292,18 @@ pub fn evaluate(latencies: &[Option<Duration>], p: &LatencyPolicy, max_slow: usi
     known.sort();
     let reference = known[(known.len() - 1) / 2];
     let t = threshold(reference, p);
+    let exit = exit_threshold(reference, p);
     let mut over: Vec<(Duration, usize)> = latencies
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| l.filter(|l| *l > t).map(|l| (l, i)))
+        .filter_map(|(i, l)| {
+            let above = if was_slow.get(i).copied().unwrap_or(false) {
+                exit
+            } else {
+                t
+            };
+            l.filter(|l| *l > above).map(|l| (l, i))
+        })
         .collect();
     over.sort_by(|a, b| b.cmp(a));
     for (_, i) in over.into_iter().take(max_slow) {

@@ -144,18 +144,19 @@ fn p2c_compares_two_distinct_eligible_endpoints() {
 #[test]
 fn an_outlier_is_slow_relative_to_the_lower_median_within_the_budget() {
     let p = LatencyPolicy::default();
-    let e = evaluate(&[Some(ms(1)), Some(ms(1)), Some(ms(3000))], &p, 1);
+    let e = evaluate(&[Some(ms(1)), Some(ms(1)), Some(ms(3000))], &[], &p, 1);
     assert_eq!(e.slow, [false, false, true]);
     assert_eq!(e.reference, Some(ms(1)));
     assert_eq!(e.threshold, Some(ms(101)), "max(3 × 1 ms, 1 ms + 100 ms)");
     // Two endpoints: the slower is measured against the faster.
     assert_eq!(
-        evaluate(&[Some(ms(3000)), Some(ms(2))], &p, 1).slow,
+        evaluate(&[Some(ms(3000)), Some(ms(2))], &[], &p, 1).slow,
         [true, false]
     );
     // The margin: 1 ms against 0.2 ms is 5×, but not slow.
     let e = evaluate(
         &[Some(Duration::from_micros(200)), Some(ms(1)), Some(ms(1))],
+        &[],
         &p,
         1,
     );
@@ -163,16 +164,58 @@ fn an_outlier_is_slow_relative_to_the_lower_median_within_the_budget() {
     // The budget: the slowest first.
     let e = evaluate(
         &[Some(ms(1)), Some(ms(500)), Some(ms(900)), Some(ms(1))],
+        &[],
         &p,
         1,
     );
     assert_eq!(e.slow, [false, false, true, false]);
     // Unknown or unroutable endpoints neither count nor are slow; one known is no reference.
-    let e = evaluate(&[None, Some(ms(3000)), None], &p, 1);
+    let e = evaluate(&[None, Some(ms(3000)), None], &[], &p, 1);
     assert_eq!((e.reference, e.slow), (None, vec![false; 3]));
     // Everyone slow: nothing better to go to.
-    let e = evaluate(&[Some(ms(3000)), Some(ms(3000)), Some(ms(3100))], &p, 1);
+    let e = evaluate(
+        &[Some(ms(3000)), Some(ms(3000)), Some(ms(3100))],
+        &[],
+        &p,
+        1,
+    );
     assert_eq!(e.slow, [false; 3]);
+}
+
+#[test]
+fn a_slow_endpoint_stays_slow_down_to_half_the_threshold() {
+    let p = LatencyPolicy::default();
+    // A host stall put the healthy endpoints' peaks at 863 ms: the threshold (2.6 s) passes a
+    // 3 s backend's estimate decayed to 2.4 s. Slow already: it stays slow (exit 1.3 s).
+    let lat = [Some(ms(863)), Some(ms(2436)), Some(ms(800))];
+    assert_eq!(evaluate(&lat, &[false; 3], &p, 1).slow, [false; 3]);
+    assert_eq!(
+        evaluate(&lat, &[false, true, false], &p, 1).slow,
+        [false, true, false]
+    );
+    assert_eq!(
+        exit_threshold(ms(863), &p),
+        ms(1294) + Duration::from_micros(500)
+    );
+    // Recovered: its fresh trickle sample is far below.
+    let lat = [Some(ms(2)), Some(ms(1)), Some(ms(3))];
+    assert_eq!(
+        evaluate(&lat, &[false, true, false], &p, 1).slow,
+        [false; 3]
+    );
+    // Never below the reference: with slow_factor 2 the exit is the reference itself.
+    let p2 = LatencyPolicy {
+        slow_factor: 2,
+        slow_margin: ms(1),
+        ..LatencyPolicy::default()
+    };
+    assert_eq!(exit_threshold(ms(500), &p2), ms(500));
+    // Everyone slow: a slow one no slower than the rest is not kept out.
+    let lat = [Some(ms(3000)), Some(ms(3000)), Some(ms(3100))];
+    assert_eq!(
+        evaluate(&lat, &[false, false, true], &p, 1).slow,
+        [false; 3]
+    );
 }
 
 #[test]
@@ -232,7 +275,7 @@ fn simulated_slow_backend_is_avoided_trickled_and_taken_back() {
                     ewma[i].estimate(now, p.decay).map(|e| e.max(age))
                 })
                 .collect();
-            let e = evaluate(&lat, &p, 1);
+            let e = evaluate(&lat, &slow, &p, 1);
             slow.copy_from_slice(&e.slow);
         }
         let due = (0..3).find(|&i| {

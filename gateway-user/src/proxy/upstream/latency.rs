@@ -280,7 +280,8 @@ fn evaluate(c: &Cluster) {
     let max_slow = (0..eps.len())
         .take_while(|k| crate::decide::health::may_eject(eps.len(), unroutable + k, max_ejected))
         .count();
-    let ev = latency::evaluate(&lat, p, max_slow);
+    let was_slow: Vec<bool> = eps.iter().map(|e| e.latency.slow()).collect();
+    let ev = latency::evaluate(&lat, &was_slow, p, max_slow);
     let cl = &c.set.latency;
     cl.reference_ns.store(
         ev.reference.map_or(0, |r| r.as_nanos() as u64),
