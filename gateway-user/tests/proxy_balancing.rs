@@ -182,8 +182,12 @@ async fn peak_ewma_gives_a_slow_endpoint_a_trickle_and_its_share_back() {
     eprintln!(
         "peak_ewma: while slow {during:?} (ewma {ewma_ms:.0} ms), from 4 s after recovering {after:?}"
     );
+    // Back among the choices: more than 5 % (a trickle is at most 3 of these thousands, under
+    // 0.2 %). Not a third: power of two choices follows each endpoint's recent peaks, and on a
+    // loaded host a stall's peak on one endpoint moves its share by tens of percent (measured
+    // 9-38 %).
     assert!(
-        after[1] * 5 > total,
+        after[1] * 20 > total,
         "share back after recovering: {after:?}"
     );
     let status: serde_json::Value =
