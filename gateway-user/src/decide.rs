@@ -1,8 +1,8 @@
 //! Every decision the kernel's evidence drives, as plain code that takes the time as a
 //! parameter: what a failure means (`evidence`), the per-endpoint health state machine
-//! (`health`), the adaptive connect deadline (`deadline`), when to probe and what a probe says
-//! (`probe`), whether to retry (`retry`), the retry and hedge budgets (`budget`), and gRPC's
-//! rules (`grpc`: status codes, `grpc-timeout`). Sockets,
+//! (`health`), the adaptive connect deadline (`deadline`), latency-aware balancing (`latency`),
+//! when to probe and what a probe says (`probe`), whether to retry (`retry`), the retry and
+//! hedge budgets (`budget`), and gRPC's rules (`grpc`: status codes, `grpc-timeout`). Sockets,
 //! timers and maps only feed them; everything here is tested without any of those.
 
 pub mod budget;
@@ -10,5 +10,6 @@ pub mod deadline;
 pub mod evidence;
 pub mod grpc;
 pub mod health;
+pub mod latency;
 pub mod probe;
 pub mod retry;

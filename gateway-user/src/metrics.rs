@@ -197,7 +197,11 @@ catalogue! {
     connect_deadline: "gateway_upstream_connect_deadline_seconds", "gauge", ["cluster", "endpoint"],
         "The connect deadline currently applied to the endpoint (adaptive from kernel SYN-RTT, capped by connect_timeout_ms).";
     health_state: "gateway_endpoint_health_state", "gauge", ["cluster", "endpoint", "state"],
-        "1 for the endpoint's current health state (healthy, suspect, ejected, probing), 0 for the others.";
+        "1 for the endpoint's current health state (healthy, slow, suspect, ejected, probing), 0 for the others.";
+    latency: "gateway_upstream_latency_ewma_seconds", "gauge", ["cluster", "endpoint"],
+        "The endpoint's peak-EWMA of response-head latency (decay towards zero included), fed by responses, response timeouts, kernel SYN-RTTs and stalled requests (see decide::latency); what lb_policy peak_ewma weighs. Absent until the first sample.";
+    slowdowns: "gateway_endpoint_slowdowns", "counter", ["cluster", "endpoint"],
+        "Times lb_policy peak_ewma found the endpoint slow (a latency outlier against the cluster's lower median) and sent it only a trickle; health_state{state=\"slow\"} is 1 while it lasts. Never an ejection.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
         "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure).";
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
@@ -244,6 +248,8 @@ pub struct GatewayMetrics {
     pub rtos: Family<EndpointLabels, Counter>,
     pub connect_deadline: Family<EndpointLabels, FloatGauge>,
     pub health_state: Family<StateLabels, Gauge>,
+    pub latency: Family<EndpointLabels, FloatGauge>,
+    pub slowdowns: Family<EndpointLabels, Counter>,
     pub ejections: Family<EndpointReason, Counter>,
     pub hedges: Family<HedgeLabels, Counter>,
     pub retries: Family<ClusterReason, Counter>,
@@ -275,6 +281,8 @@ impl GatewayMetrics {
             rtos: Family::default(),
             connect_deadline: Family::default(),
             health_state: Family::default(),
+            latency: Family::default(),
+            slowdowns: Family::default(),
             ejections: Family::default(),
             hedges: Family::default(),
             retries: Family::default(),
@@ -311,6 +319,8 @@ impl GatewayMetrics {
         reg!(f::rtos, m.rtos);
         reg!(f::connect_deadline, m.connect_deadline);
         reg!(f::health_state, m.health_state);
+        reg!(f::latency, m.latency);
+        reg!(f::slowdowns, m.slowdowns);
         reg!(f::ejections, m.ejections);
         reg!(f::hedges, m.hedges);
         reg!(f::retries, m.retries);
@@ -434,6 +444,8 @@ mod tests {
                 state: "healthy",
             })
             .set(1);
+        m.latency.get_or_create(&ep).set(0.001);
+        m.slowdowns.get_or_create(&ep).inc();
         m.ejections
             .get_or_create(&EndpointReason {
                 cluster: "c".into(),

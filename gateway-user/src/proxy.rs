@@ -358,7 +358,7 @@ impl GatewayHandle {
 }
 
 /// How often the metrics that are read rather than counted are refreshed (lost kernel events,
-/// connect deadlines, health states).
+/// connect deadlines, health states, latency estimates).
 const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
@@ -378,7 +378,10 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         for c in s.runtime.load().clusters.iter() {
             for ep in c.endpoints() {
                 ep.meter.deadline(ep.health.deadline(&c.spec).value);
-                ep.meter.state(ep.health.state());
+                ep.meter.state(ep.state(&c.spec));
+                let now = tokio::time::Instant::now();
+                ep.meter
+                    .latency(ep.latency.estimate(now, c.spec.latency.decay));
             }
         }
     }

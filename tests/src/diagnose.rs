@@ -403,3 +403,179 @@ pub fn diagnose_with_resolver(
     let _ = std::fs::remove_file(&conf);
     run
 }
+
+/// An HTTP listener that cannot keep up and that other clients compete for: listen backlog
+/// `backlog`, one connection accepted every `accept_every` on average (uniformly 0.5–1.5×,
+/// as a busy server's accept loop comes round irregularly; a fixed period would lock in phase
+/// with the clients' 1 s SYN retransmits, and a probe would always or never find room), then
+/// answered with `200` once its request head is in, and `competitors` client threads in the lab's client namespace that
+/// keep opening connections to it, each one at a time, so that its accept queue stays full.
+/// Its own counter of the listener's drops (`TcpExtListenOverflows`) is [`Self::overflows`].
+pub struct ContendedListener {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+    upstream_ns: gateway_lab::Netns,
+    overflows_at_start: u64,
+}
+
+impl ContendedListener {
+    pub fn start(
+        lab: &Lab,
+        upstream: &Upstream,
+        port: u16,
+        backlog: i32,
+        accept_every: Duration,
+        competitors: usize,
+    ) -> ContendedListener {
+        let addr = upstream.addr_v4(port);
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (s, a) = (stop.clone(), accepted.clone());
+        let overflows_at_start = upstream
+            .netns()
+            .netstat()
+            .ok()
+            .and_then(|n| n.get(gateway_lab::NetStat::LISTEN_OVERFLOWS))
+            .unwrap_or(0);
+        let mut threads = vec![
+            upstream
+                .netns()
+                .spawn_thread("contended-listener", move || {
+                    serve_slowly(addr, backlog, accept_every, &s, &a, ready_tx)
+                })
+                .expect("starting the contended listener"),
+        ];
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the contended listener is listening");
+        for i in 0..competitors {
+            let s = stop.clone();
+            threads.push(
+                lab.client()
+                    .spawn_thread(&format!("competitor-{i}"), move || compete(addr, &s))
+                    .expect("starting a competing client"),
+            );
+        }
+        // Let the competitors fill the queue before anyone measures.
+        std::thread::sleep(Duration::from_millis(1500));
+        ContendedListener {
+            stop,
+            accepted,
+            threads,
+            upstream_ns: upstream.netns().clone(),
+            overflows_at_start,
+        }
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// SYNs and handshake ACKs the upstream's kernel dropped for a full accept queue since
+    /// the start.
+    pub fn overflows(&self) -> u64 {
+        self.upstream_ns
+            .netstat()
+            .ok()
+            .and_then(|n| n.get(gateway_lab::NetStat::LISTEN_OVERFLOWS))
+            .unwrap_or(0)
+            .saturating_sub(self.overflows_at_start)
+    }
+}
+
+impl Drop for ContendedListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_slowly(
+    addr: SocketAddr,
+    backlog: i32,
+    every: Duration,
+    stop: &AtomicBool,
+    accepted: &AtomicU64,
+    ready: std::sync::mpsc::SyncSender<()>,
+) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(backlog).unwrap();
+    let listener: TcpListener = socket.into();
+    listener.set_nonblocking(true).unwrap();
+    let _ = ready.send(());
+    let mut rng = Jitter::new();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(every.mul_f64(0.5 + rng.next()));
+        match listener.accept() {
+            Ok((conn, _)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || answer(conn));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("contended listener: accept failed: {e}"),
+        }
+    }
+}
+
+/// Reads a request head (at most 2 s) and answers 200.
+fn answer(mut conn: TcpStream) {
+    use std::io::{Read as _, Write as _};
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+}
+
+/// A small random source for the lab's timing (xorshift, seeded from the clock).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Jitter(seed | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// One competing client: a connection at a time, a request, the answer, again after up to
+/// 50 ms.
+fn compete(addr: SocketAddr, stop: &AtomicBool) {
+    use std::io::{Read as _, Write as _};
+    let mut rng = Jitter::new();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50).mul_f64(rng.next()));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+            .is_err()
+        {
+            continue;
+        }
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+}

@@ -64,6 +64,28 @@ impl Scenario {
         response_timeout_ms: u64,
         extra: &str,
     ) -> Scenario {
+        Scenario::start_with(
+            bin,
+            name,
+            behaviour,
+            max_idle,
+            response_timeout_ms,
+            "",
+            extra,
+        )
+    }
+
+    /// As [`Scenario::start`], with `upstream` added to `[router.upstream]` (TOML keys, e.g.
+    /// `lb_policy = "peak_ewma"`).
+    pub fn start_with(
+        bin: GatewayBin,
+        name: &str,
+        behaviour: HttpBehaviour,
+        max_idle: usize,
+        response_timeout_ms: u64,
+        upstream: &str,
+        extra: &str,
+    ) -> Scenario {
         require_root();
         let lab = Lab::new(LabSpec {
             upstreams: 3,
@@ -85,7 +107,7 @@ impl Scenario {
             .collect();
         let config = format!(
             "[router]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\ndrain_delay_ms = 0\n\
-             [router.upstream]\nendpoints = [{}]\n\
+             [router.upstream]\nendpoints = [{}]\n{upstream}\n\
              [router.upstream.timeouts]\nconnect_timeout_ms = 2000\nresponse_timeout_ms = {response_timeout_ms}\nrequest_timeout_ms = 10000\n\
              [router.upstream.limits]\nmax_idle_per_endpoint = {max_idle}\n\
              [router.upstream.retry]\nmax_retries = 2\n\

@@ -14,7 +14,7 @@ use serde::{
 };
 
 #[cfg(doc)]
-use crate::decide::health;
+use crate::decide::{health, latency};
 
 /// The whole file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -258,6 +258,8 @@ pub struct ClusterConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub latency: LatencyConfig,
     /// TLS to the upstream; absent: plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
     /// What the gateway speaks to the endpoints: `"http1"` (HTTP/1.1, the default),
@@ -301,6 +303,10 @@ pub enum LbPolicy {
     RoundRobin,
     /// Power of two choices: the less loaded (in-flight requests / weight) of two random picks.
     LeastRequest,
+    /// Power of two choices over a peak-EWMA of response time × (in flight + 1), fed by
+    /// response latencies and kernel evidence; slow outliers get only a trickle (see
+    /// `decide::latency` and the `latency` table).
+    PeakEwma,
 }
 
 impl LbPolicy {
@@ -308,6 +314,7 @@ impl LbPolicy {
         match self {
             LbPolicy::RoundRobin => "round_robin",
             LbPolicy::LeastRequest => "least_request",
+            LbPolicy::PeakEwma => "peak_ewma",
         }
     }
 }
@@ -482,6 +489,25 @@ pub struct HealthConfig {
 }
 
 pub const DEFAULT_PROBE_EXPECT_STATUS: u16 = 200;
+
+/// `latency` table: the latency-aware policy of `lb_policy = "peak_ewma"` (the knobs of
+/// `crate::decide::latency`, whose constants are the defaults). The estimate is kept and shown
+/// under every policy; only `peak_ewma` acts on it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyConfig {
+    /// Time constant of the peak-EWMA and of its decay towards zero. Default
+    /// [`latency::DEFAULT_DECAY`].
+    pub decay_ms: Option<u64>,
+    /// An endpoint is slow above this multiple of the cluster's reference latency (the lower
+    /// median)... Default [`latency::DEFAULT_SLOW_FACTOR`].
+    pub slow_factor: Option<u32>,
+    /// ... and above the reference plus this. Default [`latency::DEFAULT_SLOW_MARGIN`].
+    pub slow_margin_ms: Option<u64>,
+    /// A slow endpoint gets one request at a time, at most this often, so that its recovery
+    /// is noticed. Default [`latency::DEFAULT_TRICKLE_INTERVAL`].
+    pub slow_trickle_ms: Option<u64>,
+}
 
 /// One endpoint as written.
 #[derive(Clone, Debug, PartialEq)]

@@ -184,6 +184,8 @@ pub struct ClusterSpec {
     pub retry: RetryPolicy,
     pub limits: Limits,
     pub health: HealthPolicy,
+    /// The latency-aware policy's knobs (`decide::latency`).
+    pub latency: crate::decide::latency::LatencyPolicy,
     /// TLS to the endpoints; `None`: plain HTTP.
     pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
     /// What the gateway speaks to the endpoints (`auto` without TLS is validated to `http1`).

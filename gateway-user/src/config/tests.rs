@@ -331,3 +331,24 @@ fn health_defaults_are_the_state_machines() {
         Some(crate::decide::deadline::DEFAULT_FLOOR)
     );
 }
+
+#[test]
+fn peak_ewma_and_its_latency_table() {
+    let loaded = load_str(
+        "[router]\nlistener_port = 8080\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n\
+         lb_policy = \"peak_ewma\"\n[router.upstream.latency]\nslow_margin_ms = 250\n",
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let c = &loaded.settings.clusters["default"];
+    assert_eq!(c.lb_policy, LbPolicy::PeakEwma);
+    assert_eq!(c.latency.slow_margin, Duration::from_millis(250));
+    assert_eq!(c.latency.decay, crate::decide::latency::DEFAULT_DECAY);
+    let err = load_str(
+        "[router]\nlistener_port = 8080\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n\
+         [router.upstream.latency]\nslow_factor = 1\n",
+        Path::new("t.toml"),
+    )
+    .expect_err("a factor of 1 makes every endpoint slow");
+    assert!(err.to_string().contains("slow_factor"), "{err}");
+}

@@ -68,14 +68,19 @@ impl Default for HealthPolicy {
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Healthy,
+    /// Healthy as far as this machine knows, but a latency outlier that `lb_policy =
+    /// "peak_ewma"` sends only a trickle to (`decide::latency`). Never set by this machine: the
+    /// proxy shows it in place of `Healthy` (`/status`, metrics).
+    Slow,
     Suspect,
     Ejected,
     Probing,
 }
 
 impl State {
-    pub const ALL: [State; 4] = [
+    pub const ALL: [State; 5] = [
         State::Healthy,
+        State::Slow,
         State::Suspect,
         State::Ejected,
         State::Probing,
@@ -84,6 +89,7 @@ impl State {
     pub const fn name(self) -> &'static str {
         match self {
             State::Healthy => "healthy",
+            State::Slow => "slow",
             State::Suspect => "suspect",
             State::Ejected => "ejected",
             State::Probing => "probing",
@@ -101,6 +107,9 @@ pub enum Reason {
     HostDied,
     Overloaded,
     SlowBackend,
+    /// Slow (`State::Slow`) because request bytes stayed unACKed while waiting for responses:
+    /// the path delays or loses packets.
+    SlowNetwork,
     /// A probe failed while the endpoint was probing.
     ProbeFailed,
     /// The probe's `GET probe_path` answered with another status than `probe_expect_status`.
@@ -118,6 +127,7 @@ impl Reason {
             Reason::HostDied => "host_died",
             Reason::Overloaded => "overloaded",
             Reason::SlowBackend => "slow_backend",
+            Reason::SlowNetwork => "slow_network",
             Reason::ProbeFailed => "probe_failed",
             Reason::UnexpectedStatus => "unexpected_status",
             Reason::TlsFailure => "tls_failure",
@@ -382,7 +392,7 @@ impl EndpointHealth {
                     self.eject(reason, now, p, true)
                 }
             }
-            State::Healthy | State::Suspect => self.observe(ev, now, p, may_eject),
+            State::Healthy | State::Slow | State::Suspect => self.observe(ev, now, p, may_eject),
             State::Ejected => Transition::None,
         }
     }

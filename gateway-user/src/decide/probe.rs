@@ -47,7 +47,7 @@ pub fn due(
         |every: Duration| last.is_none_or(|l| now.saturating_duration_since(l) >= every);
     match state {
         State::Suspect | State::Probing => since_last(probe_interval),
-        State::Healthy => needs_samples && since_last(WARM_PROBE_INTERVAL),
+        State::Healthy | State::Slow => needs_samples && since_last(WARM_PROBE_INTERVAL),
         State::Ejected => false,
     }
 }

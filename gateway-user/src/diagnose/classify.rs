@@ -15,6 +15,7 @@
 //! observer's record of the attempt, joined by `SO_COOKIE`) or `[userspace]` (`connect()`'s
 //! errno, the probe's clock, `TCP_INFO`).
 
+mod accepted;
 mod backend;
 mod connect_failures;
 mod dns;

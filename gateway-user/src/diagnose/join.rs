@@ -66,6 +66,11 @@ pub(super) fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attemp
         h.data_retransmits = Some(cs.data_retransmits);
         h.rtos = Some(cs.rtos);
         h.source = Source::Kernel;
+        // The kernel counts the connection's data retransmits; less those before the first
+        // request line was ACKed, the rest came after.
+        if let (Some(_), Some(before)) = (h.accept_us, h.retransmits_before_accept) {
+            h.retransmits_after_accept = Some(cs.data_retransmits.saturating_sub(before));
+        }
     }
     Attempt {
         cookie: o.cookie,

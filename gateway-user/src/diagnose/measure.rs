@@ -106,15 +106,39 @@ pub struct HttpExchange {
     pub data_retransmits: Option<u32>,
     /// Retransmission timeouts on the connection once established.
     pub rtos: Option<u32>,
-    /// Where `data_retransmits` and `rtos` come from (the kernel's per-cookie record, or
-    /// `TCP_INFO`).
+    /// Where `data_retransmits`, `rtos` and `retransmits_after_accept` come from (the
+    /// kernel's per-cookie record, or `TCP_INFO`).
     pub source: Source,
+    /// Request written to its first segment ACKed. From then on the connection is the
+    /// upstream kernel's (in its accept queue, or accepted): no full accept queue can drop its
+    /// packets any more, a lossy path still can.
+    pub accept_us: Option<u64>,
+    /// The rest of the request was written in this many segments after that, each once the
+    /// previous was ACKed: round trips over the accepted connection.
+    pub rounds_after_accept: u32,
+    /// Data retransmits before the first segment was ACKed (`TCP_INFO`): a handshake the
+    /// client thought complete while the server had dropped its ACK for a full accept queue
+    /// retransmits here too.
+    pub retransmits_before_accept: Option<u32>,
+    /// Data retransmits after it (the kernel record's count less those before, or `TCP_INFO`):
+    /// packets lost on the path.
+    pub retransmits_after_accept: Option<u32>,
 }
 
 impl HttpExchange {
     /// Data retransmits or RTOs: some packet of the exchange was lost.
     pub fn saw_loss(&self) -> bool {
         self.data_retransmits.unwrap_or(0) > 0 || self.rtos.unwrap_or(0) > 0
+    }
+
+    /// Whether packets were lost after the upstream's kernel accepted the connection; `None`
+    /// when the request never got that far or was sent in one piece.
+    pub fn lost_after_accept(&self) -> Option<bool> {
+        self.accept_us?;
+        if self.rounds_after_accept == 0 {
+            return None;
+        }
+        Some(self.retransmits_after_accept? > 0)
     }
 }
 
@@ -216,6 +240,10 @@ pub struct HttpSummary {
     pub timeouts: u32,
     pub request_acked: u32,
     pub with_data_loss: u32,
+    /// Round trips made over accepted connections, and the exchanges that lost a packet in
+    /// them (see [`HttpExchange::lost_after_accept`]).
+    pub rounds_after_accept: u32,
+    pub lost_after_accept: u32,
     pub first_byte_us: Option<Percentiles>,
 }
 
@@ -250,6 +278,12 @@ impl Summary {
                 timeouts: count(&http, |h| h.outcome == HttpOutcome::Timeout),
                 request_acked: count(&http, |h| h.request_acked == Some(true)),
                 with_data_loss: count(&http, |h| h.saw_loss()),
+                rounds_after_accept: http
+                    .iter()
+                    .filter(|h| h.lost_after_accept().is_some())
+                    .map(|h| h.rounds_after_accept)
+                    .sum(),
+                lost_after_accept: count(&http, |h| h.lost_after_accept() == Some(true)),
                 first_byte_us: Percentiles::of(http.iter().filter_map(|h| h.first_byte_us)),
             });
         }

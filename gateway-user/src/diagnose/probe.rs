@@ -3,6 +3,13 @@
 //! bounded by a deadline, and on an established connection an optional `GET` whose request
 //! ACK (`TCP_INFO` `tcpi_bytes_acked`, polled) and first response byte are timed.
 //!
+//! The `GET` is written a line at a time, each line once the bytes before it were ACKed. The
+//! first ACK says that the upstream's kernel holds the connection (in its accept queue or
+//! accepted); the lines after it are round trips over a connection that no accept queue can
+//! drop packets of any more, while a lossy path still does. Their retransmits, counted apart
+//! from those before (`retransmits_after_accept`), tell an overloaded listener from a lossy
+//! path (`classify::handshakes`). HTTP servers read a request however it is segmented.
+//!
 //! Attempts at one address start [`Schedule::interval`] apart and overlap, like `ping`: five
 //! probes of a blackholed address take one deadline, not five.
 
@@ -205,6 +212,10 @@ async fn exchange(
         data_retransmits: None,
         rtos: None,
         source: Source::Userspace,
+        accept_us: None,
+        rounds_after_accept: 0,
+        retransmits_before_accept: None,
+        retransmits_after_accept: None,
     };
     let std_stream: std::net::TcpStream = socket.into_inner().into();
     let fd: RawFd = std_stream.as_raw_fd();
@@ -220,12 +231,21 @@ async fn exchange(
         let (now, before) = (info?.bytes_acked?, base?.bytes_acked?);
         Some(now.saturating_sub(before) >= request_bytes)
     };
+    let _ = stream.set_nodelay(true);
     let written = Instant::now();
-    if let Err(e) = stream.write_all(&plan.request).await {
-        out.error = Some(io_errno(&e));
-        finish(&mut out, fd, base, at_connect, acked_now);
-        return out;
-    }
+    let base_acked = base.and_then(|b| b.bytes_acked);
+    let at_accept = match send_in_rounds(&mut stream, fd, base_acked, plan, written, &mut out).await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            out.error = Some(io_errno(&e));
+            finish(&mut out, fd, base, at_connect, None, acked_now);
+            return out;
+        }
+    };
+    out.retransmits_before_accept = at_accept
+        .zip(at_connect.or(base))
+        .map(|(a, c)| a.total_retrans.saturating_sub(c.total_retrans));
     let response_deadline = written + plan.response_timeout;
     let mut head = Vec::new();
     let mut buf = [0u8; 512];
@@ -269,17 +289,87 @@ async fn exchange(
         }
     }
     out.status = parse_status(&head);
-    finish(&mut out, fd, base, at_connect, acked_now);
+    finish(&mut out, fd, base, at_connect, at_accept, acked_now);
     out
 }
 
+/// Writes the request a line at a time, each once everything before it was ACKed (see the
+/// module doc), until `plan.response_timeout` after `written`. Returns `TCP_INFO` as it was
+/// when the first line was ACKed, if it was; counts the later lines in
+/// `out.rounds_after_accept`.
+async fn send_in_rounds(
+    stream: &mut TcpStream,
+    fd: RawFd,
+    base_acked: Option<u64>,
+    plan: &HttpPlan,
+    written: Instant,
+    out: &mut HttpExchange,
+) -> std::io::Result<Option<TcpInfo>> {
+    let deadline = written + plan.response_timeout;
+    let mut sent = 0u64;
+    let mut at_accept = None;
+    let mut waiting = true;
+    for (k, line) in lines(&plan.request).enumerate() {
+        stream.write_all(line).await?;
+        sent += line.len() as u64;
+        if !waiting {
+            continue;
+        }
+        let Some(info) = wait_acked(fd, base_acked, sent, deadline).await else {
+            // Not ACKed in time, or unknown: write the rest at once.
+            waiting = false;
+            continue;
+        };
+        if k == 0 {
+            out.accept_us = Some(us(written.elapsed()));
+            at_accept = Some(info);
+        } else {
+            out.rounds_after_accept += 1;
+        }
+    }
+    Ok(at_accept)
+}
+
+/// The request's lines, each with its CRLF.
+fn lines(request: &[u8]) -> impl Iterator<Item = &[u8]> {
+    request.split_inclusive(|&b| b == b'\n')
+}
+
+/// Polls `TCP_INFO` until `sent` bytes past `base_acked` are ACKed (then returns that read),
+/// or `deadline`.
+async fn wait_acked(
+    fd: RawFd,
+    base_acked: Option<u64>,
+    sent: u64,
+    deadline: Instant,
+) -> Option<TcpInfo> {
+    let base = base_acked?;
+    let start = Instant::now();
+    loop {
+        let info = tcpinfo::read(fd)?;
+        if info.bytes_acked?.saturating_sub(base) >= sent {
+            return Some(info);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        let nap = if start.elapsed() < ACK_POLL_FAST_FOR {
+            ACK_POLL_FAST
+        } else {
+            ACK_POLL_SLOW
+        };
+        tokio::time::sleep(nap).await;
+    }
+}
+
 /// The last `TCP_INFO` read: whether the request was ACKed, data retransmits and RTOs since
-/// the connection was established.
+/// the connection was established, and those since the first request line was ACKed.
 fn finish(
     out: &mut HttpExchange,
     fd: RawFd,
     base: Option<TcpInfo>,
     at_connect: Option<TcpInfo>,
+    at_accept: Option<TcpInfo>,
     acked_now: impl Fn(Option<TcpInfo>) -> Option<bool>,
 ) {
     let end = tcpinfo::read(fd);
@@ -288,6 +378,10 @@ fn finish(
     } else {
         acked_now(end)
     };
+    if let (Some(end), Some(accepted)) = (end, at_accept) {
+        out.retransmits_after_accept =
+            Some(end.total_retrans.saturating_sub(accepted.total_retrans));
+    }
     if let (Some(end), Some(start)) = (end, at_connect.or(base)) {
         out.data_retransmits = Some(end.total_retrans.saturating_sub(start.total_retrans));
         out.rtos = end
@@ -366,5 +460,10 @@ mod tests {
         assert!(h.ack_us.unwrap() < 50_000, "{h:?}");
         assert!(h.first_byte_us.unwrap() >= 50_000, "{h:?}");
         assert_eq!(h.data_retransmits, Some(0));
+        // Six request lines: the first ACK, then five round trips over the connection.
+        assert!(h.accept_us.is_some(), "{h:?}");
+        assert_eq!(h.rounds_after_accept, 5, "{h:?}");
+        assert_eq!(h.retransmits_after_accept, Some(0));
+        assert_eq!(h.lost_after_accept(), Some(false));
     }
 }

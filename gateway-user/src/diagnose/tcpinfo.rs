@@ -94,6 +94,8 @@ pub struct TcpInfo {
     pub total_rto: Option<u16>,
     /// Smoothed RTT, µs.
     pub rtt_us: u32,
+    /// Segments sent and not yet ACKed (`tcpi_unacked`, `packets_out`).
+    pub unacked: u32,
 }
 
 pub const TCP_SYN_SENT: u8 = 2;
@@ -123,6 +125,7 @@ pub fn read(fd: RawFd) -> Option<TcpInfo> {
         bytes_received: (len >= BYTES_RECEIVED_END).then_some(raw.bytes_received),
         total_rto: (len >= TOTAL_RTO_END).then_some(raw.total_rto),
         rtt_us: raw.rtt,
+        unacked: raw.unacked,
     })
 }
 

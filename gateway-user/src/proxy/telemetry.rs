@@ -14,6 +14,7 @@
 //! | rtos | when an upstream connection closes: the RTOs in the kernel's final record of it (`CONN_STATS`), so each is counted once however many requests the connection carried |
 //! | connect_deadline | at each connect, and every second |
 //! | health_state, ejections | at each health transition (`Cluster::log_transition`), and the state every second |
+//! | latency, slowdowns | the estimate every second; a slowdown when `peak_ewma`'s evaluator marks the endpoint slow (`upstream::latency`) |
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
 //! | observer_kernel, observer_mode | at start |
 //! | events_lost | every second, from the observer's counter |
@@ -378,10 +379,13 @@ pub(crate) struct EndpointMeter {
     /// Cloned into each connection's close task.
     pub rtos: Counter,
     connect_deadline: FloatGauge,
-    /// By [`State::ALL`] order.
-    states: [Gauge; 4],
     /// The cluster's upgraded-connection handles.
     pub tunnels: std::sync::Arc<TunnelMeter>,
+    /// By [`State::ALL`] order.
+    states: [Gauge; 5],
+    /// Set on first use: absent until the endpoint has a latency estimate.
+    latency: OnceLock<FloatGauge>,
+    slowdowns: Counter,
 }
 
 impl EndpointMeter {
@@ -414,6 +418,8 @@ impl EndpointMeter {
             connect_deadline: m.connect_deadline.get_or_create(&labels).clone(),
             states,
             tunnels,
+            latency: OnceLock::new(),
+            slowdowns: counter(&m.slowdowns, &labels),
             labels,
             metrics: m.clone(),
         };
@@ -431,6 +437,23 @@ impl EndpointMeter {
         for (s, g) in State::ALL.iter().zip(&self.states) {
             g.set(i64::from(*s == state));
         }
+    }
+
+    /// The peak-EWMA latency estimate, every second.
+    pub fn latency(&self, estimate: Option<Duration>) {
+        if let Some(e) = estimate {
+            self.latency
+                .get_or_init(|| self.metrics.latency.get_or_create(&self.labels).clone())
+                .set(e.as_secs_f64());
+        }
+    }
+
+    /// `peak_ewma` found the endpoint slow (`slow`) or no longer slow; `now` is its state.
+    pub fn slow(&self, slow: bool, now: State) {
+        if slow {
+            self.slowdowns.inc();
+        }
+        self.state(now);
     }
 
     /// A health transition: the ejection counter, and the state gauges.

@@ -1,5 +1,5 @@
 //! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
-//! `resolve`), each endpoint's health as the proxy keeps it (`health`), getting a connection
+//! `resolve`), each endpoint's health and latency as the proxy keeps them (`health`, `latency`), getting a connection
 //! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
 //! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster; HTTP/2
 //! connections shared by many requests in `multiplex`), and active probes (`probe`). `cluster` ties
@@ -12,6 +12,7 @@ mod connect;
 mod endpoint;
 mod health;
 mod hedge;
+mod latency;
 mod multiplex;
 mod pool;
 mod probe;
@@ -24,5 +25,5 @@ pub(crate) use self::{
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
     hedge::Hedging,
-    pool::{SendResult, UpstreamConn, set_worker_index},
+    pool::{SendResult, UpstreamConn, set_worker_index, socket_of},
 };

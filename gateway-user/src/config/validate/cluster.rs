@@ -1,6 +1,6 @@
 //! One cluster's settings: each key looked up in the cluster's own table, then in
 //! `[router.upstream]`, then the default (the health machine's defaults are
-//! `crate::decide::health`'s, the deadline floor `crate::decide::deadline`'s), range-checked at
+//! `crate::decide::health`'s, the latency policy's `crate::decide::latency`'s, the deadline floor `crate::decide::deadline`'s), range-checked at
 //! the key it came from, and assembled into a [`ClusterSpec`].
 
 use super::{
@@ -12,7 +12,7 @@ use super::{
 use crate::decide::{
     deadline,
     grpc::{GrpcCode, GrpcCodes},
-    health,
+    health, latency,
 };
 
 /// Resolves one cluster's settings against `[router.upstream]` and the defaults.
@@ -275,6 +275,35 @@ pub(super) fn cluster(
         " %"
     );
 
+    let (decay_ms, _) = setting!(
+        latency.decay_ms,
+        latency::DEFAULT_DECAY.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_factor, _) = setting!(
+        latency.slow_factor,
+        latency::DEFAULT_SLOW_FACTOR,
+        2,
+        1000,
+        ""
+    );
+    let (slow_margin_ms, _) = setting!(
+        latency.slow_margin_ms,
+        latency::DEFAULT_SLOW_MARGIN.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_trickle_ms, _) = setting!(
+        latency.slow_trickle_ms,
+        latency::DEFAULT_TRICKLE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+
     let (dns_refresh_ms, from) = inherit(
         own.dns_refresh_ms,
         key.key("dns_refresh_ms"),
@@ -364,6 +393,12 @@ pub(super) fn cluster(
             },
             probe_path,
             probe_expect_status: probe_expect_status as u16,
+        },
+        latency: latency::LatencyPolicy {
+            decay: ms(decay_ms),
+            slow_factor: slow_factor as u32,
+            slow_margin: ms(slow_margin_ms),
+            trickle_interval: ms(slow_trickle_ms),
         },
         // Loaded by `validate::tls`, which reads the files.
         tls: None,

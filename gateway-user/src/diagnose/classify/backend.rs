@@ -100,6 +100,27 @@ pub(super) fn slow_backend(f: &Facts) -> Option<Verdict> {
             errs.into_iter().collect::<Vec<_>>().join(", ")
         ));
     }
+    // Handshakes in trouble too: the requests may have waited in a full accept queue (the
+    // kernel ACKs them there, the application has not accepted yet), or lost packets on the
+    // way. Then a late answer is that, not a slow application.
+    let trouble =
+        f.a.attempts
+            .iter()
+            .filter(|a| a.outcome.unanswered() || a.syn_retransmits.unwrap_or(0) > 0)
+            .count();
+    let data_lost = matches!(
+        super::accepted::data_says(f),
+        super::accepted::DataSays::Lost(_)
+    );
+    if trouble as f64 >= 0.3 * f.n as f64 || data_lost {
+        v.confidence *= 0.5;
+        v.evidence.push(format!(
+            "but {trouble}/{} connects needed SYN retransmits or got no answer{}: a request \
+             waiting in a full accept queue, or on a lossy path, is late the same way",
+            f.n,
+            if data_lost { ", and data was lost" } else { "" }
+        ));
+    }
     v.next_steps = vec![
         format!(
             "the backend's own latency metrics and logs for GET {path}: what is it waiting on \

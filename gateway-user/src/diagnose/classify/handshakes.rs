@@ -1,10 +1,14 @@
 //! The verdicts of handshakes that completed, but not cleanly or not in time:
 //! `deadline_too_short` (the configured connect deadline cuts handshakes off), `overloaded`
-//! (consistently only a retransmitted SYN is answered) and `lossy_path` (packets lost now and
-//! then, in handshakes or in the HTTP exchange).
+//! (consistently only a retransmitted SYN is answered, or handshakes in trouble while data over
+//! accepted connections loses nothing) and `lossy_path` (packets lost now and then, in
+//! handshakes or in the HTTP exchange). A mixed handshake pattern alone cannot tell the two
+//! apart; data sent over accepted connections can (`accepted`).
 
 use super::{
-    CONSISTENT_SHARE, Facts, Verdict, VerdictName, confidence,
+    CONSISTENT_SHARE, Facts, Verdict, VerdictName,
+    accepted::{DataSays, clean_line, data_says, lost_line},
+    confidence,
     phrases::{SynRetransmits, fmt_us, median, retransmit_phrase, source_tag},
     weight,
 };
@@ -104,30 +108,78 @@ fn retransmitted_handshakes<'a>(f: &Facts<'a>) -> (Vec<&'a Attempt>, usize, f64)
     (retx, est.len(), share)
 }
 
+/// Without data over accepted connections, what a mixed handshake pattern is worth for either
+/// verdict: not enough to say which.
+const MIXED_WITHOUT_DATA: f64 = 0.6;
+
 pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
     let (retx, est, share) = retransmitted_handshakes(f);
-    if est < 2 || share < CONSISTENT_SHARE {
-        return None;
-    }
-    let mut v = Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.95);
-    let rtt = Percentiles::of(retx.iter().filter_map(|a| a.syn_rtt_us));
-    v.evidence.push(format!(
-        "{}/{est} handshakes with {} completed only {}: the first SYNs were dropped without RST \
-         or ICMP, then a retransmit was answered{} {}",
-        retx.len(),
-        f.addr,
-        retransmit_phrase(&retx).unwrap_or_default(),
-        rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
-            .unwrap_or_default(),
-        source_tag(&retx)
-    ));
-    v.evidence.push(
-        "a consistent pattern: the endpoint answers SYNs only when it has room, as a full \
-         accept queue or SYN backlog does"
-            .to_owned(),
-    );
     let silent = f.unanswered();
-    if !silent.is_empty() {
+    let trouble = !retx.is_empty() || (!silent.is_empty() && est > 0);
+    let consistent = est >= 2 && share >= CONSISTENT_SHARE;
+    let data = data_says(f);
+    let mut v = match (consistent, data) {
+        (_, DataSays::Lost(_)) if !consistent => return None,
+        (true, DataSays::Lost(_)) => {
+            Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.5)
+        }
+        (true, _) => Verdict::new(VerdictName::Overloaded, confidence(share, est) * 0.95),
+        // Loss ruled out: the dropped SYNs were the listener's. One is worth less than many.
+        (false, DataSays::Clean { miss, .. }) if trouble => {
+            let n = (retx.len() + silent.len()) as f64;
+            let c = (0.5 + 0.15 * n).min(0.95) * (1.0 - miss) * weight(f.n);
+            Verdict::new(VerdictName::Overloaded, c.min(0.95))
+        }
+        (false, DataSays::Inconclusive(_)) if trouble && est * 2 >= f.n => {
+            // As likely as loss, from handshakes alone; a shade below it, so that the older
+            // reading keeps its rank, at a confidence that says "cannot tell".
+            let n = retx.len() + silent.len();
+            let c = ((0.3 + 0.15 * n as f64) * weight(f.n)).min(MIXED_WITHOUT_DATA);
+            Verdict::new(VerdictName::Overloaded, c * 0.9)
+        }
+        _ => return None,
+    };
+    let rtt = Percentiles::of(retx.iter().filter_map(|a| a.syn_rtt_us));
+    if consistent {
+        v.evidence.push(format!(
+            "{}/{est} handshakes with {} completed only {}: the first SYNs were dropped without \
+             RST or ICMP, then a retransmit was answered{} {}",
+            retx.len(),
+            f.addr,
+            retransmit_phrase(&retx).unwrap_or_default(),
+            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
+                .unwrap_or_default(),
+            source_tag(&retx)
+        ));
+        v.evidence.push(
+            "a consistent pattern: the endpoint answers SYNs only when it has room, as a full \
+             accept queue or SYN backlog does"
+                .to_owned(),
+        );
+    } else {
+        v.evidence.push(format!(
+            "{}/{est} handshakes with {} needed SYN retransmits{} and {}/{} connects got no \
+             answer at all: SYNs dropped without RST or ICMP, now and then {}",
+            retx.len(),
+            f.addr,
+            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
+                .unwrap_or_default(),
+            silent.len(),
+            f.n,
+            source_tag(&retx)
+        ));
+    }
+    match data {
+        DataSays::Clean { a, p, miss } => v.evidence.push(clean_line(f, &a, p, miss)),
+        DataSays::Lost(a) => v.evidence.push(lost_line(f, &a)),
+        DataSays::Inconclusive(_) if !consistent => v.evidence.push(format!(
+            "a full accept queue that other clients compete for, or a lossy path: the handshakes \
+             alone cannot tell; data over accepted connections can (diagnose {} --http PATH)",
+            f.addr
+        )),
+        DataSays::Inconclusive(_) => {}
+    }
+    if !silent.is_empty() && consistent {
         v.evidence.push(format!(
             "{}/{} more connects got no answer at all",
             silent.len(),
@@ -159,11 +211,14 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
     let silent = f.unanswered();
     let mostly_answered = est * 2 >= f.n;
     let http = f.http();
-    let data_loss: Vec<&HttpExchange> = http
-        .iter()
-        .copied()
-        .filter(|h| h.saw_loss() || h.request_acked == Some(false))
-        .collect();
+    // Where rounds over accepted connections were measured, only their loss counts: a
+    // retransmit before the listener's kernel held the connection may be a full accept queue.
+    let lost = |h: &HttpExchange| {
+        h.lost_after_accept()
+            .unwrap_or(h.saw_loss() || h.request_acked == Some(false))
+    };
+    let data_loss: Vec<&HttpExchange> = http.iter().copied().filter(|h| lost(h)).collect();
+    let data = data_says(f);
     // Distinct attempts that lost a packet somewhere.
     let affected =
         f.a.attempts
@@ -171,17 +226,20 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
             .filter(|a| {
                 (!consistent && a.established() && a.syn_retransmits.unwrap_or(0) > 0)
                     || (mostly_answered && silent.iter().any(|s| std::ptr::eq(*s, *a)))
-                    || a.http
-                        .as_ref()
-                        .is_some_and(|h| h.saw_loss() || h.request_acked == Some(false))
+                    || a.http.as_ref().is_some_and(lost)
             })
             .count();
     let mut v;
     if affected > 0 {
-        v = Verdict::new(
-            VerdictName::LossyPath,
-            ((0.3 + 0.15 * affected as f64).min(0.9) * weight(f.n)).min(0.9),
-        );
+        let c = ((0.3 + 0.15 * affected as f64).min(0.9) * weight(f.n)).min(0.9);
+        let c = match data {
+            DataSays::Lost(_) => c.max(0.8),
+            // Loss ruled out by the rounds: what is left is how unlikely that was.
+            DataSays::Clean { miss, .. } => (0.1 + miss).min(c),
+            DataSays::Inconclusive(_) if data_loss.is_empty() => c.min(MIXED_WITHOUT_DATA),
+            DataSays::Inconclusive(_) => c,
+        };
+        v = Verdict::new(VerdictName::LossyPath, c);
     } else if consistent {
         // The overloaded pattern; loss that hits every handshake is the less likely reading.
         v = Verdict::new(VerdictName::LossyPath, 0.25);
@@ -224,7 +282,19 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
             source_tag(&silent)
         ));
     }
-    if !data_loss.is_empty() {
+    match data {
+        DataSays::Lost(a) => v.evidence.insert(0, lost_line(f, &a)),
+        DataSays::Clean { a, p, miss } => v.evidence.push(clean_line(f, &a, p, miss)),
+        DataSays::Inconclusive(None) if !consistent && data_loss.is_empty() => {
+            v.evidence.push(format!(
+                "handshakes alone cannot tell this from a full accept queue that other clients \
+                 compete for; data over accepted connections can (diagnose {} --http PATH)",
+                f.addr
+            ))
+        }
+        DataSays::Inconclusive(_) => {}
+    }
+    if !data_loss.is_empty() && !matches!(data, DataSays::Lost(_)) {
         let retrans: u32 = data_loss.iter().filter_map(|h| h.data_retransmits).sum();
         let rtos: u32 = data_loss.iter().filter_map(|h| h.rtos).sum();
         let unacked = data_loss

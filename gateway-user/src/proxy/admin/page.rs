@@ -4,7 +4,8 @@
 //! or the network (names, addresses, evidence text) goes through [`escape`].
 //!
 //! Per cluster: a table of endpoints (state, why, since when, kernel SYN-RTT p50/p99, connect
-//! deadline and where it comes from, requests in flight) and the recent failures and
+//! deadline and where it comes from, response latency (peak-EWMA) and what set it, requests in
+//! flight) and the recent failures and
 //! ejections, newest first, with their kernel evidence. Elements carry `data-endpoint` /
 //! `data-state` attributes so that tests can read the rendered page.
 
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::status::{ClusterStatus, EndpointStatus, HealthEvent, Status};
+use super::status::{ClusterStatus, EndpointStatus, HealthEvent, LatencyStatus, Status};
 use crate::{decide::health::Reason, proxy::access_log::rfc3339};
 
 pub(crate) const REFRESH_SECONDS: u32 = 2;
@@ -47,6 +48,9 @@ fn explain(reason: Reason) -> &'static str {
         Reason::HostDied => "RTOs with the request unACKed: host or path died mid-request",
         Reason::Overloaded => "handshakes needed SYN retransmits: accept queue full or lossy path",
         Reason::SlowBackend => "request ACKed by the upstream's kernel, response late",
+        Reason::SlowNetwork => {
+            "request bytes left unACKed while waiting: the path delays or loses packets"
+        }
         Reason::ProbeFailed => "an active probe failed while probing",
         Reason::UnexpectedStatus => "the health probe's GET answered another status than expected",
         Reason::TlsFailure => {
@@ -77,6 +81,7 @@ td.num { font-variant-numeric:tabular-nums; white-space:nowrap; }
 .mono, code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; }
 .state { display:inline-block; min-width:68px; text-align:center; padding:2px 9px; border-radius:11px; font-weight:700; font-size:12px; }
 .state.healthy { background:#dcf3e3; color:#14663a; } .state.suspect { background:#fff1c2; color:#7a5600; }
+.state.slow { background:#ffe4cc; color:#8a3b00; }
 .state.ejected { background:#fde1df; color:#a3180f; } .state.probing { background:#e1ebfd; color:#1b4fa6; }
 .why { color:var(--muted); font-size:12.5px; }
 h3 { font-size:13px; margin:14px 16px 6px; color:var(--muted); text-transform:uppercase; letter-spacing:.4px; }
@@ -188,7 +193,7 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         h,
         "<section class=\"cluster\" data-cluster=\"{name}\"><h2>cluster {name}<small>{} · {}/{} endpoints routable</small></h2>\n\
          <table><thead><tr><th>endpoint</th><th>state</th><th>reason</th><th>since</th>\
-         <th>{rtt}</th><th>connect deadline</th><th>in flight</th></tr></thead><tbody>\n",
+         <th>{rtt}</th><th>connect deadline</th><th>latency (peak EWMA)</th><th>in flight</th></tr></thead><tbody>\n",
         c.lb_policy.name(),
         c.routable,
         c.endpoints.len(),
@@ -236,6 +241,28 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
     h.push_str("</section>\n");
 }
 
+/// `0.61 ms (1834 from responses; slow above 100.5 ms)`, or `–`.
+fn latency_cell(l: &LatencyStatus) -> String {
+    let Some(v) = l.ewma_ms else {
+        return "–".to_owned();
+    };
+    let mut out = format!(
+        "{} <span class=\"why\">({} sample{}, peak from {}",
+        us(Some((v * 1e3) as u64)),
+        l.samples,
+        if l.samples == 1 { "" } else { "s" },
+        l.source.name()
+    );
+    if let Some(t) = l.slow_above_ms {
+        let _ = write!(out, "; slow above {}", us(Some((t * 1e3) as u64)));
+    }
+    if l.awaiting_head > 0 {
+        let _ = write!(out, "; {} awaiting a head", l.awaiting_head);
+    }
+    out.push_str(")</span>");
+    out
+}
+
 fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
     let reason = match e.reason {
         Some(r) => format!(
@@ -257,7 +284,8 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}</td>\
          <td><span class=\"state {state}\">{state}</span></td><td>{reason}{until}</td>\
          <td class=\"num\">{since}</td><td class=\"num\">{p50} / {p99} <span class=\"why\">({n} sample{s})</span></td>\
-         <td class=\"num\">{deadline:.0} ms <span class=\"why\">({source})</span></td><td class=\"num\">{in_flight}</td></tr>",
+         <td class=\"num\">{deadline:.0} ms <span class=\"why\">({source})</span></td>\
+         <td class=\"num\" data-latency-ms=\"{latency_attr}\">{latency}</td><td class=\"num\">{in_flight}</td></tr>",
         addr = escape(&e.address.to_string()),
         state = e.state.name(),
         since = ago(now, e.since_unix_ms),
@@ -267,6 +295,8 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         s = if e.syn_rtt.samples == 1 { "" } else { "s" },
         deadline = e.connect_deadline_ms,
         source = e.connect_deadline_source.name(),
+        latency_attr = e.latency.ewma_ms.map(|m| m.to_string()).unwrap_or_default(),
+        latency = latency_cell(&e.latency),
         in_flight = e.in_flight,
     );
 }
@@ -311,6 +341,7 @@ mod tests {
                         samples: 0,
                     },
                     in_flight: 0,
+                    latency: LatencyStatus::default(),
                     recent: vec![HealthEvent {
                         at_unix_ms: 3_000,
                         event: HealthEventKind::Ejected,
@@ -333,6 +364,34 @@ mod tests {
             html.contains("RST received, &quot;&lt;ECONNREFUSED&gt;&quot;"),
             "{html}"
         );
+    }
+
+    #[test]
+    fn a_slow_endpoint_shows_its_latency_and_why() {
+        let mut s = status();
+        let e = &mut s.clusters[0].endpoints[0];
+        e.state = State::Slow;
+        e.reason = Some(Reason::SlowBackend);
+        e.ejected_until_unix_ms = None;
+        e.latency = LatencyStatus {
+            ewma_ms: Some(2998.51),
+            samples: 12,
+            source: crate::decide::latency::Source::Responses,
+            awaiting_head: 1,
+            slow_above_ms: Some(100.6),
+        };
+        let html = render(&s);
+        assert!(html.contains("data-state=\"slow\""), "{html}");
+        assert!(
+            html.contains("<span class=\"state slow\">slow</span>"),
+            "{html}"
+        );
+        assert!(html.contains("data-latency-ms=\"2998.51\""), "{html}");
+        assert!(
+            html.contains("3.00 s <span class=\"why\">(12 samples, peak from responses; slow above 100.6 ms; 1 awaiting a head)"),
+            "{html}"
+        );
+        assert!(html.contains("request ACKed by the upstream&#39;s kernel, response late"));
     }
 
     #[test]

@@ -27,16 +27,23 @@
 //!     "endpoints": [{
 //!       "address": "10.0.0.5:8080",
 //!       "weight": 1,
-//!       "state": "ejected",              // healthy | suspect | ejected | probing
+//!       "state": "ejected",              // healthy | slow | suspect | ejected | probing
 //!       "reason": "refused",             // why not healthy: syn_unanswered, refused, unreachable,
-//!                                        // host_died, overloaded, slow_backend, probe_failed,
-//!                                        // unexpected_status, tls_failure; or null
+//!                                        // host_died, overloaded, slow_backend, slow_network,
+//!                                        // probe_failed, unexpected_status, tls_failure; or null
 //!       "since_unix_ms": 1763740011000,
 //!       "ejected_until_unix_ms": 1763740012000,   // null unless ejected
 //!       "connect_deadline_ms": 250.0,
 //!       "connect_deadline_source": "configured",  // or "measured" (from the SYN-RTT quantile)
 //!       "syn_rtt": {"p50_us": 61, "p99_us": 140, "samples": 24},  // p50/p99 null without samples
 //!       "in_flight": 0,
+//!       "latency": {                     // response latency (every policy; peak_ewma acts on it)
+//!         "ewma_ms": 0.61,               // peak-EWMA of response-head latency; null before any
+//!         "samples": 1834,
+//!         "source": "responses",         // what set its peak: responses | handshakes | stalls
+//!         "awaiting_head": 0,            // requests waiting for their response head
+//!         "slow_above_ms": null          // peak_ewma: the cluster's current slow threshold (ms)
+//!       },
 //!       "recent": [{                     // oldest first, at most 20
 //!         "at_unix_ms": 1763740011000,
 //!         "event": "ejected",            // failure | suspect | ejected | ejection_refused | probing | recovered
@@ -47,19 +54,30 @@
 //!   }]
 //! }
 //! ```
+//!
+//! `state` is `slow` for an endpoint healthy by the kernel's evidence that `lb_policy =
+//! "peak_ewma"` found to be a latency outlier (it gets only a trickle, see
+//! `decide::latency`); `reason` then says what made it slow (`slow_backend`: responses,
+//! `overloaded`: handshakes needing SYN retransmits, `slow_network`: request bytes unACKed).
+//! `latency` was added after the first version of this shape: a reader of an older gateway
+//! gets its default (no estimate).
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::super::shared::Shared;
 pub use super::super::upstream::{HealthEvent, HealthEventKind};
+use super::super::{
+    shared::Shared,
+    upstream::{Cluster, Endpoint},
+};
 use crate::{
     config::LbPolicy,
     decide::{
         deadline::DeadlineSource,
         health::{Reason, State},
+        latency::Source as LatencySource,
     },
     signals::SignalMode,
 };
@@ -126,7 +144,19 @@ pub struct EndpointStatus {
     pub connect_deadline_source: ConnectDeadlineSource,
     pub syn_rtt: SynRtt,
     pub in_flight: u64,
+    #[serde(default)]
+    pub latency: LatencyStatus,
     pub recent: Vec<HealthEvent>,
+}
+
+/// `latency` of an endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStatus {
+    pub ewma_ms: Option<f64>,
+    pub samples: u64,
+    pub source: LatencySource,
+    pub awaiting_head: u64,
+    pub slow_above_ms: Option<f64>,
 }
 
 /// `connect_deadline_source`: where an endpoint's connect deadline comes from.
@@ -162,6 +192,20 @@ pub struct SynRtt {
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub samples: usize,
+}
+
+/// Milliseconds, to 0.01.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// Why a slow endpoint is slow, from what set its latency estimate's peak.
+fn slow_reason(source: LatencySource) -> Reason {
+    match source {
+        LatencySource::Responses => Reason::SlowBackend,
+        LatencySource::Handshakes => Reason::Overloaded,
+        LatencySource::Stalls => Reason::SlowNetwork,
+    }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -204,31 +248,8 @@ impl Status {
             .map(|c| {
                 let eps = c.endpoints();
                 let routable = eps.iter().filter(|e| e.health.routable()).count();
-                let endpoints: Vec<EndpointStatus> = eps
-                    .iter()
-                    .map(|ep| {
-                        let v = ep.health.view(&c.spec);
-                        EndpointStatus {
-                            address: ep.addr,
-                            weight: ep.weight,
-                            state: v.state,
-                            reason: v.reason,
-                            since_unix_ms: at(v.since),
-                            ejected_until_unix_ms: v.ejected_until.map(at),
-                            connect_deadline_ms: v.deadline.value.as_secs_f64() * 1e3,
-                            connect_deadline_source: ConnectDeadlineSource::from(
-                                &v.deadline.source,
-                            ),
-                            syn_rtt: SynRtt {
-                                p50_us: v.rtt_p50.map(|d| d.as_micros() as u64),
-                                p99_us: v.rtt_p99.map(|d| d.as_micros() as u64),
-                                samples: v.rtt_samples,
-                            },
-                            in_flight: ep.in_flight.load(Ordering::Relaxed),
-                            recent: v.recent,
-                        }
-                    })
-                    .collect();
+                let endpoints: Vec<EndpointStatus> =
+                    eps.iter().map(|ep| endpoint_status(c, ep, &at)).collect();
                 if routable == 0 {
                     not_ready.push(if endpoints.is_empty() {
                         format!(
@@ -263,6 +284,42 @@ impl Status {
             observer,
             clusters,
         }
+    }
+}
+
+/// One endpoint's entry; `at` turns a monotonic instant into Unix milliseconds.
+fn endpoint_status(c: &Cluster, ep: &Endpoint, at: &dyn Fn(Instant) -> u64) -> EndpointStatus {
+    let v = ep.health.view(&c.spec);
+    let l = ep.latency.view(&c.spec.latency);
+    let (state, reason) = match ep.state(&c.spec) {
+        State::Slow => (State::Slow, Some(slow_reason(l.source))),
+        _ => (v.state, v.reason),
+    };
+    EndpointStatus {
+        address: ep.addr,
+        weight: ep.weight,
+        state,
+        reason,
+        since_unix_ms: at(v.since),
+        ejected_until_unix_ms: v.ejected_until.map(at),
+        connect_deadline_ms: v.deadline.value.as_secs_f64() * 1e3,
+        connect_deadline_source: ConnectDeadlineSource::from(&v.deadline.source),
+        syn_rtt: SynRtt {
+            p50_us: v.rtt_p50.map(|d| d.as_micros() as u64),
+            p99_us: v.rtt_p99.map(|d| d.as_micros() as u64),
+            samples: v.rtt_samples,
+        },
+        in_flight: ep.in_flight.load(Ordering::Relaxed),
+        latency: LatencyStatus {
+            ewma_ms: l.estimate.map(ms),
+            samples: l.samples,
+            source: l.source,
+            awaiting_head: l.awaiting,
+            slow_above_ms: (c.spec.lb_policy == LbPolicy::PeakEwma)
+                .then(|| c.set.latency.threshold().map(ms))
+                .flatten(),
+        },
+        recent: v.recent,
     }
 }
 

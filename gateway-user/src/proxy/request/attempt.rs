@@ -6,9 +6,13 @@
 //! - **Send**: the request head and its streamed body. The response timeout starts once the
 //!   client's body has been sent.
 //! - **Await the response head**: until the response timeout (`response_timeout_ms`) or the
-//!   request deadline. With kernel signals the connection is looked at every
-//!   [`HOST_DIED_CHECK`]: RTOs with the request unACKed mean the host or the path died
-//!   (`decide::evidence::host_died`), which need not wait for the timer.
+//!   request deadline. The connection is looked at every [`HOST_DIED_CHECK`]: with kernel
+//!   signals, RTOs with the request unACKed mean the host or the path died
+//!   (`decide::evidence::host_died`), which need not wait for the timer; request bytes still
+//!   unACKed (`TCP_INFO`) after three smoothed RTTs are a stall on the path.
+//! - **Latency** (`decide::latency`, fed whatever the policy): the head's latency from the
+//!   request's sending is a sample, a response timeout and a stall are lower bounds, and the
+//!   request counts as awaiting its head meanwhile.
 //!
 //! A pooled connection that turns out closed before the request went out is replaced by
 //! another connection to the same endpoint; that is not a retry.
@@ -19,7 +23,7 @@
 //! refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`, which
 //! `decide::retry` sends to another connection whatever the method.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, os::fd::RawFd, pin::Pin, sync::Arc, time::Duration};
 
 use http::Request;
 use tokio::time::Instant;
@@ -33,6 +37,7 @@ use super::{
 use crate::{
     decide::{
         evidence::{ResponseCause, host_died},
+        latency::Source,
         retry::Delivery,
     },
     proxy::{
@@ -44,6 +49,7 @@ use crate::{
         request_body::{RequestBody, RequestBodyError},
         upstream::{
             Cluster, Endpoint, InFlight, Lease, SendResult, UpstreamConn, Want, checkout, reuse,
+            socket_of,
         },
     },
 };
@@ -253,6 +259,7 @@ async fn exchange(
             };
             let on = OnConn {
                 cookie: conn.cookie,
+                fd: conn.raw_fd(),
                 baseline,
                 sent,
             };
@@ -303,13 +310,16 @@ fn acked_before(conn: &UpstreamConn, plan: &Plan) -> Option<u64> {
 #[derive(Clone, Copy)]
 struct OnConn {
     cookie: u64,
+    /// The socket's descriptor, checked against `cookie` before each use.
+    fd: RawFd,
     /// The connection's `bytes_acked` before this request, when known.
     baseline: Option<u64>,
     sent: Instant,
 }
 
 /// Waits for the response head until the response timeout (from `sent`) or the request
-/// deadline, whichever is first; with kernel signals, gives up as soon as the host died.
+/// deadline, whichever is first; gives up as soon as the kernel shows that the host died.
+/// Feeds the endpoint's latency: the head's arrival, a stall, a timeout.
 async fn await_head<F: Future<Output = SendResult>>(
     mut send: Pin<&mut F>,
     cluster: &Cluster,
@@ -322,22 +332,26 @@ async fn await_head<F: Future<Output = SendResult>>(
         cookie,
         baseline,
         sent,
+        ..
     } = on;
     let signals = &*cluster.signals;
     let response_timeout = plan.route.policy.response_timeout;
     let response_deadline = sent + response_timeout;
     let until = response_deadline.min(plan.deadline);
+    let _awaiting = ep.latency.awaiting(sent);
     loop {
-        let slice = if plan.kernel {
-            (Instant::now() + HOST_DIED_CHECK).min(until)
-        } else {
-            until
-        };
+        let slice = (Instant::now() + HOST_DIED_CHECK).min(until);
         match tokio::time::timeout_at(slice, send.as_mut()).await {
-            Ok(r) => return Ok(r),
+            Ok(r) => {
+                if r.is_ok() {
+                    ep.latency.sample(sent.elapsed(), &cluster.spec.latency);
+                }
+                return Ok(r);
+            }
             Err(_) if slice >= until => break,
             Err(_) => {
-                if let Some(ev) = signals.established_evidence(cookie)
+                if plan.kernel
+                    && let Some(ev) = signals.established_evidence(cookie)
                     && host_died(&ev)
                 {
                     let delivery = Delivery::of(baseline, Some(ev.bytes_acked));
@@ -351,12 +365,15 @@ async fn await_head<F: Future<Output = SendResult>>(
                     cluster.report(ep, cause.health_evidence(), &|| error.to_string());
                     return Err(Failed::new(error, delivery, None));
                 }
+                note_stall(cluster, ep, on);
             }
         }
     }
     if response_deadline >= plan.deadline {
         return Err(Failed::plain(request_timeout(plan, ex)));
     }
+    ep.latency
+        .lower_bound(response_timeout, Source::Responses, &cluster.spec.latency);
     let evidence = signals.established_evidence(cookie);
     let cause = ResponseCause::of(plan.kernel, evidence.as_ref());
     let delivery = Delivery::of(baseline, evidence.as_ref().map(|e| e.bytes_acked));
@@ -390,6 +407,20 @@ fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
         cur = err.source();
     }
     None
+}
+
+/// Request bytes still unACKed by the upstream's kernel (`TCP_INFO`) more than three smoothed
+/// RTTs after sending: the wait so far is on the path, and the endpoint's latency is at least
+/// that (`decide::latency`).
+fn note_stall(cluster: &Cluster, ep: &Endpoint, on: OnConn) {
+    let waited = on.sent.elapsed();
+    let Some(info) = socket_of(on.fd, on.cookie).and_then(crate::diagnose::tcpinfo::read) else {
+        return;
+    };
+    if info.unacked > 0 && waited > Duration::from_micros(u64::from(info.rtt_us) * 3) {
+        ep.latency
+            .lower_bound(waited, Source::Stalls, &cluster.spec.latency);
+    }
 }
 
 /// Maps a failed exchange on an upstream connection to its reason.

@@ -1,8 +1,8 @@
 //! A running upstream cluster: what its parts share (the spec, the endpoints, the connection
 //! slots, the budgets, the kernel signals, the metrics), how evidence reaches an endpoint's
 //! health, and the background tasks that end when the cluster is dropped (idle sweep, probes,
-//! DNS refresh). Each part lives in its own module: `endpoint` (the set and picking),
-//! `checkout` (pool, slots, pending queue), `connect` and `hedge` (new connections), `probe`,
+//! DNS refresh, the latency evaluator). Each part lives in its own module: `endpoint` (the set and picking),
+//! `checkout` (pool, slots, pending queue), `latency` (peak-EWMA, slow endpoints), `connect` and `hedge` (new connections), `probe`,
 //! `resolve`.
 
 use std::{
@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     endpoint::{Endpoint, Endpoints, NoPick},
-    probe, resolve,
+    latency, probe, resolve,
 };
 use crate::{
     config::ClusterSpec,
@@ -81,6 +81,7 @@ impl Cluster {
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
+        tokio::spawn(latency::run(Arc::downgrade(&cluster)));
         if resolve::has_host_names(&cluster.spec) {
             tokio::spawn(resolve::refresh(Arc::downgrade(&cluster)));
         }
@@ -104,7 +105,7 @@ impl Cluster {
 
     /// Picks a routable endpoint not `tried` by this request.
     pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
-        self.set.pick(self.spec.lb_policy, tried)
+        self.set.pick(&self.spec, tried)
     }
 
     /// Kernel signals are flowing.
@@ -132,7 +133,7 @@ impl Cluster {
 
     pub(super) fn log_transition(&self, ep: &Endpoint, t: Transition, detail: &dyn Fn() -> String) {
         if t != Transition::None {
-            ep.meter.transition(t, ep.health.state());
+            ep.meter.transition(t, ep.state(&self.spec));
         }
         match t {
             Transition::None => {}

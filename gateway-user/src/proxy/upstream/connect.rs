@@ -220,6 +220,12 @@ pub(super) fn finish(
                 None => (elapsed, 0),
             };
             ep.health.observe_rtt(rtt, retx);
+            // A handshake bounds a request's latency from below (`decide::latency`).
+            ep.latency.lower_bound(
+                rtt,
+                crate::decide::latency::Source::Handshakes,
+                &cluster.spec.latency,
+            );
             ep.meter.connected(ev.as_ref());
             let detail = || match &ev {
                 Some(e) => e.to_string(),

@@ -1,9 +1,11 @@
 //! A cluster's endpoints and how a request picks one.
 //!
 //! The set is swapped whole (`ArcSwap`) when DNS re-resolution changes it, so picking takes no
-//! lock: it reads the set, the balancer's schedule and each endpoint's health atomics. A pick
-//! prefers healthy endpoints, falls back to suspect ones (deprioritised, not excluded), and
-//! never returns an endpoint this request already tried.
+//! lock: it reads the set, the balancer's schedule and each endpoint's health and latency
+//! atomics. A pick prefers healthy endpoints, falls back to suspect ones (deprioritised, not
+//! excluded), and never returns an endpoint this request already tried. Under `peak_ewma` a
+//! slow endpoint is left out of the choices except for its trickle request
+//! (`decide::latency`), and used only when nothing else is left.
 
 use std::{
     net::SocketAddr,
@@ -15,9 +17,16 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{balancer, health::HealthCell, multiplex::Multiplexed, pool::IdlePool};
+use super::{
+    balancer,
+    health::HealthCell,
+    latency::{ClusterLatency, LatencyCell},
+    multiplex::Multiplexed,
+    pool::IdlePool,
+};
 use crate::{
     config::{ClusterSpec, LbPolicy},
+    decide::{health::State, latency},
     proxy::telemetry::{ClusterMeter, EndpointMeter},
 };
 
@@ -30,6 +39,8 @@ pub(crate) struct Endpoint {
     /// Requests in flight to this endpoint, for least-request balancing and `/status`.
     pub in_flight: AtomicU64,
     pub health: HealthCell,
+    /// Response latency (peak-EWMA) and the requests awaiting their head.
+    pub latency: LatencyCell,
     /// A probe is running; at most one per endpoint.
     pub probe_running: AtomicBool,
     pub meter: EndpointMeter,
@@ -59,7 +70,22 @@ impl Endpoint {
             )),
             in_flight: AtomicU64::new(0),
             health: HealthCell::new(),
+            latency: LatencyCell::new(),
             probe_running: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The state shown in `/status` and the metrics: the health state, or `slow` for a
+    /// healthy endpoint that `peak_ewma` found slow (takes the health lock: not for the
+    /// request path).
+    pub fn state(&self, spec: &ClusterSpec) -> State {
+        match self.health.state() {
+            State::Healthy if spec.lb_policy == LbPolicy::PeakEwma && self.latency.slow() => {
+                State::Slow
+            }
+            s => s,
         }
     }
 }
@@ -107,6 +133,8 @@ pub(crate) enum NoPick {
 pub(crate) struct Endpoints {
     set: ArcSwap<EndpointSet>,
     tick: AtomicUsize,
+    /// The latest slow evaluation (`latency::run`).
+    pub latency: ClusterLatency,
 }
 
 impl Endpoints {
@@ -114,6 +142,7 @@ impl Endpoints {
         Endpoints {
             set: ArcSwap::from_pointee(EndpointSet::new(endpoints)),
             tick: AtomicUsize::new(0),
+            latency: ClusterLatency::default(),
         }
     }
 
@@ -132,21 +161,37 @@ impl Endpoints {
     }
 
     /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
-    /// suspect one.
+    /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first.
     pub fn pick(
         &self,
-        policy: LbPolicy,
+        spec: &ClusterSpec,
         tried: impl Fn(SocketAddr) -> bool,
     ) -> Result<Arc<Endpoint>, NoPick> {
         let set = self.set.load();
         let eps = &set.endpoints;
+        let latency_aware = spec.lb_policy == LbPolicy::PeakEwma;
+        if latency_aware && let Some(ep) = self.trickle(eps, spec, &tried) {
+            return Ok(ep);
+        }
+        let picked = |ep: &Arc<Endpoint>| {
+            if latency_aware {
+                ep.latency.picked(tokio::time::Instant::now());
+            }
+            ep.clone()
+        };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        for allow_suspect in [false, true] {
+        for pass in 0..3 {
             let eligible = |i: usize| {
-                let h = &eps[i].health;
-                !tried(eps[i].addr) && h.routable() && (allow_suspect || !h.suspect())
+                let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
+                !tried(eps[i].addr)
+                    && h.routable()
+                    && match pass {
+                        0 => !h.suspect() && !slow,
+                        1 => !slow,
+                        _ => true,
+                    }
             };
-            let found = match policy {
+            let found = match spec.lb_policy {
                 LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
                 LbPolicy::LeastRequest => {
                     let mut rng = rand::rng();
@@ -158,9 +203,10 @@ impl Endpoints {
                         eligible,
                     )
                 }
+                LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
             };
             if let Some(i) = found {
-                return Ok(eps[i].clone());
+                return Ok(picked(&eps[i]));
             }
         }
         let ejected = eps.iter().filter(|e| !e.health.routable()).count();
@@ -172,6 +218,58 @@ impl Endpoints {
         } else {
             Err(NoPick::AllTried)
         }
+    }
+
+    /// Power of two choices over `decide::latency::cost`.
+    fn peak_ewma(
+        &self,
+        eps: &[Arc<Endpoint>],
+        spec: &ClusterSpec,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let now = tokio::time::Instant::now();
+        let decay = spec.latency.decay;
+        let reference = self.latency.reference();
+        let mut rng = rand::rng();
+        latency::p2c(
+            eps.len(),
+            |bound| rand::Rng::random_range(&mut rng, 0..bound),
+            |i| {
+                let e = &eps[i];
+                latency::cost(
+                    e.latency.estimate(now, decay).unwrap_or(reference),
+                    e.latency.pending_age(now),
+                    e.in_flight.load(Ordering::Relaxed),
+                    e.weight,
+                )
+            },
+            eligible,
+        )
+    }
+
+    /// An endpoint whose trickle request is due (not picked for `trickle_interval`, nothing
+    /// in flight: a slow one, or one that power of two choices keeps losing), claimed for this
+    /// request.
+    fn trickle(
+        &self,
+        eps: &[Arc<Endpoint>],
+        spec: &ClusterSpec,
+        tried: &impl Fn(SocketAddr) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        if !self.latency.any_due.load(Ordering::Relaxed) {
+            return None;
+        }
+        eps.iter()
+            .find(|e| {
+                e.health.routable()
+                    && !e.health.suspect()
+                    && !tried(e.addr)
+                    && e.latency.claim_trickle(
+                        e.in_flight.load(Ordering::Relaxed),
+                        spec.latency.trickle_interval,
+                    )
+            })
+            .cloned()
     }
 
     /// Whether one more endpoint may be ejected within `max_ejected_percent`.

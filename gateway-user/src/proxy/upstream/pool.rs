@@ -190,6 +190,11 @@ impl UpstreamConn {
         (socket_cookie(self.fd) == Some(self.cookie)).then_some(self.fd)
     }
 
+    /// The socket's descriptor as it was at connect; check it with [`socket_of`] before use.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
     /// How long it may stay idle: the pool's idle timeout, or less when the upstream said it
     /// closes sooner (`Keep-Alive: timeout=N`, less a quarter, at most a second, so that the
     /// gateway gives it up before the upstream's timer fires).
@@ -199,6 +204,12 @@ impl UpstreamConn {
             None => idle_timeout,
         }
     }
+}
+
+/// `fd` if it is still the socket with `cookie` (see [`UpstreamConn::socket`]), for a caller
+/// that holds only the descriptor and the cookie.
+pub(crate) fn socket_of(fd: RawFd, cookie: u64) -> Option<RawFd> {
+    (socket_cookie(fd) == Some(cookie)).then_some(fd)
 }
 
 /// `SO_COOKIE` of `fd`.

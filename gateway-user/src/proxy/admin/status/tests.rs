@@ -35,6 +35,13 @@ fn sample() -> Status {
                     samples: 24,
                 },
                 in_flight: 0,
+                latency: LatencyStatus {
+                    ewma_ms: Some(0.61),
+                    samples: 1834,
+                    source: LatencySource::Responses,
+                    awaiting_head: 0,
+                    slow_above_ms: None,
+                },
                 recent: vec![HealthEvent {
                     at_unix_ms: 1_763_740_011_000,
                     event: HealthEventKind::Ejected,
@@ -87,6 +94,13 @@ const SAMPLE_JSON: &str = r#"{
             "samples": 24
           },
           "in_flight": 0,
+          "latency": {
+            "ewma_ms": 0.61,
+            "samples": 1834,
+            "source": "responses",
+            "awaiting_head": 0,
+            "slow_above_ms": null
+          },
           "recent": [
             {
               "at_unix_ms": 1763740011000,
@@ -115,6 +129,28 @@ fn status_reads_back_into_the_same_structs() {
     assert_eq!(back, sample());
 }
 
+/// A reader of an older gateway's `/status` (no `latency`) gets the default.
+#[test]
+fn status_without_latency_reads_back_with_the_default() {
+    let old = SAMPLE_JSON.replace(
+        r#""latency": {
+            "ewma_ms": 0.61,
+            "samples": 1834,
+            "source": "responses",
+            "awaiting_head": 0,
+            "slow_above_ms": null
+          },
+          "#,
+        "",
+    );
+    assert_ne!(old, SAMPLE_JSON);
+    let back: Status = serde_json::from_str(&old).unwrap();
+    assert_eq!(
+        back.clusters[0].endpoints[0].latency,
+        LatencyStatus::default()
+    );
+}
+
 #[test]
 fn every_word_serialises_as_its_name() {
     let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
@@ -137,7 +173,18 @@ fn every_word_serialises_as_its_name() {
     ] {
         assert_eq!(name(serde_json::to_value(d).unwrap()), d.name());
     }
-    for p in [LbPolicy::RoundRobin, LbPolicy::LeastRequest] {
+    for s in [
+        LatencySource::Responses,
+        LatencySource::Handshakes,
+        LatencySource::Stalls,
+    ] {
+        assert_eq!(name(serde_json::to_value(s).unwrap()), s.name());
+    }
+    for p in [
+        LbPolicy::RoundRobin,
+        LbPolicy::LeastRequest,
+        LbPolicy::PeakEwma,
+    ] {
         assert_eq!(name(serde_json::to_value(p).unwrap()), p.name());
     }
     assert_eq!(
