@@ -174,7 +174,7 @@ pub async fn start_inheriting(
             path: format!("{:?}", settings.access_log.output),
             source,
         })?;
-    let telemetry = Telemetry::new(&*signals);
+    let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
@@ -286,6 +286,11 @@ impl GatewayHandle {
         if settings.access_log.output != current.settings.access_log.output {
             report.needs_restart.push("access_log.output");
         }
+        if telemetry::longest_timeout(&settings) > self.shared.telemetry.buckets_top() {
+            report.needs_restart.push(
+                "a timeout beyond the histograms' highest bucket (their buckets reach the longest timeout configured at start)",
+            );
+        }
         self.shared.log.set_format(settings.access_log.format);
         let next = Runtime::build(
             settings,
@@ -366,6 +371,9 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         }
         if let Some(anomalies) = s.signals.kernel_anomalies() {
             s.telemetry.kernel_anomalies(anomalies);
+        }
+        if let Some(n) = s.signals.anomaly_logs_suppressed() {
+            s.telemetry.anomaly_logs_suppressed(n);
         }
         // Each endpoint's deadline and state, which also puts back a state that a replaced
         // endpoint's last words zeroed.
