@@ -129,7 +129,11 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     );
 
     let mut registry = Registry::default();
-    let mut metrics = metrics::ObserverMetrics::new(&mut registry, args.metrics_max_destinations);
+    let mut metrics = metrics::ObserverMetrics::new(
+        &mut registry,
+        args.metrics_max_destinations,
+        metrics::syn_rtt_buckets(),
+    );
     metrics.set_attached(true);
     let registry = Arc::new(registry);
     let server = match args.metrics {
