@@ -61,7 +61,7 @@ struct Planted {
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    init_tracing()?;
     let lab = Lab::new(LabSpec::new(5)).context("building the demo lab (needs root)")?;
     let plan = [
         (

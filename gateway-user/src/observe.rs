@@ -84,7 +84,7 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    init_tracing()?;
     // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is hidden.
     crate::observer::preflight::ensure_cgroup2().context("starting the kernel observer")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -96,14 +96,9 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
 /// Sends every finished record to `tap` as well (used by the demo).
 pub type Tap = tokio::sync::mpsc::UnboundedSender<ConnectRecord>;
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The log on stderr, at `RUST_LOG` (an invalid one is an error) or `info`.
+pub fn init_tracing() -> Result<(), crate::logging::LogError> {
+    crate::logging::init(crate::logging::LogFormat::Text, None, "info")
 }
 
 pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<ExitCode> {

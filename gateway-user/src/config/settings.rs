@@ -27,6 +27,15 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     pub access_log: AccessLog,
     pub observer: Observer,
+    pub log: Log,
+}
+
+/// `[log]`: the gateway's own log (`crate::logging`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    pub format: crate::logging::LogFormat,
+    /// Valid `tracing` directives; `None`: not configured (the default applies).
+    pub level: Option<String>,
 }
 
 /// The HTTPS listeners (`https_port`, `https_listen`) and their TLS (`[router.tls]`).

@@ -92,6 +92,11 @@ pub enum Invalid {
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
     EmptyLogOutput,
+    #[error("log level {value:?}: {reason}")]
+    LogLevel {
+        value: String,
+        reason: crate::logging::LevelError,
+    },
     #[error(
         "observer cgroup {value:?}: {reason}; use a name such as \"gateway-{{pid}}\" (a child of the gateway's own cgroup), \".\" (the own cgroup itself) or an absolute cgroup v2 path"
     )]
@@ -421,6 +426,22 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         output,
     };
 
+    let log = Log {
+        format: cfg.log.format.unwrap_or_default(),
+        level: cfg.log.level.clone(),
+    };
+    if let Some(level) = &log.level
+        && let Err(reason) = crate::logging::parse_level(level)
+    {
+        c.fail(
+            KeyPath::root().key("log").key("level"),
+            Invalid::LogLevel {
+                value: level.clone(),
+                reason,
+            },
+        );
+    }
+
     let observer_cgroup = observer_cgroup(
         &mut c,
         cfg.observer
@@ -449,6 +470,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
                 mode: cfg.observer.mode.unwrap_or_default(),
                 cgroup: observer_cgroup,
             },
+            log,
         },
         c.warnings,
     ))
