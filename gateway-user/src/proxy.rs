@@ -185,6 +185,7 @@ pub async fn start_inheriting(
         telemetry,
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
+    tokio::spawn(roll_history(Arc::downgrade(&shared)));
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (done, workers_done) = mpsc::channel(1);
     for (i, listeners) in per_worker.into_iter().enumerate() {
@@ -381,6 +382,27 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
             for ep in c.endpoints() {
                 ep.meter.deadline(ep.health.deadline(&c.spec).value);
                 ep.meter.state(ep.health.state());
+            }
+        }
+    }
+}
+
+/// Closes each endpoint's history second (`upstream::history`) just after every wall-clock
+/// second, so that a slot holds that second's requests.
+async fn roll_history(shared: std::sync::Weak<Shared>) {
+    /// After the second turned, so that a slot is not closed a little early.
+    const AFTER: Duration = Duration::from_millis(10);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+        tokio::time::sleep(Duration::from_secs(1) - into + AFTER).await;
+        let Some(s) = shared.upgrade() else { return };
+        let second = now.as_secs();
+        for c in s.runtime.load().clusters.iter() {
+            for ep in c.endpoints() {
+                ep.health.history.roll(second);
             }
         }
     }

@@ -15,7 +15,9 @@
 
 mod logging;
 pub(crate) mod page;
+mod plot;
 pub mod status;
+mod timeline;
 
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
 

@@ -1,8 +1,9 @@
 //! One request's context, from its arrival to the end of its response: the access-log
 //! [`Record`] (plain data), the guard that counts it among its cluster's requests in flight,
-//! its route's metric handles, the upstream connection lent to it, and what it is doing now.
-//! The response body owns it; when the response is over (or abandoned) the connection goes
-//! back, the request is counted and its log line is written.
+//! its route's metric handles, the upstream connection lent to it, the endpoint of its latest
+//! attempt, and what it is doing now. The response body owns it; when the response is over
+//! (or abandoned) the connection goes back, the request is counted (in the metrics and in the
+//! endpoint's history) and its log line is written.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -14,7 +15,7 @@ use super::{
     error::Phase,
     shared::Shared,
     telemetry::RouteMeter,
-    upstream::{Cluster, Lease},
+    upstream::{Cluster, Endpoint, Lease},
 };
 use crate::decide::budget::ActiveRequest;
 
@@ -29,6 +30,8 @@ pub(crate) struct Exchange {
     pub lease: Option<Lease>,
     /// What the request is doing, for `request_timeout` messages.
     pub phase: Phase,
+    /// The endpoint of the latest attempt: the request's latency goes into its history.
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 impl Exchange {
@@ -45,6 +48,7 @@ impl Exchange {
             active: None,
             lease: None,
             phase: Phase::Routing,
+            endpoint: None,
         })
     }
 
@@ -74,6 +78,16 @@ impl Exchange {
         if !complete && self.record.error.is_none() {
             // The client went away before the end of the response.
             self.record.aborted = true;
+        }
+        if let Some(ep) = &self.endpoint {
+            let history = &ep.health.history;
+            history.request(self.record.start.elapsed());
+            // A failure after the response head (a stalled body) is the endpoint's too.
+            if let Some(k) = self.record.error
+                && self.record.attempts.last().and_then(|a| a.error) != Some(k)
+            {
+                history.failed(k);
+            }
         }
         let shared = &self.shared;
         shared

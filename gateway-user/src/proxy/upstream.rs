@@ -1,8 +1,8 @@
 //! Upstream clusters: their endpoints and how a request picks one (`endpoint`, `balancer`,
 //! `resolve`), each endpoint's health as the proxy keeps it (`health`), getting a connection
 //! for a request and giving it back (`checkout`, `pool`), making a new one (`connect`, racing a
-//! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster), and active
-//! probes (`probe`). `cluster` ties
+//! `hedge` when the kernel saw no SYN-ACK in time; then `tls` for a TLS cluster), active
+//! probes (`probe`), and each endpoint's last five minutes for the status page (`history`). `cluster` ties
 //! them together. Every decision is taken in `decide/`; these modules do the I/O and feed it.
 
 mod balancer;
@@ -12,15 +12,19 @@ mod connect;
 mod endpoint;
 mod health;
 mod hedge;
+mod history;
 mod pool;
 mod probe;
 mod resolve;
 mod tls;
 
-pub use self::health::{HealthEvent, HealthEventKind};
 pub(crate) use self::{
     checkout::{Lease, checkout},
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
     pool::{UpstreamConn, set_worker_index},
+};
+pub use self::{
+    health::{HealthEvent, HealthEventKind},
+    history::Series as HistorySeries,
 };
