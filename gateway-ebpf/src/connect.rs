@@ -25,7 +25,7 @@ use crate::{
     anomaly, emit,
     maps::{
         F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT,
-        SockState, bump, sock_state_map,
+        SockState, sock_state_map,
     },
 };
 

@@ -181,6 +181,7 @@ pub async fn start_inheriting(
         signals,
         log,
         draining: AtomicBool::new(false),
+        keepalive_off: AtomicBool::new(false),
         workers: n,
         telemetry,
     });
@@ -313,6 +314,7 @@ impl GatewayHandle {
     /// Keeps accepting, but ends keep-alive: HTTP/1 responses carry `Connection: close` and
     /// HTTP/2 connections get GOAWAY, so clients reconnect (elsewhere, once deregistered).
     pub fn close_keepalive(&self) {
+        self.shared.keepalive_off.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Deregister);
     }
 
@@ -338,6 +340,7 @@ impl GatewayHandle {
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         let start = tokio::time::Instant::now();
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.keepalive_off.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Drain);
         // With the workers' descriptors, the sockets close: new connections are refused at
         // once instead of waiting in a queue nobody accepts from (unless handed over).

@@ -3,14 +3,21 @@
 //! cluster with nothing left to route to, a drain), and that the admin listener stays on
 //! loopback unless told otherwise.
 
-mod admin_support;
-mod proxy_support;
+use std::time::Duration;
 
-use std::{process::Command, time::Duration};
-
-use admin_support::*;
+use gateway_testkit::{
+    admin::{
+        admin_get, admin_request, catalogued, endpoint, metrics, sample, status, value, wait_for,
+        wait_in_flight,
+    },
+    gateway_bin,
+    http::{client, get},
+    inprocess::{InProcess, gateway},
+    ports::refused_addr,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// One healthy upstream and one refusing port in the default cluster; refusals eject at once
 /// and the ejection outlasts the test.
@@ -367,18 +374,9 @@ async fn readyz_says_draining_once_shutdown_begins() {
     // A request in flight keeps the drain going while the admin API is asked.
     let in_flight = tokio::spawn(async move { get(&client(), addr, "/delay/1500").await });
     let slow_addr = slow.addr;
-    tokio::task::spawn_blocking(move || {
-        wait_for("the request in flight at the upstream", || {
-            let s = status(admin);
-            if endpoint(&s, "default", slow_addr)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", slow_addr))
+        .await
+        .unwrap();
     let drained = tokio::spawn(gw.handle.shutdown(Duration::from_secs(5)));
     let (ready, health, s) = tokio::task::spawn_blocking(move || {
         let s = wait_for("/status to say draining", || {
@@ -452,7 +450,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     let dir = temp_dir("admin-loopback");
     let refused = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"");
     for cmd in [&["check-config"][..], &["run", "--config"][..]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        let out = gateway_bin!()
+            .command()
             .args(cmd)
             .arg(&refused)
             .env("RUST_LOG", "warn")
@@ -467,7 +466,8 @@ fn the_admin_listener_refuses_a_non_loopback_address_unless_allowed() {
     }
     // Allowed when asked for (validated only: this test binds nothing beyond loopback).
     let allowed = config_with_admin(&dir, "listen = \"0.0.0.0:9901\"\nallow_remote = true");
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let out = gateway_bin!()
+        .command()
         .arg("check-config")
         .arg(&allowed)
         .output()

@@ -4,14 +4,16 @@
 //!
 //! The gateway runs in-process on userspace timing; diagnose runs as the built binary with
 //! `--no-kernel`, so the test needs no privileges (diagnose's kernel path has its own privileged
-//! tests in `tests/tests/diagnose_*`).
+//! tests in `diagnose_cli` and `diagnose_verdicts`).
 
-mod proxy_support;
-
-use std::process::Command;
-
+use gateway_testkit::{
+    gateway_bin,
+    http::{client, get},
+    inprocess::gateway,
+    ports::refused_addr,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diagnose_resolves_a_cluster_through_the_admin_api_and_quotes_the_gateway() {
@@ -32,7 +34,7 @@ async fn diagnose_resolves_a_cluster_through_the_admin_api_and_quotes_the_gatewa
         assert_eq!(get(&c, gw.addr, "/").await.status, StatusCode::OK);
     }
     let run = move |json: bool| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        let mut cmd = gateway_bin!().command();
         cmd.args(["diagnose", "--admin"])
             .arg(admin.to_string())
             .args([

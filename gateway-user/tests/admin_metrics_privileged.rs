@@ -16,13 +16,20 @@
 //!   budget under a fault; the observer's `auto` fallback and `kernel` refusal without
 //!   privileges; the gateway's cgroup removed on exit.
 
-mod admin_support;
-mod proxy_support;
-
 use std::time::{Duration, Instant};
 
-use admin_support::*;
 use gateway_lab::{Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_testkit::{
+    admin::{endpoint, metrics, status, value, wait_for},
+    gateway_bin,
+    http::{client, get},
+    lab_gateway::{LabGateway, Reply},
+    process::{GatewayProcess, run_to_exit},
+    root::require_root,
+    service::{NOBODY, with_exact_caps},
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 
 const PORT: u16 = 8080;
 
@@ -35,7 +42,7 @@ fn iptables(up: &gateway_lab::Upstream, rule: &[&str]) {
 
 #[test]
 fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
-    require_root("privileged_refusals_and_handshakes_are_counted_from_kernel_evidence");
+    require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 2,
         client_cgroup: false,
@@ -49,6 +56,7 @@ fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
     let (good, bad) = (up.addr_v4(PORT), down.addr_v4(PORT));
     // No idle pool: every request makes a fresh connect, so every request is a handshake.
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "refused",
         &format!(
@@ -239,7 +247,7 @@ fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
 
     // `gateway run` sits in that cgroup while it runs, and removes it on exit.
     let cgroup = std::path::PathBuf::from(cgroup);
-    let pid = gw.child.id().to_string();
+    let pid = gw.process.pid().to_string();
     let members = std::fs::read_to_string(cgroup.join("cgroup.procs"))
         .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()));
     assert!(
@@ -257,7 +265,7 @@ fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
 
 #[test]
 fn privileged_rtos_of_a_dead_hosts_connection_are_counted() {
-    require_root("privileged_rtos_of_a_dead_hosts_connection_are_counted");
+    require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 1,
         client_cgroup: false,
@@ -269,6 +277,7 @@ fn privileged_rtos_of_a_dead_hosts_connection_are_counted() {
         .expect("http server");
     let addr = up.addr_v4(PORT);
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "rto",
         &format!(
@@ -334,7 +343,7 @@ fn privileged_rtos_of_a_dead_hosts_connection_are_counted() {
 
 #[test]
 fn privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts() {
-    require_root("privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts");
+    require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 2,
         client_cgroup: false,
@@ -354,6 +363,7 @@ fn privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts() {
     // Cluster `main` retries an unanswered connect on the healthy endpoint; cluster `bad` has
     // nothing else, so its client sees the 504 and the kernel's record in it.
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "syn-blackhole",
         &format!(
@@ -496,7 +506,7 @@ fn privileged_unanswered_syns_count_as_aborted_connects_and_connect_timeouts() {
 /// the same POST fails as `upstream_host_died` with that evidence in `x-gateway-evidence`.
 #[test]
 fn privileged_a_post_the_kernel_proves_unreceived_is_replayed_elsewhere() {
-    require_root("privileged_a_post_the_kernel_proves_unreceived_is_replayed_elsewhere");
+    require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 2,
         client_cgroup: false,
@@ -519,6 +529,7 @@ fn privileged_a_post_the_kernel_proves_unreceived_is_replayed_elsewhere() {
     );
     let (d, g) = (deaf.addr_v4(PORT), good.addr_v4(PORT));
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "replay",
         &format!(
@@ -631,7 +642,7 @@ fn privileged_a_post_the_kernel_proves_unreceived_is_replayed_elsewhere() {
 /// that the request was ACKed.
 #[test]
 fn privileged_five_response_timeouts_in_a_row_eject_as_slow_backend() {
-    require_root("privileged_five_response_timeouts_in_a_row_eject_as_slow_backend");
+    require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 1,
         client_cgroup: false,
@@ -643,6 +654,7 @@ fn privileged_five_response_timeouts_in_a_row_eject_as_slow_backend() {
         .expect("http server");
     let addr = up.addr_v4(PORT);
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "slow5",
         &format!(
@@ -755,7 +767,7 @@ fn privileged_five_response_timeouts_in_a_row_eject_as_slow_backend() {
 /// 10 % of the 30 in flight, three, may race a hedged connect.
 #[test]
 fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
-    require_root("privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault");
+    require_root();
     const SYN_ACK_DELAY: Duration = Duration::from_millis(100);
     let lab = Lab::new(LabSpec {
         upstreams: 3,
@@ -782,6 +794,7 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
     // Retries are not what this test is about: their budget is opened wide so that every
     // request that gets no hedge is retried.
     let gw = LabGateway::start(
+        gateway_bin!(),
         &lab,
         "deadline",
         &format!(
@@ -935,8 +948,7 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
 /// `nobody` with no capabilities, where the gateway can neither make its cgroup nor load eBPF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_without_privileges_auto_falls_back_and_kernel_refuses() {
-    use proxy_support::{GatewayProcess, Upstream, client, get, temp_dir};
-    require_root("privileged_without_privileges_auto_falls_back_and_kernel_refuses");
+    require_root();
     let up = Upstream::start("up").await;
     let dir = temp_dir("fallback");
     let config = |mode: &str| {
@@ -955,24 +967,12 @@ async fn privileged_without_privileges_auto_falls_back_and_kernel_refuses() {
         .unwrap();
         path
     };
-    let as_nobody = |path: &std::path::Path| {
-        let mut cmd = std::process::Command::new("setpriv");
-        cmd.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--config"])
-        .arg(path);
-        cmd
-    };
+    let as_nobody =
+        |path: &std::path::Path| with_exact_caps(&gateway_bin!().run(path), NOBODY, &[]);
 
     // auto: serves, on userspace timing, and says why in each of the four places.
-    let gw = GatewayProcess::spawn_with(as_nobody(&config("auto")));
-    let log = gw.stderr_text();
+    let gw = GatewayProcess::spawn(as_nobody(&config("auto")));
+    let log = gw.text();
     let line = log
         .lines()
         .find(|l| l.contains("kernel observer unavailable"))
@@ -989,7 +989,7 @@ async fn privileged_without_privileges_auto_falls_back_and_kernel_refuses() {
     );
     let got = get(&client(), gw.addr, "/").await;
     assert_eq!((got.status.as_u16(), got.body.as_str()), (200, "up"));
-    let admin = gw.admin.expect("admin listener");
+    let admin = gw.admin;
     let health = get(&client(), admin, "/healthz").await;
     assert_eq!(
         (health.status.as_u16(), health.body.clone()),
@@ -1018,28 +1018,12 @@ async fn privileged_without_privileges_auto_falls_back_and_kernel_refuses() {
     drop(gw);
 
     // kernel: refuses to start, with the reason, and never listens.
-    let mut cmd = as_nobody(&config("kernel"));
-    let out = tokio::task::spawn_blocking(move || {
-        cmd.env("NO_COLOR", "1");
-        let mut child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
+    let cmd = as_nobody(&config("kernel"));
+    let (status, err) =
+        tokio::task::spawn_blocking(move || run_to_exit(cmd, Duration::from_secs(10)))
+            .await
             .unwrap();
-        let end = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > end {
-                let _ = child.kill();
-                panic!("mode = \"kernel\" without privileges kept running");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert!(!status.success(), "{err}");
     assert!(
         err.contains("[observer] mode = \"kernel\" and the kernel observer could not attach"),
         "{err}"

@@ -8,18 +8,23 @@
 //! Chromium runs with `--no-sandbox` (root), no network beyond the loopback page (`--disable-*`
 //! background services, no QUIC) and a throwaway profile directory.
 
-mod admin_support;
-mod proxy_support;
-
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use admin_support::*;
+use gateway_testkit::{
+    admin::{endpoint, status, wait_for},
+    gateway_bin,
+    http::{client, get},
+    ports::refused_addr,
+    process::GatewayProcess,
+    root::require_root,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// How long one Chromium run may take.
 const CHROMIUM_TIMEOUT: Duration = Duration::from_secs(90);
@@ -100,19 +105,9 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (be(&bytes[16..20]), be(&bytes[20..24]))
 }
 
-/// `gateway run` as a child; SIGTERM on drop so that it leaves its cgroup cleanly.
-struct Gateway(GatewayProcess);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.0.signal(libc::SIGTERM);
-        let _ = self.0.wait(Duration::from_secs(10));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
-    require_root("privileged_chromium_renders_endpoint_states_reasons_and_evidence");
+    require_root();
     let good = Upstream::start("good").await;
     let refused = refused_addr();
     let dir = temp_dir("status-page");
@@ -130,11 +125,12 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
         ),
     )
     .unwrap();
-    let gw = Gateway(GatewayProcess::spawn(&config));
-    let admin = gw.0.admin.expect("admin listener");
+    // Dropped, it gets SIGTERM, so that it leaves its cgroup cleanly.
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&config));
+    let admin = gw.admin;
     let c = client();
     for _ in 0..10 {
-        let got = get(&c, gw.0.addr, "/").await;
+        let got = get(&c, gw.addr, "/").await;
         assert_eq!(got.status, StatusCode::OK, "{}", got.body);
     }
     let (dom, png) = tokio::task::spawn_blocking(move || {

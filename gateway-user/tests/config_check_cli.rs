@@ -1,7 +1,9 @@
 //! `gateway check-config FILE` on good and bad files: exit status, and for bad files the
 //! file, line and key in the message. Runs the built binary.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
+
+use gateway_testkit::gateway_bin;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -16,7 +18,8 @@ struct Outcome {
 }
 
 fn check(name: &str) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let out = gateway_bin!()
+        .command()
         .arg("check-config")
         .arg(fixture(name))
         .output()

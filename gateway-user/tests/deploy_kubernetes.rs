@@ -8,14 +8,15 @@
 //!
 //! No cluster runs here: nothing is applied or scheduled.
 
-mod deploy_support;
-
 use std::{
     path::{Path, PathBuf},
     process::Command,
 };
 
-use deploy_support::{cache_dir, ok, run};
+use gateway_testkit::{
+    deploy::{cache_dir, ok, run},
+    gateway_bin,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -112,9 +113,7 @@ fn check_config(label: &str, toml: &str) -> String {
     let file =
         std::env::temp_dir().join(format!("gateway-k8s-{label}-{}.toml", std::process::id()));
     std::fs::write(&file, toml).unwrap();
-    let out = ok(Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("check-config")
-        .arg(&file));
+    let out = ok(gateway_bin!().command().arg("check-config").arg(&file));
     let _ = std::fs::remove_file(&file);
     out
 }

@@ -3,11 +3,9 @@
 //! `check-config`), both units, logrotate, man pages and shell completions. Installing it on a
 //! clean Debian 12 root and running its units is `deploy_systemd_privileged`.
 
-mod deploy_support;
-
 use std::process::Command;
 
-use deploy_support::{deb, ok};
+use gateway_testkit::deploy::{deb, ok};
 
 #[test]
 fn lintian_reports_no_error() {

@@ -13,26 +13,20 @@
 //!   drains (health 503, still serving for the drain delay) and ends cleanly;
 //! - `gateway-observe.service` exports the container's connects with exactly its capabilities.
 
-mod deploy_support;
-mod service_support;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use deploy_support::*;
-use service_support::{Upstream, cap_eff, free_port, get_once, load, require_root};
-
-const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn mask(caps: &[u32]) -> u64 {
-    caps.iter().fold(0, |m, c| m | 1 << c)
-}
+use gateway_testkit::{
+    deploy::*,
+    http::get_once,
+    ports::free_port,
+    root::require_root,
+    service::{CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, cap_eff, cap_mask, load},
+    upstream::BlockingUpstream as Upstream,
+};
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     get_once(addr, path, Duration::from_secs(3))
@@ -132,7 +126,7 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     let pid = host_pid(&c, &main);
     assert_eq!(
         cap_eff(pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE])
     );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status
@@ -336,7 +330,7 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     .unwrap_or_else(|| panic!("no process for main pid {observe_main}"));
     assert_eq!(
         cap_eff(observe_pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
     );
     c.ok(&["systemctl", "stop", "gateway-observe"]);
     assert_eq!(c.prop("gateway-observe", "Result"), "success");

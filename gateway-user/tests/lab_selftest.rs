@@ -23,18 +23,9 @@ use gateway_lab::{
     CgroupGuard, ClientSysctl, Fault, HttpBehaviour, Lab, LabError, LabSpec, NetStat,
     NetnsCommandExt as _, cgroup2_mount,
 };
+use gateway_testkit::root::require_root;
 
 const PORT: u16 = 8080;
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "lab_selftest is a privileged test and needs root (euid is {euid}): run it with \
-         `sudo -E cargo test -p gateway-user --test lab_selftest -- --test-threads=1`"
-    );
-}
 
 fn new_lab(upstreams: usize) -> Lab {
     require_root();

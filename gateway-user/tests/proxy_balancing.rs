@@ -1,12 +1,14 @@
 //! Load-balancing distribution: round robin (plain and weighted) and least request, with the
 //! gateway in-process in front of loopback upstreams.
 
-mod proxy_support;
-
 use std::time::Duration;
 
+use gateway_testkit::{
+    http::{client, get},
+    inprocess::gateway,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// Adaptive connect deadlines are off here: their warm-up probes open TCP connections of their
 /// own, and these tests count the connections that requests use.

@@ -3,13 +3,19 @@
 //! bodies in both directions with the gateway's peak RSS staying small (the built binary, so
 //! that its memory is measured alone).
 
-mod proxy_support;
-
 use std::time::{Duration, Instant};
 
+use gateway_testkit::{
+    config::write_config,
+    gateway_bin,
+    http::{Body, client, empty, full, generated, raw_exchange, send},
+    inprocess::{InProcess, gateway},
+    process::GatewayProcess,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use proxy_support::*;
 
 async fn limited(label: &str, up: &Upstream) -> InProcess {
     gateway(
@@ -153,7 +159,7 @@ async fn large_bodies_stream_through_with_bounded_memory() {
         &dir,
         &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
     );
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let baseline = gw.peak_rss_kib();
     let c = client();
 

@@ -10,8 +10,6 @@
 //!
 //! Unprivileged: loopback only; nginx is Debian's (installed by `./dev`).
 
-mod proxy_support;
-
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -23,8 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gateway_testkit::{
+    http::{client, full, get, send},
+    inprocess::gateway,
+    tempdir::temp_dir,
+};
 use http::{Request, StatusCode};
-use proxy_support::{client, full, gateway, get, send};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -236,7 +238,7 @@ impl Drop for Nginx {
 }
 
 fn nginx(label: &str, keepalive: &str) -> Nginx {
-    let dir = proxy_support::temp_dir(label);
+    let dir = temp_dir(label);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

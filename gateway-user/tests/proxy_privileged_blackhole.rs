@@ -5,25 +5,17 @@
 //!
 //! Run: `cargo test -p gateway-user --test proxy_privileged_blackhole -- --test-threads=1`
 
-mod proxy_support;
-
 use std::time::{Duration, Instant};
 
 use gateway_lab::{Fault, HttpBehaviour, Lab, LabSpec};
+use gateway_testkit::{
+    http::{client, get},
+    inprocess::{gateway, log_lines},
+    root::require_root,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 const PORT: u16 = 8080;
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "proxy_privileged_blackhole is a privileged test and needs root (euid is {euid}): run \
-         `sudo -E cargo test -p gateway-user --test proxy_privileged_blackhole -- --test-threads=1`"
-    );
-}
 
 fn lab(upstreams: usize) -> Lab {
     require_root();

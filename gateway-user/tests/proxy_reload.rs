@@ -2,9 +2,6 @@
 //! request lost under load while reloading. Runs the built binary; one test drives the same
 //! reload in-process to check a request in flight finishes on the generation it started on.
 
-mod admin_support;
-mod proxy_support;
-
 use std::{
     sync::{
         Arc, Mutex,
@@ -13,9 +10,17 @@ use std::{
     time::Duration,
 };
 
-use admin_support::{endpoint, status, wait_for};
+use gateway_testkit::{
+    admin::wait_in_flight,
+    config::{base_config, write_config},
+    gateway_bin,
+    http::{client, empty, get},
+    inprocess::gateway,
+    process::GatewayProcess,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 fn upstream_config(addr: std::net::SocketAddr) -> String {
     format!("[router.upstream]\nendpoints = [\"{addr}\"]\n")
@@ -27,17 +32,13 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
     let b = Upstream::start("b").await;
     let dir = temp_dir("reload");
     let cfg = write_config(&dir, &upstream_config(a.addr));
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let c = client();
     assert_eq!(get(&c, gw.addr, "/").await.body, "a");
 
     write_config(&dir, &upstream_config(b.addr));
     gw.signal(libc::SIGHUP);
-    assert!(
-        gw.wait_for_log("config reloaded", Duration::from_secs(5)),
-        "{}",
-        gw.stderr_text()
-    );
+    gw.expect_log("config reloaded", Duration::from_secs(5));
     assert_eq!(get(&c, gw.addr, "/").await.body, "b");
 
     // A typo: refused, with file, line and key; the running config stays.
@@ -49,12 +50,8 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
         ),
     );
     gw.signal(libc::SIGHUP);
-    assert!(
-        gw.wait_for_log("reload refused", Duration::from_secs(5)),
-        "{}",
-        gw.stderr_text()
-    );
-    let log = gw.stderr_text();
+    gw.expect_log("reload refused", Duration::from_secs(5));
+    let log = gw.text();
     assert!(
         log.contains("gateway.toml:") && log.contains("router.upstream.timeouts.conect_timeout_ms"),
         "{log}"
@@ -82,7 +79,7 @@ async fn reload_under_load_loses_no_request() {
     let b = Upstream::start("b").await;
     let dir = temp_dir("reload-load");
     let cfg = write_config(&dir, &upstream_config(a.addr));
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = gw.addr;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -134,7 +131,7 @@ async fn reload_under_load_loses_no_request() {
         // One reload at a time: signals sent back to back may be delivered as one.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let log = gw.stderr_text();
+            let log = gw.text();
             let done =
                 log.matches("config reloaded").count() + log.matches("reload refused").count();
             if done > round {
@@ -167,7 +164,7 @@ async fn reload_under_load_loses_no_request() {
         a.hits(),
         b.hits()
     );
-    let log = gw.stderr_text();
+    let log = gw.text();
     assert_eq!(log.matches("config reloaded").count(), 8, "{log}");
     assert_eq!(log.matches("reload refused").count(), 4, "{log}");
 }
@@ -183,18 +180,9 @@ async fn request_in_flight_finishes_on_its_generation() {
     let slow = tokio::spawn(async move { get(&c1, addr, "/").await });
     // The request is on generation 1 once the gateway has it in flight to `a`.
     let (admin, upstream) = (gw.handle.admin_addr().unwrap(), a.addr);
-    tokio::task::spawn_blocking(move || {
-        wait_for("the request in flight to a", || {
-            let s = status(admin);
-            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", upstream))
+        .await
+        .unwrap();
     let text = format!("{}\n{}", base_config(&gw.log), upstream_config(b.addr));
     let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
         .unwrap()

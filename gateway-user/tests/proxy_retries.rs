@@ -2,14 +2,16 @@
 //! endpoint (invisible to the client), 502/503 with their reasons, the retry budget, and
 //! idempotent-only retries after a response timeout.
 
-mod admin_support;
-mod proxy_support;
-
 use std::time::Duration;
 
-use admin_support::{endpoint, status, wait_for};
+use gateway_testkit::{
+    admin::wait_in_flight,
+    http::{client, empty, get, send},
+    inprocess::{gateway, log_lines},
+    ports::refused_addr,
+    upstream::{Upstream, raw_responder},
+};
 use http::{Request, StatusCode};
-use proxy_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_endpoint_is_retried_on_another_invisibly() {
@@ -135,18 +137,9 @@ async fn full_pending_queue_is_503_overloaded() {
     let busy = tokio::spawn(async move { get(&c1, addr, "/").await });
     // The first request holds the only connection: wait until the gateway has it in flight.
     let (admin, upstream) = (gw.handle.admin_addr().unwrap(), up.addr);
-    tokio::task::spawn_blocking(move || {
-        wait_for("the first request in flight", || {
-            let s = status(admin);
-            if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        })
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || wait_in_flight(admin, "default", upstream))
+        .await
+        .unwrap();
     let got = get(&c, gw.addr, "/").await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(got.header("x-gateway-error"), "overloaded");

@@ -1,10 +1,12 @@
 //! Routing by host and path prefix, header rewriting, HTTP/2 clients, and the access log line.
 //! The gateway runs in-process in front of loopback upstreams.
 
-mod proxy_support;
-
+use gateway_testkit::{
+    http::{client, empty, get, get_host, h2_client, send},
+    inprocess::{InProcess, gateway, log_lines},
+    upstream::Upstream,
+};
 use http::{Request, StatusCode};
-use proxy_support::*;
 
 async fn three_clusters() -> (Upstream, Upstream, Upstream, InProcess) {
     let api = Upstream::start("api").await;

@@ -2,31 +2,24 @@
 //! requests in flight, and exits 0; a request longer than the grace period is cut off when it
 //! ends. Runs the built binary.
 
-mod admin_support;
-mod proxy_support;
-
 use std::time::{Duration, Instant};
 
-use admin_support::{endpoint, status, wait_for};
+use gateway_testkit::{
+    admin::wait_in_flight,
+    config::write_config,
+    gateway_bin,
+    http::{client, empty, get},
+    process::GatewayProcess,
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
 use http::StatusCode;
-use proxy_support::*;
 
 /// Exiting takes this long at most once nothing is left to wait for: the signal, closing the
 /// listeners, detaching the kernel observer and leaving its cgroup (as root), process exit.
 const EXIT: Duration = Duration::from_millis(600);
 
 /// Waits until the gateway's `/status` shows a request in flight to `upstream`.
-fn wait_in_flight(admin: std::net::SocketAddr, upstream: std::net::SocketAddr) {
-    wait_for("a request in flight in /status", || {
-        let s = status(admin);
-        if endpoint(&s, "default", upstream)["in_flight"] == 1 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-}
-
 fn config(up: &Upstream) -> String {
     format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr)
 }
@@ -40,7 +33,7 @@ async fn spawn(up: &Upstream, grace_ms: u64, label: &str) -> GatewayProcess {
         &format!("shutdown_grace_ms = {grace_ms}"),
     );
     std::fs::write(&path, text).unwrap();
-    GatewayProcess::spawn(&path)
+    GatewayProcess::spawn(gateway_bin!().run(&path))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,17 +43,13 @@ async fn sigterm_completes_in_flight_requests_then_exits() {
     let mut gw = spawn(&up, 5000, "drain").await;
     let c = client();
     let (c1, addr) = (c.clone(), gw.addr);
-    let admin = gw.admin.expect("admin address");
+    let admin = gw.admin;
     let sent = Instant::now();
     let in_flight = tokio::spawn(async move { get(&c1, addr, "/").await });
     let upstream = up.addr;
-    tokio::task::block_in_place(|| wait_in_flight(admin, upstream));
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
     gw.signal(libc::SIGTERM);
-    assert!(
-        gw.wait_for_log("draining", Duration::from_secs(2)),
-        "{}",
-        gw.stderr_text()
-    );
+    gw.expect_log("draining", Duration::from_secs(2));
 
     // New connections are refused, and the admin health check says draining.
     let refused_by = Instant::now() + Duration::from_secs(2);
@@ -86,11 +75,7 @@ async fn sigterm_completes_in_flight_requests_then_exits() {
         took >= Duration::from_millis(1000) && took < Duration::from_millis(1000) + EXIT,
         "exited {took:?} after the request was sent; the upstream answers after 1000 ms"
     );
-    assert!(
-        gw.stderr_text().contains("drained; exiting"),
-        "{}",
-        gw.stderr_text()
-    );
+    assert!(gw.text().contains("drained; exiting"), "{}", gw.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,8 +93,8 @@ async fn grace_period_bounds_the_drain() {
         )
         .await
     });
-    let (admin, upstream) = (gw.admin.expect("admin address"), up.addr);
-    tokio::task::block_in_place(|| wait_in_flight(admin, upstream));
+    let (admin, upstream) = (gw.admin, up.addr);
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
     let t0 = Instant::now();
     gw.signal(libc::SIGINT);
     let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(5))).expect("exited");
@@ -123,9 +108,5 @@ async fn grace_period_bounds_the_drain() {
         in_flight.await.unwrap().is_err(),
         "the request longer than the grace period is cut off"
     );
-    assert!(
-        gw.stderr_text().contains("grace period over"),
-        "{}",
-        gw.stderr_text()
-    );
+    assert!(gw.text().contains("grace period over"), "{}", gw.text());
 }

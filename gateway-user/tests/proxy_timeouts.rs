@@ -4,13 +4,15 @@
 //! connections. Unprivileged; the SYN-blackhole version with a timing check is in
 //! `proxy_privileged_blackhole.rs`.
 
-mod proxy_support;
-
 use std::time::{Duration, Instant};
 
+use gateway_testkit::{
+    http::{client, empty, generated, get, send},
+    inprocess::{gateway, log_lines},
+    upstream::{Upstream, hold_listener, silent_listener},
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use proxy_support::*;
 
 /// The timeouts below are 300 ms; a response that comes this much later than its timer is
 /// late (loopback, an in-process gateway: the rest takes a few ms even on a busy machine).

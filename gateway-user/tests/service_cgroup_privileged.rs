@@ -4,18 +4,26 @@
 //! a new one at the root; that one left behind by SIGKILL is removed at the next start; and
 //! that a cgroup the process may not write is a clear error that says how to delegate it.
 
-mod service_support;
-
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use service_support::*;
+use gateway_lab::{CgroupGuard, NetnsCommandExt as _};
+use gateway_testkit::{
+    config, gateway_bin,
+    http::get_once,
+    ports::free_port,
+    process::{GatewayProcess, run_to_exit},
+    root::require_root,
+    service::{NOBODY, cgroup_of, with_exact_caps},
+    tempdir::TempDir,
+    upstream::BlockingUpstream as Upstream,
+};
 
 fn write_config(dir: &Path, upstream: SocketAddr, mode: &str) -> (std::path::PathBuf, SocketAddr) {
     let (listen, admin) = (free_port(), free_port());
     let path = dir.join("gateway.toml");
     std::fs::write(
         &path,
-        config(
+        config::with_ports(
             listen,
             admin,
             upstream,
@@ -52,10 +60,9 @@ fn privileged_observer_cgroup_is_a_child_of_the_own_cgroup_and_goes_on_exit() {
     let unit = CgroupGuard::new("own-unit").expect("a test cgroup");
     let dir = TempDir::new("cg-own");
     let (config, admin) = write_config(dir.path(), up.addr, "kernel");
-    let mut cmd = gateway_run(&config);
+    let mut cmd = gateway_bin!().run(&config);
     cmd.in_cgroup(&unit);
-    let mut gw = Proc::start(cmd);
-    gw.expect_log("admin listening", Duration::from_secs(20));
+    let mut gw = GatewayProcess::spawn(cmd);
     let pid = gw.pid();
     let expected = unit.path().join(format!("gateway-{pid}"));
     assert_eq!(cgroup_of(pid), expected, "{}", gw.text());
@@ -89,11 +96,9 @@ fn privileged_a_cgroup_left_by_a_killed_gateway_is_removed_at_the_next_start() {
     let dir = TempDir::new("cg-stale");
     let (config, _) = write_config(dir.path(), up.addr, "kernel");
     let start = || {
-        let mut cmd = gateway_run(&config);
+        let mut cmd = gateway_bin!().run(&config);
         cmd.in_cgroup(&unit);
-        let p = Proc::start(cmd);
-        p.expect_log("admin listening", Duration::from_secs(20));
-        p
+        GatewayProcess::spawn(cmd)
     };
     let mut first = start();
     let killed = first.pid();
@@ -126,17 +131,14 @@ fn privileged_an_unwritable_own_cgroup_is_a_clear_error() {
     let dir = TempDir::new("cg-denied");
     let (config, _) = write_config(dir.path(), up.addr, "kernel");
     let mut cmd = with_exact_caps(
-        &gateway_run(&config),
-        65534,
+        &gateway_bin!().run(&config),
+        NOBODY,
         &["bpf", "perfmon", "net_admin"],
     );
     cmd.in_cgroup(&unit);
-    let mut gw = Proc::start(cmd);
-    let exit = gw
-        .wait(Duration::from_secs(20))
-        .expect("mode = kernel refuses to start");
+    // mode = kernel refuses to start.
+    let (exit, text) = run_to_exit(cmd, Duration::from_secs(20));
     assert!(!exit.success());
-    let text = gw.text();
     assert!(
         text.contains(&format!(
             "creating the observer cgroup {}/gateway-",

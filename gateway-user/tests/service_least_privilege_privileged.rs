@@ -10,26 +10,26 @@
 //! | `gateway run` | CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE | write access to its own cgroup (systemd `Delegate=yes`) |
 //! | `gateway observe` | CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN | nothing |
 
-mod service_support;
-
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use service_support::*;
-
-const NOBODY: u32 = 65534;
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn mask(caps: &[u32]) -> u64 {
-    caps.iter().fold(0, |m, c| m | 1 << c)
-}
+use gateway_lab::{CgroupGuard, NetnsCommandExt as _};
+use gateway_testkit::{
+    config, gateway_bin,
+    http::get_once,
+    observe::ObserveProcess,
+    ports::{free_port, refused_addr},
+    process::GatewayProcess,
+    root::require_root,
+    service::{
+        CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, NOBODY, cap_eff, cap_mask,
+        cgroup_of, delegate, with_exact_caps,
+    },
+    tempdir::TempDir,
+    upstream::BlockingUpstream as Upstream,
+};
 
 /// A free loopback port below 1024 (CAP_NET_BIND_SERVICE is part of the set under test).
 fn free_low_port() -> u16 {
@@ -50,7 +50,7 @@ fn privileged_run_as_nobody_with_exactly_the_documented_capabilities_has_kernel_
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        service_support::config(
+        config::with_ports(
             listen,
             admin,
             up.addr,
@@ -61,13 +61,12 @@ fn privileged_run_as_nobody_with_exactly_the_documented_capabilities_has_kernel_
     )
     .unwrap();
     let mut cmd = with_exact_caps(
-        &gateway_run(&config),
+        &gateway_bin!().run(&config),
         NOBODY,
         &["bpf", "perfmon", "net_admin", "net_bind_service"],
     );
     cmd.in_cgroup(&unit);
-    let mut gw = Proc::start(cmd);
-    gw.expect_log("admin listening", Duration::from_secs(20));
+    let mut gw = GatewayProcess::spawn(cmd);
     let pid = gw.pid();
 
     // Exactly the set, as nobody.
@@ -80,7 +79,7 @@ fn privileged_run_as_nobody_with_exactly_the_documented_capabilities_has_kernel_
     );
     assert_eq!(
         cap_eff(pid),
-        mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE]),
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE]),
         "CapEff"
     );
     assert_eq!(cgroup_of(pid), unit.path().join(format!("gateway-{pid}")));
@@ -128,83 +127,38 @@ fn privileged_run_as_nobody_with_exactly_the_documented_capabilities_has_kernel_
 #[test]
 fn privileged_observe_as_nobody_with_exactly_the_documented_capabilities_sees_connects() {
     require_root();
-    let mut base = Command::new(gateway_bin());
-    base.args(["observe", "--json", "--duration", "20"])
-        .env("RUST_LOG", "info");
-    let mut cmd = with_exact_caps(&base, NOBODY, &["bpf", "perfmon", "net_admin"]);
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("NO_COLOR", "1");
-    let mut child = cmd.spawn().expect("setpriv gateway observe");
-    let _guard = KillChild(child.id());
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(l);
-        }
-    });
-    // Attached?
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !seen
-        .iter()
-        .any(|l: &String| l.contains("observer attached"))
-    {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("not attached: {seen:#?}"));
-        seen.push(line);
-    }
+    let mut base = gateway_bin!().command();
+    base.args(["observe", "--json", "--duration", "20"]);
+    let obs = ObserveProcess::spawn(with_exact_caps(
+        &base,
+        NOBODY,
+        &["bpf", "perfmon", "net_admin"],
+    ));
+    let pid = obs.pid();
     assert!(
-        seen.iter()
-            .any(|l| l.contains("connect_exit=\"raw tracepoint sys_exit\"")),
-        "{seen:#?}"
+        obs.log_contains("connect_exit=\"raw tracepoint sys_exit\""),
+        "{}",
+        obs.log()
     );
     // setpriv execs gateway, so the pid is the observer's.
-    assert_eq!(cap_eff(pid), mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN]));
+    assert_eq!(
+        cap_eff(pid),
+        cap_mask(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])
+    );
 
     // A refused connect from this (root, unrelated) process: host-wide, the observer sees it.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = refused_addr();
     let deadline = Instant::now() + Duration::from_secs(10);
     let record = loop {
         let _ = std::net::TcpStream::connect(closed);
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500))
-            && line.starts_with('{')
+        if let Some(v) = obs.next_record(Duration::from_millis(500))
+            && v["dst"] == closed.to_string()
         {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["dst"] == closed.to_string() {
-                break v;
-            }
+            break v;
         }
         assert!(Instant::now() < deadline, "no record for {closed}");
     };
     assert_eq!(record["outcome"], "refused", "{record}");
     assert_eq!(record["errno"], "ECONNREFUSED", "{record}");
     assert_eq!(record["pid"], std::process::id(), "{record}");
-}
-
-/// SIGKILL for a child this test started, on drop (also on panic).
-struct KillChild(u32);
-
-impl Drop for KillChild {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        let mut status = 0;
-        // SAFETY: reaps our own child.
-        unsafe { libc::waitpid(self.0 as i32, &mut status, 0) };
-    }
 }

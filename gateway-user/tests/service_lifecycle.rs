@@ -5,8 +5,6 @@
 //! kernel observer is off here (these are about the process, not the kernel); the privileged
 //! `service_*_privileged` tests run with it.
 
-mod service_support;
-
 use std::{
     net::SocketAddr,
     os::unix::net::UnixDatagram,
@@ -14,12 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use service_support::*;
-
-const START: Duration = Duration::from_secs(20);
+use gateway_testkit::{
+    config, gateway_bin, http::get_once, ports::free_port, process::GatewayProcess,
+    tempdir::TempDir, upstream::BlockingUpstream as Upstream,
+};
 
 struct Gateway {
-    proc: Proc,
+    proc: GatewayProcess,
     listen: SocketAddr,
     admin: SocketAddr,
     config: std::path::PathBuf,
@@ -34,7 +33,7 @@ fn start(label: &str, upstream: SocketAddr, router_extra: &str, env: &[(&str, &s
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        service_support::config(
+        config::with_ports(
             listen,
             admin,
             upstream,
@@ -44,12 +43,11 @@ fn start(label: &str, upstream: SocketAddr, router_extra: &str, env: &[(&str, &s
         ),
     )
     .unwrap();
-    let mut cmd = gateway_run(&config);
+    let mut cmd = gateway_bin!().run(&config);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let proc = Proc::start(cmd);
-    proc.expect_log("admin listening", START);
+    let proc = GatewayProcess::spawn(cmd);
     Gateway {
         proc,
         listen: SocketAddr::from(([127, 0, 0, 1], listen)),
@@ -242,7 +240,8 @@ fn gateway_reload_validates_before_it_signals() {
     let gw = start("reload-cmd", up.addr, "drain_delay_ms = 0", &[]);
     let pid = gw.proc.pid().to_string();
     let reload = |config: &std::path::Path| {
-        std::process::Command::new(gateway_bin())
+        gateway_bin!()
+            .command()
             .args(["reload", "--pid", &pid, "--config"])
             .arg(config)
             .output()

@@ -4,18 +4,26 @@
 //! drains and exits. Under a closed-loop load of keep-alive and connection-per-request
 //! clients, no request may fail. A new binary that cannot start leaves the old one serving.
 
-mod service_support;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use service_support::*;
+use gateway_lab::{CgroupGuard, NetnsCommandExt as _};
+use gateway_testkit::{
+    config, gateway_bin,
+    http::get_once,
+    ports::free_port,
+    process::GatewayProcess,
+    root::require_root,
+    service::{cgroup_of, load},
+    tempdir::TempDir,
+    upstream::BlockingUpstream as Upstream,
+};
 
 struct Running {
-    proc: Proc,
+    proc: GatewayProcess,
     listen: SocketAddr,
     admin: SocketAddr,
     config: std::path::PathBuf,
@@ -31,12 +39,11 @@ fn start(label: &str, upstream: SocketAddr, cgroup: Option<&CgroupGuard>) -> Run
         config_text(listen, admin, upstream, &dir.path().join("access.log")),
     )
     .unwrap();
-    let mut cmd = gateway_run(&config);
+    let mut cmd = gateway_bin!().run(&config);
     if let Some(c) = cgroup {
         cmd.in_cgroup(c);
     }
-    let proc = Proc::start(cmd);
-    proc.expect_log("admin listening", Duration::from_secs(20));
+    let proc = GatewayProcess::spawn(cmd);
     Running {
         proc,
         listen: SocketAddr::from(([127, 0, 0, 1], listen)),
@@ -47,7 +54,7 @@ fn start(label: &str, upstream: SocketAddr, cgroup: Option<&CgroupGuard>) -> Run
 }
 
 fn config_text(listen: u16, admin: u16, upstream: SocketAddr, log: &std::path::Path) -> String {
-    config(
+    config::with_ports(
         listen,
         admin,
         upstream,
@@ -58,7 +65,7 @@ fn config_text(listen: u16, admin: u16, upstream: SocketAddr, log: &std::path::P
 }
 
 /// The pid the successor announced ("took over the listening sockets; serving pid=N").
-fn successor_pid(p: &Proc) -> u32 {
+fn successor_pid(p: &GatewayProcess) -> u32 {
     p.expect_log("took over the listening sockets", Duration::from_secs(20));
     let line = p
         .lines()
@@ -210,8 +217,7 @@ fn privileged_control_a_plain_restart_under_the_same_load_fails_requests() {
             .expect("exited")
             .success()
     );
-    let new = Proc::start(gateway_run(&old.config));
-    new.expect_log("admin listening", Duration::from_secs(20));
+    let _new = GatewayProcess::spawn(gateway_bin!().run(&old.config));
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::SeqCst);
     let report = load.join().unwrap();

@@ -3,40 +3,20 @@
 //! nothing attached after SIGTERM or SIGKILL. Plus its errors without privileges or with a bad
 //! `--cgroup`. Traffic goes to loopback only. Run with `--test-threads=1`.
 
-mod common;
-
 use std::{
-    io::{BufRead, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    net::{SocketAddr, TcpListener},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Probe, require_root};
-
-/// The `gateway` binary, built next to `connect-probe` (`cargo xtask test` builds all targets first).
-fn gateway_bin() -> PathBuf {
-    let probe = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe"));
-    let bin = probe.with_file_name("gateway");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn probe(style: &str, addr: SocketAddr) -> Probe {
-    let out = Command::new(env!("CARGO_BIN_EXE_connect-probe"))
-        .arg(style)
-        .arg(addr.to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use gateway_testkit::{
+    connect_probe, gateway_bin,
+    http::get_once,
+    observe::ObserveProcess,
+    ports::{free_port, refused_addr},
+    root::require_root,
+    service::{NOBODY, with_exact_caps},
+};
 
 /// `bpftool -j ARGS`, parsed. A bpftool that fails or prints something else fails the test:
 /// an unreadable answer must never read as "nothing attached".
@@ -127,94 +107,25 @@ fn assert_attached(pid: u32) -> Vec<u64> {
     ours
 }
 
-struct Observe {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+/// `gateway observe ARGS`, attached.
+fn observe(args: &[&str]) -> ObserveProcess {
+    let mut cmd = gateway_bin!().command();
+    cmd.arg("observe").args(args);
+    ObserveProcess::spawn(cmd)
 }
 
-impl Observe {
-    /// Starts `gateway observe ARGS` and waits until it says it is attached.
-    fn start(args: &[&str]) -> Observe {
-        let mut child = Command::new(gateway_bin())
-            .arg("observe")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let start = Instant::now();
-        while !seen.contains("observer attached") {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0
-                || start.elapsed() > Duration::from_secs(20)
-            {
-                let _ = child.kill();
-                panic!("gateway observe did not attach: {seen}");
-            }
-            seen.push_str(&line);
-        }
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Observe { child, lines }
-    }
-
-    /// The JSON record with `cookie`, waiting up to 5 s.
-    fn record(&self, cookie: u64) -> serde_json::Value {
-        let end = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(end.saturating_duration_since(Instant::now()))
-        {
-            let v: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-            if v["cookie"] == cookie {
-                return v;
-            }
-        }
-        panic!("no JSON record for cookie {cookie}");
-    }
-}
-
-impl Drop for Observe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// `GET path` on `addr`: the body.
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    get_once(addr, path, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+        .1
 }
 
 #[test]
 fn privileged_observe_json_sees_any_process_and_serves_metrics() {
     require_root();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let obs = Observe::start(&[
+    let obs = observe(&[
         "--json",
         "--metrics",
         &metrics.to_string(),
@@ -225,10 +136,10 @@ fn privileged_observe_json_sees_any_process_and_serves_metrics() {
     // A process that is not a child of the observer, in whatever cgroup the test runs in.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listener.local_addr().unwrap();
-    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let refused = probe("go", closed);
+    let closed = refused_addr();
+    let refused = connect_probe!().run_here("go", closed);
     assert_eq!(refused.result, "ECONNREFUSED");
-    let ok = probe("tokio", open);
+    let ok = connect_probe!().run_here("tokio", open);
     assert_eq!(ok.result, "ok");
 
     let r = obs.record(refused.cookie);
@@ -262,7 +173,7 @@ fn privileged_observe_json_sees_any_process_and_serves_metrics() {
 #[test]
 fn privileged_sigterm_detaches_everything() {
     require_root();
-    let mut obs = Observe::start(&["--json"]);
+    let mut obs = observe(&["--json"]);
     let ours = assert_attached(obs.child.id());
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(obs.child.id() as i32, libc::SIGTERM) };
@@ -274,7 +185,7 @@ fn privileged_sigterm_detaches_everything() {
 #[test]
 fn privileged_sigkill_leaves_nothing_attached() {
     require_root();
-    let mut obs = Observe::start(&[]);
+    let mut obs = observe(&[]);
     let ours = assert_attached(obs.child.id());
     obs.child.kill().unwrap();
     obs.child.wait().unwrap();
@@ -303,18 +214,9 @@ fn wait_until_detached(ours: &[u64]) {
 fn privileged_unprivileged_user_gets_a_clear_error() {
     require_root();
     // setpriv drops to nobody with no capabilities at all.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(gateway_bin())
-        .args(["observe", "--duration", "1"])
-        .output()
-        .unwrap();
+    let mut cmd = gateway_bin!().command();
+    cmd.args(["observe", "--duration", "1"]);
+    let out = with_exact_caps(&cmd, NOBODY, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -326,7 +228,8 @@ fn privileged_unprivileged_user_gets_a_clear_error() {
 #[test]
 fn privileged_unknown_cgroup_is_a_clear_error() {
     require_root();
-    let out = Command::new(gateway_bin())
+    let out = gateway_bin!()
+        .command()
         .args(["observe", "--cgroup", "no/such/cgroup", "--duration", "1"])
         .output()
         .unwrap();
@@ -341,7 +244,10 @@ fn privileged_unknown_cgroup_is_a_clear_error() {
 /// Runs `gateway ARGS` in a private mount namespace after `setup` (shell commands that hide or
 /// unmount something there, never in the host's own mount namespace).
 fn in_private_mounts(setup: &str, args: &str) -> std::process::Output {
-    let script = format!("set -e; {setup}; exec {} {args}", gateway_bin().display());
+    let script = format!(
+        "set -e; {setup}; exec {} {args}",
+        gateway_bin!().path().display()
+    );
     Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .output()
@@ -391,7 +297,7 @@ fn privileged_missing_cgroup2_that_cannot_be_mounted_is_a_clear_error() {
          exec setpriv --reuid=65534 --regid=65534 --clear-groups \
          --inh-caps=-all,+bpf,+perfmon,+net_admin --ambient-caps=-all,+bpf,+perfmon,+net_admin \
          --bounding-set=-all,+bpf,+perfmon,+net_admin -- {} observe --duration 1",
-        gateway_bin().display()
+        gateway_bin!().path().display()
     );
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
@@ -428,7 +334,7 @@ fn privileged_metrics_cap_destination_labels_and_count_the_rest_as_other() {
     let lab = gateway_lab::Lab::new(gateway_lab::LabSpec::new(1)).expect("building the lab");
     let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let obs = Observe::start(&[
+    let obs = observe(&[
         "--json",
         "--cgroup",
         &cgroup.path().display().to_string(),
@@ -443,7 +349,7 @@ fn privileged_metrics_cap_destination_labels_and_count_the_rest_as_other() {
     let up = lab.upstream(0).unwrap();
     let dsts: Vec<SocketAddr> = (0..4).map(|i| up.addr_v4(9001 + i)).collect();
     for d in dsts.iter().chain([&dsts[0]]) {
-        let p = common::probe(&lab, "go", *d, &[]);
+        let p = connect_probe!().run_in(&lab, "go", *d, &[]);
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].result, "ECONNREFUSED", "{d}: {p:?}");
         // Recorded before the next connect, so that the order of first sight is ours.

@@ -4,17 +4,18 @@
 //! (lost records are counted exactly, and the kernel aggregates still count every connect).
 //! Run with `--test-threads=1`.
 
-mod common;
-
 use std::{
     io::{BufRead as _, BufReader},
     time::Duration,
 };
 
-use common::{Probe, observed_lab, probe, spawn_probe};
 use gateway::observer::records::socket_addr_to_key;
 use gateway_common::Outcome;
 use gateway_lab::Fault;
+use gateway_testkit::{
+    connect_probe,
+    observer::{Probe, observed_lab},
+};
 
 const PORT: u16 = 8080;
 
@@ -23,13 +24,14 @@ fn privileged_acked_request_on_a_healthy_connection() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let p = probe(
-        &lab,
-        "blocking",
-        up.addr_v4(PORT),
-        &["--send", "1000", "--hold-ms", "200"],
-    )
-    .remove(0);
+    let p = connect_probe!()
+        .run_in(
+            &lab,
+            "blocking",
+            up.addr_v4(PORT),
+            &["--send", "1000", "--hold-ms", "200"],
+        )
+        .remove(0);
     assert_eq!(p.result, "ok");
     assert_eq!(
         rec.record(p.cookie, Duration::from_secs(5)).outcome(),
@@ -58,7 +60,7 @@ fn privileged_host_dies_mid_request_shows_rtos_and_unacked_bytes() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let mut child = spawn_probe(
+    let mut child = connect_probe!().spawn_in(
         &lab,
         "blocking",
         up.addr_v4(PORT),
@@ -116,7 +118,7 @@ fn privileged_ring_buffer_overflow_is_counted_exactly() {
     let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
     // The ring holds ~10,000 records (1 MiB); nobody drains it while 15,000 connects happen.
     const N: usize = 15_000;
-    let probes = probe(
+    let probes = connect_probe!().run_in(
         &lab,
         "blocking",
         up.addr_v4(PORT),

@@ -3,13 +3,11 @@
 //! the fault on an upstream, and checks the observer's record against both the fault and what
 //! the application itself saw. Needs root; run with `--test-threads=1`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{observed_lab, probe};
 use gateway_common::Outcome;
 use gateway_lab::{ClientSysctl, Fault, NetStat};
+use gateway_testkit::{connect_probe, observer::observed_lab};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(5);
@@ -20,7 +18,7 @@ fn privileged_accepting_v4_records_syn_rtt_pid_comm_and_so_error() {
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let addr = up.addr_v4(PORT);
-    let p = probe(&lab, "go", addr, &[]).remove(0);
+    let p = connect_probe!().run_in(&lab, "go", addr, &[]).remove(0);
     assert_eq!(p.result, "ok");
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Established);
@@ -48,7 +46,9 @@ fn privileged_accepting_v6() {
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let addr = up.addr_v6(PORT);
-    let p = probe(&lab, "blocking", addr, &[]).remove(0);
+    let p = connect_probe!()
+        .run_in(&lab, "blocking", addr, &[])
+        .remove(0);
     assert_eq!(p.result, "ok");
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Established);
@@ -63,7 +63,7 @@ fn privileged_refused_v4_and_v6_within_50ms() {
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
     for addr in up.addrs(PORT) {
-        let p = probe(&lab, "go", addr, &[]).remove(0);
+        let p = connect_probe!().run_in(&lab, "go", addr, &[]).remove(0);
         assert_eq!(p.result, "ECONNREFUSED");
         let r = t.record(p.cookie, WAIT);
         assert_eq!(r.outcome(), Outcome::Refused, "{addr}");
@@ -83,7 +83,9 @@ fn privileged_icmp_host_unreachable() {
     let (lab, mut t) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::HostUnreachable { port: PORT }).unwrap();
-    let p = probe(&lab, "go", up.addr_v4(PORT), &[]).remove(0);
+    let p = connect_probe!()
+        .run_in(&lab, "go", up.addr_v4(PORT), &[])
+        .remove(0);
     assert_eq!(p.result, "EHOSTUNREACH");
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Unreachable, "{r:?} {p:?}");
@@ -104,7 +106,9 @@ fn privileged_syn_blackhole_counts_every_retransmit_then_etimedout_matching_nsta
         .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
         .unwrap();
     let before = lab.client().netstat().unwrap();
-    let p = probe(&lab, "blocking", up.addr_v4(PORT), &[]).remove(0);
+    let p = connect_probe!()
+        .run_in(&lab, "blocking", up.addr_v4(PORT), &[])
+        .remove(0);
     let after = lab.client().netstat().unwrap();
     assert_eq!(p.result, "ETIMEDOUT");
     let r = t.record(p.cookie, WAIT);
@@ -144,7 +148,9 @@ fn privileged_syn_ack_delayed_200ms() {
             delay: Duration::from_millis(200),
         })
         .unwrap();
-    let p = probe(&lab, "tokio", up.addr_v4(PORT), &[]).remove(0);
+    let p = connect_probe!()
+        .run_in(&lab, "tokio", up.addr_v4(PORT), &[])
+        .remove(0);
     assert_eq!(p.result, "ok");
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Established);
@@ -167,7 +173,9 @@ fn privileged_userspace_timeout_300ms_is_aborted() {
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
     for style in ["go", "tokio"] {
-        let p = probe(&lab, style, up.addr_v4(PORT), &["--timeout-ms", "300"]).remove(0);
+        let p = connect_probe!()
+            .run_in(&lab, style, up.addr_v4(PORT), &["--timeout-ms", "300"])
+            .remove(0);
         assert_eq!(p.result, "userspace_timeout");
         let r = t.record(p.cookie, WAIT);
         assert_eq!(r.outcome(), Outcome::Aborted, "{style}");
@@ -196,7 +204,7 @@ fn privileged_ephemeral_ports_exhausted_is_addr_unavailable() {
             high: 40001,
         })
         .unwrap();
-    let probes = probe(
+    let probes = connect_probe!().run_in(
         &lab,
         "blocking",
         up.addr_v4(PORT),
@@ -223,8 +231,8 @@ fn privileged_kernel_aggregates_match_the_records() {
     let bad = lab.upstream(1).unwrap();
     let _srv = ok.serve_hold(PORT).unwrap();
     let _f = bad.apply(Fault::Refuse { port: PORT }).unwrap();
-    let good = probe(&lab, "blocking", ok.addr_v4(PORT), &["--count", "5"]);
-    let refused = probe(&lab, "blocking", bad.addr_v4(PORT), &["--count", "3"]);
+    let good = connect_probe!().run_in(&lab, "blocking", ok.addr_v4(PORT), &["--count", "5"]);
+    let refused = connect_probe!().run_in(&lab, "blocking", bad.addr_v4(PORT), &["--count", "3"]);
     for p in good.iter().chain(&refused) {
         t.record(p.cookie, WAIT);
     }

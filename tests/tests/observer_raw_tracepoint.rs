@@ -4,14 +4,12 @@
 //! one connect failure that never reaches TCP, attributed to the right process, while the
 //! connects around it are recorded as usual. Needs root; run with `--test-threads=1`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{observed_lab_with, probe};
 use gateway::observer::ConnectExitHook;
 use gateway_common::Outcome;
 use gateway_lab::ClientSysctl;
+use gateway_testkit::{connect_probe, observer::observed_lab_with};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(5);
@@ -28,7 +26,7 @@ fn privileged_raw_tracepoint_catches_addr_unavailable() {
             high: 40001,
         })
         .unwrap();
-    let probes = probe(
+    let probes = connect_probe!().run_in(
         &lab,
         "blocking",
         up.addr_v4(PORT),

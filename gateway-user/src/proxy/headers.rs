@@ -46,44 +46,49 @@ const VIA_NAME: &str = "gateway";
 
 /// Removes hop-by-hop headers, and `Upgrade` (upgrades are not proxied).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names finds whether there is anything to remove; most requests
-    // carry no hop-by-hop header, and a lookup per name would hash each one.
-    let mut connection = false;
-    let mut any = false;
+    // One pass over the (few) names finds which are there; most messages carry none but
+    // `Connection`, and removing by name hashes each name, so only what is there is removed.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if name == header::CONNECTION {
-            connection = true;
-        } else if name == header::UPGRADE || HOP_BY_HOP.contains(name) {
-            any = true;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= 1 << HOP_BY_HOP.len();
         }
     }
-    if !connection && !any {
+    if present == 0 {
         return;
     }
     // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
     // "close") name nothing else, so the common case allocates nothing.
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',').map(str::trim) {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(name);
+    if present & 1 != 0 {
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
             }
         }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in listed {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::UPGRADE);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The client address as an `X-Forwarded-For` value; computed once per client connection.
@@ -146,7 +151,6 @@ pub(crate) fn to_upstream(
     append_via(headers, version);
 }
 
-/// Rewrites an upstream's response headers for the client.
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
 /// and nginx send it): how long it keeps an idle connection open. `None` when absent or
 /// unreadable.
@@ -163,6 +167,7 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
     })
 }
 
+/// Rewrites an upstream's response headers for the client.
 pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) {
     strip_hop_by_hop(headers);
     strip_gateway_headers(headers);

@@ -94,8 +94,9 @@ struct Plan {
     had_body: bool,
     kernel: bool,
     idempotent: bool,
-    /// What it takes to send the request again after it was sent once.
-    replay: Option<Box<Replay>>,
+    /// What it takes to send the request again after it was sent once (inline: it is kept
+    /// for almost every request, and an allocation per request costs more than its bytes).
+    replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
     /// The next pick may return to an endpoint already tried when no other is left.
@@ -121,12 +122,12 @@ impl Plan {
         let replay = (kernel || idempotent || cluster.spec.retry.on_response_timeout).then(|| {
             let body =
                 (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
-            Box::new(Replay {
+            Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
                 body,
-            })
+            }
         });
         Plan {
             deadline,
@@ -142,7 +143,7 @@ impl Plan {
 
     /// The request again, if it can be sent again (its body, if any, was kept whole).
     fn replay(&self) -> Option<Request<RequestBody>> {
-        let r = self.replay.as_deref()?;
+        let r = self.replay.as_ref()?;
         let body = match &r.body {
             Some(kept) => RequestBody::replay(kept)?,
             None => RequestBody::empty(),

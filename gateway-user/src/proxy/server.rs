@@ -17,16 +17,15 @@
 //! receiver sees the channel close when the last connection is gone.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
 
-use http::{HeaderValue, Version, header::CONNECTION};
+use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -163,6 +162,11 @@ async fn serve_tls(
     }
 }
 
+/// What a client connection speaks (see `serve`).
+const UNKNOWN: u8 = 0;
+const H1: u8 = 1;
+const H2: u8 = 2;
+
 async fn serve<I>(
     io: I,
     peer: SocketAddr,
@@ -180,31 +184,25 @@ async fn serve<I>(
         ip: headers::client_value(peer.ip()),
         scheme,
     });
-    // Whether this connection speaks HTTP/2, known from its first request.
-    let h2 = Arc::new(AtomicBool::new(false));
-    let (svc_h2, svc_phase) = (h2.clone(), phase.clone());
+    // What this connection speaks, known from its first request (`UNKNOWN` until then).
+    let speaks = Arc::new(AtomicU8::new(UNKNOWN));
+    let svc_speaks = speaks.clone();
     let svc = service_fn(move |req| {
-        let version = req.version();
-        svc_h2.store(version == Version::HTTP_2, Ordering::Relaxed);
-        let response = request::handle(shared.clone(), client.clone(), req);
-        let phase = svc_phase.clone();
-        async move {
-            let mut response = response.await?;
-            if version < Version::HTTP_2 && *phase.borrow() != Phase::Run {
-                // Draining: the client reconnects, through its load balancer, elsewhere.
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(response)
-        }
+        let v = if req.version() == Version::HTTP_2 {
+            H2
+        } else {
+            H1
+        };
+        svc_speaks.store(v, Ordering::Relaxed);
+        request::handle(shared.clone(), client.clone(), req)
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
-    if !phase.borrow_and_update().accepting() {
-        conn.as_mut().graceful_shutdown();
-        shutting_down = true;
+    // Accepted before the listener stopped but started after: its first request is served
+    // (with `Connection: close`), as in `Phase::Drain` below.
+    if *phase.borrow_and_update() == Phase::Force {
+        return;
     }
     loop {
         tokio::select! {
@@ -220,11 +218,16 @@ async fn serve<I>(
                     Phase::Run => {}
                     // HTTP/1 connections close after their next response instead (above):
                     // closing an idle one now would race the request its client may be sending.
-                    Phase::Deregister if h2.load(Ordering::Relaxed) && !shutting_down => {
+                    Phase::Deregister if speaks.load(Ordering::Relaxed) == H2 && !shutting_down => {
                         conn.as_mut().graceful_shutdown();
                         shutting_down = true;
                     }
                     Phase::Deregister => {}
+                    // A connection accepted just before the drain that has not sent its first
+                    // request yet is not cut off under it: the request is served, with
+                    // `Connection: close` (the header-read timeout bounds a client that sends
+                    // nothing, the grace period everything).
+                    Phase::Drain if speaks.load(Ordering::Relaxed) == UNKNOWN => {}
                     Phase::Drain if !shutting_down => {
                         conn.as_mut().graceful_shutdown();
                         shutting_down = true;

@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub signals: Arc<dyn SignalSource>,
     pub log: AccessLogger,
     pub draining: AtomicBool,
+    /// Keep-alive is over (the drain delay, a drain, a binary upgrade): HTTP/1 responses carry
+    /// `Connection: close`, so that clients reconnect, elsewhere once deregistered.
+    pub keepalive_off: AtomicBool,
     /// Worker count, i.e. idle-pool shards per endpoint.
     pub workers: usize,
     pub telemetry: Telemetry,

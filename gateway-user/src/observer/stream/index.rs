@@ -24,7 +24,7 @@ struct Entry {
     pending: bool,
 }
 
-pub(super) struct ConnectIndex {
+pub struct ConnectIndex {
     window_ns: u64,
     /// How long an entry is kept: `remember_for`, but at least the join window.
     keep_ns: u64,

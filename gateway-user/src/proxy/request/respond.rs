@@ -22,6 +22,7 @@ pub(super) fn respond(up: Upstream, mut ex: Box<Exchange>) -> Response<ResponseB
     headers::to_downstream(&mut parts.headers, parts.version);
     parts.version = Version::default();
     ex.record.status = parts.status.as_u16();
+    keepalive_off(&ex, &mut parts.headers);
     ex.lease = Some(up.lease);
     Response::from_parts(parts, ResponseBody::upstream(body, up.stall, ex))
 }
@@ -60,6 +61,7 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
     }
     rec.status = status.as_u16();
     rec.error = Some(kind);
+    let close = keepalive_over(&ex);
     let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(ex)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -80,10 +82,27 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
         h.insert(X_GATEWAY_ENDPOINT, v);
     }
     h.insert(X_GATEWAY_ATTEMPTS, HeaderValue::from(attempts));
-    if status == StatusCode::BAD_REQUEST {
+    if close || status == StatusCode::BAD_REQUEST {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// While keep-alive is over (draining, or handing over to a new binary), an HTTP/1 response
+/// says `Connection: close`: the client reconnects, through its load balancer, elsewhere.
+/// HTTP/2 connections get GOAWAY instead (`server`).
+fn keepalive_off(ex: &Exchange, h: &mut http::HeaderMap) {
+    if keepalive_over(ex) {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+fn keepalive_over(ex: &Exchange) -> bool {
+    ex.record.version < Version::HTTP_2
+        && ex
+            .shared
+            .keepalive_off
+            .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

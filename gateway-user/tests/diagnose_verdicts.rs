@@ -5,42 +5,30 @@
 //! run must also leave no cgroup behind. Needs root; run with `--test-threads=1`.
 //! `--nocapture` shows each verdict's confidence and runtime.
 
-mod common;
-
 use std::{
     net::TcpStream,
     time::{Duration, Instant},
 };
 
-use common::{
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour};
+use gateway_testkit::{
     diagnose::{
         SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
-        diagnose_in, diagnose_with_resolver,
+        diagnose_in, diagnose_lab, diagnose_with_resolver,
     },
-    require_root,
+    gateway_bin,
 };
-use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab, LabSpec};
 
 const PORT: u16 = 8080;
 
-/// One upstream, no client cgroup: `diagnose` makes its own.
-fn lab() -> Lab {
-    require_root();
-    Lab::new(LabSpec {
-        upstreams: 1,
-        client_cgroup: false,
-    })
-    .expect("building the fault lab")
-}
-
 #[test]
 fn privileged_healthy_http_upstream_v4_and_v6() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
     let v4 = up.addr_v4(PORT).to_string();
     let v6 = up.addr_v6(PORT).to_string();
-    let run = diagnose_in(&lab, &["--json", "--http", "/", &v4, &v6]);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", "--http", "/", &v4, &v6]);
     let reports = run.reports();
     assert_eq!(reports.len(), 2, "one object per target: {}", run.stdout);
     for (r, target) in reports.iter().zip([&v4, &v6]) {
@@ -63,11 +51,11 @@ fn privileged_healthy_http_upstream_v4_and_v6() {
 
 #[test]
 fn privileged_refused() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::Refuse { port: PORT }).unwrap();
     let addr = up.addr_v4(PORT);
-    let run = diagnose_in(&lab, &["--json", &addr.to_string()]);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
     let r = assert_verdict(&run, "refused");
     assert_kernel_joined(&r);
     assert!(
@@ -84,7 +72,7 @@ fn privileged_refused() {
 
 #[test]
 fn privileged_filtered_syn_blackhole() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
@@ -94,7 +82,7 @@ fn privileged_filtered_syn_blackhole() {
         .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
         .unwrap();
     let addr = up.addr_v4(PORT);
-    let run = diagnose_in(&lab, &["--json", &addr.to_string()]);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
     let r = assert_verdict(&run, "filtered");
     assert_kernel_joined(&r);
     let e = r["evidence"][0].as_str().unwrap();
@@ -124,10 +112,14 @@ fn privileged_filtered_syn_blackhole() {
 
 #[test]
 fn privileged_unreachable_icmp() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _f = up.apply(Fault::HostUnreachable { port: PORT }).unwrap();
-    let run = diagnose_in(&lab, &["--json", &up.addr_v4(PORT).to_string()]);
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &["--json", &up.addr_v4(PORT).to_string()],
+    );
     let r = assert_verdict(&run, "unreachable");
     assert_kernel_joined(&r);
     assert!(
@@ -138,10 +130,14 @@ fn privileged_unreachable_icmp() {
 
 #[test]
 fn privileged_overloaded_accept_queue() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let acceptor = SlowAcceptor::start(up, PORT, Duration::from_millis(600));
-    let run = diagnose_in(&lab, &["--json", &up.addr_v4(PORT).to_string()]);
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &["--json", &up.addr_v4(PORT).to_string()],
+    );
     let r = assert_verdict(&run, "overloaded");
     assert_kernel_joined(&r);
     for a in attempts(&r) {
@@ -166,7 +162,7 @@ fn privileged_overloaded_accept_queue() {
 
 #[test]
 fn privileged_lossy_path() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     // Each packet either way dropped with p = 0.25: a handshake loses its SYN or SYN-ACK with
@@ -179,6 +175,7 @@ fn privileged_lossy_path() {
         })
         .unwrap();
     let run = diagnose_in(
+        gateway_bin!(),
         &lab,
         &["--json", "--count", "30", &up.addr_v4(PORT).to_string()],
     );
@@ -196,12 +193,13 @@ fn privileged_lossy_path() {
 
 #[test]
 fn privileged_slow_backend() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up
         .serve_http(PORT, HttpBehaviour::slow(Duration::from_secs(3)))
         .unwrap();
     let run = diagnose_in(
+        gateway_bin!(),
         &lab,
         &[
             "--json",
@@ -234,10 +232,10 @@ fn privileged_slow_backend() {
 
 #[test]
 fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
-    let lab = lab();
+    let lab = diagnose_lab();
     // The lab's client namespace has routes to its upstreams only: the resolver's query fails
     // there and never leaves the machine.
-    let run = diagnose_in(&lab, &["--json", "no-such-host.invalid:80"]);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", "no-such-host.invalid:80"]);
     let r = assert_verdict(&run, "dns_failure");
     let res = &r["measurements"]["resolution"];
     assert_eq!(res["method"], "dns");
@@ -257,11 +255,16 @@ fn privileged_dns_failure_in_a_namespace_without_a_route_out() {
 
 #[test]
 fn privileged_dns_failure_slow_resolution() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
     let _dns = SlowDns::start(up, up.ipv4(), Duration::from_millis(1500));
-    let run = diagnose_with_resolver(&lab, up.ipv4().into(), &["--json", "slow.lab.test:8080"]);
+    let run = diagnose_with_resolver(
+        gateway_bin!(),
+        &lab,
+        up.ipv4().into(),
+        &["--json", "slow.lab.test:8080"],
+    );
     let r = assert_verdict(&run, "dns_failure");
     let res = &r["measurements"]["resolution"];
     assert_eq!(
@@ -285,7 +288,7 @@ fn privileged_dns_failure_slow_resolution() {
 
 #[test]
 fn privileged_port_exhaustion() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _range = lab
@@ -311,7 +314,7 @@ fn privileged_port_exhaustion() {
         })
         .unwrap();
     assert_eq!(held.len(), 4);
-    let run = diagnose_in(&lab, &["--json", &addr.to_string()]);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
     let r = assert_verdict(&run, "port_exhaustion");
     assert_kernel_joined(&r);
     for a in attempts(&r) {
@@ -326,7 +329,7 @@ fn privileged_port_exhaustion() {
 
 #[test]
 fn privileged_deadline_too_short() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _f = up
@@ -337,6 +340,7 @@ fn privileged_deadline_too_short() {
         .unwrap();
     let start = Instant::now();
     let run = diagnose_in(
+        gateway_bin!(),
         &lab,
         &[
             "--json",

@@ -1,11 +1,11 @@
-//! Harness of the `gateway diagnose` tests: runs the built binary (inside a lab's client
-//! namespace, or on the host's loopback), parses its JSON, checks that it left no cgroup
-//! behind, and the slow-accepting listener the `overloaded` scenario needs.
+//! `gateway diagnose` as its tests run it: the built binary inside a lab's client namespace,
+//! on the host's loopback, or with a resolver of the test's own; its JSON contract checked,
+//! and that it left no cgroup behind. Plus the lab servers some verdicts need: a listener
+//! that accepts slowly (`overloaded`) and a DNS server that answers late.
 
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     process::{Command, ExitStatus},
     sync::{
         Arc,
@@ -15,20 +15,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_lab::{Lab, NetnsCommandExt, Upstream};
+use gateway_lab::{Lab, LabSpec, NetnsCommandExt, Upstream};
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The `gateway` binary, built next to `connect-probe` (`cargo xtask test` builds all targets).
-pub fn gateway_bin() -> PathBuf {
-    let probe = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe"));
-    let bin = probe.with_file_name("gateway");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --all-targets` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+use crate::{bins::GatewayBin, root::require_root};
+
+/// The lab of the diagnose tests: one upstream and no client cgroup (diagnose makes its own).
+/// Requires root.
+pub fn diagnose_lab() -> Lab {
+    require_root();
+    Lab::new(LabSpec {
+        upstreams: 1,
+        client_cgroup: false,
+    })
+    .expect("building the fault lab")
 }
 
 /// One finished `gateway diagnose` run.
@@ -87,15 +88,15 @@ pub fn run(mut cmd: Command) -> Run {
 
 /// `gateway diagnose ARGS` inside the lab's client namespace (no route out of it: DNS queries
 /// for unknown names die there).
-pub fn diagnose_in(lab: &Lab, args: &[&str]) -> Run {
-    let mut cmd = Command::new(gateway_bin());
+pub fn diagnose_in(bin: GatewayBin, lab: &Lab, args: &[&str]) -> Run {
+    let mut cmd = bin.command();
     cmd.arg("diagnose").args(args).in_netns(lab.client());
     run(cmd)
 }
 
 /// `gateway diagnose ARGS` on the host (loopback targets only).
-pub fn diagnose_here(args: &[&str]) -> Run {
-    let mut cmd = Command::new(gateway_bin());
+pub fn diagnose_here(bin: GatewayBin, args: &[&str]) -> Run {
+    let mut cmd = bin.command();
     cmd.arg("diagnose").args(args);
     run(cmd)
 }
@@ -372,7 +373,12 @@ fn dns_reply(q: &[u8], answer: std::net::Ipv4Addr) -> Option<Vec<u8>> {
 
 /// `gateway diagnose ARGS` in the lab's client namespace and in a private mount namespace
 /// whose /etc/resolv.conf names only `nameserver` (the host's own file is untouched).
-pub fn diagnose_with_resolver(lab: &Lab, nameserver: std::net::IpAddr, args: &[&str]) -> Run {
+pub fn diagnose_with_resolver(
+    bin: GatewayBin,
+    lab: &Lab,
+    nameserver: std::net::IpAddr,
+    args: &[&str],
+) -> Run {
     let conf = std::env::temp_dir().join(format!(
         "gateway-diagnose-test-{}-resolv.conf",
         std::process::id()
@@ -385,7 +391,7 @@ pub fn diagnose_with_resolver(lab: &Lab, nameserver: std::net::IpAddr, args: &[&
     let mut script = format!(
         "set -e; mount --bind '{}' /etc/resolv.conf; exec '{}' diagnose",
         conf.display(),
-        gateway_bin().display()
+        bin.path().display()
     );
     for a in args {
         script.push_str(&format!(" '{a}'"));

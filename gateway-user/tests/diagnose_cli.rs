@@ -5,40 +5,24 @@
 //! a lab namespace with no route out, so no DNS query leaves the machine. The privileged tests
 //! need root; run with `--test-threads=1`.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener},
-    process::{Command, Stdio},
+    net::TcpListener,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::{
+use gateway_lab::{Fault, NetnsCommandExt};
+use gateway_testkit::{
     diagnose::{
         assert_kernel_joined, assert_no_cgroup_left, assert_verdict, attempts, check_report,
-        diagnose_here, diagnose_in, gateway_bin, run,
+        diagnose_here, diagnose_in, diagnose_lab, run,
     },
-    require_root,
+    gateway_bin,
+    ports::refused_addr,
+    root::require_root,
+    service::{NOBODY, with_exact_caps},
 };
-use gateway_lab::{Fault, Lab, LabSpec, NetnsCommandExt};
-
-/// A loopback port nothing listens on.
-fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn lab() -> Lab {
-    require_root();
-    Lab::new(LabSpec {
-        upstreams: 1,
-        client_cgroup: false,
-    })
-    .expect("building the fault lab")
-}
 
 #[test]
 fn invalid_target_syntax_is_a_clear_error() {
@@ -49,7 +33,8 @@ fn invalid_target_syntax_is_a_clear_error() {
         ("[fd00::5", "never closed"),
         ("what?", "neither host:port nor a cluster name"),
     ] {
-        let out = Command::new(gateway_bin())
+        let out = gateway_bin!()
+            .command()
             .args(["diagnose", arg])
             .output()
             .unwrap();
@@ -61,7 +46,8 @@ fn invalid_target_syntax_is_a_clear_error() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
-    let out = Command::new(gateway_bin())
+    let out = gateway_bin!()
+        .command()
         .args(["diagnose", "--http", "healthz", "127.0.0.1:1"])
         .output()
         .unwrap();
@@ -72,7 +58,8 @@ fn invalid_target_syntax_is_a_clear_error() {
 
 #[test]
 fn a_cluster_name_needs_a_gateway_to_ask() {
-    let out = Command::new(gateway_bin())
+    let out = gateway_bin!()
+        .command()
         .args(["diagnose", "payments"])
         .output()
         .unwrap();
@@ -96,7 +83,8 @@ fn a_cluster_name_needs_a_gateway_to_ask() {
         )
         .unwrap();
     });
-    let out = Command::new(gateway_bin())
+    let out = gateway_bin!()
+        .command()
         .args(["diagnose", "payments", "--admin", &addr.to_string()])
         .output()
         .unwrap();
@@ -112,8 +100,8 @@ fn a_cluster_name_needs_a_gateway_to_ask() {
 
 #[test]
 fn privileged_unknown_host_reads_as_dns_failure() {
-    let lab = lab();
-    let run = diagnose_in(&lab, &["no-such-host.invalid:443"]);
+    let lab = diagnose_lab();
+    let run = diagnose_in(gateway_bin!(), &lab, &["no-such-host.invalid:443"]);
     assert_eq!(run.status.code(), Some(1), "{run:?}");
     let confidence: f64 = run
         .stdout
@@ -146,8 +134,8 @@ fn privileged_unknown_host_reads_as_dns_failure() {
 #[test]
 fn privileged_closed_loopback_port_is_refused() {
     require_root();
-    let addr = closed_port().to_string();
-    let run = diagnose_here(&["--json", &addr]);
+    let addr = refused_addr().to_string();
+    let run = diagnose_here(gateway_bin!(), &["--json", &addr]);
     let r = assert_verdict(&run, "refused");
     assert_kernel_joined(&r);
     assert_eq!(r["target"], addr);
@@ -157,21 +145,13 @@ fn privileged_closed_loopback_port_is_refused() {
 #[test]
 fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
     require_root();
-    let closed = closed_port().to_string();
+    let closed = refused_addr().to_string();
     let open_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let open = open_listener.local_addr().unwrap().to_string();
     // setpriv drops to nobody with no capabilities at all.
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ])
-    .arg(gateway_bin())
-    .args(["diagnose", "--json", &closed, &open]);
-    let run = run(cmd);
+    let mut diagnose = gateway_bin!().command();
+    diagnose.args(["diagnose", "--json", &closed, &open]);
+    let run = run(with_exact_caps(&diagnose, NOBODY, &[]));
     let reports = run.reports();
     assert_eq!(reports.len(), 2, "{run:?}");
     check_report(&run, &reports[0], "refused");
@@ -200,7 +180,7 @@ fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
     }
 
     // The text output says so too, and so does --no-kernel as root.
-    let run = diagnose_here(&["--no-kernel", &closed]);
+    let run = diagnose_here(gateway_bin!(), &["--no-kernel", &closed]);
     assert!(
         run.stdout
             .contains("kernel signals off (turned off with --no-kernel)")
@@ -219,11 +199,12 @@ fn privileged_without_privileges_it_falls_back_to_userspace_timing() {
 
 #[test]
 fn privileged_sigint_mid_probe_removes_the_cgroup() {
-    let lab = lab();
+    let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(8080).unwrap();
     let _f = up.apply(Fault::SynBlackhole { port: 8080 }).unwrap();
-    let child = Command::new(gateway_bin())
+    let child = gateway_bin!()
+        .command()
         .args(["diagnose", "--json", &up.addr_v4(8080).to_string()])
         .in_netns(lab.client())
         .stdout(Stdio::piped())

@@ -1,0 +1,208 @@
+//! Clients for a gateway on loopback: hyper's (HTTP/1.1 or HTTP/2, request bodies of any
+//! size, read to the end into a [`Got`]), raw bytes on a fresh connection, and one blocking
+//! request per connection ([`request_once`]) for synchronous tests, admin reads and the
+//! readiness check: `Connection: close`, no client pool in the way.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A body of `n` bytes produced in 64 KiB chunks, never held whole.
+pub fn generated(n: u64) -> Body {
+    Generated {
+        left: n,
+        chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+    }
+    .boxed()
+}
+
+struct Generated {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl hyper::body::Body for Generated {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= take as u64;
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..take)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Body>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read to the end.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map_or("", |v| v.to_str().unwrap_or(""))
+    }
+}
+
+pub async fn send(c: &HttpClient, req: Request<Body>) -> Got {
+    let resp = c.request(req).await.expect("response from the gateway");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(c: &HttpClient, addr: SocketAddr, path: &str) -> Got {
+    get_host(c, addr, "test.local", path).await
+}
+
+pub async fn get_host(c: &HttpClient, addr: SocketAddr, host: &str, path: &str) -> Got {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(empty())
+        .unwrap();
+    send(c, req).await
+}
+
+/// Sends raw bytes on a new connection and returns everything read until the peer closes
+/// (or `limit` passes).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One response to [`request_once`].
+#[derive(Debug)]
+pub struct BlockingReply {
+    pub status: u16,
+    pub content_type: String,
+    /// Decoded when the response was chunked.
+    pub body: String,
+}
+
+/// `METHOD path` on a fresh blocking connection to `addr` with `Connection: close`, read to
+/// the end within `timeout`; `Err` says what failed (connect, write, read, no HTTP status).
+pub fn request_once(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<BlockingReply, String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok(BlockingReply {
+        status,
+        content_type,
+        body,
+    })
+}
+
+/// [`request_once`] with GET: the status and the body.
+pub fn get_once(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    request_once(addr, "GET", path, timeout).map(|r| (r.status, r.body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,337 @@
+//! `gateway run` as a child process, started the one way every end-to-end test starts it:
+//! [`GatewayProcess::spawn`] (or [`spawn_in`](GatewayProcess::spawn_in) a lab namespace) takes
+//! the caller's command (the binary from [`gateway_bin!`](crate::gateway_bin), wrapped as the
+//! test needs: `setpriv`, a cgroup, environment), collects its stdout and stderr line by line
+//! with the time each was read, learns its addresses from the start-up log (configs may say
+//! port 0), and returns once `GET /readyz` answers on the admin listener, whatever the status
+//! (a test may expect 503), or panics with the output after [`READY_TIMEOUT`]. Dropping it
+//! sends SIGTERM (twice: the second cuts the drain delay short), so that the gateway detaches
+//! its observer and removes its cgroup, and SIGKILL after [`STOP_TIMEOUT`]. A start that must
+//! fail is [`run_to_exit`].
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use gateway_lab::{Netns, NetnsCommandExt as _};
+
+/// How long a gateway may take from spawn to answering `/readyz` (the kernel observer's load
+/// and attach included, on a loaded two-core machine).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a dropped gateway may take to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a child printed, a line at a time.
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
+/// A running `gateway run` that answered `/readyz`; the child's own methods (signal, wait,
+/// its output) are [`ChildProcess`]'s.
+pub struct GatewayProcess {
+    process: ChildProcess,
+    /// The first client listener (`listener=` in the start-up log).
+    pub addr: SocketAddr,
+    /// The admin listener (`admin=` in the start-up log).
+    pub admin: SocketAddr,
+    netns: Option<Netns>,
+}
+
+impl GatewayProcess {
+    /// Spawns `cmd` (a `gateway run`, see [`GatewayBin::run`](crate::bins::GatewayBin::run))
+    /// and waits until it is ready.
+    pub fn spawn(cmd: Command) -> GatewayProcess {
+        GatewayProcess::ready(ChildProcess::start(cmd), None)
+    }
+
+    /// [`spawn`](GatewayProcess::spawn) inside `netns`, where its addresses are (and where
+    /// `/readyz` is asked).
+    pub fn spawn_in(mut cmd: Command, netns: &Netns) -> GatewayProcess {
+        cmd.in_netns(netns);
+        GatewayProcess::ready(ChildProcess::start(cmd), Some(netns.clone()))
+    }
+
+    fn ready(mut process: ChildProcess, netns: Option<Netns>) -> GatewayProcess {
+        match wait_ready(&mut process, netns.as_ref()) {
+            Ok((addr, admin)) => GatewayProcess {
+                process,
+                addr,
+                admin,
+                netns,
+            },
+            Err(why) => {
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+                panic!(
+                    "gateway run is not ready: {why}; its output:\n{}",
+                    process.text()
+                );
+            }
+        }
+    }
+
+    /// The namespace it runs in, when it was spawned in one.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.netns.as_ref()
+    }
+}
+
+impl std::ops::Deref for GatewayProcess {
+    type Target = ChildProcess;
+
+    fn deref(&self) -> &ChildProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for GatewayProcess {
+    fn deref_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
+}
+
+/// A child process with its stdout and stderr collected line by line (ANSI colours off),
+/// not waited for: a [`GatewayProcess`] before it is ready, or one that must fail to start.
+/// Dropped, it gets SIGTERM (twice: the second cuts a drain delay short), then SIGKILL after
+/// [`STOP_TIMEOUT`].
+pub struct ChildProcess {
+    pub child: Child,
+    lines: Lines,
+    /// When each of `lines` was read; locked after `lines`, so the two stay in step.
+    times: Arc<Mutex<Vec<SystemTime>>>,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with stdin closed, `NO_COLOR=1`, and `RUST_LOG=info` unless it sets one.
+    pub fn start(mut cmd: Command) -> ChildProcess {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let lines: Lines = Arc::default();
+        let times: Arc<Mutex<Vec<SystemTime>>> = Arc::default();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        for pipe in [
+            Box::new(stderr) as Box<dyn std::io::Read + Send>,
+            Box::new(stdout),
+        ] {
+            let (lines, times) = (lines.clone(), times.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut lines = lines.lock().unwrap();
+                    times.lock().unwrap().push(SystemTime::now());
+                    lines.push(strip_ansi(&line));
+                }
+            });
+        }
+        ChildProcess {
+            child,
+            lines,
+            times,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(r, 0, "kill({sig})");
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waiting for the gateway") {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("waiting for the gateway")
+            .is_none()
+    }
+
+    /// Everything it printed so far, one line each.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The lines collected so far and to come, shared with the threads that read them.
+    pub fn shared_lines(&self) -> Lines {
+        self.lines.clone()
+    }
+
+    /// The lines that contain every one of `needles`, with when each was read.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
+        let lines = self.lines.lock().unwrap();
+        let times = self.times.lock().unwrap();
+        lines
+            .iter()
+            .zip(times.iter())
+            .filter(|(l, _)| needles.iter().all(|n| l.contains(n)))
+            .map(|(l, t)| (*t, l.clone()))
+            .collect()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines_with(&[needle]).len()
+    }
+
+    /// Waits until a line contains `needle`; panics with the output after `limit`.
+    pub fn expect_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}; output:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status of the gateway");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if self.alive() {
+            // A second SIGTERM cuts the drain delay short (a test's config may keep the
+            // default 5 s); in-flight requests still get the grace period.
+            self.signal(libc::SIGTERM);
+            if self.wait(Duration::from_millis(300)).is_none() && self.alive() {
+                self.signal(libc::SIGTERM);
+            }
+            if self.wait(STOP_TIMEOUT).is_some() {
+                return;
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` (a gateway that must refuse to start) until it exits, within `limit`; its exit
+/// status and output. Panics, after killing it, if it is still running then.
+pub fn run_to_exit(cmd: Command, limit: Duration) -> (ExitStatus, String) {
+    let mut process = ChildProcess::start(cmd);
+    let Some(status) = process.wait(limit) else {
+        let _ = process.child.kill();
+        let _ = process.child.wait();
+        panic!(
+            "still running after {limit:?}, but expected to exit; output:\n{}",
+            process.text()
+        );
+    };
+    // The output threads end with the pipes; give them a moment to read the rest.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, process.text())
+}
+
+/// Waits for the listener and admin addresses in the start-up log, then until `/readyz`
+/// answers with any status.
+fn wait_ready(
+    process: &mut ChildProcess,
+    netns: Option<&Netns>,
+) -> Result<(SocketAddr, SocketAddr), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut admin = None;
+    loop {
+        if let Some(status) = process.child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("it exited with {status}"));
+        }
+        let listener = first_field(&process.lines, "listener=");
+        admin = admin.or_else(|| first_field(&process.lines, "admin="));
+        if let (Some(addr), Some(admin)) = (listener, admin)
+            && readyz_answers(admin, netns)
+        {
+            return Ok((addr, admin));
+        }
+        if Instant::now() >= deadline {
+            return Err(match (listener, admin) {
+                (None, _) | (_, None) => format!(
+                    "no `listener=` and `admin=` start-up lines within {READY_TIMEOUT:?} (an \
+                     admin listener is needed)"
+                ),
+                (Some(_), Some(admin)) => {
+                    format!("GET /readyz on {admin} did not answer within {READY_TIMEOUT:?}")
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `GET /readyz` gets an HTTP answer, whatever its status.
+fn readyz_answers(admin: SocketAddr, netns: Option<&Netns>) -> bool {
+    let ask = move || crate::http::get_once(admin, "/readyz", Duration::from_secs(2)).is_ok();
+    match netns {
+        None => ask(),
+        Some(ns) => ns.run(ask).unwrap_or(false),
+    }
+}
+
+/// The address of field `key` (`listener=`, not `https_listener=`) in the first line that
+/// has one.
+fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
+    lines.lock().unwrap().iter().find_map(|line| {
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix(key)?.parse().ok())
+    })
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
