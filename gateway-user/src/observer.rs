@@ -61,7 +61,9 @@ pub enum ObserverError {
     Program {
         action: &'static str,
         program: &'static str,
-        source: ProgramError,
+        /// Boxed: aya's error is large, and this one is returned on the start-up path only
+        /// (clippy result_large_err).
+        source: Box<ProgramError>,
         hint: &'static str,
     },
     #[error("the eBPF object has no {kind} named {name}")]
@@ -173,7 +175,7 @@ fn program_error(action: &'static str, program: &'static str, err: ProgramError)
             ObserverError::Program {
                 action,
                 program,
-                source,
+                source: Box::new(source),
                 hint,
             }
         }

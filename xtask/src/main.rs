@@ -204,6 +204,25 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     )?;
+    // `gateway demo` end to end: its test needs the binary built with the fault lab (the
+    // `demo` feature), so it runs last, after the tests of the production build.
+    run_tests(
+        cargo()
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "gateway-user",
+                "--features",
+                "demo",
+                "--test",
+                "demo_privileged",
+            ])
+            .arg("--")
+            .arg("--test-threads=1")
+            .args(&filter),
+        &mut totals,
+    )?;
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
     // a filtered run is for iterating on something else.
     if filter.is_empty() || filter.iter().any(|f| f == "fuzz") {
