@@ -135,18 +135,21 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
     }
     let (dom, png, after) = tokio::task::spawn_blocking(move || {
         // Ejected, and its failed connects in a closed second of its history (the plot's data).
-        wait_for("the refusing endpoint ejected, its failures in its history", || {
-            let s = status(admin);
-            let e = endpoint(&s, "default", refused);
-            let failed: u64 = e["history"]["errors"]["connect_refused"]
-                .as_array()
-                .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
-            if e["state"] == "ejected" && failed > 0 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        });
+        wait_for(
+            "the refusing endpoint ejected, its failures in its history",
+            || {
+                let s = status(admin);
+                let e = endpoint(&s, "default", refused);
+                let failed: u64 = e["history"]["errors"]["connect_refused"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
+                if e["state"] == "ejected" && failed > 0 {
+                    Ok(())
+                } else {
+                    Err(s.to_string())
+                }
+            },
+        );
         let profile = temp_dir("chromium-profile");
         let url = format!("http://{admin}/");
         let dom = run_chromium(&url, "--dump-dom", &profile);

@@ -130,6 +130,8 @@ pub(super) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         top: 10,
         max_destinations: gateway_common::names::DEFAULT_MAX_DESTINATIONS,
         metrics_max_destinations: 100,
+        metrics_by: None,
+        metrics_max_services: 100,
         ring_buffer_kib: gateway_common::names::EVENTS_RING_BYTES / 1024,
         join_window_ms: 250,
     };

@@ -41,6 +41,23 @@ impl EncodeLabelValue for OutcomeName {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceOutcome {
+    pub service: String,
+    pub outcome: OutcomeName,
+}
+
+/// Label value for connects whose cgroup path names no service of the chosen kind.
+pub const NO_SERVICE: &str = "none";
+
+/// `gateway_connect_attempts_by_service_total`, when asked for (`observe --metrics-by`).
+struct ByService {
+    attempts: Family<ServiceOutcome, Counter>,
+    by: super::attribution::ServiceLabel,
+    known: HashSet<String>,
+    max: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Dst {
     pub dst: String,
 }
@@ -78,6 +95,7 @@ pub struct ObserverMetrics {
     known_dsts: HashSet<String>,
     max_destinations: usize,
     lost_seen: u64,
+    by_service: Option<ByService>,
 }
 
 impl ObserverMetrics {
@@ -104,6 +122,7 @@ impl ObserverMetrics {
             known_dsts: HashSet::new(),
             max_destinations,
             lost_seen: 0,
+            by_service: None,
         };
         register(
             registry,
@@ -186,6 +205,51 @@ impl ObserverMetrics {
         } else {
             OTHER_DST.to_owned()
         }
+    }
+
+    /// Registers `gateway_connect_attempts_by_service_total`, labelled by `by`, with at most
+    /// `max` distinct services (the rest are `other`).
+    pub fn count_by_service(
+        &mut self,
+        registry: &mut Registry,
+        by: super::attribution::ServiceLabel,
+        max: usize,
+    ) {
+        let attempts = Family::<ServiceOutcome, Counter>::default();
+        register(
+            registry,
+            "gateway_connect_attempts_by_service",
+            "TCP connects by the service that made them (its cgroup path, systemd unit, container id or pod UID, as chosen with --metrics-by; none where the path names none) and outcome, as seen by the kernel (eBPF sock_ops).",
+            attempts.clone(),
+        );
+        self.by_service = Some(ByService {
+            attempts,
+            by,
+            known: HashSet::new(),
+            max,
+        });
+    }
+
+    /// Counts `rec` under its service, when counting by service was asked for.
+    pub fn record_service(&mut self, rec: &ConnectRecord, service: &super::attribution::Service) {
+        let Some(b) = &mut self.by_service else {
+            return;
+        };
+        let value = service.label(b.by).unwrap_or(NO_SERVICE);
+        let label = if b.known.contains(value) {
+            value.to_owned()
+        } else if b.known.len() < b.max {
+            b.known.insert(value.to_owned());
+            value.to_owned()
+        } else {
+            OTHER_DST.to_owned()
+        };
+        b.attempts
+            .get_or_create(&ServiceOutcome {
+                service: label,
+                outcome: rec.outcome,
+            })
+            .inc();
     }
 
     pub fn set_attached(&self, attached: bool) {
