@@ -17,6 +17,7 @@ pub mod admin;
 pub mod budget;
 pub mod cgroup;
 pub mod classify;
+pub mod histogram;
 mod jobs;
 mod join;
 pub mod kernel;
