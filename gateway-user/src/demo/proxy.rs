@@ -19,6 +19,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -365,59 +369,79 @@ async fn drive(
         .pool_idle_timeout(Duration::from_secs(5))
         .build_http();
     let started = Instant::now();
+    // The load runs on a thread of its own (in the same namespace), so that a slow fault
+    // injection (iptables waits for the host-wide xtables lock, which other labs may hold)
+    // never holds the requests back.
+    let stop = Arc::new(AtomicBool::new(false));
     let load = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut sent = 0u64;
-            while started.elapsed().as_secs_f64() < total {
-                tick.tick().await;
-                sent += 1;
-                let (client, tx) = (client.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let t = Instant::now();
-                    let uri: hyper::Uri = format!("http://{LISTEN}/demo").parse().expect("a URI");
-                    let out = match tokio::time::timeout(CLIENT_TIMEOUT, client.get(uri)).await {
-                        Ok(Ok(resp)) => {
-                            let status = resp.status().as_u16();
-                            let error = resp
-                                .headers()
-                                .get("x-gateway-error")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned();
-                            let body = resp
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                                .unwrap_or_default();
-                            Outcome {
-                                latency: t.elapsed(),
-                                status: Some(status),
-                                error,
-                                body: body.lines().next().unwrap_or("").to_owned(),
-                            }
-                        }
-                        Ok(Err(e)) => Outcome {
-                            latency: t.elapsed(),
-                            status: None,
-                            error: String::new(),
-                            body: format!("client error: {e}"),
-                        },
-                        Err(_) => Outcome {
-                            latency: t.elapsed(),
-                            status: None,
-                            error: String::new(),
-                            body: format!("no answer within {CLIENT_TIMEOUT:?}"),
-                        },
-                    };
-                    let _ = tx.send(out);
+        let stop = stop.clone();
+        lab.client()
+            .spawn_thread("demo-load", move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(Duration::from_secs(5))
+                        .build_http();
+                    let mut inflight = tokio::task::JoinSet::new();
+                    let mut tick =
+                        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    while started.elapsed().as_secs_f64() < total && !stop.load(Ordering::Relaxed) {
+                        tick.tick().await;
+                        let (client, tx) = (client.clone(), tx.clone());
+                        inflight.spawn(async move {
+                            let t = Instant::now();
+                            let uri: hyper::Uri =
+                                format!("http://{LISTEN}/demo").parse().expect("a URI");
+                            let out =
+                                match tokio::time::timeout(CLIENT_TIMEOUT, client.get(uri)).await {
+                                    Ok(Ok(resp)) => {
+                                        let status = resp.status().as_u16();
+                                        let error = resp
+                                            .headers()
+                                            .get("x-gateway-error")
+                                            .and_then(|v| v.to_str().ok())
+                                            .unwrap_or("")
+                                            .to_owned();
+                                        let body = resp
+                                            .into_body()
+                                            .collect()
+                                            .await
+                                            .map(|b| {
+                                                String::from_utf8_lossy(&b.to_bytes()).into_owned()
+                                            })
+                                            .unwrap_or_default();
+                                        Outcome {
+                                            latency: t.elapsed(),
+                                            status: Some(status),
+                                            error,
+                                            body: body.lines().next().unwrap_or("").to_owned(),
+                                        }
+                                    }
+                                    Ok(Err(e)) => Outcome {
+                                        latency: t.elapsed(),
+                                        status: None,
+                                        error: String::new(),
+                                        body: format!("client error: {e}"),
+                                    },
+                                    Err(_) => Outcome {
+                                        latency: t.elapsed(),
+                                        status: None,
+                                        error: String::new(),
+                                        body: format!("no answer within {CLIENT_TIMEOUT:?}"),
+                                    },
+                                };
+                            let _ = tx.send(out);
+                        });
+                    }
+                    // Every request sent gets its outcome (each ends within the client timeout).
+                    while inflight.join_next().await.is_some() {}
                 });
-            }
-            sent
-        })
+                std::io::Result::Ok(())
+            })
+            .context("starting the load in the client namespace")?
     };
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -445,13 +469,15 @@ async fn drive(
         for p in phases.iter_mut() {
             if p.applied_unix_ms.is_none() && t >= p.start {
                 let up = &lab.upstreams()[p.upstream];
-                p.applied_unix_ms = Some(unix_ms());
                 match p.fault {
                     DemoFault::SlowBackend => {
                         servers[p.upstream].set_behaviour(HttpBehaviour::slow(SLOW_BACKEND))
                     }
                     f => p.guard = Some(up.apply(net_fault(f)).context("injecting a fault")?),
                 }
+                // Time to eject counts from when the fault is in place.
+                p.applied_unix_ms = Some(unix_ms());
+                let t = started.elapsed().as_secs_f64();
                 println!(
                     "\n{t:6.2} s  ✂  {} {}: {}\n           {}",
                     up.name(),
@@ -660,11 +686,12 @@ async fn drive(
             break;
         }
     }
-    load.abort();
-    // The requests still in flight: wait for them (at most the client timeout).
-    let drain_until = Instant::now() + CLIENT_TIMEOUT;
+    stop.store(true, Ordering::Relaxed);
+    // The requests still in flight: wait for them (at most the client timeout), until the
+    // load thread and its requests have all hung up.
+    let drain_until = Instant::now() + CLIENT_TIMEOUT + Duration::from_secs(1);
     while !interrupted && Instant::now() < drain_until {
-        match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
             Ok(Some(o)) => {
                 tally.sent += 1;
                 match (o.status, o.error.is_empty()) {
@@ -676,6 +703,8 @@ async fn drive(
             _ => break,
         }
     }
+    // Its last requests ended (or timed out) above.
+    let _ = load.join();
     if interrupted {
         bail!("interrupted");
     }
