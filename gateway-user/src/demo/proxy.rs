@@ -871,7 +871,7 @@ fn summary(
         tally.unexplained
     );
     println!(
-        "\n  {:<14} {:<11} {:<22} {:<11} gateway's decision",
+        "\n  {:<14} {:<11} {:<25} {:<11} gateway's decision",
         "fault", "upstream", "time to eject", "back after"
     );
     let mut missed = 0;
@@ -891,7 +891,7 @@ fn summary(
             Verdict::Missed(w) => ("✗", format!("MISSED: {w}")),
         };
         println!(
-            "  {mark} {:<12} {:<11} {:<22} {:<11} {words}",
+            "  {mark} {:<12} {:<11} {:<25} {:<11} {words}",
             p.fault.short(),
             name,
             eject,
