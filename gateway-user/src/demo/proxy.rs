@@ -158,13 +158,15 @@ fn config_text(names: &BTreeMap<SocketAddr, String>, access_log: &Path) -> Strin
     let endpoints: Vec<String> = names.keys().map(|a| format!("\"{a}\"")).collect();
     format!(
         "# gateway demo: four lab upstreams, a new upstream connection per request (so every\n\
-         # fault meets new connects), a 1 s response timeout (the slow backend answers in 3 s).\n\
+         # fault meets new connects), a 1 s response timeout (the slow backend answers in 3 s),\n\
+         # probes that GET / (so a slow backend stays ejected until it answers in time).\n\
          [router]\nlisten = [\"{LISTEN}\"]\ndrain_delay_ms = 0\n\n\
          [router.upstream]\nendpoints = [{}]\n\n\
          [router.upstream.timeouts]\nconnect_timeout_ms = {CONNECT_TIMEOUT_MS}\n\
          response_timeout_ms = {RESPONSE_TIMEOUT_MS}\nrequest_timeout_ms = 10000\n\n\
          [router.upstream.limits]\nmax_idle_per_endpoint = 0\n\n\
          [router.upstream.retry]\nmax_retries = 2\n\n\
+         [router.upstream.health]\nprobe_path = \"/\"\n\n\
          [admin]\nlisten = \"{ADMIN}\"\n\n\
          [access_log]\nformat = \"json\"\noutput = \"{}\"\n\n\
          [observer]\ncgroup = \"gateway-demo-{{pid}}\"\n",
