@@ -240,7 +240,7 @@ catalogue! {
     health_state: "gateway_endpoint_health_state", "gauge", ["cluster", "endpoint", "state"],
         "1 for the endpoint's current health state (healthy, suspect, ejected, probing), 0 for the others.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
-        "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend).";
+        "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure).";
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
         "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],

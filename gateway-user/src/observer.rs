@@ -61,8 +61,7 @@ pub enum ObserverError {
     Program {
         action: &'static str,
         program: &'static str,
-        /// Boxed: aya's error is large, and this one is returned on the start-up path only
-        /// (clippy result_large_err).
+        // Boxed: aya's ProgramError is over 128 bytes (clippy::result_large_err).
         source: Box<ProgramError>,
         hint: &'static str,
     },

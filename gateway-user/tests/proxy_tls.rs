@@ -1,10 +1,13 @@
 //! HTTPS in and TLS out, end to end with real third-party programs: curl and `openssl
 //! s_client` against the HTTPS listener (ALPN h2 and http/1.1, SNI choosing the certificate,
-//! plain HTTP on the HTTPS port), nginx with TLS and a CA of its own as the upstream (name
+//! plain HTTP on the HTTPS port, a client stalling its handshake closed at the downstream
+//! `tls_handshake_timeout_ms`), nginx with TLS and a CA of its own as the upstream (name
 //! mismatch and unknown CA answered 502 `tls_error`), a TLS upstream that accepts TCP and
 //! never answers the ClientHello (504 `tls_handshake_timeout` within the configured time, with
 //! the kernel's view of the TCP connection: privileged), and certificates reloaded by SIGHUP
-//! under load with no failed request. Certificates are generated at test time (rcgen).
+//! under load with no failed request; client certificates both ways (mTLS); an unknown SNI
+//! with no default certificate, `min_version`, and `gateway_host`. Certificates are generated
+//! at test time (rcgen).
 
 mod proxy_support;
 
@@ -78,6 +81,11 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(dir, cert, key, "")
+    }
+
+    /// With `extra` directives in its server block.
+    fn start_with(dir: &Path, cert: &Path, key: &Path, extra: &str) -> Nginx {
         let port = free_port();
         let conf = dir.join("nginx.conf");
         std::fs::write(
@@ -85,8 +93,8 @@ impl Nginx {
             format!(
                 "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
                  events {{}}\nhttp {{ access_log off;\n server {{ listen 127.0.0.1:{port} ssl;\n\
-                 ssl_certificate {c}; ssl_certificate_key {k};\n\
-                 location / {{ return 200 \"tls-upstream proto=$http_x_forwarded_proto sni=$ssl_server_name\\n\"; }} }} }}\n",
+                 ssl_certificate {c}; ssl_certificate_key {k}; {extra}\n\
+                 location / {{ return 200 \"tls-upstream proto=$http_x_forwarded_proto sni=$ssl_server_name client=$ssl_client_s_dn\\n\"; }} }} }}\n",
                 d = dir.display(),
                 c = cert.display(),
                 k = key.display()
@@ -178,6 +186,23 @@ fn s_client(addr: SocketAddr, sni: &str, alpn: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// `openssl s_client` limited to TLS 1.2: its report of the handshake.
+fn s_client_tls12(addr: SocketAddr, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
     let base = base_config(&dir.join("access.log")).replacen(
         "listen = [\"127.0.0.1:0\"]\n",
@@ -227,6 +252,11 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
         h2.contains("CN = b.test"),
         "SNI b.test gets its certificate: {h2}"
     );
+    let tls12 = s_client_tls12(addr, "a.test");
+    assert!(
+        tls12.contains("New, TLSv1.2"),
+        "TLS 1.2 is accepted by default: {tls12}"
+    );
     let h1 = s_client(addr, "elsewhere.test", "http/1.1");
     assert!(h1.contains("ALPN protocol: http/1.1"), "{h1}");
     assert!(
@@ -234,6 +264,21 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
         "unknown SNI gets the default: {h1}"
     );
 
+    // The plain listener serves beside the HTTPS one, with X-Forwarded-Proto http.
+    assert_ne!(
+        gw.addr, addr,
+        "listener= and https_listener= are told apart"
+    );
+    let plain = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "5"])
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.starts_with("HTTP/1.1 200") && plain.contains("proto=http sni=up.test"),
+        "{plain}"
+    );
     let plain = Command::new("curl")
         .args(["-s", "-i", "--max-time", "5"])
         .arg(format!("http://127.0.0.1:{}/", addr.port()))
@@ -252,6 +297,84 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+    // Handshake durations, both sides: one observation per successful handshake.
+    let value = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for side in ["downstream", "upstream"] {
+        let ok = value(&format!(
+            "gateway_tls_handshakes_total{{side=\"{side}\",result=\"ok\""
+        ));
+        let timed = value(&format!(
+            "gateway_tls_handshake_duration_seconds_count{{side=\"{side}\"}}"
+        ));
+        // (±1: a warm probe's handshake may land between the counter and the histogram.)
+        assert!(
+            ok > 0 && timed > 0 && ok.abs_diff(timed) <= 1,
+            "{side}: {ok} handshakes, {timed} timed"
+        );
+    }
+}
+
+/// A client that opens a connection to the HTTPS port and stalls its handshake (sends nothing,
+/// or a ClientHello cut short) is closed at `[router.downstream] tls_handshake_timeout_ms`,
+/// counted by reason, and holds up no other client meanwhile.
+#[test]
+fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
+    use std::io::{Read as _, Write as _};
+    let dir = temp_dir("tls-in-stall");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    pki.leaf("b", &["b.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let cfg = https_config(&dir, nginx.addr, &dir.join("ca.pem"));
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "[router.downstream]\ntls_handshake_timeout_ms = 1000\n";
+    std::fs::write(&cfg, text).unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+    let ca = dir.join("ca.pem");
+    let limit = Duration::from_millis(1000);
+    // A TLS record header announcing 512 bytes of handshake, and one byte of it.
+    let cut_short: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    for (what, sent) in [("nothing", &[][..]), ("a ClientHello cut short", cut_short)] {
+        let t = Instant::now();
+        let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+        stalled.write_all(sent).unwrap();
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // Meanwhile another client is served, on the same (single) worker.
+        let (code, _, text) = curl(addr, &ca, "a.test", "/", &[]);
+        assert_eq!(code, 200, "{what}: {text}");
+        let served = t.elapsed();
+        let mut buf = [0u8; 64];
+        let end = stalled.read(&mut buf);
+        let closed = t.elapsed();
+        assert!(
+            matches!(end, Ok(0))
+                || end
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{what}: the gateway closes the connection: {end:?} after {closed:?}"
+        );
+        assert!(
+            served < closed,
+            "{what}: another client was served ({served:?}) before the stalled one was closed"
+        );
+        assert!(
+            closed >= limit * 9 / 10 && closed <= limit * 11 / 10 + Duration::from_millis(100),
+            "{what}: closed after {closed:?}, the timeout is {limit:?} ± 10 %"
+        );
+    }
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"timeout\"} 2";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
 }
 
 /// Waits until `n` stderr lines contain `needle`.
@@ -295,6 +418,7 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             "[clusters.good]\nendpoints = [\"{u}\"]\n[clusters.good.tls]\nca_file = \"{ca}\"\nserver_name = \"up.test\"\n\
              [clusters.mismatch]\nendpoints = [\"{u}\"]\n[clusters.mismatch.tls]\nca_file = \"{ca}\"\nserver_name = \"other.test\"\n\
              [clusters.unknown]\nendpoints = [\"{u}\"]\n[clusters.unknown.tls]\nserver_name = \"up.test\"\n\
+             [clusters.unknown.health]\nprobe_interval_ms = 100\n\
              [[routes]]\npath_prefix = \"/\"\ncluster = \"good\"\n\
              [[routes]]\npath_prefix = \"/mismatch\"\ncluster = \"mismatch\"\n\
              [[routes]]\npath_prefix = \"/unknown\"\ncluster = \"unknown\"\n\
@@ -317,10 +441,35 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
         ok.starts_with("HTTP/1.1 200") && ok.contains("proto=http sni=up.test"),
         "{ok}"
     );
-    // Pooled TLS connections are reused like plain ones: one upstream handshake for many.
+    // Pooled TLS connections are reused like plain ones: one upstream handshake for many (at
+    // most one per worker: the idle lists are sharded by worker, and there are two).
     for _ in 0..5 {
         assert!(plain("/").starts_with("HTTP/1.1 200"));
     }
+    // The upstream connections the six requests went on (SO_COOKIE, from the access log).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cookies = loop {
+        let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let cookies: Vec<u64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["cluster"] == "good")
+            .filter_map(|v| v["cookies"][0].as_u64())
+            .collect();
+        if cookies.len() >= 6 || Instant::now() >= deadline {
+            break cookies;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut distinct = cookies.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(cookies.len(), 6, "six requests logged: {cookies:?}");
+    assert!(
+        distinct.len() <= 2,
+        "6 requests took {} upstream TLS connections: {cookies:?}",
+        distinct.len()
+    );
     for (path, reason) in [("/mismatch", "name_mismatch"), ("/unknown", "unknown_ca")] {
         let r = plain(path);
         assert!(r.starts_with("HTTP/1.1 502"), "{path}: {r}");
@@ -334,6 +483,59 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"name_mismatch\"}"
         ),
         "{metrics}"
+    );
+
+    // Health: TLS failures on a healthy TCP connection strike as tls_failure, from requests
+    // and from probes alike, never as a network failure. The cluster's one endpoint cannot
+    // be ejected (max_ejected_percent 50): it turns suspect, and is probed every 100 ms.
+    for _ in 0..3 {
+        plain("/unknown");
+    }
+    let unknown_ca = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"unknown_ca\"} ",
+                )
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics")) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no probe of the suspect endpoint"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get_text(gw.admin.unwrap(), "/status")).unwrap();
+    let ep = status["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "unknown")
+        .map(|c| &c["endpoints"][0])
+        .unwrap_or_else(|| panic!("cluster unknown in /status: {status}"));
+    assert_eq!(
+        (ep["state"].as_str(), ep["reason"].as_str()),
+        (Some("suspect"), Some("tls_failure")),
+        "after two probes: {ep}"
+    );
+    // One refused ejection, no flapping: the TCP handshake under each TLS attempt does not
+    // bring the endpoint back (only a TCP and TLS handshake, or a response, do).
+    let events = ep["recent"].as_array().unwrap();
+    let transitions: Vec<_> = events.iter().filter(|e| e["event"] != "failure").collect();
+    assert_eq!(transitions.len(), 1, "{ep}");
+    assert_eq!(
+        (
+            transitions[0]["event"].as_str(),
+            transitions[0]["reason"].as_str()
+        ),
+        (Some("ejection_refused"), Some("tls_failure")),
+        "only ever a TLS failure: {ep}"
     );
 }
 
@@ -488,4 +690,172 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
     assert!(gw.wait_for_log("reload refused", Duration::from_secs(5)));
     let (code, _, _) = curl(addr, &ca, "a.test", "/", &[]);
     assert_eq!(code, 200, "the running certificate still serves");
+}
+
+/// Client certificates both ways: the HTTPS listener with `client_ca_file` refuses a client
+/// without a certificate from that CA and serves one with it; a cluster with `cert_file` /
+/// `key_file` presents its certificate to an upstream that requires one (nginx
+/// `ssl_verify_client on`), and a cluster without them is refused by that upstream.
+#[test]
+fn client_certificates_both_ways_mtls() {
+    let dir = temp_dir("tls-mtls");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let (cc, ck) = pki.leaf("client", &["client.test"]);
+    let ca = dir.join("ca.pem");
+    let nginx = Nginx::start_with(
+        &dir,
+        &uc,
+        &uk,
+        &format!(
+            "ssl_verify_client on; ssl_client_certificate {};",
+            ca.display()
+        ),
+    );
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
+             [clusters.withcert]\nendpoints = [\"{u}\"]\n[clusters.withcert.tls]\nca_file = \"ca.pem\"\n\
+             server_name = \"up.test\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n\
+             [clusters.nocert]\nendpoints = [\"{u}\"]\n[clusters.nocert.tls]\nca_file = \"ca.pem\"\n\
+             server_name = \"up.test\"\n\
+             [[routes]]\npath_prefix = \"/\"\ncluster = \"withcert\"\n\
+             [[routes]]\npath_prefix = \"/nocert\"\ncluster = \"nocert\"\n\
+             [observer]\nmode = \"off\"\n",
+            u = nginx.addr,
+            c = cc.display(),
+            k = ck.display(),
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+
+    let (code, _, text) = curl(addr, &ca, "a.test", "/", &[]);
+    assert_eq!(
+        code, 0,
+        "no client certificate: the handshake fails: {text}"
+    );
+    let (code, _, text) = curl(
+        addr,
+        &ca,
+        "a.test",
+        "/",
+        &[
+            "--cert",
+            &cc.display().to_string(),
+            "--key",
+            &ck.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("proto=https sni=up.test client=CN=client.test"),
+        "the upstream saw the gateway's client certificate: {text}"
+    );
+    let with_cert = [
+        "--cert".to_owned(),
+        cc.display().to_string(),
+        "--key".to_owned(),
+        ck.display().to_string(),
+    ];
+    let with_cert: Vec<&str> = with_cert.iter().map(String::as_str).collect();
+    let (code, _, text) = curl(addr, &ca, "a.test", "/nocert", &with_cert);
+    assert_eq!(
+        code, 400,
+        "nginx refuses a cluster without a client certificate: {text}"
+    );
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_tls_handshake_errors_total{side=\"downstream\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        refused >= 1,
+        "the client without a certificate is counted:\n{metrics}"
+    );
+}
+
+/// With only `[[router.tls.certificates]]` (no default certificate) and `min_version = "1.3"`
+/// (a TLS 1.2 client is refused), a client naming another
+/// host fails its handshake, counted as `unknown_sni`, and the listener goes on serving; and
+/// `gateway_host = "*.example.test"` serves requests for those hosts only (others 404), on
+/// either listener.
+#[test]
+fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_hosts() {
+    let dir = temp_dir("tls-unknown-sni");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.example.test", "b.example.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let ca = dir.join("ca.pem");
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\ngateway_host = \"*.example.test\"\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\nmin_version = \"1.3\"\n\
+             [[router.tls.certificates]]\nserver_names = [\"a.example.test\", \"b.example.test\"]\n\
+             cert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
+             [router.upstream]\nendpoints = [\"{}\"]\n\
+             [router.upstream.tls]\nca_file = \"ca.pem\"\nserver_name = \"up.test\"\n\
+             [observer]\nmode = \"off\"\n",
+            nginx.addr
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(&cfg);
+    let addr = https_addr(&gw);
+
+    let (code, _, text) = curl(addr, &ca, "other.test", "/", &["-k"]);
+    assert_eq!(code, 0, "no certificate for other.test: {text}");
+    let out = s_client(addr, "a.example.test", "http/1.1");
+    assert!(out.contains("CN = a.example.test"), "{out}");
+    let tls12 = s_client_tls12(addr, "a.example.test");
+    assert!(
+        !tls12.contains("New, TLSv1.2"),
+        "min_version = \"1.3\" refuses TLS 1.2: {tls12}"
+    );
+    for (host, want) in [("a.example.test", 200), ("b.example.test", 200)] {
+        let (code, _, text) = curl(addr, &ca, host, "/", &[]);
+        assert_eq!(code, want, "{host}: {text}");
+    }
+    // On the plain listener, by Host header.
+    for (host, want) in [
+        ("a.example.test", "200"),
+        ("example.test", "404"),
+        ("other.test", "404"),
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(["-H", &format!("Host: {host}")])
+            .arg(format!("http://{}/", gw.addr))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "Host: {host}");
+    }
+    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"unknown_sni\"} 1";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
 }

@@ -36,7 +36,7 @@
 //! (synbh,blackhole,refused,icmp,synack), `--peers a,b` (gateway,nginx,haproxy),
 //! `--gateway-bin PATH`.
 
-use crate::Proc;
+use crate::{Proc, bench::have};
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
@@ -147,13 +147,6 @@ impl Drop for TempDir {
 
 fn gateway_binary(o: &Options) -> anyhow::Result<PathBuf> {
     crate::release_gateway(o.gateway_bin.as_deref())
-}
-
-fn have(tool: &str) -> bool {
-    Path::new("/usr/sbin").join(tool).is_file()
-        || std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false)
 }
 
 /// Installs the Debian packages of nginx and HAProxy when missing.

@@ -10,6 +10,12 @@
 //! Then it starts the observer with room for 100,000 destinations, makes connects to 100,000
 //! distinct loopback destinations, and reports the observer's RSS and the kernel memory of its
 //! maps (bpftool's `bytes_memlock`).
+//!
+//! While it runs, the kernel's per-program run-time statistics are on (`BPF_ENABLE_STATS`,
+//! held by a file descriptor: no sysctl changes, and off again when the bench exits), so it
+//! also says how long each eBPF program ran per connection and per invocation. The rest of
+//! the client's extra CPU is outside the programs: socket-storage allocation and free, the
+//! hook dispatch.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -21,6 +27,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::bench::median;
 
 const DEFAULT_CYCLES: usize = 20_000;
 const ROUNDS_PER_MODE: usize = 10;
@@ -180,16 +188,6 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let cycles: usize = match args.first() {
         Some(v) => v
@@ -198,6 +196,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         None => DEFAULT_CYCLES,
     };
     let per_round = cycles / ROUNDS_PER_MODE;
+    let _stats = enable_run_time_stats()?;
     let bin = crate::release_gateway(None)?;
     let cgroup = Cgroup::create()?;
 
@@ -217,6 +216,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut observer_cpu = Vec::new();
     let mut rss_kb = 0;
     let mut records = 0usize;
+    // Per program name: (invocations, run time in ns), summed over the 'on' rounds.
+    let mut programs: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     for round in 0..ROUNDS_PER_MODE * 2 {
         // Alternate which mode goes first in each pair.
         let observed = (round % 2 == 0) == ((round / 2) % 2 == 0);
@@ -228,6 +229,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(400));
             let obs_ns = proc_cpu_ns(obs.pid()) - before;
             rss_kb = rss_kb.max(proc_status_kb(obs.pid(), "VmHWM:"));
+            for (name, cnt, ns) in program_run_times(obs.pid())? {
+                let e = programs.entry(name).or_default();
+                e.0 += cnt;
+                e.1 += ns;
+            }
             let out = obs.stop()?;
             records += out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
             on.push(client_ns as f64 / per_round as f64 / 1000.0);
@@ -237,7 +243,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             off.push(client_ns as f64 / per_round as f64 / 1000.0);
         }
     }
-    let (m_off, m_on, m_obs) = (median(&mut off), median(&mut on), median(&mut observer_cpu));
+    let (m_off, m_on, m_obs) = (median(off), median(on), median(observer_cpu));
     println!(
         "\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)"
     );
@@ -262,6 +268,25 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!(
         "  observer peak RSS during 'on' rounds     : {} MiB",
         rss_kb / 1024
+    );
+    let connections = (per_round * ROUNDS_PER_MODE) as f64;
+    println!("  eBPF program run time (kernel run-time statistics, all 'on' rounds):");
+    let mut total = 0.0;
+    for (name, (cnt, ns)) in &programs {
+        if *cnt == 0 {
+            continue;
+        }
+        let per_conn = *ns as f64 / connections / 1000.0;
+        total += per_conn;
+        println!(
+            "    {name:<22} {:>6.2} runs and {per_conn:.2} µs per connection, {:.0} ns per run",
+            *cnt as f64 / connections,
+            *ns as f64 / *cnt as f64
+        );
+    }
+    println!(
+        "    all programs           {total:.2} µs per connection of the {:.2} µs the client paid extra",
+        m_on - m_off
     );
 
     // Memory at 100,000 destinations.
@@ -337,6 +362,69 @@ pub fn spray(n: &str) -> anyhow::Result<()> {
 
 /// Kernel memory (`memlock`) of every BPF map the observer `pid` holds, from
 /// /proc/PID/fdinfo (bpftool here lacks pid support), named through `bpftool map show id`.
+/// Turns on the kernel's per-program run-time statistics (`run_time_ns`, `run_cnt`) for as
+/// long as the returned descriptor stays open: `bpf(BPF_ENABLE_STATS, {type =
+/// BPF_STATS_RUN_TIME})`, include/uapi/linux/bpf.h.
+fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr: enable_stats.type (BPF_STATS_RUN_TIME = 0) first, the rest zero.
+    let attr = [0u8; 16];
+    // SAFETY: bpf(2) reads `attr.len()` bytes of `attr`; the result is a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Name, invocations and run time (ns) of each eBPF program the process `pid` holds, from
+/// `/proc/PID/fdinfo` (`run_cnt`, `run_time_ns`: counted while run-time statistics are on).
+fn program_run_times(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.to_string_lossy() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let id = field("prog_id:");
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show", "id", &id])
+            .output()?;
+        let name = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|m| m["name"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("id {id}"));
+        v.push((
+            name,
+            field("run_cnt:").parse().unwrap_or(0),
+            field("run_time_ns:").parse().unwrap_or(0),
+        ));
+    }
+    Ok(v)
+}
+
 fn map_memlock(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
     let mut v = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {

@@ -1,9 +1,13 @@
 //! `cargo xtask`: the workflows behind `./dev` — the full test run, the demo, and the
 //! benchmarks. `./dev` installs the toolchains first; this assumes they are there.
 
+mod bench;
 mod bench_faults;
 mod bench_observer;
+mod bench_peers;
+mod bench_profile;
 mod bench_proxy;
+mod bench_tls;
 mod capacity;
 mod fuzz;
 mod package;
@@ -36,7 +40,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: `observer` (connect+close cost with and without the observer), `proxy`
-    /// (the gateway against nginx and HAProxy) or `faults` (the three under upstream faults).
+    /// (the gateway against nginx and HAProxy), `tls` (the three terminating HTTPS: keep-alive
+    /// and new-connection handshakes), `faults` (the three under upstream faults) or `profile`
+    /// (a flame graph of the gateway under the `proxy` load: perf and inferno).
     Bench {
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -185,17 +191,17 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let filter: Vec<String> = filter.into_iter().collect();
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
-    run_tests(
+    let unit = run_tests(
         cargo()
             .args(["test", "--no-fail-fast", "--lib", "--bins"])
             .arg("--")
             .args(&filter),
         &mut totals,
-    )?;
+    );
     // The Debian package (release build): the deploy_* tests install it and run its units.
     let deb = package::build()?;
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
-    run_tests(
+    let end_to_end = run_tests(
         cargo()
             .env("GATEWAY_DEB", &deb)
             .args(["test", "--no-fail-fast", "--test", "*"])
@@ -203,10 +209,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .arg("--test-threads=1")
             .args(&filter),
         &mut totals,
-    )?;
+    );
     // `gateway demo` end to end: its test needs the binary built with the fault lab (the
     // `demo` feature), so it runs last, after the tests of the production build.
-    run_tests(
+    let demo = run_tests(
         cargo()
             .args([
                 "test",
@@ -222,9 +228,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .arg("--test-threads=1")
             .args(&filter),
         &mut totals,
-    )?;
+    );
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
     // a filtered run is for iterating on something else.
+    let mut fuzz_failed = 0;
     if filter.is_empty() || filter.iter().any(|f| f == "fuzz") {
         let root = workspace_root();
         fuzz::build(&root)?;
@@ -238,19 +245,22 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     totals.failed += 1;
+                    fuzz_failed += 1;
                 }
             }
         }
         fuzz::print(&reports);
-        if totals.failed > 0 {
-            bail!("{} test(s) or fuzz target(s) failed", totals.failed);
-        }
     }
+    // The totals also when something failed: how many, beside which (named above).
     println!(
         "\nall test binaries: {} passed, {} failed, {} ignored",
         totals.passed, totals.failed, totals.ignored
     );
     println!("{} passed, {} failed", totals.passed, totals.failed);
+    unit.and(end_to_end).and(demo)?;
+    if fuzz_failed > 0 {
+        bail!("{fuzz_failed} fuzz target(s) failed");
+    }
     Ok(())
 }
 
@@ -325,9 +335,11 @@ fn main() -> ExitCode {
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
             "proxy" => bench_proxy::run(&args),
+            "tls" => bench_tls::run(&args),
             "faults" => bench_faults::run(&args),
+            "profile" => bench_profile::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer, proxy or faults"
+                "unknown benchmark {other}; choose observer, proxy, tls, faults or profile"
             )),
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),

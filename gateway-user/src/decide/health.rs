@@ -9,7 +9,7 @@
 //! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
 //! | `tls_failures_to_eject` TLS handshakes in a row that failed or timed out on a healthy TCP connection | ejected as `tls_failure` (0 disables); never counted as a network failure, and a TCP handshake does not clear it (only a response does) |
 //! | a health probe's `GET probe_path` answered with another status than expected | ejected at once, as `unexpected_status` |
-//! | a clean handshake or a response | clears the strikes; a suspect endpoint is healthy again |
+//! | a clean handshake (on a TLS cluster: TCP, then TLS) or a response | clears the strikes; a suspect endpoint is healthy again |
 //!
 //! An ejection lasts `base_ejection × 2^(n-1)` for the n-th ejection in a row, capped at
 //! `max_ejection`. When it ends the endpoint is *probing*: active probes (a kernel-measured TCP

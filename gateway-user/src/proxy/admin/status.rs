@@ -29,7 +29,8 @@
 //!       "weight": 1,
 //!       "state": "ejected",              // healthy | suspect | ejected | probing
 //!       "reason": "refused",             // why not healthy: syn_unanswered, refused, unreachable,
-//!                                        // host_died, overloaded, slow_backend, probe_failed; or null
+//!                                        // host_died, overloaded, slow_backend, probe_failed,
+//!                                        // unexpected_status, tls_failure; or null
 //!       "since_unix_ms": 1763740011000,
 //!       "ejected_until_unix_ms": 1763740012000,   // null unless ejected
 //!       "connect_deadline_ms": 250.0,

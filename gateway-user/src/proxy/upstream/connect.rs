@@ -30,6 +30,9 @@ pub(crate) struct Connected {
     pub stream: TcpStream,
     pub cookie: u64,
     pub elapsed: Duration,
+    /// SYNs retransmitted before the handshake (kernel), for the clean-connect evidence a TLS
+    /// cluster reports once its TLS handshake is done too.
+    pub syn_retransmits: u32,
 }
 
 /// A connect in progress. Dropping it closes the socket, which the kernel records as
@@ -105,6 +108,7 @@ pub(crate) async fn connect(
             stream,
             cookie,
             elapsed: start.elapsed(),
+            syn_retransmits: 0,
         }),
         Ok(Err(source)) => Err(failed(endpoint, source, cookie, start.elapsed(), signals)),
         Err(_) => {
@@ -217,14 +221,21 @@ pub(super) fn finish(
                 Some(e) => e.to_string(),
                 None => format!("connected in {} us", elapsed.as_micros()),
             };
-            let ok = Evidence::ConnectOk {
-                syn_retransmits: retx,
-            };
-            cluster.report(ep, ok, &detail);
+            // A TLS cluster's connection is clean once its TLS handshake is done too: reported
+            // then (`handshake`), so that the TCP handshake under every TLS attempt does not
+            // bring back an endpoint suspected of failing TLS (it would flap suspect, healthy,
+            // suspect with each request).
+            if cluster.spec.tls.is_none() {
+                let ok = Evidence::ConnectOk {
+                    syn_retransmits: retx,
+                };
+                cluster.report(ep, ok, &detail);
+            }
             Ok(Connected {
                 stream,
                 cookie: p.cookie,
                 elapsed,
+                syn_retransmits: retx,
             })
         }
         Err(source) => {
@@ -266,6 +277,15 @@ pub(super) async fn handshake(
                         cluster.report(ep, health, &|| e.to_string());
                     }
                 })?;
+            let ok = Evidence::ConnectOk {
+                syn_retransmits: c.syn_retransmits,
+            };
+            cluster.report(ep, ok, &|| {
+                format!(
+                    "connected in {} us, TLS handshake done",
+                    c.elapsed.as_micros()
+                )
+            });
             http1(cluster, ep, c.cookie, s).await?
         }
     };
