@@ -17,6 +17,7 @@ pub mod admin;
 pub mod budget;
 pub mod cgroup;
 pub mod classify;
+pub mod histogram;
 mod jobs;
 mod join;
 pub mod kernel;
@@ -105,12 +106,7 @@ fn parse_http_path(s: &str) -> Result<String, String> {
 }
 
 pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init(crate::logging::LogFormat::Text, None, "warn")?;
     if args.admin.is_none()
         && let Some(Target::Cluster(name)) = args
             .targets

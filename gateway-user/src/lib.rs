@@ -11,6 +11,7 @@ pub mod decide;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod diagnose;
+pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod observer;

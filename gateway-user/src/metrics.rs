@@ -4,24 +4,77 @@
 //!
 //! Label values are bounded: routes, clusters and endpoints come from the config, outcomes,
 //! phases, reasons and errnos from closed sets in the code. Nothing a client sends becomes a
-//! label. Kernel-sourced families say so in their help text.
+//! label. Kernel-sourced families say so in their help text. Series of routes, clusters and
+//! endpoints that are gone (a reload, a DNS change) are removed (`proxy::telemetry::series`).
+//!
+//! Help texts are written as sentences ending in one period; the registry adds its own, so
+//! [`register`] takes ours off (a test checks that no `# HELP` line ends in `..`).
+//!
+//! `gateway_build_info` and the `process_*` family (the names every Prometheus client library
+//! exports, so existing dashboards work) are shared with `gateway observe` ([`process`]).
+
+pub mod process;
+
+use std::time::Duration;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
+    registry::{Metric, Registry},
 };
 
-/// Buckets from 50 µs to ~13 s, doubling (19 buckets).
-pub fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 19)
+/// The lowest histogram bucket: 50 µs, below a loopback SYN-RTT.
+pub const LOWEST_BUCKET: f64 = 50e-6;
+/// Buckets double from [`LOWEST_BUCKET`]; there are at least this many (50 µs … 13.1 s).
+pub const MIN_BUCKETS: u16 = 19;
+
+/// Histogram buckets from 50 µs, doubling, up to the first bound at or above `longest` (at
+/// least [`MIN_BUCKETS`]): a request that ran into its longest timeout still lands in a
+/// bucket of its own, not only in `+Inf`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyBuckets {
+    count: u16,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(latency_buckets())
+impl LatencyBuckets {
+    pub fn reaching(longest: Duration) -> LatencyBuckets {
+        let mut count = MIN_BUCKETS;
+        while LOWEST_BUCKET * 2f64.powi(i32::from(count) - 1) < longest.as_secs_f64() && count < 64
+        {
+            count += 1;
+        }
+        LatencyBuckets { count }
+    }
+
+    /// The highest finite bound.
+    pub fn top(self) -> Duration {
+        Duration::from_secs_f64(LOWEST_BUCKET * 2f64.powi(i32::from(self.count) - 1))
+    }
+
+    pub fn bounds(self) -> impl Iterator<Item = f64> {
+        prometheus_client::metrics::histogram::exponential_buckets(LOWEST_BUCKET, 2.0, self.count)
+    }
 }
 
-pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.bounds())
+    }
+}
+
+pub type HistogramFamily<L> = Family<L, Histogram, LatencyBuckets>;
+
+/// Registers `metric` under `name` (without a counter's `_total`) with `help`, whose final
+/// period the registry adds back.
+pub fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    let name = name.strip_suffix("_total").unwrap_or(name);
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
 pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,6 +285,24 @@ catalogue! {
         "Upgraded connections ended, by how: client_closed, upstream_closed (that side closed first), idle_timeout (upgrade_idle_timeout_ms), max_duration (upgrade_max_duration_ms), shutdown (the drain's grace ran out), error (a read or write failed, or a write stalled past write_timeout_ms).";
     upgrade_bytes: "gateway_upgrade_bytes", "counter", ["cluster", "direction"],
         "Bytes copied through upgraded connections, by direction: to_upstream (from the client) and to_client.";
+    kernel_anomaly_logs_suppressed: "gateway_observer_kernel_anomaly_logs_suppressed", "counter", [],
+        "Kernel anomaly log lines not written because of the once-per-second rate limit per kind and CPU (the anomalies are still counted in gateway_observer_kernel_anomalies_total). Counted by the kernel (eBPF).";
+    build_info: "gateway_build_info", "info", ["version", "revision", "rustc", "profile"],
+        "The running build: its version, the git revision it was built from (unknown outside a git checkout), the rustc that compiled it and the cargo profile (release, debug).";
+    process_cpu: "process_cpu_seconds", "counter", [],
+        "User and system CPU time spent by the process (/proc/self/stat), in seconds.";
+    process_rss: "process_resident_memory_bytes", "gauge", [],
+        "Resident memory of the process (/proc/self/stat rss), in bytes.";
+    process_vsize: "process_virtual_memory_bytes", "gauge", [],
+        "Virtual memory of the process (/proc/self/stat vsize), in bytes.";
+    process_fds: "process_open_fds", "gauge", [],
+        "File descriptors the process holds open (entries of /proc/self/fd).";
+    process_max_fds: "process_max_fds", "gauge", [],
+        "The process's limit on open file descriptors (RLIMIT_NOFILE, soft).";
+    process_threads: "process_threads", "gauge", [],
+        "Threads of the process (/proc/self/stat).";
+    process_start: "process_start_time_seconds", "gauge", [],
+        "When the process started, in Unix seconds.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -265,15 +336,19 @@ pub struct GatewayMetrics {
     pub upgrades_active: Family<ClusterLabels, Gauge>,
     pub upgrades: Family<UpgradeEndLabels, Counter>,
     pub upgrade_bytes: Family<DirectionLabels, Counter>,
+    pub kernel_anomaly_logs_suppressed: Counter,
+    /// The histograms' buckets.
+    pub buckets: LatencyBuckets,
 }
 
 impl GatewayMetrics {
-    pub fn new(registry: &mut Registry) -> GatewayMetrics {
+    /// Registers every family; histograms get `buckets`.
+    pub fn new(registry: &mut Registry, buckets: LatencyBuckets) -> GatewayMetrics {
         let m = GatewayMetrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_histogram),
+            request_duration: Family::new_with_constructor(buckets),
             upstream_attempts: Family::default(),
-            syn_rtt: Family::new_with_constructor(latency_histogram),
+            syn_rtt: Family::new_with_constructor(buckets),
             syn_retransmits: Family::default(),
             connect_failures: Family::default(),
             socket_errors: Family::default(),
@@ -292,20 +367,21 @@ impl GatewayMetrics {
             events_lost: Counter::default(),
             tls_handshakes: Family::default(),
             tls_handshake_errors: Family::default(),
-            tls_handshake_duration: Family::new_with_constructor(latency_histogram),
+            tls_handshake_duration: Family::new_with_constructor(buckets),
             tls_certificate_expiry: Family::default(),
             kernel_anomalies: Family::default(),
             upgrades_active: Family::default(),
             upgrades: Family::default(),
             upgrade_bytes: Family::default(),
+            kernel_anomaly_logs_suppressed: Counter::default(),
+            buckets,
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
         macro_rules! reg {
             ($i:expr, $metric:expr) => {{
                 let d = doc($i);
-                let name = d.name.strip_suffix("_total").unwrap_or(d.name);
-                registry.register(name, d.help, $metric.clone());
+                register(registry, d.name, d.help, $metric.clone());
             }};
         }
         reg!(f::requests, m.requests);
@@ -336,7 +412,30 @@ impl GatewayMetrics {
         reg!(f::upgrades_active, m.upgrades_active);
         reg!(f::upgrades, m.upgrades);
         reg!(f::upgrade_bytes, m.upgrade_bytes);
+        reg!(
+            f::kernel_anomaly_logs_suppressed,
+            m.kernel_anomaly_logs_suppressed
+        );
+        process::register(registry);
         m
+    }
+}
+
+/// A family's sample name: counters gain `_total` on the wire.
+fn wire_name(d: &MetricDoc) -> String {
+    if d.kind == "counter" {
+        format!("{}_total", d.name)
+    } else {
+        d.name.to_owned()
+    }
+}
+
+/// The name a family is registered (and typed) under: an info's `_info` is added back by the
+/// encoder.
+fn family_name(d: &MetricDoc) -> &'static str {
+    match d.kind {
+        "info" => d.name.strip_suffix("_info").unwrap_or(d.name),
+        _ => d.name.strip_suffix("_total").unwrap_or(d.name),
     }
 }
 
@@ -347,15 +446,15 @@ pub fn catalogue_markdown() -> String {
          Generated from `gateway-user/src/metrics.rs` (`CATALOGUE`); a test fails when this file \
          and the code disagree. Regenerate with `cargo run -p gateway-user --bin gateway -- metrics-doc > METRICS.md`.\n\n\
          Served as OpenMetrics text at `/metrics` on the admin listener. Counters carry the `_total` \
-         suffix on the wire. Histograms use buckets from 50 µs to 13 s (doubling).\n\n\
+         suffix on the wire. Histograms use buckets from 50 µs, doubling, up to the first bound at \
+         or above the longest timeout configured at start (connect, response, write, request, TLS \
+         handshake; at least 13.1 s: with the default 30 s request timeout, 52.4 s). Series of \
+         routes, clusters and endpoints that are gone after a reload or a DNS change are \
+         removed.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     for d in CATALOGUE {
-        let name = if d.kind == "counter" {
-            format!("{}_total", d.name)
-        } else {
-            d.name.to_owned()
-        };
+        let name = wire_name(d);
         let labels = if d.labels.is_empty() {
             "-".to_owned()
         } else {
@@ -387,10 +486,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_catalogue_entry_is_exported_with_its_labels() {
+    /// A registry with a series in every family.
+    fn populated() -> Registry {
         let mut registry = Registry::default();
-        let m = GatewayMetrics::new(&mut registry);
+        let m = GatewayMetrics::new(&mut registry, LatencyBuckets::reaching(Duration::ZERO));
         let ep = EndpointLabels {
             cluster: "c".into(),
             endpoint: "10.0.0.1:80".into(),
@@ -521,14 +620,16 @@ mod tests {
                 direction: "to_client",
             })
             .inc();
+        m.kernel_anomaly_logs_suppressed.inc();
+        registry
+    }
+
+    #[test]
+    fn every_catalogue_entry_is_exported_with_its_labels() {
         let mut text = String::new();
-        encode(&mut text, &registry).unwrap();
+        encode(&mut text, &populated()).unwrap();
         for d in CATALOGUE {
-            let wire = if d.kind == "counter" {
-                format!("{}_total", d.name)
-            } else {
-                d.name.to_owned()
-            };
+            let wire = wire_name(d);
             let line = text
                 .lines()
                 .find(|l| l.starts_with(&wire) && !l.starts_with('#'))
@@ -540,18 +641,64 @@ mod tests {
                 );
             }
             assert!(
-                text.contains(&format!(
-                    "# TYPE {} {}",
-                    d.name.strip_suffix("_total").unwrap_or(d.name),
-                    d.kind
-                )),
-                "{} type",
+                text.contains(&format!("# TYPE {} {}", family_name(d), d.kind)),
+                "{} type:\n{text}",
                 d.name
             );
         }
         assert!(
             text.contains("gateway_upstream_syn_rtt_seconds_bucket{le=\"0.00005\""),
             "50 µs lowest bucket:\n{text}"
+        );
+    }
+
+    /// The registry ends every help text with a period: ours must not bring a second one.
+    #[test]
+    fn help_texts_end_in_exactly_one_period() {
+        let mut text = String::new();
+        encode(&mut text, &populated()).unwrap();
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert!(helps.len() >= CATALOGUE.len(), "{text}");
+        for h in helps {
+            assert!(h.ends_with('.') && !h.ends_with(".."), "{h}");
+        }
+    }
+
+    /// The default request timeout is 30 s: the buckets must go past it, not stop at 13 s.
+    #[test]
+    fn buckets_reach_the_longest_timeout() {
+        let b = LatencyBuckets::reaching(Duration::from_secs(30));
+        let bounds: Vec<f64> = b.bounds().collect();
+        assert_eq!(bounds[0], 50e-6);
+        assert!(bounds[bounds.len() - 2] < 30.0 && *bounds.last().unwrap() >= 30.0);
+        assert!(
+            (b.top().as_secs_f64() - 52.4288).abs() < 1e-6,
+            "{:?}",
+            b.top()
+        );
+        // Short timeouts keep the 13.1 s floor; an hour is reached too.
+        assert_eq!(
+            LatencyBuckets::reaching(Duration::from_secs(1))
+                .bounds()
+                .count(),
+            19
+        );
+        assert!(
+            LatencyBuckets::reaching(Duration::from_secs(3600)).top() >= Duration::from_secs(3600)
+        );
+        let mut registry = Registry::default();
+        let m = GatewayMetrics::new(&mut registry, b);
+        m.request_duration
+            .get_or_create(&RouteLabels {
+                route: "r".into(),
+                cluster: "c".into(),
+            })
+            .observe(29.0);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("gateway_request_duration_seconds_bucket{le=\"52.4288\",route=\"r\",cluster=\"c\"} 1"),
+            "{text}"
         );
     }
 }

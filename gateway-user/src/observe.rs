@@ -3,6 +3,7 @@
 //! read and released once, shown as a live table ([`table`]), as JSON lines, and as Prometheus
 //! metrics ([`metrics`]).
 
+pub mod attribution;
 pub mod metrics;
 pub mod table;
 
@@ -64,6 +65,15 @@ pub struct ObserveArgs {
     /// 4). Records that do not fit between two drains are counted as lost and reported.
     #[arg(long, value_name = "KIB", default_value_t = gateway_common::names::EVENTS_RING_BYTES / 1024, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+    /// Also count connects by the service that made them, in
+    /// `gateway_connect_attempts_by_service_total{service, outcome}`: the `service` label is
+    /// the cgroup path, the systemd unit, the container id or the pod UID (`none` where the
+    /// cgroup's path has none).
+    #[arg(long, value_enum, value_name = "ATTRIBUTE")]
+    pub metrics_by: Option<attribution::ServiceLabel>,
+    /// Distinct `service` label values before the rest are counted as "other".
+    #[arg(long, default_value_t = 100)]
+    pub metrics_max_services: usize,
     /// How long a connect record waits for the application's SO_ERROR read, in ms.
     #[arg(long, default_value_t = DEFAULT_JOIN_WINDOW.as_millis() as u64)]
     pub join_window_ms: u64,
@@ -84,7 +94,7 @@ fn parse_ring_kib(s: &str) -> Result<u32, String> {
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    init_tracing()?;
     // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is hidden.
     crate::observer::preflight::ensure_cgroup2().context("starting the kernel observer")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -96,14 +106,9 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
 /// Sends every finished record to `tap` as well (used by the demo).
 pub type Tap = tokio::sync::mpsc::UnboundedSender<ConnectRecord>;
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The log on stderr, at `RUST_LOG` (an invalid one is an error) or `info`.
+pub fn init_tracing() -> Result<(), crate::logging::LogError> {
+    crate::logging::init(crate::logging::LogFormat::Text, None, "info")
 }
 
 pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<ExitCode> {
@@ -129,8 +134,19 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     );
 
     let mut registry = Registry::default();
-    let mut metrics = metrics::ObserverMetrics::new(&mut registry, args.metrics_max_destinations);
+    let mut metrics = metrics::ObserverMetrics::new(
+        &mut registry,
+        args.metrics_max_destinations,
+        metrics::syn_rtt_buckets(),
+    );
+    if let Some(by) = args.metrics_by {
+        metrics.count_by_service(&mut registry, by, args.metrics_max_services);
+    }
     metrics.set_attached(true);
+    // Who made each connect, from its cgroup id (see attribution.rs); none without a v2 mount.
+    let mut services = crate::observer::preflight::cgroup2_mount()
+        .ok()
+        .map(attribution::Resolver::new);
     let registry = Arc::new(registry);
     let server = match args.metrics {
         Some(addr) => {
@@ -246,11 +262,20 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             let mut out = stdout.lock();
             for c in &drained.connects {
                 let rec = c.record(stream.clock());
+                let service = services
+                    .as_mut()
+                    .map(|r| r.lookup(rec.cgroup_id))
+                    .unwrap_or_default();
                 metrics.record(&rec);
+                metrics.record_service(&rec, &service);
                 table.record(&rec);
                 if args.json {
                     // One object per line, flushed per line: other tools tail this.
-                    let line = serde_json::to_string(&rec).expect("records always serialise");
+                    let line = serde_json::to_string(&JsonLine {
+                        record: &rec,
+                        service: &service,
+                    })
+                    .expect("records always serialise");
                     if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                         // stdout closed (e.g. `| head`): nothing left to do.
                         finishing = true;
@@ -274,6 +299,16 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     drop(stream);
     tracing::info!("observer detached");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One `--json` line: the connect record and who made it (`cgroup`, `systemd_unit`,
+/// `container_id`, `pod_uid`, each `null` when unknown).
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    #[serde(flatten)]
+    record: &'a ConnectRecord,
+    #[serde(flatten)]
+    service: &'a attribution::Service,
 }
 
 /// Wall-clock time as HH:MM:SS UTC, without a date-time dependency.

@@ -177,7 +177,7 @@ pub async fn start_inheriting(
             path: format!("{:?}", settings.access_log.output),
             source,
         })?;
-    let telemetry = Telemetry::new(&*signals);
+    let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
@@ -189,6 +189,7 @@ pub async fn start_inheriting(
         telemetry,
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
+    tokio::spawn(roll_history(Arc::downgrade(&shared)));
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (done, workers_done) = mpsc::channel(1);
     for (i, listeners) in per_worker.into_iter().enumerate() {
@@ -290,6 +291,11 @@ impl GatewayHandle {
         if settings.access_log.output != current.settings.access_log.output {
             report.needs_restart.push("access_log.output");
         }
+        if telemetry::longest_timeout(&settings) > self.shared.telemetry.buckets_top() {
+            report.needs_restart.push(
+                "a timeout beyond the histograms' highest bucket (their buckets reach the longest timeout configured at start)",
+            );
+        }
         self.shared.log.set_format(settings.access_log.format);
         let next = Runtime::build(
             settings,
@@ -373,6 +379,9 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         if let Some(anomalies) = s.signals.kernel_anomalies() {
             s.telemetry.kernel_anomalies(anomalies);
         }
+        if let Some(n) = s.signals.anomaly_logs_suppressed() {
+            s.telemetry.anomaly_logs_suppressed(n);
+        }
         // Each endpoint's deadline and state, which also puts back a state that a replaced
         // endpoint's last words zeroed.
         for c in s.runtime.load().clusters.iter() {
@@ -382,6 +391,27 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
                 let now = tokio::time::Instant::now();
                 ep.meter
                     .latency(ep.latency.estimate(now, c.spec.latency.decay));
+            }
+        }
+    }
+}
+
+/// Closes each endpoint's history second (`upstream::history`) just after every wall-clock
+/// second, so that a slot holds that second's requests.
+async fn roll_history(shared: std::sync::Weak<Shared>) {
+    /// After the second turned, so that a slot is not closed a little early.
+    const AFTER: Duration = Duration::from_millis(10);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+        tokio::time::sleep(Duration::from_secs(1) - into + AFTER).await;
+        let Some(s) = shared.upgrade() else { return };
+        let second = now.as_secs();
+        for c in s.runtime.load().clusters.iter() {
+            for ep in c.endpoints() {
+                ep.health.history.roll(second);
             }
         }
     }

@@ -41,16 +41,17 @@ pub const HANDOVER_LINGER: Duration = Duration::from_millis(1_000);
 
 /// `gateway run --config FILE`.
 pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: log files and pipes get plain `key=value` text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    // The config first: it says how to log (a refused config is printed by main).
     let loaded = config::load(path)?;
+    let log = &loaded.settings.log;
+    crate::logging::init(
+        log.format,
+        log.level.as_deref(),
+        config::model::DEFAULT_LOG_LEVEL,
+    )?;
+    if let Some(level) = crate::logging::current() {
+        info!(level = %level.directives, from = level.source.name(), "logging");
+    }
     for w in &loaded.warnings {
         warn!("config: {w}");
     }
@@ -159,6 +160,20 @@ impl Signals {
     }
 }
 
+/// A reloaded `[log]`: its level applies at once (unless `RUST_LOG` set it, or the admin API
+/// changed it since: a reload brings the config's back); its format needs a restart.
+fn apply_log_settings(running: &crate::logging::LogFormat, log: &config::Log) {
+    if let Some(now) = crate::logging::apply_config(log.level.as_deref()) {
+        info!(level = %now.directives, from = now.source.name(), "logging");
+    }
+    if log.format != *running {
+        warn!(
+            setting = "log.format",
+            "changed on reload; takes effect after a restart"
+        );
+    }
+}
+
 /// Why the serving loop ended.
 enum Exit {
     Signal(&'static str),
@@ -191,6 +206,7 @@ async fn run(
     let (signals, _cgroup) = attach_observer(&settings.observer)?;
     let mut grace = settings.shutdown_grace;
     let mut drain_delay = settings.drain_delay;
+    let log_format = settings.log.format;
     let workers = settings.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -231,6 +247,7 @@ async fn run(
                         }
                         grace = loaded.settings.shutdown_grace;
                         drain_delay = loaded.settings.drain_delay;
+                        apply_log_settings(&log_format, &loaded.settings.log);
                         let report = handle.reload(loaded.settings).await;
                         for what in report.needs_restart {
                             warn!(setting = what, "changed on reload; takes effect after a restart");

@@ -138,6 +138,11 @@ pub trait SignalSource: Send + Sync + 'static {
     fn kernel_anomalies(&self) -> Option<Vec<(&'static str, u64)>> {
         None
     }
+    /// Anomaly log lines the kernel side did not write (its once-per-second limit per kind and
+    /// CPU); `None` without a kernel observer. Not for the request path.
+    fn anomaly_logs_suppressed(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// No kernel signals. Used when eBPF cannot load, and in tests.

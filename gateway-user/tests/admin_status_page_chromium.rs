@@ -60,7 +60,7 @@ fn run_chromium(url: &str, mode: &str, profile: &Path) -> String {
             "--disable-sync",
             "--disable-dev-shm-usage",
             "--hide-scrollbars",
-            "--window-size=1280,900",
+            "--window-size=1280,1600",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(mode)
@@ -133,15 +133,23 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
         let got = get(&c, gw.addr, "/").await;
         assert_eq!(got.status, StatusCode::OK, "{}", got.body);
     }
-    let (dom, png) = tokio::task::spawn_blocking(move || {
-        wait_for("the refusing endpoint ejected in /status", || {
-            let s = status(admin);
-            if endpoint(&s, "default", refused)["state"] == "ejected" {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        });
+    let (dom, png, after) = tokio::task::spawn_blocking(move || {
+        // Ejected, and its failed connects in a closed second of its history (the plot's data).
+        wait_for(
+            "the refusing endpoint ejected, its failures in its history",
+            || {
+                let s = status(admin);
+                let e = endpoint(&s, "default", refused);
+                let failed: u64 = e["history"]["errors"]["connect_refused"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
+                if e["state"] == "ejected" && failed > 0 {
+                    Ok(())
+                } else {
+                    Err(s.to_string())
+                }
+            },
+        );
         let profile = temp_dir("chromium-profile");
         let url = format!("http://{admin}/");
         let dom = run_chromium(&url, "--dump-dom", &profile);
@@ -152,7 +160,8 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
         let png = std::fs::read(&shot)
             .unwrap_or_else(|e| panic!("chromium wrote no screenshot at {}: {e}", shot.display()));
         eprintln!("status page screenshot: {}", shot.display());
-        (dom, png)
+        // Right after the page: seconds closed before it are the same in both.
+        (dom, png, status(admin))
     })
     .await
     .unwrap();
@@ -197,6 +206,74 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
         "kernel evidence on the page:\n{dom}"
     );
 
-    assert_eq!(png_size(&png), (1280, 900));
+    plots_match_status(&dom, &after, refused, good.addr);
+
+    assert_eq!(png_size(&png), (1280, 1600));
     assert!(png.len() > 20_000, "a blank page compresses to less");
+}
+
+/// The value of the attribute that follows `prefix` (`… name="`), up to its closing quote.
+fn attr_after<'a>(dom: &'a str, prefix: &str) -> Option<&'a str> {
+    let start = dom.find(prefix)? + prefix.len();
+    dom[start..].split('"').next()
+}
+
+/// Each endpoint has its plot; the refusing one's failed-connect bars carry, second by second,
+/// the counts of its `history.errors` in `/status`, and its ejection marker sits at the
+/// ejection's time in `history.changes`.
+fn plots_match_status(
+    dom: &str,
+    status: &serde_json::Value,
+    refused: std::net::SocketAddr,
+    good: std::net::SocketAddr,
+) {
+    for addr in [refused, good] {
+        assert!(
+            dom.contains(&format!("data-endpoint=\"{addr}\" data-t0=\"")),
+            "no plot (<svg data-endpoint=…>) for {addr}:\n{dom}"
+        );
+    }
+    let e = endpoint(status, "default", refused);
+    let h = &e["history"];
+    let first = h["first_unix_s"].as_u64().expect("first_unix_s");
+    let counts = h["errors"]["connect_refused"].as_array().expect("errors");
+    let drawn = attr_after(dom, "data-reason=\"connect_refused\" data-counts=\"")
+        .unwrap_or_else(|| panic!("no connect_refused bars in the plot:\n{dom}"));
+    let mut total = 0;
+    for pair in drawn.split(' ') {
+        let (second, n) = pair.split_once(':').expect("second:count");
+        let (second, n): (u64, u64) = (second.parse().unwrap(), n.parse().unwrap());
+        let i = second.checked_sub(first).expect("a second of the window") as usize;
+        assert_eq!(
+            counts.get(i).and_then(|v| v.as_u64()),
+            Some(n),
+            "plot says {n} failed connects at {second}, /status says {:?}: {h}",
+            counts.get(i)
+        );
+        total += n;
+    }
+    assert!(total > 0, "{drawn}");
+    let ejected_at = h["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .find(|c| c["event"] == "ejected")
+        .and_then(|c| c["at_unix_ms"].as_u64())
+        .unwrap_or_else(|| panic!("no ejection in the history: {h}"));
+    assert_eq!(
+        attr_after(dom, "class=\"mark ejected\" data-at-unix-ms=\""),
+        Some(ejected_at.to_string().as_str()),
+        "the ejection marker at the ejection's time:\n{dom}"
+    );
+    // The healthy endpoint's latency and SYN-RTT lines (the requests above went through it).
+    let good_plot = &dom[dom
+        .find(&format!("data-endpoint=\"{good}\" data-t0=\""))
+        .unwrap()..];
+    let good_plot = &good_plot[..good_plot.find("</svg>").unwrap()];
+    for series in ["latency_p50_us", "syn_rtt_p50_us"] {
+        assert!(
+            good_plot.contains(&format!("data-series=\"{series}\"")),
+            "{series} drawn for {good}:\n{good_plot}"
+        );
+    }
 }

@@ -254,3 +254,39 @@ fn privileged_sigint_mid_probe_removes_the_cgroup() {
     );
     assert_no_cgroup_left(pid);
 }
+
+#[test]
+fn privileged_text_report_draws_the_syn_rtt_histogram_when_there_are_enough_handshakes() {
+    require_root();
+    // Connects complete into the backlog: no accept() needed.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().to_string();
+    let closed = refused_addr().to_string();
+    let run = diagnose_here(gateway_bin!(), &["--count", "8", &open, &closed]);
+    let out = &run.stdout;
+    let header = format!("  SYN-RTT of {open} (8 handshakes, SYN to SYN-ACK, kernel):");
+    let at = out
+        .find(&header)
+        .unwrap_or_else(|| panic!("no histogram for {open}:\n{out}\n{}", run.stderr));
+    // Its bucket lines: indented four spaces, a range, a bar, a count; the counts add up.
+    let total: u64 = out[at + header.len()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") && !l.trim_start().starts_with('-'))
+        .map(|l| {
+            assert!(
+                l.contains("µs–") || l.contains("ms–") || l.contains("s–"),
+                "{l}"
+            );
+            l.rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum();
+    assert_eq!(total, 8, "{out}");
+    // A refused port completes no handshake: no histogram.
+    assert!(!out.contains(&format!("SYN-RTT of {closed}")), "{out}");
+    drop(listener);
+}

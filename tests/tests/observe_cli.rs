@@ -384,3 +384,86 @@ fn privileged_metrics_cap_destination_labels_and_count_the_rest_as_other() {
     }
     drop(obs);
 }
+
+/// One `connect-probe` connect to `addr`, from inside `cgroup`: its cookie.
+fn probe_in_cgroup(cgroup: &gateway_lab::CgroupGuard, addr: SocketAddr) -> u64 {
+    use gateway_lab::NetnsCommandExt as _;
+    let out = Command::new(connect_probe!().path())
+        .arg("go")
+        .arg(addr.to_string())
+        .in_cgroup(cgroup)
+        .output()
+        .expect("running connect-probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("connect-probe printed no JSON ({e}): {text}"));
+    assert_eq!(line["result"], "ECONNREFUSED", "{line}");
+    line["cookie"].as_u64().expect("cookie")
+}
+
+#[test]
+fn privileged_observe_attributes_each_connect_to_its_unit_container_and_pod() {
+    require_root();
+    const ID: &str = "3f9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f90";
+    const POD_ID: &str = "aa9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f90";
+    const UID: &str = "7d2c1f0e-9a8b-4c3d-8e7f-6a5b4c3d2e1f";
+    // Cgroups laid out as systemd, Docker and the kubelet (systemd driver) name theirs, under
+    // one of the test's own (dropped last: children go first).
+    let base = gateway_lab::CgroupGuard::new("attr").expect("a cgroup of the test's own");
+    let unit = gateway_lab::CgroupGuard::create(base.path().join("payments.service")).unwrap();
+    let docker =
+        gateway_lab::CgroupGuard::create(base.path().join(format!("docker-{ID}.scope"))).unwrap();
+    let pod = gateway_lab::CgroupGuard::create(base.path().join(format!(
+        "kubepods-burstable-pod{}.slice",
+        UID.replace('-', "_")
+    )))
+    .unwrap();
+    let pod_container =
+        gateway_lab::CgroupGuard::create(pod.path().join(format!("cri-containerd-{POD_ID}.scope")))
+            .unwrap();
+    let mount = gateway_lab::cgroup2_mount().unwrap();
+    let rel = |g: &gateway_lab::CgroupGuard| {
+        format!("/{}", g.path().strip_prefix(&mount).unwrap().display())
+    };
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let obs = observe(&[
+        "--json",
+        "--cgroup",
+        &base.path().display().to_string(),
+        "--metrics",
+        &metrics.to_string(),
+        "--metrics-by",
+        "unit",
+        "--join-window-ms",
+        "100",
+    ]);
+    let closed = refused_addr();
+    let r = obs.record(probe_in_cgroup(&unit, closed));
+    assert_eq!(r["cgroup"], rel(&unit), "{r}");
+    assert_eq!(r["systemd_unit"], "payments.service", "{r}");
+    assert_eq!(r["container_id"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["pod_uid"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["outcome"], "refused", "{r}");
+    let r = obs.record(probe_in_cgroup(&docker, closed));
+    assert_eq!(r["cgroup"], rel(&docker), "{r}");
+    assert_eq!(r["container_id"], ID, "{r}");
+    assert_eq!(r["systemd_unit"], format!("docker-{ID}.scope"), "{r}");
+    let r = obs.record(probe_in_cgroup(&pod_container, closed));
+    assert_eq!(r["cgroup"], rel(&pod_container), "{r}");
+    assert_eq!(r["pod_uid"], UID, "{r}");
+    assert_eq!(r["container_id"], POD_ID, "{r}");
+    // The same connects by unit, as asked for with --metrics-by unit.
+    let text = http_get(metrics, "/metrics");
+    for service in [
+        "payments.service".to_owned(),
+        format!("docker-{ID}.scope"),
+        format!("cri-containerd-{POD_ID}.scope"),
+    ] {
+        let want = format!(
+            "gateway_connect_attempts_by_service_total{{service=\"{service}\",outcome=\"refused\"}} 1"
+        );
+        assert!(text.contains(&want), "metrics lack {want}:\n{text}");
+    }
+    drop(obs);
+    drop((pod_container, pod, docker, unit, base));
+}

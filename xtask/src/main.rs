@@ -211,6 +211,25 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     );
+    // `gateway demo` end to end: its test needs the binary built with the fault lab (the
+    // `demo` feature), so it runs last, after the tests of the production build.
+    let demo = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "gateway-user",
+                "--features",
+                "demo",
+                "--test",
+                "demo_privileged",
+            ])
+            .arg("--")
+            .arg("--test-threads=1")
+            .args(&filter),
+        &mut totals,
+    );
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
     // a filtered run is for iterating on something else.
     let mut fuzz_failed = 0;
@@ -239,7 +258,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         totals.passed, totals.failed, totals.ignored
     );
     println!("{} passed, {} failed", totals.passed, totals.failed);
-    unit.and(end_to_end)?;
+    unit.and(end_to_end).and(demo)?;
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz target(s) failed");
     }

@@ -35,7 +35,23 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     #[serde(default)]
     pub observer: ObserverConfig,
+    #[serde(default)]
+    pub log: LogConfig,
 }
+
+/// `[log]`: the gateway's own log on stderr (not the access log). See `crate::logging`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` (default) or `"json"` (one object per line). A change needs a restart.
+    pub format: Option<crate::logging::LogFormat>,
+    /// `tracing` directives: a level (`"info"`, default [`DEFAULT_LOG_LEVEL`]) or e.g.
+    /// `"info,gateway::proxy=debug"`. `RUST_LOG`, when set, wins; `PUT /logging` on the admin
+    /// listener changes it until the next reload.
+    pub level: Option<String>,
+}
+
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// `[observer]`: the kernel (eBPF) signals that drive health, deadlines and hedging.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

@@ -33,6 +33,7 @@ pub struct Settings {
     pub expose_errors: Option<ExposeErrors>,
     /// `None` when request IDs are off.
     pub request_id: Option<RequestId>,
+    pub log: Log,
 }
 
 /// `[router.request_id]`.
@@ -40,6 +41,14 @@ pub struct Settings {
 pub struct RequestId {
     pub header: HeaderName,
     pub keep_incoming: bool,
+}
+
+/// `[log]`: the gateway's own log (`crate::logging`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    pub format: crate::logging::LogFormat,
+    /// Valid `tracing` directives; `None`: not configured (the default applies).
+    pub level: Option<String>,
 }
 
 /// The HTTPS listeners (`https_port`, `https_listen`) and their TLS (`[router.tls]`).

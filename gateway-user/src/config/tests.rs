@@ -352,3 +352,28 @@ fn peak_ewma_and_its_latency_table() {
     .expect_err("a factor of 1 makes every endpoint slow");
     assert!(err.to_string().contains("slow_factor"), "{err}");
 }
+
+#[test]
+fn log_format_and_level_are_read_and_checked_with_file_line_and_key() {
+    let s = load(&format!(
+        "{COMMON}\n[log]\nformat = \"json\"\nlevel = \"warn,gateway::proxy=debug\"\n"
+    ))
+    .unwrap()
+    .settings;
+    assert_eq!(s.log.format, crate::logging::LogFormat::Json);
+    assert_eq!(s.log.level.as_deref(), Some("warn,gateway::proxy=debug"));
+    let d = load(COMMON).unwrap().settings.log;
+    assert_eq!((d.format, d.level), (crate::logging::LogFormat::Text, None));
+    let e = err(&format!("{COMMON}\n[log]\nlevel = \"warning\"\n"));
+    assert!(
+        e.starts_with(
+            "gw.toml:12:1: key `log.level`: log level \"warning\": `warning` is not a level"
+        ),
+        "{e}"
+    );
+    let e = err(&format!("{COMMON}\n[log]\nformat = \"xml\"\n"));
+    assert!(
+        e.contains("gw.toml:12:10: key `log.format`") && e.contains("expected `text` or `json`"),
+        "{e}"
+    );
+}

@@ -92,6 +92,11 @@ pub enum Invalid {
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
     EmptyLogOutput,
+    #[error("log level {value:?}: {reason}")]
+    LogLevel {
+        value: String,
+        reason: crate::logging::LevelError,
+    },
     #[error(
         "observer cgroup {value:?}: {reason}; use a name such as \"gateway-{{pid}}\" (a child of the gateway's own cgroup), \".\" (the own cgroup itself) or an absolute cgroup v2 path"
     )]
@@ -454,6 +459,21 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     };
 
     let request_id = request_id(&mut c, &cfg.router.request_id);
+    let log = Log {
+        format: cfg.log.format.unwrap_or_default(),
+        level: cfg.log.level.clone(),
+    };
+    if let Some(level) = &log.level
+        && let Err(reason) = crate::logging::parse_level(level)
+    {
+        c.fail(
+            KeyPath::root().key("log").key("level"),
+            Invalid::LogLevel {
+                value: level.clone(),
+                reason,
+            },
+        );
+    }
 
     let observer_cgroup = observer_cgroup(
         &mut c,
@@ -485,6 +505,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             },
             expose_errors: cfg.router.expose_upstream_errors,
             request_id,
+            log,
         },
         c.warnings,
     ))

@@ -117,6 +117,29 @@ impl TargetReport {
             }
         }
         let _ = writeln!(s, "  measured: {}", self.measured_line());
+        // Where the kernel measured enough handshakes, their spread at a glance.
+        for a in &self.measurements.addresses {
+            let samples: Vec<u64> = a
+                .attempts
+                .iter()
+                .chain(&a.patient_attempts)
+                .filter_map(|t| t.syn_rtt_us)
+                .collect();
+            if let Some(h) = super::histogram::render(&samples) {
+                let _ = writeln!(
+                    s,
+                    "  SYN-RTT of {} ({} handshakes, {}):",
+                    a.address,
+                    samples.len(),
+                    if self.measurements.kernel_signals {
+                        "SYN to SYN-ACK, kernel"
+                    } else {
+                        "connect() to writable, userspace"
+                    }
+                );
+                s.push_str(&h);
+            }
+        }
         s
     }
 

@@ -1,5 +1,9 @@
 //! Prometheus metrics of `gateway observe`, and the tiny HTTP listener that serves them.
-//! The registry is built once and passed down; label sets are typed.
+//! The registry is built once and passed down; label sets are typed. The SYN-RTT histogram's
+//! buckets reach the kernel's own SYN budget (`tcp_syn_retries`, `tcp_syn_linear_timeouts` of
+//! the observer's network namespace: 131 s with the stock sysctls), the longest a handshake
+//! can take; `gateway_build_info` and the `process_*` family are `gateway run`'s
+//! (`crate::metrics::process`).
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
@@ -12,15 +16,15 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::observer::records::{ConnectRecord, OutcomeName, SoErrorRead, comm_str, errno_name};
+use crate::{
+    metrics::{LatencyBuckets, register},
+    observer::records::{ConnectRecord, OutcomeName, SoErrorRead, comm_str, errno_name},
+};
 
-/// Buckets from 50 µs to ~13 s, doubling.
-pub fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 19)
-}
-
-fn syn_rtt_histogram() -> Histogram {
-    Histogram::new(latency_buckets())
+/// The SYN-RTT buckets: up to the kernel's SYN budget in this network namespace.
+pub fn syn_rtt_buckets() -> LatencyBuckets {
+    let budget = crate::diagnose::budget::read();
+    LatencyBuckets::reaching(std::time::Duration::from_millis(budget.budget_ms))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +38,23 @@ impl EncodeLabelValue for OutcomeName {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         std::fmt::Write::write_str(encoder, self.0.name())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceOutcome {
+    pub service: String,
+    pub outcome: OutcomeName,
+}
+
+/// Label value for connects whose cgroup path names no service of the chosen kind.
+pub const NO_SERVICE: &str = "none";
+
+/// `gateway_connect_attempts_by_service_total`, when asked for (`observe --metrics-by`).
+struct ByService {
+    attempts: Family<ServiceOutcome, Counter>,
+    by: super::attribution::ServiceLabel,
+    known: HashSet<String>,
+    max: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,7 +79,7 @@ pub const OTHER_DST: &str = "other";
 
 pub struct ObserverMetrics {
     attempts: Family<DstOutcome, Counter>,
-    syn_rtt: Family<Dst, Histogram, fn() -> Histogram>,
+    syn_rtt: Family<Dst, Histogram, LatencyBuckets>,
     syn_retransmits: Family<Dst, Counter>,
     socket_errors: Family<ErrnoComm, Counter>,
     events_lost: Counter,
@@ -74,13 +95,19 @@ pub struct ObserverMetrics {
     known_dsts: HashSet<String>,
     max_destinations: usize,
     lost_seen: u64,
+    by_service: Option<ByService>,
 }
 
 impl ObserverMetrics {
-    pub fn new(registry: &mut Registry, max_destinations: usize) -> ObserverMetrics {
+    /// Registers every family; the SYN-RTT histogram gets `buckets` ([`syn_rtt_buckets`]).
+    pub fn new(
+        registry: &mut Registry,
+        max_destinations: usize,
+        buckets: LatencyBuckets,
+    ) -> ObserverMetrics {
         let m = ObserverMetrics {
             attempts: Family::default(),
-            syn_rtt: Family::new_with_constructor(syn_rtt_histogram),
+            syn_rtt: Family::new_with_constructor(buckets),
             syn_retransmits: Family::default(),
             socket_errors: Family::default(),
             events_lost: Counter::default(),
@@ -95,62 +122,75 @@ impl ObserverMetrics {
             known_dsts: HashSet::new(),
             max_destinations,
             lost_seen: 0,
+            by_service: None,
         };
-        registry.register(
+        register(
+            registry,
             "gateway_connect_attempts",
             "TCP connects by destination and outcome (established, refused, timeout, unreachable, aborted, addr_unavailable), as seen by the kernel (eBPF sock_ops).",
             m.attempts.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_connect_syn_rtt_seconds",
             "Time from SYN sent to SYN-ACK received, measured by the kernel (eBPF sock_ops).",
             m.syn_rtt.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_connect_syn_retransmits",
             "SYN retransmits by destination, counted by the kernel (eBPF sock_ops RETRANS).",
             m.syn_retransmits.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_socket_errors",
             "Errors applications read through getsockopt(SO_ERROR), by errno and process name; seen by the kernel (eBPF cgroup getsockopt).",
             m.socket_errors.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_events_lost",
             "Connect records the kernel could not queue because the ring buffer was full.",
             m.events_lost.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_late_so_errors",
             "SO_ERROR reads that arrived after their connect record had been released without them.",
             m.late_so_errors.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_kernel_anomalies",
             "Rare kernel-side failures, by kind: dest_insert_failed (a destination could not be added to DEST_STATS), conn_insert_failed (CONN_STATS), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged, at most once per second per kind and CPU.",
             m.anomalies.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_kernel_anomaly_logs_suppressed",
             "Kernel anomaly log lines not written because of the once-per-second rate limit (they are still counted).",
             m.anomaly_logs_suppressed.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_destinations_tracked",
             "Destinations the kernel's per-destination table (LRU, --max-destinations) holds now.",
             m.dest_tracked.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_destinations_evicted",
             "Destinations the kernel's per-destination table evicted (least recently used) to make room: added minus held.",
             m.dest_evicted.clone(),
         );
-        registry.register(
+        register(
+            registry,
             "gateway_observer_kernel_attached",
             "1 while the eBPF programs are attached and feeding this process.",
             m.kernel_attached.clone(),
         );
+        crate::metrics::process::register(registry);
         m
     }
 
@@ -165,6 +205,51 @@ impl ObserverMetrics {
         } else {
             OTHER_DST.to_owned()
         }
+    }
+
+    /// Registers `gateway_connect_attempts_by_service_total`, labelled by `by`, with at most
+    /// `max` distinct services (the rest are `other`).
+    pub fn count_by_service(
+        &mut self,
+        registry: &mut Registry,
+        by: super::attribution::ServiceLabel,
+        max: usize,
+    ) {
+        let attempts = Family::<ServiceOutcome, Counter>::default();
+        register(
+            registry,
+            "gateway_connect_attempts_by_service",
+            "TCP connects by the service that made them (its cgroup path, systemd unit, container id or pod UID, as chosen with --metrics-by; none where the path names none) and outcome, as seen by the kernel (eBPF sock_ops).",
+            attempts.clone(),
+        );
+        self.by_service = Some(ByService {
+            attempts,
+            by,
+            known: HashSet::new(),
+            max,
+        });
+    }
+
+    /// Counts `rec` under its service, when counting by service was asked for.
+    pub fn record_service(&mut self, rec: &ConnectRecord, service: &super::attribution::Service) {
+        let Some(b) = &mut self.by_service else {
+            return;
+        };
+        let value = service.label(b.by).unwrap_or(NO_SERVICE);
+        let label = if b.known.contains(value) {
+            value.to_owned()
+        } else if b.known.len() < b.max {
+            b.known.insert(value.to_owned());
+            value.to_owned()
+        } else {
+            OTHER_DST.to_owned()
+        };
+        b.attempts
+            .get_or_create(&ServiceOutcome {
+                service: label,
+                outcome: rec.outcome,
+            })
+            .inc();
     }
 
     pub fn set_attached(&self, attached: bool) {
@@ -307,10 +392,16 @@ mod tests {
 
     use super::*;
 
+    use std::time::Duration;
+
     #[test]
     fn outcome_labels_are_the_contract_names() {
         let mut registry = Registry::default();
-        let mut m = ObserverMetrics::new(&mut registry, 10);
+        let mut m = ObserverMetrics::new(
+            &mut registry,
+            10,
+            LatencyBuckets::reaching(Duration::from_secs(131)),
+        );
         let mut rec = ConnectRecord {
             ts_unix_ns: 0,
             dst: "10.0.0.5:8080".parse().unwrap(),
@@ -332,6 +423,17 @@ mod tests {
         m.record(&rec);
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
+        for h in text.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(h.ends_with('.') && !h.ends_with(".."), "{h}");
+        }
+        assert!(
+            text.contains(
+                "gateway_connect_syn_rtt_seconds_bucket{le=\"209.7152\",dst=\"10.0.0.5:8080\"} 1"
+            ),
+            "buckets reach the kernel's 131 s SYN budget:\n{text}"
+        );
+        assert!(text.contains("gateway_build_info{"), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
         for want in [
             "gateway_connect_attempts_total{dst=\"10.0.0.5:8080\",outcome=\"addr_unavailable\"} 1",
             "gateway_connect_attempts_total{dst=\"10.0.0.5:8080\",outcome=\"established\"} 1",
@@ -365,7 +467,11 @@ mod tests {
     #[test]
     fn destination_labels_are_capped() {
         let mut registry = Registry::default();
-        let mut m = ObserverMetrics::new(&mut registry, 10);
+        let mut m = ObserverMetrics::new(
+            &mut registry,
+            10,
+            LatencyBuckets::reaching(Duration::from_secs(131)),
+        );
         for port in 0..5000 {
             m.record(&rec(port));
         }

@@ -9,9 +9,15 @@
 //! | `GET /healthz` | 200 `ok` while serving, with the kernel-signal mode; 503 `draining` once shutdown began (load balancers stop sending) |
 //! | `GET /readyz` | 200 when serving and every cluster has at least one routable (healthy or suspect) endpoint; else 503 and the reason, one line per problem |
 //! | `GET /` | the status page: `/status` as server-rendered HTML that reloads itself every 2 s (`page`) |
+//! | `GET /logging`, `PUT /logging` | the gateway's log level; `PUT` (loopback clients only) changes it at once, the directives as the body (`logging`) |
+//!
+//! Everything else is read-only: other methods get 405.
 
+mod logging;
 pub(crate) mod page;
+mod plot;
 pub mod status;
+mod timeline;
 
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
 
@@ -40,12 +46,17 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             r = listener.accept() => {
-                let Ok((stream, _)) = r else { continue };
+                let Ok((stream, peer)) = r else { continue };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |req: Request<Incoming>| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                        async move {
+                            if req.uri().path() == "/logging" {
+                                return Ok::<_, Infallible>(logging::handle(peer, req).await);
+                            }
+                            Ok::<_, Infallible>(route(&shared, &req))
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -66,7 +77,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let mut resp = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             TEXT,
-            "the admin API is read-only: GET only\n".into(),
+            "the admin API is read-only: GET only (but PUT /logging)\n".into(),
         );
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -107,7 +118,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found; try /, /status, /metrics, /healthz or /readyz\n".into(),
+            "not found; try /, /status, /metrics, /healthz, /readyz or /logging\n".into(),
         ),
     }
 }

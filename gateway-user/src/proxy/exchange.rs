@@ -1,8 +1,9 @@
 //! One request's context, from its arrival to the end of its response: the access-log
 //! [`Record`] (plain data), the guard that counts it among its cluster's requests in flight,
-//! its route's metric handles, the upstream connection lent to it, and what it is doing now.
-//! The response body owns it; when the response is over (or abandoned) the connection goes
-//! back, the request is counted and its log line is written.
+//! its route's metric handles, the upstream connection lent to it, the endpoint of its latest
+//! attempt, and what it is doing now. The response body owns it; when the response is over
+//! (or abandoned) the connection goes back, the request is counted (in the metrics and in the
+//! endpoint's history) and its log line is written.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,7 +16,7 @@ use super::{
     router::CompiledRoute,
     shared::Shared,
     telemetry::RouteMeter,
-    upstream::{Cluster, Lease},
+    upstream::{Cluster, Endpoint, Lease},
 };
 use crate::{config::ExposeErrors, decide::budget::ActiveRequest};
 
@@ -40,6 +41,8 @@ pub(crate) struct Exchange {
     pub request_id_header: Option<http::HeaderName>,
     /// The client's request body on its way, for its byte count; `None` without a body.
     pub body: Option<Arc<super::request_body::Progress>>,
+    /// The endpoint of the latest attempt: the request's latency goes into its history.
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 impl Exchange {
@@ -61,6 +64,7 @@ impl Exchange {
             grpc: false,
             request_id_header: None,
             body: None,
+            endpoint: None,
         })
     }
 
@@ -102,6 +106,16 @@ impl Exchange {
     pub fn count(&mut self) {
         if let Some(b) = &self.body {
             self.record.request_bytes = self.record.request_bytes.max(b.bytes());
+        }
+        if let Some(ep) = &self.endpoint {
+            let history = &ep.health.history;
+            history.request(self.record.start.elapsed());
+            // A failure after the response head (a stalled body) is the endpoint's too.
+            if let Some(k) = self.record.error
+                && self.record.attempts.last().and_then(|a| a.error) != Some(k)
+            {
+                history.failed(k);
+            }
         }
         self.shared
             .telemetry

@@ -16,8 +16,9 @@
 //! | health_state, ejections | at each health transition (`Cluster::log_transition`), and the state every second |
 //! | latency, slowdowns | the estimate every second; a slowdown when `peak_ewma`'s evaluator marks the endpoint slow (`upstream::latency`) |
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
-//! | observer_kernel, observer_mode | at start |
-//! | events_lost | every second, from the observer's counter |
+//! | observer_kernel, observer_mode, build_info | at start |
+//! | events_lost, kernel_anomalies, kernel_anomaly_logs_suppressed | every second, from the observer's counters |
+//! | process_* | at each scrape, from `/proc/self` (`metrics::process`) |
 //! | tls_handshakes, tls_handshake_errors, tls_handshake_duration | each TLS handshake, downstream (`handshake`) and upstream (`upstream::connect`) ([`TlsMeter`]) |
 //! | tls_certificate_expiry | at start and at every reload, from the certificates the config loaded |
 //!
@@ -30,10 +31,15 @@
 //! timeout, unreachable) hands its error to the gateway through `getsockopt(SO_ERROR)` (tokio
 //! reads it when the socket turns writable), so those failures are counted with the kernel's
 //! errno. Errors `connect()` returns at once (EADDRNOTAVAIL, no route) are not `SO_ERROR` reads.
+//!
+//! Histograms get buckets up to the longest timeout configured at start ([`longest_timeout`]);
+//! the series of routes, clusters and endpoints that are gone are removed ([`series`]).
 
+mod series;
 mod tls;
 mod tunnel;
 
+use self::series::Series;
 pub(crate) use self::{
     tls::{Side, TlsMeter},
     tunnel::{TunnelEnd, TunnelMeter},
@@ -41,7 +47,7 @@ pub(crate) use self::{
 
 use std::{
     sync::{
-        OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -59,17 +65,33 @@ use super::{
     error::{ErrorKind, ProxyError},
 };
 use crate::{
+    config::Settings,
     decide::{
         health::{State, Transition},
         retry::RetryReason,
     },
     metrics::{
         ClusterLabels, ClusterReason, EndpointErrno, EndpointLabels, EndpointOutcome,
-        EndpointReason, ErrnoLabels, FloatGauge, GatewayMetrics, HedgeLabels, ModeLabels,
-        PhaseLabels, RequestLabels, RouteLabels, StateLabels,
+        EndpointReason, ErrnoLabels, FloatGauge, GatewayMetrics, HedgeLabels, LatencyBuckets,
+        ModeLabels, PhaseLabels, RequestLabels, RouteLabels, StateLabels,
     },
     signals::{ConnectEvidence, SignalMode, SignalSource},
 };
+
+/// The longest timeout in `settings` that a histogram can measure: every cluster's connect,
+/// response, write, request and TLS handshake timeouts, and the HTTPS listener's handshake.
+pub(crate) fn longest_timeout(settings: &Settings) -> Duration {
+    settings
+        .clusters
+        .values()
+        .flat_map(|c| {
+            let t = &c.timeouts;
+            [t.connect, t.response, t.write, t.request, t.tls_handshake]
+        })
+        .chain([settings.downstream.tls_handshake_timeout])
+        .max()
+        .unwrap_or_default()
+}
 
 /// The label of requests that matched no route (and of their cluster).
 pub(crate) const UNROUTED: &str = "-";
@@ -133,13 +155,16 @@ pub(crate) struct Telemetry {
     pub tls: TlsMeter,
     /// The kernel's anomaly counts as last exported, by kind.
     anomalies_seen: std::sync::Mutex<Vec<(&'static str, u64)>>,
+    logs_suppressed_seen: AtomicU64,
+    series: Arc<Series>,
 }
 
 impl Telemetry {
-    /// Registers every family and sets the observer gauges from `signals`.
-    pub fn new(signals: &dyn SignalSource) -> Telemetry {
+    /// Registers every family and sets the observer gauges from `signals`; histogram buckets
+    /// reach `longest` ([`longest_timeout`]).
+    pub fn new(signals: &dyn SignalSource, longest: Duration) -> Telemetry {
         let mut registry = Registry::default();
-        let metrics = GatewayMetrics::new(&mut registry);
+        let metrics = GatewayMetrics::new(&mut registry, LatencyBuckets::reaching(longest));
         let kernel = signals.mode() == SignalMode::Kernel;
         metrics.observer_kernel.set(i64::from(kernel));
         for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
@@ -148,7 +173,8 @@ impl Telemetry {
                 .get_or_create(&ModeLabels { mode })
                 .set(i64::from(on));
         }
-        let unrouted = RouteMeter::new(&metrics, UNROUTED, UNROUTED, false);
+        let series = Arc::new(Series::default());
+        let unrouted = RouteMeter::new(&metrics, &series, UNROUTED, UNROUTED, false);
         Telemetry {
             tls: TlsMeter::new(&metrics),
             registry,
@@ -158,15 +184,33 @@ impl Telemetry {
             unrouted,
             events_lost_seen: AtomicU64::new(0),
             anomalies_seen: std::sync::Mutex::new(Vec::new()),
+            logs_suppressed_seen: AtomicU64::new(0),
+            series,
         }
     }
 
+    /// The histograms' highest finite bucket: a reload that brings a longer timeout needs a
+    /// restart for the buckets to reach it.
+    pub fn buckets_top(&self) -> Duration {
+        self.metrics.buckets.top()
+    }
+
     pub fn route(&self, route: &str, cluster: &str) -> RouteMeter {
-        RouteMeter::new(&self.metrics, route, cluster, true)
+        RouteMeter::new(&self.metrics, &self.series, route, cluster, true)
     }
 
     pub fn cluster(&self, name: &str) -> ClusterMeter {
-        ClusterMeter::new(&self.metrics, name)
+        ClusterMeter::new(&self.metrics, &self.series, name)
+    }
+
+    /// The kernel's count of anomaly log lines it suppressed, read every second.
+    pub fn anomaly_logs_suppressed(&self, total: u64) {
+        let before = self.logs_suppressed_seen.swap(total, Ordering::Relaxed);
+        if total > before {
+            self.metrics
+                .kernel_anomaly_logs_suppressed
+                .inc_by(total - before);
+        }
     }
 
     /// A request is over (its access-log line is being written). `meter`: its route's
@@ -214,6 +258,8 @@ impl Telemetry {
 /// A route's handles (or the one for requests that matched no route).
 pub(crate) struct RouteMeter {
     labels: RouteLabels,
+    metrics: GatewayMetrics,
+    series: Arc<Series>,
     requests: Family<RequestLabels, Counter>,
     /// Status 100..=599 at `status - 100`, each filled on first use.
     by_status: Box<[OnceLock<Counter>]>,
@@ -226,11 +272,18 @@ const STATUS_MIN: u16 = 100;
 const STATUS_MAX: u16 = 599;
 
 impl RouteMeter {
-    fn new(m: &GatewayMetrics, route: &str, cluster: &str, timeouts: bool) -> RouteMeter {
+    fn new(
+        m: &GatewayMetrics,
+        series: &Arc<Series>,
+        route: &str,
+        cluster: &str,
+        timeouts: bool,
+    ) -> RouteMeter {
         let labels = RouteLabels {
             route: route.to_owned(),
             cluster: cluster.to_owned(),
         };
+        series.take_route(&labels);
         let duration = m.request_duration.get_or_create(&labels).clone();
         let timeouts = timeouts.then(|| {
             PHASES.map(|phase| {
@@ -245,6 +298,8 @@ impl RouteMeter {
         });
         RouteMeter {
             labels,
+            metrics: m.clone(),
+            series: series.clone(),
             requests: m.requests.clone(),
             by_status: (STATUS_MIN..=STATUS_MAX).map(|_| OnceLock::new()).collect(),
             duration,
@@ -293,11 +348,18 @@ impl RouteMeter {
     }
 }
 
+impl Drop for RouteMeter {
+    fn drop(&mut self) {
+        self.series.give_back_route(&self.metrics, &self.labels);
+    }
+}
+
 /// A cluster's handles; it hands out its endpoints' ([`ClusterMeter::endpoint`]).
 pub(crate) struct ClusterMeter {
     /// Upstream TLS handshakes.
     pub tls: TlsMeter,
     metrics: GatewayMetrics,
+    series: Arc<Series>,
     name: String,
     retries: [Counter; RETRY_REASONS.len()],
     hedges: [Counter; 3],
@@ -307,7 +369,8 @@ pub(crate) struct ClusterMeter {
 }
 
 impl ClusterMeter {
-    fn new(m: &GatewayMetrics, name: &str) -> ClusterMeter {
+    fn new(m: &GatewayMetrics, series: &Arc<Series>, name: &str) -> ClusterMeter {
+        series.take_cluster(name);
         ClusterMeter {
             tls: TlsMeter::new(m),
             retries: RETRY_REASONS.map(|r| {
@@ -337,6 +400,7 @@ impl ClusterMeter {
             ),
             tunnels: std::sync::Arc::new(TunnelMeter::new(m, name)),
             metrics: m.clone(),
+            series: series.clone(),
             name: name.to_owned(),
         }
     }
@@ -344,6 +408,7 @@ impl ClusterMeter {
     pub fn endpoint(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> EndpointMeter {
         EndpointMeter::new(
             &self.metrics,
+            &self.series,
             &self.name,
             addr,
             connect_timeout,
@@ -366,9 +431,23 @@ impl ClusterMeter {
     }
 }
 
+impl Drop for ClusterMeter {
+    fn drop(&mut self) {
+        let retry_reasons = RETRY_REASONS.map(RetryReason::name);
+        self.series.give_back_cluster(
+            &self.metrics,
+            &self.name,
+            &PHASES,
+            &retry_reasons,
+            &HEDGE_RESULTS,
+        );
+    }
+}
+
 /// An endpoint's handles.
 pub(crate) struct EndpointMeter {
     metrics: GatewayMetrics,
+    series: Arc<Series>,
     labels: EndpointLabels,
     /// By [`Outcome::ALL`] order.
     attempts: [OnceLock<Counter>; 6],
@@ -391,6 +470,7 @@ pub(crate) struct EndpointMeter {
 impl EndpointMeter {
     fn new(
         m: &GatewayMetrics,
+        series: &Arc<Series>,
         cluster: &str,
         addr: std::net::SocketAddr,
         connect_timeout: Duration,
@@ -400,6 +480,7 @@ impl EndpointMeter {
             cluster: cluster.to_owned(),
             endpoint: addr.to_string(),
         };
+        series.take_endpoint(&labels);
         let states = State::ALL.map(|s| {
             m.health_state
                 .get_or_create(&StateLabels {
@@ -422,6 +503,7 @@ impl EndpointMeter {
             slowdowns: counter(&m.slowdowns, &labels),
             labels,
             metrics: m.clone(),
+            series: series.clone(),
         };
         meter.deadline(connect_timeout);
         meter.state(State::Healthy);
@@ -459,6 +541,7 @@ impl EndpointMeter {
     /// A health transition: the ejection counter, and the state gauges.
     pub fn transition(&self, t: Transition, now: State) {
         if let Transition::Ejected { reason, .. } = t {
+            self.series.note_reason(&self.labels, reason.name());
             counter(
                 &self.metrics.ejections,
                 &EndpointReason {
@@ -495,6 +578,7 @@ impl EndpointMeter {
 
     fn failure(&self, errno: u32) {
         let make = || {
+            self.series.note_errno(&self.labels, errno_label(errno));
             counter(
                 &self.metrics.connect_failures,
                 &EndpointErrno {
@@ -581,12 +665,10 @@ impl EndpointMeter {
 }
 
 impl Drop for EndpointMeter {
-    /// An endpoint that goes away (re-resolved, or its cluster replaced by a reload) leaves
-    /// no state set; a live endpoint sharing these series sets its own again within a second.
+    /// An endpoint that goes away (re-resolved, or its cluster removed by a reload) takes its
+    /// series with it, unless a newer meter (its cluster rebuilt by a reload) still uses them.
     fn drop(&mut self) {
-        for g in &self.states {
-            g.set(0);
-        }
+        self.series.give_back_endpoint(&self.metrics, &self.labels);
     }
 }
 

@@ -129,6 +129,11 @@ impl SignalSource for KernelSignals {
         )
     }
 
+    fn anomaly_logs_suppressed(&self) -> Option<u64> {
+        let counters = self.lock().stream.counters();
+        Some(counters.get(gateway_common::counter::ANOMALY_LOGS_SUPPRESSED))
+    }
+
     fn events_lost(&self) -> Option<u64> {
         Some(self.lock().stream.events_lost())
     }

@@ -49,7 +49,18 @@
 //!         "event": "ejected",            // failure | suspect | ejected | ejection_refused | probing | recovered
 //!         "reason": "refused",
 //!         "detail": "connection refused by 10.0.0.5:8080 after 0 ms; kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"
-//!       }]
+//!       }],
+//!       "history": {                     // the last 5 minutes, one entry per second (below)
+//!         "first_unix_s": 1763739713,    // entry i is the second first_unix_s + i
+//!         "requests": [412, 398, …],     // requests that ended, served by (or failed last on) it
+//!         "latency_p50_us": [610, 598, …],   // their latency (the access log's total_ms); null: none
+//!         "latency_p99_us": [2100, 1890, …],
+//!         "syn_rtt_p50_us": [null, 62, …],   // its handshakes (requests' and probes')
+//!         "syn_rtt_p99_us": [null, 140, …],
+//!         "hedges": [0, 0, …],           // connects to it that passed their deadline and were hedged
+//!         "errors": {"connect_refused": [0, 3, …]},  // failed attempts by x-gateway-error reason; only those seen
+//!         "changes": [{…}]               // health transitions (as in `recent`, no plain failures), oldest first, at most 64
+//!       }
 //!     }]
 //!   }]
 //! }
@@ -61,13 +72,16 @@
 //! `overloaded`: handshakes needing SYN retransmits, `slow_network`: request bytes unACKed).
 //! `latency` was added after the first version of this shape: a reader of an older gateway
 //! gets its default (no estimate).
+//! `history` was added after the first version of this shape: a reader of an older gateway
+//! gets it empty. Seconds are closed just after they end, so the last entry is the last
+//! complete second; an entry never changes once written.
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use super::super::upstream::{HealthEvent, HealthEventKind};
+pub use super::super::upstream::{HealthEvent, HealthEventKind, HistorySeries};
 use super::super::{
     shared::Shared,
     upstream::{Cluster, Endpoint},
@@ -147,6 +161,17 @@ pub struct EndpointStatus {
     #[serde(default)]
     pub latency: LatencyStatus,
     pub recent: Vec<HealthEvent>,
+    #[serde(default)]
+    pub history: EndpointHistory,
+}
+
+/// `history` of an endpoint: its last five minutes for the status page's plot and timeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointHistory {
+    #[serde(flatten)]
+    pub series: HistorySeries,
+    /// Health transitions, oldest first.
+    pub changes: Vec<HealthEvent>,
 }
 
 /// `latency` of an endpoint.
@@ -320,6 +345,10 @@ fn endpoint_status(c: &Cluster, ep: &Endpoint, at: &dyn Fn(Instant) -> u64) -> E
                 .flatten(),
         },
         recent: v.recent,
+        history: EndpointHistory {
+            series: ep.health.history.series(),
+            changes: v.changes,
+        },
     }
 }
 

@@ -95,15 +95,20 @@ pub(super) async fn run(
     ex: &mut Exchange,
 ) -> Result<Upstream, Box<Failed>> {
     push_attempt(ex, ep.addr);
+    ex.endpoint = Some(ep.clone());
     let mut in_flight = InFlight::new(&ep);
     loop {
         ex.phase = Phase::Connecting;
         let (winner, mut conn, fast) = match connect_or_reuse(cluster, &ep, plan, ex).await {
             Ok(c) => c,
-            Err(error) => return Err(Failed::new(error, Delivery::Unknown, Some(req))),
+            Err(error) => {
+                ep.health.history.failed(error.kind());
+                return Err(Failed::new(error, Delivery::Unknown, Some(req)));
+            }
         };
         if !Arc::ptr_eq(&winner, &ep) {
             ep = winner;
+            ex.endpoint = Some(ep.clone());
             in_flight = InFlight::new(&ep);
         }
         let reused = conn.connect_time.is_none();
@@ -148,6 +153,7 @@ pub(super) async fn run(
                 {
                     shared.retire();
                 }
+                ep.health.history.failed(f.error.kind());
                 return Err(f);
             }
         }
@@ -207,6 +213,7 @@ async fn connect_or_reuse(
         if let Some(a) = ex.record.attempts.last_mut() {
             a.error = Some(ErrorKind::ConnectTimeout);
         }
+        ep.health.history.failed(ErrorKind::ConnectTimeout);
         push_attempt(ex, winner.addr);
         ex.record.hedged = true;
     }

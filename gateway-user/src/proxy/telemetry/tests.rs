@@ -3,7 +3,10 @@ use std::io;
 use super::*;
 
 fn meter() -> (Telemetry, EndpointMeter) {
-    let t = Telemetry::new(&crate::signals::UserspaceOnly::default());
+    let t = Telemetry::new(
+        &crate::signals::UserspaceOnly::default(),
+        Duration::from_secs(30),
+    );
     let e = t
         .cluster("api")
         .endpoint("10.0.0.1:80".parse().unwrap(), Duration::from_millis(250));
@@ -112,8 +115,70 @@ fn ejection_flips_the_state_gauges() {
         "{text}"
     );
     drop(e);
+    let text = t.encode();
     assert!(
-        t.encode().contains("state=\"ejected\"} 0"),
-        "a dropped endpoint leaves no state set"
+        !text.contains("10.0.0.1:80"),
+        "a dropped endpoint takes its series with it:\n{text}"
+    );
+}
+
+/// Every family that has a series of the endpoint, the route or the cluster.
+fn mentions<'a>(text: &'a str, what: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(what))
+        .collect()
+}
+
+/// A reload builds new meters before the old generation is dropped: the series stay (and
+/// keep counting) while any meter uses them, and go with the last one.
+#[test]
+fn series_of_gone_endpoints_routes_and_clusters_are_removed() {
+    let t = Telemetry::new(
+        &crate::signals::UserspaceOnly::default(),
+        Duration::from_secs(30),
+    );
+    let old_cluster = t.cluster("api");
+    let old_ep = old_cluster.endpoint("10.0.0.1:80".parse().unwrap(), Duration::from_secs(1));
+    let old_route = t.route("r", "api");
+    old_ep.connect_abandoned(None, true);
+    old_ep.transition(
+        Transition::Ejected {
+            reason: crate::decide::health::Reason::SynUnanswered,
+            duration: Duration::from_secs(1),
+        },
+        State::Ejected,
+    );
+    old_cluster.retry(RetryReason::ConnectFailed);
+    old_cluster.hedge(HedgeResult::Won);
+    let families_before = mentions(&t.encode(), "10.0.0.1:80").len();
+    assert!(families_before >= 8, "{}", t.encode());
+    // The reload: the same cluster rebuilt, the same endpoint and route.
+    let new_cluster = t.cluster("api");
+    let new_ep = new_cluster.endpoint("10.0.0.1:80".parse().unwrap(), Duration::from_secs(1));
+    let new_route = t.route("r", "api");
+    drop((old_ep, old_route, old_cluster));
+    let text = t.encode();
+    assert_eq!(
+        mentions(&text, "10.0.0.1:80").len(),
+        families_before,
+        "{text}"
+    );
+    assert!(
+        text.contains("errno=\"ETIMEDOUT\"} 1"),
+        "counters carry on across a reload:\n{text}"
+    );
+    new_ep.connect_abandoned(None, true);
+    assert!(t.encode().contains("errno=\"ETIMEDOUT\"} 2"));
+    // The next reload drops the endpoint, then the cluster and its route.
+    drop(new_ep);
+    let text = t.encode();
+    assert_eq!(mentions(&text, "10.0.0.1:80"), Vec::<&str>::new(), "{text}");
+    assert!(!mentions(&text, "cluster=\"api\"").is_empty());
+    drop((new_route, new_cluster));
+    let text = t.encode();
+    assert_eq!(
+        mentions(&text, "cluster=\"api\""),
+        Vec::<&str>::new(),
+        "{text}"
     );
 }

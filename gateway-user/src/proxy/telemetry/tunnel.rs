@@ -17,7 +17,7 @@ pub(crate) enum TunnelEnd {
 }
 
 impl TunnelEnd {
-    const NAMES: [&'static str; 6] = [
+    pub(crate) const NAMES: [&'static str; 6] = [
         "client_closed",
         "upstream_closed",
         "idle_timeout",

@@ -1,6 +1,8 @@
 //! One endpoint's health as the proxy keeps it: the pure state machine
 //! (`decide::health`) and SYN-RTT window (`decide::deadline`) behind a mutex, two atomics so
-//! that picking an endpoint takes no lock, and a short log of recent evidence for `/status`.
+//! that picking an endpoint takes no lock, a short log of recent evidence for `/status`, the
+//! health changes for the page's timeline, and the endpoint's last five minutes for its plot
+//! (`history`, lock-free where it is fed).
 
 use std::{
     collections::VecDeque,
@@ -14,6 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::history::History;
 use crate::{
     config::ClusterSpec,
     decide::{
@@ -25,6 +28,9 @@ use crate::{
 
 /// Recent events kept per endpoint for the status page.
 const RECENT_EVENTS: usize = 20;
+/// Health changes (transitions, no plain failures) kept per endpoint for the timeline: enough
+/// for the five minutes it shows unless the endpoint flaps more than every ~10 s.
+pub const CHANGES_KEPT: usize = 64;
 
 /// One line of an endpoint's recent history (`recent` in `/status`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +71,8 @@ struct Inner {
     health: EndpointHealth,
     rtt: RttWindow,
     recent: VecDeque<HealthEvent>,
+    /// Transitions only, oldest first, at most [`CHANGES_KEPT`].
+    changes: VecDeque<HealthEvent>,
     last_probe: Option<Instant>,
 }
 
@@ -72,6 +80,8 @@ pub(crate) struct HealthCell {
     inner: Mutex<Inner>,
     routable: AtomicBool,
     suspect: AtomicBool,
+    /// The last five minutes, for the plots.
+    pub history: History,
 }
 
 /// A copy of the state for `/status` and metrics.
@@ -86,6 +96,7 @@ pub(crate) struct HealthView {
     pub rtt_p99: Option<Duration>,
     pub rtt_samples: usize,
     pub recent: Vec<HealthEvent>,
+    pub changes: Vec<HealthEvent>,
 }
 
 fn unix_ms() -> u64 {
@@ -121,10 +132,12 @@ impl HealthCell {
                 health: EndpointHealth::new(Instant::now()),
                 rtt: RttWindow::default(),
                 recent: VecDeque::new(),
+                changes: VecDeque::new(),
                 last_probe: None,
             }),
             routable: AtomicBool::new(true),
             suspect: AtomicBool::new(false),
+            history: History::new(),
         }
     }
 
@@ -154,6 +167,7 @@ impl HealthCell {
 
     /// A handshake's SYN-RTT (kernel-measured when available).
     pub fn observe_rtt(&self, rtt: Duration, syn_retransmits: u32) {
+        self.history.syn_rtt(rtt);
         self.lock()
             .rtt
             .observe(Instant::now(), rtt, syn_retransmits);
@@ -176,6 +190,12 @@ impl HealthCell {
             Transition::Recovered => (HealthEventKind::Recovered, None),
         };
         Self::remember(inner, event, reason, detail);
+        if inner.changes.len() == CHANGES_KEPT {
+            inner.changes.pop_front();
+        }
+        if let Some(e) = inner.recent.back() {
+            inner.changes.push_back(e.clone());
+        }
     }
 
     fn remember(
@@ -270,6 +290,7 @@ impl HealthCell {
             rtt_p99: p99,
             rtt_samples: inner.rtt.len(),
             recent: inner.recent.iter().cloned().collect(),
+            changes: inner.changes.iter().cloned().collect(),
         }
     }
 }

@@ -126,6 +126,7 @@ pub(super) async fn race_connects(
     slot: OwnedSemaphorePermit,
     hedge: Hedge,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
+    ep.health.history.hedged();
     let ep2 = hedge.endpoint.clone();
     let deadline2 = ep2.health.deadline(&cluster.spec).value;
     let mut second = Pending::start(ep2.addr)?;

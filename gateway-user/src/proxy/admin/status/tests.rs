@@ -50,6 +50,24 @@ fn sample() -> Status {
                              SYN sent, RST received, ECONNREFUSED"
                         .into(),
                 }],
+                history: EndpointHistory {
+                    series: HistorySeries {
+                        first_unix_s: 1_763_740_009,
+                        requests: vec![40, 12, 0],
+                        latency_p50_us: vec![Some(610), Some(598), None],
+                        latency_p99_us: vec![Some(2100), Some(1890), None],
+                        syn_rtt_p50_us: vec![Some(62), None, None],
+                        syn_rtt_p99_us: vec![Some(140), None, None],
+                        hedges: vec![0, 0, 0],
+                        errors: [("connect_refused".to_owned(), vec![0, 3, 0])].into(),
+                    },
+                    changes: vec![HealthEvent {
+                        at_unix_ms: 1_763_740_011_000,
+                        event: HealthEventKind::Ejected,
+                        reason: Some(Reason::Refused),
+                        detail: "connection refused".into(),
+                    }],
+                },
             }],
         }],
     }
@@ -108,7 +126,55 @@ const SAMPLE_JSON: &str = r#"{
               "reason": "refused",
               "detail": "connection refused by 10.0.0.5:8080 after 0 ms; kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"
             }
-          ]
+          ],
+          "history": {
+            "first_unix_s": 1763740009,
+            "requests": [
+              40,
+              12,
+              0
+            ],
+            "latency_p50_us": [
+              610,
+              598,
+              null
+            ],
+            "latency_p99_us": [
+              2100,
+              1890,
+              null
+            ],
+            "syn_rtt_p50_us": [
+              62,
+              null,
+              null
+            ],
+            "syn_rtt_p99_us": [
+              140,
+              null,
+              null
+            ],
+            "hedges": [
+              0,
+              0,
+              0
+            ],
+            "errors": {
+              "connect_refused": [
+                0,
+                3,
+                0
+              ]
+            },
+            "changes": [
+              {
+                "at_unix_ms": 1763740011000,
+                "event": "ejected",
+                "reason": "refused",
+                "detail": "connection refused"
+              }
+            ]
+          }
         }
       ]
     }
@@ -148,6 +214,21 @@ fn status_without_latency_reads_back_with_the_default() {
     assert_eq!(
         back.clusters[0].endpoints[0].latency,
         LatencyStatus::default()
+    );
+}
+
+/// `history` came later: `/status` of an older gateway still reads, with it empty.
+#[test]
+fn a_status_without_history_reads_with_it_empty() {
+    let mut v: serde_json::Value = serde_json::from_str(SAMPLE_JSON).unwrap();
+    v["clusters"][0]["endpoints"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("history");
+    let back: Status = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        back.clusters[0].endpoints[0].history,
+        EndpointHistory::default()
     );
 }
 
