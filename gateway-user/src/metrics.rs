@@ -131,6 +131,18 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReason {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerErrno {
+    pub listener: String,
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: &'static str,
 }
@@ -210,6 +222,12 @@ catalogue! {
         "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
     kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
         "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
+    client_connections: "gateway_client_connections", "gauge", [],
+        "Client connections open now, over every listener and worker (what max_client_connections limits).";
+    client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
+        "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
+    accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
+        "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -238,6 +256,9 @@ pub struct GatewayMetrics {
     pub tls_handshake_duration: HistogramFamily<SideLabels>,
     pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
     pub kernel_anomalies: Family<KindLabels, Counter>,
+    pub client_connections: Gauge,
+    pub client_rejected: Family<ListenerReason, Counter>,
+    pub accept_errors: Family<ListenerErrno, Counter>,
 }
 
 impl GatewayMetrics {
@@ -266,6 +287,9 @@ impl GatewayMetrics {
             tls_handshake_duration: Family::new_with_constructor(latency_histogram),
             tls_certificate_expiry: Family::default(),
             kernel_anomalies: Family::default(),
+            client_connections: Gauge::default(),
+            client_rejected: Family::default(),
+            accept_errors: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -299,6 +323,9 @@ impl GatewayMetrics {
         reg!(f::tls_handshake_duration, m.tls_handshake_duration);
         reg!(f::tls_certificate_expiry, m.tls_certificate_expiry);
         reg!(f::kernel_anomalies, m.kernel_anomalies);
+        reg!(f::client_connections, m.client_connections);
+        reg!(f::client_rejected, m.client_rejected);
+        reg!(f::accept_errors, m.accept_errors);
         m
     }
 }
@@ -463,6 +490,19 @@ mod tests {
         m.kernel_anomalies
             .get_or_create(&KindLabels {
                 kind: "storage_failed",
+            })
+            .inc();
+        m.client_connections.set(3);
+        m.client_rejected
+            .get_or_create(&ListenerReason {
+                listener: "127.0.0.1:8080".into(),
+                reason: "max_connections",
+            })
+            .inc();
+        m.accept_errors
+            .get_or_create(&ListenerErrno {
+                listener: "127.0.0.1:8080".into(),
+                errno: "EMFILE",
             })
             .inc();
         let mut text = String::new();

@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `server` | client listeners and connections, the drain |
+//! | `admission` | `max_client_connections`, `max_accepts_per_second`, out of file descriptors: who is served, what the others get |
 //! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
 //! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout and the idle pool, connects and hedges, probes, DNS |
@@ -25,6 +26,7 @@
 
 mod access_log;
 pub mod admin;
+mod admission;
 pub mod error;
 mod exchange;
 mod handshake;
@@ -176,7 +178,15 @@ pub async fn start_inheriting(
         })?;
     let telemetry = Telemetry::new(&*signals);
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
+    let admission = admission::Admission::new(&telemetry.metrics);
+    let gates = listen
+        .iter()
+        .chain(&https)
+        .map(|a| Arc::new(admission::ListenerGate::new(*a, &admission)))
+        .collect();
     let shared = Arc::new(Shared {
+        admission,
+        gates,
         runtime: ArcSwap::from_pointee(runtime),
         signals,
         log,

@@ -22,7 +22,6 @@ use std::{
         Arc,
         atomic::{AtomicU8, Ordering},
     },
-    time::Duration,
 };
 
 use http::Version;
@@ -36,7 +35,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    handshake,
+    admission, handshake,
     headers::{self, Scheme},
     io::StallGuard,
     listeners::ClientSocket,
@@ -98,7 +97,8 @@ pub(crate) async fn worker(
     drop(done);
 }
 
-/// Accepts until the phase is `Drain` or `Force`.
+/// Accepts until the phase is `Drain` or `Force`. Each accepted connection passes the
+/// listener's gate (`admission`) or is turned away at once.
 async fn accept_loop(
     listener: TcpListener,
     scheme: Scheme,
@@ -106,25 +106,48 @@ async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     live: mpsc::Sender<()>,
 ) {
+    let gate = match listener.local_addr() {
+        Ok(a) => shared.gate(a),
+        Err(e) => {
+            warn!(error = %e, "a client listener has no address");
+            return;
+        }
+    };
+    let mut reserve = admission::open_reserve();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let permit = {
+                        let rt = shared.runtime.load();
+                        gate.admit(&shared.admission, &rt.settings.downstream)
+                    };
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            gate.reject(&shared.admission, stream, scheme, reason);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let (shared, phase, live) = (shared.clone(), phase.clone(), live.clone());
                     match scheme {
                         Scheme::Http => {
-                            tokio::spawn(serve_plain(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_plain(stream, peer, shared, phase, (live, permit)));
                         }
                         Scheme::Https => {
-                            tokio::spawn(serve_tls(stream, peer, shared, phase, live));
+                            tokio::spawn(serve_tls(stream, peer, shared, phase, (live, permit)));
                         }
                     }
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors: answer the connection waiting on the reserve one
+                    // and go on (each round accepts one connection: no spin). Otherwise, or
+                    // without a reserve, back off instead of spinning.
+                    let out_of_fds = gate.accept_failed(&shared.admission, &e);
+                    if !(out_of_fds && gate.answer_on_reserve(&listener, scheme, &mut reserve)) {
+                        tokio::time::sleep(admission::ACCEPT_ERROR_BACKOFF).await;
+                    }
                 }
             },
             _ = phase.changed() => {
@@ -136,12 +159,16 @@ async fn accept_loop(
     }
 }
 
+/// What a served connection holds until it ends: its place in the drain's count and in
+/// `max_client_connections`.
+type Live = (mpsc::Sender<()>, admission::Permit);
+
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    live: Live,
 ) {
     let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
     let io = StallGuard::new(stream, write_timeout);
@@ -155,7 +182,7 @@ async fn serve_tls(
     peer: SocketAddr,
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
-    live: mpsc::Sender<()>,
+    live: Live,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
         serve(io, peer, Scheme::Https, shared, phase, live).await;
@@ -173,7 +200,7 @@ async fn serve<I>(
     scheme: Scheme,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
-    _live: mpsc::Sender<()>,
+    _live: Live,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
