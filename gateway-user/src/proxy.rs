@@ -33,6 +33,7 @@ mod handshake;
 mod headers;
 mod io;
 mod listeners;
+mod memory;
 mod request;
 mod request_body;
 mod response_body;
@@ -371,9 +372,11 @@ const METRICS_REFRESH: Duration = Duration::from_secs(1);
 async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
     let mut every = tokio::time::interval(METRICS_REFRESH);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut releaser = memory::Releaser::default();
     loop {
         every.tick().await;
         let Some(s) = shared.upgrade() else { return };
+        releaser.check(s.admission.open());
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
         }

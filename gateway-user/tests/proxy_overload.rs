@@ -10,7 +10,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,7 +19,7 @@ use gateway_testkit::{
     gateway_bin,
     http::get_once,
     inprocess::gateway,
-    process::GatewayProcess,
+    process::{GatewayProcess, with_nofile},
     tempdir::temp_dir,
     upstream::Upstream,
 };
@@ -153,41 +152,6 @@ async fn beyond_the_accept_rate_is_503_overloaded_and_counted() {
     .unwrap();
 }
 
-/// CPU time (user + system) of process `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime), counted from 1 with the pid and comm before ')'.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
-/// Open descriptors of process `pid`.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-/// `gateway run` with its file descriptor limit (`RLIMIT_NOFILE`) at `nofile`.
-fn with_nofile(mut cmd: Command, nofile: u64) -> Command {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_recovers() {
     let up = Upstream::start("up").await;
@@ -200,9 +164,10 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
         ),
     );
     let mut gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), 128));
-    let (addr, admin, pid) = (gw.addr, gw.admin, gw.pid());
-    let log = tokio::task::spawn_blocking(move || {
-        let at_start = fds(pid);
+    let (addr, admin) = (gw.addr, gw.admin);
+    let log = std::thread::scope(|scope| scope.spawn(|| {
+        let gw = &gw;
+        let at_start = gw.open_fds();
         // Hold connections until the gateway has no descriptor left: the ones beyond get an
         // answer (or at least a close), never a stall.
         let mut held = Vec::new();
@@ -236,10 +201,10 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
             "out of descriptors with {} client connections held (gateway fds at start: \
              {at_start}, now {})",
             held.len(),
-            fds(pid)
+            gw.open_fds()
         );
         // Still out of descriptors, with connections arriving: no spin.
-        let cpu0 = cpu_time(pid);
+        let cpu0 = gw.cpu_time();
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(2) {
             let got = exchange(addr, Duration::ZERO);
@@ -248,7 +213,7 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let cpu = cpu_time(pid) - cpu0;
+        let cpu = gw.cpu_time() - cpu0;
         let share = cpu.as_secs_f64() / t0.elapsed().as_secs_f64();
         eprintln!("CPU while out of descriptors: {:.1} % of one core", share * 100.0);
         assert!(share < 0.3, "{:.0} % of a core: spinning", share * 100.0);
@@ -274,13 +239,207 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
         assert!(emfile >= 20.0, "{m}");
         assert!(answered >= 20.0, "{m}");
         assert!(get_once(admin, "/healthz", ANSWER).is_ok());
-    })
-    .await;
+    }).join());
     let lines = gw.count("accept failed on a client listener");
     eprintln!("accept-error log lines: {lines}");
-    log.unwrap();
+    if let Err(p) = log {
+        std::panic::resume_unwind(p);
+    }
     assert!(gw.alive(), "the gateway died:\n{}", gw.text());
     assert!(!gw.text().contains("panicked"), "{}", gw.text());
     // At most one line per listener per 10 s (two workers share a listener's limit).
     assert!((1..=2).contains(&lines), "{lines} lines:\n{}", gw.text());
+}
+
+/// Connections of each kind the memory test holds (`OVERLOAD_CONNECTIONS`, default 2,000).
+fn memory_connections() -> usize {
+    std::env::var("OVERLOAD_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// How long the memory test waits for RSS to come back (`OVERLOAD_BACK_S`, default 60 s;
+/// the issue's goal is 10 minutes).
+fn back_limit() -> Duration {
+    Duration::from_secs(
+        std::env::var("OVERLOAD_BACK_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    )
+}
+
+/// Goal of issue 12: an idle keep-alive client connection costs at most this much RSS.
+const IDLE_GOAL_BYTES: f64 = 4096.0;
+
+/// Waits until the gateway's `gateway_client_connections` is `n`.
+fn wait_open(admin: SocketAddr, n: usize) {
+    wait_for(&format!("{n} client connections open"), || {
+        let m = metrics(admin);
+        (value(&m, "gateway_client_connections", &[]) == n as f64)
+            .then_some(())
+            .ok_or(m)
+    });
+}
+
+/// Waits until RSS stops moving (two samples 250 ms apart within 1 %), and returns it.
+fn settled_rss(gw: &GatewayProcess) -> u64 {
+    let mut last = gw.rss_kib();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = gw.rss_kib();
+        if now.abs_diff(last) * 100 <= last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Waits (up to `limit`) until RSS is within 20 % of `before`; how long that took.
+fn memory_back(gw: &GatewayProcess, before: u64, limit: Duration) -> Result<Duration, u64> {
+    let start = Instant::now();
+    loop {
+        let now = gw.rss_kib();
+        if now * 100 <= before * 120 {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(now);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Opens `n` connections from `threads` threads, each set up by `open`.
+fn open_many(
+    addr: SocketAddr,
+    n: usize,
+    open: impl Fn(SocketAddr) -> TcpStream + Sync,
+) -> Vec<TcpStream> {
+    let threads = 8;
+    std::thread::scope(|s| {
+        let open = &open;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (0..n)
+                        .filter(|i| i % threads == t)
+                        .map(|_| open(addr))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// One keep-alive request, its response read whole; the connection stays open.
+fn keepalive(addr: SocketAddr) -> TcpStream {
+    let mut s = idle(addr);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .expect("content-length");
+            if body.len() >= len {
+                return s;
+            }
+        }
+    }
+}
+
+/// Half a request head, and nothing more.
+fn slow_loris(addr: SocketAddr) -> TcpStream {
+    let mut s = idle(addr);
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nuser-agent: loris\r\nx-wait: ")
+        .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_idle_and_slow_loris_connection_and_it_comes_back() {
+    let n = memory_connections();
+    gateway_testkit::process::raise_own_nofile(2 * n as u64 + 4096);
+    let up = Upstream::start("up").await;
+    let dir = temp_dir("conn-memory");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[router.downstream]\nheader_read_timeout_ms = 600000\n\
+             [observer]\nmode = \"off\"\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    );
+    let gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), 2 * n as u64 + 4096));
+    let (addr, admin) = (gw.addr, gw.admin);
+    let report = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // Warm up: every worker has served, the upstream pool is filled.
+                drop(open_many(addr, 64, keepalive));
+                wait_open(admin, 0);
+                let base = settled_rss(&gw);
+
+                let t = Instant::now();
+                let held = open_many(addr, n, keepalive);
+                wait_open(admin, n);
+                let idle_rss = settled_rss(&gw);
+                let opened = t.elapsed();
+                eprintln!("idle: RSS {base} -> {idle_rss} KiB with {n} connections");
+                drop(held);
+                wait_open(admin, 0);
+                let idle_back = memory_back(&gw, base, back_limit());
+                eprintln!("idle: closed; {idle_back:?} (RSS now {} KiB)", gw.rss_kib());
+
+                let base2 = settled_rss(&gw);
+                let held = open_many(addr, n, slow_loris);
+                wait_open(admin, n);
+                let loris_rss = settled_rss(&gw);
+                eprintln!("slow-loris: RSS {base2} -> {loris_rss} KiB with {n} connections");
+                drop(held);
+                wait_open(admin, 0);
+                let loris_back = memory_back(&gw, base2, back_limit());
+
+                let per = |rss: u64, base: u64| (rss.saturating_sub(base) * 1024) as f64 / n as f64;
+                let idle_per = per(idle_rss, base);
+                let loris_per = per(loris_rss, base2);
+                let fmt_back = |r: &Result<Duration, u64>| match r {
+                    Ok(d) => format!("back within 20 % in {:.1} s", d.as_secs_f64()),
+                    Err(rss) => format!("NOT back: {rss} KiB after {:?}", back_limit()),
+                };
+                let report = format!(
+                    "connection memory, {n} connections of each kind (opened in {opened:.1?}):\n\
+                     idle keep-alive: RSS {base} -> {idle_rss} KiB, {idle_per:.0} bytes per connection; {}\n\
+                     slow-loris (half a header): RSS {base2} -> {loris_rss} KiB, {loris_per:.0} bytes per connection; {}",
+                    fmt_back(&idle_back),
+                    fmt_back(&loris_back),
+                );
+                eprintln!("{report}");
+                assert!(idle_back.is_ok() && loris_back.is_ok(), "{report}");
+                assert!(idle_per <= IDLE_GOAL_BYTES, "{report}");
+                assert!(loris_per <= 2.0 * IDLE_GOAL_BYTES, "{report}");
+                report
+            })
+            .join()
+    });
+    match report {
+        Ok(r) => {
+            let _ = std::fs::write(dir.join("memory-report.txt"), r);
+        }
+        Err(p) => std::panic::resume_unwind(p),
+    }
 }

@@ -144,6 +144,11 @@ impl Admission {
             metrics: metrics.clone(),
         }
     }
+
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
 }
 
 /// One listener address's accept rate limit and its counters, shared by the accept loops of
