@@ -4,12 +4,6 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-/// mimalloc rather than glibc's malloc: with glibc, 2,000 idle client connections left the
-/// gateway 40 MiB bigger after they closed (per-thread arenas keep freed memory); mimalloc
-/// gives it back (issue 12, measured in `proxy_overload`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "gateway",
