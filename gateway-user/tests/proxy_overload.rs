@@ -375,7 +375,7 @@ fn slow_loris(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_per_idle_and_slow_loris_connection_and_it_comes_back() {
     let n = memory_connections();
-    gateway_testkit::process::raise_own_nofile(2 * n as u64 + 4096);
+    gateway_testkit::process::raise_own_nofile(n as u64 + 2048);
     let up = Upstream::start("up").await;
     let dir = temp_dir("conn-memory");
     let cfg = write_config(
@@ -386,7 +386,7 @@ async fn memory_per_idle_and_slow_loris_connection_and_it_comes_back() {
             up.addr
         ),
     );
-    let gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), 2 * n as u64 + 4096));
+    let gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), n as u64 + 2048));
     let (addr, admin) = (gw.addr, gw.admin);
     let report = std::thread::scope(|scope| {
         scope
