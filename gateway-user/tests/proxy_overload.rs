@@ -165,7 +165,8 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
     );
     let mut gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), 128));
     let (addr, admin) = (gw.addr, gw.admin);
-    let log = std::thread::scope(|scope| scope.spawn(|| {
+    let log = std::thread::scope(|scope| {
+        scope.spawn(|| {
         let gw = &gw;
         let at_start = gw.open_fds();
         // Hold connections until the gateway has no descriptor left: the ones beyond get an
@@ -239,7 +240,8 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
         assert!(emfile >= 20.0, "{m}");
         assert!(answered >= 20.0, "{m}");
         assert!(get_once(admin, "/healthz", ANSWER).is_ok());
-    }).join());
+    }).join()
+    });
     let lines = gw.count("accept failed on a client listener");
     eprintln!("accept-error log lines: {lines}");
     if let Err(p) = log {
@@ -355,7 +357,11 @@ fn keepalive(addr: SocketAddr) -> TcpStream {
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             let len: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
                 .expect("content-length");
             if body.len() >= len {
                 return s;

@@ -262,7 +262,12 @@ impl ChildProcess {
             .map_or("", |(_, rest)| rest)
             .split_whitespace()
             .collect();
-        let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Duration::from_millis((tick(11) + tick(12)) * 1000 / hz)

@@ -55,6 +55,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The gateway's own overload: memory per idle keep-alive and per slow-loris client
+    /// connection at `--connections` each (default 10,000), and whether it comes back within
+    /// 10 minutes after they close (`proxy_overload`'s memory test, release build, run long).
+    Overload {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// The soak (`soak_privileged`, release build, run long): `--minutes` at `--rate` req/s (1,000) with an
+    /// upstream flapping every 2 minutes and SIGHUP every 30 s; prints its samples and figures.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+    },
     /// Internal: the benchmark's client process.
     #[command(hide = true)]
     BenchClient { addr: String, cycles: String },
@@ -313,6 +328,31 @@ fn main() -> ExitCode {
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),
         Cmd::Capacity { args } => capacity::run(&args),
+        Cmd::Overload { connections } => run(cargo()
+            .env("OVERLOAD_CONNECTIONS", connections.to_string())
+            .env("OVERLOAD_BACK_S", "600")
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "gateway-user",
+                "--test",
+                "proxy_overload",
+                "memory",
+            ])
+            .args(["--", "--nocapture"])),
+        Cmd::Soak { minutes, rate } => run(cargo()
+            .env("SOAK_MINUTES", minutes.to_string())
+            .env("SOAK_RATE", rate.to_string())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "gateway-user",
+                "--test",
+                "soak_privileged",
+            ])
+            .args(["--", "--nocapture"])),
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
         Cmd::BenchSpray { n } => bench_observer::spray(&n),
     };

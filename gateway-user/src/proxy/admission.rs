@@ -212,11 +212,7 @@ impl ListenerGate {
     }
 
     /// Whether a connection just accepted on this listener is served: its permit, or why not.
-    pub fn admit(
-        &self,
-        admission: &Admission,
-        limits: &Downstream,
-    ) -> Result<Permit, Rejection> {
+    pub fn admit(&self, admission: &Admission, limits: &Downstream) -> Result<Permit, Rejection> {
         if let Some(rate) = limits.max_accepts_per_second
             && !self.take_token(rate, Instant::now())
         {
@@ -240,7 +236,13 @@ impl ListenerGate {
     }
 
     /// Turns `stream` away for `reason`: counted, answered (plain HTTP), closed.
-    pub fn reject(&self, admission: &Admission, stream: TcpStream, scheme: Scheme, reason: Rejection) {
+    pub fn reject(
+        &self,
+        admission: &Admission,
+        stream: TcpStream,
+        scheme: Scheme,
+        reason: Rejection,
+    ) {
         self.rejected[reason as usize].inc();
         if scheme == Scheme::Https {
             return;
