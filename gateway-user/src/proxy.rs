@@ -367,16 +367,15 @@ impl GatewayHandle {
 
 /// How often the metrics that are read rather than counted are refreshed (lost kernel events,
 /// connect deadlines, health states).
-const METRICS_REFRESH: Duration = Duration::from_secs(1);
+const METRICS_REFRESH: Duration = memory::RELEASE_CHECK;
 
 async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
     let mut every = tokio::time::interval(METRICS_REFRESH);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut releaser = memory::Releaser::default();
     loop {
         every.tick().await;
         let Some(s) = shared.upgrade() else { return };
-        releaser.check(s.admission.open());
+        memory::release_after_burst(&s.admission);
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
         }

@@ -117,6 +117,8 @@ fn answer(reason: Rejection) -> String {
 /// Process-wide admission state, in `Shared`.
 pub(crate) struct Admission {
     open: Arc<AtomicUsize>,
+    /// The most connections open at once since memory was last returned (`memory`).
+    peak: AtomicUsize,
     lingering: Arc<AtomicUsize>,
     gauge: Gauge,
     metrics: GatewayMetrics,
@@ -139,6 +141,7 @@ impl Admission {
     pub fn new(metrics: &GatewayMetrics) -> Admission {
         Admission {
             open: Arc::new(AtomicUsize::new(0)),
+            peak: AtomicUsize::new(0),
             lingering: Arc::new(AtomicUsize::new(0)),
             gauge: metrics.client_connections.clone(),
             metrics: metrics.clone(),
@@ -148,6 +151,12 @@ impl Admission {
     /// Client connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The peak since the last call, and the open count now; the peak restarts from it.
+    pub fn take_peak(&self) -> (usize, usize) {
+        let open = self.open();
+        (self.peak.swap(open, Ordering::Relaxed).max(open), open)
     }
 }
 
@@ -223,11 +232,11 @@ impl ListenerGate {
             .open
             .try_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
+            });
+        let Ok(before) = admitted else {
             return Err(Rejection::MaxConnections);
-        }
+        };
+        admission.peak.fetch_max(before + 1, Ordering::Relaxed);
         admission.gauge.inc();
         Ok(Permit {
             open: admission.open.clone(),

@@ -21,32 +21,13 @@ pub(crate) const RELEASE_CHECK: Duration = Duration::from_secs(1);
 /// A fall in open client connections that is worth returning memory for.
 pub(crate) const RELEASE_DROP: usize = 256;
 
-/// The highest connection count since memory was last returned.
-#[derive(Default)]
-pub(crate) struct Releaser {
-    high: usize,
-}
-
-impl Releaser {
-    /// Called every [`RELEASE_CHECK`] with the open client connections; returns the free
-    /// memory to the system after a fall of [`RELEASE_DROP`] or more.
-    pub fn check(&mut self, open: usize) {
-        self.high = self.high.max(open);
-        if self.high >= open + RELEASE_DROP {
-            // SAFETY: malloc_trim has no preconditions.
-            unsafe { libc::malloc_trim(0) };
-            self.high = open;
-        }
-    }
-}
-
-/// A worker's releaser, until the worker ends (the task is aborted then).
-pub(crate) async fn release_after_bursts(shared: std::sync::Arc<super::shared::Shared>) {
-    let mut every = tokio::time::interval(RELEASE_CHECK);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut r = Releaser::default();
-    loop {
-        every.tick().await;
-        r.check(shared.admission.open());
+/// Called every [`RELEASE_CHECK`]: returns the free memory to the system when the open
+/// client connections are [`RELEASE_DROP`] or more below their peak since the last check
+/// (the peak is kept at each accept, so a burst shorter than a check counts too).
+pub(crate) fn release_after_burst(admission: &super::admission::Admission) {
+    let (peak, open) = admission.take_peak();
+    if peak >= open + RELEASE_DROP {
+        // SAFETY: malloc_trim has no preconditions; it trims every arena.
+        unsafe { libc::malloc_trim(0) };
     }
 }

@@ -81,11 +81,9 @@ pub(crate) async fn worker(
         }
     }
     drop(live);
-    let releaser = tokio::spawn(super::memory::release_after_bursts(shared.clone()));
     for l in loops {
         let _ = l.await;
     }
-    releaser.abort();
     loop {
         tokio::select! {
             _ = all_closed.recv() => break,
