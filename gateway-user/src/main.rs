@@ -4,11 +4,6 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: fewer instructions per request, and memory freed after a
-/// burst of connections goes back to the system instead of staying in per-thread arenas.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "gateway",

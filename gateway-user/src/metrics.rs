@@ -196,6 +196,18 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReason {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerErrno {
+    pub listener: String,
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: &'static str,
 }
@@ -303,6 +315,12 @@ catalogue! {
         "Threads of the process (/proc/self/stat).";
     process_start: "process_start_time_seconds", "gauge", [],
         "When the process started, in Unix seconds.";
+    client_connections: "gateway_client_connections", "gauge", [],
+        "Client connections open now, over every listener and worker (what max_client_connections limits).";
+    client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
+        "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
+    accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
+        "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -339,6 +357,9 @@ pub struct GatewayMetrics {
     pub kernel_anomaly_logs_suppressed: Counter,
     /// The histograms' buckets.
     pub buckets: LatencyBuckets,
+    pub client_connections: Gauge,
+    pub client_rejected: Family<ListenerReason, Counter>,
+    pub accept_errors: Family<ListenerErrno, Counter>,
 }
 
 impl GatewayMetrics {
@@ -375,6 +396,9 @@ impl GatewayMetrics {
             upgrade_bytes: Family::default(),
             kernel_anomaly_logs_suppressed: Counter::default(),
             buckets,
+            client_connections: Gauge::default(),
+            client_rejected: Family::default(),
+            accept_errors: Family::default(),
         };
         use field_index as f;
         let doc = |i: usize| CATALOGUE[i];
@@ -417,6 +441,9 @@ impl GatewayMetrics {
             m.kernel_anomaly_logs_suppressed
         );
         process::register(registry);
+        reg!(f::client_connections, m.client_connections);
+        reg!(f::client_rejected, m.client_rejected);
+        reg!(f::accept_errors, m.accept_errors);
         m
     }
 }
@@ -601,6 +628,19 @@ mod tests {
         m.kernel_anomalies
             .get_or_create(&KindLabels {
                 kind: "storage_failed",
+            })
+            .inc();
+        m.client_connections.set(3);
+        m.client_rejected
+            .get_or_create(&ListenerReason {
+                listener: "127.0.0.1:8080".into(),
+                reason: "max_connections",
+            })
+            .inc();
+        m.accept_errors
+            .get_or_create(&ListenerErrno {
+                listener: "127.0.0.1:8080".into(),
+                errno: "EMFILE",
             })
             .inc();
         m.upgrades_active

@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `server` | client listeners and connections, the drain |
+//! | `admission` | `max_client_connections`, `max_accepts_per_second`, out of file descriptors: who is served, what the others get |
 //! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
 //! | `tunnel` | an upgraded connection (WebSocket) after its `101`: bytes both ways, idle and total limits, the drain |
@@ -26,12 +27,14 @@
 
 mod access_log;
 pub mod admin;
+mod admission;
 pub mod error;
 mod exchange;
 mod handshake;
 mod headers;
 mod io;
 mod listeners;
+mod memory;
 mod request;
 mod request_body;
 mod request_id;
@@ -179,7 +182,15 @@ pub async fn start_inheriting(
         })?;
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
+    let admission = admission::Admission::new(&telemetry.metrics);
+    let gates = listen
+        .iter()
+        .chain(&https)
+        .map(|a| Arc::new(admission::ListenerGate::new(*a, &admission)))
+        .collect();
     let shared = Arc::new(Shared {
+        admission,
+        gates,
         runtime: ArcSwap::from_pointee(runtime),
         signals,
         log,
@@ -365,7 +376,7 @@ impl GatewayHandle {
 
 /// How often the metrics that are read rather than counted are refreshed (lost kernel events,
 /// connect deadlines, health states, latency estimates).
-const METRICS_REFRESH: Duration = Duration::from_secs(1);
+const METRICS_REFRESH: Duration = memory::RELEASE_CHECK;
 
 async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
     let mut every = tokio::time::interval(METRICS_REFRESH);
@@ -373,6 +384,7 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
     loop {
         every.tick().await;
         let Some(s) = shared.upgrade() else { return };
+        memory::release_after_burst(&s.admission);
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
         }

@@ -41,7 +41,12 @@ pub struct GatewayBin(PathBuf);
 impl GatewayBin {
     /// What [`gateway_bin!`] expands to: cargo's own path when the test crate builds the
     /// binary, else the one beside `connect-probe`, checked.
+    /// `GATEWAY_BIN` overrides both (checked like the one beside `connect-probe`): the long
+    /// runs (`cargo xtask soak`, `overload`) run the release binary under the debug tests.
     pub fn locate(cargo: Option<&str>, connect_probe: Option<&str>) -> GatewayBin {
+        if let Some(bin) = std::env::var_os("GATEWAY_BIN") {
+            return GatewayBin::beside(Path::new(&bin));
+        }
         match (cargo, connect_probe) {
             (Some(path), _) => GatewayBin(PathBuf::from(path)),
             (None, Some(probe)) => GatewayBin::beside(Path::new(probe)),

@@ -222,13 +222,55 @@ impl ChildProcess {
 
     /// Peak resident set size so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident set size now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// Threads now (`Threads` in /proc/PID/status).
+    pub fn threads(&self) -> u64 {
+        self.status_kib("Threads:")
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("/proc/PID/status of the gateway");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{key} in /proc/PID/status"))
+    }
+
+    /// Open file descriptors now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("/proc/PID/fd of the gateway")
+            .count()
+    }
+
+    /// CPU time (user + system) used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc/PID/stat of the gateway");
+        // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis((tick(11) + tick(12)) * 1000 / hz)
     }
 }
 
@@ -247,6 +289,50 @@ impl Drop for ChildProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `cmd` with its file descriptor limit (`RLIMIT_NOFILE`, soft and hard) set to `nofile` in
+/// the child (raising the hard limit needs root).
+pub fn with_nofile(mut cmd: Command, nofile: u64) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Raises this process's own file descriptor limit to at least `nofile` (a test that holds
+/// thousands of connections); panics when it cannot.
+pub fn raise_own_nofile(nofile: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur >= nofile {
+            return;
+        }
+        lim.rlim_cur = nofile;
+        lim.rlim_max = lim.rlim_max.max(nofile);
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+            0,
+            "raising RLIMIT_NOFILE to {nofile}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -62,6 +62,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The gateway's own overload: memory per idle keep-alive and per slow-loris client
+    /// connection at `--connections` each (default 10,000), and whether it comes back within
+    /// 10 minutes after they close (`proxy_overload`'s memory test on the release binary, run long).
+    Overload {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// The soak (`soak_privileged` on the release binary, run long): `--minutes` at `--rate` req/s (1,000) with an
+    /// upstream flapping every 2 minutes and SIGHUP every 30 s; prints its samples and figures.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+    },
     /// Internal: the benchmark's client process.
     #[command(hide = true)]
     BenchClient { addr: String, cycles: String },
@@ -327,6 +342,36 @@ fn demo(args: Vec<String>) -> anyhow::Result<()> {
         .args(args))
 }
 
+/// `proxy_overload`'s memory test at `connections` of each kind, on the release binary,
+/// waiting up to the 10 minutes for the memory to come back.
+fn overload(connections: usize) -> anyhow::Result<()> {
+    let bin = release_gateway(None)?;
+    run(cargo()
+        .env("GATEWAY_BIN", bin)
+        .env("OVERLOAD_CONNECTIONS", connections.to_string())
+        .env("OVERLOAD_BACK_S", "600")
+        .args([
+            "test",
+            "-p",
+            "gateway-user",
+            "--test",
+            "proxy_overload",
+            "memory",
+        ])
+        .args(["--", "--nocapture"]))
+}
+
+/// `soak_privileged` for `minutes` at `rate` req/s, on the release binary.
+fn soak(minutes: f64, rate: u32) -> anyhow::Result<()> {
+    let bin = release_gateway(None)?;
+    run(cargo()
+        .env("GATEWAY_BIN", bin)
+        .env("SOAK_MINUTES", minutes.to_string())
+        .env("SOAK_RATE", rate.to_string())
+        .args(["test", "-p", "gateway-user", "--test", "soak_privileged"])
+        .args(["--", "--nocapture"]))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -345,6 +390,8 @@ fn main() -> ExitCode {
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),
         Cmd::Capacity { args } => capacity::run(&args),
+        Cmd::Overload { connections } => overload(connections),
+        Cmd::Soak { minutes, rate } => soak(minutes, rate),
         Cmd::BenchClient { addr, cycles } => bench_observer::client(&addr, &cycles),
         Cmd::BenchSpray { n } => bench_observer::spray(&n),
     };

@@ -246,6 +246,17 @@ pub struct DownstreamConfig {
     /// HTTPS listener: how long a client may take from its connection to the end of the TLS
     /// handshake. Default [`DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS`].
     pub tls_handshake_timeout_ms: Option<u64>,
+    /// Client connections open at once, over all listeners and workers together (one budget,
+    /// sized like the process's file descriptors: each client connection may hold an upstream
+    /// one too). A connection beyond it is answered at once, never left waiting: `503` with
+    /// `x-gateway-error: overloaded` and `Connection: close` on a plain HTTP listener, a close
+    /// on an HTTPS one; either way counted in `gateway_client_connections_rejected_total`.
+    /// Unlimited by default; then the file descriptor limit (`ulimit -n`) is the limit.
+    pub max_client_connections: Option<usize>,
+    /// New connections each listener address accepts per second (all workers together),
+    /// with bursts of up to one second's worth. Beyond it, answered like
+    /// `max_client_connections`. Unlimited by default.
+    pub max_accepts_per_second: Option<u32>,
 }
 
 pub const DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

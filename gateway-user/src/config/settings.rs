@@ -83,6 +83,10 @@ pub struct Downstream {
     pub max_request_body_bytes: Option<u64>,
     /// HTTPS listener: connection to the end of the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Over all listeners and workers; `None`: unlimited.
+    pub max_client_connections: Option<usize>,
+    /// Per listener address; `None`: unlimited.
+    pub max_accepts_per_second: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

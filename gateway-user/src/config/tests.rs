@@ -377,3 +377,23 @@ fn log_format_and_level_are_read_and_checked_with_file_line_and_key() {
         "{e}"
     );
 }
+
+#[test]
+fn client_connection_limits_are_unlimited_by_default_and_at_least_one() {
+    let s = load(COMMON).unwrap().settings;
+    assert_eq!(s.downstream.max_client_connections, None);
+    assert_eq!(s.downstream.max_accepts_per_second, None);
+    let text = format!(
+        "{COMMON}\n[router.downstream]\nmax_client_connections = 20000\nmax_accepts_per_second = 5000\n"
+    );
+    let s = load(&text).unwrap().settings;
+    assert_eq!(s.downstream.max_client_connections, Some(20_000));
+    assert_eq!(s.downstream.max_accepts_per_second, Some(5_000));
+    for key in ["max_client_connections", "max_accepts_per_second"] {
+        let e = err(&format!("{COMMON}\n[router.downstream]\n{key} = 0\n"));
+        assert!(
+            e.contains(&format!("router.downstream.{key}")) && e.contains("out of range"),
+            "{e}"
+        );
+    }
+}

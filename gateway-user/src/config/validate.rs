@@ -321,6 +321,24 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             DAY_MS,
             " ms",
         )),
+        max_client_connections: ds.max_client_connections.map(|n| {
+            c.range(
+                &dk.key("max_client_connections"),
+                n as u64,
+                1,
+                10_000_000,
+                "",
+            ) as usize
+        }),
+        max_accepts_per_second: ds.max_accepts_per_second.map(|n| {
+            c.range(
+                &dk.key("max_accepts_per_second"),
+                u64::from(n),
+                1,
+                10_000_000,
+                "",
+            ) as u32
+        }),
     };
     let gateway_host = match cfg.router.gateway_host.as_deref() {
         None | Some("*") => None,

@@ -46,7 +46,12 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             r = listener.accept() => {
-                let Ok((stream, peer)) = r else { continue };
+                let Ok((stream, peer)) = r else {
+                    // Out of file descriptors (EMFILE) or memory: the error would come back at
+                    // once, so back off instead of spinning.
+                    tokio::time::sleep(super::admission::ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {

@@ -22,7 +22,6 @@ use std::{
         Arc,
         atomic::{AtomicU8, Ordering},
     },
-    time::Duration,
 };
 
 use http::Version;
@@ -36,7 +35,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    handshake,
+    admission, handshake,
     headers::{self, Scheme},
     io::StallGuard,
     listeners::ClientSocket,
@@ -95,32 +94,56 @@ struct Listener {
     loopback: bool,
 }
 
-/// Accepts until the phase is `Drain` or `Force`.
+/// Accepts until the phase is `Drain` or `Force`. Each accepted connection passes the
+/// listener's gate (`admission`) or is turned away at once.
 async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>, drain: Drain) {
     let mut phase = drain.phase.clone();
+    let gate = match listener.local_addr() {
+        Ok(a) => shared.gate(a),
+        Err(e) => {
+            warn!(error = %e, "a client listener has no address");
+            return;
+        }
+    };
     let on = Listener {
         scheme,
         loopback: listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
     };
+    let mut reserve = admission::open_reserve();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let permit = {
+                        let rt = shared.runtime.load();
+                        gate.admit(&shared.admission, &rt.settings.downstream)
+                    };
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            gate.reject(&shared.admission, stream, scheme, reason);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let (shared, drain) = (shared.clone(), drain.clone());
                     match scheme {
                         Scheme::Http => {
-                            tokio::spawn(serve_plain(stream, peer, on, shared, drain));
+                            tokio::spawn(serve_plain(stream, peer, on, shared, (drain, permit)));
                         }
                         Scheme::Https => {
-                            tokio::spawn(serve_tls(stream, peer, on, shared, drain));
+                            tokio::spawn(serve_tls(stream, peer, on, shared, (drain, permit)));
                         }
                     }
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors: answer the connection waiting on the reserve one
+                    // and go on (each round accepts one connection: no spin). Otherwise, or
+                    // without a reserve, back off instead of spinning.
+                    let out_of_fds = gate.accept_failed(&shared.admission, &e);
+                    if !(out_of_fds && gate.answer_on_reserve(&listener, scheme, &mut reserve)) {
+                        tokio::time::sleep(admission::ACCEPT_ERROR_BACKOFF).await;
+                    }
                 }
             },
             _ = phase.changed() => {
@@ -132,16 +155,20 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>,
     }
 }
 
+/// What a served connection holds until it ends: its place in the drain's count (which an
+/// upgraded connection's tunnel keeps too) and in `max_client_connections`.
+type Live = (Drain, admission::Permit);
+
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     on: Listener,
     shared: Arc<Shared>,
-    drain: Drain,
+    live: Live,
 ) {
     let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
     let io = StallGuard::new(stream, write_timeout);
-    serve(io, peer, on, None, shared, drain).await;
+    serve(io, peer, on, None, shared, live).await;
 }
 
 /// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
@@ -151,11 +178,11 @@ async fn serve_tls(
     peer: SocketAddr,
     on: Listener,
     shared: Arc<Shared>,
-    drain: Drain,
+    live: Live,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
         let version = crate::tls::version_label(io.get_ref().1.protocol_version());
-        serve(io, peer, on, Some(version), shared, drain).await;
+        serve(io, peer, on, Some(version), shared, live).await;
     }
 }
 
@@ -170,7 +197,7 @@ async fn serve<I>(
     on: Listener,
     tls: Option<&'static str>,
     shared: Arc<Shared>,
-    drain: Drain,
+    (drain, _permit): Live,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -16,6 +16,7 @@ use hyper_util::{
 
 use super::{
     access_log::AccessLogger,
+    admission::{Admission, ListenerGate},
     router::Router,
     telemetry::{RouteMeter, Telemetry},
     upstream::Cluster,
@@ -63,6 +64,20 @@ pub(crate) struct Shared {
     /// Worker count, i.e. idle-pool shards per endpoint.
     pub workers: usize,
     pub telemetry: Telemetry,
+    /// `max_client_connections`: the open client connections.
+    pub admission: Admission,
+    /// Each client listener address's accept rate limit and counters.
+    pub gates: Vec<Arc<ListenerGate>>,
+}
+
+impl Shared {
+    /// The gate of the listener bound to `addr`.
+    pub fn gate(&self, addr: std::net::SocketAddr) -> Arc<ListenerGate> {
+        match self.gates.iter().find(|g| g.addr == addr) {
+            Some(g) => g.clone(),
+            None => Arc::new(ListenerGate::new(addr, &self.admission)),
+        }
+    }
 }
 
 /// The routes and clusters of one config generation.

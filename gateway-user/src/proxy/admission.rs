@@ -1,0 +1,429 @@
+//! The gateway's own overload protection: which accepted client connections are served, and
+//! what the others get.
+//!
+//! Two limits, both in `[router.downstream]` and read from the config generation current at
+//! each accept (a SIGHUP changes them for the next connection):
+//!
+//! - `max_client_connections`: one budget over every listener and worker, because what it
+//!   protects is process-wide (file descriptors, memory);
+//! - `max_accepts_per_second`: a token bucket per listener address (shared by the workers'
+//!   `SO_REUSEPORT` sockets of that address), refilled continuously, holding one second's
+//!   worth.
+//!
+//! A connection beyond either is accepted and answered at once, never left in the accept
+//! queue where its client would wait for a SYN-ACK timeout: on a plain HTTP listener a `503`
+//! with `x-gateway-error: overloaded`, `Retry-After: 1` and `Connection: close`, then a
+//! lingering close (FIN, then what the client sends is read and dropped for up to
+//! [`REJECT_LINGER`], so that its request arriving after our answer does not turn into a
+//! reset that destroys the answer); on an HTTPS listener a close, since answering would cost a
+//! TLS handshake. At most [`MAX_LINGERING`] rejected connections linger at once; beyond that
+//! the answer is written without lingering.
+//!
+//! Out of file descriptors (`EMFILE`, `ENFILE`) `accept()` fails and the connection would wait
+//! in the queue. Each accept loop keeps one descriptor in reserve (`/dev/null`): it gives it
+//! up, accepts one connection on it, writes the same `503` where it can, closes it and takes
+//! the reserve back; so clients get an answer instead of a stall, and the loop makes progress
+//! instead of spinning. Every accept error is counted by errno and logged at most once per
+//! [`ACCEPT_ERROR_LOG_EVERY`] per listener, with the number of errors not logged.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::warn;
+
+use super::headers::Scheme;
+use crate::{
+    config::Downstream,
+    metrics::{GatewayMetrics, ListenerErrno, ListenerReason},
+};
+
+/// How long a rejected plain HTTP connection is read from (and what it sends dropped) after
+/// its answer, before it is closed.
+pub(crate) const REJECT_LINGER: Duration = Duration::from_secs(1);
+
+/// Rejected connections lingering at once, at most; beyond, the answer is written and the
+/// socket closed at once.
+pub(crate) const MAX_LINGERING: usize = 512;
+
+/// At most one accept-error log line per listener this often.
+pub(crate) const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long an accept loop waits after an accept error it could not answer on the reserve
+/// descriptor, before it tries again.
+pub(crate) const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why a connection was turned away (the `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    MaxConnections,
+    AcceptRate,
+    FdExhausted,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [
+        Rejection::MaxConnections,
+        Rejection::AcceptRate,
+        Rejection::FdExhausted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::MaxConnections => "max_connections",
+            Rejection::AcceptRate => "accept_rate",
+            Rejection::FdExhausted => "fd_exhausted",
+        }
+    }
+
+    fn sentence(self) -> &'static str {
+        match self {
+            Rejection::MaxConnections => {
+                "the gateway has as many client connections open as it allows (max_client_connections)"
+            }
+            Rejection::AcceptRate => {
+                "this listener accepts no more new connections per second (max_accepts_per_second)"
+            }
+            Rejection::FdExhausted => "the gateway is out of file descriptors",
+        }
+    }
+}
+
+/// The `503` a rejected plain HTTP client gets.
+fn answer(reason: Rejection) -> String {
+    let body = format!(
+        "503 Service Unavailable: {}; retry shortly\n",
+        reason.sentence()
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         x-gateway-error: overloaded\r\nretry-after: 1\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Process-wide admission state, in `Shared`.
+pub(crate) struct Admission {
+    open: Arc<AtomicUsize>,
+    /// The most connections open at once since memory was last returned (`memory`).
+    peak: AtomicUsize,
+    lingering: Arc<AtomicUsize>,
+    gauge: Gauge,
+    metrics: GatewayMetrics,
+}
+
+/// A served connection's place in `max_client_connections`; given back when dropped.
+pub(crate) struct Permit {
+    open: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+impl Admission {
+    pub fn new(metrics: &GatewayMetrics) -> Admission {
+        Admission {
+            open: Arc::new(AtomicUsize::new(0)),
+            peak: AtomicUsize::new(0),
+            lingering: Arc::new(AtomicUsize::new(0)),
+            gauge: metrics.client_connections.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The peak since the last call, and the open count now; the peak restarts from it.
+    pub fn take_peak(&self) -> (usize, usize) {
+        let open = self.open();
+        (self.peak.swap(open, Ordering::Relaxed).max(open), open)
+    }
+}
+
+/// One listener address's accept rate limit and its counters, shared by the accept loops of
+/// every worker on that address.
+pub(crate) struct ListenerGate {
+    pub addr: SocketAddr,
+    bucket: Mutex<Bucket>,
+    rejected: [Counter; 3],
+    errors: Mutex<Vec<(i32, Counter)>>,
+    /// When the last accept-error line was logged (ms since `epoch`), and errors since.
+    last_log_ms: AtomicU64,
+    suppressed: AtomicU64,
+    epoch: Instant,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl ListenerGate {
+    pub fn new(addr: SocketAddr, admission: &Admission) -> ListenerGate {
+        let listener = addr.to_string();
+        let rejected = Rejection::ALL.map(|r| {
+            admission
+                .metrics
+                .client_rejected
+                .get_or_create(&ListenerReason {
+                    listener: listener.clone(),
+                    reason: r.label(),
+                })
+                .clone()
+        });
+        ListenerGate {
+            addr,
+            bucket: Mutex::new(Bucket {
+                tokens: f64::INFINITY,
+                at: Instant::now(),
+            }),
+            rejected,
+            errors: Mutex::new(Vec::new()),
+            last_log_ms: AtomicU64::new(u64::MAX),
+            suppressed: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Takes one token of `rate` per second, bursting to one second's worth.
+    fn take_token(&self, rate: u32, now: Instant) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let cap = f64::from(rate);
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() * cap;
+        b.tokens = (b.tokens + refill).min(cap);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a connection just accepted on this listener is served: its permit, or why not.
+    pub fn admit(&self, admission: &Admission, limits: &Downstream) -> Result<Permit, Rejection> {
+        if let Some(rate) = limits.max_accepts_per_second
+            && !self.take_token(rate, Instant::now())
+        {
+            return Err(Rejection::AcceptRate);
+        }
+        let max = limits.max_client_connections.unwrap_or(usize::MAX);
+        let admitted = admission
+            .open
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
+        let Ok(before) = admitted else {
+            return Err(Rejection::MaxConnections);
+        };
+        admission.peak.fetch_max(before + 1, Ordering::Relaxed);
+        admission.gauge.inc();
+        Ok(Permit {
+            open: admission.open.clone(),
+            gauge: admission.gauge.clone(),
+        })
+    }
+
+    /// Turns `stream` away for `reason`: counted, answered (plain HTTP), closed.
+    pub fn reject(
+        &self,
+        admission: &Admission,
+        stream: TcpStream,
+        scheme: Scheme,
+        reason: Rejection,
+    ) {
+        self.rejected[reason as usize].inc();
+        if scheme == Scheme::Https {
+            return;
+        }
+        let text = answer(reason);
+        // An empty send buffer takes the whole answer at once.
+        let _ = stream.try_write(text.as_bytes());
+        let lingering = &admission.lingering;
+        if lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+            lingering.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let lingering = lingering.clone();
+        tokio::spawn(async move {
+            linger(stream).await;
+            lingering.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// `accept()` failed with `err`: counted, logged (rate-limited). Returns whether the
+    /// loop should answer one connection on its reserve descriptor (out of descriptors).
+    pub fn accept_failed(&self, admission: &Admission, err: &std::io::Error) -> bool {
+        let errno = err.raw_os_error().unwrap_or(0);
+        self.error_counter(admission, errno).inc();
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        let due = last == u64::MAX
+            || now_ms.saturating_sub(last) >= ACCEPT_ERROR_LOG_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_log_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            warn!(
+                listener = %self.addr,
+                errno = errno_label(errno),
+                error = %err,
+                suppressed,
+                every_s = ACCEPT_ERROR_LOG_EVERY.as_secs(),
+                "accept failed on a client listener; new connections are closed until it recovers \
+                 (counted in gateway_accept_errors_total)"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+        matches!(errno, libc::EMFILE | libc::ENFILE)
+    }
+
+    fn error_counter(&self, admission: &Admission, errno: i32) -> Counter {
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, c)) = errors.iter().find(|(e, _)| *e == errno) {
+            return c.clone();
+        }
+        let c = admission
+            .metrics
+            .accept_errors
+            .get_or_create(&ListenerErrno {
+                listener: self.addr.to_string(),
+                errno: errno_label(errno),
+            })
+            .clone();
+        errors.push((errno, c.clone()));
+        c
+    }
+
+    /// Out of descriptors: gives up `reserve`, accepts one connection on the descriptor freed,
+    /// answers it (plain HTTP) and closes it, then takes a reserve again. Returns whether a
+    /// connection was answered.
+    pub fn answer_on_reserve(
+        &self,
+        listener: &tokio::net::TcpListener,
+        scheme: Scheme,
+        reserve: &mut Option<std::fs::File>,
+    ) -> bool {
+        let Some(r) = reserve.take() else {
+            *reserve = open_reserve();
+            return false;
+        };
+        drop(r);
+        // SAFETY: accept4 on our own listening socket, with null address pointers.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        let answered = fd >= 0;
+        if answered {
+            self.rejected[Rejection::FdExhausted as usize].inc();
+            if scheme == Scheme::Http {
+                let text = answer(Rejection::FdExhausted);
+                // SAFETY: a valid buffer on the descriptor we just accepted.
+                unsafe {
+                    libc::send(
+                        fd,
+                        text.as_ptr().cast(),
+                        text.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    );
+                    libc::shutdown(fd, libc::SHUT_WR);
+                }
+            }
+            // SAFETY: closing the descriptor accept4 returned, once.
+            unsafe { libc::close(fd) };
+        }
+        *reserve = open_reserve();
+        answered
+    }
+}
+
+/// The descriptor an accept loop keeps in reserve for when the process runs out.
+pub(crate) fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// FIN, then read and drop what the client still sends, until it closes or [`REJECT_LINGER`].
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(REJECT_LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn errno_label(errno: i32) -> &'static str {
+    match errno {
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::ENOMEM => "ENOMEM",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EPERM => "EPERM",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_bursts_one_second_then_refills_at_the_rate() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let m = GatewayMetrics::new(
+            &mut registry,
+            crate::metrics::LatencyBuckets::reaching(std::time::Duration::ZERO),
+        );
+        let a = Admission::new(&m);
+        let g = ListenerGate::new("127.0.0.1:1".parse().unwrap(), &a);
+        let t0 = Instant::now();
+        let taken = (0..20).filter(|_| g.take_token(10, t0)).count();
+        assert_eq!(taken, 10, "a burst of one second's worth");
+        assert!(!g.take_token(10, t0 + Duration::from_millis(50)));
+        assert!(g.take_token(10, t0 + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn the_answer_is_a_complete_503_that_closes() {
+        let a = answer(Rejection::MaxConnections);
+        assert!(a.starts_with("HTTP/1.1 503 "));
+        assert!(a.contains("\r\nx-gateway-error: overloaded\r\n"));
+        assert!(a.contains("\r\nconnection: close\r\n"));
+        let (head, body) = a.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+    }
+}

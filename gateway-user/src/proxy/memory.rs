@@ -1,0 +1,33 @@
+//! Giving memory back after a burst of client connections.
+//!
+//! glibc's malloc keeps what a burst of connections freed in its per-thread arenas: measured
+//! with 2,000 idle keep-alive connections, the gateway stayed 40 MiB bigger after they closed,
+//! for good. So each worker (and the metrics refresher on the main runtime) checks every
+//! [`RELEASE_CHECK`] whether the process's client connections fell by [`RELEASE_DROP`] or
+//! more since the highest count it saw, and if so returns the free memory of every arena to
+//! the system (`malloc_trim(0)`, which also releases free pages in the middle of a heap).
+//! Under a steady load nothing happens; after a burst, once.
+//!
+//! mimalloc as the global allocator was measured too (`proxy_overload`'s memory test, debug
+//! build, 2,000 connections): 32 KiB per idle connection instead of 21 KiB, 11 MiB more at
+//! start, and its freed pages also stayed until `mi_collect(true)` on each worker thread. So
+//! the binary keeps glibc's allocator.
+
+use std::time::Duration;
+
+/// How often the connection count is checked.
+pub(crate) const RELEASE_CHECK: Duration = Duration::from_secs(1);
+
+/// A fall in open client connections that is worth returning memory for.
+pub(crate) const RELEASE_DROP: usize = 256;
+
+/// Called every [`RELEASE_CHECK`]: returns the free memory to the system when the open
+/// client connections are [`RELEASE_DROP`] or more below their peak since the last check
+/// (the peak is kept at each accept, so a burst shorter than a check counts too).
+pub(crate) fn release_after_burst(admission: &super::admission::Admission) {
+    let (peak, open) = admission.take_peak();
+    if peak >= open + RELEASE_DROP {
+        // SAFETY: malloc_trim has no preconditions; it trims every arena.
+        unsafe { libc::malloc_trim(0) };
+    }
+}
