@@ -360,8 +360,6 @@ pub fn spray(n: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kernel memory (`memlock`) of every BPF map the observer `pid` holds, from
-/// /proc/PID/fdinfo (bpftool here lacks pid support), named through `bpftool map show id`.
 /// Turns on the kernel's per-program run-time statistics (`run_time_ns`, `run_cnt`) for as
 /// long as the returned descriptor stays open: `bpf(BPF_ENABLE_STATS, {type =
 /// BPF_STATS_RUN_TIME})`, include/uapi/linux/bpf.h.
@@ -386,76 +384,76 @@ fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Name, invocations and run time (ns) of each eBPF program the process `pid` holds, from
-/// `/proc/PID/fdinfo` (`run_cnt`, `run_time_ns`: counted while run-time statistics are on).
-fn program_run_times(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+/// The `/proc/PID/fdinfo` text of each descriptor of process `pid` that is a BPF object of
+/// `kind` (`anon_inode:bpf-prog`, `anon_inode:bpf-map`), and a reader of its fields.
+fn bpf_fdinfos(pid: u32, kind: &str) -> anyhow::Result<Vec<FdInfo>> {
     let mut v = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if target.to_string_lossy() != "anon_inode:bpf-prog" {
+        if target.to_string_lossy() != kind {
             continue;
         }
-        let info = std::fs::read_to_string(format!(
+        v.push(FdInfo(std::fs::read_to_string(format!(
             "/proc/{pid}/fdinfo/{}",
             entry.file_name().to_string_lossy()
-        ))?;
-        let field = |k: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
-        let id = field("prog_id:");
-        let out = Command::new("bpftool")
-            .args(["-j", "prog", "show", "id", &id])
-            .output()?;
-        let name = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|m| m["name"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("id {id}"));
-        v.push((
-            name,
-            field("run_cnt:").parse().unwrap_or(0),
-            field("run_time_ns:").parse().unwrap_or(0),
-        ));
+        ))?));
     }
     Ok(v)
 }
 
-fn map_memlock(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
-    let mut v = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let entry = entry?;
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if target.to_string_lossy() != "anon_inode:bpf-map" {
-            continue;
-        }
-        let info = std::fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            entry.file_name().to_string_lossy()
-        ))?;
-        let field = |k: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
-        let memlock: u64 = field("memlock:").parse().unwrap_or(0);
-        let id = field("map_id:");
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "show", "id", &id])
-            .output()?;
-        let name = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|m| m["name"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("id {id}"));
-        v.push((name, memlock));
+struct FdInfo(String);
+
+impl FdInfo {
+    fn field(&self, key: &str) -> String {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
     }
+}
+
+/// bpftool's name for the program or map `id` (`what`: "prog" or "map").
+fn bpf_name(what: &str, id: &str) -> anyhow::Result<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show", "id", id])
+        .output()?;
+    Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|m| m["name"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("id {id}")))
+}
+
+/// Name, invocations and run time (ns) of each eBPF program the process `pid` holds, from
+/// `/proc/PID/fdinfo` (`run_cnt`, `run_time_ns`: counted while run-time statistics are on).
+fn program_run_times(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    bpf_fdinfos(pid, "anon_inode:bpf-prog")?
+        .into_iter()
+        .map(|info| {
+            Ok((
+                bpf_name("prog", &info.field("prog_id:"))?,
+                info.field("run_cnt:").parse().unwrap_or(0),
+                info.field("run_time_ns:").parse().unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+/// Kernel memory (`memlock`) of every BPF map the observer `pid` holds, from
+/// `/proc/PID/fdinfo` (bpftool here lacks pid support), named through `bpftool map show id`.
+fn map_memlock(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut v = bpf_fdinfos(pid, "anon_inode:bpf-map")?
+        .into_iter()
+        .map(|info| {
+            Ok((
+                bpf_name("map", &info.field("map_id:"))?,
+                info.field("memlock:").parse().unwrap_or(0),
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     v.sort();
     Ok(v)
 }
