@@ -12,8 +12,6 @@
 //! Traffic is loopback only. Each test panics without root rather than skip, and its guards
 //! kill the processes and remove the cgroups it saw even when it fails.
 
-mod proxy_support;
-
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -26,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_support::{Upstream, base_config, temp_dir};
+use gateway_testkit::{config::base_config, tempdir::temp_dir, upstream::Upstream};
 
 /// What a restart may take, spawn to first served request (the bound).
 const RESTART_LIMIT: Duration = Duration::from_secs(1);

@@ -4,15 +4,19 @@
 //! bytes through the real proxy (in-process, loopback) to a raw upstream that records every
 //! byte it receives, and asserts what reaches the upstream and what the client gets.
 
-mod proxy_support;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use proxy_support::*;
+use gateway_testkit::{
+    config::base_config,
+    http::raw_exchange,
+    inprocess::{InProcess, gateway},
+    ports::refused_addr,
+    tempdir::temp_dir,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,

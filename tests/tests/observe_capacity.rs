@@ -13,8 +13,6 @@
 //! The long version (1,000,000 destinations, RSS at 100,000) is `cargo xtask capacity`.
 //! Loopback and test-made namespaces only; never skipped without root (they fail).
 
-mod common;
-
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -25,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::require_root;
+use gateway_testkit::root::require_root;
 
 fn gateway_bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_connect-probe")).with_file_name("gateway");
