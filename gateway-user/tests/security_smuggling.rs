@@ -391,10 +391,10 @@ async fn request_paths_cannot_forge_access_log_lines() {
                     assert!(v["route"].as_str() != Some("forged"), "{line:?}");
                 }
                 _ => {
-                    // Exactly two quotes (around the request), and the fields after them are
-                    // the gateway's own.
-                    assert_eq!(line.matches('"').count(), 2, "{line:?}");
-                    let after = line.rsplit('"').next().unwrap_or("");
+                    // Exactly four quotes (around the request and the user agent), and the
+                    // fields after the request are the gateway's own.
+                    assert_eq!(line.matches('"').count(), 4, "{line:?}");
+                    let after = line.splitn(3, '"').nth(2).unwrap_or("");
                     assert_eq!(after.matches(" route=").count(), 1, "{line:?}");
                     assert!(!after.contains("forged"), "a forged field: {line:?}");
                 }
