@@ -603,18 +603,7 @@ fn privileged_whole_host_blackhole_loses_no_get_and_recovers() {
         2000,
         "",
     );
-    let fault_for = 3.0;
-    let r = run(
-        s,
-        Plan {
-            rate: RATE,
-            inject: Inject::Net(Fault::Blackhole { port: PORT }),
-            wait_for_measured_deadline: true,
-            fault_for,
-            tail: TAIL,
-            give_up: recovery_bound(fault_for + 0.5, CONNECT_TIMEOUT) + 1.0,
-        },
-    );
+    let r = whole_host_blackhole(s);
     let bound = recovery_bound(r.fault_for(), CONNECT_TIMEOUT);
     r.report("whole-host blackhole");
     let log = r.s.access_log();
@@ -682,18 +671,7 @@ fn privileged_whole_host_blackhole_loses_no_post() {
         "",
     )
     .posting(1024);
-    let fault_for = 3.0;
-    let r = run(
-        s,
-        Plan {
-            rate: RATE,
-            inject: Inject::Net(Fault::Blackhole { port: PORT }),
-            wait_for_measured_deadline: true,
-            fault_for,
-            tail: TAIL,
-            give_up: recovery_bound(fault_for + 0.5, CONNECT_TIMEOUT) + 1.0,
-        },
-    );
+    let r = whole_host_blackhole(s);
     r.report("whole-host blackhole, POST");
     r.assert_no_failures();
     r.assert_ejected(&["syn_unanswered", "host_died"], 0.8);
@@ -703,6 +681,23 @@ fn privileged_whole_host_blackhole_loses_no_post() {
         "the load was POSTs"
     );
     assert_moved_on_host_died(&r, &log, "POSTs");
+}
+
+/// The whole host behind upstream 2 goes dark (every packet dropped, established connections
+/// too) for 3 s, under the scenario's load, once its connect deadline is measured.
+fn whole_host_blackhole(s: Scenario) -> Run {
+    let fault_for = 3.0;
+    run(
+        s,
+        Plan {
+            rate: RATE,
+            inject: Inject::Net(Fault::Blackhole { port: PORT }),
+            wait_for_measured_deadline: true,
+            fault_for,
+            tail: TAIL,
+            give_up: recovery_bound(fault_for + 0.5, CONNECT_TIMEOUT) + 1.0,
+        },
+    )
 }
 
 /// Requests stranded on a pooled connection to the dead host (`upstream_host_died` among
