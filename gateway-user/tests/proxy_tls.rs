@@ -9,8 +9,6 @@
 //! with no default certificate, `min_version`, and `gateway_host`. Certificates are generated
 //! at test time (rcgen).
 
-mod proxy_support;
-
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -22,7 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_support::*;
+use gateway_testkit::{
+    config::{base_config, write_config},
+    gateway_bin,
+    process::GatewayProcess,
+    tempdir::temp_dir,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 /// A CA and the leaves it signs, as PEM files in `dir`.
@@ -128,7 +131,7 @@ impl Drop for Nginx {
 fn https_addr(gw: &GatewayProcess) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = gw.stderr_text();
+        let text = gw.text();
         if let Some(a) = text
             .split_whitespace()
             .find_map(|w| w.strip_prefix("https_listener="))
@@ -233,7 +236,11 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     pki.leaf("b", &["b.test"]);
     let (uc, uk) = pki.leaf("up", &["up.test"]);
     let nginx = Nginx::start(&dir, &uc, &uk);
-    let gw = GatewayProcess::spawn(&https_config(&dir, nginx.addr, &dir.join("ca.pem")));
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&https_config(
+        &dir,
+        nginx.addr,
+        &dir.join("ca.pem"),
+    )));
     let addr = https_addr(&gw);
     let ca = dir.join("ca.pem");
 
@@ -288,7 +295,7 @@ fn curl_and_openssl_against_the_https_listener_alpn_sni_and_plain_http() {
     assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
     assert!(plain.contains("this port speaks HTTPS"), "{plain}");
 
-    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let metrics = http_get_text(gw.admin, "/metrics");
     for line in [
         "gateway_tls_handshakes_total{side=\"downstream\",result=\"ok\",version=\"TLSv1.3\"}",
         "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"plain_http\"} 1",
@@ -336,7 +343,7 @@ fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
     let text = std::fs::read_to_string(&cfg).unwrap()
         + "[router.downstream]\ntls_handshake_timeout_ms = 1000\n";
     std::fs::write(&cfg, text).unwrap();
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
     let ca = dir.join("ca.pem");
     let limit = Duration::from_millis(1000);
@@ -372,7 +379,7 @@ fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
             "{what}: closed after {closed:?}, the timeout is {limit:?} ± 10 %"
         );
     }
-    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let metrics = http_get_text(gw.admin, "/metrics");
     let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"timeout\"} 2";
     assert!(metrics.contains(line), "{line} missing:\n{metrics}");
 }
@@ -381,14 +388,7 @@ fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
 fn wait_for_count(gw: &GatewayProcess, needle: &str, n: usize) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let seen = gw
-            .stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count();
-        if seen >= n {
+        if gw.count(needle) >= n {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -427,7 +427,7 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             ca = ca.display()
         ),
     );
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let plain = |path: &str| {
         let out = Command::new("curl")
             .args(["-s", "-i", "--max-time", "10"])
@@ -477,7 +477,7 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
         assert!(r.contains(&format!("failed ({reason})")), "{r}");
         assert!(r.contains("TCP established in"), "{r}");
     }
-    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let metrics = http_get_text(gw.admin, "/metrics");
     assert!(
         metrics.contains(
             "gateway_tls_handshake_errors_total{side=\"upstream\",reason=\"name_mismatch\"}"
@@ -501,9 +501,9 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
-    let before = unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics"));
+    let before = unknown_ca(&http_get_text(gw.admin, "/metrics"));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while unknown_ca(&http_get_text(gw.admin.unwrap(), "/metrics")) < before + 2 {
+    while unknown_ca(&http_get_text(gw.admin, "/metrics")) < before + 2 {
         assert!(
             Instant::now() < deadline,
             "no probe of the suspect endpoint"
@@ -511,7 +511,7 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let status: serde_json::Value =
-        serde_json::from_str(&http_get_text(gw.admin.unwrap(), "/status")).unwrap();
+        serde_json::from_str(&http_get_text(gw.admin, "/status")).unwrap();
     let ep = status["clusters"]
         .as_array()
         .unwrap()
@@ -554,7 +554,7 @@ fn a_stalled_tls_upstream_is_a_504_tls_handshake_timeout_on_time_with_kernel_evi
              [router.upstream.retry]\nmax_retries = 0\n[observer]\nmode = \"kernel\"\n"
         ),
     );
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let t = Instant::now();
     let out = Command::new("curl")
         .args(["-s", "-i", "--max-time", "10"])
@@ -602,7 +602,11 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
     pki.leaf("b", &["b.test"]);
     let (uc, uk) = pki.leaf("up", &["up.test"]);
     let nginx = Nginx::start(&dir, &uc, &uk);
-    let gw = GatewayProcess::spawn(&https_config(&dir, nginx.addr, &dir.join("ca.pem")));
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&https_config(
+        &dir,
+        nginx.addr,
+        &dir.join("ca.pem"),
+    )));
     let addr = https_addr(&gw);
     let ca = dir.join("ca.pem");
     let stop = Arc::new(AtomicBool::new(false));
@@ -687,7 +691,7 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
     // A bad certificate is refused and the running one kept.
     std::fs::write(dir.join("a.pem"), "not a certificate\n").unwrap();
     gw.signal(libc::SIGHUP);
-    assert!(gw.wait_for_log("reload refused", Duration::from_secs(5)));
+    gw.expect_log("reload refused", Duration::from_secs(5));
     let (code, _, _) = curl(addr, &ca, "a.test", "/", &[]);
     assert_eq!(code, 200, "the running certificate still serves");
 }
@@ -736,7 +740,7 @@ fn client_certificates_both_ways_mtls() {
         ),
     )
     .unwrap();
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
 
     let (code, _, text) = curl(addr, &ca, "a.test", "/", &[]);
@@ -773,7 +777,7 @@ fn client_certificates_both_ways_mtls() {
         code, 400,
         "nginx refuses a cluster without a client certificate: {text}"
     );
-    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let metrics = http_get_text(gw.admin, "/metrics");
     let refused: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("gateway_tls_handshake_errors_total{side=\"downstream\""))
@@ -817,7 +821,7 @@ fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_ho
         ),
     )
     .unwrap();
-    let gw = GatewayProcess::spawn(&cfg);
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
 
     let (code, _, text) = curl(addr, &ca, "other.test", "/", &["-k"]);
@@ -855,7 +859,7 @@ fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_ho
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), want, "Host: {host}");
     }
-    let metrics = http_get_text(gw.admin.unwrap(), "/metrics");
+    let metrics = http_get_text(gw.admin, "/metrics");
     let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"unknown_sni\"} 1";
     assert!(metrics.contains(line), "{line} missing:\n{metrics}");
 }

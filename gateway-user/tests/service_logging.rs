@@ -4,9 +4,6 @@
 //! falling back to `info` without a word. Unprivileged: `[observer] mode = "off"`, loopback
 //! only.
 
-mod admin_support;
-mod proxy_support;
-
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -15,8 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use admin_support::admin_get;
-use proxy_support::temp_dir;
+use gateway_testkit::{admin::admin_get, tempdir::temp_dir};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 
