@@ -387,6 +387,13 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => ErrorKind::ConnectTimeout,
             ProxyError::ConnectRefused { .. } => ErrorKind::ConnectRefused,
             ProxyError::ConnectUnreachable { .. } => ErrorKind::ConnectUnreachable,
+            // The gateway itself is out of descriptors: its own overload, not the upstream's
+            // failure (and no evidence about the endpoint, see `decide::evidence`).
+            ProxyError::ConnectFailed { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+            {
+                ErrorKind::Overloaded
+            }
             ProxyError::ConnectFailed { .. } => ErrorKind::ConnectFailed,
             ProxyError::TlsHandshakeTimeout { .. } => ErrorKind::TlsHandshakeTimeout,
             ProxyError::TlsError { .. } => ErrorKind::TlsError,
@@ -729,5 +736,20 @@ mod evidence_tests {
         );
         assert_eq!(bad.kind().status(), StatusCode::BAD_GATEWAY);
         assert_eq!(bad.evidence_header(), None);
+    }
+
+    #[test]
+    fn the_gateway_out_of_descriptors_is_its_own_overload_not_a_bad_gateway() {
+        let failed = |errno| ProxyError::ConnectFailed {
+            endpoint: "10.0.0.5:80".parse().unwrap(),
+            source: io::Error::from_raw_os_error(errno),
+            cookie: None,
+        };
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let e = failed(errno);
+            assert_eq!(e.kind(), ErrorKind::Overloaded, "{e}");
+            assert_eq!(e.kind().status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert_eq!(failed(libc::EPERM).kind(), ErrorKind::ConnectFailed);
     }
 }
