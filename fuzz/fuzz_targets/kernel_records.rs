@@ -29,7 +29,8 @@ fuzz_target!(|data: &[u8]| {
     let mut index = ConnectIndex::new(&StreamOptions::default());
     let mut table = Table::default();
     let mut registry = prometheus_registry();
-    let mut metrics = ObserverMetrics::new(&mut registry, 4);
+    let buckets = gateway::metrics::LatencyBuckets::reaching(std::time::Duration::from_secs(1));
+    let mut metrics = ObserverMetrics::new(&mut registry, 4, buckets);
     let mut drained = Drained::default();
     let mut now = 0u64;
     for slot in data.chunks(EVENT) {
