@@ -4,138 +4,20 @@
 
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
-use http::StatusCode;
 use thiserror::Error;
+
+mod evidence_header;
+mod kind;
+
+pub use kind::ErrorKind;
 
 use crate::{
     decide::{
         evidence::{ConnectFailure, TlsFailure},
-        grpc::GrpcCode,
         retry::{Delivery, Failure},
     },
     signals::{ConnectEvidence, EstablishedEvidence},
 };
-
-/// The machine-readable reason, as sent in `x-gateway-error`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    ConnectTimeout,
-    ConnectRefused,
-    ConnectUnreachable,
-    ConnectFailed,
-    TlsHandshakeTimeout,
-    TlsError,
-    ResponseTimeout,
-    UpstreamHostDied,
-    UpstreamWriteTimeout,
-    UpstreamReset,
-    UpstreamRefusedStream,
-    InvalidUpstreamResponse,
-    UpgradeUnsupported,
-    UpgradeFailed,
-    NoHealthyUpstream,
-    Overloaded,
-    RequestTimeout,
-    NoRoute,
-    BadRequest,
-    RequestHeadersTooLarge,
-    RequestBodyTooLarge,
-    DownstreamBodyError,
-}
-
-impl ErrorKind {
-    pub fn reason(self) -> &'static str {
-        match self {
-            ErrorKind::ConnectTimeout => "connect_timeout",
-            ErrorKind::ConnectRefused => "connect_refused",
-            ErrorKind::ConnectUnreachable => "connect_unreachable",
-            ErrorKind::ConnectFailed => "connect_failed",
-            ErrorKind::TlsHandshakeTimeout => "tls_handshake_timeout",
-            ErrorKind::TlsError => "tls_error",
-            ErrorKind::ResponseTimeout => "response_timeout",
-            ErrorKind::UpstreamHostDied => "upstream_host_died",
-            ErrorKind::UpstreamWriteTimeout => "upstream_write_timeout",
-            ErrorKind::UpstreamReset => "upstream_reset",
-            ErrorKind::UpstreamRefusedStream => "upstream_refused_stream",
-            ErrorKind::InvalidUpstreamResponse => "invalid_upstream_response",
-            ErrorKind::UpgradeUnsupported => "upgrade_unsupported",
-            ErrorKind::UpgradeFailed => "upgrade_failed",
-            ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
-            ErrorKind::Overloaded => "overloaded",
-            ErrorKind::RequestTimeout => "request_timeout",
-            ErrorKind::NoRoute => "no_route",
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::RequestHeadersTooLarge => "request_headers_too_large",
-            ErrorKind::RequestBodyTooLarge => "request_body_too_large",
-            ErrorKind::DownstreamBodyError => "downstream_body_error",
-        }
-    }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            ErrorKind::ConnectRefused
-            | ErrorKind::ConnectUnreachable
-            | ErrorKind::ConnectFailed
-            | ErrorKind::TlsError
-            | ErrorKind::UpstreamReset
-            | ErrorKind::UpstreamHostDied
-            | ErrorKind::InvalidUpstreamResponse
-            | ErrorKind::UpgradeFailed => StatusCode::BAD_GATEWAY,
-            ErrorKind::NoHealthyUpstream
-            | ErrorKind::Overloaded
-            | ErrorKind::UpstreamRefusedStream => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
-            ErrorKind::ConnectTimeout
-            | ErrorKind::TlsHandshakeTimeout
-            | ErrorKind::ResponseTimeout
-            | ErrorKind::UpstreamWriteTimeout
-            | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
-            ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        }
-    }
-}
-
-impl ErrorKind {
-    /// The gRPC status of the gateway's own answer to a gRPC call: UNAVAILABLE when no
-    /// upstream could take the call (connect failures, an ejected or overloaded cluster, a
-    /// connection that died or refused the stream: gRPC clients may retry those),
-    /// DEADLINE_EXCEEDED when a timer ran out, and the mapping of gRPC's
-    /// `doc/http-grpc-status-mapping.md` for the rest.
-    pub fn grpc_status(self) -> GrpcCode {
-        match self {
-            ErrorKind::ConnectTimeout
-            | ErrorKind::ConnectRefused
-            | ErrorKind::ConnectUnreachable
-            | ErrorKind::ConnectFailed
-            | ErrorKind::TlsHandshakeTimeout
-            | ErrorKind::TlsError
-            | ErrorKind::UpstreamHostDied
-            | ErrorKind::UpstreamReset
-            | ErrorKind::UpstreamRefusedStream
-            | ErrorKind::NoHealthyUpstream
-            | ErrorKind::Overloaded
-            | ErrorKind::UpstreamWriteTimeout => GrpcCode::UNAVAILABLE,
-            ErrorKind::ResponseTimeout | ErrorKind::RequestTimeout => GrpcCode::DEADLINE_EXCEEDED,
-            ErrorKind::NoRoute | ErrorKind::UpgradeUnsupported => GrpcCode::UNIMPLEMENTED,
-            ErrorKind::RequestHeadersTooLarge | ErrorKind::RequestBodyTooLarge => {
-                GrpcCode::RESOURCE_EXHAUSTED
-            }
-            ErrorKind::BadRequest
-            | ErrorKind::DownstreamBodyError
-            | ErrorKind::InvalidUpstreamResponse
-            | ErrorKind::UpgradeFailed => GrpcCode::INTERNAL,
-        }
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason())
-    }
-}
 
 /// Renders optional kernel evidence as a suffix.
 struct Ev<'a, T>(&'a Option<T>);
@@ -416,81 +298,6 @@ impl ProxyError {
         }
     }
 
-    /// The kernel evidence behind the error in `key=value` form, for the `x-gateway-evidence`
-    /// header: `syns=2 synack=0 rst=0 icmp=0 errno=- waited_ms=250 deadline_ms=250` for a
-    /// connect, `request_acked=no bytes_acked=0 unacked=120 rtos=3 retransmits=3` for an
-    /// established connection. `None` without kernel evidence.
-    pub fn evidence_header(&self) -> Option<String> {
-        use gateway_common::Outcome;
-        let connect = |e: &ConnectEvidence, deadline: Option<Duration>| {
-            format!(
-                "syns={} synack={} rst={} icmp={} errno={} waited_ms={}{}",
-                e.syn_retransmits + 1,
-                u8::from(e.outcome == Outcome::Established),
-                u8::from(e.outcome == Outcome::Refused),
-                u8::from(e.outcome == Outcome::Unreachable),
-                e.errno.and_then(gateway_common::errno::name).unwrap_or("-"),
-                e.elapsed.as_millis(),
-                deadline
-                    .map(|d| format!(" deadline_ms={}", d.as_millis()))
-                    .unwrap_or_default()
-            )
-        };
-        let conn = |e: &EstablishedEvidence| {
-            let acked = match (e.bytes_acked, e.unacked_bytes) {
-                (0, _) => "no",
-                (_, 0) => "yes",
-                _ => "partial",
-            };
-            format!(
-                "request_acked={acked} bytes_acked={} unacked={} rtos={} retransmits={}",
-                e.bytes_acked, e.unacked_bytes, e.rtos, e.data_retransmits
-            )
-        };
-        match self {
-            ProxyError::ConnectTimeout {
-                evidence: Some(e),
-                timeout,
-                ..
-            } => Some(connect(e, Some(*timeout))),
-            ProxyError::ConnectRefused {
-                evidence: Some(e), ..
-            }
-            | ProxyError::ConnectUnreachable {
-                evidence: Some(e), ..
-            } => Some(connect(e, None)),
-            ProxyError::ResponseTimeout {
-                evidence: Some(e), ..
-            }
-            | ProxyError::UpstreamHostDied { evidence: e, .. } => Some(conn(e)),
-            ProxyError::ResponseTimeout {
-                evidence: None,
-                slow_backend: true,
-                ..
-            } => Some("request_acked=yes rtos=0 retransmits=0 cause=slow_backend".to_owned()),
-            ProxyError::TlsHandshakeTimeout {
-                evidence: Some(e),
-                tcp,
-                ..
-            }
-            | ProxyError::TlsError {
-                evidence: Some(e),
-                tcp,
-                ..
-            } => Some(format!(
-                "tcp=established connect_us={} server_bytes={} client_bytes_acked={} unacked={} rtos={} retransmits={}",
-                tcp.kernel_rtt.unwrap_or(tcp.connect).as_micros(),
-                tcp.server_bytes
-                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                e.bytes_acked,
-                e.unacked_bytes,
-                e.rtos,
-                e.data_retransmits
-            )),
-            _ => None,
-        }
-    }
-
     /// What this error means for a retry; `delivery` is what the kernel proves about the
     /// request's bytes, `reused` whether the connection had carried earlier requests (see
     /// `decide::retry`).
@@ -615,6 +422,8 @@ impl ProxyError {
 
 #[cfg(test)]
 mod evidence_tests {
+    use http::StatusCode;
+
     use super::*;
 
     #[test]

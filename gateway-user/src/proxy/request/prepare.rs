@@ -64,6 +64,32 @@ pub(super) fn prepare(
             ExposeErrors::Reason
         });
     ex.record.tls = client.tls;
+    let (mut parts, body, authority) = admit(rt, req, ex)?;
+    let route = find_route(rt, authority.as_ref(), &parts)?;
+    let cluster = rt.clusters[route.cluster].clone();
+    let meter = rt.route_meters.get(route.index).cloned();
+    ex.routed(route, &cluster, meter);
+    let (deadline, grpc_deadline) = deadline(ex, route, &parts);
+    let upgrade = for_upstream(&mut parts, route, &cluster, client, authority.as_ref())?;
+    let (body, done) = RequestBody::new(body, rt.settings.downstream.max_request_body_bytes);
+    Ok(Prepared {
+        cluster,
+        route: route.clone(),
+        req: Request::from_parts(parts, body),
+        done,
+        deadline,
+        grpc_deadline,
+        upgrade,
+    })
+}
+
+/// The client-side checks (head size, `CONNECT`, authority, declared body size), the request
+/// ID, and what the access log and a gRPC answer need to know of the request.
+fn admit(
+    rt: &Runtime,
+    req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Result<(Parts, Incoming, Option<HeaderValue>), ProxyError> {
     let ds = &rt.settings.downstream;
     let size = head_size(&req);
     if size > ds.max_request_header_bytes {
@@ -95,13 +121,20 @@ pub(super) fn prepare(
     {
         return Err(ProxyError::RequestBodyTooLarge { limit });
     }
+    Ok((parts, body, authority))
+}
+
+/// The route for the request's host, path, method and headers; none for a host other than
+/// `[router] gateway_host`, which is not this gateway's.
+fn find_route<'a>(
+    rt: &'a Runtime,
+    authority: Option<&HeaderValue>,
+    parts: &Parts,
+) -> Result<&'a Arc<CompiledRoute>, ProxyError> {
     let host = authority
-        .as_ref()
         .and_then(|a| a.to_str().ok())
         .map_or("", host_without_port);
-    // `[router] gateway_host`: requests for another host are not this gateway's.
-    let route = rt
-        .settings
+    rt.settings
         .gateway_host
         .as_ref()
         .is_none_or(|h| h.matches(host))
@@ -113,17 +146,24 @@ pub(super) fn prepare(
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.to_owned(),
             path: parts.uri.path().to_owned(),
-        })?;
-    let cluster = rt.clusters[route.cluster].clone();
-    let meter = rt.route_meters.get(route.index).cloned();
-    ex.routed(route, &cluster, meter);
-    let (deadline, grpc_deadline) = deadline(ex, route, &parts);
+        })
+}
 
+/// The request rewritten for its upstream: hop-by-hop headers out (an upgrade's kept, and
+/// taken from the client's connection), forwarding headers in, the route's path rewrite and
+/// header rules, HTTP/1.1. An upgrade to a cluster that does not speak HTTP/1.1 is refused.
+fn for_upstream(
+    parts: &mut Parts,
+    route: &CompiledRoute,
+    cluster: &Cluster,
+    client: &Client,
+    authority: Option<&HeaderValue>,
+) -> Result<Option<OnUpgrade>, ProxyError> {
     let upgrade = headers::to_upstream(
         &mut parts.headers,
         parts.version,
         &client.ip,
-        authority.as_ref(),
+        authority,
         client.scheme,
     );
     let upgrade = match upgrade {
@@ -142,16 +182,7 @@ pub(super) fn prepare(
     parts.uri = upstream_uri(route, &parts.uri);
     parts.version = Version::HTTP_11;
     apply_rules(&route.request_headers, &mut parts.headers);
-    let (body, done) = RequestBody::new(body, ds.max_request_body_bytes);
-    Ok(Prepared {
-        cluster,
-        route: route.clone(),
-        req: Request::from_parts(parts, body),
-        done,
-        deadline,
-        grpc_deadline,
-        upgrade,
-    })
+    Ok(upgrade)
 }
 
 /// The request's deadline: the route's request timeout from its arrival, or, for a gRPC call,

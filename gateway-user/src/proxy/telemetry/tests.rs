@@ -1,6 +1,13 @@
 use std::io;
 
+use gateway_common::Outcome;
+
 use super::*;
+use crate::{
+    decide::health::{State, Transition},
+    proxy::error::ProxyError,
+    signals::ConnectEvidence,
+};
 
 fn meter() -> (Telemetry, EndpointMeter) {
     let t = Telemetry::new(
