@@ -7,7 +7,9 @@
 //! machine), the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS.
 //!
 //! Then the HTTP/2-upstream row (`bench_proxy_h2`): h2load through each proxy to an h2c
-//! upstream, with the same repetitions; `--no-h2` leaves it out.
+//! upstream, with the same repetitions; `--no-h2` leaves it out. Then the WebSocket echo row
+//! (`bench_proxy_ws`): messages per second through each proxy to one echo upstream; `--no-ws`
+//! leaves it out.
 //!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
@@ -20,7 +22,12 @@ use crate::{
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let h2 = !args.iter().any(|a| a == "--no-h2");
-    let args: Vec<String> = args.iter().filter(|a| *a != "--no-h2").cloned().collect();
+    let ws = !args.iter().any(|a| a == "--no-ws");
+    let args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--no-h2" && *a != "--no-ws")
+        .cloned()
+        .collect();
     let o = Options::parse(&args)?;
     bench::require("wrk", "wrk")?;
     bench::require("nginx", "nginx-light")?;
@@ -61,6 +68,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     drop(peers);
     if h2 {
         crate::bench_proxy_h2::run(&gateway, &dir, o.reps, o.duration, o.warmup)?;
+    }
+    if ws {
+        crate::bench_proxy_ws::run(&gateway, &dir, o.reps, o.duration, o.warmup)?;
     }
     println!("load average at the end: {}", bench::load_average());
     let _ = std::fs::remove_dir_all(&dir);

@@ -4,9 +4,7 @@
 //! keep-alive pool) and HAProxy (`proto h2` on both sides). Repetitions interleaved as in the
 //! HTTP/1.1 rows; medians of req/s, mean request time and CPU time per request, and the ratios.
 //!
-//! A WebSocket echo row (messages per second through the gateway vs nginx) is not here yet:
-//! it needs a WebSocket load generator that is faster than the proxies (the Python
-//! `websockets` client of the tests is not).
+//! The WebSocket echo row is `bench_proxy_ws`.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -70,7 +68,7 @@ fn gateway_conf(port: u16, up: u16) -> String {
 }
 
 /// Waits until `port` accepts a TCP connection (h2c-only listeners answer no HTTP/1.0 probe).
-fn wait_listening(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {

@@ -8,6 +8,7 @@ mod bench_peers;
 mod bench_profile;
 mod bench_proxy;
 mod bench_proxy_h2;
+mod bench_proxy_ws;
 mod bench_tls;
 mod capacity;
 mod fuzz;

@@ -1,0 +1,437 @@
+//! The WebSocket echo row of `cargo xtask bench proxy`: messages per second through each
+//! proxy to one WebSocket echo upstream, the gateway against nginx (`proxy_http_version 1.1`
+//! with `Upgrade`/`Connection` passed on) and HAProxy (`timeout tunnel`), repetitions
+//! interleaved as in the other rows; medians of messages per second and of each proxy's CPU
+//! time per message, and the ratios.
+//!
+//! The echo upstream and the load generator are written here, on blocking sockets, because
+//! nothing installable is faster than the proxies (the Python `websockets` of the tests is
+//! not): RFC 6455 framing is small. Each client connection makes the upgrade (and checks the
+//! upstream's `Sec-WebSocket-Accept`), then keeps [`WINDOW`] masked 128-byte text messages in
+//! flight: one more is sent for each echo received. A run opens its connections anew, so the
+//! upgrade is part of what is measured (a small part: each connection carries thousands of
+//! messages).
+
+use std::{
+    io::{BufReader, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+
+use crate::bench_proxy_h2::wait_listening;
+
+/// Client connections per run.
+const CONNECTIONS: usize = 32;
+/// Messages in flight per connection.
+const WINDOW: usize = 8;
+/// Bytes of each message.
+const MESSAGE: usize = 128;
+/// The key of RFC 6455's example handshake; any 16 bytes in base64 would do.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// `Sec-WebSocket-Accept` for `key` (RFC 6455 section 4.2.2).
+fn accept_key(key: &str) -> String {
+    let mut input = key.as_bytes().to_vec();
+    input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// One frame as read: its opcode and unmasked payload.
+struct Frame {
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+fn read_frame(r: &mut impl Read) -> std::io::Result<Frame> {
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head)?;
+    let opcode = head[0] & 0x0f;
+    let masked = head[1] & 0x80 != 0;
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b)?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    if len > 1 << 20 {
+        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    }
+    let mut mask = [0u8; 4];
+    if masked {
+        r.read_exact(&mut mask)?;
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+    }
+    Ok(Frame { opcode, payload })
+}
+
+/// A final frame; masked (as a client must) when `mask` is given.
+fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(0x80 | opcode);
+    let bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// Reads an HTTP head up to its blank line.
+fn read_head(r: &mut impl std::io::BufRead) -> std::io::Result<String> {
+    let mut head = String::new();
+    loop {
+        let n = r.read_line(&mut head)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if head.ends_with("\r\n\r\n") {
+            return Ok(head);
+        }
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The echo upstream: a thread per connection, each echoing every data frame back.
+struct EchoServer {
+    port: u16,
+}
+
+impl EchoServer {
+    fn start() -> anyhow::Result<EchoServer> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = echo(conn);
+                });
+            }
+        });
+        Ok(EchoServer { port })
+    }
+}
+
+fn echo(conn: TcpStream) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::with_capacity(64 * 1024, conn);
+    let head = read_head(&mut r)?;
+    let Some(key) = header(&head, "sec-websocket-key") else {
+        w.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")?;
+        return Ok(());
+    };
+    w.write_all(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+            accept_key(key)
+        )
+        .as_bytes(),
+    )?;
+    loop {
+        let f = read_frame(&mut r)?;
+        match f.opcode {
+            0x8 => {
+                w.write_all(&frame(0x8, &f.payload, None))?;
+                return Ok(());
+            }
+            0x9 => w.write_all(&frame(0xA, &f.payload, None))?,
+            0xA => {}
+            op => w.write_all(&frame(op, &f.payload, None))?,
+        }
+    }
+}
+
+/// One client connection until `stop`: the upgrade, then [`WINDOW`] messages in flight.
+/// Returns the echoes received, each checked against what was sent.
+fn client(port: u16, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let conn = TcpStream::connect(("127.0.0.1", port)).context("connecting")?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::with_capacity(64 * 1024, conn);
+    w.write_all(
+        format!(
+            "GET /echo HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: {KEY}\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let head = read_head(&mut r).context("reading the upgrade's answer")?;
+    if !head.starts_with("HTTP/1.1 101") {
+        bail!(
+            "the upgrade was answered {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    if header(&head, "sec-websocket-accept") != Some(accept_key(KEY).as_str()) {
+        bail!("wrong sec-websocket-accept in {head:?}");
+    }
+    let message = vec![b'x'; MESSAGE];
+    let out = frame(0x1, &message, Some([0x37, 0xfa, 0x21, 0x3d]));
+    for _ in 0..WINDOW {
+        w.write_all(&out)?;
+    }
+    let (mut received, mut in_flight) = (0u64, WINDOW);
+    while in_flight > 0 {
+        let f = read_frame(&mut r).context("reading an echo")?;
+        if f.opcode != 0x1 || f.payload != message {
+            bail!("the echo differs from the message (opcode {})", f.opcode);
+        }
+        received += 1;
+        in_flight -= 1;
+        if !stop.load(Ordering::Relaxed) {
+            w.write_all(&out)?;
+            in_flight += 1;
+        }
+    }
+    w.write_all(&frame(0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4])))?;
+    let _ = read_frame(&mut r);
+    let _ = w.shutdown(Shutdown::Both);
+    Ok(received)
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct WsSample {
+    msgs_per_s: f64,
+    cpu_us_per_msg: f64,
+}
+
+/// [`CONNECTIONS`] clients against `port` for `secs`; the CPU time of `pids` meanwhile.
+fn run_load(port: u16, secs: u64, pids: &[u32]) -> anyhow::Result<WsSample> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = crate::bench::cpu_ticks(pids);
+    let start = Instant::now();
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client(port, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        total += c
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = crate::bench::cpu_ticks(pids).saturating_sub(cpu0) as f64
+        / crate::bench::ticks_per_second();
+    Ok(WsSample {
+        msgs_per_s: total as f64 / elapsed,
+        cpu_us_per_msg: cpu * 1e6 / total.max(1) as f64,
+    })
+}
+
+fn nginx_conf(dir: &Path, port: u16, up: u16) -> String {
+    format!(
+        "worker_processes auto;\ndaemon off;\npid {d}/ws-nginx.pid;\nerror_log {d}/ws-nginx.err warn;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
+         upstream backend {{ server 127.0.0.1:{up}; }}\n  \
+         server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    \
+         location / {{ proxy_pass http://backend; proxy_http_version 1.1; \
+         proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; \
+         proxy_read_timeout 300s; }}\n  }}\n}}\n",
+        d = dir.display()
+    )
+}
+
+fn haproxy_conf(port: u16, up: u16, cores: usize) -> String {
+    format!(
+        "global\n  nbthread {cores}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  \
+         timeout client 30s\n  timeout server 30s\n  timeout tunnel 300s\nfrontend fe\n  \
+         bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server u0 127.0.0.1:{up}\n"
+    )
+}
+
+fn gateway_conf(port: u16, up: u16) -> String {
+    format!(
+        "[router]\nlisten = [\"127.0.0.1:{port}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\n\
+         endpoints = [\"127.0.0.1:{up}\"]\n\n[admin]\nenabled = false\n\n\
+         [access_log]\noutput = \"off\"\n"
+    )
+}
+
+/// The row: starts the echo upstream and the three proxies, measures, prints the table.
+pub(crate) fn run(
+    gateway: &Path,
+    dir: &Path,
+    reps: usize,
+    secs: u64,
+    warmup: u64,
+) -> anyhow::Result<()> {
+    use crate::bench::{cores, family, free_port, median, spawn_proc};
+    let up = EchoServer::start()?.port;
+    let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
+    let write = |name: &str, text: String| -> anyhow::Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let nginx_conf = write("ws-nginx.conf", nginx_conf(dir, p_nginx, up))?;
+    let haproxy_conf = write("ws-haproxy.cfg", haproxy_conf(p_haproxy, up, cores()))?;
+    let gw_conf = write("ws-gateway.toml", gateway_conf(p_gw, up))?;
+    let mut gw = spawn_proc(
+        "gateway (websocket)",
+        Command::new(gateway)
+            .args(["run", "--config"])
+            .arg(&gw_conf)
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(dir.join("ws-gateway.err"))?),
+    )?;
+    let mut ngx = spawn_proc(
+        "nginx (websocket)",
+        Command::new(crate::tool_path("nginx"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&nginx_conf)
+            .args(["-e", "stderr"]),
+    )?;
+    let mut hap = spawn_proc(
+        "haproxy (websocket)",
+        Command::new(crate::tool_path("haproxy"))
+            .args(["-db", "-f"])
+            .arg(&haproxy_conf),
+    )?;
+    wait_listening("gateway", p_gw, &mut gw)?;
+    wait_listening("nginx", p_nginx, &mut ngx)?;
+    wait_listening("haproxy", p_haproxy, &mut hap)?;
+    let targets = [
+        ("gateway", p_gw),
+        ("nginx", p_nginx),
+        ("haproxy", p_haproxy),
+    ];
+    let pids = [vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
+    println!();
+    println!(
+        "WebSocket echo: {CONNECTIONS} connections, {WINDOW} messages of {MESSAGE} bytes in flight each, {secs}s per run, one echo upstream; {reps} interleaved repetitions"
+    );
+    for (i, (name, port)) in targets.iter().enumerate() {
+        if warmup > 0 {
+            run_load(*port, warmup, &pids[i])
+                .with_context(|| format!("warming up {name} (websocket)"))?;
+        }
+    }
+    let mut samples: Vec<Vec<WsSample>> = vec![Vec::new(); targets.len()];
+    for rep in 0..reps {
+        for k in 0..targets.len() {
+            let i = (rep + k) % targets.len();
+            let (name, port) = targets[i];
+            for p in [&mut gw, &mut ngx, &mut hap] {
+                p.check_alive()?;
+            }
+            let s = run_load(port, secs, &pids[i])
+                .with_context(|| format!("measuring {name} (websocket)"))?;
+            println!(
+                "  rep {} {name:>8}: {:>10.0} msg/s  cpu {:>6.2} us/msg",
+                rep + 1,
+                s.msgs_per_s,
+                s.cpu_us_per_msg
+            );
+            samples[i].push(s);
+        }
+    }
+    let med = |i: usize, f: fn(&WsSample) -> f64| median(samples[i].iter().map(f).collect());
+    println!();
+    println!("{:<10} {:>12} {:>12}", "ws proxy", "msg/s", "CPU us/msg");
+    for (i, (name, _)) in targets.iter().enumerate() {
+        println!(
+            "{:<10} {:>12.0} {:>12.2}",
+            name,
+            med(i, |s| s.msgs_per_s),
+            med(i, |s| s.cpu_us_per_msg)
+        );
+    }
+    println!();
+    for (j, other) in [(1, "nginx"), (2, "haproxy")] {
+        println!(
+            "ws: gateway/{other:<8} msg/s {:.3}  CPU/msg {:.3}",
+            med(0, |s| s.msgs_per_s) / med(j, |s| s.msgs_per_s),
+            med(0, |s| s.cpu_us_per_msg) / med(j, |s| s.cpu_us_per_msg),
+        );
+    }
+    drop((gw, ngx, hap));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_key_is_rfc_6455s() {
+        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn frames_read_back_as_written() {
+        for len in [0, 5, 125, 126, 65535, 65536] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            for mask in [None, Some([9, 8, 7, 6])] {
+                let bytes = frame(0x2, &payload, mask);
+                let f = read_frame(&mut bytes.as_slice()).unwrap();
+                assert_eq!((f.opcode, f.payload.len()), (0x2, len));
+                assert_eq!(f.payload, payload);
+            }
+        }
+    }
+
+    #[test]
+    fn the_echo_server_and_client_talk_directly() {
+        let up = EchoServer::start().unwrap().port;
+        let stop = AtomicBool::new(false);
+        let n = std::thread::scope(|s| {
+            let h = s.spawn(|| client(up, &stop));
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            h.join().unwrap()
+        })
+        .unwrap();
+        assert!(n >= WINDOW as u64, "{n} echoes");
+    }
+}
