@@ -393,6 +393,35 @@ pub fn interleaved(
     Ok(samples)
 }
 
+/// The rotation of the rows that are not wrk's (HTTP/2, WebSocket): a warm-up run of each
+/// target, then `reps` repetitions in which every target is measured once, in an order that
+/// rotates from one repetition to the next. `alive` is called before each measurement,
+/// `measure(target, seconds)` runs one, `show` renders it for the per-run line.
+pub fn rotate<S>(
+    names: &[&str],
+    (reps, secs, warmup): (usize, u64, u64),
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
+    measure: &mut dyn FnMut(usize, u64) -> anyhow::Result<S>,
+    show: &dyn Fn(&S) -> String,
+) -> anyhow::Result<Vec<Vec<S>>> {
+    if warmup > 0 {
+        for (i, name) in names.iter().enumerate() {
+            measure(i, warmup).with_context(|| format!("warming up {name}"))?;
+        }
+    }
+    let mut samples: Vec<Vec<S>> = names.iter().map(|_| Vec::new()).collect();
+    for rep in 0..reps {
+        for k in 0..names.len() {
+            let i = (rep + k) % names.len();
+            alive()?;
+            let s = measure(i, secs).with_context(|| format!("measuring {}", names[i]))?;
+            println!("  rep {} {:>8}: {}", rep + 1, names[i], show(&s));
+            samples[i].push(s);
+        }
+    }
+    Ok(samples)
+}
+
 /// The table of medians for one load, then the ratios of the first target (the gateway) to
 /// each of the others. `rate` names the req/s column (e.g. "handshakes/s").
 pub fn report(title: &str, rate: &str, targets: &[Target], samples: &[Vec<Sample>]) {

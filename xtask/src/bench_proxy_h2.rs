@@ -224,25 +224,20 @@ pub(crate) fn run(
     println!(
         "HTTP/2 upstream (h2c): h2load -c{clients} -m{streams} -D{secs}s, one h2c upstream (nginx, 1 worker, return 200); {reps} interleaved repetitions"
     );
-    for (i, (name, port)) in targets.iter().enumerate() {
-        if warmup > 0 {
-            h2load(*port, warmup, clients, streams, &pids[i])
-                .with_context(|| format!("warming up {name} (h2)"))?;
-        }
-    }
-    let mut samples: Vec<Vec<H2Sample>> = vec![Vec::new(); targets.len()];
-    for rep in 0..reps {
-        for k in 0..targets.len() {
-            let i = (rep + k) % targets.len();
-            let (name, port) = targets[i];
+    let names = targets.map(|(name, _)| name);
+    let samples = crate::bench::rotate(
+        &names,
+        (reps, secs, warmup),
+        &mut || {
             for p in [&mut gw, &mut ngx, &mut hap, &mut upstream] {
                 p.check_alive()?;
             }
-            let s = h2load(port, secs, clients, streams, &pids[i])
-                .with_context(|| format!("measuring {name} (h2)"))?;
-            println!(
-                "  rep {} {name:>8}: {:>10.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req{}",
-                rep + 1,
+            Ok(())
+        },
+        &mut |i, secs| h2load(targets[i].1, secs, clients, streams, &pids[i]),
+        &|s: &H2Sample| {
+            format!(
+                "{:>10.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req{}",
                 s.rps,
                 s.mean_ms,
                 s.cpu_us_per_req,
@@ -251,10 +246,9 @@ pub(crate) fn run(
                 } else {
                     String::new()
                 }
-            );
-            samples[i].push(s);
-        }
-    }
+            )
+        },
+    )?;
     let med = |i: usize, f: fn(&H2Sample) -> f64| median(samples[i].iter().map(f).collect());
     println!();
     println!(

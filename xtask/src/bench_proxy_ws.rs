@@ -351,31 +351,24 @@ pub(crate) fn run(
     println!(
         "WebSocket echo: {CONNECTIONS} connections, {WINDOW} messages of {MESSAGE} bytes in flight each, {secs}s per run, one echo upstream; {reps} interleaved repetitions"
     );
-    for (i, (name, port)) in targets.iter().enumerate() {
-        if warmup > 0 {
-            run_load(*port, warmup, &pids[i])
-                .with_context(|| format!("warming up {name} (websocket)"))?;
-        }
-    }
-    let mut samples: Vec<Vec<WsSample>> = vec![Vec::new(); targets.len()];
-    for rep in 0..reps {
-        for k in 0..targets.len() {
-            let i = (rep + k) % targets.len();
-            let (name, port) = targets[i];
+    let names = targets.map(|(name, _)| name);
+    let samples = crate::bench::rotate(
+        &names,
+        (reps, secs, warmup),
+        &mut || {
             for p in [&mut gw, &mut ngx, &mut hap] {
                 p.check_alive()?;
             }
-            let s = run_load(port, secs, &pids[i])
-                .with_context(|| format!("measuring {name} (websocket)"))?;
-            println!(
-                "  rep {} {name:>8}: {:>10.0} msg/s  cpu {:>6.2} us/msg",
-                rep + 1,
-                s.msgs_per_s,
-                s.cpu_us_per_msg
-            );
-            samples[i].push(s);
-        }
-    }
+            Ok(())
+        },
+        &mut |i, secs| run_load(targets[i].1, secs, &pids[i]),
+        &|s: &WsSample| {
+            format!(
+                "{:>10.0} msg/s  cpu {:>6.2} us/msg",
+                s.msgs_per_s, s.cpu_us_per_msg
+            )
+        },
+    )?;
     let med = |i: usize, f: fn(&WsSample) -> f64| median(samples[i].iter().map(f).collect());
     println!();
     println!("{:<10} {:>12} {:>12}", "ws proxy", "msg/s", "CPU us/msg");
