@@ -6,7 +6,9 @@
 //! packets, random loss does (`diagnose::classify::accepted`).
 //!
 //! Each case runs [`repeat`] times (default 2, `GATEWAY_DIAGNOSE_REPEAT=N` for more) and
-//! prints its error rate; every run must give the right verdict. Run with `--test-threads=1`
+//! prints its error rate; every run must give the right verdict. A contended run in which all
+//! ten probes found room in the queue (clean handshakes: no case to tell apart) must only not
+//! say `lossy_path`, and runs again, up to [`ATTEMPTS`] times. Run with `--test-threads=1`
 //! (`./dev test` does); about 2 minutes for both tests at the default.
 
 use std::time::Duration;
@@ -44,57 +46,47 @@ fn address_summary(r: &Value) -> &Value {
 /// with a few competitors to a deeper queue under many.
 const LEVELS: [(i32, u64, usize); 3] = [(0, 100, 4), (4, 40, 16), (16, 30, 128)];
 
+/// Runs of a level in which the probes may all find room in the queue before the case counts
+/// as not reproduced.
+const ATTEMPTS: usize = 3;
+
 #[test]
 fn privileged_contended_accept_queue_is_overloaded_not_lossy() {
     let (n, mut wrong) = (repeat(), Vec::new());
     let mut runs = 0;
     for (backlog, every_ms, competitors) in LEVELS {
         for k in 0..n {
-            let lab = diagnose_lab();
-            let up = lab.upstream(0).unwrap();
-            // 3 SYN retransmits: a connect nothing answers gives up after about 4 s.
-            let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(3)).unwrap();
-            let listener = ContendedListener::start(
-                &lab,
-                up,
-                PORT,
-                backlog,
-                Duration::from_millis(every_ms),
-                competitors,
-            );
-            let run = diagnose_in(
-                gateway_bin!(),
-                &lab,
-                &[
-                    "--json",
-                    "--http",
-                    "/",
-                    "--count",
-                    "10",
-                    &up.addr_v4(PORT).to_string(),
-                ],
-            );
-            runs += 1;
-            let (verdict, confidence, r) = summary(&run);
-            let s = address_summary(&r);
-            eprintln!(
-                "backlog {backlog}, accept every {every_ms} ms, {competitors} competitors, run \
-                 {k}: {verdict} {confidence:.2} in {:.1} s; established {} (after SYN \
-                 retransmits {}), unanswered {}; rounds after accept {}, lost {}; listener \
-                 overflows {}, accepted {}",
-                run.elapsed.as_secs_f64(),
-                s["established"],
-                s["established_after_syn_retransmits"],
-                s["timeout"].as_u64().unwrap_or(0) + s["deadline"].as_u64().unwrap_or(0),
-                s["http"]["rounds_after_accept"],
-                s["http"]["lost_after_accept"],
-                listener.overflows(),
-                listener.accepted(),
-            );
-            assert!(
-                listener.overflows() > 0,
-                "the listener's own counter shows a full accept queue"
-            );
+            // The case is the mixed pattern: some of the probes' connects unanswered or
+            // established only after SYN retransmits. The competitors' SYN back-off leaves
+            // gaps in which all ten probes can find room in the queue (seen once in six runs
+            // at the most contended level); such a run has nothing to tell apart, so it must
+            // only not say lossy_path, and the level runs again.
+            let mut reproduced = None;
+            for attempt in 0..ATTEMPTS {
+                runs += 1;
+                let r = contended_run(backlog, every_ms, competitors, k, attempt);
+                let s = address_summary(&r);
+                let troubled = s["established_after_syn_retransmits"].as_u64().unwrap_or(0)
+                    + s["timeout"].as_u64().unwrap_or(0)
+                    + s["deadline"].as_u64().unwrap_or(0);
+                let verdict = r["verdict"].as_str().unwrap_or("?").to_owned();
+                if troubled > 0 {
+                    reproduced = Some((verdict, r));
+                    break;
+                }
+                assert_ne!(
+                    verdict, "lossy_path",
+                    "clean handshakes are never called lossy:\n{r:#}"
+                );
+            }
+            let Some((verdict, r)) = reproduced else {
+                wrong.push(format!(
+                    "backlog {backlog}, accept every {every_ms} ms, {competitors} competitors: \
+                     in {ATTEMPTS} runs the probes never met the full queue (the lab did not \
+                     reproduce the case)"
+                ));
+                continue;
+            };
             if verdict != "overloaded" {
                 wrong.push(serde_json::to_string_pretty(&r).unwrap());
             } else {
@@ -108,11 +100,66 @@ fn privileged_contended_accept_queue_is_overloaded_not_lossy() {
         }
     }
     eprintln!(
-        "overloaded: {}/{runs} runs wrong ({:.0} %)",
+        "overloaded: {} of the levels' cases wrong ({runs} runs)",
         wrong.len(),
-        wrong.len() as f64 * 100.0 / runs as f64
     );
     assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+}
+
+/// One diagnose run against a listener that accepts one connection every `every_ms` from a
+/// `backlog`-deep queue that `competitors` compete for; its JSON report.
+fn contended_run(
+    backlog: i32,
+    every_ms: u64,
+    competitors: usize,
+    k: usize,
+    attempt: usize,
+) -> Value {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    // 3 SYN retransmits: a connect nothing answers gives up after about 4 s.
+    let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(3)).unwrap();
+    let listener = ContendedListener::start(
+        &lab,
+        up,
+        PORT,
+        backlog,
+        Duration::from_millis(every_ms),
+        competitors,
+    );
+    let run = diagnose_in(
+        gateway_bin!(),
+        &lab,
+        &[
+            "--json",
+            "--http",
+            "/",
+            "--count",
+            "10",
+            &up.addr_v4(PORT).to_string(),
+        ],
+    );
+    let (verdict, confidence, r) = summary(&run);
+    let s = address_summary(&r);
+    eprintln!(
+        "backlog {backlog}, accept every {every_ms} ms, {competitors} competitors, run {k} \
+         (attempt {attempt}): {verdict} {confidence:.2} in {:.1} s; established {} (after SYN \
+         retransmits {}), unanswered {}; rounds after accept {}, lost {}; listener overflows \
+         {}, accepted {}",
+        run.elapsed.as_secs_f64(),
+        s["established"],
+        s["established_after_syn_retransmits"],
+        s["timeout"].as_u64().unwrap_or(0) + s["deadline"].as_u64().unwrap_or(0),
+        s["http"]["rounds_after_accept"],
+        s["http"]["lost_after_accept"],
+        listener.overflows(),
+        listener.accepted(),
+    );
+    assert!(
+        listener.overflows() > 0,
+        "the listener's own counter shows a full accept queue"
+    );
+    r
 }
 
 #[test]
