@@ -4,17 +4,17 @@
 //! interleaved as in the other rows; medians of messages per second and of each proxy's CPU
 //! time per message, and the ratios.
 //!
-//! The echo upstream and the load generator are written here, on blocking sockets, because
-//! nothing installable is faster than the proxies (the Python `websockets` of the tests is
-//! not): RFC 6455 framing is small. Each client connection makes the upgrade (and checks the
-//! upstream's `Sec-WebSocket-Accept`), then keeps [`WINDOW`] masked 128-byte text messages in
-//! flight: one more is sent for each echo received. A run opens its connections anew, so the
-//! upgrade is part of what is measured (a small part: each connection carries thousands of
-//! messages).
+//! The echo upstream and the load generator are here because nothing installable is faster
+//! than the proxies (the Python `websockets` of the tests is not). The upgrade is hyper's on
+//! both sides (server `with_upgrades`, client `http1::handshake`); after the 101 the bytes are
+//! RFC 6455 frames, which are small enough to write here. Each client connection checks the
+//! upstream's `Sec-WebSocket-Accept`, then keeps [`WINDOW`] masked 128-byte text messages in
+//! flight: one more is sent for each echo received, and each echo is compared with what was
+//! sent. A run opens its connections anew, so the upgrade is part of what is measured (a small
+//! part: each connection carries thousands of messages).
 
 use std::{
-    io::{BufReader, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    convert::Infallible,
     path::Path,
     process::Command,
     sync::{
@@ -26,6 +26,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
+use http_body_util::Empty;
+use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+};
 
 use crate::bench_proxy_h2::wait_listening;
 
@@ -39,8 +46,8 @@ const MESSAGE: usize = 128;
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// `Sec-WebSocket-Accept` for `key` (RFC 6455 section 4.2.2).
-fn accept_key(key: &str) -> String {
-    let mut input = key.as_bytes().to_vec();
+fn accept_key(key: &[u8]) -> String {
+    let mut input = key.to_vec();
     input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
@@ -52,22 +59,14 @@ struct Frame {
     payload: Vec<u8>,
 }
 
-fn read_frame(r: &mut impl Read) -> std::io::Result<Frame> {
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Frame> {
     let mut head = [0u8; 2];
-    r.read_exact(&mut head)?;
+    r.read_exact(&mut head).await?;
     let opcode = head[0] & 0x0f;
     let masked = head[1] & 0x80 != 0;
     let len = match head[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b)?;
-            u64::from(u16::from_be_bytes(b))
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b)?;
-            u64::from_be_bytes(b)
-        }
+        126 => u64::from(r.read_u16().await?),
+        127 => r.read_u64().await?,
         n => u64::from(n),
     };
     if len > 1 << 20 {
@@ -75,10 +74,10 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Frame> {
     }
     let mut mask = [0u8; 4];
     if masked {
-        r.read_exact(&mut mask)?;
+        r.read_exact(&mut mask).await?;
     }
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    r.read_exact(&mut payload).await?;
     if masked {
         for (i, b) in payload.iter_mut().enumerate() {
             *b ^= mask[i % 4];
@@ -113,122 +112,132 @@ fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
-/// Reads an HTTP head up to its blank line.
-fn read_head(r: &mut impl std::io::BufRead) -> std::io::Result<String> {
-    let mut head = String::new();
+/// Echoes every data frame back, answers pings, and returns a close.
+async fn echo(io: impl AsyncRead + AsyncWrite + Unpin) -> std::io::Result<()> {
+    let (r, mut w) = tokio::io::split(io);
+    let mut r = BufReader::with_capacity(64 * 1024, r);
     loop {
-        let n = r.read_line(&mut head)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if head.ends_with("\r\n\r\n") {
-            return Ok(head);
+        let f = read_frame(&mut r).await?;
+        match f.opcode {
+            0x8 => return w.write_all(&frame(0x8, &f.payload, None)).await,
+            0x9 => w.write_all(&frame(0xA, &f.payload, None)).await?,
+            0xA => {}
+            op => w.write_all(&frame(op, &f.payload, None)).await?,
         }
     }
 }
 
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (n, v) = l.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+/// The upstream's answer to an upgrade: 101 with the accept key, then [`echo`] on the
+/// upgraded connection; 400 without a key.
+async fn upgrade(
+    mut req: Request<hyper::body::Incoming>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        let mut bad = Response::new(Empty::new());
+        *bad.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(bad);
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on.await {
+            let _ = echo(TokioIo::new(upgraded)).await;
+        }
+    });
+    let resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
+        .body(Empty::new())
+        .expect("a valid response");
+    Ok(resp)
 }
 
-/// The echo upstream: a thread per connection, each echoing every data frame back.
-struct EchoServer {
-    port: u16,
-}
-
-impl EchoServer {
-    fn start() -> anyhow::Result<EchoServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let _ = echo(conn);
-                });
+/// The echo upstream on a runtime of its own thread; its port.
+fn start_echo_server() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(listener).expect("a tokio listener");
+            while let Ok((conn, _)) = listener.accept().await {
+                let _ = conn.set_nodelay(true);
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(conn), service_fn(upgrade))
+                        .with_upgrades(),
+                );
             }
         });
-        Ok(EchoServer { port })
-    }
+    });
+    Ok(port)
 }
 
-fn echo(conn: TcpStream) -> std::io::Result<()> {
-    conn.set_nodelay(true)?;
-    let mut w = conn.try_clone()?;
-    let mut r = BufReader::with_capacity(64 * 1024, conn);
-    let head = read_head(&mut r)?;
-    let Some(key) = header(&head, "sec-websocket-key") else {
-        w.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")?;
-        return Ok(());
-    };
-    w.write_all(
-        format!(
-            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
-            accept_key(key)
-        )
-        .as_bytes(),
-    )?;
-    loop {
-        let f = read_frame(&mut r)?;
-        match f.opcode {
-            0x8 => {
-                w.write_all(&frame(0x8, &f.payload, None))?;
-                return Ok(());
-            }
-            0x9 => w.write_all(&frame(0xA, &f.payload, None))?,
-            0xA => {}
-            op => w.write_all(&frame(op, &f.payload, None))?,
-        }
-    }
-}
-
-/// One client connection until `stop`: the upgrade, then [`WINDOW`] messages in flight.
+/// One client connection until `stop`: hyper's upgrade, then [`WINDOW`] messages in flight.
 /// Returns the echoes received, each checked against what was sent.
-fn client(port: u16, stop: &AtomicBool) -> anyhow::Result<u64> {
-    let conn = TcpStream::connect(("127.0.0.1", port)).context("connecting")?;
-    conn.set_nodelay(true)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut w = conn.try_clone()?;
-    let mut r = BufReader::with_capacity(64 * 1024, conn);
-    w.write_all(
-        format!(
-            "GET /echo HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: {KEY}\r\nsec-websocket-version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
-    let head = read_head(&mut r).context("reading the upgrade's answer")?;
-    if !head.starts_with("HTTP/1.1 101") {
-        bail!(
-            "the upgrade was answered {}",
-            head.lines().next().unwrap_or("")
-        );
+async fn client(port: u16, stop: Arc<AtomicBool>) -> anyhow::Result<u64> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connecting")?;
+    tcp.set_nodelay(true)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::builder()
+        .uri("/echo")
+        .header(header::HOST, format!("127.0.0.1:{port}"))
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_KEY, KEY)
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .body(Empty::<Bytes>::new())?;
+    let resp = send
+        .send_request(req)
+        .await
+        .context("sending the upgrade")?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        bail!("the upgrade was answered {}", resp.status());
     }
-    if header(&head, "sec-websocket-accept") != Some(accept_key(KEY).as_str()) {
-        bail!("wrong sec-websocket-accept in {head:?}");
+    let expected = accept_key(KEY.as_bytes());
+    if resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(|v| v.as_bytes())
+        != Some(expected.as_bytes())
+    {
+        bail!("wrong sec-websocket-accept in {:?}", resp.headers());
     }
+    let io = TokioIo::new(hyper::upgrade::on(resp).await?);
+    let (r, mut w) = tokio::io::split(io);
+    let mut r = BufReader::with_capacity(64 * 1024, r);
     let message = vec![b'x'; MESSAGE];
     let out = frame(0x1, &message, Some([0x37, 0xfa, 0x21, 0x3d]));
     for _ in 0..WINDOW {
-        w.write_all(&out)?;
+        w.write_all(&out).await?;
     }
     let (mut received, mut in_flight) = (0u64, WINDOW);
     while in_flight > 0 {
-        let f = read_frame(&mut r).context("reading an echo")?;
+        let f = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut r))
+            .await
+            .context("no echo within 10 s")?
+            .context("reading an echo")?;
         if f.opcode != 0x1 || f.payload != message {
             bail!("the echo differs from the message (opcode {})", f.opcode);
         }
         received += 1;
         in_flight -= 1;
         if !stop.load(Ordering::Relaxed) {
-            w.write_all(&out)?;
+            w.write_all(&out).await?;
             in_flight += 1;
         }
     }
-    w.write_all(&frame(0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4])))?;
-    let _ = read_frame(&mut r);
-    let _ = w.shutdown(Shutdown::Both);
+    w.write_all(&frame(0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4])))
+        .await?;
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_frame(&mut r)).await;
     Ok(received)
 }
 
@@ -239,25 +248,29 @@ struct WsSample {
     cpu_us_per_msg: f64,
 }
 
-/// [`CONNECTIONS`] clients against `port` for `secs`; the CPU time of `pids` meanwhile.
-fn run_load(port: u16, secs: u64, pids: &[u32]) -> anyhow::Result<WsSample> {
+/// [`CONNECTIONS`] clients against `port` for `secs` on `rt`; the CPU time of `pids`
+/// meanwhile.
+fn run_load(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    secs: u64,
+    pids: &[u32],
+) -> anyhow::Result<WsSample> {
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = crate::bench::cpu_ticks(pids);
     let start = Instant::now();
-    let clients: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || client(port, &stop))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for c in clients {
-        total += c
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
-    }
+    let total = rt.block_on(async {
+        let clients: Vec<_> = (0..CONNECTIONS)
+            .map(|_| tokio::spawn(client(port, stop.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for c in clients {
+            total += c.await.context("a client task panicked")??;
+        }
+        anyhow::Ok(total)
+    })?;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = crate::bench::cpu_ticks(pids).saturating_sub(cpu0) as f64
         / crate::bench::ticks_per_second();
@@ -305,7 +318,11 @@ pub(crate) fn run(
     warmup: u64,
 ) -> anyhow::Result<()> {
     use crate::bench::{cores, family, free_port, median, spawn_proc};
-    let up = EchoServer::start()?.port;
+    let up = start_echo_server()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
     let write = |name: &str, text: String| -> anyhow::Result<std::path::PathBuf> {
         let p = dir.join(name);
@@ -361,7 +378,7 @@ pub(crate) fn run(
             }
             Ok(())
         },
-        &mut |i, secs| run_load(targets[i].1, secs, &pids[i]),
+        &mut |i, secs| run_load(&rt, targets[i].1, secs, &pids[i]),
         &|s: &WsSample| {
             format!(
                 "{:>10.0} msg/s  cpu {:>6.2} us/msg",
@@ -398,33 +415,30 @@ mod tests {
 
     #[test]
     fn the_accept_key_is_rfc_6455s() {
-        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(accept_key(KEY.as_bytes()), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
-    #[test]
-    fn frames_read_back_as_written() {
+    #[tokio::test]
+    async fn frames_read_back_as_written() {
         for len in [0, 5, 125, 126, 65535, 65536] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             for mask in [None, Some([9, 8, 7, 6])] {
                 let bytes = frame(0x2, &payload, mask);
-                let f = read_frame(&mut bytes.as_slice()).unwrap();
+                let f = read_frame(&mut bytes.as_slice()).await.unwrap();
                 assert_eq!((f.opcode, f.payload.len()), (0x2, len));
                 assert_eq!(f.payload, payload);
             }
         }
     }
 
-    #[test]
-    fn the_echo_server_and_client_talk_directly() {
-        let up = EchoServer::start().unwrap().port;
-        let stop = AtomicBool::new(false);
-        let n = std::thread::scope(|s| {
-            let h = s.spawn(|| client(up, &stop));
-            std::thread::sleep(Duration::from_millis(200));
-            stop.store(true, Ordering::Relaxed);
-            h.join().unwrap()
-        })
-        .unwrap();
+    #[tokio::test]
+    async fn the_echo_server_and_client_talk_directly() {
+        let up = start_echo_server().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let c = tokio::spawn(client(up, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.store(true, Ordering::Relaxed);
+        let n = c.await.unwrap().unwrap();
         assert!(n >= WINDOW as u64, "{n} echoes");
     }
 }
