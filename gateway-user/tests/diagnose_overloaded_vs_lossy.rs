@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use gateway_lab::{ClientSysctl, Fault, HttpBehaviour};
+use gateway_lab::{ClientSysctl, Fault, HttpBehaviour, Lab};
 use gateway_testkit::{
     diagnose::{ContendedListener, Run, diagnose_in, diagnose_lab},
     gateway_bin,
@@ -40,6 +40,22 @@ fn summary(run: &Run) -> (String, f64, Value) {
 
 fn address_summary(r: &Value) -> &Value {
     &r["measurements"]["addresses"][0]["summary"]
+}
+
+/// `gateway diagnose --json --http / --count 10 TARGET` from the lab's client namespace.
+fn probe_http(lab: &Lab, target: std::net::SocketAddr) -> Run {
+    diagnose_in(
+        gateway_bin!(),
+        lab,
+        &[
+            "--json",
+            "--http",
+            "/",
+            "--count",
+            "10",
+            &target.to_string(),
+        ],
+    )
 }
 
 /// (listen backlog, accept one connection every, competing clients): from a one-slot queue
@@ -127,18 +143,7 @@ fn contended_run(
         Duration::from_millis(every_ms),
         competitors,
     );
-    let run = diagnose_in(
-        gateway_bin!(),
-        &lab,
-        &[
-            "--json",
-            "--http",
-            "/",
-            "--count",
-            "10",
-            &up.addr_v4(PORT).to_string(),
-        ],
-    );
+    let run = probe_http(&lab, up.addr_v4(PORT));
     let (verdict, confidence, r) = summary(&run);
     let s = address_summary(&r);
     eprintln!(
@@ -177,18 +182,7 @@ fn privileged_random_loss_is_lossy_path_not_overloaded() {
                     probability,
                 })
                 .unwrap();
-            let run = diagnose_in(
-                gateway_bin!(),
-                &lab,
-                &[
-                    "--json",
-                    "--http",
-                    "/",
-                    "--count",
-                    "10",
-                    &up.addr_v4(PORT).to_string(),
-                ],
-            );
+            let run = probe_http(&lab, up.addr_v4(PORT));
             runs += 1;
             let (verdict, confidence, r) = summary(&run);
             let s = address_summary(&r);

@@ -14,9 +14,13 @@ use crate::{
 };
 use std::{
     fmt::Write as _,
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
+
+use anyhow::bail;
 
 /// The HTTPS listeners' certificate: PEM chain, PEM key, and both in one file (HAProxy).
 pub struct Tls {
@@ -215,6 +219,93 @@ fn gateway_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
         "[router]\n{listen}drain_delay_ms = 0\n{tls_lines}\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")
     )
+}
+
+/// Waits until `port` accepts a TCP connection (h2c-only listeners answer no HTTP/1.0 probe).
+pub(crate) fn wait_listening(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        proc.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("{name} did not listen on {port} within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The three proxies of a row that wrk does not drive (HTTP/2, WebSocket), each started on
+/// the config the row wrote for it (`confs`: the gateway's TOML, nginx's, HAProxy's), and
+/// listening on `ports`, in that order.
+pub struct Trio {
+    procs: [Proc; 3],
+}
+
+impl Trio {
+    pub const NAMES: [&'static str; 3] = ["gateway", "nginx", "haproxy"];
+
+    pub fn start(
+        tag: &str,
+        gateway: &Path,
+        dir: &Path,
+        confs: [String; 3],
+        ports: [u16; 3],
+    ) -> anyhow::Result<Trio> {
+        let write = |name: String, text: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        let gw_conf = write(format!("{tag}-gateway.toml"), &confs[0])?;
+        let nginx_conf = write(format!("{tag}-nginx.conf"), &confs[1])?;
+        let haproxy_conf = write(format!("{tag}-haproxy.cfg"), &confs[2])?;
+        let gw = spawn_proc(
+            "gateway",
+            Command::new(gateway)
+                .args(["run", "--config"])
+                .arg(&gw_conf)
+                .env("RUST_LOG", "warn")
+                .stderr(std::fs::File::create(
+                    dir.join(format!("{tag}-gateway.err")),
+                )?),
+        )?;
+        let ngx = spawn_proc(
+            "nginx",
+            Command::new(crate::tool_path("nginx"))
+                .arg("-p")
+                .arg(dir)
+                .arg("-c")
+                .arg(&nginx_conf)
+                .args(["-e", "stderr"]),
+        )?;
+        let hap = spawn_proc(
+            "haproxy",
+            Command::new(crate::tool_path("haproxy"))
+                .args(["-db", "-f"])
+                .arg(&haproxy_conf),
+        )?;
+        let mut trio = Trio {
+            procs: [gw, ngx, hap],
+        };
+        for (i, p) in trio.procs.iter_mut().enumerate() {
+            wait_listening(Trio::NAMES[i], ports[i], p)?;
+        }
+        Ok(trio)
+    }
+
+    /// The processes whose CPU time each target costs (nginx's workers with their master).
+    pub fn pids(&self) -> [Vec<u32>; 3] {
+        [
+            vec![self.procs[0].pid()],
+            crate::bench::family(self.procs[1].pid()),
+            vec![self.procs[2].pid()],
+        ]
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
 }
 
 #[cfg(test)]

@@ -6,16 +6,11 @@
 //!
 //! The WebSocket echo row is `bench_proxy_ws`.
 
-use std::{
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::Proc;
+use crate::bench_peers::{Trio, wait_listening};
 
 /// What one h2load run measured.
 #[derive(Clone, Copy, Debug, Default)]
@@ -65,20 +60,6 @@ fn gateway_conf(port: u16, up: u16) -> String {
          endpoints = [\"127.0.0.1:{up}\"]\nprotocol = \"h2c\"\n\n[admin]\nenabled = false\n\n\
          [access_log]\noutput = \"off\"\n"
     )
-}
-
-/// Waits until `port` accepts a TCP connection (h2c-only listeners answer no HTTP/1.0 probe).
-pub(crate) fn wait_listening(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        proc.check_alive()?;
-        if Instant::now() > deadline {
-            bail!("{name} did not listen on {port} within 15 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// One `h2load -D secs` run against `port`; the CPU time of `pids` meanwhile.
@@ -163,23 +144,15 @@ pub(crate) fn run(
     secs: u64,
     warmup: u64,
 ) -> anyhow::Result<()> {
-    use crate::bench::{cores, family, free_port, median, spawn_proc};
+    use crate::bench::{cores, free_port, median, spawn_proc};
     crate::bench::require("h2load", "nghttp2-client")?;
     let up = free_port()?;
-    let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
-    let write = |name: &str, text: String| -> anyhow::Result<std::path::PathBuf> {
-        let p = dir.join(name);
-        std::fs::write(&p, text)?;
-        Ok(p)
-    };
-    let up_conf = write("h2-upstream.conf", upstream_conf(dir, up))?;
-    let nginx_conf = write("h2-nginx.conf", nginx_conf(dir, p_nginx, up))?;
-    let haproxy_conf = write("h2-haproxy.cfg", haproxy_conf(p_haproxy, up, cores()))?;
-    let gw_conf = write("h2-gateway.toml", gateway_conf(p_gw, up))?;
-    let nginx = crate::tool_path("nginx");
+    let ports = [free_port()?, free_port()?, free_port()?];
+    let up_conf = dir.join("h2-upstream.conf");
+    std::fs::write(&up_conf, upstream_conf(dir, up))?;
     let mut upstream = spawn_proc(
         "h2c upstream (nginx)",
-        Command::new(&nginx)
+        Command::new(crate::tool_path("nginx"))
             .arg("-p")
             .arg(dir)
             .arg("-c")
@@ -187,54 +160,26 @@ pub(crate) fn run(
             .args(["-e", "stderr"]),
     )?;
     wait_listening("h2c upstream", up, &mut upstream)?;
-    let mut gw = spawn_proc(
-        "gateway (h2c)",
-        Command::new(gateway)
-            .args(["run", "--config"])
-            .arg(&gw_conf)
-            .env("RUST_LOG", "warn")
-            .stderr(std::fs::File::create(dir.join("h2-gateway.err"))?),
-    )?;
-    let mut ngx = spawn_proc(
-        "nginx (grpc_pass)",
-        Command::new(&nginx)
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&nginx_conf)
-            .args(["-e", "stderr"]),
-    )?;
-    let mut hap = spawn_proc(
-        "haproxy (proto h2)",
-        Command::new(crate::tool_path("haproxy"))
-            .args(["-db", "-f"])
-            .arg(&haproxy_conf),
-    )?;
-    wait_listening("gateway", p_gw, &mut gw)?;
-    wait_listening("nginx", p_nginx, &mut ngx)?;
-    wait_listening("haproxy", p_haproxy, &mut hap)?;
-    let targets = [
-        ("gateway", p_gw),
-        ("nginx", p_nginx),
-        ("haproxy", p_haproxy),
+    let confs = [
+        gateway_conf(ports[0], up),
+        nginx_conf(dir, ports[1], up),
+        haproxy_conf(ports[2], up, cores()),
     ];
-    let pids = [vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
+    let mut trio = Trio::start("h2", gateway, dir, confs, ports)?;
+    let pids = trio.pids();
     let (clients, streams) = (16, 16);
     println!();
     println!(
         "HTTP/2 upstream (h2c): h2load -c{clients} -m{streams} -D{secs}s, one h2c upstream (nginx, 1 worker, return 200); {reps} interleaved repetitions"
     );
-    let names = targets.map(|(name, _)| name);
     let samples = crate::bench::rotate(
-        &names,
+        &Trio::NAMES,
         (reps, secs, warmup),
         &mut || {
-            for p in [&mut gw, &mut ngx, &mut hap, &mut upstream] {
-                p.check_alive()?;
-            }
-            Ok(())
+            trio.check_alive()?;
+            upstream.check_alive()
         },
-        &mut |i, secs| h2load(targets[i].1, secs, clients, streams, &pids[i]),
+        &mut |i, secs| h2load(ports[i], secs, clients, streams, &pids[i]),
         &|s: &H2Sample| {
             format!(
                 "{:>10.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req{}",
@@ -255,7 +200,7 @@ pub(crate) fn run(
         "{:<10} {:>12} {:>10} {:>12} {:>8}",
         "h2 proxy", "req/s", "mean ms", "CPU us/req", "failed"
     );
-    for (i, (name, _)) in targets.iter().enumerate() {
+    for (i, name) in Trio::NAMES.iter().enumerate() {
         let failed: u64 = samples[i].iter().map(|s| s.failed).sum();
         println!(
             "{:<10} {:>12.0} {:>10.3} {:>12.1} {:>8}",
@@ -275,7 +220,7 @@ pub(crate) fn run(
             med(0, |s| s.cpu_us_per_req) / med(j, |s| s.cpu_us_per_req),
         );
     }
-    drop((gw, ngx, hap, upstream));
+    drop((trio, upstream));
     Ok(())
 }
 

@@ -16,7 +16,6 @@
 use std::{
     convert::Infallible,
     path::Path,
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,7 +33,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::bench_proxy_h2::wait_listening;
+use crate::bench_peers::Trio;
 
 /// Client connections per run.
 const CONNECTIONS: usize = 32;
@@ -317,68 +316,29 @@ pub(crate) fn run(
     secs: u64,
     warmup: u64,
 ) -> anyhow::Result<()> {
-    use crate::bench::{cores, family, free_port, median, spawn_proc};
+    use crate::bench::{cores, free_port, median};
     let up = start_echo_server()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
-    let write = |name: &str, text: String| -> anyhow::Result<std::path::PathBuf> {
-        let p = dir.join(name);
-        std::fs::write(&p, text)?;
-        Ok(p)
-    };
-    let nginx_conf = write("ws-nginx.conf", nginx_conf(dir, p_nginx, up))?;
-    let haproxy_conf = write("ws-haproxy.cfg", haproxy_conf(p_haproxy, up, cores()))?;
-    let gw_conf = write("ws-gateway.toml", gateway_conf(p_gw, up))?;
-    let mut gw = spawn_proc(
-        "gateway (websocket)",
-        Command::new(gateway)
-            .args(["run", "--config"])
-            .arg(&gw_conf)
-            .env("RUST_LOG", "warn")
-            .stderr(std::fs::File::create(dir.join("ws-gateway.err"))?),
-    )?;
-    let mut ngx = spawn_proc(
-        "nginx (websocket)",
-        Command::new(crate::tool_path("nginx"))
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&nginx_conf)
-            .args(["-e", "stderr"]),
-    )?;
-    let mut hap = spawn_proc(
-        "haproxy (websocket)",
-        Command::new(crate::tool_path("haproxy"))
-            .args(["-db", "-f"])
-            .arg(&haproxy_conf),
-    )?;
-    wait_listening("gateway", p_gw, &mut gw)?;
-    wait_listening("nginx", p_nginx, &mut ngx)?;
-    wait_listening("haproxy", p_haproxy, &mut hap)?;
-    let targets = [
-        ("gateway", p_gw),
-        ("nginx", p_nginx),
-        ("haproxy", p_haproxy),
+    let ports = [free_port()?, free_port()?, free_port()?];
+    let confs = [
+        gateway_conf(ports[0], up),
+        nginx_conf(dir, ports[1], up),
+        haproxy_conf(ports[2], up, cores()),
     ];
-    let pids = [vec![gw.pid()], family(ngx.pid()), vec![hap.pid()]];
+    let mut trio = Trio::start("ws", gateway, dir, confs, ports)?;
+    let pids = trio.pids();
     println!();
     println!(
         "WebSocket echo: {CONNECTIONS} connections, {WINDOW} messages of {MESSAGE} bytes in flight each, {secs}s per run, one echo upstream; {reps} interleaved repetitions"
     );
-    let names = targets.map(|(name, _)| name);
     let samples = crate::bench::rotate(
-        &names,
+        &Trio::NAMES,
         (reps, secs, warmup),
-        &mut || {
-            for p in [&mut gw, &mut ngx, &mut hap] {
-                p.check_alive()?;
-            }
-            Ok(())
-        },
-        &mut |i, secs| run_load(&rt, targets[i].1, secs, &pids[i]),
+        &mut || trio.check_alive(),
+        &mut |i, secs| run_load(&rt, ports[i], secs, &pids[i]),
         &|s: &WsSample| {
             format!(
                 "{:>10.0} msg/s  cpu {:>6.2} us/msg",
@@ -389,7 +349,7 @@ pub(crate) fn run(
     let med = |i: usize, f: fn(&WsSample) -> f64| median(samples[i].iter().map(f).collect());
     println!();
     println!("{:<10} {:>12} {:>12}", "ws proxy", "msg/s", "CPU us/msg");
-    for (i, (name, _)) in targets.iter().enumerate() {
+    for (i, name) in Trio::NAMES.iter().enumerate() {
         println!(
             "{:<10} {:>12.0} {:>12.2}",
             name,
@@ -405,7 +365,7 @@ pub(crate) fn run(
             med(0, |s| s.cpu_us_per_msg) / med(j, |s| s.cpu_us_per_msg),
         );
     }
-    drop((gw, ngx, hap));
+    drop(trio);
     Ok(())
 }
 
