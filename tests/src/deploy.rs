@@ -156,13 +156,14 @@ impl Container {
             cgroups,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::from("(systemd not started)");
         let state = loop {
             if let Ok(Some(status)) = c.nspawn.try_wait() {
                 panic!("systemd-nspawn exited with {status}:\n{}", c.console());
             }
             assert!(
                 Instant::now() < deadline,
-                "systemd did not finish booting:\n{}",
+                "systemd did not finish booting in 60 s (last `systemctl is-system-running`: {last}):\n{}",
                 c.console()
             );
             // nspawn's first child becomes the container's systemd (it execs it).
@@ -177,9 +178,16 @@ impl Container {
             c.leader = leader;
             let out = run(&mut c.exec(&["systemctl", "is-system-running", "--wait"]));
             let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            if !state.is_empty() && state != "starting" && state != "initializing" {
+            // "offline" is what systemctl says before the booting systemd has made
+            // /run/systemd/system (sd_booted() is still false), which a fast nsenter can
+            // meet; "unknown" while its bus is not up yet. Both mean: not booted yet.
+            if !matches!(
+                state.as_str(),
+                "" | "offline" | "unknown" | "starting" | "initializing"
+            ) {
                 break state;
             }
+            last = state;
             std::thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(
