@@ -5,16 +5,10 @@
 
 pub mod attribution;
 pub mod metrics;
+mod output;
 pub mod table;
 
-use std::{
-    io::{IsTerminal as _, Write as _},
-    net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -115,49 +109,9 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     // Handlers first: a SIGTERM right after "observer attached" must detach cleanly, not kill.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let opts = ObserverOptions {
-        cgroup: args.cgroup.clone(),
-        max_destinations: args.max_destinations,
-        events_ring_bytes: Some(args.ring_buffer_kib * 1024),
-        ..ObserverOptions::default()
-    };
-    let observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
-    tracing::info!(cgroup = %observer.cgroup().display(), connect_exit = observer.connect_exit_hook(), "observer attached");
-    // Nothing is looked up by cookie here: a connect is forgotten once it is released.
-    let mut stream = ObserverStream::new(
-        observer,
-        &StreamOptions {
-            join_window: Duration::from_millis(args.join_window_ms),
-            remember_for: Duration::ZERO,
-            max_remembered: DEFAULT_MAX_REMEMBERED,
-        },
-    );
-
-    let mut registry = Registry::default();
-    let mut metrics = metrics::ObserverMetrics::new(
-        &mut registry,
-        args.metrics_max_destinations,
-        metrics::syn_rtt_buckets(),
-    );
-    if let Some(by) = args.metrics_by {
-        metrics.count_by_service(&mut registry, by, args.metrics_max_services);
-    }
-    metrics.set_attached(true);
-    // Who made each connect, from its cgroup id (see attribution.rs); none without a v2 mount.
-    let mut services = crate::observer::preflight::cgroup2_mount()
-        .ok()
-        .map(attribution::Resolver::new);
-    let registry = Arc::new(registry);
-    let server = match args.metrics {
-        Some(addr) => {
-            // Bind before announcing, so a bad address is an error at start, not a log line.
-            let listener_check = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding the metrics listener on {addr}"))?;
-            drop(listener_check);
-            Some(tokio::spawn(metrics::serve(addr, registry.clone())))
-        }
-        None => None,
-    };
+    let mut stream = attach(&args)?;
+    let (mut metrics, registry) = exported_metrics(&args);
+    let server = serve_metrics(args.metrics, registry)?;
 
     let notifier = crate::service::notify::Notifier::from_env();
     notifier.ready(
@@ -175,7 +129,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
             .watchdog_interval()
             .unwrap_or(Duration::from_secs(3600)),
     );
-    let mut table = table::Table::default();
+    let mut output = output::Output::new(&args, tap);
     let mut drained = Drained::default();
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -187,9 +141,10 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-    let tty = std::io::stdout().is_terminal();
-    let stdout = std::io::stdout();
-    let mut lost_reported = 0;
+    let mut lost = LostRecords {
+        reported: 0,
+        ring_buffer_kib: args.ring_buffer_kib,
+    };
 
     let mut finishing = false;
     loop {
@@ -200,36 +155,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
                 continue;
             }
             _ = refresh.tick() => {
-                // One walk of the kernel's table, one entry at a time: the rows shown, and
-                // the count behind the tracked/evicted metrics.
-                let mut rows = table::TopRows::new(if args.json || args.quiet { 0 } else { args.top });
-                // The counters first: inserts made during the walk then only make the evicted
-                // estimate (inserted − held) low for a moment, never high (the counter can
-                // only grow). Exact once the table is quiet.
-                let counters = stream.counters();
-                let entries = stream.for_each_dest_draining(&mut drained, |k, s| rows.offer(k, s));
-                metrics.set_kernel_counters(&counters, Some(entries));
-                if args.json || args.quiet {
-                    continue;
-                }
-                let text = table.render_top(rows);
-                let lost = stream.events_lost();
-                let mut out = stdout.lock();
-                if tty {
-                    // Redraw in place: home the cursor and clear the screen.
-                    let _ = write!(out, "\x1b[H\x1b[2J");
-                }
-                let _ = writeln!(
-                    out,
-                    "gateway observe: cgroup {} | {} | lost records: {lost}",
-                    stream.cgroup().display(),
-                    chrono_like_now(),
-                );
-                let _ = write!(out, "{text}");
-                if !tty {
-                    let _ = writeln!(out);
-                }
-                let _ = out.flush();
+                output.refresh(&mut stream, &mut drained, &mut metrics);
                 continue;
             }
             _ = sigint.recv() => finishing = true,
@@ -245,46 +171,12 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
         for read in &drained.so_error_reads {
             metrics.so_error(read);
         }
-        let lost = stream.events_lost();
-        metrics.set_events_lost(lost);
+        lost.account(&stream, &mut metrics);
         metrics.set_kernel_counters(&stream.counters(), None);
         metrics.set_late_so_errors(stream.late_so_errors());
-        if lost > lost_reported {
-            tracing::warn!(
-                lost = lost - lost_reported,
-                lost_total = lost,
-                ring_buffer_kib = args.ring_buffer_kib,
-                "the kernel dropped connect records: the ring buffer was full between two drains (their counts are still in the kernel's table; raise --ring-buffer-kib)"
-            );
-            lost_reported = lost;
-        }
-        if !drained.connects.is_empty() {
-            let mut out = stdout.lock();
-            for c in &drained.connects {
-                let rec = c.record(stream.clock());
-                let service = services
-                    .as_mut()
-                    .map(|r| r.lookup(rec.cgroup_id))
-                    .unwrap_or_default();
-                metrics.record(&rec);
-                metrics.record_service(&rec, &service);
-                table.record(&rec);
-                if args.json {
-                    // One object per line, flushed per line: other tools tail this.
-                    let line = serde_json::to_string(&JsonLine {
-                        record: &rec,
-                        service: &service,
-                    })
-                    .expect("records always serialise");
-                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                        // stdout closed (e.g. `| head`): nothing left to do.
-                        finishing = true;
-                    }
-                }
-                if let Some(tap) = &tap {
-                    let _ = tap.send(rec);
-                }
-            }
+        if output.release(&drained, &stream, &mut metrics).is_err() {
+            // stdout closed (e.g. `| head`): nothing left to do.
+            finishing = true;
         }
         drained.clear();
         if finishing {
@@ -301,26 +193,76 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// One `--json` line: the connect record and who made it (`cgroup`, `systemd_unit`,
-/// `container_id`, `pod_uid`, each `null` when unknown).
-#[derive(serde::Serialize)]
-struct JsonLine<'a> {
-    #[serde(flatten)]
-    record: &'a ConnectRecord,
-    #[serde(flatten)]
-    service: &'a attribution::Service,
+/// Attaches the kernel side to the cgroup `args` names and opens its stream.
+fn attach(args: &ObserveArgs) -> anyhow::Result<ObserverStream> {
+    let opts = ObserverOptions {
+        cgroup: args.cgroup.clone(),
+        max_destinations: args.max_destinations,
+        events_ring_bytes: Some(args.ring_buffer_kib * 1024),
+        ..ObserverOptions::default()
+    };
+    let observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
+    tracing::info!(cgroup = %observer.cgroup().display(), connect_exit = observer.connect_exit_hook(), "observer attached");
+    // Nothing is looked up by cookie here: a connect is forgotten once it is released.
+    Ok(ObserverStream::new(
+        observer,
+        &StreamOptions {
+            join_window: Duration::from_millis(args.join_window_ms),
+            remember_for: Duration::ZERO,
+            max_remembered: DEFAULT_MAX_REMEMBERED,
+        },
+    ))
 }
 
-/// Wall-clock time as HH:MM:SS UTC, without a date-time dependency.
-fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
+/// The observer's metric families, registered (with the by-service family if asked for).
+fn exported_metrics(args: &ObserveArgs) -> (metrics::ObserverMetrics, Arc<Registry>) {
+    let mut registry = Registry::default();
+    let mut metrics = metrics::ObserverMetrics::new(
+        &mut registry,
+        args.metrics_max_destinations,
+        metrics::syn_rtt_buckets(),
+    );
+    if let Some(by) = args.metrics_by {
+        metrics.count_by_service(&mut registry, by, args.metrics_max_services);
+    }
+    metrics.set_attached(true);
+    (metrics, Arc::new(registry))
+}
+
+/// Serves `/metrics` on `addr`, if one was given.
+fn serve_metrics(
+    addr: Option<SocketAddr>,
+    registry: Arc<Registry>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    // Bind before announcing, so a bad address is an error at start, not a log line.
+    let listener_check = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    drop(listener_check);
+    Ok(Some(tokio::spawn(metrics::serve(addr, registry))))
+}
+
+/// Records the kernel dropped because the ring buffer was full: exported, and logged each
+/// time the count grows.
+struct LostRecords {
+    reported: u64,
+    ring_buffer_kib: u32,
+}
+
+impl LostRecords {
+    fn account(&mut self, stream: &ObserverStream, metrics: &mut metrics::ObserverMetrics) {
+        let lost = stream.events_lost();
+        metrics.set_events_lost(lost);
+        if lost > self.reported {
+            tracing::warn!(
+                lost = lost - self.reported,
+                lost_total = lost,
+                ring_buffer_kib = self.ring_buffer_kib,
+                "the kernel dropped connect records: the ring buffer was full between two drains (their counts are still in the kernel's table; raise --ring-buffer-kib)"
+            );
+            self.reported = lost;
+        }
+    }
 }
