@@ -204,8 +204,10 @@ async fn run(
     let notifier = Notifier::from_env();
     // Before any upstream socket exists: a socket's cgroup is fixed when it is created.
     let (signals, _cgroup) = attach_observer(&settings.observer)?;
-    let mut grace = settings.shutdown_grace;
-    let mut drain_delay = settings.drain_delay;
+    let stop = Stop {
+        grace: settings.shutdown_grace,
+        drain_delay: settings.drain_delay,
+    };
     let log_format = settings.log.format;
     let workers = settings.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -233,122 +235,197 @@ async fn run(
         tokio::spawn(notify::watchdog(notifier.clone(), every));
     }
 
-    let mut successor: Option<Successor> = None;
+    let mut service = Service {
+        path,
+        handle,
+        signals,
+        notifier,
+        log_format,
+        stop,
+        relaunch,
+        successor: None,
+    };
     let exit = loop {
         tokio::select! {
             _ = sig.term.recv() => break Exit::Signal("SIGTERM"),
             _ = sig.int.recv() => break Exit::Signal("SIGINT"),
-            _ = sig.hup.recv() => {
-                notifier.reloading();
-                match config::load(path) {
-                    Ok(loaded) => {
-                        for w in &loaded.warnings {
-                            warn!("config: {w}");
-                        }
-                        grace = loaded.settings.shutdown_grace;
-                        drain_delay = loaded.settings.drain_delay;
-                        apply_log_settings(&log_format, &loaded.settings.log);
-                        let report = handle.reload(loaded.settings).await;
-                        for what in report.needs_restart {
-                            warn!(setting = what, "changed on reload; takes effect after a restart");
-                        }
-                        info!(config = %path.display(), "config reloaded");
-                    }
-                    Err(e) => error!("reload refused, keeping the running config: {e}"),
-                }
-                handle.reopen_logs();
-                notifier.ready(&serving_status(&handle, &*signals, "serving (reloaded)"), false);
-            }
+            _ = sig.hup.recv() => service.reload().await,
             _ = sig.usr1.recv() => {
                 info!("SIGUSR1: reopening the access log");
-                handle.reopen_logs();
+                service.handle.reopen_logs();
             }
-            _ = sig.usr2.recv() => match (&successor, &relaunch) {
-                (Some(s), _) => warn!(pid = s.pid(), "SIGUSR2 ignored: an upgrade is already under way"),
-                (None, None) => error!("SIGUSR2 ignored: this executable's path is unknown"),
-                (None, Some(relaunch)) => match handover::spawn(relaunch, &handle.offered_sockets()) {
-                    Ok(s) => {
-                        info!(pid = s.pid(), exe = %relaunch.exe.display(), "SIGUSR2: started the new binary with the listening sockets; waiting until it serves");
-                        notifier.status(&format!("upgrading: started pid {}", s.pid().unwrap_or(0)));
-                        successor = Some(s);
-                    }
-                    Err(e) => error!("SIGUSR2: upgrade failed, still serving: {e}"),
-                },
-            },
-            outcome = async { successor.as_mut().expect("guarded").wait_ready(handover::READY_TIMEOUT).await }, if successor.is_some() => {
-                match outcome {
-                    handover::Outcome::Ready { pid } => break Exit::HandedOver { pid },
-                    handover::Outcome::Failed(why) => {
-                        error!("upgrade failed, still serving: {why}");
-                        notifier.status(&serving_status(&handle, &*signals, "serving (upgrade failed)"));
-                        successor = None;
-                    }
+            _ = sig.usr2.recv() => service.upgrade(),
+            outcome = async { service.successor.as_mut().expect("guarded").wait_ready(handover::READY_TIMEOUT).await }, if service.successor.is_some() => {
+                if let Some(exit) = service.upgraded(outcome) {
+                    break exit;
                 }
             }
         }
     };
+    service.stop(exit, &mut sig).await;
+    Ok(())
+}
 
-    match exit {
-        Exit::Signal(why) => {
-            notifier.stopping(
-                &format!(
-                    "draining ({why}): /healthz 503, accepting for {} ms more",
-                    drain_delay.as_millis()
-                ),
-                drain_delay + grace + Duration::from_secs(5),
-            );
-            handle.mark_draining();
-            info!(
-                signal = why,
-                drain_delay_ms = drain_delay.as_millis() as u64,
-                grace_ms = grace.as_millis() as u64,
-                "draining"
-            );
-            if !drain_delay.is_zero() {
-                handle.close_keepalive();
-                let cut = tokio::select! {
-                    _ = tokio::time::sleep(drain_delay) => None,
-                    _ = sig.term.recv() => Some("SIGTERM"),
-                    _ = sig.int.recv() => Some("SIGINT"),
+/// How the process stops; a reload can change both.
+#[derive(Clone, Copy)]
+struct Stop {
+    grace: Duration,
+    drain_delay: Duration,
+}
+
+/// The running service, as the signals act on it.
+struct Service<'a> {
+    path: &'a Path,
+    handle: GatewayHandle,
+    signals: Arc<dyn SignalSource>,
+    notifier: Notifier,
+    log_format: crate::logging::LogFormat,
+    stop: Stop,
+    relaunch: Option<Relaunch>,
+    /// The new binary a SIGUSR2 started, until it serves or fails.
+    successor: Option<Successor>,
+}
+
+impl Service<'_> {
+    /// SIGHUP: the config file again (a bad one is refused and the running one kept), and
+    /// the access log reopened.
+    async fn reload(&mut self) {
+        self.notifier.reloading();
+        match config::load(self.path) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    warn!("config: {w}");
+                }
+                self.stop = Stop {
+                    grace: loaded.settings.shutdown_grace,
+                    drain_delay: loaded.settings.drain_delay,
                 };
-                match cut {
-                    Some(s) => info!(signal = s, "drain delay cut short"),
-                    None => info!(
-                        drain_delay_ms = drain_delay.as_millis() as u64,
-                        "drain delay over"
-                    ),
+                apply_log_settings(&self.log_format, &loaded.settings.log);
+                let report = self.handle.reload(loaded.settings).await;
+                for what in report.needs_restart {
+                    warn!(
+                        setting = what,
+                        "changed on reload; takes effect after a restart"
+                    );
+                }
+                info!(config = %self.path.display(), "config reloaded");
+            }
+            Err(e) => error!("reload refused, keeping the running config: {e}"),
+        }
+        self.handle.reopen_logs();
+        self.notifier.ready(
+            &serving_status(&self.handle, &*self.signals, "serving (reloaded)"),
+            false,
+        );
+    }
+
+    /// SIGUSR2: starts the new binary with the listening sockets, unless one is already
+    /// starting.
+    fn upgrade(&mut self) {
+        match (&self.successor, &self.relaunch) {
+            (Some(s), _) => warn!(
+                pid = s.pid(),
+                "SIGUSR2 ignored: an upgrade is already under way"
+            ),
+            (None, None) => error!("SIGUSR2 ignored: this executable's path is unknown"),
+            (None, Some(relaunch)) => {
+                match handover::spawn(relaunch, &self.handle.offered_sockets()) {
+                    Ok(s) => {
+                        info!(pid = s.pid(), exe = %relaunch.exe.display(), "SIGUSR2: started the new binary with the listening sockets; waiting until it serves");
+                        self.notifier
+                            .status(&format!("upgrading: started pid {}", s.pid().unwrap_or(0)));
+                        self.successor = Some(s);
+                    }
+                    Err(e) => error!("SIGUSR2: upgrade failed, still serving: {e}"),
                 }
             }
-            notifier.status(&format!(
-                "draining: stopped listening; in-flight requests have up to {} ms",
-                grace.as_millis()
-            ));
-            info!("stopped listening");
         }
-        Exit::HandedOver { pid } => {
-            // The new process is the unit's main process now (it said MAINPID=): this one
-            // must not send STOPPING=1, which would stop the unit.
-            info!(
-                pid,
-                linger_ms = HANDOVER_LINGER.as_millis() as u64,
-                grace_ms = grace.as_millis() as u64,
-                "handed over to the new process; draining"
+    }
+
+    /// The new binary serves (this process hands over) or failed (this one serves on).
+    fn upgraded(&mut self, outcome: handover::Outcome) -> Option<Exit> {
+        match outcome {
+            handover::Outcome::Ready { pid } => Some(Exit::HandedOver { pid }),
+            handover::Outcome::Failed(why) => {
+                error!("upgrade failed, still serving: {why}");
+                self.notifier.status(&serving_status(
+                    &self.handle,
+                    &*self.signals,
+                    "serving (upgrade failed)",
+                ));
+                self.successor = None;
+                None
+            }
+        }
+    }
+
+    /// Drains and stops: after a signal, the drain delay (health 503, still accepting; a
+    /// second signal cuts it short); after a handover, the linger; then in-flight requests
+    /// get the grace period.
+    async fn stop(self, exit: Exit, sig: &mut Signals) {
+        let Stop { grace, drain_delay } = self.stop;
+        let (handle, notifier) = (&self.handle, &self.notifier);
+        match exit {
+            Exit::Signal(why) => {
+                notifier.stopping(
+                    &format!(
+                        "draining ({why}): /healthz 503, accepting for {} ms more",
+                        drain_delay.as_millis()
+                    ),
+                    drain_delay + grace + Duration::from_secs(5),
+                );
+                handle.mark_draining();
+                info!(
+                    signal = why,
+                    drain_delay_ms = drain_delay.as_millis() as u64,
+                    grace_ms = grace.as_millis() as u64,
+                    "draining"
+                );
+                if !drain_delay.is_zero() {
+                    handle.close_keepalive();
+                    let cut = tokio::select! {
+                        _ = tokio::time::sleep(drain_delay) => None,
+                        _ = sig.term.recv() => Some("SIGTERM"),
+                        _ = sig.int.recv() => Some("SIGINT"),
+                    };
+                    match cut {
+                        Some(s) => info!(signal = s, "drain delay cut short"),
+                        None => info!(
+                            drain_delay_ms = drain_delay.as_millis() as u64,
+                            "drain delay over"
+                        ),
+                    }
+                }
+                notifier.status(&format!(
+                    "draining: stopped listening; in-flight requests have up to {} ms",
+                    grace.as_millis()
+                ));
+                info!("stopped listening");
+            }
+            Exit::HandedOver { pid } => {
+                // The new process is the unit's main process now (it said MAINPID=): this one
+                // must not send STOPPING=1, which would stop the unit.
+                info!(
+                    pid,
+                    linger_ms = HANDOVER_LINGER.as_millis() as u64,
+                    grace_ms = grace.as_millis() as u64,
+                    "handed over to the new process; draining"
+                );
+                handle.close_keepalive();
+                tokio::time::sleep(HANDOVER_LINGER).await;
+            }
+        }
+        let report = self.handle.shutdown(grace).await;
+        if report.forced {
+            warn!(
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "grace period over; closed the remaining connections"
             );
-            handle.close_keepalive();
-            tokio::time::sleep(HANDOVER_LINGER).await;
+        } else {
+            info!(
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "drained; exiting"
+            );
         }
     }
-    let report = handle.shutdown(grace).await;
-    if report.forced {
-        warn!(
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "grace period over; closed the remaining connections"
-        );
-    } else {
-        info!(
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "drained; exiting"
-        );
-    }
-    Ok(())
 }
