@@ -2,6 +2,17 @@
 //! echo, status) can be changed while it runs, and a TCP listener that accepts connections and
 //! holds them open without reading.
 //!
+//! Whatever its behaviour, the HTTP server also answers two kinds of request for long-lived
+//! traffic:
+//!
+//! - `GET /trickle/<chunks>/<interval_ms>`: 200 with a body that comes in `chunks` pieces (the
+//!   upstream's name and a newline each), the first at once and then one every interval: a
+//!   slow response that keeps coming;
+//! - any request with `Upgrade:` (a WebSocket handshake, say): `101 Switching Protocols` with
+//!   the same `Upgrade`, then every byte that arrives is echoed back. It is an echo for the
+//!   tunnel in front of it, not a WebSocket implementation: no `Sec-WebSocket-Accept`, no
+//!   frames.
+//!
 //! Each server is one OS thread that entered the upstream namespace and runs a current-thread
 //! tokio runtime, so its sockets are the namespace's. Stopping sends on a shutdown channel and
 //! joins the thread; dropping the runtime closes every connection.
@@ -18,10 +29,10 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Either, Full};
 use hyper::{
     Request, Response, StatusCode,
-    body::{Bytes, Incoming},
+    body::{Bytes, Frame, Incoming},
     header::{self, HeaderValue},
     server::conn::http1,
     service::service_fn,
@@ -320,6 +331,7 @@ async fn serve_http(listeners: Vec<TcpListener>, shutdown: oneshot::Receiver<()>
                     // A client that hangs up mid-request is not the lab's problem.
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -329,11 +341,44 @@ async fn serve_http(listeners: Vec<TcpListener>, shutdown: oneshot::Receiver<()>
     let _ = shutdown.await;
 }
 
+/// What the HTTP server answers with: a whole body, or a trickle.
+type LabBody = Either<Full<Bytes>, Trickle>;
+
 async fn respond(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     shared: Shared,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+) -> Result<Response<LabBody>, hyper::Error> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(upgrade) = req.headers().get(header::UPGRADE).cloned() {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on.await {
+                let (mut rx, mut tx) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut rx, &mut tx).await;
+            }
+        });
+        let mut response = Response::new(Either::Left(Full::default()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert("x-upstream", shared.name);
+        return Ok(response);
+    }
+    if let Some((chunks, every)) = trickle_request(req.uri().path()) {
+        let mut chunk = shared.name.as_bytes().to_vec();
+        chunk.push(b'\n');
+        let mut response = Response::new(Either::Right(Trickle {
+            chunk: Bytes::from(chunk),
+            left: chunks,
+            every,
+            next: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }));
+        let headers = response.headers_mut();
+        headers.insert("x-upstream", shared.name);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return Ok(response);
+    }
     let behaviour = shared
         .behaviour
         .lock()
@@ -347,12 +392,52 @@ async fn respond(
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
     }
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Either::Left(Full::new(body)));
     *response.status_mut() = behaviour.status;
     let headers = response.headers_mut();
     headers.insert("x-upstream", shared.name);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     Ok(response)
+}
+
+/// `/trickle/<chunks>/<interval_ms>`: how many chunks, how far apart.
+fn trickle_request(path: &str) -> Option<(u32, Duration)> {
+    let mut parts = path.strip_prefix("/trickle/")?.split('/');
+    let chunks = parts.next()?.parse().ok()?;
+    let every = Duration::from_millis(parts.next()?.parse().ok()?);
+    parts.next().is_none().then_some((chunks, every))
+}
+
+/// A response body of `left` copies of `chunk`, the first at once and then one every
+/// `every`.
+struct Trickle {
+    chunk: Bytes,
+    left: u32,
+    every: Duration,
+    next: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.next.as_mut().poll(cx));
+        self.left -= 1;
+        let at = tokio::time::Instant::now() + self.every;
+        self.next.as_mut().reset(at);
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
 }
 
 /// A TCP listener in an upstream namespace that accepts every connection and holds it open,

@@ -426,6 +426,67 @@ fn privileged_http_servers_answer_with_their_name_slowly_or_by_echo() {
 }
 
 #[test]
+fn privileged_http_servers_trickle_and_echo_an_upgraded_connection() {
+    let lab = new_lab(1);
+    let up = &lab.upstreams()[0];
+    let _server = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
+    let addr = up.addr_v4(PORT);
+    lab.client()
+        .run(|| {
+            // Three chunks 200 ms apart: the whole body, and not before the last one is due.
+            let mut stream =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let start = Instant::now();
+            write!(
+                stream,
+                "GET /trickle/3/200 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).expect("read response");
+            let took = start.elapsed();
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            assert!(response.contains("transfer-encoding: chunked"), "{response}");
+            assert_eq!(response.matches("upstream-1\n").count(), 3, "{response}");
+            assert!(
+                took >= Duration::from_millis(400) && took < Duration::from_millis(1000),
+                "{took:?}"
+            );
+
+            // An Upgrade gets 101, then the bytes come back.
+            let mut stream =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            write!(
+                stream,
+                "GET /chat HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).expect("the 101's head");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 101"), "{head}");
+            assert!(head.contains("upgrade: websocket"), "{head}");
+            for msg in ["first", "second message"] {
+                stream.write_all(msg.as_bytes()).unwrap();
+                let mut echo = vec![0u8; msg.len()];
+                stream.read_exact(&mut echo).expect("the echo");
+                assert_eq!(echo, msg.as_bytes());
+            }
+        })
+        .unwrap();
+}
+
+#[test]
 fn privileged_commands_run_inside_the_namespace_and_the_cgroup() {
     let lab = new_lab(1);
     let cgroup = lab

@@ -8,7 +8,12 @@
 //!
 //! - upstream 2 flaps every [`CYCLE`] after [`WARM_UP`]: SYN blackhole for a third of it,
 //!   refused for a third, healthy for the rest;
-//! - the gateway gets SIGHUP (reload) every [`RELOAD_EVERY`].
+//! - the gateway gets SIGHUP (reload) every [`RELOAD_EVERY`];
+//! - beside the load, long-lived traffic from the same namespace ([`side_traffic`]): one
+//!   upgraded connection (a WebSocket handshake through the gateway, then a line echoed by the
+//!   upstream every [`ECHO_EVERY`], reopened if it breaks) and, one after another, slow
+//!   responses that trickle [`TRICKLE_CHUNKS`] chunks [`TRICKLE_EVERY`] apart, each read to
+//!   its end.
 //!
 //! Every [`SAMPLE_EVERY`] it samples the gateway's RSS, open fds, threads, its established
 //! upstream connections (pooled and in use, from `ss` in the client namespace), its client
@@ -16,13 +21,25 @@
 //! warm-up (over whole fault cycles when the run holds at least three: see [`cycle_drift`]),
 //! fds, threads and series flat, and client-visible failures only while a fault is on
 //! (or one client timeout after), each an answer of the gateway's with its reason
-//! (`x-gateway-error`) and a line in its access log; never a reset or a timeout.
+//! (`x-gateway-error`) and a line in its access log; never a reset or a timeout. The
+//! long-lived traffic must keep flowing: no echo or trickle fails outside a fault.
 
 use std::{
     net::SocketAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{body::Bytes, header};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use gateway_lab::{Fault, FaultGuard, HttpBehaviour};
 use gateway_testkit::{
@@ -37,6 +54,11 @@ const WARM_UP: f64 = 20.0;
 const CYCLE: f64 = 120.0;
 const RELOAD_EVERY: f64 = 30.0;
 const SAMPLE_EVERY: f64 = 5.0;
+/// One line over the upgraded connection this often.
+const ECHO_EVERY: Duration = Duration::from_secs(1);
+/// Each slow response: this many chunks, this far apart (`/trickle/…` on the lab upstreams).
+const TRICKLE_CHUNKS: u32 = 5;
+const TRICKLE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -141,24 +163,156 @@ fn cycle_drift(cycles: &[f64]) -> Option<(f64, &'static str)> {
     ))
 }
 
-#[test]
-fn soak_privileged() {
-    let minutes: f64 = env_or("SOAK_MINUTES", 2.0);
-    let rate: u32 = env_or("SOAK_RATE", 300);
-    let s = Scenario::start(
-        gateway_bin!(),
-        "soak",
-        HttpBehaviour::immediate(),
-        32,
-        1000,
-        "",
+/// What the long-lived traffic saw.
+#[derive(Debug, Default)]
+struct Side {
+    /// Upgraded connections opened (101 through the gateway).
+    upgrades: u64,
+    /// Lines sent over them and echoed back intact.
+    echoes: u64,
+    /// Slow responses read to their end, every chunk there.
+    trickles: u64,
+    /// (from, to, what): run seconds of each failure's span, and what failed.
+    failures: Vec<(f64, f64, String)>,
+}
+
+/// Runs the long-lived traffic through the gateway at `addr` until `stop`.
+async fn side_traffic(addr: SocketAddr, stop: &AtomicBool, side: &Mutex<Side>) {
+    let start = tokio::time::Instant::now();
+    let failed = |from: f64, what: String| {
+        let to = start.elapsed().as_secs_f64();
+        side.lock().unwrap().failures.push((from, to, what));
+    };
+    let echo = async {
+        while !stop.load(Ordering::Relaxed) {
+            let from = start.elapsed().as_secs_f64();
+            if let Err(e) = echo_session(addr, stop, side).await {
+                failed(from, format!("upgraded connection: {e}"));
+                tokio::time::sleep(ECHO_EVERY).await;
+            }
+        }
+    };
+    let trickle = async {
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let uri = format!(
+            "http://{addr}/trickle/{TRICKLE_CHUNKS}/{}",
+            TRICKLE_EVERY.as_millis()
+        );
+        let limit = TRICKLE_EVERY * TRICKLE_CHUNKS + CLIENT_TIMEOUT;
+        while !stop.load(Ordering::Relaxed) {
+            let from = start.elapsed().as_secs_f64();
+            let got = tokio::time::timeout(limit, async {
+                let resp = client.get(uri.parse().unwrap()).await?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+            })
+            .await;
+            match got {
+                Ok(Ok((200, body)))
+                    if body.iter().filter(|&&b| b == b'\n').count() == TRICKLE_CHUNKS as usize =>
+                {
+                    side.lock().unwrap().trickles += 1;
+                }
+                Ok(Ok((status, body))) => failed(
+                    from,
+                    format!("trickle: {status}, {:?}", String::from_utf8_lossy(&body)),
+                ),
+                Ok(Err(e)) => failed(from, format!("trickle: {e}")),
+                Err(_) => failed(from, format!("trickle: not done within {limit:?}")),
+            }
+        }
+    };
+    tokio::join!(echo, trickle);
+}
+
+/// One upgraded connection: the handshake, then a line every [`ECHO_EVERY`] that must come
+/// back intact, until `stop`.
+async fn echo_session(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    side: &Mutex<Side>,
+) -> Result<(), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn.with_upgrades());
+    let req = hyper::Request::get("/chat")
+        .header(header::HOST, addr.to_string())
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(CLIENT_TIMEOUT, send.send_request(req))
+        .await
+        .map_err(|_| "no answer to the upgrade".to_owned())?
+        .map_err(|e| format!("upgrade request: {e}"))?;
+    if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(format!(
+            "upgrade answered {} ({:?})",
+            resp.status(),
+            resp.headers().get("x-gateway-error")
+        ));
+    }
+    let mut io = TokioIo::new(
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| format!("upgrade: {e}"))?,
     );
+    side.lock().unwrap().upgrades += 1;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let line = format!("message {n}\n");
+        n += 1;
+        let mut echo = vec![0u8; line.len()];
+        tokio::time::timeout(CLIENT_TIMEOUT, async {
+            io.write_all(line.as_bytes()).await?;
+            io.read_exact(&mut echo).await
+        })
+        .await
+        .map_err(|_| format!("no echo of {line:?} within {CLIENT_TIMEOUT:?}"))?
+        .map_err(|e| format!("echo of {line:?}: {e}"))?;
+        if echo != line.as_bytes() {
+            return Err(format!(
+                "echo of {line:?} came back as {:?}",
+                String::from_utf8_lossy(&echo)
+            ));
+        }
+        side.lock().unwrap().echoes += 1;
+        tokio::time::sleep(ECHO_EVERY).await;
+    }
+    Ok(())
+}
+
+/// Whether a fault was on (or had just gone off) at some time in `from..=to`.
+fn fault_during(from: f64, to: f64) -> bool {
+    let mut t = from;
+    while t < to {
+        if fault_near(t) {
+            return true;
+        }
+        t += 0.25;
+    }
+    fault_near(to)
+}
+
+/// The load at `rate` for `minutes`, with upstream 2's faults, the reloads and the samples
+/// on its clock.
+fn load(
+    s: &Scenario,
+    rate: u32,
+    minutes: f64,
+    probes: &Mutex<Vec<Probe>>,
+    reloads: &mut u32,
+) -> Vec<gateway_testkit::scenario::Sample> {
     let bad = s.lab.upstream(1).unwrap();
     let mut fault: Option<(Phase, FaultGuard)> = None;
-    let probes = Mutex::new(Vec::<Probe>::new());
     let (mut next_reload, mut next_sample) = (RELOAD_EVERY, 0.0);
-    let mut reloads = 0;
-    let start = Instant::now();
     let samples = s.run_load(rate, Duration::from_secs_f64(minutes * 60.0), |t| {
         let want = phase(t);
         if fault.as_ref().map_or(Phase::Healthy, |(p, _)| *p) != want {
@@ -174,7 +328,7 @@ fn soak_privileged() {
         }
         if t >= next_reload {
             s.gateway.signal(libc::SIGHUP);
-            reloads += 1;
+            *reloads += 1;
             next_reload += RELOAD_EVERY;
         }
         if t >= next_sample {
@@ -185,7 +339,7 @@ fn soak_privileged() {
                 rss_kib: s.gateway.rss_kib(),
                 fds: s.gateway.open_fds(),
                 threads: s.gateway.threads(),
-                upstream_conns: upstream_conns(&s),
+                upstream_conns: upstream_conns(s),
                 client_conns: value(&m, "gateway_client_connections", &[]),
                 series: m.lines().filter(|l| !l.starts_with('#')).count(),
             };
@@ -203,6 +357,37 @@ fn soak_privileged() {
         true
     });
     drop(fault);
+    samples
+}
+
+#[test]
+fn soak_privileged() {
+    let minutes: f64 = env_or("SOAK_MINUTES", 2.0);
+    let rate: u32 = env_or("SOAK_RATE", 300);
+    let s = Scenario::start(
+        gateway_bin!(),
+        "soak",
+        HttpBehaviour::immediate(),
+        32,
+        1000,
+        "",
+    );
+    let probes = Mutex::new(Vec::<Probe>::new());
+    let mut reloads = 0;
+    let start = Instant::now();
+    let (stop, side) = (AtomicBool::new(false), Mutex::new(Side::default()));
+    let samples = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            s.lab
+                .client()
+                .block_on(side_traffic(s.addr, &stop, &side))
+                .expect("long-lived traffic in the client namespace")
+        });
+        let samples = load(&s, rate, minutes, &probes, &mut reloads);
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().expect("the long-lived traffic panicked");
+        samples
+    });
     let elapsed = start.elapsed();
     let probes = probes.into_inner().unwrap();
 
@@ -243,10 +428,26 @@ fn soak_privileged() {
         point_drift,
         "first sample after warm-up -> last sample (fewer than 3 whole fault cycles)",
     ));
+    // The long-lived traffic: a line a second, and a trickle every 4 s or so, near enough;
+    // a failure only while a fault was on.
+    let side = side.into_inner().unwrap();
+    let side_unexplained: Vec<_> = side
+        .failures
+        .iter()
+        .filter(|(from, to, _)| !fault_during(*from, *to))
+        .collect();
+    let seconds = elapsed.as_secs_f64();
+    let (echoes_due, trickles_due) = (
+        seconds / ECHO_EVERY.as_secs_f64(),
+        seconds / (TRICKLE_EVERY * (TRICKLE_CHUNKS - 1)).as_secs_f64(),
+    );
     let report = format!(
         "soak: {minutes} min at {rate} req/s in {elapsed:.0?}: {} requests, {} failed ({} \
          unexplained), {logged} non-200 lines in the access log, {reloads} SIGHUPs \
          ({reloaded} reload log lines)\n\
+         long-lived: {} upgraded connections opened, {} lines echoed over them (about \
+         {echoes_due:.0} due), {} slow responses read to their end (about {trickles_due:.0} \
+         due), {} failures ({} outside a fault)\n\
          RSS drift {:+.1} % ({drift_basis}); mean RSS per fault cycle {:?} KiB\n\
          after warm-up -> end: RSS {} -> {} KiB ({:+.1} %, max {} KiB), fds {} -> {} (max \
          {}), threads {} -> {}, upstream connections {} -> {} (max {}), series {} -> {} \
@@ -255,6 +456,11 @@ fn soak_privileged() {
         samples.len(),
         failed.len(),
         unexplained.len(),
+        side.upgrades,
+        side.echoes,
+        side.trickles,
+        side.failures.len(),
+        side_unexplained.len(),
         drift * 100.0,
         cycles.iter().map(|m| m.round() as u64).collect::<Vec<_>>(),
         first.rss_kib,
@@ -278,7 +484,22 @@ fn soak_privileged() {
     for f in unexplained.iter().take(10) {
         eprintln!("unexplained failure: {f:?}");
     }
+    for (from, to, what) in side.failures.iter().take(10) {
+        eprintln!("long-lived traffic failed between {from:.1} s and {to:.1} s: {what}");
+    }
     assert!(unexplained.is_empty(), "{report}");
+    assert!(
+        side_unexplained.is_empty(),
+        "long-lived traffic failed outside a fault: {report}"
+    );
+    assert!(
+        side.upgrades >= 1 && side.echoes as f64 >= 0.7 * echoes_due,
+        "the upgraded connection did not keep echoing: {report}"
+    );
+    assert!(
+        side.trickles as f64 >= 0.7 * trickles_due,
+        "slow responses did not keep coming: {report}"
+    );
     assert!(
         logged >= failed.len(),
         "every failure has its access-log line: {report}"
