@@ -56,9 +56,12 @@ const RELOAD_EVERY: f64 = 30.0;
 const SAMPLE_EVERY: f64 = 5.0;
 /// One line over the upgraded connection this often.
 const ECHO_EVERY: Duration = Duration::from_secs(1);
-/// Each slow response: this many chunks, this far apart (`/trickle/…` on the lab upstreams).
-const TRICKLE_CHUNKS: u32 = 5;
-const TRICKLE_EVERY: Duration = Duration::from_secs(1);
+/// Each slow response: this many chunks, this far apart (`/trickle/…` on the lab upstreams):
+/// 4 s of body. The gap stays under the scenario's response timeout (1 s), which the gateway
+/// applies between two reads of an upstream body: a 1 s gap failed most trickles midway
+/// ("error reading a body from connection"), as configured.
+const TRICKLE_CHUNKS: u32 = 9;
+const TRICKLE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
