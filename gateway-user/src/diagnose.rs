@@ -28,7 +28,12 @@ mod resolve;
 pub mod target;
 pub mod tcpinfo;
 
-use std::{io::Write as _, net::SocketAddr, process::ExitCode, time::Duration};
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
@@ -38,7 +43,7 @@ use self::{
     jobs::{plan, plan_patient, run_jobs},
     join::to_attempt,
     kernel::{KernelSession, KernelUnavailable},
-    measure::{AddressMeasurements, DeadlineSource, TargetMeasurements},
+    measure::{AddressMeasurements, DeadlineSource, SynBudget, TargetMeasurements},
     report::{Phase, Progress, TargetReport},
     resolve::resolve_all,
     target::Target,
@@ -147,43 +152,102 @@ pub fn run(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
 async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new();
     let resolved = resolve_all(args).await?;
-
-    let (mut kernel, missing) = if args.no_kernel {
-        (None, Some(KernelUnavailable::Disabled.to_string()))
+    let (mut kernel, missing) = start_kernel(args);
+    let deadlines = Deadlines::read(args);
+    let probes = run_probes(args, &resolved, &deadlines, &mut kernel, &mut progress).await?;
+    progress.clear();
+    let reports = reports(
+        args,
+        resolved,
+        &deadlines,
+        &probes,
+        kernel.as_ref(),
+        missing,
+    );
+    // Detach and leave the cgroup before printing: nothing below opens a socket.
+    drop(kernel);
+    print(args, &reports)?;
+    Ok(if reports.iter().all(TargetReport::healthy) {
+        ExitCode::SUCCESS
     } else {
-        match KernelSession::start() {
-            Ok(k) => {
-                tracing::debug!(cgroup = %k.cgroup().display(), "kernel observer attached");
-                (Some(k), None)
-            }
-            Err(e) => {
-                if !args.json {
-                    eprintln!(
-                        "diagnose: kernel signals off, using userspace timing and TCP_INFO: {e}"
-                    );
-                }
-                (None, Some(e.to_string()))
-            }
+        ExitCode::FAILURE
+    })
+}
+
+/// The kernel observer in a cgroup of this process's own, or why there is none.
+fn start_kernel(args: &DiagnoseArgs) -> (Option<KernelSession>, Option<String>) {
+    if args.no_kernel {
+        return (None, Some(KernelUnavailable::Disabled.to_string()));
+    }
+    match KernelSession::start() {
+        Ok(k) => {
+            tracing::debug!(cgroup = %k.cgroup().display(), "kernel observer attached");
+            (Some(k), None)
         }
-    };
+        Err(e) => {
+            if !args.json {
+                eprintln!("diagnose: kernel signals off, using userspace timing and TCP_INFO: {e}");
+            }
+            (None, Some(e.to_string()))
+        }
+    }
+}
 
-    // Read where the probes run: the sysctls are per network namespace.
-    let syn_budget = budget::read();
-    let kernel_deadline = budget::default_deadline(&syn_budget);
-    let patient_deadline = kernel_deadline.min(PATIENT_DEADLINE_MAX);
-    let (deadline, deadline_source) = match args.connect_timeout_ms {
-        Some(ms) => (Duration::from_millis(ms), DeadlineSource::Configured),
-        None => (kernel_deadline, DeadlineSource::Kernel),
-    };
+/// The probes' connect deadline and where it came from, and the longer one that measures a
+/// handshake a configured deadline cut short.
+struct Deadlines {
+    /// Read where the probes run: the sysctls are per network namespace.
+    syn_budget: SynBudget,
+    deadline: Duration,
+    source: DeadlineSource,
+    patient: Duration,
+}
 
-    let jobs = plan(args, &resolved, deadline);
+impl Deadlines {
+    fn read(args: &DiagnoseArgs) -> Deadlines {
+        let syn_budget = budget::read();
+        let kernel_deadline = budget::default_deadline(&syn_budget);
+        let (deadline, source) = match args.connect_timeout_ms {
+            Some(ms) => (Duration::from_millis(ms), DeadlineSource::Configured),
+            None => (kernel_deadline, DeadlineSource::Kernel),
+        };
+        Deadlines {
+            syn_budget,
+            deadline,
+            source,
+            patient: kernel_deadline.min(PATIENT_DEADLINE_MAX),
+        }
+    }
+}
+
+/// What the probes saw, per job: its attempts and when it finished; the same for the patient
+/// jobs, and which patient job (if any) re-ran each job.
+struct Probes {
+    jobs: Vec<jobs::Job>,
+    observed: Vec<Vec<probe::Observed>>,
+    finished: Vec<Instant>,
+    patient: Vec<Vec<probe::Observed>>,
+    patient_finished: Vec<Instant>,
+    patient_of: Vec<Option<usize>>,
+}
+
+/// Every connect, then (when a configured deadline cut some short) the patient ones, and the
+/// kernel's last records of them all.
+async fn run_probes(
+    args: &DiagnoseArgs,
+    resolved: &[resolve::Resolved],
+    d: &Deadlines,
+    kernel: &mut Option<KernelSession>,
+    progress: &mut Progress,
+) -> anyhow::Result<Probes> {
+    let jobs = plan(args, resolved, d.deadline);
     progress.phase(Phase::Connects, jobs.iter().map(jobs::Job::count).sum());
-    let (observed, finished) = run_jobs(&jobs, &mut kernel, &mut progress).await?;
+    let (observed, finished) = run_jobs(&jobs, kernel, progress).await?;
 
     // A configured deadline that cut connects short: how long does the handshake really take?
     let (patient_jobs, patient_of) =
-        if deadline_source == DeadlineSource::Configured && deadline < patient_deadline {
-            plan_patient(args, &jobs, &observed, patient_deadline)
+        if d.source == DeadlineSource::Configured && d.deadline < d.patient {
+            plan_patient(args, &jobs, &observed, d.patient)
         } else {
             (Vec::new(), vec![None; jobs.len()])
         };
@@ -194,7 +258,7 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             Phase::PatientConnects,
             patient_jobs.iter().map(jobs::Job::count).sum(),
         );
-        run_jobs(&patient_jobs, &mut kernel, &mut progress).await?
+        run_jobs(&patient_jobs, kernel, progress).await?
     };
     if let Some(k) = kernel.as_mut() {
         let cookies: Vec<u64> = observed
@@ -205,28 +269,43 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             .collect();
         k.settle(&cookies).await;
     }
-    progress.clear();
+    Ok(Probes {
+        jobs,
+        observed,
+        finished,
+        patient,
+        patient_finished,
+        patient_of,
+    })
+}
 
+/// One classified report per target, from its addresses' attempts joined with the kernel's
+/// records.
+fn reports(
+    args: &DiagnoseArgs,
+    resolved: Vec<resolve::Resolved>,
+    d: &Deadlines,
+    p: &Probes,
+    kernel: Option<&KernelSession>,
+    missing: Option<String>,
+) -> Vec<TargetReport> {
     let local_port_range = budget::local_port_range();
-    let events_lost = kernel.as_ref().map(KernelSession::events_lost);
+    let events_lost = kernel.map(KernelSession::events_lost);
     let mut reports = Vec::new();
     for (t, r) in resolved.into_iter().enumerate() {
         let mut addresses = Vec::new();
         let mut done = r.resolved;
-        for (j, job) in jobs.iter().enumerate().filter(|(_, j)| j.target == t) {
-            done = done.max(finished[j]);
-            let attempts = observed[j]
+        for (j, job) in p.jobs.iter().enumerate().filter(|(_, j)| j.target == t) {
+            done = done.max(p.finished[j]);
+            let attempts = p.observed[j]
                 .iter()
-                .map(|o| to_attempt(o, kernel.as_ref()))
+                .map(|o| to_attempt(o, kernel))
                 .collect();
             let mut a = AddressMeasurements::new(job.addr, attempts);
-            if let Some(p) = patient_of[j] {
-                done = done.max(patient_finished[p]);
-                a.patient_attempts = patient[p]
-                    .iter()
-                    .map(|o| to_attempt(o, kernel.as_ref()))
-                    .collect();
-                a.patient_deadline_ms = Some(patient_deadline.as_millis() as u64);
+            if let Some(q) = p.patient_of[j] {
+                done = done.max(p.patient_finished[q]);
+                a.patient_attempts = p.patient[q].iter().map(|o| to_attempt(o, kernel)).collect();
+                a.patient_deadline_ms = Some(d.patient.as_millis() as u64);
             }
             addresses.push(a);
         }
@@ -235,9 +314,9 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             kernel_signals_missing: missing.clone(),
             resolution: r.resolution,
             count: args.count,
-            connect_deadline_ms: deadline.as_millis() as u64,
-            connect_deadline_source: deadline_source,
-            syn_budget,
+            connect_deadline_ms: d.deadline.as_millis() as u64,
+            connect_deadline_source: d.source,
+            syn_budget: d.syn_budget,
             local_port_range,
             http_path: args.http.clone(),
             response_timeout_ms: args.http.is_some().then_some(args.response_timeout_ms),
@@ -255,9 +334,11 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
         }
         reports.push(report);
     }
-    // Detach and leave the cgroup before printing: nothing below opens a socket.
-    drop(kernel);
+    reports
+}
 
+/// The reports on stdout: one JSON line each, or the text ones a blank line apart.
+fn print(args: &DiagnoseArgs, reports: &[TargetReport]) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     for (i, r) in reports.iter().enumerate() {
         if args.json {
@@ -269,10 +350,5 @@ async fn diagnose(args: &DiagnoseArgs) -> anyhow::Result<ExitCode> {
             write!(out, "{}", r.to_text())?;
         }
     }
-    out.flush()?;
-    Ok(if reports.iter().all(TargetReport::healthy) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    out.flush()
 }
