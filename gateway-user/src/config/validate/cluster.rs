@@ -15,6 +15,43 @@ use crate::decide::{
     health, latency,
 };
 
+/// Where one cluster's keys are looked up: its own table first, then `[router.upstream]`.
+struct Layers<'a> {
+    own: &'a ClusterConfig,
+    key: &'a KeyPath,
+    base: &'a ClusterConfig,
+    base_key: &'a KeyPath,
+}
+
+/// One numeric setting of `$l` (a [`Layers`]): the value, range-checked by `$c` at the key it
+/// came from, and that key (`None`: the default).
+macro_rules! setting {
+    ($c:expr, $l:expr, $table:ident . $field:ident, $default:expr, $min:expr, $max:expr, $unit:expr) => {{
+        let (v, from) = inherit(
+            $l.own.$table.$field.map(|v| v as u64),
+            $l.key.key(stringify!($table)).key(stringify!($field)),
+            $l.base.$table.$field.map(|v| v as u64),
+            $l.base_key.key(stringify!($table)).key(stringify!($field)),
+            $default as u64,
+        );
+        if let Some(from) = &from {
+            $c.range(from, v, $min, $max, $unit);
+        }
+        (v, from)
+    }};
+}
+
+/// A setting that is not range-checked (a flag, an enum), from the first layer that has it.
+macro_rules! choice {
+    ($l:expr, $table:ident . $field:ident, $default:expr) => {
+        $l.own
+            .$table
+            .$field
+            .or($l.base.$table.$field)
+            .unwrap_or($default)
+    };
+}
+
 /// Resolves one cluster's settings against `[router.upstream]` and the defaults.
 pub(super) fn cluster(
     c: &mut Checker,
@@ -24,155 +61,15 @@ pub(super) fn cluster(
     base: &ClusterConfig,
     base_key: &KeyPath,
 ) -> ClusterSpec {
-    // One setting: the value, range-checked at the key it came from.
-    macro_rules! setting {
-        ($table:ident . $field:ident, $default:expr, $min:expr, $max:expr, $unit:expr) => {{
-            let (v, from) = inherit(
-                own.$table.$field.map(|v| v as u64),
-                key.key(stringify!($table)).key(stringify!($field)),
-                base.$table.$field.map(|v| v as u64),
-                base_key.key(stringify!($table)).key(stringify!($field)),
-                $default as u64,
-            );
-            if let Some(from) = &from {
-                c.range(from, v, $min, $max, $unit);
-            }
-            (v, from)
-        }};
-    }
-
-    let (connect_ms, connect_key) = setting!(
-        timeouts.connect_timeout_ms,
-        DEFAULT_CONNECT_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (response_ms, response_key) = setting!(
-        timeouts.response_timeout_ms,
-        DEFAULT_RESPONSE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (write_ms, _) = setting!(
-        timeouts.write_timeout_ms,
-        DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (request_ms, request_key) = setting!(
-        timeouts.request_timeout_ms,
-        DEFAULT_REQUEST_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (idle_ms, _) = setting!(
-        timeouts.idle_timeout_ms,
-        DEFAULT_IDLE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (tls_handshake_ms, _) = setting!(
-        timeouts.tls_handshake_timeout_ms,
-        DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (upgrade_idle_ms, _) = setting!(
-        timeouts.upgrade_idle_timeout_ms,
-        DEFAULT_UPGRADE_IDLE_TIMEOUT_MS,
-        1,
-        7 * DAY_MS,
-        " ms"
-    );
-    let (upgrade_max_ms, _) = setting!(
-        timeouts.upgrade_max_duration_ms,
-        DEFAULT_UPGRADE_MAX_DURATION_MS,
-        1,
-        30 * DAY_MS,
-        " ms"
-    );
-    if request_ms < connect_ms + response_ms {
-        let at = request_key
-            .or(connect_key)
-            .or(response_key)
-            .unwrap_or_else(|| key.clone());
-        c.warnings.push(At {
-            key: at,
-            what: Warning::CascadingTimeouts {
-                cluster: name.to_owned(),
-                request_ms,
-                connect_ms,
-                response_ms,
-            },
-        });
-    }
-
-    let (max_retries, _) = setting!(retry.max_retries, DEFAULT_MAX_RETRIES, 0, 10, "");
-    let (budget_percent, _) = setting!(
-        retry.budget_percent,
-        DEFAULT_RETRY_BUDGET_PERCENT,
-        0,
-        100,
-        " %"
-    );
-    let (min_retry_concurrency, _) = setting!(
-        retry.min_retry_concurrency,
-        DEFAULT_MIN_RETRY_CONCURRENCY,
-        0,
-        10_000,
-        ""
-    );
-    let on_response_timeout = own
-        .retry
-        .on_response_timeout
-        .or(base.retry.on_response_timeout)
-        .unwrap_or(DEFAULT_RETRY_ON_RESPONSE_TIMEOUT);
-    let on_reset = own
-        .retry
-        .on_reset
-        .or(base.retry.on_reset)
-        .unwrap_or(on_response_timeout);
-    let grpc_status_codes = match (&own.retry.grpc_status_codes, &base.retry.grpc_status_codes) {
-        (Some(list), _) => grpc_codes(c, list, &key.key("retry").key("grpc_status_codes")),
-        (None, Some(list)) => grpc_codes(c, list, &base_key.key("retry").key("grpc_status_codes")),
-        (None, None) => GrpcCodes::default(),
+    let l = Layers {
+        own,
+        key,
+        base,
+        base_key,
     };
-
-    let (max_connections, _) = setting!(
-        limits.max_connections,
-        DEFAULT_MAX_CONNECTIONS,
-        1,
-        1_000_000,
-        ""
-    );
-    let (max_pending_requests, _) = setting!(
-        limits.max_pending_requests,
-        DEFAULT_MAX_PENDING_REQUESTS,
-        0,
-        1_000_000,
-        ""
-    );
-    let (max_idle_per_endpoint, _) = setting!(
-        limits.max_idle_per_endpoint,
-        DEFAULT_MAX_IDLE_PER_ENDPOINT,
-        0,
-        100_000,
-        ""
-    );
-
-    let (max_concurrent_streams, _) = setting!(
-        limits.max_concurrent_streams,
-        DEFAULT_MAX_CONCURRENT_STREAMS,
-        1,
-        1_000_000,
-        ""
-    );
+    let timeouts = timeouts(c, name, &l);
+    let retry = retry(c, &l);
+    let limits = limits(c, &l);
     let (protocol, _) = inherit(
         own.protocol,
         key.key("protocol"),
@@ -180,130 +77,8 @@ pub(super) fn cluster(
         base_key.key("protocol"),
         DEFAULT_PROTOCOL,
     );
-
-    let (ejection_ms, _) = setting!(
-        health.ejection_ms,
-        health::DEFAULT_BASE_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (max_ejected_percent, _) = setting!(
-        health.max_ejected_percent,
-        health::DEFAULT_MAX_EJECTED_PERCENT,
-        0,
-        100,
-        " %"
-    );
-    let (max_ejection_ms, _) = setting!(
-        health.max_ejection_ms,
-        health::DEFAULT_MAX_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (probe_interval_ms, _) = setting!(
-        health.probe_interval_ms,
-        health::DEFAULT_PROBE_INTERVAL.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    let (rise, _) = setting!(health.rise, health::DEFAULT_RISE, 1, 100, "");
-    let (syn_unanswered, _) = setting!(
-        health.syn_unanswered_to_eject,
-        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
-        1,
-        100,
-        ""
-    );
-    let (slow_handshakes, _) = setting!(
-        health.slow_handshakes_to_suspect,
-        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
-        1,
-        1000,
-        ""
-    );
-    let (response_timeouts, _) = setting!(
-        health.response_timeouts_to_eject,
-        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
-        0,
-        1000,
-        ""
-    );
-    let (tls_failures, _) = setting!(
-        health.tls_failures_to_eject,
-        health::DEFAULT_TLS_FAILURES_TO_EJECT,
-        0,
-        1000,
-        ""
-    );
-    let (probe_expect_status, _) = setting!(
-        health.probe_expect_status,
-        DEFAULT_PROBE_EXPECT_STATUS,
-        100,
-        599,
-        ""
-    );
-    let probe_path = own
-        .health
-        .probe_path
-        .clone()
-        .or_else(|| base.health.probe_path.clone());
-    let (floor_ms, _) = setting!(
-        timeouts.connect_deadline_floor_ms,
-        deadline::DEFAULT_FLOOR.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let adaptive = own
-        .timeouts
-        .adaptive_connect_deadline
-        .or(base.timeouts.adaptive_connect_deadline)
-        .unwrap_or(DEFAULT_ADAPTIVE_CONNECT_DEADLINE);
-    let hedge = own
-        .retry
-        .hedge
-        .or(base.retry.hedge)
-        .unwrap_or(DEFAULT_HEDGE);
-    let (hedge_budget_percent, _) = setting!(
-        retry.hedge_budget_percent,
-        DEFAULT_HEDGE_BUDGET_PERCENT,
-        0,
-        100,
-        " %"
-    );
-
-    let (decay_ms, _) = setting!(
-        latency.decay_ms,
-        latency::DEFAULT_DECAY.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    let (slow_factor, _) = setting!(
-        latency.slow_factor,
-        latency::DEFAULT_SLOW_FACTOR,
-        2,
-        1000,
-        ""
-    );
-    let (slow_margin_ms, _) = setting!(
-        latency.slow_margin_ms,
-        latency::DEFAULT_SLOW_MARGIN.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (slow_trickle_ms, _) = setting!(
-        latency.slow_trickle_ms,
-        latency::DEFAULT_TRICKLE_INTERVAL.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-
+    let health = health(c, &l);
+    let latency = latency(c, &l);
     let (dns_refresh_ms, from) = inherit(
         own.dns_refresh_ms,
         key.key("dns_refresh_ms"),
@@ -321,90 +96,427 @@ pub(super) fn cluster(
         base_key.key("lb_policy"),
         DEFAULT_LB_POLICY,
     );
-
-    let mut endpoints = Vec::new();
-    if let Some(list) = &own.endpoints {
-        let list_key = key.key("endpoints");
-        if list.is_empty() {
-            c.fail(list_key.clone(), Invalid::EmptyEndpoints);
-        }
-        for (i, e) in list.iter().enumerate() {
-            let ek = list_key.index(i);
-            let weight = e.weight.unwrap_or(DEFAULT_WEIGHT);
-            if e.weight.is_some() {
-                c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
-            }
-            match parse_endpoint(&e.address) {
-                Ok(address) => endpoints.push(EndpointSpec { address, weight }),
-                Err(reason) => c.fail(
-                    ek,
-                    Invalid::InvalidEndpoint {
-                        value: e.address.clone(),
-                        reason,
-                    },
-                ),
-            }
-        }
-    }
-
     ClusterSpec {
         name: name.to_owned(),
-        endpoints,
+        endpoints: endpoints(c, own, key),
         lb_policy,
         dns_refresh: ms(dns_refresh_ms),
-        timeouts: Timeouts {
-            connect: ms(connect_ms),
-            response: ms(response_ms),
-            write: ms(write_ms),
-            request: ms(request_ms),
-            idle: ms(idle_ms),
-            connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
-            tls_handshake: ms(tls_handshake_ms),
-            upgrade_idle: ms(upgrade_idle_ms),
-            upgrade_max_duration: ms(upgrade_max_ms),
-        },
-        retry: RetryPolicy {
-            hedge,
-            hedge_budget_percent: hedge_budget_percent as u32,
-            max_retries: max_retries as u32,
-            on_response_timeout,
-            on_reset,
-            budget_percent: budget_percent as u32,
-            min_retry_concurrency: min_retry_concurrency as u32,
-            grpc_status_codes,
-        },
-        limits: Limits {
-            max_connections: max_connections as usize,
-            max_pending_requests: max_pending_requests as usize,
-            max_idle_per_endpoint: max_idle_per_endpoint as usize,
-            max_concurrent_streams: max_concurrent_streams as usize,
-        },
-        health: HealthPolicy {
-            machine: crate::decide::health::HealthPolicy {
-                base_ejection: ms(ejection_ms),
-                max_ejection: ms(max_ejection_ms.max(ejection_ms)),
-                probe_interval: ms(probe_interval_ms),
-                rise: rise as u32,
-                max_ejected_percent: max_ejected_percent as u32,
-                syn_unanswered_to_eject: syn_unanswered as u32,
-                slow_handshakes_to_suspect: slow_handshakes as u32,
-                response_timeouts_to_eject: response_timeouts as u32,
-                tls_failures_to_eject: tls_failures as u32,
-            },
-            probe_path,
-            probe_expect_status: probe_expect_status as u16,
-        },
-        latency: latency::LatencyPolicy {
-            decay: ms(decay_ms),
-            slow_factor: slow_factor as u32,
-            slow_margin: ms(slow_margin_ms),
-            trickle_interval: ms(slow_trickle_ms),
-        },
+        timeouts,
+        retry,
+        limits,
+        health,
+        latency,
         // Loaded by `validate::tls`, which reads the files.
         tls: None,
         // Checked against the TLS setting by `protocol`, once TLS is known.
         protocol,
     }
+}
+
+/// `timeouts.*`, with a warning when the request timeout cannot cover a connect and a
+/// response.
+fn timeouts(c: &mut Checker, name: &str, l: &Layers) -> Timeouts {
+    let (connect_ms, connect_key) = setting!(
+        c,
+        l,
+        timeouts.connect_timeout_ms,
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (response_ms, response_key) = setting!(
+        c,
+        l,
+        timeouts.response_timeout_ms,
+        DEFAULT_RESPONSE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (write_ms, _) = setting!(
+        c,
+        l,
+        timeouts.write_timeout_ms,
+        DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (request_ms, request_key) = setting!(
+        c,
+        l,
+        timeouts.request_timeout_ms,
+        DEFAULT_REQUEST_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (idle_ms, _) = setting!(
+        c,
+        l,
+        timeouts.idle_timeout_ms,
+        DEFAULT_IDLE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (tls_handshake_ms, _) = setting!(
+        c,
+        l,
+        timeouts.tls_handshake_timeout_ms,
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (upgrade_idle_ms, _) = setting!(
+        c,
+        l,
+        timeouts.upgrade_idle_timeout_ms,
+        DEFAULT_UPGRADE_IDLE_TIMEOUT_MS,
+        1,
+        7 * DAY_MS,
+        " ms"
+    );
+    let (upgrade_max_ms, _) = setting!(
+        c,
+        l,
+        timeouts.upgrade_max_duration_ms,
+        DEFAULT_UPGRADE_MAX_DURATION_MS,
+        1,
+        30 * DAY_MS,
+        " ms"
+    );
+    if request_ms < connect_ms + response_ms {
+        let at = request_key
+            .or(connect_key)
+            .or(response_key)
+            .unwrap_or_else(|| l.key.clone());
+        c.warnings.push(At {
+            key: at,
+            what: Warning::CascadingTimeouts {
+                cluster: name.to_owned(),
+                request_ms,
+                connect_ms,
+                response_ms,
+            },
+        });
+    }
+    let (floor_ms, _) = setting!(
+        c,
+        l,
+        timeouts.connect_deadline_floor_ms,
+        deadline::DEFAULT_FLOOR.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let adaptive = choice!(
+        l,
+        timeouts.adaptive_connect_deadline,
+        DEFAULT_ADAPTIVE_CONNECT_DEADLINE
+    );
+    Timeouts {
+        connect: ms(connect_ms),
+        response: ms(response_ms),
+        write: ms(write_ms),
+        request: ms(request_ms),
+        idle: ms(idle_ms),
+        connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
+        tls_handshake: ms(tls_handshake_ms),
+        upgrade_idle: ms(upgrade_idle_ms),
+        upgrade_max_duration: ms(upgrade_max_ms),
+    }
+}
+
+/// `retry.*`: retries, their budget, what is retried, and hedging.
+fn retry(c: &mut Checker, l: &Layers) -> RetryPolicy {
+    let (max_retries, _) = setting!(c, l, retry.max_retries, DEFAULT_MAX_RETRIES, 0, 10, "");
+    let (budget_percent, _) = setting!(
+        c,
+        l,
+        retry.budget_percent,
+        DEFAULT_RETRY_BUDGET_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    let (min_retry_concurrency, _) = setting!(
+        c,
+        l,
+        retry.min_retry_concurrency,
+        DEFAULT_MIN_RETRY_CONCURRENCY,
+        0,
+        10_000,
+        ""
+    );
+    let on_response_timeout = choice!(
+        l,
+        retry.on_response_timeout,
+        DEFAULT_RETRY_ON_RESPONSE_TIMEOUT
+    );
+    let on_reset = choice!(l, retry.on_reset, on_response_timeout);
+    let grpc_status_codes = match (
+        &l.own.retry.grpc_status_codes,
+        &l.base.retry.grpc_status_codes,
+    ) {
+        (Some(list), _) => grpc_codes(c, list, &l.key.key("retry").key("grpc_status_codes")),
+        (None, Some(list)) => {
+            grpc_codes(c, list, &l.base_key.key("retry").key("grpc_status_codes"))
+        }
+        (None, None) => GrpcCodes::default(),
+    };
+    let hedge = choice!(l, retry.hedge, DEFAULT_HEDGE);
+    let (hedge_budget_percent, _) = setting!(
+        c,
+        l,
+        retry.hedge_budget_percent,
+        DEFAULT_HEDGE_BUDGET_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    RetryPolicy {
+        hedge,
+        hedge_budget_percent: hedge_budget_percent as u32,
+        max_retries: max_retries as u32,
+        on_response_timeout,
+        on_reset,
+        budget_percent: budget_percent as u32,
+        min_retry_concurrency: min_retry_concurrency as u32,
+        grpc_status_codes,
+    }
+}
+
+/// `limits.*`: connections, pending requests, the idle pool, HTTP/2 streams.
+fn limits(c: &mut Checker, l: &Layers) -> Limits {
+    let (max_connections, _) = setting!(
+        c,
+        l,
+        limits.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        1,
+        1_000_000,
+        ""
+    );
+    let (max_pending_requests, _) = setting!(
+        c,
+        l,
+        limits.max_pending_requests,
+        DEFAULT_MAX_PENDING_REQUESTS,
+        0,
+        1_000_000,
+        ""
+    );
+    let (max_idle_per_endpoint, _) = setting!(
+        c,
+        l,
+        limits.max_idle_per_endpoint,
+        DEFAULT_MAX_IDLE_PER_ENDPOINT,
+        0,
+        100_000,
+        ""
+    );
+    let (max_concurrent_streams, _) = setting!(
+        c,
+        l,
+        limits.max_concurrent_streams,
+        DEFAULT_MAX_CONCURRENT_STREAMS,
+        1,
+        1_000_000,
+        ""
+    );
+    Limits {
+        max_connections: max_connections as usize,
+        max_pending_requests: max_pending_requests as usize,
+        max_idle_per_endpoint: max_idle_per_endpoint as usize,
+        max_concurrent_streams: max_concurrent_streams as usize,
+    }
+}
+
+/// `health.*`: the health machine's thresholds and ejection times, and the probe.
+fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
+    let (ejection_ms, _) = setting!(
+        c,
+        l,
+        health.ejection_ms,
+        health::DEFAULT_BASE_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (max_ejected_percent, _) = setting!(
+        c,
+        l,
+        health.max_ejected_percent,
+        health::DEFAULT_MAX_EJECTED_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    let (max_ejection_ms, _) = setting!(
+        c,
+        l,
+        health.max_ejection_ms,
+        health::DEFAULT_MAX_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (probe_interval_ms, _) = setting!(
+        c,
+        l,
+        health.probe_interval_ms,
+        health::DEFAULT_PROBE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (rise, _) = setting!(c, l, health.rise, health::DEFAULT_RISE, 1, 100, "");
+    let (syn_unanswered, _) = setting!(
+        c,
+        l,
+        health.syn_unanswered_to_eject,
+        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
+        1,
+        100,
+        ""
+    );
+    let (slow_handshakes, _) = setting!(
+        c,
+        l,
+        health.slow_handshakes_to_suspect,
+        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
+        1,
+        1000,
+        ""
+    );
+    let (response_timeouts, _) = setting!(
+        c,
+        l,
+        health.response_timeouts_to_eject,
+        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (tls_failures, _) = setting!(
+        c,
+        l,
+        health.tls_failures_to_eject,
+        health::DEFAULT_TLS_FAILURES_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (probe_expect_status, _) = setting!(
+        c,
+        l,
+        health.probe_expect_status,
+        DEFAULT_PROBE_EXPECT_STATUS,
+        100,
+        599,
+        ""
+    );
+    let probe_path = l
+        .own
+        .health
+        .probe_path
+        .clone()
+        .or_else(|| l.base.health.probe_path.clone());
+    HealthPolicy {
+        machine: crate::decide::health::HealthPolicy {
+            base_ejection: ms(ejection_ms),
+            max_ejection: ms(max_ejection_ms.max(ejection_ms)),
+            probe_interval: ms(probe_interval_ms),
+            rise: rise as u32,
+            max_ejected_percent: max_ejected_percent as u32,
+            syn_unanswered_to_eject: syn_unanswered as u32,
+            slow_handshakes_to_suspect: slow_handshakes as u32,
+            response_timeouts_to_eject: response_timeouts as u32,
+            tls_failures_to_eject: tls_failures as u32,
+        },
+        probe_path,
+        probe_expect_status: probe_expect_status as u16,
+    }
+}
+
+/// `latency.*`: how latency is tracked and when an endpoint counts as slow.
+fn latency(c: &mut Checker, l: &Layers) -> latency::LatencyPolicy {
+    let (decay_ms, _) = setting!(
+        c,
+        l,
+        latency.decay_ms,
+        latency::DEFAULT_DECAY.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_factor, _) = setting!(
+        c,
+        l,
+        latency.slow_factor,
+        latency::DEFAULT_SLOW_FACTOR,
+        2,
+        1000,
+        ""
+    );
+    let (slow_margin_ms, _) = setting!(
+        c,
+        l,
+        latency.slow_margin_ms,
+        latency::DEFAULT_SLOW_MARGIN.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_trickle_ms, _) = setting!(
+        c,
+        l,
+        latency.slow_trickle_ms,
+        latency::DEFAULT_TRICKLE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    latency::LatencyPolicy {
+        decay: ms(decay_ms),
+        slow_factor: slow_factor as u32,
+        slow_margin: ms(slow_margin_ms),
+        trickle_interval: ms(slow_trickle_ms),
+    }
+}
+
+/// The cluster's own `endpoints` (never inherited), each address parsed and weight checked at
+/// its index.
+fn endpoints(c: &mut Checker, own: &ClusterConfig, key: &KeyPath) -> Vec<EndpointSpec> {
+    let mut endpoints = Vec::new();
+    let Some(list) = &own.endpoints else {
+        return endpoints;
+    };
+    let list_key = key.key("endpoints");
+    if list.is_empty() {
+        c.fail(list_key.clone(), Invalid::EmptyEndpoints);
+    }
+    for (i, e) in list.iter().enumerate() {
+        let ek = list_key.index(i);
+        let weight = e.weight.unwrap_or(DEFAULT_WEIGHT);
+        if e.weight.is_some() {
+            c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
+        }
+        match parse_endpoint(&e.address) {
+            Ok(address) => endpoints.push(EndpointSpec { address, weight }),
+            Err(reason) => c.fail(
+                ek,
+                Invalid::InvalidEndpoint {
+                    value: e.address.clone(),
+                    reason,
+                },
+            ),
+        }
+    }
+    endpoints
 }
 
 /// gRPC status names (`retry.grpc_status_codes`), each refused at its own index when unknown.
