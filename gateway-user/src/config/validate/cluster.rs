@@ -1,7 +1,7 @@
 //! One cluster's settings: each key looked up in the cluster's own table, then in
-//! `[router.upstream]`, then the default (the health machine's defaults are
-//! `crate::decide::health`'s, the latency policy's `crate::decide::latency`'s, the deadline floor `crate::decide::deadline`'s), range-checked at
-//! the key it came from, and assembled into a [`ClusterSpec`].
+//! `[router.upstream]`, then the default (the deadline floor's is `crate::decide::deadline`'s;
+//! the health and latency tables, whose defaults are `decide/`'s, are resolved in [`policy`]),
+//! range-checked at the key it came from, and assembled into a [`ClusterSpec`].
 
 use super::{
     super::{model::*, settings::*, source::KeyPath},
@@ -12,7 +12,6 @@ use super::{
 use crate::decide::{
     deadline,
     grpc::{GrpcCode, GrpcCodes},
-    health, latency,
 };
 
 /// Where one cluster's keys are looked up: its own table first, then `[router.upstream]`.
@@ -52,6 +51,8 @@ macro_rules! choice {
     };
 }
 
+mod policy;
+
 /// Resolves one cluster's settings against `[router.upstream]` and the defaults.
 pub(super) fn cluster(
     c: &mut Checker,
@@ -77,8 +78,8 @@ pub(super) fn cluster(
         base_key.key("protocol"),
         DEFAULT_PROTOCOL,
     );
-    let health = health(c, &l);
-    let latency = latency(c, &l);
+    let health = policy::health(c, &l);
+    let latency = policy::latency(c, &l);
     let (dns_refresh_ms, from) = inherit(
         own.dns_refresh_ms,
         key.key("dns_refresh_ms"),
@@ -332,159 +333,6 @@ fn limits(c: &mut Checker, l: &Layers) -> Limits {
         max_pending_requests: max_pending_requests as usize,
         max_idle_per_endpoint: max_idle_per_endpoint as usize,
         max_concurrent_streams: max_concurrent_streams as usize,
-    }
-}
-
-/// `health.*`: the health machine's thresholds and ejection times, and the probe.
-fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
-    let (ejection_ms, _) = setting!(
-        c,
-        l,
-        health.ejection_ms,
-        health::DEFAULT_BASE_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (max_ejected_percent, _) = setting!(
-        c,
-        l,
-        health.max_ejected_percent,
-        health::DEFAULT_MAX_EJECTED_PERCENT,
-        0,
-        100,
-        " %"
-    );
-    let (max_ejection_ms, _) = setting!(
-        c,
-        l,
-        health.max_ejection_ms,
-        health::DEFAULT_MAX_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (probe_interval_ms, _) = setting!(
-        c,
-        l,
-        health.probe_interval_ms,
-        health::DEFAULT_PROBE_INTERVAL.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    let (rise, _) = setting!(c, l, health.rise, health::DEFAULT_RISE, 1, 100, "");
-    let (syn_unanswered, _) = setting!(
-        c,
-        l,
-        health.syn_unanswered_to_eject,
-        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
-        1,
-        100,
-        ""
-    );
-    let (slow_handshakes, _) = setting!(
-        c,
-        l,
-        health.slow_handshakes_to_suspect,
-        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
-        1,
-        1000,
-        ""
-    );
-    let (response_timeouts, _) = setting!(
-        c,
-        l,
-        health.response_timeouts_to_eject,
-        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
-        0,
-        1000,
-        ""
-    );
-    let (tls_failures, _) = setting!(
-        c,
-        l,
-        health.tls_failures_to_eject,
-        health::DEFAULT_TLS_FAILURES_TO_EJECT,
-        0,
-        1000,
-        ""
-    );
-    let (probe_expect_status, _) = setting!(
-        c,
-        l,
-        health.probe_expect_status,
-        DEFAULT_PROBE_EXPECT_STATUS,
-        100,
-        599,
-        ""
-    );
-    let probe_path = l
-        .own
-        .health
-        .probe_path
-        .clone()
-        .or_else(|| l.base.health.probe_path.clone());
-    HealthPolicy {
-        machine: crate::decide::health::HealthPolicy {
-            base_ejection: ms(ejection_ms),
-            max_ejection: ms(max_ejection_ms.max(ejection_ms)),
-            probe_interval: ms(probe_interval_ms),
-            rise: rise as u32,
-            max_ejected_percent: max_ejected_percent as u32,
-            syn_unanswered_to_eject: syn_unanswered as u32,
-            slow_handshakes_to_suspect: slow_handshakes as u32,
-            response_timeouts_to_eject: response_timeouts as u32,
-            tls_failures_to_eject: tls_failures as u32,
-        },
-        probe_path,
-        probe_expect_status: probe_expect_status as u16,
-    }
-}
-
-/// `latency.*`: how latency is tracked and when an endpoint counts as slow.
-fn latency(c: &mut Checker, l: &Layers) -> latency::LatencyPolicy {
-    let (decay_ms, _) = setting!(
-        c,
-        l,
-        latency.decay_ms,
-        latency::DEFAULT_DECAY.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    let (slow_factor, _) = setting!(
-        c,
-        l,
-        latency.slow_factor,
-        latency::DEFAULT_SLOW_FACTOR,
-        2,
-        1000,
-        ""
-    );
-    let (slow_margin_ms, _) = setting!(
-        c,
-        l,
-        latency.slow_margin_ms,
-        latency::DEFAULT_SLOW_MARGIN.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (slow_trickle_ms, _) = setting!(
-        c,
-        l,
-        latency.slow_trickle_ms,
-        latency::DEFAULT_TRICKLE_INTERVAL.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    latency::LatencyPolicy {
-        decay: ms(decay_ms),
-        slow_factor: slow_factor as u32,
-        slow_margin: ms(slow_margin_ms),
-        trickle_interval: ms(slow_trickle_ms),
     }
 }
 

@@ -1,0 +1,165 @@
+//! A cluster's two policies that feed `decide/`: the health machine (`health.*`, defaults
+//! from `crate::decide::health`) and the latency tracking (`latency.*`, defaults from
+//! `crate::decide::latency`), resolved over the cluster's [`Layers`] like its other tables.
+
+use super::{
+    super::{
+        super::{model::*, settings::*},
+        Checker, DAY_MS,
+    },
+    Layers, inherit, ms,
+};
+use crate::decide::{health, latency};
+
+/// `health.*`: the health machine's thresholds and ejection times, and the probe.
+pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
+    let (ejection_ms, _) = setting!(
+        c,
+        l,
+        health.ejection_ms,
+        health::DEFAULT_BASE_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (max_ejected_percent, _) = setting!(
+        c,
+        l,
+        health.max_ejected_percent,
+        health::DEFAULT_MAX_EJECTED_PERCENT,
+        0,
+        100,
+        " %"
+    );
+    let (max_ejection_ms, _) = setting!(
+        c,
+        l,
+        health.max_ejection_ms,
+        health::DEFAULT_MAX_EJECTION.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (probe_interval_ms, _) = setting!(
+        c,
+        l,
+        health.probe_interval_ms,
+        health::DEFAULT_PROBE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (rise, _) = setting!(c, l, health.rise, health::DEFAULT_RISE, 1, 100, "");
+    let (syn_unanswered, _) = setting!(
+        c,
+        l,
+        health.syn_unanswered_to_eject,
+        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
+        1,
+        100,
+        ""
+    );
+    let (slow_handshakes, _) = setting!(
+        c,
+        l,
+        health.slow_handshakes_to_suspect,
+        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
+        1,
+        1000,
+        ""
+    );
+    let (response_timeouts, _) = setting!(
+        c,
+        l,
+        health.response_timeouts_to_eject,
+        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (tls_failures, _) = setting!(
+        c,
+        l,
+        health.tls_failures_to_eject,
+        health::DEFAULT_TLS_FAILURES_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
+    let (probe_expect_status, _) = setting!(
+        c,
+        l,
+        health.probe_expect_status,
+        DEFAULT_PROBE_EXPECT_STATUS,
+        100,
+        599,
+        ""
+    );
+    let probe_path = l
+        .own
+        .health
+        .probe_path
+        .clone()
+        .or_else(|| l.base.health.probe_path.clone());
+    HealthPolicy {
+        machine: crate::decide::health::HealthPolicy {
+            base_ejection: ms(ejection_ms),
+            max_ejection: ms(max_ejection_ms.max(ejection_ms)),
+            probe_interval: ms(probe_interval_ms),
+            rise: rise as u32,
+            max_ejected_percent: max_ejected_percent as u32,
+            syn_unanswered_to_eject: syn_unanswered as u32,
+            slow_handshakes_to_suspect: slow_handshakes as u32,
+            response_timeouts_to_eject: response_timeouts as u32,
+            tls_failures_to_eject: tls_failures as u32,
+        },
+        probe_path,
+        probe_expect_status: probe_expect_status as u16,
+    }
+}
+
+/// `latency.*`: how latency is tracked and when an endpoint counts as slow.
+pub(super) fn latency(c: &mut Checker, l: &Layers) -> latency::LatencyPolicy {
+    let (decay_ms, _) = setting!(
+        c,
+        l,
+        latency.decay_ms,
+        latency::DEFAULT_DECAY.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_factor, _) = setting!(
+        c,
+        l,
+        latency.slow_factor,
+        latency::DEFAULT_SLOW_FACTOR,
+        2,
+        1000,
+        ""
+    );
+    let (slow_margin_ms, _) = setting!(
+        c,
+        l,
+        latency.slow_margin_ms,
+        latency::DEFAULT_SLOW_MARGIN.as_millis(),
+        1,
+        DAY_MS,
+        " ms"
+    );
+    let (slow_trickle_ms, _) = setting!(
+        c,
+        l,
+        latency.slow_trickle_ms,
+        latency::DEFAULT_TRICKLE_INTERVAL.as_millis(),
+        10,
+        DAY_MS,
+        " ms"
+    );
+    latency::LatencyPolicy {
+        decay: ms(decay_ms),
+        slow_factor: slow_factor as u32,
+        slow_margin: ms(slow_margin_ms),
+        trickle_interval: ms(slow_trickle_ms),
+    }
+}
