@@ -36,14 +36,21 @@ fn is_test_file(path: &Path) -> bool {
     name == "tests" || name.ends_with("_tests")
 }
 
-/// The file's lines before its `#[cfg(test)]` module.
+/// The file's lines before its `#[cfg(test)]` module: the first `#[cfg(test)]` line followed
+/// by a `mod` (a `#[cfg(test)]` on an import or a function does not end the product code).
 fn product_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-        .lines()
-        .take_while(|l| !l.starts_with("#[cfg(test)]"))
-        .map(str::to_owned)
-        .collect()
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    let end = (0..lines.len())
+        .find(|&i| {
+            lines[i].starts_with("#[cfg(test)]")
+                && lines.get(i + 1).is_some_and(|next| {
+                    next.starts_with("mod ") || next.starts_with("pub(crate) mod ")
+                })
+        })
+        .unwrap_or(lines.len());
+    lines[..end].iter().map(|l| (*l).to_owned()).collect()
 }
 
 fn product_files(dir: &Path) -> Vec<PathBuf> {

@@ -1,0 +1,176 @@
+//! The vocabulary of `validate`: why a value was refused ([`Invalid`], each variant saying
+//! what is allowed), what is legal but probably a mistake ([`Warning`]), and the key each is
+//! about ([`At`]).
+
+use std::net::SocketAddr;
+
+use thiserror::Error;
+
+use super::super::source::KeyPath;
+use crate::decide::health;
+
+/// Why a value was refused. Each variant says what is allowed.
+#[derive(Clone, Debug, Error, PartialEq)]
+pub enum Invalid {
+    #[error(
+        "no listener: set `[router] listener_port = 8080` or `listen = [\"127.0.0.1:8080\"]` (or `https_port` for HTTPS)"
+    )]
+    NoListener,
+    #[error("{0}")]
+    Tls(crate::tls::TlsProblem),
+    #[error(
+        "https_enabled = true needs a certificate: set `[router.tls] cert_file` and `key_file` (PEM), or list `[[router.tls.certificates]]`"
+    )]
+    HttpsWithoutCertificate,
+    #[error(
+        "HTTPS is on but has no address: set `[router] https_port = 8443` or `https_listen = [\"0.0.0.0:8443\"]`"
+    )]
+    NoHttpsListener,
+    #[error("`{what}` needs `{needs}` in the same table")]
+    Incomplete {
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("ALPN protocol {value:?} is not offered here; allowed: {allowed}")]
+    InvalidAlpn {
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("`server_names` is empty; list the SNI names this certificate is for")]
+    EmptyServerNames,
+    #[error("server_name {value:?} is neither a DNS name nor an IP address")]
+    InvalidServerName { value: String },
+    #[error("listen address {addr} appears twice")]
+    DuplicateListen { addr: SocketAddr },
+    #[error(
+        "no upstream: set `[router.upstream] endpoints = [\"10.0.0.5:8080\"]` or define `[clusters.NAME]`"
+    )]
+    NoCluster,
+    #[error(
+        "no routes: add `[[routes]]` entries, or set `[router.upstream] endpoints` to send every request there"
+    )]
+    NoRoutes,
+    #[error(
+        "cluster `default` is defined both by `[router.upstream] endpoints` and `[clusters.default]`; keep one"
+    )]
+    DuplicateDefault,
+    #[error("unknown cluster `{name}`; defined clusters: {known}")]
+    UnknownCluster { name: String, known: String },
+    #[error("a cluster needs `endpoints`, e.g. endpoints = [\"10.0.0.5:8080\"]")]
+    MissingEndpoints,
+    #[error("`endpoints` is empty; list at least one \"ip:port\" or \"host:port\"")]
+    EmptyEndpoints,
+    #[error(
+        "invalid endpoint {value:?}: {reason}; expected \"ip:port\", \"[ipv6]:port\" or \"host:port\""
+    )]
+    InvalidEndpoint { value: String, reason: &'static str },
+    #[error("{value} is out of range: allowed {min}..={max}{unit}")]
+    OutOfRange {
+        value: u64,
+        min: u64,
+        max: u64,
+        unit: &'static str,
+    },
+    #[error("path_prefix {value:?} must start with '/'")]
+    InvalidPathPrefix { value: String },
+    #[error("host {value:?}: {reason}; expected e.g. \"api.example.com\" or \"*.example.com\"")]
+    InvalidHost { value: String, reason: &'static str },
+    #[error("admin address {addr} is not loopback; set `[admin] allow_remote = true` to expose it")]
+    AdminNotLoopback { addr: SocketAddr },
+    #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
+    EmptyLogOutput,
+    #[error("log level {value:?}: {reason}")]
+    LogLevel {
+        value: String,
+        reason: crate::logging::LevelError,
+    },
+    #[error(
+        "observer cgroup {value:?}: {reason}; use a name such as \"gateway-{{pid}}\" (a child of the gateway's own cgroup), \".\" (the own cgroup itself) or an absolute cgroup v2 path"
+    )]
+    InvalidObserverCgroup { value: String, reason: &'static str },
+    #[error(
+        "`consecutive_failures` was removed: endpoints are ejected on the kernel's evidence, not \
+         on a count of failures. An RST or an ICMP unreachable ejects at once; for the rest use \
+         `syn_unanswered_to_eject` (SYNs unanswered by the connect deadline, default {}), \
+         `response_timeouts_to_eject` (response timeouts with the request ACKed, default {}; 0 \
+         disables) and `slow_handshakes_to_suspect` (handshakes that needed SYN retransmits, \
+         default {}); delete this line",
+        health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
+        health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
+        health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT
+    )]
+    ConsecutiveFailuresRemoved,
+    #[error(
+        "cluster `{cluster}`: protocol = \"h2\" is HTTP/2 over TLS, chosen by ALPN; add a `tls` table, or use \"h2c\" for HTTP/2 over plain TCP"
+    )]
+    ProtocolNeedsTls { cluster: String },
+    #[error(
+        "cluster `{cluster}`: protocol = \"h2c\" is HTTP/2 over plain TCP, but the cluster has TLS; use \"h2\" (or \"auto\") over TLS"
+    )]
+    H2cWithTls { cluster: String },
+    #[error(
+        "unknown gRPC status {value:?}; use the names of gRPC's status codes, e.g. \"UNAVAILABLE\", \"RESOURCE_EXHAUSTED\", \"DEADLINE_EXCEEDED\""
+    )]
+    UnknownGrpcStatus { value: String },
+    #[error(
+        "`methods` is empty; list methods such as [\"GET\", \"POST\"], or remove the key to match any"
+    )]
+    EmptyMethods,
+    #[error("{value:?} is not an HTTP method (a token such as \"GET\" or \"PURGE\")")]
+    InvalidMethod { value: String },
+    #[error("{value:?} is not a valid header name (lowercase letters, digits and -!#$%&'*+.^_`|~)")]
+    InvalidHeaderName { value: String },
+    #[error("{value:?} is not a valid header value (visible ASCII, spaces and tabs)")]
+    InvalidHeaderValue { value: String },
+    #[error("a header condition needs exactly one of `value = \"...\"` or `present = true|false`")]
+    HeaderMatchNeedsOne,
+    #[error("rewrite_prefix {value:?} must be a path without a query, e.g. \"/v2/\"")]
+    InvalidRewrite { value: String },
+    #[error(
+        "header `{name}` cannot be rewritten by a route: it describes the connection or is the gateway's own"
+    )]
+    HeaderNotRewritable { name: String },
+}
+
+/// A legal setting that is probably a mistake.
+#[derive(Clone, Debug, Error, PartialEq)]
+pub enum Warning {
+    #[error("certificate {path} expires at {not_after}, in {days} day(s); renew it")]
+    CertificateExpiresSoon {
+        path: String,
+        not_after: String,
+        days: i64,
+    },
+    #[error(
+        "cluster `{cluster}`: insecure_skip_verify = true: the upstream's certificate is NOT verified; anyone on the path can impersonate it"
+    )]
+    InsecureSkipVerify { cluster: String },
+    #[error("`{what}` is set but `https_enabled = false`: there is no HTTPS listener")]
+    HttpsOff { what: &'static str },
+    #[error(
+        "cluster `{cluster}`: request_timeout_ms ({request_ms}) is shorter than connect_timeout_ms ({connect_ms}) + response_timeout_ms ({response_ms}); a slow attempt ends as `request_timeout` before its own timeout can say what happened, and leaves no time to retry"
+    )]
+    CascadingTimeouts {
+        cluster: String,
+        request_ms: u64,
+        connect_ms: u64,
+        response_ms: u64,
+    },
+    #[error("cluster `{cluster}` is not used by any route")]
+    UnusedCluster { cluster: String },
+    #[error(
+        "shutdown_grace_ms ({grace_ms}) is shorter than cluster `{cluster}`'s request_timeout_ms ({request_ms}); a drain may cut in-flight requests off"
+    )]
+    GraceShorterThanRequest {
+        cluster: String,
+        grace_ms: u64,
+        request_ms: u64,
+    },
+}
+
+/// A problem or warning and the key it is about (the most specific key written in the file).
+#[derive(Clone, Debug, PartialEq)]
+pub struct At<T> {
+    pub key: KeyPath,
+    pub what: T,
+}
