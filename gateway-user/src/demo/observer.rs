@@ -55,51 +55,11 @@ struct Planted {
 pub(super) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     init_tracing()?;
     let lab = Lab::new(LabSpec::new(5)).context("building the demo lab (needs root)")?;
-    let plan = [
-        (
-            Planted {
-                label: "healthy",
-                expect: Story::Healthy,
-            },
-            None,
-        ),
-        (
-            Planted {
-                label: "refuses connections (RST)",
-                expect: Story::Refused,
-            },
-            Some(Fault::Refuse { port: PORT }),
-        ),
-        (
-            Planted {
-                label: "drops SYNs (firewall blackhole)",
-                expect: Story::Filtered,
-            },
-            Some(Fault::SynBlackhole { port: PORT }),
-        ),
-        (
-            Planted {
-                label: "slow to accept (SYN-ACK +200 ms)",
-                expect: Story::Healthy,
-            },
-            Some(Fault::SynAckDelay {
-                port: PORT,
-                delay: Duration::from_millis(200),
-            }),
-        ),
-        (
-            Planted {
-                label: "unreachable (ICMP host unreachable)",
-                expect: Story::Unreachable,
-            },
-            Some(Fault::HostUnreachable { port: PORT }),
-        ),
-    ];
     let mut guards = Vec::new();
     let mut servers = Vec::new();
     let mut planted = BTreeMap::new();
     let mut targets = Vec::new();
-    for (i, (p, fault)) in plan.into_iter().enumerate() {
+    for (i, (p, fault)) in plan().into_iter().enumerate() {
         let up = lab.upstream(i)?;
         servers.push(up.serve_http(PORT, HttpBehaviour::immediate())?);
         if let Some(f) = fault {
@@ -120,21 +80,7 @@ pub(super) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let (tap, mut records) = tokio::sync::mpsc::unbounded_channel::<ConnectRecord>();
-    let observe_args = ObserveArgs {
-        cgroup: Some(cgroup.path().to_path_buf()),
-        json: args.json,
-        quiet: false,
-        metrics: None,
-        // Clients run `duration`, and a blocking connect to the blackhole may take ~3 s more.
-        duration: Some(args.duration + 4.0),
-        top: 10,
-        max_destinations: gateway_common::names::DEFAULT_MAX_DESTINATIONS,
-        metrics_max_destinations: 100,
-        metrics_by: None,
-        metrics_max_services: 100,
-        ring_buffer_kib: gateway_common::names::EVENTS_RING_BYTES / 1024,
-        join_window_ms: 250,
-    };
+    let observe_args = observe_args(&args, cgroup.path());
     let exe = std::env::current_exe().context("locating the gateway binary")?;
     let spawn_client =
         |name: &str, timeout_ms: Option<u64>| -> anyhow::Result<std::process::Child> {
@@ -174,8 +120,85 @@ pub(super) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         all.len(),
         started.elapsed().as_secs_f64()
     );
+    let missed = judge(&planted, &all);
+    drop(guards);
+    drop(servers);
+    if missed > 0 {
+        println!("{missed} upstream(s) were not explained as injected");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(code)
+}
+
+/// The five upstreams: what each suffers, and what the kernel's record must then say.
+fn plan() -> [(Planted, Option<Fault>); 5] {
+    [
+        (
+            Planted {
+                label: "healthy",
+                expect: Story::Healthy,
+            },
+            None,
+        ),
+        (
+            Planted {
+                label: "refuses connections (RST)",
+                expect: Story::Refused,
+            },
+            Some(Fault::Refuse { port: PORT }),
+        ),
+        (
+            Planted {
+                label: "drops SYNs (firewall blackhole)",
+                expect: Story::Filtered,
+            },
+            Some(Fault::SynBlackhole { port: PORT }),
+        ),
+        (
+            Planted {
+                label: "slow to accept (SYN-ACK +200 ms)",
+                expect: Story::Healthy,
+            },
+            Some(Fault::SynAckDelay {
+                port: PORT,
+                delay: Duration::from_millis(200),
+            }),
+        ),
+        (
+            Planted {
+                label: "unreachable (ICMP host unreachable)",
+                expect: Story::Unreachable,
+            },
+            Some(Fault::HostUnreachable { port: PORT }),
+        ),
+    ]
+}
+
+/// `observe` as the demo runs it: the lab's cgroup, the table (or JSON), for as long as the
+/// clients run.
+fn observe_args(args: &DemoArgs, cgroup: &std::path::Path) -> ObserveArgs {
+    ObserveArgs {
+        cgroup: Some(cgroup.to_path_buf()),
+        json: args.json,
+        quiet: false,
+        metrics: None,
+        // Clients run `duration`, and a blocking connect to the blackhole may take ~3 s more.
+        duration: Some(args.duration + 4.0),
+        top: 10,
+        max_destinations: gateway_common::names::DEFAULT_MAX_DESTINATIONS,
+        metrics_max_destinations: 100,
+        metrics_by: None,
+        metrics_max_services: 100,
+        ring_buffer_kib: gateway_common::names::EVENTS_RING_BYTES / 1024,
+        join_window_ms: 250,
+    }
+}
+
+/// Prints the kernel's explanation of each upstream next to its planted fault; returns how
+/// many missed it.
+fn judge(planted: &BTreeMap<SocketAddr, (String, Planted)>, all: &[ConnectRecord]) -> usize {
     let mut missed = 0;
-    for (addr, (name, p)) in &planted {
+    for (addr, (name, p)) in planted {
         let mine: Vec<&ConnectRecord> = all.iter().filter(|r| r.dst == *addr).collect();
         let e = explain(&mine);
         let ok = e.verdict == p.expect;
@@ -188,13 +211,7 @@ pub(super) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             e.sentence
         );
     }
-    drop(guards);
-    drop(servers);
-    if missed > 0 {
-        println!("{missed} upstream(s) were not explained as injected");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(code)
+    missed
 }
 
 /// Body of the hidden `demo-client` command: connects to every target every interval, each in
