@@ -38,6 +38,8 @@ pub struct Peers {
     pub upstream_ports: Vec<u16>,
     ports: [u16; 3],
     scheme: Scheme,
+    /// A second gateway, with the kernel observer off ([`Peers::add_gateway_without_observer`]).
+    without_observer: Option<(Proc, u16)>,
 }
 
 impl Peers {
@@ -101,7 +103,40 @@ impl Peers {
             upstream_ports: ups,
             ports: [p_gw, p_nginx, p_haproxy],
             scheme,
+            without_observer: None,
         })
+    }
+
+    /// Starts a second gateway like the first but with `[observer] mode = "off"`: the same
+    /// binary, config and upstreams, without the eBPF programs on its connects. It becomes the
+    /// second target, `gw-no-obs`, so the report's `gateway/gw-no-obs` ratios are what the
+    /// observer costs.
+    pub fn add_gateway_without_observer(
+        &mut self,
+        dir: &Path,
+        gateway_bin: &Path,
+    ) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let conf = dir.join("gateway-no-observer.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "{}\n[observer]\nmode = \"off\"\n",
+                gateway_conf(port, &self.upstream_ports, None)
+            ),
+        )?;
+        let err_log = std::fs::File::create(dir.join("gateway-no-observer.err"))?;
+        let mut proc = spawn_proc(
+            "gateway (observer off)",
+            Command::new(gateway_bin)
+                .args(["run", "--config"])
+                .arg(&conf)
+                .env("RUST_LOG", "warn")
+                .stderr(err_log),
+        )?;
+        wait_ready("gateway (observer off)", self.scheme, port, &mut proc)?;
+        self.without_observer = Some((proc, port));
+        Ok(())
     }
 
     /// The three proxies as benchmark targets, the gateway first.
@@ -111,7 +146,7 @@ impl Peers {
             family(self.nginx.pid()),
             vec![self.haproxy.pid()],
         ];
-        ["gateway", "nginx", "haproxy"]
+        let mut targets: Vec<Target> = ["gateway", "nginx", "haproxy"]
             .into_iter()
             .zip(self.ports)
             .zip(pids)
@@ -120,12 +155,26 @@ impl Peers {
                 url: crate::bench::url(self.scheme, port),
                 pids,
             })
-            .collect()
+            .collect();
+        if let Some((proc, port)) = &self.without_observer {
+            targets.insert(
+                1,
+                Target {
+                    name: "gw-no-obs",
+                    url: crate::bench::url(self.scheme, *port),
+                    pids: vec![proc.pid()],
+                },
+            );
+        }
+        targets
     }
 
     /// An error when one of the proxies has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         for p in [&mut self.gateway, &mut self.nginx, &mut self.haproxy] {
+            p.check_alive()?;
+        }
+        if let Some((p, _)) = &mut self.without_observer {
             p.check_alive()?;
         }
         Ok(())

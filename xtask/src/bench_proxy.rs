@@ -5,6 +5,9 @@
 //! rotating order ([`crate::bench::interleaved`]). The table shows medians of req/s and of
 //! p50/p99 latency, each proxy's CPU time per request (steadier than req/s on a shared
 //! machine), the ratios gateway/nginx and gateway/HAProxy, and the gateway's peak RSS.
+//! The gateway runs as users run it, with the kernel observer attached; a second gateway with
+//! `[observer] mode = "off"` is measured beside it (`gw-no-obs`; `--no-observer-off` leaves it
+//! out), and `gateway/gw-no-obs` is the observer's share.
 //!
 //! Then the HTTP/2-upstream row (`bench_proxy_h2`): h2load through each proxy to an h2c
 //! upstream, with the same repetitions; `--no-h2` leaves it out. Then the WebSocket echo row
@@ -23,9 +26,10 @@ use crate::{
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let h2 = !args.iter().any(|a| a == "--no-h2");
     let ws = !args.iter().any(|a| a == "--no-ws");
+    let observer_off = !args.iter().any(|a| a == "--no-observer-off");
     let args: Vec<String> = args
         .iter()
-        .filter(|a| *a != "--no-h2" && *a != "--no-ws")
+        .filter(|a| !matches!(a.as_str(), "--no-h2" | "--no-ws" | "--no-observer-off"))
         .cloned()
         .collect();
     let o = Options::parse(&args)?;
@@ -37,6 +41,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("gateway-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut peers = Peers::start(&dir, &gateway, None)?;
+    if observer_off {
+        peers.add_gateway_without_observer(&dir, &gateway)?;
+    }
     let targets = peers.targets();
     println!(
         "bench proxy: {} cores, load average {}, wrk -t{} -c{} -d{}s, {} interleaved repetitions (+{}s warm-up each)",
