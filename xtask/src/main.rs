@@ -268,6 +268,37 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         }
         fuzz::print(&reports);
     }
+    // The benchmarks, each for a short run (the real ones are `cargo xtask bench …`), only in
+    // the whole suite (or `./dev test bench`): a benchmark that no longer runs (a tool gone, a
+    // peer that does not start, a report that cannot be read) fails here, not in the hands of
+    // whoever reruns it for figures. The figures of a short run mean nothing and are not read.
+    let mut bench_failed = 0;
+    if filter.is_empty() || filter.iter().any(|f| f == "bench") {
+        for (name, args) in SHORT_BENCHMARKS {
+            eprintln!(
+                "\x1b[1m==> cargo xtask bench {name} {}\x1b[0m",
+                args.join(" ")
+            );
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            let result = match *name {
+                "observer" => bench_observer::run(&args),
+                "proxy" => bench_proxy::run(&args),
+                "tls" => bench_tls::run(&args),
+                _ => bench_faults::run(&args),
+            };
+            match result {
+                Ok(()) => {
+                    println!("bench {name} (short run) ... ok");
+                    totals.passed += 1;
+                }
+                Err(e) => {
+                    eprintln!("error: bench {name} (short run): {e:#}");
+                    totals.failed += 1;
+                    bench_failed += 1;
+                }
+            }
+        }
+    }
     // The totals also when something failed: how many, beside which (named above).
     println!(
         "\nall test binaries: {} passed, {} failed, {} ignored",
@@ -278,8 +309,26 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz target(s) failed");
     }
+    if bench_failed > 0 {
+        bail!("{bench_failed} benchmark(s) failed to run");
+    }
     Ok(())
 }
+
+/// The short runs of the benchmarks in `./dev test`: every row and peer, seconds each.
+/// `bench profile` is left out: it needs perf and inferno, which `./dev bench` installs.
+const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
+    ("observer", &["4000"]),
+    (
+        "proxy",
+        &["--reps", "1", "--duration", "2", "--warmup", "1"],
+    ),
+    ("tls", &["--reps", "1", "--duration", "2", "--warmup", "1"]),
+    (
+        "faults",
+        &["--faults", "refused", "--duration", "6", "--fault-at", "2"],
+    ),
+];
 
 #[derive(Default)]
 struct Totals {
