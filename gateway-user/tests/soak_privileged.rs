@@ -188,8 +188,10 @@ async fn side_traffic(addr: SocketAddr, stop: &AtomicBool, side: &Mutex<Side>) {
     };
     let echo = async {
         while !stop.load(Ordering::Relaxed) {
-            let from = start.elapsed().as_secs_f64();
-            if let Err(e) = echo_session(addr, stop, side).await {
+            // When the step that failed began: the handshake, or the line that got no echo
+            // (not when the connection opened, which may be many fault cycles earlier).
+            let mut from = start.elapsed().as_secs_f64();
+            if let Err(e) = echo_session(addr, stop, side, start, &mut from).await {
                 failed(from, format!("upgraded connection: {e}"));
                 tokio::time::sleep(ECHO_EVERY).await;
             }
@@ -230,11 +232,13 @@ async fn side_traffic(addr: SocketAddr, stop: &AtomicBool, side: &Mutex<Side>) {
 }
 
 /// One upgraded connection: the handshake, then a line every [`ECHO_EVERY`] that must come
-/// back intact, until `stop`.
+/// back intact, until `stop`. `step` is set to when each line is sent (seconds since `start`).
 async fn echo_session(
     addr: SocketAddr,
     stop: &AtomicBool,
     side: &Mutex<Side>,
+    start: tokio::time::Instant,
+    step: &mut f64,
 ) -> Result<(), String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -272,6 +276,7 @@ async fn echo_session(
     while !stop.load(Ordering::Relaxed) {
         let line = format!("message {n}\n");
         n += 1;
+        *step = start.elapsed().as_secs_f64();
         let mut echo = vec![0u8; line.len()];
         tokio::time::timeout(CLIENT_TIMEOUT, async {
             io.write_all(line.as_bytes()).await?;
