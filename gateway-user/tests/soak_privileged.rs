@@ -19,7 +19,8 @@
 //! upstream connections (pooled and in use, from `ss` in the client namespace), its client
 //! connections and the number of metric series. It asserts RSS drift under 5 % after the
 //! warm-up (over whole fault cycles when the run holds at least three: see [`cycle_drift`]),
-//! fds, threads and series flat, and client-visible failures only while a fault is on
+//! fds and threads flat, series flat after the first fault cycle (see [`LATE_SERIES`]), and
+//! client-visible failures only while a fault is on
 //! (or one client timeout after), each an answer of the gateway's with its reason
 //! (`x-gateway-error`) and a line in its access log; never a reset or a timeout. The
 //! long-lived traffic must keep flowing: no echo or trickle fails outside a fault.
@@ -101,8 +102,41 @@ struct Probe {
     threads: u64,
     upstream_conns: usize,
     client_conns: f64,
-    series: usize,
+    series: Series,
 }
+
+/// The metric series (`name{labels}`) exported at one sample; shown as their number.
+#[derive(Clone)]
+struct Series(std::collections::BTreeSet<String>);
+
+impl Series {
+    fn of(metrics: &str) -> Series {
+        Series(
+            metrics
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| l.rsplit_once(' ').map_or(l, |(key, _)| key).to_owned())
+                .collect(),
+        )
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Debug for Series {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.len())
+    }
+}
+
+/// At most this many series may first appear after the first fault cycle. A label value that
+/// a rare event brings late (a status or a reason the faults meet only now and then: one in
+/// the 30-minute run of 2026-12-01, which came with its 2 failed requests) is bounded by its
+/// enum; a leaking label grows with requests or connections, by the thousand here. The report
+/// lists each late series.
+const LATE_SERIES: usize = 8;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -349,7 +383,7 @@ fn load(
                 threads: s.gateway.threads(),
                 upstream_conns: upstream_conns(s),
                 client_conns: value(&m, "gateway_client_connections", &[]),
-                series: m.lines().filter(|l| !l.starts_with('#')).count(),
+                series: Series::of(&m),
             };
             eprintln!("{p:?}");
             // Fallen far behind (the machine, the client or the gateway): stop before the
@@ -430,11 +464,14 @@ fn soak_privileged() {
             .map(f)
             .fold(0.0, f64::max)
     };
-    // Series: every label value the faults bring appears in the first cycle; none after.
-    let series_after_first_faults = probes
+    // Series: the label values the faults bring appear in the first cycle; few after, and
+    // each named.
+    let at_first_faults = probes
         .iter()
         .find(|p| p.t >= WARM_UP + 2.0 * CYCLE / 3.0 + SAMPLE_EVERY)
-        .map_or(last.series, |p| p.series);
+        .map_or(&last.series, |p| &p.series);
+    let series_after_first_faults = at_first_faults.len();
+    let late: Vec<&String> = last.series.0.difference(&at_first_faults.0).collect();
     let point_drift = (last.rss_kib as f64 - first.rss_kib as f64) / first.rss_kib as f64;
     let cycles = rss_by_cycle(&probes);
     let (drift, drift_basis) = cycle_drift(&cycles).unwrap_or((
@@ -488,8 +525,8 @@ fn soak_privileged() {
         first.upstream_conns,
         last.upstream_conns,
         max(|p| p.upstream_conns as f64),
-        first.series,
-        last.series,
+        first.series.len(),
+        last.series.len(),
         max(|p| p.client_conns),
         probes.iter().filter(|p| p.phase != Phase::Healthy).count(),
     );
@@ -534,7 +571,14 @@ fn soak_privileged() {
         last.upstream_conns <= 3 * 32 + 16,
         "upstream connections: {report}"
     );
-    assert_eq!(last.series, series_after_first_faults, "series: {report}");
+    for key in &late {
+        eprintln!("series first seen after the first fault cycle: {key}");
+    }
+    assert!(
+        late.len() <= LATE_SERIES,
+        "{} series appeared after the first fault cycle: {late:?}\n{report}",
+        late.len()
+    );
     assert!(
         failed.len() * 100 <= samples.len(),
         "more than 1 % failed: {report}"
