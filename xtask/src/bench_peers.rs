@@ -71,15 +71,7 @@ impl Peers {
         for p in &ups {
             wait_ready("upstream", Scheme::Http, *p, &mut upstreams)?;
         }
-        let err_log = std::fs::File::create(dir.join("gateway.err"))?;
-        let mut gateway = spawn_proc(
-            "gateway",
-            Command::new(gateway_bin)
-                .args(["run", "--config"])
-                .arg(&gw_conf)
-                .env("RUST_LOG", "warn")
-                .stderr(err_log),
-        )?;
+        let mut gateway = spawn_gateway("gateway", gateway_bin, &gw_conf)?;
         let mut ngx = spawn_proc("nginx", &mut nginx_cmd(&nginx_conf))?;
         let mut hap = spawn_proc(
             "haproxy",
@@ -125,15 +117,7 @@ impl Peers {
                 gateway_conf(port, &self.upstream_ports, None)
             ),
         )?;
-        let err_log = std::fs::File::create(dir.join("gateway-no-observer.err"))?;
-        let mut proc = spawn_proc(
-            "gateway (observer off)",
-            Command::new(gateway_bin)
-                .args(["run", "--config"])
-                .arg(&conf)
-                .env("RUST_LOG", "warn")
-                .stderr(err_log),
-        )?;
+        let mut proc = spawn_gateway("gateway (observer off)", gateway_bin, &conf)?;
         wait_ready("gateway (observer off)", self.scheme, port, &mut proc)?;
         self.without_observer = Some((proc, port));
         Ok(())
@@ -267,6 +251,19 @@ fn gateway_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     format!(
         "[router]\n{listen}drain_delay_ms = 0\n{tls_lines}\n[router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [{}]\n\n[admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")
+    )
+}
+
+/// `gateway run --config CONF`, warnings and errors to `CONF` with the extension `.err`.
+fn spawn_gateway(name: &'static str, bin: &Path, conf: &Path) -> anyhow::Result<Proc> {
+    let err_log = std::fs::File::create(conf.with_extension("err"))?;
+    spawn_proc(
+        name,
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(conf)
+            .env("RUST_LOG", "warn")
+            .stderr(err_log),
     )
 }
 
