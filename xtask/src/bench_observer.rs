@@ -63,14 +63,14 @@ impl Drop for Cgroup {
 /// CPU time in ns.
 fn client_round(cgroup: &Path, addr: SocketAddr, cycles: usize) -> anyhow::Result<u64> {
     let procs = cgroup.join("cgroup.procs");
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = Command::new(crate::THIS_BINARY);
     cmd.args(["bench-client", &addr.to_string(), &cycles.to_string()]);
     // SAFETY: the hook only opens and writes a file (async-signal-safe syscalls via std::fs is
     // not guaranteed, but nothing else runs in the forked child).
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, b"0"));
     }
-    let out = cmd.output()?;
+    let out = cmd.output().context("starting the bench client")?;
     if !out.status.success() {
         bail!(
             "bench client failed: {}",
@@ -344,13 +344,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     )?;
     let started = Instant::now();
     let procs = cgroup.0.join("cgroup.procs");
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = Command::new(crate::THIS_BINARY);
     cmd.args(["bench-spray", &DESTINATIONS.to_string()]);
     // SAFETY: see client_round.
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, b"0"));
     }
-    let status = cmd.status()?;
+    let status = cmd.status().context("starting bench-spray")?;
     if !status.success() {
         bail!("bench-spray failed");
     }

@@ -146,7 +146,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let procs = cg.0.join("cgroup.procs");
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = Command::new(crate::THIS_BINARY);
     cmd.args(["bench-spray", &destinations.to_string()]);
     // SAFETY: the hook only writes one file before exec.
     unsafe {

@@ -169,6 +169,13 @@ pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std
     Ok(target.join("release/gateway"))
 }
 
+/// This xtask binary, to run one of its hidden commands in a child (`bench-client`,
+/// `bench-spray`): `/proc/self/exe`, not `current_exe()`. Under `./dev test` cargo may relink
+/// xtask while it runs, which leaves `current_exe()` naming a deleted file ("… (deleted)":
+/// ENOENT, seen in the suite), while /proc/self/exe still execs the image the child was forked
+/// from.
+pub const THIS_BINARY: &str = "/proc/self/exe";
+
 /// A Debian tool by its full path when it lives in /usr/sbin (not on a non-root PATH).
 pub fn tool_path(tool: &str) -> String {
     if std::path::Path::new("/usr/sbin").join(tool).is_file() {
