@@ -114,16 +114,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let server = serve_metrics(args.metrics, registry)?;
 
     let notifier = crate::service::notify::Notifier::from_env();
-    notifier.ready(
-        &format!(
-            "observing cgroup {}{}",
-            stream.cgroup().display(),
-            args.metrics
-                .map(|a| format!("; metrics on http://{a}/metrics"))
-                .unwrap_or_default()
-        ),
-        false,
-    );
+    notifier.ready(&ready_status(&stream, args.metrics), false);
     let mut watchdog = tokio::time::interval(
         notifier
             .watchdog_interval()
@@ -191,6 +182,17 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     drop(stream);
     tracing::info!("observer detached");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The status line systemd shows once the observer is attached.
+fn ready_status(stream: &ObserverStream, metrics: Option<SocketAddr>) -> String {
+    format!(
+        "observing cgroup {}{}",
+        stream.cgroup().display(),
+        metrics
+            .map(|a| format!("; metrics on http://{a}/metrics"))
+            .unwrap_or_default()
+    )
 }
 
 /// Attaches the kernel side to the cgroup `args` names and opens its stream.
