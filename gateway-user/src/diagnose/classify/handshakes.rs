@@ -206,53 +206,102 @@ pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
 }
 
 pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
-    let (retx, est, share) = retransmitted_handshakes(f);
-    let consistent = est >= 2 && share >= CONSISTENT_SHARE;
-    let silent = f.unanswered();
-    let mostly_answered = est * 2 >= f.n;
-    let http = f.http();
-    // Where rounds over accepted connections were measured, only their loss counts: a
-    // retransmit before the listener's kernel held the connection may be a full accept queue.
-    let lost = |h: &HttpExchange| {
-        h.lost_after_accept()
-            .unwrap_or(h.saw_loss() || h.request_acked == Some(false))
-    };
-    let data_loss: Vec<&HttpExchange> = http.iter().copied().filter(|h| lost(h)).collect();
-    let data = data_says(f);
+    let s = LossSigns::of(f);
+    let mut v = lossy_verdict(f, &s)?;
+    handshake_loss_lines(f, &s, &mut v);
+    data_loss_lines(f, &s, &mut v);
+    v.next_steps = lossy_next_steps(f);
+    Some(v)
+}
+
+/// What `lossy_path` weighs: the handshakes' retransmits and silences, and what data over
+/// accepted connections lost.
+struct LossSigns<'a> {
+    /// Established handshakes that needed a SYN retransmit.
+    retx: Vec<&'a Attempt>,
+    /// Established handshakes.
+    est: usize,
+    /// Nearly every handshake needed a retransmit: the overloaded pattern.
+    consistent: bool,
+    /// Connects that got no answer at all.
+    silent: Vec<&'a Attempt>,
+    /// Most connects completed.
+    mostly_answered: bool,
+    http: Vec<&'a HttpExchange>,
+    /// HTTP exchanges that lost a packet.
+    data_loss: Vec<&'a HttpExchange>,
+    data: DataSays,
+}
+
+impl<'a> LossSigns<'a> {
+    fn of(f: &Facts<'a>) -> Self {
+        let (retx, est, share) = retransmitted_handshakes(f);
+        let http = f.http();
+        let data_loss = http.iter().copied().filter(|h| lost(h)).collect();
+        LossSigns {
+            retx,
+            est,
+            consistent: est >= 2 && share >= CONSISTENT_SHARE,
+            silent: f.unanswered(),
+            mostly_answered: est * 2 >= f.n,
+            http,
+            data_loss,
+            data: data_says(f),
+        }
+    }
+}
+
+/// Whether an HTTP exchange lost a packet. Where rounds over accepted connections were
+/// measured, only their loss counts: a retransmit before the listener's kernel held the
+/// connection may be a full accept queue.
+fn lost(h: &HttpExchange) -> bool {
+    h.lost_after_accept()
+        .unwrap_or(h.saw_loss() || h.request_acked == Some(false))
+}
+
+/// The verdict and its confidence, from the attempts that lost a packet somewhere (or the
+/// consistent pattern, as the less likely reading); `None` when nothing points at loss.
+fn lossy_verdict(f: &Facts, s: &LossSigns) -> Option<Verdict> {
     // Distinct attempts that lost a packet somewhere.
     let affected =
         f.a.attempts
             .iter()
             .filter(|a| {
-                (!consistent && a.established() && a.syn_retransmits.unwrap_or(0) > 0)
-                    || (mostly_answered && silent.iter().any(|s| std::ptr::eq(*s, *a)))
+                (!s.consistent && a.established() && a.syn_retransmits.unwrap_or(0) > 0)
+                    || (s.mostly_answered && s.silent.iter().any(|x| std::ptr::eq(*x, *a)))
                     || a.http.as_ref().is_some_and(lost)
             })
             .count();
-    let mut v;
     if affected > 0 {
         let c = ((0.3 + 0.15 * affected as f64).min(0.9) * weight(f.n)).min(0.9);
-        let c = match data {
+        let c = match s.data {
             DataSays::Lost(_) => c.max(0.8),
             // Loss ruled out by the rounds: what is left is how unlikely that was.
             DataSays::Clean { miss, .. } => (0.1 + miss).min(c),
-            DataSays::Inconclusive(_) if data_loss.is_empty() => c.min(MIXED_WITHOUT_DATA),
+            DataSays::Inconclusive(_) if s.data_loss.is_empty() => c.min(MIXED_WITHOUT_DATA),
             DataSays::Inconclusive(_) => c,
         };
-        v = Verdict::new(VerdictName::LossyPath, c);
-    } else if consistent {
+        Some(Verdict::new(VerdictName::LossyPath, c))
+    } else if s.consistent {
         // The overloaded pattern; loss that hits every handshake is the less likely reading.
-        v = Verdict::new(VerdictName::LossyPath, 0.25);
+        let mut v = Verdict::new(VerdictName::LossyPath, 0.25);
         v.evidence.push(format!(
-            "random loss could also drop SYNs or SYN-ACKs, but {}/{est} handshakes with {} \
+            "random loss could also drop SYNs or SYN-ACKs, but {}/{} handshakes with {} \
              needed retransmits: too consistent for loss",
-            retx.len(),
+            s.retx.len(),
+            s.est,
             f.addr
         ));
+        Some(v)
     } else {
-        return None;
+        None
     }
-    if !consistent && !retx.is_empty() {
+}
+
+/// The handshakes' part of the evidence: retransmitted SYNs beside clean handshakes, and
+/// connects that got no answer while most others completed.
+fn handshake_loss_lines(f: &Facts, s: &LossSigns, v: &mut Verdict) {
+    if !s.consistent && !s.retx.is_empty() {
         let clean: Vec<u64> = f
             .established()
             .iter()
@@ -260,32 +309,38 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
             .filter_map(|a| a.syn_rtt_us)
             .collect();
         v.evidence.push(format!(
-            "{}/{est} handshakes with {} needed SYN retransmits ({}) while the other {} \
+            "{}/{} handshakes with {} needed SYN retransmits ({}) while the other {} \
              completed in a median {}: SYNs or SYN-ACKs are lost intermittently {}",
-            retx.len(),
+            s.retx.len(),
+            s.est,
             f.addr,
-            SynRetransmits::of(&retx)
+            SynRetransmits::of(&s.retx)
                 .map(SynRetransmits::count)
                 .unwrap_or_default(),
-            est - retx.len(),
+            s.est - s.retx.len(),
             median(clean).map(fmt_us).unwrap_or_else(|| "-".into()),
-            source_tag(&retx)
+            source_tag(&s.retx)
         ));
     }
-    if mostly_answered && !silent.is_empty() {
+    if s.mostly_answered && !s.silent.is_empty() {
         v.evidence.push(format!(
             "{}/{} connects to {} got no answer at all while most others completed: every SYN \
              of those was lost {}",
-            silent.len(),
+            s.silent.len(),
             f.n,
             f.addr,
-            source_tag(&silent)
+            source_tag(&s.silent)
         ));
     }
-    match data {
-        DataSays::Lost(a) => v.evidence.insert(0, lost_line(f, &a)),
-        DataSays::Clean { a, p, miss } => v.evidence.push(clean_line(f, &a, p, miss)),
-        DataSays::Inconclusive(None) if !consistent && data_loss.is_empty() => {
+}
+
+/// The data's part of the evidence: what the rounds over accepted connections say, and the
+/// HTTP exchanges that lost packets.
+fn data_loss_lines(f: &Facts, s: &LossSigns, v: &mut Verdict) {
+    match &s.data {
+        DataSays::Lost(a) => v.evidence.insert(0, lost_line(f, a)),
+        DataSays::Clean { a, p, miss } => v.evidence.push(clean_line(f, a, *p, *miss)),
+        DataSays::Inconclusive(None) if !s.consistent && s.data_loss.is_empty() => {
             v.evidence.push(format!(
                 "handshakes alone cannot tell this from a full accept queue that other clients \
                  compete for; data over accepted connections can (diagnose {} --http PATH)",
@@ -294,17 +349,18 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
         }
         DataSays::Inconclusive(_) => {}
     }
-    if !data_loss.is_empty() && !matches!(data, DataSays::Lost(_)) {
-        let retrans: u32 = data_loss.iter().filter_map(|h| h.data_retransmits).sum();
-        let rtos: u32 = data_loss.iter().filter_map(|h| h.rtos).sum();
-        let unacked = data_loss
+    if !s.data_loss.is_empty() && !matches!(s.data, DataSays::Lost(_)) {
+        let retrans: u32 = s.data_loss.iter().filter_map(|h| h.data_retransmits).sum();
+        let rtos: u32 = s.data_loss.iter().filter_map(|h| h.rtos).sum();
+        let unacked = s
+            .data_loss
             .iter()
             .filter(|h| h.request_acked == Some(false))
             .count();
         let mut line = format!(
             "{}/{} HTTP exchanges with {} lost packets: {} data retransmits, {} RTOs",
-            data_loss.len(),
-            http.len(),
+            s.data_loss.len(),
+            s.http.len(),
             f.addr,
             retrans,
             rtos
@@ -314,7 +370,10 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
         }
         v.evidence.push(line);
     }
-    v.next_steps = vec![
+}
+
+fn lossy_next_steps(f: &Facts) -> Vec<String> {
+    vec![
         format!(
             "mtr -n -T -P {} -c 100 {}   # (or ping -c 100 {}) which hop loses packets",
             f.port, f.ip, f.ip
@@ -329,6 +388,5 @@ pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
             "gateway diagnose {} --count 50   # a tighter estimate of the loss rate",
             f.addr
         ),
-    ];
-    Some(v)
+    ]
 }
