@@ -317,6 +317,8 @@ catalogue! {
         "When the process started, in Unix seconds.";
     client_connections: "gateway_client_connections", "gauge", [],
         "Client connections open now, over every listener and worker (what max_client_connections limits).";
+    client_parked: "gateway_client_connections_parked", "gauge", [],
+        "Plain HTTP client connections parked: held as a bare socket, without the HTTP parser's buffers, until the client sends again. Idle HTTP/1 keep-alive connections (quiet for a second, no request running) wait in their worker's parking lot; new connections wait so until their first bytes. Counted in gateway_client_connections too.";
     client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
     accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
@@ -358,6 +360,7 @@ pub struct GatewayMetrics {
     /// The histograms' buckets.
     pub buckets: LatencyBuckets,
     pub client_connections: Gauge,
+    pub client_parked: Gauge,
     pub client_rejected: Family<ListenerReason, Counter>,
     pub accept_errors: Family<ListenerErrno, Counter>,
 }
@@ -397,6 +400,7 @@ impl GatewayMetrics {
             kernel_anomaly_logs_suppressed: Counter::default(),
             buckets,
             client_connections: Gauge::default(),
+            client_parked: Gauge::default(),
             client_rejected: Family::default(),
             accept_errors: Family::default(),
         };
@@ -442,6 +446,7 @@ impl GatewayMetrics {
         );
         process::register(registry);
         reg!(f::client_connections, m.client_connections);
+        reg!(f::client_parked, m.client_parked);
         reg!(f::client_rejected, m.client_rejected);
         reg!(f::accept_errors, m.accept_errors);
         m

@@ -272,16 +272,30 @@ fn back_limit() -> Duration {
     )
 }
 
-/// Issue 12's goal for an idle keep-alive client connection is 4 KiB; not reached (about
-/// 21 KiB, most of it hyper's two 8 KiB buffers per HTTP/1 connection, kept while idle). This
-/// bound catches a regression from today's figure.
-const IDLE_BOUND_BYTES: f64 = 24.0 * 1024.0;
+/// Issue 12's goal for an idle keep-alive client connection: 4 KiB. Met by parking idle
+/// connections in the worker's lot (`proxy::server::lot`): about 2.6 KiB in this test's debug
+/// build at 2,000 connections, where hyper's buffers kept while idle made it 21 KiB.
+const IDLE_BOUND_BYTES: f64 = 4.0 * 1024.0;
+
+/// A client that sent half a head is inside hyper, with its buffers (about 20 KiB); no goal
+/// for it beyond measuring it, this bound catches a regression.
+const LORIS_BOUND_BYTES: f64 = 24.0 * 1024.0;
 
 /// Waits until the gateway's `gateway_client_connections` is `n`.
 fn wait_open(admin: SocketAddr, n: usize) {
     wait_for(&format!("{n} client connections open"), || {
         let m = metrics(admin);
         (value(&m, "gateway_client_connections", &[]) == n as f64)
+            .then_some(())
+            .ok_or(m)
+    });
+}
+
+/// Waits until the gateway's `gateway_client_connections_parked` is `n`.
+fn wait_parked(admin: SocketAddr, n: usize) {
+    wait_for(&format!("{n} client connections parked"), || {
+        let m = metrics(admin);
+        (value(&m, "gateway_client_connections_parked", &[]) == n as f64)
             .then_some(())
             .ok_or(m)
     });
@@ -405,6 +419,10 @@ async fn memory_per_idle_and_slow_loris_connection_and_it_comes_back() {
                 let t = Instant::now();
                 let held = open_many(addr, n, keepalive);
                 wait_open(admin, n);
+                // Idle connections are parked within 2 s, and the buffers they gave back are
+                // returned to the system within the next second (`proxy::memory`).
+                wait_parked(admin, n);
+                std::thread::sleep(Duration::from_millis(1500));
                 let idle_rss = settled_rss(&gw);
                 let opened = t.elapsed();
                 eprintln!("idle: RSS {base} -> {idle_rss} KiB with {n} connections");
@@ -439,7 +457,7 @@ async fn memory_per_idle_and_slow_loris_connection_and_it_comes_back() {
                 eprintln!("{report}");
                 assert!(idle_back.is_ok() && loris_back.is_ok(), "{report}");
                 assert!(idle_per <= IDLE_BOUND_BYTES, "{report}");
-                assert!(loris_per <= IDLE_BOUND_BYTES, "{report}");
+                assert!(loris_per <= LORIS_BOUND_BYTES, "{report}");
                 report
             })
             .join()

@@ -121,7 +121,20 @@ pub(crate) struct Admission {
     peak: AtomicUsize,
     lingering: Arc<AtomicUsize>,
     gauge: Gauge,
+    /// Connections parked since memory was last returned (`memory`).
+    parks: AtomicUsize,
+    parked: Gauge,
     metrics: GatewayMetrics,
+}
+
+/// An idle client connection's place in `gateway_client_connections_parked`, while it is
+/// parked (`server::park`).
+pub(crate) struct Parked(Gauge);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A served connection's place in `max_client_connections`; given back when dropped.
@@ -144,6 +157,8 @@ impl Admission {
             peak: AtomicUsize::new(0),
             lingering: Arc::new(AtomicUsize::new(0)),
             gauge: metrics.client_connections.clone(),
+            parks: AtomicUsize::new(0),
+            parked: metrics.client_parked.clone(),
             metrics: metrics.clone(),
         }
     }
@@ -157,6 +172,18 @@ impl Admission {
     pub fn take_peak(&self) -> (usize, usize) {
         let open = self.open();
         (self.peak.swap(open, Ordering::Relaxed).max(open), open)
+    }
+
+    /// A connection is parked until the guard is dropped.
+    pub fn park(&self) -> Parked {
+        self.parks.fetch_add(1, Ordering::Relaxed);
+        self.parked.inc();
+        Parked(self.parked.clone())
+    }
+
+    /// Connections parked since the last call.
+    pub fn take_parks(&self) -> usize {
+        self.parks.swap(0, Ordering::Relaxed)
     }
 }
 

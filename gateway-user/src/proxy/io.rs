@@ -1,5 +1,7 @@
-//! `StallGuard`: a socket wrapper that turns a write making no progress for too long into an
-//! error, on both sides of the proxy.
+//! Socket wrappers. `StallGuard` turns a write making no progress for too long into an error,
+//! on both sides of the proxy. `Parkable` lets an idle HTTP/1 client connection be taken back
+//! from hyper without closing it (see `server::park`), with [`Activity`] and [`Busy`] saying
+//! when it is idle.
 //!
 //! A write is pending only when the peer's receive window is full, i.e. the peer stopped
 //! reading (or the path died). Reads are not guarded here: an idle keep-alive connection
@@ -9,9 +11,15 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
+
+use bytes::{Buf, Bytes};
 
 use thiserror::Error;
 use tokio::{
@@ -38,6 +46,10 @@ impl<T> StallGuard<T> {
     /// The wrapped socket, e.g. to peek at it.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 
     pub fn new(inner: T, timeout: Duration) -> Self {
@@ -124,6 +136,161 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// What a client connection's parking needs to know of it, updated by its [`Parkable`]
+/// socket and the [`Busy`] guards of its requests (one worker thread touches it: the atomics
+/// are for `Send`, never contended).
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Reads and writes that moved bytes: unchanged over a while means quiet.
+    ticks: AtomicU64,
+    /// Requests whose service future is running.
+    busy: AtomicUsize,
+    /// Requests started on the connection.
+    requests: AtomicU64,
+    /// The connection is being parked: a shutdown of the socket is not passed on.
+    parking: AtomicBool,
+}
+
+impl Activity {
+    fn tick(&self) {
+        // Only this connection's worker writes it: no read-modify-write needed.
+        self.ticks
+            .store(self.ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+
+    /// No request running.
+    pub fn idle(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Relaxed);
+    }
+
+    /// A request starts; it counts as running until the guard is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy
+            .store(self.busy.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.requests
+            .store(self.requests.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        Busy(Some(self.clone()))
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// A running request of a client connection that may be parked (see [`Activity::busy`]);
+/// [`Busy::none`] for the others.
+pub(crate) struct Busy(Option<Arc<Activity>>);
+
+impl Busy {
+    pub fn none() -> Busy {
+        Busy(None)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(a) = &self.0 {
+            a.busy
+                .store(a.busy.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A client socket served by hyper that can be taken back: bytes read before (`prefix`, what
+/// hyper had read but not parsed when the connection was last taken back) come first, reads
+/// and writes are counted in [`Activity`], and while the connection is being parked, a
+/// shutdown is not passed on, so hyper's end of the connection leaves the socket open.
+pub(crate) struct Parkable<T> {
+    inner: T,
+    prefix: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<T> Parkable<T> {
+    pub fn new(inner: T, prefix: Bytes, activity: Arc<Activity>) -> Self {
+        Parkable {
+            inner,
+            prefix,
+            activity,
+        }
+    }
+
+    /// The socket, and what of `prefix` hyper did not read.
+    pub fn into_inner(self) -> (T, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.activity.tick();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.activity.tick();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.activity.tick();
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

@@ -23,10 +23,12 @@ pub(crate) const RELEASE_DROP: usize = 256;
 
 /// Called every [`RELEASE_CHECK`]: returns the free memory to the system when the open
 /// client connections are [`RELEASE_DROP`] or more below their peak since the last check
-/// (the peak is kept at each accept, so a burst shorter than a check counts too).
+/// (the peak is kept at each accept, so a burst shorter than a check counts too), or when
+/// as many were parked since (each gave its HTTP parser's buffers back to malloc).
 pub(crate) fn release_after_burst(admission: &super::admission::Admission) {
     let (peak, open) = admission.take_peak();
-    if peak >= open + RELEASE_DROP {
+    let parks = admission.take_parks();
+    if peak >= open + RELEASE_DROP || parks >= RELEASE_DROP {
         // SAFETY: malloc_trim has no preconditions; it trims every arena.
         unsafe { libc::malloc_trim(0) };
     }

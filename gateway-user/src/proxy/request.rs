@@ -36,6 +36,7 @@ use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
     headers::Scheme,
+    io::Busy,
     request_body::{KeptBody, Progress, RequestBody},
     response_body::ResponseBody,
     router::CompiledRoute,
@@ -80,10 +81,14 @@ pub(crate) struct Client {
 /// The request path is one flat state machine, with the rare slow path (connecting, waiting
 /// for a connection slot) boxed: a future is moved by value at every level that awaits it, so
 /// deep nesting of large futures costs a memcpy of each per request.
+///
+/// `_busy` marks the request as running on its client connection until the future ends (see
+/// `server::park`).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     client: Arc<Client>,
     req: Request<Incoming>,
+    _busy: Busy,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // The request's context lives in its final place from the start: the response body owns it.
     let mut ex = Exchange::new(shared, client.addr, &req);

@@ -38,13 +38,18 @@ use tracing::{debug, warn};
 use super::{
     admission, handshake,
     headers::{self, Scheme},
-    io::StallGuard,
+    io::Busy,
     listeners::ClientSocket,
     request::{self, Client},
     shared::{Drain, Shared},
 };
 
 pub(crate) use super::shared::Phase;
+
+mod lot;
+mod park;
+
+use lot::Lot;
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
 /// connections are done (or the drain is forced). Dropping `done` tells the handle.
@@ -56,6 +61,11 @@ pub(crate) async fn worker(
 ) {
     let _anchor = AbortOnDrop(tokio::spawn(timer_anchor()));
     let (live, mut all_closed) = mpsc::channel::<()>(1);
+    let drain = || Drain {
+        phase: phase.clone(),
+        live: live.clone(),
+    };
+    let lot = Lot::start(shared.clone(), drain());
     let mut loops = Vec::new();
     for (scheme, l) in listeners {
         match TcpListener::from_std(l) {
@@ -63,15 +73,13 @@ pub(crate) async fn worker(
                 l,
                 scheme,
                 shared.clone(),
-                Drain {
-                    phase: phase.clone(),
-                    live: live.clone(),
-                },
+                drain(),
+                lot.clone(),
             ))),
             Err(e) => warn!(error = %e, "cannot register a listener with the worker's runtime"),
         }
     }
-    drop(live);
+    drop((live, lot));
     for l in loops {
         let _ = l.await;
     }
@@ -129,9 +137,25 @@ struct Listener {
     loopback: bool,
 }
 
+impl Listener {
+    /// Where `client` came in.
+    fn of(client: &Client) -> Listener {
+        Listener {
+            scheme: client.scheme,
+            loopback: client.loopback_listener,
+        }
+    }
+}
+
 /// Accepts until the phase is `Drain` or `Force`. Each accepted connection passes the
 /// listener's gate (`admission`) or is turned away at once.
-async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>, drain: Drain) {
+async fn accept_loop(
+    listener: TcpListener,
+    scheme: Scheme,
+    shared: Arc<Shared>,
+    drain: Drain,
+    lot: Lot,
+) {
     let mut phase = drain.phase.clone();
     let gate = match listener.local_addr() {
         Ok(a) => shared.gate(a),
@@ -164,7 +188,8 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>,
                     let (shared, drain) = (shared.clone(), drain.clone());
                     match scheme {
                         Scheme::Http => {
-                            tokio::spawn(serve_plain(stream, peer, on, shared, (drain, permit)));
+                            let client = client(peer, on, None, drain);
+                            tokio::spawn(park::serve(stream, client, permit, shared, lot.clone()));
                         }
                         Scheme::Https => {
                             tokio::spawn(serve_tls(stream, peer, on, shared, (drain, permit)));
@@ -194,18 +219,6 @@ async fn accept_loop(listener: TcpListener, scheme: Scheme, shared: Arc<Shared>,
 /// upgraded connection's tunnel keeps too) and in `max_client_connections`.
 type Live = (Drain, admission::Permit);
 
-async fn serve_plain(
-    stream: TcpStream,
-    peer: SocketAddr,
-    on: Listener,
-    shared: Arc<Shared>,
-    live: Live,
-) {
-    let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
-    let io = StallGuard::new(stream, write_timeout);
-    serve(io, peer, on, None, shared, live).await;
-}
-
 /// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
 /// as live from the start, so a drain waits for handshakes in progress too.
 async fn serve_tls(
@@ -213,12 +226,23 @@ async fn serve_tls(
     peer: SocketAddr,
     on: Listener,
     shared: Arc<Shared>,
-    live: Live,
+    (drain, _permit): Live,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
         let version = crate::tls::version_label(io.get_ref().1.protocol_version());
-        serve(io, peer, on, Some(version), shared, live).await;
+        serve(io, client(peer, on, Some(version), drain), shared).await;
     }
+}
+
+fn client(peer: SocketAddr, on: Listener, tls: Option<&'static str>, drain: Drain) -> Arc<Client> {
+    Arc::new(Client {
+        addr: peer,
+        ip: headers::client_value(peer.ip()),
+        scheme: on.scheme,
+        loopback_listener: on.loopback,
+        tls,
+        drain,
+    })
 }
 
 /// What a client connection speaks (see `serve`).
@@ -226,27 +250,16 @@ const UNKNOWN: u8 = 0;
 const H1: u8 = 1;
 const H2: u8 = 2;
 
-async fn serve<I>(
-    io: I,
-    peer: SocketAddr,
-    on: Listener,
-    tls: Option<&'static str>,
-    shared: Arc<Shared>,
-    (drain, _permit): Live,
-) where
+/// Serves a connection with hyper's automatic HTTP/1 or HTTP/2 (an HTTPS one, whatever ALPN
+/// chose, or a plain one that opened with the HTTP/2 preface), until it ends.
+async fn serve<I>(io: I, client: Arc<Client>, shared: Arc<Shared>)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let builder = shared.runtime.load().http.clone();
     let io = TokioIo::new(io);
-    let mut phase = drain.phase.clone();
-    let client = Arc::new(Client {
-        addr: peer,
-        ip: headers::client_value(peer.ip()),
-        scheme: on.scheme,
-        loopback_listener: on.loopback,
-        tls,
-        drain,
-    });
+    let mut phase = client.drain.phase.clone();
+    let peer = client.addr;
     // What this connection speaks, known from its first request (`UNKNOWN` until then).
     let speaks = Arc::new(AtomicU8::new(UNKNOWN));
     let svc_speaks = speaks.clone();
@@ -257,7 +270,7 @@ async fn serve<I>(
             H1
         };
         svc_speaks.store(v, Ordering::Relaxed);
-        request::handle(shared.clone(), client.clone(), req)
+        request::handle(shared.clone(), client.clone(), req, Busy::none())
     });
     // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
     // its own place among the live connections.

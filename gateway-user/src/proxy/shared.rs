@@ -9,6 +9,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
     server::conn::auto,
@@ -88,6 +89,9 @@ pub(crate) struct Runtime {
     /// By the route's position in the config ([`super::router::CompiledRoute::index`]).
     pub route_meters: Vec<Arc<RouteMeter>>,
     pub http: Arc<auto::Builder<TokioExecutor>>,
+    /// HTTP/1 alone, with the same settings: plain HTTP/1 client connections, which are
+    /// parked while idle (`server::park`) and so need hyper's HTTP/1 connection itself.
+    pub http1: Arc<http1::Builder>,
 }
 
 impl Runtime {
@@ -131,6 +135,7 @@ impl Runtime {
             .collect();
         Runtime {
             http: Arc::new(http_builder(&settings.downstream)),
+            http1: Arc::new(http1_builder(&settings.downstream)),
             route_meters,
             router,
             clusters,
@@ -139,12 +144,16 @@ impl Runtime {
     }
 }
 
+/// hyper's own limit on a request head: a backstop well above ours, so that most oversized
+/// heads reach the service and get a 431 that explains itself.
+fn hard_limit(ds: &Downstream) -> usize {
+    (ds.max_request_header_bytes * 2 + 8192).max(8192)
+}
+
 /// The HTTP server settings for client connections.
 fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper's own limit is a backstop well above ours, so that most oversized heads reach the
-    // service and get a 431 that explains itself.
-    let hard_limit = (ds.max_request_header_bytes * 2 + 8192).max(8192);
+    let hard_limit = hard_limit(ds);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(ds.header_read_timeout)
@@ -155,5 +164,15 @@ fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+/// The HTTP/1 settings of [`http_builder`], for a connection known to speak HTTP/1.
+fn http1_builder(ds: &Downstream) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(ds.header_read_timeout)
+        .max_buf_size(hard_limit(ds).max(64 * 1024))
+        .keep_alive(true);
     b
 }

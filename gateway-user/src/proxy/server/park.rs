@@ -1,0 +1,335 @@
+//! Plain HTTP client connections, parked while idle: an idle keep-alive connection is held as
+//! its bare socket in the worker's parking lot (`lot`), not as a task with a hyper connection
+//! and its buffers.
+//!
+//! hyper's HTTP/1 connection keeps a read buffer and a write buffer of 8 KiB each for its
+//! whole life, idle or not: about 21 KiB of memory per idle keep-alive client connection,
+//! where nginx documents about 250 bytes. So a plain HTTP/1 connection is served by one hyper
+//! connection after another: once nothing moved on it for [`PARK_AFTER`] and no request is
+//! running, hyper is asked to stop (`graceful_shutdown`, which closes an idle HTTP/1
+//! connection at once) without shutting the socket down (`Parkable` swallows the shutdown),
+//! and gives the socket back with what it had read but not parsed (`into_parts`). With
+//! nothing left over, the socket goes to the lot and the task ends; the lot starts a new one
+//! ([`resume`]) when the client sends again, and closes the socket at the header-read timeout
+//! (which bounds an idle keep-alive connection, as before) or at the drain. A new connection
+//! waits for its first bytes with no hyper connection either; they also tell HTTP/1 from
+//! HTTP/2 with prior knowledge (served as before, never parked).
+//!
+//! What it cannot change: a request in flight, a response being written and an upgraded
+//! connection are never parked (a request counts as running until its service future ends;
+//! an upgrade hands the socket to the tunnel), and bytes hyper read beyond a request (part of
+//! the next head) are handed to the next hyper connection first. Such a connection is not
+//! parked again until that request starts, so its head-read timeout restarts at most once.
+//! HTTPS connections are not parked: rustls keeps its own buffers per connection.
+
+use std::{os::fd::AsRawFd as _, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use hyper::{
+    body::Incoming,
+    server::conn::http1::UpgradeableConnection,
+    service::{HttpService, service_fn},
+};
+use hyper_util::rt::TokioIo;
+use tokio::{io::Interest, net::TcpStream, sync::watch, time::Instant};
+use tracing::debug;
+
+use super::{
+    super::{
+        admission::Permit,
+        io::{Activity, Parkable, StallGuard},
+        request::{self, Client},
+        shared::Shared,
+    },
+    Listener, Phase,
+    lot::{Lot, Parked},
+};
+
+/// How long an HTTP/1 client connection is quiet (no byte read or written, no request
+/// running) before it is parked; it is parked within twice this.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a connection that sent part of the HTTP/2 preface is looked at again.
+const PREFACE_POLL: Duration = Duration::from_millis(5);
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+type Socket = StallGuard<TcpStream>;
+
+/// Serves a plain client connection until it ends or is parked.
+pub(super) async fn serve(
+    stream: TcpStream,
+    client: Arc<Client>,
+    permit: Permit,
+    shared: Arc<Shared>,
+    lot: Lot,
+) {
+    let mut phase = client.drain.phase.clone();
+    let (header_timeout, write_timeout) = {
+        let rt = shared.runtime.load();
+        let ds = &rt.settings.downstream;
+        (ds.header_read_timeout, ds.write_timeout)
+    };
+    let deadline = Instant::now() + header_timeout;
+    let parked = shared.admission.park();
+    if !wait(&stream, deadline, &mut phase).await {
+        return;
+    }
+    drop(parked);
+    match opens_with_h2_preface(&stream, deadline).await {
+        None => {}
+        Some(true) => {
+            let serve = super::serve(StallGuard::new(stream, write_timeout), client, shared);
+            // Boxed: the connection's task stays small for the common case, HTTP/1.
+            Box::pin(serve).await;
+            drop(permit);
+        }
+        Some(false) => {
+            let io = StallGuard::new(stream, write_timeout);
+            serve_h1(io, client, permit, shared, lot, phase).await;
+        }
+    }
+}
+
+/// Serves a connection the lot woke up: its client sent something, or closed.
+pub(super) async fn resume(
+    stream: TcpStream,
+    client: Arc<Client>,
+    permit: Permit,
+    shared: Arc<Shared>,
+    lot: Lot,
+) {
+    let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
+    let phase = client.drain.phase.clone();
+    let io = StallGuard::new(stream, write_timeout);
+    serve_h1(io, client, permit, shared, lot, phase).await;
+}
+
+/// One hyper HTTP/1 connection after another on one socket, until it ends or is parked (in
+/// the worker's lot, which ends this task).
+async fn serve_h1(
+    mut io: Socket,
+    client: Arc<Client>,
+    permit: Permit,
+    shared: Arc<Shared>,
+    lot: Lot,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let (shared, client, activity) = (shared.clone(), client.clone(), activity.clone());
+        service_fn(move |req| request::handle(shared.clone(), client.clone(), req, activity.busy()))
+    };
+    let mut pending = Bytes::new();
+    loop {
+        let (builder, header_timeout) = {
+            let rt = shared.runtime.load();
+            (rt.http1.clone(), rt.settings.downstream.header_read_timeout)
+        };
+        activity.set_parking(false);
+        // Part of a head carried over: not parked again until that request starts, so that
+        // the head's read timeout restarts at most once.
+        let park_after_request = (!pending.is_empty()).then(|| activity.requests());
+        let io_ = Parkable::new(io, std::mem::take(&mut pending), activity.clone());
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io_), svc.clone())
+                .with_upgrades(),
+        );
+        let parked_at = drive(
+            &mut conn,
+            &activity,
+            park_after_request,
+            &mut phase,
+            client.addr,
+        );
+        let Some(parked_at) = parked_at.await else {
+            return;
+        };
+        let Some(parts) = conn.into_parts() else {
+            // Upgraded: the tunnel has the socket, and shuts it down when it ends.
+            activity.set_parking(false);
+            return;
+        };
+        let (socket, unread) = parts.io.into_inner().into_inner();
+        io = socket;
+        pending = leftover(parts.read_buf, unread);
+        if pending.is_empty() {
+            // Quiet since at least `PARK_AFTER` before: hyper's head-read timeout ran from then.
+            let deadline = parked_at - PARK_AFTER + header_timeout;
+            let Ok(stream) = io.into_inner().into_std() else {
+                return;
+            };
+            // A lot that is gone (the drain started) closes the connection.
+            let _ = lot.park(Parked {
+                stream,
+                peer: client.addr,
+                on: Listener::of(&client),
+                permit,
+                deadline,
+            });
+            return;
+        }
+    }
+}
+
+/// Polls hyper's connection until it ends (`None`), or until it stopped to be parked, having
+/// been quiet since [`PARK_AFTER`] before the returned instant. With `park_after_request`,
+/// only once more requests than that have started.
+async fn drive<S>(
+    conn: &mut UpgradeableConnection<TokioIo<Parkable<Socket>>, S>,
+    activity: &Activity,
+    park_after_request: Option<u64>,
+    phase: &mut watch::Receiver<Phase>,
+    peer: std::net::SocketAddr,
+) -> Option<Instant>
+where
+    S: HttpService<Incoming, ResBody = crate::proxy::response_body::ResponseBody> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut seen = activity.ticks();
+    let mut check = Instant::now() + PARK_AFTER;
+    let mut parked_at = None;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = &mut *conn => {
+                if let Err(e) = r {
+                    debug!(client = %peer, error = %e, "client connection ended with an error");
+                    return None;
+                }
+                return if closing { None } else { parked_at };
+            }
+            _ = tokio::time::sleep_until(check), if parked_at.is_none() && !closing => {
+                let ticks = activity.ticks();
+                let may = park_after_request.is_none_or(|r| activity.requests() > r);
+                if ticks == seen && activity.idle() && may {
+                    activity.set_parking(true);
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                    parked_at = Some(Instant::now());
+                } else {
+                    seen = ticks;
+                    check = Instant::now() + PARK_AFTER;
+                }
+            }
+            changed = phase.changed() => {
+                let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
+                match p {
+                    // HTTP/1 connections close after their next response instead: closing an
+                    // idle one now would race the request its client may be sending.
+                    Phase::Run | Phase::Deregister => {}
+                    // Not cut off before its first request: it is served, with
+                    // `Connection: close` (see `super::serve`).
+                    Phase::Drain if activity.requests() == 0 => {}
+                    Phase::Drain if !closing => {
+                        activity.set_parking(false);
+                        std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                        closing = true;
+                    }
+                    Phase::Drain => {}
+                    Phase::Force => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Waits, holding no buffer, until the client sends its first bytes or closes (`true`), or
+/// gives up at `deadline` or when the drain is forced (`false`). The drain itself does not end
+/// the wait: a connection accepted just before it is served once, with `Connection: close`.
+async fn wait(stream: &TcpStream, deadline: Instant, phase: &mut watch::Receiver<Phase>) -> bool {
+    if *phase.borrow_and_update() == Phase::Force {
+        return false;
+    }
+    loop {
+        tokio::select! {
+            r = stream.readable() => match r {
+                Ok(()) if !spoke(stream) => {}
+                _ => return true,
+            },
+            _ = tokio::time::sleep_until(deadline) => return false,
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Force {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the client sent a byte or closed, after tokio said the socket is readable (which
+/// it may say when it is not: a freshly accepted socket here often is); `false` clears that
+/// readiness, so that the next wait waits.
+fn spoke(stream: &TcpStream) -> bool {
+    let peeked = stream.try_io(Interest::READABLE, || {
+        let mut byte = 0u8;
+        // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor
+        // consumes.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    });
+    !matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Whether the connection opens with the HTTP/2 connection preface (prior knowledge), read
+/// with `MSG_PEEK` so that the server reads it again; `None` when it closed or did not finish
+/// the question by `deadline`.
+async fn opens_with_h2_preface(stream: &TcpStream, deadline: Instant) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A beginning of the preface: a peek leaves the socket readable, so look again later.
+        if Instant::now() + PREFACE_POLL > deadline {
+            return None;
+        }
+        tokio::time::sleep(PREFACE_POLL).await;
+    }
+}
+
+/// What hyper had read and not parsed, then what it had not read of the previous leftover,
+/// copied: even an empty `Bytes` split from hyper's read buffer keeps all 8 KiB of it.
+fn leftover(read_buf: Bytes, unread: Bytes) -> Bytes {
+    if read_buf.is_empty() && unread.is_empty() {
+        return Bytes::new();
+    }
+    let mut b = BytesMut::with_capacity(read_buf.len() + unread.len());
+    b.extend_from_slice(&read_buf);
+    b.extend_from_slice(&unread);
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftover_keeps_the_order_of_the_bytes() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(
+            leftover(b("GET / HT"), b("TP/1.1\r\n")),
+            b("GET / HTTP/1.1\r\n")
+        );
+        assert_eq!(leftover(b(""), b("x")), b("x"));
+        assert_eq!(leftover(b("x"), b("")), b("x"));
+    }
+}
