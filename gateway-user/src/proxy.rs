@@ -8,7 +8,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `server` | client listeners and connections, the drain |
+//! | `server` | client listeners and connections, the drain; idle plain HTTP/1 connections parked outside hyper in each worker's lot (`server::park`, `server::lot`) |
 //! | `admission` | `max_client_connections`, `max_accepts_per_second`, out of file descriptors: who is served, what the others get |
 //! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
 //! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |

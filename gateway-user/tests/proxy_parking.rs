@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
-    http::{client, get},
+    http::{client, get, read_message},
     inprocess::{InProcess, gateway},
     peers::*,
     tempdir::temp_dir,
@@ -53,36 +53,12 @@ async fn wait_parked(gw: &InProcess, n: f64) -> Duration {
     start.elapsed()
 }
 
-/// Reads one response (head and a `content-length` body) from `s`; its head.
+/// One response (head and a `content-length` body) from `s`; its head.
 async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let l = l.to_ascii_lowercase();
-                    l.strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                buf.drain(..end + 4 + len);
-                return head;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("a response within 5 s")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed; read so far: {}",
-            String::from_utf8_lossy(buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    tokio::time::timeout(Duration::from_secs(5), read_message(s, buf))
+        .await
+        .expect("a response within 5 s")
+        .unwrap_or_else(|| panic!("closed; read so far: {}", String::from_utf8_lossy(buf)))
 }
 
 const GET: &[u8] = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n";

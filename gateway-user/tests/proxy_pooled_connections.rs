@@ -22,15 +22,12 @@ use std::{
 };
 
 use gateway_testkit::{
-    http::{client, full, get, send},
+    http::{client, full, get, read_message, send},
     inprocess::gateway,
     tempdir::temp_dir,
 };
 use http::{Request, StatusCode};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 
 /// What the scripted upstream saw.
 #[derive(Default)]
@@ -40,39 +37,6 @@ struct Seen {
     connections: AtomicUsize,
     /// POST ids (the request path), with how often each arrived.
     posts: Mutex<HashMap<String, usize>>,
-}
-
-/// Reads one request head (and a `Content-Length` body); `None` at EOF.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            buf.drain(..end + 4 + len);
-            return Some(head);
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// An HTTP/1.1 upstream that answers each connection's first `n - 1` requests and, on the
@@ -90,7 +54,7 @@ async fn reset_every_nth(n: usize) -> (SocketAddr, Arc<Seen>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 for k in 1.. {
-                    let Some(head) = read_request(&mut stream, &mut buf).await else {
+                    let Some(head) = read_message(&mut stream, &mut buf).await else {
                         return;
                     };
                     s.requests.fetch_add(1, Ordering::SeqCst);

@@ -1,7 +1,8 @@
 //! Clients for a gateway on loopback: hyper's (HTTP/1.1 or HTTP/2, request bodies of any
-//! size, read to the end into a [`Got`]), raw bytes on a fresh connection, and one blocking
-//! request per connection ([`request_once`]) for synchronous tests, admin reads and the
-//! readiness check: `Connection: close`, no client pool in the way.
+//! size, read to the end into a [`Got`]), raw bytes on a fresh connection, one message read
+//! off a raw connection ([`read_message`], for tests that hold the socket themselves), and one
+//! blocking request per connection ([`request_once`]) for synchronous tests, admin reads and
+//! the readiness check: `Connection: close`, no client pool in the way.
 
 use std::{
     io::{Read as _, Write as _},
@@ -205,4 +206,34 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Reads one HTTP/1 message off `s` (its head, and a `Content-Length` body), taking it from
+/// the front of `buf`, which keeps what was read beyond it; the head, or `None` at EOF or on
+/// a read error.
+pub async fn read_message(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return Some(head);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }

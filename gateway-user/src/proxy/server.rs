@@ -6,7 +6,9 @@
 //! single-threaded tokio runtime and its own `SO_REUSEPORT` socket per listen address, so the
 //! kernel spreads connections over workers and a connection, its requests and their upstream
 //! connections stay on one thread (no cross-thread wake-ups, no work stealing). Tests run the
-//! same worker as a task on their own runtime.
+//! same worker as a task on their own runtime. A plain HTTP/1 connection that goes idle is
+//! parked: its socket waits in the worker's parking lot with no task and no hyper connection
+//! (`park`, `lot`).
 //!
 //! Shutdown has up to three steps, driven by a `watch` of [`Phase`]: `Deregister` (the drain
 //! delay, while load balancers take the host out) still accepts, but moves clients elsewhere:

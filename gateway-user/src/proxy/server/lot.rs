@@ -12,7 +12,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BTreeSet, BinaryHeap},
     net::SocketAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
@@ -75,7 +75,11 @@ struct Entry {
 
 struct Slab {
     entries: Vec<Option<Entry>>,
-    free: Vec<u32>,
+    /// Free slots; the lowest is taken first, so that the entries stay at the front and the
+    /// array shrinks after a burst.
+    free: BTreeSet<u32>,
+    /// Entries in use.
+    used: usize,
     generation: u32,
     /// Deadlines, the earliest first; an entry that left before its deadline is skipped by
     /// its generation.
@@ -83,9 +87,19 @@ struct Slab {
 }
 
 impl Slab {
+    fn new() -> Slab {
+        Slab {
+            entries: Vec::new(),
+            free: BTreeSet::new(),
+            used: 0,
+            generation: 0,
+            deadlines: BinaryHeap::new(),
+        }
+    }
+
     fn insert(&mut self, conn: Parked, counted: admission::Parked) -> (u32, u32) {
         self.generation = self.generation.wrapping_add(1);
-        let slot = self.free.pop().unwrap_or_else(|| {
+        let slot = self.free.pop_first().unwrap_or_else(|| {
             self.entries.push(None);
             (self.entries.len() - 1) as u32
         });
@@ -96,6 +110,7 @@ impl Slab {
             generation: self.generation,
             _counted: counted,
         });
+        self.used += 1;
         (slot, self.generation)
     }
 
@@ -104,8 +119,33 @@ impl Slab {
         if e.as_ref().is_none_or(|e| e.generation != generation) {
             return None;
         }
-        self.free.push(slot);
-        e.take().map(|e| e.conn)
+        let conn = e.take().map(|e| e.conn);
+        self.used -= 1;
+        self.free.insert(slot);
+        self.shrink();
+        conn
+    }
+
+    /// Gives back what a burst of parked connections left behind: the free entries at the
+    /// end of the array, and the deadlines of entries that are gone.
+    fn shrink(&mut self) {
+        while matches!(self.entries.last(), Some(None)) {
+            self.entries.pop();
+            self.free.remove(&(self.entries.len() as u32));
+        }
+        if self.entries.capacity() > 64 && self.entries.capacity() > 4 * self.entries.len() {
+            self.entries.shrink_to(2 * self.entries.len());
+        }
+        if self.deadlines.len() > 64 && self.deadlines.len() > 4 * self.used {
+            let entries = &self.entries;
+            self.deadlines.retain(|Reverse((_, slot, generation))| {
+                entries
+                    .get(*slot as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|e| e.generation == *generation)
+            });
+            self.deadlines.shrink_to(2 * self.deadlines.len());
+        }
     }
 
     /// Closes the connections whose deadline passed; the next deadline.
@@ -155,8 +195,8 @@ impl Epoll {
         Ok(())
     }
 
-    /// The keys of the sockets that are ready, without waiting; empty when none is.
-    fn ready(&self, out: &mut Vec<u64>) {
+    /// The keys and events of the sockets that are ready, without waiting; empty when none is.
+    fn ready(&self, out: &mut Vec<(u64, u32)>) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
             // SAFETY: `events` has room for `events.len()` entries; timeout 0 never blocks.
@@ -172,7 +212,7 @@ impl Epoll {
                 return;
             }
             let n = n as usize;
-            out.extend(events[..n].iter().map(|e| e.u64));
+            out.extend(events[..n].iter().map(|e| (e.u64, e.events)));
             if n < events.len() {
                 return;
             }
@@ -192,12 +232,7 @@ async fn run(
     lot: Lot,
 ) {
     let mut phase = drain.phase.clone();
-    let mut slab = Slab {
-        entries: Vec::new(),
-        free: Vec::new(),
-        generation: 0,
-        deadlines: BinaryHeap::new(),
-    };
+    let mut slab = Slab::new();
     let mut next: Option<Instant> = None;
     let mut keys = Vec::new();
     loop {
@@ -223,8 +258,13 @@ async fn run(
                 if keys.is_empty() {
                     guard.clear_ready();
                 }
-                for &k in &keys {
+                for &(k, events) in &keys {
                     if let Some(p) = slab.take(k as u32, (k >> 32) as u32) {
+                        if closed(&p.stream, events) {
+                            // Dropped: closed here, without a task and a parser to read the EOF
+                            // (a burst of clients going away would otherwise start one each).
+                            continue;
+                        }
                         let _ = ep.ctl(libc::EPOLL_CTL_DEL, p.stream.as_raw_fd(), 0);
                         wake(p, &shared, &drain, &lot);
                     }
@@ -240,6 +280,26 @@ async fn run(
             }
         }
     }
+}
+
+/// Whether the client closed (or reset) the connection and left nothing to read: a hang-up
+/// event, and a peek that finds the end of the stream or an error.
+fn closed(stream: &std::net::TcpStream, events: u32) -> bool {
+    let hangup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    if events & hangup == 0 {
+        return false;
+    }
+    let mut byte = 0u8;
+    // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor consumes.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n <= 0
 }
 
 /// Hands a connection whose client sent something (or closed) back to tokio and serves it.

@@ -72,11 +72,9 @@ pub(super) async fn serve(
     };
     let deadline = Instant::now() + header_timeout;
     let parked = shared.admission.park();
-    if !wait(&stream, deadline, &mut phase).await {
-        return;
-    }
+    let h2 = first_bytes(&stream, deadline, &mut phase).await;
     drop(parked);
-    match opens_with_h2_preface(&stream, deadline).await {
+    match h2 {
         None => {}
         Some(true) => {
             let serve = super::serve(StallGuard::new(stream, write_timeout), client, shared);
@@ -234,63 +232,39 @@ where
     }
 }
 
-/// Waits, holding no buffer, until the client sends its first bytes or closes (`true`), or
-/// gives up at `deadline` or when the drain is forced (`false`). The drain itself does not end
-/// the wait: a connection accepted just before it is served once, with `Connection: close`.
-async fn wait(stream: &TcpStream, deadline: Instant, phase: &mut watch::Receiver<Phase>) -> bool {
+/// Waits, holding no buffer, for the client's first bytes, and says whether they are the
+/// HTTP/2 connection preface (prior knowledge), read with `MSG_PEEK` so that the server reads
+/// them again. `None`: the client closed, sent nothing by `deadline`, or the drain was forced.
+/// The drain itself does not end the wait: a connection accepted just before it is served
+/// once, with `Connection: close`.
+async fn first_bytes(
+    stream: &TcpStream,
+    deadline: Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<bool> {
     if *phase.borrow_and_update() == Phase::Force {
-        return false;
+        return None;
     }
-    loop {
-        tokio::select! {
-            r = stream.readable() => match r {
-                Ok(()) if !spoke(stream) => {}
-                _ => return true,
-            },
-            _ = tokio::time::sleep_until(deadline) => return false,
-            changed = phase.changed() => {
-                if changed.is_err() || *phase.borrow() == Phase::Force {
-                    return false;
-                }
-            }
-        }
-    }
-}
-
-/// Whether the client sent a byte or closed, after tokio said the socket is readable (which
-/// it may say when it is not: a freshly accepted socket here often is); `false` clears that
-/// readiness, so that the next wait waits.
-fn spoke(stream: &TcpStream) -> bool {
-    let peeked = stream.try_io(Interest::READABLE, || {
-        let mut byte = 0u8;
-        // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor
-        // consumes.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    });
-    !matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// Whether the connection opens with the HTTP/2 connection preface (prior knowledge), read
-/// with `MSG_PEEK` so that the server reads it again; `None` when it closed or did not finish
-/// the question by `deadline`.
-async fn opens_with_h2_preface(stream: &TcpStream, deadline: Instant) -> Option<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
+        tokio::select! {
+            r = stream.readable() => r.ok()?,
+            _ = tokio::time::sleep_until(deadline) => return None,
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Force {
+                    return None;
+                }
+                continue;
+            }
+        }
+        // tokio may say readable when it is not (a freshly accepted socket here often is):
+        // a peek that would block clears that, and the loop waits again.
+        let n = match stream.try_io(Interest::READABLE, || peek(stream, &mut buf)) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // hyper meets the error and ends the connection.
+            Err(_) => return Some(false),
         };
         if buf[..n] != H2_PREFACE[..n] {
             return Some(false);
@@ -298,12 +272,24 @@ async fn opens_with_h2_preface(stream: &TcpStream, deadline: Instant) -> Option<
         if n == H2_PREFACE.len() {
             return Some(true);
         }
-        // A beginning of the preface: a peek leaves the socket readable, so look again later.
-        if Instant::now() + PREFACE_POLL > deadline {
-            return None;
-        }
+        // A beginning of the preface: the socket stays readable, so look again later.
         tokio::time::sleep(PREFACE_POLL).await;
     }
+}
+
+/// A non-blocking `MSG_PEEK` of up to `buf.len()` bytes.
+fn peek(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is writable for its length; MSG_PEEK | MSG_DONTWAIT neither blocks nor
+    // consumes.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// What hyper had read and not parsed, then what it had not read of the previous leftover,
