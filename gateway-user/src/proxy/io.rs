@@ -152,6 +152,12 @@ pub(crate) struct Activity {
     requests: AtomicU64,
     /// The connection is being parked: a shutdown of the socket is not passed on.
     parking: AtomicBool,
+    /// The last request came with a body: the connection is not parked (hyper may not have
+    /// read all of it, and what is left must never be read as a request).
+    had_body: AtomicBool,
+    /// Bytes were read since the last request started: part of the next head, which hyper
+    /// will not give up (asked to stop, it would serve that request with `Connection: close`).
+    read_since_request: AtomicBool,
 }
 
 impl Activity {
@@ -165,17 +171,21 @@ impl Activity {
         self.ticks.load(Ordering::Relaxed)
     }
 
-    /// No request running.
+    /// No request running, the last one had no body, and nothing was read since it started.
     pub fn idle(&self) -> bool {
         self.busy.load(Ordering::Relaxed) == 0
+            && !self.had_body.load(Ordering::Relaxed)
+            && !self.read_since_request.load(Ordering::Relaxed)
     }
 
     pub fn set_parking(&self, on: bool) {
         self.parking.store(on, Ordering::Relaxed);
     }
 
-    /// A request starts; it counts as running until the guard is dropped.
-    pub fn busy(self: &Arc<Self>) -> Busy {
+    /// A request starts (with a body or not); it counts as running until the guard is dropped.
+    pub fn busy(self: &Arc<Self>, has_body: bool) -> Busy {
+        self.had_body.store(has_body, Ordering::Relaxed);
+        self.read_since_request.store(false, Ordering::Relaxed);
         self.busy
             .store(self.busy.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         self.requests
@@ -249,6 +259,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if buf.filled().len() > before {
             this.activity.tick();
+            this.activity
+                .read_since_request
+                .store(true, Ordering::Relaxed);
         }
         Poll::Ready(Ok(()))
     }

@@ -15,18 +15,22 @@
 //! waits for its first bytes with no hyper connection either; they also tell HTTP/1 from
 //! HTTP/2 with prior knowledge (served as before, never parked).
 //!
-//! What it cannot change: a request in flight, a response being written and an upgraded
-//! connection are never parked (a request counts as running until its service future ends;
-//! an upgrade hands the socket to the tunnel), and bytes hyper read beyond a request (part of
-//! the next head) are handed to the next hyper connection first. Such a connection is not
-//! parked again until that request starts, so its head-read timeout restarts at most once.
-//! HTTPS connections are not parked: rustls keeps its own buffers per connection.
+//! What is never parked: a request in flight or a response being written (a request counts
+//! as running until its service future ends), an upgraded connection (the tunnel owns the
+//! socket), a connection whose last request had a body (hyper may not have read all of it,
+//! and what is left must never be read as a request), and one that sent part of its next
+//! head (hyper will not give it up: asked to stop, it serves that request with `Connection:
+//! close`). A connection that does not end with no more I/O once asked to stop was busy after
+//! all: hyper finished it and meant to close it, and it is closed. Bytes hyper read but did
+//! not parse are handed to the next hyper connection first; such a connection is not parked
+//! again until that request starts. HTTPS connections are not parked: rustls keeps its own
+//! buffers per connection.
 
 use std::{os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use hyper::{
-    body::Incoming,
+    body::{Body as _, Incoming},
     server::conn::http1::UpgradeableConnection,
     service::{HttpService, service_fn},
 };
@@ -116,7 +120,10 @@ async fn serve_h1(
     let activity = Arc::new(Activity::default());
     let svc = {
         let (shared, client, activity) = (shared.clone(), client.clone(), activity.clone());
-        service_fn(move |req| request::handle(shared.clone(), client.clone(), req, activity.busy()))
+        service_fn(move |req: http::Request<Incoming>| {
+            let busy = activity.busy(!req.body().is_end_stream());
+            request::handle(shared.clone(), client.clone(), req, busy)
+        })
     };
     let mut pending = Bytes::new();
     loop {
@@ -187,7 +194,8 @@ where
 {
     let mut seen = activity.ticks();
     let mut check = Instant::now() + PARK_AFTER;
-    let mut parked_at = None;
+    // When the connection was asked to stop for parking, and its I/O count then.
+    let mut parking: Option<(Instant, u64)> = None;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -196,15 +204,21 @@ where
                     debug!(client = %peer, error = %e, "client connection ended with an error");
                     return None;
                 }
-                return if closing { None } else { parked_at };
+                // An idle connection ends with no more I/O. One that read or wrote after it
+                // was asked to stop was busy after all (a response still being flushed): hyper
+                // finished it and meant to close it, as it would have without parking.
+                return match parking {
+                    Some((at, t)) if !closing && activity.ticks() == t => Some(at),
+                    _ => None,
+                };
             }
-            _ = tokio::time::sleep_until(check), if parked_at.is_none() && !closing => {
+            _ = tokio::time::sleep_until(check), if parking.is_none() && !closing => {
                 let ticks = activity.ticks();
                 let may = park_after_request.is_none_or(|r| activity.requests() > r);
                 if ticks == seen && activity.idle() && may {
                     activity.set_parking(true);
                     std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    parked_at = Some(Instant::now());
+                    parking = Some((Instant::now(), ticks));
                 } else {
                     seen = ticks;
                     check = Instant::now() + PARK_AFTER;
