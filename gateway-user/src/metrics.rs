@@ -7,11 +7,10 @@
 //! label. Kernel-sourced families say so in their help text. Series of routes, clusters and
 //! endpoints that are gone (a reload, a DNS change) are removed (`proxy::telemetry::series`).
 //!
-//! Help texts are written as sentences ending in one period; the registry adds its own, so
-//! [`register`] takes ours off (a test checks that no `# HELP` line ends in `..`).
-//!
-//! `gateway_build_info` and the `process_*` family (the names every Prometheus client library
-//! exports, so existing dashboards work) are shared with `gateway observe` ([`process`]).
+//! Help texts are sentences ending in one period, which [`register`] takes off (the registry
+//! adds its own; a test checks that no `# HELP` line ends in `..`). `gateway_build_info` and
+//! the `process_*` family (the names every Prometheus client library exports, so existing
+//! dashboards work) are shared with `gateway observe` ([`process`]).
 
 pub mod process;
 
@@ -405,10 +404,9 @@ impl GatewayMetrics {
             accept_errors: Family::default(),
         };
         use field_index as f;
-        let doc = |i: usize| CATALOGUE[i];
         macro_rules! reg {
             ($i:expr, $metric:expr) => {{
-                let d = doc($i);
+                let d = CATALOGUE[$i];
                 register(registry, d.name, d.help, $metric.clone());
             }};
         }
