@@ -307,6 +307,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
     }
 }
 
+/// A non-blocking `MSG_PEEK` of up to `buf.len()` bytes of socket `fd` (0: the peer closed).
+/// A peek never consumes data, so even a stale descriptor number could not disturb another
+/// socket.
+pub(crate) fn peek(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length; MSG_PEEK | MSG_DONTWAIT neither blocks nor
+    // consumes.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Whether an error chain contains a [`WriteStalled`].
 pub(crate) fn is_write_stall(err: &(dyn std::error::Error + 'static)) -> Option<Duration> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);

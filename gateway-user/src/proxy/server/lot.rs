@@ -26,7 +26,7 @@ use tokio::{
 use tracing::warn;
 
 use super::{
-    super::{admission, shared::Drain},
+    super::{admission, io::peek, shared::Drain},
     Listener, Phase, Shared, park,
 };
 
@@ -289,17 +289,7 @@ fn closed(stream: &std::net::TcpStream, events: u32) -> bool {
     if events & hangup == 0 {
         return false;
     }
-    let mut byte = 0u8;
-    // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor consumes.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n <= 0
+    !matches!(peek(stream.as_raw_fd(), &mut [0u8]), Ok(1..))
 }
 
 /// Hands a connection whose client sent something (or closed) back to tokio and serves it.

@@ -41,7 +41,7 @@ use tracing::debug;
 use super::{
     super::{
         admission::Permit,
-        io::{Activity, Parkable, StallGuard},
+        io::{Activity, Parkable, StallGuard, peek},
         request::{self, Client},
         shared::Shared,
     },
@@ -273,7 +273,7 @@ async fn first_bytes(
         }
         // tokio may say readable when it is not (a freshly accepted socket here often is):
         // a peek that would block clears that, and the loop waits again.
-        let n = match stream.try_io(Interest::READABLE, || peek(stream, &mut buf)) {
+        let n = match stream.try_io(Interest::READABLE, || peek(stream.as_raw_fd(), &mut buf)) {
             Ok(0) => return None,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -289,21 +289,6 @@ async fn first_bytes(
         // A beginning of the preface: the socket stays readable, so look again later.
         tokio::time::sleep(PREFACE_POLL).await;
     }
-}
-
-/// A non-blocking `MSG_PEEK` of up to `buf.len()` bytes.
-fn peek(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is writable for its length; MSG_PEEK | MSG_DONTWAIT neither blocks nor
-    // consumes.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// What hyper had read and not parsed, then what it had not read of the previous leftover,

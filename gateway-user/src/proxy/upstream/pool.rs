@@ -241,24 +241,8 @@ fn socket_cookie(fd: RawFd) -> Option<u64> {
 /// was idle: a non-blocking peek of one byte. A peek never consumes data, so even a stale fd
 /// number could not disturb another socket.
 fn peer_spoke(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte writable buffer; MSG_PEEK | MSG_DONTWAIT neither blocks nor consumes.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        // 0: FIN; > 0: stray bytes (a late or unsolicited response).
-        0.. => true,
-        _ => !matches!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::EAGAIN)
-        ),
-    }
+    // 0: FIN; > 0: stray bytes (a late or unsolicited response); an error other than EAGAIN.
+    !matches!(crate::proxy::io::peek(fd, &mut [0u8]), Err(e) if e.raw_os_error() == Some(libc::EAGAIN))
 }
 
 pub(crate) struct IdlePool {
