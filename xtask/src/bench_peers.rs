@@ -40,6 +40,8 @@ pub struct Peers {
     scheme: Scheme,
     /// A second gateway, with the kernel observer off ([`Peers::add_gateway_without_observer`]).
     without_observer: Option<(Proc, u16)>,
+    /// The bare hyper proxy ([`Peers::add_floor`]).
+    floor: Option<(Proc, u16)>,
 }
 
 impl Peers {
@@ -96,6 +98,7 @@ impl Peers {
             ports: [p_gw, p_nginx, p_haproxy],
             scheme,
             without_observer: None,
+            floor: None,
         })
     }
 
@@ -120,6 +123,22 @@ impl Peers {
         let mut proc = spawn_gateway("gateway (observer off)", gateway_bin, &conf)?;
         wait_ready("gateway (observer off)", self.scheme, port, &mut proc)?;
         self.without_observer = Some((proc, port));
+        Ok(())
+    }
+
+    /// Starts the bare hyper proxy (gateway-user/examples/hyper_floor.rs) on the same
+    /// upstreams: the target `hyper-floor`, what a proxy on hyper and tokio costs with nothing
+    /// of the gateway's own per-request work. Plain HTTP only.
+    pub fn add_floor(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("127.0.0.1:{port}"));
+        for p in &self.upstream_ports {
+            cmd.arg(format!("127.0.0.1:{p}"));
+        }
+        let mut proc = spawn_proc("hyper-floor", &mut cmd)?;
+        wait_ready("hyper-floor", Scheme::Http, port, &mut proc)?;
+        self.floor = Some((proc, port));
         Ok(())
     }
 
@@ -150,6 +169,13 @@ impl Peers {
                 },
             );
         }
+        if let Some((proc, port)) = &self.floor {
+            targets.push(Target {
+                name: "hyper-floor",
+                url: crate::bench::url(self.scheme, *port),
+                pids: vec![proc.pid()],
+            });
+        }
         targets
     }
 
@@ -158,7 +184,10 @@ impl Peers {
         for p in [&mut self.gateway, &mut self.nginx, &mut self.haproxy] {
             p.check_alive()?;
         }
-        if let Some((p, _)) = &mut self.without_observer {
+        for (p, _) in [&mut self.without_observer, &mut self.floor]
+            .into_iter()
+            .flatten()
+        {
             p.check_alive()?;
         }
         Ok(())

@@ -14,6 +14,12 @@
 //! (`bench_proxy_ws`): messages per second through each proxy to one echo upstream; `--no-ws`
 //! leaves it out.
 //!
+//! `--floor` adds `hyper-floor` (gateway-user/examples/hyper_floor.rs): a bare reverse proxy on
+//! the same hyper and tokio, shaped like the gateway (a current-thread runtime and a
+//! `SO_REUSEPORT` listener per core, keep-alive pools per worker) but doing nothing else. The
+//! `gateway/hyper-floor` ratio is what the gateway's own per-request work costs, apart from
+//! its HTTP library and runtime.
+//!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
 //! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
@@ -27,9 +33,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let h2 = !args.iter().any(|a| a == "--no-h2");
     let ws = !args.iter().any(|a| a == "--no-ws");
     let observer_off = !args.iter().any(|a| a == "--no-observer-off");
+    let floor = args.iter().any(|a| a == "--floor");
     let args: Vec<String> = args
         .iter()
-        .filter(|a| !matches!(a.as_str(), "--no-h2" | "--no-ws" | "--no-observer-off"))
+        .filter(|a| {
+            !matches!(
+                a.as_str(),
+                "--no-h2" | "--no-ws" | "--no-observer-off" | "--floor"
+            )
+        })
         .cloned()
         .collect();
     let o = Options::parse(&args)?;
@@ -43,6 +55,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut peers = Peers::start(&dir, &gateway, None)?;
     if observer_off {
         peers.add_gateway_without_observer(&dir, &gateway)?;
+    }
+    if floor {
+        peers.add_floor(&crate::release_floor()?)?;
     }
     let targets = peers.targets();
     println!(

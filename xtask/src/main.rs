@@ -169,6 +169,24 @@ pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std
     Ok(target.join("release/gateway"))
 }
 
+/// The bare hyper proxy `bench proxy --floor` measures beside the gateway
+/// (gateway-user/examples/hyper_floor.rs), built like the gateway: `--release`.
+pub fn release_floor() -> anyhow::Result<std::path::PathBuf> {
+    let root = workspace_root();
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--example",
+        "hyper_floor",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/examples/hyper_floor"))
+}
+
 /// This xtask binary, to run one of its hidden commands in a child (`bench-client`,
 /// `bench-spray`): `/proc/self/exe`, not `current_exe()`. Under `./dev test` cargo may relink
 /// xtask while it runs, which leaves `current_exe()` naming a deleted file ("… (deleted)":
