@@ -346,8 +346,11 @@ async fn await_head<F: Future<Output = SendResult>>(
     let response_deadline = sent + response_timeout;
     let until = response_deadline.min(plan.deadline);
     let _awaiting = ep.latency.awaiting(sent);
+    // The first look is due a check's time after the sending (`sent` is now or a few
+    // microseconds ago: no need to read the clock again), the next ones a check's time apart.
+    let mut next_look = sent + HOST_DIED_CHECK;
     loop {
-        let slice = (Instant::now() + HOST_DIED_CHECK).min(until);
+        let slice = next_look.min(until);
         match tokio::time::timeout_at(slice, send.as_mut()).await {
             Ok(r) => {
                 if r.is_ok() {
@@ -373,6 +376,7 @@ async fn await_head<F: Future<Output = SendResult>>(
                     return Err(Failed::new(error, delivery, None));
                 }
                 note_stall(cluster, ep, on);
+                next_look = Instant::now() + HOST_DIED_CHECK;
             }
         }
     }
