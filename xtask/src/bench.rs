@@ -258,6 +258,8 @@ pub struct Load {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub rps: f64,
+    /// Requests completed ("N requests in …").
+    pub requests: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
@@ -285,6 +287,8 @@ fn parse_wrk(text: &str) -> Sample {
         let t = line.trim();
         if let Some(v) = t.strip_prefix("Requests/sec:") {
             s.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some((n, _)) = t.split_once(" requests in ") {
+            s.requests = n.trim().parse().unwrap_or(0);
         } else if let Some(v) = t.strip_prefix("50%") {
             s.p50_ms = parse_latency(v).unwrap_or(f64::NAN);
         } else if let Some(v) = t.strip_prefix("99%") {
@@ -482,6 +486,7 @@ mod tests {
                     \x20 Non-2xx or 3xx responses: 4\nRequests/sec:   1000.50\n";
         let s = parse_wrk(text);
         assert_eq!(s.rps, 1000.5);
+        assert_eq!(s.requests, 1000);
         assert_eq!((s.p50_ms, s.p99_ms), (1.5, 12.0));
         assert_eq!(s.errors, 9);
     }

@@ -205,7 +205,7 @@ impl Peers {
     }
 }
 
-fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
+pub(crate) fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
     let mut servers = String::new();
     for p in ports {
         let _ = writeln!(
@@ -263,7 +263,7 @@ fn haproxy_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     )
 }
 
-fn gateway_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
+pub(crate) fn gateway_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     let eps: Vec<String> = ups.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     // Both listeners are set: the gateway's plain listener is never driven when TLS is on.
     let (listen, tls_lines) = match tls {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_faults;
+mod bench_instructions;
 mod bench_observer;
 mod bench_peers;
 mod bench_profile;
@@ -459,8 +460,9 @@ fn main() -> ExitCode {
             "tls" => bench_tls::run(&args),
             "faults" => bench_faults::run(&args),
             "profile" => bench_profile::run(&args),
+            "instructions" => bench_instructions::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer, proxy, tls, faults or profile"
+                "unknown benchmark {other}; choose observer, proxy, tls, faults, profile or instructions"
             )),
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),

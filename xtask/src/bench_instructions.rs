@@ -1,0 +1,320 @@
+//! `cargo xtask bench instructions`: user-space instructions per proxied request, counted by
+//! valgrind's callgrind, for the gateway and for the bare hyper proxy beside it
+//! (gateway-user/examples/hyper_floor.rs).
+//!
+//! Rates and CPU time on a shared two-core machine move by several per cent from run to run;
+//! an instruction count moves by a few per mille, so a change of 1 % in the request path shows.
+//! Each proxy runs alone under callgrind with one worker (`[router] workers = 1`; the floor
+//! with one thread) in front of the three `return 200` nginx upstreams of `bench proxy`;
+//! `wrk -c C` drives it for a warm-up with instrumentation off, then for `--duration`
+//! seconds with it on. The report: instructions per request of each, their difference (what
+//! the gateway's own per-request work costs), and the gateway's functions with the most
+//! instructions of their own. Kernel time is not counted: `bench proxy` measures that.
+//!
+//! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`.
+//! Needs valgrind (`./dev bench` installs it).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    Proc,
+    bench::{self, Load, Scheme},
+};
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut duration = 10u64;
+    let mut connections = 8usize;
+    let mut top = 25usize;
+    let mut gateway_bin: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--duration" => duration = value()?.parse()?,
+            "--connections" => connections = value()?.parse()?,
+            "--top" => top = value()?.parse()?,
+            "--gateway-bin" => gateway_bin = Some(value()?.into()),
+            other => bail!("unknown option {other}"),
+        }
+    }
+    bench::require("valgrind", "valgrind")?;
+    bench::require("wrk", "wrk")?;
+    bench::require("nginx", "nginx-light")?;
+    let gateway = crate::release_gateway(gateway_bin.as_deref())?;
+    let floor = crate::release_floor()?;
+
+    let dir = std::env::temp_dir().join(format!("gateway-bench-instr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ups: Vec<u16> = (0..3)
+        .map(|_| bench::free_port())
+        .collect::<Result<_, _>>()?;
+    let up_conf = dir.join("upstreams.conf");
+    std::fs::write(&up_conf, crate::bench_peers::upstreams_conf(&dir, &ups))?;
+    let mut upstreams = bench::spawn_proc(
+        "upstreams (nginx)",
+        Command::new(crate::tool_path("nginx"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&up_conf)
+            .args(["-e", "stderr"]),
+    )?;
+    for p in &ups {
+        bench::wait_ready("upstream", Scheme::Http, *p, &mut upstreams)?;
+    }
+    let load = Load {
+        name: "keep-alive",
+        threads: 1,
+        connections,
+        headers: Vec::new(),
+    };
+
+    let gw_port = bench::free_port()?;
+    let gw_conf = dir.join("gateway.toml");
+    std::fs::write(
+        &gw_conf,
+        crate::bench_peers::gateway_conf(gw_port, &ups, None).replacen(
+            "[router]\n",
+            "[router]\nworkers = 1\n",
+            1,
+        ),
+    )?;
+    let mut gw_args: Vec<String> = vec!["run".into(), "--config".into()];
+    gw_args.push(gw_conf.display().to_string());
+    let gw = measure(
+        &dir, "gateway", &gateway, &gw_args, gw_port, &load, duration,
+    )?;
+
+    let floor_port = bench::free_port()?;
+    let mut floor_args = vec![format!("127.0.0.1:{floor_port}")];
+    floor_args.extend(ups.iter().map(|p| format!("127.0.0.1:{p}")));
+    let fl = measure(
+        &dir,
+        "hyper-floor",
+        &floor,
+        &floor_args,
+        floor_port,
+        &load,
+        duration,
+    )?;
+    drop(upstreams);
+
+    println!(
+        "bench instructions: callgrind, one worker, wrk -t1 -c{connections} -d{duration}s keep-alive, upstreams 127.0.0.1:{{{}}}",
+        ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    );
+    println!("{:<12} {:>10} {:>16}", "proxy", "requests", "instr/request");
+    for m in [&gw, &fl] {
+        println!(
+            "{:<12} {:>10} {:>16.0}",
+            m.name,
+            m.requests,
+            m.per_request()
+        );
+    }
+    println!(
+        "gateway - hyper-floor: {:.0} instructions per request ({:.2}x)",
+        gw.per_request() - fl.per_request(),
+        gw.per_request() / fl.per_request()
+    );
+    println!("gateway, functions by their own instructions per request:");
+    let mut fns: Vec<(&String, &u64)> = gw.own.iter().collect();
+    fns.sort_by(|a, b| b.1.cmp(a.1));
+    for (name, ir) in fns.into_iter().take(top) {
+        println!(
+            "  {:>8.0}  {}",
+            *ir as f64 / gw.requests as f64,
+            short_name(name)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// One proxy's count.
+struct Measured {
+    name: &'static str,
+    requests: u64,
+    total: u64,
+    /// Instructions of each function's own (its callees' not included).
+    own: HashMap<String, u64>,
+}
+
+impl Measured {
+    fn per_request(&self) -> f64 {
+        self.total as f64 / self.requests.max(1) as f64
+    }
+}
+
+/// Runs `bin args` under callgrind, instrumentation off until the warm-up is over, then
+/// counts what `duration` seconds of load cost it.
+fn measure(
+    dir: &Path,
+    name: &'static str,
+    bin: &Path,
+    args: &[String],
+    port: u16,
+    load: &Load,
+    duration: u64,
+) -> anyhow::Result<Measured> {
+    let out = dir.join(format!("{name}.callgrind"));
+    let mut proc = bench::spawn_proc(
+        name,
+        Command::new("valgrind")
+            .args(["--tool=callgrind", "--instr-atstart=no", "--quiet"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?),
+    )?;
+    wait_answering(name, port, &mut proc)?;
+    let url = bench::url(Scheme::Http, port);
+    bench::wrk(load, &url, 3, &[])?;
+    control(&proc, "--instr=on")?;
+    let sample = bench::wrk(load, &url, duration, &[])?;
+    control(&proc, "--dump")?;
+    proc.check_alive()?;
+    drop(proc);
+    if sample.errors > 0 {
+        bail!("{name}: {} errors under callgrind", sample.errors);
+    }
+    let requests = sample.requests;
+    if requests == 0 {
+        bail!("{name}: wrk completed no request under callgrind");
+    }
+    let dump = dir.join(format!("{name}.callgrind.1"));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("reading callgrind's dump {}", dump.display()))?;
+    let (total, own) = parse(&text)?;
+    Ok(Measured {
+        name,
+        requests,
+        total,
+        own,
+    })
+}
+
+/// Waits until `port` answers 200: under callgrind a start takes seconds.
+fn wait_answering(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        proc.check_alive()?;
+        if bench::wait_ready(name, Scheme::Http, port, proc).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("{name} did not answer under callgrind within 120 s")
+}
+
+/// `callgrind_control OPTION PID`.
+fn control(proc: &Proc, option: &str) -> anyhow::Result<()> {
+    let st = Command::new("callgrind_control")
+        .arg(option)
+        .arg(proc.pid().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("callgrind_control")?;
+    if !st.success() {
+        bail!("callgrind_control {option} failed: {st}");
+    }
+    Ok(())
+}
+
+/// The dump's total (its `summary:` or `totals:` line) and each function's own cost. In the
+/// format, `fn=(id) name` opens a function (later `fn=(id)` alone names it again), a line of
+/// numbers is a cost of the current function, except the one after `calls=`, which is the
+/// inclusive cost of that call and belongs to the callee.
+fn parse(text: &str) -> anyhow::Result<(u64, HashMap<String, u64>)> {
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut own: HashMap<String, u64> = HashMap::new();
+    let mut total = None;
+    let mut current = String::new();
+    let mut after_call = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("fn=") {
+            current = compressed_name(rest, &mut names);
+        } else if let Some(rest) = line.strip_prefix("cfn=") {
+            compressed_name(rest, &mut names);
+        } else if line.starts_with("calls=") {
+            after_call = true;
+        } else if let Some(rest) = line
+            .strip_prefix("summary:")
+            .or_else(|| line.strip_prefix("totals:"))
+        {
+            total = rest.split_whitespace().next().and_then(|n| n.parse().ok());
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || "+-*".contains(c)) {
+            if std::mem::take(&mut after_call) {
+                continue;
+            }
+            if let Some(ir) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                *own.entry(current.clone()).or_default() += ir;
+            }
+        }
+    }
+    let total = total.context("no summary line in callgrind's dump")?;
+    Ok((total, own))
+}
+
+/// `(id) name` defines an id, `(id)` reuses it.
+fn compressed_name(s: &str, names: &mut HashMap<String, String>) -> String {
+    let s = s.trim();
+    match s.strip_prefix('(').and_then(|r| r.split_once(')')) {
+        Some((id, "")) => names.get(id).cloned().unwrap_or_else(|| s.to_owned()),
+        Some((id, name)) => {
+            let name = name.trim().to_owned();
+            names.insert(id.to_owned(), name.clone());
+            name
+        }
+        None => s.to_owned(),
+    }
+}
+
+/// A symbol without its generic arguments, cut to a line.
+fn short_name(name: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0u32;
+    for c in name.chars() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.chars().take(110).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_costs_leave_out_calls_and_names_are_decompressed() {
+        let dump = "events: Ir\nfn=(1) main\n1 10\ncfn=(2) work\ncalls=1 0\n1 100\n2 5\nfn=(2)\n3 100\nsummary: 115\n";
+        let (total, own) = parse(dump).unwrap();
+        assert_eq!(total, 115);
+        assert_eq!(own["main"], 15);
+        assert_eq!(own["work"], 100);
+    }
+
+    #[test]
+    fn generic_arguments_are_left_out_of_names() {
+        assert_eq!(
+            short_name("<hyper::Conn<T, B>>::poll_read::<X>"),
+            "::poll_read::"
+        );
+    }
+}
