@@ -28,54 +28,54 @@ use crate::{
     bench::{self, Load, Scheme},
 };
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut duration = 10u64;
-    let mut connections = 8usize;
-    let mut top = 25usize;
-    let mut gateway_bin: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--duration" => duration = value()?.parse()?,
-            "--connections" => connections = value()?.parse()?,
-            "--top" => top = value()?.parse()?,
-            "--gateway-bin" => gateway_bin = Some(value()?.into()),
-            other => bail!("unknown option {other}"),
+/// The command line's options.
+struct Opts {
+    duration: u64,
+    connections: usize,
+    top: usize,
+    gateway_bin: Option<PathBuf>,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> anyhow::Result<Opts> {
+        let mut o = Opts {
+            duration: 10,
+            connections: 8,
+            top: 25,
+            gateway_bin: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--duration" => o.duration = value()?.parse()?,
+                "--connections" => o.connections = value()?.parse()?,
+                "--top" => o.top = value()?.parse()?,
+                "--gateway-bin" => o.gateway_bin = Some(value()?.into()),
+                other => bail!("unknown option {other}"),
+            }
         }
+        Ok(o)
     }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let o = Opts::parse(args)?;
     bench::require("valgrind", "valgrind")?;
     bench::require("wrk", "wrk")?;
     bench::require("nginx", "nginx-light")?;
-    let gateway = crate::release_gateway(gateway_bin.as_deref())?;
+    let gateway = crate::release_gateway(o.gateway_bin.as_deref())?;
     let floor = crate::release_floor()?;
 
     let dir = std::env::temp_dir().join(format!("gateway-bench-instr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let ups: Vec<u16> = (0..3)
-        .map(|_| bench::free_port())
-        .collect::<Result<_, _>>()?;
-    let up_conf = dir.join("upstreams.conf");
-    std::fs::write(&up_conf, crate::bench_peers::upstreams_conf(&dir, &ups))?;
-    let mut upstreams = bench::spawn_proc(
-        "upstreams (nginx)",
-        Command::new(crate::tool_path("nginx"))
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&up_conf)
-            .args(["-e", "stderr"]),
-    )?;
-    for p in &ups {
-        bench::wait_ready("upstream", Scheme::Http, *p, &mut upstreams)?;
-    }
+    let (upstreams, ups) = start_upstreams(&dir)?;
     let load = Load {
         name: "keep-alive",
         threads: 1,
-        connections,
+        connections: o.connections,
         headers: Vec::new(),
     };
-
     let gw_port = bench::free_port()?;
     let gw_conf = dir.join("gateway.toml");
     std::fs::write(
@@ -86,15 +86,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             1,
         ),
     )?;
-    let mut gw_args: Vec<String> = vec!["run".into(), "--config".into()];
-    gw_args.push(gw_conf.display().to_string());
+    let gw_args = [
+        "run".to_owned(),
+        "--config".to_owned(),
+        gw_conf.display().to_string(),
+    ];
     let gw = measure(
-        &dir, "gateway", &gateway, &gw_args, gw_port, &load, duration,
+        &dir, "gateway", &gateway, &gw_args, gw_port, &load, o.duration,
     )?;
-
     let floor_port = bench::free_port()?;
-    let mut floor_args = vec![format!("127.0.0.1:{floor_port}")];
-    floor_args.extend(ups.iter().map(|p| format!("127.0.0.1:{p}")));
+    let floor_args: Vec<String> = std::iter::once(floor_port)
+        .chain(ups.iter().copied())
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
     let fl = measure(
         &dir,
         "hyper-floor",
@@ -102,16 +106,46 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &floor_args,
         floor_port,
         &load,
-        duration,
+        o.duration,
     )?;
     drop(upstreams);
-
     println!(
-        "bench instructions: callgrind, one worker, wrk -t1 -c{connections} -d{duration}s keep-alive, upstreams 127.0.0.1:{{{}}}",
+        "bench instructions: callgrind, one worker, wrk -t1 -c{} -d{}s keep-alive, upstreams 127.0.0.1:{{{}}}",
+        o.connections,
+        o.duration,
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
+    report(&gw, &fl, o.top);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The three `return 200` nginx upstreams of `bench proxy`, and their ports.
+fn start_upstreams(dir: &Path) -> anyhow::Result<(Proc, Vec<u16>)> {
+    let ups: Vec<u16> = (0..3)
+        .map(|_| bench::free_port())
+        .collect::<Result<_, _>>()?;
+    let conf = dir.join("upstreams.conf");
+    std::fs::write(&conf, crate::bench_peers::upstreams_conf(dir, &ups))?;
+    let mut proc = bench::spawn_proc(
+        "upstreams (nginx)",
+        Command::new(crate::tool_path("nginx"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-e", "stderr"]),
+    )?;
+    for p in &ups {
+        bench::wait_ready("upstream", Scheme::Http, *p, &mut proc)?;
+    }
+    Ok((proc, ups))
+}
+
+/// The table, the difference, and the gateway's `top` functions by their own instructions.
+fn report(gw: &Measured, fl: &Measured, top: usize) {
     println!("{:<12} {:>10} {:>16}", "proxy", "requests", "instr/request");
-    for m in [&gw, &fl] {
+    for m in [gw, fl] {
         println!(
             "{:<12} {:>10} {:>16.0}",
             m.name,
@@ -134,8 +168,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             short_name(name)
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
 }
 
 /// One proxy's count.
