@@ -117,78 +117,72 @@ pub(super) fn cluster(
 /// `timeouts.*`, with a warning when the request timeout cannot cover a connect and a
 /// response.
 fn timeouts(c: &mut Checker, name: &str, l: &Layers) -> Timeouts {
-    let (connect_ms, connect_key) = setting!(
-        c,
-        l,
-        timeouts.connect_timeout_ms,
-        DEFAULT_CONNECT_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (response_ms, response_key) = setting!(
-        c,
-        l,
-        timeouts.response_timeout_ms,
-        DEFAULT_RESPONSE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (write_ms, _) = setting!(
-        c,
-        l,
-        timeouts.write_timeout_ms,
-        DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (request_ms, request_key) = setting!(
-        c,
-        l,
-        timeouts.request_timeout_ms,
-        DEFAULT_REQUEST_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (idle_ms, _) = setting!(
-        c,
-        l,
-        timeouts.idle_timeout_ms,
-        DEFAULT_IDLE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (tls_handshake_ms, _) = setting!(
-        c,
-        l,
-        timeouts.tls_handshake_timeout_ms,
-        DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (upgrade_idle_ms, _) = setting!(
-        c,
-        l,
-        timeouts.upgrade_idle_timeout_ms,
+    // Each in milliseconds, from 1 ms to a day unless said otherwise.
+    macro_rules! timeout {
+        ($field:ident, $default:expr) => {
+            timeout!($field, $default, DAY_MS)
+        };
+        ($field:ident, $default:expr, $max:expr) => {
+            setting!(c, l, timeouts.$field, $default, 1, $max, " ms")
+        };
+    }
+    let connect = timeout!(connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS);
+    let response = timeout!(response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS);
+    let (write_ms, _) = timeout!(write_timeout_ms, DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS);
+    let request = timeout!(request_timeout_ms, DEFAULT_REQUEST_TIMEOUT_MS);
+    let (idle_ms, _) = timeout!(idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+    let (tls_handshake_ms, _) =
+        timeout!(tls_handshake_timeout_ms, DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);
+    let (upgrade_idle_ms, _) = timeout!(
+        upgrade_idle_timeout_ms,
         DEFAULT_UPGRADE_IDLE_TIMEOUT_MS,
-        1,
-        7 * DAY_MS,
-        " ms"
+        7 * DAY_MS
     );
-    let (upgrade_max_ms, _) = setting!(
-        c,
-        l,
-        timeouts.upgrade_max_duration_ms,
+    let (upgrade_max_ms, _) = timeout!(
+        upgrade_max_duration_ms,
         DEFAULT_UPGRADE_MAX_DURATION_MS,
-        1,
-        30 * DAY_MS,
-        " ms"
+        30 * DAY_MS
     );
+    cascading(
+        c,
+        name,
+        l,
+        connect.clone(),
+        response.clone(),
+        request.clone(),
+    );
+    let (floor_ms, _) = timeout!(
+        connect_deadline_floor_ms,
+        deadline::DEFAULT_FLOOR.as_millis()
+    );
+    let adaptive = choice!(
+        l,
+        timeouts.adaptive_connect_deadline,
+        DEFAULT_ADAPTIVE_CONNECT_DEADLINE
+    );
+    Timeouts {
+        connect: ms(connect.0),
+        response: ms(response.0),
+        write: ms(write_ms),
+        request: ms(request.0),
+        idle: ms(idle_ms),
+        connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect.0))),
+        tls_handshake: ms(tls_handshake_ms),
+        upgrade_idle: ms(upgrade_idle_ms),
+        upgrade_max_duration: ms(upgrade_max_ms),
+    }
+}
+
+/// A warning when the request timeout leaves no room for one connect and one response, at
+/// the first of those keys that was set.
+fn cascading(
+    c: &mut Checker,
+    name: &str,
+    l: &Layers,
+    (connect_ms, connect_key): (u64, Option<KeyPath>),
+    (response_ms, response_key): (u64, Option<KeyPath>),
+    (request_ms, request_key): (u64, Option<KeyPath>),
+) {
     if request_ms < connect_ms + response_ms {
         let at = request_key
             .or(connect_key)
@@ -203,31 +197,6 @@ fn timeouts(c: &mut Checker, name: &str, l: &Layers) -> Timeouts {
                 response_ms,
             },
         });
-    }
-    let (floor_ms, _) = setting!(
-        c,
-        l,
-        timeouts.connect_deadline_floor_ms,
-        deadline::DEFAULT_FLOOR.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let adaptive = choice!(
-        l,
-        timeouts.adaptive_connect_deadline,
-        DEFAULT_ADAPTIVE_CONNECT_DEADLINE
-    );
-    Timeouts {
-        connect: ms(connect_ms),
-        response: ms(response_ms),
-        write: ms(write_ms),
-        request: ms(request_ms),
-        idle: ms(idle_ms),
-        connect_deadline_floor: adaptive.then(|| ms(floor_ms.min(connect_ms))),
-        tls_handshake: ms(tls_handshake_ms),
-        upgrade_idle: ms(upgrade_idle_ms),
-        upgrade_max_duration: ms(upgrade_max_ms),
     }
 }
 
