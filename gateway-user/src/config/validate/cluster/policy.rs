@@ -13,83 +13,51 @@ use crate::decide::{health, latency};
 
 /// `health.*`: the health machine's thresholds and ejection times, and the probe.
 pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
-    let (ejection_ms, _) = setting!(
-        c,
-        l,
-        health.ejection_ms,
-        health::DEFAULT_BASE_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (max_ejected_percent, _) = setting!(
-        c,
-        l,
-        health.max_ejected_percent,
-        health::DEFAULT_MAX_EJECTED_PERCENT,
-        0,
-        100,
-        " %"
-    );
-    let (max_ejection_ms, _) = setting!(
-        c,
-        l,
-        health.max_ejection_ms,
-        health::DEFAULT_MAX_EJECTION.as_millis(),
-        1,
-        DAY_MS,
-        " ms"
-    );
-    let (probe_interval_ms, _) = setting!(
-        c,
-        l,
-        health.probe_interval_ms,
-        health::DEFAULT_PROBE_INTERVAL.as_millis(),
-        10,
-        DAY_MS,
-        " ms"
-    );
-    let (rise, _) = setting!(c, l, health.rise, health::DEFAULT_RISE, 1, 100, "");
-    let (syn_unanswered, _) = setting!(
-        c,
-        l,
-        health.syn_unanswered_to_eject,
+    // One `health.*` key's value, range-checked at the key it came from.
+    macro_rules! key {
+        ($field:ident, $default:expr, $min:expr, $max:expr, $unit:expr) => {
+            setting!(c, l, health.$field, $default, $min, $max, $unit).0
+        };
+    }
+    use health::{
+        DEFAULT_BASE_EJECTION as EJECTION, DEFAULT_MAX_EJECTED_PERCENT as MAX_PERCENT,
+        DEFAULT_MAX_EJECTION as MAX_EJECTION, DEFAULT_PROBE_INTERVAL as INTERVAL,
+    };
+    let ejection_ms = key!(ejection_ms, EJECTION.as_millis(), 1, DAY_MS, " ms");
+    let max_ejected_percent = key!(max_ejected_percent, MAX_PERCENT, 0, 100, " %");
+    let max_ejection_ms = key!(max_ejection_ms, MAX_EJECTION.as_millis(), 1, DAY_MS, " ms");
+    let probe_interval_ms = key!(probe_interval_ms, INTERVAL.as_millis(), 10, DAY_MS, " ms");
+    let rise = key!(rise, health::DEFAULT_RISE, 1, 100, "");
+    let syn_unanswered = key!(
+        syn_unanswered_to_eject,
         health::DEFAULT_SYN_UNANSWERED_TO_EJECT,
         1,
         100,
         ""
     );
-    let (slow_handshakes, _) = setting!(
-        c,
-        l,
-        health.slow_handshakes_to_suspect,
+    let slow_handshakes = key!(
+        slow_handshakes_to_suspect,
         health::DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
         1,
         1000,
         ""
     );
-    let (response_timeouts, _) = setting!(
-        c,
-        l,
-        health.response_timeouts_to_eject,
+    let response_timeouts = key!(
+        response_timeouts_to_eject,
         health::DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
         0,
         1000,
         ""
     );
-    let (tls_failures, _) = setting!(
-        c,
-        l,
-        health.tls_failures_to_eject,
+    let tls_failures = key!(
+        tls_failures_to_eject,
         health::DEFAULT_TLS_FAILURES_TO_EJECT,
         0,
         1000,
         ""
     );
-    let (probe_expect_status, _) = setting!(
-        c,
-        l,
-        health.probe_expect_status,
+    let probe_expect_status = key!(
+        probe_expect_status,
         DEFAULT_PROBE_EXPECT_STATUS,
         100,
         599,
