@@ -78,17 +78,7 @@ pub(super) fn https(c: &mut Checker, r: &RouterConfig, x: &Files<'_>) -> Option<
     }
     let enabled = r.https_enabled.unwrap_or(!listen.is_empty());
     if !enabled {
-        let set = [
-            (r.https_port.is_some(), "https_port"),
-            (!r.https_listen.is_empty(), "https_listen"),
-            (r.tls.is_some(), "tls"),
-        ];
-        for (_, what) in set.into_iter().filter(|(set, _)| *set) {
-            c.warnings.push(At {
-                key: key.key(what),
-                what: Warning::HttpsOff { what },
-            });
-        }
+        https_off(c, r, &key);
         return None;
     }
     let at = if r.https_enabled.is_some() {
@@ -119,30 +109,7 @@ pub(super) fn https(c: &mut Checker, r: &RouterConfig, x: &Files<'_>) -> Option<
         (Some(_), None) => return incomplete(c, tk.key("cert_file"), "cert_file", "key_file"),
         (None, Some(_)) => return incomplete(c, tk.key("key_file"), "key_file", "cert_file"),
     };
-    let mut sni = Vec::new();
-    for (i, e) in t.certificates.iter().enumerate() {
-        let ek = tk.key("certificates").index(i);
-        if e.server_names.is_empty() {
-            c.fail(ek.key("server_names"), Invalid::EmptyServerNames);
-        }
-        let mut names = Vec::new();
-        for (j, n) in e.server_names.iter().enumerate() {
-            match super::addresses::parse_host(n) {
-                Ok(h) => names.push(h.to_string()),
-                Err(reason) => c.fail(
-                    ek.key("server_names").index(j),
-                    Invalid::InvalidHost {
-                        value: n.clone(),
-                        reason,
-                    },
-                ),
-            }
-        }
-        let cert = (e.cert_file.as_str(), ek.key("cert_file"));
-        if let Some(pair) = x.pair(c, cert, (&e.key_file, ek.key("key_file")), "server") {
-            sni.push((names, pair));
-        }
-    }
+    let sni = sni_certificates(c, t, &tk, x);
     let alpn = alpn(
         c,
         &t.alpn,
@@ -173,6 +140,56 @@ pub(super) fn https(c: &mut Checker, r: &RouterConfig, x: &Files<'_>) -> Option<
             None
         }
     }
+}
+
+/// HTTPS is off: a warning for each HTTPS key that was set all the same.
+fn https_off(c: &mut Checker, r: &RouterConfig, key: &KeyPath) {
+    let set = [
+        (r.https_port.is_some(), "https_port"),
+        (!r.https_listen.is_empty(), "https_listen"),
+        (r.tls.is_some(), "tls"),
+    ];
+    for (_, what) in set.into_iter().filter(|(set, _)| *set) {
+        c.warnings.push(At {
+            key: key.key(what),
+            what: Warning::HttpsOff { what },
+        });
+    }
+}
+
+/// `[[router.tls.certificates]]`: each entry's server names (checked) and its certificate and
+/// key (loaded and matched).
+fn sni_certificates(
+    c: &mut Checker,
+    t: &ServerTlsConfig,
+    tk: &KeyPath,
+    x: &Files<'_>,
+) -> Vec<(Vec<String>, CertPair)> {
+    let mut sni = Vec::new();
+    for (i, e) in t.certificates.iter().enumerate() {
+        let ek = tk.key("certificates").index(i);
+        if e.server_names.is_empty() {
+            c.fail(ek.key("server_names"), Invalid::EmptyServerNames);
+        }
+        let mut names = Vec::new();
+        for (j, n) in e.server_names.iter().enumerate() {
+            match super::addresses::parse_host(n) {
+                Ok(h) => names.push(h.to_string()),
+                Err(reason) => c.fail(
+                    ek.key("server_names").index(j),
+                    Invalid::InvalidHost {
+                        value: n.clone(),
+                        reason,
+                    },
+                ),
+            }
+        }
+        let cert = (e.cert_file.as_str(), ek.key("cert_file"));
+        if let Some(pair) = x.pair(c, cert, (&e.key_file, ek.key("key_file")), "server") {
+            sni.push((names, pair));
+        }
+    }
+    sni
 }
 
 fn incomplete<T>(
