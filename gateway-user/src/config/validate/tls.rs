@@ -236,6 +236,31 @@ fn alpn(
     list.clone()
 }
 
+/// The ALPN list offered to a cluster's upstreams: as written (`written`, checked against what
+/// its `protocol` can speak over TLS), or by default all of that.
+fn upstream_alpn(
+    c: &mut Checker,
+    protocol: UpstreamProtocol,
+    written: Option<(&Vec<String>, KeyPath)>,
+    tls_key: &KeyPath,
+) -> Vec<String> {
+    let (written, key) = match written {
+        Some((v, k)) => (Some(v.clone()), k),
+        None => (None, tls_key.key("alpn")),
+    };
+    let (default, allowed): (&[&str], _) = match protocol {
+        UpstreamProtocol::Http1 | UpstreamProtocol::H2c => {
+            (&["http/1.1"], "\"http/1.1\" (with protocol http1 or h2c)")
+        }
+        UpstreamProtocol::H2 => (&["h2"], "\"h2\" (with protocol h2)"),
+        UpstreamProtocol::Auto => (
+            &["h2", "http/1.1"],
+            "\"h2\", \"http/1.1\" (with protocol auto)",
+        ),
+    };
+    alpn(c, &written, default, &key, allowed)
+}
+
 /// One setting of a cluster's `tls`, from its own table or `[router.upstream.tls]`.
 fn field<'a, T>(
     own: Option<&'a UpstreamTlsConfig>,
@@ -248,6 +273,17 @@ fn field<'a, T>(
     own.and_then(&get)
         .map(|v| (v, own_key.key(name)))
         .or_else(|| base.and_then(&get).map(|v| (v, base_key.key(name))))
+}
+
+/// `insecure_skip_verify`, and where it was set.
+fn insecure_setting<'a>(
+    own: Option<&'a UpstreamTlsConfig>,
+    ok: &KeyPath,
+    base: Option<&'a UpstreamTlsConfig>,
+    bk: &KeyPath,
+) -> Option<(bool, KeyPath)> {
+    let get = |t: &'a UpstreamTlsConfig| t.insecure_skip_verify.as_ref();
+    field(own, ok, base, bk, get, "insecure_skip_verify").map(|(v, at)| (*v, at))
 }
 
 /// A cluster's TLS (`None`: plain HTTP).
@@ -289,16 +325,9 @@ pub(super) fn upstream(
         (Some((_, at)), None) => return incomplete(c, at, "cert_file", "key_file"),
         (None, Some((_, at))) => return incomplete(c, at, "key_file", "cert_file"),
     };
-    let insecure = field(
-        own,
-        &ok,
-        base,
-        &bk,
-        |t| t.insecure_skip_verify.as_ref(),
-        "insecure_skip_verify",
-    );
-    let insecure_skip_verify = insecure.as_ref().is_some_and(|(v, _)| **v);
-    if let Some((true, at)) = insecure.map(|(v, at)| (*v, at)) {
+    let insecure = insecure_setting(own, &ok, base, &bk);
+    let insecure_skip_verify = insecure.as_ref().is_some_and(|(v, _)| *v);
+    if let Some((true, at)) = insecure {
         c.warnings.push(At {
             key: at,
             what: Warning::InsecureSkipVerify {
@@ -306,22 +335,8 @@ pub(super) fn upstream(
             },
         });
     }
-    let (alpn_written, alpn_key) = match field(own, &ok, base, &bk, |t| t.alpn.as_ref(), "alpn") {
-        Some((v, k)) => (Some(v.clone()), k),
-        None => (None, ok.key("alpn")),
-    };
-    // What the cluster's `protocol` can speak over TLS, offered by default.
-    let (default_alpn, allowed): (&[&str], _) = match spec.protocol {
-        UpstreamProtocol::Http1 | UpstreamProtocol::H2c => {
-            (&["http/1.1"], "\"http/1.1\" (with protocol http1 or h2c)")
-        }
-        UpstreamProtocol::H2 => (&["h2"], "\"h2\" (with protocol h2)"),
-        UpstreamProtocol::Auto => (
-            &["h2", "http/1.1"],
-            "\"h2\", \"http/1.1\" (with protocol auto)",
-        ),
-    };
-    let alpn = alpn(c, &alpn_written, default_alpn, &alpn_key, allowed);
+    let written = field(own, &ok, base, &bk, |t| t.alpn.as_ref(), "alpn");
+    let alpn = upstream_alpn(c, spec.protocol, written, &ok);
     let min_version = own
         .and_then(|t| t.min_version)
         .or(base.and_then(|t| t.min_version))
