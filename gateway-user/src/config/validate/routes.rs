@@ -32,22 +32,7 @@ pub(super) fn routes(
     for (i, r) in cfg.routes.iter().enumerate() {
         let key = KeyPath::root().key("routes").index(i);
         if !clusters.contains_key(&r.cluster) {
-            let known = clusters
-                .keys()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>();
-            let known = if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            };
-            c.fail(
-                key.key("cluster"),
-                Invalid::UnknownCluster {
-                    name: r.cluster.clone(),
-                    known,
-                },
-            );
+            unknown_cluster(c, clusters, &r.cluster, key.key("cluster"));
         }
         let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".to_owned());
         if !path_prefix.starts_with('/') {
@@ -100,24 +85,54 @@ pub(super) fn routes(
         });
     }
     if cfg.routes.is_empty() {
-        if clusters.contains_key("default") {
-            routes.push(Route {
-                name: "default".to_owned(),
-                host: None,
-                path_prefix: "/".to_owned(),
-                cluster: "default".to_owned(),
-                methods: None,
-                headers: Vec::new(),
-                rewrite_prefix: None,
-                policy: RoutePolicy::of(&clusters["default"]),
-                request_headers: HeaderRules::default(),
-                response_headers: HeaderRules::default(),
-            });
-        } else if !clusters.is_empty() {
-            c.fail(KeyPath::root(), Invalid::NoRoutes);
+        match clusters.get("default") {
+            Some(spec) => routes.push(default_route(spec)),
+            None if !clusters.is_empty() => c.fail(KeyPath::root(), Invalid::NoRoutes),
+            None => {}
         }
     }
     routes
+}
+
+/// A route names a cluster that is not configured: the error lists those that are.
+fn unknown_cluster(
+    c: &mut Checker,
+    clusters: &BTreeMap<String, ClusterSpec>,
+    name: &str,
+    at: KeyPath,
+) {
+    let known = clusters
+        .keys()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    c.fail(
+        at,
+        Invalid::UnknownCluster {
+            name: name.to_owned(),
+            known,
+        },
+    );
+}
+
+/// With no `[[routes]]`, everything goes to the `default` cluster (`[router.upstream]`).
+fn default_route(spec: &ClusterSpec) -> Route {
+    Route {
+        name: "default".to_owned(),
+        host: None,
+        path_prefix: "/".to_owned(),
+        cluster: "default".to_owned(),
+        methods: None,
+        headers: Vec::new(),
+        rewrite_prefix: None,
+        policy: RoutePolicy::of(spec),
+        request_headers: HeaderRules::default(),
+        response_headers: HeaderRules::default(),
+    }
 }
 
 /// The cluster's policy with the route's overrides, each range-checked at its key.
