@@ -137,6 +137,13 @@ fn default_route(spec: &ClusterSpec) -> Route {
 
 /// The cluster's policy with the route's overrides, each range-checked at its key.
 fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -> RoutePolicy {
+    route_timeouts(c, &mut p, r, key);
+    route_retry(c, &mut p, r, key);
+    p
+}
+
+/// `timeouts.*` of a route, over its cluster's.
+fn route_timeouts(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyPath) {
     let RouteTimeoutsConfig {
         request_timeout_ms,
         response_timeout_ms,
@@ -173,6 +180,10 @@ fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -
         30 * DAY_MS,
         &mut p.upgrade_max_duration,
     );
+}
+
+/// `retry.*` of a route, over its cluster's.
+fn route_retry(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyPath) {
     let RetryConfig {
         max_retries,
         on_response_timeout,
@@ -222,7 +233,6 @@ fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -
     if let Some(list) = grpc_status_codes {
         p.retry.grpc_status_codes = grpc_codes(c, list, &rk.key("grpc_status_codes"));
     }
-    p
 }
 
 fn methods(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Vec<Method>> {
