@@ -45,64 +45,87 @@ pub(super) fn slow_backend(f: &Facts) -> Option<Verdict> {
         ),
     );
     let path = f.m.http_path.as_deref().unwrap_or("/");
+    if !late.is_empty() {
+        late_evidence(f, &mut v, &late, &broken, &http, path);
+    }
+    if !broken.is_empty() {
+        broken_evidence(f, &mut v, &broken, http.len());
+    }
+    handshake_trouble(f, &mut v);
+    v.next_steps = next_steps(f, path);
+    Some(v)
+}
+
+/// Requests the backend ACKed and answered late or never: how late, and after what handshake.
+fn late_evidence(
+    f: &Facts,
+    v: &mut Verdict,
+    late: &[&HttpExchange],
+    broken: &[&HttpExchange],
+    http: &[&HttpExchange],
+    path: &str,
+) {
     let handshake = median(
         f.a.attempts
             .iter()
             .filter(|a| a.http.is_some())
             .filter_map(|a| a.syn_rtt_us),
     );
-    let ack = median(late.iter().chain(&broken).filter_map(|h| h.ack_us));
+    let ack = median(late.iter().chain(broken).filter_map(|h| h.ack_us));
     let bytes = http.first().map(|h| h.request_bytes).unwrap_or(0);
-    if !late.is_empty() {
-        let timeouts = late
-            .iter()
-            .filter(|h| h.outcome == HttpOutcome::Timeout)
-            .count();
-        let what = if timeouts == late.len() {
-            format!(
-                "no response byte within the {} ms response timeout",
-                f.m.response_timeout_ms.unwrap_or(0)
-            )
-        } else {
-            let ttfb = median(late.iter().filter_map(|h| h.first_byte_us)).unwrap_or(0);
-            format!(
-                "the first response byte only after a median {} ({timeouts} with none within \
-                 the {} ms response timeout)",
-                fmt_us(ttfb),
-                f.m.response_timeout_ms.unwrap_or(0)
-            )
-        };
-        v.evidence.push(format!(
-            "{}/{} GET {path} to {}: handshake in a median {}, the {bytes}-byte request ACKed \
-             by {}'s kernel within {}, but {what}",
-            late.len(),
-            http.len(),
-            f.addr,
-            handshake.map(fmt_us).unwrap_or_else(|| "-".into()),
-            f.ip,
-            ack.map(fmt_us).unwrap_or_else(|| "-".into()),
-        ));
-        v.evidence.push(
-            "the request reached the backend host; the application is slow to answer it".to_owned(),
-        );
-    }
-    if !broken.is_empty() {
-        let errs: BTreeSet<String> = broken
-            .iter()
-            .map(|h| h.error.clone().unwrap_or_else(|| "FIN".to_owned()))
-            .collect();
-        v.evidence.push(format!(
-            "{}/{} connections to {} were closed by the backend after it ACKed the request, \
-             without a response ({})",
-            broken.len(),
-            http.len(),
-            f.addr,
-            errs.into_iter().collect::<Vec<_>>().join(", ")
-        ));
-    }
-    // Handshakes in trouble too: the requests may have waited in a full accept queue (the
-    // kernel ACKs them there, the application has not accepted yet), or lost packets on the
-    // way. Then a late answer is that, not a slow application.
+    let timeouts = late
+        .iter()
+        .filter(|h| h.outcome == HttpOutcome::Timeout)
+        .count();
+    let what = if timeouts == late.len() {
+        format!(
+            "no response byte within the {} ms response timeout",
+            f.m.response_timeout_ms.unwrap_or(0)
+        )
+    } else {
+        let ttfb = median(late.iter().filter_map(|h| h.first_byte_us)).unwrap_or(0);
+        format!(
+            "the first response byte only after a median {} ({timeouts} with none within \
+             the {} ms response timeout)",
+            fmt_us(ttfb),
+            f.m.response_timeout_ms.unwrap_or(0)
+        )
+    };
+    v.evidence.push(format!(
+        "{}/{} GET {path} to {}: handshake in a median {}, the {bytes}-byte request ACKed \
+         by {}'s kernel within {}, but {what}",
+        late.len(),
+        http.len(),
+        f.addr,
+        handshake.map(fmt_us).unwrap_or_else(|| "-".into()),
+        f.ip,
+        ack.map(fmt_us).unwrap_or_else(|| "-".into()),
+    ));
+    v.evidence.push(
+        "the request reached the backend host; the application is slow to answer it".to_owned(),
+    );
+}
+
+/// Connections the backend closed after ACKing the request, without a response.
+fn broken_evidence(f: &Facts, v: &mut Verdict, broken: &[&HttpExchange], total: usize) {
+    let errs: BTreeSet<String> = broken
+        .iter()
+        .map(|h| h.error.clone().unwrap_or_else(|| "FIN".to_owned()))
+        .collect();
+    v.evidence.push(format!(
+        "{}/{} connections to {} were closed by the backend after it ACKed the request, \
+         without a response ({})",
+        broken.len(),
+        total,
+        f.addr,
+        errs.into_iter().collect::<Vec<_>>().join(", ")
+    ));
+}
+
+/// Handshakes in trouble too: the requests may have waited in a full accept queue (the
+/// kernel ACKs them there, the application has not accepted yet), or lost packets on the
+/// way. Then a late answer is that, not a slow application: the confidence is halved.
+fn handshake_trouble(f: &Facts, v: &mut Verdict) {
     let trouble =
         f.a.attempts
             .iter()
@@ -121,7 +144,11 @@ pub(super) fn slow_backend(f: &Facts) -> Option<Verdict> {
             if data_lost { ", and data was lost" } else { "" }
         ));
     }
-    v.next_steps = vec![
+}
+
+/// What to look at next.
+fn next_steps(f: &Facts, path: &str) -> Vec<String> {
+    vec![
         format!(
             "the backend's own latency metrics and logs for GET {path}: what is it waiting on \
              (database, lock, downstream call, GC)?"
@@ -134,8 +161,7 @@ pub(super) fn slow_backend(f: &Facts) -> Option<Verdict> {
         "if this latency is expected, raise the response timeout above it (diagnose again with \
          --response-timeout-ms); otherwise add backend capacity"
             .to_owned(),
-    ];
-    Some(v)
+    ]
 }
 
 /// The share of clean attempts at this address, and what they showed.
