@@ -72,48 +72,27 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         };
     }
     let count = |o: Outcome| records.iter().filter(|r| r.outcome() == o).count();
-    let of = |o: Outcome| records.iter().filter(move |r| r.outcome() == o);
     let established = count(Outcome::Established);
     let refused = count(Outcome::Refused);
-    let timeout = count(Outcome::Timeout);
+    let silent = count(Outcome::Timeout) + count(Outcome::Aborted);
     let unreachable = count(Outcome::Unreachable);
-    let aborted = count(Outcome::Aborted);
     let no_port = count(Outcome::AddrUnavailable);
-    let retrans_est: Vec<u64> = of(Outcome::Established)
-        .map(|r| u64::from(r.syn_retransmits))
-        .collect();
-    let rtt = median(
-        of(Outcome::Established)
-            .filter_map(|r| r.syn_rtt_us)
-            .collect(),
-    );
 
     // The dominant failure decides the story.
-    let worst = [refused, timeout + aborted, unreachable, no_port]
+    let worst = [refused, silent, unreachable, no_port]
         .into_iter()
         .max()
         .unwrap_or(0);
     let mut s = String::new();
     let verdict = if worst == 0 || established * 2 > n {
-        let with_retx = retrans_est.iter().filter(|&&r| r > 0).count();
-        if with_retx * 2 > established.max(1) {
-            let _ = write!(
-                s,
-                "{established}/{n} connects established, but {with_retx} needed SYN retransmits \
-                 (median SYN-RTT {}): the accept queue or SYN backlog is full, or SYNs are being lost",
-                rtt.map(ms).unwrap_or_else(|| "-".into())
-            );
-            Story::Overloaded
-        } else {
-            let _ = write!(
-                s,
-                "{established}/{n} connects established, median SYN-RTT {}",
-                rtt.map(ms).unwrap_or_else(|| "-".into())
-            );
-            Story::Healthy
-        }
+        mostly_established(&mut s, records, established)
     } else if worst == refused {
-        let t = median(of(Outcome::Refused).map(|r| r.elapsed_us).collect()).unwrap_or(0);
+        let t = median(
+            of(records, Outcome::Refused)
+                .map(|r| r.elapsed_us)
+                .collect(),
+        )
+        .unwrap_or(0);
         let _ = write!(
             s,
             "{refused}/{n} connects refused: RST after {} (ECONNREFUSED), so the host is up but \
@@ -122,14 +101,12 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         );
         Story::Refused
     } else if worst == unreachable {
-        let errnos: Vec<&str> = of(Outcome::Unreachable)
-            .filter_map(|r| r.errno.as_deref())
-            .collect();
+        let errno = of(records, Outcome::Unreachable).find_map(|r| r.errno.as_deref());
         let _ = write!(
             s,
             "{unreachable}/{n} connects failed with ICMP {}: a router or firewall says there is no \
              route to the host",
-            errnos.first().copied().unwrap_or("unreachable")
+            errno.unwrap_or("unreachable")
         );
         Story::Unreachable
     } else if worst == no_port {
@@ -140,35 +117,7 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         );
         Story::PortExhaustion
     } else {
-        let syns: Vec<u64> = of(Outcome::Timeout)
-            .chain(of(Outcome::Aborted))
-            .map(|r| 1 + u64::from(r.syn_retransmits))
-            .collect();
-        let waited = median(
-            of(Outcome::Timeout)
-                .chain(of(Outcome::Aborted))
-                .map(|r| r.elapsed_us)
-                .collect(),
-        )
-        .unwrap_or(0);
-        let _ = write!(
-            s,
-            "{}/{n} connects got no answer: up to {} SYNs sent, no SYN-ACK, no RST, no ICMP \
-             (dropped on the path or host down)",
-            timeout + aborted,
-            syns.iter().max().copied().unwrap_or(1)
-        );
-        if timeout > 0 {
-            let _ = write!(s, "; {timeout} ended in the kernel's ETIMEDOUT");
-        }
-        if aborted > 0 {
-            let _ = write!(
-                s,
-                "; {aborted} abandoned by the client's own timeout after a median {}",
-                ms(waited)
-            );
-        }
-        Story::Filtered
+        unanswered(&mut s, records)
     };
     let comms: std::collections::BTreeSet<&str> = records.iter().map(|r| r.comm.as_str()).collect();
     let _ = write!(
@@ -180,6 +129,75 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
         verdict,
         sentence: s,
     }
+}
+
+/// The records with outcome `o`.
+fn of<'a>(
+    records: &'a [&'a ConnectRecord],
+    o: Outcome,
+) -> impl Iterator<Item = &'a &'a ConnectRecord> + 'a {
+    records.iter().filter(move |r| r.outcome() == o)
+}
+
+/// Most connects were established: healthy, or overloaded when most of them needed SYN
+/// retransmits.
+fn mostly_established(s: &mut String, records: &[&ConnectRecord], established: usize) -> Story {
+    let n = records.len();
+    let rtt = median(
+        of(records, Outcome::Established)
+            .filter_map(|r| r.syn_rtt_us)
+            .collect(),
+    );
+    let rtt = rtt.map(ms).unwrap_or_else(|| "-".into());
+    let with_retx = of(records, Outcome::Established)
+        .filter(|r| r.syn_retransmits > 0)
+        .count();
+    if with_retx * 2 > established.max(1) {
+        let _ = write!(
+            s,
+            "{established}/{n} connects established, but {with_retx} needed SYN retransmits \
+             (median SYN-RTT {rtt}): the accept queue or SYN backlog is full, or SYNs are being lost"
+        );
+        Story::Overloaded
+    } else {
+        let _ = write!(
+            s,
+            "{established}/{n} connects established, median SYN-RTT {rtt}"
+        );
+        Story::Healthy
+    }
+}
+
+/// Most connects got no answer at all: SYNs dropped on the path, or the host is down.
+fn unanswered(s: &mut String, records: &[&ConnectRecord]) -> Story {
+    let n = records.len();
+    let silent = || of(records, Outcome::Timeout).chain(of(records, Outcome::Aborted));
+    let (timeout, aborted) = (
+        of(records, Outcome::Timeout).count(),
+        of(records, Outcome::Aborted).count(),
+    );
+    let syns = silent()
+        .map(|r| 1 + u64::from(r.syn_retransmits))
+        .max()
+        .unwrap_or(1);
+    let waited = median(silent().map(|r| r.elapsed_us).collect()).unwrap_or(0);
+    let _ = write!(
+        s,
+        "{}/{n} connects got no answer: up to {syns} SYNs sent, no SYN-ACK, no RST, no ICMP \
+         (dropped on the path or host down)",
+        timeout + aborted,
+    );
+    if timeout > 0 {
+        let _ = write!(s, "; {timeout} ended in the kernel's ETIMEDOUT");
+    }
+    if aborted > 0 {
+        let _ = write!(
+            s,
+            "; {aborted} abandoned by the client's own timeout after a median {}",
+            ms(waited)
+        );
+    }
+    Story::Filtered
 }
 
 #[cfg(test)]
