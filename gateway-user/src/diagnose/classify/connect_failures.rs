@@ -185,62 +185,7 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
     }
     let mut v = Verdict::new(VerdictName::Filtered, c);
     if !silent.is_empty() {
-        let timeouts: Vec<&Attempt> = silent
-            .iter()
-            .copied()
-            .filter(|a| a.outcome == AttemptOutcome::Timeout)
-            .collect();
-        let cut = silent.len() - timeouts.len();
-        let retx = retransmit_phrase(&silent).unwrap_or_else(|| "(SYN retransmits unknown)".into());
-        let mut line = if silent.iter().all(|a| a.source == Source::Kernel) {
-            format!(
-                "{}/{} SYNs to {} unanswered {retx}: no SYN-ACK, no RST, no ICMP",
-                silent.len(),
-                f.n,
-                f.addr
-            )
-        } else {
-            format!(
-                "{}/{} connects to {} got no answer {retx}: connect() neither completed nor \
-                 failed with a refusal or an ICMP error",
-                silent.len(),
-                f.n,
-                f.addr
-            )
-        };
-        if !timeouts.is_empty() {
-            let b = &f.m.syn_budget;
-            line.push_str(&format!(
-                "; the kernel gave up with ETIMEDOUT after a median {} (tcp_syn_retries={}, \
-                 tcp_syn_linear_timeouts={})",
-                fmt_us(median(timeouts.iter().map(|a| a.elapsed_us)).unwrap_or(0)),
-                b.tcp_syn_retries,
-                b.tcp_syn_linear_timeouts
-            ));
-        }
-        if cut > 0 {
-            line.push_str(&format!(
-                "; {cut} given up at the {} ms connect deadline",
-                f.m.connect_deadline_ms
-            ));
-        }
-        line.push(' ');
-        line.push_str(&source_tag(&silent));
-        v.evidence.push(line);
-        let p = &f.a.patient_attempts;
-        if !p.is_empty() {
-            let silent: Vec<&Attempt> = p.iter().filter(|a| a.outcome.unanswered()).collect();
-            v.evidence.push(format!(
-                "{}/{} patient connects with a {} ms deadline went unanswered too{} {}",
-                silent.len(),
-                p.len(),
-                f.a.patient_deadline_ms.unwrap_or(0),
-                retransmit_phrase(&silent)
-                    .map(|r| format!(", {r}"))
-                    .unwrap_or_default(),
-                source_tag(&silent)
-            ));
-        }
+        unanswered_evidence(f, &mut v, &silent);
     }
     if !denied.is_empty() {
         v.evidence.push(format!(
@@ -253,7 +198,73 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
             source_tag(&denied)
         ));
     }
-    v.next_steps = vec![
+    v.next_steps = filtered_next_steps(f, !denied.is_empty());
+    Some(v)
+}
+
+/// SYNs that got nothing back: how many, how long the kernel tried, and the patient connects.
+fn unanswered_evidence(f: &Facts, v: &mut Verdict, silent: &[&Attempt]) {
+    let timeouts: Vec<&Attempt> = silent
+        .iter()
+        .copied()
+        .filter(|a| a.outcome == AttemptOutcome::Timeout)
+        .collect();
+    let cut = silent.len() - timeouts.len();
+    let retx = retransmit_phrase(silent).unwrap_or_else(|| "(SYN retransmits unknown)".into());
+    let mut line = if silent.iter().all(|a| a.source == Source::Kernel) {
+        format!(
+            "{}/{} SYNs to {} unanswered {retx}: no SYN-ACK, no RST, no ICMP",
+            silent.len(),
+            f.n,
+            f.addr
+        )
+    } else {
+        format!(
+            "{}/{} connects to {} got no answer {retx}: connect() neither completed nor \
+             failed with a refusal or an ICMP error",
+            silent.len(),
+            f.n,
+            f.addr
+        )
+    };
+    if !timeouts.is_empty() {
+        let b = &f.m.syn_budget;
+        line.push_str(&format!(
+            "; the kernel gave up with ETIMEDOUT after a median {} (tcp_syn_retries={}, \
+             tcp_syn_linear_timeouts={})",
+            fmt_us(median(timeouts.iter().map(|a| a.elapsed_us)).unwrap_or(0)),
+            b.tcp_syn_retries,
+            b.tcp_syn_linear_timeouts
+        ));
+    }
+    if cut > 0 {
+        line.push_str(&format!(
+            "; {cut} given up at the {} ms connect deadline",
+            f.m.connect_deadline_ms
+        ));
+    }
+    line.push(' ');
+    line.push_str(&source_tag(silent));
+    v.evidence.push(line);
+    let p = &f.a.patient_attempts;
+    if !p.is_empty() {
+        let silent: Vec<&Attempt> = p.iter().filter(|a| a.outcome.unanswered()).collect();
+        v.evidence.push(format!(
+            "{}/{} patient connects with a {} ms deadline went unanswered too{} {}",
+            silent.len(),
+            p.len(),
+            f.a.patient_deadline_ms.unwrap_or(0),
+            retransmit_phrase(&silent)
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default(),
+            source_tag(&silent)
+        ));
+    }
+}
+
+/// Where to look for the filter (and, with connects `denied` on this host, its own rules).
+fn filtered_next_steps(f: &Facts, denied: bool) -> Vec<String> {
+    let mut steps = vec![
         format!(
             "look for a DROP on tcp/{}: on {} iptables -L INPUT -n -v (or nft list ruleset); in \
              a cloud, the security group and network ACL inbound rules",
@@ -269,11 +280,11 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
             f.ip, f.ip
         ),
     ];
-    if !denied.is_empty() {
-        v.next_steps.push(
+    if denied {
+        steps.push(
             "iptables -L OUTPUT -n -v   # on this host: a rule rejecting the connect locally"
                 .to_owned(),
         );
     }
-    Some(v)
+    steps
 }
