@@ -139,36 +139,7 @@ pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
         }
         _ => return None,
     };
-    let rtt = Percentiles::of(retx.iter().filter_map(|a| a.syn_rtt_us));
-    if consistent {
-        v.evidence.push(format!(
-            "{}/{est} handshakes with {} completed only {}: the first SYNs were dropped without \
-             RST or ICMP, then a retransmit was answered{} {}",
-            retx.len(),
-            f.addr,
-            retransmit_phrase(&retx).unwrap_or_default(),
-            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
-                .unwrap_or_default(),
-            source_tag(&retx)
-        ));
-        v.evidence.push(
-            "a consistent pattern: the endpoint answers SYNs only when it has room, as a full \
-             accept queue or SYN backlog does"
-                .to_owned(),
-        );
-    } else {
-        v.evidence.push(format!(
-            "{}/{est} handshakes with {} needed SYN retransmits{} and {}/{} connects got no \
-             answer at all: SYNs dropped without RST or ICMP, now and then {}",
-            retx.len(),
-            f.addr,
-            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
-                .unwrap_or_default(),
-            silent.len(),
-            f.n,
-            source_tag(&retx)
-        ));
-    }
+    handshake_evidence(f, &mut v, &retx, est, silent.len(), consistent);
     match data {
         DataSays::Clean { a, p, miss } => v.evidence.push(clean_line(f, &a, p, miss)),
         DataSays::Lost(a) => v.evidence.push(lost_line(f, &a)),
@@ -186,7 +157,55 @@ pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
             f.n
         ));
     }
-    v.next_steps = vec![
+    v.next_steps = overloaded_next_steps(f);
+    Some(v)
+}
+
+/// The handshakes that needed SYN retransmits: a consistent pattern (only retransmits
+/// answered), or now and then beside connects that got no answer.
+fn handshake_evidence(
+    f: &Facts,
+    v: &mut Verdict,
+    retx: &[&Attempt],
+    est: usize,
+    silent: usize,
+    consistent: bool,
+) {
+    let rtt = Percentiles::of(retx.iter().filter_map(|a| a.syn_rtt_us));
+    if consistent {
+        v.evidence.push(format!(
+            "{}/{est} handshakes with {} completed only {}: the first SYNs were dropped without \
+             RST or ICMP, then a retransmit was answered{} {}",
+            retx.len(),
+            f.addr,
+            retransmit_phrase(retx).unwrap_or_default(),
+            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
+                .unwrap_or_default(),
+            source_tag(retx)
+        ));
+        v.evidence.push(
+            "a consistent pattern: the endpoint answers SYNs only when it has room, as a full \
+             accept queue or SYN backlog does"
+                .to_owned(),
+        );
+    } else {
+        v.evidence.push(format!(
+            "{}/{est} handshakes with {} needed SYN retransmits{} and {}/{} connects got no \
+             answer at all: SYNs dropped without RST or ICMP, now and then {}",
+            retx.len(),
+            f.addr,
+            rtt.map(|p| format!(" (SYN-RTT p50 {}, max {})", fmt_us(p.p50), fmt_us(p.max)))
+                .unwrap_or_default(),
+            silent,
+            f.n,
+            source_tag(retx)
+        ));
+    }
+}
+
+/// Where to see a full accept queue, and how to empty it.
+fn overloaded_next_steps(f: &Facts) -> Vec<String> {
+    vec![
         format!(
             "on {}: ss -ltn 'sport = :{}'   # Recv-Q (connections waiting for accept()) at or \
              above Send-Q (the backlog) = accept queue full",
@@ -201,8 +220,7 @@ pub(super) fn overloaded(f: &Facts) -> Option<Verdict> {
          raise its listen backlog: listen(fd, N) with net.core.somaxconn and \
          net.ipv4.tcp_max_syn_backlog at least N"
             .to_owned(),
-    ];
-    Some(v)
+    ]
 }
 
 pub(super) fn lossy_path(f: &Facts) -> Option<Verdict> {
