@@ -201,22 +201,7 @@ async fn exchange(
     plan: &HttpPlan,
 ) -> HttpExchange {
     let request_bytes = plan.request.len() as u64;
-    let mut out = HttpExchange {
-        outcome: HttpOutcome::Failed,
-        error: None,
-        request_bytes,
-        request_acked: None,
-        ack_us: None,
-        first_byte_us: None,
-        status: None,
-        data_retransmits: None,
-        rtos: None,
-        source: Source::Userspace,
-        accept_us: None,
-        rounds_after_accept: 0,
-        retransmits_before_accept: None,
-        retransmits_after_accept: None,
-    };
+    let mut out = not_yet(request_bytes);
     let std_stream: std::net::TcpStream = socket.into_inner().into();
     let fd: RawFd = std_stream.as_raw_fd();
     let mut stream = match TcpStream::from_std(std_stream) {
@@ -247,6 +232,51 @@ async fn exchange(
         .zip(at_connect.or(base))
         .map(|(a, c)| a.total_retrans.saturating_sub(c.total_retrans));
     let response_deadline = written + plan.response_timeout;
+    let head = read_status_line(
+        &mut stream,
+        fd,
+        written,
+        response_deadline,
+        &acked_now,
+        &mut out,
+    )
+    .await;
+    out.status = parse_status(&head);
+    finish(&mut out, fd, base, at_connect, at_accept, acked_now);
+    out
+}
+
+/// An exchange that has not happened yet: failed until it does.
+fn not_yet(request_bytes: u64) -> HttpExchange {
+    HttpExchange {
+        outcome: HttpOutcome::Failed,
+        error: None,
+        request_bytes,
+        request_acked: None,
+        ack_us: None,
+        first_byte_us: None,
+        status: None,
+        data_retransmits: None,
+        rtos: None,
+        source: Source::Userspace,
+        accept_us: None,
+        rounds_after_accept: 0,
+        retransmits_before_accept: None,
+        retransmits_after_accept: None,
+    }
+}
+
+/// Reads until the status line is in (or the connection ends, or `response_deadline`),
+/// meanwhile timing the request's ACK (`acked_now` on `TCP_INFO`): polled fast at first, then
+/// slower, not at all once ACKed. Returns what was read.
+async fn read_status_line(
+    stream: &mut TcpStream,
+    fd: RawFd,
+    written: Instant,
+    response_deadline: Instant,
+    acked_now: &impl Fn(Option<TcpInfo>) -> Option<bool>,
+    out: &mut HttpExchange,
+) -> Vec<u8> {
     let mut head = Vec::new();
     let mut buf = [0u8; 512];
     loop {
@@ -288,9 +318,7 @@ async fn exchange(
             _ = tokio::time::sleep(nap.min(response_deadline.saturating_duration_since(now))) => {}
         }
     }
-    out.status = parse_status(&head);
-    finish(&mut out, fd, base, at_connect, at_accept, acked_now);
-    out
+    head
 }
 
 /// Writes the request a line at a time, each once everything before it was ACKed (see the
