@@ -230,24 +230,7 @@ fn run(
     }
     let step = args.fault_for + args.recover_for;
     let warmup = 3.0;
-    let mut phases: Vec<Phase> = DemoFault::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, &fault)| {
-            let start = warmup + i as f64 * step;
-            Phase {
-                fault,
-                upstream: i,
-                start,
-                stop: start + args.fault_for,
-                applied_unix_ms: None,
-                cleared_unix_ms: None,
-                guard: None,
-                seen: Observed::default(),
-                kept_shown: 0,
-            }
-        })
-        .collect();
+    let mut phases = schedule(args, warmup);
     let total = warmup + step * phases.len() as f64;
     println!(
         "\nLoad: {} GET/s for {total:.0} s. After {warmup:.0} s of warm-up one upstream at a time breaks for {:.0} s, then is repaired.\n",
@@ -276,6 +259,30 @@ fn run(
         p.guard.take();
     }
     Ok(summary(&tally, &phases, names, &by_index, kernel))
+}
+
+/// One fault per upstream, in turn, from `warmup` on: each lasts `fault_for` seconds, and
+/// `recover_for` seconds pass before the next.
+fn schedule(args: &DemoArgs, warmup: f64) -> Vec<Phase> {
+    let step = args.fault_for + args.recover_for;
+    DemoFault::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, &fault)| {
+            let start = warmup + i as f64 * step;
+            Phase {
+                fault,
+                upstream: i,
+                start,
+                stop: start + args.fault_for,
+                applied_unix_ms: None,
+                cleared_unix_ms: None,
+                guard: None,
+                seen: Observed::default(),
+                kept_shown: 0,
+            }
+        })
+        .collect()
 }
 
 fn wait_ready(netns: &Netns, gateway: &mut Child, log: &Path) -> anyhow::Result<()> {
