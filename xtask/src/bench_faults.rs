@@ -255,13 +255,7 @@ fn spawn_peer(
         "nginx" => {
             let conf = dir.join("nginx.conf");
             std::fs::write(&conf, nginx_conf(dir, ups))?;
-            let mut c = Command::new(crate::tool_path("nginx"));
-            c.arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(conf)
-                .args(["-e", "stderr"]);
-            c
+            crate::bench_peers::nginx_command(dir, &conf)
         }
         _ => {
             let conf = dir.join("haproxy.cfg");

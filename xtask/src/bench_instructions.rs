@@ -129,12 +129,7 @@ fn start_upstreams(dir: &Path) -> anyhow::Result<(Proc, Vec<u16>)> {
     std::fs::write(&conf, crate::bench_peers::upstreams_conf(dir, &ups))?;
     let mut proc = bench::spawn_proc(
         "upstreams (nginx)",
-        Command::new(crate::tool_path("nginx"))
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-e", "stderr"]),
+        &mut crate::bench_peers::nginx_command(dir, &conf),
     )?;
     for p in &ups {
         bench::wait_ready("upstream", Scheme::Http, *p, &mut proc)?;

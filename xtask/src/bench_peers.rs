@@ -59,16 +59,7 @@ impl Peers {
         let haproxy_conf = write("haproxy.cfg", haproxy_conf(p_haproxy, &ups, tls))?;
         let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups, tls))?;
 
-        let nginx = crate::tool_path("nginx");
-        let nginx_cmd = |conf: &Path| {
-            let mut c = Command::new(&nginx);
-            c.arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(conf)
-                .args(["-e", "stderr"]);
-            c
-        };
+        let nginx_cmd = |conf: &Path| nginx_command(dir, conf);
         let mut upstreams = spawn_proc("upstreams (nginx)", &mut nginx_cmd(&up_conf))?;
         for p in &ups {
             wait_ready("upstream", Scheme::Http, *p, &mut upstreams)?;
@@ -203,6 +194,17 @@ impl Peers {
                 .join(",")
         )
     }
+}
+
+/// nginx with its prefix `dir` and config `conf`, logging errors to stderr.
+pub(crate) fn nginx_command(dir: &Path, conf: &Path) -> Command {
+    let mut c = Command::new(crate::tool_path("nginx"));
+    c.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(conf)
+        .args(["-e", "stderr"]);
+    c
 }
 
 pub(crate) fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
@@ -345,15 +347,7 @@ impl Trio {
                     dir.join(format!("{tag}-gateway.err")),
                 )?),
         )?;
-        let ngx = spawn_proc(
-            "nginx",
-            Command::new(crate::tool_path("nginx"))
-                .arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(&nginx_conf)
-                .args(["-e", "stderr"]),
-        )?;
+        let ngx = spawn_proc("nginx", &mut nginx_command(dir, &nginx_conf))?;
         let hap = spawn_proc(
             "haproxy",
             Command::new(crate::tool_path("haproxy"))

@@ -152,12 +152,7 @@ pub(crate) fn run(
     std::fs::write(&up_conf, upstream_conf(dir, up))?;
     let mut upstream = spawn_proc(
         "h2c upstream (nginx)",
-        Command::new(crate::tool_path("nginx"))
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&up_conf)
-            .args(["-e", "stderr"]),
+        &mut crate::bench_peers::nginx_command(dir, &up_conf),
     )?;
     wait_listening("h2c upstream", up, &mut upstream)?;
     let confs = [

@@ -152,40 +152,30 @@ pub fn workspace_root() -> std::path::PathBuf {
 
 /// `explicit`, or the release `gateway` binary, built now (with the real eBPF object).
 pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_owned());
+    match explicit {
+        Some(p) => Ok(p.to_owned()),
+        None => release_build(["--bin", "gateway"], "release/gateway"),
     }
-    let root = workspace_root();
-    run(cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--bin",
-        "gateway",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/gateway"))
 }
 
 /// The bare hyper proxy `bench proxy --floor` measures beside the gateway
 /// (gateway-user/examples/hyper_floor.rs), built like the gateway: `--release`.
 pub fn release_floor() -> anyhow::Result<std::path::PathBuf> {
+    release_build(["--example", "hyper_floor"], "release/examples/hyper_floor")
+}
+
+/// `cargo build --release -p gateway-user KIND NAME`, and where the result is under the
+/// target directory.
+fn release_build(what: [&str; 2], path: &str) -> anyhow::Result<std::path::PathBuf> {
     let root = workspace_root();
-    run(cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--example",
-        "hyper_floor",
-    ]))?;
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "gateway-user"])
+        .args(what))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/examples/hyper_floor"))
+    Ok(target.join(path))
 }
 
 /// This xtask binary, to run one of its hidden commands in a child (`bench-client`,
