@@ -337,7 +337,7 @@ const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
     ("observer", &["4000"]),
     (
         "proxy",
-        &["--reps", "1", "--duration", "2", "--warmup", "1"],
+        &["--reps", "1", "--duration", "2", "--warmup", "1", "--floor"],
     ),
     ("tls", &["--reps", "1", "--duration", "2", "--warmup", "1"]),
     (
