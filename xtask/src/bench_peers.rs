@@ -59,13 +59,12 @@ impl Peers {
         let haproxy_conf = write("haproxy.cfg", haproxy_conf(p_haproxy, &ups, tls))?;
         let gw_conf = write("gateway.toml", gateway_conf(p_gw, &ups, tls))?;
 
-        let nginx_cmd = |conf: &Path| nginx_command(dir, conf);
-        let mut upstreams = spawn_proc("upstreams (nginx)", &mut nginx_cmd(&up_conf))?;
+        let mut upstreams = spawn_proc("upstreams (nginx)", &mut nginx_command(dir, &up_conf))?;
         for p in &ups {
             wait_ready("upstream", Scheme::Http, *p, &mut upstreams)?;
         }
         let mut gateway = spawn_gateway("gateway", gateway_bin, &gw_conf)?;
-        let mut ngx = spawn_proc("nginx", &mut nginx_cmd(&nginx_conf))?;
+        let mut ngx = spawn_proc("nginx", &mut nginx_command(dir, &nginx_conf))?;
         let mut hap = spawn_proc(
             "haproxy",
             Command::new(crate::tool_path("haproxy"))
