@@ -132,7 +132,8 @@ impl Peers {
         Ok(())
     }
 
-    /// The three proxies as benchmark targets, the gateway first.
+    /// The proxies as benchmark targets, the gateway first (`gw-no-obs` second and
+    /// `hyper-floor` last when added).
     pub fn targets(&self) -> Vec<Target> {
         let pids = [
             vec![self.gateway.pid()],
