@@ -179,9 +179,11 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
     })
     .await
     .unwrap();
+    // At most the route's 1200 ms and the gateway's 50 ms margin (so that the gateway, which
+    // gives the reason, is the one to answer at the deadline).
     let left: u64 = out["ok"].as_str().unwrap().parse().unwrap();
     assert!(
-        (900..=1200).contains(&left),
+        (900..=1250).contains(&left),
         "the upstream had {left} ms left: {out}"
     );
     let lines = log_lines(&gw.log, 3);

@@ -236,7 +236,7 @@ async fn exchange(
         && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
     {
         // What is left of the call's deadline (capped by the route's), so that the upstream
-        // gives up when the gateway does.
+        // gives up about when the gateway does (a little after: see `grpc_timeout_left`).
         *v = grpc_timeout_left(plan.deadline);
     }
     let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));

@@ -216,10 +216,19 @@ fn upstream_uri(route: &CompiledRoute, uri: &Uri) -> Uri {
     )
 }
 
-/// The `grpc-timeout` to send upstream: what is left of the deadline.
+/// What the upstream is told beyond what is left of the call's deadline. The gateway holds the
+/// client's deadline: at it, the gateway answers `DEADLINE_EXCEEDED` with its reason and
+/// drops the upstream stream (hyper resets it, `CANCEL`). An upstream told the very same
+/// instant races it, and when the gateway's timer fired a few milliseconds late (a loaded
+/// host) the upstream's bare `DEADLINE_EXCEEDED` reached the client instead, without the
+/// reason (seen once in the suite's `proxy_grpc`).
+const GRPC_UPSTREAM_MARGIN: Duration = Duration::from_millis(50);
+
+/// The `grpc-timeout` to send upstream: what is left of the deadline, plus
+/// [`GRPC_UPSTREAM_MARGIN`].
 pub(super) fn grpc_timeout_left(deadline: Instant) -> HeaderValue {
-    let left = deadline.saturating_duration_since(Instant::now());
-    HeaderValue::try_from(grpc::format_timeout(left.max(Duration::from_millis(1))))
+    let left = deadline.saturating_duration_since(Instant::now()) + GRPC_UPSTREAM_MARGIN;
+    HeaderValue::try_from(grpc::format_timeout(left))
         .expect("digits and a unit are a valid header value")
 }
 
