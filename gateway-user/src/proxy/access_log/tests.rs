@@ -1,0 +1,100 @@
+
+use super::*;
+
+#[test]
+fn reopen_moves_the_log_to_a_new_file_at_its_path() {
+    let dir = std::env::temp_dir().join(format!("gateway-reopen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let log = AccessLogger::start(&AccessLog {
+        format: AccessLogFormat::Plain,
+        output: LogOutput::File(path.clone()),
+    })
+    .unwrap();
+    let line = |p: &str| {
+        Record::new(
+            "127.0.0.1:5000".parse().unwrap(),
+            Method::GET,
+            Uri::try_from(p).unwrap(),
+            Version::HTTP_11,
+        )
+    };
+    let wait_for = |file: &Path, needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle} not in {}: {text:?}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    log.log(&line("/before"));
+    wait_for(&path, "/before");
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    log.reopen();
+    // Recreated at once, before any new line (as nginx does).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "not recreated");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log.log(&line("/after"));
+    let new = wait_for(&path, "/after");
+    assert!(!new.contains("/before"), "{new}");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rfc3339_formats_known_instants() {
+    let t = UNIX_EPOCH + Duration::from_millis(951_782_400_123);
+    assert_eq!(rfc3339(t), "2000-02-29T00:00:00.123Z");
+    assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+}
+
+#[test]
+fn plain_line_names_route_cluster_endpoints_and_reason() {
+    let mut ex = Record::new(
+        "127.0.0.1:5000".parse().unwrap(),
+        Method::GET,
+        Uri::from_static("/api/x?y=1"),
+        Version::HTTP_11,
+    );
+    ex.route = Some("api".into());
+    ex.cluster = Some("backend".into());
+    ex.attempts.push(Attempt {
+        endpoint: "127.0.0.1:9001".parse().unwrap(),
+        cookie: Some(7),
+        reused: false,
+        error: Some(ErrorKind::ConnectRefused),
+    });
+    ex.attempts.push(Attempt {
+        endpoint: "127.0.0.1:9002".parse().unwrap(),
+        cookie: Some(8),
+        reused: true,
+        error: None,
+    });
+    ex.retries = 1;
+    ex.status = 200;
+    let line = render(&ex, AccessLogFormat::Plain);
+    assert!(line.contains("\"GET /api/x?y=1 HTTP/1.1\" 200 0 route=api cluster=backend endpoints=127.0.0.1:9001,127.0.0.1:9002 attempt_errors=connect_refused,- cookies=7,8 attempts=2 retries=1 connect_ms=- first_byte_ms=- total_ms="), "{line}");
+    assert!(
+        line.contains(
+            " error=- request_id=- host=- user_agent=\"-\" upstream_status=- request_bytes=0 tls=-"
+        ),
+        "{line}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&render(&ex, AccessLogFormat::Json)).unwrap();
+    assert_eq!(json["endpoints"][1], "127.0.0.1:9002");
+    assert_eq!(json["retries"], 1);
+    assert_eq!(json["error"], serde_json::Value::Null);
+}
