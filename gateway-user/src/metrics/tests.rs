@@ -1,4 +1,3 @@
-
 use prometheus_client::encoding::text::encode;
 
 use super::*;

@@ -1,4 +1,3 @@
-
 use http::StatusCode;
 
 use super::*;
