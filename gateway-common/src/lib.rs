@@ -167,7 +167,9 @@ pub struct DestStats {
 pub const SYN_RTT_BUCKETS: usize = 24;
 
 /// Per-connection signals of an established connection, in an LRU hash keyed by cookie.
-/// Written when an RTO or retransmit happens and when the connection leaves ESTABLISHED.
+/// Written when an RTO or retransmit happens, and when the connection ends if it was reset or
+/// aborted or had anything to tell (a retransmit, an RTO, bytes left unACKed). No record after
+/// a close means a clean one: everything ACKed, nothing retransmitted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnStats {
@@ -176,7 +178,8 @@ pub struct ConnStats {
     pub bytes_received: u64,
     /// `bpf_ktime_get_ns()` of the most recent RTO, 0 if none.
     pub last_rto_ns: u64,
-    /// `bpf_ktime_get_ns()` when the connection left ESTABLISHED, 0 while open.
+    /// `bpf_ktime_get_ns()` when the connection left ESTABLISHED (or CLOSE_WAIT), 0 while
+    /// open.
     pub closed_ns: u64,
     pub data_retransmits: u32,
     pub rtos: u32,

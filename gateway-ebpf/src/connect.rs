@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
+        generated::{bpf_get_socket_cookie, bpf_setsockopt, bpf_sk_storage_get},
     },
     macros::{cgroup_sock_addr, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, SockAddrContext, TracePointContext},
@@ -24,13 +24,17 @@ use gateway_common::{
 use crate::{
     anomaly, emit,
     maps::{
-        F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT, PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT,
-        SockState, sock_state_map,
+        CALLBACKS_AT_CONNECT, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
+        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, SockState, sock_state_map,
     },
+    sockops,
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const SOL_TCP: i32 = 6;
+/// include/uapi/linux/bpf.h: a `bpf_setsockopt()` option since Linux 6.12.
+const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
 /// Offset of `long ret` in the `syscalls:sys_exit_connect` record
 /// (/sys/kernel/tracing/events/syscalls/sys_exit_connect/format).
 const SYS_EXIT_RET_OFFSET: usize = 16;
@@ -159,7 +163,30 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
         outcome: 0,
         _pad: [0; 6],
     };
+    if unsafe { core::ptr::read_volatile(&CALLBACKS_AT_CONNECT) } != 0 && callbacks_on(ctx) {
+        return;
+    }
     let _ = PENDING_CONNECT.insert(&pid_tgid, &st.ev, 0);
+}
+
+/// Turns on the socket's state, RTO and retransmit callbacks now, before `tcp_v4_connect()`
+/// (or `tcp_v6_connect()`) moves it to SYN_SENT and picks a local port, so that a connect that
+/// fails there (EADDRNOTAVAIL: no free port) reaches sock_ops as SYN_SENT → CLOSE without a
+/// SYN (`sockops.rs`). False when this kernel refuses the option (before Linux 6.12): the
+/// caller falls back to `PENDING_CONNECT`.
+#[inline(always)]
+fn callbacks_on(ctx: &SockAddrContext) -> bool {
+    let mut flags = sockops::CALLBACKS as i32;
+    let rc = unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            core::ptr::from_mut(&mut flags).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    };
+    rc == 0
 }
 
 /// `syscalls:sys_exit_connect`: `connect()` returned. EADDRNOTAVAIL comes from

@@ -95,6 +95,14 @@ pub static PT_REGS_SYSCALL_NR_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 pub static SYSCALL_NR_CONNECT: i32 = -1;
 
+/// Set by userspace to 1 when connect4/6 turn on the socket's sock_ops callbacks themselves,
+/// with `bpf_setsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS)` (Linux 6.12 and later): then the state
+/// callback sees a connect that fails before its SYN, and neither `PENDING_CONNECT` nor a
+/// connect-return hook is needed. 0: the loader attached a connect-return hook (an older
+/// kernel, or one asked for), which finishes what `PENDING_CONNECT` holds.
+#[unsafe(no_mangle)]
+pub static CALLBACKS_AT_CONNECT: u32 = 0;
+
 #[inline(always)]
 pub fn bump(index: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {

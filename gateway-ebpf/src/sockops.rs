@@ -25,6 +25,12 @@ use crate::{
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+
+/// The callbacks a tracked socket gets, off by default: turned on by connect4/6 where the
+/// kernel allows it (`connect.rs`), and again here at TCP_CONNECT for kernels where it does not.
+pub const CALLBACKS: u32 =
+    BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
 
 /// Always returns 1: sock_ops replies are only read for a few ops we do not handle.
 #[sock_ops]
@@ -64,11 +70,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             st.t_syn_ns = now;
             st.flags |= F_CONNECT_SENT;
             st.ev.src_port = ctx.local_port() as u16;
-            let _ = ctx.set_cb_flags(
-                (BPF_SOCK_OPS_RTO_CB_FLAG
-                    | BPF_SOCK_OPS_RETRANS_CB_FLAG
-                    | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-            );
+            let _ = ctx.set_cb_flags(CALLBACKS as i32);
         }
         // tcp_finish_connect(): the SYN-ACK arrived.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -102,7 +104,19 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         // tcp_set_state(): args = old state, new state.
         BPF_SOCK_OPS_STATE_CB => {
             let (old, new) = (ctx.arg(0), ctx.arg(1));
-            if old == TCP_SYN_SENT && new == TCP_CLOSE {
+            if old == TCP_SYN_SENT && new == TCP_CLOSE && st.flags & F_CONNECT_SENT == 0 {
+                // Into SYN_SENT and out again with no SYN sent: the callbacks were on before
+                // the connect (connect4/6), and `tcp_v4_connect()`/`tcp_v6_connect()` failed
+                // between setting SYN_SENT and `tcp_connect()`. That is `inet_hash_connect()`
+                // finding no free local port (EADDRNOTAVAIL), or, rarely, the route changing
+                // under `ip_route_newports()`; the first is the one that happens.
+                emit::outcome(
+                    st,
+                    Outcome::AddrUnavailable,
+                    gateway_common::errno::EADDRNOTAVAIL,
+                    now,
+                );
+            } else if old == TCP_SYN_SENT && new == TCP_CLOSE {
                 // Every kernel path that ends a connect writes sk_err first and wakes the
                 // application after this callback (`tcp_done_with_error()` in
                 // net/ipv4/tcp_input.c: WRITE_ONCE(sk_err) → tcp_done() → tcp_set_state() → here
@@ -124,15 +138,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                     });
                 }
                 emit::outcome(st, Outcome::from_errno(err), err, now);
-            } else if old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED != 0 {
-                // Leaving ESTABLISHED: keep the connection's final signals, then stop the
-                // callbacks, which would otherwise fire for every step of the close.
-                let _ = ctx.set_cb_flags(0);
-                let mut closed = conn_stats(ctx, st);
-                closed.closed_ns = now;
-                if CONN_STATS.insert(&st.ev.cookie, &closed, 0).is_err() {
-                    conn_insert_failed(st);
-                }
+            } else if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT)
+                && st.flags & F_ESTABLISHED != 0
+            {
+                closing(ctx, st, new, now);
             } else if (old == TCP_SYN_SENT && new != TCP_ESTABLISHED)
                 || (old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED == 0)
             {
@@ -151,6 +160,30 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         _ => {}
     }
     Ok(())
+}
+
+/// The connection leaves ESTABLISHED, or CLOSE_WAIT. Its `CONN_STATS` record is written when
+/// someone may ask about it: a reset or an abort (→ CLOSE), or anything to tell (a data
+/// retransmit, an RTO, bytes left unACKed). A clean close writes nothing: the map insert was
+/// about a fifth of what the observer cost each connection, and the proxy never asks about
+/// such a connection (it asks after a reset, a stall or a timeout; what closes a connection
+/// first and then asks reads `TCP_INFO` before the close). After the peer's FIN (CLOSE_WAIT)
+/// the callbacks stay on: a request written into that window is reset, and that is recorded.
+/// Otherwise they stop here, as they would fire for every step of the close.
+#[inline(always)]
+fn closing(ctx: &SockOpsContext, st: &SockState, new: u32, now: u64) {
+    let mut cs = conn_stats(ctx, st);
+    let remarkable = cs.data_retransmits != 0 || cs.rtos != 0 || cs.unacked_bytes != 0;
+    if new != TCP_CLOSE_WAIT {
+        let _ = ctx.set_cb_flags(0);
+    }
+    if new != TCP_CLOSE && !remarkable {
+        return;
+    }
+    cs.closed_ns = now;
+    if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
+        conn_insert_failed(st);
+    }
 }
 
 /// An `int` field of `struct sock` (`sk_err`, `sk_err_soft`), read through the BTF-typed

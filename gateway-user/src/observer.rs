@@ -109,16 +109,43 @@ impl Default for ObserverOptions {
     }
 }
 
-/// How the return of `connect()` is watched (for EADDRNOTAVAIL; see `gateway-ebpf/src/connect.rs`).
+/// How a connect that fails before its SYN (EADDRNOTAVAIL: no free local port) is seen; see
+/// `gateway-ebpf/src/connect.rs`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConnectExitHook {
-    /// The classic `syscalls:sys_exit_connect` tracepoint when tracefs can be used (root),
-    /// which the kernel runs only for connect(); otherwise the raw `sys_exit` tracepoint,
-    /// which needs no tracefs (CAP_BPF + CAP_PERFMON suffice) but runs for every syscall.
+    /// On Linux 6.12 and later, no hook: connect4/6 turn the socket's sock_ops state callback
+    /// on before the kernel looks for a port, so sock_ops sees the failure (SYN_SENT → CLOSE
+    /// with no SYN). On older kernels, as [`ConnectExitHook::Tracepoint`].
     #[default]
     Auto,
-    /// Always the raw tracepoint: what a process without tracefs gets (used by tests as root).
+    /// A hook on the return of connect() with a map of connects in flight: the classic
+    /// `syscalls:sys_exit_connect` tracepoint when tracefs can be used (root), which the
+    /// kernel runs only for connect(); otherwise the raw `sys_exit` tracepoint, which needs no
+    /// tracefs (CAP_BPF + CAP_PERFMON suffice) but runs for every syscall on the host.
+    Tracepoint,
+    /// Always the raw tracepoint: what a process without tracefs gets on an older kernel (used
+    /// by tests as root).
     Raw,
+}
+
+/// What [`KernelObserver::connect_exit_hook`] says when no hook is needed.
+pub const STATE_CALLBACK: &str = "sock_ops state callback";
+
+/// The first release whose `bpf_setsockopt()` takes `TCP_BPF_SOCK_OPS_CB_FLAGS` (commit
+/// 3882dccf48f9, "bpf/bpf_get,set_sockopt: add option to set TCP-BPF sock ops flags").
+const CALLBACKS_AT_CONNECT_SINCE: (u32, u32) = (6, 12);
+
+/// This kernel's release as (major, minor), from /proc/sys/kernel/osrelease ("6.18.44-…").
+fn kernel_release() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_release(&text)
+}
+
+fn parse_release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// The syscall-number member of `struct pt_regs` in this architecture's kernel BTF.
@@ -215,9 +242,14 @@ impl KernelObserver {
         let kernel_btf = aya::Btf::from_sys_fs()
             .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
+        let callbacks_at_connect = opts.connect_exit == ConnectExitHook::Auto
+            && kernel_release().is_some_and(|r| r >= CALLBACKS_AT_CONNECT_SINCE);
+        let callbacks_flag = u32::from(callbacks_at_connect);
+
         let mut loader = EbpfLoader::new();
         loader
             .btf(&kernel_btf)
+            .override_global("CALLBACKS_AT_CONNECT", &callbacks_flag, true)
             .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
             .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
             .override_global("PT_REGS_SYSCALL_NR_OFFSET", &nr_offset, true)
@@ -238,7 +270,11 @@ impl KernelObserver {
 
         // The tracepoint first: it only finishes records that connect4/6 open, so attaching it
         // first means no record is opened that cannot be finished.
-        let connect_exit = attach_connect_exit(&mut ebpf, opts.connect_exit)?;
+        let connect_exit = if callbacks_at_connect {
+            STATE_CALLBACK
+        } else {
+            attach_connect_exit(&mut ebpf, opts.connect_exit)?
+        };
         {
             let name = names::PROG_SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
@@ -277,8 +313,8 @@ impl KernelObserver {
         &self.cgroup
     }
 
-    /// Which hook watches the return of connect(): `tracepoint syscalls:sys_exit_connect` or
-    /// `raw tracepoint sys_exit`.
+    /// What sees a connect that fails before its SYN: [`STATE_CALLBACK`] (no extra hook),
+    /// `tracepoint syscalls:sys_exit_connect` or `raw tracepoint sys_exit`.
     pub fn connect_exit_hook(&self) -> &'static str {
         self.connect_exit
     }
@@ -387,7 +423,7 @@ fn attach_connect_exit(
     ebpf: &mut Ebpf,
     hook: ConnectExitHook,
 ) -> Result<&'static str, ObserverError> {
-    if hook == ConnectExitHook::Auto {
+    if hook != ConnectExitHook::Raw {
         // tracefs is root-only (mode 0700 here); mounting it needs CAP_SYS_ADMIN.
         let classic = preflight::ensure_tracefs()
             .map_err(|e| e.to_string())
@@ -456,5 +492,15 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("\n75: insn 75"), "only the tail: {text}");
+    }
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(parse_release("6.18.44-fc-v657\n"), Some((6, 18)));
+        assert_eq!(parse_release("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("6.12-rc1"), Some((6, 12)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!((6, 18) >= CALLBACKS_AT_CONNECT_SINCE);
+        assert!((6, 1) < CALLBACKS_AT_CONNECT_SINCE);
     }
 }

@@ -14,6 +14,8 @@ pub mod kernel;
 
 use std::{fmt, time::Duration};
 
+use crate::diagnose::tcpinfo::TcpInfo;
+
 pub use gateway_common::Outcome as ConnectOutcome;
 
 /// Where the proxy's kernel signals come from.
@@ -97,6 +99,25 @@ pub struct EstablishedEvidence {
     pub bytes_acked: u64,
     /// Bytes sent and not yet acknowledged.
     pub unacked_bytes: u64,
+}
+
+impl EstablishedEvidence {
+    /// What `TCP_INFO`, read on the socket just before it was closed, says: for a connection
+    /// the kernel observer kept no record of, which means it closed cleanly (see
+    /// `gateway_common::ConnStats`). `TCP_INFO` counts the connect's SYN retransmits among
+    /// retransmits and RTOs, and its SYN among the bytes ACKed; the observer does not, so they
+    /// are taken out. None when this kernel's `TCP_INFO` lacks the byte counts.
+    pub fn from_tcp_info(i: &TcpInfo, syn_retransmits: u32) -> Option<EstablishedEvidence> {
+        Some(EstablishedEvidence {
+            data_retransmits: i.total_retrans.saturating_sub(syn_retransmits),
+            rtos: i
+                .total_rto
+                .map_or(0, |r| u32::from(r).saturating_sub(syn_retransmits)),
+            srtt: (i.rtt_us > 0).then(|| Duration::from_micros(u64::from(i.rtt_us))),
+            bytes_acked: i.bytes_acked?.saturating_sub(1),
+            unacked_bytes: i.unacked_bytes()?,
+        })
+    }
 }
 
 impl fmt::Display for EstablishedEvidence {

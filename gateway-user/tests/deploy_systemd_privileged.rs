@@ -140,7 +140,7 @@ fn privileged_the_package_and_its_units_under_a_real_systemd() {
     );
     assert!(
         c.journal("gateway")
-            .contains("connect_exit=\"raw tracepoint sys_exit\"")
+            .contains("connect_exit=\"sock_ops state callback\"")
     );
     // The observer cgroup inside the unit's.
     let cg = c.ok(&["cat", &format!("/proc/{main}/cgroup")]);

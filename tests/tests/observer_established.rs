@@ -24,6 +24,46 @@ fn privileged_acked_request_on_a_healthy_connection() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
+    // Ended by a reset (here its own abort), which is when the proxy asks whether a request's
+    // bytes were ACKed.
+    let p = connect_probe!()
+        .run_in(
+            &lab,
+            "blocking",
+            up.addr_v4(PORT),
+            &["--send", "1000", "--hold-ms", "200", "--abort"],
+        )
+        .remove(0);
+    assert_eq!(p.result, "ok");
+    assert_eq!(
+        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Established
+    );
+    let cs = rec
+        .observer
+        .conn_stats(p.cookie)
+        .expect("CONN_STATS has the reset connection");
+    assert_eq!(
+        cs.bytes_acked, 1000,
+        "the upstream kernel ACKed every request byte"
+    );
+    assert_eq!(cs.unacked_bytes, 0);
+    assert_eq!((cs.rtos, cs.data_retransmits), (0, 0));
+    assert!(cs.closed_ns > 0, "recorded when it left ESTABLISHED");
+    assert!(
+        cs.srtt_us > 0 && cs.srtt_us < 5_000,
+        "srtt {} µs",
+        cs.srtt_us
+    );
+}
+
+/// A connection closed cleanly (everything ACKed, nothing retransmitted) leaves no
+/// `CONN_STATS` record, by either side's close; its connect record is there as always.
+#[test]
+fn privileged_a_clean_close_leaves_no_connection_record() {
+    let (lab, mut rec) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
     let p = connect_probe!()
         .run_in(
             &lab,
@@ -37,22 +77,43 @@ fn privileged_acked_request_on_a_healthy_connection() {
         rec.record(p.cookie, Duration::from_secs(5)).outcome(),
         Outcome::Established
     );
+    assert_eq!(
+        rec.observer.conn_stats(p.cookie).map(|c| c.bytes_acked),
+        None,
+        "a clean close is not recorded"
+    );
+}
+
+/// The stale keep-alive race, as the kernel records it: the upstream closes an idle
+/// connection (its FIN: CLOSE_WAIT here), a request is written on it anyway, and the upstream's
+/// kernel resets it. The callbacks stay on through CLOSE_WAIT, so the reset is recorded, and
+/// the record says that none of the request was ACKed: what lets the proxy retry even a POST.
+#[test]
+fn privileged_a_request_written_after_the_peers_fin_is_recorded_unacked() {
+    let (lab, mut rec) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let srv = up.serve_hold(PORT).unwrap();
+    let mut child = connect_probe!().spawn_in(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT),
+        &["--send", "1000", "--pause-ms", "500", "--hold-ms", "300"],
+    );
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let p: Probe = serde_json::from_str(&line).unwrap();
+    assert_eq!(p.result, "ok");
+    // The upstream closes the connection before the request is written.
+    srv.stop();
+    assert!(child.wait().unwrap().success());
     let cs = rec
         .observer
         .conn_stats(p.cookie)
-        .expect("CONN_STATS has the closed connection");
-    assert_eq!(
-        cs.bytes_acked, 1000,
-        "the upstream kernel ACKed every request byte"
-    );
-    assert_eq!(cs.unacked_bytes, 0);
-    assert_eq!((cs.rtos, cs.data_retransmits), (0, 0));
-    assert!(cs.closed_ns > 0, "recorded when it left ESTABLISHED");
-    assert!(
-        cs.srtt_us > 0 && cs.srtt_us < 5_000,
-        "srtt {} µs",
-        cs.srtt_us
-    );
+        .expect("CONN_STATS has the connection the upstream reset");
+    assert_eq!(cs.bytes_acked, 0, "no request byte was ACKed");
+    assert!(cs.closed_ns > 0);
 }
 
 #[test]

@@ -196,6 +196,11 @@ fn privileged_userspace_timeout_300ms_is_aborted() {
 #[test]
 fn privileged_ephemeral_ports_exhausted_is_addr_unavailable() {
     let (lab, mut t) = observed_lab(1);
+    // This kernel (6.12 or later) needs no connect-return hook: sock_ops sees the failure.
+    assert_eq!(
+        t.observer.connect_exit_hook(),
+        gateway::observer::STATE_CALLBACK
+    );
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _range = lab

@@ -1,8 +1,10 @@
-//! Privileged: the raw `sys_exit` tracepoint that watches connect() returns when tracefs is out
-//! of reach (a non-root observer: /sys/kernel/tracing is 0700). Forced here as root, it must
-//! catch what the classic `syscalls:sys_exit_connect` tracepoint catches: EADDRNOTAVAIL, the
-//! one connect failure that never reaches TCP, attributed to the right process, while the
-//! connects around it are recorded as usual. Needs root; run with `--test-threads=1`.
+//! Privileged: the connect-return hooks that see EADDRNOTAVAIL (the one connect failure that
+//! never sends a SYN) on kernels older than 6.12, where connect4/6 cannot turn sock_ops'
+//! state callback on themselves. Forced here: the classic `syscalls:sys_exit_connect`
+//! tracepoint (root, tracefs), and the raw `sys_exit` tracepoint that a non-root observer
+//! without tracefs gets (/sys/kernel/tracing is 0700). Each must catch EADDRNOTAVAIL,
+//! attributed to the right process, while the connects around it are recorded as usual. Needs
+//! root; run with `--test-threads=1`.
 
 use std::time::Duration;
 
@@ -16,8 +18,20 @@ const WAIT: Duration = Duration::from_secs(5);
 
 #[test]
 fn privileged_raw_tracepoint_catches_addr_unavailable() {
-    let (lab, mut t) = observed_lab_with(1, ConnectExitHook::Raw);
-    assert_eq!(t.observer.connect_exit_hook(), "raw tracepoint sys_exit");
+    catches_addr_unavailable(ConnectExitHook::Raw, "raw tracepoint sys_exit");
+}
+
+#[test]
+fn privileged_classic_tracepoint_catches_addr_unavailable() {
+    catches_addr_unavailable(
+        ConnectExitHook::Tracepoint,
+        "tracepoint syscalls:sys_exit_connect",
+    );
+}
+
+fn catches_addr_unavailable(hook: ConnectExitHook, name: &str) {
+    let (lab, mut t) = observed_lab_with(1, hook);
+    assert_eq!(t.observer.connect_exit_hook(), name);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
     let _range = lab

@@ -5,17 +5,21 @@
 //! attached to that cgroup), so drift in the machine hits both modes alike. For each round it
 //! reports the client's CPU per connection (getrusage inside the client: this is where the
 //! eBPF programs run) and, for "on" rounds, the observer process's own CPU per connection
-//! (draining the ring buffer and printing JSON). Medians over rounds, and the ratio.
+//! (draining the ring buffer and printing JSON). Medians over rounds, and the ratio. With
+//! `--against OTHER_GATEWAY_BINARY` a third kind of round runs that binary's observer, so two
+//! observers are compared in one run against the same unobserved rounds (the client's CPU per
+//! connect moves by tens of per cent between runs on a small VM; within a run it does not).
 //!
 //! Then it starts the observer with room for 100,000 destinations, makes connects to 100,000
 //! distinct loopback destinations, and reports the observer's RSS and the kernel memory of its
 //! maps (bpftool's `bytes_memlock`).
 //!
-//! While it runs, the kernel's per-program run-time statistics are on (`BPF_ENABLE_STATS`,
-//! held by a file descriptor: no sysctl changes, and off again when the bench exits), so it
-//! also says how long each eBPF program ran per connection and per invocation. The rest of
-//! the client's extra CPU is outside the programs: socket-storage allocation and free, the
-//! hook dispatch.
+//! Then, in one more round per observer, the kernel's per-program run-time statistics are on
+//! (`BPF_ENABLE_STATS`, held by a file descriptor: no sysctl changes, and off again after that
+//! round), so it also says how long each eBPF program ran per connection and per invocation.
+//! They are off in the measured rounds: they read the clock around every program run. The
+//! rest of the client's extra CPU is outside the programs: socket-storage allocation and free,
+//! the hook dispatch.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -228,16 +232,68 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let cycles: usize = match args.first() {
-        Some(v) => v
-            .parse()
-            .context("usage: cargo xtask bench observer [CYCLES_PER_MODE]")?,
-        None => DEFAULT_CYCLES,
+/// `[CYCLES_PER_MODE] [--gateway-bin PATH] [--against PATH]`.
+struct Options {
+    cycles: usize,
+    gateway_bin: Option<PathBuf>,
+    /// A second gateway binary whose observer runs in rounds of its own, interleaved with the
+    /// others: an A/B of two observers in one run, with the same unobserved rounds.
+    against: Option<PathBuf>,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let usage =
+        "usage: cargo xtask bench observer [CYCLES_PER_MODE] [--gateway-bin PATH] [--against PATH]";
+    let mut o = Options {
+        cycles: DEFAULT_CYCLES,
+        gateway_bin: None,
+        against: None,
     };
-    let per_round = cycles / ROUNDS_PER_MODE;
-    let _stats = enable_run_time_stats()?;
-    let bin = crate::release_gateway(None)?;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut path = || it.next().map(PathBuf::from).context(usage);
+        match a.as_str() {
+            "--gateway-bin" => o.gateway_bin = Some(path()?),
+            "--against" => o.against = Some(path()?),
+            n => o.cycles = n.parse().context(usage)?,
+        }
+    }
+    Ok(o)
+}
+
+/// One kind of round: the client alone, or with one binary's observer attached.
+struct Mode {
+    name: String,
+    observer: Option<PathBuf>,
+    client_us: Vec<f64>,
+    observer_us: Vec<f64>,
+    records: usize,
+    lost: u64,
+    /// Per program: (name, invocations, run time in ns) over the round with statistics on.
+    programs: Vec<(String, u64, u64)>,
+    /// How many connections that round made.
+    program_cycles: usize,
+}
+
+impl Mode {
+    fn new(name: String, observer: Option<PathBuf>) -> Mode {
+        Mode {
+            name,
+            observer,
+            client_us: Vec::new(),
+            observer_us: Vec::new(),
+            records: 0,
+            lost: 0,
+            programs: Vec::new(),
+            program_cycles: 0,
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let o = options(args)?;
+    let per_round = o.cycles / ROUNDS_PER_MODE;
+    let bin = crate::release_gateway(o.gateway_bin.as_deref())?;
     let cgroup = Cgroup::create()?;
 
     // A loopback server outside the cgroup: accept and close at once.
@@ -251,84 +307,66 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // Warm-up, not measured.
     client_round(&cgroup.0, addr, per_round.min(1000))?;
 
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    let mut observer_cpu = Vec::new();
-    let mut rss_kb = 0;
-    let mut records = 0usize;
-    let mut lost = 0u64;
-    // Per program name: (invocations, run time in ns), summed over the 'on' rounds.
-    let mut programs: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-    for round in 0..ROUNDS_PER_MODE * 2 {
-        // Alternate which mode goes first in each pair.
-        let observed = (round % 2 == 0) == ((round / 2) % 2 == 0);
-        if observed {
-            let obs = Observer::start(&bin, &cgroup.0, &["--json"])?;
-            let before = proc_cpu_ns(obs.pid());
-            let client_ns = client_round(&cgroup.0, addr, per_round)?;
-            // Let the 25 ms drain timer pick up the last records.
-            std::thread::sleep(Duration::from_millis(400));
-            let obs_ns = proc_cpu_ns(obs.pid()) - before;
-            rss_kb = rss_kb.max(proc_status_kb(obs.pid(), "VmHWM:"));
-            for (name, cnt, ns) in program_run_times(obs.pid())? {
-                let e = programs.entry(name).or_default();
-                e.0 += cnt;
-                e.1 += ns;
-            }
-            let (out, dropped) = obs.stop()?;
-            records += out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
-            lost += dropped;
-            on.push(client_ns as f64 / per_round as f64 / 1000.0);
-            observer_cpu.push(obs_ns as f64 / per_round as f64 / 1000.0);
-        } else {
-            let client_ns = client_round(&cgroup.0, addr, per_round)?;
-            off.push(client_ns as f64 / per_round as f64 / 1000.0);
-        }
+    let mut modes = vec![
+        Mode::new("off".into(), None),
+        Mode::new("on".into(), Some(bin.clone())),
+    ];
+    if let Some(other) = &o.against {
+        modes.push(Mode::new(
+            format!("on ({})", other.display()),
+            Some(other.clone()),
+        ));
     }
-    let (m_off, m_on, m_obs) = (median(off), median(on), median(observer_cpu));
+    let mut rss_kb = 0;
+    for round in 0..ROUNDS_PER_MODE * modes.len() {
+        // Each pass over the modes starts at a different one, so drift hits them alike.
+        let n = modes.len();
+        let mode = &mut modes[(round + round / n) % n];
+        let Some(observer) = mode.observer.clone() else {
+            let client_ns = client_round(&cgroup.0, addr, per_round)?;
+            mode.client_us
+                .push(client_ns as f64 / per_round as f64 / 1000.0);
+            continue;
+        };
+        let obs = Observer::start(&observer, &cgroup.0, &["--json"])?;
+        let before = proc_cpu_ns(obs.pid());
+        let client_ns = client_round(&cgroup.0, addr, per_round)?;
+        // Let the 25 ms drain timer pick up the last records.
+        std::thread::sleep(Duration::from_millis(400));
+        let obs_ns = proc_cpu_ns(obs.pid()) - before;
+        rss_kb = rss_kb.max(proc_status_kb(obs.pid(), "VmHWM:"));
+        let (out, dropped) = obs.stop()?;
+        mode.records += out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        mode.lost += dropped;
+        mode.client_us
+            .push(client_ns as f64 / per_round as f64 / 1000.0);
+        mode.observer_us
+            .push(obs_ns as f64 / per_round as f64 / 1000.0);
+    }
+    // Then, with the kernel's run-time statistics on, one round per observer for where the
+    // time goes. Not during the rounds above: the statistics read the clock twice around every
+    // program run, which would be counted as the observer's cost.
+    let stats = enable_run_time_stats()?;
+    for mode in modes.iter_mut().skip(1) {
+        let observer = mode.observer.clone().context("an 'on' mode")?;
+        let obs = Observer::start(&observer, &cgroup.0, &["--json"])?;
+        client_round(&cgroup.0, addr, per_round * 2)?;
+        mode.programs = program_run_times(obs.pid())?;
+        mode.program_cycles = per_round * 2;
+        obs.stop()?;
+    }
+    drop(stats);
     println!(
         "\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)"
     );
+    let m_off = median(modes[0].client_us.clone());
     println!("  client CPU per connection, observer off : {m_off:.2} µs (median)");
-    println!("  client CPU per connection, observer on  : {m_on:.2} µs (median)");
-    println!(
-        "  ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +3%)",
-        m_on / m_off,
-        (m_on / m_off - 1.0) * 100.0
-    );
-    println!(
-        "  observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON, from schedstat)"
-    );
-    println!(
-        "  with it, total                           : {:+.1}% over the unobserved client",
-        ((m_on + m_obs) / m_off - 1.0) * 100.0
-    );
-    println!(
-        "  JSON records printed in 'on' rounds      : {records} (expected {}; the observer said it lost {lost})",
-        per_round * ROUNDS_PER_MODE
-    );
+    for mode in &modes[1..] {
+        report_mode(mode, m_off, per_round);
+    }
     println!(
         "  observer peak RSS during 'on' rounds     : {} MiB",
         rss_kb / 1024
-    );
-    let connections = (per_round * ROUNDS_PER_MODE) as f64;
-    println!("  eBPF program run time (kernel run-time statistics, all 'on' rounds):");
-    let mut total = 0.0;
-    for (name, (cnt, ns)) in &programs {
-        if *cnt == 0 {
-            continue;
-        }
-        let per_conn = *ns as f64 / connections / 1000.0;
-        total += per_conn;
-        println!(
-            "    {name:<22} {:>6.2} runs and {per_conn:.2} µs per connection, {:.0} ns per run",
-            *cnt as f64 / connections,
-            *ns as f64 / *cnt as f64
-        );
-    }
-    println!(
-        "    all programs           {total:.2} µs per connection of the {:.2} µs the client paid extra",
-        m_on - m_off
     );
 
     // Memory at 100,000 destinations.
@@ -389,6 +427,56 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         memlock.iter().map(|(_, b)| *b).sum::<u64>() as f64 / 1048576.0
     );
     Ok(())
+}
+
+/// What one observer cost the client, from its rounds.
+fn report_mode(mode: &Mode, m_off: f64, per_round: usize) {
+    let (m_on, m_obs) = (
+        median(mode.client_us.clone()),
+        median(mode.observer_us.clone()),
+    );
+    println!("  {}:", mode.name);
+    println!("    client CPU per connection, observer on  : {m_on:.2} µs (median)");
+    println!(
+        "    ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +3%)",
+        m_on / m_off,
+        (m_on / m_off - 1.0) * 100.0
+    );
+    println!(
+        "    observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON, from schedstat)"
+    );
+    println!(
+        "    with it, total                           : {:+.1}% over the unobserved client",
+        ((m_on + m_obs) / m_off - 1.0) * 100.0
+    );
+    println!(
+        "    JSON records printed                     : {} (expected {}; the observer said it lost {})",
+        mode.records,
+        per_round * ROUNDS_PER_MODE,
+        mode.lost
+    );
+    let connections = mode.program_cycles as f64;
+    println!(
+        "    eBPF program run time (kernel run-time statistics, a round of {} connects of its own):",
+        mode.program_cycles
+    );
+    let mut total = 0.0;
+    for (name, cnt, ns) in &mode.programs {
+        if *cnt == 0 {
+            continue;
+        }
+        let per_conn = *ns as f64 / connections / 1000.0;
+        total += per_conn;
+        println!(
+            "      {name:<22} {:>6.2} runs and {per_conn:.2} µs per connection, {:.0} ns per run",
+            *cnt as f64 / connections,
+            *ns as f64 / *cnt as f64
+        );
+    }
+    println!(
+        "      all programs           {total:.2} µs per connection of the {:.2} µs the client paid extra",
+        m_on - m_off
+    );
 }
 
 /// The hidden `bench-spray N` body: one connect to each of N distinct loopback destinations

@@ -77,6 +77,7 @@ const _: () = assert!(mem::size_of::<RawTcpInfo>() == 248);
 const BYTES_ACKED_END: usize = mem::offset_of!(RawTcpInfo, bytes_received);
 const BYTES_RECEIVED_END: usize = mem::offset_of!(RawTcpInfo, segs_out);
 const TOTAL_RTO_END: usize = mem::offset_of!(RawTcpInfo, total_rto_recoveries);
+const BYTES_RETRANS_END: usize = mem::offset_of!(RawTcpInfo, dsack_dups);
 
 /// The fields the probes use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +97,22 @@ pub struct TcpInfo {
     pub rtt_us: u32,
     /// Segments sent and not yet ACKed (`tcpi_unacked`, `packets_out`).
     pub unacked: u32,
+    /// Data bytes sent, retransmits included, and those retransmitted (Linux 4.19+).
+    pub bytes_sent: Option<u64>,
+    pub bytes_retrans: Option<u64>,
+}
+
+impl TcpInfo {
+    /// Data bytes sent and not yet ACKed (the observer's `snd_nxt - snd_una`), when the kernel
+    /// reports enough to tell.
+    pub fn unacked_bytes(&self) -> Option<u64> {
+        if self.unacked == 0 {
+            return Some(0);
+        }
+        // bytes_acked counts the SYN; bytes_sent counts each retransmit again.
+        let sent_once = self.bytes_sent?.checked_sub(self.bytes_retrans?)?;
+        Some(sent_once.saturating_sub(self.bytes_acked?.saturating_sub(1)))
+    }
 }
 
 pub const TCP_SYN_SENT: u8 = 2;
@@ -126,6 +143,8 @@ pub fn read(fd: RawFd) -> Option<TcpInfo> {
         total_rto: (len >= TOTAL_RTO_END).then_some(raw.total_rto),
         rtt_us: raw.rtt,
         unacked: raw.unacked,
+        bytes_sent: (len >= BYTES_RETRANS_END).then_some(raw.bytes_sent),
+        bytes_retrans: (len >= BYTES_RETRANS_END).then_some(raw.bytes_retrans),
     })
 }
 
@@ -161,5 +180,27 @@ mod tests {
             "{before:?} {after:?}"
         );
         assert_eq!(after.total_retrans, 0);
+        assert_eq!(after.unacked_bytes(), Some(0));
+    }
+
+    #[test]
+    fn unacked_bytes_are_those_sent_once_less_those_acked() {
+        let i = TcpInfo {
+            state: 1,
+            total_retrans: 1,
+            bytes_acked: Some(1 + 300),
+            bytes_received: Some(0),
+            total_rto: Some(1),
+            rtt_us: 100,
+            unacked: 1,
+            bytes_sent: Some(517 + 217),
+            bytes_retrans: Some(217),
+        };
+        assert_eq!(i.unacked_bytes(), Some(217));
+        let old_kernel = TcpInfo {
+            bytes_sent: None,
+            ..i
+        };
+        assert_eq!(old_kernel.unacked_bytes(), None);
     }
 }

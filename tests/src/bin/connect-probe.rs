@@ -15,7 +15,8 @@
 //! timeout); `--keep` keeps every connected socket open until the process exits (to exhaust
 //! ephemeral ports). `--send N` writes N bytes on each connected socket after `--pause-ms`,
 //! then keeps it open `--hold-ms` before closing (the line is printed before the pause, so a
-//! test can inject a fault on the established connection).
+//! test can inject a fault on the established connection); with `--abort` that close is an
+//! abort (`SO_LINGER` 0: a RST, ESTABLISHED → CLOSE).
 
 use std::{
     io,
@@ -139,7 +140,7 @@ fn blocking_style(addr: SocketAddr) -> (u64, Result<Socket, io::Error>) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: connect-probe go|tokio|blocking ADDR [--timeout-ms N] [--count N] [--keep]";
+    let usage = "usage: connect-probe go|tokio|blocking ADDR [--timeout-ms N] [--count N] [--keep] [--send N [--pause-ms N] [--hold-ms N] [--abort]]";
     let (Some(style), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -150,7 +151,7 @@ fn main() {
     });
     let mut timeout = None;
     let mut count = 1usize;
-    let mut keep = false;
+    let (mut keep, mut abort) = (false, false);
     let (mut send, mut pause, mut hold) = (0usize, 0u64, 0u64);
     let mut it = args[2..].iter();
     while let Some(a) = it.next() {
@@ -163,6 +164,7 @@ fn main() {
             }
             "--count" => count = it.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--keep" => keep = true,
+            "--abort" => abort = true,
             "--send" => send = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--pause-ms" => pause = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--hold-ms" => hold = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -200,6 +202,9 @@ fn main() {
             let _ = s.set_nonblocking(false);
             let _ = (&*s).write_all(&vec![b'x'; send]);
             std::thread::sleep(Duration::from_millis(hold));
+            if abort {
+                let _ = s.set_linger(Some(Duration::ZERO));
+            }
         }
         if let (Ok(s), true) = (res, keep) {
             kept.push(s);

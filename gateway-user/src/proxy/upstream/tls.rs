@@ -27,6 +27,7 @@ use crate::{
         io::StallGuard,
         telemetry::Side,
     },
+    signals::{EstablishedEvidence, SignalMode},
     tls::{self, ClientTls, failure::classify},
 };
 
@@ -54,10 +55,15 @@ pub(super) async fn handshake(
     let name = server_name(&cluster.spec, tls, ep.addr);
     let timeout = cluster.spec.timeouts.tls_handshake;
     let start = Instant::now();
-    let mut connect = TlsConnector::from(tls.config.clone()).connect(name, io);
+    // Fallible: a failed handshake hands the socket back, so that it is still open when its
+    // `TCP_INFO` is read below.
+    let mut connect = TlsConnector::from(tls.config.clone())
+        .connect(name, io)
+        .into_fallible();
     let result = tokio::time::timeout(timeout, &mut connect).await;
     let meter = &cluster.meter.tls;
-    let (failure, detail, server_bytes) = match result {
+    // Each failure keeps its socket open (`open`) until its `TCP_INFO` has been read.
+    let (failure, detail, open): (_, _, Option<Box<dyn std::any::Any + Send>>) = match result {
         Ok(Ok(s)) => match (s.get_ref().1.alpn_protocol(), cluster.spec.protocol) {
             // No ALPN: the upstream speaks what it was asked (HTTP/1.1, or HTTP/2 for "h2").
             (None, _)
@@ -73,26 +79,37 @@ pub(super) async fn handshake(
                     "the upstream chose ALPN {other:?}, which protocol = \"{}\" does not speak",
                     p.name()
                 );
-                (TlsFailure::Protocol, detail, None)
+                (TlsFailure::Protocol, detail, Some(Box::new(s)))
             }
         },
-        Ok(Err(e)) => (classify(&e), e.to_string(), None),
-        Err(_) => {
-            // Read while the socket is still open: did the upstream send anything back?
-            let info = crate::diagnose::tcpinfo::read(tcp.fd);
-            (
-                TlsFailure::Timeout,
-                String::new(),
-                info.and_then(|i| i.bytes_received),
-            )
-        }
+        Ok(Err((e, io))) => (classify(&e), e.to_string(), Some(Box::new(io))),
+        // Still inside `connect`.
+        Err(_) => (TlsFailure::Timeout, String::new(), None),
     };
-    // Closed first, so that the kernel's final record of the connection exists.
+    let info = crate::diagnose::tcpinfo::read(tcp.fd);
+    // Did the upstream send anything back before the deadline?
+    let server_bytes = match failure {
+        TlsFailure::Timeout => info.and_then(|i| i.bytes_received),
+        _ => None,
+    };
+    // Closed first, so that the kernel's final record of the connection exists if it has one.
+    drop(open);
     drop(connect);
     meter.failed(Side::Upstream, failure.name());
     let signals = &*cluster.signals;
-    let evidence = signals.established_evidence(tcp.cookie).map(Box::new);
-    let kernel_rtt = signals.connect_evidence(tcp.cookie).and_then(|e| e.syn_rtt);
+    let connected = signals.connect_evidence(tcp.cookie);
+    let evidence = signals
+        .established_evidence(tcp.cookie)
+        .or_else(|| {
+            // No record of a closed connection means a clean close (`gateway_common::
+            // ConnStats`): what `TCP_INFO` said just before it is all there is to tell.
+            let syn_retransmits = connected.as_ref().map_or(0, |c| c.syn_retransmits);
+            (signals.mode() == SignalMode::Kernel)
+                .then(|| EstablishedEvidence::from_tcp_info(&info?, syn_retransmits))
+                .flatten()
+        })
+        .map(Box::new);
+    let kernel_rtt = connected.and_then(|e| e.syn_rtt);
     let under = Box::new(TcpUnderneath {
         connect: tcp.connect,
         kernel_rtt,
