@@ -61,13 +61,15 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         return Ok(());
     }
     let st = unsafe { &mut *st };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock is read only where a time is kept: it costs more than the rest of most
+    // callbacks (a `read_tsc` on this kind of VM).
+    let now = || unsafe { bpf_ktime_get_ns() };
     match op {
         // tcp_connect(): the first SYN is about to leave. Switch on the callbacks that are off
         // by default (docs/kernel.md, "What loads and attaches here": RTO/RETRANS/STATE must
         // be enabled per socket, and this is the place).
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            st.t_syn_ns = now;
+            st.t_syn_ns = now();
             st.flags |= F_CONNECT_SENT;
             st.ev.src_port = ctx.local_port() as u16;
             let _ = ctx.set_cb_flags(CALLBACKS as i32);
@@ -75,6 +77,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         // tcp_finish_connect(): the SYN-ACK arrived.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             st.flags |= F_ESTABLISHED;
+            let now = now();
             if st.t_syn_ns != 0 {
                 st.ev.syn_rtt_ns = now - st.t_syn_ns;
             }
@@ -97,7 +100,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_RTO_CB => {
             if st.flags & F_ESTABLISHED != 0 && ctx_state(ctx) != TCP_SYN_SENT {
                 st.rtos += 1;
-                st.last_rto_ns = now;
+                st.last_rto_ns = now();
                 established_event(ctx, st, true);
             }
         }
@@ -114,7 +117,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                     st,
                     Outcome::AddrUnavailable,
                     gateway_common::errno::EADDRNOTAVAIL,
-                    now,
+                    now(),
                 );
             } else if old == TCP_SYN_SENT && new == TCP_CLOSE {
                 // Every kernel path that ends a connect writes sk_err first and wakes the
@@ -137,11 +140,11 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                         core::ptr::read_volatile(&SK_ERR_SOFT_OFFSET)
                     });
                 }
-                emit::outcome(st, Outcome::from_errno(err), err, now);
+                emit::outcome(st, Outcome::from_errno(err), err, now());
             } else if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT)
                 && st.flags & F_ESTABLISHED != 0
             {
-                closing(ctx, st, new, now);
+                closing(ctx, st, new);
             } else if (old == TCP_SYN_SENT && new != TCP_ESTABLISHED)
                 || (old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED == 0)
             {
@@ -171,7 +174,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
 /// the callbacks stay on: a request written into that window is reset, and that is recorded.
 /// Otherwise they stop here, as they would fire for every step of the close.
 #[inline(always)]
-fn closing(ctx: &SockOpsContext, st: &SockState, new: u32, now: u64) {
+fn closing(ctx: &SockOpsContext, st: &SockState, new: u32) {
     let mut cs = conn_stats(ctx, st);
     let remarkable = cs.data_retransmits != 0 || cs.rtos != 0 || cs.unacked_bytes != 0;
     if new != TCP_CLOSE_WAIT {
@@ -180,7 +183,7 @@ fn closing(ctx: &SockOpsContext, st: &SockState, new: u32, now: u64) {
     if new != TCP_CLOSE && !remarkable {
         return;
     }
-    cs.closed_ns = now;
+    cs.closed_ns = unsafe { bpf_ktime_get_ns() };
     if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
         conn_insert_failed(st);
     }
