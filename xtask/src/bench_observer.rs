@@ -362,7 +362,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let m_off = median(modes[0].client_us.clone());
     println!("  client CPU per connection, observer off : {m_off:.2} µs (median)");
     for mode in &modes[1..] {
-        report_mode(mode, m_off, per_round);
+        report_mode(mode, &modes[0].client_us, per_round);
     }
     println!(
         "  observer peak RSS during 'on' rounds     : {} MiB",
@@ -430,10 +430,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// What one observer cost the client, from its rounds.
-fn report_mode(mode: &Mode, m_off: f64, per_round: usize) {
-    let (m_on, m_obs) = (
+fn report_mode(mode: &Mode, off: &[f64], per_round: usize) {
+    let (m_off, m_on, m_obs) = (
+        median(off.to_vec()),
         median(mode.client_us.clone()),
         median(mode.observer_us.clone()),
+    );
+    // Round i of each mode ran in the same pass, next to each other: their ratio cancels what
+    // drifts between passes.
+    let paired = median(
+        mode.client_us
+            .iter()
+            .zip(off)
+            .map(|(on, off)| on / off)
+            .collect(),
     );
     println!("  {}:", mode.name);
     println!("    client CPU per connection, observer on  : {m_on:.2} µs (median)");
@@ -441,6 +451,10 @@ fn report_mode(mode: &Mode, m_off: f64, per_round: usize) {
         "    ratio on/off                             : {:.3}  (overhead {:+.1}%, goal <= +3%)",
         m_on / m_off,
         (m_on / m_off - 1.0) * 100.0
+    );
+    println!(
+        "    per-pass ratio on/off, median            : {paired:.3}  (overhead {:+.1}%)",
+        (paired - 1.0) * 100.0
     );
     println!(
         "    observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON, from schedstat)"
