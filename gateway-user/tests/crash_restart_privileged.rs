@@ -375,7 +375,8 @@ fn privileged_kill_9_of_observe_under_load_then_restart() {
         .into_iter()
         .filter(|id| !before.contains(id))
         .collect();
-    assert!(ours.len() >= 5, "observe loaded its programs: {ours:?}");
+    // connect4/6, sock_ops, getsockopt (and a connect-return tracepoint before Linux 6.12).
+    assert!(ours.len() >= 4, "observe loaded its programs: {ours:?}");
 
     // Load: connects from several threads while it is killed.
     let stop = Arc::new(AtomicBool::new(false));

@@ -22,6 +22,7 @@ use super::{Cluster, endpoint::Endpoint};
 use crate::{
     config::{ClusterSpec, EndpointAddr, UpstreamProtocol},
     decide::evidence::TlsFailure,
+    diagnose::tcpinfo::TcpInfo,
     proxy::{
         error::{ProxyError, TcpUnderneath},
         io::StallGuard,
@@ -87,40 +88,50 @@ pub(super) async fn handshake(
         Err(_) => (TlsFailure::Timeout, String::new(), None),
     };
     let info = crate::diagnose::tcpinfo::read(tcp.fd);
-    // Did the upstream send anything back before the deadline?
-    let server_bytes = match failure {
-        TlsFailure::Timeout => info.and_then(|i| i.bytes_received),
-        _ => None,
-    };
     // Closed first, so that the kernel's final record of the connection exists if it has one.
     drop(open);
     drop(connect);
     meter.failed(Side::Upstream, failure.name());
+    Err(failed(cluster, ep, &tcp, failure, detail, info))
+}
+
+/// The error of a failed handshake, with what the kernel saw of the TCP connection underneath:
+/// the observer's record of it or, for a connection closed cleanly, of which the observer keeps
+/// none (`gateway_common::ConnStats`), what `TCP_INFO` said just before the close.
+fn failed(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    tcp: &Tcp,
+    failure: TlsFailure,
+    detail: String,
+    info: Option<TcpInfo>,
+) -> ProxyError {
     let signals = &*cluster.signals;
     let connected = signals.connect_evidence(tcp.cookie);
+    let syn_retransmits = connected.as_ref().map_or(0, |c| c.syn_retransmits);
     let evidence = signals
         .established_evidence(tcp.cookie)
         .or_else(|| {
-            // No record of a closed connection means a clean close (`gateway_common::
-            // ConnStats`): what `TCP_INFO` said just before it is all there is to tell.
-            let syn_retransmits = connected.as_ref().map_or(0, |c| c.syn_retransmits);
             (signals.mode() == SignalMode::Kernel)
                 .then(|| EstablishedEvidence::from_tcp_info(&info?, syn_retransmits))
                 .flatten()
         })
         .map(Box::new);
-    let kernel_rtt = connected.and_then(|e| e.syn_rtt);
-    let under = Box::new(TcpUnderneath {
+    let tcp_under = Box::new(TcpUnderneath {
         connect: tcp.connect,
-        kernel_rtt,
-        server_bytes,
+        kernel_rtt: connected.and_then(|e| e.syn_rtt),
+        // Did the upstream send anything back before the deadline?
+        server_bytes: match failure {
+            TlsFailure::Timeout => info.and_then(|i| i.bytes_received),
+            _ => None,
+        },
     });
-    let e = match failure {
+    match failure {
         TlsFailure::Timeout => ProxyError::TlsHandshakeTimeout {
             endpoint: ep.addr,
-            timeout,
+            timeout: cluster.spec.timeouts.tls_handshake,
             cookie: tcp.cookie,
-            tcp: under,
+            tcp: tcp_under,
             evidence,
         },
         _ => ProxyError::TlsError {
@@ -128,11 +139,10 @@ pub(super) async fn handshake(
             failure,
             detail,
             cookie: tcp.cookie,
-            tcp: under,
+            tcp: tcp_under,
             evidence,
         },
-    };
-    Err(e)
+    }
 }
 
 /// Whether the handshake chose HTTP/2: ALPN `h2`, or no ALPN on an `h2` cluster.
