@@ -10,6 +10,7 @@
 //! copies), up to [`REPLAY_BODY_LIMIT`]; a larger body cannot be replayed.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -82,14 +83,26 @@ fn lock(k: &KeptBody) -> std::sync::MutexGuard<'_, Kept> {
 }
 
 /// The client's request body on its way upstream.
-pub(crate) struct RequestBody {
-    inner: Option<Incoming>,
+///
+/// A request is moved by value several times on its way into hyper (and back, unsent), so
+/// its body is kept to 32 bytes, which keeps the whole request within 256: a bodiless
+/// request, the usual one, carries nothing, and a streamed body is boxed.
+pub(crate) enum RequestBody {
+    /// No body: the client sent none (its body ended with its head), or a replay of none.
+    Empty,
+    /// The client's body, read as it is sent.
+    Streaming(Box<Streaming>),
     /// A replayed body's frames, in order.
-    replayed: std::vec::IntoIter<Bytes>,
+    Replayed(VecDeque<Bytes>),
+}
+
+/// The client's body while it streams.
+pub(crate) struct Streaming {
+    /// `None` once cut at the limit.
+    inner: Option<Incoming>,
     limit: Option<u64>,
     seen: u64,
-    /// Told once, when the body ends (or this is dropped); `None` after that (and for a
-    /// replay).
+    /// Told once, when the body ends (or this is dropped); `None` after that.
     done: Option<Ended>,
     keep: Option<KeptBody>,
 }
@@ -97,54 +110,44 @@ pub(crate) struct RequestBody {
 impl RequestBody {
     /// Returns the body, and for a body that is not empty, its [`Progress`].
     pub fn new(inner: Incoming, limit: Option<u64>) -> (Self, Option<Arc<Progress>>) {
-        let (done, rx) = if inner.is_end_stream() {
-            (None, None)
-        } else {
-            let p = Arc::new(Progress::default());
-            (Some(Ended(p.clone())), Some(p))
-        };
-        (
-            RequestBody {
-                inner: Some(inner),
-                replayed: Vec::new().into_iter(),
-                limit,
-                seen: 0,
-                done,
-                keep: None,
-            },
-            rx,
-        )
+        if inner.is_end_stream() {
+            return (RequestBody::Empty, None);
+        }
+        let p = Arc::new(Progress::default());
+        let body = RequestBody::Streaming(Box::new(Streaming {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+            done: Some(Ended(p.clone())),
+            keep: None,
+        }));
+        (body, Some(p))
     }
 
     /// No body, for replaying a bodiless request.
     pub fn empty() -> Self {
-        RequestBody {
-            inner: None,
-            replayed: Vec::new().into_iter(),
-            limit: None,
-            seen: 0,
-            done: None,
-            keep: None,
-        }
+        RequestBody::Empty
     }
 
     /// Keeps the frames as they pass (up to [`REPLAY_BODY_LIMIT`]); the handle tells, later,
-    /// whether the whole body was kept.
+    /// whether the whole body was kept. Only a streaming body is kept (the request path asks
+    /// for no other): the handle of any other is never complete.
     pub fn keep(&mut self) -> KeptBody {
         let k = KeptBody::default();
-        self.keep = Some(k.clone());
+        if let RequestBody::Streaming(s) = self {
+            s.keep = Some(k.clone());
+        }
         k
     }
 
     /// The body again, if all of it was kept.
     pub fn replay(kept: &KeptBody) -> Option<RequestBody> {
         let k = lock(kept);
-        (k.complete && !k.given_up).then(|| RequestBody {
-            replayed: k.frames.clone().into_iter(),
-            ..RequestBody::empty()
-        })
+        (k.complete && !k.given_up).then(|| RequestBody::Replayed(VecDeque::from(k.frames.clone())))
     }
+}
 
+impl Streaming {
     fn finish(&mut self) {
         self.ended();
         if let Some(k) = self.keep.take() {
@@ -177,6 +180,51 @@ impl RequestBody {
             lock(&k).given_up = true;
         }
     }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.seen += data.len() as u64;
+                    if let Some(p) = &self.done {
+                        p.0.bytes.store(self.seen, Ordering::Relaxed);
+                    }
+                    if let Some(limit) = self.limit
+                        && self.seen > limit
+                    {
+                        self.inner = None;
+                        self.ended();
+                        self.give_up_keeping();
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
+                    }
+                    self.kept(data);
+                } else {
+                    // Trailers are not kept: such a body is not replayed.
+                    self.give_up_keeping();
+                }
+                if self.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    self.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.ended();
+                self.give_up_keeping();
+                Poll::Ready(Some(Err(RequestBodyError::Downstream(e))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -184,68 +232,36 @@ impl Body for RequestBody {
     type Error = RequestBodyError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(this.replayed.next().map(|b| Ok(Frame::data(b))));
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if let Some(p) = &this.done {
-                        p.0.bytes.store(this.seen, Ordering::Relaxed);
-                    }
-                    if let Some(limit) = this.limit
-                        && this.seen > limit
-                    {
-                        this.inner = None;
-                        this.ended();
-                        this.give_up_keeping();
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
-                    }
-                    this.kept(data);
-                } else {
-                    // Trailers are not kept: such a body is not replayed.
-                    this.give_up_keeping();
-                }
-                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Streaming(s) => s.poll_frame(cx),
+            RequestBody::Replayed(frames) => {
+                Poll::Ready(frames.pop_front().map(|b| Ok(Frame::data(b))))
             }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.ended();
-                this.give_up_keeping();
-                Poll::Ready(Some(Err(RequestBodyError::Downstream(e))))
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Some(i) => i.is_end_stream(),
-            None => self.replayed.len() == 0,
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Streaming(s) => s.inner.as_ref().is_none_or(Body::is_end_stream),
+            RequestBody::Replayed(frames) => frames.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(i) => i.size_hint(),
-            None => SizeHint::with_exact(
-                self.replayed
-                    .as_slice()
-                    .iter()
-                    .map(|b| b.len() as u64)
-                    .sum(),
-            ),
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Streaming(s) => s
+                .inner
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+            RequestBody::Replayed(frames) => {
+                SizeHint::with_exact(frames.iter().map(|b| b.len() as u64).sum())
+            }
         }
     }
 }
