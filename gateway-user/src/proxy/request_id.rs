@@ -46,8 +46,10 @@ pub(crate) fn generate() -> HeaderValue {
         out[o + 1] = HEX[usize::from(byte & 0xf)];
         o += 2;
     }
+    // Owned, not copied: the ID is cloned into the request, the response and the log, and a
+    // `Bytes` copied from a slice allocates again (its shared count) at its first clone.
     // SAFETY: hex digits and dashes only, all visible ASCII: a valid header value.
-    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes::Bytes::copy_from_slice(&out)) }
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes::Bytes::from_owner(out)) }
 }
 
 #[cfg(test)]
