@@ -50,6 +50,7 @@ pub(crate) use super::shared::Phase;
 
 mod lot;
 mod park;
+mod woken;
 
 use lot::Lot;
 

@@ -47,6 +47,7 @@ use super::{
     },
     Listener, Phase,
     lot::{Lot, Parked},
+    woken::WhenWoken,
 };
 
 /// How long an HTTP/1 client connection is quiet (no byte read or written, no request
@@ -198,6 +199,17 @@ where
     let mut parking: Option<(Instant, u64)> = None;
     let mut closing = false;
     loop {
+        // The park check's timer and the drain's watch, polled only when one of them woke the
+        // task, not at each of the connection's wake-ups (see `woken`).
+        let rare = WhenWoken::new(async {
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(check), if parking.is_none() && !closing => {
+                    Rare::ParkCheck
+                }
+                changed = phase.changed() => Rare::Phase { sender_gone: changed.is_err() },
+            }
+        });
         tokio::select! {
             // The connection first: it is what wakes this task, several times per request,
             // and an unbiased select would draw a random number at each wake-up.
@@ -215,38 +227,48 @@ where
                     _ => None,
                 };
             }
-            _ = tokio::time::sleep_until(check), if parking.is_none() && !closing => {
-                let ticks = activity.ticks();
-                let may = park_after_request.is_none_or(|r| activity.requests() > r);
-                if ticks == seen && activity.idle() && may {
-                    activity.set_parking(true);
-                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    parking = Some((Instant::now(), ticks));
-                } else {
-                    seen = ticks;
-                    check = Instant::now() + PARK_AFTER;
-                }
-            }
-            changed = phase.changed() => {
-                let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
-                match p {
-                    // HTTP/1 connections close after their next response instead: closing an
-                    // idle one now would race the request its client may be sending.
-                    Phase::Run | Phase::Deregister => {}
-                    // Not cut off before its first request: it is served, with
-                    // `Connection: close` (see `super::serve`).
-                    Phase::Drain if activity.requests() == 0 => {}
-                    Phase::Drain if !closing => {
-                        activity.set_parking(false);
+            event = rare => match event {
+                Rare::ParkCheck => {
+                    let ticks = activity.ticks();
+                    let may = park_after_request.is_none_or(|r| activity.requests() > r);
+                    if ticks == seen && activity.idle() && may {
+                        activity.set_parking(true);
                         std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                        closing = true;
+                        parking = Some((Instant::now(), ticks));
+                    } else {
+                        seen = ticks;
+                        check = Instant::now() + PARK_AFTER;
                     }
-                    Phase::Drain => {}
-                    Phase::Force => return None,
+                }
+                Rare::Phase { sender_gone } => {
+                    let p = if sender_gone { Phase::Force } else { *phase.borrow() };
+                    match p {
+                        // HTTP/1 connections close after their next response instead: closing
+                        // an idle one now would race the request its client may be sending.
+                        Phase::Run | Phase::Deregister => {}
+                        // Not cut off before its first request: it is served, with
+                        // `Connection: close` (see `super::serve`).
+                        Phase::Drain if activity.requests() == 0 => {}
+                        Phase::Drain if !closing => {
+                            activity.set_parking(false);
+                            std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                            closing = true;
+                        }
+                        Phase::Drain => {}
+                        Phase::Force => return None,
+                    }
                 }
             }
         }
     }
+}
+
+/// What woke one of [`drive`]'s rare branches.
+enum Rare {
+    /// The park check is due.
+    ParkCheck,
+    /// The drain's phase changed, or its sender is gone.
+    Phase { sender_gone: bool },
 }
 
 /// Waits, holding no buffer, for the client's first bytes, and says whether they are the
