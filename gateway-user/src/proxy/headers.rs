@@ -73,23 +73,29 @@ const TE_BIT: u16 = 1 << 5;
 /// Removes hop-by-hop headers, including `Upgrade` and `TE`; says whether an upgrade and
 /// `TE: trailers` were among them.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
-    // One pass over the (few) names finds which are there; most messages carry none but
-    // `Connection`, and removing by name hashes each name, so only what is there is removed.
-    let present = headers.keys().fold(0u16, |p, name| p | hop_bit(name));
+    // One pass over the (few) headers finds which are there, and whether `Connection` says
+    // more than the usual "keep-alive" or "close"; most messages carry none but `Connection`,
+    // and removing (or looking up) by name hashes each name, so only what is there is touched.
+    let mut present = 0u16;
+    let mut connection_names_more = false;
+    for (name, value) in headers.iter() {
+        let bit = hop_bit(name);
+        present |= bit;
+        connection_names_more |= bit == 1 && !names_nothing_else(value);
+    }
     if present == 0 {
         return Stripped::default();
     }
-    // Headers listed in `Connection` are hop-by-hop too. The usual values ("keep-alive",
-    // "close") name nothing else, so the common case allocates nothing.
+    // Headers listed in `Connection` are hop-by-hop too. The usual values name nothing else,
+    // so the common case allocates nothing.
     let mut upgrade = false;
-    if present & 1 != 0 {
+    if connection_names_more {
         let mut listed: Vec<HeaderName> = Vec::new();
         for v in headers.get_all(header::CONNECTION) {
-            let Ok(v) = v.to_str() else { continue };
-            if v.eq_ignore_ascii_case("keep-alive") || v.eq_ignore_ascii_case("close") {
-                // What almost every message says, and names no other header.
+            if names_nothing_else(v) {
                 continue;
             }
+            let Ok(v) = v.to_str() else { continue };
             for token in v.split(',').map(str::trim) {
                 if token.is_empty()
                     || token.eq_ignore_ascii_case("keep-alive")
@@ -122,10 +128,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
                 })
             })
         });
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
+    // The set bits of `present` below `Upgrade`'s, lowest first.
+    let mut hop = present & (UPGRADE_BIT - 1);
+    while hop != 0 {
+        headers.remove(&HOP_BY_HOP[hop.trailing_zeros() as usize]);
+        hop &= hop - 1;
     }
     let upgrade_value = if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE)
@@ -136,6 +143,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
         upgrade: upgrade_value.filter(|_| upgrade),
         te_trailers,
     }
+}
+
+/// A `Connection` value that is what almost every message says ("keep-alive" or "close"),
+/// and names no other header.
+fn names_nothing_else(v: &HeaderValue) -> bool {
+    let v = v.as_bytes();
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
 /// The bit of `name` in [`strip_hop_by_hop`]'s mask: of its index in [`HOP_BY_HOP`], of
