@@ -84,6 +84,36 @@ fn privileged_a_clean_close_leaves_no_connection_record() {
     );
 }
 
+/// A connect-probe that connects to `addr`, then after `pause_ms` sends 1000 bytes and keeps
+/// the connection `hold_ms` more; returned once connected, with its line.
+fn send_after(
+    lab: &gateway_lab::Lab,
+    addr: std::net::SocketAddr,
+    pause_ms: &str,
+    hold_ms: &str,
+) -> (std::process::Child, Probe) {
+    let mut child = connect_probe!().spawn_in(
+        lab,
+        "blocking",
+        addr,
+        &[
+            "--send",
+            "1000",
+            "--pause-ms",
+            pause_ms,
+            "--hold-ms",
+            hold_ms,
+        ],
+    );
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let p: Probe = serde_json::from_str(&line).unwrap();
+    assert_eq!(p.result, "ok");
+    (child, p)
+}
+
 /// The stale keep-alive race, as the kernel records it: the upstream closes an idle
 /// connection (its FIN: CLOSE_WAIT here), a request is written on it anyway, and the upstream's
 /// kernel resets it. The callbacks stay on through CLOSE_WAIT, so the reset is recorded, and
@@ -93,18 +123,7 @@ fn privileged_a_request_written_after_the_peers_fin_is_recorded_unacked() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let srv = up.serve_hold(PORT).unwrap();
-    let mut child = connect_probe!().spawn_in(
-        &lab,
-        "blocking",
-        up.addr_v4(PORT),
-        &["--send", "1000", "--pause-ms", "500", "--hold-ms", "300"],
-    );
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let p: Probe = serde_json::from_str(&line).unwrap();
-    assert_eq!(p.result, "ok");
+    let (mut child, p) = send_after(&lab, up.addr_v4(PORT), "500", "300");
     // The upstream closes the connection before the request is written.
     srv.stop();
     assert!(child.wait().unwrap().success());
@@ -121,18 +140,7 @@ fn privileged_host_dies_mid_request_shows_rtos_and_unacked_bytes() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let mut child = connect_probe!().spawn_in(
-        &lab,
-        "blocking",
-        up.addr_v4(PORT),
-        &["--send", "1000", "--pause-ms", "300", "--hold-ms", "2500"],
-    );
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let p: Probe = serde_json::from_str(&line).unwrap();
-    assert_eq!(p.result, "ok");
+    let (mut child, p) = send_after(&lab, up.addr_v4(PORT), "300", "2500");
     // The connection is up; the host now drops everything, before the request is sent.
     let _dead = up.apply(Fault::Blackhole { port: PORT }).unwrap();
     assert!(child.wait().unwrap().success());
