@@ -127,6 +127,10 @@ fn privileged_a_request_written_after_the_peers_fin_is_recorded_unacked() {
     // The upstream closes the connection before the request is written.
     srv.stop();
     assert!(child.wait().unwrap().success());
+    assert_eq!(
+        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Established
+    );
     let cs = rec
         .observer
         .conn_stats(p.cookie)
