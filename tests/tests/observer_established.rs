@@ -114,6 +114,23 @@ fn send_after(
     (child, p)
 }
 
+/// Waits for the probe to end; its connect is recorded as established, and `CONN_STATS` has
+/// its connection.
+fn ended_with_a_record(
+    rec: &mut gateway_testkit::observer::Recorder,
+    mut child: std::process::Child,
+    cookie: u64,
+) -> gateway_common::ConnStats {
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        rec.record(cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Established
+    );
+    rec.observer
+        .conn_stats(cookie)
+        .expect("CONN_STATS has the connection")
+}
+
 /// The stale keep-alive race, as the kernel records it: the upstream closes an idle
 /// connection (its FIN: CLOSE_WAIT here), a request is written on it anyway, and the upstream's
 /// kernel resets it. The callbacks stay on through CLOSE_WAIT, so the reset is recorded, and
@@ -123,18 +140,10 @@ fn privileged_a_request_written_after_the_peers_fin_is_recorded_unacked() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let srv = up.serve_hold(PORT).unwrap();
-    let (mut child, p) = send_after(&lab, up.addr_v4(PORT), "500", "300");
+    let (child, p) = send_after(&lab, up.addr_v4(PORT), "500", "300");
     // The upstream closes the connection before the request is written.
     srv.stop();
-    assert!(child.wait().unwrap().success());
-    assert_eq!(
-        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
-        Outcome::Established
-    );
-    let cs = rec
-        .observer
-        .conn_stats(p.cookie)
-        .expect("CONN_STATS has the connection the upstream reset");
+    let cs = ended_with_a_record(&mut rec, child, p.cookie);
     assert_eq!(cs.bytes_acked, 0, "no request byte was ACKed");
     assert!(cs.closed_ns > 0);
 }
@@ -144,18 +153,10 @@ fn privileged_host_dies_mid_request_shows_rtos_and_unacked_bytes() {
     let (lab, mut rec) = observed_lab(1);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let (mut child, p) = send_after(&lab, up.addr_v4(PORT), "300", "2500");
+    let (child, p) = send_after(&lab, up.addr_v4(PORT), "300", "2500");
     // The connection is up; the host now drops everything, before the request is sent.
     let _dead = up.apply(Fault::Blackhole { port: PORT }).unwrap();
-    assert!(child.wait().unwrap().success());
-    assert_eq!(
-        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
-        Outcome::Established
-    );
-    let cs = rec
-        .observer
-        .conn_stats(p.cookie)
-        .expect("CONN_STATS has the connection");
+    let cs = ended_with_a_record(&mut rec, child, p.cookie);
     assert_eq!(
         cs.bytes_acked, 0,
         "no request byte reached the upstream's kernel"
