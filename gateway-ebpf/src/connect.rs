@@ -1,9 +1,11 @@
-//! `connect()` itself: cgroup connect4/6 open the record, and the return of `connect()` catches
-//! the one failure that never reaches TCP (EADDRNOTAVAIL). The return is watched in one of two
-//! ways, the loader's choice: the classic `syscalls:sys_exit_connect` tracepoint (the kernel
-//! filters by syscall, so it runs only for connect(), but it is opened through tracefs, which is
-//! root-only), or the raw `sys_exit` tracepoint (opened by name with bpf(2), so CAP_BPF and
-//! CAP_PERFMON suffice, but it runs for every syscall and filters by number itself).
+//! `connect()` itself: cgroup connect4/6 open the record. The one failure that never sends a
+//! SYN (EADDRNOTAVAIL) is seen, on Linux 6.12 and later, by sock_ops' state callback, which
+//! connect4/6 turn on (`callbacks_on`). On older kernels the return of `connect()` catches it,
+//! watched in one of two ways, the loader's choice: the classic `syscalls:sys_exit_connect`
+//! tracepoint (the kernel filters by syscall, so it runs only for connect(), but it is opened
+//! through tracefs, which is root-only), or the raw `sys_exit` tracepoint (opened by name with
+//! bpf(2), so CAP_BPF and CAP_PERFMON suffice, but it runs for every syscall and filters by
+//! number itself).
 
 use aya_ebpf::{
     EbpfContext as _,

@@ -51,7 +51,8 @@ pub static CONN_STATS: LruHashMap<u64, ConnStats, { DEFAULT_MAX_CONNECTIONS as u
     LruHashMap::new();
 
 /// The connect in flight on each thread (key: pid_tgid), so that `sys_exit_connect` can report
-/// an EADDRNOTAVAIL that never reached sock_ops.
+/// an EADDRNOTAVAIL that never reached sock_ops. Only used before Linux 6.12 (see
+/// [`CALLBACKS_AT_CONNECT`]).
 #[btf_map]
 pub static PENDING_CONNECT: LruHashMap<u64, ConnectEvent, { DEFAULT_MAX_PENDING as usize }> =
     LruHashMap::new();
