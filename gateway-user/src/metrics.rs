@@ -12,7 +12,10 @@
 //! the `process_*` family (the names every Prometheus client library exports, so existing
 //! dashboards work) are shared with `gateway observe` ([`process`]).
 
+mod doc;
 pub mod process;
+
+pub use doc::catalogue_markdown;
 
 use std::time::Duration;
 
@@ -403,6 +406,12 @@ impl GatewayMetrics {
             client_rejected: Family::default(),
             accept_errors: Family::default(),
         };
+        m.register(registry);
+        m
+    }
+
+    /// Registers every family under its [`CATALOGUE`] name and help, in catalogue order.
+    fn register(&self, registry: &mut Registry) {
         use field_index as f;
         macro_rules! reg {
             ($i:expr, $metric:expr) => {{
@@ -410,44 +419,43 @@ impl GatewayMetrics {
                 register(registry, d.name, d.help, $metric.clone());
             }};
         }
-        reg!(f::requests, m.requests);
-        reg!(f::request_duration, m.request_duration);
-        reg!(f::upstream_attempts, m.upstream_attempts);
-        reg!(f::syn_rtt, m.syn_rtt);
-        reg!(f::syn_retransmits, m.syn_retransmits);
-        reg!(f::connect_failures, m.connect_failures);
-        reg!(f::socket_errors, m.socket_errors);
-        reg!(f::timeouts, m.timeouts);
-        reg!(f::rtos, m.rtos);
-        reg!(f::connect_deadline, m.connect_deadline);
-        reg!(f::health_state, m.health_state);
-        reg!(f::latency, m.latency);
-        reg!(f::slowdowns, m.slowdowns);
-        reg!(f::ejections, m.ejections);
-        reg!(f::hedges, m.hedges);
-        reg!(f::retries, m.retries);
-        reg!(f::retry_budget_exhausted, m.retry_budget_exhausted);
-        reg!(f::observer_kernel, m.observer_kernel);
-        reg!(f::observer_mode, m.observer_mode);
-        reg!(f::events_lost, m.events_lost);
-        reg!(f::tls_handshakes, m.tls_handshakes);
-        reg!(f::tls_handshake_errors, m.tls_handshake_errors);
-        reg!(f::tls_handshake_duration, m.tls_handshake_duration);
-        reg!(f::tls_certificate_expiry, m.tls_certificate_expiry);
-        reg!(f::kernel_anomalies, m.kernel_anomalies);
-        reg!(f::upgrades_active, m.upgrades_active);
-        reg!(f::upgrades, m.upgrades);
-        reg!(f::upgrade_bytes, m.upgrade_bytes);
+        reg!(f::requests, self.requests);
+        reg!(f::request_duration, self.request_duration);
+        reg!(f::upstream_attempts, self.upstream_attempts);
+        reg!(f::syn_rtt, self.syn_rtt);
+        reg!(f::syn_retransmits, self.syn_retransmits);
+        reg!(f::connect_failures, self.connect_failures);
+        reg!(f::socket_errors, self.socket_errors);
+        reg!(f::timeouts, self.timeouts);
+        reg!(f::rtos, self.rtos);
+        reg!(f::connect_deadline, self.connect_deadline);
+        reg!(f::health_state, self.health_state);
+        reg!(f::latency, self.latency);
+        reg!(f::slowdowns, self.slowdowns);
+        reg!(f::ejections, self.ejections);
+        reg!(f::hedges, self.hedges);
+        reg!(f::retries, self.retries);
+        reg!(f::retry_budget_exhausted, self.retry_budget_exhausted);
+        reg!(f::observer_kernel, self.observer_kernel);
+        reg!(f::observer_mode, self.observer_mode);
+        reg!(f::events_lost, self.events_lost);
+        reg!(f::tls_handshakes, self.tls_handshakes);
+        reg!(f::tls_handshake_errors, self.tls_handshake_errors);
+        reg!(f::tls_handshake_duration, self.tls_handshake_duration);
+        reg!(f::tls_certificate_expiry, self.tls_certificate_expiry);
+        reg!(f::kernel_anomalies, self.kernel_anomalies);
+        reg!(f::upgrades_active, self.upgrades_active);
+        reg!(f::upgrades, self.upgrades);
+        reg!(f::upgrade_bytes, self.upgrade_bytes);
         reg!(
             f::kernel_anomaly_logs_suppressed,
-            m.kernel_anomaly_logs_suppressed
+            self.kernel_anomaly_logs_suppressed
         );
         process::register(registry);
-        reg!(f::client_connections, m.client_connections);
-        reg!(f::client_parked, m.client_parked);
-        reg!(f::client_rejected, m.client_rejected);
-        reg!(f::accept_errors, m.accept_errors);
-        m
+        reg!(f::client_connections, self.client_connections);
+        reg!(f::client_parked, self.client_parked);
+        reg!(f::client_rejected, self.client_rejected);
+        reg!(f::accept_errors, self.accept_errors);
     }
 }
 
@@ -467,35 +475,6 @@ fn family_name(d: &MetricDoc) -> &'static str {
         "info" => d.name.strip_suffix("_info").unwrap_or(d.name),
         _ => d.name.strip_suffix("_total").unwrap_or(d.name),
     }
-}
-
-/// `METRICS.md`, generated from [`CATALOGUE`].
-pub fn catalogue_markdown() -> String {
-    let mut s = String::from(
-        "# Metrics of `gateway run`\n\n\
-         Generated from `gateway-user/src/metrics.rs` (`CATALOGUE`); a test fails when this file \
-         and the code disagree. Regenerate with `cargo run -p gateway-user --bin gateway -- metrics-doc > METRICS.md`.\n\n\
-         Served as OpenMetrics text at `/metrics` on the admin listener. Counters carry the `_total` \
-         suffix on the wire. Histograms use buckets from 50 µs, doubling, up to the first bound at \
-         or above the longest timeout configured at start (connect, response, write, request, TLS \
-         handshake; at least 13.1 s: with the default 30 s request timeout, 52.4 s). Series of \
-         routes, clusters and endpoints that are gone after a reload or a DNS change are \
-         removed.\n\n\
-         | metric | type | labels | meaning |\n|---|---|---|---|\n",
-    );
-    for d in CATALOGUE {
-        let name = wire_name(d);
-        let labels = if d.labels.is_empty() {
-            "-".to_owned()
-        } else {
-            d.labels.join(", ")
-        };
-        s.push_str(&format!(
-            "| `{name}` | {} | {labels} | {} |\n",
-            d.kind, d.help
-        ));
-    }
-    s
 }
 
 #[cfg(test)]

@@ -131,23 +131,6 @@ pub enum ConnectExitHook {
 /// What [`KernelObserver::connect_exit_hook`] says when no hook is needed.
 pub const STATE_CALLBACK: &str = "sock_ops state callback";
 
-/// The first release whose `bpf_setsockopt()` takes `TCP_BPF_SOCK_OPS_CB_FLAGS` (commit
-/// 3882dccf48f9, "bpf/bpf_get,set_sockopt: add option to set TCP-BPF sock ops flags").
-const CALLBACKS_AT_CONNECT_SINCE: (u32, u32) = (6, 12);
-
-/// This kernel's release as (major, minor), from /proc/sys/kernel/osrelease ("6.18.44-…").
-fn kernel_release() -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    parse_release(&text)
-}
-
-fn parse_release(text: &str) -> Option<(u32, u32)> {
-    let mut parts = text.trim().split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
 /// The syscall-number member of `struct pt_regs` in this architecture's kernel BTF.
 #[cfg(target_arch = "x86_64")]
 const PT_REGS_SYSCALL_NR: &str = "orig_ax";
@@ -242,8 +225,8 @@ impl KernelObserver {
         let kernel_btf = aya::Btf::from_sys_fs()
             .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
 
-        let callbacks_at_connect = opts.connect_exit == ConnectExitHook::Auto
-            && kernel_release().is_some_and(|r| r >= CALLBACKS_AT_CONNECT_SINCE);
+        let callbacks_at_connect =
+            opts.connect_exit == ConnectExitHook::Auto && preflight::callbacks_at_connect();
         let callbacks_flag = u32::from(callbacks_at_connect);
 
         let mut loader = EbpfLoader::new();
@@ -275,26 +258,7 @@ impl KernelObserver {
         } else {
             attach_connect_exit(&mut ebpf, opts.connect_exit)?
         };
-        {
-            let name = names::PROG_SOCK_OPS;
-            let prog: &mut SockOps = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(|e| program_error("attaching", name, e))?;
-        }
-        {
-            let name = names::PROG_GETSOCKOPT;
-            let prog: &mut CgroupSockopt = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(|e| program_error("attaching", name, e))?;
-        }
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| program_error("loading", name, e))?;
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(|e| program_error("attaching", name, e))?;
-        }
+        attach_cgroup_programs(&mut ebpf, &cgroup_fd)?;
 
         Ok(KernelObserver {
             events: take_map(&mut ebpf, names::MAP_EVENTS)?,
@@ -417,6 +381,31 @@ impl KernelCounters {
     }
 }
 
+/// Loads sock_ops, getsockopt and connect4/6, and attaches them to the cgroup.
+fn attach_cgroup_programs(ebpf: &mut Ebpf, cgroup_fd: &File) -> Result<(), ObserverError> {
+    {
+        let name = names::PROG_SOCK_OPS;
+        let prog: &mut SockOps = program(ebpf, name)?;
+        prog.load().map_err(|e| program_error("loading", name, e))?;
+        prog.attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|e| program_error("attaching", name, e))?;
+    }
+    {
+        let name = names::PROG_GETSOCKOPT;
+        let prog: &mut CgroupSockopt = program(ebpf, name)?;
+        prog.load().map_err(|e| program_error("loading", name, e))?;
+        prog.attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|e| program_error("attaching", name, e))?;
+    }
+    for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load().map_err(|e| program_error("loading", name, e))?;
+        prog.attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|e| program_error("attaching", name, e))?;
+    }
+    Ok(())
+}
+
 /// Attaches the connect-return hook: the classic tracepoint when tracefs is usable, else (or
 /// when `Raw` is asked for) the raw one. Returns which, for the start-up log.
 fn attach_connect_exit(
@@ -492,15 +481,5 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("\n75: insn 75"), "only the tail: {text}");
-    }
-
-    #[test]
-    fn kernel_releases_parse_to_major_and_minor() {
-        assert_eq!(parse_release("6.18.44-fc-v657\n"), Some((6, 18)));
-        assert_eq!(parse_release("6.1.0-28-amd64"), Some((6, 1)));
-        assert_eq!(parse_release("6.12-rc1"), Some((6, 12)));
-        assert_eq!(parse_release("garbage"), None);
-        assert!((6, 18) >= CALLBACKS_AT_CONNECT_SINCE);
-        assert!((6, 1) < CALLBACKS_AT_CONNECT_SINCE);
     }
 }

@@ -124,74 +124,84 @@ impl ObserverMetrics {
             lost_seen: 0,
             by_service: None,
         };
+        m.register_connects(registry);
+        m.register_health(registry);
+        crate::metrics::process::register(registry);
+        m
+    }
+
+    /// What the kernel saw of connects.
+    fn register_connects(&self, registry: &mut Registry) {
         register(
             registry,
             "gateway_connect_attempts",
             "TCP connects by destination and outcome (established, refused, timeout, unreachable, aborted, addr_unavailable), as seen by the kernel (eBPF sock_ops).",
-            m.attempts.clone(),
+            self.attempts.clone(),
         );
         register(
             registry,
             "gateway_connect_syn_rtt_seconds",
             "Time from SYN sent to SYN-ACK received, measured by the kernel (eBPF sock_ops).",
-            m.syn_rtt.clone(),
+            self.syn_rtt.clone(),
         );
         register(
             registry,
             "gateway_connect_syn_retransmits",
             "SYN retransmits by destination, counted by the kernel (eBPF sock_ops RETRANS).",
-            m.syn_retransmits.clone(),
+            self.syn_retransmits.clone(),
         );
         register(
             registry,
             "gateway_socket_errors",
             "Errors applications read through getsockopt(SO_ERROR), by errno and process name; seen by the kernel (eBPF cgroup getsockopt).",
-            m.socket_errors.clone(),
+            self.socket_errors.clone(),
         );
+    }
+
+    /// The observer's own health: losses, anomalies, its destination table.
+    fn register_health(&self, registry: &mut Registry) {
         register(
             registry,
             "gateway_observer_events_lost",
             "Connect records the kernel could not queue because the ring buffer was full.",
-            m.events_lost.clone(),
+            self.events_lost.clone(),
         );
         register(
             registry,
             "gateway_observer_late_so_errors",
-            "SO_ERROR reads that arrived after their connect record had been released without them.",
-            m.late_so_errors.clone(),
+            "SO_ERROR reads that arrived after their connect record had been released without theself.",
+            self.late_so_errors.clone(),
         );
         register(
             registry,
             "gateway_observer_kernel_anomalies",
             "Rare kernel-side failures, by kind: dest_insert_failed (a destination could not be added to DEST_STATS), conn_insert_failed (CONN_STATS), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged, at most once per second per kind and CPU.",
-            m.anomalies.clone(),
+            self.anomalies.clone(),
         );
         register(
             registry,
             "gateway_observer_kernel_anomaly_logs_suppressed",
             "Kernel anomaly log lines not written because of the once-per-second rate limit (they are still counted).",
-            m.anomaly_logs_suppressed.clone(),
+            self.anomaly_logs_suppressed.clone(),
         );
         register(
             registry,
             "gateway_observer_destinations_tracked",
             "Destinations the kernel's per-destination table (LRU, --max-destinations) holds now.",
-            m.dest_tracked.clone(),
+            self.dest_tracked.clone(),
         );
         register(
             registry,
             "gateway_observer_destinations_evicted",
             "Destinations the kernel's per-destination table evicted (least recently used) to make room: added minus held.",
-            m.dest_evicted.clone(),
+            self.dest_evicted.clone(),
         );
         register(
             registry,
             "gateway_observer_kernel_attached",
             "1 while the eBPF programs are attached and feeding this process.",
-            m.kernel_attached.clone(),
+            self.kernel_attached.clone(),
         );
-        crate::metrics::process::register(registry);
-        m
     }
 
     fn dst_label(&mut self, dst: &SocketAddr) -> String {

@@ -250,9 +250,39 @@ pub fn ensure_tracefs() -> Result<(), PreflightError> {
     ensure_mounted("tracefs", "tracefs", TRACEFS, TRACEFS_MAGIC)
 }
 
+/// The first release whose `bpf_setsockopt()` takes `TCP_BPF_SOCK_OPS_CB_FLAGS` (commit
+/// 3882dccf48f9, "bpf/bpf_get,set_sockopt: add option to set TCP-BPF sock ops flags").
+const CALLBACKS_AT_CONNECT_SINCE: (u32, u32) = (6, 12);
+
+/// Whether connect4/6 can turn sock_ops' callbacks on themselves on this kernel (its release,
+/// from /proc/sys/kernel/osrelease, is 6.12 or later).
+pub fn callbacks_at_connect() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|text| parse_release(&text))
+        .is_some_and(|r| r >= CALLBACKS_AT_CONNECT_SINCE)
+}
+
+/// A kernel release ("6.18.44-…") as (major, minor).
+fn parse_release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(parse_release("6.18.44-fc-v657\n"), Some((6, 18)));
+        assert_eq!(parse_release("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("6.12-rc1"), Some((6, 12)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!((6, 18) >= CALLBACKS_AT_CONNECT_SINCE);
+        assert!((6, 1) < CALLBACKS_AT_CONNECT_SINCE);
+    }
 
     #[test]
     fn unknown_cgroup_is_a_clear_error() {
