@@ -26,7 +26,7 @@ use gateway_common::{
 use crate::{
     anomaly, emit,
     maps::{
-        CALLBACKS_AT_CONNECT, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
+        CALLBACKS_AT_CONNECT, F_CALLBACKS_ON, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
         PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, SockState, sock_state_map,
     },
     sockops,
@@ -166,6 +166,7 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
         _pad: [0; 6],
     };
     if unsafe { core::ptr::read_volatile(&CALLBACKS_AT_CONNECT) } != 0 && callbacks_on(ctx) {
+        st.flags |= F_CALLBACKS_ON;
         return;
     }
     let _ = PENDING_CONNECT.insert(&pid_tgid, &st.ev, 0);

@@ -16,6 +16,8 @@ pub const F_CONNECT_SENT: u32 = 1 << 0;
 pub const F_ESTABLISHED: u32 = 1 << 1;
 pub const F_EMITTED: u32 = 1 << 3;
 pub const F_SO_ERROR_SENT: u32 = 1 << 4;
+/// connect4/6 turned the socket's sock_ops callbacks on (`connect::callbacks_on`).
+pub const F_CALLBACKS_ON: u32 = 1 << 5;
 
 /// Everything known about one socket's connect, shared by all hooks through `sk_storage`.
 /// This never crosses to userspace; `ev` is the record that does.

@@ -16,8 +16,8 @@ use gateway_common::{ConnStats, Outcome, counter};
 use crate::{
     anomaly, emit,
     maps::{
-        CONN_STATS, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET, SockState,
-        sock_state,
+        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET,
+        SK_ERR_SOFT_OFFSET, SockState, sock_state,
     },
 };
 
@@ -67,12 +67,14 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     match op {
         // tcp_connect(): the first SYN is about to leave. Switch on the callbacks that are off
         // by default (docs/kernel.md, "What loads and attaches here": RTO/RETRANS/STATE must
-        // be enabled per socket, and this is the place).
+        // be enabled per socket), unless connect4/6 already did (Linux 6.12+).
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             st.t_syn_ns = now();
             st.flags |= F_CONNECT_SENT;
             st.ev.src_port = ctx.local_port() as u16;
-            let _ = ctx.set_cb_flags(CALLBACKS as i32);
+            if st.flags & F_CALLBACKS_ON == 0 {
+                let _ = ctx.set_cb_flags(CALLBACKS as i32);
+            }
         }
         // tcp_finish_connect(): the SYN-ACK arrived.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
