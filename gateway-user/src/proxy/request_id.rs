@@ -10,11 +10,18 @@ use crate::config::{RequestId, model::MAX_REQUEST_ID_LEN};
 
 /// The request's ID: the client's, or a new one; written into `headers` (the request on its
 /// way upstream).
+///
+/// Either is marked sensitive, which only HPACK reads: over HTTP/2 (to an h2 upstream, back
+/// to an h2 client) the ID is sent as a literal that is never indexed. An ID is unique to its
+/// request, so putting it in the dynamic table (h2's default) only churns the table, ours and
+/// the peer's: each one evicts headers that would have been reused, and h2's lookup of the
+/// name compared the new ID with every ID still in the table, about 50 of them in 4 KiB.
 pub(crate) fn assign(cfg: &RequestId, headers: &mut HeaderMap) -> HeaderValue {
     if cfg.keep_incoming
-        && let Some(v) = headers.get(&cfg.header)
+        && let Some(v) = headers.get_mut(&cfg.header)
         && acceptable(v)
     {
+        v.set_sensitive(true);
         return v.clone();
     }
     let id = generate();
@@ -49,7 +56,9 @@ pub(crate) fn generate() -> HeaderValue {
     // Owned, not copied: the ID is cloned into the request, the response and the log, and a
     // `Bytes` copied from a slice allocates again (its shared count) at its first clone.
     // SAFETY: hex digits and dashes only, all visible ASCII: a valid header value.
-    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes::Bytes::from_owner(out)) }
+    let mut id = unsafe { HeaderValue::from_maybe_shared_unchecked(bytes::Bytes::from_owner(out)) };
+    id.set_sensitive(true);
+    id
 }
 
 #[cfg(test)]
@@ -73,6 +82,7 @@ mod tests {
         assert_eq!(&s[14..15], "4", "{s}");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
         assert_eq!(s.matches('-').count(), 4);
+        assert!(a.is_sensitive(), "never indexed by HPACK");
     }
 
     #[test]
@@ -81,6 +91,10 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
         assert_eq!(assign(&cfg(true), &mut h), "abc-123");
         assert_eq!(h["x-request-id"], "abc-123");
+        assert!(
+            h["x-request-id"].is_sensitive(),
+            "a kept ID is not indexed either"
+        );
         let id = assign(&cfg(false), &mut h);
         assert_ne!(id, "abc-123");
         assert_eq!(h["x-request-id"], id);
