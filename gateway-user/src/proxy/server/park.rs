@@ -82,7 +82,7 @@ pub(super) async fn serve(
     match h2 {
         None => {}
         Some(true) => {
-            let serve = super::serve(StallGuard::new(stream, write_timeout), client, shared);
+            let serve = super::serve(StallGuard::new(stream, write_timeout), client, shared, true);
             // Boxed: the connection's task stays small for the common case, HTTP/1.
             Box::pin(serve).await;
             drop(permit);
