@@ -116,6 +116,77 @@ async fn h2load_through_an_h2c_upstream_is_multiplexed() {
     drop(gw);
 }
 
+/// `nghttp -nv` (nghttp2's client) with `urls` on one connection: each response's
+/// `x-request-id` line as nghttp2 decoded it (`(stream_id=N, sensitive) x-request-id: ID`
+/// when it came as a never-indexed literal).
+fn nghttp_ids(urls: &[String], header: Option<&str>) -> Vec<String> {
+    let mut cmd = std::process::Command::new("nghttp");
+    cmd.arg("-nv");
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.args(urls).output().expect("nghttp (nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    text.lines()
+        .filter(|l| l.contains("recv (stream_id=") && l.contains(") x-request-id: "))
+        .map(|l| l.split_once("recv ").unwrap().1.to_owned())
+        .collect()
+}
+
+/// Request IDs cross HTTP/2 on both sides, many on one connection each way: from nginx's
+/// log, the ID each request brought upstream; from nghttp2's client, the same ID back, sent
+/// as a never-indexed literal (an ID is unique to its request: indexed, it would only churn
+/// the HPACK tables, see `request_id::assign`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_cross_http2_both_ways_unindexed() {
+    const N: usize = 30;
+    let dir = temp_dir("h2c-ids");
+    let nginx = nginx_h2c(&dir, "keepalive_requests 100000;");
+    let gw = gateway("h2c-ids", &config(nginx.addr, 32)).await;
+    let urls: Vec<String> = (0..N)
+        .map(|i| format!("http://{}/ids/{i}", gw.addr))
+        .collect();
+    let generated = {
+        let urls = urls.clone();
+        tokio::task::spawn_blocking(move || nghttp_ids(&urls, None))
+            .await
+            .unwrap()
+    };
+    let kept = tokio::task::spawn_blocking(move || {
+        nghttp_ids(&urls[..5], Some("x-request-id: client-id-7"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (generated.len(), kept.len()),
+        (N, 5),
+        "{generated:?} {kept:?}"
+    );
+    for line in generated.iter().chain(&kept) {
+        assert!(line.contains(", sensitive)"), "never indexed: {line}");
+    }
+    let ids: Vec<&str> = generated
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().1)
+        .collect();
+    assert!(ids.iter().all(|id| id.len() == 36), "{ids:?}");
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), N, "each its own");
+    assert!(kept.iter().all(|l| l.ends_with(" client-id-7")), "{kept:?}");
+    // nginx's log: protocol, connection, status, URI, the ID it received.
+    let log = std::fs::read_to_string(&nginx.log).unwrap();
+    let upstream: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("HTTP/2.0 ") && l.contains(" 200 /ids/"))
+        .map(|l| l.rsplit_once(' ').unwrap().1)
+        .collect();
+    assert_eq!(upstream.len(), N + 5, "{log}");
+    for id in ids.iter().copied().chain(["client-id-7"]) {
+        assert!(upstream.contains(&id), "nginx got {id}: {upstream:?}");
+    }
+    drop(gw);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_mid_load_fails_no_idempotent_request() {
     // nginx ends each HTTP/2 connection with GOAWAY after 100 requests: with 128 requests

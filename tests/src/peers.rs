@@ -365,7 +365,7 @@ pub fn nginx_h2c(dir: &Path, extra: &str) -> NginxH2c {
         &conf,
         format!(
             "daemon off;\nworker_processes 1;\npid {d}/nginx-h2c.pid;\nerror_log {d}/nginx-h2c.err;\n\
-             events {{ worker_connections 1024; }}\nhttp {{\n log_format p '$server_protocol $connection $status $request_uri';\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n log_format p '$server_protocol $connection $status $request_uri $http_x_request_id';\n\
              access_log {log} p;\n server {{\n  listen 127.0.0.1:{port} http2;\n  {extra}\n\
              location / {{ return 200 \"proto=$server_protocol conn=$connection\\n\"; }}\n }}\n}}\n",
             d = dir.display(),
