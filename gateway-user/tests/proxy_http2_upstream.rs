@@ -266,34 +266,34 @@ fn nginx_tls(dir: &std::path::Path, h2: bool) -> (NginxTls, std::path::PathBuf) 
         ),
     )
     .unwrap();
-    let child = std::process::Command::new("/usr/sbin/nginx")
-        .args(["-e", "stderr", "-p"])
-        .arg(dir)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("nginx starts");
+    let child = spawn_nginx(
+        std::process::Command::new("/usr/sbin/nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null()),
+    );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (NginxTls { addr, log, child }, ca_pem)
+    (
+        NginxTls {
+            addr,
+            log,
+            _child: child,
+        },
+        ca_pem,
+    )
 }
 
 struct NginxTls {
     addr: std::net::SocketAddr,
     log: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl Drop for NginxTls {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _child: NginxProcess,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -24,6 +24,7 @@ use std::{
 use gateway_testkit::{
     http::{client, full, get, read_message, send},
     inprocess::gateway,
+    peers::{NginxProcess, spawn_nginx},
     tempdir::temp_dir,
 };
 use http::{Request, StatusCode};
@@ -188,15 +189,14 @@ async fn a_post_the_upstream_read_is_never_sent_twice() {
 
 /// nginx on loopback, serving `return 200`, with the given keep-alive directives.
 struct Nginx {
-    child: Child,
+    child: Option<NginxProcess>,
     addr: SocketAddr,
     dir: std::path::PathBuf,
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        drop(self.child.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -223,21 +223,25 @@ fn nginx(label: &str, keepalive: &str) -> Nginx {
         ),
     )
     .unwrap();
-    let child = Command::new("/usr/sbin/nginx")
-        .args(["-c"])
-        .arg(&conf)
-        .args(["-p"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("nginx (Debian's package, installed by ./dev) starts");
+    let child = spawn_nginx(
+        Command::new("/usr/sbin/nginx")
+            .args(["-c"])
+            .arg(&conf)
+            .args(["-p"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Nginx { child, addr, dir }
+    Nginx {
+        child: Some(child),
+        addr,
+        dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

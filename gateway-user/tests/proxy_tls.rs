@@ -12,7 +12,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -23,6 +23,7 @@ use std::{
 use gateway_testkit::{
     config::{base_config, write_config},
     gateway_bin,
+    peers::{NginxProcess, spawn_nginx},
     process::GatewayProcess,
     tempdir::temp_dir,
 };
@@ -79,7 +80,7 @@ fn free_port() -> u16 {
 /// nginx serving TLS with `cert`, answering what it was asked and how.
 struct Nginx {
     addr: SocketAddr,
-    child: Child,
+    _child: NginxProcess,
 }
 
 impl Nginx {
@@ -104,26 +105,22 @@ impl Nginx {
             ),
         )
         .unwrap();
-        let child = Command::new("nginx")
-            .args(["-e", "stderr", "-c"])
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("nginx (./dev installs nginx-light)");
+        let child = spawn_nginx(
+            Command::new("nginx")
+                .args(["-e", "stderr", "-c"])
+                .arg(&conf)
+                .stdout(Stdio::null()),
+        );
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < deadline, "nginx did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { addr, child }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Nginx {
+            addr,
+            _child: child,
+        }
     }
 }
 

@@ -337,20 +337,42 @@ with grpc.insecure_channel(target) as ch:
         print(json.dumps(one(stub, sys.argv[3], sys.argv[4], float(sys.argv[5]))))
 "#;
 
+/// An nginx started by [`spawn_nginx`]: master and workers killed together when dropped.
+///
+/// Killing the master alone (`Child::kill`, SIGKILL) leaves its worker running, orphaned,
+/// with the listening socket open: every test that used nginx left one behind, and a suite
+/// run left dozens.
+pub struct NginxProcess(Child);
+
+/// Spawns `cmd` (an nginx with `daemon off`) in a process group of its own, so that dropping
+/// the result can kill the master and its workers at once.
+pub fn spawn_nginx(cmd: &mut Command) -> NginxProcess {
+    use std::os::unix::process::CommandExt as _;
+    NginxProcess(
+        cmd.process_group(0)
+            .spawn()
+            .expect("nginx (Debian's nginx-light, installed by ./dev) starts"),
+    )
+}
+
+impl Drop for NginxProcess {
+    fn drop(&mut self) {
+        // The group's ID is the master's PID (`process_group(0)`).
+        let group = self.0.id() as libc::pid_t;
+        // SAFETY: kill has no memory-safety preconditions; a negative PID names the group.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
 /// nginx serving HTTP/2 with prior knowledge (h2c) on a loopback port, answering `200` with
 /// the protocol it spoke and its connection number; `extra` goes into the server block.
-/// Its access log (`$server_protocol $connection $status`) is DIR/h2c-access.log.
+/// Its access log (`$server_protocol $connection $status $request_uri $http_x_request_id`)
+/// is DIR/h2c-access.log.
 pub struct NginxH2c {
     pub addr: SocketAddr,
     pub log: PathBuf,
-    child: Child,
-}
-
-impl Drop for NginxH2c {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _process: NginxProcess,
 }
 
 pub fn nginx_h2c(dir: &Path, extra: &str) -> NginxH2c {
@@ -373,21 +395,25 @@ pub fn nginx_h2c(dir: &Path, extra: &str) -> NginxH2c {
         ),
     )
     .unwrap();
-    let child = Command::new("/usr/sbin/nginx")
-        .args(["-e", "stderr", "-p"])
-        .arg(dir)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("nginx (Debian's package, installed by ./dev) starts");
+    let process = spawn_nginx(
+        Command::new("/usr/sbin/nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    NginxH2c { addr, log, child }
+    NginxH2c {
+        addr,
+        log,
+        _process: process,
+    }
 }
 
 /// The result of an `h2load` run.
