@@ -110,3 +110,51 @@ async fn grace_period_bounds_the_drain() {
     );
     assert!(gw.text().contains("grace period over"), "{}", gw.text());
 }
+
+/// An HTTP/2 client connection (prior knowledge, one of hyper's) with a request in flight
+/// when SIGTERM comes: the request completes, the connection gets GOAWAY and is closed, the
+/// gateway exits once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_gets_goaway_and_its_stream_completes() {
+    let up = Upstream::start("up").await;
+    up.set_delay(Duration::from_millis(1000));
+    let mut gw = spawn(&up, 5000, "drain-h2").await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake with the gateway");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/", gw.addr))
+        .body(empty())
+        .unwrap();
+    let in_flight = tokio::spawn(sender.send_request(req));
+    let (admin, upstream) = (gw.admin, up.addr);
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the stream in flight completes");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // GOAWAY, then the connection closed by the gateway: hyper's connection future ends.
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the HTTP/2 connection is closed after the drain's GOAWAY")
+        .unwrap();
+    assert!(ended.is_ok(), "closed cleanly: {ended:?}");
+    assert!(
+        sender.is_closed(),
+        "no new stream on a connection that got GOAWAY"
+    );
+    let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(5))).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000) + EXIT,
+        "exited {:?} after SIGTERM; the upstream answers 1000 ms after the request",
+        t0.elapsed()
+    );
+}

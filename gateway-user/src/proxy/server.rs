@@ -55,6 +55,7 @@ mod park;
 mod woken;
 
 use lot::Lot;
+use woken::WhenWoken;
 
 /// One worker: accepts on its listeners until the drain starts, then waits until its
 /// connections are done (or the drain is forced). Dropping `done` tells the handle.
@@ -315,14 +316,19 @@ where
         return;
     }
     loop {
+        // The drain's watch, polled only when it woke the task, not at each of the several
+        // wake-ups per request that hyper's connection causes (see `woken`).
+        let changed = WhenWoken::new(phase.changed());
         tokio::select! {
+            // The connection first: an unbiased select draws a random number at each wake-up.
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(client = %peer, error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            changed = phase.changed() => {
+            changed = changed => {
                 let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
                 match p {
                     Phase::Run => {}
