@@ -1,18 +1,19 @@
 //! `cargo xtask bench instructions`: user-space instructions per proxied request, counted by
-//! valgrind's callgrind, for the gateway and for the bare hyper proxy beside it
-//! (gateway-user/examples/hyper_floor.rs).
+//! valgrind's callgrind, for the gateway, the bare hyper proxy beside it
+//! (gateway-user/examples/hyper_floor.rs), and nginx and HAProxy with `bench proxy`'s configs.
 //!
 //! Rates and CPU time on a shared two-core machine move by several per cent from run to run;
 //! an instruction count moves by a few per mille, so a change of 1 % in the request path shows.
 //! Each proxy runs alone under callgrind with one worker (`[router] workers = 1`; the floor
-//! with one thread) in front of the three `return 200` nginx upstreams of `bench proxy`;
-//! `wrk -c C` drives it for a warm-up with instrumentation off, then for `--duration`
-//! seconds with it on. The report: instructions per request of each, their difference (what
-//! the gateway's own per-request work costs), and the gateway's functions with the most
-//! instructions of their own. Kernel time is not counted: `bench proxy` measures that.
+//! with one thread; nginx `worker_processes 1` with `master_process off`, so that the one
+//! process valgrind follows is the one serving; HAProxy `nbthread 1`) in front of the three
+//! `return 200` nginx upstreams of `bench proxy`; `wrk -c C` drives it for a warm-up with
+//! instrumentation off, then for `--duration` seconds with it on. The report: instructions
+//! per request of each, the gateway's against each other, and the gateway's functions with
+//! the most instructions of their own. Kernel time is not counted: `bench proxy` measures that.
 //!
-//! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`.
-//! Needs valgrind (`./dev bench` installs it).
+//! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`,
+//! `--no-peers` (the gateway and the floor only). Needs valgrind (`./dev bench` installs it).
 
 use std::{
     collections::HashMap,
@@ -34,6 +35,7 @@ struct Opts {
     connections: usize,
     top: usize,
     gateway_bin: Option<PathBuf>,
+    peers: bool,
 }
 
 impl Opts {
@@ -43,6 +45,7 @@ impl Opts {
             connections: 8,
             top: 25,
             gateway_bin: None,
+            peers: true,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -52,6 +55,7 @@ impl Opts {
                 "--connections" => o.connections = value()?.parse()?,
                 "--top" => o.top = value()?.parse()?,
                 "--gateway-bin" => o.gateway_bin = Some(value()?.into()),
+                "--no-peers" => o.peers = false,
                 other => bail!("unknown option {other}"),
             }
         }
@@ -108,6 +112,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &load,
         o.duration,
     )?;
+    let peers = if o.peers {
+        measure_peers(&dir, &ups, &load, o.duration)?
+    } else {
+        Vec::new()
+    };
     drop(upstreams);
     println!(
         "bench instructions: callgrind, one worker, wrk -t1 -c{} -d{}s keep-alive, upstreams 127.0.0.1:{{{}}}",
@@ -115,9 +124,59 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         o.duration,
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
-    report(&gw, &fl, o.top);
+    report(&gw, &fl, &peers, o.top);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// nginx and HAProxy with `bench proxy`'s configs, cut to one worker process or thread.
+fn measure_peers(
+    dir: &Path,
+    ups: &[u16],
+    load: &Load,
+    duration: u64,
+) -> anyhow::Result<Vec<Measured>> {
+    bench::require("haproxy", "haproxy")?;
+    let port = bench::free_port()?;
+    let conf = dir.join("nginx.conf");
+    let text = crate::bench_peers::nginx_conf(dir, port, ups, None);
+    let one = text.replacen(
+        "worker_processes auto;",
+        "worker_processes 1;\nmaster_process off;",
+        1,
+    );
+    if one == text {
+        bail!("bench instructions: nginx's config no longer says `worker_processes auto`");
+    }
+    std::fs::write(&conf, one)?;
+    let args: Vec<String> = ["-p", &dir.display().to_string(), "-c"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain([conf.display().to_string(), "-e".into(), "stderr".into()])
+        .collect();
+    let nginx = crate::tool_path("nginx");
+    let ngx = measure(dir, "nginx", Path::new(&nginx), &args, port, load, duration)?;
+
+    let port = bench::free_port()?;
+    let cfg = dir.join("haproxy.cfg");
+    let text = crate::bench_peers::haproxy_conf(port, ups, None);
+    let nbthread = format!("nbthread {}", bench::cores());
+    if !text.contains(&nbthread) {
+        bail!("bench instructions: HAProxy's config no longer says `{nbthread}`");
+    }
+    std::fs::write(&cfg, text.replacen(&nbthread, "nbthread 1", 1))?;
+    let args = vec!["-db".to_owned(), "-f".to_owned(), cfg.display().to_string()];
+    let haproxy = crate::tool_path("haproxy");
+    let hap = measure(
+        dir,
+        "haproxy",
+        Path::new(&haproxy),
+        &args,
+        port,
+        load,
+        duration,
+    )?;
+    Ok(vec![ngx, hap])
 }
 
 /// The three `return 200` nginx upstreams of `bench proxy`, and their ports.
@@ -137,10 +196,10 @@ fn start_upstreams(dir: &Path) -> anyhow::Result<(Proc, Vec<u16>)> {
     Ok((proc, ups))
 }
 
-/// The table, the difference, and the gateway's `top` functions by their own instructions.
-fn report(gw: &Measured, fl: &Measured, top: usize) {
+/// The table, the differences, and the gateway's `top` functions by their own instructions.
+fn report(gw: &Measured, fl: &Measured, peers: &[Measured], top: usize) {
     println!("{:<12} {:>10} {:>16}", "proxy", "requests", "instr/request");
-    for m in [gw, fl] {
+    for m in [gw, fl].into_iter().chain(peers) {
         println!(
             "{:<12} {:>10} {:>16.0}",
             m.name,
@@ -153,6 +212,15 @@ fn report(gw: &Measured, fl: &Measured, top: usize) {
         gw.per_request() - fl.per_request(),
         gw.per_request() / fl.per_request()
     );
+    for p in peers {
+        println!(
+            "gateway / {}: {:.2}x; hyper-floor / {}: {:.2}x",
+            p.name,
+            gw.per_request() / p.per_request(),
+            p.name,
+            fl.per_request() / p.per_request()
+        );
+    }
     println!("gateway, functions by their own instructions per request:");
     let mut fns: Vec<(&String, &u64)> = gw.own.iter().collect();
     fns.sort_by(|a, b| b.1.cmp(a.1));

@@ -221,7 +221,7 @@ pub(crate) fn upstreams_conf(dir: &Path, ports: &[u16]) -> String {
     )
 }
 
-fn nginx_conf(dir: &Path, port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
+pub(crate) fn nginx_conf(dir: &Path, port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     let servers: String = ups
         .iter()
         .map(|p| format!("    server 127.0.0.1:{p};\n"))
@@ -243,7 +243,7 @@ fn nginx_conf(dir: &Path, port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     )
 }
 
-fn haproxy_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
+pub(crate) fn haproxy_conf(port: u16, ups: &[u16], tls: Option<&Tls>) -> String {
     let servers: String = ups
         .iter()
         .enumerate()
