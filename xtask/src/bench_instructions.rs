@@ -12,8 +12,13 @@
 //! per request of each, the gateway's against each other, and the gateway's functions with
 //! the most instructions of their own. Kernel time is not counted: `bench proxy` measures that.
 //!
+//! `--h2`: the HTTP/2-upstream path of `bench proxy`'s h2 row instead (h2load -c4 -m8 with
+//! prior knowledge, one h2c nginx upstream; the gateway with `protocol = "h2c"`, nginx with
+//! `grpc_pass`, HAProxy with `proto h2`; there is no hyper floor for it).
+//!
 //! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`,
-//! `--no-peers` (the gateway and the floor only). Needs valgrind (`./dev bench` installs it).
+//! `--no-peers` (the gateway and the floor only), `--h2`. Needs valgrind (`./dev bench`
+//! installs it).
 
 use std::{
     collections::HashMap,
@@ -36,6 +41,7 @@ struct Opts {
     top: usize,
     gateway_bin: Option<PathBuf>,
     peers: bool,
+    h2: bool,
 }
 
 impl Opts {
@@ -46,6 +52,7 @@ impl Opts {
             top: 25,
             gateway_bin: None,
             peers: true,
+            h2: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -56,6 +63,7 @@ impl Opts {
                 "--top" => o.top = value()?.parse()?,
                 "--gateway-bin" => o.gateway_bin = Some(value()?.into()),
                 "--no-peers" => o.peers = false,
+                "--h2" => o.h2 = true,
                 other => bail!("unknown option {other}"),
             }
         }
@@ -69,10 +77,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     bench::require("wrk", "wrk")?;
     bench::require("nginx", "nginx-light")?;
     let gateway = crate::release_gateway(o.gateway_bin.as_deref())?;
-    let floor = crate::release_floor()?;
-
     let dir = std::env::temp_dir().join(format!("gateway-bench-instr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if o.h2 {
+        run_h2(&o, &gateway, &dir)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
+    let floor = crate::release_floor()?;
     let (upstreams, ups) = start_upstreams(&dir)?;
     let load = Load {
         name: "keep-alive",
@@ -81,22 +93,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         headers: Vec::new(),
     };
     let gw_port = bench::free_port()?;
-    let gw_conf = dir.join("gateway.toml");
-    std::fs::write(
+    let gw_conf = crate::bench_peers::gateway_conf(gw_port, &ups, None);
+    let gw = measure_gateway(
+        &dir,
+        &gateway,
         &gw_conf,
-        crate::bench_peers::gateway_conf(gw_port, &ups, None).replacen(
-            "[router]\n",
-            "[router]\nworkers = 1\n",
-            1,
-        ),
-    )?;
-    let gw_args = [
-        "run".to_owned(),
-        "--config".to_owned(),
-        gw_conf.display().to_string(),
-    ];
-    let gw = measure(
-        &dir, "gateway", &gateway, &gw_args, gw_port, &load, o.duration,
+        gw_port,
+        Drive::Wrk(&load),
+        o.duration,
     )?;
     let floor_port = bench::free_port()?;
     let floor_args: Vec<String> = std::iter::once(floor_port)
@@ -109,11 +113,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &floor,
         &floor_args,
         floor_port,
-        &load,
+        Drive::Wrk(&load),
         o.duration,
     )?;
     let peers = if o.peers {
-        measure_peers(&dir, &ups, &load, o.duration)?
+        let ports = [bench::free_port()?, bench::free_port()?];
+        let confs = (
+            crate::bench_peers::nginx_conf(&dir, ports[0], &ups, None),
+            crate::bench_peers::haproxy_conf(ports[1], &ups, None),
+        );
+        measure_peers(&dir, confs, ports, Drive::Wrk(&load), o.duration)?
     } else {
         Vec::new()
     };
@@ -124,28 +133,95 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         o.duration,
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
-    report(&gw, &fl, &peers, o.top);
+    let others: Vec<Measured> = std::iter::once(fl).chain(peers).collect();
+    report(&gw, &others, o.top);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-/// nginx and HAProxy with `bench proxy`'s configs, cut to one worker process or thread.
+/// `--h2`: the gateway, nginx and HAProxy in front of one h2c nginx upstream, as in `bench
+/// proxy`'s HTTP/2 row, under h2load.
+fn run_h2(o: &Opts, gateway: &Path, dir: &Path) -> anyhow::Result<()> {
+    use crate::bench_proxy_h2 as h2;
+    bench::require("h2load", "nghttp2-client")?;
+    let up = bench::free_port()?;
+    let up_conf = dir.join("h2-upstream.conf");
+    std::fs::write(&up_conf, h2::upstream_conf(dir, up))?;
+    let mut upstream = bench::spawn_proc(
+        "h2c upstream (nginx)",
+        &mut crate::bench_peers::nginx_command(dir, &up_conf),
+    )?;
+    crate::bench_peers::wait_listening("h2c upstream", up, &mut upstream)?;
+    let (clients, streams) = (4, 8);
+    let drive = Drive::H2load(clients, streams);
+    let port = bench::free_port()?;
+    let gw = measure_gateway(
+        dir,
+        gateway,
+        &h2::gateway_conf(port, up),
+        port,
+        drive,
+        o.duration,
+    )?;
+    let peers = if o.peers {
+        let ports = [bench::free_port()?, bench::free_port()?];
+        let confs = (
+            h2::nginx_conf(dir, ports[0], up),
+            h2::haproxy_conf(ports[1], up, bench::cores()),
+        );
+        measure_peers(dir, confs, ports, drive, o.duration)?
+    } else {
+        Vec::new()
+    };
+    drop(upstream);
+    println!(
+        "bench instructions --h2: callgrind, one worker, h2load -c{clients} -m{streams} -D{}s with prior knowledge, one h2c upstream 127.0.0.1:{up}",
+        o.duration
+    );
+    report(&gw, &peers, o.top);
+    Ok(())
+}
+
+/// The gateway with `conf` (a `bench proxy` config, cut to one worker) under callgrind.
+fn measure_gateway(
+    dir: &Path,
+    gateway: &Path,
+    conf: &str,
+    port: u16,
+    drive: Drive,
+    duration: u64,
+) -> anyhow::Result<Measured> {
+    let one = conf.replacen("[router]\n", "[router]\nworkers = 1\n", 1);
+    if one == conf {
+        bail!("bench instructions: the gateway's config has no [router] table");
+    }
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, one)?;
+    let args = [
+        "run".to_owned(),
+        "--config".to_owned(),
+        path.display().to_string(),
+    ];
+    measure(dir, "gateway", gateway, &args, port, drive, duration)
+}
+
+/// nginx and HAProxy with `bench proxy`'s configs (listening on `ports`), cut to one worker
+/// process or thread.
 fn measure_peers(
     dir: &Path,
-    ups: &[u16],
-    load: &Load,
+    (nginx_conf, haproxy_conf): (String, String),
+    ports: [u16; 2],
+    drive: Drive,
     duration: u64,
 ) -> anyhow::Result<Vec<Measured>> {
     bench::require("haproxy", "haproxy")?;
-    let port = bench::free_port()?;
     let conf = dir.join("nginx.conf");
-    let text = crate::bench_peers::nginx_conf(dir, port, ups, None);
-    let one = text.replacen(
+    let one = nginx_conf.replacen(
         "worker_processes auto;",
         "worker_processes 1;\nmaster_process off;",
         1,
     );
-    if one == text {
+    if one == nginx_conf {
         bail!("bench instructions: nginx's config no longer says `worker_processes auto`");
     }
     std::fs::write(&conf, one)?;
@@ -155,16 +231,22 @@ fn measure_peers(
         .chain([conf.display().to_string(), "-e".into(), "stderr".into()])
         .collect();
     let nginx = crate::tool_path("nginx");
-    let ngx = measure(dir, "nginx", Path::new(&nginx), &args, port, load, duration)?;
+    let ngx = measure(
+        dir,
+        "nginx",
+        Path::new(&nginx),
+        &args,
+        ports[0],
+        drive,
+        duration,
+    )?;
 
-    let port = bench::free_port()?;
     let cfg = dir.join("haproxy.cfg");
-    let text = crate::bench_peers::haproxy_conf(port, ups, None);
     let nbthread = format!("nbthread {}", bench::cores());
-    if !text.contains(&nbthread) {
+    if !haproxy_conf.contains(&nbthread) {
         bail!("bench instructions: HAProxy's config no longer says `{nbthread}`");
     }
-    std::fs::write(&cfg, text.replacen(&nbthread, "nbthread 1", 1))?;
+    std::fs::write(&cfg, haproxy_conf.replacen(&nbthread, "nbthread 1", 1))?;
     let args = vec!["-db".to_owned(), "-f".to_owned(), cfg.display().to_string()];
     let haproxy = crate::tool_path("haproxy");
     let hap = measure(
@@ -172,8 +254,8 @@ fn measure_peers(
         "haproxy",
         Path::new(&haproxy),
         &args,
-        port,
-        load,
+        ports[1],
+        drive,
         duration,
     )?;
     Ok(vec![ngx, hap])
@@ -196,10 +278,11 @@ fn start_upstreams(dir: &Path) -> anyhow::Result<(Proc, Vec<u16>)> {
     Ok((proc, ups))
 }
 
-/// The table, the differences, and the gateway's `top` functions by their own instructions.
-fn report(gw: &Measured, fl: &Measured, peers: &[Measured], top: usize) {
+/// The table, the gateway against each of the `others`, the floor against the peers, and the
+/// gateway's `top` functions by their own instructions.
+fn report(gw: &Measured, others: &[Measured], top: usize) {
     println!("{:<12} {:>10} {:>16}", "proxy", "requests", "instr/request");
-    for m in [gw, fl].into_iter().chain(peers) {
+    for m in std::iter::once(gw).chain(others) {
         println!(
             "{:<12} {:>10} {:>16.0}",
             m.name,
@@ -207,19 +290,23 @@ fn report(gw: &Measured, fl: &Measured, peers: &[Measured], top: usize) {
             m.per_request()
         );
     }
-    println!(
-        "gateway - hyper-floor: {:.0} instructions per request ({:.2}x)",
-        gw.per_request() - fl.per_request(),
-        gw.per_request() / fl.per_request()
-    );
-    for p in peers {
+    let floor = others.iter().find(|m| m.name == "hyper-floor");
+    for m in others {
         println!(
-            "gateway / {}: {:.2}x; hyper-floor / {}: {:.2}x",
-            p.name,
-            gw.per_request() / p.per_request(),
-            p.name,
-            fl.per_request() / p.per_request()
+            "gateway / {}: {:.2}x ({:+.0} instructions per request)",
+            m.name,
+            gw.per_request() / m.per_request(),
+            gw.per_request() - m.per_request()
         );
+    }
+    if let Some(fl) = floor {
+        for m in others.iter().filter(|m| m.name != fl.name) {
+            println!(
+                "hyper-floor / {}: {:.2}x",
+                m.name,
+                fl.per_request() / m.per_request()
+            );
+        }
     }
     println!("gateway, functions by their own instructions per request:");
     let mut fns: Vec<(&String, &u64)> = gw.own.iter().collect();
@@ -248,6 +335,31 @@ impl Measured {
     }
 }
 
+/// The load a proxy is measured under.
+#[derive(Clone, Copy)]
+enum Drive<'a> {
+    /// wrk, HTTP/1.1 keep-alive.
+    Wrk(&'a Load),
+    /// h2load with prior knowledge: clients, streams each.
+    H2load(usize, usize),
+}
+
+impl Drive<'_> {
+    /// Runs the load for `secs` against `port`: the requests answered, and how many failed.
+    fn run(self, port: u16, secs: u64) -> anyhow::Result<(u64, u64)> {
+        match self {
+            Drive::Wrk(load) => {
+                let s = bench::wrk(load, &bench::url(Scheme::Http, port), secs, &[])?;
+                Ok((s.requests, s.errors))
+            }
+            Drive::H2load(clients, streams) => {
+                let s = crate::bench_proxy_h2::h2load(port, secs, clients, streams, &[])?;
+                Ok((s.ok, s.failed))
+            }
+        }
+    }
+}
+
 /// Runs `bin args` under callgrind, instrumentation off until the warm-up is over, then
 /// counts what `duration` seconds of load cost it.
 fn measure(
@@ -256,7 +368,7 @@ fn measure(
     bin: &Path,
     args: &[String],
     port: u16,
-    load: &Load,
+    drive: Drive,
     duration: u64,
 ) -> anyhow::Result<Measured> {
     let out = dir.join(format!("{name}.callgrind"));
@@ -270,20 +382,22 @@ fn measure(
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?),
     )?;
-    wait_answering(name, port, &mut proc)?;
-    let url = bench::url(Scheme::Http, port);
-    bench::wrk(load, &url, 3, &[])?;
+    match drive {
+        Drive::Wrk(_) => wait_answering(name, port, &mut proc)?,
+        // h2c-only listeners answer no HTTP/1 probe.
+        Drive::H2load(..) => crate::bench_peers::wait_listening(name, port, &mut proc)?,
+    }
+    drive.run(port, 3)?;
     control(&proc, "--instr=on")?;
-    let sample = bench::wrk(load, &url, duration, &[])?;
+    let (requests, errors) = drive.run(port, duration)?;
     control(&proc, "--dump")?;
     proc.check_alive()?;
     drop(proc);
-    if sample.errors > 0 {
-        bail!("{name}: {} errors under callgrind", sample.errors);
+    if errors > 0 {
+        bail!("{name}: {errors} errors under callgrind");
     }
-    let requests = sample.requests;
     if requests == 0 {
-        bail!("{name}: wrk completed no request under callgrind");
+        bail!("{name}: the load completed no request under callgrind");
     }
     let dump = dir.join(format!("{name}.callgrind.1"));
     let text = std::fs::read_to_string(&dump)

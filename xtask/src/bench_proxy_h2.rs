@@ -22,9 +22,11 @@ pub(crate) struct H2Sample {
     /// fast).
     pub failed: u64,
     pub cpu_us_per_req: f64,
+    /// Requests answered 2xx.
+    pub ok: u64,
 }
 
-fn upstream_conf(dir: &Path, port: u16) -> String {
+pub(crate) fn upstream_conf(dir: &Path, port: u16) -> String {
     format!(
         "worker_processes 1;\ndaemon off;\npid {d}/h2-upstream.pid;\nerror_log {d}/h2-upstream.err warn;\n\
          events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
@@ -34,7 +36,7 @@ fn upstream_conf(dir: &Path, port: u16) -> String {
     )
 }
 
-fn nginx_conf(dir: &Path, port: u16, up: u16) -> String {
+pub(crate) fn nginx_conf(dir: &Path, port: u16, up: u16) -> String {
     format!(
         "worker_processes auto;\ndaemon off;\npid {d}/h2-nginx.pid;\nerror_log {d}/h2-nginx.err warn;\n\
          events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  \
@@ -45,7 +47,7 @@ fn nginx_conf(dir: &Path, port: u16, up: u16) -> String {
     )
 }
 
-fn haproxy_conf(port: u16, up: u16, cores: usize) -> String {
+pub(crate) fn haproxy_conf(port: u16, up: u16, cores: usize) -> String {
     format!(
         "global\n  nbthread {cores}\n  maxconn 8000\ndefaults\n  mode http\n  option http-keep-alive\n  \
          http-reuse always\n  option forwardfor\n  timeout connect 5s\n  timeout client 30s\n  \
@@ -54,7 +56,7 @@ fn haproxy_conf(port: u16, up: u16, cores: usize) -> String {
     )
 }
 
-fn gateway_conf(port: u16, up: u16) -> String {
+pub(crate) fn gateway_conf(port: u16, up: u16) -> String {
     format!(
         "[router]\nlisten = [\"127.0.0.1:{port}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\n\
          endpoints = [\"127.0.0.1:{up}\"]\nprotocol = \"h2c\"\n\n[admin]\nenabled = false\n\n\
@@ -63,7 +65,7 @@ fn gateway_conf(port: u16, up: u16) -> String {
 }
 
 /// One `h2load -D secs` run against `port`; the CPU time of `pids` meanwhile.
-fn h2load(
+pub(crate) fn h2load(
     port: u16,
     secs: u64,
     clients: usize,
@@ -132,6 +134,7 @@ fn parse_h2load(text: &str, cpu_s: f64, secs: u64) -> Option<H2Sample> {
         return None;
     }
     s.failed += done.saturating_sub(ok);
+    s.ok = ok;
     s.cpu_us_per_req = cpu_s * 1e6 / (s.rps * secs as f64);
     Some(s)
 }
@@ -232,6 +235,7 @@ mod tests {
         let s = parse_h2load(text, 2.0, 10).unwrap();
         assert_eq!(s.rps, 12345.6);
         assert_eq!(s.failed, 16, "6 failed and 10 not 2xx");
+        assert_eq!(s.ok, 123440);
         assert_eq!(s.mean_ms, 1.25);
         assert!((s.cpu_us_per_req - 2.0e6 / 123456.0).abs() < 1e-6);
         assert!(parse_h2load("nothing", 1.0, 1).is_none());
