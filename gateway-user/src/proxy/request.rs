@@ -62,6 +62,16 @@ struct Upstream {
     call_deadline: Option<Instant>,
 }
 
+impl Upstream {
+    /// Gives the connection back without answering with this response (a retried gRPC
+    /// status), with the idle limit the upstream's `Keep-Alive` sets (`respond` reads it as
+    /// it strips the header).
+    fn release(mut self) {
+        self.lease.conn.keep_alive = super::headers::keep_alive_timeout(self.response.headers());
+        self.lease.release();
+    }
+}
+
 /// The client connection a request came on.
 pub(crate) struct Client {
     pub addr: SocketAddr,
@@ -267,7 +277,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                 let again = plan.replay();
                 match retry(&mut plan, ex, &cluster, Failure::GrpcStatus(code), again) {
                     Some(again) => {
-                        up.lease.release();
+                        up.release();
                         plan.same_endpoint_ok = true;
                         req = again;
                     }

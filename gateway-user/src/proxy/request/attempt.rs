@@ -44,7 +44,6 @@ use crate::{
         access_log::Attempt,
         error::{ErrorKind, Phase, ProxyError},
         exchange::Exchange,
-        headers,
         io::is_write_stall,
         request_body::{RequestBody, RequestBodyError},
         upstream::{
@@ -120,7 +119,6 @@ pub(super) async fn run(
         match exchange(cluster, &ep, &mut conn, req, fast, plan, ex).await {
             Ok((response, arrived)) => {
                 ex.record.first_byte = Some(arrived.saturating_duration_since(ex.record.start));
-                conn.keep_alive = headers::keep_alive_timeout(response.headers());
                 cluster.report_at(
                     &ep,
                     crate::decide::health::Evidence::ResponseOk,
