@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Version,
-    header::{self, HOST, VIA},
+    header::{self, Entry, HOST, VIA},
 };
 
 /// How many [`HOP_BY_HOP`] names there are.
@@ -228,21 +228,24 @@ pub(crate) fn to_upstream(
     {
         headers.insert(HOST, h.clone());
     }
-    // X-Forwarded-For: the existing list (all header lines) plus this client.
-    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let xff = if prior.peek().is_none() {
-        Ok(client.clone())
-    } else {
-        let mut v: Vec<u8> = Vec::new();
-        for p in prior {
-            v.extend_from_slice(p.as_bytes());
-            v.extend_from_slice(b", ");
+    // X-Forwarded-For: the existing list (all header lines) plus this client. One lookup
+    // reads and writes it (hashing the name is most of either).
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(client.clone());
         }
-        v.extend_from_slice(client.as_bytes());
-        HeaderValue::from_bytes(&v)
-    };
-    if let Ok(xff) = xff {
-        headers.insert(&X_FORWARDED_FOR, xff);
+        Entry::Occupied(mut e) => {
+            let mut v: Vec<u8> = Vec::new();
+            for p in e.iter() {
+                v.extend_from_slice(p.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(client.as_bytes());
+            // Replaces all the lines; an unusable list is left as it was.
+            if let Ok(xff) = HeaderValue::from_bytes(&v) {
+                e.insert(xff);
+            }
+        }
     }
     headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);

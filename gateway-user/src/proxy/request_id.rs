@@ -4,22 +4,29 @@
 //! nginx's `$request_id` users expect. The ID goes upstream, back to the client (on the
 //! upstream's response and on the gateway's own errors) and into the access log.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, header::Entry};
 
 use crate::config::{RequestId, model::MAX_REQUEST_ID_LEN};
 
 /// The request's ID: the client's, or a new one; written into `headers` (the request on its
 /// way upstream).
 pub(crate) fn assign(cfg: &RequestId, headers: &mut HeaderMap) -> HeaderValue {
-    if cfg.keep_incoming
-        && let Some(v) = headers.get(&cfg.header)
-        && acceptable(v)
-    {
-        return v.clone();
+    // One lookup both reads the client's ID and writes a new one: hashing the (custom) name
+    // costs more than the rest of either.
+    match headers.entry(&cfg.header) {
+        Entry::Occupied(e) if cfg.keep_incoming && acceptable(e.get()) => e.get().clone(),
+        // Replaces every value the client sent, as `HeaderMap::insert` does.
+        Entry::Occupied(mut e) => {
+            let id = generate();
+            e.insert(id.clone());
+            id
+        }
+        Entry::Vacant(e) => {
+            let id = generate();
+            e.insert(id.clone());
+            id
+        }
     }
-    let id = generate();
-    headers.insert(&cfg.header, id.clone());
-    id
 }
 
 fn acceptable(v: &HeaderValue) -> bool {
@@ -93,5 +100,12 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = assign(&cfg(true), &mut h);
         assert_eq!(h["x-request-id"], id);
+        // A new ID replaces every line the client sent.
+        let mut h = HeaderMap::new();
+        h.append("x-request-id", HeaderValue::from_static("has space"));
+        h.append("x-request-id", HeaderValue::from_static("abc-123"));
+        let id = assign(&cfg(true), &mut h);
+        let all: Vec<_> = h.get_all("x-request-id").iter().collect();
+        assert_eq!(all, vec![&id]);
     }
 }
