@@ -106,17 +106,19 @@ pub(crate) async fn handle(
         let rt = ex.shared.runtime.load();
         prepare::prepare(&rt, req, &client, &mut ex)
     };
-    let (result, upgrade) = match prepared {
+    let error = match prepared {
         Ok(mut p) => {
             let upgrade = p.upgrade.take();
-            (forward(p, &mut ex).await, upgrade)
+            // The upstream's response is matched where it comes out: moved into a tuple and
+            // out again, it would be copied each time.
+            match forward(p, &mut ex).await {
+                Ok(up) => return Ok(respond::respond(up, ex, upgrade, &client)),
+                Err(e) => e,
+            }
         }
-        Err(e) => (Err(e), None),
+        Err(e) => e,
     };
-    Ok(match result {
-        Ok(up) => respond::respond(up, ex, upgrade, &client),
-        Err(e) => respond::error_response(e, ex),
-    })
+    Ok(respond::error_response(error, ex))
 }
 
 /// What every attempt of one request shares.
