@@ -159,6 +159,15 @@ pub enum Evidence {
     TlsFailed,
 }
 
+impl Evidence {
+    /// Evidence of a failure. Only a failure can eject an endpoint ([`EndpointHealth::observe`]),
+    /// so only then need the cluster's ejection budget be asked; and only failures are kept in
+    /// the endpoint's recent events.
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Evidence::ConnectOk { .. } | Evidence::ResponseOk)
+    }
+}
+
 /// What [`EndpointHealth`] did with the evidence; the I/O shell acts on it (metrics, logs,
 /// probes).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -395,6 +395,12 @@ impl AccessLogger {
         }
     }
 
+    /// Lines are written (`output` is not `off`, which it stays for the process's life). What
+    /// only a line shows need not be gathered otherwise.
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
     pub fn set_format(&self, f: AccessLogFormat) {
         self.json
             .store(f == AccessLogFormat::Json, Ordering::Relaxed);

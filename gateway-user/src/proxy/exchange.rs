@@ -107,9 +107,11 @@ impl Exchange {
         if let Some(b) = &self.body {
             self.record.request_bytes = self.record.request_bytes.max(b.bytes());
         }
+        // One clock read for the endpoint's history and the duration histogram.
+        let elapsed = self.record.start.elapsed();
         if let Some(ep) = &self.endpoint {
             let history = &ep.health.history;
-            history.request(self.record.start.elapsed());
+            history.request(elapsed);
             // A failure after the response head (a stalled body) is the endpoint's too.
             if let Some(k) = self.record.error
                 && self.record.attempts.last().and_then(|a| a.error) != Some(k)
@@ -119,7 +121,7 @@ impl Exchange {
         }
         self.shared
             .telemetry
-            .request_done(&self.record, self.meter.as_deref());
+            .request_done(&self.record, elapsed, self.meter.as_deref());
     }
 
     /// Writes the log line.

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Version,
-    header::{self, HOST, VIA},
+    header::{self, Entry, HOST, VIA},
 };
 
 /// How many [`HOP_BY_HOP`] names there are.
@@ -63,15 +63,20 @@ pub(crate) struct Stripped {
     pub upgrade: Option<HeaderValue>,
     /// `TE` included `trailers`.
     pub te_trailers: bool,
+    /// The `Keep-Alive` value: a response's says how long the upstream keeps the connection
+    /// open while idle ([`keep_alive_value_timeout`]).
+    pub keep_alive: Option<HeaderValue>,
 }
 
 /// Bit of `Upgrade` in [`strip_hop_by_hop`]'s mask (after those of [`HOP_BY_HOP`]).
 const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
 /// Bit of `TE` (index 5 of [`HOP_BY_HOP`]).
 const TE_BIT: u16 = 1 << 5;
+/// Bit of `Keep-Alive` (index 1 of [`HOP_BY_HOP`]).
+const KEEP_ALIVE_BIT: u16 = 1 << 1;
 
 /// Removes hop-by-hop headers, including `Upgrade` and `TE`; says whether an upgrade and
-/// `TE: trailers` were among them.
+/// `TE: trailers` were among them, and hands back the `Keep-Alive` value.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // One pass over the (few) headers finds which are there, and whether `Connection` says
     // more than the usual "keep-alive" or "close"; most messages carry none but `Connection`,
@@ -130,8 +135,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
         });
     // The set bits of `present` below `Upgrade`'s, lowest first.
     let mut hop = present & (UPGRADE_BIT - 1);
+    let mut keep_alive = None;
     while hop != 0 {
-        headers.remove(&HOP_BY_HOP[hop.trailing_zeros() as usize]);
+        let i = hop.trailing_zeros();
+        let removed = headers.remove(&HOP_BY_HOP[i as usize]);
+        if 1 << i == KEEP_ALIVE_BIT {
+            keep_alive = removed;
+        }
         hop &= hop - 1;
     }
     let upgrade_value = if present & UPGRADE_BIT != 0 {
@@ -142,6 +152,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     Stripped {
         upgrade: upgrade_value.filter(|_| upgrade),
         te_trailers,
+        keep_alive,
     }
 }
 
@@ -217,21 +228,24 @@ pub(crate) fn to_upstream(
     {
         headers.insert(HOST, h.clone());
     }
-    // X-Forwarded-For: the existing list (all header lines) plus this client.
-    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let xff = if prior.peek().is_none() {
-        Ok(client.clone())
-    } else {
-        let mut v: Vec<u8> = Vec::new();
-        for p in prior {
-            v.extend_from_slice(p.as_bytes());
-            v.extend_from_slice(b", ");
+    // X-Forwarded-For: the existing list (all header lines) plus this client. One lookup
+    // reads and writes it (hashing the name is most of either).
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(client.clone());
         }
-        v.extend_from_slice(client.as_bytes());
-        HeaderValue::from_bytes(&v)
-    };
-    if let Ok(xff) = xff {
-        headers.insert(&X_FORWARDED_FOR, xff);
+        Entry::Occupied(mut e) => {
+            let mut v: Vec<u8> = Vec::new();
+            for p in e.iter() {
+                v.extend_from_slice(p.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(client.as_bytes());
+            // Replaces all the lines; an unusable list is left as it was.
+            if let Ok(xff) = HeaderValue::from_bytes(&v) {
+                e.insert(xff);
+            }
+        }
     }
     headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);
@@ -243,7 +257,12 @@ pub(crate) fn to_upstream(
 /// unreadable.
 pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
     // By its `HeaderName`: a `&str` key is parsed into one at every lookup.
-    let v = headers.get(KEEP_ALIVE)?.to_str().ok()?;
+    keep_alive_value_timeout(headers.get(KEEP_ALIVE)?)
+}
+
+/// [`keep_alive_timeout`] from the header's value (as [`to_downstream`] hands it back).
+pub(crate) fn keep_alive_value_timeout(v: &HeaderValue) -> Option<std::time::Duration> {
+    let v = v.to_str().ok()?;
     v.split(',').find_map(|p| {
         let (k, n) = p.split_once('=')?;
         k.trim()
@@ -255,16 +274,13 @@ pub(crate) fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Durat
     })
 }
 
-/// Rewrites an upstream's response headers for the client; returns the `Upgrade` value of a
-/// `101`'s answer (not written back).
-pub(crate) fn to_downstream(
-    headers: &mut HeaderMap,
-    upstream_version: Version,
-) -> Option<HeaderValue> {
+/// Rewrites an upstream's response headers for the client; returns what was stripped, with
+/// the `Upgrade` value of a `101`'s answer (not written back) and the `Keep-Alive` value.
+pub(crate) fn to_downstream(headers: &mut HeaderMap, upstream_version: Version) -> Stripped {
     let stripped = strip_hop_by_hop(headers);
     strip_gateway_headers(headers);
     append_via(headers, upstream_version);
-    stripped.upgrade
+    stripped
 }
 
 /// The prefix of the headers only the gateway writes (`x-gateway-error`, `-evidence`,
@@ -346,7 +362,8 @@ mod tests {
             stripped,
             Stripped {
                 upgrade: None,
-                te_trailers: true
+                te_trailers: true,
+                keep_alive: Some(HeaderValue::from_static("timeout=5")),
             },
             "an Upgrade that Connection does not name is no upgrade"
         );

@@ -25,7 +25,7 @@ mod respond;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
@@ -62,6 +62,16 @@ struct Upstream {
     call_deadline: Option<Instant>,
 }
 
+impl Upstream {
+    /// Gives the connection back without answering with this response (a retried gRPC
+    /// status), with the idle limit the upstream's `Keep-Alive` sets (`respond` reads it as
+    /// it strips the header).
+    fn release(mut self) {
+        self.lease.conn.keep_alive = super::headers::keep_alive_timeout(self.response.headers());
+        self.lease.release();
+    }
+}
+
 /// The client connection a request came on.
 pub(crate) struct Client {
     pub addr: SocketAddr,
@@ -96,17 +106,19 @@ pub(crate) async fn handle(
         let rt = ex.shared.runtime.load();
         prepare::prepare(&rt, req, &client, &mut ex)
     };
-    let (result, upgrade) = match prepared {
+    let error = match prepared {
         Ok(mut p) => {
             let upgrade = p.upgrade.take();
-            (forward(p, &mut ex).await, upgrade)
+            // The upstream's response is matched where it comes out: moved into a tuple and
+            // out again, it would be copied each time.
+            match forward(p, &mut ex).await {
+                Ok(up) => return Ok(respond::respond(up, ex, upgrade, &client)),
+                Err(e) => e,
+            }
         }
-        Err(e) => (Err(e), None),
+        Err(e) => e,
     };
-    Ok(match result {
-        Ok(up) => respond::respond(up, ex, upgrade, &client),
-        Err(e) => respond::error_response(e, ex),
-    })
+    Ok(respond::error_response(error, ex))
 }
 
 /// What every attempt of one request shares.
@@ -139,7 +151,10 @@ struct Plan {
 struct Replay {
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
+    /// The header fields in the map's order, as a list: one allocation, where a copy of the
+    /// `HeaderMap` takes two and copies its index too. It is made for almost every request and
+    /// read back only for a retry, which rebuilds the map.
+    headers: Vec<(HeaderName, HeaderValue)>,
     body: Option<KeptBody>,
 }
 
@@ -169,7 +184,7 @@ impl Plan {
             Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
-                headers: req.headers().clone(),
+                headers: header_list(req.headers()),
                 body,
             }
         });
@@ -202,9 +217,25 @@ impl Plan {
         let mut req = Request::new(body);
         *req.method_mut() = r.method.clone();
         *req.uri_mut() = r.uri.clone();
-        *req.headers_mut() = r.headers.clone();
+        *req.headers_mut() = header_map(&r.headers);
         Some(req)
     }
+}
+
+/// `headers` as a list of fields, in the map's order (a name's values together, in order).
+fn header_list(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let mut list = Vec::with_capacity(headers.len());
+    list.extend(headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    list
+}
+
+/// The map [`header_list`] was made from.
+fn header_map(list: &[(HeaderName, HeaderValue)]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(list.len());
+    for (name, value) in list {
+        map.append(name.clone(), value.clone());
+    }
+    map
 }
 
 /// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
@@ -248,7 +279,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                 let again = plan.replay();
                 match retry(&mut plan, ex, &cluster, Failure::GrpcStatus(code), again) {
                     Some(again) => {
-                        up.lease.release();
+                        up.release();
                         plan.same_endpoint_ok = true;
                         req = again;
                     }
@@ -408,4 +439,32 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_head_rebuilds_the_same_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "a.example"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("accept", "text/html"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("via", "1.1 gateway"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let rebuilt = header_map(&header_list(&h));
+        assert_eq!(rebuilt, h);
+        let order = |m: &HeaderMap| {
+            m.iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&rebuilt), order(&h));
+        assert!(header_map(&header_list(&HeaderMap::new())).is_empty());
+    }
 }

@@ -208,10 +208,10 @@ impl Telemetry {
         }
     }
 
-    /// A request is over (its access-log line is being written). `meter`: its route's
-    /// handles, `None` when it matched no route.
-    pub fn request_done(&self, record: &Record, meter: Option<&RouteMeter>) {
-        meter.unwrap_or(&self.unrouted).done(record);
+    /// A request is over (its access-log line is being written), `elapsed` after its
+    /// arrival. `meter`: its route's handles, `None` when it matched no route.
+    pub fn request_done(&self, record: &Record, elapsed: Duration, meter: Option<&RouteMeter>) {
+        meter.unwrap_or(&self.unrouted).done(record, elapsed);
     }
 
     /// The registry as OpenMetrics text.
@@ -313,7 +313,8 @@ impl RouteMeter {
         )
     }
 
-    fn done(&self, ex: &Record) {
+    /// The request, `elapsed` after its arrival, is over.
+    fn done(&self, ex: &Record, elapsed: Duration) {
         let status = ex.status;
         match status
             .checked_sub(STATUS_MIN)
@@ -324,7 +325,7 @@ impl RouteMeter {
                 .inc(),
             None => self.status(status).inc(),
         };
-        self.duration.observe(ex.start.elapsed().as_secs_f64());
+        self.duration.observe(elapsed.as_secs_f64());
         if let Some(t) = &self.timeouts {
             for a in &ex.attempts {
                 if let Some(p) = a.error.and_then(phase_of) {

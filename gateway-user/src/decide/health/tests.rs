@@ -252,3 +252,25 @@ fn tls_failures_on_healthy_tcp_eject_only_as_tls_failure_and_a_tcp_handshake_doe
     }
     assert_eq!(h.state(), State::Healthy, "0 disables the rule");
 }
+
+#[test]
+fn only_failures_can_eject() {
+    // `Cluster::report` asks the cluster's ejection budget only for failures: evidence that is
+    // not one must never eject, whatever the budget says.
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    for ev in [
+        Evidence::ResponseOk,
+        Evidence::ConnectOk { syn_retransmits: 0 },
+        Evidence::ConnectOk { syn_retransmits: 3 },
+    ] {
+        assert!(!ev.is_failure());
+        let mut h = EndpointHealth::new(t);
+        for i in 0..100 {
+            let t = h.observe(ev, t + ms(i), &p, true);
+            assert!(!matches!(t, Transition::Ejected { .. }), "{ev:?}: {t:?}");
+        }
+        assert!(h.routable());
+    }
+    assert!(Evidence::Refused.is_failure() && Evidence::ResponseTimeout.is_failure());
+}

@@ -44,7 +44,6 @@ use crate::{
         access_log::Attempt,
         error::{ErrorKind, Phase, ProxyError},
         exchange::Exchange,
-        headers,
         io::is_write_stall,
         request_body::{RequestBody, RequestBodyError},
         upstream::{
@@ -118,12 +117,12 @@ pub(super) async fn run(
         }
         ex.record.connect = conn.connect_time;
         match exchange(cluster, &ep, &mut conn, req, fast, plan, ex).await {
-            Ok(response) => {
-                ex.record.first_byte = Some(ex.record.start.elapsed());
-                conn.keep_alive = headers::keep_alive_timeout(response.headers());
-                cluster.report(
+            Ok((response, arrived)) => {
+                ex.record.first_byte = Some(arrived.saturating_duration_since(ex.record.start));
+                cluster.report_at(
                     &ep,
                     crate::decide::health::Evidence::ResponseOk,
+                    arrived,
                     &String::new,
                 );
                 let lease = Lease {
@@ -220,7 +219,7 @@ async fn connect_or_reuse(
     Ok((winner, conn, false))
 }
 
-/// Sends the request on `conn` and awaits the response head.
+/// Sends the request on `conn` and awaits the response head; the head, and when it arrived.
 async fn exchange(
     cluster: &Cluster,
     ep: &Endpoint,
@@ -229,7 +228,7 @@ async fn exchange(
     fast: bool,
     plan: &mut Plan,
     ex: &mut Exchange,
-) -> Result<http::Response<hyper::body::Incoming>, Box<Failed>> {
+) -> Result<(http::Response<hyper::body::Incoming>, Instant), Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
     let baseline = acked_before(conn, plan);
     if plan.grpc
@@ -252,8 +251,9 @@ async fn exchange(
         },
         None => None,
     };
-    let result = match result {
-        Some(r) => r,
+    // The head's arrival, when `await_head` read the clock for it.
+    let (result, arrived) = match result {
+        Some(r) => (r, None),
         None => {
             ex.phase = Phase::WaitingForTheResponseHead;
             // Sent just now: on a first attempt that found an idle connection at once and had
@@ -270,10 +270,11 @@ async fn exchange(
                 baseline,
                 sent,
             };
-            await_head(send.as_mut(), cluster, ep, on, plan, ex).await?
+            let (r, arrived) = await_head(send.as_mut(), cluster, ep, on, plan, ex).await?;
+            (r, Some(arrived))
         }
     };
-    result.map_err(|mut e| {
+    let response = result.map_err(|mut e| {
         let unsent = e.take_message();
         let error = upstream_error(e.into_error(), ep.addr);
         // The kernel's record of the connection, now closed, says whether this request's
@@ -286,7 +287,8 @@ async fn exchange(
             _ => None,
         };
         Failed::new(error, Delivery::of(baseline, acked), unsent)
-    })
+    })?;
+    Ok((response, arrived.unwrap_or_else(Instant::now)))
 }
 
 /// The connection's `bytes_acked` (SYN excluded) before this request is written, when it can
@@ -326,7 +328,8 @@ struct OnConn {
 
 /// Waits for the response head until the response timeout (from `sent`) or the request
 /// deadline, whichever is first; gives up as soon as the kernel shows that the host died.
-/// Feeds the endpoint's latency: the head's arrival, a stall, a timeout.
+/// Feeds the endpoint's latency: the head's arrival, a stall, a timeout. The result comes with
+/// the time it arrived (read once, for the latency, the access log and the endpoint's health).
 async fn await_head<F: Future<Output = SendResult>>(
     mut send: Pin<&mut F>,
     cluster: &Cluster,
@@ -334,7 +337,7 @@ async fn await_head<F: Future<Output = SendResult>>(
     on: OnConn,
     plan: &Plan,
     ex: &mut Exchange,
-) -> Result<SendResult, Box<Failed>> {
+) -> Result<(SendResult, Instant), Box<Failed>> {
     let OnConn {
         cookie,
         baseline,
@@ -353,10 +356,12 @@ async fn await_head<F: Future<Output = SendResult>>(
         let slice = next_look.min(until);
         match tokio::time::timeout_at(slice, send.as_mut()).await {
             Ok(r) => {
+                let arrived = Instant::now();
                 if r.is_ok() {
-                    ep.latency.sample(sent.elapsed(), &cluster.spec.latency);
+                    let rtt = arrived.saturating_duration_since(sent);
+                    ep.latency.sample(rtt, arrived, &cluster.spec.latency);
                 }
-                return Ok(r);
+                return Ok((r, arrived));
             }
             Err(_) if slice >= until => break,
             Err(_) => {

@@ -103,7 +103,10 @@ fn admit(
         ex.record.request_id = Some(request_id::assign(cfg, &mut parts.headers));
         ex.request_id_header = Some(cfg.header.clone());
     }
-    ex.record.user_agent = parts.headers.get(USER_AGENT).cloned();
+    if ex.shared.log.is_on() {
+        // Only the access log shows it.
+        ex.record.user_agent = parts.headers.get(USER_AGENT).cloned();
+    }
     ex.grpc = parts.method == Method::POST
         && parts
             .headers

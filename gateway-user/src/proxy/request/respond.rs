@@ -53,7 +53,7 @@ pub(super) fn respond(
         return switch(up, ex, upgrade, client);
     }
     let (mut parts, body) = up.response.into_parts();
-    headers::to_downstream(&mut parts.headers, parts.version);
+    let stripped = headers::to_downstream(&mut parts.headers, parts.version);
     parts.version = Version::default();
     ours(&mut parts.headers, &ex);
     ex.record.status = parts.status.as_u16();
@@ -65,7 +65,13 @@ pub(super) fn respond(
             .map(|c| c.0);
     }
     keepalive_off(&ex, &mut parts.headers);
-    ex.lease = Some(up.lease);
+    let mut lease = up.lease;
+    // The upstream's own idle limit for the connection, read as the header was stripped.
+    lease.conn.keep_alive = stripped
+        .keep_alive
+        .as_ref()
+        .and_then(headers::keep_alive_value_timeout);
+    ex.lease = Some(lease);
     let body = ResponseBody::upstream(body, up.stall, up.call_deadline, ex);
     Response::from_parts(parts, body)
 }
@@ -90,7 +96,7 @@ fn switch(
     let endpoint = up.lease.endpoint.addr;
     let upstream_side = hyper::upgrade::on(&mut up.response);
     let (mut parts, _) = up.response.into_parts();
-    let value = headers::to_downstream(&mut parts.headers, parts.version);
+    let value = headers::to_downstream(&mut parts.headers, parts.version).upgrade;
     let (Some(client_side), Some(value)) = (client_side, value) else {
         let what = "the request was no upgrade, or the 101 named no protocol in `Upgrade`";
         return error_response(ProxyError::UpgradeFailed { endpoint, what }, ex);

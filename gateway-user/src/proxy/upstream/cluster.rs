@@ -13,7 +13,7 @@ use std::{
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::{sync::Semaphore, time::Instant};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -113,12 +113,26 @@ impl Cluster {
         self.signals.mode() == SignalMode::Kernel
     }
 
-    /// Feeds one piece of evidence about `ep` to its health, and logs what it changed.
+    /// Feeds one piece of evidence about `ep`, seen now, to its health, and logs what it
+    /// changed.
     pub fn report(&self, ep: &Endpoint, ev: Evidence, detail: &dyn Fn() -> String) {
-        let may = self
-            .set
-            .may_eject(self.spec.health.machine.max_ejected_percent);
-        let t = ep.health.observe(ev, &self.spec, may, detail);
+        self.report_at(ep, ev, Instant::now(), detail);
+    }
+
+    /// [`Cluster::report`] of evidence seen at `now` (a time the caller has just read).
+    pub fn report_at(
+        &self,
+        ep: &Endpoint,
+        ev: Evidence,
+        now: Instant,
+        detail: &dyn Fn() -> String,
+    ) {
+        // The budget walks the endpoint set: asked only when the evidence could eject.
+        let may = ev.is_failure()
+            && self
+                .set
+                .may_eject(self.spec.health.machine.max_ejected_percent);
+        let t = ep.health.observe(ev, now, &self.spec, may, detail);
         self.log_transition(ep, t, detail);
     }
 

@@ -215,10 +215,12 @@ impl HealthCell {
         });
     }
 
-    /// Feeds request-path evidence. `may_eject` answers the cluster's ejection budget.
+    /// Feeds request-path evidence seen at `now`. `may_eject` answers the cluster's ejection
+    /// budget.
     pub fn observe(
         &self,
         ev: Evidence,
+        now: Instant,
         spec: &ClusterSpec,
         may_eject: bool,
         detail: &dyn Fn() -> String,
@@ -226,9 +228,8 @@ impl HealthCell {
         let mut inner = self.lock();
         let t = inner
             .health
-            .observe(ev, Instant::now(), &spec.health.machine, may_eject);
-        if t == Transition::None && !matches!(ev, Evidence::ConnectOk { .. } | Evidence::ResponseOk)
-        {
+            .observe(ev, now, &spec.health.machine, may_eject);
+        if t == Transition::None && ev.is_failure() {
             Self::remember(&mut inner, HealthEventKind::Failure, None, detail);
         }
         Self::log(&mut inner, t, detail);
@@ -317,7 +318,9 @@ mod tests {
     async fn an_ejected_endpoint_is_probed_when_its_ejection_runs_out_then_every_interval() {
         let spec = spec("[router.upstream.health]\nejection_ms = 1000\nprobe_interval_ms = 500\n");
         let cell = HealthCell::new();
-        let t = cell.observe(Evidence::Refused, &spec, true, &|| "RST".to_owned());
+        let t = cell.observe(Evidence::Refused, Instant::now(), &spec, true, &|| {
+            "RST".to_owned()
+        });
         assert!(
             matches!(
                 t,

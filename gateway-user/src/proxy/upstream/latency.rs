@@ -109,10 +109,9 @@ impl LatencyCell {
         }
     }
 
-    /// A response head arrived `rtt` after the request was sent. The first sample after a
-    /// trickle request is fresh: it replaces the estimate.
-    pub fn sample(&self, rtt: Duration, p: &LatencyPolicy) {
-        let now = Instant::now();
+    /// A response head arrived at `now`, `rtt` after the request was sent. The first sample
+    /// after a trickle request is fresh: it replaces the estimate.
+    pub fn sample(&self, rtt: Duration, now: Instant, p: &LatencyPolicy) {
         let fresh = self.trickle_pending.swap(false, Ordering::Relaxed);
         let mut e = self.lock();
         e.sample(rtt, now, p.decay, fresh);
@@ -337,7 +336,7 @@ mod tests {
         let p = LatencyPolicy::default();
         let cell = LatencyCell::new();
         assert_eq!(cell.estimate(Instant::now(), p.decay), None);
-        cell.sample(ms(3000), &p);
+        cell.sample(ms(3000), Instant::now(), &p);
         assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(3000)));
         tokio::time::advance(p.decay).await;
         let e = cell.estimate(Instant::now(), p.decay).unwrap();
@@ -382,16 +381,16 @@ mod tests {
     async fn the_sample_after_a_trickle_replaces_the_estimate() {
         let p = LatencyPolicy::default();
         let cell = LatencyCell::new();
-        cell.sample(ms(3000), &p);
+        cell.sample(ms(3000), Instant::now(), &p);
         tokio::time::advance(ms(3000)).await;
         assert!(cell.claim_trickle(0, p.trickle_interval));
-        cell.sample(ms(1), &p);
+        cell.sample(ms(1), Instant::now(), &p);
         assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(1)));
         // Only that one: the next is averaged in (a peak still replaces).
-        cell.sample(ms(2), &p);
+        cell.sample(ms(2), Instant::now(), &p);
         assert_eq!(cell.estimate(Instant::now(), p.decay), Some(ms(2)));
         tokio::time::advance(ms(10)).await;
-        cell.sample(ms(1), &p);
+        cell.sample(ms(1), Instant::now(), &p);
         assert!(cell.estimate(Instant::now(), p.decay).unwrap() > ms(1));
     }
 }
