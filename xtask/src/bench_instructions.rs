@@ -16,9 +16,14 @@
 //! prior knowledge, one h2c nginx upstream; the gateway with `protocol = "h2c"`, nginx with
 //! `grpc_pass`, HAProxy with `proto h2`; there is no hyper floor for it).
 //!
+//! `--tls`: HTTPS keep-alive instead, as in `bench tls` (the same ECDSA P-256 certificate for
+//! the three; the hyper floor speaks no TLS and is left out). Crypto libraries choose their
+//! code by the CPU features they find, and valgrind's CPU reports fewer than the real one, so
+//! the TLS part of each count is that of a plainer code path than the one run natively.
+//!
 //! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`,
-//! `--no-peers` (the gateway and the floor only), `--h2`. Needs valgrind (`./dev bench`
-//! installs it).
+//! `--no-peers` (the gateway and the floor only), `--h2`, `--tls`. Needs valgrind (`./dev
+//! bench` installs it).
 
 use std::{
     collections::HashMap,
@@ -42,6 +47,7 @@ struct Opts {
     gateway_bin: Option<PathBuf>,
     peers: bool,
     h2: bool,
+    tls: bool,
 }
 
 impl Opts {
@@ -53,6 +59,7 @@ impl Opts {
             gateway_bin: None,
             peers: true,
             h2: false,
+            tls: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -64,6 +71,7 @@ impl Opts {
                 "--gateway-bin" => o.gateway_bin = Some(value()?.into()),
                 "--no-peers" => o.peers = false,
                 "--h2" => o.h2 = true,
+                "--tls" => o.tls = true,
                 other => bail!("unknown option {other}"),
             }
         }
@@ -84,7 +92,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
-    let floor = crate::release_floor()?;
+    let tls = if o.tls {
+        bench::require("openssl", "openssl")?;
+        Some(crate::bench_tls::certificate(&dir)?)
+    } else {
+        None
+    };
+    let (scheme, floor) = match tls {
+        Some(_) => (Scheme::Https, None),
+        None => (Scheme::Http, Some(crate::release_floor()?)),
+    };
     let (upstreams, ups) = start_upstreams(&dir)?;
     let load = Load {
         name: "keep-alive",
@@ -92,48 +109,47 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         connections: o.connections,
         headers: Vec::new(),
     };
+    let drive = Drive::Wrk(&load, scheme);
     let gw_port = bench::free_port()?;
-    let gw_conf = crate::bench_peers::gateway_conf(gw_port, &ups, None);
-    let gw = measure_gateway(
-        &dir,
-        &gateway,
-        &gw_conf,
-        gw_port,
-        Drive::Wrk(&load),
-        o.duration,
-    )?;
-    let floor_port = bench::free_port()?;
-    let floor_args: Vec<String> = std::iter::once(floor_port)
-        .chain(ups.iter().copied())
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    let fl = measure(
-        &dir,
-        "hyper-floor",
-        &floor,
-        &floor_args,
-        floor_port,
-        Drive::Wrk(&load),
-        o.duration,
-    )?;
-    let peers = if o.peers {
+    let gw_conf = crate::bench_peers::gateway_conf(gw_port, &ups, tls.as_ref());
+    let gw = measure_gateway(&dir, &gateway, &gw_conf, gw_port, drive, o.duration)?;
+    let mut others = Vec::new();
+    if let Some(floor) = floor {
+        let floor_port = bench::free_port()?;
+        let floor_args: Vec<String> = std::iter::once(floor_port)
+            .chain(ups.iter().copied())
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        others.push(measure(
+            &dir,
+            "hyper-floor",
+            &floor,
+            &floor_args,
+            floor_port,
+            drive,
+            o.duration,
+        )?);
+    }
+    if o.peers {
         let ports = [bench::free_port()?, bench::free_port()?];
         let confs = (
-            crate::bench_peers::nginx_conf(&dir, ports[0], &ups, None),
-            crate::bench_peers::haproxy_conf(ports[1], &ups, None),
+            crate::bench_peers::nginx_conf(&dir, ports[0], &ups, tls.as_ref()),
+            crate::bench_peers::haproxy_conf(ports[1], &ups, tls.as_ref()),
         );
-        measure_peers(&dir, confs, ports, Drive::Wrk(&load), o.duration)?
-    } else {
-        Vec::new()
-    };
+        others.extend(measure_peers(&dir, confs, ports, drive, o.duration)?);
+    }
     drop(upstreams);
     println!(
-        "bench instructions: callgrind, one worker, wrk -t1 -c{} -d{}s keep-alive, upstreams 127.0.0.1:{{{}}}",
+        "bench instructions: callgrind, one worker, wrk -t1 -c{} -d{}s keep-alive{}, upstreams 127.0.0.1:{{{}}}",
         o.connections,
         o.duration,
+        if tls.is_some() {
+            " over TLS (ECDSA P-256)"
+        } else {
+            ""
+        },
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
-    let others: Vec<Measured> = std::iter::once(fl).chain(peers).collect();
     report(&gw, &others, o.top);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -338,8 +354,8 @@ impl Measured {
 /// The load a proxy is measured under.
 #[derive(Clone, Copy)]
 enum Drive<'a> {
-    /// wrk, HTTP/1.1 keep-alive.
-    Wrk(&'a Load),
+    /// wrk, HTTP/1.1 keep-alive, over plain TCP or TLS.
+    Wrk(&'a Load, Scheme),
     /// h2load with prior knowledge: clients, streams each.
     H2load(usize, usize),
 }
@@ -348,8 +364,8 @@ impl Drive<'_> {
     /// Runs the load for `secs` against `port`: the requests answered, and how many failed.
     fn run(self, port: u16, secs: u64) -> anyhow::Result<(u64, u64)> {
         match self {
-            Drive::Wrk(load) => {
-                let s = bench::wrk(load, &bench::url(Scheme::Http, port), secs, &[])?;
+            Drive::Wrk(load, scheme) => {
+                let s = bench::wrk(load, &bench::url(scheme, port), secs, &[])?;
                 Ok((s.requests, s.errors))
             }
             Drive::H2load(clients, streams) => {
@@ -383,7 +399,7 @@ fn measure(
             .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?),
     )?;
     match drive {
-        Drive::Wrk(_) => wait_answering(name, port, &mut proc)?,
+        Drive::Wrk(_, scheme) => wait_answering(name, scheme, port, &mut proc)?,
         // h2c-only listeners answer no HTTP/1 probe.
         Drive::H2load(..) => crate::bench_peers::wait_listening(name, port, &mut proc)?,
     }
@@ -412,11 +428,11 @@ fn measure(
 }
 
 /// Waits until `port` answers 200: under callgrind a start takes seconds.
-fn wait_answering(name: &str, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+fn wait_answering(name: &str, scheme: Scheme, port: u16, proc: &mut Proc) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         proc.check_alive()?;
-        if bench::wait_ready(name, Scheme::Http, port, proc).is_ok() {
+        if bench::wait_ready(name, scheme, port, proc).is_ok() {
             return Ok(());
         }
     }

@@ -99,7 +99,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// A self-signed ECDSA P-256 certificate for `bench.test` (and 127.0.0.1), valid two days.
-fn certificate(dir: &Path) -> anyhow::Result<Tls> {
+pub(crate) fn certificate(dir: &Path) -> anyhow::Result<Tls> {
     let tls = Tls {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
