@@ -413,19 +413,10 @@ mod tests {
             LatencyBuckets::reaching(Duration::from_secs(131)),
         );
         let mut rec = ConnectRecord {
-            ts_unix_ns: 0,
             dst: "10.0.0.5:8080".parse().unwrap(),
-            src_port: 1,
-            cookie: 1,
-            pid: 1,
-            comm: "curl".into(),
-            cgroup_id: 1,
             outcome: OutcomeName(Outcome::AddrUnavailable),
-            syn_retransmits: 0,
-            elapsed_us: 5,
-            syn_rtt_us: None,
             errno: Some("EADDRNOTAVAIL".into()),
-            so_error: None,
+            ..rec(1)
         };
         m.record(&rec);
         rec.outcome = OutcomeName(Outcome::Established);
