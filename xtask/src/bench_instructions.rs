@@ -241,11 +241,14 @@ fn measure_peers(
         bail!("bench instructions: nginx's config no longer says `worker_processes auto`");
     }
     std::fs::write(&conf, one)?;
-    let args: Vec<String> = ["-p", &dir.display().to_string(), "-c"]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .chain([conf.display().to_string(), "-e".into(), "stderr".into()])
-        .collect();
+    let args = vec![
+        "-p".to_owned(),
+        dir.display().to_string(),
+        "-c".to_owned(),
+        conf.display().to_string(),
+        "-e".to_owned(),
+        "stderr".to_owned(),
+    ];
     let nginx = crate::tool_path("nginx");
     let ngx = measure(
         dir,
