@@ -8,9 +8,10 @@
 //! with one thread; nginx `worker_processes 1` with `master_process off`, so that the one
 //! process valgrind follows is the one serving; HAProxy `nbthread 1`) in front of the three
 //! `return 200` nginx upstreams of `bench proxy`; `wrk -c C` drives it for a warm-up with
-//! instrumentation off, then for `--duration` seconds with it on. The report: instructions
-//! per request of each, the gateway's against each other, and the gateway's functions with
-//! the most instructions of their own. Kernel time is not counted: `bench proxy` measures that.
+//! instrumentation off (as long as the measurement, at most 3 s), then for `--duration`
+//! seconds with it on. The report: instructions per request of each, the gateway's against
+//! each other, and the gateway's functions with the most instructions of their own. Kernel
+//! time is not counted: `bench proxy` measures that.
 //!
 //! `--h2`: the HTTP/2-upstream path of `bench proxy`'s h2 row instead (h2load -c4 -m8 with
 //! prior knowledge, one h2c nginx upstream; the gateway with `protocol = "h2c"`, nginx with
@@ -22,8 +23,8 @@
 //! the TLS part of each count is that of a plainer code path than the one run natively.
 //!
 //! Options: `--duration S` (10), `--connections C` (8), `--top N` (25), `--gateway-bin PATH`,
-//! `--no-peers` (the gateway and the floor only), `--h2`, `--tls`. Needs valgrind (`./dev
-//! bench` installs it).
+//! `--no-peers` (the gateway and the floor only), `--h2`, `--tls`, `--keep` (keep the
+//! callgrind dumps and say where). Needs valgrind, which `./dev` setup installs.
 
 use std::{
     collections::HashMap,
@@ -48,6 +49,8 @@ struct Opts {
     peers: bool,
     h2: bool,
     tls: bool,
+    /// Keep the working directory (the callgrind dumps, for `callgrind_annotate`).
+    keep: bool,
 }
 
 impl Opts {
@@ -60,6 +63,7 @@ impl Opts {
             peers: true,
             h2: false,
             tls: false,
+            keep: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -72,6 +76,7 @@ impl Opts {
                 "--no-peers" => o.peers = false,
                 "--h2" => o.h2 = true,
                 "--tls" => o.tls = true,
+                "--keep" => o.keep = true,
                 other => bail!("unknown option {other}"),
             }
         }
@@ -89,12 +94,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if o.h2 {
         run_h2(&o, &gateway, &dir)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        return Ok(());
+    } else {
+        run_h1(&o, &gateway, &dir)?;
     }
+    if o.keep {
+        println!("callgrind dumps kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// HTTP/1 keep-alive (plain, or HTTPS with `--tls`), with the hyper floor when plain.
+fn run_h1(o: &Opts, gateway: &Path, dir: &Path) -> anyhow::Result<()> {
     let tls = if o.tls {
         bench::require("openssl", "openssl")?;
-        Some(crate::bench_tls::certificate(&dir)?)
+        Some(crate::bench_tls::certificate(dir)?)
     } else {
         None
     };
@@ -102,7 +117,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some(_) => (Scheme::Https, None),
         None => (Scheme::Http, Some(crate::release_floor()?)),
     };
-    let (upstreams, ups) = start_upstreams(&dir)?;
+    let (upstreams, ups) = start_upstreams(dir)?;
     let load = Load {
         name: "keep-alive",
         threads: 1,
@@ -112,7 +127,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let drive = Drive::Wrk(&load, scheme);
     let gw_port = bench::free_port()?;
     let gw_conf = crate::bench_peers::gateway_conf(gw_port, &ups, tls.as_ref());
-    let gw = measure_gateway(&dir, &gateway, &gw_conf, gw_port, drive, o.duration)?;
+    let gw = measure_gateway(dir, gateway, &gw_conf, gw_port, drive, o.duration)?;
     let mut others = Vec::new();
     if let Some(floor) = floor {
         let floor_port = bench::free_port()?;
@@ -121,7 +136,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         others.push(measure(
-            &dir,
+            dir,
             "hyper-floor",
             &floor,
             &floor_args,
@@ -133,10 +148,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if o.peers {
         let ports = [bench::free_port()?, bench::free_port()?];
         let confs = (
-            crate::bench_peers::nginx_conf(&dir, ports[0], &ups, tls.as_ref()),
+            crate::bench_peers::nginx_conf(dir, ports[0], &ups, tls.as_ref()),
             crate::bench_peers::haproxy_conf(ports[1], &ups, tls.as_ref()),
         );
-        others.extend(measure_peers(&dir, confs, ports, drive, o.duration)?);
+        others.extend(measure_peers(dir, confs, ports, drive, o.duration)?);
     }
     drop(upstreams);
     println!(
@@ -151,7 +166,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ups.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     );
     report(&gw, &others, o.top);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -406,7 +420,8 @@ fn measure(
         // h2c-only listeners answer no HTTP/1 probe.
         Drive::H2load(..) => crate::bench_peers::wait_listening(name, port, &mut proc)?,
     }
-    drive.run(port, 3)?;
+    // Warm-up: as long as the measurement, at most 3 s (`./dev test`'s short run is 1 s).
+    drive.run(port, duration.min(3))?;
     control(&proc, "--instr=on")?;
     let (requests, errors) = drive.run(port, duration)?;
     control(&proc, "--dump")?;

@@ -300,6 +300,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
                 "observer" => bench_observer::run(&args),
                 "proxy" => bench_proxy::run(&args),
                 "tls" => bench_tls::run(&args),
+                "instructions" => bench_instructions::run(&args),
                 _ => bench_faults::run(&args),
             };
             match result {
@@ -340,6 +341,9 @@ const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
         &["--reps", "1", "--duration", "2", "--warmup", "1", "--floor"],
     ),
     ("tls", &["--reps", "1", "--duration", "2", "--warmup", "1"]),
+    ("instructions", &["--duration", "1", "--top", "5"]),
+    ("instructions", &["--duration", "1", "--top", "5", "--h2"]),
+    ("instructions", &["--duration", "1", "--top", "5", "--tls"]),
     (
         "faults",
         &["--faults", "refused", "--duration", "6", "--fault-at", "2"],
