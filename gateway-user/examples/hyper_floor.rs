@@ -49,16 +49,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let upstreams = upstreams.clone();
-            std::thread::spawn(move || worker(listen, upstreams))
-        })
-        .collect();
-    for t in threads {
-        t.join().map_err(|_| "a worker panicked")??;
+    for _ in 0..workers {
+        let upstreams = upstreams.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = worker(listen, upstreams) {
+                eprintln!("hyper_floor: worker: {e}");
+                std::process::exit(1);
+            }
+        });
     }
-    Ok(())
+    // SIGTERM ends the process through exit(), so that a build instrumented for PGO
+    // (xtask/src/pgo.rs) writes its counts: the signal's default action would not.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?
+                .recv()
+                .await;
+            Ok::<_, std::io::Error>(())
+        })?;
+    std::process::exit(0)
 }
 
 fn worker(listen: SocketAddr, upstreams: Vec<SocketAddr>) -> std::io::Result<()> {

@@ -27,11 +27,13 @@ pub struct Options {
     pub connections: usize,
     pub wrk_threads: usize,
     pub gateway_bin: Option<PathBuf>,
+    pub floor_bin: Option<PathBuf>,
 }
 
 impl Options {
     /// `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
-    /// `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
+    /// `--wrk-threads T` (1), `--gateway-bin PATH` and `--floor-bin PATH` (default: the
+    /// release build, built now).
     pub fn parse(args: &[String]) -> anyhow::Result<Options> {
         let mut o = Options {
             reps: 5,
@@ -40,6 +42,7 @@ impl Options {
             connections: 64,
             wrk_threads: 1,
             gateway_bin: None,
+            floor_bin: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -51,8 +54,9 @@ impl Options {
                 "--connections" => o.connections = val()?.parse().context("--connections")?,
                 "--wrk-threads" => o.wrk_threads = val()?.parse().context("--wrk-threads")?,
                 "--gateway-bin" => o.gateway_bin = Some(PathBuf::from(val()?)),
+                "--floor-bin" => o.floor_bin = Some(PathBuf::from(val()?)),
                 other => bail!(
-                    "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH"
+                    "unknown option {other}; options: --reps N --duration S --warmup S --connections C --wrk-threads T --gateway-bin PATH --floor-bin PATH"
                 ),
             }
         }
@@ -69,6 +73,14 @@ impl Options {
             bail!("no gateway binary at {}", p.display());
         }
         Ok(p)
+    }
+
+    /// The bare hyper proxy: `--floor-bin`, or the release build, built now.
+    pub fn floor_binary(&self) -> anyhow::Result<PathBuf> {
+        match &self.floor_bin {
+            Some(p) => Ok(p.clone()),
+            None => crate::release_floor(),
+        }
     }
 }
 

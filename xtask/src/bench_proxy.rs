@@ -22,7 +22,8 @@
 //!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
-//! `--wrk-threads T` (1), `--gateway-bin PATH` (default: build `--release`).
+//! `--wrk-threads T` (1), `--gateway-bin PATH` and `--floor-bin PATH` (default: the release
+//! build, profile-guided: [`crate::pgo`]).
 
 use crate::{
     bench::{self, Load, Options},
@@ -57,7 +58,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         peers.add_gateway_without_observer(&dir, &gateway)?;
     }
     if floor {
-        peers.add_floor(&crate::release_floor()?)?;
+        peers.add_floor(&o.floor_binary()?)?;
     }
     let targets = peers.targets();
     println!(

@@ -14,6 +14,7 @@ mod bench_tls;
 mod capacity;
 mod fuzz;
 mod package;
+mod pgo;
 
 use std::process::{Command, ExitCode};
 
@@ -150,32 +151,19 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_owned()
 }
 
-/// `explicit`, or the release `gateway` binary, built now (with the real eBPF object).
+/// `explicit`, or the release `gateway` binary, built now (with the real eBPF object and
+/// profile-guided optimization: [`pgo`]).
 pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
     match explicit {
         Some(p) => Ok(p.to_owned()),
-        None => release_build(["--bin", "gateway"], "release/gateway"),
+        None => Ok(pgo::build()?.gateway),
     }
 }
 
 /// The bare hyper proxy `bench proxy --floor` measures beside the gateway
-/// (gateway-user/examples/hyper_floor.rs), built like the gateway: `--release`.
+/// (gateway-user/examples/hyper_floor.rs), built like the gateway, with its own training.
 pub fn release_floor() -> anyhow::Result<std::path::PathBuf> {
-    release_build(["--example", "hyper_floor"], "release/examples/hyper_floor")
-}
-
-/// `cargo build --release -p gateway-user KIND NAME`, and where the result is under the
-/// target directory.
-fn release_build(what: [&str; 2], path: &str) -> anyhow::Result<std::path::PathBuf> {
-    let root = workspace_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "gateway-user"])
-        .args(what))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join(path))
+    Ok(pgo::build()?.floor)
 }
 
 /// This xtask binary, to run one of its hidden commands in a child (`bench-client`,

@@ -2,8 +2,10 @@
 //!
 //! cargo-deb takes its assets from `[package.metadata.deb]` in `gateway-user/Cargo.toml`. The
 //! man pages and completion scripts are generated from the CLI definition by the release binary
-//! itself (`gateway man`, `gateway completions`) into `target/release/` first, then cargo-deb
-//! packages them with the stripped binary (`--no-build`: it was just built).
+//! itself (`gateway man`, `gateway completions`) into its directory (`target/pgo/release/`:
+//! the profile-guided build, [`crate::pgo`]) first, then cargo-deb packages them with the
+//! stripped binary (`--no-build`: it was just built; `CARGO_TARGET_DIR=target/pgo`: the assets'
+//! `target/release/` paths name that directory).
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +21,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let gateway = release_gateway(None)?;
     let release = gateway.parent().context("the binary has a directory")?;
     generate_docs(&gateway, release)?;
-    let out_dir = release.parent().context("target/")?.join("debian");
+    let out_dir = crate::pgo::target_dir(&workspace_root()).join("debian");
     std::fs::create_dir_all(&out_dir)?;
     // Older builds of other versions would confuse whoever globs for the package.
     for entry in std::fs::read_dir(&out_dir)? {
@@ -31,6 +33,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     eprintln!("\x1b[1m==> cargo deb\x1b[0m");
     let out = cargo()
         .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", release.parent().context("target/pgo/")?)
         .args(["deb", "-p", "gateway-user", "--no-build", "--strip", "-o"])
         .arg(&out_dir)
         .output()
