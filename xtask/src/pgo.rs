@@ -19,6 +19,11 @@
 //! under another profile name matched almost nothing, 35.6k instructions per request against
 //! 36.2k without PGO). `target/release/` stays a plain release build (the demo's).
 //!
+//! cargo does not read the profile's contents, only its path: when the sources change, the
+//! profile is made again and gateway-user is rebuilt with it, while the dependencies (whose
+//! code did not change) keep the counts they were built with. A change to the training alone
+//! changes no source: `rm -r target/pgo-gen target/pgo` makes everything again.
+//!
 //! Why: instructions per proxied request (`bench instructions`, callgrind, one worker) fell by
 //! about a fifth with the profile (HTTP/1 keep-alive 36.2k → 27.7k, HTTPS 44.2k → 34.9k): the
 //! compiler inlines and lays out the request path by what it runs, not by guesses. A path the
