@@ -48,6 +48,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
+    // A worker that panics ends the process, as one that fails does: the threads are not
+    // joined (the main thread waits for SIGTERM below).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(101);
+    }));
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
     for _ in 0..workers {
         let upstreams = upstreams.clone();
