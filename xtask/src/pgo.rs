@@ -61,7 +61,7 @@ pub fn build() -> anyhow::Result<Binaries> {
     if std::fs::read_to_string(&stamp_file).ok().as_deref() != Some(stamp.as_str())
         || !profile.is_file()
     {
-        let profdata = llvm_profdata()?;
+        let profdata = llvm_profdata(&host)?;
         let raw = gen_dir.join("profraw");
         eprintln!("\x1b[1m==> PGO 1/3: the instrumented build (target/pgo-gen)\x1b[0m");
         let flag = format!("-Cprofile-generate={}", raw.display());
@@ -127,27 +127,28 @@ fn release_build(root: &Path, dir: &Path, host: &str, flag: &str) -> anyhow::Res
         .arg(format!("target.{host}.rustflags=[\"{flag}\"]")))
 }
 
-/// The training loads: the benchmarks' own short runs, so that what they measure is what the
-/// profile was made from. The instrumented binaries stop with SIGTERM (the benchmarks' `Proc`).
+/// The training loads: the short runs of `bench proxy` and `bench tls` that `./dev test` makes
+/// (the same arguments), so that what the benchmarks measure is what the profile was made
+/// from. The instrumented binaries stop with SIGTERM (the benchmarks' `Proc`).
 fn train(bins: &Binaries) -> anyhow::Result<()> {
-    let gateway = bins.gateway.display().to_string();
-    let floor = bins.floor.display().to_string();
-    let short = ["--reps", "1", "--duration", "2", "--warmup", "1"];
-    let mut proxy: Vec<String> = short.iter().map(|s| (*s).to_owned()).collect();
-    proxy.extend(
-        [
-            "--floor",
-            "--gateway-bin",
-            gateway.as_str(),
-            "--floor-bin",
-            floor.as_str(),
-        ]
-        .map(str::to_owned),
-    );
-    crate::bench_proxy::run(&proxy).context("PGO training: bench proxy")?;
-    let mut tls: Vec<String> = short.iter().map(|s| (*s).to_owned()).collect();
-    tls.extend(["--gateway-bin", gateway.as_str()].map(str::to_owned));
-    crate::bench_tls::run(&tls).context("PGO training: bench tls")?;
+    let binaries = [
+        "--gateway-bin",
+        &bins.gateway.display().to_string(),
+        "--floor-bin",
+        &bins.floor.display().to_string(),
+    ]
+    .map(str::to_owned);
+    for (name, short) in crate::SHORT_BENCHMARKS {
+        let run = match *name {
+            "proxy" => crate::bench_proxy::run,
+            "tls" => crate::bench_tls::run,
+            _ => continue,
+        };
+        // bench tls takes --floor-bin like every wrk benchmark, and has no floor to use it for.
+        let mut args: Vec<String> = short.iter().map(|s| (*s).to_owned()).collect();
+        args.extend_from_slice(&binaries);
+        run(&args).with_context(|| format!("PGO training: bench {name}"))?;
+    }
     Ok(())
 }
 
@@ -211,7 +212,7 @@ fn host_triple() -> anyhow::Result<String> {
 
 /// rustup's `llvm-profdata` (component `llvm-tools`, the LLVM of this toolchain: its profile
 /// format is the one rustc reads).
-fn llvm_profdata() -> anyhow::Result<PathBuf> {
+fn llvm_profdata(host: &str) -> anyhow::Result<PathBuf> {
     let out = rustc()
         .args(["--print", "sysroot"])
         .output()
@@ -219,7 +220,7 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let p = sysroot
         .join("lib/rustlib")
-        .join(host_triple()?)
+        .join(host)
         .join("bin/llvm-profdata");
     if !p.is_file() {
         bail!(
