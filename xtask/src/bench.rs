@@ -209,7 +209,15 @@ pub fn family(pid: u32) -> Vec<u32> {
 
 /// User + system CPU time of every thread of `pids`, in clock ticks.
 pub fn cpu_ticks(pids: &[u32]) -> u64 {
-    let mut total = 0;
+    let (user, system) = cpu_split(pids);
+    user + system
+}
+
+/// User and system CPU time of every thread of `pids`, in clock ticks, apart: the system
+/// part (the sockets, and on loopback the peer's receive path too) is much the same for every
+/// proxy here, so the user part is where a proxy's own code shows.
+pub fn cpu_split(pids: &[u32]) -> (u64, u64) {
+    let (mut user, mut system) = (0, 0);
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
@@ -220,11 +228,12 @@ pub fn cpu_ticks(pids: &[u32]) -> u64 {
                 let f: Vec<&str> = rest.split_whitespace().collect();
                 // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
                 let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                total += get(11) + get(12);
+                user += get(11);
+                system += get(12);
             }
         }
     }
-    total
+    (user, system)
 }
 
 pub fn ticks_per_second() -> f64 {
@@ -277,6 +286,8 @@ pub struct Sample {
     pub errors: u64,
     /// The target's CPU time (user + system, all threads and worker processes) per request.
     pub cpu_us_per_req: f64,
+    /// The user-space part of `cpu_us_per_req`.
+    pub user_us_per_req: f64,
 }
 
 pub fn parse_latency(s: &str) -> Option<f64> {
@@ -327,9 +338,11 @@ pub fn wrk(load: &Load, url: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sa
     for h in &load.headers {
         cmd.args(["-H", h]);
     }
-    let cpu0 = cpu_ticks(pids);
+    let (user0, system0) = cpu_split(pids);
     let out = cmd.arg(url).output().context("running wrk")?;
-    let cpu = cpu_ticks(pids).saturating_sub(cpu0) as f64 / ticks_per_second();
+    let (user1, system1) = cpu_split(pids);
+    let user = user1.saturating_sub(user0) as f64 / ticks_per_second();
+    let cpu = user + system1.saturating_sub(system0) as f64 / ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -342,6 +355,7 @@ pub fn wrk(load: &Load, url: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sa
         bail!("could not read wrk's output:\n{text}");
     }
     s.cpu_us_per_req = cpu * 1e6 / (s.rps * secs as f64);
+    s.user_us_per_req = user * 1e6 / (s.rps * secs as f64);
     Ok(s)
 }
 
@@ -388,7 +402,7 @@ pub fn interleaved(
                 let s = wrk(load, &t.url, o.duration, &t.pids)
                     .with_context(|| format!("measuring {} ({})", t.name, load.name))?;
                 println!(
-                    "  rep {} {:<12} {:>8}: {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>7.1} us/req{}",
+                    "  rep {} {:<12} {:>8}: {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>7.1} us/req (user {:>5.1}){}",
                     rep + 1,
                     load.name,
                     t.name,
@@ -396,6 +410,7 @@ pub fn interleaved(
                     s.p50_ms,
                     s.p99_ms,
                     s.cpu_us_per_req,
+                    s.user_us_per_req,
                     if s.errors > 0 {
                         format!("  ({} errors)", s.errors)
                     } else {
@@ -444,30 +459,32 @@ pub fn report(title: &str, rate: &str, targets: &[Target], samples: &[Vec<Sample
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     println!("\n{title}");
     println!(
-        "{:<10} {:>14} {:>10} {:>10} {:>12} {:>8}",
-        "proxy", rate, "p50 ms", "p99 ms", "CPU us/req", "errors"
+        "{:<10} {:>14} {:>10} {:>10} {:>12} {:>11} {:>8}",
+        "proxy", rate, "p50 ms", "p99 ms", "CPU us/req", "user us/req", "errors"
     );
     for (i, t) in targets.iter().enumerate() {
         let errors: u64 = samples[i].iter().map(|s| s.errors).sum();
         println!(
-            "{:<10} {:>14.0} {:>10.3} {:>10.3} {:>12.1} {:>8}",
+            "{:<10} {:>14.0} {:>10.3} {:>10.3} {:>12.1} {:>11.1} {:>8}",
             t.name,
             med(i, |s| s.rps),
             med(i, |s| s.p50_ms),
             med(i, |s| s.p99_ms),
             med(i, |s| s.cpu_us_per_req),
+            med(i, |s| s.user_us_per_req),
             errors
         );
     }
     for (j, other) in targets.iter().enumerate().skip(1) {
         println!(
-            "{}/{:<8} {rate} {:.3}  p50 {:.3}  p99 {:.3}  CPU/req {:.3}",
+            "{}/{:<8} {rate} {:.3}  p50 {:.3}  p99 {:.3}  CPU/req {:.3}  user/req {:.3}",
             targets[0].name,
             other.name,
             med(0, |s| s.rps) / med(j, |s| s.rps),
             med(0, |s| s.p50_ms) / med(j, |s| s.p50_ms),
             med(0, |s| s.p99_ms) / med(j, |s| s.p99_ms),
             med(0, |s| s.cpu_us_per_req) / med(j, |s| s.cpu_us_per_req),
+            med(0, |s| s.user_us_per_req) / med(j, |s| s.user_us_per_req),
         );
     }
 }
