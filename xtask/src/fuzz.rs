@@ -77,11 +77,11 @@ fn cargo_fuzz(root: &Path) -> anyhow::Result<Command> {
 
 const BUILD_FLAGS: [&str; 4] = ["-O", "-a", "-s", "none"];
 
-/// Builds every target once.
-pub fn build(root: &Path) -> anyhow::Result<()> {
+/// The command that builds every target once (`./dev test` runs it in the background).
+pub fn build_command(root: &Path) -> anyhow::Result<Command> {
     let mut cmd = cargo_fuzz(root)?;
     cmd.arg("build").args(BUILD_FLAGS);
-    crate::run(&mut cmd)
+    Ok(cmd)
 }
 
 /// One run's figures.
@@ -192,7 +192,7 @@ pub fn print(reports: &[Report]) {
 /// `cargo xtask fuzz TARGET|all [--time T]`.
 pub fn run(target: &str, time: Duration) -> anyhow::Result<()> {
     let root = crate::workspace_root();
-    build(&root)?;
+    crate::run(&mut build_command(&root)?)?;
     let targets: Vec<&str> = if target == "all" {
         TARGETS.to_vec()
     } else {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the workflows behind `./dev` — the full test run, the demo, and the
 //! benchmarks. `./dev` installs the toolchains first; this assumes they are there.
 
+mod background;
 mod bench;
 mod bench_faults;
 mod bench_instructions;
@@ -210,6 +211,21 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         "--bins",
     ]))?;
     let filter: Vec<String> = filter.into_iter().collect();
+    let root = workspace_root();
+    // The release package and the fuzz build take a third of the suite's time on two cores
+    // and the end-to-end tests leave the CPU idle for much of theirs: they overlap, the
+    // builds at idle priority ([`background`]).
+    let package = background::spawn("package", {
+        let mut c = Command::new(THIS_BINARY);
+        c.arg("package");
+        c
+    })?;
+    let whole = filter.is_empty() || filter.iter().any(|f| f == "fuzz");
+    let fuzz_build = if whole {
+        Some(background::spawn("fuzz", fuzz::build_command(&root)?)?)
+    } else {
+        None
+    };
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
     let unit = run_tests(
@@ -219,20 +235,20 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     );
-    // The Debian package (release build): the deploy_* tests install it and run its units.
-    let deb = package::build()?;
-    // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time.
+    // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time;
+    // first those that do not install the package.
+    let (deploy, others) = end_to_end_targets()?;
     let end_to_end = run_tests(
         cargo()
-            .env("GATEWAY_DEB", &deb)
-            .args(["test", "--no-fail-fast", "--test", "*"])
+            .args(["test", "--no-fail-fast"])
+            .args(others.iter().flat_map(|t| ["--test", t]))
             .arg("--")
             .arg("--test-threads=1")
             .args(&filter),
         &mut totals,
     );
     // `gateway demo` end to end: its test needs the binary built with the fault lab (the
-    // `demo` feature), so it runs last, after the tests of the production build.
+    // `demo` feature), so it runs after the tests of the production build.
     let demo = run_tests(
         cargo()
             .args([
@@ -250,12 +266,30 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     );
+    // The Debian package (the release build, profile-guided): the deploy_* tests install it
+    // and run its units.
+    let deb = package
+        .wait()?
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .map(|l| std::path::PathBuf::from(l.trim()))
+        .context("the package build printed no .deb path")?;
+    let deployed = run_tests(
+        cargo()
+            .env("GATEWAY_DEB", &deb)
+            .args(["test", "--no-fail-fast"])
+            .args(deploy.iter().flat_map(|t| ["--test", t]))
+            .arg("--")
+            .arg("--test-threads=1")
+            .args(&filter),
+        &mut totals,
+    );
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
     // a filtered run is for iterating on something else.
     let mut fuzz_failed = 0;
-    if filter.is_empty() || filter.iter().any(|f| f == "fuzz") {
-        let root = workspace_root();
-        fuzz::build(&root)?;
+    if let Some(build) = fuzz_build {
+        build.wait()?;
         let mut reports = Vec::new();
         for target in fuzz::TARGETS {
             match fuzz::run_target(&root, target, fuzz::SHORT_RUN) {
@@ -310,7 +344,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         totals.passed, totals.failed, totals.ignored
     );
     println!("{} passed, {} failed", totals.passed, totals.failed);
-    unit.and(end_to_end).and(demo)?;
+    unit.and(end_to_end).and(demo).and(deployed)?;
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz target(s) failed");
     }
@@ -346,6 +380,52 @@ struct Totals {
 }
 
 /// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
+/// The workspace's integration-test targets that `cargo test --test '*'` would run (those
+/// without required features), split: the `deploy_*` ones (the package's own tests, most of
+/// which install it) and the others.
+fn end_to_end_targets() -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let members: Vec<&str> = meta["workspace_default_members"]
+        .as_array()
+        .context("cargo metadata lists no default members")?
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let mut targets: Vec<String> = meta["packages"]
+        .as_array()
+        .context("cargo metadata lists no packages")?
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .filter(|t| {
+            t["required-features"]
+                .as_array()
+                .is_none_or(|f| f.is_empty())
+        })
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    targets.sort();
+    if targets.is_empty() {
+        bail!("cargo metadata lists no integration tests");
+    }
+    Ok(targets.into_iter().partition(|t| t.starts_with("deploy_")))
+}
+
 fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
