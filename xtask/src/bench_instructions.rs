@@ -1,6 +1,6 @@
 //! `cargo xtask bench instructions`: user-space instructions per proxied request, counted by
 //! valgrind's callgrind, for the gateway, the bare hyper proxy beside it
-//! (gateway-user/examples/hyper_floor.rs), and nginx and HAProxy with `bench proxy`'s configs.
+//! (floor/src/main.rs), and nginx and HAProxy with `bench proxy`'s configs.
 //!
 //! Rates and CPU time on a shared two-core machine move by several per cent from run to run;
 //! an instruction count moves by a few per mille, so a change of 1 % in the request path shows.

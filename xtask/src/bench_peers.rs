@@ -116,7 +116,7 @@ impl Peers {
         Ok(())
     }
 
-    /// Starts the bare hyper proxy (gateway-user/examples/hyper_floor.rs) on the same
+    /// Starts the bare hyper proxy (floor/src/main.rs) on the same
     /// upstreams: the target `hyper-floor`, what a proxy on hyper and tokio costs with nothing
     /// of the gateway's own per-request work. Plain HTTP only.
     pub fn add_floor(&mut self, bin: &Path) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@
 //! (`bench_proxy_ws`): messages per second through each proxy to one echo upstream; `--no-ws`
 //! leaves it out.
 //!
-//! `--floor` adds `hyper-floor` (gateway-user/examples/hyper_floor.rs): a bare reverse proxy on
+//! `--floor` adds `hyper-floor` (floor/src/main.rs): a bare reverse proxy on
 //! the same hyper and tokio, shaped like the gateway (a current-thread runtime and a
 //! `SO_REUSEPORT` listener per core, keep-alive pools per worker) but doing nothing else. The
 //! `gateway/hyper-floor` ratio is what the gateway's own per-request work costs, apart from

@@ -162,7 +162,7 @@ pub fn release_gateway(explicit: Option<&std::path::Path>) -> anyhow::Result<std
 }
 
 /// The bare hyper proxy `bench proxy --floor` measures beside the gateway
-/// (gateway-user/examples/hyper_floor.rs), built and trained with the gateway ([`pgo`]).
+/// (floor/src/main.rs), built and trained with the gateway ([`pgo`]).
 pub fn release_floor() -> anyhow::Result<std::path::PathBuf> {
     Ok(pgo::build()?.floor)
 }

@@ -1,5 +1,5 @@
 //! The release build: profile-guided optimization (PGO) of the `gateway` binary, and of the
-//! bare hyper proxy (`hyper_floor`) the benchmarks measure beside it.
+//! bare hyper proxy (`hyper_floor`, the `floor/` crate) the benchmarks measure beside it.
 //!
 //! Three steps, each skipped when its result is up to date:
 //!
@@ -18,6 +18,11 @@
 //! name, LTO and codegen units (measured: an instrumented build with thin LTO and 16 units
 //! under another profile name matched almost nothing, 35.6k instructions per request against
 //! 36.2k without PGO). `target/release/` stays a plain release build (the demo's).
+//!
+//! Each build is one cargo invocation of two packages' binaries and no example or test: an
+//! example would bring gateway-user's dev-dependencies, whose features cargo unifies into
+//! everything that invocation builds (tokio's `test-util` was in the shipped binary that
+//! way, with a lock on the timer clock at every timer operation).
 //!
 //! cargo does not read the profile's contents, only its path: when the sources change, the
 //! profile is made again and gateway-user is rebuilt with it, while the dependencies (whose
@@ -104,7 +109,7 @@ pub fn build() -> anyhow::Result<Binaries> {
 fn binaries(dir: &Path) -> Binaries {
     Binaries {
         gateway: dir.join("release/gateway"),
-        floor: dir.join("release/examples/hyper_floor"),
+        floor: dir.join("release/hyper_floor"),
     }
 }
 
@@ -122,8 +127,9 @@ fn release_build(root: &Path, dir: &Path, host: &str, flag: &str) -> anyhow::Res
     run(cargo()
         .current_dir(root)
         .env("CARGO_TARGET_DIR", dir)
-        .args(["build", "--release", "-p", "gateway-user"])
-        .args(["--bin", "gateway", "--example", "hyper_floor", "--config"])
+        .args(["build", "--release"])
+        .args(["-p", "gateway-user", "-p", "hyper-floor"])
+        .args(["--bin", "gateway", "--bin", "hyper_floor", "--config"])
         .arg(format!("target.{host}.rustflags=[\"{flag}\"]")))
 }
 
@@ -156,7 +162,7 @@ fn train(bins: &Binaries) -> anyhow::Result<()> {
 /// lock file and the toolchain file. A profile made from other sources is made again.
 fn sources_stamp(root: &Path) -> anyhow::Result<String> {
     let mut files = Vec::new();
-    for dir in ["gateway-user", "gateway-common", "gateway-ebpf"] {
+    for dir in ["gateway-user", "gateway-common", "gateway-ebpf", "floor"] {
         collect(&root.join(dir), &mut files)?;
     }
     files.extend(["Cargo.lock", "Cargo.toml", "rust-toolchain.toml"].map(|f| root.join(f)));
