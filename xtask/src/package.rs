@@ -19,6 +19,7 @@ use crate::{cargo, release_gateway, run, workspace_root};
 /// Builds the package and returns its path (`target/debian/gateway_<version>_<arch>.deb`).
 pub fn build() -> anyhow::Result<PathBuf> {
     let gateway = release_gateway(None)?;
+    refuse_test_code(&gateway)?;
     let release = gateway.parent().context("the binary has a directory")?;
     generate_docs(&gateway, release)?;
     let out_dir = crate::pgo::target_dir(&workspace_root()).join("debian");
@@ -50,6 +51,49 @@ pub fn build() -> anyhow::Result<PathBuf> {
         .context("cargo deb printed no .deb path")?;
     println!("{}", deb.display());
     Ok(deb)
+}
+
+/// Code that only tests should have, by a symbol it always brings: tokio's `test-util` (a
+/// paused clock, behind a lock the timer takes at every operation). It reached the shipped
+/// binary once, through an example built in the same cargo invocation (its dev-dependencies'
+/// features are unified into everything that invocation builds; see `pgo`).
+const TEST_ONLY_SYMBOLS: &[(&str, &str)] =
+    &[("tokio::time::clock::Clock>::pause", "tokio's test-util")];
+
+/// Fails when the release binary (with its symbols, before cargo-deb strips them) carries
+/// [`TEST_ONLY_SYMBOLS`].
+fn refuse_test_code(binary: &Path) -> anyhow::Result<()> {
+    let out = Command::new("nm")
+        .args(["--demangle", "--defined-only"])
+        .arg(binary)
+        .output()
+        .context("running nm (binutils)")?;
+    if !out.status.success() {
+        bail!(
+            "nm {} failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    for (symbol, what) in TEST_ONLY_SYMBOLS {
+        if symbols.contains(symbol) {
+            bail!(
+                "{} was built with {what} ({symbol}): a test-only feature in the release build",
+                binary.display()
+            );
+        }
+    }
+    eprintln!(
+        "\x1b[1m==> {}: no test-only code ({})\x1b[0m",
+        binary.display(),
+        TEST_ONLY_SYMBOLS
+            .iter()
+            .map(|(_, what)| *what)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 /// Man pages (gzipped, as Debian policy wants) and completion scripts for bash, zsh and fish.
