@@ -238,15 +238,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time;
     // first those that do not install the package.
     let (deploy, others) = end_to_end_targets()?;
-    let end_to_end = run_tests(
-        cargo()
-            .args(["test", "--no-fail-fast"])
-            .args(others.iter().flat_map(|t| ["--test", t]))
-            .arg("--")
-            .arg("--test-threads=1")
-            .args(&filter),
-        &mut totals,
-    );
+    let end_to_end = run_tests(&mut one_at_a_time(&others, &filter), &mut totals);
     // `gateway demo` end to end: its test needs the binary built with the fault lab (the
     // `demo` feature), so it runs after the tests of the production build.
     let demo = run_tests(
@@ -268,21 +260,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     );
     // The Debian package (the release build, profile-guided): the deploy_* tests install it
     // and run its units.
-    let deb = package
-        .wait()?
-        .lines()
-        .rev()
-        .find(|l| l.trim_end().ends_with(".deb"))
-        .map(|l| std::path::PathBuf::from(l.trim()))
-        .context("the package build printed no .deb path")?;
+    let deb =
+        package::deb_path(&package.wait()?).context("the package build printed no .deb path")?;
     let deployed = run_tests(
-        cargo()
-            .env("GATEWAY_DEB", &deb)
-            .args(["test", "--no-fail-fast"])
-            .args(deploy.iter().flat_map(|t| ["--test", t]))
-            .arg("--")
-            .arg("--test-threads=1")
-            .args(&filter),
+        one_at_a_time(&deploy, &filter).env("GATEWAY_DEB", &deb),
         &mut totals,
     );
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
@@ -380,6 +361,17 @@ struct Totals {
 }
 
 /// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
+/// `cargo test` of the integration-test `targets`, one test at a time, with `filter`.
+fn one_at_a_time(targets: &[String], filter: &[String]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"])
+        .args(targets.iter().flat_map(|t| ["--test", t]))
+        .arg("--")
+        .arg("--test-threads=1")
+        .args(filter);
+    cmd
+}
+
 /// The workspace's integration-test targets that `cargo test --test '*'` would run (those
 /// without required features), split: the `deploy_*` ones (the package's own tests, most of
 /// which install it) and the others.

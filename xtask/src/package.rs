@@ -43,11 +43,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     if !out.status.success() {
         bail!("cargo deb failed with {}", out.status);
     }
-    let deb = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find(|l| l.trim_end().ends_with(".deb"))
-        .map(|l| PathBuf::from(l.trim()))
+    let deb = deb_path(&String::from_utf8_lossy(&out.stdout))
         .context("cargo deb printed no .deb path")?;
     println!("{}", deb.display());
     Ok(deb)
@@ -94,6 +90,16 @@ fn refuse_test_code(binary: &Path) -> anyhow::Result<()> {
             .join(", ")
     );
     Ok(())
+}
+
+/// The package's path: the last line of `output` that names a `.deb` (cargo deb's, or
+/// `cargo xtask package`'s).
+pub fn deb_path(output: &str) -> Option<PathBuf> {
+    output
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .map(|l| PathBuf::from(l.trim()))
 }
 
 /// Man pages (gzipped, as Debian policy wants) and completion scripts for bash, zsh and fish.
