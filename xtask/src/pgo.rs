@@ -144,7 +144,7 @@ fn train(bins: &Binaries) -> anyhow::Result<()> {
         &bins.floor.display().to_string(),
     ]
     .map(str::to_owned);
-    for (name, short) in crate::SHORT_BENCHMARKS {
+    for (name, short) in crate::suite::SHORT_BENCHMARKS {
         let run = match *name {
             "proxy" => crate::bench_proxy::run,
             "tls" => crate::bench_tls::run,

@@ -1,0 +1,277 @@
+//! `cargo xtask test` (`./dev test`): format check, builds, unit tests, the end-to-end tests
+//! one at a time (the `deploy_*` ones once the package exists), the `gateway demo` test, short
+//! fuzz runs and short benchmark runs. The release package and the fuzz build are made in the
+//! background meanwhile ([`crate::background`]).
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    THIS_BINARY, background, bench_faults, bench_instructions, bench_observer, bench_proxy,
+    bench_tls, cargo, fuzz, package, run, workspace_root,
+};
+
+/// `./dev test`: the whole suite, or the tests whose names contain `filter`.
+pub fn test(filter: Option<String>) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "the test suite includes privileged tests (network namespaces, cgroups, eBPF); run it as root via ./dev test"
+        );
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["build", "--all-targets"]))?;
+    // `gateway demo` is compiled only with the `demo` feature: keep it compiling.
+    run(cargo().args([
+        "check",
+        "-p",
+        "gateway-user",
+        "--features",
+        "demo",
+        "--bins",
+    ]))?;
+    let filter: Vec<String> = filter.into_iter().collect();
+    let root = workspace_root();
+    // The release package and the fuzz build take a third of the suite's time on two cores
+    // and the end-to-end tests leave the CPU idle for much of theirs: they overlap, the
+    // builds at idle priority ([`background`]).
+    let package = background::spawn("package", {
+        let mut c = Command::new(THIS_BINARY);
+        c.arg("package");
+        c
+    })?;
+    let whole = filter.is_empty() || filter.iter().any(|f| f == "fuzz");
+    let fuzz_build = if whole {
+        Some(background::spawn("fuzz", fuzz::build_command(&root)?)?)
+    } else {
+        None
+    };
+    let mut totals = Totals::default();
+    // Unit tests: pure code, in parallel.
+    let unit = run_tests(
+        cargo()
+            .args(["test", "--no-fail-fast", "--lib", "--bins"])
+            .arg("--")
+            .args(&filter),
+        &mut totals,
+    );
+    // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time;
+    // first those that do not install the package.
+    let (deploy, others) = end_to_end_targets()?;
+    let end_to_end = run_tests(&mut one_at_a_time(&others, &filter), &mut totals);
+    // `gateway demo` end to end: its test needs the binary built with the fault lab (the
+    // `demo` feature), so it runs after the tests of the production build.
+    let demo = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "gateway-user",
+                "--features",
+                "demo",
+                "--test",
+                "demo_privileged",
+            ])
+            .arg("--")
+            .arg("--test-threads=1")
+            .args(&filter),
+        &mut totals,
+    );
+    // The Debian package (the release build, profile-guided): the deploy_* tests install it
+    // and run its units.
+    let deb =
+        package::deb_path(&package.wait()?).context("the package build printed no .deb path")?;
+    let deployed = run_tests(
+        one_at_a_time(&deploy, &filter).env("GATEWAY_DEB", &deb),
+        &mut totals,
+    );
+    // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
+    // a filtered run is for iterating on something else.
+    let mut fuzz_failed = 0;
+    if let Some(build) = fuzz_build {
+        build.wait()?;
+        let mut reports = Vec::new();
+        for target in fuzz::TARGETS {
+            match fuzz::run_target(&root, target, fuzz::SHORT_RUN) {
+                Ok(r) => {
+                    totals.passed += 1;
+                    reports.push(r);
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    totals.failed += 1;
+                    fuzz_failed += 1;
+                }
+            }
+        }
+        fuzz::print(&reports);
+    }
+    // The benchmarks, each for a short run (the real ones are `cargo xtask bench …`), only in
+    // the whole suite (or `./dev test bench`): a benchmark that no longer runs (a tool gone, a
+    // peer that does not start, a report that cannot be read) fails here, not in the hands of
+    // whoever reruns it for figures. The figures of a short run mean nothing and are not read.
+    let mut bench_failed = 0;
+    if filter.is_empty() || filter.iter().any(|f| f == "bench") {
+        for (name, args) in SHORT_BENCHMARKS {
+            eprintln!(
+                "\x1b[1m==> cargo xtask bench {name} {}\x1b[0m",
+                args.join(" ")
+            );
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            let result = match *name {
+                "observer" => bench_observer::run(&args),
+                "proxy" => bench_proxy::run(&args),
+                "tls" => bench_tls::run(&args),
+                "instructions" => bench_instructions::run(&args),
+                _ => bench_faults::run(&args),
+            };
+            match result {
+                Ok(()) => {
+                    println!("bench {name} (short run) ... ok");
+                    totals.passed += 1;
+                }
+                Err(e) => {
+                    eprintln!("error: bench {name} (short run): {e:#}");
+                    totals.failed += 1;
+                    bench_failed += 1;
+                }
+            }
+        }
+    }
+    // The totals also when something failed: how many, beside which (named above).
+    println!(
+        "\nall test binaries: {} passed, {} failed, {} ignored",
+        totals.passed, totals.failed, totals.ignored
+    );
+    println!("{} passed, {} failed", totals.passed, totals.failed);
+    unit.and(end_to_end).and(demo).and(deployed)?;
+    if fuzz_failed > 0 {
+        bail!("{fuzz_failed} fuzz target(s) failed");
+    }
+    if bench_failed > 0 {
+        bail!("{bench_failed} benchmark(s) failed to run");
+    }
+    Ok(())
+}
+
+/// The short runs of the benchmarks in `./dev test`: every row and peer, seconds each.
+/// `bench profile` is left out: it needs perf and inferno, which `./dev bench` installs.
+pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
+    ("observer", &["4000"]),
+    (
+        "proxy",
+        &["--reps", "1", "--duration", "2", "--warmup", "1", "--floor"],
+    ),
+    ("tls", &["--reps", "1", "--duration", "2", "--warmup", "1"]),
+    ("instructions", &["--duration", "1", "--top", "5"]),
+    ("instructions", &["--duration", "1", "--top", "5", "--h2"]),
+    ("instructions", &["--duration", "1", "--top", "5", "--tls"]),
+    (
+        "faults",
+        &["--faults", "refused", "--duration", "6", "--fault-at", "2"],
+    ),
+];
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// `cargo test` of the integration-test `targets`, one test at a time, with `filter`.
+fn one_at_a_time(targets: &[String], filter: &[String]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"])
+        .args(targets.iter().flat_map(|t| ["--test", t]))
+        .arg("--")
+        .arg("--test-threads=1")
+        .args(filter);
+    cmd
+}
+
+/// The workspace's integration-test targets that `cargo test --test '*'` would run (those
+/// without required features), split: the `deploy_*` ones (the package's own tests, most of
+/// which install it) and the others.
+fn end_to_end_targets() -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let members: Vec<&str> = meta["workspace_default_members"]
+        .as_array()
+        .context("cargo metadata lists no default members")?
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let mut targets: Vec<String> = meta["packages"]
+        .as_array()
+        .context("cargo metadata lists no packages")?
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .filter(|t| {
+            t["required-features"]
+                .as_array()
+                .is_none_or(|f| f.is_empty())
+        })
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    targets.sort();
+    if targets.is_empty() {
+        bail!("cargo metadata lists no integration tests");
+    }
+    Ok(targets.into_iter().partition(|t| t.starts_with("deploy_")))
+}
+
+/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
+fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+            totals.ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
