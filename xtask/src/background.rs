@@ -6,8 +6,10 @@
 //! faults, soak traffic at a fixed rate). A background build runs under `SCHED_IDLE`
 //! (sched(7)): the kernel gives it a CPU only when nothing else wants one, and a test process
 //! that wakes up preempts it at once. Measured from cold on two cores: the suite took 25 to 27
-//! minutes instead of 34.5, and the end-to-end tests took no longer (640 s against 671 s). Its output goes to a log under `target/`, printed when
-//! it fails. A build still running when the suite ends early is killed with its process group.
+//! minutes instead of 34.5, and the end-to-end tests took no longer (640 s against 671 s).
+//!
+//! A build's output goes to a log under `target/`, printed when it fails. A build still
+//! running when the suite ends early is killed with its process group.
 
 use std::{
     fs::File,

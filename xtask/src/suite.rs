@@ -33,16 +33,16 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     ]))?;
     let filter: Vec<String> = filter.into_iter().collect();
     let root = workspace_root();
-    // The release package and the fuzz build take a third of the suite's time on two cores
-    // and the end-to-end tests leave the CPU idle for much of theirs: they overlap, the
-    // builds at idle priority ([`background`]).
+    // The release package and the fuzz build took a third of the suite's time on two cores,
+    // and the end-to-end tests leave part of the CPUs idle: they overlap, the builds at idle
+    // priority ([`background`]).
     let package = background::spawn("package", {
         let mut c = Command::new(THIS_BINARY);
         c.arg("package");
         c
     })?;
-    let whole = filter.is_empty() || filter.iter().any(|f| f == "fuzz");
-    let fuzz_build = if whole {
+    let fuzzing = filter.is_empty() || filter.iter().any(|f| f == "fuzz");
+    let fuzz_build = if fuzzing {
         Some(background::spawn("fuzz", fuzz::build_command(&root)?)?)
     } else {
         None
@@ -59,24 +59,15 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time;
     // first those that do not install the package.
     let (deploy, others) = end_to_end_targets()?;
-    let end_to_end = run_tests(&mut one_at_a_time(&others, &filter), &mut totals);
+    let end_to_end = run_tests(&mut one_at_a_time(&others, &[], &filter), &mut totals);
     // `gateway demo` end to end: its test needs the binary built with the fault lab (the
     // `demo` feature), so it runs after the tests of the production build.
     let demo = run_tests(
-        cargo()
-            .args([
-                "test",
-                "--no-fail-fast",
-                "-p",
-                "gateway-user",
-                "--features",
-                "demo",
-                "--test",
-                "demo_privileged",
-            ])
-            .arg("--")
-            .arg("--test-threads=1")
-            .args(&filter),
+        &mut one_at_a_time(
+            &["demo_privileged".to_owned()],
+            &["-p", "gateway-user", "--features", "demo"],
+            &filter,
+        ),
         &mut totals,
     );
     // The Debian package (the release build, profile-guided): the deploy_* tests install it
@@ -84,7 +75,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     let deb =
         package::deb_path(&package.wait()?).context("the package build printed no .deb path")?;
     let deployed = run_tests(
-        one_at_a_time(&deploy, &filter).env("GATEWAY_DEB", &deb),
+        one_at_a_time(&deploy, &[], &filter).env("GATEWAY_DEB", &deb),
         &mut totals,
     );
     // Fuzzing: every target for a short run, only in the whole suite (or `./dev test fuzz`):
@@ -181,10 +172,12 @@ struct Totals {
     ignored: u64,
 }
 
-/// `cargo test` of the integration-test `targets`, one test at a time, with `filter`.
-fn one_at_a_time(targets: &[String], filter: &[String]) -> Command {
+/// `cargo test` of the integration-test `targets` (with cargo's `options`, e.g. features), one
+/// test at a time, with `filter`.
+fn one_at_a_time(targets: &[String], options: &[&str], filter: &[String]) -> Command {
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast"])
+        .args(options)
         .args(targets.iter().flat_map(|t| ["--test", t]))
         .arg("--")
         .arg("--test-threads=1")
