@@ -126,11 +126,15 @@ fn hold_loop(mut q: Queue, delay: Duration, stop: &AtomicBool, delayed: &AtomicU
     // Constant delay, so arrival order is release order: a FIFO suffices.
     let mut held: VecDeque<(Instant, Message)> = VecDeque::new();
     let release = |q: &mut Queue, mut msg: Message| {
+        // Counted before the verdict: once the kernel has it, the packet can reach the client
+        // before this thread runs again, and a caller that saw its connect complete must find
+        // the packet counted.
+        delayed.fetch_add(1, Ordering::Release);
         msg.set_verdict(Verdict::Accept);
         if let Err(err) = q.verdict(msg) {
+            delayed.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!(error = %err, "NFQUEUE verdict failed; the packet is lost");
         }
-        delayed.fetch_add(1, Ordering::Relaxed);
     };
     while !stop.load(Ordering::Acquire) {
         loop {

@@ -267,7 +267,7 @@ impl FaultGuard {
         self.state
             .delayed
             .as_ref()
-            .map(|c| c.load(Ordering::Relaxed))
+            .map(|c| c.load(Ordering::Acquire))
     }
 
     /// Removes the fault now and reports whether every rule came out.
