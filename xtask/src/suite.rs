@@ -50,6 +50,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     let mut totals = Totals::default();
     // Unit tests: pure code, in parallel.
     let unit = run_tests(
+        "unit tests",
         cargo()
             .args(["test", "--no-fail-fast", "--lib", "--bins"])
             .arg("--")
@@ -59,10 +60,15 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     // End-to-end tests: network namespaces, cgroups and eBPF attachments, one at a time;
     // first those that do not install the package.
     let (deploy, others) = end_to_end_targets()?;
-    let end_to_end = run_tests(&mut one_at_a_time(&others, &[], &filter), &mut totals);
+    let end_to_end = run_tests(
+        "end-to-end tests",
+        &mut one_at_a_time(&others, &[], &filter),
+        &mut totals,
+    );
     // `gateway demo` end to end: its test needs the binary built with the fault lab (the
     // `demo` feature), so it runs after the tests of the production build.
     let demo = run_tests(
+        "the demo's test",
         &mut one_at_a_time(
             &["demo_privileged".to_owned()],
             &["-p", "gateway-user", "--features", "demo"],
@@ -75,6 +81,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     let deb =
         package::deb_path(&package.wait()?).context("the package build printed no .deb path")?;
     let deployed = run_tests(
+        "deploy tests",
         one_at_a_time(&deploy, &[], &filter).env("GATEWAY_DEB", &deb),
         &mut totals,
     );
@@ -137,6 +144,9 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
         totals.passed, totals.failed, totals.ignored
     );
     println!("{} passed, {} failed", totals.passed, totals.failed);
+    for line in totals.recap() {
+        println!("{line}");
+    }
     unit.and(end_to_end).and(demo).and(deployed)?;
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz target(s) failed");
@@ -170,6 +180,80 @@ struct Totals {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// What each failed test printed (libtest's `---- NAME stdout ----` sections), for the
+    /// recap at the end of the run.
+    failures: Vec<(String, Vec<String>)>,
+}
+
+/// Lines of each failed test's output in the recap: its panic message and report, not a whole
+/// log.
+const RECAP_LINES: usize = 40;
+
+impl Totals {
+    /// Reads one line of `cargo test` output: counts `test result:` lines and keeps the
+    /// sections of failed tests.
+    fn read(&mut self, line: &str, in_failure: &mut bool) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            self.passed += count("passed");
+            self.failed += count("failed");
+            self.ignored += count("ignored");
+        }
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            self.failures.push((name.to_owned(), Vec::new()));
+            *in_failure = true;
+        } else if line == "failures:" || line.starts_with("test result: ") {
+            *in_failure = false;
+        } else if *in_failure && let Some((_, lines)) = self.failures.last_mut() {
+            lines.push(line.to_owned());
+        }
+    }
+
+    /// Each failed test again with what it printed, without its backtrace, so that the end of
+    /// a long log says why, and not only how many.
+    fn recap(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.failures.is_empty() {
+            return out;
+        }
+        out.push("\nfailed tests, and what each printed (backtraces left out):".to_owned());
+        for (name, lines) in &self.failures {
+            out.push(format!("\n--- {name}"));
+            let mut in_backtrace = false;
+            let kept: Vec<&String> = lines
+                .iter()
+                .filter(|l| {
+                    if l.starts_with("stack backtrace:") {
+                        in_backtrace = true;
+                    } else if l.starts_with("note: ")
+                        && (l.contains("backtrace") || l.contains("omitted"))
+                    {
+                        // libtest's hint about RUST_BACKTRACE, which ends a backtrace.
+                        in_backtrace = false;
+                        return false;
+                    }
+                    !in_backtrace && !l.trim().is_empty()
+                })
+                .collect();
+            let skipped = kept.len().saturating_sub(RECAP_LINES);
+            if skipped > 0 {
+                out.push(format!("[{skipped} earlier lines left out]"));
+            }
+            out.extend(kept[skipped..].iter().map(|l| (*l).clone()));
+        }
+        out
+    }
 }
 
 /// `cargo test` of the integration-test `targets` (with cargo's `options`, e.g. features), one
@@ -231,35 +315,25 @@ fn end_to_end_targets() -> anyhow::Result<(Vec<String>, Vec<String>)> {
     Ok(targets.into_iter().partition(|t| t.starts_with("deploy_")))
 }
 
-/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
-fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
+/// Runs a `cargo test` command (`what` names it in the error), echoing its output, and adds up
+/// its `test result:` lines and failures.
+fn run_tests(what: &str, cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     eprintln!("\x1b[1m==> {cmd:?}\x1b[0m");
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
+    let mut in_failure = false;
     for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| -> u64 {
-                rest.split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(word)
-                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
-                    })
-                    .unwrap_or(0)
-            };
-            totals.passed += count("passed");
-            totals.failed += count("failed");
-            totals.ignored += count("ignored");
-        }
+        totals.read(&line, &mut in_failure);
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("{cmd:?} failed with {status}");
+        // The command is echoed above; the error stays short, as it is a log's last line.
+        bail!("cargo test ({what}) failed with {status}");
     }
     Ok(())
 }
@@ -267,4 +341,52 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn failures_are_kept_without_their_backtraces_and_results_are_counted() {
+        let out = "\
+test a ... ok
+test b ... FAILED
+
+failures:
+
+---- b stdout ----
+report line
+
+thread 'b' panicked at tests/b.rs:1:1:
+assertion failed: drift < 0.05
+stack backtrace:
+   0: frame
+note: Some details are omitted
+after the backtrace
+
+failures:
+    b
+
+test result: FAILED. 1 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out
+";
+        let (mut totals, mut in_failure) = (Totals::default(), false);
+        for line in out.lines() {
+            totals.read(line, &mut in_failure);
+        }
+        assert_eq!((totals.passed, totals.failed, totals.ignored), (1, 1, 2));
+        assert_eq!(totals.failures.len(), 1);
+        let (name, lines) = &totals.failures[0];
+        assert_eq!(name, "b");
+        assert!(lines.iter().any(|l| l == "assertion failed: drift < 0.05"));
+        assert!(!lines.iter().any(|l| l == "failures:" || l == "    b"));
+        let recap = totals.recap();
+        assert!(recap.iter().any(|l| l == "assertion failed: drift < 0.05"));
+        assert!(recap.iter().any(|l| l == "after the backtrace"));
+        assert!(
+            !recap
+                .iter()
+                .any(|l| l.contains("frame") || l.starts_with("note:"))
+        );
+    }
 }
