@@ -6,8 +6,8 @@
 //! within 80 s, healthy upstreams or not). `cargo xtask soak --minutes 30` runs the release
 //! build at 1,000 req/s. Meanwhile:
 //!
-//! - upstream 2 flaps every [`CYCLE`] after [`WARM_UP`]: SYN blackhole for a third of it,
-//!   refused for a third, healthy for the rest;
+//! - upstream 2 flaps every fault cycle after [`WARM_UP`] ([`Schedule`]: 120 s, shorter in a
+//!   short run): SYN blackhole for a third of it, refused for a third, healthy for the rest;
 //! - the gateway gets SIGHUP (reload) every [`RELOAD_EVERY`];
 //! - beside the load, long-lived traffic from the same namespace ([`side_traffic`]): one
 //!   upgraded connection (a WebSocket handshake through the gateway, then a line echoed by the
@@ -51,8 +51,10 @@ use gateway_testkit::{
 
 /// Before the first fault: pools, deadlines and allocator arenas settle.
 const WARM_UP: f64 = 20.0;
-/// One flap of upstream 2: blackhole, refuse, recover.
+/// One flap of upstream 2 (blackhole, refuse, recover) in a long run; see [`Schedule`].
 const CYCLE: f64 = 120.0;
+/// The shortest fault cycle, for the short run.
+const SHORT_CYCLE: f64 = 30.0;
 const RELOAD_EVERY: f64 = 30.0;
 const SAMPLE_EVERY: f64 = 5.0;
 /// One line over the upgraded connection this often.
@@ -71,26 +73,79 @@ enum Phase {
     Refused,
 }
 
-/// What upstream 2 suffers at run time `t`.
-fn phase(t: f64) -> Phase {
-    if t < WARM_UP {
-        return Phase::Healthy;
-    }
-    let p = (t - WARM_UP) % CYCLE;
-    if p < CYCLE / 3.0 {
-        Phase::Blackhole
-    } else if p < 2.0 * CYCLE / 3.0 {
-        Phase::Refused
-    } else {
-        Phase::Healthy
-    }
+/// The faults' clock. RSS is compared over whole fault cycles, at least three (see
+/// [`cycle_drift`]): a single sample depends on where in a cycle it falls. So a run too short
+/// for three 120 s cycles flaps faster, in cycles of whole tens of seconds down to 30 s: the
+/// 2-minute run has three 30 s cycles. Stop 24's CI run failed this test with only one 120 s
+/// cycle in 2 minutes, where RSS was compared between a sample before the first fault and one
+/// after it, while the idle pool still held the connections the fault had opened (here: 9 ->
+/// 35 upstream connections, +3.3 % RSS, against a 5 % limit).
+#[derive(Clone, Copy, Debug)]
+struct Schedule {
+    cycle: f64,
 }
 
-/// Whether a request sent at `t` may fail because of the fault: a fault is on, or went off
-/// less than a client timeout ago.
-fn fault_near(t: f64) -> bool {
-    phase(t) != Phase::Healthy
-        || phase((t - CLIENT_TIMEOUT.as_secs_f64()).max(0.0)) != Phase::Healthy
+impl Schedule {
+    fn for_run(seconds: f64) -> Schedule {
+        let fits = ((seconds - WARM_UP - SAMPLE_EVERY) / 3.0 / 10.0).floor() * 10.0;
+        Schedule {
+            cycle: fits.clamp(SHORT_CYCLE, CYCLE),
+        }
+    }
+
+    /// What upstream 2 suffers at run time `t`.
+    fn phase(self, t: f64) -> Phase {
+        if t < WARM_UP {
+            return Phase::Healthy;
+        }
+        let p = (t - WARM_UP) % self.cycle;
+        if p < self.cycle / 3.0 {
+            Phase::Blackhole
+        } else if p < 2.0 * self.cycle / 3.0 {
+            Phase::Refused
+        } else {
+            Phase::Healthy
+        }
+    }
+
+    /// Whether a request sent at `t` may fail because of the fault: a fault is on, or went off
+    /// less than a client timeout ago.
+    fn fault_near(self, t: f64) -> bool {
+        self.phase(t) != Phase::Healthy
+            || self.phase((t - CLIENT_TIMEOUT.as_secs_f64()).max(0.0)) != Phase::Healthy
+    }
+
+    /// Whether a fault was on (or had just gone off) at some time in `from..=to`.
+    fn fault_during(self, from: f64, to: f64) -> bool {
+        let mut t = from;
+        while t < to {
+            if self.fault_near(t) {
+                return true;
+            }
+            t += 0.25;
+        }
+        self.fault_near(to)
+    }
+
+    /// Mean RSS (KiB) over the samples of each whole fault cycle after the warm-up: cycle k
+    /// covers `WARM_UP + k * cycle ..  WARM_UP + (k + 1) * cycle`.
+    fn rss_by_cycle(self, probes: &[Probe]) -> Vec<f64> {
+        let Some(end) = probes.last().map(|p| p.t) else {
+            return Vec::new();
+        };
+        let whole = ((end - WARM_UP) / self.cycle).floor().max(0.0) as usize;
+        (0..whole)
+            .map(|k| {
+                let from = WARM_UP + k as f64 * self.cycle;
+                let rss: Vec<f64> = probes
+                    .iter()
+                    .filter(|p| p.t >= from && p.t < from + self.cycle)
+                    .map(|p| p.rss_kib as f64)
+                    .collect();
+                rss.iter().sum::<f64>() / rss.len().max(1) as f64
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -161,26 +216,6 @@ fn upstream_conns(s: &Scenario) -> usize {
         )
         .unwrap_or_default();
     out.lines().filter(|l| !l.trim().is_empty()).count()
-}
-
-/// Mean RSS (KiB) over the samples of each whole fault cycle after the warm-up: cycle k
-/// covers `WARM_UP + k * CYCLE ..  WARM_UP + (k + 1) * CYCLE`.
-fn rss_by_cycle(probes: &[Probe]) -> Vec<f64> {
-    let Some(end) = probes.last().map(|p| p.t) else {
-        return Vec::new();
-    };
-    let whole = ((end - WARM_UP) / CYCLE).floor().max(0.0) as usize;
-    (0..whole)
-        .map(|k| {
-            let from = WARM_UP + k as f64 * CYCLE;
-            let rss: Vec<f64> = probes
-                .iter()
-                .filter(|p| p.t >= from && p.t < from + CYCLE)
-                .map(|p| p.rss_kib as f64)
-                .collect();
-            rss.iter().sum::<f64>() / rss.len().max(1) as f64
-        })
-        .collect()
 }
 
 /// RSS drift as a leak shows it: the last whole fault cycle against the second, each
@@ -331,24 +366,13 @@ async fn echo_session(
     Ok(())
 }
 
-/// Whether a fault was on (or had just gone off) at some time in `from..=to`.
-fn fault_during(from: f64, to: f64) -> bool {
-    let mut t = from;
-    while t < to {
-        if fault_near(t) {
-            return true;
-        }
-        t += 0.25;
-    }
-    fault_near(to)
-}
-
 /// The load at `rate` for `minutes`, with upstream 2's faults, the reloads and the samples
 /// on its clock.
 fn load(
     s: &Scenario,
     rate: u32,
     minutes: f64,
+    schedule: Schedule,
     probes: &Mutex<Vec<Probe>>,
     reloads: &mut u32,
 ) -> Vec<gateway_testkit::scenario::Sample> {
@@ -356,7 +380,7 @@ fn load(
     let mut fault: Option<(Phase, FaultGuard)> = None;
     let (mut next_reload, mut next_sample) = (RELOAD_EVERY, 0.0);
     let samples = s.run_load(rate, Duration::from_secs_f64(minutes * 60.0), |t| {
-        let want = phase(t);
+        let want = schedule.phase(t);
         if fault.as_ref().map_or(Phase::Healthy, |(p, _)| *p) != want {
             if let Some((_, g)) = fault.take() {
                 g.clear().expect("clearing the fault");
@@ -406,6 +430,8 @@ fn load(
 fn soak_privileged() {
     let minutes: f64 = env_or("SOAK_MINUTES", 2.0);
     let rate: u32 = env_or("SOAK_RATE", 300);
+    let schedule = Schedule::for_run(minutes * 60.0);
+    eprintln!("fault cycle: {} s", schedule.cycle);
     let s = Scenario::start(
         gateway_bin!(),
         "soak",
@@ -425,7 +451,7 @@ fn soak_privileged() {
                 .block_on(side_traffic(s.addr, &stop, &side))
                 .expect("long-lived traffic in the client namespace")
         });
-        let samples = load(&s, rate, minutes, &probes, &mut reloads);
+        let samples = load(&s, rate, minutes, schedule, &probes, &mut reloads);
         stop.store(true, Ordering::Relaxed);
         traffic.join().expect("the long-lived traffic panicked");
         samples
@@ -437,7 +463,7 @@ fn soak_privileged() {
     let failed = failures(&samples);
     let unexplained: Vec<_> = failed
         .iter()
-        .filter(|f| f.status == 0 || f.error.is_empty() || !fault_near(f.at))
+        .filter(|f| f.status == 0 || f.error.is_empty() || !schedule.fault_near(f.at))
         .collect();
     let logged = s
         .access_log()
@@ -468,12 +494,12 @@ fn soak_privileged() {
     // each named.
     let at_first_faults = probes
         .iter()
-        .find(|p| p.t >= WARM_UP + 2.0 * CYCLE / 3.0 + SAMPLE_EVERY)
+        .find(|p| p.t >= WARM_UP + 2.0 * schedule.cycle / 3.0 + SAMPLE_EVERY)
         .map_or(&last.series, |p| &p.series);
     let series_after_first_faults = at_first_faults.len();
     let late: Vec<&String> = last.series.0.difference(&at_first_faults.0).collect();
     let point_drift = (last.rss_kib as f64 - first.rss_kib as f64) / first.rss_kib as f64;
-    let cycles = rss_by_cycle(&probes);
+    let cycles = schedule.rss_by_cycle(&probes);
     let (drift, drift_basis) = cycle_drift(&cycles).unwrap_or((
         point_drift,
         "first sample after warm-up -> last sample (fewer than 3 whole fault cycles)",
@@ -484,7 +510,7 @@ fn soak_privileged() {
     let side_unexplained: Vec<_> = side
         .failures
         .iter()
-        .filter(|(from, to, _)| !fault_during(*from, *to))
+        .filter(|(from, to, _)| !schedule.fault_during(*from, *to))
         .collect();
     let seconds = elapsed.as_secs_f64();
     let (echoes_due, trickles_due) = (
@@ -582,5 +608,49 @@ fn soak_privileged() {
     assert!(
         failed.len() * 100 <= samples.len(),
         "more than 1 % failed: {report}"
+    );
+}
+
+/// The short run holds three whole fault cycles, so that its RSS drift is measured over cycles
+/// and not between two samples; the 30-minute run keeps 120 s cycles.
+#[test]
+fn the_short_run_compares_rss_over_three_whole_cycles() {
+    let probe = |t: f64| Probe {
+        t,
+        phase: Phase::Healthy,
+        rss_kib: 1000,
+        fds: 0,
+        threads: 0,
+        upstream_conns: 0,
+        client_conns: 0.0,
+        series: Series::of(""),
+    };
+    for (minutes, cycle, whole) in [(2.0, 30.0, 3), (5.0, 90.0, 3), (30.0, 120.0, 14)] {
+        let schedule = Schedule::for_run(minutes * 60.0);
+        assert_eq!(schedule.cycle, cycle, "{minutes} min");
+        // Samples as load() takes them: from t = 0, every SAMPLE_EVERY, the last one before
+        // the end of the run.
+        let probes: Vec<Probe> = (0..)
+            .map(|k| k as f64 * SAMPLE_EVERY + 0.1)
+            .take_while(|t| *t < minutes * 60.0)
+            .map(probe)
+            .collect();
+        let cycles = schedule.rss_by_cycle(&probes);
+        assert_eq!(cycles.len(), whole, "{minutes} min");
+        assert!(cycle_drift(&cycles).is_some(), "{minutes} min");
+    }
+    let short = Schedule::for_run(120.0);
+    let phases: Vec<Phase> = [10.0, 25.0, 35.0, 45.0, 55.0]
+        .map(|t| short.phase(t))
+        .to_vec();
+    assert_eq!(
+        phases,
+        [
+            Phase::Healthy,
+            Phase::Blackhole,
+            Phase::Refused,
+            Phase::Healthy,
+            Phase::Blackhole
+        ]
     );
 }
