@@ -745,12 +745,9 @@ fn privileged_five_response_timeouts_in_a_row_eject_as_slow_backend() {
     let s = gw.admin(status);
     let e = endpoint(&s, "default", addr);
     assert_eq!(e["reason"], "slow_backend", "{e:#}");
-    assert!(
-        gw.log().lines().any(|l| l.contains("endpoint ejected")
-            && l.contains("slow_backend")
-            && l.contains(&a)),
-        "{}",
-        gw.log()
+    gw.expect_log_line(
+        &["endpoint ejected", "slow_backend", &a],
+        Duration::from_secs(2),
     );
 }
 
@@ -867,13 +864,17 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
     assert_eq!(e["connect_deadline_ms"].as_f64().unwrap(), 50.0, "{e:#}");
     for a in [slow1, slow2] {
         let e = endpoint(&s, "main", a);
+        // The p99 of a few handshakes is their slowest: its upper bound leaves room for the
+        // lab's delayer thread waking late on a busy machine, and stays far from a doubled
+        // delay (200 ms) or a SYN retransmit (1 s). The deadline is checked against the
+        // formula above; this is its range for such a p99.
         let p99 = e["syn_rtt"]["p99_us"].as_u64().unwrap();
         assert!(
-            (100_000..115_000).contains(&p99),
+            (100_000..150_000).contains(&p99),
             "a 100 ms SYN-ACK delay, as the kernel measured it: {e:#}"
         );
         let d = e["connect_deadline_ms"].as_f64().unwrap();
-        assert!((310.0..355.0).contains(&d), "{e:#}");
+        assert!((310.0..460.0).contains(&d), "{e:#}");
     }
     let deadline_metric = gw.admin(|a| {
         wait_for("the measured deadlines in /metrics", || {

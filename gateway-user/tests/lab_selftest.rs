@@ -227,8 +227,10 @@ fn privileged_syn_ack_delay_delays_the_handshake_by_200ms() {
         let (took, result) = lab.client().run(|| timed_connect(addr)).unwrap();
         eprintln!("SYN-ACK delay {addr}: {took:?}");
         result.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        // At least the delay, and not twice it: the rest is the delayer thread and this one
+        // waking up, which a busy machine stretches by tens of ms.
         assert!(
-            (Duration::from_millis(200)..Duration::from_millis(230)).contains(&took),
+            (Duration::from_millis(200)..Duration::from_millis(300)).contains(&took),
             "{addr}: {took:?}"
         );
     }
@@ -239,8 +241,8 @@ fn privileged_syn_ack_delay_delays_the_handshake_by_200ms() {
         .run(|| timed_connect(up.addr_v4(PORT)))
         .unwrap();
     assert!(
-        result.is_ok() && took < Duration::from_millis(20),
-        "after clear: {took:?} {result:?}"
+        result.is_ok() && took < Duration::from_millis(100),
+        "after clear, no delay (half of it at most for scheduling): {took:?} {result:?}"
     );
 }
 

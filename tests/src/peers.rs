@@ -187,10 +187,11 @@ async def echo(url, n):
 
 async def hold(url):
     async with connect(url, ping_interval=None, open_timeout=10, close_timeout=1) as ws:
+        # Timed from before the last message: the gateway's idle timer starts after it.
+        start = time.monotonic()
         await ws.send("ping")
         assert (await ws.recv()) == "ping"
         print("open", file=sys.stderr, flush=True)
-        start = time.monotonic()
         try:
             await ws.recv()
             how = "message"

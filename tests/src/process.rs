@@ -128,9 +128,13 @@ impl ChildProcess {
             let (lines, times) = (lines.clone(), times.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
                     let mut lines = lines.lock().unwrap();
-                    times.lock().unwrap().push(SystemTime::now());
-                    lines.push(strip_ansi(&line));
+                    times
+                        .lock()
+                        .unwrap()
+                        .push(logged_at(&line).unwrap_or_else(SystemTime::now));
+                    lines.push(line);
                 }
             });
         }
@@ -186,7 +190,8 @@ impl ChildProcess {
         self.lines.clone()
     }
 
-    /// The lines that contain every one of `needles`, with when each was read.
+    /// The lines that contain every one of `needles`, each with the time it carries (a text
+    /// log line's timestamp: when the process logged it), or else when it was read.
     pub fn lines_with(&self, needles: &[&str]) -> Vec<(SystemTime, String)> {
         let lines = self.lines.lock().unwrap();
         let times = self.times.lock().unwrap();
@@ -420,4 +425,64 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// The time at the start of a text log line (`2026-12-02T05:20:02.829290Z  INFO …`, UTC, as
+/// tracing-subscriber writes it), or `None`. The reading thread can run later than the process
+/// wrote the line by tens of ms on a busy machine, which is more than some tests' margins
+/// (the scenario's recovery schedule allows 20 ms).
+fn logged_at(line: &str) -> Option<SystemTime> {
+    let stamp = line.get(..line.find(|c: char| c.is_whitespace())?)?;
+    let stamp = stamp.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(days * 86_400 + h * 3_600 + min * 60 + sec, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::logged_at;
+
+    #[test]
+    fn a_log_lines_own_timestamp_is_read() {
+        let at = |s| logged_at(s).map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+        // date -u -d 2026-12-02T05:20:02Z +%s
+        assert_eq!(
+            at("2026-12-02T05:20:02.829290Z  INFO gateway::proxy: proxy listening"),
+            Some(Duration::new(1_796_188_802, 829_290_000))
+        );
+        assert_eq!(
+            at("2024-02-29T23:59:59Z WARN x"),
+            Some(Duration::from_secs(1_709_251_199))
+        );
+        assert_eq!(
+            at("1970-01-01T00:00:00.5Z x"),
+            Some(Duration::from_millis(500))
+        );
+        for no in [
+            "{\"timestamp\":1}",
+            "listening on 127.0.0.1:80",
+            "2026-13-01T00:00:00Z x",
+            "",
+        ] {
+            assert_eq!(at(no), None, "{no}");
+        }
+    }
 }

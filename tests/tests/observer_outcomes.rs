@@ -155,8 +155,9 @@ fn privileged_syn_ack_delayed_200ms() {
     let r = t.record(p.cookie, WAIT);
     assert_eq!(r.outcome(), Outcome::Established);
     let rtt = r.syn_rtt_us.unwrap();
+    // At least the delay, not twice it; the rest is the lab's delayer thread waking up.
     assert!(
-        (200_000..230_000).contains(&rtt),
+        (200_000..300_000).contains(&rtt),
         "SYN-RTT {rtt} µs for a 200 ms SYN-ACK delay"
     );
     assert_eq!(
