@@ -68,23 +68,11 @@ impl<'a> LabGateway<'a> {
         self.process.text()
     }
 
-    /// Waits until a line of the gateway's log holds every one of `needles`, for at most
-    /// `limit`, and returns it; panics with the log after. A line is read from the gateway's
-    /// output by a thread of its own, so it can lag what `/status` already shows (a CI run
-    /// found the ejected endpoint in `/status` and not yet the line that logged it).
+    /// Waits for a line of the gateway's log with every one of `needles` (see
+    /// [`expect_line`](crate::process::ChildProcess::expect_line): a CI-like run found the
+    /// ejected endpoint in `/status` and not yet the line that logged it).
     pub fn expect_log_line(&self, needles: &[&str], limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some((_, line)) = self.process.lines_with(needles).into_iter().next() {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line with all of {needles:?} within {limit:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.expect_line(needles, limit)
     }
 
     /// `f(admin address)`, run on a thread inside the client namespace.

@@ -214,11 +214,21 @@ impl ChildProcess {
 
     /// Waits until a line contains `needle`; panics with the output after `limit`.
     pub fn expect_log(&self, needle: &str, limit: Duration) {
+        self.expect_line(&[needle], limit);
+    }
+
+    /// Waits until a line contains every one of `needles`, and returns it; panics with the
+    /// output after `limit`. The lines are read by threads of their own, so a line can lag
+    /// what the process already shows elsewhere (its `/status`, its metrics).
+    pub fn expect_line(&self, needles: &[&str], limit: Duration) -> String {
         let deadline = Instant::now() + limit;
-        while !self.contains(needle) {
+        loop {
+            if let Some((_, line)) = self.lines_with(needles).into_iter().next() {
+                return line;
+            }
             assert!(
                 Instant::now() < deadline,
-                "no line with {needle:?} within {limit:?}; output:\n{}",
+                "no line with {needles:?} within {limit:?}; output:\n{}",
                 self.text()
             );
             std::thread::sleep(Duration::from_millis(10));
