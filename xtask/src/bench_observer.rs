@@ -74,13 +74,7 @@ fn client_round(cgroup: &Path, addr: SocketAddr, cycles: usize) -> anyhow::Resul
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, b"0"));
     }
-    let out = cmd.output().context("starting the bench client")?;
-    if !out.status.success() {
-        bail!(
-            "bench client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = crate::output(&mut cmd, "the bench client")?;
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()

@@ -27,8 +27,6 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
-
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let o = Options::parse(args)?;
     bench::require("wrk", "wrk")?;
@@ -105,8 +103,8 @@ pub(crate) fn certificate(dir: &Path) -> anyhow::Result<Tls> {
         key: dir.join("key.pem"),
         combined: dir.join("cert+key.pem"),
     };
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-nodes", "-days", "2"])
+    let mut req = Command::new("openssl");
+    req.args(["req", "-x509", "-nodes", "-days", "2"])
         .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
         .args(["-subj", "/CN=bench.test"])
         .args(["-addext", "subjectAltName=DNS:bench.test,IP:127.0.0.1"])
@@ -114,15 +112,8 @@ pub(crate) fn certificate(dir: &Path) -> anyhow::Result<Tls> {
         .arg(&tls.key)
         .arg("-out")
         .arg(&tls.cert)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl req")?;
-    if !out.status.success() {
-        bail!(
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        .stdin(Stdio::null());
+    crate::output(&mut req, "openssl req")?;
     let both = std::fs::read_to_string(&tls.cert)? + &std::fs::read_to_string(&tls.key)?;
     std::fs::write(&tls.combined, both)?;
     Ok(tls)

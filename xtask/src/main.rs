@@ -193,6 +193,16 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` for its output; an error says `what` failed, with its stderr, if it did not
+/// succeed.
+pub fn output(cmd: &mut Command, what: &str) -> anyhow::Result<std::process::Output> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
 fn demo(args: Vec<String>) -> anyhow::Result<()> {
     // The demo needs the fault lab compiled in (the `demo` feature, off in production builds).
     run(cargo().args([

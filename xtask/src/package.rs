@@ -59,18 +59,12 @@ const TEST_ONLY_SYMBOLS: &[(&str, &str)] =
 /// Fails when the release binary (with its symbols, before cargo-deb strips them) carries
 /// [`TEST_ONLY_SYMBOLS`].
 fn refuse_test_code(binary: &Path) -> anyhow::Result<()> {
-    let out = Command::new("nm")
-        .args(["--demangle", "--defined-only"])
-        .arg(binary)
-        .output()
-        .context("running nm (binutils)")?;
-    if !out.status.success() {
-        bail!(
-            "nm {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = crate::output(
+        Command::new("nm")
+            .args(["--demangle", "--defined-only"])
+            .arg(binary),
+        &format!("nm {} (binutils)", binary.display()),
+    )?;
     let symbols = String::from_utf8_lossy(&out.stdout);
     for (symbol, what) in TEST_ONLY_SYMBOLS {
         if symbols.contains(symbol) {

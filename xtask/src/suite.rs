@@ -273,16 +273,10 @@ fn one_at_a_time(targets: &[String], options: &[&str], filter: &[String]) -> Com
 /// without required features), split: the `deploy_*` ones (the package's own tests, most of
 /// which install it) and the others.
 fn end_to_end_targets() -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let out = cargo()
-        .args(["metadata", "--no-deps", "--format-version", "1"])
-        .output()
-        .context("running cargo metadata")?;
-    if !out.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = crate::output(
+        cargo().args(["metadata", "--no-deps", "--format-version", "1"]),
+        "cargo metadata",
+    )?;
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let members: Vec<&str> = meta["workspace_default_members"]
         .as_array()
