@@ -20,6 +20,11 @@
 //! They are off in the measured rounds: they read the clock around every program run. The
 //! rest of the client's extra CPU is outside the programs: socket-storage allocation and free,
 //! the hook dispatch.
+//!
+//! Last, one round per mode runs under `perf record`, and the share of the client's samples
+//! spent in the observer's kernel functions is the figure held against the goal
+//! (`bench_observer_share`): unlike the on/off ratio of CPU times, it does not depend on two
+//! rounds costing the same.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -32,11 +37,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::median;
+use crate::{bench::median, bench_observer_share};
 
 const DEFAULT_CYCLES: usize = 20_000;
 const ROUNDS_PER_MODE: usize = 10;
 const DESTINATIONS: u32 = 100_000;
+/// How long an observer runs before a round that measures it starts.
+const SETTLE: Duration = Duration::from_millis(500);
 
 struct Cgroup(PathBuf);
 
@@ -267,6 +274,9 @@ struct Mode {
     programs: Vec<(String, u64, u64)>,
     /// How many connections that round made.
     program_cycles: usize,
+    /// The observer's kernel functions' share of the client's CPU samples, in a round of its
+    /// own under `perf` (for "off", the same functions with nothing attached: the control).
+    share: Option<bench_observer_share::Share>,
 }
 
 impl Mode {
@@ -280,6 +290,7 @@ impl Mode {
             lost: 0,
             programs: Vec::new(),
             program_cycles: 0,
+            share: None,
         }
     }
 }
@@ -323,6 +334,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             continue;
         };
         let obs = Observer::start(&observer, &cgroup.0, &["--json"])?;
+        std::thread::sleep(SETTLE);
         let before = proc_cpu_ns(obs.pid());
         let client_ns = client_round(&cgroup.0, addr, per_round)?;
         // Let the 25 ms drain timer pick up the last records.
@@ -350,13 +362,30 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         obs.stop()?;
     }
     drop(stats);
+    // And one round per mode under perf, with the statistics off again (they would be
+    // sampled as the observer's work).
+    for mode in modes.iter_mut() {
+        let obs = match &mode.observer {
+            Some(bin) => Some(Observer::start(bin, &cgroup.0, &["--json"])?),
+            None => None,
+        };
+        mode.share = Some(bench_observer_share::sampled_round(
+            &cgroup.0,
+            addr,
+            (per_round * 2).max(bench_observer_share::MIN_CONNECTS),
+            &std::env::temp_dir(),
+        )?);
+        if let Some(obs) = obs {
+            obs.stop()?;
+        }
+    }
     println!(
         "\nobserver cost on loopback connect+close ({per_round} cycles x {ROUNDS_PER_MODE} rounds per mode, interleaved)"
     );
     let m_off = median(modes[0].client_us.clone());
     println!("  client CPU per connection, observer off : {m_off:.2} µs (median)");
     for mode in &modes[1..] {
-        report_mode(mode, &modes[0].client_us, per_round);
+        report_mode(mode, &modes[0], per_round);
     }
     println!(
         "  observer peak RSS during 'on' rounds     : {} MiB",
@@ -424,7 +453,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// What one observer cost the client, from its rounds.
-fn report_mode(mode: &Mode, off: &[f64], per_round: usize) {
+fn report_mode(mode: &Mode, off_mode: &Mode, per_round: usize) {
+    let off = &off_mode.client_us[..];
     let (m_off, m_on, m_obs) = (
         median(off.to_vec()),
         median(mode.client_us.clone()),
@@ -450,6 +480,19 @@ fn report_mode(mode: &Mode, off: &[f64], per_round: usize) {
         "    per-pass ratio on/off, median            : {paired:.3}  (overhead {:+.1}%)",
         (paired - 1.0) * 100.0
     );
+    if let (Some(on), Some(off)) = (&mode.share, &off_mode.share) {
+        println!(
+            "    sampled: the observer's kernel work      : {:.1}% of the client's CPU (goal <= 3%; perf, {} samples over {} connects)",
+            on.total() - off.total(),
+            on.samples,
+            on.connects
+        );
+        println!(
+            "      {}; the same functions with the observer off: {:.2} %",
+            on.breakdown(),
+            off.total()
+        );
+    }
     println!(
         "    observer process CPU per connection      : {m_obs:.2} µs (median; ring-buffer drain + JSON, from schedstat)"
     );

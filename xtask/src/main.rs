@@ -6,6 +6,7 @@ mod bench;
 mod bench_faults;
 mod bench_instructions;
 mod bench_observer;
+mod bench_observer_share;
 mod bench_peers;
 mod bench_profile;
 mod bench_proxy;
