@@ -76,7 +76,7 @@ pub fn sampled_round(
     let client = std::env::current_exe().context("this xtask binary's path")?;
     let procs = cgroup.join("cgroup.procs");
     let mut cmd = Command::new("perf");
-    cmd.args(["record", "--quiet", "-F", "4999", "-g", "-o"])
+    cmd.args(["record", "-F", "4999", "-g", "-o"])
         .arg(&data)
         .arg("--")
         .arg(&client)

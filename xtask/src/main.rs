@@ -199,7 +199,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 pub fn output(cmd: &mut Command, what: &str) -> anyhow::Result<std::process::Output> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out)
 }
