@@ -72,8 +72,9 @@ pub fn sampled_round(
 ) -> anyhow::Result<Share> {
     crate::bench::require("perf", "linux-perf")?;
     let data = dir.join(format!("observer-share-{}.data", std::process::id()));
-    // perf execs the client, so the client is named by its path (/proc/self/exe would be perf).
-    let client = std::env::current_exe().context("this xtask binary's path")?;
+    // perf execs the client, so /proc/self/exe would be perf itself; this process's own link
+    // still works after a rebuild has replaced the file (`./dev test` builds xtask as it runs).
+    let client = format!("/proc/{}/exe", std::process::id());
     let procs = cgroup.join("cgroup.procs");
     let mut cmd = Command::new("perf");
     cmd.args(["record", "-F", "4999", "-g", "-o"])
