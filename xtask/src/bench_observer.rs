@@ -369,6 +369,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             Some(bin) => Some(Observer::start(bin, &cgroup.0, &["--json"])?),
             None => None,
         };
+        std::thread::sleep(SETTLE);
         mode.share = Some(bench_observer_share::sampled_round(
             &cgroup.0,
             addr,
