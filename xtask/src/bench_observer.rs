@@ -21,8 +21,9 @@
 //! rest of the client's extra CPU is outside the programs: socket-storage allocation and free,
 //! the hook dispatch.
 //!
-//! Last, one round per mode runs under `perf record`, and the share of the client's samples
-//! spent in the observer's kernel functions is the figure held against the goal
+//! Last, three rounds per mode, interleaved, run under `perf record`, and the median share of
+//! the client's samples spent in the observer's kernel functions is the figure held against
+//! the goal
 //! (`bench_observer_share`): unlike the on/off ratio of CPU times, it does not depend on two
 //! rounds costing the same.
 
@@ -274,9 +275,9 @@ struct Mode {
     programs: Vec<(String, u64, u64)>,
     /// How many connections that round made.
     program_cycles: usize,
-    /// The observer's kernel functions' share of the client's CPU samples, in a round of its
+    /// The observer's kernel functions' share of the client's CPU samples, in rounds of their
     /// own under `perf` (for "off", the same functions with nothing attached: the control).
-    share: Option<bench_observer_share::Share>,
+    shares: Vec<bench_observer_share::Share>,
 }
 
 impl Mode {
@@ -290,7 +291,7 @@ impl Mode {
             lost: 0,
             programs: Vec::new(),
             program_cycles: 0,
-            share: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -362,22 +363,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         obs.stop()?;
     }
     drop(stats);
-    // And one round per mode under perf, with the statistics off again (they would be
-    // sampled as the observer's work).
-    for mode in modes.iter_mut() {
-        let obs = match &mode.observer {
-            Some(bin) => Some(Observer::start(bin, &cgroup.0, &["--json"])?),
-            None => None,
-        };
-        std::thread::sleep(SETTLE);
-        mode.share = Some(bench_observer_share::sampled_round(
-            &cgroup.0,
-            addr,
-            (per_round * 2).max(bench_observer_share::MIN_CONNECTS),
-            &std::env::temp_dir(),
-        )?);
-        if let Some(obs) = obs {
-            obs.stop()?;
+    // And rounds under perf, with the statistics off again (they would be sampled as the
+    // observer's work), interleaved like the measured rounds.
+    for _ in 0..bench_observer_share::ROUNDS {
+        for mode in modes.iter_mut() {
+            let obs = match &mode.observer {
+                Some(bin) => Some(Observer::start(bin, &cgroup.0, &["--json"])?),
+                None => None,
+            };
+            std::thread::sleep(SETTLE);
+            mode.shares.push(bench_observer_share::sampled_round(
+                &cgroup.0,
+                addr,
+                (per_round * 2).max(bench_observer_share::MIN_CONNECTS),
+                &std::env::temp_dir(),
+            )?);
+            if let Some(obs) = obs {
+                obs.stop()?;
+            }
         }
     }
     println!(
@@ -481,10 +484,20 @@ fn report_mode(mode: &Mode, off_mode: &Mode, per_round: usize) {
         "    per-pass ratio on/off, median            : {paired:.3}  (overhead {:+.1}%)",
         (paired - 1.0) * 100.0
     );
-    if let (Some(on), Some(off)) = (&mode.share, &off_mode.share) {
+    if let (Some(on), Some(off)) = (
+        bench_observer_share::median_round(&mode.shares),
+        bench_observer_share::median_round(&off_mode.shares),
+    ) {
+        let all: Vec<String> = mode
+            .shares
+            .iter()
+            .map(|s| format!("{:.1}%", s.total()))
+            .collect();
         println!(
-            "    sampled: the observer's kernel work      : {:.1}% of the client's CPU (goal <= 3%; perf, {} samples over {} connects)",
+            "    sampled: the observer's kernel work      : {:.1}% of the client's CPU (goal <= 3%; perf, median of {} rounds: {}; {} samples over {} connects in the median one)",
             on.total() - off.total(),
+            mode.shares.len(),
+            all.join(", "),
             on.samples,
             on.connects
         );

@@ -36,6 +36,17 @@ pub const OBSERVER_SYMBOLS: &[(&str, &str)] = &[
 /// share of 3 % rests on some 90 of them.
 pub const MIN_CONNECTS: usize = 30_000;
 
+/// Sampled rounds per mode; the median one is reported (a single round moved between 3.5 and
+/// 6.5 % from run to run).
+pub const ROUNDS: usize = 3;
+
+/// The round whose total share is the median of `rounds` (the upper one of an even count).
+pub fn median_round(rounds: &[Share]) -> Option<&Share> {
+    let mut sorted: Vec<&Share> = rounds.iter().collect();
+    sorted.sort_by(|a, b| a.total().total_cmp(&b.total()));
+    sorted.get(sorted.len() / 2).copied()
+}
+
 /// One sampled round: the share (per cent of the client's samples) of each of
 /// [`OBSERVER_SYMBOLS`] that was seen, the number of samples and of connects.
 pub struct Share {
@@ -203,6 +214,18 @@ mod tests {
         let share = parse_report("# Samples: 1234 of event 'cpu-clock'\n").unwrap();
         assert_eq!((share.samples, share.parts.len()), (1234, 0));
         assert_eq!(format!("{:.2}", share.total()), "0.00");
+    }
+
+    #[test]
+    fn the_median_round_is_the_middle_total() {
+        let round = |p: f64| Share {
+            parts: vec![("sock_ops hook", p)],
+            samples: 1000,
+            connects: 30_000,
+        };
+        let rounds = [round(6.5), round(3.6), round(4.2)];
+        assert_eq!(median_round(&rounds).unwrap().total(), 4.2);
+        assert!(median_round(&[]).is_none());
     }
 
     #[test]
