@@ -23,9 +23,8 @@
 //!
 //! Last, three rounds per mode, interleaved, run under `perf record`, and the median share of
 //! the client's samples spent in the observer's kernel functions is the figure held against
-//! the goal
-//! (`bench_observer_share`): unlike the on/off ratio of CPU times, it does not depend on two
-//! rounds costing the same.
+//! the goal (`bench_observer_share`): unlike the on/off ratio of CPU times, it does not depend
+//! on two rounds costing the same.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -198,6 +197,13 @@ impl Observer {
         })
     }
 
+    /// `start` with `--json`, then [`SETTLE`]: how every measured round begins.
+    fn start_settled(bin: &Path, cgroup: &Path) -> anyhow::Result<Observer> {
+        let obs = Observer::start(bin, cgroup, &["--json"])?;
+        std::thread::sleep(SETTLE);
+        Ok(obs)
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -334,8 +340,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 .push(client_ns as f64 / per_round as f64 / 1000.0);
             continue;
         };
-        let obs = Observer::start(&observer, &cgroup.0, &["--json"])?;
-        std::thread::sleep(SETTLE);
+        let obs = Observer::start_settled(&observer, &cgroup.0)?;
         let before = proc_cpu_ns(obs.pid());
         let client_ns = client_round(&cgroup.0, addr, per_round)?;
         // Let the 25 ms drain timer pick up the last records.
@@ -368,10 +373,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..bench_observer_share::ROUNDS {
         for mode in modes.iter_mut() {
             let obs = match &mode.observer {
-                Some(bin) => Some(Observer::start(bin, &cgroup.0, &["--json"])?),
-                None => None,
+                Some(bin) => Some(Observer::start_settled(bin, &cgroup.0)?),
+                None => {
+                    std::thread::sleep(SETTLE);
+                    None
+                }
             };
-            std::thread::sleep(SETTLE);
             mode.shares.push(bench_observer_share::sampled_round(
                 &cgroup.0,
                 addr,

@@ -115,9 +115,7 @@ pub fn sampled_round(
             .arg(&data),
         "perf report",
     )?;
-    let mut share = parse_report(&String::from_utf8_lossy(&report.stdout))?;
-    share.connects = cycles;
-    Ok(share)
+    parse_report(&String::from_utf8_lossy(&report.stdout), cycles)
 }
 
 struct Removed(PathBuf);
@@ -130,8 +128,9 @@ impl Drop for Removed {
 
 /// Reads `perf report --children --sort sym -g none --stdio`: the sample count from its
 /// header (`# Samples: 21K of event 'cpu-clock:pppH'`, or an exact number) and each kernel
-/// symbol's inclusive share (`     2.47%     0.18%  [k] __cgroup_bpf_run_filter_sock_addr`).
-pub fn parse_report(text: &str) -> anyhow::Result<Share> {
+/// symbol's inclusive share (`     2.47%     0.18%  [k] __cgroup_bpf_run_filter_sock_addr`), for a
+/// round of `connects` connects.
+pub fn parse_report(text: &str, connects: usize) -> anyhow::Result<Share> {
     let samples = text
         .lines()
         .find_map(|l| l.strip_prefix("# Samples: "))
@@ -159,7 +158,7 @@ pub fn parse_report(text: &str) -> anyhow::Result<Share> {
     Ok(Share {
         parts,
         samples,
-        connects: 0,
+        connects,
     })
 }
 
@@ -192,7 +191,7 @@ mod tests {
 
     #[test]
     fn sums_the_observer_entry_points_and_nothing_they_call() {
-        let share = parse_report(REPORT).unwrap();
+        let share = parse_report(REPORT, 30_000).unwrap();
         assert_eq!(share.samples, 21_000);
         assert_eq!(
             share.parts,
@@ -211,7 +210,7 @@ mod tests {
 
     #[test]
     fn no_part_seen_is_zero_not_minus_zero() {
-        let share = parse_report("# Samples: 1234 of event 'cpu-clock'\n").unwrap();
+        let share = parse_report("# Samples: 1234 of event 'cpu-clock'\n", 30_000).unwrap();
         assert_eq!((share.samples, share.parts.len()), (1234, 0));
         assert_eq!(format!("{:.2}", share.total()), "0.00");
     }
@@ -230,6 +229,6 @@ mod tests {
 
     #[test]
     fn a_report_without_samples_is_an_error() {
-        assert!(parse_report("# Children  Self  Symbol\n").is_err());
+        assert!(parse_report("# Children  Self  Symbol\n", 30_000).is_err());
     }
 }
