@@ -443,25 +443,8 @@ fn strip_ansi(s: &str) -> String {
 /// (the scenario's recovery schedule allows 20 ms).
 fn logged_at(line: &str) -> Option<SystemTime> {
     let stamp = line.get(..line.find(|c: char| c.is_whitespace())?)?;
-    let stamp = stamp.strip_suffix('Z')?;
-    let (date, time) = stamp.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
-    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(days * 86_400 + h * 3_600 + min * 60 + sec, nanos))
+    let t = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339);
+    t.ok().map(SystemTime::from)
 }
 
 #[cfg(test)]
