@@ -197,8 +197,9 @@ pub mod counter {
     pub const DEST_INSERT_FAILED: u32 = 1;
     /// A connection could not be added to `CONN_STATS`.
     pub const CONN_INSERT_FAILED: u32 = 2;
-    /// `sk_storage` could not be created for a socket, so its connect is not tracked.
-    pub const STORAGE_FAILED: u32 = 3;
+    /// A connect that had sent its SYN and had no outcome yet lost its record: a newer
+    /// connect took its `SOCK_STATE` slot (the table holds the last `max_connections`).
+    pub const SLOT_REUSED: u32 = 3;
     /// Destinations added to `DEST_STATS`. The LRU evicts silently, so evictions are this
     /// minus the entries the map holds (nothing else ever deletes one).
     pub const DEST_INSERTED: u32 = 4;
@@ -220,7 +221,7 @@ pub mod anomaly {
     pub const KINDS: [(u32, &str); 4] = [
         (counter::DEST_INSERT_FAILED, "dest_insert_failed"),
         (counter::CONN_INSERT_FAILED, "conn_insert_failed"),
-        (counter::STORAGE_FAILED, "storage_failed"),
+        (counter::SLOT_REUSED, "slot_reused"),
         (counter::UNEXPECTED_STATE, "unexpected_state"),
     ];
 }

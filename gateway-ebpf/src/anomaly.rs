@@ -24,7 +24,7 @@ fn describe(kind: u32) -> (&'static str, &'static str) {
     match kind {
         counter::DEST_INSERT_FAILED => ("insert failed", "DEST_STATS"),
         counter::CONN_INSERT_FAILED => ("insert failed", "CONN_STATS"),
-        counter::STORAGE_FAILED => ("no socket storage, connect not tracked", "SOCK_STATE"),
+        counter::SLOT_REUSED => ("record of a connect in flight overwritten", "SOCK_STATE"),
         _ => ("unexpected state transition", "SOCK_STATE"),
     }
 }

@@ -9,12 +9,12 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
+    bindings::bpf_sock_addr,
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_setsockopt, bpf_sk_storage_get},
+        generated::{bpf_get_socket_cookie, bpf_setsockopt},
     },
     macros::{cgroup_sock_addr, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, SockAddrContext, TracePointContext},
@@ -27,7 +27,7 @@ use crate::{
     anomaly, emit,
     maps::{
         CALLBACKS_AT_CONNECT, F_CALLBACKS_ON, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
-        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, SockState, sock_state_map,
+        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, slot,
     },
     sockops,
 };
@@ -48,24 +48,13 @@ const SYS_EXIT_RET_OFFSET: usize = 16;
 pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP {
-        let mut dst = UpstreamKey {
-            family: AF_INET,
-            port: port_of(sa),
-            addr: [0; 16],
-        };
-        let ip = sa.user_ip4.to_ne_bytes();
-        dst.addr[0] = ip[0];
-        dst.addr[1] = ip[1];
-        dst.addr[2] = ip[2];
-        dst.addr[3] = ip[3];
-        open(&ctx, dst);
+        open(&ctx, key_v4(sa.user_ip4, port_of(sa)));
     }
     anomaly::flush();
     1
 }
 
-/// cgroup `connect6`: as `gw_connect4`. A v4-mapped destination (`::ffff:a.b.c.d`) is recorded
-/// as IPv4 so that both paths to one host share an aggregate.
+/// cgroup `connect6`: as `gw_connect4`.
 #[cgroup_sock_addr(connect6)]
 pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
@@ -77,33 +66,50 @@ pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
             sa.user_ip6[2],
             sa.user_ip6[3],
         ];
-        let mut dst = UpstreamKey {
-            family: AF_INET6,
-            port: port_of(sa),
-            addr: [0; 16],
-        };
-        if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff) {
-            dst.family = AF_INET;
-            let ip = w[3].to_ne_bytes();
-            dst.addr[0] = ip[0];
-            dst.addr[1] = ip[1];
-            dst.addr[2] = ip[2];
-            dst.addr[3] = ip[3];
-        } else {
-            let mut i = 0;
-            while i < 4 {
-                let b = w[i].to_ne_bytes();
-                dst.addr[i * 4] = b[0];
-                dst.addr[i * 4 + 1] = b[1];
-                dst.addr[i * 4 + 2] = b[2];
-                dst.addr[i * 4 + 3] = b[3];
-                i += 1;
-            }
-        }
-        open(&ctx, dst);
+        open(&ctx, key_v6(w, port_of(sa)));
     }
     anomaly::flush();
     1
+}
+
+/// The destination key of an IPv4 address as the kernel keeps it (network order in a `u32`).
+#[inline(always)]
+pub fn key_v4(ip: u32, port: u16) -> UpstreamKey {
+    let mut dst = UpstreamKey {
+        family: AF_INET,
+        port,
+        addr: [0; 16],
+    };
+    let ip = ip.to_ne_bytes();
+    dst.addr[0] = ip[0];
+    dst.addr[1] = ip[1];
+    dst.addr[2] = ip[2];
+    dst.addr[3] = ip[3];
+    dst
+}
+
+/// The destination key of an IPv6 address given as four `u32` words. A v4-mapped address
+/// (`::ffff:a.b.c.d`) is keyed as IPv4, so that both paths to one host share an aggregate.
+#[inline(always)]
+pub fn key_v6(w: [u32; 4], port: u16) -> UpstreamKey {
+    if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff) {
+        return key_v4(w[3], port);
+    }
+    let mut dst = UpstreamKey {
+        family: AF_INET6,
+        port,
+        addr: [0; 16],
+    };
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        dst.addr[i * 4] = b[0];
+        dst.addr[i * 4 + 1] = b[1];
+        dst.addr[i * 4 + 2] = b[2];
+        dst.addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    dst
 }
 
 #[inline(always)]
@@ -114,32 +120,22 @@ fn port_of(sa: &bpf_sock_addr) -> u16 {
 
 #[inline(always)]
 fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return;
-    }
-    let st: *mut SockState = unsafe {
-        bpf_sk_storage_get(
-            sock_state_map(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        )
-    }
-    .cast();
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let st = slot(cookie);
     if st.is_null() {
-        // The kernel refuses the storage when it cannot charge it to the socket
-        // (`bpf_sk_storage_charge()` against net.core.optmem_max) or has no memory.
-        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        anomaly::report(counter::STORAGE_FAILED, cookie, &dst, pid);
         return;
     }
     let st = unsafe { &mut *st };
-    // A second connect() on a socket whose first is still in flight (a poll-style client
-    // checking progress) runs this hook again; it must not reset the attempt.
-    if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
-        return;
+    if st.ev.cookie == cookie {
+        // A second connect() on a socket whose first is still in flight (a poll-style client
+        // checking progress) runs this hook again; it must not reset the attempt.
+        if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
+            return;
+        }
+    } else if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
+        // The slot's last connect sent its SYN and has no outcome yet: as many connects have
+        // started since as the table has slots. Its record is lost; say so.
+        anomaly::report(counter::SLOT_REUSED, st.ev.cookie, &st.ev.dst, st.ev.pid);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     st.flags = 0;
@@ -149,7 +145,7 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     st.app_error = 0;
     st.last_rto_ns = 0;
     st.ev = ConnectEvent {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         ts_connect_ns: unsafe { bpf_ktime_get_ns() },
         ts_event_ns: 0,
         syn_rtt_ns: 0,

@@ -1,7 +1,7 @@
 //! Maps shared by every hook, and the per-socket state kept in `sk_storage`.
 
 use aya_ebpf::{
-    btf_maps::{LruHashMap, PerCpuArray, RingBuf, SkStorage},
+    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use gateway_common::{
@@ -35,8 +35,33 @@ pub struct SockState {
     pub app_error: u32,
 }
 
+/// The records of the most recent connects, in a preallocated table indexed by the low bits
+/// of the socket cookie (`SOCK_SLOT_MASK`). A record stays until a connect whose cookie maps
+/// to the same slot reuses it: creating and freeing a per-socket `sk_storage` instead was about
+/// half of what the observer cost a connect (docs/kernel.md, "Cost").
 #[btf_map]
-pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+pub static SOCK_STATE: Array<SockState, { DEFAULT_MAX_CONNECTIONS as usize }> = Array::new();
+
+/// Set by userspace: `SOCK_STATE`'s size minus one (the size is a power of two).
+#[unsafe(no_mangle)]
+pub static SOCK_SLOT_MASK: u32 = DEFAULT_MAX_CONNECTIONS - 1;
+
+/// Set by userspace from the running kernel's BTF: `offsetof(struct sock, __sk_common) +
+/// offsetof(struct sock_common, skc_cookie)`, for the getsockopt program, where
+/// `bpf_get_socket_cookie` is refused.
+#[unsafe(no_mangle)]
+pub static SK_COOKIE_OFFSET: u32 = 0;
+
+/// One word per CPU through which the getsockopt program turns its socket pointer into a
+/// number it may add an offset to (the verifier forbids arithmetic on a socket pointer, but a
+/// pointer stored into a map value reads back as a plain number).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Where sock_ops rebuilds the record of a connection whose slot was taken (`sockops::reused`):
+/// too big for the 512-byte stack.
+#[btf_map]
+pub static REUSED_SCRATCH: PerCpuArray<SockState, 1> = PerCpuArray::new();
 
 /// One record per connect outcome (and at most one SO_ERROR follow-up).
 #[btf_map]
@@ -114,23 +139,22 @@ pub fn bump(index: u32) {
     }
 }
 
-/// The map pointer that raw helpers expect. `SkStorage`'s own accessors only take a
-/// `SockAddrContext`, but sock_ops, getsockopt and tracing programs need the same map.
+/// The slot of the socket with `cookie`, whoever holds it now.
 #[inline(always)]
-pub fn sock_state_map() -> *mut core::ffi::c_void {
-    core::ptr::from_ref(&SOCK_STATE).cast_mut().cast()
+pub fn slot(cookie: u64) -> *mut SockState {
+    let mask = unsafe { core::ptr::read_volatile(&SOCK_SLOT_MASK) };
+    SOCK_STATE
+        .get_ptr_mut((cookie as u32) & mask)
+        .unwrap_or(core::ptr::null_mut())
 }
 
-/// The socket's state, without creating it. Null when the socket's connect was not tracked.
+/// The record of the socket with `cookie`, or null when its connect was not tracked or a newer
+/// connect has taken the slot since.
 #[inline(always)]
-pub fn sock_state(sk: *mut core::ffi::c_void) -> *mut SockState {
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_sk_storage_get(
-            sock_state_map(),
-            sk,
-            core::ptr::null_mut(),
-            0,
-        )
+pub fn sock_state(cookie: u64) -> *mut SockState {
+    let st = slot(cookie);
+    if st.is_null() || cookie == 0 || unsafe { (*st).ev.cookie } != cookie {
+        return core::ptr::null_mut();
     }
-    .cast()
+    st
 }

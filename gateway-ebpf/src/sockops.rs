@@ -7,16 +7,20 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use gateway_common::{ConnStats, Outcome, counter};
+use aya_ebpf::EbpfContext as _;
+use gateway_common::{AF_INET, ConnStats, Outcome, counter};
 
 use crate::{
-    anomaly, emit,
+    anomaly, connect, emit,
     maps::{
-        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET,
+        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, REUSED_SCRATCH, SK_ERR_OFFSET,
         SK_ERR_SOFT_OFFSET, SockState, sock_state,
     },
 };
@@ -55,10 +59,19 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
-    let st = sock_state(sk.cast());
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let st = sock_state(cookie);
     if st.is_null() {
-        // Not opened by connect4/6: a passive socket, or one older than the attachment.
-        return Ok(());
+        // Not opened by connect4/6 (a passive socket, or one older than the attachment), or
+        // opened but its record since overwritten by a newer connect: see `reused`.
+        return if op == BPF_SOCK_OPS_RTO_CB
+            || op == BPF_SOCK_OPS_RETRANS_CB
+            || op == BPF_SOCK_OPS_STATE_CB
+        {
+            reused(ctx, cookie, op)
+        } else {
+            Ok(())
+        };
     }
     let st = unsafe { &mut *st };
     // The clock is read only where a time is kept: it costs more than the rest of most
@@ -163,6 +176,55 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// A callback of a connection whose record a newer connect has taken (`SOCK_STATE` keeps the
+/// last `max_connections` connects; a pooled connection can outlive that many). Only a socket
+/// whose callbacks connect4/6 or TCP_CONNECT turned on gets these callbacks at all. What the
+/// connection reports once established is rebuilt from the context: its destination, its
+/// counters, what is unACKed when it closes. Lost with the record: the pid, the number of RTOs
+/// before this one, and which retransmits were of the SYN (`total_retrans` counts them all).
+/// A connect still in flight when its record was taken was counted then (`SLOT_REUSED`).
+#[inline(always)]
+fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
+    let state = ctx_state(ctx);
+    if state == TCP_SYN_SENT {
+        return Ok(());
+    }
+    if op == BPF_SOCK_OPS_STATE_CB {
+        let old = ctx.arg(0);
+        if old != TCP_ESTABLISHED && old != TCP_CLOSE_WAIT {
+            return Ok(());
+        }
+    } else if op == BPF_SOCK_OPS_RETRANS_CB && ctx.arg(2) != 0 {
+        return Ok(());
+    }
+    let st = REUSED_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // Per-CPU: no other CPU writes it, and a program runs to completion on one CPU.
+    let st = unsafe { &mut *st };
+    let ops = unsafe { &*ctx.ops };
+    let port = u16::from_be(ctx.remote_port() as u16);
+    st.ev.dst = if ctx.family() == u32::from(AF_INET) {
+        connect::key_v4(ctx.remote_ip4(), port)
+    } else {
+        connect::key_v6(ctx.remote_ip6(), port)
+    };
+    st.ev.cookie = cookie;
+    st.ev.pid = 0;
+    st.flags = F_ESTABLISHED;
+    st.data_retransmits = ops.total_retrans;
+    st.rtos = 0;
+    st.last_rto_ns = 0;
+    match op {
+        BPF_SOCK_OPS_RETRANS_CB => established_event(ctx, st, false),
+        BPF_SOCK_OPS_RTO_CB => {
+            st.rtos = 1;
+            st.last_rto_ns = unsafe { bpf_ktime_get_ns() };
+            established_event(ctx, st, true);
+        }
+        _ => closing(ctx, st, ctx.arg(1)),
     }
     Ok(())
 }

@@ -52,6 +52,12 @@ pub struct ObserveArgs {
     /// Capacity of the kernel's per-destination table (LRU).
     #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_DESTINATIONS)]
     pub max_destinations: u32,
+    /// Connects the kernel keeps a record of, rounded up to a power of two: a connect whose
+    /// SYN is still unanswered when this many newer ones have started loses its record
+    /// (counted as `slot_reused`). Also the capacity of the table of established connections'
+    /// signals (LRU).
+    #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1 << 24))]
+    pub max_connections: u32,
     /// Distinct `dst` label values in metrics before the rest are counted as "other".
     #[arg(long, default_value_t = 1000)]
     pub metrics_max_destinations: usize,
@@ -200,6 +206,7 @@ fn attach(args: &ObserveArgs) -> anyhow::Result<ObserverStream> {
     let opts = ObserverOptions {
         cgroup: args.cgroup.clone(),
         max_destinations: args.max_destinations,
+        max_connections: args.max_connections,
         events_ring_bytes: Some(args.ring_buffer_kib * 1024),
         ..ObserverOptions::default()
     };

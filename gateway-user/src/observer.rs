@@ -109,6 +109,12 @@ impl Default for ObserverOptions {
     }
 }
 
+/// Slots of the kernel's table of connect records (`SOCK_STATE`): `max_connections` rounded up
+/// to a power of two, since the kernel indexes it by the low bits of the socket cookie.
+fn sock_slots(max_connections: u32) -> u32 {
+    max_connections.max(1).checked_next_power_of_two().unwrap_or(1 << 31)
+}
+
 /// How a connect that fails before its SYN (EADDRNOTAVAIL: no free local port) is seen; see
 /// `gateway-ebpf/src/connect.rs`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -219,6 +225,11 @@ impl KernelObserver {
         let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
         let sk_err_soft_offset =
             btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
+        let sk_cookie_offset =
+            btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "__sk_common")?
+                + btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock_common", "skc_cookie")?;
+        let slots = sock_slots(opts.max_connections);
+        let slot_mask = slots - 1;
         let nr_offset =
             btf::member_offset(Path::new(btf::VMLINUX_BTF), "pt_regs", PT_REGS_SYSCALL_NR)?;
         let nr_connect = libc::SYS_connect as i32;
@@ -235,10 +246,13 @@ impl KernelObserver {
             .override_global("CALLBACKS_AT_CONNECT", &callbacks_flag, true)
             .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
             .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
+            .override_global("SK_COOKIE_OFFSET", &sk_cookie_offset, true)
+            .override_global("SOCK_SLOT_MASK", &slot_mask, true)
             .override_global("PT_REGS_SYSCALL_NR_OFFSET", &nr_offset, true)
             .override_global("SYSCALL_NR_CONNECT", &nr_connect, true)
             .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
-            .map_max_entries(names::MAP_CONN_STATS, opts.max_connections);
+            .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
+            .map_max_entries(names::MAP_SOCK_STATE, slots);
         if let Some(bytes) = opts.events_ring_bytes {
             loader.map_max_entries(names::MAP_EVENTS, bytes);
         }

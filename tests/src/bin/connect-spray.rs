@@ -4,14 +4,13 @@
 //! its port is free again. Prints the number of connects made.
 //!
 //! `connect-spray [--first 127.1.0.0] [--port 9] [--count N] [--same] [--cgroup DIR]
-//! [--netns-optmem BYTES]`
+//! [--in-flight]`
 //!
 //! `--cgroup` moves the process into that cgroup v2 first (so an observer attached there sees
-//! it). `--netns-optmem` then moves it into a new network namespace of its own and sets that
-//! namespace's `net.core.optmem_max` (never the host's): the kernel charges each socket's
-//! `sk_storage` against it, so a tiny value makes every storage allocation fail. The new
-//! namespace's loopback is down, so connects fail with ENETUNREACH, after the cgroup connect
-//! hooks have run.
+//! it). `--in-flight` instead makes `--count` connects that are all unanswered at once, to
+//! `--first`: it listens there (a port of its own, backlog 0), fills the listener's accept
+//! queue with one connection it never accepts, so that the kernel drops every further SYN,
+//! starts the connects without blocking, holds them in SYN_SENT for 300 ms and closes them.
 
 use std::{
     io::Write as _,
@@ -24,7 +23,7 @@ fn main() {
     let mut count = 1u32;
     let mut same = false;
     let mut cgroup = None;
-    let mut optmem = None;
+    let mut in_flight = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -34,7 +33,7 @@ fn main() {
             "--count" => count = value().parse().expect("--count N"),
             "--same" => same = true,
             "--cgroup" => cgroup = Some(value()),
-            "--netns-optmem" => optmem = Some(value()),
+            "--in-flight" => in_flight = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -45,17 +44,10 @@ fn main() {
         )
         .unwrap_or_else(|e| panic!("entering cgroup {dir}: {e}"));
     }
-    if let Some(bytes) = optmem {
-        // SAFETY: unshare has no memory-safety preconditions.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        // /proc/sys/net is the calling task's network namespace: this is the new one's.
-        std::fs::write("/proc/sys/net/core/optmem_max", bytes).expect("setting optmem_max");
+    if in_flight {
+        let made = unanswered(first, count);
+        let _ = writeln!(std::io::stdout(), "{made}");
+        return;
     }
     let base = u32::from(first);
     let mut made = 0u32;
@@ -69,4 +61,34 @@ fn main() {
         made += 1;
     }
     let _ = writeln!(std::io::stdout(), "{made}");
+}
+
+/// `count` connects to `ip` in SYN_SENT at the same time; see `--in-flight`.
+fn unanswered(ip: Ipv4Addr, count: u32) -> u32 {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    listener
+        .bind(&SocketAddr::from((ip, 0)).into())
+        .expect("bind");
+    listener.listen(0).expect("listen");
+    let at = listener
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an inet address");
+    // Backlog 0 holds one connection: the queue is full once it is there.
+    let _queued = TcpStream::connect(at).expect("the connection that fills the queue");
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        s.set_nonblocking(true).expect("nonblocking");
+        match s.connect(&at.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => held.push(s),
+            other => panic!("connect to a full listener: expected EINPROGRESS, got {other:?}"),
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let made = held.len() as u32;
+    drop(held);
+    made
 }
