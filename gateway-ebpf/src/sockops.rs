@@ -183,10 +183,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
 /// A callback of a connection whose record a newer connect has taken (`SOCK_STATE` keeps the
 /// last `max_connections` connects; a pooled connection can outlive that many). Only a socket
 /// whose callbacks connect4/6 or TCP_CONNECT turned on gets these callbacks at all. What the
-/// connection reports once established is rebuilt from the context: its destination, its
-/// counters, what is unACKed when it closes. Lost with the record: the pid, the number of RTOs
-/// before this one, and which retransmits were of the SYN (`total_retrans` counts them all).
-/// A connect still in flight when its record was taken was counted then (`SLOT_REUSED`).
+/// connection reports once established is rebuilt from the context (its destination, what is
+/// unACKed when it closes) and from its `CONN_STATS` record (its RTO and retransmit counts), so
+/// it reports as before; only the pid, which anomaly log lines show, is lost. A connect still
+/// in flight when its record was taken was counted then (`SLOT_REUSED`).
 #[inline(always)]
 fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     let state = ctx_state(ctx);
@@ -204,8 +204,9 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     let st = REUSED_SCRATCH.get_ptr_mut(0).ok_or(())?;
     // Per-CPU: no other CPU writes it, and a program runs to completion on one CPU.
     let st = unsafe { &mut *st };
-    let ops = unsafe { &*ctx.ops };
-    let port = u16::from_be(ctx.remote_port() as u16);
+    // sock_ops' remote_port holds the port in network order in its upper 16 bits (the context
+    // rewrite shifts it there on little-endian), unlike local_port, which is in host order.
+    let port = u16::from_be((ctx.remote_port() >> 16) as u16);
     st.ev.dst = if ctx.family() == u32::from(AF_INET) {
         connect::key_v4(ctx.remote_ip4(), port)
     } else {
@@ -214,13 +215,19 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     st.ev.cookie = cookie;
     st.ev.pid = 0;
     st.flags = F_ESTABLISHED;
-    st.data_retransmits = ops.total_retrans;
-    st.rtos = 0;
-    st.last_rto_ns = 0;
+    // Every RTO and retransmit so far wrote the connection's CONN_STATS record, so the counts
+    // go on from there.
+    (st.rtos, st.data_retransmits, st.last_rto_ns) = match CONN_STATS.get_ptr(&cookie) {
+        Some(cs) => unsafe { ((*cs).rtos, (*cs).data_retransmits, (*cs).last_rto_ns) },
+        None => (0, 0, 0),
+    };
     match op {
-        BPF_SOCK_OPS_RETRANS_CB => established_event(ctx, st, false),
+        BPF_SOCK_OPS_RETRANS_CB => {
+            st.data_retransmits += 1;
+            established_event(ctx, st, false);
+        }
         BPF_SOCK_OPS_RTO_CB => {
-            st.rtos = 1;
+            st.rtos += 1;
             st.last_rto_ns = unsafe { bpf_ktime_get_ns() };
             established_event(ctx, st, true);
         }

@@ -47,13 +47,34 @@ pub fn observed_lab(upstreams: usize) -> (Lab, Recorder) {
 /// As [`observed_lab`], with the connect-return hook chosen (`Raw`: what a non-root observer
 /// without tracefs gets).
 pub fn observed_lab_with(upstreams: usize, connect_exit: ConnectExitHook) -> (Lab, Recorder) {
+    observed_lab_opts(
+        upstreams,
+        ObserverOptions {
+            connect_exit,
+            ..Default::default()
+        },
+    )
+}
+
+/// As [`observed_lab`], with a kernel table of `records` connect records (`max_connections`),
+/// for tests of what happens once a connection's record is reused.
+pub fn observed_lab_with_records(upstreams: usize, records: u32) -> (Lab, Recorder) {
+    observed_lab_opts(
+        upstreams,
+        ObserverOptions {
+            max_connections: records,
+            ..Default::default()
+        },
+    )
+}
+
+fn observed_lab_opts(upstreams: usize, opts: ObserverOptions) -> (Lab, Recorder) {
     require_root();
     let lab = Lab::new(LabSpec::new(upstreams)).expect("building the fault lab");
     let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
     let observer = KernelObserver::attach(&ObserverOptions {
         cgroup: Some(cgroup.path().to_path_buf()),
-        connect_exit,
-        ..Default::default()
+        ..opts
     })
     .unwrap_or_else(|e| panic!("attaching the observer: {e}"));
     let rec = Recorder {

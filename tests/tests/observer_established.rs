@@ -14,7 +14,7 @@ use gateway_common::Outcome;
 use gateway_lab::Fault;
 use gateway_testkit::{
     connect_probe,
-    observer::{Probe, observed_lab},
+    observer::{Probe, observed_lab, observed_lab_with_records},
 };
 
 const PORT: u16 = 8080;
@@ -174,6 +174,51 @@ fn privileged_host_dies_mid_request_shows_rtos_and_unacked_bytes() {
         cs.data_retransmits
     );
     assert!(cs.last_rto_ns > 0);
+    let key = socket_addr_to_key(up.addr_v4(PORT));
+    let (_, dest) = rec
+        .observer
+        .dest_stats()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap();
+    assert_eq!(dest.rtos, u64::from(cs.rtos));
+    assert_eq!(dest.data_retransmits, u64::from(cs.data_retransmits));
+}
+
+/// As above, on a connection whose record in the kernel's table a newer connect has taken
+/// (a pooled connection outlives `max_connections` connects): RTOs, retransmits and unACKed
+/// bytes are still recorded, by cookie and per destination, from the connection's own state.
+#[test]
+fn privileged_a_connection_whose_record_was_reused_still_shows_rtos_and_unacked_bytes() {
+    const RECORDS: u32 = 4;
+    let (lab, mut rec) = observed_lab_with_records(1, RECORDS);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let (child, p) = send_after(&lab, up.addr_v4(PORT), "600", "2500");
+    // Twice as many connects as the table has records, with consecutive cookies: they take
+    // every slot, the connection's among them.
+    let refused = connect_probe!().run_in(
+        &lab,
+        "blocking",
+        up.addr_v4(PORT + 1),
+        &["--count", &(2 * RECORDS).to_string()],
+    );
+    assert!(refused.iter().all(|r| r.result == "ECONNREFUSED"), "{refused:?}");
+    let _dead = up.apply(Fault::Blackhole { port: PORT }).unwrap();
+    let cs = ended_with_a_record(&mut rec, child, p.cookie);
+    assert_eq!(cs.bytes_acked, 0);
+    assert!(
+        cs.unacked_bytes >= 1000,
+        "unACKed {} bytes",
+        cs.unacked_bytes
+    );
+    assert!(cs.rtos >= 2, "{} RTOs", cs.rtos);
+    assert!(
+        cs.data_retransmits >= 2,
+        "{} retransmits",
+        cs.data_retransmits
+    );
+    assert!(cs.last_rto_ns > 0 && cs.closed_ns > 0);
     let key = socket_addr_to_key(up.addr_v4(PORT));
     let (_, dest) = rec
         .observer
