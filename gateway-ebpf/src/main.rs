@@ -2,8 +2,8 @@
 //! attached cgroup, per-destination aggregates, and per-connection signals of established
 //! connections.
 //!
-//! How a connect is followed (one `SockState` per socket in `sk_storage`, the join point of
-//! every hook):
+//! How a connect is followed (one `SockState` per connect in `SOCK_STATE`, a preallocated
+//! table indexed by socket cookie: the join point of every hook):
 //!
 //! | hook | file | what it records |
 //! |---|---|---|

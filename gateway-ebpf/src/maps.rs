@@ -1,4 +1,4 @@
-//! Maps shared by every hook, and the per-socket state kept in `sk_storage`.
+//! Maps shared by every hook, and the table of connect records (`SOCK_STATE`).
 
 use aya_ebpf::{
     btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -19,7 +19,7 @@ pub const F_SO_ERROR_SENT: u32 = 1 << 4;
 /// connect4/6 turned the socket's sock_ops callbacks on (`connect::callbacks_on`).
 pub const F_CALLBACKS_ON: u32 = 1 << 5;
 
-/// Everything known about one socket's connect, shared by all hooks through `sk_storage`.
+/// Everything known about one socket's connect, shared by all hooks through `SOCK_STATE`.
 /// This never crosses to userspace; `ev` is the record that does.
 #[repr(C)]
 pub struct SockState {

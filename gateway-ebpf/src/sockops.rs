@@ -55,6 +55,15 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     {
         return Ok(());
     }
+    // Two of the four state changes of every connection need nothing: into SYN_SENT, and
+    // SYN_SENT → ESTABLISHED (ACTIVE_ESTABLISHED, which follows, reports it). They return
+    // before the record is looked up.
+    if op == BPF_SOCK_OPS_STATE_CB
+        && (ctx.arg(1) == TCP_SYN_SENT
+            || (ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_ESTABLISHED))
+    {
+        return Ok(());
+    }
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return Err(());

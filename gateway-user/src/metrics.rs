@@ -292,7 +292,7 @@ catalogue! {
     tls_certificate_expiry: "gateway_tls_certificate_expiry_timestamp_seconds", "gauge", ["role", "file", "subject"],
         "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
     kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
-        "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
+        "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), slot_reused (a connect still waiting for its SYN-ACK lost its record: more connects started meanwhile than the kernel's table of records holds), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
     upgrades_active: "gateway_upgraded_connections", "gauge", ["cluster"],
         "Upgraded connections (WebSocket, any HTTP/1.1 Upgrade) open now: from the 101 to their end.";
     upgrades: "gateway_upgrades", "counter", ["cluster", "end"],

@@ -127,7 +127,7 @@ fn populated() -> Registry {
         .set(1_900_000_000);
     m.kernel_anomalies
         .get_or_create(&KindLabels {
-            kind: "storage_failed",
+            kind: "slot_reused",
         })
         .inc();
     m.client_connections.set(3);

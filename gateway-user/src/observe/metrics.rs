@@ -175,7 +175,7 @@ impl ObserverMetrics {
         register(
             registry,
             "gateway_observer_kernel_anomalies",
-            "Rare kernel-side failures, by kind: dest_insert_failed (a destination could not be added to DEST_STATS), conn_insert_failed (CONN_STATS), storage_failed (no sk_storage for a socket: its connect is not tracked), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged, at most once per second per kind and CPU.",
+            "Rare kernel-side failures, by kind: dest_insert_failed (a destination could not be added to DEST_STATS), conn_insert_failed (CONN_STATS), slot_reused (a connect still waiting for its SYN-ACK lost its record: more connects started meanwhile than the kernel's table of records holds, --max-connections), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged, at most once per second per kind and CPU.",
             self.anomalies.clone(),
         );
         register(
