@@ -20,9 +20,10 @@ use std::{
 use anyhow::Context as _;
 
 /// Where the kernel runs the observer's work in the client's context, and what each is.
-/// The hooks include their dispatch and their programs, and the programs include creating the
-/// per-socket storage (`bpf_sk_storage_get`); that storage is freed when the socket is
-/// destroyed. The last two are the connect-return hooks of kernels before 6.12.
+/// The hooks include their dispatch and their programs. `bpf_sk_storage_free` is for builds
+/// that kept their records in per-socket storage (before the table of records, stop 26: an A/B
+/// with `--against` needs it); with today's observer it counts only other programs' storage,
+/// as the control does. The last two are the connect-return hooks of kernels before 6.12.
 pub const OBSERVER_SYMBOLS: &[(&str, &str)] = &[
     ("__cgroup_bpf_run_filter_sock_addr", "connect4/6 hook"),
     ("__cgroup_bpf_run_filter_sock_ops", "sock_ops hook"),
