@@ -2,6 +2,7 @@
 //! (`tcp_call_bpf()` in include/net/tcp.h).
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
@@ -14,7 +15,6 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use aya_ebpf::EbpfContext as _;
 use gateway_common::{AF_INET, ConnStats, Outcome, counter};
 
 use crate::{

@@ -112,7 +112,10 @@ impl Default for ObserverOptions {
 /// Slots of the kernel's table of connect records (`SOCK_STATE`): `max_connections` rounded up
 /// to a power of two, since the kernel indexes it by the low bits of the socket cookie.
 fn sock_slots(max_connections: u32) -> u32 {
-    max_connections.max(1).checked_next_power_of_two().unwrap_or(1 << 31)
+    max_connections
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
 }
 
 /// How a connect that fails before its SYN (EADDRNOTAVAIL: no free local port) is seen; see
@@ -136,12 +139,6 @@ pub enum ConnectExitHook {
 
 /// What [`KernelObserver::connect_exit_hook`] says when no hook is needed.
 pub const STATE_CALLBACK: &str = "sock_ops state callback";
-
-/// The syscall-number member of `struct pt_regs` in this architecture's kernel BTF.
-#[cfg(target_arch = "x86_64")]
-const PT_REGS_SYSCALL_NR: &str = "orig_ax";
-#[cfg(target_arch = "aarch64")]
-const PT_REGS_SYSCALL_NR: &str = "syscallno";
 
 /// The kernel side, loaded and attached.
 pub struct KernelObserver {
@@ -222,16 +219,9 @@ impl KernelObserver {
         if EBPF_OBJECT.is_empty() {
             return Err(ObserverError::NoObject);
         }
-        let sk_err_offset = btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err")?;
-        let sk_err_soft_offset =
-            btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "sk_err_soft")?;
-        let sk_cookie_offset =
-            btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock", "__sk_common")?
-                + btf::member_offset(Path::new(btf::VMLINUX_BTF), "sock_common", "skc_cookie")?;
+        let offsets = btf::kernel_offsets()?;
         let slots = sock_slots(opts.max_connections);
         let slot_mask = slots - 1;
-        let nr_offset =
-            btf::member_offset(Path::new(btf::VMLINUX_BTF), "pt_regs", PT_REGS_SYSCALL_NR)?;
         let nr_connect = libc::SYS_connect as i32;
         let kernel_btf = aya::Btf::from_sys_fs()
             .map_err(|e| ObserverError::Load(aya::EbpfError::BtfError(e)))?;
@@ -244,11 +234,11 @@ impl KernelObserver {
         loader
             .btf(&kernel_btf)
             .override_global("CALLBACKS_AT_CONNECT", &callbacks_flag, true)
-            .override_global("SK_ERR_OFFSET", &sk_err_offset, true)
-            .override_global("SK_ERR_SOFT_OFFSET", &sk_err_soft_offset, true)
-            .override_global("SK_COOKIE_OFFSET", &sk_cookie_offset, true)
+            .override_global("SK_ERR_OFFSET", &offsets.sk_err, true)
+            .override_global("SK_ERR_SOFT_OFFSET", &offsets.sk_err_soft, true)
+            .override_global("SK_COOKIE_OFFSET", &offsets.sk_cookie, true)
             .override_global("SOCK_SLOT_MASK", &slot_mask, true)
-            .override_global("PT_REGS_SYSCALL_NR_OFFSET", &nr_offset, true)
+            .override_global("PT_REGS_SYSCALL_NR_OFFSET", &offsets.syscall_nr, true)
             .override_global("SYSCALL_NR_CONNECT", &nr_connect, true)
             .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
             .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
@@ -471,6 +461,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_of_records_is_max_connections_rounded_up_to_a_power_of_two() {
+        assert_eq!(sock_slots(65_536), 65_536);
+        assert_eq!(sock_slots(1_000), 1_024);
+        assert_eq!((sock_slots(0), sock_slots(1), sock_slots(3)), (1, 1, 4));
+        assert_eq!(sock_slots(u32::MAX), 1 << 31);
+    }
 
     #[test]
     fn a_verifier_rejection_shows_the_tail_of_the_log() {

@@ -203,7 +203,10 @@ fn privileged_a_connection_whose_record_was_reused_still_shows_rtos_and_unacked_
         up.addr_v4(PORT + 1),
         &["--count", &(2 * RECORDS).to_string()],
     );
-    assert!(refused.iter().all(|r| r.result == "ECONNREFUSED"), "{refused:?}");
+    assert!(
+        refused.iter().all(|r| r.result == "ECONNREFUSED"),
+        "{refused:?}"
+    );
     let _dead = up.apply(Fault::Blackhole { port: PORT }).unwrap();
     let cs = ended_with_a_record(&mut rec, child, p.cookie);
     assert_eq!(cs.bytes_acked, 0);

@@ -1,7 +1,9 @@
 //! Just enough of a BTF reader to find one struct member's byte offset in the running kernel.
 //!
 //! The eBPF side reads `sk->sk_err` and `sk->sk_err_soft` in the sock_ops STATE callback when a
-//! connect leaves SYN_SENT (docs/kernel.md, "When the outcome is known"). Rust eBPF programs
+//! connect leaves SYN_SENT (docs/kernel.md, "When the outcome is known"), the socket's cookie in
+//! getsockopt, and the syscall number from `struct pt_regs` in the raw `sys_exit` tracepoint.
+//! Rust eBPF programs
 //! have no CO-RE relocations, so the loader looks the offsets up in `/sys/kernel/btf/vmlinux` and
 //! passes them in as load-time globals. aya parses BTF too but keeps that API private.
 //! Format: Documentation/bpf/btf.rst (the header, then `struct btf_type` records whose
@@ -44,6 +46,35 @@ const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
+
+/// The syscall-number member of `struct pt_regs` in this architecture's kernel BTF.
+#[cfg(target_arch = "x86_64")]
+const PT_REGS_SYSCALL_NR: &str = "orig_ax";
+#[cfg(target_arch = "aarch64")]
+const PT_REGS_SYSCALL_NR: &str = "syscallno";
+
+/// Where the eBPF programs find what they read in kernel structures, in the running kernel.
+pub struct KernelOffsets {
+    /// `offsetof(struct sock, sk_err)`.
+    pub sk_err: u32,
+    /// `offsetof(struct sock, sk_err_soft)`.
+    pub sk_err_soft: u32,
+    /// `offsetof(struct sock, __sk_common.skc_cookie)`.
+    pub sk_cookie: u32,
+    /// The syscall number's offset in `struct pt_regs`.
+    pub syscall_nr: u32,
+}
+
+/// The [`KernelOffsets`] of the running kernel, from [`VMLINUX_BTF`].
+pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
+    let at = |structure, member| member_offset(Path::new(VMLINUX_BTF), structure, member);
+    Ok(KernelOffsets {
+        sk_err: at("sock", "sk_err")?,
+        sk_err_soft: at("sock", "sk_err_soft")?,
+        sk_cookie: at("sock", "__sk_common")? + at("sock_common", "skc_cookie")?,
+        syscall_nr: at("pt_regs", PT_REGS_SYSCALL_NR)?,
+    })
+}
 
 /// Byte offset of `structure.member` in the BTF file at `path`.
 pub fn member_offset(path: &Path, structure: &str, member: &str) -> Result<u32, BtfError> {
