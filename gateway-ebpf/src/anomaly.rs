@@ -1,5 +1,6 @@
-//! Rare kernel-side anomalies: a map insert that failed, a socket whose storage could not be
-//! created, a state transition the state machine does not expect. Each is counted in
+//! Rare kernel-side anomalies: a map insert that failed, a connect in flight whose record a
+//! newer one took (the table of records is too small for the connects in flight), a state
+//! transition the state machine does not expect. Each is counted in
 //! `COUNTERS` (userspace exports the counts) and logged through aya-log, naming the map and the
 //! socket, at most once per [`ANOMALY_LOG_INTERVAL_NS`] per kind and CPU (`ANOMALY_LOGGED`
 //! holds when each last logged).

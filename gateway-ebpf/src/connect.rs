@@ -27,7 +27,7 @@ use crate::{
     anomaly, emit,
     maps::{
         CALLBACKS_AT_CONNECT, F_CALLBACKS_ON, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
-        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, slot,
+        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, free_slot, sock_state,
     },
     sockops,
 };
@@ -121,22 +121,28 @@ fn port_of(sa: &bpf_sock_addr) -> u16 {
 #[inline(always)]
 fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let st = slot(cookie);
-    if st.is_null() {
-        return;
-    }
-    let st = unsafe { &mut *st };
-    if st.ev.cookie == cookie {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mine = sock_state(cookie);
+    let st = if !mine.is_null() {
+        let st = unsafe { &mut *mine };
         // A second connect() on a socket whose first is still in flight (a poll-style client
         // checking progress) runs this hook again; it must not reset the attempt.
         if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
             return;
         }
-    } else if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
-        // The slot's last connect sent its SYN and has no outcome yet: as many connects have
-        // started since as the table has slots. Its record is lost; say so.
-        anomaly::report(counter::SLOT_REUSED, st.ev.cookie, &st.ev.dst, st.ev.pid);
-    }
+        st
+    } else {
+        let Some((st, lost)) = free_slot(cookie, now) else {
+            return;
+        };
+        let st = unsafe { &mut *st };
+        if lost {
+            // Every candidate slot holds a connect still in flight: the table is too small for
+            // the connects in flight. The first one's record is lost; say so.
+            anomaly::report(counter::SLOT_REUSED, st.ev.cookie, &st.ev.dst, st.ev.pid);
+        }
+        st
+    };
     let pid_tgid = bpf_get_current_pid_tgid();
     st.flags = 0;
     st.t_syn_ns = 0;
@@ -146,7 +152,7 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     st.last_rto_ns = 0;
     st.ev = ConnectEvent {
         cookie,
-        ts_connect_ns: unsafe { bpf_ktime_get_ns() },
+        ts_connect_ns: now,
         ts_event_ns: 0,
         syn_rtt_ns: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },

@@ -35,10 +35,11 @@ pub struct SockState {
     pub app_error: u32,
 }
 
-/// The records of the most recent connects, in a preallocated table indexed by the low bits
-/// of the socket cookie (`SOCK_SLOT_MASK`). A record stays until a connect whose cookie maps
-/// to the same slot reuses it: creating and freeing a per-socket `sk_storage` instead was about
-/// half of what the observer cost a connect (docs/kernel.md, "Cost").
+/// The records of recent connects, in a preallocated table indexed by socket cookie: a record
+/// goes into the first of its [`WAYS`] candidate slots that holds no connect in flight, and
+/// stays until a later record takes that slot. Creating and freeing a per-socket `sk_storage`
+/// instead was about half of what the observer cost a connect (docs/kernel.md, "The table of
+/// records").
 #[btf_map]
 pub static SOCK_STATE: Array<SockState, { DEFAULT_MAX_CONNECTIONS as usize }> = Array::new();
 
@@ -57,11 +58,6 @@ pub static SK_COOKIE_OFFSET: u32 = 0;
 /// pointer stored into a map value reads back as a plain number).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
-
-/// Where sock_ops rebuilds the record of a connection whose slot was taken (`sockops::reused`):
-/// too big for the 512-byte stack.
-#[btf_map]
-pub static REUSED_SCRATCH: PerCpuArray<SockState, 1> = PerCpuArray::new();
 
 /// One record per connect outcome (and at most one SO_ERROR follow-up).
 #[btf_map]
@@ -139,22 +135,82 @@ pub fn bump(index: u32) {
     }
 }
 
-/// The slot of the socket with `cookie`, whoever holds it now.
+/// Candidate slots per record. Cookies come from a counter that the kernel hands to each CPU
+/// in batches (`gen_cookie_next()`), so the low bits of a connect's cookie can match those of a
+/// connect on another CPU made a moment before: with one slot per cookie, a connect in flight
+/// would lose its record to an unrelated one with a probability of about the share of the
+/// table in flight; with four, only when all four are.
+pub const WAYS: u32 = 4;
+
+/// A connect with no outcome counts as in flight for this long after its SYN (a SYN-timeout
+/// takes 127 s with the stock `tcp_syn_retries`), and for [`UNSENT_NS`] when no SYN was
+/// seen, so that a record whose outcome can never come does not hold its slot forever.
+const IN_FLIGHT_NS: u64 = 300_000_000_000;
+const UNSENT_NS: u64 = 1_000_000_000;
+
+/// Slot `way` of `cookie`'s candidates: the cookie's low bits with the top one or two of them
+/// flipped, which for one CPU's consecutive cookies are the slots of connects made a half or a
+/// quarter of the table ago.
 #[inline(always)]
-pub fn slot(cookie: u64) -> *mut SockState {
+fn candidate(cookie: u64, way: u32) -> *mut SockState {
     let mask = unsafe { core::ptr::read_volatile(&SOCK_SLOT_MASK) };
+    let half = (mask >> 1) + 1;
+    let quarter = half >> 1;
+    let flip = match way {
+        0 => 0,
+        1 => half,
+        2 => quarter,
+        _ => half | quarter,
+    };
     SOCK_STATE
-        .get_ptr_mut((cookie as u32) & mask)
+        .get_ptr_mut(((cookie as u32) ^ flip) & mask)
         .unwrap_or(core::ptr::null_mut())
 }
 
-/// The record of the socket with `cookie`, or null when its connect was not tracked or a newer
-/// connect has taken the slot since.
+/// The record of the socket with `cookie`, or null when its connect was not tracked or later
+/// records have taken its slot.
 #[inline(always)]
 pub fn sock_state(cookie: u64) -> *mut SockState {
-    let st = slot(cookie);
-    if st.is_null() || cookie == 0 || unsafe { (*st).ev.cookie } != cookie {
+    if cookie == 0 {
         return core::ptr::null_mut();
     }
-    st
+    let mut way = 0;
+    while way < WAYS {
+        let st = candidate(cookie, way);
+        if !st.is_null() && unsafe { (*st).ev.cookie } == cookie {
+            return st;
+        }
+        way += 1;
+    }
+    core::ptr::null_mut()
+}
+
+/// Whether `st` is the record of a connect still waiting for its outcome at `now`.
+#[inline(always)]
+pub fn in_flight(st: &SockState, now: u64) -> bool {
+    if st.ev.cookie == 0 || st.flags & F_EMITTED != 0 {
+        return false;
+    }
+    let age = now.wrapping_sub(st.ev.ts_connect_ns);
+    if st.flags & F_CONNECT_SENT != 0 {
+        age < IN_FLIGHT_NS
+    } else {
+        age < UNSENT_NS
+    }
+}
+
+/// Where a new record for `cookie` goes: the first candidate that holds no connect in flight,
+/// else the first candidate, whose connect then loses its record (`true`).
+#[inline(always)]
+pub fn free_slot(cookie: u64, now: u64) -> Option<(*mut SockState, bool)> {
+    let mut way = 0;
+    while way < WAYS {
+        let st = candidate(cookie, way);
+        if !st.is_null() && !in_flight(unsafe { &*st }, now) {
+            return Some((st, false));
+        }
+        way += 1;
+    }
+    let st = candidate(cookie, 0);
+    if st.is_null() { None } else { Some((st, true)) }
 }

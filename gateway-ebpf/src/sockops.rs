@@ -20,7 +20,7 @@ use gateway_common::{AF_INET, ConnStats, Outcome, counter};
 use crate::{
     anomaly, connect, emit,
     maps::{
-        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, REUSED_SCRATCH, SK_ERR_OFFSET,
+        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET,
         SK_ERR_SOFT_OFFSET, SockState, sock_state,
     },
 };
@@ -210,9 +210,10 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     } else if op == BPF_SOCK_OPS_RETRANS_CB && ctx.arg(2) != 0 {
         return Ok(());
     }
-    let st = REUSED_SCRATCH.get_ptr_mut(0).ok_or(())?;
-    // Per-CPU: no other CPU writes it, and a program runs to completion on one CPU.
-    let st = unsafe { &mut *st };
+    // On the stack, not in a per-CPU map: a softirq (another connection's RTO) can interrupt
+    // this program on its CPU and run it again.
+    let mut rebuilt: SockState = unsafe { core::mem::zeroed() };
+    let st = &mut rebuilt;
     // sock_ops' remote_port holds the port in network order in its upper 16 bits (the context
     // rewrite shifts it there on little-endian), unlike local_port, which is in host order.
     let port = u16::from_be((ctx.remote_port() >> 16) as u16);

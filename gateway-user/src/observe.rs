@@ -52,8 +52,8 @@ pub struct ObserveArgs {
     /// Capacity of the kernel's per-destination table (LRU).
     #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_DESTINATIONS)]
     pub max_destinations: u32,
-    /// Connects the kernel keeps a record of, rounded up to a power of two: a connect whose
-    /// SYN is still unanswered when this many newer ones have started loses its record
+    /// Slots of the kernel's table of connect records, rounded up to a power of two (128 bytes
+    /// each, preallocated). Too few for the connects in flight, and one loses its record
     /// (counted as `slot_reused`). Also the capacity of the table of established connections'
     /// signals (LRU).
     #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1 << 24))]

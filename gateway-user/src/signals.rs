@@ -153,8 +153,8 @@ pub trait SignalSource: Send + Sync + 'static {
     fn cgroup(&self) -> Option<std::path::PathBuf> {
         None
     }
-    /// The kernel side's anomaly counts (map insert failures, sockets without storage,
-    /// unexpected state transitions) by kind (`gateway_common::anomaly::KINDS`); `None` without
+    /// The kernel side's anomaly counts (map insert failures, records of connects in flight
+    /// overwritten, unexpected state transitions) by kind (`gateway_common::anomaly::KINDS`); `None` without
     /// a kernel observer. Not for the request path.
     fn kernel_anomalies(&self) -> Option<Vec<(&'static str, u64)>> {
         None

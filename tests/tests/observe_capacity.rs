@@ -325,6 +325,50 @@ fn privileged_ring_buffer_overrun_is_reported_and_the_drain_goes_on() {
     );
 }
 
+/// A connect in flight keeps its record while later connects, on any CPU, land in its slot:
+/// each record has four candidate slots, and a new one takes a candidate whose connect is done.
+/// With one slot per cookie, the 48 connects below (three times around a table of 16) would
+/// take the held connect's slot.
+#[test]
+fn privileged_a_connect_in_flight_keeps_its_record_while_later_connects_pass_its_slot() {
+    require_root();
+    const SLOTS: u32 = 16;
+    const MEANWHILE: u32 = 3 * SLOTS;
+    const KIND: &str = "gateway_observer_kernel_anomalies_total{kind=\"slot_reused\"}";
+    let cg = TestCgroup::create("ways");
+    let obs = Observe::start(&cg, &["--max-connections", &SLOTS.to_string()]);
+    let args = [
+        "--in-flight",
+        "--first",
+        "127.4.0.2",
+        "--count",
+        "1",
+        "--meanwhile",
+        &MEANWHILE.to_string(),
+    ];
+    assert_eq!(spray(&cg, &args), 1);
+    let (held, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let m = obs.wait_metrics(
+        "the held connect and every refused one are accounted for",
+        |m| {
+            for l in obs.lines.try_iter() {
+                if l.contains("\"dst\":\"127.4.0.2:9\"") && l.contains("\"refused\"") {
+                    refused.set(refused.get() + 1);
+                } else if l.contains("\"dst\":\"127.4.0.2:") && !l.contains("\"established\"") {
+                    held.set(held.get() + 1);
+                }
+            }
+            let lost = m.get(KIND).copied().unwrap_or(0.0);
+            m.contains_key(KIND) && held.get() as f64 + lost >= 1.0 && refused.get() >= MEANWHILE
+        },
+    );
+    assert_eq!(
+        (held.get(), refused.get(), m[KIND]),
+        (1, MEANWHILE, 0.0),
+        "records of the held connect and of the refused ones, and records lost"
+    );
+}
+
 #[test]
 fn privileged_connects_in_flight_that_lose_their_record_are_counted_and_logged_rate_limited() {
     require_root();
@@ -334,9 +378,9 @@ fn privileged_connects_in_flight_that_lose_their_record_are_counted_and_logged_r
     let cg = TestCgroup::create("slots");
     let obs = Observe::start(&cg, &["--max-connections", &SLOTS.to_string()]);
     let started = Instant::now();
-    // 300 connects unanswered at once, into a table of 16 records: a record is overwritten by
-    // the connect whose cookie falls in the same slot, so all but at most one per slot lose
-    // theirs while in flight.
+    // 300 connects unanswered at once, into a table of 16 records: once every slot holds a
+    // connect in flight, each new connect takes one of them, so all but at most 16 lose their
+    // record while in flight.
     assert_eq!(
         spray(
             &cg,

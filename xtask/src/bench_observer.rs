@@ -18,8 +18,8 @@
 //! (`BPF_ENABLE_STATS`, held by a file descriptor: no sysctl changes, and off again after that
 //! round), so it also says how long each eBPF program ran per connection and per invocation.
 //! They are off in the measured rounds: they read the clock around every program run. The
-//! rest of the client's extra CPU is outside the programs: socket-storage allocation and free,
-//! the hook dispatch.
+//! rest of the client's extra CPU is outside the programs: the hook dispatch (and, for builds
+//! before the table of records, socket-storage allocation and free).
 //!
 //! Last, three rounds per mode, interleaved, run under `perf record`, and the median share of
 //! the client's samples spent in the observer's kernel functions is the figure held against

@@ -9,7 +9,8 @@
 //! - how many destinations the kernel's LRU holds and evicted, and whether held + evicted
 //!   equals N (every destination inserted once);
 //! - records received plus records lost against N (every connect is one or the other);
-//! - the kernel's anomaly counters (insert failures, missing storage, unexpected transitions).
+//! - the kernel's anomaly counters (insert failures, records of connects in flight overwritten, unexpected
+//!   transitions).
 //!
 //! `--gateway PATH` measures another build (e.g. an older one, for a before/after figure; one
 //! without the table metrics fails the consistency check after printing its RSS).

@@ -4,13 +4,15 @@
 //! its port is free again. Prints the number of connects made.
 //!
 //! `connect-spray [--first 127.1.0.0] [--port 9] [--count N] [--same] [--cgroup DIR]
-//! [--in-flight]`
+//! [--in-flight [--meanwhile M]]`
 //!
 //! `--cgroup` moves the process into that cgroup v2 first (so an observer attached there sees
 //! it). `--in-flight` instead makes `--count` connects that are all unanswered at once, to
 //! `--first`: it listens there (a port of its own, backlog 0), fills the listener's accept
 //! queue with one connection it never accepts, so that the kernel drops every further SYN,
 //! starts the connects without blocking, holds them in SYN_SENT for 300 ms and closes them.
+//! `--meanwhile M` also makes M blocking connects to `--first`:`--port` while they are held
+//! (refused, when nothing listens there).
 
 use std::{
     io::Write as _,
@@ -24,6 +26,7 @@ fn main() {
     let mut same = false;
     let mut cgroup = None;
     let mut in_flight = false;
+    let mut meanwhile = 0u32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -34,6 +37,7 @@ fn main() {
             "--same" => same = true,
             "--cgroup" => cgroup = Some(value()),
             "--in-flight" => in_flight = true,
+            "--meanwhile" => meanwhile = value().parse().expect("--meanwhile N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -45,7 +49,7 @@ fn main() {
         .unwrap_or_else(|e| panic!("entering cgroup {dir}: {e}"));
     }
     if in_flight {
-        let made = unanswered(first, count);
+        let made = unanswered(first, count, SocketAddr::from((first, port)), meanwhile);
         let _ = writeln!(std::io::stdout(), "{made}");
         return;
     }
@@ -63,8 +67,9 @@ fn main() {
     let _ = writeln!(std::io::stdout(), "{made}");
 }
 
-/// `count` connects to `ip` in SYN_SENT at the same time; see `--in-flight`.
-fn unanswered(ip: Ipv4Addr, count: u32) -> u32 {
+/// `count` connects to `ip` in SYN_SENT at the same time, and `meanwhile` connects to `other`
+/// while they are; see `--in-flight`.
+fn unanswered(ip: Ipv4Addr, count: u32, other: SocketAddr, meanwhile: u32) -> u32 {
     use socket2::{Domain, Socket, Type};
     let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     listener
@@ -86,6 +91,9 @@ fn unanswered(ip: Ipv4Addr, count: u32) -> u32 {
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => held.push(s),
             other => panic!("connect to a full listener: expected EINPROGRESS, got {other:?}"),
         }
+    }
+    for _ in 0..meanwhile {
+        let _ = TcpStream::connect(other);
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     let made = held.len() as u32;
