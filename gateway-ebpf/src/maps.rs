@@ -214,3 +214,25 @@ pub fn free_slot(cookie: u64, now: u64) -> Option<(*mut SockState, bool)> {
     let st = candidate(cookie, 0);
     if st.is_null() { None } else { Some((st, true)) }
 }
+
+/// The socket's cookie as the socket holds it, without assigning one: 0 when nobody has asked
+/// for it yet. Read from `struct sock` at the offset the loader found in the kernel's BTF, for
+/// the getsockopt program, where `bpf_get_socket_cookie` is refused, and for connect4/6, which
+/// look for an earlier record of the socket only when it already had a cookie. The verifier
+/// forbids adding an offset to a socket pointer, so the pointer goes through a per-CPU map
+/// word first, from which it reads back as a number (allowed to a loader with CAP_PERFMON,
+/// which the observer needs anyway).
+#[inline(always)]
+pub fn sock_cookie(sk: *const u8) -> Result<u64, ()> {
+    let word = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let addr = unsafe {
+        core::ptr::write_volatile(word, sk as u64);
+        core::ptr::read_volatile(word)
+    };
+    let offset = unsafe { core::ptr::read_volatile(&SK_COOKIE_OFFSET) };
+    if offset == 0 {
+        return Err(());
+    }
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((addr + u64::from(offset)) as *const u64) }
+        .map_err(|_| ())
+}
