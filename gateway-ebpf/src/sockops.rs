@@ -189,13 +189,14 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// A callback of a connection whose record a newer connect has taken (`SOCK_STATE` keeps the
-/// last `max_connections` connects; a pooled connection can outlive that many). Only a socket
-/// whose callbacks connect4/6 or TCP_CONNECT turned on gets these callbacks at all. What the
+/// A callback of a connection whose record later connects have taken (a finished record is the
+/// first a new one may take, and a pooled connection outlives many). Only a socket whose
+/// callbacks connect4/6 or TCP_CONNECT turned on gets these callbacks at all. What the
 /// connection reports once established is rebuilt from the context (its destination, what is
-/// unACKed when it closes) and from its `CONN_STATS` record (its RTO and retransmit counts), so
-/// it reports as before; only the pid, which anomaly log lines show, is lost. A connect still
-/// in flight when its record was taken was counted then (`SLOT_REUSED`).
+/// unACKed when it closes) and from its `CONN_STATS` record (its RTO and retransmit counts).
+/// Lost with the record: the pid (anomaly log lines show it), and the destination as
+/// connect4/6 saw it, before any rewrite. A connect still in flight when its record was taken
+/// was counted then (`SLOT_REUSED`). docs/kernel.md, "The table of records".
 #[inline(always)]
 fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     let state = ctx_state(ctx);
