@@ -48,13 +48,12 @@ pub static SOCK_STATE: Array<SockState, { DEFAULT_MAX_CONNECTIONS as usize }> = 
 pub static SOCK_SLOT_MASK: u32 = DEFAULT_MAX_CONNECTIONS - 1;
 
 /// Set by userspace from the running kernel's BTF: `offsetof(struct sock, __sk_common) +
-/// offsetof(struct sock_common, skc_cookie)`, for the getsockopt program, where
-/// `bpf_get_socket_cookie` is refused.
+/// offsetof(struct sock_common, skc_cookie)`, for [`sock_cookie`].
 #[unsafe(no_mangle)]
 pub static SK_COOKIE_OFFSET: u32 = 0;
 
-/// One word per CPU through which the getsockopt program turns its socket pointer into a
-/// number it may add an offset to (the verifier forbids arithmetic on a socket pointer, but a
+/// One word per CPU through which [`sock_cookie`] turns a socket pointer into a number it may
+/// add an offset to (the verifier forbids arithmetic on a socket pointer, but a
 /// pointer stored into a map value reads back as a plain number).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
