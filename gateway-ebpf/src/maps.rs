@@ -139,7 +139,7 @@ pub fn bump(index: u32) {
 /// connect on another CPU made a moment before: with one slot per cookie, a connect in flight
 /// would lose its record to an unrelated one with a probability of about the share of the
 /// table in flight; with four, only when all four are.
-pub const WAYS: u32 = 4;
+const WAYS: u32 = 4;
 
 /// A connect with no outcome counts as in flight for this long after its SYN (a SYN-timeout
 /// takes 127 s with the stock `tcp_syn_retries`), and for [`UNSENT_NS`] when no SYN was
@@ -186,7 +186,7 @@ pub fn sock_state(cookie: u64) -> *mut SockState {
 
 /// Whether `st` is the record of a connect still waiting for its outcome at `now`.
 #[inline(always)]
-pub fn in_flight(st: &SockState, now: u64) -> bool {
+fn in_flight(st: &SockState, now: u64) -> bool {
     if st.ev.cookie == 0 || st.flags & F_EMITTED != 0 {
         return false;
     }

@@ -213,8 +213,7 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
     }
     // On the stack, not in a per-CPU map: a softirq (another connection's RTO) can interrupt
     // this program on its CPU and run it again.
-    let mut rebuilt: SockState = unsafe { core::mem::zeroed() };
-    let st = &mut rebuilt;
+    let st: &mut SockState = &mut unsafe { core::mem::zeroed() };
     // sock_ops' remote_port holds the port in network order in its upper 16 bits (the context
     // rewrite shifts it there on little-endian), unlike local_port, which is in host order.
     let port = u16::from_be((ctx.remote_port() >> 16) as u16);
@@ -224,7 +223,6 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
         connect::key_v6(ctx.remote_ip6(), port)
     };
     st.ev.cookie = cookie;
-    st.ev.pid = 0;
     st.flags = F_ESTABLISHED;
     // Every RTO and retransmit so far wrote the connection's CONN_STATS record, so the counts
     // go on from there.

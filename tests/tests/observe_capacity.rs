@@ -189,6 +189,11 @@ impl Drop for Observe {
     }
 }
 
+/// The kernel's table of connect records in the slot tests (`--max-connections`).
+const SLOTS: u32 = 16;
+/// Connects in flight whose record a later connect took.
+const SLOT_REUSED: &str = "gateway_observer_kernel_anomalies_total{kind=\"slot_reused\"}";
+
 fn spray(cgroup: &TestCgroup, args: &[&str]) -> u32 {
     let out = Command::new(env!("CARGO_BIN_EXE_connect-spray"))
         .arg("--cgroup")
@@ -332,9 +337,7 @@ fn privileged_ring_buffer_overrun_is_reported_and_the_drain_goes_on() {
 #[test]
 fn privileged_a_connect_in_flight_keeps_its_record_while_later_connects_pass_its_slot() {
     require_root();
-    const SLOTS: u32 = 16;
     const MEANWHILE: u32 = 3 * SLOTS;
-    const KIND: &str = "gateway_observer_kernel_anomalies_total{kind=\"slot_reused\"}";
     let cg = TestCgroup::create("ways");
     let obs = Observe::start(&cg, &["--max-connections", &SLOTS.to_string()]);
     let args = [
@@ -358,12 +361,14 @@ fn privileged_a_connect_in_flight_keeps_its_record_while_later_connects_pass_its
                     held.set(held.get() + 1);
                 }
             }
-            let lost = m.get(KIND).copied().unwrap_or(0.0);
-            m.contains_key(KIND) && held.get() as f64 + lost >= 1.0 && refused.get() >= MEANWHILE
+            let lost = m.get(SLOT_REUSED).copied().unwrap_or(0.0);
+            m.contains_key(SLOT_REUSED)
+                && held.get() as f64 + lost >= 1.0
+                && refused.get() >= MEANWHILE
         },
     );
     assert_eq!(
-        (held.get(), refused.get(), m[KIND]),
+        (held.get(), refused.get(), m[SLOT_REUSED]),
         (1, MEANWHILE, 0.0),
         "records of the held connect and of the refused ones, and records lost"
     );
@@ -372,9 +377,7 @@ fn privileged_a_connect_in_flight_keeps_its_record_while_later_connects_pass_its
 #[test]
 fn privileged_connects_in_flight_that_lose_their_record_are_counted_and_logged_rate_limited() {
     require_root();
-    const SLOTS: u32 = 16;
     const CONNECTS: u32 = 300;
-    const KIND: &str = "gateway_observer_kernel_anomalies_total{kind=\"slot_reused\"}";
     let cg = TestCgroup::create("slots");
     let obs = Observe::start(&cg, &["--max-connections", &SLOTS.to_string()]);
     let started = Instant::now();
@@ -403,10 +406,10 @@ fn privileged_connects_in_flight_that_lose_their_record_are_counted_and_logged_r
             .filter(|l| l.contains("\"dst\":\"127.4.0.1:") && !l.contains("\"established\""))
             .count() as u32;
         records.set(records.get() + new);
-        m.get(KIND)
+        m.get(SLOT_REUSED)
             .is_some_and(|&n| n + f64::from(records.get()) >= f64::from(CONNECTS))
     });
-    let (reused, records) = (m[KIND], records.get());
+    let (reused, records) = (m[SLOT_REUSED], records.get());
     assert_eq!(
         f64::from(records) + reused,
         f64::from(CONNECTS),
