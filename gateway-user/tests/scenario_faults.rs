@@ -487,7 +487,7 @@ fn privileged_syn_blackhole_is_ejected_fast_hidden_from_clients_and_recovers() {
 // refused at once, then 2 s), so the first probe after it succeeds.
 #[test]
 fn privileged_refused_is_ejected_at_once_and_recovers() {
-    connect_fault(
+    let r = connect_fault(
         "refused",
         Fault::Refuse { port: PORT },
         2.5,
@@ -497,6 +497,16 @@ fn privileged_refused_is_ejected_at_once_and_recovers() {
         // The RST ends the attempt before any deadline could.
         ("connect_refused", 0.0, DEADLINE * 1000.0),
     );
+    // Stopping the scenario stops the gateway before its lab: SIGTERM, not the lab's SIGKILL,
+    // so the gateway removes the cgroup it made.
+    let cgroup = r.s.cgroup();
+    assert!(
+        cgroup.ends_with(format!("gateway-scenario-refused-{}", r.s.gateway.pid())),
+        "{}",
+        cgroup.display()
+    );
+    drop(r);
+    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
 }
 
 #[test]

@@ -39,10 +39,13 @@ pub struct Sample {
     pub error: String,
 }
 
+/// Fields drop in order: the gateway first (SIGTERM, so that it detaches its observer and
+/// removes its cgroup), then the servers, then the lab, whose drop SIGKILLs whatever still
+/// runs in its namespaces.
 pub struct Scenario {
-    pub lab: Lab,
-    pub servers: Vec<HttpServer>,
     pub gateway: GatewayProcess,
+    pub servers: Vec<HttpServer>,
+    pub lab: Lab,
     pub addr: SocketAddr,
     pub access_log: PathBuf,
     pub started: SystemTime,
@@ -143,6 +146,12 @@ impl Scenario {
     pub fn posting(mut self, len: usize) -> Scenario {
         self.post_body = Some(Bytes::from(vec![b'p'; len]));
         self
+    }
+
+    /// The cgroup the gateway moved itself into (`gateway-scenario-NAME-PID`), which it
+    /// removes when it stops.
+    pub fn cgroup(&self) -> PathBuf {
+        crate::service::cgroup_of(self.gateway.pid())
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
