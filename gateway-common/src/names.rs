@@ -18,6 +18,8 @@ pub const PROG_RAW_SYS_EXIT: &str = "gw_raw_sys_exit";
 /// Default capacities; userspace may override them at load time.
 pub const DEFAULT_MAX_DESTINATIONS: u32 = 16_384;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+/// The largest table of connect records userspace asks for (2 GiB at 128 bytes a record).
+pub const MAX_CONNECTIONS_LIMIT: u32 = 1 << 24;
 pub const DEFAULT_MAX_PENDING: u32 = 8_192;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;

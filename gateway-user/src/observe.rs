@@ -56,7 +56,7 @@ pub struct ObserveArgs {
     /// each, preallocated). Too few for the connects in flight, and one loses its record
     /// (counted as `slot_reused`). Also the capacity of the table of established connections'
     /// signals (LRU).
-    #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1 << 24))]
+    #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway_common::names::MAX_CONNECTIONS_LIMIT)))]
     pub max_connections: u32,
     /// Distinct `dst` label values in metrics before the rest are counted as "other".
     #[arg(long, default_value_t = 1000)]

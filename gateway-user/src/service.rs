@@ -117,6 +117,7 @@ fn attach_observer(
         let cgroup = SelfCgroup::enter(&cfg.cgroup)?;
         let observer = KernelObserver::attach(&ObserverOptions {
             cgroup: Some(cgroup.path().to_path_buf()),
+            max_connections: cfg.max_connections,
             ..ObserverOptions::default()
         })?;
         let hook = observer.connect_exit_hook();

@@ -1,8 +1,9 @@
 //! Privileged (root: cgroups, eBPF, setpriv): where `gateway run` puts its observer cgroup.
 //! Each test starts the built binary inside a cgroup the test made (standing for a systemd
 //! unit's or a container's cgroup) and checks that the observer cgroup is a child of it, never
-//! a new one at the root; that one left behind by SIGKILL is removed at the next start; and
-//! that a cgroup the process may not write is a clear error that says how to delegate it.
+//! a new one at the root; that one left behind by SIGKILL is removed at the next start; that
+//! a cgroup the process may not write is a clear error that says how to delegate it; and that
+//! `[observer] max_connections` sizes the kernel's table of connect records.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -86,6 +87,64 @@ fn privileged_observer_cgroup_is_a_child_of_the_own_cgroup_and_goes_on_exit() {
         "the observer cgroup outlived the process"
     );
     assert_eq!(observer_dirs(unit.path()), Vec::<String>::new());
+}
+
+/// `[observer] max_connections` sizes the kernel's table of connect records (`SOCK_STATE`,
+/// rounded up to a power of two), as `gateway observe --max-connections` does.
+#[test]
+fn privileged_observer_max_connections_sizes_the_kernel_table() {
+    require_root();
+    let up = Upstream::start();
+    let unit = CgroupGuard::new("table-unit").expect("a test cgroup");
+    let dir = TempDir::new("cg-table");
+    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    // `[observer]` is the config's last table.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\nmax_connections = 1000\n");
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = gateway_bin!().run(&config);
+    cmd.in_cgroup(&unit);
+    let gw = GatewayProcess::spawn(cmd);
+    let tables: Vec<(String, u64)> = map_ids(gw.pid())
+        .into_iter()
+        .map(|id| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "id", &id.to_string()])
+                .output()
+                .expect("bpftool (./dev setup installs it)");
+            let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            (
+                m["name"].as_str().unwrap_or_default().to_owned(),
+                m["max_entries"].as_u64().unwrap_or_default(),
+            )
+        })
+        .filter(|(name, _)| name == "SOCK_STATE" || name == "CONN_STATS")
+        .collect();
+    assert_eq!(
+        tables.iter().find(|(n, _)| n == "SOCK_STATE").map(|t| t.1),
+        Some(1024),
+        "{tables:?}\n{}",
+        gw.text()
+    );
+    assert_eq!(
+        tables.iter().find(|(n, _)| n == "CONN_STATS").map(|t| t.1),
+        Some(1000),
+        "{tables:?}"
+    );
+}
+
+/// The ids of the BPF maps `pid` holds open (`map_id` in /proc/PID/fdinfo).
+fn map_ids(pid: u32) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
 }
 
 #[test]

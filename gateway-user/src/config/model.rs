@@ -67,6 +67,12 @@ pub struct ObserverConfig {
     /// filesystem is read-only; only right when nothing but the gateway runs in that cgroup).
     /// An absolute path names a cgroup v2 directory explicitly.
     pub cgroup: Option<String>,
+    /// Connects in flight (SYN sent, no outcome yet) the kernel's table of connect records has
+    /// room for: its slots, rounded up to a power of two, 128 bytes each, preallocated at
+    /// start. Beyond it a connect in flight loses its record, counted and logged as the kernel
+    /// anomaly `slot_reused`. Also the capacity of the table of established connections'
+    /// signals. Default 65,536 (8 MiB); 1 to 16,777,216.
+    pub max_connections: Option<u32>,
 }
 
 pub const DEFAULT_OBSERVER_CGROUP: &str = "gateway-{pid}";

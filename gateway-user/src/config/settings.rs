@@ -62,6 +62,8 @@ pub struct Https {
 pub struct Observer {
     pub mode: super::model::ObserverMode,
     pub cgroup: ObserverCgroup,
+    /// `[observer] max_connections`.
+    pub max_connections: u32,
 }
 
 /// Where the observer attaches (`[observer] cgroup`).

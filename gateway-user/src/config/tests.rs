@@ -279,6 +279,30 @@ fn observer_cgroup_is_a_child_name_the_own_cgroup_or_an_absolute_path() {
 }
 
 #[test]
+fn observer_max_connections_sizes_the_kernel_table_within_its_range() {
+    let with = |v: &str| format!("{COMMON}\n[observer]\nmax_connections = {v}\n");
+    assert_eq!(
+        load(COMMON).unwrap().settings.observer.max_connections,
+        65_536
+    );
+    assert_eq!(
+        load(&with("1000"))
+            .unwrap()
+            .settings
+            .observer
+            .max_connections,
+        1000
+    );
+    for bad in ["0", "16777217", "-1"] {
+        let e = err(&with(bad));
+        assert!(
+            e.contains("observer.max_connections") && e.contains("gw.toml:12:"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn consecutive_failures_is_refused_with_the_keys_that_replaced_it() {
     let text = r#"[router]
 listener_port = 8080

@@ -11,6 +11,7 @@ use std::{
 
 mod addresses;
 mod cluster;
+mod observer;
 mod problems;
 mod routes;
 mod tls;
@@ -90,13 +91,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let access_log = access_log(&mut c, &cfg.access_log);
     let request_id = request_id(&mut c, &cfg.router.request_id);
     let log = log(&mut c, &cfg.log);
-    let observer_cgroup = observer_cgroup(
-        &mut c,
-        cfg.observer
-            .cgroup
-            .as_deref()
-            .unwrap_or(DEFAULT_OBSERVER_CGROUP),
-    );
+    let observer = observer::observer(&mut c, &cfg.observer);
 
     if !c.problems.is_empty() {
         return Err(c.problems);
@@ -114,10 +109,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             clusters,
             admin,
             access_log,
-            observer: Observer {
-                mode: cfg.observer.mode.unwrap_or_default(),
-                cgroup: observer_cgroup,
-            },
+            observer,
             expose_errors: cfg.router.expose_upstream_errors,
             request_id,
             log,
@@ -447,40 +439,6 @@ fn request_id(c: &mut Checker, cfg: &RequestIdConfig) -> Option<RequestId> {
         header,
         keep_incoming: cfg.keep_incoming.unwrap_or(true),
     })
-}
-
-/// `[observer] cgroup`: a child name, `"."`, or an absolute path.
-fn observer_cgroup(c: &mut Checker, value: &str) -> ObserverCgroup {
-    let key = KeyPath::root().key("observer").key("cgroup");
-    let mut fail = |reason| {
-        c.fail(
-            key.clone(),
-            Invalid::InvalidObserverCgroup {
-                value: value.to_owned(),
-                reason,
-            },
-        );
-        ObserverCgroup::Own
-    };
-    if value == "." {
-        ObserverCgroup::Own
-    } else if value.is_empty() {
-        fail("empty")
-    } else if value.starts_with('/') {
-        if value.split('/').any(|part| part == "..") {
-            fail("`..` is not allowed")
-        } else {
-            ObserverCgroup::Path(PathBuf::from(value))
-        }
-    } else if value.contains('/') {
-        fail("a child name cannot contain `/`")
-    } else if value == ".." || value.starts_with("cgroup.") {
-        fail("not a name the cgroup filesystem allows")
-    } else if value.matches("{pid}").count() > 1 {
-        fail("`{pid}` may appear once")
-    } else {
-        ObserverCgroup::Child(value.to_owned())
-    }
 }
 
 fn ms(v: u64) -> Duration {

@@ -1,0 +1,63 @@
+//! `[observer]`.
+
+use std::path::PathBuf;
+
+use gateway_common::names::{DEFAULT_MAX_CONNECTIONS, MAX_CONNECTIONS_LIMIT};
+
+use super::{Checker, Invalid};
+use crate::config::{
+    model::{DEFAULT_OBSERVER_CGROUP, ObserverConfig},
+    settings::{Observer, ObserverCgroup},
+    source::KeyPath,
+};
+
+pub(super) fn observer(c: &mut Checker, cfg: &ObserverConfig) -> Observer {
+    let cgroup = cgroup(c, cfg.cgroup.as_deref().unwrap_or(DEFAULT_OBSERVER_CGROUP));
+    let max_connections = c.range(
+        &KeyPath::root().key("observer").key("max_connections"),
+        cfg.max_connections
+            .map_or(u64::from(DEFAULT_MAX_CONNECTIONS), u64::from),
+        1,
+        u64::from(MAX_CONNECTIONS_LIMIT),
+        "",
+    ) as u32;
+    Observer {
+        mode: cfg.mode.unwrap_or_default(),
+        cgroup,
+        max_connections,
+    }
+}
+
+/// `[observer] cgroup`: a child name, `"."`, or an absolute path.
+fn cgroup(c: &mut Checker, value: &str) -> ObserverCgroup {
+    let key = KeyPath::root().key("observer").key("cgroup");
+    let mut fail = |reason| {
+        c.fail(
+            key.clone(),
+            Invalid::InvalidObserverCgroup {
+                value: value.to_owned(),
+                reason,
+            },
+        );
+        ObserverCgroup::Own
+    };
+    if value == "." {
+        ObserverCgroup::Own
+    } else if value.is_empty() {
+        fail("empty")
+    } else if value.starts_with('/') {
+        if value.split('/').any(|part| part == "..") {
+            fail("`..` is not allowed")
+        } else {
+            ObserverCgroup::Path(PathBuf::from(value))
+        }
+    } else if value.contains('/') {
+        fail("a child name cannot contain `/`")
+    } else if value == ".." || value.starts_with("cgroup.") {
+        fail("not a name the cgroup filesystem allows")
+    } else if value.matches("{pid}").count() > 1 {
+        fail("`{pid}` may appear once")
+    } else {
+        ObserverCgroup::Child(value.to_owned())
+    }
+}
