@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 use tracing::debug;
 
-use super::{Cluster, endpoint::Endpoint, hedge, pool::UpstreamConn, tls};
+use super::{Cluster, endpoint::Endpoint, hedge, multiplex::SendGate, pool::UpstreamConn, tls};
 use crate::{
     config::UpstreamProtocol,
     decide::{evidence::ConnectFailure, health::Evidence},
@@ -339,7 +339,7 @@ where
         .await
         .map_err(|e| handshake_failed(ep, m.cookie, e))?;
     let conn = conn.with_upgrades();
-    tokio::spawn(drive(conn, cluster, ep, m.cookie));
+    tokio::spawn(drive(conn, cluster, ep, m.cookie, None));
     Ok(UpstreamConn::new(sender, m.cookie, m.fd, m.elapsed, m.slot))
 }
 
@@ -359,8 +359,11 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| handshake_failed(ep, m.cookie, e))?;
-    tokio::spawn(drive(conn, cluster, ep, m.cookie));
-    Ok(ep.mux.register(sender, m.cookie, m.fd, m.slot, m.elapsed))
+    let gate = Arc::new(SendGate::default());
+    tokio::spawn(drive(conn, cluster, ep, m.cookie, Some(gate.clone())));
+    Ok(ep
+        .mux
+        .register(sender, m.cookie, m.fd, m.slot, m.elapsed, gate))
 }
 
 fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {
@@ -372,12 +375,16 @@ fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {
 }
 
 /// Runs a connection's task until it ends, then adds the RTOs of the kernel's final record of
-/// it (the socket is closed once the task is done, see `telemetry`).
+/// it (the socket is closed once the task is done, see `telemetry`). HTTP/2: the task is
+/// hyper's dispatcher, which ends at the upstream's GOAWAY while the streams below it go on;
+/// it is dropped, with its request queue, only once no send is pushing into that queue (see
+/// `multiplex::SendGate`).
 fn drive<F>(
     conn: F,
     cluster: &Cluster,
     ep: &Endpoint,
     cookie: u64,
+    gate: Option<Arc<SendGate>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     F: Future<Output = hyper::Result<()>> + Send + 'static,
@@ -385,14 +392,33 @@ where
     let addr = ep.addr;
     let (signals, rtos) = (cluster.signals.clone(), ep.meter.rtos.clone());
     async move {
-        if let Err(e) = conn.await {
-            debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
+        // Tells the sends waiting for the drop, even when this task is dropped unfinished
+        // (declared first: dropped after `conn`).
+        let dropped = gate.as_ref().map(|g| GateDropped(g.clone()));
+        {
+            let mut conn = std::pin::pin!(conn);
+            if let Err(e) = conn.as_mut().await {
+                debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
+            }
+            if let Some(g) = &gate {
+                g.close().await;
+            }
         }
+        drop(dropped);
         if let Some(ev) = signals.established_evidence(cookie)
             && ev.rtos > 0
         {
             rtos.inc_by(u64::from(ev.rtos));
         }
+    }
+}
+
+/// Marks the dispatcher dropped when dropped (after it: see `drive`).
+struct GateDropped(Arc<SendGate>);
+
+impl Drop for GateDropped {
+    fn drop(&mut self) {
+        self.0.dropped();
     }
 }
 

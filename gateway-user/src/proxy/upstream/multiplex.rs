@@ -16,6 +16,12 @@
 //! below) or fail on their own. Its connection slot is held until the last stream is gone and
 //! hyper closed it.
 //!
+//! hyper's dispatcher for a connection (its `Connection`, run by `connect::drive`) ends as soon
+//! as the upstream's GOAWAY arrives, while other workers may still be handing it requests: each
+//! connection has a [`SendGate`], so that no request is pushed into the dispatcher's queue while
+//! that queue is being dropped (such a request would be neither answered nor failed until the
+//! response timeout).
+//!
 //! The kernel's evidence joins per connection, by its `SO_COOKIE`, like HTTP/1: every request
 //! on it records the cookie, and a request waiting for its response reads the connection's
 //! record (RTOs with bytes unACKed: the host died, for every stream on it; see
@@ -50,12 +56,16 @@ pub(crate) struct H2Conn {
     /// When its last stream ended, as milliseconds since [`epoch`] (only read when `streams`
     /// is 0).
     idle_since_ms: AtomicU64,
+    /// Shared with the connection's `drive` task.
+    pub gate: Arc<SendGate>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl H2Conn {
     fn live(&self) -> bool {
-        !self.retired.load(Ordering::Acquire) && !self.sender.is_closed()
+        !self.retired.load(Ordering::Acquire)
+            && !self.gate.closed.load(Ordering::Relaxed)
+            && !self.sender.is_closed()
     }
 
     /// Takes a stream if there is room.
@@ -100,6 +110,73 @@ fn epoch() -> Instant {
 
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
+}
+
+/// Orders a connection's sends before the drop of hyper's dispatcher, which holds the
+/// receiving end of the connection's request queue (a tokio unbounded channel).
+///
+/// A send reserves its place in the queue, then writes the request into it; dropping the
+/// receiver closes the queue, then drops the requests in it (each answered "connection closed",
+/// with the request handed back, which `request::attempt` sends again). A send that reserved its
+/// place before the close but wrote after the drain (a worker preempted in between, as under
+/// heavy load) leaves its request in the queue until the last sender of the connection is
+/// dropped, and the request itself holds one: nothing answers it until the response timeout
+/// (tokio-rs/tokio#7714 is the same race through a `Permit`). So `drive`, once the dispatcher
+/// is done, closes the gate and waits for the sends already in it before dropping the
+/// dispatcher, and a send that finds the gate closed waits for that drop, then fails at once
+/// with its request handed back.
+#[derive(Default)]
+pub(crate) struct SendGate {
+    closed: AtomicBool,
+    /// Sends between their look at `closed` and the end of their push into the queue.
+    sending: AtomicUsize,
+    dropped: AtomicBool,
+    on_drop: Notify,
+}
+
+impl SendGate {
+    /// Enters for one send (a push into the queue, no await): `false` when the dispatcher is
+    /// going away. `SeqCst` with [`SendGate::close`]: either the send sees `closed`, or
+    /// `close` sees the send and waits for it.
+    pub fn enter(&self) -> bool {
+        self.sending.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.exit();
+            return false;
+        }
+        true
+    }
+
+    pub fn exit(&self) {
+        self.sending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The dispatcher is done: no send enters from now on; returns once those in the gate
+    /// are out (a push takes microseconds, or a preemption's time).
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        while self.sending.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The dispatcher and its queue are dropped: a send now fails at once.
+    pub fn dropped(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.dropped.store(true, Ordering::SeqCst);
+        self.on_drop.notify_waiters();
+    }
+
+    /// For a send that found the gate closed.
+    pub async fn wait_dropped(&self) {
+        let notified = self.on_drop.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if self.dropped.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// One stream's hold on its connection: counted while it lives.
@@ -263,6 +340,7 @@ impl Multiplexed {
         fd: RawFd,
         slot: OwnedSemaphorePermit,
         connect_time: std::time::Duration,
+        gate: Arc<SendGate>,
     ) -> UpstreamConn {
         self.speaks_h2.store(true, Ordering::Relaxed);
         let conn = Arc::new(H2Conn {
@@ -274,6 +352,7 @@ impl Multiplexed {
             retired: AtomicBool::new(false),
             freed: self.freed.clone(),
             idle_since_ms: AtomicU64::new(now_ms()),
+            gate,
             _slot: slot,
         });
         self.lock(worker_index()).conns.push(conn.clone());
@@ -379,5 +458,30 @@ mod tests {
         drop((first, w1, w2, second));
         let shard = mux.lock(0);
         assert_eq!((shard.connecting, shard.waiting), (0, 0));
+    }
+
+    /// Polls `f` once, with a waker that does nothing.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[test]
+    fn the_dispatcher_is_dropped_only_once_no_send_is_in_the_gate() {
+        let gate = SendGate::default();
+        // A send in the gate (pushing into hyper's queue) when the dispatcher ends.
+        assert!(gate.enter());
+        let mut close = std::pin::pin!(gate.close());
+        assert!(poll_once(close.as_mut()).is_pending(), "waits for the send");
+        // From now on a send does not enter: it waits for the drop.
+        assert!(!gate.enter());
+        let mut waiting = std::pin::pin!(gate.wait_dropped());
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        gate.exit();
+        assert!(poll_once(close.as_mut()).is_ready());
+        assert!(poll_once(waiting.as_mut()).is_pending(), "not dropped yet");
+        gate.dropped();
+        assert!(poll_once(waiting.as_mut()).is_ready());
+        // Told before it waited: at once.
+        assert!(poll_once(std::pin::pin!(gate.wait_dropped())).is_ready());
     }
 }

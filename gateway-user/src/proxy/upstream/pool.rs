@@ -150,7 +150,22 @@ impl UpstreamConn {
             Sender::Http1(s) => Either::Left(s.try_send_request(req)),
             Sender::Http2(s) => {
                 to_h2(&mut req, tls);
-                Either::Right(s.try_send_request(req))
+                let Hold::Stream(stream) = &self.hold else {
+                    return Either::Right(Either::Left(s.try_send_request(req)));
+                };
+                let gate = &stream.conn().gate;
+                if gate.enter() {
+                    let sent = s.try_send_request(req);
+                    gate.exit();
+                    return Either::Right(Either::Left(sent));
+                }
+                // hyper's dispatcher is being dropped: once it is, the send fails at once and
+                // hands the request back.
+                let (mut s, gate) = (s.clone(), gate.clone());
+                Either::Right(Either::Right(async move {
+                    gate.wait_dropped().await;
+                    s.try_send_request(req).await
+                }))
             }
         }
     }
