@@ -27,7 +27,7 @@ use crate::{
     anomaly, emit,
     maps::{
         CALLBACKS_AT_CONNECT, F_CALLBACKS_ON, F_CONNECT_SENT, F_EMITTED, PENDING_CONNECT,
-        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, free_slot, sock_cookie, sock_state,
+        PT_REGS_SYSCALL_NR_OFFSET, SYSCALL_NR_CONNECT, Taken, take_slot,
     },
     sockops,
 };
@@ -120,37 +120,23 @@ fn port_of(sa: &bpf_sock_addr) -> u16 {
 
 #[inline(always)]
 fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
-    // A socket with no cookie yet has no record: the search of its four candidate slots (four
-    // cache misses in a large table) is only for a socket connecting again.
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    let had_cookie = sk.is_null() || sock_cookie(sk.cast::<u8>()).map_or(true, |c| c != 0);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let now = unsafe { bpf_ktime_get_ns() };
-    let mine = if had_cookie {
-        sock_state(cookie)
-    } else {
-        core::ptr::null_mut()
+    let Some((st, taken)) = take_slot(cookie, now) else {
+        return;
     };
-    let st = if !mine.is_null() {
-        let st = unsafe { &mut *mine };
+    let st = unsafe { &mut *st };
+    match taken {
         // A second connect() on a socket whose first is still in flight must not reset the
         // attempt. (The kernel runs this hook only for a socket in CLOSE, so this is a guard.)
-        if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 {
-            return;
-        }
-        st
-    } else {
-        let Some((st, lost)) = free_slot(cookie, now) else {
-            return;
-        };
-        let st = unsafe { &mut *st };
-        if lost {
-            // Every candidate slot holds a connect still in flight: the table is too small for
-            // the connects in flight. The first one's record is lost; say so.
+        Taken::Mine if st.flags & F_CONNECT_SENT != 0 && st.flags & F_EMITTED == 0 => return,
+        // Every candidate slot holds a connect still in flight: the table is too small for
+        // the connects in flight. The first one's record is lost; say so.
+        Taken::Lost => {
             anomaly::report(counter::SLOT_REUSED, st.ev.cookie, &st.ev.dst, st.ev.pid);
         }
-        st
-    };
+        _ => {}
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     st.flags = 0;
     st.t_syn_ns = 0;

@@ -198,26 +198,60 @@ fn in_flight(st: &SockState, now: u64) -> bool {
     }
 }
 
-/// Where a new record for `cookie` goes: the first candidate that holds no connect in flight,
-/// else the first candidate, whose connect then loses its record (`true`).
+/// Where a record for `cookie` goes, searched in the order [`sock_state`] searches: the first
+/// candidate that already holds this socket's record (an earlier connect of the same socket),
+/// or that holds no connect in flight (`Taken::Free`); else the first candidate, whose connect
+/// then loses its record (`Taken::Lost`). Taking the first that qualifies keeps a socket's new
+/// record ahead of any older one of its own further on, so lookups find the new one; an older
+/// one left behind is finished without ESTABLISHED, which sock_ops recognises as stale.
 #[inline(always)]
-pub fn free_slot(cookie: u64, now: u64) -> Option<(*mut SockState, bool)> {
+pub fn take_slot(cookie: u64, now: u64) -> Option<(*mut SockState, Taken)> {
     let mut way = 0;
     while way < WAYS {
         let st = candidate(cookie, way);
-        if !st.is_null() && !in_flight(unsafe { &*st }, now) {
-            return Some((st, false));
+        if !st.is_null() {
+            let r = unsafe { &*st };
+            if r.ev.cookie == cookie {
+                return Some((st, Taken::Mine));
+            }
+            if !in_flight(r, now) {
+                return Some((st, Taken::Free));
+            }
         }
         way += 1;
     }
     let st = candidate(cookie, 0);
-    if st.is_null() { None } else { Some((st, true)) }
+    if st.is_null() {
+        None
+    } else {
+        Some((st, Taken::Lost))
+    }
+}
+
+/// What [`take_slot`] found in the slot it returned.
+#[derive(PartialEq, Eq)]
+pub enum Taken {
+    /// An earlier record of the same socket.
+    Mine,
+    /// No record, or one whose connect is finished or expired.
+    Free,
+    /// A connect in flight, whose record is lost.
+    Lost,
+}
+
+/// Whether a record found by cookie belongs to an earlier connect of the socket rather than
+/// the connection now calling: its connect failed (an outcome, never ESTABLISHED), so no
+/// callback of that connect can follow. It is left behind when the socket connected again
+/// and [`take_slot`] put the new record in an earlier candidate, which a later connect has
+/// since taken.
+#[inline(always)]
+pub fn stale(st: &SockState) -> bool {
+    st.flags & (F_EMITTED | F_ESTABLISHED) == F_EMITTED
 }
 
 /// The socket's cookie as the socket holds it, without assigning one: 0 when nobody has asked
 /// for it yet. Read from `struct sock` at the offset the loader found in the kernel's BTF, for
-/// the getsockopt program, where `bpf_get_socket_cookie` is refused, and for connect4/6, which
-/// look for an earlier record of the socket only when it already had a cookie. The verifier
+/// the getsockopt program, where `bpf_get_socket_cookie` is refused. The verifier
 /// forbids adding an offset to a socket pointer, so the pointer goes through a per-CPU map
 /// word first, from which it reads back as a number (allowed to a loader with CAP_PERFMON,
 /// which the observer needs anyway).

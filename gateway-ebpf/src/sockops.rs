@@ -21,7 +21,7 @@ use crate::{
     anomaly, connect, emit,
     maps::{
         CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET,
-        SK_ERR_SOFT_OFFSET, SockState, sock_state,
+        SK_ERR_SOFT_OFFSET, SockState, sock_state, stale,
     },
 };
 
@@ -70,9 +70,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let st = sock_state(cookie);
-    if st.is_null() {
+    if st.is_null() || stale(unsafe { &*st }) {
         // Not opened by connect4/6 (a passive socket, or one older than the attachment), or
-        // opened but its record since overwritten by a newer connect: see `reused`.
+        // opened but its record since overwritten by a newer connect: see `reused`. A stale
+        // record is an earlier, failed connect of the same socket (`maps::take_slot`).
         return if op == BPF_SOCK_OPS_RTO_CB
             || op == BPF_SOCK_OPS_RETRANS_CB
             || op == BPF_SOCK_OPS_STATE_CB
