@@ -18,6 +18,9 @@ pub const F_EMITTED: u32 = 1 << 3;
 pub const F_SO_ERROR_SENT: u32 = 1 << 4;
 /// connect4/6 turned the socket's sock_ops callbacks on (`connect::callbacks_on`).
 pub const F_CALLBACKS_ON: u32 = 1 << 5;
+/// The connection left ESTABLISHED (or CLOSE_WAIT) and its callbacks are off: no callback of
+/// it can follow (`sockops::closing`).
+pub const F_FINISHED: u32 = 1 << 6;
 
 /// Everything known about one socket's connect, shared by all hooks through `SOCK_STATE`.
 /// This never crosses to userspace; `ev` is the record that does.
@@ -36,8 +39,8 @@ pub struct SockState {
 }
 
 /// The records of recent connects, in a preallocated table indexed by socket cookie: a record
-/// goes into the first of its [`WAYS`] candidate slots that holds no connect in flight, and
-/// stays until a later record takes that slot. Creating and freeing a per-socket `sk_storage`
+/// goes into the first of its [`WAYS`] candidate slots that holds the socket's earlier record
+/// or no connect in flight ([`take_slot`]), and stays until a later record takes that slot. Creating and freeing a per-socket `sk_storage`
 /// instead was about half of what the observer cost a connect (docs/kernel.md, "The table of
 /// records").
 #[btf_map]
@@ -199,11 +202,11 @@ fn in_flight(st: &SockState, now: u64) -> bool {
 }
 
 /// Where a record for `cookie` goes, searched in the order [`sock_state`] searches: the first
-/// candidate that already holds this socket's record (an earlier connect of the same socket),
-/// or that holds no connect in flight (`Taken::Free`); else the first candidate, whose connect
+/// candidate that already holds this socket's record (an earlier connect of the same socket:
+/// `Taken::Mine`), or that holds no connect in flight (`Taken::Free`); else the first candidate, whose connect
 /// then loses its record (`Taken::Lost`). Taking the first that qualifies keeps a socket's new
-/// record ahead of any older one of its own further on, so lookups find the new one; an older
-/// one left behind is finished without ESTABLISHED, which sock_ops recognises as stale.
+/// record ahead of any older one of its own further on, so lookups find the new one; what sock_ops
+/// does when they reach an older one left behind: [`stale`].
 #[inline(always)]
 pub fn take_slot(cookie: u64, now: u64) -> Option<(*mut SockState, Taken)> {
     let mut way = 0;
@@ -229,7 +232,6 @@ pub fn take_slot(cookie: u64, now: u64) -> Option<(*mut SockState, Taken)> {
 }
 
 /// What [`take_slot`] found in the slot it returned.
-#[derive(PartialEq, Eq)]
 pub enum Taken {
     /// An earlier record of the same socket.
     Mine,
@@ -240,13 +242,18 @@ pub enum Taken {
 }
 
 /// Whether a record found by cookie belongs to an earlier connect of the socket rather than
-/// the connection now calling: its connect failed (an outcome, never ESTABLISHED), so no
-/// callback of that connect can follow. It is left behind when the socket connected again
-/// and [`take_slot`] put the new record in an earlier candidate, which a later connect has
-/// since taken.
+/// the connection now calling back, because no callback of that connect can follow it: it
+/// failed (an outcome, never ESTABLISHED); or its connection ended (`F_FINISHED`: closed, or
+/// disconnected with `AF_UNSPEC` and connected again); or it never sent a SYN (a route failure,
+/// or, before Linux 6.12, EADDRNOTAVAIL, which sock_ops never sees) while this callback comes
+/// from past SYN_SENT (`past_syn`, asked only then). Such a record is left behind when the
+/// socket connected again and [`take_slot`] put the new record in an earlier candidate, which a
+/// later connect has since taken.
 #[inline(always)]
-pub fn stale(st: &SockState) -> bool {
+pub fn stale(st: &SockState, past_syn: impl FnOnce() -> bool) -> bool {
     st.flags & (F_EMITTED | F_ESTABLISHED) == F_EMITTED
+        || st.flags & F_FINISHED != 0
+        || (st.flags & F_CONNECT_SENT == 0 && past_syn())
 }
 
 /// The socket's cookie as the socket holds it, without assigning one: 0 when nobody has asked

@@ -20,7 +20,7 @@ use gateway_common::{AF_INET, ConnStats, Outcome, counter};
 use crate::{
     anomaly, connect, emit,
     maps::{
-        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, SK_ERR_OFFSET,
+        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, F_FINISHED, SK_ERR_OFFSET,
         SK_ERR_SOFT_OFFSET, SockState, sock_state, stale,
     },
 };
@@ -70,10 +70,17 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let st = sock_state(cookie);
-    if st.is_null() || stale(unsafe { &*st }) {
+    // Past SYN_SENT: an RTO or retransmit of an established connection, or a state change out
+    // of anything but SYN_SENT.
+    let past_syn = || match op {
+        BPF_SOCK_OPS_STATE_CB => ctx.arg(0) != TCP_SYN_SENT,
+        BPF_SOCK_OPS_RTO_CB | BPF_SOCK_OPS_RETRANS_CB => ctx_state(ctx) != TCP_SYN_SENT,
+        _ => false,
+    };
+    if st.is_null() || stale(unsafe { &*st }, past_syn) {
         // Not opened by connect4/6 (a passive socket, or one older than the attachment), or
         // opened but its record since overwritten by a newer connect: see `reused`. A stale
-        // record is an earlier, failed connect of the same socket (`maps::take_slot`).
+        // record is an earlier connect of the same socket (`maps::stale`).
         return if op == BPF_SOCK_OPS_RTO_CB
             || op == BPF_SOCK_OPS_RETRANS_CB
             || op == BPF_SOCK_OPS_STATE_CB
@@ -255,11 +262,12 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
 /// the callbacks stay on: a request written into that window is reset, and that is recorded.
 /// Otherwise they stop here, as they would fire for every step of the close.
 #[inline(always)]
-fn closing(ctx: &SockOpsContext, st: &SockState, new: u32) {
+fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
     let mut cs = conn_stats(ctx, st);
     let remarkable = cs.data_retransmits != 0 || cs.rtos != 0 || cs.unacked_bytes != 0;
     if new != TCP_CLOSE_WAIT {
         let _ = ctx.set_cb_flags(0);
+        st.flags |= F_FINISHED;
     }
     if new != TCP_CLOSE && !remarkable {
         return;

@@ -1,4 +1,6 @@
-//! `[observer]`.
+//! `[observer]`: where the kernel observer attaches (`cgroup`), whether it must (`mode`), and
+//! how many connects in flight its table of records holds (`max_connections`, not the cluster
+//! limit of the same name).
 
 use std::path::PathBuf;
 
