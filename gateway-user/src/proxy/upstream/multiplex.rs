@@ -57,7 +57,7 @@ pub(crate) struct H2Conn {
     /// is 0).
     idle_since_ms: AtomicU64,
     /// Shared with the connection's `drive` task.
-    pub gate: Arc<SendGate>,
+    pub(super) gate: Arc<SendGate>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -130,45 +130,58 @@ pub(crate) struct SendGate {
     closed: AtomicBool,
     /// Sends between their look at `closed` and the end of their push into the queue.
     sending: AtomicUsize,
+    /// Told by the last send out of the gate once it is closed.
+    idle: Notify,
     dropped: AtomicBool,
     on_drop: Notify,
 }
 
+/// One send inside the gate; leaves it when dropped (also on a panic in the push).
+pub(crate) struct Entered<'a>(&'a SendGate);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let gate = self.0;
+        if gate.sending.fetch_sub(1, Ordering::SeqCst) == 1 && gate.closed.load(Ordering::SeqCst) {
+            gate.idle.notify_waiters();
+        }
+    }
+}
+
 impl SendGate {
-    /// Enters for one send (a push into the queue, no await): `false` when the dispatcher is
+    /// Enters for one send (a push into the queue, no await): `None` when the dispatcher is
     /// going away. `SeqCst` with [`SendGate::close`]: either the send sees `closed`, or
     /// `close` sees the send and waits for it.
-    pub fn enter(&self) -> bool {
+    pub(super) fn enter(&self) -> Option<Entered<'_>> {
         self.sending.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.exit();
-            return false;
-        }
-        true
-    }
-
-    pub fn exit(&self) {
-        self.sending.fetch_sub(1, Ordering::SeqCst);
+        let entered = Entered(self);
+        (!self.closed.load(Ordering::SeqCst)).then_some(entered)
     }
 
     /// The dispatcher is done: no send enters from now on; returns once those in the gate
-    /// are out (a push takes microseconds, or a preemption's time).
-    pub async fn close(&self) {
+    /// are out (a push takes microseconds, or the time its thread is preempted).
+    pub(super) async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        while self.sending.load(Ordering::SeqCst) > 0 {
-            tokio::task::yield_now().await;
+        loop {
+            let idle = self.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            idle.as_mut().enable();
+            if self.sending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
     /// The dispatcher and its queue are dropped: a send now fails at once.
-    pub fn dropped(&self) {
+    pub(super) fn dropped(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.dropped.store(true, Ordering::SeqCst);
         self.on_drop.notify_waiters();
     }
 
     /// For a send that found the gate closed.
-    pub async fn wait_dropped(&self) {
+    pub(super) async fn wait_dropped(&self) {
         let notified = self.on_drop.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
@@ -469,14 +482,14 @@ mod tests {
     fn the_dispatcher_is_dropped_only_once_no_send_is_in_the_gate() {
         let gate = SendGate::default();
         // A send in the gate (pushing into hyper's queue) when the dispatcher ends.
-        assert!(gate.enter());
+        let entered = gate.enter().expect("open");
         let mut close = std::pin::pin!(gate.close());
         assert!(poll_once(close.as_mut()).is_pending(), "waits for the send");
         // From now on a send does not enter: it waits for the drop.
-        assert!(!gate.enter());
+        assert!(gate.enter().is_none());
         let mut waiting = std::pin::pin!(gate.wait_dropped());
         assert!(poll_once(waiting.as_mut()).is_pending());
-        gate.exit();
+        drop(entered);
         assert!(poll_once(close.as_mut()).is_ready());
         assert!(poll_once(waiting.as_mut()).is_pending(), "not dropped yet");
         gate.dropped();

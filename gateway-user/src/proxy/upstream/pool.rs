@@ -154,10 +154,8 @@ impl UpstreamConn {
                     return Either::Right(Either::Left(s.try_send_request(req)));
                 };
                 let gate = &stream.conn().gate;
-                if gate.enter() {
-                    let sent = s.try_send_request(req);
-                    gate.exit();
-                    return Either::Right(Either::Left(sent));
+                if let Some(_entered) = gate.enter() {
+                    return Either::Right(Either::Left(s.try_send_request(req)));
                 }
                 // hyper's dispatcher is being dropped: once it is, the send fails at once and
                 // hands the request back.
