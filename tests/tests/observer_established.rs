@@ -221,6 +221,47 @@ fn privileged_a_connection_whose_record_was_reused_still_shows_rtos_and_unacked_
     host_dies_before_the_request(&mut rec, up, child, p.cookie);
 }
 
+/// As above, on a socket that connected twice, when all that is left of it in the kernel's
+/// table is its first, refused connect (`connect-probe reconnect` arranges that): sock_ops
+/// must not take that stale record for the connection's, or its RTOs would go uncounted.
+#[test]
+fn privileged_a_socket_that_connected_again_shows_rtos_past_its_stale_record() {
+    const RECORDS: u32 = 4;
+    let (lab, mut rec) = observed_lab_with_records(1, RECORDS);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let first = up.addr_v4(PORT + 1);
+    let mut child = connect_probe!().spawn_in(
+        &lab,
+        "reconnect",
+        up.addr_v4(PORT),
+        &[
+            "--first",
+            &first.to_string(),
+            "--slots",
+            &RECORDS.to_string(),
+            "--send",
+            "1000",
+            "--pause-ms",
+            "600",
+            "--hold-ms",
+            "2500",
+        ],
+    );
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let p: Probe = serde_json::from_str(&line).unwrap();
+    assert_eq!(p.result, "ok", "{line}");
+    assert_eq!(
+        rec.record(p.cookie, Duration::from_secs(5)).outcome(),
+        Outcome::Refused,
+        "the first connect"
+    );
+    host_dies_before_the_request(&mut rec, up, child, p.cookie);
+}
+
 #[test]
 fn privileged_ring_buffer_overflow_is_counted_exactly() {
     let (lab, mut rec) = observed_lab(1);

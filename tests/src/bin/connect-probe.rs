@@ -10,6 +10,7 @@
 //! | `go` | non-blocking connect, poll for POLLOUT, `getsockopt(SO_ERROR)` (Go's net package) |
 //! | `tokio` | `tokio::net::TcpSocket::connect` (mio; reads SO_ERROR through `take_error`) |
 //! | `blocking` | a plain blocking `connect()`; never reads SO_ERROR |
+//! | `reconnect` | `connect()` to `--first ADDR` (refused), then again on the same socket to ADDR, arranged so that the observer's table (`--slots N`, default 4) keeps only the first connect's record (`reconnect_style`) |
 //!
 //! With `--timeout-ms`, `go` and `tokio` give up and close the socket (a userspace connect
 //! timeout); `--keep` keeps every connected socket open until the process exits (to exhaust
@@ -138,9 +139,58 @@ fn blocking_style(addr: SocketAddr) -> (u64, Result<Socket, io::Error>) {
     (c, r.map(|()| sock))
 }
 
+/// A socket whose cookie's low bits (`mask`) are `low`: sockets are made until one has them
+/// (cookies count up, so within a few); the others are closed unconnected, which leaves no
+/// record in the observer's table.
+fn socket_in_slot(mask: u64, low: u64) -> Socket {
+    loop {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        if cookie(s.as_raw_fd()) & mask == low {
+            return s;
+        }
+    }
+}
+
+/// One socket that connects twice, arranged so that the observer's table (of `slots` records,
+/// four candidates each) keeps its first, failed connect behind its second: a connect held in
+/// SYN_SENT (to a full listener of our own) occupies the socket's first candidate while it
+/// connects to `first` (refused), so that record goes to a later candidate; the held connect
+/// is closed, the socket connects to `addr` (its record in the first candidate, now free), and
+/// one more connect whose cookie shares those low bits takes that slot. What is left of the
+/// socket in the table is its failed first connect.
+fn reconnect_style(addr: SocketAddr, first: SocketAddr, slots: u64) -> (u64, io::Result<Socket>) {
+    let mask = slots - 1;
+    let sock = new_socket(addr).expect("socket");
+    let c = cookie(sock.as_raw_fd());
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    listener.listen(0).expect("listen");
+    let full = listener.local_addr().expect("local_addr");
+    // Backlog 0 holds one connection: every SYN after it is dropped.
+    let _queued = std::net::TcpStream::connect(full.as_socket().expect("inet")).expect("filler");
+    let held = socket_in_slot(mask, c & mask);
+    held.set_nonblocking(true).expect("nonblocking");
+    match held.connect(&full) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        other => panic!("connect to a full listener: expected EINPROGRESS, got {other:?}"),
+    }
+    match sock.connect(&first.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        other => panic!("the first connect: expected ECONNREFUSED, got {other:?}"),
+    }
+    drop(held);
+    if let Err(e) = sock.connect(&addr.into()) {
+        return (c, Err(e));
+    }
+    let _ = socket_in_slot(mask, c & mask).connect(&first.into());
+    (c, Ok(sock))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: connect-probe go|tokio|blocking ADDR [--timeout-ms N] [--count N] [--keep] [--send N [--pause-ms N] [--hold-ms N] [--abort]]";
+    let usage = "usage: connect-probe go|tokio|blocking|reconnect ADDR [--first ADDR] [--slots N] [--timeout-ms N] [--count N] [--keep] [--send N [--pause-ms N] [--hold-ms N] [--abort]]";
     let (Some(style), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -150,6 +200,8 @@ fn main() {
         std::process::exit(2)
     });
     let mut timeout = None;
+    let mut first = None;
+    let mut slots = 4u64;
     let mut count = 1usize;
     let (mut keep, mut abort) = (false, false);
     let (mut send, mut pause, mut hold) = (0usize, 0u64, 0u64);
@@ -164,6 +216,8 @@ fn main() {
             }
             "--count" => count = it.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--keep" => keep = true,
+            "--first" => first = it.next().and_then(|v| v.parse::<SocketAddr>().ok()),
+            "--slots" => slots = it.next().and_then(|v| v.parse().ok()).unwrap_or(4),
             "--abort" => abort = true,
             "--send" => send = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--pause-ms" => pause = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -181,6 +235,9 @@ fn main() {
             "go" => go_style(addr, timeout),
             "tokio" => tokio_style(addr, timeout),
             "blocking" => blocking_style(addr),
+            "reconnect" => {
+                reconnect_style(addr, first.expect("reconnect needs --first ADDR"), slots)
+            }
             other => {
                 eprintln!("unknown style {other}; {usage}");
                 std::process::exit(2);
