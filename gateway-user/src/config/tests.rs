@@ -293,6 +293,16 @@ fn observer_max_connections_sizes_the_kernel_table_within_its_range() {
             .max_connections,
         1000
     );
+    let big = load(&with("2000000")).unwrap();
+    assert_eq!(big.settings.observer.max_connections, 2_000_000);
+    assert!(
+        big.warnings.iter().any(|w| w
+            .to_string()
+            .contains("max_connections = 2000000 preallocates 256 MiB")),
+        "{:?}",
+        big.warnings
+    );
+    assert!(load(&with("1048576")).unwrap().warnings.is_empty());
     for bad in ["0", "16777217", "-1"] {
         let e = err(&with(bad));
         assert!(

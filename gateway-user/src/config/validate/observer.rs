@@ -6,23 +6,38 @@ use std::path::PathBuf;
 
 use gateway_common::names::{DEFAULT_MAX_CONNECTIONS, MAX_CONNECTIONS_LIMIT};
 
-use super::{Checker, Invalid};
+use super::{At, Checker, Invalid, Warning};
 use crate::config::{
     model::{DEFAULT_OBSERVER_CGROUP, ObserverConfig},
     settings::{Observer, ObserverCgroup},
     source::KeyPath,
 };
 
+/// Above this many slots (128 MiB) the table of connect records gets a warning: a size for a
+/// host with that many connects in flight at once, easily set by mistake.
+const LARGE_CONNECT_TABLE: u64 = 1 << 20;
+
 pub(super) fn observer(c: &mut Checker, cfg: &ObserverConfig) -> Observer {
     let cgroup = cgroup(c, cfg.cgroup.as_deref().unwrap_or(DEFAULT_OBSERVER_CGROUP));
+    let key = KeyPath::root().key("observer").key("max_connections");
     let max_connections = c.range(
-        &KeyPath::root().key("observer").key("max_connections"),
+        &key,
         cfg.max_connections
             .map_or(u64::from(DEFAULT_MAX_CONNECTIONS), u64::from),
         1,
         u64::from(MAX_CONNECTIONS_LIMIT),
         "",
     ) as u32;
+    let slots = u64::from(max_connections).next_power_of_two();
+    if slots > LARGE_CONNECT_TABLE {
+        c.warnings.push(At {
+            key,
+            what: Warning::LargeConnectTable {
+                value: max_connections,
+                mib: slots * 128 >> 20,
+            },
+        });
+    }
     Observer {
         mode: cfg.mode.unwrap_or_default(),
         cgroup,

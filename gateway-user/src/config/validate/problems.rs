@@ -156,6 +156,10 @@ pub enum Warning {
         connect_ms: u64,
         response_ms: u64,
     },
+    #[error(
+        "observer.max_connections = {value} preallocates {mib} MiB of kernel memory for the table of connect records (128 bytes a slot, rounded up to a power of two), whatever the traffic"
+    )]
+    LargeConnectTable { value: u32, mib: u64 },
     #[error("cluster `{cluster}` is not used by any route")]
     UnusedCluster { cluster: String },
     #[error(
