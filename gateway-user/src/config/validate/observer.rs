@@ -34,7 +34,7 @@ pub(super) fn observer(c: &mut Checker, cfg: &ObserverConfig) -> Observer {
             key,
             what: Warning::LargeConnectTable {
                 value: max_connections,
-                mib: slots * 128 >> 20,
+                mib: (slots * 128) >> 20,
             },
         });
     }
