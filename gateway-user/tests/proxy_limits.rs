@@ -149,6 +149,34 @@ async fn slow_loris_is_cut_off_by_the_header_read_timeout() {
     assert_eq!(up.hits(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_waiting_for_its_next_head_is_closed_at_the_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = Upstream::start("up").await;
+    let gw = limited("idle-head", &up).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    // The response is in: the timeout runs from here, with half of the next head sent.
+    let answered = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    let took = answered.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the gateway must close the connection: {closed:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(290),
+        "closed before the timeout: {took:?}"
+    );
+    assert_eq!(up.hits(), 1);
+}
+
 /// Downloads and uploads 512 MiB through the gateway binary and checks its peak RSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through_with_bounded_memory() {

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use super::{
     access_log::Record,
     error::Phase,
+    io::Busy,
     router::CompiledRoute,
     shared::Shared,
     telemetry::RouteMeter,
@@ -43,10 +44,18 @@ pub(crate) struct Exchange {
     pub body: Option<Arc<super::request_body::Progress>>,
     /// The endpoint of the latest attempt: the request's latency goes into its history.
     pub endpoint: Option<Arc<Endpoint>>,
+    /// Counts the request as running on its client connection until the response is over
+    /// (see `server::park`, whose header-read timeout runs only between responses).
+    _busy: Busy,
 }
 
 impl Exchange {
-    pub fn new(shared: Arc<Shared>, client: SocketAddr, req: &Request<Incoming>) -> Box<Self> {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: SocketAddr,
+        req: &Request<Incoming>,
+        busy: Busy,
+    ) -> Box<Self> {
         Box::new(Exchange {
             record: Record::new(
                 client,
@@ -65,6 +74,7 @@ impl Exchange {
             request_id_header: None,
             body: None,
             endpoint: None,
+            _busy: busy,
         })
     }
 

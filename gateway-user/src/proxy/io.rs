@@ -146,7 +146,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
 pub(crate) struct Activity {
     /// Reads and writes that moved bytes: unchanged over a while means quiet.
     ticks: AtomicU64,
-    /// Requests whose service future is running.
+    /// Requests whose response is not over (their exchange is alive).
     busy: AtomicUsize,
     /// Requests started on the connection.
     requests: AtomicU64,
@@ -182,7 +182,8 @@ impl Activity {
         self.parking.store(on, Ordering::Relaxed);
     }
 
-    /// A request starts (with a body or not); it counts as running until the guard is dropped.
+    /// A request starts (with a body or not); it counts as running until the guard is dropped
+    /// (with its exchange, when the response is over).
     pub fn busy(self: &Arc<Self>, has_body: bool) -> Busy {
         self.had_body.store(has_body, Ordering::Relaxed);
         self.read_since_request.store(false, Ordering::Relaxed);
@@ -195,6 +196,11 @@ impl Activity {
 
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// No request running: between responses, when the next head is awaited.
+    pub fn between_requests(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0
     }
 }
 

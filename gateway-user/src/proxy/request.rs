@@ -92,16 +92,16 @@ pub(crate) struct Client {
 /// for a connection slot) boxed: a future is moved by value at every level that awaits it, so
 /// deep nesting of large futures costs a memcpy of each per request.
 ///
-/// `_busy` marks the request as running on its client connection until the future ends (see
-/// `server::park`).
+/// `busy` marks the request as running on its client connection until its response is over
+/// (the exchange holds it; see `server::park`).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     client: Arc<Client>,
     req: Request<Incoming>,
-    _busy: Busy,
+    busy: Busy,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // The request's context lives in its final place from the start: the response body owns it.
-    let mut ex = Exchange::new(shared, client.addr, &req);
+    let mut ex = Exchange::new(shared, client.addr, &req, busy);
     let prepared = {
         let rt = ex.shared.runtime.load();
         prepare::prepare(&rt, req, &client, &mut ex)

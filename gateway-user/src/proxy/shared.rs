@@ -168,10 +168,15 @@ fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
 }
 
 /// The HTTP/1 settings of [`http_builder`], for a connection known to speak HTTP/1.
+///
+/// Without hyper's header-read timeout: `server::park` enforces it on these connections. hyper
+/// arms its timer anew for every head (a clock read, a boxed tokio `Sleep`, its registration
+/// and removal: about 700 instructions per keep-alive request, `bench instructions`), where
+/// the connection's own park check, already due every `PARK_AFTER` or sooner, needs none.
 fn http1_builder(ds: &Downstream) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(ds.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(hard_limit(ds).max(64 * 1024))
         .keep_alive(true);
     b

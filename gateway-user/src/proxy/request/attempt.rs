@@ -23,10 +23,12 @@
 //! refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`, which
 //! `decide::retry` sends to another connection whatever the method.
 
-use std::{future::Future, net::SocketAddr, os::fd::RawFd, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future, net::SocketAddr, os::fd::RawFd, pin::Pin, sync::Arc, task::Poll, time::Duration,
+};
 
 use http::Request;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::{
@@ -270,7 +272,16 @@ async fn exchange(
                 baseline,
                 sent,
             };
-            let (r, arrived) = await_head(send.as_mut(), cluster, ep, on, plan, ex).await?;
+            // The connection's own timer; an HTTP/2 stream's, for this request only.
+            let mut stream_timer = std::pin::pin!(None);
+            let timer = match conn.head_timer() {
+                Some(t) => t,
+                None => {
+                    stream_timer.set(Some(tokio::time::sleep_until(plan.deadline)));
+                    stream_timer.as_mut().as_pin_mut().expect("just set")
+                }
+            };
+            let (r, arrived) = await_head(send.as_mut(), timer, cluster, ep, on, plan, ex).await?;
             (r, Some(arrived))
         }
     };
@@ -327,11 +338,13 @@ struct OnConn {
 }
 
 /// Waits for the response head until the response timeout (from `sent`) or the request
-/// deadline, whichever is first; gives up as soon as the kernel shows that the host died.
+/// deadline, whichever is first, with `timer` (reset at each look; the connection's own, see
+/// `UpstreamConn::head_timer`); gives up as soon as the kernel shows that the host died.
 /// Feeds the endpoint's latency: the head's arrival, a stall, a timeout. The result comes with
 /// the time it arrived (read once, for the latency, the access log and the endpoint's health).
 async fn await_head<F: Future<Output = SendResult>>(
     mut send: Pin<&mut F>,
+    mut timer: Pin<&mut Sleep>,
     cluster: &Cluster,
     ep: &Endpoint,
     on: OnConn,
@@ -354,7 +367,12 @@ async fn await_head<F: Future<Output = SendResult>>(
     let mut next_look = sent + HOST_DIED_CHECK;
     loop {
         let slice = next_look.min(until);
-        match tokio::time::timeout_at(slice, send.as_mut()).await {
+        timer.as_mut().reset(slice);
+        let polled = std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Ok(r)),
+            Poll::Pending => timer.as_mut().poll(cx).map(Err),
+        });
+        match polled.await {
             Ok(r) => {
                 let arrived = Instant::now();
                 if r.is_ok() {

@@ -16,7 +16,7 @@
 //! HTTP/2 with prior knowledge (served as before, never parked).
 //!
 //! What is never parked: a request in flight or a response being written (a request counts
-//! as running until its service future ends), an upgraded connection (the tunnel owns the
+//! as running until its response is over), an upgraded connection (the tunnel owns the
 //! socket), a connection whose last request had a body (hyper may not have read all of it,
 //! and what is left must never be read as a request), and one that sent part of its next
 //! head (hyper will not give it up: asked to stop, it serves that request with `Connection:
@@ -145,7 +145,7 @@ async fn serve_h1(
         let parked_at = drive(
             &mut conn,
             &activity,
-            park_after_request,
+            (park_after_request, header_timeout),
             &mut phase,
             client.addr,
         );
@@ -161,7 +161,7 @@ async fn serve_h1(
         io = socket;
         pending = leftover(parts.read_buf, unread);
         if pending.is_empty() {
-            // Quiet since at least `PARK_AFTER` before: hyper's head-read timeout ran from then.
+            // Quiet since at least `PARK_AFTER` before: the head-read timeout ran from then.
             let deadline = parked_at - PARK_AFTER + header_timeout;
             let Ok(stream) = io.into_inner().into_std() else {
                 return;
@@ -182,10 +182,16 @@ async fn serve_h1(
 /// Polls hyper's connection until it ends (`None`), or until it stopped to be parked, having
 /// been quiet since [`PARK_AFTER`] before the returned instant. With `park_after_request`,
 /// only once more requests than that have started.
+///
+/// It also enforces the header-read timeout (hyper's is off on these connections, see
+/// `shared::http1_builder`): a connection with no request running (no response in flight
+/// either) and no new request for `header_timeout` is closed, as hyper's timer would have
+/// closed it. Looked at every [`head_check_step`], never before the timeout and at most two
+/// steps (a quarter of it) after.
 async fn drive<S>(
     conn: &mut UpgradeableConnection<TokioIo<Parkable<Socket>>, S>,
     activity: &Activity,
-    park_after_request: Option<u64>,
+    (park_after_request, header_timeout): (Option<u64>, Duration),
     phase: &mut watch::Receiver<Phase>,
     peer: std::net::SocketAddr,
 ) -> Option<Instant>
@@ -193,20 +199,24 @@ where
     S: HttpService<Incoming, ResBody = crate::proxy::response_body::ResponseBody> + Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let start = Instant::now();
+    let step = head_check_step(header_timeout);
     let mut seen = activity.ticks();
-    let mut check = Instant::now() + PARK_AFTER;
+    let mut park_due = start + PARK_AFTER;
+    let mut check = start + step;
+    // Since when no request has been running, as of the latest look, with the request count
+    // then: a head has been awaited at least since then.
+    let mut awaiting = Some((start, activity.requests()));
     // When the connection was asked to stop for parking, and its I/O count then.
     let mut parking: Option<(Instant, u64)> = None;
     let mut closing = false;
     loop {
-        // The park check's timer and the drain's watch, polled only when one of them woke the
+        // The checks' timer and the drain's watch, polled only when one of them woke the
         // task, not at each of the connection's wake-ups (see `woken`).
         let rare = WhenWoken::new(async {
             tokio::select! {
                 biased;
-                _ = tokio::time::sleep_until(check), if parking.is_none() && !closing => {
-                    Rare::ParkCheck
-                }
+                _ = tokio::time::sleep_until(check), if parking.is_none() => Rare::Check,
                 changed = phase.changed() => Rare::Phase { sender_gone: changed.is_err() },
             }
         });
@@ -228,16 +238,33 @@ where
                 };
             }
             event = rare => match event {
-                Rare::ParkCheck => {
+                Rare::Check => {
+                    let now = Instant::now();
+                    check = now + step;
+                    let requests = activity.requests();
+                    awaiting = match awaiting {
+                        _ if !activity.between_requests() => None,
+                        Some((since, r)) if r == requests => {
+                            if now.saturating_duration_since(since) >= header_timeout {
+                                debug!(client = %peer, "header read timeout");
+                                return None;
+                            }
+                            Some((since, r))
+                        }
+                        _ => Some((now, requests)),
+                    };
+                    if closing || now < park_due {
+                        continue;
+                    }
                     let ticks = activity.ticks();
-                    let may = park_after_request.is_none_or(|r| activity.requests() > r);
+                    let may = park_after_request.is_none_or(|r| requests > r);
                     if ticks == seen && activity.idle() && may {
                         activity.set_parking(true);
                         std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                        parking = Some((Instant::now(), ticks));
+                        parking = Some((now, ticks));
                     } else {
                         seen = ticks;
-                        check = Instant::now() + PARK_AFTER;
+                        park_due = now + PARK_AFTER;
                     }
                 }
                 Rare::Phase { sender_gone } => {
@@ -263,10 +290,18 @@ where
     }
 }
 
+/// How often [`drive`] looks at a connection: every [`PARK_AFTER`], or an eighth of the
+/// header-read timeout when that is shorter (so that the timeout is late by a quarter at most).
+fn head_check_step(header_timeout: Duration) -> Duration {
+    PARK_AFTER
+        .min(header_timeout / 8)
+        .max(Duration::from_millis(1))
+}
+
 /// What woke one of [`drive`]'s rare branches.
 enum Rare {
-    /// The park check is due.
-    ParkCheck,
+    /// The header-read and park checks are due.
+    Check,
     /// The drain's phase changed, or its sender is gone.
     Phase { sender_gone: bool },
 }
