@@ -237,7 +237,9 @@ pub struct DownstreamConfig {
     /// How long a client may take to send a complete request head, counted from when the
     /// connection starts waiting for one (a new connection, or the end of the previous response
     /// on a keep-alive connection). Cuts off slow-loris clients, and is also how long an idle
-    /// HTTP/1 keep-alive connection is kept. Default [`DEFAULT_HEADER_READ_TIMEOUT_MS`].
+    /// HTTP/1 keep-alive connection is kept. Default [`DEFAULT_HEADER_READ_TIMEOUT_MS`]. On
+    /// plain HTTP/1 connections the gateway's own periodic check enforces it: the connection
+    /// closes at the timeout or up to a quarter of it later, never before.
     pub header_read_timeout_ms: Option<u64>,
     /// How long a write to a client may make no progress before the connection is closed
     /// (a client that stopped reading). Default [`DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS`].
