@@ -92,25 +92,34 @@ fn send_after(
     pause_ms: &str,
     hold_ms: &str,
 ) -> (std::process::Child, Probe) {
-    let mut child = connect_probe!().spawn_in(
-        lab,
-        "blocking",
-        addr,
-        &[
-            "--send",
-            "1000",
-            "--pause-ms",
-            pause_ms,
-            "--hold-ms",
-            hold_ms,
-        ],
-    );
+    send_after_in_style(lab, "blocking", &[], addr, pause_ms, hold_ms)
+}
+
+/// [`send_after`] with connect-probe's `style` and its own arguments `extra`.
+fn send_after_in_style(
+    lab: &gateway_lab::Lab,
+    style: &str,
+    extra: &[&str],
+    addr: std::net::SocketAddr,
+    pause_ms: &str,
+    hold_ms: &str,
+) -> (std::process::Child, Probe) {
+    let mut args = extra.to_vec();
+    args.extend([
+        "--send",
+        "1000",
+        "--pause-ms",
+        pause_ms,
+        "--hold-ms",
+        hold_ms,
+    ]);
+    let mut child = connect_probe!().spawn_in(lab, style, addr, &args);
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let p: Probe = serde_json::from_str(&line).unwrap();
-    assert_eq!(p.result, "ok");
+    assert_eq!(p.result, "ok", "{line}");
     (child, p)
 }
 
@@ -230,30 +239,15 @@ fn privileged_a_socket_that_connected_again_shows_rtos_past_its_stale_record() {
     let (lab, mut rec) = observed_lab_with_records(1, RECORDS);
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let first = up.addr_v4(PORT + 1);
-    let mut child = connect_probe!().spawn_in(
+    let (first, records) = (up.addr_v4(PORT + 1).to_string(), RECORDS.to_string());
+    let (child, p) = send_after_in_style(
         &lab,
         "reconnect",
+        &["--first", &first, "--slots", &records],
         up.addr_v4(PORT),
-        &[
-            "--first",
-            &first.to_string(),
-            "--slots",
-            &RECORDS.to_string(),
-            "--send",
-            "1000",
-            "--pause-ms",
-            "600",
-            "--hold-ms",
-            "2500",
-        ],
+        "600",
+        "2500",
     );
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let p: Probe = serde_json::from_str(&line).unwrap();
-    assert_eq!(p.result, "ok", "{line}");
     assert_eq!(
         rec.record(p.cookie, Duration::from_secs(5)).outcome(),
         Outcome::Refused,

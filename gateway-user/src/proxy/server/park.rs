@@ -204,9 +204,7 @@ where
     let mut seen = activity.ticks();
     let mut park_due = start + PARK_AFTER;
     let mut check = start + step;
-    // Since when no request has been running, as of the latest look, with the request count
-    // then: a head has been awaited at least since then.
-    let mut awaiting = Some((start, activity.requests()));
+    let mut head = HeadWait(Some((start, activity.requests())));
     // When the connection was asked to stop for parking, and its I/O count then.
     let mut parking: Option<(Instant, u64)> = None;
     let mut closing = false;
@@ -241,23 +239,15 @@ where
                 Rare::Check => {
                     let now = Instant::now();
                     check = now + step;
-                    let requests = activity.requests();
-                    awaiting = match awaiting {
-                        _ if !activity.between_requests() => None,
-                        Some((since, r)) if r == requests => {
-                            if now.saturating_duration_since(since) >= header_timeout {
-                                debug!(client = %peer, "header read timeout");
-                                return None;
-                            }
-                            Some((since, r))
-                        }
-                        _ => Some((now, requests)),
-                    };
+                    if head.overdue(activity, now, header_timeout) {
+                        debug!(client = %peer, "header read timeout");
+                        return None;
+                    }
                     if closing || now < park_due {
                         continue;
                     }
                     let ticks = activity.ticks();
-                    let may = park_after_request.is_none_or(|r| requests > r);
+                    let may = park_after_request.is_none_or(|r| activity.requests() > r);
                     if ticks == seen && activity.idle() && may {
                         activity.set_parking(true);
                         std::pin::Pin::new(&mut *conn).graceful_shutdown();
@@ -269,24 +259,64 @@ where
                 }
                 Rare::Phase { sender_gone } => {
                     let p = if sender_gone { Phase::Force } else { *phase.borrow() };
-                    match p {
-                        // HTTP/1 connections close after their next response instead: closing
-                        // an idle one now would race the request its client may be sending.
-                        Phase::Run | Phase::Deregister => {}
-                        // Not cut off before its first request: it is served, with
-                        // `Connection: close` (see `super::serve`).
-                        Phase::Drain if activity.requests() == 0 => {}
-                        Phase::Drain if !closing => {
-                            activity.set_parking(false);
-                            std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                            closing = true;
-                        }
-                        Phase::Drain => {}
-                        Phase::Force => return None,
+                    if on_phase(conn, activity, p, &mut closing) {
+                        return None;
                     }
                 }
             }
         }
+    }
+}
+
+/// The drain's phase changed to `p` (`Force` when its sender is gone): whether the connection
+/// ends now. At `Drain`, one that has served a request is asked to close (`closing`).
+fn on_phase<S>(
+    conn: &mut UpgradeableConnection<TokioIo<Parkable<Socket>>, S>,
+    activity: &Activity,
+    p: Phase,
+    closing: &mut bool,
+) -> bool
+where
+    S: HttpService<Incoming, ResBody = crate::proxy::response_body::ResponseBody> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match p {
+        // HTTP/1 connections close after their next response instead: closing an idle one
+        // now would race the request its client may be sending.
+        Phase::Run | Phase::Deregister => false,
+        // Not cut off before its first request: it is served, with `Connection: close` (see
+        // `super::serve`).
+        Phase::Drain if activity.requests() == 0 || *closing => false,
+        Phase::Drain => {
+            activity.set_parking(false);
+            std::pin::Pin::new(&mut *conn).graceful_shutdown();
+            *closing = true;
+            false
+        }
+        Phase::Force => true,
+    }
+}
+
+/// Since when a connection has had no request running and no new one started, with the
+/// request count then, as of [`drive`]'s latest look: its next head has been awaited at least
+/// since then (`None` while a request runs).
+struct HeadWait(Option<(Instant, u64)>);
+
+impl HeadWait {
+    /// Looks at `now`: whether the next head has been awaited for `timeout`.
+    fn overdue(&mut self, activity: &Activity, now: Instant, timeout: Duration) -> bool {
+        let requests = activity.requests();
+        self.0 = match self.0 {
+            _ if !activity.between_requests() => None,
+            Some((since, r)) if r == requests => {
+                if now.saturating_duration_since(since) >= timeout {
+                    return true;
+                }
+                Some((since, r))
+            }
+            _ => Some((now, requests)),
+        };
+        false
     }
 }
 
