@@ -11,6 +11,7 @@ mod checkout;
 mod cluster;
 mod connect;
 mod endpoint;
+mod gate;
 mod health;
 mod hedge;
 mod history;

@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 use tracing::debug;
 
-use super::{Cluster, endpoint::Endpoint, hedge, multiplex::SendGate, pool::UpstreamConn, tls};
+use super::{Cluster, endpoint::Endpoint, gate::SendGate, hedge, pool::UpstreamConn, tls};
 use crate::{
     config::UpstreamProtocol,
     decide::{evidence::ConnectFailure, health::Evidence},
@@ -378,7 +378,7 @@ fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {
 /// it (the socket is closed once the task is done, see `telemetry`). HTTP/2: the task is
 /// hyper's dispatcher, which ends at the upstream's GOAWAY while the streams below it go on;
 /// it is dropped, with its request queue, only once no send is pushing into that queue (see
-/// `multiplex::SendGate`).
+/// `gate::SendGate`).
 fn drive<F>(
     conn: F,
     cluster: &Cluster,

@@ -18,7 +18,7 @@
 //!
 //! hyper's dispatcher for a connection (its `Connection`, run by `connect::drive`) ends as soon
 //! as the upstream's GOAWAY arrives, while other workers may still be handing it requests: each
-//! connection has a [`SendGate`], so that no request is pushed into the dispatcher's queue while
+//! connection has a `gate::SendGate`, so that no request is pushed into the dispatcher's queue while
 //! that queue is being dropped (such a request would be neither answered nor failed until the
 //! response timeout).
 //!
@@ -39,7 +39,10 @@ use std::{
 use hyper::client::conn::http2;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use super::pool::{Hold, Sender, UpstreamConn, worker_index};
+use super::{
+    gate::SendGate,
+    pool::{Hold, Sender, UpstreamConn, worker_index},
+};
 use crate::proxy::request_body::RequestBody;
 
 /// One HTTP/2 connection to an endpoint.
@@ -63,9 +66,7 @@ pub(crate) struct H2Conn {
 
 impl H2Conn {
     fn live(&self) -> bool {
-        !self.retired.load(Ordering::Acquire)
-            && !self.gate.closed.load(Ordering::Relaxed)
-            && !self.sender.is_closed()
+        !self.retired.load(Ordering::Acquire) && !self.gate.is_closed() && !self.sender.is_closed()
     }
 
     /// Takes a stream if there is room.
@@ -110,86 +111,6 @@ fn epoch() -> Instant {
 
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
-}
-
-/// Orders a connection's sends before the drop of hyper's dispatcher, which holds the
-/// receiving end of the connection's request queue (a tokio unbounded channel).
-///
-/// A send reserves its place in the queue, then writes the request into it; dropping the
-/// receiver closes the queue, then drops the requests in it (each answered "connection closed",
-/// with the request handed back, which `request::attempt` sends again). A send that reserved its
-/// place before the close but wrote after the drain (a worker preempted in between, as under
-/// heavy load) leaves its request in the queue until the last sender of the connection is
-/// dropped, and the request itself holds one: nothing answers it until the response timeout
-/// (tokio-rs/tokio#7714 is the same race through a `Permit`). So `drive`, once the dispatcher
-/// is done, closes the gate and waits for the sends already in it before dropping the
-/// dispatcher, and a send that finds the gate closed waits for that drop, then fails at once
-/// with its request handed back.
-#[derive(Default)]
-pub(crate) struct SendGate {
-    closed: AtomicBool,
-    /// Sends between their look at `closed` and the end of their push into the queue.
-    sending: AtomicUsize,
-    /// Told by the last send out of the gate once it is closed.
-    idle: Notify,
-    dropped: AtomicBool,
-    on_drop: Notify,
-}
-
-/// One send inside the gate; leaves it when dropped (also on a panic in the push).
-pub(crate) struct Entered<'a>(&'a SendGate);
-
-impl Drop for Entered<'_> {
-    fn drop(&mut self) {
-        let gate = self.0;
-        if gate.sending.fetch_sub(1, Ordering::SeqCst) == 1 && gate.closed.load(Ordering::SeqCst) {
-            gate.idle.notify_waiters();
-        }
-    }
-}
-
-impl SendGate {
-    /// Enters for one send (a push into the queue, no await): `None` when the dispatcher is
-    /// going away. `SeqCst` with [`SendGate::close`]: either the send sees `closed`, or
-    /// `close` sees the send and waits for it.
-    pub(super) fn enter(&self) -> Option<Entered<'_>> {
-        self.sending.fetch_add(1, Ordering::SeqCst);
-        let entered = Entered(self);
-        (!self.closed.load(Ordering::SeqCst)).then_some(entered)
-    }
-
-    /// The dispatcher is done: no send enters from now on; returns once those in the gate
-    /// are out (a push takes microseconds, or the time its thread is preempted).
-    pub(super) async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        loop {
-            let idle = self.idle.notified();
-            let mut idle = std::pin::pin!(idle);
-            idle.as_mut().enable();
-            if self.sending.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-
-    /// The dispatcher and its queue are dropped: a send now fails at once.
-    pub(super) fn dropped(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.dropped.store(true, Ordering::SeqCst);
-        self.on_drop.notify_waiters();
-    }
-
-    /// For a send that found the gate closed.
-    pub(super) async fn wait_dropped(&self) {
-        let notified = self.on_drop.notified();
-        let mut notified = std::pin::pin!(notified);
-        notified.as_mut().enable();
-        if self.dropped.load(Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
-    }
 }
 
 /// One stream's hold on its connection: counted while it lives.
@@ -471,30 +392,5 @@ mod tests {
         drop((first, w1, w2, second));
         let shard = mux.lock(0);
         assert_eq!((shard.connecting, shard.waiting), (0, 0));
-    }
-
-    /// Polls `f` once, with a waker that does nothing.
-    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
-        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-    }
-
-    #[test]
-    fn the_dispatcher_is_dropped_only_once_no_send_is_in_the_gate() {
-        let gate = SendGate::default();
-        // A send in the gate (pushing into hyper's queue) when the dispatcher ends.
-        let entered = gate.enter().expect("open");
-        let mut close = std::pin::pin!(gate.close());
-        assert!(poll_once(close.as_mut()).is_pending(), "waits for the send");
-        // From now on a send does not enter: it waits for the drop.
-        assert!(gate.enter().is_none());
-        let mut waiting = std::pin::pin!(gate.wait_dropped());
-        assert!(poll_once(waiting.as_mut()).is_pending());
-        drop(entered);
-        assert!(poll_once(close.as_mut()).is_ready());
-        assert!(poll_once(waiting.as_mut()).is_pending(), "not dropped yet");
-        gate.dropped();
-        assert!(poll_once(waiting.as_mut()).is_ready());
-        // Told before it waited: at once.
-        assert!(poll_once(std::pin::pin!(gate.wait_dropped())).is_ready());
     }
 }
