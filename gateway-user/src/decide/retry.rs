@@ -18,10 +18,15 @@
 //!    (`response_timeout` / `upstream_reset`). A partial ACK is never "safe".
 //! 6. HTTP/2: the upstream said it never processed the stream — a `GOAWAY` whose
 //!    last-stream-id is below it, or `RST_STREAM(REFUSED_STREAM)` (RFC 9113 section 8.7) —
-//!    so it is retried whatever the method (`refused_stream`), on another connection
-//!    (another endpoint when one is left; a new connection when a stream of the request was
-//!    refused before), outside the budget like a stale connection: a graceful upstream
-//!    restart refuses every stream in flight above its last id at once.
+//!    so it is retried whatever the method (`refused_stream`). The first refusal goes to
+//!    another connection (another endpoint when one is left), the second to a new connection
+//!    whose first stream is this request's (`multiplex`: a connection the upstream ends after N
+//!    requests processes its first). These two are outside the budget like a stale
+//!    connection, since a graceful upstream restart refuses every stream in flight above its
+//!    last id at once, and outside `max_retries` ([`FREE_REFUSALS`]): the connection's
+//!    lifecycle, not a failure of the request. A stream refused even as the first on its
+//!    connection means the upstream is going away: from the third refusal on, a retry is an
+//!    ordinary one, to another endpoint, counted and within the budget.
 //! 7. gRPC: a call answered with only a status (a trailers-only response: no message reached
 //!    the client, so nothing is committed) whose code the route lists in
 //!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
@@ -37,6 +42,9 @@
 //! into client errors.
 
 use std::sync::Arc;
+
+/// Refusals of a request's HTTP/2 streams retried outside `max_retries` and the budget (rule 6).
+pub const FREE_REFUSALS: u32 = 2;
 
 use super::{
     budget::{Budgets, RetryPermit},
@@ -179,7 +187,8 @@ pub struct Attempted {
     pub resendable: bool,
     /// Retries so far.
     pub retries: u32,
-    /// HTTP/2 streams of this request the upstream refused unprocessed so far.
+    /// HTTP/2 streams of this request the upstream refused unprocessed so far (each also
+    /// counted in `retries`).
     pub refused: u32,
 }
 
@@ -254,7 +263,12 @@ pub fn next_step(
     if !attempted.resendable {
         return Step::Stop(Stop::NotResendable);
     }
-    if attempted.retries >= policy.max_retries {
+    let free_refusal = failure == Failure::Refused && attempted.refused < FREE_REFUSALS;
+    // Retries that count: all but the free refusals so far.
+    let counted = attempted
+        .retries
+        .saturating_sub(attempted.refused.min(FREE_REFUSALS));
+    if !free_refusal && counted >= policy.max_retries {
         return Step::Stop(Stop::MaxRetries);
     }
     let to = match failure {
@@ -268,7 +282,7 @@ pub fn next_step(
         // connection; refused there too (connections the upstream ends every N requests, all
         // near their end), a new one, whose first stream no upstream refuses for that.
         Failure::Refused if attempted.refused == 0 => Where::AnotherConnection,
-        Failure::Refused => Where::FreshConnection,
+        Failure::Refused if free_refusal => Where::FreshConnection,
         _ => Where::Elsewhere,
     };
     if to != Where::Elsewhere {

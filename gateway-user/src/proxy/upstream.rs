@@ -16,6 +16,7 @@ mod health;
 mod hedge;
 mod history;
 mod latency;
+mod lifetime;
 mod multiplex;
 mod pool;
 mod probe;

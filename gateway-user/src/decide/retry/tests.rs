@@ -201,7 +201,7 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
 }
 
 #[test]
-fn a_refused_stream_is_retried_whatever_the_method_on_another_connection_outside_the_budget() {
+fn a_refused_stream_is_retried_whatever_the_method_twice_outside_max_retries_and_the_budget() {
     assert_eq!(
         retry_allowed(Failure::Refused, false, &ALL_OFF),
         Some(RetryReason::RefusedStream)
@@ -241,14 +241,68 @@ fn a_refused_stream_is_retried_whatever_the_method_on_another_connection_outside
         } => {}
         other => panic!("{other:?}"),
     }
-    // Still bounded by max_retries.
+    // The two free refusals do not count against max_retries, nor need the budget: with
+    // retries already spent on other failures, they are still retried.
     let spent = Attempted {
         retries: policy.max_retries,
         ..attempted
     };
     assert!(matches!(
         next_step(Failure::Refused, spent, &policy, &budgets),
+        Step::Retry {
+            to: Where::AnotherConnection,
+            ..
+        }
+    ));
+    let spent_refused_once = Attempted {
+        retries: policy.max_retries + 1,
+        refused: 1,
+        ..attempted
+    };
+    assert!(matches!(
+        next_step(Failure::Refused, spent_refused_once, &policy, &budgets),
+        Step::Retry {
+            to: Where::FreshConnection,
+            ..
+        }
+    ));
+    // Refused a third time, as the first stream of a new connection: the upstream is going
+    // away. An ordinary retry now: counted...
+    let third = Attempted {
+        retries: FREE_REFUSALS + policy.max_retries,
+        refused: FREE_REFUSALS,
+        ..attempted
+    };
+    assert!(matches!(
+        next_step(Failure::Refused, third, &policy, &budgets),
         Step::Stop(Stop::MaxRetries)
+    ));
+    // ... to another endpoint, within the budget.
+    let room = RetryPolicy {
+        max_retries: 1,
+        ..policy
+    };
+    let third = Attempted {
+        retries: FREE_REFUSALS,
+        refused: FREE_REFUSALS,
+        ..attempted
+    };
+    assert!(matches!(
+        next_step(Failure::Refused, third, &room, &budgets),
+        Step::Stop(Stop::BudgetSpent)
+    ));
+    let budget = RetryPolicy {
+        budget_percent: 100,
+        min_retry_concurrency: 10,
+        ..room
+    };
+    assert!(matches!(
+        next_step(Failure::Refused, third, &budget, &budgets),
+        Step::Retry {
+            to: Where::Elsewhere,
+            permit: Some(_),
+            ..
+        }
     ));
 }
 

@@ -17,11 +17,10 @@
 //! A pooled connection that turns out closed before the request went out is replaced by
 //! another connection to the same endpoint; that is not a retry.
 //!
-//! HTTP/2: the attempt is a stream on a shared connection. The kernel's record is the
-//! connection's, so a host that died fails every stream waiting on it (each notices at its
-//! next look) and the connection is retired: no new stream goes to it. A stream the upstream
-//! refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`, which
-//! `decide::retry` sends to another connection whatever the method.
+//! HTTP/2: the attempt is a stream on a shared connection, whose kernel record is the
+//! connection's: a host that died fails every stream on it, and it is retired. A stream the
+//! upstream refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`,
+//! which `decide::retry` sends to another connection whatever the method.
 
 use std::{
     future::Future, net::SocketAddr, os::fd::RawFd, pin::Pin, sync::Arc, task::Poll, time::Duration,
@@ -144,16 +143,13 @@ pub(super) async fn run(
             // to the same endpoint; this is not a retry.
             Err(f) if reused && f.unsent.is_some() => {
                 debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
+                tell_connection(&conn, &f);
                 let Failed { unsent, .. } = *f;
                 req = unsent.expect("checked by the guard");
             }
             Err(mut f) => {
                 f.reused = reused;
-                if let Some(shared) = conn.h2()
-                    && retires(&f.error)
-                {
-                    shared.retire();
-                }
+                tell_connection(&conn, &f);
                 ep.health.history.failed(f.error.kind());
                 return Err(f);
             }
@@ -161,17 +157,25 @@ pub(super) async fn run(
     }
 }
 
-/// Whether a stream's failure ends its HTTP/2 connection for new streams: a GOAWAY or a
-/// refused stream (the upstream is going away or shedding), the connection closed, the host
-/// died under it.
-fn retires(e: &ProxyError) -> bool {
-    matches!(
-        e,
+/// What a stream's failure tells its HTTP/2 connection: no new streams after a GOAWAY or a
+/// refused stream (the upstream is going away or shedding), the connection closed, or the host
+/// died under it; and whether the upstream never processed it (refused by its GOAWAY, or
+/// handed back unsent), which `upstream::lifetime` learns from.
+fn tell_connection(conn: &UpstreamConn, f: &Failed) {
+    let Some(shared) = conn.h2() else { return };
+    if matches!(
+        f.error,
         ProxyError::UpstreamRefusedStream { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamHostDied { .. }
             | ProxyError::UpstreamWriteTimeout { .. }
-    )
+    ) {
+        shared.retire();
+    }
+    let goaway = matches!(f.error, ProxyError::UpstreamRefusedStream { goaway, .. } if goaway);
+    if f.unsent.is_some() || goaway {
+        shared.unprocessed();
+    }
 }
 
 fn push_attempt(ex: &mut Exchange, endpoint: SocketAddr) {

@@ -111,8 +111,10 @@ pub(crate) async fn checkout(
             }
         }
         if let Ok(slot) = cluster.slots.clone().try_acquire_owned() {
-            let made = new_connection(cluster, ep, slot, tried, hedging).await;
-            drop(connecting);
+            let mut made = new_connection(cluster, ep, slot, tried, hedging).await;
+            if let (Ok((_, c)), Some(k)) = (made.as_mut(), connecting) {
+                c.hold_connecting(k);
+            }
             return made;
         }
         drop(connecting);

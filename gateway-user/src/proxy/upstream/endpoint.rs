@@ -64,6 +64,7 @@ impl Endpoint {
                 spec.timeouts.idle,
             ),
             mux: Arc::new(Multiplexed::new(
+                addr,
                 shards,
                 spec.limits.max_concurrent_streams,
                 spec.timeouts.idle,

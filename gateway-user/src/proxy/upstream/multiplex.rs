@@ -8,8 +8,12 @@
 //! (at most `max_concurrent_streams` of them per connection being made), so a burst opens
 //! one connection per `max_concurrent_streams` requests, not one per request.
 //!
+//! A new connection joins the list once the request that made it is in hyper's queue, so that
+//! it is the connection's first stream ([`Multiplexed::register`]).
+//!
 //! A connection stops taking new streams (it is *retired*) when hyper says it is closed, when
-//! one of its streams failed with a connection-level error (a GOAWAY, the host died), or when
+//! one of its streams failed with a connection-level error (a GOAWAY, the host died), when it
+//! has carried as many requests as the upstream lets one connection carry (`lifetime`), or when
 //! the pool sweeps it: idle (no stream) for longer than the cluster's `idle_timeout_ms`, like
 //! an idle HTTP/1.1 connection. Requests fill the first connection with room, so connections
 //! beyond what the load needs go idle and are closed; the streams in flight on it finish (a GOAWAY's last-stream-id and
@@ -28,6 +32,7 @@
 //! `request::attempt` and docs/kernel.md, "HTTP/2 upstreams").
 
 use std::{
+    net::SocketAddr,
     os::fd::RawFd,
     sync::{
         Arc, Mutex,
@@ -41,6 +46,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::{
     gate::SendGate,
+    lifetime::StreamLifetime,
     pool::{Hold, Sender, UpstreamConn, worker_index},
 };
 use crate::proxy::request_body::RequestBody;
@@ -53,6 +59,11 @@ pub(crate) struct H2Conn {
     /// Streams in flight.
     streams: AtomicUsize,
     max_streams: usize,
+    /// Streams ever taken on it, and those of them the upstream never processed (refused by
+    /// its GOAWAY, or handed back unsent): what [`StreamLifetime`] learns from.
+    started: AtomicUsize,
+    unprocessed: AtomicUsize,
+    lifetime: Arc<StreamLifetime>,
     retired: AtomicBool,
     /// Told when a stream ends, so that a request waiting for room may take it.
     freed: Arc<Freed>,
@@ -69,8 +80,13 @@ impl H2Conn {
         !self.retired.load(Ordering::Acquire) && !self.gate.is_closed() && !self.sender.is_closed()
     }
 
-    /// Takes a stream if there is room.
+    /// Takes a stream if there is room, and the connection has not carried as many requests
+    /// as the upstream allows one (then it is retired).
     fn try_stream(self: &Arc<Self>) -> Option<StreamGuard> {
+        if self.started.load(Ordering::Relaxed) >= self.lifetime.limit(now_ms) {
+            self.retire();
+            return None;
+        }
         let mut n = self.streams.load(Ordering::Relaxed);
         loop {
             if n >= self.max_streams || !self.live() {
@@ -80,7 +96,13 @@ impl H2Conn {
                 .streams
                 .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => return Some(StreamGuard(self.clone())),
+                Ok(_) => {
+                    self.started.fetch_add(1, Ordering::Relaxed);
+                    return Some(StreamGuard {
+                        conn: self.clone(),
+                        unlisted: None,
+                    });
+                }
                 Err(now) => n = now,
             }
         }
@@ -89,6 +111,11 @@ impl H2Conn {
     /// No new streams on this connection; those in flight go on.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+    }
+
+    /// One of its streams was never processed by the upstream.
+    pub fn unprocessed(&self) {
+        self.unprocessed.fetch_add(1, Ordering::Relaxed);
     }
 
     fn idle(&self) -> bool {
@@ -103,6 +130,16 @@ impl H2Conn {
     }
 }
 
+impl Drop for H2Conn {
+    fn drop(&mut self) {
+        self.lifetime.ended(
+            *self.started.get_mut(),
+            *self.unprocessed.get_mut(),
+            now_ms(),
+        );
+    }
+}
+
 /// The base of [`H2Conn::idle_since_ms`]: the first time it was asked for.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -114,20 +151,52 @@ fn now_ms() -> u64 {
 }
 
 /// One stream's hold on its connection: counted while it lives.
-pub(crate) struct StreamGuard(Arc<H2Conn>);
+pub(crate) struct StreamGuard {
+    conn: Arc<H2Conn>,
+    /// The first stream of a new connection, which is not in its endpoint's list yet.
+    unlisted: Option<Unlisted>,
+}
+
+/// Where a new connection goes once its first request is in hyper's queue
+/// ([`Multiplexed::register`]).
+struct Unlisted {
+    mux: Arc<Multiplexed>,
+    shard: usize,
+    /// Requests waiting for this connection see it when it is listed, not before.
+    connecting: Option<Connecting>,
+}
 
 impl StreamGuard {
     pub fn conn(&self) -> &Arc<H2Conn> {
-        &self.0
+        &self.conn
+    }
+
+    /// The first stream of a new connection: its request has been handed to hyper (or never
+    /// will be), so other requests may take streams on it now, behind it.
+    pub fn list(&mut self) {
+        if let Some(u) = self.unlisted.take() {
+            u.mux.lock(u.shard).conns.push(self.conn.clone());
+            u.mux.freed.notify();
+            drop(u.connecting);
+        }
+    }
+
+    /// Keeps the count of the connection being made (which requests wait for) until the
+    /// connection is listed.
+    pub fn hold_connecting(&mut self, c: Connecting) {
+        if let Some(u) = self.unlisted.as_mut() {
+            u.connecting = Some(c);
+        }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        self.list();
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.idle_since_ms.store(now_ms(), Ordering::Relaxed);
         }
-        self.0.freed.notify();
+        self.conn.freed.notify();
     }
 }
 
@@ -204,6 +273,7 @@ pub(crate) struct Multiplexed {
     pub freed: Arc<Freed>,
     /// This endpoint has spoken HTTP/2 (an `auto` cluster learns it from ALPN).
     pub speaks_h2: AtomicBool,
+    lifetime: Arc<StreamLifetime>,
 }
 
 /// What a request should do when no stream was free.
@@ -216,13 +286,19 @@ pub(crate) enum Wait {
 }
 
 impl Multiplexed {
-    pub fn new(shards: usize, max_streams: usize, idle_timeout: Duration) -> Self {
+    pub fn new(
+        endpoint: SocketAddr,
+        shards: usize,
+        max_streams: usize,
+        idle_timeout: Duration,
+    ) -> Self {
         Multiplexed {
             shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
             max_streams: max_streams.max(1),
             idle_timeout,
             freed: Arc::default(),
             speaks_h2: AtomicBool::new(false),
+            lifetime: Arc::new(StreamLifetime::new(endpoint)),
         }
     }
 
@@ -266,9 +342,13 @@ impl Multiplexed {
         })
     }
 
-    /// Adds a new connection with one stream taken for the request that made it.
+    /// A new connection with one stream taken for the request that made it. It joins the
+    /// endpoint's list once that request is in hyper's queue ([`StreamGuard::list`]), so that
+    /// the request is the connection's first stream: an upstream that ends each connection
+    /// after N requests (nginx's `keepalive_requests`) processes it. That is where a request
+    /// whose stream was refused twice goes (`decide::retry`, rule 6).
     pub fn register(
-        &self,
+        self: &Arc<Self>,
         sender: http2::SendRequest<RequestBody>,
         cookie: u64,
         fd: RawFd,
@@ -283,20 +363,29 @@ impl Multiplexed {
             fd,
             streams: AtomicUsize::new(1),
             max_streams: self.max_streams,
+            started: AtomicUsize::new(1),
+            unprocessed: AtomicUsize::new(0),
+            lifetime: self.lifetime.clone(),
             retired: AtomicBool::new(false),
             freed: self.freed.clone(),
             idle_since_ms: AtomicU64::new(now_ms()),
             gate,
             _slot: slot,
         });
-        self.lock(worker_index()).conns.push(conn.clone());
-        self.freed.notify();
+        let unlisted = Unlisted {
+            mux: self.clone(),
+            shard: worker_index(),
+            connecting: None,
+        };
         UpstreamConn::with(
             Sender::Http2(sender),
             cookie,
             fd,
             Some(connect_time),
-            Hold::Stream(StreamGuard(conn)),
+            Hold::Stream(StreamGuard {
+                conn,
+                unlisted: Some(unlisted),
+            }),
         )
     }
 
@@ -353,7 +442,7 @@ pub(crate) struct Connecting {
 impl Drop for Connecting {
     fn drop(&mut self) {
         self.mux.lock(self.shard).connecting -= 1;
-        // Made (registered, which notified already) or failed: either way the waiters look
+        // Made (listed, which notified already) or failed: either way the waiters look
         // again, and one of them connects if no connection came up.
         self.mux.freed.notify();
     }
@@ -372,25 +461,4 @@ impl Drop for Waiting {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_burst_waits_for_the_connection_being_made_until_it_is_full() {
-        let mux = Arc::new(Multiplexed::new(1, 3, Duration::from_secs(90)));
-        let first = mux.plan();
-        assert!(matches!(first, Wait::Connect(_)));
-        // Three streams fit on the connection being made, one for the request that makes it:
-        // two requests wait for it.
-        let w1 = mux.plan();
-        let w2 = mux.plan();
-        assert!(matches!(w1, Wait::ForConnect(_)));
-        assert!(matches!(w2, Wait::ForConnect(_)));
-        // The third opens a second connection.
-        let second = mux.plan();
-        assert!(matches!(second, Wait::Connect(_)));
-        drop((first, w1, w2, second));
-        let shard = mux.lock(0);
-        assert_eq!((shard.connecting, shard.waiting), (0, 0));
-    }
-}
+mod tests;

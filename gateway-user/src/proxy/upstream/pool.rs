@@ -170,21 +170,33 @@ impl UpstreamConn {
             Sender::Http1(s) => Either::Left(s.try_send_request(req)),
             Sender::Http2(s) => {
                 to_h2(&mut req, tls);
-                let Hold::Stream(stream) = &self.hold else {
+                let Hold::Stream(stream) = &mut self.hold else {
                     return Either::Right(Either::Left(s.try_send_request(req)));
                 };
-                let gate = &stream.conn().gate;
-                if let Some(_entered) = gate.enter() {
-                    return Either::Right(Either::Left(s.try_send_request(req)));
+                let entered = stream.conn().gate.enter();
+                if entered.is_some() {
+                    let sent = s.try_send_request(req);
+                    drop(entered);
+                    // In hyper's queue: a new connection's first stream, others may follow.
+                    stream.list();
+                    return Either::Right(Either::Left(sent));
                 }
                 // hyper's dispatcher is being dropped: once it is, the send fails at once and
                 // hands the request back.
-                let (mut s, gate) = (s.clone(), gate.clone());
+                let (mut s, gate) = (s.clone(), stream.conn().gate.clone());
                 Either::Right(Either::Right(async move {
                     gate.wait_dropped().await;
                     s.try_send_request(req).await
                 }))
             }
+        }
+    }
+
+    /// A new HTTP/2 connection: requests waiting for it (`connecting` counts them) see it
+    /// once this request is in its queue, not before.
+    pub fn hold_connecting(&mut self, connecting: super::multiplex::Connecting) {
+        if let Hold::Stream(stream) = &mut self.hold {
+            stream.hold_connecting(connecting);
         }
     }
 
