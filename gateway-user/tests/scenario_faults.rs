@@ -896,7 +896,7 @@ fn privileged_slow_backend_gets_a_trickle_and_its_share_back() {
         share * 100.0,
         failures(&samples).len()
     );
-    if !failures(&samples).is_empty() || late > 20 {
+    if !failures(&samples).is_empty() || late > 20 || shares_back[1] < 10.0 {
         // What the host and the gateway were doing: late and failed requests per second, and
         // the gateway's log, kept for a look after the test.
         let mut per_s = std::collections::BTreeMap::<u64, (usize, usize, usize)>::new();
@@ -907,6 +907,17 @@ fn privileged_slow_backend_gets_a_trickle_and_its_share_back() {
             e.2 += usize::from(x.status != 200);
         }
         let busy: Vec<_> = per_s.iter().filter(|(_, v)| v.1 + v.2 > 0).collect();
+        // Where each second's requests went once the backend was fast again (u1, u2, u3).
+        let mut after = std::collections::BTreeMap::<u64, [usize; 3]>::new();
+        for x in within(fast_again - 1.0, fast_again + 15.0) {
+            let i = ["upstream-1", bad, "upstream-3"]
+                .iter()
+                .position(|n| x.served_by == *n);
+            if let Some(i) = i {
+                after.entry(x.at as u64).or_default()[i] += 1;
+            }
+        }
+        eprintln!("requests per second by upstream around the recovery: {after:?}");
         let keep = gateway_testkit::tempdir::temp_dir("slowewma-failed");
         let _ = std::fs::write(keep.join("gateway.log"), s.gateway.text());
         let _ = std::fs::copy(&s.access_log, keep.join("access.log"));

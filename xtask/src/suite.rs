@@ -168,7 +168,8 @@ pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
     ("tls", &["--reps", "1", "--duration", "2", "--warmup", "1"]),
     ("instructions", &["--duration", "1", "--top", "5"]),
     ("instructions", &["--duration", "1", "--top", "5", "--h2"]),
-    ("instructions", &["--duration", "1", "--top", "5", "--tls"]),
+    // 3 s: under callgrind a TLS handshake takes a good part of a second.
+    ("instructions", &["--duration", "3", "--top", "5", "--tls"]),
     (
         "faults",
         &["--faults", "refused", "--duration", "6", "--fault-at", "2"],

@@ -23,10 +23,12 @@
 //!    whose first stream is this request's (`multiplex`: a connection the upstream ends after N
 //!    requests processes its first). These two are outside the budget like a stale
 //!    connection, since a graceful upstream restart refuses every stream in flight above its
-//!    last id at once, and outside `max_retries` ([`FREE_REFUSALS`]): the connection's
-//!    lifecycle, not a failure of the request. A stream refused even as the first on its
-//!    connection means the upstream is going away: from the third refusal on, a retry is an
-//!    ordinary one, to another endpoint, counted and within the budget.
+//!    last id at once. When the refusal was a GOAWAY with NO_ERROR (the connection's
+//!    lifecycle, not a failure of the request), they are also outside `max_retries`
+//!    ([`FREE_REFUSALS`]), unless `max_retries` is 0, which turns every retry off;
+//!    `REFUSED_STREAM` (an upstream shedding load) counts. A stream refused even as the first
+//!    on its connection means the upstream is going away: from the third refusal on, a retry
+//!    is an ordinary one, to another endpoint, counted and within the budget.
 //! 7. gRPC: a call answered with only a status (a trailers-only response: no message reached
 //!    the client, so nothing is committed) whose code the route lists in
 //!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
@@ -90,8 +92,9 @@ pub enum Failure {
     /// The response timer fired.
     ResponseTimeout { delivery: Delivery },
     /// HTTP/2: the upstream refused the stream unprocessed (GOAWAY above its last-stream-id,
-    /// or REFUSED_STREAM).
-    Refused,
+    /// or REFUSED_STREAM). `graceful`: by a GOAWAY with NO_ERROR, the way an upstream ends a
+    /// connection after N requests or at a restart (not REFUSED_STREAM, which sheds load).
+    Refused { graceful: bool },
     /// gRPC: a trailers-only response with this status.
     GrpcStatus(GrpcCode),
     /// A failure another endpoint would not fix (an invalid response, the client's body, a
@@ -188,8 +191,9 @@ pub struct Attempted {
     /// Retries so far.
     pub retries: u32,
     /// HTTP/2 streams of this request the upstream refused unprocessed so far (each also
-    /// counted in `retries`).
+    /// counted in `retries`), and those of them retried outside `max_retries` (rule 6).
     pub refused: u32,
+    pub free_refusals: u32,
 }
 
 /// Why no retry.
@@ -211,6 +215,8 @@ pub enum Step {
         to: Where,
         /// Held while the retry is in flight; `None` for a retry outside the budget.
         permit: Option<RetryPermit>,
+        /// Counts against `max_retries` (all but a free refusal, rule 6).
+        counted: bool,
     },
     Stop(Stop),
 }
@@ -241,7 +247,7 @@ pub fn retry_allowed(
         Failure::ConnectionDied { host_died, .. } => {
             (idempotent && (host_died || policy.on_reset)).then_some(RetryReason::UpstreamReset)
         }
-        Failure::Refused => Some(RetryReason::RefusedStream),
+        Failure::Refused { .. } => Some(RetryReason::RefusedStream),
         Failure::GrpcStatus(code) => policy
             .grpc_status_codes
             .contains(code)
@@ -263,11 +269,12 @@ pub fn next_step(
     if !attempted.resendable {
         return Step::Stop(Stop::NotResendable);
     }
-    let free_refusal = failure == Failure::Refused && attempted.refused < FREE_REFUSALS;
+    // `max_retries = 0` turns every retry off, these too.
+    let free_refusal = failure == (Failure::Refused { graceful: true })
+        && attempted.free_refusals < FREE_REFUSALS
+        && policy.max_retries > 0;
     // Retries that count: all but the free refusals so far.
-    let counted = attempted
-        .retries
-        .saturating_sub(attempted.refused.min(FREE_REFUSALS));
+    let counted = attempted.retries.saturating_sub(attempted.free_refusals);
     if !free_refusal && counted >= policy.max_retries {
         return Step::Stop(Stop::MaxRetries);
     }
@@ -281,8 +288,8 @@ pub fn next_step(
         // The upstream refused a stream unprocessed (its connection is retired): another
         // connection; refused there too (connections the upstream ends every N requests, all
         // near their end), a new one, whose first stream no upstream refuses for that.
-        Failure::Refused if attempted.refused == 0 => Where::AnotherConnection,
-        Failure::Refused if free_refusal => Where::FreshConnection,
+        Failure::Refused { .. } if attempted.refused == 0 => Where::AnotherConnection,
+        Failure::Refused { .. } if attempted.refused < FREE_REFUSALS => Where::FreshConnection,
         _ => Where::Elsewhere,
     };
     if to != Where::Elsewhere {
@@ -290,6 +297,7 @@ pub fn next_step(
             reason,
             to,
             permit: None,
+            counted: !free_refusal,
         };
     }
     match budgets.try_retry(policy.budget_percent, policy.min_retry_concurrency) {
@@ -297,6 +305,7 @@ pub fn next_step(
             reason,
             to,
             permit: Some(permit),
+            counted: true,
         },
         None => Step::Stop(Stop::BudgetSpent),
     }

@@ -321,9 +321,32 @@ impl ProxyError {
                 host_died: false,
                 reused,
             },
-            ProxyError::UpstreamRefusedStream { .. } => Failure::Refused,
+            ProxyError::UpstreamRefusedStream { .. } => Failure::Refused {
+                graceful: self.graceful_goaway(),
+            },
             _ => Failure::Final,
         }
+    }
+
+    /// A stream refused by the upstream's GOAWAY with NO_ERROR: it ends the connection in the
+    /// ordinary way (a request limit, a restart), not to shed load or because of an error.
+    pub fn graceful_goaway(&self) -> bool {
+        let ProxyError::UpstreamRefusedStream {
+            source,
+            goaway: true,
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(err) = cur {
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::NO_ERROR);
+            }
+            cur = err.source();
+        }
+        false
     }
 
     /// How the connect failed, for connect errors.

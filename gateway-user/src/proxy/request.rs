@@ -138,8 +138,10 @@ struct Plan {
     replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
-    /// Streams of this request an HTTP/2 upstream refused unprocessed.
+    /// Streams of this request an HTTP/2 upstream refused unprocessed, and those of them
+    /// retried outside `max_retries`.
     refused: u32,
+    free_refusals: u32,
     /// The next pick may return to an endpoint already tried when no other is left.
     same_endpoint_ok: bool,
     /// Held while a retry is in flight (the cluster's retry budget).
@@ -200,6 +202,7 @@ impl Plan {
             replay,
             fresh: false,
             refused: 0,
+            free_refusals: 0,
             same_endpoint_ok: false,
             retry_permit: None,
         }
@@ -325,13 +328,20 @@ fn retry(
         resendable: again.is_some(),
         retries: ex.record.retries,
         refused: plan.refused,
+        free_refusals: plan.free_refusals,
     };
-    if failure == Failure::Refused {
+    if matches!(failure, Failure::Refused { .. }) {
         plan.refused += 1;
     }
     match next_step(failure, attempted, &plan.route.retry, &cluster.budgets) {
-        Step::Retry { reason, to, permit } => {
+        Step::Retry {
+            reason,
+            to,
+            permit,
+            counted,
+        } => {
             let again = again?;
+            plan.free_refusals += u32::from(!counted);
             match to {
                 Where::FreshConnection => {
                     plan.fresh = true;

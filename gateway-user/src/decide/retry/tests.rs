@@ -127,7 +127,9 @@ fn a_stale_keep_alive_connection_is_retried_for_idempotent_requests_on_a_fresh_o
     // The budget spent by other retries does not stop a stale-connection retry.
     let _held: Vec<_> = (0..3).map(|_| budgets.try_retry(20, 3).unwrap()).collect();
     match next_step(stale(Delivery::Unknown), attempted(0), &ALL_OFF, &budgets) {
-        Step::Retry { reason, to, permit } => {
+        Step::Retry {
+            reason, to, permit, ..
+        } => {
             assert_eq!(reason, RetryReason::StaleConnection);
             assert_eq!(to, Where::FreshConnection);
             assert!(permit.is_none(), "outside the budget");
@@ -153,6 +155,7 @@ fn final_failures_are_never_retried() {
 fn attempted(retries: u32) -> Attempted {
     Attempted {
         refused: 0,
+        free_refusals: 0,
         idempotent: true,
         resendable: true,
         retries,
@@ -200,12 +203,18 @@ fn next_step_checks_resendable_then_max_retries_then_the_budget() {
     ));
 }
 
+const GOAWAY: Failure = Failure::Refused { graceful: true };
+const SHED: Failure = Failure::Refused { graceful: false };
+
 #[test]
-fn a_refused_stream_is_retried_whatever_the_method_twice_outside_max_retries_and_the_budget() {
-    assert_eq!(
-        retry_allowed(Failure::Refused, false, &ALL_OFF),
-        Some(RetryReason::RefusedStream)
-    );
+fn a_refused_stream_is_retried_whatever_the_method_on_another_then_a_new_connection_outside_the_budget()
+ {
+    for f in [GOAWAY, SHED] {
+        assert_eq!(
+            retry_allowed(f, false, &ALL_OFF),
+            Some(RetryReason::RefusedStream)
+        );
+    }
     // A spent budget does not stop it: a graceful upstream restart refuses every stream in
     // flight at once.
     let budgets = Arc::new(Budgets::default());
@@ -214,67 +223,107 @@ fn a_refused_stream_is_retried_whatever_the_method_twice_outside_max_retries_and
         resendable: true,
         retries: 0,
         refused: 0,
+        free_refusals: 0,
     };
     let policy = RetryPolicy {
         budget_percent: 0,
         min_retry_concurrency: 0,
         ..ALL_OFF
     };
-    match next_step(Failure::Refused, attempted, &policy, &budgets) {
-        Step::Retry {
-            reason: RetryReason::RefusedStream,
-            to: Where::AnotherConnection,
-            permit: None,
-        } => {}
-        other => panic!("{other:?}"),
+    for f in [GOAWAY, SHED] {
+        match next_step(f, attempted, &policy, &budgets) {
+            Step::Retry {
+                reason: RetryReason::RefusedStream,
+                to: Where::AnotherConnection,
+                permit: None,
+                counted,
+            } => assert_eq!(counted, f == SHED, "{f:?}"),
+            other => panic!("{other:?}"),
+        }
     }
     // Refused again: a connection of its own.
     let again = Attempted {
         retries: 1,
         refused: 1,
+        free_refusals: 1,
         ..attempted
     };
-    match next_step(Failure::Refused, again, &policy, &budgets) {
+    match next_step(GOAWAY, again, &policy, &budgets) {
         Step::Retry {
             to: Where::FreshConnection,
+            counted: false,
             ..
         } => {}
         other => panic!("{other:?}"),
     }
-    // The two free refusals do not count against max_retries, nor need the budget: with
-    // retries already spent on other failures, they are still retried.
+}
+
+#[test]
+fn two_refusals_by_a_graceful_goaway_are_outside_max_retries_unless_it_is_zero() {
+    let budgets = Arc::new(Budgets::default());
+    let policy = RetryPolicy {
+        budget_percent: 0,
+        min_retry_concurrency: 0,
+        ..ALL_OFF
+    };
+    // Retries already spent on other failures: a GOAWAY's refusals are still retried, a
+    // REFUSED_STREAM's (load shedding) is not.
     let spent = Attempted {
+        idempotent: true,
+        resendable: true,
         retries: policy.max_retries,
-        ..attempted
+        refused: 0,
+        free_refusals: 0,
     };
     assert!(matches!(
-        next_step(Failure::Refused, spent, &policy, &budgets),
+        next_step(GOAWAY, spent, &policy, &budgets),
         Step::Retry {
             to: Where::AnotherConnection,
+            counted: false,
             ..
         }
     ));
-    let spent_refused_once = Attempted {
+    assert!(matches!(
+        next_step(SHED, spent, &policy, &budgets),
+        Step::Stop(Stop::MaxRetries)
+    ));
+    let refused_once = Attempted {
         retries: policy.max_retries + 1,
         refused: 1,
-        ..attempted
+        free_refusals: 1,
+        ..spent
     };
     assert!(matches!(
-        next_step(Failure::Refused, spent_refused_once, &policy, &budgets),
+        next_step(GOAWAY, refused_once, &policy, &budgets),
         Step::Retry {
             to: Where::FreshConnection,
+            counted: false,
             ..
         }
+    ));
+    // max_retries = 0 turns every retry off.
+    let none = RetryPolicy {
+        max_retries: 0,
+        ..policy
+    };
+    let first = Attempted {
+        retries: 0,
+        ..spent
+    };
+    assert!(matches!(
+        next_step(GOAWAY, first, &none, &budgets),
+        Step::Stop(Stop::MaxRetries)
     ));
     // Refused a third time, as the first stream of a new connection: the upstream is going
     // away. An ordinary retry now: counted...
     let third = Attempted {
         retries: FREE_REFUSALS + policy.max_retries,
         refused: FREE_REFUSALS,
-        ..attempted
+        free_refusals: FREE_REFUSALS,
+        ..spent
     };
     assert!(matches!(
-        next_step(Failure::Refused, third, &policy, &budgets),
+        next_step(GOAWAY, third, &policy, &budgets),
         Step::Stop(Stop::MaxRetries)
     ));
     // ... to another endpoint, within the budget.
@@ -284,11 +333,10 @@ fn a_refused_stream_is_retried_whatever_the_method_twice_outside_max_retries_and
     };
     let third = Attempted {
         retries: FREE_REFUSALS,
-        refused: FREE_REFUSALS,
-        ..attempted
+        ..third
     };
     assert!(matches!(
-        next_step(Failure::Refused, third, &room, &budgets),
+        next_step(GOAWAY, third, &room, &budgets),
         Step::Stop(Stop::BudgetSpent)
     ));
     let budget = RetryPolicy {
@@ -297,10 +345,11 @@ fn a_refused_stream_is_retried_whatever_the_method_twice_outside_max_retries_and
         ..room
     };
     assert!(matches!(
-        next_step(Failure::Refused, third, &budget, &budgets),
+        next_step(GOAWAY, third, &budget, &budgets),
         Step::Retry {
             to: Where::Elsewhere,
             permit: Some(_),
+            counted: true,
             ..
         }
     ));

@@ -143,7 +143,6 @@ pub(super) async fn run(
             // to the same endpoint; this is not a retry.
             Err(f) if reused && f.unsent.is_some() => {
                 debug!(upstream = %ep.addr, "pooled connection was closed; reconnecting");
-                tell_connection(&conn, &f);
                 let Failed { unsent, .. } = *f;
                 req = unsent.expect("checked by the guard");
             }
@@ -159,8 +158,8 @@ pub(super) async fn run(
 
 /// What a stream's failure tells its HTTP/2 connection: no new streams after a GOAWAY or a
 /// refused stream (the upstream is going away or shedding), the connection closed, or the host
-/// died under it; and whether the upstream never processed it (refused by its GOAWAY, or
-/// handed back unsent), which `upstream::lifetime` learns from.
+/// died under it; and whether a graceful GOAWAY refused it, which `upstream::lifetime` learns
+/// from.
 fn tell_connection(conn: &UpstreamConn, f: &Failed) {
     let Some(shared) = conn.h2() else { return };
     if matches!(
@@ -172,9 +171,8 @@ fn tell_connection(conn: &UpstreamConn, f: &Failed) {
     ) {
         shared.retire();
     }
-    let goaway = matches!(f.error, ProxyError::UpstreamRefusedStream { goaway, .. } if goaway);
-    if f.unsent.is_some() || goaway {
-        shared.unprocessed();
+    if f.error.graceful_goaway() {
+        shared.refused();
     }
 }
 

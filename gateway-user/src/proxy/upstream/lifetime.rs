@@ -7,15 +7,19 @@
 //! pile onto the connections made for them: with a limit of 10 and 64 streams allowed, the
 //! gateway held about 1,000 connections to one nginx for 128 requests in flight, and nginx,
 //! out of `worker_connections`, closed new ones before their first request
-//! (`proxy_http2_upstream`). So each endpoint learns the number: a connection that ended with
-//! streams the upstream never processed (refused by its GOAWAY, or handed back unsent)
-//! processed `started − unprocessed`; when two such connections in a row processed the same
-//! number, later connections carry at most that many requests each and are then retired, so
-//! that the upstream refuses none. A graceful restart also ends connections with refused
-//! streams, after however many requests each happened to carry; two in a row agreeing by
-//! chance would cost only extra connections, never a failed request. The limit is forgotten
-//! after [`FORGET_AFTER`], in case the upstream's setting went up: relearning it costs one
-//! round of refused streams, which are retried (`decide::retry`, rule 6).
+//! (`proxy_http2_upstream`). So each endpoint learns the number: a connection whose streams
+//! the upstream refused with a graceful GOAWAY (NO_ERROR) processed `started − refused`; when
+//! two such connections ending within [`PAIR_WITHIN`] of each other processed the same number,
+//! at least [`LEAST`], later connections carry at most that many requests each and are then
+//! retired, so that the upstream refuses none, and requests wait for a connection being made
+//! only as many as it will carry.
+//!
+//! A graceful restart also ends connections with refused streams, after however many requests
+//! each happened to carry. Two in a row agreeing by chance would make connections shorter than
+//! needed (more handshakes, never a failed request) until the limit is forgotten, after
+//! [`FORGET_AFTER`]; that is also how a limit the upstream raised is noticed. Relearning costs
+//! a round of refused streams, which are retried (`decide::retry`, rule 6). Each limit learned
+//! is logged.
 
 use std::{
     net::SocketAddr,
@@ -27,16 +31,22 @@ use tracing::info;
 
 /// How long a learned limit holds.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Two connections' counts pair only when they ended this close together.
+pub const PAIR_WITHIN: Duration = Duration::from_secs(60);
+/// The smallest limit learned: a connection per request is never inferred.
+pub const LEAST: usize = 2;
 
 /// One endpoint's learned limit of requests per HTTP/2 connection.
 pub(crate) struct StreamLifetime {
     endpoint: SocketAddr,
     /// Requests per connection; 0 while none is known.
     limit: AtomicUsize,
-    /// What the last connection that ended with unprocessed streams processed (0: none yet).
+    /// When `limit` is forgotten, in the caller's milliseconds.
+    until_ms: AtomicU64,
+    /// What the last connection that ended with refused streams processed (0: none yet), and
+    /// when it ended.
     last: AtomicUsize,
-    /// When `limit` was learned, in the caller's milliseconds.
-    learned_ms: AtomicU64,
+    last_ms: AtomicU64,
 }
 
 impl StreamLifetime {
@@ -44,8 +54,9 @@ impl StreamLifetime {
         StreamLifetime {
             endpoint,
             limit: AtomicUsize::new(0),
+            until_ms: AtomicU64::new(0),
             last: AtomicUsize::new(0),
-            learned_ms: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
         }
     }
 
@@ -56,8 +67,7 @@ impl StreamLifetime {
         if limit == 0 {
             return usize::MAX;
         }
-        let age = now_ms().saturating_sub(self.learned_ms.load(Ordering::Relaxed));
-        if age >= FORGET_AFTER.as_millis() as u64 {
+        if now_ms() >= self.until_ms.load(Ordering::Relaxed) {
             self.limit.store(0, Ordering::Relaxed);
             self.last.store(0, Ordering::Relaxed);
             return usize::MAX;
@@ -65,26 +75,30 @@ impl StreamLifetime {
         limit
     }
 
-    /// A connection ended having carried `started` streams, `unprocessed` of which the
-    /// upstream never processed.
-    pub fn ended(&self, started: usize, unprocessed: usize, now_ms: u64) {
-        if unprocessed == 0 {
+    /// A connection ended having carried `started` streams, `refused` of which the upstream
+    /// refused unprocessed with a graceful GOAWAY.
+    pub fn ended(&self, started: usize, refused: usize, now_ms: u64) {
+        if refused == 0 {
             return;
         }
-        let processed = started.saturating_sub(unprocessed);
-        if processed == 0 {
+        let processed = started.saturating_sub(refused);
+        if processed < LEAST {
             return;
         }
-        if self.last.swap(processed, Ordering::Relaxed) != processed
-            || self.limit.load(Ordering::Relaxed) == processed
-        {
+        let previous = self.last.swap(processed, Ordering::Relaxed);
+        let previous_ms = self.last_ms.swap(now_ms, Ordering::Relaxed);
+        let paired = previous == processed
+            && now_ms.saturating_sub(previous_ms) <= PAIR_WITHIN.as_millis() as u64;
+        if !paired || self.limit.load(Ordering::Relaxed) == processed {
             return;
         }
-        self.learned_ms.store(now_ms, Ordering::Relaxed);
+        self.until_ms
+            .store(now_ms + FORGET_AFTER.as_millis() as u64, Ordering::Relaxed);
         self.limit.store(processed, Ordering::Relaxed);
         info!(
             upstream = %self.endpoint,
             requests = processed,
+            forget_after_s = FORGET_AFTER.as_secs(),
             "upstream ends each HTTP/2 connection after this many requests; a connection now carries at most that many"
         );
     }
@@ -123,9 +137,18 @@ mod tests {
         l.ended(64, 47, 0);
         l.ended(20, 5, 0);
         assert_eq!(l.limit(|| 0), usize::MAX);
-        // Nothing processed at all (the upstream went away at once) is not a limit either.
-        l.ended(5, 5, 0);
-        l.ended(5, 5, 0);
+        // Nothing or one request processed (an upstream going away) is not a limit either.
+        for _ in 0..3 {
+            l.ended(5, 5, 0);
+            l.ended(5, 4, 0);
+        }
         assert_eq!(l.limit(|| 0), usize::MAX);
+        // Two connections that agree, but far apart, are no pattern.
+        let apart = PAIR_WITHIN.as_millis() as u64 + 1;
+        l.ended(64, 54, 0);
+        l.ended(64, 54, apart);
+        assert_eq!(l.limit(|| apart), usize::MAX);
+        l.ended(64, 54, apart + 1);
+        assert_eq!(l.limit(|| apart + 1), 10);
     }
 }

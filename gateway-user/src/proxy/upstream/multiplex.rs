@@ -5,26 +5,26 @@
 //! else on another worker's, else a new connection is made (through `checkout`, so it gets
 //! the same connect deadline, hedging and kernel evidence as any other). While a connection
 //! is being made, requests that would fit on it wait for it instead of each opening their own
-//! (at most `max_concurrent_streams` of them per connection being made), so a burst opens
-//! one connection per `max_concurrent_streams` requests, not one per request.
-//!
-//! A new connection joins the list once the request that made it is in hyper's queue, so that
-//! it is the connection's first stream ([`Multiplexed::register`]).
+//! (at most `max_concurrent_streams` of them per connection being made, or the upstream's
+//! per-connection request limit once learned, `lifetime`), so a burst opens one connection per
+//! `max_concurrent_streams` requests, not one per request. A new connection joins the list once
+//! the request that made it is in hyper's queue, so that it is the connection's first stream
+//! ([`Multiplexed::register`]).
 //!
 //! A connection stops taking new streams (it is *retired*) when hyper says it is closed, when
 //! one of its streams failed with a connection-level error (a GOAWAY, the host died), when it
 //! has carried as many requests as the upstream lets one connection carry (`lifetime`), or when
 //! the pool sweeps it: idle (no stream) for longer than the cluster's `idle_timeout_ms`, like
 //! an idle HTTP/1.1 connection. Requests fill the first connection with room, so connections
-//! beyond what the load needs go idle and are closed; the streams in flight on it finish (a GOAWAY's last-stream-id and
-//! below) or fail on their own. Its connection slot is held until the last stream is gone and
-//! hyper closed it.
+//! beyond what the load needs go idle and are closed; the streams in flight on it finish (a
+//! GOAWAY's last-stream-id and below) or fail on their own. Its connection slot is held until
+//! the last stream is gone and hyper closed it.
 //!
 //! hyper's dispatcher for a connection (its `Connection`, run by `connect::drive`) ends as soon
 //! as the upstream's GOAWAY arrives, while other workers may still be handing it requests: each
-//! connection has a `gate::SendGate`, so that no request is pushed into the dispatcher's queue while
-//! that queue is being dropped (such a request would be neither answered nor failed until the
-//! response timeout).
+//! connection has a `gate::SendGate`, so that no request is pushed into the dispatcher's queue
+//! while that queue is being dropped (such a request would be neither answered nor failed
+//! until the response timeout).
 //!
 //! The kernel's evidence joins per connection, by its `SO_COOKIE`, like HTTP/1: every request
 //! on it records the cookie, and a request waiting for its response reads the connection's
@@ -59,10 +59,10 @@ pub(crate) struct H2Conn {
     /// Streams in flight.
     streams: AtomicUsize,
     max_streams: usize,
-    /// Streams ever taken on it, and those of them the upstream never processed (refused by
-    /// its GOAWAY, or handed back unsent): what [`StreamLifetime`] learns from.
+    /// Streams ever taken on it, and those of them the upstream refused unprocessed with a
+    /// graceful GOAWAY: what [`StreamLifetime`] learns from.
     started: AtomicUsize,
-    unprocessed: AtomicUsize,
+    refused: AtomicUsize,
     lifetime: Arc<StreamLifetime>,
     retired: AtomicBool,
     /// Told when a stream ends, so that a request waiting for room may take it.
@@ -83,10 +83,6 @@ impl H2Conn {
     /// Takes a stream if there is room, and the connection has not carried as many requests
     /// as the upstream allows one (then it is retired).
     fn try_stream(self: &Arc<Self>) -> Option<StreamGuard> {
-        if self.started.load(Ordering::Relaxed) >= self.lifetime.limit(now_ms) {
-            self.retire();
-            return None;
-        }
         let mut n = self.streams.load(Ordering::Relaxed);
         loop {
             if n >= self.max_streams || !self.live() {
@@ -96,16 +92,25 @@ impl H2Conn {
                 .streams
                 .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => {
-                    self.started.fetch_add(1, Ordering::Relaxed);
-                    return Some(StreamGuard {
-                        conn: self.clone(),
-                        unlisted: None,
-                    });
-                }
+                Ok(_) => break,
                 Err(now) => n = now,
             }
         }
+        let limit = self.lifetime.limit(now_ms);
+        let counted = self
+            .started
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < limit).then_some(s + 1)
+            });
+        if counted.is_err() {
+            self.retire();
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(StreamGuard {
+            conn: self.clone(),
+            unlisted: None,
+        })
     }
 
     /// No new streams on this connection; those in flight go on.
@@ -113,9 +118,9 @@ impl H2Conn {
         self.retired.store(true, Ordering::Release);
     }
 
-    /// One of its streams was never processed by the upstream.
-    pub fn unprocessed(&self) {
-        self.unprocessed.fetch_add(1, Ordering::Relaxed);
+    /// One of its streams was refused unprocessed by the upstream's graceful GOAWAY.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     fn idle(&self) -> bool {
@@ -132,11 +137,8 @@ impl H2Conn {
 
 impl Drop for H2Conn {
     fn drop(&mut self) {
-        self.lifetime.ended(
-            *self.started.get_mut(),
-            *self.unprocessed.get_mut(),
-            now_ms(),
-        );
+        self.lifetime
+            .ended(*self.started.get_mut(), *self.refused.get_mut(), now_ms());
     }
 }
 
@@ -153,8 +155,9 @@ fn now_ms() -> u64 {
 /// One stream's hold on its connection: counted while it lives.
 pub(crate) struct StreamGuard {
     conn: Arc<H2Conn>,
-    /// The first stream of a new connection, which is not in its endpoint's list yet.
-    unlisted: Option<Unlisted>,
+    /// The first stream of a new connection, which is not in its endpoint's list yet (boxed:
+    /// the guard is in every request's future, this only in a connection's first).
+    unlisted: Option<Box<Unlisted>>,
 }
 
 /// Where a new connection goes once its first request is in hyper's queue
@@ -327,8 +330,10 @@ impl Multiplexed {
     pub fn plan(self: &Arc<Self>) -> Wait {
         let shard_index = worker_index();
         let mut shard = self.lock(shard_index);
-        // The request that makes a connection takes its first stream.
-        if shard.connecting * (self.max_streams - 1) > shard.waiting {
+        // The request that makes a connection takes its first stream; it carries at most
+        // what the upstream lets one connection carry, when that is known.
+        let carries = self.max_streams.min(self.lifetime.limit(now_ms));
+        if shard.connecting * (carries - 1) > shard.waiting {
             shard.waiting += 1;
             return Wait::ForConnect(Waiting {
                 mux: self.clone(),
@@ -364,7 +369,7 @@ impl Multiplexed {
             streams: AtomicUsize::new(1),
             max_streams: self.max_streams,
             started: AtomicUsize::new(1),
-            unprocessed: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
             lifetime: self.lifetime.clone(),
             retired: AtomicBool::new(false),
             freed: self.freed.clone(),
@@ -384,7 +389,7 @@ impl Multiplexed {
             Some(connect_time),
             Hold::Stream(StreamGuard {
                 conn,
-                unlisted: Some(unlisted),
+                unlisted: Some(Box::new(unlisted)),
             }),
         )
     }
