@@ -99,7 +99,7 @@ impl H2Conn {
         let limit = self.lifetime.limit(now_ms);
         let counted = self
             .started
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
                 (s < limit).then_some(s + 1)
             });
         if counted.is_err() {
