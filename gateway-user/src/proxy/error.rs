@@ -127,6 +127,8 @@ pub enum ProxyError {
         source: hyper::Error,
         /// A GOAWAY (else an RST_STREAM with REFUSED_STREAM).
         goaway: bool,
+        /// A GOAWAY with NO_ERROR (see [`ProxyError::graceful_goaway`]).
+        graceful: bool,
     },
     #[error(
         "cluster `{cluster}` speaks {protocol} to its upstreams; an HTTP/1.1 `Upgrade` (WebSocket) needs protocol = \"http1\" (WebSocket over HTTP/2, RFC 8441, is not supported)"
@@ -331,22 +333,10 @@ impl ProxyError {
     /// A stream refused by the upstream's GOAWAY with NO_ERROR: it ends the connection in the
     /// ordinary way (a request limit, a restart), not to shed load or because of an error.
     pub fn graceful_goaway(&self) -> bool {
-        let ProxyError::UpstreamRefusedStream {
-            source,
-            goaway: true,
-            ..
-        } = self
-        else {
-            return false;
-        };
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(err) = cur {
-            if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::NO_ERROR);
-            }
-            cur = err.source();
-        }
-        false
+        matches!(
+            self,
+            ProxyError::UpstreamRefusedStream { graceful: true, .. }
+        )
     }
 
     /// How the connect failed, for connect errors.

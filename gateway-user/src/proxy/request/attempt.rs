@@ -425,18 +425,18 @@ async fn await_head<F: Future<Output = SendResult>>(
 }
 
 /// Whether an HTTP/2 error says the upstream never processed the stream (RFC 9113 section
-/// 8.7): `Some(true)` for a GOAWAY from the upstream (h2 gives this error only to the streams
-/// above the GOAWAY's last-stream-id, and to new ones), `Some(false)` for its RST_STREAM with
-/// REFUSED_STREAM.
-fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
+/// 8.7): `Some((true, graceful))` for a GOAWAY from the upstream (h2 gives this error only to
+/// the streams above the GOAWAY's last-stream-id, and to new ones; `graceful`: with NO_ERROR),
+/// `Some((false, false))` for its RST_STREAM with REFUSED_STREAM.
+fn refused_unprocessed(e: &hyper::Error) -> Option<(bool, bool)> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
             if h2.is_go_away() && h2.is_remote() {
-                return Some(true);
+                return Some((true, h2.reason() == Some(h2::Reason::NO_ERROR)));
             }
             if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return Some(false);
+                return Some((false, false));
             }
             return None;
         }
@@ -482,11 +482,12 @@ fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
             source: e,
         };
     }
-    if let Some(goaway) = refused_unprocessed(&e) {
+    if let Some((goaway, graceful)) = refused_unprocessed(&e) {
         return ProxyError::UpstreamRefusedStream {
             endpoint,
             source: e,
             goaway,
+            graceful,
         };
     }
     ProxyError::UpstreamReset {
