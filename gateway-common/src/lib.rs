@@ -119,7 +119,9 @@ pub struct ConnectEvent {
     pub ts_connect_ns: u64,
     /// `bpf_ktime_get_ns()` when the outcome happened (or SO_ERROR was read, for `SoError`).
     pub ts_event_ns: u64,
-    /// SYN sent to SYN-ACK received, nanoseconds; 0 unless established.
+    /// SYN sent to SYN-ACK received, nanoseconds; 0 unless established. For a SYN sent once,
+    /// the kernel's own first RTT sample (microsecond resolution); after SYN retransmits, the
+    /// time since `connect()`, retransmit timeouts included.
     pub syn_rtt_ns: u64,
     /// cgroup v2 id of the socket's creator.
     pub cgroup_id: u64,

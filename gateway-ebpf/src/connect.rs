@@ -139,7 +139,6 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     st.flags = 0;
-    st.t_syn_ns = 0;
     st.data_retransmits = 0;
     st.rtos = 0;
     st.app_error = 0;

@@ -99,7 +99,6 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         // by default (docs/kernel.md, "What loads and attaches here": RTO/RETRANS/STATE must
         // be enabled per socket), unless connect4/6 already did (Linux 6.12+).
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            st.t_syn_ns = now();
             st.flags |= F_CONNECT_SENT;
             st.ev.src_port = ctx.local_port() as u16;
             if st.flags & F_CALLBACKS_ON == 0 {
@@ -110,9 +109,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             st.flags |= F_ESTABLISHED;
             let now = now();
-            if st.t_syn_ns != 0 {
-                st.ev.syn_rtt_ns = now - st.t_syn_ns;
-            }
+            st.ev.syn_rtt_ns = syn_rtt_ns(ctx, st, now);
             emit::outcome(st, Outcome::Established, 0, now);
         }
         // tcp_retransmit_skb(): args = seq, segs, err. Counted only when the retransmit was
@@ -275,6 +272,24 @@ fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
     cs.closed_ns = unsafe { bpf_ktime_get_ns() };
     if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
         conn_insert_failed(st);
+    }
+}
+
+/// SYN sent to SYN-ACK received, at ACTIVE_ESTABLISHED. When the SYN was sent once, that is the
+/// kernel's own first RTT sample, taken from the SYN's send timestamp before this callback
+/// (`tcp_rcv_synsent_state_process()`: `tcp_ack()` → `tcp_ack_update_rtt()` sets
+/// `srtt_us = rtt << 3`, then `tcp_finish_connect()` calls us), so TCP_CONNECT need not read
+/// the clock: one clock read less per connect (docs/kernel.md, "Cost"). After SYN retransmits
+/// Karn's rule leaves no clean sample, so it is the time since `connect()`, which includes the
+/// retransmit timeouts, as it always did; a microsecond or two of it is the work between
+/// `connect()` and the first SYN.
+#[inline(always)]
+fn syn_rtt_ns(ctx: &SockOpsContext, st: &SockState, now: u64) -> u64 {
+    let srtt_us = unsafe { (*ctx.ops).srtt_us } >> 3;
+    if st.ev.syn_retransmits == 0 && srtt_us != 0 {
+        u64::from(srtt_us) * 1000
+    } else {
+        now.saturating_sub(st.ev.ts_connect_ns)
     }
 }
 

@@ -137,6 +137,45 @@ fn privileged_syn_blackhole_counts_every_retransmit_then_etimedout_matching_nsta
     );
 }
 
+/// A connect whose first SYNs were lost and whose third got through: the SYN-RTT is the whole
+/// wait, from the connect, not a clean sample of a single SYN (sock_ops reads the kernel's own
+/// sample only for a SYN sent once; `syn_rtt_ns` in gateway-ebpf/src/sockops.rs).
+#[test]
+fn privileged_established_after_syn_retransmits_counts_the_wait_from_the_connect() {
+    let (lab, mut t) = observed_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let _l = lab
+        .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
+        .unwrap();
+    let fault = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
+    // SYN at 0, retransmits at +1 s and +3 s: the blackhole is gone before the second one.
+    let p = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            connect_probe!()
+                .run_in(&lab, "blocking", up.addr_v4(PORT), &[])
+                .remove(0)
+        });
+        std::thread::sleep(Duration::from_millis(1_800));
+        drop(fault);
+        probe.join().unwrap()
+    });
+    assert_eq!(p.result, "ok");
+    let r = t.record(p.cookie, WAIT);
+    assert_eq!(r.outcome(), Outcome::Established);
+    assert_eq!(r.syn_retransmits, 2);
+    let rtt = r.syn_rtt_us.unwrap();
+    assert!(
+        (2_900_000..3_600_000).contains(&rtt),
+        "SYN-RTT {rtt} µs after two SYN retransmits (at +1 s and +3 s)"
+    );
+    assert!(
+        rtt.abs_diff(r.elapsed_us) < 1_000,
+        "SYN-RTT {rtt} µs is the connect's whole wait, {} µs",
+        r.elapsed_us
+    );
+}
+
 #[test]
 fn privileged_syn_ack_delayed_200ms() {
     let (lab, mut t) = observed_lab(1);
