@@ -267,6 +267,8 @@ catalogue! {
         "1 for the endpoint's current health state (healthy, slow, suspect, ejected, probing), 0 for the others.";
     latency: "gateway_upstream_latency_ewma_seconds", "gauge", ["cluster", "endpoint"],
         "The endpoint's peak-EWMA of response-head latency (decay towards zero included), fed by responses, response timeouts, kernel SYN-RTTs and stalled requests (see decide::latency); what lb_policy peak_ewma weighs. Absent until the first sample.";
+    h2_requests_per_connection: "gateway_upstream_h2_requests_per_connection", "gauge", ["cluster", "endpoint"],
+        "How many requests the HTTP/2 upstream lets one connection carry (nginx's keepalive_requests, for one), learned when two of its connections ended by a graceful GOAWAY within a minute after processing as many (at least 2; see upstream::lifetime). Later connections to it carry at most that many and are then replaced, so the upstream refuses no stream. 0 when none is known: not learned, or forgotten 10 minutes after it was learned, so that a raised limit is noticed. Absent until a limit is first learned.";
     slowdowns: "gateway_endpoint_slowdowns", "counter", ["cluster", "endpoint"],
         "Times lb_policy peak_ewma found the endpoint slow (a latency outlier against the cluster's lower median) and sent it only a trickle; health_state{state=\"slow\"} is 1 while it lasts. Never an ejection.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
@@ -342,6 +344,7 @@ pub struct GatewayMetrics {
     pub connect_deadline: Family<EndpointLabels, FloatGauge>,
     pub health_state: Family<StateLabels, Gauge>,
     pub latency: Family<EndpointLabels, FloatGauge>,
+    pub h2_requests_per_connection: Family<EndpointLabels, Gauge>,
     pub slowdowns: Family<EndpointLabels, Counter>,
     pub ejections: Family<EndpointReason, Counter>,
     pub hedges: Family<HedgeLabels, Counter>,
@@ -383,6 +386,7 @@ impl GatewayMetrics {
             connect_deadline: Family::default(),
             health_state: Family::default(),
             latency: Family::default(),
+            h2_requests_per_connection: Family::default(),
             slowdowns: Family::default(),
             ejections: Family::default(),
             hedges: Family::default(),
@@ -431,6 +435,10 @@ impl GatewayMetrics {
         reg!(f::connect_deadline, self.connect_deadline);
         reg!(f::health_state, self.health_state);
         reg!(f::latency, self.latency);
+        reg!(
+            f::h2_requests_per_connection,
+            self.h2_requests_per_connection
+        );
         reg!(f::slowdowns, self.slowdowns);
         reg!(f::ejections, self.ejections);
         reg!(f::hedges, self.hedges);

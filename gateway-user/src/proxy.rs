@@ -403,6 +403,7 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
                 let now = tokio::time::Instant::now();
                 ep.meter
                     .latency(ep.latency.estimate(now, c.spec.latency.decay));
+                ep.meter.h2_requests_per_connection(ep.mux.learned_limit());
             }
         }
     }

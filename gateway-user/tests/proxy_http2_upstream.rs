@@ -250,6 +250,24 @@ async fn goaway_load(name: &str, keepalive: u32) {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
     assert!(refused > 0.0, "streams refused by GOAWAY were retried: {m}");
+    // The limit learned is shown: in `/status` at once, in the metrics at their next refresh.
+    let status = get(&client(), gw.handle.admin_addr().unwrap(), "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(
+        status["clusters"][0]["endpoints"][0]["h2_requests_per_connection"], keepalive,
+        "{status}"
+    );
+    let gauge = format!(
+        "gateway_upstream_h2_requests_per_connection{{cluster=\"default\",endpoint=\"{}\"}} {keepalive}",
+        nginx.addr
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = metrics(&gw).await;
+    while !m.lines().any(|l| l == gauge) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = metrics(&gw).await;
+    }
+    assert!(m.lines().any(|l| l == gauge), "{gauge} in {m}");
     eprintln!(
         "{name}: {refused} refused streams retried over {} connections",
         conns.len()

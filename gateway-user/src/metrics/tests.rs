@@ -71,6 +71,7 @@ fn populated() -> Registry {
         })
         .set(1);
     m.latency.get_or_create(&ep).set(0.001);
+    m.h2_requests_per_connection.get_or_create(&ep).set(10);
     m.slowdowns.get_or_create(&ep).inc();
     m.ejections
         .get_or_create(&EndpointReason {

@@ -362,6 +362,7 @@ mod tests {
                     },
                     in_flight: 0,
                     latency: LatencyStatus::default(),
+                    h2_requests_per_connection: None,
                     recent: vec![HealthEvent {
                         at_unix_ms: 3_000,
                         event: HealthEventKind::Ejected,

@@ -44,6 +44,7 @@
 //!         "awaiting_head": 0,            // requests waiting for their response head
 //!         "slow_above_ms": null          // peak_ewma: the cluster's current slow threshold (ms)
 //!       },
+//!       "h2_requests_per_connection": null,  // an HTTP/2 upstream's learned limit (null: none known)
 //!       "recent": [{                     // oldest first, at most 20
 //!         "at_unix_ms": 1763740011000,
 //!         "event": "ejected",            // failure | suspect | ejected | ejection_refused | probing | recovered
@@ -71,7 +72,7 @@
 //! `decide::latency`); `reason` then says what made it slow (`slow_backend`: responses,
 //! `overloaded`: handshakes needing SYN retransmits, `slow_network`: request bytes unACKed).
 //! `latency` was added after the first version of this shape: a reader of an older gateway
-//! gets its default (no estimate).
+//! gets its default (no estimate); so was `h2_requests_per_connection` (null).
 //! `history` was added after the first version of this shape: a reader of an older gateway
 //! gets it empty. Seconds are closed just after they end, so the last entry is the last
 //! complete second; an entry never changes once written.
@@ -160,6 +161,10 @@ pub struct EndpointStatus {
     pub in_flight: u64,
     #[serde(default)]
     pub latency: LatencyStatus,
+    /// How many requests the upstream lets one HTTP/2 connection carry, once learned from its
+    /// graceful GOAWAYs (`upstream::lifetime`); `None` while none is known.
+    #[serde(default)]
+    pub h2_requests_per_connection: Option<u64>,
     pub recent: Vec<HealthEvent>,
     #[serde(default)]
     pub history: EndpointHistory,
@@ -344,6 +349,7 @@ fn endpoint_status(c: &Cluster, ep: &Endpoint, at: &dyn Fn(Instant) -> u64) -> E
                 .then(|| c.set.latency.threshold().map(ms))
                 .flatten(),
         },
+        h2_requests_per_connection: ep.mux.learned_limit().map(|n| n as u64),
         recent: v.recent,
         history: EndpointHistory {
             series: ep.health.history.series(),

@@ -41,6 +41,8 @@ pub(crate) struct EndpointMeter {
     states: [Gauge; 5],
     /// Set on first use: absent until the endpoint has a latency estimate.
     latency: OnceLock<FloatGauge>,
+    /// Set on first use: absent until a per-connection request limit is learned.
+    h2_requests_per_connection: OnceLock<Gauge>,
     slowdowns: Counter,
 }
 
@@ -77,6 +79,7 @@ impl EndpointMeter {
             states,
             tunnels,
             latency: OnceLock::new(),
+            h2_requests_per_connection: OnceLock::new(),
             slowdowns: counter(&m.slowdowns, &labels),
             labels,
             metrics: m.clone(),
@@ -104,6 +107,23 @@ impl EndpointMeter {
             self.latency
                 .get_or_init(|| self.metrics.latency.get_or_create(&self.labels).clone())
                 .set(e.as_secs_f64());
+        }
+    }
+
+    /// The HTTP/2 upstream's learned limit of requests per connection, every second: the gauge
+    /// appears with the first limit learned, and reads 0 while none is known after that.
+    pub fn h2_requests_per_connection(&self, limit: Option<usize>) {
+        let gauge = match limit {
+            Some(_) => Some(self.h2_requests_per_connection.get_or_init(|| {
+                self.metrics
+                    .h2_requests_per_connection
+                    .get_or_create(&self.labels)
+                    .clone()
+            })),
+            None => self.h2_requests_per_connection.get(),
+        };
+        if let Some(g) = gauge {
+            g.set(limit.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
         }
     }
 

@@ -116,6 +116,7 @@ impl Series {
         m.rtos.remove(l);
         m.connect_deadline.remove(l);
         m.latency.remove(l);
+        m.h2_requests_per_connection.remove(l);
         m.slowdowns.remove(l);
         let (cluster, endpoint) = (l.cluster.clone(), l.endpoint.clone());
         for o in gateway_common::Outcome::ALL {

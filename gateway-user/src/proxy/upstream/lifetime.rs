@@ -75,6 +75,11 @@ impl StreamLifetime {
         limit
     }
 
+    /// The limit in force, for `/status` and the metrics: `None` while none is known.
+    pub fn known(&self, now_ms: impl FnOnce() -> u64) -> Option<usize> {
+        Some(self.limit(now_ms)).filter(|l| *l != usize::MAX)
+    }
+
     /// A connection ended having carried `started` streams, `refused` of which the upstream
     /// refused unprocessed with a graceful GOAWAY.
     pub fn ended(&self, started: usize, refused: usize, now_ms: u64) {
@@ -123,11 +128,13 @@ mod tests {
         assert_eq!(l.limit(|| 0), usize::MAX, "one connection is not a pattern");
         l.ended(40, 30, 10);
         assert_eq!(l.limit(|| 10), 10);
+        assert_eq!(l.known(|| 10), Some(10));
         // Forgotten after a while.
         let later = 10 + FORGET_AFTER.as_millis() as u64;
         assert_eq!(l.limit(|| later - 1), 10);
         assert_eq!(l.limit(|| later), usize::MAX);
         assert_eq!(l.limit(|| later), usize::MAX);
+        assert_eq!(l.known(|| later), None);
     }
 
     #[test]

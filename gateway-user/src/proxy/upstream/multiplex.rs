@@ -312,6 +312,12 @@ impl Multiplexed {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// How many requests the upstream lets one connection carry, once learned from its
+    /// graceful GOAWAYs (`lifetime`); `/status` and the metrics show it.
+    pub fn learned_limit(&self) -> Option<usize> {
+        self.lifetime.known(now_ms)
+    }
+
     /// A stream on a live connection of this worker's list with room, dropping dead ones.
     pub fn take(&self) -> Option<UpstreamConn> {
         let mut shard = self.lock(worker_index());

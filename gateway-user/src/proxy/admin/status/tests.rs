@@ -42,6 +42,7 @@ fn sample() -> Status {
                     awaiting_head: 0,
                     slow_above_ms: None,
                 },
+                h2_requests_per_connection: None,
                 recent: vec![HealthEvent {
                     at_unix_ms: 1_763_740_011_000,
                     event: HealthEventKind::Ejected,
@@ -119,6 +120,7 @@ const SAMPLE_JSON: &str = r#"{
             "awaiting_head": 0,
             "slow_above_ms": null
           },
+          "h2_requests_per_connection": null,
           "recent": [
             {
               "at_unix_ms": 1763740011000,
