@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | cgroup `connect4` / `connect6` | `connect.rs` | destination, pid, comm, cgroup, cookie, t_connect; turns the socket's sock_ops callbacks on (Linux 6.12+) |
 //! | tracepoint `syscalls:sys_exit_connect`, or raw tracepoint `sys_exit` without tracefs, only before Linux 6.12 | `connect.rs` | EADDRNOTAVAIL: no SYN was ever sent |
-//! | cgroup `sock_ops` | `sockops.rs` | SYN time, SYN retransmits, SYN-RTT, the errno (or its absence: aborted) when it leaves SYN_SENT, EADDRNOTAVAIL (SYN_SENT left with no SYN, Linux 6.12+), established RTOs/retransmits |
+//! | cgroup `sock_ops` | `sockops.rs` | SYN retransmits, SYN-RTT (the kernel's sample of a SYN sent once), the errno (or its absence: aborted) when it leaves SYN_SENT, EADDRNOTAVAIL (SYN_SENT left with no SYN, Linux 6.12+), established RTOs/retransmits |
 //! | cgroup `getsockopt` | `sockopt.rs` | the `SO_ERROR` the application read |
 //!
 //! Records go to a ring buffer without a wake-up; userspace drains it on a timer
