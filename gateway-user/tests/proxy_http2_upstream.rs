@@ -257,6 +257,13 @@ async fn goaway_load(name: &str, keepalive: u32) {
         status["clusters"][0]["endpoints"][0]["h2_requests_per_connection"], keepalive,
         "{status}"
     );
+    let page = get(&client(), gw.handle.admin_addr().unwrap(), "/").await;
+    assert!(
+        page.body
+            .contains(&format!("data-h2-limit=\"{keepalive}\"")),
+        "the status page shows the limit: {}",
+        page.body
+    );
     let gauge = format!(
         "gateway_upstream_h2_requests_per_connection{{cluster=\"default\",endpoint=\"{}\"}} {keepalive}",
         nginx.addr

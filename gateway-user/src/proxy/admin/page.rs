@@ -299,9 +299,17 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         ),
         _ => String::new(),
     };
+    // An HTTP/2 upstream's learned limit: why a new connection opens every N requests.
+    let h2_limit = match e.h2_requests_per_connection {
+        Some(n) => format!(
+            "<br><span class=\"why\" data-h2-limit=\"{n}\">at most {n} requests per HTTP/2 \
+             connection (its GOAWAYs)</span>"
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         h,
-        "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}</td>\
+        "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}{h2_limit}</td>\
          <td><span class=\"state {state}\">{state}</span></td><td>{reason}{until}</td>\
          <td class=\"num\">{since}</td><td class=\"num\">{p50} / {p99} <span class=\"why\">({n} sample{s})</span></td>\
          <td class=\"num\">{deadline:.0} ms <span class=\"why\">({source})</span></td>\
@@ -414,6 +422,21 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("request ACKed by the upstream&#39;s kernel, response late"));
+    }
+
+    #[test]
+    fn a_learned_http2_limit_is_shown_under_its_endpoint() {
+        let mut s = status();
+        assert!(!render(&s).contains("data-h2-limit"));
+        s.clusters[0].endpoints[0].h2_requests_per_connection = Some(100);
+        let html = render(&s);
+        assert!(
+            html.contains(
+                "127.0.0.1:1<br><span class=\"why\" data-h2-limit=\"100\">at most 100 requests \
+                 per HTTP/2 connection (its GOAWAYs)</span></td>"
+            ),
+            "{html}"
+        );
     }
 
     #[test]
