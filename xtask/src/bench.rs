@@ -288,6 +288,39 @@ pub struct Sample {
     pub cpu_us_per_req: f64,
     /// The user-space part of `cpu_us_per_req`.
     pub user_us_per_req: f64,
+    /// The whole machine's busy CPU time per request (every process and interrupt: the
+    /// proxy, wrk, the upstreams), from `/proc/stat`.
+    pub machine_us_per_req: f64,
+    /// The share of the machine's CPU time left idle during the run.
+    pub idle_share: f64,
+}
+
+impl Sample {
+    /// What the rest of the machine (wrk, the upstreams, the kernel's work charged to them)
+    /// spends per request besides this proxy.
+    pub fn rest_us_per_req(&self) -> f64 {
+        self.machine_us_per_req - self.cpu_us_per_req
+    }
+}
+
+/// The machine's busy and idle CPU time so far, in clock ticks (`/proc/stat`, all CPUs).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is within user)
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return (0, 0);
+    }
+    let idle = v[3] + v[4];
+    (v.iter().sum::<u64>() - idle, idle)
 }
 
 pub fn parse_latency(s: &str) -> Option<f64> {
@@ -339,8 +372,12 @@ pub fn wrk(load: &Load, url: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sa
         cmd.args(["-H", h]);
     }
     let (user0, system0) = cpu_split(pids);
+    let (busy0, idle0) = machine_ticks();
     let out = cmd.arg(url).output().context("running wrk")?;
+    let (busy1, idle1) = machine_ticks();
     let (user1, system1) = cpu_split(pids);
+    let busy = busy1.saturating_sub(busy0) as f64;
+    let idle = idle1.saturating_sub(idle0) as f64;
     let user = user1.saturating_sub(user0) as f64 / ticks_per_second();
     let cpu = user + system1.saturating_sub(system0) as f64 / ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -356,6 +393,12 @@ pub fn wrk(load: &Load, url: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sa
     }
     s.cpu_us_per_req = cpu * 1e6 / (s.rps * secs as f64);
     s.user_us_per_req = user * 1e6 / (s.rps * secs as f64);
+    s.machine_us_per_req = busy / ticks_per_second() * 1e6 / (s.rps * secs as f64);
+    s.idle_share = if busy + idle > 0.0 {
+        idle / (busy + idle)
+    } else {
+        f64::NAN
+    };
     Ok(s)
 }
 
@@ -459,19 +502,29 @@ pub fn report(title: &str, rate: &str, targets: &[Target], samples: &[Vec<Sample
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
     println!("\n{title}");
     println!(
-        "{:<10} {:>14} {:>10} {:>10} {:>12} {:>11} {:>8}",
-        "proxy", rate, "p50 ms", "p99 ms", "CPU us/req", "user us/req", "errors"
+        "{:<10} {:>14} {:>10} {:>10} {:>12} {:>11} {:>15} {:>7} {:>8}",
+        "proxy",
+        rate,
+        "p50 ms",
+        "p99 ms",
+        "CPU us/req",
+        "user us/req",
+        "machine us/req",
+        "idle %",
+        "errors"
     );
     for (i, t) in targets.iter().enumerate() {
         let errors: u64 = samples[i].iter().map(|s| s.errors).sum();
         println!(
-            "{:<10} {:>14.0} {:>10.3} {:>10.3} {:>12.1} {:>11.1} {:>8}",
+            "{:<10} {:>14.0} {:>10.3} {:>10.3} {:>12.1} {:>11.1} {:>15.1} {:>7.1} {:>8}",
             t.name,
             med(i, |s| s.rps),
             med(i, |s| s.p50_ms),
             med(i, |s| s.p99_ms),
             med(i, |s| s.cpu_us_per_req),
             med(i, |s| s.user_us_per_req),
+            med(i, |s| s.machine_us_per_req),
+            med(i, |s| s.idle_share * 100.0),
             errors
         );
     }

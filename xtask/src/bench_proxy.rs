@@ -20,6 +20,11 @@
 //! `gateway/hyper-floor` ratio is what the gateway's own per-request work costs, apart from
 //! its HTTP library and runtime.
 //!
+//! After the table, the gateway's CPU budget for the goal of issue 15 (1.1× the better peer's
+//! req/s): the machine is shared by wrk, the upstreams and the proxy, so a proxy's req/s is
+//! the busy CPU time over what every process spends per request. [`budget`] says how much CPU
+//! per request that goal leaves the gateway, measured, beside what it spends.
+//!
 //! This is a benchmark, not a test: it asserts nothing, it reports. Options:
 //! `--reps N` (5), `--duration S` (10), `--warmup S` (3), `--connections C` (64),
 //! `--wrk-threads T` (1), `--gateway-bin PATH` and `--floor-bin PATH` (default: the release
@@ -50,6 +55,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     bench::require("nginx", "nginx-light")?;
     bench::require("haproxy", "haproxy")?;
     let gateway = o.gateway_binary()?;
+    let floor_bin = if floor { Some(o.floor_binary()?) } else { None };
 
     let dir = std::env::temp_dir().join(format!("gateway-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -57,8 +63,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if observer_off {
         peers.add_gateway_without_observer(&dir, &gateway)?;
     }
-    if floor {
-        peers.add_floor(&o.floor_binary()?)?;
+    if let Some(bin) = &floor_bin {
+        peers.add_floor(bin)?;
     }
     let targets = peers.targets();
     println!(
@@ -81,6 +87,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let samples = bench::interleaved(&o, &targets, &loads, &mut || peers.check_alive())?;
     let rss = bench::peak_rss_kib(peers.gateway.pid());
     bench::report("keep-alive", "req/s", &targets, &samples[0]);
+    budget(&targets, &samples[0]);
     match rss {
         Some(kib) => println!(
             "gateway peak RSS under load: {:.1} MiB",
@@ -98,4 +105,33 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!("load average at the end: {}", bench::load_average());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The CPU time per request the gateway could spend and still reach 1.1× the better peer's
+/// req/s in this run: the busy cores (medians of the gateway's runs) over 1.1× the peer's
+/// req/s, less what the rest of the machine spends per request beside the gateway. Printed
+/// with what the gateway spends, in user space and in the kernel.
+fn budget(targets: &[bench::Target], samples: &[Vec<bench::Sample>]) {
+    let med =
+        |i: usize, f: fn(&bench::Sample) -> f64| bench::median(samples[i].iter().map(f).collect());
+    let Some((peer, peer_rps)) = targets
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| matches!(t.name, "nginx" | "haproxy"))
+        .map(|(i, t)| (t.name, med(i, |s| s.rps)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    else {
+        return;
+    };
+    let busy_cores = bench::cores() as f64 * (1.0 - med(0, |s| s.idle_share));
+    let rest = med(0, bench::Sample::rest_us_per_req);
+    let (cpu, user) = (med(0, |s| s.cpu_us_per_req), med(0, |s| s.user_us_per_req));
+    let allowed = busy_cores * 1e6 / (1.1 * peer_rps) - rest;
+    println!(
+        "budget: 1.1x {peer} ({:.0} req/s) on {busy_cores:.2} busy cores, with the rest of the machine at \
+         {rest:.1} us/req, leaves the gateway {allowed:.1} us/req; it spends {cpu:.1} ({user:.1} user, \
+         {:.1} system)",
+        1.1 * peer_rps,
+        cpu - user
+    );
 }
