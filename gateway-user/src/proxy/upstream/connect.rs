@@ -340,14 +340,7 @@ where
         .await
         .map_err(|e| handshake_failed(ep, m.cookie, e))?;
     let conn = conn.with_upgrades();
-    tokio::spawn(drive(
-        conn,
-        ep.addr,
-        cluster.signals.clone(),
-        ep.meter.rtos.clone(),
-        m.cookie,
-        None,
-    ));
+    spawn_drive(conn, cluster, ep, m.cookie, None);
     Ok(UpstreamConn::new(sender, m.cookie, m.fd, m.elapsed, m.slot))
 }
 
@@ -368,14 +361,7 @@ where
         .await
         .map_err(|e| handshake_failed(ep, m.cookie, e))?;
     let gate = Arc::new(SendGate::default());
-    tokio::spawn(drive(
-        conn,
-        ep.addr,
-        cluster.signals.clone(),
-        ep.meter.rtos.clone(),
-        m.cookie,
-        Some(gate.clone()),
-    ));
+    spawn_drive(conn, cluster, ep, m.cookie, Some(gate.clone()));
     Ok(ep
         .mux
         .register(sender, m.cookie, m.fd, m.slot, m.elapsed, gate))
@@ -387,6 +373,20 @@ fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {
         source: io::Error::other(e),
         cookie: Some(cookie),
     }
+}
+
+/// [`drive`] for a connection of `ep`, as a task of its own.
+fn spawn_drive<F>(
+    conn: F,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    cookie: u64,
+    gate: Option<Arc<SendGate>>,
+) where
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    let (signals, rtos) = (cluster.signals.clone(), ep.meter.rtos.clone());
+    tokio::spawn(drive(conn, ep.addr, signals, rtos, cookie, gate));
 }
 
 /// Runs a connection's task until it ends, then adds the RTOs of the kernel's final record of
