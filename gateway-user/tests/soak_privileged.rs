@@ -417,7 +417,11 @@ fn load(
                 .expect("the control thread in the client namespace");
         });
         let samples = s.run_load(rate, Duration::from_secs_f64(minutes * 60.0), |t| {
-            let _ = tick.send(t);
+            // The control thread is gone only if it panicked: end the load, and the scope
+            // below resumes its panic.
+            if tick.send(t).is_err() {
+                return false;
+            }
             if behind.load(Ordering::Relaxed) {
                 eprintln!("stopping: client connections piled up");
                 return false;
