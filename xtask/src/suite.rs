@@ -33,6 +33,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
     ]))?;
     let filter: Vec<String> = filter.into_iter().collect();
     let root = workspace_root();
+    let scratch_before = scratch_dirs();
     // The release package and the fuzz build took a third of the suite's time on two cores,
     // and the end-to-end tests leave part of the CPUs idle: they overlap, the builds at idle
     // priority ([`background`]).
@@ -148,6 +149,20 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
         println!("{line}");
     }
     unit.and(end_to_end).and(demo).and(deployed)?;
+    // Passing tests leave no scratch directory (the test kit's `temp_dir` sweeps its own
+    // when the binary exits, and keeps them only after a panic).
+    let left: Vec<String> = scratch_dirs()
+        .into_iter()
+        .filter(|d| !scratch_before.contains(d) && !owner_alive(d))
+        .collect();
+    if !left.is_empty() {
+        bail!(
+            "every test passed, yet {} scratch directories were left in {}: {}",
+            left.len(),
+            std::env::temp_dir().display(),
+            left.join(" ")
+        );
+    }
     if fuzz_failed > 0 {
         bail!("{fuzz_failed} fuzz target(s) failed");
     }
@@ -333,6 +348,25 @@ fn run_tests(what: &str, cmd: &mut Command, totals: &mut Totals) -> anyhow::Resu
     Ok(())
 }
 
+/// The test kit's scratch directories (`gateway-test-LABEL-PID-N`) in the temp dir.
+fn scratch_dirs() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("gateway-test-"))
+        .collect()
+}
+
+/// Whether the process a scratch directory is named after still runs (tests of someone else
+/// on the same machine, not this suite's).
+fn owner_alive(name: &str) -> bool {
+    let mut parts = name.rsplit('-');
+    let (_n, pid) = (parts.next(), parts.next());
+    pid.and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+}
+
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
@@ -341,6 +375,16 @@ unsafe extern "C" {
 #[cfg(test)]
 mod tests {
     use super::Totals;
+
+    #[test]
+    fn a_scratch_directory_is_owned_by_the_pid_in_its_name() {
+        let me = std::process::id();
+        assert!(super::owner_alive(&format!(
+            "gateway-test-h2c-goaway-{me}-3"
+        )));
+        assert!(!super::owner_alive("gateway-test-rr-4294967295-0"));
+        assert!(!super::owner_alive("gateway-test-odd"));
+    }
 
     #[test]
     fn failures_are_kept_without_their_backtraces_and_results_are_counted() {
