@@ -16,12 +16,18 @@
 use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use hyper_util::rt::TokioIo;
-use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 use tracing::debug;
 
-use super::{Cluster, endpoint::Endpoint, gate::SendGate, hedge, pool::UpstreamConn, tls};
+use super::{
+    Cluster,
+    endpoint::Endpoint,
+    gate::{SendGate, drive},
+    hedge,
+    pool::UpstreamConn,
+    tls,
+};
 use crate::{
     config::UpstreamProtocol,
     decide::{evidence::ConnectFailure, health::Evidence},
@@ -389,157 +395,10 @@ fn spawn_drive<F>(
     tokio::spawn(drive(conn, ep.addr, signals, rtos, cookie, gate));
 }
 
-/// Runs a connection's task until it ends, then adds the RTOs of the kernel's final record of
-/// it (the socket is closed once the task is done, see `telemetry`). HTTP/2: the task is
-/// hyper's dispatcher, which ends at the upstream's GOAWAY while the streams below it go on;
-/// it is dropped, with its request queue, only once no send is pushing into that queue (see
-/// `gate::SendGate`). `rtos` is the endpoint's counter.
-async fn drive<F>(
-    conn: F,
-    addr: SocketAddr,
-    signals: Arc<dyn SignalSource>,
-    rtos: Counter,
-    cookie: u64,
-    gate: Option<Arc<SendGate>>,
-) where
-    F: Future<Output = hyper::Result<()>> + Send + 'static,
-{
-    // Tells the sends waiting for the drop, even when this task is dropped unfinished
-    // (declared first: dropped after `conn`).
-    let dropped = gate.as_ref().map(|g| GateDropped(g.clone()));
-    {
-        let mut conn = std::pin::pin!(conn);
-        if let Err(e) = conn.as_mut().await {
-            debug!(upstream = %addr, cookie, error = %e, "upstream connection ended");
-        }
-        if let Some(g) = &gate {
-            g.close().await;
-        }
-    }
-    drop(dropped);
-    if let Some(ev) = signals.established_evidence(cookie)
-        && ev.rtos > 0
-    {
-        rtos.inc_by(u64::from(ev.rtos));
-    }
-}
-
-/// Marks the dispatcher dropped when dropped (after it: see `drive`).
-struct GateDropped(Arc<SendGate>);
-
-impl Drop for GateDropped {
-    fn drop(&mut self) {
-        self.0.dropped();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::signals::UserspaceOnly;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// A stand-in for hyper's dispatcher: done at once (`done`) or never, and flags its drop
-    /// (which drops the connection's request queue).
-    struct Dispatcher {
-        done: bool,
-        dropped: Arc<AtomicBool>,
-    }
-
-    impl Future for Dispatcher {
-        type Output = hyper::Result<()>;
-        fn poll(
-            self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Self::Output> {
-            if self.done {
-                std::task::Poll::Ready(Ok(()))
-            } else {
-                std::task::Poll::Pending
-            }
-        }
-    }
-
-    impl Drop for Dispatcher {
-        fn drop(&mut self) {
-            self.dropped.store(true, Ordering::SeqCst);
-        }
-    }
-
-    fn drive_with(
-        done: bool,
-        gate: &Arc<SendGate>,
-    ) -> (tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let conn = Dispatcher {
-            done,
-            dropped: dropped.clone(),
-        };
-        let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::default());
-        let addr = "127.0.0.1:1".parse().unwrap();
-        let task = drive(
-            conn,
-            addr,
-            signals,
-            Counter::default(),
-            1,
-            Some(gate.clone()),
-        );
-        (tokio::spawn(task), dropped)
-    }
-
-    /// The order `gate::SendGate` exists for, through `drive` itself: the dispatcher is done
-    /// while a send is pushing into its queue; `drive` closes the gate, keeps the dispatcher
-    /// (and its queue) until that send is out, and only then drops it and tells the sends that
-    /// found the gate closed. Deterministic: one thread, and `drive` runs only when the test
-    /// yields.
-    #[tokio::test]
-    async fn drive_drops_the_dispatcher_only_once_no_send_is_in_the_gate() {
-        let gate = Arc::new(SendGate::default());
-        let pushing = gate.enter().expect("the gate is open");
-        let (task, dropped) = drive_with(true, &gate);
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(gate.is_closed(), "the dispatcher is done: no send enters");
-        assert!(gate.enter().is_none());
-        assert!(
-            !dropped.load(Ordering::SeqCst),
-            "kept while a send is in the gate"
-        );
-        assert!(!task.is_finished());
-        let mut told = std::pin::pin!(gate.wait_dropped());
-        assert!(poll_once(told.as_mut()).is_pending(), "not dropped yet");
-        drop(pushing);
-        task.await.unwrap();
-        assert!(dropped.load(Ordering::SeqCst));
-        assert!(
-            poll_once(told.as_mut()).is_ready(),
-            "the waiting send is told"
-        );
-    }
-
-    /// A connection task dropped before its dispatcher is done (the runtime shutting down)
-    /// still tells the sends waiting for the drop.
-    #[tokio::test]
-    async fn a_drive_dropped_unfinished_tells_the_waiting_sends() {
-        let gate = Arc::new(SendGate::default());
-        let (task, dropped) = drive_with(false, &gate);
-        tokio::task::yield_now().await;
-        assert!(!gate.is_closed());
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
-        assert!(dropped.load(Ordering::SeqCst));
-        assert!(
-            gate.enter().is_none(),
-            "a send after the drop fails at once"
-        );
-        assert!(poll_once(std::pin::pin!(gate.wait_dropped())).is_ready());
-    }
-
-    fn poll_once<F: Future>(f: Pin<&mut F>) -> std::task::Poll<F::Output> {
-        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-    }
 
     #[test]
     fn every_socket_has_a_distinct_nonzero_cookie() {
