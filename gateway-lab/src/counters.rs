@@ -20,6 +20,8 @@ impl NetStat {
     pub const ACTIVE_OPENS: &str = "TcpActiveOpens";
     /// Connects that failed: RST, ICMP error or timeout in SYN_SENT.
     pub const ATTEMPT_FAILS: &str = "TcpAttemptFails";
+    /// Established (or CLOSE_WAIT) connections that a RST ended (`TCP_MIB_ESTABRESETS`).
+    pub const ESTAB_RESETS: &str = "TcpEstabResets";
     /// RSTs sent.
     pub const OUT_RSTS: &str = "TcpOutRsts";
     /// SYNs a listener dropped because its accept queue was full.

@@ -44,6 +44,11 @@ pub enum Fault {
     /// SYNs answered with RST (`REJECT --reject-with tcp-reset`): `connect()` fails at once with
     /// ECONNREFUSED, as if nothing listened.
     Refuse { port: u16 },
+    /// Every packet to the port answered with RST (`REJECT --reject-with tcp-reset` without
+    /// `--syn`): `connect()` fails with ECONNREFUSED as with [`Fault::Refuse`], and a connection
+    /// established before the fault is reset by the first segment it sends (a request written
+    /// on a pooled keep-alive connection of a backend that restarted or crashed).
+    Reset { port: u16 },
     /// Every packet to the port answered with ICMP host unreachable (v6: address unreachable),
     /// sent [`ICMP_ERROR_DELAY`] later: `connect()` fails at once with EHOSTUNREACH.
     HostUnreachable { port: u16 },
@@ -65,6 +70,7 @@ impl Fault {
     pub fn port(&self) -> u16 {
         match *self {
             Fault::Refuse { port }
+            | Fault::Reset { port }
             | Fault::HostUnreachable { port }
             | Fault::SynBlackhole { port }
             | Fault::Blackhole { port }
@@ -116,6 +122,11 @@ impl Fault {
                     "INPUT",
                     &dport,
                     &["--syn", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                ),
+                Fault::Reset { .. } => add(
+                    "INPUT",
+                    &dport,
+                    &["-j", "REJECT", "--reject-with", "tcp-reset"],
                 ),
                 Fault::HostUnreachable { .. } => {
                     let icmp = match family {
@@ -178,6 +189,7 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fault::Refuse { port } => write!(f, "refuse :{port}"),
+            Fault::Reset { port } => write!(f, "reset :{port}"),
             Fault::HostUnreachable { port } => write!(f, "host-unreachable :{port}"),
             Fault::SynBlackhole { port } => write!(f, "syn-blackhole :{port}"),
             Fault::Blackhole { port } => write!(f, "blackhole :{port}"),

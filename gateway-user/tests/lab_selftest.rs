@@ -156,6 +156,61 @@ fn privileged_refused_gives_econnrefused_at_once_and_clears() {
     }
 }
 
+/// `Refuse` spares established connections; `Reset` resets them at their next segment, and
+/// refuses new connects alike.
+#[test]
+fn privileged_reset_resets_an_established_connection_and_refuses_new_ones() {
+    let lab = new_lab(1);
+    let up = lab.upstream(0).unwrap();
+    let _http = up.serve_http(PORT, HttpBehaviour::immediate()).unwrap();
+    lab.client()
+        .run(|| {
+            let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+            let mut stream = TcpStream::connect(up.addr_v4(PORT)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            // A keep-alive exchange first: the connection is established and idle, as in a pool.
+            stream.write_all(request).unwrap();
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+
+            let refused = up.apply(Fault::Refuse { port: PORT }).unwrap();
+            stream.write_all(request).unwrap();
+            let n = stream.read(&mut buf).unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "Refuse must spare an established connection: {:?}",
+                &buf[..n]
+            );
+            refused.clear().unwrap();
+
+            let reset = up.apply(Fault::Reset { port: PORT }).unwrap();
+            let before = lab.client().netstat().unwrap();
+            // The write is accepted locally; the segment carrying it is answered with RST.
+            stream.write_all(request).unwrap();
+            let read = stream.read(&mut buf);
+            let delta = lab.client().netstat().unwrap().delta(&before);
+            eprintln!("read after reset: {read:?}\n{delta}");
+            assert_eq!(errno(&read), Some(libc::ECONNRESET), "{read:?}");
+            assert_eq!(delta.get(NetStat::ESTAB_RESETS), Some(1), "{delta}");
+            for addr in up.addrs(PORT) {
+                let (took, result) = timed_connect(addr);
+                assert_eq!(
+                    errno(&result),
+                    Some(libc::ECONNREFUSED),
+                    "{addr}: {result:?}"
+                );
+                assert!(took < Duration::from_millis(50), "{addr}: {took:?}");
+            }
+            reset.clear().unwrap();
+            let (_, result) = timed_connect(up.addr_v4(PORT));
+            assert!(result.is_ok(), "after clear: {result:?}");
+        })
+        .unwrap();
+}
+
 #[test]
 fn privileged_icmp_host_unreachable_gives_ehostunreach() {
     let lab = new_lab(1);

@@ -189,6 +189,19 @@ pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
         "faults",
         &["--faults", "refused", "--duration", "6", "--fault-at", "2"],
     ),
+    (
+        "faults",
+        &[
+            "--faults",
+            "reset",
+            "--method",
+            "post",
+            "--duration",
+            "6",
+            "--fault-at",
+            "2",
+        ],
+    ),
 ];
 
 #[derive(Default)]
