@@ -85,7 +85,7 @@ struct Plan {
     inject: Inject,
     /// The fault goes on at `FAULT_AT` at the earliest, and, when this is set, only once
     /// upstream 2's connect deadline is measured (keep-alive hides handshakes: then the
-    /// measuring probes, one a second, bring the eight it needs).
+    /// measuring probes, one per 100 ms tick, bring the eight it needs).
     wait_for_measured_deadline: bool,
     /// Seconds the fault stays on.
     fault_for: f64,
