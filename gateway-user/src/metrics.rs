@@ -214,6 +214,11 @@ pub struct ModeLabels {
     pub mode: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: u16,
+}
+
 /// One row of the catalogue.
 #[derive(Clone, Copy, Debug)]
 pub struct MetricDoc {
@@ -327,6 +332,8 @@ catalogue! {
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
     accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
         "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
+    worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],
+        "Client connections open now on each worker thread (parked ones included). With [router] connection_balance = \"exact\" (the default) a worker that accepts a connection while another serves fewer hands it over, so the workers stay within one connection of each other; with \"kernel\" they get what SO_REUSEPORT's hash gives them.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -352,6 +359,7 @@ pub struct GatewayMetrics {
     pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     pub events_lost: Counter,
     pub tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     pub tls_handshake_errors: Family<TlsErrorLabels, Counter>,
@@ -409,6 +417,7 @@ impl GatewayMetrics {
             client_parked: Gauge::default(),
             client_rejected: Family::default(),
             accept_errors: Family::default(),
+            worker_connections: Family::default(),
         };
         m.register(registry);
         m
@@ -464,6 +473,7 @@ impl GatewayMetrics {
         reg!(f::client_parked, self.client_parked);
         reg!(f::client_rejected, self.client_rejected);
         reg!(f::accept_errors, self.accept_errors);
+        reg!(f::worker_connections, self.worker_connections);
     }
 }
 

@@ -42,6 +42,7 @@ mod response_body;
 mod router;
 mod server;
 mod shared;
+mod spread;
 mod telemetry;
 mod tunnel;
 mod upstream;
@@ -203,8 +204,15 @@ pub async fn start_inheriting(
     tokio::spawn(roll_history(Arc::downgrade(&shared)));
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (done, workers_done) = mpsc::channel(1);
-    for (i, listeners) in per_worker.into_iter().enumerate() {
-        let worker = server::worker(listeners, shared.clone(), phase_rx.clone(), done.clone());
+    let (spread, inboxes) = server::Spread::new(n, &shared.telemetry.metrics);
+    for (i, (listeners, inbox)) in per_worker.into_iter().zip(inboxes).enumerate() {
+        let worker = server::worker(
+            listeners,
+            shared.clone(),
+            phase_rx.clone(),
+            done.clone(),
+            (i, spread.clone(), inbox),
+        );
         spawn_worker(i, workers, worker)?;
     }
     for addr in &listen {

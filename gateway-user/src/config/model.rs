@@ -123,6 +123,13 @@ pub struct RouterConfig {
     /// Worker threads, each with its own event loop and listening sockets (like nginx's
     /// `worker_processes`). Default: one per CPU.
     pub workers: Option<usize>,
+    /// How client connections are spread over the workers. `"exact"` (default): a worker that
+    /// accepts a connection while another worker has fewer open hands it to that one, so the
+    /// workers stay within one connection of each other (HAProxy's and Envoy's `exact_balance`
+    /// way). `"kernel"`: each keeps what `SO_REUSEPORT`'s hash of the 4-tuple gives it, which
+    /// for a few long-lived connections (a load balancer's keep-alive pool) can leave one worker
+    /// with most of them for their whole life. Applies to connections accepted after a reload.
+    pub connection_balance: Option<ConnectionBalance>,
     #[serde(default)]
     pub downstream: DownstreamConfig,
     #[serde(default)]
@@ -136,6 +143,15 @@ pub struct RouterConfig {
     /// Request IDs: kept from the client or generated, passed upstream, returned and logged.
     #[serde(default)]
     pub request_id: RequestIdConfig,
+}
+
+/// `connection_balance`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionBalance {
+    #[default]
+    Exact,
+    Kernel,
 }
 
 /// `expose_upstream_errors`.

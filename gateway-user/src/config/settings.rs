@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Dura
 
 use http::{HeaderName, HeaderValue, Method};
 
-pub use super::model::{AccessLogFormat, ExposeErrors, LbPolicy, UpstreamProtocol};
+pub use super::model::{
+    AccessLogFormat, ConnectionBalance, ExposeErrors, LbPolicy, UpstreamProtocol,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -21,6 +23,7 @@ pub struct Settings {
     pub drain_delay: Duration,
     /// `None`: one per CPU.
     pub workers: Option<usize>,
+    pub connection_balance: ConnectionBalance,
     pub downstream: Downstream,
     /// In the order written; matching picks the most specific, see `proxy::router`.
     pub routes: Vec<Route>,

@@ -104,6 +104,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             shutdown_grace: ms(grace_ms),
             drain_delay: ms(drain_delay_ms),
             workers: cfg.router.workers,
+            connection_balance: cfg.router.connection_balance.unwrap_or_default(),
             downstream,
             routes,
             clusters,

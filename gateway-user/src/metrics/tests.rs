@@ -162,6 +162,9 @@ fn populated() -> Registry {
         })
         .inc();
     m.kernel_anomaly_logs_suppressed.inc();
+    m.worker_connections
+        .get_or_create(&WorkerLabels { worker: 0 })
+        .set(2);
     registry
 }
 

@@ -43,7 +43,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::headers::Scheme;
+use super::{headers::Scheme, spread::Load};
 use crate::{
     config::Downstream,
     metrics::{GatewayMetrics, ListenerErrno, ListenerReason},
@@ -141,6 +141,15 @@ impl Drop for Parked {
 pub(crate) struct Permit {
     open: Arc<AtomicUsize>,
     gauge: Gauge,
+    /// Its place in the count of the worker that serves it (`spread`).
+    _worker: Option<Load>,
+}
+
+impl Permit {
+    /// Counts the connection on the worker that will serve it, for as long as it is open.
+    pub fn serve_on(&mut self, load: Load) {
+        self._worker = Some(load);
+    }
 }
 
 impl Drop for Permit {
@@ -268,6 +277,7 @@ impl ListenerGate {
         Ok(Permit {
             open: admission.open.clone(),
             gauge: admission.gauge.clone(),
+            _worker: None,
         })
     }
 

@@ -10,6 +10,10 @@
 //! parked: its socket waits in the worker's parking lot with no task and no hyper connection
 //! (`park`, `lot`).
 //!
+//! The kernel's split of connections over the workers is random; with `[router]
+//! connection_balance = "exact"` a worker hands a connection it accepted to a worker with fewer
+//! open (`spread`), through that worker's inbox.
+//!
 //! Shutdown has up to three steps, driven by a `watch` of [`Phase`]: `Deregister` (the drain
 //! delay, while load balancers take the host out) still accepts, but moves clients elsewhere:
 //! HTTP/1 responses carry `Connection: close` and HTTP/2 connections get GOAWAY; `Drain` stops
@@ -50,20 +54,26 @@ use super::{
 
 pub(crate) use super::shared::Phase;
 
+mod handoff;
 mod lot;
 mod park;
 mod woken;
 
+pub(crate) use handoff::Spread;
+use handoff::{Handoff, take_handoffs};
+
 use lot::Lot;
 use woken::WhenWoken;
 
-/// One worker: accepts on its listeners until the drain starts, then waits until its
-/// connections are done (or the drain is forced). Dropping `done` tells the handle.
+/// One worker: accepts on its listeners (and takes the connections other workers hand over)
+/// until the drain starts, then waits until its connections are done (or the drain is
+/// forced). Dropping `done` tells the handle.
 pub(crate) async fn worker(
     listeners: Vec<ClientSocket>,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     done: mpsc::Sender<()>,
+    (me, spread, inbox): (usize, Spread, mpsc::UnboundedReceiver<Handoff>),
 ) {
     let _anchor = AbortOnDrop(tokio::spawn(timer_anchor()));
     let (live, mut all_closed) = mpsc::channel::<()>(1);
@@ -72,15 +82,20 @@ pub(crate) async fn worker(
         live: live.clone(),
     };
     let lot = Lot::start(shared.clone(), drain());
-    let mut loops = Vec::new();
+    let mut loops = vec![tokio::spawn(take_handoffs(
+        inbox,
+        shared.clone(),
+        drain(),
+        lot.clone(),
+    ))];
     for (scheme, l) in listeners {
         match TcpListener::from_std(l) {
             Ok(l) => loops.push(tokio::spawn(accept_loop(
                 l,
                 scheme,
                 shared.clone(),
-                drain(),
-                lot.clone(),
+                (drain(), lot.clone()),
+                (me, spread.clone()),
             ))),
             Err(e) => warn!(error = %e, "cannot register a listener with the worker's runtime"),
         }
@@ -153,14 +168,37 @@ impl Listener {
     }
 }
 
+/// Serves an accepted connection on this worker.
+fn serve_accepted(
+    stream: TcpStream,
+    peer: SocketAddr,
+    on: Listener,
+    permit: admission::Permit,
+    shared: &Arc<Shared>,
+    drain: &Drain,
+    lot: &Lot,
+) {
+    let (shared, drain) = (shared.clone(), drain.clone());
+    match on.scheme {
+        Scheme::Http => {
+            let client = client(peer, on, None, drain);
+            tokio::spawn(park::serve(stream, client, permit, shared, lot.clone()));
+        }
+        Scheme::Https => {
+            tokio::spawn(serve_tls(stream, peer, on, shared, (drain, permit)));
+        }
+    }
+}
+
 /// Accepts until the phase is `Drain` or `Force`. Each accepted connection passes the
-/// listener's gate (`admission`) or is turned away at once.
+/// listener's gate (`admission`) or is turned away at once, and is served here or handed to
+/// the worker `spread` chooses.
 async fn accept_loop(
     listener: TcpListener,
     scheme: Scheme,
     shared: Arc<Shared>,
-    drain: Drain,
-    lot: Lot,
+    (drain, lot): (Drain, Lot),
+    (me, spread): (usize, Spread),
 ) {
     let mut phase = drain.phase.clone();
     let gate = match listener.local_addr() {
@@ -179,9 +217,10 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    let permit = {
+                    let (permit, balance) = {
                         let rt = shared.runtime.load();
-                        gate.admit(&shared.admission, &rt.settings.downstream)
+                        let s = &rt.settings;
+                        (gate.admit(&shared.admission, &s.downstream), s.connection_balance)
                     };
                     let permit = match permit {
                         Ok(p) => p,
@@ -191,15 +230,8 @@ async fn accept_loop(
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let (shared, drain) = (shared.clone(), drain.clone());
-                    match scheme {
-                        Scheme::Http => {
-                            let client = client(peer, on, None, drain);
-                            tokio::spawn(park::serve(stream, client, permit, shared, lot.clone()));
-                        }
-                        Scheme::Https => {
-                            tokio::spawn(serve_tls(stream, peer, on, shared, (drain, permit)));
-                        }
+                    if let Some((stream, permit)) = spread.place(me, balance, stream, peer, on, permit) {
+                        serve_accepted(stream, peer, on, permit, &shared, &drain, &lot);
                     }
                 }
                 Err(e) => {
