@@ -16,18 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_testkit::{admin::metrics, tempdir::temp_dir};
+use gateway_testkit::{admin::metrics, ports::free_port, tempdir::temp_dir};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 const CONNECTIONS: usize = 40;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An HTTP/1.1 upstream answering every request of a keep-alive connection with `200 ok`.
 fn upstream() -> SocketAddr {

@@ -6,23 +6,15 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use gateway_testkit::{admin::admin_get, tempdir::temp_dir};
+use gateway_testkit::{admin::admin_get, ports::free_port, tempdir::temp_dir};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `PUT path` with `body` on the admin listener; status and body.
 fn put(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
