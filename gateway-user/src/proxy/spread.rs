@@ -24,6 +24,9 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{GatewayMetrics, WorkerLabels};
 
+/// Added to a retired worker's count: more than any worker will ever have open.
+const RETIRED: usize = 1 << 40;
+
 /// The connections open on each worker.
 pub(crate) struct Loads {
     open: Box<[AtomicUsize]>,
@@ -64,6 +67,13 @@ impl Loads {
             }
         }
         best
+    }
+
+    /// Takes `worker` out of [`Loads::place`]'s choices for good: it no longer takes
+    /// connections (its runtime failed to start or it ended), and each connection sent its way
+    /// would only come back. Its own connections still count down as they end.
+    pub fn retire(&self, worker: usize) {
+        self.open[worker].fetch_add(RETIRED, Ordering::Relaxed);
     }
 
     /// Counts a connection on `worker` until the returned [`Load`] is dropped.
@@ -131,6 +141,15 @@ mod tests {
         assert_eq!(l.place(0), 2);
         assert_eq!(l.gauges[2].get(), 0);
         assert_eq!(l.gauges[0].get(), 4);
+    }
+
+    #[test]
+    fn a_retired_worker_is_never_chosen() {
+        let l = loads(2);
+        let _a = l.count(0);
+        l.retire(1);
+        assert_eq!(l.place(0), 0, "worker 1 has none open but takes none");
+        assert_eq!(l.place(1), 0);
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Spread {
                 let Err(mpsc::error::SendError(h)) = self.inboxes[to].send(h) else {
                     return None;
                 };
+                self.loads.retire(to);
                 TcpStream::from_std(h.stream).map(|s| (s, h.permit))
             }
             Err(e) => Err(e),
