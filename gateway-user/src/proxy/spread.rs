@@ -24,7 +24,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{GatewayMetrics, WorkerLabels};
 
-/// Added to a retired worker's count: more than any worker will ever have open.
+/// Set in a retired worker's count: more than any worker will ever have open, and set once
+/// however often a hand-over to it fails.
 const RETIRED: usize = 1 << 40;
 
 /// The connections open on each worker.
@@ -73,7 +74,7 @@ impl Loads {
     /// connections (its runtime failed to start or it ended), and each connection sent its way
     /// would only come back. Its own connections still count down as they end.
     pub fn retire(&self, worker: usize) {
-        self.open[worker].fetch_add(RETIRED, Ordering::Relaxed);
+        self.open[worker].fetch_or(RETIRED, Ordering::Relaxed);
     }
 
     /// Counts a connection on `worker` until the returned [`Load`] is dropped.
