@@ -6,7 +6,8 @@
 //! never answers the ClientHello (504 `tls_handshake_timeout` within the configured time, with
 //! the kernel's view of the TCP connection: privileged), and certificates reloaded by SIGHUP
 //! under load with no failed request; client certificates both ways (mTLS); an unknown SNI
-//! with no default certificate, `min_version`, and `gateway_host`. Certificates are generated
+//! with no default certificate, `min_version`, and `gateway_host`; a WebSocket over TLS keeps
+//! its place in `max_client_connections`. Certificates are generated
 //! at test time (rcgen).
 
 use std::{
@@ -859,4 +860,82 @@ fn unknown_sni_without_a_default_fails_the_handshake_and_gateway_host_filters_ho
     let metrics = http_get_text(gw.admin, "/metrics");
     let line = "gateway_tls_handshake_errors_total{side=\"downstream\",reason=\"unknown_sni\"} 1";
     assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+}
+
+/// An upgraded HTTPS connection (a WebSocket over TLS, opened by `openssl s_client`) keeps its
+/// place in `max_client_connections` while its tunnel is open: hyper's connection has ended by
+/// then, and the tunnel holds the TLS stream. A second client is turned away (on the plain
+/// listener: the limit is process-wide) until the tunnel ends.
+#[test]
+fn an_upgraded_https_connection_keeps_its_place_in_max_client_connections() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    use gateway_testkit::peers::{WS_ECHO_SERVER, serve_python};
+
+    let dir = temp_dir("tls-upgrade");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let ws = serve_python(&dir, "ws_server.py", WS_ECHO_SERVER, &[]);
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
+             [router.downstream]\nmax_client_connections = 1\n\
+             [router.upstream]\nendpoints = [\"{}\"]\n[observer]\nmode = \"off\"\n",
+            ws.addr()
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &addr.to_string()])
+        .args(["-servername", "a.test", "-alpn", "http/1.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = client.stdin.take().unwrap();
+    stdin
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut status = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut status)
+        .unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status:?}");
+    let open = |m: &str| -> Option<f64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix("gateway_client_connections "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let metrics = http_get_text(gw.admin, "/metrics");
+    assert_eq!(open(&metrics), Some(1.0), "{metrics}");
+    let second = http_get_text(gw.addr, "/");
+    assert!(
+        second.starts_with("503 Service Unavailable") && second.contains("max_client_connections"),
+        "the tunnel holds the only place: {second}"
+    );
+    // The client closes: the tunnel ends and its place is free again.
+    drop(stdin);
+    let _ = client.kill();
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open(&http_get_text(gw.admin, "/metrics")) != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel's place was not freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

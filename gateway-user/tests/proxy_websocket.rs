@@ -4,7 +4,8 @@
 //! and the request ID; an idle upgraded connection is closed at `upgrade_idle_timeout_ms`; an
 //! open one holds the drain and is closed when the grace period runs out; the upgrade's
 //! connect is an ordinary attempt (a refused endpoint is retried elsewhere, with its
-//! evidence in the log). Each counted in `gateway_upgrades_total` and the access log.
+//! evidence in the log); an open one keeps its place in `max_client_connections` and its
+//! worker's count until it ends. Each counted in `gateway_upgrades_total` and the access log.
 //!
 //! Unprivileged: loopback only.
 
@@ -33,7 +34,11 @@ async fn metric(gw: &InProcess, name: &str, labels: &[&str]) -> f64 {
     let got = get(&client(), admin, "/metrics").await;
     got.body
         .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|p| l.contains(p)))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter(|l| labels.iter().all(|p| l.contains(p)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -199,6 +204,60 @@ async fn an_open_websocket_holds_the_drain_until_the_grace_runs_out() {
     );
     let l = &log_lines(&log, 1)[0];
     assert_eq!(l["tunnel"], "shutdown", "{l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_keeps_its_place_in_max_client_connections() {
+    // Once upgraded, the client's socket belongs to the tunnel, not to hyper's connection:
+    // the connection must still count in `max_client_connections` (it holds a descriptor and
+    // buffers) and in its worker's count (`connection_balance`) until the tunnel ends.
+    let server = serve_python(&temp_dir("ws-peer"), "ws_server.py", WS_ECHO_SERVER, &[]);
+    let cfg = "[router.downstream]\nmax_client_connections = 2\n".to_string()
+        + &config(&[server.addr()], "");
+    let gw = gateway("ws-count", &cfg).await;
+    let mut open: Vec<_> = (0..2)
+        .map(|_| tokio::task::block_in_place(|| hold(&gw)))
+        .collect();
+    assert_eq!(
+        metric(&gw, "gateway_upgraded_connections", &["cluster=\"ws\""]).await,
+        2.0
+    );
+    assert_eq!(metric(&gw, "gateway_client_connections", &[]).await, 2.0);
+    assert_eq!(
+        metric(&gw, "gateway_worker_client_connections", &[]).await,
+        2.0
+    );
+    let third = raw_exchange(
+        gw.addr,
+        b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        third.starts_with("HTTP/1.1 503") && third.contains("max_client_connections"),
+        "two tunnels hold both places: {third}"
+    );
+    // A tunnel that ends gives its place back.
+    let mut first = open.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&gw, "gateway_client_connections", &[]).await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the ended tunnel's place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&gw, "gateway_worker_client_connections", &[]).await,
+        1.0
+    );
+    open.push(tokio::task::block_in_place(|| hold(&gw)));
+    for mut c in open {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Socket wrappers. `StallGuard` turns a write making no progress for too long into an error,
 //! on both sides of the proxy. `Parkable` lets an idle HTTP/1 client connection be taken back
 //! from hyper without closing it (see `server::park`), with [`Activity`] and [`Busy`] saying
-//! when it is idle.
+//! when it is idle. `Holding` keeps a guard for as long as its socket lives.
 //!
 //! A write is pending only when the peer's receive window is full, i.e. the peer stopped
 //! reading (or the path died). Reads are not guarded here: an idle keep-alive connection
@@ -310,6 +310,65 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+/// A socket and a guard that lives exactly as long as it: a client connection's place in
+/// `max_client_connections` and its worker's count (`admission::Permit`). Whoever ends up
+/// with the socket holds the place, hyper's connection or, once the connection is upgraded,
+/// the tunnel that owns hyper's `Upgraded`.
+pub(crate) struct Holding<T, G> {
+    inner: T,
+    guard: G,
+}
+
+impl<T, G> Holding<T, G> {
+    pub fn new(inner: T, guard: G) -> Self {
+        Holding { inner, guard }
+    }
+
+    pub fn into_parts(self) -> (T, G) {
+        (self.inner, self.guard)
+    }
+}
+
+impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for Holding<T, G> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Holding<T, G> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

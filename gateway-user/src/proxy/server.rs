@@ -45,7 +45,7 @@ use tracing::{debug, warn};
 use super::{
     admission, handshake,
     headers::{self, Scheme},
-    io::Busy,
+    io::{Busy, Holding},
     listeners::ClientSocket,
     request::{self, Client},
     response_body::ResponseBody,
@@ -253,8 +253,8 @@ async fn accept_loop(
     }
 }
 
-/// What a served connection holds until it ends: its place in the drain's count (which an
-/// upgraded connection's tunnel keeps too) and in `max_client_connections`.
+/// What a served connection holds until it ends: its place in the drain's count and in
+/// `max_client_connections` (both of which an upgraded connection's tunnel keeps).
 type Live = (Drain, admission::Permit);
 
 /// The TLS handshake (bounded by its own timeout), then HTTP over it. The connection counts
@@ -264,12 +264,13 @@ async fn serve_tls(
     peer: SocketAddr,
     on: Listener,
     shared: Arc<Shared>,
-    (drain, _permit): Live,
+    (drain, permit): Live,
 ) {
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
         let tls = io.get_ref().1;
         let version = crate::tls::version_label(tls.protocol_version());
         let h2 = tls.alpn_protocol() == Some(b"h2");
+        let io = Holding::new(io, permit);
         serve(io, client(peer, on, Some(version), drain), shared, h2).await;
     }
 }

@@ -41,7 +41,7 @@ use tracing::debug;
 use super::{
     super::{
         admission::Permit,
-        io::{Activity, Parkable, StallGuard, peek},
+        io::{Activity, Holding, Parkable, StallGuard, peek},
         request::{self, Client},
         shared::Shared,
     },
@@ -59,7 +59,9 @@ const PREFACE_POLL: Duration = Duration::from_millis(5);
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-type Socket = StallGuard<TcpStream>;
+/// A client socket with its place in the counts: dropped together, whoever holds them (an
+/// upgraded connection's tunnel too).
+type Socket = Holding<StallGuard<TcpStream>, Permit>;
 
 /// Serves a plain client connection until it ends or is parked.
 pub(super) async fn serve(
@@ -81,15 +83,14 @@ pub(super) async fn serve(
     drop(parked);
     match h2 {
         None => {}
-        Some(true) => {
-            let serve = super::serve(StallGuard::new(stream, write_timeout), client, shared, true);
-            // Boxed: the connection's task stays small for the common case, HTTP/1.
-            Box::pin(serve).await;
-            drop(permit);
-        }
-        Some(false) => {
-            let io = StallGuard::new(stream, write_timeout);
-            serve_h1(io, client, permit, shared, lot, phase).await;
+        Some(h2) => {
+            let io = Holding::new(StallGuard::new(stream, write_timeout), permit);
+            if h2 {
+                // Boxed: the connection's task stays small for the common case, HTTP/1.
+                Box::pin(super::serve(io, client, shared, true)).await;
+            } else {
+                serve_h1(io, client, shared, lot, phase).await;
+            }
         }
     }
 }
@@ -104,8 +105,8 @@ pub(super) async fn resume(
 ) {
     let write_timeout = shared.runtime.load().settings.downstream.write_timeout;
     let phase = client.drain.phase.clone();
-    let io = StallGuard::new(stream, write_timeout);
-    serve_h1(io, client, permit, shared, lot, phase).await;
+    let io = Holding::new(StallGuard::new(stream, write_timeout), permit);
+    serve_h1(io, client, shared, lot, phase).await;
 }
 
 /// One hyper HTTP/1 connection after another on one socket, until it ends or is parked (in
@@ -113,7 +114,6 @@ pub(super) async fn resume(
 async fn serve_h1(
     mut io: Socket,
     client: Arc<Client>,
-    permit: Permit,
     shared: Arc<Shared>,
     lot: Lot,
     mut phase: watch::Receiver<Phase>,
@@ -153,7 +153,8 @@ async fn serve_h1(
             return;
         };
         let Some(parts) = conn.into_parts() else {
-            // Upgraded: the tunnel has the socket, and shuts it down when it ends.
+            // Upgraded: the tunnel has the socket (and with it the connection's place in the
+            // counts), and shuts it down when it ends.
             activity.set_parking(false);
             return;
         };
@@ -163,6 +164,7 @@ async fn serve_h1(
         if pending.is_empty() {
             // Quiet since at least `PARK_AFTER` before: the head-read timeout ran from then.
             let deadline = parked_at - PARK_AFTER + header_timeout;
+            let (io, permit) = io.into_parts();
             let Ok(stream) = io.into_inner().into_std() else {
                 return;
             };
