@@ -1,6 +1,8 @@
 //! What a client or an upstream can make the gateway do (SECURITY.md): request smuggling
 //! through conflicting framing or obsolete line folding, header injection through the
-//! gateway's evidence headers, and log injection through request paths. Each case sends raw
+//! gateway's evidence headers, log injection through request paths, and a host the upstream
+//! sees other than the one the gateway routed on (duplicate `Host`, an absolute-form target
+//! beside a different `Host`, userinfo). Each case sends raw
 //! bytes through the real proxy (in-process, loopback) to a raw upstream that records every
 //! byte it receives, and asserts what reaches the upstream and what the client gets.
 
@@ -406,4 +408,36 @@ async fn request_paths_cannot_forge_access_log_lines() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[tokio::test]
+async fn more_than_one_host_header_is_rejected() {
+    let req = b"GET / HTTP/1.1\r\nhost: a.test\r\nhost: admin.internal\r\n\r\n";
+    let (answer, seen, _gw) = through("dup-host", OK, req).await;
+    assert_eq!(
+        status(&answer),
+        "400",
+        "answer: {answer:?}; upstream saw {seen:?}"
+    );
+    assert!(answer.contains("more than one Host header"), "{answer:?}");
+    assert!(seen.is_empty(), "upstream saw {seen:?}");
+}
+
+/// RFC 9112 section 3.2.2: with an absolute-form target, the target's host is the request's;
+/// the upstream is sent that one (what `gateway_host` and the routes matched), never the
+/// client's different `Host`.
+#[tokio::test]
+async fn an_absolute_form_target_is_the_host_the_upstream_sees() {
+    let req = b"GET http://api.example.com/x HTTP/1.1\r\nhost: admin.internal\r\n\r\n";
+    let (answer, seen, _gw) = through("abs-form", OK, req).await;
+    assert_eq!(status(&answer), "200", "answer: {answer:?}");
+    let head = seen.to_ascii_lowercase();
+    assert!(head.starts_with("get /x http/1.1\r\n"), "{seen:?}");
+    assert_eq!(head.matches("\r\nhost: ").count(), 1, "{seen:?}");
+    assert!(head.contains("\r\nhost: api.example.com\r\n"), "{seen:?}");
+    assert!(!head.contains("admin.internal"), "{seen:?}");
+    let req = b"GET http://user@api.example.com/x HTTP/1.1\r\nhost: api.example.com\r\n\r\n";
+    let (answer, seen, _gw) = through("userinfo", OK, req).await;
+    assert_eq!(status(&answer), "400", "answer: {answer:?}");
+    assert!(seen.is_empty(), "upstream saw {seen:?}");
 }

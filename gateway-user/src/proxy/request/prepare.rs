@@ -162,6 +162,14 @@ fn for_upstream(
     client: &Client,
     authority: Option<&HeaderValue>,
 ) -> Result<Option<OnUpgrade>, ProxyError> {
+    // An absolute-form target (or HTTP/2's `:authority`) is the request's host, whatever its
+    // `Host` header says (RFC 9112 section 3.2.2): the upstream is sent the host the request
+    // was routed on.
+    if parts.uri.authority().is_some()
+        && let Some(a) = authority
+    {
+        parts.headers.insert(HOST, a.clone());
+    }
     let upgrade = headers::to_upstream(
         &mut parts.headers,
         parts.version,
@@ -247,12 +255,26 @@ fn head_size(req: &Request<Incoming>) -> usize {
         + line
 }
 
-/// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header.
+/// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header. More
+/// than one `Host` line is a 400 (RFC 9112 section 3.2), as is userinfo in the target's
+/// authority (RFC 9110 section 4.2.4).
 fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
+    let mut hosts = req.headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest {
+            what: "more than one Host header",
+        });
+    }
     if let Some(a) = req.uri.authority() {
+        if a.as_str().contains('@') {
+            return Err(ProxyError::BadRequest {
+                what: "userinfo in the request target",
+            });
+        }
         return Ok(HeaderValue::from_str(a.as_str()).ok());
     }
-    match req.headers.get(HOST) {
+    match host {
         Some(h) => Ok(Some(h.clone())),
         None if req.version == Version::HTTP_11 => Err(ProxyError::BadRequest {
             what: "HTTP/1.1 request without a Host header",
