@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
+    admin::wait_in_flight,
     http::{client, empty, generated, get, send},
     inprocess::{gateway, log_lines},
     upstream::{Upstream, hold_listener, silent_listener},
@@ -196,5 +197,42 @@ async fn idle_pooled_connections_are_closed_after_idle_timeout() {
         up.connections(),
         2,
         "an expired idle connection is not reused"
+    );
+}
+
+/// A client that gives up before its response begins (it closes its connection while the
+/// upstream is slow) is logged and counted as `499` and `aborted`, instead of vanishing: these
+/// are the requests an operator chasing a slow upstream most needs to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_is_logged_and_counted_as_499() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let up = Upstream::start("up").await;
+    up.set_delay(Duration::from_secs(3));
+    let gw = gateway("client-gone", &single(up.addr, "")).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let upstream = up.addr;
+    tokio::task::block_in_place(|| wait_in_flight(admin, "default", upstream));
+    let gave_up = Instant::now();
+    drop(s);
+    let l = &log_lines(&gw.log, 1)[0];
+    assert!(
+        gave_up.elapsed() < Duration::from_secs(2),
+        "logged when the client left, not when the upstream answered"
+    );
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["aborted"], true, "{l}");
+    assert_eq!(l["path"], "/slow", "{l}");
+    assert_eq!(l["endpoints"][0], up.addr.to_string(), "{l}");
+    let metrics = get(&client(), admin, "/metrics").await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|m| m.starts_with("gateway_requests_total{") && m.contains("status=\"499\"")),
+        "{metrics}"
     );
 }

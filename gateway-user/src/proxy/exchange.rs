@@ -47,7 +47,14 @@ pub(crate) struct Exchange {
     /// Counts the request as running on its client connection until the response is over
     /// (see `server::park`, whose header-read timeout runs only between responses).
     _busy: Busy,
+    /// Counted in the metrics, and its log line written (else the drop does both).
+    counted: bool,
+    logged: bool,
 }
+
+/// The status logged and counted for a request whose client went away before its response
+/// began (nginx's "client closed request").
+pub(crate) const CLIENT_CLOSED: u16 = 499;
 
 impl Exchange {
     pub fn new(
@@ -75,6 +82,8 @@ impl Exchange {
             body: None,
             endpoint: None,
             _busy: busy,
+            counted: false,
+            logged: false,
         })
     }
 
@@ -107,13 +116,14 @@ impl Exchange {
             self.record.aborted = true;
         }
         self.count();
-        self.shared.log.log(&self.record);
+        self.log();
     }
 
     /// Counts the request in the metrics (its status and duration). An upgraded connection is
     /// counted at its `101` (so that hours of WebSocket stay out of the request-duration
     /// histogram) and logged at its end ([`Exchange::log`]).
     pub fn count(&mut self) {
+        self.counted = true;
         if let Some(b) = &self.body {
             self.record.request_bytes = self.record.request_bytes.max(b.bytes());
         }
@@ -135,7 +145,33 @@ impl Exchange {
     }
 
     /// Writes the log line.
-    pub fn log(&self) {
+    pub fn log(&mut self) {
+        self.logged = true;
         self.shared.log.log(&self.record);
+    }
+}
+
+/// A request dropped before its response began: hyper drops the request's future when its
+/// client closes the connection (or at the end of a forced drain). It is logged and counted
+/// all the same, as `499` and `aborted`, so that the requests whose clients gave up on a slow
+/// upstream do not vanish from the log and the metrics. Not a latency sample of the endpoint:
+/// the client's patience is not the upstream's speed.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.logged {
+            return;
+        }
+        if !self.counted {
+            self.record.status = CLIENT_CLOSED;
+            self.record.aborted = true;
+            if let Some(b) = &self.body {
+                self.record.request_bytes = self.record.request_bytes.max(b.bytes());
+            }
+            let elapsed = self.record.start.elapsed();
+            self.shared
+                .telemetry
+                .request_done(&self.record, elapsed, self.meter.as_deref());
+        }
+        self.log();
     }
 }
