@@ -1,5 +1,6 @@
 //! Client-side limits: 431 for oversized heads, 400 for malformed requests, 413 for bodies over
-//! the limit, slow-loris clients cut off by the header-read timeout, and streaming of large
+//! the limit, slow-loris clients cut off by the header-read timeout, an idle HTTP/2 connection
+//! closed with GOAWAY at `http2_idle_timeout_ms` (not while a stream is open), and streaming of large
 //! bodies in both directions with the gateway's peak RSS staying small (the built binary, so
 //! that its memory is measured alone).
 
@@ -178,6 +179,53 @@ async fn a_keep_alive_connection_waiting_for_its_next_head_is_closed_at_the_time
 }
 
 /// Downloads and uploads 512 MiB through the gateway binary and checks its peak RSS.
+/// An HTTP/2 client connection (prior knowledge, hyper's client) with no stream open for
+/// `http2_idle_timeout_ms` gets GOAWAY and is closed; a stream longer than the limit keeps it
+/// open, and the limit counts from that stream's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(500);
+    let up = Upstream::start("up").await;
+    up.set_delay(IDLE * 2);
+    let gw = gateway(
+        "h2-idle",
+        &format!(
+            "[router.downstream]\nhttp2_idle_timeout_ms = {}\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            IDLE.as_millis(),
+            up.addr
+        ),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake with the gateway");
+    let mut conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/", gw.addr))
+        .body(empty())
+        .unwrap();
+    let resp = sender
+        .send_request(req)
+        .await
+        .expect("the long stream completes");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    let answered = Instant::now();
+    let ended = tokio::time::timeout(IDLE * 4, &mut conn)
+        .await
+        .expect("the idle HTTP/2 connection was closed")
+        .unwrap();
+    let took = answered.elapsed();
+    assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
+    assert!(
+        took >= IDLE - Duration::from_millis(50) && took < IDLE * 2,
+        "closed {took:?} after its last stream; the limit is {IDLE:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through_with_bounded_memory() {
     const SIZE: u64 = 512 << 20;

@@ -1,11 +1,12 @@
 //! SIGTERM / SIGINT: the gateway stops accepting, reports draining on /healthz, completes the
 //! requests in flight, and exits 0; a request longer than the grace period is cut off when it
-//! ends. Runs the built binary.
+//! ends; an HTTP/2 connection gets GOAWAY, whether or not it has sent a request yet. Runs the
+//! built binary.
 
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
-    admin::wait_in_flight,
+    admin::{metrics, value, wait_for, wait_in_flight},
     config::write_config,
     gateway_bin,
     http::{client, empty, get},
@@ -155,6 +156,48 @@ async fn an_http2_connection_gets_goaway_and_its_stream_completes() {
     assert!(
         t0.elapsed() < Duration::from_millis(1000) + EXIT,
         "exited {:?} after SIGTERM; the upstream answers 1000 ms after the request",
+        t0.elapsed()
+    );
+}
+
+/// An HTTP/2 client connection (prior knowledge) that has sent no request when SIGTERM comes
+/// gets GOAWAY at once: the gateway exits without waiting out the grace period for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_without_a_request_gets_goaway_at_the_drain() {
+    let up = Upstream::start("up").await;
+    let mut gw = spawn(&up, 5000, "drain-h2-quiet").await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("HTTP/2 handshake with the gateway");
+    let conn = tokio::spawn(conn);
+    // Served as HTTP/2 (its preface read), no longer waiting for its first bytes.
+    let admin = gw.admin;
+    tokio::task::block_in_place(|| {
+        wait_for("the connection served as HTTP/2", || {
+            let m = metrics(admin);
+            let open = value(&m, "gateway_client_connections", &[]);
+            let waiting = value(&m, "gateway_client_connections_parked", &[]);
+            (open == 1.0 && waiting == 0.0).then_some(()).ok_or(m)
+        })
+    });
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the quiet HTTP/2 connection is closed at the drain")
+        .unwrap();
+    assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
+    drop(sender);
+    let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(8))).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < EXIT * 2,
+        "exited {:?} after SIGTERM; the grace period is 5 s and nothing was in flight",
         t0.elapsed()
     );
 }

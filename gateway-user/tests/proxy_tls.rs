@@ -939,3 +939,76 @@ fn an_upgraded_https_connection_keeps_its_place_in_max_client_connections() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A client that completes the TLS handshake and then sends nothing, or only part of the
+/// HTTP/2 preface, is closed at the header-read timeout (hyper has no timer while it waits to
+/// tell HTTP/1 from HTTP/2), so it holds no place until the gateway stops. `openssl s_client`
+/// is the client; its exit is the close.
+#[test]
+fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
+    use std::io::Write as _;
+
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let dir = temp_dir("tls-silent");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
+             [router.downstream]\nheader_read_timeout_ms = {}\n\
+             [router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n[observer]\nmode = \"off\"\n",
+            TIMEOUT.as_millis()
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    for (what, alpn, send) in [
+        ("nothing", "http/1.1", &b""[..]),
+        (
+            "part of the HTTP/2 preface",
+            "h2",
+            &b"PRI * HTTP/2.0\r\n"[..],
+        ),
+    ] {
+        let start = Instant::now();
+        let mut client = Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect", &addr.to_string()])
+            .args(["-servername", "a.test", "-alpn", alpn])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl");
+        let mut stdin = client.stdin.take().unwrap();
+        stdin.write_all(send).unwrap();
+        stdin.flush().unwrap();
+        let deadline = start + TIMEOUT * 10;
+        let closed = loop {
+            if client.try_wait().unwrap().is_some() {
+                break Some(start.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = client.kill();
+                let _ = client.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = closed.unwrap_or_else(|| {
+            panic!("a client that sent {what} after its handshake was still open after 5 s")
+        });
+        assert!(
+            took >= TIMEOUT && took < TIMEOUT * 3,
+            "a client that sent {what} was closed after {took:?}; the timeout is {TIMEOUT:?}"
+        );
+        drop(stdin);
+    }
+}

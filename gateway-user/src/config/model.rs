@@ -260,6 +260,11 @@ pub struct DownstreamConfig {
     /// How long a write to a client may make no progress before the connection is closed
     /// (a client that stopped reading). Default [`DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS`].
     pub write_timeout_ms: Option<u64>,
+    /// How long an HTTP/2 client connection may have no stream open before it gets a GOAWAY
+    /// and is closed (streams already open finish first). Default
+    /// [`DEFAULT_HTTP2_IDLE_TIMEOUT_MS`]. The HTTP/2 counterpart of an idle HTTP/1 keep-alive
+    /// connection's `header_read_timeout_ms`.
+    pub http2_idle_timeout_ms: Option<u64>,
     /// Largest request head (request line and headers) answered normally; larger gets 431.
     /// Default [`DEFAULT_MAX_REQUEST_HEADER_BYTES`].
     pub max_request_header_bytes: Option<usize>,
@@ -285,6 +290,7 @@ pub const DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_HTTP2_IDLE_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
 
 /// `[[routes]]`.

@@ -84,6 +84,8 @@ pub enum ObserverCgroup {
 pub struct Downstream {
     pub header_read_timeout: Duration,
     pub write_timeout: Duration,
+    /// An HTTP/2 client connection with no stream open this long is closed (GOAWAY).
+    pub http2_idle_timeout: Duration,
     pub max_request_header_bytes: usize,
     pub max_request_body_bytes: Option<u64>,
     /// HTTPS listener: connection to the end of the TLS handshake.

@@ -186,6 +186,14 @@ fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
             DAY_MS,
             " ms",
         )),
+        http2_idle_timeout: ms(c.range(
+            &dk.key("http2_idle_timeout_ms"),
+            ds.http2_idle_timeout_ms
+                .unwrap_or(DEFAULT_HTTP2_IDLE_TIMEOUT_MS),
+            1,
+            DAY_MS,
+            " ms",
+        )),
         max_request_header_bytes: c.range(
             &dk.key("max_request_header_bytes"),
             ds.max_request_header_bytes

@@ -139,13 +139,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
     }
 }
 
-/// What a client connection's parking needs to know of it, updated by its [`Parkable`]
-/// socket and the [`Busy`] guards of its requests (one worker thread touches it: the atomics
-/// are for `Send`, never contended).
+/// What a client connection's parking and idle checks need to know of it, updated by its
+/// [`Parkable`] socket and the [`Busy`] guards of its requests. One worker thread touches it
+/// in production, but an HTTP/2 connection's streams are tasks of their own, which a test's
+/// multi-threaded runtime may run elsewhere: the request counts are read-modify-writes.
 #[derive(Default)]
 pub(crate) struct Activity {
     /// Reads and writes that moved bytes: unchanged over a while means quiet.
     ticks: AtomicU64,
+    /// Bytes read from the client.
+    read: AtomicU64,
     /// Requests whose response is not over (their exchange is alive).
     busy: AtomicUsize,
     /// Requests started on the connection.
@@ -171,6 +174,10 @@ impl Activity {
         self.ticks.load(Ordering::Relaxed)
     }
 
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     /// No request running, the last one had no body, and nothing was read since it started.
     pub fn idle(&self) -> bool {
         self.busy.load(Ordering::Relaxed) == 0
@@ -187,11 +194,9 @@ impl Activity {
     pub fn busy(self: &Arc<Self>, has_body: bool) -> Busy {
         self.had_body.store(has_body, Ordering::Relaxed);
         self.read_since_request.store(false, Ordering::Relaxed);
-        self.busy
-            .store(self.busy.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        self.requests
-            .store(self.requests.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        Busy(Some(self.clone()))
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
     }
 
     pub fn requests(&self) -> u64 {
@@ -204,22 +209,12 @@ impl Activity {
     }
 }
 
-/// A running request of a client connection that may be parked (see [`Activity::busy`]);
-/// [`Busy::none`] for the others.
-pub(crate) struct Busy(Option<Arc<Activity>>);
-
-impl Busy {
-    pub fn none() -> Busy {
-        Busy(None)
-    }
-}
+/// A running request of a client connection (see [`Activity::busy`]).
+pub(crate) struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(a) = &self.0 {
-            a.busy
-                .store(a.busy.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        }
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -264,7 +259,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if buf.filled().len() > before {
-            this.activity.tick();
+            let a = &this.activity;
+            let n = (buf.filled().len() - before) as u64;
+            // The connection's own task is the only reader: no read-modify-write needed.
+            a.read
+                .store(a.read.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+            a.tick();
             this.activity
                 .read_since_request
                 .store(true, Ordering::Relaxed);

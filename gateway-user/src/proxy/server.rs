@@ -32,6 +32,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use http::{Request, Response, Version};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -39,13 +40,14 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
+    time::Instant,
 };
 use tracing::{debug, warn};
 
 use super::{
     admission, handshake,
     headers::{self, Scheme},
-    io::{Busy, Holding},
+    io::{Activity, Busy, Holding, Parkable},
     listeners::ClientSocket,
     request::{self, Client},
     response_body::ResponseBody,
@@ -303,32 +305,46 @@ where
     // Boxed, one copy is left, and the allocation (together 1,600). An HTTP/1 connection
     // polls its request's future in place, where a box would only add both.
     if h2 {
-        serve_with(io, client, shared, |shared, client, req| {
-            Box::pin(request::handle(shared, client, req, Busy::none()))
+        serve_with(io, client, shared, H2, |shared, client, req, busy| {
+            Box::pin(request::handle(shared, client, req, busy))
         })
         .await
     } else {
-        serve_with(io, client, shared, |shared, client, req| {
-            request::handle(shared, client, req, Busy::none())
-        })
-        .await
+        serve_with(io, client, shared, UNKNOWN, request::handle).await
     }
 }
 
-/// [`serve`], with `handle` making each request's future.
-async fn serve_with<I, H, F>(io: I, client: Arc<Client>, shared: Arc<Shared>, handle: H)
+/// [`serve`], with `handle` making each request's future; `speaks` is `H2` when the
+/// connection is known to speak HTTP/2 before its first request.
+///
+/// Besides hyper's own limits, two timers: a connection that has started no request within
+/// the header-read timeout is closed unless it sent the whole HTTP/2 preface (hyper has no
+/// timer while it waits to tell HTTP/1 from HTTP/2, or for the preface of a connection ALPN
+/// made HTTP/2, so an HTTPS client that completed its handshake and sends nothing, or part of
+/// the preface, would otherwise hold its place until the gateway stops); and an HTTP/2
+/// connection with no stream open for `http2_idle_timeout` gets a GOAWAY.
+async fn serve_with<I, H, F>(io: I, client: Arc<Client>, shared: Arc<Shared>, speaks: u8, handle: H)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Arc<Shared>, Arc<Client>, Request<Incoming>) -> F + Send + 'static,
+    H: Fn(Arc<Shared>, Arc<Client>, Request<Incoming>, Busy) -> F + Send + 'static,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
-    let builder = shared.runtime.load().http.clone();
-    let io = TokioIo::new(io);
+    let (builder, limits) = {
+        let rt = shared.runtime.load();
+        let ds = &rt.settings.downstream;
+        (
+            rt.http.clone(),
+            (ds.header_read_timeout, ds.http2_idle_timeout),
+        )
+    };
+    let activity = Arc::new(Activity::default());
+    // Counts what the client sent (`Quiet`); never parked.
+    let io = TokioIo::new(Parkable::new(io, Bytes::new(), activity.clone()));
     let mut phase = client.drain.phase.clone();
     let peer = client.addr;
     // What this connection speaks, known from its first request (`UNKNOWN` until then).
-    let speaks = Arc::new(AtomicU8::new(UNKNOWN));
-    let svc_speaks = speaks.clone();
+    let speaks = Arc::new(AtomicU8::new(speaks));
+    let (svc_speaks, svc_activity) = (speaks.clone(), activity.clone());
     let svc = service_fn(move |req: Request<Incoming>| {
         let v = if req.version() == Version::HTTP_2 {
             H2
@@ -336,7 +352,12 @@ where
             H1
         };
         svc_speaks.store(v, Ordering::Relaxed);
-        handle(shared.clone(), client.clone(), req)
+        handle(
+            shared.clone(),
+            client.clone(),
+            req,
+            svc_activity.busy(false),
+        )
     });
     // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
     // its own place among the live connections.
@@ -348,10 +369,18 @@ where
     if *phase.borrow_and_update() == Phase::Force {
         return;
     }
+    let mut idle = Quiet::new(limits, speaks.load(Ordering::Relaxed));
     loop {
-        // The drain's watch, polled only when it woke the task, not at each of the several
-        // wake-ups per request that hyper's connection causes (see `woken`).
-        let changed = WhenWoken::new(phase.changed());
+        // The drain's watch and the timers, polled only when they woke the task, not at each
+        // of the several wake-ups per request that hyper's connection causes (see `woken`).
+        let check = idle.next_check(speaks.load(Ordering::Relaxed), shutting_down);
+        let rare = WhenWoken::new(async {
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => None,
+                changed = phase.changed() => Some(changed.is_ok()),
+            }
+        });
         tokio::select! {
             // The connection first: an unbiased select draws a random number at each wake-up.
             biased;
@@ -361,30 +390,127 @@ where
                 }
                 return;
             }
-            changed = changed => {
-                let p = if changed.is_ok() { *phase.borrow() } else { Phase::Force };
-                match p {
-                    Phase::Run => {}
-                    // HTTP/1 connections close after their next response instead (above):
-                    // closing an idle one now would race the request its client may be sending.
-                    Phase::Deregister if speaks.load(Ordering::Relaxed) == H2 && !shutting_down => {
+            event = rare => {
+                let now_speaks = speaks.load(Ordering::Relaxed);
+                let stop = match event {
+                    None => idle.check(now_speaks, &activity, peer),
+                    Some(alive) => {
+                        let p = if alive { *phase.borrow() } else { Phase::Force };
+                        on_phase(p, now_speaks, shutting_down)
+                    }
+                };
+                match stop {
+                    None => {}
+                    Some(Stop::Close) => return,
+                    Some(Stop::GoAway) => {
                         conn.as_mut().graceful_shutdown();
                         shutting_down = true;
                     }
-                    Phase::Deregister => {}
-                    // A connection accepted just before the drain that has not sent its first
-                    // request yet is not cut off under it: the request is served, with
-                    // `Connection: close` (the header-read timeout bounds a client that sends
-                    // nothing, the grace period everything).
-                    Phase::Drain if speaks.load(Ordering::Relaxed) == UNKNOWN => {}
-                    Phase::Drain if !shutting_down => {
-                        conn.as_mut().graceful_shutdown();
-                        shutting_down = true;
-                    }
-                    Phase::Drain => {}
-                    Phase::Force => return,
                 }
             }
         }
+    }
+}
+
+/// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
+/// handshake, which has no timer of its own.
+const PREFACE_LEN: u64 = 24;
+
+/// What a connection served by [`serve_with`] is to do.
+enum Stop {
+    /// Finish what is open (HTTP/1: the current response, then close; HTTP/2: GOAWAY).
+    GoAway,
+    /// Close now.
+    Close,
+}
+
+/// The drain's phase changed to `p`: what the connection does, if anything.
+fn on_phase(p: Phase, speaks: u8, shutting_down: bool) -> Option<Stop> {
+    match p {
+        Phase::Run => None,
+        // HTTP/1 connections close after their next response instead (`request`): closing an
+        // idle one now would race the request its client may be sending.
+        Phase::Deregister if speaks == H2 && !shutting_down => Some(Stop::GoAway),
+        Phase::Deregister => None,
+        // A connection accepted just before the drain that has not sent its first request
+        // yet is not cut off under it: the request is served, with `Connection: close` (the
+        // first-request timer bounds a client that sends nothing, the grace period everything).
+        Phase::Drain if speaks == UNKNOWN => None,
+        Phase::Drain if !shutting_down => Some(Stop::GoAway),
+        Phase::Drain => None,
+        Phase::Force => Some(Stop::Close),
+    }
+}
+
+/// [`serve_with`]'s timers: the first request's deadline, then, on HTTP/2, the idle one.
+struct Quiet {
+    first_by: Instant,
+    idle_limit: Duration,
+    /// When to look next.
+    next: Instant,
+    /// Requests started when last looked at, and since when none has been open and none
+    /// started (`None`: one was open).
+    seen: u64,
+    quiet_since: Option<Instant>,
+}
+
+impl Quiet {
+    fn new((header_timeout, idle_limit): (Duration, Duration), speaks: u8) -> Quiet {
+        let now = Instant::now();
+        let first_by = now + header_timeout;
+        let mut q = Quiet {
+            first_by,
+            idle_limit,
+            next: first_by,
+            seen: 0,
+            quiet_since: Some(now),
+        };
+        if speaks == H2 {
+            q.next = (now + q.step()).min(first_by);
+        }
+        q
+    }
+
+    /// When to look at the connection next; `None`: never (an HTTP/1 connection that has
+    /// started a request: hyper's header-read timer bounds it from then on).
+    fn next_check(&self, speaks: u8, shutting_down: bool) -> Option<Instant> {
+        (!shutting_down && speaks != H1).then_some(self.next)
+    }
+
+    /// An eighth of the idle limit (at most a second): a connection is closed at most a
+    /// quarter of it late.
+    fn step(&self) -> Duration {
+        (self.idle_limit / 8)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(1))
+    }
+
+    /// A timer fired: whether the connection is to stop.
+    fn check(&mut self, speaks: u8, activity: &Activity, peer: SocketAddr) -> Option<Stop> {
+        let now = Instant::now();
+        let no_preface = activity.bytes_read() < PREFACE_LEN;
+        if activity.requests() == 0 && (speaks == UNKNOWN || no_preface) && now >= self.first_by {
+            debug!(client = %peer, "no request within the header-read timeout: closed");
+            return Some(Stop::Close);
+        }
+        if speaks == UNKNOWN {
+            return None;
+        }
+        self.next = now + self.step();
+        if activity.requests() == 0 && now < self.first_by {
+            self.next = self.next.min(self.first_by);
+        }
+        let requests = activity.requests();
+        if requests != self.seen || !activity.between_requests() {
+            self.seen = requests;
+            self.quiet_since = activity.between_requests().then_some(now);
+            return None;
+        }
+        let since = *self.quiet_since.get_or_insert(now);
+        if now.duration_since(since) >= self.idle_limit {
+            debug!(client = %peer, "HTTP/2 connection idle: GOAWAY");
+            return Some(Stop::GoAway);
+        }
+        None
     }
 }
