@@ -1,6 +1,8 @@
 //! Client-side limits: 431 for oversized heads, 400 for malformed requests, 413 for bodies over
 //! the limit, slow-loris clients cut off by the header-read timeout, an idle HTTP/2 connection
-//! closed with GOAWAY at `http2_idle_timeout_ms` (not while a stream is open), and streaming of large
+//! closed with GOAWAY at `http2_idle_timeout_ms` (not while a stream is open), an HTTP/2
+//! client that never opens its flow-control window closed at the write timeout (nghttp),
+//! and streaming of large
 //! bodies in both directions with the gateway's peak RSS staying small (the built binary, so
 //! that its memory is measured alone).
 
@@ -10,7 +12,7 @@ use gateway_testkit::{
     config::write_config,
     gateway_bin,
     http::{Body, client, empty, full, generated, raw_exchange, send},
-    inprocess::{InProcess, gateway},
+    inprocess::{InProcess, gateway, log_lines},
     process::GatewayProcess,
     tempdir::temp_dir,
     upstream::Upstream,
@@ -224,6 +226,45 @@ async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
         took >= IDLE - Duration::from_millis(50) && took < IDLE * 2,
         "closed {took:?} after its last stream; the limit is {IDLE:?}"
     );
+}
+
+/// An HTTP/2 client that never opens its flow-control window for a response (nghttp with a
+/// stream window of 0) holds the stream, and the upstream connection behind it, only for the
+/// write timeout: the gateway closes the connection, as it closes an HTTP/1 connection whose
+/// socket takes no byte for as long, and the request is logged as aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeout() {
+    const WRITE: Duration = Duration::from_millis(600);
+    let up = Upstream::start("up").await;
+    let gw = gateway(
+        "h2-window",
+        &format!(
+            "[router.downstream]\nwrite_timeout_ms = {}\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            WRITE.as_millis(),
+            up.addr
+        ),
+    )
+    .await;
+    let url = format!("http://{}/bytes/1000000", gw.addr);
+    let start = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("nghttp")
+            .args(["-w", "0", "-t", "10", &url])
+            .output()
+            .expect("nghttp (nghttp2-client)")
+    })
+    .await
+    .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= WRITE && took < WRITE * 3,
+        "nghttp ended after {took:?}; the write timeout is {WRITE:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = &log_lines(&gw.log, 1)[0];
+    assert_eq!(l["status"], 200, "{l}");
+    assert_eq!(l["aborted"], true, "{l}");
+    assert!(l["bytes"].as_u64().unwrap() < 1_000_000, "{l}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

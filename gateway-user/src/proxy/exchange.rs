@@ -46,7 +46,7 @@ pub(crate) struct Exchange {
     pub endpoint: Option<Arc<Endpoint>>,
     /// Counts the request as running on its client connection until the response is over
     /// (see `server::park`, whose header-read timeout runs only between responses).
-    _busy: Busy,
+    busy: Busy,
     /// Counted in the metrics, and its log line written (else the drop does both).
     counted: bool,
     logged: bool,
@@ -81,7 +81,7 @@ impl Exchange {
             request_id_header: None,
             body: None,
             endpoint: None,
-            _busy: busy,
+            busy,
             counted: false,
             logged: false,
         })
@@ -99,6 +99,12 @@ impl Exchange {
         self.record.cluster = Some(cluster.name.clone());
         self.meter = meter;
         self.active = Some(cluster.budgets.start_request());
+    }
+
+    /// The client connection's count of response streams waiting for it to read, if it
+    /// keeps one (`io::Owed`).
+    pub fn owed(&self) -> Option<&super::io::Owed> {
+        self.busy.owed()
     }
 
     /// The response was read to the end: the connection may serve another request.

@@ -161,9 +161,26 @@ pub(crate) struct Activity {
     /// Bytes were read since the last request started: part of the next head, which hyper
     /// will not give up (asked to stop, it would serve that request with `Connection: close`).
     read_since_request: AtomicBool,
+    /// Response streams waiting for the client to take their data (`server::serve_with`'s
+    /// connections; `None` on plain HTTP/1 ones, whose socket's `StallGuard` sees a client
+    /// that stopped reading).
+    owed: Option<Box<Owed>>,
 }
 
 impl Activity {
+    /// For a connection whose response streams are watched for a client that stopped
+    /// reading them ([`Owed`]).
+    pub fn watching_streams() -> Activity {
+        Activity {
+            owed: Some(Box::default()),
+            ..Activity::default()
+        }
+    }
+
+    pub fn owed(&self) -> Option<&Owed> {
+        self.owed.as_deref()
+    }
+
     fn tick(&self) {
         // Only this connection's worker writes it: no read-modify-write needed.
         self.ticks
@@ -211,6 +228,62 @@ impl Activity {
 
 /// A running request of a client connection (see [`Activity::busy`]).
 pub(crate) struct Busy(Arc<Activity>);
+
+impl Busy {
+    pub fn owed(&self) -> Option<&Owed> {
+        self.0.owed()
+    }
+}
+
+/// Epochs kept apart in [`Owed`]; more than [`Owed::LAG`].
+const OWED_RING: usize = 64;
+
+/// Response bodies that gave hyper data which hyper has not come back for: on HTTP/2 it
+/// polls a body again only once the client's flow-control window has room, so a client that
+/// never opens its window (or stops reading one stream) would hold the stream, and the
+/// upstream connection behind it, for ever while its socket stays busy with other frames.
+/// Counted by the epoch in which each began to wait (a ring of counters: no allocation, no
+/// lock per frame); the connection's watchdog advances the epoch and reads the counter of
+/// the epoch [`Owed::LAG`] ago.
+pub(crate) struct Owed {
+    epoch: AtomicU64,
+    waiting: [AtomicUsize; OWED_RING],
+}
+
+impl Default for Owed {
+    fn default() -> Owed {
+        Owed {
+            epoch: AtomicU64::new(0),
+            waiting: std::array::from_fn(|_| AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Owed {
+    /// A body still waiting `LAG` epochs after the one it began in has waited at least
+    /// `LAG - 1` whole epochs.
+    pub const LAG: u64 = 33;
+
+    /// A body gave hyper data: it waits from now (the returned epoch) until [`Owed::paid`].
+    pub fn owe(&self) -> u64 {
+        let e = self.epoch.load(Ordering::Relaxed);
+        self.waiting[(e % OWED_RING as u64) as usize].fetch_add(1, Ordering::Relaxed);
+        e
+    }
+
+    /// The body that began to wait in `epoch` was polled again (or dropped).
+    pub fn paid(&self, epoch: u64) {
+        self.waiting[(epoch % OWED_RING as u64) as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Starts the next epoch; whether a body has been waiting since [`Owed::LAG`] epochs ago.
+    pub fn advance(&self) -> bool {
+        let e = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        e >= Self::LAG
+            && self.waiting[((e - Self::LAG) % OWED_RING as u64) as usize].load(Ordering::Relaxed)
+                > 0
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {

@@ -43,6 +43,10 @@ pub struct ResponseBody {
     kind: Kind,
     done: bool,
     exchange: Option<Box<Exchange>>,
+    /// The epoch since which hyper has had this body's last frame and not come back for the
+    /// next (`io::Owed`: the client connection's watchdog closes a connection whose client
+    /// leaves a stream waiting longer than the write timeout).
+    owed: Option<u64>,
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,6 +78,7 @@ impl ResponseBody {
             },
             done: false,
             exchange: Some(exchange),
+            owed: None,
         }
     }
 
@@ -83,6 +88,7 @@ impl ResponseBody {
             kind: Kind::Full(None),
             done: false,
             exchange: Some(exchange),
+            owed: None,
         }
     }
 
@@ -92,6 +98,7 @@ impl ResponseBody {
             kind: Kind::Full(None),
             done: true,
             exchange: None,
+            owed: None,
         }
     }
 
@@ -100,6 +107,7 @@ impl ResponseBody {
             kind: Kind::Full(Some(bytes)),
             done: false,
             exchange,
+            owed: None,
         }
     }
 
@@ -162,6 +170,22 @@ impl ResponseBody {
         }
     }
 
+    /// hyper has this body's frame: it waits for hyper to come back (`io::Owed`).
+    fn owe(&mut self) {
+        if let Some(o) = self.exchange.as_ref().and_then(|ex| ex.owed()) {
+            self.owed = Some(o.owe());
+        }
+    }
+
+    /// hyper came back for the next frame, or dropped the body.
+    fn pay(&mut self) {
+        if let Some(e) = self.owed.take()
+            && let Some(o) = self.exchange.as_ref().and_then(|ex| ex.owed())
+        {
+            o.paid(e);
+        }
+    }
+
     fn count(&mut self, n: usize) {
         if let Some(ex) = self.exchange.as_mut() {
             ex.record.bytes += n as u64;
@@ -178,6 +202,8 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // hyper came back for the next frame.
+        this.pay();
         match &mut this.kind {
             Kind::Full(bytes) => match bytes.take() {
                 Some(b) => {
@@ -207,6 +233,7 @@ impl Body for ResponseBody {
                     if end {
                         this.on_end();
                     }
+                    this.owe();
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(None) => {
@@ -259,6 +286,7 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        self.pay();
         let Some(mut ex) = self.exchange.take() else {
             return;
         };

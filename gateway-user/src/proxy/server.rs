@@ -59,12 +59,14 @@ pub(crate) use super::shared::Phase;
 mod handoff;
 mod lot;
 mod park;
+mod quiet;
 mod woken;
 
 pub(crate) use handoff::Spread;
 use handoff::{Handoff, take_handoffs};
 
 use lot::Lot;
+use quiet::{Limits, Quiet, Stop};
 use woken::WhenWoken;
 
 /// One worker: accepts on its listeners (and takes the connections other workers hand over)
@@ -317,12 +319,8 @@ where
 /// [`serve`], with `handle` making each request's future; `speaks` is `H2` when the
 /// connection is known to speak HTTP/2 before its first request.
 ///
-/// Besides hyper's own limits, two timers: a connection that has started no request within
-/// the header-read timeout is closed unless it sent the whole HTTP/2 preface (hyper has no
-/// timer while it waits to tell HTTP/1 from HTTP/2, or for the preface of a connection ALPN
-/// made HTTP/2, so an HTTPS client that completed its handshake and sends nothing, or part of
-/// the preface, would otherwise hold its place until the gateway stops); and an HTTP/2
-/// connection with no stream open for `http2_idle_timeout` gets a GOAWAY.
+/// Besides hyper's own limits, the connection's timers (`quiet`): the first request's
+/// deadline, HTTP/2's idle timeout, and a response stream its client stopped reading.
 async fn serve_with<I, H, F>(io: I, client: Arc<Client>, shared: Arc<Shared>, speaks: u8, handle: H)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -331,13 +329,9 @@ where
 {
     let (builder, limits) = {
         let rt = shared.runtime.load();
-        let ds = &rt.settings.downstream;
-        (
-            rt.http.clone(),
-            (ds.header_read_timeout, ds.http2_idle_timeout),
-        )
+        (rt.http.clone(), Limits::of(&rt.settings.downstream))
     };
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::watching_streams());
     // Counts what the client sent (`Quiet`); never parked.
     let io = TokioIo::new(Parkable::new(io, Bytes::new(), activity.clone()));
     let mut phase = client.drain.phase.clone();
@@ -352,12 +346,8 @@ where
             H1
         };
         svc_speaks.store(v, Ordering::Relaxed);
-        handle(
-            shared.clone(),
-            client.clone(),
-            req,
-            svc_activity.busy(false),
-        )
+        let busy = svc_activity.busy(false);
+        handle(shared.clone(), client.clone(), req, busy)
     });
     // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
     // its own place among the live connections.
@@ -412,18 +402,6 @@ where
     }
 }
 
-/// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
-/// handshake, which has no timer of its own.
-const PREFACE_LEN: u64 = 24;
-
-/// What a connection served by [`serve_with`] is to do.
-enum Stop {
-    /// Finish what is open (HTTP/1: the current response, then close; HTTP/2: GOAWAY).
-    GoAway,
-    /// Close now.
-    Close,
-}
-
 /// The drain's phase changed to `p`: what the connection does, if anything.
 fn on_phase(p: Phase, speaks: u8, shutting_down: bool) -> Option<Stop> {
     match p {
@@ -439,78 +417,5 @@ fn on_phase(p: Phase, speaks: u8, shutting_down: bool) -> Option<Stop> {
         Phase::Drain if !shutting_down => Some(Stop::GoAway),
         Phase::Drain => None,
         Phase::Force => Some(Stop::Close),
-    }
-}
-
-/// [`serve_with`]'s timers: the first request's deadline, then, on HTTP/2, the idle one.
-struct Quiet {
-    first_by: Instant,
-    idle_limit: Duration,
-    /// When to look next.
-    next: Instant,
-    /// Requests started when last looked at, and since when none has been open and none
-    /// started (`None`: one was open).
-    seen: u64,
-    quiet_since: Option<Instant>,
-}
-
-impl Quiet {
-    fn new((header_timeout, idle_limit): (Duration, Duration), speaks: u8) -> Quiet {
-        let now = Instant::now();
-        let first_by = now + header_timeout;
-        let mut q = Quiet {
-            first_by,
-            idle_limit,
-            next: first_by,
-            seen: 0,
-            quiet_since: Some(now),
-        };
-        if speaks == H2 {
-            q.next = (now + q.step()).min(first_by);
-        }
-        q
-    }
-
-    /// When to look at the connection next; `None`: never (an HTTP/1 connection that has
-    /// started a request: hyper's header-read timer bounds it from then on).
-    fn next_check(&self, speaks: u8, shutting_down: bool) -> Option<Instant> {
-        (!shutting_down && speaks != H1).then_some(self.next)
-    }
-
-    /// An eighth of the idle limit (at most a second): a connection is closed at most a
-    /// quarter of it late.
-    fn step(&self) -> Duration {
-        (self.idle_limit / 8)
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(1))
-    }
-
-    /// A timer fired: whether the connection is to stop.
-    fn check(&mut self, speaks: u8, activity: &Activity, peer: SocketAddr) -> Option<Stop> {
-        let now = Instant::now();
-        let no_preface = activity.bytes_read() < PREFACE_LEN;
-        if activity.requests() == 0 && (speaks == UNKNOWN || no_preface) && now >= self.first_by {
-            debug!(client = %peer, "no request within the header-read timeout: closed");
-            return Some(Stop::Close);
-        }
-        if speaks == UNKNOWN {
-            return None;
-        }
-        self.next = now + self.step();
-        if activity.requests() == 0 && now < self.first_by {
-            self.next = self.next.min(self.first_by);
-        }
-        let requests = activity.requests();
-        if requests != self.seen || !activity.between_requests() {
-            self.seen = requests;
-            self.quiet_since = activity.between_requests().then_some(now);
-            return None;
-        }
-        let since = *self.quiet_since.get_or_insert(now);
-        if now.duration_since(since) >= self.idle_limit {
-            debug!(client = %peer, "HTTP/2 connection idle: GOAWAY");
-            return Some(Stop::GoAway);
-        }
-        None
     }
 }
