@@ -49,6 +49,17 @@ pub(crate) struct Cluster {
     pub meter: ClusterMeter,
 }
 
+/// A cluster a reload replaced is dropped once no request holds it: its endpoints' pooled
+/// connections are closed then, not left to whatever still holds an endpoint (a tunnel's
+/// lease), with nothing sweeping them.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for e in self.set.load().endpoints.iter() {
+            e.close();
+        }
+    }
+}
+
 impl Cluster {
     /// Resolves the endpoints and starts the cluster's background tasks, which end when the
     /// cluster is dropped.

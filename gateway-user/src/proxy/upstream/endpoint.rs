@@ -78,6 +78,13 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint left its cluster (a DNS refresh dropped its address, or a reload replaced
+    /// the cluster): its idle connections close now, those in use when their request ends.
+    pub fn close(&self) {
+        self.pool.close();
+        self.mux.close();
+    }
+
     /// The state shown in `/status` and the metrics: the health state, or `slow` for a
     /// healthy endpoint that `peak_ewma` found slow (takes the health lock: not for the
     /// request path).

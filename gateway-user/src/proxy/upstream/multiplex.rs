@@ -277,6 +277,8 @@ pub(crate) struct Multiplexed {
     /// This endpoint has spoken HTTP/2 (an `auto` cluster learns it from ALPN).
     pub speaks_h2: AtomicBool,
     lifetime: Arc<StreamLifetime>,
+    /// The endpoint left its cluster ([`Multiplexed::close`]).
+    closed: AtomicBool,
 }
 
 /// What a request should do when no stream was free.
@@ -302,6 +304,7 @@ impl Multiplexed {
             freed: Arc::default(),
             speaks_h2: AtomicBool::new(false),
             lifetime: Arc::new(StreamLifetime::new(endpoint)),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -377,7 +380,9 @@ impl Multiplexed {
             started: AtomicUsize::new(1),
             refused: AtomicUsize::new(0),
             lifetime: self.lifetime.clone(),
-            retired: AtomicBool::new(false),
+            // A connection made for an endpoint that has left its cluster carries the request
+            // that made it, and no other.
+            retired: AtomicBool::new(self.closed.load(Ordering::Acquire)),
             freed: self.freed.clone(),
             idle_since_ms: AtomicU64::new(now_ms()),
             gate,
@@ -398,6 +403,17 @@ impl Multiplexed {
                 unlisted: Some(Box::new(unlisted)),
             }),
         )
+    }
+
+    /// Retires every connection (each closes once its last stream is done) and each one made
+    /// from now on: the endpoint left its cluster, and nothing would sweep them.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for s in 0..self.shards.len() {
+            for c in self.lock(s).conns.drain(..) {
+                c.retire();
+            }
+        }
     }
 
     /// Closes one connection with no stream in flight, to free its slot.

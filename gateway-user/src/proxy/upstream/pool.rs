@@ -30,7 +30,7 @@ use std::{
     pin::Pin,
     sync::{
         Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -297,6 +297,8 @@ pub(crate) struct IdlePool {
     /// Requests waiting for a connection of this endpoint (see `checkout`).
     pub waiters: AtomicUsize,
     pub returned: Notify,
+    /// The endpoint left its cluster ([`IdlePool::close`]).
+    closed: AtomicBool,
 }
 
 impl IdlePool {
@@ -308,6 +310,7 @@ impl IdlePool {
             idle_timeout,
             waiters: AtomicUsize::new(0),
             returned: Notify::new(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -360,8 +363,22 @@ impl IdlePool {
         None
     }
 
+    /// Closes every idle connection, and each one returned from now on: the endpoint left
+    /// its cluster (a DNS refresh, a reload), and nothing would take or sweep them, so each
+    /// would hold a connection slot for as long as anything holds the endpoint.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for s in 0..self.shards.len() {
+            self.lock(s).clear();
+        }
+        self.returned.notify_waiters();
+    }
+
     /// Returns a connection that is ready for another request.
     pub fn put(&self, mut c: UpstreamConn) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         c.idle_since = Instant::now();
         let mut idle = self.lock(self.own());
         if idle.len() < self.max_idle {
@@ -422,26 +439,4 @@ fn to_h2(req: &mut Request<RequestBody>, tls: bool) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_http2_request_takes_scheme_and_authority_from_host() {
-        let mut req = Request::builder()
-            .uri("/a/b?c=1")
-            .header(HOST, "api.example.com:8080")
-            .body(RequestBody::empty())
-            .unwrap();
-        to_h2(&mut req, false);
-        assert_eq!(req.uri().to_string(), "http://api.example.com:8080/a/b?c=1");
-        assert!(req.headers().get(HOST).is_none());
-        assert_eq!(req.version(), Version::HTTP_2);
-        let mut req = Request::builder()
-            .uri("/x")
-            .header(HOST, "a.b")
-            .body(RequestBody::empty())
-            .unwrap();
-        to_h2(&mut req, true);
-        assert_eq!(req.uri().to_string(), "https://a.b/x");
-    }
-}
+mod tests;

@@ -2,7 +2,10 @@
 //! again every `dns_refresh_ms`. A refresh keeps the endpoints (their pools, health and
 //! metrics) whose address and weight are still there, and builds the new ones.
 
-use std::{net::SocketAddr, sync::Weak};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Weak},
+};
 
 use tracing::{info, warn};
 
@@ -67,6 +70,13 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
             })
             .collect::<Vec<_>>();
         info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");
+        let gone: Vec<_> = current
+            .into_iter()
+            .filter(|e| !endpoints.iter().any(|n| Arc::ptr_eq(n, e)))
+            .collect();
         c.set.replace(endpoints);
+        for e in gone {
+            e.close();
+        }
     }
 }

@@ -92,3 +92,26 @@ async fn a_new_connections_first_stream_is_queued_before_others_may_take_one() {
     drop(other);
     assert_eq!(mux.lock(0).conns.len(), listed + 1);
 }
+
+#[tokio::test]
+async fn a_closed_endpoints_connections_are_retired_and_a_new_one_carries_one_request() {
+    let mux = Arc::new(Multiplexed::new(
+        "127.0.0.1:80".parse().unwrap(),
+        1,
+        8,
+        Duration::from_secs(90),
+    ));
+    // A listed connection with no stream in flight.
+    drop(registered(&mux).await);
+    assert_eq!(mux.lock(0).conns.len(), 1);
+    mux.close();
+    assert!(mux.lock(0).conns.is_empty(), "retired and unlisted");
+    assert!(mux.take().is_none());
+    // A connection made after the endpoint left (by a request that chose it before) carries
+    // that request and no other.
+    drop(registered(&mux).await);
+    assert!(
+        mux.take().is_none(),
+        "a retired connection takes no new stream"
+    );
+}
