@@ -377,3 +377,32 @@ async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
         );
     }
 }
+
+/// A request with no usable host (HTTP/1.0 without `Host`, or an empty `Host`) to an h2c
+/// cluster is the client's fault, answered 400: HTTP/2 needs `:authority`. It was a 502
+/// `upstream_reset` that blamed the upstream and retired the shared connection, so that any
+/// client could make the gateway open a new upstream connection per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_usable_host_to_an_http2_upstream_is_a_400() {
+    use gateway_testkit::http::raw_exchange;
+
+    let dir = temp_dir("h2c-nohost");
+    let nginx = nginx_h2c(&dir, "");
+    let gw = gateway("h2c-nohost", &config(nginx.addr, 8)).await;
+    for req in [
+        &b"GET /a HTTP/1.0\r\n\r\n"[..],
+        &b"GET /b HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n"[..],
+    ] {
+        let answer = raw_exchange(gw.addr, req, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1."), "{answer:?}");
+        assert_eq!(answer.get(9..12), Some("400"), "{answer:?}");
+        assert!(answer.contains("needs a valid Host"), "{answer:?}");
+    }
+    let ok = get(&client(), gw.addr, "/c").await;
+    assert_eq!(ok.status, http::StatusCode::OK, "{}", ok.body);
+    assert_eq!(
+        upstream_lines(&nginx.log).len(),
+        1,
+        "only the request with a host reached the upstream"
+    );
+}

@@ -162,6 +162,16 @@ fn for_upstream(
     client: &Client,
     authority: Option<&HeaderValue>,
 ) -> Result<Option<OnUpgrade>, ProxyError> {
+    // HTTP/2 carries the host as `:authority`, which must be a valid authority: without one the
+    // request cannot be sent (h2 refuses it), and the refusal would read as the upstream's
+    // fault and cost the shared connection.
+    if cluster.spec.protocol != UpstreamProtocol::Http1
+        && !authority.is_some_and(|a| http::uri::Authority::try_from(a.as_bytes()).is_ok())
+    {
+        return Err(ProxyError::BadRequest {
+            what: "a request to an HTTP/2 upstream needs a valid Host",
+        });
+    }
     // An absolute-form target (or HTTP/2's `:authority`) is the request's host, whatever its
     // `Host` header says (RFC 9112 section 3.2.2): the upstream is sent the host the request
     // was routed on.
