@@ -351,7 +351,11 @@ fn retry(
                 Where::Elsewhere => {}
             }
             cluster.meter.retry(reason);
-            plan.retry_permit = permit;
+            // A retry the budget does not count keeps the permit of an earlier one that it
+            // counted: the request is still retrying.
+            if permit.is_some() {
+                plan.retry_permit = permit;
+            }
             ex.record.retries += 1;
             Some(again)
         }

@@ -176,7 +176,9 @@ pub(super) async fn race_connects(
                 ep.meter.connect_abandoned(None, true);
             }
             cluster.meter.hedge(HedgeResult::Won);
-            drop(first);
+            // The first connect's slot too: the request holds one connection, not two, during
+            // the handshake (a TLS one may take `tls_handshake_timeout`).
+            drop((first, slot));
             Ok((ep2.clone(), handshake(cluster, &ep2, c, hedge.slot).await?))
         }
         None => {
