@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gateway_testkit::{
     config::write_config,
     gateway_bin,
-    http::{Body, client, empty, full, generated, raw_exchange, send},
+    http::{Body, client, empty, full, generated, h2c_connection, raw_exchange, send},
     inprocess::{InProcess, gateway, log_lines},
     process::GatewayProcess,
     tempdir::temp_dir,
@@ -198,14 +198,7 @@ async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
         ),
     )
     .await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("HTTP/2 handshake with the gateway");
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = h2c_connection(gw.addr).await;
     let req = Request::get(format!("http://{}/", gw.addr))
         .body(empty())
         .unwrap();

@@ -9,7 +9,7 @@ use gateway_testkit::{
     admin::{metrics, value, wait_for, wait_in_flight},
     config::write_config,
     gateway_bin,
-    http::{client, empty, get},
+    http::{client, empty, get, h2c_connection},
     process::GatewayProcess,
     tempdir::temp_dir,
     upstream::Upstream,
@@ -120,14 +120,7 @@ async fn an_http2_connection_gets_goaway_and_its_stream_completes() {
     let up = Upstream::start("up").await;
     up.set_delay(Duration::from_millis(1000));
     let mut gw = spawn(&up, 5000, "drain-h2").await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("HTTP/2 handshake with the gateway");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c_connection(gw.addr).await;
     let req = http::Request::get(format!("http://{}/", gw.addr))
         .body(empty())
         .unwrap();
@@ -166,15 +159,7 @@ async fn an_http2_connection_gets_goaway_and_its_stream_completes() {
 async fn an_http2_connection_without_a_request_gets_goaway_at_the_drain() {
     let up = Upstream::start("up").await;
     let mut gw = spawn(&up, 5000, "drain-h2-quiet").await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("HTTP/2 handshake with the gateway");
-    let conn = tokio::spawn(conn);
+    let (sender, conn) = h2c_connection(gw.addr).await;
     // Served as HTTP/2 (its preface read), no longer waiting for its first bytes.
     let admin = gw.admin;
     tokio::task::block_in_place(|| {

@@ -204,7 +204,9 @@ fn s_client_tls12(addr: SocketAddr, sni: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
+/// DIR/gateway.toml: the test header with an HTTPS listener too, `a.pem` as the default
+/// certificate, no observer, and `extra`.
+fn https_base(dir: &Path, extra: &str) -> PathBuf {
     let base = base_config(&dir.join("access.log")).replacen(
         "listen = [\"127.0.0.1:0\"]\n",
         "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
@@ -213,17 +215,23 @@ fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
     let path = dir.join("gateway.toml");
     std::fs::write(
         &path,
-        base + &format!(
-            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
-             [[router.tls.certificates]]\nserver_names = [\"b.test\"]\ncert_file = \"b.pem\"\nkey_file = \"b.key\"\n\
-             [router.upstream]\nendpoints = [\"{upstream}\"]\n\
-             [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n\
-             [observer]\nmode = \"off\"\n",
-            ca.display()
-        ),
+        base + "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n[observer]\nmode = \"off\"\n"
+            + extra,
     )
     .unwrap();
     path
+}
+
+fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
+    https_base(
+        dir,
+        &format!(
+            "[[router.tls.certificates]]\nserver_names = [\"b.test\"]\ncert_file = \"b.pem\"\nkey_file = \"b.key\"\n\
+             [router.upstream]\nendpoints = [\"{upstream}\"]\n\
+             [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n",
+            ca.display()
+        ),
+    )
 }
 
 #[test]
@@ -876,22 +884,14 @@ fn an_upgraded_https_connection_keeps_its_place_in_max_client_connections() {
     let pki = Pki::new(&dir, "ca");
     pki.leaf("a", &["a.test"]);
     let ws = serve_python(&dir, "ws_server.py", WS_ECHO_SERVER, &[]);
-    let base = base_config(&dir.join("access.log")).replacen(
-        "listen = [\"127.0.0.1:0\"]\n",
-        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
-        1,
-    );
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        base + &format!(
-            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
-             [router.downstream]\nmax_client_connections = 1\n\
-             [router.upstream]\nendpoints = [\"{}\"]\n[observer]\nmode = \"off\"\n",
+    let cfg = https_base(
+        &dir,
+        &format!(
+            "[router.downstream]\nmax_client_connections = 1\n\
+             [router.upstream]\nendpoints = [\"{}\"]\n",
             ws.addr()
         ),
-    )
-    .unwrap();
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
     let mut client = Command::new("openssl")
@@ -952,22 +952,14 @@ fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
     let dir = temp_dir("tls-silent");
     let pki = Pki::new(&dir, "ca");
     pki.leaf("a", &["a.test"]);
-    let base = base_config(&dir.join("access.log")).replacen(
-        "listen = [\"127.0.0.1:0\"]\n",
-        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
-        1,
-    );
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        base + &format!(
-            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n\
-             [router.downstream]\nheader_read_timeout_ms = {}\n\
-             [router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n[observer]\nmode = \"off\"\n",
+    let cfg = https_base(
+        &dir,
+        &format!(
+            "[router.downstream]\nheader_read_timeout_ms = {}\n\
+             [router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n",
             TIMEOUT.as_millis()
         ),
-    )
-    .unwrap();
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
     for (what, alpn, send) in [

@@ -70,6 +70,24 @@ impl hyper::body::Body for Generated {
 
 pub type HttpClient = Client<HttpConnector, Body>;
 
+/// One HTTP/2 connection with prior knowledge to `addr` (hyper's client, no pool): its
+/// sender, and the task driving it, which ends when the connection is closed.
+pub async fn h2c_connection(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Body>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake with the gateway");
+    (sender, tokio::spawn(conn))
+}
+
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
