@@ -5,7 +5,7 @@
 //! open one holds the drain and is closed when the grace period runs out; the upgrade's
 //! connect is an ordinary attempt (a refused endpoint is retried elsewhere, with its
 //! evidence in the log); an open one keeps its place in `max_client_connections` and its
-//! worker's count until it ends. Each counted in `gateway_upgrades_total` and the access log.
+//! worker's count until it ends, and is no request in flight to its endpoint. Each counted in `gateway_upgrades_total` and the access log.
 //!
 //! Unprivileged: loopback only.
 
@@ -258,6 +258,27 @@ async fn an_open_websocket_keeps_its_place_in_max_client_connections() {
         c.kill().unwrap();
         c.wait().unwrap();
     }
+}
+
+/// A tunnel is no request in flight: its endpoint's `in_flight` (which `least_request` and
+/// `peak_ewma` balance by) is back to 0 once the `101` is through, while the tunnel shows in
+/// `gateway_upgraded_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_is_no_request_in_flight() {
+    let server = serve_python(&temp_dir("ws-peer"), "ws_server.py", WS_ECHO_SERVER, &[]);
+    let gw = gateway("ws-in-flight", &config(&[server.addr()], "")).await;
+    let mut child = tokio::task::block_in_place(|| hold(&gw));
+    assert_eq!(
+        metric(&gw, "gateway_upgraded_connections", &["cluster=\"ws\""]).await,
+        1.0
+    );
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let addr = server.addr();
+    let doc = tokio::task::block_in_place(|| gateway_testkit::admin::status(admin));
+    let ep = gateway_testkit::admin::endpoint(&doc, "ws", addr);
+    assert_eq!(ep["in_flight"], 0, "{ep}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

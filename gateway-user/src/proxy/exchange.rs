@@ -101,6 +101,13 @@ impl Exchange {
         self.active = Some(cluster.budgets.start_request());
     }
 
+    /// The request is over as a request (a `101`: its tunnel is no request): it leaves its
+    /// cluster's retry and hedge budgets, whose share it would otherwise swell for as long as
+    /// the tunnel lasts.
+    pub fn end_active(&mut self) {
+        self.active = None;
+    }
+
     /// The client connection's count of response streams waiting for it to read, if it
     /// keeps one (`io::Owed`).
     pub fn owed(&self) -> Option<&super::io::Owed> {

@@ -54,9 +54,15 @@ pub(crate) struct Tunnel {
     pub drain: Drain,
 }
 
-/// Counts the request (its `101`) and runs the tunnel on its own task.
+/// Counts the request (its `101`) and runs the tunnel on its own task. From here on the
+/// tunnel is no request in flight: not in its endpoint's count, which `least_request` and
+/// `peak_ewma` balance by (a WebSocket open for hours would steer requests away from its
+/// endpoint, and keep `peak_ewma`'s trickle from ever being due there), nor in its
+/// cluster's retry and hedge budgets. Tunnels have their own gauge,
+/// `gateway_upgraded_connections`.
 pub(crate) fn spawn(mut t: Tunnel) {
     t.exchange.count();
+    t.exchange.end_active();
     tokio::spawn(run(t));
 }
 
@@ -70,7 +76,16 @@ async fn run(t: Tunnel) {
         max,
         drain,
     } = t;
-    let meter = lease.endpoint.meter.tunnels.clone();
+    // The upstream connection (and its slot) is held to the end; its place among the
+    // requests in flight is not.
+    let Lease {
+        conn,
+        endpoint,
+        _in_flight,
+        ..
+    } = lease;
+    drop(_in_flight);
+    let meter = endpoint.meter.tunnels.clone();
     meter.opened();
     // The client's side completes once hyper has written the 101.
     let end = match tokio::try_join!(client, upstream) {
@@ -95,7 +110,7 @@ async fn run(t: Tunnel) {
     meter.to_upstream.inc_by(exchange.record.request_bytes);
     meter.to_client.inc_by(exchange.record.bytes);
     exchange.record.tunnel = Some(end.name());
-    drop(lease);
+    drop((conn, endpoint));
     exchange.log();
 }
 
