@@ -276,3 +276,29 @@ fn upgrade_limits_and_on_reset_are_cluster_settings() {
         "{e}"
     );
 }
+
+#[test]
+fn route_names_are_unique_and_generated_ones_are_numbered() {
+    let text = format!(
+        "{BASE}[[routes]]\nname = \"api\"\ncluster = \"api\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/b\"\ncluster = \"api\"\n"
+    );
+    let e = err(&text);
+    assert!(
+        e.contains("key `routes[1].name`: route name `api` is taken by routes[0]"),
+        "{e}"
+    );
+    // Two routes told apart by their methods alone: their generated names differ.
+    let text = format!(
+        "{BASE}[[routes]]\npath_prefix = \"/x\"\nmethods = [\"GET\"]\ncluster = \"api\"\n\
+         [[routes]]\npath_prefix = \"/x\"\ncluster = \"api\"\n"
+    );
+    let loaded = load(&text).unwrap();
+    let names: Vec<&str> = loaded
+        .settings
+        .routes
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, ["*/x", "*/x#2"]);
+}

@@ -43,6 +43,10 @@ pub enum Invalid {
     #[error("listen address {addr} appears twice")]
     DuplicateListen { addr: SocketAddr },
     #[error(
+        "route name `{name}` is taken by routes[{first}]; a route's name labels its metrics and log lines, so each must be unique"
+    )]
+    DuplicateRouteName { name: String, first: usize },
+    #[error(
         "no upstream: set `[router.upstream] endpoints = [\"10.0.0.5:8080\"]` or define `[clusters.NAME]`"
     )]
     NoCluster,

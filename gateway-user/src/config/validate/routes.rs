@@ -29,6 +29,8 @@ pub(super) fn routes(
     clusters: &BTreeMap<String, ClusterSpec>,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
+    // Each route's name, by index: a name labels the route's metrics and log lines.
+    let mut names: Vec<String> = Vec::with_capacity(cfg.routes.len());
     for (i, r) in cfg.routes.iter().enumerate() {
         let key = KeyPath::root().key("routes").index(i);
         if !clusters.contains_key(&r.cluster) {
@@ -56,12 +58,36 @@ pub(super) fn routes(
                 None
             }
         });
-        let name = r.name.clone().unwrap_or_else(|| {
-            let host = host
-                .as_ref()
-                .map_or_else(|| "*".to_owned(), |h| h.to_string());
-            format!("{host}{path_prefix}")
-        });
+        let name = match r.name.clone() {
+            Some(n) => {
+                if let Some(first) = names.iter().position(|x| *x == n) {
+                    c.fail(
+                        key.key("name"),
+                        Invalid::DuplicateRouteName {
+                            name: n.clone(),
+                            first,
+                        },
+                    );
+                }
+                n
+            }
+            // Generated from host and prefix; routes told apart only by methods or headers
+            // get `#2`, `#3`, ... so that their metrics do not merge.
+            None => {
+                let host = host
+                    .as_ref()
+                    .map_or_else(|| "*".to_owned(), |h| h.to_string());
+                let base = format!("{host}{path_prefix}");
+                (1..)
+                    .map(|n| match n {
+                        1 => base.clone(),
+                        n => format!("{base}#{n}"),
+                    })
+                    .find(|n| !names.contains(n))
+                    .unwrap_or(base)
+            }
+        };
+        names.push(name.clone());
         let methods = methods(c, r, &key);
         let headers = header_matches(c, &r.headers, &key.key("headers"));
         let rewrite_prefix = rewrite(c, r, &key);
