@@ -441,3 +441,16 @@ async fn an_absolute_form_target_is_the_host_the_upstream_sees() {
     assert_eq!(status(&answer), "400", "answer: {answer:?}");
     assert!(seen.is_empty(), "upstream saw {seen:?}");
 }
+
+/// `Connection` may name any header as hop-by-hop, and the gateway removes those; naming the
+/// request ID's header does not take the gateway's ID off the request it sends upstream.
+#[tokio::test]
+async fn connection_cannot_strip_the_gateways_request_id() {
+    let req =
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: x-request-id, x-other\r\nx-other: 1\r\n\r\n";
+    let (answer, seen, _gw) = through("conn-id", OK, req).await;
+    assert_eq!(status(&answer), "200", "answer: {answer:?}");
+    let head = seen.to_ascii_lowercase();
+    assert!(head.contains("\r\nx-request-id: "), "{seen:?}");
+    assert!(!head.contains("x-other"), "named in Connection: {seen:?}");
+}

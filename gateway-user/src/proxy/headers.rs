@@ -66,6 +66,8 @@ pub(crate) struct Stripped {
     /// The `Keep-Alive` value: a response's says how long the upstream keeps the connection
     /// open while idle ([`keep_alive_value_timeout`]).
     pub keep_alive: Option<HeaderValue>,
+    /// `Connection` named other headers, which were removed as hop-by-hop too.
+    pub listed: bool,
 }
 
 /// Bit of `Upgrade` in [`strip_hop_by_hop`]'s mask (after those of [`HOP_BY_HOP`]).
@@ -153,6 +155,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
         upgrade: upgrade_value.filter(|_| upgrade),
         te_trailers,
         keep_alive,
+        listed: connection_names_more,
     }
 }
 
@@ -209,14 +212,15 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
 /// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
 /// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own).
-/// `TE: trailers` is kept; an upgrade's `Upgrade` value is returned (not written back).
+/// `TE: trailers` is kept; an upgrade's `Upgrade` value is returned (not written back), and
+/// what else the strip found.
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
     scheme: Scheme,
-) -> Option<HeaderValue> {
+) -> Stripped {
     let stripped = strip_hop_by_hop(headers);
     if stripped.te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -249,7 +253,7 @@ pub(crate) fn to_upstream(
     }
     headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
     append_via(headers, version);
-    stripped.upgrade
+    stripped
 }
 
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
@@ -364,6 +368,7 @@ mod tests {
                 upgrade: None,
                 te_trailers: true,
                 keep_alive: Some(HeaderValue::from_static("timeout=5")),
+                listed: true,
             },
             "an Upgrade that Connection does not name is no upgrade"
         );
@@ -384,7 +389,7 @@ mod tests {
             None,
             Scheme::Http,
         );
-        assert_eq!(up, Some(HeaderValue::from_static("websocket")));
+        assert_eq!(up.upgrade, Some(HeaderValue::from_static("websocket")));
         assert!(h.get("connection").is_none() && h.get("upgrade").is_none());
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["sec-websocket-key"], "k");

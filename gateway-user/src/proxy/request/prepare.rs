@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use http::{
-    HeaderValue, Method, Request, Uri, Version,
+    HeaderName, HeaderValue, Method, Request, Uri, Version,
     header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT},
     request::Parts,
     uri::PathAndQuery,
@@ -70,7 +70,17 @@ pub(super) fn prepare(
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
     let (deadline, grpc_deadline) = deadline(ex, route, &parts);
-    let upgrade = for_upstream(&mut parts, route, &cluster, client, authority.as_ref())?;
+    let id = ex
+        .request_id_header
+        .as_ref()
+        .zip(ex.record.request_id.as_ref());
+    let upgrade = for_upstream(
+        &mut parts,
+        (route, &cluster),
+        client,
+        authority.as_ref(),
+        id,
+    )?;
     let (body, done) = RequestBody::new(body, rt.settings.downstream.max_request_body_bytes);
     Ok(Prepared {
         cluster,
@@ -155,12 +165,13 @@ fn find_route<'a>(
 /// The request rewritten for its upstream: hop-by-hop headers out (an upgrade's kept, and
 /// taken from the client's connection), forwarding headers in, the route's path rewrite and
 /// header rules, HTTP/1.1. An upgrade to a cluster that does not speak HTTP/1.1 is refused.
+/// `request_id`: the request ID's header and value, when request IDs are on.
 fn for_upstream(
     parts: &mut Parts,
-    route: &CompiledRoute,
-    cluster: &Cluster,
+    (route, cluster): (&CompiledRoute, &Cluster),
     client: &Client,
     authority: Option<&HeaderValue>,
+    request_id: Option<(&HeaderName, &HeaderValue)>,
 ) -> Result<Option<OnUpgrade>, ProxyError> {
     // HTTP/2 carries the host as `:authority`, which must be a valid authority: without one the
     // request cannot be sent (h2 refuses it), and the refusal would read as the upstream's
@@ -180,14 +191,21 @@ fn for_upstream(
     {
         parts.headers.insert(HOST, a.clone());
     }
-    let upgrade = headers::to_upstream(
+    let stripped = headers::to_upstream(
         &mut parts.headers,
         parts.version,
         &client.ip,
         authority,
         client.scheme,
     );
-    let upgrade = match upgrade {
+    // A client's `Connection` may name the request ID's header, which the strip then took
+    // out: the ID the gateway assigned goes upstream all the same.
+    if stripped.listed
+        && let Some((name, id)) = request_id
+    {
+        parts.headers.insert(name, id.clone());
+    }
+    let upgrade = match stripped.upgrade {
         Some(value) if parts.version == Version::HTTP_11 => {
             if cluster.spec.protocol != UpstreamProtocol::Http1 {
                 return Err(ProxyError::UpgradeUnsupported {
