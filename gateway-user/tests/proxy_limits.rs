@@ -260,6 +260,47 @@ async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeou
     assert!(l["bytes"].as_u64().unwrap() < 1_000_000, "{l}");
 }
 
+/// An HTTP/2 client that reads slowly, but reads, is not taken for one that stopped: with a
+/// 16 KiB window, reading a frame every 200 ms, 256 KiB take about 3 s against a write
+/// timeout of 600 ms, and the response arrives whole. (hyper waits for room for what is left
+/// of the last piece before it asks for the next; pieces of the upstream's 64 KiB chunks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_reads_slowly_is_not_closed() {
+    const SIZE: usize = 256 * 1024;
+    let up = Upstream::start("up").await;
+    let gw = gateway(
+        "h2-slow-reader",
+        &format!(
+            "[router.downstream]\nwrite_timeout_ms = 600\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake with the gateway");
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/bytes/{SIZE}", gw.addr))
+        .body(empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("the response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the stream was not cut");
+        got += frame.data_ref().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(got, SIZE);
+    let l = &log_lines(&gw.log, 1)[0];
+    assert_eq!(l["aborted"], false, "{l}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through_with_bounded_memory() {
     const SIZE: u64 = 512 << 20;

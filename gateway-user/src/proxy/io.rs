@@ -211,7 +211,11 @@ impl Activity {
     pub fn busy(self: &Arc<Self>, has_body: bool) -> Busy {
         self.had_body.store(has_body, Ordering::Relaxed);
         self.read_since_request.store(false, Ordering::Relaxed);
-        self.busy.fetch_add(1, Ordering::Relaxed);
+        if self.busy.fetch_add(1, Ordering::Relaxed) == 0
+            && let Some(o) = &self.owed
+        {
+            o.wake.notify_one();
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
     }
@@ -235,8 +239,8 @@ impl Busy {
     }
 }
 
-/// Epochs kept apart in [`Owed`]; more than [`Owed::LAG`].
-const OWED_RING: usize = 64;
+/// Epochs kept apart in [`Owed`]; more than any lag [`Owed::advance`] is asked for.
+pub(crate) const OWED_RING: usize = 64;
 
 /// Response bodies that gave hyper data which hyper has not come back for: on HTTP/2 it
 /// polls a body again only once the client's flow-control window has room, so a client that
@@ -244,10 +248,13 @@ const OWED_RING: usize = 64;
 /// upstream connection behind it, for ever while its socket stays busy with other frames.
 /// Counted by the epoch in which each began to wait (a ring of counters: no allocation, no
 /// lock per frame); the connection's watchdog advances the epoch and reads the counter of
-/// the epoch [`Owed::LAG`] ago.
+/// the epoch its lag ago.
 pub(crate) struct Owed {
     epoch: AtomicU64,
     waiting: [AtomicUsize; OWED_RING],
+    /// Told when the connection's first stream opens or its last one ends: its watchdog sleeps
+    /// while no stream is open.
+    pub wake: tokio::sync::Notify,
 }
 
 impl Default for Owed {
@@ -255,15 +262,12 @@ impl Default for Owed {
         Owed {
             epoch: AtomicU64::new(0),
             waiting: std::array::from_fn(|_| AtomicUsize::new(0)),
+            wake: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Owed {
-    /// A body still waiting `LAG` epochs after the one it began in has waited at least
-    /// `LAG - 1` whole epochs.
-    pub const LAG: u64 = 33;
-
     /// A body gave hyper data: it waits from now (the returned epoch) until [`Owed::paid`].
     pub fn owe(&self) -> u64 {
         let e = self.epoch.load(Ordering::Relaxed);
@@ -276,18 +280,24 @@ impl Owed {
         self.waiting[(epoch % OWED_RING as u64) as usize].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Starts the next epoch; whether a body has been waiting since [`Owed::LAG`] epochs ago.
-    pub fn advance(&self) -> bool {
+    /// Starts the next epoch; whether a body has been waiting since `lag` epochs ago (a body
+    /// still waiting then has waited at least `lag - 1` whole epochs, less those by which its
+    /// stamp lagged). `lag` is below [`OWED_RING`].
+    pub fn advance(&self, lag: u64) -> bool {
+        debug_assert!(lag > 0 && lag < OWED_RING as u64);
         let e = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        e >= Self::LAG
-            && self.waiting[((e - Self::LAG) % OWED_RING as u64) as usize].load(Ordering::Relaxed)
-                > 0
+        e >= lag
+            && self.waiting[((e - lag) % OWED_RING as u64) as usize].load(Ordering::Relaxed) > 0
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        if self.0.busy.fetch_sub(1, Ordering::Relaxed) == 1
+            && let Some(o) = &self.0.owed
+        {
+            o.wake.notify_one();
+        }
     }
 }
 

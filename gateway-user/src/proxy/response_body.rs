@@ -32,6 +32,8 @@ enum Kind {
         call_deadline: Option<Instant>,
         timer: Option<Pin<Box<Sleep>>>,
         armed: bool,
+        /// What is left of an upstream frame handed on in pieces ([`OWED_PIECE`]).
+        rest: Bytes,
     },
     Full(Option<Bytes>),
     /// The gateway's trailers ending a failed gRPC response, then the end.
@@ -50,6 +52,12 @@ pub struct ResponseBody {
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most of an upstream frame handed to hyper at once on a connection whose streams are
+/// watched (`io::Owed`): hyper comes back for the next piece once the client's window has room
+/// for what is left of the last, so a large piece would make a client that reads slowly, but
+/// reads, look stalled. HTTP/2's default frame size.
+const OWED_PIECE: usize = 16 * 1024;
 
 /// The upstream body stalled for longer than the response timeout.
 #[derive(Debug, Error)]
@@ -75,6 +83,7 @@ impl ResponseBody {
                 call_deadline,
                 timer: None,
                 armed: false,
+                rest: Bytes::new(),
             },
             done: false,
             exchange: Some(exchange),
@@ -186,11 +195,48 @@ impl ResponseBody {
         }
     }
 
+    /// Hands hyper `piece` of the upstream's data (`end`: the last of the body).
+    fn handed(&mut self, piece: Bytes, end: bool) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.count(piece.len());
+        if end {
+            self.on_end();
+        }
+        self.owe();
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
     fn count(&mut self, n: usize) {
         if let Some(ex) = self.exchange.as_mut() {
             ex.record.bytes += n as u64;
         }
     }
+}
+
+/// The upstream body had nothing: whether it has now stalled for the response timeout (or
+/// run past a gRPC call's deadline), with what to report; else the timer is armed.
+fn stalled(
+    cx: &mut Context<'_>,
+    stall: Duration,
+    call_deadline: Option<Instant>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    armed: &mut bool,
+) -> Option<(ErrorKind, BoxError)> {
+    let mut deadline = Instant::now() + stall;
+    if let Some(d) = call_deadline {
+        deadline = deadline.min(d);
+    }
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if !*armed {
+        t.as_mut().reset(deadline);
+        *armed = true;
+    }
+    if t.as_mut().poll(cx).is_pending() {
+        return None;
+    }
+    Some(match call_deadline {
+        Some(d) if Instant::now() >= d => (ErrorKind::RequestTimeout, Box::new(CallDeadline)),
+        _ => (ErrorKind::ResponseTimeout, Box::new(BodyStalled(stall))),
+    })
 }
 
 impl Body for ResponseBody {
@@ -204,6 +250,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         // hyper came back for the next frame.
         this.pay();
+        let watched = this.exchange.as_ref().is_some_and(|ex| ex.owed().is_some());
         match &mut this.kind {
             Kind::Full(bytes) => match bytes.take() {
                 Some(b) => {
@@ -215,13 +262,28 @@ impl Body for ResponseBody {
                 None => Poll::Ready(None),
             },
             Kind::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
+            Kind::Upstream { body, rest, .. } if !rest.is_empty() => {
+                let piece = rest.split_to(rest.len().min(OWED_PIECE));
+                let end = rest.is_empty() && body.is_end_stream();
+                this.handed(piece, end)
+            }
             Kind::Upstream {
                 body,
                 stall,
                 call_deadline,
                 timer,
                 armed,
+                rest,
             } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame)))
+                    if watched && frame.data_ref().is_some_and(|d| d.len() > OWED_PIECE) =>
+                {
+                    *armed = false;
+                    let mut data = frame.into_data().unwrap_or_default();
+                    let piece = data.split_to(OWED_PIECE);
+                    *rest = data;
+                    this.handed(piece, false)
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     *armed = false;
                     let end = body.is_end_stream();
@@ -241,28 +303,10 @@ impl Body for ResponseBody {
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => this.on_error(ErrorKind::UpstreamReset, e.into()),
-                Poll::Pending => {
-                    let mut deadline = tokio::time::Instant::now() + *stall;
-                    if let Some(d) = *call_deadline {
-                        deadline = deadline.min(d);
-                    }
-                    let t =
-                        timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if !*armed {
-                        t.as_mut().reset(deadline);
-                        *armed = true;
-                    }
-                    if t.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    let (kind, e): (_, BoxError) = match *call_deadline {
-                        Some(d) if tokio::time::Instant::now() >= d => {
-                            (ErrorKind::RequestTimeout, Box::new(CallDeadline))
-                        }
-                        _ => (ErrorKind::ResponseTimeout, Box::new(BodyStalled(*stall))),
-                    };
-                    this.on_error(kind, e)
-                }
+                Poll::Pending => match stalled(cx, *stall, *call_deadline, timer, armed) {
+                    Some((kind, e)) => this.on_error(kind, e),
+                    None => Poll::Pending,
+                },
             },
         }
     }
@@ -271,7 +315,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Trailers(t) => t.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Upstream { body, rest, .. } => rest.is_empty() && body.is_end_stream(),
         }
     }
 
@@ -279,7 +323,15 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) | Kind::Trailers(_) => SizeHint::with_exact(0),
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { body, rest, .. } => {
+                let mut h = body.size_hint();
+                let n = rest.len() as u64;
+                h.set_lower(h.lower() + n);
+                if let Some(u) = h.upper() {
+                    h.set_upper(u + n);
+                }
+                h
+            }
         }
     }
 }

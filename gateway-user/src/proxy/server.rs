@@ -40,14 +40,13 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
-    time::Instant,
 };
 use tracing::{debug, warn};
 
 use super::{
     admission, handshake,
     headers::{self, Scheme},
-    io::{Activity, Busy, Holding, Parkable},
+    io::{Busy, Holding, Parkable},
     listeners::ClientSocket,
     request::{self, Client},
     response_body::ResponseBody,
@@ -331,7 +330,7 @@ where
         let rt = shared.runtime.load();
         (rt.http.clone(), Limits::of(&rt.settings.downstream))
     };
-    let activity = Arc::new(Activity::watching_streams());
+    let activity = quiet::activity(speaks);
     // Counts what the client sent (`Quiet`); never parked.
     let io = TokioIo::new(Parkable::new(io, Bytes::new(), activity.clone()));
     let mut phase = client.drain.phase.clone();
@@ -364,13 +363,8 @@ where
         // The drain's watch and the timers, polled only when they woke the task, not at each
         // of the several wake-ups per request that hyper's connection causes (see `woken`).
         let check = idle.next_check(speaks.load(Ordering::Relaxed), shutting_down);
-        let rare = WhenWoken::new(async {
-            tokio::select! {
-                biased;
-                _ = tokio::time::sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => None,
-                changed = phase.changed() => Some(changed.is_ok()),
-            }
-        });
+        let wake = activity.owed().map(|o| &o.wake);
+        let rare = WhenWoken::new(quiet::next_event(check, &mut phase, wake));
         tokio::select! {
             // The connection first: an unbiased select draws a random number at each wake-up.
             biased;
@@ -389,7 +383,7 @@ where
                         on_phase(p, now_speaks, shutting_down)
                     }
                 };
-                match stop {
+                match idle.go_away_when_ready(stop, now_speaks, &activity, shutting_down) {
                     None => {}
                     Some(Stop::Close) => return,
                     Some(Stop::GoAway) => {

@@ -177,7 +177,7 @@ fn for_upstream(
     // request cannot be sent (h2 refuses it), and the refusal would read as the upstream's
     // fault and cost the shared connection.
     if cluster.spec.protocol != UpstreamProtocol::Http1
-        && !authority.is_some_and(|a| http::uri::Authority::try_from(a.as_bytes()).is_ok())
+        && !authority.is_some_and(plausible_authority)
     {
         return Err(ProxyError::BadRequest {
             what: "a request to an HTTP/2 upstream needs a valid Host",
@@ -309,6 +309,16 @@ fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
         }),
         None => Ok(None),
     }
+}
+
+/// Whether `a` can be an HTTP/2 `:authority` (what `http::uri::Authority` would refuse,
+/// checked without the copy that parsing makes): not empty, no whitespace, control bytes,
+/// path, query, fragment or userinfo delimiters.
+fn plausible_authority(a: &HeaderValue) -> bool {
+    let b = a.as_bytes();
+    !b.is_empty()
+        && b.iter()
+            .all(|&c| c.is_ascii_graphic() && !matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\'))
 }
 
 fn host_without_port(authority: &str) -> &str {

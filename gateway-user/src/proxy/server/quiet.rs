@@ -4,22 +4,27 @@
 //! - a connection that has started no request within the header-read timeout is closed,
 //!   unless it sent the whole HTTP/2 preface (hyper has no timer while it waits to tell
 //!   HTTP/1 from HTTP/2, nor for the preface of a connection ALPN made HTTP/2);
-//! - an HTTP/2 connection with no stream open for `http2_idle_timeout` gets GOAWAY;
+//! - an HTTP/2 connection with no stream open for `http2_idle_timeout` gets GOAWAY (looked at
+//!   every epoch while a stream is open; with none, it sleeps until the idle limit, woken by
+//!   the first stream that opens);
 //! - an HTTP/2 connection one of whose response streams has waited the write timeout for its
 //!   client to take the next frame (`io::Owed`) is closed, as an HTTP/1 connection whose
 //!   socket takes no byte for as long is: a client that never opens its flow-control window
-//!   would otherwise hold the stream, and the upstream connection behind it, for ever.
+//!   would otherwise hold the stream, and the upstream connection behind it, for ever. It is
+//!   closed between the write timeout and about 1.15 times it (for timeouts of 1.6 s and
+//!   more; up to 4 epochs of 50 ms late below). Response bodies are handed to hyper in pieces of at most `OWED_PIECE`, so that a
+//!   client that reads slowly, but reads, frees room for the next piece well within that time.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 use tracing::debug;
 
-use super::{H1, H2, UNKNOWN};
-use crate::{
-    config::Downstream,
-    proxy::io::{Activity, Owed},
-};
+use super::{H1, H2, Phase, UNKNOWN};
+use crate::{config::Downstream, proxy::io::Activity};
 
 /// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
 /// handshake, which has no timer of its own.
@@ -31,6 +36,38 @@ pub(super) enum Stop {
     GoAway,
     /// Close now.
     Close,
+}
+
+/// The next of a connection's rare events: `None` for a timer (or a wake-up, `io::Owed::wake`),
+/// else whether the drain's phase changed (`false`: its sender is gone).
+pub(super) async fn next_event(
+    check: Option<Instant>,
+    phase: &mut watch::Receiver<Phase>,
+    wake: Option<&Notify>,
+) -> Option<bool> {
+    let woken = async {
+        match wake {
+            Some(w) => w.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => None,
+        _ = woken => None,
+        changed = phase.changed() => Some(changed.is_ok()),
+    }
+}
+
+/// The connection's activity. Response streams are watched for a client that stopped reading
+/// them on connections known to speak HTTP/2 (ALPN, or the preface on a plain listener):
+/// HTTP/1's socket guard sees that client, and HTTP/2 over TLS without ALPN is left unwatched.
+pub(super) fn activity(speaks: u8) -> Arc<Activity> {
+    Arc::new(if speaks == H2 {
+        Activity::watching_streams()
+    } else {
+        Activity::default()
+    })
 }
 
 /// What [`Quiet`] goes by, from `[router.downstream]`.
@@ -50,7 +87,8 @@ impl Limits {
     }
 }
 
-/// `serve_with`'s timers: the first request's deadline, then, on HTTP/2, the idle one.
+/// `serve_with`'s timers: the first request's deadline, then, on HTTP/2, the idle one and the
+/// stream watchdog.
 pub(super) struct Quiet {
     first_by: Instant,
     idle_limit: Duration,
@@ -60,16 +98,30 @@ pub(super) struct Quiet {
     /// started (`None`: one was open).
     seen: u64,
     quiet_since: Option<Instant>,
-    /// The write timeout's [`Owed`] epochs: their length, and when the next one starts.
+    /// The write timeout's `io::Owed` epochs: their length, when the next one starts, and how
+    /// many make a stalled stream.
     epoch: Duration,
     epoch_at: Instant,
+    lag: u64,
+    /// A GOAWAY waits for the preface ([`Quiet::go_away_when_ready`]).
+    goaway_due: bool,
 }
+
+/// Epochs per write timeout, at most: an epoch lasts a 32nd of it, and at least
+/// [`MIN_EPOCH`], since a stream is looked at every epoch.
+const EPOCHS: u32 = 32;
+const MIN_EPOCH: Duration = Duration::from_millis(50);
+/// How many epochs a stamp may lag behind the time it was made: a body that began to wait
+/// just before a look is stamped with the epoch that look ends, and the look itself may come
+/// late; beyond this, the count restarts (see [`Quiet::check`]).
+const STALE_EPOCHS: u32 = 2;
 
 impl Quiet {
     pub(super) fn new(limits: Limits, speaks: u8) -> Quiet {
         let now = Instant::now();
         let first_by = now + limits.header_timeout;
-        let epoch = (limits.write_timeout / (Owed::LAG as u32 - 1)).max(Duration::from_millis(1));
+        let epoch = (limits.write_timeout / EPOCHS).max(MIN_EPOCH);
+        let per_timeout = limits.write_timeout.as_nanos().div_ceil(epoch.as_nanos()) as u64;
         let mut q = Quiet {
             first_by,
             idle_limit: limits.idle,
@@ -78,9 +130,11 @@ impl Quiet {
             quiet_since: Some(now),
             epoch,
             epoch_at: now + epoch,
+            lag: per_timeout + 1 + u64::from(STALE_EPOCHS),
+            goaway_due: false,
         };
         if speaks == H2 {
-            q.next = (now + q.step()).min(first_by);
+            q.next = (now + q.idle_limit).min(first_by);
         }
         q
     }
@@ -91,13 +145,33 @@ impl Quiet {
         (!shutting_down && speaks != H1).then_some(self.next)
     }
 
-    /// An eighth of the idle limit, a quarter of the write timeout, at most a second: a
-    /// connection is closed at most a quarter of either late.
-    fn step(&self) -> Duration {
-        (self.idle_limit / 8)
-            .min(self.epoch * 8)
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(1))
+    /// `stop`, except a GOAWAY for a connection ALPN made HTTP/2 that has not sent its whole
+    /// preface: hyper would cancel its wait for the preface and drop the connection instead
+    /// of sending one. That GOAWAY is sent once the preface is in, looked for every
+    /// [`MIN_EPOCH`] (the first-request timer closes a client that never sends it).
+    pub(super) fn go_away_when_ready(
+        &mut self,
+        stop: Option<Stop>,
+        speaks: u8,
+        activity: &Activity,
+        shutting_down: bool,
+    ) -> Option<Stop> {
+        let ready = speaks != H2 || activity.bytes_read() >= PREFACE_LEN;
+        match stop {
+            Some(Stop::GoAway) if !ready => {
+                self.goaway_due = true;
+                self.next = self.next.min(Instant::now() + MIN_EPOCH);
+                None
+            }
+            None if self.goaway_due && !shutting_down => {
+                if ready {
+                    return Some(Stop::GoAway);
+                }
+                self.next = self.next.min(Instant::now() + MIN_EPOCH);
+                None
+            }
+            stop => stop,
+        }
     }
 
     /// A timer fired: whether the connection is to stop.
@@ -108,31 +182,50 @@ impl Quiet {
         peer: SocketAddr,
     ) -> Option<Stop> {
         let now = Instant::now();
-        let no_preface = activity.bytes_read() < PREFACE_LEN;
-        if activity.requests() == 0 && (speaks == UNKNOWN || no_preface) && now >= self.first_by {
-            debug!(client = %peer, "no request within the header-read timeout: closed");
-            return Some(Stop::Close);
+        let requests = activity.requests();
+        if requests == 0 && now >= self.first_by {
+            // An incomplete HTTP/2 preface is still in hyper's handshake, which no GOAWAY
+            // ends; a connection that sent more (HTTP/2 over TLS without ALPN, or part of an
+            // HTTP/1 head) is asked to finish.
+            if activity.bytes_read() < PREFACE_LEN {
+                debug!(client = %peer, "no request within the header-read timeout: closed");
+                return Some(Stop::Close);
+            }
+            if speaks == UNKNOWN {
+                debug!(client = %peer, "no request within the header-read timeout: GOAWAY");
+                return Some(Stop::GoAway);
+            }
         }
         if speaks == UNKNOWN {
             return None;
         }
-        self.next = now + self.step();
-        if activity.requests() == 0 && now < self.first_by {
+        // Looked at every epoch while a stream is open; with none open, at the idle limit
+        // (below), or sooner when a stream opens (`io::Owed::wake`).
+        let open = !activity.between_requests();
+        self.next = now + self.epoch;
+        if requests == 0 && now < self.first_by {
             self.next = self.next.min(self.first_by);
         }
         if let Some(owed) = activity.owed() {
+            // Not looked at for a while (a worker stall, or no stream open): stamps made
+            // meanwhile are too coarse to judge by, so the count restarts from now.
+            if now > self.epoch_at + self.epoch * STALE_EPOCHS {
+                self.epoch_at = now;
+            }
             while now >= self.epoch_at {
                 self.epoch_at += self.epoch;
-                if owed.advance() {
+                if owed.advance(self.lag) {
                     debug!(client = %peer, "a response stream waited the write timeout for the client to read it: closed");
                     return Some(Stop::Close);
                 }
             }
         }
-        let requests = activity.requests();
-        if requests != self.seen || !activity.between_requests() {
+        if requests != self.seen || open {
             self.seen = requests;
-            self.quiet_since = activity.between_requests().then_some(now);
+            self.quiet_since = (!open).then_some(now);
+            if !open {
+                self.next = now + self.idle_limit;
+            }
             return None;
         }
         let since = *self.quiet_since.get_or_insert(now);
@@ -140,32 +233,37 @@ impl Quiet {
             debug!(client = %peer, "HTTP/2 connection idle: GOAWAY");
             return Some(Stop::GoAway);
         }
+        self.next = since + self.idle_limit;
+        if requests == 0 && now < self.first_by {
+            self.next = self.next.min(self.first_by);
+        }
         None
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::proxy::io::Owed;
 
     #[test]
     fn a_body_still_waiting_lag_epochs_later_is_reported_and_one_paid_in_time_never() {
+        const LAG: u64 = 35;
         let o = Owed::default();
         let waiting = o.owe();
-        for e in 1..Owed::LAG {
-            assert!(!o.advance(), "epoch {e}: not yet");
+        for e in 1..LAG {
+            assert!(!o.advance(LAG), "epoch {e}: not yet");
         }
-        assert!(o.advance(), "waited LAG - 1 whole epochs");
+        assert!(o.advance(LAG), "waited LAG - 1 whole epochs");
         o.paid(waiting);
         // Bodies that hyper comes back for within the lag, over several laps of the ring.
         let o = Owed::default();
         for e in 0..1000 {
             let w = o.owe();
             if e % 7 == 0 {
-                assert!(!o.advance(), "epoch {e}");
+                assert!(!o.advance(LAG), "epoch {e}");
             }
             o.paid(w);
-            assert!(!o.advance(), "epoch {e}");
+            assert!(!o.advance(LAG), "epoch {e}");
         }
     }
 }

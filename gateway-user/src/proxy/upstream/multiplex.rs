@@ -178,7 +178,15 @@ impl StreamGuard {
     /// will be), so other requests may take streams on it now, behind it.
     pub fn list(&mut self) {
         if let Some(u) = self.unlisted.take() {
-            u.mux.lock(u.shard).conns.push(self.conn.clone());
+            let mut shard = u.mux.lock(u.shard);
+            // Under the lock `close` takes after marking the endpoint closed: a connection
+            // made before the close and listed after it is retired, not kept.
+            if u.mux.closed.load(Ordering::Acquire) {
+                self.conn.retire();
+            } else {
+                shard.conns.push(self.conn.clone());
+            }
+            drop(shard);
             u.mux.freed.notify();
             drop(u.connecting);
         }

@@ -376,11 +376,13 @@ impl IdlePool {
 
     /// Returns a connection that is ready for another request.
     pub fn put(&self, mut c: UpstreamConn) {
+        c.idle_since = Instant::now();
+        let mut idle = self.lock(self.own());
+        // Under the shard's lock, which `close` takes after marking the pool closed: a put
+        // racing the close either finds the mark or is cleared by it.
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        c.idle_since = Instant::now();
-        let mut idle = self.lock(self.own());
         if idle.len() < self.max_idle {
             idle.push(c);
             drop(idle);
