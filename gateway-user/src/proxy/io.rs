@@ -213,6 +213,7 @@ impl Activity {
         self.read_since_request.store(false, Ordering::Relaxed);
         if self.busy.fetch_add(1, Ordering::Relaxed) == 0
             && let Some(o) = &self.owed
+            && o.sleeping.swap(false, Ordering::Relaxed)
         {
             o.wake.notify_one();
         }
@@ -252,9 +253,10 @@ pub(crate) const OWED_RING: usize = 64;
 pub(crate) struct Owed {
     epoch: AtomicU64,
     waiting: [AtomicUsize; OWED_RING],
-    /// Told when the connection's first stream opens or its last one ends: its watchdog sleeps
-    /// while no stream is open.
+    /// Told when a stream opens while the connection's watchdog sleeps until the idle limit
+    /// (`sleeping`); while streams are open it looks every epoch and needs no telling.
     pub wake: tokio::sync::Notify,
+    pub sleeping: AtomicBool,
 }
 
 impl Default for Owed {
@@ -263,6 +265,7 @@ impl Default for Owed {
             epoch: AtomicU64::new(0),
             waiting: std::array::from_fn(|_| AtomicUsize::new(0)),
             wake: tokio::sync::Notify::new(),
+            sleeping: AtomicBool::new(false),
         }
     }
 }
@@ -293,11 +296,7 @@ impl Owed {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if self.0.busy.fetch_sub(1, Ordering::Relaxed) == 1
-            && let Some(o) = &self.0.owed
-        {
-            o.wake.notify_one();
-        }
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -358,7 +358,7 @@ where
     if *phase.borrow_and_update() == Phase::Force {
         return;
     }
-    let mut idle = Quiet::new(limits, speaks.load(Ordering::Relaxed));
+    let mut idle = Quiet::new(limits, speaks.load(Ordering::Relaxed), &activity);
     loop {
         // The drain's watch and the timers, polled only when they woke the task, not at each
         // of the several wake-ups per request that hyper's connection causes (see `woken`).

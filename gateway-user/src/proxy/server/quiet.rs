@@ -15,7 +15,11 @@
 //!   more; up to 4 epochs of 50 ms late below). Response bodies are handed to hyper in pieces of at most `OWED_PIECE`, so that a
 //!   client that reads slowly, but reads, frees room for the next piece well within that time.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::{
     sync::{Notify, watch},
@@ -117,7 +121,7 @@ const MIN_EPOCH: Duration = Duration::from_millis(50);
 const STALE_EPOCHS: u32 = 2;
 
 impl Quiet {
-    pub(super) fn new(limits: Limits, speaks: u8) -> Quiet {
+    pub(super) fn new(limits: Limits, speaks: u8, activity: &Activity) -> Quiet {
         let now = Instant::now();
         let first_by = now + limits.header_timeout;
         let epoch = (limits.write_timeout / EPOCHS).max(MIN_EPOCH);
@@ -134,7 +138,8 @@ impl Quiet {
             goaway_due: false,
         };
         if speaks == H2 {
-            q.next = (now + q.idle_limit).min(first_by);
+            q.sleep(now + q.idle_limit, activity);
+            q.next = q.next.min(first_by);
         }
         q
     }
@@ -199,10 +204,14 @@ impl Quiet {
         if speaks == UNKNOWN {
             return None;
         }
-        // Looked at every epoch while a stream is open; with none open, at the idle limit
-        // (below), or sooner when a stream opens (`io::Owed::wake`).
+        // Looked at every epoch (at most an eighth of the idle limit) while a stream is open;
+        // with none open, at the idle limit (below), or sooner when a stream opens
+        // (`io::Owed::wake`).
         let open = !activity.between_requests();
-        self.next = now + self.epoch;
+        self.next = now + self.epoch.min(self.idle_limit / 8);
+        if let Some(o) = activity.owed() {
+            o.sleeping.store(false, Ordering::Relaxed);
+        }
         if requests == 0 && now < self.first_by {
             self.next = self.next.min(self.first_by);
         }
@@ -224,7 +233,7 @@ impl Quiet {
             self.seen = requests;
             self.quiet_since = (!open).then_some(now);
             if !open {
-                self.next = now + self.idle_limit;
+                self.sleep(now + self.idle_limit, activity);
             }
             return None;
         }
@@ -233,11 +242,25 @@ impl Quiet {
             debug!(client = %peer, "HTTP/2 connection idle: GOAWAY");
             return Some(Stop::GoAway);
         }
-        self.next = since + self.idle_limit;
+        self.sleep(since + self.idle_limit, activity);
         if requests == 0 && now < self.first_by {
             self.next = self.next.min(self.first_by);
         }
         None
+    }
+
+    /// No stream open: the next look is at `until`, unless a stream opens first (it wakes the
+    /// watchdog then).
+    fn sleep(&mut self, until: Instant, activity: &Activity) {
+        self.next = until;
+        if let Some(o) = activity.owed() {
+            o.sleeping.store(true, Ordering::Relaxed);
+            // A stream that opened before the mark was set did not wake anyone.
+            if !activity.between_requests() {
+                o.sleeping.store(false, Ordering::Relaxed);
+                self.next = Instant::now();
+            }
+        }
     }
 }
 
