@@ -137,9 +137,7 @@ impl Exchange {
     /// histogram) and logged at its end ([`Exchange::log`]).
     pub fn count(&mut self) {
         self.counted = true;
-        if let Some(b) = &self.body {
-            self.record.request_bytes = self.record.request_bytes.max(b.bytes());
-        }
+        self.note_request_bytes();
         // One clock read for the endpoint's history and the duration histogram.
         let elapsed = self.record.start.elapsed();
         if let Some(ep) = &self.endpoint {
@@ -155,6 +153,13 @@ impl Exchange {
         self.shared
             .telemetry
             .request_done(&self.record, elapsed, self.meter.as_deref());
+    }
+
+    /// The request body's bytes so far, into the record.
+    fn note_request_bytes(&mut self) {
+        if let Some(b) = &self.body {
+            self.record.request_bytes = self.record.request_bytes.max(b.bytes());
+        }
     }
 
     /// Writes the log line.
@@ -177,9 +182,7 @@ impl Drop for Exchange {
         if !self.counted {
             self.record.status = CLIENT_CLOSED;
             self.record.aborted = true;
-            if let Some(b) = &self.body {
-                self.record.request_bytes = self.record.request_bytes.max(b.bytes());
-            }
+            self.note_request_bytes();
             let elapsed = self.record.start.elapsed();
             self.shared
                 .telemetry

@@ -3,6 +3,7 @@
 //! parsed, and its policy resolved (the cluster's timeouts and retries, with the route's
 //! overrides); with none written, one route sends everything to `default`.
 
+use crate::config::HostMatch;
 use std::collections::BTreeMap;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -58,35 +59,7 @@ pub(super) fn routes(
                 None
             }
         });
-        let name = match r.name.clone() {
-            Some(n) => {
-                if let Some(first) = names.iter().position(|x| *x == n) {
-                    c.fail(
-                        key.key("name"),
-                        Invalid::DuplicateRouteName {
-                            name: n.clone(),
-                            first,
-                        },
-                    );
-                }
-                n
-            }
-            // Generated from host and prefix; routes told apart only by methods or headers
-            // get `#2`, `#3`, ... so that their metrics do not merge.
-            None => {
-                let host = host
-                    .as_ref()
-                    .map_or_else(|| "*".to_owned(), |h| h.to_string());
-                let base = format!("{host}{path_prefix}");
-                (1..)
-                    .map(|n| match n {
-                        1 => base.clone(),
-                        n => format!("{base}#{n}"),
-                    })
-                    .find(|n| !names.contains(n))
-                    .unwrap_or(base)
-            }
-        };
+        let name = route_name(c, (r, &key), host.as_ref(), &path_prefix, &names);
         names.push(name.clone());
         let methods = methods(c, r, &key);
         let headers = header_matches(c, &r.headers, &key.key("headers"));
@@ -118,6 +91,34 @@ pub(super) fn routes(
         }
     }
     routes
+}
+
+/// A route's name: the one it gives, which no earlier route may have, or one made of its
+/// host and prefix; routes told apart only by methods or headers get `#2`, `#3`, ... so that
+/// their metrics do not merge. `names`: the earlier routes'.
+fn route_name(
+    c: &mut Checker,
+    (r, key): (&RouteConfig, &KeyPath),
+    host: Option<&HostMatch>,
+    path_prefix: &str,
+    names: &[String],
+) -> String {
+    if let Some(n) = &r.name {
+        if let Some(first) = names.iter().position(|x| x == n) {
+            let name = n.clone();
+            c.fail(key.key("name"), Invalid::DuplicateRouteName { name, first });
+        }
+        return n.clone();
+    }
+    let host = host.map_or_else(|| "*".to_owned(), |h| h.to_string());
+    let base = format!("{host}{path_prefix}");
+    (1..)
+        .map(|n| match n {
+            1 => base.clone(),
+            n => format!("{base}#{n}"),
+        })
+        .find(|n| !names.contains(n))
+        .unwrap_or(base)
 }
 
 /// A route names a cluster that is not configured: the error lists those that are.
