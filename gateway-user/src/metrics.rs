@@ -13,6 +13,7 @@
 //! dashboards work) are shared with `gateway observe` ([`process`]).
 
 mod doc;
+use doc::family_name;
 pub mod process;
 
 pub use doc::catalogue_markdown;
@@ -330,6 +331,8 @@ catalogue! {
         "Plain HTTP client connections parked: held as a bare socket, without the HTTP parser's buffers, until the client sends again. Idle HTTP/1 keep-alive connections (quiet for a second, no request running) wait in their worker's parking lot; new connections wait so until their first bytes. Counted in gateway_client_connections too.";
     client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
+    client_reset_floods: "gateway_client_http2_reset_floods", "counter", [],
+        "HTTP/2 client connections closed because their client reset most of its streams within a second of opening them, before their response was over (rapid reset, CVE-2023-44487): at least 250 of its first 500 streams, or half of all its streams after that. Each is also logged (warn) with the client's address.";
     accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
         "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
     worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],
@@ -374,6 +377,7 @@ pub struct GatewayMetrics {
     pub buckets: LatencyBuckets,
     pub client_connections: Gauge,
     pub client_parked: Gauge,
+    pub client_reset_floods: Counter,
     pub client_rejected: Family<ListenerReason, Counter>,
     pub accept_errors: Family<ListenerErrno, Counter>,
 }
@@ -415,6 +419,7 @@ impl GatewayMetrics {
             buckets,
             client_connections: Gauge::default(),
             client_parked: Gauge::default(),
+            client_reset_floods: Counter::default(),
             client_rejected: Family::default(),
             accept_errors: Family::default(),
             worker_connections: Family::default(),
@@ -472,26 +477,9 @@ impl GatewayMetrics {
         reg!(f::client_connections, self.client_connections);
         reg!(f::client_parked, self.client_parked);
         reg!(f::client_rejected, self.client_rejected);
+        reg!(f::client_reset_floods, self.client_reset_floods);
         reg!(f::accept_errors, self.accept_errors);
         reg!(f::worker_connections, self.worker_connections);
-    }
-}
-
-/// A family's sample name: counters gain `_total` on the wire.
-fn wire_name(d: &MetricDoc) -> String {
-    if d.kind == "counter" {
-        format!("{}_total", d.name)
-    } else {
-        d.name.to_owned()
-    }
-}
-
-/// The name a family is registered (and typed) under: an info's `_info` is added back by the
-/// encoder.
-fn family_name(d: &MetricDoc) -> &'static str {
-    match d.kind {
-        "info" => d.name.strip_suffix("_info").unwrap_or(d.name),
-        _ => d.name.strip_suffix("_total").unwrap_or(d.name),
     }
 }
 

@@ -38,6 +38,7 @@ mod memory;
 mod request;
 mod request_body;
 mod request_id;
+mod resets;
 mod response_body;
 mod router;
 mod server;

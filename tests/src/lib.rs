@@ -15,7 +15,7 @@
 //! | [`http`] | clients: hyper (async) and one blocking request per connection, and [`Got`](http::Got) |
 //! | [`admin`] | the admin API read back: `/status`, `/metrics` samples checked against the catalogue |
 //! | [`upstream`] | scripted loopback upstreams: HTTP, silent, holding, raw |
-//! | [`peers`] | real third-party peers: Python `websockets` and `grpcio` (venv from `./dev`), nginx as an h2c upstream, `h2load` |
+//! | [`peers`] | real third-party peers: Python `websockets`, `grpcio` and `h2` (venv from `./dev`), nginx as an h2c upstream, `h2load` |
 //! | [`inprocess`] | the gateway started in the test's own process; its JSON access log |
 //! | [`lab_gateway`] | `gateway run` in the fault lab's client namespace with the kernel observer |
 //! | [`scenario`] | three lab upstreams behind the gateway, an open-loop load generator, fault timing |

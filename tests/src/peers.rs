@@ -1,6 +1,6 @@
 //! Real third-party peers for the protocol tests, run as child processes: Python's
-//! `websockets` (server and client) and `grpcio` (server and client, with stubs generated at
-//! test time by `grpcio-tools`), from the venv `./dev` installs (`~/.cache/gateway/
+//! `websockets` (server and client), `grpcio` (server and client, with stubs generated at
+//! test time by `grpcio-tools`) and `h2` (an HTTP/2 client), from the venv `./dev` installs (`~/.cache/gateway/
 //! protocols-venv`), and nginx serving HTTP/2 with prior knowledge (h2c). A missing peer fails
 //! the test with the command that installs it; nothing is skipped.
 
@@ -18,7 +18,7 @@ pub fn python() -> PathBuf {
     let py = home.join(".cache/gateway/protocols-venv/bin/python3");
     assert!(
         py.is_file(),
-        "{} is missing: run `./dev setup` (it installs websockets and grpcio from PyPI into that venv)",
+        "{} is missing: run `./dev setup` (it installs websockets, grpcio and h2 from PyPI into that venv)",
         py.display()
     );
     py

@@ -1,6 +1,6 @@
 //! `METRICS.md`, the catalogue as a document.
 
-use super::{CATALOGUE, wire_name};
+use super::{CATALOGUE, MetricDoc};
 
 /// `METRICS.md`, generated from [`CATALOGUE`].
 pub fn catalogue_markdown() -> String {
@@ -29,4 +29,22 @@ pub fn catalogue_markdown() -> String {
         ));
     }
     s
+}
+
+/// A family's sample name: counters gain `_total` on the wire.
+pub(super) fn wire_name(d: &MetricDoc) -> String {
+    if d.kind == "counter" {
+        format!("{}_total", d.name)
+    } else {
+        d.name.to_owned()
+    }
+}
+
+/// The name a family is registered (and typed) under: an info's `_info` is added back by the
+/// encoder.
+pub(super) fn family_name(d: &MetricDoc) -> &'static str {
+    match d.kind {
+        "info" => d.name.strip_suffix("_info").unwrap_or(d.name),
+        _ => d.name.strip_suffix("_total").unwrap_or(d.name),
+    }
 }

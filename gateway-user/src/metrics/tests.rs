@@ -1,6 +1,6 @@
 use prometheus_client::encoding::text::encode;
 
-use super::*;
+use super::{doc::wire_name, *};
 
 #[test]
 fn metrics_md_matches_the_code() {

@@ -114,6 +114,14 @@ impl Exchange {
         self.busy.owed()
     }
 
+    /// The request's HTTP/2 stream ended; `reset`: its client went away before its response
+    /// was over (`resets`: too many such resets early close the connection).
+    fn stream_ended(&self, reset: bool) {
+        if let Some(o) = self.busy.owed() {
+            o.resets.stream_ended(&o.wake, reset, self.record.start);
+        }
+    }
+
     /// The response was read to the end: the connection may serve another request.
     pub fn release(&mut self) {
         if let Some(l) = self.lease.take() {
@@ -128,6 +136,7 @@ impl Exchange {
             // The client went away before the end of the response.
             self.record.aborted = true;
         }
+        self.stream_ended(self.record.aborted);
         self.count();
         self.log();
     }
@@ -179,6 +188,7 @@ impl Drop for Exchange {
         if self.logged {
             return;
         }
+        self.stream_ended(!self.counted);
         if !self.counted {
             self.record.status = CLIENT_CLOSED;
             self.record.aborted = true;

@@ -257,6 +257,8 @@ pub(crate) struct Owed {
     /// (`sleeping`); while streams are open it looks every epoch and needs no telling.
     pub wake: tokio::sync::Notify,
     pub sleeping: AtomicBool,
+    /// The connection's streams and those its client reset early (HTTP/2 rapid reset).
+    pub resets: super::resets::Resets,
 }
 
 impl Default for Owed {
@@ -266,6 +268,7 @@ impl Default for Owed {
             waiting: std::array::from_fn(|_| AtomicUsize::new(0)),
             wake: tokio::sync::Notify::new(),
             sleeping: AtomicBool::new(false),
+            resets: Default::default(),
         }
     }
 }

@@ -328,7 +328,10 @@ where
 {
     let (builder, limits) = {
         let rt = shared.runtime.load();
-        (rt.http.clone(), Limits::of(&rt.settings.downstream))
+        (
+            rt.http.clone(),
+            Limits::of(&rt.settings.downstream, &shared),
+        )
     };
     let activity = quiet::activity(speaks);
     // Counts what the client sent (`Quiet`); never parked.

@@ -13,7 +13,9 @@
 //!   would otherwise hold the stream, and the upstream connection behind it, for ever. It is
 //!   closed between the write timeout and about 1.15 times it (for timeouts of 1.6 s and
 //!   more; up to 4 epochs of 50 ms late below). Response bodies are handed to hyper in pieces of at most `OWED_PIECE`, so that a
-//!   client that reads slowly, but reads, frees room for the next piece well within that time.
+//!   client that reads slowly, but reads, frees room for the next piece well within that time;
+//! - an HTTP/2 connection whose client resets too many of its streams early (rapid reset,
+//!   `proxy::resets`) is closed, woken by the stream whose end tipped it over.
 
 use std::{
     net::SocketAddr,
@@ -21,14 +23,18 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     sync::{Notify, watch},
     time::Instant,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{H1, H2, Phase, UNKNOWN};
-use crate::{config::Downstream, proxy::io::Activity};
+use crate::{
+    config::Downstream,
+    proxy::{io::Activity, shared::Shared},
+};
 
 /// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
 /// handshake, which has no timer of its own.
@@ -79,14 +85,17 @@ pub(super) struct Limits {
     header_timeout: Duration,
     idle: Duration,
     write_timeout: Duration,
+    /// `gateway_client_http2_reset_floods_total`.
+    reset_floods: Counter,
 }
 
 impl Limits {
-    pub(super) fn of(ds: &Downstream) -> Limits {
+    pub(super) fn of(ds: &Downstream, shared: &Shared) -> Limits {
         Limits {
             header_timeout: ds.header_read_timeout,
             idle: ds.http2_idle_timeout,
             write_timeout: ds.write_timeout,
+            reset_floods: shared.telemetry.metrics.client_reset_floods.clone(),
         }
     }
 }
@@ -109,6 +118,8 @@ pub(super) struct Quiet {
     lag: u64,
     /// A GOAWAY waits for the preface ([`Quiet::go_away_when_ready`]).
     goaway_due: bool,
+    /// `gateway_client_http2_reset_floods_total`.
+    reset_floods: Counter,
 }
 
 /// Epochs per write timeout, at most: an epoch lasts a 32nd of it, and at least
@@ -136,6 +147,7 @@ impl Quiet {
             epoch_at: now + epoch,
             lag: per_timeout + 1 + u64::from(STALE_EPOCHS),
             goaway_due: false,
+            reset_floods: limits.reset_floods,
         };
         if speaks == H2 {
             q.sleep(now + q.idle_limit, activity);
@@ -186,6 +198,14 @@ impl Quiet {
         activity: &Activity,
         peer: SocketAddr,
     ) -> Option<Stop> {
+        if let Some(o) = activity.owed()
+            && o.resets.tripped()
+        {
+            let (streams, early) = o.resets.counts();
+            warn!(client = %peer, streams, reset_early = early, "HTTP/2 client reset most of its streams within a second of opening them (rapid reset): connection closed");
+            self.reset_floods.inc();
+            return Some(Stop::Close);
+        }
         let now = Instant::now();
         let requests = activity.requests();
         if requests == 0 && now >= self.first_by {

@@ -1,0 +1,114 @@
+//! HTTP/2 rapid reset (CVE-2023-44487): a client opens streams and resets each at once. Every
+//! stream the gateway accepted has started an upstream request, and a reset before the response
+//! costs the client nothing but frames while the upstream does the work, and on HTTP/1
+//! upstreams, one connection per reset request: the gateway cannot reuse a connection whose
+//! response it abandoned.
+//!
+//! h2 (under hyper) answers streams reset before the server accepted them with a GOAWAY
+//! (`ENHANCE_YOUR_CALM`) after 20, but a client that waits for each batch to be accepted before
+//! resetting it gets past that: measured with Python's `h2`, 5,000 streams opened in batches of
+//! 50 and reset 30 ms later all reached the upstream, on one connection that stayed open.
+//!
+//! So each HTTP/2 client connection counts its streams and those its client reset within
+//! [`EARLY`] of their start, before their response was over, and is closed once those are at
+//! least half of its first [`STREAMS`] streams, or half of all its streams after that: Envoy's
+//! rule for premature resets (`overload.premature_reset_total_stream_count` 500 and
+//! `overload.premature_reset_min_stream_lifetime_seconds` 1). A client whose calls are cancelled
+//! now and then (gRPC deadlines, a browser leaving a page) stays far below it.
+
+use std::{
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{sync::Notify, time::Instant};
+
+/// A stream reset by its client this soon after it started is a premature reset.
+pub(crate) const EARLY: Duration = Duration::from_secs(1);
+/// The first streams of a connection over which half being premature resets closes it.
+pub(crate) const STREAMS: u64 = 500;
+
+/// One HTTP/2 client connection's ended streams and premature resets.
+#[derive(Default)]
+pub(crate) struct Resets {
+    ended: AtomicU64,
+    premature: AtomicU64,
+    tripped: AtomicBool,
+}
+
+impl Resets {
+    /// A stream ended; `premature`: its client reset it early. Whether the connection is to be
+    /// closed now (`true` once).
+    pub fn ended(&self, premature: bool) -> bool {
+        let ended = self.ended.fetch_add(1, Ordering::Relaxed) + 1;
+        if !premature {
+            // The share of premature resets only falls: nothing to decide.
+            return false;
+        }
+        let p = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        p * 2 >= ended.max(STREAMS) && !self.tripped.swap(true, Ordering::Relaxed)
+    }
+
+    /// A stream of the connection whose watchdog `wake` wakes ended; `reset`: its client went
+    /// away before its response was over, a premature reset if within [`EARLY`] of `start`.
+    /// The watchdog is woken when the connection is to be closed.
+    pub fn stream_ended(&self, wake: &Notify, reset: bool, start: Instant) {
+        if self.ended(reset && start.elapsed() < EARLY) {
+            wake.notify_one();
+        }
+    }
+
+    /// The connection is to be closed.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::Relaxed)
+    }
+
+    /// Streams ended, and of those, premature resets.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.ended.load(Ordering::Relaxed),
+            self.premature.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `n` streams, every `every`-th a premature reset; the stream at which it tripped.
+    fn trips_at(r: &Resets, n: u64, every: u64) -> Option<u64> {
+        (1..=n).find(|i| r.ended(i % every == 0))
+    }
+
+    #[test]
+    fn half_of_the_first_streams_reset_early_closes_the_connection_once() {
+        // Every stream reset: closed at the 250th, half of the first 500.
+        let r = Resets::default();
+        assert_eq!(trips_at(&r, 10_000, 1), Some(STREAMS / 2));
+        assert!(r.tripped());
+        assert!(!r.ended(true), "told once");
+        // One in two: half of the first 500 are reset at the 500th.
+        assert_eq!(trips_at(&Resets::default(), 10_000, 2), Some(STREAMS));
+    }
+
+    #[test]
+    fn a_client_that_cancels_some_streams_is_never_closed() {
+        // One stream in three reset early, over a long connection.
+        let r = Resets::default();
+        assert_eq!(trips_at(&r, 100_000, 3), None);
+        assert!(!r.tripped());
+        assert_eq!(r.counts(), (100_000, 33_333));
+    }
+
+    #[test]
+    fn after_the_first_streams_it_takes_half_of_all_of_them() {
+        // 10,000 good streams, then only resets: closed once they are half of all.
+        let r = Resets::default();
+        for _ in 0..10_000 {
+            assert!(!r.ended(false));
+        }
+        let tripped = (1..=20_000).find(|_| r.ended(true));
+        assert_eq!(tripped, Some(10_000));
+    }
+}
