@@ -332,7 +332,7 @@ catalogue! {
     client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
     client_reset_floods: "gateway_client_http2_reset_floods", "counter", [],
-        "HTTP/2 client connections closed because their client reset most of its streams within a second of opening them, before their response was over (rapid reset, CVE-2023-44487): at least 250 of its first 500 streams, or half of all its streams after that. Each is also logged (warn) with the client's address.";
+        "HTTP/2 client connections closed because their client reset most of its streams within a second of opening them, before their response was over (rapid reset, CVE-2023-44487): at least 250 of its first 500 streams, or half of all its streams after that. Also logged (warn) with the client's address, at most once per 10 s with the number not logged.";
     accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
         "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
     worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],

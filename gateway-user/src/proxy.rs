@@ -34,6 +34,7 @@ mod handshake;
 mod headers;
 mod io;
 mod listeners;
+mod log_every;
 mod memory;
 mod request;
 mod request_body;

@@ -31,7 +31,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -43,7 +43,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{headers::Scheme, spread::Load};
+use super::{headers::Scheme, log_every::LogEvery, spread::Load};
 use crate::{
     config::Downstream,
     metrics::{GatewayMetrics, ListenerErrno, ListenerReason},
@@ -203,10 +203,8 @@ pub(crate) struct ListenerGate {
     bucket: Mutex<Bucket>,
     rejected: [Counter; 3],
     errors: Mutex<Vec<(i32, Counter)>>,
-    /// When the last accept-error line was logged (ms since `epoch`), and errors since.
-    last_log_ms: AtomicU64,
-    suppressed: AtomicU64,
-    epoch: Instant,
+    /// The accept-error line, every [`ACCEPT_ERROR_LOG_EVERY`] at most.
+    error_log: LogEvery,
 }
 
 struct Bucket {
@@ -235,9 +233,7 @@ impl ListenerGate {
             }),
             rejected,
             errors: Mutex::new(Vec::new()),
-            last_log_ms: AtomicU64::new(u64::MAX),
-            suppressed: AtomicU64::new(0),
-            epoch: Instant::now(),
+            error_log: LogEvery::new(ACCEPT_ERROR_LOG_EVERY),
         }
     }
 
@@ -313,17 +309,7 @@ impl ListenerGate {
     pub fn accept_failed(&self, admission: &Admission, err: &std::io::Error) -> bool {
         let errno = err.raw_os_error().unwrap_or(0);
         self.error_counter(admission, errno).inc();
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        let due = last == u64::MAX
-            || now_ms.saturating_sub(last) >= ACCEPT_ERROR_LOG_EVERY.as_millis() as u64;
-        if due
-            && self
-                .last_log_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        if let Some(suppressed) = self.error_log.due() {
             warn!(
                 listener = %self.addr,
                 errno = errno_label(errno),
@@ -333,8 +319,6 @@ impl ListenerGate {
                 "accept failed on a client listener; new connections are closed until it recovers \
                  (counted in gateway_accept_errors_total)"
             );
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
         }
         matches!(errno, libc::EMFILE | libc::ENFILE)
     }

@@ -17,11 +17,21 @@
 //! now and then (gRPC deadlines, a browser leaving a page) stays far below it.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        LazyLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{sync::Notify, time::Instant};
+
+use super::log_every::LogEvery;
+
+/// The warning for a connection closed so, at most once per [`LOG_EVERY`] for the process
+/// (with the number not logged): an attacker opens connections by the thousand.
+pub(crate) static LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(LOG_EVERY));
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A stream reset by its client this soon after it started is a premature reset.
 pub(crate) const EARLY: Duration = Duration::from_secs(1);

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use super::{H1, H2, Phase, UNKNOWN};
 use crate::{
     config::Downstream,
-    proxy::{io::Activity, shared::Shared},
+    proxy::{io::Activity, resets, shared::Shared},
 };
 
 /// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
@@ -201,9 +201,12 @@ impl Quiet {
         if let Some(o) = activity.owed()
             && o.resets.tripped()
         {
-            let (streams, early) = o.resets.counts();
-            warn!(client = %peer, streams, reset_early = early, "HTTP/2 client reset most of its streams within a second of opening them (rapid reset): connection closed");
             self.reset_floods.inc();
+            if let Some(suppressed) = resets::LOG.due() {
+                let (streams, early) = o.resets.counts();
+                warn!(client = %peer, streams, reset_early = early, suppressed, every_s = resets::LOG_EVERY.as_secs(),
+                    "HTTP/2 client reset most of its streams within a second of opening them (rapid reset): connection closed (counted in gateway_client_http2_reset_floods_total)");
+            }
             return Some(Stop::Close);
         }
         let now = Instant::now();
