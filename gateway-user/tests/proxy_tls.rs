@@ -1004,3 +1004,43 @@ fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
         drop(stdin);
     }
 }
+
+/// HTTP/2 rapid reset over HTTPS (ALPN `h2`), the listener such clients reach in production:
+/// Python's `h2` opens 5,000 streams in batches of 50 and resets each batch 30 ms later; the
+/// connection is closed once half of its first 500 streams were reset early, and counted
+/// (`security_http2_rapid_reset.rs` has the plain listener and a client that is not closed).
+#[test]
+fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(gateway_testkit::upstream::Upstream::start(
+        "tls-rapid-reset",
+    ));
+    let dir = temp_dir("tls-rapid-reset");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let cfg = https_base(
+        &dir,
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let port = https_addr(&gw).port().to_string();
+    let out = gateway_testkit::peers::run_python(
+        &dir,
+        "rapid_reset.py",
+        gateway_testkit::peers::H2_RESET_CLIENT,
+        &["127.0.0.1", &port, "5000", "50", "0.03", "1", "a.test"],
+        Duration::from_secs(60),
+    );
+    let opened = out["opened"].as_u64().unwrap();
+    assert!(
+        out["ended"].is_string() && opened <= 300,
+        "the connection was not closed in time: {out}"
+    );
+    let metrics = http_get_text(gw.admin, "/metrics");
+    assert!(
+        metrics.contains("gateway_client_http2_reset_floods_total 1"),
+        "{out}\n{metrics}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(up.hits() <= 300, "{} requests upstream: {out}", up.hits());
+}

@@ -11,61 +11,9 @@ use std::time::Duration;
 use gateway_testkit::{
     admin::{metrics, value},
     inprocess::gateway,
-    peers::run_python,
+    peers::{H2_RESET_CLIENT, run_python},
     upstream::Upstream,
 };
-
-/// Opens `total` streams in batches of `batch`, waits `pause` seconds for the gateway to
-/// accept each batch, resets every `reset_every`-th stream of it (CANCEL) and reads the
-/// others' responses, and goes on until the connection ends. Prints what it saw as JSON.
-const CLIENT: &str = r#"
-import json, select, socket, sys, time
-import h2.config, h2.connection, h2.errors, h2.events
-host, port, total, batch, pause, reset_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-s = socket.create_connection((host, port))
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection(); s.sendall(c.data_to_send())
-out = {"opened": 0, "reset": 0, "answered": 0, "ended": None}
-kept = set()
-def pump(wait):
-    deadline = time.time() + wait
-    while out["ended"] is None:
-        left = deadline - time.time()
-        if not select.select([s], [], [], max(left, 0))[0]:
-            if left <= 0: return
-            continue
-        try:
-            d = s.recv(65536)
-        except OSError as e:
-            out["ended"] = "error: %s" % e; return
-        if not d:
-            out["ended"] = "closed"; return
-        for e in c.receive_data(d):
-            if isinstance(e, h2.events.ConnectionTerminated):
-                out["ended"] = "goaway %d" % e.error_code
-            elif isinstance(e, h2.events.StreamEnded) and e.stream_id in kept:
-                out["answered"] += 1
-        s.sendall(c.data_to_send())
-try:
-    while out["opened"] < total and out["ended"] is None:
-        ids = []
-        for _ in range(batch):
-            sid = c.get_next_available_stream_id()
-            c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "%s:%d" % (host, port)), (":path", "/delay/200")], end_stream=True)
-            out["opened"] += 1
-            if out["opened"] % reset_every == 0: ids.append(sid)
-            else: kept.add(sid)
-        s.sendall(c.data_to_send())
-        pump(pause)
-        for sid in ids:
-            c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL); out["reset"] += 1
-        s.sendall(c.data_to_send())
-    # What is still to come: the kept streams' responses, or the connection's end.
-    pump(1.0)
-except OSError as e:
-    out["ended"] = out["ended"] or "error: %s" % e
-print(json.dumps(out))
-"#;
 
 fn floods(admin: std::net::SocketAddr) -> f64 {
     value(
@@ -94,7 +42,7 @@ async fn an_http2_client_that_resets_its_streams_early_is_closed() {
         run_python(
             &dir,
             "rapid_reset.py",
-            CLIENT,
+            H2_RESET_CLIENT,
             &["127.0.0.1", &port, "5000", "50", "0.03", "1"],
             Duration::from_secs(60),
         )
@@ -130,7 +78,7 @@ async fn an_http2_client_that_cancels_some_streams_is_not_closed() {
         run_python(
             &dir,
             "some_resets.py",
-            CLIENT,
+            H2_RESET_CLIENT,
             // Batches of 3: one reset, two read.
             &["127.0.0.1", &port, "600", "3", "0.03", "3"],
             Duration::from_secs(60),

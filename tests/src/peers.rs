@@ -134,6 +134,68 @@ pub fn run_python(
     })
 }
 
+/// Opens `total` streams in batches of `batch`, waits `pause` seconds for the gateway to
+/// accept each batch, resets every `reset_every`-th stream of it (CANCEL) and reads the
+/// others' responses, and goes on until the connection ends. Prints what it saw as JSON.
+/// Arguments: HOST PORT TOTAL BATCH PAUSE RESET_EVERY [SNI]; with SNI, over TLS with ALPN
+/// `h2` (the certificate is not checked).
+pub const H2_RESET_CLIENT: &str = r#"
+import json, select, socket, sys, time
+import ssl
+import h2.config, h2.connection, h2.errors, h2.events
+host, port, total, batch, pause, reset_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+s = socket.create_connection((host, port))
+if len(sys.argv) > 7:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    s = ctx.wrap_socket(s, server_hostname=sys.argv[7])
+    assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection(); s.sendall(c.data_to_send())
+out = {"opened": 0, "reset": 0, "answered": 0, "ended": None}
+kept = set()
+def pump(wait):
+    deadline = time.time() + wait
+    while out["ended"] is None:
+        left = deadline - time.time()
+        if not (getattr(s, "pending", lambda: 0)() or select.select([s], [], [], max(left, 0))[0]):
+            if left <= 0: return
+            continue
+        try:
+            d = s.recv(65536)
+        except OSError as e:
+            out["ended"] = "error: %s" % e; return
+        if not d:
+            out["ended"] = "closed"; return
+        for e in c.receive_data(d):
+            if isinstance(e, h2.events.ConnectionTerminated):
+                out["ended"] = "goaway %d" % e.error_code
+            elif isinstance(e, h2.events.StreamEnded) and e.stream_id in kept:
+                out["answered"] += 1
+        s.sendall(c.data_to_send())
+try:
+    while out["opened"] < total and out["ended"] is None:
+        ids = []
+        for _ in range(batch):
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "%s:%d" % (host, port)), (":path", "/delay/200")], end_stream=True)
+            out["opened"] += 1
+            if out["opened"] % reset_every == 0: ids.append(sid)
+            else: kept.add(sid)
+        s.sendall(c.data_to_send())
+        pump(pause)
+        for sid in ids:
+            c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL); out["reset"] += 1
+        s.sendall(c.data_to_send())
+    # What is still to come: the kept streams' responses, or the connection's end.
+    pump(1.0)
+except OSError as e:
+    out["ended"] = out["ended"] or "error: %s" % e
+print(json.dumps(out))
+"#;
+
 /// A `websockets` echo server. A text message `__request__` is answered with what the server
 /// saw of the upgrade request (path and headers), as JSON.
 pub const WS_ECHO_SERVER: &str = r#"
