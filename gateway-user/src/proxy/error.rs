@@ -175,6 +175,8 @@ pub enum ProxyError {
     BadRequest { what: &'static str },
     #[error("request head is {size} bytes; the limit is {limit} (max_request_header_bytes)")]
     RequestHeadersTooLarge { size: usize, limit: usize },
+    #[error("request has {fields} header fields; the limit is {limit}")]
+    TooManyRequestHeaders { fields: usize, limit: usize },
     #[error("request body exceeds {limit} bytes (max_request_body_bytes)")]
     RequestBodyTooLarge { limit: u64 },
     #[error("reading the request body from the client failed: {source}")]
@@ -294,7 +296,8 @@ impl ProxyError {
             ProxyError::RequestTimeout { .. } => ErrorKind::RequestTimeout,
             ProxyError::NoRoute { .. } => ErrorKind::NoRoute,
             ProxyError::BadRequest { .. } => ErrorKind::BadRequest,
-            ProxyError::RequestHeadersTooLarge { .. } => ErrorKind::RequestHeadersTooLarge,
+            ProxyError::RequestHeadersTooLarge { .. }
+            | ProxyError::TooManyRequestHeaders { .. } => ErrorKind::RequestHeadersTooLarge,
             ProxyError::RequestBodyTooLarge { .. } => ErrorKind::RequestBodyTooLarge,
             ProxyError::DownstreamBodyError { .. } => ErrorKind::DownstreamBodyError,
         }

@@ -22,6 +22,7 @@
 mod attempt;
 mod prepare;
 mod respond;
+mod target;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -15,7 +15,7 @@ use http::{
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use tokio::time::Instant;
 
-use super::Client;
+use super::{Client, target};
 use crate::{
     config::{ExposeErrors, UpstreamProtocol},
     decide::grpc,
@@ -108,6 +108,13 @@ fn admit(
             limit: ds.max_request_header_bytes,
         });
     }
+    let fields = req.headers().len();
+    if fields > MAX_REQUEST_HEADERS {
+        return Err(ProxyError::TooManyRequestHeaders {
+            fields,
+            limit: MAX_REQUEST_HEADERS,
+        });
+    }
     let (mut parts, body) = req.into_parts();
     if let Some(cfg) = &rt.settings.request_id {
         ex.record.request_id = Some(request_id::assign(cfg, &mut parts.headers));
@@ -125,6 +132,11 @@ fn admit(
     if parts.method == Method::CONNECT {
         return Err(ProxyError::BadRequest {
             what: "CONNECT is not supported",
+        });
+    }
+    if target::has_dot_segment(parts.uri.path()) {
+        return Err(ProxyError::BadRequest {
+            what: "a `.` or `..` segment in the path (dot-segments are resolved by the client, never sent)",
         });
     }
     let authority = authority(&parts)?;
@@ -270,6 +282,12 @@ pub(super) fn grpc_timeout_left(deadline: Instant) -> HeaderValue {
     HeaderValue::try_from(grpc::format_timeout(left))
         .expect("digits and a unit are a valid header value")
 }
+
+/// The most header fields a request may carry: hyper's HTTP/1 parser stops at 100 (a bare 431
+/// before the gateway sees the request), and Envoy's default is the same. HTTP/2 had no limit
+/// but the header list's size, in which HPACK makes a repeated field cost a byte on the wire:
+/// 3,000 `x: y` per request held 543 MB of the gateway for 7.2 MB sent.
+pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
 
 /// Request line plus headers, as sent on the wire (close enough for a limit).
 fn head_size(req: &Request<Incoming>) -> usize {
