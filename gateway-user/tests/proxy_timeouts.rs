@@ -236,3 +236,63 @@ async fn a_client_that_gives_up_is_logged_and_counted_as_499() {
         "{metrics}"
     );
 }
+
+/// A client that trickles its request body (curl `--limit-rate`, 100 bytes a second of 2,000)
+/// runs out the request timeout while the upstream waits for the body: that is the client's
+/// doing, answered `408 client_body_timeout` with the bytes it had sent, and no failure of
+/// the endpoint's (before: `504 request_timeout`, "no response from the upstream (sending the
+/// request)", counted against the endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
+    let up = Upstream::start("sink").await;
+    let gw = gateway(
+        "body-trickle",
+        &single(up.addr, "request_timeout_ms = 1000"),
+    )
+    .await;
+    let file = gw.dir.join("body.bin");
+    std::fs::write(&file, vec![b'x'; 2000]).unwrap();
+    let url = format!("http://{}/sink", gw.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-i",
+                "--max-time",
+                "10",
+                "--limit-rate",
+                "100",
+                "-H",
+                "Expect:",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(url)
+            .output()
+            .expect("curl")
+    })
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("x-gateway-error: client_body_timeout"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("the upstream was waiting for it"),
+        "{answer}"
+    );
+    let l = &log_lines(&gw.log, 1)[0];
+    assert_eq!(l["status"], 408, "{l}");
+    assert_eq!(l["error"], "client_body_timeout", "{l}");
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let status = tokio::task::spawn_blocking(move || gateway_testkit::admin::status(admin))
+        .await
+        .unwrap();
+    let ep = gateway_testkit::admin::endpoint(&status, "default", up.addr);
+    assert!(
+        ep["errors"].get("request_timeout").is_none(),
+        "counted against the endpoint: {ep:#}"
+    );
+}

@@ -169,6 +169,16 @@ pub enum ProxyError {
         /// The deadline was the gRPC call's own `grpc-timeout`, shorter than the route's.
         grpc_deadline: bool,
     },
+    #[error(
+        "the client had sent {bytes} bytes of its request body and not the rest when the {} of {} ms passed; the upstream was waiting for it",
+        if *grpc_deadline { "call's deadline (grpc-timeout)" } else { "request timeout" },
+        timeout.as_millis()
+    )]
+    ClientBodyTimeout {
+        timeout: Duration,
+        bytes: u64,
+        grpc_deadline: bool,
+    },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },
     #[error("bad request: {what}")]
@@ -294,6 +304,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream { .. } => ErrorKind::NoHealthyUpstream,
             ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
             ProxyError::RequestTimeout { .. } => ErrorKind::RequestTimeout,
+            ProxyError::ClientBodyTimeout { .. } => ErrorKind::ClientBodyTimeout,
             ProxyError::NoRoute { .. } => ErrorKind::NoRoute,
             ProxyError::BadRequest { .. } => ErrorKind::BadRequest,
             ProxyError::RequestHeadersTooLarge { .. }

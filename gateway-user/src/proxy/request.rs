@@ -34,7 +34,7 @@ use tracing::debug;
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
 use self::{attempt::Failed, prepare::Prepared};
 use super::{
-    error::{ErrorKind, ProxyError},
+    error::{ErrorKind, Phase, ProxyError},
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
@@ -425,8 +425,23 @@ fn pick(
     }
 }
 
-/// The request deadline passed: `request_timeout`, with what the request was doing.
+/// The request deadline passed: `request_timeout`, with what the request was doing; or
+/// `client_body_timeout` when the upstream was waiting for the client's body, which is then
+/// no failure of the endpoint's (a client that trickles its body would otherwise have it
+/// counted against the upstream, and told that the upstream did not answer).
 fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
+    let body = ex.body.as_ref().filter(|b| b.waiting_for_client());
+    if let (Phase::SendingTheRequest, Some(body)) = (ex.phase, body) {
+        let bytes = body.bytes();
+        if let Some(a) = ex.record.attempts.last_mut() {
+            a.error.get_or_insert(ErrorKind::ClientBodyTimeout);
+        }
+        return ProxyError::ClientBodyTimeout {
+            timeout: plan.deadline.saturating_duration_since(ex.record.start),
+            bytes,
+            grpc_deadline: plan.grpc_deadline,
+        };
+    }
     if let Some(a) = ex.record.attempts.last_mut() {
         a.error.get_or_insert(ErrorKind::RequestTimeout);
     }

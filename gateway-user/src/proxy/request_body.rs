@@ -14,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -41,11 +41,19 @@ impl Drop for Ended {
 pub(crate) struct Progress {
     bytes: AtomicU64,
     ended: Notify,
+    /// The upstream connection asked for the body's next frame and the client has not sent
+    /// it: a request that runs out of time so waits on its client, not on its upstream.
+    waiting: AtomicBool,
 }
 
 impl Progress {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body waits for its client (see `waiting`).
+    pub fn waiting_for_client(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Completes once the body ended (at once if it already has).
@@ -188,7 +196,11 @@ impl Streaming {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(p) = &self.done {
+            p.0.waiting.store(polled.is_pending(), Ordering::Relaxed);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.seen += data.len() as u64;

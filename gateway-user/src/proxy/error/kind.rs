@@ -27,6 +27,7 @@ pub enum ErrorKind {
     NoHealthyUpstream,
     Overloaded,
     RequestTimeout,
+    ClientBodyTimeout,
     NoRoute,
     BadRequest,
     RequestHeadersTooLarge,
@@ -54,6 +55,7 @@ impl ErrorKind {
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::ClientBodyTimeout => "client_body_timeout",
             ErrorKind::NoRoute => "no_route",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::RequestHeadersTooLarge => "request_headers_too_large",
@@ -81,6 +83,7 @@ impl ErrorKind {
             | ErrorKind::ResponseTimeout
             | ErrorKind::UpstreamWriteTimeout
             | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
             ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -109,7 +112,9 @@ impl ErrorKind {
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::Overloaded
             | ErrorKind::UpstreamWriteTimeout => GrpcCode::UNAVAILABLE,
-            ErrorKind::ResponseTimeout | ErrorKind::RequestTimeout => GrpcCode::DEADLINE_EXCEEDED,
+            ErrorKind::ResponseTimeout
+            | ErrorKind::RequestTimeout
+            | ErrorKind::ClientBodyTimeout => GrpcCode::DEADLINE_EXCEEDED,
             ErrorKind::NoRoute | ErrorKind::UpgradeUnsupported => GrpcCode::UNIMPLEMENTED,
             ErrorKind::RequestHeadersTooLarge | ErrorKind::RequestBodyTooLarge => {
                 GrpcCode::RESOURCE_EXHAUSTED
