@@ -1008,7 +1008,7 @@ fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
 /// HTTP/2 rapid reset over HTTPS (ALPN `h2`), the listener such clients reach in production:
 /// Python's `h2` opens 5,000 streams in batches of 50 and resets each batch 30 ms later; the
 /// connection is closed once half of its first 500 streams were reset early, and counted
-/// (`security_http2_rapid_reset.rs` has the plain listener and a client that is not closed).
+/// (`security_http2.rs` has the plain listener and a client that is not closed).
 #[test]
 fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
     let rt = tokio::runtime::Runtime::new().unwrap();

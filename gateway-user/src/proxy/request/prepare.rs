@@ -325,6 +325,11 @@ fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
         None if req.version == Version::HTTP_11 => Err(ProxyError::BadRequest {
             what: "HTTP/1.1 request without a Host header",
         }),
+        // It would go upstream as HTTP/1.1 without `Host`, which the upstream refuses: its
+        // 400 would read as the upstream's answer (RFC 9113 section 8.3.1).
+        None if req.version == Version::HTTP_2 => Err(ProxyError::BadRequest {
+            what: "HTTP/2 request without :authority or Host",
+        }),
         None => Ok(None),
     }
 }

@@ -1,10 +1,13 @@
-//! HTTP/2 rapid reset (CVE-2023-44487, SECURITY.md): a client that opens streams and resets
-//! them before their response makes the gateway start an upstream request for each, at no
-//! cost to itself. h2 turns away resets that come before a stream is accepted; these tests
-//! wait for each batch to be accepted first, as the paced variants of the attack do. The
-//! client is Python's `h2` (PyPI, in the venv `./dev` installs), speaking HTTP/2 with prior
-//! knowledge to the gateway's plain listener; the upstream answers after 200 ms, so every
-//! reset stream was still waiting for it.
+//! What an HTTP/2 client can make the gateway do (SECURITY.md), with Python's `h2` (PyPI, in
+//! the venv `./dev` installs) as the client, speaking HTTP/2 with prior knowledge to the
+//! gateway's plain listener:
+//!
+//! - rapid reset (CVE-2023-44487): a client that opens streams and resets them before their
+//!   response makes the gateway start an upstream request for each, at no cost to itself. h2
+//!   turns away resets that come before a stream is accepted; these tests wait for each batch
+//!   to be accepted first, as the paced variants of the attack do. The upstream answers after
+//!   200 ms, so every reset stream was still waiting for it;
+//! - a request with neither `:authority` nor `Host`.
 
 use std::time::Duration;
 
@@ -91,4 +94,54 @@ async fn an_http2_client_that_cancels_some_streams_is_not_closed() {
     assert_eq!(out["answered"], 400, "{out}");
     assert_eq!(out["ended"], serde_json::Value::Null, "{out}");
     assert_eq!(floods(admin), 0.0, "{out}");
+}
+
+/// An HTTP/2 request with neither `:authority` nor `Host` went upstream as HTTP/1.1 without
+/// `Host`, and the upstream's 400 read as the upstream's answer. It is the gateway's 400 now,
+/// as for HTTP/1.1 without `Host`, and nothing reaches the upstream. Python's `h2` sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_without_authority_or_host_is_refused() {
+    const CLIENT: &str = r#"
+import json, socket, sys
+import h2.config, h2.connection, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+# h2 refuses to send such a request unless told not to check its headers.
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/x")], end_stream=True)
+s.sendall(c.data_to_send())
+out = {}
+while "status" not in out:
+    d = s.recv(65536)
+    if not d:
+        break
+    for e in c.receive_data(d):
+        if isinstance(e, h2.events.ResponseReceived):
+            h = dict(e.headers)
+            out = {"status": h[b":status"].decode(), "error": h.get(b"x-gateway-error", b"").decode()}
+    s.sendall(c.data_to_send())
+print(json.dumps(out))
+"#;
+    let up = Upstream::start("no-authority").await;
+    let gw = gateway(
+        "no-authority",
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    )
+    .await;
+    let port = gw.addr.port().to_string();
+    let dir = gw.dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run_python(
+            &dir,
+            "no_authority.py",
+            CLIENT,
+            &[&port],
+            Duration::from_secs(20),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out["status"], "400", "{out}");
+    assert_eq!(out["error"], "bad_request", "{out}");
+    assert_eq!(up.hits(), 0);
 }
