@@ -406,3 +406,56 @@ async fn a_request_without_a_usable_host_to_an_http2_upstream_is_a_400() {
         "only the request with a host reached the upstream"
     );
 }
+
+/// An HTTP/2 upstream whose response breaks the protocol (no `:status`; an uppercase header
+/// name; a connection-specific header): h2 resets the stream itself, and that was reported as
+/// `upstream_reset`, "closed the connection before a complete response", which blames the
+/// path or a crash. It is `502 invalid_upstream_response` now. The upstream is Python's `h2`
+/// with its own checks off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_that_breaks_the_protocol_is_an_invalid_response() {
+    const SERVER: &str = r#"
+import socket, sys, threading
+import h2.config, h2.connection, h2.events
+HEADERS = {"no_status": [("content-length", "2")],
+           "uppercase": [(":status", "200"), ("X-Upper", "1"), ("content-length", "2")],
+           "connection_header": [(":status", "200"), ("connection", "close"), ("content-length", "2")]}
+def serve(s):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False, validate_inbound_headers=False))
+    c.initiate_connection(); s.sendall(c.data_to_send())
+    while True:
+        d = s.recv(65536)
+        if not d: return
+        for e in c.receive_data(d):
+            if isinstance(e, h2.events.RequestReceived):
+                path = dict(e.headers)[b":path"].decode().strip("/")
+                c.send_headers(e.stream_id, HEADERS[path])
+                c.send_data(e.stream_id, b"ok", end_stream=True)
+        s.sendall(c.data_to_send())
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(16)
+print(l.getsockname()[1], flush=True)
+while True:
+    s, _ = l.accept()
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+"#;
+    let dir = temp_dir("h2-violations");
+    let up = serve_python(&dir, "bad_h2.py", SERVER, &[]);
+    let gw = gateway(
+        "h2-violations",
+        &format!(
+            "{}[router.upstream.retry]\nmax_retries = 0\n",
+            config(up.addr(), 8)
+        ),
+    )
+    .await;
+    for path in ["no_status", "uppercase", "connection_header"] {
+        let got = get(&client(), gw.addr, &format!("/{path}")).await;
+        assert_eq!(got.status, 502, "{path}: {}", got.body);
+        assert_eq!(
+            got.header("x-gateway-error"),
+            "invalid_upstream_response",
+            "{path}: {}",
+            got.body
+        );
+    }
+}

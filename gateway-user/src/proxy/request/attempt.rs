@@ -45,8 +45,7 @@ use crate::{
         access_log::Attempt,
         error::{ErrorKind, Phase, ProxyError},
         exchange::Exchange,
-        io::is_write_stall,
-        request_body::{RequestBody, RequestBodyError},
+        request_body::RequestBody,
         upstream::{
             Cluster, Endpoint, InFlight, Lease, SendResult, UpstreamConn, Want, checkout, reuse,
             socket_of,
@@ -289,7 +288,7 @@ async fn exchange(
     };
     let response = result.map_err(|mut e| {
         let unsent = e.take_message();
-        let error = upstream_error(e.into_error(), ep.addr);
+        let error = super::classify::upstream_error(e.into_error(), ep.addr);
         // The kernel's record of the connection, now closed, says whether this request's
         // bytes reached the upstream.
         let acked = match &error {
@@ -424,27 +423,6 @@ async fn await_head<F: Future<Output = SendResult>>(
     Err(Failed::new(error, delivery, None))
 }
 
-/// Whether an HTTP/2 error says the upstream never processed the stream (RFC 9113 section
-/// 8.7): `Some((true, graceful))` for a GOAWAY from the upstream (h2 gives this error only to
-/// the streams above the GOAWAY's last-stream-id, and to new ones; `graceful`: with NO_ERROR),
-/// `Some((false, false))` for its RST_STREAM with REFUSED_STREAM.
-fn refused_unprocessed(e: &hyper::Error) -> Option<(bool, bool)> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            if h2.is_go_away() && h2.is_remote() {
-                return Some((true, h2.reason() == Some(h2::Reason::NO_ERROR)));
-            }
-            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return Some((false, false));
-            }
-            return None;
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// Request bytes still unACKed by the upstream's kernel (`TCP_INFO`) more than three smoothed
 /// RTTs after sending: the wait so far is on the path, and the endpoint's latency is at least
 /// that (`decide::latency`).
@@ -456,42 +434,5 @@ fn note_stall(cluster: &Cluster, ep: &Endpoint, on: OnConn) {
     if info.unacked > 0 && waited > Duration::from_micros(u64::from(info.rtt_us) * 3) {
         ep.latency
             .lower_bound(waited, Source::Stalls, &cluster.spec.latency);
-    }
-}
-
-/// Maps a failed exchange on an upstream connection to its reason.
-fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = cur {
-        if let Some(b) = err.downcast_ref::<RequestBodyError>() {
-            return match b {
-                RequestBodyError::TooLarge { limit } => {
-                    ProxyError::RequestBodyTooLarge { limit: *limit }
-                }
-                RequestBodyError::Downstream(_) => ProxyError::DownstreamBodyError { source: e },
-            };
-        }
-        cur = err.source();
-    }
-    if let Some(timeout) = is_write_stall(&e) {
-        return ProxyError::UpstreamWriteTimeout { endpoint, timeout };
-    }
-    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        return ProxyError::InvalidUpstreamResponse {
-            endpoint,
-            source: e,
-        };
-    }
-    if let Some((goaway, graceful)) = refused_unprocessed(&e) {
-        return ProxyError::UpstreamRefusedStream {
-            endpoint,
-            source: e,
-            goaway,
-            graceful,
-        };
-    }
-    ProxyError::UpstreamReset {
-        endpoint,
-        source: e,
     }
 }

@@ -1,0 +1,90 @@
+//! What a failed exchange on an upstream connection was, from hyper's error: the client's body
+//! (too large, or broken off), a write the upstream stopped taking, a response that broke the
+//! protocol, a stream the upstream refused unprocessed, or a connection it closed.
+
+use std::net::SocketAddr;
+
+use crate::proxy::{error::ProxyError, io::is_write_stall, request_body::RequestBodyError};
+
+/// Maps a failed exchange on an upstream connection to its reason.
+pub(super) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<RequestBodyError>() {
+            return match b {
+                RequestBodyError::TooLarge { limit } => {
+                    ProxyError::RequestBodyTooLarge { limit: *limit }
+                }
+                RequestBodyError::Downstream(_) => ProxyError::DownstreamBodyError { source: e },
+            };
+        }
+        cur = err.source();
+    }
+    if let Some(timeout) = is_write_stall(&e) {
+        return ProxyError::UpstreamWriteTimeout { endpoint, timeout };
+    }
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || h2_violation(&e) {
+        return ProxyError::InvalidUpstreamResponse {
+            endpoint,
+            source: e,
+        };
+    }
+    if let Some((goaway, graceful)) = refused_unprocessed(&e) {
+        return ProxyError::UpstreamRefusedStream {
+            endpoint,
+            source: e,
+            goaway,
+            graceful,
+        };
+    }
+    ProxyError::UpstreamReset {
+        endpoint,
+        source: e,
+    }
+}
+
+/// An HTTP/2 error that h2 itself raised against the upstream (a RST_STREAM or GOAWAY it sent,
+/// not one it received) for a frame that broke the protocol: a response without `:status` or
+/// with a connection-specific or uppercase header, DATA beyond the flow-control window, a
+/// header block past the limits. The upstream's response was invalid; it did not reset.
+fn h2_violation(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_library()
+                && matches!(
+                    h2.reason(),
+                    Some(
+                        h2::Reason::PROTOCOL_ERROR
+                            | h2::Reason::FLOW_CONTROL_ERROR
+                            | h2::Reason::FRAME_SIZE_ERROR
+                            | h2::Reason::COMPRESSION_ERROR
+                            | h2::Reason::ENHANCE_YOUR_CALM
+                    )
+                );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether an HTTP/2 error says the upstream never processed the stream (RFC 9113 section
+/// 8.7): `Some((true, graceful))` for a GOAWAY from the upstream (h2 gives this error only to
+/// the streams above the GOAWAY's last-stream-id, and to new ones; `graceful`: with NO_ERROR),
+/// `Some((false, false))` for its RST_STREAM with REFUSED_STREAM.
+fn refused_unprocessed(e: &hyper::Error) -> Option<(bool, bool)> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if h2.is_go_away() && h2.is_remote() {
+                return Some((true, h2.reason() == Some(h2::Reason::NO_ERROR)));
+            }
+            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Some((false, false));
+            }
+            return None;
+        }
+        cur = err.source();
+    }
+    None
+}
