@@ -28,6 +28,7 @@
 mod access_log;
 pub mod admin;
 mod admission;
+mod classify;
 pub mod error;
 mod exchange;
 mod handshake;

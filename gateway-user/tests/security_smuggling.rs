@@ -534,3 +534,20 @@ async fn an_http2_request_with_too_many_header_fields_is_refused() {
     // curl adds user-agent and accept; the gateway's own headers do not count.
     assert_eq!(tokio::task::block_in_place(|| curl(90)), "200");
 }
+
+/// An upstream body that breaks its framing (a chunk size that is not hex) is an invalid
+/// response, logged with what was wrong; it was logged as `upstream_reset` with no detail,
+/// which blames the path.
+#[tokio::test]
+async fn an_upstream_body_with_broken_framing_is_logged_as_an_invalid_response() {
+    const BAD_CHUNK: &[u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+    let (_answer, _seen, gw) =
+        through("bad-chunk", BAD_CHUNK, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let l = &gateway_testkit::inprocess::log_lines(&gw.log, 1)[0];
+    assert_eq!(l["error"], "invalid_upstream_response", "{l}");
+    assert!(
+        l["detail"].as_str().is_some_and(|d| d.contains("chunk")),
+        "{l}"
+    );
+}

@@ -20,7 +20,6 @@
 //! the retries and hedging (its `RoutePolicy`). A `101` hands the connection to `tunnel`.
 
 mod attempt;
-mod classify;
 mod prepare;
 mod respond;
 mod target;

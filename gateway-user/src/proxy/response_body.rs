@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
 use tokio::time::{Instant, Sleep};
 
-use super::{error::ErrorKind, exchange::Exchange};
+use super::{classify, error::ErrorKind, exchange::Exchange};
 use crate::decide::grpc::{self, GrpcCode};
 
 enum Kind {
@@ -140,16 +140,16 @@ impl ResponseBody {
         ex.record.error.get_or_insert(kind);
         // The connection is mid-response: dropping it closes it.
         ex.lease = None;
+        let detail = format!("{kind}: {}", classify::with_causes(&*e));
+        ex.record.error_detail.get_or_insert_with(|| detail.clone());
         if !ex.grpc {
             return Poll::Ready(Some(Err(e)));
         }
-        let code = if kind == ErrorKind::UpstreamReset {
-            GrpcCode::UNAVAILABLE
-        } else {
-            GrpcCode::DEADLINE_EXCEEDED
+        let code = match kind {
+            ErrorKind::UpstreamReset => GrpcCode::UNAVAILABLE,
+            ErrorKind::InvalidUpstreamResponse => GrpcCode::INTERNAL,
+            _ => GrpcCode::DEADLINE_EXCEEDED,
         };
-        let detail = format!("{kind}: {e}");
-        ex.record.error_detail.get_or_insert_with(|| detail.clone());
         ex.record.grpc_status = Some(code.0);
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static(code.as_str()));
@@ -302,7 +302,7 @@ impl Body for ResponseBody {
                     this.on_end();
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Err(e))) => this.on_error(ErrorKind::UpstreamReset, e.into()),
+                Poll::Ready(Some(Err(e))) => this.on_error(classify::body_error(&e), e.into()),
                 Poll::Pending => match stalled(cx, *stall, *call_deadline, timer, armed) {
                     Some((kind, e)) => this.on_error(kind, e),
                     None => Poll::Pending,

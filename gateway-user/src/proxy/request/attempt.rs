@@ -288,7 +288,7 @@ async fn exchange(
     };
     let response = result.map_err(|mut e| {
         let unsent = e.take_message();
-        let error = super::classify::upstream_error(e.into_error(), ep.addr);
+        let error = crate::proxy::classify::upstream_error(e.into_error(), ep.addr);
         // The kernel's record of the connection, now closed, says whether this request's
         // bytes reached the upstream.
         let acked = match &error {

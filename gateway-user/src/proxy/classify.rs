@@ -4,10 +4,14 @@
 
 use std::net::SocketAddr;
 
-use crate::proxy::{error::ProxyError, io::is_write_stall, request_body::RequestBodyError};
+use super::{
+    error::{ErrorKind, ProxyError},
+    io::is_write_stall,
+    request_body::RequestBodyError,
+};
 
 /// Maps a failed exchange on an upstream connection to its reason.
-pub(super) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
+pub(crate) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = cur {
         if let Some(b) = err.downcast_ref::<RequestBodyError>() {
@@ -41,6 +45,45 @@ pub(super) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyErro
         endpoint,
         source: e,
     }
+}
+
+/// What a failure of an upstream's response body was: one that broke its framing (h2's own
+/// reset for a protocol violation, such as DATA beyond `content-length`; chunked or length
+/// framing hyper's HTTP/1 decoder refused) is an invalid response; anything else is the
+/// upstream closing or resetting mid-body.
+pub(crate) fn body_error(e: &hyper::Error) -> ErrorKind {
+    if h2_violation(e) {
+        return ErrorKind::InvalidUpstreamResponse;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            )
+        {
+            return ErrorKind::InvalidUpstreamResponse;
+        }
+        cur = err.source();
+    }
+    ErrorKind::UpstreamReset
+}
+
+/// An error with the causes under it, `outer: inner: ...` (hyper's own text names only the
+/// step that failed: "error reading a body from connection").
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// An HTTP/2 error that h2 itself raised against the upstream (a RST_STREAM or GOAWAY it sent,
