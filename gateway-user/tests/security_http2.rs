@@ -18,12 +18,38 @@ use gateway_testkit::{
     upstream::Upstream,
 };
 
-fn floods(admin: std::net::SocketAddr) -> f64 {
-    value(
+/// A gateway in front of a testkit upstream (`/delay/200` answers after 200 ms), and
+/// [`H2_RESET_CLIENT`] run against it with `args` after the host and port; its JSON and the
+/// gateway's count of connections closed for resetting too many streams.
+async fn reset_run(label: &str, args: &[&str]) -> (serde_json::Value, f64, Upstream) {
+    let up = Upstream::start(label).await;
+    let gw = gateway(
+        label,
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    )
+    .await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let mut argv = vec!["127.0.0.1".to_owned(), gw.addr.port().to_string()];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let dir = gw.dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run_python(
+            &dir,
+            "h2_resets.py",
+            H2_RESET_CLIENT,
+            &argv,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let floods = value(
         &metrics(admin),
         "gateway_client_http2_reset_floods_total",
         &[],
-    )
+    );
+    (out, floods, up)
 }
 
 /// 5,000 streams in batches of 50, each batch reset 30 ms after it was sent: before the fix
@@ -32,33 +58,14 @@ fn floods(admin: std::net::SocketAddr) -> f64 {
 /// that many and a batch, and the closure is counted and logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_its_streams_early_is_closed() {
-    let up = Upstream::start("rapid-reset").await;
-    let gw = gateway(
-        "rapid-reset",
-        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
-    )
-    .await;
-    let admin = gw.handle.admin_addr().expect("admin listener");
-    let port = gw.addr.port().to_string();
-    let dir = gw.dir.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        run_python(
-            &dir,
-            "rapid_reset.py",
-            H2_RESET_CLIENT,
-            &["127.0.0.1", &port, "5000", "50", "0.03", "1"],
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
+    let (out, floods, up) = reset_run("rapid-reset", &["5000", "50", "0.03", "1"]).await;
     let opened = out["opened"].as_u64().unwrap();
     assert!(
         out["ended"].is_string(),
         "the connection outlived 5,000 streams reset early: {out}"
     );
     assert!(opened <= 300, "closed only after {opened} streams: {out}");
-    assert_eq!(floods(admin), 1.0, "{out}");
+    assert_eq!(floods, 1.0, "{out}");
     // Every stream it let through had reached the upstream, and no more.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(up.hits() <= 300, "{} requests upstream: {out}", up.hits());
@@ -68,32 +75,13 @@ async fn an_http2_client_that_resets_its_streams_early_is_closed() {
 /// rest is served to the end: 600 streams, 200 of them reset early, on one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_cancels_some_streams_is_not_closed() {
-    let up = Upstream::start("some-resets").await;
-    let gw = gateway(
-        "some-resets",
-        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
-    )
-    .await;
-    let admin = gw.handle.admin_addr().expect("admin listener");
-    let port = gw.addr.port().to_string();
-    let dir = gw.dir.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        run_python(
-            &dir,
-            "some_resets.py",
-            H2_RESET_CLIENT,
-            // Batches of 3: one reset, two read.
-            &["127.0.0.1", &port, "600", "3", "0.03", "3"],
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
+    // Batches of 3: one reset, two read.
+    let (out, floods, _up) = reset_run("some-resets", &["600", "3", "0.03", "3"]).await;
     assert_eq!(out["opened"], 600, "{out}");
     assert_eq!(out["reset"], 200, "{out}");
     assert_eq!(out["answered"], 400, "{out}");
     assert_eq!(out["ended"], serde_json::Value::Null, "{out}");
-    assert_eq!(floods(admin), 0.0, "{out}");
+    assert_eq!(floods, 0.0, "{out}");
 }
 
 /// An HTTP/2 request with neither `:authority` nor `Host` went upstream as HTTP/1.1 without

@@ -455,6 +455,19 @@ async fn connection_cannot_strip_the_gateways_request_id() {
     assert!(!head.contains("x-other"), "named in Connection: {seen:?}");
 }
 
+/// curl's status code for `url`, with `flags` (curl runs blocking: a multi-threaded test).
+fn curl_code(flags: &[&str], url: &str) -> String {
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(flags)
+            .arg(url)
+            .output()
+            .expect("curl")
+    });
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A path with a `.` or `..` segment chose its route by the raw path while the upstream
 /// resolves it: `/public/../admin` reached `/admin` through the route of `/public/`. It is
 /// refused, in every spelling some upstream resolves (`%2e`, `%2f` between segments, `..;`),
@@ -465,23 +478,12 @@ async fn a_path_with_dot_segments_is_refused() {
     let up = Recorder::start(OK).await;
     let gw = gateway("dot-segments", &cluster(up.addr)).await;
     let curl = |path: &str, h2: bool| {
-        let mut cmd = std::process::Command::new("curl");
-        cmd.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--path-as-is",
-        ]);
-        if h2 {
-            cmd.arg("--http2-prior-knowledge");
-        }
-        let out = cmd
-            .arg(format!("http://{}{path}", gw.addr))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let flags: &[&str] = if h2 {
+            &["--path-as-is", "--http2-prior-knowledge"]
+        } else {
+            &["--path-as-is"]
+        };
+        curl_code(flags, &format!("http://{}{path}", gw.addr))
     };
     for h2 in [false, true] {
         for path in [
@@ -491,12 +493,12 @@ async fn a_path_with_dot_segments_is_refused() {
             "/public/..;/admin",
             "/./admin",
         ] {
-            let code = tokio::task::block_in_place(|| curl(path, h2));
+            let code = curl(path, h2);
             assert_eq!(code, "400", "{path} (HTTP/2: {h2})");
         }
         assert!(!up.seen().contains("admin"), "upstream saw {:?}", up.seen());
         for path in ["/.well-known/x", "/a/.../b", "/v1.2/x..y"] {
-            let code = tokio::task::block_in_place(|| curl(path, h2));
+            let code = curl(path, h2);
             assert_eq!(code, "200", "{path} (HTTP/2: {h2})");
         }
     }
@@ -511,28 +513,17 @@ async fn an_http2_request_with_too_many_header_fields_is_refused() {
     let up = Recorder::start(OK).await;
     let gw = gateway("h2-many-headers", &cluster(up.addr)).await;
     let curl = |n: usize| {
-        let mut cmd = std::process::Command::new("curl");
-        cmd.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--http2-prior-knowledge",
-        ]);
-        for i in 0..n {
-            cmd.args(["-H", &format!("x-h{i}: y")]);
+        let headers: Vec<String> = (0..n).map(|i| format!("x-h{i}: y")).collect();
+        let mut flags = vec!["--http2-prior-knowledge"];
+        for h in &headers {
+            flags.extend(["-H", h.as_str()]);
         }
-        let out = cmd
-            .arg(format!("http://{}/", gw.addr))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        curl_code(&flags, &format!("http://{}/", gw.addr))
     };
-    assert_eq!(tokio::task::block_in_place(|| curl(300)), "431");
+    assert_eq!(curl(300), "431");
     assert!(up.seen().is_empty(), "upstream saw {:?}", up.seen());
     // curl adds user-agent and accept; the gateway's own headers do not count.
-    assert_eq!(tokio::task::block_in_place(|| curl(90)), "200");
+    assert_eq!(curl(90), "200");
 }
 
 /// An upstream body that breaks its framing (a chunk size that is not hex) is an invalid
