@@ -526,6 +526,30 @@ async fn an_http2_request_with_too_many_header_fields_is_refused() {
     assert_eq!(curl(90), "200");
 }
 
+/// HTTP/2 clients send each cookie as a field of its own (browsers do): 150 of them count as
+/// the one `Cookie` line they would be over HTTP/1, within the 100 fields, and an HTTP/1.1
+/// upstream gets them as that one line, joined with "; " (RFC 9113 section 8.2.3; many
+/// servers read only the first `Cookie` line). curl over HTTP/2 sends the 150 fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_fields_count_as_one_and_reach_an_http1_upstream_as_one_line() {
+    let up = Recorder::start(OK).await;
+    let gw = gateway("h2-cookies", &cluster(up.addr)).await;
+    let cookies: Vec<String> = (0..150).map(|i| format!("cookie: c{i}={i}")).collect();
+    let mut flags = vec!["--http2-prior-knowledge"];
+    for c in &cookies {
+        flags.extend(["-H", c.as_str()]);
+    }
+    assert_eq!(curl_code(&flags, &format!("http://{}/", gw.addr)), "200");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let head = up.seen().to_ascii_lowercase();
+    assert_eq!(head.matches("\r\ncookie: ").count(), 1, "{head}");
+    let joined: Vec<String> = (0..150).map(|i| format!("c{i}={i}")).collect();
+    assert!(
+        head.contains(&format!("\r\ncookie: {}\r\n", joined.join("; "))),
+        "{head}"
+    );
+}
+
 /// An upstream body that breaks its framing (a chunk size that is not hex) is an invalid
 /// response, logged with what was wrong; it was logged as `upstream_reset` with no detail,
 /// which blames the path.

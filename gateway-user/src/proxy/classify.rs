@@ -48,20 +48,25 @@ pub(crate) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyErro
 }
 
 /// What a failure of an upstream's response body was: one that broke its framing (h2's own
-/// reset for a protocol violation, such as DATA beyond `content-length`; chunked or length
-/// framing hyper's HTTP/1 decoder refused) is an invalid response; anything else is the
-/// upstream closing or resetting mid-body.
+/// reset of the stream for a protocol violation, such as DATA beyond `content-length`; chunked
+/// or length framing hyper's HTTP/1 decoder refused) is an invalid response; anything else
+/// (a TLS failure included) is the upstream closing or resetting mid-body.
 pub(crate) fn body_error(e: &hyper::Error) -> ErrorKind {
     if h2_violation(e) {
         return ErrorKind::InvalidUpstreamResponse;
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
+        // TLS failures (an alert from the upstream, a bad record) come as `InvalidData` too:
+        // those are the connection's, not the response's framing.
         if let Some(io) = err.downcast_ref::<std::io::Error>()
             && matches!(
                 io.kind(),
                 std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
             )
+            && !io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
         {
             return ErrorKind::InvalidUpstreamResponse;
         }
@@ -86,23 +91,25 @@ pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// An HTTP/2 error that h2 itself raised against the upstream (a RST_STREAM or GOAWAY it sent,
-/// not one it received) for a frame that broke the protocol: a response without `:status` or
-/// with a connection-specific or uppercase header, DATA beyond the flow-control window, a
-/// header block past the limits. The upstream's response was invalid; it did not reset.
+/// A RST_STREAM that h2 itself sent the upstream (not one it received) for a response that
+/// broke the protocol: no `:status`, a connection-specific header, DATA past its
+/// `content-length`. That response was invalid; the upstream did not reset. Only a stream's
+/// reset: h2 hands a GOAWAY of its own to every stream in flight on the connection, including
+/// those whose responses were fine, and some of its GOAWAYs are its own limits
+/// (`ENHANCE_YOUR_CALM` after too many resets it sent), so those stay `upstream_reset`, which
+/// a retry may still save.
 fn h2_violation(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_library()
+            return h2.is_reset()
+                && h2.is_library()
                 && matches!(
                     h2.reason(),
                     Some(
                         h2::Reason::PROTOCOL_ERROR
                             | h2::Reason::FLOW_CONTROL_ERROR
                             | h2::Reason::FRAME_SIZE_ERROR
-                            | h2::Reason::COMPRESSION_ERROR
-                            | h2::Reason::ENHANCE_YOUR_CALM
                     )
                 );
         }

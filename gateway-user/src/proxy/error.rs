@@ -185,8 +185,12 @@ pub enum ProxyError {
     BadRequest { what: &'static str },
     #[error("request head is {size} bytes; the limit is {limit} (max_request_header_bytes)")]
     RequestHeadersTooLarge { size: usize, limit: usize },
-    #[error("request has {fields} header fields; the limit is {limit}")]
-    TooManyRequestHeaders { fields: usize, limit: usize },
+    #[error("request has {fields} {what}; the limit is {limit}")]
+    TooManyRequestHeaders {
+        fields: usize,
+        what: &'static str,
+        limit: usize,
+    },
     #[error("request body exceeds {limit} bytes (max_request_body_bytes)")]
     RequestBodyTooLarge { limit: u64 },
     #[error("reading the request body from the client failed: {source}")]

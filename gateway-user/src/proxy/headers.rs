@@ -256,6 +256,29 @@ pub(crate) fn to_upstream(
     stripped
 }
 
+/// Joins a request's `cookie` fields into one, with "; " (RFC 9113 section 8.2.3), for an
+/// HTTP/1.1 upstream: HTTP/2 clients send each cookie as a field of its own (browsers do, so
+/// that each compresses on its own), and HTTP/1.1 allows one `Cookie` line (RFC 6265 section
+/// 5.4), which is all many servers read.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let Entry::Occupied(mut e) = headers.entry(header::COOKIE) else {
+        return;
+    };
+    if e.iter().nth(1).is_none() {
+        return;
+    }
+    let mut v: Vec<u8> = Vec::new();
+    for (i, p) in e.iter().enumerate() {
+        if i > 0 {
+            v.extend_from_slice(b"; ");
+        }
+        v.extend_from_slice(p.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&v) {
+        e.insert(joined);
+    }
+}
+
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache
 /// and nginx send it): how long it keeps an idle connection open. `None` when absent or
 /// unreadable.
@@ -430,6 +453,17 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         let via: Vec<_> = h.get_all(VIA).iter().collect();
         assert_eq!(via, vec!["1.0 edge", "1.1 gateway"]);
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one_line() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = map(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
     }
 
     #[test]

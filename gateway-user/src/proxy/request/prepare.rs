@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use http::{
     HeaderName, HeaderValue, Method, Request, Uri, Version,
-    header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, USER_AGENT},
     request::Parts,
     uri::PathAndQuery,
 };
@@ -108,12 +108,8 @@ fn admit(
             limit: ds.max_request_header_bytes,
         });
     }
-    let fields = req.headers().len();
-    if fields > MAX_REQUEST_HEADERS {
-        return Err(ProxyError::TooManyRequestHeaders {
-            fields,
-            limit: MAX_REQUEST_HEADERS,
-        });
+    if req.headers().len() > MAX_REQUEST_HEADERS {
+        too_many_fields(&req)?;
     }
     let (mut parts, body) = req.into_parts();
     if let Some(cfg) = &rt.settings.request_id {
@@ -203,6 +199,9 @@ fn for_upstream(
     {
         parts.headers.insert(HOST, a.clone());
     }
+    if parts.version == Version::HTTP_2 && cluster.spec.protocol == UpstreamProtocol::Http1 {
+        headers::join_cookies(&mut parts.headers);
+    }
     let stripped = headers::to_upstream(
         &mut parts.headers,
         parts.version,
@@ -288,6 +287,33 @@ pub(super) fn grpc_timeout_left(deadline: Instant) -> HeaderValue {
 /// but the header list's size, in which HPACK makes a repeated field cost a byte on the wire:
 /// 3,000 `x: y` per request held 543 MB of the gateway for 7.2 MB sent.
 pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
+
+/// The most `cookie` fields a request may carry: HTTP/2 clients send one per cookie, and
+/// browsers keep up to 180 per domain.
+pub(crate) const MAX_COOKIE_FIELDS: usize = 256;
+
+/// A request with more than [`MAX_REQUEST_HEADERS`] fields: an error unless its `cookie`
+/// fields, counted as the one line they would be in HTTP/1, bring it within the limit (and
+/// they are at most [`MAX_COOKIE_FIELDS`]).
+fn too_many_fields(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let cookies = req.headers().get_all(COOKIE).iter().count();
+    let fields = req.headers().len() - cookies.saturating_sub(1);
+    if fields > MAX_REQUEST_HEADERS {
+        return Err(ProxyError::TooManyRequestHeaders {
+            fields,
+            what: "header fields",
+            limit: MAX_REQUEST_HEADERS,
+        });
+    }
+    if cookies > MAX_COOKIE_FIELDS {
+        return Err(ProxyError::TooManyRequestHeaders {
+            fields: cookies,
+            what: "cookie fields",
+            limit: MAX_COOKIE_FIELDS,
+        });
+    }
+    Ok(())
+}
 
 /// Request line plus headers, as sent on the wire (close enough for a limit).
 fn head_size(req: &Request<Incoming>) -> usize {
