@@ -44,6 +44,8 @@ pub(crate) struct Exchange {
     pub body: Option<Arc<super::request_body::Progress>>,
     /// The endpoint of the latest attempt: the request's latency goes into its history.
     pub endpoint: Option<Arc<Endpoint>>,
+    /// A gRPC call's own deadline (`grpc-timeout`), when shorter than the route's.
+    pub call_deadline: Option<tokio::time::Instant>,
     /// Counts the request as running on its client connection until the response is over
     /// (see `server::park`, whose header-read timeout runs only between responses).
     busy: Busy,
@@ -51,6 +53,10 @@ pub(crate) struct Exchange {
     counted: bool,
     logged: bool,
 }
+
+/// How close to its `grpc-timeout` a gRPC call's reset counts as the client keeping to its
+/// deadline (clocks and the network put the client's timer a little ahead of the gateway's).
+const CALL_DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The status logged and counted for a request whose client went away before its response
 /// began (nginx's "client closed request").
@@ -81,6 +87,7 @@ impl Exchange {
             request_id_header: None,
             body: None,
             endpoint: None,
+            call_deadline: None,
             busy,
             counted: false,
             logged: false,
@@ -115,11 +122,22 @@ impl Exchange {
     }
 
     /// The request's HTTP/2 stream ended; `reset`: its client went away before its response
-    /// was over (`resets`: too many such resets early close the connection).
+    /// was over (`resets`: too many such resets early close the connection). Only streams that
+    /// reached an upstream count: a reset costs an upstream nothing before that, and streams
+    /// the gateway answers itself (a 404) would dilute the share. A gRPC call reset at its own
+    /// deadline is the client keeping to it, not a premature reset (the gateway's timer for the
+    /// same deadline fires at about the same time).
     fn stream_ended(&self, reset: bool) {
-        if let Some(o) = self.busy.owed() {
-            o.resets.stream_ended(&o.wake, reset, self.record.start);
+        let Some(o) = self.busy.owed() else { return };
+        if self.record.attempts.is_empty() {
+            return;
         }
+        let at_deadline = || {
+            self.call_deadline
+                .is_some_and(|d| tokio::time::Instant::now() + CALL_DEADLINE_SLACK >= d)
+        };
+        o.resets
+            .stream_ended(&o.wake, reset && !at_deadline(), self.record.start);
     }
 
     /// The response was read to the end: the connection may serve another request.

@@ -430,7 +430,12 @@ fn pick(
 /// no failure of the endpoint's (a client that trickles its body would otherwise have it
 /// counted against the upstream, and told that the upstream did not answer).
 fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
-    let body = ex.body.as_ref().filter(|b| b.waiting_for_client());
+    // Not a gRPC call: a streaming one's client may wait for the upstream's reply before it
+    // sends more, which is the upstream being slow.
+    let body = ex
+        .body
+        .as_ref()
+        .filter(|b| !ex.grpc && b.waiting_for_client());
     if let (Phase::SendingTheRequest, Some(body)) = (ex.phase, body) {
         let bytes = body.bytes();
         if let Some(a) = ex.record.attempts.last_mut() {

@@ -70,6 +70,9 @@ pub(super) fn prepare(
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
     let (deadline, grpc_deadline) = deadline(ex, route, &parts);
+    if grpc_deadline {
+        ex.call_deadline = Some(deadline);
+    }
     let id = ex
         .request_id_header
         .as_ref()

@@ -190,8 +190,9 @@ pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// grows both windows by its estimate of the path's bandwidth-delay product (PINGs). It
 /// overrides `initial_stream_window_size` and `initial_connection_window_size`: the 1 MiB and
 /// 4 MiB set here until stop 33 never applied (a review found it; measured with an upstream
-/// that sends past the window). Starting the estimate from larger windows would need them set
-/// after `adaptive_window`, and a measurement.
+/// that sends past the window). hyper's builder offers no larger start for the estimate:
+/// setting either initial size after `adaptive_window` turns the adaptive window off. Fixed
+/// large windows instead would need a measurement.
 fn h2_builder(spec: &ClusterSpec) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
     let streams = spec.limits.max_concurrent_streams;
