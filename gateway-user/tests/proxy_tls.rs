@@ -1044,3 +1044,62 @@ fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(up.hits() <= 300, "{} requests upstream: {out}", up.hits());
 }
+
+/// HTTP/2 over TLS needs ALPN (RFC 9113 section 3.2). A client that sends the HTTP/2 preface
+/// on an HTTPS connection where ALPN did not choose `h2` was served HTTP/2 all the same, with
+/// none of the limits of a connection known to speak it (rapid reset, the stream watchdog):
+/// each such request is a 400 now, and nothing reaches the upstream. Python's `h2` over `ssl`
+/// without ALPN.
+#[test]
+fn http2_without_alpn_on_an_https_connection_is_not_served() {
+    const CLIENT: &str = r#"
+import json, socket, ssl, sys
+import h2.config, h2.connection, h2.events
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="a.test")
+s.settimeout(5)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "a.test"), (":path", "/")], end_stream=True)
+s.sendall(c.data_to_send())
+got = b""
+try:
+    while len(got) < 65536:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+except (OSError, ssl.SSLError):
+    pass
+status = None
+try:
+    for e in c.receive_data(got):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+except Exception:
+    pass
+print(json.dumps({"status": status}))
+"#;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(gateway_testkit::upstream::Upstream::start("tls-no-alpn"));
+    let dir = temp_dir("tls-no-alpn");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let cfg = https_base(
+        &dir,
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let port = https_addr(&gw).port().to_string();
+    let out = gateway_testkit::peers::run_python(
+        &dir,
+        "no_alpn.py",
+        CLIENT,
+        &[&port],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out["status"], "400", "{out}");
+    assert_eq!(up.hits(), 0, "{out}");
+}

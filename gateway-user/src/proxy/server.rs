@@ -33,6 +33,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{Request, Response, Version};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -320,6 +321,12 @@ where
 ///
 /// Besides hyper's own limits, the connection's timers (`quiet`): the first request's
 /// deadline, HTTP/2's idle timeout, and a response stream its client stopped reading.
+///
+/// An HTTPS connection whose ALPN did not choose HTTP/2 (`UNKNOWN`) is answered 400 for each
+/// HTTP/2 request: HTTP/2 over TLS needs ALPN (RFC 9113 section 3.2), and hyper, which takes
+/// a preface on it for HTTP/2 all the same (hyper-util's `http1_only` does nothing with
+/// upgrades), would serve it with none of the limits of a connection known to speak HTTP/2
+/// (the stream watchdog, the rapid-reset rule).
 async fn serve_with<I, H, F>(io: I, client: Arc<Client>, shared: Arc<Shared>, speaks: u8, handle: H)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -341,15 +348,15 @@ where
     // What this connection speaks, known from its first request (`UNKNOWN` until then).
     let speaks = Arc::new(AtomicU8::new(speaks));
     let (svc_speaks, svc_activity) = (speaks.clone(), activity.clone());
+    let alpn_missing = speaks.load(Ordering::Relaxed) == UNKNOWN;
     let svc = service_fn(move |req: Request<Incoming>| {
-        let v = if req.version() == Version::HTTP_2 {
-            H2
-        } else {
-            H1
-        };
+        let v = speaks_of(&req);
         svc_speaks.store(v, Ordering::Relaxed);
+        if v == H2 && alpn_missing {
+            return Either::Right(std::future::ready(Ok(h2_without_alpn())));
+        }
         let busy = svc_activity.busy(false);
-        handle(shared.clone(), client.clone(), req, busy)
+        Either::Left(handle(shared.clone(), client.clone(), req, busy))
     });
     // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
     // its own place among the live connections.
@@ -397,6 +404,28 @@ where
             }
         }
     }
+}
+
+/// What a request says its connection speaks.
+fn speaks_of(req: &Request<Incoming>) -> u8 {
+    if req.version() == Version::HTTP_2 {
+        H2
+    } else {
+        H1
+    }
+}
+
+/// The answer to an HTTP/2 request on an HTTPS connection whose ALPN did not choose HTTP/2.
+fn h2_without_alpn() -> Response<ResponseBody> {
+    debug!("an HTTP/2 request over TLS without ALPN h2: 400");
+    let mut r = Response::new(ResponseBody::full(
+        Bytes::from_static(
+            b"400 Bad Request: HTTP/2 over TLS needs ALPN \"h2\" (RFC 9113 section 3.2)\n",
+        ),
+        None,
+    ));
+    *r.status_mut() = http::StatusCode::BAD_REQUEST;
+    r
 }
 
 /// The drain's phase changed to `p`: what the connection does, if anything.

@@ -11,15 +11,17 @@
 //! Tomcat takes `..;` for `..`), and each spelling is refused as the one it could become.
 
 /// Whether `path` has a `.` or `..` segment as some upstream would read it: dots plain or
-/// percent-encoded (`%2e`), segments separated by `/`, `%2f` or `\`, and a segment's `;`
-/// parameters ignored.
+/// percent-encoded (`%2e`), segments separated by `/`, `%2f`, `\` or `%5c` (IIS and some
+/// Java servers take a backslash for a slash), and a segment's `;` parameters ignored.
 pub(super) fn has_dot_segment(path: &str) -> bool {
     let b = path.as_bytes();
-    if !b.iter().any(|&c| c == b'.' || c == b'%') {
+    // A dot-segment starts a segment: after a `/` (or an encoded separator, or a backslash).
+    // Most paths, those of static files and versioned APIs included, have none of these.
+    if !(path.contains("/.") || b.iter().any(|&c| c == b'%' || c == b'\\')) {
         return false;
     }
-    let encoded = |i: usize, c: u8| {
-        b.len() >= i + 3 && b[i] == b'%' && b[i + 1] == b'2' && b[i + 2].eq_ignore_ascii_case(&c)
+    let encoded = |i: usize, hi: u8, lo: u8| {
+        b.len() >= i + 3 && b[i] == b'%' && b[i + 1] == hi && b[i + 2].eq_ignore_ascii_case(&lo)
     };
     // The current segment: its dots, and whether anything else came before its parameters.
     let (mut dots, mut other, mut params) = (0u32, false, false);
@@ -27,7 +29,7 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
     while i <= b.len() {
         let sep = if i == b.len() || b[i] == b'/' || b[i] == b'\\' {
             1
-        } else if encoded(i, b'f') {
+        } else if encoded(i, b'2', b'f') || encoded(i, b'5', b'c') {
             3
         } else {
             0
@@ -43,7 +45,7 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
         } else if b[i] == b'.' {
             dots += 1;
             i += 1;
-        } else if encoded(i, b'e') {
+        } else if encoded(i, b'2', b'e') {
             dots += 1;
             i += 3;
         } else if b[i] == b';' {
@@ -73,9 +75,10 @@ mod tests {
             "/public%2f..%2fadmin",
             "/public%2F..",
             "/a\\..\\b",
+            "/public%5c..%5cadmin",
+            "/public%5C..",
             "/public/..;/admin",
             "/public/.;x=1/a",
-            "..",
             "/a/b/..",
         ] {
             assert!(has_dot_segment(p), "{p}");

@@ -71,7 +71,8 @@ pub(super) async fn next_event(
 
 /// The connection's activity. Response streams are watched for a client that stopped reading
 /// them on connections known to speak HTTP/2 (ALPN, or the preface on a plain listener):
-/// HTTP/1's socket guard sees that client, and HTTP/2 over TLS without ALPN is left unwatched.
+/// HTTP/1's socket guard sees that client, and an HTTPS connection without ALPN `h2` speaks
+/// HTTP/1 only (`serve_with`).
 pub(super) fn activity(speaks: u8) -> Arc<Activity> {
     Arc::new(if speaks == H2 {
         Activity::watching_streams()
@@ -213,8 +214,7 @@ impl Quiet {
         let requests = activity.requests();
         if requests == 0 && now >= self.first_by {
             // An incomplete HTTP/2 preface is still in hyper's handshake, which no GOAWAY
-            // ends; a connection that sent more (HTTP/2 over TLS without ALPN, or part of an
-            // HTTP/1 head) is asked to finish.
+            // ends; a connection that sent more (part of an HTTP/1 head) is asked to finish.
             if activity.bytes_read() < PREFACE_LEN {
                 debug!(client = %peer, "no request within the header-read timeout: closed");
                 return Some(Stop::Close);
