@@ -286,6 +286,12 @@ async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
     let l = &log_lines(&gw.log, 1)[0];
     assert_eq!(l["status"], 408, "{l}");
     assert_eq!(l["error"], "client_body_timeout", "{l}");
+    assert!(
+        l["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("bytes of its request body")),
+        "{l}"
+    );
     let admin = gw.handle.admin_addr().expect("admin listener");
     let status = tokio::task::spawn_blocking(move || gateway_testkit::admin::status(admin))
         .await

@@ -123,7 +123,7 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
     let kind = e.kind();
     let status = kind.status();
     let rec = &mut ex.record;
-    if status.is_server_error() || ex.grpc {
+    if status.is_server_error() || ex.grpc || kind == super::ErrorKind::ClientBodyTimeout {
         rec.error_detail = Some(e.to_string());
     }
     rec.error = Some(kind);
