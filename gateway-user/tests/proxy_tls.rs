@@ -1011,18 +1011,7 @@ fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
 /// (`security_http2.rs` has the plain listener and a client that is not closed).
 #[test]
 fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let up = rt.block_on(gateway_testkit::upstream::Upstream::start(
-        "tls-rapid-reset",
-    ));
-    let dir = temp_dir("tls-rapid-reset");
-    let pki = Pki::new(&dir, "ca");
-    pki.leaf("a", &["a.test"]);
-    let cfg = https_base(
-        &dir,
-        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
-    );
-    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let (_rt, up, dir, gw) = https_before_upstream("tls-rapid-reset");
     let port = https_addr(&gw).port().to_string();
     let out = gateway_testkit::peers::run_python(
         &dir,
@@ -1082,16 +1071,7 @@ except Exception:
     pass
 print(json.dumps({"status": status}))
 "#;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let up = rt.block_on(gateway_testkit::upstream::Upstream::start("tls-no-alpn"));
-    let dir = temp_dir("tls-no-alpn");
-    let pki = Pki::new(&dir, "ca");
-    pki.leaf("a", &["a.test"]);
-    let cfg = https_base(
-        &dir,
-        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
-    );
-    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let (_rt, up, dir, gw) = https_before_upstream("tls-no-alpn");
     let port = https_addr(&gw).port().to_string();
     let out = gateway_testkit::peers::run_python(
         &dir,
@@ -1102,4 +1082,27 @@ print(json.dumps({"status": status}))
     );
     assert_eq!(out["status"], "400", "{out}");
     assert_eq!(up.hits(), 0, "{out}");
+}
+
+/// A testkit upstream (on a runtime of its own, returned to keep it serving) behind the
+/// gateway's HTTPS listener, with the certificate `a.test` (`https_base`).
+fn https_before_upstream(
+    label: &str,
+) -> (
+    tokio::runtime::Runtime,
+    gateway_testkit::upstream::Upstream,
+    PathBuf,
+    GatewayProcess,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(gateway_testkit::upstream::Upstream::start(label));
+    let dir = temp_dir(label);
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let cfg = https_base(
+        &dir,
+        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    (rt, up, dir, gw)
 }
