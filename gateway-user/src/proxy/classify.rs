@@ -2,7 +2,7 @@
 //! (too large, or broken off), a write the upstream stopped taking, a response that broke the
 //! protocol, a stream the upstream refused unprocessed, or a connection it closed.
 
-use std::net::SocketAddr;
+use std::{error::Error, net::SocketAddr};
 
 use super::{
     error::{ErrorKind, ProxyError},
@@ -12,17 +12,17 @@ use super::{
 
 /// Maps a failed exchange on an upstream connection to its reason.
 pub(crate) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = cur {
-        if let Some(b) = err.downcast_ref::<RequestBodyError>() {
-            return match b {
-                RequestBodyError::TooLarge { limit } => {
-                    ProxyError::RequestBodyTooLarge { limit: *limit }
-                }
-                RequestBodyError::Downstream(_) => ProxyError::DownstreamBodyError { source: e },
-            };
-        }
-        cur = err.source();
+    // The client's body: too large (`Some(limit)`), or broken off (`None`).
+    let body = causes(&e)
+        .find_map(|c| c.downcast_ref::<RequestBodyError>())
+        .map(|b| match b {
+            RequestBodyError::TooLarge { limit } => Some(*limit),
+            RequestBodyError::Downstream(_) => None,
+        });
+    match body {
+        Some(Some(limit)) => return ProxyError::RequestBodyTooLarge { limit },
+        Some(None) => return ProxyError::DownstreamBodyError { source: e },
+        None => {}
     }
     if let Some(timeout) = is_write_stall(&e) {
         return ProxyError::UpstreamWriteTimeout { endpoint, timeout };
@@ -55,40 +55,47 @@ pub(crate) fn body_error(e: &hyper::Error) -> ErrorKind {
     if h2_violation(e) {
         return ErrorKind::InvalidUpstreamResponse;
     }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        // TLS failures (an alert from the upstream, a bad record) come as `InvalidData` too:
-        // those are the connection's, not the response's framing.
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
+    // TLS failures (an alert from the upstream, a bad record) come as `InvalidData` too: those
+    // are the connection's, not the response's framing.
+    let framing = causes(e)
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-            )
-            && !io
+            ) && !io
                 .get_ref()
                 .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return ErrorKind::InvalidUpstreamResponse;
-        }
-        cur = err.source();
+        });
+    if framing {
+        ErrorKind::InvalidUpstreamResponse
+    } else {
+        ErrorKind::UpstreamReset
     }
-    ErrorKind::UpstreamReset
 }
 
 /// An error with the causes under it, `outer: inner: ...` (hyper's own text names only the
 /// step that failed: "error reading a body from connection").
-pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn with_causes(e: &(dyn Error + 'static)) -> String {
     let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
+    for c in causes(e).skip(1) {
         let text = c.to_string();
         if !s.ends_with(&text) {
             s.push_str(": ");
             s.push_str(&text);
         }
-        cur = c.source();
     }
     s
+}
+
+/// `e` and the errors under it, outermost first.
+fn causes<'a>(e: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(e), |&c| c.source())
+}
+
+/// The first HTTP/2 error under `e`.
+fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+    causes(e).find_map(|c| c.downcast_ref::<h2::Error>())
 }
 
 /// A RST_STREAM that h2 itself sent the upstream (not one it received) for a response that
@@ -99,23 +106,18 @@ pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 /// (`ENHANCE_YOUR_CALM` after too many resets it sent), so those stay `upstream_reset`, which
 /// a retry may still save.
 fn h2_violation(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_reset()
-                && h2.is_library()
-                && matches!(
-                    h2.reason(),
-                    Some(
-                        h2::Reason::PROTOCOL_ERROR
-                            | h2::Reason::FLOW_CONTROL_ERROR
-                            | h2::Reason::FRAME_SIZE_ERROR
-                    )
-                );
-        }
-        cur = err.source();
-    }
-    false
+    h2_cause(e).is_some_and(|h2| {
+        h2.is_reset()
+            && h2.is_library()
+            && matches!(
+                h2.reason(),
+                Some(
+                    h2::Reason::PROTOCOL_ERROR
+                        | h2::Reason::FLOW_CONTROL_ERROR
+                        | h2::Reason::FRAME_SIZE_ERROR
+                )
+            )
+    })
 }
 
 /// Whether an HTTP/2 error says the upstream never processed the stream (RFC 9113 section
@@ -123,18 +125,10 @@ fn h2_violation(e: &hyper::Error) -> bool {
 /// the streams above the GOAWAY's last-stream-id, and to new ones; `graceful`: with NO_ERROR),
 /// `Some((false, false))` for its RST_STREAM with REFUSED_STREAM.
 fn refused_unprocessed(e: &hyper::Error) -> Option<(bool, bool)> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            if h2.is_go_away() && h2.is_remote() {
-                return Some((true, h2.reason() == Some(h2::Reason::NO_ERROR)));
-            }
-            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return Some((false, false));
-            }
-            return None;
-        }
-        cur = err.source();
+    let h2 = h2_cause(e)?;
+    if h2.is_go_away() && h2.is_remote() {
+        return Some((true, h2.reason() == Some(h2::Reason::NO_ERROR)));
     }
-    None
+    (h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+        .then_some((false, false))
 }

@@ -239,12 +239,7 @@ pub(crate) fn to_upstream(
             e.insert(client.clone());
         }
         Entry::Occupied(mut e) => {
-            let mut v: Vec<u8> = Vec::new();
-            for p in e.iter() {
-                v.extend_from_slice(p.as_bytes());
-                v.extend_from_slice(b", ");
-            }
-            v.extend_from_slice(client.as_bytes());
+            let v = joined(e.iter().chain(std::iter::once(client)), b", ");
             // Replaces all the lines; an unusable list is left as it was.
             if let Ok(xff) = HeaderValue::from_bytes(&v) {
                 e.insert(xff);
@@ -267,16 +262,21 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) {
     if e.iter().nth(1).is_none() {
         return;
     }
+    if let Ok(one) = HeaderValue::from_bytes(&joined(e.iter(), b"; ")) {
+        e.insert(one);
+    }
+}
+
+/// Header values as one, `sep` between them.
+fn joined<'a>(values: impl Iterator<Item = &'a HeaderValue>, sep: &[u8]) -> Vec<u8> {
     let mut v: Vec<u8> = Vec::new();
-    for (i, p) in e.iter().enumerate() {
+    for (i, p) in values.enumerate() {
         if i > 0 {
-            v.extend_from_slice(b"; ");
+            v.extend_from_slice(sep);
         }
         v.extend_from_slice(p.as_bytes());
     }
-    if let Ok(joined) = HeaderValue::from_bytes(&v) {
-        e.insert(joined);
-    }
+    v
 }
 
 /// The upstream's `Keep-Alive: timeout=N` (RFC 9112 appendix C.2.2 lists the header; Apache

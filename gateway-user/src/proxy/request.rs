@@ -34,7 +34,7 @@ use tracing::debug;
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
 use self::{attempt::Failed, prepare::Prepared};
 use super::{
-    error::{ErrorKind, Phase, ProxyError},
+    error::{ErrorKind, ProxyError},
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
@@ -422,39 +422,6 @@ fn pick(
             },
             |e| *e,
         )),
-    }
-}
-
-/// The request deadline passed: `request_timeout`, with what the request was doing; or
-/// `client_body_timeout` when the upstream was waiting for the client's body, which is then
-/// no failure of the endpoint's (a client that trickles its body would otherwise have it
-/// counted against the upstream, and told that the upstream did not answer).
-fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
-    // Not a gRPC call: a streaming one's client may wait for the upstream's reply before it
-    // sends more, which is the upstream being slow.
-    let body = ex
-        .body
-        .as_ref()
-        .filter(|b| !ex.grpc && b.waiting_for_client());
-    if let (Phase::SendingTheRequest, Some(body)) = (ex.phase, body) {
-        let bytes = body.bytes();
-        if let Some(a) = ex.record.attempts.last_mut() {
-            a.error.get_or_insert(ErrorKind::ClientBodyTimeout);
-        }
-        return ProxyError::ClientBodyTimeout {
-            timeout: plan.deadline.saturating_duration_since(ex.record.start),
-            bytes,
-            grpc_deadline: plan.grpc_deadline,
-        };
-    }
-    if let Some(a) = ex.record.attempts.last_mut() {
-        a.error.get_or_insert(ErrorKind::RequestTimeout);
-    }
-    ProxyError::RequestTimeout {
-        timeout: plan.deadline.saturating_duration_since(ex.record.start),
-        endpoint: ex.record.attempts.last().map(|a| a.endpoint),
-        phase: ex.phase,
-        grpc_deadline: plan.grpc_deadline,
     }
 }
 

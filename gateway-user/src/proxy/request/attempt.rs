@@ -33,7 +33,6 @@ use tracing::debug;
 use super::{
     Plan, Upstream,
     prepare::{GRPC_TIMEOUT, grpc_timeout_left},
-    request_timeout,
 };
 use crate::{
     decide::{
@@ -435,4 +434,36 @@ fn note_stall(cluster: &Cluster, ep: &Endpoint, on: OnConn) {
         ep.latency
             .lower_bound(waited, Source::Stalls, &cluster.spec.latency);
     }
+}
+
+/// The request deadline passed: `request_timeout`, with what the request was doing; or
+/// `client_body_timeout` when the upstream was waiting for the client's body, which is then
+/// no failure of the endpoint's (a client that trickles its body would otherwise have it
+/// counted against the upstream, and told that the upstream did not answer). Not for a gRPC
+/// call: a streaming one's client may wait for the upstream's reply before it sends more,
+/// which is the upstream being slow.
+fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
+    let timeout = plan.deadline.saturating_duration_since(ex.record.start);
+    let grpc_deadline = plan.grpc_deadline;
+    let body = ex
+        .body
+        .as_ref()
+        .filter(|b| !ex.grpc && b.waiting_for_client());
+    let error = match (ex.phase, body) {
+        (Phase::SendingTheRequest, Some(body)) => ProxyError::ClientBodyTimeout {
+            timeout,
+            bytes: body.bytes(),
+            grpc_deadline,
+        },
+        (phase, _) => ProxyError::RequestTimeout {
+            timeout,
+            endpoint: ex.record.attempts.last().map(|a| a.endpoint),
+            phase,
+            grpc_deadline,
+        },
+    };
+    if let Some(a) = ex.record.attempts.last_mut() {
+        a.error.get_or_insert(error.kind());
+    }
+    error
 }
