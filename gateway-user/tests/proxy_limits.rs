@@ -2,7 +2,8 @@
 //! the limit, slow-loris clients cut off by the header-read timeout, an idle HTTP/2 connection
 //! closed with GOAWAY at `http2_idle_timeout_ms` (not while a stream is open), an HTTP/2
 //! client that never opens its flow-control window closed at the write timeout (nghttp),
-//! and streaming of large
+//! slow request bodies read ahead before any upstream connection is taken (curl, HTTP/1.1 and
+//! HTTP/2), and streaming of large
 //! bodies in both directions with the gateway's peak RSS staying small (the built binary, so
 //! that its memory is measured alone).
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use gateway_testkit::{
     config::write_config,
     gateway_bin,
-    http::{Body, client, empty, full, generated, h2c_connection, raw_exchange, send},
+    http::{Body, client, empty, full, generated, get, h2c_connection, raw_exchange, send},
     inprocess::{InProcess, gateway, log_lines},
     process::GatewayProcess,
     tempdir::temp_dir,
@@ -346,4 +347,88 @@ async fn large_bodies_stream_through_with_bounded_memory() {
         peak < 64 * 1024,
         "peak RSS {peak} KiB: the gateway must not buffer bodies (start: {baseline} KiB)"
     );
+}
+
+/// curl sending a body of `bytes` to `url` at 100 bytes a second (over HTTP/2 with prior
+/// knowledge when `h2`); what it printed (`-i`).
+fn trickle(
+    dir: &std::path::Path,
+    url: String,
+    bytes: usize,
+    h2: bool,
+) -> tokio::task::JoinHandle<String> {
+    let file = dir.join(format!("body-{bytes}.bin"));
+    std::fs::write(&file, vec![b'x'; bytes]).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-s", "-i", "--max-time", "20", "--limit-rate", "100"])
+            .args(["-H", "Expect:", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+        if h2 {
+            curl.arg("--http2-prior-knowledge");
+        }
+        let out = curl.arg(url).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// A client that sends its body slowly (slowloris on the body) holds no upstream connection
+/// while it does: four of them, over both protocols, against a cluster of two connections,
+/// and a GET beside them is answered at once; the four are answered in full once their bodies
+/// are in. The control, on a route with `request_buffering = false`, shows what this prevents:
+/// two slow bodies there take both connections, and the GET waits for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_hold_no_upstream_connection() {
+    const BODY: usize = 400;
+    let up = Upstream::start("sink").await;
+    let gw = gateway(
+        "slow-bodies",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\n[router.upstream.limits]\nmax_connections = 2\n[router.upstream.timeouts]\nrequest_timeout_ms = 15000\n\n[[routes]]\npath_prefix = \"/streamed/\"\nrewrite_prefix = \"/\"\ncluster = \"default\"\nrequest_buffering = false\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"default\"\n",
+            up.addr
+        ),
+    )
+    .await;
+    let url = |path: &str| format!("http://{}{path}", gw.addr);
+    let slow: Vec<_> = (0..4)
+        .map(|i| trickle(&gw.dir, url("/sink"), BODY, i % 2 == 1))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The upstream sees a request's head as soon as it is sent (its own connections are no
+    // measure: the gateway's warm-up probes open some).
+    assert_eq!(
+        up.hits(),
+        0,
+        "a request went upstream with its body still arriving"
+    );
+    let start = Instant::now();
+    let got = get(&client(), gw.addr, "/").await;
+    let took = start.elapsed();
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert!(took < Duration::from_secs(1), "the GET waited {took:?}");
+    for s in slow {
+        let answer = s.await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/2 200"),
+            "{answer}"
+        );
+        assert!(answer.ends_with(&BODY.to_string()), "{answer}");
+    }
+
+    // The control: streamed, the slow bodies hold both connections until they are in.
+    let slow: Vec<_> = (0..2)
+        .map(|_| trickle(&gw.dir, url("/streamed/sink"), BODY, false))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let start = Instant::now();
+    let got = get(&client(), gw.addr, "/").await;
+    let took = start.elapsed();
+    assert!(
+        took > Duration::from_secs(1) || got.status != StatusCode::OK,
+        "the control shows nothing: the GET was answered in {took:?} beside streamed slow bodies"
+    );
+    for s in slow {
+        let answer = s.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }

@@ -237,61 +237,56 @@ async fn a_client_that_gives_up_is_logged_and_counted_as_499() {
     );
 }
 
-/// A client that trickles its request body (curl `--limit-rate`, 100 bytes a second of 2,000)
-/// runs out the request timeout while the upstream waits for the body: that is the client's
-/// doing, answered `408 client_body_timeout` with the bytes it had sent, and no failure of
-/// the endpoint's (before: `504 request_timeout`, "no response from the upstream (sending the
-/// request)", counted against the endpoint).
+/// A client that trickles its body is `408 client_body_timeout`, not counted against the
+/// endpoint: read ahead (the default) with no upstream ever asked; on a route with
+/// `request_buffering = false`, while the upstream waits for the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
     let up = Upstream::start("sink").await;
+    let routes = "[[routes]]\npath_prefix = \"/streamed/\"\nrewrite_prefix = \"/\"\ncluster = \"default\"\nrequest_buffering = false\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"default\"\n";
     let gw = gateway(
         "body-trickle",
-        &single(up.addr, "request_timeout_ms = 1000"),
+        &format!("{}\n{routes}", single(up.addr, "request_timeout_ms = 1000")),
     )
     .await;
     let file = gw.dir.join("body.bin");
     std::fs::write(&file, vec![b'x'; 2000]).unwrap();
-    let url = format!("http://{}/sink", gw.addr);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("curl")
-            .args([
-                "-s",
-                "-i",
-                "--max-time",
-                "10",
-                "--limit-rate",
-                "100",
-                "-H",
-                "Expect:",
-            ])
-            .arg("--data-binary")
-            .arg(format!("@{}", file.display()))
-            .arg(url)
-            .output()
-            .expect("curl")
-    })
-    .await
-    .unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        answer.contains("x-gateway-error: client_body_timeout"),
-        "{answer}"
-    );
-    assert!(
-        answer.contains("the upstream was waiting for it"),
-        "{answer}"
-    );
-    let l = &log_lines(&gw.log, 1)[0];
-    assert_eq!(l["status"], 408, "{l}");
-    assert_eq!(l["error"], "client_body_timeout", "{l}");
-    assert!(
-        l["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("bytes of its request body")),
-        "{l}"
-    );
+    for (path, said, hits) in [
+        ("/sink", "no upstream had been asked", 0),
+        ("/streamed/sink", "the upstream was waiting for it", 1),
+    ] {
+        let url = format!("http://{}{path}", gw.addr);
+        let file = file.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-s", "-i", "--max-time", "10", "--limit-rate", "100"])
+                .args(["-H", "Expect:", "--data-binary"])
+                .arg(format!("@{}", file.display()))
+                .arg(url)
+                .output()
+                .expect("curl")
+        })
+        .await
+        .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.contains("x-gateway-error: client_body_timeout"),
+            "{answer}"
+        );
+        assert!(answer.contains(said), "{answer}");
+        assert_eq!(up.hits(), hits, "requests that reached the upstream");
+    }
+    for l in log_lines(&gw.log, 2) {
+        assert_eq!(l["status"], 408, "{l}");
+        assert_eq!(l["error"], "client_body_timeout", "{l}");
+        assert!(
+            l["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("bytes of its request body")),
+            "{l}"
+        );
+    }
     let admin = gw.handle.admin_addr().expect("admin listener");
     let status = tokio::task::spawn_blocking(move || gateway_testkit::admin::status(admin))
         .await

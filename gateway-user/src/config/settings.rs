@@ -148,6 +148,9 @@ pub struct RoutePolicy {
     pub upgrade_idle_timeout: Duration,
     pub upgrade_max_duration: Duration,
     pub retry: RetryPolicy,
+    /// Read the start of a request body before taking an upstream connection (the route's
+    /// `request_buffering`, default on; see `proxy::request::read_ahead`).
+    pub request_buffering: bool,
 }
 
 impl RoutePolicy {
@@ -159,6 +162,7 @@ impl RoutePolicy {
             upgrade_idle_timeout: spec.timeouts.upgrade_idle,
             upgrade_max_duration: spec.timeouts.upgrade_max_duration,
             retry: spec.retry,
+            request_buffering: true,
         }
     }
 }

@@ -170,14 +170,21 @@ pub enum ProxyError {
         grpc_deadline: bool,
     },
     #[error(
-        "the client had sent {bytes} bytes of its request body and not the rest when the {} of {} ms passed; the upstream was waiting for it",
+        "the client had sent {bytes} bytes of its request body and not the rest when the {} of {} ms passed; {}",
         if *grpc_deadline { "call's deadline (grpc-timeout)" } else { "request timeout" },
-        timeout.as_millis()
+        timeout.as_millis(),
+        if *upstream_waiting {
+            "the upstream was waiting for it"
+        } else {
+            "no upstream had been asked (the gateway reads the start of a body before it takes an upstream connection: request_buffering)"
+        }
     )]
     ClientBodyTimeout {
         timeout: Duration,
         bytes: u64,
         grpc_deadline: bool,
+        /// The body was on its way to an upstream; `false` while the gateway read it ahead.
+        upstream_waiting: bool,
     },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },

@@ -6,6 +6,7 @@
 //! | step | where |
 //! |---|---|
 //! | limits, routing, header rewrite | [`prepare`] |
+//! | the start of the body, before any upstream is asked | [`read_ahead`] |
 //! | pick | [`pick`] (the cluster's balancer, skipping endpoints this request tried) |
 //! | connect or reuse, send, await the head | [`attempt`] |
 //! | retry or not | [`forward`], by `decide::retry` |
@@ -21,6 +22,7 @@
 
 mod attempt;
 mod prepare;
+mod read_ahead;
 mod respond;
 mod target;
 
@@ -263,6 +265,13 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     );
     plan.had_body = done.is_some();
     ex.body = done.clone();
+    if let Some(progress) = &done
+        && plan.route.policy.request_buffering
+        && !plan.grpc
+    {
+        let when = (ex.record.start, plan.deadline);
+        read_ahead::read_ahead(req.body_mut(), progress, when).await?;
+    }
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
     let mut last: Option<Box<ProxyError>> = None;

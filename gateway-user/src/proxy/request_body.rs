@@ -108,6 +108,10 @@ pub(crate) enum RequestBody {
 pub(crate) struct Streaming {
     /// `None` once cut at the limit.
     inner: Option<Incoming>,
+    /// Frames read ahead of the upstream ([`RequestBody::read_ahead`]), sent before `inner`'s
+    /// next ones, and their bytes.
+    ahead: VecDeque<Frame<Bytes>>,
+    ahead_bytes: u64,
     limit: Option<u64>,
     seen: u64,
     /// Told once, when the body ends (or this is dropped); `None` after that.
@@ -124,6 +128,8 @@ impl RequestBody {
         let p = Arc::new(Progress::default());
         let body = RequestBody::Streaming(Box::new(Streaming {
             inner: Some(inner),
+            ahead: VecDeque::new(),
+            ahead_bytes: 0,
             limit,
             seen: 0,
             done: Some(Ended(p.clone())),
@@ -146,6 +152,31 @@ impl RequestBody {
             s.keep = Some(k.clone());
         }
         k
+    }
+
+    /// Reads the client's body ahead of any upstream, until it has ended or `bytes` of it are
+    /// held, so that a client sending its body slowly holds no upstream connection while it
+    /// does (see `request::read_ahead`). The frames are sent, in order, when the body is.
+    /// Ready at once for a body that is not streaming.
+    pub async fn read_ahead(&mut self, bytes: u64) -> Result<(), RequestBodyError> {
+        let RequestBody::Streaming(s) = self else {
+            return Ok(());
+        };
+        std::future::poll_fn(|cx| {
+            while s.ahead_bytes < bytes && !s.inner_ended() {
+                match s.poll_inner(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        s.ahead_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        s.ahead.push_back(frame);
+                    }
+                    Poll::Ready(None) => break,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// The body again, if all of it was kept.
@@ -189,7 +220,24 @@ impl Streaming {
         }
     }
 
+    /// No more frames will come from the client.
+    fn inner_ended(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
     fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        if let Some(frame) = self.ahead.pop_front() {
+            self.ahead_bytes -= frame.data_ref().map_or(0, |d| d.len() as u64);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        self.poll_inner(cx)
+    }
+
+    /// The client's next frame, counted, checked against the limit and kept.
+    fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
@@ -259,7 +307,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Streaming(s) => s.inner.as_ref().is_none_or(Body::is_end_stream),
+            RequestBody::Streaming(s) => s.ahead.is_empty() && s.inner_ended(),
             RequestBody::Replayed(frames) => frames.is_empty(),
         }
     }
@@ -267,10 +315,19 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Streaming(s) => s
-                .inner
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+            RequestBody::Streaming(s) => {
+                // hyper's hint is what the client has still to send.
+                let rest = s
+                    .inner
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + s.ahead_bytes);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + s.ahead_bytes);
+                }
+                hint
+            }
             RequestBody::Replayed(frames) => {
                 SizeHint::with_exact(frames.iter().map(|b| b.len() as u64).sum())
             }

@@ -176,6 +176,7 @@ mod tests {
                 min_retry_concurrency: 3,
                 grpc_status_codes: Default::default(),
             },
+            request_buffering: true,
         }
     }
 

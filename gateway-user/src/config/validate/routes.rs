@@ -166,6 +166,9 @@ fn default_route(spec: &ClusterSpec) -> Route {
 fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -> RoutePolicy {
     route_timeouts(c, &mut p, r, key);
     route_retry(c, &mut p, r, key);
+    if let Some(on) = r.request_buffering {
+        p.request_buffering = on;
+    }
     p
 }
 

@@ -454,6 +454,7 @@ fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
             timeout,
             bytes: body.bytes(),
             grpc_deadline,
+            upstream_waiting: true,
         },
         (phase, _) => ProxyError::RequestTimeout {
             timeout,

@@ -1,0 +1,49 @@
+//! The start of a request body, read before any upstream connection is taken: what nginx's
+//! `proxy_request_buffering` and HAProxy's `option http-buffer-request` do.
+//!
+//! Streamed straight through, a body holds its upstream connection for as long as the client
+//! takes to send it. A client that sends a small body a byte at a time (slowloris on the
+//! body, R.U.D.Y.) then holds one of the cluster's `max_connections` for the whole request
+//! timeout, and a few hundred such requests, which cost the client nothing, take all of them.
+//! Read ahead, such a request holds only its own client connection and at most
+//! [`READ_AHEAD_BYTES`] of memory until its body is in, and its request timeout ends it as
+//! `408 client_body_timeout` with no upstream ever asked.
+//!
+//! Memory: a request whose body may be replayed already keeps up to the same 64 KiB for a
+//! retry (`request_body::REPLAY_BODY_LIMIT`), by reference, so reading ahead adds no bound of
+//! its own. A larger body streams on after its first 64 KiB. gRPC calls always stream (a
+//! streaming call's client may wait for the upstream's reply before it sends more), and so does
+//! a route with `request_buffering = false` (an upload whose client waits on the upstream's
+//! progress).
+
+use tokio::time::Instant;
+
+use crate::proxy::{
+    error::ProxyError,
+    request_body::{Progress, REPLAY_BODY_LIMIT, RequestBody, RequestBodyError},
+};
+
+/// The most of a body read before an upstream connection is taken.
+pub(super) const READ_AHEAD_BYTES: u64 = REPLAY_BODY_LIMIT;
+
+/// Reads `body` ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, by the request's
+/// `deadline`; `progress` is the body's.
+pub(super) async fn read_ahead(
+    body: &mut RequestBody,
+    progress: &Progress,
+    (start, deadline): (Instant, Instant),
+) -> Result<(), ProxyError> {
+    tokio::select! {
+        biased;
+        r = body.read_ahead(READ_AHEAD_BYTES) => r.map_err(|e| match e {
+            RequestBodyError::TooLarge { limit } => ProxyError::RequestBodyTooLarge { limit },
+            RequestBodyError::Downstream(source) => ProxyError::DownstreamBodyError { source },
+        }),
+        () = tokio::time::sleep_until(deadline) => Err(ProxyError::ClientBodyTimeout {
+            timeout: deadline.saturating_duration_since(start),
+            bytes: progress.bytes(),
+            grpc_deadline: false,
+            upstream_waiting: false,
+        }),
+    }
+}
