@@ -1,5 +1,6 @@
 //! The client's request body on its way upstream, streamed frame by frame, never buffered
-//! whole: memory per request is bounded by hyper's buffers, whatever the body size.
+//! whole: memory per request is bounded by hyper's buffers and the 64 KiB read ahead of the
+//! upstream ([`RequestBody::read_ahead`]), whatever the body size.
 //!
 //! It enforces `max_request_body_bytes` on the fly (for chunked bodies whose size is unknown
 //! up front), counts the bytes (the access log's `request_bytes`) and says when the client's
