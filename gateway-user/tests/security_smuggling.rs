@@ -442,6 +442,18 @@ async fn an_absolute_form_target_is_the_host_the_upstream_sees() {
     assert!(seen.is_empty(), "upstream saw {seen:?}");
 }
 
+/// An HTTP/1.0 request without `Host` (HAProxy's default `option httpchk` sends one) goes
+/// upstream as HTTP/1.1, which needs a `Host` (RFC 9112 section 3.2): it names the endpoint,
+/// as nginx's does (it went without one, and the upstream's 400 read as its answer).
+#[tokio::test]
+async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
+    let (answer, seen, _gw) = through("http10", OK, b"OPTIONS / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&answer), "200", "answer: {answer:?}");
+    let head = seen.to_ascii_lowercase();
+    assert!(head.starts_with("options / http/1.1\r\n"), "{seen:?}");
+    assert_eq!(head.matches("\r\nhost: 127.0.0.1:").count(), 1, "{seen:?}");
+}
+
 /// `Connection` may name any header as hop-by-hop, and the gateway removes those; naming the
 /// request ID's header does not take the gateway's ID off the request it sends upstream.
 #[tokio::test]

@@ -232,6 +232,15 @@ async fn exchange(
     ex: &mut Exchange,
 ) -> Result<(http::Response<hyper::body::Incoming>, Instant), Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
+    if plan.no_host {
+        // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
+        // section 3.2): the endpoint's address, what nginx sends by default (`$proxy_host`).
+        let host = http::HeaderValue::try_from(ep.addr.to_string());
+        req.headers_mut().insert(
+            http::header::HOST,
+            host.expect("an address is a valid value"),
+        );
+    }
     let baseline = acked_before(conn, plan);
     if plan.grpc
         && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
