@@ -72,6 +72,64 @@ async fn malformed_requests_are_400() {
     assert_eq!(up.hits(), 0);
 }
 
+/// What hyper refuses before the proxy sees it (a head it cannot parse, more than 100 header
+/// fields) is answered by hyper; it is logged and counted as any request is (it was in
+/// neither: only the client knew). curl sends the 101 fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_by_the_parser_are_logged_and_counted() {
+    let up = Upstream::start("up").await;
+    let gw = limited("parser", &up).await;
+    let raw = raw_exchange(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nthis is not a header\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let url = format!("http://{}/", gw.addr);
+    let code = tokio::task::spawn_blocking(move || {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]);
+        for i in 0..101 {
+            curl.args(["-H", &format!("x-{i}: 1")]);
+        }
+        let out = curl.arg(url).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, "431");
+    assert_eq!(up.hits(), 0);
+    let lines = log_lines(&gw.log, 2);
+    for (l, status, error) in [
+        (&lines[0], 400, "bad_request"),
+        (&lines[1], 431, "request_headers_too_large"),
+    ] {
+        assert_eq!(l["status"], status, "{l}");
+        assert_eq!(l["error"], error, "{l}");
+        assert_eq!(l["method"], "-", "{l}");
+        assert_eq!(l["path"], "-", "{l}");
+        assert!(
+            l["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("refused by the HTTP/1 parser: ")),
+            "{l}"
+        );
+    }
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let m = tokio::task::spawn_blocking(move || gateway_testkit::admin::metrics(admin))
+        .await
+        .unwrap();
+    for status in ["400", "431"] {
+        let n = gateway_testkit::admin::value(
+            &m,
+            "gateway_requests_total",
+            &[("route", "-"), ("status", status)],
+        );
+        assert_eq!(n, 1.0, "status {status}: {m}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_the_limit_is_413() {
     let up = Upstream::start("up").await;

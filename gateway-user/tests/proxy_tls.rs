@@ -1084,6 +1084,43 @@ print(json.dumps({"status": status}))
     assert_eq!(up.hits(), 0, "{out}");
 }
 
+/// A request hyper refuses on an HTTPS connection (101 header fields, sent by curl over
+/// HTTP/1.1; over HTTP/2 the gateway's own check answers) is
+/// logged with its TLS version, as on a plain one (`proxy_limits`).
+#[test]
+fn a_request_refused_by_the_parser_over_https_is_logged() {
+    let (_rt, up, dir, gw) = https_before_upstream("tls-parser");
+    let addr = https_addr(&gw);
+    let mut headers: Vec<String> = vec!["--http1.1".into()];
+    headers.extend((0..101).flat_map(|i| ["-H".into(), format!("x-{i}: 1")]));
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let (code, _, text) = curl(addr, &dir.join("ca.pem"), "a.test", "/", &headers);
+    assert_eq!(code, 431, "{text}");
+    assert_eq!(up.hits(), 0);
+    let log = dir.join("access.log");
+    let line = wait_for_line(&log, "\"status\":431");
+    let l: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(l["error"], "request_headers_too_large", "{l}");
+    assert_eq!(l["path"], "-", "{l}");
+    assert!(
+        l["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1.")),
+        "{l}"
+    );
+}
+
+/// The first line of the file at `path` that contains `needle`, or panics after 5 s.
+fn wait_for_line(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no line with {needle} in {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A testkit upstream (on a runtime of its own, returned to keep it serving) behind the
 /// gateway's HTTPS listener, with the certificate `a.test` (`https_base`).
 fn https_before_upstream(

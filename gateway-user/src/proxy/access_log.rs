@@ -181,7 +181,12 @@ pub(crate) fn render(ex: &Record, format: AccessLogFormat) -> String {
     let total = ex.start.elapsed();
     // The arrival time, derived here rather than read per request: only logged requests pay.
     let ts = rfc3339(SystemTime::now() - total);
-    let path = ex.uri.path_and_query().map_or("/", |p| p.as_str());
+    // An authority-form target (`CONNECT host:443`), or `-` for a request hyper refused
+    // unparsed (`server::rejected`), has no path: the target is logged as it is.
+    let path = match ex.uri.path_and_query() {
+        Some(p) => p.as_str(),
+        None => ex.uri.authority().map_or("/", |a| a.as_str()),
+    };
     match format {
         AccessLogFormat::Json => render_json(ex, &ts, path, total),
         AccessLogFormat::Plain => render_plain(ex, &ts, path, total),

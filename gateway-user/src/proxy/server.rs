@@ -60,6 +60,7 @@ mod handoff;
 mod lot;
 mod park;
 mod quiet;
+mod rejected;
 mod woken;
 
 pub(crate) use handoff::Spread;
@@ -349,6 +350,7 @@ where
     let speaks = Arc::new(AtomicU8::new(speaks));
     let (svc_speaks, svc_activity) = (speaks.clone(), activity.clone());
     let alpn_missing = speaks.load(Ordering::Relaxed) == UNKNOWN;
+    let (shared_here, client_here) = (shared.clone(), client.clone());
     let svc = service_fn(move |req: Request<Incoming>| {
         let v = speaks_of(&req);
         svc_speaks.store(v, Ordering::Relaxed);
@@ -381,6 +383,7 @@ where
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(client = %peer, error = %e, "client connection ended with an error");
+                    rejected::note(&shared_here, &client_here, &*e);
                 }
                 return;
             }

@@ -147,7 +147,7 @@ async fn serve_h1(
             &activity,
             (park_after_request, header_timeout),
             &mut phase,
-            client.addr,
+            (&shared, &client),
         );
         let Some(parked_at) = parked_at.await else {
             return;
@@ -195,7 +195,7 @@ async fn drive<S>(
     activity: &Activity,
     (park_after_request, header_timeout): (Option<u64>, Duration),
     phase: &mut watch::Receiver<Phase>,
-    peer: std::net::SocketAddr,
+    (shared, client): (&Shared, &Client),
 ) -> Option<Instant>
 where
     S: HttpService<Incoming, ResBody = crate::proxy::response_body::ResponseBody> + Unpin,
@@ -226,7 +226,8 @@ where
             biased;
             r = &mut *conn => {
                 if let Err(e) = r {
-                    debug!(client = %peer, error = %e, "client connection ended with an error");
+                    debug!(client = %client.addr, error = %e, "client connection ended with an error");
+                    super::rejected::note(shared, client, &e);
                     return None;
                 }
                 // An idle connection ends with no more I/O. One that read or wrote after it
@@ -242,7 +243,7 @@ where
                     let now = Instant::now();
                     check = now + step;
                     if head.overdue(activity, now, header_timeout) {
-                        debug!(client = %peer, "header read timeout");
+                        debug!(client = %client.addr, "header read timeout");
                         return None;
                     }
                     if closing || now < park_due {
