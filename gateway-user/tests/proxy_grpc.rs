@@ -91,6 +91,34 @@ async fn unary_streaming_and_bidi_calls_and_an_error_status_pass_through() {
     );
 }
 
+/// An upstream that allows one stream per connection (grpcio with `grpc.max_concurrent_streams
+/// = 1`, which it says in its SETTINGS): four calls at once each get a connection of their
+/// own, and all four are answered within their deadline. Before, they shared one connection,
+/// where h2 queued the three above the limit unseen: answered one after another, the last two
+/// ran out of their deadline (`DEADLINE_EXCEEDED`), and the endpoint was called slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_allows_one_stream_per_connection_gets_a_connection_per_call() {
+    let dir = temp_dir("grpc-one-stream");
+    grpc_stubs(&dir);
+    let server = serve_python(&dir, "grpc_server.py", GRPC_SERVER, &["1"]);
+    let gw = gateway("grpc-one-stream", &config(server.addr(), "")).await;
+    let target = gw.addr.to_string();
+    let start = Instant::now();
+    let out =
+        tokio::task::spawn_blocking(move || client(&dir, &["slow", &target, "4", "700", "2.0"]))
+            .await
+            .unwrap();
+    let took = start.elapsed();
+    for r in out["results"].as_array().unwrap() {
+        assert_eq!(r["ok"], "slept", "{out} after {took:?}");
+    }
+    let lines = log_lines(&gw.log, 4);
+    for l in &lines {
+        assert_eq!(l["grpc_status"], 0, "{l}");
+        assert_eq!(l["retries"], 0, "{l}");
+    }
+}
+
 /// One gRPC call with curl over HTTP/2 with prior knowledge: `Slow(n ms)` with the given
 /// `grpc-timeout`; the response head and trailers as text, and how long it took.
 fn curl_slow(

@@ -310,7 +310,9 @@ pub fn grpc_stubs(dir: &Path) {
 
 /// A grpcio server of the `Echo` service. `Unary` answers with trailing metadata, `Fail`
 /// aborts with NOT_FOUND, `Slow` sleeps `n` ms, `Remaining` answers how much of the call's
-/// deadline it was given, `Flaky` answers UNAVAILABLE the first time it sees a text.
+/// deadline it was given, `Flaky` answers UNAVAILABLE the first time it sees a text. An
+/// argument, if any, is the streams it allows per connection (`grpc.max_concurrent_streams`,
+/// its `SETTINGS_MAX_CONCURRENT_STREAMS`).
 pub const GRPC_SERVER: &str = r#"
 import sys, time, threading
 from concurrent import futures
@@ -348,7 +350,8 @@ class Echo(rpc.EchoServicer):
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         return pb.Msg(text="ok " + req.text)
 
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+options = [("grpc.max_concurrent_streams", int(sys.argv[1]))] if len(sys.argv) > 1 else []
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
 rpc.add_EchoServicer_to_server(Echo(), server)
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
@@ -357,7 +360,8 @@ server.wait_for_termination()
 "#;
 
 /// A grpcio client. `calls TARGET`: every kind of call, and an error status; `one TARGET
-/// METHOD TEXT TIMEOUT_S`: one unary call, its result or its status and details.
+/// METHOD TEXT TIMEOUT_S`: one unary call, its result or its status and details; `slow TARGET
+/// N MS TIMEOUT_S`: N `Slow(MS)` calls at once, their results.
 pub const GRPC_CLIENT: &str = r#"
 import json, sys
 import grpc
@@ -396,6 +400,12 @@ with grpc.insecure_channel(target) as ch:
     stub = rpc.EchoStub(ch)
     if sys.argv[1] == "calls":
         print(json.dumps(calls(stub)))
+    elif sys.argv[1] == "slow":
+        from concurrent import futures
+        n, ms, timeout = int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+        with futures.ThreadPoolExecutor(max_workers=n) as pool:
+            results = list(pool.map(lambda _: one(stub, "Slow", ms, timeout), range(n)))
+        print(json.dumps({"results": results}))
     else:
         print(json.dumps(one(stub, sys.argv[3], sys.argv[4], float(sys.argv[5]))))
 "#;

@@ -25,6 +25,7 @@ use super::{
     endpoint::Endpoint,
     gate::{SendGate, drive},
     hedge,
+    multiplex::{PeerSettings, SettingsTap},
     pool::UpstreamConn,
     tls,
 };
@@ -361,6 +362,8 @@ async fn http2<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let settings = Arc::new(PeerSettings::new());
+    let io = SettingsTap::new(io, settings.clone());
     let (sender, conn) = cluster
         .h2
         .handshake(TokioIo::new(io))
@@ -370,7 +373,7 @@ where
     spawn_drive(conn, cluster, ep, m.cookie, Some(gate.clone()));
     Ok(ep
         .mux
-        .register(sender, m.cookie, m.fd, m.slot, m.elapsed, gate))
+        .register(sender, m.cookie, m.fd, m.slot, m.elapsed, (gate, settings)))
 }
 
 fn handshake_failed(ep: &Endpoint, cookie: u64, e: hyper::Error) -> ProxyError {

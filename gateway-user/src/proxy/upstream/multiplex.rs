@@ -1,5 +1,6 @@
 //! HTTP/2 upstream connections, shared by the requests in flight on them: one list per
-//! endpoint and worker, each connection carrying up to `max_concurrent_streams` requests.
+//! endpoint and worker, each connection carrying up to `max_concurrent_streams` requests, or
+//! the upstream's own limit when lower (`settings`).
 //!
 //! A request takes a stream on the first live connection of its worker's list with room,
 //! else on another worker's, else a new connection is made (through `checkout`, so it gets
@@ -42,8 +43,12 @@ use std::{
 };
 
 use hyper::client::conn::http2;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
+pub(crate) use self::{
+    freed::Freed,
+    settings::{PeerSettings, SettingsTap},
+};
 use super::{
     gate::SendGate,
     lifetime::StreamLifetime,
@@ -72,6 +77,8 @@ pub(crate) struct H2Conn {
     idle_since_ms: AtomicU64,
     /// Shared with the connection's `drive` task.
     pub(super) gate: Arc<SendGate>,
+    /// What the upstream said of its limits (`settings`).
+    settings: Arc<PeerSettings>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -83,9 +90,15 @@ impl H2Conn {
     /// Takes a stream if there is room, and the connection has not carried as many requests
     /// as the upstream allows one (then it is retired).
     fn try_stream(self: &Arc<Self>) -> Option<StreamGuard> {
+        // The upstream's own limit too: above it, h2 would queue the stream unseen while its
+        // response timeout runs. At 0 it takes no new streams at all.
+        let max = self.max_streams.min(self.settings.max_streams());
+        if max == 0 {
+            self.retire();
+        }
         let mut n = self.streams.load(Ordering::Relaxed);
         loop {
-            if n >= self.max_streams || !self.live() {
+            if n >= max || !self.live() {
                 return None;
             }
             match self
@@ -176,20 +189,23 @@ impl StreamGuard {
 
     /// The first stream of a new connection: its request has been handed to hyper (or never
     /// will be), so other requests may take streams on it now, behind it.
+    ///
+    /// Not before the upstream's first SETTINGS frame, which says how many streams it allows
+    /// (usually there already: a server sends it as soon as it accepts): the requests waiting
+    /// for this connection wait for that too, up to [`SETTINGS_WAIT`], rather than pile onto
+    /// a connection whose limit is not known yet.
     pub fn list(&mut self) {
-        if let Some(u) = self.unlisted.take() {
-            let mut shard = u.mux.lock(u.shard);
-            // Under the lock `close` takes after marking the endpoint closed: a connection
-            // made before the close and listed after it is retired, not kept.
-            if u.mux.closed.load(Ordering::Acquire) {
-                self.conn.retire();
-            } else {
-                shard.conns.push(self.conn.clone());
-            }
-            drop(shard);
-            u.mux.freed.notify();
-            drop(u.connecting);
+        let Some(u) = self.unlisted.take() else {
+            return;
+        };
+        if self.conn.settings.known() {
+            return u.list(&self.conn);
         }
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(SETTINGS_WAIT, conn.settings.first()).await;
+            u.list(&conn);
+        });
     }
 
     /// Keeps the count of the connection being made (which requests wait for) until the
@@ -201,68 +217,40 @@ impl StreamGuard {
     }
 }
 
+impl Unlisted {
+    fn list(self, conn: &Arc<H2Conn>) {
+        let mut shard = self.mux.lock(self.shard);
+        // Under the lock `close` takes after marking the endpoint closed: a connection made
+        // before the close and listed after it is retired, not kept.
+        if self.mux.closed.load(Ordering::Acquire) {
+            conn.retire();
+        } else {
+            shard.conns.push(conn.clone());
+        }
+        drop(shard);
+        if conn.settings.known() {
+            let said = conn.settings.max_streams();
+            self.mux.advertised.store(said, Ordering::Relaxed);
+        }
+        self.mux.freed.notify();
+        drop(self.connecting);
+    }
+}
+
+/// How long the requests waiting for a new connection wait for its upstream's first SETTINGS
+/// frame (see [`StreamGuard::list`]).
+const SETTINGS_WAIT: Duration = Duration::from_secs(1);
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.list();
+        // Listed now if it never was: its stream is over, whatever the settings.
+        if let Some(u) = self.unlisted.take() {
+            u.list(&self.conn);
+        }
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.conn.idle_since_ms.store(now_ms(), Ordering::Relaxed);
         }
         self.conn.freed.notify();
-    }
-}
-
-/// Wakes requests waiting for a stream or a connection of an endpoint; costs nothing when
-/// none waits.
-#[derive(Default)]
-pub(crate) struct Freed {
-    notify: Notify,
-    waiters: AtomicUsize,
-}
-
-impl Freed {
-    pub fn notify(&self) {
-        if self.waiters.load(Ordering::Acquire) > 0 {
-            self.notify.notify_waiters();
-        }
-    }
-
-    /// A future that completes at the next [`Freed::notify`] after this call: registered at
-    /// once, so that the caller may look for a stream afterwards and still not miss a
-    /// wake-up in between.
-    pub fn waiter(&self) -> Waiter<'_> {
-        self.waiters.fetch_add(1, Ordering::AcqRel);
-        let count = Decrement(&self.waiters);
-        let mut notified = Box::pin(self.notify.notified());
-        notified.as_mut().enable();
-        Waiter {
-            notified,
-            _count: count,
-        }
-    }
-}
-
-/// See [`Freed::waiter`].
-pub(crate) struct Waiter<'a> {
-    notified: std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>,
-    _count: Decrement<'a>,
-}
-
-impl std::future::Future for Waiter<'_> {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        self.notified.as_mut().poll(cx)
-    }
-}
-
-struct Decrement<'a>(&'a AtomicUsize);
-
-impl Drop for Decrement<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -285,6 +273,9 @@ pub(crate) struct Multiplexed {
     /// This endpoint has spoken HTTP/2 (an `auto` cluster learns it from ALPN).
     pub speaks_h2: AtomicBool,
     lifetime: Arc<StreamLifetime>,
+    /// The upstream's own limit on streams per connection, from the last connection listed
+    /// (`usize::MAX`: none said): a burst waiting for a new connection is sized by it.
+    advertised: AtomicUsize,
     /// The endpoint left its cluster ([`Multiplexed::close`]).
     closed: AtomicBool,
 }
@@ -312,6 +303,7 @@ impl Multiplexed {
             freed: Arc::default(),
             speaks_h2: AtomicBool::new(false),
             lifetime: Arc::new(StreamLifetime::new(endpoint)),
+            advertised: AtomicUsize::new(usize::MAX),
             closed: AtomicBool::new(false),
         }
     }
@@ -349,7 +341,11 @@ impl Multiplexed {
         let mut shard = self.lock(shard_index);
         // The request that makes a connection takes its first stream; it carries at most
         // what the upstream lets one connection carry, when that is known.
-        let carries = self.max_streams.min(self.lifetime.limit(now_ms));
+        let carries = self
+            .max_streams
+            .min(self.lifetime.limit(now_ms))
+            .min(self.advertised.load(Ordering::Relaxed))
+            .max(1);
         if shard.connecting * (carries - 1) > shard.waiting {
             shard.waiting += 1;
             return Wait::ForConnect(Waiting {
@@ -376,7 +372,7 @@ impl Multiplexed {
         fd: RawFd,
         slot: OwnedSemaphorePermit,
         connect_time: std::time::Duration,
-        gate: Arc<SendGate>,
+        (gate, settings): (Arc<SendGate>, Arc<PeerSettings>),
     ) -> UpstreamConn {
         self.speaks_h2.store(true, Ordering::Relaxed);
         let conn = Arc::new(H2Conn {
@@ -394,6 +390,7 @@ impl Multiplexed {
             freed: self.freed.clone(),
             idle_since_ms: AtomicU64::new(now_ms()),
             gate,
+            settings,
             _slot: slot,
         });
         let unlisted = Unlisted {
@@ -495,5 +492,7 @@ impl Drop for Waiting {
     }
 }
 
+mod freed;
+mod settings;
 #[cfg(test)]
 mod tests;

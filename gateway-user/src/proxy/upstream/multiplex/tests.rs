@@ -45,7 +45,10 @@ async fn registered(mux: &Arc<Multiplexed>) -> UpstreamConn {
         -1,
         slot,
         Duration::ZERO,
-        Arc::new(SendGate::default()),
+        (
+            Arc::new(SendGate::default()),
+            Arc::new(PeerSettings::unlimited()),
+        ),
     )
 }
 
