@@ -221,6 +221,27 @@ async fn connect_or_reuse(
     Ok((winner, conn, false))
 }
 
+/// The head as this attempt sends it: a gRPC call's deadline is what is left of it, and an
+/// HTTP/1.0 request without `Host` names the endpoint.
+fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint) {
+    if plan.grpc
+        && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
+    {
+        // What is left of the call's deadline (capped by the route's), so that the upstream
+        // gives up about when the gateway does (a little after: see `grpc_timeout_left`).
+        *v = grpc_timeout_left(plan.deadline);
+    }
+    if plan.no_host {
+        // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
+        // section 3.2): the endpoint's address, what nginx sends by default (`$proxy_host`).
+        let host = http::HeaderValue::try_from(ep.addr.to_string());
+        req.headers_mut().insert(
+            http::header::HOST,
+            host.expect("an address is a valid value"),
+        );
+    }
+}
+
 /// Sends the request on `conn` and awaits the response head; the head, and when it arrived.
 async fn exchange(
     cluster: &Cluster,
@@ -232,23 +253,8 @@ async fn exchange(
     ex: &mut Exchange,
 ) -> Result<(http::Response<hyper::body::Incoming>, Instant), Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
-    if plan.no_host {
-        // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
-        // section 3.2): the endpoint's address, what nginx sends by default (`$proxy_host`).
-        let host = http::HeaderValue::try_from(ep.addr.to_string());
-        req.headers_mut().insert(
-            http::header::HOST,
-            host.expect("an address is a valid value"),
-        );
-    }
     let baseline = acked_before(conn, plan);
-    if plan.grpc
-        && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
-    {
-        // What is left of the call's deadline (capped by the route's), so that the upstream
-        // gives up about when the gateway does (a little after: see `grpc_timeout_left`).
-        *v = grpc_timeout_left(plan.deadline);
-    }
+    for_this_attempt(&mut req, plan, ep);
     let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));
     let result = match plan.done.clone() {
         // The response timeout starts once the client's body has been sent.
