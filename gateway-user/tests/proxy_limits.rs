@@ -142,6 +142,9 @@ async fn body_over_the_limit_is_413() {
     let got = send(&c, req).await;
     assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(got.header("x-gateway-error"), "request_body_too_large");
+    // Answered before its body was read: the connection closes, and says so, so that the
+    // client does not send its next request on it.
+    assert_eq!(got.header("connection"), "close");
     assert_eq!(up.hits(), 0);
     // Chunked, length unknown up front: cut off once the limit is crossed.
     let req = Request::post(format!("http://{}/sink", gw.addr))
@@ -150,6 +153,7 @@ async fn body_over_the_limit_is_413() {
     let got = send(&c, req).await;
     assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", got.body);
     assert_eq!(got.header("x-gateway-error"), "request_body_too_large");
+    assert_eq!(got.header("connection"), "close");
     // Within the limit, the body goes through.
     let req = Request::post(format!("http://{}/sink", gw.addr))
         .body(full(vec![b'x'; 1000]))
@@ -157,6 +161,11 @@ async fn body_over_the_limit_is_413() {
     let got = send(&c, req).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, "1000");
+    assert_eq!(
+        got.header("connection"),
+        "",
+        "a body read to its end keeps the connection"
+    );
 }
 
 /// Hides a body's size so that the client sends it chunked.
@@ -489,4 +498,65 @@ async fn slow_request_bodies_hold_no_upstream_connection() {
         let answer = s.await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
+}
+
+/// A body sent as one-byte chunks costs what its bytes cost while it is read ahead: 20 clients
+/// each send 60,000 of them (`1\r\nx\r\n`) and stall. Held frame by frame, each request held
+/// about 8 MB (a frame's bookkeeping per byte, and a `Bytes` per byte kept for a retry); now
+/// the read-ahead buffer and the kept copy hold 64 KiB each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_one_byte_chunks_costs_its_bytes_while_read_ahead() {
+    const CLIENTS: usize = 20;
+    const CHUNKS: usize = 60_000;
+    use tokio::io::AsyncWriteExt as _;
+    let up = Upstream::start("up").await;
+    let dir = temp_dir("tiny-chunks");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\n[router.upstream.timeouts]\nrequest_timeout_ms = 60000\n",
+            up.addr
+        ),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let baseline = gw.rss_kib();
+    let mut body = b"POST /sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    body.extend(b"1\r\nx\r\n".repeat(CHUNKS));
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        held.push(s);
+    }
+    // Until the gateway has read them all (the last chunks arrive in the kernel's buffers
+    // first): its CPU time stops growing.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let mut last = cpu();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = cpu();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let grown = gw.rss_kib().saturating_sub(baseline);
+    eprintln!(
+        "RSS grew {grown} KiB for {CLIENTS} bodies of {CHUNKS} one-byte chunks (start {baseline} KiB)"
+    );
+    assert_eq!(up.hits(), 0, "nothing goes upstream before its body is in");
+    assert!(
+        grown < 40 * 1024,
+        "RSS grew {grown} KiB: read ahead, a one-byte chunk costs more than its byte"
+    );
+    drop(held);
 }

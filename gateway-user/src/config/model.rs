@@ -317,10 +317,11 @@ pub struct RouteConfig {
     /// Overrides of the cluster's request and response timeouts for this route.
     #[serde(default)]
     pub timeouts: RouteTimeoutsConfig,
-    /// `true` (default): the gateway reads the first 64 KiB of a request body (all of a
-    /// smaller one) before it takes an upstream connection, so that a client sending its body
-    /// slowly holds none meanwhile. `false`: the body streams to the upstream as it arrives,
-    /// for an upload whose client waits on the upstream's progress. gRPC calls always stream.
+    /// `true`: the gateway reads the first 64 KiB of a request body (all of a smaller one)
+    /// before it takes an upstream connection, so that a client sending its body slowly holds
+    /// none meanwhile. `false`: the body streams to the upstream as it arrives, for an upload
+    /// whose client waits on the upstream's progress. Default: the cluster's (`true`). gRPC
+    /// and Connect-protocol streams always stream.
     pub request_buffering: Option<bool>,
     /// Overrides of the cluster's retries and hedging for this route (same keys as a
     /// cluster's `retry` table).

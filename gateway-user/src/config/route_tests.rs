@@ -302,3 +302,44 @@ fn route_names_are_unique_and_generated_ones_are_numbered() {
         .collect();
     assert_eq!(names, ["*/x", "*/x#2"]);
 }
+
+#[test]
+fn request_buffering_is_on_by_default_and_a_cluster_or_a_route_turns_it_off() {
+    let text = r#"[router]
+listener_port = 8080
+
+[router.upstream]
+request_buffering = false
+
+[clusters.api]
+endpoints = ["127.0.0.1:9000"]
+
+[clusters.uploads]
+endpoints = ["127.0.0.1:9001"]
+request_buffering = true
+
+[[routes]]
+path_prefix = "/a"
+cluster = "api"
+
+[[routes]]
+path_prefix = "/u"
+cluster = "uploads"
+
+[[routes]]
+path_prefix = "/s"
+cluster = "uploads"
+request_buffering = false
+"#;
+    let routes = load(text).unwrap().settings.routes;
+    let on: Vec<bool> = routes.iter().map(|r| r.policy.request_buffering).collect();
+    assert_eq!(on, [false, true, false]);
+    let routes = load(&with_route(BASE)).unwrap().settings.routes;
+    assert!(routes[0].policy.request_buffering);
+    assert!(
+        err(&format!(
+            "{BASE}[[routes]]\ncluster = \"api\"\nrequest_buffering = 1\n"
+        ))
+        .contains("request_buffering")
+    );
+}

@@ -162,7 +162,7 @@ impl RoutePolicy {
             upgrade_idle_timeout: spec.timeouts.upgrade_idle,
             upgrade_max_duration: spec.timeouts.upgrade_max_duration,
             retry: spec.retry,
-            request_buffering: true,
+            request_buffering: spec.request_buffering,
         }
     }
 }
@@ -214,6 +214,8 @@ pub struct ClusterSpec {
     pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
     /// What the gateway speaks to the endpoints (`auto` without TLS is validated to `http1`).
     pub protocol: UpstreamProtocol,
+    /// Its routes' default `request_buffering`.
+    pub request_buffering: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -52,6 +52,8 @@ pub(crate) struct Exchange {
     /// Counted in the metrics, and its log line written (else the drop does both).
     counted: bool,
     logged: bool,
+    /// The request came with a body (which `body` follows once the request path reads it).
+    pub has_body: bool,
 }
 
 /// How close to its `grpc-timeout` a gRPC call's reset counts as the client keeping to its
@@ -91,6 +93,7 @@ impl Exchange {
             busy,
             counted: false,
             logged: false,
+            has_body: !hyper::body::Body::is_end_stream(req.body()),
         })
     }
 
@@ -187,6 +190,12 @@ impl Exchange {
         if let Some(b) = &self.body {
             self.record.request_bytes = self.record.request_bytes.max(b.bytes());
         }
+    }
+
+    /// The client's body was not read to its end (an answer before it, or a failure in it):
+    /// an HTTP/1 connection cannot be used again, as the rest of the body is still coming.
+    pub fn body_unread(&self) -> bool {
+        self.has_body && self.body.as_ref().is_none_or(|p| !p.complete())
     }
 
     /// Writes the log line.

@@ -274,7 +274,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         && !plan.grpc
     {
         let when = (ex.record.start, plan.deadline);
-        read_ahead::read_ahead(req.body_mut(), progress, when).await?;
+        read_ahead::read_ahead(&mut req, progress, when).await?;
     }
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.

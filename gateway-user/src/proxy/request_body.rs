@@ -20,10 +20,14 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
 use tokio::sync::Notify;
+
+use self::ahead::Ahead;
+
+mod ahead;
 
 /// Tells the body's [`Progress`] it ended when dropped: at its end, on an error, or when the
 /// body is dropped unfinished (a failed attempt).
@@ -45,11 +49,18 @@ pub(crate) struct Progress {
     /// The upstream connection asked for the body's next frame and the client has not sent
     /// it: a request that runs out of time so waits on its client, not on its upstream.
     waiting: AtomicBool,
+    /// The client's body was read to its end.
+    complete: AtomicBool,
 }
 
 impl Progress {
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client's body was read to its end.
+    pub fn complete(&self) -> bool {
+        self.complete.load(Ordering::Relaxed)
     }
 
     /// Whether the body waits for its client (see `waiting`).
@@ -75,15 +86,31 @@ pub(crate) enum RequestBodyError {
 /// The largest request body kept for a replay.
 pub(crate) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
-/// A body's frames as they passed, for sending it again.
+/// A body's frames as they passed, for sending it again: references to the same buffers,
+/// except small frames, which are copied together (a client sending its body a byte per frame
+/// would otherwise cost a `Bytes` per byte).
 #[derive(Debug, Default)]
 pub(crate) struct Kept {
     frames: Vec<Bytes>,
+    /// Small frames since the last one kept by reference, copied.
+    tail: BytesMut,
     len: u64,
     complete: bool,
     /// Past [`REPLAY_BODY_LIMIT`] (or failed): nothing kept.
     given_up: bool,
 }
+
+impl Kept {
+    fn flush_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let tail = self.tail.split().freeze();
+            self.frames.push(tail);
+        }
+    }
+}
+
+/// A data frame smaller than this is copied where it is held (kept, read ahead).
+const SMALL_FRAME: usize = 1024;
 
 pub(crate) type KeptBody = Arc<Mutex<Kept>>;
 
@@ -109,10 +136,11 @@ pub(crate) enum RequestBody {
 pub(crate) struct Streaming {
     /// `None` once cut at the limit.
     inner: Option<Incoming>,
-    /// Frames read ahead of the upstream ([`RequestBody::read_ahead`]), sent before `inner`'s
-    /// next ones, and their bytes.
-    ahead: VecDeque<Frame<Bytes>>,
-    ahead_bytes: u64,
+    /// What [`RequestBody::read_ahead`] read, sent before `inner`'s next frames.
+    ahead: Option<Box<Ahead>>,
+    /// [`RequestBody::read_ahead`] is running: the end of the client's body is not the end of
+    /// what the upstream is sent.
+    reading_ahead: bool,
     limit: Option<u64>,
     seen: u64,
     /// Told once, when the body ends (or this is dropped); `None` after that.
@@ -129,8 +157,8 @@ impl RequestBody {
         let p = Arc::new(Progress::default());
         let body = RequestBody::Streaming(Box::new(Streaming {
             inner: Some(inner),
-            ahead: VecDeque::new(),
-            ahead_bytes: 0,
+            ahead: None,
+            reading_ahead: false,
             limit,
             seen: 0,
             done: Some(Ended(p.clone())),
@@ -157,27 +185,25 @@ impl RequestBody {
 
     /// Reads the client's body ahead of any upstream, until it has ended or `bytes` of it are
     /// held, so that a client sending its body slowly holds no upstream connection while it
-    /// does (see `request::read_ahead`). The frames are sent, in order, when the body is.
-    /// Ready at once for a body that is not streaming.
+    /// does (see `request::read_ahead`). What was read is sent first when the body is. Ready
+    /// at once for a body that is not streaming.
     pub async fn read_ahead(&mut self, bytes: u64) -> Result<(), RequestBodyError> {
         let RequestBody::Streaming(s) = self else {
             return Ok(());
         };
-        std::future::poll_fn(|cx| {
-            while s.ahead_bytes < bytes && !s.inner_ended() {
-                match s.poll_inner(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        s.ahead_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
-                        s.ahead.push_back(frame);
-                    }
-                    Poll::Ready(None) => break,
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            Poll::Ready(Ok(()))
+        s.reading_ahead = true;
+        let r = std::future::poll_fn(|cx| {
+            let mut ahead = s.ahead.take().unwrap_or_default();
+            let r = ahead.fill(s, bytes, cx);
+            s.ahead = Some(ahead);
+            r
         })
-        .await
+        .await;
+        s.reading_ahead = false;
+        if s.ahead.as_ref().is_some_and(|a| a.is_empty()) && s.inner_ended() {
+            s.ended();
+        }
+        r
     }
 
     /// The body again, if all of it was kept.
@@ -188,10 +214,19 @@ impl RequestBody {
 }
 
 impl Streaming {
+    /// The client's body ended: it is over for the request path once what was read ahead of
+    /// it is handed on too.
     fn finish(&mut self) {
-        self.ended();
+        if let Some(p) = &self.done {
+            p.0.complete.store(true, Ordering::Relaxed);
+        }
+        if !self.reading_ahead {
+            self.ended();
+        }
         if let Some(k) = self.keep.take() {
-            lock(&k).complete = true;
+            let mut k = lock(&k);
+            k.flush_tail();
+            k.complete = true;
         }
     }
 
@@ -203,9 +238,13 @@ impl Streaming {
         if k.len > REPLAY_BODY_LIMIT {
             k.given_up = true;
             k.frames = Vec::new();
+            k.tail = BytesMut::new();
             drop(k);
             self.keep = None;
+        } else if data.len() < SMALL_FRAME {
+            k.tail.extend_from_slice(data);
         } else {
+            k.flush_tail();
             k.frames.push(data.clone());
         }
     }
@@ -230,9 +269,18 @@ impl Streaming {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        if let Some(frame) = self.ahead.pop_front() {
-            self.ahead_bytes -= frame.data_ref().map_or(0, |d| d.len() as u64);
-            return Poll::Ready(Some(Ok(frame)));
+        if let Some(ahead) = self.ahead.as_mut() {
+            let frame = ahead.next();
+            if ahead.is_empty() {
+                self.ahead = None;
+                if self.inner_ended() {
+                    // The last of the body is handed on: the response timeout may start.
+                    self.ended();
+                }
+            }
+            if let Some(frame) = frame {
+                return Poll::Ready(Some(Ok(frame)));
+            }
         }
         self.poll_inner(cx)
     }
@@ -308,7 +356,9 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Streaming(s) => s.ahead.is_empty() && s.inner_ended(),
+            RequestBody::Streaming(s) => {
+                s.ahead.as_ref().is_none_or(|a| a.is_empty()) && s.inner_ended()
+            }
             RequestBody::Replayed(frames) => frames.is_empty(),
         }
     }
@@ -322,10 +372,11 @@ impl Body for RequestBody {
                     .inner
                     .as_ref()
                     .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                let ahead = s.ahead.as_ref().map_or(0, |a| a.len());
                 let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + s.ahead_bytes);
+                hint.set_lower(rest.lower() + ahead);
                 if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + s.ahead_bytes);
+                    hint.set_upper(upper + ahead);
                 }
                 hint
             }

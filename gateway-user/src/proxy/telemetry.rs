@@ -214,6 +214,13 @@ impl Telemetry {
         meter.unwrap_or(&self.unrouted).done(record, elapsed);
     }
 
+    /// A request hyper's parser refused, answered `status` (`server::rejected`): counted, but
+    /// no duration sample (it has none worth one: scanners would pull the unrouted latency
+    /// toward zero).
+    pub fn request_refused(&self, status: u16) {
+        self.unrouted.count(status);
+    }
+
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut text = String::with_capacity(16 * 1024);
@@ -315,16 +322,7 @@ impl RouteMeter {
 
     /// The request, `elapsed` after its arrival, is over.
     fn done(&self, ex: &Record, elapsed: Duration) {
-        let status = ex.status;
-        match status
-            .checked_sub(STATUS_MIN)
-            .filter(|_| status <= STATUS_MAX)
-        {
-            Some(i) => self.by_status[usize::from(i)]
-                .get_or_init(|| self.status(status))
-                .inc(),
-            None => self.status(status).inc(),
-        };
+        self.count(ex.status);
         self.duration.observe(elapsed.as_secs_f64());
         if let Some(t) = &self.timeouts {
             for a in &ex.attempts {
@@ -341,6 +339,21 @@ impl RouteMeter {
                 t[p].inc();
             }
         }
+    }
+}
+
+impl RouteMeter {
+    /// One more request answered `status`.
+    fn count(&self, status: u16) {
+        match status
+            .checked_sub(STATUS_MIN)
+            .filter(|_| status <= STATUS_MAX)
+        {
+            Some(i) => self.by_status[usize::from(i)]
+                .get_or_init(|| self.status(status))
+                .inc(),
+            None => self.status(status).inc(),
+        };
     }
 }
 

@@ -41,6 +41,10 @@ pub struct ClusterConfig {
     /// by ALPN) or `"auto"` (over TLS, HTTP/2 when the upstream picks it by ALPN, else
     /// HTTP/1.1; without TLS, HTTP/1.1). Default [`DEFAULT_PROTOCOL`].
     pub protocol: Option<UpstreamProtocol>,
+    /// `true` (default): the first 64 KiB of a request body (all of a smaller one) is read
+    /// before an upstream connection is taken; `false`: bodies stream as they arrive. The
+    /// default of the cluster's routes, which may set their own.
+    pub request_buffering: Option<bool>,
 }
 
 /// `protocol`: what the gateway speaks to a cluster's endpoints.

@@ -78,6 +78,13 @@ pub(super) fn cluster(
         base_key.key("protocol"),
         DEFAULT_PROTOCOL,
     );
+    let (request_buffering, _) = inherit(
+        own.request_buffering,
+        key.key("request_buffering"),
+        base.request_buffering,
+        base_key.key("request_buffering"),
+        true,
+    );
     let health = policy::health(c, &l);
     let latency = policy::latency(c, &l);
     let (dns_refresh_ms, from) = inherit(
@@ -111,6 +118,7 @@ pub(super) fn cluster(
         tls: None,
         // Checked against the TLS setting by `protocol`, once TLS is known.
         protocol,
+        request_buffering,
     }
 }
 

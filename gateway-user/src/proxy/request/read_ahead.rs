@@ -11,11 +11,14 @@
 //!
 //! Memory: a request whose body may be replayed already keeps up to the same 64 KiB for a
 //! retry (`request_body::REPLAY_BODY_LIMIT`), by reference, so reading ahead adds no bound of
-//! its own. A larger body streams on after its first 64 KiB. gRPC calls always stream (a
-//! streaming call's client may wait for the upstream's reply before it sends more), and so does
-//! a route with `request_buffering = false` (an upload whose client waits on the upstream's
-//! progress).
+//! its own. A larger body streams on after its first 64 KiB. gRPC calls and Connect-protocol
+//! streams always stream (a streaming call's client may wait for the upstream's reply before it
+//! sends more), and so do the requests of a route or cluster with `request_buffering = false`
+//! (an upload whose client waits on the upstream's progress). The data read ahead is copied
+//! into one buffer, and all requests together hold at most 64 MiB of it
+//! (`request_body::ahead`).
 
+use http::{Request, header::CONTENT_TYPE};
 use tokio::time::Instant;
 
 use crate::proxy::{
@@ -26,16 +29,26 @@ use crate::proxy::{
 /// The most of a body read before an upstream connection is taken.
 pub(super) const READ_AHEAD_BYTES: u64 = REPLAY_BODY_LIMIT;
 
-/// Reads `body` ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, by the request's
-/// `deadline`; `progress` is the body's.
+/// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, by the
+/// request's `deadline`; `progress` is the body's. Not a Connect-protocol stream's
+/// (`application/connect+…`): like gRPC's, its client may wait for the upstream's reply before
+/// it sends more.
 pub(super) async fn read_ahead(
-    body: &mut RequestBody,
+    req: &mut Request<RequestBody>,
     progress: &Progress,
     (start, deadline): (Instant, Instant),
 ) -> Result<(), ProxyError> {
+    let streaming = req.headers().get(CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .get(..20)
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/connect+"))
+    });
+    if streaming {
+        return Ok(());
+    }
     tokio::select! {
         biased;
-        r = body.read_ahead(READ_AHEAD_BYTES) => r.map_err(|e| match e {
+        r = req.body_mut().read_ahead(READ_AHEAD_BYTES) => r.map_err(|e| match e {
             RequestBodyError::TooLarge { limit } => ProxyError::RequestBodyTooLarge { limit },
             RequestBodyError::Downstream(source) => ProxyError::DownstreamBodyError { source },
         }),

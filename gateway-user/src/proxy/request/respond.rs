@@ -146,7 +146,11 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     explain(&mut h, &e, &ex);
-    if keepalive_over(&ex) || status == StatusCode::BAD_REQUEST {
+    // An answer before the client's body was read to its end ends an HTTP/1 connection (the
+    // rest of the body is still coming): said, so that the client does not send its next
+    // request on a connection that is closing.
+    let unread = ex.record.version < Version::HTTP_2 && ex.body_unread();
+    if keepalive_over(&ex) || status == StatusCode::BAD_REQUEST || unread {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     ours(&mut h, &ex);

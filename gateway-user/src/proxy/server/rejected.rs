@@ -4,7 +4,9 @@
 //! target over hyper's URI limit (`414`). hyper answers them itself and ends the connection.
 //! They are logged and counted here as any request is, with method and path `-` (nginx logs
 //! its own `400`s too), so that what a client is sent is seen in the access log and in
-//! `gateway_requests_total`, not only by the client.
+//! `gateway_requests_total`, not only by the client. (hyper answers only when no response is
+//! being written: a bad head pipelined behind a response still being sent is logged as
+//! answered, though its client only sees the connection close.)
 
 use std::error::Error;
 
@@ -28,9 +30,7 @@ pub(super) fn note(shared: &Shared, client: &Client, e: &(dyn Error + 'static)) 
     record.error = Some(kind);
     record.error_detail = Some(format!("refused by the HTTP/1 parser: {e}"));
     record.tls = client.tls;
-    shared
-        .telemetry
-        .request_done(&record, std::time::Duration::ZERO, None);
+    shared.telemetry.request_refused(record.status);
     shared.log.log(&record);
 }
 
@@ -38,8 +38,12 @@ pub(super) fn note(shared: &Shared, client: &Client, e: &(dyn Error + 'static)) 
 /// `proto/h1/role.rs`), and its reason here.
 fn answered(e: &hyper::Error) -> Option<(StatusCode, ErrorKind)> {
     // An HTTP/2 preface where HTTP/1 was expected is not answered (and the connection speaks
-    // HTTP/2 by then, see `park`).
+    // HTTP/2 by then, see `park`), nor is hyper's internal error.
     if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    let text = e.to_string();
+    if text.starts_with("internal error") {
         return None;
     }
     if !e.is_parse_too_large() {
@@ -47,7 +51,7 @@ fn answered(e: &hyper::Error) -> Option<(StatusCode, ErrorKind)> {
     }
     // hyper says which limit only in its words: "URI too long" (`UriTooLong`) or
     // "message head is too large" (`TooLarge`).
-    if e.to_string().contains("URI") {
+    if text.contains("URI") {
         Some((StatusCode::URI_TOO_LONG, ErrorKind::BadRequest))
     } else {
         Some((

@@ -91,11 +91,9 @@ impl H2Conn {
     /// as the upstream allows one (then it is retired).
     fn try_stream(self: &Arc<Self>) -> Option<StreamGuard> {
         // The upstream's own limit too: above it, h2 would queue the stream unseen while its
-        // response timeout runs. At 0 it takes no new streams at all.
+        // response timeout runs. At 0 (an upstream shedding load, RFC 9113 section 6.5.2) it
+        // takes none until the upstream raises it.
         let max = self.max_streams.min(self.settings.max_streams());
-        if max == 0 {
-            self.retire();
-        }
         let mut n = self.streams.load(Ordering::Relaxed);
         loop {
             if n >= max || !self.live() {
@@ -228,8 +226,9 @@ impl Unlisted {
             shard.conns.push(conn.clone());
         }
         drop(shard);
-        if conn.settings.known() {
-            let said = conn.settings.max_streams();
+        // A limit of 0 is for now, not for how many a new connection will take.
+        let said = conn.settings.max_streams();
+        if conn.settings.known() && said > 0 {
             self.mux.advertised.store(said, Ordering::Relaxed);
         }
         self.mux.freed.notify();
