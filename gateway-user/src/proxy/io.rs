@@ -27,6 +27,10 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+pub(crate) use self::delegate::delegate_async_write;
+
+mod delegate;
+
 /// The error inside the `io::Error` (kind `TimedOut`) returned when the timer fires.
 #[derive(Debug, Error)]
 #[error("write made no progress for {} ms: the peer stopped reading", timeout.as_millis())]
@@ -430,48 +434,6 @@ impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for Holding<T, G> {
 impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Holding<T, G> {
     delegate_async_write!(inner);
 }
-
-/// The methods of an `AsyncWrite` that only passes each call on to its field `$field`
-/// (vectored writes included: a wrapper that left them out would turn hyper's one `writev`
-/// per response into several writes).
-macro_rules! delegate_async_write {
-    ($field:ident) => {
-        fn poll_write(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-            buf: &[u8],
-        ) -> ::std::task::Poll<::std::io::Result<usize>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
-        }
-
-        fn poll_write_vectored(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-            bufs: &[::std::io::IoSlice<'_>],
-        ) -> ::std::task::Poll<::std::io::Result<usize>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            self.$field.is_write_vectored()
-        }
-
-        fn poll_flush(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-        ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
-        }
-
-        fn poll_shutdown(
-            self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-        ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
-        }
-    };
-}
-pub(crate) use delegate_async_write;
 
 /// A non-blocking `MSG_PEEK` of up to `buf.len()` bytes of socket `fd` (0: the peer closed).
 /// A peek never consumes data, so even a stale descriptor number could not disturb another
