@@ -141,8 +141,6 @@ struct Plan {
     replay: Option<Replay>,
     /// The next attempt takes a new connection, not an idle one (after a stale one broke).
     fresh: bool,
-    /// The client sent no host (HTTP/1.0 without `Host`): each attempt names its endpoint.
-    no_host: bool,
     /// Streams of this request an HTTP/2 upstream refused unprocessed, and those of them
     /// retried outside `max_retries`.
     refused: u32,
@@ -206,7 +204,6 @@ impl Plan {
             idempotent,
             replay,
             fresh: false,
-            no_host: false,
             refused: 0,
             free_refusals: 0,
             same_endpoint_ok: false,
@@ -267,7 +264,6 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         ex.grpc,
     );
     plan.had_body = done.is_some();
-    plan.no_host = ex.record.host.is_none();
     ex.body = done.clone();
     if let Some(progress) = &done
         && plan.route.policy.request_buffering

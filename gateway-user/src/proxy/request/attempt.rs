@@ -222,8 +222,8 @@ async fn connect_or_reuse(
 }
 
 /// The head as this attempt sends it: a gRPC call's deadline is what is left of it, and an
-/// HTTP/1.0 request without `Host` names the endpoint.
-fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint) {
+/// HTTP/1.0 request without `Host` (`no_host`) names the endpoint.
+fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint, no_host: bool) {
     if plan.grpc
         && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
     {
@@ -231,7 +231,7 @@ fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint) 
         // gives up about when the gateway does (a little after: see `grpc_timeout_left`).
         *v = grpc_timeout_left(plan.deadline);
     }
-    if plan.no_host {
+    if no_host {
         // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
         // section 3.2): the endpoint's address, what nginx sends by default (`$proxy_host`).
         let host = http::HeaderValue::try_from(ep.addr.to_string());
@@ -254,7 +254,7 @@ async fn exchange(
 ) -> Result<(http::Response<hyper::body::Incoming>, Instant), Box<Failed>> {
     ex.phase = Phase::SendingTheRequest;
     let baseline = acked_before(conn, plan);
-    for_this_attempt(&mut req, plan, ep);
+    for_this_attempt(&mut req, plan, ep, ex.record.host.is_none());
     let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));
     let result = match plan.done.clone() {
         // The response timeout starts once the client's body has been sent.

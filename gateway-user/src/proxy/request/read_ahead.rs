@@ -9,14 +9,12 @@
 //! [`READ_AHEAD_BYTES`] of memory until its body is in, and its request timeout ends it as
 //! `408 client_body_timeout` with no upstream ever asked.
 //!
-//! Memory: a request whose body may be replayed already keeps up to the same 64 KiB for a
-//! retry (`request_body::REPLAY_BODY_LIMIT`), by reference, so reading ahead adds no bound of
-//! its own. A larger body streams on after its first 64 KiB. gRPC calls and Connect-protocol
+//! Memory: at most 64 KiB per request, copied into one buffer, and 64 MiB for all requests
+//! together (`request_body::ahead`); the same bytes serve a retry (`REPLAY_BODY_LIMIT`). A
+//! larger body streams on after its first 64 KiB. gRPC calls and Connect-protocol
 //! streams always stream (a streaming call's client may wait for the upstream's reply before it
 //! sends more), and so do the requests of a route or cluster with `request_buffering = false`
-//! (an upload whose client waits on the upstream's progress). The data read ahead is copied
-//! into one buffer, and all requests together hold at most 64 MiB of it
-//! (`request_body::ahead`).
+//! (an upload whose client waits on the upstream's progress).
 
 use http::{Request, header::CONTENT_TYPE};
 use tokio::time::Instant;
