@@ -1008,7 +1008,8 @@ fn a_client_silent_after_the_handshake_is_closed_at_the_header_read_timeout() {
 /// HTTP/2 rapid reset over HTTPS (ALPN `h2`), the listener such clients reach in production:
 /// Python's `h2` opens 5,000 streams in batches of 50 and resets each batch 30 ms later; the
 /// connection is closed once half of its first 500 streams were reset early, and counted
-/// (`security_http2.rs` has the plain listener and a client that is not closed).
+/// (`security_http2.rs` has the plain listener, a client that is not closed, and why the
+/// bound is 500 streams rather than the 300 of an idle machine).
 #[test]
 fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
     let (_rt, up, dir, gw) = https_before_upstream("tls-rapid-reset");
@@ -1022,7 +1023,7 @@ fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
     );
     let opened = out["opened"].as_u64().unwrap();
     assert!(
-        out["ended"].is_string() && opened <= 300,
+        out["ended"].is_string() && opened <= 500,
         "the connection was not closed in time: {out}"
     );
     let metrics = http_get_text(gw.admin, "/metrics");
@@ -1031,7 +1032,7 @@ fn an_https_http2_client_that_resets_its_streams_early_is_closed() {
         "{out}\n{metrics}"
     );
     std::thread::sleep(Duration::from_millis(500));
-    assert!(up.hits() <= 300, "{} requests upstream: {out}", up.hits());
+    assert!(up.hits() <= 500, "{} requests upstream: {out}", up.hits());
 }
 
 /// HTTP/2 over TLS needs ALPN (RFC 9113 section 3.2). A client that sends the HTTP/2 preface

@@ -54,8 +54,11 @@ async fn reset_run(label: &str, args: &[&str]) -> (serde_json::Value, f64, Upstr
 
 /// 5,000 streams in batches of 50, each batch reset 30 ms after it was sent: before the fix
 /// all 5,000 reached the upstream on a connection that stayed open. Now the connection is
-/// closed once half of its first 500 streams were reset early, so the upstream sees at most
-/// that many and a batch, and the closure is counted and logged.
+/// closed once half of its first 500 streams were reset early (250, so 300 streams at best),
+/// and the closure is counted and logged. The gateway sees a reset only once its connection
+/// task gets to it: on a loaded machine the client sends a batch or two more first (350
+/// streams in 4 of 12 runs with both CPUs busy), so the bound is the 500 streams the rule
+/// watches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_its_streams_early_is_closed() {
     let (out, floods, up) = reset_run("rapid-reset", &["5000", "50", "0.03", "1"]).await;
@@ -64,11 +67,11 @@ async fn an_http2_client_that_resets_its_streams_early_is_closed() {
         out["ended"].is_string(),
         "the connection outlived 5,000 streams reset early: {out}"
     );
-    assert!(opened <= 300, "closed only after {opened} streams: {out}");
+    assert!(opened <= 500, "closed only after {opened} streams: {out}");
     assert_eq!(floods, 1.0, "{out}");
     // Every stream it let through had reached the upstream, and no more.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(up.hits() <= 300, "{} requests upstream: {out}", up.hits());
+    assert!(up.hits() <= 500, "{} requests upstream: {out}", up.hits());
 }
 
 /// A client that cancels one stream in three (a deadline that often expires) and reads the

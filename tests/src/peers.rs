@@ -186,6 +186,8 @@ try:
             else: kept.add(sid)
         s.sendall(c.data_to_send())
         pump(pause)
+        # A GOAWAY read while pumping closes the connection, and h2 refuses a reset on it.
+        if out["ended"] is not None: break
         for sid in ids:
             c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL); out["reset"] += 1
         s.sendall(c.data_to_send())
