@@ -337,6 +337,10 @@ catalogue! {
         "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
     worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],
         "Client connections open now on each worker thread (parked ones included). With [router] connection_balance = \"exact\" (the default) a worker that accepts a connection while another serves fewer hands it over, so the workers stay within one connection of each other; with \"kernel\" they get what SO_REUSEPORT's hash gives them.";
+    read_ahead_bytes: "gateway_request_read_ahead_bytes", "gauge", [],
+        "Request body bytes held read ahead now: the start of a body (its first 64 KiB, or all of a smaller one) read before any upstream is asked, so that a client sending its body slowly holds no upstream connection. All requests together hold at most [router.downstream] request_buffering_memory_bytes (64 MiB by default), give or take one read each.";
+    read_ahead_over_budget: "gateway_request_read_ahead_over_budget", "counter", [],
+        "Request bodies that were not read ahead, or not to the end of their first 64 KiB, because all requests together held request_buffering_memory_bytes: they streamed to their upstream as they arrived, as with request_buffering = false, holding an upstream connection while the client sends. Also logged (warn), at most once per 10 s with the number not logged.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -380,6 +384,8 @@ pub struct GatewayMetrics {
     pub client_reset_floods: Counter,
     pub client_rejected: Family<ListenerReason, Counter>,
     pub accept_errors: Family<ListenerErrno, Counter>,
+    pub read_ahead_bytes: Gauge,
+    pub read_ahead_over_budget: Counter,
 }
 
 impl GatewayMetrics {
@@ -423,6 +429,8 @@ impl GatewayMetrics {
             client_rejected: Family::default(),
             accept_errors: Family::default(),
             worker_connections: Family::default(),
+            read_ahead_bytes: Gauge::default(),
+            read_ahead_over_budget: Counter::default(),
         };
         m.register(registry);
         m
@@ -480,6 +488,8 @@ impl GatewayMetrics {
         reg!(f::client_reset_floods, self.client_reset_floods);
         reg!(f::accept_errors, self.accept_errors);
         reg!(f::worker_connections, self.worker_connections);
+        reg!(f::read_ahead_bytes, self.read_ahead_bytes);
+        reg!(f::read_ahead_over_budget, self.read_ahead_over_budget);
     }
 }
 

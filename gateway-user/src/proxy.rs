@@ -185,6 +185,11 @@ pub async fn start_inheriting(
             source,
         })?;
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
+    let read_ahead = request_body::Budget::new(
+        settings.downstream.request_buffering_memory_bytes,
+        telemetry.metrics.read_ahead_bytes.clone(),
+        telemetry.metrics.read_ahead_over_budget.clone(),
+    );
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let admission = admission::Admission::new(&telemetry.metrics);
     let gates = listen
@@ -202,6 +207,7 @@ pub async fn start_inheriting(
         keepalive_off: AtomicBool::new(false),
         workers: n,
         telemetry,
+        read_ahead,
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
     tokio::spawn(roll_history(Arc::downgrade(&shared)));
@@ -319,6 +325,10 @@ impl GatewayHandle {
             );
         }
         self.shared.log.set_format(settings.access_log.format);
+        self.shared.read_ahead.limit.store(
+            settings.downstream.request_buffering_memory_bytes,
+            Ordering::Relaxed,
+        );
         let next = Runtime::build(
             settings,
             Some(&current),

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
-    config::write_config,
+    config::{base_config, write_config},
     gateway_bin,
     http::{Body, client, empty, full, generated, get, h2c_connection, raw_exchange, send},
     inprocess::{InProcess, gateway, log_lines},
@@ -557,4 +557,100 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_while_read_ahead() {
         "RSS grew {grown} KiB: read ahead, a one-byte chunk costs more than its byte"
     );
     drop(held);
+}
+
+/// `[router.downstream] request_buffering_memory_bytes` bounds what all requests together hold
+/// read ahead, the metrics say where it stands, and a reload applies it. With it at 64 KiB,
+/// one client sends 60,000 bytes of a 65,536-byte body and stalls:
+/// `gateway_request_read_ahead_bytes` shows them held. A curl POST of 10,000 bytes beside it
+/// would take the total past the limit, so it streams to the upstream instead, is answered all
+/// the same, and is counted in `gateway_request_read_ahead_over_budget_total`. The stalled
+/// body's bytes are given back when its client goes. Reloaded with 1 MiB, the same two fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_memory_is_bounded_counted_and_given_back() {
+    use gateway_testkit::admin::{metrics, value, wait_for};
+    use tokio::io::AsyncWriteExt as _;
+    let up = Upstream::start("sink").await;
+    let config = |limit: u64| {
+        format!(
+            "[router.downstream]\nrequest_buffering_memory_bytes = {limit}\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let gw = gateway("ahead-budget", &config(65_536)).await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let held = move || value(&metrics(admin), "gateway_request_read_ahead_bytes", &[]);
+    let over = move || {
+        value(
+            &metrics(admin),
+            "gateway_request_read_ahead_over_budget_total",
+            &[],
+        )
+    };
+    let settle = |what: &'static str, want: f64| {
+        tokio::task::spawn_blocking(move || {
+            wait_for(what, || match held() {
+                v if v == want => Ok(()),
+                v => Err(format!("gateway_request_read_ahead_bytes {v}")),
+            })
+        })
+    };
+    let stall = || async {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"POST /sink HTTP/1.1\r\nhost: x\r\ncontent-length: 65536\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[b'a'; 60_000]).await.unwrap();
+        s
+    };
+    let file = gw.dir.join("body-10000.bin");
+    std::fs::write(&file, vec![b'x'; 10_000]).unwrap();
+    let url = format!("http://{}/sink", gw.addr);
+    let post = || {
+        let (file, url) = (file.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "-i", "--max-time", "10", "-H", "Expect:"])
+                .arg("--data-binary")
+                .arg(format!("@{}", file.display()))
+                .arg(url)
+                .output()
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    assert_eq!(held(), 0.0);
+    let stalled = stall().await;
+    settle("the stalled body's bytes read ahead", 60_000.0)
+        .await
+        .unwrap();
+    assert_eq!(over(), 0.0);
+    let out = post().await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("10000"), "the upstream read all of it: {out}");
+    assert_eq!(over(), 1.0, "the POST past the limit was not counted");
+    assert_eq!(up.hits(), 1, "only the POST went upstream");
+    assert_eq!(held(), 60_000.0, "the streamed POST holds nothing now");
+    drop(stalled);
+    settle("the stalled body's bytes given back", 0.0)
+        .await
+        .unwrap();
+
+    let text = format!("{}\n{}", base_config(&gw.log), config(1 << 20));
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    let stalled = stall().await;
+    settle("the stalled body's bytes read ahead", 60_000.0)
+        .await
+        .unwrap();
+    let out = post().await.unwrap();
+    assert!(out.ends_with("10000"), "{out}");
+    assert_eq!(over(), 1.0, "reloaded with 1 MiB, the POST was read ahead");
+    drop(stalled);
+    settle("the stalled body's bytes given back", 0.0)
+        .await
+        .unwrap();
 }

@@ -94,6 +94,8 @@ pub struct Downstream {
     pub max_client_connections: Option<usize>,
     /// Per listener address; `None`: unlimited.
     pub max_accepts_per_second: Option<u32>,
+    /// Request body bytes read ahead, over all requests.
+    pub request_buffering_memory_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]

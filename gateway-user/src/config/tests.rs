@@ -413,6 +413,23 @@ fn log_format_and_level_are_read_and_checked_with_file_line_and_key() {
 }
 
 #[test]
+fn request_buffering_memory_is_64_mib_by_default_and_at_least_one_body() {
+    let s = load(COMMON).unwrap().settings;
+    assert_eq!(s.downstream.request_buffering_memory_bytes, 64 << 20);
+    let text = format!("{COMMON}\n[router.downstream]\nrequest_buffering_memory_bytes = 1048576\n");
+    let s = load(&text).unwrap().settings;
+    assert_eq!(s.downstream.request_buffering_memory_bytes, 1 << 20);
+    let e = err(&format!(
+        "{COMMON}\n[router.downstream]\nrequest_buffering_memory_bytes = 1000\n"
+    ));
+    assert!(
+        e.contains("router.downstream.request_buffering_memory_bytes")
+            && e.contains("out of range"),
+        "{e}"
+    );
+}
+
+#[test]
 fn client_connection_limits_are_unlimited_by_default_and_at_least_one() {
     let s = load(COMMON).unwrap().settings;
     assert_eq!(s.downstream.max_client_connections, None);

@@ -229,6 +229,14 @@ fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
                 "",
             ) as u32
         }),
+        request_buffering_memory_bytes: c.range(
+            &dk.key("request_buffering_memory_bytes"),
+            ds.request_buffering_memory_bytes
+                .unwrap_or(DEFAULT_REQUEST_BUFFERING_MEMORY_BYTES),
+            64 << 10,
+            1 << 40,
+            " bytes",
+        ),
     }
 }
 

@@ -270,7 +270,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         && !plan.grpc
     {
         let when = (ex.record.start, plan.deadline);
-        read_ahead::read_ahead(&mut req, progress, when).await?;
+        read_ahead::read_ahead(&mut req, progress, when, &ex.shared.read_ahead).await?;
     }
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.

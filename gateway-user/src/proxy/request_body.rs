@@ -26,6 +26,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use self::ahead::Ahead;
+pub(crate) use self::ahead::Budget;
 
 mod ahead;
 
@@ -187,14 +188,18 @@ impl RequestBody {
     /// held, so that a client sending its body slowly holds no upstream connection while it
     /// does (see `request::read_ahead`). What was read is sent first when the body is. Ready
     /// at once for a body that is not streaming.
-    pub async fn read_ahead(&mut self, bytes: u64) -> Result<(), RequestBodyError> {
+    pub async fn read_ahead(
+        &mut self,
+        bytes: u64,
+        budget: &Budget,
+    ) -> Result<(), RequestBodyError> {
         let RequestBody::Streaming(s) = self else {
             return Ok(());
         };
         s.reading_ahead = true;
         let r = std::future::poll_fn(|cx| {
             let mut ahead = s.ahead.take().unwrap_or_default();
-            let r = ahead.fill(s, bytes, cx);
+            let r = ahead.fill(s, (bytes, budget), cx);
             s.ahead = Some(ahead);
             r
         })

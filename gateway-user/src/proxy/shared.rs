@@ -18,6 +18,7 @@ use hyper_util::{
 use super::{
     access_log::AccessLogger,
     admission::{Admission, ListenerGate},
+    request_body::Budget,
     router::Router,
     telemetry::{RouteMeter, Telemetry},
     upstream::Cluster,
@@ -69,6 +70,9 @@ pub(crate) struct Shared {
     pub admission: Admission,
     /// Each client listener address's accept rate limit and counters.
     pub gates: Vec<Arc<ListenerGate>>,
+    /// What request bodies read ahead hold, over all requests
+    /// (`request_buffering_memory_bytes`).
+    pub read_ahead: Budget,
 }
 
 impl Shared {

@@ -9,8 +9,9 @@
 //! [`READ_AHEAD_BYTES`] of memory until its body is in, and its request timeout ends it as
 //! `408 client_body_timeout` with no upstream ever asked.
 //!
-//! Memory: at most 64 KiB per request, copied into one buffer, and 64 MiB for all requests
-//! together (`request_body::ahead`); the same bytes serve a retry (`REPLAY_BODY_LIMIT`). A
+//! Memory: at most 64 KiB per request, copied into one buffer, and
+//! `[router.downstream] request_buffering_memory_bytes` (64 MiB) for all requests together
+//! (`request_body::ahead`); the same bytes serve a retry (`REPLAY_BODY_LIMIT`). A
 //! larger body streams on after its first 64 KiB. gRPC calls and Connect-protocol
 //! streams always stream (a streaming call's client may wait for the upstream's reply before it
 //! sends more), and so do the requests of a route or cluster with `request_buffering = false`
@@ -21,20 +22,21 @@ use tokio::time::Instant;
 
 use crate::proxy::{
     error::ProxyError,
-    request_body::{Progress, REPLAY_BODY_LIMIT, RequestBody, RequestBodyError},
+    request_body::{Budget, Progress, REPLAY_BODY_LIMIT, RequestBody, RequestBodyError},
 };
 
 /// The most of a body read before an upstream connection is taken.
 pub(super) const READ_AHEAD_BYTES: u64 = REPLAY_BODY_LIMIT;
 
 /// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, by the
-/// request's `deadline`; `progress` is the body's. Not a Connect-protocol stream's
+/// request's `deadline`, within the process's `budget`; `progress` is the body's. Not a Connect-protocol stream's
 /// (`application/connect+…`): like gRPC's, its client may wait for the upstream's reply before
 /// it sends more.
 pub(super) async fn read_ahead(
     req: &mut Request<RequestBody>,
     progress: &Progress,
     (start, deadline): (Instant, Instant),
+    budget: &Budget,
 ) -> Result<(), ProxyError> {
     let streaming = req.headers().get(CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes()
@@ -46,7 +48,7 @@ pub(super) async fn read_ahead(
     }
     tokio::select! {
         biased;
-        r = req.body_mut().read_ahead(READ_AHEAD_BYTES) => r.map_err(|e| match e {
+        r = req.body_mut().read_ahead(READ_AHEAD_BYTES, budget) => r.map_err(|e| match e {
             RequestBodyError::TooLarge { limit } => ProxyError::RequestBodyTooLarge { limit },
             RequestBodyError::Downstream(source) => ProxyError::DownstreamBodyError { source },
         }),

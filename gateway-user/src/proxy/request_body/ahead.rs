@@ -4,12 +4,17 @@
 //! Two bounds keep it small whatever the client does:
 //! - the data is copied into one buffer, so that a body sent as thousands of one-byte chunks
 //!   or DATA frames costs its bytes, not a frame's bookkeeping per byte;
-//! - all requests together hold at most [`BUDGET_BYTES`] read ahead. Past it, a body is
-//!   not read ahead (or no further): it streams to the upstream as it arrives, as it did before
-//!   read-ahead, and a warning says so (at most once per 10 s).
+//! - all requests together hold at most `[router.downstream] request_buffering_memory_bytes`
+//!   read ahead ([`Budget`]; 64 MiB by default), give or take one read each. Past it, a body
+//!   is not read ahead (or no further): it streams to the upstream as it arrives, as it did
+//!   before read-ahead, counted in `gateway_request_read_ahead_over_budget_total`, and a
+//!   warning says so (at most once per 10 s).
 
 use std::{
-    sync::LazyLock,
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,25 +22,53 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use hyper::body::Frame;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::warn;
 
 use super::{RequestBodyError, Streaming};
 use crate::proxy::log_every::LogEvery;
 
-/// What all requests together may hold read ahead.
-pub(crate) const BUDGET_BYTES: usize = 64 << 20;
-
-static BUDGET: Semaphore = Semaphore::const_new(BUDGET_BYTES);
-
 static BUDGET_LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
+
+/// What all requests together may hold read ahead, and where it is counted: one per process
+/// (in `Shared`), its limit set at start and at every reload.
+pub(crate) struct Budget {
+    /// `request_buffering_memory_bytes`.
+    pub limit: AtomicU64,
+    /// `gateway_request_read_ahead_bytes`: what is held now.
+    pub held: Gauge,
+    /// `gateway_request_read_ahead_over_budget_total`.
+    pub over: Counter,
+}
+
+impl Budget {
+    pub fn new(limit: u64, held: Gauge, over: Counter) -> Budget {
+        Budget {
+            limit: AtomicU64::new(limit),
+            held,
+            over,
+        }
+    }
+}
+
+/// One request's share of [`Budget::held`], given back when dropped.
+struct Share {
+    held: Gauge,
+    bytes: i64,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.held.dec_by(self.bytes);
+    }
+}
 
 #[derive(Default)]
 pub(super) struct Ahead {
     data: BytesMut,
     trailers: Option<HeaderMap>,
-    /// The data's share of [`BUDGET`], given back once it is handed on.
-    budget: Option<SemaphorePermit<'static>>,
+    /// The data's share of the [`Budget`], given back once it is handed on.
+    share: Option<Share>,
     /// The budget ran out: no more is read ahead.
     stopped: bool,
 }
@@ -46,7 +79,7 @@ impl Ahead {
     pub(super) fn fill(
         &mut self,
         s: &mut Streaming,
-        bytes: u64,
+        (bytes, budget): (u64, &Budget),
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), RequestBodyError>> {
         while (self.data.len() as u64) < bytes
@@ -61,34 +94,40 @@ impl Ahead {
                 Poll::Pending => return Poll::Pending,
             };
             match frame.into_data() {
-                Ok(data) => self.add(&data),
+                Ok(data) => self.add(&data, budget),
                 Err(frame) => self.trailers = frame.into_trailers().ok(),
             }
         }
         Poll::Ready(Ok(()))
     }
 
-    /// Copies `data` in, within the budget; past it, this is the last.
-    fn add(&mut self, data: &Bytes) {
+    /// Copies `data` in and counts it in `budget`; past the budget's limit, this is the last.
+    fn add(&mut self, data: &Bytes, budget: &Budget) {
         if self.data.is_empty() {
             self.data.reserve(data.len().max(super::SMALL_FRAME));
         }
         self.data.extend_from_slice(data);
-        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        match BUDGET.try_acquire_many(n) {
-            Ok(p) => match &mut self.budget {
-                Some(held) => held.merge(p),
-                None => self.budget = Some(p),
-            },
-            Err(_) => {
-                self.stopped = true;
-                if let Some(unlogged) = BUDGET_LOG.due() {
-                    warn!(
-                        budget_mib = BUDGET_BYTES >> 20,
-                        unlogged,
-                        "request bodies read ahead hold the whole budget: bodies stream to their upstream as they arrive"
-                    );
-                }
+        let n = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        let before = budget.held.inner().fetch_add(n, Ordering::Relaxed);
+        match &mut self.share {
+            Some(share) => share.bytes += n,
+            None => {
+                self.share = Some(Share {
+                    held: budget.held.clone(),
+                    bytes: n,
+                })
+            }
+        }
+        let limit = budget.limit.load(Ordering::Relaxed);
+        if u64::try_from(before.saturating_add(n)).unwrap_or(0) > limit {
+            self.stopped = true;
+            budget.over.inc();
+            if let Some(unlogged) = BUDGET_LOG.due() {
+                warn!(
+                    request_buffering_memory_bytes = limit,
+                    unlogged,
+                    "request bodies read ahead hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
+                );
             }
         }
     }
@@ -106,7 +145,7 @@ impl Ahead {
     /// The next frame to hand on: the data, then the trailers.
     pub(super) fn next(&mut self) -> Option<Frame<Bytes>> {
         if !self.data.is_empty() {
-            self.budget = None;
+            self.share = None;
             return Some(Frame::data(self.data.split().freeze()));
         }
         self.trailers.take().map(Frame::trailers)

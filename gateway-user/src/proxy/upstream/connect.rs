@@ -362,7 +362,7 @@ async fn http2<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let settings = Arc::new(PeerSettings::new());
+    let settings = Arc::new(PeerSettings::for_endpoint(ep.mux.freed.clone()));
     let io = SettingsTap::new(io, settings.clone());
     let (sender, conn) = cluster
         .h2

@@ -15,7 +15,10 @@
 use std::{
     io,
     pin::Pin,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -23,6 +26,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::Notify,
 };
+
+use super::freed::Freed;
 
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`.
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
@@ -38,6 +43,8 @@ pub(crate) struct PeerSettings {
     /// ended without one.
     first: AtomicBool,
     notify: Notify,
+    /// The endpoint's requests waiting for a stream: woken when the limit rises.
+    freed: Option<Arc<Freed>>,
 }
 
 impl PeerSettings {
@@ -46,6 +53,15 @@ impl PeerSettings {
             max_streams: AtomicU32::new(UNLIMITED),
             first: AtomicBool::new(false),
             notify: Notify::new(),
+            freed: None,
+        }
+    }
+
+    /// Settings of a connection of the endpoint whose waiting requests `freed` wakes.
+    pub fn for_endpoint(freed: Arc<Freed>) -> Self {
+        PeerSettings {
+            freed: Some(freed),
+            ..Self::new()
         }
     }
 
@@ -79,6 +95,19 @@ impl PeerSettings {
             return;
         }
         notified.await;
+    }
+
+    /// The upstream said `limit`: a higher one than before has room for requests waiting for
+    /// a stream (an upstream that starts at a low limit and raises it once warm), which
+    /// would otherwise wait for some other stream to end.
+    fn set_max_streams(&self, limit: u32) {
+        let before = self.max_streams.swap(limit, Ordering::Relaxed);
+        if limit > before
+            && self.known()
+            && let Some(freed) = &self.freed
+        {
+            freed.notify();
+        }
     }
 
     fn set_known(&self) {
@@ -132,7 +161,7 @@ impl Frames {
                         let e = self.entry;
                         if u16::from_be_bytes([e[0], e[1]]) == MAX_CONCURRENT_STREAMS {
                             let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
-                            s.max_streams.store(v, Ordering::Relaxed);
+                            s.set_max_streams(v);
                         }
                     }
                 }
@@ -156,12 +185,12 @@ impl Frames {
 /// An upstream connection's I/O, with its SETTINGS read as hyper reads them.
 pub(crate) struct SettingsTap<I> {
     io: I,
-    settings: std::sync::Arc<PeerSettings>,
+    settings: Arc<PeerSettings>,
     frames: Frames,
 }
 
 impl<I> SettingsTap<I> {
-    pub fn new(io: I, settings: std::sync::Arc<PeerSettings>) -> Self {
+    pub fn new(io: I, settings: Arc<PeerSettings>) -> Self {
         SettingsTap {
             io,
             settings,
@@ -259,11 +288,37 @@ mod tests {
         assert!(s.known());
     }
 
+    /// A limit that rises wakes the endpoint's requests waiting for a stream; the first
+    /// SETTINGS, and a limit that falls or stays, do not (the first one lists the connection,
+    /// which wakes them itself).
+    #[tokio::test]
+    async fn a_rising_limit_wakes_the_requests_waiting_for_a_stream() {
+        use std::time::Duration;
+        let freed = Arc::new(Freed::default());
+        let s = PeerSettings::for_endpoint(freed.clone());
+        let mut f = Frames::default();
+        let mut woken = |settings: &[u8]| {
+            let w = freed.waiter();
+            f.feed(&frame(SETTINGS, 0, settings), &s);
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), w)
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!woken(&entry(0x3, 1)).await, "the first SETTINGS");
+        assert!(!woken(&entry(0x3, 1)).await, "the same limit again");
+        assert!(woken(&entry(0x3, 4)).await, "a limit from 1 to 4");
+        assert!(!woken(&entry(0x3, 2)).await, "a limit from 4 to 2");
+        assert!(!woken(&entry(0x4, 1 << 20)).await, "another setting");
+        assert_eq!(s.max_streams(), 2);
+    }
+
     #[tokio::test]
     async fn the_tap_reads_what_hyper_reads_and_passes_it_on() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (mut server, client) = tokio::io::duplex(1024);
-        let s = std::sync::Arc::new(PeerSettings::new());
+        let s = Arc::new(PeerSettings::new());
         let mut tap = SettingsTap::new(client, s.clone());
         let bytes = stream();
         server.write_all(&bytes).await.unwrap();
