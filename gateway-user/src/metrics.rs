@@ -14,6 +14,8 @@
 
 mod doc;
 use doc::family_name;
+mod labels;
+pub use labels::*;
 pub mod process;
 
 pub use doc::catalogue_markdown;
@@ -21,7 +23,6 @@ pub use doc::catalogue_markdown;
 use std::time::Duration;
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::{Family, MetricConstructor},
@@ -80,146 +81,6 @@ pub fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Me
 }
 pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: String,
-    pub cluster: String,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
-    pub cluster: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub cluster: String,
-    pub endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointOutcome {
-    pub cluster: String,
-    pub endpoint: String,
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointErrno {
-    pub cluster: String,
-    pub endpoint: String,
-    pub errno: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrnoLabels {
-    pub errno: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabels {
-    pub cluster: String,
-    pub phase: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    pub cluster: String,
-    pub endpoint: String,
-    pub state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointReason {
-    pub cluster: String,
-    pub endpoint: String,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClusterReason {
-    pub cluster: String,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HedgeLabels {
-    pub cluster: String,
-    pub reason: &'static str,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TlsHandshakeLabels {
-    pub side: &'static str,
-    pub result: &'static str,
-    pub version: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TlsErrorLabels {
-    pub side: &'static str,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SideLabels {
-    pub side: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertificateLabels {
-    pub role: &'static str,
-    pub file: String,
-    pub subject: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClusterLabels {
-    pub cluster: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpgradeEndLabels {
-    pub cluster: String,
-    pub end: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
-    pub cluster: String,
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerReason {
-    pub listener: String,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerErrno {
-    pub listener: String,
-    pub errno: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModeLabels {
-    pub mode: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WorkerLabels {
-    pub worker: u16,
-}
-
 /// One row of the catalogue.
 #[derive(Clone, Copy, Debug)]
 pub struct MetricDoc {
@@ -251,6 +112,8 @@ macro_rules! catalogue {
 catalogue! {
     requests: "gateway_requests", "counter", ["route", "cluster", "status"],
         "Requests answered, by route, cluster and HTTP status (including the gateway's own 5xx).";
+    responses_incomplete: "gateway_responses_incomplete", "counter", ["route", "cluster", "reason"],
+        "Responses that began but did not reach the client whole, by route, cluster and reason: the upstream's body broke after its head (upstream_reset: the connection was closed or reset mid-body; invalid_upstream_response: its framing broke; response_timeout: it stalled for longer than the response timeout; request_timeout: a gRPC call's deadline passed), or client_closed: the client went away first. gateway_requests_total counts these under the status of the head (a 200 cut short is a 200 there, as in the access log, where error or aborted says what happened). A client may have seen the head and part of the body, or nothing; a gRPC client gets a status in trailers the gateway writes.";
     request_duration: "gateway_request_duration_seconds", "histogram", ["route", "cluster"],
         "Time from request headers received to the end of the response (the access log's total_ms), by route and cluster.";
     upstream_attempts: "gateway_upstream_attempts", "counter", ["cluster", "endpoint", "outcome"],
@@ -347,6 +210,7 @@ catalogue! {
 #[derive(Clone)]
 pub struct GatewayMetrics {
     pub requests: Family<RequestLabels, Counter>,
+    pub responses_incomplete: Family<IncompleteLabels, Counter>,
     pub request_duration: HistogramFamily<RouteLabels>,
     pub upstream_attempts: Family<EndpointOutcome, Counter>,
     pub syn_rtt: HistogramFamily<EndpointLabels>,
@@ -393,6 +257,7 @@ impl GatewayMetrics {
     pub fn new(registry: &mut Registry, buckets: LatencyBuckets) -> GatewayMetrics {
         let m = GatewayMetrics {
             requests: Family::default(),
+            responses_incomplete: Family::default(),
             request_duration: Family::new_with_constructor(buckets),
             upstream_attempts: Family::default(),
             syn_rtt: Family::new_with_constructor(buckets),
@@ -446,6 +311,7 @@ impl GatewayMetrics {
             }};
         }
         reg!(f::requests, self.requests);
+        reg!(f::responses_incomplete, self.responses_incomplete);
         reg!(f::request_duration, self.request_duration);
         reg!(f::upstream_attempts, self.upstream_attempts);
         reg!(f::syn_rtt, self.syn_rtt);

@@ -324,6 +324,17 @@ async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeou
     assert_eq!(l["status"], 200, "{l}");
     assert_eq!(l["aborted"], true, "{l}");
     assert!(l["bytes"].as_u64().unwrap() < 1_000_000, "{l}");
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let m = gateway_testkit::admin::metrics(admin);
+    assert_eq!(
+        gateway_testkit::admin::value(
+            &m,
+            "gateway_responses_incomplete_total",
+            &[("reason", "client_closed")]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 /// An HTTP/2 client that reads slowly, but reads, is not taken for one that stopped: with a

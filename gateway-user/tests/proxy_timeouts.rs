@@ -138,6 +138,19 @@ async fn stalled_response_body_is_cut_off_and_logged() {
     let l = &log_lines(&gw.log, 1)[0];
     assert_eq!(l["error"], "response_timeout", "{l}");
     assert_eq!(l["status"], 200);
+    // Counted under its 200, and as a response cut short.
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let m = get(&client(), admin, "/metrics").await.body;
+    let value = |name, labels| gateway_testkit::admin::value(&m, name, labels);
+    assert_eq!(value("gateway_requests_total", &[("status", "200")]), 1.0);
+    assert_eq!(
+        value(
+            "gateway_responses_incomplete_total",
+            &[("reason", "response_timeout")]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

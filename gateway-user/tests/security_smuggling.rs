@@ -586,4 +586,17 @@ async fn an_upstream_body_with_broken_framing_is_logged_as_an_invalid_response()
         l["detail"].as_str().is_some_and(|d| d.contains("chunk")),
         "{l}"
     );
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    // Async: this runtime has one thread, which the gateway needs to answer.
+    let c = gateway_testkit::http::client();
+    let m = gateway_testkit::http::get(&c, admin, "/metrics").await.body;
+    assert_eq!(
+        gateway_testkit::admin::value(
+            &m,
+            "gateway_responses_incomplete_total",
+            &[("reason", "invalid_upstream_response")]
+        ),
+        1.0,
+        "{m}"
+    );
 }

@@ -165,6 +165,13 @@ fn populated() -> Registry {
     m.worker_connections
         .get_or_create(&WorkerLabels { worker: 0 })
         .set(2);
+    m.responses_incomplete
+        .get_or_create(&IncompleteLabels {
+            route: "r".into(),
+            cluster: "c".into(),
+            reason: "upstream_reset",
+        })
+        .inc();
     registry
 }
 

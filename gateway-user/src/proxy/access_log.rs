@@ -65,6 +65,9 @@ pub(crate) struct Record {
     pub error: Option<ErrorKind>,
     /// The client went away before the end of the response.
     pub aborted: bool,
+    /// The response began and did not reach the client whole: why
+    /// (`gateway_responses_incomplete_total`'s reason).
+    pub cut_short: Option<&'static str>,
     /// The request ID (kept from the client, or generated).
     pub request_id: Option<HeaderValue>,
     /// The request's authority (`Host`, or HTTP/2's `:authority`).
@@ -103,6 +106,7 @@ impl Record {
             bytes: 0,
             error: None,
             aborted: false,
+            cut_short: None,
             request_id: None,
             host: None,
             user_agent: None,

@@ -156,6 +156,7 @@ impl Exchange {
         if !complete && self.record.error.is_none() {
             // The client went away before the end of the response.
             self.record.aborted = true;
+            self.record.cut_short = Some(super::telemetry::CLIENT_CLOSED_REASON);
         }
         self.stream_ended(self.record.aborted);
         self.count();

@@ -138,6 +138,7 @@ impl ResponseBody {
             return Poll::Ready(Some(Err(e)));
         };
         ex.record.error.get_or_insert(kind);
+        ex.record.cut_short = Some(kind.reason());
         // The connection is mid-response: dropping it closes it.
         ex.lease = None;
         let detail = format!("{kind}: {}", classify::with_causes(&*e));

@@ -67,8 +67,8 @@ use crate::{
     config::Settings,
     decide::retry::RetryReason,
     metrics::{
-        ClusterLabels, ClusterReason, GatewayMetrics, HedgeLabels, LatencyBuckets, ModeLabels,
-        PhaseLabels, RequestLabels, RouteLabels,
+        ClusterLabels, ClusterReason, GatewayMetrics, HedgeLabels, IncompleteLabels,
+        LatencyBuckets, ModeLabels, PhaseLabels, RequestLabels, RouteLabels,
     },
     signals::{SignalMode, SignalSource},
 };
@@ -90,6 +90,10 @@ pub(crate) fn longest_timeout(settings: &Settings) -> Duration {
 
 /// The label of requests that matched no route (and of their cluster).
 pub(crate) const UNROUTED: &str = "-";
+
+/// `gateway_responses_incomplete_total`'s reason for a response whose client went away before
+/// its end (`exchange`).
+pub(crate) const CLIENT_CLOSED_REASON: &str = "client_closed";
 
 /// Timeout phases, in label order.
 const PHASES: [&str; 5] = ["connect", "response", "write", "request", "tls_handshake"];
@@ -324,6 +328,17 @@ impl RouteMeter {
     fn done(&self, ex: &Record, elapsed: Duration) {
         self.count(ex.status);
         self.duration.observe(elapsed.as_secs_f64());
+        if let Some(reason) = ex.cut_short {
+            counter(
+                &self.metrics.responses_incomplete,
+                &IncompleteLabels {
+                    route: self.labels.route.clone(),
+                    cluster: self.labels.cluster.clone(),
+                    reason,
+                },
+            )
+            .inc();
+        }
         if let Some(t) = &self.timeouts {
             for a in &ex.attempts {
                 if let Some(p) = a.error.and_then(phase_of) {

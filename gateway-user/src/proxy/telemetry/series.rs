@@ -21,8 +21,8 @@ use crate::{
     decide::health::State,
     metrics::{
         ClusterLabels, ClusterReason, EndpointErrno, EndpointLabels, EndpointOutcome,
-        EndpointReason, GatewayMetrics, HedgeLabels, PhaseLabels, RequestLabels, RouteLabels,
-        StateLabels,
+        EndpointReason, GatewayMetrics, HedgeLabels, IncompleteLabels, PhaseLabels, RequestLabels,
+        RouteLabels, StateLabels,
     },
 };
 
@@ -82,6 +82,17 @@ pub(crate) struct Series {
 
 /// Statuses a route's `requests` series may carry (hyper's range).
 const STATUSES: std::ops::RangeInclusive<u16> = 100..=999;
+
+/// Every reason of `gateway_responses_incomplete_total`: what `ResponseBody` records when the
+/// upstream body fails (`classify::body_error`, the stall and call-deadline timers) and
+/// [`super::CLIENT_CLOSED_REASON`].
+pub(super) const INCOMPLETE_REASONS: [&str; 5] = [
+    "upstream_reset",
+    "invalid_upstream_response",
+    "response_timeout",
+    "request_timeout",
+    super::CLIENT_CLOSED_REASON,
+];
 
 impl Series {
     pub fn take_endpoint(&self, l: &EndpointLabels) {
@@ -159,6 +170,13 @@ impl Series {
             return;
         }
         m.request_duration.remove(l);
+        for reason in INCOMPLETE_REASONS {
+            m.responses_incomplete.remove(&IncompleteLabels {
+                route: l.route.clone(),
+                cluster: l.cluster.clone(),
+                reason,
+            });
+        }
         for status in STATUSES {
             m.requests.remove(&RequestLabels {
                 route: l.route.clone(),

@@ -157,6 +157,25 @@ fn series_of_gone_endpoints_routes_and_clusters_are_removed() {
     );
     old_cluster.retry(RetryReason::ConnectFailed);
     old_cluster.hedge(HedgeResult::Won);
+    // A response cut short for each reason the route may count.
+    let mut cut = Record::new(
+        "127.0.0.1:1".parse().unwrap(),
+        http::Method::GET,
+        http::Uri::from_static("/"),
+        http::Version::HTTP_11,
+    );
+    cut.status = 200;
+    for reason in series::INCOMPLETE_REASONS {
+        cut.cut_short = Some(reason);
+        old_route.done(&cut, Duration::ZERO);
+    }
+    assert!(
+        t.encode().contains(
+            "gateway_responses_incomplete_total{route=\"r\",cluster=\"api\",reason=\"client_closed\"} 1"
+        ),
+        "{}",
+        t.encode()
+    );
     let families_before = mentions(&t.encode(), "10.0.0.1:80").len();
     assert!(families_before >= 8, "{}", t.encode());
     // The reload: the same cluster rebuilt, the same endpoint and route.
