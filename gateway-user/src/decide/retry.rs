@@ -19,16 +19,19 @@
 //! 6. HTTP/2: the upstream said it never processed the stream — a `GOAWAY` whose
 //!    last-stream-id is below it, or `RST_STREAM(REFUSED_STREAM)` (RFC 9113 section 8.7) —
 //!    so it is retried whatever the method (`refused_stream`). The first refusal goes to
-//!    another connection (another endpoint when one is left), the second to a new connection
-//!    whose first stream is this request's (`multiplex`: a connection the upstream ends after N
-//!    requests processes its first). These two are outside the budget like a stale
+//!    another connection (another endpoint when one is left), outside the budget like a stale
 //!    connection, since a graceful upstream restart refuses every stream in flight above its
-//!    last id at once. When the refusal was a GOAWAY with NO_ERROR (the connection's
-//!    lifecycle, not a failure of the request), they are also outside `max_retries`
-//!    ([`FREE_REFUSALS`]), unless `max_retries` is 0, which turns every retry off;
-//!    `REFUSED_STREAM` (an upstream shedding load) counts. A stream refused even as the first
-//!    on its connection means the upstream is going away: from the third refusal on, a retry
-//!    is an ordinary one, to another endpoint, counted and within the budget.
+//!    last id at once. A second refusal by a graceful GOAWAY (NO_ERROR: the connection's
+//!    lifecycle, not a failure of the request) goes to a new connection whose first stream is
+//!    this request's (`multiplex`: a connection the upstream ends after N requests processes
+//!    its first), also outside the budget; these two are also outside `max_retries`
+//!    ([`FREE_REFUSALS`]), unless `max_retries` is 0, which turns every retry off.
+//!    `REFUSED_STREAM` (an upstream shedding load, whose connection stays: `H2Conn::shed`)
+//!    counts in `max_retries`, and refused again, a new connection would not help: a retry
+//!    after its second refusal goes to the endpoint's connections as they are, counted and
+//!    within the budget. A stream refused by a graceful GOAWAY even as the first on its
+//!    connection means the upstream is going away: from the third refusal on, a retry is an
+//!    ordinary one, to another endpoint, counted and within the budget.
 //! 7. gRPC: a call answered with only a status (a trailers-only response: no message reached
 //!    the client, so nothing is committed) whose code the route lists in
 //!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
@@ -285,14 +288,21 @@ pub fn next_step(
             reused: true,
             ..
         } => Where::FreshConnection,
-        // The upstream refused a stream unprocessed (its connection is retired): another
-        // connection; refused there too (connections the upstream ends every N requests, all
-        // near their end), a new one, whose first stream no upstream refuses for that.
+        // The upstream refused a stream unprocessed: another connection; refused there too by
+        // a graceful GOAWAY (connections the upstream ends every N requests, all near their
+        // end), a new one, whose first stream no upstream refuses for that.
         Failure::Refused { .. } if attempted.refused == 0 => Where::AnotherConnection,
-        Failure::Refused { .. } if attempted.refused < FREE_REFUSALS => Where::FreshConnection,
+        Failure::Refused { graceful: true } if attempted.refused < FREE_REFUSALS => {
+            Where::FreshConnection
+        }
+        // Shed again (REFUSED_STREAM, or a GOAWAY with an error): a new connection would not
+        // help, and another endpoint may have none to spare either; the endpoint's
+        // connections as they are, as an ordinary retry (counted, within the budget).
+        Failure::Refused { graceful: false } => Where::AnotherConnection,
         _ => Where::Elsewhere,
     };
-    if to != Where::Elsewhere {
+    let shed_again = failure == (Failure::Refused { graceful: false }) && attempted.refused > 0;
+    if to != Where::Elsewhere && !shed_again {
         return Step::Retry {
             reason,
             to,

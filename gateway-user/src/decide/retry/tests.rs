@@ -258,6 +258,56 @@ fn a_refused_stream_is_retried_whatever_the_method_on_another_then_a_new_connect
     }
 }
 
+/// An upstream shedding load refuses again: no new connection (it would not help, and a
+/// connection per refusal is what an overloaded upstream least needs), but the endpoint's
+/// connections as they are, as an ordinary retry: counted, and within the budget.
+#[test]
+fn a_stream_shed_twice_is_retried_on_the_same_connections_within_the_budget() {
+    let shed_once = Attempted {
+        idempotent: false,
+        resendable: true,
+        retries: 1,
+        refused: 1,
+        free_refusals: 0,
+    };
+    let budgets = Arc::new(Budgets::default());
+    match next_step(SHED, shed_once, &ALL_ON, &budgets) {
+        Step::Retry {
+            reason: RetryReason::RefusedStream,
+            to: Where::AnotherConnection,
+            permit: Some(_),
+            counted: true,
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let no_budget = RetryPolicy {
+        budget_percent: 0,
+        min_retry_concurrency: 0,
+        ..ALL_ON
+    };
+    assert!(matches!(
+        next_step(SHED, shed_once, &no_budget, &budgets),
+        Step::Stop(Stop::BudgetSpent)
+    ));
+    // A graceful GOAWAY's second refusal still gets a connection of its own, free.
+    assert!(matches!(
+        next_step(
+            GOAWAY,
+            Attempted {
+                free_refusals: 1,
+                ..shed_once
+            },
+            &no_budget,
+            &budgets
+        ),
+        Step::Retry {
+            to: Where::FreshConnection,
+            permit: None,
+            ..
+        }
+    ));
+}
+
 #[test]
 fn two_refusals_by_a_graceful_goaway_are_outside_max_retries_unless_it_is_zero() {
     let budgets = Arc::new(Budgets::default());

@@ -154,20 +154,20 @@ pub(super) async fn run(
     }
 }
 
-/// What a stream's failure tells its HTTP/2 connection: no new streams after a GOAWAY or a
-/// refused stream (the upstream is going away or shedding), the connection closed, or the host
-/// died under it; and whether a graceful GOAWAY refused it, which `upstream::lifetime` learns
-/// from.
+/// What a stream's failure tells its HTTP/2 connection: no new streams after a GOAWAY (the
+/// upstream is going away), the connection closed, or the host died under it; a stream refused
+/// with `REFUSED_STREAM` (the upstream sheds load) is counted, and the connection kept unless
+/// nearly all its streams are refused (`H2Conn::shed`); and whether a graceful GOAWAY refused
+/// it, which `upstream::lifetime` learns from.
 fn tell_connection(conn: &UpstreamConn, f: &Failed) {
     let Some(shared) = conn.h2() else { return };
-    if matches!(
-        f.error,
+    match f.error {
+        ProxyError::UpstreamRefusedStream { goaway: false, .. } => shared.shed(),
         ProxyError::UpstreamRefusedStream { .. }
-            | ProxyError::UpstreamReset { .. }
-            | ProxyError::UpstreamHostDied { .. }
-            | ProxyError::UpstreamWriteTimeout { .. }
-    ) {
-        shared.retire();
+        | ProxyError::UpstreamReset { .. }
+        | ProxyError::UpstreamHostDied { .. }
+        | ProxyError::UpstreamWriteTimeout { .. } => shared.retire(),
+        _ => {}
     }
     if f.error.graceful_goaway() {
         shared.refused();

@@ -45,9 +45,11 @@ use std::{
 use hyper::client::conn::http2;
 use tokio::sync::OwnedSemaphorePermit;
 
+use self::stream::Unlisted;
 pub(crate) use self::{
     freed::Freed,
     settings::{PeerSettings, SettingsTap},
+    stream::StreamGuard,
 };
 use super::{
     gate::SendGate,
@@ -68,6 +70,9 @@ pub(crate) struct H2Conn {
     /// graceful GOAWAY: what [`StreamLifetime`] learns from.
     started: AtomicUsize,
     refused: AtomicUsize,
+    /// Streams the upstream refused with `REFUSED_STREAM` (load shedding): see
+    /// [`H2Conn::shed`].
+    shed: AtomicUsize,
     lifetime: Arc<StreamLifetime>,
     retired: AtomicBool,
     /// Told when a stream ends, so that a request waiting for room may take it.
@@ -129,6 +134,17 @@ impl H2Conn {
         self.retired.store(true, Ordering::Release);
     }
 
+    /// The upstream refused one of its streams with `RST_STREAM(REFUSED_STREAM)`: it sheds
+    /// load, and the connection stays (a new one per refusal costs an upstream already short
+    /// of capacity a handshake each), unless nearly all of its streams are refused
+    /// ([`SHED_TO_RETIRE`] at least, and three in four): a connection it will not serve.
+    pub fn shed(&self) {
+        let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        if shed >= SHED_TO_RETIRE && shed * 4 > self.started.load(Ordering::Relaxed) * 3 {
+            self.retire();
+        }
+    }
+
     /// One of its streams was refused unprocessed by the upstream's graceful GOAWAY.
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -159,98 +175,11 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// See [`H2Conn::shed`].
+const SHED_TO_RETIRE: usize = 8;
+
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
-}
-
-/// One stream's hold on its connection: counted while it lives.
-pub(crate) struct StreamGuard {
-    conn: Arc<H2Conn>,
-    /// The first stream of a new connection, which is not in its endpoint's list yet (boxed:
-    /// the guard is in every request's future, this only in a connection's first).
-    unlisted: Option<Box<Unlisted>>,
-}
-
-/// Where a new connection goes once its first request is in hyper's queue
-/// ([`Multiplexed::register`]).
-struct Unlisted {
-    mux: Arc<Multiplexed>,
-    shard: usize,
-    /// Requests waiting for this connection see it when it is listed, not before.
-    connecting: Option<Connecting>,
-}
-
-impl StreamGuard {
-    pub fn conn(&self) -> &Arc<H2Conn> {
-        &self.conn
-    }
-
-    /// The first stream of a new connection: its request has been handed to hyper (or never
-    /// will be), so other requests may take streams on it now, behind it.
-    ///
-    /// Not before the upstream's first SETTINGS frame, which says how many streams it allows
-    /// (usually there already: a server sends it as soon as it accepts): the requests waiting
-    /// for this connection wait for that too, up to [`SETTINGS_WAIT`], rather than pile onto
-    /// a connection whose limit is not known yet.
-    pub fn list(&mut self) {
-        let Some(u) = self.unlisted.take() else {
-            return;
-        };
-        if self.conn.settings.known() {
-            return u.list(&self.conn);
-        }
-        let conn = self.conn.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(SETTINGS_WAIT, conn.settings.first()).await;
-            u.list(&conn);
-        });
-    }
-
-    /// Keeps the count of the connection being made (which requests wait for) until the
-    /// connection is listed.
-    pub fn hold_connecting(&mut self, c: Connecting) {
-        if let Some(u) = self.unlisted.as_mut() {
-            u.connecting = Some(c);
-        }
-    }
-}
-
-impl Unlisted {
-    fn list(self, conn: &Arc<H2Conn>) {
-        let mut shard = self.mux.lock(self.shard);
-        // Under the lock `close` takes after marking the endpoint closed: a connection made
-        // before the close and listed after it is retired, not kept.
-        if self.mux.closed.load(Ordering::Acquire) {
-            conn.retire();
-        } else {
-            shard.conns.push(conn.clone());
-        }
-        drop(shard);
-        // A limit of 0 is for now, not for how many a new connection will take.
-        let said = conn.settings.max_streams();
-        if conn.settings.known() && said > 0 {
-            self.mux.advertised.store(said, Ordering::Relaxed);
-        }
-        self.mux.freed.notify();
-        drop(self.connecting);
-    }
-}
-
-/// How long the requests waiting for a new connection wait for its upstream's first SETTINGS
-/// frame (see [`StreamGuard::list`]).
-const SETTINGS_WAIT: Duration = Duration::from_secs(1);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        // Listed now if it never was: its stream is over, whatever the settings.
-        if let Some(u) = self.unlisted.take() {
-            u.list(&self.conn);
-        }
-        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.idle_since_ms.store(now_ms(), Ordering::Relaxed);
-        }
-        self.conn.freed.notify();
-    }
 }
 
 #[derive(Default)]
@@ -382,6 +311,7 @@ impl Multiplexed {
             max_streams: self.max_streams,
             started: AtomicUsize::new(1),
             refused: AtomicUsize::new(0),
+            shed: AtomicUsize::new(0),
             lifetime: self.lifetime.clone(),
             // A connection made for an endpoint that has left its cluster carries the request
             // that made it, and no other.
@@ -493,5 +423,6 @@ impl Drop for Waiting {
 
 mod freed;
 mod settings;
+mod stream;
 #[cfg(test)]
 mod tests;
