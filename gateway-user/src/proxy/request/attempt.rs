@@ -118,6 +118,9 @@ pub(super) async fn run(
         match exchange(cluster, &ep, &mut conn, req, fast, plan, ex).await {
             Ok((response, arrived)) => {
                 ex.record.first_byte = Some(arrived.saturating_duration_since(ex.record.start));
+                if let Some(h2) = conn.h2() {
+                    h2.answered();
+                }
                 cluster.report_at(
                     &ep,
                     crate::decide::health::Evidence::ResponseOk,
@@ -157,7 +160,7 @@ pub(super) async fn run(
 /// What a stream's failure tells its HTTP/2 connection: no new streams after a GOAWAY (the
 /// upstream is going away), the connection closed, or the host died under it; a stream refused
 /// with `REFUSED_STREAM` (the upstream sheds load) is counted, and the connection kept unless
-/// nearly all its streams are refused (`H2Conn::shed`); and whether a graceful GOAWAY refused
+/// it refuses 8 in a row (`H2Conn::shed`); and whether a graceful GOAWAY refused
 /// it, which `upstream::lifetime` learns from.
 fn tell_connection(conn: &UpstreamConn, f: &Failed) {
     let Some(shared) = conn.h2() else { return };

@@ -70,7 +70,7 @@ pub(crate) struct H2Conn {
     /// graceful GOAWAY: what [`StreamLifetime`] learns from.
     started: AtomicUsize,
     refused: AtomicUsize,
-    /// Streams the upstream refused with `REFUSED_STREAM` (load shedding): see
+    /// Streams the upstream refused in a row with `REFUSED_STREAM` (load shedding): see
     /// [`H2Conn::shed`].
     shed: AtomicUsize,
     lifetime: Arc<StreamLifetime>,
@@ -136,12 +136,19 @@ impl H2Conn {
 
     /// The upstream refused one of its streams with `RST_STREAM(REFUSED_STREAM)`: it sheds
     /// load, and the connection stays (a new one per refusal costs an upstream already short
-    /// of capacity a handshake each), unless nearly all of its streams are refused
-    /// ([`SHED_TO_RETIRE`] at least, and three in four): a connection it will not serve.
+    /// of capacity a handshake each), unless [`SHED_TO_RETIRE`] streams in a row were refused
+    /// on it, with no response between them: a connection it will not serve.
     pub fn shed(&self) {
-        let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
-        if shed >= SHED_TO_RETIRE && shed * 4 > self.started.load(Ordering::Relaxed) * 3 {
+        if self.shed.fetch_add(1, Ordering::Relaxed) + 1 >= SHED_TO_RETIRE {
             self.retire();
+        }
+    }
+
+    /// A stream on it got its response head: the refusals in a row start again.
+    pub fn answered(&self) {
+        // Read first: a store on every response would bounce the line between workers.
+        if self.shed.load(Ordering::Relaxed) != 0 {
+            self.shed.store(0, Ordering::Relaxed);
         }
     }
 

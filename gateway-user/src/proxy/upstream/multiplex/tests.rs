@@ -118,3 +118,28 @@ async fn a_closed_endpoints_connections_are_retired_and_a_new_one_carries_one_re
         "a retired connection takes no new stream"
     );
 }
+
+/// `REFUSED_STREAM` sheds load: the connection keeps taking streams through refusals with
+/// answers between them, and is retired by [`SHED_TO_RETIRE`] refusals in a row.
+#[tokio::test]
+async fn a_connection_is_retired_by_refusals_in_a_row_only() {
+    let mux = Arc::new(Multiplexed::new(
+        "127.0.0.1:80".parse().unwrap(),
+        1,
+        8,
+        Duration::from_secs(90),
+    ));
+    let conn = registered(&mux).await;
+    let h2 = conn.h2().unwrap().clone();
+    for _ in 0..10 {
+        for _ in 0..SHED_TO_RETIRE - 1 {
+            h2.shed();
+        }
+        h2.answered();
+    }
+    assert!(h2.live(), "70 refusals, never 8 in a row");
+    for _ in 0..SHED_TO_RETIRE {
+        h2.shed();
+    }
+    assert!(!h2.live(), "8 in a row");
+}
