@@ -546,3 +546,73 @@ while True:
         "{served} of {REQUESTS} served: {stats}"
     );
 }
+
+/// A response the client got whole is not one it left: hyper stops polling a body once it has
+/// written its `content-length` bytes (and writes none for HEAD), and an HTTP/2 upstream may
+/// send END_STREAM after the last byte, in a frame of its own. Such responses were logged
+/// `aborted` and counted as `client_closed` in `gateway_responses_incomplete_total`. curl over
+/// HTTP/1.1, a GET and a HEAD, against Python's `h2` sending END_STREAM 300 ms after the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_got_whole_is_not_counted_as_cut_short() {
+    const SERVER: &str = r#"
+import socket, sys, threading, time
+import h2.config, h2.connection, h2.events
+def serve(s):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection(); s.sendall(c.data_to_send())
+    while True:
+        d = s.recv(65536)
+        if not d: return
+        for e in c.receive_data(d):
+            if isinstance(e, h2.events.RequestReceived):
+                head = dict(e.headers)[b":method"] == b"HEAD"
+                c.send_headers(e.stream_id, [(":status", "200"), ("content-length", "5")])
+                if not head:
+                    c.send_data(e.stream_id, b"hello")
+                s.sendall(c.data_to_send())
+                time.sleep(0.3)
+                c.end_stream(e.stream_id)
+        s.sendall(c.data_to_send())
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(16)
+print(l.getsockname()[1], flush=True)
+while True:
+    s, _ = l.accept()
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+"#;
+    let dir = temp_dir("h2-late-end");
+    let up = serve_python(&dir, "late_end_h2.py", SERVER, &[]);
+    let gw = gateway("h2-late-end", &config(up.addr(), 8)).await;
+    let url = format!("http://{}/x", gw.addr);
+    for head in [false, true] {
+        let url = url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut curl = std::process::Command::new("curl");
+            curl.args(["-s", "-i", "--http1.1", "--max-time", "5"]);
+            if head {
+                curl.arg("-I");
+            }
+            curl.arg(url).output().expect("curl")
+        })
+        .await
+        .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert_eq!(out.ends_with("hello"), !head, "{out}");
+    }
+    let lines = log_lines(&gw.log, 2);
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["aborted"], false, "{l}");
+    }
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let m = get(&client(), admin, "/metrics").await.body;
+    assert_eq!(
+        gateway_testkit::admin::value(
+            &m,
+            "gateway_responses_incomplete_total",
+            &[("reason", "client_closed")]
+        ),
+        0.0,
+        "{m}"
+    );
+}

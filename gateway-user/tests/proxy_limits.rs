@@ -573,14 +573,15 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_while_read_ahead() {
 /// `[router.downstream] request_buffering_memory_bytes` bounds what all requests together hold
 /// read ahead, the metrics say where it stands, and a reload applies it. With it at 64 KiB,
 /// one client sends 60,000 bytes of a 65,536-byte body and stalls:
-/// `gateway_request_read_ahead_bytes` shows them held. A curl POST of 10,000 bytes beside it
-/// would take the total past the limit, so it streams to the upstream instead, is answered all
-/// the same, and is counted in `gateway_request_read_ahead_over_budget_total`. The stalled
-/// body's bytes are given back when its client goes. Reloaded with 1 MiB, the same two fit.
+/// `gateway_request_read_ahead_bytes` shows them held. A POST of 6,000 bytes sent whole takes
+/// the total past the limit, but its body is in: read whole, it is not counted (curl). One
+/// whose first 6,000 bytes of 20,000 do the same streams the rest to the upstream instead,
+/// and is counted in `gateway_request_read_ahead_over_budget_total`. Bytes are given back when
+/// handed on or when their client goes. Reloaded with 1 MiB, the same partial body is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_ahead_memory_is_bounded_counted_and_given_back() {
     use gateway_testkit::admin::{metrics, value, wait_for};
-    use tokio::io::AsyncWriteExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let up = Upstream::start("sink").await;
     let config = |limit: u64| {
         format!(
@@ -606,18 +607,26 @@ async fn read_ahead_memory_is_bounded_counted_and_given_back() {
             })
         })
     };
-    let stall = || async {
+    // A POST to the sink declaring `len` bytes, of which `sent` are written with the head.
+    let partial = |len: usize, sent: usize| async move {
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        s.write_all(b"POST /sink HTTP/1.1\r\nhost: x\r\ncontent-length: 65536\r\n\r\n")
-            .await
-            .unwrap();
-        s.write_all(&[b'a'; 60_000]).await.unwrap();
+        let mut msg =
+            format!("POST /sink HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+        msg.resize(msg.len() + sent, b'a');
+        s.write_all(&msg).await.unwrap();
         s
     };
-    let file = gw.dir.join("body-10000.bin");
-    std::fs::write(&file, vec![b'x'; 10_000]).unwrap();
+    // Sends the rest of a `partial` body; the upstream's answer (the length it read).
+    let finish = |mut s: tokio::net::TcpStream, rest: usize| async move {
+        s.write_all(&vec![b'b'; rest]).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let n = s.read(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let file = gw.dir.join("body-6000.bin");
+    std::fs::write(&file, vec![b'x'; 6_000]).unwrap();
     let url = format!("http://{}/sink", gw.addr);
-    let post = || {
+    let curl = move || {
         let (file, url) = (file.clone(), url.clone());
         tokio::task::spawn_blocking(move || {
             let out = std::process::Command::new("curl")
@@ -630,17 +639,31 @@ async fn read_ahead_memory_is_bounded_counted_and_given_back() {
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
     };
+
     assert_eq!(held(), 0.0);
-    let stalled = stall().await;
+    let stalled = partial(65_536, 60_000).await;
     settle("the stalled body's bytes read ahead", 60_000.0)
         .await
         .unwrap();
     assert_eq!(over(), 0.0);
-    let out = post().await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.ends_with("10000"), "the upstream read all of it: {out}");
-    assert_eq!(over(), 1.0, "the POST past the limit was not counted");
-    assert_eq!(up.hits(), 1, "only the POST went upstream");
+    let got = curl().await.unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("6000"), "the upstream read all of it: {got}");
+    assert_eq!(over(), 0.0, "a body read whole streamed nothing");
+    let streaming = partial(20_000, 6_000).await;
+    tokio::task::spawn_blocking(move || {
+        wait_for("the partial body counted over the budget", || {
+            match over() {
+                1.0 => Ok(()),
+                v => Err(format!("gateway_request_read_ahead_over_budget_total {v}")),
+            }
+        })
+    })
+    .await
+    .unwrap();
+    let got = finish(streaming, 14_000).await;
+    assert!(got.ends_with("20000"), "the upstream read all of it: {got}");
+    assert_eq!(up.hits(), 2);
     assert_eq!(held(), 60_000.0, "the streamed POST holds nothing now");
     drop(stalled);
     settle("the stalled body's bytes given back", 0.0)
@@ -653,13 +676,21 @@ async fn read_ahead_memory_is_bounded_counted_and_given_back() {
         .settings;
     let report = gw.handle.reload(settings).await;
     assert!(report.needs_restart.is_empty(), "{report:?}");
-    let stalled = stall().await;
+    let stalled = partial(65_536, 60_000).await;
     settle("the stalled body's bytes read ahead", 60_000.0)
         .await
         .unwrap();
-    let out = post().await.unwrap();
-    assert!(out.ends_with("10000"), "{out}");
-    assert_eq!(over(), 1.0, "reloaded with 1 MiB, the POST was read ahead");
+    let held_too = partial(20_000, 6_000).await;
+    settle("both bodies read ahead, within 1 MiB", 66_000.0)
+        .await
+        .unwrap();
+    assert_eq!(
+        over(),
+        1.0,
+        "reloaded with 1 MiB, the partial body was held"
+    );
+    let got = finish(held_too, 14_000).await;
+    assert!(got.ends_with("20000"), "{got}");
     drop(stalled);
     settle("the stalled body's bytes given back", 0.0)
         .await

@@ -138,7 +138,17 @@ impl ResponseBody {
             return Poll::Ready(Some(Err(e)));
         };
         ex.record.error.get_or_insert(kind);
-        ex.record.cut_short = Some(kind.reason());
+        // A gRPC call's own deadline (the only request timeout here) is the client's choice,
+        // not the upstream's failure: a reason of its own.
+        let reason = match kind {
+            ErrorKind::RequestTimeout => super::telemetry::GRPC_DEADLINE_REASON,
+            _ => kind.reason(),
+        };
+        debug_assert!(
+            super::telemetry::INCOMPLETE_REASONS.contains(&reason),
+            "{reason}: gateway_responses_incomplete_total's series of it would outlive its route"
+        );
+        ex.record.cut_short = Some(reason);
         // The connection is mid-response: dropping it closes it.
         ex.lease = None;
         let detail = format!("{kind}: {}", classify::with_causes(&*e));
@@ -348,6 +358,13 @@ impl Drop for ResponseBody {
             // An empty body (or HEAD) that hyper never polled.
             ex.release();
         }
-        ex.finish(self.done || empty);
+        // hyper stops polling a body once it has written its `content-length` bytes (and
+        // writes none for HEAD, 204 and 304): an HTTP/2 upstream's END_STREAM may still be on
+        // its way, in a frame of its own, and the client has had all of it all the same.
+        let whole = matches!(self.kind, Kind::Upstream { .. })
+            && (Body::size_hint(self).upper() == Some(0)
+                || ex.record.method == http::Method::HEAD
+                || matches!(ex.record.status, 204 | 304));
+        ex.finish(self.done || empty || whole);
     }
 }

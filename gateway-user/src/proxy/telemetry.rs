@@ -40,6 +40,7 @@ mod series;
 mod tls;
 mod tunnel;
 
+pub(crate) use self::series::INCOMPLETE_REASONS;
 use self::series::Series;
 pub(crate) use self::{
     endpoint::EndpointMeter,
@@ -94,6 +95,10 @@ pub(crate) const UNROUTED: &str = "-";
 /// `gateway_responses_incomplete_total`'s reason for a response whose client went away before
 /// its end (`exchange`).
 pub(crate) const CLIENT_CLOSED_REASON: &str = "client_closed";
+
+/// `gateway_responses_incomplete_total`'s reason for a gRPC call whose own deadline
+/// (`grpc-timeout`) passed while its response streamed (`response_body`).
+pub(crate) const GRPC_DEADLINE_REASON: &str = "grpc_deadline";
 
 /// Timeout phases, in label order.
 const PHASES: [&str; 5] = ["connect", "response", "write", "request", "tls_handshake"];

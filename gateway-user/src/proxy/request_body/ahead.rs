@@ -94,15 +94,25 @@ impl Ahead {
                 Poll::Pending => return Poll::Pending,
             };
             match frame.into_data() {
-                Ok(data) => self.add(&data, budget),
+                Ok(data) => {
+                    // Past the budget, no further: unless this read ended the body (or its
+                    // first `bytes`), when nothing streams that would not have anyway.
+                    if self.add(&data, budget)
+                        && (self.data.len() as u64) < bytes
+                        && !s.inner_ended()
+                    {
+                        self.stop(budget);
+                    }
+                }
                 Err(frame) => self.trailers = frame.into_trailers().ok(),
             }
         }
         Poll::Ready(Ok(()))
     }
 
-    /// Copies `data` in and counts it in `budget`; past the budget's limit, this is the last.
-    fn add(&mut self, data: &Bytes, budget: &Budget) {
+    /// Copies `data` in and counts it in `budget`: whether that took all requests together
+    /// past the budget's limit.
+    fn add(&mut self, data: &Bytes, budget: &Budget) -> bool {
         if self.data.is_empty() {
             self.data.reserve(data.len().max(super::SMALL_FRAME));
         }
@@ -118,17 +128,19 @@ impl Ahead {
                 })
             }
         }
-        let limit = budget.limit.load(Ordering::Relaxed);
-        if u64::try_from(before.saturating_add(n)).unwrap_or(0) > limit {
-            self.stopped = true;
-            budget.over.inc();
-            if let Some(unlogged) = BUDGET_LOG.due() {
-                warn!(
-                    request_buffering_memory_bytes = limit,
-                    unlogged,
-                    "request bodies read ahead hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
-                );
-            }
+        u64::try_from(before.saturating_add(n)).unwrap_or(0) > budget.limit.load(Ordering::Relaxed)
+    }
+
+    /// The budget ran out with the body still arriving: the rest streams, counted and logged.
+    fn stop(&mut self, budget: &Budget) {
+        self.stopped = true;
+        budget.over.inc();
+        if let Some(unlogged) = BUDGET_LOG.due() {
+            warn!(
+                request_buffering_memory_bytes = budget.limit.load(Ordering::Relaxed),
+                unlogged,
+                "request bodies read ahead hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
+            );
         }
     }
 

@@ -84,13 +84,13 @@ pub(crate) struct Series {
 const STATUSES: std::ops::RangeInclusive<u16> = 100..=999;
 
 /// Every reason of `gateway_responses_incomplete_total`: what `ResponseBody` records when the
-/// upstream body fails (`classify::body_error`, the stall and call-deadline timers) and
+/// upstream body fails (`classify::body_error`, the stall timer, a gRPC call's deadline) and
 /// [`super::CLIENT_CLOSED_REASON`].
-pub(super) const INCOMPLETE_REASONS: [&str; 5] = [
+pub(crate) const INCOMPLETE_REASONS: [&str; 5] = [
     "upstream_reset",
     "invalid_upstream_response",
     "response_timeout",
-    "request_timeout",
+    super::GRPC_DEADLINE_REASON,
     super::CLIENT_CLOSED_REASON,
 ];
 
