@@ -185,11 +185,7 @@ pub async fn start_inheriting(
             source,
         })?;
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
-    let read_ahead = request_body::Budget::new(
-        settings.downstream.request_buffering_memory_bytes,
-        telemetry.metrics.read_ahead_bytes.clone(),
-        telemetry.metrics.read_ahead_over_budget.clone(),
-    );
+    let read_ahead = request_body::Budget::new(&settings.downstream, &telemetry.metrics);
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let admission = admission::Admission::new(&telemetry.metrics);
     let gates = listen
@@ -224,12 +220,7 @@ pub async fn start_inheriting(
         );
         spawn_worker(i, workers, worker)?;
     }
-    for addr in &listen {
-        info!(listener = %addr, workers = n, "proxy listening");
-    }
-    for addr in &https {
-        info!(https_listener = %addr, workers = n, "proxy listening (HTTPS)");
-    }
+    announce(&listen, &https, n);
     let mut admin = None;
     if let Some(l) = admin_listener {
         admin = l.local_addr().ok();
@@ -247,6 +238,16 @@ pub async fn start_inheriting(
         workers_done,
         sockets,
     })
+}
+
+/// Logs the client listeners, once their workers run.
+fn announce(listen: &[SocketAddr], https: &[SocketAddr], workers: usize) {
+    for addr in listen {
+        info!(listener = %addr, workers, "proxy listening");
+    }
+    for addr in https {
+        info!(https_listener = %addr, workers, "proxy listening (HTTPS)");
+    }
 }
 
 /// Runs worker `i` as a task on the caller's runtime, or on a thread of its own with its own

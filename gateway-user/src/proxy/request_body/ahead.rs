@@ -42,11 +42,11 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    pub fn new(limit: u64, held: Gauge, over: Counter) -> Budget {
+    pub fn new(ds: &crate::config::Downstream, m: &crate::metrics::GatewayMetrics) -> Budget {
         Budget {
-            limit: AtomicU64::new(limit),
-            held,
-            over,
+            limit: AtomicU64::new(ds.request_buffering_memory_bytes),
+            held: m.read_ahead_bytes.clone(),
+            over: m.read_ahead_over_budget.clone(),
         }
     }
 }
