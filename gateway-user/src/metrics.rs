@@ -201,9 +201,13 @@ catalogue! {
     worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],
         "Client connections open now on each worker thread (parked ones included). With [router] connection_balance = \"exact\" (the default) a worker that accepts a connection while another serves fewer hands it over, so the workers stay within one connection of each other; with \"kernel\" they get what SO_REUSEPORT's hash gives them.";
     read_ahead_bytes: "gateway_request_read_ahead_bytes", "gauge", [],
-        "Request body bytes held read ahead now: the start of a body (its first 64 KiB, or all of a smaller one) read before any upstream is asked, so that a client sending its body slowly holds no upstream connection. All requests together hold at most [router.downstream] request_buffering_memory_bytes (64 MiB by default), give or take one read each.";
+        "Request body bytes held read ahead now: the start of a body (its first 64 KiB, or all of a smaller one) read before any upstream is asked, so that a client sending its body slowly holds no upstream connection. All requests together hold at most [router.downstream] request_buffering_memory_bytes (64 MiB by default) with what is kept for retries (gateway_request_retry_copy_bytes), give or take one read each.";
     read_ahead_over_budget: "gateway_request_read_ahead_over_budget", "counter", [],
         "Request bodies that were not read ahead, or not to the end of their first 64 KiB, because all requests together held request_buffering_memory_bytes: they streamed to their upstream as they arrived, as with request_buffering = false, holding an upstream connection while the client sends. Also logged (warn), at most once per 10 s with the number not logged.";
+    retry_copy_bytes: "gateway_request_retry_copy_bytes", "gauge", [],
+        "Request body bytes kept now so that a request can be sent again after a failed attempt (the first 64 KiB of a body; a larger body is not kept), for requests that may be retried. They share [router.downstream] request_buffering_memory_bytes with the bytes read ahead (gateway_request_read_ahead_bytes): the two together stay within it, give or take one read each.";
+    retry_copy_over_budget: "gateway_request_retry_copy_over_budget", "counter", [],
+        "Request bodies not kept for a retry because all requests together held request_buffering_memory_bytes (read ahead and kept): such a request is not sent again once its body went upstream, as a body over 64 KiB is not. Also logged (warn), at most once per 10 s with the number not logged.";
 }
 
 /// The registered families. Cloning is cheap (every family is an `Arc` inside).
@@ -250,6 +254,8 @@ pub struct GatewayMetrics {
     pub accept_errors: Family<ListenerErrno, Counter>,
     pub read_ahead_bytes: Gauge,
     pub read_ahead_over_budget: Counter,
+    pub retry_copy_bytes: Gauge,
+    pub retry_copy_over_budget: Counter,
 }
 
 impl GatewayMetrics {
@@ -296,6 +302,8 @@ impl GatewayMetrics {
             worker_connections: Family::default(),
             read_ahead_bytes: Gauge::default(),
             read_ahead_over_budget: Counter::default(),
+            retry_copy_bytes: Gauge::default(),
+            retry_copy_over_budget: Counter::default(),
         };
         m.register(registry);
         m
@@ -356,6 +364,8 @@ impl GatewayMetrics {
         reg!(f::worker_connections, self.worker_connections);
         reg!(f::read_ahead_bytes, self.read_ahead_bytes);
         reg!(f::read_ahead_over_budget, self.read_ahead_over_budget);
+        reg!(f::retry_copy_bytes, self.retry_copy_bytes);
+        reg!(f::retry_copy_over_budget, self.retry_copy_over_budget);
     }
 }
 

@@ -242,3 +242,119 @@ async fn response_timeout_is_retried_only_for_idempotent_requests_when_enabled()
     }
     assert_eq!(timeouts, 2, "POST is never replayed after a timeout");
 }
+
+/// `curl -X PUT --data-binary @file URL` with `Expect:` off (so the body follows the head at
+/// once): the status line's code and the body.
+fn curl_put(file: &std::path::Path, url: &str) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "20", "-H", "Expect:", "-X", "PUT"])
+        .args(["-w", "\n%{http_code}"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_owned(), body.to_owned())
+}
+
+/// A body read ahead of the upstream is kept for a retry as the buffer it was read into, and
+/// replayed whole: a PUT of 40,000 bytes (curl) that times out on the slow endpoint is answered
+/// by the fast one, which read all 40,000 bytes (`/sink` answers the length it read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_read_ahead_is_replayed_whole_after_a_response_timeout() {
+    let slow = Upstream::start("slow").await;
+    let fast = Upstream::start("fast").await;
+    slow.set_delay(Duration::from_millis(3000));
+    let gw = gateway(
+        "retry-body",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\", \"{}\"]\n[router.upstream.timeouts]\nresponse_timeout_ms = 300\n[router.upstream.retry]\non_response_timeout = true\n[router.upstream.health]\nresponse_timeouts_to_eject = 0\n",
+            slow.addr, fast.addr
+        ),
+    )
+    .await;
+    let file = gw.dir.join("body-40000.bin");
+    std::fs::write(&file, vec![b'x'; 40_000]).unwrap();
+    let url = format!("http://{}/sink", gw.addr);
+    for _ in 0..4 {
+        let (file, url) = (file.clone(), url.clone());
+        let (code, body) = tokio::task::spawn_blocking(move || curl_put(&file, &url))
+            .await
+            .unwrap();
+        assert_eq!(code, "200", "{body}");
+        assert_eq!(body, "40000", "the fast endpoint read the whole body");
+    }
+    let lines = log_lines(&gw.log, 4);
+    let retried = lines
+        .iter()
+        .filter(|l| l["attempt_errors"] == serde_json::json!(["response_timeout", "-"]))
+        .count();
+    assert!(
+        retried >= 1,
+        "round robin tried the slow endpoint first: {lines:?}"
+    );
+    for l in &lines {
+        assert_eq!(l["request_bytes"], 40_000, "{l}");
+    }
+}
+
+/// The copies of bodies kept for retries share `request_buffering_memory_bytes` with what is
+/// read ahead. With it at 64 KiB, two PUTs of 40,000 bytes wait on a slow upstream: one body is
+/// kept (`gateway_request_retry_copy_bytes` 40,000), the other has no room and is not
+/// (`gateway_request_retry_copy_over_budget_total` 1), both are answered, and the bytes are
+/// given back when they are. Before, each request kept 64 KiB outside any budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_copies_share_the_request_buffering_memory() {
+    use gateway_testkit::admin::{metrics, value, wait_for};
+    let up = Upstream::start("slow").await;
+    up.set_delay(Duration::from_millis(1500));
+    let gw = gateway(
+        "retry-copy-budget",
+        &format!(
+            "[router.downstream]\nrequest_buffering_memory_bytes = 65536\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let read = move |name: &str| value(&metrics(admin), name, &[]);
+    let file = gw.dir.join("body-40000.bin");
+    std::fs::write(&file, vec![b'x'; 40_000]).unwrap();
+    let url = format!("http://{}/sink", gw.addr);
+    let puts: Vec<_> = (0..2)
+        .map(|_| {
+            let (file, url) = (file.clone(), url.clone());
+            tokio::task::spawn_blocking(move || curl_put(&file, &url))
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        wait_for("one body kept, one over the budget", || {
+            let kept = read("gateway_request_retry_copy_bytes");
+            let over = read("gateway_request_retry_copy_over_budget_total");
+            let ahead = read("gateway_request_read_ahead_bytes");
+            match (kept, over, ahead) {
+                (40_000.0, 1.0, 0.0) => Ok(()),
+                v => Err(format!("(kept, over, read ahead) {v:?}")),
+            }
+        })
+    })
+    .await
+    .unwrap();
+    for put in puts {
+        let (code, body) = put.await.unwrap();
+        assert_eq!(code, "200", "{body}");
+        assert_eq!(body, "40000");
+    }
+    tokio::task::spawn_blocking(move || {
+        wait_for("the kept body given back", || {
+            match read("gateway_request_retry_copy_bytes") {
+                0.0 => Ok(()),
+                v => Err(format!("gateway_request_retry_copy_bytes {v}")),
+            }
+        })
+    })
+    .await
+    .unwrap();
+}

@@ -284,11 +284,13 @@ pub struct DownstreamConfig {
     /// with bursts of up to one second's worth. Beyond it, answered like
     /// `max_client_connections`. Unlimited by default.
     pub max_accepts_per_second: Option<u32>,
-    /// Request body bytes all requests together may hold read ahead: the start of each body
-    /// (its first 64 KiB, or all of a smaller one) is read before any upstream is asked, unless
-    /// `request_buffering = false` (see `request_buffering` in `[[routes]]`). Past it, bodies
-    /// stream to their upstream as they arrive, counted in
-    /// `gateway_request_read_ahead_over_budget_total`. Default
+    /// Request body bytes all requests together may hold read ahead and kept for retries: the
+    /// start of each body (its first 64 KiB, or all of a smaller one) is read before any
+    /// upstream is asked, unless `request_buffering = false` (see `request_buffering` in
+    /// `[[routes]]`), and a request that may be retried keeps its body (up to 64 KiB). Past it,
+    /// bodies stream to their upstream as they arrive, counted in
+    /// `gateway_request_read_ahead_over_budget_total`, and are not kept for a retry, counted in
+    /// `gateway_request_retry_copy_over_budget_total`. Default
     /// [`DEFAULT_REQUEST_BUFFERING_MEMORY_BYTES`] (64 MiB: a thousand bodies of 64 KiB).
     pub request_buffering_memory_bytes: Option<u64>,
 }

@@ -40,7 +40,7 @@ use super::{
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
-    request_body::{KeptBody, Progress, RequestBody},
+    request_body::{Budget, KeptBody, Progress, RequestBody},
     response_body::ResponseBody,
     router::CompiledRoute,
     shared::{Drain, Shared},
@@ -167,13 +167,15 @@ impl Plan {
     /// `req` is the prepared request, whose body starts being kept here when a replay could
     /// ever be allowed: for idempotent requests (a stale keep-alive connection is always worth
     /// a retry), with kernel signals for any (the kernel may prove it unreceived), on HTTP/2
-    /// (an upstream may refuse a stream unprocessed) and for gRPC statuses a route retries.
+    /// (an upstream may refuse a stream unprocessed) and for gRPC statuses a route retries;
+    /// within `budget`, with the bodies read ahead.
     fn new(
         cluster: &Cluster,
         route: Arc<CompiledRoute>,
         req: &mut Request<RequestBody>,
         (deadline, grpc_deadline): (Instant, bool),
         grpc: bool,
+        budget: &Arc<Budget>,
     ) -> Plan {
         let kernel = cluster.kernel();
         let idempotent = is_idempotent(req.method());
@@ -184,8 +186,8 @@ impl Plan {
             || cluster.spec.protocol != UpstreamProtocol::Http1
             || (grpc && !retry.grpc_status_codes.is_empty());
         let replay = keep.then(|| {
-            let body =
-                (!hyper::body::Body::is_end_stream(req.body())).then(|| req.body_mut().keep());
+            let body = (!hyper::body::Body::is_end_stream(req.body()))
+                .then(|| req.body_mut().keep(budget));
             Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
@@ -262,6 +264,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         &mut req,
         (deadline, grpc_deadline),
         ex.grpc,
+        &ex.shared.read_ahead,
     );
     plan.had_body = done.is_some();
     ex.body = done.clone();

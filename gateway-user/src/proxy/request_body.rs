@@ -7,8 +7,11 @@
 //! body has ended, which starts the response timeout ([`Progress`]).
 //!
 //! So that a request can be sent again after an attempt failed (see `decide::retry`), the
-//! frames of a small body are also [`Kept`] as they pass (references to the same buffers, not
-//! copies), up to [`REPLAY_BODY_LIMIT`]; a larger body cannot be replayed.
+//! frames of a small body are also [`Kept`] as they are handed on (references to the same
+//! buffers, not copies: for a body read ahead, the buffer it was read into), up to
+//! [`REPLAY_BODY_LIMIT`] and within `request_buffering_memory_bytes` with what is read ahead
+//! ([`Budget`], [`Charge`]); a larger body, or one the budget has no room for, cannot be
+//! replayed.
 
 use std::{
     collections::VecDeque,
@@ -26,7 +29,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use self::ahead::Ahead;
-pub(crate) use self::ahead::Budget;
+pub(crate) use self::ahead::{Budget, Charge};
 
 mod ahead;
 
@@ -90,15 +93,17 @@ pub(crate) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 /// A body's frames as they passed, for sending it again: references to the same buffers,
 /// except small frames, which are copied together (a client sending its body a byte per frame
 /// would otherwise cost a `Bytes` per byte).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Kept {
     frames: Vec<Bytes>,
     /// Small frames since the last one kept by reference, copied.
     tail: BytesMut,
     len: u64,
     complete: bool,
-    /// Past [`REPLAY_BODY_LIMIT`] (or failed): nothing kept.
+    /// Past [`REPLAY_BODY_LIMIT`], past the budget, or failed: nothing kept.
     given_up: bool,
+    /// The bytes kept, as `request_buffering_memory_bytes` counts them.
+    charge: Charge,
 }
 
 impl Kept {
@@ -107,6 +112,14 @@ impl Kept {
             let tail = self.tail.split().freeze();
             self.frames.push(tail);
         }
+    }
+
+    /// Nothing is kept, and nothing will be: the bytes are given back to the budget.
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.frames = Vec::new();
+        self.tail = BytesMut::new();
+        self.charge.give_back();
     }
 }
 
@@ -173,11 +186,18 @@ impl RequestBody {
         RequestBody::Empty
     }
 
-    /// Keeps the frames as they pass (up to [`REPLAY_BODY_LIMIT`]); the handle tells, later,
-    /// whether the whole body was kept. Only a streaming body is kept (the request path asks
-    /// for no other): the handle of any other is never complete.
-    pub fn keep(&mut self) -> KeptBody {
-        let k = KeptBody::default();
+    /// Keeps the frames as they are handed on (up to [`REPLAY_BODY_LIMIT`], within `budget`);
+    /// the handle tells, later, whether the whole body was kept. Only a streaming body is kept
+    /// (the request path asks for no other): the handle of any other is never complete.
+    pub fn keep(&mut self, budget: &Arc<Budget>) -> KeptBody {
+        let k = Arc::new(Mutex::new(Kept {
+            frames: Vec::new(),
+            tail: BytesMut::new(),
+            len: 0,
+            complete: false,
+            given_up: false,
+            charge: Charge::new(budget),
+        }));
         if let RequestBody::Streaming(s) = self {
             s.keep = Some(k.clone());
         }
@@ -207,6 +227,7 @@ impl RequestBody {
         s.reading_ahead = false;
         if s.ahead.as_ref().is_some_and(|a| a.is_empty()) && s.inner_ended() {
             s.ended();
+            s.kept_whole();
         }
         r
     }
@@ -219,15 +240,20 @@ impl RequestBody {
 }
 
 impl Streaming {
-    /// The client's body ended: it is over for the request path once what was read ahead of
-    /// it is handed on too.
+    /// The client's body ended: it is over for the request path (and kept whole) once what was
+    /// read ahead of it is handed on too.
     fn finish(&mut self) {
         if let Some(p) = &self.done {
             p.0.complete.store(true, Ordering::Relaxed);
         }
         if !self.reading_ahead {
             self.ended();
+            self.kept_whole();
         }
+    }
+
+    /// All of the body was handed on: what was kept of it is the whole body.
+    fn kept_whole(&mut self) {
         if let Some(k) = self.keep.take() {
             let mut k = lock(&k);
             k.flush_tail();
@@ -235,15 +261,13 @@ impl Streaming {
         }
     }
 
-    /// Keeps `data` if the copy is still within its limit.
+    /// Keeps `data`, handed on, if the copy is still within its limit and the budget.
     fn kept(&mut self, data: &Bytes) {
         let Some(k) = &self.keep else { return };
         let mut k = lock(k);
         k.len += data.len() as u64;
-        if k.len > REPLAY_BODY_LIMIT {
-            k.given_up = true;
-            k.frames = Vec::new();
-            k.tail = BytesMut::new();
+        if k.len > REPLAY_BODY_LIMIT || !k.charge.take(data.len()) {
+            k.give_up();
             drop(k);
             self.keep = None;
         } else if data.len() < SMALL_FRAME {
@@ -261,7 +285,7 @@ impl Streaming {
 
     fn give_up_keeping(&mut self) {
         if let Some(k) = self.keep.take() {
-            lock(&k).given_up = true;
+            lock(&k).give_up();
         }
     }
 
@@ -276,12 +300,21 @@ impl Streaming {
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         if let Some(ahead) = self.ahead.as_mut() {
             let frame = ahead.next();
-            if ahead.is_empty() {
+            let drained = ahead.is_empty();
+            if drained {
                 self.ahead = None;
-                if self.inner_ended() {
-                    // The last of the body is handed on: the response timeout may start.
-                    self.ended();
-                }
+            }
+            // What was read ahead is kept as the one buffer it was read into, handed on.
+            match frame.as_ref().map(Frame::data_ref) {
+                Some(Some(data)) => self.kept(data),
+                // Trailers are not kept: such a body is not replayed.
+                Some(None) => self.give_up_keeping(),
+                None => {}
+            }
+            if drained && self.inner_ended() {
+                // The last of the body is handed on: the response timeout may start.
+                self.ended();
+                self.kept_whole();
             }
             if let Some(frame) = frame {
                 return Poll::Ready(Some(Ok(frame)));
@@ -317,7 +350,10 @@ impl Streaming {
                         self.give_up_keeping();
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
                     }
-                    self.kept(data);
+                    if !self.reading_ahead {
+                        // Read ahead, it is kept when handed on, in the buffer it is read into.
+                        self.kept(data);
+                    }
                 } else {
                     // Trailers are not kept: such a body is not replayed.
                     self.give_up_keeping();

@@ -70,9 +70,9 @@ pub(crate) struct Shared {
     pub admission: Admission,
     /// Each client listener address's accept rate limit and counters.
     pub gates: Vec<Arc<ListenerGate>>,
-    /// What request bodies read ahead hold, over all requests
+    /// What request bodies read ahead and kept for retries hold, over all requests
     /// (`request_buffering_memory_bytes`).
-    pub read_ahead: Budget,
+    pub read_ahead: Arc<Budget>,
 }
 
 impl Shared {

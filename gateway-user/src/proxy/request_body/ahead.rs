@@ -5,14 +5,20 @@
 //! - the data is copied into one buffer, so that a body sent as thousands of one-byte chunks
 //!   or DATA frames costs its bytes, not a frame's bookkeeping per byte;
 //! - all requests together hold at most `[router.downstream] request_buffering_memory_bytes`
-//!   read ahead ([`Budget`]; 64 MiB by default), give or take one read each. Past it, a body
-//!   is not read ahead (or no further): it streams to the upstream as it arrives, as it did
-//!   before read-ahead, counted in `gateway_request_read_ahead_over_budget_total`, and a
-//!   warning says so (at most once per 10 s).
+//!   ([`Budget`]; 64 MiB by default), give or take one read each, read ahead and kept for a
+//!   retry together. Past it, a body is not read ahead (or no further): it streams to the
+//!   upstream as it arrives, as it did before read-ahead, counted in
+//!   `gateway_request_read_ahead_over_budget_total`, and a warning says so (at most once per
+//!   10 s).
+//!
+//! The copy kept for a retry ([`Charge`]) draws on the same budget: a body is kept once, as
+//! the buffer read ahead once that is handed on (`request_body::Kept`), and a body the budget
+//! has no room for is not kept, so its request is not sent again once its body went upstream
+//! (`gateway_request_retry_copy_over_budget_total`).
 
 use std::{
     sync::{
-        LazyLock,
+        Arc, LazyLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -29,25 +35,94 @@ use super::{RequestBodyError, Streaming};
 use crate::proxy::log_every::LogEvery;
 
 static BUDGET_LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
+static KEEP_LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
 
-/// What all requests together may hold read ahead, and where it is counted: one per process
-/// (in `Shared`), its limit set at start and at every reload.
+/// What all requests together may hold of their bodies (read ahead, and kept for a retry), and
+/// where it is counted: one per process (in `Shared`), its limit set at start and at every
+/// reload.
 pub(crate) struct Budget {
     /// `request_buffering_memory_bytes`.
     pub limit: AtomicU64,
-    /// `gateway_request_read_ahead_bytes`: what is held now.
+    /// `gateway_request_read_ahead_bytes`: what is held read ahead now.
     pub held: Gauge,
     /// `gateway_request_read_ahead_over_budget_total`.
     pub over: Counter,
+    /// `gateway_request_retry_copy_bytes`: what is kept for retries now.
+    kept: Gauge,
+    /// `gateway_request_retry_copy_over_budget_total`.
+    kept_over: Counter,
 }
 
 impl Budget {
-    pub fn new(ds: &crate::config::Downstream, m: &crate::metrics::GatewayMetrics) -> Budget {
-        Budget {
+    pub fn new(ds: &crate::config::Downstream, m: &crate::metrics::GatewayMetrics) -> Arc<Budget> {
+        Arc::new(Budget {
             limit: AtomicU64::new(ds.request_buffering_memory_bytes),
             held: m.read_ahead_bytes.clone(),
             over: m.read_ahead_over_budget.clone(),
+            kept: m.retry_copy_bytes.clone(),
+            kept_over: m.retry_copy_over_budget.clone(),
+        })
+    }
+
+    /// Whether `total`, what all requests would hold with a new read, is past the limit.
+    fn past(&self, total: i64) -> bool {
+        u64::try_from(total).unwrap_or(0) > self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// A request's copy kept for a retry, as the [`Budget`] counts it; given back when dropped.
+pub(crate) struct Charge {
+    budget: Arc<Budget>,
+    bytes: i64,
+}
+
+impl Charge {
+    pub fn new(budget: &Arc<Budget>) -> Charge {
+        Charge {
+            budget: budget.clone(),
+            bytes: 0,
         }
+    }
+
+    /// Counts `n` more bytes kept: false, and nothing counted, when all requests together would
+    /// then hold more than the limit, which is counted and logged (the copy is given up).
+    pub fn take(&mut self, n: usize) -> bool {
+        let b = &self.budget;
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let before = b.kept.inner().fetch_add(n, Ordering::Relaxed);
+        if b.past(before.saturating_add(n).saturating_add(b.held.get())) {
+            b.kept.dec_by(n);
+            b.kept_over.inc();
+            if let Some(unlogged) = KEEP_LOG.due() {
+                warn!(
+                    request_buffering_memory_bytes = b.limit.load(Ordering::Relaxed),
+                    unlogged,
+                    "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies are not kept, so their requests are not retried once their body went upstream (counted in gateway_request_retry_copy_over_budget_total)"
+                );
+            }
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+
+    /// The copy was given up: its bytes go back to the budget now.
+    pub fn give_back(&mut self) {
+        self.budget.kept.dec_by(std::mem::take(&mut self.bytes));
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.kept.dec_by(self.bytes);
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Charge")
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }
 
@@ -128,7 +203,7 @@ impl Ahead {
                 })
             }
         }
-        u64::try_from(before.saturating_add(n)).unwrap_or(0) > budget.limit.load(Ordering::Relaxed)
+        budget.past(before.saturating_add(n).saturating_add(budget.kept.get()))
     }
 
     /// The budget ran out with the body still arriving: the rest streams, counted and logged.
