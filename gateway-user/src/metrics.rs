@@ -205,7 +205,7 @@ catalogue! {
     read_ahead_over_budget: "gateway_request_read_ahead_over_budget", "counter", [],
         "Request bodies that were not read ahead, or not to the end of their first 64 KiB, because all requests together held request_buffering_memory_bytes: they streamed to their upstream as they arrived, as with request_buffering = false, holding an upstream connection while the client sends. Also logged (warn), at most once per 10 s with the number not logged.";
     retry_copy_bytes: "gateway_request_retry_copy_bytes", "gauge", [],
-        "Request body bytes kept now so that a request can be sent again after a failed attempt (the first 64 KiB of a body; a larger body is not kept), for requests that may be retried. They share [router.downstream] request_buffering_memory_bytes with the bytes read ahead (gateway_request_read_ahead_bytes): the two together stay within it, give or take one read each.";
+        "Request body bytes kept now so that a request can be sent again after a failed attempt, until it has its response: bodies of up to 64 KiB (a larger one is not kept), of requests that may be retried. They share [router.downstream] request_buffering_memory_bytes with the bytes read ahead (gateway_request_read_ahead_bytes): the two together stay within it, give or take one read each.";
     retry_copy_over_budget: "gateway_request_retry_copy_over_budget", "counter", [],
         "Request bodies not kept for a retry because all requests together held request_buffering_memory_bytes (read ahead and kept): such a request is not sent again once its body went upstream, as a body over 64 KiB is not. Also logged (warn), at most once per 10 s with the number not logged.";
 }

@@ -512,7 +512,8 @@ async fn slow_request_bodies_hold_no_upstream_connection() {
 /// A body sent as one-byte chunks costs what its bytes cost while it is read ahead: 20 clients
 /// each send 60,000 of them (`1\r\nx\r\n`) and stall. Held frame by frame, each request held
 /// about 8 MB (a frame's bookkeeping per byte, and a `Bytes` per byte kept for a retry); now
-/// the read-ahead buffer and the kept copy hold 64 KiB each.
+/// the read-ahead buffer holds 60,000 bytes, which the copy kept for a retry shares once the
+/// body is read ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_in_one_byte_chunks_costs_its_bytes_while_read_ahead() {
     const CLIENTS: usize = 20;

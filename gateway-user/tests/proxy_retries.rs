@@ -244,10 +244,15 @@ async fn response_timeout_is_retried_only_for_idempotent_requests_when_enabled()
 }
 
 /// `curl -X PUT --data-binary @file URL` with `Expect:` off (so the body follows the head at
-/// once): the status line's code and the body.
-fn curl_put(file: &std::path::Path, url: &str) -> (String, String) {
+/// once), chunked if asked: the status line's code and the body.
+fn curl_put(file: &std::path::Path, url: &str, chunked: bool) -> (String, String) {
     let out = std::process::Command::new("curl")
         .args(["-s", "--max-time", "20", "-H", "Expect:", "-X", "PUT"])
+        .args(if chunked {
+            &["-H", "Transfer-Encoding: chunked"][..]
+        } else {
+            &[]
+        })
         .args(["-w", "\n%{http_code}"])
         .arg("--data-binary")
         .arg(format!("@{}", file.display()))
@@ -260,8 +265,9 @@ fn curl_put(file: &std::path::Path, url: &str) -> (String, String) {
 }
 
 /// A body read ahead of the upstream is kept for a retry as the buffer it was read into, and
-/// replayed whole: a PUT of 40,000 bytes (curl) that times out on the slow endpoint is answered
-/// by the fast one, which read all 40,000 bytes (`/sink` answers the length it read).
+/// replayed whole: a PUT of 40,000 bytes (curl; with a length, and chunked) that times out on
+/// the slow endpoint is answered by the fast one, which read all 40,000 bytes (`/sink` answers
+/// the length it read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_read_ahead_is_replayed_whole_after_a_response_timeout() {
     let slow = Upstream::start("slow").await;
@@ -278,26 +284,28 @@ async fn a_body_read_ahead_is_replayed_whole_after_a_response_timeout() {
     let file = gw.dir.join("body-40000.bin");
     std::fs::write(&file, vec![b'x'; 40_000]).unwrap();
     let url = format!("http://{}/sink", gw.addr);
-    for _ in 0..4 {
+    // Whether a request of each kind (with a length, chunked) was retried, read from its log line.
+    let mut retried = [false; 2];
+    for i in 0..8 {
+        let chunked = i % 2 == 1;
         let (file, url) = (file.clone(), url.clone());
-        let (code, body) = tokio::task::spawn_blocking(move || curl_put(&file, &url))
+        let (code, body) = tokio::task::spawn_blocking(move || curl_put(&file, &url, chunked))
             .await
             .unwrap();
         assert_eq!(code, "200", "{body}");
         assert_eq!(body, "40000", "the fast endpoint read the whole body");
+        let lines = log_lines(&gw.log, i + 1);
+        let line = &lines[i];
+        assert_eq!(line["request_bytes"], 40_000, "{line}");
+        if line["attempt_errors"] == serde_json::json!(["response_timeout", "-"]) {
+            retried[usize::from(chunked)] = true;
+        }
     }
-    let lines = log_lines(&gw.log, 4);
-    let retried = lines
-        .iter()
-        .filter(|l| l["attempt_errors"] == serde_json::json!(["response_timeout", "-"]))
-        .count();
-    assert!(
-        retried >= 1,
-        "round robin tried the slow endpoint first: {lines:?}"
+    assert_eq!(
+        retried,
+        [true, true],
+        "round robin tried the slow endpoint first for a body of each kind"
     );
-    for l in &lines {
-        assert_eq!(l["request_bytes"], 40_000, "{l}");
-    }
 }
 
 /// The copies of bodies kept for retries share `request_buffering_memory_bytes` with what is
@@ -326,7 +334,7 @@ async fn retry_copies_share_the_request_buffering_memory() {
     let puts: Vec<_> = (0..2)
         .map(|_| {
             let (file, url) = (file.clone(), url.clone());
-            tokio::task::spawn_blocking(move || curl_put(&file, &url))
+            tokio::task::spawn_blocking(move || curl_put(&file, &url, false))
         })
         .collect();
     tokio::task::spawn_blocking(move || {
@@ -357,4 +365,49 @@ async fn retry_copies_share_the_request_buffering_memory() {
     })
     .await
     .unwrap();
+}
+
+/// The copy kept for a retry is given back once the request has its response, not when its
+/// client's body ends: on a route with `request_buffering = false`, a PUT declares 50,000
+/// bytes, sends 20,000 and stalls; the upstream answers its head and a first chunk at once and
+/// the rest 20 s later (`/stall/`). While the client still holds its body open and the
+/// response streams, `gateway_request_retry_copy_bytes` is back to 0 (a long HTTP/2 or gRPC
+/// stream's copy held its share of `request_buffering_memory_bytes` until the stream ended,
+/// which may be hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_kept_for_a_retry_is_given_back_with_the_response() {
+    use gateway_testkit::admin::{metrics, value, wait_for};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = Upstream::start("up").await;
+    let gw = gateway(
+        "retry-copy-given-back",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"default\"\nrequest_buffering = false\n",
+            up.addr
+        ),
+    )
+    .await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut msg = b"PUT /stall/20000 HTTP/1.1\r\nhost: x\r\ncontent-length: 50000\r\n\r\n".to_vec();
+    msg.resize(msg.len() + 20_000, b'a');
+    s.write_all(&msg).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+        .await
+        .expect("an answer while the body is still open")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tokio::task::spawn_blocking(move || {
+        wait_for("the copy given back with the response", || {
+            match value(&metrics(admin), "gateway_request_retry_copy_bytes", &[]) {
+                0.0 => Ok(()),
+                v => Err(format!("gateway_request_retry_copy_bytes {v}")),
+            }
+        })
+    })
+    .await
+    .unwrap();
+    drop(s);
 }

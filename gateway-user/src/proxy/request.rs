@@ -163,6 +163,17 @@ struct Replay {
     body: Option<KeptBody>,
 }
 
+impl Drop for Replay {
+    /// The request has its answer (or failed for good): its body's copy is not needed, and its
+    /// bytes go back to `request_buffering_memory_bytes` now, not when the client's body ends
+    /// (a long HTTP/2 or gRPC stream's may not end for hours).
+    fn drop(&mut self) {
+        if let Some(kept) = &self.body {
+            RequestBody::forget(kept);
+        }
+    }
+}
+
 impl Plan {
     /// `req` is the prepared request, whose body starts being kept here when a replay could
     /// ever be allowed: for idempotent requests (a stale keep-alive connection is always worth

@@ -7,7 +7,7 @@
 //! body has ended, which starts the response timeout ([`Progress`]).
 //!
 //! So that a request can be sent again after an attempt failed (see `decide::retry`), the
-//! frames of a small body are also [`Kept`] as they are handed on (references to the same
+//! frames of a small body are also [`Kept`] as they are read (references to the same
 //! buffers, not copies: for a body read ahead, the buffer it was read into), up to
 //! [`REPLAY_BODY_LIMIT`] and within `request_buffering_memory_bytes` with what is read ahead
 //! ([`Budget`], [`Charge`]); a larger body, or one the budget has no room for, cannot be
@@ -160,6 +160,9 @@ pub(crate) struct Streaming {
     /// Told once, when the body ends (or this is dropped); `None` after that.
     done: Option<Ended>,
     keep: Option<KeptBody>,
+    /// The client's body ended (hyper's `is_end_stream` stays false after a chunked body's
+    /// end).
+    client_ended: bool,
 }
 
 impl RequestBody {
@@ -177,6 +180,7 @@ impl RequestBody {
             seen: 0,
             done: Some(Ended(p.clone())),
             keep: None,
+            client_ended: false,
         }));
         (body, Some(p))
     }
@@ -186,9 +190,11 @@ impl RequestBody {
         RequestBody::Empty
     }
 
-    /// Keeps the frames as they are handed on (up to [`REPLAY_BODY_LIMIT`], within `budget`);
-    /// the handle tells, later, whether the whole body was kept. Only a streaming body is kept
-    /// (the request path asks for no other): the handle of any other is never complete.
+    /// Keeps the frames as they are read (up to [`REPLAY_BODY_LIMIT`], within `budget`); what
+    /// is read ahead, once read ahead, as the buffer it was read into. The handle tells, later,
+    /// whether the whole body was kept; [`RequestBody::forget`] gives the copy up. Only a
+    /// streaming body is kept (the request path asks for no other): the handle of any other is
+    /// never complete.
     pub fn keep(&mut self, budget: &Arc<Budget>) -> KeptBody {
         let k = Arc::new(Mutex::new(Kept {
             frames: Vec::new(),
@@ -225,11 +231,24 @@ impl RequestBody {
         })
         .await;
         s.reading_ahead = false;
-        if s.ahead.as_ref().is_some_and(|a| a.is_empty()) && s.inner_ended() {
-            s.ended();
+        if let Some(mut ahead) = s.ahead.take() {
+            ahead.seal(budget, |data| s.kept(data));
+            s.ahead = Some(ahead);
+        }
+        if s.inner_ended() {
+            // All of the body is read (and, unless it had trailers or is too large, kept).
             s.kept_whole();
+            if s.ahead.as_ref().is_some_and(|a| a.is_empty()) {
+                s.ended();
+            }
         }
         r
+    }
+
+    /// The copy will not be replayed (the request has its response): its bytes go back to the
+    /// budget now, not when the client's body ends.
+    pub fn forget(kept: &KeptBody) {
+        lock(kept).give_up();
     }
 
     /// The body again, if all of it was kept.
@@ -240,9 +259,11 @@ impl RequestBody {
 }
 
 impl Streaming {
-    /// The client's body ended: it is over for the request path (and kept whole) once what was
-    /// read ahead of it is handed on too.
+    /// The client's body ended: it is over for the request path once what was read ahead of it
+    /// is handed on too, and kept whole once what was read ahead is kept.
     fn finish(&mut self) {
+        // hyper's `is_end_stream` stays false for a chunked body after its end.
+        self.client_ended = true;
         if let Some(p) = &self.done {
             p.0.complete.store(true, Ordering::Relaxed);
         }
@@ -252,7 +273,7 @@ impl Streaming {
         }
     }
 
-    /// All of the body was handed on: what was kept of it is the whole body.
+    /// All of the body was read and kept (unless the copy was given up): the copy is whole.
     fn kept_whole(&mut self) {
         if let Some(k) = self.keep.take() {
             let mut k = lock(&k);
@@ -261,21 +282,25 @@ impl Streaming {
         }
     }
 
-    /// Keeps `data`, handed on, if the copy is still within its limit and the budget.
-    fn kept(&mut self, data: &Bytes) {
-        let Some(k) = &self.keep else { return };
+    /// Keeps `data` if the copy is still wanted, within its limit and the budget: whether it
+    /// was kept (and is counted as kept).
+    fn kept(&mut self, data: &Bytes) -> bool {
+        let Some(k) = &self.keep else { return false };
         let mut k = lock(k);
         k.len += data.len() as u64;
-        if k.len > REPLAY_BODY_LIMIT || !k.charge.take(data.len()) {
+        if k.given_up || k.len > REPLAY_BODY_LIMIT || !k.charge.take(data.len()) {
             k.give_up();
             drop(k);
             self.keep = None;
-        } else if data.len() < SMALL_FRAME {
+            return false;
+        }
+        if data.len() < SMALL_FRAME {
             k.tail.extend_from_slice(data);
         } else {
             k.flush_tail();
             k.frames.push(data.clone());
         }
+        true
     }
 
     /// Tells the request path the body is over (ended or failed).
@@ -291,7 +316,7 @@ impl Streaming {
 
     /// No more frames will come from the client.
     fn inner_ended(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.client_ended || self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn poll_frame(
@@ -300,21 +325,13 @@ impl Streaming {
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         if let Some(ahead) = self.ahead.as_mut() {
             let frame = ahead.next();
-            let drained = ahead.is_empty();
-            if drained {
+            // Kept already, when it was read ahead.
+            if ahead.is_empty() {
                 self.ahead = None;
-            }
-            // What was read ahead is kept as the one buffer it was read into, handed on.
-            match frame.as_ref().map(Frame::data_ref) {
-                Some(Some(data)) => self.kept(data),
-                // Trailers are not kept: such a body is not replayed.
-                Some(None) => self.give_up_keeping(),
-                None => {}
-            }
-            if drained && self.inner_ended() {
-                // The last of the body is handed on: the response timeout may start.
-                self.ended();
-                self.kept_whole();
+                if self.inner_ended() {
+                    // The last of the body is handed on: the response timeout may start.
+                    self.ended();
+                }
             }
             if let Some(frame) = frame {
                 return Poll::Ready(Some(Ok(frame)));
@@ -351,7 +368,7 @@ impl Streaming {
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
                     }
                     if !self.reading_ahead {
-                        // Read ahead, it is kept when handed on, in the buffer it is read into.
+                        // Read ahead, it is kept once read ahead, in the buffer it is read into.
                         self.kept(data);
                     }
                 } else {

@@ -11,9 +11,9 @@
 //!
 //! Memory: at most 64 KiB per request, copied into one buffer, and
 //! `[router.downstream] request_buffering_memory_bytes` (64 MiB) for all requests together
-//! (`request_body::ahead`), with the copies kept for retries (`REPLAY_BODY_LIMIT`, for the
-//! request's whole life): a body read ahead is kept as that same buffer once handed on. A
-//! larger body streams on after its first 64 KiB. gRPC calls and Connect-protocol
+//! (`request_body::ahead`), with the copies kept for retries (`REPLAY_BODY_LIMIT`, until the
+//! request has its response): a body read ahead is kept as that same buffer. A larger body
+//! streams on after its first 64 KiB. gRPC calls and Connect-protocol
 //! streams always stream (a streaming call's client may wait for the upstream's reply before it
 //! sends more), and so do the requests of a route or cluster with `request_buffering = false`
 //! (an upload whose client waits on the upstream's progress).

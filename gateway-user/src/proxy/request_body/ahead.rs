@@ -11,10 +11,10 @@
 //!   `gateway_request_read_ahead_over_budget_total`, and a warning says so (at most once per
 //!   10 s).
 //!
-//! The copy kept for a retry ([`Charge`]) draws on the same budget: a body is kept once, as
-//! the buffer read ahead once that is handed on (`request_body::Kept`), and a body the budget
-//! has no room for is not kept, so its request is not sent again once its body went upstream
-//! (`gateway_request_retry_copy_over_budget_total`).
+//! The copy kept for a retry ([`Charge`]) draws on the same budget: a body read ahead is kept
+//! once, as the buffer it was read into ([`Ahead::seal`], `request_body::Kept`), and a body
+//! the budget has no room for is not kept, so its request is not sent again once its body went
+//! upstream (`gateway_request_retry_copy_over_budget_total`).
 
 use std::{
     sync::{
@@ -141,6 +141,9 @@ impl Drop for Share {
 #[derive(Default)]
 pub(super) struct Ahead {
     data: BytesMut,
+    /// `data` frozen once read ahead ([`Ahead::seal`]), so that the copy kept for a retry
+    /// shares its buffer.
+    sealed: Bytes,
     trailers: Option<HeaderMap>,
     /// The data's share of the [`Budget`], given back once it is handed on.
     share: Option<Share>,
@@ -192,7 +195,13 @@ impl Ahead {
             self.data.reserve(data.len().max(super::SMALL_FRAME));
         }
         self.data.extend_from_slice(data);
-        let n = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        let after = self.count(data.len(), budget);
+        budget.past(after.saturating_add(budget.kept.get()))
+    }
+
+    /// Counts `n` more bytes held read ahead: what all requests together hold read ahead now.
+    fn count(&mut self, n: usize, budget: &Budget) -> i64 {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
         let before = budget.held.inner().fetch_add(n, Ordering::Relaxed);
         match &mut self.share {
             Some(share) => share.bytes += n,
@@ -203,7 +212,23 @@ impl Ahead {
                 })
             }
         }
-        budget.past(before.saturating_add(n).saturating_add(budget.kept.get()))
+        before.saturating_add(n)
+    }
+
+    /// Once read ahead: freezes the data into the one buffer that is handed on, and hands it to
+    /// `keep`, the copy kept for a retry, which shares it (kept now, not when handed on: an
+    /// HTTP/2 request can fail before its body is polled). The bytes are counted once: as
+    /// kept when `keep` took them (it says so), as read ahead otherwise.
+    pub(super) fn seal(&mut self, budget: &Budget, keep: impl FnOnce(&Bytes) -> bool) {
+        if self.data.is_empty() {
+            return;
+        }
+        self.sealed = self.data.split().freeze();
+        // Given back first, so that the copy's charge does not count the same bytes twice.
+        self.share = None;
+        if !keep(&self.sealed) {
+            self.count(self.sealed.len(), budget);
+        }
     }
 
     /// The budget ran out with the body still arriving: the rest streams, counted and logged.
@@ -214,23 +239,27 @@ impl Ahead {
             warn!(
                 request_buffering_memory_bytes = budget.limit.load(Ordering::Relaxed),
                 unlogged,
-                "request bodies read ahead hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
+                "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
             );
         }
     }
 
     /// Data or trailers still to hand on.
     pub(super) fn is_empty(&self) -> bool {
-        self.data.is_empty() && self.trailers.is_none()
+        self.sealed.is_empty() && self.data.is_empty() && self.trailers.is_none()
     }
 
     /// Bytes of data still to hand on.
     pub(super) fn len(&self) -> u64 {
-        self.data.len() as u64
+        (self.sealed.len() + self.data.len()) as u64
     }
 
     /// The next frame to hand on: the data, then the trailers.
     pub(super) fn next(&mut self) -> Option<Frame<Bytes>> {
+        if !self.sealed.is_empty() {
+            self.share = None;
+            return Some(Frame::data(std::mem::take(&mut self.sealed)));
+        }
         if !self.data.is_empty() {
             self.share = None;
             return Some(Frame::data(self.data.split().freeze()));
