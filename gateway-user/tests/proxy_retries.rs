@@ -7,7 +7,7 @@ use std::time::Duration;
 use gateway_testkit::{
     admin::wait_in_flight,
     http::{client, empty, get, send},
-    inprocess::{gateway, log_lines},
+    inprocess::{InProcess, gateway, log_lines},
     ports::refused_addr,
     upstream::{Upstream, raw_responder},
 };
@@ -206,17 +206,7 @@ async fn spent_retry_budget_means_no_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_timeout_is_retried_only_for_idempotent_requests_when_enabled() {
-    let slow = Upstream::start("slow").await;
-    let fast = Upstream::start("fast").await;
-    slow.set_delay(Duration::from_millis(3000));
-    let gw = gateway(
-        "retry-timeout",
-        &format!(
-            "[router.upstream]\nendpoints = [\"{}\", \"{}\"]\n[router.upstream.timeouts]\nresponse_timeout_ms = 300\n[router.upstream.retry]\non_response_timeout = true\n[router.upstream.health]\nresponse_timeouts_to_eject = 0\n",
-            slow.addr, fast.addr
-        ),
-    )
-    .await;
+    let (_slow, _fast, gw) = slow_and_fast("retry-timeout").await;
     let c = client();
     for _ in 0..4 {
         let got = get(&c, gw.addr, "/").await;
@@ -270,17 +260,7 @@ fn curl_put(file: &std::path::Path, url: &str, chunked: bool) -> (String, String
 /// the length it read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_read_ahead_is_replayed_whole_after_a_response_timeout() {
-    let slow = Upstream::start("slow").await;
-    let fast = Upstream::start("fast").await;
-    slow.set_delay(Duration::from_millis(3000));
-    let gw = gateway(
-        "retry-body",
-        &format!(
-            "[router.upstream]\nendpoints = [\"{}\", \"{}\"]\n[router.upstream.timeouts]\nresponse_timeout_ms = 300\n[router.upstream.retry]\non_response_timeout = true\n[router.upstream.health]\nresponse_timeouts_to_eject = 0\n",
-            slow.addr, fast.addr
-        ),
-    )
-    .await;
+    let (_slow, _fast, gw) = slow_and_fast("retry-body").await;
     let file = gw.dir.join("body-40000.bin");
     std::fs::write(&file, vec![b'x'; 40_000]).unwrap();
     let url = format!("http://{}/sink", gw.addr);
@@ -410,4 +390,21 @@ async fn the_copy_kept_for_a_retry_is_given_back_with_the_response() {
     .await
     .unwrap();
     drop(s);
+}
+
+/// A gateway over a slow endpoint (3 s to answer) and a fast one, with a response timeout of
+/// 300 ms that is retried (and ejects nothing): the upstreams, then the gateway.
+async fn slow_and_fast(label: &str) -> (Upstream, Upstream, InProcess) {
+    let slow = Upstream::start("slow").await;
+    let fast = Upstream::start("fast").await;
+    slow.set_delay(Duration::from_millis(3000));
+    let gw = gateway(
+        label,
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\", \"{}\"]\n[router.upstream.timeouts]\nresponse_timeout_ms = 300\n[router.upstream.retry]\non_response_timeout = true\n[router.upstream.health]\nresponse_timeouts_to_eject = 0\n",
+            slow.addr, fast.addr
+        ),
+    )
+    .await;
+    (slow, fast, gw)
 }
