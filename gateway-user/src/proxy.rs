@@ -185,7 +185,7 @@ pub async fn start_inheriting(
             source,
         })?;
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
-    let read_ahead = request_body::Budget::new(&settings.downstream, &telemetry.metrics);
+    let body_budget = request_body::Budget::new(&settings.downstream, &telemetry.metrics);
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let admission = admission::Admission::new(&telemetry.metrics);
     let gates = listen
@@ -203,7 +203,7 @@ pub async fn start_inheriting(
         keepalive_off: AtomicBool::new(false),
         workers: n,
         telemetry,
-        read_ahead,
+        body_budget,
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
     tokio::spawn(roll_history(Arc::downgrade(&shared)));
@@ -326,7 +326,7 @@ impl GatewayHandle {
             );
         }
         self.shared.log.set_format(settings.access_log.format);
-        self.shared.read_ahead.limit.store(
+        self.shared.body_budget.limit.store(
             settings.downstream.request_buffering_memory_bytes,
             Ordering::Relaxed,
         );

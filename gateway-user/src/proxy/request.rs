@@ -275,7 +275,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         &mut req,
         (deadline, grpc_deadline),
         ex.grpc,
-        &ex.shared.read_ahead,
+        &ex.shared.body_budget,
     );
     plan.had_body = done.is_some();
     ex.body = done.clone();
@@ -284,7 +284,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         && !plan.grpc
     {
         let when = (ex.record.start, plan.deadline);
-        read_ahead::read_ahead(&mut req, progress, when, &ex.shared.read_ahead).await?;
+        read_ahead::read_ahead(&mut req, progress, when, &ex.shared.body_budget).await?;
     }
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.

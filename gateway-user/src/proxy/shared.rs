@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     pub gates: Vec<Arc<ListenerGate>>,
     /// What request bodies read ahead and kept for retries hold, over all requests
     /// (`request_buffering_memory_bytes`).
-    pub read_ahead: Arc<Budget>,
+    pub body_budget: Arc<Budget>,
 }
 
 impl Shared {

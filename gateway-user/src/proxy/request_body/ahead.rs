@@ -37,9 +37,14 @@ use crate::proxy::log_every::LogEvery;
 static BUDGET_LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
 static KEEP_LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
 
+/// What happens to bodies while the budget is full, for its warning.
+const STREAMED: &str = "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)";
+const NOT_KEPT: &str = "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies are not kept, so their requests are not retried once their body went upstream (counted in gateway_request_retry_copy_over_budget_total)";
+
 /// What all requests together may hold of their bodies (read ahead, and kept for a retry), and
 /// where it is counted: one per process (in `Shared`), its limit set at start and at every
 /// reload.
+#[derive(Debug)]
 pub(crate) struct Budget {
     /// `request_buffering_memory_bytes`.
     pub limit: AtomicU64,
@@ -68,19 +73,64 @@ impl Budget {
     fn past(&self, total: i64) -> bool {
         u64::try_from(total).unwrap_or(0) > self.limit.load(Ordering::Relaxed)
     }
+
+    /// The budget turned a body away (`what` it meant for it): logged at most every 10 s.
+    fn warn_full(&self, log: &LogEvery, what: &str) {
+        if let Some(unlogged) = log.due() {
+            warn!(
+                request_buffering_memory_bytes = self.limit.load(Ordering::Relaxed),
+                unlogged, "{what}"
+            );
+        }
+    }
+}
+
+/// One request's bytes on one of the [`Budget`]'s gauges (read ahead, or kept), given back
+/// when dropped.
+#[derive(Debug)]
+struct Share {
+    gauge: Gauge,
+    bytes: i64,
+}
+
+impl Share {
+    fn new(gauge: &Gauge) -> Share {
+        Share {
+            gauge: gauge.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Counts `n` more bytes: what the gauge reads with them.
+    fn add(&mut self, n: i64) -> i64 {
+        self.bytes += n;
+        self.gauge.inner().fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    fn remove(&mut self, n: i64) {
+        self.bytes -= n;
+        self.gauge.dec_by(n);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.bytes);
+    }
 }
 
 /// A request's copy kept for a retry, as the [`Budget`] counts it; given back when dropped.
+#[derive(Debug)]
 pub(crate) struct Charge {
     budget: Arc<Budget>,
-    bytes: i64,
+    share: Share,
 }
 
 impl Charge {
     pub fn new(budget: &Arc<Budget>) -> Charge {
         Charge {
             budget: budget.clone(),
-            bytes: 0,
+            share: Share::new(&budget.kept),
         }
     }
 
@@ -89,52 +139,18 @@ impl Charge {
     pub fn take(&mut self, n: usize) -> bool {
         let b = &self.budget;
         let n = i64::try_from(n).unwrap_or(i64::MAX);
-        let before = b.kept.inner().fetch_add(n, Ordering::Relaxed);
-        if b.past(before.saturating_add(n).saturating_add(b.held.get())) {
-            b.kept.dec_by(n);
+        if b.past(self.share.add(n).saturating_add(b.held.get())) {
+            self.share.remove(n);
             b.kept_over.inc();
-            if let Some(unlogged) = KEEP_LOG.due() {
-                warn!(
-                    request_buffering_memory_bytes = b.limit.load(Ordering::Relaxed),
-                    unlogged,
-                    "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies are not kept, so their requests are not retried once their body went upstream (counted in gateway_request_retry_copy_over_budget_total)"
-                );
-            }
+            b.warn_full(&KEEP_LOG, NOT_KEPT);
             return false;
         }
-        self.bytes += n;
         true
     }
 
     /// The copy was given up: its bytes go back to the budget now.
     pub fn give_back(&mut self) {
-        self.budget.kept.dec_by(std::mem::take(&mut self.bytes));
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.budget.kept.dec_by(self.bytes);
-    }
-}
-
-impl std::fmt::Debug for Charge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Charge")
-            .field("bytes", &self.bytes)
-            .finish()
-    }
-}
-
-/// One request's share of [`Budget::held`], given back when dropped.
-struct Share {
-    held: Gauge,
-    bytes: i64,
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        self.held.dec_by(self.bytes);
+        self.share = Share::new(&self.budget.kept);
     }
 }
 
@@ -201,18 +217,9 @@ impl Ahead {
 
     /// Counts `n` more bytes held read ahead: what all requests together hold read ahead now.
     fn count(&mut self, n: usize, budget: &Budget) -> i64 {
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        let before = budget.held.inner().fetch_add(n, Ordering::Relaxed);
-        match &mut self.share {
-            Some(share) => share.bytes += n,
-            None => {
-                self.share = Some(Share {
-                    held: budget.held.clone(),
-                    bytes: n,
-                })
-            }
-        }
-        before.saturating_add(n)
+        self.share
+            .get_or_insert_with(|| Share::new(&budget.held))
+            .add(i64::try_from(n).unwrap_or(i64::MAX))
     }
 
     /// Once read ahead: freezes the data into the one buffer that is handed on, and hands it to
@@ -235,23 +242,19 @@ impl Ahead {
     fn stop(&mut self, budget: &Budget) {
         self.stopped = true;
         budget.over.inc();
-        if let Some(unlogged) = BUDGET_LOG.due() {
-            warn!(
-                request_buffering_memory_bytes = budget.limit.load(Ordering::Relaxed),
-                unlogged,
-                "request bodies read ahead and kept for retries hold all of request_buffering_memory_bytes: bodies stream to their upstream as they arrive (counted in gateway_request_read_ahead_over_budget_total)"
-            );
-        }
+        budget.warn_full(&BUDGET_LOG, STREAMED);
     }
 
-    /// Data or trailers still to hand on.
+    /// Data or trailers still to hand on (once sealed: `RequestBody::read_ahead` seals what it
+    /// read before any of it is handed on).
     pub(super) fn is_empty(&self) -> bool {
-        self.sealed.is_empty() && self.data.is_empty() && self.trailers.is_none()
+        debug_assert!(self.data.is_empty(), "handed on before it was sealed");
+        self.sealed.is_empty() && self.trailers.is_none()
     }
 
     /// Bytes of data still to hand on.
     pub(super) fn len(&self) -> u64 {
-        (self.sealed.len() + self.data.len()) as u64
+        self.sealed.len() as u64
     }
 
     /// The next frame to hand on: the data, then the trailers.
@@ -259,10 +262,6 @@ impl Ahead {
         if !self.sealed.is_empty() {
             self.share = None;
             return Some(Frame::data(std::mem::take(&mut self.sealed)));
-        }
-        if !self.data.is_empty() {
-            self.share = None;
-            return Some(Frame::data(self.data.split().freeze()));
         }
         self.trailers.take().map(Frame::trailers)
     }
