@@ -39,31 +39,37 @@ pub const CALLBACKS: u32 =
 /// Always returns 1: sock_ops replies are only read for a few ops we do not handle.
 #[sock_ops]
 pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
-    let _ = try_sock_ops(&ctx);
-    crate::anomaly::flush();
+    if wanted(&ctx) {
+        let _ = try_sock_ops(&ctx);
+        // Only a run that goes on to the record can find an anomaly to log (or meet one
+        // parked by getsockopt): the five runs of a connection that return at once do not
+        // touch `ANOMALY_PENDING` (docs/kernel.md, "Cost").
+        crate::anomaly::flush();
+    }
     1
 }
 
+/// Whether this callback may need the record: one of the ops handled below, except two of the
+/// four state changes of every connection, which need nothing: into SYN_SENT, and SYN_SENT →
+/// ESTABLISHED (ACTIVE_ESTABLISHED, which follows, reports it). Five of a connection's eight
+/// or nine runs end here.
+#[inline(always)]
+fn wanted(ctx: &SockOpsContext) -> bool {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        return ctx.arg(1) != TCP_SYN_SENT
+            && !(ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_ESTABLISHED);
+    }
+    op == BPF_SOCK_OPS_TCP_CONNECT_CB
+        || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        || op == BPF_SOCK_OPS_RTO_CB
+        || op == BPF_SOCK_OPS_RETRANS_CB
+}
+
+/// A callback that [`wanted`] lets through.
 #[inline(always)]
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
-        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_RTO_CB
-        && op != BPF_SOCK_OPS_RETRANS_CB
-        && op != BPF_SOCK_OPS_STATE_CB
-    {
-        return Ok(());
-    }
-    // Two of the four state changes of every connection need nothing: into SYN_SENT, and
-    // SYN_SENT → ESTABLISHED (ACTIVE_ESTABLISHED, which follows, reports it). They return
-    // before the record is looked up.
-    if op == BPF_SOCK_OPS_STATE_CB
-        && (ctx.arg(1) == TCP_SYN_SENT
-            || (ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_ESTABLISHED))
-    {
-        return Ok(());
-    }
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return Err(());
@@ -260,8 +266,12 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
 /// Otherwise they stop here, as they would fire for every step of the close.
 #[inline(always)]
 fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
-    let mut cs = conn_stats(ctx, st);
-    let remarkable = cs.data_retransmits != 0 || cs.rtos != 0 || cs.unacked_bytes != 0;
+    // Whether there is anything to tell, from the two fields it needs: the rest of the record
+    // is read only when it is written, since a clean close's reads of the socket's other
+    // fields showed in the profile (docs/kernel.md, "Cost").
+    let ops = unsafe { &*ctx.ops };
+    let remarkable =
+        st.data_retransmits != 0 || st.rtos != 0 || ops.snd_nxt.wrapping_sub(ops.snd_una) != 0;
     if new != TCP_CLOSE_WAIT {
         let _ = ctx.set_cb_flags(0);
         st.flags |= F_FINISHED;
@@ -269,6 +279,7 @@ fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
     if new != TCP_CLOSE && !remarkable {
         return;
     }
+    let mut cs = conn_stats(ctx, st);
     cs.closed_ns = unsafe { bpf_ktime_get_ns() };
     if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
         conn_insert_failed(st);
