@@ -39,11 +39,11 @@ pub const CALLBACKS: u32 =
 /// Always returns 1: sock_ops replies are only read for a few ops we do not handle.
 #[sock_ops]
 pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
-    if wanted(&ctx) {
-        let _ = try_sock_ops(&ctx);
-        // Only a run that goes on to the record can find an anomaly to log (or meet one
-        // parked by getsockopt): the five runs of a connection that return at once do not
-        // touch `ANOMALY_PENDING` (docs/kernel.md, "Cost").
+    // Only a run that may have parked an anomaly looks for one to log (`anomaly`): of a
+    // connection's eight or nine runs, the outcome and anything remarkable, not the five that
+    // return at once, the SYN, or a clean close (docs/kernel.md, "Cost"). One parked by
+    // getsockopt waits for the next that looks, or for the next connect4/6 on this CPU.
+    if wanted(&ctx) && try_sock_ops(&ctx) {
         crate::anomaly::flush();
     }
     1
@@ -66,13 +66,13 @@ fn wanted(ctx: &SockOpsContext) -> bool {
         || op == BPF_SOCK_OPS_RETRANS_CB
 }
 
-/// A callback that [`wanted`] lets through.
+/// A callback that [`wanted`] lets through. False when it cannot have parked an anomaly.
 #[inline(always)]
-fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+fn try_sock_ops(ctx: &SockOpsContext) -> bool {
     let op = ctx.op();
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return Err(());
+        return false;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let st = sock_state(cookie);
@@ -87,14 +87,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         // Not opened by connect4/6 (a passive socket, or one older than the attachment), or
         // opened but its record since overwritten by a newer connect: see `reused`. A stale
         // record is an earlier connect of the same socket (`maps::stale`).
-        return if op == BPF_SOCK_OPS_RTO_CB
+        return (op == BPF_SOCK_OPS_RTO_CB
             || op == BPF_SOCK_OPS_RETRANS_CB
-            || op == BPF_SOCK_OPS_STATE_CB
-        {
-            reused(ctx, cookie, op)
-        } else {
-            Ok(())
-        };
+            || op == BPF_SOCK_OPS_STATE_CB)
+            && reused(ctx, cookie, op);
     }
     let st = unsafe { &mut *st };
     // The clock is read only where a time is kept: it costs more than the rest of most
@@ -110,6 +106,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             if st.flags & F_CALLBACKS_ON == 0 {
                 let _ = ctx.set_cb_flags(CALLBACKS as i32);
             }
+            false
         }
         // tcp_finish_connect(): the SYN-ACK arrived.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -117,12 +114,13 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             let now = now();
             st.ev.syn_rtt_ns = syn_rtt_ns(ctx, st, now);
             emit::outcome(st, Outcome::Established, 0, now);
+            true
         }
         // tcp_retransmit_skb(): args = seq, segs, err. Counted only when the retransmit was
         // sent (err == 0), which is also when TcpExtTCPSynRetrans counts it.
         BPF_SOCK_OPS_RETRANS_CB => {
             if ctx.arg(2) != 0 {
-                return Ok(());
+                return false;
             }
             if ctx_state(ctx) == TCP_SYN_SENT {
                 st.ev.syn_retransmits = st.ev.syn_retransmits.saturating_add(1);
@@ -130,6 +128,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 st.data_retransmits += 1;
                 established_event(ctx, st, false);
             }
+            true
         }
         // tcp_write_timeout(): args = retransmits so far, rto (jiffies), expired.
         BPF_SOCK_OPS_RTO_CB => {
@@ -138,6 +137,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 st.last_rto_ns = now();
                 established_event(ctx, st, true);
             }
+            true
         }
         // tcp_set_state(): args = old state, new state.
         BPF_SOCK_OPS_STATE_CB => {
@@ -179,7 +179,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             } else if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT)
                 && st.flags & F_ESTABLISHED != 0
             {
-                closing(ctx, st, new);
+                return closing(ctx, st, new);
             } else if (old == TCP_SYN_SENT && new != TCP_ESTABLISHED)
                 || (old == TCP_ESTABLISHED && st.flags & F_ESTABLISHED == 0)
             {
@@ -194,10 +194,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                     st.ev.pid,
                 );
             }
+            true
         }
-        _ => {}
+        _ => false,
     }
-    Ok(())
 }
 
 /// A callback of a connection whose record later connects have taken (a finished record is the
@@ -207,20 +207,21 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
 /// unACKed when it closes) and from its `CONN_STATS` record (its RTO and retransmit counts).
 /// Lost with the record: the pid (anomaly log lines show it), and the destination as
 /// connect4/6 saw it, before any rewrite. A connect still in flight when its record was taken
-/// was counted then (`SLOT_REUSED`). docs/kernel.md, "The table of records".
+/// was counted then (`SLOT_REUSED`). docs/kernel.md, "The table of records". False when it
+/// cannot have parked an anomaly.
 #[inline(always)]
-fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
+fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> bool {
     let state = ctx_state(ctx);
     if state == TCP_SYN_SENT {
-        return Ok(());
+        return false;
     }
     if op == BPF_SOCK_OPS_STATE_CB {
         let old = ctx.arg(0);
         if old != TCP_ESTABLISHED && old != TCP_CLOSE_WAIT {
-            return Ok(());
+            return false;
         }
     } else if op == BPF_SOCK_OPS_RETRANS_CB && ctx.arg(2) != 0 {
-        return Ok(());
+        return false;
     }
     // On the stack, not in a per-CPU map: a softirq (another connection's RTO) can interrupt
     // this program on its CPU and run it again.
@@ -251,9 +252,9 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
             st.last_rto_ns = unsafe { bpf_ktime_get_ns() };
             established_event(ctx, st, true);
         }
-        _ => closing(ctx, st, ctx.arg(1)),
+        _ => return closing(ctx, st, ctx.arg(1)),
     }
-    Ok(())
+    true
 }
 
 /// The connection leaves ESTABLISHED, or CLOSE_WAIT. Its `CONN_STATS` record is written when
@@ -263,9 +264,10 @@ fn reused(ctx: &SockOpsContext, cookie: u64, op: u32) -> Result<(), ()> {
 /// such a connection (it asks after a reset, a stall or a timeout; what closes a connection
 /// first and then asks reads `TCP_INFO` before the close). After the peer's FIN (CLOSE_WAIT)
 /// the callbacks stay on: a request written into that window is reset, and that is recorded.
-/// Otherwise they stop here, as they would fire for every step of the close.
+/// Otherwise they stop here, as they would fire for every step of the close. False when it
+/// wrote nothing (so it cannot have parked an anomaly).
 #[inline(always)]
-fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
+fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) -> bool {
     // Whether there is anything to tell, from the two fields it needs: the rest of the record
     // is read only when it is written, since a clean close's reads of the socket's other
     // fields showed in the profile (docs/kernel.md, "Cost").
@@ -277,13 +279,14 @@ fn closing(ctx: &SockOpsContext, st: &mut SockState, new: u32) {
         st.flags |= F_FINISHED;
     }
     if new != TCP_CLOSE && !remarkable {
-        return;
+        return false;
     }
     let mut cs = conn_stats(ctx, st);
     cs.closed_ns = unsafe { bpf_ktime_get_ns() };
     if CONN_STATS.insert(&st.ev.cookie, &cs, 0).is_err() {
         conn_insert_failed(st);
     }
+    true
 }
 
 /// SYN sent to SYN-ACK received, at ACTIVE_ESTABLISHED. When the SYN was sent once, that is the

@@ -19,8 +19,9 @@ use gateway_testkit::{
 };
 
 /// `bpftool -j ARGS`, parsed. A bpftool that fails or prints something else fails the test:
-/// an unreadable answer must never read as "nothing attached".
-fn bpftool(args: &[&str]) -> serde_json::Value {
+/// an unreadable answer must never read as "nothing attached". `None` for the bare newline
+/// bpftool 7 prints, not `[]`, for a cgroup with nothing attached.
+fn bpftool(args: &[&str]) -> Option<serde_json::Value> {
     let out = Command::new("bpftool")
         .arg("-j")
         .args(args)
@@ -31,43 +32,41 @@ fn bpftool(args: &[&str]) -> serde_json::Value {
         "bpftool {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "bpftool {args:?} printed no JSON ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
+    }))
+}
+
+/// The ids in a list bpftool printed.
+fn ids(list: Option<serde_json::Value>) -> Vec<u64> {
+    list.map_or_else(Vec::new, |list| {
+        list.as_array()
+            .expect("bpftool printed a list")
+            .iter()
+            .map(|p| p["id"].as_u64().expect("a program id"))
+            .collect()
     })
 }
 
 /// IDs of the BPF programs loaded on the host, as bpftool lists them.
 fn loaded_program_ids() -> Vec<u64> {
-    bpftool(&["prog", "show"])
-        .as_array()
-        .expect("bpftool prog show: a list")
-        .iter()
-        .map(|p| p["id"].as_u64().expect("a program id"))
-        .collect()
+    ids(Some(
+        bpftool(&["prog", "show"]).expect("bpftool prog show: a list"),
+    ))
 }
 
-/// IDs of the programs attached to the cgroup v2 root (where `gateway observe` attaches).
+/// IDs of the programs attached to the cgroup v2 root (where `gateway observe` attaches), from
+/// one run of bpftool: this used to run it twice, and a parallel test's observer could detach
+/// in between ("printed no JSON", 2 runs in 7).
 fn root_cgroup_program_ids() -> Vec<u64> {
     let root = gateway_lab::cgroup2_mount().expect("cgroup v2 is mounted");
-    let args = ["cgroup", "show", &root.display().to_string()];
-    // bpftool 7 prints a bare newline, not `[]`, for a cgroup with nothing attached.
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap();
-    if out.status.success() && out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Vec::new();
-    }
-    bpftool(&args)
-        .as_array()
-        .expect("bpftool cgroup show: a list")
-        .iter()
-        .map(|p| p["id"].as_u64().expect("a program id"))
-        .collect()
+    ids(bpftool(&["cgroup", "show", &root.display().to_string()]))
 }
 
 /// The BPF programs `pid` holds open (`prog_id` in /proc/PID/fdinfo), by the kernel's own
