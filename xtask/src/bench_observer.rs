@@ -45,10 +45,10 @@ const DESTINATIONS: u32 = 100_000;
 /// How long an observer runs before a round that measures it starts.
 const SETTLE: Duration = Duration::from_millis(500);
 
-struct Cgroup(PathBuf);
+pub(crate) struct Cgroup(pub(crate) PathBuf);
 
 impl Cgroup {
-    fn create() -> anyhow::Result<Cgroup> {
+    pub(crate) fn create() -> anyhow::Result<Cgroup> {
         let mounts = std::fs::read_to_string("/proc/self/mounts")?;
         let root = mounts
             .lines()
@@ -68,6 +68,18 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+/// A loopback server outside the bench's cgroup, on a thread: it accepts and closes at once.
+pub(crate) fn accept_and_close_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    Ok(addr)
 }
 
 /// Runs `cycles` connect+close cycles to `addr` in a child inside `cgroup`; returns the child's
@@ -148,7 +160,7 @@ fn proc_status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-struct Observer {
+pub(crate) struct Observer {
     child: Child,
     /// Reads the observer's stdout while it runs: a pipe nobody reads fills at 64 KiB and
     /// blocks the observer's writes, so its ring buffer would overflow because of the bench.
@@ -198,18 +210,18 @@ impl Observer {
     }
 
     /// `start` with `--json`, then [`SETTLE`]: how every measured round begins.
-    fn start_settled(bin: &Path, cgroup: &Path) -> anyhow::Result<Observer> {
+    pub(crate) fn start_settled(bin: &Path, cgroup: &Path) -> anyhow::Result<Observer> {
         let obs = Observer::start(bin, cgroup, &["--json"])?;
         std::thread::sleep(SETTLE);
         Ok(obs)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Stops the observer: what it printed, and how many records it said the kernel dropped.
-    fn stop(mut self) -> anyhow::Result<(Vec<u8>, u64)> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<(Vec<u8>, u64)> {
         // SAFETY: kill(2) on our own child.
         unsafe { kill(self.child.id() as i32, 15) };
         self.child.wait()?;
@@ -308,14 +320,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let bin = crate::release_gateway(o.gateway_bin.as_deref())?;
     let cgroup = Cgroup::create()?;
 
-    // A loopback server outside the cgroup: accept and close at once.
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            drop(s);
-        }
-    });
+    let addr = accept_and_close_server()?;
     // Warm-up, not measured.
     client_round(&cgroup.0, addr, per_round.min(1000))?;
 

@@ -6,6 +6,7 @@ mod bench;
 mod bench_faults;
 mod bench_instructions;
 mod bench_observer;
+mod bench_observer_lines;
 mod bench_observer_share;
 mod bench_peers;
 mod bench_profile;
@@ -46,7 +47,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `observer` (connect+close cost with and without the observer), `proxy`
+    /// Benchmarks: `observer` (connect+close cost with and without the observer),
+    /// `observer-lines` (where inside the observer's eBPF programs that cost goes), `proxy`
     /// (the gateway against nginx and HAProxy), `tls` (the three terminating HTTPS: keep-alive
     /// and new-connection handshakes), `faults` (the three under upstream faults) or `profile`
     /// (a flame graph of the gateway under the `proxy` load: perf and inferno).
@@ -263,13 +265,14 @@ fn main() -> ExitCode {
         Cmd::Demo { args } => demo(args),
         Cmd::Bench { which, args } => match which.as_str() {
             "observer" => bench_observer::run(&args),
+            "observer-lines" => bench_observer_lines::run(&args),
             "proxy" => bench_proxy::run(&args),
             "tls" => bench_tls::run(&args),
             "faults" => bench_faults::run(&args),
             "profile" => bench_profile::run(&args),
             "instructions" => bench_instructions::run(&args),
             other => Err(anyhow::anyhow!(
-                "unknown benchmark {other}; choose observer, proxy, tls, faults, profile or instructions"
+                "unknown benchmark {other}; choose observer, observer-lines, proxy, tls, faults, profile or instructions"
             )),
         },
         Cmd::Fuzz { target, time } => fuzz::run(&target, time),

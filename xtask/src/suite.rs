@@ -8,8 +8,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 use crate::{
-    THIS_BINARY, background, bench_faults, bench_instructions, bench_observer, bench_proxy,
-    bench_tls, cargo, fuzz, package, run, workspace_root,
+    THIS_BINARY, background, bench_faults, bench_instructions, bench_observer,
+    bench_observer_lines, bench_proxy, bench_tls, cargo, fuzz, package, run, workspace_root,
 };
 
 /// `./dev test`: the whole suite, or the tests whose names contain `filter`.
@@ -121,6 +121,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
             let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
             let result = match *name {
                 "observer" => bench_observer::run(&args),
+                "observer-lines" => bench_observer_lines::run(&args),
                 "proxy" => bench_proxy::run(&args),
                 "tls" => bench_tls::run(&args),
                 "instructions" => bench_instructions::run(&args),
@@ -176,6 +177,7 @@ pub fn test(filter: Option<String>) -> anyhow::Result<()> {
 /// `bench profile` is left out: it needs perf and inferno, which `./dev bench` installs.
 pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
     ("observer", &["4000"]),
+    ("observer-lines", &["5000", "--top", "3"]),
     (
         "proxy",
         &["--reps", "1", "--duration", "2", "--warmup", "1", "--floor"],
