@@ -200,6 +200,7 @@ pub async fn start_inheriting(
         signals,
         log,
         draining: AtomicBool::new(false),
+        forced: AtomicBool::new(false),
         keepalive_off: AtomicBool::new(false),
         workers: n,
         telemetry,
@@ -384,6 +385,8 @@ impl GatewayHandle {
         let forced = tokio::time::timeout(grace, self.workers_done.recv())
             .await
             .is_err();
+        // Before the workers hear of it, so that every response it cuts is counted as such.
+        self.shared.forced.store(true, Ordering::Relaxed);
         if forced {
             let _ = self.phase.send(Phase::Force);
             let _ = tokio::time::timeout(Duration::from_secs(1), self.workers_done.recv()).await;

@@ -290,7 +290,9 @@ async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
 /// An HTTP/2 client that never opens its flow-control window for a response (nghttp with a
 /// stream window of 0) holds the stream, and the upstream connection behind it, only for the
 /// write timeout: the gateway closes the connection, as it closes an HTTP/1 connection whose
-/// socket takes no byte for as long, and the request is logged as aborted.
+/// socket takes no byte for as long, and the request is logged as aborted, cut short by
+/// `client_write_timeout` (the gateway's doing; it was `client_closed`, as if the client had
+/// gone away).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeout() {
     const WRITE: Duration = Duration::from_millis(600);
@@ -320,21 +322,66 @@ async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeou
         "nghttp ended after {took:?}; the write timeout is {WRITE:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    cut_by_the_write_timeout(&gw, 1_000_000);
+}
+
+/// The one request `gw` served was cut short because its client stopped reading: so says its
+/// log line (`aborted`, with fewer than `size` bytes, `incomplete: client_write_timeout`) and
+/// the metric, where `client_closed` stays 0.
+fn cut_by_the_write_timeout(gw: &InProcess, size: u64) {
     let l = &log_lines(&gw.log, 1)[0];
     assert_eq!(l["status"], 200, "{l}");
     assert_eq!(l["aborted"], true, "{l}");
-    assert!(l["bytes"].as_u64().unwrap() < 1_000_000, "{l}");
+    assert_eq!(l["incomplete"], "client_write_timeout", "{l}");
+    assert!(l["bytes"].as_u64().unwrap() < size, "{l}");
     let admin = gw.handle.admin_addr().expect("admin listener");
     let m = gateway_testkit::admin::metrics(admin);
-    assert_eq!(
+    let cut = |reason| {
         gateway_testkit::admin::value(
             &m,
             "gateway_responses_incomplete_total",
-            &[("reason", "client_closed")]
-        ),
-        1.0,
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(
+        (cut("client_write_timeout"), cut("client_closed")),
+        (1.0, 0.0),
         "{m}"
     );
+}
+
+/// An HTTP/1 client that stops reading: curl writing the body into a pipe that nobody reads.
+/// Once the pipe and the socket buffers are full, the gateway's writes make no progress; it
+/// closes the connection at the write timeout, and counts and logs the response as cut short
+/// by `client_write_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_is_closed_at_the_write_timeout() {
+    const SIZE: u64 = 200_000_000;
+    let up = Upstream::start("up").await;
+    let gw = gateway(
+        "h1-stops-reading",
+        &format!(
+            "[router.downstream]\nwrite_timeout_ms = 600\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .await;
+    // Its stdout is a pipe this test never reads.
+    let mut reader = std::process::Command::new("curl")
+        .args(["-sS", &format!("http://{}/bytes/{SIZE}", gw.addr)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl");
+    let logged = tokio::task::spawn_blocking({
+        let log = gw.log.clone();
+        move || log_lines(&log, 1)
+    })
+    .await;
+    let _ = reader.kill();
+    let _ = reader.wait();
+    logged.expect("the response is logged once the gateway gives up on the client");
+    cut_by_the_write_timeout(&gw, SIZE);
 }
 
 /// An HTTP/2 client that reads slowly, but reads, is not taken for one that stopped: with a

@@ -112,6 +112,50 @@ async fn grace_period_bounds_the_drain() {
     assert!(gw.text().contains("grace period over"), "{}", gw.text());
 }
 
+/// A response under way when the grace period runs out is cut off by the gateway, not by its
+/// client: curl has the head and the first chunk of a body that stalls, and the access log
+/// says `incomplete: "shutdown"` (the reason `gateway_responses_incomplete_total` counts it
+/// under; it was `client_closed`, as if the client had gone away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_off_when_the_grace_period_ends_is_incomplete_by_shutdown() {
+    use std::io::BufRead as _;
+    let up = Upstream::start("up").await;
+    let dir = temp_dir("grace-cut");
+    let path = write_config(&dir, &config(&up));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 300");
+    std::fs::write(&path, text).unwrap();
+    let mut gw = GatewayProcess::spawn(gateway_bin!().run(&path));
+    let mut curl = std::process::Command::new("curl")
+        .args(["-sS", "-N", &format!("http://{}/stall/10000", gw.addr)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("curl");
+    let mut body = std::io::BufReader::new(curl.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::task::block_in_place(|| body.read_line(&mut first)).unwrap();
+    assert_eq!(first, "first chunk\n");
+    gw.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(5))).expect("exited");
+    assert!(status.success(), "{status:?}");
+    let curl_status = tokio::task::block_in_place(|| curl.wait()).unwrap();
+    assert!(!curl_status.success(), "curl got the stalled body whole?");
+    let log = gateway_testkit::inprocess::log_lines(&dir.join("access.log"), 1);
+    let l = &log[0];
+    assert_eq!(
+        (&l["path"], &l["status"], &l["aborted"], &l["incomplete"]),
+        (
+            &serde_json::json!("/stall/10000"),
+            &serde_json::json!(200),
+            &serde_json::json!(true),
+            &serde_json::json!("shutdown")
+        ),
+        "{l}"
+    );
+}
+
 /// An HTTP/2 client connection (prior knowledge, one of hyper's) with a request in flight
 /// when SIGTERM comes: the request completes, the connection gets GOAWAY and is closed, the
 /// gateway exits once it is.

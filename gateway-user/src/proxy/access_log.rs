@@ -164,6 +164,10 @@ struct JsonLine<'a> {
     tunnel: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc_status: Option<u8>,
+    /// Why a response that began did not reach the client whole: the reason of
+    /// `gateway_responses_incomplete_total`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incomplete: Option<&'a str>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -232,6 +236,7 @@ fn render_json(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         tls: ex.tls,
         tunnel: ex.tunnel,
         grpc_status: ex.grpc_status,
+        incomplete: ex.cut_short,
     };
     serde_json::to_string(&line).unwrap_or_default()
 }
@@ -297,6 +302,9 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
     }
     if ex.aborted {
         s.push_str(" aborted=1");
+    }
+    if let Some(r) = ex.cut_short {
+        let _ = write!(s, " incomplete={r}");
     }
     if ex.hedged {
         s.push_str(" hedged=1");

@@ -154,13 +154,33 @@ impl Exchange {
     /// was sent to the end.
     pub fn finish(&mut self, complete: bool) {
         if !complete && self.record.error.is_none() {
-            // The client went away before the end of the response.
+            // The client side ended before the end of the response.
             self.record.aborted = true;
-            self.record.cut_short = Some(super::telemetry::CLIENT_CLOSED_REASON);
+            self.record.cut_short = Some(self.cut_by());
         }
         self.stream_ended(self.record.aborted);
         self.count();
         self.log();
+    }
+
+    /// Who ended a response that its client did not get whole, when its upstream did not: the
+    /// gateway at a forced drain, the gateway giving up on a client that stopped reading, or
+    /// the client going away.
+    fn cut_by(&self) -> &'static str {
+        use super::telemetry::{
+            CLIENT_CLOSED_REASON, CLIENT_WRITE_TIMEOUT_REASON, SHUTDOWN_REASON,
+        };
+        if self
+            .shared
+            .forced
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            SHUTDOWN_REASON
+        } else if self.busy.client_stopped_reading() {
+            CLIENT_WRITE_TIMEOUT_REASON
+        } else {
+            CLIENT_CLOSED_REASON
+        }
     }
 
     /// Counts the request in the metrics (its status and duration). An upgraded connection is

@@ -169,6 +169,9 @@ pub(crate) struct Activity {
     /// connections; `None` on plain HTTP/1 ones, whose socket's `StallGuard` sees a client
     /// that stopped reading).
     owed: Option<Box<Owed>>,
+    /// The gateway gave up on the client, which stopped reading for the write timeout: what
+    /// the connection then cuts short is `client_write_timeout`, not `client_closed`.
+    stopped_reading: AtomicBool,
 }
 
 impl Activity {
@@ -233,6 +236,19 @@ impl Activity {
     pub fn between_requests(&self) -> bool {
         self.busy.load(Ordering::Relaxed) == 0
     }
+
+    /// The connection is closed because its client stopped reading for the write timeout: a
+    /// write stalled ([`StallGuard`]), or an HTTP/2 stream's data waited unread (`Owed`).
+    pub fn client_stopped_reading(&self) {
+        self.stopped_reading.store(true, Ordering::Relaxed);
+    }
+
+    /// `e`, from a write to the client: the write timeout's, noted as above.
+    fn note_write_error(&self, e: &io::Error) {
+        if is_write_stall(e).is_some() {
+            self.client_stopped_reading();
+        }
+    }
 }
 
 /// A running request of a client connection (see [`Activity::busy`]).
@@ -241,6 +257,11 @@ pub(crate) struct Busy(Arc<Activity>);
 impl Busy {
     pub fn owed(&self) -> Option<&Owed> {
         self.0.owed()
+    }
+
+    /// See [`Activity::client_stopped_reading`].
+    pub fn client_stopped_reading(&self) -> bool {
+        self.0.stopped_reading.load(Ordering::Relaxed)
     }
 }
 
@@ -369,7 +390,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))
+            .inspect_err(|e| this.activity.note_write_error(e))?;
         this.activity.tick();
         Poll::Ready(Ok(n))
     }
@@ -380,7 +402,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))
+            .inspect_err(|e| this.activity.note_write_error(e))?;
         this.activity.tick();
         Poll::Ready(Ok(n))
     }
@@ -390,7 +413,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        Pin::new(&mut this.inner).poll_flush(cx).map_err(|e| {
+            this.activity.note_write_error(&e);
+            e
+        })
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     pub signals: Arc<dyn SignalSource>,
     pub log: AccessLogger,
     pub draining: AtomicBool,
+    /// The drain's grace period ran out: the gateway closes what is still open, and what that
+    /// cuts short is `shutdown`, not the client's doing.
+    pub forced: AtomicBool,
     /// Keep-alive is over (the drain delay, a drain, a binary upgrade): HTTP/1 responses carry
     /// `Connection: close`, so that clients reconnect, elsewhere once deregistered.
     pub keepalive_off: AtomicBool,

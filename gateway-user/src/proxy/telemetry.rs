@@ -95,6 +95,11 @@ pub(crate) const UNROUTED: &str = "-";
 /// `gateway_responses_incomplete_total`'s reason for a response whose client went away before
 /// its end (`exchange`).
 pub(crate) const CLIENT_CLOSED_REASON: &str = "client_closed";
+/// A response cut short because the gateway closed a client that stopped reading for
+/// `write_timeout_ms`.
+pub(crate) const CLIENT_WRITE_TIMEOUT_REASON: &str = "client_write_timeout";
+/// A response cut short by a forced drain: the grace period ran out.
+pub(crate) const SHUTDOWN_REASON: &str = "shutdown";
 
 /// `gateway_responses_incomplete_total`'s reason for a gRPC call whose own deadline
 /// (`grpc-timeout`) passed while its response streamed (`response_body`).

@@ -248,6 +248,7 @@ impl Quiet {
                 self.epoch_at += self.epoch;
                 if owed.advance(self.lag) {
                     debug!(client = %peer, "a response stream waited the write timeout for the client to read it: closed");
+                    activity.client_stopped_reading();
                     return Some(Stop::Close);
                 }
             }

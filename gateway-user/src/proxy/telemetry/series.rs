@@ -85,13 +85,15 @@ const STATUSES: std::ops::RangeInclusive<u16> = 100..=999;
 
 /// Every reason of `gateway_responses_incomplete_total`: what `ResponseBody` records when the
 /// upstream body fails (`classify::body_error`, the stall timer, a gRPC call's deadline) and
-/// [`super::CLIENT_CLOSED_REASON`].
-pub(crate) const INCOMPLETE_REASONS: [&str; 5] = [
+/// what `Exchange::finish` records when the client side ended it first.
+pub(crate) const INCOMPLETE_REASONS: [&str; 7] = [
     "upstream_reset",
     "invalid_upstream_response",
     "response_timeout",
     super::GRPC_DEADLINE_REASON,
     super::CLIENT_CLOSED_REASON,
+    super::CLIENT_WRITE_TIMEOUT_REASON,
+    super::SHUTDOWN_REASON,
 ];
 
 impl Series {
