@@ -3,7 +3,10 @@
 //! ends; an HTTP/2 connection gets GOAWAY, whether or not it has sent a request yet. Runs the
 //! built binary.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use gateway_testkit::{
     admin::{metrics, value, wait_for, wait_in_flight},
@@ -26,6 +29,11 @@ fn config(up: &Upstream) -> String {
 }
 
 async fn spawn(up: &Upstream, grace_ms: u64, label: &str) -> GatewayProcess {
+    spawn_logging(up, grace_ms, label).0
+}
+
+/// [`spawn`], and the path of its access log.
+fn spawn_logging(up: &Upstream, grace_ms: u64, label: &str) -> (GatewayProcess, PathBuf) {
     let dir = temp_dir(label);
     let path = write_config(&dir, &config(up));
     // base_config sets shutdown_grace_ms = 5000; override it.
@@ -34,7 +42,10 @@ async fn spawn(up: &Upstream, grace_ms: u64, label: &str) -> GatewayProcess {
         &format!("shutdown_grace_ms = {grace_ms}"),
     );
     std::fs::write(&path, text).unwrap();
-    GatewayProcess::spawn(gateway_bin!().run(&path))
+    (
+        GatewayProcess::spawn(gateway_bin!().run(&path)),
+        dir.join("access.log"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,13 +131,7 @@ async fn grace_period_bounds_the_drain() {
 async fn a_response_cut_off_when_the_grace_period_ends_is_incomplete_by_shutdown() {
     use std::io::BufRead as _;
     let up = Upstream::start("up").await;
-    let dir = temp_dir("grace-cut");
-    let path = write_config(&dir, &config(&up));
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 300");
-    std::fs::write(&path, text).unwrap();
-    let mut gw = GatewayProcess::spawn(gateway_bin!().run(&path));
+    let (mut gw, access_log) = spawn_logging(&up, 300, "grace-cut");
     let mut curl = std::process::Command::new("curl")
         .args(["-sS", "-N", &format!("http://{}/stall/10000", gw.addr)])
         .stdout(std::process::Stdio::piped())
@@ -142,7 +147,7 @@ async fn a_response_cut_off_when_the_grace_period_ends_is_incomplete_by_shutdown
     assert!(status.success(), "{status:?}");
     let curl_status = tokio::task::block_in_place(|| curl.wait()).unwrap();
     assert!(!curl_status.success(), "curl got the stalled body whole?");
-    let log = gateway_testkit::inprocess::log_lines(&dir.join("access.log"), 1);
+    let log = gateway_testkit::inprocess::log_lines(&access_log, 1);
     let l = &log[0];
     assert_eq!(
         (&l["path"], &l["status"], &l["aborted"], &l["incomplete"]),
