@@ -69,7 +69,8 @@ pub fn report(kind: u32, cookie: u64, dst: &UpstreamKey, pid: u32) {
     pending.armed = 1;
 }
 
-/// Writes the line parked by [`report`], if any. Called once at the end of every program.
+/// Writes the line parked by [`report`], if any. Called at the end of every connect4/6 run, and
+/// of every sock_ops run that may have parked one (see the module's text).
 #[inline(always)]
 pub fn flush() {
     let Some(pending) = ANOMALY_PENDING.get_ptr_mut(0) else {

@@ -239,5 +239,6 @@ fn connect_returned(ret: i64) {
         emit::addr_unavailable(ev);
     }
     let _ = PENDING_CONNECT.remove(&pid_tgid);
-    // An anomaly found here is logged by the next sock_ops or connect program on this CPU.
+    // An anomaly found here is logged by the next connect4/6 run on this CPU, or by a sock_ops
+    // run that looks before it (`anomaly`).
 }

@@ -385,9 +385,11 @@ impl GatewayHandle {
         let forced = tokio::time::timeout(grace, self.workers_done.recv())
             .await
             .is_err();
-        // Before the workers hear of it, so that every response it cuts is counted as such.
-        self.shared.forced.store(true, Ordering::Relaxed);
         if forced {
+            // Before the workers hear of it, so that every response it cuts is counted as
+            // such. Not after a clean drain: a client that went away as it ended is not the
+            // gateway's doing.
+            self.shared.forced.store(true, Ordering::Relaxed);
             let _ = self.phase.send(Phase::Force);
             let _ = tokio::time::timeout(Duration::from_secs(1), self.workers_done.recv()).await;
         }

@@ -50,8 +50,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .map(Program::read)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let samples = sample_client(&cgroup.0, addr, connects);
-    obs.stop()?;
-    report(&programs, &samples?, connects, top)
+    let stopped = obs.stop();
+    let samples = samples?;
+    stopped?;
+    report(&programs, &samples, connects, top)
 }
 
 /// One loaded program: its JIT code's address ranges (one per subprogram), the start address of
@@ -214,6 +216,13 @@ fn prog_info(id: u32) -> anyhow::Result<Info> {
     put(NR_JITED_LINE_INFO, &(nr_lines as u32).to_ne_bytes());
     put(JITED_LINE_INFO_REC_SIZE, &8u32.to_ne_bytes());
     get(&mut req).with_context(|| format!("the line info of program {id}"))?;
+    if ksyms.first().is_none_or(|&a| a == 0) {
+        // The kernel leaves the addresses at 0 when it will not show kernel pointers
+        // (`bpf_dump_raw_ok()`: kernel.kptr_restrict, or no CAP_SYSLOG).
+        bail!(
+            "the kernel gave no JIT addresses for program {id} (kernel.kptr_restrict, or run as root)"
+        );
+    }
     let mut lines: Vec<(u64, u32)> = jited_lines
         .iter()
         .enumerate()
