@@ -22,10 +22,22 @@ use gateway_testkit::{
 /// [`H2_RESET_CLIENT`] run against it with `args` after the host and port; its JSON and the
 /// gateway's count of connections closed for resetting too many streams.
 async fn reset_run(label: &str, args: &[&str]) -> (serde_json::Value, f64, Upstream) {
+    reset_run_with(label, "", args).await
+}
+
+/// [`reset_run`] with `downstream` in the gateway's `[router.downstream]`.
+async fn reset_run_with(
+    label: &str,
+    downstream: &str,
+    args: &[&str],
+) -> (serde_json::Value, f64, Upstream) {
     let up = Upstream::start(label).await;
     let gw = gateway(
         label,
-        &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
+        &format!(
+            "[router.downstream]\n{downstream}\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
     )
     .await;
     let admin = gw.handle.admin_addr().expect("admin listener");
@@ -72,6 +84,36 @@ async fn an_http2_client_that_resets_its_streams_early_is_closed() {
     // Every stream it let through had reached the upstream, and no more.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(up.hits() <= 500, "{} requests upstream: {out}", up.hits());
+}
+
+/// The rule is a setting: with `http2_premature_reset_streams = 0`, 1,000 streams reset early
+/// all go through on one connection that stays open (for clients that cancel most of what they
+/// ask; the default closes it within 500), and with 40 the connection is closed after its 20th
+/// premature reset, a batch or two later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rapid_reset_rule_is_a_setting() {
+    let (out, floods, up) = reset_run_with(
+        "rapid-reset-off",
+        "http2_premature_reset_streams = 0",
+        &["1000", "50", "0.03", "1"],
+    )
+    .await;
+    assert_eq!(
+        (&out["opened"], &out["ended"], floods),
+        (&serde_json::json!(1000), &serde_json::Value::Null, 0.0),
+        "{out}"
+    );
+    assert!(up.hits() > 500, "{} requests upstream: {out}", up.hits());
+    let (out, floods, _up) = reset_run_with(
+        "rapid-reset-40",
+        "http2_premature_reset_streams = 40",
+        &["5000", "10", "0.03", "1"],
+    )
+    .await;
+    let opened = out["opened"].as_u64().unwrap();
+    assert!(out["ended"].is_string(), "not closed: {out}");
+    assert!(opened <= 60, "closed only after {opened} streams: {out}");
+    assert_eq!(floods, 1.0, "{out}");
 }
 
 /// A client that cancels one stream in three (a deadline that often expires) and reads the

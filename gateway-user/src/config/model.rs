@@ -293,7 +293,21 @@ pub struct DownstreamConfig {
     /// `gateway_request_retry_copy_over_budget_total`. Default
     /// [`DEFAULT_REQUEST_BUFFERING_MEMORY_BYTES`] (64 MiB: a thousand bodies of 64 KiB).
     pub request_buffering_memory_bytes: Option<u64>,
+    /// HTTP/2 rapid reset (CVE-2023-44487): a client connection is closed once at least half of
+    /// its first this many streams, or half of all its streams after that, were reset by the
+    /// client less than `http2_premature_reset_lifetime_ms` after they started, before their
+    /// response was over. Counted in `gateway_client_http2_reset_floods_total`. Default
+    /// [`DEFAULT_HTTP2_PREMATURE_RESET_STREAMS`], Envoy's; 0 turns the rule off. Raise it for
+    /// clients that cancel most of what they ask, such as a search box that cancels the
+    /// previous query at each keystroke over one long-lived connection.
+    pub http2_premature_reset_streams: Option<u64>,
+    /// See `http2_premature_reset_streams`. Default
+    /// [`DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS`].
+    pub http2_premature_reset_lifetime_ms: Option<u64>,
 }
+
+pub const DEFAULT_HTTP2_PREMATURE_RESET_STREAMS: u64 = 500;
+pub const DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS: u64 = 1_000;
 
 pub const DEFAULT_REQUEST_BUFFERING_MEMORY_BYTES: u64 = 64 << 20;
 

@@ -96,6 +96,30 @@ pub struct Downstream {
     pub max_accepts_per_second: Option<u32>,
     /// Request body bytes read ahead, over all requests.
     pub request_buffering_memory_bytes: u64,
+    /// The HTTP/2 rapid-reset rule (`proxy::resets`).
+    pub http2_premature_resets: PrematureResets,
+}
+
+/// When an HTTP/2 client connection's resets close it: once at least half of its first
+/// `streams` streams, or half of all its streams after that, were reset by the client less than
+/// `lifetime` after they started. `streams` 0: never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrematureResets {
+    pub streams: u64,
+    pub lifetime: Duration,
+}
+
+impl Default for PrematureResets {
+    /// Envoy's (`overload.premature_reset_total_stream_count`,
+    /// `overload.premature_reset_min_stream_lifetime_seconds`).
+    fn default() -> Self {
+        PrematureResets {
+            streams: super::model::DEFAULT_HTTP2_PREMATURE_RESET_STREAMS,
+            lifetime: Duration::from_millis(
+                super::model::DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS,
+            ),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

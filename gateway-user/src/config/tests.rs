@@ -413,6 +413,35 @@ fn log_format_and_level_are_read_and_checked_with_file_line_and_key() {
 }
 
 #[test]
+fn the_rapid_reset_rule_is_envoys_by_default_and_can_be_turned_off() {
+    use crate::config::settings::PrematureResets;
+    let rule = |extra: &str| {
+        load(&format!("{COMMON}\n[router.downstream]\n{extra}\n"))
+            .unwrap()
+            .settings
+            .downstream
+            .http2_premature_resets
+    };
+    assert_eq!(
+        rule(""),
+        PrematureResets {
+            streams: 500,
+            lifetime: Duration::from_secs(1)
+        }
+    );
+    let off = rule("http2_premature_reset_streams = 0\nhttp2_premature_reset_lifetime_ms = 250");
+    assert_eq!((off.streams, off.lifetime), (0, Duration::from_millis(250)));
+    let e = err(&format!(
+        "{COMMON}\n[router.downstream]\nhttp2_premature_reset_lifetime_ms = 0\n"
+    ));
+    assert!(
+        e.contains("router.downstream.http2_premature_reset_lifetime_ms")
+            && e.contains("out of range"),
+        "{e}"
+    );
+}
+
+#[test]
 fn request_buffering_memory_is_64_mib_by_default_and_at_least_one_body() {
     let s = load(COMMON).unwrap().settings;
     assert_eq!(s.downstream.request_buffering_memory_bytes, 64 << 20);

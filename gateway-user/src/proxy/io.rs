@@ -176,10 +176,13 @@ pub(crate) struct Activity {
 
 impl Activity {
     /// For a connection whose response streams are watched for a client that stopped
-    /// reading them ([`Owed`]).
-    pub fn watching_streams() -> Activity {
+    /// reading them ([`Owed`]), and whose resets for rapid reset (`rule`).
+    pub fn watching_streams(rule: crate::config::settings::PrematureResets) -> Activity {
         Activity {
-            owed: Some(Box::default()),
+            owed: Some(Box::new(Owed {
+                resets: super::resets::Resets::new(rule),
+                ..Owed::default()
+            })),
             ..Activity::default()
         }
     }

@@ -9,12 +9,14 @@
 //! resetting it gets past that: measured with Python's `h2`, 5,000 streams opened in batches of
 //! 50 and reset 30 ms later all reached the upstream, on one connection that stayed open.
 //!
-//! So each HTTP/2 client connection counts its streams and those its client reset within
-//! [`EARLY`] of their start, before their response was over, and is closed once those are at
-//! least half of its first [`STREAMS`] streams, or half of all its streams after that: Envoy's
-//! rule for premature resets (`overload.premature_reset_total_stream_count` 500 and
+//! So each HTTP/2 client connection counts its streams and those its client reset within a
+//! second of their start, before their response was over, and is closed once those are at
+//! least half of its first 500 streams, or half of all its streams after that: Envoy's rule for
+//! premature resets (`overload.premature_reset_total_stream_count` 500 and
 //! `overload.premature_reset_min_stream_lifetime_seconds` 1). A client whose calls are cancelled
-//! now and then (gRPC deadlines, a browser leaving a page) stays far below it.
+//! now and then (gRPC deadlines, a browser leaving a page) stays far below it. Both numbers are
+//! `[router.downstream]` settings (`PrematureResets`), as Envoy's are runtime keys, and the
+//! first 0 turns the rule off.
 
 use std::{
     sync::{
@@ -27,26 +29,30 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use super::log_every::LogEvery;
+use crate::config::settings::PrematureResets;
 
 /// The warning for a connection closed so, at most once per [`LOG_EVERY`] for the process
 /// (with the number not logged): an attacker opens connections by the thousand.
 pub(crate) static LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(LOG_EVERY));
 pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// A stream reset by its client this soon after it started is a premature reset.
-pub(crate) const EARLY: Duration = Duration::from_secs(1);
-/// The first streams of a connection over which half being premature resets closes it.
-pub(crate) const STREAMS: u64 = 500;
-
 /// One HTTP/2 client connection's ended streams and premature resets.
 #[derive(Default)]
 pub(crate) struct Resets {
+    rule: PrematureResets,
     ended: AtomicU64,
     premature: AtomicU64,
     tripped: AtomicBool,
 }
 
 impl Resets {
+    pub fn new(rule: PrematureResets) -> Resets {
+        Resets {
+            rule,
+            ..Resets::default()
+        }
+    }
+
     /// A stream ended; `premature`: its client reset it early. Whether the connection is to be
     /// closed now (`true` once).
     pub fn ended(&self, premature: bool) -> bool {
@@ -56,14 +62,15 @@ impl Resets {
             return false;
         }
         let p = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
-        p * 2 >= ended.max(STREAMS) && !self.tripped.swap(true, Ordering::Relaxed)
+        let streams = self.rule.streams;
+        streams != 0 && p * 2 >= ended.max(streams) && !self.tripped.swap(true, Ordering::Relaxed)
     }
 
     /// A stream of the connection whose watchdog `wake` wakes ended; `reset`: its client went
-    /// away before its response was over, a premature reset if within [`EARLY`] of `start`.
-    /// The watchdog is woken when the connection is to be closed.
+    /// away before its response was over, a premature reset if within the rule's lifetime of
+    /// `start`. The watchdog is woken when the connection is to be closed.
     pub fn stream_ended(&self, wake: &Notify, reset: bool, start: Instant) {
-        if self.ended(reset && start.elapsed() < EARLY) {
+        if self.ended(reset && start.elapsed() < self.rule.lifetime) {
             wake.notify_one();
         }
     }
@@ -86,9 +93,24 @@ impl Resets {
 mod tests {
     use super::*;
 
+    const STREAMS: u64 = crate::config::model::DEFAULT_HTTP2_PREMATURE_RESET_STREAMS;
+
     /// Feeds `n` streams, every `every`-th a premature reset; the stream at which it tripped.
     fn trips_at(r: &Resets, n: u64, every: u64) -> Option<u64> {
         (1..=n).find(|i| r.ended(i % every == 0))
+    }
+
+    #[test]
+    fn the_rule_follows_its_setting_and_0_turns_it_off() {
+        let rule = |streams| {
+            Resets::new(PrematureResets {
+                streams,
+                ..PrematureResets::default()
+            })
+        };
+        assert_eq!(trips_at(&rule(5000), 100_000, 1), Some(2500));
+        assert_eq!(trips_at(&rule(10), 100_000, 1), Some(5));
+        assert_eq!(trips_at(&rule(0), 100_000, 1), None);
     }
 
     #[test]

@@ -341,7 +341,7 @@ where
             Limits::of(&rt.settings.downstream, &shared),
         )
     };
-    let activity = quiet::activity(speaks);
+    let activity = quiet::activity(speaks, &limits);
     // Counts what the client sent (`Quiet`); never parked.
     let io = TokioIo::new(Parkable::new(io, Bytes::new(), activity.clone()));
     let mut phase = client.drain.phase.clone();

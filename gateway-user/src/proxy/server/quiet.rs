@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use super::{H1, H2, Phase, UNKNOWN};
 use crate::{
-    config::Downstream,
+    config::{Downstream, settings::PrematureResets},
     proxy::{io::Activity, resets, shared::Shared},
 };
 
@@ -73,9 +73,9 @@ pub(super) async fn next_event(
 /// them on connections known to speak HTTP/2 (ALPN, or the preface on a plain listener):
 /// HTTP/1's socket guard sees that client, and an HTTPS connection without ALPN `h2` speaks
 /// HTTP/1 only (`serve_with`).
-pub(super) fn activity(speaks: u8) -> Arc<Activity> {
+pub(super) fn activity(speaks: u8, limits: &Limits) -> Arc<Activity> {
     Arc::new(if speaks == H2 {
-        Activity::watching_streams()
+        Activity::watching_streams(limits.premature_resets)
     } else {
         Activity::default()
     })
@@ -86,6 +86,8 @@ pub(super) struct Limits {
     header_timeout: Duration,
     idle: Duration,
     write_timeout: Duration,
+    /// The rapid-reset rule of HTTP/2 connections.
+    premature_resets: PrematureResets,
     /// `gateway_client_http2_reset_floods_total`.
     reset_floods: Counter,
 }
@@ -96,6 +98,7 @@ impl Limits {
             header_timeout: ds.header_read_timeout,
             idle: ds.http2_idle_timeout,
             write_timeout: ds.write_timeout,
+            premature_resets: ds.http2_premature_resets,
             reset_floods: shared.telemetry.metrics.client_reset_floods.clone(),
         }
     }
