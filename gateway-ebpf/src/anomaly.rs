@@ -6,11 +6,11 @@
 //! holds when each last logged).
 //!
 //! Off the hot path: only failure branches call [`report`], which counts, applies the rate
-//! limit and parks the details in the per-CPU `ANOMALY_PENDING` slot; `gw_connect4` and
-//! `gw_connect6` call [`flush`] once on their way out, and `gw_sock_ops` does in the runs that
-//! get past its first checks (the only ones that can report), which writes the line (an
-//! anomaly parked by `gw_getsockopt` or `gw_sys_exit_connect` is written by the next of those
-//! to run on that CPU). Few log call sites keep the verifier's work, and
+//! limit and parks the details in the per-CPU `ANOMALY_PENDING` slot; [`flush`] writes the
+//! line. `gw_connect4` and `gw_connect6` call it once on their way out, and `gw_sock_ops` after
+//! a run that may have parked one (its outcome, or something remarkable: not the runs that
+//! return at once, a connect's SYN, or a clean close). An anomaly parked by `gw_getsockopt` or
+//! `gw_sys_exit_connect` is written by the next of those to look on that CPU. Few log call sites keep the verifier's work, and
 //! so the observer's start-up, small: aya-log's formatting code is large, and inlined at every
 //! failure branch it made `gw_sock_ops` alone take 0.5 s to verify.
 

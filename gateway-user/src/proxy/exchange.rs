@@ -170,11 +170,7 @@ impl Exchange {
         use super::telemetry::{
             CLIENT_CLOSED_REASON, CLIENT_WRITE_TIMEOUT_REASON, SHUTDOWN_REASON,
         };
-        if self
-            .shared
-            .forced
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.shared.drain_forced() {
             SHUTDOWN_REASON
         } else if self.busy.client_stopped_reading() {
             CLIENT_WRITE_TIMEOUT_REASON

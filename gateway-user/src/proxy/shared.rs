@@ -4,7 +4,10 @@
 //! request in flight and never makes a new one wait.
 
 use std::{
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -79,6 +82,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// See [`Shared::forced`].
+    pub fn drain_forced(&self) -> bool {
+        self.forced.load(Ordering::Relaxed)
+    }
+
     /// The gate of the listener bound to `addr`.
     pub fn gate(&self, addr: std::net::SocketAddr) -> Arc<ListenerGate> {
         match self.gates.iter().find(|g| g.addr == addr) {

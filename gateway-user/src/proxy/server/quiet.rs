@@ -209,7 +209,7 @@ impl Quiet {
             if let Some(suppressed) = resets::LOG.due() {
                 let (streams, early) = o.resets.counts();
                 warn!(client = %peer, streams, reset_early = early, suppressed, every_s = resets::LOG_EVERY.as_secs(),
-                    "HTTP/2 client reset most of its streams within a second of opening them (rapid reset): connection closed (counted in gateway_client_http2_reset_floods_total)");
+                    "HTTP/2 client reset most of its streams soon after opening them (rapid reset; http2_premature_reset_streams and _lifetime_ms): connection closed (counted in gateway_client_http2_reset_floods_total)");
             }
             return Some(Stop::Close);
         }
