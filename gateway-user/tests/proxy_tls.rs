@@ -1122,6 +1122,55 @@ fn wait_for_line(path: &Path, needle: &str) -> String {
     }
 }
 
+/// An HTTPS client that stops reading (curl writing the body into a pipe this test never
+/// reads) is closed at the write timeout, and the response is cut short by
+/// `client_write_timeout`: the stall comes up through TLS as it does on plain HTTP/1.
+#[test]
+fn an_https_client_that_stops_reading_is_cut_short_by_the_write_timeout() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(gateway_testkit::upstream::Upstream::start(
+        "tls-stops-reading",
+    ));
+    let dir = temp_dir("tls-stops-reading");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let cfg = https_base(
+        &dir,
+        &format!(
+            "[router.downstream]\nwrite_timeout_ms = 600\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    let mut reader = Command::new("curl")
+        .args(["-sS", "--http1.1", "--cacert"])
+        .arg(dir.join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("a.test:{}:{}", addr.port(), addr.ip()))
+        .arg(format!("https://a.test:{}/bytes/200000000", addr.port()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("curl");
+    let log = std::panic::catch_unwind(|| {
+        gateway_testkit::inprocess::log_lines(&dir.join("access.log"), 1)
+    });
+    let _ = reader.kill();
+    let _ = reader.wait();
+    let l = &log.expect("the response is logged once the gateway gives up on the client")[0];
+    assert_eq!(
+        (&l["status"], &l["aborted"], &l["incomplete"], &l["tls"]),
+        (
+            &serde_json::json!(200),
+            &serde_json::json!(true),
+            &serde_json::json!("client_write_timeout"),
+            &serde_json::json!("TLSv1.3")
+        ),
+        "{l}"
+    );
+}
+
 /// A testkit upstream (on a runtime of its own, returned to keep it serving) behind the
 /// gateway's HTTPS listener, with the certificate `a.test` (`https_base`).
 fn https_before_upstream(
