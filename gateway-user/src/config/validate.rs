@@ -237,24 +237,29 @@ fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
             1 << 40,
             " bytes",
         ),
-        http2_premature_resets: PrematureResets {
-            streams: c.range(
-                &dk.key("http2_premature_reset_streams"),
-                ds.http2_premature_reset_streams
-                    .unwrap_or(DEFAULT_HTTP2_PREMATURE_RESET_STREAMS),
-                0,
-                1 << 32,
-                " streams",
-            ),
-            lifetime: ms(c.range(
-                &dk.key("http2_premature_reset_lifetime_ms"),
-                ds.http2_premature_reset_lifetime_ms
-                    .unwrap_or(DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS),
-                1,
-                60_000,
-                " ms",
-            )),
-        },
+        http2_premature_resets: premature_resets(c, ds, &dk),
+    }
+}
+
+/// `[router.downstream]`'s HTTP/2 rapid-reset rule.
+fn premature_resets(c: &mut Checker, ds: &DownstreamConfig, dk: &KeyPath) -> PrematureResets {
+    PrematureResets {
+        streams: c.range(
+            &dk.key("http2_premature_reset_streams"),
+            ds.http2_premature_reset_streams
+                .unwrap_or(DEFAULT_HTTP2_PREMATURE_RESET_STREAMS),
+            0,
+            1 << 32,
+            " streams",
+        ),
+        lifetime: ms(c.range(
+            &dk.key("http2_premature_reset_lifetime_ms"),
+            ds.http2_premature_reset_lifetime_ms
+                .unwrap_or(DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS),
+            1,
+            60_000,
+            " ms",
+        )),
     }
 }
 

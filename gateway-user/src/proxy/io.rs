@@ -417,10 +417,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner).poll_flush(cx).map_err(|e| {
-            this.activity.note_write_error(&e);
-            e
-        })
+        let r = ready!(Pin::new(&mut this.inner).poll_flush(cx));
+        Poll::Ready(r.inspect_err(|e| this.activity.note_write_error(e)))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
