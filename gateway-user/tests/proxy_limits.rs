@@ -472,37 +472,70 @@ async fn large_bodies_stream_through_with_bounded_memory() {
     );
 }
 
-/// curl sending a body of `bytes` to `url` at 100 bytes a second (over HTTP/2 with prior
-/// knowledge when `h2`); what it printed (`-i`).
-fn trickle(
-    dir: &std::path::Path,
-    url: String,
-    bytes: usize,
-    h2: bool,
-) -> tokio::task::JoinHandle<String> {
-    let file = dir.join(format!("body-{bytes}.bin"));
-    std::fs::write(&file, vec![b'x'; bytes]).unwrap();
+/// The part of a held body sent at once, and the rest.
+const HELD_FIRST: usize = 100;
+const HELD_REST: usize = 300;
+
+/// curl sending a body from a pipe to `url` (over HTTP/2 with prior knowledge when `h2`; over
+/// HTTP/1.1 chunked, as curl sends a body of unknown length): [`HELD_FIRST`] bytes now, the
+/// rest when [`release`] says, so that the body is still arriving for as long as the test
+/// wants, however slowly the machine runs.
+fn held_body(url: &str, h2: bool) -> std::process::Child {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-s",
+        "-i",
+        "--max-time",
+        "30",
+        "-X",
+        "POST",
+        "-T",
+        "-",
+        "-H",
+        "Expect:",
+    ]);
+    if h2 {
+        curl.arg("--http2-prior-knowledge");
+    }
+    let mut child = curl
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let stdin = child.stdin.as_mut().expect("curl's stdin");
+    stdin
+        .write_all(&[b'x'; HELD_FIRST])
+        .expect("writing to curl");
+    child
+}
+
+/// Sends the rest of a [`held_body`] and ends it: what curl printed (`-i`).
+fn release(mut curl: std::process::Child) -> tokio::task::JoinHandle<String> {
+    use std::io::Write as _;
+    let mut stdin = curl.stdin.take().expect("curl's stdin");
+    stdin
+        .write_all(&[b'y'; HELD_REST])
+        .expect("writing to curl");
+    drop(stdin);
     tokio::task::spawn_blocking(move || {
-        let mut curl = std::process::Command::new("curl");
-        curl.args(["-s", "-i", "--max-time", "20", "--limit-rate", "100"])
-            .args(["-H", "Expect:", "--data-binary"])
-            .arg(format!("@{}", file.display()));
-        if h2 {
-            curl.arg("--http2-prior-knowledge");
-        }
-        let out = curl.arg(url).output().expect("curl");
+        let out = curl.wait_with_output().expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     })
 }
 
 /// A client that sends its body slowly (slowloris on the body) holds no upstream connection
-/// while it does: four of them, over both protocols, against a cluster of two connections,
-/// and a GET beside them is answered at once; the four are answered in full once their bodies
-/// are in. The control, on a route with `request_buffering = false`, shows what this prevents:
-/// two slow bodies there take both connections, and the GET waits for one.
+/// while it does: four of them, over both protocols, each holding its body open after its
+/// first bytes, against a cluster of two connections; once the gateway holds the four
+/// bodies' first bytes read ahead, no request has gone upstream, and a GET beside them is
+/// answered. Released, the four are answered in full. The control, on a route with
+/// `request_buffering = false`, shows what this prevents: two held bodies there go upstream
+/// at once, take both connections, and the GET waits for one until they are released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_bodies_hold_no_upstream_connection() {
-    const BODY: usize = 400;
+    use gateway_testkit::admin::{metrics, value, wait_for};
     let up = Upstream::start("sink").await;
     let gw = gateway(
         "slow-bodies",
@@ -512,11 +545,22 @@ async fn slow_request_bodies_hold_no_upstream_connection() {
         ),
     )
     .await;
+    let admin = gw.handle.admin_addr().expect("admin listener");
     let url = |path: &str| format!("http://{}{path}", gw.addr);
-    let slow: Vec<_> = (0..4)
-        .map(|i| trickle(&gw.dir, url("/sink"), BODY, i % 2 == 1))
+    let held: Vec<_> = (0..4)
+        .map(|i| held_body(&url("/sink"), i % 2 == 1))
         .collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let want = (4 * HELD_FIRST) as f64;
+    tokio::task::spawn_blocking(move || {
+        wait_for("the four bodies' first bytes read ahead", || {
+            match value(&metrics(admin), "gateway_request_read_ahead_bytes", &[]) {
+                v if v == want => Ok(()),
+                v => Err(format!("gateway_request_read_ahead_bytes {v}")),
+            }
+        })
+    })
+    .await
+    .unwrap();
     // The upstream sees a request's head as soon as it is sent (its own connections are no
     // measure: the gateway's warm-up probes open some).
     assert_eq!(
@@ -524,35 +568,50 @@ async fn slow_request_bodies_hold_no_upstream_connection() {
         0,
         "a request went upstream with its body still arriving"
     );
-    let start = Instant::now();
-    let got = get(&client(), gw.addr, "/").await;
-    let took = start.elapsed();
+    let got = tokio::time::timeout(Duration::from_secs(5), get(&client(), gw.addr, "/"))
+        .await
+        .expect("the GET beside four held bodies was answered within 5 s");
     assert_eq!(got.status, StatusCode::OK, "{}", got.body);
-    assert!(took < Duration::from_secs(1), "the GET waited {took:?}");
-    for s in slow {
-        let answer = s.await.unwrap();
+    let whole = (HELD_FIRST + HELD_REST).to_string();
+    for answer in held.into_iter().map(release) {
+        let answer = answer.await.unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/2 200"),
             "{answer}"
         );
-        assert!(answer.ends_with(&BODY.to_string()), "{answer}");
+        assert!(answer.ends_with(&whole), "{answer}");
     }
+    assert_eq!(up.hits(), 5);
 
-    // The control: streamed, the slow bodies hold both connections until they are in.
-    let slow: Vec<_> = (0..2)
-        .map(|_| trickle(&gw.dir, url("/streamed/sink"), BODY, false))
+    // The control: streamed, the held bodies go upstream at once and hold both connections.
+    let held: Vec<_> = (0..2)
+        .map(|_| held_body(&url("/streamed/sink"), false))
         .collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let start = Instant::now();
-    let got = get(&client(), gw.addr, "/").await;
-    let took = start.elapsed();
+    let hits = up.hits.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the two streamed requests upstream", || {
+            match hits.load(std::sync::atomic::Ordering::SeqCst) {
+                7 => Ok(()),
+                n => Err(format!("{n} requests upstream")),
+            }
+        })
+    })
+    .await
+    .unwrap();
+    let addr = gw.addr;
+    let waiting = tokio::spawn(async move { get(&client(), addr, "/").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered_early = waiting.is_finished();
+    let answers: Vec<_> = held.into_iter().map(release).collect();
+    let got = waiting.await.unwrap();
     assert!(
-        took > Duration::from_secs(1) || got.status != StatusCode::OK,
-        "the control shows nothing: the GET was answered in {took:?} beside streamed slow bodies"
+        !answered_early || got.status != StatusCode::OK,
+        "the control shows nothing: the GET was answered beside streamed held bodies"
     );
-    for s in slow {
-        let answer = s.await.unwrap();
+    for answer in answers {
+        let answer = answer.await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&whole), "{answer}");
     }
 }
 
