@@ -32,6 +32,11 @@ fn new_lab(upstreams: usize) -> Lab {
     Lab::new(LabSpec::new(upstreams)).expect("building the lab")
 }
 
+/// The bound on a connect answered "at once" (accepted, refused, unreachable): well under the
+/// 1 s a lost SYN costs, which is the failure each such check rules out, with room for a
+/// loaded machine to hold up the connecting thread.
+const AT_ONCE: Duration = Duration::from_millis(500);
+
 /// A blocking `connect()` (kernel timeouts only) and how long it took.
 fn timed_connect(addr: SocketAddr) -> (Duration, io::Result<TcpStream>) {
     let start = Instant::now();
@@ -103,10 +108,7 @@ fn privileged_accepting_upstream_connects_fast_on_v4_and_v6() {
         times[times.len() / 2] < Duration::from_millis(5),
         "{times:?}"
     );
-    assert!(
-        times.iter().all(|t| *t < Duration::from_millis(50)),
-        "{times:?}"
-    );
+    assert!(times.iter().all(|t| *t < AT_ONCE), "{times:?}");
     // The same from async code: a tokio runtime on a thread inside the client namespace.
     let async_connect = lab
         .client()
@@ -134,7 +136,7 @@ fn privileged_refused_gives_econnrefused_at_once_and_clears() {
         .run(|| timed_connect(up.addr_v4(PORT)))
         .unwrap();
     assert_eq!(errno(&result), Some(libc::ECONNREFUSED), "{result:?}");
-    assert!(took < Duration::from_millis(50), "{took:?}");
+    assert!(took < AT_ONCE, "{took:?}");
 
     // A listener behind REJECT --reject-with tcp-reset.
     let _hold = up.serve_hold(PORT).unwrap();
@@ -147,7 +149,7 @@ fn privileged_refused_gives_econnrefused_at_once_and_clears() {
             Some(libc::ECONNREFUSED),
             "{addr}: {result:?}"
         );
-        assert!(took < Duration::from_millis(50), "{addr}: {took:?}");
+        assert!(took < AT_ONCE, "{addr}: {took:?}");
     }
     fault.clear().unwrap();
     for addr in up.addrs(PORT) {
@@ -206,7 +208,7 @@ fn privileged_reset_resets_an_established_connection_and_refuses_new_ones() {
                     Some(libc::ECONNREFUSED),
                     "{addr}: {result:?}"
                 );
-                assert!(took < Duration::from_millis(50), "{addr}: {took:?}");
+                assert!(took < AT_ONCE, "{addr}: {took:?}");
             }
             reset.clear().unwrap();
             let (_, result) = timed_connect(up.addr_v4(PORT));
@@ -230,7 +232,7 @@ fn privileged_icmp_host_unreachable_gives_ehostunreach() {
             Some(libc::EHOSTUNREACH),
             "{addr}: {result:?}"
         );
-        assert!(took < Duration::from_millis(50), "{addr}: {took:?}");
+        assert!(took < AT_ONCE, "{addr}: {took:?}");
     }
     // The ICMP errors were delayed past connect()'s socket lock, so none was dropped.
     let delta = lab.client().netstat().unwrap().delta(&before);
@@ -286,10 +288,11 @@ fn privileged_syn_ack_delay_delays_the_handshake_by_200ms() {
         let (took, result) = lab.client().run(|| timed_connect(addr)).unwrap();
         eprintln!("SYN-ACK delay {addr}: {took:?}");
         result.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        // At least the delay, and not twice it: the rest is the delayer thread and this one
-        // waking up, which a busy machine stretches by tens of ms.
+        // At least the delay, and once: each connect's SYN-ACK was delayed once
+        // (`delayed_packets` below) and the SYN was not sent again (which takes 1 s). The rest
+        // is the delayer thread and this one waking up, which a loaded machine stretches.
         assert!(
-            (Duration::from_millis(200)..Duration::from_millis(300)).contains(&took),
+            (Duration::from_millis(200)..Duration::from_millis(1000)).contains(&took),
             "{addr}: {took:?}"
         );
     }
@@ -300,8 +303,8 @@ fn privileged_syn_ack_delay_delays_the_handshake_by_200ms() {
         .run(|| timed_connect(up.addr_v4(PORT)))
         .unwrap();
     assert!(
-        result.is_ok() && took < Duration::from_millis(100),
-        "after clear, no delay (half of it at most for scheduling): {took:?} {result:?}"
+        result.is_ok() && took < Duration::from_millis(200),
+        "after clear, no delay (under the 200 ms it was): {took:?} {result:?}"
     );
 }
 
@@ -474,7 +477,7 @@ fn privileged_http_servers_answer_with_their_name_slowly_or_by_echo() {
             eprintln!("slow backend answered in {took:?}");
             assert_eq!(body, "upstream-1");
             assert!(
-                took >= Duration::from_millis(300) && took < Duration::from_millis(400),
+                took >= Duration::from_millis(300) && took < Duration::from_millis(1000),
                 "{took:?}"
             );
             servers[1].set_behaviour(HttpBehaviour::echo());

@@ -62,10 +62,13 @@ fn privileged_blackholed_single_endpoint_is_504_connect_timeout_on_time() {
                     "{}",
                     got.body
                 );
-                let (lo, hi) = (CONNECT_TIMEOUT.mul_f64(0.9), CONNECT_TIMEOUT.mul_f64(1.1));
+                // Not before the timer, and not much after it: the gateway runs in this
+                // process, which a loaded machine can hold up; without the timer the kernel
+                // would give up after its SYN retries, two minutes on.
+                let (lo, hi) = (CONNECT_TIMEOUT.mul_f64(0.9), CONNECT_TIMEOUT + Duration::from_millis(500));
                 assert!(
                     took >= lo && took <= hi,
-                    "request {i}: answered after {took:?}, expected {CONNECT_TIMEOUT:?} ±10%"
+                    "request {i}: answered after {took:?}, expected {CONNECT_TIMEOUT:?} (-10 %, +500 ms)"
                 );
             }
             let lines = log_lines(&gw.log, 3);

@@ -123,7 +123,9 @@ async fn ejected_endpoints_leave_503_no_healthy_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_pending_queue_is_503_overloaded() {
     let up = Upstream::start("slow").await;
-    up.set_delay(Duration::from_millis(500));
+    // Long enough to hold the connection until the second request is refused, on a loaded
+    // machine too.
+    up.set_delay(Duration::from_millis(5000));
     let gw = gateway(
         "overloaded",
         &format!(
@@ -297,7 +299,9 @@ async fn a_body_read_ahead_is_replayed_whole_after_a_response_timeout() {
 async fn retry_copies_share_the_request_buffering_memory() {
     use gateway_testkit::admin::{metrics, value, wait_for};
     let up = Upstream::start("slow").await;
-    up.set_delay(Duration::from_millis(1500));
+    // Both PUTs must be waiting on it at once: two curl processes, started together, within
+    // this much on a loaded machine too.
+    up.set_delay(Duration::from_millis(4000));
     let gw = gateway(
         "retry-copy-budget",
         &format!(

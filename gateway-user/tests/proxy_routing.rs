@@ -185,19 +185,16 @@ async fn hostname_endpoints_are_resolved() {
         assert_eq!(got.body, "named");
     }
     // Still served through a few re-resolutions (every 200 ms): ask throughout three periods
-    // rather than once after them.
+    // rather than once after them, and at least ten times (a loaded machine may take longer
+    // over each request than the periods last).
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(3 * 200);
     let mut asked = 0;
-    while tokio::time::Instant::now() < until {
+    while tokio::time::Instant::now() < until || asked < 10 {
         let got = get(&c, gw.addr, "/").await;
         assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "named"));
         asked += 1;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(
-        asked >= 10,
-        "only {asked} requests in three refresh periods"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

