@@ -803,3 +803,101 @@ async fn read_ahead_memory_is_bounded_counted_and_given_back() {
         .await
         .unwrap();
 }
+
+/// `[router.downstream] http2_max_concurrent_streams` is what the gateway advertises and what a
+/// client gets. nghttp2's own client reads it from the gateway's SETTINGS (200 by default, 5
+/// when set); h2load then asks for 20 streams at once on one connection to an upstream that
+/// answers after 400 ms, and the upstream never has more than 5 of them in flight (`/status`,
+/// sampled while they run). h2load opens its streams before the gateway's SETTINGS arrive,
+/// as HTTP/2 allows: those beyond 5 are refused (`REFUSED_STREAM`, which h2load counts as
+/// errors and does not retry) and never reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http2_stream_limit_is_a_setting_clients_obey() {
+    use gateway_testkit::{
+        admin::{endpoint, status},
+        peers::h2load,
+    };
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let up = Upstream::start("streams").await;
+    let advertised = |addr: std::net::SocketAddr| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("nghttp")
+                .args(["-nv", &format!("http://{addr}/")])
+                .output()
+                .expect("nghttp (nghttp2-client)");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text
+                .lines()
+                .skip_while(|l| !l.contains("recv SETTINGS frame"))
+                .find_map(|l| l.split("SETTINGS_MAX_CONCURRENT_STREAMS(0x03):").nth(1))
+                .unwrap_or_else(|| {
+                    panic!("no SETTINGS_MAX_CONCURRENT_STREAMS from the gateway:\n{text}")
+                });
+            line.trim_end_matches(']').trim().parse::<u32>().unwrap()
+        })
+    };
+    let endpoints = format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr);
+    let by_default = gateway("h2-streams-default", &endpoints).await;
+    assert_eq!(advertised(by_default.addr).await.unwrap(), 200);
+    drop(by_default);
+
+    let gw = gateway(
+        "h2-streams",
+        &format!("[router.downstream]\nhttp2_max_concurrent_streams = 5\n{endpoints}"),
+    )
+    .await;
+    assert_eq!(advertised(gw.addr).await.unwrap(), 5);
+    let admin = gw.handle.admin_addr().expect("admin listener");
+    let done = Arc::new(AtomicBool::new(false));
+    let (stop, upstream) = (done.clone(), up.addr);
+    let sampler = tokio::task::spawn_blocking(move || {
+        let mut most = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let n = endpoint(&status(admin), "default", upstream)["in_flight"]
+                .as_u64()
+                .unwrap();
+            most = most.max(n);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        most
+    });
+    let url = format!("http://{}/delay/400", gw.addr);
+    // nghttp's own GETs.
+    let before = up.hits() as u64;
+    let r = tokio::task::spawn_blocking(move || h2load(&url, &["-n", "20", "-c", "1", "-m", "20"]))
+        .await
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    assert_eq!(r.succeeded + r.failed, 20, "{}", r.text);
+    assert!(r.succeeded >= 5, "{}", r.text);
+    assert_eq!(r.status_2xx, r.succeeded, "{}", r.text);
+    assert_eq!(
+        up.hits() as u64 - before,
+        r.succeeded,
+        "a refused stream reached the upstream: {}",
+        r.text
+    );
+    assert!(
+        (2..=5).contains(&most),
+        "{most} requests in flight at the upstream at most, from one connection allowed 5 streams"
+    );
+
+    // hyper's HTTP/2 server takes it once, at start: a reload says so rather than ignore it.
+    let text = format!(
+        "{}\n[router.downstream]\nhttp2_max_concurrent_streams = 50\n{endpoints}",
+        base_config(&gw.log)
+    );
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert_eq!(
+        report.needs_restart,
+        ["router.downstream.http2_max_concurrent_streams"],
+        "{report:?}"
+    );
+}

@@ -304,9 +304,18 @@ pub struct DownstreamConfig {
     /// See `http2_premature_reset_streams`. Default
     /// [`DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS`].
     pub http2_premature_reset_lifetime_ms: Option<u64>,
+    /// Streams an HTTP/2 client may have open at once on one connection (the
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` the gateway advertises); a client opens no more until
+    /// one ends, and a stream beyond it is refused (`REFUSED_STREAM`, safe to retry). Default
+    /// [`DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS`], hyper's (nginx: 128; Envoy: unlimited). Raise
+    /// it for gRPC clients that multiplex many long-lived streams over one connection, which
+    /// otherwise queue on the client side; lower it to bound what one connection may ask of
+    /// the upstreams at once. A change needs a restart.
+    pub http2_max_concurrent_streams: Option<u32>,
 }
 
 pub const DEFAULT_HTTP2_PREMATURE_RESET_STREAMS: u64 = 500;
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 200;
 pub const DEFAULT_HTTP2_PREMATURE_RESET_LIFETIME_MS: u64 = 1_000;
 
 pub const DEFAULT_REQUEST_BUFFERING_MEMORY_BYTES: u64 = 64 << 20;

@@ -98,6 +98,8 @@ pub struct Downstream {
     pub request_buffering_memory_bytes: u64,
     /// The HTTP/2 rapid-reset rule (`proxy::resets`).
     pub http2_premature_resets: PrematureResets,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` on client connections.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// When an HTTP/2 client connection's resets close it: once at least half of its first

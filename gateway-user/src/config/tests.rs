@@ -442,6 +442,33 @@ fn the_rapid_reset_rule_is_envoys_by_default_and_can_be_turned_off() {
 }
 
 #[test]
+fn http2_max_concurrent_streams_is_200_by_default_and_from_1_to_2_pow_31_minus_1() {
+    let streams = |extra: &str| {
+        load(&format!("{COMMON}\n[router.downstream]\n{extra}\n"))
+            .map(|l| l.settings.downstream.http2_max_concurrent_streams)
+    };
+    assert_eq!(streams("").unwrap(), 200);
+    assert_eq!(
+        streams("http2_max_concurrent_streams = 1000").unwrap(),
+        1000
+    );
+    assert_eq!(
+        streams("http2_max_concurrent_streams = 2147483647").unwrap(),
+        i32::MAX as u32
+    );
+    for bad in ["0", "2147483648"] {
+        let e = err(&format!(
+            "{COMMON}\n[router.downstream]\nhttp2_max_concurrent_streams = {bad}\n"
+        ));
+        assert!(
+            e.contains("router.downstream.http2_max_concurrent_streams")
+                && e.contains("out of range"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn request_buffering_memory_is_64_mib_by_default_and_at_least_one_body() {
     let s = load(COMMON).unwrap().settings;
     assert_eq!(s.downstream.request_buffering_memory_bytes, 64 << 20);

@@ -238,7 +238,18 @@ fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
             " bytes",
         ),
         http2_premature_resets: premature_resets(c, ds, &dk),
+        http2_max_concurrent_streams: http2_streams(c, ds, &dk),
     }
+}
+
+/// `[router.downstream] http2_max_concurrent_streams`: at least 1, at most what HTTP/2 can
+/// count (2^31 - 1).
+fn http2_streams(c: &mut Checker, ds: &DownstreamConfig, dk: &KeyPath) -> u32 {
+    let n = ds
+        .http2_max_concurrent_streams
+        .unwrap_or(DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS);
+    let key = dk.key("http2_max_concurrent_streams");
+    c.range(&key, u64::from(n), 1, i32::MAX as u64, " streams") as u32
 }
 
 /// `[router.downstream]`'s HTTP/2 rapid-reset rule.

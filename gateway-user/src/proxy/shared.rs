@@ -177,6 +177,7 @@ fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
+        .max_concurrent_streams(ds.http2_max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     b
