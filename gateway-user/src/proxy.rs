@@ -318,13 +318,6 @@ impl GatewayHandle {
         if settings.admin != current.settings.admin {
             report.needs_restart.push("admin.listen");
         }
-        if settings.downstream.http2_max_concurrent_streams
-            != current.settings.downstream.http2_max_concurrent_streams
-        {
-            report
-                .needs_restart
-                .push("router.downstream.http2_max_concurrent_streams");
-        }
         if settings.access_log.output != current.settings.access_log.output {
             report.needs_restart.push("access_log.output");
         }

@@ -310,7 +310,7 @@ pub struct DownstreamConfig {
     /// [`DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS`], hyper's (nginx: 128; Envoy: unlimited). Raise
     /// it for gRPC clients that multiplex many long-lived streams over one connection, which
     /// otherwise queue on the client side; lower it to bound what one connection may ask of
-    /// the upstreams at once. A change needs a restart.
+    /// the upstreams at once. A reload applies it to new connections.
     pub http2_max_concurrent_streams: Option<u32>,
 }
 
