@@ -921,10 +921,21 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
         panic!("no measuring probe within 20 s: {idle_seen:?}");
     };
     assert!(*n1 >= 4, "four measuring probes within 20 s: {idle_seen:?}");
-    // One at a time, at the ticks: a probe every 50 to 600 ms on average from the first seen
-    // to the last (probes in parallel would land together). On average, not pair by pair:
-    // the gap between two samples is also this thread's own wake-ups, which a loaded machine
-    // delays.
+    // One at a time: each probe's handshake takes the 100 ms SYN-ACK delay, so k probes seen
+    // between two samples took at least k - 1 of them after the first sample (probes in
+    // parallel land together). A sample this thread takes late sees more at once, with a
+    // longer gap to match.
+    for w in probed.windows(2) {
+        let ((a, m0, _), (b, m1, _)) = (&w[0], &w[1]);
+        let k = m1 - m0;
+        assert!(
+            *b - *a >= Duration::from_millis(90) * (k as u32 - 1),
+            "{k} probes within {:?}: not one at a time: {idle_seen:?}",
+            *b - *a
+        );
+    }
+    // At the probe loop's ticks: a probe every 50 to 600 ms on average from the first seen to
+    // the last.
     assert!(n1 > n0, "{idle_seen:?}");
     let per = (*t1 - *t0).as_secs_f64() / (n1 - n0) as f64;
     assert!(

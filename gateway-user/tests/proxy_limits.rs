@@ -476,11 +476,24 @@ async fn large_bodies_stream_through_with_bounded_memory() {
 const HELD_FIRST: usize = 100;
 const HELD_REST: usize = 300;
 
+/// A curl process [`held_body`] started: killed and reaped if the test ends before
+/// [`release`].
+struct HeldCurl(Option<std::process::Child>);
+
+impl Drop for HeldCurl {
+    fn drop(&mut self) {
+        if let Some(mut curl) = self.0.take() {
+            let _ = curl.kill();
+            let _ = curl.wait();
+        }
+    }
+}
+
 /// curl sending a body from a pipe to `url` (over HTTP/2 with prior knowledge when `h2`; over
 /// HTTP/1.1 chunked, as curl sends a body of unknown length): [`HELD_FIRST`] bytes now, the
 /// rest when [`release`] says, so that the body is still arriving for as long as the test
 /// wants, however slowly the machine runs.
-fn held_body(url: &str, h2: bool) -> std::process::Child {
+fn held_body(url: &str, h2: bool) -> HeldCurl {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     let mut curl = Command::new("curl");
@@ -509,16 +522,16 @@ fn held_body(url: &str, h2: bool) -> std::process::Child {
     stdin
         .write_all(&[b'x'; HELD_FIRST])
         .expect("writing to curl");
-    child
+    HeldCurl(Some(child))
 }
 
-/// Sends the rest of a [`held_body`] and ends it: what curl printed (`-i`).
-fn release(mut curl: std::process::Child) -> tokio::task::JoinHandle<String> {
+/// Sends the rest of a [`held_body`] and ends it: what curl printed (`-i`). (A curl that has
+/// already exited shows in what it printed, not as a failed write.)
+fn release(mut held: HeldCurl) -> tokio::task::JoinHandle<String> {
     use std::io::Write as _;
+    let mut curl = held.0.take().expect("a held curl");
     let mut stdin = curl.stdin.take().expect("curl's stdin");
-    stdin
-        .write_all(&[b'y'; HELD_REST])
-        .expect("writing to curl");
+    let _ = stdin.write_all(&[b'y'; HELD_REST]);
     drop(stdin);
     tokio::task::spawn_blocking(move || {
         let out = curl.wait_with_output().expect("curl");
@@ -807,7 +820,7 @@ async fn read_ahead_memory_is_bounded_counted_and_given_back() {
 /// `[router.downstream] http2_max_concurrent_streams` is what the gateway advertises and what a
 /// client gets. nghttp2's own client reads it from the gateway's SETTINGS (200 by default, 5
 /// when set); h2load then asks for 20 streams at once on one connection to an upstream that
-/// answers after 400 ms, and the upstream never has more than 5 of them in flight (`/status`,
+/// answers after 2 s, and the upstream never has more than 5 of them in flight (`/status`,
 /// sampled while they run). h2load opens its streams before the gateway's SETTINGS arrive,
 /// as HTTP/2 allows: those beyond 5 are refused (`REFUSED_STREAM`, which h2load counts as
 /// errors and does not retry) and never reach the upstream. Reloaded with 50, a new
@@ -826,7 +839,7 @@ async fn the_http2_stream_limit_is_a_setting_clients_obey() {
     let advertised = |addr: std::net::SocketAddr| {
         tokio::task::spawn_blocking(move || {
             let out = std::process::Command::new("nghttp")
-                .args(["-nv", &format!("http://{addr}/")])
+                .args(["-nv", "-t", "10s", &format!("http://{addr}/")])
                 .output()
                 .expect("nghttp (nghttp2-client)");
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -852,8 +865,16 @@ async fn the_http2_stream_limit_is_a_setting_clients_obey() {
     .await;
     assert_eq!(advertised(gw.addr).await.unwrap(), 5);
     let admin = gw.handle.admin_addr().expect("admin listener");
+    /// Stops the sampler however the test ends.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let done = Arc::new(AtomicBool::new(false));
     let (stop, upstream) = (done.clone(), up.addr);
+    let stop_sampler = Stop(done);
     let sampler = tokio::task::spawn_blocking(move || {
         let mut most = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -865,13 +886,16 @@ async fn the_http2_stream_limit_is_a_setting_clients_obey() {
         }
         most
     });
-    let url = format!("http://{}/delay/400", gw.addr);
+    // Long enough that the sampler sees them in flight on a loaded machine too.
+    let url = format!("http://{}/delay/2000", gw.addr);
     // nghttp's own GETs.
     let before = up.hits() as u64;
-    let r = tokio::task::spawn_blocking(move || h2load(&url, &["-n", "20", "-c", "1", "-m", "20"]))
-        .await
-        .unwrap();
-    done.store(true, Ordering::Relaxed);
+    let r = tokio::task::spawn_blocking(move || {
+        h2load(&url, &["-n", "20", "-c", "1", "-m", "20", "-T", "30"])
+    })
+    .await
+    .unwrap();
+    drop(stop_sampler);
     let most = sampler.await.unwrap();
     assert_eq!(r.succeeded + r.failed, 20, "{}", r.text);
     assert!(r.succeeded >= 5, "{}", r.text);

@@ -306,11 +306,14 @@ pub struct DownstreamConfig {
     pub http2_premature_reset_lifetime_ms: Option<u64>,
     /// Streams an HTTP/2 client may have open at once on one connection (the
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` the gateway advertises); a client opens no more until
-    /// one ends, and a stream beyond it is refused (`REFUSED_STREAM`, safe to retry). Default
+    /// one ends, and a stream beyond it is refused (`REFUSED_STREAM`, safe to retry; hyper
+    /// closes a connection after 1,024 such refusals). Each open stream may hold up to 400 KiB
+    /// of response waiting for its client (hyper's send buffer). Below 100, the least RFC 9113
+    /// recommends, `check-config` warns. Default
     /// [`DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS`], hyper's (nginx: 128; Envoy: unlimited). Raise
     /// it for gRPC clients that multiplex many long-lived streams over one connection, which
     /// otherwise queue on the client side; lower it to bound what one connection may ask of
-    /// the upstreams at once. A reload applies it to new connections.
+    /// the upstreams at once. A reload applies it to new connections; open ones keep theirs.
     pub http2_max_concurrent_streams: Option<u32>,
 }
 

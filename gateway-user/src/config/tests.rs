@@ -452,6 +452,18 @@ fn http2_max_concurrent_streams_is_200_by_default_and_from_1_to_2_pow_31_minus_1
         streams("http2_max_concurrent_streams = 1000").unwrap(),
         1000
     );
+    let few = load(&format!(
+        "{COMMON}\n[router.downstream]\nhttp2_max_concurrent_streams = 10\n"
+    ))
+    .unwrap();
+    assert_eq!(few.settings.downstream.http2_max_concurrent_streams, 10);
+    let w: Vec<String> = few.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.len() == 1
+            && w[0].contains("router.downstream.http2_max_concurrent_streams")
+            && w[0].contains("below the 100"),
+        "{w:?}"
+    );
     assert_eq!(
         streams("http2_max_concurrent_streams = 2147483647").unwrap(),
         i32::MAX as u32

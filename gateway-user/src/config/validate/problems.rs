@@ -174,6 +174,10 @@ pub enum Warning {
         grace_ms: u64,
         request_ms: u64,
     },
+    #[error(
+        "http2_max_concurrent_streams = {streams} is below the 100 RFC 9113 recommends: a browser or gRPC client that opens more streams at once waits for them, and those it opens before reading the gateway's SETTINGS are refused"
+    )]
+    FewHttp2Streams { streams: u32 },
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).
