@@ -97,7 +97,7 @@ async fn sigterm_completes_in_flight_requests_then_exits() {
 async fn grace_period_bounds_the_drain() {
     let up = Upstream::start("up").await;
     up.set_delay(Duration::from_millis(10_000));
-    let mut gw = spawn(&up, 300, "grace").await;
+    let (mut gw, access_log) = spawn_logging(&up, 300, "grace");
     let c = client();
     let (c1, addr) = (c.clone(), gw.addr);
     let in_flight = tokio::spawn(async move {
@@ -124,6 +124,20 @@ async fn grace_period_bounds_the_drain() {
         "the request longer than the grace period is cut off"
     );
     assert!(gw.text().contains("grace period over"), "{}", gw.text());
+    // Logged as a request that got no response (499, aborted), and as the gateway's doing,
+    // not its client's.
+    let l = &gateway_testkit::inprocess::log_lines(&access_log, 1)[0];
+    assert_eq!(
+        (&l["status"], &l["aborted"]),
+        (&serde_json::json!(499), &serde_json::json!(true)),
+        "{l}"
+    );
+    assert!(
+        l["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("dropped by the gateway: the drain's grace period")),
+        "{l}"
+    );
 }
 
 /// A response under way when the grace period runs out is cut off by the gateway, not by its

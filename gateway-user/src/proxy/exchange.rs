@@ -226,7 +226,8 @@ impl Exchange {
 /// client closes the connection (or at the end of a forced drain). It is logged and counted
 /// all the same, as `499` and `aborted`, so that the requests whose clients gave up on a slow
 /// upstream do not vanish from the log and the metrics. Not a latency sample of the endpoint:
-/// the client's patience is not the upstream's speed.
+/// the client's patience is not the upstream's speed. At a forced drain the log line's
+/// `detail` says that the gateway dropped it, not its client.
 impl Drop for Exchange {
     fn drop(&mut self) {
         if self.logged {
@@ -236,6 +237,13 @@ impl Drop for Exchange {
         if !self.counted {
             self.record.status = CLIENT_CLOSED;
             self.record.aborted = true;
+            if self.shared.drain_forced() {
+                let why = "dropped by the gateway: the drain's grace period (shutdown_grace_ms) ran out before the response began";
+                self.record.error_detail = Some(match self.record.error_detail.take() {
+                    Some(earlier) => format!("{why}; before that: {earlier}"),
+                    None => why.to_owned(),
+                });
+            }
             self.note_request_bytes();
             let elapsed = self.record.start.elapsed();
             self.shared
