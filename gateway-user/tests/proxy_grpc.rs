@@ -184,8 +184,10 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
         head.contains("grpc-timeout"),
         "the message names the call's deadline: {head}"
     );
+    // Under the route's 1200 ms, which would be the answer had the call's own deadline been
+    // ignored; the rest is room for a curl process on a loaded machine.
     assert!(
-        took >= Duration::from_millis(290) && took < Duration::from_millis(800),
+        took >= Duration::from_millis(290) && took < Duration::from_millis(1100),
         "{took:?}"
     );
     // 10 s asked, the route allows 1200 ms: capped.
@@ -195,8 +197,9 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
         .unwrap();
     assert!(head.contains("grpc-status: 4"), "{head}");
     assert!(head.contains("request timeout of 1200 ms"), "{head}");
+    // Well under the upstream's 3 s, which would be the answer had nothing capped it.
     assert!(
-        took >= Duration::from_millis(1150) && took < Duration::from_millis(1800),
+        took >= Duration::from_millis(1150) && took < Duration::from_millis(2500),
         "{took:?}"
     );
     // The upstream was told the capped deadline: it sees at most 1200 ms left of the 10 s

@@ -649,7 +649,23 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the load has been served this many more requests (by progress, not by the clock:
+    // a loaded machine runs the curl processes slower).
+    let served_more = |n: usize| {
+        let (from, deadline) = (
+            ok.load(Ordering::Relaxed),
+            Instant::now() + Duration::from_secs(20),
+        );
+        while ok.load(Ordering::Relaxed) < from + n {
+            assert!(
+                Instant::now() < deadline,
+                "the load stalled: {} more served",
+                ok.load(Ordering::Relaxed) - from
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    served_more(30);
     for round in 0..3 {
         // A new certificate for a.test, with a serial-distinct subject alternative.
         pki.leaf("a", &["a.test", &format!("round{round}.a.test")]);
@@ -658,7 +674,7 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
             wait_for_count(&gw, "config reloaded", round + 1),
             "reload {round}"
         );
-        std::thread::sleep(Duration::from_millis(400));
+        served_more(30);
     }
     stop.store(true, Ordering::Relaxed);
     for t in load {
