@@ -275,14 +275,15 @@ async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
     assert_eq!(resp.status(), StatusCode::OK);
     resp.into_body().collect().await.unwrap();
     let answered = Instant::now();
-    let ended = tokio::time::timeout(IDLE * 4, &mut conn)
+    let ended = tokio::time::timeout(IDLE * 8, &mut conn)
         .await
         .expect("the idle HTTP/2 connection was closed")
         .unwrap();
     let took = answered.elapsed();
     assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
+    // Not before the limit; after it, up to 1 s late on a loaded machine.
     assert!(
-        took >= IDLE - Duration::from_millis(50) && took < IDLE * 2,
+        took >= IDLE - Duration::from_millis(50) && took < IDLE + Duration::from_secs(1),
         "closed {took:?} after its last stream; the limit is {IDLE:?}"
     );
 }
@@ -317,8 +318,10 @@ async fn an_http2_client_that_never_reads_a_stream_is_closed_at_the_write_timeou
     .await
     .unwrap();
     let took = start.elapsed();
+    // Not before the timeout; after it, nghttp's own start-up and a loaded machine (without
+    // the timeout, nghttp's -t 10 would end it at 10 s).
     assert!(
-        took >= WRITE && took < WRITE * 3,
+        took >= WRITE && took < WRITE + Duration::from_secs(2),
         "nghttp ended after {took:?}; the write timeout is {WRITE:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -386,7 +389,8 @@ async fn an_http1_client_that_stops_reading_is_closed_at_the_write_timeout() {
 
 /// An HTTP/2 client that reads slowly, but reads, is not taken for one that stopped: with a
 /// 16 KiB window, reading a frame every 200 ms, 256 KiB take about 3 s against a write
-/// timeout of 600 ms, and the response arrives whole. (hyper waits for room for what is left
+/// timeout of 1.2 s (a read may come 1 s late on a loaded machine), and the response arrives
+/// whole. (hyper waits for room for what is left
 /// of the last piece before it asks for the next; pieces of the upstream's 64 KiB chunks.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_reads_slowly_is_not_closed() {
@@ -395,7 +399,7 @@ async fn an_http2_client_that_reads_slowly_is_not_closed() {
     let gw = gateway(
         "h2-slow-reader",
         &format!(
-            "[router.downstream]\nwrite_timeout_ms = 600\n[router.upstream]\nendpoints = [\"{}\"]\n",
+            "[router.downstream]\nwrite_timeout_ms = 1200\n[router.upstream]\nendpoints = [\"{}\"]\n",
             up.addr
         ),
     )

@@ -40,13 +40,16 @@ async fn parked(gw: &InProcess) -> f64 {
     metric(gw, "gateway_client_connections_parked").await
 }
 
-/// Waits until `n` connections are parked; how long that took.
+/// Waits until `n` connections are parked; how long that took. It fails after
+/// [`PARKED_WITHIN`] and 3 s more, the room a loaded machine needs (the gateway runs in this
+/// process); a check that a park does not happen still waits only `PARKED_WITHIN`.
 async fn wait_parked(gw: &InProcess, n: f64) -> Duration {
     let start = Instant::now();
+    let limit = PARKED_WITHIN + Duration::from_secs(3);
     while parked(gw).await != n {
         assert!(
-            start.elapsed() < PARKED_WITHIN,
-            "{n} parked connections expected within {PARKED_WITHIN:?}, have {}",
+            start.elapsed() < limit,
+            "{n} parked connections expected within {limit:?}, have {}",
             parked(gw).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
