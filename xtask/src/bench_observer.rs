@@ -160,13 +160,23 @@ fn proc_status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A running `gateway observe`, stopped by [`Observer::stop`] or, whatever else ends the bench
+/// (an error returned with `?`, a panic), when dropped: it is never left attached.
 pub(crate) struct Observer {
     child: Child,
     /// Reads the observer's stdout while it runs: a pipe nobody reads fills at 64 KiB and
     /// blocks the observer's writes, so its ring buffer would overflow because of the bench.
-    stdout: std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
-    /// The `lost_total` of the observer's last "dropped connect records" warning.
-    lost: std::thread::JoinHandle<u64>,
+    /// Taken by `stop`.
+    stdout: Option<std::thread::JoinHandle<std::io::Result<Vec<u8>>>>,
+    /// The `lost_total` of the observer's last "dropped connect records" warning. Taken by
+    /// `stop`.
+    lost: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
 }
 
 impl Observer {
@@ -204,8 +214,8 @@ impl Observer {
         });
         Ok(Observer {
             child,
-            stdout,
-            lost,
+            stdout: Some(stdout),
+            lost: Some(lost),
         })
     }
 
@@ -220,17 +230,30 @@ impl Observer {
         self.child.id()
     }
 
+    /// SIGTERM, and waits for its exit; nothing once it has exited (std keeps the status, so
+    /// no signal can reach a pid reused since).
+    fn terminate(&mut self) -> std::io::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { kill(self.child.id() as i32, 15) };
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Stops the observer: what it printed, and how many records it said the kernel dropped.
     pub(crate) fn stop(mut self) -> anyhow::Result<(Vec<u8>, u64)> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { kill(self.child.id() as i32, 15) };
-        self.child.wait()?;
+        self.terminate()?;
         let out = self
             .stdout
+            .take()
+            .context("stdout reader")?
             .join()
             .map_err(|_| anyhow::anyhow!("stdout reader panicked"))??;
         let lost = self
             .lost
+            .take()
+            .context("stderr reader")?
             .join()
             .map_err(|_| anyhow::anyhow!("stderr reader panicked"))?;
         Ok((out, lost))

@@ -44,20 +44,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let cgroup = bench_observer::Cgroup::create()?;
     let addr = bench_observer::accept_and_close_server()?;
     let obs = bench_observer::Observer::start_settled(&bin, &cgroup.0)?;
-    // Read while the observer holds the programs: they are unloaded when it exits. Whatever
-    // fails, the observer is stopped before the error is returned.
-    let programs = held_program_ids(obs.pid()).and_then(|ids| {
-        ids.into_iter()
-            .map(Program::read)
-            .collect::<anyhow::Result<Vec<_>>>()
-    });
-    let samples = match &programs {
-        Ok(_) => sample_client(&cgroup.0, addr, connects),
-        Err(_) => Ok(Vec::new()),
-    };
-    let stopped = obs.stop();
-    let (programs, samples) = (programs?, samples?);
-    stopped?;
+    // Read while the observer holds the programs: they are unloaded when it exits. (An error
+    // returned here stops the observer as it is dropped.)
+    let programs = held_program_ids(obs.pid())?
+        .into_iter()
+        .map(Program::read)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let samples = sample_client(&cgroup.0, addr, connects)?;
+    obs.stop()?;
     report(&programs, &samples, connects, top)
 }
 

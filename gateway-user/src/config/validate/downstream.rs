@@ -1,5 +1,7 @@
 //! `[router.downstream]`: the client side's timeouts and limits, and its HTTP/2 settings.
 
+use std::time::Duration;
+
 use super::{At, Checker, DAY_MS, Warning, ms};
 use crate::config::{model::*, settings::*, source::KeyPath};
 
@@ -8,30 +10,27 @@ pub(super) fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
     let ds = &r.downstream;
     let dk = KeyPath::root().key("router").key("downstream");
     Downstream {
-        header_read_timeout: ms(c.range(
-            &dk.key("header_read_timeout_ms"),
-            ds.header_read_timeout_ms
-                .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
-            1,
-            DAY_MS,
-            " ms",
-        )),
-        write_timeout: ms(c.range(
-            &dk.key("write_timeout_ms"),
-            ds.write_timeout_ms
-                .unwrap_or(DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS),
-            1,
-            DAY_MS,
-            " ms",
-        )),
-        http2_idle_timeout: ms(c.range(
-            &dk.key("http2_idle_timeout_ms"),
-            ds.http2_idle_timeout_ms
-                .unwrap_or(DEFAULT_HTTP2_IDLE_TIMEOUT_MS),
-            1,
-            DAY_MS,
-            " ms",
-        )),
+        header_read_timeout: timeout(
+            c,
+            &dk,
+            "header_read_timeout_ms",
+            ds.header_read_timeout_ms,
+            DEFAULT_HEADER_READ_TIMEOUT_MS,
+        ),
+        write_timeout: timeout(
+            c,
+            &dk,
+            "write_timeout_ms",
+            ds.write_timeout_ms,
+            DEFAULT_DOWNSTREAM_WRITE_TIMEOUT_MS,
+        ),
+        http2_idle_timeout: timeout(
+            c,
+            &dk,
+            "http2_idle_timeout_ms",
+            ds.http2_idle_timeout_ms,
+            DEFAULT_HTTP2_IDLE_TIMEOUT_MS,
+        ),
         max_request_header_bytes: c.range(
             &dk.key("max_request_header_bytes"),
             ds.max_request_header_bytes
@@ -41,14 +40,13 @@ pub(super) fn downstream(c: &mut Checker, r: &RouterConfig) -> Downstream {
             " bytes",
         ) as usize,
         max_request_body_bytes: ds.max_request_body_bytes,
-        tls_handshake_timeout: ms(c.range(
-            &dk.key("tls_handshake_timeout_ms"),
-            ds.tls_handshake_timeout_ms
-                .unwrap_or(DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS),
-            1,
-            DAY_MS,
-            " ms",
-        )),
+        tls_handshake_timeout: timeout(
+            c,
+            &dk,
+            "tls_handshake_timeout_ms",
+            ds.tls_handshake_timeout_ms,
+            DEFAULT_DOWNSTREAM_TLS_HANDSHAKE_TIMEOUT_MS,
+        ),
         max_client_connections: ds.max_client_connections.map(|n| {
             c.range(
                 &dk.key("max_client_connections"),
@@ -95,6 +93,12 @@ fn http2_streams(c: &mut Checker, ds: &DownstreamConfig, dk: &KeyPath) -> u32 {
         });
     }
     n
+}
+
+/// One of `[router.downstream]`'s timeouts: `value` (`default` when unset), from 1 ms to a
+/// day.
+fn timeout(c: &mut Checker, dk: &KeyPath, key: &str, value: Option<u64>, default: u64) -> Duration {
+    ms(c.range(&dk.key(key), value.unwrap_or(default), 1, DAY_MS, " ms"))
 }
 
 /// `[router.downstream]`'s HTTP/2 rapid-reset rule.
