@@ -76,9 +76,15 @@ const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
 const TE_BIT: u16 = 1 << 5;
 /// Bit of `Keep-Alive` (index 1 of [`HOP_BY_HOP`]).
 const KEEP_ALIVE_BIT: u16 = 1 << 1;
+/// Bit of `Transfer-Encoding` (index 6 of [`HOP_BY_HOP`]).
+const TRANSFER_ENCODING_BIT: u16 = 1 << 6;
 
 /// Removes hop-by-hop headers, including `Upgrade` and `TE`; says whether an upgrade and
-/// `TE: trailers` were among them, and hands back the `Keep-Alive` value.
+/// `TE: trailers` were among them, and hands back the `Keep-Alive` value. A message that came
+/// with `Transfer-Encoding` also loses its `Content-Length`: hyper framed it by the encoding,
+/// which overrides the length, and an intermediary must remove the length before forwarding
+/// (RFC 9112 section 6.3). Forwarded, it announced a length the body did not have: an upstream
+/// answering `Content-Length: 100` and a chunked `ok` gave its client a truncated response.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // One pass over the (few) headers finds which are there, and whether `Connection` says
     // more than the usual "keep-alive" or "close"; most messages carry none but `Connection`,
@@ -145,6 +151,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
             keep_alive = removed;
         }
         hop &= hop - 1;
+    }
+    if present & TRANSFER_ENCODING_BIT != 0 {
+        headers.remove(header::CONTENT_LENGTH);
     }
     let upgrade_value = if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE)
@@ -395,6 +404,21 @@ mod tests {
             },
             "an Upgrade that Connection does not name is no upgrade"
         );
+    }
+
+    #[test]
+    fn a_transfer_encoded_message_loses_its_content_length() {
+        let mut h = map(&[
+            ("content-length", "100"),
+            ("transfer-encoding", "chunked"),
+            ("x-keep", "yes"),
+        ]);
+        let _ = to_downstream(&mut h, Version::HTTP_11);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["x-keep", "via"]);
+        let mut h = map(&[("content-length", "100")]);
+        let _ = to_downstream(&mut h, Version::HTTP_11);
+        assert_eq!(h["content-length"], "100", "a length alone is the framing");
     }
 
     #[test]
