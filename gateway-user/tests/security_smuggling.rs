@@ -282,6 +282,30 @@ async fn upstream_obs_fold_response_is_rejected() {
     );
 }
 
+/// A response head with more header fields than hyper's table holds is refused (502), and the
+/// answer says which limits it outgrew: hyper's own words ("message head is too large") said
+/// the same of 101 short fields as of 256 KiB. One field fewer passes.
+#[tokio::test]
+async fn an_upstream_response_over_the_field_limit_is_refused_naming_the_limits() {
+    let head = |fields: usize| -> &'static [u8] {
+        let mut r = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for i in 1..fields {
+            r.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        r.push_str("\r\nok");
+        Box::leak(r.into_bytes().into_boxed_slice())
+    };
+    let get = b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+    let (answer, _seen, _gw) = through("resp-fields-100", head(100), get).await;
+    assert_eq!(status(&answer), "200", "100 fields: {answer:?}");
+    let (answer, _seen, _gw) = through("resp-fields-101", head(101), get).await;
+    assert_eq!(status(&answer), "502", "101 fields: {answer:?}");
+    assert!(
+        answer.contains("message head is too large (at most 100 header fields and 256 KiB)"),
+        "{answer:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_cannot_forge_the_gateways_evidence_headers() {
     let reply: &[u8] = b"HTTP/1.1 200 OK\r\nx-gateway-error: upstream_host_died\r\nx-gateway-evidence: syns=9 synack=0\r\nx-gateway-endpoint: 10.9.9.9:1\r\nx-gateway-attempts: 7\r\ncontent-length: 2\r\n\r\nok";

@@ -142,7 +142,7 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         what: &'static str,
     },
-    #[error("invalid response from {endpoint}: {source}")]
+    #[error("invalid response from {endpoint}: {source}{}", head_limits(source))]
     InvalidUpstreamResponse {
         endpoint: SocketAddr,
         source: hyper::Error,
@@ -202,6 +202,19 @@ pub enum ProxyError {
     RequestBodyTooLarge { limit: u64 },
     #[error("reading the request body from the client failed: {source}")]
     DownstreamBodyError { source: hyper::Error },
+}
+
+/// What an upstream's response head outgrew, for hyper's "message head is too large", which
+/// says the same of too many fields as of too many bytes.
+fn head_limits(e: &hyper::Error) -> String {
+    use super::upstream::{RESPONSE_HEAD_MAX_BYTES, RESPONSE_HEAD_MAX_FIELDS};
+    if !e.is_parse_too_large() {
+        return String::new();
+    }
+    format!(
+        " (at most {RESPONSE_HEAD_MAX_FIELDS} header fields and {} KiB)",
+        RESPONSE_HEAD_MAX_BYTES / 1024
+    )
 }
 
 /// What is known of the TCP connection under a TLS handshake.
