@@ -407,6 +407,36 @@ async fn a_request_without_a_usable_host_to_an_http2_upstream_is_a_400() {
     );
 }
 
+/// `curl --http2` to an `http://` URL sends an h2c upgrade with its request. The gateway does
+/// not tunnel upgrades other than WebSocket, so it answers the request as a plain one, through
+/// an HTTP/2 cluster too. Before, every such request to an h2c cluster was refused ("an HTTP/1.1
+/// `Upgrade` (WebSocket) needs protocol = \"http1\"").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_over_http_reaches_an_h2c_upstream() {
+    let dir = temp_dir("h2c-curl-upgrade");
+    let nginx = nginx_h2c(&dir, "");
+    let gw = gateway("h2c-curl-upgrade", &config(nginx.addr, 8)).await;
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("curl")
+            .args(["-sS", "-v", "--http2", "--max-time", "5", "-o", "/dev/null"])
+            .args(["-w", "%{http_code} %{http_version}"])
+            .arg(format!("http://{}/up", gw.addr))
+            .output()
+            .expect("curl")
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.to_ascii_lowercase().contains("upgrade: h2c"),
+        "curl sent the upgrade: {stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1.1", "{stderr}");
+    assert_eq!(
+        upstream_lines(&nginx.log).len(),
+        1,
+        "it reached the upstream"
+    );
+}
+
 /// An HTTP/2 upstream whose response breaks the protocol (no `:status`; a connection-specific
 /// header): h2 resets the stream itself, and that was reported as `upstream_reset`, "closed the
 /// connection before a complete response", which blames the path or a crash. It is `502

@@ -306,6 +306,86 @@ async fn an_upstream_response_over_the_field_limit_is_refused_naming_the_limits(
     );
 }
 
+/// An h2c upgrade is never tunnelled: tunnelled, it let a client open HTTP/2 straight to the
+/// upstream behind one routed request, and send it any request past every route, rule and log
+/// line ("h2c smuggling"). The upgrade headers are dropped and the request answered as a plain
+/// one, whether or not `Connection` lists `HTTP2-Settings`; an upstream that switches
+/// protocols all the same gets a 502, not a tunnel. Before, the gateway forwarded `Upgrade: h2c`
+/// and tunnelled the upstream's 101.
+#[tokio::test]
+async fn an_h2c_upgrade_is_answered_as_a_plain_request_never_tunnelled() {
+    for (label, connection) in [
+        ("h2c-listed", "Upgrade, HTTP2-Settings, close"),
+        ("h2c-unlisted", "Upgrade, close"),
+    ] {
+        let req = format!(
+            "GET /public HTTP/1.1\r\nhost: a\r\nconnection: {connection}\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n"
+        );
+        let (answer, seen, _gw) = through(label, OK, req.as_bytes()).await;
+        assert_eq!(status(&answer), "200", "{label}: {answer:?}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{label}: {answer:?}");
+        let seen = seen.to_ascii_lowercase();
+        for gone in ["upgrade", "http2-settings"] {
+            assert!(
+                !seen.contains(&format!("{gone}:")) && !seen.contains("connection: upgrade"),
+                "{label}: the upstream got {gone}: {seen:?}"
+            );
+        }
+    }
+    let switches: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n";
+    let req = b"GET /public HTTP/1.1\r\nhost: a\r\nconnection: upgrade, close\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let (answer, seen, _gw) = through("h2c-101", switches, req).await;
+    assert_eq!(status(&answer), "502", "{answer:?}");
+    assert!(!answer.contains("HTTP/1.1 101"), "{answer:?}");
+    assert!(!seen.contains("PRI * HTTP/2.0"), "no tunnel: {seen:?}");
+}
+
+/// Upgrades other than WebSocket are tunnelled only to a cluster that lists them in
+/// `upgrades` (`kubectl exec` switches to `SPDY/3.1`): listed, the upstream's 101 comes back
+/// and bytes pass both ways; by default the same request reaches the upstream as a plain one,
+/// and its 101 is a 502.
+#[tokio::test]
+async fn an_upgrade_a_cluster_lists_is_tunnelled_and_others_are_not() {
+    let switches: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: SPDY/3.1\r\n\r\n";
+    let req = b"POST /exec HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: SPDY/3.1\r\ncontent-length: 0\r\n\r\nthrough-the-tunnel";
+    let up = Recorder::start(switches).await;
+    let cfg = cluster(up.addr).replace(
+        "[clusters.up.retry]",
+        "upgrades = [\"websocket\", \"spdy/3.1\"]\n[clusters.up.retry]",
+    );
+    let gw = gateway("upgrade-listed", &cfg).await;
+    let answer = raw_exchange(gw.addr, req, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("upgrade: spdy/3.1"),
+        "{answer:?}"
+    );
+    let seen = wait_seen(&up, "through-the-tunnel").await;
+    assert!(seen.ends_with("through-the-tunnel"), "the tunnel: {seen:?}");
+    assert!(
+        seen.to_ascii_lowercase().contains("upgrade: spdy/3.1"),
+        "{seen:?}"
+    );
+    drop(gw);
+    let (answer, seen, _gw) = through("upgrade-unlisted", switches, req).await;
+    assert_eq!(status(&answer), "502", "{answer:?}");
+    assert!(!seen.to_ascii_lowercase().contains("upgrade:"), "{seen:?}");
+}
+
+/// What `up` has recorded once it holds `what` (or after 3 s).
+async fn wait_seen(up: &Recorder, what: &str) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let seen = up.seen();
+        if seen.contains(what) || std::time::Instant::now() > until {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_cannot_forge_the_gateways_evidence_headers() {
     let reply: &[u8] = b"HTTP/1.1 200 OK\r\nx-gateway-error: upstream_host_died\r\nx-gateway-evidence: syns=9 synack=0\r\nx-gateway-endpoint: 10.9.9.9:1\r\nx-gateway-attempts: 7\r\ncontent-length: 2\r\n\r\nok";

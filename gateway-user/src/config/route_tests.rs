@@ -343,3 +343,43 @@ request_buffering = false
         .contains("request_buffering")
     );
 }
+
+#[test]
+fn upgrades_are_websocket_by_default_a_cluster_lists_its_own_and_h2c_is_refused() {
+    let api = |text: &str| {
+        load(text).unwrap().settings.clusters["api"]
+            .upgrades
+            .clone()
+    };
+    assert_eq!(api(&with_route(BASE)), ["websocket"]);
+    let with = |list: &str| {
+        with_route(&BASE.replace(
+            "[clusters.api.timeouts]",
+            &format!("upgrades = {list}\n[clusters.api.timeouts]"),
+        ))
+    };
+    assert_eq!(
+        api(&with(r#"["websocket", "SPDY/3.1"]"#)),
+        ["websocket", "spdy/3.1"]
+    );
+    assert!(api(&with("[]")).is_empty());
+    let inherited = format!(
+        "[router.upstream]\nupgrades = [\"tcp\"]\n{}",
+        with_route(BASE)
+    )
+    .replacen("[router]\nlistener_port = 8080\n", "", 1);
+    let inherited = format!("[router]\nlistener_port = 8080\n{inherited}");
+    assert_eq!(api(&inherited), ["tcp"]);
+    let e = err(&with(r#"["websocket", "H2C"]"#));
+    assert!(
+        e.contains("key `clusters.api.upgrades`") && e.contains("h2c smuggling"),
+        "{e}"
+    );
+    for bad in [r#"["web socket"]"#, r#"["spdy/"]"#, r#"[""]"#] {
+        let e = err(&with(bad));
+        assert!(
+            e.contains("key `clusters.api.upgrades`") && e.contains("not a protocol name"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -244,6 +244,8 @@ pub struct ClusterSpec {
     pub protocol: UpstreamProtocol,
     /// Its routes' default `request_buffering`.
     pub request_buffering: bool,
+    /// The `Upgrade` protocols tunnelled to the endpoints, lowercase (`upgrades`).
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -15,7 +15,7 @@ use http::{
 };
 
 /// How many [`HOP_BY_HOP`] names there are.
-const HOP_COUNT: usize = 7;
+const HOP_COUNT: usize = 8;
 
 /// `Keep-Alive` (RFC 9112 appendix C.2.2), which the `http` crate does not name.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -30,6 +30,9 @@ static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::TRANSFER_ENCODING,
+    // The settings of an h2c upgrade (RFC 7540 section 3.2.1: connection-specific), which the
+    // gateway never tunnels (`tunnels`).
+    HeaderName::from_static("http2-settings"),
 ];
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -180,7 +183,7 @@ fn names_nothing_else(v: &HeaderValue) -> bool {
 /// `Content-Type`, ...) have none of these lengths, and are not compared with any.
 fn hop_bit(name: &HeaderName) -> u16 {
     let s = name.as_str();
-    if !matches!(s.len(), 2 | 7 | 10 | 16..=19) {
+    if !matches!(s.len(), 2 | 7 | 10 | 14 | 16..=19) {
         return 0;
     }
     match HOP_BY_HOP.iter().position(|h| h.as_str() == s) {
@@ -188,6 +191,20 @@ fn hop_bit(name: &HeaderName) -> u16 {
         None if s == header::UPGRADE.as_str() => UPGRADE_BIT,
         None => 0,
     }
+}
+
+/// Whether an `Upgrade` a client asked for is tunnelled to the upstream: when the cluster's
+/// `upgrades` (lowercase; WebSocket by default) holds its whole value. Any other is dropped with
+/// the other hop-by-hop headers and the request goes on as a plain one, which RFC 9110 section
+/// 7.8 lets a server do. Above all `h2c`, which `upgrades` never holds: tunnelled, it would let
+/// a client speak HTTP/2 straight to the upstream behind one routed request, past every route,
+/// rule and log line of the gateway ("h2c smuggling"); `curl --http2` sends it with every
+/// `http://` request.
+pub(crate) fn tunnels(upgrade: &HeaderValue, allowed: &[String]) -> bool {
+    let value = upgrade.as_bytes().trim_ascii();
+    allowed
+        .iter()
+        .any(|p| value.eq_ignore_ascii_case(p.as_bytes()))
 }
 
 /// Writes an upgrade's hop-by-hop pair again: `Connection: upgrade`, `Upgrade: value`.

@@ -45,6 +45,11 @@ pub struct ClusterConfig {
     /// before an upstream connection is taken; `false`: bodies stream as they arrive. The
     /// default of the cluster's routes, which may set their own.
     pub request_buffering: Option<bool>,
+    /// The HTTP/1.1 `Upgrade` protocols a client may switch to with the endpoints, compared
+    /// without case with the whole `Upgrade` value (a version included, as clients send it:
+    /// `"spdy/3.1"` for `kubectl exec`). Default [`DEFAULT_UPGRADES`]; `[]` tunnels none. Any
+    /// other upgrade is dropped and its request answered as a plain one. `"h2c"` is refused.
+    pub upgrades: Option<Vec<String>>,
 }
 
 /// `protocol`: what the gateway speaks to a cluster's endpoints.
@@ -69,6 +74,9 @@ impl UpstreamProtocol {
 }
 
 pub const DEFAULT_PROTOCOL: UpstreamProtocol = UpstreamProtocol::Http1;
+
+/// `upgrades` unless set: WebSocket (RFC 6455 clients send exactly `websocket`).
+pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
 pub const DEFAULT_LB_POLICY: LbPolicy = LbPolicy::RoundRobin;
 pub const DEFAULT_DNS_REFRESH_MS: u64 = 30_000;

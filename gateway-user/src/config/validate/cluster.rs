@@ -85,6 +85,7 @@ pub(super) fn cluster(
         base_key.key("request_buffering"),
         true,
     );
+    let upgrades = upgrades(c, &l);
     let health = policy::health(c, &l);
     let latency = policy::latency(c, &l);
     let (dns_refresh_ms, from) = inherit(
@@ -119,7 +120,35 @@ pub(super) fn cluster(
         // Checked against the TLS setting by `protocol`, once TLS is known.
         protocol,
         request_buffering,
+        upgrades,
     }
+}
+
+/// `upgrades`: each a token, optionally `/` and a version (RFC 9110 section 7.8), lowercased;
+/// never `h2c`.
+fn upgrades(c: &mut Checker, l: &Layers) -> Vec<String> {
+    let (list, from) = match (&l.own.upgrades, &l.base.upgrades) {
+        (Some(v), _) => (v, l.key.key("upgrades")),
+        (None, Some(v)) => (v, l.base_key.key("upgrades")),
+        (None, None) => return DEFAULT_UPGRADES.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let mut out = Vec::new();
+    for p in list {
+        let (name, version) = p.split_once('/').unwrap_or((p, "x"));
+        if !token(name) || !token(version) {
+            c.fail(from.clone(), Invalid::InvalidUpgrade { value: p.clone() });
+        } else if name.eq_ignore_ascii_case("h2c") {
+            c.fail(from.clone(), Invalid::H2cUpgrade);
+        } else {
+            out.push(p.to_ascii_lowercase());
+        }
+    }
+    out
 }
 
 /// `timeouts.*`, with a warning when the request timeout cannot cover a connect and a

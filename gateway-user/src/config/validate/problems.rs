@@ -113,6 +113,14 @@ pub enum Invalid {
     )]
     H2cWithTls { cluster: String },
     #[error(
+        "upgrade protocol \"h2c\" is never tunnelled: a client would speak HTTP/2 straight to the upstream, past every route, rule and log line of the gateway (h2c smuggling). Clients reach the gateway over HTTP/2 directly (prior knowledge, or ALPN over TLS); for HTTP/2 to the endpoints set protocol = \"h2c\""
+    )]
+    H2cUpgrade,
+    #[error(
+        "upgrade protocol {value:?} is not a protocol name as `Upgrade` carries it; expected e.g. \"websocket\" or \"spdy/3.1\""
+    )]
+    InvalidUpgrade { value: String },
+    #[error(
         "unknown gRPC status {value:?}; use the names of gRPC's status codes, e.g. \"UNAVAILABLE\", \"RESOURCE_EXHAUSTED\", \"DEADLINE_EXCEEDED\""
     )]
     UnknownGrpcStatus { value: String },

@@ -173,8 +173,8 @@ fn find_route<'a>(
         })
 }
 
-/// The request rewritten for its upstream: hop-by-hop headers out (an upgrade's kept, and
-/// taken from the client's connection), forwarding headers in, the route's path rewrite and
+/// The request rewritten for its upstream: hop-by-hop headers out (a WebSocket upgrade's kept,
+/// and taken from the client's connection; any other upgrade dropped), forwarding headers in, the route's path rewrite and
 /// header rules, HTTP/1.1. An upgrade to a cluster that does not speak HTTP/1.1 is refused.
 /// `request_id`: the request ID's header and value, when request IDs are on.
 fn for_upstream(
@@ -220,7 +220,10 @@ fn for_upstream(
         parts.headers.insert(name, id.clone());
     }
     let upgrade = match stripped.upgrade {
-        Some(value) if parts.version == Version::HTTP_11 => {
+        Some(value)
+            if parts.version == Version::HTTP_11
+                && headers::tunnels(&value, &cluster.spec.upgrades) =>
+        {
             if cluster.spec.protocol != UpstreamProtocol::Http1 {
                 return Err(ProxyError::UpgradeUnsupported {
                     cluster: cluster.spec.name.clone(),
