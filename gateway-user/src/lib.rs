@@ -6,6 +6,11 @@
 //! `gateway demo` (the `demo` feature). `main.rs` only parses the command line and dispatches
 //! here.
 
+// The nightly that builds the fuzz targets proves a client connection's future `Send` through
+// more than the default 128 levels (parked and resumed connections serve each other's futures),
+// and warns that this will become an error.
+#![recursion_limit = "256"]
+
 pub mod config;
 pub mod decide;
 #[cfg(feature = "demo")]
