@@ -363,12 +363,10 @@ fn upgrades_are_websocket_by_default_a_cluster_lists_its_own_and_h2c_is_refused(
         ["websocket", "spdy/3.1"]
     );
     assert!(api(&with("[]")).is_empty());
-    let inherited = format!(
-        "[router.upstream]\nupgrades = [\"tcp\"]\n{}",
-        with_route(BASE)
-    )
-    .replacen("[router]\nlistener_port = 8080\n", "", 1);
-    let inherited = format!("[router]\nlistener_port = 8080\n{inherited}");
+    let inherited = with_route(&BASE.replace(
+        "listener_port = 8080\n",
+        "listener_port = 8080\n\n[router.upstream]\nupgrades = [\"tcp\"]\n",
+    ));
     assert_eq!(api(&inherited), ["tcp"]);
     let e = err(&with(r#"["websocket", "H2C"]"#));
     assert!(
