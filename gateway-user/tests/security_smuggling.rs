@@ -561,6 +561,25 @@ async fn more_than_one_host_header_is_rejected() {
     assert!(seen.is_empty(), "upstream saw {seen:?}");
 }
 
+/// A `Host` that cannot be a host and port is a 400 (RFC 9112 section 3.2: "an invalid field
+/// value"), as nginx answers, and nothing is forwarded; an empty one is allowed. Before, `Host:
+/// a b` and `Host: user@a` went upstream as they came.
+#[tokio::test]
+async fn a_host_that_is_no_host_and_port_is_rejected() {
+    for host in ["a b", "user@a.test", "a.test/admin", "a.test\\x"] {
+        let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        let (answer, seen, _gw) = through("bad-host", OK, req.as_bytes()).await;
+        assert_eq!(status(&answer), "400", "{host}: {answer:?}");
+        assert!(answer.contains("no host[:port]"), "{host}: {answer:?}");
+        assert!(seen.is_empty(), "{host}: upstream saw {seen:?}");
+    }
+    for host in ["", "a.test:8080", "[::1]:80", "10.0.0.1"] {
+        let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        let (answer, _seen, _gw) = through("good-host", OK, req.as_bytes()).await;
+        assert_eq!(status(&answer), "200", "{host:?}: {answer:?}");
+    }
+}
+
 /// RFC 9112 section 3.2.2: with an absolute-form target, the target's host is the request's;
 /// the upstream is sent that one (what `gateway_host` and the routes matched), never the
 /// client's different `Host`.

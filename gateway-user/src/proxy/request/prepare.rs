@@ -334,8 +334,9 @@ fn head_size(req: &Request<Incoming>) -> usize {
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header. More
-/// than one `Host` line is a 400 (RFC 9112 section 3.2), as is userinfo in the target's
-/// authority (RFC 9110 section 4.2.4).
+/// than one `Host` line is a 400 (RFC 9112 section 3.2), as is a `Host` that cannot be a
+/// host and port (whitespace, `/`, `@`: the same section's "invalid field value"; an empty one
+/// is allowed there) and userinfo in the target's authority (RFC 9110 section 4.2.4).
 fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = req.headers.get_all(HOST).iter();
     let host = hosts.next();
@@ -353,6 +354,9 @@ fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
         return Ok(HeaderValue::from_str(a.as_str()).ok());
     }
     match host {
+        Some(h) if !h.is_empty() && !plausible_authority(h) => Err(ProxyError::BadRequest {
+            what: "a Host header that is no host[:port]",
+        }),
         Some(h) => Ok(Some(h.clone())),
         None if req.version == Version::HTTP_11 => Err(ProxyError::BadRequest {
             what: "HTTP/1.1 request without a Host header",
