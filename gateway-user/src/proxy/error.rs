@@ -204,10 +204,18 @@ pub enum ProxyError {
     DownstreamBodyError { source: hyper::Error },
 }
 
+/// The largest HTTP/1 response head an upstream may send: the upstream client's read buffer
+/// (`upstream::Cluster` sets it).
+pub(crate) const RESPONSE_HEAD_MAX_BYTES: usize = 256 * 1024;
+/// How many header fields an HTTP/1 response head may have: hyper's default, which keeps the
+/// parser's table of fields inline. HAProxy and Envoy also stop at about 100; nginx counts only
+/// bytes. `security_smuggling::an_upstream_response_over_the_field_limit_is_refused_naming_the_limits`
+/// fails if hyper's default moves.
+const RESPONSE_HEAD_MAX_FIELDS: usize = 100;
+
 /// What an upstream's response head outgrew, for hyper's "message head is too large", which
 /// says the same of too many fields as of too many bytes.
 fn head_limits(e: &hyper::Error) -> String {
-    use super::upstream::{RESPONSE_HEAD_MAX_BYTES, RESPONSE_HEAD_MAX_FIELDS};
     if !e.is_parse_too_large() {
         return String::new();
     }

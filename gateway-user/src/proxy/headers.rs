@@ -132,18 +132,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
             headers.remove(name);
         }
     }
-    let te_trailers = present & TE_BIT != 0
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').any(|t| {
-                    t.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .eq_ignore_ascii_case("trailers")
-                })
-            })
-        });
+    let te_trailers = present & TE_BIT != 0 && te_trailers(headers);
     // The set bits of `present` below `Upgrade`'s, lowest first.
     let mut hop = present & (UPGRADE_BIT - 1);
     let mut keep_alive = None;
@@ -169,6 +158,18 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
         keep_alive,
         listed: connection_names_more,
     }
+}
+
+/// Whether `TE` lists `trailers`.
+fn te_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                let coding = t.split(';').next().unwrap_or("");
+                coding.trim().eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
 }
 
 /// A `Connection` value that is what almost every message says ("keep-alive" or "close"),
@@ -421,6 +422,21 @@ mod tests {
             },
             "an Upgrade that Connection does not name is no upgrade"
         );
+    }
+
+    #[test]
+    fn only_a_listed_upgrade_is_tunnelled_whole_and_without_case() {
+        let ws = ["websocket".to_owned()];
+        let v = HeaderValue::from_static;
+        assert!(tunnels(&v("websocket"), &ws));
+        assert!(tunnels(&v("WebSocket"), &ws));
+        assert!(tunnels(&v(" websocket "), &ws));
+        assert!(!tunnels(&v("h2c"), &ws));
+        assert!(
+            !tunnels(&v("websocket, h2c"), &ws),
+            "a list is not one protocol"
+        );
+        assert!(!tunnels(&v("websocket"), &[]));
     }
 
     #[test]

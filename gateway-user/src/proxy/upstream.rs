@@ -25,7 +25,7 @@ mod tls;
 
 pub(crate) use self::{
     checkout::{Lease, Want, checkout, reuse},
-    cluster::{Cluster, RESPONSE_HEAD_MAX_BYTES, RESPONSE_HEAD_MAX_FIELDS},
+    cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},
     hedge::Hedging,
     pool::{SendResult, UpstreamConn, set_worker_index, socket_of},

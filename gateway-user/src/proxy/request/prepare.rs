@@ -1,7 +1,7 @@
 //! Route: everything before the first attempt. The client-side limits (head size, body size),
 //! the authority, the request ID, the route and its cluster, a gRPC call's deadline, and the
-//! request rewritten for its upstream (hop-by-hop headers out — but an upgrade's and `TE:
-//! trailers` kept —, `X-Forwarded-*` and `Via` in, the route's path rewrite and header rules,
+//! request rewritten for its upstream (hop-by-hop headers out — but a listed upgrade's and
+//! `TE: trailers` kept —, `X-Forwarded-*` and `Via` in, the route's path rewrite and header rules,
 //! origin-form URI, HTTP/1.1).
 
 use std::{sync::Arc, time::Duration};
@@ -173,9 +173,10 @@ fn find_route<'a>(
         })
 }
 
-/// The request rewritten for its upstream: hop-by-hop headers out (a WebSocket upgrade's kept,
-/// and taken from the client's connection; any other upgrade dropped), forwarding headers in, the route's path rewrite and
-/// header rules, HTTP/1.1. An upgrade to a cluster that does not speak HTTP/1.1 is refused.
+/// The request rewritten for its upstream: hop-by-hop headers out (an upgrade the cluster lists
+/// kept, and taken from the client's connection; any other dropped), forwarding headers in, the
+/// route's path rewrite and header rules, HTTP/1.1. A listed upgrade to a cluster that does not
+/// speak HTTP/1.1 is refused.
 /// `request_id`: the request ID's header and value, when request IDs are on.
 fn for_upstream(
     parts: &mut Parts,
@@ -334,9 +335,10 @@ fn head_size(req: &Request<Incoming>) -> usize {
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the `Host` header. More
-/// than one `Host` line is a 400 (RFC 9112 section 3.2), as is a `Host` that cannot be a
-/// host and port (whitespace, `/`, `@`: the same section's "invalid field value"; an empty one
-/// is allowed there) and userinfo in the target's authority (RFC 9110 section 4.2.4).
+/// than one `Host` line is a 400 (RFC 9112 section 3.2), as is a `Host` with a byte no host
+/// and port has (whitespace, a control or non-ASCII byte, `/`, `?`, `#`, `@`, `\`: the same
+/// section's "invalid field value"; an empty one is allowed there) and userinfo in the target's
+/// authority (RFC 9110 section 4.2.4).
 fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = req.headers.get_all(HOST).iter();
     let host = hosts.next();
@@ -355,7 +357,7 @@ fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
     }
     match host {
         Some(h) if !h.is_empty() && !plausible_authority(h) => Err(ProxyError::BadRequest {
-            what: "a Host header that is no host[:port]",
+            what: "a Host header with a byte no host[:port] has",
         }),
         Some(h) => Ok(Some(h.clone())),
         None if req.version == Version::HTTP_11 => Err(ProxyError::BadRequest {

@@ -75,7 +75,7 @@ impl Cluster {
             .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
             .collect();
         let mut client = http1::Builder::new();
-        client.max_buf_size(RESPONSE_HEAD_MAX_BYTES);
+        client.max_buf_size(crate::proxy::error::RESPONSE_HEAD_MAX_BYTES);
         let h2 = h2_builder(&spec);
         let cluster = Arc::new(Cluster {
             name: Arc::from(spec.name.as_str()),
@@ -184,13 +184,6 @@ impl Cluster {
 /// How often an HTTP/2 upstream connection is PINGed (also while idle): a connection whose
 /// peer stops answering is closed after [`H2_PING_TIMEOUT`], instead of waiting for a request
 /// to find out.
-/// The largest HTTP/1 response head an upstream may send (hyper's read buffer for it), and
-/// how many header fields it may have: hyper's default, which keeps the parser's field table on
-/// the stack (a larger one costs an allocation per response). HAProxy and Envoy also stop at
-/// about 100 fields; nginx counts only bytes.
-pub const RESPONSE_HEAD_MAX_BYTES: usize = 256 * 1024;
-pub const RESPONSE_HEAD_MAX_FIELDS: usize = 100;
-
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// HTTP/2 flow control: hyper's adaptive window, which starts at the protocol's 64 KiB and
