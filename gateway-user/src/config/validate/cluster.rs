@@ -139,8 +139,11 @@ fn upgrades(c: &mut Checker, l: &Layers) -> Vec<String> {
     };
     let mut out = Vec::new();
     for p in list {
-        let (name, version) = p.split_once('/').unwrap_or((p, "x"));
-        if !token(name) || !token(version) {
+        let (name, valid) = match p.split_once('/') {
+            Some((name, version)) => (name, token(name) && token(version)),
+            None => (p.as_str(), token(p)),
+        };
+        if !valid {
             c.fail(from.clone(), Invalid::InvalidUpgrade { value: p.clone() });
         } else if name.eq_ignore_ascii_case("h2c") {
             c.fail(from.clone(), Invalid::H2cUpgrade);
