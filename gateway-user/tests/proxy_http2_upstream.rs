@@ -407,9 +407,9 @@ async fn a_request_without_a_usable_host_to_an_http2_upstream_is_a_400() {
     );
 }
 
-/// `curl --http2` to an `http://` URL sends an h2c upgrade with its request. The gateway does
-/// not tunnel upgrades other than WebSocket, so it answers the request as a plain one, through
-/// an HTTP/2 cluster too. Before, every such request to an h2c cluster was refused ("an HTTP/1.1
+/// `curl --http2` to an `http://` URL sends an h2c upgrade with its request. The gateway
+/// tunnels only the upgrades a cluster lists (WebSocket by default; never h2c), so it answers
+/// the request as a plain one, through an HTTP/2 cluster too. Before, every such request to an h2c cluster was refused ("an HTTP/1.1
 /// `Upgrade` (WebSocket) needs protocol = \"http1\"").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_http2_over_http_reaches_an_h2c_upstream() {
