@@ -166,6 +166,140 @@ async fn body_over_the_limit_is_413() {
     );
 }
 
+/// A route's `max_request_body_bytes` replaces the router's on that route, higher or lower,
+/// for a declared length (refused before anything is read) and for a chunked body (cut off as
+/// it crosses the limit); other routes keep the router's. curl over HTTP/1.1, nghttp over
+/// HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_limit_replaces_the_router_limit_on_that_route() {
+    let up = Upstream::start("up").await;
+    let gw = gateway(
+        "route-413",
+        &format!(
+            r#"[router.downstream]
+max_request_body_bytes = 1000
+[clusters.api]
+endpoints = ["{up}"]
+[[routes]]
+name = "uploads"
+host = "uploads.test"
+cluster = "api"
+max_request_body_bytes = 100000
+[[routes]]
+name = "tiny"
+host = "tiny.test"
+cluster = "api"
+max_request_body_bytes = 10
+[[routes]]
+name = "rest"
+cluster = "api"
+"#,
+            up = up.addr
+        ),
+    )
+    .await;
+    let (addr, dir) = (gw.addr, gw.dir.clone());
+    let send = |host: &'static str, size: usize, chunked: bool, h2: bool| {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || post(addr, &dir, host, size, chunked, h2))
+    };
+    // nghttp gives the status alone, curl /sink's byte count too.
+    let ok = |n: usize, h2: bool| {
+        if h2 {
+            "200".to_owned()
+        } else {
+            format!("{n} 200")
+        }
+    };
+    for (h2, chunked) in [(false, false), (false, true), (true, false)] {
+        let case = format!("h2={h2} chunked={chunked}");
+        // (host, the largest body it takes): the uploads route allows more than the router's
+        // 1,000, the tiny one less, and a host without a route of its own has the router's.
+        for (host, limit) in [
+            ("uploads.test", 100_000),
+            ("other.test", 1000),
+            ("tiny.test", 10),
+        ] {
+            let got = send(host, limit, chunked, h2).await.unwrap();
+            assert_eq!(got, ok(limit, h2), "{case} {host}");
+            let got = send(host, limit + 1, chunked, h2).await.unwrap();
+            assert!(got.ends_with("413"), "{case} {host}: {got}");
+            if !h2 {
+                assert!(
+                    got.contains(&format!("exceeds {limit} bytes")),
+                    "{case}: {got}"
+                );
+            }
+        }
+    }
+    // Three refusals per protocol and framing; each logged on its route.
+    let lines = log_lines(&gw.log, 18);
+    let refused: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["status"] == 413)
+        .map(|l| {
+            assert_eq!(l["error"], "request_body_too_large", "{l}");
+            (l["route"].as_str().unwrap(), l["host"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(refused.len(), 9, "{lines:?}");
+    for (route, host) in refused {
+        let want = match host {
+            "uploads.test" => "uploads",
+            "tiny.test" => "tiny",
+            _ => "rest",
+        };
+        assert_eq!(route, want);
+    }
+}
+
+/// POSTs `size` bytes to `/sink` with `host`, and says what came back: curl over HTTP/1.1 (the
+/// body, `/sink`'s count of the bytes it got, and the status), or nghttp over HTTP/2 (the
+/// status alone). Not curl for HTTP/2: Debian 12's curl 7.88 reports error 92 instead of the
+/// status when a complete response and the RST_STREAM(NO_ERROR) that RFC 9113 section 8.1
+/// recommends after it arrive before it has sent its body, as they do from the gateway and, a
+/// little later, from nginx.
+fn post(
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+    host: &str,
+    size: usize,
+    chunked: bool,
+    h2: bool,
+) -> String {
+    let file = dir.join(format!("body-{size}"));
+    std::fs::write(&file, vec![b'x'; size]).unwrap();
+    let url = format!("http://{addr}/sink");
+    if h2 {
+        let out = std::process::Command::new("nghttp")
+            .args(["-v", "-H"])
+            .arg(format!(":authority: {host}"))
+            .arg("-d")
+            .arg(&file)
+            .arg(url)
+            .output()
+            .expect("nghttp");
+        let text = String::from_utf8_lossy(&out.stdout);
+        return text
+            .lines()
+            .find_map(|l| l.split_once(":status: "))
+            .map_or_else(
+                || format!("no status: {text}"),
+                |(_, s)| s.trim().to_owned(),
+            );
+    }
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "-w", " %{http_code}", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()));
+    if chunked {
+        curl.args(["-H", "Transfer-Encoding: chunked"]);
+    }
+    let out = curl.arg(url).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Hides a body's size so that the client sends it chunked.
 fn unsized_body(b: Body) -> Body {
     struct Unsized(Body);

@@ -360,6 +360,10 @@ pub struct RouteConfig {
     /// whose client waits on the upstream's progress. Default: the cluster's (`true`). gRPC
     /// and Connect-protocol streams always stream.
     pub request_buffering: Option<bool>,
+    /// Largest request body this route forwards; larger gets 413, as for
+    /// `[router.downstream] max_request_body_bytes`, which it replaces on this route (higher
+    /// or lower: an upload route may allow more than the rest). Default: the router's.
+    pub max_request_body_bytes: Option<u64>,
     /// Overrides of the cluster's retries and hedging for this route (same keys as a
     /// cluster's `retry` table).
     #[serde(default)]

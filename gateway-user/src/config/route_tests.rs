@@ -345,6 +345,66 @@ request_buffering = false
 }
 
 #[test]
+fn a_route_may_set_its_own_request_body_limit() {
+    let text = format!(
+        "{BASE}[router.downstream]\nmax_request_body_bytes = 1000\n\
+         [[routes]]\npath_prefix = \"/u\"\ncluster = \"api\"\nmax_request_body_bytes = 100000000\n\
+         [[routes]]\ncluster = \"api\"\n"
+    );
+    let s = load(&text).unwrap().settings;
+    assert_eq!(s.downstream.max_request_body_bytes, Some(1000));
+    let own: Vec<Option<u64>> = s
+        .routes
+        .iter()
+        .map(|r| r.policy.max_request_body_bytes)
+        .collect();
+    assert_eq!(own, [Some(100_000_000), None]);
+    let bad = err(&format!(
+        "{BASE}[[routes]]\ncluster = \"api\"\nmax_request_body_bytes = -1\n"
+    ));
+    assert!(bad.contains("max_request_body_bytes"), "{bad}");
+}
+
+#[test]
+fn upgrades_a_cluster_lists_for_http2_are_a_warning() {
+    // (the cluster's protocol, its own upgrades, [router.upstream]'s) -> warned.
+    let warned = |protocol: &str, own: &str, base: &str| {
+        let text = with_route(
+            &BASE
+                .replace(
+                    "listener_port = 8080\n",
+                    &format!("listener_port = 8080\n\n[router.upstream]\n{base}\n"),
+                )
+                .replace(
+                    "[clusters.api.timeouts]",
+                    &format!("protocol = \"{protocol}\"\n{own}\n[clusters.api.timeouts]"),
+                ),
+        );
+        let w: Vec<String> = load(&text)
+            .unwrap()
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("upgrades"))
+            .collect();
+        assert!(w.len() <= 1, "{w:?}");
+        w.first().cloned()
+    };
+    let w = warned("h2c", r#"upgrades = ["websocket"]"#, "").expect("warned");
+    assert!(
+        w.contains("clusters.api.upgrades")
+            && w.contains("protocol = \"h2c\"")
+            && w.contains("501"),
+        "{w}"
+    );
+    assert_eq!(warned("h2c", "upgrades = []", ""), None);
+    assert_eq!(warned("http1", r#"upgrades = ["websocket"]"#, ""), None);
+    // The default, or a list for every cluster, is no warning on an HTTP/2 one.
+    assert_eq!(warned("h2c", "", ""), None);
+    assert_eq!(warned("h2c", "", r#"upgrades = ["websocket"]"#), None);
+}
+
+#[test]
 fn upgrades_are_websocket_by_default_a_cluster_lists_its_own_and_h2c_is_refused() {
     let api = |text: &str| {
         load(text).unwrap().settings.clusters["api"]

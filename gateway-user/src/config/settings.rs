@@ -179,6 +179,8 @@ pub struct RoutePolicy {
     /// Read the start of a request body before taking an upstream connection (the route's
     /// `request_buffering`, default on; see `proxy::request::read_ahead`).
     pub request_buffering: bool,
+    /// The route's own `max_request_body_bytes`; `None`: `[router.downstream]`'s applies.
+    pub max_request_body_bytes: Option<u64>,
 }
 
 impl RoutePolicy {
@@ -191,6 +193,7 @@ impl RoutePolicy {
             upgrade_max_duration: spec.timeouts.upgrade_max_duration,
             retry: spec.retry,
             request_buffering: spec.request_buffering,
+            max_request_body_bytes: None,
         }
     }
 }

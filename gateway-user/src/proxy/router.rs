@@ -177,6 +177,7 @@ mod tests {
                 grpc_status_codes: Default::default(),
             },
             request_buffering: true,
+            max_request_body_bytes: None,
         }
     }
 

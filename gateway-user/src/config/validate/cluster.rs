@@ -86,6 +86,17 @@ pub(super) fn cluster(
         true,
     );
     let upgrades = upgrades(c, &l);
+    // Only the cluster's own list: one in [router.upstream] is for its http1 clusters.
+    if own.upgrades.is_some() && !upgrades.is_empty() && protocol != UpstreamProtocol::Http1 {
+        c.warnings.push(At {
+            key: key.key("upgrades"),
+            what: Warning::UpgradesNeedHttp1 {
+                cluster: name.to_owned(),
+                upgrades: upgrades.join(", "),
+                protocol: protocol.name(),
+            },
+        });
+    }
     let health = policy::health(c, &l);
     let latency = policy::latency(c, &l);
     let (dns_refresh_ms, from) = inherit(

@@ -186,6 +186,14 @@ pub enum Warning {
         "http2_max_concurrent_streams = {streams} is below the 100 RFC 9113 recommends: a browser or gRPC client that opens more streams at once waits for them, and those it opens before reading the gateway's SETTINGS are refused"
     )]
     FewHttp2Streams { streams: u32 },
+    #[error(
+        "cluster `{cluster}`: upgrades lists {upgrades} but protocol = \"{protocol}\": an upgrade is tunnelled only to an http1 cluster, and a request for one of these is answered 501 (upgrade_unsupported)"
+    )]
+    UpgradesNeedHttp1 {
+        cluster: String,
+        upgrades: String,
+        protocol: &'static str,
+    },
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

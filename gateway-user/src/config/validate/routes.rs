@@ -169,6 +169,7 @@ fn policy(c: &mut Checker, mut p: RoutePolicy, r: &RouteConfig, key: &KeyPath) -
     if let Some(on) = r.request_buffering {
         p.request_buffering = on;
     }
+    p.max_request_body_bytes = r.max_request_body_bytes.or(p.max_request_body_bytes);
     p
 }
 

@@ -69,6 +69,17 @@ pub(super) fn prepare(
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
+    // The route's limit, else the router's: checked against a declared length before anything
+    // is read or sent, and against the bytes as they arrive (`RequestBody`).
+    let body_limit = route
+        .policy
+        .max_request_body_bytes
+        .or(rt.settings.downstream.max_request_body_bytes);
+    if let Some(limit) = body_limit
+        && content_length(&parts).is_some_and(|n| n > limit)
+    {
+        return Err(ProxyError::RequestBodyTooLarge { limit });
+    }
     let (deadline, grpc_deadline) = deadline(ex, route, &parts);
     if grpc_deadline {
         ex.call_deadline = Some(deadline);
@@ -84,7 +95,7 @@ pub(super) fn prepare(
         authority.as_ref(),
         id,
     )?;
-    let (body, done) = RequestBody::new(body, rt.settings.downstream.max_request_body_bytes);
+    let (body, done) = RequestBody::new(body, body_limit);
     Ok(Prepared {
         cluster,
         route: route.clone(),
@@ -96,8 +107,8 @@ pub(super) fn prepare(
     })
 }
 
-/// The client-side checks (head size, `CONNECT`, authority, declared body size), the request
-/// ID, and what the access log and a gRPC answer need to know of the request.
+/// The client-side checks before routing (head size, `CONNECT`, dot-segments, authority), the
+/// request ID, and what the access log and a gRPC answer need to know of the request.
 fn admit(
     rt: &Runtime,
     req: Request<Incoming>,
@@ -140,11 +151,6 @@ fn admit(
     }
     let authority = authority(&parts)?;
     ex.record.host = authority.clone();
-    if let Some(limit) = ds.max_request_body_bytes
-        && content_length(&parts).is_some_and(|n| n > limit)
-    {
-        return Err(ProxyError::RequestBodyTooLarge { limit });
-    }
     Ok((parts, body, authority))
 }
 
