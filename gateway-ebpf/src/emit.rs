@@ -7,7 +7,7 @@ use gateway_common::{
 
 use crate::{
     anomaly,
-    maps::{DEST_STATS, EVENTS, F_EMITTED, F_SO_ERROR_SENT, SockState, bump},
+    maps::{DEST_STATS, DEST_TABLE, EVENTS, F_EMITTED, F_SO_ERROR_SENT, SockState, bump},
 };
 
 /// `BPF_RB_NO_WAKEUP`: userspace drains on a timer instead of being woken per record.
@@ -84,10 +84,14 @@ pub fn so_error(st: &mut SockState, value: u32) {
     }
 }
 
-/// The aggregate slot of `dst`, created on first use. `cookie` and `pid` name the socket in
-/// the anomaly log if the slot cannot be created.
+/// The aggregate slot of `dst`, created on first use; none when userspace keeps no table
+/// (`DEST_TABLE`). `cookie` and `pid` name the socket in the anomaly log if the slot cannot be
+/// created.
 #[inline(always)]
 pub fn dest_stats(dst: &UpstreamKey, cookie: u64, pid: u32) -> Option<*mut DestStats> {
+    if unsafe { core::ptr::read_volatile(&DEST_TABLE) } == 0 {
+        return None;
+    }
     if let Some(p) = DEST_STATS.get_ptr_mut(dst) {
         return Some(p);
     }

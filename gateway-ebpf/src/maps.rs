@@ -129,6 +129,13 @@ pub static SYSCALL_NR_CONNECT: i32 = -1;
 #[unsafe(no_mangle)]
 pub static CALLBACKS_AT_CONNECT: u32 = 0;
 
+/// Set by userspace to 0 when nothing reads `DEST_STATS` (the proxy, `diagnose`, `gateway
+/// observe --no-destination-table`): then no program looks the destination up or counts into
+/// it, which was about a tenth of what the observer cost a connect (docs/kernel.md, "Cost"),
+/// and the loader makes the map a single entry.
+#[unsafe(no_mangle)]
+pub static DEST_TABLE: u32 = 1;
+
 #[inline(always)]
 pub fn bump(index: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {

@@ -52,6 +52,12 @@ pub struct ObserveArgs {
     /// Capacity of the kernel's per-destination table (LRU).
     #[arg(long, default_value_t = gateway_common::names::DEFAULT_MAX_DESTINATIONS)]
     pub max_destinations: u32,
+    /// Keep no per-destination table in the kernel (with --json or --quiet, which do not show
+    /// it): no lookup and count at every connect, and none of its memory (--max-destinations
+    /// entries). The records, and every metric counted from them, are the same;
+    /// gateway_observer_destinations_tracked and _evicted_total are not served.
+    #[arg(long)]
+    pub no_destination_table: bool,
     /// Slots of the kernel's table of connect records, rounded up to a power of two (128 bytes
     /// each, preallocated). Too few for the connects in flight, and one loses its record
     /// (counted as `slot_reused`). Also the capacity of the table of established connections'
@@ -95,6 +101,11 @@ pub const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
     init_tracing()?;
+    if args.no_destination_table && !args.json && !args.quiet {
+        anyhow::bail!(
+            "--no-destination-table needs --json or --quiet: the live table is drawn from the kernel's per-destination table"
+        );
+    }
     // Before any thread exists (see `ensure_cgroup2`): under `ip netns exec` cgroup v2 is hidden.
     crate::observer::preflight::ensure_cgroup2().context("starting the kernel observer")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -208,6 +219,7 @@ fn attach(args: &ObserveArgs) -> anyhow::Result<ObserverStream> {
         max_destinations: args.max_destinations,
         max_connections: args.max_connections,
         events_ring_bytes: Some(args.ring_buffer_kib * 1024),
+        destination_table: !args.no_destination_table,
         ..ObserverOptions::default()
     };
     let observer = KernelObserver::attach(&opts).context("starting the kernel observer")?;
@@ -231,6 +243,9 @@ fn exported_metrics(args: &ObserveArgs) -> (metrics::ObserverMetrics, Arc<Regist
         args.metrics_max_destinations,
         metrics::syn_rtt_buckets(),
     );
+    if !args.no_destination_table {
+        metrics.register_destination_table(&mut registry);
+    }
     if let Some(by) = args.metrics_by {
         metrics.count_by_service(&mut registry, by, args.metrics_max_services);
     }

@@ -94,6 +94,10 @@ pub struct ObserverOptions {
     /// Size of the ring buffer of connect records in bytes (a power of two, at least a page);
     /// `None` = [`names::EVENTS_RING_BYTES`].
     pub events_ring_bytes: Option<u32>,
+    /// Keep the kernel's per-destination table (`DEST_STATS`, `max_destinations` entries),
+    /// counted into at every connect. Only `gateway observe` reads it; off, no program touches
+    /// it and it is one entry ([`KernelObserver::dest_stats`] is then empty).
+    pub destination_table: bool,
 }
 
 impl Default for ObserverOptions {
@@ -104,6 +108,7 @@ impl Default for ObserverOptions {
             max_connections: names::DEFAULT_MAX_CONNECTIONS,
             connect_exit: ConnectExitHook::Auto,
             events_ring_bytes: None,
+            destination_table: true,
         }
     }
 }
@@ -181,6 +186,7 @@ impl KernelObserver {
         let callbacks_at_connect =
             opts.connect_exit == ConnectExitHook::Auto && preflight::callbacks_at_connect();
         let callbacks_flag = u32::from(callbacks_at_connect);
+        let dest_table_flag = u32::from(opts.destination_table);
 
         let mut loader = EbpfLoader::new();
         loader
@@ -192,7 +198,15 @@ impl KernelObserver {
             .override_global("SOCK_SLOT_MASK", &slot_mask, true)
             .override_global("PT_REGS_SYSCALL_NR_OFFSET", &offsets.syscall_nr, true)
             .override_global("SYSCALL_NR_CONNECT", &nr_connect, true)
-            .map_max_entries(names::MAP_DEST_STATS, opts.max_destinations)
+            .override_global("DEST_TABLE", &dest_table_flag, true)
+            .map_max_entries(
+                names::MAP_DEST_STATS,
+                if opts.destination_table {
+                    opts.max_destinations
+                } else {
+                    1
+                },
+            )
             .map_max_entries(names::MAP_CONN_STATS, opts.max_connections)
             .map_max_entries(names::MAP_SOCK_STATE, slots);
         if let Some(bytes) = opts.events_ring_bytes {

@@ -118,6 +118,8 @@ fn attach_observer(
         let observer = KernelObserver::attach(&ObserverOptions {
             cgroup: Some(cgroup.path().to_path_buf()),
             max_connections: cfg.max_connections,
+            // The proxy reads records and connections' signals, never per-destination totals.
+            destination_table: false,
             ..ObserverOptions::default()
         })?;
         let hook = observer.connect_exit_hook();

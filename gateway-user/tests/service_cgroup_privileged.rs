@@ -19,7 +19,12 @@ use gateway_testkit::{
     upstream::BlockingUpstream as Upstream,
 };
 
-fn write_config(dir: &Path, upstream: SocketAddr, mode: &str) -> (std::path::PathBuf, SocketAddr) {
+/// The config's path, and the admin and proxy listeners' addresses.
+fn write_config(
+    dir: &Path,
+    upstream: SocketAddr,
+    mode: &str,
+) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
     let (listen, admin) = (free_port(), free_port());
     let path = dir.join("gateway.toml");
     std::fs::write(
@@ -40,7 +45,8 @@ fn write_config(dir: &Path, upstream: SocketAddr, mode: &str) -> (std::path::Pat
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
         std::fs::set_permissions(p, perm).unwrap();
     }
-    (path, SocketAddr::from(([127, 0, 0, 1], admin)))
+    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    (path, local(admin), local(listen))
 }
 
 fn observer_dirs(unit: &Path) -> Vec<String> {
@@ -60,7 +66,7 @@ fn privileged_observer_cgroup_is_a_child_of_the_own_cgroup_and_goes_on_exit() {
     let up = Upstream::start();
     let unit = CgroupGuard::new("own-unit").expect("a test cgroup");
     let dir = TempDir::new("cg-own");
-    let (config, admin) = write_config(dir.path(), up.addr, "kernel");
+    let (config, admin, _) = write_config(dir.path(), up.addr, "kernel");
     let mut cmd = gateway_bin!().run(&config);
     cmd.in_cgroup(&unit);
     let mut gw = GatewayProcess::spawn(cmd);
@@ -90,14 +96,17 @@ fn privileged_observer_cgroup_is_a_child_of_the_own_cgroup_and_goes_on_exit() {
 }
 
 /// `[observer] max_connections` sizes the kernel's table of connect records (`SOCK_STATE`,
-/// rounded up to a power of two), as `gateway observe --max-connections` does.
+/// rounded up to a power of two), as `gateway observe --max-connections` does; and the proxy,
+/// which never reads per-destination totals, keeps no table of them: `DEST_STATS` is one entry
+/// and stays empty while requests go upstream (`gateway observe` keeps one, 16,384 entries by
+/// default).
 #[test]
 fn privileged_observer_max_connections_sizes_the_kernel_table() {
     require_root();
     let up = Upstream::start();
     let unit = CgroupGuard::new("table-unit").expect("a test cgroup");
     let dir = TempDir::new("cg-table");
-    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    let (config, _, listen) = write_config(dir.path(), up.addr, "kernel");
     // `[observer]` is the config's last table.
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("\nmax_connections = 1000\n");
@@ -105,32 +114,43 @@ fn privileged_observer_max_connections_sizes_the_kernel_table() {
     let mut cmd = gateway_bin!().run(&config);
     cmd.in_cgroup(&unit);
     let gw = GatewayProcess::spawn(cmd);
-    let tables: Vec<(String, u64)> = map_ids(gw.pid())
+    // (name, id, max_entries) of each map the gateway holds.
+    let tables: Vec<(String, u64, u64)> = map_ids(gw.pid())
         .into_iter()
         .map(|id| {
-            let out = std::process::Command::new("bpftool")
-                .args(["-j", "map", "show", "id", &id.to_string()])
-                .output()
-                .expect("bpftool (./dev setup installs it)");
-            let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let m = bpftool(&["map", "show", "id", &id.to_string()]);
             (
                 m["name"].as_str().unwrap_or_default().to_owned(),
+                id,
                 m["max_entries"].as_u64().unwrap_or_default(),
             )
         })
-        .filter(|(name, _)| name == "SOCK_STATE" || name == "CONN_STATS")
         .collect();
-    assert_eq!(
-        tables.iter().find(|(n, _)| n == "SOCK_STATE").map(|t| t.1),
-        Some(1024),
-        "{tables:?}\n{}",
-        gw.text()
-    );
-    assert_eq!(
-        tables.iter().find(|(n, _)| n == "CONN_STATS").map(|t| t.1),
-        Some(1000),
-        "{tables:?}"
-    );
+    let table = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t.0 == name)
+            .unwrap_or_else(|| panic!("no {name}: {tables:?}\n{}", gw.text()))
+    };
+    assert_eq!(table("SOCK_STATE").2, 1024, "{tables:?}");
+    assert_eq!(table("CONN_STATS").2, 1000, "{tables:?}");
+    assert_eq!(table("DEST_STATS").2, 1, "{tables:?}");
+    for _ in 0..3 {
+        let (status, _) = get_once(listen, "/", Duration::from_secs(5)).expect("an answer");
+        assert_eq!(status, 200, "{}", gw.text());
+    }
+    let held = bpftool(&["map", "dump", "id", &table("DEST_STATS").1.to_string()]);
+    assert_eq!(held, serde_json::json!([]), "{}", gw.text());
+}
+
+/// bpftool's JSON answer to `args`.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool (./dev setup installs it)");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The ids of the BPF maps `pid` holds open (`map_id` in /proc/PID/fdinfo).
@@ -153,7 +173,7 @@ fn privileged_a_cgroup_left_by_a_killed_gateway_is_removed_at_the_next_start() {
     let up = Upstream::start();
     let unit = CgroupGuard::new("stale-unit").expect("a test cgroup");
     let dir = TempDir::new("cg-stale");
-    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    let (config, ..) = write_config(dir.path(), up.addr, "kernel");
     let start = || {
         let mut cmd = gateway_bin!().run(&config);
         cmd.in_cgroup(&unit);
@@ -188,7 +208,7 @@ fn privileged_an_unwritable_own_cgroup_is_a_clear_error() {
     // Root-owned and not delegated: the unprivileged gateway may not create a child there.
     let unit = CgroupGuard::new("not-delegated").expect("a test cgroup");
     let dir = TempDir::new("cg-denied");
-    let (config, _) = write_config(dir.path(), up.addr, "kernel");
+    let (config, ..) = write_config(dir.path(), up.addr, "kernel");
     let mut cmd = with_exact_caps(
         &gateway_bin!().run(&config),
         NOBODY,

@@ -384,6 +384,83 @@ fn privileged_metrics_cap_destination_labels_and_count_the_rest_as_other() {
     drop(obs);
 }
 
+/// `--no-destination-table` (for `--json` and `--quiet`, which never show the table): the same
+/// records and per-destination metrics, and in the kernel a one-entry `DEST_STATS` that no
+/// connect touches, where the default keeps a counted entry per destination. The live table
+/// cannot go without it.
+#[test]
+fn privileged_no_destination_table_keeps_the_records_and_no_kernel_table() {
+    require_root();
+    let lab = gateway_lab::Lab::new(gateway_lab::LabSpec::new(1)).expect("building the lab");
+    let cgroup = lab.client_cgroup().expect("the lab has a client cgroup");
+    let dst = lab.upstream(0).unwrap().addr_v4(9001);
+    for table in [false, true] {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (metrics_arg, cgroup_arg) = (metrics.to_string(), cgroup.path().display().to_string());
+        let mut args = vec!["--json", "--cgroup", &cgroup_arg, "--metrics", &metrics_arg];
+        if !table {
+            args.push("--no-destination-table");
+        }
+        let obs = observe(&args);
+        for _ in 0..3 {
+            let p = connect_probe!().run_in(&lab, "go", dst, &[]);
+            assert_eq!(p[0].result, "ECONNREFUSED", "{p:?}");
+            assert_eq!(obs.record(p[0].cookie)["outcome"], "refused");
+        }
+        let text = http_get(metrics, "/metrics");
+        let want = format!("gateway_connect_attempts_total{{dst=\"{dst}\",outcome=\"refused\"}} 3");
+        assert!(text.contains(&want), "table={table}: {text}");
+        assert_eq!(
+            text.contains("gateway_observer_destinations_tracked"),
+            table,
+            "{text}"
+        );
+        let (max_entries, held) = dest_stats_of(obs.pid());
+        if table {
+            assert_eq!(max_entries, 16_384);
+            assert_eq!(held.len(), 1, "{held:?}");
+            let refused = &held[0]["formatted"]["value"]["attempts"][2];
+            assert_eq!(*refused, 3, "attempts by outcome, refused = 2: {held:?}");
+        } else {
+            assert_eq!((max_entries, held.len()), (1, 0), "{held:?}");
+        }
+    }
+    let out = gateway_bin!()
+        .command()
+        .args(["observe", "--no-destination-table", "--duration", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--no-destination-table needs --json or --quiet"),
+        "{err}"
+    );
+}
+
+/// `DEST_STATS` of the observer `pid` (found by the `map_id`s in its /proc fdinfo): its
+/// `max_entries` and its entries.
+fn dest_stats_of(pid: u32) -> (u64, Vec<serde_json::Value>) {
+    let ids = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .map(|v| v.trim().to_owned())
+        });
+    for id in ids {
+        let m = bpftool(&["map", "show", "id", &id]).expect("a map");
+        if m["name"] == "DEST_STATS" {
+            let held = bpftool(&["map", "dump", "id", &id]).unwrap_or_default();
+            let held = held.as_array().cloned().unwrap_or_default();
+            return (m["max_entries"].as_u64().unwrap(), held);
+        }
+    }
+    panic!("observer {pid} holds no DEST_STATS")
+}
+
 /// One `connect-probe` connect to `addr`, from inside `cgroup`: its cookie.
 fn probe_in_cgroup(cgroup: &gateway_lab::CgroupGuard, addr: SocketAddr) -> u64 {
     use gateway_lab::NetnsCommandExt as _;

@@ -1,8 +1,10 @@
 //! `cargo xtask bench observer`: what the observer costs a process that makes connections.
 //!
 //! A client process in a fresh cgroup v2 makes loopback connect+close cycles; rounds alternate
-//! between "observer off" and "observer on" (`gateway observe --cgroup … --json > /dev/null`
-//! attached to that cgroup), so drift in the machine hits both modes alike. For each round it
+//! between "observer off", "observer on" (`gateway observe --cgroup … --json > /dev/null`
+//! attached to that cgroup) and "on, --no-destination-table" (the same without the kernel's
+//! per-destination table, as `gateway run` attaches it), so drift in the machine hits every
+//! mode alike. For each round it
 //! reports the client's CPU per connection (getrusage inside the client: this is where the
 //! eBPF programs run) and, for "on" rounds, the observer process's own CPU per connection
 //! (draining the ring buffer and printing JSON). Medians over rounds, and the ratio. With
@@ -220,8 +222,12 @@ impl Observer {
     }
 
     /// `start` with `--json`, then [`SETTLE`]: how every measured round begins.
-    pub(crate) fn start_settled(bin: &Path, cgroup: &Path) -> anyhow::Result<Observer> {
-        let obs = Observer::start(bin, cgroup, &["--json"])?;
+    pub(crate) fn start_settled(
+        bin: &Path,
+        cgroup: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Observer> {
+        let obs = Observer::start(bin, cgroup, args)?;
         std::thread::sleep(SETTLE);
         Ok(obs)
     }
@@ -308,6 +314,8 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
 struct Mode {
     name: String,
     observer: Option<PathBuf>,
+    /// `gateway observe`'s arguments besides `--cgroup`.
+    args: &'static [&'static str],
     client_us: Vec<f64>,
     observer_us: Vec<f64>,
     records: usize,
@@ -326,6 +334,7 @@ impl Mode {
         Mode {
             name,
             observer,
+            args: &["--json"],
             client_us: Vec::new(),
             observer_us: Vec::new(),
             records: 0,
@@ -350,6 +359,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut modes = vec![
         Mode::new("off".into(), None),
         Mode::new("on".into(), Some(bin.clone())),
+        // As the proxy runs it, and `observe --json`/`--quiet` may: no per-destination table.
+        Mode {
+            args: &["--json", "--no-destination-table"],
+            ..Mode::new("on, --no-destination-table".into(), Some(bin.clone()))
+        },
     ];
     if let Some(other) = &o.against {
         modes.push(Mode::new(
@@ -368,7 +382,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 .push(client_ns as f64 / per_round as f64 / 1000.0);
             continue;
         };
-        let obs = Observer::start_settled(&observer, &cgroup.0)?;
+        let obs = Observer::start_settled(&observer, &cgroup.0, mode.args)?;
         let before = proc_cpu_ns(obs.pid());
         let client_ns = client_round(&cgroup.0, addr, per_round)?;
         // Let the 25 ms drain timer pick up the last records.
@@ -389,7 +403,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let stats = enable_run_time_stats()?;
     for mode in modes.iter_mut().skip(1) {
         let observer = mode.observer.clone().context("an 'on' mode")?;
-        let obs = Observer::start(&observer, &cgroup.0, &["--json"])?;
+        let obs = Observer::start(&observer, &cgroup.0, mode.args)?;
         client_round(&cgroup.0, addr, per_round * 2)?;
         mode.programs = program_run_times(obs.pid())?;
         mode.program_cycles = per_round * 2;
@@ -401,7 +415,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..bench_observer_share::ROUNDS {
         for mode in modes.iter_mut() {
             let obs = match &mode.observer {
-                Some(bin) => Some(Observer::start_settled(bin, &cgroup.0)?),
+                Some(bin) => Some(Observer::start_settled(bin, &cgroup.0, mode.args)?),
                 None => {
                     std::thread::sleep(SETTLE);
                     None

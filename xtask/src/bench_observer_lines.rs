@@ -43,7 +43,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let bin = crate::release_gateway(gateway_bin.as_deref())?;
     let cgroup = bench_observer::Cgroup::create()?;
     let addr = bench_observer::accept_and_close_server()?;
-    let obs = bench_observer::Observer::start_settled(&bin, &cgroup.0)?;
+    let obs = bench_observer::Observer::start_settled(&bin, &cgroup.0, &["--json"])?;
     // Read while the observer holds the programs: they are unloaded when it exits. (An error
     // returned here stops the observer as it is dropped.)
     let programs = held_program_ids(obs.pid())?

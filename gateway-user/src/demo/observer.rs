@@ -186,6 +186,7 @@ fn observe_args(args: &DemoArgs, cgroup: &std::path::Path) -> ObserveArgs {
         duration: Some(args.duration + 4.0),
         top: 10,
         max_destinations: gateway_common::names::DEFAULT_MAX_DESTINATIONS,
+        no_destination_table: false,
         max_connections: gateway_common::names::DEFAULT_MAX_CONNECTIONS,
         metrics_max_destinations: 100,
         metrics_by: None,

@@ -60,6 +60,8 @@ impl KernelSession {
             cgroup: Some(cgroup.path().to_path_buf()),
             max_destinations: MAX_DESTINATIONS,
             max_connections: MAX_CONNECTIONS,
+            // Its probes' records are all it reads.
+            destination_table: false,
             ..ObserverOptions::default()
         })
         .map_err(|e| KernelUnavailable::Observer(Box::new(e)))?;

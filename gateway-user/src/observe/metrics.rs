@@ -159,6 +159,23 @@ impl ObserverMetrics {
     }
 
     /// The observer's own health: losses, anomalies, its destination table.
+    /// The kernel's per-destination table's two families: served unless the table is off
+    /// (`--no-destination-table`), where they would read 0 for a table that does not exist.
+    pub fn register_destination_table(&self, registry: &mut Registry) {
+        register(
+            registry,
+            "gateway_observer_destinations_tracked",
+            "Destinations the kernel's per-destination table (LRU, --max-destinations) holds now.",
+            self.dest_tracked.clone(),
+        );
+        register(
+            registry,
+            "gateway_observer_destinations_evicted",
+            "Destinations the kernel's per-destination table evicted (least recently used) to make room: added minus held.",
+            self.dest_evicted.clone(),
+        );
+    }
+
     fn register_health(&self, registry: &mut Registry) {
         register(
             registry,
@@ -183,18 +200,6 @@ impl ObserverMetrics {
             "gateway_observer_kernel_anomaly_logs_suppressed",
             "Kernel anomaly log lines not written because of the once-per-second rate limit (they are still counted).",
             self.anomaly_logs_suppressed.clone(),
-        );
-        register(
-            registry,
-            "gateway_observer_destinations_tracked",
-            "Destinations the kernel's per-destination table (LRU, --max-destinations) holds now.",
-            self.dest_tracked.clone(),
-        );
-        register(
-            registry,
-            "gateway_observer_destinations_evicted",
-            "Destinations the kernel's per-destination table evicted (least recently used) to make room: added minus held.",
-            self.dest_evicted.clone(),
         );
         register(
             registry,

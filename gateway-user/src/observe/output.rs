@@ -24,6 +24,8 @@ pub struct Closed;
 
 pub struct Output {
     mode: Mode,
+    /// The kernel keeps its per-destination table (not `--no-destination-table`).
+    destination_table: bool,
     top: usize,
     tty: bool,
     table: table::Table,
@@ -52,6 +54,7 @@ impl Output {
             } else {
                 Mode::Table
             },
+            destination_table: !args.no_destination_table,
             top: args.top,
             tty: std::io::stdout().is_terminal(),
             table: table::Table::default(),
@@ -73,6 +76,10 @@ impl Output {
         metrics: &mut ObserverMetrics,
     ) {
         let table_mode = self.mode == Mode::Table;
+        if !self.destination_table {
+            // Nothing to walk; the kernel's other counters are read at every drain.
+            return;
+        }
         let mut rows = table::TopRows::new(if table_mode { self.top } else { 0 });
         // The counters first: inserts made during the walk then only make the evicted
         // estimate (inserted − held) low for a moment, never high (the counter can only
