@@ -339,6 +339,57 @@ async fn an_upgrades_connect_is_an_attempt_like_any_other() {
     }
 }
 
+/// A route's `upgrades` replaces its cluster's: `[]` keeps a route from ever becoming a
+/// tunnel (the upgrade is dropped and the request answered as a plain one), while the
+/// cluster's other routes still tunnel WebSocket. Python's `websockets` on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_upgrades_is_never_a_tunnel() {
+    let server = serve_python(&temp_dir("ws-peer"), "ws_server.py", WS_ECHO_SERVER, &[]);
+    let gw = gateway(
+        "ws-route",
+        &format!(
+            "[[routes]]\npath_prefix = \"/api/\"\ncluster = \"ws\"\nupgrades = []\n\n{}",
+            config(&[server.addr()], "")
+        ),
+    )
+    .await;
+    let dir = gw.dir.clone();
+    let status = |path: &str| {
+        let (dir, url) = (dir.clone(), format!("ws://{}{path}", gw.addr));
+        tokio::task::spawn_blocking(move || {
+            run_python(
+                &dir,
+                "ws_client.py",
+                WS_CLIENT,
+                &["status", &url],
+                Duration::from_secs(30),
+            )
+        })
+    };
+    let plain = status("/api/x").await.unwrap();
+    // The websockets server's answer to a GET that asks for no upgrade.
+    assert_eq!(plain["status"], 426, "{plain}");
+    let tunnel = status("/chat").await.unwrap();
+    assert_eq!(tunnel["status"], 101, "{tunnel}");
+    let lines = log_lines(&gw.log, 2);
+    let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
+    let (api, chat) = (by_path("/api/x"), by_path("/chat"));
+    assert_eq!(
+        (api["status"].as_u64(), api["route"].as_str()),
+        (Some(426), Some("*/api/"))
+    );
+    assert!(
+        api.get("tunnel").is_none_or(|t| t.is_null() || t == "-"),
+        "{api}"
+    );
+    assert_eq!(chat["status"], 101, "{chat}");
+    assert_eq!(
+        metric(&gw, "gateway_upgrades_total", &[]).await,
+        1.0,
+        "only /chat became a tunnel"
+    );
+}
+
 #[tokio::test]
 async fn an_upgrade_to_an_http2_cluster_is_refused_with_501() {
     let up = Upstream::start("h2").await;

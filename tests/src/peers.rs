@@ -225,11 +225,12 @@ asyncio.run(main())
 
 /// A `websockets` client. Modes: `echo URL N` (N text messages, one of 1 MiB binary, then
 /// `__request__`; closes cleanly), `hold URL` (opens, one echo, prints `open` on stderr, then
-/// waits for the gateway to close the connection: how long it took and how).
+/// waits for the gateway to close the connection: how long it took and how), `status URL`
+/// (the status of the handshake's answer: 101, or the one it was refused with).
 pub const WS_CLIENT: &str = r#"
 import asyncio, json, os, sys, time
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 async def echo(url, n):
     async with connect(url, max_size=None, ping_interval=None, open_timeout=10) as ws:
@@ -263,9 +264,18 @@ async def hold(url):
             how = "closed %s" % (e.rcvd.code if e.rcvd else "abnormally")
         print(json.dumps({"held_ms": (time.monotonic() - start) * 1000, "how": how}))
 
+async def status(url):
+    try:
+        async with connect(url, ping_interval=None, open_timeout=10) as ws:
+            print(json.dumps({"status": ws.response.status_code}))
+    except InvalidStatus as e:
+        print(json.dumps({"status": e.response.status_code}))
+
 mode, url = sys.argv[1], sys.argv[2]
 if mode == "echo":
     asyncio.run(echo(url, int(sys.argv[3])))
+elif mode == "status":
+    asyncio.run(status(url))
 else:
     asyncio.run(hold(url))
 "#;

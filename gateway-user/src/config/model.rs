@@ -364,6 +364,10 @@ pub struct RouteConfig {
     /// `[router.downstream] max_request_body_bytes`, which it replaces on this route (higher
     /// or lower: an upload route may allow more than the rest). Default: the router's.
     pub max_request_body_bytes: Option<u64>,
+    /// The HTTP/1.1 `Upgrade` protocols tunnelled on this route, replacing its cluster's
+    /// `upgrades` (e.g. `[]` on the routes that must never become a tunnel, `["websocket"]`
+    /// only on `/ws/`). Default: the cluster's.
+    pub upgrades: Option<Vec<String>>,
     /// Overrides of the cluster's retries and hedging for this route (same keys as a
     /// cluster's `retry` table).
     #[serde(default)]

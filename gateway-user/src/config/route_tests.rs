@@ -366,6 +366,47 @@ fn a_route_may_set_its_own_request_body_limit() {
 }
 
 #[test]
+fn a_route_may_list_its_own_upgrades() {
+    let text = format!(
+        "{BASE}[clusters.grpc]\nendpoints = [\"127.0.0.1:9002\"]\nprotocol = \"h2c\"\n\
+         [[routes]]\npath_prefix = \"/api/\"\ncluster = \"api\"\nupgrades = []\n\
+         [[routes]]\npath_prefix = \"/exec/\"\ncluster = \"api\"\nupgrades = [\"SPDY/3.1\"]\n\
+         [[routes]]\npath_prefix = \"/g/\"\ncluster = \"grpc\"\nupgrades = [\"websocket\"]\n\
+         [[routes]]\ncluster = \"api\"\n"
+    );
+    let loaded = load(&text).unwrap();
+    let lists: Vec<Vec<String>> = loaded
+        .settings
+        .routes
+        .iter()
+        .map(|r| r.upgrades.clone())
+        .collect();
+    assert_eq!(
+        lists,
+        [
+            vec![],
+            vec!["spdy/3.1".to_owned()],
+            vec!["websocket".to_owned()],
+            vec!["websocket".to_owned()]
+        ]
+    );
+    // A list for an HTTP/2 cluster: the warning names the route's key.
+    let w: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter()
+            .any(|w| w.contains("routes[2].upgrades") && w.contains("501")),
+        "{w:?}"
+    );
+    let e = err(&format!(
+        "{BASE}[[routes]]\ncluster = \"api\"\nupgrades = [\"h2c\"]\n"
+    ));
+    assert!(
+        e.contains("routes[0].upgrades") && e.contains("h2c smuggling"),
+        "{e}"
+    );
+}
+
+#[test]
 fn upgrades_a_cluster_lists_for_http2_are_a_warning() {
     // (the cluster's protocol, its own upgrades, [router.upstream]'s) -> warned.
     let warned = |protocol: &str, own: &str, base: &str| {

@@ -136,6 +136,9 @@ pub struct Route {
     pub rewrite_prefix: Option<String>,
     /// The cluster's timeouts and retries with this route's overrides applied.
     pub policy: RoutePolicy,
+    /// The `Upgrade` protocols tunnelled on this route: its own `upgrades`, else its
+    /// cluster's.
+    pub upgrades: Vec<String>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
 }

@@ -32,6 +32,8 @@ pub(crate) struct CompiledRoute {
     /// What replaces `prefix` on the way upstream.
     pub rewrite: Option<String>,
     pub policy: RoutePolicy,
+    /// The `Upgrade` protocols tunnelled on this route (its own, else its cluster's).
+    pub upgrades: Vec<String>,
     /// The decision knobs of `decide::retry`, from `policy`.
     pub retry: RetryPolicy,
     pub request_headers: HeaderRules,
@@ -114,6 +116,7 @@ impl Router {
                         cluster: cluster_index(&r.cluster)?,
                         rewrite: r.rewrite_prefix.clone(),
                         policy: r.policy,
+                        upgrades: r.upgrades.clone(),
                         retry: RetryPolicy::from(&r.policy.retry),
                         request_headers: r.request_headers.clone(),
                         response_headers: r.response_headers.clone(),
@@ -191,6 +194,7 @@ mod tests {
             headers: Vec::new(),
             rewrite_prefix: None,
             policy: policy(),
+            upgrades: Vec::new(),
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
         }

@@ -87,15 +87,8 @@ pub(super) fn cluster(
     );
     let upgrades = upgrades(c, &l);
     // Only the cluster's own list: one in [router.upstream] is for its http1 clusters.
-    if own.upgrades.is_some() && !upgrades.is_empty() && protocol != UpstreamProtocol::Http1 {
-        c.warnings.push(At {
-            key: key.key("upgrades"),
-            what: Warning::UpgradesNeedHttp1 {
-                cluster: name.to_owned(),
-                upgrades: upgrades.join(", "),
-                protocol: protocol.name(),
-            },
-        });
+    if own.upgrades.is_some() {
+        upgrades_need_http1(c, name, &upgrades, protocol, key.key("upgrades"));
     }
     let health = policy::health(c, &l);
     let latency = policy::latency(c, &l);
@@ -143,6 +136,11 @@ fn upgrades(c: &mut Checker, l: &Layers) -> Vec<String> {
         (None, Some(v)) => (v, l.base_key.key("upgrades")),
         (None, None) => return DEFAULT_UPGRADES.iter().map(|p| (*p).to_owned()).collect(),
     };
+    upgrade_list(c, list, &from)
+}
+
+/// A list of `upgrades` written at `from` (a cluster's or a route's), checked and lowercased.
+pub(super) fn upgrade_list(c: &mut Checker, list: &[String], from: &KeyPath) -> Vec<String> {
     let token = |t: &str| {
         !t.is_empty()
             && t.bytes()
@@ -163,6 +161,27 @@ fn upgrades(c: &mut Checker, l: &Layers) -> Vec<String> {
         }
     }
     out
+}
+
+/// A warning when `upgrades` (written at `at`) lists a protocol for a cluster that does not
+/// speak HTTP/1.1, where such a request is answered 501.
+pub(super) fn upgrades_need_http1(
+    c: &mut Checker,
+    cluster: &str,
+    upgrades: &[String],
+    protocol: UpstreamProtocol,
+    at: KeyPath,
+) {
+    if !upgrades.is_empty() && protocol != UpstreamProtocol::Http1 {
+        c.warnings.push(At {
+            key: at,
+            what: Warning::UpgradesNeedHttp1 {
+                cluster: cluster.to_owned(),
+                upgrades: upgrades.join(", "),
+                protocol: protocol.name(),
+            },
+        });
+    }
 }
 
 /// `timeouts.*`, with a warning when the request timeout cannot cover a connect and a

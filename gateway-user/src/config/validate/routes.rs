@@ -19,7 +19,7 @@ use super::{
     },
     Checker, DAY_MS, Invalid,
     addresses::parse_host,
-    cluster::grpc_codes,
+    cluster::{self, grpc_codes},
     ms,
 };
 
@@ -79,6 +79,7 @@ pub(super) fn routes(
             headers,
             rewrite_prefix,
             policy: policy(c, RoutePolicy::of(spec), r, &key),
+            upgrades: route_upgrades(c, r, spec, &key),
             request_headers,
             response_headers,
         });
@@ -157,9 +158,27 @@ fn default_route(spec: &ClusterSpec) -> Route {
         headers: Vec::new(),
         rewrite_prefix: None,
         policy: RoutePolicy::of(spec),
+        upgrades: spec.upgrades.clone(),
         request_headers: HeaderRules::default(),
         response_headers: HeaderRules::default(),
     }
+}
+
+/// A route's own `upgrades`, checked as a cluster's are, else its cluster's; a warning when it
+/// lists any for a cluster that does not speak HTTP/1.1.
+fn route_upgrades(
+    c: &mut Checker,
+    r: &RouteConfig,
+    spec: &ClusterSpec,
+    key: &KeyPath,
+) -> Vec<String> {
+    let Some(list) = &r.upgrades else {
+        return spec.upgrades.clone();
+    };
+    let at = key.key("upgrades");
+    let list = cluster::upgrade_list(c, list, &at);
+    cluster::upgrades_need_http1(c, &spec.name, &list, spec.protocol, at);
+    list
 }
 
 /// The cluster's policy with the route's overrides, each range-checked at its key.

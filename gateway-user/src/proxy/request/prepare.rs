@@ -228,8 +228,7 @@ fn for_upstream(
     }
     let upgrade = match stripped.upgrade {
         Some(value)
-            if parts.version == Version::HTTP_11
-                && headers::tunnels(&value, &cluster.spec.upgrades) =>
+            if parts.version == Version::HTTP_11 && headers::tunnels(&value, &route.upgrades) =>
         {
             if cluster.spec.protocol != UpstreamProtocol::Http1 {
                 return Err(ProxyError::UpgradeUnsupported {
