@@ -11,6 +11,7 @@ use gateway_lab::{CgroupGuard, NetnsCommandExt as _};
 use gateway_testkit::{
     config, gateway_bin,
     http::get_once,
+    observer::bpf_map_ids,
     ports::free_port,
     process::{GatewayProcess, run_to_exit},
     root::require_root,
@@ -115,7 +116,7 @@ fn privileged_observer_max_connections_sizes_the_kernel_table() {
     cmd.in_cgroup(&unit);
     let gw = GatewayProcess::spawn(cmd);
     // (name, id, max_entries) of each map the gateway holds.
-    let tables: Vec<(String, u64, u64)> = map_ids(gw.pid())
+    let tables: Vec<(String, u64, u64)> = bpf_map_ids(gw.pid())
         .into_iter()
         .map(|id| {
             let m = bpftool(&["map", "show", "id", &id.to_string()]);
@@ -151,20 +152,6 @@ fn bpftool(args: &[&str]) -> serde_json::Value {
         .output()
         .expect("bpftool (./dev setup installs it)");
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The ids of the BPF maps `pid` holds open (`map_id` in /proc/PID/fdinfo).
-fn map_ids(pid: u32) -> Vec<u64> {
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .collect()
 }
 
 #[test]

@@ -187,3 +187,18 @@ impl Recorder {
         }
     }
 }
+
+/// The ids of the BPF maps process `pid` holds open (`map_id` in /proc/PID/fdinfo): how a test
+/// finds a running observer's own maps for bpftool.
+pub fn bpf_map_ids(pid: u32) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}

@@ -13,6 +13,7 @@ use gateway_testkit::{
     connect_probe, gateway_bin,
     http::get_once,
     observe::ObserveProcess,
+    observer::bpf_map_ids,
     ports::{free_port, refused_addr},
     root::require_root,
     service::{NOBODY, with_exact_caps},
@@ -441,16 +442,7 @@ fn privileged_no_destination_table_keeps_the_records_and_no_kernel_table() {
 /// `DEST_STATS` of the observer `pid` (found by the `map_id`s in its /proc fdinfo): its
 /// `max_entries` and its entries.
 fn dest_stats_of(pid: u32) -> (u64, Vec<serde_json::Value>) {
-    let ids = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
-                .map(|v| v.trim().to_owned())
-        });
-    for id in ids {
+    for id in bpf_map_ids(pid).iter().map(ToString::to_string) {
         let m = bpftool(&["map", "show", "id", &id]).expect("a map");
         if m["name"] == "DEST_STATS" {
             let held = bpftool(&["map", "dump", "id", &id]).unwrap_or_default();

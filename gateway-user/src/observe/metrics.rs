@@ -158,7 +158,6 @@ impl ObserverMetrics {
         );
     }
 
-    /// The observer's own health: losses, anomalies, its destination table.
     /// The kernel's per-destination table's two families: served unless the table is off
     /// (`--no-destination-table`), where they would read 0 for a table that does not exist.
     pub fn register_destination_table(&self, registry: &mut Registry) {
@@ -176,6 +175,7 @@ impl ObserverMetrics {
         );
     }
 
+    /// The observer's own health: losses, anomalies, whether it is attached.
     fn register_health(&self, registry: &mut Registry) {
         register(
             registry,

@@ -68,7 +68,7 @@ impl Output {
 
     /// The refresh tick: one walk of the kernel's table, one entry at a time, for the rows
     /// shown and the count behind the tracked/evicted metrics; then the table is redrawn
-    /// (in table mode).
+    /// (in table mode). Nothing without the kernel's table (`--no-destination-table`).
     pub fn refresh(
         &mut self,
         stream: &mut ObserverStream,

@@ -179,7 +179,7 @@ fn find_route<'a>(
         })
 }
 
-/// The request rewritten for its upstream: hop-by-hop headers out (an upgrade the cluster lists
+/// The request rewritten for its upstream: hop-by-hop headers out (an upgrade the route lists
 /// kept, and taken from the client's connection; any other dropped), forwarding headers in, the
 /// route's path rewrite and header rules, HTTP/1.1. A listed upgrade to a cluster that does not
 /// speak HTTP/1.1 is refused.
