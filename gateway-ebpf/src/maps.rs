@@ -131,8 +131,8 @@ pub static CALLBACKS_AT_CONNECT: u32 = 0;
 
 /// Set by userspace to 0 when nothing reads `DEST_STATS` (the proxy, `diagnose`, `gateway
 /// observe --no-destination-table`): then no program looks the destination up or counts into
-/// it, about a seventh of what the observer cost a connect in `cargo xtask bench observer`
-/// (docs/kernel.md, "Cost"), and the loader makes the map a single entry.
+/// it, a tenth to a seventh of what the observer cost a connect in `cargo xtask bench
+/// observer` (docs/kernel.md, "Cost"), and the loader makes the map a single entry.
 #[unsafe(no_mangle)]
 pub static DEST_TABLE: u32 = 1;
 

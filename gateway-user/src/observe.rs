@@ -152,6 +152,11 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let mut lost = LostRecords {
         reported: 0,
         ring_buffer_kib: args.ring_buffer_kib,
+        counted_in: if args.no_destination_table {
+            "lost (--no-destination-table)"
+        } else {
+            "kept in the kernel's per-destination table"
+        },
     };
 
     let mut finishing = false;
@@ -273,6 +278,8 @@ fn serve_metrics(
 struct LostRecords {
     reported: u64,
     ring_buffer_kib: u32,
+    /// Where their counts went: the kernel's per-destination table, if it keeps one.
+    counted_in: &'static str,
 }
 
 impl LostRecords {
@@ -284,7 +291,8 @@ impl LostRecords {
                 lost = lost - self.reported,
                 lost_total = lost,
                 ring_buffer_kib = self.ring_buffer_kib,
-                "the kernel dropped connect records: the ring buffer was full between two drains (their counts are still in the kernel's table; raise --ring-buffer-kib)"
+                counts = self.counted_in,
+                "the kernel dropped connect records: the ring buffer was full between two drains (raise --ring-buffer-kib)"
             );
             self.reported = lost;
         }

@@ -107,7 +107,7 @@ fn privileged_observer_max_connections_sizes_the_kernel_table() {
     let up = Upstream::start();
     let unit = CgroupGuard::new("table-unit").expect("a test cgroup");
     let dir = TempDir::new("cg-table");
-    let (config, _, listen) = write_config(dir.path(), up.addr, "kernel");
+    let (config, admin, listen) = write_config(dir.path(), up.addr, "kernel");
     // `[observer]` is the config's last table.
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("\nmax_connections = 1000\n");
@@ -140,6 +140,15 @@ fn privileged_observer_max_connections_sizes_the_kernel_table() {
         let (status, _) = get_once(listen, "/", Duration::from_secs(5)).expect("an answer");
         assert_eq!(status, 200, "{}", gw.text());
     }
+    // The kernel saw the upstream connect (its SYN-RTT is measured only there) ...
+    let (_, metrics) = get_once(admin, "/metrics", Duration::from_secs(5)).expect("metrics");
+    let syn_rtts: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_upstream_syn_rtt_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(syn_rtts >= 1.0, "{metrics}");
+    // ... and counted it into no table.
     let held = bpftool(&["map", "dump", "id", &table("DEST_STATS").1.to_string()]);
     assert_eq!(held, serde_json::json!([]), "{}", gw.text());
 }

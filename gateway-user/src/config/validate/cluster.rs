@@ -163,8 +163,8 @@ pub(super) fn upgrade_list(c: &mut Checker, list: &[String], from: &KeyPath) -> 
     out
 }
 
-/// A warning when `upgrades` (written at `at`) lists a protocol for a cluster that does not
-/// speak HTTP/1.1, where such a request is answered 501.
+/// A warning when `upgrades` (written at `at`) lists a protocol for a cluster whose protocol
+/// is not `http1` (`auto` included), where such a request is answered 501.
 pub(super) fn upgrades_need_http1(
     c: &mut Checker,
     cluster: &str,

@@ -165,7 +165,7 @@ fn default_route(spec: &ClusterSpec) -> Route {
 }
 
 /// A route's own `upgrades`, checked as a cluster's are, else its cluster's; a warning when it
-/// lists any for a cluster that does not speak HTTP/1.1.
+/// lists any for a cluster whose protocol is not `http1`.
 fn route_upgrades(
     c: &mut Checker,
     r: &RouteConfig,
