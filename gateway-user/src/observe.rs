@@ -149,15 +149,7 @@ pub async fn observe(args: ObserveArgs, tap: Option<Tap>) -> anyhow::Result<Exit
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-    let mut lost = LostRecords {
-        reported: 0,
-        ring_buffer_kib: args.ring_buffer_kib,
-        counted_in: if args.no_destination_table {
-            "lost (--no-destination-table)"
-        } else {
-            "kept in the kernel's per-destination table"
-        },
-    };
+    let mut lost = LostRecords::new(&args);
 
     let mut finishing = false;
     loop {
@@ -283,6 +275,18 @@ struct LostRecords {
 }
 
 impl LostRecords {
+    fn new(args: &ObserveArgs) -> LostRecords {
+        LostRecords {
+            reported: 0,
+            ring_buffer_kib: args.ring_buffer_kib,
+            counted_in: if args.no_destination_table {
+                "lost (--no-destination-table)"
+            } else {
+                "kept in the kernel's per-destination table"
+            },
+        }
+    }
+
     fn account(&mut self, stream: &ObserverStream, metrics: &mut metrics::ObserverMetrics) {
         let lost = stream.events_lost();
         metrics.set_events_lost(lost);
