@@ -31,6 +31,7 @@ mod admission;
 mod classify;
 pub mod error;
 mod exchange;
+mod forwarded;
 mod handshake;
 mod headers;
 mod io;

@@ -2,6 +2,7 @@
 //! The gateway runs in-process in front of loopback upstreams.
 
 use gateway_testkit::{
+    config::base_config,
     http::{client, empty, get, get_host, h2_client, send},
     inprocess::{InProcess, gateway, log_lines},
     upstream::Upstream,
@@ -213,4 +214,109 @@ async fn admin_healthz_reports_serving_and_the_signal_mode() {
     );
     let got = get(&client(), admin, "/other").await;
     assert_eq!(got.status, StatusCode::NOT_FOUND);
+}
+
+/// curl GET `/headers` through `gw` with a spoofing client's forwarding headers; the answer
+/// with its headers (`-i`). Over HTTP/2 (prior knowledge) when `h2`.
+fn curl_spoofing(gw: std::net::SocketAddr, h2: bool) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "-i", "-H", "Host: test.local"]);
+    for h in [
+        "X-Forwarded-For: 203.0.113.9",
+        "X-Forwarded-Proto: https",
+        "X-Forwarded-Host: admin.example.com",
+        "X-Real-IP: 203.0.113.9",
+        "Forwarded: for=203.0.113.9;proto=https",
+    ] {
+        curl.args(["-H", h]);
+    }
+    if h2 {
+        curl.arg("--http2-prior-knowledge");
+    }
+    let out = curl
+        .arg(format!("http://{gw}/headers"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl: {out:?}");
+    String::from_utf8_lossy(&out.stdout).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_trusted_proxies_forwarding_headers_are_believed() {
+    let web = Upstream::start("web").await;
+    let secure = Upstream::start("secure").await;
+    // A route that only requests that came over HTTPS may take, by the header a proxy in
+    // front of the gateway sets.
+    let config = |trusted: &str| {
+        format!(
+            r#"
+[router.forwarded]
+trusted_proxies = {trusted}
+
+[[routes]]
+path_prefix = "/"
+cluster = "web"
+
+[[routes]]
+path_prefix = "/"
+headers = [{{ name = "x-forwarded-proto", value = "https" }}]
+cluster = "secure"
+
+[clusters.web]
+endpoints = ["{}"]
+[clusters.secure]
+endpoints = ["{}"]
+"#,
+            web.addr, secure.addr
+        )
+    };
+    // The client (127.0.0.1) is a trusted proxy: its list is appended to, its scheme and the
+    // rest of its forwarding headers kept, and the log names the client it forwarded for.
+    let gw = gateway("forwarded", &config(r#"["127.0.0.0/8", "10.0.0.0/8"]"#)).await;
+    let seen = curl_spoofing(gw.addr, false);
+    assert!(seen.contains("x-upstream: secure\r\n"), "{seen}");
+    for kept in [
+        "x-forwarded-for: 203.0.113.9, 127.0.0.1\n",
+        "x-forwarded-proto: https\n",
+        "x-forwarded-host: admin.example.com\n",
+        "x-real-ip: 203.0.113.9\n",
+        "forwarded: for=203.0.113.9;proto=https\n",
+    ] {
+        assert!(seen.contains(kept), "{kept:?} not in {seen}");
+    }
+    let line = &log_lines(&gw.log, 1)[0];
+    assert_eq!(line["forwarded_client"], "203.0.113.9", "{line}");
+    assert!(line["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    // After a reload that trusts only 10.0.0.0/8, the same client is anyone: what it says is
+    // dropped before routing, over HTTP/1.1 and HTTP/2.
+    let text = format!("{}\n{}", base_config(&gw.log), config(r#"["10.0.0.0/8"]"#));
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    for h2 in [false, true] {
+        let seen = curl_spoofing(gw.addr, h2);
+        assert!(seen.contains("x-upstream: web\r\n"), "h2 {h2}: {seen}");
+        assert!(
+            seen.contains("x-forwarded-for: 127.0.0.1\n"),
+            "h2 {h2}: {seen}"
+        );
+        assert!(
+            seen.contains("x-forwarded-proto: http\n"),
+            "h2 {h2}: {seen}"
+        );
+        for gone in ["203.0.113.9", "x-forwarded-host", "x-real-ip", "forwarded:"] {
+            assert!(!seen.contains(gone), "h2 {h2}: {gone:?} in {seen}");
+        }
+    }
+    let lines = log_lines(&gw.log, 3);
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.get("forwarded_client").is_none()),
+        "{lines:?}"
+    );
+    assert_eq!(secure.hits(), 1);
 }

@@ -143,6 +143,22 @@ pub struct RouterConfig {
     /// Request IDs: kept from the client or generated, passed upstream, returned and logged.
     #[serde(default)]
     pub request_id: RequestIdConfig,
+    /// Whose `X-Forwarded-*` headers are believed.
+    #[serde(default)]
+    pub forwarded: ForwardedConfig,
+}
+
+/// `[router.forwarded]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardedConfig {
+    /// The proxies in front of the gateway (a load balancer, a CDN), as addresses or CIDR
+    /// blocks: a request from one of them keeps its `X-Forwarded-For` (the gateway appends
+    /// the proxy) and its `X-Forwarded-Proto`; one from any other peer loses every forwarding
+    /// header (`X-Forwarded-For`, `-Proto`, `-Host`, `-Port`, `X-Real-IP`, `Forwarded`) and
+    /// gets the gateway's own. Not set: every peer's `X-Forwarded-For` is appended to, and
+    /// `X-Forwarded-Proto` is always the gateway's own. `[]`: no peer is trusted.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `connection_balance`.

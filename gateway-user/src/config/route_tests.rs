@@ -482,3 +482,60 @@ fn upgrades_are_websocket_by_default_a_cluster_lists_its_own_and_h2c_is_refused(
         );
     }
 }
+
+#[test]
+fn trusted_proxies_are_addresses_or_blocks_and_trusting_everyone_warns() {
+    let s = load(&with_route(BASE)).unwrap().settings;
+    assert_eq!(
+        s.trusted_proxies, None,
+        "not set: every peer's list is appended to"
+    );
+    let with = |list: &str| {
+        with_route(&BASE.replace(
+            "listener_port = 8080",
+            &format!("listener_port = 8080\n[router.forwarded]\ntrusted_proxies = {list}"),
+        ))
+    };
+    let loaded = load(&with(
+        r#"["10.1.2.3/8", "192.0.2.7", " 2001:db8::/32", "::ffff:198.51.100.1"]"#,
+    ))
+    .unwrap();
+    let nets: Vec<String> = loaded
+        .settings
+        .trusted_proxies
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        nets,
+        [
+            "10.0.0.0/8",
+            "192.0.2.7/32",
+            "2001:db8::/32",
+            "198.51.100.1/32"
+        ]
+    );
+    let trust_warnings = |w: &[Located<Warning>]| -> Vec<String> {
+        w.iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("trusted proxy"))
+            .collect()
+    };
+    assert_eq!(trust_warnings(&loaded.warnings), Vec::<String>::new());
+    let none = load(&with("[]")).unwrap().settings.trusted_proxies.unwrap();
+    assert!(none.is_empty(), "[]: no peer is trusted");
+    let e = err(&with(r#"["10.0.0.0/8", "lb.internal"]"#));
+    assert!(
+        e.starts_with("gw.toml:4:34: key `router.forwarded.trusted_proxies[1]`: trusted proxy \"lb.internal\" is not an address or a CIDR block"),
+        "{e}"
+    );
+    assert!(err(&with(r#"["10.0.0.0/33"]"#)).contains("not an address or a CIDR block"));
+    let w = trust_warnings(&load(&with(r#"["0.0.0.0/0"]"#)).unwrap().warnings);
+    assert!(
+        w.len() == 1
+            && w[0].contains("router.forwarded.trusted_proxies[0]")
+            && w[0].contains("covers every address"),
+        "{w:?}"
+    );
+}

@@ -36,6 +36,9 @@ pub struct Settings {
     pub expose_errors: Option<ExposeErrors>,
     /// `None` when request IDs are off.
     pub request_id: Option<RequestId>,
+    /// `[router.forwarded] trusted_proxies`: `None` when not set (every peer's
+    /// `X-Forwarded-For` is appended to), else the peers whose forwarding headers are kept.
+    pub trusted_proxies: Option<std::sync::Arc<[ipnet::IpNet]>>,
     pub log: Log,
 }
 

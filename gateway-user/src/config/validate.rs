@@ -6,8 +6,11 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use ipnet::IpNet;
 
 mod addresses;
 mod cluster;
@@ -92,6 +95,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let admin = admin(&mut c, &cfg.admin);
     let access_log = access_log(&mut c, &cfg.access_log);
     let request_id = request_id(&mut c, &cfg.router.request_id);
+    let trusted_proxies = trusted_proxies(&mut c, &cfg.router.forwarded);
     let log = log(&mut c, &cfg.log);
     let observer = observer::observer(&mut c, &cfg.observer);
 
@@ -115,6 +119,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             observer,
             expose_errors: cfg.router.expose_upstream_errors,
             request_id,
+            trusted_proxies,
             log,
         },
         c.warnings,
@@ -383,6 +388,39 @@ fn request_id(c: &mut Checker, cfg: &RequestIdConfig) -> Option<RequestId> {
         header,
         keep_incoming: cfg.keep_incoming.unwrap_or(true),
     })
+}
+
+/// `[router.forwarded] trusted_proxies`: each an address or a CIDR block; one that covers
+/// every address is allowed, with a warning.
+fn trusted_proxies(c: &mut Checker, cfg: &ForwardedConfig) -> Option<Arc<[IpNet]>> {
+    let list = cfg.trusted_proxies.as_ref()?;
+    let key = KeyPath::root()
+        .key("router")
+        .key("forwarded")
+        .key("trusted_proxies");
+    let mut nets = Vec::with_capacity(list.len());
+    for (i, text) in list.iter().enumerate() {
+        match addresses::parse_trusted_proxy(text) {
+            Some(net) => {
+                if net.prefix_len() == 0 {
+                    c.warnings.push(At {
+                        key: key.index(i),
+                        what: Warning::TrustsEveryone {
+                            value: text.clone(),
+                        },
+                    });
+                }
+                nets.push(net);
+            }
+            None => c.fail(
+                key.index(i),
+                Invalid::InvalidTrustedProxy {
+                    value: text.clone(),
+                },
+            ),
+        }
+    }
+    Some(nets.into())
 }
 
 fn ms(v: u64) -> Duration {

@@ -85,6 +85,8 @@ pub(crate) struct Record {
     pub tunnel: Option<&'static str>,
     /// gRPC calls: the status the client got, from the upstream's trailers or the gateway's.
     pub grpc_status: Option<u8>,
+    /// The client a trusted proxy's `X-Forwarded-For` names (`forwarded`).
+    pub forwarded_client: Option<std::net::IpAddr>,
 }
 
 impl Record {
@@ -116,6 +118,7 @@ impl Record {
             tls: None,
             tunnel: None,
             grpc_status: None,
+            forwarded_client: None,
         }
     }
 }

@@ -238,15 +238,15 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
 /// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
-/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own).
-/// `TE: trailers` is kept; an upgrade's `Upgrade` value is returned (not written back), and
-/// what else the strip found.
+/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own
+/// unless `keep_proto`: a trusted proxy's, see `forwarded`). `TE: trailers` is kept; an
+/// upgrade's `Upgrade` value is returned (not written back), and what else the strip found.
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
-    scheme: Scheme,
+    (scheme, keep_proto): (Scheme, bool),
 ) -> Stripped {
     let stripped = strip_hop_by_hop(headers);
     if stripped.te_trailers {
@@ -273,7 +273,9 @@ pub(crate) fn to_upstream(
             }
         }
     }
-    headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
+    if !keep_proto {
+        headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
+    }
     append_via(headers, version);
     stripped
 }

@@ -1,7 +1,9 @@
 //! Endpoint addresses and route hosts, from the strings the operator wrote: what each may look
 //! like, and why one is refused (the reason goes into [`super::Invalid`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use super::super::settings::{EndpointAddr, HostMatch};
 
@@ -62,4 +64,14 @@ pub(super) fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
     } else {
         HostMatch::Exact(name.to_owned())
     })
+}
+
+/// A trusted proxy: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address (`"192.0.2.7"`, a /32
+/// or /128). A block's host bits are cleared: `"10.1.2.3/8"` is `10.0.0.0/8`.
+pub(super) fn parse_trusted_proxy(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(IpNet::from(ip.to_canonical()));
+    }
+    s.parse::<IpNet>().ok().map(|n| n.trunc())
 }

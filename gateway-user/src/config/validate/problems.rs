@@ -79,6 +79,10 @@ pub enum Invalid {
     InvalidPathPrefix { value: String },
     #[error("host {value:?}: {reason}; expected e.g. \"api.example.com\" or \"*.example.com\"")]
     InvalidHost { value: String, reason: &'static str },
+    #[error(
+        "trusted proxy {value:?} is not an address or a CIDR block; expected e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\""
+    )]
+    InvalidTrustedProxy { value: String },
     #[error("admin address {addr} is not loopback; set `[admin] allow_remote = true` to expose it")]
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
@@ -194,6 +198,10 @@ pub enum Warning {
         upgrades: String,
         protocol: &'static str,
     },
+    #[error(
+        "trusted proxy {value:?} covers every address: any client can then set its own X-Forwarded-For and X-Forwarded-Proto; list only the proxies in front of the gateway"
+    )]
+    TrustsEveryone { value: String },
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

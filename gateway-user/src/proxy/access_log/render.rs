@@ -60,6 +60,9 @@ struct JsonLine<'a> {
     /// `gateway_responses_incomplete_total`.
     #[serde(skip_serializing_if = "Option::is_none")]
     incomplete: Option<&'a str>,
+    /// The client a trusted proxy's `X-Forwarded-For` names, when the peer (`client`) is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarded_client: Option<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -129,6 +132,7 @@ fn render_json(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         tunnel: ex.tunnel,
         grpc_status: ex.grpc_status,
         incomplete: ex.cut_short,
+        forwarded_client: ex.forwarded_client.map(|ip| ip.to_string()),
     };
     serde_json::to_string(&line).unwrap_or_default()
 }
@@ -200,6 +204,9 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
     }
     if ex.hedged {
         s.push_str(" hedged=1");
+    }
+    if let Some(ip) = ex.forwarded_client {
+        let _ = write!(s, " forwarded_client={ip}");
     }
     if let Some(d) = &ex.error_detail {
         let _ = write!(s, " detail={d:?}");

@@ -103,7 +103,7 @@ fn an_upgrade_and_te_trailers_are_handed_back() {
         Version::HTTP_11,
         &client_value("10.0.0.9".parse().unwrap()),
         None,
-        Scheme::Http,
+        (Scheme::Http, false),
     );
     assert_eq!(up.upgrade, Some(HeaderValue::from_static("websocket")));
     assert!(h.get("connection").is_none() && h.get("upgrade").is_none());
@@ -134,18 +134,29 @@ fn forwarded_headers_are_appended() {
         ("x-forwarded-for", "1.1.1.1"),
         ("x-forwarded-for", "2.2.2.2"),
         ("via", "1.0 edge"),
+        ("x-forwarded-proto", "https"),
     ]);
+    let mut kept = h.clone();
     to_upstream(
         &mut h,
         Version::HTTP_11,
         &client_value("10.0.0.9".parse().unwrap()),
         None,
-        Scheme::Http,
+        (Scheme::Http, false),
     );
     assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
     assert_eq!(h["x-forwarded-proto"], "http");
     let via: Vec<_> = h.get_all(VIA).iter().collect();
     assert_eq!(via, vec!["1.0 edge", "1.1 gateway"]);
+    // A trusted proxy's scheme is kept (the TLS it terminated).
+    to_upstream(
+        &mut kept,
+        Version::HTTP_11,
+        &client_value("10.0.0.9".parse().unwrap()),
+        None,
+        (Scheme::Http, true),
+    );
+    assert_eq!(kept["x-forwarded-proto"], "https");
 }
 
 #[test]
@@ -168,7 +179,7 @@ fn http2_authority_becomes_host() {
         Version::HTTP_2,
         &client_value("::ffff:127.0.0.1".parse().unwrap()),
         Some(&authority),
-        Scheme::Https,
+        (Scheme::Https, false),
     );
     assert_eq!(h[HOST], "api.example.com");
     assert_eq!(h["x-forwarded-proto"], "https");

@@ -22,6 +22,7 @@ use crate::{
     proxy::{
         error::ProxyError,
         exchange::Exchange,
+        forwarded::{self, Peer},
         headers,
         request_body::{Progress, RequestBody},
         request_id,
@@ -65,6 +66,12 @@ pub(super) fn prepare(
         });
     ex.record.tls = client.tls;
     let (mut parts, body, authority) = admit(rt, req, ex)?;
+    let (peer, named) = forwarded::admit(
+        rt.settings.trusted_proxies.as_deref(),
+        client.addr.ip(),
+        &mut parts.headers,
+    );
+    ex.record.forwarded_client = named;
     let route = find_route(rt, authority.as_ref(), &parts)?;
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
@@ -91,7 +98,7 @@ pub(super) fn prepare(
     let upgrade = for_upstream(
         &mut parts,
         (route, &cluster),
-        client,
+        (client, peer),
         authority.as_ref(),
         id,
     )?;
@@ -187,7 +194,7 @@ fn find_route<'a>(
 fn for_upstream(
     parts: &mut Parts,
     (route, cluster): (&CompiledRoute, &Cluster),
-    client: &Client,
+    (client, peer): (&Client, Peer),
     authority: Option<&HeaderValue>,
     request_id: Option<(&HeaderName, &HeaderValue)>,
 ) -> Result<Option<OnUpgrade>, ProxyError> {
@@ -212,12 +219,13 @@ fn for_upstream(
     if parts.version == Version::HTTP_2 && cluster.spec.protocol == UpstreamProtocol::Http1 {
         headers::join_cookies(&mut parts.headers);
     }
+    let keep_proto = forwarded::keeps_proto(peer, &parts.headers);
     let stripped = headers::to_upstream(
         &mut parts.headers,
         parts.version,
         &client.ip,
         authority,
-        client.scheme,
+        (client.scheme, keep_proto),
     );
     // A client's `Connection` may name the request ID's header, which the strip then took
     // out: the ID the gateway assigned goes upstream all the same.
