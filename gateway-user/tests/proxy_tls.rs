@@ -1211,3 +1211,110 @@ fn https_before_upstream(
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     (rt, up, dir, gw)
 }
+
+/// curl over plain HTTP to the gateway at `plain`, as `a.example.test` (and `https` for the
+/// name too, so that a redirect followed with `-L` reaches the HTTPS listener): the answer
+/// with its headers, and the status of the last response.
+fn curl_plain(
+    plain: SocketAddr,
+    https: SocketAddr,
+    ca: &Path,
+    path: &str,
+    extra: &[&str],
+) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-i", "--max-time", "10", "--cacert"]).arg(ca);
+    for a in [plain, https] {
+        c.arg("--resolve")
+            .arg(format!("a.example.test:{}:{}", a.port(), a.ip()));
+    }
+    let out = c
+        .args(extra)
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("http://a.example.test:{}{path}", plain.port()))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = text
+        .lines()
+        .last()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// `https_redirect`: plain HTTP is answered with the same URL on the HTTPS listener (`301`,
+/// `308` for a POST), which curl follows to the upstream; a route with `https_redirect = false`
+/// (an ACME HTTP-01 challenge path) stays on plain HTTP; a trusted proxy that says
+/// `X-Forwarded-Proto: https` is not redirected (it terminated TLS), one that says `http` is.
+#[test]
+fn plain_http_is_redirected_to_https_but_where_a_route_or_a_trusted_proxy_says_not() {
+    let dir = temp_dir("tls-redirect");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.example.test"]);
+    let (uc, uk) = pki.leaf("up", &["up.test"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let ca = dir.join("ca.pem");
+    let cfg = https_base(
+        &dir,
+        &format!(
+            "[router.upstream]\nendpoints = [\"{}\"]\n\
+             [router.upstream.tls]\nca_file = \"ca.pem\"\nserver_name = \"up.test\"\n\
+             [[routes]]\ncluster = \"default\"\n\
+             [[routes]]\npath_prefix = \"/.well-known/acme-challenge/\"\ncluster = \"default\"\nhttps_redirect = false\n",
+            nginx.addr
+        ),
+    );
+    // A port of its own (not 0): the redirect names the HTTPS listener's configured port.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen("[router]\n", "[router]\nhttps_redirect = true\n", 1)
+        .replacen(
+            "https_listen = [\"127.0.0.1:0\"]",
+            &format!("https_listen = [\"127.0.0.1:{}\"]", free_port()),
+            1,
+        )
+        + "[router.forwarded]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    std::fs::write(&cfg, text).unwrap();
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let https = https_addr(&gw);
+    let to = format!("https://a.example.test:{}/a/b?q=1", https.port());
+
+    let (code, text) = curl_plain(gw.addr, https, &ca, "/a/b?q=1", &[]);
+    assert_eq!(code, 301, "{text}");
+    assert!(text.contains(&format!("location: {to}\r\n")), "{text}");
+    let (code, text) = curl_plain(gw.addr, https, &ca, "/a/b?q=1", &["-d", "x=1"]);
+    assert_eq!(code, 308, "a POST keeps its method: {text}");
+    assert!(text.contains(&format!("location: {to}\r\n")), "{text}");
+    // curl follows it to the HTTPS listener, and the upstream hears that it came over HTTPS.
+    let (code, text) = curl_plain(gw.addr, https, &ca, "/a/b?q=1", &["-L"]);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("tls-upstream proto=https"), "{text}");
+    // An ACME challenge stays on plain HTTP.
+    let (code, text) = curl_plain(gw.addr, https, &ca, "/.well-known/acme-challenge/t", &[]);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("tls-upstream proto=http "), "{text}");
+    // A trusted proxy in front that terminated TLS is believed; one that did not, redirected.
+    let (code, text) = curl_plain(
+        gw.addr,
+        https,
+        &ca,
+        "/x",
+        &["-H", "X-Forwarded-Proto: https"],
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("tls-upstream proto=https"), "{text}");
+    let (code, _) = curl_plain(
+        gw.addr,
+        https,
+        &ca,
+        "/x",
+        &["-H", "X-Forwarded-Proto: http"],
+    );
+    assert_eq!(code, 301);
+
+    let line = wait_for_line(&dir.join("access.log"), "\"status\":308");
+    let l: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(l["route"], "*/", "{l}");
+    assert_eq!(l["attempts"], 0, "nothing was sent upstream: {l}");
+}

@@ -146,6 +146,15 @@ pub struct RouterConfig {
     /// Whose `X-Forwarded-*` headers are believed.
     #[serde(default)]
     pub forwarded: ForwardedConfig,
+    /// A request that came over plain HTTP is answered with a redirect to the same URL over
+    /// HTTPS (`301` for GET and HEAD, `308` for other methods, which keeps the method and
+    /// body), on every route that does not set its own `https_redirect`. Over HTTPS means on an
+    /// HTTPS listener, or from a trusted proxy (`[router.forwarded]`) that says
+    /// `X-Forwarded-Proto: https`. Default `false`.
+    pub https_redirect: Option<bool>,
+    /// The port of the redirect's `https://` URL. Default: the first HTTPS listener's, else
+    /// 443 (which the URL leaves out).
+    pub https_redirect_port: Option<u16>,
 }
 
 /// `[router.forwarded]`.
@@ -384,6 +393,10 @@ pub struct RouteConfig {
     /// `upgrades` (e.g. `[]` on the routes that must never become a tunnel, `["websocket"]`
     /// only on `/ws/`). Default: the cluster's.
     pub upgrades: Option<Vec<String>>,
+    /// Replaces `[router] https_redirect` on this route: `false` keeps a path on plain HTTP
+    /// (`/.well-known/acme-challenge/`, which ACME's HTTP-01 check fetches over HTTP), `true`
+    /// redirects only this route's requests.
+    pub https_redirect: Option<bool>,
     /// Overrides of the cluster's retries and hedging for this route (same keys as a
     /// cluster's `retry` table).
     #[serde(default)]

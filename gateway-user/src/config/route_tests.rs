@@ -539,3 +539,46 @@ fn trusted_proxies_are_addresses_or_blocks_and_trusting_everyone_warns() {
         "{w:?}"
     );
 }
+
+#[test]
+fn https_redirect_is_the_routers_unless_a_route_says_and_names_a_port() {
+    let two_routes = |router: &str| {
+        format!(
+            "{}[[routes]]\ncluster = \"api\"\n[[routes]]\npath_prefix = \"/.well-known/acme-challenge/\"\ncluster = \"api\"\nhttps_redirect = false\n[[routes]]\npath_prefix = \"/only/\"\ncluster = \"api\"\nhttps_redirect = true\n",
+            BASE.replace(
+                "listener_port = 8080",
+                &format!("listener_port = 8080\n{router}")
+            )
+        )
+    };
+    let redirects = |router: &str| -> Vec<Option<u16>> {
+        load(&two_routes(router))
+            .unwrap()
+            .settings
+            .routes
+            .iter()
+            .map(|r| r.https_redirect)
+            .collect()
+    };
+    // Off by default; a route may turn it on for itself.
+    assert_eq!(redirects(""), [None, None, Some(443)]);
+    assert_eq!(
+        redirects("https_redirect = true"),
+        [Some(443), None, Some(443)]
+    );
+    assert_eq!(
+        redirects("https_redirect = true\nhttps_redirect_port = 8443"),
+        [Some(8443), None, Some(8443)]
+    );
+    // With no [[routes]], the default route follows the router.
+    let default = "[router]\nlistener_port = 8080\nhttps_redirect = true\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n";
+    let s = load(default).unwrap().settings;
+    assert_eq!(s.routes[0].https_redirect, Some(443));
+    let e = err(&two_routes(
+        "https_redirect = true\nhttps_redirect_port = 0",
+    ));
+    assert!(
+        e.contains("key `router.https_redirect_port`: 0 is out of range"),
+        "{e}"
+    );
+}

@@ -142,6 +142,9 @@ pub struct Route {
     /// The `Upgrade` protocols tunnelled on this route: its own `upgrades`, else its
     /// cluster's.
     pub upgrades: Vec<String>,
+    /// `Some(port)`: a request that came over plain HTTP is redirected to HTTPS on `port`
+    /// (this route's `https_redirect`, else the router's).
+    pub https_redirect: Option<u16>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
 }

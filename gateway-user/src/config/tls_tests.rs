@@ -253,3 +253,33 @@ fn cluster_tls_inherits_from_router_upstream_and_can_be_turned_off() {
     assert!(err_in(&pki, &bad_ca).contains("key `router.upstream.tls.ca_file`"));
     let _ = Path::new("unused");
 }
+
+#[test]
+fn https_redirect_names_the_https_listeners_port_and_refuses_port_0() {
+    let pki = TestPki::new("redirect");
+    pki.leaf("site", &["localhost"], (-1, 90));
+    let tls = "\n[router.tls]\ncert_file = \"site.pem\"\nkey_file = \"site.key\"\n";
+    let seed = SEED.replace(
+        "https_port = 8443",
+        "https_port = 8443\nhttps_redirect = true",
+    );
+    let s = load_in(&pki, &format!("{seed}{UPSTREAM}{tls}"))
+        .unwrap()
+        .settings;
+    assert_eq!(s.routes[0].https_redirect, Some(8443));
+    // Port 0 is chosen at bind: the URL needs https_redirect_port.
+    let zero = seed.replace("https_port = 8443", "https_listen = [\"127.0.0.1:0\"]");
+    let e = err_in(&pki, &format!("{zero}{UPSTREAM}{tls}"));
+    assert!(
+        e.contains("key `router.https_redirect`") && e.contains("`https_redirect_port`"),
+        "{e}"
+    );
+    let fixed = zero.replace(
+        "https_redirect = true",
+        "https_redirect = true\nhttps_redirect_port = 443",
+    );
+    let s = load_in(&pki, &format!("{fixed}{UPSTREAM}{tls}"))
+        .unwrap()
+        .settings;
+    assert_eq!(s.routes[0].https_redirect, Some(443));
+}

@@ -90,7 +90,8 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let downstream = downstream(&mut c, &cfg.router);
     let gateway_host = gateway_host(&mut c, &cfg.router);
     let clusters = clusters(&mut c, cfg, &files);
-    let routes = routes::routes(&mut c, cfg, &clusters);
+    let redirect_port = redirect_port(&mut c, cfg, https.as_ref());
+    let routes = routes::routes(&mut c, cfg, &clusters, redirect_port);
     cluster_warnings(&mut c, cfg, &clusters, &routes, grace_ms);
     let admin = admin(&mut c, &cfg.admin);
     let access_log = access_log(&mut c, &cfg.access_log);
@@ -388,6 +389,31 @@ fn request_id(c: &mut Checker, cfg: &RequestIdConfig) -> Option<RequestId> {
         header,
         keep_incoming: cfg.keep_incoming.unwrap_or(true),
     })
+}
+
+/// Where `https_redirect` sends a client: `https_redirect_port`, else the first HTTPS
+/// listener's port, else 443.
+fn redirect_port(c: &mut Checker, cfg: &Config, https: Option<&Https>) -> u16 {
+    let r = &cfg.router;
+    let redirecting_route = cfg.routes.iter().any(|r| r.https_redirect == Some(true));
+    if let Some(port) = r.https_redirect_port {
+        let key = KeyPath::root().key("router").key("https_redirect_port");
+        return c.range(&key, u64::from(port), 1, 65_535, "") as u16;
+    }
+    let port = https
+        .and_then(|h| h.listen.first())
+        .map_or(443, SocketAddr::port);
+    if port == 0 && (r.https_redirect == Some(true) || redirecting_route) {
+        // Port 0 is chosen when the listener binds: no URL can name it beforehand.
+        c.fail(
+            KeyPath::root().key("router").key("https_redirect"),
+            Invalid::Incomplete {
+                what: "https_redirect with an HTTPS listener on port 0",
+                needs: "https_redirect_port",
+            },
+        );
+    }
+    port
 }
 
 /// `[router.forwarded] trusted_proxies`: each an address or a CIDR block; one that covers

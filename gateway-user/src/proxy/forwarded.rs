@@ -60,6 +60,15 @@ pub(crate) fn keeps_proto(peer: Peer, headers: &HeaderMap) -> bool {
     peer == Peer::Trusted && headers.get(&X_FORWARDED_PROTO).is_some_and(is_scheme)
 }
 
+/// Whether a trusted proxy says its client spoke HTTPS to it (`https_redirect` leaves such a
+/// request alone).
+pub(crate) fn says_https(peer: Peer, headers: &HeaderMap) -> bool {
+    peer == Peer::Trusted
+        && headers
+            .get(&X_FORWARDED_PROTO)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
 fn is_scheme(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     b.eq_ignore_ascii_case(b"https") || b.eq_ignore_ascii_case(b"http")

@@ -23,6 +23,7 @@
 mod attempt;
 mod prepare;
 mod read_ahead;
+mod redirect;
 mod respond;
 mod target;
 
@@ -34,7 +35,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
-use self::{attempt::Failed, prepare::Prepared};
+use self::{attempt::Failed, prepare::Prepared, redirect::Instead};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
@@ -119,7 +120,8 @@ pub(crate) async fn handle(
                 Err(e) => e,
             }
         }
-        Err(e) => e,
+        Err(Instead::Redirect(to)) => return Ok(respond::redirect(to, ex)),
+        Err(Instead::Error(e)) => e,
     };
     Ok(respond::error_response(error, ex))
 }

@@ -34,6 +34,8 @@ pub(crate) struct CompiledRoute {
     pub policy: RoutePolicy,
     /// The `Upgrade` protocols tunnelled on this route (its own, else its cluster's).
     pub upgrades: Vec<String>,
+    /// `Some(port)`: plain HTTP requests are redirected to HTTPS on `port`.
+    pub https_redirect: Option<u16>,
     /// The decision knobs of `decide::retry`, from `policy`.
     pub retry: RetryPolicy,
     pub request_headers: HeaderRules,
@@ -117,6 +119,7 @@ impl Router {
                         rewrite: r.rewrite_prefix.clone(),
                         policy: r.policy,
                         upgrades: r.upgrades.clone(),
+                        https_redirect: r.https_redirect,
                         retry: RetryPolicy::from(&r.policy.retry),
                         request_headers: r.request_headers.clone(),
                         response_headers: r.response_headers.clone(),
@@ -195,6 +198,7 @@ mod tests {
             rewrite_prefix: None,
             policy: policy(),
             upgrades: Vec::new(),
+            https_redirect: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
         }

@@ -24,11 +24,18 @@ use super::{
 };
 
 /// The routes in the order written (problems go to `c`).
+/// `redirect_port`: where a route's `https_redirect` sends a client.
 pub(super) fn routes(
     c: &mut Checker,
     cfg: &Config,
     clusters: &BTreeMap<String, ClusterSpec>,
+    redirect_port: u16,
 ) -> Vec<Route> {
+    let redirect = |own: Option<bool>| {
+        own.or(cfg.router.https_redirect)
+            .unwrap_or(false)
+            .then_some(redirect_port)
+    };
     let mut routes = Vec::new();
     // Each route's name, by index: a name labels the route's metrics and log lines.
     let mut names: Vec<String> = Vec::with_capacity(cfg.routes.len());
@@ -80,13 +87,14 @@ pub(super) fn routes(
             rewrite_prefix,
             policy: policy(c, RoutePolicy::of(spec), r, &key),
             upgrades: route_upgrades(c, r, spec, &key),
+            https_redirect: redirect(r.https_redirect),
             request_headers,
             response_headers,
         });
     }
     if cfg.routes.is_empty() {
         match clusters.get("default") {
-            Some(spec) => routes.push(default_route(spec)),
+            Some(spec) => routes.push(default_route(spec, redirect(None))),
             None if !clusters.is_empty() => c.fail(KeyPath::root(), Invalid::NoRoutes),
             None => {}
         }
@@ -148,7 +156,7 @@ fn unknown_cluster(
 }
 
 /// With no `[[routes]]`, everything goes to the `default` cluster (`[router.upstream]`).
-fn default_route(spec: &ClusterSpec) -> Route {
+fn default_route(spec: &ClusterSpec, https_redirect: Option<u16>) -> Route {
     Route {
         name: "default".to_owned(),
         host: None,
@@ -159,6 +167,7 @@ fn default_route(spec: &ClusterSpec) -> Route {
         rewrite_prefix: None,
         policy: RoutePolicy::of(spec),
         upgrades: spec.upgrades.clone(),
+        https_redirect,
         request_headers: HeaderRules::default(),
         response_headers: HeaderRules::default(),
     }

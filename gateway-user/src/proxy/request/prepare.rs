@@ -15,7 +15,11 @@ use http::{
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use tokio::time::Instant;
 
-use super::{Client, target};
+use super::{
+    Client,
+    redirect::{self, Instead},
+    target::{self, host_without_port},
+};
 use crate::{
     config::{ExposeErrors, UpstreamProtocol},
     decide::grpc,
@@ -55,7 +59,7 @@ pub(super) fn prepare(
     req: Request<Incoming>,
     client: &Client,
     ex: &mut Exchange,
-) -> Result<Prepared, ProxyError> {
+) -> Result<Prepared, Instead> {
     ex.expose = rt
         .settings
         .expose_errors
@@ -76,6 +80,13 @@ pub(super) fn prepare(
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
+    if let Some(port) = route.https_redirect
+        && client.tls.is_none()
+        && !forwarded::says_https(peer, &parts.headers)
+    {
+        let to = redirect::to_https(port, &parts.method, authority.as_ref(), &parts.uri)?;
+        return Err(Instead::Redirect(to));
+    }
     // The route's limit, else the router's: checked against a declared length before anything
     // is read or sent, and against the bytes as they arrive (`RequestBody`).
     let body_limit = route
@@ -85,7 +96,7 @@ pub(super) fn prepare(
     if let Some(limit) = body_limit
         && content_length(&parts).is_some_and(|n| n > limit)
     {
-        return Err(ProxyError::RequestBodyTooLarge { limit });
+        return Err(ProxyError::RequestBodyTooLarge { limit }.into());
     }
     let (deadline, grpc_deadline) = deadline(ex, route, &parts);
     if grpc_deadline {
@@ -395,16 +406,6 @@ fn plausible_authority(a: &HeaderValue) -> bool {
             .all(|&c| c.is_ascii_graphic() && !matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\'))
 }
 
-fn host_without_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.find(']').map_or(authority, |i| &authority[..=i]);
-    }
-    match authority.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    }
-}
-
 fn content_length(req: &Parts) -> Option<u64> {
     req.headers
         .get(CONTENT_LENGTH)?
@@ -413,17 +414,4 @@ fn content_length(req: &Parts) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_port_is_stripped() {
-        assert_eq!(host_without_port("example.com:8080"), "example.com");
-        assert_eq!(host_without_port("example.com"), "example.com");
-        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
-        assert_eq!(host_without_port("[::1]"), "[::1]");
-    }
 }

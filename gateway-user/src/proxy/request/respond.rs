@@ -14,11 +14,11 @@
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Response, StatusCode, Version,
-    header::{CONTENT_TYPE, HeaderName},
+    header::{CONTENT_TYPE, HeaderName, LOCATION},
 };
 use hyper::upgrade::OnUpgrade;
 
-use super::{Client, GRPC_STATUS, Upstream};
+use super::{Client, GRPC_STATUS, Upstream, redirect::Redirect};
 use crate::{
     config::ExposeErrors,
     decide::grpc::{self, GrpcCode},
@@ -156,6 +156,24 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
     ours(&mut h, &ex);
     let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(ex)));
     *resp.status_mut() = status;
+    *resp.headers_mut() = h;
+    resp
+}
+
+/// A request on plain HTTP that its route sends to HTTPS (`redirect`): the status and
+/// `Location`, no body, and what every answer of the gateway carries. A body the client is
+/// still sending is not read: its connection closes, as after an error.
+pub(super) fn redirect(to: Redirect, mut ex: Box<Exchange>) -> Response<ResponseBody> {
+    ex.record.status = to.status.as_u16();
+    let mut h = HeaderMap::new();
+    h.insert(LOCATION, to.location);
+    let unread = ex.record.version < Version::HTTP_2 && ex.body_unread();
+    if keepalive_over(&ex) || unread {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    ours(&mut h, &ex);
+    let mut resp = Response::new(ResponseBody::full(Bytes::new(), Some(ex)));
+    *resp.status_mut() = to.status;
     *resp.headers_mut() = h;
     resp
 }

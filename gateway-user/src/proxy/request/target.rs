@@ -59,9 +59,21 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
     false
 }
 
+/// An authority (`Host`, `:authority`) without its port: `example.com:8080` is
+/// `example.com`, `[::1]:8080` is `[::1]`.
+pub(super) fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::has_dot_segment;
+    use super::{has_dot_segment, host_without_port};
 
     #[test]
     fn dot_segments_are_found_however_they_are_spelt() {
@@ -102,5 +114,13 @@ mod tests {
         ] {
             assert!(!has_dot_segment(p), "{p}");
         }
+    }
+
+    #[test]
+    fn host_port_is_stripped() {
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
     }
 }
