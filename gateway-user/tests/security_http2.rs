@@ -7,7 +7,8 @@
 //!   turns away resets that come before a stream is accepted; these tests wait for each batch
 //!   to be accepted first, as the paced variants of the attack do. The upstream answers after
 //!   200 ms, so every reset stream was still waiting for it;
-//! - a request with neither `:authority` nor `Host`.
+//! - a request with neither `:authority` nor `Host`;
+//! - a header value with a space or tab at either end (malformed in HTTP/2).
 
 use std::time::Duration;
 
@@ -132,49 +133,93 @@ async fn an_http2_client_that_cancels_some_streams_is_not_closed() {
 /// An HTTP/2 request with neither `:authority` nor `Host` went upstream as HTTP/1.1 without
 /// `Host`, and the upstream's 400 read as the upstream's answer. It is the gateway's 400 now,
 /// as for HTTP/1.1 without `Host`, and nothing reaches the upstream. Python's `h2` sends it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_request_without_authority_or_host_is_refused() {
-    const CLIENT: &str = r#"
+/// Sends one GET with the header list `headers` (JSON: `[[name, value], ...]`, unchecked) over
+/// HTTP/2 to the gateway on `port`; prints the response's status and `x-gateway-error`, or
+/// how the stream or connection ended.
+const RAW_H2_CLIENT: &str = r#"
 import json, socket, sys
 import h2.config, h2.connection, h2.events
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-# h2 refuses to send such a request unless told not to check its headers.
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+# h2 refuses to send malformed requests unless told not to check its headers.
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
 c.initiate_connection()
-c.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/x")], end_stream=True)
+c.send_headers(1, [tuple(h) for h in json.loads(sys.argv[2])], end_stream=True)
 s.sendall(c.data_to_send())
 out = {}
-while "status" not in out:
+while "status" not in out and "reset" not in out:
     d = s.recv(65536)
     if not d:
+        out["closed"] = True
         break
     for e in c.receive_data(d):
         if isinstance(e, h2.events.ResponseReceived):
             h = dict(e.headers)
             out = {"status": h[b":status"].decode(), "error": h.get(b"x-gateway-error", b"").decode()}
+        elif isinstance(e, h2.events.StreamReset):
+            out["reset"] = int(e.error_code)
+        elif isinstance(e, h2.events.ConnectionTerminated):
+            out["goaway"] = int(e.error_code)
     s.sendall(c.data_to_send())
 print(json.dumps(out))
 "#;
-    let up = Upstream::start("no-authority").await;
+
+/// [`RAW_H2_CLIENT`]'s answer for `headers` through a gateway in front of `up`.
+async fn raw_h2(label: &str, up: &Upstream, headers: serde_json::Value) -> serde_json::Value {
     let gw = gateway(
-        "no-authority",
+        label,
         &format!("[router.upstream]\nendpoints = [\"{}\"]\n", up.addr),
     )
     .await;
     let port = gw.addr.port().to_string();
     let dir = gw.dir.clone();
-    let out = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         run_python(
             &dir,
-            "no_authority.py",
-            CLIENT,
-            &[&port],
+            "raw_h2.py",
+            RAW_H2_CLIENT,
+            &[&port, &headers.to_string()],
             Duration::from_secs(20),
         )
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_without_authority_or_host_is_refused() {
+    let up = Upstream::start("no-authority").await;
+    let headers = serde_json::json!([[":method", "GET"], [":scheme", "http"], [":path", "/x"]]);
+    let out = raw_h2("no-authority", &up, headers).await;
     assert_eq!(out["status"], "400", "{out}");
     assert_eq!(out["error"], "bad_request", "{out}");
     assert_eq!(up.hits(), 0);
+}
+
+/// RFC 9113 section 8.2.1: a field value that starts or ends with a space or a tab makes the
+/// request malformed, and an intermediary must not forward it. The upstream would get it as
+/// it came (an HTTP/2 upstream), or with the space folded away (HTTP/1.1), and a strict one's
+/// refusal would read as the upstream's failure. h2 (the crate) checks only for CR, LF and NUL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_value_with_surrounding_whitespace_is_refused() {
+    let up = Upstream::start("h2-whitespace").await;
+    let base = [
+        [":method", "GET"],
+        [":scheme", "http"],
+        [":authority", "test.local"],
+        [":path", "/x"],
+    ];
+    let with = |name: &str, value: &str| {
+        let mut h: Vec<[&str; 2]> = base.to_vec();
+        h.push([name, value]);
+        serde_json::json!(h)
+    };
+    let out = raw_h2("h2-ok", &up, with("x-ok", "a b")).await;
+    assert_eq!(out["status"], "200", "an inner space is fine: {out}");
+    assert_eq!(up.hits(), 1);
+    for value in [" a", "a ", "\ta", "a\t"] {
+        let out = raw_h2("h2-whitespace", &up, with("x-padded", value)).await;
+        assert_eq!(out["status"], "400", "{value:?}: {out}");
+        assert_eq!(out["error"], "bad_request", "{value:?}: {out}");
+    }
+    assert_eq!(up.hits(), 1, "nothing malformed was forwarded");
 }

@@ -143,6 +143,13 @@ fn admit(
     if req.headers().len() > MAX_REQUEST_HEADERS {
         too_many_fields(&req)?;
     }
+    // RFC 9113 section 8.2.1: malformed, and not to be forwarded. HTTP/1's parser takes such
+    // whitespace off as the field's OWS; h2 (the crate) lets it through.
+    if req.version() == Version::HTTP_2 && req.headers().values().any(padded) {
+        return Err(ProxyError::BadRequest {
+            what: "an HTTP/2 header value that starts or ends with a space or a tab",
+        });
+    }
     let (mut parts, body) = req.into_parts();
     if let Some(cfg) = &rt.settings.request_id {
         ex.record.request_id = Some(request_id::assign(cfg, &mut parts.headers));
@@ -404,6 +411,12 @@ fn plausible_authority(a: &HeaderValue) -> bool {
     !b.is_empty()
         && b.iter()
             .all(|&c| c.is_ascii_graphic() && !matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\'))
+}
+
+/// A field value with a space or tab at either end.
+fn padded(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
 }
 
 fn content_length(req: &Parts) -> Option<u64> {
