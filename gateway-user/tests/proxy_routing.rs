@@ -320,3 +320,85 @@ endpoints = ["{}"]
     );
     assert_eq!(secure.hits(), 1);
 }
+
+/// curl GET `path` through `gw` with `headers`: the status and `x-gateway-error`.
+fn curl_status(gw: std::net::SocketAddr, path: &str, headers: &[&str]) -> (String, String) {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "-o", "/dev/null", "-H", "Host: test.local"]);
+    for h in headers {
+        curl.args(["-H", h]);
+    }
+    let out = curl
+        .args(["-w", "%{http_code} %header{x-gateway-error}"])
+        .arg(format!("http://{gw}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, error) = text.split_once(' ').unwrap_or((&text, ""));
+    (status.to_owned(), error.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_clients_admits_only_the_listed_clients_also_behind_a_trusted_proxy() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let config = |trusted: &str| {
+        format!(
+            r#"
+[router.forwarded]
+trusted_proxies = {trusted}
+
+[[routes]]
+path_prefix = "/"
+cluster = "web"
+
+[[routes]]
+path_prefix = "/admin/"
+cluster = "admin"
+allow_clients = ["10.0.0.0/8", "::1"]
+
+[clusters.web]
+endpoints = ["{}"]
+[clusters.admin]
+endpoints = ["{}"]
+"#,
+            web.addr, admin.addr
+        )
+    };
+    // The peer (127.0.0.1) is not a trusted proxy: it is the client, and not allowed, whatever
+    // its X-Forwarded-For says.
+    let gw = gateway("allow-clients", &config("[]")).await;
+    let denied = ("403".to_owned(), "client_not_allowed".to_owned());
+    assert_eq!(curl_status(gw.addr, "/admin/x", &[]), denied);
+    assert_eq!(
+        curl_status(gw.addr, "/admin/x", &["X-Forwarded-For: 10.1.2.3"]),
+        denied
+    );
+    assert_eq!(curl_status(gw.addr, "/public", &[]).0, "200");
+    assert_eq!(admin.hits(), 0);
+    let line = log_lines(&gw.log, 3)[0].clone();
+    assert_eq!(line["status"], 403, "{line}");
+    assert_eq!(line["error"], "client_not_allowed", "{line}");
+    assert_eq!(line["route"], "*/admin/", "{line}");
+
+    // Behind a trusted proxy, the client it names is checked.
+    let text = format!("{}\n{}", base_config(&gw.log), config(r#"["127.0.0.0/8"]"#));
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    let allowed = curl_status(gw.addr, "/admin/x", &["X-Forwarded-For: 10.1.2.3"]);
+    assert_eq!(allowed.0, "200", "{allowed:?}");
+    assert_eq!(admin.hits(), 1);
+    // A spoofed first entry does not help: the walk stops at the first untrusted address.
+    assert_eq!(
+        curl_status(
+            gw.addr,
+            "/admin/x",
+            &["X-Forwarded-For: 10.1.2.3, 203.0.113.9"]
+        ),
+        denied
+    );
+    assert_eq!(admin.hits(), 1);
+}

@@ -397,6 +397,11 @@ pub struct RouteConfig {
     /// (`/.well-known/acme-challenge/`, which ACME's HTTP-01 check fetches over HTTP), `true`
     /// redirects only this route's requests.
     pub https_redirect: Option<bool>,
+    /// Only clients from these addresses or CIDR blocks reach this route (an admin path, an
+    /// internal API); any other gets 403 `client_not_allowed` and nothing is forwarded. The
+    /// client is the peer, or behind a trusted proxy (`[router.forwarded]`) the client its
+    /// `X-Forwarded-For` names. Default: any client.
+    pub allow_clients: Option<Vec<String>>,
     /// Overrides of the cluster's retries and hedging for this route (same keys as a
     /// cluster's `retry` table).
     #[serde(default)]

@@ -582,3 +582,37 @@ fn https_redirect_is_the_routers_unless_a_route_says_and_names_a_port() {
         "{e}"
     );
 }
+
+#[test]
+fn allow_clients_are_addresses_or_blocks_and_never_empty() {
+    let route = |list: &str| {
+        format!(
+            "{BASE}[[routes]]\npath_prefix = \"/admin/\"\ncluster = \"api\"\nallow_clients = {list}\n"
+        )
+    };
+    let s = load(&route(r#"["10.0.0.0/8", "2001:db8::1"]"#))
+        .unwrap()
+        .settings;
+    let nets: Vec<String> = s.routes[0]
+        .allow_clients
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "2001:db8::1/128"]);
+    assert_eq!(
+        load(&with_route(BASE)).unwrap().settings.routes[0].allow_clients,
+        None
+    );
+    let e = err(&route(r#"["10.0.0.0/8", "office"]"#));
+    assert!(
+        e.contains("key `routes[0].allow_clients[1]`: allowed client \"office\" is not an address or a CIDR block"),
+        "{e}"
+    );
+    let e = err(&route("[]"));
+    assert!(
+        e.contains("key `routes[0].allow_clients`: allow_clients is empty"),
+        "{e}"
+    );
+}

@@ -145,6 +145,8 @@ pub struct Route {
     /// `Some(port)`: a request that came over plain HTTP is redirected to HTTPS on `port`
     /// (this route's `https_redirect`, else the router's).
     pub https_redirect: Option<u16>,
+    /// `Some`: only clients in these blocks reach the route.
+    pub allow_clients: Option<std::sync::Arc<[ipnet::IpNet]>>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
 }

@@ -424,29 +424,36 @@ fn trusted_proxies(c: &mut Checker, cfg: &ForwardedConfig) -> Option<Arc<[IpNet]
         .key("router")
         .key("forwarded")
         .key("trusted_proxies");
+    for (i, text) in list.iter().enumerate() {
+        if addresses::parse_block(text).is_some_and(|n| n.prefix_len() == 0) {
+            c.warnings.push(At {
+                key: key.index(i),
+                what: Warning::TrustsEveryone {
+                    value: text.clone(),
+                },
+            });
+        }
+    }
+    Some(blocks(c, list, &key, "trusted proxy").into())
+}
+
+/// A list of addresses and CIDR blocks (`what` names an entry in an error), each parsed or
+/// refused with its key.
+fn blocks(c: &mut Checker, list: &[String], key: &KeyPath, what: &'static str) -> Vec<IpNet> {
     let mut nets = Vec::with_capacity(list.len());
     for (i, text) in list.iter().enumerate() {
-        match addresses::parse_trusted_proxy(text) {
-            Some(net) => {
-                if net.prefix_len() == 0 {
-                    c.warnings.push(At {
-                        key: key.index(i),
-                        what: Warning::TrustsEveryone {
-                            value: text.clone(),
-                        },
-                    });
-                }
-                nets.push(net);
-            }
+        match addresses::parse_block(text) {
+            Some(net) => nets.push(net),
             None => c.fail(
                 key.index(i),
-                Invalid::InvalidTrustedProxy {
+                Invalid::InvalidAddressBlock {
+                    what,
                     value: text.clone(),
                 },
             ),
         }
     }
-    Some(nets.into())
+    nets
 }
 
 fn ms(v: u64) -> Duration {

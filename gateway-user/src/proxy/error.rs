@@ -188,6 +188,8 @@ pub enum ProxyError {
     },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("client {client} is not in the route's allow_clients")]
+    ClientNotAllowed { client: std::net::IpAddr },
     #[error("bad request: {what}")]
     BadRequest { what: &'static str },
     #[error("request head is {size} bytes; the limit is {limit} (max_request_header_bytes)")]
@@ -338,6 +340,7 @@ impl ProxyError {
             ProxyError::RequestTimeout { .. } => ErrorKind::RequestTimeout,
             ProxyError::ClientBodyTimeout { .. } => ErrorKind::ClientBodyTimeout,
             ProxyError::NoRoute { .. } => ErrorKind::NoRoute,
+            ProxyError::ClientNotAllowed { .. } => ErrorKind::ClientNotAllowed,
             ProxyError::BadRequest { .. } => ErrorKind::BadRequest,
             ProxyError::RequestHeadersTooLarge { .. }
             | ProxyError::TooManyRequestHeaders { .. } => ErrorKind::RequestHeadersTooLarge,

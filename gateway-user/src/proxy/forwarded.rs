@@ -45,7 +45,7 @@ pub(crate) fn admit(
     let Some(nets) = trusted else {
         return (Peer::Unlisted, None);
     };
-    if !is_trusted(nets, peer) {
+    if !within(nets, peer) {
         for name in &FORWARDING {
             headers.remove(name);
         }
@@ -74,7 +74,8 @@ fn is_scheme(v: &HeaderValue) -> bool {
     b.eq_ignore_ascii_case(b"https") || b.eq_ignore_ascii_case(b"http")
 }
 
-fn is_trusted(nets: &[IpNet], ip: IpAddr) -> bool {
+/// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in one of `nets`.
+pub(crate) fn within(nets: &[IpNet], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     nets.iter().any(|n| n.contains(&ip))
 }
@@ -89,7 +90,7 @@ fn client_named(nets: &[IpNet], headers: &HeaderMap) -> Option<IpAddr> {
     for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
         for entry in line.to_str().ok()?.rsplit(',') {
             let ip = address(entry.trim())?;
-            if !is_trusted(nets, ip) {
+            if !within(nets, ip) {
                 return Some(ip);
             }
             first = Some(ip);

@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use http::{HeaderMap, HeaderValue, Method};
 
 use crate::{
@@ -36,6 +38,8 @@ pub(crate) struct CompiledRoute {
     pub upgrades: Vec<String>,
     /// `Some(port)`: plain HTTP requests are redirected to HTTPS on `port`.
     pub https_redirect: Option<u16>,
+    /// `Some`: only clients in these blocks reach the route.
+    pub allow_clients: Option<Arc<[IpNet]>>,
     /// The decision knobs of `decide::retry`, from `policy`.
     pub retry: RetryPolicy,
     pub request_headers: HeaderRules,
@@ -120,6 +124,7 @@ impl Router {
                         policy: r.policy,
                         upgrades: r.upgrades.clone(),
                         https_redirect: r.https_redirect,
+                        allow_clients: r.allow_clients.clone(),
                         retry: RetryPolicy::from(&r.policy.retry),
                         request_headers: r.request_headers.clone(),
                         response_headers: r.response_headers.clone(),
@@ -199,6 +204,7 @@ mod tests {
             policy: policy(),
             upgrades: Vec::new(),
             https_redirect: None,
+            allow_clients: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
         }

@@ -66,9 +66,10 @@ pub(super) fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
     })
 }
 
-/// A trusted proxy: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address (`"192.0.2.7"`, a /32
-/// or /128). A block's host bits are cleared: `"10.1.2.3/8"` is `10.0.0.0/8`.
-pub(super) fn parse_trusted_proxy(s: &str) -> Option<IpNet> {
+/// A trusted proxy or an allowed client: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address
+/// (`"192.0.2.7"`, a /32 or /128). A block's host bits are cleared: `"10.1.2.3/8"` is
+/// `10.0.0.0/8`.
+pub(super) fn parse_block(s: &str) -> Option<IpNet> {
     let s = s.trim();
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(IpNet::from(ip.to_canonical()));

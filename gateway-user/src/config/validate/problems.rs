@@ -80,9 +80,11 @@ pub enum Invalid {
     #[error("host {value:?}: {reason}; expected e.g. \"api.example.com\" or \"*.example.com\"")]
     InvalidHost { value: String, reason: &'static str },
     #[error(
-        "trusted proxy {value:?} is not an address or a CIDR block; expected e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\""
+        "{what} {value:?} is not an address or a CIDR block; expected e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\""
     )]
-    InvalidTrustedProxy { value: String },
+    InvalidAddressBlock { what: &'static str, value: String },
+    #[error("allow_clients is empty: no client could reach this route; remove the route instead")]
+    NoClientAllowed,
     #[error("admin address {addr} is not loopback; set `[admin] allow_remote = true` to expose it")]
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]

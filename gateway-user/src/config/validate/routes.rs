@@ -4,7 +4,9 @@
 //! overrides); with none written, one route sends everything to `default`.
 
 use crate::config::HostMatch;
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
+
+use ipnet::IpNet;
 
 use http::{HeaderName, HeaderValue, Method};
 
@@ -88,6 +90,7 @@ pub(super) fn routes(
             policy: policy(c, RoutePolicy::of(spec), r, &key),
             upgrades: route_upgrades(c, r, spec, &key),
             https_redirect: redirect(r.https_redirect),
+            allow_clients: allow_clients(c, r, &key),
             request_headers,
             response_headers,
         });
@@ -168,9 +171,21 @@ fn default_route(spec: &ClusterSpec, https_redirect: Option<u16>) -> Route {
         policy: RoutePolicy::of(spec),
         upgrades: spec.upgrades.clone(),
         https_redirect,
+        allow_clients: None,
         request_headers: HeaderRules::default(),
         response_headers: HeaderRules::default(),
     }
+}
+
+/// A route's `allow_clients`: addresses and blocks; an empty list, which no client can pass,
+/// is an error.
+fn allow_clients(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Arc<[IpNet]>> {
+    let list = r.allow_clients.as_ref()?;
+    let key = key.key("allow_clients");
+    if list.is_empty() {
+        c.fail(key.clone(), Invalid::NoClientAllowed);
+    }
+    Some(super::blocks(c, list, &key, "allowed client").into())
 }
 
 /// A route's own `upgrades`, checked as a cluster's are, else its cluster's; a warning when it

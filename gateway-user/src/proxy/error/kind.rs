@@ -29,6 +29,7 @@ pub enum ErrorKind {
     RequestTimeout,
     ClientBodyTimeout,
     NoRoute,
+    ClientNotAllowed,
     BadRequest,
     RequestHeadersTooLarge,
     RequestBodyTooLarge,
@@ -57,6 +58,7 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::ClientBodyTimeout => "client_body_timeout",
             ErrorKind::NoRoute => "no_route",
+            ErrorKind::ClientNotAllowed => "client_not_allowed",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::RequestHeadersTooLarge => "request_headers_too_large",
             ErrorKind::RequestBodyTooLarge => "request_body_too_large",
@@ -85,6 +87,7 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::ClientNotAllowed => StatusCode::FORBIDDEN,
             ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
             ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -116,6 +119,7 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout
             | ErrorKind::ClientBodyTimeout => GrpcCode::DEADLINE_EXCEEDED,
             ErrorKind::NoRoute | ErrorKind::UpgradeUnsupported => GrpcCode::UNIMPLEMENTED,
+            ErrorKind::ClientNotAllowed => GrpcCode::PERMISSION_DENIED,
             ErrorKind::RequestHeadersTooLarge | ErrorKind::RequestBodyTooLarge => {
                 GrpcCode::RESOURCE_EXHAUSTED
             }

@@ -80,6 +80,14 @@ pub(super) fn prepare(
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
+    if let Some(allowed) = &route.allow_clients {
+        // Behind a trusted proxy, the client it names; else the peer.
+        let ip = ex.record.forwarded_client.unwrap_or(client.addr.ip());
+        if !forwarded::within(allowed, ip) {
+            let client = ip.to_canonical();
+            return Err(ProxyError::ClientNotAllowed { client }.into());
+        }
+    }
     if let Some(port) = route.https_redirect
         && client.tls.is_none()
         && !forwarded::says_https(peer, &parts.headers)

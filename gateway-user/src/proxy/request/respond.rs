@@ -284,6 +284,7 @@ mod tests {
     #[test]
     fn statuses_follow_the_table() {
         assert_eq!(ErrorKind::ConnectRefused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(ErrorKind::ClientNotAllowed.status(), StatusCode::FORBIDDEN);
         assert_eq!(ErrorKind::UpstreamReset.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(
             ErrorKind::InvalidUpstreamResponse.status(),
@@ -328,5 +329,9 @@ mod tests {
             assert_eq!(k.grpc_status(), GrpcCode::DEADLINE_EXCEEDED, "{k}");
         }
         assert_eq!(ErrorKind::NoRoute.grpc_status(), GrpcCode::UNIMPLEMENTED);
+        assert_eq!(
+            ErrorKind::ClientNotAllowed.grpc_status(),
+            GrpcCode::PERMISSION_DENIED
+        );
     }
 }
