@@ -196,6 +196,8 @@ catalogue! {
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
     client_reset_floods: "gateway_client_http2_reset_floods", "counter", [],
         "HTTP/2 client connections closed because their client reset most of its streams soon after opening them, before their response was over (rapid reset, CVE-2023-44487): by default, within a second, at least 250 of its first 500 streams, or half of all its streams after that ([router.downstream] http2_premature_reset_streams and http2_premature_reset_lifetime_ms). Also logged (warn) with the client's address, at most once per 10 s with the number not logged.";
+    rate_limit_untracked: "gateway_rate_limit_untracked", "counter", ["route", "cluster"],
+        "Requests a route's rate_limit let pass uncounted because its table of clients (max_clients) was full of clients ahead of the rate: a flood from that many addresses. Logged (warn) at most once per 10 s per route.";
     accept_errors: "gateway_accept_errors", "counter", ["listener", "errno"],
         "accept() failures on client listeners by errno (EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory). The listener backs off and retries; logged at most once per 10 s per listener with the count suppressed.";
     worker_connections: "gateway_worker_client_connections", "gauge", ["worker"],
@@ -252,6 +254,7 @@ pub struct GatewayMetrics {
     pub client_reset_floods: Counter,
     pub client_rejected: Family<ListenerReason, Counter>,
     pub accept_errors: Family<ListenerErrno, Counter>,
+    pub rate_limit_untracked: Family<RouteLabels, Counter>,
     pub read_ahead_bytes: Gauge,
     pub read_ahead_over_budget: Counter,
     pub retry_copy_bytes: Gauge,
@@ -299,6 +302,7 @@ impl GatewayMetrics {
             client_reset_floods: Counter::default(),
             client_rejected: Family::default(),
             accept_errors: Family::default(),
+            rate_limit_untracked: Family::default(),
             worker_connections: Family::default(),
             read_ahead_bytes: Gauge::default(),
             read_ahead_over_budget: Counter::default(),
@@ -361,6 +365,7 @@ impl GatewayMetrics {
         reg!(f::client_rejected, self.client_rejected);
         reg!(f::client_reset_floods, self.client_reset_floods);
         reg!(f::accept_errors, self.accept_errors);
+        reg!(f::rate_limit_untracked, self.rate_limit_untracked);
         reg!(f::worker_connections, self.worker_connections);
         reg!(f::read_ahead_bytes, self.read_ahead_bytes);
         reg!(f::read_ahead_over_budget, self.read_ahead_over_budget);

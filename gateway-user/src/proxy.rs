@@ -38,6 +38,7 @@ mod io;
 mod listeners;
 mod log_every;
 mod memory;
+mod rate_limit;
 mod request;
 mod request_body;
 mod request_id;

@@ -15,8 +15,10 @@
 use std::time::{Duration, Instant};
 
 use gateway_testkit::{
+    config::base_config,
     http::{Got, client, empty, send},
     inprocess::{gateway, gateway_with, log_lines},
+    peers::h2load,
     ports::refused_addr,
     upstream::Upstream,
 };
@@ -334,4 +336,145 @@ async fn expose_upstream_errors_full_reason_and_none() {
             "{mode}: {l}"
         );
     }
+}
+
+/// curl: `n` GETs of `path` on one connection through the gateway at `addr`, with `headers`;
+/// each one's status and `Retry-After`.
+fn curl_burst(addr: std::net::SocketAddr, path: &str, n: usize, headers: &[&str]) -> Vec<String> {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "-H", "Host: test.local"]);
+    for h in headers {
+        curl.args(["-H", h]);
+    }
+    for _ in 0..n {
+        curl.args(["-o", "/dev/null"])
+            .arg(format!("http://{addr}{path}"));
+    }
+    let out = curl
+        .args(["-w", "%{http_code}/%header{retry-after} "])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A route's `rate_limit`: a burst passes, then `429` with `Retry-After` and nothing upstream;
+/// each client (behind a trusted proxy, the one it names) has its own bucket, `by = "route"`
+/// one for all; a reload that keeps the limit keeps the buckets; h2load over HTTP/2 meets
+/// the same limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_answers_429_past_the_burst_per_client_or_per_route() {
+    let up = Upstream::start("limited").await;
+    let config = |per_client: &str| {
+        format!(
+            r#"
+[router.forwarded]
+trusted_proxies = ["127.0.0.0/8"]
+
+[[routes]]
+path_prefix = "/client/"
+cluster = "up"
+[routes.rate_limit]
+{per_client}
+
+[[routes]]
+path_prefix = "/route/"
+cluster = "up"
+[routes.rate_limit]
+requests_per_second = 0.2
+burst = 1
+by = "route"
+
+[clusters.up]
+endpoints = ["{}"]
+"#,
+            up.addr
+        )
+    };
+    let slow = "requests_per_second = 0.2\nburst = 3";
+    let gw = gateway("rate-limit", &config(slow)).await;
+    let addr = gw.addr;
+    let burst = move |path: &'static str, n, client: &'static str| async move {
+        let xff = format!("X-Forwarded-For: {client}");
+        tokio::task::spawn_blocking(move || curl_burst(addr, path, n, &[&xff]))
+            .await
+            .unwrap()
+    };
+    // One every 5 s, 3 at once: the fourth and fifth wait about 5 s.
+    let got = burst("/client/a", 5, "192.0.2.1").await;
+    assert_eq!(got[..3], ["200/", "200/", "200/"], "{got:?}");
+    for limited in &got[3..] {
+        let (status, retry) = limited.split_once('/').unwrap();
+        assert_eq!(status, "429", "{got:?}");
+        let secs: u64 = retry
+            .parse()
+            .unwrap_or_else(|_| panic!("Retry-After: {got:?}"));
+        assert!((1..=5).contains(&secs), "{got:?}");
+    }
+    assert_eq!(up.hits(), 3, "nothing past the limit went upstream");
+    // Another client behind the same proxy has its own bucket.
+    assert_eq!(burst("/client/a", 1, "192.0.2.2").await, ["200/"]);
+    // By route: one bucket, whoever asks.
+    assert_eq!(burst("/route/x", 1, "192.0.2.1").await, ["200/"]);
+    assert_eq!(
+        burst("/route/x", 1, "192.0.2.3").await[0].split('/').next(),
+        Some("429")
+    );
+    let line = log_lines(&gw.log, 8)
+        .into_iter()
+        .find(|l| l["status"] == 429)
+        .unwrap();
+    assert_eq!(line["error"], "rate_limited", "{line}");
+    assert_eq!(line["forwarded_client"], "192.0.2.1", "{line}");
+
+    // A reload that keeps the limit keeps what its buckets hold; one that changes it starts
+    // afresh.
+    let reload = |per_client: &str| {
+        let text = format!("{}\n{}", base_config(&gw.log), config(per_client));
+        gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .settings
+    };
+    let report = gw.handle.reload(reload(slow)).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    assert_eq!(
+        burst("/client/a", 1, "192.0.2.1").await[0]
+            .split('/')
+            .next(),
+        Some("429")
+    );
+    gw.handle
+        .reload(reload("requests_per_second = 50\nburst = 10"))
+        .await;
+    assert_eq!(burst("/client/a", 1, "192.0.2.1").await, ["200/"]);
+
+    // h2load, over HTTP/2 on one connection: 200 requests at once against 50 a second with a
+    // burst of 10 (one of them spent just above): about 10 pass, all the rest are 429.
+    let url = format!("http://{addr}/client/h2");
+    let run = tokio::task::spawn_blocking(move || {
+        h2load(
+            &url,
+            &[
+                "-n",
+                "200",
+                "-c",
+                "1",
+                "-m",
+                "10",
+                "-H",
+                "x-forwarded-for: 192.0.2.9",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(run.status_2xx + run.status_4xx, 200, "{}", run.text);
+    assert!(
+        (10..=30).contains(&run.status_2xx),
+        "passed {} of 200: {}",
+        run.status_2xx,
+        run.text
+    );
 }

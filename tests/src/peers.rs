@@ -508,6 +508,7 @@ pub struct H2load {
     pub failed: u64,
     pub errored: u64,
     pub status_2xx: u64,
+    pub status_4xx: u64,
     pub text: String,
 }
 
@@ -537,6 +538,7 @@ pub fn h2load(url: &str, args: &[&str]) -> H2load {
         failed: 0,
         errored: 0,
         status_2xx: 0,
+        status_4xx: 0,
         text: text.clone(),
     };
     for line in text.lines() {
@@ -547,6 +549,7 @@ pub fn h2load(url: &str, args: &[&str]) -> H2load {
         }
         if let Some(rest) = line.strip_prefix("status codes:") {
             r.status_2xx = num(rest, "2xx");
+            r.status_4xx = num(rest, "4xx");
         }
     }
     r

@@ -616,3 +616,57 @@ fn allow_clients_are_addresses_or_blocks_and_never_empty() {
         "{e}"
     );
 }
+
+#[test]
+fn rate_limits_have_defaults_and_ranges() {
+    let route = |table: &str| {
+        format!("{BASE}[[routes]]\ncluster = \"api\"\n[routes.rate_limit]\n{table}\n")
+    };
+    let limit = |table: &str| {
+        load(&route(table)).unwrap().settings.routes[0]
+            .rate_limit
+            .unwrap()
+    };
+    let l = limit("requests_per_second = 2.5");
+    assert_eq!(
+        (l.burst, l.by, l.max_clients),
+        (3, RateLimitBy::Client, 100_000),
+        "a second's worth, by client"
+    );
+    assert_eq!(limit("requests_per_second = 0.1").burst, 1);
+    let l = limit("requests_per_second = 100\nburst = 500\nby = \"route\"\nmax_clients = 10");
+    assert_eq!(
+        (l.burst, l.by, l.max_clients),
+        (500, RateLimitBy::Route, 10)
+    );
+    assert_eq!(
+        load(&with_route(BASE)).unwrap().settings.routes[0].rate_limit,
+        None
+    );
+    for (table, key) in [
+        (
+            "requests_per_second = 0",
+            "rate_limit.requests_per_second`: 0 is out of range",
+        ),
+        (
+            "requests_per_second = -1",
+            "rate_limit.requests_per_second`: -1 is out of range",
+        ),
+        (
+            "requests_per_second = 1\nburst = 0",
+            "rate_limit.burst`: 0 is out of range",
+        ),
+        (
+            "requests_per_second = 1\nmax_clients = 0",
+            "rate_limit.max_clients`: 0 is out of range",
+        ),
+    ] {
+        let e = err(&route(table));
+        assert!(e.contains(key), "{table}: {e}");
+    }
+    let e = err(&route("requests_per_second = 1\nby = \"ip\""));
+    assert!(
+        e.contains("unknown variant `ip`, expected `client` or `route`"),
+        "{e}"
+    );
+}

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Dura
 use http::{HeaderName, HeaderValue, Method};
 
 pub use super::model::{
-    AccessLogFormat, ConnectionBalance, ExposeErrors, LbPolicy, UpstreamProtocol,
+    AccessLogFormat, ConnectionBalance, ExposeErrors, LbPolicy, RateLimitBy, UpstreamProtocol,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -147,8 +147,18 @@ pub struct Route {
     pub https_redirect: Option<u16>,
     /// `Some`: only clients in these blocks reach the route.
     pub allow_clients: Option<std::sync::Arc<[ipnet::IpNet]>>,
+    pub rate_limit: Option<RateLimit>,
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
+}
+
+/// A route's `rate_limit`, checked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub by: RateLimitBy,
+    pub max_clients: usize,
 }
 
 /// A route's header condition.

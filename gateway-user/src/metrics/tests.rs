@@ -144,6 +144,12 @@ fn populated() -> Registry {
             errno: "EMFILE",
         })
         .inc();
+    m.rate_limit_untracked
+        .get_or_create(&RouteLabels {
+            route: "r".into(),
+            cluster: "c".into(),
+        })
+        .inc();
     m.upgrades_active
         .get_or_create(&ClusterLabels {
             cluster: "c".into(),

@@ -190,6 +190,8 @@ pub enum ProxyError {
     NoRoute { host: String, path: String },
     #[error("client {client} is not in the route's allow_clients")]
     ClientNotAllowed { client: std::net::IpAddr },
+    #[error("over the route's rate_limit; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
     #[error("bad request: {what}")]
     BadRequest { what: &'static str },
     #[error("request head is {size} bytes; the limit is {limit} (max_request_header_bytes)")]
@@ -341,6 +343,7 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout { .. } => ErrorKind::ClientBodyTimeout,
             ProxyError::NoRoute { .. } => ErrorKind::NoRoute,
             ProxyError::ClientNotAllowed { .. } => ErrorKind::ClientNotAllowed,
+            ProxyError::RateLimited { .. } => ErrorKind::RateLimited,
             ProxyError::BadRequest { .. } => ErrorKind::BadRequest,
             ProxyError::RequestHeadersTooLarge { .. }
             | ProxyError::TooManyRequestHeaders { .. } => ErrorKind::RequestHeadersTooLarge,

@@ -21,6 +21,7 @@
 //! the retries and hedging (its `RoutePolicy`). A `101` hands the connection to `tunnel`.
 
 mod attempt;
+mod gate;
 mod prepare;
 mod read_ahead;
 mod redirect;

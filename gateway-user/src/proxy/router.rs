@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use http::{HeaderMap, HeaderValue, Method};
 
+use super::rate_limit::Limiter;
 use crate::{
     config::{HeaderIs, HeaderMatch, HeaderRules, HostMatch, Route, RoutePolicy},
     decide::retry::RetryPolicy,
@@ -40,6 +41,9 @@ pub(crate) struct CompiledRoute {
     pub https_redirect: Option<u16>,
     /// `Some`: only clients in these blocks reach the route.
     pub allow_clients: Option<Arc<[IpNet]>>,
+    /// The route's rate limit and its buckets (`rate_limit`), kept across reloads that leave
+    /// the route's name and limit as they were.
+    pub rate_limit: Option<Arc<Limiter>>,
     /// The decision knobs of `decide::retry`, from `policy`.
     pub retry: RetryPolicy,
     pub request_headers: HeaderRules,
@@ -105,7 +109,27 @@ pub(crate) struct Router {
 
 impl Router {
     /// `cluster_index` maps a cluster name to its index; validation guarantees it exists.
+    #[cfg(test)]
     pub fn new(routes: &[Route], cluster_index: impl Fn(&str) -> Option<usize>) -> Router {
+        Router::after(routes, cluster_index, None)
+    }
+
+    /// [`Router::new`], taking over from `previous` the rate limiters (and what their buckets
+    /// hold) of routes whose name and `rate_limit` a reload left as they were.
+    pub fn after(
+        routes: &[Route],
+        cluster_index: impl Fn(&str) -> Option<usize>,
+        previous: Option<&Router>,
+    ) -> Router {
+        let limiter = |r: &Route| {
+            let spec = r.rate_limit?;
+            let kept = previous
+                .into_iter()
+                .flat_map(|p| &p.routes)
+                .filter(|p| *p.name == *r.name)
+                .find_map(|p| p.rate_limit.clone().filter(|l| l.spec == spec));
+            Some(kept.unwrap_or_else(|| Arc::new(Limiter::new(spec))))
+        };
         let mut compiled: Vec<(usize, CompiledRoute)> = routes
             .iter()
             .enumerate()
@@ -125,6 +149,7 @@ impl Router {
                         upgrades: r.upgrades.clone(),
                         https_redirect: r.https_redirect,
                         allow_clients: r.allow_clients.clone(),
+                        rate_limit: limiter(r),
                         retry: RetryPolicy::from(&r.policy.retry),
                         request_headers: r.request_headers.clone(),
                         response_headers: r.response_headers.clone(),
@@ -205,6 +230,7 @@ mod tests {
             upgrades: Vec::new(),
             https_redirect: None,
             allow_clients: None,
+            rate_limit: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
         }

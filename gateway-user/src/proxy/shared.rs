@@ -130,9 +130,11 @@ impl Runtime {
                 }
             });
         }
-        let router = Router::new(&settings.routes, |name| {
-            clusters.iter().position(|c| &*c.name == name)
-        });
+        let router = Router::after(
+            &settings.routes,
+            |name| clusters.iter().position(|c| &*c.name == name),
+            previous.map(|p| &p.router),
+        );
         let client_certs = settings
             .clusters
             .values()

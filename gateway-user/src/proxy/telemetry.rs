@@ -380,6 +380,12 @@ impl RouteMeter {
             None => self.status(status).inc(),
         };
     }
+
+    /// A request the route's full `rate_limit` table let pass uncounted.
+    pub fn rate_limit_untracked(&self) {
+        let m = &self.metrics.rate_limit_untracked;
+        m.get_or_create(&self.labels).inc();
+    }
 }
 
 impl Drop for RouteMeter {

@@ -13,10 +13,12 @@ use http::{HeaderName, HeaderValue, Method};
 use super::{
     super::{
         model::{
-            Config, HeaderMatchConfig, HeaderRulesConfig, RetryConfig, RouteConfig,
-            RouteTimeoutsConfig,
+            Config, DEFAULT_RATE_LIMIT_CLIENTS, HeaderMatchConfig, HeaderRulesConfig, RetryConfig,
+            RouteConfig, RouteTimeoutsConfig,
         },
-        settings::{ClusterSpec, HeaderIs, HeaderMatch, HeaderRules, Route, RoutePolicy},
+        settings::{
+            ClusterSpec, HeaderIs, HeaderMatch, HeaderRules, RateLimit, Route, RoutePolicy,
+        },
         source::KeyPath,
     },
     Checker, DAY_MS, Invalid,
@@ -91,6 +93,7 @@ pub(super) fn routes(
             upgrades: route_upgrades(c, r, spec, &key),
             https_redirect: redirect(r.https_redirect),
             allow_clients: allow_clients(c, r, &key),
+            rate_limit: rate_limit(c, r, &key),
             request_headers,
             response_headers,
         });
@@ -172,6 +175,7 @@ fn default_route(spec: &ClusterSpec, https_redirect: Option<u16>) -> Route {
         upgrades: spec.upgrades.clone(),
         https_redirect,
         allow_clients: None,
+        rate_limit: None,
         request_headers: HeaderRules::default(),
         response_headers: HeaderRules::default(),
     }
@@ -186,6 +190,39 @@ fn allow_clients(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Arc<
         c.fail(key.clone(), Invalid::NoClientAllowed);
     }
     Some(super::blocks(c, list, &key, "allowed client").into())
+}
+
+/// A route's `rate_limit`: a rate in (0, 1,000,000] per second, a burst and a table size
+/// within their ranges.
+fn rate_limit(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<RateLimit> {
+    let cfg = r.rate_limit.as_ref()?;
+    let key = key.key("rate_limit");
+    let rate = cfg.requests_per_second;
+    if !(rate > 0.0 && rate <= 1e6) {
+        c.fail(
+            key.key("requests_per_second"),
+            Invalid::RateOutOfRange { value: rate },
+        );
+    }
+    let default_burst = rate.ceil().clamp(1.0, 1e6) as u64;
+    let burst = match cfg.burst {
+        Some(b) => c.range(&key.key("burst"), u64::from(b), 1, 1_000_000, ""),
+        None => default_burst,
+    };
+    let max_clients = cfg.max_clients.unwrap_or(DEFAULT_RATE_LIMIT_CLIENTS);
+    let max_clients = c.range(
+        &key.key("max_clients"),
+        u64::from(max_clients),
+        1,
+        10_000_000,
+        "",
+    );
+    Some(RateLimit {
+        requests_per_second: rate,
+        burst: burst as u32,
+        by: cfg.by.unwrap_or_default(),
+        max_clients: max_clients as usize,
+    })
 }
 
 /// A route's own `upgrades`, checked as a cluster's are, else its cluster's; a warning when it

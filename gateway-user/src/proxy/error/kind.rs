@@ -30,6 +30,7 @@ pub enum ErrorKind {
     ClientBodyTimeout,
     NoRoute,
     ClientNotAllowed,
+    RateLimited,
     BadRequest,
     RequestHeadersTooLarge,
     RequestBodyTooLarge,
@@ -59,6 +60,7 @@ impl ErrorKind {
             ErrorKind::ClientBodyTimeout => "client_body_timeout",
             ErrorKind::NoRoute => "no_route",
             ErrorKind::ClientNotAllowed => "client_not_allowed",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::RequestHeadersTooLarge => "request_headers_too_large",
             ErrorKind::RequestBodyTooLarge => "request_body_too_large",
@@ -88,6 +90,7 @@ impl ErrorKind {
             ErrorKind::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::ClientNotAllowed => StatusCode::FORBIDDEN,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadRequest | ErrorKind::DownstreamBodyError => StatusCode::BAD_REQUEST,
             ErrorKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -120,9 +123,9 @@ impl ErrorKind {
             | ErrorKind::ClientBodyTimeout => GrpcCode::DEADLINE_EXCEEDED,
             ErrorKind::NoRoute | ErrorKind::UpgradeUnsupported => GrpcCode::UNIMPLEMENTED,
             ErrorKind::ClientNotAllowed => GrpcCode::PERMISSION_DENIED,
-            ErrorKind::RequestHeadersTooLarge | ErrorKind::RequestBodyTooLarge => {
-                GrpcCode::RESOURCE_EXHAUSTED
-            }
+            ErrorKind::RequestHeadersTooLarge
+            | ErrorKind::RequestBodyTooLarge
+            | ErrorKind::RateLimited => GrpcCode::RESOURCE_EXHAUSTED,
             ErrorKind::BadRequest
             | ErrorKind::DownstreamBodyError
             | ErrorKind::InvalidUpstreamResponse

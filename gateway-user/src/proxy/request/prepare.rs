@@ -16,8 +16,8 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 use tokio::time::Instant;
 
 use super::{
-    Client,
-    redirect::{self, Instead},
+    Client, gate,
+    redirect::Instead,
     target::{self, host_without_port},
 };
 use crate::{
@@ -80,21 +80,7 @@ pub(super) fn prepare(
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
-    if let Some(allowed) = &route.allow_clients {
-        // Behind a trusted proxy, the client it names; else the peer.
-        let ip = ex.record.forwarded_client.unwrap_or(client.addr.ip());
-        if !forwarded::within(allowed, ip) {
-            let client = ip.to_canonical();
-            return Err(ProxyError::ClientNotAllowed { client }.into());
-        }
-    }
-    if let Some(port) = route.https_redirect
-        && client.tls.is_none()
-        && !forwarded::says_https(peer, &parts.headers)
-    {
-        let to = redirect::to_https(port, &parts.method, authority.as_ref(), &parts.uri)?;
-        return Err(Instead::Redirect(to));
-    }
+    gate::check(route, (client, peer), &parts, authority.as_ref(), ex)?;
     // The route's limit, else the router's: checked against a declared length before anything
     // is read or sent, and against the bytes as they arrive (`RequestBody`).
     let body_limit = route

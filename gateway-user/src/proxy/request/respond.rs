@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Response, StatusCode, Version,
-    header::{CONTENT_TYPE, HeaderName, LOCATION},
+    header::{CONTENT_TYPE, HeaderName, LOCATION, RETRY_AFTER},
 };
 use hyper::upgrade::OnUpgrade;
 
@@ -146,6 +146,12 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     explain(&mut h, &e, &ex);
+    if let ProxyError::RateLimited { retry_after } = &e {
+        // Whole seconds (RFC 9110 section 10.2.3), rounded up: never 0, which invites an
+        // immediate retry that would be limited again.
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
     // An answer before the client's body was read to its end ends an HTTP/1 connection (the
     // rest of the body is still coming): said, so that the client does not send its next
     // request on a connection that is closing.

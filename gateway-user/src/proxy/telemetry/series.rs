@@ -172,6 +172,7 @@ impl Series {
             return;
         }
         m.request_duration.remove(l);
+        m.rate_limit_untracked.remove(l);
         for reason in INCOMPLETE_REASONS {
             m.responses_incomplete.remove(&IncompleteLabels {
                 route: l.route.clone(),
