@@ -226,6 +226,8 @@ fn curl_spoofing(gw: std::net::SocketAddr, h2: bool) -> String {
         "X-Forwarded-Proto: https",
         "X-Forwarded-Host: admin.example.com",
         "X-Real-IP: 203.0.113.9",
+        // Read as X-Real-IP by CGI-style servers.
+        "X-Real_IP: 203.0.113.9",
         "Forwarded: for=203.0.113.9;proto=https",
     ] {
         curl.args(["-H", h]);
@@ -280,6 +282,7 @@ endpoints = ["{}"]
         "x-forwarded-proto: https\n",
         "x-forwarded-host: admin.example.com\n",
         "x-real-ip: 203.0.113.9\n",
+        "x-real_ip: 203.0.113.9\n",
         "forwarded: for=203.0.113.9;proto=https\n",
     ] {
         assert!(seen.contains(kept), "{kept:?} not in {seen}");

@@ -531,6 +531,9 @@ fn trusted_proxies_are_addresses_or_blocks_and_trusting_everyone_warns() {
         "{e}"
     );
     assert!(err(&with(r#"["10.0.0.0/33"]"#)).contains("not an address or a CIDR block"));
+    // An IPv4-mapped block is the IPv4 block it maps, as peers are matched.
+    let mapped = load(&with(r#"["::ffff:10.0.0.0/104"]"#)).unwrap().settings;
+    assert_eq!(mapped.trusted_proxies.unwrap()[0].to_string(), "10.0.0.0/8");
     let w = trust_warnings(&load(&with(r#"["0.0.0.0/0"]"#)).unwrap().warnings);
     assert!(
         w.len() == 1
@@ -647,6 +650,10 @@ fn rate_limits_have_defaults_and_ranges() {
         (
             "requests_per_second = 0",
             "rate_limit.requests_per_second`: 0 is out of range",
+        ),
+        (
+            "requests_per_second = 0.00001",
+            "rate_limit.requests_per_second`: 0.00001 is out of range: from one request a day",
         ),
         (
             "requests_per_second = -1",

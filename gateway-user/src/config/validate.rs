@@ -395,7 +395,13 @@ fn request_id(c: &mut Checker, cfg: &RequestIdConfig) -> Option<RequestId> {
 /// listener's port, else 443.
 fn redirect_port(c: &mut Checker, cfg: &Config, https: Option<&Https>) -> u16 {
     let r = &cfg.router;
-    let redirecting_route = cfg.routes.iter().any(|r| r.https_redirect == Some(true));
+    let redirecting = if cfg.routes.is_empty() {
+        r.https_redirect == Some(true)
+    } else {
+        cfg.routes
+            .iter()
+            .any(|route| route.https_redirect.or(r.https_redirect) == Some(true))
+    };
     if let Some(port) = r.https_redirect_port {
         let key = KeyPath::root().key("router").key("https_redirect_port");
         return c.range(&key, u64::from(port), 1, 65_535, "") as u16;
@@ -403,7 +409,7 @@ fn redirect_port(c: &mut Checker, cfg: &Config, https: Option<&Https>) -> u16 {
     let port = https
         .and_then(|h| h.listen.first())
         .map_or(443, SocketAddr::port);
-    if port == 0 && (r.https_redirect == Some(true) || redirecting_route) {
+    if port == 0 && redirecting {
         // Port 0 is chosen when the listener binds: no URL can name it beforehand.
         c.fail(
             KeyPath::root().key("router").key("https_redirect"),

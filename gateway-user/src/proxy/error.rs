@@ -189,7 +189,7 @@ pub enum ProxyError {
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },
     #[error("client {client} is not in the route's allow_clients")]
-    ClientNotAllowed { client: std::net::IpAddr },
+    ClientNotAllowed { client: String },
     #[error("over the route's rate_limit; retry after {retry_after:?}")]
     RateLimited { retry_after: Duration },
     #[error("bad request: {what}")]

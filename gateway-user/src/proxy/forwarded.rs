@@ -24,54 +24,117 @@ pub(crate) enum Peer {
     Untrusted,
 }
 
+/// The client a route's `allow_clients` and `rate_limit` go by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The peer itself: no trusted proxy in front, or one that sent no `X-Forwarded-For`
+    /// (a request of its own, such as a health check).
+    Peer(IpAddr),
+    /// The client a trusted proxy's `X-Forwarded-For` names.
+    Named(IpAddr),
+    /// A trusted proxy's list that names no client: an entry that is no address where the
+    /// client's should be. The proxy in front did not append the address it saw.
+    Unknown,
+}
+
+impl Source {
+    pub fn ip(self) -> Option<IpAddr> {
+        match self {
+            Source::Peer(ip) | Source::Named(ip) => Some(ip),
+            Source::Unknown => None,
+        }
+    }
+
+    /// What the access log's `forwarded_client` shows.
+    pub fn named(self) -> Option<IpAddr> {
+        match self {
+            Source::Named(ip) => Some(ip),
+            _ => None,
+        }
+    }
+}
+
 /// What only a proxy tells the next hop about the request's client. A `static`: a `const`
 /// array would be built again wherever it is used.
-static FORWARDING: [HeaderName; 6] = [
+static FORWARDING: [HeaderName; 13] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
     HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("front-end-https"),
     header::FORWARDED,
 ];
 
-/// Which kind of peer `peer` is; an untrusted one's forwarding headers are removed from
-/// `headers`. For a trusted peer, also the client its proxies name ([`client_named`]).
+/// Which kind of peer `peer` is, and the client the request is from; an untrusted peer's
+/// forwarding headers are removed from `headers`, under their names spelt with `_` too
+/// (CGI-style servers read `X_Forwarded_For` as `X-Forwarded-For`).
 pub(crate) fn admit(
     trusted: Option<&[IpNet]>,
     peer: IpAddr,
     headers: &mut HeaderMap,
-) -> (Peer, Option<IpAddr>) {
+) -> (Peer, Source) {
+    let peer_ip = peer.to_canonical();
     let Some(nets) = trusted else {
-        return (Peer::Unlisted, None);
+        return (Peer::Unlisted, Source::Peer(peer_ip));
     };
     if !within(nets, peer) {
         for name in &FORWARDING {
             headers.remove(name);
         }
-        return (Peer::Untrusted, None);
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().contains('_') && is_forwarding(k))
+            .cloned()
+            .collect();
+        for name in underscored {
+            headers.remove(name);
+        }
+        return (Peer::Untrusted, Source::Peer(peer_ip));
     }
-    (Peer::Trusted, client_named(nets, headers))
+    let source = if headers.contains_key(&X_FORWARDED_FOR) {
+        client_named(nets, headers).map_or(Source::Unknown, Source::Named)
+    } else {
+        Source::Peer(peer_ip)
+    };
+    (Peer::Trusted, source)
 }
 
-/// Whether a trusted peer's `X-Forwarded-Proto` goes upstream as it came: it says `http` or
-/// `https`. Anything else is replaced by what the gateway's own listener speaks.
-pub(crate) fn keeps_proto(peer: Peer, headers: &HeaderMap) -> bool {
-    peer == Peer::Trusted && headers.get(&X_FORWARDED_PROTO).is_some_and(is_scheme)
+/// Whether `name`, with `_` read as `-`, is one of [`FORWARDING`].
+fn is_forwarding(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    FORWARDING.iter().any(|f| {
+        let f = f.as_str().as_bytes();
+        f.len() == n.len()
+            && f.iter()
+                .zip(n)
+                .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
+    })
 }
 
-/// Whether a trusted proxy says its client spoke HTTPS to it (`https_redirect` leaves such a
-/// request alone).
-pub(crate) fn says_https(peer: Peer, headers: &HeaderMap) -> bool {
-    peer == Peer::Trusted
-        && headers
-            .get(&X_FORWARDED_PROTO)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-}
-
-fn is_scheme(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    b.eq_ignore_ascii_case(b"https") || b.eq_ignore_ascii_case(b"http")
+/// The scheme a trusted proxy says its client spoke: the last entry of its
+/// `X-Forwarded-Proto` (the one the nearest proxy wrote, when each appends), if it is `http`
+/// or `https`. `None` for any other peer or value: the gateway's own listener's scheme goes
+/// upstream instead.
+pub(crate) fn proto(peer: Peer, headers: &HeaderMap) -> Option<HeaderValue> {
+    if peer != Peer::Trusted {
+        return None;
+    }
+    let last = headers.get_all(&X_FORWARDED_PROTO).iter().next_back()?;
+    let entry = last.as_bytes().rsplit(|&b| b == b',').next()?.trim_ascii();
+    if entry.eq_ignore_ascii_case(b"https") {
+        Some(HeaderValue::from_static("https"))
+    } else if entry.eq_ignore_ascii_case(b"http") {
+        Some(HeaderValue::from_static("http"))
+    } else {
+        None
+    }
 }
 
 /// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in one of `nets`.
@@ -82,14 +145,15 @@ pub(crate) fn within(nets: &[IpNet], ip: IpAddr) -> bool {
 
 /// The client a trusted peer's `X-Forwarded-For` names: walking the list from its end (the
 /// entry the nearest proxy added) past every trusted proxy, the first address that is not one
-/// (nginx's `real_ip_recursive`); the list's first entry when all are. `None` without a list,
-/// or when the walk meets an entry that is no address (`unknown`, a name): from there on, the
-/// list is what some untrusted hop wrote.
+/// (nginx's `real_ip_recursive`); the list's first entry when all are. Entries are split on
+/// the raw bytes, so that a client's own unreadable entry on the line its proxy appended to
+/// stops nothing before it is reached. `None` when the walk meets an entry that is no address
+/// (`unknown`, a name, bytes that are not text) before it finds the client.
 fn client_named(nets: &[IpNet], headers: &HeaderMap) -> Option<IpAddr> {
     let mut first = None;
     for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-        for entry in line.to_str().ok()?.rsplit(',') {
-            let ip = address(entry.trim())?;
+        for entry in line.as_bytes().rsplit(|&b| b == b',') {
+            let ip = address(entry.trim_ascii())?;
             if !within(nets, ip) {
                 return Some(ip);
             }
@@ -101,7 +165,8 @@ fn client_named(nets: &[IpNet], headers: &HeaderMap) -> Option<IpAddr> {
 
 /// An `X-Forwarded-For` entry's address: `192.0.2.7`, `2001:db8::1`, or with a port as some
 /// proxies write it (`192.0.2.7:5000`, `[2001:db8::1]:5000`).
-fn address(entry: &str) -> Option<IpAddr> {
+fn address(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?;
     let ip = entry
         .parse::<IpAddr>()
         .ok()

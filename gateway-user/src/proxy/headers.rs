@@ -238,15 +238,15 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 
 /// Rewrites a client's request headers for the upstream. `host` is the request's authority
 /// (from `Host`, or from the URI for HTTP/2), set as `Host` if the client sent none; `scheme`
-/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own
-/// unless `keep_proto`: a trusted proxy's, see `forwarded`). `TE: trailers` is kept; an
+/// what the client's connection speaks (`X-Forwarded-Proto`, replacing the client's own),
+/// unless `proto`: the scheme a trusted proxy said (`forwarded::proto`). `TE: trailers` is kept; an
 /// upgrade's `Upgrade` value is returned (not written back), and what else the strip found.
 pub(crate) fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     client: &HeaderValue,
     host: Option<&HeaderValue>,
-    (scheme, keep_proto): (Scheme, bool),
+    (scheme, proto): (Scheme, Option<HeaderValue>),
 ) -> Stripped {
     let stripped = strip_hop_by_hop(headers);
     if stripped.te_trailers {
@@ -273,9 +273,8 @@ pub(crate) fn to_upstream(
             }
         }
     }
-    if !keep_proto {
-        headers.insert(&X_FORWARDED_PROTO, scheme.forwarded_proto());
-    }
+    let proto = proto.unwrap_or_else(|| scheme.forwarded_proto());
+    headers.insert(&X_FORWARDED_PROTO, proto);
     append_via(headers, version);
     stripped
 }

@@ -7,10 +7,15 @@
 //! at the steady rate: a request at `now` passes when `TAT - now` is within the burst's
 //! allowance, and moves the TAT on by one interval. A TAT in the past is the same as a bucket
 //! never used, so the per-client table keeps only clients that are ahead of the rate, and
-//! forgets the others when it needs room. It holds at most `max_clients`; when every entry is
-//! in use (a flood from that many addresses), a new client passes uncounted (fail-open: the
-//! limit protects the upstream from a few clients, and must not turn away everyone new) and
-//! is counted in `gateway_rate_limit_untracked_total`.
+//! forgets the others when it needs room. An IPv6 client is its /64: one host holds at least
+//! that many addresses, and a bucket per address would give it a new burst per address.
+//!
+//! The table is split into up to 16 shards, which together hold at most `max_clients`. When a
+//! new client's shard holds only clients ahead of the rate (a flood from that many addresses),
+//! the client passes uncounted (fail-open: the limit protects the upstream from a few
+//! clients, and must not turn away everyone new), counted in
+//! `gateway_rate_limit_untracked_total`. The shard is not searched again for clients to forget
+//! until the earliest of them has fallen back under the rate.
 
 use std::{
     collections::HashMap,
@@ -41,15 +46,26 @@ pub(crate) enum Verdict {
 pub(crate) struct Limiter {
     pub spec: RateLimit,
     /// The interval between requests at the steady rate, and the allowance of the burst
-    /// (`burst - 1` intervals), in nanoseconds.
+    /// (`burst - 1` intervals), in microseconds: at one a day with the largest burst, 8.6e16
+    /// of them, far from overflowing.
     interval: u64,
     allowance: u64,
     start: Instant,
     route: Mutex<u64>,
-    clients: Box<[Mutex<HashMap<IpAddr, u64>>]>,
+    clients: Box<[Mutex<Shard>]>,
+    /// Clients each shard holds at most.
+    room: usize,
     hasher: RandomState,
     /// The warning that the table is full, at most every 10 s.
     pub full_log: LogEvery,
+}
+
+/// Part of the per-client table.
+#[derive(Default)]
+struct Shard {
+    tats: HashMap<IpAddr, u64>,
+    /// No held client's TAT is earlier: until then, a full shard has none to forget.
+    earliest: u64,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -60,9 +76,9 @@ impl std::fmt::Debug for Limiter {
 
 impl Limiter {
     pub fn new(spec: RateLimit) -> Limiter {
-        let interval = (1e9 / spec.requests_per_second).round().max(1.0) as u64;
+        let interval = (1e6 / spec.requests_per_second).round().max(1.0) as u64;
         let shards = match spec.by {
-            RateLimitBy::Client => SHARDS,
+            RateLimitBy::Client => SHARDS.min(spec.max_clients).max(1),
             RateLimitBy::Route => 0,
         };
         Limiter {
@@ -71,6 +87,7 @@ impl Limiter {
             start: Instant::now(),
             route: Mutex::new(0),
             clients: (0..shards).map(|_| Mutex::default()).collect(),
+            room: spec.max_clients / shards.max(1),
             hasher: RandomState::new(),
             full_log: LogEvery::new(Duration::from_secs(10)),
             spec,
@@ -79,31 +96,34 @@ impl Limiter {
 
     /// The verdict on a request from `client` (IPv4-mapped addresses taken as IPv4) at `now`.
     pub fn check(&self, client: IpAddr, now: Instant) -> Verdict {
-        let now =
-            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let now = u64::try_from(now.saturating_duration_since(self.start).as_micros())
+            .unwrap_or(u64::MAX);
         if self.clients.is_empty() {
             let mut tat = self.route.lock().unwrap_or_else(PoisonError::into_inner);
             return self.take(&mut tat, now);
         }
-        let client = client.to_canonical();
+        let client = bucket_of(client);
         let shard = self.hasher.hash_one(client) as usize % self.clients.len();
-        let mut table = self.clients[shard]
+        let mut shard = self.clients[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(tat) = table.get_mut(&client) {
+        if let Some(tat) = shard.tats.get_mut(&client) {
             return self.take(tat, now);
         }
-        let room = self.spec.max_clients.div_ceil(self.clients.len());
-        if table.len() >= room {
+        if shard.tats.len() >= self.room {
+            if now < shard.earliest {
+                return Verdict::Untracked;
+            }
             // Clients whose TAT has passed are as good as new: forgotten, they lose nothing.
-            table.retain(|_, tat| *tat > now);
-            if table.len() >= room {
+            shard.tats.retain(|_, tat| *tat > now);
+            if shard.tats.len() >= self.room {
+                shard.earliest = shard.tats.values().copied().min().unwrap_or(0);
                 return Verdict::Untracked;
             }
         }
         let mut tat = 0;
         let verdict = self.take(&mut tat, now);
-        table.insert(client, tat);
+        shard.tats.insert(client, tat);
         verdict
     }
 
@@ -112,9 +132,9 @@ impl Limiter {
         let next = (*tat).max(now);
         let ahead = next - now;
         if ahead > self.allowance {
-            return Verdict::Limited(Duration::from_nanos(ahead - self.allowance));
+            return Verdict::Limited(Duration::from_micros(ahead - self.allowance));
         }
-        *tat = next + self.interval;
+        *tat = next.saturating_add(self.interval);
         Verdict::Pass
     }
 
@@ -123,8 +143,16 @@ impl Limiter {
     fn held(&self) -> usize {
         self.clients
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).tats.len())
             .sum()
+    }
+}
+
+/// The bucket's key: an IPv4 address, or an IPv6 address's /64.
+fn bucket_of(client: IpAddr) -> IpAddr {
+    match client.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+        v4 => v4,
     }
 }
 

@@ -74,5 +74,16 @@ pub(super) fn parse_block(s: &str) -> Option<IpNet> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(IpNet::from(ip.to_canonical()));
     }
-    s.parse::<IpNet>().ok().map(|n| n.trunc())
+    let net = s.parse::<IpNet>().ok()?.trunc();
+    // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps: peers are
+    // matched as IPv4.
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .ok()
+            .map(IpNet::V4);
+    }
+    Some(net)
 }

@@ -83,7 +83,7 @@ pub enum Invalid {
         "{what} {value:?} is not an address or a CIDR block; expected e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\""
     )]
     InvalidAddressBlock { what: &'static str, value: String },
-    #[error("{value} is out of range: a rate above 0 and at most 1000000 per second")]
+    #[error("{value} is out of range: from one request a day (0.0000116) to 1000000 per second")]
     RateOutOfRange { value: f64 },
     #[error("allow_clients is empty: no client could reach this route; remove the route instead")]
     NoClientAllowed,

@@ -192,13 +192,16 @@ fn allow_clients(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Arc<
     Some(super::blocks(c, list, &key, "allowed client").into())
 }
 
-/// A route's `rate_limit`: a rate in (0, 1,000,000] per second, a burst and a table size
-/// within their ranges.
+/// The slowest `rate_limit`: one request a day.
+const MIN_RATE: f64 = 1.0 / 86_400.0;
+
+/// A route's `rate_limit`: a rate from one a day to 1,000,000 a second, a burst and a table
+/// size within their ranges.
 fn rate_limit(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<RateLimit> {
     let cfg = r.rate_limit.as_ref()?;
     let key = key.key("rate_limit");
     let rate = cfg.requests_per_second;
-    if !(rate > 0.0 && rate <= 1e6) {
+    if !(MIN_RATE..=1e6).contains(&rate) {
         c.fail(
             key.key("requests_per_second"),
             Invalid::RateOutOfRange { value: rate },

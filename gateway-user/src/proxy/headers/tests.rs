@@ -103,7 +103,7 @@ fn an_upgrade_and_te_trailers_are_handed_back() {
         Version::HTTP_11,
         &client_value("10.0.0.9".parse().unwrap()),
         None,
-        (Scheme::Http, false),
+        (Scheme::Http, None),
     );
     assert_eq!(up.upgrade, Some(HeaderValue::from_static("websocket")));
     assert!(h.get("connection").is_none() && h.get("upgrade").is_none());
@@ -142,7 +142,7 @@ fn forwarded_headers_are_appended() {
         Version::HTTP_11,
         &client_value("10.0.0.9".parse().unwrap()),
         None,
-        (Scheme::Http, false),
+        (Scheme::Http, None),
     );
     assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
     assert_eq!(h["x-forwarded-proto"], "http");
@@ -154,7 +154,7 @@ fn forwarded_headers_are_appended() {
         Version::HTTP_11,
         &client_value("10.0.0.9".parse().unwrap()),
         None,
-        (Scheme::Http, true),
+        (Scheme::Http, Some(HeaderValue::from_static("https"))),
     );
     assert_eq!(kept["x-forwarded-proto"], "https");
 }
@@ -179,7 +179,7 @@ fn http2_authority_becomes_host() {
         Version::HTTP_2,
         &client_value("::ffff:127.0.0.1".parse().unwrap()),
         Some(&authority),
-        (Scheme::Https, false),
+        (Scheme::Https, None),
     );
     assert_eq!(h[HOST], "api.example.com");
     assert_eq!(h["x-forwarded-proto"], "https");

@@ -92,3 +92,37 @@ fn the_table_is_bounded_forgets_idle_clients_and_fails_open_when_full() {
     assert_eq!(passed, 16);
     assert_eq!(l.held(), 16);
 }
+
+#[test]
+fn an_ipv6_client_is_its_64_and_a_small_table_holds_no_more_than_max_clients() {
+    let l = limiter(1.0, 1, RateLimitBy::Client, 100);
+    let t0 = l.start;
+    assert_eq!(l.check(ip("2001:db8:1:2::1"), t0), Verdict::Pass);
+    // Another address of the same /64 is the same client; another /64 is not.
+    assert!(matches!(
+        l.check(ip("2001:db8:1:2:ffff::9"), t0),
+        Verdict::Limited(_)
+    ));
+    assert_eq!(l.check(ip("2001:db8:1:3::1"), t0), Verdict::Pass);
+    // max_clients = 3: three shards of one.
+    let small = limiter(1.0, 2, RateLimitBy::Client, 3);
+    for i in 0..100u32 {
+        let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i));
+        small.check(a, small.start);
+    }
+    assert_eq!(small.held(), 3);
+}
+
+#[test]
+fn the_slowest_rate_and_the_largest_burst_do_not_overflow() {
+    let l = limiter(1.0 / 86_400.0, 1_000_000, RateLimitBy::Route, 1);
+    let a = ip("192.0.2.1");
+    let mut passed = 0;
+    for _ in 0..1_000_001 {
+        if l.check(a, l.start) == Verdict::Pass {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 1_000_000);
+    assert!(matches!(l.check(a, l.start), Verdict::Limited(_)));
+}

@@ -1,7 +1,7 @@
 //! A route's own gates, checked once a request is routed and before anything of it is read or
 //! sent: who may use the route (`allow_clients`), whether it must come over HTTPS
 //! (`https_redirect`), and how often (`rate_limit`), in that order: a client that may not
-//! use the route learns nothing more of it.
+//! use the route is neither redirected nor counted against its rate.
 
 use http::{HeaderValue, request::Parts};
 use tokio::time::Instant;
@@ -13,35 +13,39 @@ use super::{
 use crate::proxy::{
     error::ProxyError,
     exchange::Exchange,
-    forwarded::{self, Peer},
+    forwarded::{self, Peer, Source},
     rate_limit::{Limiter, Verdict},
     router::CompiledRoute,
 };
 
-/// `Ok` when the request may go on to its upstream. The client checked is the one a trusted
-/// proxy names (`ex.record.forwarded_client`), else the peer.
+/// `Ok` when the request may go on to its upstream. `source`: the client checked, the one a
+/// trusted proxy names or else the peer. One a trusted proxy's list does not name is allowed
+/// by no `allow_clients`, and shares the proxy's own bucket of a `rate_limit`.
 pub(super) fn check(
     route: &CompiledRoute,
-    (client, peer): (&Client, Peer),
+    (client, peer, source): (&Client, Peer, Source),
     parts: &Parts,
     authority: Option<&HeaderValue>,
     ex: &Exchange,
 ) -> Result<(), Instead> {
-    let ip = ex.record.forwarded_client.unwrap_or(client.addr.ip());
     if let Some(allowed) = &route.allow_clients
-        && !forwarded::within(allowed, ip)
+        && !source.ip().is_some_and(|ip| forwarded::within(allowed, ip))
     {
-        let client = ip.to_canonical();
+        let client = source.ip().map_or_else(
+            || "unknown (its trusted proxy's X-Forwarded-For names none)".to_owned(),
+            |ip| ip.to_string(),
+        );
         return Err(ProxyError::ClientNotAllowed { client }.into());
     }
     if let Some(port) = route.https_redirect
         && client.tls.is_none()
-        && !forwarded::says_https(peer, &parts.headers)
+        && forwarded::proto(peer, &parts.headers).is_none_or(|p| p != "https")
     {
         let to = redirect::to_https(port, &parts.method, authority, &parts.uri)?;
         return Err(Instead::Redirect(to));
     }
     if let Some(limiter) = &route.rate_limit {
+        let ip = source.ip().unwrap_or(client.addr.ip());
         match limiter.check(ip, Instant::now()) {
             Verdict::Pass => {}
             Verdict::Limited(retry_after) => {

@@ -70,17 +70,23 @@ pub(super) fn prepare(
         });
     ex.record.tls = client.tls;
     let (mut parts, body, authority) = admit(rt, req, ex)?;
-    let (peer, named) = forwarded::admit(
+    let (peer, source) = forwarded::admit(
         rt.settings.trusted_proxies.as_deref(),
         client.addr.ip(),
         &mut parts.headers,
     );
-    ex.record.forwarded_client = named;
+    ex.record.forwarded_client = source.named();
     let route = find_route(rt, authority.as_ref(), &parts)?;
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
     ex.routed(route, &cluster, meter);
-    gate::check(route, (client, peer), &parts, authority.as_ref(), ex)?;
+    gate::check(
+        route,
+        (client, peer, source),
+        &parts,
+        authority.as_ref(),
+        ex,
+    )?;
     // The route's limit, else the router's: checked against a declared length before anything
     // is read or sent, and against the bytes as they arrive (`RequestBody`).
     let body_limit = route
@@ -231,13 +237,13 @@ fn for_upstream(
     if parts.version == Version::HTTP_2 && cluster.spec.protocol == UpstreamProtocol::Http1 {
         headers::join_cookies(&mut parts.headers);
     }
-    let keep_proto = forwarded::keeps_proto(peer, &parts.headers);
+    let proto = forwarded::proto(peer, &parts.headers);
     let stripped = headers::to_upstream(
         &mut parts.headers,
         parts.version,
         &client.ip,
         authority,
-        (client.scheme, keep_proto),
+        (client.scheme, proto),
     );
     // A client's `Connection` may name the request ID's header, which the strip then took
     // out: the ID the gateway assigned goes upstream all the same.
