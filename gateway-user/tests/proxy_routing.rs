@@ -216,6 +216,21 @@ async fn admin_healthz_reports_serving_and_the_signal_mode() {
     assert_eq!(got.status, StatusCode::NOT_FOUND);
 }
 
+/// `[router.forwarded]` trusting `trusted`, a route `/` to the cluster of `web`, and the route
+/// `second` (its keys) to the cluster of `other`; each cluster named as its upstream.
+fn forwarded_config(trusted: &str, second: &str, web: &Upstream, other: &Upstream) -> String {
+    format!(
+        "[router.forwarded]\ntrusted_proxies = {trusted}\n\n\
+         [[routes]]\npath_prefix = \"/\"\ncluster = \"{w}\"\n\n\
+         [[routes]]\n{second}\ncluster = \"{o}\"\n\n\
+         [clusters.{w}]\nendpoints = [\"{}\"]\n[clusters.{o}]\nendpoints = [\"{}\"]\n",
+        web.addr,
+        other.addr,
+        w = web.name,
+        o = other.name,
+    )
+}
+
 /// curl GET `/headers` through `gw` with a spoofing client's forwarding headers; the answer
 /// with its headers (`-i`). Over HTTP/2 (prior knowledge) when `h2`.
 fn curl_spoofing(gw: std::net::SocketAddr, h2: bool) -> String {
@@ -249,29 +264,9 @@ async fn only_trusted_proxies_forwarding_headers_are_believed() {
     let secure = Upstream::start("secure").await;
     // A route that only requests that came over HTTPS may take, by the header a proxy in
     // front of the gateway sets.
-    let config = |trusted: &str| {
-        format!(
-            r#"
-[router.forwarded]
-trusted_proxies = {trusted}
-
-[[routes]]
-path_prefix = "/"
-cluster = "web"
-
-[[routes]]
-path_prefix = "/"
-headers = [{{ name = "x-forwarded-proto", value = "https" }}]
-cluster = "secure"
-
-[clusters.web]
-endpoints = ["{}"]
-[clusters.secure]
-endpoints = ["{}"]
-"#,
-            web.addr, secure.addr
-        )
-    };
+    let second =
+        "path_prefix = \"/\"\nheaders = [{ name = \"x-forwarded-proto\", value = \"https\" }]";
+    let config = |trusted: &str| forwarded_config(trusted, second, &web, &secure);
     // The client (127.0.0.1) is a trusted proxy: its list is appended to, its scheme and the
     // rest of its forwarding headers kept, and the log names the client it forwarded for.
     let gw = gateway("forwarded", &config(r#"["127.0.0.0/8", "10.0.0.0/8"]"#)).await;
@@ -345,29 +340,8 @@ fn curl_status(gw: std::net::SocketAddr, path: &str, headers: &[&str]) -> (Strin
 async fn allow_clients_admits_only_the_listed_clients_also_behind_a_trusted_proxy() {
     let admin = Upstream::start("admin").await;
     let web = Upstream::start("web").await;
-    let config = |trusted: &str| {
-        format!(
-            r#"
-[router.forwarded]
-trusted_proxies = {trusted}
-
-[[routes]]
-path_prefix = "/"
-cluster = "web"
-
-[[routes]]
-path_prefix = "/admin/"
-cluster = "admin"
-allow_clients = ["10.0.0.0/8", "::1"]
-
-[clusters.web]
-endpoints = ["{}"]
-[clusters.admin]
-endpoints = ["{}"]
-"#,
-            web.addr, admin.addr
-        )
-    };
+    let second = "path_prefix = \"/admin/\"\nallow_clients = [\"10.0.0.0/8\", \"::1\"]";
+    let config = |trusted: &str| forwarded_config(trusted, second, &web, &admin);
     // The peer (127.0.0.1) is not a trusted proxy: it is the client, and not allowed, whatever
     // its X-Forwarded-For says.
     let gw = gateway("allow-clients", &config("[]")).await;
