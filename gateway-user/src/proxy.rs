@@ -11,7 +11,7 @@
 //! | `server` | client listeners and connections, the drain; idle plain HTTP/1 connections parked outside hyper in each worker's lot (`server::park`, `server::lot`) |
 //! | `admission` | `max_client_connections`, `max_accepts_per_second`, out of file descriptors: who is served, what the others get |
 //! | `handshake` | the HTTPS listener's TLS handshake (SNI, ALPN, timeout, plain HTTP answered 400) |
-//! | `request` | one request in order: route → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
+//! | `request` | one request in order: route → the route's gates (`allow_clients`, `https_redirect`, `rate_limit`: `request::gate`) → pick → attempt (connect or reuse, send, await the head) → retry or not → respond |
 //! | `tunnel` | an upgraded connection (WebSocket) after its `101`: bytes both ways, idle and total limits, the drain |
 //! | `upstream` | clusters: endpoints and picking, health as kept per endpoint, checkout, the idle pool and shared HTTP/2 connections, connects and hedges, probes, DNS |
 //! | `exchange` | a request's context (log record, budget guard, route meter, connection lease) |
@@ -19,11 +19,12 @@
 //! | `shared` | what all requests share, and one config generation (routes, clusters) |
 //! | `access_log`, `telemetry` | the log line and the metrics the request path feeds |
 //! | `error`, `headers`, `io`, `router`, `request_id` | typed errors, header rewriting, write-stall guard, route matching and per-route policy, request IDs |
+//! | `forwarded`, `rate_limit` | whose `X-Forwarded-*` headers are believed (`trusted_proxies`) and which client a request is from; a route's rate-limit buckets |
 //! | `admin` | `/metrics`, `/status`, `/healthz`, `/readyz` and the status page |
 //!
-//! Files import downwards only: `error`, `headers`, `io`, `router`, `request_id`,
-//! `request_body`, `access_log`, `telemetry` → `upstream` → `shared` → `exchange` →
-//! `response_body`, `tunnel` → `request` → `handshake` → `server`, `admin`.
+//! Files import downwards only: `error`, `headers`, `forwarded`, `rate_limit`, `io`, `router`,
+//! `request_id`, `request_body`, `access_log`, `telemetry` → `upstream` → `shared` →
+//! `exchange` → `response_body`, `tunnel` → `request` → `handshake` → `server`, `admin`.
 
 mod access_log;
 pub mod admin;
