@@ -145,7 +145,7 @@ catalogue! {
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
         "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],
-        "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset, refused_stream: an HTTP/2 upstream refused the stream unprocessed by GOAWAY or REFUSED_STREAM, grpc_status: a gRPC status the route retries).";
+        "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset, refused_stream: an HTTP/2 upstream refused the stream unprocessed by GOAWAY or REFUSED_STREAM, grpc_status: a gRPC status the route retries, upstream_status: a response status the route retries for an idempotent request).";
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],

@@ -62,6 +62,7 @@ max_retries = 0
 on_response_timeout = false
 hedge = false
 grpc_status_codes = ["UNAVAILABLE", "resource_exhausted"]
+status_codes = [503, 502]
 [routes.request_headers]
 set = {{ "x-env" = "prod" }}
 add = {{ "x-tag" = "a" }}
@@ -81,6 +82,7 @@ remove = ["server"]
         plain.policy.upgrade_idle_timeout,
         Duration::from_millis(model::DEFAULT_UPGRADE_IDLE_TIMEOUT_MS)
     );
+    assert!(plain.policy.retry.status_codes.is_empty());
     assert!(plain.methods.is_none() && plain.headers.is_empty());
     let r = &s.routes[1];
     assert_eq!(r.methods.as_deref(), Some(&[Method::GET, Method::POST][..]));
@@ -96,6 +98,8 @@ remove = ["server"]
     let codes = r.policy.retry.grpc_status_codes;
     assert!(codes.contains(crate::decide::grpc::GrpcCode::UNAVAILABLE));
     assert!(codes.contains(crate::decide::grpc::GrpcCode::RESOURCE_EXHAUSTED));
+    let statuses = r.policy.retry.status_codes;
+    assert!(statuses.contains(503) && statuses.contains(502) && !statuses.contains(504));
     assert_eq!(r.request_headers.set[0].0, "x-env");
     assert_eq!(r.request_headers.add[0].1, "a");
     assert_eq!(r.request_headers.remove[0], "x-internal");
@@ -144,6 +148,10 @@ fn every_new_route_key_is_refused_with_file_line_and_key() {
         (
             "retry = { grpc_status_codes = [\"UNAVAILABLE\", \"NOPE\"] }",
             "gw.toml:15:47: key `routes[0].retry.grpc_status_codes[1]`: unknown gRPC status \"NOPE\"",
+        ),
+        (
+            "retry = { status_codes = [503, 302] }",
+            "gw.toml:15:32: key `routes[0].retry.status_codes[1]`: 302 is out of range",
         ),
         (
             "request_headers = { set = { connection = \"close\" } }",

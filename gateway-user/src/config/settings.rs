@@ -327,6 +327,8 @@ pub struct RetryPolicy {
     pub min_retry_concurrency: u32,
     /// gRPC statuses retried when a response carries one and nothing else.
     pub grpc_status_codes: crate::decide::grpc::GrpcCodes,
+    /// HTTP statuses of an idempotent request's response that are retried elsewhere.
+    pub status_codes: crate::decide::retry::StatusCodes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -37,6 +37,13 @@
 //!    `grpc_status_codes` (`grpc_status`). gRPC calls are POSTs, so rules 1, 2 and 6 — the
 //!    request provably never reached the application — are gRPC's "nothing was sent
 //!    upstream"; rules 3 to 5 need an idempotent method and never apply to them.
+//! 8. An upstream response whose status the route lists in `status_codes` (a `503` from an
+//!    instance shutting down or shedding load, a `502` from a sidecar whose app is gone),
+//!    under an idempotent request: another endpoint, as nginx's `proxy_next_upstream
+//!    http_503` and Envoy's `retriable_status_codes` do (`upstream_status`). The upstream
+//!    answered, so it received the request: a non-idempotent one is never sent again for
+//!    its status. The response is given up only once a retry is certain (an endpoint to go
+//!    to, within `max_retries` and the budget); otherwise the client gets it as it came.
 //!
 //! Then, in this order: the request must still be at hand to send again (a streamed body is
 //! gone once sent), fewer than `max_retries` retries may have happened, and the cluster's
@@ -100,6 +107,8 @@ pub enum Failure {
     Refused { graceful: bool },
     /// gRPC: a trailers-only response with this status.
     GrpcStatus(GrpcCode),
+    /// A response head with this HTTP status (rule 8).
+    UpstreamStatus(u16),
     /// A failure another endpoint would not fix (an invalid response, the client's body, a
     /// stalled write, …).
     Final,
@@ -115,10 +124,11 @@ pub enum RetryReason {
     UpstreamReset,
     RefusedStream,
     GrpcStatus,
+    UpstreamStatus,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 7] = [
+    pub const ALL: [RetryReason; 8] = [
         RetryReason::ConnectFailed,
         RetryReason::UnackedRequest,
         RetryReason::StaleConnection,
@@ -126,6 +136,7 @@ impl RetryReason {
         RetryReason::UpstreamReset,
         RetryReason::RefusedStream,
         RetryReason::GrpcStatus,
+        RetryReason::UpstreamStatus,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -137,6 +148,7 @@ impl RetryReason {
             RetryReason::UpstreamReset => "upstream_reset",
             RetryReason::RefusedStream => "refused_stream",
             RetryReason::GrpcStatus => "grpc_status",
+            RetryReason::UpstreamStatus => "upstream_status",
         }
     }
 }
@@ -169,6 +181,38 @@ pub struct RetryPolicy {
     pub min_retry_concurrency: u32,
     /// gRPC statuses retried (rule 7).
     pub grpc_status_codes: GrpcCodes,
+    /// HTTP statuses retried (rule 8).
+    pub status_codes: StatusCodes,
+}
+
+/// A set of HTTP statuses from 400 to 599 (a route's retryable ones).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusCodes([u64; 4]);
+
+impl StatusCodes {
+    pub const NONE: StatusCodes = StatusCodes([0; 4]);
+    /// The statuses a set may hold: the client's and the server's errors.
+    pub const RANGE: std::ops::RangeInclusive<u16> = 400..=599;
+
+    /// `self` with `status` added; one outside [`StatusCodes::RANGE`] is not.
+    pub fn with(mut self, status: u16) -> StatusCodes {
+        if Self::RANGE.contains(&status) {
+            let i = usize::from(status - Self::RANGE.start());
+            self.0[i / 64] |= 1 << (i % 64);
+        }
+        self
+    }
+
+    pub fn contains(self, status: u16) -> bool {
+        Self::RANGE.contains(&status) && {
+            let i = usize::from(status - Self::RANGE.start());
+            self.0[i / 64] & (1 << (i % 64)) != 0
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self == Self::NONE
+    }
 }
 
 impl From<&crate::config::RetryPolicy> for RetryPolicy {
@@ -180,6 +224,7 @@ impl From<&crate::config::RetryPolicy> for RetryPolicy {
             budget_percent: r.budget_percent,
             min_retry_concurrency: r.min_retry_concurrency,
             grpc_status_codes: r.grpc_status_codes,
+            status_codes: r.status_codes,
         }
     }
 }
@@ -224,7 +269,7 @@ pub enum Step {
     Stop(Stop),
 }
 
-/// Rules 1–7 of the module doc: `Some(reason)` when the failure may be retried at all.
+/// Rules 1–8 of the module doc: `Some(reason)` when the failure may be retried at all.
 pub fn retry_allowed(
     failure: Failure,
     idempotent: bool,
@@ -255,6 +300,8 @@ pub fn retry_allowed(
             .grpc_status_codes
             .contains(code)
             .then_some(RetryReason::GrpcStatus),
+        Failure::UpstreamStatus(status) => (idempotent && policy.status_codes.contains(status))
+            .then_some(RetryReason::UpstreamStatus),
         Failure::Final => None,
     }
 }

@@ -38,6 +38,9 @@ pub(crate) struct Attempt {
     pub cookie: Option<u64>,
     pub reused: bool,
     pub error: Option<ErrorKind>,
+    /// The status of the response this attempt got and gave up for a retry
+    /// (`retry.status_codes`).
+    pub status: Option<u16>,
 }
 
 /// Everything the log line says about one request, filled in as it goes: plain data, built

@@ -25,24 +25,26 @@ mod gate;
 mod prepare;
 mod read_ahead;
 mod redirect;
+mod replay;
 mod respond;
+mod retryable;
 mod target;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
-use self::{attempt::Failed, prepare::Prepared, redirect::Instead};
+use self::{attempt::Failed, prepare::Prepared, redirect::Instead, replay::Replay};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
-    request_body::{Budget, KeptBody, Progress, RequestBody},
+    request_body::{Budget, Progress, RequestBody},
     response_body::ResponseBody,
     router::CompiledRoute,
     shared::{Drain, Shared},
@@ -52,7 +54,6 @@ use crate::{
     config::UpstreamProtocol,
     decide::{
         budget::RetryPermit,
-        grpc::GrpcCode,
         retry::{Attempted, Failure, Step, Stop, Where, next_step},
     },
 };
@@ -154,29 +155,6 @@ struct Plan {
     retry_permit: Option<RetryPermit>,
 }
 
-/// A copy of the request's head, and its body as kept while it streamed (none for a bodiless
-/// request).
-struct Replay {
-    method: Method,
-    uri: Uri,
-    /// The header fields in the map's order, as a list: one allocation, where a copy of the
-    /// `HeaderMap` takes two and copies its index too. It is made for almost every request and
-    /// read back only for a retry, which rebuilds the map.
-    headers: Vec<(HeaderName, HeaderValue)>,
-    body: Option<KeptBody>,
-}
-
-impl Drop for Replay {
-    /// The request has its answer (or failed for good): its body's copy is not needed, and its
-    /// bytes go back to `request_buffering_memory_bytes` now, not when the client's body ends
-    /// (a long HTTP/2 or gRPC stream's may not end for hours).
-    fn drop(&mut self) {
-        if let Some(kept) = &self.body {
-            RequestBody::forget(kept);
-        }
-    }
-}
-
 impl Plan {
     /// `req` is the prepared request, whose body starts being kept here when a replay could
     /// ever be allowed: for idempotent requests (a stale keep-alive connection is always worth
@@ -199,16 +177,7 @@ impl Plan {
             || retry.on_response_timeout
             || cluster.spec.protocol != UpstreamProtocol::Http1
             || (grpc && !retry.grpc_status_codes.is_empty());
-        let replay = keep.then(|| {
-            let body = (!hyper::body::Body::is_end_stream(req.body()))
-                .then(|| req.body_mut().keep(budget));
-            Replay {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                headers: header_list(req.headers()),
-                body,
-            }
-        });
+        let replay = keep.then(|| Replay::of(req, budget));
         Plan {
             route,
             deadline,
@@ -226,38 +195,6 @@ impl Plan {
             retry_permit: None,
         }
     }
-
-    /// The request again, if it can be sent again (its body, if any, was kept whole).
-    fn replay(&self) -> Option<Request<RequestBody>> {
-        // The request may have been sent as HTTP/2 (absolute URI, no `Host`): the kept head
-        // is the one before that.
-        let r = self.replay.as_ref()?;
-        let body = match &r.body {
-            Some(kept) => RequestBody::replay(kept)?,
-            None => RequestBody::empty(),
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = r.method.clone();
-        *req.uri_mut() = r.uri.clone();
-        *req.headers_mut() = header_map(&r.headers);
-        Some(req)
-    }
-}
-
-/// `headers` as a list of fields, in the map's order (a name's values together, in order).
-fn header_list(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    let mut list = Vec::with_capacity(headers.len());
-    list.extend(headers.iter().map(|(n, v)| (n.clone(), v.clone())));
-    list
-}
-
-/// The map [`header_list`] was made from.
-fn header_map(list: &[(HeaderName, HeaderValue)]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(list.len());
-    for (name, value) in list {
-        map.append(name.clone(), value.clone());
-    }
-    map
 }
 
 /// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
@@ -292,26 +229,40 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.
     let mut last: Option<Box<ProxyError>> = None;
+    // The endpoint already picked for a retry of a response's status.
+    let mut next: Option<Arc<Endpoint>> = None;
     loop {
-        let ep = pick(
-            &cluster,
-            ex,
-            last.take(),
-            std::mem::take(&mut plan.same_endpoint_ok),
-        )?;
+        let ep = match next.take() {
+            Some(ep) => ep,
+            None => pick(
+                &cluster,
+                ex,
+                last.take(),
+                std::mem::take(&mut plan.same_endpoint_ok),
+            )?,
+        };
         match attempt::run(&cluster, ep, req, &mut plan, ex).await {
             Ok(up) => {
-                let Some(code) = grpc_retryable(&plan, &up) else {
+                let Some(failure) = retryable::response(&plan, &up) else {
                     return Ok(up);
                 };
-                // A retryable gRPC status before any message: nothing is committed yet. The
-                // same endpoint may take the retry.
+                // Nothing of it reached the client yet. It stands unless an endpoint is left
+                // for the retry (another, else the same one: an address may front many
+                // instances) and `decide::retry` allows one.
+                let Ok(ep) = pick(&cluster, ex, None, true) else {
+                    return Ok(up);
+                };
                 let again = plan.replay();
-                match retry(&mut plan, ex, &cluster, Failure::GrpcStatus(code), again) {
+                match retry(&mut plan, ex, &cluster, failure, again) {
                     Some(again) => {
-                        up.release();
-                        plan.same_endpoint_ok = true;
+                        if let (Failure::UpstreamStatus(s), Some(a)) =
+                            (failure, ex.record.attempts.last_mut())
+                        {
+                            a.status = Some(s);
+                        }
+                        up.discard();
                         req = again;
+                        next = Some(ep);
                     }
                     None => return Ok(up),
                 }
@@ -395,23 +346,6 @@ fn retry(
     }
 }
 
-/// A gRPC call's trailers-only answer (a status and no message: nothing committed to the
-/// client yet) whose status the route retries.
-fn grpc_retryable(plan: &Plan, up: &Upstream) -> Option<GrpcCode> {
-    if !plan.grpc || plan.route.retry.grpc_status_codes.is_empty() {
-        return None;
-    }
-    let code = up
-        .response
-        .headers()
-        .get(GRPC_STATUS)
-        .and_then(|v| GrpcCode::parse(v.as_bytes()))?;
-    (code != GrpcCode::OK
-        && hyper::body::Body::is_end_stream(up.response.body())
-        && plan.route.retry.grpc_status_codes.contains(code))
-    .then_some(code)
-}
-
 /// The gRPC status header (in a trailers-only response's head, or in trailers).
 pub(crate) const GRPC_STATUS: &str = "grpc-status";
 
@@ -467,32 +401,4 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_kept_head_rebuilds_the_same_headers() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("host", "a.example"),
-            ("x-forwarded-for", "1.1.1.1"),
-            ("accept", "text/html"),
-            ("x-forwarded-for", "2.2.2.2"),
-            ("via", "1.1 gateway"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        let rebuilt = header_map(&header_list(&h));
-        assert_eq!(rebuilt, h);
-        let order = |m: &HeaderMap| {
-            m.iter()
-                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(order(&rebuilt), order(&h));
-        assert!(header_map(&header_list(&HeaderMap::new())).is_empty());
-    }
 }

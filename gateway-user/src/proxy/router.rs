@@ -211,6 +211,7 @@ mod tests {
                 budget_percent: 20,
                 min_retry_concurrency: 3,
                 grpc_status_codes: Default::default(),
+                status_codes: Default::default(),
             },
             request_buffering: true,
             max_request_body_bytes: None,

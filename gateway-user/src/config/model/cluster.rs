@@ -194,6 +194,10 @@ pub struct RetryConfig {
     /// trailers-only response) are retried, e.g. `["UNAVAILABLE", "RESOURCE_EXHAUSTED"]`
     /// (the names of gRPC's status codes). Default: none.
     pub grpc_status_codes: Option<Vec<String>>,
+    /// Idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) whose upstream answered
+    /// with one of these statuses, e.g. `[502, 503, 504]`, are sent to another endpoint, and
+    /// the client gets the last answer when no retry is left. 400 to 599. Default: none.
+    pub status_codes: Option<Vec<u16>>,
 }
 
 pub const DEFAULT_RETRY_ON_RESPONSE_TIMEOUT: bool = false;

@@ -12,6 +12,7 @@ use super::{
 use crate::decide::{
     deadline,
     grpc::{GrpcCode, GrpcCodes},
+    retry::StatusCodes,
 };
 
 /// Where one cluster's keys are looked up: its own table first, then `[router.upstream]`.
@@ -307,6 +308,11 @@ fn retry(c: &mut Checker, l: &Layers) -> RetryPolicy {
         }
         (None, None) => GrpcCodes::default(),
     };
+    let status_codes = match (&l.own.retry.status_codes, &l.base.retry.status_codes) {
+        (Some(list), _) => statuses(c, list, &l.key.key("retry").key("status_codes")),
+        (None, Some(list)) => statuses(c, list, &l.base_key.key("retry").key("status_codes")),
+        (None, None) => StatusCodes::NONE,
+    };
     let hedge = choice!(l, retry.hedge, DEFAULT_HEDGE);
     let (hedge_budget_percent, _) = setting!(
         c,
@@ -326,6 +332,7 @@ fn retry(c: &mut Checker, l: &Layers) -> RetryPolicy {
         budget_percent: budget_percent as u32,
         min_retry_concurrency: min_retry_concurrency as u32,
         grpc_status_codes,
+        status_codes,
     }
 }
 
@@ -419,6 +426,17 @@ pub(super) fn grpc_codes(c: &mut Checker, names: &[String], key: &KeyPath) -> Gr
         }
     }
     set
+}
+
+/// HTTP statuses (`retry.status_codes`), each refused at its own index outside 400 to 599.
+pub(super) fn statuses(c: &mut Checker, list: &[u16], key: &KeyPath) -> StatusCodes {
+    let (min, max) = (*StatusCodes::RANGE.start(), *StatusCodes::RANGE.end());
+    list.iter()
+        .enumerate()
+        .fold(StatusCodes::NONE, |set, (i, &s)| {
+            c.range(&key.index(i), s.into(), min.into(), max.into(), "");
+            set.with(s)
+        })
 }
 
 /// A cluster's `protocol` against its TLS: `h2` needs TLS, `h2c` refuses it, `auto` without

@@ -23,7 +23,7 @@ use super::{
     },
     Checker, DAY_MS, Invalid,
     addresses::parse_host,
-    cluster::{self, grpc_codes},
+    cluster::{self, grpc_codes, statuses},
     ms,
 };
 
@@ -307,6 +307,7 @@ fn route_retry(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyP
         hedge_budget_percent,
         on_reset,
         grpc_status_codes,
+        status_codes,
     } = &r.retry;
     let rk = key.key("retry");
     let mut number = |v: Option<u32>, name: &str, max: u64, into: &mut u32| {
@@ -346,6 +347,9 @@ fn route_retry(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyP
     }
     if let Some(list) = grpc_status_codes {
         p.retry.grpc_status_codes = grpc_codes(c, list, &rk.key("grpc_status_codes"));
+    }
+    if let Some(list) = status_codes {
+        p.retry.status_codes = statuses(c, list, &rk.key("status_codes"));
     }
 }
 

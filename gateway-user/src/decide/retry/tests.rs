@@ -7,6 +7,7 @@ const ALL_ON: RetryPolicy = RetryPolicy {
     budget_percent: 20,
     min_retry_concurrency: 3,
     grpc_status_codes: GrpcCodes::NONE,
+    status_codes: StatusCodes::NONE,
 };
 
 const ALL_OFF: RetryPolicy = RetryPolicy {
@@ -419,4 +420,65 @@ fn grpc_statuses_are_retried_only_when_listed() {
     assert_eq!(retry_allowed(f, false, &ALL_OFF), None);
     let other = Failure::GrpcStatus(GrpcCode::INTERNAL);
     assert_eq!(retry_allowed(other, false, &listed), None);
+}
+
+#[test]
+fn a_listed_response_status_is_retried_elsewhere_for_idempotent_requests_within_the_budget() {
+    let listed = RetryPolicy {
+        status_codes: StatusCodes::NONE.with(502).with(503),
+        ..ALL_OFF
+    };
+    let f = Failure::UpstreamStatus(503);
+    assert_eq!(
+        retry_allowed(f, true, &listed),
+        Some(RetryReason::UpstreamStatus)
+    );
+    // The upstream answered: it had the request, which a POST must not repeat.
+    assert_eq!(retry_allowed(f, false, &listed), None);
+    assert_eq!(retry_allowed(f, true, &ALL_ON), None, "not listed");
+    assert_eq!(
+        retry_allowed(Failure::UpstreamStatus(504), true, &listed),
+        None
+    );
+    let budgets = Arc::new(Budgets::default());
+    match next_step(f, attempted(0), &listed, &budgets) {
+        Step::Retry {
+            reason,
+            to,
+            permit,
+            counted,
+        } => {
+            assert_eq!(reason, RetryReason::UpstreamStatus);
+            assert_eq!(to, Where::Elsewhere);
+            assert!(
+                permit.is_some() && counted,
+                "an ordinary retry, within the budget"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        next_step(f, attempted(2), &listed, &budgets),
+        Step::Stop(Stop::MaxRetries)
+    ));
+    let _held: Vec<_> = (0..3).map(|_| budgets.try_retry(20, 3).unwrap()).collect();
+    assert!(matches!(
+        next_step(f, attempted(0), &listed, &budgets),
+        Step::Stop(Stop::BudgetSpent)
+    ));
+}
+
+#[test]
+fn a_status_set_holds_only_client_and_server_errors() {
+    let set = StatusCodes::NONE
+        .with(400)
+        .with(503)
+        .with(599)
+        .with(302)
+        .with(600);
+    assert!(set.contains(400) && set.contains(503) && set.contains(599));
+    assert!(!set.contains(302) && !set.contains(600) && !set.contains(504));
+    assert!(!set.contains(0) && !set.contains(u16::MAX));
+    assert!(StatusCodes::NONE.is_empty() && !set.is_empty());
+    assert!(StatusCodes::NONE.with(200).is_empty());
 }

@@ -1,6 +1,7 @@
 //! Rendering one access log line, plain or JSON, from a request's [`Record`].
 
 use std::{
+    borrow::Cow,
     fmt::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -8,11 +9,11 @@ use std::{
 use http::{HeaderValue, Version};
 use serde::Serialize;
 
-use super::Record;
+use super::{Attempt, Record};
 use crate::{config::AccessLogFormat, proxy::error::ErrorKind};
 
 /// A header value as log text: UTF-8 (lossy), at most [`MAX_LOGGED_HEADER`] characters.
-fn header_text(v: Option<&HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
+fn header_text(v: Option<&HeaderValue>) -> Option<Cow<'_, str>> {
     let v = v?;
     let bytes = &v.as_bytes()[..v.len().min(MAX_LOGGED_HEADER)];
     Some(String::from_utf8_lossy(bytes))
@@ -33,7 +34,7 @@ struct JsonLine<'a> {
     route: Option<&'a str>,
     cluster: Option<&'a str>,
     endpoints: Vec<String>,
-    attempt_errors: Vec<&'a str>,
+    attempt_errors: Vec<Cow<'static, str>>,
     cookies: Vec<u64>,
     attempts: usize,
     retries: u32,
@@ -46,9 +47,9 @@ struct JsonLine<'a> {
     detail: Option<&'a str>,
     hedged: bool,
     aborted: bool,
-    request_id: Option<std::borrow::Cow<'a, str>>,
-    host: Option<std::borrow::Cow<'a, str>>,
-    user_agent: Option<std::borrow::Cow<'a, str>>,
+    request_id: Option<Cow<'a, str>>,
+    host: Option<Cow<'a, str>>,
+    user_agent: Option<Cow<'a, str>>,
     upstream_status: Option<u16>,
     request_bytes: u64,
     tls: Option<&'a str>,
@@ -108,11 +109,7 @@ fn render_json(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         route: ex.route.as_deref(),
         cluster: ex.cluster.as_deref(),
         endpoints: ex.attempts.iter().map(|a| a.endpoint.to_string()).collect(),
-        attempt_errors: ex
-            .attempts
-            .iter()
-            .map(|a| a.error.map_or("-", ErrorKind::reason))
-            .collect(),
+        attempt_errors: ex.attempts.iter().map(attempt_end).collect(),
         cookies: ex.attempts.iter().filter_map(|a| a.cookie).collect(),
         attempts: ex.attempts.len(),
         retries: ex.retries,
@@ -153,12 +150,7 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
     );
     list(&mut s, ex.attempts.iter().map(|a| a.endpoint));
     s.push_str(" attempt_errors=");
-    list(
-        &mut s,
-        ex.attempts
-            .iter()
-            .map(|a| a.error.map_or("-", ErrorKind::reason)),
-    );
+    list(&mut s, ex.attempts.iter().map(attempt_end));
     s.push_str(" cookies=");
     list(&mut s, ex.attempts.iter().filter_map(|a| a.cookie));
     let _ = write!(s, " attempts={} retries={}", ex.attempts.len(), ex.retries);
@@ -176,7 +168,7 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         ms(total),
         ex.error.map_or("-", ErrorKind::reason)
     );
-    fn text(v: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
+    fn text(v: Option<&HeaderValue>) -> Cow<'_, str> {
         header_text(v).unwrap_or(std::borrow::Cow::Borrowed("-"))
     }
     let _ = write!(
@@ -212,6 +204,17 @@ fn render_plain(ex: &Record, ts: &str, path: &str, total: Duration) -> String {
         let _ = write!(s, " detail={d:?}");
     }
     s
+}
+
+/// What ended an attempt, for `attempt_errors`: its error's reason, `http_503` for a response
+/// given up for a retry of its status (`retry.status_codes`, nginx's name for it in
+/// `proxy_next_upstream`), `-` for the one that answered.
+fn attempt_end(a: &Attempt) -> Cow<'static, str> {
+    match (a.error, a.status) {
+        (Some(e), _) => Cow::Borrowed(e.reason()),
+        (None, Some(status)) => Cow::Owned(format!("http_{status}")),
+        (None, None) => Cow::Borrowed("-"),
+    }
 }
 
 fn list<T: std::fmt::Display>(s: &mut String, items: impl Iterator<Item = T>) {

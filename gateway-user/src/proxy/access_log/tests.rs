@@ -76,17 +76,26 @@ fn plain_line_names_route_cluster_endpoints_and_reason() {
         cookie: Some(7),
         reused: false,
         error: Some(ErrorKind::ConnectRefused),
+        status: None,
+    });
+    ex.attempts.push(Attempt {
+        endpoint: "127.0.0.1:9003".parse().unwrap(),
+        cookie: Some(9),
+        reused: true,
+        error: None,
+        status: Some(503),
     });
     ex.attempts.push(Attempt {
         endpoint: "127.0.0.1:9002".parse().unwrap(),
         cookie: Some(8),
         reused: true,
         error: None,
+        status: None,
     });
-    ex.retries = 1;
+    ex.retries = 2;
     ex.status = 200;
     let line = render(&ex, AccessLogFormat::Plain);
-    assert!(line.contains("\"GET /api/x?y=1 HTTP/1.1\" 200 0 route=api cluster=backend endpoints=127.0.0.1:9001,127.0.0.1:9002 attempt_errors=connect_refused,- cookies=7,8 attempts=2 retries=1 connect_ms=- first_byte_ms=- total_ms="), "{line}");
+    assert!(line.contains("\"GET /api/x?y=1 HTTP/1.1\" 200 0 route=api cluster=backend endpoints=127.0.0.1:9001,127.0.0.1:9003,127.0.0.1:9002 attempt_errors=connect_refused,http_503,- cookies=7,9,8 attempts=3 retries=2 connect_ms=- first_byte_ms=- total_ms="), "{line}");
     assert!(
         line.contains(
             " error=- request_id=- host=- user_agent=\"-\" upstream_status=- request_bytes=0 tls=-"
@@ -95,7 +104,11 @@ fn plain_line_names_route_cluster_endpoints_and_reason() {
     );
     let json: serde_json::Value =
         serde_json::from_str(&render(&ex, AccessLogFormat::Json)).unwrap();
-    assert_eq!(json["endpoints"][1], "127.0.0.1:9002");
-    assert_eq!(json["retries"], 1);
+    assert_eq!(json["endpoints"][2], "127.0.0.1:9002");
+    assert_eq!(
+        json["attempt_errors"],
+        serde_json::json!(["connect_refused", "http_503", "-"])
+    );
+    assert_eq!(json["retries"], 2);
     assert_eq!(json["error"], serde_json::Value::Null);
 }

@@ -183,6 +183,7 @@ fn push_attempt(ex: &mut Exchange, endpoint: SocketAddr) {
         cookie: None,
         reused: false,
         error: None,
+        status: None,
     });
 }
 
