@@ -1,0 +1,296 @@
+//! `retry.status_codes` end to end, with nginx as the upstreams (one of three answering every
+//! request with its own `503` page) and curl as the client:
+//!
+//! - a GET that met the `503` is sent to another endpoint, and the client sees only `200`s;
+//!   the access log says `http_503` for the attempt given up;
+//! - a POST is never sent again for its status: the client gets nginx's `503` as it came,
+//!   and nginx saw each POST once;
+//! - a route's `status_codes = []` turns it off for that route;
+//! - when every attempt is answered `503` (one endpoint), the client gets the last answer,
+//!   nginx's page, after `max_retries`, not an error of the gateway's;
+//! - the given-up HTTP/1.1 responses' connections are reused (their bodies were read), and an
+//!   HTTP/2 upstream's connection outlives the streams given up on it.
+//!
+//! Unprivileged: loopback only; nginx is Debian's (installed by `./dev`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use gateway_testkit::{
+    http::{client, get},
+    inprocess::{gateway, log_lines},
+    peers::{NginxProcess, nginx_h2c, spawn_nginx},
+    tempdir::temp_dir,
+};
+
+/// nginx on three loopback ports: the first answers `503` (nginx's own error page), the
+/// others `200`. Its access log is `port connection connection_requests method status`.
+struct Pool {
+    addrs: Vec<SocketAddr>,
+    log: PathBuf,
+    _process: NginxProcess,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pool(dir: &Path) -> Pool {
+    let ports = [free_port(), free_port(), free_port()];
+    let log = dir.join("nginx-access.log");
+    let server = |port: u16, answer: &str| {
+        format!(" server {{ listen 127.0.0.1:{port}; location / {{ {answer} }} }}\n")
+    };
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n\
+             log_format p '$server_port $connection $connection_requests $request_method $status';\n\
+             access_log {log} p;\n{}{}{}}}\n",
+            server(ports[0], "return 503;"),
+            server(ports[1], "return 200 \"ok\\n\";"),
+            server(ports[2], "return 200 \"ok\\n\";"),
+            d = dir.display(),
+            log = log.display(),
+        ),
+    )
+    .unwrap();
+    let process = spawn_nginx(
+        Command::new("/usr/sbin/nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    );
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for a in &addrs {
+        while std::net::TcpStream::connect(a).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {a}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Pool {
+        addrs,
+        log,
+        _process: process,
+    }
+}
+
+/// curl: `n` requests (`method`) to `url` on one connection; each one's status.
+fn curl(url: &str, method: &str, n: usize) -> Vec<String> {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-X", method, "-H", "Host: test.local"]);
+    if method == "POST" {
+        c.args(["-d", "x"]);
+    }
+    for _ in 0..n {
+        c.args(["-o", "/dev/null"]).arg(url);
+    }
+    let out = c.args(["-w", "%{http_code} "]).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// nginx's access log lines for `port`: (connection, requests on it, method, status).
+fn served(log: &Path, port: u16) -> Vec<(u64, u64, String, u16)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0] == port.to_string()).then(|| {
+                (
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                    f[3].to_owned(),
+                    f[4].parse().unwrap(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_status_is_retried_elsewhere_for_idempotent_requests_only() {
+    let dir = temp_dir("retry-status-nginx");
+    let up = pool(&dir);
+    let h2 = nginx_h2c(&dir, "location /fail/ { return 503; }");
+    let [down, ..] = up.addrs[..] else {
+        unreachable!()
+    };
+    let gw = gateway(
+        "retry-status",
+        &format!(
+            r#"
+[[routes]]
+path_prefix = "/r/"
+cluster = "pool"
+
+[[routes]]
+path_prefix = "/p/"
+cluster = "pool"
+[routes.retry]
+status_codes = []
+
+[[routes]]
+path_prefix = "/all/"
+cluster = "down"
+
+[[routes]]
+path_prefix = "/h2/"
+rewrite_prefix = "/fail/"
+cluster = "h2"
+
+[clusters.pool]
+endpoints = ["{}", "{}", "{}"]
+[clusters.pool.retry]
+status_codes = [502, 503]
+
+[clusters.down]
+endpoints = ["{down}"]
+[clusters.down.retry]
+status_codes = [503]
+
+[clusters.h2]
+endpoints = ["{}"]
+protocol = "h2c"
+[clusters.h2.retry]
+status_codes = [503]
+"#,
+            up.addrs[0], up.addrs[1], up.addrs[2], h2.addr
+        ),
+    )
+    .await;
+    let base = format!("http://{}", gw.addr);
+    let run = |path: &'static str, method: &'static str, n: usize| {
+        let url = format!("{base}{path}");
+        tokio::task::spawn_blocking(move || curl(&url, method, n))
+    };
+
+    // GETs: the 503 is retried on another endpoint; the client sees none.
+    let got = run("/r/x", "GET", 30).await.unwrap();
+    assert_eq!(got, vec!["200"; 30], "{got:?}");
+    let at_down = served(&up.log, down.port());
+    assert!(
+        at_down.len() >= 5 && at_down.iter().all(|s| s.2 == "GET" && s.3 == 503),
+        "round robin sends a third of the GETs to the 503 first: {at_down:?}"
+    );
+    let lines = log_lines(&gw.log, 30);
+    let retried: Vec<_> = lines.iter().filter(|l| l["retries"] == 1).collect();
+    assert_eq!(retried.len(), at_down.len(), "{lines:?}");
+    for l in &retried {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(
+            l["attempt_errors"],
+            serde_json::json!(["http_503", "-"]),
+            "{l}"
+        );
+        assert_eq!(l["endpoints"][0], down.to_string(), "{l}");
+    }
+    // The given-up 503 pages were read to their end, so their connections served again.
+    assert!(
+        at_down.iter().any(|s| s.1 >= 2),
+        "a connection that carried a given-up 503 carried another request: {at_down:?}"
+    );
+
+    // POSTs: the upstream had the request; the 503 goes to the client as it came, and nginx
+    // saw each POST once.
+    let got = run("/r/x", "POST", 30).await.unwrap();
+    let refused = got.iter().filter(|s| *s == "503").count();
+    assert!(
+        refused >= 5 && got.iter().all(|s| s == "200" || s == "503"),
+        "{got:?}"
+    );
+    let posts_down = served(&up.log, down.port())
+        .into_iter()
+        .filter(|s| s.2 == "POST")
+        .count();
+    assert_eq!(posts_down, refused, "no POST sent twice");
+
+    // A route that turns it off.
+    let got = run("/p/x", "GET", 30).await.unwrap();
+    assert!(got.iter().filter(|s| *s == "503").count() >= 5, "{got:?}");
+
+    // Every attempt answered 503: the client gets nginx's page after max_retries (2), with the
+    // upstream's status, not an error of the gateway's.
+    let c = client();
+    let last = get(&c, gw.addr, "/all/x").await;
+    assert_eq!(last.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        last.body.contains("503 Service Temporarily Unavailable") && last.body.contains("nginx"),
+        "{}",
+        last.body
+    );
+    assert!(
+        last.headers.get("x-gateway-error").is_none(),
+        "{:?}",
+        last.headers
+    );
+    let line = log_lines(&gw.log, 91)
+        .into_iter()
+        .rev()
+        .find(|l| l["path"] == "/all/x")
+        .expect("the /all/ line");
+    assert_eq!(line["upstream_status"], 503, "{line}");
+    assert_eq!(line["retries"], 2, "{line}");
+    assert_eq!(
+        line["attempt_errors"],
+        serde_json::json!(["http_503", "http_503", "-"]),
+        "{line}"
+    );
+    assert_eq!(line["error"], serde_json::Value::Null, "{line}");
+
+    // HTTP/2: each given-up stream is reset, and the connection stays for the next attempt.
+    let h2_got = run("/h2/x", "GET", 1).await.unwrap();
+    assert_eq!(h2_got, ["503"]);
+    let h2_log = wait_lines(&h2.log, 3);
+    let conns: std::collections::BTreeSet<&str> = h2_log
+        .iter()
+        .map(|l| l.split(' ').nth(1).unwrap())
+        .collect();
+    assert!(
+        h2_log.iter().all(|l| l.contains(" 503 /fail/x")) && conns.len() == 1,
+        "three attempts, each a 503, on one HTTP/2 connection: {h2_log:?}"
+    );
+
+    let admin = gw.handle.admin_addr().unwrap();
+    let m = get(&c, admin, "/metrics").await.body;
+    let want = format!(
+        "gateway_retries_total{{cluster=\"pool\",reason=\"upstream_status\"}} {}",
+        at_down.len()
+    );
+    assert!(m.contains(&want), "{want}\n{m}");
+}
+
+/// The first `n` lines of the file at `path`, waiting up to 5 s for them.
+fn wait_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
