@@ -141,7 +141,7 @@ catalogue! {
     slowdowns: "gateway_endpoint_slowdowns", "counter", ["cluster", "endpoint"],
         "Times lb_policy peak_ewma found the endpoint slow (a latency outlier against the cluster's lower median) and sent it only a trickle; health_state{state=\"slow\"} is 1 while it lasts. Never an ejection.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
-        "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure).";
+        "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure, error_status).";
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
         "Hedged connects: a connect to a second endpoint raced against one with no SYN-ACK by its deadline (reason deadline), by result: won (the hedge connected first), lost (the first endpoint won, or the hedge failed too), budget_exhausted (no hedge: the hedge budget or the connection limit did not allow one).";
     retries: "gateway_retries", "counter", ["cluster", "reason"],

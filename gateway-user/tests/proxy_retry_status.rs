@@ -9,7 +9,10 @@
 //! - when every attempt is answered `503` (one endpoint), the client gets the last answer,
 //!   nginx's page, after `max_retries`, not an error of the gateway's;
 //! - the given-up HTTP/1.1 responses' connections are reused (their bodies were read), and an
-//!   HTTP/2 upstream's connection outlives the streams given up on it.
+//!   HTTP/2 upstream's connection outlives the streams given up on it;
+//! - `health.error_statuses_to_eject`: the endpoint answering `503` is ejected after 5 in a
+//!   row (`/status`, the metric), kept out while its probe's `GET` is answered `503`, and back
+//!   once nginx, reloaded, answers `200`.
 //!
 //! Unprivileged: loopback only; nginx is Debian's (installed by `./dev`).
 
@@ -21,6 +24,7 @@ use std::{
 };
 
 use gateway_testkit::{
+    admin::{SETTLE, endpoint, metrics, sample, status},
     http::{client, get},
     inprocess::{gateway, log_lines},
     peers::{NginxProcess, nginx_h2c, spawn_nginx},
@@ -32,7 +36,46 @@ use gateway_testkit::{
 struct Pool {
     addrs: Vec<SocketAddr>,
     log: PathBuf,
+    dir: PathBuf,
     _process: NginxProcess,
+}
+
+const DOWN: &str = "return 503;";
+const UP: &str = "return 200 \"ok\\n\";";
+
+/// nginx's config for `ports`, the first answering with `first`.
+fn nginx_conf(dir: &Path, ports: &[u16], first: &str) -> PathBuf {
+    let server = |port: u16, answer: &str| {
+        format!(" server {{ listen 127.0.0.1:{port}; location / {{ {answer} }} }}\n")
+    };
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n\
+             log_format p '$server_port $connection $connection_requests $request_method $status';\n\
+             access_log {d}/nginx-access.log p;\n{}{}{}}}\n",
+            server(ports[0], first),
+            server(ports[1], UP),
+            server(ports[2], UP),
+            d = dir.display(),
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+impl Pool {
+    /// The first endpoint answers `200` from now on: nginx reloads its config (SIGHUP).
+    fn heal(&self) {
+        let ports: Vec<u16> = self.addrs.iter().map(|a| a.port()).collect();
+        nginx_conf(&self.dir, &ports, UP);
+        let pid = std::fs::read_to_string(self.dir.join("nginx.pid")).unwrap();
+        let pid: libc::pid_t = pid.trim().parse().unwrap();
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
 }
 
 fn free_port() -> u16 {
@@ -45,26 +88,7 @@ fn free_port() -> u16 {
 
 fn pool(dir: &Path) -> Pool {
     let ports = [free_port(), free_port(), free_port()];
-    let log = dir.join("nginx-access.log");
-    let server = |port: u16, answer: &str| {
-        format!(" server {{ listen 127.0.0.1:{port}; location / {{ {answer} }} }}\n")
-    };
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
-             events {{ worker_connections 1024; }}\nhttp {{\n\
-             log_format p '$server_port $connection $connection_requests $request_method $status';\n\
-             access_log {log} p;\n{}{}{}}}\n",
-            server(ports[0], "return 503;"),
-            server(ports[1], "return 200 \"ok\\n\";"),
-            server(ports[2], "return 200 \"ok\\n\";"),
-            d = dir.display(),
-            log = log.display(),
-        ),
-    )
-    .unwrap();
+    let conf = nginx_conf(dir, &ports, DOWN);
     let process = spawn_nginx(
         Command::new("/usr/sbin/nginx")
             .args(["-e", "stderr", "-p"])
@@ -86,7 +110,8 @@ fn pool(dir: &Path) -> Pool {
     }
     Pool {
         addrs,
-        log,
+        log: dir.join("nginx-access.log"),
+        dir: dir.to_owned(),
         _process: process,
     }
 }
@@ -162,6 +187,8 @@ cluster = "h2"
 endpoints = ["{}", "{}", "{}"]
 [clusters.pool.retry]
 status_codes = [502, 503]
+[clusters.pool.health]
+error_statuses_to_eject = 0
 
 [clusters.down]
 endpoints = ["{down}"]
@@ -277,6 +304,97 @@ status_codes = [503]
         at_down.len()
     );
     assert!(m.contains(&want), "{want}\n{m}");
+}
+
+/// `health.error_statuses_to_eject` (default 5): the endpoint answering `503` is ejected
+/// after 5 in a row, each retried so the client sees none; its probe's `GET /` keeps it out
+/// while nginx answers `503`, and brings it back once nginx, reloaded, answers `200`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_503_is_ejected_until_its_probe_is_answered() {
+    let dir = temp_dir("error-status-nginx");
+    let up = pool(&dir);
+    let down = up.addrs[0];
+    let gw = gateway(
+        "error-status",
+        &format!(
+            r#"
+[router.upstream]
+endpoints = ["{}", "{}", "{}"]
+[router.upstream.retry]
+status_codes = [503]
+[router.upstream.health]
+probe_path = "/"
+ejection_ms = 3000
+"#,
+            up.addrs[0], up.addrs[1], up.addrs[2]
+        ),
+    )
+    .await;
+    let url = format!("http://{}/x", gw.addr);
+    let get_n = |n: usize| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || curl(&url, "GET", n))
+    };
+    let got = get_n(40).await.unwrap();
+    assert_eq!(got, vec!["200"; 40], "{got:?}");
+    let lines = log_lines(&gw.log, 40);
+    let retried = lines
+        .iter()
+        .filter(|l| l["attempt_errors"][0] == "http_503")
+        .count();
+    let ends: Vec<_> = lines.iter().map(|l| &l["attempt_errors"]).collect();
+    assert_eq!(retried, 5, "ejected after 5 in a row: {ends:?}");
+
+    let admin = gw.handle.admin_addr().unwrap();
+    let s = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    let ep = endpoint(&s, "default", down);
+    assert_eq!(ep["state"], "ejected", "{ep:#}");
+    assert_eq!(ep["reason"], "error_status", "{ep:#}");
+    let event = ep["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "ejected")
+        .unwrap_or_else(|| panic!("an ejection event: {ep:#}"));
+    assert!(
+        event["detail"].as_str().unwrap().contains("503"),
+        "{event:#}"
+    );
+    let m = tokio::task::spawn_blocking(move || metrics(admin))
+        .await
+        .unwrap();
+    let down_label = down.to_string();
+    let ejections = sample(
+        &m,
+        "gateway_endpoint_ejections_total",
+        &[("endpoint", &down_label), ("reason", "error_status")],
+    );
+    assert_eq!(ejections, Some(1.0), "{m}");
+
+    // Fixed: once the ejection ran out, its probes' GET / is answered 200, and it is back.
+    up.heal();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let s = tokio::task::spawn_blocking(move || status(admin))
+            .await
+            .unwrap();
+        let ep = endpoint(&s, "default", down).clone();
+        if ep["state"] == "healthy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not back: {ep:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = served(&up.log, down.port()).len();
+    let got = get_n(30).await.unwrap();
+    assert_eq!(got, vec!["200"; 30], "{got:?}");
+    let after = served(&up.log, down.port());
+    assert!(
+        after.len() - before >= 5 && after[before..].iter().all(|s| s.3 == 200),
+        "it takes its share again: {after:?}"
+    );
 }
 
 /// The first `n` lines of the file at `path`, waiting up to 5 s for them.

@@ -8,6 +8,7 @@
 //! | `slow_handshakes_to_suspect` connects in a row that needed SYN retransmits | suspect (overloaded or lossy): deprioritised, not ejected |
 //! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
 //! | `tls_failures_to_eject` TLS handshakes in a row that failed or timed out on a healthy TCP connection | ejected as `tls_failure` (0 disables); never counted as a network failure, and a TCP handshake does not clear it (only a response does) |
+//! | `error_statuses_to_eject` responses in a row with status 502, 503 or 504 | ejected as `error_status` (0 disables): the upstream answers, but says it cannot serve; never counted as a network failure |
 //! | a health probe's `GET probe_path` answered with another status than expected | ejected at once, as `unexpected_status` |
 //! | a clean handshake (on a TLS cluster: TCP, then TLS) or a response | clears the strikes; a suspect endpoint is healthy again |
 //!
@@ -34,6 +35,15 @@ pub const DEFAULT_SYN_UNANSWERED_TO_EJECT: u32 = 2;
 pub const DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT: u32 = 3;
 pub const DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT: u32 = 5;
 pub const DEFAULT_TLS_FAILURES_TO_EJECT: u32 = 3;
+pub const DEFAULT_ERROR_STATUSES_TO_EJECT: u32 = 5;
+
+/// The statuses [`Evidence::ErrorStatus`] is made of: an upstream that cannot serve (a bad
+/// gateway of its own, unavailable, a timeout behind it), as Envoy's
+/// `consecutive_gateway_failure` counts them. Not a 500, which is as often the answer to one
+/// request as the state of the instance.
+pub fn is_error_status(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthPolicy {
@@ -46,6 +56,7 @@ pub struct HealthPolicy {
     pub slow_handshakes_to_suspect: u32,
     pub response_timeouts_to_eject: u32,
     pub tls_failures_to_eject: u32,
+    pub error_statuses_to_eject: u32,
 }
 
 impl Default for HealthPolicy {
@@ -60,6 +71,7 @@ impl Default for HealthPolicy {
             slow_handshakes_to_suspect: DEFAULT_SLOW_HANDSHAKES_TO_SUSPECT,
             response_timeouts_to_eject: DEFAULT_RESPONSE_TIMEOUTS_TO_EJECT,
             tls_failures_to_eject: DEFAULT_TLS_FAILURES_TO_EJECT,
+            error_statuses_to_eject: DEFAULT_ERROR_STATUSES_TO_EJECT,
         }
     }
 }
@@ -116,6 +128,8 @@ pub enum Reason {
     UnexpectedStatus,
     /// TLS handshakes failed or timed out on TCP connections the kernel saw healthy.
     TlsFailure,
+    /// Responses in a row with status 502, 503 or 504 ([`is_error_status`]).
+    ErrorStatus,
 }
 
 impl Reason {
@@ -131,6 +145,7 @@ impl Reason {
             Reason::ProbeFailed => "probe_failed",
             Reason::UnexpectedStatus => "unexpected_status",
             Reason::TlsFailure => "tls_failure",
+            Reason::ErrorStatus => "error_status",
         }
     }
 }
@@ -157,6 +172,8 @@ pub enum Evidence {
     UnexpectedStatus,
     /// A TLS handshake failed or timed out on a TCP connection the kernel saw healthy.
     TlsFailed,
+    /// A response arrived with status 502, 503 or 504 ([`is_error_status`]).
+    ErrorStatus,
 }
 
 impl Evidence {
@@ -195,6 +212,7 @@ pub struct EndpointHealth {
     slow_handshakes: u32,
     response_timeouts: u32,
     tls_failures: u32,
+    error_statuses: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
     probe_successes: u32,
@@ -210,6 +228,7 @@ impl EndpointHealth {
             slow_handshakes: 0,
             response_timeouts: 0,
             tls_failures: 0,
+            error_statuses: 0,
             ejections: 0,
             ejected_until: None,
             probe_successes: 0,
@@ -268,6 +287,7 @@ impl EndpointHealth {
         self.slow_handshakes = 0;
         self.response_timeouts = 0;
         self.tls_failures = 0;
+        self.error_statuses = 0;
         self.set(State::Ejected, Some(reason), now);
         Transition::Ejected { reason, duration }
     }
@@ -337,9 +357,22 @@ impl EndpointHealth {
                     Transition::None
                 }
             }
+            Evidence::ErrorStatus => {
+                // It answered: no timeout or TLS failure in a row any more.
+                self.response_timeouts = 0;
+                self.tls_failures = 0;
+                self.error_statuses += 1;
+                if p.error_statuses_to_eject > 0 && self.error_statuses >= p.error_statuses_to_eject
+                {
+                    self.eject(Reason::ErrorStatus, now, p, may_eject)
+                } else {
+                    Transition::None
+                }
+            }
             Evidence::ResponseOk => {
                 self.response_timeouts = 0;
                 self.tls_failures = 0;
+                self.error_statuses = 0;
                 Transition::None
             }
         }

@@ -272,6 +272,10 @@ pub struct HealthConfig {
     /// endpoint is ejected as `tls_failure`; 0 disables. Default
     /// [`health::DEFAULT_TLS_FAILURES_TO_EJECT`].
     pub tls_failures_to_eject: Option<u32>,
+    /// Responses in a row with status 502, 503 or 504 (the upstream answers, but cannot serve:
+    /// shutting down, overloaded, its own backend gone) before the endpoint is ejected as
+    /// `error_status`; 0 disables. Default [`health::DEFAULT_ERROR_STATUSES_TO_EJECT`].
+    pub error_statuses_to_eject: Option<u32>,
     /// When set, probes also send `GET probe_path` and expect `probe_expect_status`.
     pub probe_path: Option<String>,
     /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].

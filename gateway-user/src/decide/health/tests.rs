@@ -274,3 +274,48 @@ fn only_failures_can_eject() {
     }
     assert!(Evidence::Refused.is_failure() && Evidence::ResponseTimeout.is_failure());
 }
+
+#[test]
+fn error_statuses_in_a_row_eject_and_any_other_response_clears_them() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    // Four 503s, then a 200: the count starts again.
+    for _ in 1..p.error_statuses_to_eject {
+        assert_eq!(
+            h.observe(Evidence::ErrorStatus, t, &p, true),
+            Transition::None
+        );
+    }
+    h.observe(Evidence::ResponseOk, t, &p, true);
+    for _ in 1..p.error_statuses_to_eject {
+        h.observe(Evidence::ErrorStatus, t, &p, true);
+        assert_eq!(h.state(), State::Healthy);
+    }
+    assert_eq!(
+        h.observe(Evidence::ErrorStatus, t, &p, true),
+        Transition::Ejected {
+            reason: Reason::ErrorStatus,
+            duration: DEFAULT_BASE_EJECTION
+        }
+    );
+    // Fail-open: past the cluster's budget it is only deprioritised.
+    let mut kept = EndpointHealth::new(t);
+    for _ in 0..p.error_statuses_to_eject {
+        kept.observe(Evidence::ErrorStatus, t, &p, false);
+    }
+    assert_eq!(kept.state(), State::Suspect);
+    assert_eq!(kept.reason(), Some(Reason::ErrorStatus));
+    let off = HealthPolicy {
+        error_statuses_to_eject: 0,
+        ..p
+    };
+    let mut h = EndpointHealth::new(t);
+    for _ in 0..100 {
+        h.observe(Evidence::ErrorStatus, t, &off, true);
+    }
+    assert_eq!(h.state(), State::Healthy, "0 disables the rule");
+    assert!(is_error_status(502) && is_error_status(503) && is_error_status(504));
+    assert!(!is_error_status(500) && !is_error_status(501) && !is_error_status(505));
+    assert!(!is_error_status(429) && !is_error_status(200));
+}

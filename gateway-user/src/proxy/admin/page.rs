@@ -68,6 +68,9 @@ fn explain(reason: Reason) -> &'static str {
         Reason::TlsFailure => {
             "TLS handshakes failed on healthy TCP connections: certificate, CA, name or TLS server"
         }
+        Reason::ErrorStatus => {
+            "responses in a row were 502, 503 or 504: it answers, but cannot serve"
+        }
     }
 }
 

@@ -30,7 +30,8 @@
 //!       "state": "ejected",              // healthy | slow | suspect | ejected | probing
 //!       "reason": "refused",             // why not healthy: syn_unanswered, refused, unreachable,
 //!                                        // host_died, overloaded, slow_backend, slow_network,
-//!                                        // probe_failed, unexpected_status, tls_failure; or null
+//!                                        // probe_failed, unexpected_status, tls_failure,
+//!                                        // error_status; or null
 //!       "since_unix_ms": 1763740011000,
 //!       "ejected_until_unix_ms": 1763740012000,   // null unless ejected
 //!       "connect_deadline_ms": 250.0,

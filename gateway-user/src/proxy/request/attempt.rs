@@ -121,12 +121,7 @@ pub(super) async fn run(
                 if let Some(h2) = conn.h2() {
                     h2.answered();
                 }
-                cluster.report_at(
-                    &ep,
-                    crate::decide::health::Evidence::ResponseOk,
-                    arrived,
-                    &String::new,
-                );
+                report_status(cluster, &ep, response.status(), arrived);
                 let lease = Lease {
                     conn,
                     endpoint: ep,
@@ -154,6 +149,18 @@ pub(super) async fn run(
                 return Err(f);
             }
         }
+    }
+}
+
+/// A response head's evidence for its endpoint's health: it answered, or it answered that it
+/// cannot serve (`decide::health::is_error_status`).
+fn report_status(cluster: &Cluster, ep: &Endpoint, status: http::StatusCode, arrived: Instant) {
+    use crate::decide::health::{Evidence, is_error_status};
+    if is_error_status(status.as_u16()) {
+        let detail = || format!("answered {status}");
+        cluster.report_at(ep, Evidence::ErrorStatus, arrived, &detail);
+    } else {
+        cluster.report_at(ep, Evidence::ResponseOk, arrived, &String::new);
     }
 }
 

@@ -56,6 +56,13 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
         1000,
         ""
     );
+    let error_statuses = key!(
+        error_statuses_to_eject,
+        health::DEFAULT_ERROR_STATUSES_TO_EJECT,
+        0,
+        1000,
+        ""
+    );
     let probe_expect_status = key!(
         probe_expect_status,
         DEFAULT_PROBE_EXPECT_STATUS,
@@ -80,6 +87,7 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
             slow_handshakes_to_suspect: slow_handshakes as u32,
             response_timeouts_to_eject: response_timeouts as u32,
             tls_failures_to_eject: tls_failures as u32,
+            error_statuses_to_eject: error_statuses as u32,
         },
         probe_path,
         probe_expect_status: probe_expect_status as u16,
