@@ -306,18 +306,17 @@ pub fn retry_allowed(
     }
 }
 
-/// Retry, or stop and say why.
-pub fn next_step(
+/// The checks of [`next_step`] before the budget: the rule, the request at hand, and
+/// `max_retries`. `Ok` with the reason, and whether the retry is a free refusal (rule 6).
+fn admissible(
     failure: Failure,
     attempted: Attempted,
     policy: &RetryPolicy,
-    budgets: &Arc<Budgets>,
-) -> Step {
-    let Some(reason) = retry_allowed(failure, attempted.idempotent, policy) else {
-        return Step::Stop(Stop::NotRetryable);
-    };
+) -> Result<(RetryReason, bool), Stop> {
+    let reason =
+        retry_allowed(failure, attempted.idempotent, policy).ok_or(Stop::NotRetryable)?;
     if !attempted.resendable {
-        return Step::Stop(Stop::NotResendable);
+        return Err(Stop::NotResendable);
     }
     // `max_retries = 0` turns every retry off, these too.
     let free_refusal = failure == (Failure::Refused { graceful: true })
@@ -326,8 +325,28 @@ pub fn next_step(
     // Retries that count: all but the free refusals so far.
     let counted = attempted.retries.saturating_sub(attempted.free_refusals);
     if !free_refusal && counted >= policy.max_retries {
-        return Step::Stop(Stop::MaxRetries);
+        return Err(Stop::MaxRetries);
     }
+    Ok((reason, free_refusal))
+}
+
+/// Whether [`next_step`] could retry `failure`, leaving out the budget (which takes a permit):
+/// asked before what has side effects of its own, such as picking the endpoint.
+pub fn may_retry(failure: Failure, attempted: Attempted, policy: &RetryPolicy) -> bool {
+    admissible(failure, attempted, policy).is_ok()
+}
+
+/// Retry, or stop and say why.
+pub fn next_step(
+    failure: Failure,
+    attempted: Attempted,
+    policy: &RetryPolicy,
+    budgets: &Arc<Budgets>,
+) -> Step {
+    let (reason, free_refusal) = match admissible(failure, attempted, policy) {
+        Ok(r) => r,
+        Err(stop) => return Step::Stop(stop),
+    };
     let to = match failure {
         // The connection broke, not the endpoint (a host that died is `host_died`).
         Failure::ConnectionDied {

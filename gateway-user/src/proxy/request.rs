@@ -54,7 +54,7 @@ use crate::{
     config::UpstreamProtocol,
     decide::{
         budget::RetryPermit,
-        retry::{Attempted, Failure, Step, Stop, Where, next_step},
+        retry::{Attempted, Failure, Step, Stop, Where, may_retry, next_step},
     },
 };
 
@@ -246,13 +246,18 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                 let Some(failure) = retryable::response(&plan, &up) else {
                     return Ok(up);
                 };
-                // Nothing of it reached the client yet. It stands unless an endpoint is left
-                // for the retry (another, else the same one: an address may front many
-                // instances) and `decide::retry` allows one.
+                // Nothing of it reached the client yet. It stands unless a retry may happen at
+                // all (asked first: a pick has side effects, such as the round robin's turn),
+                // an endpoint is left for it (another, else the same one: an address may front
+                // many instances), and the budget allows it.
+                let again = plan.replay();
+                let attempted = attempted(&plan, ex, again.is_some());
+                if !may_retry(failure, attempted, &plan.route.retry) {
+                    return Ok(up);
+                }
                 let Ok(ep) = pick(&cluster, ex, None, true) else {
                     return Ok(up);
                 };
-                let again = plan.replay();
                 match retry(&mut plan, ex, &cluster, failure, again) {
                     Some(again) => {
                         if let (Failure::UpstreamStatus(s), Some(a)) =
@@ -293,6 +298,17 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     }
 }
 
+/// What `decide::retry` needs to know about the request so far.
+fn attempted(plan: &Plan, ex: &Exchange, resendable: bool) -> Attempted {
+    Attempted {
+        idempotent: plan.idempotent,
+        resendable,
+        retries: ex.record.retries,
+        refused: plan.refused,
+        free_refusals: plan.free_refusals,
+    }
+}
+
 /// Asks `decide::retry` about `failure`: the request to send again, counted, or `None`.
 fn retry(
     plan: &mut Plan,
@@ -301,13 +317,7 @@ fn retry(
     failure: Failure,
     again: Option<Request<RequestBody>>,
 ) -> Option<Request<RequestBody>> {
-    let attempted = Attempted {
-        idempotent: plan.idempotent,
-        resendable: again.is_some(),
-        retries: ex.record.retries,
-        refused: plan.refused,
-        free_refusals: plan.free_refusals,
-    };
+    let attempted = attempted(plan, ex, again.is_some());
     if matches!(failure, Failure::Refused { .. }) {
         plan.refused += 1;
     }

@@ -9,8 +9,8 @@ use hyper::body::Body as _;
 use super::{GRPC_STATUS, Plan, Upstream};
 use crate::decide::{grpc::GrpcCode, retry::Failure};
 
-/// The most of a given-up HTTP/1.1 response's body read so that its connection can be reused
-/// (an error page; a larger body closes the connection instead).
+/// The most of a given-up response's body read so that its connection can be reused (an error
+/// page; a larger body closes an HTTP/1.1 connection, or resets an HTTP/2 stream, instead).
 const DRAIN_MAX_BYTES: usize = 64 * 1024;
 
 /// How long reading it may take.
@@ -35,26 +35,24 @@ pub(super) fn response(plan: &Plan, up: &Upstream) -> Option<Failure> {
             && retry.grpc_status_codes.contains(code))
         .then_some(Failure::GrpcStatus(code));
     }
+    // Only an idempotent request is retried for its status (`decide::retry` rule 8).
     let status = up.response.status().as_u16();
-    retry
-        .status_codes
-        .contains(status)
+    (plan.idempotent && retry.status_codes.contains(status))
         .then_some(Failure::UpstreamStatus(status))
 }
 
 impl Upstream {
     /// Gives this response up for a retry. An empty body gives the connection back at once;
-    /// an HTTP/2 stream is reset (dropped), its connection kept; an HTTP/1.1 body of at most
-    /// [`DRAIN_MAX_BYTES`] is read to its end in the background (within [`DRAIN_TIME`]) and
-    /// the connection then given back, and any other is closed, as nginx closes it.
+    /// a body of at most [`DRAIN_MAX_BYTES`] is read to its end in the background (within
+    /// [`DRAIN_TIME`]) and the connection then given back (an HTTP/2 stream ends cleanly:
+    /// resetting the streams of an upstream shedding load would look like an attack to
+    /// some); any other is closed (HTTP/1.1, as nginx closes it) or reset (HTTP/2).
     pub(super) fn discard(self) {
         if self.response.body().is_end_stream() {
             self.release();
             return;
         }
-        if self.lease.conn.is_http2()
-            || self.response.body().size_hint().lower() > DRAIN_MAX_BYTES as u64
-        {
+        if self.response.body().size_hint().lower() > DRAIN_MAX_BYTES as u64 {
             return;
         }
         tokio::spawn(async move {
