@@ -23,6 +23,8 @@ mod source;
 mod validate;
 
 #[cfg(test)]
+mod balancing_tests;
+#[cfg(test)]
 mod edge_tests;
 #[cfg(test)]
 mod route_tests;

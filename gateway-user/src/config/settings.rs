@@ -255,6 +255,8 @@ pub struct ClusterSpec {
     pub name: String,
     pub endpoints: Vec<EndpointSpec>,
     pub lb_policy: LbPolicy,
+    /// What `consistent_hash` hashes a request on.
+    pub hash_on: HashOn,
     pub dns_refresh: Duration,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
@@ -270,6 +272,37 @@ pub struct ClusterSpec {
     pub request_buffering: bool,
     /// The `Upgrade` protocols tunnelled to the endpoints, lowercase (`upgrades`).
     pub upgrades: Vec<String>,
+}
+
+/// `hash_on`: the key of a request that `lb_policy = "consistent_hash"` hashes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HashOn {
+    /// The client's address (or the client a trusted proxy names).
+    #[default]
+    Client,
+    Header(http::HeaderName),
+    Cookie(String),
+}
+
+impl HashOn {
+    /// `"client"`, `"header:NAME"` or `"cookie:NAME"`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<HashOn> {
+        match text.split_once(':') {
+            None if text == "client" => Some(HashOn::Client),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(HashOn::Header),
+            Some(("cookie", name))
+                if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
+            {
+                Some(HashOn::Cookie(name.to_owned()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

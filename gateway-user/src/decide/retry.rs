@@ -313,8 +313,7 @@ fn admissible(
     attempted: Attempted,
     policy: &RetryPolicy,
 ) -> Result<(RetryReason, bool), Stop> {
-    let reason =
-        retry_allowed(failure, attempted.idempotent, policy).ok_or(Stop::NotRetryable)?;
+    let reason = retry_allowed(failure, attempted.idempotent, policy).ok_or(Stop::NotRetryable)?;
     if !attempted.resendable {
         return Err(Stop::NotResendable);
     }

@@ -93,6 +93,11 @@ pub(crate) struct Record {
 }
 
 impl Record {
+    /// The request's client: the one a trusted proxy names, else the peer.
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        self.forwarded_client.unwrap_or(self.client.ip())
+    }
+
     pub fn new(client: SocketAddr, method: Method, uri: Uri, version: Version) -> Self {
         Record {
             start: Instant::now(),

@@ -20,6 +20,7 @@
 //! when shorter, replaces it). A route may override the response and request timeouts, and
 //! the retries and hedging (its `RoutePolicy`). A `101` hands the connection to `tunnel`.
 
+mod affinity;
 mod attempt;
 mod gate;
 mod prepare;
@@ -44,7 +45,7 @@ use super::{
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
-    request_body::{Budget, Progress, RequestBody},
+    request_body::{Progress, RequestBody},
     response_body::ResponseBody,
     router::CompiledRoute,
     shared::{Drain, Shared},
@@ -151,6 +152,8 @@ struct Plan {
     free_refusals: u32,
     /// The next pick may return to an endpoint already tried when no other is left.
     same_endpoint_ok: bool,
+    /// The hash of the request's `hash_on` key, for a `consistent_hash` cluster.
+    affinity: Option<u64>,
     /// Held while a retry is in flight (the cluster's retry budget).
     retry_permit: Option<RetryPermit>,
 }
@@ -166,9 +169,9 @@ impl Plan {
         route: Arc<CompiledRoute>,
         req: &mut Request<RequestBody>,
         (deadline, grpc_deadline): (Instant, bool),
-        grpc: bool,
-        budget: &Arc<Budget>,
+        ex: &Exchange,
     ) -> Plan {
+        let (grpc, budget) = (ex.grpc, &ex.shared.body_budget);
         let kernel = cluster.kernel();
         let idempotent = is_idempotent(req.method());
         let retry = &route.retry;
@@ -192,6 +195,7 @@ impl Plan {
             refused: 0,
             free_refusals: 0,
             same_endpoint_ok: false,
+            affinity: affinity::key(cluster, req.headers(), ex.record.client_ip()),
             retry_permit: None,
         }
     }
@@ -209,14 +213,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         grpc_deadline,
         upgrade: _,
     } = p;
-    let mut plan = Plan::new(
-        &cluster,
-        route,
-        &mut req,
-        (deadline, grpc_deadline),
-        ex.grpc,
-        &ex.shared.body_budget,
-    );
+    let mut plan = Plan::new(&cluster, route, &mut req, (deadline, grpc_deadline), ex);
     plan.had_body = done.is_some();
     ex.body = done.clone();
     if let Some(progress) = &done
@@ -237,6 +234,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
             None => pick(
                 &cluster,
                 ex,
+                plan.affinity,
                 last.take(),
                 std::mem::take(&mut plan.same_endpoint_ok),
             )?,
@@ -246,31 +244,12 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                 let Some(failure) = retryable::response(&plan, &up) else {
                     return Ok(up);
                 };
-                // Nothing of it reached the client yet. It stands unless a retry may happen at
-                // all (asked first: a pick has side effects, such as the round robin's turn),
-                // an endpoint is left for it (another, else the same one: an address may front
-                // many instances), and the budget allows it.
-                let again = plan.replay();
-                let attempted = attempted(&plan, ex, again.is_some());
-                if !may_retry(failure, attempted, &plan.route.retry) {
-                    return Ok(up);
-                }
-                let Ok(ep) = pick(&cluster, ex, None, true) else {
+                let Some((again, ep)) = retry_response(failure, &mut plan, ex, &cluster) else {
                     return Ok(up);
                 };
-                match retry(&mut plan, ex, &cluster, failure, again) {
-                    Some(again) => {
-                        if let (Failure::UpstreamStatus(s), Some(a)) =
-                            (failure, ex.record.attempts.last_mut())
-                        {
-                            a.status = Some(s);
-                        }
-                        up.discard();
-                        req = again;
-                        next = Some(ep);
-                    }
-                    None => return Ok(up),
-                }
+                up.discard();
+                req = again;
+                next = Some(ep);
             }
             Err(f) => {
                 let Failed {
@@ -296,6 +275,33 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
             }
         }
     }
+}
+
+/// A response whose status the route retries (`failure`): the request to send again and the
+/// endpoint picked for it, counted as a retry; `None` when the response stands. Nothing of it
+/// reached the client yet. It stands unless a retry may happen at all (asked first: a pick has
+/// side effects, such as the round robin's turn), an endpoint is left for it (another, else
+/// the same one: an address may front many instances), and the budget allows it.
+fn retry_response(
+    failure: Failure,
+    plan: &mut Plan,
+    ex: &mut Exchange,
+    cluster: &Cluster,
+) -> Option<(Request<RequestBody>, Arc<Endpoint>)> {
+    let again = plan.replay();
+    if !may_retry(
+        failure,
+        attempted(plan, ex, again.is_some()),
+        &plan.route.retry,
+    ) {
+        return None;
+    }
+    let ep = pick(cluster, ex, plan.affinity, None, true).ok()?;
+    let again = retry(plan, ex, cluster, failure, again)?;
+    if let (Failure::UpstreamStatus(s), Some(a)) = (failure, ex.record.attempts.last_mut()) {
+        a.status = Some(s);
+    }
+    Some((again, ep))
 }
 
 /// What `decide::retry` needs to know about the request so far.
@@ -360,17 +366,18 @@ fn retry(
 pub(crate) const GRPC_STATUS: &str = "grpc-status";
 
 /// An endpoint this request has not tried (or, when `same_ok`, any routable one once the
-/// untried are gone); when none is left, the last attempt's error (or `no_healthy_upstream`
+/// untried are gone), by the request's `key` under `consistent_hash`; when none is left, the last attempt's error (or `no_healthy_upstream`
 /// when there was none).
 fn pick(
     cluster: &Cluster,
     ex: &Exchange,
+    key: Option<u64>,
     last: Option<Box<ProxyError>>,
     same_ok: bool,
 ) -> Result<Arc<Endpoint>, ProxyError> {
     let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
-    let picked = match cluster.pick(tried) {
-        Err(NoPick::AllTried) if same_ok => cluster.pick(|_| false),
+    let picked = match cluster.pick_keyed(tried, key) {
+        Err(NoPick::AllTried) if same_ok => cluster.pick_keyed(|_| false, key),
         other => other,
     };
     match picked {

@@ -24,6 +24,7 @@ mod resolve;
 mod tls;
 
 pub(crate) use self::{
+    balancer::key_hash,
     checkout::{Lease, Want, checkout, reuse},
     cluster::Cluster,
     endpoint::{Endpoint, InFlight, NoPick},

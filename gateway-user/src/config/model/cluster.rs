@@ -22,6 +22,11 @@ pub struct ClusterConfig {
     pub endpoints: Option<Vec<EndpointConfig>>,
     /// Default [`DEFAULT_LB_POLICY`].
     pub lb_policy: Option<LbPolicy>,
+    /// `lb_policy = "consistent_hash"`: what a request is hashed on, so that requests with the
+    /// same key go to the same endpoint while it is routable: `"client"` (the default: the
+    /// client's address, or the client a trusted proxy names), `"header:NAME"` or
+    /// `"cookie:NAME"`. A request without that header or cookie is balanced round robin.
+    pub hash_on: Option<String>,
     /// How often `host:port` endpoints are resolved again. Default [`DEFAULT_DNS_REFRESH_MS`].
     pub dns_refresh_ms: Option<u64>,
     #[serde(default)]
@@ -93,6 +98,9 @@ pub enum LbPolicy {
     /// response latencies and kernel evidence; slow outliers get only a trickle (see
     /// `decide::latency` and the `latency` table).
     PeakEwma,
+    /// Weighted rendezvous hashing of a key of the request (`hash_on`): the same key goes to
+    /// the same endpoint, and an endpoint's going or coming moves only its own keys.
+    ConsistentHash,
 }
 
 impl LbPolicy {
@@ -101,6 +109,7 @@ impl LbPolicy {
             LbPolicy::RoundRobin => "round_robin",
             LbPolicy::LeastRequest => "least_request",
             LbPolicy::PeakEwma => "peak_ewma",
+            LbPolicy::ConsistentHash => "consistent_hash",
         }
     }
 }

@@ -140,6 +140,10 @@ pub enum Invalid {
     InvalidMethod { value: String },
     #[error("{value:?} is not a valid header name (lowercase letters, digits and -!#$%&'*+.^_`|~)")]
     InvalidHeaderName { value: String },
+    #[error(
+        "{value:?} is not what a request can be hashed on: \"client\", \"header:NAME\" or \"cookie:NAME\""
+    )]
+    InvalidHashOn { value: String },
     #[error("{value:?} is not a valid header value (visible ASCII, spaces and tabs)")]
     InvalidHeaderValue { value: String },
     #[error("a header condition needs exactly one of `value = \"...\"` or `present = true|false`")]
@@ -206,6 +210,8 @@ pub enum Warning {
         "trusted proxy {value:?} covers every address: any client can then set its own X-Forwarded-For and X-Forwarded-Proto; list only the proxies in front of the gateway"
     )]
     TrustsEveryone { value: String },
+    #[error("hash_on is set, but lb_policy is not \"consistent_hash\", so nothing hashes on it")]
+    HashOnUnused,
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

@@ -467,7 +467,10 @@ fn a_listed_response_status_is_retried_elsewhere_for_idempotent_requests_within_
         Step::Stop(Stop::BudgetSpent)
     ));
     // Asked before an endpoint is picked: everything but the budget, with no permit taken.
-    assert!(may_retry(f, attempted(0), &listed), "the budget is not asked");
+    assert!(
+        may_retry(f, attempted(0), &listed),
+        "the budget is not asked"
+    );
     assert!(!may_retry(f, attempted(2), &listed));
     let post = Attempted {
         idempotent: false,

@@ -3,10 +3,11 @@
 //! Round robin walks a precomputed smooth weighted schedule (nginx's algorithm: weights
 //! interleave, `a:2 b:1` gives `a b a`, not `a a b`) with one atomic counter, so the hot path
 //! takes no lock. Least request is power of two choices: two weighted random draws, and the one
-//! with fewer in-flight requests per unit of weight wins. Both skip endpoints the caller rules
-//! out (ejected, or already tried by this request).
+//! with fewer in-flight requests per unit of weight wins. Consistent hashing is weighted
+//! rendezvous hashing over a key of the request. All skip endpoints the caller rules out
+//! (ejected, or already tried by this request).
 
-use std::cmp::Ordering;
+use std::{cmp::Ordering, net::SocketAddr};
 
 /// Longest schedule built; weights are scaled down past it. Bounded so that a cluster of many
 /// heavy endpoints cannot make the schedule large.
@@ -96,9 +97,125 @@ pub(crate) fn least_request(
     }
 }
 
+/// Weighted rendezvous (highest random weight) hashing: of the eligible endpoints, the one
+/// whose score for `key` is highest. Endpoint `i` scores `-weight(i) / ln(u)`, `u` a uniform
+/// draw in (0, 1) made of `key` and the endpoint's `id(i)`: the weighted form (Schindelhauer
+/// and Schomaker), under which each endpoint's share of keys is its share of the weight.
+/// Whether another endpoint comes or goes, a key stays where it was unless it scored that one
+/// highest; a request that tried its key's endpoint goes to its key's second, and so on, so
+/// retries and ejections are as consistent as the choice. O(endpoints) per pick, with no table
+/// to rebuild when the set changes (DNS, a reload).
+pub(crate) fn rendezvous(
+    n: usize,
+    key: u64,
+    id: impl Fn(usize) -> u64,
+    weight: impl Fn(usize) -> u32,
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    (0..n)
+        .filter(|&i| eligible(i))
+        .map(|i| (i, score(key, id(i), weight(i))))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+fn score(key: u64, id: u64, weight: u32) -> f64 {
+    let h = mix(key ^ mix(id));
+    // The top 53 bits, as a double in (0, 1): never 0 (whose ln is -inf) or 1 (ln 0).
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -f64::from(weight.max(1)) / u.ln()
+}
+
+/// splitmix64's finaliser: every bit of the input moves every bit of the output.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a of `bytes`: a key's hash, the same in every build and every gateway of a fleet, so
+/// that gateways side by side send a key to the same endpoint.
+pub(crate) fn key_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// An endpoint's identity in [`rendezvous`]: its address, whatever its place in the list.
+pub(crate) fn address_id(a: SocketAddr) -> u64 {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    key_hash(&ip) ^ u64::from(a.port()).rotate_left(48)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)))
+            .collect()
+    }
+
+    /// The endpoint of each of `keys` keys over `eps` with `weights`, those of `out` left out.
+    fn owners(eps: &[SocketAddr], weights: &[u32], out: &[usize], keys: u64) -> Vec<usize> {
+        (0..keys)
+            .map(|k| {
+                rendezvous(
+                    eps.len(),
+                    key_hash(&k.to_le_bytes()),
+                    |i| address_id(eps[i]),
+                    |i| weights[i],
+                    |i| !out.contains(&i),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rendezvous_spreads_keys_by_weight() {
+        let eps = addrs(4);
+        let got = owners(&eps, &[1, 1, 1, 3], &[], 60_000);
+        let share = |i| got.iter().filter(|&&o| o == i).count() as f64 / 60_000.0;
+        for i in 0..3 {
+            assert!((share(i) - 1.0 / 6.0).abs() < 0.01, "{i}: {}", share(i));
+        }
+        assert!((share(3) - 0.5).abs() < 0.01, "{}", share(3));
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_keys_of_an_endpoint_that_goes() {
+        let eps = addrs(5);
+        let w = [1; 5];
+        let all = owners(&eps, &w, &[], 10_000);
+        // Endpoint 2 ejected (or tried): its keys go elsewhere, no other key moves.
+        let without = owners(&eps, &w, &[2], 10_000);
+        for (a, b) in all.iter().zip(&without) {
+            if *a != 2 {
+                assert_eq!(a, b);
+            } else {
+                assert_ne!(*b, 2);
+            }
+        }
+        // The order of the list does not matter: a key follows the address.
+        let mut shuffled = eps.clone();
+        shuffled.reverse();
+        let again = owners(&shuffled, &w, &[], 10_000);
+        for (a, b) in all.iter().zip(&again) {
+            assert_eq!(eps[*a], shuffled[*b]);
+        }
+        assert_eq!(
+            rendezvous(3, 7, |i| i as u64, |_| 1, |_| false),
+            None,
+            "nothing eligible"
+        );
+    }
 
     #[test]
     fn smooth_schedule_interleaves_by_weight() {

@@ -114,9 +114,19 @@ impl Cluster {
         self.set.list()
     }
 
-    /// Picks a routable endpoint not `tried` by this request.
+    /// Picks a routable endpoint not `tried` by this request (a hedge's: any key is the
+    /// request's, not the hedge's, so `consistent_hash` hedges round robin).
     pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
-        self.set.pick(&self.spec, tried)
+        self.set.pick(&self.spec, tried, None)
+    }
+
+    /// [`Cluster::pick`] for a request whose `hash_on` key hashed to `key` (`consistent_hash`).
+    pub fn pick_keyed(
+        &self,
+        tried: impl Fn(SocketAddr) -> bool,
+        key: Option<u64>,
+    ) -> Result<Arc<Endpoint>, NoPick> {
+        self.set.pick(&self.spec, tried, key)
     }
 
     /// Kernel signals are flowing.

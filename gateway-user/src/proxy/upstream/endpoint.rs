@@ -170,10 +170,12 @@ impl Endpoints {
 
     /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
     /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first.
+    /// `key`: the request's hashed key, for `consistent_hash` (round robin without one).
     pub fn pick(
         &self,
         spec: &ClusterSpec,
         tried: impl Fn(SocketAddr) -> bool,
+        key: Option<u64>,
     ) -> Result<Arc<Endpoint>, NoPick> {
         let set = self.set.load();
         let eps = &set.endpoints;
@@ -212,6 +214,16 @@ impl Endpoints {
                     )
                 }
                 LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
+                LbPolicy::ConsistentHash => match key {
+                    Some(k) => balancer::rendezvous(
+                        eps.len(),
+                        k,
+                        |i| balancer::address_id(eps[i].addr),
+                        |i| eps[i].weight,
+                        eligible,
+                    ),
+                    None => balancer::round_robin(&set.schedule, tick, eligible),
+                },
             };
             if let Some(i) = found {
                 return Ok(picked(&eps[i]));

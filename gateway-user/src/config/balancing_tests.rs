@@ -1,0 +1,106 @@
+//! Unit tests for how a cluster spreads requests and retries them: `lb_policy =
+//! "consistent_hash"` with `hash_on`, `retry.status_codes` and
+//! `health.error_statuses_to_eject`, each with its default, inherited from
+//! `[router.upstream]`, and refused (or warned about) with file, line and key.
+
+use std::path::Path;
+
+use super::*;
+
+fn load(text: &str) -> Result<Loaded, ConfigError> {
+    load_str(text, Path::new("gw.toml"))
+}
+
+fn err(text: &str) -> String {
+    match load(text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// `[router.upstream]` with `upstream`, and the clusters `a` and `b` with their own keys.
+fn config(upstream: &str, a: &str, b: &str) -> String {
+    format!(
+        "[router]\nlistener_port = 8080\n[router.upstream]\n{upstream}\n\
+         [clusters.a]\nendpoints = [\"127.0.0.1:9000\"]\n{a}\n\
+         [clusters.b]\nendpoints = [\"127.0.0.1:9001\"]\n{b}\n\
+         [[routes]]\ncluster = \"a\"\n[[routes]]\npath_prefix = \"/b/\"\ncluster = \"b\"\n"
+    )
+}
+
+#[test]
+fn hash_on_defaults_to_the_client_and_is_inherited_and_checked() {
+    let s = load(&config(
+        "hash_on = \"cookie:session\"",
+        "lb_policy = \"consistent_hash\"\nhash_on = \"header:X-User-Id\"",
+        "lb_policy = \"consistent_hash\"",
+    ))
+    .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let a = &s.settings.clusters["a"];
+    assert_eq!(a.lb_policy, LbPolicy::ConsistentHash);
+    assert_eq!(
+        a.hash_on,
+        HashOn::Header(http::HeaderName::from_static("x-user-id"))
+    );
+    assert_eq!(
+        s.settings.clusters["b"].hash_on,
+        HashOn::Cookie("session".into())
+    );
+    let plain = load(&config("", "", "lb_policy = \"consistent_hash\"")).unwrap();
+    assert_eq!(plain.settings.clusters["b"].hash_on, HashOn::Client);
+
+    for bad in [
+        "\"ip\"",
+        "\"header:\"",
+        "\"header:bad name\"",
+        "\"cookie:\"",
+        "\"cookie:a;b\"",
+    ] {
+        let e = err(&config("", &format!("hash_on = {bad}"), ""));
+        assert!(
+            e.contains("gw.toml:7:1: key `clusters.a.hash_on`:")
+                && e.contains("is not what a request can be hashed on"),
+            "{bad}: {e}"
+        );
+    }
+    // Set on a cluster that does not hash: a warning at its key.
+    let w = load(&config("", "hash_on = \"client\"", ""))
+        .unwrap()
+        .warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].to_string().contains("clusters.a.hash_on"), "{}", w[0]);
+}
+
+#[test]
+fn status_codes_and_error_statuses_to_eject_have_defaults_and_are_inherited() {
+    let s = load(&config(
+        "retry = { status_codes = [503] }\nhealth = { error_statuses_to_eject = 3 }",
+        "retry = { status_codes = [502, 504] }\nhealth = { error_statuses_to_eject = 0 }",
+        "",
+    ))
+    .unwrap()
+    .settings;
+    let (a, b) = (&s.clusters["a"], &s.clusters["b"]);
+    assert!(a.retry.status_codes.contains(502) && !a.retry.status_codes.contains(503));
+    assert!(b.retry.status_codes.contains(503) && !b.retry.status_codes.contains(502));
+    assert_eq!(a.health.machine.error_statuses_to_eject, 0);
+    assert_eq!(b.health.machine.error_statuses_to_eject, 3);
+    let d = load(&config("", "", "")).unwrap().settings;
+    assert!(d.clusters["a"].retry.status_codes.is_empty());
+    assert_eq!(d.clusters["a"].health.machine.error_statuses_to_eject, 5);
+    let e = err(&config("retry = { status_codes = [200] }", "", ""));
+    assert!(
+        e.contains("key `router.upstream.retry.status_codes[0]`: 200 is out of range"),
+        "{e}"
+    );
+    let e = err(&config(
+        "",
+        "health = { error_statuses_to_eject = 1001 }",
+        "",
+    ));
+    assert!(
+        e.contains("key `clusters.a.health.error_statuses_to_eject`: 1001 is out of range"),
+        "{e}"
+    );
+}

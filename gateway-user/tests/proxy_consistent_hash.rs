@@ -1,0 +1,206 @@
+//! `lb_policy = "consistent_hash"` end to end, with nginx as three upstreams (each answering
+//! with its port) and curl as the client, over HTTP/1.1 and HTTP/2:
+//!
+//! - on a header, a cookie, or the client (the one a trusted proxy names): every request with
+//!   the same key reaches the same endpoint, and keys spread over the endpoints;
+//! - a request without the key is balanced round robin;
+//! - a dead endpoint (refused) in the list: the keys it owned go, from their first request on,
+//!   to their next endpoint, and every key is where a cluster without it sends it.
+//!
+//! Unprivileged: loopback only; nginx is Debian's (installed by `./dev`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use gateway_testkit::{
+    inprocess::gateway,
+    peers::{NginxProcess, spawn_nginx},
+    ports::refused_addr,
+    tempdir::temp_dir,
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx on three loopback ports, each answering `200` with its port.
+fn nginx3(dir: &Path) -> (Vec<SocketAddr>, NginxProcess) {
+    let ports = [free_port(), free_port(), free_port()];
+    let servers: String = ports
+        .iter()
+        .map(|p| {
+            format!(" server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"$server_port\"; }} }}\n")
+        })
+        .collect();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n access_log off;\n{servers}}}\n",
+            d = dir.display(),
+        ),
+    )
+    .unwrap();
+    let process = spawn_nginx(
+        Command::new("/usr/sbin/nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    );
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for a in &addrs {
+        while std::net::TcpStream::connect(a).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {a}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    (addrs, process)
+}
+
+/// curl: `n` GETs of `url` on one connection with `args` (headers, cookies, `--http2-prior-knowledge`);
+/// each answer's body (the upstream's port), or `status:NNN` for anything but a 200.
+fn curl(url: &str, n: usize, args: &[&str]) -> Vec<String> {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-H", "Host: test.local"]).args(args);
+    for _ in 0..n {
+        c.arg(url);
+    }
+    let out = c.args(["-w", " %{http_code}\n"]).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.rsplit_once(' ') {
+            Some((port, "200")) => port.to_owned(),
+            _ => format!("status:{l}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_the_same_key_reach_the_same_endpoint_and_a_dead_one_moves_only_its_keys() {
+    let dir = temp_dir("consistent-hash-nginx");
+    let (up, _nginx) = nginx3(&dir);
+    let dead = refused_addr();
+    let list = |extra: Option<SocketAddr>| {
+        let mut l: Vec<String> = up.iter().map(|a| format!("\"{a}\"")).collect();
+        l.extend(extra.map(|a| format!("\"{a}\"")));
+        l.join(", ")
+    };
+    let gw = gateway(
+        "consistent-hash",
+        &format!(
+            r#"
+[router.forwarded]
+trusted_proxies = ["127.0.0.0/8"]
+
+[[routes]]
+path_prefix = "/user/"
+cluster = "user"
+
+[[routes]]
+path_prefix = "/user3/"
+cluster = "user3"
+
+[[routes]]
+path_prefix = "/cookie/"
+cluster = "cookie"
+
+[[routes]]
+path_prefix = "/client/"
+cluster = "client"
+
+[clusters.user]
+endpoints = [{with_dead}]
+lb_policy = "consistent_hash"
+hash_on = "header:x-user"
+
+[clusters.user3]
+endpoints = [{three}]
+lb_policy = "consistent_hash"
+hash_on = "header:x-user"
+
+[clusters.cookie]
+endpoints = [{three}]
+lb_policy = "consistent_hash"
+hash_on = "cookie:session"
+
+[clusters.client]
+endpoints = [{three}]
+lb_policy = "consistent_hash"
+"#,
+            with_dead = list(Some(dead)),
+            three = list(None),
+        ),
+    )
+    .await;
+    let base = format!("http://{}", gw.addr);
+    let run = |path: &str, n: usize, args: Vec<String>| {
+        let url = format!("{base}{path}");
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&url, n, &args)
+        })
+    };
+    // Each key: 4 requests on one connection, all to one endpoint. Returns key → port.
+    let per_key = |path: &'static str, arg: fn(usize) -> Vec<String>| {
+        let run = &run;
+        async move {
+            let mut owner = BTreeMap::new();
+            for k in 0..24 {
+                let got = run(path, 4, arg(k)).await.unwrap();
+                let ports: BTreeSet<&String> = got.iter().collect();
+                assert_eq!(ports.len(), 1, "{path} key {k}: {got:?}");
+                let port = got[0].clone();
+                assert!(!port.starts_with("status"), "{path} key {k}: {got:?}");
+                owner.insert(k, port);
+            }
+            let spread: BTreeSet<&String> = owner.values().collect();
+            assert!(
+                spread.len() >= 2,
+                "{path}: 24 keys on one endpoint: {owner:?}"
+            );
+            owner
+        }
+    };
+    let header = |k: usize| vec!["-H".to_owned(), format!("x-user: user-{k}")];
+    let users = per_key("/user3/", header).await;
+    // The same cluster with a dead endpoint in its list: a key it would own goes to the key's
+    // next endpoint (tried, then ejected), which is where the cluster without it sends the key;
+    // every other key is where it was. So every key is where the three-endpoint cluster sends it.
+    let with_dead = per_key("/user/", header).await;
+    assert_eq!(users, with_dead);
+    per_key("/cookie/", |k| {
+        vec!["-b".to_owned(), format!("theme=dark; session=s-{k}")]
+    })
+    .await;
+    per_key("/client/", |k| {
+        vec!["-H".to_owned(), format!("x-forwarded-for: 203.0.113.{k}")]
+    })
+    .await;
+    // HTTP/2: the same key, the same endpoint as over HTTP/1.1. One request per curl: curl
+    // 7.88 sends nothing for a second URL on a prior-knowledge connection (nor to nginx).
+    for _ in 0..3 {
+        let args = ["--http2-prior-knowledge", "-H", "x-user: user-5"];
+        let h2 = run("/user3/", 1, args.map(str::to_owned).to_vec());
+        assert_eq!(h2.await.unwrap(), [users[&5].clone()]);
+    }
+    // No key: round robin over the three.
+    let got = run("/user3/", 6, Vec::new()).await.unwrap();
+    let ports: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(ports.len(), 3, "{got:?}");
+}
