@@ -20,17 +20,9 @@ use std::{
 use gateway_testkit::{
     inprocess::gateway,
     peers::{NginxProcess, spawn_nginx},
-    ports::refused_addr,
+    ports::{free_port, refused_addr},
     tempdir::temp_dir,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// nginx on three loopback ports, each answering `200` with its port.
 fn nginx3(dir: &Path) -> (Vec<SocketAddr>, NginxProcess) {
@@ -90,6 +82,10 @@ fn curl(url: &str, n: usize, args: &[&str]) -> Vec<String> {
         })
         .collect()
 }
+
+/// Keys per cluster: enough that the dead endpoint, a quarter of the weight, owns some
+/// ((3/4)^48, about 1e-6, that it owns none).
+const KEYS: usize = 48;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_with_the_same_key_reach_the_same_endpoint_and_a_dead_one_moves_only_its_keys() {
@@ -156,13 +152,13 @@ lb_policy = "consistent_hash"
             curl(&url, n, &args)
         })
     };
-    // Each key: 4 requests on one connection, all to one endpoint. Returns key → port.
+    // Each key: 3 requests on one connection, all to one endpoint. Returns key → port.
     let per_key = |path: &'static str, arg: fn(usize) -> Vec<String>| {
         let run = &run;
         async move {
             let mut owner = BTreeMap::new();
-            for k in 0..24 {
-                let got = run(path, 4, arg(k)).await.unwrap();
+            for k in 0..KEYS {
+                let got = run(path, 3, arg(k)).await.unwrap();
                 let ports: BTreeSet<&String> = got.iter().collect();
                 assert_eq!(ports.len(), 1, "{path} key {k}: {got:?}");
                 let port = got[0].clone();

@@ -56,6 +56,8 @@ fn hash_on_defaults_to_the_client_and_is_inherited_and_checked() {
         "\"header:bad name\"",
         "\"cookie:\"",
         "\"cookie:a;b\"",
+        "\"header:Connection\"",
+        "\"header:te\"",
     ] {
         let e = err(&config("", &format!("hash_on = {bad}"), ""));
         assert!(
@@ -64,6 +66,20 @@ fn hash_on_defaults_to_the_client_and_is_inherited_and_checked() {
             "{bad}: {e}"
         );
     }
+    // In [router.upstream], which is also the cluster `default`: a key its clusters inherit,
+    // not one nothing reads.
+    let fleet = load(
+        "[router]\nlistener_port = 8080\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n\
+         hash_on = \"header:x-user\"\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\"]\n\
+         lb_policy = \"consistent_hash\"\n[[routes]]\ncluster = \"a\"\n\
+         [[routes]]\npath_prefix = \"/d/\"\ncluster = \"default\"\n",
+    )
+    .unwrap();
+    assert!(fleet.warnings.is_empty(), "{:?}", fleet.warnings);
+    assert_eq!(
+        fleet.settings.clusters["a"].hash_on,
+        HashOn::Header(http::HeaderName::from_static("x-user"))
+    );
     // Set on a cluster that does not hash: a warning at its key.
     let w = load(&config("", "hash_on = \"client\"", ""))
         .unwrap()

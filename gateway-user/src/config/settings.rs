@@ -289,8 +289,22 @@ impl HashOn {
     pub fn parse(text: &str) -> Option<HashOn> {
         match text.split_once(':') {
             None if text == "client" => Some(HashOn::Client),
+            // Not a field that describes the connection: it never reaches the gateway's
+            // routing as the client sent it.
             Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
                 .ok()
+                .filter(|n| {
+                    !matches!(
+                        n.as_str(),
+                        "connection"
+                            | "keep-alive"
+                            | "proxy-connection"
+                            | "te"
+                            | "trailer"
+                            | "transfer-encoding"
+                            | "upgrade"
+                    )
+                })
                 .map(HashOn::Header),
             Some(("cookie", name))
                 if !name.is_empty()

@@ -195,7 +195,7 @@ impl Plan {
             refused: 0,
             free_refusals: 0,
             same_endpoint_ok: false,
-            affinity: affinity::key(cluster, req.headers(), ex.record.client_ip()),
+            affinity: None,
             retry_permit: None,
         }
     }
@@ -212,9 +212,10 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         deadline,
         grpc_deadline,
         upgrade: _,
+        affinity,
     } = p;
     let mut plan = Plan::new(&cluster, route, &mut req, (deadline, grpc_deadline), ex);
-    plan.had_body = done.is_some();
+    (plan.had_body, plan.affinity) = (done.is_some(), affinity);
     ex.body = done.clone();
     if let Some(progress) = &done
         && plan.route.policy.request_buffering
@@ -296,7 +297,8 @@ fn retry_response(
     ) {
         return None;
     }
-    let ep = pick(cluster, ex, plan.affinity, None, true).ok()?;
+    // A keyed request goes to its key's next endpoint, never back to the one that answered.
+    let ep = pick(cluster, ex, plan.affinity, None, plan.affinity.is_none()).ok()?;
     let again = retry(plan, ex, cluster, failure, again)?;
     if let (Failure::UpstreamStatus(s), Some(a)) = (failure, ex.record.attempts.last_mut()) {
         a.status = Some(s);
@@ -376,9 +378,15 @@ fn pick(
     same_ok: bool,
 ) -> Result<Arc<Endpoint>, ProxyError> {
     let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
-    let picked = match cluster.pick_keyed(tried, key) {
-        Err(NoPick::AllTried) if same_ok => cluster.pick_keyed(|_| false, key),
-        other => other,
+    // A key's endpoint takes the retry of a connection that failed, not the endpoint (a
+    // stale one, a GOAWAY): another endpoint would break the affinity for nothing.
+    let picked = if same_ok && key.is_some() {
+        cluster.pick_keyed(|_| false, key)
+    } else {
+        match cluster.pick_keyed(tried, key) {
+            Err(NoPick::AllTried) if same_ok => cluster.pick_keyed(|_| false, key),
+            other => other,
+        }
     };
     match picked {
         Ok(ep) => Ok(ep),
@@ -409,6 +417,7 @@ impl Plan {
         Hedging {
             enabled: r.hedge,
             budget_percent: r.hedge_budget_percent,
+            key: self.affinity,
         }
     }
 }

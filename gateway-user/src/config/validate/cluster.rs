@@ -140,7 +140,9 @@ fn hash_on(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> HashOn {
         (None, Some(t)) => (t, l.base_key.key("hash_on")),
         (None, None) => return HashOn::Client,
     };
-    if l.own.hash_on.is_some() && lb_policy != LbPolicy::ConsistentHash {
+    // The cluster `default` is `[router.upstream]` itself: its key is also its clusters'.
+    let default = std::ptr::eq(l.own, l.base);
+    if l.own.hash_on.is_some() && !default && lb_policy != LbPolicy::ConsistentHash {
         c.warnings.push(At {
             key: at.clone(),
             what: Warning::HashOnUnused,

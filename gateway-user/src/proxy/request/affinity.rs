@@ -11,7 +11,8 @@ use crate::{
 };
 
 /// The hash of the request's `hash_on` key, for a `consistent_hash` cluster. `None` for any
-/// other policy, and for a request without the header or cookie (balanced round robin).
+/// other policy, and for a request without the header or cookie, or with an empty one
+/// (balanced round robin).
 /// `client` is the client's address, or the client a trusted proxy names.
 pub(super) fn key(cluster: &Cluster, headers: &HeaderMap, client: IpAddr) -> Option<u64> {
     if cluster.spec.lb_policy != LbPolicy::ConsistentHash {
@@ -22,8 +23,15 @@ pub(super) fn key(cluster: &Cluster, headers: &HeaderMap, client: IpAddr) -> Opt
             IpAddr::V4(a) => key_hash(&a.octets()),
             IpAddr::V6(a) => key_hash(&a.octets()),
         }),
-        HashOn::Header(name) => headers.get(name).map(|v| key_hash(v.as_bytes())),
-        HashOn::Cookie(name) => cookie(headers, name).map(key_hash),
+        // An empty value is no key: every client that sends one would share an endpoint.
+        HashOn::Header(name) => headers
+            .get(name)
+            .map(|v| v.as_bytes())
+            .filter(|v| !v.is_empty())
+            .map(key_hash),
+        HashOn::Cookie(name) => cookie(headers, name)
+            .filter(|v| !v.is_empty())
+            .map(key_hash),
     }
 }
 

@@ -49,6 +49,9 @@ pub(super) struct Prepared {
     pub grpc_deadline: bool,
     /// The client's side of an HTTP/1.1 `Upgrade` (WebSocket).
     pub upgrade: Option<OnUpgrade>,
+    /// The hash of the `hash_on` key, for a `consistent_hash` cluster: read as the client
+    /// sent it, before the route's header rules.
+    pub affinity: Option<u64>,
 }
 
 /// `grpc-timeout` as sent upstream: the header's name.
@@ -106,6 +109,7 @@ pub(super) fn prepare(
         .request_id_header
         .as_ref()
         .zip(ex.record.request_id.as_ref());
+    let affinity = super::affinity::key(&cluster, &parts.headers, ex.record.client_ip());
     let upgrade = for_upstream(
         &mut parts,
         (route, &cluster),
@@ -122,6 +126,7 @@ pub(super) fn prepare(
         deadline,
         grpc_deadline,
         upgrade,
+        affinity,
     })
 }
 

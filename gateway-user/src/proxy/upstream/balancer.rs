@@ -121,8 +121,9 @@ pub(crate) fn rendezvous(
 
 fn score(key: u64, id: u64, weight: u32) -> f64 {
     let h = mix(key ^ mix(id));
-    // The top 53 bits, as a double in (0, 1): never 0 (whose ln is -inf) or 1 (ln 0).
-    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    // The top 52 bits and a half, as a double in (0, 1), exactly: never 0 (whose ln is -inf)
+    // or 1 (ln 0).
+    let u = ((h >> 12) as f64 + 0.5) / (1u64 << 52) as f64;
     -f64::from(weight.max(1)) / u.ln()
 }
 

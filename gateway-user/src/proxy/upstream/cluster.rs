@@ -114,8 +114,8 @@ impl Cluster {
         self.set.list()
     }
 
-    /// Picks a routable endpoint not `tried` by this request (a hedge's: any key is the
-    /// request's, not the hedge's, so `consistent_hash` hedges round robin).
+    /// Picks a routable endpoint not `tried` by this request (for `consistent_hash`, round
+    /// robin: see [`Cluster::pick_keyed`]).
     pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
         self.set.pick(&self.spec, tried, None)
     }

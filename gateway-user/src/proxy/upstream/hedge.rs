@@ -28,6 +28,9 @@ use crate::{
 pub(crate) struct Hedging {
     pub enabled: bool,
     pub budget_percent: u32,
+    /// The request's hashed key (`consistent_hash`): the hedge goes to the key's next
+    /// endpoint, where the key moves if the first is ejected.
+    pub key: Option<u64>,
 }
 
 /// A hedge that may start: its endpoint, budget permit and connection slot.
@@ -49,7 +52,7 @@ pub(super) fn plan(
         return None;
     }
     let endpoint = cluster
-        .pick(|a| a == ep.addr || tried(a))
+        .pick_keyed(|a| a == ep.addr || tried(a), hedging.key)
         .ok()
         .filter(|e| !e.health.suspect())?;
     let budget = cluster

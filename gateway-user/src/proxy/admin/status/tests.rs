@@ -267,6 +267,7 @@ fn every_word_serialises_as_its_name() {
         LbPolicy::RoundRobin,
         LbPolicy::LeastRequest,
         LbPolicy::PeakEwma,
+        LbPolicy::ConsistentHash,
     ] {
         assert_eq!(name(serde_json::to_value(p).unwrap()), p.name());
     }
