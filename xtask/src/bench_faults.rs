@@ -7,15 +7,20 @@
 //! applied to upstream 2: SYN blackhole, whole-host blackhole, refused (RST), ICMP host
 //! unreachable, SYN-ACK delay 200 ms, or (`slow`) its HTTP server answering every request after
 //! 3 s (issue 15: run it with `--faults slow --duration 40 --fault-at 10`, the issue's 30 s after
-//! the fault). Peers are configured alike and competently:
+//! the fault), or (`unavailable`) answering every request `503` at once, as an instance shutting
+//! down or whose application behind a sidecar is gone does. Peers are configured alike and
+//! competently:
 //!
-//! - gateway (`target/release/gateway`, built first): `connect_timeout_ms = 5000`, defaults
-//!   otherwise (observer `auto`: as root it attaches the eBPF observer; `--gateway-policy P`
-//!   sets its `lb_policy`);
+//! - gateway (`target/release/gateway`, built first): `connect_timeout_ms = 5000`,
+//!   `retry.status_codes = [503]`, defaults otherwise (observer `auto`: as root it attaches the
+//!   eBPF observer; `--gateway-policy P` sets its `lb_policy`);
 //! - nginx: upstream with `keepalive 32`, `proxy_connect_timeout 5s`,
-//!   `proxy_next_upstream error timeout`;
-//! - HAProxy: `timeout connect 5s`, `retries 3`, `option redispatch`,
-//!   `check inter 2s fall 3 rise 2`, keep-alive to the servers.
+//!   `proxy_next_upstream error timeout http_503`;
+//! - HAProxy: `timeout connect 5s`, `retries 3`, `retry-on conn-failure 503`, `option
+//!   redispatch`, `check inter 2s fall 3 rise 2`, keep-alive to the servers.
+//!
+//! Each retries a `503` on another server (for a GET: nginx and HAProxy never resend a POST
+//! that was sent, nor does the gateway for its status), which only the `unavailable` row meets.
 //!
 //! `reset` answers every packet to the port with RST, established connections included: the
 //! pooled keep-alive connections break when the next request is written on them, as when a
@@ -48,7 +53,8 @@
 //!
 //! This is a benchmark, not a test: it asserts nothing. Options: `--duration S` (20),
 //! `--fault-at S` (7), `--rate R` (200), `--client-timeout S` (10), `--faults a,b`
-//! (synbh,blackhole,refused,reset,icmp,synack,slow; default all but reset and slow), `--peers a,b`
+//! (synbh,blackhole,refused,reset,icmp,synack,slow,unavailable; default all but reset, slow and
+//! unavailable), `--peers a,b`
 //! (gateway,nginx,haproxy), `--method get|post` (get), `--gateway-bin PATH`, `--gateway-policy P`.
 
 use crate::{Proc, bench::have};
@@ -82,9 +88,11 @@ const FAULTS: [&str; 7] = [
     "icmp",
     "synack",
     "slow",
+    "unavailable",
 ];
-/// Left out unless asked for: `slow` wants a longer run, and `reset` is issue 15's row.
-const NOT_BY_DEFAULT: [&str; 2] = ["reset", "slow"];
+/// Left out unless asked for: `slow` wants a longer run, `reset` is issue 15's row, and
+/// `unavailable` is an application's fault, not the network's.
+const NOT_BY_DEFAULT: [&str; 3] = ["reset", "slow", "unavailable"];
 /// The body of each `--method post` request.
 const POST_BODY: usize = 1024;
 /// The slow backend's answer time (issue 15).
@@ -176,12 +184,13 @@ fn fault(name: &str) -> (Fault, &'static str) {
             "reset (RST to every packet, pooled connections too)",
         ),
         "icmp" => (Fault::HostUnreachable { port }, "ICMP host unreachable"),
-        // Not a packet fault: the server is told to answer slowly (see `run_one`); the Fault
-        // value is unused.
+        // Not packet faults: the server is told to answer slowly or with 503 (see `run_one`);
+        // the Fault value is unused.
         "slow" => (
             Fault::Refuse { port },
             "slow backend (every answer after 3 s)",
         ),
+        "unavailable" => (Fault::Refuse { port }, "unavailable (every answer 503)"),
         _ => (
             Fault::SynAckDelay {
                 port,
@@ -189,6 +198,22 @@ fn fault(name: &str) -> (Fault, &'static str) {
             },
             "SYN-ACK delay 200 ms",
         ),
+    }
+}
+
+/// The faults of the upstream's HTTP server rather than of the network: how it answers from
+/// the fault on, given how it answered before.
+fn answer_fault(name: &str, before: HttpBehaviour) -> Option<HttpBehaviour> {
+    match name {
+        "slow" => Some(HttpBehaviour {
+            delay: SLOW,
+            ..before
+        }),
+        "unavailable" => Some(HttpBehaviour {
+            status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+            ..before
+        }),
+        _ => None,
     }
 }
 
@@ -237,7 +262,7 @@ fn nginx_conf(dir: &Path, ups: &[SocketAddr]) -> String {
          server {{\n    listen 127.0.0.1:{PEER_PORT} backlog=4096;\n    keepalive_requests 1000000;\n\
          location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n\
          proxy_set_header Connection \"\";\n      proxy_connect_timeout 5s;\n\
-         proxy_next_upstream error timeout;\n    }}\n  }}\n}}\n",
+         proxy_next_upstream error timeout http_503;\n    }}\n  }}\n}}\n",
         d = dir.display()
     )
 }
@@ -250,7 +275,8 @@ fn haproxy_conf(ups: &[SocketAddr]) -> String {
         .collect();
     format!(
         "global\n  maxconn 8000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse safe\n\
-         timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  retries 3\n  option redispatch\n\
+         timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  retries 3\n\
+         retry-on conn-failure 503\n  option redispatch\n\
          frontend fe\n  bind 127.0.0.1:{PEER_PORT}\n  default_backend be\n\
          backend be\n  balance roundrobin\n{servers}"
     )
@@ -264,6 +290,7 @@ fn gateway_conf(ups: &[SocketAddr], policy: Option<&str>) -> String {
     format!(
         "[router]\nlisten = [\"127.0.0.1:{PEER_PORT}\"]\ndrain_delay_ms = 0\n\n[router.upstream]\nendpoints = [{}]\n{policy}\n\
          [router.upstream.timeouts]\nconnect_timeout_ms = 5000\n\n\
+         [router.upstream.retry]\nstatus_codes = [503]\n\n\
          [admin]\nenabled = false\n\n[access_log]\noutput = \"off\"\n",
         eps.join(", ")
     )
@@ -484,7 +511,7 @@ fn run_one(o: &Options, fault_name: &str, peer: &str, gateway: &Path) -> anyhow:
     let (f, _) = fault(fault_name);
     let mut guard = None;
     let mut fault_error = None;
-    let mut slowed = false;
+    let mut changed = false;
     let fault_time: Mutex<Option<Instant>> = Mutex::new(None);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
@@ -499,15 +526,16 @@ fn run_one(o: &Options, fault_name: &str, peer: &str, gateway: &Path) -> anyhow:
             trace
         });
         let samples = run_load(lab.client(), o, start, |t| {
-            if fault_name == "slow" && t >= o.fault_at && !slowed {
-                servers[1].set_behaviour(HttpBehaviour {
-                    delay: SLOW,
-                    ..behaviour()
-                });
+            let answer = answer_fault(fault_name, behaviour());
+            if let Some(b) = &answer
+                && t >= o.fault_at
+                && !changed
+            {
+                servers[1].set_behaviour(b.clone());
                 *fault_time.lock().expect("fault time") = Some(Instant::now());
-                slowed = true;
+                changed = true;
             }
-            if fault_name != "slow" && guard.is_none() && fault_error.is_none() && t >= o.fault_at {
+            if answer.is_none() && guard.is_none() && fault_error.is_none() && t >= o.fault_at {
                 match bad.apply(f.clone()) {
                     Ok(g) => {
                         *fault_time.lock().expect("fault time") = Some(Instant::now());
@@ -720,6 +748,11 @@ mod tests {
             o.faults,
             ["synbh", "blackhole", "refused", "icmp", "synack"]
         );
+        let before = HttpBehaviour::immediate();
+        let unavailable = answer_fault("unavailable", before.clone()).unwrap();
+        assert_eq!(unavailable.status, hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer_fault("slow", before).unwrap().delay, SLOW);
+        assert!(answer_fault("refused", HttpBehaviour::immediate()).is_none());
         assert!(!o.post);
         let o = parse(&args(&["--faults", "reset,blackhole", "--method", "POST"])).unwrap();
         assert_eq!(o.faults, ["reset", "blackhole"]);

@@ -193,6 +193,10 @@ pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
     ),
     (
         "faults",
+        &["--faults", "unavailable", "--duration", "6", "--fault-at", "2"],
+    ),
+    (
+        "faults",
         &[
             "--faults",
             "reset",
