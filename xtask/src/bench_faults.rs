@@ -80,7 +80,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 const UPSTREAM_PORT: u16 = 8080;
 const PEER_PORT: u16 = 18080;
 const PEERS: [&str; 3] = ["gateway", "nginx", "haproxy"];
-const FAULTS: [&str; 7] = [
+const FAULTS: [&str; 8] = [
     "synbh",
     "blackhole",
     "refused",

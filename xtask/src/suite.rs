@@ -193,7 +193,14 @@ pub const SHORT_BENCHMARKS: &[(&str, &[&str])] = &[
     ),
     (
         "faults",
-        &["--faults", "unavailable", "--duration", "6", "--fault-at", "2"],
+        &[
+            "--faults",
+            "unavailable",
+            "--duration",
+            "6",
+            "--fault-at",
+            "2",
+        ],
     ),
     (
         "faults",

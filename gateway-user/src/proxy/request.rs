@@ -381,10 +381,10 @@ fn pick(
     // A key's endpoint takes the retry of a connection that failed, not the endpoint (a
     // stale one, a GOAWAY): another endpoint would break the affinity for nothing.
     let picked = if same_ok && key.is_some() {
-        cluster.pick_keyed(|_| false, key)
+        cluster.pick(|_| false, key)
     } else {
-        match cluster.pick_keyed(tried, key) {
-            Err(NoPick::AllTried) if same_ok => cluster.pick_keyed(|_| false, key),
+        match cluster.pick(tried, key) {
+            Err(NoPick::AllTried) if same_ok => cluster.pick(|_| false, key),
             other => other,
         }
     };

@@ -110,7 +110,7 @@ pub(super) fn cluster(
         base_key.key("lb_policy"),
         DEFAULT_LB_POLICY,
     );
-    let hash_on = hash_on(c, &l, lb_policy);
+    let hash_on = policy::hash_on(c, &l, lb_policy);
     ClusterSpec {
         name: name.to_owned(),
         endpoints: endpoints(c, own, key),
@@ -129,34 +129,6 @@ pub(super) fn cluster(
         request_buffering,
         upgrades,
     }
-}
-
-/// `hash_on`, the cluster's or `[router.upstream]`'s: a warning where no `consistent_hash`
-/// reads it (only for the cluster's own key: one in `[router.upstream]` is for its clusters
-/// that hash).
-fn hash_on(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> HashOn {
-    let (text, at) = match (&l.own.hash_on, &l.base.hash_on) {
-        (Some(t), _) => (t, l.key.key("hash_on")),
-        (None, Some(t)) => (t, l.base_key.key("hash_on")),
-        (None, None) => return HashOn::Client,
-    };
-    // The cluster `default` is `[router.upstream]` itself: its key is also its clusters'.
-    let default = std::ptr::eq(l.own, l.base);
-    if l.own.hash_on.is_some() && !default && lb_policy != LbPolicy::ConsistentHash {
-        c.warnings.push(At {
-            key: at.clone(),
-            what: Warning::HashOnUnused,
-        });
-    }
-    HashOn::parse(text).unwrap_or_else(|| {
-        c.fail(
-            at,
-            Invalid::InvalidHashOn {
-                value: text.clone(),
-            },
-        );
-        HashOn::Client
-    })
 }
 
 /// `upgrades`: each a token, optionally `/` and a version (RFC 9110 section 7.8), lowercased;

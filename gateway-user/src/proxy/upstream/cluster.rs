@@ -114,14 +114,9 @@ impl Cluster {
         self.set.list()
     }
 
-    /// Picks a routable endpoint not `tried` by this request (for `consistent_hash`, round
-    /// robin: see [`Cluster::pick_keyed`]).
-    pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Result<Arc<Endpoint>, NoPick> {
-        self.set.pick(&self.spec, tried, None)
-    }
-
-    /// [`Cluster::pick`] for a request whose `hash_on` key hashed to `key` (`consistent_hash`).
-    pub fn pick_keyed(
+    /// Picks a routable endpoint not `tried` by this request; under `consistent_hash`, by the
+    /// request's hashed `hash_on` key (round robin without one).
+    pub fn pick(
         &self,
         tried: impl Fn(SocketAddr) -> bool,
         key: Option<u64>,

@@ -52,7 +52,7 @@ pub(super) fn plan(
         return None;
     }
     let endpoint = cluster
-        .pick_keyed(|a| a == ep.addr || tried(a), hedging.key)
+        .pick(|a| a == ep.addr || tried(a), hedging.key)
         .ok()
         .filter(|e| !e.health.suspect())?;
     let budget = cluster

@@ -1,11 +1,12 @@
-//! A cluster's two policies that feed `decide/`: the health machine (`health.*`, defaults
-//! from `crate::decide::health`) and the latency tracking (`latency.*`, defaults from
-//! `crate::decide::latency`), resolved over the cluster's [`Layers`] like its other tables.
+//! A cluster's policies that feed `decide/` and the balancer: the health machine (`health.*`,
+//! defaults from `crate::decide::health`), the latency tracking (`latency.*`, defaults from
+//! `crate::decide::latency`) and what `consistent_hash` hashes on (`hash_on`), resolved over
+//! the cluster's [`Layers`] like its other tables.
 
 use super::{
     super::{
         super::{model::*, settings::*},
-        Checker, DAY_MS,
+        At, Checker, DAY_MS, Invalid, Warning,
     },
     Layers, inherit, ms,
 };
@@ -138,4 +139,32 @@ pub(super) fn latency(c: &mut Checker, l: &Layers) -> latency::LatencyPolicy {
         slow_margin: ms(slow_margin_ms),
         trickle_interval: ms(slow_trickle_ms),
     }
+}
+
+/// `hash_on`, the cluster's or `[router.upstream]`'s: a warning where no `consistent_hash`
+/// reads it (only for the cluster's own key: one in `[router.upstream]` is for its clusters
+/// that hash).
+pub(super) fn hash_on(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> HashOn {
+    let (text, at) = match (&l.own.hash_on, &l.base.hash_on) {
+        (Some(t), _) => (t, l.key.key("hash_on")),
+        (None, Some(t)) => (t, l.base_key.key("hash_on")),
+        (None, None) => return HashOn::Client,
+    };
+    // The cluster `default` is `[router.upstream]` itself: its key is also its clusters'.
+    let default = std::ptr::eq(l.own, l.base);
+    if l.own.hash_on.is_some() && !default && lb_policy != LbPolicy::ConsistentHash {
+        c.warnings.push(At {
+            key: at.clone(),
+            what: Warning::HashOnUnused,
+        });
+    }
+    HashOn::parse(text).unwrap_or_else(|| {
+        c.fail(
+            at,
+            Invalid::InvalidHashOn {
+                value: text.clone(),
+            },
+        );
+        HashOn::Client
+    })
 }
