@@ -8,7 +8,7 @@
 //! | `slow_handshakes_to_suspect` connects in a row that needed SYN retransmits | suspect (overloaded or lossy): deprioritised, not ejected |
 //! | `response_timeouts_to_eject` response timeouts in a row, request ACKed | ejected as `slow_backend` (0 disables); never counted as a network failure |
 //! | `tls_failures_to_eject` TLS handshakes in a row that failed or timed out on a healthy TCP connection | ejected as `tls_failure` (0 disables); never counted as a network failure, and a TCP handshake does not clear it (only a response does) |
-//! | `error_statuses_to_eject` responses in a row with status 502, 503 or 504 | ejected as `error_status` (0 disables): the upstream answers, but says it cannot serve; never counted as a network failure |
+//! | `error_statuses_to_eject` responses in a row with status 502, 503 or 504 | ejected as `error_status` (0 disables): the upstream answers, but says it cannot serve; never counted as a network failure. Back from it, the endpoint is on probation: its first such response ejects it again, until it answers anything else |
 //! | a health probe's `GET probe_path` answered with another status than expected | ejected at once, as `unexpected_status` |
 //! | a clean handshake (on a TLS cluster: TCP, then TLS) or a response | clears the strikes; a suspect endpoint is healthy again |
 //!
@@ -213,6 +213,9 @@ pub struct EndpointHealth {
     response_timeouts: u32,
     tls_failures: u32,
     error_statuses: u32,
+    /// Back from an `error_status` ejection by probes that do not ask the application (a TCP
+    /// connect): one more error status ejects it again.
+    probation: bool,
     ejections: u32,
     ejected_until: Option<Instant>,
     probe_successes: u32,
@@ -229,6 +232,7 @@ impl EndpointHealth {
             response_timeouts: 0,
             tls_failures: 0,
             error_statuses: 0,
+            probation: false,
             ejections: 0,
             ejected_until: None,
             probe_successes: 0,
@@ -362,7 +366,8 @@ impl EndpointHealth {
                 self.response_timeouts = 0;
                 self.tls_failures = 0;
                 self.error_statuses += 1;
-                if p.error_statuses_to_eject > 0 && self.error_statuses >= p.error_statuses_to_eject
+                if p.error_statuses_to_eject > 0
+                    && (self.probation || self.error_statuses >= p.error_statuses_to_eject)
                 {
                     self.eject(Reason::ErrorStatus, now, p, may_eject)
                 } else {
@@ -373,6 +378,7 @@ impl EndpointHealth {
                 self.response_timeouts = 0;
                 self.tls_failures = 0;
                 self.error_statuses = 0;
+                self.probation = false;
                 Transition::None
             }
         }
@@ -420,6 +426,8 @@ impl EndpointHealth {
                 ) {
                     self.probe_successes += 1;
                     if self.probe_successes >= p.rise {
+                        // A connect says nothing of the application that answered 503s.
+                        self.probation = self.reason == Some(Reason::ErrorStatus);
                         self.set(State::Healthy, None, now);
                         return Transition::Recovered;
                     }

@@ -319,3 +319,50 @@ fn error_statuses_in_a_row_eject_and_any_other_response_clears_them() {
     assert!(!is_error_status(500) && !is_error_status(501) && !is_error_status(505));
     assert!(!is_error_status(429) && !is_error_status(200));
 }
+
+#[test]
+fn back_from_an_error_status_ejection_one_more_ejects_until_a_good_response() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    for _ in 0..p.error_statuses_to_eject {
+        h.observe(Evidence::ErrorStatus, t, &p, true);
+    }
+    assert_eq!(h.state(), State::Ejected);
+    // Probes by TCP connect bring it back.
+    let back = |h: &mut EndpointHealth, at: Instant| {
+        assert_eq!(h.tick(at), Transition::Probing);
+        for _ in 0..p.rise {
+            h.probe(Evidence::ConnectOk { syn_retransmits: 0 }, at, &p, true);
+        }
+        assert_eq!(h.state(), State::Healthy);
+    };
+    let t1 = t + DEFAULT_BASE_EJECTION;
+    back(&mut h, t1);
+    // On probation: the first error status ejects again, for twice as long.
+    assert_eq!(
+        h.observe(Evidence::ErrorStatus, t1, &p, true),
+        Transition::Ejected {
+            reason: Reason::ErrorStatus,
+            duration: DEFAULT_BASE_EJECTION * 2
+        }
+    );
+    let t2 = t1 + DEFAULT_BASE_EJECTION * 2;
+    back(&mut h, t2);
+    // A good answer ends the probation: back to the count in a row.
+    h.observe(Evidence::ResponseOk, t2, &p, true);
+    for _ in 1..p.error_statuses_to_eject {
+        assert_eq!(
+            h.observe(Evidence::ErrorStatus, t2, &p, true),
+            Transition::None
+        );
+    }
+    // Back from an ejection for another reason: no probation.
+    let mut other = EndpointHealth::new(t);
+    other.observe(Evidence::Refused, t, &p, true);
+    back(&mut other, t1);
+    assert_eq!(
+        other.observe(Evidence::ErrorStatus, t1, &p, true),
+        Transition::None
+    );
+}
