@@ -13,13 +13,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
 };
 
 use gateway_testkit::{
     inprocess::gateway,
-    peers::{NginxProcess, spawn_nginx},
+    peers::{NginxProcess, nginx_listening},
     ports::{free_port, refused_addr},
     tempdir::temp_dir,
 };
@@ -43,25 +42,11 @@ fn nginx3(dir: &Path) -> (Vec<SocketAddr>, NginxProcess) {
         ),
     )
     .unwrap();
-    let process = spawn_nginx(
-        Command::new("/usr/sbin/nginx")
-            .args(["-e", "stderr", "-p"])
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    );
     let addrs: Vec<SocketAddr> = ports
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for a in &addrs {
-        while std::net::TcpStream::connect(a).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen on {a}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let process = nginx_listening(dir, &conf, &addrs);
     (addrs, process)
 }
 

@@ -19,7 +19,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -27,7 +27,8 @@ use gateway_testkit::{
     admin::{endpoint, metrics, sample, status},
     http::{client, get},
     inprocess::{gateway, log_lines},
-    peers::{NginxProcess, nginx_h2c, spawn_nginx},
+    peers::{NginxProcess, nginx_h2c, nginx_listening},
+    ports::free_port,
     tempdir::temp_dir,
 };
 
@@ -78,36 +79,14 @@ impl Pool {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn pool(dir: &Path) -> Pool {
     let ports = [free_port(), free_port(), free_port()];
     let conf = nginx_conf(dir, &ports, DOWN);
-    let process = spawn_nginx(
-        Command::new("/usr/sbin/nginx")
-            .args(["-e", "stderr", "-p"])
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    );
     let addrs: Vec<SocketAddr> = ports
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for a in &addrs {
-        while std::net::TcpStream::connect(a).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen on {a}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let process = nginx_listening(dir, &conf, &addrs);
     Pool {
         addrs,
         log: dir.join("nginx-access.log"),

@@ -450,6 +450,27 @@ impl Drop for NginxProcess {
     }
 }
 
+/// Debian's nginx with the config `conf` (`daemon off`; relative paths under `dir`), once it
+/// listens on every one of `addrs` (within 5 s).
+pub fn nginx_listening(dir: &Path, conf: &Path, addrs: &[SocketAddr]) -> NginxProcess {
+    let process = spawn_nginx(
+        Command::new("/usr/sbin/nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for a in addrs {
+        while std::net::TcpStream::connect(a).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {a}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    process
+}
+
 /// nginx serving HTTP/2 with prior knowledge (h2c) on a loopback port, answering `200` with
 /// the protocol it spoke and its connection number; `extra` goes into the server block.
 /// Its access log (`$server_protocol $connection $status $request_uri $http_x_request_id`)
@@ -480,20 +501,8 @@ pub fn nginx_h2c(dir: &Path, extra: &str) -> NginxH2c {
         ),
     )
     .unwrap();
-    let process = spawn_nginx(
-        Command::new("/usr/sbin/nginx")
-            .args(["-e", "stderr", "-p"])
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let process = nginx_listening(dir, &conf, &[addr]);
     NginxH2c {
         addr,
         log,

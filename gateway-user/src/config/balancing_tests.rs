@@ -3,20 +3,10 @@
 //! `health.error_statuses_to_eject`, each with its default, inherited from
 //! `[router.upstream]`, and refused (or warned about) with file, line and key.
 
-use std::path::Path;
-
-use super::*;
-
-fn load(text: &str) -> Result<Loaded, ConfigError> {
-    load_str(text, Path::new("gw.toml"))
-}
-
-fn err(text: &str) -> String {
-    match load(text) {
-        Ok(_) => panic!("config was accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
+use super::{
+    test_util::{err, load},
+    *,
+};
 
 /// `[router.upstream]` with `upstream`, and the clusters `a` and `b` with their own keys.
 fn config(upstream: &str, a: &str, b: &str) -> String {

@@ -3,20 +3,10 @@
 //! `rate_limit` — each accepted with its default, and each bad value refused with file, line
 //! and key. (The HTTPS listener's side of `https_redirect` is in `tls_tests`.)
 
-use std::path::Path;
-
-use super::*;
-
-fn load(text: &str) -> Result<Loaded, ConfigError> {
-    load_str(text, Path::new("gw.toml"))
-}
-
-fn err(text: &str) -> String {
-    match load(text) {
-        Ok(_) => panic!("config was accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
+use super::{
+    test_util::{err, load},
+    *,
+};
 
 const BASE: &str = r#"[router]
 listener_port = 8080

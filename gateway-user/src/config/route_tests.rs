@@ -3,22 +3,14 @@
 //! request IDs and `expose_upstream_errors` — each accepted with its default, and each bad
 //! value refused with file, line and key.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use http::Method;
 
-use super::*;
-
-fn load(text: &str) -> Result<Loaded, ConfigError> {
-    load_str(text, Path::new("gw.toml"))
-}
-
-fn err(text: &str) -> String {
-    match load(text) {
-        Ok(_) => panic!("config was accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
+use super::{
+    test_util::{err, load},
+    *,
+};
 
 const BASE: &str = r#"[router]
 listener_port = 8080

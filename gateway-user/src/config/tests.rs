@@ -2,18 +2,10 @@
 
 use std::{path::Path, time::Duration};
 
-use super::*;
-
-fn load(text: &str) -> Result<Loaded, ConfigError> {
-    load_str(text, Path::new("gw.toml"))
-}
-
-fn err(text: &str) -> String {
-    match load(text) {
-        Ok(_) => panic!("config was accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
+use super::{
+    test_util::{err, load},
+    *,
+};
 
 const COMMON: &str = r#"
 [router]
