@@ -53,7 +53,9 @@ pub fn log_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
+        // Whole lines only: the gateway may be writing the last one as it is read.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        let lines: Vec<serde_json::Value> = whole
             .lines()
             .filter(|l| !l.starts_with('#'))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
