@@ -2,7 +2,8 @@
 //! with its port) and curl as the client, over HTTP/1.1 and HTTP/2:
 //!
 //! - on a header, a cookie, or the client (the one a trusted proxy names): every request with
-//!   the same key reaches the same endpoint, and keys spread over the endpoints;
+//!   the same key reaches the same endpoint, and keys spread over the endpoints; `/status`
+//!   says what each cluster hashes on;
 //! - a request without the key is balanced round robin;
 //! - a dead endpoint (refused) in the list: the keys it owned go, from their first request on,
 //!   to their next endpoint, and every key is where a cluster without it sends it.
@@ -17,6 +18,7 @@ use std::{
 };
 
 use gateway_testkit::{
+    admin::status,
     inprocess::gateway,
     peers::{NginxProcess, nginx_listening},
     ports::{free_port, refused_addr},
@@ -180,6 +182,26 @@ lb_policy = "consistent_hash"
         let h2 = run("/user3/", 1, args.map(str::to_owned).to_vec());
         assert_eq!(h2.await.unwrap(), [users[&5].clone()]);
     }
+    // /status says what each cluster hashes on.
+    let admin = gw.handle.admin_addr().unwrap();
+    let s = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    let hash_on = |name: &str| {
+        s["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| (c["lb_policy"].clone(), c["hash_on"].clone()))
+            .unwrap()
+    };
+    assert_eq!(
+        hash_on("user"),
+        ("consistent_hash".into(), "header:x-user".into())
+    );
+    assert_eq!(hash_on("cookie").1, "cookie:session");
+    assert_eq!(hash_on("client").1, "client");
     // No key: round robin over the three.
     let got = run("/user3/", 6, Vec::new()).await.unwrap();
     let ports: BTreeSet<&String> = got.iter().collect();

@@ -284,6 +284,17 @@ pub enum HashOn {
     Cookie(String),
 }
 
+impl fmt::Display for HashOn {
+    /// As written in the config: `client`, `header:NAME`, `cookie:NAME`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Client => f.write_str("client"),
+            HashOn::Header(name) => write!(f, "header:{name}"),
+            HashOn::Cookie(name) => write!(f, "cookie:{name}"),
+        }
+    }
+}
+
 impl HashOn {
     /// `"client"`, `"header:NAME"` or `"cookie:NAME"`; `None` for anything else.
     pub fn parse(text: &str) -> Option<HashOn> {

@@ -356,6 +356,7 @@ mod tests {
             clusters: vec![ClusterStatus {
                 name: "api<script>".into(),
                 lb_policy: LbPolicy::RoundRobin,
+                hash_on: None,
                 routable: 1,
                 endpoints: vec![EndpointStatus {
                     address: "127.0.0.1:1".parse().unwrap(),

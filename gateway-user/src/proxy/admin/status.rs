@@ -22,7 +22,7 @@
 //!   },
 //!   "clusters": [{
 //!     "name": "api",
-//!     "lb_policy": "round_robin",
+//!     "lb_policy": "round_robin",        // consistent_hash adds "hash_on": "header:x-user-id"
 //!     "routable": 1,                     // endpoints healthy or suspect
 //!     "endpoints": [{
 //!       "address": "10.0.0.5:8080",
@@ -144,6 +144,10 @@ impl From<&SignalMode> for SignalOrigin {
 pub struct ClusterStatus {
     pub name: String,
     pub lb_policy: LbPolicy,
+    /// What a `consistent_hash` cluster hashes a request on (`client`, `header:NAME`,
+    /// `cookie:NAME`); absent for any other policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<String>,
     pub routable: usize,
     pub endpoints: Vec<EndpointStatus>,
 }
@@ -298,6 +302,8 @@ impl Status {
                 ClusterStatus {
                     name: c.name.to_string(),
                     lb_policy: c.spec.lb_policy,
+                    hash_on: (c.spec.lb_policy == LbPolicy::ConsistentHash)
+                        .then(|| c.spec.hash_on.to_string()),
                     routable,
                     endpoints,
                 }

@@ -109,6 +109,7 @@ fn status(endpoints: Vec<EndpointStatus>) -> Status {
         clusters: vec![ClusterStatus {
             name: "api".into(),
             lb_policy: LbPolicy::RoundRobin,
+            hash_on: None,
             routable: endpoints.len(),
             endpoints,
         }],

@@ -19,6 +19,7 @@ fn sample() -> Status {
         clusters: vec![ClusterStatus {
             name: "api".into(),
             lb_policy: LbPolicy::RoundRobin,
+            hash_on: None,
             routable: 0,
             endpoints: vec![EndpointStatus {
                 address: "10.0.0.5:8080".parse().unwrap(),
