@@ -8,29 +8,9 @@ use std::time::Duration;
 use http::Method;
 
 use super::{
-    test_util::{err, load},
+    test_util::{BASE, err, load, with_route},
     *,
 };
-
-const BASE: &str = r#"[router]
-listener_port = 8080
-
-[clusters.api]
-endpoints = ["127.0.0.1:9000"]
-[clusters.api.timeouts]
-response_timeout_ms = 900
-request_timeout_ms = 5000
-[clusters.api.retry]
-max_retries = 3
-on_response_timeout = true
-"#;
-
-/// The one route the tests that are not about routes need.
-const ROUTE: &str = "[[routes]]\ncluster = \"api\"\n";
-
-fn with_route(text: &str) -> String {
-    format!("{text}{ROUTE}")
-}
 
 #[test]
 fn a_route_inherits_its_clusters_policy_and_overrides_what_it_says() {
