@@ -194,6 +194,8 @@ catalogue! {
         "Plain HTTP client connections parked: held as a bare socket, without the HTTP parser's buffers, until the client sends again. Idle HTTP/1 keep-alive connections (quiet for a second, no request running) wait in their worker's parking lot; new connections wait so until their first bytes. Counted in gateway_client_connections too.";
     client_rejected: "gateway_client_connections_rejected", "counter", ["listener", "reason"],
         "Client connections accepted and turned away at once, by listener address and reason: max_connections (max_client_connections reached), accept_rate (max_accepts_per_second exceeded), fd_exhausted (no file descriptor left: accepted on a reserved one and closed). Plain HTTP listeners answer 503 with x-gateway-error: overloaded and Connection: close; HTTPS listeners, and fd_exhausted, close.";
+    client_proxy_protocol: "gateway_client_proxy_protocol", "counter", ["result"],
+        "Client connections from the peers [router.proxy_protocol] expects a PROXY protocol header from, by result: served with a header that names the client (v1, v2), with one that names none (local: v2 LOCAL or v1 UNKNOWN, the load balancer's own health checks; the peer is the client), or with none (absent, as required = false allows); closed for want of one: missing (no header), malformed, too_large (over 4096 bytes), timeout (not whole within timeout_ms), closed (the peer closed first), io.";
     client_reset_floods: "gateway_client_http2_reset_floods", "counter", [],
         "HTTP/2 client connections closed because their client reset most of its streams soon after opening them, before their response was over (rapid reset, CVE-2023-44487): by default, within a second, at least 250 of its first 500 streams, or half of all its streams after that ([router.downstream] http2_premature_reset_streams and http2_premature_reset_lifetime_ms). Also logged (warn) with the client's address, at most once per 10 s with the number not logged.";
     rate_limit_untracked: "gateway_rate_limit_untracked", "counter", ["route", "cluster"],
@@ -253,6 +255,7 @@ pub struct GatewayMetrics {
     pub client_parked: Gauge,
     pub client_reset_floods: Counter,
     pub client_rejected: Family<ListenerReason, Counter>,
+    pub client_proxy_protocol: Family<ResultLabels, Counter>,
     pub accept_errors: Family<ListenerErrno, Counter>,
     pub rate_limit_untracked: Family<RouteLabels, Counter>,
     pub read_ahead_bytes: Gauge,
@@ -301,6 +304,7 @@ impl GatewayMetrics {
             client_parked: Gauge::default(),
             client_reset_floods: Counter::default(),
             client_rejected: Family::default(),
+            client_proxy_protocol: Family::default(),
             accept_errors: Family::default(),
             rate_limit_untracked: Family::default(),
             worker_connections: Family::default(),
@@ -363,6 +367,7 @@ impl GatewayMetrics {
         reg!(f::client_connections, self.client_connections);
         reg!(f::client_parked, self.client_parked);
         reg!(f::client_rejected, self.client_rejected);
+        reg!(f::client_proxy_protocol, self.client_proxy_protocol);
         reg!(f::client_reset_floods, self.client_reset_floods);
         reg!(f::accept_errors, self.accept_errors);
         reg!(f::rate_limit_untracked, self.rate_limit_untracked);

@@ -39,6 +39,7 @@ mod io;
 mod listeners;
 mod log_every;
 mod memory;
+mod proxy_protocol;
 mod rate_limit;
 mod request;
 mod request_body;

@@ -202,3 +202,62 @@ fn rate_limits_have_defaults_and_ranges() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_protocol_is_off_by_default_and_expects_a_header_from_the_peers_listed() {
+    let with = |table: &str| {
+        with_route(&BASE.replace(
+            "listener_port = 8080",
+            &format!("listener_port = 8080\n[router.proxy_protocol]\n{table}"),
+        ))
+    };
+    assert_eq!(load(&with_route(BASE)).unwrap().settings.proxy_protocol, None);
+    let on = load(&with("enabled = true")).unwrap().settings.proxy_protocol.unwrap();
+    assert_eq!(on.from, None, "default: every peer");
+    assert!(on.required);
+    assert_eq!(on.timeout, std::time::Duration::from_secs(5));
+    assert!(on.expected_from("203.0.113.9".parse().unwrap()));
+
+    let listed = load(&with(
+        "enabled = true\nfrom = [\"10.0.0.0/8\", \"::ffff:192.0.2.7\"]\nrequired = false\ntimeout_ms = 250",
+    ))
+    .unwrap()
+    .settings
+    .proxy_protocol
+    .unwrap();
+    assert!(!listed.required);
+    assert_eq!(listed.timeout, std::time::Duration::from_millis(250));
+    for (peer, expected) in [
+        ("10.9.8.7", true),
+        ("192.0.2.7", true),
+        ("::ffff:10.1.1.1", true),
+        ("192.0.2.8", false),
+        ("2001:db8::1", false),
+    ] {
+        assert_eq!(
+            listed.expected_from(peer.parse().unwrap()),
+            expected,
+            "{peer}"
+        );
+    }
+
+    let e = err(&with("enabled = true\nfrom = [\"10.0.0.0/8\", \"lb-1\"]"));
+    assert!(
+        e.starts_with("gw.toml:4:30: key `router.proxy_protocol.from[1]`: load balancer \"lb-1\" is not an address or a CIDR block"),
+        "{e}"
+    );
+    let e = err(&with("enabled = true\nfrom = []"));
+    assert!(e.contains("`router.proxy_protocol.from`: from is empty"), "{e}");
+    let e = err(&with("enabled = true\ntimeout_ms = 0"));
+    assert!(e.contains("`router.proxy_protocol.timeout_ms`: 0 is out of range"), "{e}");
+    assert!(err(&with("enabled = true\nversion = 2")).contains("unknown field `version`"));
+
+    let off = load(&with("from = [\"10.0.0.0/8\"]")).unwrap();
+    assert_eq!(off.settings.proxy_protocol, None);
+    let w: Vec<String> = off.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter().any(|w| w.contains("router.proxy_protocol.from")
+            && w.contains("not enabled (enabled = true), so this does nothing")),
+        "{w:?}"
+    );
+}

@@ -148,6 +148,10 @@ pub struct RouterConfig {
     /// Whose `X-Forwarded-*` headers are believed.
     #[serde(default)]
     pub forwarded: ForwardedConfig,
+    /// Client connections that open with a PROXY protocol header (an L4 load balancer's: AWS
+    /// NLB, HAProxy `send-proxy`, ...): the client it names is the connection's client.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolConfig,
     /// A request that came over plain HTTP is answered with a redirect to the same URL over
     /// HTTPS (`301` for GET and HEAD, `308` for other methods, which keeps the method and
     /// body), on every route that does not set its own `https_redirect`. Over HTTPS means on an
@@ -171,6 +175,31 @@ pub struct ForwardedConfig {
     /// `X-Forwarded-Proto` is always the gateway's own. `[]`: no peer is trusted.
     pub trusted_proxies: Option<Vec<String>>,
 }
+
+/// `[router.proxy_protocol]`: HAProxy's PROXY protocol, v1 (text) and v2 (binary), on every
+/// client listener (plain and HTTPS). The header comes before anything else on the connection
+/// (before TLS); the source address it carries becomes the connection's client: in the access
+/// log, `X-Forwarded-For`, `[router.forwarded]`, `allow_clients`, `rate_limit` and
+/// `hash_on = "client"`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// Default `false`.
+    pub enabled: Option<bool>,
+    /// The peers (addresses, CIDR blocks) that send the header: the load balancers. A
+    /// connection from any other peer is served as it comes, its client the peer, so no
+    /// client can name another. Default: every peer (the listeners are reachable only through
+    /// the load balancers).
+    pub from: Option<Vec<String>>,
+    /// `true` (default): a connection from a listed peer without a header is closed (counted
+    /// as `missing`). `false`: it is served as it comes (while a load balancer's setting is
+    /// being turned on, say).
+    pub required: Option<bool>,
+    /// From the connection to its whole header. Default [`DEFAULT_PROXY_PROTOCOL_TIMEOUT_MS`].
+    pub timeout_ms: Option<u64>,
+}
+
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT_MS: u64 = 5_000;
 
 /// `connection_balance`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -39,7 +39,30 @@ pub struct Settings {
     /// `[router.forwarded] trusted_proxies`: `None` when not set (every peer's
     /// `X-Forwarded-For` is appended to), else the peers whose forwarding headers are kept.
     pub trusted_proxies: Option<std::sync::Arc<[ipnet::IpNet]>>,
+    /// `[router.proxy_protocol]`; `None` when off.
+    pub proxy_protocol: Option<ProxyProtocol>,
     pub log: Log,
+}
+
+/// `[router.proxy_protocol]`: who opens connections with a PROXY protocol header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyProtocol {
+    /// The peers that send it; `None`: every peer.
+    pub from: Option<std::sync::Arc<[ipnet::IpNet]>>,
+    /// A listed peer's connection without a header is closed.
+    pub required: bool,
+    /// From the connection to its whole header.
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    /// A connection from `peer` opens with a header (or may, when it is not `required`).
+    pub fn expected_from(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&peer)))
+    }
 }
 
 /// `[router.request_id]`.

@@ -17,6 +17,7 @@ mod cluster;
 mod downstream;
 mod observer;
 mod problems;
+mod proxy_protocol;
 mod routes;
 mod tls;
 
@@ -97,6 +98,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let access_log = access_log(&mut c, &cfg.access_log);
     let request_id = request_id(&mut c, &cfg.router.request_id);
     let trusted_proxies = trusted_proxies(&mut c, &cfg.router.forwarded);
+    let proxy_protocol = proxy_protocol::proxy_protocol(&mut c, &cfg.router.proxy_protocol);
     let log = log(&mut c, &cfg.log);
     let observer = observer::observer(&mut c, &cfg.observer);
 
@@ -121,6 +123,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             expose_errors: cfg.router.expose_upstream_errors,
             request_id,
             trusted_proxies,
+            proxy_protocol,
             log,
         },
         c.warnings,

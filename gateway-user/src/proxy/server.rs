@@ -46,6 +46,7 @@ use tracing::{debug, warn};
 
 use super::{
     admission, handshake,
+    proxy_protocol,
     headers::{self, Scheme},
     io::{Busy, Holding, Parkable},
     listeners::ClientSocket,
@@ -184,6 +185,16 @@ fn serve_accepted(
     lot: &Lot,
 ) {
     let (shared, drain) = (shared.clone(), drain.clone());
+    let proxied = {
+        let rt = shared.runtime.load();
+        let pp = rt.settings.proxy_protocol.as_ref();
+        pp.filter(|p| p.expected_from(peer.ip())).cloned()
+    };
+    if let Some(cfg) = proxied {
+        let live = (drain, permit);
+        tokio::spawn(serve_proxied(stream, peer, on, cfg, shared, live, lot.clone()));
+        return;
+    }
     match on.scheme {
         Scheme::Http => {
             let client = client(peer, on, None, drain);
@@ -192,6 +203,32 @@ fn serve_accepted(
         Scheme::Https => {
             tokio::spawn(serve_tls(stream, peer, on, shared, (drain, permit)));
         }
+    }
+}
+
+/// A connection that opens with a PROXY protocol header (`proxy_protocol`): the header, then
+/// HTTP or TLS as on any other, for the client it names. A client that spoke TLS to the load
+/// balancer (v2's SSL TLV) is an HTTPS client.
+async fn serve_proxied(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    on: Listener,
+    cfg: crate::config::ProxyProtocol,
+    shared: Arc<Shared>,
+    (drain, permit): Live,
+    lot: Lot,
+) {
+    let Some(origin) = proxy_protocol::read(&mut stream, peer, &cfg, &shared).await else {
+        return;
+    };
+    match on.scheme {
+        Scheme::Http => {
+            let scheme = if origin.tls { Scheme::Https } else { on.scheme };
+            let on = Listener { scheme, ..on };
+            let client = client(origin.client, on, None, drain);
+            park::serve(stream, client, permit, shared, lot).await
+        }
+        Scheme::Https => serve_tls(stream, origin.client, on, shared, (drain, permit)).await,
     }
 }
 

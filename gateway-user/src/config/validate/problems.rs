@@ -87,6 +87,10 @@ pub enum Invalid {
     RateOutOfRange { value: f64 },
     #[error("allow_clients is empty: no client could reach this route; remove the route instead")]
     NoClientAllowed,
+    #[error(
+        "from is empty: no peer would send a PROXY header; list the load balancers, remove `from` to expect one from every peer, or set enabled = false"
+    )]
+    NoProxyProtocolPeer,
     #[error("admin address {addr} is not loopback; set `[admin] allow_remote = true` to expose it")]
     AdminNotLoopback { addr: SocketAddr },
     #[error("access_log.output is empty; use \"stdout\", \"stderr\", \"off\" or a file path")]
@@ -212,6 +216,10 @@ pub enum Warning {
     TrustsEveryone { value: String },
     #[error("hash_on is set, but lb_policy is not \"consistent_hash\", so nothing hashes on it")]
     HashOnUnused,
+    #[error(
+        "router.proxy_protocol is not enabled (enabled = true), so this does nothing: connections are read without a PROXY header"
+    )]
+    ProxyProtocolOff,
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

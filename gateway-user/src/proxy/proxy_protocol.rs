@@ -1,0 +1,232 @@
+//! The PROXY protocol (HAProxy's `proxy-protocol.txt`: v1 text, v2 binary) on client
+//! connections, `[router.proxy_protocol]`. A load balancer that forwards TCP (AWS NLB, HAProxy
+//! `send-proxy`, ...) opens each connection with a header naming the client it came from; the
+//! gateway then sees only the load balancer's address. With the header read, the client it
+//! names is the connection's client everywhere a client is: the access log, `X-Forwarded-For`,
+//! `[router.forwarded]`, `allow_clients`, `rate_limit` and `hash_on = "client"`.
+//!
+//! The header is read before anything else (before TLS) by peeking: only its own bytes are
+//! taken off the socket, so what follows is served as any connection's. A header comes whole
+//! in one segment from every load balancer known; one that arrives in pieces is peeked again
+//! after a pause (a peek returns at once while any byte waits, so there is no waiting on
+//! readiness for more), until `timeout_ms`.
+//!
+//! A header is expected only from the listed peers (`from`, default every peer): any other
+//! peer is served as it comes, so no client can name another. A connection that must have one
+//! and does not (`missing`), whose header is malformed or too large, or that sends none within
+//! the timeout is closed, never served: its client would be misnamed. A header that names no
+//! client (v2 `LOCAL`, v1 `UNKNOWN`: a load balancer's own health check) leaves the peer as
+//! the client. Each outcome is counted in `gateway_client_proxy_protocol_total{result}`; each
+//! refusal is also logged, at most every 10 s with the count left out.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::LazyLock,
+    time::Duration,
+};
+
+use ppp::{HeaderResult, PartialResult, v1, v2};
+use tokio::{io::AsyncReadExt, net::TcpStream};
+use tracing::warn;
+
+use super::{log_every::LogEvery, shared::Shared};
+use crate::{config::ProxyProtocol, metrics::ResultLabels};
+
+/// v2's signature, the first 12 bytes of its header.
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+/// How v1's header starts.
+const V1_PREFIX: &[u8] = b"PROXY ";
+/// v2's fixed part: the signature, version and command, family and protocol, and the length of
+/// what follows (big-endian, in its last two bytes).
+const V2_FIXED: usize = 16;
+/// The largest header read. v1's is at most 107 bytes; v2's addresses take up to 216, and the
+/// TLVs a load balancer adds (AWS's VPC endpoint ID, HAProxy's TLS details) a few hundred more.
+const MAX_HEADER: usize = 4096;
+/// v2's TLV saying how the client reached the load balancer (`PP2_TYPE_SSL`), and its flag
+/// that it spoke TLS (`PP2_CLIENT_SSL`).
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_CLIENT_SSL: u8 = 0x01;
+/// The pauses between peeks at a header that came in pieces: from 1 ms, doubling, up to 50 ms.
+const FIRST_PAUSE: Duration = Duration::from_millis(1);
+const LONGEST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Refusals are logged at most this often.
+static LOG: LazyLock<LogEvery> = LazyLock::new(|| LogEvery::new(Duration::from_secs(10)));
+
+/// Where a connection comes from, by its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Origin {
+    /// The client the header names, else the peer.
+    pub client: SocketAddr,
+    /// A v2 header said the client spoke TLS to the load balancer (which terminated it).
+    pub tls: bool,
+}
+
+/// What a header said, or that there was none.
+#[derive(Debug, PartialEq, Eq)]
+struct Header {
+    /// Its length: the bytes to take off the socket.
+    len: usize,
+    /// The client it names; `None` for `LOCAL` and `UNKNOWN`.
+    client: Option<SocketAddr>,
+    tls: bool,
+    /// The `result` label.
+    result: &'static str,
+}
+
+/// Reads the header of a connection from `peer` when `cfg` expects one from it. `None`: the
+/// connection is to be closed (counted and logged).
+pub(super) async fn read(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    cfg: &ProxyProtocol,
+    shared: &Shared,
+) -> Option<Origin> {
+    let direct = Origin {
+        client: peer,
+        tls: false,
+    };
+    let count = |result| {
+        let labels = ResultLabels { result };
+        shared.telemetry.metrics.client_proxy_protocol.get_or_create(&labels).inc();
+    };
+    let outcome = match tokio::time::timeout(cfg.timeout, header(stream)).await {
+        Ok(Ok(Some(h))) => Ok(h),
+        Ok(Ok(None)) if !cfg.required => {
+            count("absent");
+            return Some(direct);
+        }
+        Ok(Ok(None)) => Err("missing"),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err("timeout"),
+    };
+    match outcome {
+        Ok(h) => {
+            count(h.result);
+            Some(h.client.map_or(direct, |client| Origin {
+                client,
+                tls: h.tls,
+            }))
+        }
+        Err(reason) => {
+            count(reason);
+            if let Some(left_out) = LOG.due() {
+                warn!(
+                    client = %peer,
+                    reason,
+                    timeout_ms = cfg.timeout.as_millis() as u64,
+                    left_out,
+                    "closed a client connection: no valid PROXY protocol header; is the load balancer's PROXY protocol on? ([router.proxy_protocol])"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Peeks until the header is whole, then takes it off the socket. `None`: the connection does
+/// not start with one. The error is the `result` label.
+async fn header(stream: &mut TcpStream) -> Result<Option<Header>, &'static str> {
+    let mut buf = vec![0u8; MAX_HEADER];
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|_| "io")?;
+        if n == 0 {
+            return Err("closed");
+        }
+        match parse(&buf[..n])? {
+            Parsed::Whole(h) => {
+                stream
+                    .read_exact(&mut buf[..h.len])
+                    .await
+                    .map_err(|_| "io")?;
+                return Ok(Some(h));
+            }
+            Parsed::NotAHeader => return Ok(None),
+            Parsed::Partial if n == MAX_HEADER => return Err("too_large"),
+            Parsed::Partial => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Whole(Header),
+    /// The bytes so far could still become a header.
+    Partial,
+    NotAHeader,
+}
+
+/// What the first bytes of a connection are.
+fn parse(seen: &[u8]) -> Result<Parsed, &'static str> {
+    let could_be = |sig: &[u8]| {
+        let k = seen.len().min(sig.len());
+        seen[..k] == sig[..k]
+    };
+    if !could_be(V2_SIGNATURE) && !could_be(V1_PREFIX) {
+        return Ok(Parsed::NotAHeader);
+    }
+    if seen.len() >= V2_FIXED && seen.starts_with(V2_SIGNATURE) {
+        let rest = u16::from_be_bytes([seen[14], seen[15]]);
+        if V2_FIXED + usize::from(rest) > MAX_HEADER {
+            return Err("too_large");
+        }
+    }
+    let parsed = HeaderResult::parse(seen);
+    if parsed.is_incomplete() {
+        return Ok(Parsed::Partial);
+    }
+    match parsed {
+        HeaderResult::V1(Ok(h)) => Ok(Parsed::Whole(from_v1(&h))),
+        HeaderResult::V2(Ok(h)) => Ok(Parsed::Whole(from_v2(&h))),
+        _ => Err("malformed"),
+    }
+}
+
+fn from_v1(h: &v1::Header<'_>) -> Header {
+    let client = match h.addresses {
+        v1::Addresses::Tcp4(a) => Some(client(a.source_address.into(), a.source_port)),
+        v1::Addresses::Tcp6(a) => Some(client(a.source_address.into(), a.source_port)),
+        v1::Addresses::Unknown => None,
+    };
+    Header {
+        len: h.header.len(),
+        client,
+        tls: false,
+        result: if client.is_some() { "v1" } else { "local" },
+    }
+}
+
+fn from_v2(h: &v2::Header<'_>) -> Header {
+    let client = match (h.command, h.addresses) {
+        (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
+            Some(client(a.source_address.into(), a.source_port))
+        }
+        (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
+            Some(client(a.source_address.into(), a.source_port))
+        }
+        // LOCAL (the load balancer's own connection), or a family with no IP address.
+        _ => None,
+    };
+    let tls = h.tlvs().flatten().any(|t| {
+        t.kind == PP2_TYPE_SSL && t.value.first().is_some_and(|f| f & PP2_CLIENT_SSL != 0)
+    });
+    Header {
+        len: h.len(),
+        client,
+        tls: client.is_some() && tls,
+        result: if client.is_some() { "v2" } else { "local" },
+    }
+}
+
+/// An IPv4-mapped IPv6 source is the IPv4 client it maps, as `allow_clients` and
+/// `[router.forwarded]` read it.
+fn client(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.to_canonical(), port)
+}
+
+#[cfg(test)]
+mod tests;
