@@ -6,6 +6,8 @@
 //!   server (hyper) that reads each request body and answers with its size.
 //! - `upstream_response`: a fixed client request; the fuzzer's bytes are what the upstream
 //!   answers, after which it closes the connection (so close-delimited bodies end).
+//! - `proxy_header`: as `client_head`, with `[router.proxy_protocol]` on, so that the bytes
+//!   start with what a load balancer sends first (a PROXY protocol header, v1 or v2).
 //!
 //! Both check that the gateway answers or closes within [`ANSWER_LIMIT`] (a hang is a
 //! finding), that whatever it answers starts like HTTP/1.1, and, through libFuzzer's panic
@@ -30,7 +32,8 @@ use tokio::{
 };
 
 /// How long the gateway may take to answer or close a connection. Its own timeouts in the lab
-/// config are all well below this: header read 500 ms, response 500 ms, request 1 s.
+/// config are all well below this: PROXY header 500 ms, header read 500 ms, response 500 ms,
+/// request 1 s.
 pub const ANSWER_LIMIT: Duration = Duration::from_secs(5);
 
 /// The most the harness reads back from the gateway per connection.
@@ -50,25 +53,37 @@ pub enum UpstreamKind {
     Http,
     /// Reads a request head, writes [`Lab::reply`], closes.
     Raw,
+    /// [`UpstreamKind::Http`], with the gateway expecting a PROXY protocol header on every
+    /// connection.
+    HttpBehindProxyProtocol,
 }
 
 static HTTP_LAB: OnceLock<Lab> = OnceLock::new();
 static RAW_LAB: OnceLock<Lab> = OnceLock::new();
+static PROXIED_LAB: OnceLock<Lab> = OnceLock::new();
 
 pub fn lab(kind: UpstreamKind) -> &'static Lab {
     let cell = match kind {
         UpstreamKind::Http => &HTTP_LAB,
         UpstreamKind::Raw => &RAW_LAB,
+        UpstreamKind::HttpBehindProxyProtocol => &PROXIED_LAB,
     };
     cell.get_or_init(|| Lab::start(kind))
 }
 
-fn config(upstream: SocketAddr) -> String {
+/// The lab's gateway config; `proxied`: with `[router.proxy_protocol]` on.
+fn config(upstream: SocketAddr, proxied: bool) -> String {
+    let proxy_protocol = if proxied {
+        "[router.proxy_protocol]\nenabled = true\ntimeout_ms = 500\n"
+    } else {
+        ""
+    };
     format!(
         r#"[router]
 listen = ["127.0.0.1:0"]
 shutdown_grace_ms = 100
 
+{proxy_protocol}
 [router.downstream]
 header_read_timeout_ms = 500
 write_timeout_ms = 500
@@ -121,14 +136,14 @@ impl Lab {
                 .expect("upstream bind");
             let upstream = listener.local_addr().expect("upstream addr");
             match kind {
-                UpstreamKind::Http => {
+                UpstreamKind::Http | UpstreamKind::HttpBehindProxyProtocol => {
                     tokio::spawn(http_upstream(listener));
                 }
                 UpstreamKind::Raw => {
                     tokio::spawn(raw_upstream(listener, reply.clone()));
                 }
             }
-            let text = config(upstream);
+            let text = config(upstream, kind == UpstreamKind::HttpBehindProxyProtocol);
             let settings = gateway::config::load_str(&text, Path::new("fuzz-lab.toml"))
                 .unwrap_or_else(|e| panic!("the fuzz lab's config is refused: {e}"))
                 .settings;

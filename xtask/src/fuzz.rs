@@ -25,12 +25,13 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Every fuzz target, in the order `all` runs them.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "config",
     "kernel_records",
     "admin_status",
     "client_head",
     "upstream_response",
+    "proxy_header",
 ];
 
 /// What `./dev test` gives each target.

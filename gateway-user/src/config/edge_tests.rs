@@ -211,8 +211,15 @@ fn proxy_protocol_is_off_by_default_and_expects_a_header_from_the_peers_listed()
             &format!("listener_port = 8080\n[router.proxy_protocol]\n{table}"),
         ))
     };
-    assert_eq!(load(&with_route(BASE)).unwrap().settings.proxy_protocol, None);
-    let on = load(&with("enabled = true")).unwrap().settings.proxy_protocol.unwrap();
+    assert_eq!(
+        load(&with_route(BASE)).unwrap().settings.proxy_protocol,
+        None
+    );
+    let on = load(&with("enabled = true"))
+        .unwrap()
+        .settings
+        .proxy_protocol
+        .unwrap();
     assert_eq!(on.from, None, "default: every peer");
     assert!(on.required);
     assert_eq!(on.timeout, std::time::Duration::from_secs(5));
@@ -243,13 +250,19 @@ fn proxy_protocol_is_off_by_default_and_expects_a_header_from_the_peers_listed()
 
     let e = err(&with("enabled = true\nfrom = [\"10.0.0.0/8\", \"lb-1\"]"));
     assert!(
-        e.starts_with("gw.toml:4:30: key `router.proxy_protocol.from[1]`: load balancer \"lb-1\" is not an address or a CIDR block"),
+        e.starts_with("gw.toml:5:23: key `router.proxy_protocol.from[1]`: load balancer \"lb-1\" is not an address or a CIDR block"),
         "{e}"
     );
     let e = err(&with("enabled = true\nfrom = []"));
-    assert!(e.contains("`router.proxy_protocol.from`: from is empty"), "{e}");
+    assert!(
+        e.contains("`router.proxy_protocol.from`: from is empty"),
+        "{e}"
+    );
     let e = err(&with("enabled = true\ntimeout_ms = 0"));
-    assert!(e.contains("`router.proxy_protocol.timeout_ms`: 0 is out of range"), "{e}");
+    assert!(
+        e.contains("`router.proxy_protocol.timeout_ms`: 0 is out of range"),
+        "{e}"
+    );
     assert!(err(&with("enabled = true\nversion = 2")).contains("unknown field `version`"));
 
     let off = load(&with("from = [\"10.0.0.0/8\"]")).unwrap();

@@ -138,6 +138,9 @@ fn populated() -> Registry {
             reason: "max_connections",
         })
         .inc();
+    m.client_proxy_protocol
+        .get_or_create(&ResultLabels { result: "v2" })
+        .inc();
     m.accept_errors
         .get_or_create(&ListenerErrno {
             listener: "127.0.0.1:8080".into(),

@@ -25,8 +25,11 @@ use std::{
     time::Duration,
 };
 
-use ppp::{HeaderResult, PartialResult, v1, v2};
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use ppp::{v1, v2};
+use tokio::{
+    io::{AsyncReadExt, Interest},
+    net::TcpStream,
+};
 use tracing::warn;
 
 use super::{log_every::LogEvery, shared::Shared};
@@ -36,6 +39,8 @@ use crate::{config::ProxyProtocol, metrics::ResultLabels};
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// How v1's header starts.
 const V1_PREFIX: &[u8] = b"PROXY ";
+/// v1's longest header, its CRLF included.
+const V1_MAX: usize = 107;
 /// v2's fixed part: the signature, version and command, family and protocol, and the length of
 /// what follows (big-endian, in its last two bytes).
 const V2_FIXED: usize = 16;
@@ -88,7 +93,12 @@ pub(super) async fn read(
     };
     let count = |result| {
         let labels = ResultLabels { result };
-        shared.telemetry.metrics.client_proxy_protocol.get_or_create(&labels).inc();
+        shared
+            .telemetry
+            .metrics
+            .client_proxy_protocol
+            .get_or_create(&labels)
+            .inc();
     };
     let outcome = match tokio::time::timeout(cfg.timeout, header(stream)).await {
         Ok(Ok(Some(h))) => Ok(h),
@@ -103,10 +113,10 @@ pub(super) async fn read(
     match outcome {
         Ok(h) => {
             count(h.result);
-            Some(h.client.map_or(direct, |client| Origin {
-                client,
-                tls: h.tls,
-            }))
+            Some(
+                h.client
+                    .map_or(direct, |client| Origin { client, tls: h.tls }),
+            )
         }
         Err(reason) => {
             count(reason);
@@ -145,6 +155,12 @@ async fn header(stream: &mut TcpStream) -> Result<Option<Header>, &'static str> 
             Parsed::NotAHeader => return Ok(None),
             Parsed::Partial if n == MAX_HEADER => return Err("too_large"),
             Parsed::Partial => {
+                // The peer shut its side (EPOLLRDHUP, seen even with bytes unread): the rest of
+                // the header never comes.
+                let ready = stream.ready(Interest::READABLE).await.map_err(|_| "io")?;
+                if ready.is_read_closed() {
+                    return Err("closed");
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(LONGEST_PAUSE);
             }
@@ -160,29 +176,43 @@ enum Parsed {
     NotAHeader,
 }
 
-/// What the first bytes of a connection are.
+/// What the first bytes of a connection are. Whether a header is whole is read off its
+/// framing here (v2's length, v1's line end), and only a whole one goes to the parser.
 fn parse(seen: &[u8]) -> Result<Parsed, &'static str> {
     let could_be = |sig: &[u8]| {
         let k = seen.len().min(sig.len());
         seen[..k] == sig[..k]
     };
-    if !could_be(V2_SIGNATURE) && !could_be(V1_PREFIX) {
-        return Ok(Parsed::NotAHeader);
-    }
-    if seen.len() >= V2_FIXED && seen.starts_with(V2_SIGNATURE) {
-        let rest = u16::from_be_bytes([seen[14], seen[15]]);
-        if V2_FIXED + usize::from(rest) > MAX_HEADER {
+    if could_be(V2_SIGNATURE) {
+        if seen.len() < V2_FIXED {
+            return Ok(Parsed::Partial);
+        }
+        let len = V2_FIXED + usize::from(u16::from_be_bytes([seen[14], seen[15]]));
+        if len > MAX_HEADER {
             return Err("too_large");
         }
+        if seen.len() < len {
+            return Ok(Parsed::Partial);
+        }
+        return match v2::Header::try_from(&seen[..len]) {
+            Ok(h) => Ok(Parsed::Whole(from_v2(&h))),
+            Err(_) => Err("malformed"),
+        };
     }
-    let parsed = HeaderResult::parse(seen);
-    if parsed.is_incomplete() {
-        return Ok(Parsed::Partial);
+    if !could_be(V1_PREFIX) {
+        return Ok(Parsed::NotAHeader);
     }
-    match parsed {
-        HeaderResult::V1(Ok(h)) => Ok(Parsed::Whole(from_v1(&h))),
-        HeaderResult::V2(Ok(h)) => Ok(Parsed::Whole(from_v2(&h))),
-        _ => Err("malformed"),
+    // v1 is one line ending in CRLF, of at most 107 bytes.
+    match seen.iter().position(|&b| b == b'\n') {
+        Some(end) if end < V1_MAX && seen[end - 1] == b'\r' => {
+            match v1::Header::try_from(&seen[..=end]) {
+                Ok(h) => Ok(Parsed::Whole(from_v1(&h))),
+                Err(_) => Err("malformed"),
+            }
+        }
+        Some(_) => Err("malformed"),
+        None if seen.len() >= V1_MAX => Err("malformed"),
+        None => Ok(Parsed::Partial),
     }
 }
 

@@ -46,10 +46,10 @@ use tracing::{debug, warn};
 
 use super::{
     admission, handshake,
-    proxy_protocol,
     headers::{self, Scheme},
     io::{Busy, Holding, Parkable},
     listeners::ClientSocket,
+    proxy_protocol,
     request::{self, Client},
     response_body::ResponseBody,
     shared::{Drain, Shared},
@@ -192,7 +192,15 @@ fn serve_accepted(
     };
     if let Some(cfg) = proxied {
         let live = (drain, permit);
-        tokio::spawn(serve_proxied(stream, peer, on, cfg, shared, live, lot.clone()));
+        tokio::spawn(serve_proxied(
+            stream,
+            peer,
+            on,
+            cfg,
+            shared,
+            live,
+            lot.clone(),
+        ));
         return;
     }
     match on.scheme {

@@ -64,15 +64,38 @@ fn v2_names_the_client_says_whether_it_spoke_tls_and_local_names_none() {
     assert_eq!((h.result, h.tls), ("v2", false));
 
     // PP2_TYPE_SSL with PP2_CLIENT_SSL, as HAProxy's send-proxy-v2-ssl sends it, after a NOOP.
-    let tlvs = [0x04, 0, 1, 0, PP2_TYPE_SSL, 0, 5, PP2_CLIENT_SSL, 0, 0, 0, 0];
+    let tlvs = [
+        0x04,
+        0,
+        1,
+        0,
+        PP2_TYPE_SSL,
+        0,
+        5,
+        PP2_CLIENT_SSL,
+        0,
+        0,
+        0,
+        0,
+    ];
     let h = whole(&v2(0x21, 0x11, &V4_ADDRESSES, &tlvs));
     assert!(h.tls);
     let no_client_tls = [PP2_TYPE_SSL, 0, 5, 0, 0, 0, 0, 0];
     assert!(!whole(&v2(0x21, 0x11, &V4_ADDRESSES, &no_client_tls)).tls);
 
     let mut v6 = Vec::new();
-    v6.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
-    v6.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v6.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v6.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
     v6.extend_from_slice(&[0x13, 0x88, 0x01, 0xbb]);
     let h = whole(&v2(0x21, 0x21, &v6, &[]));
     assert_eq!(h.client, Some(addr("[2001:db8::7]:5000")));
@@ -118,13 +141,21 @@ fn a_malformed_or_oversized_header_is_refused() {
         b"PROXY UNKNOWN aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     ];
     for seen in bad {
-        assert_eq!(parse(seen), Err("malformed"), "{:?}", String::from_utf8_lossy(seen));
+        assert_eq!(
+            parse(seen),
+            Err("malformed"),
+            "{:?}",
+            String::from_utf8_lossy(seen)
+        );
     }
     // Version 3, and a command that is neither LOCAL nor PROXY.
     assert_eq!(parse(&v2(0x31, 0x11, &V4_ADDRESSES, &[])), Err("malformed"));
     assert_eq!(parse(&v2(0x22, 0x11, &V4_ADDRESSES, &[])), Err("malformed"));
     // Addresses shorter than the family needs.
-    assert_eq!(parse(&v2(0x21, 0x11, &V4_ADDRESSES[..8], &[])), Err("malformed"));
+    assert_eq!(
+        parse(&v2(0x21, 0x11, &V4_ADDRESSES[..8], &[])),
+        Err("malformed")
+    );
     // A length past the largest header read is refused from its first 16 bytes.
     let mut huge = v2(0x21, 0x11, &V4_ADDRESSES, &[]);
     huge[14..16].copy_from_slice(&(MAX_HEADER as u16).to_be_bytes());
@@ -140,9 +171,13 @@ async fn a_header_sent_in_pieces_is_taken_off_the_socket_and_nothing_more() {
     let sender = tokio::spawn(async move {
         let mut c = TcpStream::connect(to).await.unwrap();
         c.set_nodelay(true).unwrap();
-        c.write_all(b"PROXY TCP4 192.0.2.7 10.0.0.1 ").await.unwrap();
+        c.write_all(b"PROXY TCP4 192.0.2.7 10.0.0.1 ")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        c.write_all(b"5000 443\r\nGET / HTTP/1.1\r\n").await.unwrap();
+        c.write_all(b"5000 443\r\nGET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
         c
     });
     let (mut s, _) = l.accept().await.unwrap();
@@ -152,4 +187,29 @@ async fn a_header_sent_in_pieces_is_taken_off_the_socket_and_nothing_more() {
     let mut rest = [0u8; 16];
     s.read_exact(&mut rest).await.unwrap();
     assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+}
+
+/// A peer that sends part of a header and shuts its side is done with at once, not at the
+/// timeout.
+#[tokio::test]
+async fn a_header_cut_short_by_the_peer_ends_when_the_peer_closes() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let sender = tokio::spawn(async move {
+        let mut c = TcpStream::connect(to).await.unwrap();
+        c.write_all(b"PROXY TCP4 192.0.2.7").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.shutdown().await.unwrap();
+        c
+    });
+    let (mut s, _) = l.accept().await.unwrap();
+    let start = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(2), header(&mut s)).await;
+    assert_eq!(read, Ok(Err("closed")));
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    let _c = sender.await.unwrap();
 }
