@@ -140,6 +140,8 @@ catalogue! {
         "How many requests the HTTP/2 upstream lets one connection carry (nginx's keepalive_requests, for one), learned when two of its connections ended by a graceful GOAWAY within a minute after processing as many (at least 2; see upstream::lifetime). Later connections to it carry at most that many and are then replaced, so the upstream refuses no stream. 0 when none is known: not learned, or forgotten 10 minutes after it was learned, so that a raised limit is noticed. Absent until a limit is first learned.";
     slowdowns: "gateway_endpoint_slowdowns", "counter", ["cluster", "endpoint"],
         "Times lb_policy peak_ewma found the endpoint slow (a latency outlier against the cluster's lower median) and sent it only a trickle; health_state{state=\"slow\"} is 1 while it lasts. Never an ejection.";
+    hash_spills: "gateway_endpoint_hash_spills", "counter", ["cluster", "endpoint"],
+        "Requests whose consistent_hash key belongs to the endpoint that went to the key's next endpoint instead, because it had as many requests in flight as hash_balance_factor allows (bounded loads): a hot key, or an endpoint slower than the rest. Only with hash_balance_factor set.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
         "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure, error_status).";
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],
@@ -232,6 +234,7 @@ pub struct GatewayMetrics {
     pub latency: Family<EndpointLabels, FloatGauge>,
     pub h2_requests_per_connection: Family<EndpointLabels, Gauge>,
     pub slowdowns: Family<EndpointLabels, Counter>,
+    pub hash_spills: Family<EndpointLabels, Counter>,
     pub ejections: Family<EndpointReason, Counter>,
     pub hedges: Family<HedgeLabels, Counter>,
     pub retries: Family<ClusterReason, Counter>,
@@ -283,6 +286,7 @@ impl GatewayMetrics {
             latency: Family::default(),
             h2_requests_per_connection: Family::default(),
             slowdowns: Family::default(),
+            hash_spills: Family::default(),
             ejections: Family::default(),
             hedges: Family::default(),
             retries: Family::default(),
@@ -344,6 +348,7 @@ impl GatewayMetrics {
             self.h2_requests_per_connection
         );
         reg!(f::slowdowns, self.slowdowns);
+        reg!(f::hash_spills, self.hash_spills);
         reg!(f::ejections, self.ejections);
         reg!(f::hedges, self.hedges);
         reg!(f::retries, self.retries);

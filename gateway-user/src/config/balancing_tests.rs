@@ -79,6 +79,39 @@ fn hash_on_defaults_to_the_client_and_is_inherited_and_checked() {
 }
 
 #[test]
+fn hash_balance_factor_is_unbounded_by_default_inherited_and_checked() {
+    let s = load(&config(
+        "hash_balance_factor = 150",
+        "lb_policy = \"consistent_hash\"\nhash_balance_factor = 125",
+        "lb_policy = \"consistent_hash\"",
+    ))
+    .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(s.settings.clusters["a"].hash_balance_factor, Some(125));
+    assert_eq!(s.settings.clusters["b"].hash_balance_factor, Some(150));
+    let plain = load(&config("", "", "lb_policy = \"consistent_hash\"")).unwrap();
+    assert_eq!(plain.settings.clusters["b"].hash_balance_factor, None);
+    for bad in [99, 1001, 0] {
+        let e = err(&config("", &format!("hash_balance_factor = {bad}"), ""));
+        assert!(
+            e.contains("gw.toml:7:1: key `clusters.a.hash_balance_factor`:")
+                && e.contains(&format!("{bad} is out of range: allowed 100..=1000 %")),
+            "{bad}: {e}"
+        );
+    }
+    let w = load(&config("", "hash_balance_factor = 125", ""))
+        .unwrap()
+        .warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    let w = w[0].to_string();
+    assert!(
+        w.contains("clusters.a.hash_balance_factor")
+            && w.contains("hash_balance_factor is set, but lb_policy is not"),
+        "{w}"
+    );
+}
+
+#[test]
 fn status_codes_and_error_statuses_to_eject_have_defaults_and_are_inherited() {
     let s = load(&config(
         "retry = { status_codes = [503] }\nhealth = { error_statuses_to_eject = 3 }",

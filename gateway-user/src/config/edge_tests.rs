@@ -215,11 +215,19 @@ fn proxy_protocol_is_off_by_default_and_expects_a_header_from_the_peers_listed()
         load(&with_route(BASE)).unwrap().settings.proxy_protocol,
         None
     );
-    let on = load(&with("enabled = true"))
-        .unwrap()
-        .settings
-        .proxy_protocol
-        .unwrap();
+    let on = load(&with("enabled = true")).unwrap();
+    let anyone = |w: &[Located<Warning>]| {
+        w.iter().map(ToString::to_string).any(|w| {
+            w.contains("router.proxy_protocol.from") && w.contains("can name another client")
+        })
+    };
+    assert!(
+        anyone(&on.warnings),
+        "no `from`: every peer may name a client"
+    );
+    let everyone = load(&with("enabled = true\nfrom = [\"0.0.0.0/0\"]")).unwrap();
+    assert!(anyone(&everyone.warnings));
+    let on = on.settings.proxy_protocol.unwrap();
     assert_eq!(on.from, None, "default: every peer");
     assert!(on.required);
     assert_eq!(on.timeout, std::time::Duration::from_secs(5));
@@ -228,10 +236,9 @@ fn proxy_protocol_is_off_by_default_and_expects_a_header_from_the_peers_listed()
     let listed = load(&with(
         "enabled = true\nfrom = [\"10.0.0.0/8\", \"::ffff:192.0.2.7\"]\nrequired = false\ntimeout_ms = 250",
     ))
-    .unwrap()
-    .settings
-    .proxy_protocol
     .unwrap();
+    assert!(!anyone(&listed.warnings), "{:?}", listed.warnings);
+    let listed = listed.settings.proxy_protocol.unwrap();
     assert!(!listed.required);
     assert_eq!(listed.timeout, std::time::Duration::from_millis(250));
     for (peer, expected) in [

@@ -280,6 +280,9 @@ pub struct ClusterSpec {
     pub lb_policy: LbPolicy,
     /// What `consistent_hash` hashes a request on.
     pub hash_on: HashOn,
+    /// `consistent_hash`'s bound on an endpoint's load, in percent of the average; `None`:
+    /// unbounded.
+    pub hash_balance_factor: Option<u32>,
     pub dns_refresh: Duration,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,

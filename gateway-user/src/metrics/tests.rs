@@ -73,6 +73,7 @@ fn populated() -> Registry {
     m.latency.get_or_create(&ep).set(0.001);
     m.h2_requests_per_connection.get_or_create(&ep).set(10);
     m.slowdowns.get_or_create(&ep).inc();
+    m.hash_spills.get_or_create(&ep).inc();
     m.ejections
         .get_or_create(&EndpointReason {
             cluster: "c".into(),

@@ -16,8 +16,11 @@
 //! and does not (`missing`), whose header is malformed or too large, or that sends none within
 //! the timeout is closed, never served: its client would be misnamed. A header that names no
 //! client (v2 `LOCAL`, v1 `UNKNOWN`: a load balancer's own health check) leaves the peer as
-//! the client. Each outcome is counted in `gateway_client_proxy_protocol_total{result}`; each
-//! refusal is also logged, at most every 10 s with the count left out.
+//! the client. With `required = false`, a connection without a header, or whose client sent
+//! nothing within the timeout (a browser's preconnect), is served as it comes. Each outcome is
+//! counted in `gateway_client_proxy_protocol_total{result}`; each refusal of a peer that sent
+//! something is also logged, at most every 10 s with the count left out (one that sent nothing,
+//! such as a TCP health check, is only counted).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -100,16 +103,26 @@ pub(super) async fn read(
             .get_or_create(&labels)
             .inc();
     };
-    let outcome = match tokio::time::timeout(cfg.timeout, header(stream)).await {
+    // Whether any byte came: a peer that connects and closes, or sends nothing, is no sign of
+    // a misconfigured load balancer (a TCP health check, a browser's preconnect).
+    let mut seen = false;
+    let outcome = match tokio::time::timeout(cfg.timeout, header(stream, &mut seen)).await {
         Ok(Ok(Some(h))) => Ok(h),
-        Ok(Ok(None)) if !cfg.required => {
-            count("absent");
-            return Some(direct);
-        }
         Ok(Ok(None)) => Err("missing"),
         Ok(Err(reason)) => Err(reason),
         Err(_) => Err("timeout"),
     };
+    // Not required: a connection without a header, or whose client has sent nothing within
+    // the timeout, is served as it comes; HTTP's own timeouts take it from there.
+    if !cfg.required
+        && matches!(
+            (outcome.as_ref(), seen),
+            (Err(&"missing"), _) | (Err(&"timeout"), false)
+        )
+    {
+        count("absent");
+        return Some(direct);
+    }
     match outcome {
         Ok(h) => {
             count(h.result);
@@ -120,7 +133,7 @@ pub(super) async fn read(
         }
         Err(reason) => {
             count(reason);
-            if let Some(left_out) = LOG.due() {
+            if seen && let Some(left_out) = LOG.due() {
                 warn!(
                     client = %peer,
                     reason,
@@ -135,8 +148,8 @@ pub(super) async fn read(
 }
 
 /// Peeks until the header is whole, then takes it off the socket. `None`: the connection does
-/// not start with one. The error is the `result` label.
-async fn header(stream: &mut TcpStream) -> Result<Option<Header>, &'static str> {
+/// not start with one. The error is the `result` label. `seen`: a byte came.
+async fn header(stream: &mut TcpStream, seen: &mut bool) -> Result<Option<Header>, &'static str> {
     let mut buf = vec![0u8; MAX_HEADER];
     let mut pause = FIRST_PAUSE;
     loop {
@@ -144,6 +157,7 @@ async fn header(stream: &mut TcpStream) -> Result<Option<Header>, &'static str> 
         if n == 0 {
             return Err("closed");
         }
+        *seen = true;
         match parse(&buf[..n])? {
             Parsed::Whole(h) => {
                 stream
@@ -153,7 +167,7 @@ async fn header(stream: &mut TcpStream) -> Result<Option<Header>, &'static str> 
                 return Ok(Some(h));
             }
             Parsed::NotAHeader => return Ok(None),
-            Parsed::Partial if n == MAX_HEADER => return Err("too_large"),
+            // Never the whole buffer: `parse` refuses a longer header from its framing.
             Parsed::Partial => {
                 // The peer shut its side (EPOLLRDHUP, seen even with bytes unread): the rest of
                 // the header never comes.

@@ -27,6 +27,12 @@ pub struct ClusterConfig {
     /// client's address, or the client a trusted proxy names), `"header:NAME"` or
     /// `"cookie:NAME"`. A request without that header or cookie is balanced round robin.
     pub hash_on: Option<String>,
+    /// `lb_policy = "consistent_hash"`: bounded loads (HAProxy's and Envoy's
+    /// `hash_balance_factor`), in percent of the average: a key's endpoint takes a request only
+    /// while it has fewer in flight than this share of the cluster's average (by weight), else
+    /// the key's next endpoint does, so that a hot key cannot swamp one endpoint. From 100 to
+    /// 1000 (125: at most a quarter above the average). Default: unbounded.
+    pub hash_balance_factor: Option<u32>,
     /// How often `host:port` endpoints are resolved again. Default [`DEFAULT_DNS_REFRESH_MS`].
     pub dns_refresh_ms: Option<u64>,
     #[serde(default)]

@@ -111,11 +111,13 @@ pub(super) fn cluster(
         DEFAULT_LB_POLICY,
     );
     let hash_on = policy::hash_on(c, &l, lb_policy);
+    let hash_balance_factor = policy::hash_balance_factor(c, &l, lb_policy);
     ClusterSpec {
         name: name.to_owned(),
         endpoints: endpoints(c, own, key),
         lb_policy,
         hash_on,
+        hash_balance_factor,
         dns_refresh: ms(dns_refresh_ms),
         timeouts,
         retry,

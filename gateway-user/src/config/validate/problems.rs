@@ -214,12 +214,16 @@ pub enum Warning {
         "trusted proxy {value:?} covers every address: any client can then set its own X-Forwarded-For and X-Forwarded-Proto; list only the proxies in front of the gateway"
     )]
     TrustsEveryone { value: String },
-    #[error("hash_on is set, but lb_policy is not \"consistent_hash\", so nothing hashes on it")]
-    HashOnUnused,
+    #[error("{key} is set, but lb_policy is not \"consistent_hash\", so nothing hashes on it")]
+    HashOnUnused { key: &'static str },
     #[error(
         "router.proxy_protocol is not enabled (enabled = true), so this does nothing: connections are read without a PROXY header"
     )]
     ProxyProtocolOff,
+    #[error(
+        "every peer may send a PROXY header, so any client that reaches the listeners directly can name another client (its address in the access log, X-Forwarded-For, allow_clients, rate_limit); list the load balancers in router.proxy_protocol.from"
+    )]
+    ProxyProtocolFromAnyone,
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

@@ -181,7 +181,7 @@ async fn a_header_sent_in_pieces_is_taken_off_the_socket_and_nothing_more() {
         c
     });
     let (mut s, _) = l.accept().await.unwrap();
-    let h = header(&mut s).await.unwrap().unwrap();
+    let h = header(&mut s, &mut false).await.unwrap().unwrap();
     assert_eq!(h.client, Some(addr("192.0.2.7:5000")));
     let _c = sender.await.unwrap();
     let mut rest = [0u8; 16];
@@ -204,7 +204,7 @@ async fn a_header_cut_short_by_the_peer_ends_when_the_peer_closes() {
     });
     let (mut s, _) = l.accept().await.unwrap();
     let start = std::time::Instant::now();
-    let read = tokio::time::timeout(Duration::from_secs(2), header(&mut s)).await;
+    let read = tokio::time::timeout(Duration::from_secs(2), header(&mut s, &mut false)).await;
     assert_eq!(read, Ok(Err("closed")));
     assert!(
         start.elapsed() < Duration::from_millis(500),

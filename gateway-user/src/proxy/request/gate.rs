@@ -14,6 +14,7 @@ use crate::proxy::{
     error::ProxyError,
     exchange::Exchange,
     forwarded::{self, Peer, Source},
+    headers::Scheme,
     rate_limit::{Limiter, Verdict},
     router::CompiledRoute,
 };
@@ -37,8 +38,10 @@ pub(super) fn check(
         );
         return Err(ProxyError::ClientNotAllowed { client }.into());
     }
+    // Over HTTPS already: on an HTTPS listener, or to a load balancer that ended the TLS and
+    // says so in its PROXY protocol header (`scheme`), or per a trusted proxy's header.
     if let Some(port) = route.https_redirect
-        && client.tls.is_none()
+        && client.scheme != Scheme::Https
         && forwarded::proto(peer, &parts.headers).is_none_or(|p| p != "https")
     {
         let to = redirect::to_https(port, &parts.method, authority, &parts.uri)?;

@@ -1,6 +1,6 @@
 //! An endpoint's metric handles: connect attempts and failures by outcome and errno, the
 //! kernel's SYN-RTT and retransmits, the connect deadline, health state, latency estimate and
-//! slowdowns; the series go with the endpoint ([`Series`]).
+//! slowdowns, and bounded-load spills; the series go with the endpoint ([`Series`]).
 
 use std::{
     sync::{Arc, OnceLock},
@@ -44,6 +44,7 @@ pub(crate) struct EndpointMeter {
     /// Set on first use: absent until a per-connection request limit is learned.
     h2_requests_per_connection: OnceLock<Gauge>,
     slowdowns: Counter,
+    hash_spills: Counter,
 }
 
 impl EndpointMeter {
@@ -81,6 +82,7 @@ impl EndpointMeter {
             latency: OnceLock::new(),
             h2_requests_per_connection: OnceLock::new(),
             slowdowns: counter(&m.slowdowns, &labels),
+            hash_spills: counter(&m.hash_spills, &labels),
             labels,
             metrics: m.clone(),
             series: series.clone(),
@@ -125,6 +127,12 @@ impl EndpointMeter {
         if let Some(g) = gauge {
             g.set(limit.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
         }
+    }
+
+    /// A request of one of this endpoint's `consistent_hash` keys went to the key's next
+    /// endpoint: this one was at its `hash_balance_factor` bound.
+    pub fn hash_spilled(&self) {
+        self.hash_spills.inc();
     }
 
     /// `peak_ewma` found the endpoint slow (`slow`) or no longer slow; `now` is its state.

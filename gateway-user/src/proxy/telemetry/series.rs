@@ -131,6 +131,7 @@ impl Series {
         m.latency.remove(l);
         m.h2_requests_per_connection.remove(l);
         m.slowdowns.remove(l);
+        m.hash_spills.remove(l);
         let (cluster, endpoint) = (l.cluster.clone(), l.endpoint.clone());
         for o in gateway_common::Outcome::ALL {
             m.upstream_attempts.remove(&EndpointOutcome {

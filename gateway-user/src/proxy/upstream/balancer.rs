@@ -119,6 +119,46 @@ pub(crate) fn rendezvous(
         .map(|(i, _)| i)
 }
 
+/// [`rendezvous`] with bounded loads (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing
+/// with Bounded Loads"; HAProxy's and Envoy's `hash_balance_factor`): of the eligible endpoints
+/// in the key's order, the first with fewer requests in flight (`load`) than its bound,
+/// `factor` percent of its weighted share of all those in flight with this one. The bounds add
+/// up to at least the requests in flight and this one, so one always qualifies. Also the key's
+/// own endpoint when it was full and another took the request (a spill).
+///
+/// The usual case, the key's own endpoint within its bound, costs one pass more than
+/// [`rendezvous`] (the loads); only a spill ranks the endpoints.
+pub(crate) fn rendezvous_bounded(
+    n: usize,
+    key: u64,
+    (id, weight): (impl Fn(usize) -> u64, impl Fn(usize) -> u32),
+    eligible: impl Fn(usize) -> bool,
+    load: impl Fn(usize) -> u64,
+    factor: u32,
+) -> Option<(usize, Option<usize>)> {
+    let first = rendezvous(n, key, &id, &weight, &eligible)?;
+    let (loads, weights) = (0..n)
+        .filter(|&i| eligible(i))
+        .fold((0u64, 0u64), |(l, w), i| {
+            (l + load(i), w + u64::from(weight(i).max(1)))
+        });
+    let within = |i: usize| {
+        let share = u128::from(loads + 1) * u128::from(weight(i).max(1));
+        let bound = (u128::from(factor) * share).div_ceil(100 * u128::from(weights));
+        u128::from(load(i)) < bound
+    };
+    if within(first) {
+        return Some((first, None));
+    }
+    let mut ranked: Vec<(usize, f64)> = (0..n)
+        .filter(|&i| eligible(i))
+        .map(|i| (i, score(key, id(i), weight(i))))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let next = ranked.iter().map(|&(i, _)| i).find(|&i| within(i));
+    Some((next.unwrap_or(first), Some(first)))
+}
+
 fn score(key: u64, id: u64, weight: u32) -> f64 {
     let h = mix(key ^ mix(id));
     // The top 52 bits and a half, as a double in (0, 1), exactly: never 0 (whose ln is -inf)
@@ -215,6 +255,68 @@ mod tests {
             rendezvous(3, 7, |i| i as u64, |_| 1, |_| false),
             None,
             "nothing eligible"
+        );
+    }
+
+    /// Bounded loads: the key's endpoint while it is within `factor` percent of the average,
+    /// then the key's next endpoints in order; never over the bound while one is under it.
+    #[test]
+    fn bounded_rendezvous_spills_a_full_endpoint_to_the_keys_next() {
+        let eps = addrs(4);
+        let id = |i: usize| address_id(eps[i]);
+        let key = key_hash(b"hot");
+        let order: Vec<usize> = {
+            let mut out = Vec::new();
+            while let Some(i) = rendezvous(4, key, id, |_| 1, |i| !out.contains(&i)) {
+                out.push(i);
+            }
+            out
+        };
+        let pick = |loads: &[u64], factor| {
+            rendezvous_bounded(4, key, (id, |_| 1), |_| true, |i| loads[i], factor)
+        };
+        // Idle: the key's own endpoint, as without a bound.
+        assert_eq!(pick(&[0; 4], 125), Some((order[0], None)));
+        // The owner at 2 with the others idle: 2 < ceil(1.25 * 3 / 4) = 1 is false: spilled
+        // to the key's second.
+        let mut loads = [0u64; 4];
+        loads[order[0]] = 2;
+        assert_eq!(pick(&loads, 125), Some((order[1], Some(order[0]))));
+        // A factor large enough lets it keep the key.
+        assert_eq!(pick(&loads, 1000), Some((order[0], None)));
+        // The owner and its second full: the third.
+        loads[order[1]] = 2;
+        assert_eq!(pick(&loads, 125), Some((order[2], Some(order[0]))));
+
+        // A hot key: 1,000 requests arriving one after the other, none finishing. No endpoint
+        // ever holds more than 1.25 x the average (rounded up); the key's endpoints fill in
+        // its order, so its own holds the most.
+        let mut loads = [0u64; 4];
+        for _ in 0..1000 {
+            let (i, _) = pick(&loads, 125).unwrap();
+            let total: u64 = loads.iter().sum::<u64>() + 1;
+            assert!(loads[i] < (125 * total).div_ceil(400), "{loads:?} -> {i}");
+            loads[i] += 1;
+        }
+        assert_eq!(loads[order[0]], 313, "{loads:?}");
+        assert!(loads.iter().all(|&l| l <= 313), "{loads:?}");
+        // Weights: a weight-3 endpoint's bound is three times a weight-1 one's.
+        let weights = [3, 1, 1, 1];
+        let mut loads = [0u64; 4];
+        for _ in 0..600 {
+            let load = |i: usize| loads[i];
+            let (i, _) =
+                rendezvous_bounded(4, key, (id, |i| weights[i]), |_| true, load, 110).unwrap();
+            loads[i] += 1;
+        }
+        assert!(
+            loads[0] <= 330 && loads[1..].iter().all(|&l| l <= 110),
+            "{loads:?}"
+        );
+        assert_eq!(loads.iter().sum::<u64>(), 600);
+        assert_eq!(
+            rendezvous_bounded(3, 7, (|i| i as u64, |_| 1), |_| false, |_| 0, 125),
+            None
         );
     }
 

@@ -215,13 +215,7 @@ impl Endpoints {
                 }
                 LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
                 LbPolicy::ConsistentHash => match key {
-                    Some(k) => balancer::rendezvous(
-                        eps.len(),
-                        k,
-                        |i| balancer::address_id(eps[i].addr),
-                        |i| eps[i].weight,
-                        eligible,
-                    ),
+                    Some(k) => hash_pick(eps, k, spec.hash_balance_factor, eligible),
                     None => balancer::round_robin(&set.schedule, tick, eligible),
                 },
             };
@@ -312,4 +306,27 @@ impl Endpoints {
             .filter(|e| !Arc::ptr_eq(e, keep))
             .any(|e| e.pool.evict_oldest() || e.mux.evict_idle())
     }
+}
+
+/// `consistent_hash`'s pick for the key hash `key`: the key's endpoint, or with
+/// `hash_balance_factor` the first in the key's order within its bound (a spill is counted on
+/// the key's own endpoint).
+fn hash_pick(
+    eps: &[Arc<Endpoint>],
+    key: u64,
+    factor: Option<u32>,
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let id = |i: usize| balancer::address_id(eps[i].addr);
+    let weight = |i: usize| eps[i].weight;
+    let Some(factor) = factor else {
+        return balancer::rendezvous(eps.len(), key, id, weight, eligible);
+    };
+    let load = |i: usize| eps[i].in_flight.load(Ordering::Relaxed);
+    let (i, spilled) =
+        balancer::rendezvous_bounded(eps.len(), key, (id, weight), eligible, load, factor)?;
+    if let Some(owner) = spilled {
+        eps[owner].meter.hash_spilled();
+    }
+    Some(i)
 }

@@ -10,7 +10,10 @@ use super::{
     },
     Layers, inherit, ms,
 };
-use crate::decide::{health, latency};
+use crate::{
+    config::KeyPath,
+    decide::{health, latency},
+};
 
 /// `health.*`: the health machine's thresholds and ejection times, and the probe.
 pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
@@ -150,14 +153,7 @@ pub(super) fn hash_on(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> HashO
         (None, Some(t)) => (t, l.base_key.key("hash_on")),
         (None, None) => return HashOn::Client,
     };
-    // The cluster `default` is `[router.upstream]` itself: its key is also its clusters'.
-    let default = std::ptr::eq(l.own, l.base);
-    if l.own.hash_on.is_some() && !default && lb_policy != LbPolicy::ConsistentHash {
-        c.warnings.push(At {
-            key: at.clone(),
-            what: Warning::HashOnUnused,
-        });
-    }
+    unused_by_hashing(c, l, l.own.hash_on.is_some(), lb_policy, (&at, "hash_on"));
     HashOn::parse(text).unwrap_or_else(|| {
         c.fail(
             at,
@@ -167,4 +163,36 @@ pub(super) fn hash_on(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> HashO
         );
         HashOn::Client
     })
+}
+
+/// `hash_balance_factor`, the cluster's or `[router.upstream]`'s: from 100 to 1000 percent; a
+/// warning where no `consistent_hash` reads it, as for `hash_on`.
+pub(super) fn hash_balance_factor(c: &mut Checker, l: &Layers, lb_policy: LbPolicy) -> Option<u32> {
+    let (factor, at) = match (l.own.hash_balance_factor, l.base.hash_balance_factor) {
+        (Some(f), _) => (f, l.key.key("hash_balance_factor")),
+        (None, Some(f)) => (f, l.base_key.key("hash_balance_factor")),
+        (None, None) => return None,
+    };
+    let own = l.own.hash_balance_factor.is_some();
+    unused_by_hashing(c, l, own, lb_policy, (&at, "hash_balance_factor"));
+    Some(c.range(&at, u64::from(factor), 100, 1000, " %") as u32)
+}
+
+/// Warns that the cluster's own `name` (at `at`) is read by no `consistent_hash`. One in
+/// `[router.upstream]` is for its clusters that hash; the cluster `default` is
+/// `[router.upstream]` itself, whose key is also its clusters'.
+fn unused_by_hashing(
+    c: &mut Checker,
+    l: &Layers,
+    own: bool,
+    lb_policy: LbPolicy,
+    (at, name): (&KeyPath, &'static str),
+) {
+    let default = std::ptr::eq(l.own, l.base);
+    if own && !default && lb_policy != LbPolicy::ConsistentHash {
+        c.warnings.push(At {
+            key: at.clone(),
+            what: Warning::HashOnUnused { key: name },
+        });
+    }
 }
