@@ -6,7 +6,10 @@
 //!   says what each cluster hashes on;
 //! - a request without the key is balanced round robin;
 //! - a dead endpoint (refused) in the list: the keys it owned go, from their first request on,
-//!   to their next endpoint, and every key is where a cluster without it sends it.
+//!   to their next endpoint, and every key is where a cluster without it sends it;
+//! - `hash_balance_factor`: one hot key's concurrent requests spill past its endpoint's bound
+//!   to the key's next endpoints (Python's `ThreadingHTTPServer` as slow upstreams, curl
+//!   `--parallel`), and stay on it one at a time.
 //!
 //! Unprivileged: loopback only; nginx is Debian's (installed by `./dev`).
 
@@ -206,4 +209,129 @@ lb_policy = "consistent_hash"
     let got = run("/user3/", 6, Vec::new()).await.unwrap();
     let ports: BTreeSet<&String> = got.iter().collect();
     assert_eq!(ports.len(), 3, "{got:?}");
+}
+
+/// A Python (stdlib `ThreadingHTTPServer`) upstream that answers each GET after 300 ms with its
+/// port (body and `x-port`), so that concurrent requests are in flight together.
+const SLOW_SERVER: &str = r#"
+import time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(0.3)
+        body = str(self.server.server_address[1]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-port", body.decode())
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class S(ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+s = S(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// curl: `n` GETs of `url` at once (`--parallel`), all with the key `hot`: the port each
+/// reached (its `x-port`: the bodies of parallel transfers interleave on stdout).
+fn curl_parallel(url: &str, n: usize) -> Vec<String> {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--parallel", "--parallel-immediate", "--parallel-max"])
+        .arg(n.to_string())
+        .args(["-H", "Host: test.local", "-H", "X-User: hot"]);
+    for _ in 0..n {
+        c.args(["-o", "/dev/null"]).arg(url);
+    }
+    let out = c
+        .args(["-w", "%header{x-port} %{http_code}\n"])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.rsplit_once(' ') {
+            Some((port, "200")) => port.to_owned(),
+            _ => format!("status:{l}"),
+        })
+        .collect()
+}
+
+/// `hash_balance_factor`: one hot key, 24 requests in flight at once. Unbounded, all 24 go to
+/// the key's endpoint; bounded at 125 %, the key's endpoint holds at most its bound and the
+/// rest spill to the key's next endpoints, each spill counted on the key's endpoint. One at a
+/// time, the key stays on its endpoint either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_spills_over_its_endpoints_bound_and_stays_put_under_light_load() {
+    let dir = temp_dir("consistent-hash-bounded");
+    let ups: Vec<_> = (0..3)
+        .map(|i| {
+            gateway_testkit::peers::serve_python(&dir, &format!("slow{i}.py"), SLOW_SERVER, &[])
+        })
+        .collect();
+    let list: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr())).collect();
+    let cluster = |name: &str, factor: &str| {
+        format!(
+            "[[routes]]\npath_prefix = \"/{name}/\"\ncluster = \"{name}\"\n\
+             [clusters.{name}]\nendpoints = [{}]\nlb_policy = \"consistent_hash\"\n\
+             hash_on = \"header:x-user\"\n{factor}\n\
+             [clusters.{name}.limits]\nmax_connections = 256\n",
+            list.join(", ")
+        )
+    };
+    let gw = gateway(
+        "consistent-hash-bounded",
+        &(cluster("bounded", "hash_balance_factor = 125") + &cluster("unbounded", "")),
+    )
+    .await;
+    let (addr, admin) = (gw.addr, gw.handle.admin_addr().unwrap());
+    tokio::task::spawn_blocking(move || {
+        let _ups = ups;
+        let count = |ports: &[String]| {
+            let mut by: BTreeMap<String, usize> = BTreeMap::new();
+            for p in ports {
+                *by.entry(p.clone()).or_default() += 1;
+            }
+            by
+        };
+        // Light load: one request at a time, all to the key's endpoint.
+        let one_by_one: Vec<String> = (0..4)
+            .flat_map(|_| curl_parallel(&format!("http://{addr}/bounded/x"), 1))
+            .collect();
+        let by = count(&one_by_one);
+        assert_eq!(by.len(), 1, "{by:?}");
+        let owner = one_by_one[0].clone();
+
+        let unbounded = count(&curl_parallel(&format!("http://{addr}/unbounded/x"), 24));
+        assert_eq!(unbounded.get(&owner), Some(&24), "{unbounded:?}");
+
+        let bounded = count(&curl_parallel(&format!("http://{addr}/bounded/x"), 24));
+        assert_eq!(bounded.values().sum::<usize>(), 24, "{bounded:?}");
+        assert!(!bounded.contains_key("status"), "{bounded:?}");
+        let kept = bounded.get(&owner).copied().unwrap_or(0);
+        eprintln!("24 at once, bounded: {bounded:?} (key endpoint {owner})");
+        // 24 in flight: at most ceil(1.25 x 24 / 3) = 10 each, if they overlap as meant.
+        assert!((1..=12).contains(&kept), "{bounded:?}");
+        assert!(bounded.len() >= 2, "{bounded:?}");
+        let m = gateway_testkit::admin::metrics(admin);
+        let spills = |cluster: &str| {
+            let endpoint = format!("127.0.0.1:{owner}");
+            gateway_testkit::admin::sample(
+                &m,
+                "gateway_endpoint_hash_spills_total",
+                &[("cluster", cluster), ("endpoint", &endpoint)],
+            )
+            .unwrap_or(0.0)
+        };
+        assert_eq!(spills("bounded"), (24 - kept) as f64, "{m}");
+        assert_eq!(spills("unbounded"), 0.0);
+    })
+    .await
+    .unwrap();
+    drop(gw);
 }
