@@ -64,7 +64,12 @@ fn curl(url: &str, n: usize, args: &[&str]) -> Vec<String> {
         c.arg(url);
     }
     let out = c.args(["-w", " %{http_code}\n"]).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout)
+    ports(&out.stdout)
+}
+
+/// curl's `-w` lines, `PORT STATUS`: the port of each 200, or `status:LINE` for anything else.
+fn ports(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
         .lines()
         .map(|l| match l.rsplit_once(' ') {
             Some((port, "200")) => port.to_owned(),
@@ -253,13 +258,7 @@ fn curl_parallel(url: &str, n: usize) -> Vec<String> {
         .args(["-w", "%header{x-port} %{http_code}\n"])
         .output()
         .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.rsplit_once(' ') {
-            Some((port, "200")) => port.to_owned(),
-            _ => format!("status:{l}"),
-        })
-        .collect()
+    ports(&out.stdout)
 }
 
 /// `hash_balance_factor`: one hot key, 24 requests in flight at once. Unbounded, all 24 go to
