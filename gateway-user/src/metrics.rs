@@ -141,7 +141,7 @@ catalogue! {
     slowdowns: "gateway_endpoint_slowdowns", "counter", ["cluster", "endpoint"],
         "Times lb_policy peak_ewma found the endpoint slow (a latency outlier against the cluster's lower median) and sent it only a trickle; health_state{state=\"slow\"} is 1 while it lasts. Never an ejection.";
     hash_spills: "gateway_endpoint_hash_spills", "counter", ["cluster", "endpoint"],
-        "Requests whose consistent_hash key belongs to the endpoint that went to the key's next endpoint instead, because it had as many requests in flight as hash_balance_factor allows (bounded loads): a hot key, or an endpoint slower than the rest. Only with hash_balance_factor set.";
+        "Requests whose consistent_hash key belongs to the endpoint that went to the key's next endpoint instead, because it had as many requests in flight as hash_balance_factor allows (bounded loads): a hot key, or an endpoint slower than the rest. Counted once per request, at its first pick (not for retries or hedges); always 0 without hash_balance_factor.";
     ejections: "gateway_endpoint_ejections", "counter", ["cluster", "endpoint", "reason"],
         "Endpoint ejections by reason (syn_unanswered, refused, unreachable, host_died, overloaded, slow_backend, probe_failed, unexpected_status, tls_failure, error_status).";
     hedges: "gateway_hedged_connects", "counter", ["cluster", "reason", "result"],

@@ -378,13 +378,14 @@ fn pick(
     same_ok: bool,
 ) -> Result<Arc<Endpoint>, ProxyError> {
     let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
+    let first = ex.record.attempts.is_empty();
     // A key's endpoint takes the retry of a connection that failed, not the endpoint (a
     // stale one, a GOAWAY): another endpoint would break the affinity for nothing.
     let picked = if same_ok && key.is_some() {
-        cluster.pick(|_| false, key)
+        cluster.pick(|_| false, (key, first))
     } else {
-        match cluster.pick(tried, key) {
-            Err(NoPick::AllTried) if same_ok => cluster.pick(|_| false, key),
+        match cluster.pick(tried, (key, first)) {
+            Err(NoPick::AllTried) if same_ok => cluster.pick(|_| false, (key, false)),
             other => other,
         }
     };

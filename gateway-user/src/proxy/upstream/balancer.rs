@@ -124,7 +124,7 @@ pub(crate) fn rendezvous(
 /// in the key's order, the first with fewer requests in flight (`load`) than its bound,
 /// `factor` percent of its weighted share of all those in flight with this one. The bounds add
 /// up to at least the requests in flight and this one, so one always qualifies. Also the key's
-/// own endpoint when it was full and another took the request (a spill).
+/// own endpoint (of those eligible) when it was full and another took the request (a spill).
 ///
 /// The usual case, the key's own endpoint within its bound, costs one pass more than
 /// [`rendezvous`] (the loads); only a spill ranks the endpoints.
@@ -155,8 +155,12 @@ pub(crate) fn rendezvous_bounded(
         .map(|i| (i, score(key, id(i), weight(i))))
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let next = ranked.iter().map(|&(i, _)| i).find(|&i| within(i));
-    Some((next.unwrap_or(first), Some(first)))
+    // None within its bound only if another worker's requests moved the loads meanwhile: the
+    // key's own endpoint then, and no spill.
+    match ranked.iter().map(|&(i, _)| i).find(|&i| within(i)) {
+        Some(next) => Some((next, Some(first))),
+        None => Some((first, None)),
+    }
 }
 
 fn score(key: u64, id: u64, weight: u32) -> f64 {

@@ -115,13 +115,14 @@ impl Cluster {
     }
 
     /// Picks a routable endpoint not `tried` by this request; under `consistent_hash`, by the
-    /// request's hashed `hash_on` key (round robin without one).
+    /// request's hashed `hash_on` key (round robin without one). `first`: the request's first
+    /// pick (the one whose `hash_balance_factor` spill is counted).
     pub fn pick(
         &self,
         tried: impl Fn(SocketAddr) -> bool,
-        key: Option<u64>,
+        (key, first): (Option<u64>, bool),
     ) -> Result<Arc<Endpoint>, NoPick> {
-        self.set.pick(&self.spec, tried, key)
+        self.set.pick(&self.spec, tried, (key, first))
     }
 
     /// Kernel signals are flowing.

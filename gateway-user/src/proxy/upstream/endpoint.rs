@@ -171,11 +171,12 @@ impl Endpoints {
     /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
     /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first.
     /// `key`: the request's hashed key, for `consistent_hash` (round robin without one).
+    /// `count_spill`: this is the request's first pick, whose bounded-load spill is counted.
     pub fn pick(
         &self,
         spec: &ClusterSpec,
         tried: impl Fn(SocketAddr) -> bool,
-        key: Option<u64>,
+        (key, count_spill): (Option<u64>, bool),
     ) -> Result<Arc<Endpoint>, NoPick> {
         let set = self.set.load();
         let eps = &set.endpoints;
@@ -215,7 +216,7 @@ impl Endpoints {
                 }
                 LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
                 LbPolicy::ConsistentHash => match key {
-                    Some(k) => hash_pick(eps, k, spec.hash_balance_factor, eligible),
+                    Some(k) => hash_pick(eps, (k, count_spill), spec.hash_balance_factor, eligible),
                     None => balancer::round_robin(&set.schedule, tick, eligible),
                 },
             };
@@ -309,11 +310,12 @@ impl Endpoints {
 }
 
 /// `consistent_hash`'s pick for the key hash `key`: the key's endpoint, or with
-/// `hash_balance_factor` the first in the key's order within its bound (a spill is counted on
-/// the key's own endpoint).
+/// `hash_balance_factor` the first in the key's order within its bound. A spill is counted on
+/// the key's own endpoint when `count_spill` (a request's first pick: a retry or a hedge,
+/// which rule out endpoints, would count one on another endpoint, and count a request twice).
 fn hash_pick(
     eps: &[Arc<Endpoint>],
-    key: u64,
+    (key, count_spill): (u64, bool),
     factor: Option<u32>,
     eligible: impl Fn(usize) -> bool,
 ) -> Option<usize> {
@@ -325,7 +327,9 @@ fn hash_pick(
     let load = |i: usize| eps[i].in_flight.load(Ordering::Relaxed);
     let (i, spilled) =
         balancer::rendezvous_bounded(eps.len(), key, (id, weight), eligible, load, factor)?;
-    if let Some(owner) = spilled {
+    if let Some(owner) = spilled
+        && count_spill
+    {
         eps[owner].meter.hash_spilled();
     }
     Some(i)

@@ -52,7 +52,7 @@ pub(super) fn plan(
         return None;
     }
     let endpoint = cluster
-        .pick(|a| a == ep.addr || tried(a), hedging.key)
+        .pick(|a| a == ep.addr || tried(a), (hedging.key, false))
         .ok()
         .filter(|e| !e.health.suspect())?;
     let budget = cluster
