@@ -2,7 +2,8 @@
 //! parameter: what a failure means (`evidence`), the per-endpoint health state machine
 //! (`health`), the adaptive connect deadline (`deadline`), latency-aware balancing (`latency`),
 //! when to probe and what a probe says (`probe`), whether to retry (`retry`), the retry and
-//! hedge budgets (`budget`), and gRPC's rules (`grpc`: status codes, `grpc-timeout`). Sockets,
+//! hedge budgets (`budget`), gRPC's rules (`grpc`: status codes, `grpc-timeout`), and the
+//! share an endpoint back from an ejection takes (`slow_start`). Sockets,
 //! timers and maps only feed them; everything here is tested without any of those.
 
 pub mod budget;
@@ -13,3 +14,4 @@ pub mod health;
 pub mod latency;
 pub mod probe;
 pub mod retry;
+pub mod slow_start;

@@ -143,3 +143,23 @@ fn status_codes_and_error_statuses_to_eject_have_defaults_and_are_inherited() {
         "{e}"
     );
 }
+
+#[test]
+fn slow_start_is_off_by_default_inherited_and_at_most_an_hour() {
+    let s = load(&config(
+        "[router.upstream.health]\nslow_start_ms = 30000",
+        "[clusters.a.health]\nslow_start_ms = 5000",
+        "",
+    ))
+    .unwrap();
+    let window = |c: &str| s.settings.clusters[c].health.slow_start;
+    assert_eq!(window("a"), std::time::Duration::from_secs(5));
+    assert_eq!(window("b"), std::time::Duration::from_secs(30));
+    let plain = load(&config("", "", "")).unwrap();
+    assert!(plain.settings.clusters["a"].health.slow_start.is_zero());
+    let e = err(&config("", "[clusters.a.health]\nslow_start_ms = 3600001", ""));
+    assert!(
+        e.contains("key `clusters.a.health.slow_start_ms`: 3600001 is out of range: allowed 0..=3600000 ms"),
+        "{e}"
+    );
+}

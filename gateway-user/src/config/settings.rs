@@ -431,6 +431,8 @@ pub struct HealthPolicy {
     /// `GET` this path on probes, expecting `probe_expect_status`.
     pub probe_path: Option<String>,
     pub probe_expect_status: u16,
+    /// `slow_start_ms`: zero when off.
+    pub slow_start: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -295,6 +295,11 @@ pub struct HealthConfig {
     pub probe_path: Option<String>,
     /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].
     pub probe_expect_status: Option<u16>,
+    /// Slow start: an endpoint back from an ejection takes a share of its weight that grows
+    /// linearly from 10 % to the whole over this window (`decide::slow_start`), under
+    /// `round_robin`, `least_request` and `peak_ewma` (`consistent_hash` keeps its keys where
+    /// they belong). 0 (default): the whole share at once. Up to an hour.
+    pub slow_start_ms: Option<u64>,
 }
 
 pub const DEFAULT_PROBE_EXPECT_STATUS: u16 = 200;

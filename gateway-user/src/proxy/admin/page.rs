@@ -303,13 +303,20 @@ fn endpoint_row(h: &mut String, e: &EndpointStatus, now: u64) {
         _ => String::new(),
     };
     // An HTTP/2 upstream's learned limit: why a new connection opens every N requests.
-    let h2_limit = match e.h2_requests_per_connection {
+    let mut h2_limit = match e.h2_requests_per_connection {
         Some(n) => format!(
             "<br><span class=\"why\" data-h2-limit=\"{n}\">at most {n} requests per HTTP/2 \
              connection (its GOAWAYs)</span>"
         ),
         None => String::new(),
     };
+    // Back from an ejection and warming up: why it takes less than its share.
+    if let Some(p) = e.slow_start_percent {
+        let _ = write!(
+            h2_limit,
+            "<br><span class=\"why\" data-slow-start=\"{p}\">slow start: {p} % of its share</span>"
+        );
+    }
     let _ = writeln!(
         h,
         "<tr data-endpoint=\"{addr}\" data-state=\"{state}\"><td class=\"mono\">{addr}{h2_limit}</td>\
@@ -375,6 +382,7 @@ mod tests {
                     in_flight: 0,
                     latency: LatencyStatus::default(),
                     h2_requests_per_connection: None,
+                    slow_start_percent: None,
                     recent: vec![HealthEvent {
                         at_unix_ms: 3_000,
                         event: HealthEventKind::Ejected,

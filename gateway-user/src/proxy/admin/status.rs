@@ -170,6 +170,10 @@ pub struct EndpointStatus {
     /// graceful GOAWAYs (`upstream::lifetime`); `None` while none is known.
     #[serde(default)]
     pub h2_requests_per_connection: Option<u64>,
+    /// Slow start (`health.slow_start_ms`): the percent of its weight the endpoint takes now,
+    /// while it is back from an ejection for less than the window; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_percent: Option<u32>,
     pub recent: Vec<HealthEvent>,
     #[serde(default)]
     pub history: EndpointHistory,
@@ -357,6 +361,8 @@ fn endpoint_status(c: &Cluster, ep: &Endpoint, at: &dyn Fn(Instant) -> u64) -> E
                 .flatten(),
         },
         h2_requests_per_connection: ep.mux.learned_limit().map(|n| n as u64),
+        slow_start_percent: Some(ep.health.slow_start_percent(c.spec.health.slow_start))
+            .filter(|&p| p < 100),
         recent: v.recent,
         history: EndpointHistory {
             series: ep.health.history.series(),

@@ -191,14 +191,15 @@ impl Endpoints {
             ep.clone()
         };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        let warm = warming(spec, key.is_some());
         for pass in 0..3 {
             let eligible = |i: usize| {
                 let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
                 !tried(eps[i].addr)
                     && h.routable()
                     && match pass {
-                        0 => !h.suspect() && !slow,
-                        1 => !slow,
+                        0 => !h.suspect() && !slow && warm(&eps[i]),
+                        1 => !slow && warm(&eps[i]),
                         _ => true,
                     }
             };
@@ -306,6 +307,23 @@ impl Endpoints {
             .iter()
             .filter(|e| !Arc::ptr_eq(e, keep))
             .any(|e| e.pool.evict_oldest() || e.mux.evict_idle())
+    }
+}
+
+/// Slow start (`health.slow_start_ms`): whether an endpoint takes its turn now. One back from
+/// an ejection less than the window ago is passed over at random, so that it takes about its
+/// `decide::slow_start` percent of its share; the last pass of a pick never passes it over, so
+/// that it still serves when nothing else can. Not under `consistent_hash` with a key: its keys
+/// stay where they belong.
+fn warming(spec: &ClusterSpec, keyed: bool) -> impl Fn(&Endpoint) -> bool {
+    let window = spec.health.slow_start;
+    let off = window.is_zero() || (keyed && spec.lb_policy == LbPolicy::ConsistentHash);
+    move |ep: &Endpoint| {
+        if off {
+            return true;
+        }
+        let percent = ep.health.slow_start_percent(window);
+        percent >= 100 || rand::Rng::random_range(&mut rand::rng(), 0..100) < percent
     }
 }
 

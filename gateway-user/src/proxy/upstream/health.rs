@@ -8,7 +8,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -80,6 +80,10 @@ pub(crate) struct HealthCell {
     inner: Mutex<Inner>,
     routable: AtomicBool,
     suspect: AtomicBool,
+    /// When the endpoint last became routable again after it was not (ms after `epoch`, plus
+    /// one; 0: never since it was created), for slow start. Lock-free.
+    back_at_ms: AtomicU64,
+    epoch: Instant,
     /// The last five minutes, for the plots.
     pub history: History,
 }
@@ -137,6 +141,8 @@ impl HealthCell {
             }),
             routable: AtomicBool::new(true),
             suspect: AtomicBool::new(false),
+            back_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             history: History::new(),
         }
     }
@@ -148,6 +154,18 @@ impl HealthCell {
     /// Requests may be sent here (healthy or suspect). Lock-free.
     pub fn routable(&self) -> bool {
         self.routable.load(Ordering::Relaxed)
+    }
+
+    /// The percent of its weight the endpoint takes under slow start over `window`
+    /// (`decide::slow_start`): 100 unless it became routable again less than `window` ago.
+    /// Lock-free.
+    pub fn slow_start_percent(&self, window: Duration) -> u32 {
+        let back = self.back_at_ms.load(Ordering::Relaxed);
+        if window.is_zero() || back == 0 {
+            return 100;
+        }
+        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(back - 1));
+        crate::decide::slow_start::percent(since, window)
     }
 
     /// Suspect: usable, but only when no healthy endpoint is left. Lock-free.
@@ -174,8 +192,12 @@ impl HealthCell {
     }
 
     fn publish(&self, inner: &Inner) {
-        self.routable
-            .store(inner.health.routable(), Ordering::Relaxed);
+        let routable = inner.health.routable();
+        if routable && !self.routable.swap(routable, Ordering::Relaxed) {
+            let back = self.epoch.elapsed().as_millis() as u64 + 1;
+            self.back_at_ms.store(back, Ordering::Relaxed);
+        }
+        self.routable.store(routable, Ordering::Relaxed);
         self.suspect
             .store(inner.health.state() == State::Suspect, Ordering::Relaxed);
     }

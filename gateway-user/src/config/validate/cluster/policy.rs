@@ -74,6 +74,7 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
         599,
         ""
     );
+    let slow_start_ms = key!(slow_start_ms, 0u64, 0, 3_600_000, " ms");
     let probe_path = l
         .own
         .health
@@ -95,6 +96,7 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
         },
         probe_path,
         probe_expect_status: probe_expect_status as u16,
+        slow_start: ms(slow_start_ms),
     }
 }
 

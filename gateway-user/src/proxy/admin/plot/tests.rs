@@ -69,6 +69,7 @@ fn endpoint(port: u16, full: bool) -> EndpointStatus {
         in_flight: 0,
         latency: Default::default(),
         h2_requests_per_connection: None,
+        slow_start_percent: None,
         recent: changes.iter().rev().take(20).cloned().collect(),
         history: EndpointHistory {
             series: HistorySeries {

@@ -44,6 +44,7 @@ fn sample() -> Status {
                     slow_above_ms: None,
                 },
                 h2_requests_per_connection: None,
+                slow_start_percent: None,
                 recent: vec![HealthEvent {
                     at_unix_ms: 1_763_740_011_000,
                     event: HealthEventKind::Ejected,
