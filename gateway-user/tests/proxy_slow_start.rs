@@ -107,13 +107,19 @@ async fn an_endpoint_back_from_an_ejection_takes_a_growing_share_not_its_whole_s
         // SAFETY: kill has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ["warm", "cold"].iter().any(|n| state(n)["state"] != "healthy") {
+        while ["warm", "cold"]
+            .iter()
+            .any(|n| state(n)["state"] != "healthy")
+        {
             assert!(Instant::now() < deadline, "{:#}", status(admin));
             std::thread::sleep(Duration::from_millis(20));
         }
         let warming = state("warm");
         let percent = warming["slow_start_percent"].as_u64();
-        assert!(percent.is_some_and(|p| (10..40).contains(&p)), "{warming:#}");
+        assert!(
+            percent.is_some_and(|p| (10..40).contains(&p)),
+            "{warming:#}"
+        );
         assert!(state("cold").get("slow_start_percent").is_none());
 
         let share = |name: &str| {
@@ -122,9 +128,17 @@ async fn an_endpoint_back_from_an_ejection_takes_a_growing_share_not_its_whole_s
             got.iter().filter(|g| **g == a).count()
         };
         let (warm, cold) = (share("warm"), share("cold"));
-        eprintln!("back from its ejection, of 100 requests: {warm} with slow start, {cold} without");
-        assert!((40..=60).contains(&cold), "without slow start: half at once ({cold})");
-        assert!(warm <= 30, "with slow start: about its 10-20 % of a half ({warm})");
+        eprintln!(
+            "back from its ejection, of 100 requests: {warm} with slow start, {cold} without"
+        );
+        assert!(
+            (40..=60).contains(&cold),
+            "without slow start: half at once ({cold})"
+        );
+        assert!(
+            warm <= 30,
+            "with slow start: about its 10-20 % of a half ({warm})"
+        );
     })
     .await
     .unwrap();

@@ -157,9 +157,15 @@ fn slow_start_is_off_by_default_inherited_and_at_most_an_hour() {
     assert_eq!(window("b"), std::time::Duration::from_secs(30));
     let plain = load(&config("", "", "")).unwrap();
     assert!(plain.settings.clusters["a"].health.slow_start.is_zero());
-    let e = err(&config("", "[clusters.a.health]\nslow_start_ms = 3600001", ""));
+    let e = err(&config(
+        "",
+        "[clusters.a.health]\nslow_start_ms = 3600001",
+        "",
+    ));
     assert!(
-        e.contains("key `clusters.a.health.slow_start_ms`: 3600001 is out of range: allowed 0..=3600000 ms"),
+        e.contains(
+            "key `clusters.a.health.slow_start_ms`: 3600001 is out of range: allowed 0..=3600000 ms"
+        ),
         "{e}"
     );
 }

@@ -28,7 +28,11 @@ mod tests {
     fn the_share_grows_linearly_from_the_floor_to_the_whole() {
         let w = Duration::from_secs(30);
         assert_eq!(percent(Duration::ZERO, w), MIN_PERCENT);
-        assert_eq!(percent(Duration::from_secs(1), w), MIN_PERCENT, "3 % is under the floor");
+        assert_eq!(
+            percent(Duration::from_secs(1), w),
+            MIN_PERCENT,
+            "3 % is under the floor"
+        );
         assert_eq!(percent(Duration::from_secs(15), w), 50);
         assert_eq!(percent(Duration::from_millis(29_999), w), 99);
         assert_eq!(percent(w, w), 100);

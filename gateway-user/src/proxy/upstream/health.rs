@@ -164,7 +164,10 @@ impl HealthCell {
         if window.is_zero() || back == 0 {
             return 100;
         }
-        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(back - 1));
+        let since = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(back - 1));
         crate::decide::slow_start::percent(since, window)
     }
 
