@@ -169,3 +169,35 @@ fn slow_start_is_off_by_default_inherited_and_at_most_an_hour() {
         "{e}"
     );
 }
+
+#[test]
+fn status_lists_that_max_retries_0_makes_moot_warn_where_they_are_set() {
+    let warnings = |text: &str| -> Vec<String> {
+        load(text)
+            .unwrap()
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("none of them is ever retried"))
+            .collect()
+    };
+    let w = warnings(&config(
+        "",
+        "[clusters.a.retry]\nmax_retries = 0\nstatus_codes = [503]\ngrpc_status_codes = [\"UNAVAILABLE\"]",
+        "[clusters.b.retry]\nstatus_codes = [503]",
+    ));
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].contains("clusters.a.retry.grpc_status_codes"), "{w:?}");
+    assert!(w[1].contains("clusters.a.retry.status_codes"), "{w:?}");
+    // A route that turns retries off over a cluster that lists statuses.
+    let route = config("", "", "[clusters.b.retry]\nstatus_codes = [503]").replace(
+        "path_prefix = \"/b/\"\ncluster = \"b\"\n",
+        "path_prefix = \"/b/\"\ncluster = \"b\"\n[routes.retry]\nmax_retries = 0\n",
+    );
+    let w = warnings(&route);
+    assert!(
+        w.len() == 1 && w[0].contains("routes[1].retry.status_codes"),
+        "{w:?}"
+    );
+    assert!(warnings(&config("", "[clusters.a.retry]\nmax_retries = 0", "")).is_empty());
+}

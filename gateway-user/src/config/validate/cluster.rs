@@ -327,7 +327,7 @@ fn retry(c: &mut Checker, l: &Layers) -> RetryPolicy {
         100,
         " %"
     );
-    RetryPolicy {
+    let policy = RetryPolicy {
         hedge,
         hedge_budget_percent: hedge_budget_percent as u32,
         max_retries: max_retries as u32,
@@ -337,6 +337,27 @@ fn retry(c: &mut Checker, l: &Layers) -> RetryPolicy {
         min_retry_concurrency: min_retry_concurrency as u32,
         grpc_status_codes,
         status_codes,
+    };
+    never_retried(c, &policy, &l.key.key("retry"));
+    policy
+}
+
+/// A warning for each status list of `policy` (at `key`) that `max_retries = 0` makes moot.
+pub(super) fn never_retried(c: &mut Checker, policy: &RetryPolicy, key: &KeyPath) {
+    if policy.max_retries > 0 {
+        return;
+    }
+    let lists = [
+        ("grpc_status_codes", policy.grpc_status_codes.is_empty()),
+        ("status_codes", policy.status_codes.is_empty()),
+    ];
+    for (what, empty) in lists {
+        if !empty {
+            c.warnings.push(At {
+                key: key.key(what),
+                what: Warning::StatusesNeverRetried { what },
+            });
+        }
     }
 }
 

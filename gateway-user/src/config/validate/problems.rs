@@ -224,6 +224,10 @@ pub enum Warning {
         "every peer may send a PROXY header, so any client that reaches the listeners directly can name another client (its address in the access log, X-Forwarded-For, allow_clients, rate_limit); list the load balancers in router.proxy_protocol.from"
     )]
     ProxyProtocolFromAnyone,
+    #[error(
+        "{what} lists statuses to retry, but max_retries = 0 turns every retry off: none of them is ever retried"
+    )]
+    StatusesNeverRetried { what: &'static str },
 }
 
 /// A problem or warning and the key it is about (the most specific key written in the file).

@@ -351,6 +351,10 @@ fn route_retry(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyP
     if let Some(list) = status_codes {
         p.retry.status_codes = statuses(c, list, &rk.key("status_codes"));
     }
+    // Warned for the route only where it sets one of them: the cluster's own are warned there.
+    if max_retries.is_some() || grpc_status_codes.is_some() || status_codes.is_some() {
+        cluster::never_retried(c, &p.retry, &rk);
+    }
 }
 
 fn methods(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Vec<Method>> {
