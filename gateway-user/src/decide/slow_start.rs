@@ -1,6 +1,6 @@
 //! Slow start (`health.slow_start_ms`): an endpoint back from an ejection takes a share of its
-//! weight that grows linearly over the window, from [`MIN_PERCENT`], rather than its whole
-//! share at once. An instance that just came back (a cold cache, a JIT not yet warm, a
+//! weight that grows linearly over the window (never below [`MIN_PERCENT`]: that for its first
+//! tenth), rather than its whole share at once. An instance that just came back (a cold cache, a JIT not yet warm, a
 //! connection pool being refilled) is often knocked over again by a full share, and ejected
 //! again: the flapping this stops. HAProxy's `slowstart` and Envoy's `slow_start_config`
 //! (aggression 1) ramp the same way.

@@ -296,9 +296,9 @@ pub struct HealthConfig {
     /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].
     pub probe_expect_status: Option<u16>,
     /// Slow start: an endpoint back from an ejection takes a share of its weight that grows
-    /// linearly from 10 % to the whole over this window (`decide::slow_start`), under
-    /// `round_robin`, `least_request` and `peak_ewma` (`consistent_hash` keeps its keys where
-    /// they belong). 0 (default): the whole share at once. Up to an hour.
+    /// to the whole over this window, from 10 % (`decide::slow_start`), under every policy but
+    /// `consistent_hash` with a key, which keeps its keys where they belong. 0 (default): the
+    /// whole share at once. Up to an hour.
     pub slow_start_ms: Option<u64>,
 }
 

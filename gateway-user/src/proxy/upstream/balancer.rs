@@ -97,6 +97,23 @@ pub(crate) fn least_request(
     }
 }
 
+/// An eligible endpoint at random by weight: a few draws from the schedule, then (most ruled
+/// out) round robin from a random place, so that a single eligible endpoint is always found.
+pub(crate) fn weighted_random(
+    schedule: &[u32],
+    mut draw: impl FnMut() -> usize,
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let n = schedule.len();
+    if n == 0 {
+        return None;
+    }
+    (0..8)
+        .map(|_| schedule[draw() % n] as usize)
+        .find(|&i| eligible(i))
+        .or_else(|| round_robin(schedule, draw(), eligible))
+}
+
 /// Weighted rendezvous (highest random weight) hashing: of the eligible endpoints, the one
 /// whose score for `key` is highest. Endpoint `i` scores `-weight(i) / ln(u)`, `u` a uniform
 /// draw in (0, 1) made of `key` and the endpoint's `id(i)`: the weighted form (Schindelhauer

@@ -191,36 +191,39 @@ impl Endpoints {
             ep.clone()
         };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let warm = warming(spec, key.is_some());
+        let passes_over = warming(spec, key.is_some());
         for pass in 0..3 {
             let eligible = |i: usize| {
                 let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
                 !tried(eps[i].addr)
                     && h.routable()
                     && match pass {
-                        0 => !h.suspect() && !slow && warm(&eps[i]),
-                        1 => !slow && warm(&eps[i]),
+                        0 => !h.suspect() && !slow,
+                        1 => !slow,
                         _ => true,
                     }
             };
-            let found = match spec.lb_policy {
-                LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
-                LbPolicy::LeastRequest => {
-                    let mut rng = rand::rng();
-                    balancer::least_request(
-                        &set.schedule,
-                        || rand::Rng::random_range(&mut rng, 0..usize::MAX),
-                        |i| eps[i].in_flight.load(Ordering::Relaxed),
-                        |i| eps[i].weight,
-                        eligible,
-                    )
-                }
-                LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
-                LbPolicy::ConsistentHash => match key {
-                    Some(k) => hash_pick(eps, (k, count_spill), spec.hash_balance_factor, eligible),
-                    None => balancer::round_robin(&set.schedule, tick, eligible),
-                },
-            };
+            let mut found = self.select(&set, spec, (key, count_spill), tick, &eligible);
+            // Slow start: a warming endpoint keeps the turn it won with its percent's chance;
+            // otherwise the turn goes to another endpoint this pass allows (by weight, at
+            // random: round robin's next in line would take every turn given up), and stays
+            // with it when there is none.
+            if let Some(i) = found
+                && passes_over(&eps[i])
+            {
+                let others = |j: usize| j != i && eligible(j);
+                let again = match spec.lb_policy {
+                    LbPolicy::LeastRequest | LbPolicy::PeakEwma => {
+                        self.select(&set, spec, (key, false), tick, others)
+                    }
+                    LbPolicy::RoundRobin | LbPolicy::ConsistentHash => {
+                        let mut rng = rand::rng();
+                        let draw = || rand::Rng::random_range(&mut rng, 0..usize::MAX);
+                        balancer::weighted_random(&set.schedule, draw, others)
+                    }
+                };
+                found = again.or(found);
+            }
             if let Some(i) = found {
                 return Ok(picked(&eps[i]));
             }
@@ -233,6 +236,37 @@ impl Endpoints {
             })
         } else {
             Err(NoPick::AllTried)
+        }
+    }
+
+    /// The cluster's policy's choice among the `eligible` endpoints of `set`; `tick` turns the
+    /// round robin.
+    fn select(
+        &self,
+        set: &EndpointSet,
+        spec: &ClusterSpec,
+        (key, count_spill): (Option<u64>, bool),
+        tick: usize,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let eps = &set.endpoints;
+        match spec.lb_policy {
+            LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
+            LbPolicy::LeastRequest => {
+                let mut rng = rand::rng();
+                balancer::least_request(
+                    &set.schedule,
+                    || rand::Rng::random_range(&mut rng, 0..usize::MAX),
+                    |i| eps[i].in_flight.load(Ordering::Relaxed),
+                    |i| eps[i].weight,
+                    eligible,
+                )
+            }
+            LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
+            LbPolicy::ConsistentHash => match key {
+                Some(k) => hash_pick(eps, (k, count_spill), spec.hash_balance_factor, eligible),
+                None => balancer::round_robin(&set.schedule, tick, eligible),
+            },
         }
     }
 
@@ -310,20 +344,19 @@ impl Endpoints {
     }
 }
 
-/// Slow start (`health.slow_start_ms`): whether an endpoint takes its turn now. One back from
-/// an ejection less than the window ago is passed over at random, so that it takes about its
-/// `decide::slow_start` percent of its share; the last pass of a pick never passes it over, so
-/// that it still serves when nothing else can. Not under `consistent_hash` with a key: its keys
-/// stay where they belong.
+/// Slow start (`health.slow_start_ms`): whether a pick passes over the endpoint it chose. One
+/// back from an ejection less than the window ago is passed over once per pick at random, so
+/// that it keeps about its `decide::slow_start` percent of the turns it would win. Not under
+/// `consistent_hash` with a key: its keys stay where they belong.
 fn warming(spec: &ClusterSpec, keyed: bool) -> impl Fn(&Endpoint) -> bool {
     let window = spec.health.slow_start;
     let off = window.is_zero() || (keyed && spec.lb_policy == LbPolicy::ConsistentHash);
     move |ep: &Endpoint| {
         if off {
-            return true;
+            return false;
         }
         let percent = ep.health.slow_start_percent(window);
-        percent >= 100 || rand::Rng::random_range(&mut rand::rng(), 0..100) < percent
+        percent < 100 && rand::Rng::random_range(&mut rand::rng(), 0..100) >= percent
     }
 }
 
@@ -352,3 +385,6 @@ fn hash_pick(
     }
     Some(i)
 }
+
+#[cfg(test)]
+mod tests;

@@ -156,6 +156,13 @@ impl HealthCell {
         self.routable.load(Ordering::Relaxed)
     }
 
+    /// Became routable again now (slow start's ramp begins). Tests call it to start a ramp
+    /// without an ejection.
+    pub(crate) fn came_back(&self) {
+        let back = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.back_at_ms.store(back, Ordering::Relaxed);
+    }
+
     /// The percent of its weight the endpoint takes under slow start over `window`
     /// (`decide::slow_start`): 100 unless it became routable again less than `window` ago.
     /// Lock-free.
@@ -195,10 +202,11 @@ impl HealthCell {
     }
 
     fn publish(&self, inner: &Inner) {
+        // Every caller holds the lock: no other publish runs between the load and the stores.
+        // When it comes back, the time first, so that no pick sees it routable without it.
         let routable = inner.health.routable();
-        if routable && !self.routable.swap(routable, Ordering::Relaxed) {
-            let back = self.epoch.elapsed().as_millis() as u64 + 1;
-            self.back_at_ms.store(back, Ordering::Relaxed);
+        if routable && !self.routable.load(Ordering::Relaxed) {
+            self.came_back();
         }
         self.routable.store(routable, Ordering::Relaxed);
         self.suspect
