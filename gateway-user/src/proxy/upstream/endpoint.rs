@@ -203,7 +203,7 @@ impl Endpoints {
                         _ => true,
                     }
             };
-            let mut found = self.select(&set, spec, (key, count_spill), tick, &eligible);
+            let mut found = self.select(&set, spec, (key, count_spill), tick, eligible);
             // Slow start: a warming endpoint keeps the turn it won with its percent's chance;
             // otherwise the turn goes to another endpoint this pass allows (by weight, at
             // random: round robin's next in line would take every turn given up), and stays
