@@ -169,7 +169,8 @@ impl Endpoints {
     }
 
     /// A routable endpoint not `tried` by this request: a healthy one if any is left, else a
-    /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first.
+    /// suspect one, else (`peak_ewma`) a slow one; an endpoint whose trickle is due first; one
+    /// back from an ejection keeps only its slow start's share of the turns it wins.
     /// `key`: the request's hashed key, for `consistent_hash` (round robin without one).
     /// `count_spill`: this is the request's first pick, whose bounded-load spill is counted.
     pub fn pick(
@@ -191,7 +192,7 @@ impl Endpoints {
             ep.clone()
         };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let passes_over = warming(spec, key.is_some());
+        let passes_over = slow_start_passes_over(spec, key.is_some());
         for pass in 0..3 {
             let eligible = |i: usize| {
                 let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
@@ -348,7 +349,7 @@ impl Endpoints {
 /// back from an ejection less than the window ago is passed over once per pick at random, so
 /// that it keeps about its `decide::slow_start` percent of the turns it would win. Not under
 /// `consistent_hash` with a key: its keys stay where they belong.
-fn warming(spec: &ClusterSpec, keyed: bool) -> impl Fn(&Endpoint) -> bool {
+fn slow_start_passes_over(spec: &ClusterSpec, keyed: bool) -> impl Fn(&Endpoint) -> bool {
     let window = spec.health.slow_start;
     let off = window.is_zero() || (keyed && spec.lb_policy == LbPolicy::ConsistentHash);
     move |ep: &Endpoint| {
