@@ -67,20 +67,7 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
         1000,
         ""
     );
-    let probe_expect_status = key!(
-        probe_expect_status,
-        DEFAULT_PROBE_EXPECT_STATUS,
-        100,
-        599,
-        ""
-    );
-    let slow_start_ms = key!(slow_start_ms, 0u64, 0, 3_600_000, " ms");
-    let probe_path = l
-        .own
-        .health
-        .probe_path
-        .clone()
-        .or_else(|| l.base.health.probe_path.clone());
+    let (probe_path, probe_expect_status) = probe_request(c, l);
     HealthPolicy {
         machine: crate::decide::health::HealthPolicy {
             base_ejection: ms(ejection_ms),
@@ -95,9 +82,29 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
             error_statuses_to_eject: error_statuses as u32,
         },
         probe_path,
-        probe_expect_status: probe_expect_status as u16,
-        slow_start: ms(slow_start_ms),
+        probe_expect_status,
+        slow_start: slow_start(c, l),
     }
+}
+
+/// `health.probe_path` and `probe_expect_status`: what a probe asks, when it asks.
+fn probe_request(c: &mut Checker, l: &Layers) -> (Option<String>, u16) {
+    let (status, _) = setting!(
+        c,
+        l,
+        health.probe_expect_status,
+        DEFAULT_PROBE_EXPECT_STATUS,
+        100,
+        599,
+        ""
+    );
+    let path = (l.own.health.probe_path.clone()).or_else(|| l.base.health.probe_path.clone());
+    (path, status as u16)
+}
+
+/// `health.slow_start_ms`: 0 (off) to an hour.
+fn slow_start(c: &mut Checker, l: &Layers) -> std::time::Duration {
+    ms(setting!(c, l, health.slow_start_ms, 0u64, 0, 3_600_000, " ms").0)
 }
 
 /// `latency.*`: how latency is tracked and when an endpoint counts as slow.
