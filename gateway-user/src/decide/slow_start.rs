@@ -1,4 +1,5 @@
-//! Slow start (`health.slow_start_ms`): an endpoint back from an ejection takes a share of its
+//! Slow start (`health.slow_start_ms`): an endpoint back from an ejection (or a new address
+//! from a DNS refresh) takes a share of its
 //! weight that grows linearly over the window (never below [`MIN_PERCENT`]: that for its first
 //! tenth), rather than its whole share at once. An instance that just came back (a cold cache, a JIT not yet warm, a
 //! connection pool being refilled) is often knocked over again by a full share, and ejected

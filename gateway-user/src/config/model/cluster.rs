@@ -295,7 +295,8 @@ pub struct HealthConfig {
     pub probe_path: Option<String>,
     /// Default [`DEFAULT_PROBE_EXPECT_STATUS`].
     pub probe_expect_status: Option<u16>,
-    /// Slow start: an endpoint back from an ejection takes a share of its weight that grows
+    /// Slow start: an endpoint back from an ejection, or a new address from a DNS refresh,
+    /// takes a share of its weight that grows
     /// to the whole over this window, from 10 % (`decide::slow_start`), under every policy but
     /// `consistent_hash` with a key, which keeps its keys where they belong. 0 (default): the
     /// whole share at once. Up to an hour.

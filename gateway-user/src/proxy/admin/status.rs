@@ -171,7 +171,8 @@ pub struct EndpointStatus {
     #[serde(default)]
     pub h2_requests_per_connection: Option<u64>,
     /// Slow start (`health.slow_start_ms`): the percent of its weight the endpoint takes now,
-    /// while it is back from an ejection for less than the window; absent otherwise.
+    /// while it is back from an ejection, or new from a DNS refresh, for less than the
+    /// window; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_percent: Option<u32>,
     pub recent: Vec<HealthEvent>,

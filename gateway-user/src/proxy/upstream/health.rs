@@ -156,15 +156,16 @@ impl HealthCell {
         self.routable.load(Ordering::Relaxed)
     }
 
-    /// Became routable again now (slow start's ramp begins). Tests call it to start a ramp
-    /// without an ejection.
+    /// Became routable again now, or is a new address from a DNS refresh (`resolve`): slow
+    /// start's ramp begins. Tests call it to start a ramp without an ejection.
     pub(crate) fn came_back(&self) {
         let back = self.epoch.elapsed().as_millis() as u64 + 1;
         self.back_at_ms.store(back, Ordering::Relaxed);
     }
 
     /// The percent of its weight the endpoint takes under slow start over `window`
-    /// (`decide::slow_start`): 100 unless it became routable again less than `window` ago.
+    /// (`decide::slow_start`): 100 unless it became routable again, or was added by a DNS
+    /// refresh, less than `window` ago.
     /// Lock-free.
     pub fn slow_start_percent(&self, window: Duration) -> u32 {
         let back = self.back_at_ms.load(Ordering::Relaxed);

@@ -1,6 +1,8 @@
 //! Endpoint addresses: `ip:port` entries as written, `host:port` entries resolved at start and
 //! again every `dns_refresh_ms`. A refresh keeps the endpoints (their pools, health and
-//! metrics) whose address and weight are still there, and builds the new ones.
+//! metrics) whose address and weight are still there, and builds the new ones. A new address
+//! (a backend scaled up) starts its slow start's ramp, as one back from an ejection does:
+//! its caches and JIT are as cold.
 
 use std::{
     net::SocketAddr,
@@ -9,7 +11,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::Cluster;
+use super::{Cluster, Endpoint};
 use crate::config::{ClusterSpec, EndpointAddr};
 
 /// Every endpoint address of the spec, `host:port` entries resolved now.
@@ -66,7 +68,7 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
                     .iter()
                     .find(|e| e.addr == a && e.weight == w)
                     .cloned()
-                    .unwrap_or_else(|| c.new_endpoint(a, w))
+                    .unwrap_or_else(|| arrived(&c, &current, a, w))
             })
             .collect::<Vec<_>>();
         info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");
@@ -79,4 +81,17 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
             e.close();
         }
     }
+}
+
+/// The endpoint for `addr`, new in this refresh. An address the cluster did not have at all
+/// ramps up under slow start (`health.slow_start_ms`), unless the cluster had no endpoint (its
+/// names did not resolve until now): then every address is new, and none would be ramped
+/// against another. An address whose weight changed is rebuilt without a ramp: it was serving.
+fn arrived(c: &Cluster, current: &[Arc<Endpoint>], addr: SocketAddr, weight: u32) -> Arc<Endpoint> {
+    let ep = c.new_endpoint(addr, weight);
+    if !current.is_empty() && !current.iter().any(|e| e.addr == addr) {
+        // Before the endpoint is published: no pick sees it without its ramp.
+        ep.health.came_back();
+    }
+    ep
 }
