@@ -69,8 +69,10 @@ impl Cluster {
         shards: usize,
         meter: ClusterMeter,
     ) -> Arc<Cluster> {
-        let addrs = resolve::resolve(&spec).await;
-        let endpoints = addrs
+        let resolved = resolve::resolve(&spec).await;
+        resolve::log_start_failures(&spec, &resolved.failed);
+        let endpoints = resolved
+            .addrs
             .into_iter()
             .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
             .collect();

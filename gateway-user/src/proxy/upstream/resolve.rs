@@ -1,6 +1,7 @@
 //! Endpoint addresses: `ip:port` entries as written, `host:port` entries resolved at start and
 //! again every `dns_refresh_ms`. A refresh keeps the endpoints (their pools, health and
-//! metrics) whose address and weight are still there, and builds the new ones. A new address
+//! metrics) whose address and weight are still there, and builds the new ones; one where a
+//! name does not resolve removes nothing ([`refresh`]). A new address
 //! (a backend scaled up) starts its slow start's ramp, as one back from an ejection does:
 //! its caches and JIT are as cold.
 
@@ -14,25 +15,39 @@ use tracing::{info, warn};
 use super::{Cluster, Endpoint};
 use crate::config::{ClusterSpec, EndpointAddr};
 
+/// One resolution of a spec's endpoints.
+pub(crate) struct Resolved {
+    /// Every address found, sorted, each once, with its entry's weight.
+    pub addrs: Vec<(SocketAddr, u32)>,
+    /// The entries (by their place in the spec) whose name did not resolve, and why.
+    pub failed: Vec<(usize, std::io::Error)>,
+}
+
 /// Every endpoint address of the spec, `host:port` entries resolved now.
-pub(crate) async fn resolve(spec: &ClusterSpec) -> Vec<(SocketAddr, u32)> {
-    let mut out = Vec::new();
-    for e in &spec.endpoints {
+pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
+    let mut addrs = Vec::new();
+    let mut failed = Vec::new();
+    for (i, e) in spec.endpoints.iter().enumerate() {
         match &e.address {
-            EndpointAddr::Ip(a) => out.push((*a, e.weight)),
+            EndpointAddr::Ip(a) => addrs.push((*a, e.weight)),
             EndpointAddr::Host { host, port } => {
                 match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(addrs) => out.extend(addrs.map(|a| (a, e.weight))),
-                    Err(err) => {
-                        warn!(cluster = %spec.name, endpoint = %e.address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms")
-                    }
+                    Ok(found) => addrs.extend(found.map(|a| (a, e.weight))),
+                    Err(err) => failed.push((i, err)),
                 }
             }
         }
     }
-    out.sort();
-    out.dedup_by_key(|(a, _)| *a);
-    out
+    addrs.sort();
+    addrs.dedup_by_key(|(a, _)| *a);
+    Resolved { addrs, failed }
+}
+
+/// Logs each entry that did not resolve at start-up.
+pub(crate) fn log_start_failures(spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) {
+    for (i, err) in failed {
+        warn!(cluster = %spec.name, endpoint = %spec.endpoints[*i].address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
+    }
 }
 
 /// Whether the spec names any endpoint by host name (and so needs [`refresh`]).
@@ -42,17 +57,33 @@ pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
         .any(|e| matches!(e.address, EndpointAddr::Host { .. }))
 }
 
-/// Re-resolves every `dns_refresh` until the cluster is dropped.
+/// Re-resolves every `dns_refresh` until the cluster is dropped. A refresh where a name does
+/// not resolve (a DNS server timing out, `SERVFAIL`, the name gone) removes nothing: the
+/// endpoints stay as they were, and only new addresses of the names that did resolve are
+/// added, until a refresh where every name resolves. A DNS outage must not empty a cluster
+/// that was serving (Envoy's DNS clusters and HAProxy's `hold` keep the last addresses too).
+/// Each name is logged when it starts failing and when it resolves again, not at every
+/// refresh.
 pub(crate) async fn refresh(cluster: Weak<Cluster>) {
-    let every = match cluster.upgrade() {
-        Some(c) => c.spec.dns_refresh,
+    let (every, entries) = match cluster.upgrade() {
+        Some(c) => (c.spec.dns_refresh, c.spec.endpoints.len()),
         None => return,
     };
+    let mut failing = vec![false; entries];
     loop {
         tokio::time::sleep(every).await;
         let Some(c) = cluster.upgrade() else { return };
-        let addrs = resolve(&c.spec).await;
+        let Resolved { mut addrs, failed } = resolve(&c.spec).await;
+        log_failures(&c.spec, &failed, &mut failing);
         let current = c.set.list();
+        if !failed.is_empty() {
+            for e in &current {
+                if !addrs.iter().any(|(a, _)| *a == e.addr) {
+                    addrs.push((e.addr, e.weight));
+                }
+            }
+            addrs.sort();
+        }
         let same = addrs.len() == current.len()
             && addrs
                 .iter()
@@ -71,15 +102,39 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
                     .unwrap_or_else(|| arrived(&c, &current, a, w))
             })
             .collect::<Vec<_>>();
-        info!(cluster = %c.name, endpoints = endpoints.len(), "endpoints re-resolved");
         let gone: Vec<_> = current
-            .into_iter()
+            .iter()
             .filter(|e| !endpoints.iter().any(|n| Arc::ptr_eq(n, e)))
+            .cloned()
             .collect();
+        let added: Vec<SocketAddr> = endpoints
+            .iter()
+            .filter(|n| !current.iter().any(|e| Arc::ptr_eq(n, e)))
+            .map(|n| n.addr)
+            .collect();
+        let removed: Vec<SocketAddr> = gone.iter().map(|e| e.addr).collect();
+        info!(cluster = %c.name, endpoints = endpoints.len(), ?added, ?removed, "endpoints re-resolved");
         c.set.replace(endpoints);
         for e in gone {
             e.close();
         }
+    }
+}
+
+/// Logs the entries that started failing to resolve in this refresh, and those that resolve
+/// again; `failing` holds which entries failed the refresh before.
+fn log_failures(spec: &ClusterSpec, failed: &[(usize, std::io::Error)], failing: &mut [bool]) {
+    for (i, was) in failing.iter_mut().enumerate() {
+        let now = failed.iter().find(|(f, _)| *f == i);
+        let endpoint = &spec.endpoints[i].address;
+        match (now, *was) {
+            (Some((_, err)), false) => {
+                warn!(cluster = %spec.name, %endpoint, error = %err, "cannot resolve endpoint; keeping its last addresses, retrying every dns_refresh_ms");
+            }
+            (None, true) => info!(cluster = %spec.name, %endpoint, "endpoint resolves again"),
+            _ => {}
+        }
+        *was = now.is_some();
     }
 }
 
