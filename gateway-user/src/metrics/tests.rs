@@ -154,6 +154,11 @@ fn populated() -> Registry {
             cluster: "c".into(),
         })
         .inc();
+    m.dns_failures
+        .get_or_create(&ClusterLabels {
+            cluster: "c".into(),
+        })
+        .inc();
     m.upgrades_active
         .get_or_create(&ClusterLabels {
             cluster: "c".into(),

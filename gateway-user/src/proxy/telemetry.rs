@@ -16,6 +16,7 @@
 //! | health_state, ejections | at each health transition (`Cluster::log_transition`), and the state every second |
 //! | latency, slowdowns | the estimate every second; a slowdown when `peak_ewma`'s evaluator marks the endpoint slow (`upstream::latency`) |
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
+//! | dns_failures | at each resolution of the cluster's host names (`upstream::resolve`) |
 //! | observer_kernel, observer_mode, build_info | at start |
 //! | events_lost, kernel_anomalies, kernel_anomaly_logs_suppressed | every second, from the observer's counters |
 //! | process_* | at each scrape, from `/proc/self` (`metrics::process`) |
@@ -404,6 +405,7 @@ pub(crate) struct ClusterMeter {
     retries: [Counter; RETRY_REASONS.len()],
     hedges: [Counter; 3],
     retry_budget_exhausted: Counter,
+    dns_failures: Counter,
     /// Upgraded connections, shared with the endpoints.
     tunnels: std::sync::Arc<TunnelMeter>,
 }
@@ -438,6 +440,12 @@ impl ClusterMeter {
                     cluster: name.to_owned(),
                 },
             ),
+            dns_failures: counter(
+                &m.dns_failures,
+                &ClusterLabels {
+                    cluster: name.to_owned(),
+                },
+            ),
             tunnels: std::sync::Arc::new(TunnelMeter::new(m, name)),
             metrics: m.clone(),
             series: series.clone(),
@@ -464,6 +472,10 @@ impl ClusterMeter {
 
     pub fn retry_budget_exhausted(&self) {
         self.retry_budget_exhausted.inc();
+    }
+
+    pub fn dns_names_unresolved(&self, names: usize) {
+        self.dns_failures.inc_by(names as u64);
     }
 
     pub fn hedge(&self, result: HedgeResult) {

@@ -228,6 +228,9 @@ impl Series {
         m.retry_budget_exhausted.remove(&ClusterLabels {
             cluster: name.to_owned(),
         });
+        m.dns_failures.remove(&ClusterLabels {
+            cluster: name.to_owned(),
+        });
         m.upgrades_active.remove(&ClusterLabels {
             cluster: name.to_owned(),
         });

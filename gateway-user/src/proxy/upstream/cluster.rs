@@ -70,7 +70,8 @@ impl Cluster {
         meter: ClusterMeter,
     ) -> Arc<Cluster> {
         let resolved = resolve::resolve(&spec).await;
-        resolve::log_start_failures(&spec, &resolved.failed);
+        let failing = resolve::log_start_failures(&spec, &resolved.failed);
+        meter.dns_names_unresolved(resolved.failed.len());
         let endpoints = resolved
             .addrs
             .into_iter()
@@ -96,7 +97,7 @@ impl Cluster {
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
         tokio::spawn(latency::run(Arc::downgrade(&cluster)));
         if resolve::has_host_names(&cluster.spec) {
-            tokio::spawn(resolve::refresh(Arc::downgrade(&cluster)));
+            tokio::spawn(resolve::refresh(Arc::downgrade(&cluster), failing));
         }
         cluster
     }

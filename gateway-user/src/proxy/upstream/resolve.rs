@@ -43,11 +43,18 @@ pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
     Resolved { addrs, failed }
 }
 
-/// Logs each entry that did not resolve at start-up.
-pub(crate) fn log_start_failures(spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) {
+/// Logs each entry that did not resolve at start-up; by entry, whether it did not (what
+/// [`refresh`] starts from).
+pub(crate) fn log_start_failures(
+    spec: &ClusterSpec,
+    failed: &[(usize, std::io::Error)],
+) -> Vec<bool> {
+    let mut failing = vec![false; spec.endpoints.len()];
     for (i, err) in failed {
         warn!(cluster = %spec.name, endpoint = %spec.endpoints[*i].address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
+        failing[*i] = true;
     }
+    failing
 }
 
 /// Whether the spec names any endpoint by host name (and so needs [`refresh`]).
@@ -63,26 +70,22 @@ pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
 /// added, until a refresh where every name resolves. A DNS outage must not empty a cluster
 /// that was serving (Envoy's DNS clusters and HAProxy's `hold` keep the last addresses too).
 /// Each name is logged when it starts failing and when it resolves again, not at every
-/// refresh.
-pub(crate) async fn refresh(cluster: Weak<Cluster>) {
-    let (every, entries) = match cluster.upgrade() {
-        Some(c) => (c.spec.dns_refresh, c.spec.endpoints.len()),
+/// refresh, and counted at every one (`gateway_dns_resolution_failures_total`).
+/// `failing`: by entry, whether its name did not resolve at start-up (logged then).
+pub(crate) async fn refresh(cluster: Weak<Cluster>, mut failing: Vec<bool>) {
+    let every = match cluster.upgrade() {
+        Some(c) => c.spec.dns_refresh,
         None => return,
     };
-    let mut failing = vec![false; entries];
     loop {
         tokio::time::sleep(every).await;
         let Some(c) = cluster.upgrade() else { return };
         let Resolved { mut addrs, failed } = resolve(&c.spec).await;
         log_failures(&c.spec, &failed, &mut failing);
+        c.meter.dns_names_unresolved(failed.len());
         let current = c.set.list();
         if !failed.is_empty() {
-            for e in &current {
-                if !addrs.iter().any(|(a, _)| *a == e.addr) {
-                    addrs.push((e.addr, e.weight));
-                }
-            }
-            addrs.sort();
+            keep(&mut addrs, current.iter().map(|e| (e.addr, e.weight)));
         }
         let same = addrs.len() == current.len()
             && addrs
@@ -121,6 +124,16 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     }
 }
 
+/// Adds the `current` endpoints to what a refresh where a name failed found: every endpoint
+/// stays, at its weight. With the rule of [`resolve`] (an address two entries name takes the
+/// lower weight), one that another entry also names keeps the weight the failing entry gave
+/// it, rather than being rebuilt at the other's and rebuilt back once the name resolves.
+fn keep(addrs: &mut Vec<(SocketAddr, u32)>, current: impl Iterator<Item = (SocketAddr, u32)>) {
+    addrs.extend(current);
+    addrs.sort();
+    addrs.dedup_by_key(|(a, _)| *a);
+}
+
 /// Logs the entries that started failing to resolve in this refresh, and those that resolve
 /// again; `failing` holds which entries failed the refresh before.
 fn log_failures(spec: &ClusterSpec, failed: &[(usize, std::io::Error)], failing: &mut [bool]) {
@@ -149,4 +162,26 @@ fn arrived(c: &Cluster, current: &[Arc<Endpoint>], addr: SocketAddr, weight: u32
         ep.health.came_back();
     }
     ep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(last: u8, weight: u32) -> (SocketAddr, u32) {
+        (SocketAddr::from(([10, 0, 0, last], 80)), weight)
+    }
+
+    #[test]
+    fn a_refresh_where_a_name_failed_keeps_every_endpoint_at_its_weight() {
+        // The failing name gave .1 and .2 (weight 1); another entry, weight 5, names .2 and
+        // now .3 as well.
+        let mut found = vec![at(2, 5), at(3, 5)];
+        keep(&mut found, [at(1, 1), at(2, 1)].into_iter());
+        assert_eq!(found, [at(1, 1), at(2, 1), at(3, 5)]);
+        // Nothing found at all: everything stays.
+        let mut found = Vec::new();
+        keep(&mut found, [at(1, 1), at(2, 1)].into_iter());
+        assert_eq!(found, [at(1, 1), at(2, 1)]);
+    }
 }
