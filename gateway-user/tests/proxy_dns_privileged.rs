@@ -8,8 +8,9 @@
 //!   requests (its ramp starts at 10 % of its weight), and `/status` shows it warming
 //!   (`slow_start_percent`) while the old one is not; without (the control), half at once.
 //! - A name that stops resolving keeps its addresses: with `up.test` gone from the file, every
-//!   request over ten refreshes still succeeds on both addresses, logged once; once it names
-//!   127.0.0.1 alone again, 127.0.0.2 is removed, and logged.
+//!   request over ten refreshes still succeeds on both addresses, logged once and counted at
+//!   each refresh; a reload that changes the cluster's settings meanwhile keeps them too; once
+//!   it names 127.0.0.1 alone again, 127.0.0.2 is removed, and logged.
 //!
 //! Privileged: `unshare --mount` and the bind mount need root. The namespace dies with the
 //! gateway; nothing outside it changes.
@@ -83,6 +84,8 @@ fn hosts_text(addrs: &[&str]) -> String {
 /// A running gateway whose `/etc/hosts` is `hosts`, nginx on `old` and `new`.
 struct Lab {
     gw: GatewayProcess,
+    dir: std::path::PathBuf,
+    port: u16,
     hosts: std::path::PathBuf,
     old: SocketAddr,
     new: SocketAddr,
@@ -100,13 +103,7 @@ impl Lab {
         let nginx = nginx_listening(&dir, &nginx_conf(&dir, &[old, new]), &[old, new]);
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, hosts_text(first)).unwrap();
-        let cfg = write_config(
-            &dir,
-            &format!(
-                "{}[observer]\nmode = \"off\"\n",
-                clusters.replace("{port}", &port.to_string())
-            ),
-        );
+        let cfg = write_clusters(&dir, port, clusters);
         // The gateway sees the test's file as /etc/hosts, in a mount namespace of its own,
         // which the kernel removes when the gateway (exec'd in place of unshare and sh) exits.
         let run = gateway_bin!().run(&cfg);
@@ -123,6 +120,8 @@ impl Lab {
         }
         Lab {
             gw: GatewayProcess::spawn(cmd),
+            dir,
+            port,
             hosts,
             old,
             new,
@@ -135,9 +134,28 @@ impl Lab {
         std::fs::write(&self.hosts, hosts_text(addrs)).unwrap();
     }
 
+    /// Reloads with `clusters` instead (SIGHUP), and waits until the gateway says it did.
+    fn reload(&self, clusters: &str) {
+        write_clusters(&self.dir, self.port, clusters);
+        self.gw.signal(libc::SIGHUP);
+        self.gw
+            .expect_log("config reloaded", Duration::from_secs(10));
+    }
+
     fn url(&self, cluster: &str) -> String {
         format!("http://{}/{cluster}/", self.gw.addr)
     }
+}
+
+/// Writes the gateway's config with `clusters` (`{port}`: the upstreams' port).
+fn write_clusters(dir: &Path, port: u16, clusters: &str) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!(
+            "{}[observer]\nmode = \"off\"\n",
+            clusters.replace("{port}", &port.to_string())
+        ),
+    )
 }
 
 /// A cluster `name` of the endpoint `up.test:{port}`, resolved every 100 ms, and its route.
@@ -317,6 +335,26 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A reload that changes the cluster's settings rebuilds it while its name still does not
+    // resolve: it keeps the addresses it had, and every request still succeeds.
+    lab.reload(&cluster("api", "slow_start_ms = 1000"));
+    lab.gw.expect_log(
+        "names that do not resolve keep the addresses they had before the reload",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        listed(lab.gw.admin, "api"),
+        [old.to_string(), new.to_string()],
+        "a cluster rebuilt by a reload during the outage must keep its addresses"
+    );
+    let reloaded = curl(&lab.url("api"), 20);
+    assert!(
+        reloaded
+            .iter()
+            .all(|a| a == "127.0.0.1" || a == "127.0.0.2"),
+        "every request should succeed after the reload: {reloaded:?}"
+    );
 
     // It resolves again, to one address: the other is removed, and both are logged (the lines
     // are read by threads of their own and may lag `/status`).

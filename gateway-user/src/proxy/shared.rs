@@ -126,7 +126,15 @@ impl Runtime {
                 Some(c) => c.clone(),
                 None => {
                     let meter = telemetry.cluster(&spec.name);
-                    Cluster::start(spec.clone(), signals.clone(), workers, meter).await
+                    let replaced =
+                        previous.and_then(|p| p.clusters.iter().find(|c| *c.name == *spec.name));
+                    Cluster::start(
+                        spec.clone(),
+                        signals.clone(),
+                        (workers, meter),
+                        replaced.map(|c| &**c),
+                    )
+                    .await
                 }
             });
         }

@@ -62,16 +62,20 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Resolves the endpoints and starts the cluster's background tasks, which end when the
-    /// cluster is dropped.
+    /// cluster is dropped. `previous`: the cluster of the same name this one replaces (a
+    /// reload), whose addresses its names that do not resolve now keep.
     pub async fn start(
         spec: ClusterSpec,
         signals: Arc<dyn SignalSource>,
-        shards: usize,
-        meter: ClusterMeter,
+        (shards, meter): (usize, ClusterMeter),
+        previous: Option<&Cluster>,
     ) -> Arc<Cluster> {
-        let resolved = resolve::resolve(&spec).await;
+        let mut resolved = resolve::resolve(&spec).await;
         let failing = resolve::log_start_failures(&spec, &resolved.failed);
         meter.dns_names_unresolved(resolved.failed.len());
+        if let Some(p) = previous {
+            resolve::carry_over(&spec, &mut resolved, p);
+        }
         let endpoints = resolved
             .addrs
             .into_iter()

@@ -124,6 +124,36 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>, mut failing: Vec<bool>) {
     }
 }
 
+/// What a cluster rebuilt by a reload (`previous`, the one it replaces) keeps for its names
+/// that do not resolve now: the addresses `previous` had for the names it had, when a failing
+/// entry was one of them. A reload that changes a cluster's settings during a DNS outage must
+/// not empty it. The addresses cannot be told apart by name, so all of `previous`'s that no
+/// address entry of its own gave are kept (at worst an address another name no longer has,
+/// until the first refresh where every name resolves); a failing name the reload brought in
+/// keeps nothing.
+pub(crate) fn carry_over(spec: &ClusterSpec, resolved: &mut Resolved, previous: &Cluster) {
+    let had = |i: &usize| {
+        previous
+            .spec
+            .endpoints
+            .iter()
+            .any(|e| e.address == spec.endpoints[*i].address)
+    };
+    if !resolved.failed.iter().any(|(i, _)| had(i)) {
+        return;
+    }
+    let named = previous.set.list().into_iter().filter(|e| {
+        !previous
+            .spec
+            .endpoints
+            .iter()
+            .any(|s| s.address == EndpointAddr::Ip(e.addr))
+    });
+    let before = resolved.addrs.len();
+    keep(&mut resolved.addrs, named.map(|e| (e.addr, e.weight)));
+    info!(cluster = %spec.name, kept = resolved.addrs.len() - before, "names that do not resolve keep the addresses they had before the reload");
+}
+
 /// Adds the `current` endpoints to what a refresh where a name failed found: every endpoint
 /// stays, at its weight. With the rule of [`resolve`] (an address two entries name takes the
 /// lower weight), one that another entry also names keeps the weight the failing entry gave
