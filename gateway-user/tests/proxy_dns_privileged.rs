@@ -8,8 +8,8 @@
 //!   requests (its ramp starts at 10 % of its weight), and `/status` shows it warming
 //!   (`slow_start_percent`) while the old one is not; without (the control), half at once.
 //! - A name that stops resolving keeps its addresses: with `up.test` gone from the file, every
-//!   request over ten refreshes still succeeds on both addresses, logged once and counted at
-//!   each refresh; a reload that changes the cluster's settings meanwhile keeps them too; once
+//!   request over ten refreshes still succeeds on both addresses, logged once, counted at
+//!   each refresh, and shown in `/status` (`dns`) and on the status page; a reload that changes the cluster's settings meanwhile keeps them too; once
 //!   it names 127.0.0.1 alone again, 127.0.0.2 is removed, and logged.
 //!
 //! Privileged: `unshare --mount` and the bind mount need root. The namespace dies with the
@@ -23,7 +23,7 @@ use std::{
 };
 
 use gateway_testkit::{
-    admin::{endpoint, metrics, status},
+    admin::{admin_get, endpoint, metrics, status},
     config::write_config,
     gateway_bin,
     peers::nginx_listening,
@@ -185,6 +185,18 @@ fn listed(admin: SocketAddr, cluster: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The `dns` entry of `endpoint` in `cluster` of `/status`.
+fn dns_of(admin: SocketAddr, cluster: &str, endpoint: &str) -> serde_json::Value {
+    let s = status(admin);
+    s["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == cluster))
+        .and_then(|c| c["dns"].as_array())
+        .and_then(|d| d.iter().find(|n| n["endpoint"] == endpoint))
+        .cloned()
+        .unwrap_or_else(|| panic!("no dns entry {endpoint} in cluster {cluster}: {s:#}"))
+}
+
 /// Waits until `/status` lists exactly `addrs` in `cluster`.
 fn wait_for(admin: SocketAddr, cluster: &str, addrs: &[SocketAddr]) {
     let mut want: Vec<String> = addrs.iter().map(ToString::to_string).collect();
@@ -336,6 +348,20 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // `/status` and the status page say which name does not resolve, and why.
+    let name = format!("up.test:{}", lab.port);
+    let dns = dns_of(lab.gw.admin, "api", &name);
+    assert_eq!(dns["resolves"], false, "{dns}");
+    assert!(
+        dns["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{dns}"
+    );
+    let page = admin_get(lab.gw.admin, "/").body;
+    assert!(
+        page.contains(&format!("<p class=\"dns\" data-endpoint=\"{name}\">")),
+        "the status page should say the name does not resolve:\n{page}"
+    );
+
     // A reload that changes the cluster's settings rebuilds it while its name still does not
     // resolve: it keeps the addresses it had, and every request still succeeds.
     lab.reload(&cluster("api", "slow_start_ms = 1000"));
@@ -364,6 +390,14 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
     assert!(after.iter().all(|a| a == "127.0.0.1"), "{after:?}");
     let limit = Duration::from_secs(5);
     lab.gw.expect_log("endpoint resolves again", limit);
+    let dns = dns_of(lab.gw.admin, "api", &name);
+    assert_eq!(dns["resolves"], true, "{dns}");
+    assert!(dns.get("error").is_none(), "{dns}");
+    assert!(
+        !admin_get(lab.gw.admin, "/")
+            .body
+            .contains("<p class=\"dns\"")
+    );
     lab.gw.expect_line(
         &["endpoints re-resolved", &format!("removed=[{new}]")],
         limit,

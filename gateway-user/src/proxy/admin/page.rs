@@ -206,15 +206,30 @@ pub(crate) fn render(s: &Status) -> String {
 }
 
 fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<section class=\"cluster\" data-cluster=\"{name}\"><h2>cluster {name}<small>{} · {}/{} endpoints routable</small></h2>\n\
-         <table><thead><tr><th>endpoint</th><th>state</th><th>reason</th><th>since</th>\
-         <th>{rtt}</th><th>connect deadline</th><th>latency (peak EWMA)</th><th>in flight</th></tr></thead><tbody>\n",
+        "<section class=\"cluster\" data-cluster=\"{name}\"><h2>cluster {name}<small>{} · {}/{} endpoints routable</small></h2>",
         c.lb_policy.name(),
         c.routable,
         c.endpoints.len(),
         name = escape(&c.name),
+    );
+    for d in c.dns.iter().filter(|d| !d.resolves) {
+        let _ = writeln!(
+            h,
+            "<p class=\"dns\" data-endpoint=\"{e}\">DNS: <span class=\"mono\">{e}</span> does not \
+             resolve since <time title=\"{ago}\">{at}</time> ({why}); the cluster keeps the addresses \
+             it had.</p>",
+            e = escape(&d.endpoint),
+            ago = ago(now, d.since_unix_ms),
+            at = clock(d.since_unix_ms),
+            why = escape(d.error.as_deref().unwrap_or("")),
+        );
+    }
+    let _ = writeln!(
+        h,
+        "<table><thead><tr><th>endpoint</th><th>state</th><th>reason</th><th>since</th>\
+         <th>{rtt}</th><th>connect deadline</th><th>latency (peak EWMA)</th><th>in flight</th></tr></thead><tbody>",
         // Without kernel signals the samples are connect() times, not SYN-RTTs.
         rtt = if kernel {
             "SYN-RTT p50 / p99 (kernel)"
@@ -365,6 +380,7 @@ mod tests {
                 lb_policy: LbPolicy::RoundRobin,
                 hash_on: None,
                 routable: 1,
+                dns: Vec::new(),
                 endpoints: vec![EndpointStatus {
                     address: "127.0.0.1:1".parse().unwrap(),
                     weight: 1,

@@ -63,6 +63,12 @@
 //!         "errors": {"connect_refused": [0, 3, …]},  // failed attempts by x-gateway-error reason; only those seen
 //!         "changes": [{…}]               // health transitions (as in `recent`, no plain failures), oldest first, at most 64
 //!       }
+//!     }],
+//!     "dns": [{                          // host-name endpoint entries; absent without any
+//!       "endpoint": "api.internal:8080",
+//!       "resolves": false,               // at the latest resolution (start, every dns_refresh_ms)
+//!       "error": "failed to lookup address information: Name or service not known",  // absent when it resolves
+//!       "since_unix_ms": 1763740011000   // since when it has (or has not); the cluster keeps its addresses meanwhile
 //!     }]
 //!   }]
 //! }
@@ -150,6 +156,22 @@ pub struct ClusterStatus {
     pub hash_on: Option<String>,
     pub routable: usize,
     pub endpoints: Vec<EndpointStatus>,
+    /// Each host-name entry of the cluster's `endpoints`, as its latest resolution found it;
+    /// absent for a cluster of addresses only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<DnsName>,
+}
+
+/// A host-name endpoint entry (`api.internal:8080`) at its latest resolution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsName {
+    pub endpoint: String,
+    pub resolves: bool,
+    /// Why it did not resolve (the cluster keeps the addresses it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when it has resolved, or not.
+    pub since_unix_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,6 +270,25 @@ fn slow_reason(source: LatencySource) -> Reason {
     }
 }
 
+/// The cluster's host-name entries, as [`ClusterStatus::dns`] shows them.
+fn dns_names(c: &Cluster) -> Vec<DnsName> {
+    let names = c.names.snapshot();
+    c.spec
+        .endpoints
+        .iter()
+        .zip(names)
+        .filter_map(|(e, n)| {
+            let n = n?;
+            Some(DnsName {
+                endpoint: e.address.to_string(),
+                resolves: n.error.is_none(),
+                error: n.error,
+                since_unix_ms: unix_ms(n.since),
+            })
+        })
+        .collect()
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -311,6 +352,7 @@ impl Status {
                         .then(|| c.spec.hash_on.to_string()),
                     routable,
                     endpoints,
+                    dns: dns_names(c),
                 }
             })
             .collect();

@@ -47,6 +47,8 @@ pub(crate) struct Cluster {
     /// Worker threads, i.e. idle-pool shards per endpoint.
     shards: usize,
     pub meter: ClusterMeter,
+    /// Whether each host-name entry resolves, for `/status`.
+    pub names: resolve::Names,
 }
 
 /// A cluster a reload replaced is dropped once no request holds it: its endpoints' pooled
@@ -71,7 +73,7 @@ impl Cluster {
         previous: Option<&Cluster>,
     ) -> Arc<Cluster> {
         let mut resolved = resolve::resolve(&spec).await;
-        let failing = resolve::log_start_failures(&spec, &resolved.failed);
+        let names = resolve::Names::at_start(&spec, &resolved.failed);
         meter.dns_names_unresolved(resolved.failed.len());
         if let Some(p) = previous {
             resolve::carry_over(&spec, &mut resolved, p);
@@ -96,12 +98,13 @@ impl Cluster {
             spec,
             shards,
             meter,
+            names,
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
         tokio::spawn(latency::run(Arc::downgrade(&cluster)));
         if resolve::has_host_names(&cluster.spec) {
-            tokio::spawn(resolve::refresh(Arc::downgrade(&cluster), failing));
+            tokio::spawn(resolve::refresh(Arc::downgrade(&cluster)));
         }
         cluster
     }

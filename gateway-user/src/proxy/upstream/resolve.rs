@@ -7,7 +7,8 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Weak},
+    sync::{Arc, Mutex, Weak},
+    time::SystemTime,
 };
 
 use tracing::{info, warn};
@@ -43,18 +44,67 @@ pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
     Resolved { addrs, failed }
 }
 
-/// Logs each entry that did not resolve at start-up; by entry, whether it did not (what
-/// [`refresh`] starts from).
-pub(crate) fn log_start_failures(
-    spec: &ClusterSpec,
-    failed: &[(usize, std::io::Error)],
-) -> Vec<bool> {
-    let mut failing = vec![false; spec.endpoints.len()];
-    for (i, err) in failed {
-        warn!(cluster = %spec.name, endpoint = %spec.endpoints[*i].address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
-        failing[*i] = true;
+/// Whether each host-name entry of a cluster resolved at its latest resolution, for
+/// `/status`: by entry in the spec, `None` for an address entry.
+pub(crate) struct Names(Mutex<Vec<Option<NameState>>>);
+
+/// A host-name entry at its latest resolution.
+#[derive(Clone)]
+pub(crate) struct NameState {
+    /// Why it did not resolve; `None`: it did.
+    pub error: Option<String>,
+    /// Since when it has (or has not).
+    pub since: SystemTime,
+}
+
+impl Names {
+    /// The names as the start-up resolution found them; logs each that did not resolve.
+    pub(crate) fn at_start(spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) -> Names {
+        let now = SystemTime::now();
+        let names = spec
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let EndpointAddr::Host { .. } = e.address else {
+                    return None;
+                };
+                let error = failed.iter().find(|(f, _)| *f == i).map(|(_, err)| {
+                    warn!(cluster = %spec.name, endpoint = %e.address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
+                    err.to_string()
+                });
+                Some(NameState { error, since: now })
+            })
+            .collect();
+        Names(Mutex::new(names))
     }
-    failing
+
+    /// By entry in the spec, `None` for an address entry.
+    pub(crate) fn snapshot(&self) -> Vec<Option<NameState>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a refresh's resolution, and logs the names that started failing in it and
+    /// those that resolve again (not those that go on as they were).
+    fn record(&self, spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, name) in names.iter_mut().enumerate() {
+            let Some(name) = name else { continue };
+            let now = failed.iter().find(|(f, _)| *f == i).map(|(_, err)| err);
+            let endpoint = &spec.endpoints[i].address;
+            match (now, name.error.is_some()) {
+                (Some(err), false) => {
+                    warn!(cluster = %spec.name, %endpoint, error = %err, "cannot resolve endpoint; keeping its last addresses, retrying every dns_refresh_ms");
+                }
+                (None, true) => info!(cluster = %spec.name, %endpoint, "endpoint resolves again"),
+                _ => continue,
+            }
+            *name = NameState {
+                error: now.map(ToString::to_string),
+                since: SystemTime::now(),
+            };
+        }
+    }
 }
 
 /// Whether the spec names any endpoint by host name (and so needs [`refresh`]).
@@ -70,9 +120,9 @@ pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
 /// added, until a refresh where every name resolves. A DNS outage must not empty a cluster
 /// that was serving (Envoy's DNS clusters and HAProxy's `hold` keep the last addresses too).
 /// Each name is logged when it starts failing and when it resolves again, not at every
-/// refresh, and counted at every one (`gateway_dns_resolution_failures_total`).
-/// `failing`: by entry, whether its name did not resolve at start-up (logged then).
-pub(crate) async fn refresh(cluster: Weak<Cluster>, mut failing: Vec<bool>) {
+/// refresh (`Names`, which `/status` shows), and counted at every one
+/// (`gateway_dns_resolution_failures_total`).
+pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     let every = match cluster.upgrade() {
         Some(c) => c.spec.dns_refresh,
         None => return,
@@ -81,7 +131,7 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>, mut failing: Vec<bool>) {
         tokio::time::sleep(every).await;
         let Some(c) = cluster.upgrade() else { return };
         let Resolved { mut addrs, failed } = resolve(&c.spec).await;
-        log_failures(&c.spec, &failed, &mut failing);
+        c.names.record(&c.spec, &failed);
         c.meter.dns_names_unresolved(failed.len());
         let current = c.set.list();
         if !failed.is_empty() {
@@ -162,23 +212,6 @@ fn keep(addrs: &mut Vec<(SocketAddr, u32)>, current: impl Iterator<Item = (Socke
     addrs.extend(current);
     addrs.sort();
     addrs.dedup_by_key(|(a, _)| *a);
-}
-
-/// Logs the entries that started failing to resolve in this refresh, and those that resolve
-/// again; `failing` holds which entries failed the refresh before.
-fn log_failures(spec: &ClusterSpec, failed: &[(usize, std::io::Error)], failing: &mut [bool]) {
-    for (i, was) in failing.iter_mut().enumerate() {
-        let now = failed.iter().find(|(f, _)| *f == i);
-        let endpoint = &spec.endpoints[i].address;
-        match (now, *was) {
-            (Some((_, err)), false) => {
-                warn!(cluster = %spec.name, %endpoint, error = %err, "cannot resolve endpoint; keeping its last addresses, retrying every dns_refresh_ms");
-            }
-            (None, true) => info!(cluster = %spec.name, %endpoint, "endpoint resolves again"),
-            _ => {}
-        }
-        *was = now.is_some();
-    }
 }
 
 /// The endpoint for `addr`, new in this refresh. An address the cluster did not have at all

@@ -112,6 +112,7 @@ fn status(endpoints: Vec<EndpointStatus>) -> Status {
             lb_policy: LbPolicy::RoundRobin,
             hash_on: None,
             routable: endpoints.len(),
+            dns: Vec::new(),
             endpoints,
         }],
     }

@@ -21,6 +21,7 @@ fn sample() -> Status {
             lb_policy: LbPolicy::RoundRobin,
             hash_on: None,
             routable: 0,
+            dns: Vec::new(),
             endpoints: vec![EndpointStatus {
                 address: "10.0.0.5:8080".parse().unwrap(),
                 weight: 1,
