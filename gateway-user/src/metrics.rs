@@ -151,7 +151,7 @@ catalogue! {
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
     dns_failures: "gateway_dns_resolution_failures", "counter", ["cluster"],
-        "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale";
+        "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
         "1 when kernel (eBPF) signals drive the gateway, 0 when it runs on userspace timing alone.";
     observer_mode: "gateway_observer_mode", "gauge", ["mode"],

@@ -356,6 +356,12 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
         dns["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{dns}"
     );
+    assert_eq!(
+        dns["addresses"],
+        serde_json::json!([old.to_string(), new.to_string()]),
+        "the addresses it keeps: {dns}"
+    );
+    let outage_since = dns["since_unix_ms"].as_u64().expect("since_unix_ms");
     let page = admin_get(lab.gw.admin, "/").body;
     assert!(
         page.contains(&format!("<p class=\"dns\" data-endpoint=\"{name}\">")),
@@ -374,6 +380,17 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
         [old.to_string(), new.to_string()],
         "a cluster rebuilt by a reload during the outage must keep its addresses"
     );
+    // The rebuilt cluster carries the name's state on: the outage's start, and no second
+    // line for it.
+    let dns = dns_of(lab.gw.admin, "api", &name);
+    assert_eq!(dns["since_unix_ms"].as_u64(), Some(outage_since), "{dns}");
+    let logged = lab
+        .gw
+        .lines()
+        .iter()
+        .filter(|l| l.contains("cannot resolve endpoint"))
+        .count();
+    assert_eq!(logged, 1, "a reload does not log the outage again");
     let reloaded = curl(&lab.url("api"), 20);
     assert!(
         reloaded

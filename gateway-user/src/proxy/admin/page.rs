@@ -218,12 +218,17 @@ fn cluster(h: &mut String, c: &ClusterStatus, now: u64, kernel: bool) {
         let _ = writeln!(
             h,
             "<p class=\"dns\" data-endpoint=\"{e}\">DNS: <span class=\"mono\">{e}</span> does not \
-             resolve since <time title=\"{ago}\">{at}</time> ({why}); the cluster keeps the addresses \
-             it had.</p>",
+             resolve since <time title=\"{ago}\">{at}</time> ({why}); {kept}.</p>",
             e = escape(&d.endpoint),
             ago = ago(now, d.since_unix_ms),
             at = clock(d.since_unix_ms),
             why = escape(d.error.as_deref().unwrap_or("")),
+            kept = if d.addresses.is_empty() {
+                "it never resolved, so the cluster has no address from it".to_owned()
+            } else {
+                let list: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+                format!("its last addresses stay: {}", list.join(", "))
+            },
         );
     }
     let _ = writeln!(

@@ -68,7 +68,8 @@
 //!       "endpoint": "api.internal:8080",
 //!       "resolves": false,               // at the latest resolution (start, every dns_refresh_ms)
 //!       "error": "failed to lookup address information: Name or service not known",  // absent when it resolves
-//!       "since_unix_ms": 1763740011000   // since when it has (or has not); the cluster keeps its addresses meanwhile
+//!       "since_unix_ms": 1763740011000,  // since when it has resolved (or has not)
+//!       "addresses": ["10.0.0.5:8080"]   // what it resolved to last: kept while it does not resolve
 //!     }]
 //!   }]
 //! }
@@ -167,11 +168,15 @@ pub struct ClusterStatus {
 pub struct DnsName {
     pub endpoint: String,
     pub resolves: bool,
-    /// Why it did not resolve (the cluster keeps the addresses it had).
+    /// Why it did not resolve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Since when it has resolved, or not.
     pub since_unix_ms: u64,
+    /// What it resolved to last: while it does not resolve, the addresses it keeps (none if
+    /// it never resolved).
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -284,6 +289,7 @@ fn dns_names(c: &Cluster) -> Vec<DnsName> {
                 resolves: n.error.is_none(),
                 error: n.error,
                 since_unix_ms: unix_ms(n.since),
+                addresses: n.addresses,
             })
         })
         .collect()

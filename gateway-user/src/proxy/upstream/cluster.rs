@@ -65,7 +65,7 @@ impl Drop for Cluster {
 impl Cluster {
     /// Resolves the endpoints and starts the cluster's background tasks, which end when the
     /// cluster is dropped. `previous`: the cluster of the same name this one replaces (a
-    /// reload), whose addresses its names that do not resolve now keep.
+    /// reload), whose names' state carries on (`resolve::Names::at_start`).
     pub async fn start(
         spec: ClusterSpec,
         signals: Arc<dyn SignalSource>,
@@ -73,11 +73,8 @@ impl Cluster {
         previous: Option<&Cluster>,
     ) -> Arc<Cluster> {
         let mut resolved = resolve::resolve(&spec).await;
-        let names = resolve::Names::at_start(&spec, &resolved.failed);
-        meter.dns_names_unresolved(resolved.failed.len());
-        if let Some(p) = previous {
-            resolve::carry_over(&spec, &mut resolved, p);
-        }
+        meter.dns_names_unresolved(resolved.failures());
+        let names = resolve::Names::at_start(&spec, &mut resolved, previous);
         let endpoints = resolved
             .addrs
             .into_iter()

@@ -1,9 +1,9 @@
 //! Endpoint addresses: `ip:port` entries as written, `host:port` entries resolved at start and
 //! again every `dns_refresh_ms`. A refresh keeps the endpoints (their pools, health and
-//! metrics) whose address and weight are still there, and builds the new ones; one where a
-//! name does not resolve removes nothing ([`refresh`]). A new address
-//! (a backend scaled up) starts its slow start's ramp, as one back from an ejection does:
-//! its caches and JIT are as cold.
+//! metrics) whose address and weight are still there, and builds the new ones. A name that
+//! does not resolve keeps the addresses it last resolved to ([`Names`]). A new address (a
+//! backend scaled up) starts its slow start's ramp, as one back from an ejection does: its
+//! caches and JIT are as cold.
 
 use std::{
     net::SocketAddr,
@@ -18,34 +18,61 @@ use crate::config::{ClusterSpec, EndpointAddr};
 
 /// One resolution of a spec's endpoints.
 pub(crate) struct Resolved {
-    /// Every address found, sorted, each once, with its entry's weight.
+    /// Every address, sorted, each once, with its entry's weight (the lower of two entries').
     pub addrs: Vec<(SocketAddr, u32)>,
-    /// The entries (by their place in the spec) whose name did not resolve, and why.
-    pub failed: Vec<(usize, std::io::Error)>,
+    /// By entry in the spec: what its name resolved to, or why it did not; `None` for an
+    /// address entry.
+    pub names: Vec<Option<Result<Vec<SocketAddr>, std::io::Error>>>,
+}
+
+impl Resolved {
+    /// How many names did not resolve.
+    pub(crate) fn failures(&self) -> usize {
+        self.names
+            .iter()
+            .filter(|n| matches!(n, Some(Err(_))))
+            .count()
+    }
 }
 
 /// Every endpoint address of the spec, `host:port` entries resolved now.
 pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
     let mut addrs = Vec::new();
-    let mut failed = Vec::new();
-    for (i, e) in spec.endpoints.iter().enumerate() {
-        match &e.address {
-            EndpointAddr::Ip(a) => addrs.push((*a, e.weight)),
-            EndpointAddr::Host { host, port } => {
-                match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(found) => addrs.extend(found.map(|a| (a, e.weight))),
-                    Err(err) => failed.push((i, err)),
-                }
+    let mut names = Vec::with_capacity(spec.endpoints.len());
+    for e in &spec.endpoints {
+        names.push(match &e.address {
+            EndpointAddr::Ip(a) => {
+                addrs.push((*a, e.weight));
+                None
             }
-        }
+            EndpointAddr::Host { host, port } => {
+                let found = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .map(Iterator::collect::<Vec<_>>);
+                if let Ok(found) = &found {
+                    addrs.extend(found.iter().map(|a| (*a, e.weight)));
+                }
+                Some(found)
+            }
+        });
     }
-    addrs.sort();
-    addrs.dedup_by_key(|(a, _)| *a);
-    Resolved { addrs, failed }
+    merge(&mut addrs, std::iter::empty());
+    Resolved { addrs, names }
 }
 
-/// Whether each host-name entry of a cluster resolved at its latest resolution, for
-/// `/status`: by entry in the spec, `None` for an address entry.
+/// Adds `more` to `addrs`, then sorts them and keeps each address once, at the lower weight
+/// of two entries that name it.
+fn merge(addrs: &mut Vec<(SocketAddr, u32)>, more: impl Iterator<Item = (SocketAddr, u32)>) {
+    addrs.extend(more);
+    addrs.sort();
+    addrs.dedup_by_key(|(a, _)| *a);
+}
+
+/// Each host-name entry of a cluster at its latest resolution: by entry in the spec, `None`
+/// for an address entry. A name that does not resolve (a DNS server timing out, `SERVFAIL`,
+/// the name gone) keeps the addresses it last resolved to, at its entry's weight: a DNS
+/// outage must not empty a cluster that was serving (Envoy's DNS clusters and HAProxy's
+/// `hold` keep the last addresses too). `/status` shows it.
 pub(crate) struct Names(Mutex<Vec<Option<NameState>>>);
 
 /// A host-name entry at its latest resolution.
@@ -53,29 +80,71 @@ pub(crate) struct Names(Mutex<Vec<Option<NameState>>>);
 pub(crate) struct NameState {
     /// Why it did not resolve; `None`: it did.
     pub error: Option<String>,
-    /// Since when it has (or has not).
+    /// Since when it has resolved (or has not).
     pub since: SystemTime,
+    /// What it resolved to last: the addresses it keeps while it does not resolve.
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// What a resolution changed in a name, for its log line.
+enum Change {
+    Failing(String),
+    Resolves,
 }
 
 impl Names {
-    /// The names as the start-up resolution found them; logs each that did not resolve.
-    pub(crate) fn at_start(spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) -> Names {
+    /// The names as the start-up resolution found them, and `resolved` completed with the
+    /// addresses of those that did not resolve. `previous`: the cluster of the same name this
+    /// one replaces (a reload), whose state an unchanged entry carries on: a reload that
+    /// changes the cluster's settings during a DNS outage keeps the addresses the name had,
+    /// and its outage's start. Logs each name that does not resolve, unless it already did
+    /// not before the reload.
+    pub(crate) fn at_start(
+        spec: &ClusterSpec,
+        resolved: &mut Resolved,
+        previous: Option<&Cluster>,
+    ) -> Names {
+        let before = |address: &EndpointAddr| {
+            let p = previous?;
+            let i = p
+                .spec
+                .endpoints
+                .iter()
+                .position(|e| e.address == *address)?;
+            p.names.snapshot().into_iter().nth(i).flatten()
+        };
         let now = SystemTime::now();
-        let names = spec
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let EndpointAddr::Host { .. } = e.address else {
-                    return None;
-                };
-                let error = failed.iter().find(|(f, _)| *f == i).map(|(_, err)| {
-                    warn!(cluster = %spec.name, endpoint = %e.address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
-                    err.to_string()
-                });
-                Some(NameState { error, since: now })
-            })
-            .collect();
+        let mut names = Vec::with_capacity(spec.endpoints.len());
+        let mut kept = Vec::new();
+        for (e, found) in spec.endpoints.iter().zip(&resolved.names) {
+            names.push(match found {
+                None => None,
+                Some(Ok(addresses)) => Some(NameState {
+                    error: None,
+                    since: before(&e.address)
+                        .filter(|b| b.error.is_none())
+                        .map_or(now, |b| b.since),
+                    addresses: addresses.clone(),
+                }),
+                Some(Err(err)) => {
+                    let b = before(&e.address);
+                    if b.as_ref().is_none_or(|b| b.error.is_none()) {
+                        warn!(cluster = %spec.name, endpoint = %e.address, error = %err, "cannot resolve endpoint; retrying every dns_refresh_ms");
+                    }
+                    let addresses = b.as_ref().map(|b| b.addresses.clone()).unwrap_or_default();
+                    kept.extend(addresses.iter().map(|a| (*a, e.weight)));
+                    Some(NameState {
+                        error: Some(err.to_string()),
+                        since: b.filter(|b| b.error.is_some()).map_or(now, |b| b.since),
+                        addresses,
+                    })
+                }
+            });
+        }
+        if !kept.is_empty() {
+            info!(cluster = %spec.name, kept = kept.len(), "names that do not resolve keep the addresses they had before the reload");
+            merge(&mut resolved.addrs, kept.into_iter());
+        }
         Names(Mutex::new(names))
     }
 
@@ -84,25 +153,53 @@ impl Names {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Records a refresh's resolution, and logs the names that started failing in it and
-    /// those that resolve again (not those that go on as they were).
-    fn record(&self, spec: &ClusterSpec, failed: &[(usize, std::io::Error)]) {
-        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, name) in names.iter_mut().enumerate() {
-            let Some(name) = name else { continue };
-            let now = failed.iter().find(|(f, _)| *f == i).map(|(_, err)| err);
-            let endpoint = &spec.endpoints[i].address;
-            match (now, name.error.is_some()) {
-                (Some(err), false) => {
-                    warn!(cluster = %spec.name, %endpoint, error = %err, "cannot resolve endpoint; keeping its last addresses, retrying every dns_refresh_ms");
+    /// Records a refresh's resolution, and completes `resolved` with the last addresses of
+    /// the names that did not resolve, at their entries' weights. Logs the names that started
+    /// failing and those that resolve again, not those that go on as they were (the lock is
+    /// not held while logging).
+    fn record(&self, spec: &ClusterSpec, resolved: &mut Resolved) {
+        let mut changes = Vec::new();
+        let mut kept = Vec::new();
+        {
+            let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, (name, found)) in names.iter_mut().zip(&resolved.names).enumerate() {
+                let (Some(name), Some(found)) = (name, found) else {
+                    continue;
+                };
+                match found {
+                    Ok(addresses) => {
+                        if name.error.take().is_some() {
+                            name.since = SystemTime::now();
+                            changes.push((i, Change::Resolves));
+                        }
+                        name.addresses.clone_from(addresses);
+                    }
+                    Err(err) => {
+                        let err = err.to_string();
+                        if name.error.is_none() {
+                            name.since = SystemTime::now();
+                            changes.push((i, Change::Failing(err.clone())));
+                        }
+                        // The latest reason, whether or not it changed (a timeout may become
+                        // NXDOMAIN); logged only when the name starts failing.
+                        name.error = Some(err);
+                        let weight = spec.endpoints[i].weight;
+                        kept.extend(name.addresses.iter().map(|a| (*a, weight)));
+                    }
                 }
-                (None, true) => info!(cluster = %spec.name, %endpoint, "endpoint resolves again"),
-                _ => continue,
             }
-            *name = NameState {
-                error: now.map(ToString::to_string),
-                since: SystemTime::now(),
-            };
+        }
+        merge(&mut resolved.addrs, kept.into_iter());
+        for (i, change) in changes {
+            let endpoint = &spec.endpoints[i].address;
+            match change {
+                Change::Failing(error) => {
+                    warn!(cluster = %spec.name, %endpoint, %error, "cannot resolve endpoint; keeping its last addresses, retrying every dns_refresh_ms");
+                }
+                Change::Resolves => {
+                    info!(cluster = %spec.name, %endpoint, "endpoint resolves again")
+                }
+            }
         }
     }
 }
@@ -114,13 +211,9 @@ pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
         .any(|e| matches!(e.address, EndpointAddr::Host { .. }))
 }
 
-/// Re-resolves every `dns_refresh` until the cluster is dropped. A refresh where a name does
-/// not resolve (a DNS server timing out, `SERVFAIL`, the name gone) removes nothing: the
-/// endpoints stay as they were, and only new addresses of the names that did resolve are
-/// added, until a refresh where every name resolves. A DNS outage must not empty a cluster
-/// that was serving (Envoy's DNS clusters and HAProxy's `hold` keep the last addresses too).
-/// Each name is logged when it starts failing and when it resolves again, not at every
-/// refresh (`Names`, which `/status` shows), and counted at every one
+/// Re-resolves every `dns_refresh` until the cluster is dropped. A name that does not resolve
+/// keeps the addresses it last resolved to ([`Names`]); it is logged when it starts failing
+/// and when it resolves again, not at every refresh, and counted at every one
 /// (`gateway_dns_resolution_failures_total`).
 pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     let every = match cluster.upgrade() {
@@ -130,13 +223,11 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     loop {
         tokio::time::sleep(every).await;
         let Some(c) = cluster.upgrade() else { return };
-        let Resolved { mut addrs, failed } = resolve(&c.spec).await;
-        c.names.record(&c.spec, &failed);
-        c.meter.dns_names_unresolved(failed.len());
+        let mut resolved = resolve(&c.spec).await;
+        c.names.record(&c.spec, &mut resolved);
+        c.meter.dns_names_unresolved(resolved.failures());
+        let addrs = resolved.addrs;
         let current = c.set.list();
-        if !failed.is_empty() {
-            keep(&mut addrs, current.iter().map(|e| (e.addr, e.weight)));
-        }
         let same = addrs.len() == current.len()
             && addrs
                 .iter()
@@ -174,46 +265,6 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     }
 }
 
-/// What a cluster rebuilt by a reload (`previous`, the one it replaces) keeps for its names
-/// that do not resolve now: the addresses `previous` had for the names it had, when a failing
-/// entry was one of them. A reload that changes a cluster's settings during a DNS outage must
-/// not empty it. The addresses cannot be told apart by name, so all of `previous`'s that no
-/// address entry of its own gave are kept (at worst an address another name no longer has,
-/// until the first refresh where every name resolves); a failing name the reload brought in
-/// keeps nothing.
-pub(crate) fn carry_over(spec: &ClusterSpec, resolved: &mut Resolved, previous: &Cluster) {
-    let had = |i: &usize| {
-        previous
-            .spec
-            .endpoints
-            .iter()
-            .any(|e| e.address == spec.endpoints[*i].address)
-    };
-    if !resolved.failed.iter().any(|(i, _)| had(i)) {
-        return;
-    }
-    let named = previous.set.list().into_iter().filter(|e| {
-        !previous
-            .spec
-            .endpoints
-            .iter()
-            .any(|s| s.address == EndpointAddr::Ip(e.addr))
-    });
-    let before = resolved.addrs.len();
-    keep(&mut resolved.addrs, named.map(|e| (e.addr, e.weight)));
-    info!(cluster = %spec.name, kept = resolved.addrs.len() - before, "names that do not resolve keep the addresses they had before the reload");
-}
-
-/// Adds the `current` endpoints to what a refresh where a name failed found: every endpoint
-/// stays, at its weight. With the rule of [`resolve`] (an address two entries name takes the
-/// lower weight), one that another entry also names keeps the weight the failing entry gave
-/// it, rather than being rebuilt at the other's and rebuilt back once the name resolves.
-fn keep(addrs: &mut Vec<(SocketAddr, u32)>, current: impl Iterator<Item = (SocketAddr, u32)>) {
-    addrs.extend(current);
-    addrs.sort();
-    addrs.dedup_by_key(|(a, _)| *a);
-}
-
 /// The endpoint for `addr`, new in this refresh. An address the cluster did not have at all
 /// ramps up under slow start (`health.slow_start_ms`), unless the cluster had no endpoint (its
 /// names did not resolve until now): then every address is new, and none would be ramped
@@ -236,15 +287,14 @@ mod tests {
     }
 
     #[test]
-    fn a_refresh_where_a_name_failed_keeps_every_endpoint_at_its_weight() {
-        // The failing name gave .1 and .2 (weight 1); another entry, weight 5, names .2 and
-        // now .3 as well.
+    fn an_address_two_entries_name_is_kept_once_at_the_lower_weight() {
+        // A name that did not resolve keeps .1 and .2 at its weight, 1; another entry, weight
+        // 5, names .2 and .3.
         let mut found = vec![at(2, 5), at(3, 5)];
-        keep(&mut found, [at(1, 1), at(2, 1)].into_iter());
+        merge(&mut found, [at(1, 1), at(2, 1)].into_iter());
         assert_eq!(found, [at(1, 1), at(2, 1), at(3, 5)]);
-        // Nothing found at all: everything stays.
         let mut found = Vec::new();
-        keep(&mut found, [at(1, 1), at(2, 1)].into_iter());
+        merge(&mut found, [at(2, 1), at(1, 1), at(2, 1)].into_iter());
         assert_eq!(found, [at(1, 1), at(2, 1)]);
     }
 }
