@@ -49,6 +49,8 @@ pub(crate) struct Cluster {
     pub meter: ClusterMeter,
     /// Whether each host-name entry resolves, for `/status`.
     pub names: resolve::Names,
+    /// Held from the ejection budget's check to the ejection it allows (`report_at`).
+    ejecting: std::sync::Mutex<()>,
 }
 
 /// A cluster a reload replaced is dropped once no request holds it: its endpoints' pooled
@@ -96,6 +98,7 @@ impl Cluster {
             shards,
             meter,
             names,
+            ejecting: std::sync::Mutex::new(()),
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
@@ -151,21 +154,31 @@ impl Cluster {
         now: Instant,
         detail: &dyn Fn() -> String,
     ) {
-        // The budget walks the endpoint set: asked only when the evidence could eject.
-        let may = ev.is_failure()
-            && self
+        // The budget walks the endpoint set: asked only when the evidence could eject. The
+        // check and the ejection it allows are one step for the whole cluster: two workers
+        // that each saw the other endpoint still routable ejected both of a pair (a blip to
+        // the whole pool), past `max_ejected_percent`, and left no endpoint to fail open to.
+        let t = if ev.is_failure() {
+            let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+            let may = self
                 .set
                 .may_eject(self.spec.health.machine.max_ejected_percent);
-        let t = ep.health.observe(ev, now, &self.spec, may, detail);
+            ep.health.observe(ev, now, &self.spec, may, detail)
+        } else {
+            ep.health.observe(ev, now, &self.spec, false, detail)
+        };
         self.log_transition(ep, t, detail);
     }
 
     /// An active probe's evidence.
     pub(super) fn report_probe(&self, ep: &Endpoint, ev: Evidence, detail: &str) {
-        let may = self
-            .set
-            .may_eject(self.spec.health.machine.max_ejected_percent);
-        let t = ep.health.probe(ev, &self.spec, may, &|| detail.to_owned());
+        let t = {
+            let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+            let may = self
+                .set
+                .may_eject(self.spec.health.machine.max_ejected_percent);
+            ep.health.probe(ev, &self.spec, may, &|| detail.to_owned())
+        };
         self.log_transition(ep, t, &|| detail.to_owned());
     }
 
@@ -234,3 +247,6 @@ async fn sweep_idle(cluster: Weak<Cluster>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
