@@ -150,6 +150,8 @@ catalogue! {
         "Requests retried, by reason (connect_failed, unacked_request, stale_connection, response_timeout, upstream_reset, refused_stream: an HTTP/2 upstream refused the stream unprocessed by GOAWAY or REFUSED_STREAM, grpc_status: a gRPC status the route retries, upstream_status: a response status the route retries for an idempotent request).";
     retry_budget_exhausted: "gateway_retry_budget_exhausted", "counter", ["cluster"],
         "Retries not made because the cluster's retry budget was spent.";
+    access_log_lost: "gateway_access_log_lines_lost", "counter", ["reason"],
+        "Access-log lines lost, by reason: queue_full (the writer thread could not keep up; the log itself also says how many at that point), write_error (the output refused them: a full disk, a closed pipe; logged as an error at most every 10 s).";
     dns_failures: "gateway_dns_resolution_failures", "counter", ["cluster"],
         "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
@@ -242,6 +244,7 @@ pub struct GatewayMetrics {
     pub retries: Family<ClusterReason, Counter>,
     pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
     pub dns_failures: Family<ClusterLabels, Counter>,
+    pub access_log_lost: Family<ReasonLabels, Counter>,
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
     pub worker_connections: Family<WorkerLabels, Gauge>,
@@ -295,6 +298,7 @@ impl GatewayMetrics {
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             dns_failures: Family::default(),
+            access_log_lost: Family::default(),
             observer_kernel: Gauge::default(),
             observer_mode: Family::default(),
             events_lost: Counter::default(),
@@ -358,6 +362,7 @@ impl GatewayMetrics {
         reg!(f::retries, self.retries);
         reg!(f::retry_budget_exhausted, self.retry_budget_exhausted);
         reg!(f::dns_failures, self.dns_failures);
+        reg!(f::access_log_lost, self.access_log_lost);
         reg!(f::observer_kernel, self.observer_kernel);
         reg!(f::observer_mode, self.observer_mode);
         reg!(f::events_lost, self.events_lost);

@@ -183,12 +183,13 @@ pub async fn start_inheriting(
         admin: admin_listener,
         sockets,
     } = listeners::open(&settings, n, inherited)?;
-    let log =
-        AccessLogger::start(&settings.access_log).map_err(|source| StartError::AccessLog {
+    let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
+    let log = AccessLogger::start(&settings.access_log, &telemetry.metrics).map_err(|source| {
+        StartError::AccessLog {
             path: format!("{:?}", settings.access_log.output),
             source,
-        })?;
-    let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
+        }
+    })?;
     let body_budget = request_body::Budget::new(&settings.downstream, &telemetry.metrics);
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let admission = admission::Admission::new(&telemetry.metrics);

@@ -154,6 +154,11 @@ fn populated() -> Registry {
             cluster: "c".into(),
         })
         .inc();
+    m.access_log_lost
+        .get_or_create(&ReasonLabels {
+            reason: "write_error",
+        })
+        .inc();
     m.dns_failures
         .get_or_create(&ClusterLabels {
             cluster: "c".into(),

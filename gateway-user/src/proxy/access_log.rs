@@ -1,7 +1,9 @@
 //! The access log: one line per request, plain or JSON, written when the response is over
 //! (or abandoned). Lines go through a bounded channel to a writer thread, so a slow disk never
 //! stalls the proxy; if the channel is full the line is dropped and counted, and the count is
-//! written as soon as there is room. [`AccessLogger::reopen`] (SIGUSR1, SIGHUP) makes the
+//! written as soon as there is room. Lines the output refuses (a full disk) are counted too,
+//! and said in the gateway's own log at most every 10 s
+//! (`gateway_access_log_lines_lost_total{reason}`). [`AccessLogger::reopen`] (SIGUSR1, SIGHUP) makes the
 //! writer open the file's path again, so that after logrotate renamed it the log goes to a new
 //! file at the configured path.
 
@@ -22,8 +24,13 @@ use http::{HeaderValue, Method, Uri, Version};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::error::ErrorKind;
-use crate::config::{AccessLog, AccessLogFormat, LogOutput};
+use prometheus_client::metrics::counter::Counter;
+
+use super::{error::ErrorKind, log_every::LogEvery};
+use crate::{
+    config::{AccessLog, AccessLogFormat, LogOutput},
+    metrics::{GatewayMetrics, ReasonLabels},
+};
 
 mod render;
 pub(crate) use render::{render, rfc3339};
@@ -143,7 +150,12 @@ pub(crate) struct AccessLogger {
     tx: Option<SyncSender<Msg>>,
     dropped: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
+    /// Lines dropped because the channel was full (the metric).
+    queue_full: Counter,
 }
+
+/// How often a failing output is said in the gateway's own log.
+const WRITE_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn open_append(path: &Path) -> io::Result<Box<dyn Write + Send>> {
     Ok(Box::new(
@@ -152,7 +164,14 @@ fn open_append(path: &Path) -> io::Result<Box<dyn Write + Send>> {
 }
 
 impl AccessLogger {
-    pub fn start(cfg: &AccessLog) -> io::Result<Self> {
+    pub fn start(cfg: &AccessLog, metrics: &GatewayMetrics) -> io::Result<Self> {
+        let lost = |reason| {
+            metrics
+                .access_log_lost
+                .get_or_create(&ReasonLabels { reason })
+                .clone()
+        };
+        let (queue_full, write_error) = (lost("queue_full"), lost("write_error"));
         let (out, path): (Box<dyn Write + Send>, _) = match &cfg.output {
             LogOutput::Off => {
                 return Ok(AccessLogger {
@@ -160,6 +179,7 @@ impl AccessLogger {
                     tx: None,
                     dropped: Arc::default(),
                     reopen: Arc::default(),
+                    queue_full,
                 });
             }
             LogOutput::Stdout => (Box::new(io::stdout()), None),
@@ -172,12 +192,13 @@ impl AccessLogger {
         let (d, r) = (dropped.clone(), reopen.clone());
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(rx, out, path, d, r))?;
+            .spawn(move || writer(rx, (out, path), d, r, write_error))?;
         Ok(AccessLogger {
             json: AtomicBool::new(cfg.format == AccessLogFormat::Json),
             tx: Some(tx),
             dropped,
             reopen,
+            queue_full,
         })
     }
 
@@ -212,6 +233,7 @@ impl AccessLogger {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.queue_full.inc();
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
@@ -222,22 +244,22 @@ const WRITE_BUFFER: usize = 64 * 1024;
 
 fn writer(
     rx: Receiver<Msg>,
-    out: Box<dyn Write + Send>,
-    path: Option<PathBuf>,
+    (out, path): (Box<dyn Write + Send>, Option<PathBuf>),
     dropped: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
+    write_error: Counter,
 ) {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, out);
+    let mut out = Output::new(out, write_error);
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
         while let Some(msg) = next {
             if reopen.swap(false, Ordering::Acquire)
                 && let Some(path) = &path
             {
-                let _ = out.flush();
+                out.flush();
                 match open_append(path) {
                     Ok(file) => {
-                        out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                        out.replace(file);
                         tracing::info!(path = %path.display(), "access log reopened");
                     }
                     Err(e) => {
@@ -246,21 +268,81 @@ fn writer(
                 }
             }
             if let Msg::Line(line) = msg {
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
+                out.line(line.as_bytes());
             }
             next = rx.try_recv().ok();
         }
         let n = dropped.swap(0, Ordering::Relaxed);
         if n > 0 {
-            let _ = writeln!(
-                out,
-                "# access log: {n} line(s) dropped, the writer could not keep up"
+            out.line(
+                format!("# access log: {n} line(s) dropped, the writer could not keep up")
+                    .as_bytes(),
             );
         }
-        let _ = out.flush();
+        out.flush();
     }
-    let _ = out.flush();
+    out.flush();
+}
+
+/// The writer's output, buffered, with the lines it holds not yet written out: when the output
+/// refuses them (a full disk), they are counted as lost and let go (the buffer does not keep
+/// them, so memory stays bounded), and the error is logged at most every
+/// [`WRITE_ERROR_LOG_EVERY`].
+struct Output {
+    out: BufWriter<Box<dyn Write + Send>>,
+    /// Lines handed to `out` since it last flushed.
+    held: u64,
+    lost: Counter,
+    log: LogEvery,
+}
+
+impl Output {
+    fn new(out: Box<dyn Write + Send>, lost: Counter) -> Output {
+        Output {
+            out: BufWriter::with_capacity(WRITE_BUFFER, out),
+            held: 0,
+            lost,
+            log: LogEvery::new(WRITE_ERROR_LOG_EVERY),
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        self.held += 1;
+        let written = self
+            .out
+            .write_all(line)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = written {
+            self.failed(&e);
+        }
+    }
+
+    fn flush(&mut self) {
+        match self.out.flush() {
+            Ok(()) => self.held = 0,
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// Points the output at a new file (a reopen), the old one flushed already.
+    fn replace(&mut self, file: Box<dyn Write + Send>) {
+        self.out = BufWriter::with_capacity(WRITE_BUFFER, file);
+    }
+
+    /// The output refused a write: what it held is lost.
+    fn failed(&mut self, e: &io::Error) {
+        let lost = std::mem::take(&mut self.held);
+        self.lost.inc_by(lost);
+        let (inner, _) = std::mem::replace(
+            &mut self.out,
+            BufWriter::with_capacity(0, Box::new(io::sink())),
+        )
+        .into_parts();
+        self.out = BufWriter::with_capacity(WRITE_BUFFER, inner);
+        if let Some(before) = self.log.due() {
+            tracing::error!(error = %e, lost, failures_since_last_report = before, "cannot write the access log; its lines are lost (gateway_access_log_lines_lost_total{{reason=\"write_error\"}})");
+        }
+    }
 }
 
 #[cfg(test)]

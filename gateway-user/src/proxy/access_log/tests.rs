@@ -7,10 +7,17 @@ fn reopen_moves_the_log_to_a_new_file_at_its_path() {
     let dir = std::env::temp_dir().join(format!("gateway-reopen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("access.log");
-    let log = AccessLogger::start(&AccessLog {
-        format: AccessLogFormat::Plain,
-        output: LogOutput::File(path.clone()),
-    })
+    let metrics = GatewayMetrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+        crate::metrics::LatencyBuckets::reaching(Duration::ZERO),
+    );
+    let log = AccessLogger::start(
+        &AccessLog {
+            format: AccessLogFormat::Plain,
+            output: LogOutput::File(path.clone()),
+        },
+        &metrics,
+    )
     .unwrap();
     let line = |p: &str| {
         Record::new(
@@ -52,6 +59,52 @@ fn reopen_moves_the_log_to_a_new_file_at_its_path() {
     let old = std::fs::read_to_string(&rotated).unwrap();
     assert!(old.contains("/before") && !old.contains("/after"), "{old}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A full disk (`/dev/full` refuses every write with ENOSPC): every line is counted as lost,
+/// none is kept in memory, and the writer goes on (a later line is counted too).
+#[test]
+fn lines_a_full_disk_refuses_are_counted_as_lost() {
+    let metrics = GatewayMetrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+        crate::metrics::LatencyBuckets::reaching(Duration::ZERO),
+    );
+    let log = AccessLogger::start(
+        &AccessLog {
+            format: AccessLogFormat::Plain,
+            output: LogOutput::File(PathBuf::from("/dev/full")),
+        },
+        &metrics,
+    )
+    .unwrap();
+    let lost = metrics.access_log_lost.get_or_create(&ReasonLabels {
+        reason: "write_error",
+    });
+    let record = Record::new(
+        "127.0.0.1:5000".parse().unwrap(),
+        Method::GET,
+        Uri::from_static("/x"),
+        Version::HTTP_11,
+    );
+    let wait_for = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while lost.get() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} lines counted as lost",
+                lost.get()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    for _ in 0..3 {
+        log.log(&record);
+    }
+    wait_for(3);
+    log.log(&record);
+    wait_for(4);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(lost.get(), 4, "each line once");
 }
 
 #[test]
