@@ -76,9 +76,17 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(run(path, loaded.settings, inherited, relaunch))?;
+    let result = rt.block_on(run(path, loaded.settings, inherited, relaunch));
+    // Dropped as is, the runtime would wait for its blocking threads, among them a DNS lookup
+    // still waiting on a server that does not answer (glibc's resolver: up to `timeout ×
+    // attempts` per server), past the drain and past systemd's stop timeout.
+    rt.shutdown_timeout(EXIT_BLOCKING_GRACE);
+    result?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long the exit waits for the main runtime's blocking threads (DNS lookups).
+const EXIT_BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `gateway reload --config FILE --pid PID`: validates the config, then sends SIGHUP. Exits
 /// non-zero, sending nothing, when the config is refused.

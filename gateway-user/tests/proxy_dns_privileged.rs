@@ -96,6 +96,11 @@ impl Lab {
     /// Starts nginx and the gateway with `up.test` naming `first`, and `clusters` (TOML;
     /// `{port}` stands for the upstreams' port).
     fn start(label: &str, first: &[&str], clusters: &str) -> Lab {
+        Lab::start_with(label, first, clusters, None)
+    }
+
+    /// [`Lab::start`] with `resolv` (a resolv.conf's text) as the gateway's /etc/resolv.conf.
+    fn start_with(label: &str, first: &[&str], clusters: &str, resolv: Option<&str>) -> Lab {
         let dir = temp_dir(label);
         let port = free_port();
         let old = SocketAddr::from(([127, 0, 0, 1], port));
@@ -104,13 +109,25 @@ impl Lab {
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, hosts_text(first)).unwrap();
         let cfg = write_clusters(&dir, port, clusters);
-        // The gateway sees the test's file as /etc/hosts, in a mount namespace of its own,
-        // which the kernel removes when the gateway (exec'd in place of unshare and sh) exits.
+        let resolv_conf = dir.join("resolv.conf");
+        match resolv {
+            Some(text) => std::fs::write(&resolv_conf, text).unwrap(),
+            None => {
+                std::fs::copy("/etc/resolv.conf", &resolv_conf).unwrap();
+            }
+        }
+        // The gateway sees the test's files as /etc/hosts and /etc/resolv.conf, in a mount
+        // namespace of its own, which the kernel removes when the gateway (exec'd in place of
+        // unshare and sh) exits.
         let run = gateway_bin!().run(&cfg);
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+            .arg(
+                "mount --bind \"$0\" /etc/hosts && mount --bind \"$1\" /etc/resolv.conf && shift \
+                 && exec \"$@\"",
+            )
             .arg(&hosts)
+            .arg(&resolv_conf)
             .arg(run.get_program())
             .args(run.get_args());
         for (k, v) in run.get_envs() {
@@ -419,4 +436,78 @@ fn a_name_that_stops_resolving_keeps_its_addresses_until_it_resolves_again_privi
         &["endpoints re-resolved", &format!("removed=[{new}]")],
         limit,
     );
+}
+
+#[test]
+fn a_dns_server_that_never_answers_costs_a_lookup_five_seconds_not_the_resolvers_thirty_privileged()
+{
+    require_root();
+    // A DNS server on loopback that takes every query and answers none, and a resolver told to
+    // wait 30 s for it.
+    let silent = std::net::UdpSocket::bind("127.0.0.77:53").expect("bind 127.0.0.77:53");
+    let lab = Lab::start_with(
+        "dns-silent",
+        &["127.0.0.1"],
+        &cluster("api", ""),
+        Some("nameserver 127.0.0.77\noptions timeout:30 attempts:1\n"),
+    );
+    let old = lab.old;
+    wait_for(lab.gw.admin, "api", &[old]);
+    let name = format!("up.test:{}", lab.port);
+
+    // The name leaves the hosts file: the lookup goes to the silent server. Within about five
+    // seconds (not thirty) it counts as failed, keeping its address; requests go on.
+    lab.names(&[]);
+    let asked = std::time::Instant::now();
+    let until = asked + Duration::from_secs(15);
+    loop {
+        let answers = curl(&lab.url("api"), 3);
+        assert!(answers.iter().all(|a| a == "127.0.0.1"), "{answers:?}");
+        let dns = dns_of(lab.gw.admin, "api", &name);
+        if dns["resolves"] == false {
+            assert!(
+                dns["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no answer within 5 s")),
+                "{dns}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the lookup did not give up within 15 s: {dns}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(12), "gave up after {took:?}");
+    let mut buf = [0u8; 512];
+    silent.set_nonblocking(true).unwrap();
+    assert!(
+        silent.recv(&mut buf).is_ok(),
+        "the query reached the silent server"
+    );
+
+    // A reload while the server stays silent is not held for thirty seconds either.
+    let reload = std::time::Instant::now();
+    lab.reload(&cluster("api", "slow_start_ms = 1000"));
+    assert!(
+        reload.elapsed() < Duration::from_secs(10),
+        "the reload took {:?}",
+        reload.elapsed()
+    );
+    assert_eq!(listed(lab.gw.admin, "api"), [old.to_string()]);
+
+    // Nor is the exit: SIGTERM, and the gateway is gone within its drain and a second, not
+    // once the resolver gives up.
+    let mut gw = lab.gw;
+    let stop = std::time::Instant::now();
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait(Duration::from_secs(8));
+    assert!(
+        status.is_some(),
+        "still running {:?} after SIGTERM",
+        stop.elapsed()
+    );
+    eprintln!("exited {:?} after SIGTERM", stop.elapsed());
 }

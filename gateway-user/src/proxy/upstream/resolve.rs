@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use tracing::{info, warn};
@@ -35,20 +35,52 @@ impl Resolved {
     }
 }
 
-/// Every endpoint address of the spec, `host:port` entries resolved now.
+/// How long one name's lookup may take before it counts as failed (and keeps the addresses
+/// it had). glibc's resolver alone may take `timeout × attempts` per server (5 s × 2 by
+/// default): a DNS server that stops answering would hold a start or a reload (and a
+/// `SIGTERM` behind it) that long for each name in turn.
+pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every endpoint address of the spec, `host:port` entries resolved now, all at once, each
+/// within [`LOOKUP_TIMEOUT`].
 pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
+    let lookups: Vec<_> = spec
+        .endpoints
+        .iter()
+        .map(|e| match &e.address {
+            EndpointAddr::Ip(_) => None,
+            EndpointAddr::Host { host, port } => {
+                let (host, port) = (host.clone(), *port);
+                Some(tokio::spawn(async move {
+                    match tokio::time::timeout(
+                        LOOKUP_TIMEOUT,
+                        tokio::net::lookup_host((host, port)),
+                    )
+                    .await
+                    {
+                        Ok(found) => found.map(Iterator::collect::<Vec<_>>),
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()),
+                        )),
+                    }
+                }))
+            }
+        })
+        .collect();
     let mut addrs = Vec::new();
     let mut names = Vec::with_capacity(spec.endpoints.len());
-    for e in &spec.endpoints {
-        names.push(match &e.address {
-            EndpointAddr::Ip(a) => {
+    for (e, lookup) in spec.endpoints.iter().zip(lookups) {
+        names.push(match (&e.address, lookup) {
+            (EndpointAddr::Ip(a), _) => {
                 addrs.push((*a, e.weight));
                 None
             }
-            EndpointAddr::Host { host, port } => {
-                let found = tokio::net::lookup_host((host.as_str(), *port))
-                    .await
-                    .map(Iterator::collect::<Vec<_>>);
+            (EndpointAddr::Host { .. }, lookup) => {
+                let found = match lookup {
+                    Some(task) => task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+                    None => Err(std::io::Error::other("not looked up")),
+                };
                 if let Ok(found) = &found {
                     addrs.extend(found.iter().map(|a| (*a, e.weight)));
                 }
