@@ -268,16 +268,14 @@ fn writer(
                 }
             }
             if let Msg::Line(line) = msg {
-                out.line(line.as_bytes());
+                out.line(line.as_bytes(), true);
             }
             next = rx.try_recv().ok();
         }
         let n = dropped.swap(0, Ordering::Relaxed);
         if n > 0 {
-            out.line(
-                format!("# access log: {n} line(s) dropped, the writer could not keep up")
-                    .as_bytes(),
-            );
+            let note = format!("# access log: {n} line(s) dropped, the writer could not keep up");
+            out.line(note.as_bytes(), false);
         }
         out.flush();
     }
@@ -306,8 +304,15 @@ impl Output {
         }
     }
 
-    fn line(&mut self, line: &[u8]) {
-        self.held += 1;
+    /// Writes `line` (a request's when `counted`; else the writer's own note, which is not
+    /// counted as a lost request line). A line that does not fit in what the buffer has left
+    /// flushes it first, here, so that `held` is what a failure loses: `write_all` would
+    /// flush on its own, and a failure then would count lines already written.
+    fn line(&mut self, line: &[u8], counted: bool) {
+        if self.out.buffer().len() + line.len() + 1 > self.out.capacity() {
+            self.flush();
+        }
+        self.held += u64::from(counted);
         let written = self
             .out
             .write_all(line)

@@ -49,8 +49,11 @@ pub(crate) struct Cluster {
     pub meter: ClusterMeter,
     /// Whether each host-name entry resolves, for `/status`.
     pub names: resolve::Names,
-    /// Held from the ejection budget's check to the ejection it allows (`report_at`).
-    ejecting: std::sync::Mutex<()>,
+    /// Held from the ejection budget's check to the ejection it allows (`report_at`), and
+    /// while a DNS refresh replaces the endpoint set (`resolve`).
+    pub(super) ejecting: std::sync::Mutex<()>,
+    /// Each host-name entry's lookup still running, if any (`resolve`).
+    pub(super) lookups: resolve::Lookups,
 }
 
 /// A cluster a reload replaced is dropped once no request holds it: its endpoints' pooled
@@ -74,7 +77,8 @@ impl Cluster {
         (shards, meter): (usize, ClusterMeter),
         previous: Option<&Cluster>,
     ) -> Arc<Cluster> {
-        let mut resolved = resolve::resolve(&spec).await;
+        let lookups = resolve::Lookups::new(&spec);
+        let mut resolved = resolve::resolve(&spec, &lookups).await;
         meter.dns_names_unresolved(resolved.failures());
         let names = resolve::Names::at_start(&spec, &mut resolved, previous);
         let endpoints = resolved
@@ -99,6 +103,7 @@ impl Cluster {
             meter,
             names,
             ejecting: std::sync::Mutex::new(()),
+            lookups,
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));

@@ -6,8 +6,12 @@
 //! caches and JIT are as cold.
 
 use std::{
+    io,
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -22,7 +26,7 @@ pub(crate) struct Resolved {
     pub addrs: Vec<(SocketAddr, u32)>,
     /// By entry in the spec: what its name resolved to, or why it did not; `None` for an
     /// address entry.
-    pub names: Vec<Option<Result<Vec<SocketAddr>, std::io::Error>>>,
+    pub names: Vec<Option<Result<Vec<SocketAddr>, io::Error>>>,
 }
 
 impl Resolved {
@@ -41,52 +45,72 @@ impl Resolved {
 /// `SIGTERM` behind it) that long for each name in turn.
 pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Every endpoint address of the spec, `host:port` entries resolved now, all at once, each
-/// within [`LOOKUP_TIMEOUT`].
-pub(crate) async fn resolve(spec: &ClusterSpec) -> Resolved {
-    let lookups: Vec<_> = spec
+/// Whether each entry's lookup is still running (by entry in the spec). glibc's resolver
+/// blocks a thread for as long as it waits (`timeout × attempts` per server), past
+/// [`LOOKUP_TIMEOUT`]: a name whose last lookup has not returned is not looked up again, so
+/// that a silent DNS server holds one thread per name, not one more every refresh.
+pub(crate) struct Lookups(Vec<Arc<AtomicBool>>);
+
+impl Lookups {
+    pub(crate) fn new(spec: &ClusterSpec) -> Lookups {
+        Lookups(spec.endpoints.iter().map(|_| Arc::default()).collect())
+    }
+}
+
+/// Every endpoint address of the spec, `host:port` entries resolved now, all at once, within
+/// [`LOOKUP_TIMEOUT`] in all.
+pub(crate) async fn resolve(spec: &ClusterSpec, lookups: &Lookups) -> Resolved {
+    let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+    let tasks: Vec<_> = spec
         .endpoints
         .iter()
-        .map(|e| match &e.address {
+        .zip(&lookups.0)
+        .map(|(e, running)| match &e.address {
             EndpointAddr::Ip(_) => None,
+            EndpointAddr::Host { .. } if running.swap(true, Ordering::AcqRel) => Some(None),
             EndpointAddr::Host { host, port } => {
-                let (host, port) = (host.clone(), *port);
-                Some(tokio::spawn(async move {
-                    match tokio::time::timeout(
-                        LOOKUP_TIMEOUT,
-                        tokio::net::lookup_host((host, port)),
-                    )
-                    .await
-                    {
-                        Ok(found) => found.map(Iterator::collect::<Vec<_>>),
-                        Err(_) => Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()),
-                        )),
-                    }
-                }))
+                let (host, port, running) = (host.clone(), *port, running.clone());
+                Some(Some(tokio::spawn(async move {
+                    let found = tokio::net::lookup_host((host, port)).await;
+                    running.store(false, Ordering::Release);
+                    found.map(Iterator::collect::<Vec<_>>)
+                })))
             }
         })
         .collect();
     let mut addrs = Vec::new();
     let mut names = Vec::with_capacity(spec.endpoints.len());
-    for (e, lookup) in spec.endpoints.iter().zip(lookups) {
-        names.push(match (&e.address, lookup) {
-            (EndpointAddr::Ip(a), _) => {
-                addrs.push((*a, e.weight));
-                None
-            }
-            (EndpointAddr::Host { .. }, lookup) => {
-                let found = match lookup {
-                    Some(task) => task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-                    None => Err(std::io::Error::other("not looked up")),
-                };
-                if let Ok(found) = &found {
-                    addrs.extend(found.iter().map(|a| (*a, e.weight)));
+    for (e, task) in spec.endpoints.iter().zip(tasks) {
+        let found = match task {
+            None => {
+                if let EndpointAddr::Ip(a) = e.address {
+                    addrs.push((a, e.weight));
                 }
-                Some(found)
+                names.push(None);
+                continue;
             }
-        });
+            // Its last lookup ran out of time and still waits.
+            Some(None) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} s (the lookup still waits)",
+                    LOOKUP_TIMEOUT.as_secs()
+                ),
+            )),
+            // A lookup that runs out of time goes on in its task, and frees the name when it
+            // returns.
+            Some(Some(task)) => match tokio::time::timeout_at(deadline, task).await {
+                Ok(joined) => joined.unwrap_or_else(|e| Err(io::Error::other(e))),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()),
+                )),
+            },
+        };
+        if let Ok(found) = &found {
+            addrs.extend(found.iter().map(|a| (*a, e.weight)));
+        }
+        names.push(Some(found));
     }
     merge(&mut addrs, std::iter::empty());
     Resolved { addrs, names }
@@ -255,7 +279,7 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     loop {
         tokio::time::sleep(every).await;
         let Some(c) = cluster.upgrade() else { return };
-        let mut resolved = resolve(&c.spec).await;
+        let mut resolved = resolve(&c.spec, &c.lookups).await;
         c.names.record(&c.spec, &mut resolved);
         c.meter.dns_names_unresolved(resolved.failures());
         let addrs = resolved.addrs;
@@ -290,7 +314,11 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
             .collect();
         let removed: Vec<SocketAddr> = gone.iter().map(|e| e.addr).collect();
         info!(cluster = %c.name, endpoints = endpoints.len(), ?added, ?removed, "endpoints re-resolved");
-        c.set.replace(endpoints);
+        {
+            // Not between another thread's check of the ejection budget and its ejection.
+            let _one_at_a_time = c.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+            c.set.replace(endpoints);
+        }
         for e in gone {
             e.close();
         }
