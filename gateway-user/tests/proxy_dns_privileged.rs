@@ -26,7 +26,7 @@ use gateway_testkit::{
     admin::{admin_get, endpoint, metrics, status},
     config::write_config,
     gateway_bin,
-    peers::nginx_listening,
+    peers::{curl_bodies, nginx_listening},
     ports::free_port,
     process::GatewayProcess,
     root::require_root,
@@ -57,19 +57,7 @@ fn nginx_conf(dir: &Path, addrs: &[SocketAddr]) -> std::path::PathBuf {
 /// curl: `n` GETs of `url` one after another on one connection; the address that answered
 /// each (or `status:...` for anything but a 200).
 fn curl(url: &str, n: usize) -> Vec<String> {
-    let mut c = Command::new("curl");
-    c.arg("-s");
-    for _ in 0..n {
-        c.arg(url);
-    }
-    let out = c.args(["-w", " %{http_code}\n"]).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.rsplit_once(' ') {
-            Some((addr, "200")) => addr.to_owned(),
-            _ => format!("status:{l}"),
-        })
-        .collect()
+    curl_bodies(url, n, &[])
 }
 
 /// The hosts file's text with `up.test` naming `addrs` (none: the name is gone).

@@ -11,14 +11,13 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use gateway_testkit::{
     admin::{endpoint, status},
     inprocess::gateway,
-    peers::nginx_listening,
+    peers::{curl_bodies, nginx_listening},
     ports::free_port,
     tempdir::temp_dir,
 };
@@ -43,21 +42,9 @@ fn nginx_conf(dir: &Path, ports: [u16; 2], first: &str) -> PathBuf {
 }
 
 /// curl: `n` GETs of `url` one after another on one connection; the body of each (the port
-/// that answered, or nginx's error page).
+/// that answered), or `status:` and nginx's error page.
 fn curl(url: &str, n: usize) -> Vec<String> {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-H", "Host: test.local"]);
-    for _ in 0..n {
-        c.arg(url);
-    }
-    let out = c.args(["-w", " %{http_code}\n"]).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.rsplit_once(' ') {
-            Some((port, "200")) => port.to_owned(),
-            _ => format!("status:{l}"),
-        })
-        .collect()
+    curl_bodies(url, n, &["-H", "Host: test.local"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

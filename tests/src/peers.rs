@@ -563,3 +563,22 @@ pub fn h2load(url: &str, args: &[&str]) -> H2load {
     }
     r
 }
+
+/// curl: `n` GETs of `url` one after another on one connection, with `args` (headers, say);
+/// the body of each `200`, or `status:` and the line for anything else. A body must be one
+/// line without spaces (an address or a port, as the upstreams of these tests answer).
+pub fn curl_bodies(url: &str, n: usize, args: &[&str]) -> Vec<String> {
+    let mut c = std::process::Command::new("curl");
+    c.arg("-s").args(args);
+    for _ in 0..n {
+        c.arg(url);
+    }
+    let out = c.args(["-w", " %{http_code}\n"]).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.rsplit_once(' ') {
+            Some((body, "200")) => body.to_owned(),
+            _ => format!("status:{l}"),
+        })
+        .collect()
+}

@@ -2,23 +2,30 @@ use std::time::UNIX_EPOCH;
 
 use super::*;
 
+/// A plain access log to the file `path`, with the metrics it counts in.
+fn plain_to(path: &Path) -> (AccessLogger, GatewayMetrics) {
+    let metrics = GatewayMetrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+        crate::metrics::LatencyBuckets::reaching(Duration::ZERO),
+    );
+    let output = LogOutput::File(path.to_owned());
+    let log = AccessLogger::start(
+        &AccessLog {
+            format: AccessLogFormat::Plain,
+            output,
+        },
+        &metrics,
+    )
+    .unwrap();
+    (log, metrics)
+}
+
 #[test]
 fn reopen_moves_the_log_to_a_new_file_at_its_path() {
     let dir = std::env::temp_dir().join(format!("gateway-reopen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("access.log");
-    let metrics = GatewayMetrics::new(
-        &mut prometheus_client::registry::Registry::default(),
-        crate::metrics::LatencyBuckets::reaching(Duration::ZERO),
-    );
-    let log = AccessLogger::start(
-        &AccessLog {
-            format: AccessLogFormat::Plain,
-            output: LogOutput::File(path.clone()),
-        },
-        &metrics,
-    )
-    .unwrap();
+    let (log, _metrics) = plain_to(&path);
     let line = |p: &str| {
         Record::new(
             "127.0.0.1:5000".parse().unwrap(),
@@ -65,18 +72,7 @@ fn reopen_moves_the_log_to_a_new_file_at_its_path() {
 /// none is kept in memory, and the writer goes on (a later line is counted too).
 #[test]
 fn lines_a_full_disk_refuses_are_counted_as_lost() {
-    let metrics = GatewayMetrics::new(
-        &mut prometheus_client::registry::Registry::default(),
-        crate::metrics::LatencyBuckets::reaching(Duration::ZERO),
-    );
-    let log = AccessLogger::start(
-        &AccessLog {
-            format: AccessLogFormat::Plain,
-            output: LogOutput::File(PathBuf::from("/dev/full")),
-        },
-        &metrics,
-    )
-    .unwrap();
+    let (log, metrics) = plain_to(Path::new("/dev/full"));
     let lost = metrics.access_log_lost.get_or_create(&ReasonLabels {
         reason: "write_error",
     });
