@@ -3,9 +3,9 @@
 //! stalls the proxy; if the channel is full the line is dropped and counted, and the count is
 //! written as soon as there is room. Lines the output refuses (a full disk) are counted too,
 //! and said in the gateway's own log at most every 10 s
-//! (`gateway_access_log_lines_lost_total{reason}`). [`AccessLogger::reopen`] (SIGUSR1, SIGHUP) makes the
-//! writer open the file's path again, so that after logrotate renamed it the log goes to a new
-//! file at the configured path.
+//! (`gateway_access_log_lines_lost_total{reason}`). [`AccessLogger::reopen`] (SIGUSR1,
+//! SIGHUP) makes the writer open the file's path again, so that after logrotate renamed it
+//! the log goes to a new file at the configured path.
 
 use std::{
     fs::OpenOptions,

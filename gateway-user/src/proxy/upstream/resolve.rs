@@ -57,54 +57,61 @@ impl Lookups {
     }
 }
 
+/// One entry's part in a resolution.
+enum Lookup {
+    /// An address entry: nothing to look up.
+    Address,
+    /// A name whose last lookup ran out of time and still waits: not looked up again.
+    StillWaiting,
+    /// A name looked up now, in a task of its own, which frees the name when the lookup
+    /// returns (even after [`LOOKUP_TIMEOUT`], when nobody waits for it any more).
+    Started(tokio::task::JoinHandle<io::Result<Vec<SocketAddr>>>),
+}
+
 /// Every endpoint address of the spec, `host:port` entries resolved now, all at once, within
 /// [`LOOKUP_TIMEOUT`] in all.
 pub(crate) async fn resolve(spec: &ClusterSpec, lookups: &Lookups) -> Resolved {
     let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
-    let tasks: Vec<_> = spec
+    let started: Vec<Lookup> = spec
         .endpoints
         .iter()
         .zip(&lookups.0)
         .map(|(e, running)| match &e.address {
-            EndpointAddr::Ip(_) => None,
-            EndpointAddr::Host { .. } if running.swap(true, Ordering::AcqRel) => Some(None),
+            EndpointAddr::Ip(_) => Lookup::Address,
+            EndpointAddr::Host { .. } if running.swap(true, Ordering::AcqRel) => {
+                Lookup::StillWaiting
+            }
             EndpointAddr::Host { host, port } => {
                 let (host, port, running) = (host.clone(), *port, running.clone());
-                Some(Some(tokio::spawn(async move {
+                Lookup::Started(tokio::spawn(async move {
                     let found = tokio::net::lookup_host((host, port)).await;
                     running.store(false, Ordering::Release);
                     found.map(Iterator::collect::<Vec<_>>)
-                })))
+                }))
             }
         })
         .collect();
+    let timed_out = |still: &str| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {} s{still}", LOOKUP_TIMEOUT.as_secs()),
+        )
+    };
     let mut addrs = Vec::new();
     let mut names = Vec::with_capacity(spec.endpoints.len());
-    for (e, task) in spec.endpoints.iter().zip(tasks) {
-        let found = match task {
-            None => {
+    for (e, lookup) in spec.endpoints.iter().zip(started) {
+        let found = match lookup {
+            Lookup::Address => {
                 if let EndpointAddr::Ip(a) = e.address {
                     addrs.push((a, e.weight));
                 }
                 names.push(None);
                 continue;
             }
-            // Its last lookup ran out of time and still waits.
-            Some(None) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within {} s (the lookup still waits)",
-                    LOOKUP_TIMEOUT.as_secs()
-                ),
-            )),
-            // A lookup that runs out of time goes on in its task, and frees the name when it
-            // returns.
-            Some(Some(task)) => match tokio::time::timeout_at(deadline, task).await {
+            Lookup::StillWaiting => Err(timed_out(" (the lookup still waits)")),
+            Lookup::Started(task) => match tokio::time::timeout_at(deadline, task).await {
                 Ok(joined) => joined.unwrap_or_else(|e| Err(io::Error::other(e))),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()),
-                )),
+                Err(_) => Err(timed_out("")),
             },
         };
         if let Ok(found) = &found {
@@ -160,14 +167,15 @@ impl Names {
         resolved: &mut Resolved,
         previous: Option<&Cluster>,
     ) -> Names {
+        let was = previous.map(|p| (p, p.names.snapshot()));
         let before = |address: &EndpointAddr| {
-            let p = previous?;
+            let (p, names) = was.as_ref()?;
             let i = p
                 .spec
                 .endpoints
                 .iter()
                 .position(|e| e.address == *address)?;
-            p.names.snapshot().into_iter().nth(i).flatten()
+            names.get(i).cloned().flatten()
         };
         let now = SystemTime::now();
         let mut names = Vec::with_capacity(spec.endpoints.len());
