@@ -179,32 +179,33 @@ fn cluster(name: &str, health: &str) -> String {
 
 /// The addresses `cluster` lists in `/status`.
 fn listed(admin: SocketAddr, cluster: &str) -> Vec<String> {
-    let s = status(admin);
-    s["clusters"]
+    let mut v: Vec<String> = cluster_of(admin, cluster)["endpoints"]
         .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["name"] == cluster))
-        .and_then(|c| c["endpoints"].as_array())
-        .map(|eps| {
-            let mut v: Vec<String> = eps
-                .iter()
-                .filter_map(|e| e["address"].as_str().map(str::to_owned))
-                .collect();
-            v.sort();
-            v
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["address"].as_str().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
 }
 
 /// The `dns` entry of `endpoint` in `cluster` of `/status`.
 fn dns_of(admin: SocketAddr, cluster: &str, endpoint: &str) -> serde_json::Value {
-    let s = status(admin);
-    s["clusters"]
+    let c = cluster_of(admin, cluster);
+    c["dns"]
         .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["name"] == cluster))
-        .and_then(|c| c["dns"].as_array())
         .and_then(|d| d.iter().find(|n| n["endpoint"] == endpoint))
         .cloned()
-        .unwrap_or_else(|| panic!("no dns entry {endpoint} in cluster {cluster}: {s:#}"))
+        .unwrap_or_else(|| panic!("no dns entry {endpoint} in cluster {cluster}: {c:#}"))
+}
+
+/// The object of `cluster` in `/status` (null when there is none).
+fn cluster_of(admin: SocketAddr, cluster: &str) -> serde_json::Value {
+    status(admin)["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == cluster))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Waits until `/status` lists exactly `addrs` in `cluster`.

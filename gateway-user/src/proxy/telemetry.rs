@@ -413,6 +413,9 @@ pub(crate) struct ClusterMeter {
 impl ClusterMeter {
     fn new(m: &GatewayMetrics, series: &Arc<Series>, name: &str) -> ClusterMeter {
         series.take_cluster(name);
+        let cluster = ClusterLabels {
+            cluster: name.to_owned(),
+        };
         ClusterMeter {
             tls: TlsMeter::new(m),
             retries: RETRY_REASONS.map(|r| {
@@ -434,18 +437,8 @@ impl ClusterMeter {
                     },
                 )
             }),
-            retry_budget_exhausted: counter(
-                &m.retry_budget_exhausted,
-                &ClusterLabels {
-                    cluster: name.to_owned(),
-                },
-            ),
-            dns_failures: counter(
-                &m.dns_failures,
-                &ClusterLabels {
-                    cluster: name.to_owned(),
-                },
-            ),
+            retry_budget_exhausted: counter(&m.retry_budget_exhausted, &cluster),
+            dns_failures: counter(&m.dns_failures, &cluster),
             tunnels: std::sync::Arc::new(TunnelMeter::new(m, name)),
             metrics: m.clone(),
             series: series.clone(),
