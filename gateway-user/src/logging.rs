@@ -1,6 +1,7 @@
 //! The application log (`tracing`) of every command, on stderr: `text` (`key=value` fields,
 //! colour only on a terminal) or `json` (one object per line, the event's fields at the top
-//! level), and its level.
+//! level), and its level. `gateway run` writes it through a queue ([`output`]): a stderr that
+//! stalls loses lines, counted, and never holds the proxy.
 //!
 //! Which level applies, first match wins:
 //!
@@ -17,13 +18,15 @@
 //! (loopback clients only, see `proxy::admin`), which calls [`set_level`]. SIGHUP applies the
 //! config's level again (unless `RUST_LOG` set it, which always wins).
 
+pub mod output;
+
 use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, filter::LevelFilter, layer::SubscriberExt as _, reload,
-    util::SubscriberInitExt as _,
+    EnvFilter, Layer, Registry, filter::LevelFilter, fmt::writer::BoxMakeWriter,
+    layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
 };
 
 /// `[log] format`.
@@ -93,6 +96,8 @@ pub enum LogError {
     Env { value: String, source: LevelError },
     #[error("RUST_LOG is not valid UTF-8")]
     EnvNotUnicode,
+    #[error("cannot start the log's writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Where the level in force came from.
@@ -147,11 +152,42 @@ fn env_level() -> Result<Option<(String, EnvFilter)>, LogError> {
 /// Starts logging on stderr in `format`, at `RUST_LOG`, else `configured` (already validated),
 /// else `default`. Fails only on an invalid `RUST_LOG`. When a subscriber is already installed
 /// (tests running several commands in one process) it leaves it in place.
+///
+/// The commands a person runs and watches write each line in place, in order with what they
+/// print; `gateway run` uses [`init_queued`].
 pub fn init(
     format: LogFormat,
     configured: Option<&str>,
     default: &'static str,
 ) -> Result<(), LogError> {
+    install(
+        format,
+        (configured, default),
+        BoxMakeWriter::new(std::io::stderr),
+    )
+    .map(drop)
+}
+
+/// [`init`] for `gateway run`: the lines go to stderr through a queue and a thread of their
+/// own ([`output`]), so a stderr that stalls never holds a worker. Keep the guard until the
+/// end: its drop writes out what is still queued. `None` when a subscriber was already
+/// installed.
+pub fn init_queued(
+    format: LogFormat,
+    configured: Option<&str>,
+    default: &'static str,
+) -> Result<Option<output::Guard>, LogError> {
+    let (queue, guard) = output::start(Box::new(std::io::stderr())).map_err(LogError::Thread)?;
+    let installed = install(format, (configured, default), BoxMakeWriter::new(queue))?;
+    Ok(installed.then_some(guard))
+}
+
+/// Installs the subscriber writing to `writer`; `false` when one was already installed.
+fn install(
+    format: LogFormat,
+    (configured, default): (Option<&str>, &'static str),
+    writer: BoxMakeWriter,
+) -> Result<bool, LogError> {
     let (level, filter) = match env_level()? {
         Some((v, f)) => (
             Level {
@@ -166,28 +202,28 @@ pub fn init(
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(ansi)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
     };
-    if tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
         .try_init()
-        .is_ok()
-    {
+        .is_ok();
+    if installed {
         let _ = CONTROL.set(Control {
             handle,
             level: Mutex::new(level),
             default,
         });
     }
-    Ok(())
+    Ok(installed)
 }
 
 /// The configured level (valid: `check-config` refused anything else), else the default.

@@ -152,6 +152,8 @@ catalogue! {
         "Retries not made because the cluster's retry budget was spent.";
     access_log_lost: "gateway_access_log_lines_lost", "counter", ["reason"],
         "Access-log lines lost, by reason: queue_full (the writer thread could not keep up; the log itself also says how many at that point), write_error (the output refused them: a full disk, a closed pipe; logged as an error at most every 10 s).";
+    log_lost: "gateway_log_lines_lost", "counter", ["reason"],
+        "Lines of the gateway's own log (stderr) lost, by reason: queue_full (stderr did not take lines as fast as they came, and its queue of 8192 lines was full: a stalled journald, a container log driver that blocks, a pipe nobody reads; the log says how many once it has room again), write_error (stderr refused them: a closed pipe). Logging never holds the proxy: a line that cannot be queued is dropped.";
     dns_failures: "gateway_dns_resolution_failures", "counter", ["cluster"],
         "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
@@ -245,6 +247,8 @@ pub struct GatewayMetrics {
     pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
     pub dns_failures: Family<ClusterLabels, Counter>,
     pub access_log_lost: Family<ReasonLabels, Counter>,
+    /// The same family as `logging::output::LOST`.
+    pub log_lost: Family<ReasonLabels, Counter>,
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
     pub worker_connections: Family<WorkerLabels, Gauge>,
@@ -299,6 +303,7 @@ impl GatewayMetrics {
             retry_budget_exhausted: Family::default(),
             dns_failures: Family::default(),
             access_log_lost: Family::default(),
+            log_lost: crate::logging::output::LOST.clone(),
             observer_kernel: Gauge::default(),
             observer_mode: Family::default(),
             events_lost: Counter::default(),
@@ -363,6 +368,7 @@ impl GatewayMetrics {
         reg!(f::retry_budget_exhausted, self.retry_budget_exhausted);
         reg!(f::dns_failures, self.dns_failures);
         reg!(f::access_log_lost, self.access_log_lost);
+        reg!(f::log_lost, self.log_lost);
         reg!(f::observer_kernel, self.observer_kernel);
         reg!(f::observer_mode, self.observer_mode);
         reg!(f::events_lost, self.events_lost);

@@ -44,7 +44,9 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     // The config first: it says how to log (a refused config is printed by main).
     let loaded = config::load(path)?;
     let log = &loaded.settings.log;
-    crate::logging::init(
+    // Dropped last, on every way out: the lines still queued are written before main prints
+    // an error, or the process exits.
+    let _log = crate::logging::init_queued(
         log.format,
         log.level.as_deref(),
         config::model::DEFAULT_LOG_LEVEL,

@@ -10,10 +10,10 @@
 //! fail is [`run_to_exit`].
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read},
     net::SocketAddr,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -102,6 +102,32 @@ pub struct ChildProcess {
     lines: Lines,
     /// When each of `lines` was read; locked after `lines`, so the two stay in step.
     times: Arc<Mutex<Vec<SystemTime>>>,
+    stderr: Arc<Valve>,
+}
+
+/// Whether a child's stderr is read: closed, it is not, as a log consumer that stalls (its
+/// pipe fills up and the child's writes to it wait).
+#[derive(Default)]
+struct Valve {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+/// A pipe read only while its valve is open.
+struct Gated<R> {
+    pipe: R,
+    valve: Arc<Valve>,
+}
+
+impl<R: Read> Read for Gated<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut closed = self.valve.closed.lock().unwrap();
+        while *closed {
+            closed = self.valve.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.pipe.read(buf)
+    }
 }
 
 impl ChildProcess {
@@ -119,12 +145,13 @@ impl ChildProcess {
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let lines: Lines = Arc::default();
         let times: Arc<Mutex<Vec<SystemTime>>> = Arc::default();
-        let stderr = child.stderr.take().expect("piped stderr");
+        let valve = Arc::new(Valve::default());
+        let stderr = Gated {
+            pipe: child.stderr.take().expect("piped stderr"),
+            valve: valve.clone(),
+        };
         let stdout = child.stdout.take().expect("piped stdout");
-        for pipe in [
-            Box::new(stderr) as Box<dyn std::io::Read + Send>,
-            Box::new(stdout),
-        ] {
+        for pipe in [Box::new(stderr) as Box<dyn Read + Send>, Box::new(stdout)] {
             let (lines, times) = (lines.clone(), times.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
@@ -142,7 +169,20 @@ impl ChildProcess {
             child,
             lines,
             times,
+            stderr: valve,
         }
+    }
+
+    /// Stops reading the child's stderr (after the chunk being read, if any), as a log
+    /// consumer that stalls: once the pipe is full, the child's writes to stderr wait.
+    pub fn stall_stderr(&self) {
+        *self.stderr.closed.lock().unwrap() = true;
+    }
+
+    /// Reads the child's stderr again.
+    pub fn resume_stderr(&self) {
+        *self.stderr.closed.lock().unwrap() = false;
+        self.stderr.opened.notify_all();
     }
 
     pub fn pid(&self) -> u32 {
@@ -291,6 +331,7 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
+        self.resume_stderr();
         if self.alive() {
             // A second SIGTERM cuts the drain delay short (a test's config may keep the
             // default 5 s); in-flight requests still get the grace period.
