@@ -12,6 +12,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use futures_util::future::join_all;
 use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
@@ -119,25 +120,24 @@ impl Runtime {
         workers: usize,
         telemetry: &Telemetry,
     ) -> Runtime {
-        let mut clusters = Vec::with_capacity(settings.clusters.len());
-        for spec in settings.clusters.values() {
-            let kept = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec));
-            clusters.push(match kept {
-                Some(c) => c.clone(),
-                None => {
-                    let meter = telemetry.cluster(&spec.name);
-                    let replaced =
-                        previous.and_then(|p| p.clusters.iter().find(|c| *c.name == *spec.name));
-                    Cluster::start(
-                        spec.clone(),
-                        signals.clone(),
-                        (workers, meter),
-                        replaced.map(|c| &**c),
-                    )
-                    .await
-                }
-            });
-        }
+        // All at once: a cluster's start waits for its names' lookups (up to 5 s each, with a
+        // DNS server that does not answer), and one after another a reload that changes k
+        // such clusters held the reload, and the signals behind it, for 5k s.
+        let clusters = join_all(settings.clusters.values().map(|spec| async move {
+            if let Some(kept) = previous.and_then(|p| p.clusters.iter().find(|c| c.spec == *spec)) {
+                return kept.clone();
+            }
+            let meter = telemetry.cluster(&spec.name);
+            let replaced = previous.and_then(|p| p.clusters.iter().find(|c| *c.name == *spec.name));
+            Cluster::start(
+                spec.clone(),
+                signals.clone(),
+                (workers, meter),
+                replaced.map(|c| &**c),
+            )
+            .await
+        }))
+        .await;
         let router = Router::after(
             &settings.routes,
             |name| clusters.iter().position(|c| &*c.name == name),
