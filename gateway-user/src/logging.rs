@@ -96,8 +96,6 @@ pub enum LogError {
     Env { value: String, source: LevelError },
     #[error("RUST_LOG is not valid UTF-8")]
     EnvNotUnicode,
-    #[error("cannot start the log's writer thread: {0}")]
-    Thread(std::io::Error),
 }
 
 /// Where the level in force came from.
@@ -169,15 +167,16 @@ pub fn init(
 }
 
 /// [`init`] for `gateway run`: the lines go to stderr through a queue and a thread of their
-/// own ([`output`]), so a stderr that stalls never holds a worker. Keep the guard until the
-/// end: its drop writes out what is still queued. `None` when a subscriber was already
+/// own ([`output`]), so a stderr that stalls never holds a worker. The thread starts with
+/// [`output::Guard::start_writer`]; until then lines wait in the queue. Keep the guard until
+/// the end: its drop writes out what is still queued. `None` when a subscriber was already
 /// installed.
 pub fn init_queued(
     format: LogFormat,
     configured: Option<&str>,
     default: &'static str,
 ) -> Result<Option<output::Guard>, LogError> {
-    let (queue, guard) = output::start(Box::new(std::io::stderr())).map_err(LogError::Thread)?;
+    let (queue, guard) = output::queue(Box::new(std::io::stderr()));
     let installed = install(format, (configured, default), BoxMakeWriter::new(queue))?;
     Ok(installed.then_some(guard))
 }

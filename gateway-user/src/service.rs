@@ -46,7 +46,7 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     let log = &loaded.settings.log;
     // Dropped last, on every way out: the lines still queued are written before main prints
     // an error, or the process exits.
-    let _log = crate::logging::init_queued(
+    let mut log_writer = crate::logging::init_queued(
         log.format,
         log.level.as_deref(),
         config::model::DEFAULT_LOG_LEVEL,
@@ -66,6 +66,11 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
             return Err(e).context("[observer] mode = \"kernel\"");
         }
         warn!("{e}");
+    }
+    // The log's writer thread, now that the process may have more than one.
+    if let Some(w) = &mut log_writer {
+        w.start_writer()
+            .context("starting the log's writer thread")?;
     }
     let relaunch = Relaunch::current()
         .inspect_err(

@@ -139,10 +139,11 @@ fn a_stderr_nobody_reads_loses_log_lines_counted_and_never_holds_a_request() {
     while said() < lost && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(said(), lost, "the log's notes against the metric");
+    // Against the metric as it is now: a line logged after it was read above, before stderr
+    // was read again, may have been lost too.
     assert_eq!(
+        said(),
         lost_lines(gw.admin),
-        lost,
-        "nothing lost once stderr is read"
+        "the log's notes against the metric"
     );
 }

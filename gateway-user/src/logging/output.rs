@@ -35,8 +35,8 @@ pub const QUEUE_LINES: usize = 8 * 1024;
 /// At exit, how long the lines still queued may take to reach stderr.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(1);
 
-/// Bytes gathered into one write.
-const BATCH_BYTES: usize = 64 * 1024;
+/// The most bytes one write gathers (Linux's `PIPE_BUF`: what a pipe takes at once).
+const PIPE_BUF: usize = 4096;
 
 /// Lines lost, by reason (`queue_full`, `write_error`): the family `gateway run`'s metrics
 /// register (`gateway_log_lines_lost_total`). It exists before the metrics do, so the lines
@@ -92,10 +92,33 @@ impl Write for &Queue {
 /// lines to be written.
 pub struct Guard {
     tx: SyncSender<Msg>,
+    /// The writer, until [`Guard::start_writer`] gives it a thread.
+    pending: Option<Writer>,
+}
+
+impl Guard {
+    /// Starts the writer thread. Until then, lines wait in the queue: `gateway run` starts it
+    /// once the steps that need a single-threaded process are done.
+    pub fn start_writer(&mut self) -> io::Result<()> {
+        if let Some(mut w) = self.pending.take() {
+            std::thread::Builder::new()
+                .name("log".into())
+                .spawn(move || w.run())?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // Never started (an exit before it was due): what is queued is written here.
+        if let Some(mut w) = self.pending.take() {
+            while let Ok(msg) = w.rx.try_recv() {
+                w.take(msg);
+            }
+            w.out.write();
+            return;
+        }
         let deadline = Instant::now() + EXIT_FLUSH;
         let (done, written) = sync_channel(1);
         let mut flush = Msg::Flush(done);
@@ -117,74 +140,117 @@ impl Drop for Guard {
     }
 }
 
-/// Starts the writer thread on `out` (stderr, or a test's pipe).
-pub fn start(out: Box<dyn Write + Send>) -> io::Result<(Arc<Queue>, Guard)> {
+/// The queue, and its writer on `out` (stderr, or a test's pipe), not started yet
+/// ([`Guard::start_writer`]).
+pub fn queue(out: Box<dyn Write + Send>) -> (Arc<Queue>, Guard) {
     let (tx, rx) = sync_channel(QUEUE_LINES);
     let unsaid = Arc::new(AtomicU64::new(0));
-    let said = unsaid.clone();
-    std::thread::Builder::new()
-        .name("log".into())
-        .spawn(move || write_out(&rx, out, &said, &lost("write_error")))?;
+    let writer = Writer {
+        rx,
+        out: Batch {
+            out,
+            buf: Vec::with_capacity(PIPE_BUF),
+            lines: 0,
+            write_error: lost("write_error"),
+        },
+        unsaid: unsaid.clone(),
+    };
     let queue = Queue {
         tx: tx.clone(),
         queue_full: lost("queue_full"),
         unsaid,
     };
-    Ok((Arc::new(queue), Guard { tx }))
+    let guard = Guard {
+        tx,
+        pending: Some(writer),
+    };
+    (Arc::new(queue), guard)
 }
 
-/// The writer thread: what is queued, in writes of up to [`BATCH_BYTES`], until every sender
-/// is gone.
-fn write_out(
-    rx: &Receiver<Msg>,
-    mut out: Box<dyn Write + Send>,
-    unsaid: &AtomicU64,
-    write_error: &Counter,
-) {
-    OWN.set(Some(Vec::new()));
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut flushed = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut lines = note_lost(unsaid, &mut batch);
-        let mut next = Some(first);
-        while let Some(msg) = next {
-            match msg {
-                Msg::Line(line) => {
-                    batch.extend_from_slice(&line);
-                    lines += 1;
-                }
-                Msg::Flush(done) => flushed.push(done),
+/// The writer thread's side of the queue.
+struct Writer {
+    rx: Receiver<Msg>,
+    out: Batch,
+    unsaid: Arc<AtomicU64>,
+}
+
+impl Writer {
+    /// Writes what is queued, as it comes, until every sender is gone.
+    fn run(&mut self) {
+        OWN.set(Some(Vec::new()));
+        while let Ok(first) = self.rx.recv() {
+            self.note_lost();
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                self.take(msg);
+                next = self.rx.try_recv().ok();
             }
-            next = if batch.len() < BATCH_BYTES {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            self.out.write();
         }
-        if !batch.is_empty() && out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-            write_error.inc_by(lines);
+    }
+
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(line) => self.out.push(&line),
+            Msg::Flush(done) => {
+                self.out.write();
+                let _ = done.try_send(());
+            }
         }
-        batch.clear();
-        for done in flushed.drain(..) {
-            let _ = done.try_send(());
+    }
+
+    /// The lines dropped for a full queue since the last note, said in the log (formatted by
+    /// it, so in its format) ahead of what comes next. A loss leaves the queue full, so a write
+    /// always follows it, with its note. A level that leaves warnings out leaves it out too.
+    fn note_lost(&mut self) {
+        let n = self.unsaid.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        tracing::warn!(
+            lost = n,
+            "log lines lost: stderr did not take them as fast as they came (gateway_log_lines_lost_total{{reason=\"queue_full\"}})"
+        );
+        let note = OWN.with_borrow_mut(|own| own.as_mut().map(std::mem::take));
+        if let Some(note) = note.filter(|n| !n.is_empty()) {
+            self.out.push(&note);
         }
     }
 }
 
-/// The lines dropped for a full queue since the last note, said in the log (formatted by it,
-/// so in its format) at the start of `batch`; returns the lines it added (0 or 1). A loss
-/// leaves the queue full, so a write always follows it, with its note.
-fn note_lost(unsaid: &AtomicU64, batch: &mut Vec<u8>) -> u64 {
-    let n = unsaid.swap(0, Ordering::Relaxed);
-    if n == 0 {
-        return 0;
+/// Lines gathered into writes of at most `PIPE_BUF` bytes, cut between lines: a pipe writes
+/// that much at once, so a line never interleaves with another process's on the same stderr
+/// (the old and the new process during a `SIGUSR2` handover).
+struct Batch {
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    lines: u64,
+    write_error: Counter,
+}
+
+impl Batch {
+    fn push(&mut self, line: &[u8]) {
+        if !self.buf.is_empty() && self.buf.len() + line.len() > PIPE_BUF {
+            self.write();
+        }
+        self.buf.extend_from_slice(line);
+        self.lines += 1;
     }
-    tracing::warn!(
-        lost = n,
-        "log lines lost: stderr did not take them as fast as they came (gateway_log_lines_lost_total{{reason=\"queue_full\"}})"
-    );
-    OWN.with_borrow_mut(|own| batch.append(own.get_or_insert_default()));
-    1
+
+    /// Writes what is gathered; lines stderr refuses are counted.
+    fn write(&mut self) {
+        if !self.buf.is_empty()
+            && self
+                .out
+                .write_all(&self.buf)
+                .and_then(|()| self.out.flush())
+                .is_err()
+        {
+            self.write_error.inc_by(self.lines);
+        }
+        self.buf.clear();
+        self.lines = 0;
+    }
 }
 
 #[cfg(test)]
@@ -223,12 +289,13 @@ mod tests {
     #[test]
     fn a_stalled_output_never_blocks_a_line_and_the_overflow_is_counted() {
         let out = Stalled::default();
-        let (queue, guard) = start(Box::new(out.clone())).unwrap();
+        let (queue, mut guard) = queue(Box::new(out.clone()));
+        guard.start_writer().unwrap();
         let before = counted("queue_full");
         let started = std::time::Instant::now();
         let n = 2 * QUEUE_LINES;
         for i in 0..n {
-            // 100 bytes: the writer's stalled batch (64 KiB) holds about 650 of them.
+            // 100 bytes: the writer's stalled write holds 40 of them.
             (&*queue)
                 .write_all(format!("line {i:<94}\n").as_bytes())
                 .unwrap();
@@ -238,8 +305,8 @@ mod tests {
             "queued without waiting for the output: {:?}",
             started.elapsed()
         );
-        // The writer holds one batch in its stalled write and the queue is full: the rest,
-        // about QUEUE_LINES - 650, were dropped.
+        // The writer holds one write's lines and the queue is full: the rest, about
+        // QUEUE_LINES - 40, were dropped.
         let dropped = counted("queue_full") - before;
         assert!(
             (QUEUE_LINES as u64 / 2..=QUEUE_LINES as u64).contains(&dropped),
@@ -264,7 +331,8 @@ mod tests {
             .open("/dev/full")
             .unwrap();
         let before = counted("write_error");
-        let (queue, guard) = start(Box::new(full)).unwrap();
+        let (queue, mut guard) = queue(Box::new(full));
+        guard.start_writer().unwrap();
         for _ in 0..3 {
             (&*queue).write_all(b"a line\n").unwrap();
         }

@@ -159,6 +159,11 @@ fn populated() -> Registry {
             reason: "write_error",
         })
         .inc();
+    m.log_lost
+        .get_or_create(&ReasonLabels {
+            reason: "write_error",
+        })
+        .inc();
     m.dns_failures
         .get_or_create(&ClusterLabels {
             cluster: "c".into(),
