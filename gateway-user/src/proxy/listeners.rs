@@ -2,7 +2,10 @@
 //! worker (each with its own accept queue), and the admin socket. A socket handed over by the
 //! previous process in a binary upgrade (`service::handover`) is used instead of binding anew
 //! where its address matches, so no connection is refused across the upgrade. One descriptor
-//! of every socket is kept for the next handover.
+//! of every socket is kept for the next handover. An address another socket already listens on
+//! is refused ([`taken`]).
+
+mod taken;
 
 use std::net::SocketAddr;
 
@@ -46,25 +49,36 @@ pub(crate) fn open(
         sockets: Vec::new(),
     };
     let https = settings.https.as_ref().map_or(&[][..], |h| &h.listen[..]);
-    let all = settings
-        .listen
+    let all: Vec<_> = (settings.listen.iter().map(|a| (Role::Client, *a)))
+        .chain(https.iter().map(|a| (Role::Https, *a)))
+        .map(|(role, addr)| (role, addr, inherited.take(role, addr)))
+        .collect();
+    let admin = settings
+        .admin
+        .map(|a| (a, inherited.take(Role::Admin, a).pop()));
+    // Each address bound anew is checked before any is bound: the gateway's own sockets may
+    // overlap (`0.0.0.0:P` and `127.0.0.1:P`), as they always could.
+    let fresh = all
         .iter()
-        .map(|a| (Role::Client, a))
-        .chain(https.iter().map(|a| (Role::Https, a)));
-    for (role, addr) in all {
-        let handed = inherited.take(role, *addr);
+        .filter(|(_, _, handed)| handed.is_empty())
+        .map(|(_, addr, _)| *addr)
+        .chain(admin.iter().filter(|(_, s)| s.is_none()).map(|(a, _)| *a));
+    for addr in fresh.filter(|a| a.port() != 0) {
+        taken::check(addr).map_err(|source| StartError::Bind { addr, source })?;
+    }
+    for (role, addr, handed) in all {
         let actual = if handed.is_empty() {
-            l.bind_client(role, *addr, n)?
+            l.bind_client(role, addr, n)?
         } else {
-            l.take_client(role, *addr, handed, n)?
+            l.take_client(role, addr, handed, n)?
         };
         match role {
             Role::Https => l.https.push(actual),
             _ => l.listen.push(actual),
         }
     }
-    if let Some(a) = settings.admin {
-        let std_listener = match inherited.take(Role::Admin, a).pop() {
+    if let Some((a, handed)) = admin {
+        let std_listener = match handed {
             Some(s) => s,
             None => bind(a, false)?,
         };
