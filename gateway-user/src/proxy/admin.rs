@@ -12,6 +12,12 @@
 //! | `GET /logging`, `PUT /logging` | the gateway's log level; `PUT` (loopback clients only) changes it at once, the directives as the body (`logging`) |
 //!
 //! Everything else is read-only: other methods get 405.
+//!
+//! At most [`MAX_CONNECTIONS`] connections at once (one more is closed when accepted), each
+//! with [`HEADER_READ_TIMEOUT`] for a request's head (an idle one included) and closed after
+//! its current response once it is [`MAX_CONNECTION_AGE`] old: the admin port may be open to
+//! a whole cluster network (`allow_remote`), and its connections share the process's file
+//! descriptors with the proxy's.
 
 mod logging;
 pub(crate) mod page;
@@ -19,7 +25,12 @@ mod plot;
 pub mod status;
 mod timeline;
 
-use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{
@@ -28,21 +39,39 @@ use http::{
 };
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+};
+use tracing::warn;
 
-use super::{server::Phase, shared::Shared};
+use super::{log_every::LogEvery, server::Phase, shared::Shared};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const JSON: &str = "application/json";
 const HTML: &str = "text/html; charset=utf-8";
 
+/// Admin connections served at once: scrapers, probes and a few people's status pages. One
+/// more is closed as soon as it is accepted, so that a client that opens many, or holds them
+/// idle, never takes the file descriptors the proxy's own clients need.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// A request's head must arrive within this, the wait on an idle keep-alive connection
+/// included.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection older than this is closed after its current response (a client that stops
+/// reading a response holds its connection no longer), with [`CLOSE_GRACE`] to finish it.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let full = LogEvery::new(Duration::from_secs(10));
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -52,27 +81,49 @@ pub(crate) async fn serve(
                     tokio::time::sleep(super::admission::ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let shared = shared.clone();
-                        async move {
-                            if req.uri().path() == "/logging" {
-                                return Ok::<_, Infallible>(logging::handle(peer, req).await);
-                            }
-                            Ok::<_, Infallible>(route(&shared, &req))
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if let Some(suppressed) = full.due() {
+                        warn!(client = %peer, max = MAX_CONNECTIONS, suppressed, "admin listener: every connection slot is taken; closing new connections until one frees");
+                    }
+                    continue;
+                };
+                tokio::spawn(connection(stream, peer, shared.clone(), slot));
             }
             _ = phase.changed() => {
                 if *phase.borrow() == Phase::Force {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// One admin connection, holding its slot until it ends.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            if req.uri().path() == "/logging" {
+                return Ok::<_, Infallible>(logging::handle(peer, req).await);
+            }
+            Ok::<_, Infallible>(route(&shared, &req))
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
         }
     }
 }

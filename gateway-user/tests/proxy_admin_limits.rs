@@ -1,0 +1,105 @@
+//! The admin listener bounds what a client can hold: at most 64 connections at once (one more
+//! is closed as soon as it is accepted), and a connection that sends no request head within
+//! 10 s is closed. Its port may be open to a whole cluster network (`allow_remote`, for
+//! Prometheus), and before, a client that opened connections and sent nothing held each one
+//! (and its file descriptor, shared with the proxy's clients) for as long as it liked. The
+//! proxy serves throughout (curl). Unprivileged: `[observer] mode = "off"`, loopback only.
+
+use std::{
+    io::{ErrorKind, Read as _},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gateway_testkit::{
+    admin::admin_get, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
+    upstream::BlockingUpstream,
+};
+
+const MAX: usize = 64;
+
+/// Whether the server closed `s` within `limit` (EOF or reset), reading nothing.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(n) => panic!("the admin listener sent {n} bytes unasked"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(_) => true,
+    }
+}
+
+fn proxy_serves(addr: SocketAddr) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[test]
+fn idle_admin_connections_are_bounded_in_number_and_in_time() {
+    let up = BlockingUpstream::start();
+    let dir = temp_dir("admin-limits");
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
+             [router.upstream]\nendpoints = [\"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [access_log]\noutput = \"off\"\n\n[observer]\nmode = \"off\"\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    // `spawn` asked /readyz on a connection of its own, closed since; let it go.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let opened = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..MAX)
+        .map(|_| TcpStream::connect(gw.admin).unwrap())
+        .collect();
+    // One more: the listener accepts it and closes it at once.
+    let mut extra = TcpStream::connect(gw.admin).unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)),
+        "connection {} was kept open beside {MAX} idle ones",
+        MAX + 1
+    );
+    gw.expect_log(
+        "admin listener: every connection slot is taken",
+        Duration::from_secs(5),
+    );
+    proxy_serves(gw.addr);
+    assert!(
+        !closed_within(&mut idle[0], Duration::from_millis(500)),
+        "an idle connection was closed before its 10 s"
+    );
+
+    // Ten seconds without a request head: each is closed, and the admin answers again.
+    for (i, s) in idle.iter_mut().enumerate() {
+        let left = Duration::from_secs(16).saturating_sub(opened.elapsed());
+        assert!(
+            closed_within(s, left.max(Duration::from_millis(1))),
+            "idle admin connection {i} still open {:?} after it was opened",
+            opened.elapsed()
+        );
+    }
+    let took = opened.elapsed();
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+    eprintln!("{MAX} idle admin connections closed {took:?} after they were opened");
+    assert_eq!(admin_get(gw.admin, "/healthz").status, 200);
+    proxy_serves(gw.addr);
+}
