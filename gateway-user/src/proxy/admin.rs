@@ -13,7 +13,7 @@
 //!
 //! Everything else is read-only: other methods get 405.
 //!
-//! At most [`MAX_CONNECTIONS`] connections at once (one more is closed when accepted), each
+//! At most [`MAX_CONNECTIONS`] connections at once (a new one closes the oldest), each
 //! with [`HEADER_READ_TIMEOUT`] for a request's head (an idle one included) and closed after
 //! its current response once it is [`MAX_CONNECTION_AGE`] old: the admin port may be open to
 //! a whole cluster network (`allow_remote`), and its connections share the process's file
@@ -26,9 +26,10 @@ pub mod status;
 mod timeline;
 
 use std::{
+    collections::VecDeque,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -42,7 +43,7 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{Notify, watch},
 };
 use tracing::warn;
 
@@ -53,9 +54,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 const JSON: &str = "application/json";
 const HTML: &str = "text/html; charset=utf-8";
 
-/// Admin connections served at once: scrapers, probes and a few people's status pages. One
-/// more is closed as soon as it is accepted, so that a client that opens many, or holds them
-/// idle, never takes the file descriptors the proxy's own clients need.
+/// Admin connections open at once: scrapers, probes and a few people's status pages. A new
+/// one beyond it closes the oldest, so that a client that opens many, or holds them idle,
+/// neither takes the file descriptors the proxy's own clients need nor locks out a health
+/// probe (which a refused connection would fail, and a kubelet answer with a restart).
 pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// A request's head must arrive within this, the wait on an idle keep-alive connection
 /// included.
@@ -64,13 +66,22 @@ pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// reading a response holds its connection no longer), with [`CLOSE_GRACE`] to finish it.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// An evicted connection's current response gets this long to finish.
+const EVICT_GRACE: Duration = Duration::from_secs(1);
+
+/// The admin connections open now, oldest first, each with the signal that closes it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: VecDeque<(u64, Arc<Notify>)>,
+}
 
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open: Arc<Mutex<Open>> = Arc::default();
     let full = LogEvery::new(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -81,13 +92,26 @@ pub(crate) async fn serve(
                     tokio::time::sleep(super::admission::ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    if let Some(suppressed) = full.due() {
-                        warn!(client = %peer, max = MAX_CONNECTIONS, suppressed, "admin listener: every connection slot is taken; closing new connections until one frees");
-                    }
-                    continue;
+                let (id, close, evicted) = {
+                    let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                    let evicted = (o.conns.len() >= MAX_CONNECTIONS).then(|| o.conns.pop_front()).flatten();
+                    let (id, close) = (o.next, Arc::new(Notify::new()));
+                    o.next += 1;
+                    o.conns.push_back((id, close.clone()));
+                    (id, close, evicted)
                 };
-                tokio::spawn(connection(stream, peer, shared.clone(), slot));
+                if let Some((_, oldest)) = evicted {
+                    oldest.notify_one();
+                    if let Some(suppressed) = full.due() {
+                        warn!(client = %peer, max = MAX_CONNECTIONS, suppressed, "admin listener: every connection slot is taken; closing the oldest connection for a new one");
+                    }
+                }
+                let (shared, open) = (shared.clone(), open.clone());
+                tokio::spawn(async move {
+                    connection(stream, peer, shared, &close).await;
+                    let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                    o.conns.retain(|(c, _)| *c != id);
+                });
             }
             _ = phase.changed() => {
                 if *phase.borrow() == Phase::Force {
@@ -98,13 +122,9 @@ pub(crate) async fn serve(
     }
 }
 
-/// One admin connection, holding its slot until it ends.
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    _slot: OwnedSemaphorePermit,
-) {
+/// One admin connection, until it ends, is [`MAX_CONNECTION_AGE`] old, or `close` says a newer
+/// one needs its slot.
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, close: &Notify) {
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         async move {
@@ -119,13 +139,14 @@ async fn connection(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
-        }
-    }
+    let grace = tokio::select! {
+        _ = conn.as_mut() => return,
+        () = tokio::time::sleep(MAX_CONNECTION_AGE) => CLOSE_GRACE,
+        () = close.notified() => EVICT_GRACE,
+    };
+    // Closes an idle connection at once, and one with a response under way after it.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(grace, conn).await;
 }
 
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
