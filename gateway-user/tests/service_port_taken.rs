@@ -29,10 +29,12 @@ fn config(dir: &Path, name: &str, listen: &str, up: SocketAddr) -> std::path::Pa
     cfg
 }
 
-/// `n` GETs on one curl connection, their status codes.
+/// `n` GETs, each on a connection of its own that the gateway closes first (`Connection:
+/// close`), leaving it in `TIME_WAIT` on the gateway's side; their status codes.
 fn codes(addr: SocketAddr, n: usize) -> Vec<String> {
     let mut curl = Command::new("curl");
-    curl.args(["-s", "-w", "%{http_code}\n", "--max-time", "5"]);
+    curl.args(["-s", "-w", "%{http_code}\n", "--max-time", "5"])
+        .args(["-H", "Connection: close"]);
     for _ in 0..n {
         curl.args(["-o", "/dev/null"])
             .arg(format!("http://{addr}/"));
@@ -71,11 +73,25 @@ fn a_second_gateway_on_a_taken_address_is_refused_and_a_restart_is_not() {
     assert_eq!(codes(addr, 20), ["200"; 20], "the first one still serves");
     let served_before = up.hits.load(std::sync::atomic::Ordering::Relaxed);
 
-    // The first one stops; its client connections (closed by curl) may sit in TIME_WAIT. The
-    // same address starts at once.
+    // The first one stops, its side of those connections in TIME_WAIT. The same address
+    // starts at once.
     drop(first);
+    assert!(
+        time_wait_on(addr.port()),
+        "no connection of the first gateway's port in TIME_WAIT: the restart would prove nothing"
+    );
     let again = GatewayProcess::spawn(gateway_bin!().run(&second));
     assert_eq!(again.addr, addr);
     assert_eq!(codes(addr, 3), ["200"; 3]);
     assert!(up.hits.load(std::sync::atomic::Ordering::Relaxed) > served_before);
+}
+
+/// Whether a connection whose local port is `port` is in TIME_WAIT (`/proc/net/tcp`, state 06).
+fn time_wait_on(port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    tcp.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&local) && f[3] == "06"
+    })
 }

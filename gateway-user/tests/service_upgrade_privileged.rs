@@ -200,6 +200,71 @@ fn privileged_an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
     );
 }
 
+/// An upgrade whose config serves the old plain HTTP address over HTTPS (and plain HTTP on a
+/// new port): the address is bound anew beside the sockets still handed over, which the
+/// check for a second process on an address (`listeners::taken`) must not take for one. It
+/// refused such an upgrade ("another socket already listens there") before it was skipped
+/// in upgrades.
+#[test]
+fn privileged_an_upgrade_may_serve_a_handed_over_address_in_another_role() {
+    require_root();
+    let up = Upstream::start();
+    let mut old = start("upgrade-role", up.addr, None);
+    let dir = old._dir.path().to_path_buf();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gw.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("gw.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("gw.key"), key.serialize_pem()).unwrap();
+    let plain = free_port();
+    let text = std::fs::read_to_string(&old.config).unwrap().replacen(
+        &format!("listen = [\"{}\"]", old.listen),
+        &format!(
+            "listen = [\"127.0.0.1:{plain}\"]\nhttps_listen = [\"{}\"]",
+            old.listen
+        ),
+        1,
+    );
+    let tls = format!(
+        "\n[router.tls]\ncert_file = \"{d}/gw.pem\"\nkey_file = \"{d}/gw.key\"\n",
+        d = dir.display()
+    );
+    std::fs::write(&old.config, text + &tls).unwrap();
+    old.proc.signal(libc::SIGUSR2);
+    let new_pid = successor_pid(&old.proc);
+    let _new = KillOnDrop(new_pid);
+    assert!(
+        old.proc
+            .wait(Duration::from_secs(20))
+            .expect("the old process drains and exits")
+            .success()
+    );
+    assert!(!old.proc.contains("upgrade failed"), "{}", old.proc.text());
+    let https = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("https://{}/", old.listen))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&https.stdout), "200");
+    let (status, _) = get_once(
+        SocketAddr::from(([127, 0, 0, 1], plain)),
+        "/",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+}
+
 /// The control: the same load across a plain restart (stop, then start on the same ports)
 /// does fail requests, so the zero above is the handover's doing, not a blind load generator.
 #[test]

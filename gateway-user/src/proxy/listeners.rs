@@ -49,6 +49,9 @@ pub(crate) fn open(
         sockets: Vec::new(),
     };
     let https = settings.https.as_ref().map_or(&[][..], |h| &h.listen[..]);
+    // A binary upgrade's new process: the sockets handed over still listen (here and in the
+    // old process), and a new address beside them (`0.0.0.0:P` for `127.0.0.1:P`) is theirs.
+    let upgrade = !inherited.is_empty();
     let all: Vec<_> = (settings.listen.iter().map(|a| (Role::Client, *a)))
         .chain(https.iter().map(|a| (Role::Https, *a)))
         .map(|(role, addr)| (role, addr, inherited.take(role, addr)))
@@ -57,13 +60,13 @@ pub(crate) fn open(
         .admin
         .map(|a| (a, inherited.take(Role::Admin, a).pop()));
     // Each address bound anew is checked before any is bound: the gateway's own sockets may
-    // overlap (`0.0.0.0:P` and `127.0.0.1:P`), as they always could.
+    // overlap (`0.0.0.0:P` and `127.0.0.1:P`), as they always could. Not in an upgrade.
     let fresh = all
         .iter()
         .filter(|(_, _, handed)| handed.is_empty())
         .map(|(_, addr, _)| *addr)
         .chain(admin.iter().filter(|(_, s)| s.is_none()).map(|(a, _)| *a));
-    for addr in fresh.filter(|a| a.port() != 0) {
+    for addr in fresh.filter(|a| a.port() != 0 && !upgrade) {
         taken::check(addr).map_err(|source| StartError::Bind { addr, source })?;
     }
     for (role, addr, handed) in all {
