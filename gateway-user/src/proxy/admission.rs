@@ -64,6 +64,39 @@ pub(crate) const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// descriptor, before it tries again.
 pub(crate) const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// What a failed `accept()` means for the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AcceptFailure {
+    /// Out of file descriptors: one connection can be answered on the reserve descriptor.
+    OutOfFds,
+    /// Out of memory or buffers, or an error not known: back off before accepting again.
+    Resource,
+    /// An error of the one connection taken off the queue (it was aborted, or a network error
+    /// was pending on it, which Linux's accept(2) passes on): the next is accepted at once,
+    /// as nginx does, rather than holding every other connection waiting behind it.
+    Connection,
+}
+
+impl AcceptFailure {
+    pub fn of(errno: i32) -> AcceptFailure {
+        match errno {
+            libc::EMFILE | libc::ENFILE => AcceptFailure::OutOfFds,
+            libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT => AcceptFailure::Connection,
+            _ => AcceptFailure::Resource,
+        }
+    }
+}
+
 /// Why a connection was turned away (the `reason` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Rejection {
@@ -304,23 +337,32 @@ impl ListenerGate {
         });
     }
 
-    /// `accept()` failed with `err`: counted, logged (rate-limited). Returns whether the
-    /// loop should answer one connection on its reserve descriptor (out of descriptors).
-    pub fn accept_failed(&self, admission: &Admission, err: &std::io::Error) -> bool {
+    /// `accept()` failed with `err`: counted, logged (rate-limited), and classed.
+    pub fn accept_failed(&self, admission: &Admission, err: &std::io::Error) -> AcceptFailure {
         let errno = err.raw_os_error().unwrap_or(0);
         self.error_counter(admission, errno).inc();
+        let failure = AcceptFailure::of(errno);
         if let Some(suppressed) = self.error_log.due() {
+            let what = match failure {
+                AcceptFailure::Connection => {
+                    "accept failed for one connection (an error pending on it); the next is \
+                     accepted at once (counted in gateway_accept_errors_total)"
+                }
+                _ => {
+                    "accept failed on a client listener; new connections are closed until it \
+                     recovers (counted in gateway_accept_errors_total)"
+                }
+            };
             warn!(
                 listener = %self.addr,
                 errno = errno_label(errno),
                 error = %err,
                 suppressed,
                 every_s = ACCEPT_ERROR_LOG_EVERY.as_secs(),
-                "accept failed on a client listener; new connections are closed until it recovers \
-                 (counted in gateway_accept_errors_total)"
+                "{what}"
             );
         }
-        matches!(errno, libc::EMFILE | libc::ENFILE)
+        failure
     }
 
     fn error_counter(&self, admission: &Admission, errno: i32) -> Counter {
@@ -421,6 +463,23 @@ fn errno_label(errno: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_of_one_connection_do_not_hold_the_others() {
+        for e in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EPERM,
+        ] {
+            assert_eq!(AcceptFailure::of(e), AcceptFailure::Connection, "{e}");
+        }
+        assert_eq!(AcceptFailure::of(libc::EMFILE), AcceptFailure::OutOfFds);
+        assert_eq!(AcceptFailure::of(libc::ENFILE), AcceptFailure::OutOfFds);
+        for e in [libc::ENOBUFS, libc::ENOMEM, 0] {
+            assert_eq!(AcceptFailure::of(e), AcceptFailure::Resource, "{e}");
+        }
+    }
 
     #[test]
     fn the_bucket_bursts_one_second_then_refills_at_the_rate() {

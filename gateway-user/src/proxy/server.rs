@@ -45,7 +45,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    admission, handshake,
+    admission::{self, AcceptFailure},
+    handshake,
     headers::{self, Scheme},
     io::{Busy, Holding, Parkable},
     listeners::ClientSocket,
@@ -286,11 +287,14 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     // Out of descriptors: answer the connection waiting on the reserve one
-                    // and go on (each round accepts one connection: no spin). Otherwise, or
-                    // without a reserve, back off instead of spinning.
-                    let out_of_fds = gate.accept_failed(&shared.admission, &e);
-                    if !(out_of_fds && gate.answer_on_reserve(&listener, scheme, &mut reserve)) {
-                        tokio::time::sleep(admission::ACCEPT_ERROR_BACKOFF).await;
+                    // and go on (each round accepts one connection: no spin). A failed
+                    // connection of its own: the next at once. Otherwise, or without a
+                    // reserve, back off instead of spinning.
+                    match gate.accept_failed(&shared.admission, &e) {
+                        AcceptFailure::Connection => {}
+                        AcceptFailure::OutOfFds
+                            if gate.answer_on_reserve(&listener, scheme, &mut reserve) => {}
+                        _ => tokio::time::sleep(admission::ACCEPT_ERROR_BACKOFF).await,
                     }
                 }
             },
