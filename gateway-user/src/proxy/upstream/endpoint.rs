@@ -25,7 +25,7 @@ use super::{
     pool::IdlePool,
 };
 use crate::{
-    config::{ClusterSpec, LbPolicy},
+    config::{ClusterSpec, LbPolicy, UpstreamProtocol},
     decide::{health::State, latency},
     proxy::telemetry::{ClusterMeter, EndpointMeter},
 };
@@ -193,11 +193,13 @@ impl Endpoints {
         };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         let passes_over = slow_start_passes_over(spec, key.is_some());
+        let full = holds_its_share(spec, eps);
         for pass in 0..3 {
             let eligible = |i: usize| {
                 let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
                 !tried(eps[i].addr)
                     && h.routable()
+                    && (pass == 2 || !full(i))
                     && match pass {
                         0 => !h.suspect() && !slow,
                         1 => !slow,
@@ -385,6 +387,34 @@ fn hash_pick(
         eps[owner].meter.hash_spilled();
     }
     Some(i)
+}
+
+/// Round robin over HTTP/1: whether endpoint `i` has as many requests in flight (each holding
+/// a connection) as its share of the cluster's `max_connections`, by weight among the
+/// routable endpoints. Such an endpoint is passed over while another has room (the last pass
+/// takes it again). Without this, an endpoint that takes connections and answers nothing (a
+/// hung process still accepting) kept getting its turns, each holding a connection until the
+/// response timeout, until it held every connection of the cluster and the healthy endpoints'
+/// requests waited for one. The other policies weigh the requests in flight already.
+fn holds_its_share<'a>(
+    spec: &ClusterSpec,
+    eps: &'a [Arc<Endpoint>],
+) -> impl Fn(usize) -> bool + 'a {
+    let applies =
+        spec.lb_policy == LbPolicy::RoundRobin && spec.protocol == UpstreamProtocol::Http1;
+    let total: u64 = if applies {
+        eps.iter()
+            .filter(|e| e.health.routable())
+            .map(|e| u64::from(e.weight))
+            .sum()
+    } else {
+        0
+    };
+    let max = spec.limits.max_connections as u64;
+    move |i| {
+        total > 0
+            && eps[i].in_flight.load(Ordering::Relaxed) * total >= max * u64::from(eps[i].weight)
+    }
 }
 
 #[cfg(test)]
