@@ -417,6 +417,7 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         every.tick().await;
         let Some(s) = shared.upgrade() else { return };
         memory::release_after_burst(&s.admission);
+        s.telemetry.observer_mode(&*s.signals);
         if let Some(lost) = s.signals.events_lost() {
             s.telemetry.events_lost(lost);
         }

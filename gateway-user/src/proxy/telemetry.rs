@@ -175,17 +175,9 @@ impl Telemetry {
     pub fn new(signals: &dyn SignalSource, longest: Duration) -> Telemetry {
         let mut registry = Registry::default();
         let metrics = GatewayMetrics::new(&mut registry, LatencyBuckets::reaching(longest));
-        let kernel = signals.mode() == SignalMode::Kernel;
-        metrics.observer_kernel.set(i64::from(kernel));
-        for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
-            metrics
-                .observer_mode
-                .get_or_create(&ModeLabels { mode })
-                .set(i64::from(on));
-        }
         let series = Arc::new(Series::default());
         let unrouted = RouteMeter::new(&metrics, &series, UNROUTED, UNROUTED, false);
-        Telemetry {
+        let t = Telemetry {
             tls: TlsMeter::new(&metrics),
             registry,
             metrics,
@@ -196,7 +188,9 @@ impl Telemetry {
             anomalies_seen: std::sync::Mutex::new(Vec::new()),
             logs_suppressed_seen: AtomicU64::new(0),
             series,
-        }
+        };
+        t.observer_mode(signals);
+        t
     }
 
     /// The histograms' highest finite bucket: a reload that brings a longer timeout needs a
@@ -242,6 +236,19 @@ impl Telemetry {
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+
+    /// The observer's mode, read every second (its records may stop: `signals::kernel`).
+    pub fn observer_mode(&self, signals: &dyn SignalSource) {
+        let kernel = signals.mode() == SignalMode::Kernel;
+        self.metrics.observer_kernel.set(i64::from(kernel));
+        for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
+            let labels = ModeLabels { mode };
+            self.metrics
+                .observer_mode
+                .get_or_create(&labels)
+                .set(i64::from(on));
+        }
     }
 
     /// The observer's count of records the kernel could not queue, read every second.
