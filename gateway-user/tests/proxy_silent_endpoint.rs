@@ -66,14 +66,16 @@ fn a_silent_endpoint_holds_its_share_of_connections_not_the_clusters() {
         .filter(|(s, _)| *s == 200)
         .map(|(_, d)| *d)
         .collect();
-    let slow_ok = ok.iter().filter(|d| **d > Duration::from_secs(1)).count();
+    // Served at once, but with 240 client threads on a loaded two-core machine: 2 s, well
+    // under the 5 s a request waits for a connection the silent endpoint holds.
+    let slow_ok = ok.iter().filter(|d| **d > Duration::from_secs(2)).count();
     let timed_out = results.iter().filter(|(s, _)| *s == 504).count();
     let other: Vec<_> = results
         .iter()
         .filter(|(s, _)| ![200, 504].contains(s))
         .collect();
     eprintln!(
-        "{REQUESTS} requests: {} served ({slow_ok} after more than 1 s), {timed_out} timed out on \
+        "{REQUESTS} requests: {} served ({slow_ok} after more than 2 s), {timed_out} timed out on \
          the silent endpoint, {} other",
         ok.len(),
         other.len()

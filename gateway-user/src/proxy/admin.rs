@@ -13,7 +13,8 @@
 //!
 //! Everything else is read-only: other methods get 405.
 //!
-//! At most [`MAX_CONNECTIONS`] connections at once (a new one closes the oldest), each
+//! At most [`MAX_CONNECTIONS`] connections at once (a new one closes the oldest; beyond
+//! [`HARD_MAX_CONNECTIONS`], those closing included, a new one is closed at once), each
 //! with [`HEADER_READ_TIMEOUT`] for a request's head (an idle one included) and closed after
 //! its current response once it is [`MAX_CONNECTION_AGE`] old: the admin port may be open to
 //! a whole cluster network (`allow_remote`), and its connections share the process's file
@@ -69,11 +70,18 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// An evicted connection's current response gets this long to finish.
 const EVICT_GRACE: Duration = Duration::from_secs(1);
 
-/// The admin connections open now, oldest first, each with the signal that closes it.
+/// Connections open at once, those closing included: beyond it a new one is closed at once.
+/// An evicted connection may take [`EVICT_GRACE`] to go, so a client that opens connections
+/// fast would otherwise hold more than [`MAX_CONNECTIONS`] descriptors.
+const HARD_MAX_CONNECTIONS: usize = 2 * MAX_CONNECTIONS;
+
+/// The admin connections open now: those not asked to close, oldest first, each with the
+/// signal that closes it, and how many are open in all.
 #[derive(Default)]
 struct Open {
     next: u64,
     conns: VecDeque<(u64, Arc<Notify>)>,
+    live: usize,
 }
 
 pub(crate) async fn serve(
@@ -94,9 +102,13 @@ pub(crate) async fn serve(
                 };
                 let (id, close, evicted) = {
                     let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                    if o.live >= HARD_MAX_CONNECTIONS {
+                        continue;
+                    }
                     let evicted = (o.conns.len() >= MAX_CONNECTIONS).then(|| o.conns.pop_front()).flatten();
                     let (id, close) = (o.next, Arc::new(Notify::new()));
                     o.next += 1;
+                    o.live += 1;
                     o.conns.push_back((id, close.clone()));
                     (id, close, evicted)
                 };
@@ -111,6 +123,7 @@ pub(crate) async fn serve(
                     connection(stream, peer, shared, &close).await;
                     let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
                     o.conns.retain(|(c, _)| *c != id);
+                    o.live -= 1;
                 });
             }
             _ = phase.changed() => {

@@ -81,9 +81,10 @@ impl AcceptFailure {
     pub fn of(errno: i32) -> AcceptFailure {
         match errno {
             libc::EMFILE | libc::ENFILE => AcceptFailure::OutOfFds,
+            // Not EPERM: a security module's refusal comes before a connection is taken off
+            // the queue, and would come back at once.
             libc::ECONNABORTED
             | libc::EPROTO
-            | libc::EPERM
             | libc::ENETDOWN
             | libc::ENOPROTOOPT
             | libc::EHOSTDOWN

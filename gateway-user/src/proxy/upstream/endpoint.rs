@@ -193,13 +193,11 @@ impl Endpoints {
         };
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         let passes_over = slow_start_passes_over(spec, key.is_some());
-        let full = holds_its_share(spec, eps);
         for pass in 0..3 {
             let eligible = |i: usize| {
                 let (h, slow) = (&eps[i].health, latency_aware && eps[i].latency.slow());
                 !tried(eps[i].addr)
                     && h.routable()
-                    && (pass == 2 || !full(i))
                     && match pass {
                         0 => !h.suspect() && !slow,
                         1 => !slow,
@@ -254,7 +252,7 @@ impl Endpoints {
     ) -> Option<usize> {
         let eps = &set.endpoints;
         match spec.lb_policy {
-            LbPolicy::RoundRobin => balancer::round_robin(&set.schedule, tick, eligible),
+            LbPolicy::RoundRobin => round_robin_with_room(set, spec, tick, eligible),
             LbPolicy::LeastRequest => {
                 let mut rng = rand::rng();
                 balancer::least_request(
@@ -268,7 +266,7 @@ impl Endpoints {
             LbPolicy::PeakEwma => self.peak_ewma(eps, spec, eligible),
             LbPolicy::ConsistentHash => match key {
                 Some(k) => hash_pick(eps, (k, count_spill), spec.hash_balance_factor, eligible),
-                None => balancer::round_robin(&set.schedule, tick, eligible),
+                None => round_robin_with_room(set, spec, tick, eligible),
             },
         }
     }
@@ -389,32 +387,46 @@ fn hash_pick(
     Some(i)
 }
 
-/// Round robin over HTTP/1: whether endpoint `i` has as many requests in flight (each holding
-/// a connection) as its share of the cluster's `max_connections`, by weight among the
-/// routable endpoints. Such an endpoint is passed over while another has room (the last pass
-/// takes it again). Without this, an endpoint that takes connections and answers nothing (a
-/// hung process still accepting) kept getting its turns, each holding a connection until the
-/// response timeout, until it held every connection of the cluster and the healthy endpoints'
-/// requests waited for one. The other policies weigh the requests in flight already.
-fn holds_its_share<'a>(
+/// Round robin, HTTP/1: the endpoint whose turn it is, unless it has as many requests in
+/// flight (waiting for a connection or holding one) as its share of the cluster's
+/// `max_connections`, by weight among the routable endpoints. Then the least loaded by weight
+/// of the `eligible` endpoints with room takes the turn (not the next in line, which would
+/// take every turn given up), or of all of them when none has room.
+///
+/// Without this, an endpoint that takes connections and answers nothing (a hung process still
+/// accepting) kept its turns, each holding a connection until the response timeout, until it
+/// held every connection of the cluster and the healthy endpoints' requests waited for one.
+/// `least_request` and `peak_ewma` weigh the requests in flight already; `protocol = "auto"`
+/// and HTTP/2 clusters (many requests to a connection) keep plain round robin.
+fn round_robin_with_room(
+    set: &EndpointSet,
     spec: &ClusterSpec,
-    eps: &'a [Arc<Endpoint>],
-) -> impl Fn(usize) -> bool + 'a {
-    let applies =
-        spec.lb_policy == LbPolicy::RoundRobin && spec.protocol == UpstreamProtocol::Http1;
-    let total: u64 = if applies {
-        eps.iter()
-            .filter(|e| e.health.routable())
-            .map(|e| u64::from(e.weight))
-            .sum()
-    } else {
-        0
-    };
-    let max = spec.limits.max_connections as u64;
-    move |i| {
-        total > 0
-            && eps[i].in_flight.load(Ordering::Relaxed) * total >= max * u64::from(eps[i].weight)
+    tick: usize,
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let eps = &set.endpoints;
+    let i = balancer::round_robin(&set.schedule, tick, &eligible)?;
+    if spec.protocol != UpstreamProtocol::Http1 {
+        return Some(i);
     }
+    let total: u64 = eps
+        .iter()
+        .filter(|e| e.health.routable())
+        .map(|e| u64::from(e.weight))
+        .sum();
+    let max = spec.limits.max_connections as u64;
+    let load = |j: usize| eps[j].in_flight.load(Ordering::Relaxed);
+    let full = |j: usize| load(j) * total >= max * u64::from(eps[j].weight);
+    if !full(i) {
+        return Some(i);
+    }
+    let least = |ok: &dyn Fn(usize) -> bool| {
+        (0..eps.len()).filter(|&j| ok(j)).min_by(|&a, &b| {
+            let (wa, wb) = (u64::from(eps[a].weight), u64::from(eps[b].weight));
+            (load(a) * wb).cmp(&(load(b) * wa))
+        })
+    };
+    least(&|j| eligible(j) && !full(j)).or_else(|| least(&eligible))
 }
 
 #[cfg(test)]

@@ -61,3 +61,49 @@ async fn a_warming_endpoint_keeps_about_its_percent_and_the_rest_spread_evenly()
         }
     }
 }
+
+/// Round robin over three endpoints with `max_connections = 30`, the first holding
+/// `held` requests: how many of `n` picks each got (a pick is not released, as a request
+/// that holds its connection).
+fn round_robin_with(held: u64, n: usize) -> [u64; 3] {
+    let text = "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
+         \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\nlb_policy = \"round_robin\"\n\
+         [clusters.a.limits]\nmax_connections = 30\n[[routes]]\ncluster = \"a\"\n";
+    let spec = crate::config::load_str(text, Path::new("t.toml"))
+        .unwrap()
+        .settings
+        .clusters["a"]
+        .clone();
+    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
+    let meter = t.cluster("a");
+    let eps: Vec<Arc<Endpoint>> = (0..3)
+        .map(|i| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
+            Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
+        })
+        .collect();
+    eps[0].in_flight.store(held, Ordering::Relaxed);
+    let set = Endpoints::new(eps.clone());
+    for _ in 0..n {
+        let Ok(ep) = set.pick(&spec, |_| false, (None, true)) else {
+            panic!("no pick");
+        };
+        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    [0, 1, 2].map(|i| eps[i].in_flight.load(Ordering::Relaxed) - if i == 0 { held } else { 0 })
+}
+
+#[tokio::test]
+async fn an_endpoint_holding_its_share_gives_its_turns_to_the_least_loaded_with_room() {
+    // Below its share (10 of 30), plain round robin.
+    assert_eq!(round_robin_with(0, 9), [3, 3, 3]);
+    // At its share: its turns go evenly to the other two, not all to its neighbour.
+    assert_eq!(round_robin_with(10, 18), [0, 9, 9]);
+    // Every endpoint at its share or beyond: the least loaded of all, so the one that holds
+    // its share gets no more than the others (plain round robin would give it a third).
+    let got = round_robin_with(10, 60);
+    let loads = [got[0] + 10, got[1], got[2]];
+    let spread = loads.iter().max().unwrap() - loads.iter().min().unwrap();
+    assert!(spread <= 1, "{got:?}");
+    assert!(got[0] < 20, "{got:?}");
+}
