@@ -16,7 +16,7 @@ use std::{
 
 use gateway_testkit::{
     admin::{admin_get, metrics, value},
-    gateway_bin,
+    config, gateway_bin,
     process::GatewayProcess,
     root::require_root,
     service::cgroup_of,
@@ -69,19 +69,11 @@ fn privileged_records_that_stop_coming_turn_decisions_to_userspace_timing_and_ba
     require_root();
     let up = BlockingUpstream::start();
     let dir = temp_dir("observer-detached");
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
-             [router.upstream]\nendpoints = [\"{}\"]\n\n\
-             [router.upstream.limits]\nmax_idle_per_endpoint = 0\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\noutput = \"off\"\n\n\
-             [observer]\nmode = \"kernel\"\n",
-            up.addr
-        ),
-    )
-    .unwrap();
+    let cfg = config::loopback(
+        &dir,
+        &[up.addr],
+        "[router.upstream.limits]\nmax_idle_per_endpoint = 0\n\n[observer]\nmode = \"kernel\"\n",
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let pid = gw.pid();
     let observed = cgroup_of(pid);

@@ -13,7 +13,7 @@ use std::{
 };
 
 use gateway_testkit::{
-    admin::admin_get, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
+    admin::admin_get, config, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
     upstream::BlockingUpstream,
 };
 
@@ -52,17 +52,7 @@ fn proxy_serves(addr: SocketAddr) {
 fn idle_admin_connections_are_bounded_in_number_and_in_time() {
     let up = BlockingUpstream::start();
     let dir = temp_dir("admin-limits");
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
-             [router.upstream]\nendpoints = [\"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\noutput = \"off\"\n\n[observer]\nmode = \"off\"\n",
-            up.addr
-        ),
-    )
-    .unwrap();
+    let cfg = config::loopback(&dir, &[up.addr], "");
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     // `spawn` asked /readyz on a connection of its own, closed since; let it go.
     std::thread::sleep(Duration::from_millis(200));

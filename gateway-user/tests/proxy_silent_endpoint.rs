@@ -12,7 +12,7 @@ use std::{
 };
 
 use gateway_testkit::{
-    gateway_bin, http::get_once, process::GatewayProcess, tempdir::temp_dir,
+    config, gateway_bin, http::get_once, process::GatewayProcess, tempdir::temp_dir,
     upstream::BlockingUpstream,
 };
 
@@ -26,22 +26,15 @@ fn a_silent_endpoint_holds_its_share_of_connections_not_the_clusters() {
     // Never accepted, never read: the kernel completes each handshake into the backlog.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = temp_dir("silent-endpoint");
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
-             [router.upstream]\nlb_policy = \"round_robin\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n\n\
-             [router.upstream.limits]\nmax_connections = {MAX_CONNECTIONS}\n\n\
-             [router.upstream.timeouts]\nresponse_timeout_ms = 5000\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\noutput = \"off\"\n\n[observer]\nmode = \"off\"\n",
-            a.addr,
-            b.addr,
-            silent.local_addr().unwrap()
+    // Round robin is the default policy.
+    let cfg = config::loopback(
+        &dir,
+        &[a.addr, b.addr, silent.local_addr().unwrap()],
+        &format!(
+            "[router.upstream.limits]\nmax_connections = {MAX_CONNECTIONS}\n\n\
+             [router.upstream.timeouts]\nresponse_timeout_ms = 5000\n"
         ),
-    )
-    .unwrap();
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = gw.addr;
 

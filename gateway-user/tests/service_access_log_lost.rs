@@ -7,7 +7,7 @@
 use std::{process::Command, time::Duration};
 
 use gateway_testkit::{
-    admin::metrics, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
+    admin::metrics, config, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
     upstream::BlockingUpstream,
 };
 
@@ -15,17 +15,7 @@ use gateway_testkit::{
 fn lines_a_full_disk_refuses_are_counted_and_said_once_while_requests_are_served() {
     let up = BlockingUpstream::start();
     let dir = temp_dir("access-log-full");
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
-             [router.upstream]\nendpoints = [\"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\noutput = \"/dev/full\"\n\n[observer]\nmode = \"off\"\n",
-            up.addr
-        ),
-    )
-    .unwrap();
+    let cfg = config::loopback(&dir, &[up.addr], "[access_log]\noutput = \"/dev/full\"\n");
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let url = format!("http://{}/", gw.addr);
     let mut curl = Command::new("curl");

@@ -22,7 +22,7 @@ use std::{
 };
 
 use gateway_testkit::{
-    admin::metrics, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
+    admin::metrics, config, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
     upstream::BlockingUpstream,
 };
 
@@ -64,17 +64,7 @@ fn lost_lines(admin: SocketAddr) -> u64 {
 fn a_stderr_nobody_reads_loses_log_lines_counted_and_never_holds_a_request() {
     let up = BlockingUpstream::start();
     let dir = temp_dir("log-stall");
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
-             [router.upstream]\nendpoints = [\"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [access_log]\noutput = \"off\"\n\n[observer]\nmode = \"off\"\n",
-            up.addr
-        ),
-    )
-    .unwrap();
+    let cfg = config::loopback(&dir, &[up.addr], "");
     let mut cmd = gateway_bin!().run(&cfg);
     cmd.env("RUST_LOG", "info,gateway::proxy::server=debug");
     let gw = GatewayProcess::spawn(cmd);

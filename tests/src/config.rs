@@ -51,3 +51,24 @@ pub fn with_ports(
         log.display()
     )
 }
+
+/// Writes DIR/gateway.toml for an unprivileged test of the real binary: one listener and the
+/// admin on loopback port 0, no drain delay, `endpoints` as the default cluster, then `extra`
+/// (TOML tables), and the access log and the observer off unless `extra` has their tables.
+pub fn loopback(dir: &Path, endpoints: &[SocketAddr], extra: &str) -> PathBuf {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let mut text = format!(
+        "[router]\nlisten = [\"127.0.0.1:0\"]\ndrain_delay_ms = 0\n\n\
+         [router.upstream]\nendpoints = [{}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{extra}\n",
+        eps.join(", ")
+    );
+    if !extra.contains("[access_log]") {
+        text.push_str("\n[access_log]\noutput = \"off\"\n");
+    }
+    if !extra.contains("[observer]") {
+        text.push_str("\n[observer]\nmode = \"off\"\n");
+    }
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
