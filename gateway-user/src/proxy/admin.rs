@@ -84,6 +84,35 @@ struct Open {
     live: usize,
 }
 
+impl Open {
+    /// A new connection: its id and the signal that closes it, with the oldest one's signal
+    /// when it must make room; `None` (closed at once) beyond [`HARD_MAX_CONNECTIONS`].
+    fn admit(&mut self) -> Option<(u64, Arc<Notify>, Option<Arc<Notify>>)> {
+        if self.live >= HARD_MAX_CONNECTIONS {
+            return None;
+        }
+        let evicted = if self.conns.len() >= MAX_CONNECTIONS {
+            self.conns.pop_front().map(|(_, close)| close)
+        } else {
+            None
+        };
+        let (id, close) = (self.next, Arc::new(Notify::new()));
+        self.next += 1;
+        self.live += 1;
+        self.conns.push_back((id, close.clone()));
+        Some((id, close, evicted))
+    }
+
+    fn ended(&mut self, id: u64) {
+        self.conns.retain(|(c, _)| *c != id);
+        self.live -= 1;
+    }
+}
+
+fn lock(open: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -100,19 +129,10 @@ pub(crate) async fn serve(
                     tokio::time::sleep(super::admission::ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 };
-                let (id, close, evicted) = {
-                    let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
-                    if o.live >= HARD_MAX_CONNECTIONS {
-                        continue;
-                    }
-                    let evicted = (o.conns.len() >= MAX_CONNECTIONS).then(|| o.conns.pop_front()).flatten();
-                    let (id, close) = (o.next, Arc::new(Notify::new()));
-                    o.next += 1;
-                    o.live += 1;
-                    o.conns.push_back((id, close.clone()));
-                    (id, close, evicted)
+                let Some((id, close, evicted)) = lock(&open).admit() else {
+                    continue;
                 };
-                if let Some((_, oldest)) = evicted {
+                if let Some(oldest) = evicted {
                     oldest.notify_one();
                     if let Some(suppressed) = full.due() {
                         warn!(client = %peer, max = MAX_CONNECTIONS, suppressed, "admin listener: every connection slot is taken; closing the oldest connection for a new one");
@@ -121,9 +141,7 @@ pub(crate) async fn serve(
                 let (shared, open) = (shared.clone(), open.clone());
                 tokio::spawn(async move {
                     connection(stream, peer, shared, &close).await;
-                    let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
-                    o.conns.retain(|(c, _)| *c != id);
-                    o.live -= 1;
+                    lock(&open).ended(id);
                 });
             }
             _ = phase.changed() => {
@@ -220,4 +238,29 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_connection_makes_room_and_a_hard_ceiling_holds_those_closing() {
+        let mut open = Open::default();
+        let first: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| open.admit().unwrap())
+            .collect();
+        assert!(first.iter().all(|(_, _, evicted)| evicted.is_none()));
+        // One more: the oldest is told to close.
+        let (_, _, evicted) = open.admit().unwrap();
+        assert!(Arc::ptr_eq(&evicted.unwrap(), &first[0].1));
+        // Those told to close still count until they end.
+        for _ in MAX_CONNECTIONS + 1..HARD_MAX_CONNECTIONS {
+            assert!(open.admit().unwrap().2.is_some());
+        }
+        assert!(open.admit().is_none(), "beyond the hard ceiling");
+        open.ended(first[0].0);
+        assert!(open.admit().is_some(), "room again once one ended");
+        assert_eq!(open.conns.len(), MAX_CONNECTIONS);
+    }
 }

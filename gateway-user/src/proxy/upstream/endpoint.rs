@@ -118,6 +118,8 @@ impl Drop for InFlight {
 pub(crate) struct EndpointSet {
     pub endpoints: Vec<Arc<Endpoint>>,
     schedule: Vec<u32>,
+    /// Every endpoint's weight, summed (the routable ones' is at most this).
+    weight: u64,
 }
 
 impl EndpointSet {
@@ -125,6 +127,7 @@ impl EndpointSet {
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         EndpointSet {
             schedule: balancer::schedule(&weights),
+            weight: weights.iter().map(|w| u64::from(*w)).sum(),
             endpoints,
         }
     }
@@ -406,7 +409,12 @@ fn round_robin_with_room(
 ) -> Option<usize> {
     let eps = &set.endpoints;
     let i = balancer::round_robin(&set.schedule, tick, &eligible)?;
-    if spec.protocol != UpstreamProtocol::Http1 {
+    let max = spec.limits.max_connections as u64;
+    let load = |j: usize| eps[j].in_flight.load(Ordering::Relaxed);
+    // Below its share of every endpoint's weight: below its share among the routable ones.
+    if spec.protocol != UpstreamProtocol::Http1
+        || load(i) * set.weight < max * u64::from(eps[i].weight)
+    {
         return Some(i);
     }
     let total: u64 = eps
@@ -414,8 +422,6 @@ fn round_robin_with_room(
         .filter(|e| e.health.routable())
         .map(|e| u64::from(e.weight))
         .sum();
-    let max = spec.limits.max_connections as u64;
-    let load = |j: usize| eps[j].in_flight.load(Ordering::Relaxed);
     let full = |j: usize| load(j) * total >= max * u64::from(eps[j].weight);
     if !full(i) {
         return Some(i);
