@@ -140,6 +140,10 @@ impl fmt::Display for EstablishedEvidence {
 pub trait SignalSource: Send + Sync + 'static {
     /// Whether kernel signals are flowing, and if not, why.
     fn mode(&self) -> SignalMode;
+    /// `mode() == SignalMode::Kernel`, without building the mode (asked per request).
+    fn kernel(&self) -> bool {
+        self.mode() == SignalMode::Kernel
+    }
     /// The kernel's record of the connect made on the socket with this cookie, if it has one.
     fn connect_evidence(&self, cookie: u64) -> Option<ConnectEvidence>;
     /// The kernel's view of the established connection with this cookie, if it has one.

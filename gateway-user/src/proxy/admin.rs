@@ -109,6 +109,15 @@ impl Open {
     }
 }
 
+/// A connection's place in [`Open`], given back when dropped.
+struct Ended(Arc<Mutex<Open>>, u64);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        lock(&self.0).ended(self.1);
+    }
+}
+
 fn lock(open: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
     open.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -130,6 +139,9 @@ pub(crate) async fn serve(
                     continue;
                 };
                 let Some((id, close, evicted)) = lock(&open).admit() else {
+                    if let Some(suppressed) = full.due() {
+                        warn!(client = %peer, max = HARD_MAX_CONNECTIONS, suppressed, "admin listener: too many connections still closing; closing new ones at once");
+                    }
                     continue;
                 };
                 if let Some(oldest) = evicted {
@@ -138,10 +150,12 @@ pub(crate) async fn serve(
                         warn!(client = %peer, max = MAX_CONNECTIONS, suppressed, "admin listener: every connection slot is taken; closing the oldest connection for a new one");
                     }
                 }
-                let (shared, open) = (shared.clone(), open.clone());
+                // Ended however the task ends (a panic included): its place is given back.
+                let ended = Ended(open.clone(), id);
+                let shared = shared.clone();
                 tokio::spawn(async move {
+                    let _ended = ended;
                     connection(stream, peer, shared, &close).await;
-                    lock(&open).ended(id);
                 });
             }
             _ = phase.changed() => {

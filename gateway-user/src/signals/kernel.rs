@@ -154,6 +154,10 @@ impl SignalSource for KernelSignals {
         SignalMode::Kernel
     }
 
+    fn kernel(&self) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+    }
+
     fn connect_evidence(&self, cookie: u64) -> Option<ConnectEvidence> {
         let evidence = {
             let mut stream = self.lock();

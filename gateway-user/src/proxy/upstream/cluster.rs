@@ -27,7 +27,7 @@ use crate::{
         health::{Evidence, Transition},
     },
     proxy::telemetry::ClusterMeter,
-    signals::{SignalMode, SignalSource},
+    signals::SignalSource,
 };
 
 pub(crate) struct Cluster {
@@ -142,7 +142,7 @@ impl Cluster {
 
     /// Kernel signals are flowing.
     pub fn kernel(&self) -> bool {
-        self.signals.mode() == SignalMode::Kernel
+        self.signals.kernel()
     }
 
     /// Feeds one piece of evidence about `ep`, seen now, to its health, and logs what it

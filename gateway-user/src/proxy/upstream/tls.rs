@@ -28,7 +28,7 @@ use crate::{
         io::StallGuard,
         telemetry::Side,
     },
-    signals::{EstablishedEvidence, SignalMode},
+    signals::EstablishedEvidence,
     tls::{self, ClientTls, failure::classify},
 };
 
@@ -112,7 +112,8 @@ fn failed(
     let evidence = signals
         .established_evidence(tcp.cookie)
         .or_else(|| {
-            (signals.mode() == SignalMode::Kernel)
+            signals
+                .kernel()
                 .then(|| EstablishedEvidence::from_tcp_info(&info?, syn_retransmits))
                 .flatten()
         })

@@ -63,9 +63,9 @@ async fn a_warming_endpoint_keeps_about_its_percent_and_the_rest_spread_evenly()
 }
 
 /// Round robin over three endpoints with `max_connections = 30`, the first holding
-/// `held` requests: how many of `n` picks each got (a pick is not released, as a request
-/// that holds its connection).
-fn round_robin_with(held: u64, n: usize) -> [u64; 3] {
+/// `held` requests: how many of `n` picks each got. A pick is kept (a request that holds its
+/// connection) unless `released` (one that ends at once, as on a fast endpoint).
+fn round_robin_with(held: u64, n: usize, released: bool) -> [u64; 3] {
     let text = "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
          \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\nlb_policy = \"round_robin\"\n\
          [clusters.a.limits]\nmax_connections = 30\n[[routes]]\ncluster = \"a\"\n";
@@ -84,24 +84,38 @@ fn round_robin_with(held: u64, n: usize) -> [u64; 3] {
         .collect();
     eps[0].in_flight.store(held, Ordering::Relaxed);
     let set = Endpoints::new(eps.clone());
+    let mut got = [0; 3];
     for _ in 0..n {
         let Ok(ep) = set.pick(&spec, |_| false, (None, true)) else {
             panic!("no pick");
         };
-        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        got[usize::from(ep.addr.port() - 9001)] += 1;
+        if !released {
+            ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    [0, 1, 2].map(|i| eps[i].in_flight.load(Ordering::Relaxed) - if i == 0 { held } else { 0 })
+    got
 }
 
 #[tokio::test]
 async fn an_endpoint_holding_its_share_gives_its_turns_to_the_least_loaded_with_room() {
     // Below its share (10 of 30), plain round robin.
-    assert_eq!(round_robin_with(0, 9), [3, 3, 3]);
-    // At its share: its turns go evenly to the other two, not all to its neighbour.
-    assert_eq!(round_robin_with(10, 18), [0, 9, 9]);
+    assert_eq!(round_robin_with(0, 9, false), [3, 3, 3]);
+    // At its share: its turns go to the less loaded of the other two, not all to its
+    // neighbour in the schedule (12 to 6).
+    let got = round_robin_with(10, 18, false);
+    assert_eq!(got[0], 0, "{got:?}");
+    assert!(got[1].abs_diff(got[2]) <= 2, "{got:?}");
+    // Requests that end at once leave the other two equally loaded: its turns are shared at
+    // random, not all given to the first listed (2,000 to 1,000).
+    let got = round_robin_with(10, 3_000, true);
+    assert_eq!(got[0], 0, "{got:?}");
+    for other in &got[1..] {
+        assert!((1_350..=1_650).contains(other), "{got:?}");
+    }
     // Every endpoint at its share or beyond: the least loaded of all, so the one that holds
     // its share gets no more than the others (plain round robin would give it a third).
-    let got = round_robin_with(10, 60);
+    let got = round_robin_with(10, 60, false);
     let loads = [got[0] + 10, got[1], got[2]];
     let spread = loads.iter().max().unwrap() - loads.iter().min().unwrap();
     assert!(spread <= 1, "{got:?}");
