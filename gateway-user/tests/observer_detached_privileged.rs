@@ -10,13 +10,13 @@
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use gateway_testkit::{
     admin::{admin_get, metrics, value},
     config, gateway_bin,
+    peers::curl_codes,
     process::GatewayProcess,
     root::require_root,
     service::cgroup_of,
@@ -26,18 +26,10 @@ use gateway_testkit::{
 
 /// `n` GETs through the gateway with curl, each on a fresh upstream connection; all 200.
 fn requests(addr: std::net::SocketAddr, n: usize) {
-    let mut curl = Command::new("curl");
-    curl.args(["-s", "-w", "%{http_code}\n", "--max-time", "5"]);
-    for _ in 0..n {
-        curl.args(["-o", "/dev/null"])
-            .arg(format!("http://{addr}/"));
-    }
-    let out = curl.output().expect("curl");
-    let codes = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        codes.lines().filter(|c| *c == "200").count(),
-        n,
-        "every request served: {codes}"
+    let codes = curl_codes(&format!("http://{addr}/"), n, &[]);
+    assert!(
+        codes.len() == n && codes.iter().all(|c| c == "200"),
+        "{codes:?}"
     );
 }
 

@@ -8,13 +8,12 @@
 use std::{
     io::{ErrorKind, Read as _},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use gateway_testkit::{
-    admin::admin_get, config, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
-    upstream::BlockingUpstream,
+    admin::admin_get, config, gateway_bin, peers::curl_codes, process::GatewayProcess,
+    tempdir::temp_dir, upstream::BlockingUpstream,
 };
 
 const MAX: usize = 64;
@@ -32,20 +31,7 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 }
 
 fn proxy_serves(addr: SocketAddr) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://{addr}/"))
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(curl_codes(&format!("http://{addr}/"), 1, &[]), ["200"]);
 }
 
 #[test]

@@ -17,13 +17,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use gateway_testkit::{
-    admin::metrics, config, gateway_bin, process::GatewayProcess, tempdir::temp_dir,
-    upstream::BlockingUpstream,
+    admin::metrics, config, gateway_bin, peers::curl_codes, process::GatewayProcess,
+    tempdir::temp_dir, upstream::BlockingUpstream,
 };
 
 /// Malformed requests sent while stderr is held: each logs one line of about 170 bytes, so
@@ -86,20 +85,7 @@ fn a_stderr_nobody_reads_loses_log_lines_counted_and_never_holds_a_request() {
         failures.is_empty(),
         "a client waited on the stalled log after {took:?}: {failures:?}"
     );
-    let ok = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://{}/", gw.addr))
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200");
+    assert_eq!(curl_codes(&format!("http://{}/", gw.addr), 1, &[]), ["200"]);
     let lost = lost_lines(gw.admin);
     assert!(
         lost > 1_000,

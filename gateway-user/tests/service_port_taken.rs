@@ -6,10 +6,11 @@
 //! after the first one stopped, with connections of its in `TIME_WAIT`, still starts.
 //! curl as the client, the real binary. Unprivileged: `[observer] mode = "off"`, loopback only.
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use gateway_testkit::{
     gateway_bin,
+    peers::curl_codes,
     process::{GatewayProcess, run_to_exit},
     tempdir::temp_dir,
     upstream::BlockingUpstream,
@@ -32,18 +33,7 @@ fn config(dir: &Path, name: &str, listen: &str, up: SocketAddr) -> std::path::Pa
 /// `n` GETs, each on a connection of its own that the gateway closes first (`Connection:
 /// close`), leaving it in `TIME_WAIT` on the gateway's side; their status codes.
 fn codes(addr: SocketAddr, n: usize) -> Vec<String> {
-    let mut curl = Command::new("curl");
-    curl.args(["-s", "-w", "%{http_code}\n", "--max-time", "5"])
-        .args(["-H", "Connection: close"]);
-    for _ in 0..n {
-        curl.args(["-o", "/dev/null"])
-            .arg(format!("http://{addr}/"));
-    }
-    let out = curl.output().expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    curl_codes(&format!("http://{addr}/"), n, &["-H", "Connection: close"])
 }
 
 #[test]

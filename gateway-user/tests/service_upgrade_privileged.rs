@@ -14,6 +14,7 @@ use gateway_lab::{CgroupGuard, NetnsCommandExt as _};
 use gateway_testkit::{
     config, gateway_bin,
     http::get_once,
+    peers::curl_codes,
     ports::free_port,
     process::GatewayProcess,
     root::require_root,
@@ -242,20 +243,8 @@ fn privileged_an_upgrade_may_serve_a_handed_over_address_in_another_role() {
             .success()
     );
     assert!(!old.proc.contains("upgrade failed"), "{}", old.proc.text());
-    let https = std::process::Command::new("curl")
-        .args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("https://{}/", old.listen))
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&https.stdout), "200");
+    let https = format!("https://{}/", old.listen);
+    assert_eq!(curl_codes(&https, 1, &["-k"]), ["200"]);
     let (status, _) = get_once(
         SocketAddr::from(([127, 0, 0, 1], plain)),
         "/",

@@ -582,3 +582,20 @@ pub fn curl_bodies(url: &str, n: usize, args: &[&str]) -> Vec<String> {
         })
         .collect()
 }
+
+/// curl: `n` GETs of `url` one after another (on one connection, unless `args` say
+/// otherwise), each within 5 s, with `args` (headers, `-k`, say); the status code of each
+/// (`000` for none), bodies discarded.
+pub fn curl_codes(url: &str, n: usize, args: &[&str]) -> Vec<String> {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-s", "--max-time", "5", "-w", "%{http_code}\n"])
+        .args(args);
+    for _ in 0..n {
+        c.args(["-o", "/dev/null", url]);
+    }
+    let out = c.output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}

@@ -153,19 +153,26 @@ fn dup(l: &std::net::TcpListener, addr: SocketAddr) -> Result<std::net::TcpListe
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// A TCP socket for `addr`, with `SO_REUSEADDR` (a restart binds beside connections in
+/// `TIME_WAIT`), IPv6 only for an IPv6 address.
+fn socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    Ok(s)
+}
+
 fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
     let make = || -> std::io::Result<std::net::TcpListener> {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_reuse_address(true)?;
+        let s = socket(addr)?;
         if reuse_port {
             s.set_reuse_port(true)?;
-        }
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
         }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;

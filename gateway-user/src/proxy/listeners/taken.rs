@@ -16,22 +16,16 @@ use std::{
 /// wildcard `addr`, on any address of its port): a bind without `SO_REUSEPORT` succeeds.
 /// `SO_REUSEADDR` lets it succeed beside connections in `TIME_WAIT`, as after a restart.
 pub(super) fn check(addr: SocketAddr) -> io::Result<()> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    match s.bind(&addr.into()) {
+    match super::socket(addr)?.bind(&addr.into()) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let by = holder(addr).map_or_else(String::new, |h| format!(" ({h})"));
+            let what = holder(addr).map_or_else(
+                || "the address is in use".to_owned(),
+                |h| format!("another socket already listens there ({h})"),
+            );
             Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "another socket already listens there{by}: a second process on the address would take a share of its connections. Stop that one first, or use another address; to replace a running gateway without a gap, send it SIGUSR2"
+                    "{what}: a second process on the address would take a share of its connections. Stop that one first, or use another address; to replace a running gateway without a gap, send it SIGUSR2"
                 ),
             ))
         }
@@ -42,16 +36,16 @@ pub(super) fn check(addr: SocketAddr) -> io::Result<()> {
 /// The process holding the listening socket on `addr`: `pid 123, nginx`. Best effort: `None`
 /// when `/proc` does not show it (another user's process, for a caller without root).
 fn holder(addr: SocketAddr) -> Option<String> {
-    let table = if addr.is_ipv6() {
-        "/proc/net/tcp6"
+    // An IPv4 address may be taken by a dual-stack IPv6 socket (`[::]:P`, or `::ffff:a.b.c.d`).
+    let tables: &[&str] = if addr.is_ipv6() {
+        &["/proc/net/tcp6"]
     } else {
-        "/proc/net/tcp"
+        &["/proc/net/tcp", "/proc/net/tcp6"]
     };
-    let text = std::fs::read_to_string(table).ok()?;
-    let inode = text
-        .lines()
-        .skip(1)
-        .find_map(|l| listening_inode(l, addr))?;
+    let inode = tables.iter().find_map(|t| {
+        let text = std::fs::read_to_string(t).ok()?;
+        text.lines().skip(1).find_map(|l| listening_inode(l, addr))
+    })?;
     let target = format!("socket:[{inode}]");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         // Processes only (not `self`, which would name this one).
@@ -88,7 +82,7 @@ fn listening_inode(line: &str, addr: SocketAddr) -> Option<u64> {
     if u16::from_str_radix(port, 16).ok()? != addr.port() {
         return None;
     }
-    let ip = parse_ip(ip)?;
+    let ip = parse_ip(ip)?.to_canonical();
     let conflicts = ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified();
     conflicts.then(|| f[9].parse().ok()).flatten()
 }
@@ -142,6 +136,16 @@ mod tests {
         assert_eq!(listening_inode(v4, other), None);
         let established = v4.replace(" 0A ", " 01 ");
         assert_eq!(listening_inode(&established, a), None);
+        // A dual-stack socket on `[::]`: an IPv4 address of its port is taken.
+        let dual = v4.replace("0100007F:A46F", "00000000000000000000000000000000:A46F");
+        assert_eq!(listening_inode(&dual, a), Some(123456));
+        // The words of `::ffff:127.0.0.1` and of `::1` as a little-endian kernel prints them.
+        #[cfg(target_endian = "little")]
+        {
+            let mapped = v4.replace("0100007F:A46F", "0000000000000000FFFF00000100007F:A46F");
+            assert_eq!(listening_inode(&mapped, a), Some(123456));
+        }
+        #[cfg(target_endian = "little")]
         assert_eq!(
             parse_ip("00000000000000000000000001000000"),
             Some(IpAddr::V6(Ipv6Addr::LOCALHOST))

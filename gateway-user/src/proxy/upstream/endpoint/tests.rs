@@ -9,11 +9,12 @@ use crate::{proxy::telemetry::Telemetry, signals::UserspaceOnly};
 
 /// Picks `n` times from three endpoints of a cluster with `policy` and a 10-minute slow start,
 /// the first just back (10 %); how many each got.
-fn shares(policy: &str, n: usize) -> [usize; 3] {
+/// Cluster `a` of three endpoints, 127.0.0.1:9001 to :9003, with `tables` (TOML keys of the
+/// cluster first, then its sub-tables).
+fn three(tables: &str) -> (ClusterSpec, Vec<Arc<Endpoint>>) {
     let text = format!(
         "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
-         \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\nlb_policy = \"{policy}\"\n\
-         [clusters.a.health]\nslow_start_ms = 600000\n[[routes]]\ncluster = \"a\"\n"
+         \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\n{tables}[[routes]]\ncluster = \"a\"\n"
     );
     let spec = crate::config::load_str(&text, Path::new("t.toml"))
         .unwrap()
@@ -22,15 +23,19 @@ fn shares(policy: &str, n: usize) -> [usize; 3] {
         .clone();
     let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
     let meter = t.cluster("a");
-    let eps: Vec<Arc<Endpoint>> = spec
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
+    let eps = (0..3)
+        .map(|i| {
             let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
             Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
         })
         .collect();
+    (spec, eps)
+}
+
+fn shares(policy: &str, n: usize) -> [usize; 3] {
+    let (spec, eps) = three(&format!(
+        "lb_policy = \"{policy}\"\n[clusters.a.health]\nslow_start_ms = 600000\n"
+    ));
     eps[0].health.came_back();
     assert_eq!(eps[0].health.slow_start_percent(spec.health.slow_start), 10);
     let set = Endpoints::new(eps.clone());
@@ -66,22 +71,8 @@ async fn a_warming_endpoint_keeps_about_its_percent_and_the_rest_spread_evenly()
 /// `held` requests: how many of `n` picks each got. A pick is kept (a request that holds its
 /// connection) unless `released` (one that ends at once, as on a fast endpoint).
 fn round_robin_with(held: u64, n: usize, released: bool) -> [u64; 3] {
-    let text = "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
-         \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\nlb_policy = \"round_robin\"\n\
-         [clusters.a.limits]\nmax_connections = 30\n[[routes]]\ncluster = \"a\"\n";
-    let spec = crate::config::load_str(text, Path::new("t.toml"))
-        .unwrap()
-        .settings
-        .clusters["a"]
-        .clone();
-    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
-    let meter = t.cluster("a");
-    let eps: Vec<Arc<Endpoint>> = (0..3)
-        .map(|i| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
-            Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
-        })
-        .collect();
+    let (spec, eps) =
+        three("lb_policy = \"round_robin\"\n[clusters.a.limits]\nmax_connections = 30\n");
     eps[0].in_flight.store(held, Ordering::Relaxed);
     let set = Endpoints::new(eps.clone());
     let mut got = [0; 3];
