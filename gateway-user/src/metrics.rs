@@ -334,6 +334,15 @@ impl GatewayMetrics {
         m
     }
 
+    /// The observer gauges: kernel signals drive the gateway, or userspace timing alone.
+    pub fn observer(&self, kernel: bool) {
+        self.observer_kernel.set(i64::from(kernel));
+        for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
+            let labels = ModeLabels { mode };
+            self.observer_mode.get_or_create(&labels).set(i64::from(on));
+        }
+    }
+
     /// Registers every family under its [`CATALOGUE`] name and help, in catalogue order.
     fn register(&self, registry: &mut Registry) {
         use field_index as f;

@@ -70,9 +70,9 @@ use crate::{
     decide::retry::RetryReason,
     metrics::{
         ClusterLabels, ClusterReason, GatewayMetrics, HedgeLabels, IncompleteLabels,
-        LatencyBuckets, ModeLabels, PhaseLabels, RequestLabels, RouteLabels,
+        LatencyBuckets, PhaseLabels, RequestLabels, RouteLabels,
     },
-    signals::{SignalMode, SignalSource},
+    signals::SignalSource,
 };
 
 /// The longest timeout in `settings` that a histogram can measure: every cluster's connect,
@@ -240,15 +240,7 @@ impl Telemetry {
 
     /// The observer's mode, read every second (its records may stop: `signals::kernel`).
     pub fn observer_mode(&self, signals: &dyn SignalSource) {
-        let kernel = signals.mode() == SignalMode::Kernel;
-        self.metrics.observer_kernel.set(i64::from(kernel));
-        for (mode, on) in [("kernel", kernel), ("userspace", !kernel)] {
-            let labels = ModeLabels { mode };
-            self.metrics
-                .observer_mode
-                .get_or_create(&labels)
-                .set(i64::from(on));
-        }
+        self.metrics.observer(signals.kernel());
     }
 
     /// The observer's count of records the kernel could not queue, read every second.
