@@ -14,6 +14,7 @@
 //! (`observer::cgroup`).
 
 pub mod handover;
+pub mod nofile;
 pub mod notify;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
@@ -57,6 +58,7 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         warn!("config: {w}");
     }
+    raise_nofile(&loaded.settings);
     // While this process has one thread: both change process-wide state.
     let inherited = Inherited::from_env().context("taking over the listening sockets")?;
     if loaded.settings.observer.mode != ObserverMode::Off
@@ -90,6 +92,23 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     rt.shutdown_timeout(EXIT_BLOCKING_GRACE);
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The soft file descriptor limit up to the hard one ([`nofile`]), said in the log, and a
+/// warning when even that is below what the config's limits allow open at once.
+fn raise_nofile(settings: &Settings) {
+    match nofile::raise() {
+        Ok(n) if n.now > n.before => info!(
+            from = n.before,
+            to = n.now,
+            "file descriptors: raised the soft limit to the hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "file descriptors: cannot raise the soft limit"),
+    }
+    if let Some(w) = nofile::current().and_then(|l| nofile::shortfall(l, settings)) {
+        warn!("{w}");
+    }
 }
 
 /// How long the exit waits for the main runtime's blocking threads (DNS lookups).
@@ -313,6 +332,11 @@ impl Service<'_> {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     warn!("config: {w}");
+                }
+                if let Some(w) =
+                    nofile::current().and_then(|l| nofile::shortfall(l, &loaded.settings))
+                {
+                    warn!("{w}");
                 }
                 self.stop = Stop {
                     grace: loaded.settings.shutdown_grace,

@@ -350,14 +350,20 @@ impl Drop for ChildProcess {
 
 /// `cmd` with its file descriptor limit (`RLIMIT_NOFILE`, soft and hard) set to `nofile` in
 /// the child (raising the hard limit needs root).
-pub fn with_nofile(mut cmd: Command, nofile: u64) -> Command {
+pub fn with_nofile(cmd: Command, nofile: u64) -> Command {
+    with_nofile_limits(cmd, nofile, nofile)
+}
+
+/// `cmd` with its soft and hard file descriptor limits set to `soft` and `hard` in the child
+/// (raising the hard limit needs root).
+pub fn with_nofile_limits(mut cmd: Command, soft: u64, hard: u64) -> Command {
     use std::os::unix::process::CommandExt as _;
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             let lim = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
+                rlim_cur: soft,
+                rlim_max: hard,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());

@@ -1,0 +1,102 @@
+//! `gateway run` raises its soft file descriptor limit to the hard one, as a service started
+//! from a shell or by containerd 2 (soft 1,024) needs: at the soft limit it would serve about
+//! half as many proxied requests at once as it has descriptors. And when even the hard limit
+//! is below what the config's limits allow open at once, it warns.
+
+use std::time::Duration;
+
+use gateway_testkit::{
+    admin::{metrics, value},
+    config::loopback,
+    gateway_bin,
+    http::get_once,
+    process::{GatewayProcess, raise_own_nofile, with_nofile_limits},
+    tempdir::temp_dir,
+    upstream::Upstream,
+};
+
+/// Requests held in flight at once, each with a client and an upstream connection: 400
+/// descriptors, past a soft limit of 256 and well within a hard limit of 4,096.
+const IN_FLIGHT: usize = 200;
+
+/// The soft limit in `/proc/PID/limits`.
+fn soft_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_soft_one_are_served()
+{
+    raise_own_nofile(2_048);
+    let up = Upstream::start("up").await;
+    up.set_delay(Duration::from_millis(1_500));
+    let dir = temp_dir("nofile-raise");
+    let cfg = loopback(&dir, &[up.addr], "");
+    let gw = GatewayProcess::spawn(with_nofile_limits(gateway_bin!().run(&cfg), 256, 4_096));
+    let line = gw.expect_line(&["raised the soft limit"], Duration::from_secs(5));
+    assert!(
+        line.contains("from=256") && line.contains("to=4096"),
+        "{line}"
+    );
+    assert_eq!(soft_limit(gw.pid()), 4_096);
+    assert_eq!(value(&metrics(gw.admin), "process_max_fds", &[]), 4_096.0);
+    assert!(
+        !gw.contains("file descriptor limit is"),
+        "a warning at 4,096 for one cluster of 1,024:\n{}",
+        gw.text()
+    );
+    let addr = gw.addr;
+    let answers = tokio::task::spawn_blocking(move || {
+        std::thread::scope(|s| {
+            let held: Vec<_> = (0..IN_FLIGHT)
+                .map(|_| s.spawn(move || get_once(addr, "/", Duration::from_secs(10))))
+                .collect();
+            held.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
+    .unwrap();
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {IN_FLIGHT} requests in flight at once not served: {:?}",
+        failed.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        up.hits() >= IN_FLIGHT,
+        "the upstream saw {} requests",
+        up.hits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_limit_below_the_configs_limits_is_warned_of_and_the_gateway_serves() {
+    let up = Upstream::start("up").await;
+    let dir = temp_dir("nofile-short");
+    // One cluster of the default 1,024 connections and 256 for the rest: past 512.
+    let cfg = loopback(&dir, &[up.addr], "");
+    let gw = GatewayProcess::spawn(with_nofile_limits(gateway_bin!().run(&cfg), 512, 512));
+    let line = gw.expect_line(&["file descriptor limit is 512"], Duration::from_secs(5));
+    assert!(
+        line.contains("WARN")
+            && line.contains("1280 (the clusters' max_connections 1024")
+            && line.contains("LimitNOFILE="),
+        "{line}"
+    );
+    assert!(!gw.contains("raised the soft limit"), "{}", gw.text());
+    assert_eq!(
+        get_once(gw.addr, "/", Duration::from_secs(5)).map(|(s, _)| s),
+        Ok(200)
+    );
+}
