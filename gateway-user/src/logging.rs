@@ -19,6 +19,7 @@
 //! config's level again (unless `RUST_LOG` set it, which always wins).
 
 pub mod output;
+pub mod panic;
 
 use std::sync::{Mutex, OnceLock};
 

@@ -154,6 +154,8 @@ catalogue! {
         "Access-log lines lost, by reason: queue_full (the writer thread could not keep up; the log itself also says how many at that point), write_error (the output refused them: a full disk, a closed pipe; logged as an error at most every 10 s).";
     log_lost: "gateway_log_lines_lost", "counter", ["reason"],
         "Lines of the gateway's own log (stderr) lost, by reason: queue_full (stderr did not take lines as fast as they came, and its queue of 8192 lines was full: a stalled journald, a container log driver that blocks, a pipe nobody reads; the log says how many once it has room again), write_error (stderr refused them: a closed pipe). Logging never holds the proxy: a line that cannot be queued is dropped.";
+    panics: "gateway_panics", "counter", [],
+        "Panics in the process, on any thread: a bug. Each is logged as an error (`panic: …`, with the thread and the source location). A panic in a connection's task ends that connection and the worker serves on; elsewhere it may end a worker or the process. Alert on any increase.";
     dns_failures: "gateway_dns_resolution_failures", "counter", ["cluster"],
         "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],
@@ -249,6 +251,8 @@ pub struct GatewayMetrics {
     pub access_log_lost: Family<ReasonLabels, Counter>,
     /// The same family as `logging::output::LOST`.
     pub log_lost: Family<ReasonLabels, Counter>,
+    /// The same counter as `logging::panic::PANICS`.
+    pub panics: Counter,
     pub observer_kernel: Gauge,
     pub observer_mode: Family<ModeLabels, Gauge>,
     pub worker_connections: Family<WorkerLabels, Gauge>,
@@ -304,6 +308,7 @@ impl GatewayMetrics {
             dns_failures: Family::default(),
             access_log_lost: Family::default(),
             log_lost: crate::logging::output::LOST.clone(),
+            panics: crate::logging::panic::PANICS.clone(),
             observer_kernel: Gauge::default(),
             observer_mode: Family::default(),
             events_lost: Counter::default(),
@@ -378,6 +383,7 @@ impl GatewayMetrics {
         reg!(f::dns_failures, self.dns_failures);
         reg!(f::access_log_lost, self.access_log_lost);
         reg!(f::log_lost, self.log_lost);
+        reg!(f::panics, self.panics);
         reg!(f::observer_kernel, self.observer_kernel);
         reg!(f::observer_mode, self.observer_mode);
         reg!(f::events_lost, self.events_lost);

@@ -32,6 +32,8 @@ mod admission;
 mod classify;
 pub mod error;
 mod exchange;
+#[cfg(debug_assertions)]
+mod failpoint;
 mod forwarded;
 mod handshake;
 mod headers;

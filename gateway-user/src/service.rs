@@ -52,6 +52,9 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
         log.level.as_deref(),
         config::model::DEFAULT_LOG_LEVEL,
     )?;
+    if log_writer.is_some() {
+        crate::logging::panic::install();
+    }
     if let Some(level) = crate::logging::current() {
         info!(level = %level.directives, from = level.source.name(), "logging");
     }

@@ -460,10 +460,17 @@ fn readyz_answers(admin: SocketAddr, netns: Option<&Netns>) -> bool {
 
 /// The address of field `key` (`listener=`, not `https_listener=`) in the first line that
 /// has one.
+/// The first address logged as `key` (`listener=`), in the text log or the JSON one
+/// (`"listener":"…"`).
 fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
+    let json = format!("\"{}\":\"", key.trim_end_matches('='));
     lines.lock().unwrap().iter().find_map(|line| {
         line.split_whitespace()
             .find_map(|field| field.strip_prefix(key)?.parse().ok())
+            .or_else(|| {
+                let (_, rest) = line.split_once(&json)?;
+                rest.split('"').next()?.parse().ok()
+            })
     })
 }
 

@@ -164,6 +164,7 @@ fn populated() -> Registry {
             reason: "write_error",
         })
         .inc();
+    m.panics.inc();
     m.dns_failures
         .get_or_create(&ClusterLabels {
             cluster: "c".into(),

@@ -107,6 +107,8 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     busy: Busy,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    #[cfg(debug_assertions)]
+    super::failpoint::panic_on(req.uri().path());
     // The request's context lives in its final place from the start: the response body owns it.
     let mut ex = Exchange::new(shared, client.addr, &req, busy);
     let prepared = {
