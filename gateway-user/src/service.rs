@@ -109,9 +109,18 @@ fn raise_nofile(settings: &Settings) {
         Ok(_) => {}
         Err(e) => warn!(error = %e, "file descriptors: cannot raise the soft limit"),
     }
-    if let Some(w) = nofile::current().and_then(|l| nofile::shortfall(l, settings)) {
+    if let Some(w) =
+        nofile::current().and_then(|l| nofile::shortfall(l, settings, workers(settings)))
+    {
         warn!("{w}");
     }
+}
+
+/// `[router] workers`, else one per CPU.
+fn workers(settings: &Settings) -> usize {
+    settings.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    })
 }
 
 /// How long the exit waits for the main runtime's blocking threads (DNS lookups).
@@ -249,9 +258,7 @@ async fn run(
         drain_delay: settings.drain_delay,
     };
     let log_format = settings.log.format;
-    let workers = settings.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let workers = workers(&settings);
     let successor_of_another = handover::is_successor();
     let handle = proxy::start_inheriting(
         settings,
@@ -336,8 +343,8 @@ impl Service<'_> {
                 for w in &loaded.warnings {
                     warn!("config: {w}");
                 }
-                if let Some(w) =
-                    nofile::current().and_then(|l| nofile::shortfall(l, &loaded.settings))
+                if let Some(w) = nofile::current()
+                    .and_then(|l| nofile::shortfall(l, &loaded.settings, workers(&loaded.settings)))
                 {
                     warn!("{w}");
                 }

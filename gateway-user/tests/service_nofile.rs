@@ -3,11 +3,10 @@
 //! half as many proxied requests at once as it has descriptors. And when even the hard limit
 //! is below what the config's limits allow open at once, it warns.
 
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use gateway_testkit::{
     admin::{metrics, value},
-    config::loopback,
     gateway_bin,
     http::get_once,
     process::{GatewayProcess, raise_own_nofile, with_nofile_limits},
@@ -18,6 +17,23 @@ use gateway_testkit::{
 /// Requests held in flight at once, each with a client and an upstream connection: 400
 /// descriptors, past a soft limit of 256 and well within a hard limit of 4,096.
 const IN_FLIGHT: usize = 200;
+
+/// Two workers whatever the CPUs (the warning counts each worker's descriptors), one
+/// cluster of the default 1,024 connections.
+fn config(name: &str, upstream: SocketAddr) -> PathBuf {
+    let cfg = temp_dir(name).join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[router]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\ndrain_delay_ms = 0\n\n\
+             [router.upstream]\nendpoints = [\"{upstream}\"]\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n[access_log]\noutput = \"off\"\n\n\
+             [observer]\nmode = \"off\"\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
 
 /// The soft limit in `/proc/PID/limits`.
 fn soft_limit(pid: u32) -> u64 {
@@ -32,11 +48,10 @@ fn soft_limit(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_soft_one_are_served()
 {
-    raise_own_nofile(2_048);
+    raise_own_nofile(4_096);
     let up = Upstream::start("up").await;
     up.set_delay(Duration::from_millis(1_500));
-    let dir = temp_dir("nofile-raise");
-    let cfg = loopback(&dir, &[up.addr], "");
+    let cfg = config("nofile-raise", up.addr);
     let gw = GatewayProcess::spawn(with_nofile_limits(gateway_bin!().run(&cfg), 256, 4_096));
     let line = gw.expect_line(&["raised the soft limit"], Duration::from_secs(5));
     assert!(
@@ -51,18 +66,22 @@ async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_so
         gw.text()
     );
     let addr = gw.addr;
-    let answers = tokio::task::spawn_blocking(move || {
+    let (answers, fds) = tokio::task::block_in_place(|| {
         std::thread::scope(|s| {
             let held: Vec<_> = (0..IN_FLIGHT)
                 .map(|_| s.spawn(move || get_once(addr, "/", Duration::from_secs(10))))
                 .collect();
-            held.into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Vec<_>>()
+            // Within the upstream's delay: every request in flight at once.
+            std::thread::sleep(Duration::from_millis(900));
+            let fds = gw.open_fds();
+            let answers: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
+            (answers, fds)
         })
-    })
-    .await
-    .unwrap();
+    });
+    assert!(
+        fds > 256,
+        "{fds} descriptors open with {IN_FLIGHT} requests in flight: not past the soft limit"
+    );
     let failed: Vec<_> = answers
         .iter()
         .filter(|a| !matches!(a, Ok((200, _))))
@@ -83,14 +102,13 @@ async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_so
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hard_limit_below_the_configs_limits_is_warned_of_and_the_gateway_serves() {
     let up = Upstream::start("up").await;
-    let dir = temp_dir("nofile-short");
-    // One cluster of the default 1,024 connections and 256 for the rest: past 512.
-    let cfg = loopback(&dir, &[up.addr], "");
+    // 1,024 upstream connections, as many clients behind them, 268 for the rest: past 512.
+    let cfg = config("nofile-short", up.addr);
     let gw = GatewayProcess::spawn(with_nofile_limits(gateway_bin!().run(&cfg), 512, 512));
     let line = gw.expect_line(&["file descriptor limit is 512"], Duration::from_secs(5));
     assert!(
         line.contains("WARN")
-            && line.contains("1280 (the clusters' max_connections 1024")
+            && line.contains("2316 (the clusters' max_connections 1024, 1024 client connections")
             && line.contains("LimitNOFILE="),
         "{line}"
     );

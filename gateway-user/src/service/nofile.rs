@@ -2,17 +2,25 @@
 //! client connection and its upstream one, and the soft limit a process is started with is
 //! often 1,024: a shell's, a container's under containerd 2 (which no longer raises it), or a
 //! unit's without `LimitNOFILE=`. At that limit the gateway serves about 500 connections at
-//! once and answers the rest `503 fd_exhausted`. The hard limit is usually far higher, and a
+//! once and answers the rest `503 overloaded`. The hard limit is usually far higher, and a
 //! process may raise its own soft limit up to it without privilege, as Go's runtime does at
 //! start: `gateway run` does so, and says so. When even the hard limit is below what the
 //! config's limits allow open at once, it warns at start and on each reload.
 
 use crate::config::Settings;
 
-/// Descriptors kept for everything but proxied connections: listeners (one per worker and
-/// address), the admin listener and its connections (at most 128), the observer's maps and
-/// ring buffer, the log and access log files, the runtimes' epoll and event descriptors.
+/// Descriptors for everything but proxied connections and the workers' own: the admin
+/// listener's connections (at most 128), the observer's maps and ring buffer, the log files,
+/// the main thread's runtime, DNS lookups.
 pub const RESERVE: u64 = 256;
+
+/// Each worker's own, per client listener address: its `SO_REUSEPORT` socket, the copy kept
+/// for a binary upgrade, and its accept loop's spare descriptor.
+const PER_WORKER_ADDRESS: u64 = 3;
+
+/// Each worker's own besides: its runtime's epoll and wake-up descriptors, its parking lot's
+/// epoll.
+const PER_WORKER: u64 = 3;
 
 /// The soft limit before and after [`raise`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +48,10 @@ pub fn raise() -> std::io::Result<Nofile> {
             now: before,
         });
     }
+    // The kernel refuses a hard limit above `fs.nr_open` (lowered since the limit was set),
+    // even unchanged: the hard limit comes down to it too, which needs no privilege.
     lim.rlim_cur = target;
+    lim.rlim_max = target;
     // SAFETY: setrlimit reads `lim`; a soft limit up to the hard one needs no privilege.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -60,28 +71,36 @@ fn nr_open() -> Option<u64> {
 }
 
 /// The warning when `limit` is below what `settings` allow open at once: every cluster's
-/// `max_connections`, `max_client_connections` when set, and [`RESERVE`]. `None` when it
-/// suffices (or, client connections being unlimited, when the rest fits).
-pub fn shortfall(limit: u64, settings: &Settings) -> Option<String> {
+/// `max_connections`; the client connections, `max_client_connections` when set, else at
+/// least one behind each upstream connection; the workers' own descriptors; and
+/// [`RESERVE`]. `None` when it suffices.
+pub fn shortfall(limit: u64, settings: &Settings, workers: usize) -> Option<String> {
     let upstream: u64 = settings
         .clusters
         .values()
         .map(|c| c.limits.max_connections as u64)
         .sum();
-    let clients = settings.downstream.max_client_connections.map(|n| n as u64);
-    let needed = upstream + clients.unwrap_or(0) + RESERVE;
+    let (clients, said) = match settings.downstream.max_client_connections {
+        Some(n) => (n as u64, format!("max_client_connections {n}")),
+        None => (
+            upstream,
+            format!(
+                "{upstream} client connections behind them (max_client_connections is unlimited)"
+            ),
+        ),
+    };
+    let addresses = settings.listen.len() + settings.https.as_ref().map_or(0, |h| h.listen.len());
+    let own = workers as u64 * (PER_WORKER + PER_WORKER_ADDRESS * addresses as u64) + RESERVE;
+    let needed = upstream + clients + own;
     if needed <= limit {
         return None;
     }
-    let clients = match clients {
-        Some(n) => format!("max_client_connections {n}"),
-        None => "client connections, unlimited (max_client_connections)".to_string(),
-    };
     Some(format!(
         "the file descriptor limit is {limit}, below what this config's limits allow open at \
-         once: {needed} (the clusters' max_connections {upstream}, {clients}, {RESERVE} for \
-         listeners, admin and logs); past the limit new connections are answered 503 \
-         fd_exhausted; raise the hard limit (LimitNOFILE= in the unit, ulimit -Hn)"
+         once: {needed} (the clusters' max_connections {upstream}, {said}, {own} for {workers} \
+         worker(s), the listeners, admin and logs); past the limit a request is answered 503 \
+         overloaded (Too many open files) and a new connection may be closed at once; raise \
+         the hard limit (LimitNOFILE= in the unit, ulimit -Hn) or lower the limits"
     ))
 }
 
@@ -110,21 +129,24 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_is_compared_with_every_cluster_and_the_clients() {
-        // Two clusters of the default 1,024 connections, clients unlimited.
+    fn the_limit_is_compared_with_every_cluster_the_clients_and_the_workers() {
+        // Two clusters of the default 1,024 connections, clients unlimited (so at least one
+        // behind each), 2 workers on one address (12) and the reserve (256).
         let s = settings("");
-        let w = shortfall(2_000, &s).expect("2,048 + 256 > 2,000");
+        let w = shortfall(4_363, &s, 2).expect("2,048 + 2,048 + 268 > 4,363");
         assert!(
-            w.contains("2304 (the clusters' max_connections 2048, client connections, unlimited"),
+            w.contains("4364 (the clusters' max_connections 2048, 2048 client connections behind them (max_client_connections is unlimited), 268 for 2 worker(s)"),
             "{w}"
         );
-        assert_eq!(shortfall(2_304, &s), None);
+        assert_eq!(shortfall(4_364, &s, 2), None);
         let s = settings("[router.downstream]\nmax_client_connections = 1000\n");
-        let w = shortfall(3_000, &s).expect("2,048 + 1,000 + 256 > 3,000");
+        let w = shortfall(3_000, &s, 2).expect("2,048 + 1,000 + 268 > 3,000");
         assert!(
-            w.contains("3304") && w.contains("max_client_connections 1000"),
+            w.contains("3316") && w.contains("max_client_connections 1000"),
             "{w}"
         );
-        assert_eq!(shortfall(3_304, &s), None);
+        assert_eq!(shortfall(3_316, &s, 2), None);
+        // 96 workers: their own descriptors count.
+        assert!(shortfall(4_364, &settings(""), 96).is_some());
     }
 }
