@@ -20,6 +20,7 @@
 
 pub mod output;
 pub mod panic;
+pub mod std_stream;
 
 use std::sync::{Mutex, OnceLock};
 
@@ -177,7 +178,7 @@ pub fn init_queued(
     configured: Option<&str>,
     default: &'static str,
 ) -> Result<Option<output::Guard>, LogError> {
-    let (queue, guard) = output::queue(Box::new(std::io::stderr()));
+    let (queue, guard) = output::queue(Box::new(std_stream::StdStream::stderr()));
     let installed = install(format, (configured, default), BoxMakeWriter::new(queue))?;
     Ok(installed.then_some(guard))
 }

@@ -21,8 +21,13 @@ use std::{
 };
 
 use gateway_testkit::{
-    admin::metrics, config, gateway_bin, peers::curl_codes, process::GatewayProcess,
-    tempdir::temp_dir, upstream::BlockingUpstream,
+    admin::{metrics, value},
+    config, gateway_bin,
+    http::get_once,
+    peers::curl_codes,
+    process::{GatewayProcess, with_nonblocking_output},
+    tempdir::temp_dir,
+    upstream::BlockingUpstream,
 };
 
 /// Malformed requests sent while stderr is held: each logs one line of about 170 bytes, so
@@ -121,5 +126,50 @@ fn a_stderr_nobody_reads_loses_log_lines_counted_and_never_holds_a_request() {
         said(),
         lost_lines(gw.admin),
         "the log's notes against the metric"
+    );
+}
+
+/// Requests of each kind sent while a non-blocking stderr is held: their lines are several
+/// times a 64 KiB pipe, and within both queues (8,192 and 16,384 lines).
+const NONBLOCKING: usize = 1_000;
+
+#[test]
+fn a_non_blocking_stderr_that_is_full_is_waited_for_and_loses_no_line() {
+    let up = BlockingUpstream::start();
+    let dir = temp_dir("log-nonblocking");
+    let cfg = config::loopback(
+        &dir,
+        &[up.addr],
+        "[access_log]\noutput = \"stderr\"\nformat = \"json\"\n",
+    );
+    let mut cmd = with_nonblocking_output(gateway_bin!().run(&cfg));
+    cmd.env("RUST_LOG", "info,gateway::proxy::server=debug");
+    let gw = GatewayProcess::spawn(cmd);
+    gw.stall_stderr();
+    for _ in 0..NONBLOCKING {
+        malformed(gw.addr).unwrap();
+        let (status, _) = get_once(gw.addr, "/", Duration::from_secs(3)).unwrap();
+        assert_eq!(status, 200);
+    }
+    gw.resume_stderr();
+    // Every line arrives: the gateway's own (one per malformed request) and the access log's
+    // (one per request, the malformed ones included).
+    let ended = || gw.count("client connection ended with an error");
+    let logged = || gw.count("\"status\":200");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (ended() < NONBLOCKING || logged() < NONBLOCKING) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = metrics(gw.admin);
+    let lost = |name: &str| value(&m, name, &[("reason", "write_error")]);
+    assert_eq!(
+        (
+            ended(),
+            logged(),
+            lost("gateway_log_lines_lost_total"),
+            lost("gateway_access_log_lines_lost_total")
+        ),
+        (NONBLOCKING, NONBLOCKING, 0.0, 0.0),
+        "log lines and access-log lines arrived, then those lost on EAGAIN"
     );
 }

@@ -374,6 +374,25 @@ pub fn with_nofile_limits(mut cmd: Command, soft: u64, hard: u64) -> Command {
     cmd
 }
 
+/// `cmd` with its stdout and stderr set non-blocking (`O_NONBLOCK`) in the child, as another
+/// process sharing the pipe or terminal may leave them.
+pub fn with_nonblocking_output(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: fcntl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Raises this process's own file descriptor limit to at least `nofile` (a test that holds
 /// thousands of connections); panics when it cannot.
 pub fn raise_own_nofile(nofile: u64) {

@@ -29,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::{error::ErrorKind, log_every::LogEvery};
 use crate::{
     config::{AccessLog, AccessLogFormat, LogOutput},
+    logging::std_stream::StdStream,
     metrics::{GatewayMetrics, ReasonLabels},
 };
 
@@ -182,8 +183,8 @@ impl AccessLogger {
                     queue_full,
                 });
             }
-            LogOutput::Stdout => (Box::new(io::stdout()), None),
-            LogOutput::Stderr => (Box::new(io::stderr()), None),
+            LogOutput::Stdout => (Box::new(StdStream::stdout()), None),
+            LogOutput::Stderr => (Box::new(StdStream::stderr()), None),
             LogOutput::File(p) => (open_append(p)?, Some(p.clone())),
         };
         let (tx, rx) = sync_channel(CHANNEL_LINES);
