@@ -155,7 +155,7 @@ catalogue! {
     log_lost: "gateway_log_lines_lost", "counter", ["reason"],
         "Lines of the gateway's own log (stderr) lost, by reason: queue_full (stderr did not take lines as fast as they came, and its queue of 8192 lines was full: a stalled journald, a container log driver that blocks, a pipe nobody reads; the log says how many once it has room again), write_error (stderr refused them: a closed pipe). Logging never holds the proxy: a line that cannot be queued is dropped.";
     panics: "gateway_panics", "counter", [],
-        "Panics in the process, on any thread: a bug. Each is logged as an error (`panic: …`, with the thread and the source location). A panic in a connection's task ends that connection and the worker serves on; elsewhere it may end a worker or the process. Alert on any increase.";
+        "Panics in the process, on any thread: a bug. Each is logged as an error (`panic: …`, with the thread and the source location). A panic in a request's task ends that request (over HTTP/1, its connection) and the worker serves on; one that ends a worker (in its accept loop, say) drains the gateway and exits it with status 1, for its service manager to restart it. Alert on any increase.";
     dns_failures: "gateway_dns_resolution_failures", "counter", ["cluster"],
         "Host-name endpoints of the cluster that did not resolve, counted per name at each resolution (at start and every dns_refresh_ms). While a name fails, the cluster keeps the addresses it last had; an alert on this is how a DNS outage is seen before those addresses go stale.";
     observer_kernel: "gateway_observer_kernel_signals", "gauge", [],

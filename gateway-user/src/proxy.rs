@@ -74,7 +74,7 @@ use self::{
     access_log::AccessLogger,
     listeners::Listeners,
     server::Phase,
-    shared::{Runtime, Shared},
+    shared::{Fatal, Runtime, Shared},
     telemetry::Telemetry,
 };
 pub use self::{
@@ -212,6 +212,7 @@ pub async fn start_inheriting(
         workers: n,
         telemetry,
         body_budget,
+        fatal: Fatal::default(),
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
     tokio::spawn(roll_history(Arc::downgrade(&shared)));
@@ -226,7 +227,7 @@ pub async fn start_inheriting(
             done.clone(),
             (i, spread.clone(), inbox),
         );
-        spawn_worker(i, workers, worker)?;
+        spawn_worker(i, workers, worker, shared.clone())?;
     }
     announce(&listen, &https, n);
     let mut admin = None;
@@ -264,6 +265,7 @@ fn spawn_worker(
     i: usize,
     workers: Workers,
     worker: impl std::future::Future<Output = ()> + Send + 'static,
+    shared: Arc<Shared>,
 ) -> Result<(), StartError> {
     match workers {
         Workers::Current => {
@@ -278,7 +280,13 @@ fn spawn_worker(
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(worker),
+                        Ok(rt) => {
+                            let run = std::panic::AssertUnwindSafe(|| rt.block_on(worker));
+                            if std::panic::catch_unwind(run).is_err() {
+                                error!(worker = i, "a worker died of a panic: draining, to exit");
+                                shared.fatal.set(format!("worker {i} died of a panic"));
+                            }
+                        }
                         Err(e) => error!(worker = i, error = %e, "cannot start a worker runtime"),
                     }
                 })
@@ -301,6 +309,11 @@ impl GatewayHandle {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// Once a worker died ([`shared::Fatal`]): why.
+    pub async fn failed(&self) -> String {
+        self.shared.fatal.wait().await
     }
 
     /// Swaps in new settings. Requests in flight finish on the generation they started on;

@@ -226,7 +226,11 @@ fn apply_log_settings(running: &crate::logging::LogFormat, log: &config::Log) {
 /// Why the serving loop ended.
 enum Exit {
     Signal(&'static str),
-    HandedOver { pid: u32 },
+    /// A worker died (`proxy::shared::Fatal`).
+    Failed(String),
+    HandedOver {
+        pid: u32,
+    },
 }
 
 /// The one-line state shown by `systemctl status`.
@@ -302,6 +306,7 @@ async fn run(
                 service.handle.reopen_logs();
             }
             _ = sig.usr2.recv() => service.upgrade(),
+            reason = service.handle.failed() => break Exit::Failed(reason),
             outcome = async { service.successor.as_mut().expect("guarded").wait_ready(handover::READY_TIMEOUT).await }, if service.successor.is_some() => {
                 if let Some(exit) = service.upgraded(outcome) {
                     break exit;
@@ -309,8 +314,16 @@ async fn run(
             }
         }
     };
+    let failed = match &exit {
+        Exit::Failed(reason) => Some(reason.clone()),
+        _ => None,
+    };
     service.stop(exit, &mut sig).await;
-    Ok(())
+    match failed {
+        // Non-zero, for the service manager to restart it (`Restart=on-failure`).
+        Some(reason) => Err(anyhow::anyhow!("{reason}; drained and exited")),
+        None => Ok(()),
+    }
 }
 
 /// How the process stops; a reload can change both.
@@ -418,7 +431,11 @@ impl Service<'_> {
         let Stop { grace, drain_delay } = self.stop;
         let (handle, notifier) = (&self.handle, &self.notifier);
         match exit {
-            Exit::Signal(why) => {
+            Exit::Signal(_) | Exit::Failed(_) => {
+                let why = match &exit {
+                    Exit::Signal(why) => why,
+                    _ => "a worker died",
+                };
                 notifier.stopping(
                     &format!(
                         "draining ({why}): /healthz 503, accepting for {} ms more",

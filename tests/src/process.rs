@@ -478,9 +478,7 @@ fn readyz_answers(admin: SocketAddr, netns: Option<&Netns>) -> bool {
 }
 
 /// The address of field `key` (`listener=`, not `https_listener=`) in the first line that
-/// has one.
-/// The first address logged as `key` (`listener=`), in the text log or the JSON one
-/// (`"listener":"…"`).
+/// has one, in the text log or the JSON one (`"listener":"…"`).
 fn first_field(lines: &Lines, key: &str) -> Option<SocketAddr> {
     let json = format!("\"{}\":\"", key.trim_end_matches('='));
     lines.lock().unwrap().iter().find_map(|line| {

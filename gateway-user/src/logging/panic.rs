@@ -23,20 +23,28 @@ const LOG_THREAD: &str = "log";
 
 /// Reports panics through the log from now on. The default hook stays for the log's own
 /// writer thread.
+///
+/// The hook logs on the panicking thread, which may be inside the log already: tracing's
+/// formatter takes its per-thread buffer with `try_borrow_mut` and the queue's `OWN` buffer
+/// is only borrowed briefly, so both allow it. The one way it could wait for good is a panic
+/// inside a field's `Debug` while the level filter matches a field-value directive, with a
+/// level change (`PUT /logging`, SIGHUP) waiting for the filter's lock at that moment.
 pub fn install() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         PANICS.inc();
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
-        if name == LOG_THREAD {
+        // The log's writer thread, or a level that leaves errors out (`off`): Rust's own
+        // message rather than none.
+        if name == LOG_THREAD || !tracing::enabled!(tracing::Level::ERROR) {
             default(info);
             return;
         }
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-        // Captured only when RUST_BACKTRACE (or RUST_LIB_BACKTRACE) asks, as Rust's own hook.
+        // Captured only when asked for: RUST_LIB_BACKTRACE, else RUST_BACKTRACE.
         let backtrace = std::backtrace::Backtrace::capture();
         let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
             .then(|| backtrace.to_string());

@@ -1,6 +1,7 @@
 //! Debug builds only (the tests' binaries): a request whose path is the value of
-//! `GATEWAY_DEBUG_PANIC_PATH` panics in its worker, so that a test can see what a panic does
-//! to the real binary (`logging::panic`). A release build has no such path.
+//! `GATEWAY_DEBUG_PANIC_PATH` panics in its worker, and with `GATEWAY_DEBUG_PANIC_ACCEPT` set
+//! an accept loop panics on its first connection, so that a test can see what a panic does to
+//! the real binary (`logging::panic`, `Shared::fatal`). A release build has neither.
 
 use std::sync::LazyLock;
 
@@ -12,5 +13,16 @@ static PANIC_PATH: LazyLock<Option<String>> =
 pub fn panic_on(path: &str) {
     if PANIC_PATH.as_deref() == Some(path) {
         panic!("GATEWAY_DEBUG_PANIC_PATH {path}: a panic a test asked for");
+    }
+}
+
+/// Whether `GATEWAY_DEBUG_PANIC_ACCEPT` is set, read once.
+static PANIC_ACCEPT: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("GATEWAY_DEBUG_PANIC_ACCEPT").is_some());
+
+/// Panics in the accept loop that took a connection, when `GATEWAY_DEBUG_PANIC_ACCEPT` is set.
+pub fn panic_on_accept() {
+    if *PANIC_ACCEPT {
+        panic!("GATEWAY_DEBUG_PANIC_ACCEPT: a panic in an accept loop a test asked for");
     }
 }

@@ -29,7 +29,6 @@ use std::{
         Arc,
         atomic::{AtomicU8, Ordering},
     },
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -58,6 +57,7 @@ use super::{
 
 pub(crate) use super::shared::Phase;
 
+mod anchor;
 mod handoff;
 mod lot;
 mod park;
@@ -68,6 +68,7 @@ mod woken;
 pub(crate) use handoff::Spread;
 use handoff::{Handoff, take_handoffs};
 
+use anchor::{AbortOnDrop, timer_anchor};
 use lot::Lot;
 use quiet::{Limits, Quiet, Stop};
 use woken::WhenWoken;
@@ -108,8 +109,12 @@ pub(crate) async fn worker(
         }
     }
     drop((live, lot));
-    for l in loops {
-        let _ = l.await;
+    // A loop that panicked (the panic hook logged it) would leave its socket in the kernel's
+    // reuseport group with nobody accepting: the worker fails with it (`Shared::fatal`).
+    if let Err(e) = futures_util::future::try_join_all(loops).await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
     }
     loop {
         tokio::select! {
@@ -122,39 +127,6 @@ pub(crate) async fn worker(
         }
     }
     drop(done);
-}
-
-/// How far ahead [`timer_anchor`] keeps a timer due: below the shortest timer a request
-/// registers on the way (`HOST_DIED_CHECK`, 200 ms, in `request::attempt`).
-const ANCHOR_EVERY: Duration = Duration::from_millis(100);
-
-/// Keeps a timer of the worker's runtime due within [`ANCHOR_EVERY`], so that a request's own
-/// timers never wake the event loop it runs on.
-///
-/// tokio writes to its runtime's eventfd whenever a timer is registered earlier than the
-/// earliest one the event loop knew of when it last went to sleep, or when it knew of none
-/// (`reregister` in tokio's `runtime/time/mod.rs`). It does so even from the runtime's own,
-/// running thread, where the wake-up is useless: the loop then returns from its next
-/// `epoll_wait` at once. A worker that goes to sleep with no request in flight (common under
-/// load on a few cores: it drains its queue, then waits for the clients) paid one `write(2)`
-/// for every request until it slept again: 0.36 per request in `bench profile`'s load, a
-/// third of the gateway's extra system calls against HAProxy. With this timer, every
-/// request's timers are due later than one the loop already knows. The cost is ten wake-ups a
-/// second per worker when idle.
-async fn timer_anchor() {
-    loop {
-        tokio::time::sleep(ANCHOR_EVERY).await;
-    }
-}
-
-/// Aborts the task when dropped (the worker's helper tasks end with the worker, also when it
-/// runs as a task on a test's runtime).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// What a connection knows of where it came in.
@@ -268,6 +240,8 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    #[cfg(debug_assertions)]
+                    super::failpoint::panic_on_accept();
                     let (permit, balance) = {
                         let rt = shared.runtime.load();
                         let s = &rt.settings;

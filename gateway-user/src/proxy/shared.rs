@@ -80,6 +80,43 @@ pub(crate) struct Shared {
     /// What request bodies read ahead and kept for retries hold, over all requests
     /// (`request_buffering_memory_bytes`).
     pub body_budget: Arc<Budget>,
+    pub fatal: Fatal,
+}
+
+/// A worker that died: a panic at its top level or in one of its accept loops, which the
+/// panic hook logged. Its socket would stay in the kernel's `SO_REUSEPORT` group, where a
+/// share of the new connections would wait with nobody accepting them, while `/readyz` said
+/// 200. `gateway run` drains instead, and exits non-zero for its service manager to restart it.
+#[derive(Default)]
+pub(crate) struct Fatal {
+    reason: std::sync::Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    /// Records the first failure, and wakes [`Fatal::wait`] (now or when it comes).
+    pub fn set(&self, reason: String) {
+        let mut r = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.get_or_insert(reason);
+        self.notify.notify_one();
+    }
+
+    /// The first failure, once there is one.
+    pub async fn wait(&self) -> String {
+        loop {
+            self.notify.notified().await;
+            let r = self
+                .reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(r) = r.as_ref() {
+                return r.clone();
+            }
+        }
+    }
 }
 
 impl Shared {
