@@ -102,6 +102,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     if present == 0 {
         return Stripped::default();
     }
+    // Before `Connection` takes it out: a client that sends `TE` lists it there (RFC 9110
+    // section 10.1.4 asks it to).
+    let te_trailers = present & TE_BIT != 0 && te_trailers(headers);
     // Headers listed in `Connection` are hop-by-hop too. The usual values name nothing else,
     // so the common case allocates nothing.
     let mut upgrade = false;
@@ -132,7 +135,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
             headers.remove(name);
         }
     }
-    let te_trailers = present & TE_BIT != 0 && te_trailers(headers);
     // The set bits of `present` below `Upgrade`'s, lowest first.
     let mut hop = present & (UPGRADE_BIT - 1);
     let mut keep_alive = None;

@@ -112,6 +112,9 @@ fn an_upgrade_and_te_trailers_are_handed_back() {
     let mut h = map(&[("te", "gzip")]);
     strip_hop_by_hop(&mut h);
     assert!(h.get("te").is_none());
+    // `Connection: TE`, as RFC 9110 asks a client that sends `TE` to say.
+    let mut h = map(&[("connection", "TE"), ("te", "trailers")]);
+    assert!(strip_hop_by_hop(&mut h).te_trailers);
 }
 
 #[test]

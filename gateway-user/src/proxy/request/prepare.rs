@@ -194,19 +194,36 @@ fn find_route<'a>(
     let host = authority
         .and_then(|a| a.to_str().ok())
         .map_or("", host_without_port);
-    rt.settings
-        .gateway_host
-        .as_ref()
-        .is_none_or(|h| h.matches(host))
-        .then_some(())
-        .and_then(|()| {
-            rt.router
-                .route(host, parts.uri.path(), &parts.method, &parts.headers)
-        })
-        .ok_or_else(|| ProxyError::NoRoute {
-            host: host.to_owned(),
-            path: parts.uri.path().to_owned(),
-        })
+    let path = parts.uri.path();
+    let route = |path: &str| {
+        rt.settings
+            .gateway_host
+            .as_ref()
+            .is_none_or(|h| h.matches(host))
+            .then_some(())
+            .and_then(|()| rt.router.route(host, path, &parts.method, &parts.headers))
+    };
+    let chosen = route(path);
+    // Another route's path once spelt plainly: the upstream may read it so (`target`).
+    if let Some(read) = target::as_upstreams_read(path)
+        && !same_route(chosen, route(&read))
+    {
+        return Err(ProxyError::BadRequest {
+            what: "a path that reads as another route's once its percent-encoding, `//` or `\\` \
+                   is spelt plainly (as an upstream may read it)",
+        });
+    }
+    chosen.ok_or_else(|| ProxyError::NoRoute {
+        host: host.to_owned(),
+        path: path.to_owned(),
+    })
+}
+
+fn same_route(a: Option<&Arc<CompiledRoute>>, b: Option<&Arc<CompiledRoute>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    }
 }
 
 /// The request rewritten for its upstream: hop-by-hop headers out (an upgrade the route lists
@@ -273,6 +290,13 @@ fn for_upstream(
         _ => None,
     };
     parts.uri = upstream_uri(route, &parts.uri);
+    // `rewrite_prefix` may make one of what was none: `/static../admin` under prefix
+    // `/static` and rewrite `/v1/` goes up as `/v1/../admin`.
+    if route.rewrite.is_some() && target::has_dot_segment(parts.uri.path()) {
+        return Err(ProxyError::BadRequest {
+            what: "a `.` or `..` segment in the path once the route's rewrite_prefix replaced its prefix",
+        });
+    }
     parts.version = Version::HTTP_11;
     apply_rules(&route.request_headers, &mut parts.headers);
     Ok(upgrade)

@@ -9,6 +9,14 @@
 //! before they send a request, so one that arrives is refused (400) rather than resolved here:
 //! upstreams disagree on how they spell them (nginx decodes `%2e` and `%2f` before resolving,
 //! Tomcat takes `..;` for `..`), and each spelling is refused as the one it could become.
+//!
+//! **Other spellings of a path.** An upstream may also read `/%61dmin/users`, `//admin/users`
+//! or `/admin%2Fusers` as `/admin/users` (nginx decodes and merges slashes before it matches a
+//! location), where the gateway, comparing the path as sent, chose the route of `/` and not the
+//! one of `/admin/` with its `allow_clients`, methods and rate limit. A path that reads as
+//! another route's once spelt plainly ([`as_upstreams_read`]) is refused (400); one that
+//! reads as the same route's goes upstream as sent, since some APIs put `%2F` in a segment on
+//! purpose.
 
 /// Whether `path` has a `.` or `..` segment as some upstream would read it: dots plain or
 /// percent-encoded (`%2e`), segments separated by `/`, `%2f`, `\` or `%5c` (IIS and some
@@ -59,21 +67,62 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
     false
 }
 
-/// An authority (`Host`, `:authority`) without its port: `example.com:8080` is
+/// `path` as an upstream may read it, for routing only: percent-encoded unreserved
+/// characters decoded (`%61` is `a`; RFC 3986 section 6.2.2.2), encoded slashes and
+/// backslashes and plain backslashes taken for `/`, and runs of `/` merged (nginx's
+/// `merge_slashes`, on by default). `None` when there is nothing to read otherwise.
+pub(super) fn as_upstreams_read(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    if !(b.iter().any(|&c| c == b'%' || c == b'\\') || path.contains("//")) {
+        return None;
+    }
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let (c, step) = match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => match (hi * 16 + lo) as u8 {
+                d if d.is_ascii_alphanumeric() || matches!(d, b'-' | b'.' | b'_' | b'~') => (d, 3),
+                b'/' | b'\\' => (b'/', 3),
+                _ => {
+                    out.extend_from_slice(&b[i..i + 3]);
+                    i += 3;
+                    continue;
+                }
+            },
+            (b'\\', ..) => (b'/', 1),
+            (c, ..) => (c, 1),
+        };
+        if !(c == b'/' && out.last() == Some(&b'/')) {
+            out.push(c);
+        }
+        i += step;
+    }
+    // ASCII in, ASCII out: the path of a `Uri` is ASCII.
+    String::from_utf8(out).ok()
+}
+
+/// An authority (`Host`, `:authority`) without its port, and without the trailing dot of a
+/// fully qualified name, as routes match it: `example.com:8080` and `example.com.` are
 /// `example.com`, `[::1]:8080` is `[::1]`.
 pub(super) fn host_without_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return authority.find(']').map_or(authority, |i| &authority[..=i]);
     }
-    match authority.rsplit_once(':') {
+    let host = match authority.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => authority,
-    }
+    };
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{has_dot_segment, host_without_port};
+    use super::{as_upstreams_read, has_dot_segment, host_without_port};
 
     #[test]
     fn dot_segments_are_found_however_they_are_spelt() {
@@ -122,5 +171,28 @@ mod tests {
         assert_eq!(host_without_port("example.com"), "example.com");
         assert_eq!(host_without_port("[::1]:8080"), "[::1]");
         assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("example.com."), "example.com");
+        assert_eq!(host_without_port("example.com.:80"), "example.com");
+    }
+
+    #[test]
+    fn a_path_is_read_as_an_upstream_may_read_it() {
+        for (sent, read) in [
+            ("/%61dmin/users", Some("/admin/users")),
+            ("//admin//users", Some("/admin/users")),
+            ("/admin%2Fusers", Some("/admin/users")),
+            ("/admin%2fusers", Some("/admin/users")),
+            ("/admin%5Cusers", Some("/admin/users")),
+            ("/admin\\users", Some("/admin/users")),
+            ("/a%7Eb%2D%5F", Some("/a~b-_")),
+            // Encodings of what is not unreserved stay as sent; a stray `%` too.
+            ("/x%20y%3F", Some("/x%20y%3F")),
+            ("/100%", Some("/100%")),
+            ("/%zz/%4", Some("/%zz/%4")),
+            ("/admin/users", None),
+            ("/", None),
+        ] {
+            assert_eq!(as_upstreams_read(sent).as_deref(), read, "{sent}");
+        }
     }
 }
