@@ -30,6 +30,9 @@ use tokio::{
 pub(crate) use self::delegate::delegate_async_write;
 
 mod delegate;
+mod early;
+
+pub(crate) use self::early::EarlyResponse;
 
 /// The error inside the `io::Error` (kind `TimedOut`) returned when the timer fires.
 #[derive(Debug, Error)]

@@ -32,7 +32,10 @@ use super::{
 use crate::{
     config::UpstreamProtocol,
     decide::{evidence::ConnectFailure, health::Evidence},
-    proxy::{error::ProxyError, io::StallGuard},
+    proxy::{
+        error::ProxyError,
+        io::{EarlyResponse, StallGuard},
+    },
     signals::SignalSource,
 };
 
@@ -289,7 +292,9 @@ pub(super) async fn handshake(
         None if cluster.spec.protocol == UpstreamProtocol::H2c => {
             http2(cluster, ep, made, io).await
         }
-        None => http1(cluster, ep, made, io).await,
+        // Plain HTTP/1 only: it reads the socket itself after a failed write (TLS records
+        // must go through rustls).
+        None => http1(cluster, ep, made, EarlyResponse::new(io, fd)).await,
         Some(t) => {
             let tcp = tls::Tcp {
                 fd,
