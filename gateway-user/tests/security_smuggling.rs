@@ -269,6 +269,65 @@ async fn upstream_response_cl_te_conflict_does_not_reach_the_client_as_is() {
     }
 }
 
+/// Responses hyper parses but a client must not get as they are: a `204` with a length
+/// (forwarded, HTTP/2 clients reset the stream: curl failed with 92), a transfer coding
+/// besides `chunked` (`gzip, chunked` reached the client as gzip bytes with no
+/// `Content-Encoding`), a status past 599. curl over HTTP/1.1 and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_responses_a_client_cannot_take_as_they_are() {
+    let cases: [(&str, &'static [u8], &str); 3] = [
+        (
+            "resp-204-length",
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            "204",
+        ),
+        (
+            "resp-gzip-chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "502",
+        ),
+        (
+            "resp-status-999",
+            b"HTTP/1.1 999 Weird\r\ncontent-length: 0\r\n\r\n",
+            "502",
+        ),
+    ];
+    for (label, reply, want) in cases {
+        let up = Recorder::start(reply).await;
+        let gw = gateway(label, &cluster(up.addr)).await;
+        let url = format!("http://{}/", gw.addr);
+        for flags in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
+            let out = tokio::task::block_in_place(|| {
+                std::process::Command::new("curl")
+                    .args([
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                    ])
+                    .args(flags)
+                    .arg(&url)
+                    .output()
+                    .expect("curl")
+            });
+            assert!(
+                out.status.success(),
+                "{label} curl {flags:?}: {:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                want,
+                "{label} curl {flags:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn upstream_obs_fold_response_is_rejected() {
     let reply: &[u8] = b"HTTP/1.1 200 OK\r\nx-a: a\r\n x-injected: 1\r\ncontent-length: 0\r\n\r\n";

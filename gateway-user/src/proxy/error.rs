@@ -147,6 +147,12 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         source: hyper::Error,
     },
+    /// A response hyper took but the gateway does not pass on (`respond::refused`).
+    #[error("invalid response from {endpoint}: {what}")]
+    UpstreamResponseRefused {
+        endpoint: SocketAddr,
+        what: &'static str,
+    },
     #[error("no healthy endpoint in cluster `{cluster}` ({total} endpoint(s), {ejected} ejected)")]
     NoHealthyUpstream {
         cluster: String,
@@ -334,7 +340,8 @@ impl ProxyError {
             ProxyError::UpstreamWriteTimeout { .. } => ErrorKind::UpstreamWriteTimeout,
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
             ProxyError::UpstreamRefusedStream { .. } => ErrorKind::UpstreamRefusedStream,
-            ProxyError::InvalidUpstreamResponse { .. } => ErrorKind::InvalidUpstreamResponse,
+            ProxyError::InvalidUpstreamResponse { .. }
+            | ProxyError::UpstreamResponseRefused { .. } => ErrorKind::InvalidUpstreamResponse,
             ProxyError::UpgradeUnsupported { .. } => ErrorKind::UpgradeUnsupported,
             ProxyError::UpgradeFailed { .. } => ErrorKind::UpgradeFailed,
             ProxyError::NoHealthyUpstream { .. } => ErrorKind::NoHealthyUpstream,
@@ -478,7 +485,8 @@ impl ProxyError {
             | ProxyError::UpstreamReset { endpoint, .. }
             | ProxyError::UpstreamRefusedStream { endpoint, .. }
             | ProxyError::UpgradeFailed { endpoint, .. }
-            | ProxyError::InvalidUpstreamResponse { endpoint, .. } => Some(*endpoint),
+            | ProxyError::InvalidUpstreamResponse { endpoint, .. }
+            | ProxyError::UpstreamResponseRefused { endpoint, .. } => Some(*endpoint),
             ProxyError::RequestTimeout { endpoint, .. } => *endpoint,
             _ => None,
         }
