@@ -71,6 +71,9 @@ pub(crate) struct Stripped {
     pub keep_alive: Option<HeaderValue>,
     /// `Connection` named other headers, which were removed as hop-by-hop too.
     pub listed: bool,
+    /// `Transfer-Encoding` named a coding besides `chunked` (which hyper decodes; the others
+    /// stay on the body).
+    pub other_coding: bool,
 }
 
 /// Bit of `Upgrade` in [`strip_hop_by_hop`]'s mask (after those of [`HOP_BY_HOP`]).
@@ -105,6 +108,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     // Before `Connection` takes it out: a client that sends `TE` lists it there (RFC 9110
     // section 10.1.4 asks it to).
     let te_trailers = present & TE_BIT != 0 && te_trailers(headers);
+    let other_coding = present & TRANSFER_ENCODING_BIT != 0 && other_coding(headers);
     // Headers listed in `Connection` are hop-by-hop too. The usual values name nothing else,
     // so the common case allocates nothing.
     let mut upgrade = false;
@@ -159,10 +163,22 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
         te_trailers,
         keep_alive,
         listed: connection_names_more,
+        other_coding,
     }
 }
 
 /// Whether `TE` lists `trailers`.
+/// `Transfer-Encoding` names a coding besides `chunked` (or is no text).
+fn other_coding(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+        })
+    })
+}
+
 fn te_trailers(headers: &HeaderMap) -> bool {
     headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|v| {

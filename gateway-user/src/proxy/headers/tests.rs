@@ -55,6 +55,7 @@ fn hop_by_hop_and_connection_listed_headers_are_removed() {
             te_trailers: true,
             keep_alive: Some(HeaderValue::from_static("timeout=5")),
             listed: true,
+            other_coding: false,
         },
         "an Upgrade that Connection does not name is no upgrade"
     );
@@ -112,6 +113,14 @@ fn an_upgrade_and_te_trailers_are_handed_back() {
     let mut h = map(&[("te", "gzip")]);
     strip_hop_by_hop(&mut h);
     assert!(h.get("te").is_none());
+    for (coding, other) in [
+        ("chunked", false),
+        ("gzip, chunked", true),
+        ("Chunked", false),
+    ] {
+        let mut h = map(&[("transfer-encoding", coding)]);
+        assert_eq!(strip_hop_by_hop(&mut h).other_coding, other, "{coding}");
+    }
     // `Connection: TE`, as RFC 9110 asks a client that sends `TE` to say.
     let mut h = map(&[("connection", "TE"), ("te", "trailers")]);
     assert!(strip_hop_by_hop(&mut h).te_trailers);

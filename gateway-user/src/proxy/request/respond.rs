@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Response, StatusCode, Version,
-    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, LOCATION, RETRY_AFTER, TRANSFER_ENCODING},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, LOCATION, RETRY_AFTER},
 };
 use hyper::upgrade::OnUpgrade;
 
@@ -52,13 +52,13 @@ pub(super) fn respond(
     if up.response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return switch(up, ex, upgrade, client);
     }
-    if let Some(what) = refused(&up.response) {
+    let (mut parts, body) = up.response.into_parts();
+    let stripped = headers::to_downstream(&mut parts.headers, parts.version);
+    if let Some(what) = refused(parts.status, &stripped) {
         let endpoint = up.lease.endpoint.addr;
         // The connection goes with `up`: not reused after a response it could not frame.
         return error_response(ProxyError::UpstreamResponseRefused { endpoint, what }, ex);
     }
-    let (mut parts, body) = up.response.into_parts();
-    let stripped = headers::to_downstream(&mut parts.headers, parts.version);
     // RFC 9110 section 8.6: none on a 1xx or a 204 (HTTP/2 clients reset the stream of one
     // that has it). A gRPC response's length goes too: when its body breaks off, the gateway
     // ends the call with trailers of its own, which a length not reached makes a protocol
@@ -92,18 +92,13 @@ pub(super) fn respond(
 /// section 15), or a transfer coding besides `chunked`, which hyper took off while the others
 /// stayed on the body (`gzip, chunked` reached the client as gzip bytes under no
 /// `Content-Encoding`; nginx refuses it too).
-fn refused(r: &Response<hyper::body::Incoming>) -> Option<&'static str> {
-    if r.status().as_u16() > 599 {
+fn refused(status: StatusCode, stripped: &headers::Stripped) -> Option<&'static str> {
+    if status.as_u16() > 599 {
         return Some("a status code past 599");
     }
-    let other_coding = r.headers().get_all(TRANSFER_ENCODING).iter().any(|v| {
-        v.to_str().map_or(true, |v| {
-            v.split(',')
-                .map(str::trim)
-                .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
-        })
-    });
-    other_coding.then_some("a transfer coding other than chunked")
+    stripped
+        .other_coding
+        .then_some("a transfer coding other than chunked")
 }
 
 /// The request ID and the route's response header rules, on every answer.
