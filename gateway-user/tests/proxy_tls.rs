@@ -547,6 +547,39 @@ fn an_upstream_with_the_wrong_name_or_an_unknown_ca_is_a_documented_502() {
     );
 }
 
+/// A cluster of two `host:port` entries on one port: each address is verified by the name it
+/// came from. Before, the name was used only when one entry had the port, so
+/// `api-1.internal:443` and `api-2.internal:443` were each verified as an IP address and every
+/// request failed `name_mismatch` (a black-box audit found it). Here the two entries are two
+/// spellings of `localhost`, which every machine resolves, both to 127.0.0.1.
+#[test]
+fn two_host_entries_on_one_port_are_each_verified_by_their_name() {
+    let dir = temp_dir("tls-two-names");
+    let pki = Pki::new(&dir, "ca");
+    let (uc, uk) = pki.leaf("up", &["localhost"]);
+    let nginx = Nginx::start(&dir, &uc, &uk);
+    let port = nginx.addr.port();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "[router.upstream]\nendpoints = [\"localhost:{port}\", \"LOCALHOST:{port}\"]\n\
+             [router.upstream.tls]\nca_file = \"{ca}\"\n[observer]\nmode = \"off\"\n",
+            ca = dir.join("ca.pem").display()
+        ),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10"])
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .unwrap();
+    let r = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("sni=localhost"),
+        "{r}"
+    );
+}
+
 #[test]
 fn a_stalled_tls_upstream_is_a_504_tls_handshake_timeout_on_time_with_kernel_evidence_privileged() {
     // Accepts TCP (the kernel completes the handshake and ACKs the ClientHello) and never

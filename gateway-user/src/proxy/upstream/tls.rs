@@ -5,8 +5,12 @@
 //! `decide::evidence::TlsFailure::health_evidence`, which never counts a TLS failure on a
 //! healthy TCP connection as a network failure.
 //!
-//! The name sent as SNI and verified: the cluster's `server_name`; else the endpoint's host
-//! name when its address came from one `host:port` entry on that port; else its IP address.
+//! The name sent as SNI and verified: the cluster's `server_name`; else the host name of the
+//! `host:port` entry whose latest resolution gave the endpoint's address (the first listed,
+//! when several did); else, or when the address is also written as an IP entry, its IP
+//! address. (It used to be the host name only when one `host:port` entry had that port:
+//! `api-1.internal:443` and `api-2.internal:443` verified each other's address as an IP, and
+//! every request of the cluster failed `name_mismatch`.)
 //!
 //! The connection that comes out is an ordinary pooled connection: its file descriptor is the
 //! TCP socket's, so the pool's idle peek and the kernel join by cookie work as for plain ones
@@ -20,7 +24,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{Cluster, endpoint::Endpoint};
 use crate::{
-    config::{ClusterSpec, EndpointAddr, UpstreamProtocol},
+    config::{EndpointAddr, UpstreamProtocol},
     decide::evidence::TlsFailure,
     diagnose::tcpinfo::TcpInfo,
     proxy::{
@@ -53,7 +57,7 @@ pub(super) async fn handshake(
     io: StallGuard<TcpStream>,
     tcp: Tcp,
 ) -> Result<Upstream, ProxyError> {
-    let name = server_name(&cluster.spec, tls, ep.addr);
+    let name = server_name(cluster, tls, ep.addr);
     let timeout = cluster.spec.timeouts.tls_handshake;
     let start = Instant::now();
     // Fallible: a failed handshake hands the socket back, so that it is still open when its
@@ -154,22 +158,29 @@ pub(super) fn negotiated_h2(s: &Upstream, protocol: UpstreamProtocol) -> bool {
     }
 }
 
-/// The name to send and verify for `addr` (see the module doc).
-fn server_name(spec: &ClusterSpec, tls: &ClientTls, addr: SocketAddr) -> ServerName<'static> {
+/// The name to send and verify for `addr` (see the module doc). Once per new connection.
+fn server_name(cluster: &Cluster, tls: &ClientTls, addr: SocketAddr) -> ServerName<'static> {
     if let Some(n) = &tls.server_name {
         return n.clone();
     }
-    let mut hosts = spec.endpoints.iter().filter_map(|e| match &e.address {
-        EndpointAddr::Host { host, port } if *port == addr.port() => Some(host.as_str()),
-        _ => None,
-    });
-    let written_as_ip = spec
+    let ip = ServerName::IpAddress(addr.ip().into());
+    let spec = &cluster.spec;
+    if spec
         .endpoints
         .iter()
-        .any(|e| e.address == EndpointAddr::Ip(addr));
-    match (hosts.next(), hosts.next(), written_as_ip) {
-        (Some(h), None, false) => ServerName::try_from(h.to_owned())
-            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into())),
-        _ => ServerName::IpAddress(addr.ip().into()),
+        .any(|e| e.address == EndpointAddr::Ip(addr))
+    {
+        return ip;
     }
+    let names = cluster.names.snapshot();
+    spec.endpoints
+        .iter()
+        .zip(&names)
+        .find_map(|(e, name)| match (&e.address, name) {
+            (EndpointAddr::Host { host, .. }, Some(n)) if n.addresses.contains(&addr) => {
+                ServerName::try_from(host.clone()).ok()
+            }
+            _ => None,
+        })
+        .unwrap_or(ip)
 }
