@@ -5,7 +5,10 @@
 //! path as sent, chose the route of `/` for each, and nginx answered them as admin pages. A
 //! host with the trailing dot of a fully qualified name missed its host's route the same way,
 //! and a `rewrite_prefix` could make a `..` segment of a path that had none
-//! (`/static../admin/users` under prefix `/static` and rewrite `/v1/`).
+//! (`/static../admin/users` under prefix `/static` and rewrite `/v1/`). So did a host whose
+//! port was no port (`admin.example.com:abc`: routes cut the port at the last `:`, nginx cuts
+//! the host at the first), and a path with `;` parameters (`/admin;x/users`, which Tomcat,
+//! Jetty and Spring read as `/admin/users`).
 //!
 //! Now such a path is refused (400) when, spelt plainly, it is another route's; the same
 //! spellings within one route still go upstream as sent. The trailing dot is dropped for
@@ -92,6 +95,7 @@ async fn a_path_or_host_an_upstream_reads_as_a_guarded_routes_is_refused_or_rout
             "/admin%2Fusers",
             "/admin%2fusers",
             "/%2Fadmin/users",
+            "/admin;x=1/users",
         ] {
             let got = get(path);
             assert!(got.ends_with(" 400"), "{path} (HTTP/2: {h2}): {got}");
@@ -116,6 +120,15 @@ async fn a_path_or_host_an_upstream_reads_as_a_guarded_routes_is_refused_or_rout
             f.extend(["-H", header.as_str()]);
             let got = curl(&format!("{base}/x"), &f);
             assert!(got.ends_with(" 403"), "{host} (HTTP/2: {h2}): {got}");
+        }
+        // A port that is no port: routes took the host up to the last `:`, nginx takes it up
+        // to the first.
+        if !h2 {
+            for host in ["admin.example.com:abc", "admin.example.com:80:90"] {
+                let header = format!("Host: {host}");
+                let got = curl(&format!("{base}/x"), &["-H", header.as_str()]);
+                assert!(got.ends_with(" 400"), "{host}: {got}");
+            }
         }
     }
 }

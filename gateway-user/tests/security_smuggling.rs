@@ -167,7 +167,9 @@ async fn te_cl_conflict_smuggles_nothing() {
 
 #[tokio::test]
 async fn unknown_or_non_final_chunked_transfer_coding_is_rejected() {
-    for te in ["chunked, identity", "xchunked", "identity"] {
+    // `gzip, chunked`: hyper takes `chunked` off and leaves gzip on the body, which reached
+    // the upstream coded with nothing saying so.
+    for te in ["chunked, identity", "xchunked", "identity", "gzip, chunked"] {
         let req = format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: {te}\r\n\r\n0\r\n\r\n");
         let (answer, seen, _gw) = through("te-bad", OK, req.as_bytes()).await;
         assert_eq!(
@@ -326,6 +328,63 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
             );
         }
     }
+}
+
+/// A gRPC response whose length-framed body breaks off: the gateway ends the call with
+/// trailers of its own (`grpc-status`), which the client must be able to read. With the
+/// upstream's `content-length` passed on, those trailers after a body shorter than the length
+/// were a protocol violation, and nghttp reset the stream (PROTOCOL_ERROR) without the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_response_broken_off_ends_with_a_status_the_client_reads() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // The request's body (5 bytes), then half of a 1,000-byte response, and FIN.
+                let _ = tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await;
+                let mut reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n\
+                                  content-length: 1000\r\n\r\n"
+                    .to_vec();
+                reply.extend_from_slice(&[0u8; 500]);
+                let _ = s.write_all(&reply).await;
+                let _ = s.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            });
+        }
+    });
+    let gw = gateway("grpc-broken-off", &cluster(up)).await;
+    let dir = temp_dir("grpc-broken-off-body");
+    let body = dir.join("message");
+    std::fs::write(&body, [0u8, 0, 0, 0, 0]).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("nghttp")
+            .args([
+                "-v",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-d",
+            ])
+            .arg(&body)
+            .arg(format!("http://{}/pkg.Svc/Call", gw.addr))
+            .output()
+            .expect("nghttp (nghttp2-client, installed by ./dev)")
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("PROTOCOL_ERROR") && text.contains("grpc-status:"),
+        "the gateway's status, readable:\n{text}"
+    );
 }
 
 #[tokio::test]

@@ -167,7 +167,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
     }
 }
 
-/// Whether `TE` lists `trailers`.
 /// `Transfer-Encoding` names a coding besides `chunked` (or is no text).
 fn other_coding(headers: &HeaderMap) -> bool {
     headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
@@ -179,6 +178,7 @@ fn other_coding(headers: &HeaderMap) -> bool {
     })
 }
 
+/// Whether `TE` lists `trailers`.
 fn te_trailers(headers: &HeaderMap) -> bool {
     headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|v| {

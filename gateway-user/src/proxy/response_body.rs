@@ -338,6 +338,13 @@ impl Body for ResponseBody {
                 let mut h = body.size_hint();
                 let n = rest.len() as u64;
                 h.set_lower(h.lower() + n);
+                // A gRPC call's length is not passed on (`respond`): hyper would write it
+                // back from an exact hint.
+                if self.exchange.as_ref().is_some_and(|e| e.grpc) {
+                    let mut open = SizeHint::new();
+                    open.set_lower(h.lower());
+                    return open;
+                }
                 if let Some(u) = h.upper() {
                     h.set_upper(u + n);
                 }

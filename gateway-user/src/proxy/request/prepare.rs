@@ -267,6 +267,13 @@ fn for_upstream(
         authority,
         (client.scheme, proto),
     );
+    // hyper takes `chunked` off and leaves the others on the body, which would reach the
+    // upstream coded with nothing saying so.
+    if stripped.other_coding {
+        return Err(ProxyError::BadRequest {
+            what: "a transfer coding other than chunked",
+        });
+    }
     // A client's `Connection` may name the request ID's header, which the strip then took
     // out: the ID the gateway assigned goes upstream all the same.
     if stripped.listed
@@ -434,12 +441,32 @@ fn authority(req: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
 
 /// Whether `a` can be an HTTP/2 `:authority` (what `http::uri::Authority` would refuse,
 /// checked without the copy that parsing makes): not empty, no whitespace, control bytes,
-/// path, query, fragment or userinfo delimiters.
+/// path, query, fragment or userinfo delimiters, and a port of digits only.
 fn plausible_authority(a: &HeaderValue) -> bool {
     let b = a.as_bytes();
-    !b.is_empty()
-        && b.iter()
+    if b.is_empty()
+        || !b
+            .iter()
             .all(|&c| c.is_ascii_graphic() && !matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\'))
+    {
+        return false;
+    }
+    // The port, if any: digits, after the one `:` outside brackets. Routes take the host up to
+    // the last `:` and nginx up to the first, so `admin.example.com:80:90` or `…:abc` missed
+    // the host's route here and reached its vhost there.
+    let port = match (b[0], b.iter().rposition(|&c| c == b']')) {
+        (b'[', Some(end)) => &b[end + 1..],
+        (_, Some(_)) | (b'[', None) => return false,
+        _ => b
+            .iter()
+            .position(|&c| c == b':')
+            .map_or(&[][..], |i| &b[i..]),
+    };
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
 }
 
 /// A field value with a space or tab at either end.

@@ -59,11 +59,12 @@ pub(super) fn respond(
         // The connection goes with `up`: not reused after a response it could not frame.
         return error_response(ProxyError::UpstreamResponseRefused { endpoint, what }, ex);
     }
-    // RFC 9110 section 8.6: none on a 1xx or a 204 (HTTP/2 clients reset the stream of one
-    // that has it). A gRPC response's length goes too: when its body breaks off, the gateway
-    // ends the call with trailers of its own, which a length not reached makes a protocol
-    // violation, and the client never sees the status.
-    if parts.status == StatusCode::NO_CONTENT || parts.status.is_informational() || ex.grpc {
+    // RFC 9110 section 8.6: none on a 204 (HTTP/2 clients reset the stream of one that has
+    // it; hyper handles 1xx itself). A gRPC response's length goes too (and its body's size
+    // hint says none, `ResponseBody`): when its body breaks off, the gateway ends the call with
+    // trailers of its own, which a length not reached makes a protocol violation, and the
+    // client never sees the status.
+    if parts.status == StatusCode::NO_CONTENT || ex.grpc {
         parts.headers.remove(CONTENT_LENGTH);
     }
     parts.version = Version::default();

@@ -67,13 +67,15 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
     false
 }
 
-/// `path` as an upstream may read it, for routing only: percent-encoded unreserved
-/// characters decoded (`%61` is `a`; RFC 3986 section 6.2.2.2), encoded slashes and
-/// backslashes and plain backslashes taken for `/`, and runs of `/` merged (nginx's
-/// `merge_slashes`, on by default). `None` when there is nothing to read otherwise.
+/// `path` as an upstream may read it, for routing only: percent-encoded printable ASCII
+/// decoded (`%61` is `a`; nginx decodes before it matches a location), encoded slashes and
+/// backslashes and plain backslashes taken for `/`, runs of `/` merged (nginx's
+/// `merge_slashes`, on by default), and each segment's `;` parameters dropped (Tomcat, Jetty
+/// and Spring read `/admin;x/users` as `/admin/users`). `%25` stays: decoding it would read a
+/// path twice. `None` when there is nothing to read otherwise.
 pub(super) fn as_upstreams_read(path: &str) -> Option<String> {
     let b = path.as_bytes();
-    if !(b.iter().any(|&c| c == b'%' || c == b'\\') || path.contains("//")) {
+    if !(b.iter().any(|&c| matches!(c, b'%' | b'\\' | b';')) || path.contains("//")) {
         return None;
     }
     let hex = |c: u8| char::from(c).to_digit(16);
@@ -86,8 +88,8 @@ pub(super) fn as_upstreams_read(path: &str) -> Option<String> {
             b.get(i + 2).copied().and_then(hex),
         ) {
             (b'%', Some(hi), Some(lo)) => match (hi * 16 + lo) as u8 {
-                d if d.is_ascii_alphanumeric() || matches!(d, b'-' | b'.' | b'_' | b'~') => (d, 3),
                 b'/' | b'\\' => (b'/', 3),
+                d if d.is_ascii_graphic() && d != b'%' => (d, 3),
                 _ => {
                     out.extend_from_slice(&b[i..i + 3]);
                     i += 3;
@@ -95,6 +97,13 @@ pub(super) fn as_upstreams_read(path: &str) -> Option<String> {
                 }
             },
             (b'\\', ..) => (b'/', 1),
+            (b';', ..) => {
+                // The segment's parameters, up to its end.
+                while i < b.len() && !matches!(b[i], b'/' | b'\\') {
+                    i += 1;
+                }
+                continue;
+            }
             (c, ..) => (c, 1),
         };
         if !(c == b'/' && out.last() == Some(&b'/')) {
@@ -185,8 +194,11 @@ mod tests {
             ("/admin%5Cusers", Some("/admin/users")),
             ("/admin\\users", Some("/admin/users")),
             ("/a%7Eb%2D%5F", Some("/a~b-_")),
-            // Encodings of what is not unreserved stay as sent; a stray `%` too.
-            ("/x%20y%3F", Some("/x%20y%3F")),
+            ("/v1/x%3Aadmin", Some("/v1/x:admin")),
+            ("/admin;x=1/users", Some("/admin/users")),
+            ("/admin;/users;jsessionid=1", Some("/admin/users")),
+            // Spaces, control bytes and `%25` stay as sent; a stray `%` too.
+            ("/x%20y%00%25", Some("/x%20y%00%25")),
             ("/100%", Some("/100%")),
             ("/%zz/%4", Some("/%zz/%4")),
             ("/admin/users", None),
