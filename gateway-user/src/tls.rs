@@ -85,6 +85,11 @@ pub enum TlsProblem {
         path.display()
     )]
     NoKey { path: PathBuf },
+    #[error(
+        "the private key in {} is encrypted (a passphrase): the gateway reads unencrypted keys; decrypt it (`openssl pkey -in KEY -out KEY.plain`) and keep the file readable by the gateway only",
+        path.display()
+    )]
+    EncryptedKey { path: PathBuf },
     #[error("the private key in {} is not usable: {reason}", path.display())]
     BadKey { path: PathBuf, reason: String },
     #[error(

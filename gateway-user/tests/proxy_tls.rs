@@ -753,6 +753,53 @@ fn certificates_reload_on_sighup_under_load_with_no_failed_request() {
     assert_eq!(code, 200, "the running certificate still serves");
 }
 
+/// A session resumes across a SIGHUP: the tickets' keys and the session cache carry over to
+/// the reloaded config. Before, every reload made each client's next connection a full
+/// handshake (a black-box audit found it). openssl `s_client -sess_out` / `-sess_in`, TLS 1.2
+/// (a session id or a ticket) and TLS 1.3 (a ticket).
+#[test]
+fn sessions_resume_across_a_sighup() {
+    let dir = temp_dir("tls-resume");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    // Handshakes only: no request reaches this endpoint.
+    let cfg = https_base(&dir, "[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n");
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    let sess = dir.join("session.pem");
+    let s_client = |version: &str, resume: bool| {
+        let mut c = Command::new("openssl");
+        c.args(["s_client", version, "-connect", &addr.to_string()])
+            .args(["-servername", "a.test"])
+            .arg(if resume { "-sess_in" } else { "-sess_out" })
+            .arg(&sess)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("openssl");
+        // Held open a moment: TLS 1.3 tickets come after the handshake.
+        std::thread::sleep(Duration::from_millis(300));
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for version in ["-tls1_2", "-tls1_3"] {
+        let first = s_client(version, false);
+        assert!(first.contains("New, TLSv1."), "{version}: {first}");
+        assert!(
+            s_client(version, true).contains("Reused, TLSv1."),
+            "{version}: before"
+        );
+        gw.signal(libc::SIGHUP);
+        gw.expect_log("config reloaded", Duration::from_secs(5));
+        let after = s_client(version, true);
+        assert!(
+            after.contains("Reused, TLSv1."),
+            "{version}, after a SIGHUP: {after}"
+        );
+    }
+}
+
 /// Client certificates both ways: the HTTPS listener with `client_ca_file` refuses a client
 /// without a certificate from that CA and serves one with it; a cluster with `cert_file` /
 /// `key_file` presents its certificate to an upstream that requires one (nginx

@@ -183,6 +183,57 @@ fn sni_certificates_and_a_certificate_expiring_soon() {
     assert!(err_in(&pki, &https_with(&empty)).contains("`server_names` is empty"));
 }
 
+/// Findings of a black-box audit: a name listed for two certificates (the last won, in
+/// silence), a name with a fully qualified name's trailing dot (never matched), an expired
+/// certificate past the leaf (a stale cross-signed root: refused, where browsers and nginx
+/// serve the chain), an encrypted key (reported as "no private key").
+#[test]
+fn duplicate_and_dotted_server_names_stale_chain_extras_and_encrypted_keys() {
+    let pki = TestPki::new("sni-more");
+    pki.leaf("a", &["a.example.com"], (-1, 90));
+    pki.leaf("b", &["a.example.com"], (-1, 90));
+    pki.leaf("old", &["old.example.com"], (-30, -1));
+    let entry = |names: &str, file: &str| {
+        format!(
+            "[[router.tls.certificates]]\nserver_names = {names}\ncert_file = \"{file}.pem\"\nkey_file = \"{file}.key\"\n"
+        )
+    };
+    let twice = entry("[\"a.example.com\"]", "a") + &entry("[\"A.example.com\"]", "b");
+    let e = err_in(&pki, &https_with(&twice));
+    assert!(
+        e.contains("\"a.example.com\" is listed for another certificate too")
+            && e.contains("router.tls.certificates[1].server_names[0]"),
+        "{e}"
+    );
+    let l = load_in(&pki, &https_with(&entry("[\"a.example.com.\"]", "a"))).unwrap();
+    let t = &l.settings.https.as_ref().unwrap().tls;
+    assert!(
+        t.resolver.lookup(Some("a.example.com")).is_some(),
+        "the trailing dot"
+    );
+    // The leaf, then an expired certificate: served, with a warning.
+    let chain = std::fs::read_to_string(pki.path("a.pem")).unwrap()
+        + &std::fs::read_to_string(pki.path("old.pem")).unwrap();
+    std::fs::write(pki.path("stale.pem"), chain).unwrap();
+    std::fs::copy(pki.path("a.key"), pki.path("stale.key")).unwrap();
+    let l = load_in(&pki, &https_with(&entry("[\"a.example.com\"]", "stale"))).unwrap();
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.to_string().contains("past the leaf that expired")),
+        "{:?}",
+        l.warnings
+    );
+    std::fs::write(
+        pki.path("enc.key"),
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::copy(pki.path("a.pem"), pki.path("enc.pem")).unwrap();
+    let e = err_in(&pki, &https_with(&entry("[\"a.example.com\"]", "enc")));
+    assert!(e.contains("is encrypted") && e.contains("key_file"), "{e}");
+}
+
 #[test]
 fn cluster_tls_inherits_from_router_upstream_and_can_be_turned_off() {
     let pki = TestPki::new("up");

@@ -25,6 +25,9 @@ pub enum Which {
 pub struct CertPair {
     pub key: Arc<CertifiedKey>,
     pub info: CertificateInfo,
+    /// Certificates of the chain past the leaf that have expired (a stale cross-signed root,
+    /// say), by subject and `notAfter`: a warning, not a refusal.
+    pub expired_extras: Vec<(String, i64)>,
     /// Both files' bytes, for equality.
     pub inputs: Vec<u8>,
 }
@@ -55,6 +58,16 @@ pub fn load_certs(path: &Path) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>)
 
 fn load_key(path: &Path) -> Result<(PrivateKeyDer<'static>, Vec<u8>), TlsProblem> {
     let bytes = read(path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    // PKCS#8 `ENCRYPTED PRIVATE KEY`, or a traditional key with `Proc-Type: 4,ENCRYPTED`: the
+    // parser skips both, and "no private key" would point the wrong way.
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(TlsProblem::EncryptedKey {
+            path: path.to_owned(),
+        });
+    }
     match PrivateKeyDer::from_pem_slice(&bytes) {
         Ok(k) => Ok((k, bytes)),
         Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsProblem::NoKey {
@@ -68,14 +81,18 @@ fn load_key(path: &Path) -> Result<(PrivateKeyDer<'static>, Vec<u8>), TlsProblem
 }
 
 /// The validity of every certificate in `chain`, checked against `now` (Unix seconds); the
-/// earliest `notAfter` and the leaf's subject.
+/// earliest `notAfter` of those still valid, the leaf's subject, and the certificates past the
+/// leaf that have expired. Only the leaf's dates refuse the chain: browsers, nginx and Envoy
+/// serve a chain with a stale extra certificate (a cross-signed root past its date), whose
+/// clients build their path without it.
 fn check_dates(
     path: &Path,
     chain: &[CertificateDer<'_>],
     now: i64,
-) -> Result<(i64, String), TlsProblem> {
+) -> Result<(i64, String, Vec<(String, i64)>), TlsProblem> {
     let mut earliest = i64::MAX;
     let mut leaf_subject = String::new();
+    let mut expired_extras = Vec::new();
     for (i, c) in chain.iter().enumerate() {
         let v = validity::read(c).map_err(|reason| TlsProblem::BadCertificate {
             path: path.to_owned(),
@@ -83,6 +100,10 @@ fn check_dates(
         })?;
         if i == 0 {
             leaf_subject = v.subject.clone();
+        }
+        if i > 0 && v.not_after < now {
+            expired_extras.push((v.subject, v.not_after));
+            continue;
         }
         if v.not_after < now {
             return Err(TlsProblem::Expired {
@@ -99,7 +120,7 @@ fn check_dates(
         }
         earliest = earliest.min(v.not_after);
     }
-    Ok((earliest, leaf_subject))
+    Ok((earliest, leaf_subject, expired_extras))
 }
 
 /// Loads `cert` (a PEM chain, leaf first) and `key`, and checks them together at `now` (Unix
@@ -112,7 +133,8 @@ pub fn load_pair(
     now: i64,
 ) -> Result<CertPair, (Which, TlsProblem)> {
     let (chain, mut inputs) = load_certs(cert).map_err(|p| (Which::Cert, p))?;
-    let (not_after, subject) = check_dates(cert, &chain, now).map_err(|p| (Which::Cert, p))?;
+    let (not_after, subject, expired_extras) =
+        check_dates(cert, &chain, now).map_err(|p| (Which::Cert, p))?;
     let (key_der, key_bytes) = load_key(key).map_err(|p| (Which::Key, p))?;
     inputs.extend_from_slice(&key_bytes);
     let signing = provider
@@ -153,6 +175,7 @@ pub fn load_pair(
             not_after,
             subject,
         },
+        expired_extras,
         inputs,
     })
 }

@@ -6,13 +6,22 @@
 //!
 //! The config is built when the config file is validated, so a SIGHUP that re-reads the
 //! certificates builds a new one: new connections get it at once, connections already
-//! established keep theirs.
+//! established keep theirs. The session tickets' keys and the session cache carry over from
+//! one config to the next ([`resumption`]), unless the client CA changed: every SIGHUP made
+//! every client's next connection a full handshake.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use rustls::{
     RootCertStore, ServerConfig,
-    server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier},
+    server::{
+        ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
+        StoresServerSessions, WebPkiClientVerifier,
+    },
     sign::CertifiedKey,
 };
 
@@ -84,6 +93,7 @@ impl ServerTls {
         opts: ServerOptions,
     ) -> Result<ServerTls, TlsProblem> {
         let mut inputs = format!("{:?}{:?}", opts.min_version, opts.alpn).into_bytes();
+        let client_ca = opts.client_ca.as_ref().map(|(_, b)| b.clone());
         let mut resolver = SniResolver::default();
         let mut certificates = Vec::new();
         if let Some(d) = default {
@@ -132,8 +142,7 @@ impl ServerTls {
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = opts.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
-        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(refused)?;
+        (config.ticketer, config.session_storage) = resumption(client_ca).map_err(refused)?;
         Ok(ServerTls {
             config: Arc::new(config),
             resolver,
@@ -141,6 +150,43 @@ impl ServerTls {
             inputs,
         })
     }
+}
+
+/// What resumes sessions: the tickets' keys (rotated by rustls every 6 hours) and the
+/// session cache, with the client CA they were made under.
+struct Resumption {
+    client_ca: Option<Vec<u8>>,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions + Send + Sync>,
+}
+
+/// The last config's.
+static RESUMPTION: Mutex<Option<Resumption>> = Mutex::new(None);
+
+/// The ticketer and session cache for a new config: the last config's when its client CA is
+/// the same (a session resumed under another CA would skip the new one's client check), else
+/// new ones.
+fn resumption(
+    client_ca: Option<Vec<u8>>,
+) -> Result<
+    (
+        Arc<dyn ProducesTickets>,
+        Arc<dyn StoresServerSessions + Send + Sync>,
+    ),
+    rustls::Error,
+> {
+    let mut last = RESUMPTION.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = last.as_ref().filter(|r| r.client_ca == client_ca) {
+        return Ok((r.ticketer.clone(), r.sessions.clone()));
+    }
+    let r = Resumption {
+        client_ca,
+        ticketer: rustls::crypto::ring::Ticketer::new()?,
+        sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+    };
+    let made = (r.ticketer.clone(), r.sessions.clone());
+    *last = Some(r);
+    Ok(made)
 }
 
 impl PartialEq for ServerTls {

@@ -41,7 +41,9 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointAddr, &'static str> {
 }
 
 pub(super) fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
+    // A fully qualified name's trailing dot: requests are matched without it.
     let lower = s.to_ascii_lowercase();
+    let lower = lower.strip_suffix('.').unwrap_or(&lower).to_owned();
     let (suffix, name) = match lower.strip_prefix('*') {
         Some(rest) if rest.starts_with('.') => (true, rest),
         Some(_) => return Err("a wildcard is only allowed as a leading \"*.\""),

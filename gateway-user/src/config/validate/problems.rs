@@ -38,6 +38,10 @@ pub enum Invalid {
     },
     #[error("`server_names` is empty; list the SNI names this certificate is for")]
     EmptyServerNames,
+    #[error(
+        "server name {name:?} is listed for another certificate too; one certificate per name (the last would win)"
+    )]
+    DuplicateServerName { name: String },
     #[error("server_name {value:?} is neither a DNS name nor an IP address")]
     InvalidServerName { value: String },
     #[error("listen address {addr} appears twice")]
@@ -168,6 +172,14 @@ pub enum Warning {
         path: String,
         not_after: String,
         days: i64,
+    },
+    #[error(
+        "{path} holds a certificate past the leaf that expired at {not_after} (its subject: {subject}); it is sent, and clients that need it to build their path fail; remove it"
+    )]
+    ChainCertificateExpired {
+        path: String,
+        not_after: String,
+        subject: String,
     },
     #[error(
         "cluster `{cluster}`: insecure_skip_verify = true: the upstream's certificate is NOT verified; anyone on the path can impersonate it"

@@ -44,6 +44,16 @@ impl Files<'_> {
         );
         match files::load_pair(&cp, &kp, role, &self.provider, self.now) {
             Ok(pair) => {
+                for (subject, not_after) in &pair.expired_extras {
+                    c.warnings.push(At {
+                        key: cert_key.clone(),
+                        what: Warning::ChainCertificateExpired {
+                            path: cp.display().to_string(),
+                            not_after: tls::validity::display(*not_after),
+                            subject: subject.clone(),
+                        },
+                    });
+                }
                 let days = (pair.info.not_after - self.now) / 86_400;
                 if days < EXPIRY_WARNING_DAYS {
                     c.warnings.push(At {
@@ -166,6 +176,7 @@ fn sni_certificates(
     x: &Files<'_>,
 ) -> Vec<(Vec<String>, CertPair)> {
     let mut sni = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, e) in t.certificates.iter().enumerate() {
         let ek = tk.key("certificates").index(i);
         if e.server_names.is_empty() {
@@ -174,6 +185,12 @@ fn sni_certificates(
         let mut names = Vec::new();
         for (j, n) in e.server_names.iter().enumerate() {
             match super::addresses::parse_host(n) {
+                Ok(h) if !seen.insert(h.to_string()) => c.fail(
+                    ek.key("server_names").index(j),
+                    Invalid::DuplicateServerName {
+                        name: h.to_string(),
+                    },
+                ),
                 Ok(h) => names.push(h.to_string()),
                 Err(reason) => c.fail(
                     ek.key("server_names").index(j),
