@@ -80,16 +80,16 @@ fn load_key(path: &Path) -> Result<(PrivateKeyDer<'static>, Vec<u8>), TlsProblem
     }
 }
 
+/// The earliest `notAfter` of the chain's valid certificates, the leaf's subject, and the
+/// expired certificates past the leaf (subject, `notAfter`).
+type Dates = (i64, String, Vec<(String, i64)>);
+
 /// The validity of every certificate in `chain`, checked against `now` (Unix seconds); the
 /// earliest `notAfter` of those still valid, the leaf's subject, and the certificates past the
 /// leaf that have expired. Only the leaf's dates refuse the chain: browsers, nginx and Envoy
 /// serve a chain with a stale extra certificate (a cross-signed root past its date), whose
 /// clients build their path without it.
-fn check_dates(
-    path: &Path,
-    chain: &[CertificateDer<'_>],
-    now: i64,
-) -> Result<(i64, String, Vec<(String, i64)>), TlsProblem> {
+fn check_dates(path: &Path, chain: &[CertificateDer<'_>], now: i64) -> Result<Dates, TlsProblem> {
     let mut earliest = i64::MAX;
     let mut leaf_subject = String::new();
     let mut expired_extras = Vec::new();

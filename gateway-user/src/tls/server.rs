@@ -160,21 +160,19 @@ struct Resumption {
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
 }
 
+/// A config's ticketer and session cache.
+type Resumes = (
+    Arc<dyn ProducesTickets>,
+    Arc<dyn StoresServerSessions + Send + Sync>,
+);
+
 /// The last config's.
 static RESUMPTION: Mutex<Option<Resumption>> = Mutex::new(None);
 
 /// The ticketer and session cache for a new config: the last config's when its client CA is
 /// the same (a session resumed under another CA would skip the new one's client check), else
 /// new ones.
-fn resumption(
-    client_ca: Option<Vec<u8>>,
-) -> Result<
-    (
-        Arc<dyn ProducesTickets>,
-        Arc<dyn StoresServerSessions + Send + Sync>,
-    ),
-    rustls::Error,
-> {
+fn resumption(client_ca: Option<Vec<u8>>) -> Result<Resumes, rustls::Error> {
     let mut last = RESUMPTION.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = last.as_ref().filter(|r| r.client_ca == client_ca) {
         return Ok((r.ticketer.clone(), r.sessions.clone()));
