@@ -252,23 +252,32 @@ async fn upstream_response_cl_te_conflict_does_not_reach_the_client_as_is() {
     // curl over HTTP/1.1 and HTTP/2 (prior knowledge): the whole body, and curl's exit code
     // 0 (18 was "transfer closed with 97 bytes remaining to read").
     let url = format!("http://{}/", gw.addr);
-    for flags in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
-        let out = tokio::task::block_in_place(|| {
-            std::process::Command::new("curl")
-                .args(["-sS", "--max-time", "5"])
-                .args(flags)
-                .arg(&url)
-                .output()
-                .expect("curl")
-        });
-        assert!(
-            out.status.success(),
-            "curl {flags:?}: {:?} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.stdout, b"abc", "curl {flags:?}");
+    for flags in BOTH_PROTOCOLS {
+        assert_eq!(curl_ok(flags, &url), b"abc", "curl {flags:?}");
     }
+}
+
+/// curl's HTTP/1.1 and HTTP/2 (prior knowledge).
+const BOTH_PROTOCOLS: [&[&str]; 2] = [&["--http1.1"], &["--http2-prior-knowledge"]];
+
+/// What curl with `args` printed for `url`; it must have succeeded (curl runs blocking: a
+/// multi-threaded test).
+fn curl_ok(args: &[&str], url: &str) -> Vec<u8> {
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .arg(url)
+            .output()
+            .expect("curl")
+    });
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// Responses hyper parses but a client must not get as they are: a `204` with a length
@@ -298,31 +307,11 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
         let up = Recorder::start(reply).await;
         let gw = gateway(label, &cluster(up.addr)).await;
         let url = format!("http://{}/", gw.addr);
-        for flags in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
-            let out = tokio::task::block_in_place(|| {
-                std::process::Command::new("curl")
-                    .args([
-                        "-sS",
-                        "--max-time",
-                        "5",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                    ])
-                    .args(flags)
-                    .arg(&url)
-                    .output()
-                    .expect("curl")
-            });
-            assert!(
-                out.status.success(),
-                "{label} curl {flags:?}: {:?} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
+        for flags in BOTH_PROTOCOLS {
+            let args = [flags, &["-o", "/dev/null", "-w", "%{http_code}"][..]].concat();
+            let code = curl_ok(&args, &url);
             assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&code),
                 want,
                 "{label} curl {flags:?}"
             );
