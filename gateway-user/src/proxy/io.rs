@@ -27,12 +27,10 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-pub(crate) use self::delegate::delegate_async_write;
+pub(crate) use self::{delegate::delegate_async_write, early::EarlyResponse};
 
 mod delegate;
 mod early;
-
-pub(crate) use self::early::EarlyResponse;
 
 /// The error inside the `io::Error` (kind `TimedOut`) returned when the timer fires.
 #[derive(Debug, Error)]
