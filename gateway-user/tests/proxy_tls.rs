@@ -766,36 +766,75 @@ fn sessions_resume_across_a_sighup() {
     let cfg = https_base(&dir, "[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n");
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
-    let sess = dir.join("session.pem");
-    let s_client = |version: &str, resume: bool| {
-        let mut c = Command::new("openssl");
-        c.args(["s_client", version, "-connect", &addr.to_string()])
-            .args(["-servername", "a.test"])
+    // s_client's input is held open until the session is in: `-sess_out` writes its file when
+    // a session arrives (a TLS 1.3 ticket comes after the handshake), and a resumption is
+    // reported with the handshake. At most 5 s.
+    let s_client = |args: &[&str], sess: &Path, resume: bool| {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                "a.test",
+            ])
+            .args(args)
             .arg(if resume { "-sess_in" } else { "-sess_out" })
-            .arg(&sess)
+            .arg(sess)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("openssl");
-        // Held open a moment: TLS 1.3 tickets come after the handshake.
-        std::thread::sleep(Duration::from_millis(300));
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                if line.contains("Verify return code") {
+                    let _ = tx.send(());
+                }
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let _ = rx.recv_timeout(Duration::from_secs(5));
+        while !resume && !sess.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let _ = child.wait();
+        reader.join().unwrap()
     };
-    for version in ["-tls1_2", "-tls1_3"] {
-        let first = s_client(version, false);
-        assert!(first.contains("New, TLSv1."), "{version}: {first}");
+    let mut reloads = 0;
+    // TLS 1.2 by ticket and by session id (the session cache), TLS 1.3 by ticket.
+    for (name, args) in [
+        ("TLS 1.2, ticket", &["-tls1_2"][..]),
+        ("TLS 1.2, session id", &["-tls1_2", "-no_ticket"][..]),
+        ("TLS 1.3, ticket", &["-tls1_3"][..]),
+    ] {
+        let sess = dir.join(format!("session-{reloads}.pem"));
+        let first = s_client(args, &sess, false);
+        assert!(first.contains("New, TLSv1."), "{name}: {first}");
+        let again = s_client(args, &sess, true);
         assert!(
-            s_client(version, true).contains("Reused, TLSv1."),
-            "{version}: before"
+            again.contains("Reused, TLSv1."),
+            "{name}, before a SIGHUP: {again}"
         );
         gw.signal(libc::SIGHUP);
-        gw.expect_log("config reloaded", Duration::from_secs(5));
-        let after = s_client(version, true);
+        reloads += 1;
+        assert!(
+            wait_for_count(&gw, "config reloaded", reloads),
+            "{name}: reload {reloads}"
+        );
+        let after = s_client(args, &sess, true);
         assert!(
             after.contains("Reused, TLSv1."),
-            "{version}, after a SIGHUP: {after}"
+            "{name}, after a SIGHUP: {after}"
         );
     }
 }

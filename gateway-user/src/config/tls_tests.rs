@@ -205,7 +205,12 @@ fn duplicate_and_dotted_server_names_stale_chain_extras_and_encrypted_keys() {
             && e.contains("router.tls.certificates[1].server_names[0]"),
         "{e}"
     );
-    let l = load_in(&pki, &https_with(&entry("[\"a.example.com.\"]", "a"))).unwrap();
+    // Twice in one entry (once with the trailing dot) is no conflict.
+    let l = load_in(
+        &pki,
+        &https_with(&entry("[\"a.example.com.\", \"a.example.com\"]", "a")),
+    )
+    .unwrap();
     let t = &l.settings.https.as_ref().unwrap().tls;
     assert!(
         t.resolver.lookup(Some("a.example.com")).is_some(),

@@ -86,9 +86,11 @@ type Dates = (i64, String, Vec<(String, i64)>);
 
 /// The validity of every certificate in `chain`, checked against `now` (Unix seconds); the
 /// earliest `notAfter` of those still valid, the leaf's subject, and the certificates past the
-/// leaf that have expired. Only the leaf's dates refuse the chain: browsers, nginx and Envoy
-/// serve a chain with a stale extra certificate (a cross-signed root past its date), whose
-/// clients build their path without it.
+/// leaf that have expired. An expired certificate refuses the chain only as its leaf:
+/// browsers, nginx and Envoy serve a chain with a stale extra certificate (a cross-signed root
+/// past its date), whose clients build their path without it. (One not valid yet refuses it
+/// wherever it is.) The expiry metric then follows the certificates still valid: it moves
+/// forward on the reload after an extra certificate expired, and the warning says so.
 fn check_dates(path: &Path, chain: &[CertificateDer<'_>], now: i64) -> Result<Dates, TlsProblem> {
     let mut earliest = i64::MAX;
     let mut leaf_subject = String::new();

@@ -7,8 +7,8 @@
 //! The config is built when the config file is validated, so a SIGHUP that re-reads the
 //! certificates builds a new one: new connections get it at once, connections already
 //! established keep theirs. The session tickets' keys and the session cache carry over from
-//! one config to the next ([`resumption`]), unless the client CA changed: every SIGHUP made
-//! every client's next connection a full handshake.
+//! one config to the next when its TLS files and options are the same ([`resumption`]):
+//! every SIGHUP made every client's next connection a full handshake.
 
 use std::{
     collections::HashMap,
@@ -93,7 +93,6 @@ impl ServerTls {
         opts: ServerOptions,
     ) -> Result<ServerTls, TlsProblem> {
         let mut inputs = format!("{:?}{:?}", opts.min_version, opts.alpn).into_bytes();
-        let client_ca = opts.client_ca.as_ref().map(|(_, b)| b.clone());
         let mut resolver = SniResolver::default();
         let mut certificates = Vec::new();
         if let Some(d) = default {
@@ -142,7 +141,7 @@ impl ServerTls {
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = opts.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        (config.ticketer, config.session_storage) = resumption(client_ca).map_err(refused)?;
+        (config.ticketer, config.session_storage) = resumption(&inputs).map_err(refused)?;
         Ok(ServerTls {
             config: Arc::new(config),
             resolver,
@@ -153,9 +152,9 @@ impl ServerTls {
 }
 
 /// What resumes sessions: the tickets' keys (rotated by rustls every 6 hours) and the
-/// session cache, with the client CA they were made under.
+/// session cache, with the TLS inputs they were made under.
 struct Resumption {
-    client_ca: Option<Vec<u8>>,
+    inputs: Vec<u8>,
     ticketer: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions + Send + Sync>,
 }
@@ -169,16 +168,19 @@ type Resumes = (
 /// The last config's.
 static RESUMPTION: Mutex<Option<Resumption>> = Mutex::new(None);
 
-/// The ticketer and session cache for a new config: the last config's when its client CA is
-/// the same (a session resumed under another CA would skip the new one's client check), else
-/// new ones.
-fn resumption(client_ca: Option<Vec<u8>>) -> Result<Resumes, rustls::Error> {
+/// The ticketer and session cache for a new config: the last config's when its TLS files
+/// (certificates, keys, client CA) and options are the same, else new ones. A resumed session
+/// skips what a full handshake checks: the client certificate (rustls copies the old one in)
+/// and the server's certificate and key (a client resumed its session for up to 12 hours
+/// after a key was replaced). So only a reload that leaves TLS as it was keeps them: the
+/// common SIGHUP, for a route or a cluster.
+fn resumption(inputs: &[u8]) -> Result<Resumes, rustls::Error> {
     let mut last = RESUMPTION.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = last.as_ref().filter(|r| r.client_ca == client_ca) {
+    if let Some(r) = last.as_ref().filter(|r| r.inputs == inputs) {
         return Ok((r.ticketer.clone(), r.sessions.clone()));
     }
     let r = Resumption {
-        client_ca,
+        inputs: inputs.to_vec(),
         ticketer: rustls::crypto::ring::Ticketer::new()?,
         sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
     };

@@ -176,7 +176,8 @@ fn sni_certificates(
     x: &Files<'_>,
 ) -> Vec<(Vec<String>, CertPair)> {
     let mut sni = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    // Each name, with the entry that lists it.
+    let mut seen = std::collections::HashMap::new();
     for (i, e) in t.certificates.iter().enumerate() {
         let ek = tk.key("certificates").index(i);
         if e.server_names.is_empty() {
@@ -185,7 +186,7 @@ fn sni_certificates(
         let mut names = Vec::new();
         for (j, n) in e.server_names.iter().enumerate() {
             match super::addresses::parse_host(n) {
-                Ok(h) if !seen.insert(h.to_string()) => c.fail(
+                Ok(h) if *seen.entry(h.to_string()).or_insert(i) != i => c.fail(
                     ek.key("server_names").index(j),
                     Invalid::DuplicateServerName {
                         name: h.to_string(),
