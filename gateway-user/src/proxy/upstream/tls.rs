@@ -22,9 +22,9 @@ use rustls_pki_types::ServerName;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{Cluster, endpoint::Endpoint};
+use super::{Cluster, endpoint::Endpoint, resolve::NameState};
 use crate::{
-    config::{EndpointAddr, UpstreamProtocol},
+    config::{EndpointAddr, EndpointSpec, UpstreamProtocol},
     decide::evidence::TlsFailure,
     diagnose::tcpinfo::TcpInfo,
     proxy::{
@@ -160,22 +160,29 @@ pub(super) fn negotiated_h2(s: &Upstream, protocol: UpstreamProtocol) -> bool {
 
 /// The name to send and verify for `addr` (see the module doc). Once per new connection.
 fn server_name(cluster: &Cluster, tls: &ClientTls, addr: SocketAddr) -> ServerName<'static> {
-    if let Some(n) = &tls.server_name {
-        return n.clone();
+    match &tls.server_name {
+        Some(n) => n.clone(),
+        None => name_of(&cluster.spec.endpoints, &cluster.names.snapshot(), addr),
     }
+}
+
+/// The name of `addr` among `endpoints`, by what each host-name entry last resolved to
+/// (`names`, by entry): see the module doc.
+fn name_of(
+    endpoints: &[EndpointSpec],
+    names: &[Option<NameState>],
+    addr: SocketAddr,
+) -> ServerName<'static> {
     let ip = ServerName::IpAddress(addr.ip().into());
-    let spec = &cluster.spec;
-    if spec
-        .endpoints
+    if endpoints
         .iter()
         .any(|e| e.address == EndpointAddr::Ip(addr))
     {
         return ip;
     }
-    let names = cluster.names.snapshot();
-    spec.endpoints
+    endpoints
         .iter()
-        .zip(&names)
+        .zip(names)
         .find_map(|(e, name)| match (&e.address, name) {
             (EndpointAddr::Host { host, .. }, Some(n)) if n.addresses.contains(&addr) => {
                 ServerName::try_from(host.clone()).ok()
@@ -183,4 +190,50 @@ fn server_name(cluster: &Cluster, tls: &ClientTls, addr: SocketAddr) -> ServerNa
             _ => None,
         })
         .unwrap_or(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    #[test]
+    fn an_address_is_named_by_the_entry_it_resolved_from() {
+        let host = |h: &str| EndpointSpec {
+            address: EndpointAddr::Host {
+                host: h.into(),
+                port: 443,
+            },
+            weight: 1,
+        };
+        let resolved = |a: &[&str]| {
+            Some(NameState {
+                error: None,
+                since: SystemTime::UNIX_EPOCH,
+                addresses: a.iter().map(|a| a.parse().unwrap()).collect(),
+            })
+        };
+        let (a, b, c) = ("10.0.0.1:443", "10.0.0.2:443", "10.0.0.3:443");
+        let endpoints = [host("api-1.internal"), host("api-2.internal")];
+        let names = [resolved(&[a]), resolved(&[b])];
+        let name = |addr: &str| {
+            name_of(&endpoints, &names, addr.parse().unwrap())
+                .to_str()
+                .into_owned()
+        };
+        assert_eq!(name(a), "api-1.internal");
+        assert_eq!(name(b), "api-2.internal", "not the first entry's");
+        assert_eq!(name(c), "10.0.0.3", "an address no entry resolved to");
+        // An address also written as an IP entry is verified as one.
+        let with_ip = [
+            host("api-1.internal"),
+            EndpointSpec {
+                address: EndpointAddr::Ip(a.parse().unwrap()),
+                weight: 1,
+            },
+        ];
+        let n = name_of(&with_ip, &[resolved(&[a]), None], a.parse().unwrap());
+        assert_eq!(n.to_str(), "10.0.0.1");
+    }
 }
