@@ -274,14 +274,22 @@ pub fn set_level(directives: &str) -> Result<Level, SetLevelError> {
     )
 }
 
-/// After a config reload: the config's level (or the default) again, unless `RUST_LOG` set it.
-/// Returns the level now in force.
+/// After a config reload: the config's level (or the default) again, or `RUST_LOG`'s when it
+/// is set, which wins over the config also after the admin API changed the level (that
+/// change lasts until the reload, whatever set the level before it). Returns the level now in
+/// force.
 pub fn apply_config(configured: Option<&str>) -> Option<Level> {
     let c = CONTROL.get()?;
-    if current()?.source == Source::Env {
-        return current();
-    }
-    let (level, filter) = pick(configured, c.default);
+    let (level, filter) = match env_level() {
+        Ok(Some((directives, filter))) => (
+            Level {
+                directives,
+                source: Source::Env,
+            },
+            filter,
+        ),
+        _ => pick(configured, c.default),
+    };
     let _ = apply(c, filter, level);
     current()
 }

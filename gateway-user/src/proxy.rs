@@ -213,6 +213,7 @@ pub async fn start_inheriting(
         telemetry,
         body_budget,
         fatal: Fatal::default(),
+        admin_handed_over: watch::channel(false).0,
     });
     tokio::spawn(refresh_metrics(Arc::downgrade(&shared)));
     tokio::spawn(roll_history(Arc::downgrade(&shared)));
@@ -341,6 +342,12 @@ impl GatewayHandle {
         if settings.access_log.output != current.settings.access_log.output {
             report.needs_restart.push("access_log.output");
         }
+        // Attached (or not) at start, before the workers' sockets existed.
+        if settings.observer != current.settings.observer {
+            report
+                .needs_restart
+                .push("observer.mode / observer.cgroup / observer.max_connections");
+        }
         if telemetry::longest_timeout(&settings) > self.shared.telemetry.buckets_top() {
             report.needs_restart.push(
                 "a timeout beyond the histograms' highest bucket (their buckets reach the longest timeout configured at start)",
@@ -373,6 +380,14 @@ impl GatewayHandle {
     pub fn close_keepalive(&self) {
         self.shared.keepalive_off.store(true, Ordering::Relaxed);
         let _ = self.phase.send(Phase::Deregister);
+    }
+
+    /// A binary upgrade's new process serves: this one's admin listener stops accepting, so
+    /// that every health check on the shared socket reaches the new process. Draining, this
+    /// one would answer half of them `503` for as long as its drain took, and a load balancer
+    /// could take the host out during an upgrade meant to drop nothing.
+    pub fn hand_over_admin(&self) {
+        self.shared.admin_handed_over.send_replace(true);
     }
 
     /// Reopens the access log file (after logrotate moved it away); SIGUSR1 and SIGHUP.

@@ -61,7 +61,7 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         warn!("config: {w}");
     }
-    raise_nofile(&loaded.settings);
+    nofile::raise_at_start(&loaded.settings, workers(&loaded.settings));
     // While this process has one thread: both change process-wide state.
     let inherited = Inherited::from_env().context("taking over the listening sockets")?;
     if loaded.settings.observer.mode != ObserverMode::Off
@@ -95,25 +95,6 @@ pub fn cli_run(path: &Path) -> anyhow::Result<ExitCode> {
     rt.shutdown_timeout(EXIT_BLOCKING_GRACE);
     result?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The soft file descriptor limit up to the hard one ([`nofile`]), said in the log, and a
-/// warning when even that is below what the config's limits allow open at once.
-fn raise_nofile(settings: &Settings) {
-    match nofile::raise() {
-        Ok(n) if n.now > n.before => info!(
-            from = n.before,
-            to = n.now,
-            "file descriptors: raised the soft limit to the hard limit"
-        ),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "file descriptors: cannot raise the soft limit"),
-    }
-    if let Some(w) =
-        nofile::current().and_then(|l| nofile::shortfall(l, settings, workers(settings)))
-    {
-        warn!("{w}");
-    }
 }
 
 /// `[router] workers`, else one per CPU.
@@ -307,7 +288,7 @@ async fn run(
             }
             _ = sig.usr2.recv() => service.upgrade(),
             reason = service.handle.failed() => break Exit::Failed(reason),
-            outcome = async { service.successor.as_mut().expect("guarded").wait_ready(handover::READY_TIMEOUT).await }, if service.successor.is_some() => {
+            outcome = async { service.successor.as_mut().expect("guarded").wait_ready().await }, if service.successor.is_some() => {
                 if let Some(exit) = service.upgraded(outcome) {
                     break exit;
                 }
@@ -356,11 +337,7 @@ impl Service<'_> {
                 for w in &loaded.warnings {
                     warn!("config: {w}");
                 }
-                if let Some(w) = nofile::current()
-                    .and_then(|l| nofile::shortfall(l, &loaded.settings, workers(&loaded.settings)))
-                {
-                    warn!("{w}");
-                }
+                nofile::warn_shortfall(&loaded.settings, workers(&loaded.settings));
                 self.stop = Stop {
                     grace: loaded.settings.shutdown_grace,
                     drain_delay: loaded.settings.drain_delay,
@@ -427,8 +404,21 @@ impl Service<'_> {
     /// Drains and stops: after a signal, the drain delay (health 503, still accepting; a
     /// second signal cuts it short); after a handover, the linger; then in-flight requests
     /// get the grace period.
-    async fn stop(self, exit: Exit, sig: &mut Signals) {
+    async fn stop(mut self, exit: Exit, sig: &mut Signals) {
         let Stop { grace, drain_delay } = self.stop;
+        // Stopped while a new binary was starting: it must not take over a service that is
+        // being stopped.
+        if let (Some(mut s), false) = (
+            self.successor.take(),
+            matches!(exit, Exit::HandedOver { .. }),
+        ) {
+            warn!(
+                pid = s.pid(),
+                "stopping during an upgrade: stopped the new process, which had not taken over"
+            );
+            let _ = s.child.start_kill();
+            let _ = s.child.wait().await;
+        }
         let (handle, notifier) = (&self.handle, &self.notifier);
         match exit {
             Exit::Signal(_) | Exit::Failed(_) => {
@@ -472,6 +462,7 @@ impl Service<'_> {
                 info!("stopped listening");
             }
             Exit::HandedOver { pid } => {
+                handle.hand_over_admin();
                 // The new process is the unit's main process now (it said MAINPID=): this one
                 // must not send STOPPING=1, which would stop the unit.
                 info!(

@@ -194,3 +194,26 @@ async fn request_in_flight_finishes_on_its_generation() {
     assert_eq!(slow.status, StatusCode::OK);
     assert_eq!(slow.body, "a");
 }
+
+/// `[observer]` is read at start only (the observer attaches before the workers' sockets
+/// exist): a reload that changes it says so, where it was ignored in silence (an operator
+/// setting `mode = "off"` in an incident believed it off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_change_on_reload_needs_a_restart_and_says_so() {
+    let a = Upstream::start("a").await;
+    let gw = gateway("reload-observer", &upstream_config(a.addr)).await;
+    let text = format!(
+        "{}\n{}\n[observer]\nmode = \"off\"\n",
+        base_config(&gw.log),
+        upstream_config(a.addr)
+    );
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert_eq!(
+        report.needs_restart,
+        ["observer.mode / observer.cgroup / observer.max_connections"],
+        "{report:?}"
+    );
+}

@@ -47,11 +47,16 @@ impl Drop for Run {
 }
 
 impl Run {
-    fn start(config: &std::path::Path) -> Run {
-        let mut child = Command::new(GATEWAY)
+    /// With `RUST_LOG` set to `rust_log`, or unset.
+    fn start(config: &std::path::Path, rust_log: Option<&str>) -> Run {
+        let mut cmd = Command::new(GATEWAY);
+        match rust_log {
+            Some(v) => cmd.env("RUST_LOG", v),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(config)
-            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -113,7 +118,7 @@ fn json_log_at_the_configured_level_changed_through_the_admin_api_and_back_on_si
     let dir = temp_dir("log-json");
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = config(&dir, admin, "format = \"json\"\nlevel = \"warn\"");
-    let gw = Run::start(&cfg);
+    let gw = Run::start(&cfg, None);
     // At `warn`, the start-up lines (info) are not written; wait for the admin API instead.
     let end = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(admin).is_err() {
@@ -242,5 +247,32 @@ fn an_invalid_rust_log_is_an_error_not_a_silent_fallback() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `RUST_LOG` wins over `[log] level`, also on the SIGHUP after a `PUT /logging`: that reload
+/// applied the config's level, as if `RUST_LOG` were not set (and the packaged unit set
+/// `RUST_LOG=info`, so the config's level never applied at start).
+#[test]
+fn rust_log_wins_over_the_config_again_on_the_reload_after_an_admin_change() {
+    let dir = temp_dir("log-env");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = config(&dir, admin, "level = \"error\"");
+    let gw = Run::start(&cfg, Some("warn"));
+    let level = || admin_get(admin, "/logging").body;
+    let end = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < end, "{}", gw.lines().join("\n"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(level().starts_with("warn\n"), "{}", level());
+    let (status, body) = put(admin, "/logging", "info");
+    assert_eq!(status, 200, "{body}");
+    gw.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !level().starts_with("warn\n") {
+        assert!(Instant::now() < end, "after the reload: {}", level());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

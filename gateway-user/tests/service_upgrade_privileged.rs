@@ -113,6 +113,33 @@ fn privileged_binary_upgrade_under_load_fails_no_request() {
     // 8 keep-alive clients and 4 that open a connection per request.
     let load = load(old.listen, 8, 4, stop.clone());
     std::thread::sleep(Duration::from_millis(1500));
+    // Health checks on the shared admin socket all through the upgrade, as a load balancer
+    // makes them: the old process, draining, answered about half of them 503 until it exited.
+    let checks = {
+        let (admin, stop) = (old.admin, stop.clone());
+        std::thread::spawn(move || {
+            let mut codes = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                codes.push(get_once(admin, "/healthz", Duration::from_secs(2)).map(|(c, _)| c));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            codes
+        })
+    };
+    // An upload still coming in holds the old process draining for 3 s after the handover,
+    // as a slow client or a long response does.
+    let upload = {
+        let mut s = std::net::TcpStream::connect(old.listen).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc",
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        })
+    };
     let t0 = Instant::now();
     old.proc.signal(libc::SIGUSR2);
     let new_pid = successor_pid(&old.proc);
@@ -127,6 +154,16 @@ fn privileged_binary_upgrade_under_load_fails_no_request() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     let report = load.join().unwrap();
+    upload.join().unwrap();
+    let codes = checks.join().unwrap();
+    let unhealthy: Vec<_> = codes.iter().filter(|c| !matches!(c, Ok(200))).collect();
+    assert!(
+        codes.len() >= 20 && unhealthy.is_empty(),
+        "{} of {} health checks during the upgrade failed: {:?}",
+        unhealthy.len(),
+        codes.len(),
+        &unhealthy[..unhealthy.len().min(5)]
+    );
     let total_hits = up.hits.load(Ordering::SeqCst);
     println!(
         "upgrade under load: {} requests ok, {} failed, {} keep-alive reconnects; old process exited {} ms after SIGUSR2; {} requests served after it exited",

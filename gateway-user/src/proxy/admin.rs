@@ -129,8 +129,16 @@ pub(crate) async fn serve(
 ) {
     let open: Arc<Mutex<Open>> = Arc::default();
     let full = LogEvery::new(Duration::from_secs(10));
+    let mut handed_over = shared.admin_handed_over.subscribe();
     loop {
         tokio::select! {
+            // The socket is the new process's now (`GatewayHandle::hand_over_admin`);
+            // connections already open finish.
+            Ok(()) = handed_over.changed() => {
+                if *handed_over.borrow() {
+                    return;
+                }
+            }
             r = listener.accept() => {
                 let Ok((stream, peer)) = r else {
                     // Out of file descriptors (EMFILE) or memory: the error would come back at

@@ -81,6 +81,9 @@ pub(crate) struct Shared {
     /// (`request_buffering_memory_bytes`).
     pub body_budget: Arc<Budget>,
     pub fatal: Fatal,
+    /// Set when a binary upgrade's new process serves: the admin listener stops accepting,
+    /// and the handed-over socket is the new process's alone.
+    pub admin_handed_over: tokio::sync::watch::Sender<bool>,
 }
 
 /// A worker that died: a panic at its top level or in one of its accept loops, which the

@@ -214,6 +214,11 @@ fn inheritable(fd: RawFd) -> io::Result<OwnedFd> {
 pub struct Successor {
     pub child: tokio::process::Child,
     ready: tokio::fs::File,
+    /// [`READY_TIMEOUT`] after it started: kept here, since the wait is started again after
+    /// every other signal the serving loop handles meanwhile.
+    deadline: tokio::time::Instant,
+    /// What the pipe said so far.
+    line: Vec<u8>,
 }
 
 /// How starting the new process ended.
@@ -281,6 +286,8 @@ pub fn spawn(relaunch: &Relaunch, offered: &[Offered<'_>]) -> Result<Successor, 
     Ok(Successor {
         child,
         ready: tokio::fs::File::from_std(File::from(read)),
+        deadline: tokio::time::Instant::now() + READY_TIMEOUT,
+        line: Vec::new(),
     })
 }
 
@@ -289,13 +296,15 @@ impl Successor {
         self.child.id()
     }
 
-    /// Waits for `ready <pid>`, the pipe's EOF (the child failed), or the timeout.
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Outcome {
-        let mut line = Vec::new();
-        let read = tokio::time::timeout(timeout, async {
+    /// Waits for `ready <pid>`, the pipe's EOF (the child failed), or [`READY_TIMEOUT`] after
+    /// it started. Cancel-safe: what was read is kept for the next call.
+    pub async fn wait_ready(&mut self) -> Outcome {
+        let line = &mut self.line;
+        let ready = &mut self.ready;
+        let read = tokio::time::timeout_at(self.deadline, async {
             let mut buf = [0u8; 64];
             loop {
-                match self.ready.read(&mut buf).await {
+                match ready.read(&mut buf).await {
                     Ok(0) => return,
                     Ok(n) => {
                         line.extend_from_slice(&buf[..n]);
@@ -308,7 +317,8 @@ impl Successor {
             }
         })
         .await;
-        let text = String::from_utf8_lossy(&line);
+        let line = &self.line;
+        let text = String::from_utf8_lossy(line);
         if let Some(pid) = text
             .trim()
             .strip_prefix("ready ")
@@ -321,7 +331,7 @@ impl Successor {
             let _ = self.child.wait().await;
             return Outcome::Failed(format!(
                 "the new process did not become ready within {} s; stopped it",
-                timeout.as_secs()
+                READY_TIMEOUT.as_secs()
             ));
         }
         match self.child.wait().await {

@@ -7,7 +7,32 @@
 //! start: `gateway run` does so, and says so. When even the hard limit is below what the
 //! config's limits allow open at once, it warns at start and on each reload.
 
+use tracing::{info, warn};
+
 use crate::config::Settings;
+
+/// At start: the soft limit up to the hard one, said in the log, and the warning of
+/// [`shortfall`] when even that is short.
+pub fn raise_at_start(settings: &Settings, workers: usize) {
+    match raise() {
+        Ok(n) if n.now > n.before => info!(
+            from = n.before,
+            to = n.now,
+            "file descriptors: raised the soft limit to the hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "file descriptors: cannot raise the soft limit"),
+    }
+    warn_shortfall(settings, workers);
+}
+
+/// The warning of [`shortfall`] for the limit now in force, if any (at start, and after a
+/// reload).
+pub fn warn_shortfall(settings: &Settings, workers: usize) {
+    if let Some(w) = current().and_then(|l| shortfall(l, settings, workers)) {
+        warn!("{w}");
+    }
+}
 
 /// Descriptors for everything but proxied connections and the workers' own: the admin
 /// listener's connections (at most 128), the observer's maps and ring buffer, the log files,
