@@ -408,16 +408,11 @@ impl Service<'_> {
         let Stop { grace, drain_delay } = self.stop;
         // Stopped while a new binary was starting: it must not take over a service that is
         // being stopped.
-        if let (Some(mut s), false) = (
+        if let (Some(s), false) = (
             self.successor.take(),
             matches!(exit, Exit::HandedOver { .. }),
         ) {
-            warn!(
-                pid = s.pid(),
-                "stopping during an upgrade: stopped the new process, which had not taken over"
-            );
-            let _ = s.child.start_kill();
-            let _ = s.child.wait().await;
+            s.stop_unless_serving().await;
         }
         let (handle, notifier) = (&self.handle, &self.notifier);
         match exit {

@@ -126,23 +126,21 @@ fn privileged_binary_upgrade_under_load_fails_no_request() {
             codes
         })
     };
-    // An upload still coming in holds the old process draining for 3 s after the handover,
-    // as a slow client or a long response does.
-    let upload = {
-        let mut s = std::net::TcpStream::connect(old.listen).unwrap();
-        std::io::Write::write_all(
-            &mut s,
-            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc",
-        )
-        .unwrap();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(3));
-            drop(s);
-        })
-    };
+    // An upload still coming in holds the old process draining until 3 s after the new one
+    // serves, as a slow client or a long response does.
+    let mut upload = std::net::TcpStream::connect(old.listen).unwrap();
+    std::io::Write::write_all(
+        &mut upload,
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .unwrap();
     let t0 = Instant::now();
     old.proc.signal(libc::SIGUSR2);
     let new_pid = successor_pid(&old.proc);
+    let upload = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(upload);
+    });
     let _new = KillOnDrop(new_pid);
     let exit = old
         .proc

@@ -136,6 +136,11 @@ pub(crate) async fn serve(
             // connections already open finish.
             Ok(()) = handed_over.changed() => {
                 if *handed_over.borrow() {
+                    // Kept-open connections too (a health checker that reuses its
+                    // connection): each ends after the request it has in flight.
+                    for (_, close) in lock(&open).conns.drain(..) {
+                        close.notify_one();
+                    }
                     return;
                 }
             }

@@ -29,6 +29,7 @@ use std::{
 
 use thiserror::Error;
 use tokio::io::AsyncReadExt as _;
+use tracing::warn;
 
 pub const ENV_LISTEN_FDS: &str = "GATEWAY_LISTEN_FDS";
 pub const ENV_READY_FD: &str = "GATEWAY_UPGRADE_READY_FD";
@@ -130,7 +131,7 @@ impl Inherited {
     pub fn close_unclaimed(&mut self) {
         for ((role, addr), sockets) in self.sockets.drain() {
             if !sockets.is_empty() {
-                tracing::warn!(role = role.as_str(), configured = %addr, sockets = sockets.len(), "inherited listener not in the new config; closed (connections queued on it are reset)");
+                warn!(role = role.as_str(), configured = %addr, sockets = sockets.len(), "inherited listener not in the new config; closed (connections queued on it are reset)");
             }
         }
     }
@@ -294,6 +295,26 @@ pub fn spawn(relaunch: &Relaunch, offered: &[Offered<'_>]) -> Result<Successor, 
 impl Successor {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// This process stops while the new one was starting: stops it, unless it serves. It may
+    /// have told systemd it is the main process just before it said so on the pipe; then it
+    /// serves on, and only this one stops.
+    pub async fn stop_unless_serving(mut self) {
+        let said = tokio::time::timeout(Duration::from_millis(100), self.wait_ready()).await;
+        if let Ok(Outcome::Ready { pid }) = said {
+            warn!(
+                pid,
+                "stopping during an upgrade whose new process serves: it serves on"
+            );
+            return;
+        }
+        warn!(
+            pid = self.pid(),
+            "stopping during an upgrade: stopped the new process, which had not taken over"
+        );
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
     }
 
     /// Waits for `ready <pid>`, the pipe's EOF (the child failed), or [`READY_TIMEOUT`] after
