@@ -209,8 +209,8 @@ fn find_route<'a>(
         && !same_route(chosen, route(&read))
     {
         return Err(ProxyError::BadRequest {
-            what: "a path that reads as another route's once its percent-encoding, `//` or `\\` \
-                   is spelt plainly (as an upstream may read it)",
+            what: "a path that reads as another route's once its percent-encoding, `//`, `\\` or \
+                   `;` parameters are read as an upstream may read them",
         });
     }
     chosen.ok_or_else(|| ProxyError::NoRoute {
