@@ -78,14 +78,7 @@ impl ProcessStats {
         stats.open_fds = std::fs::read_dir("/proc/self/fd")
             .ok()
             .map(|d| d.count() as u64);
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into `lim`.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            stats.max_fds = Some(lim.rlim_cur);
-        }
+        stats.max_fds = crate::service::nofile::current();
         stats
     }
 }

@@ -57,14 +57,7 @@ pub struct Nofile {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (bounded by `fs.nr_open`, the most
 /// Linux lets a process open).
 pub fn raise() -> std::io::Result<Nofile> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into `lim`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut lim = limits()?;
     let before = lim.rlim_cur;
     let target = lim.rlim_max.min(nr_open().unwrap_or(lim.rlim_max));
     if target <= before {
@@ -129,14 +122,22 @@ pub fn shortfall(limit: u64, settings: &Settings, workers: usize) -> Option<Stri
     ))
 }
 
-/// The soft limit now.
+/// The soft limit now (`process_max_fds` too).
 pub fn current() -> Option<u64> {
+    limits().ok().map(|l| l.rlim_cur)
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+fn limits() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into `lim`.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(lim)
 }
 
 #[cfg(test)]

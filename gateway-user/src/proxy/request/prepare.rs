@@ -222,7 +222,8 @@ fn find_route<'a>(
 fn same_route(a: Option<&Arc<CompiledRoute>>, b: Option<&Arc<CompiledRoute>>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (a, b) => a.is_none() && b.is_none(),
+        (None, None) => true,
+        _ => false,
     }
 }
 
