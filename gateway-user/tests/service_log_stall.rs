@@ -172,4 +172,13 @@ fn a_non_blocking_stderr_that_is_full_is_waited_for_and_loses_no_line() {
         (NONBLOCKING, NONBLOCKING, 0.0, 0.0),
         "log lines and access-log lines arrived, then those lost on EAGAIN"
     );
+    // Whole: no access-log line is cut by one of the log's (each writer writes whole lines of
+    // at most PIPE_BUF bytes, which the pipe takes at once).
+    let cut: Vec<String> = gw
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"status\":"))
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+        .collect();
+    assert!(cut.is_empty(), "access-log lines cut: {cut:?}");
 }

@@ -26,6 +26,7 @@ use std::{
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
+use super::std_stream::PIPE_BUF;
 use crate::metrics::ReasonLabels;
 
 /// Lines queued for stderr: about 1.5 MiB at a typical line's 200 bytes. A burst of warnings
@@ -34,9 +35,6 @@ pub const QUEUE_LINES: usize = 8 * 1024;
 
 /// At exit, how long the lines still queued may take to reach stderr.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(1);
-
-/// The most bytes one write gathers (Linux's `PIPE_BUF`: what a pipe takes at once).
-const PIPE_BUF: usize = 4096;
 
 /// Lines lost, by reason (`queue_full`, `write_error`): the family `gateway run`'s metrics
 /// register (`gateway_log_lines_lost_total`). It exists before the metrics do, so the lines

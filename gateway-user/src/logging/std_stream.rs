@@ -13,6 +13,10 @@ use std::{
     os::fd::RawFd,
 };
 
+/// The most bytes a pipe takes in one write, whole (Linux's `PIPE_BUF`): lines gathered into
+/// writes of at most this much, cut between lines, never interleave with another writer's.
+pub const PIPE_BUF: usize = 4096;
+
 /// stdout or stderr, unbuffered.
 pub struct StdStream {
     fd: RawFd,

@@ -29,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::{error::ErrorKind, log_every::LogEvery};
 use crate::{
     config::{AccessLog, AccessLogFormat, LogOutput},
-    logging::std_stream::StdStream,
+    logging::std_stream::{PIPE_BUF, StdStream},
     metrics::{GatewayMetrics, ReasonLabels},
 };
 
@@ -241,6 +241,7 @@ impl AccessLogger {
     }
 }
 
+/// What the writer gathers into one write to a file.
 const WRITE_BUFFER: usize = 64 * 1024;
 
 fn writer(
@@ -250,7 +251,7 @@ fn writer(
     reopen: Arc<AtomicBool>,
     write_error: Counter,
 ) {
-    let mut out = Output::new(out, write_error);
+    let mut out = Output::new(out, path.is_some(), write_error);
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
         while let Some(msg) = next {
@@ -287,6 +288,12 @@ fn writer(
 /// refuses them (a full disk), they are counted as lost and let go (the buffer does not keep
 /// them, so memory stays bounded), and the error is logged at most every
 /// [`WRITE_ERROR_LOG_EVERY`].
+///
+/// stdout and stderr are written in writes of at most `PIPE_BUF` bytes, cut between lines. A
+/// pipe takes that much at once, so a line never interleaves with the log's lines on the same
+/// stderr, or another process's: a larger write that finds the pipe nearly full is taken in
+/// parts, and the log's writer wrote between them, cutting a line in two. A file takes 64 KiB
+/// at once.
 struct Output {
     out: BufWriter<Box<dyn Write + Send>>,
     /// Lines handed to `out` since it last flushed.
@@ -296,9 +303,10 @@ struct Output {
 }
 
 impl Output {
-    fn new(out: Box<dyn Write + Send>, lost: Counter) -> Output {
+    fn new(out: Box<dyn Write + Send>, to_file: bool, lost: Counter) -> Output {
+        let capacity = if to_file { WRITE_BUFFER } else { PIPE_BUF };
         Output {
-            out: BufWriter::with_capacity(WRITE_BUFFER, out),
+            out: BufWriter::with_capacity(capacity, out),
             held: 0,
             lost,
             log: LogEvery::new(WRITE_ERROR_LOG_EVERY),
@@ -339,12 +347,13 @@ impl Output {
     fn failed(&mut self, e: &io::Error) {
         let lost = std::mem::take(&mut self.held);
         self.lost.inc_by(lost);
+        let capacity = self.out.capacity();
         let (inner, _) = std::mem::replace(
             &mut self.out,
             BufWriter::with_capacity(0, Box::new(io::sink())),
         )
         .into_parts();
-        self.out = BufWriter::with_capacity(WRITE_BUFFER, inner);
+        self.out = BufWriter::with_capacity(capacity, inner);
         if let Some(before) = self.log.due() {
             tracing::error!(error = %e, lost, failures_since_last_report = before, "cannot write the access log; its lines are lost (gateway_access_log_lines_lost_total{{reason=\"write_error\"}})");
         }

@@ -161,3 +161,40 @@ fn plain_line_names_route_cluster_endpoints_and_reason() {
     assert_eq!(json["retries"], 2);
     assert_eq!(json["error"], serde_json::Value::Null);
 }
+
+/// An output that keeps each write it is given, as it was cut.
+#[derive(Clone, Default)]
+struct Writes(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Write for Writes {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// To stdout or stderr, every write is whole lines of at most `PIPE_BUF` bytes, which a pipe
+/// takes at once: a write of 64 KiB was taken in parts when the pipe was nearly full, and the
+/// log's writer on the same stderr cut a line in two (CI saw 999 of 1,000 lines whole).
+#[test]
+fn to_a_stream_each_write_is_whole_lines_that_a_pipe_takes_at_once() {
+    let writes = Writes::default();
+    let mut out = Output::new(Box::new(writes.clone()), false, Counter::default());
+    let line = |i: usize| format!("{i:>5} {}", "x".repeat(250 + i % 97));
+    for i in 0..1_000 {
+        out.line(line(i).as_bytes(), true);
+    }
+    out.flush();
+    let writes = writes.0.lock().unwrap();
+    for w in writes.iter() {
+        assert!(w.len() <= PIPE_BUF, "a write of {} bytes", w.len());
+        assert_eq!(w.last(), Some(&b'\n'), "a write that ends inside a line");
+    }
+    let text = String::from_utf8(writes.concat()).unwrap();
+    let want: Vec<String> = (0..1_000).map(line).collect();
+    assert_eq!(text.lines().collect::<Vec<_>>(), want);
+}
