@@ -806,14 +806,16 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
     let idle_watch = lab
         .client()
         .spawn_thread("idle-watch", move || {
-            let mut seen: Vec<(Duration, u64, String)> = Vec::new();
+            // Each sample: when its request was sent and answered, the count, the source.
+            let mut seen: Vec<(Duration, Duration, u64, String)> = Vec::new();
             loop {
+                let asked = started.elapsed();
                 let s = status(admin);
                 let e = endpoint(&s, "idle", slow2);
                 let n = e["syn_rtt"]["samples"].as_u64().unwrap();
-                if seen.last().is_none_or(|(_, last, _)| *last != n) {
+                if seen.last().is_none_or(|(_, _, last, _)| *last != n) {
                     let source = e["connect_deadline_source"].as_str().unwrap().to_owned();
-                    seen.push((started.elapsed(), n, source));
+                    seen.push((asked, started.elapsed(), n, source));
                 }
                 if n >= 4 || started.elapsed() > Duration::from_secs(20) {
                     return seen;
@@ -916,17 +918,18 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
     // ticks (100 ms), and kept the configured deadline with fewer than eight handshakes.
     let idle_seen = idle_watch.join().expect("the idle-cluster watcher");
     eprintln!("measuring probes of an idle endpoint: {idle_seen:?}");
-    let probed: Vec<_> = idle_seen.iter().filter(|(_, n, _)| *n >= 1).collect();
-    let (Some((t0, n0, _)), Some((t1, n1, _))) = (probed.first(), probed.last()) else {
+    let probed: Vec<_> = idle_seen.iter().filter(|(_, _, n, _)| *n >= 1).collect();
+    let (Some((_, t0, n0, _)), Some((_, t1, n1, _))) = (probed.first(), probed.last()) else {
         panic!("no measuring probe within 20 s: {idle_seen:?}");
     };
     assert!(*n1 >= 4, "four measuring probes within 20 s: {idle_seen:?}");
     // One at a time: each probe's handshake takes the 100 ms SYN-ACK delay, so k probes seen
     // between two samples took at least k - 1 of them after the first sample (probes in
-    // parallel land together). A sample this thread takes late sees more at once, with a
-    // longer gap to match.
+    // parallel land together). Each sample was read between its request and its answer, so
+    // from the first's request to the second's answer is at least the time between them,
+    // however late this thread ran.
     for w in probed.windows(2) {
-        let ((a, m0, _), (b, m1, _)) = (&w[0], &w[1]);
+        let ((a, _, m0, _), (_, b, m1, _)) = (&w[0], &w[1]);
         let k = m1 - m0;
         assert!(
             *b - *a >= Duration::from_millis(90) * (k as u32 - 1),
@@ -943,7 +946,7 @@ fn privileged_adaptive_deadlines_and_the_hedge_budget_under_a_fault() {
         "measuring probes {per:.2} s apart on average: {idle_seen:?}"
     );
     assert!(
-        idle_seen.iter().all(|(_, _, src)| src == "configured"),
+        idle_seen.iter().all(|(_, _, _, src)| src == "configured"),
         "{idle_seen:?}"
     );
 }

@@ -415,9 +415,11 @@ async fn an_idle_http2_connection_is_closed_at_its_idle_timeout() {
         .unwrap();
     let took = answered.elapsed();
     assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
-    // Not before the limit; after it, up to 1 s late on a loaded machine.
+    // Not before the limit; after it, up to 1 s late on a loaded machine. The gateway's timer
+    // starts when it wrote the response, which this task, sharing the runtime's two threads,
+    // may read up to a moment later: 250 ms of room below.
     assert!(
-        took >= IDLE - Duration::from_millis(50) && took < IDLE + Duration::from_secs(1),
+        took >= IDLE - Duration::from_millis(250) && took < IDLE + Duration::from_secs(1),
         "closed {took:?} after its last stream; the limit is {IDLE:?}"
     );
 }

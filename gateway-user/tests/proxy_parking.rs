@@ -89,9 +89,11 @@ async fn an_idle_connection_is_parked_and_served_again_on_the_same_socket() {
     let mut buf = Vec::new();
     s.write_all(GET).await.unwrap();
     assert!(response(&mut s, &mut buf).await.starts_with("HTTP/1.1 200"));
+    // Timed from when this task read the response, which the gateway (on the same runtime)
+    // wrote a moment before: 400 ms of room below the second, far from parking at once.
     let took = wait_parked(&gw, 2.0).await;
     assert!(
-        took >= Duration::from_millis(900),
+        took >= Duration::from_millis(600),
         "parked after {took:?}, before the connection was quiet for a second"
     );
     for _ in 0..3 {
@@ -182,7 +184,7 @@ async fn a_parked_connection_is_closed_at_the_header_read_timeout() {
     // within a second, so the close comes at most a second later than hyper's would have (and
     // up to a second more for timers on a machine loaded by the rest of the suite).
     assert!(
-        took >= TIMEOUT - Duration::from_millis(50)
+        took >= TIMEOUT - Duration::from_millis(250)
             && took <= TIMEOUT + Duration::from_millis(2000),
         "closed after {took:?}, the timeout is {TIMEOUT:?}"
     );

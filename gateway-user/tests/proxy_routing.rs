@@ -241,9 +241,14 @@ fn curl_spoofing(gw: std::net::SocketAddr, h2: bool) -> String {
         "X-Forwarded-Proto: https",
         "X-Forwarded-Host: admin.example.com",
         "X-Real-IP: 203.0.113.9",
-        // Read as X-Real-IP by CGI-style servers.
+        // Read as X-Real-IP and X-Forwarded-For by CGI-style servers.
         "X-Real_IP: 203.0.113.9",
+        "X_Forwarded_For: 10.6.6.6",
         "Forwarded: for=203.0.113.9;proto=https",
+        "X-Forwarded-Client-Cert: By=spiffe://gw;URI=spiffe://admin",
+        // A second line of a kept request ID never goes upstream.
+        "X-Request-Id: first-id",
+        "X-Request-Id: forged-id",
     ] {
         curl.args(["-H", h]);
     }
@@ -279,8 +284,14 @@ async fn only_trusted_proxies_forwarding_headers_are_believed() {
         "x-real-ip: 203.0.113.9\n",
         "x-real_ip: 203.0.113.9\n",
         "forwarded: for=203.0.113.9;proto=https\n",
+        "x-forwarded-client-cert: by=spiffe://gw;uri=spiffe://admin\n",
+        "x-request-id: first-id\n",
     ] {
         assert!(seen.contains(kept), "{kept:?} not in {seen}");
+    }
+    // The `_` spelling of a header the gateway writes itself, from any peer.
+    for gone in ["x_forwarded_for", "10.6.6.6", "forged-id"] {
+        assert!(!seen.contains(gone), "{gone:?} in {seen}");
     }
     let line = &log_lines(&gw.log, 1)[0];
     assert_eq!(line["forwarded_client"], "203.0.113.9", "{line}");
@@ -305,7 +316,15 @@ async fn only_trusted_proxies_forwarding_headers_are_believed() {
             seen.contains("x-forwarded-proto: http\n"),
             "h2 {h2}: {seen}"
         );
-        for gone in ["203.0.113.9", "x-forwarded-host", "x-real-ip", "forwarded:"] {
+        for gone in [
+            "203.0.113.9",
+            "10.6.6.6",
+            "x-forwarded-host",
+            "x-real-ip",
+            "forwarded:",
+            "client-cert",
+            "forged-id",
+        ] {
             assert!(!seen.contains(gone), "h2 {h2}: {gone:?} in {seen}");
         }
     }

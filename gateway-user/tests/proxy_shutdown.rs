@@ -90,6 +90,7 @@ async fn sigterm_completes_in_flight_requests_then_exits() {
         took >= Duration::from_millis(1000) && took < Duration::from_millis(1000) + EXIT,
         "exited {took:?} after the request was sent; the upstream answers after 1000 ms"
     );
+    gw.wait_output(Duration::from_secs(5));
     assert!(gw.text().contains("drained; exiting"), "{}", gw.text());
 }
 
@@ -123,6 +124,7 @@ async fn grace_period_bounds_the_drain() {
         in_flight.await.unwrap().is_err(),
         "the request longer than the grace period is cut off"
     );
+    gw.wait_output(Duration::from_secs(5));
     assert!(gw.text().contains("grace period over"), "{}", gw.text());
     // Logged as a request that got no response (499, aborted), and as the gateway's doing,
     // not its client's.

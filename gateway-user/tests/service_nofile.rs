@@ -3,7 +3,11 @@
 //! half as many proxied requests at once as it has descriptors. And when even the hard limit
 //! is below what the config's limits allow open at once, it warns.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use gateway_testkit::{
     admin::{metrics, value},
@@ -45,12 +49,15 @@ fn soft_limit(pid: u32) -> u64 {
     line.split_whitespace().nth(3).unwrap().parse().unwrap()
 }
 
+/// How long the upstream takes over each request: the requests are in flight at once.
+const UPSTREAM_DELAY: Duration = Duration::from_millis(3_000);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_soft_one_are_served()
 {
     raise_own_nofile(4_096);
     let up = Upstream::start("up").await;
-    up.set_delay(Duration::from_millis(1_500));
+    up.set_delay(UPSTREAM_DELAY);
     let cfg = config("nofile-raise", up.addr);
     let gw = GatewayProcess::spawn(with_nofile_limits(gateway_bin!().run(&cfg), 256, 4_096));
     let line = gw.expect_line(&["raised the soft limit"], Duration::from_secs(5));
@@ -71,9 +78,14 @@ async fn the_soft_limit_is_raised_to_the_hard_one_and_the_requests_beyond_the_so
             let held: Vec<_> = (0..IN_FLIGHT)
                 .map(|_| s.spawn(move || get_once(addr, "/", Duration::from_secs(10))))
                 .collect();
-            // Within the upstream's delay: every request in flight at once.
-            std::thread::sleep(Duration::from_millis(900));
-            let fds = gw.open_fds();
+            // Within the upstream's delay every request is in flight at once: the most
+            // descriptors seen open until then, or until past the soft limit.
+            let until = Instant::now() + UPSTREAM_DELAY - Duration::from_millis(500);
+            let mut fds = gw.open_fds();
+            while fds <= 256 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+                fds = fds.max(gw.open_fds());
+            }
             let answers: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
             (answers, fds)
         })

@@ -116,6 +116,7 @@ fn a_worker_whose_accept_loop_panics_makes_the_gateway_drain_and_exit_non_zero()
         "{status:?}: still running, or not the exit of an error:\n{}",
         gw.text()
     );
+    gw.wait_output(Duration::from_secs(5));
     for said in [
         "panic: GATEWAY_DEBUG_PANIC_ACCEPT",
         "a worker died of a panic: draining, to exit",

@@ -103,6 +103,8 @@ pub struct ChildProcess {
     /// When each of `lines` was read; locked after `lines`, so the two stay in step.
     times: Arc<Mutex<Vec<SystemTime>>>,
     stderr: Arc<Valve>,
+    /// The threads that read stdout and stderr: each ends at its pipe's end.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Whether a child's stderr is read: closed, it is not, as a log consumer that stalls (its
@@ -151,9 +153,10 @@ impl ChildProcess {
             valve: valve.clone(),
         };
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut readers = Vec::new();
         for pipe in [Box::new(stderr) as Box<dyn Read + Send>, Box::new(stdout)] {
             let (lines, times) = (lines.clone(), times.clone());
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     let line = strip_ansi(&line);
                     let mut lines = lines.lock().unwrap();
@@ -163,13 +166,28 @@ impl ChildProcess {
                         .push(logged_at(&line).unwrap_or_else(SystemTime::now));
                     lines.push(line);
                 }
-            });
+            }));
         }
         ChildProcess {
             child,
             lines,
             times,
             stderr: valve,
+            readers,
+        }
+    }
+
+    /// Once the child exited: waits, up to `limit`, until every line it wrote has been read
+    /// (both pipes ended), so that the last lines it printed are in [`text`](Self::text).
+    /// Panics after `limit`: a process the child started may hold its pipes open.
+    pub fn wait_output(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.readers.iter().all(std::thread::JoinHandle::is_finished) {
+            assert!(
+                Instant::now() < deadline,
+                "the child's output did not end within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -429,8 +447,7 @@ pub fn run_to_exit(cmd: Command, limit: Duration) -> (ExitStatus, String) {
             process.text()
         );
     };
-    // The output threads end with the pipes; give them a moment to read the rest.
-    std::thread::sleep(Duration::from_millis(50));
+    process.wait_output(Duration::from_secs(5));
     (status, process.text())
 }
 

@@ -54,9 +54,11 @@ impl Source {
     }
 }
 
-/// What only a proxy tells the next hop about the request's client. A `static`: a `const`
-/// array would be built again wherever it is used.
-static FORWARDING: [HeaderName; 13] = [
+/// What only a proxy tells the next hop about the request's client: its address, its scheme,
+/// the host it asked for, and the certificate it showed (as Envoy's `X-Forwarded-Client-Cert`
+/// and nginx's or HAProxy's `X-SSL-Client-*` headers pass it on). A `static`: a `const` array
+/// would be built again wherever it is used.
+static FORWARDING: [HeaderName; 25] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
@@ -70,32 +72,54 @@ static FORWARDING: [HeaderName; 13] = [
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("front-end-https"),
     header::FORWARDED,
+    // Client addresses that Rails (`Client-IP`), CDNs and other load balancers write.
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-original-forwarded-for"),
+    // A client certificate's identity, which an upstream behind a proxy that checks it
+    // trusts as checked.
+    HeaderName::from_static("x-forwarded-client-cert"),
+    HeaderName::from_static("x-client-cert"),
+    HeaderName::from_static("x-ssl-client-cert"),
+    HeaderName::from_static("x-ssl-client-verify"),
+    HeaderName::from_static("x-ssl-client-s-dn"),
+    HeaderName::from_static("ssl-client-cert"),
+    HeaderName::from_static("ssl-client-verify"),
+];
+
+/// The forwarding headers the gateway writes itself: spelt with `_`, a CGI-style server reads
+/// them as these, so from any peer they would contradict the gateway's own.
+static WRITTEN: [HeaderName; 2] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
 ];
 
 /// Which kind of peer `peer` is, and the client the request is from; an untrusted peer's
 /// forwarding headers are removed from `headers`, under their names spelt with `_` too
-/// (CGI-style servers read `X_Forwarded_For` as `X-Forwarded-For`).
+/// (CGI-style servers read `X_Forwarded_For` as `X-Forwarded-For`). From any peer, the `_`
+/// spellings of the ones the gateway writes itself are removed.
 pub(crate) fn admit(
     trusted: Option<&[IpNet]>,
     peer: IpAddr,
     headers: &mut HeaderMap,
 ) -> (Peer, Source) {
     let peer_ip = peer.to_canonical();
-    let Some(nets) = trusted else {
-        return (Peer::Unlisted, Source::Peer(peer_ip));
-    };
-    if !within(nets, peer) {
+    let untrusted = trusted.is_some_and(|nets| !within(nets, peer));
+    let spelt_with_underscore = if untrusted {
         for name in &FORWARDING {
             headers.remove(name);
         }
-        let underscored: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().contains('_') && is_forwarding(k))
-            .cloned()
-            .collect();
-        for name in underscored {
-            headers.remove(name);
-        }
+        &FORWARDING[..]
+    } else {
+        &WRITTEN[..]
+    };
+    remove_underscored(headers, spelt_with_underscore);
+    let Some(nets) = trusted else {
+        return (Peer::Unlisted, Source::Peer(peer_ip));
+    };
+    if untrusted {
         return (Peer::Untrusted, Source::Peer(peer_ip));
     }
     let source = if headers.contains_key(&X_FORWARDED_FOR) {
@@ -106,10 +130,26 @@ pub(crate) fn admit(
     (Peer::Trusted, source)
 }
 
-/// Whether `name`, with `_` read as `-`, is one of [`FORWARDING`].
-fn is_forwarding(name: &HeaderName) -> bool {
+/// Removes every header whose name has a `_` and, with `_` read as `-`, is one of `names`.
+fn remove_underscored(headers: &mut HeaderMap, names: &[HeaderName]) {
+    // Most requests have no such name: nothing is gathered then.
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') && spelt_as_one_of(k, names))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
+}
+
+/// Whether `name`, with `_` read as `-`, is one of `names`.
+fn spelt_as_one_of(name: &HeaderName, names: &[HeaderName]) -> bool {
     let n = name.as_str().as_bytes();
-    FORWARDING.iter().any(|f| {
+    names.iter().any(|f| {
         let f = f.as_str().as_bytes();
         f.len() == n.len()
             && f.iter()

@@ -22,7 +22,13 @@ pub(crate) fn assign(cfg: &RequestId, headers: &mut HeaderMap) -> HeaderValue {
     match headers.entry(&cfg.header) {
         Entry::Occupied(mut e) if cfg.keep_incoming && acceptable(e.get()) => {
             e.get_mut().set_sensitive(true);
-            e.get().clone()
+            let id = e.get().clone();
+            // One line goes upstream: the first, which the log and the response name. An
+            // upstream that read a client's second line, or the lines joined, logged another.
+            if e.iter().nth(1).is_some() {
+                e.insert(id.clone());
+            }
+            id
         }
         // Replaces every value the client sent, as `HeaderMap::insert` does.
         Entry::Occupied(mut e) => {
@@ -126,5 +132,12 @@ mod tests {
         let id = assign(&cfg(true), &mut h);
         let all: Vec<_> = h.get_all("x-request-id").iter().collect();
         assert_eq!(all, vec![&id]);
+        // A kept ID goes upstream alone too.
+        let mut h = HeaderMap::new();
+        h.append("x-request-id", HeaderValue::from_static("abc-123"));
+        h.append("x-request-id", HeaderValue::from_static("forged"));
+        assert_eq!(assign(&cfg(true), &mut h), "abc-123");
+        let all: Vec<_> = h.get_all("x-request-id").iter().collect();
+        assert_eq!(all, ["abc-123"]);
     }
 }
