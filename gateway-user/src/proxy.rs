@@ -429,12 +429,18 @@ impl GatewayHandle {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.workers_done.recv()).await;
         }
         let _ = self.phase.send(Phase::Force);
+        // The lines of the requests that ended during the drain, before the process ends.
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.log.flush(ACCESS_LOG_EXIT_FLUSH)).await;
         ShutdownReport {
             forced,
             elapsed: start.elapsed(),
         }
     }
 }
+
+/// At exit, how long the access log's queued lines may take to be written.
+const ACCESS_LOG_EXIT_FLUSH: Duration = Duration::from_secs(1);
 
 /// How often the metrics that are read rather than counted are refreshed (lost kernel events,
 /// connect deadlines, health states, latency estimates).

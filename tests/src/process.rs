@@ -182,7 +182,11 @@ impl ChildProcess {
     /// Panics after `limit`: a process the child started may hold its pipes open.
     pub fn wait_output(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !self.readers.iter().all(std::thread::JoinHandle::is_finished) {
+        while !self
+            .readers
+            .iter()
+            .all(std::thread::JoinHandle::is_finished)
+        {
             assert!(
                 Instant::now() < deadline,
                 "the child's output did not end within {limit:?}"

@@ -144,6 +144,8 @@ enum Msg {
     Line(String),
     /// Wakes the writer to reopen now (the flag says so even if this did not fit).
     Reopen,
+    /// Answered once every line sent before it was written (or refused).
+    Flush(SyncSender<()>),
 }
 
 pub(crate) struct AccessLogger {
@@ -187,6 +189,16 @@ impl AccessLogger {
             LogOutput::Stderr => (Box::new(StdStream::stderr()), None),
             LogOutput::File(p) => (open_append(p)?, Some(p.clone())),
         };
+        AccessLogger::writing_to((out, path), cfg.format, (queue_full, write_error))
+    }
+
+    /// Lines in `format` to `out` (the file at `path`, which a reopen opens again), by a
+    /// writer thread of their own.
+    fn writing_to(
+        (out, path): (Box<dyn Write + Send>, Option<PathBuf>),
+        format: AccessLogFormat,
+        (queue_full, write_error): (Counter, Counter),
+    ) -> io::Result<Self> {
         let (tx, rx) = sync_channel(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
         let reopen = Arc::new(AtomicBool::new(false));
@@ -195,7 +207,7 @@ impl AccessLogger {
             .name("access-log".into())
             .spawn(move || writer(rx, (out, path), d, r, write_error))?;
         Ok(AccessLogger {
-            json: AtomicBool::new(cfg.format == AccessLogFormat::Json),
+            json: AtomicBool::new(format == AccessLogFormat::Json),
             tx: Some(tx),
             dropped,
             reopen,
@@ -216,6 +228,31 @@ impl AccessLogger {
     /// only a line shows need not be gathered otherwise.
     pub fn is_on(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// Waits, up to `limit`, until every line logged so far is written: at exit, the lines of
+    /// the requests that ended during the drain, which the process would otherwise end with
+    /// (still queued, or in the writer's buffer). A queue still full at the limit is an
+    /// output that stalled: its lines are lost.
+    pub fn flush(&self, limit: Duration) {
+        let Some(tx) = &self.tx else { return };
+        let deadline = Instant::now() + limit;
+        let (done, written) = sync_channel(1);
+        let mut flush = Msg::Flush(done);
+        loop {
+            match tx.try_send(flush) {
+                Ok(()) => {
+                    let _ =
+                        written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                    return;
+                }
+                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                    flush = again;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     pub fn set_format(&self, f: AccessLogFormat) {
@@ -252,6 +289,7 @@ fn writer(
     write_error: Counter,
 ) {
     let mut out = Output::new(out, path.is_some(), write_error);
+    let mut flushed = Vec::new();
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
         while let Some(msg) = next {
@@ -269,8 +307,10 @@ fn writer(
                     }
                 }
             }
-            if let Msg::Line(line) = msg {
-                out.line(line.as_bytes(), true);
+            match msg {
+                Msg::Line(line) => out.line(line.as_bytes(), true),
+                Msg::Flush(done) => flushed.push(done),
+                Msg::Reopen => {}
             }
             next = rx.try_recv().ok();
         }
@@ -280,6 +320,9 @@ fn writer(
             out.line(note.as_bytes(), false);
         }
         out.flush();
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
     }
     out.flush();
 }

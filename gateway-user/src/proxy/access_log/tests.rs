@@ -198,3 +198,41 @@ fn to_a_stream_each_write_is_whole_lines_that_a_pipe_takes_at_once() {
     let want: Vec<String> = (0..1_000).map(line).collect();
     assert_eq!(text.lines().collect::<Vec<_>>(), want);
 }
+
+/// `flush` returns once every line logged before it is written: the lines of the requests that
+/// ended during a drain, which the process would otherwise exit with. The output takes 5 ms
+/// over each write, so most lines are still queued when `flush` is called.
+#[test]
+fn flush_waits_until_every_line_logged_is_written() {
+    #[derive(Clone, Default)]
+    struct Slow(Writes);
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(5));
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Slow::default();
+    let log = AccessLogger::writing_to(
+        (Box::new(out.clone()), None),
+        AccessLogFormat::Plain,
+        (Counter::default(), Counter::default()),
+    )
+    .unwrap();
+    let record = Record::new(
+        "127.0.0.1:5000".parse().unwrap(),
+        Method::GET,
+        Uri::from_static("/x"),
+        Version::HTTP_11,
+    );
+    const LINES: usize = 500;
+    for _ in 0..LINES {
+        log.log(&record);
+    }
+    log.flush(Duration::from_secs(10));
+    let written = out.0.0.lock().unwrap().concat();
+    assert_eq!(String::from_utf8(written).unwrap().lines().count(), LINES);
+}
