@@ -33,7 +33,7 @@ mod classify;
 pub mod error;
 mod exchange;
 #[cfg(debug_assertions)]
-mod failpoint;
+pub(crate) mod failpoint;
 mod forwarded;
 mod handshake;
 mod headers;

@@ -245,6 +245,8 @@ async fn run(
     let log_format = settings.log.format;
     let workers = workers(&settings);
     let successor_of_another = handover::is_successor();
+    #[cfg(debug_assertions)]
+    crate::proxy::failpoint::delay_start().await;
     let handle = proxy::start_inheriting(
         settings,
         signals.clone(),
@@ -332,6 +334,9 @@ impl Service<'_> {
     /// the access log reopened.
     async fn reload(&mut self) {
         self.notifier.reloading();
+        if let Some(s) = &mut self.successor {
+            s.reload_when_serving();
+        }
         match config::load(self.path) {
             Ok(loaded) => {
                 for w in &loaded.warnings {

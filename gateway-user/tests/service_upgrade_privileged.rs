@@ -32,6 +32,16 @@ struct Running {
 }
 
 fn start(label: &str, upstream: SocketAddr, cgroup: Option<&CgroupGuard>) -> Running {
+    start_with(label, upstream, cgroup, &[])
+}
+
+/// [`start`] with `env` set for it (and so for the new process an upgrade starts).
+fn start_with(
+    label: &str,
+    upstream: SocketAddr,
+    cgroup: Option<&CgroupGuard>,
+    env: &[(&str, &str)],
+) -> Running {
     let dir = TempDir::new(label);
     let (listen, admin) = (free_port(), free_port());
     let config = dir.path().join("gateway.toml");
@@ -41,6 +51,7 @@ fn start(label: &str, upstream: SocketAddr, cgroup: Option<&CgroupGuard>) -> Run
     )
     .unwrap();
     let mut cmd = gateway_bin!().run(&config);
+    cmd.envs(env.iter().copied());
     if let Some(c) = cgroup {
         cmd.in_cgroup(c);
     }
@@ -233,6 +244,65 @@ fn privileged_an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
             .wait(Duration::from_secs(10))
             .expect("exited")
             .success()
+    );
+}
+
+/// A SIGHUP while the new process starts (a `systemctl reload` during a package upgrade): the
+/// new process read the config before it changed, and served the old one on, saying nothing.
+/// Now the old process passes the SIGHUP on once the new one serves. The new process is held
+/// 2 s after it read its config (a debug build's failpoint) so that the change falls between.
+#[test]
+fn privileged_a_reload_during_an_upgrade_reaches_the_new_process() {
+    require_root();
+    let (before, after) = (Upstream::start(), Upstream::start());
+    let mut old = start_with(
+        "upgrade-reload",
+        before.addr,
+        None,
+        &[("GATEWAY_DEBUG_START_DELAY_MS", "2000")],
+    );
+    old.proc.signal(libc::SIGUSR2);
+    // Each process says so once, after it read its config.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.proc.count("kernel observer attached") < 2 {
+        assert!(Instant::now() < deadline, "{}", old.proc.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&old.config).unwrap();
+    let changed = text.replace(&before.addr.to_string(), &after.addr.to_string());
+    assert_ne!(text, changed);
+    std::fs::write(&old.config, changed).unwrap();
+    old.proc.signal(libc::SIGHUP);
+    old.proc
+        .expect_log("config reloaded", Duration::from_secs(5));
+    let new_pid = successor_pid(&old.proc);
+    let _new = KillOnDrop(new_pid);
+    old.proc
+        .expect_log("passed on to it", Duration::from_secs(5));
+    assert!(
+        old.proc
+            .wait(Duration::from_secs(20))
+            .expect("the old process drains and exits")
+            .success()
+    );
+    let hits = || {
+        (
+            before.hits.load(Ordering::Relaxed),
+            after.hits.load(Ordering::Relaxed),
+        )
+    };
+    let (hits_before, hits_after) = hits();
+    for _ in 0..5 {
+        assert_eq!(
+            get_once(old.listen, "/", Duration::from_secs(2)).unwrap().0,
+            200
+        );
+    }
+    let (b, a) = hits();
+    assert_eq!(
+        (b - hits_before, a - hits_after),
+        (0, 5),
+        "the new process serves the config as it was reloaded"
     );
 }
 

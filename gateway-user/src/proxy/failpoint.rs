@@ -1,7 +1,9 @@
 //! Debug builds only (the tests' binaries): a request whose path is the value of
 //! `GATEWAY_DEBUG_PANIC_PATH` panics in its worker, and with `GATEWAY_DEBUG_PANIC_ACCEPT` set
 //! an accept loop panics on its first connection, so that a test can see what a panic does to
-//! the real binary (`logging::panic`, `Shared::fatal`). A release build has neither.
+//! the real binary (`logging::panic`, `Shared::fatal`); `GATEWAY_DEBUG_START_DELAY_MS` holds
+//! `gateway run` that long after it read its config, before it serves (a new binary that
+//! starts slowly in an upgrade). A release build has none of them.
 
 use std::sync::LazyLock;
 
@@ -24,5 +26,15 @@ static PANIC_ACCEPT: LazyLock<bool> =
 pub fn panic_on_accept() {
     if *PANIC_ACCEPT {
         panic!("GATEWAY_DEBUG_PANIC_ACCEPT: a panic in an accept loop a test asked for");
+    }
+}
+
+/// Waits `GATEWAY_DEBUG_START_DELAY_MS`, when set.
+pub async fn delay_start() {
+    let ms = std::env::var("GATEWAY_DEBUG_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(ms) = ms {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

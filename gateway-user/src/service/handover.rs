@@ -29,7 +29,7 @@ use std::{
 
 use thiserror::Error;
 use tokio::io::AsyncReadExt as _;
-use tracing::warn;
+use tracing::{info, warn};
 
 pub const ENV_LISTEN_FDS: &str = "GATEWAY_LISTEN_FDS";
 pub const ENV_READY_FD: &str = "GATEWAY_UPGRADE_READY_FD";
@@ -220,6 +220,8 @@ pub struct Successor {
     deadline: tokio::time::Instant,
     /// What the pipe said so far.
     line: Vec<u8>,
+    /// A SIGHUP came while it started: it may have read the config before the change.
+    reload_asked: bool,
 }
 
 /// How starting the new process ended.
@@ -289,12 +291,21 @@ pub fn spawn(relaunch: &Relaunch, offered: &[Offered<'_>]) -> Result<Successor, 
         ready: tokio::fs::File::from_std(File::from(read)),
         deadline: tokio::time::Instant::now() + READY_TIMEOUT,
         line: Vec::new(),
+        reload_asked: false,
     })
 }
 
 impl Successor {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// This process reloaded while the new one was starting (a `systemctl reload` during a
+    /// package upgrade): the new one may have read the config before it changed, so it gets
+    /// a SIGHUP of its own once it serves (before, its handlers are not there yet, and a
+    /// SIGHUP would end it). Otherwise it served the old config on, saying nothing.
+    pub fn reload_when_serving(&mut self) {
+        self.reload_asked = true;
     }
 
     /// This process stops while the new one was starting: stops it, unless it serves. It may
@@ -343,8 +354,20 @@ impl Successor {
         if let Some(pid) = text
             .trim()
             .strip_prefix("ready ")
-            .and_then(|p| p.parse().ok())
+            .and_then(|p| p.parse::<u32>().ok())
         {
+            if std::mem::take(&mut self.reload_asked) {
+                // SAFETY: kill(2) on the pid of the child this process started, which serves.
+                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } == 0 {
+                    info!(
+                        pid,
+                        "a SIGHUP came while the new process started: passed on to it"
+                    );
+                } else {
+                    let e = io::Error::last_os_error();
+                    warn!(pid, error = %e, "a SIGHUP came while the new process started, and could not be passed on: reload it");
+                }
+            }
             return Outcome::Ready { pid };
         }
         if read.is_err() {
