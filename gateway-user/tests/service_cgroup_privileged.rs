@@ -224,3 +224,42 @@ fn privileged_an_unwritable_own_cgroup_is_a_clear_error() {
     );
     assert_eq!(observer_dirs(unit.path()), Vec::<String>::new());
 }
+
+/// An absolute `[observer] cgroup` outside the cgroup v2 filesystem (a typo, or `/sys/fs/cgroup`
+/// on a hybrid host, where it is a tmpfs) is refused before anything is made there: the
+/// gateway, as root, created the directory and wrote its pid into a `cgroup.procs` file in it
+/// (in `/etc`, say) before it found out.
+#[test]
+fn privileged_an_observer_cgroup_outside_cgroup2_is_refused_and_nothing_written() {
+    require_root();
+    let up = Upstream::start();
+    let dir = TempDir::new("cgroup-outside");
+    let (path, _, _) = write_config(dir.path(), up.addr, "kernel");
+    let outside = dir.path().join("not-a-cgroup");
+    std::fs::create_dir(&outside).unwrap();
+    let missing = outside.join("child");
+    let base = std::fs::read_to_string(&path).unwrap();
+    for target in [&outside, &missing] {
+        let text = base.replace(
+            "[observer]\n",
+            &format!("[observer]\ncgroup = \"{}\"\n", target.display()),
+        );
+        std::fs::write(&path, text).unwrap();
+        let (exit, text) = run_to_exit(gateway_bin!().run(&path), Duration::from_secs(20));
+        assert!(!exit.success(), "{text}");
+        assert!(
+            text.contains(&format!(
+                "{} is not a cgroup v2 directory",
+                target.display()
+            )),
+            "{text}"
+        );
+        assert!(!missing.exists(), "created {}", missing.display());
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "wrote into {}",
+            outside.display()
+        );
+    }
+}

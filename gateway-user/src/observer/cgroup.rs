@@ -215,7 +215,24 @@ impl SelfCgroup {
                 back_to: None,
                 created: false,
             }),
-            ObserverCgroup::Path(path) => Self::create_and_enter(path.clone(), own),
+            ObserverCgroup::Path(path) => {
+                // Checked before anything is made or written: the process is about to write
+                // its pid into `cgroup.procs` there, which in any other directory (`/etc`, a
+                // tmpfs beside the v2 mount) is a file created or overwritten, as root.
+                let checked = if path.exists() {
+                    path
+                } else {
+                    path.parent().unwrap_or(path)
+                };
+                if !preflight::in_cgroup2(checked) {
+                    return Err(PreflightError::NotCgroup2 {
+                        path: path.display().to_string(),
+                        mount: mount.display().to_string(),
+                    }
+                    .into());
+                }
+                Self::create_and_enter(path.clone(), own)
+            }
             ObserverCgroup::Child(pattern) => {
                 let pattern = NamePattern::new(pattern);
                 let home = home_for(&own, &mount, &pattern);

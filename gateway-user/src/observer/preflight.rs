@@ -116,6 +116,12 @@ pub fn cgroup2_mount() -> Result<PathBuf, PreflightError> {
         .ok_or(PreflightError::NoCgroup2)
 }
 
+/// Whether `path` is in the cgroup v2 filesystem (not merely under its mount's path: a
+/// directory in /sys/fs/cgroup on a hybrid host is on tmpfs).
+pub fn in_cgroup2(path: &Path) -> bool {
+    fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
+}
+
 fn fs_magic(path: &Path) -> Option<i64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
