@@ -16,6 +16,9 @@
 pub mod handover;
 pub mod nofile;
 pub mod notify;
+mod reload;
+
+pub use self::reload::cli_reload;
 
 use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
@@ -106,23 +109,6 @@ fn workers(settings: &Settings) -> usize {
 
 /// How long the exit waits for the main runtime's blocking threads (DNS lookups).
 const EXIT_BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `gateway reload --config FILE --pid PID`: validates the config, then sends SIGHUP. Exits
-/// non-zero, sending nothing, when the config is refused.
-pub fn cli_reload(path: &Path, pid: u32) -> anyhow::Result<ExitCode> {
-    let loaded = config::load(path)?;
-    for w in &loaded.warnings {
-        eprintln!("warning: {w}");
-    }
-    let target = i32::try_from(pid).context("--pid is not a process id")?;
-    // SAFETY: kill(2) with a plain pid and signal.
-    if unsafe { libc::kill(target, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("sending SIGHUP to gateway pid {pid}"));
-    }
-    println!("{}: ok; sent SIGHUP to pid {pid}", path.display());
-    Ok(ExitCode::SUCCESS)
-}
 
 /// Moves the gateway into its observer cgroup and attaches the kernel observer there, per
 /// `[observer] mode`. In `auto` mode a failure is not fatal: the gateway runs on userspace

@@ -280,6 +280,30 @@ fn gateway_reload_validates_before_it_signals() {
         "signalled despite a bad config"
     );
 
+    // A pid that is no gateway is not signalled: 0 (to kill(2), the caller's whole process
+    // group), 1 (init), a process running another program.
+    let other = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    for pid in ["0".to_owned(), "1".to_owned(), other.id().to_string()] {
+        let out = gateway_bin!()
+            .command()
+            .args(["reload", "--pid", &pid, "--config"])
+            .arg(&gw.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--pid {pid}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&format!(" {pid} ")),
+            "--pid {pid}: {out:?}"
+        );
+    }
+    let mut other = other;
+    assert!(other.try_wait().unwrap().is_none(), "sleep was signalled");
+    let _ = other.kill();
+    let _ = other.wait();
+
     let out = reload(&gw.config);
     assert!(out.status.success(), "{out:?}");
     gw.proc
