@@ -103,7 +103,7 @@ fn every_new_route_key_is_refused_with_file_line_and_key() {
         ),
         (
             "rewrite_prefix = \"v2\"",
-            "gw.toml:15:1: key `routes[0].rewrite_prefix`: path_prefix \"v2\" must start with '/'",
+            "gw.toml:15:1: key `routes[0].rewrite_prefix`: \"v2\" must start with '/'",
         ),
         (
             "rewrite_prefix = \"/v2?x=1\"",

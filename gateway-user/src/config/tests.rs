@@ -358,6 +358,33 @@ fn health_defaults_are_the_state_machines() {
     );
 }
 
+/// A probe path no request can carry is refused: its probes failed ("invalid uri
+/// character"), and an endpoint once ejected stayed out for good.
+#[test]
+fn a_probe_path_that_no_request_can_carry_is_refused() {
+    for bad in ["health check", "healthz"] {
+        let text = format!(
+            "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n\
+             [router.upstream.health]\nprobe_path = \"{bad}\"\n"
+        );
+        let e = err(&text);
+        assert!(
+            e.contains(&format!(
+                "gw.toml:6:1: key `router.upstream.health.probe_path`: probe_path {bad:?} is not a path"
+            )),
+            "{e}"
+        );
+    }
+    let ok = "[router]\nlistener_port = 1\n[clusters.a]\nendpoints = [\"127.0.0.1:9000\"]\n\
+              [clusters.a.health]\nprobe_path = \"/healthz?deep=1\"\n\
+              [[routes]]\ncluster = \"a\"\n";
+    let s = load(ok).unwrap().settings;
+    assert_eq!(
+        s.clusters["a"].health.probe_path.as_deref(),
+        Some("/healthz?deep=1")
+    );
+}
+
 #[test]
 fn peak_ewma_and_its_latency_table() {
     let loaded = load_str(

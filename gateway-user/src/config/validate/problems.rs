@@ -79,8 +79,12 @@ pub enum Invalid {
         max: u64,
         unit: &'static str,
     },
-    #[error("path_prefix {value:?} must start with '/'")]
+    #[error("{value:?} must start with '/', e.g. \"/api/\"")]
     InvalidPathPrefix { value: String },
+    #[error(
+        "probe_path {value:?} is not a path a request can ask for; expected an absolute path with an optional query, e.g. \"/healthz\""
+    )]
+    InvalidProbePath { value: String },
     #[error("host {value:?}: {reason}; expected e.g. \"api.example.com\" or \"*.example.com\"")]
     InvalidHost { value: String, reason: &'static str },
     #[error(

@@ -98,7 +98,19 @@ fn probe_request(c: &mut Checker, l: &Layers) -> (Option<String>, u16) {
         599,
         ""
     );
-    let path = (l.own.health.probe_path.clone()).or_else(|| l.base.health.probe_path.clone());
+    let (path, key) = match (&l.own.health.probe_path, &l.base.health.probe_path) {
+        (Some(p), _) => (Some(p.clone()), l.key),
+        (None, p) => (p.clone(), l.base_key),
+    };
+    // Checked here: a probe that cannot be sent fails, and its endpoint stays ejected for good.
+    if let Some(p) = &path
+        && (!p.starts_with('/') || http::uri::PathAndQuery::try_from(p.as_str()).is_err())
+    {
+        c.fail(
+            key.key("health").key("probe_path"),
+            Invalid::InvalidProbePath { value: p.clone() },
+        );
+    }
     (path, status as u16)
 }
 
