@@ -122,11 +122,45 @@ fn display_all<T: fmt::Display>(items: &[T]) -> String {
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read(path).map_err(|source| ConfigError::Read {
         file: path.to_owned(),
         source,
     })?;
     load_str(&text, path)
+}
+
+/// The most a config file may hold: far above any real one (thousands of routes), and a
+/// bound on what a wrong path (`/dev/zero`, a log file) makes the process read.
+pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A config file's text: a regular file of at most [`MAX_CONFIG_BYTES`], in UTF-8. Opened
+/// without waiting, so that a FIFO nobody writes to is an error, not a hang.
+fn read(path: &Path) -> std::io::Result<String> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else {
+            "a device, FIFO or socket"
+        };
+        return Err(std::io::Error::other(format!(
+            "it is {what}, not a regular file"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB: not a config file",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 /// Parses and validates config text; `file` is only used in messages.

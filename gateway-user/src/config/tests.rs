@@ -535,3 +535,36 @@ fn client_connection_limits_are_unlimited_by_default_and_at_least_one() {
         );
     }
 }
+
+/// A path that is no config file is an error at once: `/dev/zero` was read until memory ran
+/// out, and a FIFO nobody writes to held `check-config`, `run` and `reload` for good.
+#[test]
+fn a_path_that_is_no_config_file_is_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("gateway-config-read-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let large = dir.join("large.toml");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(MAX_CONFIG_BYTES + 1)
+        .unwrap();
+    for (path, want) in [
+        (
+            Path::new("/dev/zero"),
+            "a device, FIFO or socket, not a regular file",
+        ),
+        (&fifo, "a device, FIFO or socket, not a regular file"),
+        (&dir, "a directory, not a regular file"),
+        (&large, "larger than 16 MiB"),
+    ] {
+        let e = super::load(path).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: cannot read: ", path.display())) && e.contains(want),
+            "{e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
