@@ -245,7 +245,9 @@ async fn run(
         successor_of_another,
     );
     if successor_of_another {
-        handover::announce_ready().context("telling the previous process this one serves")?;
+        inherited
+            .announce_ready()
+            .context("telling the previous process this one serves")?;
         info!(
             pid = std::process::id(),
             "took over the listening sockets; serving"

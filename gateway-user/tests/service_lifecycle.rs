@@ -423,3 +423,53 @@ fn sd_notify_reports_ready_reloading_stopping_status_and_pings_the_watchdog() {
             .success()
     );
 }
+
+/// `GATEWAY_UPGRADE_READY_FD` (the gateway's own, for an upgrade's new process) naming no
+/// pipe is refused at start with a message that says what it is: before, the process aborted
+/// (`IO Safety violation`) or closed one of its own listeners when it wrote "ready" there.
+#[test]
+fn a_readiness_descriptor_that_is_no_pipe_is_refused_at_start() {
+    use std::os::unix::process::CommandExt as _;
+    let up = Upstream::start();
+    let dir = TempDir::new("ready-fd");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config::with_ports(
+            free_port(),
+            free_port(),
+            up.addr,
+            &dir.path().join("access.log"),
+            "drain_delay_ms = 0",
+            "[observer]\nmode = \"off\"",
+        ),
+    )
+    .unwrap();
+    for (value, want) in [
+        ("0", "not a descriptor number above 2"),
+        ("99", "Bad file descriptor"),
+        ("7", "the descriptor is open, but not a pipe"),
+    ] {
+        let mut cmd = gateway_bin!().run(&config);
+        cmd.env("GATEWAY_UPGRADE_READY_FD", value);
+        // Descriptor 7: /dev/null, open in the child.
+        // SAFETY: open and dup2 are async-signal-safe; nothing else runs before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                if fd < 0 || libc::dup2(fd, 7) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (status, out) = gateway_testkit::process::run_to_exit(cmd, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{value}: {out}");
+        assert!(
+            out.contains(&format!(
+                "GATEWAY_UPGRADE_READY_FD=\"{value}\" is not the readiness pipe"
+            )) && out.contains(want),
+            "{value}: {out}"
+        );
+    }
+}

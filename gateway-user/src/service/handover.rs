@@ -90,12 +90,18 @@ pub enum HandoverError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{ENV_READY_FD}={value:?} is not the readiness pipe of an upgrade: {reason} (the variable is the gateway's own, set for the new process of a SIGUSR2 upgrade; unset it)"
+    )]
+    NotAReadyPipe { value: String, reason: String },
 }
 
 /// Listening sockets handed over by the previous process, by role and configured address.
 #[derive(Default)]
 pub struct Inherited {
     sockets: HashMap<(Role, SocketAddr), Vec<std::net::TcpListener>>,
+    /// The pipe on which this process tells the one that started it (an upgrade) it serves.
+    ready: Option<File>,
 }
 
 impl Inherited {
@@ -103,8 +109,12 @@ impl Inherited {
     /// the variable so that nothing it starts inherits the claim. Call before any other thread
     /// exists (it changes the environment).
     pub fn from_env() -> Result<Inherited, HandoverError> {
+        let ready = ready_pipe()?;
         let Some(spec) = std::env::var_os(ENV_LISTEN_FDS) else {
-            return Ok(Inherited::default());
+            return Ok(Inherited {
+                ready,
+                ..Inherited::default()
+            });
         };
         // SAFETY: called at start-up, before any other thread exists (see above).
         unsafe { std::env::remove_var(ENV_LISTEN_FDS) };
@@ -115,7 +125,16 @@ impl Inherited {
             let socket = adopt(fd, role, addr)?;
             sockets.entry((role, addr)).or_default().push(socket);
         }
-        Ok(Inherited { sockets })
+        Ok(Inherited { sockets, ready })
+    }
+
+    /// In the new process of an upgrade: tells the old one it serves. Does nothing on a
+    /// normal start. Call once, after serving has started.
+    pub fn announce_ready(&mut self) -> io::Result<()> {
+        match self.ready.take() {
+            Some(mut pipe) => writeln!(pipe, "ready {}", std::process::id()),
+            None => Ok(()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -387,20 +406,35 @@ impl Successor {
     }
 }
 
-/// In the new process: tells the old one it serves. Without `GATEWAY_UPGRADE_READY_FD` (a
-/// normal start) it does nothing. Call once, after serving has started.
-pub fn announce_ready() -> io::Result<()> {
-    let Some(fd) = std::env::var_os(ENV_READY_FD) else {
-        return Ok(());
+/// The readiness pipe an upgrade's old process passed (`GATEWAY_UPGRADE_READY_FD`), taken at
+/// start, before this process opens anything that could reuse a wrong number: a descriptor
+/// that is no pipe is refused, where writing to it later closed a listener, or aborted the
+/// process (a descriptor Rust already owned).
+fn ready_pipe() -> Result<Option<File>, HandoverError> {
+    let Some(value) = std::env::var_os(ENV_READY_FD) else {
+        return Ok(None);
     };
-    let fd: RawFd = fd
+    let not = |reason: &str| HandoverError::NotAReadyPipe {
+        value: value.to_string_lossy().into_owned(),
+        reason: reason.to_owned(),
+    };
+    let fd: RawFd = value
         .to_str()
         .and_then(|s| s.parse().ok())
         .filter(|f| *f > 2)
-        .ok_or_else(|| io::Error::other(format!("{ENV_READY_FD} is not a descriptor number")))?;
-    // SAFETY: the descriptor was inherited for exactly this; this process owns it now.
-    let mut pipe = unsafe { File::from_raw_fd(fd) };
-    writeln!(pipe, "ready {}", std::process::id())
+        .ok_or_else(|| not("not a descriptor number above 2"))?;
+    // SAFETY: fstat(2) into a zeroed struct of the right size; fd is only a number here.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(not(&io::Error::last_os_error().to_string()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(not("the descriptor is open, but not a pipe"));
+    }
+    // SAFETY: an open pipe inherited for exactly this; from here on this process owns it, and
+    // nothing it starts inherits it.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(Some(unsafe { File::from_raw_fd(fd) }))
 }
 
 /// Whether this process was started by an upgrade (and so must not send `READY=1` before it
