@@ -29,6 +29,8 @@ use tokio::{
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<u8>>>,
+    /// The requests answered on each connection accepted so far (probes answer none).
+    answered: Arc<Mutex<Vec<usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,9 +45,16 @@ impl Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
+        let answered: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let (sink, counts) = (seen.clone(), answered.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
+                let counts = counts.clone();
+                let index = {
+                    let mut c = counts.lock().unwrap();
+                    c.push(0);
+                    c.len() - 1
+                };
                 let sink = sink.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 16 * 1024];
@@ -62,12 +71,18 @@ impl Recorder {
                             if s.write_all(reply).await.is_err() {
                                 return;
                             }
+                            counts.lock().unwrap()[index] += 1;
                         }
                     }
                 });
             }
         });
-        Recorder { addr, seen, task }
+        Recorder {
+            addr,
+            seen,
+            answered,
+            task,
+        }
     }
 
     fn seen(&self) -> String {
@@ -317,6 +332,39 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
             );
         }
     }
+}
+
+/// A chunked response with trailers: the client gets it whole, the access log has it as
+/// complete, and the upstream connection serves the next request. hyper writes the trailers
+/// and asks for nothing more, so a response that ended only when its body said so after the
+/// trailers was logged as cut short by its client (`client_closed`), and its connection
+/// was dropped (a new upstream connection for each such response).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_trailers_is_complete_and_its_connection_reused() {
+    let up = Recorder::start(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+    )
+    .await;
+    let gw = gateway("resp-trailers", &cluster(up.addr)).await;
+    let url = format!("http://{}/", gw.addr);
+    for flags in BOTH_PROTOCOLS {
+        assert_eq!(curl_ok(flags, &url), b"hello", "curl {flags:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = gateway_testkit::inprocess::log_lines(&gw.log, 2);
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert!(
+            l.get("incomplete").is_none() && l.get("aborted").is_none_or(|a| a == false),
+            "{l}"
+        );
+    }
+    let answered = up.answered.lock().unwrap().clone();
+    assert!(
+        answered.contains(&2),
+        "one upstream connection for both requests: {answered:?} per connection"
+    );
 }
 
 /// A gRPC response whose length-framed body breaks off: the gateway ends the call with

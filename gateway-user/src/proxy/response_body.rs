@@ -297,7 +297,10 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     *armed = false;
-                    let end = body.is_end_stream();
+                    // Trailers are a body's last frame, and hyper asks for nothing after
+                    // them: an HTTP/1 upstream's body, which says it ended only when polled
+                    // once more, would be taken for one the client cut short.
+                    let end = body.is_end_stream() || frame.is_trailers();
                     let n = frame.data_ref().map_or(0, Bytes::len);
                     this.count(n);
                     if let Some(t) = frame.trailers_ref() {
