@@ -334,6 +334,32 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
     }
 }
 
+/// A length an upstream repeated (two equal lines, or one line listing it twice), which hyper
+/// takes: the client gets one `content-length: 5`. Passed on as it came, HTTP/2 clients reset
+/// the stream (curl failed with 92) while the access log said 200, and HTTP/1 ones saw two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_content_length_reaches_the_client_once() {
+    let replies: [&'static [u8]; 2] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello",
+    ];
+    for reply in replies {
+        let up = Recorder::start(reply).await;
+        let gw = gateway("resp-length-twice", &cluster(up.addr)).await;
+        let url = format!("http://{}/", gw.addr);
+        for flags in BOTH_PROTOCOLS {
+            let out = curl_ok(&[flags, &["-i"][..]].concat(), &url);
+            let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+            let lengths: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("content-length:"))
+                .collect();
+            assert_eq!(lengths, ["content-length: 5"], "curl {flags:?}: {text}");
+            assert!(text.ends_with("\r\n\r\nhello"), "curl {flags:?}: {text}");
+        }
+    }
+}
+
 /// A chunked response with trailers: the client gets it whole, the access log has it as
 /// complete, and the upstream connection serves the next request. hyper writes the trailers
 /// and asks for nothing more, so a response that ended only when its body said so after the

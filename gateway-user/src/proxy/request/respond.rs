@@ -66,6 +66,8 @@ pub(super) fn respond(
     // client never sees the status.
     if parts.status == StatusCode::NO_CONTENT || ex.grpc {
         parts.headers.remove(CONTENT_LENGTH);
+    } else {
+        one_length(&mut parts.headers);
     }
     parts.version = Version::default();
     ours(&mut parts.headers, &ex);
@@ -87,6 +89,31 @@ pub(super) fn respond(
     ex.lease = Some(lease);
     let body = ResponseBody::upstream(body, up.stall, up.call_deadline, ex);
     Response::from_parts(parts, body)
+}
+
+/// One `Content-Length` line with one value: an upstream may repeat it (`5` twice, or
+/// `5, 5`), which hyper takes when the values agree (RFC 9112 section 6.3), and which passed
+/// on as it was made HTTP/2 clients reset the stream (curl failed with 92) while the access
+/// log said 200.
+fn one_length(h: &mut HeaderMap) {
+    let mut all = h.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = all.next() else { return };
+    if all.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let one = first
+        .as_bytes()
+        .split(|b| *b == b',')
+        .next()
+        .and_then(|v| HeaderValue::from_bytes(v.trim_ascii()).ok());
+    match one {
+        Some(v) => {
+            h.insert(CONTENT_LENGTH, v);
+        }
+        None => {
+            h.remove(CONTENT_LENGTH);
+        }
+    }
 }
 
 /// Why a response hyper parsed is not passed on: a status outside 100 to 599 (RFC 9110
