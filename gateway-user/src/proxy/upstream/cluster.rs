@@ -233,7 +233,7 @@ fn h2_builder(spec: &ClusterSpec) -> http2::Builder<TokioExecutor> {
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT)
         .keep_alive_while_idle(true)
-        .max_header_list_size(256 * 1024);
+        .max_header_list_size(crate::proxy::error::RESPONSE_HEAD_MAX_BYTES as u32);
     b
 }
 
