@@ -331,6 +331,17 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
                 "{label} curl {flags:?}"
             );
         }
+        // The attempt that got the refused answer says why, as the request does.
+        if want == "502" {
+            for l in gateway_testkit::inprocess::log_lines(&gw.log, 2) {
+                assert_eq!(l["error"], "invalid_upstream_response", "{l}");
+                assert_eq!(
+                    l["attempt_errors"],
+                    serde_json::json!(["invalid_upstream_response"]),
+                    "{l}"
+                );
+            }
+        }
     }
 }
 

@@ -57,7 +57,7 @@ pub(super) fn respond(
     if let Some(what) = refused(parts.status, &stripped) {
         let endpoint = up.lease.endpoint.addr;
         // The connection goes with `up`: not reused after a response it could not frame.
-        return error_response(ProxyError::UpstreamResponseRefused { endpoint, what }, ex);
+        return refused_answer(ProxyError::UpstreamResponseRefused { endpoint, what }, ex);
     }
     // RFC 9110 section 8.6: none on a 204 (HTTP/2 clients reset the stream of one that has
     // it; hyper handles 1xx itself). A gRPC response's length goes too (and its body's size
@@ -152,7 +152,7 @@ fn switch(
     let value = headers::to_downstream(&mut parts.headers, parts.version).upgrade;
     let (Some(client_side), Some(value)) = (client_side, value) else {
         let what = "the request was no upgrade, or the 101 named no protocol in `Upgrade`";
-        return error_response(ProxyError::UpgradeFailed { endpoint, what }, ex);
+        return refused_answer(ProxyError::UpgradeFailed { endpoint, what }, ex);
     };
     headers::restore_upgrade(&mut parts.headers, value);
     parts.version = Version::HTTP_11;
@@ -172,6 +172,15 @@ fn switch(
 }
 
 /// The gateway's answer to a request that failed.
+/// The error for an attempt's answer the gateway would not pass on, which the attempt's own
+/// entry names too (`attempt_errors` said `-`, an answer taken, beside the request's error).
+fn refused_answer(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
+    if let Some(a) = ex.record.attempts.last_mut() {
+        a.error = Some(e.kind());
+    }
+    error_response(e, ex)
+}
+
 pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
     let kind = e.kind();
     let status = kind.status();
