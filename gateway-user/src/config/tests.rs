@@ -568,3 +568,31 @@ fn a_path_that_is_no_config_file_is_refused_at_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Listeners that would share connections are refused: an address beside a wildcard of its
+/// family on the same port (the more specific socket takes all of its connections: plain HTTP
+/// to 127.0.0.1 always met the HTTPS listener there), and the admin address on a client
+/// listener's port (`run` failed with "Address already in use" naming no key). `0.0.0.0` and
+/// `[::]` on one port are two listeners (IPv6 sockets are IPv6-only).
+#[test]
+fn listeners_that_would_share_connections_are_refused() {
+    let up = "\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n";
+    let e = err(&format!(
+        "[router]\nlisten = [\"0.0.0.0:8080\", \"127.0.0.1:8080\"]\n{up}"
+    ));
+    assert!(
+        e.contains(
+            "key `router.listen`: listen address 127.0.0.1:8080 shares its port with 0.0.0.0:8080"
+        ),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[router]\nlistener_port = 8080\n{up}\n[admin]\nlisten = \"127.0.0.1:8080\"\n"
+    ));
+    assert!(
+        e.contains("key `admin.listen`: admin address 127.0.0.1:8080 is also a client listener (0.0.0.0:8080)"),
+        "{e}"
+    );
+    let both = format!("[router]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]\n{up}");
+    assert_eq!(load(&both).unwrap().settings.listen.len(), 2);
+}

@@ -343,3 +343,23 @@ fn https_redirect_names_the_https_listeners_port_and_refuses_port_0() {
         .settings;
     assert_eq!(s.routes[0].https_redirect, Some(443));
 }
+
+/// An HTTPS-only config whose certificate is refused says so, and only so: it began with
+/// "no listener", which sent its reader to look for the wrong mistake.
+#[test]
+fn an_https_only_config_with_a_bad_certificate_names_only_the_certificate() {
+    let pki = TestPki::new("https-only");
+    pki.leaf("old", &["localhost"], (-90, -1));
+    let text = format!(
+        "[router]\nhttps_port = 8443\n{UPSTREAM}\n[router.tls]\ncert_file = \"old.pem\"\nkey_file = \"old.key\"\n"
+    );
+    let e = err_in(&pki, &text);
+    assert!(e.contains("expired"), "{e}");
+    assert!(!e.contains("no listener"), "{e}");
+    // Turned off, with no other listener: that is the one error.
+    let off = text.replace(
+        "https_port = 8443",
+        "https_port = 8443\nhttps_enabled = false",
+    );
+    assert!(err_in(&pki, &off).contains("no listener"));
+}

@@ -95,6 +95,15 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let routes = routes::routes(&mut c, cfg, &clusters, redirect_port);
     cluster_warnings(&mut c, cfg, &clusters, &routes, grace_ms);
     let admin = admin(&mut c, &cfg.admin);
+    let clients = listen.iter().chain(https.iter().flat_map(|h| &h.listen));
+    if let Some((addr, other)) =
+        admin.and_then(|a| clients.copied().find(|l| covers(a, *l)).map(|l| (a, l)))
+    {
+        c.fail(
+            KeyPath::root().key("admin").key("listen"),
+            Invalid::AdminOnClientListener { addr, other },
+        );
+    }
     let access_log = access_log(&mut c, &cfg.access_log);
     let request_id = request_id(&mut c, &cfg.router.request_id);
     let trusted_proxies = trusted_proxies(&mut c, &cfg.router.forwarded);
@@ -143,7 +152,13 @@ fn listeners(
     }
     let https = tls::https(c, r, files);
     let https_listen = https.as_ref().map_or(&[][..], |h| &h.listen[..]);
-    if listen.is_empty() && https_listen.is_empty() && r.https_enabled != Some(true) {
+    // An HTTPS listener asked for but refused (a certificate problem) has its own error: no
+    // second one saying there is no listener.
+    let https_asked = match r.https_enabled {
+        Some(on) => on,
+        None => r.https_port.is_some() || !r.https_listen.is_empty(),
+    };
+    if listen.is_empty() && https_listen.is_empty() && !https_asked {
         c.fail(router.clone(), Invalid::NoListener);
     }
     let all: Vec<SocketAddr> = listen.iter().chain(https_listen).copied().collect();
@@ -153,9 +168,27 @@ fn listeners(
                 router.key("listen"),
                 Invalid::DuplicateListen { addr: *addr },
             );
+        } else if let Some(other) = all[..i].iter().find(|o| *o != addr && covers(**o, *addr)) {
+            c.fail(
+                router.key("listen"),
+                Invalid::OverlappingListen {
+                    addr: *addr,
+                    other: *other,
+                },
+            );
         }
     }
     (listen, https)
+}
+
+/// Whether listeners on `a` and `b` share connections: the same port (not 0) and address, or
+/// a wildcard of the same family beside it (the gateway's IPv6 sockets are IPv6-only, so
+/// `[::]` and `0.0.0.0` on one port are two listeners, as is usual).
+fn covers(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The shutdown grace and the drain delay, in ms, and the worker count's range.

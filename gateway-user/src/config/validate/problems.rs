@@ -47,6 +47,14 @@ pub enum Invalid {
     #[error("listen address {addr} appears twice")]
     DuplicateListen { addr: SocketAddr },
     #[error(
+        "listen address {addr} shares its port with {other}, which covers it: the kernel gives every connection to {addr} to the more specific socket, so one listener never sees them; use another port"
+    )]
+    OverlappingListen { addr: SocketAddr, other: SocketAddr },
+    #[error(
+        "admin address {addr} is also a client listener ({other}): the admin socket would take a share of the clients' connections (or fail to bind); use another port"
+    )]
+    AdminOnClientListener { addr: SocketAddr, other: SocketAddr },
+    #[error(
         "route name `{name}` is taken by routes[{first}]; a route's name labels its metrics and log lines, so each must be unique"
     )]
     DuplicateRouteName { name: String, first: usize },
