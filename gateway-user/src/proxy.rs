@@ -188,7 +188,10 @@ pub async fn start_inheriting(
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
     let log = AccessLogger::start(&settings.access_log, &telemetry.metrics).map_err(|source| {
         StartError::AccessLog {
-            path: format!("{:?}", settings.access_log.output),
+            path: match &settings.access_log.output {
+                crate::config::LogOutput::File(p) => p.display().to_string(),
+                other => format!("{other:?}").to_lowercase(),
+            },
             source,
         }
     })?;

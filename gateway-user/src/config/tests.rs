@@ -596,3 +596,31 @@ fn listeners_that_would_share_connections_are_refused() {
     let both = format!("[router]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]\n{up}");
     assert_eq!(load(&both).unwrap().settings.listen.len(), 2);
 }
+
+/// A relative access-log path starts from the config file's directory, as the TLS files' do
+/// (from the working directory, a unit's went to `/`), and a directory that does not exist
+/// is a warning (`run` could not open the log; systemd's `LogsDirectory=` makes it only when
+/// the unit starts).
+#[test]
+fn a_relative_access_log_starts_from_the_configs_directory_and_a_missing_one_is_warned_of() {
+    let text = "[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9000\"]\n\
+                [access_log]\noutput = \"no-such-dir/access.log\"\n";
+    let loaded = load_str(text, Path::new("/nonexistent-gateway-etc/gw.toml")).unwrap();
+    assert_eq!(
+        loaded.settings.access_log.output,
+        LogOutput::File("/nonexistent-gateway-etc/no-such-dir/access.log".into())
+    );
+    let warned: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warned.iter().any(|w| w.contains("key `access_log.output`")
+            && w.contains("directory /nonexistent-gateway-etc/no-such-dir does not exist")),
+        "{warned:?}"
+    );
+    let here = text.replace("no-such-dir/access.log", "/tmp/access.log");
+    let loaded = load_str(&here, Path::new("/nonexistent-gateway-etc/gw.toml")).unwrap();
+    assert_eq!(
+        loaded.settings.access_log.output,
+        LogOutput::File("/tmp/access.log".into())
+    );
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}

@@ -2,13 +2,7 @@
 //! the key it is about. Also the warnings: settings that are legal but probably not what the
 //! operator meant, such as timeouts that cascade the wrong way.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 
@@ -104,7 +98,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
             Invalid::AdminOnClientListener { addr, other },
         );
     }
-    let access_log = access_log(&mut c, &cfg.access_log);
+    let access_log = access_log(&mut c, &cfg.access_log, base);
     let request_id = request_id(&mut c, &cfg.router.request_id);
     let trusted_proxies = trusted_proxies(&mut c, &cfg.router.forwarded);
     let proxy_protocol = proxy_protocol::proxy_protocol(&mut c, &cfg.router.proxy_protocol);
@@ -353,8 +347,11 @@ fn admin(c: &mut Checker, a: &AdminConfig) -> Option<SocketAddr> {
     Some(addr)
 }
 
-/// `[access_log]`: its format and where it goes.
-fn access_log(c: &mut Checker, a: &AccessLogConfig) -> AccessLog {
+/// `[access_log]`: its format and where it goes. A relative file path starts from the config
+/// file's directory, as the TLS files' do (from the working directory, it went to `/` under
+/// systemd); a directory that does not exist is a warning (systemd's `LogsDirectory=` makes
+/// it only when the unit starts).
+fn access_log(c: &mut Checker, a: &AccessLogConfig, base: Option<&Path>) -> AccessLog {
     let output = match a.output.as_deref() {
         None | Some("stdout") => LogOutput::Stdout,
         Some("stderr") => LogOutput::Stderr,
@@ -366,7 +363,21 @@ fn access_log(c: &mut Checker, a: &AccessLogConfig) -> AccessLog {
             );
             LogOutput::Off
         }
-        Some(path) => LogOutput::File(PathBuf::from(path)),
+        Some(path) => {
+            let path = crate::tls::files::resolve(base, path);
+            if let Some(dir) = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
+                c.warnings.push(At {
+                    key: KeyPath::root().key("access_log").key("output"),
+                    what: Warning::NoLogDirectory {
+                        dir: dir.display().to_string(),
+                    },
+                });
+            }
+            LogOutput::File(path)
+        }
     };
     AccessLog {
         format: a.format.unwrap_or_default(),

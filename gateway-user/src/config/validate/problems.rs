@@ -179,6 +179,10 @@ pub enum Invalid {
 /// A legal setting that is probably a mistake.
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum Warning {
+    #[error(
+        "directory {dir} does not exist: `gateway run` cannot open the access log until it is made (systemd's LogsDirectory= makes it when the unit starts)"
+    )]
+    NoLogDirectory { dir: String },
     #[error("certificate {path} expires at {not_after}, in {days} day(s); renew it")]
     CertificateExpiresSoon {
         path: String,
