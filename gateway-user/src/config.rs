@@ -230,6 +230,7 @@ fn locate<T>(src: &Source<'_>, file: &Path, at: At<T>) -> Located<T> {
 /// naming file, line and key.
 pub fn cli_check(path: &Path) -> anyhow::Result<ExitCode> {
     let loaded = load(path)?;
+    crate::logging::check_env()?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }

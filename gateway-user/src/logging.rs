@@ -136,6 +136,12 @@ struct Control {
 
 static CONTROL: OnceLock<Control> = OnceLock::new();
 
+/// Whether `RUST_LOG` is one `gateway run` starts with (`check-config` asks: a value that
+/// passed it stopped `run`).
+pub fn check_env() -> Result<(), LogError> {
+    env_level().map(|_| ())
+}
+
 /// `RUST_LOG`, checked: `None` when unset or empty.
 fn env_level() -> Result<Option<(String, EnvFilter)>, LogError> {
     match std::env::var("RUST_LOG") {

@@ -146,3 +146,22 @@ fn missing_file_is_an_error() {
         o.stderr
     );
 }
+
+/// An invalid `RUST_LOG` fails `check-config` as it fails `run`: it passed, and the service
+/// then refused to start.
+#[test]
+fn an_invalid_rust_log_fails_the_check_as_it_fails_run() {
+    let out = gateway_bin!()
+        .command()
+        .env("RUST_LOG", "warning")
+        .arg("check-config")
+        .arg(fixture("good_common.toml"))
+        .output()
+        .expect("running gateway check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("RUST_LOG=\"warning\" is invalid"),
+        "{stderr}"
+    );
+}

@@ -94,6 +94,10 @@ fn every_new_route_key_is_refused_with_file_line_and_key() {
             "gw.toml:15:1: key `routes[0].methods`: `methods` is empty",
         ),
         (
+            "methods = [\"PURGE\", \"get\"]",
+            "gw.toml:15:21: key `routes[0].methods[1]`: \"get\" would never match GET",
+        ),
+        (
             "headers = [{ name = \"bad name\", value = \"1\" }]",
             "gw.toml:15:14: key `routes[0].headers[0].name`: \"bad name\" is not a valid header name",
         ),

@@ -158,6 +158,10 @@ pub enum Invalid {
     EmptyMethods,
     #[error("{value:?} is not an HTTP method (a token such as \"GET\" or \"PURGE\")")]
     InvalidMethod { value: String },
+    #[error(
+        "{value:?} would never match {upper}: methods are case-sensitive (RFC 9110 section 9.1); write \"{upper}\""
+    )]
+    MethodCase { value: String, upper: String },
     #[error("{value:?} is not a valid header name (lowercase letters, digits and -!#$%&'*+.^_`|~)")]
     InvalidHeaderName { value: String },
     #[error(
