@@ -208,9 +208,20 @@ fn parse_error(src: &Source<'_>, file: &Path, key: KeyPath, e: &toml::de::Error)
             .map(str::to_owned),
         key,
         what: ParseProblem {
-            message: e.message().trim().to_owned(),
+            message: with_example(e.message().trim()),
         },
     }))
+}
+
+/// serde's message, with what was expected when it says only that the text was not it:
+/// `"localhost:8080"` or `":8080"` got "invalid socket address syntax" alone.
+fn with_example(message: &str) -> String {
+    if message == "invalid socket address syntax" {
+        return format!(
+            "{message}: expected an IP address and a port, e.g. \"0.0.0.0:8080\", \"127.0.0.1:8080\" or \"[::]:8080\" (a listener binds an address, not a host name)"
+        );
+    }
+    message.to_owned()
 }
 
 fn locate<T>(src: &Source<'_>, file: &Path, at: At<T>) -> Located<T> {

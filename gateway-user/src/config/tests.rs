@@ -211,6 +211,19 @@ fn endpoint_forms() {
     assert!(parse_endpoint("host:0").is_err());
     assert!(parse_endpoint("host:http").is_err());
     assert!(parse_endpoint("ho st:80").is_err());
+    // What the mistake was, not a consequence of it.
+    assert_eq!(
+        parse_endpoint("http://api.internal:80").unwrap_err(),
+        "no scheme: an endpoint is an address and a port (a cluster's `tls` table makes it HTTPS)"
+    );
+    assert_eq!(parse_endpoint("[::1]").unwrap_err(), "no port");
+    let e = err(
+        "[router]\nlisten = [\"localhost:8080\"]\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n",
+    );
+    assert!(
+        e.contains("invalid socket address syntax: expected an IP address and a port, e.g. \"0.0.0.0:8080\""),
+        "{e}"
+    );
 }
 
 #[test]

@@ -9,6 +9,14 @@ use super::super::settings::{EndpointAddr, HostMatch};
 
 /// `"10.0.0.5:8080"`, `"[::1]:8080"` or `"api.internal:8080"`.
 pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointAddr, &'static str> {
+    if s.contains("://") {
+        return Err(
+            "no scheme: an endpoint is an address and a port (a cluster's `tls` table makes it HTTPS)",
+        );
+    }
+    if s.starts_with('[') && s.ends_with(']') {
+        return Err("no port");
+    }
     if let Ok(addr) = s.parse::<SocketAddr>() {
         if addr.port() == 0 {
             return Err("port 0");
@@ -51,6 +59,9 @@ pub(super) fn parse_host(s: &str) -> Result<HostMatch, &'static str> {
     };
     if name.trim_start_matches('.').is_empty() {
         return Err("empty host");
+    }
+    if name.contains("://") || name.contains('/') {
+        return Err("a host name alone, without a scheme or a path");
     }
     if name.contains(':') {
         return Err("no port: routes match the host whatever the port");
