@@ -52,6 +52,7 @@ mod router;
 mod server;
 mod shared;
 mod spread;
+mod start_error;
 mod telemetry;
 mod tunnel;
 mod upstream;
@@ -66,7 +67,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
@@ -80,6 +80,7 @@ use self::{
 pub use self::{
     request::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR},
     response_body::ResponseBody,
+    start_error::StartError,
 };
 use crate::{
     config::Settings,
@@ -95,28 +96,6 @@ pub enum Workers {
     /// This many worker threads, each with its own single-threaded runtime and its own
     /// `SO_REUSEPORT` socket per listen address.
     Threads(usize),
-}
-
-#[derive(Debug, Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot open the access log {path}: {source}")]
-    AccessLog {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start worker thread {index}: {source}")]
-    Worker {
-        index: usize,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// A running gateway.

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 mod addresses;
 mod cluster;
 mod downstream;
+mod listeners;
 mod observer;
 mod problems;
 mod proxy_protocol;
@@ -80,7 +81,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         now: crate::tls::validity::now_unix(),
         provider: crate::tls::provider(),
     };
-    let (listen, https) = listeners(&mut c, &cfg.router, &files);
+    let (listen, https) = listeners::listeners(&mut c, &cfg.router, &files);
     let (grace_ms, drain_delay_ms) = lifecycle(&mut c, &cfg.router);
     let downstream = downstream(&mut c, &cfg.router);
     let gateway_host = gateway_host(&mut c, &cfg.router);
@@ -89,15 +90,7 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
     let routes = routes::routes(&mut c, cfg, &clusters, redirect_port);
     cluster_warnings(&mut c, cfg, &clusters, &routes, grace_ms);
     let admin = admin(&mut c, &cfg.admin);
-    let clients = listen.iter().chain(https.iter().flat_map(|h| &h.listen));
-    if let Some((addr, other)) =
-        admin.and_then(|a| clients.copied().find(|l| covers(a, *l)).map(|l| (a, l)))
-    {
-        c.fail(
-            KeyPath::root().key("admin").key("listen"),
-            Invalid::AdminOnClientListener { addr, other },
-        );
-    }
+    listeners::admin_apart(&mut c, admin, &listen, https.as_ref());
     let access_log = access_log(&mut c, &cfg.access_log, base);
     let request_id = request_id(&mut c, &cfg.router.request_id);
     let trusted_proxies = trusted_proxies(&mut c, &cfg.router.forwarded);
@@ -131,58 +124,6 @@ pub(crate) fn validate(cfg: &Config, base: Option<&Path>) -> Validated {
         },
         c.warnings,
     ))
-}
-
-/// The plain and HTTPS listeners: at least one, and no address twice.
-fn listeners(
-    c: &mut Checker,
-    r: &RouterConfig,
-    files: &tls::Files<'_>,
-) -> (Vec<SocketAddr>, Option<Https>) {
-    let router = KeyPath::root().key("router");
-    let mut listen = r.listen.clone();
-    if let Some(port) = r.listener_port {
-        listen.push(SocketAddr::from(([0, 0, 0, 0], port)));
-    }
-    let https = tls::https(c, r, files);
-    let https_listen = https.as_ref().map_or(&[][..], |h| &h.listen[..]);
-    // An HTTPS listener asked for but refused (a certificate problem) has its own error: no
-    // second one saying there is no listener.
-    let https_asked = match r.https_enabled {
-        Some(on) => on,
-        None => r.https_port.is_some() || !r.https_listen.is_empty(),
-    };
-    if listen.is_empty() && https_listen.is_empty() && !https_asked {
-        c.fail(router.clone(), Invalid::NoListener);
-    }
-    let all: Vec<SocketAddr> = listen.iter().chain(https_listen).copied().collect();
-    for (i, addr) in all.iter().enumerate() {
-        if addr.port() != 0 && all[..i].contains(addr) {
-            c.fail(
-                router.key("listen"),
-                Invalid::DuplicateListen { addr: *addr },
-            );
-        } else if let Some(other) = all[..i].iter().find(|o| *o != addr && covers(**o, *addr)) {
-            c.fail(
-                router.key("listen"),
-                Invalid::OverlappingListen {
-                    addr: *addr,
-                    other: *other,
-                },
-            );
-        }
-    }
-    (listen, https)
-}
-
-/// Whether listeners on `a` and `b` share connections: the same port (not 0) and address, or
-/// a wildcard of the same family beside it (the gateway's IPv6 sockets are IPv6-only, so
-/// `[::]` and `0.0.0.0` on one port are two listeners, as is usual).
-fn covers(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The shutdown grace and the drain delay, in ms, and the worker count's range.

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue};
 
 use super::{
     super::{
@@ -26,6 +26,10 @@ use super::{
     cluster::{self, grpc_codes, statuses},
     ms,
 };
+
+mod methods;
+
+use self::methods::methods;
 
 /// The routes in the order written (problems go to `c`).
 /// `redirect_port`: where a route's `https_redirect` sends a client.
@@ -355,40 +359,6 @@ fn route_retry(c: &mut Checker, p: &mut RoutePolicy, r: &RouteConfig, key: &KeyP
     if max_retries.is_some() || grpc_status_codes.is_some() || status_codes.is_some() {
         cluster::never_retried(c, &p.retry, &rk);
     }
-}
-
-fn methods(c: &mut Checker, r: &RouteConfig, key: &KeyPath) -> Option<Vec<Method>> {
-    let list = r.methods.as_ref()?;
-    let mk = key.key("methods");
-    if list.is_empty() {
-        c.fail(mk.clone(), Invalid::EmptyMethods);
-    }
-    let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        // Methods are case-sensitive (RFC 9110 section 9.1); the standard ones are uppercase.
-        let upper = m.to_ascii_uppercase();
-        match Method::from_bytes(m.as_bytes()) {
-            // `get` is a method of its own, which no client sends for GET.
-            Ok(_) if *m != upper && is_standard(&upper) => c.fail(
-                mk.index(i),
-                Invalid::MethodCase {
-                    value: m.clone(),
-                    upper,
-                },
-            ),
-            Ok(method) if !m.is_empty() => out.push(method),
-            _ => c.fail(mk.index(i), Invalid::InvalidMethod { value: m.clone() }),
-        }
-    }
-    Some(out)
-}
-
-/// The methods RFC 9110 and RFC 5789 define, which clients send in uppercase.
-fn is_standard(m: &str) -> bool {
-    matches!(
-        m,
-        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH"
-    )
 }
 
 fn header_name(c: &mut Checker, name: &str, at: KeyPath) -> Option<HeaderName> {
