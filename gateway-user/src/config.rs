@@ -133,32 +133,46 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// bound on what a wrong path (`/dev/zero`, a log file) makes the process read.
 pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
-/// A config file's text: a regular file of at most [`MAX_CONFIG_BYTES`], in UTF-8. Opened
-/// without waiting, so that a FIFO nobody writes to is an error, not a hang.
+/// A config file's text, of at most [`MAX_CONFIG_BYTES`], in UTF-8: a regular file, or a pipe
+/// (`check-config <(envsubst < gateway.toml.in)`, `… | check-config /dev/stdin`). Opened
+/// without waiting, so that a FIFO nobody writes to reads as empty, not a hang; a device
+/// (`/dev/zero`) or a directory is refused.
 fn read(path: &Path) -> std::io::Result<String> {
-    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    use std::{io::Read as _, os::fd::AsRawFd as _, os::unix::fs::OpenOptionsExt as _};
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    let too_large = || {
+        std::io::Error::other(format!(
+            "larger than {} MiB: not a config file",
+            MAX_CONFIG_BYTES >> 20
+        ))
+    };
+    if kind.is_file() {
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(too_large());
+        }
+    } else if std::os::unix::fs::FileTypeExt::is_fifo(&kind) {
+        // Waits for what the writer sends from here on (none left: the end, at once).
+        // SAFETY: fcntl(2) on the descriptor `file` owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+    } else {
         let what = if kind.is_dir() {
             "a directory"
         } else {
-            "a device, FIFO or socket"
+            "a device or a socket"
         };
         return Err(std::io::Error::other(format!(
-            "it is {what}, not a regular file"
+            "it is {what}, not a file or a pipe"
         )));
     }
     let mut text = String::new();
     file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(std::io::Error::other(format!(
-            "larger than {} MiB: not a config file",
-            MAX_CONFIG_BYTES >> 20
-        )));
+        return Err(too_large());
     }
     Ok(text)
 }

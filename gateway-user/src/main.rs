@@ -123,14 +123,14 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes, `: `-separated, each cause left out when the text before already
-/// ends with it (most of our errors say their source in their own message: `{err:#}` printed
-/// `cannot listen on …: Address already in use (os error 98): Address already in use (os error
-/// 98)`).
+/// has it (most of our errors say their source in their own message, some with a hint after
+/// it: `{err:#}` printed `cannot listen on …: Address already in use (os error 98): Address
+/// already in use (os error 98)`).
 fn chain(err: &anyhow::Error) -> String {
     let mut text = err.to_string();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.ends_with(&cause) {
+        if !text.contains(&cause) {
             text.push_str(": ");
             text.push_str(&cause);
         }

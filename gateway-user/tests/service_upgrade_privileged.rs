@@ -279,6 +279,12 @@ fn privileged_a_reload_during_an_upgrade_reaches_the_new_process() {
     let _new = KillOnDrop(new_pid);
     old.proc
         .expect_log("passed on to it", Duration::from_secs(5));
+    // The new process's own reload (its output is the old one's, inherited): the second line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.proc.count("config reloaded") < 2 {
+        assert!(Instant::now() < deadline, "{}", old.proc.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         old.proc
             .wait(Duration::from_secs(20))

@@ -550,9 +550,10 @@ fn client_connection_limits_are_unlimited_by_default_and_at_least_one() {
 }
 
 /// A path that is no config file is an error at once: `/dev/zero` was read until memory ran
-/// out, and a FIFO nobody writes to held `check-config`, `run` and `reload` for good.
+/// out. A pipe is read (`check-config <(envsubst < gateway.toml.in)`), and a FIFO nobody
+/// writes to reads as empty rather than holding `check-config`, `run` and `reload` for good.
 #[test]
-fn a_path_that_is_no_config_file_is_refused_at_once() {
+fn a_path_that_is_no_config_file_is_refused_at_once_and_a_pipe_is_read() {
     let dir = std::env::temp_dir().join(format!("gateway-config-read-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let fifo = dir.join("fifo.toml");
@@ -567,10 +568,9 @@ fn a_path_that_is_no_config_file_is_refused_at_once() {
     for (path, want) in [
         (
             Path::new("/dev/zero"),
-            "a device, FIFO or socket, not a regular file",
+            "a device or a socket, not a file or a pipe",
         ),
-        (&fifo, "a device, FIFO or socket, not a regular file"),
-        (&dir, "a directory, not a regular file"),
+        (&dir, "a directory, not a file or a pipe"),
         (&large, "larger than 16 MiB"),
     ] {
         let e = super::load(path).map(|_| ()).unwrap_err().to_string();
@@ -579,6 +579,20 @@ fn a_path_that_is_no_config_file_is_refused_at_once() {
             "{e}"
         );
     }
+    // Nobody writes: empty, which is no config (no listener), at once.
+    let e = super::load(&fifo).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("no listener"), "{e}");
+    // A pipe with a config in it (as `<(…)` passes one): its config.
+    let (rx, mut tx) = std::io::pipe().unwrap();
+    std::io::Write::write_all(
+        &mut tx,
+        b"[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    drop(tx);
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&rx));
+    let loaded = super::load(Path::new(&path)).unwrap();
+    assert_eq!(loaded.settings.listen, vec!["0.0.0.0:1".parse().unwrap()]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -605,6 +619,13 @@ fn listeners_that_would_share_connections_are_refused() {
     assert!(
         e.contains("key `admin.listen`: admin address 127.0.0.1:8080 is also a client listener (0.0.0.0:8080)"),
         "{e}"
+    );
+    let e = err(&format!(
+        "[router]\nlisten = [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\n{up}"
+    ));
+    assert!(
+        e.contains("listen address 127.0.0.1:8080 shares its port with 0.0.0.0:8080"),
+        "the wildcard is the one that covers, in either order: {e}"
     );
     let both = format!("[router]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]\n{up}");
     assert_eq!(load(&both).unwrap().settings.listen.len(), 2);
@@ -636,4 +657,31 @@ fn a_relative_access_log_starts_from_the_configs_directory_and_a_missing_one_is_
         LogOutput::File("/tmp/access.log".into())
     );
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+/// Likely mistakes that still make a config that runs are warned of: an endpoint listed twice
+/// (it is one), a `max_ejection_ms` below `ejection_ms` (no ejection grows), `https_redirect`
+/// with no HTTPS listener and no trusted proxy (behind a TLS-terminating load balancer, a
+/// redirect loop); and a dotted number that is no IPv4 address is refused (it was taken for
+/// a host name).
+#[test]
+fn likely_mistakes_are_warned_of_and_a_bad_dotted_address_refused() {
+    let text = "[router]\nlistener_port = 1\nhttps_redirect = true\n\
+                [router.upstream]\nendpoints = [\"127.0.0.1:9000\", \"127.0.0.1:9000\"]\n\
+                [router.upstream.health]\nejection_ms = 5000\nmax_ejection_ms = 1000\n";
+    let loaded = load(text).unwrap();
+    let warned: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    for want in [
+        "key `router.upstream.endpoints[1]`: endpoint \"127.0.0.1:9000\" is listed twice",
+        "max_ejection_ms 1000 is below ejection_ms 5000",
+        "key `router.https_redirect`: https_redirect with no HTTPS listener here and no trusted_proxies",
+    ] {
+        assert!(
+            warned.iter().any(|w| w.contains(want)),
+            "{want:?} not in {warned:?}"
+        );
+    }
+    assert_eq!(loaded.settings.clusters["default"].endpoints.len(), 1);
+    let e = err("[router]\nlistener_port = 1\n[router.upstream]\nendpoints = [\"999.1.1.1:80\"]\n");
+    assert!(e.contains("not an IPv4 address"), "{e}");
 }

@@ -397,6 +397,12 @@ fn redirect_port(c: &mut Checker, cfg: &Config, https: Option<&Https>) -> u16 {
     let port = https
         .and_then(|h| h.listen.first())
         .map_or(443, SocketAddr::port);
+    if redirecting && https.is_none() && r.forwarded.trusted_proxies.is_none() {
+        c.warnings.push(At {
+            key: KeyPath::root().key("router").key("https_redirect"),
+            what: Warning::RedirectWithoutHttps { port },
+        });
+    }
     if port == 0 && redirecting {
         // Port 0 is chosen when the listener binds: no URL can name it beforehand.
         c.fail(

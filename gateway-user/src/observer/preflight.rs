@@ -146,7 +146,7 @@ pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf, PreflightError> {
             mount: mount.display().to_string(),
         });
     }
-    if fs_magic(&path) != Some(CGROUP2_SUPER_MAGIC) {
+    if !in_cgroup2(&path) {
         return Err(PreflightError::NotCgroup2 {
             path: path.display().to_string(),
             mount: mount.display().to_string(),

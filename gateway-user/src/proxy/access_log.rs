@@ -365,10 +365,19 @@ impl Output {
             self.flush();
         }
         self.held += u64::from(counted);
-        let written = self
-            .out
-            .write_all(line)
-            .and_then(|()| self.out.write_all(b"\n"));
+        let written = if line.len() < self.out.capacity() {
+            self.out
+                .write_all(line)
+                .and_then(|()| self.out.write_all(b"\n"))
+        } else {
+            // Past the buffer, `BufWriter` writes the line straight out and keeps the newline
+            // for later: another writer's line could come between them. One write instead
+            // (a pipe may still split one of more than `PIPE_BUF` bytes).
+            let mut whole = Vec::with_capacity(line.len() + 1);
+            whole.extend_from_slice(line);
+            whole.push(b'\n');
+            self.out.write_all(&whole)
+        };
         if let Err(e) = written {
             self.failed(&e);
         }

@@ -107,15 +107,11 @@ pub(crate) fn admit(
 ) -> (Peer, Source) {
     let peer_ip = peer.to_canonical();
     let untrusted = trusted.is_some_and(|nets| !within(nets, peer));
-    let spelt_with_underscore = if untrusted {
-        for name in &FORWARDING {
-            headers.remove(name);
-        }
-        &FORWARDING[..]
+    if untrusted {
+        remove_spelt_as(headers, &FORWARDING, true);
     } else {
-        &WRITTEN[..]
-    };
-    remove_underscored(headers, spelt_with_underscore);
+        remove_spelt_as(headers, &WRITTEN, false);
+    }
     let Some(nets) = trusted else {
         return (Peer::Unlisted, Source::Peer(peer_ip));
     };
@@ -130,32 +126,34 @@ pub(crate) fn admit(
     (Peer::Trusted, source)
 }
 
-/// Removes every header whose name has a `_` and, with `_` read as `-`, is one of `names`.
-fn remove_underscored(headers: &mut HeaderMap, names: &[HeaderName]) {
-    // Most requests have no such name: nothing is gathered then.
-    if !headers.keys().any(|k| k.as_str().contains('_')) {
-        return;
+/// Removes every header that is one of `names`, also spelt with `_` for `-`; with `exact`
+/// false, only those `_` spellings.
+fn remove_spelt_as(headers: &mut HeaderMap, names: &[HeaderName], exact: bool) {
+    // One pass over the request's few names, lengths compared first: most requests have none
+    // of these, and then nothing is gathered or hashed.
+    let mut found: Vec<HeaderName> = Vec::new();
+    for key in headers.keys() {
+        let k = key.as_str().as_bytes();
+        if names
+            .iter()
+            .any(|n| spelt_as(n.as_str().as_bytes(), k, exact))
+        {
+            found.push(key.clone());
+        }
     }
-    let underscored: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().contains('_') && spelt_as_one_of(k, names))
-        .cloned()
-        .collect();
-    for name in underscored {
+    for name in found {
         headers.remove(name);
     }
 }
 
-/// Whether `name`, with `_` read as `-`, is one of `names`.
-fn spelt_as_one_of(name: &HeaderName, names: &[HeaderName]) -> bool {
-    let n = name.as_str().as_bytes();
-    names.iter().any(|f| {
-        let f = f.as_str().as_bytes();
-        f.len() == n.len()
-            && f.iter()
-                .zip(n)
-                .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
-    })
+/// Whether `written` is `name`, or `name` with `_` for some `-` (only that, unless `exact`).
+fn spelt_as(name: &[u8], written: &[u8], exact: bool) -> bool {
+    name.len() == written.len()
+        && (exact || written.contains(&b'_'))
+        && name
+            .iter()
+            .zip(written)
+            .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
 }
 
 /// The scheme a trusted proxy says its client spoke: the last entry of its

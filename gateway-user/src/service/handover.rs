@@ -327,6 +327,28 @@ impl Successor {
         self.reload_asked = true;
     }
 
+    /// Sends the SIGHUP a reload during the upgrade asked for, to the child this process
+    /// started, once it said it serves as `pid`: never to a pid the pipe alone named (`0` would
+    /// be this process's group, `-1` every process).
+    fn pass_on_reload(&self, pid: u32) {
+        let child = self.child.id().and_then(|c| libc::pid_t::try_from(c).ok());
+        let Some(child) = child.filter(|c| *c > 0 && c.cast_unsigned() == pid) else {
+            warn!(pid, child = ?self.child.id(), "a SIGHUP came while the new process started, and it said another pid than the one started: not passed on; reload it");
+            return;
+        };
+        // SAFETY: kill(2) on the positive pid of the child this process started and has not
+        // reaped (it serves), which names that one process.
+        if unsafe { libc::kill(child, libc::SIGHUP) } == 0 {
+            info!(
+                pid,
+                "a SIGHUP came while the new process started: passed on to it"
+            );
+        } else {
+            let e = io::Error::last_os_error();
+            warn!(pid, error = %e, "a SIGHUP came while the new process started, and could not be passed on: reload it");
+        }
+    }
+
     /// This process stops while the new one was starting: stops it, unless it serves. It may
     /// have told systemd it is the main process just before it said so on the pipe; then it
     /// serves on, and only this one stops.
@@ -376,16 +398,7 @@ impl Successor {
             .and_then(|p| p.parse::<u32>().ok())
         {
             if std::mem::take(&mut self.reload_asked) {
-                // SAFETY: kill(2) on the pid of the child this process started, which serves.
-                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } == 0 {
-                    info!(
-                        pid,
-                        "a SIGHUP came while the new process started: passed on to it"
-                    );
-                } else {
-                    let e = io::Error::last_os_error();
-                    warn!(pid, error = %e, "a SIGHUP came while the new process started, and could not be passed on: reload it");
-                }
+                self.pass_on_reload(pid);
             }
             return Outcome::Ready { pid };
         }
@@ -431,9 +444,19 @@ fn ready_pipe() -> Result<Option<File>, HandoverError> {
     if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
         return Err(not("the descriptor is open, but not a pipe"));
     }
-    // SAFETY: an open pipe inherited for exactly this; from here on this process owns it, and
-    // nothing it starts inherits it.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: fcntl(2) on a descriptor fstat found open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE != libc::O_WRONLY {
+        return Err(not(
+            "the descriptor is a pipe's read end, not its write end",
+        ));
+    }
+    // SAFETY: as above; nothing this process starts inherits it.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(not(&io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: an open pipe's write end, inherited for exactly this. Nothing else in the process
+    // owns it: this runs once, at start, while the process holds no descriptor of its own.
     Ok(Some(unsafe { File::from_raw_fd(fd) }))
 }
 

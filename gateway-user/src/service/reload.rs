@@ -25,12 +25,13 @@ pub fn cli_reload(path: &Path, pid: u32) -> anyhow::Result<ExitCode> {
 }
 
 /// `pid` as kill(2) takes it, when it is a process running this program. A SIGHUP ends most
-/// other programs; to kill(2), 0 is the caller's whole process group (a shell and all it
-/// runs); 1 is init (systemd reloads its own configuration on SIGHUP).
+/// other programs, and init (systemd) reloads its own configuration on one; to kill(2), 0 is
+/// the caller's whole process group (a shell and all it runs). In a container the gateway is
+/// pid 1 itself (`--pid 1` through `kubectl exec`): the name tells it from an init.
 fn gateway_pid(pid: u32) -> anyhow::Result<libc::pid_t> {
     let target = libc::pid_t::try_from(pid)
         .ok()
-        .filter(|p| *p > 1)
+        .filter(|p| *p > 0)
         .with_context(|| format!("--pid {pid} is not a gateway's process id"))?;
     let name = |p: &str| {
         std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim_end().to_owned())
@@ -49,7 +50,7 @@ mod tests {
 
     #[test]
     fn only_a_process_running_this_program_is_signalled() {
-        for pid in [0, 1, u32::MAX] {
+        for pid in [0, u32::MAX] {
             let e = gateway_pid(pid).unwrap_err().to_string();
             assert!(e.contains("not a gateway's process id"), "{pid}: {e}");
         }

@@ -36,6 +36,9 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointAddr, &'static str> {
     if host.contains(':') || host.starts_with('[') {
         return Err("IPv6 addresses need brackets, e.g. [::1]:8080");
     }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err("not an IPv4 address (four numbers of 0 to 255) nor a host name");
+    }
     if !host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')

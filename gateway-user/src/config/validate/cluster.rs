@@ -425,6 +425,18 @@ fn endpoints(c: &mut Checker, own: &ClusterConfig, key: &KeyPath) -> Vec<Endpoin
             c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
         }
         match parse_endpoint(&e.address) {
+            Ok(address)
+                if endpoints
+                    .iter()
+                    .any(|p: &EndpointSpec| p.address == address) =>
+            {
+                c.warnings.push(At {
+                    key: ek,
+                    what: Warning::DuplicateEndpoint {
+                        value: e.address.clone(),
+                    },
+                });
+            }
             Ok(address) => endpoints.push(EndpointSpec { address, weight }),
             Err(reason) => c.fail(
                 ek,

@@ -38,12 +38,15 @@ pub(super) fn listeners(
                 Invalid::DuplicateListen { addr: *addr },
             );
         } else if let Some(other) = all[..i].iter().find(|o| *o != addr && covers(**o, *addr)) {
+            // The wildcard is the one that covers the other, whichever came first.
+            let (addr, other) = if addr.ip().is_unspecified() {
+                (*other, *addr)
+            } else {
+                (*addr, *other)
+            };
             c.fail(
                 router.key("listen"),
-                Invalid::OverlappingListen {
-                    addr: *addr,
-                    other: *other,
-                },
+                Invalid::OverlappingListen { addr, other },
             );
         }
     }

@@ -184,6 +184,18 @@ pub enum Invalid {
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum Warning {
     #[error(
+        "endpoint {value:?} is listed twice; it is one endpoint (give it a weight to send it more)"
+    )]
+    DuplicateEndpoint { value: String },
+    #[error(
+        "max_ejection_ms {max} is below ejection_ms {base}: every ejection lasts {base} ms, and none grows"
+    )]
+    EjectionCapBelowBase { base: u64, max: u64 },
+    #[error(
+        "https_redirect with no HTTPS listener here and no trusted_proxies: plain requests are redirected to port {port}; behind a load balancer that terminates TLS, list it in [router.forwarded] trusted_proxies, or each request it forwards is redirected again, without end"
+    )]
+    RedirectWithoutHttps { port: u16 },
+    #[error(
         "directory {dir} does not exist: `gateway run` cannot open the access log until it is made (systemd's LogsDirectory= makes it when the unit starts)"
     )]
     NoLogDirectory { dir: String },

@@ -236,3 +236,21 @@ fn flush_waits_until_every_line_logged_is_written() {
     let written = out.0.0.lock().unwrap().concat();
     assert_eq!(String::from_utf8(written).unwrap().lines().count(), LINES);
 }
+
+/// A line longer than the buffer is one write with its newline: `BufWriter` wrote it straight
+/// out and kept the newline for a later write, between which another writer's line could
+/// come.
+#[test]
+fn a_line_longer_than_the_buffer_is_one_write_with_its_newline() {
+    let writes = Writes::default();
+    let mut out = Output::new(Box::new(writes.clone()), false, Counter::default());
+    let long = "y".repeat(2 * PIPE_BUF);
+    out.line(b"short", true);
+    out.line(long.as_bytes(), true);
+    out.flush();
+    let writes = writes.0.lock().unwrap();
+    assert_eq!(
+        *writes,
+        [b"short\n".to_vec(), format!("{long}\n").into_bytes()]
+    );
+}

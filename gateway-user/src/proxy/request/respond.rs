@@ -23,7 +23,7 @@ use crate::{
     config::ExposeErrors,
     decide::grpc::{self, GrpcCode},
     proxy::{
-        error::ProxyError,
+        error::{ProxyError, RESPONSE_HEAD_MAX_BYTES},
         exchange::Exchange,
         headers,
         response_body::ResponseBody,
@@ -54,7 +54,7 @@ pub(super) fn respond(
     }
     let (mut parts, body) = up.response.into_parts();
     let stripped = headers::to_downstream(&mut parts.headers, parts.version);
-    if let Some(what) = refused(parts.status, &stripped) {
+    if let Some(what) = refused(parts.status, &stripped, &parts.headers) {
         let endpoint = up.lease.endpoint.addr;
         // The connection goes with `up`: not reused after a response it could not frame.
         return refused_answer(ProxyError::UpstreamResponseRefused { endpoint, what }, ex);
@@ -120,13 +120,22 @@ fn one_length(h: &mut HeaderMap) {
 /// section 15), or a transfer coding besides `chunked`, which hyper took off while the others
 /// stayed on the body (`gzip, chunked` reached the client as gzip bytes under no
 /// `Content-Encoding`; nginx refuses it too).
-fn refused(status: StatusCode, stripped: &headers::Stripped) -> Option<&'static str> {
+fn refused(
+    status: StatusCode,
+    stripped: &headers::Stripped,
+    h: &HeaderMap,
+) -> Option<&'static str> {
     if status.as_u16() > 599 {
         return Some("a status code past 599");
     }
-    stripped
-        .other_coding
-        .then_some("a transfer coding other than chunked")
+    if stripped.other_coding {
+        return Some("a transfer coding other than chunked");
+    }
+    // Each line as sent: name, `: `, value, CRLF.
+    let head: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    (head > RESPONSE_HEAD_MAX_BYTES).then_some(
+        "a response head past 60 KiB, more than clients take (curl fails; nghttp2 ends the whole connection)",
+    )
 }
 
 /// The request ID and the route's response header rules, on every answer.
@@ -171,7 +180,6 @@ fn switch(
     Response::from_parts(parts, ResponseBody::empty())
 }
 
-/// The gateway's answer to a request that failed.
 /// The error for an attempt's answer the gateway would not pass on, which the attempt's own
 /// entry names too (`attempt_errors` said `-`, an answer taken, beside the request's error).
 fn refused_answer(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
@@ -181,6 +189,7 @@ fn refused_answer(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody
     error_response(e, ex)
 }
 
+/// The gateway's answer to a request that failed.
 pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
     let kind = e.kind();
     let status = kind.status();

@@ -87,7 +87,7 @@ impl Cluster {
             .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
             .collect();
         let mut client = http1::Builder::new();
-        client.max_buf_size(crate::proxy::error::RESPONSE_HEAD_MAX_BYTES);
+        client.max_buf_size(crate::proxy::error::UPSTREAM_READ_BUFFER);
         let h2 = h2_builder(&spec);
         let cluster = Arc::new(Cluster {
             name: Arc::from(spec.name.as_str()),

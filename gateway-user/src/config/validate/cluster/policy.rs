@@ -30,6 +30,15 @@ pub(super) fn health(c: &mut Checker, l: &Layers) -> HealthPolicy {
     let ejection_ms = key!(ejection_ms, EJECTION.as_millis(), 1, DAY_MS, " ms");
     let max_ejected_percent = key!(max_ejected_percent, MAX_PERCENT, 0, 100, " %");
     let max_ejection_ms = key!(max_ejection_ms, MAX_EJECTION.as_millis(), 1, DAY_MS, " ms");
+    if max_ejection_ms < ejection_ms {
+        c.warnings.push(At {
+            key: l.key.key("health").key("max_ejection_ms"),
+            what: Warning::EjectionCapBelowBase {
+                base: ejection_ms,
+                max: max_ejection_ms,
+            },
+        });
+    }
     let probe_interval_ms = key!(probe_interval_ms, INTERVAL.as_millis(), 10, DAY_MS, " ms");
     let rise = key!(rise, health::DEFAULT_RISE, 1, 100, "");
     let syn_unanswered = key!(
