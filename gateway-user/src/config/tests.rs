@@ -579,9 +579,9 @@ fn a_path_that_is_no_config_file_is_refused_at_once_and_a_pipe_is_read() {
             "{e}"
         );
     }
-    // Nobody writes: empty, which is no config (no listener), at once.
+    // Nobody writes: empty, which is no config, at once.
     let e = super::load(&fifo).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("no listener"), "{e}");
+    assert!(e.contains("missing field `router`"), "{e}");
     // A pipe with a config in it (as `<(…)` passes one): its config.
     let (rx, mut tx) = std::io::pipe().unwrap();
     std::io::Write::write_all(
