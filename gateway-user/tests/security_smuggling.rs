@@ -272,6 +272,19 @@ async fn upstream_response_cl_te_conflict_does_not_reach_the_client_as_is() {
     }
 }
 
+/// `reply` from a raw upstream behind a new gateway, asked for by curl over HTTP/1.1 and
+/// HTTP/2: the gateway (its log), the upstream, and the two status codes.
+async fn statuses_through(label: &str, reply: &'static [u8]) -> (InProcess, Recorder, [String; 2]) {
+    let up = Recorder::start(reply).await;
+    let gw = gateway(label, &cluster(up.addr)).await;
+    let url = format!("http://{}/", gw.addr);
+    let codes = BOTH_PROTOCOLS.map(|flags| {
+        let args = [flags, &["-o", "/dev/null", "-w", "%{http_code}"][..]].concat();
+        String::from_utf8_lossy(&curl_ok(&args, &url)).into_owned()
+    });
+    (gw, up, codes)
+}
+
 /// curl's HTTP/1.1 and HTTP/2 (prior knowledge).
 const BOTH_PROTOCOLS: [&[&str]; 2] = [&["--http1.1"], &["--http2-prior-knowledge"]];
 
@@ -319,18 +332,8 @@ async fn upstream_responses_a_client_cannot_take_as_they_are() {
         ),
     ];
     for (label, reply, want) in cases {
-        let up = Recorder::start(reply).await;
-        let gw = gateway(label, &cluster(up.addr)).await;
-        let url = format!("http://{}/", gw.addr);
-        for flags in BOTH_PROTOCOLS {
-            let args = [flags, &["-o", "/dev/null", "-w", "%{http_code}"][..]].concat();
-            let code = curl_ok(&args, &url);
-            assert_eq!(
-                String::from_utf8_lossy(&code),
-                want,
-                "{label} curl {flags:?}"
-            );
-        }
+        let (gw, _up, codes) = statuses_through(label, reply).await;
+        assert_eq!(codes, [want; 2], "{label}, curl over HTTP/1.1 and HTTP/2");
         // The attempt that got the refused answer says why, as the request does.
         if want == "502" {
             for l in gateway_testkit::inprocess::log_lines(&gw.log, 2) {
@@ -514,18 +517,8 @@ async fn a_response_head_past_60_kib_is_refused_and_50_kib_passes() {
         Box::leak(r.into_bytes().into_boxed_slice())
     };
     for (bytes, want) in [(50 * 1024, "200"), (200_000, "502")] {
-        let up = Recorder::start(head(bytes)).await;
-        let gw = gateway("resp-head-size", &cluster(up.addr)).await;
-        let url = format!("http://{}/", gw.addr);
-        for flags in BOTH_PROTOCOLS {
-            let args = [flags, &["-o", "/dev/null", "-w", "%{http_code}"][..]].concat();
-            let code = curl_ok(&args, &url);
-            assert_eq!(
-                String::from_utf8_lossy(&code),
-                want,
-                "{bytes} B, curl {flags:?}"
-            );
-        }
+        let (_gw, _up, codes) = statuses_through("resp-head-size", head(bytes)).await;
+        assert_eq!(codes, [want; 2], "{bytes} B, curl over HTTP/1.1 and HTTP/2");
     }
 }
 

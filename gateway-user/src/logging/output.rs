@@ -117,23 +117,32 @@ impl Drop for Guard {
             w.out.write();
             return;
         }
-        let deadline = Instant::now() + EXIT_FLUSH;
-        let (done, written) = sync_channel(1);
-        let mut flush = Msg::Flush(done);
-        // A queue still full at the deadline is a stalled stderr: its lines are lost.
-        loop {
-            match self.tx.try_send(flush) {
-                Ok(()) => {
-                    let _ =
-                        written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-                    return;
-                }
-                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
-                    flush = again;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return,
+        flush_within(&self.tx, EXIT_FLUSH, Msg::Flush);
+    }
+}
+
+/// Sends a writer thread the flush `make` builds around its answer, and waits until it is
+/// answered (every line queued before it written), up to `limit`. A queue still full at the
+/// limit is an output that stalled: its lines are lost.
+pub(crate) fn flush_within<M>(
+    tx: &SyncSender<M>,
+    limit: Duration,
+    make: impl FnOnce(SyncSender<()>) -> M,
+) {
+    let deadline = Instant::now() + limit;
+    let (done, written) = sync_channel(1);
+    let mut flush = make(done);
+    loop {
+        match tx.try_send(flush) {
+            Ok(()) => {
+                let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                return;
             }
+            Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                flush = again;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
         }
     }
 }

@@ -235,23 +235,8 @@ impl AccessLogger {
     /// (still queued, or in the writer's buffer). A queue still full at the limit is an
     /// output that stalled: its lines are lost.
     pub fn flush(&self, limit: Duration) {
-        let Some(tx) = &self.tx else { return };
-        let deadline = Instant::now() + limit;
-        let (done, written) = sync_channel(1);
-        let mut flush = Msg::Flush(done);
-        loop {
-            match tx.try_send(flush) {
-                Ok(()) => {
-                    let _ =
-                        written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-                    return;
-                }
-                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
-                    flush = again;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return,
-            }
+        if let Some(tx) = &self.tx {
+            crate::logging::output::flush_within(tx, limit, Msg::Flush);
         }
     }
 
