@@ -308,6 +308,23 @@ fn apply(c: &Control, filter: EnvFilter, level: Level) -> Result<Level, SetLevel
     Ok(std::mem::replace(&mut *now, level))
 }
 
+/// The error and its causes, `: `-separated: what `main` prints, and the observer's reason for
+/// running without it. A cause is left out when the text before already has it: most of our
+/// errors say their source in their own message, some with a hint after it, and `{err:#}`
+/// printed `cannot listen on …: Address already in use (os error 98): Address already in use
+/// (os error 98)`.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

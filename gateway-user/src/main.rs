@@ -116,24 +116,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", chain(&err));
+            eprintln!("error: {}", gateway::logging::error_text(&err));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, `: `-separated, each cause left out when the text before already
-/// has it (most of our errors say their source in their own message, some with a hint after
-/// it: `{err:#}` printed `cannot listen on …: Address already in use (os error 98): Address
-/// already in use (os error 98)`).
-fn chain(err: &anyhow::Error) -> String {
-    let mut text = err.to_string();
-    for cause in err.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
 }

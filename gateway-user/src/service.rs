@@ -147,7 +147,7 @@ fn attach_observer(
             Err(e.context("[observer] mode = \"kernel\" and the kernel observer could not attach"))
         }
         Err(e) => {
-            let s = UserspaceOnly::new(format!("{e:#}"));
+            let s = UserspaceOnly::new(crate::logging::error_text(&e));
             warn!(signals = %s.mode(), "kernel observer unavailable: connect and response decisions use userspace timing only");
             Ok((Arc::new(s), None))
         }

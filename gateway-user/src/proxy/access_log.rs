@@ -318,10 +318,10 @@ fn writer(
 /// [`WRITE_ERROR_LOG_EVERY`].
 ///
 /// stdout and stderr are written in writes of at most `PIPE_BUF` bytes, cut between lines. A
-/// pipe takes that much at once, so a line never interleaves with the log's lines on the same
-/// stderr, or another process's: a larger write that finds the pipe nearly full is taken in
-/// parts, and the log's writer wrote between them, cutting a line in two. A file takes 64 KiB
-/// at once.
+/// pipe takes that much at once, so a line of up to `PIPE_BUF` bytes never interleaves with
+/// the log's lines on the same stderr, or another process's: a larger write that finds the
+/// pipe nearly full is taken in parts, and the log's writer wrote between them, cutting a
+/// line in two. A file takes 64 KiB at once.
 struct Output {
     out: BufWriter<Box<dyn Write + Send>>,
     /// Lines handed to `out` since it last flushed.

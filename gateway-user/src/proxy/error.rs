@@ -214,15 +214,11 @@ pub enum ProxyError {
     DownstreamBodyError { source: hyper::Error },
 }
 
-/// The largest response head an upstream may send: checked once an HTTP/1 head is parsed
-/// (`request::respond`), and the HTTP/2 client's header list (`upstream::Cluster`). Envoy's
-/// default too (60 KiB); nginx stops at 4 or 8 KiB. Clients take no more: 256 KiB passed on
-/// made nghttp2 clients end the whole connection (`COMPRESSION_ERROR`, every other stream on
-/// it lost) and curl fail (error 27), while the access log said 200.
+/// The largest response head an upstream may send (Envoy's default), checked once an HTTP/1
+/// head is parsed (`request::respond`) and as the HTTP/2 client's header list: 256 KiB made
+/// curl fail and nghttp2 clients end the whole connection while the access log said 200.
 pub(crate) const RESPONSE_HEAD_MAX_BYTES: usize = 60 * 1024;
-/// The HTTP/1 client's read buffer, which bounds the head hyper parses at all: above the
-/// limit, so that a head past it is refused with the limit's own words; not the limit itself,
-/// since it also bounds each read of a body (60 KiB reads cost a large download syscalls).
+/// The HTTP/1 client's read buffer, which also bounds each read of a body: so not the limit.
 pub(crate) const UPSTREAM_READ_BUFFER: usize = 256 * 1024;
 /// How many header fields an HTTP/1 response head may have: hyper's default, which keeps the
 /// parser's table of fields inline. HAProxy and Envoy also stop at about 100; nginx counts only

@@ -5,9 +5,7 @@
 
 use super::{
     super::{model::*, settings::*, source::KeyPath},
-    At, Checker, DAY_MS, Invalid, Warning,
-    addresses::parse_endpoint,
-    inherit, ms,
+    At, Checker, DAY_MS, Invalid, Warning, inherit, ms,
 };
 use crate::decide::{
     deadline,
@@ -52,7 +50,10 @@ macro_rules! choice {
     };
 }
 
+mod endpoints;
 mod policy;
+
+use self::endpoints::endpoints;
 
 /// Resolves one cluster's settings against `[router.upstream]` and the defaults.
 pub(super) fn cluster(
@@ -405,49 +406,6 @@ fn limits(c: &mut Checker, l: &Layers) -> Limits {
         max_idle_per_endpoint: max_idle_per_endpoint as usize,
         max_concurrent_streams: max_concurrent_streams as usize,
     }
-}
-
-/// The cluster's own `endpoints` (never inherited), each address parsed and weight checked at
-/// its index.
-fn endpoints(c: &mut Checker, own: &ClusterConfig, key: &KeyPath) -> Vec<EndpointSpec> {
-    let mut endpoints = Vec::new();
-    let Some(list) = &own.endpoints else {
-        return endpoints;
-    };
-    let list_key = key.key("endpoints");
-    if list.is_empty() {
-        c.fail(list_key.clone(), Invalid::EmptyEndpoints);
-    }
-    for (i, e) in list.iter().enumerate() {
-        let ek = list_key.index(i);
-        let weight = e.weight.unwrap_or(DEFAULT_WEIGHT);
-        if e.weight.is_some() {
-            c.range(&ek.key("weight"), weight.into(), 1, MAX_WEIGHT.into(), "");
-        }
-        match parse_endpoint(&e.address) {
-            Ok(address)
-                if endpoints
-                    .iter()
-                    .any(|p: &EndpointSpec| p.address == address) =>
-            {
-                c.warnings.push(At {
-                    key: ek,
-                    what: Warning::DuplicateEndpoint {
-                        value: e.address.clone(),
-                    },
-                });
-            }
-            Ok(address) => endpoints.push(EndpointSpec { address, weight }),
-            Err(reason) => c.fail(
-                ek,
-                Invalid::InvalidEndpoint {
-                    value: e.address.clone(),
-                    reason,
-                },
-            ),
-        }
-    }
-    endpoints
 }
 
 /// gRPC status names (`retry.grpc_status_codes`), each refused at its own index when unknown.

@@ -91,10 +91,9 @@ pub(super) fn respond(
     Response::from_parts(parts, body)
 }
 
-/// One `Content-Length` line with one value: an upstream may repeat it (`5` twice, or
-/// `5, 5`), which hyper takes when the values agree (RFC 9112 section 6.3), and which passed
-/// on as it was made HTTP/2 clients reset the stream (curl failed with 92) while the access
-/// log said 200.
+/// One `Content-Length` line with one value. An upstream may repeat it (`5` twice, or `5, 5`),
+/// which hyper takes when the values agree (RFC 9112 section 6.3); passed on as it came, it
+/// made HTTP/2 clients reset the stream (curl failed with 92) while the access log said 200.
 fn one_length(h: &mut HeaderMap) {
     let mut all = h.get_all(CONTENT_LENGTH).iter();
     let Some(first) = all.next() else { return };
@@ -117,9 +116,9 @@ fn one_length(h: &mut HeaderMap) {
 }
 
 /// Why a response hyper parsed is not passed on: a status outside 100 to 599 (RFC 9110
-/// section 15), or a transfer coding besides `chunked`, which hyper took off while the others
+/// section 15), a transfer coding besides `chunked`, which hyper took off while the others
 /// stayed on the body (`gzip, chunked` reached the client as gzip bytes under no
-/// `Content-Encoding`; nginx refuses it too).
+/// `Content-Encoding`; nginx refuses it too), or a head past [`RESPONSE_HEAD_MAX_BYTES`].
 fn refused(
     status: StatusCode,
     stripped: &headers::Stripped,
