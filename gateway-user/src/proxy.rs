@@ -165,15 +165,8 @@ pub async fn start_inheriting(
         sockets,
     } = listeners::open(&settings, n, inherited)?;
     let telemetry = Telemetry::new(&*signals, telemetry::longest_timeout(&settings));
-    let log = AccessLogger::start(&settings.access_log, &telemetry.metrics).map_err(|source| {
-        StartError::AccessLog {
-            path: match &settings.access_log.output {
-                crate::config::LogOutput::File(p) => p.display().to_string(),
-                other => format!("{other:?}").to_lowercase(),
-            },
-            source,
-        }
-    })?;
+    let log = AccessLogger::start(&settings.access_log, &telemetry.metrics)
+        .map_err(|source| StartError::access_log(&settings.access_log.output, source))?;
     let body_budget = request_body::Budget::new(&settings.downstream, &telemetry.metrics);
     let runtime = Runtime::build(settings, None, &signals, n, &telemetry).await;
     let admission = admission::Admission::new(&telemetry.metrics);

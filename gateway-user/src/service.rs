@@ -244,15 +244,9 @@ async fn run(
         &serving_status(&handle, &*signals, "serving"),
         successor_of_another,
     );
-    if successor_of_another {
-        inherited
-            .announce_ready()
-            .context("telling the previous process this one serves")?;
-        info!(
-            pid = std::process::id(),
-            "took over the listening sockets; serving"
-        );
-    }
+    inherited
+        .announce_ready()
+        .context("telling the previous process this one serves")?;
     if let Some(every) = notifier.watchdog_interval() {
         tokio::spawn(notify::watchdog(notifier.clone(), every));
     }

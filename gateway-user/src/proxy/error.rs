@@ -214,9 +214,8 @@ pub enum ProxyError {
     DownstreamBodyError { source: hyper::Error },
 }
 
-/// The largest response head an upstream may send (Envoy's default), checked once an HTTP/1
-/// head is parsed (`request::respond`) and as the HTTP/2 client's header list: 256 KiB made
-/// curl fail and nghttp2 clients end the whole connection while the access log said 200.
+/// The largest response head an upstream may send (Envoy's default), checked once parsed
+/// (`request::respond`; HTTP/2: the header list): clients take no more (curl, nghttp2).
 pub(crate) const RESPONSE_HEAD_MAX_BYTES: usize = 60 * 1024;
 /// The HTTP/1 client's read buffer, which also bounds each read of a body: so not the limit.
 pub(crate) const UPSTREAM_READ_BUFFER: usize = 256 * 1024;

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
+use crate::config::LogOutput;
+
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}{}", bind_hint(*addr, source))]
@@ -24,6 +26,17 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StartError {
+    /// The access log could not be opened: its path as written (or `stdout`, `stderr`).
+    pub(super) fn access_log(output: &LogOutput, source: std::io::Error) -> StartError {
+        let path = match output {
+            LogOutput::File(p) => p.display().to_string(),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        StartError::AccessLog { path, source }
+    }
 }
 
 /// What to do about a listener that could not be bound, for the errors whose cure is known.

@@ -128,13 +128,18 @@ impl Inherited {
         Ok(Inherited { sockets, ready })
     }
 
-    /// In the new process of an upgrade: tells the old one it serves. Does nothing on a
-    /// normal start. Call once, after serving has started.
+    /// In the new process of an upgrade: tells the old one it serves, and logs it. Does
+    /// nothing on a normal start. Call once, after serving has started.
     pub fn announce_ready(&mut self) -> io::Result<()> {
-        match self.ready.take() {
-            Some(mut pipe) => writeln!(pipe, "ready {}", std::process::id()),
-            None => Ok(()),
-        }
+        let Some(mut pipe) = self.ready.take() else {
+            return Ok(());
+        };
+        writeln!(pipe, "ready {}", std::process::id())?;
+        info!(
+            pid = std::process::id(),
+            "took over the listening sockets; serving"
+        );
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -467,61 +472,4 @@ pub fn is_successor() -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entries_name_descriptor_role_and_configured_address() {
-        assert_eq!(
-            parse_entry("7:client:127.0.0.1:0").unwrap(),
-            (7, Role::Client, "127.0.0.1:0".parse().unwrap())
-        );
-        assert_eq!(
-            parse_entry("9:admin:[::1]:9901").unwrap(),
-            (9, Role::Admin, "[::1]:9901".parse().unwrap())
-        );
-        for bad in [
-            "x:client:127.0.0.1:1",
-            "1:client:127.0.0.1:1",
-            "5:web:127.0.0.1:1",
-            "5:client:nowhere",
-        ] {
-            assert!(parse_entry(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn only_listening_stream_sockets_are_adopted() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fd = inheritable(listener.as_raw_fd()).unwrap();
-        let raw = fd.as_raw_fd();
-        std::mem::forget(fd);
-        let adopted = adopt(raw, Role::Client, addr).unwrap();
-        assert_eq!(adopted.local_addr().unwrap(), addr);
-        // SAFETY: F_GETFD on a descriptor we own.
-        assert_ne!(
-            unsafe { libc::fcntl(raw, libc::F_GETFD) } & libc::FD_CLOEXEC,
-            0
-        );
-
-        let connected = std::net::TcpStream::connect(addr).unwrap();
-        let err = adopt(
-            inheritable(connected.as_raw_fd())
-                .map(|f| {
-                    let r = f.as_raw_fd();
-                    std::mem::forget(f);
-                    r
-                })
-                .unwrap(),
-            Role::Client,
-            addr,
-        )
-        .map(|_| ())
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("not a listening TCP socket"),
-            "{err}"
-        );
-    }
-}
+mod tests;
