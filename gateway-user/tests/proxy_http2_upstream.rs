@@ -38,8 +38,7 @@ fn established_to(addr: std::net::SocketAddr) -> usize {
 
 /// nginx's log lines: (protocol, connection number, status).
 fn upstream_lines(path: &std::path::Path) -> Vec<(String, u64, u16)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(path))
         .lines()
         .filter_map(|l| {
             let mut f = l.split(' ');

@@ -114,8 +114,7 @@ fn curl(url: &str, method: &str, n: usize) -> Vec<String> {
 
 /// nginx's access log lines for `port`: (connection, requests on it, method, status).
 fn served(log: &Path, port: u16) -> Vec<(u64, u64, String, u16)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
+    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(log))
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
