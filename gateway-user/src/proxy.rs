@@ -341,7 +341,13 @@ impl GatewayHandle {
             &self.shared.telemetry,
         )
         .await;
-        self.shared.runtime.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.shared.runtime.store(next.clone());
+        for old in &current.clusters {
+            if !next.clusters.iter().any(|c| Arc::ptr_eq(c, old)) {
+                old.retire();
+            }
+        }
         report
     }
 

@@ -217,3 +217,72 @@ async fn an_observer_change_on_reload_needs_a_restart_and_says_so() {
         "{report:?}"
     );
 }
+
+/// A reload that changes a cluster (an endpoint added, as a scale-up does) keeps what the
+/// gateway learnt about each host. Before, the changed cluster started afresh: its ejected
+/// endpoint was healthy again and took requests until it failed anew (here, a retry each; a
+/// blackholed host costs each its connect timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_cluster_keeps_its_ejected_endpoint_out() {
+    use gateway_testkit::{
+        admin::{endpoint, status},
+        inprocess::log_lines,
+        ports::refused_addr,
+    };
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let refused = refused_addr();
+    let cluster = |eps: &[std::net::SocketAddr]| {
+        let list: Vec<String> = eps.iter().map(|e| format!("\"{e}\"")).collect();
+        format!(
+            "[router.upstream]\nendpoints = [{}]\n[router.upstream.health]\nejection_ms = 60000\n",
+            list.join(", ")
+        )
+    };
+    let gw = gateway("reload-keeps-health", &cluster(&[refused, a.addr])).await;
+    let (c, admin) = (client(), gw.handle.admin_addr().unwrap());
+    for _ in 0..4 {
+        assert_eq!(get(&c, gw.addr, "/").await.status, StatusCode::OK);
+    }
+    let before = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    let ejected = endpoint(&before, "default", refused);
+    assert_eq!(ejected["state"], "ejected", "{ejected:#}");
+
+    let text = format!(
+        "{}\n{}",
+        base_config(&gw.log),
+        cluster(&[refused, a.addr, b.addr])
+    );
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    let after = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    let still = endpoint(&after, "default", refused);
+    assert_eq!(still["state"], "ejected", "{still:#}");
+    // The same ejection: its end, shown in wall-clock time from the monotonic clock, moves
+    // by a millisecond between reads.
+    let until = |v: &serde_json::Value| v["ejected_until_unix_ms"].as_i64().unwrap();
+    assert!(
+        (until(still) - until(ejected)).abs() <= 5,
+        "the same ejection: {still:#} {ejected:#}"
+    );
+    let served = log_lines(&gw.log, 4).len();
+    for _ in 0..30 {
+        assert_eq!(get(&c, gw.addr, "/").await.status, StatusCode::OK);
+    }
+    let lines = log_lines(&gw.log, served + 30);
+    let retried: Vec<_> = lines[served..]
+        .iter()
+        .filter(|l| l["retries"] != 0)
+        .collect();
+    assert!(
+        retried.is_empty(),
+        "sent to the ejected endpoint: {retried:?}"
+    );
+}

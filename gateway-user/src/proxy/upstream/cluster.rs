@@ -7,7 +7,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Weak, atomic::AtomicUsize},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -54,6 +57,8 @@ pub(crate) struct Cluster {
     pub(super) ejecting: std::sync::Mutex<()>,
     /// Each host-name entry's lookup still running, if any (`resolve`).
     pub(super) lookups: resolve::Lookups,
+    /// A reload replaced or removed the cluster ([`Cluster::retire`]).
+    retired: AtomicBool,
 }
 
 /// A cluster a reload replaced is dropped once no request holds it: its endpoints' pooled
@@ -81,10 +86,12 @@ impl Cluster {
         let mut resolved = resolve::resolve(&spec, &lookups).await;
         meter.dns_names_unresolved(resolved.failures());
         let names = resolve::Names::at_start(&spec, &mut resolved, previous);
+        // What the replaced cluster learnt about each host carries on.
+        let current = previous.map(|p| p.set.list()).unwrap_or_default();
         let endpoints = resolved
             .addrs
             .into_iter()
-            .map(|(a, w)| Arc::new(Endpoint::new(a, w, &spec, shards, &meter)))
+            .map(|(a, w)| successor(Endpoint::new(a, w, &spec, shards, &meter), &current))
             .collect();
         let mut client = http1::Builder::new();
         client.max_buf_size(crate::proxy::error::UPSTREAM_READ_BUFFER);
@@ -104,6 +111,7 @@ impl Cluster {
             names,
             ejecting: std::sync::Mutex::new(()),
             lookups,
+            retired: AtomicBool::new(false),
         });
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
@@ -114,14 +122,17 @@ impl Cluster {
         cluster
     }
 
-    pub(super) fn new_endpoint(&self, addr: SocketAddr, weight: u32) -> Arc<Endpoint> {
-        Arc::new(Endpoint::new(
-            addr,
-            weight,
-            &self.spec,
-            self.shards,
-            &self.meter,
-        ))
+    /// An endpoint of this cluster for `addr`, not yet in its set (see [`successor`]).
+    pub(super) fn new_endpoint(&self, addr: SocketAddr, weight: u32) -> Endpoint {
+        Endpoint::new(addr, weight, &self.spec, self.shards, &self.meter)
+    }
+
+    /// A reload replaced or removed the cluster: its probes, latency evaluation and DNS
+    /// refresh stop, while the requests that hold it finish. Its successor shares its
+    /// endpoints' health ([`successor`]), which the old probes, with the old `probe_path`,
+    /// would otherwise go on judging for as long as a request (a WebSocket) held the cluster.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// The endpoints, for status and metrics.
@@ -235,6 +246,34 @@ fn h2_builder(spec: &ClusterSpec) -> http2::Builder<TokioExecutor> {
         .keep_alive_while_idle(true)
         .max_header_list_size(crate::proxy::error::RESPONSE_HEAD_MAX_BYTES as u32);
     b
+}
+
+/// `ep` as it joins a cluster's new endpoint list, which replaces `current` (a DNS refresh, or
+/// the cluster a reload replaced). An address in `current` carries on its health and latency:
+/// an ejected endpoint stays ejected, a suspect one suspect, a slow one slow, its history and
+/// round-trip times kept. Before, a reload that changed anything in a cluster (an endpoint
+/// added, a timeout) made a dead or slow endpoint healthy again, and requests went to it until
+/// it was found out again. An address the cluster did not have ramps up under slow start
+/// (`health.slow_start_ms`), unless `current` is empty (the cluster's first endpoints, or
+/// names that did not resolve until now): then none would be ramped against another.
+pub(super) fn successor(mut ep: Endpoint, current: &[Arc<Endpoint>]) -> Arc<Endpoint> {
+    match current.iter().find(|e| e.addr == ep.addr) {
+        Some(was) => {
+            ep.health = was.health.clone();
+            ep.latency = was.latency.clone();
+        }
+        // Before the endpoint is published: no pick sees it without its ramp.
+        None if !current.is_empty() => ep.health.came_back(),
+        None => {}
+    }
+    Arc::new(ep)
+}
+
+/// The cluster, for a background task's next round: none once it was dropped or retired.
+pub(super) fn live(cluster: &Weak<Cluster>) -> Option<Arc<Cluster>> {
+    cluster
+        .upgrade()
+        .filter(|c| !c.retired.load(Ordering::Relaxed))
 }
 
 /// Closes expired and dead idle connections, every half idle timeout (at least 1 s).

@@ -38,9 +38,12 @@ pub(crate) struct Endpoint {
     pub mux: Arc<Multiplexed>,
     /// Requests in flight to this endpoint, for least-request balancing and `/status`.
     pub in_flight: AtomicU64,
-    pub health: HealthCell,
-    /// Response latency (peak-EWMA) and the requests awaiting their head.
-    pub latency: LatencyCell,
+    /// What was learnt about the host: shared with the endpoint of the same address that this
+    /// one replaced (a DNS refresh that changed its weight, a reload that changed its cluster;
+    /// `cluster::successor`), so that neither undoes an ejection or a slow mark.
+    pub health: Arc<HealthCell>,
+    /// Response latency (peak-EWMA) and the requests awaiting their head (shared as `health`).
+    pub latency: Arc<LatencyCell>,
     /// A probe is running; at most one per endpoint.
     pub probe_running: AtomicBool,
     pub meter: EndpointMeter,
@@ -70,8 +73,8 @@ impl Endpoint {
                 spec.timeouts.idle,
             )),
             in_flight: AtomicU64::new(0),
-            health: HealthCell::new(),
-            latency: LatencyCell::new(),
+            health: Arc::new(HealthCell::new()),
+            latency: Arc::new(LatencyCell::new()),
             probe_running: AtomicBool::new(false),
         }
     }

@@ -251,7 +251,9 @@ pub(super) async fn run(cluster: Weak<Cluster>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let Some(c) = cluster.upgrade() else { return };
+        let Some(c) = super::cluster::live(&cluster) else {
+            return;
+        };
         if c.spec.lb_policy == LbPolicy::PeakEwma {
             evaluate(&c);
         }

@@ -33,7 +33,9 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub(super) async fn run(cluster: Weak<Cluster>) {
     loop {
         tokio::time::sleep(TICK).await;
-        let Some(c) = cluster.upgrade() else { return };
+        let Some(c) = super::cluster::live(&cluster) else {
+            return;
+        };
         for ep in c.set.load().endpoints.iter() {
             let (t, due) = ep.health.tick(&c.spec);
             c.log_transition(ep, t, &|| "ejection ran out".to_owned());

@@ -17,7 +17,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Cluster, Endpoint};
+use super::{Cluster, cluster::successor};
 use crate::config::{ClusterSpec, EndpointAddr};
 
 /// One resolution of a spec's endpoints.
@@ -286,7 +286,9 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
     };
     loop {
         tokio::time::sleep(every).await;
-        let Some(c) = cluster.upgrade() else { return };
+        let Some(c) = super::cluster::live(&cluster) else {
+            return;
+        };
         let mut resolved = resolve(&c.spec, &c.lookups).await;
         c.names.record(&c.spec, &mut resolved);
         c.meter.dns_names_unresolved(resolved.failures());
@@ -307,7 +309,7 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
                     .iter()
                     .find(|e| e.addr == a && e.weight == w)
                     .cloned()
-                    .unwrap_or_else(|| arrived(&c, &current, a, w))
+                    .unwrap_or_else(|| successor(c.new_endpoint(a, w), &current))
             })
             .collect::<Vec<_>>();
         let gone: Vec<_> = current
@@ -331,19 +333,6 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
             e.close();
         }
     }
-}
-
-/// The endpoint for `addr`, new in this refresh. An address the cluster did not have at all
-/// ramps up under slow start (`health.slow_start_ms`), unless the cluster had no endpoint (its
-/// names did not resolve until now): then every address is new, and none would be ramped
-/// against another. An address whose weight changed is rebuilt without a ramp: it was serving.
-fn arrived(c: &Cluster, current: &[Arc<Endpoint>], addr: SocketAddr, weight: u32) -> Arc<Endpoint> {
-    let ep = c.new_endpoint(addr, weight);
-    if !current.is_empty() && !current.iter().any(|e| e.addr == addr) {
-        // Before the endpoint is published: no pick sees it without its ramp.
-        ep.health.came_back();
-    }
-    ep
 }
 
 #[cfg(test)]

@@ -51,3 +51,62 @@ async fn concurrent_failures_never_eject_past_the_budget() {
         "{emptied} of {ROUNDS} clusters were left with no endpoint"
     );
 }
+
+/// The spec of cluster `a` with `endpoints` (ports on 127.0.0.1) and `extra` TOML lines.
+fn spec_of(ports: &[u16], extra: &str) -> ClusterSpec {
+    let list: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let text = format!(
+        "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [{}]\n{extra}\n\
+         [clusters.a.health]\nslow_start_ms = 600000\n[[routes]]\ncluster = \"a\"\n",
+        list.join(", ")
+    );
+    crate::config::load_str(&text, Path::new("t.toml"))
+        .unwrap()
+        .settings
+        .clusters["a"]
+        .clone()
+}
+
+/// A reload that changes a cluster (here: an endpoint added, the policy changed) keeps what was
+/// learnt about each host: the ejected endpoint stays ejected, the healthy one takes its full
+/// share at once, and only the added one ramps up. The replaced cluster's background tasks
+/// stop.
+#[tokio::test]
+async fn a_replacing_cluster_carries_on_each_hosts_health() {
+    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
+    let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::default());
+    let old = Cluster::start(
+        spec_of(&[9001, 9002], ""),
+        signals.clone(),
+        (1, t.cluster("a")),
+        None,
+    )
+    .await;
+    let eps = old.endpoints();
+    old.report(&eps[0], Evidence::Refused, &|| "RST".to_owned());
+    assert!(!eps[0].health.routable(), "ejected");
+
+    let new = Cluster::start(
+        spec_of(&[9001, 9002, 9003], "lb_policy = \"least_request\""),
+        signals,
+        (1, t.cluster("a")),
+        Some(&old),
+    )
+    .await;
+    let window = new.spec.health.slow_start;
+    let eps = new.endpoints();
+    assert!(!eps[0].health.routable(), "still ejected after the reload");
+    assert_eq!(eps[0].health.state(), crate::decide::health::State::Ejected);
+    assert!(eps[1].health.routable());
+    assert_eq!(eps[1].health.slow_start_percent(window), 100, "no ramp");
+    assert!(
+        eps[2].health.slow_start_percent(window) < 100,
+        "the added endpoint ramps up"
+    );
+
+    let weak = Arc::downgrade(&old);
+    assert!(live(&weak).is_some());
+    old.retire();
+    assert!(live(&weak).is_none(), "its tasks stop at their next round");
+    assert!(live(&Arc::downgrade(&new)).is_some());
+}
