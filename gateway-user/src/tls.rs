@@ -16,6 +16,7 @@
 //! RSA and Ed25519 keys, X25519 and P-256 key exchange.
 
 pub mod client;
+pub mod client_cert;
 pub mod failure;
 pub mod files;
 pub mod server;

@@ -1437,3 +1437,83 @@ fn plain_http_is_redirected_to_https_but_where_a_route_or_a_trusted_proxy_says_n
     assert_eq!(l["route"], "*/", "{l}");
     assert_eq!(l["attempts"], 0, "nothing was sent upstream: {l}");
 }
+
+/// `forward_client_cert = true`: the upstream is told which certificate the client showed, as
+/// Envoy's `X-Forwarded-Client-Cert` (curl with a client certificate, over HTTP/2 and
+/// HTTP/1.1; the hash checked against openssl's), and the client's own
+/// `X-Forwarded-Client-Cert` never reaches it.
+#[test]
+fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(gateway_testkit::upstream::Upstream::start("xfcc"));
+    let dir = temp_dir("tls-xfcc");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let (cc, ck) = pki.leaf("client", &["client.test"]);
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        base + &format!(
+            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
+             forward_client_cert = true\n[router.upstream]\nendpoints = [\"{}\"]\n\
+             [observer]\nmode = \"off\"\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+
+    let der = dir.join("client.der");
+    let out = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&cc)
+        .arg("-out")
+        .arg(&der)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .arg(&der)
+        .output()
+        .expect("openssl");
+    let hash = String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(hash.len(), 64, "{out:?}");
+    let want =
+        format!("x-forwarded-client-cert: Hash={hash};Subject=\"CN=client.test\";DNS=client.test");
+    let (cc, ck) = (cc.display().to_string(), ck.display().to_string());
+    for version in ["--http2", "--http1.1"] {
+        let (code, got_version, text) = curl(
+            addr,
+            &dir.join("ca.pem"),
+            "a.test",
+            "/headers",
+            &[
+                version,
+                "--cert",
+                &cc,
+                "--key",
+                &ck,
+                "-H",
+                "X-Forwarded-Client-Cert: Hash=00;Subject=\"CN=admin\"",
+            ],
+        );
+        assert_eq!(code, 200, "{text}");
+        assert_eq!(got_version, if version == "--http2" { "2" } else { "1.1" });
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("x-forwarded-client-cert:"))
+            .collect();
+        assert_eq!(lines, [want.as_str()], "{version}: {text}");
+    }
+}

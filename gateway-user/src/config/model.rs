@@ -259,6 +259,10 @@ pub struct ServerTlsConfig {
     pub alpn: Option<Vec<String>>,
     /// Require client certificates signed by these CAs (PEM) (mutual TLS).
     pub client_ca_file: Option<String>,
+    /// Tell the upstream which certificate the client showed: `X-Forwarded-Client-Cert`
+    /// (`tls::client_cert`), replacing any the client sent. Needs `client_ca_file`.
+    #[serde(default)]
+    pub forward_client_cert: bool,
 }
 
 pub const DEFAULT_SERVER_ALPN: [&str; 2] = ["h2", "http/1.1"];

@@ -85,6 +85,8 @@ pub struct Log {
 pub struct Https {
     pub listen: Vec<SocketAddr>,
     pub tls: std::sync::Arc<crate::tls::ServerTls>,
+    /// `[router.tls] forward_client_cert`.
+    pub forward_client_cert: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

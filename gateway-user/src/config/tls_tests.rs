@@ -148,6 +148,11 @@ fn certificate_problems_name_the_file_the_line_and_the_key() {
             "router.tls.client_ca_file",
             "holds no PEM certificate",
         ),
+        (
+            "cert_file = \"good.pem\"\nkey_file = \"good.key\"\nforward_client_cert = true\n",
+            "router.tls.forward_client_cert",
+            "`forward_client_cert` needs `client_ca_file`",
+        ),
     ] {
         let e = err_in(&pki, &https_with(tls));
         assert!(e.contains(&format!("key `{key}`")), "{tls}: {e}");

@@ -126,6 +126,15 @@ pub(crate) fn admit(
     (Peer::Trusted, source)
 }
 
+/// The client certificate this hop verified (`[router.tls] forward_client_cert`), in place of
+/// any `X-Forwarded-Client-Cert` the request carried, whoever sent it. After the hop-by-hop
+/// strip: a `Connection` that named the header does not take it out.
+pub(crate) fn client_cert(headers: &mut HeaderMap, cert: Option<&HeaderValue>) {
+    if let Some(cert) = cert {
+        headers.insert(crate::tls::client_cert::HEADER, cert.clone());
+    }
+}
+
 /// Removes every header that is one of `names`, also spelt with `_` for `-`; with `exact`
 /// false, only those `_` spellings.
 fn remove_spelt_as(headers: &mut HeaderMap, names: &[HeaderName], exact: bool) {

@@ -298,8 +298,25 @@ async fn serve_tls(
         let tls = io.get_ref().1;
         let version = crate::tls::version_label(tls.protocol_version());
         let h2 = tls.alpn_protocol() == Some(b"h2");
+        // Once per connection, with the settings current as it arrived.
+        let forward = shared
+            .runtime
+            .load()
+            .settings
+            .https
+            .as_ref()
+            .is_some_and(|h| h.forward_client_cert);
+        let cert = tls
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .filter(|_| forward)
+            .map(|leaf| crate::tls::client_cert::forwarded(leaf));
+        let mut client = client(peer, on, Some(version), drain);
+        Arc::get_mut(&mut client)
+            .expect("not shared yet")
+            .client_cert = cert;
         let io = Holding::new(io, permit);
-        serve(io, client(peer, on, Some(version), drain), shared, h2).await;
+        serve(io, client, shared, h2).await;
     }
 }
 
@@ -310,6 +327,7 @@ fn client(peer: SocketAddr, on: Listener, tls: Option<&'static str>, drain: Drai
         scheme: on.scheme,
         loopback_listener: on.loopback,
         tls,
+        client_cert: None,
         drain,
     })
 }

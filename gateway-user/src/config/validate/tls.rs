@@ -132,6 +132,10 @@ pub(super) fn https(c: &mut Checker, r: &RouterConfig, x: &Files<'_>) -> Option<
             .map_err(|p| c.fail(tk.key("client_ca_file"), Invalid::Tls(p)))
             .ok()
     });
+    if t.forward_client_cert && t.client_ca_file.is_none() {
+        let at = tk.key("forward_client_cert");
+        return incomplete(c, at, "forward_client_cert", "client_ca_file");
+    }
     if !c.problems.is_empty() {
         return None;
     }
@@ -144,6 +148,7 @@ pub(super) fn https(c: &mut Checker, r: &RouterConfig, x: &Files<'_>) -> Option<
         Ok(tls) => Some(Https {
             listen,
             tls: Arc::new(tls),
+            forward_client_cert: t.forward_client_cert,
         }),
         Err(p) => {
             c.fail(tk, Invalid::Tls(p));

@@ -275,6 +275,7 @@ fn for_upstream(
             what: "a transfer coding other than chunked",
         });
     }
+    forwarded::client_cert(&mut parts.headers, client.client_cert.as_ref());
     // A client's `Connection` may name the request ID's header, which the strip then took
     // out: the ID the gateway assigned goes upstream all the same.
     if stripped.listed
