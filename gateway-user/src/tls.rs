@@ -98,6 +98,15 @@ pub enum TlsProblem {
         key.display(), cert.display()
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "the private key in {} belongs to certificate {position} of the chain in {}, not to the first: put the leaf (the server's own certificate) first, then the intermediates it was issued by (a file written CA first, or with the bundle before the certificate)",
+        key.display(), cert.display()
+    )]
+    LeafNotFirst {
+        cert: PathBuf,
+        key: PathBuf,
+        position: usize,
+    },
     #[error("certificate {} cannot be parsed: {reason}", path.display())]
     BadCertificate { path: PathBuf, reason: String },
     #[error(

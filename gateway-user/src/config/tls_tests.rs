@@ -107,6 +107,10 @@ fn certificate_problems_name_the_file_the_line_and_the_key() {
     pki.leaf("other", &["localhost"], (-1, 90));
     pki.leaf("expired", &["localhost"], (-30, -1));
     std::fs::write(pki.path("junk.pem"), "hello\n").unwrap();
+    // The CA first, then the leaf: a chain written in the wrong order.
+    let ca = std::fs::read_to_string(pki.path("ca.pem")).unwrap();
+    let good = std::fs::read_to_string(pki.path("good.pem")).unwrap();
+    std::fs::write(pki.path("reversed.pem"), ca + &good).unwrap();
     for (tls, key, words) in [
         (
             "cert_file = \"missing.pem\"\nkey_file = \"good.key\"\n",
@@ -147,6 +151,11 @@ fn certificate_problems_name_the_file_the_line_and_the_key() {
             "cert_file = \"good.pem\"\nkey_file = \"good.key\"\nclient_ca_file = \"junk.pem\"\n",
             "router.tls.client_ca_file",
             "holds no PEM certificate",
+        ),
+        (
+            "cert_file = \"reversed.pem\"\nkey_file = \"good.key\"\n",
+            "router.tls.key_file",
+            "belongs to certificate 2 of the chain",
         ),
         (
             "cert_file = \"good.pem\"\nkey_file = \"good.key\"\nforward_client_cert = true\n",

@@ -153,9 +153,14 @@ pub fn load_pair(
     match certified.keys_match() {
         Ok(()) => {}
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            let p = TlsProblem::KeyMismatch {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
+            let (cert, key) = (cert.to_owned(), key.to_owned());
+            let p = match key_owner(&certified) {
+                Some(i) if i > 0 => TlsProblem::LeafNotFirst {
+                    cert,
+                    key,
+                    position: i + 1,
+                },
+                _ => TlsProblem::KeyMismatch { cert, key },
             };
             return Err((Which::Key, p));
         }
@@ -179,6 +184,17 @@ pub fn load_pair(
         },
         expired_extras,
         inputs,
+    })
+}
+
+/// Which certificate of the chain the key's public key is in, if any: a key that matches no
+/// leaf may be the leaf's, written after its issuers.
+fn key_owner(certified: &CertifiedKey) -> Option<usize> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let spki = certified.key.public_key()?;
+    certified.cert.iter().position(|c| {
+        X509Certificate::from_der(c)
+            .is_ok_and(|(_, x)| x.tbs_certificate.subject_pki.raw == spki.as_ref())
     })
 }
 
