@@ -232,6 +232,10 @@ pub enum Warning {
         "observer.max_connections = {value} preallocates {mib} MiB of kernel memory for the table of connect records (128 bytes a slot, rounded up to a power of two), whatever the traffic"
     )]
     LargeConnectTable { value: u32, mib: u64 },
+    #[error(
+        "route `{route}` never matches: route `{by}`, written before it, has the same host and path_prefix and as many conditions, which every request of `{route}` meets, so it takes them all; remove one, or make their conditions differ"
+    )]
+    ShadowedRoute { route: String, by: String },
     #[error("cluster `{cluster}` is not used by any route")]
     UnusedCluster { cluster: String },
     #[error(

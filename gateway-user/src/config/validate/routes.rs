@@ -28,8 +28,9 @@ use super::{
 };
 
 mod methods;
+mod shadowed;
 
-use self::methods::methods;
+use self::{methods::methods, shadowed::warn_shadowed};
 
 /// The routes in the order written (problems go to `c`).
 /// `redirect_port`: where a route's `https_redirect` sends a client.
@@ -101,6 +102,9 @@ pub(super) fn routes(
             request_headers,
             response_headers,
         });
+        if let Some((r, earlier)) = routes.split_last() {
+            warn_shadowed(c, earlier, r, &key);
+        }
     }
     if cfg.routes.is_empty() {
         match clusters.get("default") {
