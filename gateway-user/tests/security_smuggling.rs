@@ -842,6 +842,26 @@ async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
     assert_eq!(head.matches("\r\nhost: 127.0.0.1:").count(), 1, "{seen:?}");
 }
 
+/// An HTTP/1.0 client that asks for keep-alive, answered with a body of no length (chunked
+/// upstream; HTTP/1.0 has no chunked coding), is told `Connection: close`, since only the
+/// close can end that body. It was told `keep-alive`, then closed on. With a length, it keeps
+/// its connection.
+#[tokio::test]
+async fn an_http10_keep_alive_response_ended_by_the_close_says_close() {
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let req = b"GET / HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\n";
+    let (answer, _, _gw) = through("http10-close", CHUNKED, req).await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.0 200"), "{answer:?}");
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{answer:?}");
+    assert!(!lower.contains("keep-alive"), "{answer:?}");
+    assert!(answer.ends_with("\r\n\r\nhello"), "{answer:?}");
+    // With a length the connection is kept: the answer says so and the read runs to its limit.
+    let (answer, _, _gw) = through("http10-keep", OK, req).await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("\r\nconnection: keep-alive\r\n"), "{answer:?}");
+}
+
 /// `Connection` may name any header as hop-by-hop, and the gateway removes those; naming the
 /// request ID's header does not take the gateway's ID off the request it sends upstream.
 #[tokio::test]

@@ -339,9 +339,20 @@ fn grpc_error(e: &ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
 /// HTTP/2 connections get GOAWAY instead (`server`). A `101` never does: the connection is
 /// the tunnel's.
 fn keepalive_off(ex: &Exchange, h: &mut http::HeaderMap) {
-    if keepalive_over(ex) {
+    if keepalive_over(ex) || close_delimited(ex, h) {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
+}
+
+/// An HTTP/1.0 client's response with a body and no length, which only the connection's close
+/// can end (HTTP/1.0 has no chunked coding). hyper closes the connection after it but, when the
+/// client asked for keep-alive, still said `Connection: keep-alive`: a client that believes it
+/// waits for a next response on a connection about to close.
+fn close_delimited(ex: &Exchange, h: &http::HeaderMap) -> bool {
+    ex.record.version == Version::HTTP_10
+        && ex.record.method != http::Method::HEAD
+        && !matches!(ex.record.status, 100..=199 | 204 | 304)
+        && !h.contains_key(CONTENT_LENGTH)
 }
 
 fn keepalive_over(ex: &Exchange) -> bool {
