@@ -99,10 +99,19 @@ pub enum TlsProblem {
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error(
-        "the private key in {} belongs to certificate {position} of the chain in {}, not to the first: put the leaf (the server's own certificate) first, then the intermediates it was issued by (a file written CA first, or with the bundle before the certificate)",
+        "the private key in {} belongs to certificate {position} of the chain in {}, not to the first: put that certificate (the leaf, the one the key is for) first, then the intermediates it was issued by (a file written CA first, or with the bundle before the certificate)",
         key.display(), cert.display()
     )]
     LeafNotFirst {
+        cert: PathBuf,
+        key: PathBuf,
+        position: usize,
+    },
+    #[error(
+        "the private key in {} belongs to certificate {position} of the chain in {}, a CA certificate: it is an issuer's key, not the leaf's; use the key the first certificate was made with",
+        key.display(), cert.display()
+    )]
+    IssuersKey {
         cert: PathBuf,
         key: PathBuf,
         position: usize,

@@ -286,3 +286,55 @@ async fn a_reload_that_changes_a_cluster_keeps_its_ejected_endpoint_out() {
         "sent to the ejected endpoint: {retried:?}"
     );
 }
+
+/// A reload retires only the clusters it replaced: a cluster it left as it was keeps probing,
+/// so its ejected endpoint comes back once it answers again. (Were it retired too, its
+/// probes would stop and the endpoint stay out for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_a_reload_leaves_as_it_was_keeps_probing() {
+    use gateway_testkit::{
+        admin::{endpoint, status, wait_for},
+        ports::refused_addr,
+    };
+    let good = Upstream::start("good").await;
+    let other = Upstream::start("other").await;
+    let down = refused_addr();
+    let config = |b: &[std::net::SocketAddr]| {
+        let list: Vec<String> = b.iter().map(|e| format!("\"{e}\"")).collect();
+        format!(
+            "[clusters.a]\nendpoints = [\"{down}\", \"{}\"]\n[clusters.a.health]\n\
+             ejection_ms = 300\nprobe_interval_ms = 100\n\
+             [clusters.b]\nendpoints = [{}]\n\
+             [[routes]]\npath_prefix = \"/\"\ncluster = \"a\"\n\
+             [[routes]]\npath_prefix = \"/b/\"\ncluster = \"b\"\n",
+            good.addr,
+            list.join(", ")
+        )
+    };
+    let gw = gateway("reload-kept-probes", &config(&[other.addr])).await;
+    let (c, admin) = (client(), gw.handle.admin_addr().unwrap());
+    for _ in 0..4 {
+        assert_eq!(get(&c, gw.addr, "/").await.status, StatusCode::OK);
+    }
+    let text = format!(
+        "{}\n{}",
+        base_config(&gw.log),
+        config(&[other.addr, good.addr])
+    );
+    let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+        .unwrap()
+        .settings;
+    let report = gw.handle.reload(settings).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    // The endpoint answers again: cluster `a`'s probes bring it back.
+    let _listening = std::net::TcpListener::bind(down).unwrap();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the kept cluster's probes bring its endpoint back", || {
+            let s = status(admin);
+            let state = endpoint(&s, "a", down)["state"].clone();
+            (state == "healthy").then_some(()).ok_or(format!("{state}"))
+        })
+    })
+    .await
+    .unwrap();
+}

@@ -1440,8 +1440,8 @@ fn plain_http_is_redirected_to_https_but_where_a_route_or_a_trusted_proxy_says_n
 
 /// `forward_client_cert = true`: the upstream is told which certificate the client showed, as
 /// Envoy's `X-Forwarded-Client-Cert` (curl with a client certificate, over HTTP/2 and
-/// HTTP/1.1; the hash checked against openssl's), and the client's own
-/// `X-Forwarded-Client-Cert` never reaches it.
+/// HTTP/1.1; the hash checked against openssl's), and a client's own
+/// `X-Forwarded-Client-Cert` never reaches it, over either listener.
 #[test]
 fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1515,5 +1515,21 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
             .filter(|l| l.starts_with("x-forwarded-client-cert:"))
             .collect();
         assert_eq!(lines, [want.as_str()], "{version}: {text}");
+    }
+    // Over the plain listener, a client that names a certificate is not believed either.
+    for forged in ["X-Forwarded-Client-Cert", "X_Forwarded_Client_Cert"] {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "-H"])
+            .arg(format!("{forged}: Hash=00;URI=spiffe://admin"))
+            .arg(format!("http://{}/headers", gw.addr))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("x-request-id: "), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("client_cert")
+                && !text.to_ascii_lowercase().contains("client-cert"),
+            "{forged} reached the upstream: {text}"
+        );
     }
 }

@@ -848,7 +848,8 @@ async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
 /// its connection.
 #[tokio::test]
 async fn an_http10_keep_alive_response_ended_by_the_close_says_close() {
-    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    const CHUNKED: &[u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
     let req = b"GET / HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\n";
     let (answer, _, _gw) = through("http10-close", CHUNKED, req).await;
     let lower = answer.to_ascii_lowercase();
@@ -859,7 +860,10 @@ async fn an_http10_keep_alive_response_ended_by_the_close_says_close() {
     // With a length the connection is kept: the answer says so and the read runs to its limit.
     let (answer, _, _gw) = through("http10-keep", OK, req).await;
     let lower = answer.to_ascii_lowercase();
-    assert!(lower.contains("\r\nconnection: keep-alive\r\n"), "{answer:?}");
+    assert!(
+        lower.contains("\r\nconnection: keep-alive\r\n"),
+        "{answer:?}"
+    );
 }
 
 /// `Connection` may name any header as hop-by-hop, and the gateway removes those; naming the

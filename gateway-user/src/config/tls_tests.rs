@@ -110,7 +110,8 @@ fn certificate_problems_name_the_file_the_line_and_the_key() {
     // The CA first, then the leaf: a chain written in the wrong order.
     let ca = std::fs::read_to_string(pki.path("ca.pem")).unwrap();
     let good = std::fs::read_to_string(pki.path("good.pem")).unwrap();
-    std::fs::write(pki.path("reversed.pem"), ca + &good).unwrap();
+    std::fs::write(pki.path("reversed.pem"), ca.clone() + &good).unwrap();
+    std::fs::write(pki.path("chain.pem"), good + &ca).unwrap();
     for (tls, key, words) in [
         (
             "cert_file = \"missing.pem\"\nkey_file = \"good.key\"\n",
@@ -156,6 +157,11 @@ fn certificate_problems_name_the_file_the_line_and_the_key() {
             "cert_file = \"reversed.pem\"\nkey_file = \"good.key\"\n",
             "router.tls.key_file",
             "belongs to certificate 2 of the chain",
+        ),
+        (
+            "cert_file = \"chain.pem\"\nkey_file = \"ca.key\"\n",
+            "router.tls.key_file",
+            "a CA certificate: it is an issuer's key",
         ),
         (
             "cert_file = \"good.pem\"\nkey_file = \"good.key\"\nforward_client_cert = true\n",

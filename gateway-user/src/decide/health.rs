@@ -398,6 +398,27 @@ impl EndpointHealth {
         Transition::None
     }
 
+    /// A reload changed what judged the endpoint (its health checks, TLS or protocol): an
+    /// ejection ends now, and the next probe, under the new settings, decides.
+    pub fn end_ejection(&mut self, now: Instant) {
+        if self.state == State::Ejected {
+            self.ejected_until = Some(now);
+        }
+    }
+
+    /// Routable again as suspect (fail-open), as an ejection past the budget would have been
+    /// kept: a reload left fewer endpoints than the ejections it carried allow.
+    pub fn fail_open(&mut self, now: Instant) -> Transition {
+        if self.routable() {
+            return Transition::None;
+        }
+        let reason = self.reason.unwrap_or(Reason::ProbeFailed);
+        self.ejected_until = None;
+        self.probe_successes = 0;
+        self.set(State::Suspect, Some(reason), now);
+        Transition::EjectionRefused(reason)
+    }
+
     /// Time passing: an ejection that has run out turns into probing.
     pub fn tick(&mut self, now: Instant) -> Transition {
         if self.state == State::Ejected && self.ejected_until.is_some_and(|t| now >= t) {

@@ -126,14 +126,23 @@ pub(crate) fn admit(
     (Peer::Trusted, source)
 }
 
-/// The client certificate this hop verified (`[router.tls] forward_client_cert`), in place of
-/// any `X-Forwarded-Client-Cert` the request carried, whoever sent it. After the hop-by-hop
-/// strip: a `Connection` that named the header does not take it out.
-pub(crate) fn client_cert(headers: &mut HeaderMap, cert: Option<&HeaderValue>) {
+/// With `[router.tls] forward_client_cert` on (`forward`, as the current config says), the
+/// gateway alone speaks for client certificates: every request loses the
+/// `X-Forwarded-Client-Cert` it carried (also spelt with `_`), whoever sent it and on whichever
+/// listener, and one over a connection that showed a certificate (`cert`) gets the one this
+/// hop verified. After the hop-by-hop strip: a `Connection` that named the header does not take
+/// it out. Envoy's `SANITIZE_SET` does the same.
+pub(crate) fn client_cert(headers: &mut HeaderMap, forward: bool, cert: Option<&HeaderValue>) {
+    if !forward {
+        return;
+    }
+    remove_spelt_as(headers, &CLIENT_CERT, true);
     if let Some(cert) = cert {
         headers.insert(crate::tls::client_cert::HEADER, cert.clone());
     }
 }
+
+static CLIENT_CERT: [HeaderName; 1] = [crate::tls::client_cert::HEADER];
 
 /// Removes every header that is one of `names`, also spelt with `_` for `-`; with `exact`
 /// false, only those `_` spellings.

@@ -89,8 +89,9 @@ pub(crate) struct Client {
     pub loopback_listener: bool,
     /// The TLS version of an HTTPS connection.
     pub tls: Option<&'static str>,
-    /// Its client certificate as `X-Forwarded-Client-Cert` says it, when the HTTPS listener
-    /// forwards it (`[router.tls] forward_client_cert`).
+    /// The certificate it showed (an HTTPS listener with `client_ca_file`), as
+    /// `X-Forwarded-Client-Cert` says it: sent upstream under `[router.tls]
+    /// forward_client_cert`.
     pub client_cert: Option<http::HeaderValue>,
     /// The connection's drain, which an upgraded connection takes over.
     pub drain: Drain,

@@ -298,18 +298,12 @@ async fn serve_tls(
         let tls = io.get_ref().1;
         let version = crate::tls::version_label(tls.protocol_version());
         let h2 = tls.alpn_protocol() == Some(b"h2");
-        // Once per connection, with the settings current as it arrived.
-        let forward = shared
-            .runtime
-            .load()
-            .settings
-            .https
-            .as_ref()
-            .is_some_and(|h| h.forward_client_cert);
+        // Once per connection (only a `client_ca_file` listener asks for one); whether it goes
+        // upstream is the config's of each request, so that a reload turning
+        // `forward_client_cert` on applies to open connections too.
         let cert = tls
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .filter(|_| forward)
             .map(|leaf| crate::tls::client_cert::forwarded(leaf));
         let mut client = client(peer, on, Some(version), drain);
         Arc::get_mut(&mut client)

@@ -90,7 +90,9 @@ fn rfc4514(name: &X509Name) -> String {
 }
 
 /// RFC 4514 section 2.4: `+,;<>\` anywhere, `#` or a space first and a space last take a
-/// backslash; a control character is `\` and its two hex digits (it could not go in a header).
+/// backslash; a control character, and each byte of a character past ASCII, is `\` and two
+/// hex digits (a control character could not go in a header; an upstream may read other bytes
+/// as Latin-1).
 /// A `"` is left to [`quoted`], whose `\"` is the escape both read (as Envoy's subject has it:
 /// OpenSSL's `\"`, in quotes that escape nothing more).
 fn escape_rfc4514(out: &mut String, v: &str) {
@@ -102,8 +104,12 @@ fn escape_rfc4514(out: &mut String, v: &str) {
         {
             out.push('\\');
             out.push(c);
-        } else if c.is_ascii_control() {
-            let _ = write!(out, "\\{:02x}", c as u32);
+        } else if c.is_ascii_control() || !c.is_ascii() {
+            // OpenSSL's RFC 2253 form, which Envoy sends: each byte of the UTF-8 as `\XX`.
+            let mut utf8 = [0; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                let _ = write!(out, "\\{b:02X}");
+            }
         } else {
             out.push(c);
         }

@@ -155,7 +155,12 @@ pub fn load_pair(
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
             let (cert, key) = (cert.to_owned(), key.to_owned());
             let p = match key_owner(&certified) {
-                Some(i) if i > 0 => TlsProblem::LeafNotFirst {
+                Some((i, false)) if i > 0 => TlsProblem::LeafNotFirst {
+                    cert,
+                    key,
+                    position: i + 1,
+                },
+                Some((i, true)) => TlsProblem::IssuersKey {
                     cert,
                     key,
                     position: i + 1,
@@ -187,14 +192,15 @@ pub fn load_pair(
     })
 }
 
-/// Which certificate of the chain the key's public key is in, if any: a key that matches no
-/// leaf may be the leaf's, written after its issuers.
-fn key_owner(certified: &CertifiedKey) -> Option<usize> {
+/// Which certificate of the chain the key's public key is in, if any, and whether that one is
+/// a CA's: a key that matches no leaf may be the leaf's, written after its issuers, or an
+/// issuer's own.
+fn key_owner(certified: &CertifiedKey) -> Option<(usize, bool)> {
     use x509_parser::prelude::{FromDer as _, X509Certificate};
     let spki = certified.key.public_key()?;
-    certified.cert.iter().position(|c| {
-        X509Certificate::from_der(c)
-            .is_ok_and(|(_, x)| x.tbs_certificate.subject_pki.raw == spki.as_ref())
+    certified.cert.iter().enumerate().find_map(|(i, c)| {
+        let (_, x) = X509Certificate::from_der(c).ok()?;
+        (x.tbs_certificate.subject_pki.raw == spki.as_ref()).then(|| (i, x.is_ca()))
     })
 }
 

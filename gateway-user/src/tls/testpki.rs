@@ -26,6 +26,7 @@ impl TestPki {
         let ca_key = KeyPair::generate().unwrap();
         let ca = ca_params.clone().self_signed(&ca_key).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("ca.key"), ca_key.serialize_pem()).unwrap();
         TestPki {
             dir,
             ca_key,

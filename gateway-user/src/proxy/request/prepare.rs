@@ -110,10 +110,16 @@ pub(super) fn prepare(
         .as_ref()
         .zip(ex.record.request_id.as_ref());
     let affinity = super::affinity::key(&cluster, &parts.headers, ex.record.client_ip());
+    // The gateway alone speaks for client certificates once it forwards them.
+    let forward_cert = rt
+        .settings
+        .https
+        .as_ref()
+        .is_some_and(|h| h.forward_client_cert);
     let upgrade = for_upstream(
         &mut parts,
         (route, &cluster),
-        (client, peer),
+        (client, peer, forward_cert),
         authority.as_ref(),
         id,
     )?;
@@ -235,7 +241,7 @@ fn same_route(a: Option<&Arc<CompiledRoute>>, b: Option<&Arc<CompiledRoute>>) ->
 fn for_upstream(
     parts: &mut Parts,
     (route, cluster): (&CompiledRoute, &Cluster),
-    (client, peer): (&Client, Peer),
+    (client, peer, forward): (&Client, Peer, bool),
     authority: Option<&HeaderValue>,
     request_id: Option<(&HeaderName, &HeaderValue)>,
 ) -> Result<Option<OnUpgrade>, ProxyError> {
@@ -275,7 +281,7 @@ fn for_upstream(
             what: "a transfer coding other than chunked",
         });
     }
-    forwarded::client_cert(&mut parts.headers, client.client_cert.as_ref());
+    forwarded::client_cert(&mut parts.headers, forward, client.client_cert.as_ref());
     // A client's `Connection` may name the request ID's header, which the strip then took
     // out: the ID the gateway assigned goes upstream all the same.
     if stripped.listed

@@ -79,7 +79,7 @@ pub(super) fn respond(
             .and_then(|v| GrpcCode::parse(v.as_bytes()))
             .map(|c| c.0);
     }
-    keepalive_off(&ex, &mut parts.headers);
+    keepalive_off(&ex, &mut parts);
     let mut lease = up.lease;
     // The upstream's own idle limit for the connection, read as the header was stripped.
     lease.conn.keep_alive = stripped
@@ -338,9 +338,17 @@ fn grpc_error(e: &ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
 /// says `Connection: close`: the client reconnects, through its load balancer, elsewhere.
 /// HTTP/2 connections get GOAWAY instead (`server`). A `101` never does: the connection is
 /// the tunnel's.
-fn keepalive_off(ex: &Exchange, h: &mut http::HeaderMap) {
-    if keepalive_over(ex) || close_delimited(ex, h) {
-        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+fn keepalive_off(ex: &Exchange, parts: &mut http::response::Parts) {
+    let close_delimited = close_delimited(ex, &parts.headers);
+    if close_delimited {
+        // To an HTTP/1.0 client, hyper adds `keep-alive` to a response of version 1.1 without
+        // it, whatever the body's length; of version 1.0, it closes.
+        parts.version = Version::HTTP_10;
+    }
+    if keepalive_over(ex) || close_delimited {
+        parts
+            .headers
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 

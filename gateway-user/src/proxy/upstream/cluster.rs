@@ -1,7 +1,7 @@
 //! A running upstream cluster: what its parts share (the spec, the endpoints, the connection
 //! slots, the budgets, the kernel signals, the metrics), how evidence reaches an endpoint's
 //! health, and the background tasks that end when the cluster is dropped (idle sweep, probes,
-//! DNS refresh, the latency evaluator). Each part lives in its own module: `endpoint` (the set and picking),
+//! DNS refresh, the latency evaluator) or, but for the sweep, retired by a reload. Each part lives in its own module: `endpoint` (the set and picking),
 //! `checkout` (pool, slots, pending queue), `latency` (peak-EWMA, slow endpoints), `connect` and `hedge` (new connections), `probe`,
 //! `resolve`.
 
@@ -74,8 +74,9 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Resolves the endpoints and starts the cluster's background tasks, which end when the
-    /// cluster is dropped. `previous`: the cluster of the same name this one replaces (a
-    /// reload), whose names' state carries on (`resolve::Names::at_start`).
+    /// cluster is dropped or retired (the idle sweep only when dropped). `previous`: the
+    /// cluster of the same name this one replaces (a reload), whose names' state
+    /// (`resolve::Names::at_start`) and endpoints' health ([`successor`]) carry on.
     pub async fn start(
         spec: ClusterSpec,
         signals: Arc<dyn SignalSource>,
@@ -113,6 +114,9 @@ impl Cluster {
             lookups,
             retired: AtomicBool::new(false),
         });
+        if let Some(p) = previous {
+            cluster.settle_carried(&p.spec);
+        }
         tokio::spawn(sweep_idle(Arc::downgrade(&cluster)));
         tokio::spawn(probe::run(Arc::downgrade(&cluster)));
         tokio::spawn(latency::run(Arc::downgrade(&cluster)));
@@ -176,9 +180,7 @@ impl Cluster {
         // the whole pool), past `max_ejected_percent`, and left no endpoint to fail open to.
         let t = if ev.is_failure() {
             let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
-            let may = self
-                .set
-                .may_eject(self.spec.health.machine.max_ejected_percent);
+            let may = self.may_eject();
             ep.health.observe(ev, now, &self.spec, may, detail)
         } else {
             ep.health.observe(ev, now, &self.spec, false, detail)
@@ -186,13 +188,58 @@ impl Cluster {
         self.log_transition(ep, t, detail);
     }
 
+    /// Whether one more endpoint may be ejected (the caller holds `ejecting`). Never by a
+    /// retired cluster: its requests still report to the health its successor shares, but
+    /// against the old set and under another lock than the successor's, and two such checks
+    /// could both pass and eject past `max_ejected_percent`.
+    fn may_eject(&self) -> bool {
+        !self.retired()
+            && self
+                .set
+                .may_eject(self.spec.health.machine.max_ejected_percent)
+    }
+
+    /// A reload replaced or removed the cluster ([`Cluster::retire`]).
+    pub(super) fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// What the endpoints must not keep of the health they carried on from the cluster this one
+    /// replaced, `was` its spec: an ejection judged under settings the reload changed (the
+    /// health checks, TLS or the protocol: a wrong `probe_path` fixed) ends, for the next probe
+    /// to decide under the new ones; and ejections past the new set's budget (a reload that
+    /// took out the healthy endpoints) fail open, as one more ejection would have. The metrics
+    /// show the state carried, not a new endpoint's `healthy`.
+    fn settle_carried(&self, was: &ClusterSpec) {
+        let eps = self.endpoints();
+        let s = &self.spec;
+        if s.health != was.health || s.tls != was.tls || s.protocol != was.protocol {
+            for e in &eps {
+                e.health.end_ejection();
+            }
+        }
+        let percent = s.health.machine.max_ejected_percent;
+        let mut out = eps.iter().filter(|e| !e.health.routable()).count();
+        for e in eps.iter().filter(|e| !e.health.routable()) {
+            if crate::decide::health::may_eject(eps.len(), out - 1, percent) {
+                break;
+            }
+            let t = e
+                .health
+                .fail_open(&|| "a reload left fewer endpoints".to_owned());
+            self.log_transition(e, t, &|| "a reload left fewer endpoints".to_owned());
+            out -= 1;
+        }
+        for e in &eps {
+            e.meter.state(e.state(s));
+        }
+    }
+
     /// An active probe's evidence.
     pub(super) fn report_probe(&self, ep: &Endpoint, ev: Evidence, detail: &str) {
         let t = {
             let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
-            let may = self
-                .set
-                .may_eject(self.spec.health.machine.max_ejected_percent);
+            let may = self.may_eject();
             ep.health.probe(ev, &self.spec, may, &|| detail.to_owned())
         };
         self.log_transition(ep, t, &|| detail.to_owned());
@@ -271,9 +318,7 @@ pub(super) fn successor(mut ep: Endpoint, current: &[Arc<Endpoint>]) -> Arc<Endp
 
 /// The cluster, for a background task's next round: none once it was dropped or retired.
 pub(super) fn live(cluster: &Weak<Cluster>) -> Option<Arc<Cluster>> {
-    cluster
-        .upgrade()
-        .filter(|c| !c.retired.load(Ordering::Relaxed))
+    cluster.upgrade().filter(|c| !c.retired())
 }
 
 /// Closes expired and dead idle connections, every half idle timeout (at least 1 s).

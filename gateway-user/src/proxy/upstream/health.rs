@@ -156,8 +156,8 @@ impl HealthCell {
         self.routable.load(Ordering::Relaxed)
     }
 
-    /// Became routable again now, or is a new address from a DNS refresh (`resolve`): slow
-    /// start's ramp begins. Tests call it to start a ramp without an ejection.
+    /// Became routable again now, or is a new address from a DNS refresh or a reload
+    /// (`cluster::successor`): slow start's ramp begins. Tests call it to start a ramp without an ejection.
     pub(crate) fn came_back(&self) {
         let back = self.epoch.elapsed().as_millis() as u64 + 1;
         self.back_at_ms.store(back, Ordering::Relaxed);
@@ -283,6 +283,20 @@ impl HealthCell {
         let t = inner
             .health
             .probe(ev, Instant::now(), &spec.health.machine, may_eject);
+        Self::log(&mut inner, t, detail);
+        self.publish(&inner);
+        t
+    }
+
+    /// See [`EndpointHealth::end_ejection`]: the next tick turns it into probing.
+    pub fn end_ejection(&self) {
+        self.lock().health.end_ejection(Instant::now());
+    }
+
+    /// See [`EndpointHealth::fail_open`].
+    pub fn fail_open(&self, detail: &dyn Fn() -> String) -> Transition {
+        let mut inner = self.lock();
+        let t = inner.health.fail_open(Instant::now());
         Self::log(&mut inner, t, detail);
         self.publish(&inner);
         t

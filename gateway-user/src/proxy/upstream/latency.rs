@@ -245,7 +245,7 @@ impl ClusterLatency {
 }
 
 /// Re-evaluates the cluster's slow endpoints every [`EVALUATE_EVERY`] until the cluster is
-/// dropped; only `peak_ewma` acts on slowness, other policies just keep the estimates.
+/// dropped or retired; only `peak_ewma` acts on slowness, other policies just keep the estimates.
 pub(super) async fn run(cluster: Weak<Cluster>) {
     let mut every = tokio::time::interval(EVALUATE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

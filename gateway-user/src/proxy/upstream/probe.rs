@@ -29,7 +29,8 @@ use crate::{
 /// How often the probe loop looks at the endpoints.
 pub const TICK: Duration = Duration::from_millis(100);
 
-/// Until the cluster is dropped: tick each endpoint's health and start the probes that are due.
+/// Until the cluster is dropped or retired: tick each endpoint's health and start the probes
+/// that are due.
 pub(super) async fn run(cluster: Weak<Cluster>) {
     loop {
         tokio::time::sleep(TICK).await;
@@ -50,6 +51,8 @@ pub(super) async fn run(cluster: Weak<Cluster>) {
 async fn probe(cluster: Arc<Cluster>, ep: Arc<Endpoint>) {
     let (result, detail) = check(&cluster, &ep).await;
     match probe::evidence(result) {
+        // A reload replaced the cluster meanwhile: judged by settings no longer in force.
+        Some(_) if cluster.retired() => {}
         Some(ev) => cluster.report_probe(&ep, ev, &detail),
         None => {
             tracing::debug!(cluster = %cluster.name, upstream = %ep.addr, detail, "probe inconclusive (a local failure)")

@@ -275,7 +275,7 @@ pub(crate) fn has_host_names(spec: &ClusterSpec) -> bool {
         .any(|e| matches!(e.address, EndpointAddr::Host { .. }))
 }
 
-/// Re-resolves every `dns_refresh` until the cluster is dropped. A name that does not resolve
+/// Re-resolves every `dns_refresh` until the cluster is dropped or retired. A name that does not resolve
 /// keeps the addresses it last resolved to ([`Names`]); it is logged when it starts failing
 /// and when it resolves again, not at every refresh, and counted at every one
 /// (`gateway_dns_resolution_failures_total`).

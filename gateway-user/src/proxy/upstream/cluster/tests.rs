@@ -104,9 +104,58 @@ async fn a_replacing_cluster_carries_on_each_hosts_health() {
         "the added endpoint ramps up"
     );
 
+    assert!(Arc::ptr_eq(
+        &old.endpoints()[1].latency,
+        &new.endpoints()[1].latency
+    ));
+
     let weak = Arc::downgrade(&old);
     assert!(live(&weak).is_some());
     old.retire();
     assert!(live(&weak).is_none(), "its tasks stop at their next round");
     assert!(live(&Arc::downgrade(&new)).is_some());
+    // A retired cluster's requests still report, but never eject: the budget is its
+    // successor's to keep.
+    let old_eps = old.endpoints();
+    old.report(&old_eps[1], Evidence::Refused, &|| "RST".to_owned());
+    assert!(eps[1].health.routable(), "kept routable (suspect)");
+}
+
+/// What a reload's successor does not keep: ejections past the new set's budget (the healthy
+/// endpoint removed) fail open, and a change to the health settings ends an ejection for the
+/// new probes to decide.
+#[tokio::test]
+async fn a_reload_fails_open_past_the_budget_and_rejudges_under_new_checks() {
+    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
+    let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::default());
+    let start = |spec, previous: Option<Arc<Cluster>>| {
+        let (signals, meter) = (signals.clone(), t.cluster("a"));
+        async move { Cluster::start(spec, signals, (1, meter), previous.as_deref()).await }
+    };
+    let old = start(spec_of(&[9001, 9002], ""), None).await;
+    old.report(&old.endpoints()[0], Evidence::Refused, &|| "RST".to_owned());
+    assert!(!old.endpoints()[0].health.routable());
+    let alone = start(spec_of(&[9001], ""), Some(old.clone())).await;
+    let ep = &alone.endpoints()[0];
+    assert!(ep.health.routable(), "the last endpoint fails open");
+    assert_eq!(ep.health.state(), crate::decide::health::State::Suspect);
+
+    let old = start(spec_of(&[9001, 9002], ""), None).await;
+    old.report(&old.endpoints()[0], Evidence::Refused, &|| "RST".to_owned());
+    let same = start(
+        spec_of(&[9001, 9002], "lb_policy = \"least_request\""),
+        Some(old.clone()),
+    )
+    .await;
+    let (t0, _) = same.endpoints()[0].health.tick(&same.spec);
+    assert_eq!(t0, crate::decide::health::Transition::None, "still ejected");
+    let mut rechecked = spec_of(&[9001, 9002], "");
+    rechecked.health.machine.probe_interval = Duration::from_millis(50);
+    let new = start(rechecked, Some(same.clone())).await;
+    let (t1, _) = new.endpoints()[0].health.tick(&new.spec);
+    assert_eq!(
+        t1,
+        crate::decide::health::Transition::Probing,
+        "new health settings: probed at once"
+    );
 }
