@@ -110,6 +110,9 @@ pub struct GatewayHandle {
     /// A descriptor of every listening socket, for a binary upgrade; closed when draining
     /// starts, so that the sockets close as soon as the workers stop accepting.
     sockets: Vec<(Role, SocketAddr, std::net::TcpListener)>,
+    /// One reload at a time: two built from the same generation could each retire a cluster
+    /// the other kept, leaving it serving with its probes stopped.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// How a drain ended.
@@ -222,6 +225,7 @@ pub async fn start_inheriting(
         phase,
         workers_done,
         sockets,
+        reloading: tokio::sync::Mutex::new(()),
     })
 }
 
@@ -295,6 +299,7 @@ impl GatewayHandle {
     /// Swaps in new settings. Requests in flight finish on the generation they started on;
     /// new requests take the new one at once.
     pub async fn reload(&self, settings: Settings) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
         let current = self.shared.runtime.load_full();
         let mut report = ReloadReport::default();
         if settings.listen != current.settings.listen {

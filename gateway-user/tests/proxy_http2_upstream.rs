@@ -37,8 +37,9 @@ fn established_to(addr: std::net::SocketAddr) -> usize {
 }
 
 /// nginx's log lines: (protocol, connection number, status).
-fn upstream_lines(path: &std::path::Path) -> Vec<(String, u64, u16)> {
-    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(path))
+/// The upstream's log lines, once it has at least `at_least` (see `peers::settled_log`).
+fn upstream_lines(path: &std::path::Path, at_least: usize) -> Vec<(String, u64, u16)> {
+    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(path, at_least))
         .lines()
         .filter_map(|l| {
             let mut f = l.split(' ');
@@ -84,7 +85,7 @@ async fn h2load_through_an_h2c_upstream_is_multiplexed() {
         r.text
     );
     assert_eq!(r.status_2xx, 20000, "{}", r.text);
-    let lines = upstream_lines(&nginx.log);
+    let lines = upstream_lines(&nginx.log, 20000);
     assert_eq!(lines.len(), 20000);
     assert!(
         lines.iter().all(|(p, _, s)| p == "HTTP/2.0" && *s == 200),
@@ -227,7 +228,7 @@ async fn goaway_load(name: &str, keepalive: u32) {
         r.text
     );
     assert_eq!(r.status_2xx, 20000, "{}", r.text);
-    let lines = upstream_lines(&nginx.log);
+    let lines = upstream_lines(&nginx.log, 20000);
     let conns: BTreeSet<u64> = lines.iter().map(|(_, c, _)| *c).collect();
     // Once the gateway has learned the upstream's limit (two connections), each connection
     // carries that many requests: hardly more connections than the minimum. Before it learned
@@ -368,7 +369,7 @@ async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
             let got = get(&client(), gw.addr, "/x").await;
             assert_eq!(got.status, 200, "{protocol}: {}", got.body);
         }
-        let lines = upstream_lines(&nginx.log);
+        let lines = upstream_lines(&nginx.log, 3);
         assert_eq!(lines.len(), 3, "{protocol}");
         assert!(
             lines.iter().all(|(p, _, _)| p == want),
@@ -400,7 +401,7 @@ async fn a_request_without_a_usable_host_to_an_http2_upstream_is_a_400() {
     let ok = get(&client(), gw.addr, "/c").await;
     assert_eq!(ok.status, http::StatusCode::OK, "{}", ok.body);
     assert_eq!(
-        upstream_lines(&nginx.log).len(),
+        upstream_lines(&nginx.log, 1).len(),
         1,
         "only the request with a host reached the upstream"
     );
@@ -430,7 +431,7 @@ async fn curl_http2_over_http_reaches_an_h2c_upstream() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1.1", "{stderr}");
     assert_eq!(
-        upstream_lines(&nginx.log).len(),
+        upstream_lines(&nginx.log, 1).len(),
         1,
         "it reached the upstream"
     );

@@ -281,7 +281,7 @@ async fn the_client_a_load_balancer_names_is_the_client_and_no_one_else_can_name
         );
 
         // A load balancer that sends no header: closed, nothing reaches the upstream.
-        let served_before = gateway_testkit::peers::settled_log(&nginx_dir.join("access.log"))
+        let served_before = gateway_testkit::peers::settled_log(&nginx_dir.join("access.log"), 0)
             .lines()
             .count();
         let (code, body) = curl("127.0.0.2", &url(lb.none, "/f"), &[]);
@@ -303,7 +303,8 @@ async fn the_client_a_load_balancer_names_is_the_client_and_no_one_else_can_name
         let mut answer = String::new();
         let _ = s.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        let upstream_log = gateway_testkit::peers::settled_log(&nginx_dir.join("access.log"));
+        let upstream_log =
+            gateway_testkit::peers::settled_log(&nginx_dir.join("access.log"), served_before + 1);
         assert_eq!(
             upstream_log.lines().count(),
             served_before + 1,

@@ -114,7 +114,7 @@ fn curl(url: &str, method: &str, n: usize) -> Vec<String> {
 
 /// nginx's access log lines for `port`: (connection, requests on it, method, status).
 fn served(log: &Path, port: u16) -> Vec<(u64, u64, String, u16)> {
-    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(log))
+    tokio::task::block_in_place(|| gateway_testkit::peers::settled_log(log, 0))
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();

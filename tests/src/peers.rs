@@ -471,16 +471,18 @@ pub fn nginx_listening(dir: &Path, conf: &Path, addrs: &[SocketAddr]) -> NginxPr
     process
 }
 
-/// A peer's log file once it has stopped growing (unchanged over 100 ms, read for at most
-/// 5 s). nginx writes a request's log line when it finalizes the request, after the client may
-/// already have the answer: a log read right after the last answer can miss its line.
-pub fn settled_log(path: &Path) -> String {
+/// A peer's log file once it has at least `at_least` lines and has stopped growing (unchanged
+/// over 100 ms), read for at most 5 s. nginx writes a request's log line when it finalizes the
+/// request, after the client may already have the answer: a log read right after the last
+/// answer can miss its line.
+pub fn settled_log(path: &Path, at_least: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut text = std::fs::read_to_string(path).unwrap_or_default();
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let again = std::fs::read_to_string(path).unwrap_or_default();
-        if again == text || Instant::now() >= deadline {
+        let settled = again == text && again.lines().count() >= at_least;
+        if settled || Instant::now() >= deadline {
             return again;
         }
         text = again;
