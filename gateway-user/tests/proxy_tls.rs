@@ -1446,6 +1446,7 @@ fn plain_http_is_redirected_to_https_but_where_a_route_or_a_trusted_proxy_says_n
 fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let up = rt.block_on(gateway_testkit::upstream::Upstream::start("xfcc"));
+    let sec = rt.block_on(gateway_testkit::upstream::Upstream::start("sec"));
     let dir = temp_dir("tls-xfcc");
     let pki = Pki::new(&dir, "ca");
     pki.leaf("a", &["a.test"]);
@@ -1461,8 +1462,11 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
         base + &format!(
             "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
              forward_client_cert = true\n[router.upstream]\nendpoints = [\"{}\"]\n\
-             [observer]\nmode = \"off\"\n",
-            up.addr
+             [clusters.sec]\nendpoints = [\"{}\"]\n\
+             [[routes]]\npath_prefix = \"/sec/\"\ncluster = \"sec\"\n\
+             headers = [{{ name = \"x-forwarded-client-cert\", present = true }}]\n\
+             [[routes]]\ncluster = \"default\"\n[observer]\nmode = \"off\"\n",
+            up.addr, sec.addr
         ),
     )
     .unwrap();
@@ -1516,7 +1520,29 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
             .collect();
         assert_eq!(lines, [want.as_str()], "{version}: {text}");
     }
-    // Over the plain listener, a client that names a certificate is not believed either.
+    // A route for clients with a certificate: an mTLS client reaches it.
+    let (code, _, text) = curl(
+        addr,
+        &dir.join("ca.pem"),
+        "a.test",
+        "/sec/x",
+        &["--cert", &cc, "--key", &ck],
+    );
+    assert_eq!((code, sec.hits()), (200, 1), "{text}");
+    // Over the plain listener, a client that names a certificate is not believed, by the
+    // routes either.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg("X-Forwarded-Client-Cert: Hash=00")
+        .arg(format!("http://{}/sec/x", gw.addr))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        sec.hits(),
+        1,
+        "a forged header reached the route of certified clients"
+    );
     for forged in ["X-Forwarded-Client-Cert", "X_Forwarded_Client_Cert"] {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "5", "-H"])

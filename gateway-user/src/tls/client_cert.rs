@@ -2,19 +2,16 @@
 //! element of Envoy's `X-Forwarded-Client-Cert`, `Hash=…;Subject="…";URI=…;DNS=…`, the
 //! header Envoy writes with `forward_client_cert_details: SANITIZE_SET` and its subject, URI
 //! and DNS details, and which Istio, Linkerd's and SPIFFE's tooling read. `Hash` is the
-//! SHA-256 of the certificate's DER, in lowercase hex; `Subject` its subject in RFC 4514
-//! form (the last RDN first, Envoy's and OpenSSL's `RFC2253` order); `URI` and `DNS` each of
-//! its alternative names of that kind. rustls has verified the chain before this reads it.
+//! SHA-256 of the certificate's DER, in lowercase hex; `Subject` its subject in OpenSSL's RFC
+//! 2253 form, as Envoy sends it; `URI` and `DNS` each of its alternative names of that kind.
+//! rustls has verified the chain before this reads it.
 
 use std::fmt::Write as _;
 
 use http::{HeaderName, HeaderValue};
 use x509_parser::{
-    certificate::X509Certificate,
-    extensions::GeneralName,
-    objects::{oid_registry, oid2abbrev},
-    prelude::FromDer as _,
-    x509::X509Name,
+    certificate::X509Certificate, der_parser::asn1_rs::ToDer as _, extensions::GeneralName,
+    prelude::FromDer as _, x509::X509Name,
 };
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -30,7 +27,7 @@ pub fn forwarded(der: &[u8]) -> HeaderValue {
     let hash_only = HeaderValue::from_str(&out).expect("hex digits");
     if let Ok((_, cert)) = X509Certificate::from_der(der) {
         out.push_str(";Subject=");
-        quoted(&mut out, &rfc4514(cert.subject()));
+        quoted(&mut out, &rfc2253(cert.subject()));
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             let names = &san.value.general_names;
             // Envoy's order: the URIs, then the DNS names.
@@ -42,7 +39,7 @@ pub fn forwarded(der: &[u8]) -> HeaderValue {
                 GeneralName::DNSName(v) => Some((";DNS=", v)),
                 _ => None,
             });
-            for (key, v) in uris.chain(dns) {
+            for (key, v) in uris.chain(dns).filter(|(_, v)| plain(v)) {
                 out.push_str(key);
                 element_value(&mut out, v);
             }
@@ -51,36 +48,35 @@ pub fn forwarded(der: &[u8]) -> HeaderValue {
     HeaderValue::from_str(&out).unwrap_or(hash_only)
 }
 
-/// An X.509 name as RFC 4514 writes it: the last RDN first, RDNs joined by `,`, the attributes
-/// of one by `+`, each `type=value` with its special characters escaped. A value that is no
-/// string (RFC 4514 section 2.4) is `#` and the hex of its content.
-fn rfc4514(name: &X509Name) -> String {
+/// An X.509 name as OpenSSL's RFC 2253 form writes it (`openssl x509 -nameopt RFC2253`, and
+/// so Envoy's `Subject`): every attribute in reverse order, those of one RDN joined by `+`,
+/// RDNs by `,`; each `name=value`, the name OpenSSL's ([`NAMES`]), the value escaped as RFC
+/// 4514 has it. An attribute OpenSSL has no name for is its OID, `=#` and the hex of its DER,
+/// and so is a value that is no string.
+fn rfc2253(name: &X509Name) -> String {
     let mut out = String::new();
-    for (i, rdn) in name
-        .iter_rdn()
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .enumerate()
-    {
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    for (i, rdn) in rdns.into_iter().rev().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        for (j, attr) in rdn.iter().enumerate() {
+        let attrs: Vec<_> = rdn.iter().collect();
+        for (j, attr) in attrs.into_iter().rev().enumerate() {
             if j > 0 {
                 out.push('+');
             }
-            match oid2abbrev(attr.attr_type(), oid_registry()) {
-                Ok(abbrev) => out.push_str(abbrev),
-                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
-            }
+            let oid = attr.attr_type().to_id_string();
+            let known = NAMES.iter().find(|(o, _)| *o == oid).map(|(_, n)| *n);
+            out.push_str(known.unwrap_or(&oid));
             out.push('=');
-            match attr.as_str() {
-                Ok(v) => escape_rfc4514(&mut out, v),
-                Err(_) => {
+            match (known, attr.as_str()) {
+                (Some(_), Ok(v)) => escape_rfc4514(&mut out, v),
+                _ => {
                     out.push('#');
-                    for b in attr.attr_value().data {
-                        let _ = write!(out, "{b:02x}");
+                    let value = attr.attr_value();
+                    let der = value.to_der_vec().unwrap_or_else(|_| value.data.to_vec());
+                    for b in der {
+                        let _ = write!(out, "{b:02X}");
                     }
                 }
             }
@@ -88,6 +84,38 @@ fn rfc4514(name: &X509Name) -> String {
     }
     out
 }
+
+/// OpenSSL's names of the attributes a subject holds (`objects.txt`: the short name, else the
+/// long one), by OID.
+const NAMES: [(&str, &str); 27] = [
+    ("2.5.4.3", "CN"),
+    ("2.5.4.4", "SN"),
+    ("2.5.4.5", "serialNumber"),
+    ("2.5.4.6", "C"),
+    ("2.5.4.7", "L"),
+    ("2.5.4.8", "ST"),
+    ("2.5.4.9", "street"),
+    ("2.5.4.10", "O"),
+    ("2.5.4.11", "OU"),
+    ("2.5.4.12", "title"),
+    ("2.5.4.13", "description"),
+    ("2.5.4.15", "businessCategory"),
+    ("2.5.4.17", "postalCode"),
+    ("2.5.4.41", "name"),
+    ("2.5.4.42", "GN"),
+    ("2.5.4.43", "initials"),
+    ("2.5.4.44", "generationQualifier"),
+    ("2.5.4.46", "dnQualifier"),
+    ("2.5.4.65", "pseudonym"),
+    ("2.5.4.97", "organizationIdentifier"),
+    ("0.9.2342.19200300.100.1.1", "UID"),
+    ("0.9.2342.19200300.100.1.25", "DC"),
+    ("1.2.840.113549.1.9.1", "emailAddress"),
+    ("1.3.6.1.4.1.311.60.2.1.1", "jurisdictionL"),
+    ("1.3.6.1.4.1.311.60.2.1.2", "jurisdictionST"),
+    ("1.3.6.1.4.1.311.60.2.1.3", "jurisdictionC"),
+    ("2.5.4.16", "postalAddress"),
+];
 
 /// RFC 4514 section 2.4: `+,;<>\` anywhere, `#` or a space first and a space last take a
 /// backslash; a control character, and each byte of a character past ASCII, is `\` and two
@@ -131,14 +159,22 @@ fn quoted(out: &mut String, v: &str) {
     out.push('"');
 }
 
-/// A `URI` or `DNS` value: as it is, or quoted when it holds `,`, `;`, `=` or `"`; a control
-/// character (an IA5String may hold one) is dropped.
+/// A `URI` or `DNS` name that can go as it is: visible ASCII without `"` or `\`, which no valid
+/// URI (RFC 3986) or host name holds. Any other is left out whole: a control character could
+/// not go in the header, and to drop it would name another identity (`ad\nmin` read as
+/// `admin`); a `\` or `"` would let the value run into the next field for a reader of quoted
+/// strings.
+fn plain(v: &str) -> bool {
+    v.bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+/// A [`plain`] `URI` or `DNS` value: as it is, or quoted when it holds `,`, `;` or `=`.
 fn element_value(out: &mut String, v: &str) {
-    let clean: String = v.chars().filter(|c| !c.is_ascii_control()).collect();
-    if clean.contains([',', ';', '=', '"']) {
-        quoted(out, &clean);
+    if v.contains([',', ';', '=']) {
+        quoted(out, v);
     } else {
-        out.push_str(&clean);
+        out.push_str(v);
     }
 }
 
