@@ -89,6 +89,13 @@ pub struct Https {
     pub forward_client_cert: bool,
 }
 
+impl Settings {
+    /// `[router.tls] forward_client_cert` is on.
+    pub fn forwards_client_cert(&self) -> bool {
+        self.https.as_ref().is_some_and(|h| h.forward_client_cert)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observer {
     pub mode: super::model::ObserverMode,

@@ -79,16 +79,10 @@ pub(super) fn prepare(
         &mut parts.headers,
     );
     ex.record.forwarded_client = source.named();
-    // With `forward_client_cert`, the gateway alone speaks for client certificates, to its
-    // routes too: a header condition on it sees the certificate this hop verified, never one
-    // a client wrote (a route meant for certified clients was reached over plain HTTP).
-    let forward_cert = rt.settings.https.as_ref();
-    let forward_cert = forward_cert.is_some_and(|h| h.forward_client_cert);
-    forwarded::client_cert(
-        &mut parts.headers,
-        forward_cert,
-        client.client_cert.as_ref(),
-    );
+    // With `forward_client_cert` the gateway alone speaks for client certificates, to its
+    // routes too (a forged header met a route's condition over plain HTTP).
+    let forward = rt.settings.forwards_client_cert();
+    forwarded::client_cert(&mut parts.headers, forward, client.client_cert.as_ref());
     let route = find_route(rt, authority.as_ref(), &parts)?;
     let cluster = rt.clusters[route.cluster].clone();
     let meter = rt.route_meters.get(route.index).cloned();
@@ -123,7 +117,7 @@ pub(super) fn prepare(
     let upgrade = for_upstream(
         &mut parts,
         (route, &cluster),
-        (client, peer, forward_cert),
+        (client, peer, forward),
         authority.as_ref(),
         id,
     )?;
