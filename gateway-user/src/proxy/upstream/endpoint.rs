@@ -408,7 +408,19 @@ fn round_robin_with_room(
     tick: usize,
     eligible: impl Fn(usize) -> bool,
 ) -> Option<usize> {
-    let i = balancer::round_robin(&set.schedule, tick, &eligible)?;
+    // The turn of an endpoint that cannot take it (ejected, suspect, tried) goes to another at
+    // random by weight: the next in line would take every turn of its neighbour, twice its
+    // share with one of three ejected.
+    let n = set.schedule.len();
+    let scheduled = set.schedule.get(tick % n.max(1)).map(|&i| i as usize);
+    let i = match scheduled.filter(|&i| eligible(i)) {
+        Some(i) => i,
+        None => {
+            let mut rng = rand::rng();
+            let draw = || rand::Rng::random_range(&mut rng, 0..usize::MAX);
+            balancer::weighted_random(&set.schedule, draw, &eligible)?
+        }
+    };
     let shares = Shares::of(set, spec);
     if !shares.full(i) {
         return Some(i);

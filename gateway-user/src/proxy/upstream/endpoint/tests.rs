@@ -112,3 +112,42 @@ async fn an_endpoint_holding_its_share_gives_its_turns_to_the_least_loaded_with_
     assert!(spread <= 1, "{got:?}");
     assert!(got[0] < 20, "{got:?}");
 }
+
+/// Round robin with one endpoint of four ejected: its turns spread over the other three by
+/// weight, not all to its neighbour in the schedule (which took twice its share: 1,500, 750,
+/// 750 of 3,000 with one of three ejected, a third more with one of four).
+#[tokio::test]
+async fn an_ejected_endpoints_turns_spread_over_the_others() {
+    let text = "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
+                \"127.0.0.1:9002\", \"127.0.0.1:9003\", \"127.0.0.1:9004\"]\n\
+                [[routes]]\ncluster = \"a\"\n";
+    let spec = crate::config::load_str(text, Path::new("t.toml"))
+        .unwrap()
+        .settings
+        .clusters["a"]
+        .clone();
+    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
+    let meter = t.cluster("a");
+    let eps: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
+            Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
+        })
+        .collect();
+    let now = tokio::time::Instant::now();
+    let ev = crate::decide::health::Evidence::Refused;
+    eps[1]
+        .health
+        .observe(ev, now, &spec, true, &|| "RST".to_owned());
+    assert!(!eps[1].health.routable());
+    let set = Endpoints::new(eps.clone());
+    let mut got = [0; 4];
+    for _ in 0..3_000 {
+        let ep = set.pick(&spec, |_| false, (None, true)).ok().unwrap();
+        got[usize::from(ep.addr.port() - 9001)] += 1;
+    }
+    assert_eq!(got[1], 0, "{got:?}");
+    for (i, n) in got.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert!((900..=1_100).contains(n), "endpoint {i}: {got:?}");
+    }
+}
