@@ -463,6 +463,16 @@ impl EndpointHealth {
                     self.eject(reason, now, p, true)
                 }
             }
+            // A probe's expected answer came over a clean handshake: it is the connect's
+            // evidence too, on which a suspect endpoint recovers, as on a probe without
+            // `probe_path`. (Taken as a response alone, it left a suspect endpoint suspect for
+            // good: a fail-open one took no request again while healthy ones were left.)
+            State::Healthy | State::Slow | State::Suspect if ev == Evidence::ResponseOk => {
+                let clean = Evidence::ConnectOk { syn_retransmits: 0 };
+                let t = self.observe(clean, now, p, may_eject);
+                self.observe(ev, now, p, may_eject);
+                t
+            }
             State::Healthy | State::Slow | State::Suspect => self.observe(ev, now, p, may_eject),
             State::Ejected => Transition::None,
         }

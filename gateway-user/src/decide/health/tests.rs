@@ -366,3 +366,31 @@ fn back_from_an_error_status_ejection_one_more_ejects_until_a_good_response() {
         Transition::None
     );
 }
+
+/// A suspect endpoint (here kept routable past the ejection budget) recovers on a probe's
+/// expected answer (`probe_path`), as on a probe's clean connect: it stayed suspect for good,
+/// and took no request while a healthy endpoint was left.
+#[test]
+fn a_probes_expected_answer_clears_suspicion() {
+    let p = HealthPolicy::default();
+    let t = Instant::now();
+    let mut h = EndpointHealth::new(t);
+    assert_eq!(
+        h.observe(Evidence::Refused, t, &p, false),
+        Transition::EjectionRefused(Reason::Refused)
+    );
+    assert_eq!(h.state(), State::Suspect);
+    assert_eq!(
+        h.probe(Evidence::ResponseOk, t + ms(100), &p, true),
+        Transition::Recovered
+    );
+    assert_eq!(h.state(), State::Healthy);
+    // A request's answer alone says nothing of the handshake: it does not.
+    let mut h = EndpointHealth::new(t);
+    h.observe(Evidence::SynUnanswered, t, &p, true);
+    assert_eq!(
+        h.observe(Evidence::ResponseOk, t, &p, true),
+        Transition::None
+    );
+    assert_eq!(h.state(), State::Suspect);
+}
