@@ -338,3 +338,75 @@ async fn a_cluster_a_reload_leaves_as_it_was_keeps_probing() {
     .await
     .unwrap();
 }
+
+/// `max_connections` holds across a reload that changes the cluster: the connections the
+/// replaced cluster's requests still hold count against it. Each such reload allowed as many
+/// again (an audit saw 8 connections open under a limit of 2 after three reloads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_across_a_reload() {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, m) = (open.clone(), most.clone());
+    // Requests being answered at once: each holds one of the gateway's connections from its
+    // head to its answer (open connections would count a closed one until its FIN is read).
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (o, m) = (o.clone(), m.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                // Each request on the connection: its head, 400 ms, then the answer.
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    m.fetch_max(o.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let cluster = |policy: &str| {
+        format!(
+            "[router.upstream]\nendpoints = [\"{up}\"]\nlb_policy = \"{policy}\"\n\
+             [router.upstream.limits]\nmax_connections = 2\n"
+        )
+    };
+    let gw = gateway("reload-max-conns", &cluster("round_robin")).await;
+    let c = client();
+    let fire = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let (c, addr) = (c.clone(), gw.addr);
+                tokio::spawn(async move { get(&c, addr, "/").await.status })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut all = fire(3);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for policy in ["least_request", "round_robin", "least_request"] {
+        let text = format!("{}\n{}", base_config(&gw.log), cluster(policy));
+        let settings = gateway::config::load_str(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .settings;
+        assert!(gw.handle.reload(settings).await.needs_restart.is_empty());
+        all.extend(fire(2));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in all {
+        assert_eq!(r.await.unwrap(), StatusCode::OK);
+    }
+    server.abort();
+    assert!(
+        most.load(Ordering::SeqCst) <= 2,
+        "{} requests at once under max_connections = 2",
+        most.load(Ordering::SeqCst)
+    );
+}

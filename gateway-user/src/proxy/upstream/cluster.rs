@@ -38,10 +38,13 @@ pub(crate) struct Cluster {
     pub spec: ClusterSpec,
     /// The endpoints (see [`Cluster::endpoints`] for a copy of the list).
     pub set: Endpoints,
-    /// `max_connections`: every open connection holds one, idle or busy.
+    /// `max_connections`: every open connection holds one, idle or busy. Shared with the
+    /// cluster a reload replaced when the limit is the same (and `pending` always), so that the
+    /// connections its requests still hold count: each reload that changed anything in a
+    /// cluster allowed `max_connections` more.
     pub(super) slots: Arc<Semaphore>,
     /// Requests waiting for a connection (`max_pending_requests`).
-    pub(super) pending: AtomicUsize,
+    pub(super) pending: Arc<AtomicUsize>,
     pub(super) client: http1::Builder,
     /// HTTP/2 connections (`h2c`, `h2`, `auto` clusters).
     pub(super) h2: http2::Builder<TokioExecutor>,
@@ -87,21 +90,28 @@ impl Cluster {
         let mut resolved = resolve::resolve(&spec, &lookups).await;
         meter.dns_names_unresolved(resolved.failures());
         let names = resolve::Names::at_start(&spec, &mut resolved, previous);
-        // What the replaced cluster learnt about each host carries on.
+        // What the replaced cluster learnt about each host carries on, and so do its
+        // connections and their slots when they fit the new settings.
         let current = previous.map(|p| p.set.list()).unwrap_or_default();
+        let fit = previous.filter(|p| connections_fit(&p.spec, &spec));
         let endpoints = resolved
             .addrs
             .into_iter()
-            .map(|(a, w)| successor(Endpoint::new(a, w, &spec, shards, &meter), &current))
+            .map(|(a, w)| {
+                let ep = Endpoint::new(a, w, &spec, shards, &meter);
+                successor(ep, &current, fit.is_some())
+            })
             .collect();
         let mut client = http1::Builder::new();
         client.max_buf_size(crate::proxy::error::UPSTREAM_READ_BUFFER);
         let h2 = h2_builder(&spec);
+        let max = spec.limits.max_connections;
+        let slots = fit.map_or_else(|| Arc::new(Semaphore::new(max)), |p| p.slots.clone());
         let cluster = Arc::new(Cluster {
             name: Arc::from(spec.name.as_str()),
-            slots: Arc::new(Semaphore::new(spec.limits.max_connections)),
+            slots,
             set: Endpoints::new(endpoints),
-            pending: AtomicUsize::new(0),
+            pending: previous.map_or_else(Arc::default, |p| p.pending.clone()),
             client,
             h2,
             budgets: Arc::default(),
@@ -135,8 +145,13 @@ impl Cluster {
     /// refresh stop, while the requests that hold it finish. Its successor shares its
     /// endpoints' health ([`successor`]), which the old probes, with the old `probe_path`,
     /// would otherwise go on judging for as long as a request (a WebSocket) held the cluster.
+    /// Its idle connections close now (those in use when their request ends): no request takes
+    /// them again, and they would hold the connection slots the successor shares.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
+        for e in self.set.load().endpoints.iter() {
+            e.close();
+        }
     }
 
     /// The endpoints, for status and metrics.
@@ -303,17 +318,43 @@ fn h2_builder(spec: &ClusterSpec) -> http2::Builder<TokioExecutor> {
 /// it was found out again. An address the cluster did not have ramps up under slow start
 /// (`health.slow_start_ms`), unless `current` is empty (the cluster's first endpoints, or
 /// names that did not resolve until now): then none would be ramped against another.
-pub(super) fn successor(mut ep: Endpoint, current: &[Arc<Endpoint>]) -> Arc<Endpoint> {
+/// `connections`: the connections fit the new settings ([`connections_fit`]), and
+/// the new endpoint takes them over, idle and busy, with the connection slots they hold.
+pub(super) fn successor(
+    mut ep: Endpoint,
+    current: &[Arc<Endpoint>],
+    connections: bool,
+) -> Arc<Endpoint> {
     match current.iter().find(|e| e.addr == ep.addr) {
         Some(was) => {
             ep.health = was.health.clone();
             ep.latency = was.latency.clone();
+            ep.in_flight = was.in_flight.clone();
+            if connections {
+                ep.pool = was.pool.clone();
+                ep.mux = was.mux.clone();
+                was.handed_over.store(true, Ordering::Release);
+            }
         }
         // Before the endpoint is published: no pick sees it without its ramp.
         None if !current.is_empty() => ep.health.came_back(),
         None => {}
     }
     Arc::new(ep)
+}
+
+/// Whether a cluster under `new` may take over the connections of one under `was`: made the
+/// same way (protocol, TLS), pooled and counted the same way (idle limits and timeout, streams
+/// per connection, `max_connections`). Then a reload opens no connection again, and a request
+/// waiting for one on the replaced cluster is served by those its successor frees.
+fn connections_fit(was: &ClusterSpec, new: &ClusterSpec) -> bool {
+    let (a, b) = (&was.limits, &new.limits);
+    was.protocol == new.protocol
+        && was.tls == new.tls
+        && was.timeouts.idle == new.timeouts.idle
+        && a.max_connections == b.max_connections
+        && a.max_idle_per_endpoint == b.max_idle_per_endpoint
+        && a.max_concurrent_streams == b.max_concurrent_streams
 }
 
 /// The cluster, for a background task's next round: none once it was dropped or retired.

@@ -25,7 +25,7 @@ use super::{
     pool::IdlePool,
 };
 use crate::{
-    config::{ClusterSpec, LbPolicy, UpstreamProtocol},
+    config::{ClusterSpec, LbPolicy},
     decide::{health::State, latency},
     proxy::telemetry::{ClusterMeter, EndpointMeter},
 };
@@ -33,11 +33,17 @@ use crate::{
 pub(crate) struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
-    pub pool: IdlePool,
+    /// Its idle HTTP/1 connections, and (`mux`) its HTTP/2 ones: taken over by the endpoint
+    /// that replaces it when the connections fit the new settings (`cluster::successor`).
+    pub pool: Arc<IdlePool>,
     /// Its HTTP/2 connections (none for an `http1` cluster).
     pub mux: Arc<Multiplexed>,
-    /// Requests in flight to this endpoint, for least-request balancing and `/status`.
-    pub in_flight: AtomicU64,
+    /// Its successor took its connections over: closing it leaves them open.
+    pub handed_over: AtomicBool,
+    /// Requests in flight to this address, for least-request balancing and `/status`; shared
+    /// with the endpoint it replaced (as `health`), so that a reload's successor counts the
+    /// requests still running on the cluster it replaced.
+    pub in_flight: Arc<AtomicU64>,
     /// What was learnt about the host: shared with the endpoint of the same address that this
     /// one replaced (a DNS refresh that changed its weight, a reload that changed its cluster;
     /// `cluster::successor`), so that neither undoes an ejection or a slow mark.
@@ -61,18 +67,19 @@ impl Endpoint {
             meter: meter.endpoint(addr, spec.timeouts.connect),
             addr,
             weight,
-            pool: IdlePool::new(
+            pool: Arc::new(IdlePool::new(
                 shards,
                 spec.limits.max_idle_per_endpoint,
                 spec.timeouts.idle,
-            ),
+            )),
+            handed_over: AtomicBool::new(false),
             mux: Arc::new(Multiplexed::new(
                 addr,
                 shards,
                 spec.limits.max_concurrent_streams,
                 spec.timeouts.idle,
             )),
-            in_flight: AtomicU64::new(0),
+            in_flight: Arc::new(AtomicU64::new(0)),
             health: Arc::new(HealthCell::new()),
             latency: Arc::new(LatencyCell::new()),
             probe_running: AtomicBool::new(false),
@@ -84,6 +91,9 @@ impl Endpoint {
     /// The endpoint left its cluster (a DNS refresh dropped its address, or a reload replaced
     /// the cluster): its idle connections close now, those in use when their request ends.
     pub fn close(&self) {
+        if self.handed_over.load(Ordering::Acquire) {
+            return;
+        }
         self.pool.close();
         self.mux.close();
     }
@@ -397,101 +407,9 @@ fn hash_pick(
     Some(i)
 }
 
-/// Round robin, HTTP/1: the endpoint whose turn it is, unless it holds its share
-/// ([`Shares::full`]). Then an endpoint of the least load (by weight) among the `eligible`
-/// ones with room takes the turn, at random by weight among equals (not the next in line,
-/// nor the first listed, either of which would take every turn given up), or among all the
-/// `eligible` ones when none has room.
-fn round_robin_with_room(
-    set: &EndpointSet,
-    spec: &ClusterSpec,
-    tick: usize,
-    eligible: impl Fn(usize) -> bool,
-) -> Option<usize> {
-    // The turn of an endpoint that cannot take it (ejected, suspect, tried) goes to another at
-    // random by weight: the next in line would take every turn of its neighbour, twice its
-    // share with one of three ejected.
-    let n = set.schedule.len();
-    let scheduled = set.schedule.get(tick % n.max(1)).map(|&i| i as usize);
-    let i = match scheduled.filter(|&i| eligible(i)) {
-        Some(i) => i,
-        None => {
-            let mut rng = rand::rng();
-            let draw = || rand::Rng::random_range(&mut rng, 0..usize::MAX);
-            balancer::weighted_random(&set.schedule, draw, &eligible)?
-        }
-    };
-    let shares = Shares::of(set, spec);
-    if !shares.full(i) {
-        return Some(i);
-    }
-    let least = |ok: &dyn Fn(usize) -> bool| {
-        let lowest = (0..set.endpoints.len())
-            .filter(|&j| ok(j))
-            .min_by(|&a, &b| shares.compare(a, b))?;
-        let mut rng = rand::rng();
-        let draw = || rand::Rng::random_range(&mut rng, 0..usize::MAX);
-        let tied = |j: usize| ok(j) && shares.compare(j, lowest).is_eq();
-        balancer::weighted_random(&set.schedule, draw, tied)
-    };
-    least(&|j| eligible(j) && !shares.full(j)).or_else(|| least(&eligible))
-}
+mod shares;
 
-/// Each endpoint's share of a round-robin HTTP/1 cluster's connections: `max_connections` by
-/// weight among the routable endpoints. An endpoint with as many requests in flight (waiting
-/// for a connection or holding one) is full, and its turns go to endpoints with room.
-///
-/// Without this, an endpoint that takes connections and answers nothing (a hung process still
-/// accepting) kept its turns, each holding a connection until the response timeout, until it
-/// held every connection of the cluster and the healthy endpoints' requests waited for one.
-/// `least_request` and `peak_ewma` weigh the requests in flight already; `protocol = "auto"`
-/// and HTTP/2 clusters (many requests to a connection) keep plain round robin.
-struct Shares<'a> {
-    set: &'a EndpointSet,
-    max: u64,
-    applies: bool,
-    /// The routable endpoints' weights, summed once needed.
-    routable: std::cell::OnceCell<u64>,
-}
-
-impl<'a> Shares<'a> {
-    fn of(set: &'a EndpointSet, spec: &ClusterSpec) -> Shares<'a> {
-        Shares {
-            set,
-            max: spec.limits.max_connections as u64,
-            applies: spec.protocol == UpstreamProtocol::Http1,
-            routable: std::cell::OnceCell::new(),
-        }
-    }
-
-    fn load(&self, j: usize) -> u64 {
-        self.set.endpoints[j].in_flight.load(Ordering::Relaxed)
-    }
-
-    fn weight(&self, j: usize) -> u64 {
-        u64::from(self.set.endpoints[j].weight)
-    }
-
-    fn full(&self, j: usize) -> bool {
-        let (load, share) = (self.load(j), self.max * self.weight(j));
-        // Below its share of every endpoint's weight: below its share among the routable.
-        if !self.applies || load * self.set.weight < share {
-            return false;
-        }
-        let total = *self.routable.get_or_init(|| {
-            let eps = self.set.endpoints.iter();
-            eps.filter(|e| e.health.routable())
-                .map(|e| u64::from(e.weight))
-                .sum()
-        });
-        load * total >= share
-    }
-
-    /// `a`'s load against `b`'s, by weight.
-    fn compare(&self, a: usize, b: usize) -> std::cmp::Ordering {
-        (self.load(a) * self.weight(b)).cmp(&(self.load(b) * self.weight(a)))
-    }
-}
+use self::shares::{Shares, round_robin_with_room};
 
 #[cfg(test)]
 mod tests;

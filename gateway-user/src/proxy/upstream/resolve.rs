@@ -309,7 +309,7 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
                     .iter()
                     .find(|e| e.addr == a && e.weight == w)
                     .cloned()
-                    .unwrap_or_else(|| successor(c.new_endpoint(a, w), &current))
+                    .unwrap_or_else(|| successor(c.new_endpoint(a, w), &current, true))
             })
             .collect::<Vec<_>>();
         let gone: Vec<_> = current
