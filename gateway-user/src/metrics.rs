@@ -167,7 +167,7 @@ catalogue! {
     tls_handshakes: "gateway_tls_handshakes", "counter", ["side", "result", "version"],
         "TLS handshakes by side (downstream: clients of the HTTPS listener; upstream: the gateway to TLS clusters), result (ok, error) and negotiated version (TLSv1.3, TLSv1.2; unknown when it failed).";
     tls_handshake_errors: "gateway_tls_handshake_errors", "counter", ["side", "reason"],
-        "Failed TLS handshakes by reason. Downstream: timeout (tls_handshake_timeout_ms), plain_http (an HTTP request on the HTTPS port, answered 400), not_tls, unknown_sni (no certificate for the name), client_rejected_certificate, client_alert, bad_client_certificate (mTLS), no_shared_parameters, no_shared_alpn, protocol, client_closed, io. Upstream: timeout, unknown_ca, name_mismatch, expired, bad_certificate, alert, protocol, closed, io.";
+        "Failed TLS handshakes by reason. Downstream: timeout (tls_handshake_timeout_ms), plain_http (an HTTP request on the HTTPS port, answered 400), not_tls, unknown_sni (no certificate for the name), client_rejected_certificate, client_alert, bad_client_certificate (mTLS: one the CA did not issue, expired, …), no_client_certificate (mTLS: none shown), no_shared_parameters, no_shared_alpn, protocol, client_closed, io. Upstream: timeout, unknown_ca, name_mismatch, expired, bad_certificate, alert, protocol, closed, io.";
     tls_handshake_duration: "gateway_tls_handshake_duration_seconds", "histogram", ["side"],
         "Time from the TCP connection to the end of successful TLS handshakes, by side.";
     tls_certificate_expiry: "gateway_tls_certificate_expiry_timestamp_seconds", "gauge", ["role", "file", "subject"],

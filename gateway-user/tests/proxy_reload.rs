@@ -349,18 +349,24 @@ async fn max_connections_holds_across_a_reload() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = listener.local_addr().unwrap();
     let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (o, m) = (open.clone(), most.clone());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (o, m, a) = (open.clone(), most.clone(), accepted.clone());
     // Requests being answered at once: each holds one of the gateway's connections from its
     // head to its answer (open connections would count a closed one until its FIN is read).
     let server = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let (o, m) = (o.clone(), m.clone());
+            let (o, m, a) = (o.clone(), m.clone(), a.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
+                let mut first = true;
                 // Each request on the connection: its head, 400 ms, then the answer.
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 {
                         break;
+                    }
+                    // Connections that carry requests (the health probes' connect and close).
+                    if std::mem::take(&mut first) {
+                        a.fetch_add(1, Ordering::SeqCst);
                     }
                     m.fetch_max(o.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -408,5 +414,12 @@ async fn max_connections_holds_across_a_reload() {
         most.load(Ordering::SeqCst) <= 2,
         "{} requests at once under max_connections = 2",
         most.load(Ordering::SeqCst)
+    );
+    // The reloads left how connections are made as it was: the new clusters took the two
+    // connections over, and opened none.
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "connections that carried requests"
     );
 }

@@ -94,6 +94,44 @@ async fn every_endpoint_refusing_is_502_after_trying_each_once() {
     );
 }
 
+/// With one endpoint ejected and the other kept as suspect (the budget), a request to the
+/// suspect one that fails finds no endpoint for its retry: it made one attempt and no retry,
+/// and the log and the metrics say so (they said `retries: 1` and counted a retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_finds_no_endpoint_is_not_counted() {
+    let (a, b) = (refused_addr(), refused_addr());
+    let gw = gateway(
+        "retry-none-left",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{a}\", \"{b}\"]\n\
+             [router.upstream.health]\nejection_ms = 60000\n"
+        ),
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, gw.addr, "/").await.status, StatusCode::BAD_GATEWAY);
+    }
+    for l in log_lines(&gw.log, 3) {
+        let attempts = l["attempts"].as_u64().unwrap();
+        assert_eq!(l["retries"].as_u64().unwrap() + 1, attempts, "{l}");
+    }
+    let last = &log_lines(&gw.log, 3)[2];
+    assert_eq!(last["attempts"], 1, "{last}");
+    let m = get(&c, gw.handle.admin_addr().unwrap(), "/metrics")
+        .await
+        .body;
+    let retries: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_retries_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        retries, 1.0,
+        "only the first request's retry went ahead: {m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ejected_endpoints_leave_503_no_healthy_upstream() {
     let refused = refused_addr();

@@ -304,10 +304,23 @@ fn gateway_reload_validates_before_it_signals() {
     let _ = other.kill();
     let _ = other.wait();
 
+    // A good config, but not the file the gateway runs with (which a SIGHUP makes it read
+    // again): refused, naming that file. It said `ok` and the gateway reloaded its own.
+    let copy = gw.config.with_extension("copy.toml");
+    std::fs::copy(&gw.config, &copy).unwrap();
+    let out = reload(&copy);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("runs with") && err.contains(&gw.config.display().to_string()),
+        "{err}"
+    );
+
     let out = reload(&gw.config);
     assert!(out.status.success(), "{out:?}");
     gw.proc
         .expect_log("config reloaded", Duration::from_secs(3));
+    assert_eq!(gw.proc.count("config reloaded"), 1, "signalled once");
 }
 
 /// Every datagram sent to the socket, as text.

@@ -55,7 +55,7 @@ use crate::{
     config::UpstreamProtocol,
     decide::{
         budget::RetryPermit,
-        retry::{Attempted, Failure, Step, Stop, Where, may_retry, next_step},
+        retry::{Attempted, Failure, RetryReason, Step, Stop, Where, may_retry, next_step},
     },
 };
 
@@ -235,16 +235,19 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     let mut last: Option<Box<ProxyError>> = None;
     // The endpoint already picked for a retry of a response's status.
     let mut next: Option<Arc<Endpoint>> = None;
+    // A retry of a failed attempt, counted once an endpoint is found for it.
+    let mut retrying = None;
     loop {
         let ep = match next.take() {
             Some(ep) => ep,
-            None => pick(
-                &cluster,
-                ex,
-                plan.affinity,
-                last.take(),
-                std::mem::take(&mut plan.same_endpoint_ok),
-            )?,
+            None => {
+                let same_ok = std::mem::take(&mut plan.same_endpoint_ok);
+                let ep = pick(&cluster, ex, plan.affinity, last.take(), same_ok)?;
+                if let Some(reason) = retrying.take() {
+                    count_retry(ex, &cluster, reason);
+                }
+                ep
+            }
         };
         match attempt::run(&cluster, ep, req, &mut plan, ex).await {
             Ok(up) => {
@@ -273,9 +276,10 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
                 let failure = error.failure(delivery, reused);
                 let again = unsent.or_else(|| plan.replay());
                 match retry(&mut plan, ex, &cluster, failure, again) {
-                    Some(again) => {
+                    Some((again, reason)) => {
                         req = again;
                         last = Some(Box::new(error));
+                        retrying = Some(reason);
                     }
                     None => return Err(error),
                 }
@@ -305,7 +309,8 @@ fn retry_response(
     }
     // A keyed request goes to its key's next endpoint, never back to the one that answered.
     let ep = pick(cluster, ex, plan.affinity, None, plan.affinity.is_none()).ok()?;
-    let again = retry(plan, ex, cluster, failure, again)?;
+    let (again, reason) = retry(plan, ex, cluster, failure, again)?;
+    count_retry(ex, cluster, reason);
     if let (Failure::UpstreamStatus(s), Some(a)) = (failure, ex.record.attempts.last_mut()) {
         a.status = Some(s);
     }
@@ -323,14 +328,16 @@ fn attempted(plan: &Plan, ex: &Exchange, resendable: bool) -> Attempted {
     }
 }
 
-/// Asks `decide::retry` about `failure`: the request to send again, counted, or `None`.
+/// Asks `decide::retry` about `failure`: the request to send again and why, or `None`. It is
+/// counted ([`count_retry`]) once an endpoint is found for it: a retry that found none was
+/// logged as one (`attempts: 1, retries: 1`) and counted in `gateway_retries_total`.
 fn retry(
     plan: &mut Plan,
     ex: &mut Exchange,
     cluster: &Cluster,
     failure: Failure,
     again: Option<Request<RequestBody>>,
-) -> Option<Request<RequestBody>> {
+) -> Option<(Request<RequestBody>, RetryReason)> {
     let attempted = attempted(plan, ex, again.is_some());
     if matches!(failure, Failure::Refused { .. }) {
         plan.refused += 1;
@@ -352,14 +359,12 @@ fn retry(
                 Where::AnotherConnection => plan.same_endpoint_ok = true,
                 Where::Elsewhere => {}
             }
-            cluster.meter.retry(reason);
             // A retry the budget does not count keeps the permit of an earlier one that it
             // counted: the request is still retrying.
             if permit.is_some() {
                 plan.retry_permit = permit;
             }
-            ex.record.retries += 1;
-            Some(again)
+            Some((again, reason))
         }
         Step::Stop(Stop::BudgetSpent) => {
             debug!(cluster = %cluster.name, "retry budget spent");
@@ -368,6 +373,12 @@ fn retry(
         }
         Step::Stop(_) => None,
     }
+}
+
+/// A retry that goes ahead, in the access log and the metrics.
+fn count_retry(ex: &mut Exchange, cluster: &Cluster, reason: RetryReason) {
+    cluster.meter.retry(reason);
+    ex.record.retries += 1;
 }
 
 /// The gRPC status header (in a trailers-only response's head, or in trailers).

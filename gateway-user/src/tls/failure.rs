@@ -61,9 +61,9 @@ pub fn downstream_reason(e: &io::Error) -> &'static str {
             | AlertDescription::CertificateRevoked => "client_rejected_certificate",
             _ => "client_alert",
         },
-        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
-            "bad_client_certificate"
-        }
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_client_certificate",
+        // mTLS: the client showed none (a client not set up for it), not a wrong one.
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
         Some(rustls::Error::PeerIncompatible(_)) => "no_shared_parameters",
         Some(rustls::Error::NoApplicationProtocol) => "no_shared_alpn",
         Some(_) => "protocol",
@@ -116,7 +116,7 @@ mod tests {
         );
         assert_eq!(
             downstream_reason(&wrap(rustls::Error::NoCertificatesPresented)),
-            "bad_client_certificate"
+            "no_client_certificate"
         );
         assert_eq!(
             downstream_reason(&io::Error::new(io::ErrorKind::UnexpectedEof, "eof")),

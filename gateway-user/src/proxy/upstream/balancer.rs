@@ -98,7 +98,9 @@ pub(crate) fn least_request(
 }
 
 /// An eligible endpoint at random by weight: a few draws from the schedule, then (most ruled
-/// out) round robin from a random place, so that a single eligible endpoint is always found.
+/// out) one draw among the eligible places of the schedule, so that a single eligible endpoint
+/// is always found, and the odds stay by weight. (The first eligible place after a random one
+/// favoured the endpoint after the longest run of ineligible ones.)
 pub(crate) fn weighted_random(
     schedule: &[u32],
     mut draw: impl FnMut() -> usize,
@@ -108,10 +110,22 @@ pub(crate) fn weighted_random(
     if n == 0 {
         return None;
     }
-    (0..8)
+    if let Some(i) = (0..8)
         .map(|_| schedule[draw() % n] as usize)
         .find(|&i| eligible(i))
-        .or_else(|| round_robin(schedule, draw(), eligible))
+    {
+        return Some(i);
+    }
+    let places = schedule.iter().filter(|&&i| eligible(i as usize)).count();
+    if places == 0 {
+        return None;
+    }
+    let nth = draw() % places;
+    schedule
+        .iter()
+        .map(|&i| i as usize)
+        .filter(|&i| eligible(i))
+        .nth(nth)
 }
 
 /// Weighted rendezvous (highest random weight) hashing: of the eligible endpoints, the one

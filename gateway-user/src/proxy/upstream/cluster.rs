@@ -145,13 +145,10 @@ impl Cluster {
     /// refresh stop, while the requests that hold it finish. Its successor shares its
     /// endpoints' health ([`successor`]), which the old probes, with the old `probe_path`,
     /// would otherwise go on judging for as long as a request (a WebSocket) held the cluster.
-    /// Its idle connections close now (those in use when their request ends): no request takes
-    /// them again, and they would hold the connection slots the successor shares.
+    /// Its connections stay for its requests: taken over by its successor, or closed when it
+    /// is dropped (its idle ones swept meanwhile).
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
-        for e in self.set.load().endpoints.iter() {
-            e.close();
-        }
     }
 
     /// The endpoints, for status and metrics.
@@ -331,9 +328,7 @@ pub(super) fn successor(
             ep.latency = was.latency.clone();
             ep.in_flight = was.in_flight.clone();
             if connections {
-                ep.pool = was.pool.clone();
-                ep.mux = was.mux.clone();
-                was.handed_over.store(true, Ordering::Release);
+                ep.take_connections(was);
             }
         }
         // Before the endpoint is published: no pick sees it without its ramp.
@@ -347,11 +342,17 @@ pub(super) fn successor(
 /// same way (protocol, TLS), pooled and counted the same way (idle limits and timeout, streams
 /// per connection, `max_connections`). Then a reload opens no connection again, and a request
 /// waiting for one on the replaced cluster is served by those its successor frees.
+/// A TLS connection was also verified by a name, which without `server_name` comes from the
+/// endpoint entries; and its write timeout is its own (`StallGuard`).
 fn connections_fit(was: &ClusterSpec, new: &ClusterSpec) -> bool {
     let (a, b) = (&was.limits, &new.limits);
+    let named_alike =
+        new.tls.as_ref().is_none_or(|t| t.server_name.is_some()) || was.endpoints == new.endpoints;
     was.protocol == new.protocol
         && was.tls == new.tls
+        && named_alike
         && was.timeouts.idle == new.timeouts.idle
+        && was.timeouts.write == new.timeouts.write
         && a.max_connections == b.max_connections
         && a.max_idle_per_endpoint == b.max_idle_per_endpoint
         && a.max_concurrent_streams == b.max_concurrent_streams

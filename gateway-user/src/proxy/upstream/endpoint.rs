@@ -38,8 +38,11 @@ pub(crate) struct Endpoint {
     pub pool: Arc<IdlePool>,
     /// Its HTTP/2 connections (none for an `http1` cluster).
     pub mux: Arc<Multiplexed>,
-    /// Its successor took its connections over: closing it leaves them open.
-    pub handed_over: AtomicBool,
+    /// The endpoints that hold `pool` and `mux` (this one and those that took them over,
+    /// `cluster::successor`): the last to close closes the connections.
+    pub owners: Arc<AtomicUsize>,
+    /// This endpoint let go of its connections ([`Endpoint::close`]), once.
+    let_go: AtomicBool,
     /// Requests in flight to this address, for least-request balancing and `/status`; shared
     /// with the endpoint it replaced (as `health`), so that a reload's successor counts the
     /// requests still running on the cluster it replaced.
@@ -72,7 +75,8 @@ impl Endpoint {
                 spec.limits.max_idle_per_endpoint,
                 spec.timeouts.idle,
             )),
-            handed_over: AtomicBool::new(false),
+            owners: Arc::new(AtomicUsize::new(1)),
+            let_go: AtomicBool::new(false),
             mux: Arc::new(Multiplexed::new(
                 addr,
                 shards,
@@ -90,12 +94,31 @@ impl Endpoint {
 impl Endpoint {
     /// The endpoint left its cluster (a DNS refresh dropped its address, or a reload replaced
     /// the cluster): its idle connections close now, those in use when their request ends.
+    /// Connections another endpoint took over stay open for it: only the last of their
+    /// owners to close closes them.
     pub fn close(&self) {
-        if self.handed_over.load(Ordering::Acquire) {
+        if self.let_go.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.pool.close();
-        self.mux.close();
+        if self.owners.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.pool.close();
+            self.mux.close();
+        }
+    }
+
+    /// Takes over `was`'s connections, unless they were closed already (then it keeps its
+    /// own, new ones).
+    pub(super) fn take_connections(&mut self, was: &Endpoint) {
+        let adopted = was
+            .owners
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 0).then_some(n + 1)
+            });
+        if adopted.is_ok() {
+            self.pool = was.pool.clone();
+            self.mux = was.mux.clone();
+            self.owners = was.owners.clone();
+        }
     }
 
     /// The state shown in `/status` and the metrics: the health state, or `slow` for a

@@ -374,6 +374,12 @@ impl IdlePool {
         self.returned.notify_waiters();
     }
 
+    /// It was closed ([`IdlePool::close`]).
+    #[cfg(test)]
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Returns a connection that is ready for another request.
     pub fn put(&self, mut c: UpstreamConn) {
         c.idle_since = Instant::now();

@@ -290,6 +290,10 @@ pub(crate) async fn refresh(cluster: Weak<Cluster>) {
             return;
         };
         let mut resolved = resolve(&c.spec, &c.lookups).await;
+        // Retired during the lookups: the successor resolves for itself.
+        if c.retired() {
+            return;
+        }
         c.names.record(&c.spec, &mut resolved);
         c.meter.dns_names_unresolved(resolved.failures());
         let addrs = resolved.addrs;

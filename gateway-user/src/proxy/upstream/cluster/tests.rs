@@ -159,3 +159,34 @@ async fn a_reload_fails_open_past_the_budget_and_rejudges_under_new_checks() {
         "new health settings: probed at once"
     );
 }
+
+/// Connections a reload's successor took over stay open whoever else held them lets go (the
+/// replaced cluster's endpoint, one its DNS refresh made of the same address), and close with
+/// their last owner; closed ones are not taken over.
+#[tokio::test]
+async fn taken_over_connections_close_with_their_last_owner() {
+    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
+    let signals: Arc<dyn SignalSource> = Arc::new(UserspaceOnly::default());
+    let start = |previous: Option<Arc<Cluster>>| {
+        let (signals, meter) = (signals.clone(), t.cluster("a"));
+        let spec = spec_of(&[9001], "");
+        async move { Cluster::start(spec, signals, (1, meter), previous.as_deref()).await }
+    };
+    let old = start(None).await;
+    let new = start(Some(old.clone())).await;
+    let (was, now) = (old.endpoints()[0].clone(), new.endpoints()[0].clone());
+    assert!(Arc::ptr_eq(&was.pool, &now.pool), "taken over");
+    let refreshed = successor(old.new_endpoint(was.addr, 2), &old.endpoints(), true);
+    for e in [&was, &refreshed, &was] {
+        e.close();
+    }
+    assert!(!now.pool.closed(), "still held by the successor");
+    old.retire();
+    drop(old);
+    assert!(!now.pool.closed());
+    now.close();
+    assert!(now.pool.closed(), "closed with its last owner");
+    let next = start(Some(new.clone())).await;
+    let fresh = &next.endpoints()[0];
+    assert!(!Arc::ptr_eq(&fresh.pool, &now.pool) && !fresh.pool.closed());
+}
