@@ -222,6 +222,21 @@ fn https_base(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// DIR/gateway.toml: a plain and an HTTPS listener, the certificate `a.test` and client
+/// certificates required from `ca.pem` (`[router.tls]` open for `extra`'s keys first).
+fn mtls_config(dir: &Path, extra: &str) -> PathBuf {
+    let base = base_config(&dir.join("access.log")).replacen(
+        "listen = [\"127.0.0.1:0\"]\n",
+        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
+        1,
+    );
+    let cfg = dir.join("gateway.toml");
+    let tls =
+        "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n";
+    std::fs::write(&cfg, base + tls + extra).unwrap();
+    cfg
+}
+
 fn https_config(dir: &Path, upstream: SocketAddr, ca: &Path) -> PathBuf {
     https_base(
         dir,
@@ -860,17 +875,10 @@ fn client_certificates_both_ways_mtls() {
             ca.display()
         ),
     );
-    let base = base_config(&dir.join("access.log")).replacen(
-        "listen = [\"127.0.0.1:0\"]\n",
-        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
-        1,
-    );
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        base + &format!(
-            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
-             [clusters.withcert]\nendpoints = [\"{u}\"]\n[clusters.withcert.tls]\nca_file = \"ca.pem\"\n\
+    let cfg = mtls_config(
+        &dir,
+        &format!(
+            "[clusters.withcert]\nendpoints = [\"{u}\"]\n[clusters.withcert.tls]\nca_file = \"ca.pem\"\n\
              server_name = \"up.test\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n\
              [clusters.nocert]\nendpoints = [\"{u}\"]\n[clusters.nocert.tls]\nca_file = \"ca.pem\"\n\
              server_name = \"up.test\"\n\
@@ -881,8 +889,7 @@ fn client_certificates_both_ways_mtls() {
             c = cc.display(),
             k = ck.display(),
         ),
-    )
-    .unwrap();
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
 
@@ -1451,25 +1458,17 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
     let pki = Pki::new(&dir, "ca");
     pki.leaf("a", &["a.test"]);
     let (cc, ck) = pki.leaf("client", &["client.test"]);
-    let base = base_config(&dir.join("access.log")).replacen(
-        "listen = [\"127.0.0.1:0\"]\n",
-        "listen = [\"127.0.0.1:0\"]\nhttps_listen = [\"127.0.0.1:0\"]\n",
-        1,
-    );
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        base + &format!(
-            "[router.tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n\
-             forward_client_cert = true\n[router.upstream]\nendpoints = [\"{}\"]\n\
+    let cfg = mtls_config(
+        &dir,
+        &format!(
+            "forward_client_cert = true\n[router.upstream]\nendpoints = [\"{}\"]\n\
              [clusters.sec]\nendpoints = [\"{}\"]\n\
              [[routes]]\npath_prefix = \"/sec/\"\ncluster = \"sec\"\n\
              headers = [{{ name = \"x-forwarded-client-cert\", present = true }}]\n\
              [[routes]]\ncluster = \"default\"\n[observer]\nmode = \"off\"\n",
             up.addr, sec.addr
         ),
-    )
-    .unwrap();
+    );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
 

@@ -12,9 +12,18 @@ use crate::{proxy::telemetry::Telemetry, signals::UserspaceOnly};
 /// Cluster `a` of three endpoints, 127.0.0.1:9001 to :9003, with `tables` (TOML keys of the
 /// cluster first, then its sub-tables).
 fn three(tables: &str) -> (ClusterSpec, Vec<Arc<Endpoint>>) {
+    cluster_of(3, tables)
+}
+
+/// Cluster `a` of `n` endpoints, 127.0.0.1:9001 on, with `tables`.
+fn cluster_of(n: u16, tables: &str) -> (ClusterSpec, Vec<Arc<Endpoint>>) {
+    let list: Vec<String> = (0..n)
+        .map(|i| format!("\"127.0.0.1:{}\"", 9001 + i))
+        .collect();
     let text = format!(
-        "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
-         \"127.0.0.1:9002\", \"127.0.0.1:9003\"]\n{tables}[[routes]]\ncluster = \"a\"\n"
+        "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [{}]\n{tables}\
+         [[routes]]\ncluster = \"a\"\n",
+        list.join(", ")
     );
     let spec = crate::config::load_str(&text, Path::new("t.toml"))
         .unwrap()
@@ -23,9 +32,9 @@ fn three(tables: &str) -> (ClusterSpec, Vec<Arc<Endpoint>>) {
         .clone();
     let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
     let meter = t.cluster("a");
-    let eps = (0..3)
+    let eps = (0..n)
         .map(|i| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
+            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i));
             Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
         })
         .collect();
@@ -118,22 +127,7 @@ async fn an_endpoint_holding_its_share_gives_its_turns_to_the_least_loaded_with_
 /// 750 of 3,000 with one of three ejected, a third more with one of four).
 #[tokio::test]
 async fn an_ejected_endpoints_turns_spread_over_the_others() {
-    let text = "[router]\nlistener_port = 8080\n[clusters.a]\nendpoints = [\"127.0.0.1:9001\", \
-                \"127.0.0.1:9002\", \"127.0.0.1:9003\", \"127.0.0.1:9004\"]\n\
-                [[routes]]\ncluster = \"a\"\n";
-    let spec = crate::config::load_str(text, Path::new("t.toml"))
-        .unwrap()
-        .settings
-        .clusters["a"]
-        .clone();
-    let t = Telemetry::new(&UserspaceOnly::default(), Duration::from_secs(30));
-    let meter = t.cluster("a");
-    let eps: Vec<_> = (0..4)
-        .map(|i| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], 9001 + i as u16));
-            Arc::new(Endpoint::new(addr, 1, &spec, 1, &meter))
-        })
-        .collect();
+    let (spec, eps) = cluster_of(4, "");
     let now = tokio::time::Instant::now();
     let ev = crate::decide::health::Evidence::Refused;
     eps[1]
