@@ -1,9 +1,10 @@
 //! A running upstream cluster: what its parts share (the spec, the endpoints, the connection
 //! slots, the budgets, the kernel signals, the metrics), how evidence reaches an endpoint's
-//! health, and the background tasks that end when the cluster is dropped (idle sweep, probes,
-//! DNS refresh, the latency evaluator) or, but for the sweep, retired by a reload. Each part lives in its own module: `endpoint` (the set and picking),
-//! `checkout` (pool, slots, pending queue), `latency` (peak-EWMA, slow endpoints), `connect` and `hedge` (new connections), `probe`,
-//! `resolve`.
+//! health, what a reload's successor takes over (`successor`), and the background tasks that
+//! end when the cluster is dropped (idle sweep, probes, DNS refresh, the latency evaluator)
+//! or, but for the sweep, retired by a reload. Each part lives in its own module: `endpoint`
+//! (the set and picking), `checkout` (pool, slots, pending queue), `latency` (peak-EWMA, slow
+//! endpoints), `connect` and `hedge` (new connections), `probe`, `resolve`.
 
 use std::{
     net::SocketAddr,
@@ -39,9 +40,9 @@ pub(crate) struct Cluster {
     /// The endpoints (see [`Cluster::endpoints`] for a copy of the list).
     pub set: Endpoints,
     /// `max_connections`: every open connection holds one, idle or busy. Shared with the
-    /// cluster a reload replaced when the limit is the same (and `pending` always), so that the
-    /// connections its requests still hold count: each reload that changed anything in a
-    /// cluster allowed `max_connections` more.
+    /// cluster a reload replaced when its connections fit ([`connections_fit`]; `pending`
+    /// always), so that the connections its requests still hold count: each reload that
+    /// changed anything in a cluster allowed `max_connections` more.
     pub(super) slots: Arc<Semaphore>,
     /// Requests waiting for a connection (`max_pending_requests`).
     pub(super) pending: Arc<AtomicUsize>,
