@@ -29,6 +29,8 @@ mod edge_tests;
 #[cfg(test)]
 mod route_tests;
 #[cfg(test)]
+mod shadow_tests;
+#[cfg(test)]
 mod test_util;
 #[cfg(test)]
 mod tests;

@@ -130,8 +130,8 @@ pub(crate) fn admit(
 /// gateway alone speaks for client certificates: every request loses the
 /// `X-Forwarded-Client-Cert` it carried (also spelt with `_`), whoever sent it and on whichever
 /// listener, and one over a connection that showed a certificate (`cert`) gets the one this
-/// hop verified. Called before routing, and again after the hop-by-hop strip, so that a
-/// `Connection` that named the header does not take it out. Envoy's `SANITIZE_SET` does the
+/// hop verified. Called before routing, and again after the hop-by-hop strip when `Connection`
+/// named headers, so that naming this one does not take it out. Envoy's `SANITIZE_SET` does the
 /// same.
 pub(crate) fn client_cert(headers: &mut HeaderMap, forward: bool, cert: Option<&HeaderValue>) {
     if !forward {

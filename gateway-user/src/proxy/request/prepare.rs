@@ -279,13 +279,13 @@ fn for_upstream(
             what: "a transfer coding other than chunked",
         });
     }
-    forwarded::client_cert(&mut parts.headers, forward, client.client_cert.as_ref());
-    // A client's `Connection` may name the request ID's header, which the strip then took
-    // out: the ID the gateway assigned goes upstream all the same.
-    if stripped.listed
-        && let Some((name, id)) = request_id
-    {
-        parts.headers.insert(name, id.clone());
+    // A client's `Connection` may name the request ID's header, or the client certificate's,
+    // which the strip then took out: the gateway's own go upstream all the same.
+    if stripped.listed {
+        forwarded::client_cert(&mut parts.headers, forward, client.client_cert.as_ref());
+        if let Some((name, id)) = request_id {
+            parts.headers.insert(name, id.clone());
+        }
     }
     let upgrade = match stripped.upgrade {
         Some(value)
