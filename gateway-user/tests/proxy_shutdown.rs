@@ -12,7 +12,7 @@ use gateway_testkit::{
     admin::{metrics, value, wait_for, wait_in_flight},
     config::write_config,
     gateway_bin,
-    http::{client, empty, get, h2c_connection},
+    http::{client, empty, get, h2c_connection, h2c_over},
     process::GatewayProcess,
     tempdir::temp_dir,
     upstream::Upstream,
@@ -243,6 +243,41 @@ async fn an_http2_connection_without_a_request_gets_goaway_at_the_drain() {
     let ended = tokio::time::timeout(Duration::from_secs(3), conn)
         .await
         .expect("the quiet HTTP/2 connection is closed at the drain")
+        .unwrap();
+    assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
+    drop(sender);
+    let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(8))).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < EXIT * 2,
+        "exited {:?} after SIGTERM; the grace period is 5 s and nothing was in flight",
+        t0.elapsed()
+    );
+}
+
+/// A connection accepted before SIGTERM whose HTTP/2 preface comes only after the drain began
+/// gets GOAWAY as soon as it is served, as if it had been open then: it used to miss the
+/// drain's change (its task started after it) and hold the gateway for the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_starts_during_the_drain_gets_goaway() {
+    let up = Upstream::start("up").await;
+    let mut gw = spawn(&up, 5000, "drain-h2-late").await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let admin = gw.admin;
+    tokio::task::block_in_place(|| {
+        wait_for("accepted, waiting for its first bytes", || {
+            let m = metrics(admin);
+            let waiting = value(&m, "gateway_client_connections_parked", &[]);
+            (waiting == 1.0).then_some(()).ok_or(m)
+        })
+    });
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    gw.expect_log("draining", Duration::from_secs(2));
+    let (sender, conn) = h2c_over(tcp).await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the HTTP/2 connection that started during the drain gets GOAWAY")
         .unwrap();
     assert!(ended.is_ok(), "closed with GOAWAY, cleanly: {ended:?}");
     drop(sender);

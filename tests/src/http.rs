@@ -78,7 +78,16 @@ pub async fn h2c_connection(
     hyper::client::conn::http2::SendRequest<Body>,
     tokio::task::JoinHandle<hyper::Result<()>>,
 ) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h2c_over(tokio::net::TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// [`h2c_connection`] over a connection already open.
+pub async fn h2c_over(
+    tcp: tokio::net::TcpStream,
+) -> (
+    hyper::client::conn::http2::SendRequest<Body>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let (sender, conn) = hyper::client::conn::http2::handshake(
         TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),

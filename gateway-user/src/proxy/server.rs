@@ -379,12 +379,17 @@ where
     let activity = quiet::activity(speaks, &limits);
     // Counts what the client sent (`Quiet`); never parked.
     let io = TokioIo::new(Parkable::new(io, Bytes::new(), activity.clone()));
+    let mut idle = Quiet::new(limits, speaks, &activity);
     let mut phase = client.drain.phase.clone();
+    // A connection served only once the drain began (its first bytes or TLS handshake came
+    // later) is treated as if open then: HTTP/2 gets its GOAWAY now, not at the grace
+    // period's end; a first HTTP/1 request is still served, with `Connection: close`.
+    let mut stop = on_phase(*phase.borrow_and_update(), speaks, false);
     let peer = client.addr;
+    let alpn_missing = speaks == UNKNOWN;
     // What this connection speaks, known from its first request (`UNKNOWN` until then).
     let speaks = Arc::new(AtomicU8::new(speaks));
     let (svc_speaks, svc_activity) = (speaks.clone(), activity.clone());
-    let alpn_missing = speaks.load(Ordering::Relaxed) == UNKNOWN;
     let (shared_here, client_here) = (shared.clone(), client.clone());
     let svc = service_fn(move |req: Request<Incoming>| {
         let v = speaks_of(&req);
@@ -400,19 +405,22 @@ where
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
-    // Accepted before the listener stopped but started after: its first request is served
-    // (with `Connection: close`), as in `Phase::Drain` below.
-    if *phase.borrow_and_update() == Phase::Force {
-        return;
-    }
-    let mut idle = Quiet::new(limits, speaks.load(Ordering::Relaxed), &activity);
     loop {
+        let now_speaks = speaks.load(Ordering::Relaxed);
+        match idle.go_away_when_ready(stop, now_speaks, &activity, shutting_down) {
+            None => {}
+            Some(Stop::Close) => return,
+            Some(Stop::GoAway) => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
         // The drain's watch and the timers, polled only when they woke the task, not at each
         // of the several wake-ups per request that hyper's connection causes (see `woken`).
-        let check = idle.next_check(speaks.load(Ordering::Relaxed), shutting_down);
+        let check = idle.next_check(now_speaks, shutting_down);
         let wake = activity.owed().map(|o| &o.wake);
         let rare = WhenWoken::new(quiet::next_event(check, &mut phase, wake));
-        tokio::select! {
+        stop = tokio::select! {
             // The connection first: an unbiased select draws a random number at each wake-up.
             biased;
             r = conn.as_mut() => {
@@ -424,23 +432,15 @@ where
             }
             event = rare => {
                 let now_speaks = speaks.load(Ordering::Relaxed);
-                let stop = match event {
+                match event {
                     None => idle.check(now_speaks, &activity, peer),
                     Some(alive) => {
                         let p = if alive { *phase.borrow() } else { Phase::Force };
                         on_phase(p, now_speaks, shutting_down)
                     }
-                };
-                match idle.go_away_when_ready(stop, now_speaks, &activity, shutting_down) {
-                    None => {}
-                    Some(Stop::Close) => return,
-                    Some(Stop::GoAway) => {
-                        conn.as_mut().graceful_shutdown();
-                        shutting_down = true;
-                    }
                 }
             }
-        }
+        };
     }
 }
 
