@@ -70,6 +70,21 @@ pub fn may_hedge(enabled: bool, deadline: Duration, cap: Duration) -> bool {
     enabled && deadline < cap
 }
 
+/// Whether a connect that passed its `deadline` with no SYN-ACK is given up there, for a
+/// hedge or a retry to go elsewhere, rather than left to run on to the hard `cap`: always at
+/// the cap, and before it only when the request can go elsewhere (`elsewhere`: another
+/// endpoint, and a retry the policy allows; asked last, since it picks an endpoint). With
+/// nowhere else to go, a connect cut at the measured deadline could only fail, where the
+/// kernel's SYN retransmit may still establish it (a lost SYN or SYN-ACK, a full accept queue).
+/// The deadline's evidence is reported either way.
+pub fn gives_up_at_deadline(
+    deadline: Duration,
+    cap: Duration,
+    elsewhere: impl FnOnce() -> bool,
+) -> bool {
+    deadline >= cap || elsewhere()
+}
+
 /// The recent SYN-RTTs of one endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct RttWindow {
@@ -236,6 +251,14 @@ mod tests {
         assert!(may_hedge(true, ms(50), ms(5000)));
         assert!(!may_hedge(true, ms(5000), ms(5000)));
         assert!(!may_hedge(false, ms(50), ms(5000)));
+    }
+
+    #[test]
+    fn a_connect_past_its_deadline_runs_on_to_the_cap_unless_it_can_go_elsewhere() {
+        let never = || -> bool { panic!("the pick is asked only when it decides") };
+        assert!(gives_up_at_deadline(ms(5000), ms(5000), never), "the cap");
+        assert!(gives_up_at_deadline(ms(50), ms(5000), || true));
+        assert!(!gives_up_at_deadline(ms(50), ms(5000), || false));
     }
 
     #[test]

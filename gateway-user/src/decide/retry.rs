@@ -1,7 +1,8 @@
 //! What to do after a failed attempt: [`next_step`]. The rule, exactly:
 //!
 //! 1. The connect failed (no connection): always retry, on a different endpoint. Nothing was
-//!    sent.
+//!    sent. (A connect past its adaptive deadline is given up for this only when a retry
+//!    could go somewhere: `deadline::gives_up_at_deadline`.)
 //! 2. The connection died (reset, or RTOs with the request unACKed) or the response timer
 //!    fired, and the kernel proves **none** of this request's bytes were ACKed by the
 //!    upstream's kernel ([`Delivery::NotReceived`]): the request never reached the upstream

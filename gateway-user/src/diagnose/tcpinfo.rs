@@ -84,6 +84,9 @@ const BYTES_RETRANS_END: usize = mem::offset_of!(RawTcpInfo, dsack_dups);
 pub struct TcpInfo {
     /// `enum tcp_state`: 1 = ESTABLISHED, 2 = SYN_SENT, …
     pub state: u8,
+    /// RTOs that fired since the peer last ACKed new data (`icsk_retransmits`, which
+    /// `tcp_ack()` clears whenever `snd_una` advances): above 0, the connection is stalled now.
+    pub unrecovered_rtos: u8,
     /// Segments retransmitted over the socket's life, SYNs included
     /// (`__tcp_retransmit_skb()` counts every retransmit).
     pub total_retrans: u32,
@@ -137,6 +140,7 @@ pub fn read(fd: RawFd) -> Option<TcpInfo> {
     let len = len as usize;
     Some(TcpInfo {
         state: raw.state,
+        unrecovered_rtos: raw.retransmits,
         total_retrans: raw.total_retrans,
         bytes_acked: (len >= BYTES_ACKED_END).then_some(raw.bytes_acked),
         bytes_received: (len >= BYTES_RECEIVED_END).then_some(raw.bytes_received),
@@ -187,6 +191,7 @@ mod tests {
     fn unacked_bytes_are_those_sent_once_less_those_acked() {
         let i = TcpInfo {
             state: 1,
+            unrecovered_rtos: 0,
             total_retrans: 1,
             bytes_acked: Some(1 + 300),
             bytes_received: Some(0),

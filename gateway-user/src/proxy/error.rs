@@ -9,8 +9,6 @@ use thiserror::Error;
 mod evidence_header;
 mod kind;
 
-pub use kind::ErrorKind;
-
 use crate::{
     decide::{
         evidence::{ConnectFailure, TlsFailure},
@@ -18,6 +16,7 @@ use crate::{
     },
     signals::{ConnectEvidence, EstablishedEvidence},
 };
+pub use kind::ErrorKind;
 
 /// Renders optional kernel evidence as a suffix.
 struct Ev<'a, T>(&'a Option<T>);
@@ -94,19 +93,23 @@ pub enum ProxyError {
         timeout: Duration,
         cookie: u64,
         evidence: Option<EstablishedEvidence>,
+        delivery: Delivery,
         /// Kernel evidence says the request arrived: the backend, not the network, is slow.
         slow_backend: bool,
     },
     #[error(
-        "{endpoint} stopped answering mid-request after {} ms: the kernel retransmitted the request {} time(s) ({} RTOs) and {} byte(s) stay unACKed (host or path died){}",
+        "{endpoint} stopped answering mid-request after {} ms: the kernel retransmitted {} time(s) on its connection ({} RTOs) and {} byte(s) stay unACKed (host or path died){}",
         after.as_millis(), evidence.data_retransmits, evidence.rtos, evidence.unacked_bytes,
-        if evidence.bytes_acked == 0 { "; none of the request reached the upstream" } else { "" }
+        if *delivery == Delivery::NotReceived { "; none of the request reached the upstream" } else { "" }
     )]
     UpstreamHostDied {
         endpoint: SocketAddr,
         after: Duration,
         cookie: u64,
+        /// The kernel's record of the connection, over its whole life; `delivery`: what it
+        /// proves of this request's own bytes.
         evidence: EstablishedEvidence,
+        delivery: Delivery,
     },
     #[error("{endpoint} stopped reading the request for {} ms", timeout.as_millis())]
     UpstreamWriteTimeout {

@@ -23,6 +23,7 @@
 mod affinity;
 mod attempt;
 mod gate;
+mod look;
 mod prepare;
 mod read_ahead;
 mod redirect;

@@ -256,6 +256,12 @@ impl RequestBody {
         let k = lock(kept);
         (k.complete && !k.given_up).then(|| RequestBody::Replayed(VecDeque::from(k.frames.clone())))
     }
+
+    /// Whether [`RequestBody::replay`] would give the body again.
+    pub fn replayable(kept: &KeptBody) -> bool {
+        let k = lock(kept);
+        k.complete && !k.given_up
+    }
 }
 
 impl Streaming {

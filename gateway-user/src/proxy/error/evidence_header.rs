@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::ProxyError;
+use crate::decide::retry::Delivery;
 use crate::signals::{ConnectEvidence, EstablishedEvidence};
 
 impl ProxyError {
@@ -26,11 +27,14 @@ impl ProxyError {
                     .unwrap_or_default()
             )
         };
-        let conn = |e: &EstablishedEvidence| {
-            let acked = match (e.bytes_acked, e.unacked_bytes) {
-                (0, _) => "no",
-                (_, 0) => "yes",
-                _ => "partial",
+        // `request_acked` is this request's (`unknown` on a keep-alive connection whose count
+        // before the request was not taken); the counts after it are the connection's.
+        let conn = |e: &EstablishedEvidence, delivery: &Delivery| {
+            let acked = match (delivery, e.unacked_bytes) {
+                (Delivery::NotReceived, _) => "no",
+                (Delivery::Unknown, _) => "unknown",
+                (Delivery::Received, 0) => "yes",
+                (Delivery::Received, _) => "partial",
             };
             format!(
                 "request_acked={acked} bytes_acked={} unacked={} rtos={} retransmits={}",
@@ -50,9 +54,15 @@ impl ProxyError {
                 evidence: Some(e), ..
             } => Some(connect(e, None)),
             ProxyError::ResponseTimeout {
-                evidence: Some(e), ..
+                evidence: Some(e),
+                delivery,
+                ..
             }
-            | ProxyError::UpstreamHostDied { evidence: e, .. } => Some(conn(e)),
+            | ProxyError::UpstreamHostDied {
+                evidence: e,
+                delivery,
+                ..
+            } => Some(conn(e, delivery)),
             ProxyError::ResponseTimeout {
                 evidence: None,
                 slow_backend: true,

@@ -32,6 +32,7 @@ fn evidence_header_states_what_the_kernel_saw() {
             bytes_acked: 0,
             unacked_bytes: 78,
         },
+        delivery: Delivery::NotReceived,
     };
     assert_eq!(
         e.evidence_header().as_deref(),
@@ -41,6 +42,32 @@ fn evidence_header_states_what_the_kernel_saw() {
         e.to_string()
             .contains("none of the request reached the upstream"),
         "{e}"
+    );
+    // A keep-alive connection: its counts are its whole life's, and nothing is claimed of
+    // this request's bytes without a count taken before it (an audit read `partial` and "the
+    // kernel retransmitted the request 14 times" for a request none of whose bytes arrived).
+    let reused = ProxyError::UpstreamHostDied {
+        endpoint: "10.0.0.5:8080".parse().unwrap(),
+        after: Duration::from_millis(600),
+        cookie: 1,
+        evidence: EstablishedEvidence {
+            data_retransmits: 14,
+            rtos: 1,
+            srtt: None,
+            bytes_acked: 22230,
+            unacked_bytes: 195,
+        },
+        delivery: Delivery::Unknown,
+    };
+    assert_eq!(
+        reused.evidence_header().as_deref(),
+        Some("request_acked=unknown bytes_acked=22230 unacked=195 rtos=1 retransmits=14")
+    );
+    assert!(
+        reused
+            .to_string()
+            .contains("the kernel retransmitted 14 time(s) on its connection (1 RTOs)"),
+        "{reused}"
     );
     let no_kernel = ProxyError::ConnectTimeout {
         endpoint: "10.0.0.5:8080".parse().unwrap(),

@@ -8,7 +8,8 @@
 //! - **Await the response head**: until the response timeout (`response_timeout_ms`) or the
 //!   request deadline. The connection is looked at every [`HOST_DIED_CHECK`]: with kernel
 //!   signals, RTOs with the request unACKed mean the host or the path died
-//!   (`decide::evidence::host_died`), which need not wait for the timer; request bytes still
+//!   (`decide::evidence::host_died`): while nothing is ACKed since the last RTO and the request
+//!   can go elsewhere, it need not wait for the timer (`gives_up_on_stall`); request bytes still
 //!   unACKed (`TCP_INFO`) after three smoothed RTTs are a stall on the path.
 //! - **Latency** (`decide::latency`, fed whatever the policy): the head's latency from the
 //!   request's sending is a sample, a response timeout and a stall are lower bounds, and the
@@ -22,9 +23,7 @@
 //! upstream refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`,
 //! which `decide::retry` sends to another connection whatever the method.
 
-use std::{
-    future::Future, net::SocketAddr, os::fd::RawFd, pin::Pin, sync::Arc, task::Poll, time::Duration,
-};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use http::Request;
 use tokio::time::{Instant, Sleep};
@@ -32,13 +31,14 @@ use tracing::debug;
 
 use super::{
     Plan, Upstream,
+    look::{OnConn, acked_before, elsewhere, host_died, note_stall},
     prepare::{GRPC_TIMEOUT, grpc_timeout_left},
 };
 use crate::{
     decide::{
-        evidence::{ResponseCause, host_died},
+        evidence::ResponseCause,
         latency::Source,
-        retry::Delivery,
+        retry::{Delivery, Failure},
     },
     proxy::{
         access_log::Attempt,
@@ -47,7 +47,6 @@ use crate::{
         request_body::RequestBody,
         upstream::{
             Cluster, Endpoint, InFlight, Lease, SendResult, UpstreamConn, Want, checkout, reuse,
-            socket_of,
         },
     },
 };
@@ -66,7 +65,7 @@ pub(super) struct Failed {
 }
 
 impl Failed {
-    fn new(
+    pub(super) fn new(
         error: ProxyError,
         delivery: Delivery,
         unsent: Option<Request<RequestBody>>,
@@ -209,10 +208,12 @@ async fn connect_or_reuse(
     }
     let tried: Vec<SocketAddr> = ex.record.attempts.iter().map(|t| t.endpoint).collect();
     let tried = move |a: SocketAddr| tried.contains(&a);
+    let retry = elsewhere(cluster, plan, ex, (Failure::ConnectFailed, true));
     let want = Want {
         tried: &tried,
         fresh,
         hedging: plan.hedging(),
+        elsewhere: &|| retry(&tried),
     };
     // Boxed: the slow path, kept out of every request's future.
     let checkout = Box::pin(checkout(cluster, ep, want));
@@ -328,44 +329,10 @@ async fn exchange(
     Ok((response, arrived.unwrap_or_else(Instant::now)))
 }
 
-/// The connection's `bytes_acked` (SYN excluded) before this request is written, when it can
-/// matter and be known: 0 on a fresh connection; on a reused one, read from `TCP_INFO` for a
-/// non-idempotent request with kernel signals on (only those need proof that the request
-/// never arrived: idempotent ones are retried anyway, and without the kernel's record of the
-/// connection's end there is nothing to compare with).
-fn acked_before(conn: &UpstreamConn, plan: &Plan) -> Option<u64> {
-    if conn.is_http2() {
-        // Other streams (and the connection preface) share the connection's byte counts.
-        return None;
-    }
-    if conn.connect_time.is_some() {
-        return Some(0);
-    }
-    if !plan.kernel || plan.idempotent {
-        return None;
-    }
-    let fd = conn.socket()?;
-    let info = crate::diagnose::tcpinfo::read(fd)?;
-    // Checked again after the read: the fd was this connection's socket throughout.
-    conn.socket()?;
-    // TCP_INFO counts the SYN as one byte, the kernel observer's record does not.
-    info.bytes_acked.map(|b| b.saturating_sub(1))
-}
-
-/// The request on its connection, once sent.
-#[derive(Clone, Copy)]
-struct OnConn {
-    cookie: u64,
-    /// The socket's descriptor, checked against `cookie` before each use.
-    fd: RawFd,
-    /// The connection's `bytes_acked` before this request, when known.
-    baseline: Option<u64>,
-    sent: Instant,
-}
-
 /// Waits for the response head until the response timeout (from `sent`) or the request
 /// deadline, whichever is first, with `timer` (reset at each look; the connection's own, see
-/// `UpstreamConn::head_timer`); gives up as soon as the kernel shows that the host died.
+/// `UpstreamConn::head_timer`); gives up as soon as the kernel shows that the host died, when
+/// the request can go elsewhere.
 /// Feeds the endpoint's latency: the head's arrival, a stall, a timeout. The result comes with
 /// the time it arrived (read once, for the latency, the access log and the endpoint's health).
 async fn await_head<F: Future<Output = SendResult>>(
@@ -409,20 +376,8 @@ async fn await_head<F: Future<Output = SendResult>>(
             }
             Err(_) if slice >= until => break,
             Err(_) => {
-                if plan.kernel
-                    && let Some(ev) = signals.established_evidence(cookie)
-                    && host_died(&ev)
-                {
-                    let delivery = Delivery::of(baseline, Some(ev.bytes_acked));
-                    let error = ProxyError::UpstreamHostDied {
-                        endpoint: ep.addr,
-                        after: sent.elapsed(),
-                        cookie,
-                        evidence: ev,
-                    };
-                    let cause = ResponseCause::HostDied;
-                    cluster.report(ep, cause.health_evidence(), &|| error.to_string());
-                    return Err(Failed::new(error, delivery, None));
+                if let Some(f) = host_died(cluster, ep, on, plan, ex) {
+                    return Err(f);
                 }
                 note_stall(cluster, ep, on);
                 next_look = Instant::now() + HOST_DIED_CHECK;
@@ -442,24 +397,11 @@ async fn await_head<F: Future<Output = SendResult>>(
         timeout: response_timeout,
         cookie,
         evidence,
+        delivery,
         slow_backend: cause == ResponseCause::SlowBackend,
     };
     cluster.report(ep, cause.health_evidence(), &|| error.to_string());
     Err(Failed::new(error, delivery, None))
-}
-
-/// Request bytes still unACKed by the upstream's kernel (`TCP_INFO`) more than three smoothed
-/// RTTs after sending: the wait so far is on the path, and the endpoint's latency is at least
-/// that (`decide::latency`).
-fn note_stall(cluster: &Cluster, ep: &Endpoint, on: OnConn) {
-    let waited = on.sent.elapsed();
-    let Some(info) = socket_of(on.fd, on.cookie).and_then(crate::diagnose::tcpinfo::read) else {
-        return;
-    };
-    if info.unacked > 0 && waited > Duration::from_micros(u64::from(info.rtt_us) * 3) {
-        ep.latency
-            .lower_bound(waited, Source::Stalls, &cluster.spec.latency);
-    }
 }
 
 /// The request deadline passed: `request_timeout`, with what the request was doing; or

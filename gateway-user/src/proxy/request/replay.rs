@@ -46,6 +46,13 @@ impl Drop for Replay {
 }
 
 impl Plan {
+    /// Whether [`Plan::replay`] would give the request again (without rebuilding it).
+    pub(super) fn can_replay(&self) -> bool {
+        self.replay
+            .as_ref()
+            .is_some_and(|r| r.body.as_ref().is_none_or(RequestBody::replayable))
+    }
+
     /// The request again, if it can be sent again (its body, if any, was kept whole).
     pub(super) fn replay(&self) -> Option<Request<RequestBody>> {
         // The request may have been sent as HTTP/2 (absolute URI, no `Host`): the kept head

@@ -56,6 +56,10 @@ pub(crate) struct Want<'a> {
     /// A new connection only, never one already open (after a stale one broke, or a GOAWAY).
     pub fresh: bool,
     pub hedging: Hedging,
+    /// Whether the request could go elsewhere if this connect were given up: another
+    /// endpoint, and a retry its policy allows (`decide::deadline::gives_up_at_deadline`).
+    /// Asked only when a connect passes its deadline.
+    pub elsewhere: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// A connection already open to `ep`, taken at once: an idle HTTP/1.1 one, or a stream on an
@@ -84,11 +88,7 @@ pub(crate) async fn checkout(
     ep: &Arc<Endpoint>,
     want: Want<'_>,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
-    let Want {
-        tried,
-        fresh,
-        hedging,
-    } = want;
+    let fresh = want.fresh;
     let h2 = multiplexed(cluster, ep) && !fresh;
     loop {
         if !fresh && let Some(c) = reuse(cluster, ep, Instant::now()) {
@@ -111,7 +111,7 @@ pub(crate) async fn checkout(
             }
         }
         if let Ok(slot) = cluster.slots.clone().try_acquire_owned() {
-            let mut made = new_connection(cluster, ep, slot, tried, hedging).await;
+            let mut made = new_connection(cluster, ep, slot, &want).await;
             if let (Ok((_, c)), Some(k)) = (made.as_mut(), connecting) {
                 c.hold_connecting(k);
             }
@@ -150,7 +150,7 @@ pub(crate) async fn checkout(
             _ = stream_freed => continue,
             slot = cluster.slots.clone().acquire_owned() => {
                 let slot = slot.expect("the cluster never closes its semaphore");
-                return new_connection(cluster, ep, slot, tried, hedging).await;
+                return new_connection(cluster, ep, slot, &want).await;
             }
         }
     }

@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::{
     Cluster,
+    checkout::Want,
     endpoint::Endpoint,
     gate::{SendGate, drive},
     hedge,
@@ -31,7 +32,7 @@ use super::{
 };
 use crate::{
     config::UpstreamProtocol,
-    decide::{evidence::ConnectFailure, health::Evidence},
+    decide::{deadline::gives_up_at_deadline, evidence::ConnectFailure, health::Evidence},
     proxy::{
         error::ProxyError,
         io::{EarlyResponse, StallGuard},
@@ -174,13 +175,14 @@ pub(crate) fn failed(
 
 /// A new connection to `ep` within its connect deadline (adaptive, capped by
 /// `connect_timeout_ms`), racing a hedge when the deadline passes and `hedge` allows one. The
-/// connection may be to another endpoint when the hedge won.
+/// connection may be to another endpoint when the hedge won. With no hedge and nowhere else
+/// for the request to go, the connect runs on to the cap
+/// (`decide::deadline::gives_up_at_deadline`).
 pub(super) async fn new_connection(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
     slot: OwnedSemaphorePermit,
-    tried: &(dyn Fn(SocketAddr) -> bool + Sync),
-    hedging: hedge::Hedging,
+    want: &Want<'_>,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
     let deadline = ep.health.deadline(&cluster.spec).value;
     ep.meter.deadline(deadline);
@@ -195,22 +197,28 @@ pub(super) async fn new_connection(
             deadline.as_millis()
         )
     });
-    match hedge::plan(cluster, ep, deadline, tried, hedging) {
-        Some(h) => {
-            debug!(cluster = %cluster.name, upstream = %ep.addr, hedge = %h.endpoint.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
-            hedge::race_connects(cluster, ep, first, slot, h).await
-        }
-        None => {
-            let cookie = first.info.cookie;
-            // Close the socket first, so that the kernel's record (aborted, SYNs sent) exists.
-            drop(first);
-            let e = Pending::timed_out(ep.addr, cookie, deadline, &*cluster.signals);
-            if let ProxyError::ConnectTimeout { evidence, .. } = &e {
-                ep.meter.connect_abandoned(evidence.as_ref(), true);
-            }
-            Err(e)
-        }
+    if let Some(h) = hedge::plan(cluster, ep, deadline, want.tried, want.hedging) {
+        debug!(cluster = %cluster.name, upstream = %ep.addr, hedge = %h.endpoint.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline; racing another endpoint");
+        return hedge::race_connects(cluster, ep, first, slot, h).await;
     }
+    let mut timeout = deadline;
+    let cap = cluster.spec.timeouts.connect;
+    if !gives_up_at_deadline(deadline, cap, want.elsewhere) {
+        debug!(cluster = %cluster.name, upstream = %ep.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline and nowhere else to go; the connect runs on to connect_timeout_ms");
+        if let Ok(r) = tokio::time::timeout_at(first.info.start + cap, &mut first.fut).await {
+            let c = finish(cluster, ep, first.info, r)?;
+            return Ok((ep.clone(), handshake(cluster, ep, c, slot).await?));
+        }
+        timeout = cap;
+    }
+    let cookie = first.info.cookie;
+    // Close the socket first, so that the kernel's record (aborted, SYNs sent) exists.
+    drop(first);
+    let e = Pending::timed_out(ep.addr, cookie, timeout, &*cluster.signals);
+    if let ProxyError::ConnectTimeout { evidence, .. } = &e {
+        ep.meter.connect_abandoned(evidence.as_ref(), true);
+    }
+    Err(e)
 }
 
 /// Classifies a finished connect and feeds health, the SYN-RTT window and the metrics.
