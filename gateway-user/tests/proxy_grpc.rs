@@ -278,6 +278,46 @@ async fn a_status_the_route_lists_is_retried_and_others_are_not() {
     );
 }
 
+/// A call whose message is over the route's `max_request_body_bytes` is the client's
+/// `RESOURCE_EXHAUSTED` (`request_body_too_large`), not the upstream's `UNAVAILABLE`: hyper's HTTP/2 client drops
+/// the body's error and resets the stream, which read as the upstream's reset (a black-box
+/// audit: `UNAVAILABLE: upstream_reset`, a status clients retry, for a call that can never
+/// succeed). The access log says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_body_limit_is_resource_exhausted_not_the_upstreams_fault() {
+    let (server, dir) = grpc_server("grpc-limit");
+    let gw = gateway(
+        "grpc-limit",
+        &config(server.addr(), "max_request_body_bytes = 1000"),
+    )
+    .await;
+    let target = gw.addr.to_string();
+    let big = "x".repeat(5000);
+    let (small, over) = tokio::task::spawn_blocking(move || {
+        (
+            client(&dir, &["one", &target, "Unary", "small", "10"]),
+            client(&dir, &["one", &target, "Unary", &big, "10"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(small["ok"], "echo small", "{small}");
+    assert_eq!(over["code"], "RESOURCE_EXHAUSTED", "{over}");
+    assert!(
+        over["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("exceeds 1000 bytes")),
+        "{over}"
+    );
+    let lines = log_lines(&gw.log, 2);
+    let refused = lines
+        .iter()
+        .find(|l| l["error"] == "request_body_too_large")
+        .unwrap_or_else(|| panic!("the call's line: {lines:?}"));
+    // A gRPC answer is HTTP 200 with its status in the trailers.
+    assert_eq!(refused["grpc_status"], 8, "{refused}");
+}
+
 #[test]
 fn a_refused_upstream_is_unavailable_with_the_kernels_evidence_privileged() {
     gateway_testkit::root::require_root();

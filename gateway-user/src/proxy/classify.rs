@@ -7,21 +7,27 @@ use std::{error::Error, net::SocketAddr};
 use super::{
     error::{ErrorKind, ProxyError},
     io::is_write_stall,
-    request_body::RequestBodyError,
+    request_body::{BodyFailure, Progress, RequestBodyError},
 };
 
 /// Maps a failed exchange on an upstream connection to its reason.
-pub(crate) fn upstream_error(e: hyper::Error, endpoint: SocketAddr) -> ProxyError {
-    // The client's body: too large (`Some(limit)`), or broken off (`None`).
-    let body = causes(&e)
+pub(crate) fn upstream_error(
+    e: hyper::Error,
+    endpoint: SocketAddr,
+    body: Option<&Progress>,
+) -> ProxyError {
+    // The client's body: too large, or broken off. HTTP/1 carries the body's error in the
+    // chain; HTTP/2 drops it and resets the stream, so the body's own record is asked too.
+    let failed = causes(&e)
         .find_map(|c| c.downcast_ref::<RequestBodyError>())
         .map(|b| match b {
-            RequestBodyError::TooLarge { limit } => Some(*limit),
-            RequestBodyError::Downstream(_) => None,
-        });
-    match body {
-        Some(Some(limit)) => return ProxyError::RequestBodyTooLarge { limit },
-        Some(None) => return ProxyError::DownstreamBodyError { source: e },
+            RequestBodyError::TooLarge { limit } => BodyFailure::TooLarge { limit: *limit },
+            RequestBodyError::Downstream(_) => BodyFailure::Downstream,
+        })
+        .or_else(|| body.and_then(Progress::failure));
+    match failed {
+        Some(BodyFailure::TooLarge { limit }) => return ProxyError::RequestBodyTooLarge { limit },
+        Some(BodyFailure::Downstream) => return ProxyError::DownstreamBodyError { source: e },
         None => {}
     }
     if let Some(timeout) = is_write_stall(&e) {

@@ -17,7 +17,7 @@ use std::{
     collections::VecDeque,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -55,6 +55,18 @@ pub(crate) struct Progress {
     waiting: AtomicBool,
     /// The client's body was read to its end.
     complete: AtomicBool,
+    /// How the body failed, if it did.
+    failure: OnceLock<BodyFailure>,
+}
+
+/// How a client's body failed on its way upstream. An HTTP/2 upstream connection (hyper's
+/// client) drops the body's error and resets the stream: the request learns of it only from
+/// here, and otherwise blamed the upstream (`502 upstream_reset`, gRPC `UNAVAILABLE`) for a
+/// body over `max_request_body_bytes` or a client that broke its upload off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyFailure {
+    TooLarge { limit: u64 },
+    Downstream,
 }
 
 impl Progress {
@@ -65,6 +77,11 @@ impl Progress {
     /// Whether the client's body was read to its end.
     pub fn complete(&self) -> bool {
         self.complete.load(Ordering::Relaxed)
+    }
+
+    /// How the body failed, if it did.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        self.failure.get().copied()
     }
 
     /// Whether the body waits for its client (see `waiting`).
@@ -314,6 +331,15 @@ impl Streaming {
         self.done = None;
     }
 
+    /// The body failed: the request path is told how, then that it is over.
+    fn failed(&mut self, how: BodyFailure) {
+        if let Some(p) = &self.done {
+            let _ = p.0.failure.set(how);
+        }
+        self.ended();
+        self.give_up_keeping();
+    }
+
     fn give_up_keeping(&mut self) {
         if let Some(k) = self.keep.take() {
             lock(&k).give_up();
@@ -369,8 +395,7 @@ impl Streaming {
                         && self.seen > limit
                     {
                         self.inner = None;
-                        self.ended();
-                        self.give_up_keeping();
+                        self.failed(BodyFailure::TooLarge { limit });
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit })));
                     }
                     if !self.reading_ahead {
@@ -391,8 +416,7 @@ impl Streaming {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                self.ended();
-                self.give_up_keeping();
+                self.failed(BodyFailure::Downstream);
                 Poll::Ready(Some(Err(RequestBodyError::Downstream(e))))
             }
             Poll::Pending => Poll::Pending,

@@ -42,6 +42,7 @@ use crate::{
     },
     proxy::{
         access_log::Attempt,
+        classify::upstream_error,
         error::{ErrorKind, Phase, ProxyError},
         exchange::Exchange,
         request_body::RequestBody,
@@ -314,7 +315,7 @@ async fn exchange(
     };
     let response = result.map_err(|mut e| {
         let unsent = e.take_message();
-        let error = crate::proxy::classify::upstream_error(e.into_error(), ep.addr);
+        let error = upstream_error(e.into_error(), ep.addr, ex.body.as_deref());
         // The kernel's record of the connection, now closed, says whether this request's
         // bytes reached the upstream.
         let acked = match &error {
