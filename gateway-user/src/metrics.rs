@@ -174,6 +174,12 @@ catalogue! {
         "When each certificate the gateway presents stops being valid (Unix seconds): the earliest notAfter of the chain in file, for the HTTPS listener (role server) and upstream client certificates (role client). Set at start and at every reload.";
     kernel_anomalies: "gateway_observer_kernel_anomalies", "counter", ["kind"],
         "Rare kernel-side failures of the observer, by kind: dest_insert_failed, conn_insert_failed (a map insert failed), slot_reused (a connect still waiting for its SYN-ACK lost its record: more connects started meanwhile than the kernel's table of records holds), unexpected_state (a TCP state transition the observer does not expect). Counted by the kernel (eBPF); each is also logged (target gateway::kernel), at most once per second per kind and CPU.";
+    upstream_connections: "gateway_upstream_connections", "gauge", ["cluster"],
+        "Upstream connections the cluster holds now, busy, idle or being made (an upgraded connection's included, until it ends): what max_connections limits. Read every second.";
+    upstream_max_connections: "gateway_upstream_max_connections", "gauge", ["cluster"],
+        "The cluster's max_connections: gateway_upstream_connections at this value means that a request finding no idle connection waits for one to free up (counted in gateway_upstream_pending_requests), up to its request timeout.";
+    upstream_pending: "gateway_upstream_pending_requests", "gauge", ["cluster"],
+        "Requests waiting now for one of the cluster's connections to free up, every one of its max_connections being in use (max_pending_requests limits them; past it a request is answered 503 overloaded). Read every second.";
     upgrades_active: "gateway_upgraded_connections", "gauge", ["cluster"],
         "Upgraded connections (WebSocket, any HTTP/1.1 Upgrade) open now: from the 101 to their end.";
     upgrades: "gateway_upgrades", "counter", ["cluster", "end"],
@@ -262,6 +268,9 @@ pub struct GatewayMetrics {
     pub tls_handshake_duration: HistogramFamily<SideLabels>,
     pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
     pub kernel_anomalies: Family<KindLabels, Counter>,
+    pub upstream_connections: Family<ClusterLabels, Gauge>,
+    pub upstream_max_connections: Family<ClusterLabels, Gauge>,
+    pub upstream_pending: Family<ClusterLabels, Gauge>,
     pub upgrades_active: Family<ClusterLabels, Gauge>,
     pub upgrades: Family<UpgradeEndLabels, Counter>,
     pub upgrade_bytes: Family<DirectionLabels, Counter>,
@@ -317,6 +326,9 @@ impl GatewayMetrics {
             tls_handshake_duration: Family::new_with_constructor(buckets),
             tls_certificate_expiry: Family::default(),
             kernel_anomalies: Family::default(),
+            upstream_connections: Family::default(),
+            upstream_max_connections: Family::default(),
+            upstream_pending: Family::default(),
             upgrades_active: Family::default(),
             upgrades: Family::default(),
             upgrade_bytes: Family::default(),
@@ -392,6 +404,9 @@ impl GatewayMetrics {
         reg!(f::tls_handshake_duration, self.tls_handshake_duration);
         reg!(f::tls_certificate_expiry, self.tls_certificate_expiry);
         reg!(f::kernel_anomalies, self.kernel_anomalies);
+        reg!(f::upstream_connections, self.upstream_connections);
+        reg!(f::upstream_max_connections, self.upstream_max_connections);
+        reg!(f::upstream_pending, self.upstream_pending);
         reg!(f::upgrades_active, self.upgrades_active);
         reg!(f::upgrades, self.upgrades);
         reg!(f::upgrade_bytes, self.upgrade_bytes);

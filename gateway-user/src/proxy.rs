@@ -452,6 +452,9 @@ async fn refresh_metrics(shared: std::sync::Weak<Shared>) {
         // Each endpoint's deadline and state, which also puts back a state that a replaced
         // endpoint's last words zeroed.
         for c in s.runtime.load().clusters.iter() {
+            let (held, pending) = c.connection_use();
+            let max = c.spec.limits.max_connections;
+            c.meter.connections.set(held, max, pending);
             for ep in c.endpoints() {
                 ep.meter.deadline(ep.health.deadline(&c.spec).value);
                 ep.meter.state(ep.state(&c.spec));

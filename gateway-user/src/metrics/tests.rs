@@ -170,11 +170,17 @@ fn populated() -> Registry {
             cluster: "c".into(),
         })
         .inc();
-    m.upgrades_active
-        .get_or_create(&ClusterLabels {
+    for g in [
+        &m.upstream_connections,
+        &m.upstream_max_connections,
+        &m.upstream_pending,
+        &m.upgrades_active,
+    ] {
+        g.get_or_create(&ClusterLabels {
             cluster: "c".into(),
         })
         .set(1);
+    }
     m.upgrades
         .get_or_create(&UpgradeEndLabels {
             cluster: "c".into(),

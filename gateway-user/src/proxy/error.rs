@@ -300,6 +300,10 @@ pub enum Phase {
     Connecting,
     SendingTheRequest,
     WaitingForTheResponseHead,
+    /// For a connection to free up: all `max` of the cluster's were in use.
+    WaitingForAConnection {
+        max: usize,
+    },
 }
 
 impl fmt::Display for Phase {
@@ -309,6 +313,12 @@ impl fmt::Display for Phase {
             Phase::Connecting => "connecting",
             Phase::SendingTheRequest => "sending the request",
             Phase::WaitingForTheResponseHead => "waiting for the response head",
+            Phase::WaitingForAConnection { max } => {
+                return write!(
+                    f,
+                    "waiting for a connection: all {max} of the cluster's max_connections in use"
+                );
+            }
         })
     }
 }

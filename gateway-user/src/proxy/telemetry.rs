@@ -17,6 +17,7 @@
 //! | latency, slowdowns | the estimate every second; a slowdown when `peak_ewma`'s evaluator marks the endpoint slow (`upstream::latency`) |
 //! | hedges, retries, retry_budget_exhausted | where the cluster hedges, and where a request retries or is refused a retry |
 //! | dns_failures | at each resolution of the cluster's host names (`upstream::resolve`) |
+//! | upstream_connections, upstream_max_connections, upstream_pending | every second ([`ConnectionsMeter`]) |
 //! | observer_kernel, observer_mode, build_info | at start |
 //! | events_lost, kernel_anomalies, kernel_anomaly_logs_suppressed | every second, from the observer's counters |
 //! | process_* | at each scrape, from `/proc/self` (`metrics::process`) |
@@ -36,6 +37,7 @@
 //! Histograms get buckets up to the longest timeout configured at start ([`longest_timeout`]);
 //! the series of routes, clusters and endpoints that are gone are removed ([`series`]).
 
+mod connections;
 mod endpoint;
 mod series;
 mod tls;
@@ -44,6 +46,7 @@ mod tunnel;
 pub(crate) use self::series::INCOMPLETE_REASONS;
 use self::series::Series;
 pub(crate) use self::{
+    connections::ConnectionsMeter,
     endpoint::EndpointMeter,
     tls::{Side, TlsMeter},
     tunnel::{TunnelEnd, TunnelMeter},
@@ -407,6 +410,7 @@ pub(crate) struct ClusterMeter {
     dns_failures: Counter,
     /// Upgraded connections, shared with the endpoints.
     tunnels: std::sync::Arc<TunnelMeter>,
+    pub connections: ConnectionsMeter,
 }
 
 impl ClusterMeter {
@@ -439,6 +443,7 @@ impl ClusterMeter {
             retry_budget_exhausted: counter(&m.retry_budget_exhausted, &cluster),
             dns_failures: counter(&m.dns_failures, &cluster),
             tunnels: std::sync::Arc::new(TunnelMeter::new(m, name)),
+            connections: ConnectionsMeter::new(m, name),
             metrics: m.clone(),
             series: series.clone(),
             name: name.to_owned(),

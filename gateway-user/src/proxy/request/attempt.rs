@@ -23,7 +23,17 @@
 //! upstream refused unprocessed (GOAWAY below it, REFUSED_STREAM) is `upstream_refused_stream`,
 //! which `decide::retry` sends to another connection whatever the method.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Poll,
+    time::Duration,
+};
 
 use http::Request;
 use tokio::time::{Instant, Sleep};
@@ -210,17 +220,25 @@ async fn connect_or_reuse(
     let tried: Vec<SocketAddr> = ex.record.attempts.iter().map(|t| t.endpoint).collect();
     let tried = move |a: SocketAddr| tried.contains(&a);
     let retry = elsewhere(cluster, plan, ex, (Failure::ConnectFailed, true));
+    let waiting = AtomicBool::new(false);
     let want = Want {
         tried: &tried,
         fresh,
         hedging: plan.hedging(),
         elsewhere: &|| retry(&tried),
+        waiting: &waiting,
     };
     // Boxed: the slow path, kept out of every request's future.
     let checkout = Box::pin(checkout(cluster, ep, want));
     let (winner, conn) = match tokio::time::timeout_at(plan.deadline, checkout).await {
         Ok(r) => r?,
-        Err(_) => return Err(request_timeout(plan, ex)),
+        Err(_) => {
+            if waiting.load(Ordering::Relaxed) {
+                let max = cluster.spec.limits.max_connections;
+                ex.phase = Phase::WaitingForAConnection { max };
+            }
+            return Err(request_timeout(plan, ex));
+        }
     };
     if !Arc::ptr_eq(&winner, ep) {
         // A hedged connect won: the first endpoint had no SYN-ACK by its deadline.
@@ -427,7 +445,13 @@ fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
         },
         (phase, _) => ProxyError::RequestTimeout {
             timeout,
-            endpoint: ex.record.attempts.last().map(|a| a.endpoint),
+            // Waiting for a connection, it had none to any endpoint.
+            endpoint: ex
+                .record
+                .attempts
+                .last()
+                .map(|a| a.endpoint)
+                .filter(|_| !matches!(phase, Phase::WaitingForAConnection { .. })),
             phase,
             grpc_deadline,
         },

@@ -234,6 +234,7 @@ impl Series {
         m.upgrades_active.remove(&ClusterLabels {
             cluster: name.to_owned(),
         });
+        super::ConnectionsMeter::remove(m, name);
         for end in super::tunnel::TunnelEnd::NAMES {
             m.upgrades.remove(&crate::metrics::UpgradeEndLabels {
                 cluster: name.to_owned(),

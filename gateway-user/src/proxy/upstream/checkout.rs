@@ -17,7 +17,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -60,6 +60,9 @@ pub(crate) struct Want<'a> {
     /// endpoint, and a retry its policy allows (`decide::deadline::gives_up_at_deadline`).
     /// Asked only when a connect passes its deadline.
     pub elsewhere: &'a (dyn Fn() -> bool + Sync),
+    /// Set while the request waits for a connection to free up, every one of the cluster's
+    /// `max_connections` being in use: what a request timeout that ends the wait says.
+    pub waiting: &'a AtomicBool,
 }
 
 /// A connection already open to `ep`, taken at once: an idle HTTP/1.1 one, or a stream on an
@@ -91,6 +94,7 @@ pub(crate) async fn checkout(
     let fresh = want.fresh;
     let h2 = multiplexed(cluster, ep) && !fresh;
     loop {
+        want.waiting.store(false, Ordering::Relaxed);
         if !fresh && let Some(c) = reuse(cluster, ep, Instant::now()) {
             return Ok((ep.clone(), c));
         }
@@ -145,11 +149,13 @@ pub(crate) async fn checkout(
                 None => std::future::pending().await,
             }
         };
+        want.waiting.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = ep.pool.returned.notified(), if !fresh => continue,
             _ = stream_freed => continue,
             slot = cluster.slots.clone().acquire_owned() => {
                 let slot = slot.expect("the cluster never closes its semaphore");
+                want.waiting.store(false, Ordering::Relaxed);
                 return new_connection(cluster, ep, slot, &want).await;
             }
         }

@@ -168,6 +168,14 @@ impl Cluster {
         self.set.pick(&self.spec, tried, (key, first))
     }
 
+    /// The connections the cluster holds now (busy, idle, being made), and the requests
+    /// waiting for one to free up.
+    pub fn connection_use(&self) -> (usize, usize) {
+        let max = self.spec.limits.max_connections;
+        let held = max.saturating_sub(self.slots.available_permits());
+        (held, self.pending.load(Ordering::Relaxed))
+    }
+
     /// Kernel signals are flowing.
     pub fn kernel(&self) -> bool {
         self.signals.kernel()
