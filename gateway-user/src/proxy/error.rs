@@ -8,6 +8,7 @@ use thiserror::Error;
 
 mod evidence_header;
 mod kind;
+mod phase;
 
 use crate::{
     decide::{
@@ -17,6 +18,8 @@ use crate::{
     signals::{ConnectEvidence, EstablishedEvidence},
 };
 pub use kind::ErrorKind;
+use phase::During;
+pub use phase::Phase;
 
 /// Renders optional kernel evidence as a suffix.
 struct Ev<'a, T>(&'a Option<T>);
@@ -289,47 +292,6 @@ impl fmt::Display for TlsKernel<'_> {
                 "; kernel: the upstream ACKed {} byte(s) of ours, {} retransmits, {} RTOs (the network is fine: the TLS server is at fault)",
                 e.bytes_acked, e.data_retransmits, e.rtos
             )
-        }
-    }
-}
-
-/// What a request was doing, for `request_timeout` messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Routing,
-    Connecting,
-    SendingTheRequest,
-    WaitingForTheResponseHead,
-    /// For a connection to free up: all `max` of the cluster's were in use.
-    WaitingForAConnection {
-        max: usize,
-    },
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Routing => "routing",
-            Phase::Connecting => "connecting",
-            Phase::SendingTheRequest => "sending the request",
-            Phase::WaitingForTheResponseHead => "waiting for the response head",
-            Phase::WaitingForAConnection { max } => {
-                return write!(
-                    f,
-                    "waiting for a connection: all {max} of the cluster's max_connections in use"
-                );
-            }
-        })
-    }
-}
-
-struct During<'a>(&'a Option<SocketAddr>, Phase);
-
-impl fmt::Display for During<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(ep) => write!(f, "from {ep} ({})", self.1),
-            None => write!(f, "({})", self.1),
         }
     }
 }

@@ -1,0 +1,44 @@
+//! What a request was doing when its time ran out, as `request_timeout` messages say it.
+
+use std::{fmt, net::SocketAddr};
+
+/// What a request was doing, for `request_timeout` messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Routing,
+    Connecting,
+    SendingTheRequest,
+    WaitingForTheResponseHead,
+    /// For a connection to free up: all `max` of the cluster's were in use.
+    WaitingForAConnection {
+        max: usize,
+    },
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Routing => "routing",
+            Phase::Connecting => "connecting",
+            Phase::SendingTheRequest => "sending the request",
+            Phase::WaitingForTheResponseHead => "waiting for the response head",
+            Phase::WaitingForAConnection { max } => {
+                return write!(
+                    f,
+                    "waiting for a connection: all {max} of the cluster's max_connections in use"
+                );
+            }
+        })
+    }
+}
+
+pub(super) struct During<'a>(pub &'a Option<SocketAddr>, pub Phase);
+
+impl fmt::Display for During<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(ep) => write!(f, "from {ep} ({})", self.1),
+            None => write!(f, "({})", self.1),
+        }
+    }
+}
