@@ -25,16 +25,16 @@ async fn a_request_that_waits_out_a_full_connection_limit_says_so() {
              [router.upstream.limits]\nmax_connections = 1\n\
              [router.upstream.timeouts]\nresponse_timeout_ms = 10000\n\n\
              [[routes]]\nname = \"long\"\npath_prefix = \"/delay/\"\ncluster = \"default\"\n[routes.timeouts]\nrequest_timeout_ms = 10000\n\n\
-             [[routes]]\nname = \"short\"\npath_prefix = \"/\"\ncluster = \"default\"\n[routes.timeouts]\nrequest_timeout_ms = 1500\n",
+             [[routes]]\nname = \"short\"\npath_prefix = \"/\"\ncluster = \"default\"\n[routes.timeouts]\nrequest_timeout_ms = 3000\n",
             up.addr
         ),
     )
     .await;
     let admin = gw.handle.admin_addr().expect("admin listener");
     let cluster = [("cluster", "default")];
-    // The only connection, held for 4 s.
+    // The only connection, held for 6 s.
     let addr = gw.addr;
-    let long = tokio::spawn(async move { get(&client(), addr, "/delay/4000").await });
+    let long = tokio::spawn(async move { get(&client(), addr, "/delay/6000").await });
     while up.hits() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -61,7 +61,7 @@ async fn a_request_that_waits_out_a_full_connection_limit_says_so() {
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
     assert!(
         r.body.contains(
-            "no response (waiting for a connection: all 1 of the cluster's max_connections in use) within the request timeout of 1500 ms"
+            "no response (waiting for a connection: all 1 of the cluster's max_connections in use) within the request timeout of 3000 ms"
         ),
         "{}",
         r.body

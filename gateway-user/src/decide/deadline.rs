@@ -72,17 +72,20 @@ pub fn may_hedge(enabled: bool, deadline: Duration, cap: Duration) -> bool {
 
 /// Whether a connect that passed its `deadline` with no SYN-ACK is given up there, for a
 /// hedge or a retry to go elsewhere, rather than left to run on to the hard `cap`: always at
-/// the cap, and before it only when the request can go elsewhere (`elsewhere`: another
-/// endpoint, and a retry the policy allows; asked last, since it picks an endpoint). With
-/// nowhere else to go, a connect cut at the measured deadline could only fail, where the
-/// kernel's SYN retransmit may still establish it (a lost SYN or SYN-ACK, a full accept queue).
-/// The deadline's evidence is reported either way.
+/// the cap; before it when other requests wait on this connect (`awaited`: an HTTP/2
+/// connection being made, which every request to the endpoint on the worker awaits; running
+/// on would hold them all, where each may have somewhere else to go), or when the request can
+/// go elsewhere (`elsewhere`: another endpoint, and a retry the policy allows; asked last).
+/// With nowhere else to go, a connect cut at the measured deadline could only fail, where the
+/// kernel's SYN retransmit may still establish it (a lost SYN or SYN-ACK, a full accept
+/// queue). The deadline's evidence is reported either way.
 pub fn gives_up_at_deadline(
     deadline: Duration,
     cap: Duration,
+    awaited: bool,
     elsewhere: impl FnOnce() -> bool,
 ) -> bool {
-    deadline >= cap || elsewhere()
+    deadline >= cap || awaited || elsewhere()
 }
 
 /// The recent SYN-RTTs of one endpoint.
@@ -256,9 +259,16 @@ mod tests {
     #[test]
     fn a_connect_past_its_deadline_runs_on_to_the_cap_unless_it_can_go_elsewhere() {
         let never = || -> bool { panic!("the pick is asked only when it decides") };
-        assert!(gives_up_at_deadline(ms(5000), ms(5000), never), "the cap");
-        assert!(gives_up_at_deadline(ms(50), ms(5000), || true));
-        assert!(!gives_up_at_deadline(ms(50), ms(5000), || false));
+        assert!(
+            gives_up_at_deadline(ms(5000), ms(5000), false, never),
+            "the cap"
+        );
+        assert!(
+            gives_up_at_deadline(ms(50), ms(5000), true, never),
+            "awaited"
+        );
+        assert!(gives_up_at_deadline(ms(50), ms(5000), false, || true));
+        assert!(!gives_up_at_deadline(ms(50), ms(5000), false, || false));
     }
 
     #[test]

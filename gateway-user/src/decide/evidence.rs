@@ -15,6 +15,8 @@
 //! | a TLS handshake failed or timed out, and RTOs fired with the ClientHello unACKed | [`TlsFailure`] | [`Evidence::HostDied`] (the network, not TLS) |
 //! | a TLS handshake failed or timed out on a TCP connection the kernel saw healthy | [`TlsFailure`] | [`Evidence::TlsFailed`], never a network failure |
 
+use std::time::Duration;
+
 use gateway_common::Outcome;
 
 use super::health::Evidence;
@@ -140,36 +142,52 @@ pub fn host_died(e: &EstablishedEvidence) -> bool {
     e.rtos > 0 && e.unacked_bytes > 0
 }
 
-/// Unrecovered RTOs after which a request gives its connection up even with nowhere else to
-/// go: the minimum RTO (200 ms) doubling each time, nothing was ACKed for about 3 s, a stall
-/// TCP seldom comes back from. The client gets `upstream_host_died` with the kernel's record
-/// then, rather than the response timeout's `504` long after.
-pub const STALL_RTOS_ALONE: u8 = 4;
+/// How long a connection may have been stalled before a request gives it up even with nowhere
+/// else to go ([`gives_up_on_stall`]): a stall TCP seldom comes back from. The client gets
+/// `upstream_host_died` with the kernel's record then, rather than the response timeout's
+/// `504` long after.
+pub const STALL_ALONE: Duration = Duration::from_secs(3);
+
+/// An established connection's stall, as `TCP_INFO` shows it now (the kernel observer's
+/// record is written at RTOs, retransmits and state changes only, and counts the connection's
+/// whole life).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stall {
+    /// RTOs since the peer last ACKed new data (`tcpi_retransmits`, which every ACK of new
+    /// data clears): above 0, stalled now.
+    pub unrecovered_rtos: u8,
+    /// The retransmission timeout now (`tcpi_rto`), doubled at each of those RTOs: about how
+    /// long nothing new was ACKed (its base once, then each doubling waited out). Not the
+    /// time since the last ACK (`tcpi_last_ack_recv`), which came back to a few hundred ms
+    /// after each RTO of a blackholed connection in the lab.
+    pub rto: Duration,
+}
+
+impl Stall {
+    pub fn now(self) -> bool {
+        self.unrecovered_rtos > 0
+    }
+}
 
 /// Whether a request waiting for its response gives its connection up at a look: the host or
 /// the path died under it ([`host_died`], from the kernel observer's record) and it is still
-/// stalled — an RTO fired and nothing was ACKed since (`unrecovered_rtos`, `TCP_INFO`'s
-/// `tcpi_retransmits`, which every ACK of new data clears). At the first such RTO when the
-/// request can go elsewhere (`elsewhere`: another endpoint, and a retry the policy allows;
-/// asked last, since it picks an endpoint), else at [`STALL_RTOS_ALONE`].
+/// stalled ([`Stall::now`]). At once when the request can go elsewhere (`elsewhere`: another
+/// endpoint, and a retry the policy allows; asked last), else once the stall lasted
+/// [`STALL_ALONE`] (by the backed-off RTO: four RTOs at the 200 ms minimum).
 ///
 /// The record's counts are the connection's whole life: on a path with some loss, one RTO
 /// that TCP recovered from (on this request, or on an earlier one of a keep-alive connection)
 /// said "died" at every later look while bytes were in flight, which a long upload always
 /// has. With nowhere else to go, giving up at once cannot help the request: it only turns a
 /// stall TCP may still recover from into an error (57 of 200 requests on a path losing 30 %
-/// of its packets, 5 of 200 straight to the upstream).
+/// of its packets, 5 of 200 straight to the upstream). Time, not a count of RTOs, bounds the
+/// wait: a host's lowered `rto_min` makes RTOs come ten times as fast.
 pub fn gives_up_on_stall(
     e: &EstablishedEvidence,
-    unrecovered_rtos: u8,
+    stall: Stall,
     elsewhere: impl FnOnce() -> bool,
 ) -> bool {
-    host_died(e)
-        && match unrecovered_rtos {
-            0 => false,
-            n if n >= STALL_RTOS_ALONE => true,
-            _ => elsewhere(),
-        }
+    host_died(e) && stall.now() && (stall.rto >= STALL_ALONE || elsewhere())
 }
 
 /// Why a response timer fired.
@@ -187,10 +205,11 @@ pub enum ResponseCause {
 impl ResponseCause {
     /// `kernel`: kernel signals are flowing. `evidence`: the kernel's record of the connection,
     /// which exists only once a retransmit or an RTO happened (or the connection closed), so
-    /// `None` with kernel signals means there was no stall.
-    pub fn of(kernel: bool, evidence: Option<&EstablishedEvidence>) -> ResponseCause {
+    /// `None` with kernel signals means there was no stall; `stall`: the connection now (a
+    /// stall it recovered from is no death: the request reached a slow backend after all).
+    pub fn of(kernel: bool, evidence: Option<&EstablishedEvidence>, stall: Stall) -> ResponseCause {
         match evidence {
-            Some(e) if host_died(e) => ResponseCause::HostDied,
+            Some(e) if host_died(e) && stall.now() => ResponseCause::HostDied,
             _ if kernel => ResponseCause::SlowBackend,
             _ => ResponseCause::Unknown,
         }
@@ -222,16 +241,20 @@ mod tests {
     fn a_stall_gives_the_connection_up_while_it_lasts_at_once_only_with_somewhere_to_go() {
         let died = conn(1, 100);
         let never = || -> bool { panic!("the pick is asked only when it decides") };
+        let stall = |unrecovered_rtos: u8, ms: u64| Stall {
+            unrecovered_rtos,
+            rto: Duration::from_millis(ms),
+        };
         // A loss TCP recovered from (nothing unrecovered now) is no death, and bytes all
         // ACKed are none either.
-        assert!(!gives_up_on_stall(&died, 0, never));
-        assert!(!gives_up_on_stall(&conn(3, 0), 2, never));
-        assert!(!gives_up_on_stall(&conn(0, 100), 1, never));
+        assert!(!gives_up_on_stall(&died, stall(0, 5000), never));
+        assert!(!gives_up_on_stall(&conn(3, 0), stall(2, 5000), never));
+        assert!(!gives_up_on_stall(&conn(0, 100), stall(1, 5000), never));
         // A stall: at once when the request can go elsewhere.
-        assert!(gives_up_on_stall(&died, 1, || true));
+        assert!(gives_up_on_stall(&died, stall(1, 200), || true));
         // With nowhere else to go, only once it lasted.
-        assert!(!gives_up_on_stall(&died, STALL_RTOS_ALONE - 1, || false));
-        assert!(gives_up_on_stall(&died, STALL_RTOS_ALONE, never));
+        assert!(!gives_up_on_stall(&died, stall(3, 1600), || false));
+        assert!(gives_up_on_stall(&died, stall(4, 3200), never));
     }
 
     #[test]
@@ -293,16 +316,31 @@ mod tests {
 
     #[test]
     fn a_response_timeout_is_a_slow_backend_only_with_kernel_signals() {
+        let stalled = Stall {
+            unrecovered_rtos: 3,
+            rto: Duration::from_millis(1600),
+        };
         assert_eq!(
-            ResponseCause::of(true, Some(&conn(3, 78))),
+            ResponseCause::of(true, Some(&conn(3, 78)), stalled),
             ResponseCause::HostDied
         );
-        assert_eq!(ResponseCause::of(true, None), ResponseCause::SlowBackend);
         assert_eq!(
-            ResponseCause::of(true, Some(&conn(0, 0))),
+            ResponseCause::of(true, None, Stall::default()),
             ResponseCause::SlowBackend
         );
-        assert_eq!(ResponseCause::of(false, None), ResponseCause::Unknown);
+        assert_eq!(
+            ResponseCause::of(true, Some(&conn(0, 0)), stalled),
+            ResponseCause::SlowBackend
+        );
+        assert_eq!(
+            ResponseCause::of(false, None, Stall::default()),
+            ResponseCause::Unknown
+        );
+        // An RTO the connection recovered from: the request reached a slow backend.
+        assert_eq!(
+            ResponseCause::of(true, Some(&conn(3, 78)), Stall::default()),
+            ResponseCause::SlowBackend
+        );
         assert_eq!(
             ResponseCause::HostDied.health_evidence(),
             Evidence::HostDied

@@ -87,6 +87,9 @@ pub struct TcpInfo {
     /// RTOs that fired since the peer last ACKed new data (`icsk_retransmits`, which
     /// `tcp_ack()` clears whenever `snd_una` advances): above 0, the connection is stalled now.
     pub unrecovered_rtos: u8,
+    /// The retransmission timeout now, µs (`tcpi_rto`): doubled at each RTO until new data
+    /// is ACKed.
+    pub rto_us: u32,
     /// Segments retransmitted over the socket's life, SYNs included
     /// (`__tcp_retransmit_skb()` counts every retransmit).
     pub total_retrans: u32,
@@ -141,6 +144,7 @@ pub fn read(fd: RawFd) -> Option<TcpInfo> {
     Some(TcpInfo {
         state: raw.state,
         unrecovered_rtos: raw.retransmits,
+        rto_us: raw.rto,
         total_retrans: raw.total_retrans,
         bytes_acked: (len >= BYTES_ACKED_END).then_some(raw.bytes_acked),
         bytes_received: (len >= BYTES_RECEIVED_END).then_some(raw.bytes_received),
@@ -192,6 +196,7 @@ mod tests {
         let i = TcpInfo {
             state: 1,
             unrecovered_rtos: 0,
+            rto_us: 200_000,
             total_retrans: 1,
             bytes_acked: Some(1 + 300),
             bytes_received: Some(0),

@@ -41,7 +41,7 @@ use tracing::debug;
 
 use super::{
     Plan, Upstream,
-    look::{OnConn, acked_before, elsewhere, host_died, note_stall},
+    look::{OnConn, acked, acked_before, elsewhere, host_died, live, note_stall, stall},
     prepare::{GRPC_TIMEOUT, grpc_timeout_left},
 };
 use crate::{
@@ -409,8 +409,10 @@ async fn await_head<F: Future<Output = SendResult>>(
     ep.latency
         .lower_bound(response_timeout, Source::Responses, &cluster.spec.latency);
     let evidence = signals.established_evidence(cookie);
-    let cause = ResponseCause::of(plan.kernel, evidence.as_ref());
-    let delivery = Delivery::of(baseline, evidence.as_ref().map(|e| e.bytes_acked));
+    let info = live(on);
+    let cause = ResponseCause::of(plan.kernel, evidence.as_ref(), stall(info.as_ref()));
+    let acked = evidence.as_ref().and_then(|e| acked(info.as_ref(), e));
+    let delivery = Delivery::of(baseline, acked);
     let error = ProxyError::ResponseTimeout {
         endpoint: ep.addr,
         timeout: response_timeout,

@@ -12,15 +12,17 @@ use tokio::time::Instant;
 use super::{Plan, attempt::Failed};
 use crate::{
     decide::{
-        evidence::{ResponseCause, gives_up_on_stall},
+        evidence::{ResponseCause, Stall, gives_up_on_stall},
         latency::Source,
         retry::{Delivery, Failure, may_retry},
     },
+    diagnose::tcpinfo::TcpInfo,
     proxy::{
         error::ProxyError,
         exchange::Exchange,
         upstream::{Cluster, Endpoint, UpstreamConn, socket_of},
     },
+    signals::EstablishedEvidence,
 };
 
 /// The connection's `bytes_acked` (SYN excluded) before this request is written, when it can
@@ -72,8 +74,9 @@ pub(super) fn host_died(
         return None;
     }
     let ev = cluster.signals.established_evidence(on.cookie)?;
-    let delivery = Delivery::of(on.baseline, Some(ev.bytes_acked));
-    let go = gives_up_on_stall(&ev, unrecovered_rtos(on), || {
+    let info = live(on);
+    let delivery = Delivery::of(on.baseline, acked(info.as_ref(), &ev));
+    let go = gives_up_on_stall(&ev, stall(info.as_ref()), || {
         let reused = ex.record.attempts.last().is_some_and(|a| a.reused);
         let died = Failure::ConnectionDied {
             delivery,
@@ -98,18 +101,33 @@ pub(super) fn host_died(
     Some(Failed::new(error, delivery, None))
 }
 
-/// RTOs on the request's connection since the upstream last ACKed new data (`TCP_INFO`; 0 when
-/// it cannot be read).
-fn unrecovered_rtos(on: OnConn) -> u8 {
-    socket_of(on.fd, on.cookie)
-        .and_then(crate::diagnose::tcpinfo::read)
-        .map_or(0, |i| i.unrecovered_rtos)
+/// `TCP_INFO` of the request's connection now, when it is still open: the kernel observer's
+/// record is written at RTOs, retransmits and state changes only, so its counts can be stale.
+pub(super) fn live(on: OnConn) -> Option<TcpInfo> {
+    socket_of(on.fd, on.cookie).and_then(crate::diagnose::tcpinfo::read)
 }
 
-/// Whether the request could go elsewhere after `failure`: a retry its policy allows, and an
-/// endpoint it has not tried (`tried`). Asked before an attempt is given up early, which only
-/// helps a request that can go elsewhere (`decide::deadline::gives_up_at_deadline`,
-/// `decide::evidence::gives_up_on_stall`); the pick is made last, and only then.
+/// The connection's stall now (none when `TCP_INFO` cannot be read).
+pub(super) fn stall(info: Option<&TcpInfo>) -> Stall {
+    info.map_or_else(Stall::default, |i| Stall {
+        unrecovered_rtos: i.unrecovered_rtos,
+        rto: Duration::from_micros(u64::from(i.rto_us)),
+    })
+}
+
+/// The connection's bytes ACKed (SYN excluded): now, else as the kernel's record last had them.
+pub(super) fn acked(info: Option<&TcpInfo>, record: &EstablishedEvidence) -> Option<u64> {
+    Some(
+        info.and_then(|i| i.bytes_acked)
+            .map_or(record.bytes_acked, |b| b.saturating_sub(1)),
+    )
+}
+
+/// Whether the request could go elsewhere after `failure`: a retry its policy allows, and a
+/// routable endpoint it has not tried (`tried`), found without a pick (which has side
+/// effects). Asked before an attempt is given up early, which only helps a request that can
+/// go elsewhere (`decide::deadline::gives_up_at_deadline`,
+/// `decide::evidence::gives_up_on_stall`). The retry budget is not asked: it takes a permit.
 pub(super) fn elsewhere<'c>(
     cluster: &'c Cluster,
     plan: &Plan,
@@ -121,8 +139,7 @@ pub(super) fn elsewhere<'c>(
         super::attempted(plan, ex, resendable),
         &plan.route.retry,
     );
-    let key = plan.affinity;
-    move |tried| retry && cluster.pick(tried, (key, false)).is_ok()
+    move |tried| retry && cluster.has_untried(tried)
 }
 
 /// Request bytes still unACKed by the upstream's kernel (`TCP_INFO`) more than three smoothed

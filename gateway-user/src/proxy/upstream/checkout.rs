@@ -115,7 +115,9 @@ pub(crate) async fn checkout(
             }
         }
         if let Ok(slot) = cluster.slots.clone().try_acquire_owned() {
-            let mut made = new_connection(cluster, ep, slot, &want).await;
+            // Other requests to the endpoint wait on an HTTP/2 connection being made.
+            let awaited = connecting.is_some();
+            let mut made = new_connection(cluster, ep, slot, &want, awaited).await;
             if let (Ok((_, c)), Some(k)) = (made.as_mut(), connecting) {
                 c.hold_connecting(k);
             }
@@ -156,7 +158,7 @@ pub(crate) async fn checkout(
             slot = cluster.slots.clone().acquire_owned() => {
                 let slot = slot.expect("the cluster never closes its semaphore");
                 want.waiting.store(false, Ordering::Relaxed);
-                return new_connection(cluster, ep, slot, &want).await;
+                return new_connection(cluster, ep, slot, &want, false).await;
             }
         }
     }

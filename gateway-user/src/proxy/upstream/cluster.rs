@@ -168,6 +168,12 @@ impl Cluster {
         self.set.pick(&self.spec, tried, (key, first))
     }
 
+    /// Whether a pick would find an endpoint not `tried`, without making one (see
+    /// [`Endpoints::any_untried`]).
+    pub fn has_untried(&self, tried: impl Fn(SocketAddr) -> bool) -> bool {
+        self.set.any_untried(tried)
+    }
+
     /// The connections the cluster holds now (busy, idle, being made), and the requests
     /// waiting for one to free up.
     pub fn connection_use(&self) -> (usize, usize) {

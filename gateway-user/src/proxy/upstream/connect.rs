@@ -176,13 +176,14 @@ pub(crate) fn failed(
 /// A new connection to `ep` within its connect deadline (adaptive, capped by
 /// `connect_timeout_ms`), racing a hedge when the deadline passes and `hedge` allows one. The
 /// connection may be to another endpoint when the hedge won. With no hedge and nowhere else
-/// for the request to go, the connect runs on to the cap
-/// (`decide::deadline::gives_up_at_deadline`).
+/// for the request to go, the connect runs on to the cap, unless other requests wait on it
+/// (`awaited`: an HTTP/2 connection being made; `decide::deadline::gives_up_at_deadline`).
 pub(super) async fn new_connection(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
     slot: OwnedSemaphorePermit,
     want: &Want<'_>,
+    awaited: bool,
 ) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
     let deadline = ep.health.deadline(&cluster.spec).value;
     ep.meter.deadline(deadline);
@@ -203,7 +204,7 @@ pub(super) async fn new_connection(
     }
     let mut timeout = deadline;
     let cap = cluster.spec.timeouts.connect;
-    if !gives_up_at_deadline(deadline, cap, want.elsewhere) {
+    if !gives_up_at_deadline(deadline, cap, awaited, want.elsewhere) {
         debug!(cluster = %cluster.name, upstream = %ep.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline and nowhere else to go; the connect runs on to connect_timeout_ms");
         if let Ok(r) = tokio::time::timeout_at(first.info.start + cap, &mut first.fut).await {
             let c = finish(cluster, ep, first.info, r)?;

@@ -283,6 +283,15 @@ impl Endpoints {
         }
     }
 
+    /// Whether [`Endpoints::pick`] would find an endpoint (a routable one not `tried`), without
+    /// picking one: a pick turns round robin and claims a slow endpoint's trickle.
+    pub fn any_untried(&self, tried: impl Fn(SocketAddr) -> bool) -> bool {
+        let set = self.set.load();
+        set.endpoints
+            .iter()
+            .any(|e| !tried(e.addr) && e.health.routable())
+    }
+
     /// The cluster's policy's choice among the `eligible` endpoints of `set`; `tick` turns the
     /// round robin.
     fn select(
