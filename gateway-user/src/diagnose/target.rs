@@ -74,6 +74,27 @@ pub fn parse_target(input: &str) -> Result<Target, TargetError> {
     if s.is_empty() {
         return Err(fail("it is empty"));
     }
+    // A URL pasted from an error message or a browser: its host and port (the scheme's
+    // default when none is written). It read as an IPv6 address without brackets.
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let default = match scheme.to_ascii_lowercase().as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => {
+                return Err(fail(&format!(
+                    "`{scheme}://` is not an http:// or https:// URL"
+                )));
+            }
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        let with_port = if authority.ends_with(']') || !authority.contains(':') {
+            format!("{authority}:{default}")
+        } else {
+            authority.to_owned()
+        };
+        return parse_target(&with_port).map_err(|e| fail(&e.reason));
+    }
     if let Some(rest) = s.strip_prefix('[') {
         let (inside, after) = rest
             .split_once(']')
@@ -109,6 +130,12 @@ pub fn parse_target(input: &str) -> Result<Target, TargetError> {
     let port = parse_port(port).map_err(|r| fail(&r))?;
     let host = match host.parse::<Ipv4Addr>() {
         Ok(v4) => Host::Ip(IpAddr::V4(v4)),
+        // Four numbers are meant as an address, and no DNS name either (RFC 1123 2.1).
+        Err(_) if host.split('.').count() == 4 && host.split('.').all(is_number) => {
+            return Err(fail(&format!(
+                "`{host}` is not an IPv4 address (each of its four numbers is 0–255)"
+            )));
+        }
         Err(_) => {
             check_hostname(host).map_err(fail)?;
             Host::Name(host.to_owned())
@@ -124,6 +151,10 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Err(_) if s.is_empty() => Err("the port is missing after `:`".to_owned()),
         Err(_) => Err(format!("port `{s}` is not a number in 1–65535")),
     }
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Cluster names as the config defines them: letters, digits, `-`, `_`, `.`.
@@ -324,6 +355,32 @@ mod tests {
             }
         );
         assert_eq!(ok("payments"), Target::Cluster("payments".into()));
+    }
+
+    /// A URL pasted as the target (an audit's `http://10.201.0.2:8081/` was refused as "an
+    /// IPv6 address needs brackets").
+    #[test]
+    fn a_url_is_its_host_and_port() {
+        for (url, want) in [
+            ("http://10.0.0.5:8081/", "10.0.0.5:8081"),
+            ("http://10.0.0.5/health?x=1", "10.0.0.5:80"),
+            ("HTTPS://api.internal/v1", "api.internal:443"),
+            ("https://user@api.internal:8443#top", "api.internal:8443"),
+            ("http://[fd00::5]/", "[fd00::5]:80"),
+            ("http://[fd00::5]:8080/x", "[fd00::5]:8080"),
+        ] {
+            assert_eq!(ok(url).to_string(), want, "{url}");
+        }
+        assert!(err("ftp://10.0.0.5/").contains("not an http:// or https:// URL"));
+        assert!(err("http://:80/").contains("host is missing"));
+        assert!(err("http://10.0.0.5:0/").contains("port 0"));
+    }
+
+    #[test]
+    fn four_numbers_out_of_range_are_no_address_and_no_name() {
+        assert!(err("256.1.1.1:80").contains("`256.1.1.1` is not an IPv4 address"));
+        assert!(err("http://10.0.0.300/").contains("is not an IPv4 address"));
+        assert_eq!(ok("1.2.3.example:80").to_string(), "1.2.3.example:80");
     }
 
     #[test]
