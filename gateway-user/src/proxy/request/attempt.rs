@@ -411,7 +411,7 @@ async fn await_head<F: Future<Output = SendResult>>(
     let evidence = signals.established_evidence(cookie);
     let info = live(on);
     let cause = ResponseCause::of(plan.kernel, evidence.as_ref(), stall(info.as_ref()));
-    let acked = evidence.as_ref().and_then(|e| acked(info.as_ref(), e));
+    let acked = evidence.as_ref().map(|e| acked(info.as_ref(), e));
     let delivery = Delivery::of(baseline, acked);
     let error = ProxyError::ResponseTimeout {
         endpoint: ep.addr,

@@ -75,7 +75,7 @@ pub(super) fn host_died(
     }
     let ev = cluster.signals.established_evidence(on.cookie)?;
     let info = live(on);
-    let delivery = Delivery::of(on.baseline, acked(info.as_ref(), &ev));
+    let delivery = Delivery::of(on.baseline, Some(acked(info.as_ref(), &ev)));
     let go = gives_up_on_stall(&ev, stall(info.as_ref()), || {
         let reused = ex.record.attempts.last().is_some_and(|a| a.reused);
         let died = Failure::ConnectionDied {
@@ -116,11 +116,9 @@ pub(super) fn stall(info: Option<&TcpInfo>) -> Stall {
 }
 
 /// The connection's bytes ACKed (SYN excluded): now, else as the kernel's record last had them.
-pub(super) fn acked(info: Option<&TcpInfo>, record: &EstablishedEvidence) -> Option<u64> {
-    Some(
-        info.and_then(|i| i.bytes_acked)
-            .map_or(record.bytes_acked, |b| b.saturating_sub(1)),
-    )
+pub(super) fn acked(info: Option<&TcpInfo>, record: &EstablishedEvidence) -> u64 {
+    info.and_then(|i| i.bytes_acked)
+        .map_or(record.bytes_acked, |b| b.saturating_sub(1))
 }
 
 /// Whether the request could go elsewhere after `failure`: a retry its policy allows, and a
@@ -147,7 +145,7 @@ pub(super) fn elsewhere<'c>(
 /// that (`decide::latency`).
 pub(super) fn note_stall(cluster: &Cluster, ep: &Endpoint, on: OnConn) {
     let waited = on.sent.elapsed();
-    let Some(info) = socket_of(on.fd, on.cookie).and_then(crate::diagnose::tcpinfo::read) else {
+    let Some(info) = live(on) else {
         return;
     };
     if info.unacked > 0 && waited > Duration::from_micros(u64::from(info.rtt_us) * 3) {

@@ -189,8 +189,7 @@ pub(super) async fn new_connection(
     ep.meter.deadline(deadline);
     let mut first = Pending::start(ep.addr)?;
     if let Ok(r) = tokio::time::timeout(deadline, &mut first.fut).await {
-        let c = finish(cluster, ep, first.info, r)?;
-        return Ok((ep.clone(), handshake(cluster, ep, c, slot).await?));
+        return established(cluster, ep, first.info, r, slot).await;
     }
     cluster.report(ep, Evidence::SynUnanswered, &|| {
         format!(
@@ -207,8 +206,7 @@ pub(super) async fn new_connection(
     if !gives_up_at_deadline(deadline, cap, awaited, want.elsewhere) {
         debug!(cluster = %cluster.name, upstream = %ep.addr, deadline_ms = deadline.as_millis() as u64, "no SYN-ACK by the deadline and nowhere else to go; the connect runs on to connect_timeout_ms");
         if let Ok(r) = tokio::time::timeout_at(first.info.start + cap, &mut first.fut).await {
-            let c = finish(cluster, ep, first.info, r)?;
-            return Ok((ep.clone(), handshake(cluster, ep, c, slot).await?));
+            return established(cluster, ep, first.info, r, slot).await;
         }
         timeout = cap;
     }
@@ -220,6 +218,19 @@ pub(super) async fn new_connection(
         ep.meter.connect_abandoned(evidence.as_ref(), true);
     }
     Err(e)
+}
+
+/// A connect to `ep` that finished by its deadline: classified ([`finish`]), then, when it
+/// established, its handshake.
+async fn established(
+    cluster: &Cluster,
+    ep: &Arc<Endpoint>,
+    p: Started,
+    r: io::Result<TcpStream>,
+    slot: OwnedSemaphorePermit,
+) -> Result<(Arc<Endpoint>, UpstreamConn), ProxyError> {
+    let c = finish(cluster, ep, p, r)?;
+    Ok((ep.clone(), handshake(cluster, ep, c, slot).await?))
 }
 
 /// Classifies a finished connect and feeds health, the SYN-RTT window and the metrics.
