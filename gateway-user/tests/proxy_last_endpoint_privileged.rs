@@ -34,17 +34,22 @@ fn start<'a>(lab: &'a Lab, name: &str, extra: &str) -> LabGateway<'a> {
     )
 }
 
-/// `fault` on the upstream from now for `lasting`, on a thread; joined by the caller.
-fn for_a_while(
+/// One GET through the gateway while `fault` holds on the upstream for `lasting` from just
+/// before it is sent (lifted on a thread, however long the GET takes).
+fn get_through(
+    gw: &LabGateway<'_>,
     up: &gateway_lab::Upstream,
     fault: Fault,
     lasting: Duration,
-) -> std::thread::JoinHandle<()> {
+) -> gateway_testkit::lab_gateway::Reply {
     let guard = up.apply(fault).expect("fault");
-    std::thread::spawn(move || {
+    let lift = std::thread::spawn(move || {
         std::thread::sleep(lasting);
         drop(guard);
-    })
+    });
+    let mut got = gw.send("GET", "/", 1, 1);
+    lift.join().unwrap();
+    got.remove(0)
 }
 
 fn lab() -> Lab {
@@ -80,15 +85,13 @@ fn privileged_a_lone_endpoints_connect_runs_past_its_deadline_to_the_syn_retrans
         })
     });
     // SYNs dropped for 0.4 s: the first is lost, the kernel's retransmit 1 s later is answered.
-    let outage = for_a_while(
+    let t0 = Instant::now();
+    let r = &get_through(
+        &gw,
         up,
         Fault::SynBlackhole { port: PORT },
         Duration::from_millis(400),
     );
-    let t0 = Instant::now();
-    let got = gw.send("GET", "/", 1, 1);
-    outage.join().unwrap();
-    let r = &got[0];
     assert_eq!(
         r.status,
         200,
@@ -118,14 +121,12 @@ fn privileged_a_lone_endpoints_brief_stall_is_waited_out_not_called_a_death() {
     assert_eq!(gw.get("/", 1, 1), vec![(200, String::new())]);
     // Every packet dropped for 0.7 s: the request on the pooled connection sees one or two
     // RTOs (at about 0.2 and 0.6 s), and TCP's retransmit after the outage is answered.
-    let outage = for_a_while(
+    let r = &get_through(
+        &gw,
         up,
         Fault::Blackhole { port: PORT },
         Duration::from_millis(700),
     );
-    let got = gw.send("GET", "/", 1, 1);
-    outage.join().unwrap();
-    let r = &got[0];
     assert_eq!(
         r.status,
         200,
