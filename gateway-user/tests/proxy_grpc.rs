@@ -222,6 +222,33 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
     assert_eq!(lines[0]["grpc_status"], 4, "{}", lines[0]);
 }
 
+/// A client-streaming call whose messages keep coming is not cut by the route's request
+/// timeout, which runs from the client's last message: 12 messages 200 ms apart take 2.2 s
+/// against the route's 1 s. Before, the gateway cut it at 1 s while data flowed. The client
+/// sets no deadline: one longer than the route's is sent upstream capped by the route's
+/// timeout (see `grpc_timeout_is_the_calls_deadline_capped_by_the_routes`), which the
+/// upstream then enforces on the whole call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stream_longer_than_the_request_timeout_completes() {
+    let (server, dir) = grpc_server("grpc-long-stream");
+    let route = "[routes.timeouts]\nrequest_timeout_ms = 1000";
+    let gw = gateway("grpc-long-stream", &config(server.addr(), route)).await;
+    let target = gw.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        client(&dir, &["stream", &target, "12", "200", "none"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out["ok"], 12, "{out}");
+    let lines = log_lines(&gw.log, 1);
+    assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+    assert!(
+        lines[0]["total_ms"].as_f64().unwrap() > 2000.0,
+        "{}",
+        lines[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_the_route_lists_is_retried_and_others_are_not() {
     let (server, dir) = grpc_server("grpc-retry");

@@ -253,44 +253,66 @@ async fn a_client_that_gives_up_is_logged_and_counted_as_499() {
     );
 }
 
-/// A client that trickles its body is `408 client_body_timeout`, not counted against the
-/// endpoint: read ahead (the default) with no upstream ever asked; on a route with
-/// `request_buffering = false`, while the upstream waits for the body.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
-    let up = Upstream::start("sink").await;
+/// curl uploading what `feed` writes to its stdin (`-T -`, chunked), as `feed` writes it, to
+/// `url`; the answer's head and body (`-i`). The pipe stays open until `feed` returns.
+fn curl_upload(
+    url: String,
+    feed: impl FnOnce(&mut std::process::ChildStdin) + Send + 'static,
+) -> String {
+    use std::process::{Command, Stdio};
+    let mut curl = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "15", "-H", "Expect:", "-T", "-"])
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let mut stdin = curl.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || feed(&mut stdin));
+    let out = curl.wait_with_output().expect("curl");
+    feeder.join().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Routes to `up`: `/streamed/` with `request_buffering = false` (the body goes upstream as
+/// it comes), anything else read ahead (the default).
+fn body_routes(up: &Upstream, timeouts: &str) -> String {
     let routes = "[[routes]]\npath_prefix = \"/streamed/\"\nrewrite_prefix = \"/\"\ncluster = \"default\"\nrequest_buffering = false\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"default\"\n";
-    let gw = gateway(
-        "body-trickle",
-        &format!("{}\n{routes}", single(up.addr, "request_timeout_ms = 1000")),
-    )
-    .await;
-    let file = gw.dir.join("body.bin");
-    std::fs::write(&file, vec![b'x'; 2000]).unwrap();
+    format!("{}\n{routes}", single(up.addr, timeouts))
+}
+
+/// A client that stops sending its body is `408 client_body_timeout` once it has sent
+/// nothing for the request timeout, and that is not counted against the endpoint: read ahead
+/// (the default) with no upstream ever asked; on a route with `request_buffering = false`,
+/// while the upstream waits for the body. curl uploads from a pipe that goes quiet after
+/// 500 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_is_408_client_body_timeout() {
+    let up = Upstream::start("sink").await;
+    let gw = gateway("body-stall", &body_routes(&up, "request_timeout_ms = 1000")).await;
     for (path, said, hits) in [
         ("/sink", "no upstream had been asked", 0),
         ("/streamed/sink", "the upstream was waiting for it", 1),
     ] {
         let url = format!("http://{}{path}", gw.addr);
-        let file = file.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("curl")
-                .args(["-s", "-i", "--max-time", "10", "--limit-rate", "100"])
-                .args(["-H", "Expect:", "--data-binary"])
-                .arg(format!("@{}", file.display()))
-                .arg(url)
-                .output()
-                .expect("curl")
+        let answer = tokio::task::spawn_blocking(move || {
+            curl_upload(url, |pipe| {
+                use std::io::Write as _;
+                pipe.write_all(&[b'x'; 500]).unwrap();
+                pipe.flush().unwrap();
+                // Quiet, the pipe open, well past the request timeout.
+                std::thread::sleep(Duration::from_secs(4));
+            })
         })
         .await
         .unwrap();
-        let answer = String::from_utf8_lossy(&out.stdout);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(
             answer.contains("x-gateway-error: client_body_timeout"),
             "{answer}"
         );
         assert!(answer.contains(said), "{answer}");
+        assert!(answer.contains("500 bytes of its request body, then nothing more for the request timeout of 1000 ms"), "{answer}");
         assert_eq!(up.hits(), hits, "requests that reached the upstream");
     }
     for l in log_lines(&gw.log, 2) {
@@ -302,6 +324,10 @@ async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
                 .is_some_and(|d| d.contains("bytes of its request body")),
             "{l}"
         );
+        // At the request timeout from the last byte, not when the pipe closed at 4 s (curl
+        // sends until its input ends).
+        let took = l["total_ms"].as_f64().expect("total_ms");
+        assert!((1000.0..3000.0).contains(&took), "{l}");
     }
     let admin = gw.handle.admin_addr().expect("admin listener");
     let status = tokio::task::spawn_blocking(move || gateway_testkit::admin::status(admin))
@@ -312,4 +338,61 @@ async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
         ep["errors"].get("request_timeout").is_none(),
         "counted against the endpoint: {ep:#}"
     );
+}
+
+/// An upload that keeps coming is not cut by the request timeout, however long it takes: the
+/// timeout runs from the body's last byte so far (as Envoy's route timeout starts at the end
+/// of the request). curl sends 1 KiB every 50 ms from a pipe, for three times the 1 s request
+/// timeout: a body under the read-ahead, one over it (read ahead, then streamed), and one on a
+/// route that streams it all. Before, each was `408 client_body_timeout` at 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_keeps_coming_outlasts_the_request_timeout() {
+    let up = Upstream::start("sink").await;
+    let gw = gateway("body-slow", &body_routes(&up, "request_timeout_ms = 1000")).await;
+    for (path, chunk) in [
+        ("/sink", 512usize),
+        ("/sink", 4096),
+        ("/streamed/sink", 4096),
+    ] {
+        let url = format!("http://{}{path}", gw.addr);
+        let start = Instant::now();
+        let answer = tokio::task::spawn_blocking(move || {
+            curl_upload(url, move |pipe| {
+                use std::io::Write as _;
+                for _ in 0..60 {
+                    // A curl that got its answer early has closed the pipe: its answer says why.
+                    if pipe
+                        .write_all(&vec![b'x'; chunk])
+                        .and_then(|()| pipe.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .await
+        .unwrap();
+        let took = start.elapsed();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{path}, {chunk}-byte chunks after {took:?}: {answer}"
+        );
+        // The sink answers with the length it read.
+        assert!(answer.ends_with(&(60 * chunk).to_string()), "{answer}");
+        assert!(took >= Duration::from_millis(2900), "{took:?}");
+    }
+    // Once the body is in, the request timeout still bounds the wait for the response head.
+    let url = format!("http://{}/delay/3000", gw.addr);
+    let answer = tokio::task::spawn_blocking(move || {
+        curl_upload(url, |pipe| {
+            use std::io::Write as _;
+            pipe.write_all(b"done").unwrap();
+        })
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("request timeout of 1000 ms"), "{answer}");
 }

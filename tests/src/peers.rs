@@ -373,7 +373,9 @@ server.wait_for_termination()
 
 /// A grpcio client. `calls TARGET`: every kind of call, and an error status; `one TARGET
 /// METHOD TEXT TIMEOUT_S`: one unary call, its result or its status and details; `slow TARGET
-/// N MS TIMEOUT_S`: N `Slow(MS)` calls at once, their results.
+/// N MS TIMEOUT_S`: N `Slow(MS)` calls at once, their results; `stream TARGET N MS TIMEOUT_S`:
+/// a `ClientStream` call of N messages, MS apart (TIMEOUT_S `none`: no deadline, so no
+/// `grpc-timeout`), its count or its status.
 pub const GRPC_CLIENT: &str = r#"
 import json, sys
 import grpc
@@ -412,6 +414,19 @@ with grpc.insecure_channel(target) as ch:
     stub = rpc.EchoStub(ch)
     if sys.argv[1] == "calls":
         print(json.dumps(calls(stub)))
+    elif sys.argv[1] == "stream":
+        import time
+        n, ms = int(sys.argv[3]), int(sys.argv[4])
+        timeout = None if sys.argv[5] == "none" else float(sys.argv[5])
+        def msgs():
+            for i in range(n):
+                if i:
+                    time.sleep(ms / 1000.0)
+                yield pb.Msg(text=str(i))
+        try:
+            print(json.dumps({"ok": stub.ClientStream(msgs(), timeout=timeout).n}))
+        except grpc.RpcError as e:
+            print(json.dumps(status(e)))
     elif sys.argv[1] == "slow":
         from concurrent import futures
         n, ms, timeout = int(sys.argv[3]), sys.argv[4], float(sys.argv[5])

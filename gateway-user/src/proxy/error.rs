@@ -182,7 +182,7 @@ pub enum ProxyError {
         grpc_deadline: bool,
     },
     #[error(
-        "the client had sent {bytes} bytes of its request body and not the rest when the {} of {} ms passed; {}",
+        "the client had sent {bytes} bytes of its request body, then nothing more for the {} of {} ms; {}",
         if *grpc_deadline { "call's deadline (grpc-timeout)" } else { "request timeout" },
         timeout.as_millis(),
         if *upstream_waiting {

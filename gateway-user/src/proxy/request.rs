@@ -206,6 +206,21 @@ impl Plan {
             retry_permit: None,
         }
     }
+
+    /// How long the client may send nothing of its body before the request times out: the
+    /// route's request timeout, which runs from the body's last byte so far (see
+    /// [`Progress::stalled`]). None for a gRPC call's own deadline, which stays where its
+    /// client put it.
+    fn body_idle(&self) -> Option<Duration> {
+        (!self.grpc_deadline).then_some(self.route.policy.request_timeout)
+    }
+
+    /// The request deadline with the body read so far: the request timeout from the body's
+    /// last byte, when that is later than from the request's arrival.
+    fn moved_by(&self, body: &Progress) -> Instant {
+        self.body_idle()
+            .map_or(self.deadline, |t| self.deadline.max(body.last_read() + t))
+    }
 }
 
 /// Attempts until one gets a response head, retrying while `decide::retry` allows, all within
@@ -228,8 +243,9 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         && plan.route.policy.request_buffering
         && !plan.grpc
     {
-        let when = (ex.record.start, plan.deadline);
+        let when = (plan.deadline, plan.route.policy.request_timeout);
         read_ahead::read_ahead(&mut req, progress, when, &ex.shared.body_budget).await?;
+        plan.deadline = plan.moved_by(progress);
     }
     plan.done = done;
     // Boxed: only needed on the retry path, and it would otherwise sit in every request's state.

@@ -16,84 +16,22 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
-use tokio::sync::Notify;
 
-use self::ahead::Ahead;
-pub(crate) use self::ahead::{Budget, Charge};
+use self::{ahead::Ahead, progress::Ended};
+pub(crate) use self::{
+    ahead::{Budget, Charge},
+    progress::{BodyFailure, Progress},
+};
 
 mod ahead;
-
-/// Tells the body's [`Progress`] it ended when dropped: at its end, on an error, or when the
-/// body is dropped unfinished (a failed attempt).
-#[derive(Debug)]
-struct Ended(Arc<Progress>);
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        self.0.ended.notify_one();
-    }
-}
-
-/// A body's way upstream, as the request path watches it: the bytes read from the client so
-/// far, and a notification when the body ended (or failed, or was dropped unfinished).
-#[derive(Debug, Default)]
-pub(crate) struct Progress {
-    bytes: AtomicU64,
-    ended: Notify,
-    /// The upstream connection asked for the body's next frame and the client has not sent
-    /// it: a request that runs out of time so waits on its client, not on its upstream.
-    waiting: AtomicBool,
-    /// The client's body was read to its end.
-    complete: AtomicBool,
-    /// How the body failed, if it did.
-    failure: OnceLock<BodyFailure>,
-}
-
-/// How a client's body failed on its way upstream. An HTTP/2 upstream connection (hyper's
-/// client) drops the body's error and resets the stream: the request learns of it only from
-/// here, and otherwise blamed the upstream (`502 upstream_reset`, gRPC `UNAVAILABLE`) for a
-/// body over `max_request_body_bytes` or a client that broke its upload off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BodyFailure {
-    TooLarge { limit: u64 },
-    Downstream,
-}
-
-impl Progress {
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Whether the client's body was read to its end.
-    pub fn complete(&self) -> bool {
-        self.complete.load(Ordering::Relaxed)
-    }
-
-    /// How the body failed, if it did.
-    pub fn failure(&self) -> Option<BodyFailure> {
-        self.failure.get().copied()
-    }
-
-    /// Whether the body waits for its client (see `waiting`).
-    pub fn waiting_for_client(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// Completes once the body ended (at once if it already has).
-    pub async fn ended(&self) {
-        self.ended.notified().await;
-    }
-}
+mod progress;
 
 /// Why the request body stopped flowing to the upstream.
 #[derive(Debug, Error)]
@@ -188,7 +126,7 @@ impl RequestBody {
         if inner.is_end_stream() {
             return (RequestBody::Empty, None);
         }
-        let p = Arc::new(Progress::default());
+        let p = Arc::new(Progress::new());
         let body = RequestBody::Streaming(Box::new(Streaming {
             inner: Some(inner),
             ahead: None,
@@ -383,6 +321,9 @@ impl Streaming {
         let polled = Pin::new(inner).poll_frame(cx);
         if let Some(p) = &self.done {
             p.0.waiting.store(polled.is_pending(), Ordering::Relaxed);
+            if matches!(polled, Poll::Ready(Some(Ok(_)) | None)) {
+                p.0.read_now();
+            }
         }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -134,8 +134,10 @@ pub struct TimeoutsConfig {
     /// How long a write to the upstream may make no progress. Default
     /// [`DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS`].
     pub write_timeout_ms: Option<u64>,
-    /// Overall: from the request's arrival to the response head, across all attempts.
-    /// Default [`DEFAULT_REQUEST_TIMEOUT_MS`].
+    /// Overall: from the request's arrival to the response head, across all attempts. While
+    /// the client sends its body, it runs from the body's last byte so far: an upload that
+    /// keeps coming is not cut, and one that stops for this long is `408
+    /// client_body_timeout`. Default [`DEFAULT_REQUEST_TIMEOUT_MS`].
     pub request_timeout_ms: Option<u64>,
     /// How long a pooled keep-alive upstream connection may stay idle. Default
     /// [`DEFAULT_IDLE_TIMEOUT_MS`].

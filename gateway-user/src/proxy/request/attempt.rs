@@ -288,12 +288,17 @@ async fn exchange(
     for_this_attempt(&mut req, plan, ep, ex.record.host.is_none());
     let mut send = std::pin::pin!(conn.send(req, cluster.spec.tls.is_some()));
     let result = match plan.done.clone() {
-        // The response timeout starts once the client's body has been sent.
+        // The response timeout starts once the client's body has been sent, and the request
+        // timeout runs from its last byte.
         Some(body) => tokio::select! {
             biased;
             r = send.as_mut() => Some(r),
-            _ = body.ended() => { plan.done = None; None }
-            _ = tokio::time::sleep_until(plan.deadline) => {
+            _ = body.ended() => {
+                plan.deadline = plan.moved_by(&body);
+                plan.done = None;
+                None
+            }
+            _ = body.stalled(plan.deadline, plan.body_idle()) => {
                 return Err(Failed::plain(request_timeout(plan, ex)));
             }
         },
@@ -427,12 +432,16 @@ async fn await_head<F: Future<Output = SendResult>>(
 
 /// The request deadline passed: `request_timeout`, with what the request was doing; or
 /// `client_body_timeout` when the upstream was waiting for the client's body, which is then
-/// no failure of the endpoint's (a client that trickles its body would otherwise have it
-/// counted against the upstream, and told that the upstream did not answer). Not for a gRPC
+/// no failure of the endpoint's (a client that stopped sending its body would otherwise have
+/// it counted against the upstream, and told that the upstream did not answer). Not for a gRPC
 /// call: a streaming one's client may wait for the upstream's reply before it sends more,
 /// which is the upstream being slow.
 fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
-    let timeout = plan.deadline.saturating_duration_since(ex.record.start);
+    // The route's timeout, which a body that kept coming moved on (`Plan::moved_by`); the
+    // call's own deadline, from the arrival.
+    let timeout = plan
+        .body_idle()
+        .unwrap_or_else(|| plan.deadline.saturating_duration_since(ex.record.start));
     let grpc_deadline = plan.grpc_deadline;
     let body = ex
         .body

@@ -3,11 +3,14 @@
 //!
 //! Streamed straight through, a body holds its upstream connection for as long as the client
 //! takes to send it. A client that sends a small body a byte at a time (slowloris on the
-//! body, R.U.D.Y.) then holds one of the cluster's `max_connections` for the whole request
-//! timeout, and a few hundred such requests, which cost the client nothing, take all of them.
-//! Read ahead, such a request holds only its own client connection and at most
-//! [`READ_AHEAD_BYTES`] of memory until its body is in, and its request timeout ends it as
-//! `408 client_body_timeout` with no upstream ever asked.
+//! body, R.U.D.Y.) then holds one of the cluster's `max_connections` for as long as it keeps
+//! sending (the request timeout runs from the body's last byte so far), and a few hundred
+//! such requests, which cost the client nothing, take all of them. Read ahead, such a request
+//! holds only its own client connection and at most [`READ_AHEAD_BYTES`] of memory until its
+//! body is in, and a client that sends nothing for the request timeout is answered
+//! `408 client_body_timeout` with no upstream ever asked. The rest of a larger body streams,
+//! and holds its upstream connection while it comes, as with Envoy (nginx buffers a whole body
+//! to disk first).
 //!
 //! Memory: at most 64 KiB per request, copied into one buffer, and
 //! `[router.downstream] request_buffering_memory_bytes` (64 MiB) for all requests together
@@ -17,6 +20,8 @@
 //! streams always stream (a streaming call's client may wait for the upstream's reply before it
 //! sends more), and so do the requests of a route or cluster with `request_buffering = false`
 //! (an upload whose client waits on the upstream's progress).
+
+use std::time::Duration;
 
 use http::{Request, header::CONTENT_TYPE};
 use tokio::time::Instant;
@@ -29,14 +34,16 @@ use crate::proxy::{
 /// The most of a body read before an upstream connection is taken.
 pub(super) const READ_AHEAD_BYTES: u64 = REPLAY_BODY_LIMIT;
 
-/// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, by the
-/// request's `deadline`, within the process's `budget`; `progress` is the body's. Not a Connect-protocol stream's
+/// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, within the
+/// process's `budget`; `progress` is the body's. It gives up once the request's `deadline`
+/// has passed and the client has sent nothing for the request `timeout` (which runs from the
+/// body's last byte: [`Progress::stalled`]). Not a Connect-protocol stream's
 /// (`application/connect+…`): like gRPC's, its client may wait for the upstream's reply before
 /// it sends more.
 pub(super) async fn read_ahead(
     req: &mut Request<RequestBody>,
     progress: &Progress,
-    (start, deadline): (Instant, Instant),
+    (deadline, timeout): (Instant, Duration),
     budget: &Budget,
 ) -> Result<(), ProxyError> {
     let streaming = req.headers().get(CONTENT_TYPE).is_some_and(|v| {
@@ -53,8 +60,8 @@ pub(super) async fn read_ahead(
             RequestBodyError::TooLarge { limit } => ProxyError::RequestBodyTooLarge { limit },
             RequestBodyError::Downstream(source) => ProxyError::DownstreamBodyError { source },
         }),
-        () = tokio::time::sleep_until(deadline) => Err(ProxyError::ClientBodyTimeout {
-            timeout: deadline.saturating_duration_since(start),
+        () = progress.stalled(deadline, Some(timeout)) => Err(ProxyError::ClientBodyTimeout {
+            timeout,
             bytes: progress.bytes(),
             grpc_deadline: false,
             upstream_waiting: false,
