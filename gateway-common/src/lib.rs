@@ -141,8 +141,19 @@ pub struct ConnectEvent {
     pub kind: u8,
     /// [`Outcome`] as u8.
     pub outcome: u8,
-    pub _pad: [u8; 6],
+    /// Whether an RST ended the connect ([`RESET_SEEN`]) or it ended with none
+    /// ([`RESET_NONE`]: for `ECONNREFUSED`, an ICMP port unreachable, a firewall's `REJECT`),
+    /// seen by the `tcp:tcp_receive_reset` tracepoint; [`RESET_UNKNOWN`] without it.
+    pub reset: u8,
+    pub _pad: [u8; 5],
 }
+
+/// [`ConnectEvent::reset`]: not known (the tracepoint is not attached).
+pub const RESET_UNKNOWN: u8 = 0;
+/// [`ConnectEvent::reset`]: an RST arrived for the connect.
+pub const RESET_SEEN: u8 = 1;
+/// [`ConnectEvent::reset`]: no RST arrived for the connect.
+pub const RESET_NONE: u8 = 2;
 
 /// Per-destination aggregates kept by the kernel side in an LRU hash keyed by [`UpstreamKey`].
 /// Every counter only grows; readers compute rates from deltas.

@@ -14,6 +14,7 @@ pub const PROG_SOCK_OPS: &str = "gw_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "gw_getsockopt";
 pub const PROG_SYS_EXIT_CONNECT: &str = "gw_sys_exit_connect";
 pub const PROG_RAW_SYS_EXIT: &str = "gw_raw_sys_exit";
+pub const PROG_TCP_RECEIVE_RESET: &str = "gw_tcp_receive_reset";
 
 /// Default capacities; userspace may override them at load time.
 pub const DEFAULT_MAX_DESTINATIONS: u32 = 16_384;

@@ -158,7 +158,8 @@ fn open(ctx: &SockAddrContext, dst: UpstreamKey) {
         so_error: SO_ERROR_NONE,
         kind: 0,
         outcome: 0,
-        _pad: [0; 6],
+        reset: gateway_common::RESET_UNKNOWN,
+        _pad: [0; 5],
     };
     if unsafe { core::ptr::read_volatile(&CALLBACKS_AT_CONNECT) } != 0 && callbacks_on(ctx) {
         st.flags |= F_CALLBACKS_ON;

@@ -11,6 +11,7 @@
 //! | tracepoint `syscalls:sys_exit_connect`, or raw tracepoint `sys_exit` without tracefs, only before Linux 6.12 | `connect.rs` | EADDRNOTAVAIL: no SYN was ever sent |
 //! | cgroup `sock_ops` | `sockops.rs` | SYN retransmits, SYN-RTT (the kernel's sample of a SYN sent once), the errno (or its absence: aborted) when it leaves SYN_SENT, EADDRNOTAVAIL (SYN_SENT left with no SYN, Linux 6.12+), established RTOs/retransmits |
 //! | cgroup `getsockopt` | `sockopt.rs` | the `SO_ERROR` the application read |
+//! | raw tracepoint `tcp_receive_reset` | `reset.rs` | an RST arrived: tells a refusal by RST from one by ICMP port unreachable |
 //!
 //! Records go to a ring buffer without a wake-up; userspace drains it on a timer
 //! (docs/kernel.md, "Cost": a wake-up per record costs 14–19 µs per connect, a timer drain
@@ -31,6 +32,8 @@ mod connect;
 mod emit;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod reset;
 #[cfg(target_arch = "bpf")]
 mod sockops;
 #[cfg(target_arch = "bpf")]

@@ -21,6 +21,8 @@ pub const F_CALLBACKS_ON: u32 = 1 << 5;
 /// The connection left ESTABLISHED (or CLOSE_WAIT) and its callbacks are off: no callback of
 /// it can follow (`sockops::closing`).
 pub const F_FINISHED: u32 = 1 << 6;
+/// An RST arrived for the socket (`reset::gw_tcp_receive_reset`).
+pub const F_RST_RECEIVED: u32 = 1 << 7;
 
 /// Everything known about one socket's connect, shared by all hooks through `SOCK_STATE`.
 /// This never crosses to userspace; `ev` is the record that does.

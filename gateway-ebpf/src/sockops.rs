@@ -20,8 +20,8 @@ use gateway_common::{AF_INET, ConnStats, Outcome, counter};
 use crate::{
     anomaly, connect, emit,
     maps::{
-        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, F_FINISHED, SK_ERR_OFFSET,
-        SK_ERR_SOFT_OFFSET, SockState, sock_state, stale,
+        CONN_STATS, F_CALLBACKS_ON, F_CONNECT_SENT, F_ESTABLISHED, F_FINISHED, F_RST_RECEIVED,
+        SK_ERR_OFFSET, SK_ERR_SOFT_OFFSET, SockState, sock_state, stale,
     },
 };
 
@@ -175,6 +175,14 @@ fn try_sock_ops(ctx: &SockOpsContext) -> bool {
                         core::ptr::read_volatile(&SK_ERR_SOFT_OFFSET)
                     });
                 }
+                // ECONNREFUSED is an RST, or an ICMP port unreachable (`tcp_v4_err()`):
+                // `tcp_reset()` runs the tracepoint that sets the flag before it ends the
+                // connect, in this same call chain.
+                st.ev.reset = if st.flags & F_RST_RECEIVED != 0 {
+                    gateway_common::RESET_SEEN
+                } else {
+                    gateway_common::RESET_NONE
+                };
                 emit::outcome(st, Outcome::from_errno(err), err, now());
             } else if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT)
                 && st.flags & F_ESTABLISHED != 0

@@ -52,6 +52,11 @@ pub enum Fault {
     /// Every packet to the port answered with ICMP host unreachable (v6: address unreachable),
     /// sent [`ICMP_ERROR_DELAY`] later: `connect()` fails at once with EHOSTUNREACH.
     HostUnreachable { port: u16 },
+    /// Every packet to the port answered with ICMP port unreachable (`REJECT`'s default reply,
+    /// and kube-proxy's for a Service with no ready endpoints), sent [`ICMP_ERROR_DELAY`]
+    /// later: `connect()` fails at once with ECONNREFUSED, as with [`Fault::Refuse`], but no
+    /// RST arrives.
+    PortUnreachable { port: u16 },
     /// SYNs dropped: `connect()` retransmits SYNs and ends in ETIMEDOUT after the client's
     /// `tcp_syn_retries` budget. Established connections keep working.
     SynBlackhole { port: u16 },
@@ -72,6 +77,7 @@ impl Fault {
             Fault::Refuse { port }
             | Fault::Reset { port }
             | Fault::HostUnreachable { port }
+            | Fault::PortUnreachable { port }
             | Fault::SynBlackhole { port }
             | Fault::Blackhole { port }
             | Fault::Loss { port, .. }
@@ -128,17 +134,28 @@ impl Fault {
                     &dport,
                     &["-j", "REJECT", "--reject-with", "tcp-reset"],
                 ),
-                Fault::HostUnreachable { .. } => {
-                    let icmp = match family {
-                        Family::V4 => "icmp-host-unreachable",
-                        Family::V6 => "icmp6-addr-unreachable",
+                Fault::HostUnreachable { .. } | Fault::PortUnreachable { .. } => {
+                    let port = matches!(self, Fault::PortUnreachable { .. });
+                    let (icmp, icmp_match): (&str, &[&str]) = match (family, port) {
+                        (Family::V4, false) => (
+                            "icmp-host-unreachable",
+                            &["-p", "icmp", "--icmp-type", "host-unreachable"],
+                        ),
+                        (Family::V6, false) => (
+                            "icmp6-addr-unreachable",
+                            &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"],
+                        ),
+                        (Family::V4, true) => (
+                            "icmp-port-unreachable",
+                            &["-p", "icmp", "--icmp-type", "port-unreachable"],
+                        ),
+                        (Family::V6, true) => (
+                            "icmp6-port-unreachable",
+                            &["-p", "ipv6-icmp", "--icmpv6-type", "port-unreachable"],
+                        ),
                     };
                     add("INPUT", &dport, &["-j", "REJECT", "--reject-with", icmp]);
                     let q = queue.to_string();
-                    let icmp_match: &[&str] = match family {
-                        Family::V4 => &["-p", "icmp", "--icmp-type", "host-unreachable"],
-                        Family::V6 => &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"],
-                    };
                     add(
                         "OUTPUT",
                         icmp_match,
@@ -191,6 +208,7 @@ impl fmt::Display for Fault {
             Fault::Refuse { port } => write!(f, "refuse :{port}"),
             Fault::Reset { port } => write!(f, "reset :{port}"),
             Fault::HostUnreachable { port } => write!(f, "host-unreachable :{port}"),
+            Fault::PortUnreachable { port } => write!(f, "port-unreachable :{port}"),
             Fault::SynBlackhole { port } => write!(f, "syn-blackhole :{port}"),
             Fault::Blackhole { port } => write!(f, "blackhole :{port}"),
             Fault::Loss { port, probability } => write!(f, "loss {probability} :{port}"),
@@ -241,7 +259,9 @@ impl FaultGuard {
         // queue (--queue-bypass would let it through undelayed).
         let delayer = match fault {
             Fault::SynAckDelay { delay, .. } => Some(Delayer::start(netns, queue, delay)?),
-            Fault::HostUnreachable { .. } => Some(Delayer::start(netns, queue, ICMP_ERROR_DELAY)?),
+            Fault::HostUnreachable { .. } | Fault::PortUnreachable { .. } => {
+                Some(Delayer::start(netns, queue, ICMP_ERROR_DELAY)?)
+            }
             _ => None,
         };
         let rules = fault.rules(queue);

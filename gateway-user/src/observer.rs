@@ -29,7 +29,7 @@ use aya::{
 use gateway_common::{ConnStats, ConnectEvent, DestStats, UpstreamKey, counter, names};
 use thiserror::Error;
 
-use attach::{attach_cgroup_programs, attach_connect_exit, take_map};
+use attach::{attach_cgroup_programs, attach_connect_exit, attach_reset_hook, take_map};
 pub use preflight::PreflightError;
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
@@ -154,8 +154,24 @@ pub struct KernelObserver {
     kernel_log: kernel_log::KernelLog,
     cgroup: PathBuf,
     connect_exit: &'static str,
+    /// The `tcp_receive_reset` tracepoint is attached: a refusal without an RST is known for
+    /// one (an ICMP port unreachable).
+    resets_seen: bool,
     // Dropped last: detaches every program.
     _ebpf: Ebpf,
+}
+
+/// Moves the ring buffer's records into `out`. Without the `tcp_receive_reset` tracepoint
+/// (`resets_seen` false), the kernel's "no RST" means "not known".
+fn take_events(events: &mut RingBuf<MapData>, resets_seen: bool, out: &mut Vec<ConnectEvent>) {
+    while let Some(item) = events.next() {
+        if let Some(mut ev) = records::event_from_bytes(&item) {
+            if !resets_seen {
+                ev.reset = gateway_common::RESET_UNKNOWN;
+            }
+            out.push(ev);
+        }
+    }
 }
 
 /// Entries of a table walk between two drains of the ring buffer.
@@ -228,6 +244,17 @@ impl KernelObserver {
         } else {
             attach_connect_exit(&mut ebpf, opts.connect_exit)?
         };
+        // Before the cgroup programs, so that every connect they record can tell an RST.
+        let resets_seen = match attach_reset_hook(&mut ebpf) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the tcp_receive_reset tracepoint is not attached: a connect refused by an ICMP port unreachable (a firewall's REJECT) reads as one refused by an RST"
+                );
+                false
+            }
+        };
         attach_cgroup_programs(&mut ebpf, &cgroup_fd)?;
 
         Ok(KernelObserver {
@@ -238,6 +265,7 @@ impl KernelObserver {
             kernel_log,
             cgroup,
             connect_exit,
+            resets_seen,
             _ebpf: ebpf,
         })
     }
@@ -258,11 +286,7 @@ impl KernelObserver {
     /// ([`stream::ObserverStream`]): every reader goes through it.
     pub(crate) fn drain(&mut self, out: &mut Vec<ConnectEvent>) {
         self.kernel_log.flush();
-        while let Some(item) = self.events.next() {
-            if let Some(ev) = records::event_from_bytes(&item) {
-                out.push(ev);
-            }
-        }
+        take_events(&mut self.events, self.resets_seen, out);
     }
 
     /// Per-destination aggregates, as the kernel holds them now. Copies the whole map: for a
@@ -297,11 +321,7 @@ impl KernelObserver {
             n += 1;
             if n % WALK_DRAIN_EVERY == 0 {
                 self.kernel_log.flush();
-                while let Some(item) = self.events.next() {
-                    if let Some(ev) = records::event_from_bytes(&item) {
-                        events.push(ev);
-                    }
-                }
+                take_events(&mut self.events, self.resets_seen, events);
             }
         }
         n

@@ -55,6 +55,10 @@ pub struct ConnectEvidence {
     /// 0 = no error; `None` when it has not read it (a socket closed in SYN_SENT) or the
     /// kernel's follow-up record has not been seen.
     pub so_error: Option<u32>,
+    /// Refused by an ICMP port unreachable, not an RST: a firewall's `REJECT` (iptables'
+    /// default reply, kube-proxy's for a Service with no ready endpoints), not a host with no
+    /// listener on the port.
+    pub refused_by_icmp: bool,
 }
 
 impl fmt::Display for ConnectEvidence {
@@ -66,6 +70,9 @@ impl fmt::Display for ConnectEvidence {
                 if let Some(rtt) = self.syn_rtt {
                     write!(f, ", SYN-ACK after {} us", rtt.as_micros())?;
                 }
+            }
+            ConnectOutcome::Refused if self.refused_by_icmp => {
+                f.write_str(", ICMP port unreachable received, no RST (a firewall's REJECT)")?;
             }
             ConnectOutcome::Refused => f.write_str(", RST received")?,
             ConnectOutcome::Aborted if self.errno.is_none() => {
@@ -234,6 +241,7 @@ mod tests {
             errno: None,
             elapsed: Duration::from_millis(250),
             so_error: None,
+            refused_by_icmp: false,
         };
         assert_eq!(
             e.to_string(),
@@ -247,6 +255,14 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "kernel: refused, 1 SYN sent, RST received, ECONNREFUSED"
+        );
+        let e = ConnectEvidence {
+            refused_by_icmp: true,
+            ..e
+        };
+        assert_eq!(
+            e.to_string(),
+            "kernel: refused, 1 SYN sent, ICMP port unreachable received, no RST (a firewall's REJECT), ECONNREFUSED"
         );
     }
 }

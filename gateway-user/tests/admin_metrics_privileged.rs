@@ -5,6 +5,8 @@
 //! - A refusing endpoint (RST) next to a healthy one: the kernel's outcome, errno and
 //!   `SO_ERROR` are counted, the endpoint is ejected with reason `refused`, and every
 //!   handshake to the healthy one lands in its kernel SYN-RTT histogram.
+//! - A refusal by a firewall's ICMP port unreachable, told from an RST in what the client,
+//!   `/status` and the log read.
 //! - A host that dies under an established connection (every packet dropped): the request
 //!   fails as `upstream_host_died`, and the RTOs the kernel fired on that connection are
 //!   counted when it closes.
@@ -260,6 +262,70 @@ fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
         !cgroup.exists(),
         "gateway run left its cgroup {} behind",
         cgroup.display()
+    );
+}
+
+/// A firewall's REJECT (ICMP port unreachable) fails a connect with the same ECONNREFUSED as
+/// an RST. The kernel's record tells them apart: the client's 502, the ejection in `/status`
+/// and its log line say an ICMP port unreachable came and no RST, not "RST received", which
+/// would send whoever reads it looking for a missing listener. The ejection and its metric
+/// stay `refused`.
+#[test]
+fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
+    require_root();
+    let lab = Lab::new(LabSpec {
+        upstreams: 1,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let up = &lab.upstreams()[0];
+    let _reject = up
+        .apply(Fault::PortUnreachable { port: PORT })
+        .expect("fault");
+    let bad = up.addr_v4(PORT);
+    let gw = LabGateway::start(
+        gateway_bin!(),
+        &lab,
+        "icmp-refused",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{bad}\"]\n\n\
+             [router.upstream.retry]\nmax_retries = 0\n"
+        ),
+    );
+    let said = "kernel: refused, 1 SYN sent, ICMP port unreachable received, no RST (a firewall's REJECT), ECONNREFUSED";
+    let got = gw.get_bodies("/", 1, 1);
+    let (status_code, error, body) = &got[0];
+    assert_eq!(*status_code, 502, "{got:?}");
+    assert_eq!(error, "connect_refused", "{got:?}");
+    assert!(body.contains(said), "{body}");
+    assert!(!body.contains("RST received"), "{body}");
+    let s = gw.admin(status);
+    // A lone endpoint stays routable (`suspect`), with the reason and the kernel's words.
+    let ep = endpoint(&s, "default", bad);
+    assert_eq!(ep["reason"], "refused", "{ep:#}");
+    let change = ep["history"]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "ejection_refused")
+        .unwrap_or_else(|| panic!("an ejection: {ep:#}"));
+    assert!(
+        change["detail"].as_str().unwrap().contains(said),
+        "{change:#}"
+    );
+    let m = gw.admin(metrics);
+    assert_eq!(
+        value(
+            &m,
+            "gateway_upstream_attempts_total",
+            &[
+                ("cluster", "default"),
+                ("endpoint", &bad.to_string()),
+                ("outcome", "refused")
+            ]
+        ),
+        1.0,
+        "{m}"
     );
 }
 

@@ -67,6 +67,37 @@ fn privileged_refused() {
     for a in attempts(&r) {
         assert_eq!(a["outcome"], "refused");
         assert_eq!(a["errno"], "ECONNREFUSED");
+        assert!(a.get("refused_by_icmp").is_none(), "an RST: {a:#}");
+    }
+}
+
+/// A port a firewall REJECTs with ICMP port unreachable fails `connect()` with the same
+/// ECONNREFUSED as an RST; the kernel's record tells them apart (no RST arrived), and the
+/// verdict points at the firewall, not at a missing listener.
+#[test]
+fn privileged_refused_by_icmp_port_unreachable() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _f = up.apply(Fault::PortUnreachable { port: PORT }).unwrap();
+    let addr = up.addr_v4(PORT);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
+    let r = assert_verdict(&run, "refused");
+    assert_kernel_joined(&r);
+    let evidence = r["evidence"][0].as_str().unwrap();
+    assert!(
+        evidence.starts_with(&format!(
+            "5/5 connects to {addr} refused, 5 of them by an ICMP port unreachable"
+        )),
+        "{r:#}"
+    );
+    assert!(
+        r["next_steps"][0].as_str().unwrap().starts_with("tcpdump"),
+        "{r:#}"
+    );
+    for a in attempts(&r) {
+        assert_eq!(a["outcome"], "refused");
+        assert_eq!(a["errno"], "ECONNREFUSED");
+        assert_eq!(a["refused_by_icmp"], true, "{a:#}");
     }
 }
 

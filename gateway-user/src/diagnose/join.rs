@@ -50,6 +50,7 @@ pub(super) fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attemp
             elapsed_us,
             syn_retransmits: o.syn_retransmits,
             syn_rtt_us: (user_outcome == AttemptOutcome::Established).then_some(elapsed_us),
+            refused_by_icmp: false,
             http,
         };
     };
@@ -80,6 +81,7 @@ pub(super) fn to_attempt(o: &Observed, kernel: Option<&KernelSession>) -> Attemp
         elapsed_us,
         syn_retransmits: Some(u32::from(rec.syn_retransmits)),
         syn_rtt_us: rec.syn_rtt.map(|d| d.as_micros() as u64),
+        refused_by_icmp: rec.refused_by_icmp(),
         http,
     }
 }

@@ -63,6 +63,10 @@ pub struct Attempt {
     pub syn_retransmits: Option<u32>,
     /// First SYN to SYN-ACK (kernel), or `connect()` to writable (userspace); established only.
     pub syn_rtt_us: Option<u64>,
+    /// Refused by an ICMP port unreachable, not an RST (kernel only: the `tcp_receive_reset`
+    /// tracepoint saw none).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused_by_icmp: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpExchange>,
 }

@@ -465,6 +465,7 @@ mod tests {
             syn_rtt_us: None,
             errno: None,
             so_error: None,
+            refused_by: None,
         }
     }
 

@@ -315,6 +315,7 @@ mod tests {
                 syn_rtt_us: Some(100),
                 errno: None,
                 so_error: None,
+                refused_by: None,
             };
             t.record(&rec);
             // One busy destination with many processes and samples.

@@ -128,6 +128,17 @@ pub(super) fn attach_connect_exit(
     Ok("raw tracepoint sys_exit")
 }
 
+/// Attaches the raw tracepoint that sees RSTs (`tcp_receive_reset`, Linux 4.16 and later),
+/// which tells a connect refused by an RST from one refused by an ICMP port unreachable.
+pub(super) fn attach_reset_hook(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
+    let name = names::PROG_TCP_RECEIVE_RESET;
+    let prog: &mut RawTracePoint = program(ebpf, name)?;
+    prog.load().map_err(|e| program_error("loading", name, e))?;
+    prog.attach("tcp_receive_reset")
+        .map_err(|e| program_error("attaching", name, e))?;
+    Ok(())
+}
+
 pub(super) fn program<'a, T>(
     ebpf: &'a mut Ebpf,
     name: &'static str,

@@ -93,12 +93,25 @@ pub fn explain(records: &[&ConnectRecord]) -> Explanation {
                 .collect(),
         )
         .unwrap_or(0);
-        let _ = write!(
-            s,
-            "{refused}/{n} connects refused: RST after {} (ECONNREFUSED), so the host is up but \
-             nothing listens on the port, or a firewall rejects it",
-            ms(t)
-        );
+        let icmp = of(records, Outcome::Refused)
+            .filter(|r| r.refused_by == Some("icmp"))
+            .count();
+        if icmp * 2 > refused {
+            let _ = write!(
+                s,
+                "{refused}/{n} connects refused, {icmp} by an ICMP port unreachable after {} \
+                 (ECONNREFUSED, no RST): a firewall rejects them (a REJECT rule; kube-proxy's \
+                 for a Service with no ready endpoints), whether or not anything listens",
+                ms(t)
+            );
+        } else {
+            let _ = write!(
+                s,
+                "{refused}/{n} connects refused: RST after {} (ECONNREFUSED), so the host is up \
+                 but nothing listens on the port, or a firewall rejects it",
+                ms(t)
+            );
+        }
         Story::Refused
     } else if worst == unreachable {
         let errno = of(records, Outcome::Unreachable).find_map(|r| r.errno.as_deref());
@@ -225,6 +238,7 @@ mod tests {
                 _ => None,
             },
             so_error: None,
+            refused_by: None,
         }
     }
 
@@ -258,6 +272,26 @@ mod tests {
             let e = explain(&refs);
             assert_eq!(e.verdict, want, "{}", e.sentence);
         }
+    }
+
+    #[test]
+    fn a_refusal_by_icmp_names_a_firewall_and_one_by_rst_a_missing_listener() {
+        let rst = [rec(Outcome::Refused, 0, 120), rec(Outcome::Refused, 0, 120)];
+        let icmp = rst.clone().map(|r| ConnectRecord {
+            refused_by: Some("icmp"),
+            ..r
+        });
+        let e = explain(&rst.iter().collect::<Vec<_>>());
+        assert!(e.sentence.contains("nothing listens"), "{}", e.sentence);
+        let e = explain(&icmp.iter().collect::<Vec<_>>());
+        assert_eq!(e.verdict, Story::Refused);
+        assert!(
+            e.sentence.contains("2 by an ICMP port unreachable")
+                && e.sentence.contains("firewall rejects them")
+                && !e.sentence.contains("nothing listens"),
+            "{}",
+            e.sentence
+        );
     }
 
     #[test]

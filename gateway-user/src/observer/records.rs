@@ -13,7 +13,8 @@ use std::{
 };
 
 use gateway_common::{
-    AF_INET, ConnectEvent, EventKind, Outcome, SO_ERROR_NONE, UpstreamKey, errno,
+    AF_INET, ConnectEvent, EventKind, Outcome, RESET_NONE, RESET_SEEN, SO_ERROR_NONE, UpstreamKey,
+    errno,
 };
 use serde::Serialize;
 
@@ -143,6 +144,9 @@ pub struct Connect {
     /// What the application read with `getsockopt(SO_ERROR)`: 0 when it read no error, `None`
     /// while it has not asked.
     pub so_error: Option<u32>,
+    /// Whether an RST arrived for the connect; `None` when not known (the tracepoint that
+    /// sees RSTs is not attached). A refusal with none was an ICMP port unreachable.
+    pub reset: Option<bool>,
 }
 
 impl Connect {
@@ -167,7 +171,18 @@ impl Connect {
             syn_rtt: (outcome == Outcome::Established).then(|| Duration::from_nanos(ev.syn_rtt_ns)),
             errno: (ev.errno != 0).then_some(u32::from(ev.errno)),
             so_error: (ev.so_error != SO_ERROR_NONE).then_some(u32::from(ev.so_error)),
+            reset: match ev.reset {
+                RESET_SEEN => Some(true),
+                RESET_NONE => Some(false),
+                _ => None,
+            },
         })
+    }
+
+    /// A refusal (`ECONNREFUSED`) that no RST brought: an ICMP port unreachable, a
+    /// firewall's `REJECT`.
+    pub fn refused_by_icmp(&self) -> bool {
+        self.outcome == Outcome::Refused && self.reset == Some(false)
     }
 
     /// `connect()` to the outcome.
@@ -191,6 +206,9 @@ impl Connect {
             syn_rtt_us: self.syn_rtt.map(|d| d.as_micros() as u64),
             errno: self.errno.map(errno_name),
             so_error: self.so_error.map(so_error_text),
+            refused_by: (self.outcome == Outcome::Refused)
+                .then(|| self.reset.map(|rst| if rst { "rst" } else { "icmp" }))
+                .flatten(),
         }
     }
 }
@@ -214,6 +232,11 @@ pub struct ConnectRecord {
     /// What the application read through `getsockopt(SO_ERROR)`: an errno name, `"0"` when it
     /// read no error, `null` when it never asked.
     pub so_error: Option<String>,
+    /// A refused connect: `"rst"` when an RST refused it, `"icmp"` when an ICMP port
+    /// unreachable did (a firewall's `REJECT`). Absent otherwise, and when the kernel could not
+    /// tell (the tracepoint that sees RSTs is not attached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_by: Option<&'static str>,
 }
 
 /// An [`Outcome`] that serialises as its contract name.

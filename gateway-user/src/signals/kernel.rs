@@ -74,6 +74,7 @@ pub fn evidence_of(c: &Connect) -> ConnectEvidence {
         errno: c.errno,
         elapsed: c.elapsed(),
         so_error: c.so_error,
+        refused_by_icmp: c.refused_by_icmp(),
     }
 }
 

@@ -78,6 +78,13 @@ pub(super) fn refused(f: &Facts) -> Option<Verdict> {
         .filter(|r| *r != SynRetransmits::NoneNeeded)
         .map(|r| format!(", {r}"))
         .unwrap_or_default();
+    // The kernel tells an RST from an ICMP port unreachable (both ECONNREFUSED): the second is
+    // a firewall's REJECT, which says nothing of whether anything listens.
+    let icmp = hit.iter().filter(|a| a.refused_by_icmp).count();
+    if icmp * 2 > hit.len() {
+        rejected(f, &hit, icmp, (t, &retx), &mut v);
+        return Some(v);
+    }
     v.evidence.push(format!(
         "{}/{} connects to {} refused: an RST answered the SYN after a median {}{retx} \
          (ECONNREFUSED) {}",
@@ -87,6 +94,11 @@ pub(super) fn refused(f: &Facts) -> Option<Verdict> {
         fmt_us(t),
         source_tag(&hit)
     ));
+    if icmp > 0 {
+        v.evidence.push(format!(
+            "{icmp} of them by an ICMP port unreachable instead (a firewall's REJECT)"
+        ));
+    }
     v.evidence.push(format!(
         "the host is up and its TCP stack answers, but nothing listens on port {} there, or a \
          firewall rejects the SYNs with tcp-reset",
@@ -110,6 +122,41 @@ pub(super) fn refused(f: &Facts) -> Option<Verdict> {
         ),
     ];
     Some(v)
+}
+
+/// Most refusals came as an ICMP port unreachable, with no RST: a firewall rejected the SYNs.
+fn rejected(f: &Facts, hit: &[&Attempt], icmp: usize, (t, retx): (u64, &str), v: &mut Verdict) {
+    v.evidence.push(format!(
+        "{}/{} connects to {} refused, {icmp} of them by an ICMP port unreachable after a \
+         median {}{retx} (ECONNREFUSED, and no RST: the kernel's tcp_receive_reset never fired) \
+         {}",
+        hit.len(),
+        f.n,
+        f.addr,
+        fmt_us(t),
+        source_tag(hit)
+    ));
+    v.evidence.push(format!(
+        "a firewall on {} or on the path rejects the SYNs to port {} (iptables' REJECT replies \
+         so by default; kube-proxy does for a Service with no ready endpoints): this says \
+         nothing of whether the service listens",
+        f.ip, f.port
+    ));
+    v.next_steps = vec![
+        format!(
+            "tcpdump -ni any 'icmp[icmptype] == icmp-unreach and icmp[icmpcode] == 3'   # the \
+             port unreachable's source address is the host that rejects tcp/{}",
+            f.port
+        ),
+        format!(
+            "iptables -L -n -v | grep -i reject; nft list ruleset | grep -i reject   # on {} \
+             and on firewalls in the path: a rule rejecting tcp/{}",
+            f.ip, f.port
+        ),
+        "a Kubernetes Service? kubectl get endpointslices -l kubernetes.io/service-name=<name>   \
+         # kube-proxy rejects connects to a Service whose pods are all unready"
+            .to_owned(),
+    ];
 }
 
 pub(super) fn unreachable(f: &Facts) -> Option<Verdict> {

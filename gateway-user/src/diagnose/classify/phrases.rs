@@ -125,6 +125,7 @@ mod tests {
                 elapsed_us: 100,
                 syn_retransmits: *r,
                 syn_rtt_us: Some(100),
+                refused_by_icmp: false,
                 http: None,
             })
             .collect()

@@ -27,6 +27,7 @@ fn attempt(outcome: AttemptOutcome, retx: u32, elapsed_us: u64) -> Attempt {
         elapsed_us,
         syn_retransmits: Some(retx),
         syn_rtt_us: (outcome == AttemptOutcome::Established).then_some(elapsed_us),
+        refused_by_icmp: false,
         http: None,
     }
 }
@@ -158,6 +159,29 @@ fn refused() {
         v.next_steps[0].contains("ss -ltn 'sport = :8080'"),
         "{v:#?}"
     );
+}
+
+/// An ICMP port unreachable (no RST) is a firewall's REJECT: the same verdict, with what
+/// tells it from a port with no listener, and where to look instead.
+#[test]
+fn refused_by_icmp_names_the_firewall_not_the_listener() {
+    let icmp = Attempt {
+        refused_by_icmp: true,
+        ..attempt(AttemptOutcome::Refused, 0, 60)
+    };
+    let v = assert_top(&target(vec![icmp; 5]), VerdictName::Refused, 0.95);
+    assert!(
+        v.evidence[0].starts_with(
+            "5/5 connects to 10.77.1.2:8080 refused, 5 of them by an ICMP port unreachable"
+        ) && v.evidence[0].contains("no RST"),
+        "{v:#?}"
+    );
+    assert!(v.evidence[1].contains("kube-proxy"), "{v:#?}");
+    assert!(
+        !v.evidence.iter().any(|e| e.contains("nothing listens")),
+        "{v:#?}"
+    );
+    assert!(v.next_steps[0].starts_with("tcpdump"), "{v:#?}");
 }
 
 #[test]

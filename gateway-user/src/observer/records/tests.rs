@@ -26,7 +26,8 @@ fn event(kind: EventKind, outcome: Outcome, cookie: u64) -> ConnectEvent {
         so_error: SO_ERROR_NONE,
         kind: kind as u8,
         outcome: outcome as u8,
-        _pad: [0; 6],
+        reset: gateway_common::RESET_UNKNOWN,
+        _pad: [0; 5],
     }
 }
 

@@ -15,6 +15,7 @@ fn evidence_header_states_what_the_kernel_saw() {
             errno: None,
             elapsed: Duration::from_millis(250),
             so_error: None,
+            refused_by_icmp: false,
         }),
     };
     assert_eq!(

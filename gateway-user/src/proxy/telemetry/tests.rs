@@ -34,6 +34,7 @@ fn kernel_refusal_counts_attempt_errno_and_so_error() {
         errno: Some(errno::ECONNREFUSED),
         elapsed: Duration::from_micros(80),
         so_error: None,
+        refused_by_icmp: false,
     };
     e.connect_failed(&ProxyError::ConnectRefused {
         endpoint: "10.0.0.1:80".parse().unwrap(),
@@ -86,6 +87,7 @@ fn kernel_handshakes_feed_the_syn_rtt_histogram() {
         errno: None,
         elapsed: Duration::from_secs(1),
         so_error: None,
+        refused_by_icmp: false,
     }));
     e.connected(None);
     let text = t.encode();

@@ -24,6 +24,7 @@ fn connect(cookie: u64, outcome: Outcome, ts_event_ns: u64) -> Connect {
         syn_rtt: (outcome == Outcome::Established).then(|| Duration::from_micros(120)),
         errno: (outcome == Outcome::Refused).then_some(errno::ECONNREFUSED),
         so_error: None,
+        reset: None,
     }
 }
 
