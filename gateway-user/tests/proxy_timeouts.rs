@@ -340,6 +340,47 @@ async fn a_client_that_stops_sending_its_body_is_408_client_body_timeout() {
     );
 }
 
+/// A client that trickles its body (10 bytes every 200 ms, gaps well within the 1 s request
+/// timeout) earns 2 ms past the timeout per byte, 500 bytes a second, and so is `408
+/// client_body_timeout` after about 1.1 s: it cannot hold its connection and its read-ahead
+/// memory for hours (R.U.D.Y.).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
+    let up = Upstream::start("sink").await;
+    let gw = gateway(
+        "body-trickle",
+        &body_routes(&up, "request_timeout_ms = 1000"),
+    )
+    .await;
+    let url = format!("http://{}/sink", gw.addr);
+    let answer = tokio::task::spawn_blocking(move || {
+        curl_upload(url, |pipe| {
+            use std::io::Write as _;
+            for _ in 0..25 {
+                if pipe
+                    .write_all(&[b'x'; 10])
+                    .and_then(|()| pipe.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("x-gateway-error: client_body_timeout"),
+        "{answer}"
+    );
+    assert_eq!(up.hits(), 0, "read ahead: no upstream asked");
+    let l = &log_lines(&gw.log, 1)[0];
+    let took = l["total_ms"].as_f64().expect("total_ms");
+    assert!((1000.0..2500.0).contains(&took), "{l}");
+}
+
 /// An upload that keeps coming is not cut by the request timeout, however long it takes: the
 /// timeout runs from the body's last byte so far (as Envoy's route timeout starts at the end
 /// of the request). curl sends 1 KiB every 50 ms from a pipe, for three times the 1 s request

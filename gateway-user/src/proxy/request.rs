@@ -46,7 +46,7 @@ use super::{
     exchange::Exchange,
     headers::Scheme,
     io::Busy,
-    request_body::{Progress, RequestBody},
+    request_body::{Progress, RequestBody, Slide},
     response_body::ResponseBody,
     router::CompiledRoute,
     shared::{Drain, Shared},
@@ -142,7 +142,11 @@ struct Plan {
     deadline: Instant,
     /// The deadline is a gRPC call's `grpc-timeout`.
     grpc_deadline: bool,
+    /// A gRPC call's own deadline, shorter than the route's or not (`Prepared::call_end`).
+    call_end: Option<Instant>,
     grpc: bool,
+    /// A gRPC call or a Connect stream: its client sends a message when it has one.
+    streaming: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
     done: Option<Arc<Progress>>,
     had_body: bool,
@@ -175,7 +179,7 @@ impl Plan {
         cluster: &Cluster,
         route: Arc<CompiledRoute>,
         req: &mut Request<RequestBody>,
-        (deadline, grpc_deadline): (Instant, bool),
+        (deadline, grpc_deadline, call_end): (Instant, bool, Option<Instant>),
         ex: &Exchange,
     ) -> Plan {
         let (grpc, budget) = (ex.grpc, &ex.shared.body_budget);
@@ -192,7 +196,9 @@ impl Plan {
             route,
             deadline,
             grpc_deadline,
+            call_end,
             grpc,
+            streaming: grpc || read_ahead::connect_stream(req),
             done: None,
             had_body: false,
             kernel,
@@ -207,19 +213,21 @@ impl Plan {
         }
     }
 
-    /// How long the client may send nothing of its body before the request times out: the
-    /// route's request timeout, which runs from the body's last byte so far (see
-    /// [`Progress::stalled`]). None for a gRPC call's own deadline, which stays where its
-    /// client put it.
-    fn body_idle(&self) -> Option<Duration> {
-        (!self.grpc_deadline).then_some(self.route.policy.request_timeout)
+    /// How a body that keeps coming moves the request deadline ([`Progress::moved`]): the
+    /// route's request timeout runs from the body's last byte, up to a gRPC call's own
+    /// deadline, and at a minimum rate unless the request is a streaming call. None when the deadline is the call's own, which stays where its client put it.
+    fn slide(&self) -> Option<Slide> {
+        (!self.grpc_deadline).then_some(Slide {
+            timeout: self.route.policy.request_timeout,
+            cap: self.call_end,
+            min_rate: !self.streaming,
+        })
     }
 
-    /// The request deadline with the body read so far: the request timeout from the body's
-    /// last byte, when that is later than from the request's arrival.
+    /// The request deadline with the body read so far.
     fn moved_by(&self, body: &Progress) -> Instant {
-        self.body_idle()
-            .map_or(self.deadline, |t| self.deadline.max(body.last_read() + t))
+        self.slide()
+            .map_or(self.deadline, |s| body.moved(self.deadline, s))
     }
 }
 
@@ -233,17 +241,19 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         done,
         deadline,
         grpc_deadline,
+        call_end,
         upgrade: _,
         affinity,
     } = p;
-    let mut plan = Plan::new(&cluster, route, &mut req, (deadline, grpc_deadline), ex);
+    let when = (deadline, grpc_deadline, call_end);
+    let mut plan = Plan::new(&cluster, route, &mut req, when, ex);
     (plan.had_body, plan.affinity) = (done.is_some(), affinity);
     ex.body = done.clone();
     if let Some(progress) = &done
         && plan.route.policy.request_buffering
         && !plan.grpc
     {
-        let when = (plan.deadline, plan.route.policy.request_timeout);
+        let when = (plan.deadline, plan.slide());
         read_ahead::read_ahead(&mut req, progress, when, &ex.shared.body_budget).await?;
         plan.deadline = plan.moved_by(progress);
     }

@@ -27,7 +27,7 @@ use thiserror::Error;
 use self::{ahead::Ahead, progress::Ended};
 pub(crate) use self::{
     ahead::{Budget, Charge},
-    progress::{BodyFailure, Progress},
+    progress::{BodyFailure, Progress, Slide},
 };
 
 mod ahead;

@@ -258,9 +258,11 @@ fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint, 
     if plan.grpc
         && let Some(v) = req.headers_mut().get_mut(GRPC_TIMEOUT)
     {
-        // What is left of the call's deadline (capped by the route's), so that the upstream
-        // gives up about when the gateway does (a little after: see `grpc_timeout_left`).
-        *v = grpc_timeout_left(plan.deadline);
+        // What is left of the call's own deadline, a little more (see `grpc_timeout_left`). Not
+        // the route's timeout, when that is shorter: it is the gateway's, from the end of the
+        // client's stream, which a client stream can be far from; the gateway enforces it and
+        // cancels the upstream's stream there.
+        *v = grpc_timeout_left(plan.call_end.unwrap_or(plan.deadline));
     }
     if no_host {
         // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
@@ -298,7 +300,7 @@ async fn exchange(
                 plan.done = None;
                 None
             }
-            _ = body.stalled(plan.deadline, plan.body_idle()) => {
+            _ = body.stalled(plan.deadline, plan.slide()) => {
                 return Err(Failed::plain(request_timeout(plan, ex)));
             }
         },
@@ -439,9 +441,10 @@ async fn await_head<F: Future<Output = SendResult>>(
 fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
     // The route's timeout, which a body that kept coming moved on (`Plan::moved_by`); the
     // call's own deadline, from the arrival.
-    let timeout = plan
-        .body_idle()
-        .unwrap_or_else(|| plan.deadline.saturating_duration_since(ex.record.start));
+    let timeout = plan.slide().map_or_else(
+        || plan.deadline.saturating_duration_since(ex.record.start),
+        |s| s.timeout,
+    );
     let grpc_deadline = plan.grpc_deadline;
     let body = ex
         .body

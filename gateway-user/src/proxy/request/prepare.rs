@@ -47,6 +47,10 @@ pub(super) struct Prepared {
     pub deadline: Instant,
     /// The deadline is the gRPC call's `grpc-timeout`.
     pub grpc_deadline: bool,
+    /// A gRPC call's own deadline (`grpc-timeout`, from its arrival), whether or not it is
+    /// shorter than the route's: what the upstream is told, and as far as a body that keeps
+    /// coming moves the request deadline.
+    pub call_end: Option<Instant>,
     /// The client's side of an HTTP/1.1 `Upgrade` (WebSocket).
     pub upgrade: Option<OnUpgrade>,
     /// The hash of the `hash_on` key, for a `consistent_hash` cluster: read as the client
@@ -105,7 +109,7 @@ pub(super) fn prepare(
     {
         return Err(ProxyError::RequestBodyTooLarge { limit }.into());
     }
-    let (deadline, grpc_deadline) = deadline(ex, route, &parts);
+    let (deadline, grpc_deadline, call_end) = deadline(ex, route, &parts);
     if grpc_deadline {
         ex.call_deadline = Some(deadline);
     }
@@ -129,6 +133,7 @@ pub(super) fn prepare(
         done,
         deadline,
         grpc_deadline,
+        call_end,
         upgrade,
         affinity,
     })
@@ -316,17 +321,23 @@ fn for_upstream(
 }
 
 /// The request's deadline: the route's request timeout from its arrival, or, for a gRPC call,
-/// its own `grpc-timeout` when that is shorter; and whether it is the latter.
-fn deadline(ex: &Exchange, route: &CompiledRoute, parts: &Parts) -> (Instant, bool) {
+/// its own `grpc-timeout` when that is shorter; whether it is the latter; and the call's own
+/// deadline, if it has one.
+fn deadline(
+    ex: &Exchange,
+    route: &CompiledRoute,
+    parts: &Parts,
+) -> (Instant, bool, Option<Instant>) {
     let limit = route.policy.request_timeout;
     let asked = ex
         .grpc
         .then(|| parts.headers.get(GRPC_TIMEOUT))
         .flatten()
         .and_then(|v| grpc::parse_timeout(v.as_bytes()));
+    let call_end = asked.map(|t| ex.record.start + t);
     match asked {
-        Some(t) if t < limit => (ex.record.start + t, true),
-        _ => (ex.record.start + limit, false),
+        Some(t) if t < limit => (ex.record.start + t, true, call_end),
+        _ => (ex.record.start + limit, false, call_end),
     }
 }
 

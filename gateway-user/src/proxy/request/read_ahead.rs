@@ -21,37 +21,39 @@
 //! sends more), and so do the requests of a route or cluster with `request_buffering = false`
 //! (an upload whose client waits on the upstream's progress).
 
-use std::time::Duration;
-
 use http::{Request, header::CONTENT_TYPE};
 use tokio::time::Instant;
 
 use crate::proxy::{
     error::ProxyError,
-    request_body::{Budget, Progress, REPLAY_BODY_LIMIT, RequestBody, RequestBodyError},
+    request_body::{Budget, Progress, REPLAY_BODY_LIMIT, RequestBody, RequestBodyError, Slide},
 };
 
 /// The most of a body read before an upstream connection is taken.
 pub(super) const READ_AHEAD_BYTES: u64 = REPLAY_BODY_LIMIT;
 
+/// A Connect-protocol stream (`application/connect+…`): like a gRPC call, one whose client may
+/// wait for the upstream's reply before it sends more.
+pub(super) fn connect_stream<B>(req: &Request<B>) -> bool {
+    req.headers().get(CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .get(..20)
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/connect+"))
+    })
+}
+
 /// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, within the
-/// process's `budget`; `progress` is the body's. It gives up once the request's `deadline`
-/// has passed and the client has sent nothing for the request `timeout` (which runs from the
-/// body's last byte: [`Progress::stalled`]). Not a Connect-protocol stream's
+/// process's `budget`; `progress` is the body's. It gives up once the request's `deadline`,
+/// moved on by the body as it comes (`slide`: [`Progress::moved`]), has passed. Not a Connect-protocol stream's
 /// (`application/connect+…`): like gRPC's, its client may wait for the upstream's reply before
 /// it sends more.
 pub(super) async fn read_ahead(
     req: &mut Request<RequestBody>,
     progress: &Progress,
-    (deadline, timeout): (Instant, Duration),
+    (deadline, slide): (Instant, Option<Slide>),
     budget: &Budget,
 ) -> Result<(), ProxyError> {
-    let streaming = req.headers().get(CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .get(..20)
-            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/connect+"))
-    });
-    if streaming {
+    if connect_stream(req) {
         return Ok(());
     }
     tokio::select! {
@@ -60,8 +62,8 @@ pub(super) async fn read_ahead(
             RequestBodyError::TooLarge { limit } => ProxyError::RequestBodyTooLarge { limit },
             RequestBodyError::Downstream(source) => ProxyError::DownstreamBodyError { source },
         }),
-        () = progress.stalled(deadline, Some(timeout)) => Err(ProxyError::ClientBodyTimeout {
-            timeout,
+        () = progress.stalled(deadline, slide) => Err(ProxyError::ClientBodyTimeout {
+            timeout: slide.map_or_else(|| deadline.saturating_duration_since(progress.origin()), |s| s.timeout),
             bytes: progress.bytes(),
             grpc_deadline: false,
             upstream_waiting: false,

@@ -21,6 +21,24 @@ impl Drop for Ended {
     }
 }
 
+/// The slowest average rate, in bytes per second since the request's arrival, at which a body
+/// still moves the request deadline on ([`Progress::moved`]): Apache's `mod_reqtimeout`
+/// default (`MinRate=500`). A 100 MB upload may take 55 hours at it.
+pub(crate) const MIN_BODY_RATE: f64 = 500.0;
+
+/// How a body that keeps coming moves the request deadline ([`Progress::moved`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slide {
+    /// The route's request timeout, run from the body's last byte.
+    pub timeout: Duration,
+    /// Never past this: a gRPC call's own deadline.
+    pub cap: Option<Instant>,
+    /// Each byte buys at most 1/[`MIN_BODY_RATE`] s. Not for a streaming call (gRPC, a
+    /// Connect stream), whose client sends a message when it has one and may be quiet
+    /// between.
+    pub min_rate: bool,
+}
+
 /// A body's way upstream, as the request path watches it: the bytes read from the client so
 /// far and when the last of them came, and a notification when the body ended (or failed, or
 /// was dropped unfinished).
@@ -79,18 +97,37 @@ impl Progress {
         self.last_read_ns.store(ns, Ordering::Relaxed);
     }
 
-    /// Completes once `deadline` has passed and, with an `idle` limit, the client has also
-    /// sent nothing of its body for that long: a request timeout that runs from the body's
-    /// last byte so far, so that an upload that keeps coming is not cut however long it takes
-    /// (Envoy starts its route timeout at the end of the request; nginx's
-    /// `client_body_timeout` is a gap between two reads). Without a limit (a gRPC call's own
-    /// deadline, which its client set), at `deadline`.
-    pub async fn stalled(&self, deadline: Instant, idle: Option<Duration>) {
+    /// When the body started (about the request's arrival).
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// The request `deadline` as the body read so far moves it on: the request timeout runs
+    /// from the body's last byte, so that an upload that keeps coming is not cut (Envoy starts
+    /// its route timeout at the end of the request; nginx's `client_body_timeout` is a gap
+    /// between two reads). Each byte buys at most 1/[`MIN_BODY_RATE`] s past the timeout from
+    /// the arrival, as Apache's `RequestReadTimeout body=…,MinRate=500` does, so that a client
+    /// trickling a byte now and then cannot hold its connection, an upstream's and its
+    /// read-ahead memory for hours (unless `slide.min_rate` is off); and never past
+    /// `slide.cap`.
+    pub fn moved(&self, deadline: Instant, slide: Slide) -> Instant {
+        let mut moved = self.last_read() + slide.timeout;
+        if slide.min_rate {
+            let earned = Duration::from_secs_f64(self.bytes() as f64 / MIN_BODY_RATE);
+            moved = moved.min(self.origin + slide.timeout + earned);
+        }
+        deadline.max(slide.cap.map_or(moved, |c| moved.min(c)))
+    }
+
+    /// Completes once the request `deadline`, moved on by the body as it comes
+    /// ([`Progress::moved`]), has passed; without a `slide` (a gRPC call's own deadline, which
+    /// its client set), at `deadline`.
+    pub async fn stalled(&self, deadline: Instant, slide: Option<Slide>) {
+        let until = || slide.map_or(deadline, |s| self.moved(deadline, s));
         loop {
-            let until = idle.map_or(deadline, |t| deadline.max(self.last_read() + t));
-            tokio::time::sleep_until(until).await;
+            tokio::time::sleep_until(until()).await;
             // A byte that came meanwhile moved the end on.
-            if idle.is_none_or(|t| self.last_read() + t <= Instant::now()) {
+            if until() <= Instant::now() {
                 return;
             }
         }
@@ -121,30 +158,54 @@ impl Progress {
 mod tests {
     use super::*;
 
-    /// The request timeout runs from the body's last byte: a byte at 0.8 s moves a 1 s
-    /// deadline to 1.8 s; with no byte after, it fires there. A call's own deadline does not
-    /// move.
-    #[tokio::test(start_paused = true)]
-    async fn the_deadline_moves_with_each_byte_of_the_body() {
-        let p = Arc::new(Progress::new());
-        let start = Instant::now();
-        let idle = Duration::from_secs(1);
-        let feeder = p.clone();
+    /// Bytes read at these offsets from now (`bytes` in all by each), on another task.
+    fn feed(p: &Arc<Progress>, at: &[(u64, u64)]) {
+        let (p, at) = (p.clone(), at.to_vec());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            feeder.read_now();
+            let start = Instant::now();
+            for (ms, bytes) in at {
+                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                p.bytes.store(bytes, Ordering::Relaxed);
+                p.read_now();
+            }
         });
-        p.stalled(start + idle, Some(idle)).await;
-        assert_eq!(start.elapsed(), Duration::from_millis(1800));
+    }
 
-        let start = Instant::now();
-        p.read_now();
-        let feeder = p.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            feeder.read_now();
-        });
-        p.stalled(start + idle, None).await;
-        assert_eq!(start.elapsed(), idle);
+    /// The request timeout runs from the body's last byte: a byte at 0.8 s moves a 1 s
+    /// deadline to 1.8 s. Each byte buys at most 2 ms past the timeout (500 bytes/s): 250
+    /// bytes that trickle in until 1.3 s end it at 1.5 s, unless the request is a streaming
+    /// call. Never past a gRPC call's own deadline; and a call whose own deadline it is does
+    /// not move.
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_moves_with_the_body_at_a_minimum_rate() {
+        let timeout = Duration::from_secs(1);
+        let slide = Slide {
+            timeout,
+            cap: None,
+            min_rate: true,
+        };
+        for (at, cap, min_rate, want) in [
+            (vec![(800, 1000)], None, true, 1800),
+            (vec![(800, 200), (1300, 250)], None, true, 1500),
+            (vec![(800, 100_000)], Some(1200), true, 1200),
+            // A streaming call's messages move it however small they are.
+            (vec![(800, 10), (1600, 20)], None, false, 2600),
+        ] {
+            let p = Arc::new(Progress::new());
+            let start = p.origin();
+            feed(&p, &at);
+            let slide = Slide {
+                cap: cap.map(|ms| start + Duration::from_millis(ms)),
+                min_rate,
+                ..slide
+            };
+            p.stalled(start + timeout, Some(slide)).await;
+            assert_eq!(start.elapsed(), Duration::from_millis(want), "{at:?}");
+        }
+        let p = Arc::new(Progress::new());
+        let start = p.origin();
+        feed(&p, &[(800, 1000)]);
+        p.stalled(start + timeout, None).await;
+        assert_eq!(start.elapsed(), timeout);
     }
 }
