@@ -22,6 +22,7 @@
 
 mod affinity;
 mod attempt;
+mod deadline;
 mod gate;
 mod look;
 mod prepare;
@@ -40,7 +41,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use self::respond::{X_GATEWAY_ATTEMPTS, X_GATEWAY_ENDPOINT, X_GATEWAY_ERROR};
-use self::{attempt::Failed, prepare::Prepared, redirect::Instead, replay::Replay};
+use self::{
+    attempt::Failed, deadline::Deadline, prepare::Prepared, redirect::Instead, replay::Replay,
+};
 use super::{
     error::{ErrorKind, ProxyError},
     exchange::Exchange,
@@ -179,7 +182,7 @@ impl Plan {
         cluster: &Cluster,
         route: Arc<CompiledRoute>,
         req: &mut Request<RequestBody>,
-        (deadline, grpc_deadline, call_end): (Instant, bool, Option<Instant>),
+        deadline: Deadline,
         ex: &Exchange,
     ) -> Plan {
         let (grpc, budget) = (ex.grpc, &ex.shared.body_budget);
@@ -194,9 +197,9 @@ impl Plan {
         let replay = keep.then(|| Replay::of(req, budget));
         Plan {
             route,
-            deadline,
-            grpc_deadline,
-            call_end,
+            deadline: deadline.at,
+            grpc_deadline: deadline.grpc,
+            call_end: deadline.call_end,
             grpc,
             streaming: grpc || read_ahead::connect_stream(req),
             done: None,
@@ -240,13 +243,10 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
         mut req,
         done,
         deadline,
-        grpc_deadline,
-        call_end,
         upgrade: _,
         affinity,
     } = p;
-    let when = (deadline, grpc_deadline, call_end);
-    let mut plan = Plan::new(&cluster, route, &mut req, when, ex);
+    let mut plan = Plan::new(&cluster, route, &mut req, deadline, ex);
     (plan.had_body, plan.affinity) = (done.is_some(), affinity);
     ex.body = done.clone();
     if let Some(progress) = &done

@@ -41,8 +41,8 @@ use tracing::debug;
 
 use super::{
     Plan, Upstream,
+    deadline::{GRPC_TIMEOUT, grpc_timeout_left},
     look::{OnConn, acked, acked_before, elsewhere, host_died, live, note_stall, stall},
-    prepare::{GRPC_TIMEOUT, grpc_timeout_left},
 };
 use crate::{
     decide::{

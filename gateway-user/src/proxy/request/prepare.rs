@@ -4,7 +4,7 @@
 //! `TE: trailers` kept —, `X-Forwarded-*` and `Via` in, the route's path rewrite and header rules,
 //! origin-form URI, HTTP/1.1).
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use http::{
     HeaderName, HeaderValue, Method, Request, Uri, Version,
@@ -13,10 +13,11 @@ use http::{
     uri::PathAndQuery,
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
-use tokio::time::Instant;
 
 use super::{
-    Client, gate,
+    Client,
+    deadline::{Deadline, deadline},
+    gate,
     redirect::Instead,
     target::{self, host_without_port},
 };
@@ -43,23 +44,13 @@ pub(super) struct Prepared {
     pub req: Request<RequestBody>,
     /// Told when the client's body has been read to the end; `None` for an empty body.
     pub done: Option<Arc<Progress>>,
-    /// The request timeout (or a gRPC call's shorter deadline), from its arrival.
-    pub deadline: Instant,
-    /// The deadline is the gRPC call's `grpc-timeout`.
-    pub grpc_deadline: bool,
-    /// A gRPC call's own deadline (`grpc-timeout`, from its arrival), whether or not it is
-    /// shorter than the route's: what the upstream is told, and as far as a body that keeps
-    /// coming moves the request deadline.
-    pub call_end: Option<Instant>,
+    pub deadline: Deadline,
     /// The client's side of an HTTP/1.1 `Upgrade` (WebSocket).
     pub upgrade: Option<OnUpgrade>,
     /// The hash of the `hash_on` key, for a `consistent_hash` cluster: read as the client
     /// sent it, before the route's header rules.
     pub affinity: Option<u64>,
 }
-
-/// `grpc-timeout` as sent upstream: the header's name.
-pub(super) const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 pub(super) fn prepare(
     rt: &Runtime,
@@ -109,9 +100,9 @@ pub(super) fn prepare(
     {
         return Err(ProxyError::RequestBodyTooLarge { limit }.into());
     }
-    let (deadline, grpc_deadline, call_end) = deadline(ex, route, &parts);
-    if grpc_deadline {
-        ex.call_deadline = Some(deadline);
+    let deadline = deadline(ex, route, &parts);
+    if deadline.grpc {
+        ex.call_deadline = Some(deadline.at);
     }
     let id = ex
         .request_id_header
@@ -132,8 +123,6 @@ pub(super) fn prepare(
         req: Request::from_parts(parts, body),
         done,
         deadline,
-        grpc_deadline,
-        call_end,
         upgrade,
         affinity,
     })
@@ -320,27 +309,6 @@ fn for_upstream(
     Ok(upgrade)
 }
 
-/// The request's deadline: the route's request timeout from its arrival, or, for a gRPC call,
-/// its own `grpc-timeout` when that is shorter; whether it is the latter; and the call's own
-/// deadline, if it has one.
-fn deadline(
-    ex: &Exchange,
-    route: &CompiledRoute,
-    parts: &Parts,
-) -> (Instant, bool, Option<Instant>) {
-    let limit = route.policy.request_timeout;
-    let asked = ex
-        .grpc
-        .then(|| parts.headers.get(GRPC_TIMEOUT))
-        .flatten()
-        .and_then(|v| grpc::parse_timeout(v.as_bytes()));
-    let call_end = asked.map(|t| ex.record.start + t);
-    match asked {
-        Some(t) if t < limit => (ex.record.start + t, true, call_end),
-        _ => (ex.record.start + limit, false, call_end),
-    }
-}
-
 /// Origin-form, with the route's prefix rewritten.
 fn upstream_uri(route: &CompiledRoute, uri: &Uri) -> Uri {
     let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -355,22 +323,6 @@ fn upstream_uri(route: &CompiledRoute, uri: &Uri) -> Uri {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     )
-}
-
-/// What the upstream is told beyond what is left of the call's deadline. The gateway holds the
-/// client's deadline: at it, the gateway answers `DEADLINE_EXCEEDED` with its reason and
-/// drops the upstream stream (hyper resets it, `CANCEL`). An upstream told the very same
-/// instant races it, and when the gateway's timer fired a few milliseconds late (a loaded
-/// host) the upstream's bare `DEADLINE_EXCEEDED` reached the client instead, without the
-/// reason (seen once in the suite's `proxy_grpc`).
-const GRPC_UPSTREAM_MARGIN: Duration = Duration::from_millis(50);
-
-/// The `grpc-timeout` to send upstream: what is left of the deadline, plus
-/// [`GRPC_UPSTREAM_MARGIN`].
-pub(super) fn grpc_timeout_left(deadline: Instant) -> HeaderValue {
-    let left = deadline.saturating_duration_since(Instant::now()) + GRPC_UPSTREAM_MARGIN;
-    HeaderValue::try_from(grpc::format_timeout(left))
-        .expect("digits and a unit are a valid header value")
 }
 
 /// The most header fields a request may carry: hyper's HTTP/1 parser stops at 100 (a bare 431
