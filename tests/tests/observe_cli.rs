@@ -88,11 +88,12 @@ fn programs_held_by(pid: u32) -> Vec<u64> {
     ids
 }
 
-/// The observer's programs while it runs: four (connect4/6, sock_ops, getsockopt; on this
-/// kernel, 6.12 or later, no connect-return tracepoint), loaded, and attached at the root.
+/// The observer's programs while it runs: five, loaded (connect4/6, sock_ops, getsockopt; on
+/// this kernel, 6.12 or later, no connect-return tracepoint; and the raw tracepoint
+/// `tcp_receive_reset`), the first four attached at the root.
 fn assert_attached(pid: u32) -> Vec<u64> {
     let ours = programs_held_by(pid);
-    assert_eq!(ours.len(), 4, "programs held by gateway observe: {ours:?}");
+    assert_eq!(ours.len(), 5, "programs held by gateway observe: {ours:?}");
     let loaded = loaded_program_ids();
     assert!(
         ours.iter().all(|id| loaded.contains(id)),
@@ -104,6 +105,12 @@ fn assert_attached(pid: u32) -> Vec<u64> {
         cgroup_ones, 4,
         "connect4, connect6, sock_ops and getsockopt attached at the root: ours {ours:?}, attached {attached:?}"
     );
+    let other = ours
+        .iter()
+        .find(|id| !attached.contains(id))
+        .expect("a fifth");
+    let prog = bpftool(&["prog", "show", "id", &other.to_string()]).expect("bpftool prog show id");
+    assert_eq!(prog["type"], "raw_tracepoint", "{prog:#}");
     ours
 }
 
