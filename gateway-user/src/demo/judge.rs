@@ -96,8 +96,9 @@ pub(crate) struct Observed {
 
 impl Observed {
     /// An ejection of the broken endpoint, `after` seconds after `fault` was injected. A probe
-    /// that failed while the fault lasted ejects it again (the back-off): neither right nor
-    /// wrong.
+    /// that failed while the fault lasted ejects it again (the back-off), with what it met; one
+    /// that met nothing with a cause of its own (`probe_failed`), or a wrong status, is neither
+    /// right nor wrong.
     pub(crate) fn ejected(&mut self, fault: DemoFault, reason: Reason, after: f64) {
         if matches!(reason, Reason::ProbeFailed | Reason::UnexpectedStatus) {
             return;

@@ -135,7 +135,8 @@ fn back_off_doubles_up_to_the_cap_and_rise_successes_recover() {
         assert!(!h.routable(), "probing endpoints get probes, not requests");
         match h.probe(Evidence::Refused, now, &p, true) {
             Transition::Ejected { duration, reason } => {
-                assert_eq!(reason, Reason::ProbeFailed);
+                // What the probe met, not `probe_failed`.
+                assert_eq!(reason, Reason::Refused);
                 durations.push(duration);
             }
             other => panic!("{other:?}"),
