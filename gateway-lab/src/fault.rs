@@ -57,6 +57,11 @@ pub enum Fault {
     /// later: `connect()` fails at once with ECONNREFUSED, as with [`Fault::Refuse`], but no
     /// RST arrives.
     PortUnreachable { port: u16 },
+    /// Every packet to the port answered with ICMP administratively prohibited
+    /// (`icmp-admin-prohibited`; v6: `icmp6-adm-prohibited`, firewalld's default reject), sent
+    /// [`ICMP_ERROR_DELAY`] later: `connect()` fails at once with EHOSTUNREACH (v4) or EACCES
+    /// (v6).
+    AdminProhibited { port: u16 },
     /// SYNs dropped: `connect()` retransmits SYNs and ends in ETIMEDOUT after the client's
     /// `tcp_syn_retries` budget. Established connections keep working.
     SynBlackhole { port: u16 },
@@ -78,6 +83,7 @@ impl Fault {
             | Fault::Reset { port }
             | Fault::HostUnreachable { port }
             | Fault::PortUnreachable { port }
+            | Fault::AdminProhibited { port }
             | Fault::SynBlackhole { port }
             | Fault::Blackhole { port }
             | Fault::Loss { port, .. }
@@ -134,24 +140,38 @@ impl Fault {
                     &dport,
                     &["-j", "REJECT", "--reject-with", "tcp-reset"],
                 ),
-                Fault::HostUnreachable { .. } | Fault::PortUnreachable { .. } => {
-                    let port = matches!(self, Fault::PortUnreachable { .. });
-                    let (icmp, icmp_match): (&str, &[&str]) = match (family, port) {
-                        (Family::V4, false) => (
+                Fault::HostUnreachable { .. }
+                | Fault::PortUnreachable { .. }
+                | Fault::AdminProhibited { .. } => {
+                    let (icmp, icmp_match): (&str, &[&str]) = match (family, self) {
+                        (Family::V4, Fault::HostUnreachable { .. }) => (
                             "icmp-host-unreachable",
                             &["-p", "icmp", "--icmp-type", "host-unreachable"],
                         ),
-                        (Family::V6, false) => (
+                        (Family::V6, Fault::HostUnreachable { .. }) => (
                             "icmp6-addr-unreachable",
                             &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"],
                         ),
-                        (Family::V4, true) => (
+                        (Family::V4, Fault::PortUnreachable { .. }) => (
                             "icmp-port-unreachable",
                             &["-p", "icmp", "--icmp-type", "port-unreachable"],
                         ),
-                        (Family::V6, true) => (
+                        (Family::V6, Fault::PortUnreachable { .. }) => (
                             "icmp6-port-unreachable",
                             &["-p", "ipv6-icmp", "--icmpv6-type", "port-unreachable"],
+                        ),
+                        (Family::V4, _) => (
+                            "icmp-admin-prohibited",
+                            &["-p", "icmp", "--icmp-type", "communication-prohibited"],
+                        ),
+                        (Family::V6, _) => (
+                            "icmp6-adm-prohibited",
+                            &[
+                                "-p",
+                                "ipv6-icmp",
+                                "--icmpv6-type",
+                                "communication-prohibited",
+                            ],
                         ),
                     };
                     add("INPUT", &dport, &["-j", "REJECT", "--reject-with", icmp]);
@@ -209,6 +229,7 @@ impl fmt::Display for Fault {
             Fault::Reset { port } => write!(f, "reset :{port}"),
             Fault::HostUnreachable { port } => write!(f, "host-unreachable :{port}"),
             Fault::PortUnreachable { port } => write!(f, "port-unreachable :{port}"),
+            Fault::AdminProhibited { port } => write!(f, "admin-prohibited :{port}"),
             Fault::SynBlackhole { port } => write!(f, "syn-blackhole :{port}"),
             Fault::Blackhole { port } => write!(f, "blackhole :{port}"),
             Fault::Loss { port, probability } => write!(f, "loss {probability} :{port}"),
@@ -259,7 +280,9 @@ impl FaultGuard {
         // queue (--queue-bypass would let it through undelayed).
         let delayer = match fault {
             Fault::SynAckDelay { delay, .. } => Some(Delayer::start(netns, queue, delay)?),
-            Fault::HostUnreachable { .. } | Fault::PortUnreachable { .. } => {
+            Fault::HostUnreachable { .. }
+            | Fault::PortUnreachable { .. }
+            | Fault::AdminProhibited { .. } => {
                 Some(Delayer::start(netns, queue, ICMP_ERROR_DELAY)?)
             }
             _ => None,

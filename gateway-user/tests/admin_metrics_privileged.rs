@@ -293,12 +293,18 @@ fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
         ),
     );
     let said = "kernel: refused, 1 SYN sent, ICMP port unreachable received, no RST (a firewall's REJECT), ECONNREFUSED";
-    let got = gw.get_bodies("/", 1, 1);
-    let (status_code, error, body) = &got[0];
-    assert_eq!(*status_code, 502, "{got:?}");
-    assert_eq!(error, "connect_refused", "{got:?}");
-    assert!(body.contains(said), "{body}");
-    assert!(!body.contains("RST received"), "{body}");
+    let got = gw.send("GET", "/", 1, 1);
+    let r = &got[0];
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-gateway-error"), "connect_refused", "{r:?}");
+    assert!(r.body.contains(said), "{r:?}");
+    assert!(!r.body.contains("RST received"), "{r:?}");
+    let evidence = r.evidence();
+    assert_eq!(
+        (evidence["rst"].as_str(), evidence["icmp"].as_str()),
+        ("0", "1"),
+        "{r:?}"
+    );
     let s = gw.admin(status);
     // A lone endpoint stays routable (`suspect`), with the reason and the kernel's words.
     let ep = endpoint(&s, "default", bad);
@@ -327,6 +333,46 @@ fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
         1.0,
         "{m}"
     );
+}
+
+/// An ICMP error the errno table does not name, which the kernel saw end the connect: IPv6
+/// administratively prohibited (firewalld's default reject) fails `connect()` with EACCES. It
+/// is the endpoint's failure (`connect_unreachable`, ejected as `unreachable`, with the
+/// kernel's record), not a local error that leaves it healthy for every request to try.
+#[test]
+fn privileged_an_icmp_admin_prohibited_refusal_ejects_as_unreachable() {
+    require_root();
+    let lab = Lab::new(LabSpec {
+        upstreams: 1,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let up = &lab.upstreams()[0];
+    let _reject = up
+        .apply(Fault::AdminProhibited { port: PORT })
+        .expect("fault");
+    let bad = up.addr_v6(PORT);
+    let gw = LabGateway::start(
+        gateway_bin!(),
+        &lab,
+        "icmp-prohibited",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{bad}\"]\n\n\
+             [router.upstream.retry]\nmax_retries = 0\n"
+        ),
+    );
+    let got = gw.send("GET", "/", 1, 1);
+    let r = &got[0];
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-gateway-error"), "connect_unreachable", "{r:?}");
+    assert!(
+        r.body.contains("kernel: unreachable, 1 SYN sent, EACCES"),
+        "{r:?}"
+    );
+    assert_eq!(r.evidence()["icmp"], "1", "{r:?}");
+    let s = gw.admin(status);
+    let ep = endpoint(&s, "default", bad);
+    assert_eq!(ep["reason"], "unreachable", "{ep:#}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! | ENETUNREACH, EHOSTUNREACH, EHOSTDOWN, ENONET (an ICMP error, or no route) | [`ConnectFailure::Unreachable`] | [`Evidence::Unreachable`] |
 //! | ETIMEDOUT (the kernel's own SYN retries ran out), or the gateway's connect deadline | [`ConnectFailure::Unanswered`] | [`Evidence::SynUnanswered`] |
 //! | EADDRNOTAVAIL (no ephemeral port: a local problem) | [`ConnectFailure::AddrUnavailable`] | none |
+//! | another errno the kernel's record shows an ICMP error ended after the SYN (EACCES: IPv6 administratively prohibited; ENOPROTOOPT), in `proxy::upstream::connect::failed` | [`ConnectFailure::Unreachable`] | [`Evidence::Unreachable`] |
 //! | anything else (EPERM from a local filter, …) | [`ConnectFailure::Other`] | none |
 //! | RTOs fired while request bytes stay unACKed ([`host_died`]; a request gives its connection up while it stays so, [`gives_up_on_stall`]) | [`ResponseCause::HostDied`] | [`Evidence::HostDied`] |
 //! | the response timer fired, the kernel saw no such stall | [`ResponseCause::SlowBackend`] (kernel) or [`ResponseCause::Unknown`] | [`Evidence::ResponseTimeout`] |

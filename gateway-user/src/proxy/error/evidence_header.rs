@@ -18,8 +18,9 @@ impl ProxyError {
                 "syns={} synack={} rst={} icmp={} errno={} waited_ms={}{}",
                 e.syn_retransmits + 1,
                 u8::from(e.outcome == Outcome::Established),
-                u8::from(e.outcome == Outcome::Refused),
-                u8::from(e.outcome == Outcome::Unreachable),
+                // A refusal by ICMP port unreachable is no RST.
+                u8::from(e.outcome == Outcome::Refused && !e.refused_by_icmp),
+                u8::from(e.outcome == Outcome::Unreachable || e.refused_by_icmp),
                 e.errno.and_then(gateway_common::errno::name).unwrap_or("-"),
                 e.elapsed.as_millis(),
                 deadline

@@ -142,9 +142,21 @@ pub(crate) fn failed(
     signals: &dyn SignalSource,
 ) -> ProxyError {
     let evidence = signals.connect_evidence(cookie);
-    let failure = source
-        .raw_os_error()
-        .map_or(ConnectFailure::Other, ConnectFailure::from_errno);
+    let errno = source.raw_os_error();
+    let failure = match errno.map_or(ConnectFailure::Other, ConnectFailure::from_errno) {
+        // An ICMP error the errno table does not name, which the kernel saw end the connect
+        // after its SYN: administratively prohibited (EACCES: firewalld's IPv6 reject) or
+        // protocol unreachable (ENOPROTOOPT). Not a local EPERM (a filter on this host).
+        ConnectFailure::Other
+            if errno != Some(libc::EPERM)
+                && evidence
+                    .as_ref()
+                    .is_some_and(|e| e.outcome == gateway_common::Outcome::Unreachable) =>
+        {
+            ConnectFailure::Unreachable
+        }
+        f => f,
+    };
     match failure {
         ConnectFailure::Refused => ProxyError::ConnectRefused {
             endpoint,
