@@ -206,19 +206,42 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
     // 1200 ms is the gateway's, from the end of the client's stream (a client stream may end
     // long after it began), which the gateway enforces itself, cancelling the upstream's
     // stream.
-    let target = addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        client(&dir, &["one", &target, "Remaining", "x", "10"])
-    })
-    .await
-    .unwrap();
+    let (target, d) = (addr.to_string(), dir.clone());
+    let out =
+        tokio::task::spawn_blocking(move || client(&d, &["one", &target, "Remaining", "x", "10"]))
+            .await
+            .unwrap();
     // With the gateway's 50 ms margin.
     let left: u64 = out["ok"].as_str().unwrap().parse().unwrap();
     assert!(
         (9000..=10_050).contains(&left),
         "the upstream had {left} ms left: {out}"
     );
-    let lines = log_lines(&gw.log, 3);
+    // A value that is no deadline goes nowhere: the upstream is told none, not the route's
+    // timeout (curl: the header as written).
+    let frame = [0u8, 0, 0, 0, 3, 0x0a, 0x01, b'x'];
+    let body = dir.join("remaining.bin");
+    std::fs::write(&body, frame).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--max-time", "20"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", "grpc-timeout: abc", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("http://{addr}/gwtest.Echo/Remaining"))
+        .output()
+        .expect("curl");
+    // grpcio's server reports no deadline as `None` or as one of centuries.
+    let answer = String::from_utf8_lossy(&out.stdout);
+    let digits = answer
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .count();
+    assert!(
+        answer.ends_with("none") || digits > 12,
+        "the upstream saw a deadline: {answer:?}"
+    );
+    let lines = log_lines(&gw.log, 4);
     assert_eq!(lines[0]["error"], "request_timeout", "{}", lines[0]);
     assert_eq!(lines[0]["grpc_status"], 4, "{}", lines[0]);
 }

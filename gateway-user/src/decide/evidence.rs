@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use gateway_common::Outcome;
 
-use super::health::Evidence;
+use super::health::{Evidence, Reason};
 use crate::signals::EstablishedEvidence;
 
 /// How a `connect()` failed.
@@ -220,6 +220,25 @@ impl ResponseCause {
         match self {
             ResponseCause::HostDied => Evidence::HostDied,
             ResponseCause::SlowBackend | ResponseCause::Unknown => Evidence::ResponseTimeout,
+        }
+    }
+}
+
+/// Why a failed probe of a probing endpoint ejects it again: what the probe met, as an
+/// ordinary request's would say (`/status`, the log and `gateway_endpoint_ejections_total`
+/// keep saying `refused` through the back-off, not `probe_failed`); `probe_failed` for what
+/// names no cause of its own (a connect that needed SYN retransmits, a response timeout).
+pub fn probe_reason(ev: Evidence) -> Reason {
+    match ev {
+        Evidence::SynUnanswered => Reason::SynUnanswered,
+        Evidence::Refused => Reason::Refused,
+        Evidence::Unreachable => Reason::Unreachable,
+        Evidence::HostDied => Reason::HostDied,
+        Evidence::UnexpectedStatus => Reason::UnexpectedStatus,
+        Evidence::TlsFailed => Reason::TlsFailure,
+        Evidence::ErrorStatus => Reason::ErrorStatus,
+        Evidence::ConnectOk { .. } | Evidence::ResponseTimeout | Evidence::ResponseOk => {
+            Reason::ProbeFailed
         }
     }
 }

@@ -185,25 +185,6 @@ impl Evidence {
     }
 }
 
-/// Why a failed probe of a probing endpoint ejects it again: what the probe met, as an
-/// ordinary request's would say (`/status`, the log and `gateway_endpoint_ejections_total`
-/// keep saying `refused` through the back-off, not `probe_failed`); `probe_failed` for what
-/// names no cause of its own (a connect that needed SYN retransmits, a response timeout).
-fn probe_reason(ev: Evidence) -> Reason {
-    match ev {
-        Evidence::SynUnanswered => Reason::SynUnanswered,
-        Evidence::Refused => Reason::Refused,
-        Evidence::Unreachable => Reason::Unreachable,
-        Evidence::HostDied => Reason::HostDied,
-        Evidence::UnexpectedStatus => Reason::UnexpectedStatus,
-        Evidence::TlsFailed => Reason::TlsFailure,
-        Evidence::ErrorStatus => Reason::ErrorStatus,
-        Evidence::ConnectOk { .. } | Evidence::ResponseTimeout | Evidence::ResponseOk => {
-            Reason::ProbeFailed
-        }
-    }
-}
-
 /// What [`EndpointHealth`] did with the evidence; the I/O shell acts on it (metrics, logs,
 /// probes).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -475,7 +456,7 @@ impl EndpointHealth {
                 } else {
                     // Back-off grows even if the budget is spent: a probing endpoint is not
                     // routable either way.
-                    self.eject(probe_reason(ev), now, p, true)
+                    self.eject(super::evidence::probe_reason(ev), now, p, true)
                 }
             }
             // A probe's expected answer came over a clean handshake: it is the connect's

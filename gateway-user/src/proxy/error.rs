@@ -18,8 +18,8 @@ use crate::{
     signals::{ConnectEvidence, EstablishedEvidence},
 };
 pub use kind::ErrorKind;
-use phase::During;
 pub use phase::Phase;
+use phase::{During, Pace};
 
 /// Renders optional kernel evidence as a suffix.
 struct Ev<'a, T>(&'a Option<T>);
@@ -182,9 +182,8 @@ pub enum ProxyError {
         grpc_deadline: bool,
     },
     #[error(
-        "the client had sent {bytes} bytes of its request body, then nothing more for the {} of {} ms; {}",
-        if *grpc_deadline { "call's deadline (grpc-timeout)" } else { "request timeout" },
-        timeout.as_millis(),
+        "the client had sent {bytes} bytes of its request body, {}; {}",
+        Pace { slow: *slow, grpc_deadline: *grpc_deadline, timeout: *timeout },
         if *upstream_waiting {
             "the upstream was waiting for it"
         } else {
@@ -197,6 +196,9 @@ pub enum ProxyError {
         grpc_deadline: bool,
         /// The body was on its way to an upstream; `false` while the gateway read it ahead.
         upstream_waiting: bool,
+        /// The body kept coming, below the minimum rate: for how long
+        /// (`request_body::Progress::below_rate`).
+        slow: Option<Duration>,
     },
     #[error("no route for host {host:?}, path {path:?}")]
     NoRoute { host: String, path: String },

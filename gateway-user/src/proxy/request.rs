@@ -148,7 +148,12 @@ struct Plan {
     /// A gRPC call's own deadline, shorter than the route's or not (`Prepared::call_end`).
     call_end: Option<Instant>,
     grpc: bool,
-    /// A gRPC call or a Connect stream: its client sends a message when it has one.
+    /// A streaming call (gRPC, a Connect stream), whose client sends a message when it has
+    /// one and may wait for the upstream's reply before it sends more: its body is not read
+    /// ahead and has no minimum rate. Only over HTTP/2 to an HTTP/2 cluster, where such calls
+    /// work: a content type is the client's to claim, and over HTTP/1 the claim exempted a
+    /// trickled body from both while it held an HTTP/1 upstream connection (audit: two
+    /// clients at a byte every 2.5 s held a cluster's two connections for good).
     streaming: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
     done: Option<Arc<Progress>>,
@@ -201,7 +206,9 @@ impl Plan {
             grpc_deadline: deadline.grpc,
             call_end: deadline.call_end,
             grpc,
-            streaming: grpc || read_ahead::connect_stream(req),
+            streaming: (grpc || read_ahead::connect_stream(req))
+                && ex.record.version == http::Version::HTTP_2
+                && cluster.spec.protocol != UpstreamProtocol::Http1,
             done: None,
             had_body: false,
             kernel,
@@ -218,7 +225,8 @@ impl Plan {
 
     /// How a body that keeps coming moves the request deadline ([`Progress::moved`]): the
     /// route's request timeout runs from the body's last byte, up to a gRPC call's own
-    /// deadline, and at a minimum rate unless the request is a streaming call. None when the deadline is the call's own, which stays where its client put it.
+    /// deadline, and at a minimum rate unless the request is a streaming call. None when the
+    /// deadline is the call's own, which stays where its client put it.
     fn slide(&self) -> Option<Slide> {
         (!self.grpc_deadline).then_some(Slide {
             timeout: self.route.policy.request_timeout,
@@ -251,7 +259,7 @@ async fn forward(p: Prepared, ex: &mut Exchange) -> Result<Upstream, ProxyError>
     ex.body = done.clone();
     if let Some(progress) = &done
         && plan.route.policy.request_buffering
-        && !plan.grpc
+        && !plan.streaming
     {
         let when = (plan.deadline, plan.slide());
         read_ahead::read_ahead(&mut req, progress, when, &ex.shared.body_budget).await?;

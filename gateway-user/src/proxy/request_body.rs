@@ -27,7 +27,7 @@ use thiserror::Error;
 use self::{ahead::Ahead, progress::Ended};
 pub(crate) use self::{
     ahead::{Budget, Charge},
-    progress::{BodyFailure, Progress, Slide},
+    progress::{BodyFailure, MIN_BODY_RATE, Progress, Slide},
 };
 
 mod ahead;

@@ -142,14 +142,24 @@ fn rejected(f: &Facts, hit: &[&Attempt], icmp: usize, (t, retx): (u64, &str), v:
          nothing of whether the service listens",
         f.ip, f.port
     ));
+    // ICMPv6 destination unreachable (type 1), port unreachable (code 4), past the fixed
+    // 40-byte IPv6 header (no extension headers: what a REJECT sends).
+    let (filter, iptables) = if f.ip.contains(':') {
+        ("icmp6 and ip6[40] == 1 and ip6[41] == 4", "ip6tables")
+    } else {
+        (
+            "icmp[icmptype] == icmp-unreach and icmp[icmpcode] == 3",
+            "iptables",
+        )
+    };
     v.next_steps = vec![
         format!(
-            "tcpdump -ni any 'icmp[icmptype] == icmp-unreach and icmp[icmpcode] == 3'   # the \
-             port unreachable's source address is the host that rejects tcp/{}",
+            "tcpdump -ni any '{filter}'   # the port unreachable's source address is the host \
+             that rejects tcp/{}",
             f.port
         ),
         format!(
-            "iptables -L -n -v | grep -i reject; nft list ruleset | grep -i reject   # on {} \
+            "{iptables} -L -n -v | grep -i reject; nft list ruleset | grep -i reject   # on {} \
              and on firewalls in the path: a rule rejecting tcp/{}",
             f.ip, f.port
         ),

@@ -74,7 +74,10 @@ fn with_http(mut a: Attempt, h: HttpExchange) -> Attempt {
 }
 
 fn target(attempts: Vec<Attempt>) -> TargetMeasurements {
-    let addr: SocketAddr = ADDR.parse().unwrap();
+    target_at(ADDR.parse().unwrap(), attempts)
+}
+
+fn target_at(addr: SocketAddr, attempts: Vec<Attempt>) -> TargetMeasurements {
     TargetMeasurements {
         kernel_signals: true,
         kernel_signals_missing: None,
@@ -169,7 +172,7 @@ fn refused_by_icmp_names_the_firewall_not_the_listener() {
         refused_by_icmp: true,
         ..attempt(AttemptOutcome::Refused, 0, 60)
     };
-    let v = assert_top(&target(vec![icmp; 5]), VerdictName::Refused, 0.95);
+    let v = assert_top(&target(vec![icmp.clone(); 5]), VerdictName::Refused, 0.95);
     assert!(
         v.evidence[0].starts_with(
             "5/5 connects to 10.77.1.2:8080 refused, 5 of them by an ICMP port unreachable"
@@ -181,7 +184,19 @@ fn refused_by_icmp_names_the_firewall_not_the_listener() {
         !v.evidence.iter().any(|e| e.contains("nothing listens")),
         "{v:#?}"
     );
-    assert!(v.next_steps[0].starts_with("tcpdump"), "{v:#?}");
+    assert!(
+        v.next_steps[0].starts_with("tcpdump -ni any 'icmp[icmptype]"),
+        "{v:#?}"
+    );
+    assert!(v.next_steps[1].starts_with("iptables "), "{v:#?}");
+    // IPv6: ICMPv6's port unreachable, and ip6tables.
+    let v6 = classify(&target_at("[fd00::2]:8080".parse().unwrap(), vec![icmp; 5]));
+    let v = &v6[0];
+    assert!(
+        v.next_steps[0].starts_with("tcpdump -ni any 'icmp6 and ip6[40] == 1 and ip6[41] == 4'"),
+        "{v:#?}"
+    );
+    assert!(v.next_steps[1].starts_with("ip6tables "), "{v:#?}");
 }
 
 #[test]

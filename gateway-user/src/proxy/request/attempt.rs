@@ -261,8 +261,14 @@ fn for_this_attempt(req: &mut Request<RequestBody>, plan: &Plan, ep: &Endpoint, 
         // What is left of the call's own deadline, a little more (see `grpc_timeout_left`). Not
         // the route's timeout, when that is shorter: it is the gateway's, from the end of the
         // client's stream, which a client stream can be far from; the gateway enforces it and
-        // cancels the upstream's stream there.
-        *v = grpc_timeout_left(plan.call_end.unwrap_or(plan.deadline));
+        // cancels the upstream's stream there. A value that is no deadline (`abc`, over eight
+        // digits) is dropped, as if the client had set none.
+        match plan.call_end {
+            Some(end) => *v = grpc_timeout_left(end),
+            None => {
+                req.headers_mut().remove(GRPC_TIMEOUT);
+            }
+        }
     }
     if no_host {
         // HTTP/1.0 without `Host` goes upstream as HTTP/1.1, which needs one (RFC 9112
@@ -456,6 +462,7 @@ fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
             bytes: body.bytes(),
             grpc_deadline,
             upstream_waiting: true,
+            slow: body.below_rate(plan.slide()),
         },
         (phase, _) => ProxyError::RequestTimeout {
             timeout,

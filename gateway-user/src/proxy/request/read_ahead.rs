@@ -16,10 +16,11 @@
 //! `[router.downstream] request_buffering_memory_bytes` (64 MiB) for all requests together
 //! (`request_body::ahead`), with the copies kept for retries (`REPLAY_BODY_LIMIT`, until the
 //! request has its response): a body read ahead is kept as that same buffer. A larger body
-//! streams on after its first 64 KiB. gRPC calls and Connect-protocol
-//! streams always stream (a streaming call's client may wait for the upstream's reply before it
-//! sends more), and so do the requests of a route or cluster with `request_buffering = false`
-//! (an upload whose client waits on the upstream's progress).
+//! streams on after its first 64 KiB. gRPC calls and Connect-protocol streams over HTTP/2 to
+//! an HTTP/2 cluster always stream (a streaming call's client may wait for the upstream's reply
+//! before it sends more); over HTTP/1, where such calls do not work, the content type is only
+//! a claim, and they are read ahead. So do the requests of a route or cluster with
+//! `request_buffering = false` (an upload whose client waits on the upstream's progress).
 
 use http::{Request, header::CONTENT_TYPE};
 use tokio::time::Instant;
@@ -44,18 +45,14 @@ pub(super) fn connect_stream<B>(req: &Request<B>) -> bool {
 
 /// Reads `req`'s body ahead until it ended or [`READ_AHEAD_BYTES`] of it are in, within the
 /// process's `budget`; `progress` is the body's. It gives up once the request's `deadline`,
-/// moved on by the body as it comes (`slide`: [`Progress::moved`]), has passed. Not a Connect-protocol stream's
-/// (`application/connect+…`): like gRPC's, its client may wait for the upstream's reply before
-/// it sends more.
+/// moved on by the body as it comes (`slide`: [`Progress::moved`]), has passed. Not called for
+/// a streaming call (`request::Plan::streaming`).
 pub(super) async fn read_ahead(
     req: &mut Request<RequestBody>,
     progress: &Progress,
     (deadline, slide): (Instant, Option<Slide>),
     budget: &Budget,
 ) -> Result<(), ProxyError> {
-    if connect_stream(req) {
-        return Ok(());
-    }
     tokio::select! {
         biased;
         r = req.body_mut().read_ahead(READ_AHEAD_BYTES, budget) => r.map_err(|e| match e {
@@ -67,6 +64,7 @@ pub(super) async fn read_ahead(
             bytes: progress.bytes(),
             grpc_deadline: false,
             upstream_waiting: false,
+            slow: progress.below_rate(slide),
         }),
     }
 }

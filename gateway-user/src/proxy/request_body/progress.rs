@@ -119,6 +119,13 @@ impl Progress {
         deadline.max(slide.cap.map_or(moved, |c| moved.min(c)))
     }
 
+    /// How long the body has been coming, when it timed out below the minimum rate rather than
+    /// by stopping for the timeout: for the error's words.
+    pub fn below_rate(&self, slide: Option<Slide>) -> Option<Duration> {
+        let s = slide.filter(|s| s.min_rate)?;
+        (self.last_read() + s.timeout > Instant::now()).then(|| self.origin.elapsed())
+    }
+
     /// Completes once the request `deadline`, moved on by the body as it comes
     /// ([`Progress::moved`]), has passed; without a `slide` (a gRPC call's own deadline, which
     /// its client set), at `deadline`.
