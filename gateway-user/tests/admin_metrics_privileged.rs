@@ -265,13 +265,19 @@ fn privileged_refusals_and_handshakes_are_counted_from_kernel_evidence() {
     );
 }
 
-/// A firewall's REJECT (ICMP port unreachable) fails a connect with the same ECONNREFUSED as
-/// an RST. The kernel's record tells them apart: the client's 502, the ejection in `/status`
-/// and its log line say an ICMP port unreachable came and no RST, not "RST received", which
-/// would send whoever reads it looking for a missing listener. The ejection and its metric
-/// stay `refused`.
-#[test]
-fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
+/// One GET through a gateway whose cluster is the one endpoint of a lab upstream under
+/// `fault` (IPv6 when `v6`), with no retry; `check` gets the reply, `/status` and `/metrics`.
+fn through_a_lone_faulty_endpoint(
+    fault: Fault,
+    v6: bool,
+    name: &str,
+    check: impl FnOnce(
+        &gateway_testkit::lab_gateway::Reply,
+        std::net::SocketAddr,
+        serde_json::Value,
+        String,
+    ),
+) {
     require_root();
     let lab = Lab::new(LabSpec {
         upstreams: 1,
@@ -279,60 +285,71 @@ fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
     })
     .expect("lab");
     let up = &lab.upstreams()[0];
-    let _reject = up
-        .apply(Fault::PortUnreachable { port: PORT })
-        .expect("fault");
-    let bad = up.addr_v4(PORT);
+    let _fault = up.apply(fault).expect("fault");
+    let bad = if v6 {
+        up.addr_v6(PORT)
+    } else {
+        up.addr_v4(PORT)
+    };
     let gw = LabGateway::start(
         gateway_bin!(),
         &lab,
-        "icmp-refused",
+        name,
         &format!(
             "[router.upstream]\nendpoints = [\"{bad}\"]\n\n\
              [router.upstream.retry]\nmax_retries = 0\n"
         ),
     );
-    let said = "kernel: refused, 1 SYN sent, ICMP port unreachable received, no RST (a firewall's REJECT), ECONNREFUSED";
     let got = gw.send("GET", "/", 1, 1);
-    let r = &got[0];
-    assert_eq!(r.status, 502, "{r:?}");
-    assert_eq!(r.header("x-gateway-error"), "connect_refused", "{r:?}");
-    assert!(r.body.contains(said), "{r:?}");
-    assert!(!r.body.contains("RST received"), "{r:?}");
-    let evidence = r.evidence();
-    assert_eq!(
-        (evidence["rst"].as_str(), evidence["icmp"].as_str()),
-        ("0", "1"),
-        "{r:?}"
-    );
-    let s = gw.admin(status);
-    // A lone endpoint stays routable (`suspect`), with the reason and the kernel's words.
-    let ep = endpoint(&s, "default", bad);
-    assert_eq!(ep["reason"], "refused", "{ep:#}");
-    let change = ep["history"]["changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "ejection_refused")
-        .unwrap_or_else(|| panic!("an ejection: {ep:#}"));
-    assert!(
-        change["detail"].as_str().unwrap().contains(said),
-        "{change:#}"
-    );
-    let m = gw.admin(metrics);
-    assert_eq!(
-        value(
-            &m,
-            "gateway_upstream_attempts_total",
-            &[
-                ("cluster", "default"),
-                ("endpoint", &bad.to_string()),
-                ("outcome", "refused")
-            ]
-        ),
-        1.0,
-        "{m}"
-    );
+    check(&got[0], bad, gw.admin(status), gw.admin(metrics));
+}
+
+/// A firewall's REJECT (ICMP port unreachable) fails a connect with the same ECONNREFUSED as
+/// an RST. The kernel's record tells them apart: the client's 502, its `x-gateway-evidence`
+/// and the ejection in `/status` say an ICMP port unreachable came and no RST, not "RST
+/// received", which would send whoever reads it looking for a missing listener. The ejection
+/// and its metric stay `refused`.
+#[test]
+fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
+    let fault = Fault::PortUnreachable { port: PORT };
+    through_a_lone_faulty_endpoint(fault, false, "icmp-refused", |r, bad, s, m| {
+        let said = "kernel: refused, 1 SYN sent, ICMP port unreachable received, no RST (a firewall's REJECT), ECONNREFUSED";
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(r.header("x-gateway-error"), "connect_refused", "{r:?}");
+        assert!(
+            r.body.contains(said) && !r.body.contains("RST received"),
+            "{r:?}"
+        );
+        let evidence = r.evidence();
+        assert_eq!(
+            (evidence["rst"].as_str(), evidence["icmp"].as_str()),
+            ("0", "1"),
+            "{r:?}"
+        );
+        // A lone endpoint stays routable (`suspect`), with the reason and the kernel's words.
+        let ep = endpoint(&s, "default", bad);
+        assert_eq!(ep["reason"], "refused", "{ep:#}");
+        let change = ep["history"]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "ejection_refused")
+            .unwrap_or_else(|| panic!("an ejection: {ep:#}"));
+        assert!(
+            change["detail"].as_str().unwrap().contains(said),
+            "{change:#}"
+        );
+        let labels = [
+            ("cluster", "default"),
+            ("endpoint", &bad.to_string()),
+            ("outcome", "refused"),
+        ];
+        assert_eq!(
+            value(&m, "gateway_upstream_attempts_total", &labels),
+            1.0,
+            "{m}"
+        );
+    });
 }
 
 /// An ICMP error the errno table does not name, which the kernel saw end the connect: IPv6
@@ -341,38 +358,21 @@ fn privileged_a_refusal_by_icmp_port_unreachable_is_told_from_an_rst() {
 /// kernel's record), not a local error that leaves it healthy for every request to try.
 #[test]
 fn privileged_an_icmp_admin_prohibited_refusal_ejects_as_unreachable() {
-    require_root();
-    let lab = Lab::new(LabSpec {
-        upstreams: 1,
-        client_cgroup: false,
-    })
-    .expect("lab");
-    let up = &lab.upstreams()[0];
-    let _reject = up
-        .apply(Fault::AdminProhibited { port: PORT })
-        .expect("fault");
-    let bad = up.addr_v6(PORT);
-    let gw = LabGateway::start(
-        gateway_bin!(),
-        &lab,
-        "icmp-prohibited",
-        &format!(
-            "[router.upstream]\nendpoints = [\"{bad}\"]\n\n\
-             [router.upstream.retry]\nmax_retries = 0\n"
-        ),
-    );
-    let got = gw.send("GET", "/", 1, 1);
-    let r = &got[0];
-    assert_eq!(r.status, 502, "{r:?}");
-    assert_eq!(r.header("x-gateway-error"), "connect_unreachable", "{r:?}");
-    assert!(
-        r.body.contains("kernel: unreachable, 1 SYN sent, EACCES"),
-        "{r:?}"
-    );
-    assert_eq!(r.evidence()["icmp"], "1", "{r:?}");
-    let s = gw.admin(status);
-    let ep = endpoint(&s, "default", bad);
-    assert_eq!(ep["reason"], "unreachable", "{ep:#}");
+    let fault = Fault::AdminProhibited { port: PORT };
+    through_a_lone_faulty_endpoint(fault, true, "icmp-prohibited", |r, bad, s, _| {
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(r.header("x-gateway-error"), "connect_unreachable", "{r:?}");
+        assert!(
+            r.body.contains("kernel: unreachable, 1 SYN sent, EACCES"),
+            "{r:?}"
+        );
+        assert_eq!(r.evidence()["icmp"], "1", "{r:?}");
+        assert_eq!(
+            endpoint(&s, "default", bad)["reason"],
+            "unreachable",
+            "{s:#}"
+        );
+    });
 }
 
 #[test]

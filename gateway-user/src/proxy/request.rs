@@ -206,9 +206,10 @@ impl Plan {
             grpc_deadline: deadline.grpc,
             call_end: deadline.call_end,
             grpc,
-            streaming: (grpc || read_ahead::connect_stream(req))
-                && ex.record.version == http::Version::HTTP_2
-                && cluster.spec.protocol != UpstreamProtocol::Http1,
+            // The header lookup last: most requests are HTTP/1.1.
+            streaming: ex.record.version == http::Version::HTTP_2
+                && cluster.spec.protocol != UpstreamProtocol::Http1
+                && (grpc || read_ahead::connect_stream(req)),
             done: None,
             had_body: false,
             kernel,
