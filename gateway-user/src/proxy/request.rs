@@ -150,10 +150,11 @@ struct Plan {
     grpc: bool,
     /// A streaming call (gRPC, a Connect stream), whose client sends a message when it has
     /// one and may wait for the upstream's reply before it sends more: its body is not read
-    /// ahead and has no minimum rate. Only over HTTP/2 to an HTTP/2 cluster, where such calls
-    /// work: a content type is the client's to claim, and over HTTP/1 the claim exempted a
-    /// trickled body from both while it held an HTTP/1 upstream connection (audit: two
-    /// clients at a byte every 2.5 s held a cluster's two connections for good).
+    /// ahead and has no minimum rate. Only over HTTP/2 to an HTTP/2 cluster (gRPC needs it; a
+    /// Connect client stream over HTTP/1 is read ahead): a content type is the client's to
+    /// claim, and over HTTP/1 the claim exempted a trickled body from both while it held an
+    /// HTTP/1 upstream connection (audit: two clients at a byte every 2.5 s held a cluster's
+    /// two connections for good).
     streaming: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
     done: Option<Arc<Progress>>,

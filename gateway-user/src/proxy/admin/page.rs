@@ -52,11 +52,13 @@ pub(crate) fn escape(s: &str) -> String {
 /// What a health reason means, for a reader in the middle of an incident.
 fn explain(reason: Reason) -> &'static str {
     match reason {
-        Reason::Refused => "RST: nothing listening on the port, or a firewall rejecting",
+        Reason::Refused => {
+            "RST or ICMP port unreachable: nothing listening on the port, or a firewall rejecting"
+        }
         Reason::SynUnanswered => {
             "SYNs unanswered: no SYN-ACK, no RST, no ICMP (dropped, or host down)"
         }
-        Reason::Unreachable => "ICMP unreachable: no route to the host",
+        Reason::Unreachable => "ICMP unreachable: no route to the host, or a firewall prohibiting",
         Reason::HostDied => "RTOs with the request unACKed: host or path died mid-request",
         Reason::Overloaded => "handshakes needed SYN retransmits: accept queue full or lossy path",
         Reason::SlowBackend => "request ACKed by the upstream's kernel, response late",

@@ -455,7 +455,7 @@ fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
     let body = ex
         .body
         .as_ref()
-        .filter(|b| !ex.grpc && b.waiting_for_client());
+        .filter(|b| !plan.streaming && b.waiting_for_client());
     let error = match (ex.phase, body) {
         (Phase::SendingTheRequest, Some(body)) => ProxyError::ClientBodyTimeout {
             timeout,

@@ -18,8 +18,8 @@
 //! request has its response): a body read ahead is kept as that same buffer. A larger body
 //! streams on after its first 64 KiB. gRPC calls and Connect-protocol streams over HTTP/2 to
 //! an HTTP/2 cluster always stream (a streaming call's client may wait for the upstream's reply
-//! before it sends more); over HTTP/1, where such calls do not work, the content type is only
-//! a claim, and they are read ahead. So do the requests of a route or cluster with
+//! before it sends more); otherwise the content type is only the client's claim (gRPC needs
+//! HTTP/2; a Connect client stream over HTTP/1 is read ahead like any body). So do the requests of a route or cluster with
 //! `request_buffering = false` (an upload whose client waits on the upstream's progress).
 
 use http::{Request, header::CONTENT_TYPE};
@@ -62,7 +62,7 @@ pub(super) async fn read_ahead(
         () = progress.stalled(deadline, slide) => Err(ProxyError::ClientBodyTimeout {
             timeout: slide.map_or_else(|| deadline.saturating_duration_since(progress.origin()), |s| s.timeout),
             bytes: progress.bytes(),
-            grpc_deadline: false,
+            grpc_deadline: slide.is_none(),
             upstream_waiting: false,
             slow: progress.below_rate(slide),
         }),

@@ -123,7 +123,11 @@ impl Progress {
     /// by stopping for the timeout: for the error's words.
     pub fn below_rate(&self, slide: Option<Slide>) -> Option<Duration> {
         let s = slide.filter(|s| s.min_rate)?;
-        (self.last_read() + s.timeout > Instant::now()).then(|| self.origin.elapsed())
+        let earned = Duration::from_secs_f64(self.bytes() as f64 / MIN_BODY_RATE);
+        let by_rate = self.origin + s.timeout + earned;
+        // The rate, not a stop nor a gRPC call's own deadline, ended it.
+        (by_rate < self.last_read() + s.timeout && s.cap.is_none_or(|c| by_rate <= c))
+            .then(|| self.origin.elapsed())
     }
 
     /// Completes once the request `deadline`, moved on by the body as it comes
@@ -191,12 +195,13 @@ mod tests {
             cap: None,
             min_rate: true,
         };
-        for (at, cap, min_rate, want) in [
-            (vec![(800, 1000)], None, true, 1800),
-            (vec![(800, 200), (1300, 250)], None, true, 1500),
-            (vec![(800, 100_000)], Some(1200), true, 1200),
+        // Bytes read, the cap, the minimum rate, when it ends, and whether the rate ended it.
+        for (at, cap, min_rate, want, slow) in [
+            (vec![(800, 1000)], None, true, 1800, false),
+            (vec![(800, 200), (1300, 250)], None, true, 1500, true),
+            (vec![(800, 100_000)], Some(1200), true, 1200, false),
             // A streaming call's messages move it however small they are.
-            (vec![(800, 10), (1600, 20)], None, false, 2600),
+            (vec![(800, 10), (1600, 20)], None, false, 2600, false),
         ] {
             let p = Arc::new(Progress::new());
             let start = p.origin();
@@ -208,6 +213,7 @@ mod tests {
             };
             p.stalled(start + timeout, Some(slide)).await;
             assert_eq!(start.elapsed(), Duration::from_millis(want), "{at:?}");
+            assert_eq!(p.below_rate(Some(slide)).is_some(), slow, "{at:?}");
         }
         let p = Arc::new(Progress::new());
         let start = p.origin();

@@ -471,4 +471,51 @@ mod tests {
             other => panic!("expected refused, got {other:?}"),
         }
     }
+
+    /// The kernel's record of every connect: one that an ICMP error ended after its SYN.
+    struct IcmpEnded;
+
+    impl SignalSource for IcmpEnded {
+        fn mode(&self) -> crate::signals::SignalMode {
+            crate::signals::SignalMode::Kernel
+        }
+        fn connect_evidence(&self, _: u64) -> Option<crate::signals::ConnectEvidence> {
+            Some(crate::signals::ConnectEvidence {
+                outcome: gateway_common::Outcome::Unreachable,
+                syn_retransmits: 0,
+                syn_rtt: None,
+                errno: Some(libc::EACCES as u32),
+                elapsed: Duration::from_millis(1),
+                so_error: None,
+                refused_by_icmp: false,
+            })
+        }
+        fn established_evidence(&self, _: u64) -> Option<crate::signals::EstablishedEvidence> {
+            None
+        }
+    }
+
+    /// EACCES is the endpoint's failure (unreachable) only when the kernel saw an ICMP error
+    /// end the connect after its SYN; without that record, and never for EPERM (a filter on
+    /// this host), it stays a local `connect_failed`.
+    #[test]
+    fn an_errno_the_table_does_not_name_is_unreachable_on_the_kernels_word_only() {
+        let ep: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        let fail = |errno, signals: &dyn SignalSource| {
+            let e = std::io::Error::from_raw_os_error(errno);
+            failed(ep, e, 1, Duration::from_millis(1), signals).kind()
+        };
+        use crate::proxy::error::ErrorKind;
+        assert_eq!(
+            fail(libc::EACCES, &IcmpEnded),
+            ErrorKind::ConnectUnreachable
+        );
+        assert_eq!(
+            fail(libc::ENOPROTOOPT, &IcmpEnded),
+            ErrorKind::ConnectUnreachable
+        );
+        assert_eq!(fail(libc::EPERM, &IcmpEnded), ErrorKind::ConnectFailed);
+        let none = UserspaceOnly::default();
+        assert_eq!(fail(libc::EACCES, &none), ErrorKind::ConnectFailed);
+    }
 }
