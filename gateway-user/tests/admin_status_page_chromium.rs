@@ -179,8 +179,8 @@ async fn privileged_chromium_renders_endpoint_states_reasons_and_evidence() {
     }
     assert!(
         dom.contains(
-            "<span class=\"mono\">refused</span><br><span class=\"why\">RST: nothing listening \
-             on the port, or a firewall rejecting</span>"
+            "<span class=\"mono\">refused</span><br><span class=\"why\">RST or ICMP port \
+             unreachable: nothing listening on the port, or a firewall rejecting</span>"
         ),
         "the reason, explained:\n{dom}"
     );

@@ -479,7 +479,7 @@ mod tests {
         let html = render(&status());
         assert!(html.contains("<meta http-equiv=\"refresh\" content=\"2\">"));
         assert!(html.contains("data-endpoint=\"127.0.0.1:1\" data-state=\"ejected\""));
-        assert!(html.contains("RST: nothing listening on the port"));
+        assert!(html.contains("RST or ICMP port unreachable: nothing listening on the port"));
         assert!(html.contains("ejected for 1.0 s more"));
         assert!(html.contains("00:00:03.000"), "event time: {html}");
     }

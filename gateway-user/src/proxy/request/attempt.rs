@@ -441,9 +441,9 @@ async fn await_head<F: Future<Output = SendResult>>(
 /// The request deadline passed: `request_timeout`, with what the request was doing; or
 /// `client_body_timeout` when the upstream was waiting for the client's body, which is then
 /// no failure of the endpoint's (a client that stopped sending its body would otherwise have
-/// it counted against the upstream, and told that the upstream did not answer). Not for a gRPC
-/// call: a streaming one's client may wait for the upstream's reply before it sends more,
-/// which is the upstream being slow.
+/// it counted against the upstream, and told that the upstream did not answer). Not for a
+/// streaming call (`Plan::streaming`): its client may wait for the upstream's reply before it
+/// sends more, which is the upstream being slow.
 fn request_timeout(plan: &Plan, ex: &mut Exchange) -> ProxyError {
     // The route's timeout, which a body that kept coming moved on (`Plan::moved_by`); the
     // call's own deadline, from the arrival.
