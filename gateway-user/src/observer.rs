@@ -245,16 +245,7 @@ impl KernelObserver {
             attach_connect_exit(&mut ebpf, opts.connect_exit)?
         };
         // Before the cgroup programs, so that every connect they record can tell an RST.
-        let resets_seen = match attach_reset_hook(&mut ebpf) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "the tcp_receive_reset tracepoint is not attached: a connect refused by an ICMP port unreachable (a firewall's REJECT) reads as one refused by an RST"
-                );
-                false
-            }
-        };
+        let resets_seen = attach_reset_hook(&mut ebpf);
         attach_cgroup_programs(&mut ebpf, &cgroup_fd)?;
 
         Ok(KernelObserver {

@@ -129,8 +129,22 @@ pub(super) fn attach_connect_exit(
 }
 
 /// Attaches the raw tracepoint that sees RSTs (`tcp_receive_reset`, Linux 4.16 and later),
-/// which tells a connect refused by an RST from one refused by an ICMP port unreachable.
-pub(super) fn attach_reset_hook(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
+/// which tells a connect refused by an RST from one refused by an ICMP port unreachable:
+/// whether it is attached. Optional: without it, a warning, and refusals read as an RST's.
+pub(super) fn attach_reset_hook(ebpf: &mut Ebpf) -> bool {
+    match reset_hook(ebpf) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "the tcp_receive_reset tracepoint is not attached: a connect refused by an ICMP port unreachable (a firewall's REJECT) reads as one refused by an RST"
+            );
+            false
+        }
+    }
+}
+
+fn reset_hook(ebpf: &mut Ebpf) -> Result<(), ObserverError> {
     let name = names::PROG_TCP_RECEIVE_RESET;
     let prog: &mut RawTracePoint = program(ebpf, name)?;
     prog.load().map_err(|e| program_error("loading", name, e))?;
