@@ -295,6 +295,18 @@ fn curl_upload_with(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The answer to a request whose client's body timed out: `408 client_body_timeout`, or, for
+/// one sent with `headers` (a gRPC content type), the gRPC status (HTTP 200, DEADLINE_EXCEEDED).
+fn assert_body_timeout(answer: &str, headers: &[&str]) {
+    let want = if headers.is_empty() {
+        "HTTP/1.1 408"
+    } else {
+        "HTTP/1.1 200"
+    };
+    assert!(answer.starts_with(want), "{headers:?}: {answer}");
+    assert!(answer.contains("client_body_timeout"), "{answer}");
+}
+
 /// Routes to `up`: `/streamed/` with `request_buffering = false` (the body goes upstream as
 /// it comes), anything else read ahead (the default).
 fn body_routes(up: &Upstream, timeouts: &str) -> String {
@@ -337,13 +349,7 @@ async fn a_client_that_stops_sending_its_body_is_408_client_body_timeout() {
         })
         .await
         .unwrap();
-        let want = if headers.is_empty() {
-            "HTTP/1.1 408"
-        } else {
-            "HTTP/1.1 200"
-        };
-        assert!(answer.starts_with(want), "{answer}");
-        assert!(answer.contains("client_body_timeout"), "{answer}");
+        assert_body_timeout(&answer, headers);
         assert_eq!(up.hits(), hits, "requests that reached the upstream");
     }
     for (l, (_, _, said, _)) in log_lines(&gw.log, 3).iter().zip(cases) {
@@ -403,14 +409,7 @@ async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
         })
         .await
         .unwrap();
-        // A gRPC call's errors are gRPC statuses (4, DEADLINE_EXCEEDED).
-        let want = if headers.is_empty() {
-            "HTTP/1.1 408"
-        } else {
-            "HTTP/1.1 200"
-        };
-        assert!(answer.starts_with(want), "{headers:?}: {answer}");
-        assert!(answer.contains("client_body_timeout"), "{answer}");
+        assert_body_timeout(&answer, headers);
         assert_eq!(up.hits(), 0, "read ahead: no upstream asked");
     }
     for l in log_lines(&gw.log, 2) {
