@@ -117,6 +117,39 @@ async fn the_rapid_reset_rule_is_a_setting() {
     assert_eq!(floods, 1.0, "{out}");
 }
 
+/// Resets that come with their streams, HEADERS and RST_STREAM in one write, are read by h2
+/// before the gateway accepts the streams, and h2 closes a connection once it holds 20 such
+/// (GOAWAY `ENHANCE_YOUR_CALM`): on a busy host the paced batches above arrive so too, and CI
+/// closed a connection whose rule was off. Now h2's limit is the rule's, and its closures are
+/// counted and logged as the rule's. With the rule off, 150 streams reset in one write (below
+/// the 200 concurrent streams, beyond which h2 refuses them) leave the connection open; with
+/// 40 (closed at 20 resets), 100 in one write close it, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_read_before_their_streams_were_accepted_follow_the_rule() {
+    let (out, floods, _up) = reset_run_with(
+        "pending-resets-off",
+        "http2_premature_reset_streams = 0",
+        &["150", "150", "0", "1"],
+    )
+    .await;
+    assert_eq!(
+        (&out["opened"], &out["ended"], floods),
+        (&serde_json::json!(150), &serde_json::Value::Null, 0.0),
+        "{out}"
+    );
+    let (out, floods, _up) = reset_run_with(
+        "pending-resets-40",
+        "http2_premature_reset_streams = 40",
+        &["100", "100", "0", "1"],
+    )
+    .await;
+    assert_eq!(
+        (&out["ended"], floods),
+        (&serde_json::json!("goaway 11"), 1.0),
+        "{out}"
+    );
+}
+
 /// A client that cancels one stream in three (a deadline that often expires) and reads the
 /// rest is served to the end: 600 streams, 200 of them reset early, on one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

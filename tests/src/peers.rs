@@ -137,6 +137,8 @@ pub fn run_python(
 /// Opens `total` streams in batches of `batch`, waits `pause` seconds for the gateway to
 /// accept each batch, resets every `reset_every`-th stream of it (CANCEL) and reads the
 /// others' responses, and goes on until the connection ends. Prints what it saw as JSON.
+/// A `pause` of 0 sends each batch's HEADERS and its RST_STREAMs in one write, so that the
+/// gateway reads the resets before it has accepted the streams.
 /// Arguments: HOST PORT TOTAL BATCH PAUSE RESET_EVERY [SNI]; with SNI, over TLS with ALPN
 /// `h2` (the certificate is not checked).
 pub const H2_RESET_CLIENT: &str = r#"
@@ -184,8 +186,9 @@ try:
             out["opened"] += 1
             if out["opened"] % reset_every == 0: ids.append(sid)
             else: kept.add(sid)
-        s.sendall(c.data_to_send())
-        pump(pause)
+        if pause > 0:
+            s.sendall(c.data_to_send())
+            pump(pause)
         # A GOAWAY read while pumping closes the connection, and h2 refuses a reset on it.
         if out["ended"] is not None: break
         for sid in ids:

@@ -5,9 +5,11 @@
 //! response it abandoned.
 //!
 //! h2 (under hyper) answers streams reset before the server accepted them with a GOAWAY
-//! (`ENHANCE_YOUR_CALM`) after 20, but a client that waits for each batch to be accepted before
-//! resetting it gets past that: measured with Python's `h2`, 5,000 streams opened in batches of
-//! 50 and reset 30 ms later all reached the upstream, on one connection that stayed open.
+//! (`ENHANCE_YOUR_CALM`), by default after 20, but a client that waits for each batch to be
+//! accepted before resetting it gets past that: measured with Python's `h2`, 5,000 streams
+//! opened in batches of 50 and reset 30 ms later all reached the upstream, on one connection
+//! that stayed open. h2's limit is set to this rule's ([`pending_accept_limit`]), and a
+//! connection it closes is counted and logged as the rule's are ([`h2_flood`]).
 //!
 //! So each HTTP/2 client connection counts its streams and those its client reset within a
 //! second of their start, before their response was over, and is closed once those are at
@@ -19,6 +21,7 @@
 //! first 0 turns the rule off.
 
 use std::{
+    error::Error,
     sync::{
         LazyLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -89,6 +92,42 @@ impl Resets {
     }
 }
 
+/// h2's own limit on streams the client reset before the gateway accepted them: past it, h2
+/// closes the connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_resets"). It is the rule's
+/// threshold, so that whether a batch of resets is read before or after its streams were
+/// accepted, a matter of scheduling (on a busy host h2 reads a batch's HEADERS and its
+/// RST_STREAMs in one go), makes no difference: h2's default of 20 closed connections whose
+/// rule was off. With the rule off, none. Not below h2's 20.
+pub fn pending_accept_limit(rule: PrematureResets) -> usize {
+    if rule.streams == 0 {
+        return usize::MAX;
+    }
+    usize::try_from(rule.streams / 2)
+        .unwrap_or(usize::MAX)
+        .max(H2_PENDING_ACCEPT_RESETS)
+}
+
+/// h2's default for [`pending_accept_limit`].
+const H2_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Whether a client connection ended with `e` because h2 closed it for a flood (GOAWAY
+/// `ENHANCE_YOUR_CALM` of its own): most often [`pending_accept_limit`], else too many streams
+/// h2 had to reset itself (a client provoking stream errors) or too many empty frames. h2
+/// sends which in the GOAWAY's debug data but keeps it from its error, so all are counted and
+/// logged as the rule's closures are.
+pub fn h2_flood(e: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            return h.is_go_away()
+                && h.is_library()
+                && h.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +150,20 @@ mod tests {
         assert_eq!(trips_at(&rule(5000), 100_000, 1), Some(2500));
         assert_eq!(trips_at(&rule(10), 100_000, 1), Some(5));
         assert_eq!(trips_at(&rule(0), 100_000, 1), None);
+    }
+
+    #[test]
+    fn h2s_limit_on_resets_before_accept_is_the_rules() {
+        let limit = |streams| {
+            pending_accept_limit(PrematureResets {
+                streams,
+                ..PrematureResets::default()
+            })
+        };
+        assert_eq!(limit(STREAMS), 250);
+        assert_eq!(limit(40), 20);
+        assert_eq!(limit(10), 20, "not below h2's own");
+        assert_eq!(limit(0), usize::MAX, "the rule off: none");
     }
 
     #[test]

@@ -51,6 +51,7 @@ use super::{
     listeners::ClientSocket,
     proxy_protocol,
     request::{self, Client},
+    resets,
     response_body::ResponseBody,
     shared::{Drain, Shared},
 };
@@ -426,6 +427,9 @@ where
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(client = %peer, error = %e, "client connection ended with an error");
+                    if resets::h2_flood(&*e) {
+                        idle.reset_flood(&activity, peer, true);
+                    }
                     rejected::note(&shared_here, &client_here, &*e);
                 }
                 return;

@@ -195,6 +195,24 @@ impl Quiet {
         }
     }
 
+    /// The connection is closed for its client's resets: by the rule, or by h2 (`by_h2`,
+    /// `resets::h2_flood`). Counted and logged.
+    pub(super) fn reset_flood(&self, activity: &Activity, peer: SocketAddr, by_h2: bool) {
+        self.reset_floods.inc();
+        let Some(suppressed) = resets::LOG.due() else {
+            return;
+        };
+        let (streams, early) = activity.owed().map_or((0, 0), |o| o.resets.counts());
+        let every_s = resets::LOG_EVERY.as_secs();
+        if by_h2 {
+            warn!(client = %peer, streams, reset_early = early, suppressed, every_s,
+                "HTTP/2 client connection closed by h2 (GOAWAY ENHANCE_YOUR_CALM): streams reset before they were accepted (rapid reset; the limit follows http2_premature_reset_streams), or a flood of stream errors or empty frames (counted in gateway_client_http2_reset_floods_total)");
+        } else {
+            warn!(client = %peer, streams, reset_early = early, suppressed, every_s,
+                "HTTP/2 client reset most of its streams soon after opening them (rapid reset; http2_premature_reset_streams and _lifetime_ms): connection closed (counted in gateway_client_http2_reset_floods_total)");
+        }
+    }
+
     /// A timer fired: whether the connection is to stop.
     pub(super) fn check(
         &mut self,
@@ -202,15 +220,8 @@ impl Quiet {
         activity: &Activity,
         peer: SocketAddr,
     ) -> Option<Stop> {
-        if let Some(o) = activity.owed()
-            && o.resets.tripped()
-        {
-            self.reset_floods.inc();
-            if let Some(suppressed) = resets::LOG.due() {
-                let (streams, early) = o.resets.counts();
-                warn!(client = %peer, streams, reset_early = early, suppressed, every_s = resets::LOG_EVERY.as_secs(),
-                    "HTTP/2 client reset most of its streams soon after opening them (rapid reset; http2_premature_reset_streams and _lifetime_ms): connection closed (counted in gateway_client_http2_reset_floods_total)");
-            }
+        if activity.owed().is_some_and(|o| o.resets.tripped()) {
+            self.reset_flood(activity, peer, false);
             return Some(Stop::Close);
         }
         let now = Instant::now();
