@@ -144,7 +144,7 @@ pub(crate) async fn serve(
                     return;
                 }
             }
-            r = listener.accept() => {
+            r = super::admission::accept(&listener) => {
                 let Ok((stream, peer)) = r else {
                     // Out of file descriptors (EMFILE) or memory: the error would come back at
                     // once, so back off instead of spinning.

@@ -23,14 +23,18 @@
 //! in the queue. Each accept loop keeps one descriptor in reserve (`/dev/null`): it gives it
 //! up, accepts one connection on it, writes the same `503` where it can, closes it and takes
 //! the reserve back; so clients get an answer instead of a stall, and the loop makes progress
-//! instead of spinning. Every accept error is counted by errno and logged at most once per
+//! instead of spinning. The swap holds [`RESERVE_SWAP`] so that no other accept loop, nor the
+//! admin listener's, takes the descriptor it frees ([`accept`]): a reserve lost so stays lost
+//! while the process is out of descriptors, and its listener's queue waits unanswered (1 run
+//! in 4 of `proxy_overload::out_of_file_descriptors…`, both workers' reserves lost, 400
+//! connections left waiting). Every accept error is counted by errno and logged at most once per
 //! [`ACCEPT_ERROR_LOG_EVERY`] per listener, with the number of errors not logged.
 
 use std::{
     net::SocketAddr,
     os::fd::AsRawFd,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -39,7 +43,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
 };
 use tracing::warn;
 
@@ -388,10 +392,12 @@ impl ListenerGate {
     /// connection was answered.
     pub fn answer_on_reserve(
         &self,
-        listener: &tokio::net::TcpListener,
+        listener: &TcpListener,
         scheme: Scheme,
         reserve: &mut Option<std::fs::File>,
     ) -> bool {
+        // No accept of this process between giving up the reserve and taking it back.
+        let _swap = RESERVE_SWAP.write().unwrap_or_else(PoisonError::into_inner);
         let Some(r) = reserve.take() else {
             *reserve = open_reserve();
             return false;
@@ -428,6 +434,20 @@ impl ListenerGate {
         *reserve = open_reserve();
         answered
     }
+}
+
+/// Held for writing while an accept loop swaps its reserve descriptor for a connection
+/// ([`ListenerGate::answer_on_reserve`]), and for reading by every [`accept`].
+static RESERVE_SWAP: RwLock<()> = RwLock::new(());
+
+/// `listener.accept()`, never while an accept loop swaps its reserve (see the module doc).
+/// For every listener of the process, the admin one too.
+pub(crate) async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        let _swap = RESERVE_SWAP.read().unwrap_or_else(PoisonError::into_inner);
+        listener.poll_accept(cx)
+    })
+    .await
 }
 
 /// The descriptor an accept loop keeps in reserve for when the process runs out.

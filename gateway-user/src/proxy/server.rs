@@ -239,7 +239,7 @@ async fn accept_loop(
     let mut reserve = admission::open_reserve();
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
+            r = admission::accept(&listener) => match r {
                 Ok((stream, peer)) => {
                     #[cfg(debug_assertions)]
                     super::failpoint::panic_on_accept();
