@@ -27,14 +27,15 @@
 //! admin listener's, takes the descriptor it frees ([`accept`]): a reserve lost so stays lost
 //! while the process is out of descriptors, and its listener's queue waits unanswered (1 run
 //! in 4 of `proxy_overload::out_of_file_descriptors…`, both workers' reserves lost, 400
-//! connections left waiting). Every accept error is counted by errno and logged at most once per
+//! connections left waiting). Other allocations of the process (an upstream connect, the
+//! resolver, a scrape reading `/proc/self/fd`) may still take it: a loop without a reserve
+//! takes one back from the next connection it accepts ([`ListenerGate::restock`]). See `reserve`. Every accept error is counted by errno and logged at most once per
 //! [`ACCEPT_ERROR_LOG_EVERY`] per listener, with the number of errors not logged.
 
 use std::{
     net::SocketAddr,
-    os::fd::AsRawFd,
     sync::{
-        Arc, Mutex, PoisonError, RwLock,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -43,7 +44,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use tracing::warn;
 
@@ -386,73 +387,6 @@ impl ListenerGate {
         errors.push((errno, c.clone()));
         c
     }
-
-    /// Out of descriptors: gives up `reserve`, accepts one connection on the descriptor freed,
-    /// answers it (plain HTTP) and closes it, then takes a reserve again. Returns whether a
-    /// connection was answered.
-    pub fn answer_on_reserve(
-        &self,
-        listener: &TcpListener,
-        scheme: Scheme,
-        reserve: &mut Option<std::fs::File>,
-    ) -> bool {
-        // No accept of this process between giving up the reserve and taking it back.
-        let _swap = RESERVE_SWAP.write().unwrap_or_else(PoisonError::into_inner);
-        let Some(r) = reserve.take() else {
-            *reserve = open_reserve();
-            return false;
-        };
-        drop(r);
-        // SAFETY: accept4 on our own listening socket, with null address pointers.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            )
-        };
-        let answered = fd >= 0;
-        if answered {
-            self.rejected[Rejection::FdExhausted as usize].inc();
-            if scheme == Scheme::Http {
-                let text = answer(Rejection::FdExhausted);
-                // SAFETY: a valid buffer on the descriptor we just accepted.
-                unsafe {
-                    libc::send(
-                        fd,
-                        text.as_ptr().cast(),
-                        text.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    );
-                    libc::shutdown(fd, libc::SHUT_WR);
-                }
-            }
-            // SAFETY: closing the descriptor accept4 returned, once.
-            unsafe { libc::close(fd) };
-        }
-        *reserve = open_reserve();
-        answered
-    }
-}
-
-/// Held for writing while an accept loop swaps its reserve descriptor for a connection
-/// ([`ListenerGate::answer_on_reserve`]), and for reading by every [`accept`].
-static RESERVE_SWAP: RwLock<()> = RwLock::new(());
-
-/// `listener.accept()`, never while an accept loop swaps its reserve (see the module doc).
-/// For every listener of the process, the admin one too.
-pub(crate) async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
-    std::future::poll_fn(|cx| {
-        let _swap = RESERVE_SWAP.read().unwrap_or_else(PoisonError::into_inner);
-        listener.poll_accept(cx)
-    })
-    .await
-}
-
-/// The descriptor an accept loop keeps in reserve for when the process runs out.
-pub(crate) fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
 }
 
 /// FIN, then read and drop what the client still sends, until it closes or [`REJECT_LINGER`].
@@ -481,5 +415,7 @@ fn errno_label(errno: i32) -> &'static str {
     }
 }
 
+mod reserve;
+pub(crate) use reserve::{accept, open_reserve};
 #[cfg(test)]
 mod tests;

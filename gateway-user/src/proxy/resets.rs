@@ -92,29 +92,41 @@ impl Resets {
     }
 }
 
-/// h2's own limit on streams the client reset before the gateway accepted them: past it, h2
-/// closes the connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_resets"). It is the rule's
-/// threshold, so that whether a batch of resets is read before or after its streams were
-/// accepted, a matter of scheduling (on a busy host h2 reads a batch's HEADERS and its
-/// RST_STREAMs in one go), makes no difference: h2's default of 20 closed connections whose
-/// rule was off. With the rule off, none. Not below h2's 20.
-pub fn pending_accept_limit(rule: PrematureResets) -> usize {
+/// h2's own limit on streams the client reset that wait, at once, for the gateway to accept
+/// them: past it, h2 closes the connection (GOAWAY `ENHANCE_YOUR_CALM`). h2 reads all a socket
+/// holds before it hands over a stream, so on a busy host a batch's HEADERS and RST_STREAMs
+/// come to it together, and its default of 20 closed connections whose rule was off (CI).
+/// So the limit is the rule's threshold (half its streams), and with the rule off
+/// [`PENDING_PER_CONCURRENT`] times `SETTINGS_MAX_CONCURRENT_STREAMS`; never below h2's 20,
+/// nor above the latter: reset streams no longer count as concurrent, and each one waiting is
+/// an entry in h2's stream table, which keeps its size (tens of thousands from one read of
+/// HEADERS and RST_STREAM pairs, without a limit).
+pub fn pending_accept_limit(rule: PrematureResets, max_concurrent_streams: u32) -> usize {
+    let cap = usize::try_from(max_concurrent_streams)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(PENDING_PER_CONCURRENT)
+        .max(H2_PENDING_ACCEPT_RESETS);
     if rule.streams == 0 {
-        return usize::MAX;
+        return cap;
     }
     usize::try_from(rule.streams / 2)
         .unwrap_or(usize::MAX)
-        .max(H2_PENDING_ACCEPT_RESETS)
+        .clamp(H2_PENDING_ACCEPT_RESETS, cap)
 }
 
 /// h2's default for [`pending_accept_limit`].
 const H2_PENDING_ACCEPT_RESETS: usize = 20;
+/// Reset streams waiting to be accepted, at most, per stream a client may have open
+/// ([`pending_accept_limit`]).
+const PENDING_PER_CONCURRENT: usize = 10;
 
-/// Whether a client connection ended with `e` because h2 closed it for a flood (GOAWAY
-/// `ENHANCE_YOUR_CALM` of its own): most often [`pending_accept_limit`], else too many streams
-/// h2 had to reset itself (a client provoking stream errors) or too many empty frames. h2
-/// sends which in the GOAWAY's debug data but keeps it from its error, so all are counted and
-/// logged as the rule's closures are.
+/// Whether a client connection ended with `e` because h2 closed it for a flood (a GOAWAY
+/// `ENHANCE_YOUR_CALM` of its own): most often [`pending_accept_limit`] (the classic rapid
+/// reset, each RST_STREAM right behind its HEADERS), else too many streams h2 had to reset
+/// itself (stream errors, streams refused beyond the concurrency limit), a header block or
+/// CONTINUATION flood, or a flood of DATA frames. h2 names which in the GOAWAY's debug data,
+/// but the error it returns carries none (seen: `GoAway(b"", ENHANCE_YOUR_CALM, Library)`),
+/// so all are counted and logged with the rule's closures, the log saying so.
 pub fn h2_flood(e: &(dyn Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
@@ -154,16 +166,26 @@ mod tests {
 
     #[test]
     fn h2s_limit_on_resets_before_accept_is_the_rules() {
-        let limit = |streams| {
-            pending_accept_limit(PrematureResets {
-                streams,
-                ..PrematureResets::default()
-            })
+        let limit = |streams, concurrent| {
+            pending_accept_limit(
+                PrematureResets {
+                    streams,
+                    ..PrematureResets::default()
+                },
+                concurrent,
+            )
         };
-        assert_eq!(limit(STREAMS), 250);
-        assert_eq!(limit(40), 20);
-        assert_eq!(limit(10), 20, "not below h2's own");
-        assert_eq!(limit(0), usize::MAX, "the rule off: none");
+        assert_eq!(limit(STREAMS, 200), 250);
+        assert_eq!(limit(40, 200), 20);
+        assert_eq!(limit(10, 200), 20, "not below h2's own");
+        assert_eq!(
+            limit(0, 200),
+            2000,
+            "the rule off: ten per concurrent stream"
+        );
+        assert_eq!(limit(1_000_000, 200), 2000, "nor above that");
+        assert_eq!(limit(0, 1), 20);
+        assert_eq!(limit(0, u32::MAX), u32::MAX as usize * 10);
     }
 
     #[test]

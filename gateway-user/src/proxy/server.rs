@@ -51,7 +51,6 @@ use super::{
     listeners::ClientSocket,
     proxy_protocol,
     request::{self, Client},
-    resets,
     response_body::ResponseBody,
     shared::{Drain, Shared},
 };
@@ -243,6 +242,9 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     #[cfg(debug_assertions)]
                     super::failpoint::panic_on_accept();
+                    let Some(stream) = gate.restock(stream, scheme, &mut reserve) else {
+                        continue;
+                    };
                     let (permit, balance) = {
                         let rt = shared.runtime.load();
                         let s = &rt.settings;
@@ -426,11 +428,7 @@ where
             biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    debug!(client = %peer, error = %e, "client connection ended with an error");
-                    if resets::h2_flood(&*e) {
-                        idle.reset_flood(&activity, peer, true);
-                    }
-                    rejected::note(&shared_here, &client_here, &*e);
+                    idle.ended_with(&*e, &activity, (&shared_here, &client_here));
                 }
                 return;
             }

@@ -229,7 +229,10 @@ fn http_builder(ds: &Downstream) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX))
         .max_concurrent_streams(ds.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(resets::pending_accept_limit(ds.http2_premature_resets))
+        .max_pending_accept_reset_streams(resets::pending_accept_limit(
+            ds.http2_premature_resets,
+            ds.http2_max_concurrent_streams,
+        ))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     b

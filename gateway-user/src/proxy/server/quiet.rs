@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use super::{H1, H2, Phase, UNKNOWN};
 use crate::{
     config::{Downstream, settings::PrematureResets},
-    proxy::{io::Activity, resets, shared::Shared},
+    proxy::{io::Activity, request::Client, resets, shared::Shared},
 };
 
 /// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
@@ -195,6 +195,21 @@ impl Quiet {
         }
     }
 
+    /// The connection ended with `e`: a flood h2 closed it for (`resets::h2_flood`), or a
+    /// request hyper answered itself (`rejected`), is counted and logged.
+    pub(super) fn ended_with(
+        &self,
+        e: &(dyn std::error::Error + 'static),
+        activity: &Activity,
+        (shared, client): (&Shared, &Client),
+    ) {
+        debug!(client = %client.addr, error = %e, "client connection ended with an error");
+        if resets::h2_flood(e) {
+            self.reset_flood(activity, client.addr, true);
+        }
+        super::rejected::note(shared, client, e);
+    }
+
     /// The connection is closed for its client's resets: by the rule, or by h2 (`by_h2`,
     /// `resets::h2_flood`). Counted and logged.
     pub(super) fn reset_flood(&self, activity: &Activity, peer: SocketAddr, by_h2: bool) {
@@ -206,7 +221,7 @@ impl Quiet {
         let every_s = resets::LOG_EVERY.as_secs();
         if by_h2 {
             warn!(client = %peer, streams, reset_early = early, suppressed, every_s,
-                "HTTP/2 client connection closed by h2 (GOAWAY ENHANCE_YOUR_CALM): streams reset before they were accepted (rapid reset; the limit follows http2_premature_reset_streams), or a flood of stream errors or empty frames (counted in gateway_client_http2_reset_floods_total)");
+                "HTTP/2 client connection closed by h2 (GOAWAY ENHANCE_YOUR_CALM): most often streams reset before they were accepted (rapid reset; the limit follows http2_premature_reset_streams), else a flood of stream errors, header or CONTINUATION frames, or DATA frames, which h2 does not tell apart (counted in gateway_client_http2_reset_floods_total)");
         } else {
             warn!(client = %peer, streams, reset_early = early, suppressed, every_s,
                 "HTTP/2 client reset most of its streams soon after opening them (rapid reset; http2_premature_reset_streams and _lifetime_ms): connection closed (counted in gateway_client_http2_reset_floods_total)");
