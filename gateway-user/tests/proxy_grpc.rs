@@ -241,9 +241,24 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
         answer.ends_with("none") || digits > 12,
         "the upstream saw a deadline: {answer:?}"
     );
-    let lines = log_lines(&gw.log, 4);
+    // A call past its deadline on arrival is answered at once, and goes nowhere: before, the
+    // gateway sent it upstream and then cancelled it.
+    let d = dir.clone();
+    let (head, took) = tokio::task::spawn_blocking(move || curl_slow(addr, &d, 3000, "0S"))
+        .await
+        .unwrap();
+    assert!(head.contains("grpc-status: 4"), "{head}");
+    assert!(head.contains("grpc-timeout"), "{head}");
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+    let lines = log_lines(&gw.log, 5);
     assert_eq!(lines[0]["error"], "request_timeout", "{}", lines[0]);
     assert_eq!(lines[0]["grpc_status"], 4, "{}", lines[0]);
+    assert_eq!(lines[4]["error"], "request_timeout", "{}", lines[4]);
+    assert!(
+        lines[4]["endpoints"].as_array().is_none_or(Vec::is_empty),
+        "a call past its deadline was sent upstream: {}",
+        lines[4]
+    );
 }
 
 /// A client-streaming call whose messages keep coming is not cut by the route's request

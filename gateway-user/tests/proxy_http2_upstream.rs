@@ -284,6 +284,15 @@ async fn goaway_load(name: &str, keepalive: u32) {
 /// nginx with TLS (a certificate for `up.test` from a CA of the test's own), HTTP/2 offered by
 /// ALPN when `h2`; logs the protocol each request came in with.
 fn nginx_tls(dir: &std::path::Path, h2: bool) -> (NginxTls, std::path::PathBuf) {
+    nginx_tls_with(dir, h2, "return 200 \"ok\\n\";")
+}
+
+/// [`nginx_tls`] with `location` as what its `location /` does.
+fn nginx_tls_with(
+    dir: &std::path::Path,
+    h2: bool,
+    location: &str,
+) -> (NginxTls, std::path::PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -308,7 +317,7 @@ fn nginx_tls(dir: &std::path::Path, h2: bool) -> (NginxTls, std::path::PathBuf) 
             "daemon off;\nworker_processes 1;\npid {d}/nginx-tls.pid;\nerror_log {d}/nginx-tls.err;\n\
              events {{ worker_connections 256; }}\nhttp {{\n log_format p '$server_protocol $connection $status';\n\
              access_log {log} p;\n server {{\n  listen 127.0.0.1:{port} ssl{h2};\n  \
-             ssl_certificate {c}; ssl_certificate_key {k};\n  location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
+             ssl_certificate {c}; ssl_certificate_key {k};\n  location / {{ {location} }}\n }}\n}}\n",
             d = dir.display(),
             log = log.display(),
             h2 = if h2 { " http2" } else { "" },
@@ -376,6 +385,79 @@ async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
             "{protocol}, upstream offers h2: {offers_h2}: {lines:?}"
         );
     }
+}
+
+/// An HTTP/2 client claiming a gRPC call to an `auto` cluster whose endpoint chose HTTP/1.1
+/// by ALPN is no streaming call: its body has the minimum rate, so a trickle (10 bytes every
+/// 200 ms, through curl from a pipe) is cut as the client's, `client_body_timeout`
+/// (`DEADLINE_EXCEEDED`) after about 1.1 s. Before, the claim exempted it, since the check was per cluster, and the trickle held
+/// the HTTP/1.1 upstream connection for as long as it went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_claim_over_an_auto_cluster_that_chose_http1_is_held_to_the_minimum_rate() {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    let dir = temp_dir("auto-h1-trickle");
+    // An upstream that reads the whole body before it answers (nginx buffers a body it
+    // proxies; its own upstream refuses, so the answer would be a 502 once the body is in).
+    let (nginx, ca) = nginx_tls_with(&dir, false, "proxy_pass http://127.0.0.1:9;");
+    let cfg = format!(
+        "[router.upstream]\nendpoints = [\"{}\"]\nprotocol = \"auto\"\n\
+         [router.upstream.retry]\nmax_retries = 0\n\
+         [router.upstream.timeouts]\nrequest_timeout_ms = 1000\n\
+         [router.upstream.tls]\nca_file = \"{}\"\nserver_name = \"up.test\"\n",
+        nginx.addr,
+        ca.display()
+    );
+    let gw = gateway("auto-h1-trickle", &cfg).await;
+    let url = format!("http://{}/x", gw.addr);
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut curl = Command::new("curl")
+            .args(["-sS", "-i", "--http2-prior-knowledge", "--max-time", "15"])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args(["-X", "POST", "-T", "-", &url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let mut pipe = curl.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || {
+            for _ in 0..25 {
+                if pipe
+                    .write_all(&[b'x'; 10])
+                    .and_then(|()| pipe.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let out = curl.wait_with_output().expect("curl");
+        feeder.join().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            start.elapsed(),
+        )
+    })
+    .await
+    .unwrap();
+    // curl 7.88 takes hyper's RST_STREAM (NO_ERROR) behind the trailers-only answer, which
+    // stops the body it still sends, for an error (92) and prints nothing: the gateway's log
+    // says what it answered, and curl's time that it was let go.
+    assert!(took < Duration::from_millis(4000), "{took:?}: {answer}");
+    let line = &log_lines(&gw.log, 1)[0];
+    assert_eq!(line["error"], "client_body_timeout", "{line}");
+    assert_eq!(line["grpc_status"], 4, "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("slower than 500 bytes a second")),
+        "{line}"
+    );
 }
 
 /// A request with no usable host (HTTP/1.0 without `Host`, or an empty `Host`) to an h2c

@@ -305,6 +305,12 @@ fn assert_body_timeout(answer: &str, headers: &[&str]) {
     };
     assert!(answer.starts_with(want), "{headers:?}: {answer}");
     assert!(answer.contains("client_body_timeout"), "{answer}");
+    // The rest of the body may still come: the connection closes, and says so, the gRPC
+    // status over HTTP/1 too (it did not).
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{headers:?}: {answer}"
+    );
 }
 
 /// Routes to `up`: `/streamed/` with `request_buffering = false` (the body goes upstream as

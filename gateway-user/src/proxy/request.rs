@@ -154,7 +154,8 @@ struct Plan {
     /// Connect client stream over HTTP/1 is read ahead): a content type is the client's to
     /// claim, and over HTTP/1 the claim exempted a trickled body from both while it held an
     /// HTTP/1 upstream connection (audit: two clients at a byte every 2.5 s held a cluster's
-    /// two connections for good).
+    /// two connections for good). Cleared once an attempt has a connection that is not
+    /// HTTP/2 (an `auto` cluster whose endpoint chose HTTP/1.1).
     streaming: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
     done: Option<Arc<Progress>>,

@@ -9,7 +9,11 @@ use tokio::time::Instant;
 
 use crate::{
     decide::grpc,
-    proxy::{exchange::Exchange, router::CompiledRoute},
+    proxy::{
+        error::{Phase, ProxyError},
+        exchange::Exchange,
+        router::CompiledRoute,
+    },
 };
 
 /// The request timeout (or a gRPC call's shorter deadline), from its arrival.
@@ -22,6 +26,24 @@ pub(super) struct Deadline {
     /// shorter than the route's: what the upstream is told, and as far as a body that keeps
     /// coming moves the request deadline.
     pub call_end: Option<Instant>,
+}
+
+impl Deadline {
+    /// A gRPC call already past its own deadline (`grpc-timeout: 0S`, or shorter than its
+    /// arrival and routing took) is answered `DEADLINE_EXCEEDED` at once, and no upstream
+    /// stream is opened for it: a gRPC server starts no handler for such a call either.
+    /// Before, the gateway picked an endpoint and sent the call, then cancelled it.
+    pub fn passed(&self, start: Instant) -> Result<(), ProxyError> {
+        if self.grpc && self.at <= Instant::now() {
+            return Err(ProxyError::RequestTimeout {
+                timeout: self.at.saturating_duration_since(start),
+                endpoint: None,
+                phase: Phase::Routing,
+                grpc_deadline: true,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `grpc-timeout` as sent upstream: the header's name.

@@ -101,6 +101,7 @@ pub(super) fn prepare(
         return Err(ProxyError::RequestBodyTooLarge { limit }.into());
     }
     let deadline = deadline(ex, route, &parts);
+    deadline.passed(ex.record.start)?;
     if deadline.grpc {
         ex.call_deadline = Some(deadline.at);
     }

@@ -222,13 +222,7 @@ pub(super) fn error_response(e: ProxyError, mut ex: Box<Exchange>) -> Response<R
         let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
         h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    // An answer before the client's body was read to its end ends an HTTP/1 connection (the
-    // rest of the body is still coming): said, so that the client does not send its next
-    // request on a connection that is closing.
-    let unread = ex.record.version < Version::HTTP_2 && ex.body_unread();
-    if keepalive_over(&ex) || status == StatusCode::BAD_REQUEST || unread {
-        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    }
+    closing(&mut h, &ex, status == StatusCode::BAD_REQUEST);
     ours(&mut h, &ex);
     let mut resp = Response::new(ResponseBody::full(Bytes::from(text), Some(ex)));
     *resp.status_mut() = status;
@@ -243,10 +237,7 @@ pub(super) fn redirect(to: Redirect, mut ex: Box<Exchange>) -> Response<Response
     ex.record.status = to.status.as_u16();
     let mut h = HeaderMap::new();
     h.insert(LOCATION, to.location);
-    let unread = ex.record.version < Version::HTTP_2 && ex.body_unread();
-    if keepalive_over(&ex) || unread {
-        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    }
+    closing(&mut h, &ex, false);
     ours(&mut h, &ex);
     let mut resp = Response::new(ResponseBody::full(Bytes::new(), Some(ex)));
     *resp.status_mut() = to.status;
@@ -326,12 +317,25 @@ fn grpc_error(e: &ProxyError, mut ex: Box<Exchange>) -> Response<ResponseBody> {
         h.insert(&GRPC_MESSAGE, v);
     }
     explain(&mut h, e, &ex);
+    closing(&mut h, &ex, false);
     ours(&mut h, &ex);
     ex.record.status = StatusCode::OK.as_u16();
     ex.record.grpc_status = Some(code.0);
     let mut resp = Response::new(ResponseBody::headers_only(ex));
     *resp.headers_mut() = h;
     resp
+}
+
+/// `Connection: close` on an answer of the gateway's own that ends its HTTP/1 connection:
+/// keep-alive is over ([`keepalive_over`]), `also`, or the answer comes before the client's
+/// body was read to its end (the rest of the body is still coming), said so that the client
+/// does not send its next request on a connection that is closing. A gRPC error over HTTP/1
+/// too: it did not say so.
+fn closing(h: &mut HeaderMap, ex: &Exchange, also: bool) {
+    let unread = ex.record.version < Version::HTTP_2 && ex.body_unread();
+    if keepalive_over(ex) || also || unread {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// While keep-alive is over (draining, or handing over to a new binary), an HTTP/1 response
