@@ -157,6 +157,21 @@ const NOFILE: usize = 128;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_recovers() {
+    out_of_descriptors(false).await;
+}
+
+/// The same with both accept loops started without their reserve descriptor (a debug build's
+/// failpoint), as when the descriptor a swap freed went to another of the process's
+/// allocations: each takes one back at its next accepted connection
+/// (`ListenerGate::restock`), and so answers the connections beyond the descriptors. Without
+/// that, they waited unanswered in the accept queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_loop_that_lost_its_reserve_takes_one_back() {
+    out_of_descriptors(true).await;
+}
+
+/// The out-of-descriptors test; `lost`: the accept loops start without a reserve.
+async fn out_of_descriptors(lost: bool) {
     let up = Upstream::start("up").await;
     let dir = temp_dir("nofile");
     let cfg = write_config(
@@ -166,7 +181,11 @@ async fn out_of_file_descriptors_answers_counts_logs_once_does_not_spin_and_reco
             up.addr
         ),
     );
-    let mut gw = GatewayProcess::spawn(with_nofile(gateway_bin!().run(&cfg), NOFILE as u64));
+    let mut cmd = with_nofile(gateway_bin!().run(&cfg), NOFILE as u64);
+    if lost {
+        cmd.env("GATEWAY_DEBUG_NO_RESERVE", "1");
+    }
+    let mut gw = GatewayProcess::spawn(cmd);
     let (addr, admin) = (gw.addr, gw.admin);
     let log = std::thread::scope(|scope| {
         scope.spawn(|| {

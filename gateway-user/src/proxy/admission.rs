@@ -23,14 +23,15 @@
 //! in the queue. Each accept loop keeps one descriptor in reserve (`/dev/null`): it gives it
 //! up, accepts one connection on it, writes the same `503` where it can, closes it and takes
 //! the reserve back; so clients get an answer instead of a stall, and the loop makes progress
-//! instead of spinning. The swap holds [`RESERVE_SWAP`] so that no other accept loop, nor the
-//! admin listener's, takes the descriptor it frees ([`accept`]): a reserve lost so stays lost
-//! while the process is out of descriptors, and its listener's queue waits unanswered (1 run
-//! in 4 of `proxy_overload::out_of_file_descriptors…`, both workers' reserves lost, 400
-//! connections left waiting). Other allocations of the process (an upstream connect, the
-//! resolver, a scrape reading `/proc/self/fd`) may still take it: a loop without a reserve
-//! takes one back from the next connection it accepts ([`ListenerGate::restock`]). See `reserve`. Every accept error is counted by errno and logged at most once per
-//! [`ACCEPT_ERROR_LOG_EVERY`] per listener, with the number of errors not logged.
+//! instead of spinning. The swap holds a process-wide lock (`reserve`) so that no other accept
+//! loop, nor the admin listener's, takes the descriptor it frees ([`accept`]): a reserve lost
+//! so stayed lost while the process was out of descriptors, and its listener's queue waited
+//! unanswered (1 run in 4 of `proxy_overload::out_of_file_descriptors…`, both workers'
+//! reserves lost, 400 connections left waiting). Other allocations of the process (an
+//! upstream connect, the resolver, a scrape reading `/proc/self/fd`) may still take it: a loop
+//! without a reserve takes one back from the next connection it accepts
+//! ([`ListenerGate::restock`]). Every accept error is counted by errno and logged at most once
+//! per [`ACCEPT_ERROR_LOG_EVERY`] per listener, with the number of errors not logged.
 
 use std::{
     net::SocketAddr,

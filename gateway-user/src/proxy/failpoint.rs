@@ -3,7 +3,9 @@
 //! an accept loop panics on its first connection, so that a test can see what a panic does to
 //! the real binary (`logging::panic`, `Shared::fatal`); `GATEWAY_DEBUG_START_DELAY_MS` holds
 //! `gateway run` that long after it read its config, before it serves (a new binary that
-//! starts slowly in an upgrade). A release build has none of them.
+//! starts slowly in an upgrade); with `GATEWAY_DEBUG_NO_RESERVE` set, the accept loops start
+//! without their reserve descriptor, as if it had been lost (`admission::reserve`). A release
+//! build has none of them.
 
 use std::sync::LazyLock;
 
@@ -27,6 +29,11 @@ pub fn panic_on_accept() {
     if *PANIC_ACCEPT {
         panic!("GATEWAY_DEBUG_PANIC_ACCEPT: a panic in an accept loop a test asked for");
     }
+}
+
+/// Whether `GATEWAY_DEBUG_NO_RESERVE` is set.
+pub fn no_reserve() -> bool {
+    std::env::var_os("GATEWAY_DEBUG_NO_RESERVE").is_some()
 }
 
 /// Waits `GATEWAY_DEBUG_START_DELAY_MS`, when set.

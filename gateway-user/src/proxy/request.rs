@@ -154,9 +154,11 @@ struct Plan {
     /// Connect client stream over HTTP/1 is read ahead): a content type is the client's to
     /// claim, and over HTTP/1 the claim exempted a trickled body from both while it held an
     /// HTTP/1 upstream connection (audit: two clients at a byte every 2.5 s held a cluster's
-    /// two connections for good). Cleared once an attempt has a connection that is not
-    /// HTTP/2 (an `auto` cluster whose endpoint chose HTTP/1.1).
+    /// two connections for good). Each attempt holds it to its connection: none on one that
+    /// is not HTTP/2 (an `auto` cluster whose endpoint chose HTTP/1.1).
     streaming: bool,
+    /// `streaming` as the request and its cluster claim it, before any connection.
+    streaming_claim: bool,
     /// Told when the client's body has been read to the end; `None` once it has (or for none).
     done: Option<Arc<Progress>>,
     had_body: bool,
@@ -202,16 +204,18 @@ impl Plan {
             || cluster.spec.protocol != UpstreamProtocol::Http1
             || (grpc && !retry.grpc_status_codes.is_empty());
         let replay = keep.then(|| Replay::of(req, budget));
+        // The header lookup last: most requests are HTTP/1.1.
+        let streaming = ex.record.version == http::Version::HTTP_2
+            && cluster.spec.protocol != UpstreamProtocol::Http1
+            && (grpc || read_ahead::connect_stream(req));
         Plan {
             route,
             deadline: deadline.at,
             grpc_deadline: deadline.grpc,
             call_end: deadline.call_end,
             grpc,
-            // The header lookup last: most requests are HTTP/1.1.
-            streaming: ex.record.version == http::Version::HTTP_2
-                && cluster.spec.protocol != UpstreamProtocol::Http1
-                && (grpc || read_ahead::connect_stream(req)),
+            streaming,
+            streaming_claim: streaming,
             done: None,
             had_body: false,
             kernel,

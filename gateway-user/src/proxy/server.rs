@@ -236,6 +236,10 @@ async fn accept_loop(
         loopback: listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
     };
     let mut reserve = admission::open_reserve();
+    #[cfg(debug_assertions)]
+    if super::failpoint::no_reserve() {
+        reserve = None;
+    }
     loop {
         tokio::select! {
             r = admission::accept(&listener) => match r {

@@ -5,10 +5,14 @@
 use std::{
     net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
-    sync::{PoisonError, RwLock},
+    sync::{
+        PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
 
 use super::{ListenerGate, Rejection, answer};
 use crate::proxy::headers::Scheme;
@@ -64,9 +68,14 @@ impl ListenerGate {
         if reserve.is_some() {
             return Some(stream);
         }
+        if UNAVAILABLE.load(Ordering::Relaxed) {
+            return Some(stream);
+        }
         let _swap = RESERVE_SWAP.write().unwrap_or_else(PoisonError::into_inner);
         *reserve = open_reserve();
-        if reserve.is_some() {
+        // Only for want of a descriptor: with no `/dev/null` to open, every connection would
+        // be turned away.
+        if reserve.is_some() || UNAVAILABLE.load(Ordering::Relaxed) {
             return Some(stream);
         }
         self.out_of_fds(stream.as_raw_fd(), scheme);
@@ -109,7 +118,43 @@ pub(crate) async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream
     .await
 }
 
-/// The descriptor an accept loop keeps in reserve for when the process runs out.
+/// Set once `/dev/null` failed to open for a reason other than the process being out of
+/// descriptors (a chroot without `/dev`): no loop has a reserve then, and none takes one back
+/// from a connection ([`ListenerGate::restock`]).
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// The descriptor an accept loop keeps in reserve for when the process runs out. `None` when
+/// the process is out of descriptors, or when `/dev/null` cannot be opened (logged once).
 pub(crate) fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
+    open_at("/dev/null", &UNAVAILABLE)
+}
+
+/// [`open_reserve`], of `path`, setting `unavailable`.
+fn open_at(path: &str, unavailable: &AtomicBool) -> Option<std::fs::File> {
+    match std::fs::File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+            if !out_of_fds && !unavailable.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, path, "cannot open the accept loops' reserve descriptor: out of file descriptors, connections will wait in the accept queue instead of being answered 503");
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `/dev/null` (a chroot without `/dev`), the reserve is unavailable for good, and
+    /// `restock` then serves connections instead of turning each away to get one.
+    #[test]
+    fn a_reserve_that_cannot_be_opened_is_unavailable_not_out_of_descriptors() {
+        let unavailable = AtomicBool::new(false);
+        assert!(open_at("/dev/null", &unavailable).is_some());
+        assert!(!unavailable.load(Ordering::Relaxed));
+        assert!(open_at("/nonexistent/null", &unavailable).is_none());
+        assert!(unavailable.load(Ordering::Relaxed));
+    }
 }

@@ -5,6 +5,8 @@ use std::{fmt, net::SocketAddr, time::Duration};
 /// What a request was doing, for `request_timeout` messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// A gRPC call whose deadline had passed when it arrived (`Deadline::passed`).
+    OnArrival,
     Routing,
     Connecting,
     SendingTheRequest,
@@ -18,6 +20,7 @@ pub enum Phase {
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Phase::OnArrival => "its deadline had passed on arrival",
             Phase::Routing => "routing",
             Phase::Connecting => "connecting",
             Phase::SendingTheRequest => "sending the request",

@@ -122,7 +122,7 @@ pub(super) async fn run(
         // A streaming call's exemptions hold on HTTP/2 only, and an `auto` cluster's endpoint
         // may have chosen HTTP/1.1 by ALPN: there the claim held an HTTP/1 upstream
         // connection with a trickled body, as `Plan::streaming` says it must not.
-        plan.streaming &= conn.h2().is_some();
+        plan.streaming = plan.streaming_claim && conn.h2().is_some();
         let reused = conn.connect_time.is_none();
         if let Some(a) = ex.record.attempts.last_mut() {
             a.cookie = Some(conn.cookie);

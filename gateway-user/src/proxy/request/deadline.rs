@@ -38,7 +38,7 @@ impl Deadline {
             return Err(ProxyError::RequestTimeout {
                 timeout: self.at.saturating_duration_since(start),
                 endpoint: None,
-                phase: Phase::Routing,
+                phase: Phase::OnArrival,
                 grpc_deadline: true,
             });
         }
