@@ -141,22 +141,35 @@ fn curl_slow(
     frame.extend_from_slice(&msg);
     let body = dir.join("slow.bin");
     std::fs::write(&body, frame).unwrap();
+    curl_slow_call(addr, grpc_timeout, Some(&body))
+}
+
+/// A call to `Slow` with curl over HTTP/2 with prior knowledge, with the given `grpc-timeout`
+/// and the message in `body` (none: a POST without a body); the response head and trailers as
+/// text, and how long it took.
+fn curl_slow_call(
+    addr: std::net::SocketAddr,
+    grpc_timeout: &str,
+    body: Option<&Path>,
+) -> (String, Duration) {
     let start = Instant::now();
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--http2-prior-knowledge",
-            "-o",
-            "/dev/null",
-            "-D",
-            "-",
-            "--max-time",
-            "20",
-        ])
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .args(["-H", &format!("grpc-timeout: {grpc_timeout}")])
-        .arg("--data-binary")
-        .arg(format!("@{}", body.display()))
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+    ])
+    .args(["--max-time", "20", "-X", "POST"])
+    .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+    .args(["-H", &format!("grpc-timeout: {grpc_timeout}")]);
+    if let Some(body) = body {
+        curl.arg("--data-binary")
+            .arg(format!("@{}", body.display()));
+    }
+    let out = curl
         .arg(format!("http://{addr}/gwtest.Echo/Slow"))
         .output()
         .expect("curl");
@@ -245,30 +258,9 @@ async fn grpc_timeout_is_the_calls_deadline_capped_by_the_routes() {
     // gateway sent it upstream and then cancelled it. Without a body: an answer that comes
     // before the body is followed by hyper's RST_STREAM (NO_ERROR), which curl 7.88 takes for
     // an error (92) and prints nothing (the suite, once).
-    let (head, took) = tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--http2-prior-knowledge",
-                "-o",
-                "/dev/null",
-                "-D",
-                "-",
-            ])
-            .args(["--max-time", "20", "-X", "POST"])
-            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-            .args(["-H", "grpc-timeout: 0S"])
-            .arg(format!("http://{addr}/gwtest.Echo/Slow"))
-            .output()
-            .expect("curl");
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            start.elapsed(),
-        )
-    })
-    .await
-    .unwrap();
+    let (head, took) = tokio::task::spawn_blocking(move || curl_slow_call(addr, "0S", None))
+        .await
+        .unwrap();
     assert!(head.contains("grpc-status: 4"), "{head}");
     assert!(head.contains("grpc-timeout"), "{head}");
     assert!(took < Duration::from_millis(1000), "{took:?}");

@@ -394,10 +394,7 @@ async fn h2_and_auto_choose_http2_by_alpn_over_upstream_tls() {
 /// the HTTP/1.1 upstream connection for as long as it went on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_claim_over_an_auto_cluster_that_chose_http1_is_held_to_the_minimum_rate() {
-    use std::{
-        io::Write as _,
-        process::{Command, Stdio},
-    };
+    use std::process::{Command, Stdio};
     let dir = temp_dir("auto-h1-trickle");
     // An upstream that reads the whole body before it answers (nginx buffers a body it
     // proxies; its own upstream refuses, so the answer would be a 502 once the body is in).
@@ -424,18 +421,7 @@ async fn a_grpc_claim_over_an_auto_cluster_that_chose_http1_is_held_to_the_minim
             .spawn()
             .expect("curl");
         let mut pipe = curl.stdin.take().unwrap();
-        let feeder = std::thread::spawn(move || {
-            for _ in 0..25 {
-                if pipe
-                    .write_all(&[b'x'; 10])
-                    .and_then(|()| pipe.flush())
-                    .is_err()
-                {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
+        let feeder = std::thread::spawn(move || gateway_testkit::http::trickle(&mut pipe));
         let out = curl.wait_with_output().expect("curl");
         feeder.join().unwrap();
         (

@@ -399,19 +399,7 @@ async fn a_client_that_trickles_its_body_is_408_client_body_timeout() {
     for headers in [&[][..], &["Content-Type: application/grpc"][..]] {
         let url = format!("http://{}/sink", gw.addr);
         let answer = tokio::task::spawn_blocking(move || {
-            curl_upload_with(url, headers, |pipe| {
-                use std::io::Write as _;
-                for _ in 0..25 {
-                    if pipe
-                        .write_all(&[b'x'; 10])
-                        .and_then(|()| pipe.flush())
-                        .is_err()
-                    {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            })
+            curl_upload_with(url, headers, gateway_testkit::http::trickle)
         })
         .await
         .unwrap();

@@ -264,3 +264,19 @@ pub async fn read_message(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> O
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// A client that trickles its body: 10 bytes every 200 ms into `pipe` (a curl uploading from
+/// its stdin), 25 times, or until the pipe breaks (curl was answered and went away). Under the
+/// gateway's minimum rate of 500 bytes a second.
+pub fn trickle(pipe: &mut impl std::io::Write) {
+    for _ in 0..25 {
+        if pipe
+            .write_all(&[b'x'; 10])
+            .and_then(|()| pipe.flush())
+            .is_err()
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
