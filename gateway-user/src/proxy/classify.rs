@@ -100,7 +100,7 @@ fn causes<'a>(e: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Err
 }
 
 /// The first HTTP/2 error under `e`.
-fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+pub(crate) fn h2_cause<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a h2::Error> {
     causes(e).find_map(|c| c.downcast_ref::<h2::Error>())
 }
 

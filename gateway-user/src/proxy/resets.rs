@@ -21,7 +21,6 @@
 //! first 0 turns the rule off.
 
 use std::{
-    error::Error,
     sync::{
         LazyLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -120,24 +119,16 @@ const H2_PENDING_ACCEPT_RESETS: usize = 20;
 /// ([`pending_accept_limit`]).
 const PENDING_PER_CONCURRENT: usize = 10;
 
-/// Whether a client connection ended with `e` because h2 closed it for a flood (a GOAWAY
+/// Whether a client connection ended with `h` because h2 closed it for a flood (a GOAWAY
 /// `ENHANCE_YOUR_CALM` of its own): most often [`pending_accept_limit`] (the classic rapid
 /// reset, each RST_STREAM right behind its HEADERS), else too many streams h2 had to reset
 /// itself (stream errors, streams refused beyond the concurrency limit), a header block or
 /// CONTINUATION flood, or a flood of DATA frames. h2 names which in the GOAWAY's debug data,
 /// but the error it returns carries none (seen: `GoAway(b"", ENHANCE_YOUR_CALM, Library)`),
 /// so all are counted and logged with the rule's closures, the log saying so.
-pub fn h2_flood(e: &(dyn Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if let Some(h) = c.downcast_ref::<h2::Error>() {
-            return h.is_go_away()
-                && h.is_library()
-                && h.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
-        }
-        cause = c.source();
-    }
-    false
+/// `h`: the HTTP/2 error under the connection's (`classify::h2_cause`).
+pub fn h2_flood(h: &h2::Error) -> bool {
+    h.is_go_away() && h.is_library() && h.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
 }
 
 #[cfg(test)]

@@ -65,10 +65,7 @@ impl ListenerGate {
         scheme: Scheme,
         reserve: &mut Option<std::fs::File>,
     ) -> Option<TcpStream> {
-        if reserve.is_some() {
-            return Some(stream);
-        }
-        if UNAVAILABLE.load(Ordering::Relaxed) {
+        if reserve.is_some() || UNAVAILABLE.load(Ordering::Relaxed) {
             return Some(stream);
         }
         let _swap = RESERVE_SWAP.write().unwrap_or_else(PoisonError::into_inner);

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use super::{H1, H2, Phase, UNKNOWN};
 use crate::{
     config::{Downstream, settings::PrematureResets},
-    proxy::{io::Activity, request::Client, resets, shared::Shared},
+    proxy::{classify, io::Activity, request::Client, resets, shared::Shared},
 };
 
 /// The HTTP/2 connection preface's length: a connection that sent less is still in hyper's
@@ -204,7 +204,7 @@ impl Quiet {
         (shared, client): (&Shared, &Client),
     ) {
         debug!(client = %client.addr, error = %e, "client connection ended with an error");
-        if resets::h2_flood(e) {
+        if classify::h2_cause(e).is_some_and(resets::h2_flood) {
             self.reset_flood(activity, client.addr, true);
         }
         super::rejected::note(shared, client, e);
