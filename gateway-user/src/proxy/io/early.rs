@@ -18,9 +18,15 @@
 //! the socket is readable only when its driver next polls the kernel, and a task busy taking
 //! the client's body never gave it the chance. hyper took the response for not there yet and
 //! went on writing until the room above was spent. So this is for plain HTTP/1 connections:
-//! over TLS, the bytes must go through rustls. About 1 upload in 150 still gets a `502` in
-//! `proxy_early_response`: there hyper did not read again after the failed write, for a
-//! reason not found yet.
+//! over TLS, the bytes must go through rustls.
+//!
+//! After the failure, a write first yields once (waking the task at once) unless hyper read
+//! since the previous one. hyper's connection writes the request body in a loop that reads
+//! nothing while the body has data ready: a client that sent faster than the upstream took (an
+//! HTTP/2 client with a 1 MiB window) filled the whole room in one turn of that loop, and got
+//! `502 upstream_reset` though the `413` waited in the socket (about 1 upload in 150, 1 in 100
+//! over HTTP/2, in `proxy_early_response`; the trace showed no read between the failure and
+//! the room spent).
 
 use std::{
     io,
@@ -41,6 +47,10 @@ pub(crate) struct EarlyResponse<T> {
     fd: RawFd,
     /// The failure of the first write that failed, and what may still be dropped.
     failed: Option<(io::ErrorKind, usize)>,
+    /// After the failure: hyper read since the last write was taken.
+    read_since: bool,
+    /// After the failure: the last write yielded (see [`EarlyResponse::yield_to_read`]).
+    yielded: bool,
 }
 
 impl<T> EarlyResponse<T> {
@@ -50,6 +60,8 @@ impl<T> EarlyResponse<T> {
             inner,
             fd,
             failed: None,
+            read_since: false,
+            yielded: false,
         }
     }
 
@@ -76,6 +88,19 @@ impl<T> EarlyResponse<T> {
                 (e.kind() != io::ErrorKind::WouldBlock).then_some(Err(e))
             }
         }
+    }
+
+    /// After the failure: `Pending` once (the task woken at once) when hyper has not read since
+    /// the last write was taken, so that its connection goes round to read the response. Only
+    /// once in a row: a connection that reads no more (its read side closed) would otherwise
+    /// spin; it gets every other write taken, until the room is spent.
+    fn yield_to_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if std::mem::take(&mut self.read_since) || std::mem::take(&mut self.yielded) {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// A write's result, the failure above turned into a write taken, while there is room.
@@ -118,10 +143,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for EarlyResponse<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.failed.is_some()
-            && let Some(r) = this.recv_now(buf)
-        {
-            return Poll::Ready(r);
+        if this.failed.is_some() {
+            this.read_since = true;
+            if let Some(r) = this.recv_now(buf) {
+                return Poll::Ready(r);
+            }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
@@ -135,6 +161,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EarlyResponse<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.failed.is_some() {
+            std::task::ready!(this.yield_to_read(cx));
             return Poll::Ready(this.dropped(buf.len()));
         }
         let r = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf));
@@ -149,6 +176,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EarlyResponse<T> {
         let this = self.get_mut();
         let len = bufs.iter().map(|b| b.len()).sum();
         if this.failed.is_some() {
+            std::task::ready!(this.yield_to_read(cx));
             return Poll::Ready(this.dropped(len));
         }
         let r = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs));
@@ -200,5 +228,25 @@ mod tests {
             io::ErrorKind::TimedOut
         );
         assert!(e.failed.is_none());
+    }
+
+    #[test]
+    fn after_the_failure_a_write_yields_to_a_read_but_never_twice_in_a_row() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut e = EarlyResponse::new((), -1);
+        // Before any failure, writes never yield.
+        assert!(e.failed.is_none());
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(e.written(Err(reset), 10).unwrap(), 10);
+        // No read since: the next write yields once, then goes ahead (no spin when the
+        // connection reads no more).
+        assert!(e.yield_to_read(&mut cx).is_pending());
+        assert!(e.yield_to_read(&mut cx).is_ready());
+        assert!(e.yield_to_read(&mut cx).is_pending());
+        assert!(e.yield_to_read(&mut cx).is_ready());
+        // A read in between: the write goes ahead at once.
+        e.read_since = true;
+        assert!(e.yield_to_read(&mut cx).is_ready());
+        assert!(e.yield_to_read(&mut cx).is_pending());
     }
 }
