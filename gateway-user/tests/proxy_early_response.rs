@@ -4,22 +4,20 @@
 //! upstream had answered (4 of 5 times for a 3 MB upload over HTTP/1.1, 22 of 30 for a 20 MB
 //! one over HTTP/2, in a black-box test). Now the gateway reads on after such a write failure,
 //! and the client gets the upstream's answer: curl over HTTP/1.1, nghttp over HTTP/2.
+//! The gateway also closes its client's connection without a reset while the client is still
+//! sending (a lingering close), so that the client reads the answer.
 
 use std::net::SocketAddr;
 
 use gateway_testkit::{inprocess::gateway, tempdir::temp_dir};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    time::{Duration, sleep, timeout},
 };
 
 /// Uploads per protocol.
 const ROUNDS: usize = 20;
-
-/// Uploads of the 40 that may still get a `502`: about 1 in 150 did in this test, a race not
-/// yet understood (hyper did not read again after the failed write). Without the fix, 4 of 20
-/// over HTTP/1.1 and 22 of 30 over HTTP/2 did.
-const TOLERATED: usize = 2;
 
 /// Answers each connection's request head with `413` and closes, the body unread.
 async fn answers_early() -> SocketAddr {
@@ -120,8 +118,69 @@ async fn an_upstreams_answer_before_the_end_of_the_body_reaches_the_client() {
         codes.len() - wrong.len(),
         codes.len()
     );
+    // About 1 upload in 150 still got a `502` here, for two reasons, both fixed: hyper wrote a
+    // fast client's body in one loop that read nothing, so the 1 MiB taken after the failed
+    // write was spent before the `413` was read (`io::early`); and the gateway closed the
+    // client's connection with its body unread, so curl's next write failed
+    // (`server::linger`). 0 of 3,900 uploads after both, in runs of 600 over HTTP/1.1 and 300
+    // over HTTP/2.
     assert!(
-        wrong.len() <= TOLERATED,
+        wrong.is_empty(),
         "not the upstream's 413: {wrong:?} of {codes:?}"
     );
+}
+
+/// A client still sending its body after the gateway answered early (its own `413`, past
+/// `max_request_body_bytes`) is not reset: the gateway reads on and drops what comes before it
+/// closes (a lingering close, as nginx's), so the client's writes keep succeeding and the
+/// connection ends with the end of the stream. Closing at once with unread bytes sent a
+/// reset: the client's next write failed (curl: `(55) Send failure: Broken pipe`, 1 upload in
+/// about 1,200 in the test above), and a client that stops at a failed write never reads the
+/// answer.
+#[tokio::test]
+async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
+    let up = answers_early().await;
+    let gw = gateway(
+        "early-linger",
+        &format!(
+            "[router.downstream]\nmax_request_body_bytes = 1000\n\
+             [router.upstream]\nendpoints = [\"{up}\"]\n"
+        ),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'x'; 65536]).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .expect("the answer");
+        assert!(n > 0, "the connection ended before the answer: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // hyper has written its answer and closed its side by now. Without the lingering close,
+    // the first write below is answered with a reset and a later one fails.
+    sleep(Duration::from_millis(200)).await;
+    for i in 0..10 {
+        sleep(Duration::from_millis(50)).await;
+        if let Err(e) = s.write_all(&[b'x'; 16384]).await {
+            panic!("write {i} after the answer failed ({e}): the gateway reset the connection");
+        }
+    }
+    // The client stops sending: the rest of the answer, then the end of the stream.
+    let mut rest = Vec::new();
+    let end = timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream within 5 s");
+    assert!(end.is_ok(), "not a clean end: {end:?}");
 }

@@ -43,10 +43,7 @@ use std::{
 };
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::warn;
 
 use super::{headers::Scheme, log_every::LogEvery, spread::Load};
@@ -393,15 +390,8 @@ impl ListenerGate {
 /// FIN, then read and drop what the client still sends, until it closes or [`REJECT_LINGER`].
 async fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(REJECT_LINGER, async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
+    let never = std::future::pending();
+    super::io::linger::read_and_drop(&stream, REJECT_LINGER, REJECT_LINGER, never).await;
 }
 
 fn errno_label(errno: i32) -> &'static str {

@@ -27,10 +27,12 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-pub(crate) use self::{delegate::delegate_async_write, early::EarlyResponse};
+pub(crate) use self::{delegate::delegate_async_write, early::EarlyResponse, holding::Holding};
 
 mod delegate;
 mod early;
+mod holding;
+pub(crate) mod linger;
 
 /// The error inside the `io::Error` (kind `TimedOut`) returned when the timer fires.
 #[derive(Debug, Error)]
@@ -211,6 +213,11 @@ impl Activity {
         self.busy.load(Ordering::Relaxed) == 0
             && !self.had_body.load(Ordering::Relaxed)
             && !self.read_since_request.load(Ordering::Relaxed)
+    }
+
+    /// The last request came with a body (hyper may not have read all of it).
+    pub fn had_body(&self) -> bool {
+        self.had_body.load(Ordering::Relaxed)
     }
 
     pub fn set_parking(&self, on: bool) {
@@ -429,39 +436,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
-}
-
-/// A socket and a guard that lives exactly as long as it: a client connection's place in
-/// `max_client_connections` and its worker's count (`admission::Permit`). Whoever ends up
-/// with the socket holds the place, hyper's connection or, once the connection is upgraded,
-/// the tunnel that owns hyper's `Upgraded`.
-pub(crate) struct Holding<T, G> {
-    inner: T,
-    guard: G,
-}
-
-impl<T, G> Holding<T, G> {
-    pub fn new(inner: T, guard: G) -> Self {
-        Holding { inner, guard }
-    }
-
-    pub fn into_parts(self) -> (T, G) {
-        (self.inner, self.guard)
-    }
-}
-
-impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for Holding<T, G> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Holding<T, G> {
-    delegate_async_write!(inner);
 }
 
 /// A non-blocking `MSG_PEEK` of up to `buf.len()` bytes of socket `fd` (0: the peer closed).

@@ -41,7 +41,7 @@ use tracing::debug;
 use super::{
     super::{
         admission::Permit,
-        io::{Activity, Holding, Parkable, StallGuard, peek},
+        io::{Activity, Holding, Parkable, StallGuard, linger, peek},
         request::{self, Client},
         shared::Shared,
     },
@@ -149,8 +149,19 @@ async fn serve_h1(
             &mut phase,
             (&shared, &client),
         );
-        let Some(parked_at) = parked_at.await else {
-            return;
+        let parked_at = match parked_at.await {
+            Driven::Parked(at) => at,
+            Driven::Cut => return,
+            Driven::Closed => {
+                if let Some(parts) = conn.into_parts() {
+                    let (socket, _) = parts.io.into_inner().into_inner();
+                    // The permit too is held until the socket closes.
+                    let (io, _permit) = socket.into_parts();
+                    let stop = forced(&mut phase);
+                    linger::after_response(&io.into_inner(), activity.had_body(), stop).await;
+                }
+                return;
+            }
         };
         let Some(parts) = conn.into_parts() else {
             // Upgraded: the tunnel has the socket (and with it the connection's place in the
@@ -181,9 +192,28 @@ async fn serve_h1(
     }
 }
 
-/// Polls hyper's connection until it ends (`None`), or until it stopped to be parked, having
-/// been quiet since [`PARK_AFTER`] before the returned instant. With `park_after_request`,
-/// only once more requests than that have started.
+/// When the drain forces connections closed (or its sender is gone).
+async fn forced(phase: &mut watch::Receiver<Phase>) {
+    while *phase.borrow_and_update() != Phase::Force {
+        if phase.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How [`drive`] ended.
+enum Driven {
+    /// Stopped to be parked, quiet since [`PARK_AFTER`] before this instant.
+    Parked(Instant),
+    /// hyper ended the connection and shut it down (a response with `Connection: close`, the
+    /// client's end of the stream): the socket may linger (`linger`).
+    Closed,
+    /// Ended otherwise: an error, the header-read timeout, the drain's force.
+    Cut,
+}
+
+/// Polls hyper's connection until it ends, or until it stopped to be parked. With
+/// `park_after_request`, only once more requests than that have started.
 ///
 /// It also enforces the header-read timeout (hyper's is off on these connections, see
 /// `shared::http1_builder`): a connection with no request running (no response in flight
@@ -196,7 +226,7 @@ async fn drive<S>(
     (park_after_request, header_timeout): (Option<u64>, Duration),
     phase: &mut watch::Receiver<Phase>,
     (shared, client): (&Shared, &Client),
-) -> Option<Instant>
+) -> Driven
 where
     S: HttpService<Incoming, ResBody = crate::proxy::response_body::ResponseBody> + Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -228,14 +258,14 @@ where
                 if let Err(e) = r {
                     debug!(client = %client.addr, error = %e, "client connection ended with an error");
                     super::rejected::note(shared, client, &e);
-                    return None;
+                    return Driven::Cut;
                 }
                 // An idle connection ends with no more I/O. One that read or wrote after it
                 // was asked to stop was busy after all (a response still being flushed): hyper
                 // finished it and meant to close it, as it would have without parking.
                 return match parking {
-                    Some((at, t)) if !closing && activity.ticks() == t => Some(at),
-                    _ => None,
+                    Some((at, t)) if !closing && activity.ticks() == t => Driven::Parked(at),
+                    _ => Driven::Closed,
                 };
             }
             event = rare => match event {
@@ -244,7 +274,7 @@ where
                     check = now + step;
                     if head.overdue(activity, now, header_timeout) {
                         debug!(client = %client.addr, "header read timeout");
-                        return None;
+                        return Driven::Cut;
                     }
                     if closing || now < park_due {
                         continue;
@@ -263,7 +293,7 @@ where
                 Rare::Phase { sender_gone } => {
                     let p = if sender_gone { Phase::Force } else { *phase.borrow() };
                     if on_phase(conn, activity, p, &mut closing) {
-                        return None;
+                        return Driven::Cut;
                     }
                 }
             }

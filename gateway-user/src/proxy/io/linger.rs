@@ -1,0 +1,77 @@
+//! Lingering close, as nginx (`lingering_close`) and Apache do it: a plain HTTP/1 connection
+//! that the gateway closes while its client may still be sending is not closed at once.
+//!
+//! That happens when a request is answered before its body was all read: the upstream's `413`
+//! or `401` before an upload, the gateway's own `413` past `max_request_body_bytes`, any
+//! answer with `Connection: close` to a request whose body was left unread; and to a
+//! connection turned away by admission (`503 overloaded`) before its request was read.
+//! Closing a socket with unread bytes makes its kernel answer with a reset. A client still
+//! writing then fails its next write (`curl: (55) Send failure: Broken pipe`) and may never
+//! read the answer waiting for it: 1 upload in about 1,200 in `proxy_early_response`.
+//!
+//! So once the answer is written and the gateway's side is shut down (FIN), what the client
+//! still sends is read and dropped until the client closes too, it is quiet for a while, a
+//! time limit passes, or the caller stops it (the drain's force).
+
+use std::{future::Future, os::fd::AsRawFd as _, time::Duration};
+
+use tokio::{net::TcpStream, time::Instant};
+
+use super::peek;
+
+/// The longest a served connection reads on after its close (nginx: `lingering_time`, 30 s).
+pub(crate) const LINGER: Duration = Duration::from_secs(5);
+
+/// The longest it waits for the client's next bytes (nginx: `lingering_timeout`, 5 s).
+pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
+/// A served HTTP/1 connection that hyper ended: lingers when there is a reason (its last
+/// request came with a body, `had_body`, or the client sent bytes that were not read), for
+/// up to [`LINGER`], quiet for at most [`QUIET`], until `stop`.
+pub(crate) async fn after_response(
+    stream: &TcpStream,
+    had_body: bool,
+    stop: impl Future<Output = ()>,
+) {
+    if !had_body && !peek(stream.as_raw_fd(), &mut [0u8; 1]).is_ok_and(|n| n > 0) {
+        return;
+    }
+    // hyper shut the socket down when it ended the connection, unless that shutdown was
+    // swallowed for parking (`Parkable`): the client must see the end of the stream to stop.
+    // SAFETY: shutdown(2) of a socket `stream` owns.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    read_and_drop(stream, LINGER, QUIET, stop).await;
+}
+
+/// Reads what the client sends and drops it, until it closes, an error, `limit` from now,
+/// `quiet` without a byte, or `stop`.
+pub(crate) async fn read_and_drop(
+    stream: &TcpStream,
+    limit: Duration,
+    quiet: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let end = Instant::now() + limit;
+    // On the heap, and small: a served connection's task stays small when it never lingers,
+    // and up to `admission::MAX_LINGERING` rejected connections linger at once.
+    let mut buf = vec![0u8; 4096];
+    let reading = async {
+        loop {
+            let wait = (Instant::now() + quiet).min(end);
+            match tokio::time::timeout_at(wait, stream.readable()).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        () = reading => {}
+        () = stop => {}
+    }
+}
