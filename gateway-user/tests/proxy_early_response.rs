@@ -9,11 +9,10 @@
 
 use std::net::SocketAddr;
 
-use gateway_testkit::{inprocess::gateway, tempdir::temp_dir};
+use gateway_testkit::{http, inprocess::gateway, tempdir::temp_dir};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    time::{Duration, sleep, timeout},
 };
 
 /// Uploads per protocol.
@@ -149,38 +148,6 @@ async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
     )
     .await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n")
-        .await
-        .unwrap();
-    s.write_all(&[b'x'; 65536]).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("an answer within 5 s")
-            .expect("the answer");
-        assert!(n > 0, "the connection ended before the answer: {head:?}");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 413"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    // hyper has written its answer and closed its side by now. Without the lingering close,
-    // the first write below is answered with a reset and a later one fails.
-    sleep(Duration::from_millis(200)).await;
-    for i in 0..10 {
-        sleep(Duration::from_millis(50)).await;
-        if let Err(e) = s.write_all(&[b'x'; 16384]).await {
-            panic!("write {i} after the answer failed ({e}): the gateway reset the connection");
-        }
-    }
-    // The client stops sending: the rest of the answer, then the end of the stream.
-    let mut rest = Vec::new();
-    let end = timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
-        .await
-        .expect("the end of the stream within 5 s");
-    assert!(end.is_ok(), "not a clean end: {end:?}");
+    let head = http::keep_sending_after_an_early_answer(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }

@@ -1558,3 +1558,48 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
         );
     }
 }
+
+/// An HTTPS client still sending its body after the gateway answered early (its own `413`,
+/// past `max_request_body_bytes`) is not reset: the connection lingers under TLS as a plain
+/// one does (`proxy_early_response`), so the client's writes keep succeeding, and it reads the
+/// answer and a clean end. Closed at once with bytes unread, the client's first write after
+/// the answer failed.
+#[test]
+fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+
+    let dir = temp_dir("tls-linger");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
+    let cfg = https_base(
+        &dir,
+        "[router.downstream]\nmax_request_body_bytes = 1000\n\
+         [router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n",
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let head = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("a.test").unwrap(), tcp)
+            .await
+            .expect("the TLS handshake");
+        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s).await
+    });
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}

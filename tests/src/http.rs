@@ -280,3 +280,54 @@ pub fn trickle(pipe: &mut impl std::io::Write) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// Uploads to a gateway that answers early, and keeps sending after the answer as a client
+/// that does not read while it writes would: a `PUT` declaring 10 MB, 64 KiB of its body, the
+/// answer's head read (returned), then 200 ms later ten writes of 16 KiB 50 ms apart, each
+/// flushed. Panics if one fails (the gateway reset the connection: its close found unread
+/// bytes) or if the stream then ends otherwise than cleanly within 5 s.
+pub async fn keep_sending_after_an_early_answer<S>(s: &mut S) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        time::{sleep, timeout},
+    };
+    s.write_all(b"PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'x'; 65536]).await.unwrap();
+    s.flush().await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .expect("the answer");
+        assert!(n > 0, "the connection ended before the answer: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    // The gateway has written its answer and closed its side by now. Closed at once, with
+    // bytes unread, its kernel answers the first write below with a reset, and a later one
+    // fails.
+    sleep(Duration::from_millis(200)).await;
+    for i in 0..10 {
+        sleep(Duration::from_millis(50)).await;
+        let wrote = async {
+            s.write_all(&[b'x'; 16384]).await?;
+            s.flush().await
+        };
+        if let Err(e) = wrote.await {
+            panic!("write {i} after the answer failed ({e}): the gateway reset the connection");
+        }
+    }
+    // The client stops sending: the rest of the answer, then the end of the stream.
+    let mut rest = Vec::new();
+    let end = timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream within 5 s");
+    assert!(end.is_ok(), "not a clean end: {end:?}");
+    String::from_utf8_lossy(&head).into_owned()
+}

@@ -442,14 +442,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
 /// A peek never consumes data, so even a stale descriptor number could not disturb another
 /// socket.
 pub(crate) fn peek(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is writable for its length; MSG_PEEK | MSG_DONTWAIT neither blocks nor
-    // consumes.
+    recv_now(fd, buf, libc::MSG_PEEK)
+}
+
+/// A non-blocking recv(2) of up to `buf.len()` bytes of socket `fd` with `flags` (0: the peer
+/// closed; `WouldBlock`: nothing there yet).
+pub(crate) fn recv_now(fd: std::os::fd::RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length; MSG_DONTWAIT never blocks.
     let n = unsafe {
         libc::recv(
             fd,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            flags | libc::MSG_DONTWAIT,
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())

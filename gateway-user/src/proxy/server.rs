@@ -25,6 +25,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    os::fd::{AsRawFd as _, RawFd},
     sync::{
         Arc,
         atomic::{AtomicU8, Ordering},
@@ -34,7 +35,10 @@ use std::{
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{Request, Response, Version};
-use hyper::{body::Incoming, service::service_fn};
+use hyper::{
+    body::{Body as _, Incoming},
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -47,7 +51,7 @@ use super::{
     admission::{self, AcceptFailure},
     handshake,
     headers::{self, Scheme},
-    io::{Busy, Holding, Parkable},
+    io::{Busy, Holding, Parkable, linger},
     listeners::ClientSocket,
     proxy_protocol,
     request::{self, Client},
@@ -301,6 +305,7 @@ async fn serve_tls(
     shared: Arc<Shared>,
     (drain, permit): Live,
 ) {
+    let fd = stream.as_raw_fd();
     if let Some(io) = handshake::accept(stream, peer, &shared).await {
         let tls = io.get_ref().1;
         let version = crate::tls::version_label(tls.protocol_version());
@@ -317,7 +322,7 @@ async fn serve_tls(
             .expect("not shared yet")
             .client_cert = cert;
         let io = Holding::new(io, permit);
-        serve(io, client, shared, h2).await;
+        serve(io, client, shared, h2, Some(fd)).await;
     }
 }
 
@@ -340,8 +345,9 @@ const H2: u8 = 2;
 
 /// Serves a connection with hyper's automatic HTTP/1 or HTTP/2 (an HTTPS one, whatever ALPN
 /// chose, or a plain one that opened with the HTTP/2 preface), until it ends. `h2`: ALPN
-/// chose HTTP/2, or the preface said so.
-async fn serve<I>(io: I, client: Arc<Client>, shared: Arc<Shared>, h2: bool)
+/// chose HTTP/2, or the preface said so. `tls_fd`: an HTTPS connection's socket, read under
+/// TLS for a lingering close.
+async fn serve<I>(io: I, client: Arc<Client>, shared: Arc<Shared>, h2: bool, tls_fd: Option<RawFd>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -350,17 +356,22 @@ where
     // Boxed, one copy is left, and the allocation (together 1,600). An HTTP/1 connection
     // polls its request's future in place, where a box would only add both.
     if h2 {
-        serve_with(io, client, shared, H2, |shared, client, req, busy| {
-            Box::pin(request::handle(shared, client, req, busy))
-        })
+        serve_with(
+            io,
+            client,
+            shared,
+            (H2, None),
+            |shared, client, req, busy| Box::pin(request::handle(shared, client, req, busy)),
+        )
         .await
     } else {
-        serve_with(io, client, shared, UNKNOWN, request::handle).await
+        serve_with(io, client, shared, (UNKNOWN, tls_fd), request::handle).await
     }
 }
 
 /// [`serve`], with `handle` making each request's future; `speaks` is `H2` when the
-/// connection is known to speak HTTP/2 before its first request.
+/// connection is known to speak HTTP/2 before its first request. An HTTP/1 connection over
+/// TLS (`tls_fd`, its socket) that hyper ended lingers (`io::linger`) before it closes.
 ///
 /// Besides hyper's own limits, the connection's timers (`quiet`): the first request's
 /// deadline, HTTP/2's idle timeout, and a response stream its client stopped reading.
@@ -370,8 +381,13 @@ where
 /// a preface on it for HTTP/2 all the same (hyper-util's `http1_only` does nothing with
 /// upgrades), would serve it with none of the limits of a connection known to speak HTTP/2
 /// (the stream watchdog, the rapid-reset rule).
-async fn serve_with<I, H, F>(io: I, client: Arc<Client>, shared: Arc<Shared>, speaks: u8, handle: H)
-where
+async fn serve_with<I, H, F>(
+    io: I,
+    client: Arc<Client>,
+    shared: Arc<Shared>,
+    (speaks, tls_fd): (u8, Option<RawFd>),
+    handle: H,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Arc<Shared>, Arc<Client>, Request<Incoming>, Busy) -> F + Send + 'static,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
@@ -404,7 +420,8 @@ where
         if v == H2 && alpn_missing {
             return Either::Right(std::future::ready(Ok(h2_without_alpn())));
         }
-        let busy = svc_activity.busy(false);
+        // A body on HTTP/1 may be left partly unread: a reason to linger.
+        let busy = svc_activity.busy(v == H1 && !req.body().is_end_stream());
         Either::Left(handle(shared.clone(), client.clone(), req, busy))
     });
     // With upgrades: a `101` hands the connection over to the tunnel (`tunnel`), which holds
@@ -433,8 +450,9 @@ where
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     idle.ended_with(&*e, &activity, (&shared_here, &client_here));
+                    return;
                 }
-                return;
+                break;
             }
             event = rare => {
                 let now_speaks = speaks.load(Ordering::Relaxed);
@@ -447,6 +465,21 @@ where
                 }
             }
         };
+    }
+    // hyper ended the connection and still holds its socket (`conn`, alive until the return).
+    if let Some(fd) = tls_fd
+        && speaks.load(Ordering::Relaxed) == H1
+    {
+        linger::after_tls_response(fd, activity.had_body(), forced(&mut phase)).await;
+    }
+}
+
+/// When the drain forces connections closed (or its sender is gone).
+async fn forced(phase: &mut watch::Receiver<Phase>) {
+    while *phase.borrow_and_update() != Phase::Force {
+        if phase.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -68,25 +68,12 @@ impl<T> EarlyResponse<T> {
     /// After the failure: what the socket holds, without waiting; `None` when it holds
     /// nothing yet (the socket's own readiness then wakes the task).
     fn recv_now(&self, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
-        let dst = buf.initialize_unfilled();
-        // SAFETY: recv(2) into the initialized, unfilled part of `buf`, of its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd,
-                dst.as_mut_ptr().cast(),
-                dst.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match usize::try_from(n) {
+        match super::recv_now(self.fd, buf.initialize_unfilled(), 0) {
             Ok(n) => {
                 buf.advance(n);
                 Some(Ok(()))
             }
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                (e.kind() != io::ErrorKind::WouldBlock).then_some(Err(e))
-            }
+            Err(e) => (e.kind() != io::ErrorKind::WouldBlock).then_some(Err(e)),
         }
     }
 

@@ -12,18 +12,29 @@
 //! So once the answer is written and the gateway's side is shut down (FIN), what the client
 //! still sends is read and dropped until the client closes too, it is quiet for a while, a
 //! time limit passes, or the caller stops it (the drain's force).
+//!
+//! An HTTPS connection lingers too, on its TCP socket under TLS (its `close_notify` is sent):
+//! hyper's finished connection holds that socket and cannot give it back, so it is read with a
+//! non-blocking `recv` every [`POLL_EVERY`] while the connection is kept.
 
-use std::{future::Future, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    future::Future,
+    os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
+};
 
 use tokio::{net::TcpStream, time::Instant};
 
-use super::peek;
+use super::{peek, recv_now};
 
 /// The longest a served connection reads on after its close (nginx: `lingering_time`, 30 s).
 pub(crate) const LINGER: Duration = Duration::from_secs(5);
 
 /// The longest it waits for the client's next bytes (nginx: `lingering_timeout`, 5 s).
 pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
+/// How often an HTTPS connection's socket is read while it lingers.
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// A served HTTP/1 connection that hyper ended: lingers when there is a reason (its last
 /// request came with a body, `had_body`, or the client sent bytes that were not read), for
@@ -33,14 +44,54 @@ pub(crate) async fn after_response(
     had_body: bool,
     stop: impl Future<Output = ()>,
 ) {
-    if !had_body && !peek(stream.as_raw_fd(), &mut [0u8; 1]).is_ok_and(|n| n > 0) {
+    if shut_down_to_linger(stream.as_raw_fd(), had_body) {
+        read_and_drop(stream, LINGER, QUIET, stop).await;
+    }
+}
+
+/// [`after_response`] for the socket `fd` under an HTTPS connection that hyper ended and
+/// still holds (the caller keeps it open until this returns): read every [`POLL_EVERY`].
+pub(crate) async fn after_tls_response(fd: RawFd, had_body: bool, stop: impl Future<Output = ()>) {
+    if !shut_down_to_linger(fd, had_body) {
         return;
+    }
+    let start = Instant::now();
+    let mut heard = start;
+    let mut buf = vec![0u8; 4096];
+    let reading = async {
+        loop {
+            tokio::time::sleep(POLL_EVERY).await;
+            // What arrived since, a bounded number of reads a round.
+            for _ in 0..64 {
+                match recv_now(fd, &mut buf, 0) {
+                    Ok(0) => return,
+                    Ok(_) => heard = Instant::now(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return,
+                }
+            }
+            let now = Instant::now();
+            if now >= heard + QUIET || now >= start + LINGER {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = reading => {}
+        () = stop => {}
+    }
+}
+
+/// Whether socket `fd` lingers (see [`after_response`]); shut down for writing if so.
+fn shut_down_to_linger(fd: RawFd, had_body: bool) -> bool {
+    if !had_body && !peek(fd, &mut [0u8; 1]).is_ok_and(|n| n > 0) {
+        return false;
     }
     // hyper shut the socket down when it ended the connection, unless that shutdown was
     // swallowed for parking (`Parkable`): the client must see the end of the stream to stop.
-    // SAFETY: shutdown(2) of a socket `stream` owns.
-    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
-    read_and_drop(stream, LINGER, QUIET, stop).await;
+    // SAFETY: shutdown(2) of a socket the caller holds open.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    true
 }
 
 /// Reads what the client sends and drops it, until it closes, an error, `limit` from now,

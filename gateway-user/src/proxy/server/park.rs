@@ -87,7 +87,7 @@ pub(super) async fn serve(
             let io = Holding::new(StallGuard::new(stream, write_timeout), permit);
             if h2 {
                 // Boxed: the connection's task stays small for the common case, HTTP/1.
-                Box::pin(super::serve(io, client, shared, true)).await;
+                Box::pin(super::serve(io, client, shared, true, None)).await;
             } else {
                 serve_h1(io, client, shared, lot, phase).await;
             }
@@ -157,7 +157,7 @@ async fn serve_h1(
                     let (socket, _) = parts.io.into_inner().into_inner();
                     // The permit too is held until the socket closes.
                     let (io, _permit) = socket.into_parts();
-                    let stop = forced(&mut phase);
+                    let stop = super::forced(&mut phase);
                     linger::after_response(&io.into_inner(), activity.had_body(), stop).await;
                 }
                 return;
@@ -187,15 +187,6 @@ async fn serve_h1(
                 permit,
                 deadline,
             });
-            return;
-        }
-    }
-}
-
-/// When the drain forces connections closed (or its sender is gone).
-async fn forced(phase: &mut watch::Receiver<Phase>) {
-    while *phase.borrow_and_update() != Phase::Force {
-        if phase.changed().await.is_err() {
             return;
         }
     }
