@@ -121,7 +121,7 @@ async fn an_upstreams_answer_before_the_end_of_the_body_reaches_the_client() {
     // fast client's body in one loop that read nothing, so the 1 MiB taken after the failed
     // write was spent before the `413` was read (`io::early`); and the gateway closed the
     // client's connection with its body unread, so curl's next write failed
-    // (`server::linger`). 0 of 3,900 uploads after both, in runs of 600 over HTTP/1.1 and 300
+    // (`io::linger`). 0 of 3,900 uploads after both, in runs of 600 over HTTP/1.1 and 300
     // over HTTP/2.
     assert!(
         wrong.is_empty(),

@@ -450,7 +450,9 @@ async fn serve_with<I, H, F>(
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     idle.ended_with(&*e, &activity, (&shared_here, &client_here));
-                    return;
+                    if !e.downcast_ref::<hyper::Error>().is_some_and(answered_unparsed) {
+                        return;
+                    }
                 }
                 break;
             }
@@ -472,6 +474,12 @@ async fn serve_with<I, H, F>(
     {
         linger::after_tls_response(fd, activity.had_body(), forced(&mut phase)).await;
     }
+}
+
+/// Whether hyper's connection ended after answering a request it could not parse (`400`,
+/// `431`): the client may still be sending it.
+fn answered_unparsed(e: &hyper::Error) -> bool {
+    e.is_parse() || e.is_parse_too_large()
 }
 
 /// When the drain forces connections closed (or its sender is gone).

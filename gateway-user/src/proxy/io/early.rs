@@ -82,7 +82,9 @@ impl<T> EarlyResponse<T> {
     /// once in a row: a connection that reads no more (its read side closed) would otherwise
     /// spin; it gets every other write taken, until the room is spent.
     fn yield_to_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if std::mem::take(&mut self.read_since) || std::mem::take(&mut self.yielded) {
+        let go = self.read_since || self.yielded;
+        (self.read_since, self.yielded) = (false, false);
+        if go {
             return Poll::Ready(());
         }
         self.yielded = true;
@@ -232,6 +234,10 @@ mod tests {
         assert!(e.yield_to_read(&mut cx).is_pending());
         assert!(e.yield_to_read(&mut cx).is_ready());
         // A read in between: the write goes ahead at once.
+        e.read_since = true;
+        assert!(e.yield_to_read(&mut cx).is_ready());
+        assert!(e.yield_to_read(&mut cx).is_pending());
+        // Yielded, then a read: the write goes ahead, and the next one yields again.
         e.read_since = true;
         assert!(e.yield_to_read(&mut cx).is_ready());
         assert!(e.yield_to_read(&mut cx).is_pending());

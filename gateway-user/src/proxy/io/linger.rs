@@ -2,9 +2,11 @@
 //! that the gateway closes while its client may still be sending is not closed at once.
 //!
 //! That happens when a request is answered before its body was all read: the upstream's `413`
-//! or `401` before an upload, the gateway's own `413` past `max_request_body_bytes`, any
-//! answer with `Connection: close` to a request whose body was left unread; and to a
-//! connection turned away by admission (`503 overloaded`) before its request was read.
+//! or `401` before an upload, the gateway's own `413` past `max_request_body_bytes`; when hyper
+//! answers a request it could not parse (`400`, `431`); and to a connection turned away by
+//! admission (`503 overloaded`) before its request was read. A served connection lingers
+//! whenever hyper ends it (a `Connection: close`, the drain) and its last request came with a
+//! body or bytes wait unread.
 //! Closing a socket with unread bytes makes its kernel answer with a reset. A client still
 //! writing then fails its next write (`curl: (55) Send failure: Broken pipe`) and may never
 //! read the answer waiting for it: 1 upload in about 1,200 in `proxy_early_response`.
@@ -103,19 +105,20 @@ pub(crate) async fn read_and_drop(
     stop: impl Future<Output = ()>,
 ) {
     let end = Instant::now() + limit;
+    let mut heard = Instant::now();
     // On the heap, and small: a served connection's task stays small when it never lingers,
     // and up to `admission::MAX_LINGERING` rejected connections linger at once.
     let mut buf = vec![0u8; 4096];
     let reading = async {
         loop {
-            let wait = (Instant::now() + quiet).min(end);
-            match tokio::time::timeout_at(wait, stream.readable()).await {
+            // A wake-up that finds nothing does not restart the quiet time.
+            match tokio::time::timeout_at((heard + quiet).min(end), stream.readable()).await {
                 Ok(Ok(())) => {}
                 _ => return,
             }
             match stream.try_read(&mut buf) {
                 Ok(0) => return,
-                Ok(_) => {}
+                Ok(_) => heard = Instant::now(),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
             }

@@ -153,8 +153,10 @@ async fn serve_h1(
             Driven::Parked(at) => at,
             Driven::Cut => return,
             Driven::Closed => {
-                if let Some(parts) = conn.into_parts() {
-                    let (socket, _) = parts.io.into_inner().into_inner();
+                // The socket alone: hyper's buffers (64 KiB and more after an upload) are
+                // freed before the wait.
+                let socket = conn.into_parts().map(|p| p.io.into_inner().into_inner().0);
+                if let Some(socket) = socket {
                     // The permit too is held until the socket closes.
                     let (io, _permit) = socket.into_parts();
                     let stop = super::forced(&mut phase);
@@ -196,8 +198,9 @@ async fn serve_h1(
 enum Driven {
     /// Stopped to be parked, quiet since [`PARK_AFTER`] before this instant.
     Parked(Instant),
-    /// hyper ended the connection and shut it down (a response with `Connection: close`, the
-    /// client's end of the stream): the socket may linger (`linger`).
+    /// hyper ended the connection (a response with `Connection: close`, an answer to a request
+    /// it could not parse, the client's end of the stream); it shut the socket down unless a
+    /// parking attempt swallowed that. The socket may linger (`io::linger`).
     Closed,
     /// Ended otherwise: an error, the header-read timeout, the drain's force.
     Cut,
@@ -249,7 +252,9 @@ where
                 if let Err(e) = r {
                     debug!(client = %client.addr, error = %e, "client connection ended with an error");
                     super::rejected::note(shared, client, &e);
-                    return Driven::Cut;
+                    // hyper answered a request it could not parse (`400`, `431`): that answer
+                    // too is not to be reset away.
+                    return if super::answered_unparsed(&e) { Driven::Closed } else { Driven::Cut };
                 }
                 // An idle connection ends with no more I/O. One that read or wrote after it
                 // was asked to stop was busy after all (a response still being flushed): hyper
