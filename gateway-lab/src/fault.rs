@@ -68,6 +68,10 @@ pub enum Fault {
     /// Every packet to the port dropped: new connects time out and established connections
     /// stall, retransmitting (the host "died").
     Blackhole { port: u16 },
+    /// Every TCP packet to the host dropped, whatever its port: a host that died behind a
+    /// router, or a firewall whose policy drops everything. `port` is the one the fault is
+    /// about; its neighbours go silent too.
+    HostBlackhole { port: u16 },
     /// Each packet of the port's traffic, in either direction, dropped with `probability`
     /// (`-m statistic --mode random`).
     Loss { port: u16, probability: f64 },
@@ -86,6 +90,7 @@ impl Fault {
             | Fault::AdminProhibited { port }
             | Fault::SynBlackhole { port }
             | Fault::Blackhole { port }
+            | Fault::HostBlackhole { port }
             | Fault::Loss { port, .. }
             | Fault::SynAckDelay { port, .. } => port,
         }
@@ -184,6 +189,7 @@ impl Fault {
                 }
                 Fault::SynBlackhole { .. } => add("INPUT", &dport, &["--syn", "-j", "DROP"]),
                 Fault::Blackhole { .. } => add("INPUT", &dport, &["-j", "DROP"]),
+                Fault::HostBlackhole { .. } => add("INPUT", &["-p", "tcp"], &["-j", "DROP"]),
                 Fault::Loss { probability, .. } => {
                     let p = probability.to_string();
                     let stat = [
@@ -232,6 +238,7 @@ impl fmt::Display for Fault {
             Fault::AdminProhibited { port } => write!(f, "admin-prohibited :{port}"),
             Fault::SynBlackhole { port } => write!(f, "syn-blackhole :{port}"),
             Fault::Blackhole { port } => write!(f, "blackhole :{port}"),
+            Fault::HostBlackhole { port } => write!(f, "host-blackhole (every port) :{port}"),
             Fault::Loss { port, probability } => write!(f, "loss {probability} :{port}"),
             Fault::SynAckDelay { port, delay } => write!(f, "syn-ack-delay {delay:?} :{port}"),
         }

@@ -40,10 +40,10 @@ use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 
 use self::{
-    jobs::{plan, plan_patient, run_jobs},
+    jobs::{plan, plan_other_port, plan_patient, run_jobs},
     join::to_attempt,
     kernel::{KernelSession, KernelUnavailable},
-    measure::{AddressMeasurements, DeadlineSource, SynBudget, TargetMeasurements},
+    measure::{AddressMeasurements, DeadlineSource, OtherPort, SynBudget, TargetMeasurements},
     report::{Phase, Progress, TargetReport},
     resolve::resolve_all,
     target::Target,
@@ -221,18 +221,54 @@ impl Deadlines {
 }
 
 /// What the probes saw, per job: its attempts and when it finished; the same for the patient
-/// jobs, and which patient job (if any) re-ran each job.
+/// jobs and the other-port ones, and which of those (if any) followed each job.
 struct Probes {
     jobs: Vec<jobs::Job>,
     observed: Vec<Vec<probe::Observed>>,
     finished: Vec<Instant>,
-    patient: Vec<Vec<probe::Observed>>,
-    patient_finished: Vec<Instant>,
-    patient_of: Vec<Option<usize>>,
+    patient: FollowUp,
+    other_port: FollowUp,
 }
 
-/// Every connect, then (when a configured deadline cut some short) the patient ones, and the
-/// kernel's last records of them all.
+/// Jobs run after the first ones, for some of them: what each saw, when it finished, and which
+/// follow-up job (if any) each first job had.
+struct FollowUp {
+    jobs: Vec<jobs::Job>,
+    observed: Vec<Vec<probe::Observed>>,
+    finished: Vec<Instant>,
+    of: Vec<Option<usize>>,
+}
+
+impl FollowUp {
+    async fn run(
+        (jobs, of): (Vec<jobs::Job>, Vec<Option<usize>>),
+        phase: Phase,
+        kernel: &mut Option<KernelSession>,
+        progress: &mut Progress,
+    ) -> anyhow::Result<FollowUp> {
+        let (observed, finished) = if jobs.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            progress.phase(phase, jobs.iter().map(jobs::Job::count).sum());
+            run_jobs(&jobs, kernel, progress).await?
+        };
+        Ok(FollowUp {
+            jobs,
+            observed,
+            finished,
+            of,
+        })
+    }
+
+    /// Job `j`'s follow-up: its attempts and when it finished.
+    fn of(&self, j: usize) -> Option<(&jobs::Job, &[probe::Observed], Instant)> {
+        self.of[j].map(|q| (&self.jobs[q], &self.observed[q][..], self.finished[q]))
+    }
+}
+
+/// Every connect; then, when a configured deadline cut some short, the patient ones; then,
+/// where nothing answered at all, connects to another port of the same host; and the kernel's
+/// last records of them all.
 async fn run_probes(
     args: &DiagnoseArgs,
     resolved: &[resolve::Resolved],
@@ -245,25 +281,20 @@ async fn run_probes(
     let (observed, finished) = run_jobs(&jobs, kernel, progress).await?;
 
     // A configured deadline that cut connects short: how long does the handshake really take?
-    let (patient_jobs, patient_of) =
-        if d.source == DeadlineSource::Configured && d.deadline < d.patient {
-            plan_patient(args, &jobs, &observed, d.patient)
-        } else {
-            (Vec::new(), vec![None; jobs.len()])
-        };
-    let (patient, patient_finished) = if patient_jobs.is_empty() {
-        (Vec::new(), Vec::new())
+    let patient = if d.source == DeadlineSource::Configured && d.deadline < d.patient {
+        plan_patient(args, &jobs, &observed, d.patient)
     } else {
-        progress.phase(
-            Phase::PatientConnects,
-            patient_jobs.iter().map(jobs::Job::count).sum(),
-        );
-        run_jobs(&patient_jobs, kernel, progress).await?
+        (Vec::new(), vec![None; jobs.len()])
     };
+    let patient = FollowUp::run(patient, Phase::PatientConnects, kernel, progress).await?;
+    // Nothing answered at all: does the host itself answer?
+    let other_port = plan_other_port(&jobs, &observed, (&patient.observed, &patient.of));
+    let other_port = FollowUp::run(other_port, Phase::OtherPort, kernel, progress).await?;
     if let Some(k) = kernel.as_mut() {
         let cookies: Vec<u64> = observed
             .iter()
-            .chain(&patient)
+            .chain(&patient.observed)
+            .chain(&other_port.observed)
             .flatten()
             .map(|o| o.cookie)
             .collect();
@@ -274,8 +305,7 @@ async fn run_probes(
         observed,
         finished,
         patient,
-        patient_finished,
-        patient_of,
+        other_port,
     })
 }
 
@@ -302,10 +332,18 @@ fn reports(
                 .map(|o| to_attempt(o, kernel))
                 .collect();
             let mut a = AddressMeasurements::new(job.addr, attempts);
-            if let Some(q) = p.patient_of[j] {
-                done = done.max(p.patient_finished[q]);
-                a.patient_attempts = p.patient[q].iter().map(|o| to_attempt(o, kernel)).collect();
+            if let Some((_, observed, at)) = p.patient.of(j) {
+                done = done.max(at);
+                a.patient_attempts = observed.iter().map(|o| to_attempt(o, kernel)).collect();
                 a.patient_deadline_ms = Some(d.patient.as_millis() as u64);
+            }
+            if let Some((other, observed, at)) = p.other_port.of(j) {
+                done = done.max(at);
+                a.other_port = Some(OtherPort {
+                    port: other.addr.port(),
+                    deadline_ms: other.schedule.deadline.as_millis() as u64,
+                    attempts: observed.iter().map(|o| to_attempt(o, kernel)).collect(),
+                });
             }
             addresses.push(a);
         }

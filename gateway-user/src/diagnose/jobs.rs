@@ -98,6 +98,59 @@ pub(super) fn plan_patient(
     (patient, patient_of)
 }
 
+/// Connects to another port of a host whose connects all went unanswered.
+pub const OTHER_PORT_COUNT: u32 = 3;
+
+/// Their deadline: a host that is up answers within a round trip; the first SYN retransmit
+/// (after 1 s) is not waited for.
+pub const OTHER_PORT_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The port asked instead of `port`: 65535 (reserved, almost never listened on), or 65534 for a
+/// target on 65535.
+pub fn other_port(port: u16) -> u16 {
+    if port == u16::MAX {
+        u16::MAX - 1
+    } else {
+        u16::MAX
+    }
+}
+
+/// A few connects to [`other_port`] of every address whose connects, and patient connects,
+/// all went unanswered (see `measure::OtherPort`). Returns them, and for each job the index
+/// of its other-port job.
+pub(super) fn plan_other_port(
+    jobs: &[Job],
+    observed: &[Vec<Observed>],
+    (patient, patient_of): (&[Vec<Observed>], &[Option<usize>]),
+) -> (Vec<Job>, Vec<Option<usize>>) {
+    let silent = |o: &Observed| {
+        matches!(o.result, ConnectResult::DeadlineHit)
+            || matches!(o.result, ConnectResult::Failed(e) if e == libc::ETIMEDOUT)
+    };
+    let mut other = Vec::new();
+    let mut other_of = vec![None; jobs.len()];
+    for (j, job) in jobs.iter().enumerate() {
+        let patient = patient_of[j].map_or(&[][..], |q| &patient[q][..]);
+        if observed[j].is_empty() || !observed[j].iter().chain(patient).all(silent) {
+            continue;
+        }
+        other_of[j] = Some(other.len());
+        let mut addr = job.addr;
+        addr.set_port(other_port(addr.port()));
+        other.push(Job {
+            target: job.target,
+            addr,
+            schedule: Schedule {
+                count: OTHER_PORT_COUNT,
+                interval: Duration::ZERO,
+                deadline: OTHER_PORT_DEADLINE,
+                http: None,
+            },
+        });
+    }
+    (other, other_of)
+}
+
 /// Runs every job's attempts, draining the kernel's records meanwhile. Returns attempt `i`
 /// of job `j` at `[j][i]`, and when each job's last attempt ended.
 pub(super) async fn run_jobs(

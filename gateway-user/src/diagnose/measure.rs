@@ -311,6 +311,20 @@ pub struct AddressMeasurements {
     pub patient_attempts: Vec<Attempt>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patient_deadline_ms: Option<u64>,
+    /// Run only when every connect went unanswered: whether the host itself answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_port: Option<OtherPort>,
+}
+
+/// Connects to another port of the same host, made when every connect to an address (patient
+/// ones included) went unanswered: a host that is up answers them (an RST where nothing
+/// listens), so the silence is about the one port; a host that is down, unreachable or behind
+/// a firewall that drops every port does not, and SYNs cannot tell those apart.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OtherPort {
+    pub port: u16,
+    pub deadline_ms: u64,
+    pub attempts: Vec<Attempt>,
 }
 
 impl AddressMeasurements {
@@ -321,6 +335,7 @@ impl AddressMeasurements {
             attempts,
             patient_attempts: Vec::new(),
             patient_deadline_ms: None,
+            other_port: None,
         }
     }
 }

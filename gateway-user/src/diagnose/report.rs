@@ -211,6 +211,8 @@ pub enum Phase {
     /// The few connects with the kernel's own budget, after a configured deadline cut some
     /// short.
     PatientConnects,
+    /// The few connects to another port of a host that answered nothing.
+    OtherPort,
 }
 
 impl Phase {
@@ -218,6 +220,7 @@ impl Phase {
         match self {
             Phase::Connects => "connects",
             Phase::PatientConnects => "patient connects",
+            Phase::OtherPort => "connects to another port",
         }
     }
 }

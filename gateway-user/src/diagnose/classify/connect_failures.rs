@@ -240,9 +240,16 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
     if f.established().len() * 2 >= f.n {
         c *= 0.5;
     }
+    let host = other_port(f);
+    if host == Some(false) {
+        c = c.min(HOST_SILENT_CONFIDENCE);
+    }
     let mut v = Verdict::new(VerdictName::Filtered, c);
     if !silent.is_empty() {
         unanswered_evidence(f, &mut v, &silent);
+    }
+    if let Some(line) = other_port_evidence(f) {
+        v.evidence.push(line);
     }
     if !denied.is_empty() {
         v.evidence.push(format!(
@@ -255,8 +262,67 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
             source_tag(&denied)
         ));
     }
-    v.next_steps = filtered_next_steps(f, !denied.is_empty());
+    v.next_steps = filtered_next_steps(f, !denied.is_empty(), host == Some(false));
     Some(v)
+}
+
+/// `filtered`'s confidence at most, when another port of the same host went unanswered too:
+/// a host that is down, unreachable, or behind a firewall that drops every port looks the
+/// same to SYNs, and each needs a different fix.
+pub(super) const HOST_SILENT_CONFIDENCE: f64 = 0.6;
+
+/// What the connects to another port of the same host said (`measure::OtherPort`): `Some(true)`
+/// when the host answered one (an RST or a SYN-ACK), `Some(false)` when none was answered at
+/// all, `None` when they were not made or ended otherwise (an ICMP error, a local failure).
+fn other_port(f: &Facts) -> Option<bool> {
+    let o = f.a.other_port.as_ref()?;
+    if o.attempts.iter().any(|a| {
+        matches!(
+            a.outcome,
+            AttemptOutcome::Refused | AttemptOutcome::Established
+        )
+    }) {
+        Some(true)
+    } else if !o.attempts.is_empty() && o.attempts.iter().all(|a| a.outcome.unanswered()) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The evidence line of the connects to another port of the same host.
+fn other_port_evidence(f: &Facts) -> Option<String> {
+    let o = f.a.other_port.as_ref()?;
+    let n = o.attempts.len();
+    let count = |k: AttemptOutcome| o.attempts.iter().filter(|a| a.outcome == k).count();
+    let all: Vec<&Attempt> = o.attempts.iter().collect();
+    Some(match other_port(f) {
+        Some(true) => format!(
+            "{}/{n} connects to port {} of the same host were answered ({} with an RST, {} with \
+             a SYN-ACK) {}: the host is up and reachable, so only port {}'s SYNs go unanswered: \
+             a firewall rule for that port, or a listener that never answers",
+            count(AttemptOutcome::Refused) + count(AttemptOutcome::Established),
+            o.port,
+            count(AttemptOutcome::Refused),
+            count(AttemptOutcome::Established),
+            source_tag(&all),
+            f.port
+        ),
+        Some(false) => format!(
+            "{n}/{n} connects to port {} of the same host went unanswered too (deadline {} ms) \
+             {}: the host may be down or unreachable, or a firewall may drop every port; SYNs \
+             alone cannot tell these apart",
+            o.port,
+            o.deadline_ms,
+            source_tag(&all)
+        ),
+        None => format!(
+            "{n} connects to port {} of the same host ended with {} {}",
+            o.port,
+            errnos(&all),
+            source_tag(&all)
+        ),
+    })
 }
 
 /// SYNs that got nothing back: how many, how long the kernel tried, and the patient connects.
@@ -320,7 +386,9 @@ fn unanswered_evidence(f: &Facts, v: &mut Verdict, silent: &[&Attempt]) {
 }
 
 /// Where to look for the filter (and, with connects `denied` on this host, its own rules).
-fn filtered_next_steps(f: &Facts, denied: bool) -> Vec<String> {
+/// `host_silent`: another port of the host went unanswered too, so whether the host is up
+/// comes first.
+fn filtered_next_steps(f: &Facts, denied: bool, host_silent: bool) -> Vec<String> {
     let mut steps = vec![
         format!(
             "look for a DROP on tcp/{}: on {} iptables -L INPUT -n -v (or nft list ruleset); in \
@@ -332,11 +400,16 @@ fn filtered_next_steps(f: &Facts, denied: bool) -> Vec<String> {
              does a SYN-ACK leave?",
             f.ip, f.port, f.ip
         ),
-        format!(
-            "is {} up? ip neigh show {} from its subnet, its console or its hypervisor",
-            f.ip, f.ip
-        ),
     ];
+    let up = format!(
+        "is {} up? ip neigh show {} from its subnet, its console or its hypervisor",
+        f.ip, f.ip
+    );
+    if host_silent {
+        steps.insert(0, up);
+    } else {
+        steps.push(up);
+    }
     if denied {
         steps.push(
             "iptables -L OUTPUT -n -v   # on this host: a rule rejecting the connect locally"

@@ -217,6 +217,57 @@ fn filtered_names_the_syns_and_the_silence() {
     assert!(v.evidence[0].ends_with("[kernel]"), "{v:#?}");
 }
 
+/// Every SYN to the port unanswered, and `other` at another port of the same host.
+fn silent_with_other_port(other: Vec<Attempt>) -> TargetMeasurements {
+    let mut m = target(vec![attempt(AttemptOutcome::Timeout, 1, 3_010_000); 5]);
+    m.addresses[0].other_port = Some(crate::diagnose::measure::OtherPort {
+        port: 65535,
+        deadline_ms: 1000,
+        attempts: other,
+    });
+    m
+}
+
+#[test]
+fn a_silent_port_of_a_host_that_answers_elsewhere_is_filtered_for_sure() {
+    let m = silent_with_other_port(vec![attempt(AttemptOutcome::Refused, 0, 150); 3]);
+    let v = assert_top(&m, VerdictName::Filtered, 0.95);
+    assert!(
+        v.evidence[1].starts_with(
+            "3/3 connects to port 65535 of the same host were answered (3 with an RST, 0 with a \
+             SYN-ACK) [kernel]: the host is up and reachable, so only port 8080's SYNs go \
+             unanswered"
+        ),
+        "{v:#?}"
+    );
+    assert!(
+        v.next_steps[0].starts_with("look for a DROP on tcp/8080"),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn a_host_silent_on_every_port_is_filtered_with_less_confidence() {
+    let m = silent_with_other_port(vec![attempt(AttemptOutcome::Deadline, 0, 1_000_000); 3]);
+    let v = top(&m);
+    assert_eq!(v.verdict, VerdictName::Filtered, "{v:#?}");
+    // Before: 0.99, though a host that is down looks the same.
+    assert_eq!(
+        v.confidence,
+        connect_failures::HOST_SILENT_CONFIDENCE,
+        "{v:#?}"
+    );
+    assert!(
+        v.evidence[1].starts_with(
+            "3/3 connects to port 65535 of the same host went unanswered too (deadline 1000 ms) \
+             [kernel]: the host may be down or unreachable, or a firewall may drop every port; \
+             SYNs alone cannot tell these apart"
+        ),
+        "{v:#?}"
+    );
+    assert!(v.next_steps[0].starts_with("is 10.77.1.2 up?"), "{v:#?}");
+}
+
 #[test]
 fn unreachable() {
     let v = assert_top(
