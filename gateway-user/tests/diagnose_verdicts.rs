@@ -134,10 +134,64 @@ fn privileged_filtered_syn_blackhole() {
         assert_eq!(a["outcome"], "timeout");
         assert_eq!(a["errno"], "ETIMEDOUT");
     }
+    // Another port of the same host answers (nothing listens there: an RST): the host is up,
+    // and the silence is this port's.
+    let other = &m["addresses"][0]["other_port"];
+    assert_eq!(other["port"], 65535, "{other:#}");
+    for a in other["attempts"].as_array().unwrap() {
+        assert_eq!(a["outcome"], "refused", "{other:#}");
+    }
+    assert!(
+        r["evidence"][1].as_str().unwrap().starts_with(
+            "3/3 connects to port 65535 of the same host were answered (3 with an RST, 0 with a \
+             SYN-ACK) [kernel]: the host is up and reachable"
+        ),
+        "{r:#}"
+    );
+    assert!(r["confidence"].as_f64().unwrap() >= 0.9, "{r:#}");
     assert!(
         run.elapsed < Duration::from_secs(6),
         "probes overlap: {:?}",
         run.elapsed
+    );
+}
+
+/// A host that drops every port's SYNs (dead behind a router, or a firewall that drops
+/// everything) is `filtered` too, but it cannot be told from a host that is down: another
+/// port of it went unanswered as well, the evidence says so, and the confidence is at most
+/// 0.6 (it was 0.99).
+#[test]
+fn privileged_filtered_whole_host_is_not_claimed_for_sure() {
+    let lab = diagnose_lab();
+    let up = lab.upstream(0).unwrap();
+    let _srv = up.serve_hold(PORT).unwrap();
+    let _f = up.apply(Fault::HostBlackhole { port: PORT }).unwrap();
+    let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(1)).unwrap();
+    let _l = lab
+        .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
+        .unwrap();
+    let addr = up.addr_v4(PORT);
+    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
+    let r = assert_verdict(&run, "filtered");
+    assert_kernel_joined(&r);
+    assert!(r["confidence"].as_f64().unwrap() <= 0.6, "{r:#}");
+    let other = &r["measurements"]["addresses"][0]["other_port"];
+    assert_eq!(other["deadline_ms"], 1000, "{other:#}");
+    for a in other["attempts"].as_array().unwrap() {
+        assert_eq!(a["outcome"], "deadline", "{other:#}");
+    }
+    let e = r["evidence"][1].as_str().unwrap();
+    assert!(
+        e.starts_with(
+            "3/3 connects to port 65535 of the same host went unanswered too (deadline 1000 ms) \
+             [kernel]: the host may be down or unreachable, or a firewall may drop every port"
+        ),
+        "{e}"
+    );
+    let first = r["next_steps"][0].as_str().unwrap();
+    assert!(
+        first.starts_with(&format!("is {} up?", addr.ip())),
+        "{first}"
     );
 }
 
