@@ -156,13 +156,7 @@ async fn serve_h1(
                 // The socket alone: hyper's buffers (64 KiB and more after an upload) are
                 // freed before the wait.
                 let socket = conn.into_parts().map(|p| p.io.into_inner().into_inner().0);
-                if let Some(socket) = socket {
-                    // The permit too is held until the socket closes.
-                    let (io, _permit) = socket.into_parts();
-                    let stop = super::forced(&mut phase);
-                    linger::after_response(&io.into_inner(), activity.had_body(), stop).await;
-                }
-                return;
+                return linger_closed(socket, activity.had_body(), &mut phase).await;
             }
         };
         let Some(parts) = conn.into_parts() else {
@@ -191,6 +185,15 @@ async fn serve_h1(
             });
             return;
         }
+    }
+}
+
+/// The socket of a connection hyper ended (`None`: upgraded, the tunnel has it) lingers before
+/// it closes (`io::linger`), holding its permit meanwhile.
+async fn linger_closed(socket: Option<Socket>, had_body: bool, phase: &mut watch::Receiver<Phase>) {
+    if let Some(socket) = socket {
+        let (io, _permit) = socket.into_parts();
+        linger::after_response(&io.into_inner(), had_body, super::forced(phase)).await;
     }
 }
 
@@ -250,11 +253,7 @@ where
             biased;
             r = &mut *conn => {
                 if let Err(e) = r {
-                    debug!(client = %client.addr, error = %e, "client connection ended with an error");
-                    super::rejected::note(shared, client, &e);
-                    // hyper answered a request it could not parse (`400`, `431`): that answer
-                    // too is not to be reset away.
-                    return if super::answered_unparsed(&e) { Driven::Closed } else { Driven::Cut };
+                    return ended_with(&e, shared, client);
                 }
                 // An idle connection ends with no more I/O. One that read or wrote after it
                 // was asked to stop was busy after all (a response still being flushed): hyper
@@ -294,6 +293,18 @@ where
                 }
             }
         }
+    }
+}
+
+/// hyper's connection failed with `e`: noted; `Closed` when hyper answered a request it could
+/// not parse (`400`, `431`), an answer not to be reset away, `Cut` otherwise.
+fn ended_with(e: &hyper::Error, shared: &Shared, client: &Client) -> Driven {
+    debug!(client = %client.addr, error = %e, "client connection ended with an error");
+    super::rejected::note(shared, client, e);
+    if super::answered_unparsed(e) {
+        Driven::Closed
+    } else {
+        Driven::Cut
     }
 }
 
