@@ -1566,8 +1566,6 @@ fn the_client_certificate_goes_upstream_as_x_forwarded_client_cert() {
 /// the answer failed.
 #[test]
 fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
-    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-
     let dir = temp_dir("tls-linger");
     let pki = Pki::new(&dir, "ca");
     pki.leaf("a", &["a.test"]);
@@ -1578,6 +1576,25 @@ fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
     );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
     let addr = https_addr(&gw);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let head = rt.block_on(async {
+        let mut s = tls_connect(&dir, addr).await;
+        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s).await
+    });
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}
+
+/// A rustls client of the gateway's HTTPS listener at `addr`, trusting DIR/ca.pem, for
+/// `a.test` with ALPN `http/1.1`.
+async fn tls_connect(
+    dir: &Path,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -1589,17 +1606,105 @@ fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .expect("the TLS handshake")
+}
+
+/// An upgraded HTTPS connection is the tunnel's: the lingering close that follows an HTTP/1
+/// connection hyper ended must not touch its socket. The client sends bytes for the tunnel
+/// right after its upgrade request (before the `101`), so that they wait in the socket when
+/// hyper hands it over; they and the next ones come back through a raw echo upstream.
+#[test]
+fn an_upgraded_https_connection_is_not_lingered_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = temp_dir("tls-upgrade-linger");
+    let pki = Pki::new(&dir, "ca");
+    pki.leaf("a", &["a.test"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let head = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(ServerName::try_from("a.test").unwrap(), tcp)
-            .await
-            .expect("the TLS handshake");
-        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s).await
+    // Answers the upgrade with `101`, then echoes.
+    let echo = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let up = echo.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let at = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                          connection: upgrade\r\n\r\n",
+                    )
+                    .await;
+                let _ = s.write_all(&head[at..]).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
     });
-    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let cfg = https_base(
+        &dir,
+        &format!("[router.upstream]\nendpoints = [\"{up}\"]\n"),
+    );
+    let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
+    let addr = https_addr(&gw);
+    rt.block_on(async {
+        let mut s = tls_connect(&dir, addr).await;
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        s.flush().await.unwrap();
+        // Bytes for the tunnel, in a write of their own: they reach the socket after hyper
+        // read the request.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        s.write_all(b"first").await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Duration::from_secs(5);
+        while !got.windows(5).any(|w| w == b"first") {
+            let n = tokio::time::timeout(deadline, s.read(&mut buf))
+                .await
+                .expect("the 101 and the echo within 5 s")
+                .unwrap();
+            assert!(n > 0, "the tunnel ended: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        // Still both ways, after the moment a linger would have begun.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.write_all(b"second").await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = Vec::new();
+        while !got.windows(6).any(|w| w == b"second") {
+            let n = tokio::time::timeout(deadline, s.read(&mut buf))
+                .await
+                .expect("the echo within 5 s")
+                .unwrap();
+            assert!(n > 0, "the tunnel ended: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    });
 }

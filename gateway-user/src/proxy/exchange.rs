@@ -118,6 +118,11 @@ impl Exchange {
         self.active = None;
     }
 
+    /// The request's `101` hands its client connection's socket to a tunnel.
+    pub fn upgrade(&self) {
+        self.busy.upgrade();
+    }
+
     /// The client connection's count of response streams waiting for it to read, if it
     /// keeps one (`io::Owed`).
     pub fn owed(&self) -> Option<&super::io::Owed> {

@@ -175,6 +175,9 @@ pub(crate) struct Activity {
     /// The gateway gave up on the client, which stopped reading for the write timeout: what
     /// the connection then cuts short is `client_write_timeout`, not `client_closed`.
     stopped_reading: AtomicBool,
+    /// A request's `101` handed the connection's socket to a tunnel: it is not the
+    /// connection's to linger on any more.
+    upgraded: AtomicBool,
 }
 
 impl Activity {
@@ -213,6 +216,11 @@ impl Activity {
         self.busy.load(Ordering::Relaxed) == 0
             && !self.had_body.load(Ordering::Relaxed)
             && !self.read_since_request.load(Ordering::Relaxed)
+    }
+
+    /// See the field.
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
     }
 
     /// The last request came with a body (hyper may not have read all of it).
@@ -273,6 +281,11 @@ impl Busy {
     /// See [`Activity::client_stopped_reading`].
     pub fn client_stopped_reading(&self) -> bool {
         self.0.stopped_reading.load(Ordering::Relaxed)
+    }
+
+    /// The request's `101` hands the connection's socket to a tunnel (see `Activity`).
+    pub fn upgrade(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
     }
 }
 

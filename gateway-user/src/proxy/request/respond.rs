@@ -166,6 +166,7 @@ fn switch(
     parts.version = Version::HTTP_11;
     ours(&mut parts.headers, &ex);
     ex.record.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    ex.upgrade();
     let policy = ex.route.as_ref().map(|r| r.policy);
     tunnel::spawn(Tunnel {
         client: client_side,

@@ -194,8 +194,10 @@ async fn serve_with<I, H, F>(
             }
         };
     }
-    // hyper ended the connection and still holds its socket (`conn`, alive until the return).
-    if let Some(fd) = tls_fd.filter(|_| speaks.load(Ordering::Relaxed) == H1) {
+    // hyper ended the connection and still holds its socket (`conn`, alive until the return),
+    // unless a `101` handed it to a tunnel, which may even have closed it by now.
+    let lingers = lingers(speaks.load(Ordering::Relaxed), &activity);
+    if let Some(fd) = tls_fd.filter(|_| lingers) {
         linger::after_tls_response(fd, activity.had_body(), forced(&mut phase)).await;
     }
 }
@@ -233,6 +235,13 @@ where
 
 /// What the service gives hyper for a request.
 type Answer = Result<Response<ResponseBody>, Infallible>;
+
+/// Whether a connection hyper ended may linger on its socket: HTTP/1, and not handed to a
+/// tunnel by a `101` (the socket is the tunnel's then, and may be closed already, its
+/// descriptor number another connection's).
+fn lingers(speaks: u8, activity: &Activity) -> bool {
+    speaks == H1 && !activity.upgraded()
+}
 
 /// Whether hyper's connection ended after answering a request it could not parse (`400`,
 /// `431`): the client may still be sending it.
@@ -286,5 +295,20 @@ fn on_phase(p: Phase, speaks: u8, shutting_down: bool) -> Option<Stop> {
         Phase::Drain if !shutting_down => Some(Stop::GoAway),
         Phase::Drain => None,
         Phase::Force => Some(Stop::Close),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upgraded_connection_never_lingers() {
+        let activity = Arc::new(Activity::default());
+        assert!(lingers(H1, &activity));
+        assert!(!lingers(H2, &activity));
+        assert!(!lingers(UNKNOWN, &activity));
+        activity.busy(false).upgrade();
+        assert!(!lingers(H1, &activity));
     }
 }
