@@ -144,7 +144,7 @@ fn privileged_filtered_syn_blackhole() {
     assert!(
         r["evidence"][1].as_str().unwrap().starts_with(
             "3/3 connects to port 65535 of the same host were answered (3 with an RST, 0 with a \
-             SYN-ACK) [kernel]: the host is up and reachable"
+             SYN-ACK) [kernel]: something answers for"
         ),
         "{r:#}"
     );
@@ -188,10 +188,10 @@ fn privileged_filtered_whole_host_is_not_claimed_for_sure() {
         ),
         "{e}"
     );
-    let first = r["next_steps"][0].as_str().unwrap();
+    let second = r["next_steps"][1].as_str().unwrap();
     assert!(
-        first.starts_with(&format!("is {} up?", addr.ip())),
-        "{first}"
+        second.starts_with(&format!("is {} up?", addr.ip())),
+        "{second}"
     );
 }
 

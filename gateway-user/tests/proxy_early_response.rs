@@ -148,6 +148,6 @@ async fn a_client_still_sending_after_an_early_answer_is_not_reset() {
     )
     .await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let head = http::keep_sending_after_an_early_answer(&mut s).await;
+    let head = http::keep_sending_after_an_early_answer(&mut s, &http::upload_start()).await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }

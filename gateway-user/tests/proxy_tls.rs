@@ -1050,7 +1050,8 @@ fn an_upgraded_https_connection_keeps_its_place_in_max_client_connections() {
     stdin
         .write_all(
             b"GET /ws HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+              content-length: 5\r\n\r\nhello",
         )
         .unwrap();
     let mut status = String::new();
@@ -1571,7 +1572,7 @@ fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
     pki.leaf("a", &["a.test"]);
     let cfg = https_base(
         &dir,
-        "[router.downstream]\nmax_request_body_bytes = 1000\n\
+        "[router.downstream]\nmax_request_body_bytes = 1000\nmax_request_header_bytes = 4096\n\
          [router.upstream]\nendpoints = [\"127.0.0.1:9\"]\n",
     );
     let gw = GatewayProcess::spawn(gateway_bin!().run(&cfg));
@@ -1580,11 +1581,21 @@ fn an_https_client_still_sending_after_an_early_answer_is_not_reset() {
         .enable_all()
         .build()
         .unwrap();
+    let start = gateway_testkit::http::upload_start();
     let head = rt.block_on(async {
         let mut s = tls_connect(&dir, addr).await;
-        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s).await
+        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s, &start).await
     });
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // A first request whose head is too large: hyper answers `431` itself, before any request
+    // told the connection speaks HTTP/1, and the rest of the head is still coming.
+    let mut start = b"GET / HTTP/1.1\r\nhost: a.test\r\nx-big: ".to_vec();
+    start.extend_from_slice(&[b'a'; 65536]);
+    let head = rt.block_on(async {
+        let mut s = tls_connect(&dir, addr).await;
+        gateway_testkit::http::keep_sending_after_an_early_answer(&mut s, &start).await
+    });
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
 }
 
 /// A rustls client of the gateway's HTTPS listener at `addr`, trusting DIR/ca.pem, for
@@ -1614,9 +1625,10 @@ async fn tls_connect(
 }
 
 /// An upgraded HTTPS connection is the tunnel's: the lingering close that follows an HTTP/1
-/// connection hyper ended must not touch its socket. The client sends bytes for the tunnel
-/// right after its upgrade request (before the `101`), so that they wait in the socket when
-/// hyper hands it over; they and the next ones come back through a raw echo upstream.
+/// connection hyper ended must not touch its socket. The upgrade request has a body (a reason
+/// to linger), and the client sends bytes for the tunnel right after it; they and the next
+/// ones come back through a raw echo upstream. Lingering on it shut the tunnel's way back
+/// down.
 #[test]
 fn an_upgraded_https_connection_is_not_lingered_on() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1667,7 +1679,8 @@ fn an_upgraded_https_connection_is_not_lingered_on() {
         let mut s = tls_connect(&dir, addr).await;
         s.write_all(
             b"GET /ws HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+              content-length: 5\r\n\r\nhello",
         )
         .await
         .unwrap();

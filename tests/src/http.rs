@@ -281,12 +281,19 @@ pub fn trickle(pipe: &mut impl std::io::Write) {
     }
 }
 
-/// Uploads to a gateway that answers early, and keeps sending after the answer as a client
-/// that does not read while it writes would: a `PUT` declaring 10 MB, 64 KiB of its body, the
-/// answer's head read (returned), then 200 ms later ten writes of 16 KiB 50 ms apart, each
-/// flushed. Panics if one fails (the gateway reset the connection: its close found unread
-/// bytes) or if the stream then ends otherwise than cleanly within 5 s.
-pub async fn keep_sending_after_an_early_answer<S>(s: &mut S) -> String
+/// A `PUT` declaring 10 MB and 64 KiB of its body: an upload a gateway answers early.
+pub fn upload_start() -> Vec<u8> {
+    let mut b = b"PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n".to_vec();
+    b.extend_from_slice(&[b'x'; 65536]);
+    b
+}
+
+/// Sends `start` (a request the gateway answers before it has read all of it, such as
+/// [`upload_start`]) and keeps sending after the answer as a client that does not read while
+/// it writes would: the answer's head read (returned), then 200 ms later ten writes of 16 KiB
+/// 50 ms apart, each flushed. Panics if one fails (the gateway reset the connection: its
+/// close found unread bytes) or if the stream then ends otherwise than cleanly within 5 s.
+pub async fn keep_sending_after_an_early_answer<S>(s: &mut S, start: &[u8]) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -294,10 +301,7 @@ where
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         time::{sleep, timeout},
     };
-    s.write_all(b"PUT /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n")
-        .await
-        .unwrap();
-    s.write_all(&[b'x'; 65536]).await.unwrap();
+    s.write_all(start).await.unwrap();
     s.flush().await.unwrap();
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];

@@ -127,16 +127,21 @@ pub(super) fn plan_other_port(
         matches!(o.result, ConnectResult::DeadlineHit)
             || matches!(o.result, ConnectResult::Failed(e) if e == libc::ETIMEDOUT)
     };
-    let mut other = Vec::new();
+    let mut other: Vec<Job> = Vec::new();
     let mut other_of = vec![None; jobs.len()];
     for (j, job) in jobs.iter().enumerate() {
         let patient = patient_of[j].map_or(&[][..], |q| &patient[q][..]);
         if observed[j].is_empty() || !observed[j].iter().chain(patient).all(silent) {
             continue;
         }
-        other_of[j] = Some(other.len());
         let mut addr = job.addr;
         addr.set_port(other_port(addr.port()));
+        // One job per host (and port), however many of its targets went silent.
+        if let Some(q) = other.iter().position(|o| o.addr == addr) {
+            other_of[j] = Some(q);
+            continue;
+        }
+        other_of[j] = Some(other.len());
         other.push(Job {
             target: job.target,
             addr,

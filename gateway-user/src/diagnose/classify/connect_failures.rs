@@ -299,13 +299,15 @@ fn other_port_evidence(f: &Facts) -> Option<String> {
     Some(match other_port(f) {
         Some(true) => format!(
             "{}/{n} connects to port {} of the same host were answered ({} with an RST, {} with \
-             a SYN-ACK) {}: the host is up and reachable, so only port {}'s SYNs go unanswered: \
-             a firewall rule for that port, or a listener that never answers",
+             a SYN-ACK) {}: something answers for {} (the host, or a device in front of it), so \
+             only port {}'s SYNs go unanswered: a firewall rule for that port, or a listener \
+             that never answers",
             count(AttemptOutcome::Refused) + count(AttemptOutcome::Established),
             o.port,
             count(AttemptOutcome::Refused),
             count(AttemptOutcome::Established),
             source_tag(&all),
+            f.ip,
             f.port
         ),
         Some(false) => format!(
@@ -387,7 +389,7 @@ fn unanswered_evidence(f: &Facts, v: &mut Verdict, silent: &[&Attempt]) {
 
 /// Where to look for the filter (and, with connects `denied` on this host, its own rules).
 /// `host_silent`: another port of the host went unanswered too, so whether the host is up
-/// comes first.
+/// comes before the capture.
 fn filtered_next_steps(f: &Facts, denied: bool, host_silent: bool) -> Vec<String> {
     let mut steps = vec![
         format!(
@@ -405,11 +407,9 @@ fn filtered_next_steps(f: &Facts, denied: bool, host_silent: bool) -> Vec<String
         "is {} up? ip neigh show {} from its subnet, its console or its hypervisor",
         f.ip, f.ip
     );
-    if host_silent {
-        steps.insert(0, up);
-    } else {
-        steps.push(up);
-    }
+    // Second when the host may be down: a firewall that drops every port but a few (a
+    // security group) is as likely, and checked first.
+    steps.insert(if host_silent { 1 } else { 2 }, up);
     if denied {
         steps.push(
             "iptables -L OUTPUT -n -v   # on this host: a rule rejecting the connect locally"

@@ -152,11 +152,12 @@ async fn serve_h1(
         let parked_at = match parked_at.await {
             Driven::Parked(at) => at,
             Driven::Cut => return,
-            Driven::Closed => {
+            Driven::Closed { unparsed } => {
                 // The socket alone: hyper's buffers (64 KiB and more after an upload) are
                 // freed before the wait.
                 let socket = conn.into_parts().map(|p| p.io.into_inner().into_inner().0);
-                return linger_closed(socket, activity.had_body(), &mut phase).await;
+                let had_body = activity.had_body() || unparsed;
+                return linger_closed(socket, had_body, &mut phase).await;
             }
         };
         let Some(parts) = conn.into_parts() else {
@@ -201,10 +202,11 @@ async fn linger_closed(socket: Option<Socket>, had_body: bool, phase: &mut watch
 enum Driven {
     /// Stopped to be parked, quiet since [`PARK_AFTER`] before this instant.
     Parked(Instant),
-    /// hyper ended the connection (a response with `Connection: close`, an answer to a request
-    /// it could not parse, the client's end of the stream); it shut the socket down unless a
-    /// parking attempt swallowed that. The socket may linger (`io::linger`).
-    Closed,
+    /// hyper ended the connection (a response with `Connection: close`, the client's end of
+    /// the stream, or, `unparsed`, a request it could not parse, which the client may still be
+    /// sending); it shut the socket down unless a parking attempt swallowed that. The socket
+    /// may linger (`io::linger`).
+    Closed { unparsed: bool },
     /// Ended otherwise: an error, the header-read timeout, the drain's force.
     Cut,
 }
@@ -260,7 +262,7 @@ where
                 // finished it and meant to close it, as it would have without parking.
                 return match parking {
                     Some((at, t)) if !closing && activity.ticks() == t => Driven::Parked(at),
-                    _ => Driven::Closed,
+                    _ => Driven::Closed { unparsed: false },
                 };
             }
             event = rare => match event {
@@ -296,13 +298,14 @@ where
     }
 }
 
-/// hyper's connection failed with `e`: noted; `Closed` when hyper answered a request it could
-/// not parse (`400`, `431`), an answer not to be reset away, `Cut` otherwise.
+/// hyper's connection failed with `e`: noted; `Closed` when it failed on a request it could not
+/// parse (answered `400`, `414` or `431` where hyper could), an answer not to be reset away,
+/// `Cut` otherwise.
 fn ended_with(e: &hyper::Error, shared: &Shared, client: &Client) -> Driven {
     debug!(client = %client.addr, error = %e, "client connection ended with an error");
     super::rejected::note(shared, client, e);
     if super::answered_unparsed(e) {
-        Driven::Closed
+        Driven::Closed { unparsed: true }
     } else {
         Driven::Cut
     }

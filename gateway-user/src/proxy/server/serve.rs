@@ -155,7 +155,7 @@ async fn serve_with<I, H, F>(
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutting_down = false;
-    loop {
+    let failed = loop {
         let now_speaks = speaks.load(Ordering::Relaxed);
         match idle.go_away_when_ready(stop, now_speaks, &activity, shutting_down) {
             None => {}
@@ -173,15 +173,7 @@ async fn serve_with<I, H, F>(
         stop = tokio::select! {
             // The connection first: an unbiased select draws a random number at each wake-up.
             biased;
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    idle.ended_with(&*e, &activity, (&shared_here, &client_here));
-                    if !e.downcast_ref::<hyper::Error>().is_some_and(answered_unparsed) {
-                        return;
-                    }
-                }
-                break;
-            }
+            r = conn.as_mut() => break r.err(),
             event = rare => {
                 let now_speaks = speaks.load(Ordering::Relaxed);
                 match event {
@@ -193,12 +185,23 @@ async fn serve_with<I, H, F>(
                 }
             }
         };
+    };
+    // An error ends the connection, unless hyper answered a request it could not parse.
+    let unparsed = failed.as_ref().is_some_and(|e| {
+        idle.ended_with(&**e, &activity, (&shared_here, &client_here));
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(answered_unparsed)
+    });
+    if failed.is_some() && !unparsed {
+        return;
     }
     // hyper ended the connection and still holds its socket (`conn`, alive until the return),
     // unless a `101` handed it to a tunnel, which may even have closed it by now.
-    let lingers = lingers(speaks.load(Ordering::Relaxed), &activity);
-    if let Some(fd) = tls_fd.filter(|_| lingers) {
-        linger::after_tls_response(fd, activity.had_body(), forced(&mut phase)).await;
+    if let Some(fd) =
+        tls_fd.filter(|_| lingers(speaks.load(Ordering::Relaxed), &activity, unparsed))
+    {
+        let had_body = activity.had_body() || unparsed;
+        linger::after_tls_response(fd, had_body, forced(&mut phase)).await;
     }
 }
 
@@ -236,15 +239,16 @@ where
 /// What the service gives hyper for a request.
 type Answer = Result<Response<ResponseBody>, Infallible>;
 
-/// Whether a connection hyper ended may linger on its socket: HTTP/1, and not handed to a
-/// tunnel by a `101` (the socket is the tunnel's then, and may be closed already, its
-/// descriptor number another connection's).
-fn lingers(speaks: u8, activity: &Activity) -> bool {
-    speaks == H1 && !activity.upgraded()
+/// Whether a connection hyper ended may linger on its socket: HTTP/1 (or `unparsed`: hyper
+/// answered a request it could not parse, which only HTTP/1 has, the connection's first
+/// perhaps), and not handed to a tunnel by a `101` (the socket is the tunnel's then, and may
+/// be closed already, its descriptor number another connection's).
+fn lingers(speaks: u8, activity: &Activity, unparsed: bool) -> bool {
+    (speaks == H1 || unparsed) && !activity.upgraded()
 }
 
-/// Whether hyper's connection ended after answering a request it could not parse (`400`,
-/// `431`): the client may still be sending it.
+/// Whether hyper's connection failed on a request it could not parse. hyper then answers
+/// `400`, `414` or `431` where it can, and the client may still be sending the request.
 pub(super) fn answered_unparsed(e: &hyper::Error) -> bool {
     e.is_parse() || e.is_parse_too_large()
 }
@@ -305,10 +309,12 @@ mod tests {
     #[test]
     fn an_upgraded_connection_never_lingers() {
         let activity = Arc::new(Activity::default());
-        assert!(lingers(H1, &activity));
-        assert!(!lingers(H2, &activity));
-        assert!(!lingers(UNKNOWN, &activity));
+        assert!(lingers(H1, &activity, false));
+        assert!(!lingers(H2, &activity, false));
+        assert!(!lingers(UNKNOWN, &activity, false));
+        // A first request hyper could not parse: HTTP/1, though no request told so.
+        assert!(lingers(UNKNOWN, &activity, true));
         activity.busy(false).upgrade();
-        assert!(!lingers(H1, &activity));
+        assert!(!lingers(H1, &activity, false));
     }
 }
