@@ -6,14 +6,14 @@
 //! `--nocapture` shows each verdict's confidence and runtime.
 
 use std::{
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use gateway_lab::{ClientSysctl, Fault, HttpBehaviour};
 use gateway_testkit::{
     diagnose::{
-        SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
+        Run, SlowAcceptor, SlowDns, assert_kernel_joined, assert_verdict, attempts, check_report,
         diagnose_in, diagnose_lab, diagnose_with_resolver,
     },
     gateway_bin,
@@ -101,13 +101,14 @@ fn privileged_refused_by_icmp_port_unreachable() {
     }
 }
 
-#[test]
-fn privileged_filtered_syn_blackhole() {
+/// `gateway diagnose --json` of the upstream's `PORT`, served, with `fault` on and the kernel
+/// giving up on a connect after one SYN retransmit, classic back-off (3 s): the run, its
+/// report (asserted `filtered`, joined to the kernel's records) and the address.
+fn diagnose_silent(fault: Fault) -> (Run, serde_json::Value, SocketAddr) {
     let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let _f = up.apply(Fault::SynBlackhole { port: PORT }).unwrap();
-    // One retransmit, classic back-off: the kernel gives up after 3 s.
+    let _f = up.apply(fault).unwrap();
     let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(1)).unwrap();
     let _l = lab
         .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
@@ -116,6 +117,12 @@ fn privileged_filtered_syn_blackhole() {
     let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
     let r = assert_verdict(&run, "filtered");
     assert_kernel_joined(&r);
+    (run, r, addr)
+}
+
+#[test]
+fn privileged_filtered_syn_blackhole() {
+    let (run, r, addr) = diagnose_silent(Fault::SynBlackhole { port: PORT });
     let e = r["evidence"][0].as_str().unwrap();
     assert!(
         e.starts_with(&format!(
@@ -162,18 +169,7 @@ fn privileged_filtered_syn_blackhole() {
 /// 0.6 (it was 0.99).
 #[test]
 fn privileged_filtered_whole_host_is_not_claimed_for_sure() {
-    let lab = diagnose_lab();
-    let up = lab.upstream(0).unwrap();
-    let _srv = up.serve_hold(PORT).unwrap();
-    let _f = up.apply(Fault::HostBlackhole { port: PORT }).unwrap();
-    let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(1)).unwrap();
-    let _l = lab
-        .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
-        .unwrap();
-    let addr = up.addr_v4(PORT);
-    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
-    let r = assert_verdict(&run, "filtered");
-    assert_kernel_joined(&r);
+    let (_, r, addr) = diagnose_silent(Fault::HostBlackhole { port: PORT });
     assert!(r["confidence"].as_f64().unwrap() <= 0.6, "{r:#}");
     let other = &r["measurements"]["addresses"][0]["other_port"];
     assert_eq!(other["deadline_ms"], 1000, "{other:#}");

@@ -1050,8 +1050,7 @@ fn an_upgraded_https_connection_keeps_its_place_in_max_client_connections() {
     stdin
         .write_all(
             b"GET /ws HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
-              content-length: 5\r\n\r\nhello",
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
         )
         .unwrap();
     let mut status = String::new();
@@ -1631,7 +1630,7 @@ async fn tls_connect(
 /// down.
 #[test]
 fn an_upgraded_https_connection_is_not_lingered_on() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
 
     let dir = temp_dir("tls-upgrade-linger");
     let pki = Pki::new(&dir, "ca");
@@ -1648,22 +1647,20 @@ fn an_upgraded_https_connection_is_not_lingered_on() {
     rt.spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                let mut rest = Vec::new();
+                if gateway_testkit::http::read_message(&mut s, &mut rest)
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
-                let at = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                 let _ = s
                     .write_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
                           connection: upgrade\r\n\r\n",
                     )
                     .await;
-                let _ = s.write_all(&head[at..]).await;
+                let _ = s.write_all(&rest).await;
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
@@ -1690,17 +1687,7 @@ fn an_upgraded_https_connection_is_not_lingered_on() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         s.write_all(b"first").await.unwrap();
         s.flush().await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        let deadline = std::time::Duration::from_secs(5);
-        while !got.windows(5).any(|w| w == b"first") {
-            let n = tokio::time::timeout(deadline, s.read(&mut buf))
-                .await
-                .expect("the 101 and the echo within 5 s")
-                .unwrap();
-            assert!(n > 0, "the tunnel ended: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_until(&mut s, b"first").await;
         assert!(
             got.starts_with(b"HTTP/1.1 101"),
             "{}",
@@ -1710,14 +1697,23 @@ fn an_upgraded_https_connection_is_not_lingered_on() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         s.write_all(b"second").await.unwrap();
         s.flush().await.unwrap();
-        let mut got = Vec::new();
-        while !got.windows(6).any(|w| w == b"second") {
-            let n = tokio::time::timeout(deadline, s.read(&mut buf))
-                .await
-                .expect("the echo within 5 s")
-                .unwrap();
-            assert!(n > 0, "the tunnel ended: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut s, b"second").await;
     });
+}
+
+/// What `s` gives until `needle` has come (within 5 s; panics if the stream ends first).
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("within 5 s")
+            .unwrap();
+        assert!(n > 0, "the tunnel ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
