@@ -173,7 +173,10 @@ async fn serve_with<I, H, F>(
         stop = tokio::select! {
             // The connection first: an unbiased select draws a random number at each wake-up.
             biased;
-            r = conn.as_mut() => break r.err(),
+            r = conn.as_mut() => break r.err().map(|e| {
+                idle.ended_with(&*e, &activity, (&shared_here, &client_here));
+                e.downcast_ref::<hyper::Error>().is_some_and(answered_unparsed)
+            }),
             event = rare => {
                 let now_speaks = speaks.load(Ordering::Relaxed);
                 match event {
@@ -186,22 +189,27 @@ async fn serve_with<I, H, F>(
             }
         };
     };
-    // An error ends the connection, unless hyper answered a request it could not parse.
-    let unparsed = failed.as_ref().is_some_and(|e| {
-        idle.ended_with(&**e, &activity, (&shared_here, &client_here));
-        e.downcast_ref::<hyper::Error>()
-            .is_some_and(answered_unparsed)
-    });
-    if failed.is_some() && !unparsed {
+    // An error ends the connection, unless hyper failed on a request it could not parse.
+    let Some(unparsed) = failed.map_or(Some(false), |unparsed| unparsed.then_some(true)) else {
         return;
-    }
+    };
     // hyper ended the connection and still holds its socket (`conn`, alive until the return),
     // unless a `101` handed it to a tunnel, which may even have closed it by now.
-    if let Some(fd) =
-        tls_fd.filter(|_| lingers(speaks.load(Ordering::Relaxed), &activity, unparsed))
-    {
+    let now_speaks = speaks.load(Ordering::Relaxed);
+    linger_tls((tls_fd, unparsed), now_speaks, &activity, &mut phase).await;
+}
+
+/// A [`serve_with`] connection over TLS (its socket `tls_fd`) that hyper ended lingers when
+/// [`lingers`] says so; `unparsed`: hyper failed on a request it could not parse.
+async fn linger_tls(
+    (tls_fd, unparsed): (Option<RawFd>, bool),
+    speaks: u8,
+    activity: &Activity,
+    phase: &mut watch::Receiver<Phase>,
+) {
+    if let Some(fd) = tls_fd.filter(|_| lingers(speaks, activity, unparsed)) {
         let had_body = activity.had_body() || unparsed;
-        linger::after_tls_response(fd, had_body, forced(&mut phase)).await;
+        linger::after_tls_response(fd, had_body, forced(phase)).await;
     }
 }
 
