@@ -3,10 +3,11 @@
 //!
 //! That happens when a request is answered before its body was all read: the upstream's `413`
 //! or `401` before an upload, the gateway's own `413` past `max_request_body_bytes`; when hyper
-//! answers a request it could not parse (`400`, `431`); and to a connection turned away by
-//! admission (`503 overloaded`) before its request was read. A served connection lingers
+//! answers a request it could not parse (`400`, `414`, `431`); and to a connection turned away
+//! by admission (`503 overloaded`) before its request was read. A served connection lingers
 //! whenever hyper ends it (a `Connection: close`, the drain) and its last request came with a
-//! body or bytes wait unread.
+//! body or bytes wait unread; never once a `101` handed it to a tunnel.
+//!
 //! Closing a socket with unread bytes makes its kernel answer with a reset. A client still
 //! writing then fails its next write (`curl: (55) Send failure: Broken pipe`) and may never
 //! read the answer waiting for it: 1 upload in about 1,200 in `proxy_early_response`.
