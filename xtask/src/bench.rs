@@ -125,6 +125,20 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `n` distinct free loopback ports: all held at once while they are chosen. Chosen one at a
+/// time, the kernel may hand out the same port twice (a bench run gave the gateway the port
+/// its upstream nginx then listened on: "cannot listen on 127.0.0.1:37089: another socket
+/// already listens there (pid 5931, nginx)").
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
 /// How a target is spoken to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {

@@ -10,7 +10,7 @@
 
 use crate::{
     Proc,
-    bench::{Scheme, Target, family, free_port, spawn_proc, wait_ready},
+    bench::{Scheme, Target, family, free_port, free_ports, spawn_proc, wait_ready},
 };
 use std::{
     fmt::Write as _,
@@ -47,8 +47,9 @@ pub struct Peers {
 impl Peers {
     /// Writes the configs into `dir`, starts everything and waits until each proxy answers.
     pub fn start(dir: &Path, gateway_bin: &Path, tls: Option<&Tls>) -> anyhow::Result<Peers> {
-        let ups: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let (p_gw, p_nginx, p_haproxy) = (free_port()?, free_port()?, free_port()?);
+        let ports = free_ports(6)?;
+        let (ups, (p_gw, p_nginx, p_haproxy)) =
+            (ports[..3].to_vec(), (ports[3], ports[4], ports[5]));
         let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
             let p = dir.join(name);
             std::fs::write(&p, text)?;
