@@ -27,7 +27,11 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-pub(crate) use self::{delegate::delegate_async_write, early::EarlyResponse, holding::Holding};
+pub(crate) use self::{
+    delegate::delegate_async_write,
+    early::{EarlyResponse, ReadsAfterReset},
+    holding::Holding,
+};
 
 mod delegate;
 mod early;

@@ -324,8 +324,8 @@ pub(super) async fn handshake(
         None if cluster.spec.protocol == UpstreamProtocol::H2c => {
             http2(cluster, ep, made, io).await
         }
-        // Plain HTTP/1 only: it reads the socket itself after a failed write (TLS records
-        // must go through rustls).
+        // An answer before the end of the request is read after the write failed (under TLS,
+        // `tls::handshake` puts the same layer under rustls).
         None => http1(cluster, ep, made, EarlyResponse::new(io, fd)).await,
         Some(t) => {
             let tcp = tls::Tcp {

@@ -29,7 +29,7 @@ use crate::{
     diagnose::tcpinfo::TcpInfo,
     proxy::{
         error::{ProxyError, TcpUnderneath},
-        io::StallGuard,
+        io::{EarlyResponse, ReadsAfterReset, StallGuard},
         telemetry::Side,
     },
     signals::EstablishedEvidence,
@@ -40,7 +40,9 @@ use crate::{
 const HTTP_11: &[u8] = b"http/1.1";
 const H2: &[u8] = b"h2";
 
-pub(super) type Upstream = TlsStream<StallGuard<TcpStream>>;
+/// rustls over the socket, between the two layers that deliver an answer an upstream sent
+/// before it had read the whole request and reset the rest (`io::early`).
+pub(super) type Upstream = EarlyResponse<TlsStream<ReadsAfterReset<StallGuard<TcpStream>>>>;
 
 /// What the TCP connect left for the TLS phase.
 pub(super) struct Tcp {
@@ -63,7 +65,7 @@ pub(super) async fn handshake(
     // Fallible: a failed handshake hands the socket back, so that it is still open when its
     // `TCP_INFO` is read below.
     let mut connect = TlsConnector::from(tls.config.clone())
-        .connect(name, io)
+        .connect(name, ReadsAfterReset::new(io, tcp.fd))
         .into_fallible();
     let result = tokio::time::timeout(timeout, &mut connect).await;
     let meter = &cluster.meter.tls;
@@ -76,7 +78,7 @@ pub(super) async fn handshake(
             | (Some(H2), UpstreamProtocol::H2 | UpstreamProtocol::Auto) => {
                 let version = tls::version_label(s.get_ref().1.protocol_version());
                 meter.ok(Side::Upstream, version, start.elapsed());
-                return Ok(s);
+                return Ok(EarlyResponse::over_tls(s));
             }
             (Some(other), p) => {
                 let other = String::from_utf8_lossy(other).into_owned();
@@ -152,7 +154,7 @@ fn failed(
 
 /// Whether the handshake chose HTTP/2: ALPN `h2`, or no ALPN on an `h2` cluster.
 pub(super) fn negotiated_h2(s: &Upstream, protocol: UpstreamProtocol) -> bool {
-    match s.get_ref().1.alpn_protocol() {
+    match s.get_ref().get_ref().1.alpn_protocol() {
         Some(p) => p == H2,
         None => protocol == UpstreamProtocol::H2,
     }
