@@ -1,6 +1,6 @@
-//! An upstream connection (HTTP/1, or any under TLS) whose upstream may answer before it has read the whole
-//! request: `413` for a body too large, `401` before an upload, and then close. Its kernel
-//! answers the rest of the body with a reset, and hyper's next write fails (`EPIPE`,
+//! An upstream connection (HTTP/1, or any under TLS) whose upstream may answer before it has
+//! read the whole request: `413` for a body too large, `401` before an upload, and then close.
+//! Its kernel answers the rest of the body with a reset, and hyper's next write fails (`EPIPE`,
 //! `ECONNRESET`). hyper takes that failure for the exchange's, though the response may be
 //! waiting in the socket: the client got `502 upstream_reset` where the upstream had answered
 //! (4 of 5 times for a 3 MB upload in a black-box test).
@@ -105,14 +105,29 @@ impl<T> EarlyResponse<T> {
 
     /// A write's result, the failure above turned into a write taken, while there is room.
     fn written(&mut self, r: io::Result<usize>, len: usize) -> io::Result<usize> {
-        match (r, &mut self.failed) {
-            (Ok(n), _) => Ok(n),
-            (Err(e), None) if is_reset(&e) => {
-                self.failed = Some((e.kind(), DISCARD_MAX_BYTES));
-                self.dropped(len)
-            }
-            (Err(e), _) => Err(e),
+        match r {
+            Ok(n) => Ok(n),
+            Err(e) if self.took(&e) => self.dropped(len),
+            Err(e) => Err(e),
         }
+    }
+
+    /// A flush's or a shutdown's result, the failure turned into success. Over TLS they write:
+    /// the records rustls still holds, which it held because the upstream had stopped reading.
+    fn flushed(&mut self, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Err(e) if !self.took(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `e` is the failure, now noted.
+    fn took(&mut self, e: &io::Error) -> bool {
+        let first = self.failed.is_none() && is_reset(e);
+        if first {
+            self.failed = Some((e.kind(), DISCARD_MAX_BYTES));
+        }
+        first
     }
 
     /// After the failure: `len` bytes taken and dropped, or the failure once there is no room.
@@ -138,13 +153,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for EarlyResponse<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.failed.is_some() {
-            this.read_since = true;
-            if let Some(r) = this.fd.and_then(|fd| recv_now(fd, buf)) {
-                return Poll::Ready(r);
-            }
+        let Some((kind, _)) = this.failed else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        this.read_since = true;
+        if let Some(r) = this.fd.and_then(|fd| recv_now(fd, buf)) {
+            return Poll::Ready(r);
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        // The failed write took the socket's error: over TLS, what follows is the end of the
+        // stream, which rustls calls a close without `close_notify`. It was the reset.
+        match std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf)) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Err(io::Error::new(kind, e)))
+            }
+            r => Poll::Ready(r),
+        }
     }
 }
 
@@ -169,9 +192,9 @@ fn recv_now(fd: RawFd, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
 }
 
 /// The TCP socket `fd` under rustls, below an [`EarlyResponse::over_tls`]: a write that fails
-/// with a reset fails as it is (rustls passes it up, and the layer above takes it), and from
-/// then on a read asks the socket itself first, as [`EarlyResponse`] does on a plain
-/// connection.
+/// with a reset fails as it is (tokio-rustls passes it up from a write, a flush or a shutdown,
+/// and the layer above takes it), and from then on a read asks the socket itself first, as
+/// [`EarlyResponse`] does on a plain connection.
 pub(crate) struct ReadsAfterReset<T> {
     inner: T,
     fd: RawFd,
@@ -284,7 +307,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EarlyResponse<T> {
         if this.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let r = std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx));
+        Poll::Ready(this.flushed(r))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -292,7 +316,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for EarlyResponse<T> {
         if this.failed.is_some() {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let r = std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx));
+        Poll::Ready(this.flushed(r))
     }
 }
 
@@ -320,6 +345,24 @@ mod tests {
             io::ErrorKind::TimedOut
         );
         assert!(e.failed.is_none());
+    }
+
+    #[test]
+    fn a_reset_flush_is_the_failure_too() {
+        // Over TLS a flush writes the records rustls holds: its reset is taken as a write's.
+        let mut e = EarlyResponse::over_tls(());
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert!(e.flushed(Err(reset)).is_ok());
+        assert_eq!(
+            e.failed,
+            Some((io::ErrorKind::ConnectionReset, DISCARD_MAX_BYTES))
+        );
+        // Other failures are returned as they are, and only the first reset is taken.
+        let mut e = EarlyResponse::over_tls(());
+        let other = io::Error::from(io::ErrorKind::TimedOut);
+        assert!(e.flushed(Err(other)).is_err());
+        assert!(e.failed.is_none());
+        assert!(e.flushed(Ok(())).is_ok());
     }
 
     #[test]
