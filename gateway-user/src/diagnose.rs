@@ -241,7 +241,7 @@ struct FollowUp {
 
 impl FollowUp {
     async fn run(
-        (jobs, of): (Vec<jobs::Job>, Vec<Option<usize>>),
+        (jobs, of): jobs::FollowUps,
         phase: Phase,
         kernel: &mut Option<KernelSession>,
         progress: &mut Progress,
@@ -258,6 +258,14 @@ impl FollowUp {
             finished,
             of,
         })
+    }
+
+    /// Job `j`'s follow-up is the first job `job`, which `observed` in full by `finished`.
+    fn lend(&mut self, j: usize, job: &jobs::Job, observed: &[probe::Observed], finished: Instant) {
+        self.of[j] = Some(self.jobs.len());
+        self.jobs.push(job.clone());
+        self.observed.push(observed.to_vec());
+        self.finished.push(finished);
     }
 
     /// Job `j`'s follow-up: its attempts and when it finished.
@@ -288,8 +296,9 @@ async fn run_probes(
     };
     let patient = FollowUp::run(patient, Phase::PatientConnects, kernel, progress).await?;
     // Nothing answered at all: does the host itself answer?
-    let other_port = plan_other_port(&jobs, &observed, (&patient.observed, &patient.of));
-    let other_port = FollowUp::run(other_port, Phase::OtherPort, kernel, progress).await?;
+    let (other_port, answered) =
+        plan_other_port(&jobs, &observed, (&patient.observed, &patient.of));
+    let mut other_port = FollowUp::run(other_port, Phase::OtherPort, kernel, progress).await?;
     if let Some(k) = kernel.as_mut() {
         let cookies: Vec<u64> = observed
             .iter()
@@ -299,6 +308,9 @@ async fn run_probes(
             .map(|o| o.cookie)
             .collect();
         k.settle(&cookies).await;
+    }
+    for (j, k) in answered {
+        other_port.lend(j, &jobs[k], &observed[k], finished[k]);
     }
     Ok(Probes {
         jobs,

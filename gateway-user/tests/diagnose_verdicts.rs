@@ -105,6 +105,14 @@ fn privileged_refused_by_icmp_port_unreachable() {
 /// giving up on a connect after one SYN retransmit, classic back-off (3 s): the run, its
 /// report (asserted `filtered`, joined to the kernel's records) and the address.
 fn diagnose_silent(fault: Fault) -> (Run, serde_json::Value, SocketAddr) {
+    let (run, mut reports, addr) = diagnose_silent_beside(fault, &[]);
+    assert_eq!(reports.len(), 1, "one target, one object: {}", run.stdout);
+    (run, reports.remove(0), addr)
+}
+
+/// [`diagnose_silent`] with more targets in the same run, ports of the same host (`also`):
+/// every report, the first asserted `filtered` and joined to the kernel's records.
+fn diagnose_silent_beside(fault: Fault, also: &[u16]) -> (Run, Vec<serde_json::Value>, SocketAddr) {
     let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
@@ -114,10 +122,14 @@ fn diagnose_silent(fault: Fault) -> (Run, serde_json::Value, SocketAddr) {
         .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
         .unwrap();
     let addr = up.addr_v4(PORT);
-    let run = diagnose_in(gateway_bin!(), &lab, &["--json", &addr.to_string()]);
-    let r = assert_verdict(&run, "filtered");
-    assert_kernel_joined(&r);
-    (run, r, addr)
+    let mut args = vec!["--json".to_owned(), addr.to_string()];
+    args.extend(also.iter().map(|p| up.addr_v4(*p).to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = diagnose_in(gateway_bin!(), &lab, &args);
+    let reports = run.reports();
+    check_report(&run, &reports[0], "filtered");
+    assert_kernel_joined(&reports[0]);
+    (run, reports, addr)
 }
 
 #[test]
@@ -161,6 +173,34 @@ fn privileged_filtered_syn_blackhole() {
         "probes overlap: {:?}",
         run.elapsed
     );
+}
+
+/// A silent port of a host that answered another target of the same run (nothing listens on
+/// `PORT + 1`: RSTs) gets no connects to a third port: those answers are the other port's,
+/// which says as much, and sooner (the run is not a second longer).
+#[test]
+fn privileged_filtered_port_of_a_host_that_answered_another_target() {
+    let (run, reports, _) = diagnose_silent_beside(Fault::SynBlackhole { port: PORT }, &[PORT + 1]);
+    assert_eq!(reports.len(), 2, "{}", run.stdout);
+    check_report(&run, &reports[1], "refused");
+    let r = &reports[0];
+    let other = &r["measurements"]["addresses"][0]["other_port"];
+    assert_eq!(other["port"], PORT + 1, "{other:#}");
+    // The run's own connects to that port (its deadline), not three of 1 s to port 65535.
+    assert_eq!(
+        other["deadline_ms"], r["measurements"]["connect_deadline_ms"],
+        "{other:#}"
+    );
+    let e = r["evidence"][1].as_str().unwrap();
+    assert!(
+        e.starts_with(&format!(
+            "5/5 connects to port {} of the same host were answered (5 with an RST, 0 with a \
+             SYN-ACK) [kernel]: something answers for",
+            PORT + 1
+        )),
+        "{e}"
+    );
+    assert!(r["confidence"].as_f64().unwrap() >= 0.9, "{r:#}");
 }
 
 /// A host that drops every port's SYNs (dead behind a router, or a firewall that drops

@@ -24,7 +24,11 @@ use crate::observer::stream::DRAIN_INTERVAL;
 /// Attempts in flight at once (each holds a socket).
 const MAX_IN_FLIGHT: usize = 256;
 
+/// Jobs that follow some of the first ones, and for each first job the index of its own.
+pub(super) type FollowUps = (Vec<Job>, Vec<Option<usize>>);
+
 /// One address to probe, with its schedule.
+#[derive(Clone)]
 pub(super) struct Job {
     pub target: usize,
     pub addr: SocketAddr,
@@ -74,7 +78,7 @@ pub(super) fn plan_patient(
     jobs: &[Job],
     observed: &[Vec<Observed>],
     deadline: Duration,
-) -> (Vec<Job>, Vec<Option<usize>>) {
+) -> FollowUps {
     let mut patient = Vec::new();
     let mut patient_of = vec![None; jobs.len()];
     for (j, job) in jobs.iter().enumerate() {
@@ -117,21 +121,37 @@ pub fn other_port(port: u16) -> u16 {
 
 /// A few connects to [`other_port`] of every address whose connects, and patient connects,
 /// all went unanswered (see `measure::OtherPort`). Returns them, and for each job the index
-/// of its other-port job.
+/// of its other-port job. An address whose host answered another target's connects in this
+/// run (an RST or a SYN-ACK on another port) needs none: the pairs of the silent job and the
+/// job that answered come last, whose attempts stand for the other port's.
 pub(super) fn plan_other_port(
     jobs: &[Job],
     observed: &[Vec<Observed>],
     (patient, patient_of): (&[Vec<Observed>], &[Option<usize>]),
-) -> (Vec<Job>, Vec<Option<usize>>) {
+) -> (FollowUps, Vec<(usize, usize)>) {
     let silent = |o: &Observed| {
         matches!(o.result, ConnectResult::DeadlineHit)
             || matches!(o.result, ConnectResult::Failed(e) if e == libc::ETIMEDOUT)
     };
+    let answered = |o: &Observed| {
+        matches!(o.result, ConnectResult::Established)
+            || matches!(o.result, ConnectResult::Failed(e) if e == libc::ECONNREFUSED)
+    };
     let mut other: Vec<Job> = Vec::new();
     let mut other_of = vec![None; jobs.len()];
+    let mut answered_by = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let patient = patient_of[j].map_or(&[][..], |q| &patient[q][..]);
         if observed[j].is_empty() || !observed[j].iter().chain(patient).all(silent) {
+            continue;
+        }
+        let same_host = jobs.iter().enumerate().position(|(k, o)| {
+            o.addr.ip() == job.addr.ip()
+                && o.addr.port() != job.addr.port()
+                && observed[k].iter().any(answered)
+        });
+        if let Some(k) = same_host {
+            answered_by.push((j, k));
             continue;
         }
         let mut addr = job.addr;
@@ -153,7 +173,7 @@ pub(super) fn plan_other_port(
             },
         });
     }
-    (other, other_of)
+    ((other, other_of), answered_by)
 }
 
 /// Runs every job's attempts, draining the kernel's records meanwhile. Returns attempt `i`

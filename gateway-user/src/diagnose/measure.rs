@@ -319,7 +319,9 @@ pub struct AddressMeasurements {
 /// Connects to another port of the same host, made when every connect to an address (patient
 /// ones included) went unanswered: a host that is up answers them (an RST where nothing
 /// listens), so the silence is about the one port; a host that is down, unreachable or behind
-/// a firewall that drops every port does not, and SYNs cannot tell those apart.
+/// a firewall that drops every port does not, and SYNs cannot tell those apart. When another
+/// target of the same run, on the same IP, had connects answered, those are these (its port,
+/// deadline and attempts), and no connect is made.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OtherPort {
     pub port: u16,
