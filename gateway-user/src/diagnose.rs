@@ -237,6 +237,8 @@ struct FollowUp {
     observed: Vec<Vec<probe::Observed>>,
     finished: Vec<Instant>,
     of: Vec<Option<usize>>,
+    /// The jobs from here on were lent (see [`FollowUp::lend`]), not run.
+    lent_from: usize,
 }
 
 impl FollowUp {
@@ -253,6 +255,7 @@ impl FollowUp {
             run_jobs(&jobs, kernel, progress).await?
         };
         Ok(FollowUp {
+            lent_from: jobs.len(),
             jobs,
             observed,
             finished,
@@ -271,6 +274,11 @@ impl FollowUp {
     /// Job `j`'s follow-up: its attempts and when it finished.
     fn of(&self, j: usize) -> Option<(&jobs::Job, &[probe::Observed], Instant)> {
         self.of[j].map(|q| (&self.jobs[q], &self.observed[q][..], self.finished[q]))
+    }
+
+    /// Whether job `j`'s follow-up is another job of the run, lent.
+    fn lent(&self, j: usize) -> bool {
+        self.of[j].is_some_and(|q| q >= self.lent_from)
     }
 }
 
@@ -353,6 +361,7 @@ fn reports(
                 done = done.max(at);
                 a.other_port = Some(OtherPort {
                     port: other.addr.port(),
+                    from_target: p.other_port.lent(j).then_some(other.addr),
                     deadline_ms: other.schedule.deadline.as_millis() as u64,
                     attempts: observed.iter().map(|o| to_attempt(o, kernel)).collect(),
                 });

@@ -105,18 +105,25 @@ fn privileged_refused_by_icmp_port_unreachable() {
 /// giving up on a connect after one SYN retransmit, classic back-off (3 s): the run, its
 /// report (asserted `filtered`, joined to the kernel's records) and the address.
 fn diagnose_silent(fault: Fault) -> (Run, serde_json::Value, SocketAddr) {
-    let (run, mut reports, addr) = diagnose_silent_beside(fault, &[]);
+    let (run, mut reports, addr) = diagnose_silent_beside(&[fault], &[]);
     assert_eq!(reports.len(), 1, "one target, one object: {}", run.stdout);
     (run, reports.remove(0), addr)
 }
 
-/// [`diagnose_silent`] with more targets in the same run, ports of the same host (`also`):
-/// every report, the first asserted `filtered` and joined to the kernel's records.
-fn diagnose_silent_beside(fault: Fault, also: &[u16]) -> (Run, Vec<serde_json::Value>, SocketAddr) {
+/// [`diagnose_silent`] with every fault of `faults`, and more targets in the same run, ports of
+/// the same host (`also`): every report, the first asserted `filtered` and joined to the
+/// kernel's records.
+fn diagnose_silent_beside(
+    faults: &[Fault],
+    also: &[u16],
+) -> (Run, Vec<serde_json::Value>, SocketAddr) {
     let lab = diagnose_lab();
     let up = lab.upstream(0).unwrap();
     let _srv = up.serve_hold(PORT).unwrap();
-    let _f = up.apply(fault).unwrap();
+    let _f: Vec<_> = faults
+        .iter()
+        .map(|f| up.apply(f.clone()).unwrap())
+        .collect();
     let _r = lab.set_client_sysctl(ClientSysctl::SynRetries(1)).unwrap();
     let _l = lab
         .set_client_sysctl(ClientSysctl::SynLinearTimeouts(0))
@@ -175,17 +182,25 @@ fn privileged_filtered_syn_blackhole() {
     );
 }
 
-/// A silent port of a host that answered another target of the same run (nothing listens on
-/// `PORT + 1`: RSTs) gets no connects to a third port: those answers are the other port's,
-/// which says as much, and sooner (the run is not a second longer).
+/// A silent port of a host that answered every connect of another target of the same run
+/// (nothing listens on `PORT + 1`: RSTs) gets no connects to port 65535: those answers are the
+/// other port's. Where the host's firewall also drops 65535 (a default-deny security group
+/// does), the probe there went unanswered and the verdict was held to 0.6 ("the host may be
+/// down"); the answers of the run's own target say it is up.
 #[test]
 fn privileged_filtered_port_of_a_host_that_answered_another_target() {
-    let (run, reports, _) = diagnose_silent_beside(Fault::SynBlackhole { port: PORT }, &[PORT + 1]);
+    let faults = [
+        Fault::SynBlackhole { port: PORT },
+        Fault::SynBlackhole { port: 65535 },
+    ];
+    let (run, reports, _) = diagnose_silent_beside(&faults, &[PORT + 1]);
     assert_eq!(reports.len(), 2, "{}", run.stdout);
     check_report(&run, &reports[1], "refused");
     let r = &reports[0];
     let other = &r["measurements"]["addresses"][0]["other_port"];
     assert_eq!(other["port"], PORT + 1, "{other:#}");
+    let from = reports[1]["measurements"]["addresses"][0]["address"].clone();
+    assert_eq!(other["from_target"], from, "{other:#}");
     // The run's own connects to that port (its deadline), not three of 1 s to port 65535.
     assert_eq!(
         other["deadline_ms"], r["measurements"]["connect_deadline_ms"],
@@ -194,9 +209,10 @@ fn privileged_filtered_port_of_a_host_that_answered_another_target() {
     let e = r["evidence"][1].as_str().unwrap();
     assert!(
         e.starts_with(&format!(
-            "5/5 connects to port {} of the same host were answered (5 with an RST, 0 with a \
-             SYN-ACK) [kernel]: something answers for",
-            PORT + 1
+            "5/5 connects to port {} (target {from} of this run) of the same host were answered \
+             (5 with an RST, 0 with a SYN-ACK) [kernel]: something answers for",
+            PORT + 1,
+            from = from.as_str().unwrap()
         )),
         "{e}"
     );

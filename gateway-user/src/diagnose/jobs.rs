@@ -121,9 +121,10 @@ pub fn other_port(port: u16) -> u16 {
 
 /// A few connects to [`other_port`] of every address whose connects, and patient connects,
 /// all went unanswered (see `measure::OtherPort`). Returns them, and for each job the index
-/// of its other-port job. An address whose host answered another target's connects in this
-/// run (an RST or a SYN-ACK on another port) needs none: the pairs of the silent job and the
-/// job that answered come last, whose attempts stand for the other port's.
+/// of its other-port job. An address whose host answered every connect of another target of
+/// this run (an RST or a SYN-ACK on another port) needs none: the pairs of the silent job and
+/// the job that answered come last, whose attempts stand for the other port's. (A target
+/// answered only in part is no such evidence: its own SYNs went unanswered too.)
 pub(super) fn plan_other_port(
     jobs: &[Job],
     observed: &[Vec<Observed>],
@@ -148,7 +149,8 @@ pub(super) fn plan_other_port(
         let same_host = jobs.iter().enumerate().position(|(k, o)| {
             o.addr.ip() == job.addr.ip()
                 && o.addr.port() != job.addr.port()
-                && observed[k].iter().any(answered)
+                && !observed[k].is_empty()
+                && observed[k].iter().all(answered)
         });
         if let Some(k) = same_host {
             answered_by.push((j, k));
@@ -227,4 +229,60 @@ pub(super) async fn run_jobs(
         .map(|v| v.into_iter().flatten().collect())
         .collect();
     Ok((out, finished))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(addr: &str) -> Job {
+        Job {
+            target: 0,
+            addr: addr.parse().unwrap(),
+            schedule: Schedule {
+                count: 2,
+                interval: Duration::ZERO,
+                deadline: Duration::from_secs(1),
+                http: None,
+            },
+        }
+    }
+
+    fn seen(results: &[ConnectResult]) -> Vec<Observed> {
+        results
+            .iter()
+            .map(|r| Observed {
+                cookie: 1,
+                result: r.clone(),
+                elapsed: Duration::ZERO,
+                syn_retransmits: None,
+                http: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_host_that_answered_every_connect_of_another_target_is_not_probed_again() {
+        use ConnectResult::{DeadlineHit, Established, Failed};
+        let refused = Failed(libc::ECONNREFUSED);
+        let jobs = [
+            job("10.0.0.1:8080"),
+            job("10.0.0.1:8081"),
+            job("10.0.0.2:8080"),
+            job("10.0.0.2:8081"),
+        ];
+        let observed = [
+            seen(&[DeadlineHit, DeadlineHit]),
+            seen(&[refused.clone(), Established]),
+            seen(&[DeadlineHit, DeadlineHit]),
+            // Answered in part: its SYNs went unanswered too, so no evidence of the host.
+            seen(&[refused, DeadlineHit]),
+        ];
+        let none = vec![None; jobs.len()];
+        let ((other, of), lent) = plan_other_port(&jobs, &observed, (&[], &none));
+        assert_eq!(lent, [(0, 1)]);
+        assert_eq!(of, [None, None, Some(0), None]);
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0].addr, "10.0.0.2:65535".parse().unwrap());
+    }
 }

@@ -325,6 +325,9 @@ pub struct AddressMeasurements {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OtherPort {
     pub port: u16,
+    /// The run's own target whose connects these are; absent when `diagnose` made them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_target: Option<SocketAddr>,
     pub deadline_ms: u64,
     pub attempts: Vec<Attempt>,
 }

@@ -272,16 +272,12 @@ pub(super) fn filtered(f: &Facts) -> Option<Verdict> {
 pub(super) const HOST_SILENT_CONFIDENCE: f64 = 0.6;
 
 /// What the connects to another port of the same host said (`measure::OtherPort`): `Some(true)`
-/// when the host answered one (an RST or a SYN-ACK), `Some(false)` when none was answered at
-/// all, `None` when they were not made or ended otherwise (an ICMP error, a local failure).
+/// when the host answered one (an RST or a SYN-ACK; a refusal by ICMP may come from a device
+/// on the path), `Some(false)` when none was answered at all, `None` when they were not made
+/// or ended otherwise (an ICMP error, a local failure).
 fn other_port(f: &Facts) -> Option<bool> {
     let o = f.a.other_port.as_ref()?;
-    if o.attempts.iter().any(|a| {
-        matches!(
-            a.outcome,
-            AttemptOutcome::Refused | AttemptOutcome::Established
-        )
-    }) {
+    if o.attempts.iter().any(host_answered) {
         Some(true)
     } else if !o.attempts.is_empty() && o.attempts.iter().all(|a| a.outcome.unanswered()) {
         Some(false)
@@ -290,22 +286,34 @@ fn other_port(f: &Facts) -> Option<bool> {
     }
 }
 
+/// An RST or a SYN-ACK.
+fn host_answered(a: &Attempt) -> bool {
+    a.outcome == AttemptOutcome::Established
+        || (a.outcome == AttemptOutcome::Refused && !a.refused_by_icmp)
+}
+
 /// The evidence line of the connects to another port of the same host.
 fn other_port_evidence(f: &Facts) -> Option<String> {
     let o = f.a.other_port.as_ref()?;
     let n = o.attempts.len();
-    let count = |k: AttemptOutcome| o.attempts.iter().filter(|a| a.outcome == k).count();
     let all: Vec<&Attempt> = o.attempts.iter().collect();
+    let answered = all.iter().filter(|a| host_answered(a)).count();
+    let syn_acks = all
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Established)
+        .count();
+    let whose = match &o.from_target {
+        Some(t) => format!(" (target {t} of this run)"),
+        None => String::new(),
+    };
     Some(match other_port(f) {
         Some(true) => format!(
-            "{}/{n} connects to port {} of the same host were answered ({} with an RST, {} with \
-             a SYN-ACK) {}: something answers for {} (the host, or a device in front of it), so \
-             only port {}'s SYNs go unanswered: a firewall rule for that port, or a listener \
-             that never answers",
-            count(AttemptOutcome::Refused) + count(AttemptOutcome::Established),
+            "{answered}/{n} connects to port {}{whose} of the same host were answered ({} with \
+             an RST, {syn_acks} with a SYN-ACK) {}: something answers for {} (the host, or a \
+             device in front of it), so only port {}'s SYNs go unanswered: a firewall rule for \
+             that port, or a listener that never answers",
             o.port,
-            count(AttemptOutcome::Refused),
-            count(AttemptOutcome::Established),
+            answered - syn_acks,
             source_tag(&all),
             f.ip,
             f.port

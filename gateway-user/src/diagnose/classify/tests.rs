@@ -222,6 +222,7 @@ fn silent_with_other_port(other: Vec<Attempt>) -> TargetMeasurements {
     let mut m = target(vec![attempt(AttemptOutcome::Timeout, 1, 3_010_000); 5]);
     m.addresses[0].other_port = Some(crate::diagnose::measure::OtherPort {
         port: 65535,
+        from_target: None,
         deadline_ms: 1000,
         attempts: other,
     });
@@ -242,6 +243,26 @@ fn a_silent_port_of_a_host_that_answers_elsewhere_is_filtered_for_sure() {
     );
     assert!(
         v.next_steps[0].starts_with("look for a DROP on tcp/8080"),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn a_refusal_by_icmp_at_another_port_is_not_the_host_answering() {
+    // A port unreachable may come from a firewall on the path (a REJECT rule), not the host.
+    let icmp = Attempt {
+        refused_by_icmp: true,
+        ..attempt(AttemptOutcome::Refused, 0, 150)
+    };
+    let m = silent_with_other_port(vec![icmp; 3]);
+    let v = top(&m);
+    assert_eq!(v.verdict, VerdictName::Filtered, "{v:#?}");
+    assert!(
+        v.evidence.iter().all(|e| !e.contains("were answered")),
+        "{v:#?}"
+    );
+    assert!(
+        v.evidence[1].starts_with("3 connects to port 65535 of the same host ended with"),
         "{v:#?}"
     );
 }
