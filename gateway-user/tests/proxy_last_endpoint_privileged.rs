@@ -6,7 +6,8 @@
 //! once: a black-box audit had 57 of 200 requests fail on a path losing 30 % of its packets,
 //! against 5 of 200 straight to the upstream. A brief outage shorter than TCP's retransmit
 //! timers stands in for the loss here, so that the outcome is certain. Real binary, eBPF
-//! observer, fault lab.
+//! observer, fault lab. The same when the retry budget is spent: a retry elsewhere would be
+//! refused.
 
 use std::time::{Duration, Instant};
 
@@ -156,5 +157,78 @@ fn privileged_a_lone_endpoints_brief_stall_is_waited_out_not_called_a_death() {
         r.took,
         r.header("x-gateway-evidence"),
         r.body
+    );
+}
+
+/// A connect past its deadline is not given up on when the cluster's retry budget leaves no
+/// room for a retry elsewhere (here none at all: `budget_percent = 0`,
+/// `min_retry_concurrency = 0`, as a budget spent under load): it runs on to the SYN
+/// retransmit, as a lone endpoint's does. The budget was not looked at: the connect was cut at
+/// its deadline, and the retry refused (`retry budget spent`), which failed the request.
+#[test]
+fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() {
+    require_root();
+    let lab = Lab::new(LabSpec {
+        upstreams: 2,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let ups = lab.upstreams();
+    let _servers: Vec<_> = ups
+        .iter()
+        .map(|u| {
+            u.serve_http(PORT, HttpBehaviour::immediate())
+                .expect("http server")
+        })
+        .collect();
+    let (a, b) = (ups[0].addr_v4(PORT), ups[1].addr_v4(PORT));
+    // No idle pool (every request connects), no hedged connect, round robin (one request of
+    // two meets the fault).
+    let gw = LabGateway::start(
+        gateway_bin!(),
+        &lab,
+        "budget-spent",
+        &format!(
+            "[router.upstream]\nendpoints = [\"{a}\", \"{b}\"]\nlb_policy = \"round_robin\"\n\n\
+             [router.upstream.timeouts]\nconnect_timeout_ms = 5000\nresponse_timeout_ms = 10000\n\n\
+             [router.upstream.limits]\nmax_idle_per_endpoint = 0\n\n\
+             [router.upstream.retry]\nbudget_percent = 0\nmin_retry_concurrency = 0\nhedge = false\n"
+        ),
+    );
+    let endpoint = a.to_string();
+    let labels = [("cluster", "default"), ("endpoint", endpoint.as_str())];
+    let deadline = gw.admin(|m| {
+        wait_for("a measured connect deadline", || {
+            let m = metrics(m);
+            let d = value(&m, "gateway_upstream_connect_deadline_seconds", &labels);
+            if d < 1.0 { Ok(d) } else { Err(m) }
+        })
+    });
+    // SYNs to the first upstream dropped for 0.4 s: its first SYN is lost, the kernel's
+    // retransmit 1 s later is answered.
+    let guard = ups[0]
+        .apply(Fault::SynBlackhole { port: PORT })
+        .expect("fault");
+    let lift = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        drop(guard);
+    });
+    let got = gw.send("GET", "/", 2, 1);
+    lift.join().unwrap();
+    for r in &got {
+        assert_eq!(
+            r.status,
+            200,
+            "past its {:.0} ms deadline, the connect ran on to the SYN retransmit: {} {}\n{}",
+            deadline * 1000.0,
+            r.header("x-gateway-error"),
+            r.body,
+            gw.log()
+        );
+    }
+    let slow = got.iter().map(|r| r.took).max().unwrap();
+    assert!(
+        slow >= Duration::from_millis(900),
+        "one request waited for the retransmit: {got:?}"
     );
 }

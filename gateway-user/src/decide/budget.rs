@@ -88,6 +88,13 @@ impl Budgets {
         take(&self.retries, limit).then(|| RetryPermit(self.clone()))
     }
 
+    /// Whether [`Budgets::try_retry`] would give a permit now, without taking it (by the time
+    /// it is asked, another request may have taken the room).
+    pub fn retry_room(&self, budget_percent: u32, min_concurrency: u32) -> bool {
+        self.retries.load(Ordering::Acquire)
+            < allowed(self.active(), budget_percent, min_concurrency)
+    }
+
     /// A hedged connect, if `budget_percent` of the requests in flight (at least one) leaves
     /// room; never when `budget_percent` is 0.
     pub fn try_hedge(self: &Arc<Self>, budget_percent: u32) -> Option<HedgePermit> {
@@ -110,6 +117,19 @@ mod tests {
         assert_eq!(allowed(100, 20, 3), 20);
         assert_eq!(allowed(9, 10, 1), 1);
         assert_eq!(allowed(1000, 10, 1), 100);
+    }
+
+    #[test]
+    fn the_room_for_a_retry_is_seen_without_taking_it() {
+        let b = Arc::new(Budgets::default());
+        let _r = b.start_request();
+        assert!(!b.retry_room(0, 0), "no budget at all");
+        assert!(b.retry_room(20, 1));
+        assert!(b.retry_room(20, 1), "looking takes nothing");
+        let permit = b.try_retry(20, 1).unwrap();
+        assert!(!b.retry_room(20, 1));
+        drop(permit);
+        assert!(b.retry_room(20, 1));
     }
 
     #[test]

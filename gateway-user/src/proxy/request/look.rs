@@ -125,19 +125,19 @@ pub(super) fn acked(info: Option<&TcpInfo>, record: &EstablishedEvidence) -> u64
 /// routable endpoint it has not tried (`tried`), found without a pick (which has side
 /// effects). Asked before an attempt is given up early, which only helps a request that can
 /// go elsewhere (`decide::deadline::gives_up_at_deadline`,
-/// `decide::evidence::gives_up_on_stall`). The retry budget is not asked: it takes a permit.
+/// `decide::evidence::gives_up_on_stall`). The retry budget is looked at when asked, without
+/// taking a permit: a request given up early when the budget was spent failed with
+/// `retry budget spent`, where it could have run on.
 pub(super) fn elsewhere<'c>(
     cluster: &'c Cluster,
     plan: &Plan,
     ex: &Exchange,
     (failure, resendable): (Failure, bool),
 ) -> impl Fn(&dyn Fn(SocketAddr) -> bool) -> bool + Sync + use<'c> {
-    let retry = may_retry(
-        failure,
-        super::attempted(plan, ex, resendable),
-        &plan.route.retry,
-    );
-    move |tried| retry && cluster.has_untried(tried)
+    let policy = &plan.route.retry;
+    let retry = may_retry(failure, super::attempted(plan, ex, resendable), policy);
+    let (percent, min) = (policy.budget_percent, policy.min_retry_concurrency);
+    move |tried| retry && cluster.has_untried(tried) && cluster.budgets.retry_room(percent, min)
 }
 
 /// Request bytes still unACKed by the upstream's kernel (`TCP_INFO`) more than three smoothed
