@@ -181,19 +181,12 @@ fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() 
                 .expect("http server")
         })
         .collect();
-    let (a, b) = (ups[0].addr_v4(PORT), ups[1].addr_v4(PORT));
-    // No idle pool (every request connects), no hedged connect, round robin (one request of
-    // two meets the fault).
-    let gw = LabGateway::start(
-        gateway_bin!(),
+    let a = ups[0].addr_v4(PORT);
+    // No idle pool: every request connects.
+    let gw = two_without_a_retry_budget(
         &lab,
         "budget-spent",
-        &format!(
-            "[router.upstream]\nendpoints = [\"{a}\", \"{b}\"]\nlb_policy = \"round_robin\"\n\n\
-             [router.upstream.timeouts]\nconnect_timeout_ms = 5000\nresponse_timeout_ms = 10000\n\n\
-             [router.upstream.limits]\nmax_idle_per_endpoint = 0\n\n\
-             [router.upstream.retry]\nbudget_percent = 0\nmin_retry_concurrency = 0\nhedge = false\n"
-        ),
+        "[router.upstream.limits]\nmax_idle_per_endpoint = 0\n",
     );
     let endpoint = a.to_string();
     let labels = [("cluster", "default"), ("endpoint", endpoint.as_str())];
@@ -213,7 +206,8 @@ fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() 
         std::thread::sleep(Duration::from_millis(400));
         drop(guard);
     });
-    let got = gw.send("GET", "/", 2, 1);
+    // Both at once: one to each endpoint.
+    let got = gw.send("GET", "/", 2, 2);
     lift.join().unwrap();
     for r in &got {
         assert_eq!(
@@ -226,9 +220,86 @@ fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() 
             gw.log()
         );
     }
-    let slow = got.iter().map(|r| r.took).max().unwrap();
+    let slow = got.iter().max_by_key(|r| r.took).unwrap();
     assert!(
-        slow >= Duration::from_millis(900),
+        slow.took >= Duration::from_millis(900),
         "one request waited for the retransmit: {got:?}"
+    );
+    // Answered by the upstream that met the fault: the connect ran on, nothing was retried.
+    assert_eq!(slow.body, "upstream-1", "{got:?}");
+}
+
+/// Two upstreams, round robin, and no retry budget at all (as one spent under load) nor
+/// hedging; `name` names the run, `extra` is more of its TOML.
+fn two_without_a_retry_budget<'a>(lab: &'a Lab, name: &str, extra: &str) -> LabGateway<'a> {
+    let ups = lab.upstreams();
+    let (a, b) = (ups[0].addr_v4(PORT), ups[1].addr_v4(PORT));
+    LabGateway::start(
+        gateway_bin!(),
+        lab,
+        name,
+        &format!(
+            "[router.upstream]\nendpoints = [\"{a}\", \"{b}\"]\nlb_policy = \"round_robin\"\n\n\
+             [router.upstream.timeouts]\nconnect_timeout_ms = 5000\nresponse_timeout_ms = 10000\n\n\
+             [router.upstream.retry]\nbudget_percent = 0\nmin_retry_concurrency = 0\nhedge = false\n\n\
+             {extra}"
+        ),
+    )
+}
+
+/// A request kept on a dead host's connection for want of a retry (the budget) still tells
+/// the endpoint's health at once, so that new requests stop going there: it is ejected as
+/// `host_died` at the first look that sees the death, not when the request gives up after
+/// the stall lasted 3 s (`STALL_ALONE`), as it was once the budget kept such requests.
+#[test]
+fn privileged_a_dead_host_is_ejected_at_once_though_no_retry_can_take_its_request() {
+    require_root();
+    let lab = Lab::new(LabSpec {
+        upstreams: 2,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let ups = lab.upstreams();
+    let _servers: Vec<_> = ups
+        .iter()
+        .map(|u| {
+            u.serve_http(PORT, HttpBehaviour::immediate())
+                .expect("http server")
+        })
+        .collect();
+    let gw = two_without_a_retry_budget(&lab, "budget-host-died", "");
+    // Pooled connections to both.
+    assert!(gw.send("GET", "/", 4, 2).iter().all(|r| r.status == 200));
+    let endpoint = ups[0].addr_v4(PORT).to_string();
+    let labels = [
+        ("cluster", "default"),
+        ("endpoint", endpoint.as_str()),
+        ("reason", "host_died"),
+    ];
+    let _dead = ups[0]
+        .apply(Fault::Blackhole { port: PORT })
+        .expect("fault");
+    let t0 = Instant::now();
+    let ejected = std::thread::scope(|s| {
+        // One of the two meets the dead host.
+        let requests = s.spawn(|| gw.send("GET", "/", 2, 2));
+        let ejected = gw.admin(|a| {
+            wait_for("the host_died ejection", || {
+                let m = metrics(a);
+                if value(&m, "gateway_endpoint_ejections_total", &labels) >= 1.0 {
+                    Ok(t0.elapsed())
+                } else {
+                    Err(m)
+                }
+            })
+        });
+        requests.join().unwrap();
+        ejected
+    });
+    eprintln!("host_died ejection {ejected:?} after the fault");
+    assert!(
+        ejected < Duration::from_secs(2),
+        "ejected {ejected:?} after the host died\n{}",
+        gw.log()
     );
 }

@@ -75,7 +75,8 @@ pub fn may_hedge(enabled: bool, deadline: Duration, cap: Duration) -> bool {
 /// the cap; before it when other requests wait on this connect (`awaited`: an HTTP/2
 /// connection being made, which every request to the endpoint on the worker awaits; running
 /// on would hold them all, where each may have somewhere else to go), or when the request can
-/// go elsewhere (`elsewhere`: another endpoint, and a retry the policy allows; asked last).
+/// go elsewhere (`elsewhere`: another endpoint, and a retry the policy and the retry budget
+/// allow; asked last).
 /// With nowhere else to go, a connect cut at the measured deadline could only fail, where the
 /// kernel's SYN retransmit may still establish it (a lost SYN or SYN-ACK, a full accept
 /// queue). The deadline's evidence is reported either way.

@@ -173,7 +173,8 @@ impl Stall {
 /// Whether a request waiting for its response gives its connection up at a look: the host or
 /// the path died under it ([`host_died`], from the kernel observer's record) and it is still
 /// stalled ([`Stall::now`]). At once when the request can go elsewhere (`elsewhere`: another
-/// endpoint, and a retry the policy allows; asked last), else once the stall lasted
+/// endpoint, and a retry the policy and the retry budget allow; asked last), else once the
+/// stall lasted
 /// [`STALL_ALONE`] (by the backed-off RTO: four RTOs at the 200 ms minimum).
 ///
 /// The record's counts are the connection's whole life: on a path with some loss, one RTO

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{Plan, attempt::Failed};
 use crate::{
     decide::{
-        evidence::{ResponseCause, Stall, gives_up_on_stall},
+        evidence::{self, ResponseCause, Stall, gives_up_on_stall},
         latency::Source,
         retry::{Delivery, Failure, may_retry},
     },
@@ -76,28 +76,41 @@ pub(super) fn host_died(
     let ev = cluster.signals.established_evidence(on.cookie)?;
     let info = live(on);
     let delivery = Delivery::of(on.baseline, Some(acked(info.as_ref(), &ev)));
-    let go = gives_up_on_stall(&ev, stall(info.as_ref()), || {
+    let stalled = stall(info.as_ref());
+    let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
+    let go = gives_up_on_stall(&ev, stalled, || {
         let reused = ex.record.attempts.last().is_some_and(|a| a.reused);
         let died = Failure::ConnectionDied {
             delivery,
             host_died: true,
             reused,
         };
-        let tried = |a| ex.record.attempts.iter().any(|t| t.endpoint == a);
         elsewhere(cluster, plan, ex, (died, plan.can_replay()))(&tried)
     });
-    if !go {
-        return None;
-    }
-    let error = ProxyError::UpstreamHostDied {
+    let error = || ProxyError::UpstreamHostDied {
         endpoint: ep.addr,
         after: on.sent.elapsed(),
         cookie: on.cookie,
-        evidence: ev,
+        evidence: ev.clone(),
         delivery,
     };
-    let cause = ResponseCause::HostDied;
-    cluster.report(ep, cause.health_evidence(), &|| error.to_string());
+    let health = ResponseCause::HostDied.health_evidence();
+    if !go {
+        // Kept on its connection for want of a retry (the policy, the retry budget) while
+        // other endpoints take new requests: the endpoint is told of the death all the same,
+        // as when a request gives up, unless it is out already (ejected again, it would be
+        // out longer).
+        if evidence::host_died(&ev)
+            && stalled.now()
+            && ep.health.routable()
+            && cluster.has_untried(tried)
+        {
+            cluster.report(ep, health, &|| error().to_string());
+        }
+        return None;
+    }
+    let error = error();
+    cluster.report(ep, health, &|| error.to_string());
     Some(Failed::new(error, delivery, None))
 }
 

@@ -57,7 +57,8 @@ pub(crate) struct Want<'a> {
     pub fresh: bool,
     pub hedging: Hedging,
     /// Whether the request could go elsewhere if this connect were given up: another
-    /// endpoint, and a retry its policy allows (`decide::deadline::gives_up_at_deadline`).
+    /// endpoint, and a retry its policy and the retry budget allow
+    /// (`decide::deadline::gives_up_at_deadline`).
     /// Asked only when a connect passes its deadline.
     pub elsewhere: &'a (dyn Fn() -> bool + Sync),
     /// Set while the request waits for a connection to free up, every one of the cluster's
