@@ -263,7 +263,8 @@ impl FollowUp {
         })
     }
 
-    /// Job `j`'s follow-up is the first job `job`, which `observed` in full by `finished`.
+    /// Makes the first job `job` (its attempts `observed`, all done at `finished`) job `j`'s
+    /// follow-up, without running anything.
     fn lend(&mut self, j: usize, job: &jobs::Job, observed: &[probe::Observed], finished: Instant) {
         self.of[j] = Some(self.jobs.len());
         self.jobs.push(job.clone());

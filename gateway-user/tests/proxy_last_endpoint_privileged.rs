@@ -167,20 +167,8 @@ fn privileged_a_lone_endpoints_brief_stall_is_waited_out_not_called_a_death() {
 /// its deadline, and the retry refused (`retry budget spent`), which failed the request.
 #[test]
 fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() {
-    require_root();
-    let lab = Lab::new(LabSpec {
-        upstreams: 2,
-        client_cgroup: false,
-    })
-    .expect("lab");
+    let (lab, _servers) = two_upstreams();
     let ups = lab.upstreams();
-    let _servers: Vec<_> = ups
-        .iter()
-        .map(|u| {
-            u.serve_http(PORT, HttpBehaviour::immediate())
-                .expect("http server")
-        })
-        .collect();
     let a = ups[0].addr_v4(PORT);
     // No idle pool: every request connects.
     let gw = two_without_a_retry_budget(
@@ -229,6 +217,25 @@ fn privileged_a_connect_runs_past_its_deadline_when_the_retry_budget_is_spent() 
     assert_eq!(slow.body, "upstream-1", "{got:?}");
 }
 
+/// A lab of two upstreams, each serving `PORT`.
+fn two_upstreams() -> (Lab, Vec<gateway_lab::HttpServer>) {
+    require_root();
+    let lab = Lab::new(LabSpec {
+        upstreams: 2,
+        client_cgroup: false,
+    })
+    .expect("lab");
+    let servers = lab
+        .upstreams()
+        .iter()
+        .map(|u| {
+            u.serve_http(PORT, HttpBehaviour::immediate())
+                .expect("http server")
+        })
+        .collect();
+    (lab, servers)
+}
+
 /// Two upstreams, round robin, and no retry budget at all (as one spent under load) nor
 /// hedging; `name` names the run, `extra` is more of its TOML.
 fn two_without_a_retry_budget<'a>(lab: &'a Lab, name: &str, extra: &str) -> LabGateway<'a> {
@@ -253,20 +260,8 @@ fn two_without_a_retry_budget<'a>(lab: &'a Lab, name: &str, extra: &str) -> LabG
 /// the stall lasted 3 s (`STALL_ALONE`), as it was once the budget kept such requests.
 #[test]
 fn privileged_a_dead_host_is_ejected_at_once_though_no_retry_can_take_its_request() {
-    require_root();
-    let lab = Lab::new(LabSpec {
-        upstreams: 2,
-        client_cgroup: false,
-    })
-    .expect("lab");
+    let (lab, _servers) = two_upstreams();
     let ups = lab.upstreams();
-    let _servers: Vec<_> = ups
-        .iter()
-        .map(|u| {
-            u.serve_http(PORT, HttpBehaviour::immediate())
-                .expect("http server")
-        })
-        .collect();
     let gw = two_without_a_retry_budget(&lab, "budget-host-died", "");
     // Pooled connections to both.
     assert!(gw.send("GET", "/", 4, 2).iter().all(|r| r.status == 200));

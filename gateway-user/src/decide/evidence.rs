@@ -174,8 +174,7 @@ impl Stall {
 /// the path died under it ([`host_died`], from the kernel observer's record) and it is still
 /// stalled ([`Stall::now`]). At once when the request can go elsewhere (`elsewhere`: another
 /// endpoint, and a retry the policy and the retry budget allow; asked last), else once the
-/// stall lasted
-/// [`STALL_ALONE`] (by the backed-off RTO: four RTOs at the 200 ms minimum).
+/// stall lasted [`STALL_ALONE`] (by the backed-off RTO: four RTOs at the 200 ms minimum).
 ///
 /// The record's counts are the connection's whole life: on a path with some loss, one RTO
 /// that TCP recovered from (on this request, or on an earlier one of a keep-alive connection)

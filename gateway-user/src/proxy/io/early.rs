@@ -84,6 +84,7 @@ impl<T> EarlyResponse<T> {
         }
     }
 
+    /// The stream under it (the TLS stream, for its ALPN).
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
