@@ -19,10 +19,11 @@
 //! the client's body never gave it the chance. hyper took the response for not there yet and
 //! went on writing until the room above was spent.
 //!
-//! Over TLS the same takes two layers: [`EarlyResponse::over_tls`] above rustls takes and drops
-//! hyper's writes and yields to its reads, and [`ReadsAfterReset`] under rustls, on the TCP
-//! socket, passes the failure up and then reads the socket itself, so that what the upstream
-//! sent reaches rustls to be decrypted. One `EarlyResponse` under rustls would not do: rustls
+//! So it takes two layers: [`EarlyResponse`], next to hyper, takes and drops hyper's writes
+//! and yields to its reads, and [`ReadsAfterReset`], on the TCP socket, passes the failure up
+//! and then reads the socket itself. On a plain connection they sit one on the other; over
+//! TLS rustls is between them, so that what the upstream sent reaches rustls to be decrypted.
+//! One layer under rustls would not do: rustls
 //! takes hyper's plaintext into its own buffer whatever the socket below says, so the yield
 //! never reached hyper (1 upload of 80 still got `502` so; 0 of 880 with the two layers).
 //! Before either, an upstream over HTTPS that answered early got `502` for 51 uploads of 60.
@@ -52,9 +53,6 @@ pub(crate) const DISCARD_MAX_BYTES: usize = 1024 * 1024;
 
 pub(crate) struct EarlyResponse<T> {
     inner: T,
-    /// The socket under `inner`, read directly after the failure; `None` over TLS, where
-    /// [`ReadsAfterReset`] under rustls does it.
-    fd: Option<RawFd>,
     /// The failure of the first write that failed, and what may still be dropped.
     failed: Option<(io::ErrorKind, usize)>,
     /// After the failure: hyper read since the last write was taken.
@@ -64,20 +62,10 @@ pub(crate) struct EarlyResponse<T> {
 }
 
 impl<T> EarlyResponse<T> {
-    /// `inner` on the plain socket `fd`.
-    pub fn new(inner: T, fd: RawFd) -> Self {
-        Self::with(inner, Some(fd))
-    }
-
-    /// `inner` a TLS stream over a socket wrapped in [`ReadsAfterReset`].
-    pub fn over_tls(inner: T) -> Self {
-        Self::with(inner, None)
-    }
-
-    fn with(inner: T, fd: Option<RawFd>) -> Self {
+    /// `inner` a socket wrapped in [`ReadsAfterReset`], or a TLS stream over one.
+    pub fn new(inner: T) -> Self {
         EarlyResponse {
             inner,
-            fd,
             failed: None,
             read_since: false,
             yielded: false,
@@ -158,9 +146,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for EarlyResponse<T> {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
         this.read_since = true;
-        if let Some(r) = this.fd.and_then(|fd| recv_now(fd, buf)) {
-            return Poll::Ready(r);
-        }
         // The failed write took the socket's error: over TLS, what follows is the end of the
         // stream, which rustls calls a close without `close_notify`. It was the reset.
         match std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf)) {
@@ -192,10 +177,10 @@ fn recv_now(fd: RawFd, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
     }
 }
 
-/// The TCP socket `fd` under rustls, below an [`EarlyResponse::over_tls`]: a write that fails
-/// with a reset fails as it is (tokio-rustls passes it up from a write, a flush or a shutdown,
-/// and the layer above takes it), and from then on a read asks the socket itself first, as
-/// [`EarlyResponse`] does on a plain connection.
+/// The TCP socket `fd` under an [`EarlyResponse`] (with rustls between them over TLS): a write
+/// that fails with a reset fails as it is (over TLS, tokio-rustls passes it up from a write, a
+/// flush or a shutdown), for the layer above to take, and from then on a read asks the socket
+/// itself first.
 pub(crate) struct ReadsAfterReset<T> {
     inner: T,
     fd: RawFd,
@@ -328,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_reset_write_is_taken_until_the_room_is_spent_then_fails() {
-        let mut e = EarlyResponse::new((), -1);
+        let mut e = EarlyResponse::new(());
         assert_eq!(e.written(Ok(5), 10).unwrap(), 5);
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(e.written(Err(reset), 10).unwrap(), 10);
@@ -339,7 +324,7 @@ mod tests {
         let err = e.dropped(1).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         // Other failures are returned as they are.
-        let mut e = EarlyResponse::new((), -1);
+        let mut e = EarlyResponse::new(());
         let other = io::Error::from(io::ErrorKind::TimedOut);
         assert_eq!(
             e.written(Err(other), 1).unwrap_err().kind(),
@@ -351,7 +336,7 @@ mod tests {
     #[test]
     fn a_reset_flush_is_the_failure_too() {
         // Over TLS a flush writes the records rustls holds: its reset is taken as a write's.
-        let mut e = EarlyResponse::over_tls(());
+        let mut e = EarlyResponse::new(());
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert!(e.flushed(Err(reset)).is_ok());
         assert_eq!(
@@ -359,7 +344,7 @@ mod tests {
             Some((io::ErrorKind::ConnectionReset, DISCARD_MAX_BYTES))
         );
         // Other failures are returned as they are, and only the first reset is taken.
-        let mut e = EarlyResponse::over_tls(());
+        let mut e = EarlyResponse::new(());
         let other = io::Error::from(io::ErrorKind::TimedOut);
         assert!(e.flushed(Err(other)).is_err());
         assert!(e.failed.is_none());
@@ -384,7 +369,7 @@ mod tests {
     #[test]
     fn after_the_failure_a_write_yields_to_a_read_but_never_twice_in_a_row() {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut e = EarlyResponse::new((), -1);
+        let mut e = EarlyResponse::new(());
         // Before any failure, writes never yield.
         assert!(e.failed.is_none());
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);

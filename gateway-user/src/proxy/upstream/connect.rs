@@ -35,7 +35,7 @@ use crate::{
     decide::{deadline::gives_up_at_deadline, evidence::ConnectFailure, health::Evidence},
     proxy::{
         error::ProxyError,
-        io::{EarlyResponse, StallGuard},
+        io::{EarlyResponse, ReadsAfterReset, StallGuard},
     },
     signals::SignalSource,
 };
@@ -326,7 +326,10 @@ pub(super) async fn handshake(
         }
         // An answer before the end of the request is read after the write failed (under TLS,
         // `tls::handshake` puts the same layer under rustls).
-        None => http1(cluster, ep, made, EarlyResponse::new(io, fd)).await,
+        None => {
+            let io = EarlyResponse::new(ReadsAfterReset::new(io, fd));
+            http1(cluster, ep, made, io).await
+        }
         Some(t) => {
             let tcp = tls::Tcp {
                 fd,

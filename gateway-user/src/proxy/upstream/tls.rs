@@ -78,7 +78,7 @@ pub(super) async fn handshake(
             | (Some(H2), UpstreamProtocol::H2 | UpstreamProtocol::Auto) => {
                 let version = tls::version_label(s.get_ref().1.protocol_version());
                 meter.ok(Side::Upstream, version, start.elapsed());
-                return Ok(EarlyResponse::over_tls(s));
+                return Ok(EarlyResponse::new(s));
             }
             (Some(other), p) => {
                 let other = String::from_utf8_lossy(other).into_owned();
